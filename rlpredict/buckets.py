@@ -1,0 +1,225 @@
+"""Response-length buckets: edges, per-bucket point estimates and KV-cache reservation lengths.
+
+A bucket ``k`` holds response lengths ``edges[k-1] < rl <= edges[k]`` (bucket 0 starts at 0).
+Each bucket also keeps a small grid of quantiles of the training RLs that fell in it, so a
+probability vector over buckets can be turned into any quantile of the predicted length
+(``predictive_quantile``): its median is the MAE-optimal point estimate, and a high quantile is
+a reservation that widens by itself when the predictor is unsure.
+
+Pure numpy: the serving path (``rlpredict.runtime``, ``ecoserve_sched``) imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "rlpredict.buckets/1"
+DEFAULT_EDGES: tuple[float, ...] = (32, 64, 128, 192, 256, 384, 512, 768, 1024, math.inf)
+#: Quantile levels stored per bucket (0, 0.05, ..., 1).
+QUANTILE_GRID: np.ndarray = np.linspace(0.0, 1.0, 21)
+
+
+def _edge_to_json(e: float) -> float | None:
+    return None if math.isinf(e) else float(e)
+
+
+def _edge_from_json(e: float | None) -> float:
+    return math.inf if e is None else float(e)
+
+
+@dataclass(frozen=True)
+class BucketScheme:
+    """Upper bucket edges plus what the scheduler needs per bucket.
+
+    ``point_tokens[k]``: the median training RL in bucket k (the prediction in tokens).
+    ``reserve_tokens[k]``: the ``reserve_quantile`` of training RLs in bucket k (the KV-cache
+    reservation for a request predicted in bucket k).
+    """
+
+    edges: tuple[float, ...]
+    point_tokens: tuple[int, ...]
+    reserve_tokens: tuple[int, ...]
+    reserve_quantile: float = 0.9
+    quantiles: tuple[tuple[float, ...], ...] = ()
+    counts: tuple[int, ...] = ()
+    _qarr: np.ndarray = field(init=False, repr=False, compare=False)
+    _earr: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        k = len(self.edges)
+        if k < 2:
+            raise ValueError("a bucket scheme needs at least two buckets")
+        e = np.asarray(self.edges, dtype=float)
+        if np.any(np.diff(e) <= 0) or e[0] <= 0:
+            raise ValueError(f"bucket edges must be positive and strictly increasing: {self.edges}")
+        if np.any(np.isinf(e[:-1])):
+            raise ValueError("only the last bucket edge may be infinite")
+        for name in ("point_tokens", "reserve_tokens"):
+            if len(getattr(self, name)) != k:
+                raise ValueError(f"{name} has {len(getattr(self, name))} values for {k} buckets")
+        if not 0.0 < self.reserve_quantile <= 1.0:
+            raise ValueError(f"reserve_quantile must be in (0, 1], got {self.reserve_quantile}")
+        q = self.quantiles or tuple(_default_grid(lo, hi) for lo, hi in self.bounds)
+        qarr = np.asarray(q, dtype=float)
+        if qarr.shape != (k, len(QUANTILE_GRID)):
+            raise ValueError(f"quantiles must have shape ({k}, {len(QUANTILE_GRID)}), got {qarr.shape}")
+        object.__setattr__(self, "quantiles", tuple(tuple(map(float, r)) for r in qarr))
+        object.__setattr__(self, "_qarr", qarr)
+        object.__setattr__(self, "_earr", e)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_edges(cls, edges: Sequence[float] = DEFAULT_EDGES, reserve_quantile: float = 0.9) -> BucketScheme:
+        """A scheme with placeholder statistics (bucket midpoints / upper edges); call ``fit``."""
+        edges = tuple(float(e) for e in edges)
+        bounds = list(zip((0.0, *edges[:-1]), edges, strict=True))
+        point = tuple(int(round(np.median(_default_grid(lo, hi)))) for lo, hi in bounds)
+        reserve = tuple(int(round(_default_grid(lo, hi)[-1])) for lo, hi in bounds)
+        return cls(edges, point, reserve, reserve_quantile)
+
+    @classmethod
+    def default(cls) -> BucketScheme:
+        return cls.from_edges(DEFAULT_EDGES)
+
+    @classmethod
+    def log_spaced(cls, n: int, low: float = 16, high: float = 2048) -> BucketScheme:
+        """``n`` buckets with log-spaced upper edges from ``low`` to ``high``, then inf."""
+        if n < 2:
+            raise ValueError("need at least 2 buckets")
+        inner = np.unique(np.round(np.geomspace(low, high, n - 1)))
+        return cls.from_edges((*inner.tolist(), math.inf))
+
+    @classmethod
+    def from_quantiles(cls, rls: Sequence[int], n: int) -> BucketScheme:
+        """``n`` buckets holding about equal shares of the given training RLs."""
+        x = np.asarray(rls, dtype=float)
+        if x.size == 0:
+            raise ValueError("no response lengths to derive bucket edges from")
+        inner = np.unique(np.ceil(np.quantile(x, np.linspace(0, 1, n + 1)[1:-1])))
+        inner = inner[inner > 0]
+        return cls.from_edges((*inner.tolist(), math.inf))
+
+    @classmethod
+    def from_spec(cls, spec: str | Sequence[float]) -> BucketScheme:
+        """``"default"``, ``"log:N"``, or a list of upper edges (``inf`` allowed last)."""
+        if isinstance(spec, str):
+            if spec == "default":
+                return cls.default()
+            if spec.startswith("log:"):
+                return cls.log_spaced(int(spec[4:]))
+            raise ValueError(f"unknown bucket spec {spec!r}: use 'default', 'log:N', 'quantile:N' or a list of edges")
+        return cls.from_edges([float(e) for e in spec])
+
+    def fit(self, rls: Sequence[int], reserve_quantile: float | None = None) -> BucketScheme:
+        """Fill point estimates, reservations and quantile grids from training RLs."""
+        q = self.reserve_quantile if reserve_quantile is None else reserve_quantile
+        x = np.asarray(rls, dtype=float)
+        b = self.bucket_of(x)
+        point, reserve, grids, counts = [], [], [], []
+        for k, (lo, hi) in enumerate(self.bounds):
+            xs = x[b == k]
+            counts.append(int(xs.size))
+            if xs.size >= 5:
+                grid = np.quantile(xs, QUANTILE_GRID)
+                point.append(int(round(np.median(xs))))
+                reserve.append(int(math.ceil(np.quantile(xs, q))))
+            else:  # too few examples: fall back to the bucket's range
+                grid = _default_grid(lo, hi, xs)
+                point.append(int(round(np.median(grid))))
+                reserve.append(int(math.ceil(np.quantile(grid, q))))
+            grids.append(tuple(grid.tolist()))
+        return replace(self, point_tokens=tuple(point), reserve_tokens=tuple(reserve),
+                       reserve_quantile=q, quantiles=tuple(grids), counts=tuple(counts))
+
+    # ---- queries ------------------------------------------------------------------------------
+    @property
+    def n_buckets(self) -> int:
+        return len(self.edges)
+
+    @property
+    def bounds(self) -> list[tuple[float, float]]:
+        """(lower, upper] token range of every bucket."""
+        return list(zip((0.0, *self.edges[:-1]), self.edges, strict=True))
+
+    def bucket_of(self, tokens: int | Sequence[int] | np.ndarray) -> np.ndarray:
+        """Bucket index of each response length (array in, array out; scalar in, 0-d array)."""
+        return np.searchsorted(self._earr, np.asarray(tokens, dtype=float), side="left")
+
+    def predictive_quantile(self, probs: np.ndarray, q: float) -> np.ndarray:
+        """The ``q``-quantile, in tokens, of the length distribution that ``probs`` describes.
+
+        ``probs`` is (n, n_buckets); within a bucket the training RLs' quantile grid is followed.
+        ``q=0.5`` gives the MAE-optimal point prediction.
+        """
+        p = np.asarray(probs, dtype=float)
+        p = p / p.sum(axis=1, keepdims=True)
+        cdf = np.cumsum(p, axis=1)
+        k = np.minimum((cdf < q).sum(axis=1), self.n_buckets - 1)
+        rows = np.arange(p.shape[0])
+        below = np.where(k > 0, cdf[rows, np.maximum(k - 1, 0)], 0.0)
+        inside = np.clip((q - below) / np.maximum(p[rows, k], 1e-12), 0.0, 1.0)
+        pos = inside * (len(QUANTILE_GRID) - 1)
+        i = np.minimum(np.floor(pos).astype(int), len(QUANTILE_GRID) - 2)
+        frac = pos - i
+        grid = self._qarr[k]
+        return grid[rows, i] * (1 - frac) + grid[rows, i + 1] * frac
+
+    # ---- serialization ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "edges": [_edge_to_json(e) for e in self.edges],
+            "point_tokens": list(self.point_tokens),
+            "reserve_tokens": list(self.reserve_tokens),
+            "reserve_quantile": self.reserve_quantile,
+            "quantile_grid": QUANTILE_GRID.tolist(),
+            "quantiles": [list(r) for r in self.quantiles],
+            "counts": list(self.counts),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "bucket scheme") -> BucketScheme:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"{source}: unknown bucket scheme format {d.get('format')!r} (expected {FORMAT!r})")
+        try:
+            grid = d.get("quantile_grid")
+            if grid is not None and not np.allclose(grid, QUANTILE_GRID):
+                raise ValueError("quantile_grid differs from this version's grid")
+            return cls(
+                edges=tuple(_edge_from_json(e) for e in d["edges"]),
+                point_tokens=tuple(int(v) for v in d["point_tokens"]),
+                reserve_tokens=tuple(int(v) for v in d["reserve_tokens"]),
+                reserve_quantile=float(d.get("reserve_quantile", 0.9)),
+                quantiles=tuple(tuple(float(v) for v in r) for r in d.get("quantiles") or ()),
+                counts=tuple(int(v) for v in d.get("counts") or ()),
+            )
+        except KeyError as e:
+            raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        from rlpredict.atomic import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> BucketScheme:
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        return cls.from_dict(d, source=str(p))
+
+
+def _default_grid(lo: float, hi: float, seen: np.ndarray | None = None) -> np.ndarray:
+    """A placeholder quantile grid spanning a bucket (the open last bucket spans lo..2*lo)."""
+    top = hi if math.isfinite(hi) else max(2.0 * max(lo, 1.0), float(seen.max()) if seen is not None and seen.size else 0.0)
+    return np.linspace(lo + 1.0, top, len(QUANTILE_GRID))

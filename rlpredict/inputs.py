@@ -1,0 +1,70 @@
+"""What text the predictor sees for a request: the input spec and the text builder.
+
+Shared by training (``rlpredict.train``) and the torch-free runtime, so that a model is served
+exactly on the text it was trained on. Pure Python.
+
+Two modes:
+- ``last_user``: the last user message; long messages keep their head (truncation on the right).
+- ``history``: the conversation before the response, one ``role: content`` line per message;
+  long histories keep their tail, the most recent turns (truncation on the left).
+With ``include_generator`` the served model's name is added on the kept side, so one predictor
+can serve logs that pool several LLMs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Mode = Literal["last_user", "history"]
+Message = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    mode: Mode = "history"
+    max_length: int = 128
+    include_generator: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("last_user", "history"):
+            raise ValueError(f"input mode must be 'last_user' or 'history', got {self.mode!r}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
+
+    @property
+    def truncation_side(self) -> Literal["left", "right"]:
+        return "left" if self.mode == "history" else "right"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "truncation_side": self.truncation_side}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> InputSpec:
+        return cls(mode=d.get("mode", "history"), max_length=int(d.get("max_length", 128)),
+                   include_generator=bool(d.get("include_generator", False)))
+
+
+def last_user_message(messages: Sequence[Message]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            return m.get("content") or ""
+    return ""
+
+
+def build_text(messages: Sequence[Message], spec: InputSpec, generator: str | None = None) -> str:
+    """The predictor's input for a request whose context (before the response) is ``messages``."""
+    if spec.mode == "last_user":
+        text = last_user_message(messages)
+        if spec.include_generator:
+            text = f"model: {generator or 'unknown'}\n{text}"
+        return text
+    lines = [f"{m.get('role', 'user')}: {m.get('content') or ''}" for m in messages]
+    if spec.include_generator:
+        lines.append(f"model: {generator or 'unknown'}")
+    return "\n".join(lines)
+
+
+def messages_from_prompt(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
