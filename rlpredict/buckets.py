@@ -53,13 +53,7 @@ class BucketScheme:
 
     def __post_init__(self) -> None:
         k = len(self.edges)
-        if k < 2:
-            raise ValueError("a bucket scheme needs at least two buckets")
-        e = np.asarray(self.edges, dtype=float)
-        if np.any(np.diff(e) <= 0) or e[0] <= 0:
-            raise ValueError(f"bucket edges must be positive and strictly increasing: {self.edges}")
-        if np.any(np.isinf(e[:-1])):
-            raise ValueError("only the last bucket edge may be infinite")
+        e = _check_edges(self.edges)
         for name in ("point_tokens", "reserve_tokens"):
             if len(getattr(self, name)) != k:
                 raise ValueError(f"{name} has {len(getattr(self, name))} values for {k} buckets")
@@ -78,6 +72,7 @@ class BucketScheme:
     def from_edges(cls, edges: Sequence[float] = DEFAULT_EDGES, reserve_quantile: float = 0.9) -> BucketScheme:
         """A scheme with placeholder statistics (bucket midpoints / upper edges); call ``fit``."""
         edges = tuple(float(e) for e in edges)
+        _check_edges(edges)
         bounds = list(zip((0.0, *edges[:-1]), edges, strict=True))
         point = tuple(int(round(np.median(_default_grid(lo, hi)))) for lo, hi in bounds)
         reserve = tuple(int(round(_default_grid(lo, hi)[-1])) for lo, hi in bounds)
@@ -217,6 +212,17 @@ class BucketScheme:
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
         return cls.from_dict(d, source=str(p))
+
+
+def _check_edges(edges: Sequence[float]) -> np.ndarray:
+    e = np.asarray(edges, dtype=float)
+    if e.size < 2:
+        raise ValueError("a bucket scheme needs at least two buckets")
+    if np.any(np.isinf(e[:-1])):
+        raise ValueError("only the last bucket edge may be infinite")
+    if np.any(np.diff(e) <= 0) or e[0] <= 0:
+        raise ValueError(f"bucket edges must be positive and strictly increasing: {tuple(edges)}")
+    return e
 
 
 def _default_grid(lo: float, hi: float, seen: np.ndarray | None = None) -> np.ndarray:

@@ -1,0 +1,30 @@
+# Quick start: `make demo` (the main job on the bundled sample) and `make test` (the test suite).
+# Both create .venv/ on first use and install the project with the pinned CPU torch.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt requirements/assets.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[train,dev]'
+	$(PY) -m pip install -q --no-deps -r requirements/assets.txt
+	touch $@
+
+demo: setup
+	$(VENV)/bin/rlpredict demo --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs/demo .pytest_cache

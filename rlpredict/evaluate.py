@@ -1,0 +1,214 @@
+"""Evaluate a trained predictor against the baselines on the same held-out split.
+
+Writes ``report.json``, ``report.md``, ``confusion.json`` (the scheduler simulator samples
+predictions from it) and a confusion-matrix PNG per method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rlpredict.atomic import atomic_path, write_text_atomic
+from rlpredict.baselines import BASELINES
+from rlpredict.buckets import BucketScheme
+from rlpredict.data import Sample, attach_rl, load_samples
+from rlpredict.inputs import InputSpec, build_text
+from rlpredict.metrics import confusion, rl_metrics
+from rlpredict.model_meta import ModelMeta
+from rlpredict.splits import split_by_group
+
+MODEL = "model"
+TEXT_CAP = 4000  # characters of the kept side that baselines see
+
+
+def encoder_texts(samples: Sequence[Sample], spec: InputSpec) -> list[str]:
+    return [build_text(s.messages, spec, s.generator) for s in samples]
+
+
+def baseline_texts(samples: Sequence[Sample], spec: InputSpec) -> list[str]:
+    texts = encoder_texts(samples, spec)
+    return [t[-TEXT_CAP:] if spec.truncation_side == "left" else t[:TEXT_CAP] for t in texts]
+
+
+def predict_proba_torch(model_dir: str | Path, texts: Sequence[str], spec: InputSpec, batch_size: int = 64,
+                        progress: bool = False) -> np.ndarray:
+    """Bucket probabilities from a Hugging Face model folder (torch; sorted by length, padded per batch)."""
+    import torch
+    from rich.progress import track
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.truncation_side = spec.truncation_side
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    ids = tok(list(texts), truncation=True, max_length=spec.max_length)["input_ids"]
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    out = np.zeros((len(ids), model.config.num_labels), dtype=np.float64)
+    starts = range(0, len(ids), batch_size)
+    with torch.inference_mode():
+        for i in track(starts, description="predict", disable=not progress):
+            idx = order[i:i + batch_size]
+            b = tok.pad({"input_ids": [ids[j] for j in idx]}, return_tensors="pt")
+            out[idx] = torch.softmax(model(**b).logits.float(), dim=-1).numpy()
+    return out
+
+
+def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split: str = "test",
+             test_frac: float | None = None, split_seed: int | None = None,
+             baselines: Sequence[str] = tuple(BASELINES), baseline_data: Sequence[str | Path] = (),
+             meta: ModelMeta | None = None, on_error: str = "fail", reserve_quantile: float = 0.9,
+             progress: bool = False) -> tuple[dict, dict[str, np.ndarray], list[Sample]]:
+    """Score the model (if given) and the baselines; returns (report, probs by method, test samples).
+
+    ``split="test"``: apply the model's recorded group split to ``data`` and score its held-out
+    side (baselines train on the other side). ``split="all"``: score every row of ``data``
+    (baselines then train on ``baseline_data``).
+    """
+    if model_dir is not None:
+        meta = ModelMeta.load(model_dir)
+        summary_path = Path(model_dir) / "training_summary.json"
+        recorded = json.loads(summary_path.read_text())["data"]["split"] if summary_path.is_file() else {}
+        test_frac = test_frac if test_frac is not None else recorded.get("test_frac", 0.1)
+        split_seed = split_seed if split_seed is not None else recorded.get("seed", 0)
+    if meta is None:
+        raise ValueError("give a model folder, or a ModelMeta to score baselines alone")
+    samples, load_report = load_samples(data, on_error=on_error)  # type: ignore[arg-type]
+    attach_rl(samples, meta.rl_tokenizer)
+    if split == "test":
+        train, test = split_by_group(samples, test_frac or 0.1, split_seed or 0)
+    elif split == "all":
+        test = samples
+        train = []
+        if baseline_data:
+            train, _ = load_samples(baseline_data, on_error=on_error)  # type: ignore[arg-type]
+            attach_rl(train, meta.rl_tokenizer)
+    else:
+        raise ValueError(f"split must be 'test' or 'all', got {split!r}")
+    if not test:
+        raise ValueError("nothing to evaluate: the held-out side is empty")
+    scheme, spec = meta.buckets, meta.input
+    rl = np.array([s.rl_tokens for s in test], dtype=float)
+
+    probs: dict[str, np.ndarray] = {}
+    if model_dir is not None:
+        probs[MODEL] = predict_proba_torch(model_dir, encoder_texts(test, spec), spec, progress=progress)
+    skipped_baselines = []
+    if train:
+        tr_texts, te_texts = baseline_texts(train, spec), baseline_texts(test, spec)
+        tr_rl = np.array([s.rl_tokens for s in train], dtype=float)
+        for name in baselines:
+            probs[name] = BASELINES[name]().fit(tr_texts, tr_rl, scheme).predict_proba(te_texts)
+    elif baselines:
+        skipped_baselines = list(baselines)
+
+    sources = sorted({s.source for s in test})
+    src = np.array([s.source for s in test])
+    report = {
+        "format": "rlpredict.eval/1",
+        "model": str(model_dir) if model_dir is not None else None,
+        "rl_tokenizer": meta.rl_tokenizer,
+        "input": spec.to_dict(),
+        "bucket_edges": [None if math.isinf(e) else e for e in scheme.edges],
+        "split": {"mode": split, "test_frac": test_frac, "seed": split_seed,
+                  "train_samples": len(train), "test_samples": len(test)},
+        "load": load_report.summary(),
+        "reserve_quantile_predictive": reserve_quantile,
+        "baselines_skipped": skipped_baselines,
+        "all": {m: rl_metrics(rl, p, scheme, reserve_quantile) for m, p in probs.items()},
+        "sources": {s: {m: rl_metrics(rl[src == s], p[src == s], scheme, reserve_quantile)
+                        for m, p in probs.items()} for s in sources} if len(sources) > 1 else {},
+    }
+    report["verdict"] = verdict(report["all"])
+    return report, probs, test
+
+
+def verdict(metrics: dict[str, dict]) -> str:
+    if MODEL not in metrics:
+        return "no model scored"
+    tfidf = [m for m in ("tfidf_ridge", "tfidf_logreg") if m in metrics]
+    if not tfidf:
+        return "no TF-IDF baseline scored"
+    best = min(tfidf, key=lambda m: metrics[m]["mae"])
+    ratio = metrics[MODEL]["mae"] / metrics[best]["mae"]
+    word = "beats" if ratio < 1 else "does NOT beat"
+    return f"model MAE {metrics[MODEL]['mae']:.1f} = {ratio:.2f}x {best} ({metrics[best]['mae']:.1f}): the model {word} TF-IDF"
+
+
+def confusion_dict(rl: np.ndarray, probs: np.ndarray, scheme: BucketScheme, source: str) -> dict:
+    return {"format": "rlpredict.confusion/1",
+            "bucket_edges": [None if math.isinf(e) else e for e in scheme.edges],
+            "point_tokens": list(scheme.point_tokens), "reserve_tokens": list(scheme.reserve_tokens),
+            "matrix": confusion(rl, probs, scheme).tolist(), "source": source}
+
+
+COLUMNS = [("n", "n", "{:d}"), ("bucket_acc", "acc", "{:.3f}"), ("within1_acc", "±1", "{:.3f}"),
+           ("mae", "MAE", "{:.1f}"), ("acc50", "Acc-50", "{:.3f}"), ("acc100", "Acc-100", "{:.3f}"),
+           ("kendall_tau", "tau", "{:.3f}"), ("coverage", "cover", "{:.3f}"),
+           ("reserve_ratio_total", "res/RL tot", "{:.2f}"), ("reserve_ratio_mean", "res/RL mean", "{:.2f}"),
+           ("coverage_q90", "cover q90", "{:.3f}"), ("reserve_ratio_total_q90", "res/RL tot q90", "{:.2f}")]
+
+
+def markdown_table(metrics: dict[str, dict]) -> str:
+    lines = ["| method | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 1) + "|"]
+    for m, row in metrics.items():
+        lines.append(f"| {m} | " + " | ".join(f.format(row[k]) for k, _, f in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(report: dict) -> str:
+    out = [f"# RL predictor evaluation\n",
+           f"- model: `{report['model']}`", f"- RL tokens: `{report['rl_tokenizer']}`; input: `{report['input']}`",
+           f"- split: {report['split']}", f"- data: {report['load']}",
+           "- coverage / res/RL: the scheme's per-bucket reservation of the predicted bucket; "
+           f"`q{round(report['reserve_quantile_predictive'] * 100)}`: the quantile of the predicted length distribution",
+           f"\n**{report['verdict']}**\n", "## All sources\n", markdown_table(report["all"])]
+    for s, m in report["sources"].items():
+        out += [f"\n## {s}\n", markdown_table(m)]
+    return "\n".join(out) + "\n"
+
+
+def plot_confusion(matrix: np.ndarray, scheme: BucketScheme, title: str, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"≤{e:g}" if math.isfinite(e) else f">{scheme.edges[-2]:g}" for e in scheme.edges]
+    m = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted bucket (tokens)")
+    ax.set_ylabel("true bucket (tokens)")
+    ax.set_title(title)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if matrix[i, j]:
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if m[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, label="share of the true bucket")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_report(report: dict, probs: dict[str, np.ndarray], test: Sequence[Sample], scheme: BucketScheme,
+                 out_dir: str | Path) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rl = np.array([s.rl_tokens for s in test], dtype=float)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "report.md", markdown_report(report))
+    for name, p in probs.items():
+        plot_confusion(confusion(rl, p, scheme), scheme, f"{name} (n={len(rl)})", out / f"confusion_{name}.png")
+    main = MODEL if MODEL in probs else next(iter(probs), None)
+    if main is not None:
+        src = f"{main} of {report['model']} on {', '.join(sorted({s.source for s in test}))} ({report['split']['mode']} split, n={len(rl)})"
+        write_text_atomic(out / "confusion.json", json.dumps(confusion_dict(rl, probs[main], scheme, src)) + "\n")

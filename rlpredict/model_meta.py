@@ -1,0 +1,54 @@
+"""The predictor's own metadata, saved beside a trained Hugging Face model (``rlpredict.json``).
+
+It says what the model predicts (bucket scheme), on which text (input spec) and in whose
+tokens (the RL tokenizer). ``rlpredict export`` copies it into the bundle manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlpredict.atomic import write_text_atomic
+from rlpredict.buckets import BucketScheme
+from rlpredict.inputs import InputSpec
+
+FORMAT = "rlpredict.model/1"
+FILENAME = "rlpredict.json"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    buckets: BucketScheme
+    input: InputSpec
+    rl_tokenizer: str
+    """Name (``llama3``, ``qwen3``, ``deepseek``) or file name of the tokenizer RL was counted in."""
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "rl_tokenizer": self.rl_tokenizer,
+                "input": self.input.to_dict(), "buckets": self.buckets.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = FILENAME) -> ModelMeta:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"{source}: unknown format {d.get('format')!r} (expected {FORMAT!r})")
+        try:
+            return cls(buckets=BucketScheme.from_dict(d["buckets"], source=f"{source}: buckets"),
+                       input=InputSpec.from_dict(d["input"]), rl_tokenizer=str(d["rl_tokenizer"]))
+        except KeyError as e:
+            raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+
+    def save(self, model_dir: str | Path) -> None:
+        write_text_atomic(Path(model_dir) / FILENAME, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> ModelMeta:
+        p = Path(model_dir) / FILENAME
+        if not p.is_file():
+            raise FileNotFoundError(f"{model_dir}: no {FILENAME}; is this a model trained by `rlpredict train`?")
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        return cls.from_dict(d, source=str(p))

@@ -1,0 +1,30 @@
+"""Train/test splits by group (conversation or prompt id), never by row.
+
+A group goes to the test side when a salted hash of its id falls below ``test_frac``: stable
+across runs and machines, independent of row order, and no prompt lands on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def in_test(group: str, test_frac: float, seed: int = 0) -> bool:
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{group}".encode()).digest()[:8], "big")
+    return h / 2**64 < test_frac
+
+
+def split_by_group(items: Sequence[T], test_frac: float = 0.1, seed: int = 0,
+                   key=lambda s: s.group) -> tuple[list[T], list[T]]:
+    """(train, test) with every group wholly on one side."""
+    if not 0.0 < test_frac < 1.0:
+        raise ValueError(f"test_frac must be in (0, 1), got {test_frac}")
+    train: list[T] = []
+    test: list[T] = []
+    for s in items:
+        (test if in_test(key(s), test_frac, seed) else train).append(s)
+    return train, test

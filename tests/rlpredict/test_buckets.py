@@ -1,0 +1,74 @@
+"""Bucket scheme: edges, fitting, serialization round-trip, predictive quantiles."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rlpredict.buckets import DEFAULT_EDGES, BucketScheme
+
+
+def test_default_edges_and_membership():
+    s = BucketScheme.default()
+    assert s.edges == DEFAULT_EDGES and s.n_buckets == 10
+    assert s.bucket_of([0, 1, 32, 33, 64, 1024, 1025, 10**7]).tolist() == [0, 0, 0, 1, 1, 8, 9, 9]
+
+
+def test_fit_sets_point_and_reservation_per_bucket():
+    rl = np.array([10] * 50 + [20] * 50 + [100] * 100)
+    s = BucketScheme.default().fit(rl, reserve_quantile=0.9)
+    assert s.counts[0] == 100 and s.counts[2] == 100
+    assert s.point_tokens[0] == 15 and s.reserve_tokens[0] == 20
+    assert s.point_tokens[2] == 100 and s.reserve_tokens[2] == 100
+
+
+def test_round_trip_json(tmp_path):
+    rng = np.random.default_rng(0)
+    s = BucketScheme.default().fit(rng.lognormal(5, 1, 2000).astype(int), reserve_quantile=0.8)
+    s.save(tmp_path / "b.json")
+    back = BucketScheme.load(tmp_path / "b.json")
+    assert back == s and math.isinf(back.edges[-1])
+    assert '"edges"' in (tmp_path / "b.json").read_text() and "Infinity" not in (tmp_path / "b.json").read_text()
+
+
+def test_log_spaced_and_quantile_schemes():
+    assert BucketScheme.log_spaced(5, 16, 2048).edges[-1] == math.inf
+    rl = np.arange(1, 1001)
+    q = BucketScheme.from_quantiles(rl, 4)
+    assert q.edges[:-1] == (251.0, 501.0, 751.0)
+    counts = np.bincount(q.bucket_of(rl))
+    assert counts.min() >= 240
+
+
+@pytest.mark.parametrize("bad", [[], [64, 32, math.inf], [0, 32], [32, math.inf, 64]])
+def test_bad_edges_rejected(bad):
+    with pytest.raises(ValueError):
+        BucketScheme.from_edges(bad)
+
+
+def test_bad_file_names_field(tmp_path):
+    p = tmp_path / "b.json"
+    p.write_text('{"format": "rlpredict.buckets/1", "edges": [32, null]}')
+    with pytest.raises(ValueError, match="missing field 'point_tokens'"):
+        BucketScheme.load(p)
+
+
+def test_predictive_quantile_of_one_hot_follows_the_bucket():
+    rl = np.concatenate([np.full(100, 20), np.full(100, 300)])
+    s = BucketScheme.default().fit(rl)
+    p = np.eye(10)[[0, 5]]  # 300 lies in (256, 384]
+    assert s.predictive_quantile(p, 0.5).tolist() == [20.0, 300.0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=10, max_size=10).filter(lambda v: sum(v) > 1e-3),
+       st.floats(0.01, 0.98), st.floats(0.01, 0.98))
+def test_predictive_quantile_is_monotone_in_q(p, q1, q2):
+    s = BucketScheme.default()
+    lo, hi = sorted((q1, q2))
+    probs = np.array([p])
+    assert s.predictive_quantile(probs, lo)[0] <= s.predictive_quantile(probs, hi)[0] + 1e-9

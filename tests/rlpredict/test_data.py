@@ -1,0 +1,132 @@
+"""Loaders: every supported file type and row shape, and every kind of bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from rlpredict.data import DataError, attach_rl, load_samples
+from rlpredict.samples import SAMPLE_FILES
+
+
+def _jsonl(path, rows, gz=False):
+    data = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()
+    (path.write_bytes(gzip.compress(data)) if gz else path.write_bytes(data))
+    return path
+
+
+def test_prompt_response_jsonl_gz(tmp_path):
+    p = _jsonl(tmp_path / "logs.jsonl.gz", [{"prompt": "Hi there", "response": "Hello! How can I help?"}], gz=True)
+    (s,), rep = load_samples([p])
+    assert s.messages == [{"role": "user", "content": "Hi there"}]
+    assert s.response == "Hello! How can I help?" and s.source == "logs" and rep.samples == 1
+
+
+def test_openai_messages_last_assistant_and_separate_field(tmp_path):
+    rows = [
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Q1"},
+                      {"role": "assistant", "content": "A1"}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Q2"}]}], "completion": "A2"},
+    ]
+    a, b = load_samples([_jsonl(tmp_path / "chat.jsonl", rows)])[0]
+    assert a.messages[-1] == {"role": "user", "content": "Q1"} and a.response == "A1" and len(a.messages) == 2
+    assert b.messages == [{"role": "user", "content": "Q2"}] and b.response == "A2"
+
+
+def test_sharegpt_one_sample_per_assistant_turn(tmp_path):
+    conv = [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+            {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]
+    samples, _ = load_samples([_jsonl(tmp_path / "sg.jsonl", [{"id": "c1", "conversations": conv}])])
+    assert [s.response for s in samples] == ["a1", "a2"]
+    assert samples[1].messages == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                                   {"role": "user", "content": "q2"}]
+    assert {s.group for s in samples} == {"c1"}
+
+
+def test_token_count_only_and_count_wins(tmp_path):
+    rows = [{"prompt": "a", "usage": {"completion_tokens": 17}},
+            {"prompt": "b", "output_tokens": "23"},
+            {"prompt": "c", "response": "one two three", "output_tokens": 5}]
+    samples, _ = load_samples([_jsonl(tmp_path / "req.jsonl", rows)])
+    attach_rl(samples, "llama3")
+    assert [s.rl_tokens for s in samples] == [17, 23, 5]
+
+
+def test_rl_counted_with_named_tokenizer(tmp_path):
+    samples, _ = load_samples([_jsonl(tmp_path / "x.jsonl", [{"prompt": "p", "response": "Hello world"}])])
+    attach_rl(samples, "llama3")
+    assert samples[0].rl_tokens == 2
+
+
+def test_json_array_csv_parquet_and_datasets_folder(tmp_path):
+    rows = [{"prompt": f"question {i}", "response": f"answer {i}", "conversation_id": f"c{i}"} for i in range(3)]
+    (tmp_path / "a.json").write_text(json.dumps(rows, indent=1))
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame(rows)
+    df.to_csv(tmp_path / "b.csv", index=False)
+    df.to_parquet(tmp_path / "c.parquet")
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "d"))
+    for name in ("a.json", "b.csv", "c.parquet", "d"):
+        samples, rep = load_samples([tmp_path / name])
+        assert [s.response for s in samples] == ["answer 0", "answer 1", "answer 2"], name
+        assert [s.group for s in samples] == ["c0", "c1", "c2"], name
+
+
+def test_csv_messages_cell_is_json(tmp_path):
+    p = tmp_path / "m.csv"
+    msgs = json.dumps([{"role": "user", "content": "hi, there"}, {"role": "assistant", "content": "yo"}])
+    p.write_text('id,messages\nr1,"' + msgs.replace('"', '""') + '"\n')
+    (s,), _ = load_samples([p])
+    assert s.response == "yo" and s.messages == [{"role": "user", "content": "hi, there"}]
+
+
+def test_shared_format_rows(tmp_path):
+    samples, rep = load_samples(list(SAMPLE_FILES.values()))
+    assert rep.n_skipped == 0 and rep.rows == len(samples) == 580
+    sg = [s for s in samples if s.source == "sharegpt_sample"]
+    assert all(s.messages[-1]["role"] == "user" for s in sg)  # the response is not in the context
+    assert all(s.response and s.response not in s.messages[-1]["content"] for s in sg[:20])
+
+
+@pytest.mark.parametrize(("line", "expect"), [
+    ('{"prompt": "x", "response": ', "malformed JSON"),
+    ('{"response": "y"}', "no prompt"),
+    ('{"prompt": 3, "response": "y"}', "field 'prompt': expected a string, got int"),
+    ('{"prompt": "   ", "response": "y"}', "empty prompt"),
+    ('{"prompt": "x"}', "no response"),
+    ('{"prompt": "x", "output_tokens": -4}', "field 'output_tokens': expected a non-negative integer"),
+    ('{"messages": [{"role": "wizard", "content": "x"}]}', "unknown role"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_bad_rows_name_file_line_and_field(tmp_path, line, expect):
+    p = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "response": "fine"}, line])
+    with pytest.raises(DataError) as e:
+        load_samples([p])
+    assert f"{p}:2" in str(e.value) and expect in str(e.value)
+
+
+def test_non_utf8_line(tmp_path):
+    p = tmp_path / "latin.jsonl"
+    p.write_bytes(b'{"prompt": "ok", "response": "fine"}\n{"prompt": "caf\xe9", "response": "x"}\n')
+    with pytest.raises(DataError, match=r"latin.jsonl:2: not valid UTF-8"):
+        load_samples([p])
+
+
+def test_skip_mode_counts_every_bad_row(tmp_path):
+    p = _jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a", "response": "b"}, "{oops", {"prompt": ""},
+                                          {"prompt": "c", "response": "d"}])
+    samples, rep = load_samples([p], on_error="skip")
+    assert len(samples) == 2 and rep.rows == 4 and rep.n_skipped == 2
+    assert rep.rows == rep.samples + rep.n_skipped
+    assert any("mixed.jsonl:2" in e for e in rep.examples) and "skipped 2 rows" in rep.summary()
+
+
+def test_missing_file_and_unknown_type(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_samples([tmp_path / "nope.jsonl"])
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_samples([tmp_path / "x.txt"])

@@ -1,0 +1,90 @@
+"""A few-step training run on the bundled sample lowers the loss; eval writes a full report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from typer.testing import CliRunner
+
+from rlpredict.cli import app
+from rlpredict.config import TrainConfig
+from rlpredict.evaluate import evaluate, write_report
+from rlpredict.model_meta import ModelMeta
+from rlpredict.samples import SAMPLE_FILES
+from rlpredict.train import class_weights, length_grouped_batches, prepare, soft_targets, train
+
+DATA = [str(p) for p in SAMPLE_FILES.values()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("m") / "model"
+    # Over-fit 32 examples for 24 steps: the loss must fall.
+    cfg = TrainConfig(data=DATA, max_rows=32, max_steps=24, batch_size=8, max_length=48, lr=3e-4,
+                      head_lr=3e-3, test_frac=0.25, seed=1, warmup_ratio=0.0)
+    summary = train(cfg, out, progress=False)
+    return out, summary
+
+
+def test_training_lowers_the_loss_and_saves_a_model_folder(trained):
+    out, summary = trained
+    assert summary["steps"] == 24 and summary["loss_last"] < summary["loss_first"]
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "rlpredict.json", "training_summary.json"):
+        assert (out / f).is_file(), f
+    meta = ModelMeta.load(out)
+    assert meta.rl_tokenizer == "llama3" and meta.buckets.n_buckets == 10 and meta.input.mode == "history"
+
+
+def test_split_is_by_group_and_deterministic():
+    cfg = TrainConfig(data=DATA, test_frac=0.25)
+    a, b = prepare(cfg), prepare(cfg)
+    assert [s.id for s in a.test] == [s.id for s in b.test]
+    assert {s.group for s in a.train}.isdisjoint({s.group for s in a.test})
+    assert a.scheme == b.scheme and sum(a.scheme.counts) == len(a.train)
+
+
+def test_eval_report_has_every_metric_and_baseline(trained, tmp_path):
+    out, _ = trained
+    report, probs, test = evaluate(out, DATA)
+    assert set(probs) == {"model", "constant", "prompt_length", "tfidf_ridge", "tfidf_logreg"}
+    assert set(report["sources"]) == {"sharegpt_sample", "alpaca_sample"}
+    for row in report["all"].values():
+        assert {"n", "bucket_acc", "within1_acc", "mae", "acc50", "acc100", "kendall_tau", "coverage",
+                "reserve_ratio_total", "reserve_ratio_mean"} <= set(row)
+        assert row["n"] == len(test)
+    assert "TF-IDF" in report["verdict"]
+    write_report(report, probs, test, ModelMeta.load(out).buckets, tmp_path / "ev")
+    conf = json.loads((tmp_path / "ev" / "confusion.json").read_text())
+    assert conf["format"] == "rlpredict.confusion/1" and np.sum(conf["matrix"]) == len(test)
+    for f in ("report.md", "report.json", "confusion_model.png", "confusion_tfidf_logreg.png"):
+        assert (tmp_path / "ev" / f).stat().st_size > 0
+
+
+def test_cli_eval_json(trained, tmp_path):
+    out, _ = trained
+    res = CliRunner().invoke(app, ["eval", "--model", str(out), "--data", DATA[0], "--baselines", "constant",
+                                   "--out", str(tmp_path / "r"), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert set(rep["all"]) == {"model", "constant"}
+
+
+def test_cli_train_bad_data_names_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 5}\n')
+    res = CliRunner().invoke(app, ["train", "--data", str(bad), "--out", str(tmp_path / "m"), "--max-steps", "1"])
+    assert res.exit_code == 2 and "bad.jsonl:2" in res.output
+
+
+def test_loss_helpers():
+    t = soft_targets(5, 0.75)
+    assert np.allclose(t.sum(1), 1) and t[2].argmax() == 2 and t[2, 1] == pytest.approx(t[2, 3])
+    w = class_weights(np.array([0] * 90 + [1] * 10), 3, "balanced")
+    assert w[1] > w[0] and (w[0] * 90 + w[1] * 10) == pytest.approx(100)
+    batches = length_grouped_batches(list(range(100)), 8, __import__("random").Random(0), chunk=2)
+    assert sorted(i for b in batches for i in b) == list(range(100))
