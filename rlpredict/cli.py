@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -26,11 +26,11 @@ def _fail(msg: str) -> None:
 
 @app.command()
 def train(
-    data: Annotated[Optional[list[Path]], typer.Option("--data", help="Chat-log file or folder (repeatable); overrides the config's `data`.")] = None,
+    data: Annotated[list[Path] | None, typer.Option("--data", help="Chat-log file or folder (repeatable); overrides the config's `data`.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output model folder.")] = Path("runs/model"),
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML (or YAML) file with TrainConfig settings.")] = None,
-    max_rows: Annotated[Optional[int], typer.Option(help="Subsample the training side to N samples.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML (or YAML) file with TrainConfig settings.")] = None,
+    max_rows: Annotated[int | None, typer.Option(help="Subsample the training side to N samples.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps.")] = None,
     on_error: OnErrorOpt = "fail",
     json_out: Annotated[bool, typer.Option("--json", help="Print the training summary as JSON.")] = False,
 ) -> None:
@@ -68,9 +68,9 @@ def eval_cmd(
     model: Annotated[Path, typer.Option("--model", help="Model folder written by `rlpredict train`.")],
     data: Annotated[list[Path], typer.Option("--data", help="Data file or folder (repeatable).")],
     split: Annotated[str, typer.Option(help="'test': the model's held-out groups of DATA (baselines train on the rest); 'all': every row.")] = "test",
-    baseline_data: Annotated[Optional[list[Path]], typer.Option(help="With --split all: data to train the baselines on.")] = None,
+    baseline_data: Annotated[list[Path] | None, typer.Option(help="With --split all: data to train the baselines on.")] = None,
     baselines: Annotated[str, typer.Option(help="Comma-separated baselines: constant,prompt_length,tfidf_ridge,tfidf_logreg (empty: none).")] = "constant,prompt_length,tfidf_ridge,tfidf_logreg",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: MODEL/eval).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: MODEL/eval).")] = None,
     reserve_quantile: Annotated[float, typer.Option(help="Quantile of the predicted length distribution for the q-reservation columns.")] = 0.9,
     on_error: OnErrorOpt = "fail",
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from rlpredict.inputs import InputSpec
 
@@ -19,7 +20,7 @@ class TrainConfig:
     against the config file's folder."""
     rl_tokenizer: str = "llama3"
     """Tokenizer RL is counted in: ``llama3``, ``qwen3``, ``deepseek`` or a tokenizer.json path."""
-    input_mode: Literal["last_user", "history"] = "history"
+    input_mode: Literal["last_user", "history"] = "last_user"
     max_length: int = 128
     """Encoder tokens per input (history keeps the last ones, last_user the first ones)."""
     include_generator: bool = False
@@ -94,5 +95,5 @@ class TrainConfig:
             except tomllib.TOMLDecodeError as e:
                 raise ValueError(f"{p}: {e}") from None
         d = d.get("train", d)
-        d["data"] = [str((p.parent / x)) if not Path(x).is_absolute() else x for x in d.get("data", [])]
+        d["data"] = [str(p.parent / x) if not Path(x).is_absolute() else x for x in d.get("data", [])]
         return cls.from_dict(d, source=str(p))

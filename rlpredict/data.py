@@ -144,7 +144,7 @@ def _iter_json_array(p: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(str(p), f"not valid UTF-8 (byte {e.start})") from None
     dec = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
-    if not text[pos:pos + 1] == "[":  # one object, or {"data": [...]}
+    if text[pos:pos + 1] != "[":  # one object, or {"data": [...]}
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:

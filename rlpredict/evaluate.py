@@ -161,7 +161,7 @@ def markdown_table(metrics: dict[str, dict]) -> str:
 
 
 def markdown_report(report: dict) -> str:
-    out = [f"# RL predictor evaluation\n",
+    out = ["# RL predictor evaluation\n",
            f"- model: `{report['model']}`", f"- RL tokens: `{report['rl_tokenizer']}`; input: `{report['input']}`",
            f"- split: {report['split']}", f"- data: {report['load']}",
            "- coverage / res/RL: the scheme's per-bucket reservation of the predicted bucket; "

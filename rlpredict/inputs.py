@@ -23,7 +23,7 @@ Message = Mapping[str, str]
 
 @dataclass(frozen=True)
 class InputSpec:
-    mode: Mode = "history"
+    mode: Mode = "last_user"
     max_length: int = 128
     include_generator: bool = False
 
@@ -42,7 +42,7 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> InputSpec:
-        return cls(mode=d.get("mode", "history"), max_length=int(d.get("max_length", 128)),
+        return cls(mode=d.get("mode", "last_user"), max_length=int(d.get("max_length", 128)),
                    include_generator=bool(d.get("include_generator", False)))
 
 

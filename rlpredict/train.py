@@ -97,7 +97,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None = 
     """Train per ``cfg`` and write the model folder; returns the training summary."""
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_linear_schedule_with_warmup,
+    )
 
     t0 = time.time()
     random.seed(cfg.seed)

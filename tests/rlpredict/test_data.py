@@ -70,7 +70,7 @@ def test_json_array_csv_parquet_and_datasets_folder(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "d"))
     for name in ("a.json", "b.csv", "c.parquet", "d"):
-        samples, rep = load_samples([tmp_path / name])
+        samples, _ = load_samples([tmp_path / name])
         assert [s.response for s in samples] == ["answer 0", "answer 1", "answer 2"], name
         assert [s.group for s in samples] == ["c0", "c1", "c2"], name
 

@@ -37,7 +37,7 @@ def test_training_lowers_the_loss_and_saves_a_model_folder(trained):
     for f in ("config.json", "model.safetensors", "tokenizer.json", "rlpredict.json", "training_summary.json"):
         assert (out / f).is_file(), f
     meta = ModelMeta.load(out)
-    assert meta.rl_tokenizer == "llama3" and meta.buckets.n_buckets == 10 and meta.input.mode == "history"
+    assert meta.rl_tokenizer == "llama3" and meta.buckets.n_buckets == 10 and meta.input.mode == "last_user"
 
 
 def test_split_is_by_group_and_deterministic():
@@ -88,3 +88,15 @@ def test_loss_helpers():
     assert w[1] > w[0] and (w[0] * 90 + w[1] * 10) == pytest.approx(100)
     batches = length_grouped_batches(list(range(100)), 8, __import__("random").Random(0), chunk=2)
     assert sorted(i for b in batches for i in b) == list(range(100))
+
+
+def test_lora_run_saves_a_merged_plain_model(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = TrainConfig(data=DATA[:1], max_rows=16, max_steps=3, batch_size=8, max_length=32, method="lora",
+                      lr=5e-4, loss="ce", class_weight="none")
+    summary = train(cfg, tmp_path / "lora", progress=False)
+    assert summary["config"]["method"] == "lora"
+    assert not (tmp_path / "lora" / "adapter_config.json").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora")
+    assert model.config.num_labels == 10

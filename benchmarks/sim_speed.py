@@ -1,0 +1,110 @@
+"""Simulator and scheduler speed.
+
+1. Simulated requests per second of wall time replaying a real trace (default: the Azure 2023
+   conversation trace) under each policy, against the 20k requests/s goal (median of
+   ``--repeat`` runs; CPU time too, which varies less on a shared machine).
+2. Scheduler decision time per iteration with 512 running requests and a backlog that cannot
+   all be admitted (every iteration tries admissions and, for EcoServe, scans lenders), against
+   the 0.5 ms goal and vLLM's policy as the in-run baseline.
+
+Usage: python benchmarks/sim_speed.py [--trace PATH] [--rate-scales 0.3,1] [--repeat 3] [--confusion FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ecoserve_sched.cost_model import load_profile
+from ecoserve_sched.metrics import summarize
+from ecoserve_sched.policies import get_policy
+from ecoserve_sched.predictions import load_confusion
+from ecoserve_sched.request import SLO, Request
+from ecoserve_sched.simulator import run, simulate
+from ecoserve_sched.trace import read_trace
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
+DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
+POLICIES = ("vllm", "sarathi", "orca", "s3", "sjf", "ecoserve", "ecoserve-oracle")
+
+
+def replay_speed(args: argparse.Namespace) -> None:
+    trace = read_trace(args.trace)
+    cost = load_profile(args.profile)
+    conf = load_confusion(args.confusion)
+    print(f"## Replay speed: {Path(args.trace).name} ({len(trace)} requests), profile {cost.name}")
+    print(f"predictions: confusion from {args.confusion}\n")
+    print("| policy | rate scale | wall s | requests/s | CPU s | requests/CPU s | iterations | log rows "
+          "| sched us/row | vs 20k goal |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for scale in args.rate_scales:
+        for p in POLICIES:
+            walls, cpus = [], []
+            for _ in range(args.repeat):
+                t0, c0 = time.perf_counter(), time.process_time()
+                res = run(trace.scaled(scale), p, cost, slo=SLO(5.0, 0.2), predictions="confusion", confusion=conf)
+                walls.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
+            s = summarize(res, SLO(5.0, 0.2))
+            wall, cpu = float(np.median(walls)), float(np.median(cpus))
+            rps = len(trace) / wall
+            print(f"| {p} | {scale:g} | {wall:.2f} | {rps:,.0f} | {cpu:.2f} | {len(trace) / cpu:,.0f} | "
+                  f"{s['iterations']:,} | {len(res.log):,} | {s['sched_us_per_iter']:.1f} | {rps / 20000:.2f}x |")
+
+
+def decision_time(args: argparse.Namespace) -> None:
+    cost = load_profile("llama3-8b-h100-80gb")  # large KV: 512 requests fit at once
+    rng = np.random.default_rng(0)
+    n = 512 + args.backlog
+    prompts, outs = rng.integers(100, 400, n), rng.integers(150, 450, n)
+    print(f"\n## Scheduler decision time: 512 running + {args.backlog} waiting, profile {cost.name}\n")
+    print("| policy | decisions | mean us/decision | p99 us/decision | vs 500 us goal | vs vllm |")
+    print("|---|---|---|---|---|---|")
+    base = None
+    for p in ("vllm", "sjf", "s3", "ecoserve", "ecoserve-nogroup"):
+        sched = get_policy(p, cost, max_running=512, token_budget=4096, slo=SLO(5.0, 0.2))
+        reqs = []
+        for i in range(n):
+            r = Request(i, 0.0, int(prompts[i]), 2048, int(outs[i]), slo=SLO(5.0, 0.2))
+            r.pred_bucket, r.pred_tokens, r.reserve_tokens = int(outs[i] // 64), int(outs[i]), int(outs[i] * 1.2)
+            reqs.append(r)
+        times: list[float] = []
+
+        def timed(*a: object, _orig=None, _times=times, _s=sched) -> object:
+            t0 = time.perf_counter()
+            out = _orig(*a)
+            if len(_s.decoding) >= 500:
+                _times.append(time.perf_counter() - t0)
+            return out
+
+        # Every decision: ``schedule`` and the engine's fast path (easy alarms, blocked admission).
+        for name in ("schedule", "decode_only_step"):
+            setattr(sched, name, functools.partial(timed, _orig=getattr(sched, name)))
+        simulate(reqs, sched)
+        us = np.asarray(times) * 1e6
+        mean = float(us.mean())
+        base = base or mean
+        print(f"| {p} | {len(us):,} | {mean:.1f} | {np.percentile(us, 99):.1f} | "
+              f"{500 / mean:.0f}x under | {mean / base:.2f}x |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", default=str(DEFAULT_TRACE), help="trace to replay")
+    ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile")
+    ap.add_argument("--confusion", default=str(DEFAULT_CONFUSION), help="confusion matrix for predictions")
+    ap.add_argument("--rate-scales", default="0.3,1", type=lambda s: [float(x) for x in s.split(",")])
+    ap.add_argument("--repeat", type=int, default=3, help="runs per cell (the median wall time is reported)")
+    ap.add_argument("--backlog", type=int, default=2000, help="waiting requests in the decision benchmark")
+    args = ap.parse_args()
+    replay_speed(args)
+    decision_time(args)
+
+
+if __name__ == "__main__":
+    main()

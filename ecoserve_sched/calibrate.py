@@ -1,0 +1,243 @@
+"""Calibrate the simulator's cost model against a real engine (transformers continuous batching).
+
+``calibrate(model, device, grid)`` builds a causal LM with random weights from a config, runs
+small workloads through :class:`~ecoserve_sched.engines.transformers_cb.TransformersEngine`
+(real iterations: scheduling, input preparation, forward pass, sampling, output update) on the
+step clock so that batch shapes are deterministic, times every iteration, and fits the
+profile's efficiency factors with :func:`~ecoserve_sched.cost_model.fit_profile`.
+
+Each grid run is ``B`` requests of ``P`` prompt tokens arriving together and generating ``K``
+tokens (the policy is ``vllm``: chunked prefill within the token budget, so large prompts spill
+into mixed prefill + decode iterations), optionally with one ``Q``-token prompt arriving at
+iteration 2 while the others decode. A run yields one sample per iteration: prefill-only,
+decode-only at context ~P..P+K and mixed shapes. The profile's hardware numbers (peak FLOP/s,
+memory bandwidth) are measured on the device with a matmul and a copy; the fit finds which
+fraction of them the engine reaches, plus fixed and per-request overheads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cost_model import CostModel, fit_profile
+
+#: Random-weight Llama configs small enough for CPU (``--model`` accepts these names too).
+PRESETS: dict[str, dict[str, Any]] = {
+    # the engine tests' model: 2 layers, hidden 64 (~0.1M parameters)
+    "tiny-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                       max_position_embeddings=2048),
+    # ~20M parameters: matmuls dominate a CPU iteration, as the weights do on a GPU
+    "small-llama": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=4, vocab_size=8000,
+                        max_position_embeddings=4096),
+}
+
+#: (decoding requests B, prompt tokens P, new tokens K, joining prompt Q or 0) per run.
+GRIDS: dict[str, list[tuple[int, int, int, int]]] = {
+    # up to ~2k tokens of KV per batch, the range where the CPU sdpa path stays roofline-like
+    "small": [(b, p, 6, 0) for b in (1, 4, 16) for p in (16, 64, 128)]
+    + [(4, 64, 8, 256), (16, 32, 8, 256), (8, 96, 8, 512)],
+    "test": [(1, 16, 4, 0), (4, 32, 4, 0), (2, 64, 4, 32), (8, 16, 4, 0)],
+    "full": [(b, p, 8, 0) for b in (1, 2, 4, 8, 16, 32, 64) for p in (16, 64, 256, 1024)]
+    + [(b, 128, 10, q) for b in (4, 16, 64) for q in (64, 256, 1024)],
+}
+
+
+@dataclass
+class Calibration:
+    profile: CostModel
+    samples: list[tuple[float, float, float, float, float]]
+    holdout: dict[str, float]  # error of a fit on 2/3 of the samples, on the other third
+    noise: float | None  # timing noise between repeats of the same iteration (see measure)
+    seconds: float
+
+    def report(self) -> str:
+        fe = self.profile.fit_error or {}
+        e = self.profile.spec["efficiency"]
+        noise = ("" if self.noise is None else
+                 f"timing noise between repeats: {100 * self.noise:.1f}% (a floor for the fit error)\n")
+        return (f"{self.profile.name}: {fe.get('n_samples')} iterations measured in {self.seconds:.1f}s\n"
+                f"fit error (in-sample): mean {100 * fe.get('mean_rel_error', 0):.1f}%, "
+                f"max {100 * fe.get('max_rel_error', 0):.1f}%\n"
+                f"held-out third: mean {100 * self.holdout['mean_rel_error']:.1f}%, "
+                f"max {100 * self.holdout['max_rel_error']:.1f}%\n{noise}"
+                f"mfu {e['mfu']:.3g}, mbu {e['mbu']:.3g}, overhead {1e3 * e['overhead_s']:.3g} ms, "
+                f"per decoding request {1e3 * e['overhead_per_seq_s']:.3g} ms, "
+                f"prefill {1e3 * e['prefill_overhead_s']:.3g} ms")
+
+
+def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: int = 0) -> Any:
+    """A causal LM with random weights from a preset name, a config.json, or a directory with one."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    if model in PRESETS:
+        config = LlamaConfig(**PRESETS[model])
+    else:
+        path = Path(model)
+        if not (path / "config.json").is_file() and not (path.suffix == ".json" and path.is_file()):
+            raise FileNotFoundError(f"{model}: not a preset ({', '.join(PRESETS)}), a config.json "
+                                    "or a directory holding one")
+        config = AutoConfig.from_pretrained(str(path.parent if path.suffix == ".json" else path))
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    m.generation_config.eos_token_id = None
+    return m.to(device).eval()
+
+
+def model_section(m: Any) -> dict[str, Any]:
+    """The profile's ``model`` section from a loaded model's config."""
+    c = m.config.get_text_config()
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return {
+        "n_params": int(sum(p.numel() for p in m.parameters())),
+        "n_layers": c.num_hidden_layers, "hidden": c.hidden_size, "n_heads": heads,
+        "n_kv_heads": getattr(c, "num_key_value_heads", None) or heads, "head_dim": head_dim,
+        "intermediate": c.intermediate_size, "mlp_mats": 3, "vocab": c.vocab_size,
+        "dtype_bytes": next(m.parameters()).element_size(),
+        "source": {"architecture": f"config of the calibrated model ({type(m).__name__}); "
+                   "mlp_mats 3 assumes a gated (SwiGLU) MLP; weights random"},
+    }
+
+
+def device_section(device: str) -> dict[str, Any]:
+    """The profile's ``gpu`` section, measured: best-of-5 matmul FLOP/s and copy bandwidth."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    dt = torch.bfloat16 if cuda else torch.float32
+    n = 4096 if cuda else 1024
+    a, b = torch.randn(n, n, dtype=dt, device=device), torch.randn(n, n, dtype=dt, device=device)
+    src = torch.empty((1 << 30) if cuda else (1 << 26), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+
+    def best(fn: Any) -> float:
+        ts = []
+        for _ in range(6):
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+        return min(ts[1:])
+
+    flops = 2 * n**3 / best(lambda: a @ b)
+    bw = 2 * src.numel() / best(lambda: dst.copy_(src))
+    if cuda:
+        mem = torch.cuda.get_device_properties(device).total_memory
+        host = torch.empty(1 << 28, dtype=torch.uint8, pin_memory=True)
+        pcie = host.numel() / best(lambda: src[: host.numel()].copy_(host, non_blocking=False))
+        what = torch.cuda.get_device_name(device)
+    else:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        pcie, what = bw, f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    note = f"measured on {what}"
+    return {"peak_flops": flops, "hbm_bw": bw, "hbm_bytes": int(mem), "pcie_bw": pcie,
+            "source": {"peak_flops": f"best {n}x{n} {dt} matmul, {note}",
+                       "hbm_bw": f"best device-to-device copy (read + write bytes), {note}",
+                       "hbm_bytes": f"total device memory, {note}",
+                       "pcie_bw": "host-to-device pinned copy" if cuda else "CPU: same as hbm_bw (KV stays in RAM)"}}
+
+
+def _run_requests(b: int, p: int, k: int, q: int, seed: int) -> list[Any]:
+    from .engines.transformers_cb import GenRequest
+
+    rng = np.random.default_rng(seed)
+    reqs = [GenRequest(rng.integers(3, 200, p).tolist(), k, 0.0) for _ in range(b)]
+    if q:
+        reqs.append(GenRequest(rng.integers(3, 200, q).tolist(), 2, 2.0))
+    return reqs
+
+
+def measure(m: Any, grid: list[tuple[int, int, int, int]], token_budget: int = 2048,
+            block_size: int = 16, repeats: int = 3
+            ) -> tuple[list[tuple[float, float, float, float, float]], float | None]:
+    """Run every grid workload ``repeats`` times through the engine; one sample per iteration,
+    with the median of its measured times (shapes repeat exactly on the step clock). Also
+    returns the timing noise: the mean over iterations of max |repeat - median| / median."""
+    from .engines.transformers_cb import TransformersEngine
+
+    samples, noise = [], []
+    warm = [(2, 32, 3, 0)]
+    for i, (b, p, k, q) in enumerate(warm + grid):
+        blocks = b * -(-(p + k) // block_size) + -(-(q + 2) // block_size) + 4
+        eng = TransformersEngine(m, "vllm", clock="step", block_size=block_size, kv_blocks=blocks,
+                                 token_budget=max(token_budget, b + 1), max_running=max(b + 1, 2))
+        reqs = _run_requests(b, p, k, q, seed=i)
+        runs = [eng.generate(reqs) for _ in range(repeats if i >= len(warm) else 1)]
+        assert [len(r.tokens) for r in runs[0].results] == [g.max_new_tokens for g in reqs]
+        if i < len(warm):
+            continue
+        rows = np.asarray([run.samples() for run in runs], dtype=float)  # repeats x iters x 5
+        assert (rows[:, :, :4] == rows[:1, :, :4]).all(), "shapes differ between repeats"
+        med = np.median(rows[:, :, 4], axis=0)
+        samples += [(*map(float, r[:4]), float(t)) for r, t in zip(rows[0], med, strict=True)]
+        noise += list(np.abs(rows[:, :, 4] - med).max(axis=0) / med)
+    return samples, float(np.mean(noise)) if repeats > 1 else None
+
+
+def base_profile(m: Any, device: str, name: str, token_budget: int) -> CostModel:
+    """An unfitted profile: the model's constants, the measured device, neutral efficiencies."""
+    eff = {"mfu": 0.5, "mbu": 0.5, "pcie_eff": 1.0, "overhead_s": 1e-3, "overhead_per_seq_s": 1e-4,
+           "prefill_overhead_s": 1e-3, "activation_reserve_bytes": 0,
+           "source": {"pcie_eff": "not calibrated", "activation_reserve_bytes": "not modelled"}}
+    spec = {"name": name, "model": model_section(m), "gpu": device_section(device),
+            "efficiency": eff, "token_budget": token_budget}
+    return CostModel(spec, name)
+
+
+def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | None = None,
+              dtype: str | None = None, token_budget: int = 2048, repeats: int = 3) -> Calibration:
+    """Measure the engine over ``GRIDS[grid]`` and fit a profile (see module docstring)."""
+    import torch
+    import transformers
+
+    t = time.perf_counter()
+    m = load_model(model, device, dtype)
+    name = name or f"{Path(model).stem}-transformers-{device.split(':')[0]}"
+    base = base_profile(m, device, name, token_budget)
+    samples, noise = measure(m, GRIDS[grid], token_budget, repeats=repeats)
+    fitted = fit_profile(samples, base, name)
+    test = samples[2::3]
+    part = fit_profile([s for i, s in enumerate(samples) if i % 3 != 2], base, name)
+    arr = np.asarray(test, dtype=float)
+    rel = np.abs(part.predict(arr[:, :4]) / arr[:, 4] - 1.0)
+    spec = fitted.to_json()
+    spec["calibration"] = {
+        "engine": f"transformers {transformers.__version__} continuous batching "
+                  "(ecoserve_sched.engines.transformers_cb, policy vllm, step clock)",
+        "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
+        "model": model, "dtype": str(next(m.parameters()).dtype).removeprefix("torch."),
+        "weights": "random", "grid": grid, "repeats": repeats, "statistic": "median",
+        "measured": "wall time of each engine iteration: scheduling, input preparation, "
+                    "forward, greedy sampling, output update",
+        "holdout": {"mean_rel_error": float(rel.mean()), "max_rel_error": float(rel.max())},
+        "noise_between_repeats": noise,
+        "samples": [[int(x) for x in r[:4]] + [round(float(r[4]), 6)] for r in samples],
+        "sample_columns": ["prefill_tokens", "prefill_ctx_tokens", "decode_requests",
+                           "decode_ctx_tokens", "seconds"],
+    }
+    for f in ("mfu", "mbu", "overhead_s", "overhead_per_seq_s", "prefill_overhead_s"):
+        spec["efficiency"]["source"][f] = (f"fitted by `ecoserve calibrate --engine transformers "
+                                           f"--model {model} --device {device} --grid {grid}` to "
+                                           f"{len(samples)} measured iterations")
+    return Calibration(CostModel(spec, name), samples, spec["calibration"]["holdout"], noise,
+                       time.perf_counter() - t)
+
+
+def save(cal: Calibration, path: str | Path) -> None:
+    """Write the fitted profile (loadable by ``cost_model.load_profile``)."""
+    Path(path).write_text(json.dumps(cal.profile.to_json(), indent=2) + "\n")

@@ -1,0 +1,213 @@
+"""Iteration-latency cost model for the simulator: a roofline of one model on one GPU.
+
+time = max(FLOPs / (peak * mfu), bytes / (bw * mbu)) + overhead_s
+       + overhead_per_seq_s * decode_requests + prefill_overhead_s * [any prefill tokens]
+
+A profile is a model file (``profiles/models/<model>.json``) plus a GPU file
+(``profiles/gpus/<gpu>.json``, which also holds the efficiency factors), combined by the
+name ``<model>-<gpu>``; or one JSON file with ``model``, ``gpu`` and ``efficiency``
+sections (what :meth:`CostModel.save` writes). See docs/cost_model.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+DEFAULT_PROFILE = "llama2-13b-a100-80gb"
+MODEL_FIELDS = ("n_params", "n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim",
+                "intermediate", "mlp_mats", "vocab", "dtype_bytes")
+GPU_FIELDS = ("peak_flops", "hbm_bw", "hbm_bytes", "pcie_bw")
+EFF_FIELDS = ("mfu", "mbu", "pcie_eff", "overhead_s", "overhead_per_seq_s",
+              "prefill_overhead_s", "activation_reserve_bytes")
+FIT_FIELDS = ("mfu", "mbu", "overhead_s", "overhead_per_seq_s", "prefill_overhead_s")
+Sample = tuple[float, float, float, float, float]
+
+
+class ProfileError(ValueError):
+    """A profile file is missing a field or has a bad value."""
+
+
+class CostModel:
+    """Roofline iteration latency, KV capacity, swap and recompute costs for a model+GPU."""
+
+    def __init__(self, spec: dict[str, Any], origin: str = "<dict>") -> None:
+        for section, fields in (("model", MODEL_FIELDS), ("gpu", GPU_FIELDS),
+                                ("efficiency", EFF_FIELDS)):
+            sec = spec.get(section)
+            if not isinstance(sec, dict):
+                raise ProfileError(f"{origin}: missing section '{section}'")
+            for f in fields:
+                v = sec.get(f)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ProfileError(f"{origin}: field '{section}.{f}' must be a number, got {v!r}")
+                if v < 0 or (v == 0 and section != "efficiency"):
+                    raise ProfileError(f"{origin}: field '{section}.{f}' must be positive, got {v!r}")
+        e = spec["efficiency"]
+        for f in ("mfu", "mbu", "pcie_eff"):
+            if not 0 < e[f] <= 1:
+                raise ProfileError(f"{origin}: field 'efficiency.{f}' must be in (0, 1], got {e[f]!r}")
+        self.spec = spec
+        self.name: str = str(spec.get("name", Path(origin).stem))
+        self.gpu_memory_utilization: float = float(spec.get("gpu_memory_utilization", 0.9))
+        self.fit_error: dict[str, float] | None = spec.get("fit")
+        m = spec["model"]
+        q_dim, kv_dim = m["n_heads"] * m["head_dim"], m["n_kv_heads"] * m["head_dim"]
+        h, n_layers, dt = m["hidden"], m["n_layers"], m["dtype_bytes"]
+        # Linear-layer parameters touched per token (attention projections + MLP) and the LM head.
+        self.layer_params = n_layers * (h * (2 * q_dim + 2 * kv_dim) + m["mlp_mats"] * h * m["intermediate"])
+        self.lm_head_params = m["vocab"] * h
+        # Efficiency-free structure: FLOPs and bytes per unit of each input.
+        self.flops_per_token = 2.0 * self.layer_params
+        self.flops_per_logit = 2.0 * self.lm_head_params
+        self.flops_per_prefill_ctx = 2.0 * n_layers * q_dim  # QK^T + PV, 4*L*q_dim, halved by the causal mask
+        self.flops_per_decode_ctx = 4.0 * n_layers * q_dim
+        self.weight_bytes_read = float((self.layer_params + self.lm_head_params) * dt)
+        self.kv_bytes_per_token = float(2 * n_layers * kv_dim * dt)
+        self.weight_bytes_stored = float(m["n_params"] * dt)
+        self._set_efficiency(e)
+        tb = spec.get("token_budget")
+        self.token_budget: int = int(tb) if tb else self.knee_tokens()
+
+    def _set_efficiency(self, e: dict[str, float]) -> None:
+        g = self.spec["gpu"]
+        inv_f, inv_b = 1.0 / (g["peak_flops"] * e["mfu"]), 1.0 / (g["hbm_bw"] * e["mbu"])
+        self._c_tok, self._c_logit = self.flops_per_token * inv_f, self.flops_per_logit * inv_f
+        self._c_pctx, self._c_dctx = self.flops_per_prefill_ctx * inv_f, self.flops_per_decode_ctx * inv_f
+        self._m_w, self._m_kv = self.weight_bytes_read * inv_b, self.kv_bytes_per_token * inv_b
+        self._oh, self._oh_seq, self._oh_pf = e["overhead_s"], e["overhead_per_seq_s"], e["prefill_overhead_s"]
+        self._swap = self.kv_bytes_per_token / (g["pcie_bw"] * e["pcie_eff"])
+
+    def iteration_time(self, prefill_tokens: int, prefill_ctx_tokens: int,
+                       decode_requests: int, decode_ctx_tokens: int) -> float:
+        """Seconds for one iteration (0 for an empty one). Hot path: a few multiplies."""
+        if prefill_tokens <= 0 and decode_requests <= 0:
+            return 0.0
+        compute = (self._c_tok * (prefill_tokens + decode_requests) + self._c_logit * decode_requests
+                   + self._c_pctx * prefill_ctx_tokens + self._c_dctx * decode_ctx_tokens)
+        memory = self._m_w + self._m_kv * (prefill_tokens + decode_ctx_tokens)
+        t = (compute if compute > memory else memory) + self._oh + self._oh_seq * decode_requests
+        return t + self._oh_pf if prefill_tokens > 0 else t
+
+    def swap_time(self, tokens: int) -> float:
+        """Seconds to move ``tokens`` tokens' KV over PCIe, one direction."""
+        return tokens * self._swap
+
+    def recompute_time(self, tokens: int) -> float:
+        """Marginal seconds to re-prefill ``tokens`` tokens as one sequence inside an iteration
+        (compute only: the weights are read by that iteration anyway)."""
+        return self._c_tok * tokens + self._c_pctx * tokens * tokens
+
+    def kv_blocks(self, block_size: int, gpu_memory_utilization: float | None = None) -> int:
+        """KV-cache blocks that fit: HBM * utilization - weights - activation reserve."""
+        util = self.gpu_memory_utilization if gpu_memory_utilization is None else gpu_memory_utilization
+        free = (self.spec["gpu"]["hbm_bytes"] * util - self.weight_bytes_stored
+                - self.spec["efficiency"]["activation_reserve_bytes"])
+        return max(0, int(free // (block_size * self.kv_bytes_per_token)))
+
+    def knee_tokens(self) -> int:
+        """Batched prefill tokens where compute time overtakes the weight read, rounded up to
+        a power of two (the roofline knee of latency vs batched tokens)."""
+        slope = self._c_tok - self._m_kv
+        knee = self._m_w / slope if slope > 0 else 8192.0
+        return 1 << max(4, math.ceil(math.log2(knee)))
+
+    def predict(self, samples: np.ndarray, eff: dict[str, float] | None = None) -> np.ndarray:
+        """Vectorised :meth:`iteration_time` over rows of (prefill_tokens, prefill_ctx_tokens,
+        decode_requests, decode_ctx_tokens), optionally with other efficiency factors."""
+        e, g = {**self.spec["efficiency"], **(eff or {})}, self.spec["gpu"]
+        p, pc, d, dc = (np.asarray(samples, dtype=float)[:, i] for i in range(4))
+        flops = (self.flops_per_token * (p + d) + self.flops_per_logit * d
+                 + self.flops_per_prefill_ctx * pc + self.flops_per_decode_ctx * dc)
+        nbytes = self.weight_bytes_read + self.kv_bytes_per_token * (p + dc)
+        t = np.maximum(flops / (g["peak_flops"] * e["mfu"]), nbytes / (g["hbm_bw"] * e["mbu"]))
+        t = t + e["overhead_s"] + e["overhead_per_seq_s"] * d + e["prefill_overhead_s"] * (p > 0)
+        return np.where((p > 0) | (d > 0), t, 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        """The full profile as a JSON-ready dict (loadable by :func:`load_profile`)."""
+        out = {**self.spec, "name": self.name, "gpu_memory_utilization": self.gpu_memory_utilization}
+        if self.fit_error is not None:
+            out["fit"] = self.fit_error
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write the profile JSON to ``path``."""
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    def __repr__(self) -> str:
+        return f"CostModel({self.name!r}, token_budget={self.token_budget})"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ProfileError(f"{path}: cannot read profile JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: expected a JSON object")
+    return data
+
+
+def list_profiles() -> list[str]:
+    """Shipped profile names, ``<model>-<gpu>``."""
+    models = sorted(p.stem for p in (PROFILES_DIR / "models").glob("*.json"))
+    gpus = sorted(p.stem for p in (PROFILES_DIR / "gpus").glob("*.json"))
+    return [f"{m}-{g}" for m in models for g in gpus]
+
+
+def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
+    """Load a shipped profile by name (see :func:`list_profiles`) or a profile JSON file."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.is_file():
+        return CostModel(_read(path), str(path))
+    for gpu_file in sorted((PROFILES_DIR / "gpus").glob("*.json")):
+        model = str(name_or_path).removesuffix("-" + gpu_file.stem)
+        model_file = PROFILES_DIR / "models" / f"{model}.json"
+        if model != str(name_or_path) and model_file.is_file():
+            gpu = _read(gpu_file)
+            spec = {"name": str(name_or_path), "model": _read(model_file),
+                    "gpu": gpu.get("gpu"), "efficiency": gpu.get("efficiency")}
+            if "token_budget" in gpu:
+                spec["token_budget"] = gpu["token_budget"]
+            return CostModel(spec, f"{model_file} + {gpu_file}")
+    raise ProfileError(f"unknown profile {name_or_path!r}; shipped: {', '.join(list_profiles())}")
+
+
+def fit_profile(samples: Iterable[Sample], base: CostModel | dict[str, Any], name: str) -> CostModel:
+    """Least-squares fit of mfu, mbu and the overheads to measured iteration latencies.
+
+    ``samples``: rows (prefill_tokens, prefill_ctx_tokens, decode_requests, decode_ctx_tokens,
+    seconds). Minimises the relative error; the model's ``fit_error`` records the mean and
+    max absolute relative error over the samples.
+    """
+    from scipy.optimize import least_squares
+
+    model = base if isinstance(base, CostModel) else CostModel(base)
+    arr = np.asarray(list(samples), dtype=float)
+    if arr.ndim != 2 or arr.shape[1] != 5 or len(arr) < len(FIT_FIELDS):
+        raise ValueError(f"need at least {len(FIT_FIELDS)} samples of 5 numbers each")
+    x_in, y = arr[:, :4], arr[:, 4]
+    scale = np.array([1.0, 1.0, 1e-3, 1e-3, 1e-3])  # overheads are fitted in milliseconds
+
+    def resid(x: np.ndarray) -> np.ndarray:
+        return model.predict(x_in, dict(zip(FIT_FIELDS, x * scale, strict=True))) / y - 1.0
+
+    e0 = model.spec["efficiency"]
+    x0 = np.array([e0[f] for f in FIT_FIELDS]) / scale
+    lo, hi = [1e-3, 1e-3, 0, 0, 0], [1.0, 1.0, 1e3, 1e3, 1e3]
+    sol = least_squares(resid, np.clip(x0, lo, hi), bounds=(lo, hi), x_scale="jac")
+    rel = np.abs(resid(sol.x))
+    eff = {**e0, **{f: float(v) for f, v in zip(FIT_FIELDS, sol.x * scale, strict=True)}}
+    note = f"fitted by fit_profile to {len(y)} measured iterations (profile {name!r})"
+    eff["source"] = {**e0.get("source", {}), **dict.fromkeys(FIT_FIELDS, note)}
+    spec = {**model.spec, "name": name, "efficiency": eff,
+            "fit": {"n_samples": len(y), "mean_rel_error": float(rel.mean()),
+                    "max_rel_error": float(rel.max())}}
+    return CostModel(spec, name)

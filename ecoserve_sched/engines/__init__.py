@@ -1,0 +1,1 @@
+"""Real serving engines driven by ecoserve_sched policies (transformers continuous batching, vLLM)."""

@@ -1,0 +1,435 @@
+"""An ``ecoserve_sched`` policy driving transformers' continuous batching (paged KV cache).
+
+Two pieces:
+
+- :class:`PolicyScheduler` subclasses transformers' continuous-batching ``Scheduler`` (the
+  class its batch processor asks for every batch) and executes the decisions of any
+  ``ecoserve_sched`` policy (``ecoserve``, ``vllm``, ``orca``, ...): the policy object is the same
+  one the simulator runs, so reservations, loans (KVC pipelining), top-ups, ordering and
+  preemptions are decided by identical code in both. The adapter only translates: the policy's
+  ``Batch`` (prefill chunks + every decoding request) becomes transformers'
+  ``FutureRequestState`` list, preempted requests are reset for recompute, and the engine's
+  finishes are reported back to the policy.
+- :class:`TransformersEngine` runs requests with arrival times through it, one iteration at a
+  time, and returns the tokens plus per-request timing (TTFT, JCT, token times) and one
+  :class:`IterationRecord` per iteration (batch shape and duration: what calibration fits).
+
+KV accounting: the policy's ``KVCacheManager`` is a ledger over the engine's block pool (same
+block size, same number of blocks). A reservation is a logical hold; transformers fills physical
+blocks on demand as tokens are written. Because the ledger never hands out more blocks than the
+pool has and a request never writes past its usable blocks (the policy's invariant), the
+engine's on-demand allocation cannot fail; :meth:`PolicyScheduler.schedule_batch` raises if it
+ever does.
+
+What the engine cannot do (ours): preemption is always by recompute (transformers' CPU
+offloading is not driven by the policy), prefix sharing is off (the ledger counts every block),
+cancellation is not supported.
+
+Supported transformers: :data:`TRANSFORMERS_RANGE` (this code uses the scheduler base class and
+``RequestState`` fields, and steps the batch processor itself; both move between releases).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import ContinuousBatchingConfig, GenerationConfig
+from transformers.generation.continuous_batching import RequestState, RequestStatus
+from transformers.generation.continuous_batching import Scheduler as HFScheduler
+from transformers.generation.continuous_batching.requests import FutureRequestState
+from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+from ..policies import Batch, Scheduler, get_policy
+from ..request import SLO, Request, State
+
+#: transformers versions this adapter is tested with (pin it in the ``transformers`` extra).
+TRANSFORMERS_RANGE = ">=5.24,<5.25"
+
+
+class StepCost:
+    """Cost model of the step clock: every non-empty iteration takes 1 s, so the simulator and
+    the engine (``clock="step"``) count time in iterations and must agree exactly."""
+
+    name = "step-clock"
+
+    def __init__(self, kv_blocks: int, token_budget: int) -> None:
+        self.blocks = kv_blocks
+        self.token_budget = token_budget
+
+    def kv_blocks(self, block_size: int) -> int:
+        return self.blocks
+
+    def iteration_time(self, prefill_tokens: int, prefill_ctx_tokens: int,
+                       decode_requests: int, decode_ctx_tokens: int) -> float:
+        return 1.0 if prefill_tokens > 0 or decode_requests > 0 else 0.0
+
+    def swap_time(self, tokens: int) -> float:
+        return float(tokens)  # never used: the engine recomputes (see recompute_only)
+
+    def recompute_time(self, tokens: int) -> float:
+        return float(-(-tokens // self.token_budget))
+
+
+def recompute_only(policy: Scheduler) -> Scheduler:
+    """Make ``policy`` preempt by recompute only (the engine cannot swap KV under its control)."""
+    policy.preempt_swap = lambda r: False  # type: ignore[method-assign]
+    return policy
+
+
+class PolicyScheduler(HFScheduler):
+    """transformers continuous-batching scheduler that executes an ``ecoserve_sched`` policy.
+
+    ``requests`` maps engine request ids to policy :class:`Request` objects carrying the
+    predicted RL (bucket, point estimate, reservation) and SLO; an id without an entry gets a
+    request that reserves its ``max_new_tokens`` (no prediction). ``clock`` gives the time in
+    seconds that the policy sees (wall time by default).
+    """
+
+    def __init__(self, cache: Any, safety_margin: float | None, max_requests_per_batch: int, *,
+                 policy: Scheduler, requests: dict[str, Request] | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.policy = policy
+        self.meta = requests if requests is not None else {}
+        t0 = time.perf_counter()
+        self.clock = clock or (lambda: time.perf_counter() - t0)
+        super().__init__(cache, safety_margin or 0.0, max_requests_per_batch)
+        pages = {a.tokens_per_page for a in cache.cache_allocators.values()}
+        if pages != {policy.kv.block_size} or cache.use_prefix_sharing:
+            raise ValueError(f"engine pages {pages} (prefix sharing {cache.use_prefix_sharing}) must be "
+                             f"the policy's block size {policy.kv.block_size}, without prefix sharing")
+        if cache.num_blocks < policy.kv.num_blocks:
+            raise ValueError(f"engine has {cache.num_blocks} KV blocks, policy plans {policy.kv.num_blocks}")
+        if max_requests_per_batch < policy.max_running:
+            raise ValueError(f"max_requests_per_batch {max_requests_per_batch} < max_running {policy.max_running}")
+
+    def reset(self) -> None:
+        super().reset()
+        self.reqs: dict[str, Request] = {}  # engine id -> policy request
+        self.states: dict[int, RequestState] = {}  # policy rid -> engine state
+        self.held: dict[int, int] = {}  # rid -> epoch, for requests whose KV the engine holds
+        self.events: list[tuple[float, str, int]] = []  # (time, admit|preempt|finish|drop, rid)
+        self.last_batch: Batch | None = None
+        self._pending: Batch | None = None  # scheduled, not yet reported to policy.complete
+        self._next_rid = 1 << 30
+
+    # ---- arrivals and finishes ----------------------------------------------------------------
+    def add_waiting_request(self, state: RequestState) -> None:
+        r = self.meta.get(state.request_id)
+        if r is None:
+            n = state.max_new_tokens or 1
+            r = Request(self._next_rid, self.clock(), len(state.initial_tokens), n, n,
+                        pred_tokens=n, reserve_tokens=n)
+            self._next_rid += 1
+        self.reqs[state.request_id] = r
+        self.states[r.rid] = state
+        super().add_waiting_request(state)
+        self.policy.add(r, self.clock())
+        if r.state == State.FINISHED:  # larger than the whole KV cache: the policy dropped it
+            self.waiting_requests.pop(state.request_id)
+            self._cleanup_waiting_queue({state.request_id})
+            state.error = "prompt does not fit the KV cache"
+            state.status = RequestStatus.FAILED
+            self.events.append((self.clock(), "drop", r.rid))
+
+    def finish_request(self, request_id: str) -> None:
+        self._flush()
+        r = self.reqs.get(request_id)
+        if r is not None and r.state == State.DECODE:
+            self.policy.finish(r, self.clock())
+            self.held.pop(r.rid, None)
+            self.events.append((self.clock(), "finish", r.rid))
+        super().finish_request(request_id)
+
+    def clear_cancelled_requests(self) -> list[RequestState]:
+        if self._requests_to_cancel:
+            raise NotImplementedError("PolicyScheduler does not support cancellation")
+        return []
+
+    def iteration_done(self, now: float) -> None:
+        """The engine finished the scheduled forward pass at ``now``: report it to the policy
+        (called by :class:`TransformersEngine`; otherwise done lazily at the next call)."""
+        self._flush(now)
+
+    def _flush(self, now: float | None = None) -> None:
+        if self._pending is not None:
+            batch, self._pending = self._pending, None
+            self.policy.complete(batch, self.clock() if now is None else now)
+
+    # ---- one batch ----------------------------------------------------------------------------
+    def schedule_batch(self, token_budget: int, cache_budget: int
+                       ) -> tuple[list[FutureRequestState] | None, bool, int, int]:
+        self._flush()
+        now = self.clock()
+        batch = self.policy.schedule(now)
+        self.last_batch = batch
+        for rid, epoch in list(self.held.items()):  # preempted by the policy: drop KV, recompute
+            r = self.reqs[self.states[rid].request_id]
+            if r.epoch != epoch or r.state not in (State.PREFILL, State.DECODE):
+                self._preempt(self.states[rid], now)
+        n_tokens = batch.prefill_tokens + batch.decode_requests
+        if n_tokens > token_budget:
+            raise RuntimeError(f"policy batch of {n_tokens} tokens exceeds the engine's {token_budget}")
+        out: list[FutureRequestState] = []
+        moved: set[str] = set()
+        # Decodes laid out group by group (predicted RL bucket), longest bucket first.
+        for r in sorted(self.policy.decoding.values(), key=lambda r: (-r.pred_bucket, r.seq)):
+            out.append(self._take(r, 1, moved))
+        for r, chunk, _ in batch.prefill:
+            if r.rid not in self.held:
+                self.events.append((now, "admit", r.rid))
+            out.append(self._take(r, chunk, moved))
+        self._cleanup_waiting_queue(moved)
+        if not out:
+            return [], False, 0, 0
+        self._pending = batch
+        fast = self.cache.max_blocks_per_request > 0 and all(
+            f.query_length == 1 and f.state.position_offset < self.cache.max_decode_fast_path_length
+            for f in out)
+        kv_read = sum(f.state.current_len() for f in out)
+        return out, fast, n_tokens, min(kv_read, cache_budget)
+
+    def _take(self, r: Request, n: int, moved: set[str]) -> FutureRequestState:
+        """Put ``n`` tokens of ``r`` in the batch (its physical blocks are allocated here)."""
+        st = self.states[r.rid]
+        if not self.cache.can_store_request_tokens(st, n):
+            raise RuntimeError(f"{st.request_id}: engine refused {n} tokens inside the policy's "
+                               f"reservation ({self.policy.kv.usable(r.rid)} usable blocks)")
+        rid_s = st.request_id
+        if rid_s in self.waiting_requests:  # (re)admitted: the engine now holds its KV
+            self.active_requests[rid_s] = self.waiting_requests.pop(rid_s)
+            moved.add(rid_s)
+        self.held[r.rid] = r.epoch
+        if st.status != RequestStatus.DECODING or st.remaining_prefill_tokens:
+            rest = st.remaining_prefill_tokens
+            st.tokens_to_process, st.remaining_prefill_tokens = rest[:n], rest[n:]
+            st.status = RequestStatus.PREFILLING if st.remaining_prefill_tokens else RequestStatus.DECODING
+        return FutureRequestState(st, not st.remaining_prefill_tokens, {}, n)
+
+    def _preempt(self, st: RequestState, now: float) -> None:
+        """Free ``st``'s blocks and queue it to re-prefill prompt + generated tokens."""
+        rid = self.reqs[st.request_id].rid
+        self.held.pop(rid)
+        self.cache.free_blocks(st.request_id)
+        st.remaining_prefill_tokens = st.initial_tokens + st.generated_tokens
+        st.tokens_to_process = []
+        st.position_offset = 0
+        st.status = RequestStatus.PREFILLING
+        self.active_requests.pop(st.request_id, None)
+        self.waiting_requests[st.request_id] = st
+        self.waiting_requests_order.append(st.request_id)
+        self.events.append((now, "preempt", rid))
+
+
+def register_scheduler(name: str, policy: Scheduler, requests: dict[str, Request] | None = None,
+                       clock: Callable[[], float] | None = None) -> str:
+    """Make ``ContinuousBatchingConfig(scheduler_type=name)`` build a :class:`PolicyScheduler`
+    over ``policy`` (so ``model.generate_batch`` and the manager use it too); returns ``name``."""
+    SCHEDULER_MAPPING[name] = functools.partial(PolicyScheduler, policy=policy, requests=requests,
+                                                clock=clock)
+    return name
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+@dataclass(slots=True)
+class GenRequest:
+    """One request for :meth:`TransformersEngine.generate`; predictions are optional."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    arrival_s: float = 0.0
+    pred_tokens: int = 0  # predicted RL (0: unknown)
+    reserve_tokens: int = 0  # reservation R (0: reserve max_new_tokens)
+    pred_bucket: int = -1
+    slo: SLO = field(default_factory=SLO)
+
+
+@dataclass(slots=True)
+class GenResult:
+    rid: int
+    arrival_s: float
+    tokens: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # engine time of each output token
+    preemptions: int = 0
+    dropped: bool = False
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times[0] - self.arrival_s if self.token_times else float("nan")
+
+    @property
+    def jct_s(self) -> float:
+        return self.token_times[-1] - self.arrival_s if self.token_times else float("nan")
+
+
+@dataclass(slots=True)
+class IterationRecord:
+    """One engine iteration: its batch shape (the cost model's inputs), when it ran on the
+    engine's clock, and its measured wall time (also on the step clock)."""
+
+    start_s: float
+    end_s: float
+    prefill_tokens: int
+    prefill_ctx_tokens: int
+    decode_requests: int
+    decode_ctx_tokens: int
+    measured_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass
+class EngineRun:
+    policy: str
+    clock: str
+    results: list[GenResult]
+    iterations: list[IterationRecord]
+    counters: dict[str, int]
+    events: list[tuple[float, str, int]]
+    wall_s: float
+
+    def samples(self) -> list[tuple[float, float, float, float, float]]:
+        """Iterations as ``cost_model.fit_profile`` rows (shape..., measured seconds)."""
+        return [(i.prefill_tokens, i.prefill_ctx_tokens, i.decode_requests, i.decode_ctx_tokens,
+                 i.measured_s) for i in self.iterations]
+
+
+class TransformersEngine:
+    """Generate with a transformers causal LM, batched continuously under an ecoserve policy.
+
+    ``clock="wall"`` serves requests at their arrival times in real time and measures every
+    iteration; ``clock="step"`` makes each iteration last exactly 1 (arrival times are then in
+    iterations), which makes a run deterministic and comparable one-to-one with the simulator
+    over :class:`StepCost`. ``cost`` is the cost model the policy plans with (EcoServe's
+    time-synced prefill budget, SLO ordering); by default :class:`StepCost`.
+    """
+
+    def __init__(self, model: Any, policy: str = "ecoserve", cost: Any = None, *,
+                 block_size: int = 16, kv_blocks: int = 256, token_budget: int = 512,
+                 max_running: int = 64, slo: SLO | None = None, clock: str = "wall",
+                 eos_token_id: int | None = None, cb_overrides: dict[str, Any] | None = None,
+                 **policy_kw: Any) -> None:
+        if clock not in ("wall", "step"):
+            raise ValueError(f"clock must be 'wall' or 'step', got {clock!r}")
+        self.model = model
+        self.policy_name = policy
+        self.cost = cost
+        self.block_size, self.kv_blocks = block_size, kv_blocks
+        self.token_budget, self.max_running = token_budget, max_running
+        self.slo = slo or SLO()
+        self.clock = clock
+        self.eos_token_id = eos_token_id
+        self.cb_overrides = cb_overrides or {}
+        self.policy_kw = policy_kw
+        self.policy: Scheduler | None = None  # the last run's policy (counters, KV ledger)
+        self.scheduler: PolicyScheduler | None = None  # the last run's engine-side scheduler
+        self._now = 0.0
+
+    def make_policy(self) -> Scheduler:
+        """A fresh policy over this engine's KV pool and token budget (recompute-only)."""
+        cost = self.cost or StepCost(self.kv_blocks, self.token_budget)
+        p = get_policy(self.policy_name, cost, kv_blocks=self.kv_blocks, block_size=self.block_size,
+                       token_budget=self.token_budget, max_running=self.max_running, slo=self.slo,
+                       **self.policy_kw)
+        return recompute_only(p)
+
+    def to_requests(self, reqs: Sequence[GenRequest], oracle: bool = False) -> list[Request]:
+        """Policy-side requests (rid = index); true length = ``max_new_tokens`` (EOS is off)."""
+        out = []
+        for i, g in enumerate(reqs):
+            pred = g.max_new_tokens if oracle else (g.pred_tokens or g.max_new_tokens)
+            res = g.max_new_tokens if oracle else (g.reserve_tokens or g.pred_tokens or g.max_new_tokens)
+            out.append(Request(i, g.arrival_s, len(g.prompt_ids), g.max_new_tokens, g.max_new_tokens,
+                               pred_bucket=g.pred_bucket, pred_tokens=pred, reserve_tokens=res, slo=g.slo))
+        return out
+
+    @torch.inference_mode()
+    def generate(self, reqs: Sequence[GenRequest],
+                 on_iteration: Callable[[IterationRecord], None] | None = None) -> EngineRun:
+        """Serve ``reqs`` (arrival times relative to the start) and return tokens and timings."""
+        policy = self.policy = self.make_policy()
+        preqs = self.to_requests(reqs, oracle=policy.prediction_override == "oracle")
+        meta = {f"r{r.rid}": r for r in preqs}
+        name = register_scheduler(f"ecoserve_sched-{id(self)}", policy, meta, lambda: self._now)
+        cb = ContinuousBatchingConfig(
+            page_size=self.block_size, num_blocks=self.kv_blocks, max_batch_tokens=self.token_budget,
+            max_requests_per_batch=self.max_running, allow_block_sharing=False,
+            use_async_batching=False, scheduler_type=name, **self.cb_overrides)
+        gen = GenerationConfig(do_sample=False, max_new_tokens=max(g.max_new_tokens for g in reqs),
+                               eos_token_id=-1 if self.eos_token_id is None else self.eos_token_id)
+        manager = self.model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+        try:
+            manager.warmup()
+            return self._loop(manager, reqs, preqs, on_iteration)
+        finally:
+            SCHEDULER_MAPPING.pop(name, None)
+            if manager._original_attn_impl is not None:  # undo the switch to a paged attention
+                self.model.set_attn_implementation(manager._original_attn_impl)
+            manager.destroy()
+
+    def _loop(self, manager: Any, reqs: Sequence[GenRequest], preqs: list[Request],
+              on_iteration: Callable[[IterationRecord], None] | None) -> EngineRun:
+        bp = manager.batch_processor
+        sched: PolicyScheduler = bp.scheduler
+        self.scheduler = sched
+        wall = self.clock == "wall"
+        results = [GenResult(r.rid, r.arrival_s) for r in preqs]
+        order = sorted(range(len(reqs)), key=lambda i: (reqs[i].arrival_s, i))
+        iters: list[IterationRecord] = []
+        eos = -1 if self.eos_token_id is None else self.eos_token_id
+        t0 = time.perf_counter()
+        self._now, nxt = 0.0, 0
+        while True:
+            w0 = time.perf_counter()
+            if wall:
+                self._now = w0 - t0
+            while nxt < len(order) and reqs[order[nxt]].arrival_s <= self._now:
+                i = order[nxt]
+                nxt += 1
+                g, r = reqs[i], preqs[i]
+                if self.kv_blocks * self.block_size < r.prompt_tokens + g.max_new_tokens:
+                    results[i].dropped = True  # could never finish (as the simulator drops it)
+                    continue
+                sched.add_waiting_request(RequestState(f"r{i}", list(g.prompt_ids),
+                                                       max_new_tokens=g.max_new_tokens, eos_token_id=eos))
+            start = self._now
+            if not sched.has_pending_requests() or not bp.prepare_next_batch():
+                if nxt >= len(order):
+                    if sched.has_pending_requests():
+                        raise RuntimeError(f"{self.policy_name}: stuck with waiting requests")
+                    break
+                if wall:
+                    time.sleep(max(0.0, reqs[order[nxt]].arrival_s - (time.perf_counter() - t0)))
+                else:
+                    self._now = reqs[order[nxt]].arrival_s
+                continue
+            batch = sched.last_batch
+            scheduled = [(f.state, f.state.generated_len()) for f in bp.inputs_and_outputs.requests_in_batch]
+            bp._generation_step(self.model)
+            self._now = time.perf_counter() - t0 if wall else self._now + 1.0
+            sched.iteration_done(self._now)
+            bp.update_batch()
+            if wall:
+                self._now = time.perf_counter() - t0
+            for st, before in scheduled:
+                res = results[int(st.request_id[1:])]
+                for tok in st.generated_tokens[before:]:
+                    res.tokens.append(tok)
+                    res.token_times.append(self._now)
+            rec = IterationRecord(start, self._now, batch.prefill_tokens, batch.prefill_ctx_tokens,
+                                  batch.decode_requests, batch.decode_ctx_tokens,
+                                  time.perf_counter() - w0)
+            iters.append(rec)
+            if on_iteration is not None:
+                on_iteration(rec)
+        for res, r in zip(results, preqs, strict=True):
+            res.preemptions = r.preemptions
+        counters = {**self.policy.counters, "loans": self.policy.kv.loans}
+        return EngineRun(self.policy_name, self.clock, results, iters, counters, sched.events,
+                         time.perf_counter() - t0)

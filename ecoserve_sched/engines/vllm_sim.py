@@ -1,0 +1,220 @@
+"""Replay a trace through vLLM's own scheduler class under the simulator's clock and cost model.
+
+Policies ``vllm-real`` (vLLM's ``Scheduler``) and ``ecoserve-vllm-real``
+(:class:`~ecoserve_sched.engines.vllm_scheduler.EcoServeVllmSyncScheduler`) run here instead of
+over our KV manager: each iteration calls the real ``schedule()``, times the resulting
+``SchedulerOutput`` with ``cost.iteration_time`` (prefill tokens and their context, decodes and
+their context), then feeds a fake ``ModelRunnerOutput`` back (one token per request whose
+prompt is done; the request's stop token when it reaches its true length, so vLLM never sees
+the true length). The schedulers are the synchronous ones: with zero model time there is no
+step to overlap, and vLLM's ``AsyncScheduler`` would only schedule one step ahead.
+
+The result is a :class:`~ecoserve_sched.simulator.SimResult`, so ``metrics.summarize`` reports
+it exactly as it reports the simulator's own policies.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from ..request import SLO, Request, State
+from ..simulator import SimResult
+
+STOP_TOKEN = 2
+TOKEN = 1
+TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+              "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "num_hidden_layers": 2, "vocab_size": 1024, "max_position_embeddings": 65536,
+              "rms_norm_eps": 1e-6, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2}
+REAL_POLICIES = ("vllm-real", "ecoserve-vllm-real")
+
+
+@dataclass
+class RealSimResult(SimResult):
+    """A :class:`SimResult` plus the tokens vLLM scheduled in each iteration."""
+
+    iter_tokens: list[int] = field(default_factory=list)
+
+
+@cache
+def tiny_model_dir() -> str:
+    """A folder with a tiny Llama ``config.json`` (vLLM's scheduler only reads the config)."""
+    d = Path(tempfile.mkdtemp(prefix="ecoserve-tiny-llama-"))
+    (d / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return str(d)
+
+
+def build_vllm_scheduler(cls: type | None = None, *, num_blocks: int = 256, block_size: int = 16,
+                         max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                         max_model_len: int = 4096, async_scheduling: bool = False,
+                         model_dir: str | None = None) -> Any:
+    """A real vLLM V1 scheduler of class ``cls`` (default: vLLM's ``Scheduler``) on CPU over
+    ``num_blocks`` usable KV blocks; no tokenizer, no prefix caching."""
+    import torch
+    from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    cls = cls or Scheduler
+    total = num_blocks + 1  # vLLM keeps one null block out of the pool
+    sched_cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                max_model_len=max_model_len, enable_chunked_prefill=True,
+                                is_encoder_decoder=False, async_scheduling=async_scheduling)
+    model_cfg = ModelConfig(model=model_dir or tiny_model_dir(), skip_tokenizer_init=True,
+                            dtype="float32", max_model_len=max_model_len)
+    cache_cfg = CacheConfig(block_size=block_size, enable_prefix_caching=False)
+    cache_cfg.num_gpu_blocks = total
+    vc = VllmConfig(scheduler_config=sched_cfg, model_config=model_cfg, cache_config=cache_cfg,
+                    device_config=DeviceConfig(device="cpu"))
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32)
+    kv_cfg = KVCacheConfig(num_blocks=total, kv_cache_tensors=[],
+                           kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
+    return cls(vllm_config=vc, kv_cache_config=kv_cfg, block_size=block_size,
+               structured_output_manager=StructuredOutputManager(vc), log_stats=False)
+
+
+def vllm_request(r: Request, with_prediction: bool) -> Any:
+    """The vLLM request for a trace request: dummy prompt ids, the trace's ``max_tokens``, the
+    stop token (emitted at the true length) and, for EcoServe, the prediction in ``extra_args``."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request as VRequest
+
+    extra = ({"rl_bucket": r.pred_bucket, "rl_pred_tokens": r.pred_tokens,
+              "rl_reserve_tokens": r.reserve_tokens} if with_prediction else None)
+    sp = SamplingParams(max_tokens=r.max_tokens, stop_token_ids=[STOP_TOKEN], extra_args=extra)
+    return VRequest(request_id=str(r.rid), prompt_token_ids=[TOKEN] * r.prompt_tokens,
+                    sampling_params=sp, pooling_params=None, arrival_time=r.arrival_s)
+
+
+def fake_model_output(out: Any, sched: Any, target: dict[str, int]) -> Any:
+    """One sampled token per request whose scheduled tokens reach the end of its sequence."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    ids = list(out.num_scheduled_tokens)
+    sampled = []
+    for rid in ids:
+        req = sched.requests[rid]
+        if req.num_computed_tokens < req.num_tokens:  # a prefill chunk short of the end
+            sampled.append([])
+        else:
+            last = req.num_output_tokens + 1 >= target[rid]
+            sampled.append([STOP_TOKEN if last else TOKEN])
+    return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                             sampled_token_ids=sampled)
+
+
+def replay(requests: list[Request], sched: Any, cost: Any, *, policy: str = "vllm-real",
+           with_prediction: bool = False, profile: str = "", predictions: str = "") -> RealSimResult:
+    """Replay ``requests`` through the vLLM scheduler ``sched``; timed by ``cost``."""
+    t_wall = time.perf_counter()
+    reqs = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
+    by_id = {str(r.rid): r for r in reqs}
+    bs = sched.block_size
+    usable = sched.kv_cache_config.num_blocks - 1
+    res = RealSimResult(policy, profile, predictions, reqs, usable * bs, bs)
+    pool = sched.kv_cache_manager.block_pool
+    target: dict[str, int] = {}
+    clock = [0.0]
+    if hasattr(sched, "clock"):
+        sched.clock = lambda: clock[0]
+    res.counters = {"preemptions": 0}
+    n, i, now, sched_s = len(reqs), 0, 0.0, 0.0
+    while True:
+        while i < n and reqs[i].arrival_s <= now:
+            r = reqs[i]
+            i += 1
+            if -(-(r.prompt_tokens + r.target_tokens) // bs) > usable:
+                res.dropped += 1
+                continue
+            target[str(r.rid)] = r.target_tokens
+            sched.add_request(vllm_request(r, with_prediction))
+        if not sched.get_num_unfinished_requests():
+            if i >= n:
+                break
+            now = reqs[i].arrival_s
+            continue
+        clock[0] = now
+        t0 = time.perf_counter()
+        out = sched.schedule()
+        sched_s += time.perf_counter() - t0
+        res.counters["preemptions"] += len(out.preempted_req_ids)
+        if out.total_num_scheduled_tokens == 0:
+            sched.update_from_output(out, fake_model_output(out, sched, target))
+            if i >= n:
+                raise RuntimeError(f"{policy}: stuck with {len(sched.requests)} requests")
+            now = reqs[i].arrival_s
+            continue
+        p_tok = p_ctx = d_req = d_ctx = 0
+        for rid, k in out.num_scheduled_tokens.items():
+            req = sched.requests[rid]
+            before = req.num_computed_tokens - k
+            if k == 1 and before == req.num_tokens - 1:
+                d_req += 1
+                d_ctx += before + 1
+            else:
+                p_tok += k
+                p_ctx += k * (before + k)
+        res.iter_tokens.append(out.total_num_scheduled_tokens)
+        dt = cost.iteration_time(p_tok, p_ctx, d_req, d_ctx)
+        prev, now = now, now + dt
+        outputs = sched.update_from_output(out, fake_model_output(out, sched, target))
+        steady = 0
+        for eco in outputs.values():
+            for o in eco.outputs:
+                r = by_id[o.request_id]
+                for _ in o.new_token_ids:
+                    if r.first_token_s < 0:
+                        r.first_token_s = now
+                    elif r.last_token_s >= prev - 1e-12:
+                        steady += 1  # decoded in the previous iteration too: gap = dt
+                    else:
+                        res.stall_gaps.append(now - r.last_token_s)
+                    r.last_token_s = now
+                    r.generated += 1
+                if o.finish_reason is not None:
+                    r.state = State.FINISHED
+                    r.finish_s = now
+        kv_used = sum(q.num_computed_tokens for q in sched.running)
+        res.log.append((now, dt, 1, steady, kv_used, usable - pool.get_num_free_blocks()))
+    res.sched_s = sched_s
+    res.wall_s = time.perf_counter() - t_wall
+    return res
+
+
+def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
+             predictions: str | None = None, confusion: Any = None, bundle: str | None = None,
+             seed: int = 0, kv_blocks: int | None = None, block_size: int = 16,
+             token_budget: int | None = None, max_running: int = 256, **_: Any) -> RealSimResult:
+    """``simulator.run`` for ``vllm-real`` / ``ecoserve-vllm-real``: same trace, predictions,
+    KV capacity, token budget and ``max_running`` as the simulator's policies."""
+    from ..policies.base import DEFAULT_TOKEN_BUDGET
+    from ..predictions import apply_predictions, default_source
+    from .vllm_scheduler import EcoServeVllmConfig, EcoServeVllmSyncScheduler
+
+    if policy not in REAL_POLICIES:
+        raise ValueError(f"unknown engine policy {policy!r}; choose from {', '.join(REAL_POLICIES)}")
+    slo = slo or SLO()
+    reqs = trace.requests(slo)
+    eco = policy == "ecoserve-vllm-real"
+    desc = "none"
+    if eco:
+        source = predictions or default_source(trace)
+        desc = apply_predictions(reqs, trace, source, seed=seed, confusion=confusion, bundle=bundle)
+    blocks = kv_blocks if kv_blocks is not None else cost.kv_blocks(block_size)
+    longest = max((r.prompt_tokens + r.max_tokens for r in reqs), default=2048)
+    sched = build_vllm_scheduler(
+        EcoServeVllmSyncScheduler if eco else None, num_blocks=blocks, block_size=block_size,
+        max_num_seqs=max_running, max_model_len=max(longest, 2048),
+        max_num_batched_tokens=int(token_budget or max(cost.token_budget, DEFAULT_TOKEN_BUDGET)))
+    if eco:
+        sched.eco_cfg = EcoServeVllmConfig(slo_ttft=slo.ttft_s, slo_tbt=slo.tbt_s,
+                                           prefill_s_per_token=cost.recompute_time(1))
+    return replay(reqs, sched, cost, policy=policy, with_prediction=eco,
+                  profile=getattr(cost, "name", ""), predictions=desc)

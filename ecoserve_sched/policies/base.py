@@ -1,0 +1,354 @@
+"""The policy interface, the mechanics every policy shares, and the policy registry.
+
+When the engine calls what (one iteration, see docs/scheduler.md)::
+
+    add(req, now)             a request arrives
+    batch = schedule(now)     decide this iteration: KV alarms, prefill chunks, admissions
+    ... the engine runs the batch; the clock advances by the cost model's iteration time ...
+    joined = complete(batch, now)   prefills advance; requests whose prompt is done start decoding
+    finish(req, now)          the engine saw the request's last token
+
+Every request in DECODE state decodes one token in every iteration (the token budget always
+covers ``max_running`` decodes), so a decoding request's length is a function of the global step
+(``Request.context_at``) and costs nothing per iteration. A policy looks at a decoding request
+only at its *alarm*: the step at which it would run out of usable KV blocks (minus a lead), or at
+which it would reach blocks it has lent out. All block changes go through ``KVCacheManager``.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..kv_cache import KVCacheManager
+from ..request import SLO, Request, State
+
+#: vLLM V1's default ``max_num_batched_tokens`` for online serving; the roofline knee of the
+#: cost model is often far smaller (128 tokens for a 13B model on A100), too small for prompts.
+DEFAULT_TOKEN_BUDGET = 2048
+#: vLLM's default ``max_num_seqs``.
+DEFAULT_MAX_RUNNING = 256
+
+
+@dataclass(slots=True)
+class Batch:
+    """One iteration's work: prefill chunks plus every decoding request."""
+
+    prefill: list[tuple[Request, int, int]] = field(default_factory=list)  # (req, chunk, epoch)
+    prefill_tokens: int = 0
+    prefill_ctx_tokens: int = 0  # sum of chunk * context length after the chunk
+    decode_requests: int = 0
+    decode_ctx_tokens: int = 0
+    extra_s: float = 0.0  # swap transfers done in this iteration
+
+    def add_prefill(self, r: Request, chunk: int) -> None:
+        self.prefill.append((r, chunk, r.epoch))
+        self.prefill_tokens += chunk
+        self.prefill_ctx_tokens += chunk * (r.prefilled + chunk)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode_requests
+
+
+class Scheduler:
+    """Shared mechanics; subclasses set the queue, admission, alarms and victim choice."""
+
+    name = "base"
+    chunked_prefill = True
+    alarm_lead_tokens = 0  # a request raises its alarm this many tokens before its blocks run out
+    prediction_override: str | None = None  # "oracle": the engine gives this policy true RLs
+
+    def __init__(self, cost: Any, kv_blocks: int | None = None, block_size: int = 16,
+                 token_budget: int | None = None, max_running: int = DEFAULT_MAX_RUNNING,
+                 slo: SLO | None = None) -> None:
+        self.cost = cost
+        blocks = kv_blocks if kv_blocks is not None else cost.kv_blocks(block_size)
+        self.kv = KVCacheManager(blocks, block_size)
+        self.bs = block_size
+        self.token_budget = int(token_budget or max(cost.token_budget, DEFAULT_TOKEN_BUDGET))
+        self.slo = slo or SLO()
+        self.max_running = max_running
+        if self.token_budget <= max_running:
+            raise ValueError(f"token budget {self.token_budget} must exceed max_running {max_running}")
+        self.step = 0
+        self.decoding: dict[int, Request] = {}
+        self.prefilling: dict[int, Request] = {}
+        self._alarms: list[tuple[int, int, Request]] = []
+        self._ctx_base = 0  # sum over decoding of prompt + generated - dec_step0
+        self._seq = 0
+        self._extra_s = 0.0
+        self.now = 0.0
+        self.resumed: list[Request] = []  # swapped-in this iteration (for stall accounting)
+        self.stall_gaps: list[float] = []  # token gaps caused by preemption
+        self.dropped: list[Request] = []
+        self.counters = {"preemptions": 0, "recomputes": 0, "swaps": 0, "topups": 0,
+                         "restarts": 0, "loan_settlements": 0}
+
+    # ---- hooks for policies -------------------------------------------------------------------
+    def enqueue(self, r: Request, front: bool = False) -> None:
+        raise NotImplementedError
+
+    def waiting_count(self) -> int:
+        raise NotImplementedError
+
+    def admit(self, budget: int, batch: Batch, now: float) -> None:
+        """Start new prefills from the waiting queue within ``budget`` tokens."""
+        raise NotImplementedError
+
+    def on_alarm(self, r: Request) -> None:
+        """``r`` would outgrow its usable blocks (or reach lent ones) in this iteration."""
+        raise NotImplementedError
+
+    def grow_prefill(self, r: Request, chunk: int) -> bool:
+        """Make room for ``chunk`` more prefill tokens of ``r``; False to skip it this iteration."""
+        return True
+
+    def prefill_budget(self) -> int:
+        """Prefill tokens allowed this iteration: the token budget left after the decodes."""
+        return self.token_budget - len(self.decoding)
+
+    def preempt_swap(self, r: Request) -> bool:
+        """True to preempt ``r`` by swapping its KV out, False to recompute it later."""
+        return False
+
+    def easy_alarm(self, r: Request) -> bool:
+        """Handle ``r``'s alarm if that needs no decision (a free block is there); else False."""
+        return False
+
+    def admission_blocked(self) -> bool:
+        """True if ``admit`` would start nothing now (checked without side effects); False if
+        unsure. Asked when something waits, no prefill runs and no alarm is due; a True answer
+        must stay true until the next alarm, finish or arrival (the engine relies on it)."""
+        return False
+
+    def on_decode_start(self, r: Request) -> None: ...
+
+    def on_decode_end(self, r: Request) -> None: ...
+
+    # ---- engine interface ---------------------------------------------------------------------
+    def add(self, r: Request, now: float) -> None:
+        if self.kv.blocks_for(r.prompt_tokens + 1) > self.kv.num_blocks:
+            r.state = State.FINISHED  # can never fit: dropped, counted as unfinished
+            self.dropped.append(r)
+            return
+        r.state = State.WAITING
+        self.enqueue(r)
+
+    def has_work(self) -> bool:
+        return bool(self.decoding or self.prefilling or self.waiting_count())
+
+    def schedule(self, now: float) -> Batch:
+        self.now = now
+        self._extra_s = 0.0
+        self.resumed.clear()
+        alarms = self._alarms
+        while alarms and alarms[0][0] <= self.step:
+            step, _, r = heapq.heappop(alarms)
+            if r.state != State.DECODE or r.alarm_step != step:
+                continue  # stale: the request was preempted, finished or re-armed
+            if self.easy_alarm(r):
+                self.set_alarm(r)
+                continue
+            r.alarm_step = -1
+            self.on_alarm(r)
+            if r.state == State.DECODE and r.alarm_step < 0:
+                self.set_alarm(r)
+        batch = Batch()
+        if not self.prefilling and not self.waiting_count():
+            batch.decode_requests = len(self.decoding)
+            batch.decode_ctx_tokens = self._ctx_base + len(self.decoding) * self.step
+            return batch
+        budget = self.prefill_budget()
+        preempted = self.counters["preemptions"]
+        for r in list(self.prefilling.values()):  # partial prefills hold KV: they go first
+            if budget <= 0:
+                break
+            left = r.prefill_target - r.prefilled
+            chunk = min(left, budget) if self.chunked_prefill else left
+            if (chunk > budget and batch.prefill_tokens) or r.state != State.PREFILL:
+                continue
+            if self.grow_prefill(r, chunk):
+                batch.add_prefill(r, chunk)
+                budget -= chunk
+        if budget > 0:
+            self.admit(budget, batch, now)
+        if preempted != self.counters["preemptions"]:  # drop chunks of requests preempted since
+            kept = [(r, c) for r, c, e in batch.prefill if r.state == State.PREFILL and r.epoch == e]
+            batch.prefill.clear()
+            batch.prefill_tokens = batch.prefill_ctx_tokens = 0
+            for r, c in kept:
+                batch.add_prefill(r, c)
+        batch.decode_requests = len(self.decoding)
+        batch.decode_ctx_tokens = self._ctx_base + len(self.decoding) * self.step
+        batch.extra_s = self._extra_s
+        return batch
+
+    def decode_only_step(self) -> bool:
+        """True if this iteration needs no decision: due alarms were all easy (and are now
+        handled), no prefill runs and nothing can be admitted. The engine then runs every
+        decoding request one step without calling ``schedule`` (the batch it would have built),
+        and more steps up to the next finish, arrival or alarm."""
+        if self.prefilling or not self.decoding:
+            return False
+        alarms = self._alarms
+        while alarms and alarms[0][0] <= self.step:
+            step, _, r = alarms[0]
+            if r.state == State.DECODE and r.alarm_step == step:
+                if not self.easy_alarm(r):
+                    return False  # ``schedule`` takes it from here, in the same order
+                heapq.heappop(alarms)
+                self.set_alarm(r)
+            else:
+                heapq.heappop(alarms)  # stale: the request was preempted, finished or re-armed
+        return not self.waiting_count() or self.admission_blocked()
+
+    def complete(self, batch: Batch, now: float) -> list[Request]:
+        """Apply the iteration's prefill progress; return requests that started decoding."""
+        self.step += 1
+        joined = []
+        for r in self.resumed:
+            self.stall_gaps.append(now - r.last_token_s)
+            joined.append(r)
+        for r, chunk, epoch in batch.prefill:
+            if r.state != State.PREFILL or r.epoch != epoch:
+                continue
+            r.prefilled += chunk
+            if r.prefilled >= r.prefill_target:
+                del self.prefilling[r.rid]
+                r.generated += 1  # the prefill's last position yields the next token
+                if r.first_token_s < 0:
+                    r.first_token_s = now
+                else:
+                    self.stall_gaps.append(now - r.last_token_s)
+                self.start_decode(r, self.step)
+                joined.append(r)
+        return joined
+
+    def next_alarm_step(self) -> int:
+        """The step of the earliest pending alarm (possibly stale), or a huge number."""
+        return self._alarms[0][0] if self._alarms else 1 << 62
+
+    def finish(self, r: Request, now: float) -> None:
+        self.stop_decode(r)
+        r.state = State.FINISHED
+        r.finish_s = r.last_token_s = now
+        self.kv.release(r.rid)
+
+    # ---- shared mechanics ---------------------------------------------------------------------
+    def start_prefill(self, r: Request) -> None:
+        """``r`` got its KV: it joins the running prefills (admission order = ``seq``)."""
+        r.state = State.PREFILL
+        r.prefilled = 0
+        self._seq += 1
+        r.seq = self._seq
+        self.prefilling[r.rid] = r
+
+    def start_decode(self, r: Request, step: int) -> None:
+        r.state = State.DECODE
+        r.dec_step0 = step
+        self._ctx_base += r.prompt_tokens + r.generated - step
+        self.decoding[r.rid] = r
+        self.on_decode_start(r)
+        self.set_alarm(r)
+
+    def stop_decode(self, r: Request) -> None:
+        """Freeze ``r``'s lazily counted progress and take it out of the decoding set."""
+        r.generated = r.generated_at(self.step)
+        self._ctx_base -= r.prompt_tokens + r.generated - self.step
+        r.state = State.WAITING
+        del self.decoding[r.rid]
+        self.on_decode_end(r)
+
+    def set_alarm(self, r: Request) -> None:
+        """Schedule the next step at which ``r`` needs attention (see module docstring)."""
+        x = r.prompt_tokens + r.generated - r.dec_step0  # context after step s is x + s
+        a = self.kv.allocs.get(r.rid)
+        if a is None:
+            step = -self.alarm_lead_tokens - x
+        else:
+            step = a.usable * self.bs - self.alarm_lead_tokens - x
+            if a.lent:
+                step = min(step, (a.own - a.lent) * self.bs - self.lend_margin_tokens() - x)
+        if step < self.step:
+            step = self.step
+        r.alarm_step = step
+        heapq.heappush(self._alarms, (step, r.rid, r))
+
+    def lend_margin_tokens(self) -> int:
+        return 0
+
+    def reservation_blocks(self, r: Request) -> int:
+        """Blocks for prompt + reserved RL (+ top-ups), covering what ``r`` already generated."""
+        tokens = max(r.reservation_tokens, r.prompt_tokens + r.generated + 1)
+        return min(self.kv.blocks_for(tokens), self.kv.num_blocks)
+
+    def preempt(self, r: Request, now: float) -> None:
+        """Take ``r``'s KV away: swap it to host memory, or drop it and recompute later."""
+        if r.state == State.DECODE:
+            self.stop_decode(r)
+            r.last_token_s = now
+        elif r.state == State.PREFILL:
+            del self.prefilling[r.rid]
+        ctx = r.prompt_tokens + r.generated
+        swap = r.generated > 0 and r.prefilled >= r.prefill_target and self.preempt_swap(r)
+        self.kv.release(r.rid)
+        r.epoch += 1
+        r.preemptions += 1
+        self.counters["preemptions"] += 1
+        if swap:
+            r.state = State.SWAPPED
+            r.swapped_tokens = ctx
+            self._extra_s += self.cost.swap_time(ctx)
+            self.counters["swaps"] += 1
+        else:
+            r.state = State.WAITING
+            r.prefill_target = ctx
+            r.prefilled = 0
+            self.counters["recomputes"] += 1
+        self.enqueue(r, front=True)
+
+    def swap_in(self, r: Request) -> None:
+        """``r`` (SWAPPED) already got its blocks: copy its KV back and resume decoding."""
+        self._extra_s += self.cost.swap_time(r.swapped_tokens)
+        self._seq += 1
+        r.seq = self._seq
+        r.swapped_tokens = 0
+        self.start_decode(r, self.step)
+        self.resumed.append(r)
+
+    def running(self) -> list[Request]:
+        return [*self.decoding.values(), *self.prefilling.values()]
+
+    def used_blocks_after(self, batch: Batch | None = None) -> dict[int, int]:
+        """KV blocks each running request occupies once ``batch`` (default: decodes only) has
+        run (for ``kv.check``)."""
+        used = {rid: self.kv.blocks_for(r.context_at(self.step + 1)) for rid, r in self.decoding.items()}
+        chunks = {r.rid: c for r, c, _ in batch.prefill} if batch else {}
+        for rid, r in self.prefilling.items():
+            used[rid] = self.kv.blocks_for(r.prefilled + chunks.get(rid, 0))
+        return used
+
+    def kv_used_tokens(self) -> int:
+        used = self._ctx_base + len(self.decoding) * self.step
+        return used + sum(r.prefilled for r in self.prefilling.values()) if self.prefilling else used
+
+
+PolicyFactory = Callable[..., Scheduler]
+POLICIES: dict[str, PolicyFactory] = {}
+
+
+def register(name: str, factory: PolicyFactory) -> None:
+    POLICIES[name] = factory
+
+
+def get_policy(name: str, cost: Any, **kwargs: Any) -> Scheduler:
+    """Build the policy registered as ``name`` over ``cost`` (a CostModel)."""
+    from . import _load_all
+
+    _load_all()
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose from: {', '.join(sorted(POLICIES))}")
+    return POLICIES[name](cost, **kwargs)

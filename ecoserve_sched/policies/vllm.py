@@ -1,0 +1,91 @@
+"""vLLM V1 semantics: token budget, running first, FCFS waiting, on-demand blocks, preempt latest.
+
+- Blocks are allocated on demand: a prefill chunk gets the blocks its tokens need, a decoding
+  request gets one more block when its last one is full.
+- When a running request cannot get a block, the most recently admitted running request is
+  preempted by recompute (possibly the request itself), until the allocation succeeds.
+- A waiting request is admitted, in arrival order, only if the blocks of its whole prompt are
+  free (vLLM >= 0.32: ``scheduler_reserve_full_isl=True``, the default), though only its first
+  chunk's blocks are taken; admission stops at the first one that does not fit. Preempted
+  requests go back to the front. ``reserve_full_prompt=False`` gives the older rule (the first
+  chunk must fit), which over-admits and thrashes under KV pressure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..queues import FCFSQueue
+from ..request import Request, State
+from .base import Batch, Scheduler, register
+
+
+class VLLMScheduler(Scheduler):
+    name = "vllm"
+
+    def __init__(self, cost: Any, reserve_full_prompt: bool = True, **kw: Any) -> None:
+        super().__init__(cost, **kw)
+        self.waiting = self.make_queue()
+        self.reserve_full_prompt = reserve_full_prompt
+
+    def _fits(self, r: Request, chunk: int) -> bool:
+        """vLLM's admission gate: the whole prompt's (or the first chunk's) blocks are free."""
+        need = r.prefill_target if self.reserve_full_prompt else chunk
+        return self.kv.blocks_for(need) <= self.kv.free_blocks
+
+    def make_queue(self) -> Any:
+        return FCFSQueue()
+
+    def enqueue(self, r: Request, front: bool = False) -> None:
+        (self.waiting.push_front if front else self.waiting.push)(r)
+
+    def waiting_count(self) -> int:
+        return len(self.waiting)
+
+    def pick_victim(self, running: list[Request]) -> Request:
+        return max(running, key=lambda r: r.seq)
+
+    def _allocate_or_preempt(self, r: Request, blocks: int, now: float) -> bool:
+        """Give ``r`` ``blocks`` more blocks, preempting victims; False if ``r`` itself went."""
+        while not self.kv.allocate(r.rid, blocks):
+            victim = self.pick_victim(self.running())
+            self.preempt(victim, now)
+            if victim is r:
+                return False
+        return True
+
+    def easy_alarm(self, r: Request) -> bool:
+        return self.kv.allocate(r.rid, 1)
+
+    def admission_blocked(self) -> bool:
+        budget = self.prefill_budget()
+        if budget <= 0 or len(self.decoding) + len(self.prefilling) >= self.max_running:
+            return True
+        r = self.waiting.peek()
+        chunk = min(r.prefill_target, budget) if self.chunked_prefill else r.prefill_target
+        return not self._fits(r, chunk)  # the first ``admit`` check to fail
+
+    def on_alarm(self, r: Request) -> None:
+        if self._allocate_or_preempt(r, 1, self.now):
+            self.set_alarm(r)
+
+    def grow_prefill(self, r: Request, chunk: int) -> bool:
+        need = self.kv.blocks_for(r.prefilled + chunk) - self.kv.owned(r.rid)
+        return need <= 0 or self._allocate_or_preempt(r, need, self.now)
+
+    def admit(self, budget: int, batch: Batch, now: float) -> None:
+        while budget > 0 and len(self.waiting) and len(self.decoding) + len(self.prefilling) < self.max_running:
+            r = self.waiting.peek()
+            chunk = min(r.prefill_target, budget) if self.chunked_prefill else r.prefill_target
+            if chunk > budget and batch.prefill_tokens:
+                break
+            if not self._fits(r, chunk) or not self.kv.allocate(r.rid, self.kv.blocks_for(chunk)):
+                break
+            self.waiting.pop()
+            self.start_prefill(r)
+            r.state = State.PREFILL
+            batch.add_prefill(r, chunk)
+            budget -= chunk
+
+
+register("vllm", VLLMScheduler)

@@ -1,0 +1,134 @@
+"""Where a simulated request's predicted RL comes from: annotated, confusion, oracle or bundle.
+
+- ``annotated``: the trace's own ``rl_bucket``/``rl_pred_tokens``/``rl_reserve_tokens``.
+- ``confusion``: for true bucket b, draw the predicted bucket from row b of a predictor's measured
+  confusion matrix (rows with no counts predict b), then take that bucket's point and
+  reservation tokens. The honest choice for traces that carry only lengths.
+- ``oracle``: the true length as point and reservation (an upper bound, never a claim).
+- ``bundle``: run a predictor bundle on the trace's prompt texts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .request import Request
+from .trace import Trace
+
+SOURCES = ("annotated", "confusion", "oracle", "bundle")
+CONFUSION_FORMAT = "rlpredict.confusion/1"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_EDGES = (32, 64, 128, 192, 256, 384, 512, 768, 1024, math.inf)
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """A predictor's measured confusion matrix (rows: true bucket, columns: predicted)."""
+
+    edges: np.ndarray  # upper edges, inf last
+    point_tokens: np.ndarray
+    reserve_tokens: np.ndarray
+    matrix: np.ndarray
+    source: str
+    path: str
+
+    def bucket_of(self, tokens: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.edges, np.asarray(tokens, dtype=float), side="left")
+
+    @property
+    def accuracy(self) -> float:
+        m = self.matrix
+        return float(np.trace(m) / m.sum()) if m.sum() else float("nan")
+
+
+def load_confusion(path: str | Path) -> Confusion:
+    """Read a confusion.json, a manifest.json with a "confusion" key, or a bundle directory."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "manifest.json"
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{p}: cannot read confusion matrix ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    if isinstance(d, dict) and "confusion" in d and d.get("format") != CONFUSION_FORMAT:
+        d = d["confusion"]
+    if not isinstance(d, dict) or d.get("format") != CONFUSION_FORMAT:
+        raise ValueError(f"{p}: not a confusion matrix (expected format {CONFUSION_FORMAT!r})")
+    try:
+        edges = np.array([math.inf if e is None else float(e) for e in d["bucket_edges"]])
+        k = len(edges)
+        point = np.asarray(d["point_tokens"], dtype=np.int64)
+        reserve = np.asarray(d["reserve_tokens"], dtype=np.int64)
+        matrix = np.asarray(d["matrix"], dtype=float)
+    except KeyError as e:
+        raise ValueError(f"{p}: missing field {e.args[0]!r}") from None
+    if point.shape != (k,) or reserve.shape != (k,) or matrix.shape != (k, k) or (matrix < 0).any():
+        raise ValueError(f"{p}: point_tokens, reserve_tokens need {k} values and matrix {k}x{k} counts >= 0")
+    return Confusion(edges, point, reserve, matrix, str(d.get("source", "")), str(p))
+
+
+def default_confusion_path(root: Path = REPO_ROOT) -> Path:
+    """The shipped default bundle's confusion matrix: the first ``models/*/manifest.json``
+    with a "confusion" key."""
+    for manifest in sorted((root / "models").glob("*/manifest.json")):
+        try:
+            if "confusion" in json.loads(manifest.read_text(encoding="utf-8")):
+                return manifest
+        except (OSError, json.JSONDecodeError):
+            continue
+    raise FileNotFoundError(
+        f"no default predictor bundle with a confusion matrix under {root / 'models'}; "
+        "pass --confusion FILE (a confusion.json from `rlpredict eval`, or a bundle)")
+
+
+def default_source(trace: Trace) -> str:
+    return "annotated" if trace.has_rl else "confusion"
+
+
+def apply_predictions(requests: list[Request], trace: Trace, source: str, *, seed: int = 0,
+                      confusion: Confusion | None = None, bundle: str | None = None) -> str:
+    """Fill each request's predicted RL from ``source``; returns a one-line description."""
+    if source == "annotated":
+        if not trace.has_rl:
+            raise ValueError(f"{trace.path}: --predictions annotated needs rl_* fields "
+                             "(run `rlpredict annotate`), or use --predictions confusion")
+        return f"annotated ({trace.path} rl_* fields)"
+    if source == "oracle":
+        edges = confusion.edges if confusion is not None else np.asarray(DEFAULT_EDGES, dtype=float)
+        for r in requests:
+            r.pred_tokens = r.reserve_tokens = r.target_tokens
+            r.pred_bucket = int(np.searchsorted(edges, r.target_tokens, side="left"))
+        return "oracle (true response lengths; upper bound only)"
+    if source == "confusion":
+        c = confusion if confusion is not None else load_confusion(default_confusion_path())
+        true_b = c.bucket_of(np.array([r.target_tokens for r in requests]))
+        rng = np.random.default_rng(seed)
+        m = c.matrix
+        rows = m.sum(axis=1)
+        cdf = np.cumsum(m, axis=1) / np.where(rows > 0, rows, 1)[:, None]
+        u = rng.random(len(requests))
+        pred = np.array([int(np.searchsorted(cdf[b], x, side="right")) if rows[b] > 0 else int(b)
+                         for b, x in zip(true_b.tolist(), u.tolist(), strict=True)], dtype=np.int64)
+        pred = np.minimum(pred, len(c.edges) - 1)
+        for r, b in zip(requests, pred.tolist(), strict=True):
+            r.pred_bucket, r.pred_tokens, r.reserve_tokens = b, int(c.point_tokens[b]), int(c.reserve_tokens[b])
+        return f"confusion ({c.path}, seed {seed}, accuracy {c.accuracy:.3f}; {c.source})"
+    if source == "bundle":
+        from .predictor import load_predictor
+
+        if bundle is None:
+            raise ValueError("--predictions bundle needs --bundle PATH")
+        if trace.prompts is None:
+            raise ValueError(f"{trace.path}: --predictions bundle needs a prompt or messages field on every row")
+        preds = load_predictor(bundle).predict(trace.prompts)
+        for r, pr in zip(requests, preds, strict=True):
+            r.pred_bucket, r.pred_tokens, r.reserve_tokens = int(pr.bucket), int(pr.pred_tokens), int(pr.reserve_tokens)
+        return f"bundle ({bundle})"
+    raise ValueError(f"unknown prediction source {source!r}; choose from {', '.join(SOURCES)}")

@@ -1,0 +1,99 @@
+"""Waiting queues: FCFS, static-priority (heap), and EcoServe's GT groups keyed by predicted RL bucket."""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from .request import Request
+
+
+class FCFSQueue:
+    """Arrival order; preempted requests go back to the front (vLLM V1 semantics)."""
+
+    def __init__(self) -> None:
+        self._q: deque[Request] = deque()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def push(self, r: Request) -> None:
+        self._q.append(r)
+
+    def push_front(self, r: Request) -> None:
+        self._q.appendleft(r)
+
+    def peek(self) -> Request:
+        return self._q[0]
+
+    def pop(self) -> Request:
+        return self._q.popleft()
+
+
+class PriorityQueue:
+    """Smallest ``key(r)`` first; the key is computed once, at push (O(log n) push/pop).
+
+    Requeued (preempted) requests keep their key, so they come back at their old position.
+    """
+
+    def __init__(self, key: Callable[[Request], float]) -> None:
+        self._key = key
+        self._h: list[tuple[float, int, Request]] = []
+
+    def __len__(self) -> int:
+        return len(self._h)
+
+    def push(self, r: Request) -> None:
+        heapq.heappush(self._h, (self._key(r), r.rid, r))
+
+    push_front = push
+
+    def peek(self) -> Request:
+        return self._h[0][2]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._h)[2]
+
+
+class GTGroups:
+    """Decoding requests (generation tasks) grouped by predicted RL bucket.
+
+    Policies look at groups, not requests: lenders for KVC pipelining are searched from the
+    group with the longest predicted RL down, and the number of groups (not requests) bounds
+    that search's outer loop.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._groups: dict[int, dict[int, Request]] = {}
+
+    def add(self, r: Request) -> None:
+        key = r.pred_bucket if self.enabled else 0
+        self._groups.setdefault(key, {})[r.rid] = r
+
+    def remove(self, r: Request) -> None:
+        key = r.pred_bucket if self.enabled else 0
+        g = self._groups.get(key)
+        if g is not None and g.pop(r.rid, None) is not None and not g:
+            del self._groups[key]
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self._groups.values())
+
+    @property
+    def n_groups(self) -> int:
+        return len(self._groups)
+
+    def longest_first(self, above_bucket: int = -1) -> Iterator[Request]:
+        """Members of groups with a predicted bucket above ``above_bucket``, longest group first.
+
+        Without grouping, every decoding request is a candidate, in admission order.
+        """
+        if not self.enabled:
+            yield from self._groups.get(0, {}).values()
+            return
+        for key in sorted(self._groups, reverse=True):
+            if key <= above_bucket:
+                return
+            yield from self._groups[key].values()

@@ -1,0 +1,82 @@
+"""A request as the scheduler sees it: lengths, predicted response length (RL), SLOs, state.
+
+The true response length (``true_output_tokens``) is known only to the simulator; policies read
+the predicted fields (``pred_bucket``, ``pred_tokens``, ``reserve_tokens``) and never the truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class State(IntEnum):
+    WAITING = 0  # queued, holds no KV (new, or preempted by recompute)
+    PREFILL = 1  # admitted, holds KV, prompt (or recompute context) partly computed
+    DECODE = 2  # generating one token per iteration
+    SWAPPED = 3  # preempted by swap: KV lives in host memory
+    FINISHED = 4
+
+
+@dataclass(slots=True, frozen=True)
+class SLO:
+    """Latency targets: time to first token, mean time between tokens, optional JCT deadline."""
+
+    ttft_s: float = 5.0
+    tbt_s: float = 0.2
+    deadline_s: float | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    rid: int
+    arrival_s: float
+    prompt_tokens: int
+    max_tokens: int
+    true_output_tokens: int  # simulator only: policies must not read it
+    pred_bucket: int = -1
+    pred_tokens: int = 0
+    reserve_tokens: int = 0
+    slo: SLO = SLO()
+    # ---- dynamic state (owned by the scheduler) ----
+    state: State = State.WAITING
+    generated: int = 0  # output tokens produced so far (exact while not decoding)
+    prefilled: int = 0  # tokens of the current prefill target already computed
+    prefill_target: int = 0  # prompt (+ generated tokens when recomputing after preemption)
+    dec_step0: int = 0  # global step at which the current decode run started
+    reserved_extra: int = 0  # tokens added to the reservation by top-ups
+    alarm_step: int = -1  # next step at which the scheduler must look at this request
+    epoch: int = 0  # bumped on preemption: invalidates stale finish events
+    seq: int = 0  # admission order (vLLM preempts the highest)
+    first_token_s: float = -1.0
+    finish_s: float = -1.0
+    last_token_s: float = -1.0
+    preemptions: int = 0
+    swapped_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.prefill_target = self.prompt_tokens
+
+    @property
+    def target_tokens(self) -> int:
+        """Output length the simulator will stop at (the truth, capped by ``max_tokens``)."""
+        return min(self.true_output_tokens, self.max_tokens)
+
+    def generated_at(self, step: int) -> int:
+        """Output tokens produced after ``step`` iterations (decoding advances one per step)."""
+        if self.state == State.DECODE:
+            return self.generated + step - self.dec_step0
+        return self.generated
+
+    def context_at(self, step: int) -> int:
+        """Tokens whose KV the request holds after ``step`` iterations."""
+        if self.state == State.DECODE:
+            return self.prompt_tokens + self.generated + step - self.dec_step0
+        if self.state == State.PREFILL:
+            return self.prefilled
+        return 0
+
+    @property
+    def reservation_tokens(self) -> int:
+        """Prompt plus reserved response tokens (predicted reservation plus top-ups)."""
+        return self.prompt_tokens + max(self.reserve_tokens, 1) + self.reserved_extra

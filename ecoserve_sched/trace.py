@@ -1,0 +1,190 @@
+"""Request traces: CSV / JSONL (optionally .gz) with file:line errors, rate scaling, synthetic arrivals.
+
+Columns: ``arrival_time_s``, ``input_tokens``, ``output_tokens`` (required); ``max_tokens``,
+``rl_bucket``, ``rl_pred_tokens``, ``rl_reserve_tokens`` (from ``rlpredict annotate``), and a
+``prompt`` string or OpenAI ``messages`` list (for ``--predictions bundle``) are optional.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .request import SLO, Request
+
+REQUIRED = ("arrival_time_s", "input_tokens", "output_tokens")
+RL_FIELDS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
+DEFAULT_MAX_TOKENS = 2048
+
+
+class TraceError(ValueError):
+    """A trace row is malformed; the message starts with ``file:line:``."""
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Columns of a trace, sorted by arrival. ``rl`` is (n, 3) or None; ``prompts`` may be None."""
+
+    path: str
+    arrival_s: np.ndarray
+    input_tokens: np.ndarray
+    output_tokens: np.ndarray
+    max_tokens: np.ndarray
+    rl: np.ndarray | None = None
+    prompts: list[str | list] | None = None  # prompt strings or OpenAI message lists
+
+    def __len__(self) -> int:
+        return len(self.arrival_s)
+
+    @property
+    def has_rl(self) -> bool:
+        return self.rl is not None
+
+    def scaled(self, rate_scale: float) -> Trace:
+        """The same requests arriving ``rate_scale`` times faster (inter-arrival gaps divided)."""
+        if not rate_scale > 0:
+            raise ValueError(f"rate scale must be positive, got {rate_scale}")
+        return replace(self, arrival_s=self.arrival_s / rate_scale)
+
+    def with_arrivals(self, arrival_s: np.ndarray) -> Trace:
+        return replace(self, arrival_s=np.asarray(arrival_s, dtype=float))
+
+    def head(self, n: int) -> Trace:
+        return replace(self, arrival_s=self.arrival_s[:n], input_tokens=self.input_tokens[:n],
+                       output_tokens=self.output_tokens[:n], max_tokens=self.max_tokens[:n],
+                       rl=None if self.rl is None else self.rl[:n],
+                       prompts=None if self.prompts is None else self.prompts[:n])
+
+    def requests(self, slo: SLO) -> list[Request]:
+        """Fresh Request objects (a simulation mutates them), with annotated RL if present."""
+        out = []
+        rl = self.rl
+        for i, (a, p, o, m) in enumerate(zip(self.arrival_s.tolist(), self.input_tokens.tolist(),
+                                             self.output_tokens.tolist(), self.max_tokens.tolist(),
+                                             strict=True)):
+            r = Request(i, a, p, m, o, slo=slo)
+            if rl is not None:
+                r.pred_bucket, r.pred_tokens, r.reserve_tokens = (int(v) for v in rl[i])
+            out.append(r)
+        return out
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _rows(path: Path) -> Iterator[tuple[int, dict]]:
+    name = path.name.removesuffix(".gz")
+    with _open_text(path) as f:
+        if name.endswith(".csv"):
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}")
+            for row in reader:
+                yield reader.line_num, row
+        elif name.endswith((".jsonl", ".json")):
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TraceError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise TraceError(f"{path}:{line_no}: expected a JSON object")
+                yield line_no, row
+        else:
+            raise TraceError(f"{path}: unknown trace format (use .csv, .jsonl, optionally .gz)")
+
+
+def _int(row: dict, key: str, where: str, minimum: int) -> int:
+    v = row.get(key)
+    try:
+        x = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TraceError(f"{where}: {key} must be an integer, got {v!r}") from None
+    if not math.isfinite(x) or x != int(x) or x < minimum:
+        raise TraceError(f"{where}: {key} must be an integer >= {minimum}, got {v!r}")
+    return int(x)
+
+
+def _prompt_input(row: dict) -> str | list | None:
+    """What a predictor sees: the ``prompt`` string, else the OpenAI ``messages`` list as is."""
+    if isinstance(row.get("prompt"), str):
+        return row["prompt"]
+    msgs = row.get("messages")
+    return msgs if isinstance(msgs, list) else None
+
+
+def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
+    """Read and validate a trace; raises TraceError naming the file and line of a bad row.
+
+    ``max_tokens`` applies to rows without a ``max_tokens`` field (never below their true length).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise TraceError(f"{p}: no such trace file")
+    arr, inp, out, mx, rl, prompts = [], [], [], [], [], []
+    has_rl: bool | None = None
+    for line_no, row in _rows(p):
+        where = f"{p}:{line_no}"
+        for k in REQUIRED:
+            if row.get(k) in (None, ""):
+                raise TraceError(f"{where}: missing {k}")
+        try:
+            a = float(row["arrival_time_s"])
+        except (TypeError, ValueError):
+            raise TraceError(f"{where}: arrival_time_s must be a number, got {row['arrival_time_s']!r}") from None
+        if not (math.isfinite(a) and a >= 0):
+            raise TraceError(f"{where}: arrival_time_s must be a finite number >= 0, got {a}")
+        o = _int(row, "output_tokens", where, 1)
+        arr.append(a)
+        inp.append(_int(row, "input_tokens", where, 1))
+        out.append(o)
+        mx.append(_int(row, "max_tokens", where, 1) if row.get("max_tokens") not in (None, "") else max(max_tokens, o))
+        row_rl = all(row.get(k) not in (None, "") for k in RL_FIELDS)
+        if has_rl is None:
+            has_rl = row_rl
+        elif has_rl != row_rl:
+            raise TraceError(f"{where}: rl_* fields present on some rows but not on this one")
+        if row_rl:
+            rl.append([_int(row, k, where, 0) for k in RL_FIELDS])
+        prompts.append(_prompt_input(row))
+    if not arr:
+        raise TraceError(f"{p}: trace has no rows")
+    order = np.argsort(np.asarray(arr), kind="stable")
+    return Trace(
+        path=str(p),
+        arrival_s=np.asarray(arr, dtype=float)[order],
+        input_tokens=np.asarray(inp, dtype=np.int64)[order],
+        output_tokens=np.asarray(out, dtype=np.int64)[order],
+        max_tokens=np.asarray(mx, dtype=np.int64)[order],
+        rl=np.asarray(rl, dtype=np.int64)[order] if has_rl else None,
+        prompts=[prompts[i] for i in order] if all(t is not None for t in prompts) else None,
+    )
+
+
+def poisson_arrivals(n: int, rate: float, seed: int = 0) -> np.ndarray:
+    """``n`` arrival times of a Poisson process with ``rate`` requests/s, starting at 0."""
+    return gamma_arrivals(n, rate, cv=1.0, seed=seed)
+
+
+def gamma_arrivals(n: int, rate: float, cv: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Gamma-distributed inter-arrival gaps with mean 1/rate and coefficient of variation ``cv``."""
+    if not (rate > 0 and cv > 0):
+        raise ValueError(f"rate and cv must be positive, got {rate}, {cv}")
+    shape = 1.0 / (cv * cv)
+    gaps = np.random.default_rng(seed).gamma(shape, 1.0 / (rate * shape), size=n)
+    gaps[0] = 0.0
+    return np.cumsum(gaps)

@@ -1,0 +1,428 @@
+"""Annotate a request trace with predictions, streaming, in bounded memory.
+
+Input: JSONL (``.jsonl``/``.ndjson``, optionally ``.gz``), CSV (optionally ``.gz``) or Parquet.
+Each row carries a prompt string or an OpenAI-style message list (``[{role, content}, ...]``;
+in CSV a JSON string). When a row has both, the messages win. The output, in the input's format,
+is every input row unchanged plus ``rl_bucket``, ``rl_pred_tokens`` and ``rl_reserve_tokens``
+(columns of those names already in the input are overwritten). JSONL rows keep their original
+bytes, with the three fields spliced in before the closing brace.
+
+A bad row (invalid JSON, no prompt/messages, wrong types) either stops the run with its line
+number (``on_error="fail"``) or goes to a rejects JSONL file with the reason
+(``on_error="skip"``), one JSON object per bad row: ``line`` (text formats) or ``row_number``
+(Parquet, from 1), ``reason`` and the raw ``row``; rows in = rows out + rows rejected.
+The output and the rejects file are written to temporary files and renamed at the end: an error
+or Ctrl-C leaves no partial file. Blank lines are not rows; in CSV an empty cell is a missing
+value. Parquet needs pyarrow (imported only for Parquet files).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from rlpredict.atomic import atomic_path
+from rlpredict.runtime import Predictor, Request
+
+COLUMNS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
+Format = Literal["jsonl", "csv", "parquet"]
+OnError = Literal["fail", "skip"]
+_SUFFIXES: dict[str, Format] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
+                                ".parquet": "parquet", ".pq": "parquet"}
+
+
+class AnnotateError(ValueError):
+    """A bad input row (in fail mode), an unreadable input, or an unsupported file name."""
+
+
+class BadRow(ValueError):
+    """Why one row cannot be annotated."""
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Where a row keeps its request; ``drop_final_assistant`` removes a trailing assistant
+    message (logs that store the response as the conversation's last message)."""
+
+    prompt: str = "prompt"
+    messages: str = "messages"
+    generator: str | None = "generator"
+    drop_final_assistant: bool = False
+
+
+@dataclass
+class AnnotateSummary:
+    input: str
+    output: str
+    rejects: str | None
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_rejected: int = 0
+    seconds: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_in / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rows_per_s": round(self.rows_per_s, 1)}
+
+
+def detect_format(path: str | Path) -> tuple[Format, bool]:
+    """(format, gzipped) from a file name: .jsonl/.ndjson/.csv (each optionally .gz), .parquet/.pq."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    gz = bool(suffixes) and suffixes[-1] == ".gz"
+    if gz:
+        suffixes = suffixes[:-1]
+    fmt = _SUFFIXES.get(suffixes[-1]) if suffixes else None
+    if fmt is None or (gz and fmt == "parquet"):
+        raise AnnotateError(f"{path}: unsupported file type; use .jsonl, .jsonl.gz, .csv, .csv.gz or .parquet")
+    return fmt, gz
+
+
+def default_rejects_path(output: str | Path) -> Path:
+    """``out.parquet`` -> ``out.rejects.jsonl`` (beside the output)."""
+    out = Path(output)
+    stem = out.name
+    for s in reversed(out.suffixes):
+        stem = stem[: -len(s)]
+    return out.with_name(f"{stem}.rejects.jsonl")
+
+
+# ---- one row -> one request --------------------------------------------------------------------
+def request_of(row: Mapping[str, Any], fields: Fields) -> Request:
+    """The request in a row (messages win over prompt); raises ``BadRow`` saying what is wrong."""
+    msgs = row.get(fields.messages)
+    if msgs is not None and msgs != "":
+        if isinstance(msgs, str):  # CSV cells, or JSON that stores the list as a string
+            try:
+                msgs = json.loads(msgs)
+            except json.JSONDecodeError as e:
+                raise BadRow(f"field {fields.messages!r} is not valid JSON ({e.msg})") from None
+        return _messages(msgs, fields)
+    prompt = row.get(fields.prompt)
+    if prompt is None:
+        if fields.prompt not in row and fields.messages not in row:
+            raise BadRow(f"neither field {fields.prompt!r} nor {fields.messages!r} is present")
+        raise BadRow(f"field {fields.prompt!r} is missing or null and {fields.messages!r} is missing or empty")
+    if not isinstance(prompt, str):
+        raise BadRow(f"field {fields.prompt!r} is a {type(prompt).__name__}, expected a string")
+    return prompt
+
+
+def _messages(msgs: Any, fields: Fields) -> list[dict[str, str]]:
+    name = fields.messages
+    if not isinstance(msgs, list):
+        raise BadRow(f"field {name!r} is a {type(msgs).__name__}, expected a list of {{role, content}}")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise BadRow(f"field {name!r}: message {i} is not an object with a string 'role'")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "\n".join(p.get("text") or "" for p in content
+                                if isinstance(p, Mapping) and p.get("type") == "text")
+        elif content is not None and not isinstance(content, str):
+            raise BadRow(f"field {name!r}: message {i} has content of type {type(content).__name__}")
+        out.append({"role": m["role"], "content": content or ""})
+    if fields.drop_final_assistant and out and out[-1]["role"] == "assistant":
+        out.pop()
+    if not out:
+        raise BadRow(f"field {name!r} has no messages")
+    return out
+
+
+def generator_of(row: Mapping[str, Any], fields: Fields, wanted: bool) -> str | None:
+    if not wanted or fields.generator is None:
+        return None
+    g = row.get(fields.generator)
+    if g is not None and not isinstance(g, str):
+        raise BadRow(f"field {fields.generator!r} is a {type(g).__name__}, expected a string")
+    return g
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+class _Run:
+    """State shared by the format-specific loops: counts, rejects, progress, errors."""
+
+    def __init__(self, path: Path, predictor: Predictor, fields: Fields, on_error: OnError,
+                 rejects: IO[str] | None, summary: AnnotateSummary, advance: Callable[[float], None]):
+        self.path, self.predictor, self.fields, self.on_error = path, predictor, fields, on_error
+        self.rejects, self.summary, self.advance = rejects, summary, advance
+        self.reasons: Counter[str] = Counter()
+        self.wants_generator = predictor.input_spec.include_generator
+
+    def parse(self, row: Mapping[str, Any]) -> tuple[Request, str | None]:
+        return request_of(row, self.fields), generator_of(row, self.fields, self.wants_generator)
+
+    def reject(self, where: str, number: int, reason: str, raw: Any) -> None:
+        if self.on_error == "fail":
+            hint = " (use --on-error skip to set bad rows aside)"
+            raise AnnotateError(f"{self.path}: {where} {number}: {reason}{hint}")
+        self.summary.rows_rejected += 1
+        self.reasons[reason.split(" (")[0]] += 1
+        assert self.rejects is not None
+        key = "line" if where == "line" else "row_number"
+        self.rejects.write(json.dumps({key: number, "reason": reason, "row": raw},
+                                      ensure_ascii=False, default=str) + "\n")
+
+    def predict(self, requests: list[Request], generators: list[str | None]):
+        return self.predictor.predict_arrays(requests, generators)
+
+
+def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *,
+                  fields: Fields = Fields(), on_error: OnError = "fail",
+                  rejects: str | Path | None = None, chunk_rows: int = 2048,
+                  progress: bool = False) -> AnnotateSummary:
+    """Annotate ``input`` into ``output`` (same format family); see the module docstring."""
+    src, dst = Path(input), Path(output)
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    if not src.is_file():
+        raise AnnotateError(f"{src}: no such file")
+    fmt, _ = detect_format(src)
+    out_fmt, _ = detect_format(dst)
+    if out_fmt != fmt:
+        raise AnnotateError(f"{dst}: output format {out_fmt} differs from the input's ({fmt}); "
+                            "annotate keeps the input's format")
+    if src.resolve() == dst.resolve():
+        raise AnnotateError(f"{dst}: output would overwrite the input")
+    rej_path = Path(rejects) if rejects else default_rejects_path(dst) if on_error == "skip" else None
+    summary = AnnotateSummary(str(src), str(dst), str(rej_path) if rej_path else None)
+    t0 = time.perf_counter()
+    with ExitStack() as stack:
+        bar = stack.enter_context(_progress(src, fmt, progress))
+        tmp_out = stack.enter_context(atomic_path(dst))
+        rej_file = None
+        if rej_path is not None:
+            tmp_rej = stack.enter_context(atomic_path(rej_path))
+            rej_file = stack.enter_context(open(tmp_rej, "w", encoding="utf-8"))
+        run = _Run(src, predictor, fields, on_error, rej_file, summary, bar)
+        loop = {"jsonl": _annotate_jsonl, "csv": _annotate_csv, "parquet": _annotate_parquet}[fmt]
+        loop(run, src, tmp_out, dst, max(1, chunk_rows))
+        summary.reasons = dict(run.reasons.most_common())
+        if rej_file is not None:
+            rej_file.close()
+    summary.seconds = time.perf_counter() - t0
+    assert summary.rows_in == summary.rows_out + summary.rows_rejected
+    return summary
+
+
+# ---- text formats -------------------------------------------------------------------------------
+def _open_output(tmp: Path, target: Path) -> IO[str]:
+    """Open the temporary output file for text; the final name decides gzip compression."""
+    if target.name.lower().endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(tmp, "wb", compresslevel=6), encoding="utf-8", newline="")
+    return open(tmp, "w", encoding="utf-8", newline="")
+
+
+def _text_reader(raw: IO[bytes], gz: bool) -> IO[str]:
+    """Text over an open binary file; ``raw.tell()`` then says how far the input has been read."""
+    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if gz else raw, encoding="utf-8-sig", newline="")
+
+
+def _annotate_jsonl(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> None:
+    with open(src, "rb") as raw, _text_reader(raw, detect_format(src)[1]) as f, \
+            _open_output(tmp, dst) as out:
+        batch: list[tuple[str, dict, Request, str | None]] = []
+        for lineno, line in enumerate(f, 1):
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                continue
+            run.summary.rows_in += 1
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                run.reject("line", lineno, f"not valid JSON ({e.msg}, column {e.colno})", text)
+                continue
+            if not isinstance(row, dict):
+                run.reject("line", lineno, f"expected a JSON object, got {type(row).__name__}", row)
+                continue
+            try:
+                req, gen = run.parse(row)
+            except BadRow as e:
+                run.reject("line", lineno, str(e), row)
+                continue
+            batch.append((text, row, req, gen))
+            if len(batch) >= chunk:
+                _flush_jsonl(run, batch, out)
+                run.advance(raw.tell())
+        _flush_jsonl(run, batch, out)
+        run.advance(raw.tell())
+
+
+def _flush_jsonl(run: _Run, batch: list, out: IO[str]) -> None:
+    if not batch:
+        return
+    a = run.predict([b[2] for b in batch], [b[3] for b in batch])
+    for (text, row, _, _), *vals in zip(batch, a.bucket, a.pred_tokens, a.reserve_tokens, strict=True):
+        out.write(_with_columns(text, row, [int(v) for v in vals]) + "\n")
+    run.summary.rows_out += len(batch)
+    batch.clear()
+
+
+def _with_columns(text: str, row: dict, values: list[int]) -> str:
+    """The original JSON text with the rl_* fields added before its closing brace."""
+    if any(c in row for c in COLUMNS):
+        return json.dumps({**row, **dict(zip(COLUMNS, values, strict=True))}, ensure_ascii=False)
+    body = text.rstrip()[:-1].rstrip()
+    sep = "" if body.endswith("{") else ", "
+    added = ", ".join(f'"{c}": {v}' for c, v in zip(COLUMNS, values, strict=True))
+    return f"{body}{sep}{added}}}"
+
+
+def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> None:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with open(src, "rb") as raw, _text_reader(raw, detect_format(src)[1]) as f, \
+            _open_output(tmp, dst) as out:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise AnnotateError(f"{src}: empty CSV file (no header)") from None
+        except csv.Error as e:
+            raise AnnotateError(f"{src}: line 1: {e}") from None
+        out_header = header + [c for c in COLUMNS if c not in header]
+        slots = [out_header.index(c) for c in COLUMNS]
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(out_header)
+        batch: list[tuple[list[str], Request, str | None]] = []
+        line_start = reader.line_num + 1
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                run.summary.rows_in += 1
+                run.reject("line", line_start, f"malformed CSV ({e})", None)
+                line_start = reader.line_num + 1
+                continue
+            lineno, line_start = line_start, reader.line_num + 1
+            if not cells:
+                continue
+            run.summary.rows_in += 1
+            if len(cells) != len(header):
+                run.reject("line", lineno, f"has {len(cells)} fields, the header has {len(header)}", cells)
+                continue
+            row = dict(zip(header, cells, strict=True))
+            try:  # an empty CSV cell is a missing value
+                req, gen = run.parse({k: v for k, v in row.items() if v != ""})
+            except BadRow as e:
+                run.reject("line", lineno, str(e), row)
+                continue
+            batch.append((cells + [""] * (len(out_header) - len(cells)), req, gen))
+            if len(batch) >= chunk:
+                _flush_csv(run, batch, writer, slots)
+                run.advance(raw.tell())
+        _flush_csv(run, batch, writer, slots)
+        run.advance(raw.tell())
+
+
+def _flush_csv(run: _Run, batch: list, writer: Any, slots: list[int]) -> None:
+    if not batch:
+        return
+    a = run.predict([b[1] for b in batch], [b[2] for b in batch])
+    for (cells, _, _), *vals in zip(batch, a.bucket, a.pred_tokens, a.reserve_tokens, strict=True):
+        for slot, v in zip(slots, vals, strict=True):
+            cells[slot] = str(int(v))
+        writer.writerow(cells)
+    run.summary.rows_out += len(batch)
+    batch.clear()
+
+
+# ---- Parquet -----------------------------------------------------------------------------------
+def _annotate_parquet(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(src)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise AnnotateError(f"{src}: not a readable Parquet file ({e})") from None
+    schema = pf.schema_arrow
+    keep = [n for n in schema.names if n not in COLUMNS]
+    out_schema = pa.schema([schema.field(n) for n in keep] + [pa.field(c, pa.int64()) for c in COLUMNS],
+                           metadata=schema.metadata)
+    used = [n for n in (run.fields.prompt, run.fields.messages, run.fields.generator)
+            if n is not None and n in schema.names]
+    done = 0
+    with pq.ParquetWriter(tmp, out_schema) as writer:
+        for rb in pf.iter_batches(batch_size=chunk):
+            n = rb.num_rows
+            cols = {name: rb.column(name).to_pylist() for name in used}
+            ok, requests, gens = [], [], []
+            for i in range(n):
+                run.summary.rows_in += 1
+                row = {name: cols[name][i] for name in used}
+                try:
+                    req, gen = run.parse(row)
+                except BadRow as e:
+                    run.reject("row", done + i + 1, str(e), rb.slice(i, 1).to_pylist()[0])
+                    continue
+                ok.append(i)
+                requests.append(req)
+                gens.append(gen)
+            done += n
+            if ok:
+                a = run.predict(requests, gens)
+                good = rb if len(ok) == n else rb.take(pa.array(ok, type=pa.int64()))
+                arrays = [good.column(name) for name in keep]
+                arrays += [pa.array(v, type=pa.int64()) for v in (a.bucket, a.pred_tokens, a.reserve_tokens)]
+                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=out_schema))
+                run.summary.rows_out += len(ok)
+            run.advance(done)
+
+
+# ---- progress -----------------------------------------------------------------------------------
+class _progress:
+    """A rich progress bar over input bytes (text formats) or rows (Parquet); a no-op when off."""
+
+    def __init__(self, src: Path, fmt: Format, enabled: bool):
+        self.src, self.fmt, self.enabled = src, fmt, enabled
+        self._bar: Any = None
+
+    def __enter__(self) -> Callable[[float], None]:
+        if not self.enabled:
+            return lambda _done: None
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        if self.fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            total = pq.ParquetFile(self.src).metadata.num_rows
+            amount = MofNCompleteColumn()
+        else:
+            total = self.src.stat().st_size
+            amount = DownloadColumn()
+        self._bar = Progress(TextColumn("annotating {task.description}"), BarColumn(), amount,
+                             TimeElapsedColumn(), TimeRemainingColumn(),
+                             console=Console(stderr=True), transient=False)
+        self._bar.__enter__()
+        task = self._bar.add_task(self.src.name, total=total)
+        return lambda done: self._bar.update(task, completed=done)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+

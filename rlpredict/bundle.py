@@ -1,0 +1,158 @@
+"""The predictor bundle: a self-contained folder that a serving stack loads without torch.
+
+A bundle holds ``model.onnx`` (inputs ``input_ids`` and ``attention_mask``, int64, dynamic batch
+and sequence axes; output ``logits``), the encoder's ``tokenizer.json`` and ``manifest.json``:
+the bucket scheme, the input spec, the RL tokenizer, the format version, the sha256 of every
+file, and the export's parity, quantization and evaluation records. Loading checks all of it
+and refuses a bundle that does not match, naming the file. Only JSON, ONNX and
+``tokenizer.json`` are read: no pickle, no remote code.
+
+Pure Python + numpy (through ``rlpredict.buckets``): part of the base install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import rlpredict
+from rlpredict.atomic import write_text_atomic
+from rlpredict.buckets import BucketScheme
+from rlpredict.inputs import InputSpec
+
+FORMAT = "rlpredict.bundle/1"
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+DEFAULT_MODEL_NAME = "rl-minilm-l6-llama3"
+ENV_MODEL = "RLPREDICT_MODEL"
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, tampered with, or of an unknown format."""
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entries(folder: str | Path, names: list[str]) -> dict[str, dict]:
+    """``{name: {"sha256": ..., "bytes": ...}}`` for the given files of ``folder``."""
+    folder = Path(folder)
+    return {n: {"sha256": file_sha256(folder / n), "bytes": (folder / n).stat().st_size} for n in names}
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> dict:
+    """Hash the files named in ``manifest["files"]`` (or the model and tokenizer) and write it."""
+    names = sorted(manifest.get("files") or (MODEL_FILE, TOKENIZER_FILE))
+    manifest = {**manifest, "format": FORMAT, "files": file_entries(folder, names)}
+    write_text_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk and what its manifest says."""
+
+    path: Path
+    manifest: dict
+    buckets: BucketScheme
+    input: InputSpec
+    rl_tokenizer: str
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest["model"]["file"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.manifest["tokenizer"]["file"]
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.manifest["tokenizer"].get("pad_token_id", 0))
+
+    @property
+    def precision(self) -> str:
+        return str(self.manifest["model"].get("precision", "fp32"))
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name") or self.path.name)
+
+
+def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundle:
+    """Read and check a bundle (``None``: the default one). Raises ``BundleError``.
+
+    ``verify=False`` skips the sha256 check of the files (still checks that they exist).
+    """
+    folder = Path(path) if path is not None else default_bundle_path()
+    if not folder.is_dir():
+        raise BundleError(f"bundle {folder}: no such folder")
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"bundle {folder}: no {MANIFEST}; is this a folder written by `rlpredict export`?")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath}: expected a JSON object")
+    fmt = manifest.get("format")
+    if fmt != FORMAT:
+        raise BundleError(f"{mpath}: unknown bundle format {fmt!r}; this rlpredict "
+                          f"({rlpredict.__version__}) reads {FORMAT!r}")
+    try:
+        model_file = manifest["model"]["file"]
+        tok_file = manifest["tokenizer"]["file"]
+        files = manifest["files"]
+        buckets = BucketScheme.from_dict(manifest["buckets"], source=f"{mpath}: buckets")
+        spec = InputSpec.from_dict(manifest["input"])
+        rl_tok = str(manifest["rl_tokenizer"])
+    except KeyError as e:
+        raise BundleError(f"{mpath}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{mpath}: {e}") from None
+    for role, name in (("model", model_file), ("tokenizer", tok_file)):
+        if name not in files:
+            raise BundleError(f"{mpath}: the {role} file {name!r} has no entry under 'files'")
+    for name, entry in files.items():
+        f = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"{mpath}: file name {name!r} points outside the bundle")
+        if not f.is_file():
+            what = {model_file: "model file", tok_file: "tokenizer file"}.get(name, "file")
+            raise BundleError(f"bundle {folder}: {what} {name} is missing")
+        if verify and file_sha256(f) != entry.get("sha256"):
+            raise BundleError(f"bundle {folder}: {name} does not match the sha256 in {MANIFEST} "
+                              "(modified or corrupted); re-export the bundle")
+    n_labels = manifest["model"].get("num_labels")
+    if n_labels is not None and int(n_labels) != buckets.n_buckets:
+        raise BundleError(f"{mpath}: model has {n_labels} outputs but the scheme {buckets.n_buckets} buckets")
+    return Bundle(path=folder, manifest=manifest, buckets=buckets, input=spec, rl_tokenizer=rl_tok)
+
+
+def default_bundle_path() -> Path:
+    """The bundle used without ``--model``: ``$RLPREDICT_MODEL``, the checkout's
+    ``models/rl-minilm-l6-llama3``, or the copy packaged in ``rlpredict/_default_model``."""
+    env = os.environ.get(ENV_MODEL)
+    if env:
+        p = Path(env).expanduser()
+        if not (p / MANIFEST).is_file():
+            raise BundleError(f"${ENV_MODEL}={env}: no bundle there (no {MANIFEST})")
+        return p
+    package = Path(rlpredict.__file__).resolve().parent
+    candidates = [package.parent / "models" / DEFAULT_MODEL_NAME, package / "_default_model"]
+    for p in candidates:
+        if (p / MANIFEST).is_file():
+            return p
+    raise BundleError("no default predictor bundle found (looked in "
+                      + ", ".join(str(p) for p in candidates)
+                      + f"); pass --model BUNDLE or set ${ENV_MODEL}")

@@ -1,0 +1,183 @@
+"""The bundle commands: ``export`` (needs torch), ``predict`` and ``annotate`` (torch-free).
+
+Registered on ``rlpredict.cli.app``. Heavy imports happen inside the commands: ``predict`` and
+``annotate`` import only the runtime (numpy, onnxruntime, tokenizers; pyarrow for Parquet).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+_err = Console(stderr=True)
+
+ModelOpt = Annotated[Path | None, typer.Option(
+    "--model", "-m", help="Bundle folder (default: $RLPREDICT_MODEL, else the shipped default bundle).")]
+ReserveQOpt = Annotated[float | None, typer.Option(
+    "--reserve-quantile",
+    help="Reserve this quantile of the predicted length distribution (widens when unsure) "
+         "instead of the predicted bucket's reservation.")]
+MarginOpt = Annotated[float, typer.Option(
+    help="Pad reservations by this fraction: reserve x (1 + margin), rounded up.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _fail(msg: str) -> NoReturn:
+    _err.print(f"[red]error:[/red] {msg}", highlight=False)
+    raise typer.Exit(2)
+
+
+def export(
+    model: Annotated[Path, typer.Option("--model", help="Trained model folder (from `rlpredict train`).")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle folder to write.")],
+    int8: Annotated[bool, typer.Option("--int8", help="Quantize to int8 (dynamic, per-channel); records its accuracy loss.")] = False,
+    parity_data: Annotated[list[Path] | None, typer.Option(
+        "--parity-data", help="Chat-log file(s) with real prompts (and responses) for the parity "
+                              "check (repeatable; default: the bundled ShareGPT/AlpacaEval sample).")] = None,
+    parity_n: Annotated[int, typer.Option(help="Number of parity prompts (a seeded random subset).")] = 256,
+    atol: Annotated[float | None, typer.Option(help="Max |logit difference| torch vs ONNX that passes parity (default 1e-3).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (only once the new bundle passed parity).")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export a trained model to a torch-free bundle (ONNX + tokenizer + manifest), checking parity."""
+    from rlpredict.export import ExportError, export_bundle
+
+    try:
+        manifest = export_bundle(model, out, int8=int8, parity_data=parity_data, parity_n=parity_n,
+                                 atol=atol, force=force,
+                                 log=lambda m: _err.print(f"[dim]{m}[/dim]", highlight=False))
+    except (ExportError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if json_out:
+        print(json.dumps({k: manifest[k] for k in ("name", "model", "parity", "quantization", "files")}, indent=2))
+        return
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    _err.print(f"[green]bundle[/green] {out} ({manifest['model']['precision']}, {size / 2**20:.1f} MiB)")
+
+
+def _read_stdin(jsonl: bool, single: bool) -> list:
+    from rlpredict.annotate import BadRow, Fields, request_of
+
+    if sys.stdin.isatty():
+        _fail("give TEXT arguments or pipe prompts on stdin")
+    data = sys.stdin.read()
+    if single:
+        return [data]
+    lines = [(i, line) for i, line in enumerate(data.splitlines(), 1) if line.strip()]
+    if not jsonl:
+        return [line for _, line in lines]
+    out = []
+    for i, line in lines:
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise BadRow(f"expected a JSON object, got {type(row).__name__}")
+            out.append(request_of(row, Fields()))
+        except (json.JSONDecodeError, BadRow) as e:
+            _fail(f"stdin: line {i}: {e}")
+    return out
+
+
+def _bucket_range(edges: tuple[float, ...], k: int) -> str:
+    lo = 0 if k == 0 else int(edges[k - 1])
+    return f"{lo}+" if math.isinf(edges[k]) else f"{lo}-{int(edges[k])}"
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def predict(
+    texts: Annotated[list[str] | None, typer.Argument(help="Prompts (default: one per line on stdin).")] = None,
+    model: ModelOpt = None,
+    generator: Annotated[str | None, typer.Option(help="Served model's name (for bundles trained with the generator as input).")] = None,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="stdin lines are JSON objects with 'prompt' or 'messages'.")] = False,
+    single: Annotated[bool, typer.Option("--single", help="All of stdin is one prompt.")] = False,
+    reserve_quantile: ReserveQOpt = None,
+    margin: MarginOpt = 0.0,
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Predict the response-length bucket, point estimate and reservation of prompts."""
+    from rlpredict.bundle import BundleError
+    from rlpredict.runtime import Predictor
+
+    requests = list(texts) if texts else _read_stdin(jsonl, single)
+    try:
+        p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads)
+        preds = p.predict(requests, generator)
+    except (BundleError, ValueError, TypeError) as e:
+        _fail(str(e))
+    edges = p.scheme.edges
+    if json_out:
+        rows = [{"input": r, "rl_bucket": x.bucket, "rl_pred_tokens": x.pred_tokens,
+                 "rl_reserve_tokens": x.reserve_tokens, "bucket_range": _bucket_range(edges, x.bucket),
+                 "probs": [round(float(v), 5) for v in x.probs]} for r, x in zip(requests, preds, strict=True)]
+        print(json.dumps({"model": str(p.bundle.path), "predictions": rows}, ensure_ascii=False, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{p.bundle.name} ({p.bundle.precision}; RL in {p.bundle.rl_tokenizer} tokens)")
+    for col in ("#", "bucket", "range", "pred", "reserve", "p"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("prompt")
+    for i, (r, x) in enumerate(zip(requests, preds, strict=True)):
+        shown = r if isinstance(r, str) else (r[-1].get("content") or "") if r else ""
+        table.add_row(str(i), str(x.bucket), _bucket_range(edges, x.bucket), str(x.pred_tokens),
+                      str(x.reserve_tokens), f"{x.confidence:.2f}", _clip(shown.replace("\n", " "), 48))
+    Console().print(table)
+
+
+def annotate(
+    input: Annotated[Path, typer.Argument(help="Trace: .jsonl[.gz], .csv[.gz] or .parquet.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Annotated trace, same format as INPUT (written atomically).")],
+    model: ModelOpt = None,
+    prompt_field: Annotated[str, typer.Option(help="Field holding the prompt string.")] = "prompt",
+    messages_field: Annotated[str, typer.Option(help="Field holding OpenAI-style messages (wins over the prompt when both are set).")] = "messages",
+    generator_field: Annotated[str, typer.Option(help="Field naming the served model (used by bundles trained with it).")] = "generator",
+    drop_final_assistant: Annotated[bool, typer.Option(help="Drop a trailing assistant message (logs that store the response in the conversation).")] = False,
+    on_error: Annotated[str, typer.Option("--on-error", help="Bad rows: 'fail' (stop with the line number) or 'skip' (write them to the rejects file).")] = "fail",
+    rejects: Annotated[Path | None, typer.Option(help="Rejects file for --on-error skip (default: OUTPUT's name + .rejects.jsonl).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per inference batch.")] = 32,
+    chunk_rows: Annotated[int, typer.Option(help="Rows read, predicted and written at a time (bounds memory).")] = 2048,
+    reserve_quantile: ReserveQOpt = None,
+    margin: MarginOpt = 0.0,
+    threads: ThreadsOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Add rl_bucket, rl_pred_tokens and rl_reserve_tokens to every row of a request trace."""
+    from rlpredict.annotate import AnnotateError, Fields, annotate_file
+    from rlpredict.bundle import BundleError
+    from rlpredict.runtime import Predictor
+
+    if on_error not in ("fail", "skip"):
+        _fail(f"--on-error must be 'fail' or 'skip', got {on_error!r}")
+    fields = Fields(prompt=prompt_field, messages=messages_field, generator=generator_field,
+                    drop_final_assistant=drop_final_assistant)
+    try:
+        p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads,
+                           batch_size=batch_size)
+        s = annotate_file(p, input, output, fields=fields, on_error=on_error,  # type: ignore[arg-type]
+                          rejects=rejects, chunk_rows=chunk_rows, progress=progress and not json_out)
+    except (BundleError, AnnotateError, ValueError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; {output} was not written")
+    if json_out:
+        print(json.dumps(s.to_dict(), indent=2))
+        return
+    msg = (f"in {s.rows_in} = out {s.rows_out} + rejected {s.rows_rejected} rows "
+           f"in {s.seconds:.1f} s ({s.rows_per_s:.0f} rows/s) -> {s.output}")
+    if s.rejects:
+        msg += f"; rejects: {s.rejects}"
+    _err.print(msg, highlight=False)
+    for reason, n in list(s.reasons.items())[:5]:
+        _err.print(f"  {n} x {reason}", highlight=False)

@@ -1,0 +1,170 @@
+"""Tests for the roofline iteration-latency cost model and its shipped profiles."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ecoserve_sched.cost_model import (
+    DEFAULT_PROFILE,
+    FIT_FIELDS,
+    CostModel,
+    ProfileError,
+    fit_profile,
+    list_profiles,
+    load_profile,
+)
+
+A100_7B = "llama2-7b-a100-80gb"
+
+
+def compute_s(m: CostModel, p: int, pc: int, d: int, dc: int) -> float:
+    flops = (m.flops_per_token * (p + d) + m.flops_per_logit * d + m.flops_per_prefill_ctx * pc
+             + m.flops_per_decode_ctx * dc)
+    return flops / (m.spec["gpu"]["peak_flops"] * m.spec["efficiency"]["mfu"])
+
+
+def memory_s(m: CostModel, p: int, dc: int) -> float:
+    nbytes = m.weight_bytes_read + m.kv_bytes_per_token * (p + dc)
+    return nbytes / (m.spec["gpu"]["hbm_bw"] * m.spec["efficiency"]["mbu"])
+
+
+def test_every_shipped_profile_loads():
+    names = list_profiles()
+    for model in ("llama2-7b", "llama2-13b", "llama3-8b", "opt-13b"):
+        for gpu in ("a100-80gb", "h100-80gb", "h200"):
+            assert f"{model}-{gpu}" in names
+    assert DEFAULT_PROFILE in names
+    for name in names:
+        m = load_profile(name)
+        assert m.name == name
+        assert m.token_budget >= 16
+        assert m.kv_blocks(16) > 0
+        assert 0.005 < m.iteration_time(0, 0, 1, 512) < 0.05
+        # The architecture's parameter count agrees with the published one (norms, biases,
+        # and position embeddings are not counted by the roofline).
+        stored = m.layer_params + m.lm_head_params * (1 if name.startswith("opt") else 2)
+        assert stored == pytest.approx(m.spec["model"]["n_params"], rel=0.01)
+        assert "source" in m.spec["model"] and "source" in m.spec["gpu"]
+        assert set(FIT_FIELDS) <= set(m.spec["efficiency"]["source"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([A100_7B, "opt-13b-h100-80gb", "llama3-8b-h200"]),
+       st.tuples(*[st.integers(0, 4096)] * 4), st.integers(0, 3), st.integers(1, 2048))
+def test_more_work_is_never_faster(name, x, which, extra):
+    m = load_profile(name)
+    bigger = list(x)
+    bigger[which] += extra
+    assert m.iteration_time(*bigger) >= m.iteration_time(*x)
+
+
+def test_decode_is_memory_bound_at_small_batch():
+    m = load_profile(A100_7B)
+    for batch in (1, 8, 32):
+        assert compute_s(m, 0, 0, batch, batch * 1024) < memory_s(m, 0, batch * 1024)
+    # Batch 1 and 8 cost about the same: the weight read dominates.
+    assert m.iteration_time(0, 0, 8, 8 * 512) < 1.2 * m.iteration_time(0, 0, 1, 512)
+
+
+def test_prefill_is_compute_bound_at_large_chunks():
+    m = load_profile(A100_7B)
+    assert compute_s(m, 2048, 2048 * 2048, 0, 0) > 2 * memory_s(m, 2048, 0)
+    t1, t2 = m.iteration_time(2048, 2048 * 512, 0, 0), m.iteration_time(4096, 4096 * 512, 0, 0)
+    assert 1.7 < t2 / t1 < 2.0  # linear in tokens, less the fixed overheads
+
+
+def test_token_budget_is_the_roofline_knee():
+    m = load_profile(A100_7B)
+    tb = m.token_budget
+    assert compute_s(m, tb // 2, 0, 0, 0) < memory_s(m, tb // 2, 0)
+    assert compute_s(m, tb, 0, 0, 0) >= memory_s(m, tb, 0)
+    spec = {**m.spec, "token_budget": 2048}
+    assert CostModel(spec).token_budget == 2048
+
+
+def test_kv_blocks_llama2_7b_a100():
+    m = load_profile(A100_7B)
+    assert m.kv_bytes_per_token == 2 * 32 * 4096 * 2 == 512 * 1024  # 0.5 MiB per token
+    free = 85899345920 * 0.9 - 6738415616 * 2 - 2 * 2**30  # about 62 GB for KV
+    assert m.kv_blocks(16) == int(free // (16 * 512 * 1024))
+    assert 110_000 < m.kv_blocks(16) * 16 < 125_000
+    assert m.kv_blocks(32) == m.kv_blocks(16) // 2
+    assert m.kv_blocks(16, gpu_memory_utilization=0.5) < m.kv_blocks(16)
+    assert m.kv_blocks(16, gpu_memory_utilization=0.1) == 0
+    # GQA: Llama-3-8B stores 4x less KV per token than Llama-2-7B.
+    assert load_profile("llama3-8b-a100-80gb").kv_bytes_per_token == m.kv_bytes_per_token / 4
+
+
+def test_swap_and_recompute():
+    m = load_profile(A100_7B)
+    assert m.swap_time(1000) == pytest.approx(1000 * 512 * 1024 / (32e9 * 0.8))
+    assert m.swap_time(2000) == pytest.approx(2 * m.swap_time(1000))
+    assert 0 < m.recompute_time(100) < m.recompute_time(1000)
+    assert m.recompute_time(0) == 0.0 and m.iteration_time(0, 0, 0, 0) == 0.0
+
+
+def test_predict_matches_iteration_time():
+    m = load_profile("opt-13b-a100-80gb")
+    xs = [(0, 0, 4, 4000), (512, 512 * 700, 0, 0), (256, 256 * 300, 30, 30000), (0, 0, 0, 0)]
+    assert m.predict(np.array(xs)) == pytest.approx([m.iteration_time(*x) for x in xs])
+
+
+def test_save_and_load_from_path(tmp_path):
+    m = load_profile("llama3-8b-h100-80gb")
+    path = tmp_path / "mine.json"
+    m.save(path)
+    again = load_profile(str(path))
+    assert again.name == m.name
+    assert again.iteration_time(300, 90000, 17, 9000) == m.iteration_time(300, 90000, 17, 9000)
+    assert again.kv_blocks(16) == m.kv_blocks(16)
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda s: s["model"].pop("hidden"), "model.hidden"),
+    (lambda s: s["gpu"].update(hbm_bw="fast"), "gpu.hbm_bw"),
+    (lambda s: s["efficiency"].update(mfu=1.5), "efficiency.mfu"),
+    (lambda s: s.pop("efficiency"), "efficiency"),
+])
+def test_bad_profile_names_file_and_field(tmp_path, edit, field):
+    spec = copy.deepcopy(load_profile(A100_7B).to_json())
+    edit(spec)
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(ProfileError, match=rf"broken\.json.*'{field}'"):
+        load_profile(str(path))
+
+
+def test_unreadable_or_unknown_profile(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ProfileError, match=r"bad\.json"):
+        load_profile(str(path))
+    with pytest.raises(ProfileError, match="unknown profile 'gpt5-tpu'"):
+        load_profile("gpt5-tpu")
+
+
+def test_fit_profile_recovers_known_coefficients(tmp_path):
+    truth = load_profile("llama2-13b-a100-80gb")
+    known = {"mfu": 0.61, "mbu": 0.72, "overhead_s": 0.003, "overhead_per_seq_s": 2e-4,
+             "prefill_overhead_s": 0.012}
+    spec = copy.deepcopy(truth.spec)
+    spec["efficiency"].update(known)
+    true_model = CostModel(spec)
+    rng = np.random.default_rng(0)
+    shapes = [(n, n * n, 0, 0) for n in (64, 256, 1024, 4096)]
+    shapes += [(0, 0, b, b * c) for b in (1, 4, 16, 64, 256) for c in (128, 1024)]
+    shapes += [(int(p), int(p) * 800, int(d), int(d) * 900)
+               for p, d in zip(rng.integers(16, 2048, 10), rng.integers(1, 128, 10), strict=True)]
+    samples = [(*x, true_model.iteration_time(*x)) for x in shapes]
+    fitted = fit_profile(samples, truth, "recovered")  # starts from the shipped efficiencies
+    for k, v in known.items():
+        assert fitted.spec["efficiency"][k] == pytest.approx(v, rel=1e-3), k
+    assert fitted.fit_error["max_rel_error"] < 1e-4
+    fitted.save(tmp_path / "recovered.json")
+    assert load_profile(str(tmp_path / "recovered.json")).fit_error == fitted.fit_error

@@ -1,0 +1,108 @@
+"""Whole-simulator properties over random traces (every policy), determinism, metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from conftest import FlatCost, make_req
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ecoserve_sched.metrics import summarize, weighted_quantile
+from ecoserve_sched.policies import get_policy, policy_names
+from ecoserve_sched.predictions import load_confusion
+from ecoserve_sched.request import SLO, State
+from ecoserve_sched.simulator import run, simulate
+from ecoserve_sched.trace import Trace
+
+FIXTURE = Path(__file__).parent / "fixtures" / "confusion_sharegpt.json"
+
+REQ = st.tuples(st.floats(0, 2.0), st.integers(1, 60), st.integers(1, 80),
+                st.integers(1, 120), st.integers(0, 4))
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(REQ, min_size=1, max_size=25), blocks=st.integers(12, 80),
+       policy=st.sampled_from(sorted(policy_names())), swap=st.booleans())
+def test_random_traces_finish_and_keep_kv_invariants(rows, blocks, policy, swap):
+    """Thousands of random traces over all policies: invariants hold every iteration (check=True),
+    every request finishes with exactly its length, and every block comes back."""
+    reqs = [make_req(i, a, p, o, reserve=r, pred=r, bucket=b, max_tokens=max(o, 64))
+            for i, (a, p, o, r, b) in enumerate(rows)]
+    cost = FlatCost(blocks=blocks)
+    if swap:
+        cost.swap_time = lambda t: 1e-9 * t  # make swapping cheaper than recompute
+    sched = get_policy(policy, cost, block_size=4, max_running=6, token_budget=64)
+    simulate(reqs, sched, check=True)
+    for r in reqs:
+        if r.prompt_tokens + r.target_tokens > blocks * 4:
+            continue  # dropped: can never fit
+        assert r.state == State.FINISHED and r.generated == r.target_tokens
+        assert r.arrival_s <= r.first_token_s <= r.finish_s
+    assert sched.kv.free_blocks == blocks and not sched.kv.allocs
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(REQ, min_size=1, max_size=25), blocks=st.integers(12, 80),
+       policy=st.sampled_from(sorted(policy_names())), swap=st.booleans())
+def test_decode_only_stretches_change_no_decision(rows, blocks, policy, swap):
+    """The engine's fast path (decode-only stretches through easy alarms and blocked admissions)
+    makes the same decisions at the same times as calling the policy every iteration."""
+    runs = []
+    for stepwise in (False, True):
+        reqs = [make_req(i, a, p, o, reserve=r, pred=r, bucket=b, max_tokens=max(o, 64))
+                for i, (a, p, o, r, b) in enumerate(rows)]
+        cost = FlatCost(blocks=blocks, iter_s=0.01)
+        cost.iteration_time = lambda p, pc, d, dc: 0.01 + 1e-6 * p + 1e-7 * dc  # grows with context
+        if swap:
+            cost.swap_time = lambda t: 1e-9 * t
+        sched = get_policy(policy, cost, block_size=4, max_running=6, token_budget=64)
+        res = simulate(reqs, sched, stepwise=stepwise)
+        runs.append(([(r.first_token_s, r.finish_s, r.generated, r.preemptions) for r in reqs],
+                     res.counters, res.stall_gaps, sum(row[2] for row in res.log)))
+    assert runs[0] == runs[1]
+
+
+def _trace(n=300, seed=1) -> Trace:
+    rng = np.random.default_rng(seed)
+    return Trace("synthetic", np.sort(rng.uniform(0, 30, n)), rng.integers(20, 600, n),
+                 rng.integers(1, 500, n), np.full(n, 2048))
+
+
+def test_same_seed_same_result_and_different_seed_differs():
+    conf = load_confusion(FIXTURE)
+    cost = FlatCost(blocks=600, iter_s=0.02)
+    a = summarize(run(_trace(), "ecoserve", cost, predictions="confusion", confusion=conf, seed=3), SLO())
+    b = summarize(run(_trace(), "ecoserve", cost, predictions="confusion", confusion=conf, seed=3), SLO())
+    c = summarize(run(_trace(), "ecoserve", cost, predictions="confusion", confusion=conf, seed=4), SLO())
+    keys = ["finished", "mean_jct_s", "p99_ttft_s", "p99_tbt_s", "slo_attainment", "preemptions"]
+    assert [a[k] for k in keys] == [b[k] for k in keys]
+    assert a["counters"] == b["counters"]
+    assert [a[k] for k in keys] != [c[k] for k in keys] or a["counters"] != c["counters"]
+
+
+def test_summary_fields_and_simple_values():
+    reqs = [make_req(0, 0.0, 10, 5), make_req(1, 1.0, 10, 1)]
+    res = simulate(reqs, get_policy("vllm", FlatCost(iter_s=0.01), block_size=4, max_running=8))
+    s = summarize(res, SLO(ttft_s=1.0, tbt_s=0.05))
+    for k in ("policy", "requests", "finished", "throughput_rps", "throughput_tok_s", "mean_jct_s",
+              "p50_ttft_s", "p99_ttft_s", "p50_tbt_s", "p99_tbt_s", "slo_attainment", "goodput_rps",
+              "preemptions", "kv_util_mean", "sched_us_per_iter"):
+        assert k in s
+    assert s["finished"] == 2 and s["slo_attainment"] == 1.0
+    assert abs(reqs[0].first_token_s - 0.01001) < 1e-9  # one prefill iteration
+    assert abs(reqs[0].finish_s - (0.01001 + 4 * 0.01)) < 1e-9  # then 4 decode steps
+    assert abs(s["p50_tbt_s"] - 0.01) < 1e-9
+
+
+def test_weighted_quantile():
+    v, w = np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 98.0])
+    assert weighted_quantile(v, w, 0.5) == 3.0 and weighted_quantile(v, w, 0.01) == 1.0
+
+
+def test_oracle_policy_ignores_the_prediction_source():
+    conf = load_confusion(FIXTURE)
+    res = run(_trace(50), "ecoserve-oracle", FlatCost(blocks=600), predictions="confusion", confusion=conf)
+    assert res.predictions.startswith("oracle")
+    assert all(r.reserve_tokens == r.target_tokens for r in res.requests)

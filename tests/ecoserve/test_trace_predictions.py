@@ -1,0 +1,154 @@
+"""Trace reading (errors name file and line), arrivals, and the prediction sources."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ecoserve_sched import predictions as preds
+from ecoserve_sched.predictions import apply_predictions, default_confusion_path, load_confusion
+from ecoserve_sched.request import SLO
+from ecoserve_sched.trace import TraceError, gamma_arrivals, poisson_arrivals, read_trace
+
+FIXTURE = Path(__file__).parent / "fixtures" / "confusion_sharegpt.json"
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    if name.endswith(".gz"):
+        p.write_bytes(gzip.compress(text.encode()))
+    else:
+        p.write_text(text)
+    return p
+
+
+def test_csv_and_jsonl_gz_read_and_sort(tmp_path):
+    p = write(tmp_path, "t.csv", "arrival_time_s,input_tokens,output_tokens\n2.0,10,5\n1.0,20,7\n")
+    t = read_trace(p)
+    assert t.arrival_s.tolist() == [1.0, 2.0] and t.input_tokens.tolist() == [20, 10]
+    assert not t.has_rl and t.max_tokens.tolist() == [2048, 2048]
+    rows = [{"arrival_time_s": 0, "input_tokens": 5, "output_tokens": 3, "rl_bucket": 1,
+             "rl_pred_tokens": 40, "rl_reserve_tokens": 60, "prompt": "hi"}]
+    t = read_trace(write(tmp_path, "t.jsonl.gz", "\n".join(json.dumps(r) for r in rows) + "\n"))
+    assert t.has_rl and t.prompts == ["hi"]
+    r = t.requests(SLO())[0]
+    assert (r.pred_bucket, r.pred_tokens, r.reserve_tokens) == (1, 40, 60)
+
+
+@pytest.mark.parametrize("body,line,msg", [
+    ("1.0,10,5\n-1,10,5\n", 3, "arrival_time_s"),
+    ("1.0,10,5\n1.0,ten,5\n", 3, "input_tokens"),
+    ("1.0,10,0\n", 2, "output_tokens"),
+    ("1.0,10,5\n2.0,,5\n", 3, "missing input_tokens"),
+])
+def test_bad_csv_rows_name_the_line(tmp_path, body, line, msg):
+    p = write(tmp_path, "bad.csv", "arrival_time_s,input_tokens,output_tokens\n" + body)
+    with pytest.raises(TraceError, match=rf"bad\.csv:{line}: .*{msg}"):
+        read_trace(p)
+
+
+def test_bad_jsonl_rows_name_the_line(tmp_path):
+    p = write(tmp_path, "bad.jsonl", '{"arrival_time_s": 0, "input_tokens": 1, "output_tokens": 1}\n{oops\n')
+    with pytest.raises(TraceError, match=r"bad\.jsonl:2: not valid JSON"):
+        read_trace(p)
+    p = write(tmp_path, "mixed.jsonl", '{"arrival_time_s": 0, "input_tokens": 1, "output_tokens": 1, '
+              '"rl_bucket": 0, "rl_pred_tokens": 1, "rl_reserve_tokens": 1}\n'
+              '{"arrival_time_s": 0, "input_tokens": 1, "output_tokens": 1}\n')
+    with pytest.raises(TraceError, match=r"mixed\.jsonl:2: rl_\*"):
+        read_trace(p)
+    with pytest.raises(TraceError, match="missing column"):
+        read_trace(write(tmp_path, "nocol.csv", "arrival_time_s,input_tokens\n0,1\n"))
+
+
+def test_rate_scaling_and_synthetic_arrivals(tmp_path):
+    t = read_trace(write(tmp_path, "t.csv", "arrival_time_s,input_tokens,output_tokens\n0,1,1\n4,1,1\n"))
+    assert t.scaled(2.0).arrival_s.tolist() == [0.0, 2.0]
+    a = poisson_arrivals(20000, rate=5.0, seed=1)
+    assert abs(len(a) / a[-1] - 5.0) < 0.2 and np.array_equal(a, poisson_arrivals(20000, 5.0, seed=1))
+    g = np.diff(gamma_arrivals(20000, rate=5.0, cv=3.0, seed=1))
+    assert abs(g.std() / g.mean() - 3.0) < 0.3
+
+
+def test_confusion_loads_from_file_manifest_and_bundle_dir(tmp_path):
+    c = load_confusion(FIXTURE)
+    assert c.matrix.shape == (10, 10) and np.isinf(c.edges[-1])
+    d = json.loads(FIXTURE.read_text())
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps({"name": "x", "confusion": d}))
+    assert load_confusion(tmp_path / "b").matrix.sum() == c.matrix.sum()
+    assert load_confusion(tmp_path / "b" / "manifest.json").source == c.source
+    with pytest.raises(ValueError, match="not a confusion matrix"):
+        load_confusion(write(tmp_path, "x.json", "{}"))
+
+
+def test_default_confusion_path_searches_models_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--confusion"):
+        default_confusion_path(tmp_path)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "manifest.json").write_text(json.dumps({"confusion": {}}))
+    assert default_confusion_path(tmp_path).name == "manifest.json"
+
+
+def _lengths_trace(tmp_path, outs):
+    body = "".join(f"{i * 0.1},10,{o}\n" for i, o in enumerate(outs))
+    return read_trace(write(tmp_path, "t.csv", "arrival_time_s,input_tokens,output_tokens\n" + body))
+
+
+def test_confusion_sampling_follows_the_matrix_rows(tmp_path):
+    c = load_confusion(FIXTURE)
+    t = _lengths_trace(tmp_path, [100] * 4000)  # true bucket 2 (64 < 100 <= 128)
+    reqs = t.requests(SLO())
+    desc = apply_predictions(reqs, t, "confusion", confusion=c, seed=0)
+    assert "confusion" in desc and "SYNTHETIC" in desc
+    got = np.bincount([r.pred_bucket for r in reqs], minlength=10) / len(reqs)
+    want = c.matrix[2] / c.matrix[2].sum()
+    assert np.abs(got - want).max() < 0.03
+    r = reqs[0]
+    assert r.pred_tokens == c.point_tokens[r.pred_bucket] and r.reserve_tokens == c.reserve_tokens[r.pred_bucket]
+
+
+def test_empty_confusion_row_predicts_the_true_bucket(tmp_path):
+    d = json.loads(FIXTURE.read_text())
+    d["matrix"][0] = [0] * 10
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(d))
+    t = _lengths_trace(tmp_path, [5] * 20)
+    reqs = t.requests(SLO())
+    apply_predictions(reqs, t, "confusion", confusion=load_confusion(p))
+    assert {r.pred_bucket for r in reqs} == {0}
+
+
+def test_oracle_annotated_and_errors(tmp_path):
+    t = _lengths_trace(tmp_path, [5, 300])
+    reqs = t.requests(SLO())
+    apply_predictions(reqs, t, "oracle")
+    assert [(r.pred_bucket, r.reserve_tokens) for r in reqs] == [(0, 5), (5, 300)]
+    with pytest.raises(ValueError, match="rl_"):
+        apply_predictions(reqs, t, "annotated")
+    with pytest.raises(ValueError, match="unknown prediction source"):
+        apply_predictions(reqs, t, "psychic")
+    with pytest.raises(ValueError, match="prompt"):
+        apply_predictions(reqs, t, "bundle", bundle="x")
+
+
+def test_bundle_source_uses_the_predictor(tmp_path, monkeypatch):
+    p = write(tmp_path, "t.jsonl", '{"arrival_time_s": 0, "input_tokens": 3, "output_tokens": 9, '
+              '"messages": [{"role": "user", "content": "hello"}]}\n')
+    t = read_trace(p)
+
+    class Stub:
+        def predict(self, texts):
+            assert texts == [[{"role": "user", "content": "hello"}]]
+            return [SimpleNamespace(bucket=2, pred_tokens=90, reserve_tokens=120, probs=np.ones(10) / 10)]
+
+    import ecoserve_sched.predictor as predictor_mod
+
+    monkeypatch.setattr(predictor_mod, "load_predictor", lambda path: Stub())
+    reqs = t.requests(SLO())
+    assert preds.apply_predictions(reqs, t, "bundle", bundle="b").startswith("bundle")
+    assert (reqs[0].pred_bucket, reqs[0].pred_tokens, reqs[0].reserve_tokens) == (2, 90, 120)

@@ -1,0 +1,38 @@
+"""`ecoserve calibrate --engine transformers` on CPU: a tiny random Llama, the test grid."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("scipy")
+
+from typer.testing import CliRunner
+
+from ecoserve_sched.cli import app
+from ecoserve_sched.cost_model import load_profile
+
+
+def test_calibrate_cli_writes_a_loadable_profile(tmp_path, tiny_llama):
+    out = tmp_path / "tiny.json"
+    r = CliRunner().invoke(app, ["calibrate", "--engine", "transformers", "--model", "tiny-llama",
+                                 "--device", "cpu", "--grid", "test", "--repeats", "1",
+                                 "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    fit = json.loads(r.stdout.strip().splitlines()[-1])["fit"]
+    assert fit["n_samples"] >= 10 and fit["mean_rel_error"] < 1.0
+    prof = load_profile(out)
+    assert prof.spec["calibration"]["engine"].startswith("transformers")
+    assert prof.spec["model"]["n_layers"] == 2 and prof.spec["model"]["hidden"] == 64
+    assert 0 < prof.iteration_time(0, 0, 4, 400) < prof.iteration_time(512, 512 * 256, 4, 400)
+
+
+def test_calibrate_cli_rejects_unknown_engine_and_model(tmp_path):
+    r = CliRunner().invoke(app, ["calibrate", "--engine", "vllm", "--model", "tiny-llama",
+                                 "--out", str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and "unknown engine" in r.output
+    r = CliRunner().invoke(app, ["calibrate", "--model", str(tmp_path / "nope"),
+                                 "--out", str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and "not a preset" in r.output

@@ -1,0 +1,183 @@
+"""EcoServe on vLLM's real V1 scheduler (CPU, no model): reservations, groups, order, victims."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm.config import SchedulerConfig
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from ecoserve_sched.engines.vllm_scheduler import (
+    EcoServeRequestQueue,
+    EcoServeVllmConfig,
+    EcoServeVllmScheduler,
+    EcoServeVllmSyncScheduler,
+)
+from ecoserve_sched.engines.vllm_sim import build_vllm_scheduler, fake_model_output
+
+BS = 16
+ECO_CLASSES = [EcoServeVllmSyncScheduler, EcoServeVllmScheduler]
+
+
+def make(cls: type, num_blocks: int = 64, **kw: object) -> Scheduler:
+    return build_vllm_scheduler(cls, num_blocks=num_blocks, block_size=BS, max_num_seqs=16,
+                                max_num_batched_tokens=512, max_model_len=2048,
+                                async_scheduling=issubclass(cls, EcoServeVllmScheduler), **kw)
+
+
+def req(rid: str, prompt: int, max_tokens: int, arrival: float = 0.0, **extra: int) -> Request:
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=extra or None)
+    return Request(request_id=rid, prompt_token_ids=[1] * prompt, sampling_params=sp,
+                   pooling_params=None, arrival_time=arrival)
+
+
+def drive(s: Scheduler, first: list | None = None, max_steps: int = 2000) -> list:
+    """Run ``s`` until no request is left (``first``: outputs already scheduled, not yet
+    run); async schedulers keep one step in flight, as vLLM's engine does."""
+    depth = 2 if s.scheduler_config.async_scheduling else 1
+    target = {rid: r.max_tokens for rid, r in s.requests.items()}
+    inflight, outs = list(first or []), list(first or [])
+    for _ in range(max_steps):
+        if len(inflight) < depth and s.get_num_unfinished_requests():
+            inflight.append(s.schedule())
+            outs.append(inflight[-1])
+        if not inflight:
+            return outs
+        if len(inflight) >= depth or not s.get_num_unfinished_requests():
+            out = inflight.pop(0)
+            s.update_from_output(out, fake_model_output(out, s, target))
+    raise AssertionError("did not finish")
+
+
+def check_done(s: Scheduler) -> None:
+    assert not s.requests and not s.running and not s.waiting
+    assert s.kv_cache_manager.usage == 0.0
+    assert s.kv_cache_manager.block_pool.get_num_free_blocks() == s.kv_cache_config.num_blocks - 1
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_reservation_allocated_at_admission_and_groups(cls: type) -> None:
+    s = make(cls)
+    specs = {"a": (40, 30, 0), "b": (40, 60, 1), "c": (70, 20, 0), "d": (20, 100, 2)}
+    for rid, (prompt, reserve, bucket) in specs.items():
+        s.add_request(req(rid, prompt, 200, rl_reserve_tokens=reserve, rl_bucket=bucket))
+    out = s.schedule()
+    assert set(out.num_scheduled_tokens) == set(specs)
+    for rid, (prompt, reserve, _) in specs.items():
+        assert s.held_blocks(rid) == math.ceil((prompt + reserve) / BS), rid
+    assert s.group_sizes() == {0: 2, 1: 1, 2: 1}
+    drive(s, [out])
+    check_done(s)
+    assert s.group_sizes() == {}
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_every_request_finishes_with_topups(cls: type) -> None:
+    s = make(cls)
+    for i in range(6):  # under-predicted: every request needs top-ups
+        s.add_request(req(str(i), 30 + 7 * i, 90 + 20 * i, arrival=0.01 * i,
+                          rl_reserve_tokens=16, rl_bucket=i % 3))
+    drive(s)
+    check_done(s)
+    assert s.eco_counters["topups"] > 0
+    assert s.eco_counters["reserved_admissions"] >= 6
+
+
+def test_admission_waits_for_the_whole_reservation() -> None:
+    """vLLM admits on the prompt; EcoServe only when prompt + reservation fits (and keeps order)."""
+    plain, eco = make(Scheduler, num_blocks=14), make(EcoServeVllmSyncScheduler, num_blocks=14)
+    for s in (plain, eco):
+        s.add_request(req("long", 32, 150, arrival=0.0, rl_reserve_tokens=120, rl_pred_tokens=120))
+        s.add_request(req("next", 32, 50, arrival=10.0, rl_reserve_tokens=40, rl_pred_tokens=40))
+    assert set(plain.schedule().num_scheduled_tokens) == {"long", "next"}
+    out = eco.schedule()
+    assert set(out.num_scheduled_tokens) == {"long"}
+    assert eco.held_blocks("long") == math.ceil((32 + 120) / BS)
+    assert [r.request_id for r in eco.waiting] == ["next"]
+    drive(eco, [out])
+    check_done(eco)
+
+
+def test_ordering_shorter_predicted_work_first_and_preempted_first() -> None:
+    s = make(EcoServeVllmSyncScheduler)
+    s.add_request(req("long", 32, 100, arrival=0.0, rl_pred_tokens=1000, rl_reserve_tokens=64))
+    s.add_request(req("short", 32, 100, arrival=0.1, rl_pred_tokens=10, rl_reserve_tokens=64))
+    s.add_request(req("late", 32, 100, arrival=60.0, rl_pred_tokens=1, rl_reserve_tokens=64))
+    assert [r.request_id for r in s.waiting] == ["short", "long", "late"]
+    q = EcoServeRequestQueue(lambda r: (0.0, r.arrival_time))
+    a, b, c = (req(x, 8, 8, arrival=t) for x, t in (("a", 1.0), ("b", 2.0), ("c", 3.0)))
+    for r in (a, b, c):
+        q.add_request(r)
+    q.prepend_request(c)  # a preempted request goes first whatever its key
+    q.remove_request(b)
+    assert [r.request_id for r in q] == ["c", "a", "c"]
+    assert q.pop_request() is c and q.pop_request() is a and q.pop_request() is c and not q
+
+
+def _victim_setup(cls: type) -> Scheduler:
+    """Three under-reserved requests in a KV cache that runs out while they decode."""
+    s = make(cls, num_blocks=11)
+    if hasattr(s, "clock"):
+        s.clock = lambda: 0.0  # every request is ahead of its SLO pace
+    # "wide" arrives first and has the least predicted work: both schedulers admit it first.
+    s.add_request(req("wide", 32, 100, arrival=0.00, rl_bucket=2, rl_pred_tokens=5, rl_reserve_tokens=16))
+    s.add_request(req("x", 32, 100, arrival=0.01, rl_bucket=0, rl_pred_tokens=50, rl_reserve_tokens=16))
+    s.add_request(req("z", 32, 100, arrival=0.02, rl_bucket=1, rl_pred_tokens=60, rl_reserve_tokens=16))
+    return s
+
+
+def test_victim_is_chosen_by_slack_group_and_kv_not_latest_admission() -> None:
+    eco = _victim_setup(EcoServeVllmSyncScheduler)
+    outs = drive(eco)
+    first = next(o.preempted_req_ids for o in outs if o.preempted_req_ids)
+    assert [r.req_id for r in outs[0].scheduled_new_reqs] == ["wide", "x", "z"]
+    assert first == {"wide"}  # ours: ahead of its SLO pace, longest predicted group
+    assert eco.eco_counters["preemptions"] >= 1 and eco.eco_counters["topup_misses"] >= 1
+    check_done(eco)
+    plain = _victim_setup(Scheduler)
+    outs = drive(plain)
+    first_plain = next(o.preempted_req_ids for o in outs if o.preempted_req_ids)
+    assert first_plain == {"z"}  # vLLM: the last admitted
+    check_done(plain)
+
+
+class _Predictor:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def predict(self, texts: list[str]) -> list[SimpleNamespace]:
+        self.calls += len(texts)
+        return [SimpleNamespace(bucket=3, pred_tokens=40, reserve_tokens=48) for _ in texts]
+
+
+def test_predictions_at_add_request_extra_args_win_and_defaults() -> None:
+    s = make(EcoServeVllmSyncScheduler)
+    s.add_request(req("nopred", 20, 300))
+    assert (s.rl["nopred"].source, s.rl["nopred"].reserve_tokens) == ("default", 300)  # capped
+    s.predictor = _Predictor()
+    s._tokenizer, s._tokenizer_tried = SimpleNamespace(decode=lambda ids, **_: "hello"), True
+    s.add_request(req("model", 20, 300))
+    s.add_request(req("client", 20, 300, rl_bucket=1, rl_pred_tokens=7, rl_reserve_tokens=9))
+    assert (s.rl["model"].bucket, s.rl["model"].reserve_tokens, s.rl["model"].source) == (3, 48, "predictor")
+    assert (s.rl["client"].bucket, s.rl["client"].reserve_tokens, s.rl["client"].source) == (1, 9, "extra_args")
+    assert s.predictor.calls == 1
+    drive(s)
+    assert s.predictor.calls == 1  # never called while scheduling
+    check_done(s)
+
+
+def test_config_from_env_and_scheduler_cls_resolves() -> None:
+    cfg = EcoServeVllmConfig.from_env({"ECOSERVE_DEFAULT_RESERVE": "256", "ECOSERVE_SLO_TBT": "0.1",
+                                       "ECOSERVE_PREDICTOR": "bundle/dir"})
+    assert (cfg.default_reserve, cfg.slo_tbt, cfg.predictor) == (256, 0.1, "bundle/dir")
+    name = "ecoserve_sched.engines.vllm_scheduler.EcoServeVllmScheduler"
+    sc = SchedulerConfig(scheduler_cls=name, max_model_len=2048, is_encoder_decoder=False)
+    assert sc.get_scheduler_cls() is EcoServeVllmScheduler
+

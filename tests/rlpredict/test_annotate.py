@@ -1,0 +1,207 @@
+"""annotate: JSONL/JSONL.gz/CSV/Parquet, prompt and messages, error modes, atomic output."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from rlpredict.annotate import COLUMNS, AnnotateError, Fields, annotate_file
+from rlpredict.runtime import Predictor
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+ROWS = [
+    {"id": 1, "prompt": "hi", "arrival_time_s": 0.5},
+    {"id": 2, "prompt": "Write a long essay about the Roman empire.", "arrival_time_s": 1.25},
+    {"id": 3, "prompt": "What is 2+2?", "arrival_time_s": 2.0},
+    {"id": 4, "prompt": "Translate 'cat' into French, German and Italian.", "arrival_time_s": 3.5},
+    {"id": 5, "prompt": "ok", "arrival_time_s": 4.0},
+]
+CONVS = [
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi! How can I help?"},
+     {"role": "user", "content": "tell me a story about a dragon"}],
+    [{"role": "user", "content": "list 5 fruits"}],
+]
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle_fp32) -> Predictor:
+    return Predictor.load(bundle_fp32, threads=1, batch_size=4)
+
+
+# ---- writing and reading each format ------------------------------------------------------------
+def write(path: Path, rows: list[dict]) -> None:
+    name = path.name
+    if ".jsonl" in name:
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "wt", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    elif ".csv" in name:
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for r in rows:
+                w.writerow([json.dumps(r[c]) if isinstance(r.get(c), list) else r.get(c, "") for c in cols])
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def read(path: Path) -> list[dict]:
+    name = path.name
+    if ".jsonl" in name:
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if ".csv" in name:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    return pq.read_table(path).to_pylist()
+
+
+def same(a, b) -> bool:
+    """Equal, allowing CSV's strings for the original values."""
+    return a == b or str(a) == str(b) or (isinstance(a, list) and json.loads(b) == a)
+
+
+FORMATS = ["t.jsonl", "t.jsonl.gz", "t.csv", "t.parquet"]
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("kind", ["prompt", "messages"])
+def test_annotates_every_format(predictor, tmp_path, name, kind):
+    if kind == "prompt":
+        rows, requests = ROWS, [r["prompt"] for r in ROWS]
+    else:
+        rows = [{"id": i, "messages": m, "tenant": "a"} for i, m in enumerate(CONVS)]
+        requests = CONVS
+    src, dst = tmp_path / name, tmp_path / f"out.{name.split('.', 1)[1]}"
+    write(src, rows)
+    s = annotate_file(predictor, src, dst, chunk_rows=2)
+    assert (s.rows_in, s.rows_out, s.rows_rejected) == (len(rows), len(rows), 0)
+    out = read(dst)
+    want = predictor.predict(requests)
+    assert len(out) == len(rows)
+    for o, r, p in zip(out, rows, want, strict=True):
+        assert list(o)[: len(r)] == list(r) and list(o)[len(r):] == list(COLUMNS)  # columns kept, in order
+        assert all(same(r[k], o[k]) for k in r)
+        assert [int(o[c]) for c in COLUMNS] == [p.bucket, p.pred_tokens, p.reserve_tokens]
+    if name.endswith(".parquet"):
+        schema = pq.read_schema(dst)
+        assert all(schema.field(c).type == pa.int64() for c in COLUMNS)
+
+
+def test_jsonl_rows_keep_their_bytes(predictor, tmp_path):
+    src = tmp_path / "t.jsonl"
+    lines = ['{"prompt":"hi","x":1.50,"u":"caf\\u00e9"}', "", '{ "prompt" : "yo" }  ', "{}"]
+    src.write_text("\n".join(lines) + "\n")
+    s = annotate_file(predictor, src, tmp_path / "o.jsonl", on_error="skip")
+    out = (tmp_path / "o.jsonl").read_text().splitlines()
+    assert out[0].startswith('{"prompt":"hi","x":1.50,"u":"caf\\u00e9", "rl_bucket": ')
+    assert out[1].startswith('{ "prompt" : "yo", "rl_bucket": ')
+    assert (s.rows_in, s.rows_out, s.rows_rejected) == (3, 2, 1)  # blank line is no row; {} is bad
+
+
+def test_custom_fields_drop_final_assistant_and_existing_columns(predictor, tmp_path):
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a long answer"}]
+    src = tmp_path / "t.jsonl"
+    write(src, [{"conversation": conv, "rl_bucket": -1}])
+    fields = Fields(messages="conversation", drop_final_assistant=True)
+    annotate_file(predictor, src, tmp_path / "o.jsonl", fields=fields)
+    (o,) = read(tmp_path / "o.jsonl")
+    assert o["conversation"] == conv and o["rl_bucket"] == predictor.predict(conv[:1])[0].bucket
+
+
+def test_fail_mode_names_the_line_and_writes_nothing(predictor, tmp_path):
+    src, dst = tmp_path / "t.jsonl", tmp_path / "o.jsonl"
+    rows = [*ROWS[:3], {"id": 9, "prompt": None}, *ROWS[3:]]
+    write(src, rows)
+    dst.write_text("previous output\n")
+    with pytest.raises(AnnotateError, match=r"t\.jsonl: line 4: field 'prompt' is missing or null"):
+        annotate_file(predictor, src, dst, chunk_rows=2)  # two chunks were written before the error
+    assert dst.read_text() == "previous output\n"  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "t.jsonl"]  # no temp files
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_skip_mode_writes_rejects_and_counts(predictor, tmp_path, name):
+    rows = [
+        {"id": 1, "prompt": "fine", "messages": None},
+        {"id": 2, "prompt": None, "messages": None},                        # nothing to predict on
+        {"id": 3, "prompt": "x", "messages": [{"role": "user", "content": "ok"}]},
+        {"id": 4, "prompt": None, "messages": [{"content": "no role"}]},    # malformed message
+        {"id": 5, "prompt": "last", "messages": None},
+    ]
+    src, dst = tmp_path / name, tmp_path / f"out.{name.split('.', 1)[1]}"
+    write(src, rows)
+    s = annotate_file(predictor, src, dst, on_error="skip")
+    assert (s.rows_in, s.rows_out, s.rows_rejected) == (5, 3, 2)
+    assert s.rows_in == s.rows_out + s.rows_rejected
+    assert [int(r["id"]) for r in read(dst)] == [1, 3, 5]
+    rejects = [json.loads(x) for x in Path(s.rejects).read_text().splitlines()]
+    where = "row_number" if name.endswith(".parquet") else "line"
+    first_line = 1 if where == "row_number" else (2 if name.endswith(".csv") else 1)
+    assert [r[where] for r in rejects] == [first_line + 1, first_line + 3]
+    assert "prompt" in rejects[0]["reason"] and "role" in rejects[1]["reason"]
+    assert str(rejects[0]["row"]["id"]) == "2"
+
+
+def test_skip_mode_bad_json_and_cli_summary(bundle_fp32, tmp_path):
+    from typer.testing import CliRunner
+
+    from rlpredict.cli import app
+
+    src, dst = tmp_path / "t.jsonl", tmp_path / "o.jsonl"
+    src.write_text('{"prompt": "a"}\n{not json\n[1, 2]\n{"prompt": 3}\n{"prompt": "b"}\n')
+    res = CliRunner().invoke(app, ["annotate", str(src), "-o", str(dst), "--model", str(bundle_fp32),
+                                   "--on-error", "skip", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert (summary["rows_in"], summary["rows_out"], summary["rows_rejected"]) == (5, 2, 3)
+    rejects = [json.loads(x) for x in (tmp_path / "o.rejects.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rejects] == [2, 3, 4]
+    assert "not valid JSON" in rejects[0]["reason"] and rejects[0]["row"] == "{not json"
+    res = CliRunner().invoke(app, ["annotate", str(src), "-o", str(tmp_path / "p.jsonl"),
+                                   "--model", str(bundle_fp32), "--no-progress"])
+    assert res.exit_code == 2 and "line 2" in res.output and not (tmp_path / "p.jsonl").exists()
+
+
+def test_interrupt_mid_way_leaves_no_partial_output(bundle_fp32, tmp_path, monkeypatch):
+    p = Predictor.load(bundle_fp32)
+    calls = {"n": 0}
+    real = p.predict_arrays
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(p, "predict_arrays", flaky)
+    for name in ("t.jsonl.gz", "t.parquet"):
+        src = tmp_path / name
+        write(src, ROWS * 4)
+        dst = tmp_path / f"out.{name.split('.', 1)[1]}"
+        calls["n"] = 0
+        with pytest.raises(KeyboardInterrupt):
+            annotate_file(p, src, dst, chunk_rows=3, on_error="skip")
+        assert not dst.exists() and not (tmp_path / "out.rejects.jsonl").exists()
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temp files
+
+
+def test_bad_file_names(predictor, tmp_path):
+    src = tmp_path / "t.jsonl"
+    write(src, ROWS)
+    with pytest.raises(AnnotateError, match="differs from the input"):
+        annotate_file(predictor, src, tmp_path / "o.csv")
+    with pytest.raises(AnnotateError, match="unsupported file type"):
+        annotate_file(predictor, src, tmp_path / "o.txt")
+    with pytest.raises(AnnotateError, match="no such file"):
+        annotate_file(predictor, tmp_path / "missing.jsonl", tmp_path / "o.jsonl")

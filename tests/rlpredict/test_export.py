@@ -1,0 +1,94 @@
+"""Export: parity with torch is checked and recorded, int8 is measured, failures write nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("torch")
+import onnxruntime as ort
+
+from rlpredict import export as export_mod
+from rlpredict.bundle import FORMAT, load_bundle
+from rlpredict.export import ExportError, export_bundle
+
+
+def test_parity_recorded_and_passed(bundle_fp32):
+    m = load_bundle(bundle_fp32).manifest
+    assert m["format"] == FORMAT
+    par = m["parity"]
+    assert par["passed"] and par["prompts"] == 48
+    assert par["max_abs_logit_diff"] <= 1e-4
+    assert par["argmax_agreement"] == 1.0
+    assert par["tokenization_mismatches"] == 0
+    assert m["model"]["precision"] == "fp32" and m["quantization"] is None
+    assert "evaluation" not in m and "confusion" not in m  # the model folder has no eval/
+    assert m["input"]["max_length"] == 48 and m["input"]["truncation_side"] == "left"
+    assert m["rl_tokenizer"] == "llama3" and len(m["buckets"]["edges"]) == 10
+
+
+def test_onnx_has_dynamic_batch_and_sequence_and_no_token_type_ids(bundle_fp32):
+    sess = ort.InferenceSession(str(bundle_fp32 / "model.onnx"), providers=["CPUExecutionProvider"])
+    inputs = {i.name: i.shape for i in sess.get_inputs()}
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    for shape in inputs.values():
+        assert all(isinstance(d, str) for d in shape), shape  # symbolic = dynamic
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+
+
+def test_int8_measured_and_recorded(bundle_fp32, bundle_int8):
+    m = load_bundle(bundle_int8).manifest
+    q = m["quantization"]
+    assert m["model"]["precision"] == "int8"
+    assert q["per_channel"] is True and q["weight_type"] == "QInt8"
+    assert 0.0 <= q["argmax_agreement_vs_fp32"] <= 1.0
+    assert 0.0 <= q["max_abs_prob_diff_vs_fp32"] < 0.2
+    assert q["int8_bytes"] < q["fp32_bytes"]
+    assert (bundle_int8 / "model.onnx").stat().st_size < (bundle_fp32 / "model.onnx").stat().st_size
+    if q["accuracy"] is not None:  # the parity prompts have responses counted in Llama-3 tokens
+        acc = q["accuracy"]
+        assert acc["labelled"] == 48
+        assert acc["delta_points"] == pytest.approx(100 * (acc["int8"] - acc["fp32"]), abs=1e-2)
+
+
+def test_failed_parity_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_mod, "PARITY_ATOL", -1.0)  # nothing can pass
+    out = tmp_path / "b"
+    with pytest.raises(ExportError, match=r"parity failed"):
+        export_bundle(tiny_model_dir, out, parity_n=8)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder left behind
+
+
+def test_eval_copied_refuses_existing_and_force_replaces(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from rlpredict.cli import app
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    report = {"sources": {"sharegpt": {"accuracy": 0.41, "mae": 150.0}}}
+    confusion = {"format": "rlpredict.confusion/1", "bucket_edges": [64, None], "point_tokens": [30, 200],
+                 "reserve_tokens": [60, 400], "matrix": [[1, 0], [0, 1]], "source": "test"}
+    (model / "eval").mkdir()
+    (model / "eval" / "report.json").write_text(json.dumps(report))
+    (model / "eval" / "confusion.json").write_text(json.dumps(confusion))
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(ExportError, match=r"--force"):
+        export_bundle(model, out, parity_n=8)
+    res = CliRunner().invoke(app, ["export", "--model", str(model), "--out", str(out),
+                                   "--parity-n", "8", "--force", "--json"])
+    assert res.exit_code == 0, res.output
+    m = load_bundle(out).manifest
+    assert m["evaluation"] == report and m["confusion"] == confusion
+    assert not (out / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "model"]
+
+
+def test_missing_model_meta_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"rlpredict.json"):
+        export_bundle(tmp_path, tmp_path / "out")

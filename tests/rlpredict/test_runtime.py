@@ -1,0 +1,193 @@
+"""The torch-free runtime: no torch import, request shapes, reservations, batching invariance."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rlpredict.inputs import build_text
+from rlpredict.runtime import Prediction, Predictor
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = [
+    "hi",
+    "Write a detailed essay on the causes of the French Revolution, with sources.",
+    "Translate 'good morning' to German.",
+    "List ten prime numbers and explain why each is prime. " * 8,
+    "",
+    "What is 2+2?",
+    "Summarise the plot of Hamlet in three sentences.",
+]
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle_fp32) -> Predictor:
+    return Predictor.load(bundle_fp32, threads=1, batch_size=4)
+
+
+def _run_isolated(code: str, block_torch: bool) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter, optionally with torch/transformers made unimportable."""
+    prelude = ""
+    if block_torch:
+        prelude = textwrap.dedent("""
+            import importlib.abc, sys
+            class _NoTorch(importlib.abc.MetaPathFinder):
+                def find_spec(self, name, path=None, target=None):
+                    if name.split(".")[0] in ("torch", "transformers"):
+                        raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+                    return None
+            sys.meta_path.insert(0, _NoTorch())
+        """)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("block_torch", [False, True], ids=["torch-installed", "torch-missing"])
+def test_serving_path_never_imports_torch(bundle_fp32, tmp_path, block_torch):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"prompt": "hello"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    code = f"""
+        import sys
+        import rlpredict
+        from rlpredict import Predictor, Prediction
+        from rlpredict.runtime import Predictor as P2
+        assert Predictor is P2
+        p = Predictor.load({str(bundle_fp32)!r})
+        assert len(p.predict(["hello", [{{"role": "user", "content": "hi"}}]])) == 2
+        p.predict_one("hello")
+        from rlpredict.cli import app
+        app(["predict", "--model", {str(bundle_fp32)!r}, "hello"], standalone_mode=False)
+        app(["annotate", {str(trace)!r}, "-o", {str(tmp_path / "o.jsonl")!r}, "--model",
+             {str(bundle_fp32)!r}, "--no-progress"], standalone_mode=False)
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+        assert not heavy, heavy
+        print("OK")
+    """
+    res = _run_isolated(code, block_torch)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_import_rlpredict_is_light():
+    res = _run_isolated("""
+        import sys, rlpredict
+        assert "onnxruntime" not in sys.modules and "rlpredict.runtime" not in sys.modules
+        print("OK")
+    """, block_torch=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_text_and_messages_build_the_training_text(predictor):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},
+            {"role": "user", "content": "tell me a story"}]
+    spec = predictor.input_spec
+    assert predictor.texts("hi") == [build_text([{"role": "user", "content": "hi"}], spec)]
+    assert predictor.texts(msgs) == [build_text(msgs, spec)]  # one conversation
+    assert predictor.texts([msgs, "hi"]) == [build_text(msgs, spec), predictor.texts("hi")[0]]
+    a, b = predictor.predict("hi")[0], predictor.predict([{"role": "user", "content": "hi"}])[0]
+    assert a.bucket == b.bucket and np.allclose(a.probs, b.probs, atol=1e-6)
+
+
+def test_request_shapes(predictor):
+    assert predictor.predict([]) == []
+    assert len(predictor.predict("one")) == 1
+    assert len(predictor.predict(["one", "two", "three"])) == 3
+    with pytest.raises(TypeError, match="request 1"):
+        predictor.predict(["ok", 42])
+    with pytest.raises(ValueError, match="generators"):
+        predictor.predict(["a", "b"], generators=["g"])
+
+
+def test_prediction_fields_and_default_reservation(predictor):
+    preds = predictor.predict(PROMPTS)
+    scheme = predictor.scheme
+    probs = np.stack([p.probs for p in preds])
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    median = scheme.predictive_quantile(probs, 0.5)
+    for p, m in zip(preds, median, strict=True):
+        assert isinstance(p, Prediction)
+        assert p.bucket == int(np.argmax(p.probs))
+        assert p.pred_tokens == round(m)
+        assert p.reserve_tokens == scheme.reserve_tokens[p.bucket]
+        assert type(p.bucket) is int and type(p.pred_tokens) is int and type(p.reserve_tokens) is int
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        preds[0].bucket = 3
+
+
+def test_reserve_quantile_and_margin(bundle_fp32, predictor):
+    base = predictor.predict(PROMPTS)
+    probs = np.stack([p.probs for p in base])
+    q90 = Predictor.load(bundle_fp32, reserve_quantile=0.9).predict(PROMPTS)
+    q99 = Predictor.load(bundle_fp32, reserve_quantile=0.99).predict(PROMPTS)
+    want = predictor.scheme.predictive_quantile(probs, 0.9)
+    for p, w in zip(q90, want, strict=True):
+        assert p.reserve_tokens == math.ceil(round(w, 6))
+    assert all(b.reserve_tokens >= a.reserve_tokens for a, b in zip(q90, q99, strict=True))
+    padded = Predictor.load(bundle_fp32, margin=0.25).predict(PROMPTS)
+    for a, b in zip(base, padded, strict=True):
+        assert b.reserve_tokens == math.ceil(a.reserve_tokens * 1.25 - 1e-9)
+        assert b.pred_tokens == a.pred_tokens and b.bucket == a.bucket
+    with pytest.raises(ValueError, match="reserve_quantile"):
+        Predictor.load(bundle_fp32, reserve_quantile=1.5)
+    with pytest.raises(ValueError, match="margin"):
+        Predictor.load(bundle_fp32, margin=-0.1)
+
+
+def test_batch_single_and_order_give_the_same_result(bundle_fp32, predictor):
+    batched = predictor.predict(PROMPTS)
+    single = [predictor.predict_one(t) for t in PROMPTS]
+    reversed_ = predictor.predict(PROMPTS[::-1])[::-1]
+    big = Predictor.load(bundle_fp32, batch_size=64).predict(PROMPTS)
+    for other in (single, reversed_, big):
+        for a, b in zip(batched, other, strict=True):
+            assert a.bucket == b.bucket and a.pred_tokens == b.pred_tokens
+            assert a.reserve_tokens == b.reserve_tokens
+            np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+
+
+def test_int8_is_close_to_fp32(bundle_int8, predictor):
+    q = Predictor.load(bundle_int8).predict(PROMPTS)
+    f = predictor.predict(PROMPTS)
+    diff = max(float(np.abs(a.probs - b.probs).max()) for a, b in zip(q, f, strict=True))
+    assert diff < 0.05
+
+
+def test_truncation_follows_the_input_spec(predictor):
+    long = " ".join(f"w{i}" for i in range(400)) + " FINALWORD"
+    ids = predictor.encode(predictor.texts(long))[0]
+    assert len(ids) == predictor.input_spec.max_length
+    # history mode keeps the most recent text: the end survives, the start is cut
+    tail = predictor._tokenizer.decode(ids)
+    assert "finalword" in tail and "w0 " not in tail
+
+
+def test_predict_cli_args_stdin_and_json(bundle_fp32, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from rlpredict.cli import app
+
+    monkeypatch.setenv("RLPREDICT_MODEL", str(bundle_fp32))  # the default bundle
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", "hello", "Write an essay"])
+    assert res.exit_code == 0, res.output
+    assert "bucket" in res.stdout and "Write an essay" in res.stdout
+    res = runner.invoke(app, ["predict", "--json", "--margin", "0.5"], input="one\n\ntwo\n")
+    assert res.exit_code == 0, res.output
+    preds = json.loads(res.stdout)["predictions"]
+    assert [p["input"] for p in preds] == ["one", "two"]
+    direct = Predictor.load(bundle_fp32, margin=0.5).predict(["one", "two"])
+    assert [p["rl_reserve_tokens"] for p in preds] == [d.reserve_tokens for d in direct]
+    res = runner.invoke(app, ["predict", "--jsonl", "--json"], input='{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert res.exit_code == 0 and json.loads(res.stdout)["predictions"][0]["rl_bucket"] >= 0
+    res = runner.invoke(app, ["predict", "--jsonl"], input='{"prompt": 5}\n')
+    assert res.exit_code == 2 and "stdin: line 1" in res.output
