@@ -15,7 +15,9 @@ it exactly as it reports the simulator's own policies.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ class RealSimResult(SimResult):
 def tiny_model_dir() -> str:
     """A folder with a tiny Llama ``config.json`` (vLLM's scheduler only reads the config)."""
     d = Path(tempfile.mkdtemp(prefix="ecoserve-tiny-llama-"))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     (d / "config.json").write_text(json.dumps(TINY_LLAMA))
     return str(d)
 
