@@ -102,7 +102,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None = 
         AutoTokenizer,
         get_linear_schedule_with_warmup,
     )
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
+    hf_logging.disable_progress_bar()
     t0 = time.time()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
