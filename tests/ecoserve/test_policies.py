@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import FlatCost, make_req
+from sim_helpers import FlatCost, make_req
 
 from ecoserve_sched.policies import get_policy, policy_names
 from ecoserve_sched.policies.ecoserve import EcoServeConfig

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from conftest import FlatCost, make_req
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sim_helpers import FlatCost, make_req
 
 from ecoserve_sched.metrics import summarize, weighted_quantile
 from ecoserve_sched.policies import get_policy, policy_names
