@@ -206,12 +206,9 @@ class BucketScheme:
 
     @classmethod
     def load(cls, path: str | Path) -> BucketScheme:
-        p = Path(path)
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
-        return cls.from_dict(d, source=str(p))
+        from rlpredict.json_file import read_json
+
+        return cls.from_dict(read_json(path), source=str(path))
 
 
 def _check_edges(edges: Sequence[float]) -> np.ndarray:

@@ -22,6 +22,7 @@ import rlpredict
 from rlpredict.atomic import write_text_atomic
 from rlpredict.buckets import BucketScheme
 from rlpredict.inputs import InputSpec
+from rlpredict.json_file import read_json
 
 FORMAT = "rlpredict.bundle/1"
 MANIFEST = "manifest.json"
@@ -100,9 +101,9 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
     if not mpath.is_file():
         raise BundleError(f"bundle {folder}: no {MANIFEST}; is this a folder written by `rlpredict export`?")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{mpath}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        manifest = read_json(mpath)
+    except ValueError as e:
+        raise BundleError(str(e)) from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{mpath}: expected a JSON object")
     fmt = manifest.get("format")

@@ -17,7 +17,6 @@ Needs the ``[train]`` extra (torch, transformers, onnx).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -33,6 +32,7 @@ import numpy as np
 import rlpredict
 from rlpredict.bundle import MODEL_FILE, TOKENIZER_FILE, load_bundle, write_manifest
 from rlpredict.inputs import build_text
+from rlpredict.json_file import read_json
 from rlpredict.model_meta import ModelMeta
 from rlpredict.runtime import Predictor
 
@@ -315,9 +315,9 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        return read_json(path)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from rlpredict.atomic import write_text_atomic
 from rlpredict.buckets import BucketScheme
 from rlpredict.inputs import InputSpec
+from rlpredict.json_file import read_json
 
 FORMAT = "rlpredict.model/1"
 FILENAME = "rlpredict.json"
@@ -47,8 +48,4 @@ class ModelMeta:
         p = Path(model_dir) / FILENAME
         if not p.is_file():
             raise FileNotFoundError(f"{model_dir}: no {FILENAME}; is this a model trained by `rlpredict train`?")
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
-        return cls.from_dict(d, source=str(p))
+        return cls.from_dict(read_json(p), source=str(p))
