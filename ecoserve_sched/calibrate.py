@@ -10,7 +10,9 @@ Each grid run is ``B`` requests of ``P`` prompt tokens arriving together and gen
 tokens (the policy is ``vllm``: chunked prefill within the token budget, so large prompts spill
 into mixed prefill + decode iterations), optionally with one ``Q``-token prompt arriving at
 iteration 2 while the others decode. A run yields one sample per iteration: prefill-only,
-decode-only at context ~P..P+K and mixed shapes. The profile's hardware numbers (peak FLOP/s,
+decode-only at context ~P..P+K and mixed shapes. The ``replay`` grid adds chat-like replays (:data:`REPLAYS`): Poisson
+arrivals of log-normal prompts and responses, the mixed shapes a served workload produces.
+The profile's hardware numbers (peak FLOP/s,
 memory bandwidth) are measured on the device with a matmul and a copy; the fit finds which
 fraction of them the engine reaches, plus fixed and per-request overheads.
 """
@@ -47,9 +49,15 @@ GRIDS: dict[str, list[tuple[int, int, int, int]]] = {
     "small": [(b, p, 6, 0) for b in (1, 4, 16) for p in (16, 64, 128)]
     + [(4, 64, 8, 256), (16, 32, 8, 256), (8, 96, 8, 512)],
     "test": [(1, 16, 4, 0), (4, 32, 4, 0), (2, 64, 4, 32), (8, 16, 4, 0)],
+    # small, plus chat-like replays (see REPLAYS): the shapes a served workload produces
+    "replay": [(b, p, 6, 0) for b in (1, 4, 16) for p in (16, 64, 128)]
+    + [(4, 64, 8, 256), (16, 32, 8, 256), (8, 96, 8, 512)],
     "full": [(b, p, 8, 0) for b in (1, 2, 4, 8, 16, 32, 64) for p in (16, 64, 256, 1024)]
     + [(b, 128, 10, q) for b in (4, 16, 64) for q in (64, 256, 1024)],
 }
+
+#: Chat-like replays run after a grid's batch shapes: (requests, arrivals per iteration) each.
+REPLAYS: dict[str, list[tuple[int, float]]] = {"replay": [(32, 0.25), (32, 0.5)]}
 
 
 @dataclass
@@ -162,21 +170,37 @@ def _run_requests(b: int, p: int, k: int, q: int, seed: int) -> list[Any]:
     return reqs
 
 
+def _chat_requests(n: int, per_iter: float, seed: int) -> list[Any]:
+    """``n`` requests with chat-like lengths (log-normal prompts ~96 and responses ~32 tokens)
+    arriving as a Poisson process of ``per_iter`` requests per iteration (step clock)."""
+    from .engines.transformers_cb import GenRequest
+
+    rng = np.random.default_rng(seed)
+    prompt = np.clip(rng.lognormal(np.log(96), 0.8, n), 8, 512).astype(int)
+    out = np.clip(rng.lognormal(np.log(32), 0.8, n), 4, 160).astype(int)
+    arrivals = np.cumsum(rng.exponential(1.0 / per_iter, n)).round()
+    return [GenRequest(rng.integers(3, 200, p).tolist(), int(o), float(a))
+            for p, o, a in zip(prompt, out, arrivals, strict=True)]
+
+
 def measure(m: Any, grid: list[tuple[int, int, int, int]], token_budget: int = 2048,
-            block_size: int = 16, repeats: int = 3
+            block_size: int = 16, repeats: int = 3, replays: list[tuple[int, float]] = ()
             ) -> tuple[list[tuple[float, float, float, float, float]], float | None]:
-    """Run every grid workload ``repeats`` times through the engine; one sample per iteration,
-    with the median of its measured times (shapes repeat exactly on the step clock). Also
-    returns the timing noise: the mean over iterations of max |repeat - median| / median."""
+    """Run every grid workload (then every chat replay) ``repeats`` times through the engine;
+    one sample per iteration, with the median of its measured times (shapes repeat exactly on
+    the step clock). Also returns the timing noise: the mean over iterations of
+    max |repeat - median| / median."""
     from .engines.transformers_cb import TransformersEngine
 
     samples, noise = [], []
     warm = [(2, 32, 3, 0)]
-    for i, (b, p, k, q) in enumerate(warm + grid):
-        blocks = b * -(-(p + k) // block_size) + -(-(q + 2) // block_size) + 4
+    workloads = ([_run_requests(b, p, k, q, seed=i) for i, (b, p, k, q) in enumerate(warm + grid)]
+                 + [_chat_requests(n, rate, seed=1000 + i) for i, (n, rate) in enumerate(replays)])
+    for i, reqs in enumerate(workloads):
+        blocks = sum(-(-(len(g.prompt_ids) + g.max_new_tokens) // block_size) for g in reqs) + 4
         eng = TransformersEngine(m, "vllm", clock="step", block_size=block_size, kv_blocks=blocks,
-                                 token_budget=max(token_budget, b + 1), max_running=max(b + 1, 2))
-        reqs = _run_requests(b, p, k, q, seed=i)
+                                 token_budget=max(token_budget, len(reqs) + 1),
+                                 max_running=max(len(reqs) + 1, 2))
         runs = [eng.generate(reqs) for _ in range(repeats if i >= len(warm) else 1)]
         assert [len(r.tokens) for r in runs[0].results] == [g.max_new_tokens for g in reqs]
         if i < len(warm):
@@ -209,7 +233,8 @@ def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | 
     m = load_model(model, device, dtype)
     name = name or f"{Path(model).stem}-transformers-{device.split(':')[0]}"
     base = base_profile(m, device, name, token_budget)
-    samples, noise = measure(m, GRIDS[grid], token_budget, repeats=repeats)
+    samples, noise = measure(m, GRIDS[grid], token_budget, repeats=repeats,
+                            replays=REPLAYS.get(grid, []))
     fitted = fit_profile(samples, base, name)
     test = samples[2::3]
     part = fit_profile([s for i, s in enumerate(samples) if i % 3 != 2], base, name)
@@ -221,7 +246,7 @@ def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | 
                   "(ecoserve_sched.engines.transformers_cb, policy vllm, step clock)",
         "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
         "model": model, "dtype": str(next(m.parameters()).dtype).removeprefix("torch."),
-        "weights": "random", "grid": grid, "repeats": repeats, "statistic": "median",
+        "weights": "random", "grid": grid, "replays": REPLAYS.get(grid, []), "repeats": repeats, "statistic": "median",
         "measured": "wall time of each engine iteration: scheduling, input preparation, "
                     "forward, greedy sampling, output update",
         "holdout": {"mean_rel_error": float(rel.mean()), "max_rel_error": float(rel.max())},

@@ -157,7 +157,7 @@ def calibrate(
     out: Annotated[Path, typer.Option("--out", help="profile JSON to write (load it with --profile)")],
     engine: Annotated[str, typer.Option("--engine", help="engine to measure (transformers)")] = "transformers",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda[:N]")] = "cpu",
-    grid: Annotated[str, typer.Option("--grid", help="test|small|full batch-shape grid")] = "small",
+    grid: Annotated[str, typer.Option("--grid", help="test|small|replay|full: batch-shape grid (replay adds chat-like replays)")] = "small",
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32|bfloat16|float16 (default: float32 on CPU, bfloat16 on GPU)")] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="runs per grid point (median time per iteration)")] = 3,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads")] = None,
