@@ -1,4 +1,5 @@
-# Quick start: `make demo` (the main job on the bundled sample) and `make test` (the test suite).
+# Quick start: `make demo` (the main job: predictor -> annotated real trace -> vLLM vs EcoServe
+# in the simulator, with a report) and `make test` (the test suite).
 # Both create .venv/ on first use and install the project with the pinned CPU torch.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo demo-train test lint clean
 
 setup: $(STAMP)
 
@@ -20,7 +21,10 @@ $(STAMP): pyproject.toml constraints.txt requirements/assets.txt requirements/vl
 	touch $@
 
 demo: setup
-	$(VENV)/bin/rlpredict demo --out runs/demo
+	$(VENV)/bin/ecoserve demo --out runs/demo
+
+demo-train: setup
+	$(VENV)/bin/rlpredict demo --out runs/demo-train
 
 test: setup
 	$(PY) -m pytest -q
@@ -29,4 +33,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf runs/demo .pytest_cache
+	rm -rf runs/demo runs/demo-train .pytest_cache

@@ -202,3 +202,53 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="folder for the annotated trace and the report")] = Path("runs/demo"),
+    profile: ProfileOpt = None,
+    bundle: Annotated[str | None, typer.Option("--bundle", help="predictor bundle (default: the shipped one)")] = None,
+    sample: Annotated[Path | None, typer.Option("--trace", help="trace with prompts (default: the bundled Azure + ShareGPT sample)")] = None,
+    policies: Annotated[str, typer.Option("--policies", help="comma-separated policy names")] = "vllm,ecoserve,ecoserve-oracle",
+    rate_scales: Annotated[str | None, typer.Option("--rate-scales", help="comma-separated rate multipliers (default 0.2 to 0.6)")] = None,
+    slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2,
+) -> None:
+    """The main job: annotate a real request sample with the predictor, replay it under vLLM,
+    EcoServe and EcoServe-oracle, and write a report with plots."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import demo as demo_mod
+
+    err = Console(stderr=True)
+    n_steps = iter(range(1, 4))
+
+    def step(msg: str) -> None:
+        err.print(f"[bold]{next(n_steps)}/3[/bold] {msg}")
+
+    def progress(s: dict) -> None:
+        err.print(f"    {s['policy']:>16} x{s['rate_scale']:<4g} SLO attainment {s['slo_attainment']:.3f}, "
+                  f"mean JCT {s['mean_jct_s']:.1f} s, preemptions {s['preemptions']}")
+
+    try:
+        res = demo_mod.run_demo(out, sample=sample or demo_mod.SAMPLE, profile=profile or demo_mod.PROFILE,
+                                bundle=bundle, policies=[p.strip() for p in policies.split(",") if p.strip()],
+                                rate_scales=([float(x) for x in rate_scales.split(",")] if rate_scales
+                                             else demo_mod.RATE_SCALES),
+                                slo=SLO(slo_ttft, slo_tbt), step=step, progress=progress)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    q = res.predictor
+    err.print(f"    predictor on the sample: bucket accuracy {q['bucket_accuracy']:.3f}, +-1 bucket "
+              f"{q['within_1_bucket']:.3f}, MAE {q['mae_tokens']:.0f} tokens, reservation covers "
+              f"{q['reserve_coverage']:.3f}")
+    t = Table(title=f"capacity (SLO attainment >= 0.9) on {res.rows[0]['profile']}")
+    for c in ("policy", "max load (x trace rate)", "requests/s", "x vLLM"):
+        t.add_column(c, justify="left" if c == "policy" else "right")
+    for c in res.capacity:
+        t.add_row(c["policy"], f"{c['max_rate_scale']:.3f}", f"{c['requests_per_s']:.2f}",
+                  f"{c['x_vllm']:.2f}" if c.get("x_vllm") else "-")
+    Console().print(t)
+    typer.echo((out / "table.md").read_text())
+    err.print(f"[green]report written to[/green] {res.files[0]} (plots and results.json beside it)")

@@ -1,0 +1,86 @@
+"""Rebuild the main job's request sample, ``ecoserve_sched/samples/azure_conv_sharegpt.jsonl.gz``.
+
+    python training/make_demo_trace.py --shared ../shared/data
+
+The Azure conversation trace has real arrival times and token counts but no text; ShareGPT has
+real prompts and responses but no arrival times. Each of the first ``--requests`` Azure requests
+keeps its arrival time and prompt length (``input_tokens``: the KV the request really needed)
+and is given the prompt of a **held-out** ShareGPT turn (never trained on by the shipped
+predictor: same conversation split, test_frac 0.1, seed 0) whose real response length in
+Llama-3 tokens is the closest to the Azure request's ``output_tokens``. ``output_tokens`` is
+that ShareGPT response's length, so every prompt keeps its own real response length, while the
+length distribution follows Azure's (``azure_output_tokens`` keeps the original). Prompts are cut
+at 2,000 characters (the predictor reads the first 128 tokens). Deterministic; gzip mtime 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import csv
+import gzip
+import io
+import json
+import random
+from pathlib import Path
+
+from rlpredict.rl_tokenizers import count_tokens
+from rlpredict.splits import in_test
+
+OUT = Path(__file__).resolve().parents[1] / "ecoserve_sched" / "samples" / "azure_conv_sharegpt.jsonl.gz"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", default="../shared/data", help="folder holding azure_llm_2023_conv/ and sharegpt_v3/")
+    ap.add_argument("--requests", type=int, default=1500)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    shared = Path(args.shared)
+
+    with gzip.open(shared / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz", "rt") as f:
+        azure = [r for _, r in zip(range(args.requests), csv.DictReader(f), strict=False)]
+
+    turns = []
+    with gzip.open(shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if in_test(r["conversation_id"], 0.1, 0) and r["prompt"].strip():
+                turns.append(r)
+    rl = count_tokens([t["response"] for t in turns], "llama3")
+    pool = sorted(zip(rl, range(len(turns)), strict=True))  # (response tokens, turn index), unused ones
+    print(f"{len(turns)} held-out ShareGPT turns, {len(azure)} Azure requests")
+
+    order = list(range(len(azure)))
+    random.Random(0).shuffle(order)  # no request is favoured by its position when pool runs thin
+    chosen: dict[int, tuple[int, int]] = {}
+    for i in order:
+        want = int(azure[i]["output_tokens"])
+        j = bisect.bisect_left(pool, (want, -1))
+        cands = [k for k in (j - 1, j) if 0 <= k < len(pool)]
+        k = min(cands, key=lambda c: abs(pool[c][0] - want))
+        chosen[i] = pool.pop(k)
+
+    buf = io.BytesIO()
+    gaps = []
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as g:
+        for i, a in enumerate(azure):
+            tokens, t = chosen[i]
+            turn = turns[t]
+            gaps.append(abs(tokens - int(a["output_tokens"])))
+            row = {"arrival_time_s": round(float(a["arrival_time_s"]), 6),
+                   "input_tokens": int(a["input_tokens"]), "output_tokens": tokens,
+                   "azure_output_tokens": int(a["output_tokens"]),
+                   "prompt": turn["prompt"][:2000], "generator": turn["generator"],
+                   "conversation_id": turn["conversation_id"], "turn": turn["turn"]}
+            g.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(buf.getvalue())
+    gaps.sort()
+    print(f"{args.out.name}: {len(azure)} rows, {len(buf.getvalue()) / 1024:.0f} KiB; "
+          f"|ShareGPT RL - Azure RL| median {gaps[len(gaps) // 2]}, p90 {gaps[int(0.9 * len(gaps))]}, "
+          f"max {gaps[-1]} tokens")
+
+
+if __name__ == "__main__":
+    main()
