@@ -200,8 +200,6 @@ def main() -> None:
     app(prog_name="ecoserve")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 @app.command()
@@ -252,3 +250,7 @@ def demo(
     Console().print(t)
     typer.echo((out / "table.md").read_text())
     err.print(f"[green]report written to[/green] {res.files[0]} (plots and results.json beside it)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

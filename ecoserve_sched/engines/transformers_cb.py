@@ -21,6 +21,11 @@ pool has and a request never writes past its usable blocks (the policy's invaria
 engine's on-demand allocation cannot fail; :meth:`PolicyScheduler.schedule_batch` raises if it
 ever does.
 
+Faults: if a forward pass (``_generation_step``) raises, the requests of that batch end with
+an error (``GenResult.error``; FAILED in transformers, ERRORED in the policy through
+``Scheduler.fail_batch``), their engine blocks and ledger blocks are freed, and the other
+requests go on, exactly as the simulator's injected faults (``simulate(faults=...)``) model it.
+
 What the engine cannot do (ours): preemption is always by recompute (transformers' CPU
 offloading is not driven by the policy), prefix sharing is off (the ledger counts every block),
 cancellation is not supported.
@@ -47,7 +52,7 @@ from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPP
 from ..policies import Batch, Scheduler, get_policy
 from ..request import SLO, Request, State
 
-#: transformers versions this adapter is tested with (pin it in the ``transformers`` extra).
+#: transformers versions this adapter is tested with (pinned by the ``engines`` extra).
 TRANSFORMERS_RANGE = ">=5.24,<5.25"
 
 
@@ -193,6 +198,24 @@ class PolicyScheduler(HFScheduler):
         kv_read = sum(f.state.current_len() for f in out)
         return out, fast, n_tokens, min(kv_read, cache_budget)
 
+    def fail_batch(self, now: float, error: str) -> list[Request]:
+        """The forward pass of the last scheduled batch raised: end its requests with ``error``
+        (FAILED here, ERRORED in the policy), free their engine blocks and ledger blocks; the
+        other requests stay queued or running. Returns the failed policy requests."""
+        batch, self._pending = self._pending, None
+        if batch is None:
+            return []
+        failed = self.policy.fail_batch(batch, error)
+        for r in failed:
+            st = self.states[r.rid]
+            self.held.pop(r.rid, None)
+            self.cache.free_blocks(st.request_id)
+            self.active_requests.pop(st.request_id, None)
+            st.status = RequestStatus.FAILED
+            st.error = error
+            self.events.append((now, "error", r.rid))
+        return failed
+
     def _take(self, r: Request, n: int, moved: set[str]) -> FutureRequestState:
         """Put ``n`` tokens of ``r`` in the batch (its physical blocks are allocated here)."""
         st = self.states[r.rid]
@@ -256,6 +279,7 @@ class GenResult:
     token_times: list[float] = field(default_factory=list)  # engine time of each output token
     preemptions: int = 0
     dropped: bool = False
+    error: str | None = None  # the exception of the forward pass that ended this request
 
     @property
     def ttft_s(self) -> float:
@@ -411,17 +435,23 @@ class TransformersEngine:
                 continue
             batch = sched.last_batch
             scheduled = [(f.state, f.state.generated_len()) for f in bp.inputs_and_outputs.requests_in_batch]
-            bp._generation_step(self.model)
-            self._now = time.perf_counter() - t0 if wall else self._now + 1.0
-            sched.iteration_done(self._now)
-            bp.update_batch()
-            if wall:
-                self._now = time.perf_counter() - t0
-            for st, before in scheduled:
-                res = results[int(st.request_id[1:])]
-                for tok in st.generated_tokens[before:]:
-                    res.tokens.append(tok)
-                    res.token_times.append(self._now)
+            try:
+                bp._generation_step(self.model)
+            except Exception as e:  # this batch's requests fail; the others go on
+                self._now = time.perf_counter() - t0 if wall else self._now + 1.0
+                for r in sched.fail_batch(self._now, f"{type(e).__name__}: {e}"):
+                    results[r.rid].error = r.error
+            else:
+                self._now = time.perf_counter() - t0 if wall else self._now + 1.0
+                sched.iteration_done(self._now)
+                bp.update_batch()
+                if wall:
+                    self._now = time.perf_counter() - t0
+                for st, before in scheduled:
+                    res = results[int(st.request_id[1:])]
+                    for tok in st.generated_tokens[before:]:
+                        res.tokens.append(tok)
+                        res.token_times.append(self._now)
             rec = IterationRecord(start, self._now, batch.prefill_tokens, batch.prefill_ctx_tokens,
                                   batch.decode_requests, batch.decode_ctx_tokens,
                                   time.perf_counter() - w0)

@@ -1,0 +1,314 @@
+"""Serving gain vs predictor quality: how much EcoServe capacity and JCT each predictor buys.
+
+    python benchmarks/serving_gain.py --shared ../shared/data --out runs/serving_gain
+
+Predictors, all over the shipped bundle's bucket scheme and scored on the same held-out ShareGPT
+turns (the conversations the shipped model never trained on: split by conversation id,
+test_frac 0.1, seed 0): constant (the training distribution), prompt-length regression, TF-IDF +
+logistic regression (both trained on ``--train-rows`` turns of the training side), the shipped
+MiniLM bundle (int8 ONNX), and the oracle (true length). Each gives, per request, a predicted
+bucket, a point prediction (predictive median) and a KV reservation: the predicted bucket's
+reservation (``bucket``, the default) or a quantile q of the predicted distribution (``q90``...).
+
+Two traces, each replayed on ``--profile`` under vLLM and EcoServe:
+
+- ``azure``: the Azure 2023 conversation trace (real arrivals and prompt lengths, no text). Each
+  request takes the held-out ShareGPT turn whose real response length is closest to its own
+  (ties broken at random, with replacement): that turn's length is the request's response length
+  and that turn's predictions are its predictions, so the prediction/length relation is real.
+- ``sharegpt``: the held-out ShareGPT turns themselves, context (history) lengths in Llama-3
+  tokens, Poisson arrivals.
+
+For every (trace, predictor): EcoServe's capacity (largest rate scale with SLO attainment >= 0.9)
+and mean JCT at vLLM's capacity load, both relative to vLLM, beside the predictor's metrics.
+Writes results.json, results.md and serving_gain.png under ``--out``; ``--report DIR DIR ...``
+combines finished runs (e.g. two KV-cache sizes) into the one plot of docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ecoserve_sched.compare import RunSpec, capacity  # noqa: E402
+from ecoserve_sched.cost_model import load_profile  # noqa: E402
+from ecoserve_sched.metrics import summarize  # noqa: E402
+from ecoserve_sched.request import SLO  # noqa: E402
+from ecoserve_sched.simulator import run  # noqa: E402
+from ecoserve_sched.trace import Trace, poisson_arrivals  # noqa: E402
+from rlpredict import Predictor  # noqa: E402
+from rlpredict.baselines import PromptLength, TfidfLogistic  # noqa: E402
+from rlpredict.data import attach_rl, load_samples  # noqa: E402
+from rlpredict.evaluate import baseline_texts  # noqa: E402
+from rlpredict.metrics import rl_metrics  # noqa: E402
+from rlpredict.rl_tokenizers import count_tokens  # noqa: E402
+from rlpredict.splits import split_by_group  # noqa: E402
+
+PREDICTORS = ("constant", "prompt_length", "tfidf_logreg", "minilm", "oracle")
+QUANTILES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def load_heldout(shared: Path, train_rows: int, seed: int) -> tuple[list, list]:
+    samples, report = load_samples([shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"], on_error="skip")
+    train, test = split_by_group(samples, 0.1, 0)
+    rng = np.random.default_rng(seed)
+    train = [train[i] for i in sorted(rng.choice(len(train), min(train_rows, len(train)), replace=False))]
+    attach_rl(train + test, "llama3")
+    print(f"ShareGPT: {report.rows} rows, {len(samples)} turns ({sum(report.skipped.values())} skipped); "
+          f"{len(test)} held-out, {len(train)} training turns for the baselines", flush=True)
+    return train, test
+
+
+def predictor_probs(train: list, test: list, predictor: Predictor) -> dict[str, np.ndarray]:
+    scheme, spec = predictor.scheme, predictor.input_spec
+    tr_texts, te_texts = baseline_texts(train, spec), baseline_texts(test, spec)
+    tr_rl = np.array([s.rl_tokens for s in train], dtype=float)
+    probs: dict[str, np.ndarray] = {}
+    prior = np.bincount(scheme.bucket_of(tr_rl), minlength=scheme.n_buckets) / len(tr_rl)
+    probs["constant"] = np.tile(prior, (len(test), 1))
+    for name, cls in (("prompt_length", PromptLength), ("tfidf_logreg", TfidfLogistic)):
+        t = time.perf_counter()
+        probs[name] = cls().fit(tr_texts, tr_rl, scheme).predict_proba(te_texts)
+        print(f"  {name}: fitted and predicted in {time.perf_counter() - t:.0f} s", flush=True)
+    t = time.perf_counter()
+    arr = predictor.predict_arrays([s.messages for s in test], [s.generator for s in test])
+    probs["minilm"] = arr.probs.astype(float)
+    print(f"  minilm: {len(test)} prompts in {time.perf_counter() - t:.0f} s", flush=True)
+    return probs
+
+
+def decode(name: str, probs: dict[str, np.ndarray], rl: np.ndarray, scheme, mode: str) -> np.ndarray:
+    """(n, 3) int rows (bucket, point tokens, reservation tokens) for one predictor and mode."""
+    if name == "oracle":
+        b = scheme.bucket_of(rl)
+        return np.stack([b, rl, rl], axis=1).astype(np.int64)
+    p = probs[name]
+    b = p.argmax(axis=1)
+    point = np.rint(scheme.predictive_quantile(p, 0.5))
+    if mode == "bucket":
+        res = np.asarray(scheme.reserve_tokens, dtype=float)[b]
+    else:
+        res = np.ceil(scheme.predictive_quantile(p, float(mode[1:]) / 100))
+    return np.stack([b, np.maximum(point, 1), np.maximum(res, 1)], axis=1).astype(np.int64)
+
+
+def azure_trace(shared: Path, rl: np.ndarray, max_requests: int | None, seed: int) -> tuple[Trace, np.ndarray]:
+    """The Azure trace with each request mapped to the held-out turn of closest RL."""
+    with gzip.open(shared / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz", "rt") as f:
+        rows = list(csv.DictReader(f))[:max_requests]
+    arr = np.array([float(r["arrival_time_s"]) for r in rows])
+    inp = np.array([int(r["input_tokens"]) for r in rows])
+    want = np.array([int(r["output_tokens"]) for r in rows])
+    order = np.argsort(rl, kind="stable")
+    srt = rl[order]
+    rng = np.random.default_rng(seed)
+    idx = np.empty(len(rows), dtype=np.int64)
+    for i, w in enumerate(want.tolist()):
+        lo, hi = np.searchsorted(srt, w, "left"), np.searchsorted(srt, w, "right")
+        if hi > lo:  # exact matches: pick one at random
+            idx[i] = order[rng.integers(lo, hi)]
+        else:
+            cands = [k for k in (lo - 1, lo) if 0 <= k < len(srt)]
+            idx[i] = order[min(cands, key=lambda k: abs(srt[k] - w))]
+    out = rl[idx].astype(np.int64)
+    gap = np.abs(out - want)
+    print(f"Azure: {len(rows)} requests over {arr[-1] - arr[0]:.0f} s; |matched RL - Azure RL| median "
+          f"{np.median(gap):.0f}, p90 {np.quantile(gap, 0.9):.0f} tokens", flush=True)
+    tr = Trace("azure_llm_2023_conv (RL-matched held-out ShareGPT turns)", arr, inp, out,
+               np.full(len(rows), 2048, dtype=np.int64))
+    return tr, idx
+
+
+def sharegpt_trace(test: list, rl: np.ndarray, rate: float, seed: int) -> Trace:
+    ctx = np.array([sum(count_tokens([m["content"] for m in s.messages], "llama3")) for s in test])
+    ctx = np.maximum(ctx, 1)
+    print(f"ShareGPT trace: {len(test)} requests, Poisson {rate:g}/s, context median "
+          f"{np.median(ctx):.0f} tokens, RL median {np.median(rl):.0f}", flush=True)
+    return Trace("sharegpt_v3 held-out turns", poisson_arrivals(len(test), rate, seed), ctx.astype(np.int64),
+                 np.maximum(rl, 1).astype(np.int64), np.full(len(test), 2048, dtype=np.int64))
+
+
+def serve(trace: Trace, rl_rows: np.ndarray, cost, slo: SLO, vllm: dict) -> dict:
+    """EcoServe's capacity and mean JCT at vLLM's capacity load, given these predictions."""
+    tr = Trace(trace.path, trace.arrival_s, trace.input_tokens, trace.output_tokens, trace.max_tokens, rl_rows)
+    spec = RunSpec(tr, cost, slo, predictions="annotated")
+    cap = capacity(spec, "ecoserve")["max_rate_scale"]
+    s = summarize(run(tr.scaled(vllm["capacity"]), "ecoserve", cost, slo=slo, predictions="annotated"), slo)
+    return {"capacity": cap, "capacity_x_vllm": cap / vllm["capacity"],
+            "mean_jct_s": s["mean_jct_s"], "jct_x_vllm": s["mean_jct_s"] / vllm["mean_jct_s"],
+            "kv_alloc_mean": s["kv_alloc_mean"], "preemptions": s["preemptions"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "serving_gain")
+    ap.add_argument("--profile", default="llama2-13b-a100-80gb")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="override the profile's (0.9): lower values leave less HBM for the KV cache")
+    ap.add_argument("--train-rows", type=int, default=20000, help="training turns for the baselines")
+    ap.add_argument("--azure-requests", type=int, default=None, help="first N Azure requests (default all)")
+    ap.add_argument("--sharegpt-rate", type=float, default=1.0, help="Poisson requests/s at rate scale 1")
+    ap.add_argument("--slo-ttft", type=float, default=5.0)
+    ap.add_argument("--slo-tbt", type=float, default=0.2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report", type=Path, nargs="+", default=None, metavar="RUN_DIR",
+                    help="only combine finished runs into one plot (written to --plot)")
+    ap.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "serving_gain.png")
+    args = ap.parse_args()
+    if args.report:
+        report(args.report, args.plot)
+        return
+    t0 = time.perf_counter()
+
+    predictor = Predictor.load()
+    scheme = predictor.scheme
+    train, test = load_heldout(args.shared, args.train_rows, args.seed)
+    rl = np.array([s.rl_tokens for s in test], dtype=np.int64)
+    probs = predictor_probs(train, test, predictor)
+    metrics = {n: rl_metrics(rl, probs[n], scheme, 0.9) for n in PREDICTORS if n != "oracle"}
+    for q in QUANTILES:
+        m = rl_metrics(rl, probs["minilm"], scheme, q)
+        metrics["minilm"][f"coverage_q{round(q * 100)}"] = m[f"coverage_q{round(q * 100)}"]
+        metrics["minilm"][f"reserve_ratio_total_q{round(q * 100)}"] = m[f"reserve_ratio_total_q{round(q * 100)}"]
+
+    cost, slo = load_profile(args.profile), SLO(args.slo_ttft, args.slo_tbt)
+    if args.gpu_memory_utilization is not None:
+        cost.gpu_memory_utilization = args.gpu_memory_utilization
+    kv_tokens = cost.kv_blocks(16) * 16
+    print(f"profile {cost.name}: KV cache {kv_tokens} tokens at gpu_memory_utilization "
+          f"{cost.gpu_memory_utilization:g}", flush=True)
+    az, az_idx = azure_trace(args.shared, rl, args.azure_requests, args.seed)
+    traces = {"azure": (az, az_idx), "sharegpt": (sharegpt_trace(test, rl, args.sharegpt_rate, args.seed),
+                                                 np.arange(len(test)))}
+    results: dict = {"profile": cost.name, "gpu_memory_utilization": cost.gpu_memory_utilization,
+                     "kv_cache_tokens": kv_tokens, "slo": [slo.ttft_s, slo.tbt_s], "predictor_metrics": metrics,
+                     "heldout_turns": len(test), "baseline_train_turns": len(train), "traces": {}}
+    for tname, (tr, idx) in traces.items():
+        true = tr.output_tokens
+        sub = {k: v[idx] for k, v in probs.items()}
+        base_rows = decode("oracle", sub, true, scheme, "bucket")
+        spec = RunSpec(Trace(tr.path, tr.arrival_s, tr.input_tokens, true, tr.max_tokens, base_rows), cost, slo,
+                       predictions="annotated")
+        vcap = capacity(spec, "vllm")["max_rate_scale"]
+        vs = summarize(run(spec.trace.scaled(vcap), "vllm", cost, slo=slo, predictions="annotated"), slo)
+        vllm = {"capacity": vcap, "mean_jct_s": vs["mean_jct_s"], "kv_alloc_mean": vs["kv_alloc_mean"],
+                "preemptions": vs["preemptions"]}
+        print(f"[{tname}] vLLM capacity x{vcap:.3f}, mean JCT there {vs['mean_jct_s']:.1f} s", flush=True)
+        runs = {}
+        cases = [(n, "bucket") for n in PREDICTORS] + [("minilm", f"q{round(q * 100)}") for q in QUANTILES]
+        for name, mode in cases:
+            rows = decode(name, sub, true, scheme, mode)
+            r = serve(tr, rows, cost, slo, vllm)
+            r["coverage"] = float((rows[:, 2] >= true).mean())
+            r["reserved_over_actual"] = float(rows[:, 2].sum() / true.sum())
+            runs[f"{name}/{mode}"] = r
+            print(f"[{tname}] {name:>13} {mode:>6}: capacity x{r['capacity_x_vllm']:.3f} vLLM, JCT "
+                  f"x{r['jct_x_vllm']:.3f}, coverage {r['coverage']:.3f}, reserved/actual "
+                  f"{r['reserved_over_actual']:.2f}", flush=True)
+        results["traces"][tname] = {"requests": len(tr), "vllm": vllm, "ecoserve": runs}
+    results["seconds"] = time.perf_counter() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "results.md").write_text(markdown(results))
+    plot([results], args.out / "serving_gain.png")
+    print(markdown(results))
+    print(f"wrote {args.out}/results.json, results.md, serving_gain.png ({results['seconds']:.0f} s)")
+
+
+def markdown(res: dict) -> str:
+    m = res["predictor_metrics"]
+    lines = [f"Profile {res['profile']} (KV cache {res['kv_cache_tokens']} tokens, gpu_memory_utilization "
+             f"{res['gpu_memory_utilization']:g}), SLO TTFT {res['slo'][0]:g} s / mean TBT {res['slo'][1]:g} s; "
+             f"predictor metrics on {res['heldout_turns']} held-out ShareGPT turns.", "",
+             "| predictor | acc | ±1 | MAE | tau | " + " | ".join(
+                 f"{t}: capacity x vLLM | {t}: JCT x vLLM" for t in res["traces"]) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|---:|" * len(res["traces"])]
+    for name in PREDICTORS:
+        mm = m.get(name)
+        head = (f"| {name} | {mm['bucket_acc']:.3f} | {mm['within1_acc']:.3f} | {mm['mae']:.1f} | "
+                f"{mm['kendall_tau']:.3f} |") if mm else "| oracle | 1 | 1 | 0 | 1 |"
+        cells = [f" {t['ecoserve'][f'{name}/bucket']['capacity_x_vllm']:.3f} | "
+                 f"{t['ecoserve'][f'{name}/bucket']['jct_x_vllm']:.3f} |" for t in res["traces"].values()]
+        lines.append(head + "".join(cells))
+    lines += ["", "Reservation rule (MiniLM): coverage, KV reserved / generated tokens, EcoServe capacity x vLLM", "",
+              "| reservation | " + " | ".join(f"{t}: coverage | {t}: reserved/actual | {t}: capacity x vLLM | "
+                                               f"{t}: JCT x vLLM" for t in res["traces"]) + " |",
+              "|---|" + "---:|---:|---:|---:|" * len(res["traces"])]
+    for mode in ["bucket"] + [f"q{round(q * 100)}" for q in QUANTILES]:
+        cells = []
+        for t in res["traces"].values():
+            r = t["ecoserve"][f"minilm/{mode}"]
+            cells.append(f" {r['coverage']:.3f} | {r['reserved_over_actual']:.2f} | {r['capacity_x_vllm']:.3f} | "
+                         f"{r['jct_x_vllm']:.3f} |")
+        label = "predicted bucket's p90" if mode == "bucket" else f"predictive quantile {mode[1:]}%"
+        lines.append(f"| {label} |" + "".join(cells))
+    lines += ["", "vLLM at its capacity: " + "; ".join(
+        f"{n}: x{t['vllm']['capacity']:.3f} trace rate, mean JCT {t['vllm']['mean_jct_s']:.1f} s, "
+        f"{t['vllm']['preemptions']} preemptions" for n, t in res["traces"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _label(res: dict, trace: str) -> str:
+    return f"{trace}, KV {res['kv_cache_tokens'] // 1000}k tok"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """One figure: capacity and JCT vs vLLM per predictor, and capacity vs reservation coverage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    x = np.arange(len(PREDICTORS))
+    series = [(res, t) for res in results for t in res["traces"]]
+    width = 0.8 / len(series)
+    for i, (res, tname) in enumerate(series):
+        t = res["traces"][tname]
+        for ax, key in zip(axes[:2], ("capacity_x_vllm", "jct_x_vllm"), strict=True):
+            ax.bar(x + i * width, [t["ecoserve"][f"{n}/bucket"][key] for n in PREDICTORS], width,
+                   label=_label(res, tname))
+        modes = [f"q{round(q * 100)}" for q in QUANTILES]
+        axes[2].plot([t["ecoserve"][f"minilm/{m}"]["coverage"] for m in modes],
+                     [t["ecoserve"][f"minilm/{m}"]["capacity_x_vllm"] for m in modes], marker="o",
+                     label=_label(res, tname))
+    for ax, ylabel in zip(axes[:2], ("EcoServe capacity / vLLM capacity",
+                                     "EcoServe mean JCT / vLLM's, at vLLM's capacity"), strict=True):
+        ax.set_xticks(x + width * (len(series) - 1) / 2, PREDICTORS, rotation=20, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_ylim(0.8, 1.2)
+    axes[2].set_xlabel("reservation coverage (MiniLM, predictive quantile 0.5 ... 0.99)", fontsize=8)
+    axes[2].set_ylabel("EcoServe capacity / vLLM capacity", fontsize=8)
+    for ax in axes:
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Serving gain vs predictor quality ({results[0]['profile']}, SLO TTFT "
+                 f"{results[0]['slo'][0]:g} s / TBT {results[0]['slo'][1]:g} s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(dirs: list[Path], out: Path) -> None:
+    """Combine finished runs (their results.json) into one plot and one Markdown file."""
+    results = [json.loads((d / "results.json").read_text()) for d in dirs]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, out)
+    print("\n\n".join(markdown(r) for r in results))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
