@@ -115,16 +115,14 @@ def write_report(rows: Sequence[dict], out: Path, header: str = "") -> list[Path
 
 
 def plot(rows: Sequence[dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: never switches the process's backend
 
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     written = []
     for metric, fname, ylabel in (("p99_ttft_s", "latency_vs_load.png", "p99 TTFT (s)"),
                                   ("slo_attainment", "slo_vs_load.png", "SLO attainment")):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for p in policies:
             pts = sorted((r["rate_scale"], r[metric]) for r in rows if r["policy"] == p)
             ax.plot(*zip(*pts, strict=True), marker="o", label=p)
@@ -136,10 +134,10 @@ def plot(rows: Sequence[dict], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
         written.append(out / fname)
     top = max(r["rate_scale"] for r in rows)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for r in rows:
         if r["rate_scale"] == top and "kv_timeline" in r:
             ax.plot(*r["kv_timeline"], label=r["policy"], lw=0.8)
@@ -149,5 +147,4 @@ def plot(rows: Sequence[dict], out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "kv_util_over_time.png", dpi=120)
-    plt.close(fig)
     return [*written, out / "kv_util_over_time.png"]

@@ -75,37 +75,6 @@ def predictor_quality(trace: Trace, edges: np.ndarray) -> dict[str, Any]:
     }
 
 
-def plot_confusion(matrix: np.ndarray, edges: Sequence[int | None], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m = np.asarray(matrix, dtype=float)
-    rows = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    labels, lo = [], 0
-    for e in edges:
-        labels.append(f"{lo}-{e}" if e is not None else f">{lo}")
-        lo = e if e is not None else lo
-    fig, ax = plt.subplots(figsize=(6.2, 5.2))
-    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(m)):
-        for j in range(len(m)):
-            if m[i, j]:
-                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6,
-                        color="white" if rows[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set_xlabel("predicted bucket (tokens)")
-    ax.set_ylabel("true bucket (tokens)")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="fraction of the true bucket's requests")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def _annotate(sample: Path, out: Path, bundle: str | None) -> tuple[Path, dict, Path]:
     try:
         from rlpredict.annotate import annotate_file
@@ -134,9 +103,11 @@ def run_demo(out: Path, *, sample: Path = SAMPLE, profile: str = PROFILE, bundle
     trace = read_trace(annotated)
     edges = load_confusion(bundle_path).edges
     quality = predictor_quality(trace, edges)
+    from rlpredict.confusion_plot import plot_confusion
+
     files = [plot_confusion(np.array(quality["confusion"]), quality["bucket_edges"],
-                            out / "confusion.png",
-                            f"{bundle_path.name} on {sample.name} ({len(trace)} requests)")]
+                            f"{bundle_path.name} on {sample.name} ({len(trace)} requests)",
+                            out / "confusion.png")]
 
     t = time.perf_counter()
     cost = load_profile(profile)

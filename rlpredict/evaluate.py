@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.atomic import atomic_path, write_text_atomic
+from rlpredict.atomic import write_text_atomic
 from rlpredict.baselines import BASELINES
 from rlpredict.buckets import BucketScheme
+from rlpredict.confusion_plot import plot_confusion
 from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.inputs import InputSpec, build_text
 from rlpredict.metrics import confusion, rl_metrics
@@ -172,33 +173,6 @@ def markdown_report(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_confusion(matrix: np.ndarray, scheme: BucketScheme, title: str, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"≤{e:g}" if math.isfinite(e) else f">{scheme.edges[-2]:g}" for e in scheme.edges]
-    m = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted bucket (tokens)")
-    ax.set_ylabel("true bucket (tokens)")
-    ax.set_title(title)
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            if matrix[i, j]:
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if m[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, label="share of the true bucket")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-
-
 def write_report(report: dict, probs: dict[str, np.ndarray], test: Sequence[Sample], scheme: BucketScheme,
                  out_dir: str | Path) -> None:
     out = Path(out_dir)
@@ -207,7 +181,7 @@ def write_report(report: dict, probs: dict[str, np.ndarray], test: Sequence[Samp
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "report.md", markdown_report(report))
     for name, p in probs.items():
-        plot_confusion(confusion(rl, p, scheme), scheme, f"{name} (n={len(rl)})", out / f"confusion_{name}.png")
+        plot_confusion(confusion(rl, p, scheme), scheme.edges, f"{name} (n={len(rl)})", out / f"confusion_{name}.png")
     main = MODEL if MODEL in probs else next(iter(probs), None)
     if main is not None:
         src = f"{main} of {report['model']} on {', '.join(sorted({s.source for s in test}))} ({report['split']['mode']} split, n={len(rl)})"
