@@ -45,6 +45,7 @@ def summarize(res: SimResult, slo: SLO) -> dict:
         "requests": n,
         "finished": len(done),
         "dropped": res.dropped,
+        "errors": sum(r.state == State.ERRORED for r in reqs),
         "duration_s": span,
         "throughput_rps": len(done) / span,
         "throughput_tok_s": float(gen.sum()) / span,

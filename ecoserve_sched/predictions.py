@@ -127,7 +127,10 @@ def apply_predictions(requests: list[Request], trace: Trace, source: str, *, see
             raise ValueError("--predictions bundle needs --bundle PATH")
         if trace.prompts is None:
             raise ValueError(f"{trace.path}: --predictions bundle needs a prompt or messages field on every row")
-        preds = load_predictor(bundle).predict(trace.prompts)
+        predictor = load_predictor(bundle)
+        # a bundle trained with the generator as an input needs it: pass the trace's column
+        preds = (predictor.predict(trace.prompts, trace.generators) if trace.generators is not None
+                 else predictor.predict(trace.prompts))
         for r, pr in zip(requests, preds, strict=True):
             r.pred_bucket, r.pred_tokens, r.reserve_tokens = int(pr.bucket), int(pr.pred_tokens), int(pr.reserve_tokens)
         return f"bundle ({bundle})"

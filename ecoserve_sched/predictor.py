@@ -19,8 +19,9 @@ class Prediction(Protocol):
 
 
 class LengthPredictor(Protocol):
-    def predict(self, texts: list[Any]) -> list[Prediction]:
-        """One prediction per request: a prompt string or an OpenAI message list."""
+    def predict(self, texts: list[Any], generators: list[str | None] | None = None) -> list[Prediction]:
+        """One prediction per request: a prompt string or an OpenAI message list, and optionally
+        the served model's name per request (for bundles trained with it as an input)."""
         ...
 
 

@@ -16,6 +16,7 @@ class State(IntEnum):
     DECODE = 2  # generating one token per iteration
     SWAPPED = 3  # preempted by swap: KV lives in host memory
     FINISHED = 4
+    ERRORED = 5  # ended by an engine error (``Request.error`` says which); holds no KV
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,6 +54,7 @@ class Request:
     last_token_s: float = -1.0
     preemptions: int = 0
     swapped_tokens: int = 0
+    error: str | None = None  # why the request ended ERRORED
 
     def __post_init__(self) -> None:
         self.prefill_target = self.prompt_tokens

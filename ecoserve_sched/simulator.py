@@ -3,17 +3,20 @@
 Events are arrivals (a sorted list), iterations (one at a time, timed by
 ``cost.iteration_time``) and finishes (a heap keyed by the decode step at which a request's
 true length is reached; preemption bumps ``Request.epoch`` and so cancels a pending finish).
+Optional injected faults (``faults.py``) make chosen iterations raise.
 """
 
 from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .faults import NEVER, Faults
 from .policies import Scheduler, get_policy
 from .predictions import Confusion, apply_predictions, default_source
 from .request import SLO, Request
@@ -41,12 +44,22 @@ class SimResult:
 
 
 def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
-             stepwise: bool = False, profile: str = "", predictions: str = "") -> SimResult:
+             stepwise: bool = False, profile: str = "", predictions: str = "",
+             faults: Faults | Iterable[int] | None = None) -> SimResult:
     """Replay ``requests`` (any order) through ``sched``; ``check`` verifies KV invariants each
     iteration (slow: for tests). ``stepwise`` calls ``sched.schedule`` every iteration instead
     of running decode-only stretches back to back: the same decisions and times, one log row
-    per iteration (the reference the fast path is tested against)."""
+    per iteration (the reference the fast path is tested against).
+
+    ``faults`` (a :class:`~ecoserve_sched.faults.Faults`, or iteration indices) makes those
+    iterations raise: the iteration takes its time, then every request in its batch ends
+    ERRORED via ``sched.fail_batch`` (KV released, counted as ``errors`` and
+    ``failed_iterations``) and the run goes on. A failing iteration is always a full
+    ``schedule`` decision, so stretches stop before it; without faults nothing changes."""
     t_wall = time.perf_counter()
+    fault_cfg = Faults.of(faults) or Faults()
+    plan = fault_cfg.plan()
+    fault_step = next(plan, NEVER)  # the next failing iteration
     reqs = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
     cap = sched.kv.num_blocks * sched.kv.block_size
     res = SimResult(sched.name, profile, predictions, reqs, cap, sched.kv.block_size)
@@ -69,12 +82,14 @@ def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
             now = reqs[i].arrival_s
             continue
         t0 = perf()
-        if not stepwise and sched.decode_only_step():
+        if not stepwise and sched.step < fault_step and sched.decode_only_step():
             sched_s += perf() - t0
             # Decode-only stretch: every decoding request runs one step per iteration, until a
-            # finish, an arrival or an alarm that needs a decision; one log row for all of it.
+            # finish, an arrival, a fault or an alarm that needs a decision; one log row for all.
             next_arrival = reqs[i].arrival_s if i < n else float("inf")
-            next_finish = finishes[0][0] if finishes else 1 << 62
+            next_finish = finishes[0][0] if finishes else NEVER
+            if fault_step < next_finish:
+                next_finish = fault_step
             next_alarm = sched.next_alarm_step()
             d = len(sched.decoding)
             dctx = ctx0 = sched.kv_used_tokens()
@@ -108,6 +123,12 @@ def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
         dt = it_time(batch.prefill_tokens, batch.prefill_ctx_tokens,
                      batch.decode_requests, batch.decode_ctx_tokens) + batch.extra_s
         now += dt
+        if sched.step >= fault_step:  # this iteration raises: its requests end as errors
+            sched.fail_batch(batch, fault_cfg.error)
+            log((now, dt, 1, 0, sched.kv_used_tokens(), sched.kv.allocated_blocks))
+            fault_step = next(plan, NEVER)
+            _finish_due(finishes, sched, now)
+            continue
         for r in sched.complete(batch, now):
             heapq.heappush(finishes, (r.dec_step0 + r.target_tokens - r.generated, r.rid, r.epoch, r))
         log((now, dt, 1, batch.decode_requests, sched.kv_used_tokens(), sched.kv.allocated_blocks))
@@ -138,18 +159,22 @@ def iteration_table(res: SimResult) -> np.ndarray:
 def run(trace: Trace, policy: str, cost: Any, *, slo: SLO | None = None,
         predictions: str | None = None, confusion: Confusion | None = None,
         bundle: str | None = None, seed: int = 0, check: bool = False,
-        **policy_kw: Any) -> SimResult:
-    """Build requests from ``trace``, attach predictions, build ``policy`` and simulate."""
+        faults: Faults | Iterable[int] | None = None, **policy_kw: Any) -> SimResult:
+    """Build requests from ``trace``, attach predictions, build ``policy`` and simulate
+    (``faults``: injected failing iterations, see ``simulate``)."""
     slo = slo or SLO()
     if policy.endswith("vllm-real"):  # vLLM's own scheduler class (engines/vllm_sim.py)
         from .engines.vllm_sim import run_real
 
+        if faults is not None:
+            raise ValueError(f"{policy}: fault injection needs an ecoserve_sched policy")
         return run_real(trace, policy, cost, slo=slo, predictions=predictions, confusion=confusion,
                         bundle=bundle, seed=seed, **policy_kw)
     sched = get_policy(policy, cost, slo=slo, **policy_kw)
     source = sched.prediction_override or predictions or default_source(trace)
     reqs = trace.requests(slo)
     desc = apply_predictions(reqs, trace, source, seed=seed, confusion=confusion, bundle=bundle)
-    res = simulate(reqs, sched, check=check, profile=getattr(cost, "name", ""), predictions=desc)
+    res = simulate(reqs, sched, check=check, profile=getattr(cost, "name", ""), predictions=desc,
+                   faults=faults)
     res.policy = policy
     return res

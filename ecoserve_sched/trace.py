@@ -12,15 +12,17 @@ import gzip
 import io
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from .request import SLO, Request
 
 REQUIRED = ("arrival_time_s", "input_tokens", "output_tokens")
+MAX_COUNT = 2**53  # token counts above this are not integers a float (or a sane trace) holds
 RL_FIELDS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
 DEFAULT_MAX_TOKENS = 2048
 
@@ -40,6 +42,7 @@ class Trace:
     max_tokens: np.ndarray
     rl: np.ndarray | None = None
     prompts: list[str | list] | None = None  # prompt strings or OpenAI message lists
+    generators: list[str | None] | None = None  # the ``generator`` (served model) column, if any
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -61,7 +64,8 @@ class Trace:
         return replace(self, arrival_s=self.arrival_s[:n], input_tokens=self.input_tokens[:n],
                        output_tokens=self.output_tokens[:n], max_tokens=self.max_tokens[:n],
                        rl=None if self.rl is None else self.rl[:n],
-                       prompts=None if self.prompts is None else self.prompts[:n])
+                       prompts=None if self.prompts is None else self.prompts[:n],
+                       generators=None if self.generators is None else self.generators[:n])
 
     def requests(self, slo: SLO) -> list[Request]:
         """Fresh Request objects (a simulation mutates them), with annotated RL if present."""
@@ -77,46 +81,94 @@ class Trace:
         return out
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict]]:
     name = path.name.removesuffix(".gz")
-    with _open_text(path) as f:
-        if name.endswith(".csv"):
-            reader = csv.DictReader(f)
-            missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
-            if missing:
-                raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}")
-            for row in reader:
-                yield reader.line_num, row
-        elif name.endswith((".jsonl", ".json")):
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TraceError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise TraceError(f"{path}:{line_no}: expected a JSON object")
-                yield line_no, row
-        else:
-            raise TraceError(f"{path}: unknown trace format (use .csv, .jsonl, optionally .gz)")
+    if name.endswith(".csv"):
+        yield from _csv_rows(path)
+    elif name.endswith((".jsonl", ".json")):
+        yield from _jsonl_rows(path)
+    else:
+        raise TraceError(f"{path}: unknown trace format (use .csv, .jsonl, optionally .gz)")
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """CSV records; undecodable bytes and unparsable records raise at their line."""
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long prompts in one cell
+    with io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f)
+        try:
+            names = reader.fieldnames or []
+        except csv.Error as e:
+            raise TraceError(f"{path}:1: malformed CSV header ({e})") from None
+        if not _is_utf8(names):
+            raise TraceError(f"{path}:1: header is not valid UTF-8")
+        missing = [c for c in REQUIRED if c not in names]
+        if missing:
+            raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}")
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise TraceError(f"{path}:{start}: malformed CSV ({e})") from None
+            if not _is_utf8(v for v in row.values() if isinstance(v, str)):
+                raise TraceError(f"{path}:{reader.line_num}: not valid UTF-8")
+            yield reader.line_num, row
+
+
+def _is_utf8(cells: Iterable[str]) -> bool:
+    try:
+        "".join(cells).encode("utf-8")
+    except UnicodeEncodeError:  # surrogate escapes of undecodable bytes
+        return False
+    return True
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """JSON objects, one per line (split on b"\\n" only: a bare "\\r" is JSON whitespace)."""
+    with _open_binary(path) as f:
+        for line_no, data in enumerate(f, 1):
+            try:
+                line = data.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise TraceError(f"{path}:{line_no}: not valid UTF-8 (byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TraceError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
+                why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+                raise TraceError(f"{path}:{line_no}: not valid JSON ({why})") from None
+            if not isinstance(row, dict):
+                raise TraceError(f"{path}:{line_no}: expected a JSON object")
+            yield line_no, row
 
 
 def _int(row: dict, key: str, where: str, minimum: int) -> int:
     v = row.get(key)
+    if isinstance(v, bool):
+        raise TraceError(f"{where}: {key} must be an integer, got {v!r}")
     try:
         x = float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise TraceError(f"{where}: {key} must be an integer, got {v!r}") from None
-    if not math.isfinite(x) or x != int(x) or x < minimum:
-        raise TraceError(f"{where}: {key} must be an integer >= {minimum}, got {v!r}")
+    except (TypeError, ValueError, OverflowError):
+        raise TraceError(f"{where}: {key} must be an integer, got {_short(v)}") from None
+    if not math.isfinite(x) or x != int(x) or not minimum <= x <= MAX_COUNT:
+        raise TraceError(f"{where}: {key} must be an integer in [{minimum}, 2^53], got {_short(v)}")
     return int(x)
+
+
+def _short(v: object) -> str:
+    """``repr(v)``, cut to 60 characters (a garbled cell can be huge)."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def _prompt_input(row: dict) -> str | list | None:
@@ -135,17 +187,19 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
     p = Path(path)
     if not p.is_file():
         raise TraceError(f"{p}: no such trace file")
-    arr, inp, out, mx, rl, prompts = [], [], [], [], [], []
+    arr, inp, out, mx, rl, prompts, gens = [], [], [], [], [], [], []
     has_rl: bool | None = None
     for line_no, row in _rows(p):
         where = f"{p}:{line_no}"
         for k in REQUIRED:
             if row.get(k) in (None, ""):
                 raise TraceError(f"{where}: missing {k}")
+        if isinstance(row["arrival_time_s"], bool):
+            raise TraceError(f"{where}: arrival_time_s must be a number, got {row['arrival_time_s']!r}")
         try:
             a = float(row["arrival_time_s"])
-        except (TypeError, ValueError):
-            raise TraceError(f"{where}: arrival_time_s must be a number, got {row['arrival_time_s']!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise TraceError(f"{where}: arrival_time_s must be a number, got {_short(row['arrival_time_s'])}") from None
         if not (math.isfinite(a) and a >= 0):
             raise TraceError(f"{where}: arrival_time_s must be a finite number >= 0, got {a}")
         o = _int(row, "output_tokens", where, 1)
@@ -161,6 +215,8 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
         if row_rl:
             rl.append([_int(row, k, where, 0) for k in RL_FIELDS])
         prompts.append(_prompt_input(row))
+        g = row.get("generator")
+        gens.append(g if isinstance(g, str) and g else None)
     if not arr:
         raise TraceError(f"{p}: trace has no rows")
     order = np.argsort(np.asarray(arr), kind="stable")
@@ -172,6 +228,7 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
         max_tokens=np.asarray(mx, dtype=np.int64)[order],
         rl=np.asarray(rl, dtype=np.int64)[order] if has_rl else None,
         prompts=[prompts[i] for i in order] if all(t is not None for t in prompts) else None,
+        generators=[gens[i] for i in order] if any(g is not None for g in gens) else None,
     )
 
 

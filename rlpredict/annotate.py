@@ -7,7 +7,7 @@ is every input row unchanged plus ``rl_bucket``, ``rl_pred_tokens`` and ``rl_res
 (columns of those names already in the input are overwritten). JSONL rows keep their original
 bytes, with the three fields spliced in before the closing brace.
 
-A bad row (invalid JSON, no prompt/messages, wrong types) either stops the run with its line
+A bad row (invalid JSON or UTF-8, no prompt/messages, wrong types) stops the run with its line
 number (``on_error="fail"``) or goes to a rejects JSONL file with the reason
 (``on_error="skip"``), one JSON object per bad row: ``line`` (text formats) or ``row_number``
 (Parquet, from 1), ``reason`` and the raw ``row``; rows in = rows out + rows rejected.
@@ -26,7 +26,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -110,6 +110,8 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> Request:
                 msgs = json.loads(msgs)
             except json.JSONDecodeError as e:
                 raise BadRow(f"field {fields.messages!r} is not valid JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
+                raise BadRow(f"field {fields.messages!r} is not valid JSON ({_json_problem(e)})") from None
         return _messages(msgs, fields)
     prompt = row.get(fields.prompt)
     if prompt is None:
@@ -118,7 +120,35 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> Request:
         raise BadRow(f"field {fields.prompt!r} is missing or null and {fields.messages!r} is missing or empty")
     if not isinstance(prompt, str):
         raise BadRow(f"field {fields.prompt!r} is a {type(prompt).__name__}, expected a string")
-    return prompt
+    return _unicode(prompt, f"field {fields.prompt!r}")
+
+
+def _unicode(text: str, what: str) -> str:
+    """``text`` if it is valid Unicode; JSON escapes can make lone surrogates ("\\ud800"), which
+    no tokenizer (and no UTF-8 file) accepts."""
+    if not _is_utf8(text):
+        raise BadRow(f"{what} is not valid Unicode (a lone surrogate)")
+    return text
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json_problem(e: ValueError | RecursionError) -> str:
+    """A short reason for JSON that parses but cannot be held (deep nesting, huge integers)."""
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+
+
+def _dumps(obj: Any) -> str:
+    """JSON for the UTF-8 output files: non-ASCII kept, escaped only if a string cannot be
+    encoded (a lone surrogate from the input's escapes, or undecodable CSV bytes)."""
+    text = json.dumps(obj, ensure_ascii=False, default=str)
+    return text if _is_utf8(text) else json.dumps(obj, default=str)
 
 
 def _messages(msgs: Any, fields: Fields) -> list[dict[str, str]]:
@@ -131,11 +161,15 @@ def _messages(msgs: Any, fields: Fields) -> list[dict[str, str]]:
             raise BadRow(f"field {name!r}: message {i} is not an object with a string 'role'")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "\n".join(p.get("text") or "" for p in content
-                                if isinstance(p, Mapping) and p.get("type") == "text")
+            texts = [p.get("text") or "" for p in content if isinstance(p, Mapping) and p.get("type") == "text"]
+            if not all(isinstance(t, str) for t in texts):
+                raise BadRow(f"field {name!r}: message {i} has a text part whose 'text' is not a string")
+            content = "\n".join(texts)
         elif content is not None and not isinstance(content, str):
             raise BadRow(f"field {name!r}: message {i} has content of type {type(content).__name__}")
-        out.append({"role": m["role"], "content": content or ""})
+        where = f"field {name!r}: message {i}"
+        out.append({"role": _unicode(m["role"], f"{where} role"),
+                    "content": _unicode(content or "", f"{where} content")})
     if fields.drop_final_assistant and out and out[-1]["role"] == "assistant":
         out.pop()
     if not out:
@@ -149,7 +183,7 @@ def generator_of(row: Mapping[str, Any], fields: Fields, wanted: bool) -> str | 
     g = row.get(fields.generator)
     if g is not None and not isinstance(g, str):
         raise BadRow(f"field {fields.generator!r} is a {type(g).__name__}, expected a string")
-    return g
+    return g if g is None else _unicode(g, f"field {fields.generator!r}")
 
 
 # ---- the driver ---------------------------------------------------------------------------------
@@ -174,8 +208,7 @@ class _Run:
         self.reasons[reason.split(" (")[0]] += 1
         assert self.rejects is not None
         key = "line" if where == "line" else "row_number"
-        self.rejects.write(json.dumps({key: number, "reason": reason, "row": raw},
-                                      ensure_ascii=False, default=str) + "\n")
+        self.rejects.write(_dumps({key: number, "reason": reason, "row": raw}) + "\n")
 
     def predict(self, requests: list[Request], generators: list[str | None]):
         return self.predictor.predict_arrays(requests, generators)
@@ -228,15 +261,27 @@ def _open_output(tmp: Path, target: Path) -> IO[str]:
 
 
 def _text_reader(raw: IO[bytes], gz: bool) -> IO[str]:
-    """Text over an open binary file; ``raw.tell()`` then says how far the input has been read."""
-    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if gz else raw, encoding="utf-8-sig", newline="")
+    """Text over an open binary file; ``raw.tell()`` then says how far the input has been read.
+    Bytes that are not UTF-8 become surrogate escapes, which the CSV loop rejects row by row."""
+    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if gz else raw, encoding="utf-8-sig",
+                            errors="surrogateescape", newline="")
 
 
 def _annotate_jsonl(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> None:
-    with open(src, "rb") as raw, _text_reader(raw, detect_format(src)[1]) as f, \
+    # Lines are split on b"\n" only (a bare "\r" is JSON whitespace, not a line end) and decoded
+    # one by one, so a line that is not UTF-8 is one bad row with its number.
+    gz = detect_format(src)[1]
+    with open(src, "rb") as raw, (gzip.GzipFile(fileobj=raw) if gz else nullcontext(raw)) as f, \
             _open_output(tmp, dst) as out:
         batch: list[tuple[str, dict, Request, str | None]] = []
-        for lineno, line in enumerate(f, 1):
+        for lineno, data in enumerate(f, 1):
+            try:
+                line = data.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                run.summary.rows_in += 1
+                run.reject("line", lineno, f"not valid UTF-8 (byte {e.start})",
+                           data.rstrip(b"\r\n").decode("utf-8", "replace"))
+                continue
             text = line.rstrip("\r\n")
             if not text.strip():
                 continue
@@ -245,6 +290,9 @@ def _annotate_jsonl(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> N
                 row = json.loads(text)
             except json.JSONDecodeError as e:
                 run.reject("line", lineno, f"not valid JSON ({e.msg}, column {e.colno})", text)
+                continue
+            except (ValueError, RecursionError) as e:
+                run.reject("line", lineno, f"not valid JSON ({_json_problem(e)})", text)
                 continue
             if not isinstance(row, dict):
                 run.reject("line", lineno, f"expected a JSON object, got {type(row).__name__}", row)
@@ -275,7 +323,7 @@ def _flush_jsonl(run: _Run, batch: list, out: IO[str]) -> None:
 def _with_columns(text: str, row: dict, values: list[int]) -> str:
     """The original JSON text with the rl_* fields added before its closing brace."""
     if any(c in row for c in COLUMNS):
-        return json.dumps({**row, **dict(zip(COLUMNS, values, strict=True))}, ensure_ascii=False)
+        return _dumps({**row, **dict(zip(COLUMNS, values, strict=True))})
     body = text.rstrip()[:-1].rstrip()
     sep = "" if body.endswith("{") else ", "
     added = ", ".join(f'"{c}": {v}' for c, v in zip(COLUMNS, values, strict=True))
@@ -293,6 +341,8 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
             raise AnnotateError(f"{src}: empty CSV file (no header)") from None
         except csv.Error as e:
             raise AnnotateError(f"{src}: line 1: {e}") from None
+        if not _is_utf8("".join(header)):
+            raise AnnotateError(f"{src}: line 1: the header is not valid UTF-8")
         out_header = header + [c for c in COLUMNS if c not in header]
         slots = [out_header.index(c) for c in COLUMNS]
         writer = csv.writer(out, lineterminator="\n")
@@ -313,6 +363,9 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
             if not cells:
                 continue
             run.summary.rows_in += 1
+            if not _is_utf8("".join(cells)):
+                run.reject("line", lineno, "not valid UTF-8", cells)
+                continue
             if len(cells) != len(header):
                 run.reject("line", lineno, f"has {len(cells)} fields, the header has {len(header)}", cells)
                 continue

@@ -17,11 +17,13 @@ it is counted in the :class:`LoadReport` instead, never dropped silently.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
 import io
 import json
+import reprlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,9 +95,9 @@ def source_name(path: str | Path) -> str:
     return name
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _open_text(path: Path, errors: str = "strict") -> io.TextIOBase:
     raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors=errors, newline="")
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
@@ -134,6 +136,13 @@ def _iter_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
                 yield loc, json.loads(line)
             except json.JSONDecodeError as e:
                 yield loc, DataError(loc, f"malformed JSON ({e.msg} at column {e.colno})")
+            except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
+                yield loc, DataError(loc, f"malformed JSON ({_json_problem(e)})")
+
+
+def _json_problem(e: ValueError | RecursionError) -> str:
+    """A short reason for JSON that parses but cannot be held (deep nesting, huge integers)."""
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
 
 
 def _iter_json_array(p: Path) -> Iterator[tuple[str, Any]]:
@@ -149,6 +158,8 @@ def _iter_json_array(p: Path) -> Iterator[tuple[str, Any]]:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}", f"malformed JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(str(p), f"malformed JSON ({_json_problem(e)})") from None
         rows = obj.get("data") if isinstance(obj, dict) and isinstance(obj.get("data"), list) else [obj]
         for i, r in enumerate(rows):
             yield f"{p}: item {i}", r
@@ -164,17 +175,51 @@ def _iter_json_array(p: Path) -> Iterator[tuple[str, Any]]:
             obj, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}", f"malformed JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(loc, f"malformed JSON ({_json_problem(e)})") from None
         yield loc, obj
 
 
 def _iter_csv(p: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
+    """Rows as dicts (header -> cell; missing cells absent, extra cells dropped). Bytes that are
+    not UTF-8 and unparsable records are bad rows at their line, like bad JSONL lines."""
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long conversations in one cell
+    with _open_text(p, errors="surrogateescape") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader, None)
+        except csv.Error as e:
+            raise DataError(f"{p}:1", f"malformed CSV header ({e})") from None
+        if header is None:
+            return
+        if not _is_utf8(header):
+            raise DataError(f"{p}:1", "header is not valid UTF-8")
+        start = reader.line_num + 1
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # the record is dropped; the reader goes on at the next line
+                loc, start = f"{p}:{start}", reader.line_num + 1
+                yield loc, DataError(loc, f"malformed CSV ({e})")
+                continue
+            loc, start = f"{p}:{reader.line_num}", reader.line_num + 1
+            if not cells:
+                continue  # a blank line is not a row
+            if not _is_utf8(cells):
+                yield loc, DataError(loc, "not valid UTF-8")
+                continue
+            yield loc, {k: _maybe_json(v) for k, v in zip(header, cells, strict=False)}
+
+
+def _is_utf8(cells: list[str]) -> bool:
+    """False if a string holds a surrogate (undecodable bytes, or a lone surrogate escape)."""
     try:
-        with _open_text(p) as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            for row in reader:
-                yield f"{p}:{reader.line_num}", {k: _maybe_json(v) for k, v in row.items() if k is not None}
-    except UnicodeDecodeError as e:
-        raise DataError(str(p), f"not valid UTF-8 (byte {e.start})") from None
+        "".join(cells).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _maybe_json(v: str | None) -> Any:
@@ -182,7 +227,7 @@ def _maybe_json(v: str | None) -> Any:
     if v and v[:1] in "[{":
         try:
             return json.loads(v)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return v
     return v
 
@@ -243,22 +288,29 @@ def _first(row: Mapping, names: Iterable[str]) -> tuple[str | None, Any]:
 def _text(v: Any, loc: str, name: str) -> str:
     if isinstance(v, list):  # OpenAI content parts
         parts = [p.get("text", "") for p in v if isinstance(p, Mapping) and p.get("type", "text") == "text"]
-        if len(parts) != len(v):
-            raise DataError(loc, "content parts must be objects with a 'text' field", name)
+        if len(parts) != len(v) or not all(isinstance(t, str) for t in parts):
+            raise DataError(loc, "content parts must be objects with a 'text' string", name)
         v = "".join(parts)
     if not isinstance(v, str):
         raise DataError(loc, f"expected a string, got {type(v).__name__}", name)
+    if not _is_utf8([v]):  # a JSON escape of a lone surrogate: no tokenizer takes it
+        raise DataError(loc, "not valid Unicode (a lone surrogate)", name)
     return v
 
 
 def _count(v: Any, loc: str, name: str) -> int:
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        v = int(v)
+    if isinstance(v, str):
+        with contextlib.suppress(ValueError):  # not an integer ("5.0", "--5", "²"), or over 4300 digits
+            v = int(v)
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise DataError(loc, f"expected a non-negative integer token count, got {v!r}", name)
+        raise DataError(loc, f"expected a non-negative integer token count, got {_REPR.repr(v)}", name)
     return v
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxlong = 60
 
 
 def _messages(v: Any, loc: str, name: str) -> list[dict[str, str]]:

@@ -7,6 +7,8 @@ When the engine calls what (one iteration, see docs/scheduler.md)::
     ... the engine runs the batch; the clock advances by the cost model's iteration time ...
     joined = complete(batch, now)   prefills advance; requests whose prompt is done start decoding
     finish(req, now)          the engine saw the request's last token
+    fail_batch(batch, error)  instead of ``complete``: the engine raised running the batch; its
+                              requests end ERRORED (``abort``) and their KV blocks go back
 
 Every request in DECODE state decodes one token in every iteration (the token budget always
 covers ``max_running`` decodes), so a decoding request's length is a function of the global step
@@ -85,7 +87,7 @@ class Scheduler:
         self.stall_gaps: list[float] = []  # token gaps caused by preemption
         self.dropped: list[Request] = []
         self.counters = {"preemptions": 0, "recomputes": 0, "swaps": 0, "topups": 0,
-                         "restarts": 0, "loan_settlements": 0}
+                         "restarts": 0, "loan_settlements": 0, "failed_iterations": 0, "errors": 0}
 
     # ---- hooks for policies -------------------------------------------------------------------
     def enqueue(self, r: Request, front: bool = False) -> None:
@@ -236,6 +238,34 @@ class Scheduler:
         r.state = State.FINISHED
         r.finish_s = r.last_token_s = now
         self.kv.release(r.rid)
+
+    def abort(self, r: Request, error: str = "engine error") -> None:
+        """End running ``r`` (PREFILL or DECODE) with an error: it leaves the running set, its
+        progress is frozen, and all its KV goes back through the same release as ``finish``
+        (lent blocks pass to their borrowers, borrowed ones return to the lender)."""
+        if r.state == State.DECODE:
+            self.stop_decode(r)
+        elif r.state == State.PREFILL:
+            del self.prefilling[r.rid]
+        else:
+            raise ValueError(f"request {r.rid} is {r.state.name}: only running requests can be aborted")
+        self.kv.release(r.rid)
+        r.state = State.ERRORED
+        r.error = error
+        r.epoch += 1  # cancels a pending finish event
+        self.counters["errors"] += 1
+
+    def fail_batch(self, batch: Batch, error: str = "engine error") -> list[Request]:
+        """The engine raised while running ``batch`` (called instead of ``complete``): every
+        request in it (all decodes, the prefill chunks still valid) is aborted, the step advances
+        as after any iteration, and the others go on. Returns the aborted requests."""
+        failed = {r.rid: r for r, _, epoch in batch.prefill if r.state == State.PREFILL and r.epoch == epoch}
+        failed.update(self.decoding)
+        for r in failed.values():
+            self.abort(r, error)
+        self.step += 1
+        self.counters["failed_iterations"] += 1
+        return list(failed.values())
 
     # ---- shared mechanics ---------------------------------------------------------------------
     def start_prefill(self, r: Request) -> None:

@@ -152,3 +152,23 @@ def test_bundle_source_uses_the_predictor(tmp_path, monkeypatch):
     reqs = t.requests(SLO())
     assert preds.apply_predictions(reqs, t, "bundle", bundle="b").startswith("bundle")
     assert (reqs[0].pred_bucket, reqs[0].pred_tokens, reqs[0].reserve_tokens) == (2, 90, 120)
+
+
+def test_bundle_source_passes_the_generator_column(tmp_path, monkeypatch):
+    p = write(tmp_path, "t.jsonl", '{"arrival_time_s": 0, "input_tokens": 3, "output_tokens": 9, '
+              '"prompt": "hi", "generator": "gpt-4"}\n{"arrival_time_s": 1, "input_tokens": 3, '
+              '"output_tokens": 9, "prompt": "yo"}\n')
+    t = read_trace(p)
+    assert t.generators == ["gpt-4", None] and t.head(1).generators == ["gpt-4"]
+    seen = {}
+
+    class Stub:
+        def predict(self, texts, generators=None):
+            seen["g"] = generators
+            return [SimpleNamespace(bucket=1, pred_tokens=50, reserve_tokens=60, probs=np.ones(10) / 10)] * len(texts)
+
+    import ecoserve_sched.predictor as predictor_mod
+
+    monkeypatch.setattr(predictor_mod, "load_predictor", lambda path: Stub())
+    preds.apply_predictions(t.requests(SLO()), t, "bundle", bundle="b")
+    assert seen["g"] == ["gpt-4", None]
