@@ -18,7 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+
+#: Settings of every fuzz test (files are small but generating them can be slow).
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 #: Text the loaders must accept: any Unicode except lone surrogates, short.
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)

@@ -11,11 +11,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ecoserve_sched.trace import TraceError, read_trace
 from tests.garbled_rows import (
+    FUZZ,
     WORDS,
     csv_file,
     csv_record_count,
@@ -24,7 +25,6 @@ from tests.garbled_rows import (
     jsonl_rows,
 )
 
-FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FIELDS = ["arrival_time_s", "input_tokens", "output_tokens", "max_tokens", "prompt", "messages",
           "rl_bucket", "rl_pred_tokens", "rl_reserve_tokens"]
 

@@ -24,3 +24,17 @@ def tiny_llama():
     model.generation_config.pad_token_id = 0
     yield model
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_greedy(tiny_llama) -> list[list[int]]:
+    """Reference outputs for cb_trace.TRACE: non-batched greedy ``generate``, one request at a time."""
+    import torch
+    from cb_trace import trace_requests
+
+    out = []
+    for g in trace_requests():
+        ids = torch.tensor([g.prompt_ids])
+        gen = tiny_llama.generate(ids, max_new_tokens=g.max_new_tokens, do_sample=False)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out

@@ -12,48 +12,23 @@ import pytest
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-from ecoserve_sched.engines.transformers_cb import (  # noqa: E402
-    GenRequest,
-    TransformersEngine,
+from cb_trace import (  # noqa: E402
+    KV_BLOCKS,
+    MAX_RUNNING,
+    TOKEN_BUDGET,
+    make_engine,
+    physical_blocks,
+    trace_requests,
 )
+
 from ecoserve_sched.request import State  # noqa: E402
 from ecoserve_sched.simulator import simulate  # noqa: E402
-
-# (arrival step, prompt tokens, output tokens, predicted = reserved tokens, predicted bucket):
-# a long GT with a large reservation (a lender), under-predicted requests (top-ups,
-# preemptions) and late arrivals that join running decodes. 18 blocks of 16 tokens.
-TRACE = [(0, 16, 120, 128, 3), (0, 16, 60, 64, 2), (2, 40, 18, 20, 0), (3, 8, 40, 8, 0),
-         (6, 24, 10, 16, 0), (10, 12, 30, 32, 1), (14, 30, 12, 16, 0), (20, 5, 25, 24, 1)]
-KV_BLOCKS, TOKEN_BUDGET, MAX_RUNNING = 18, 128, 8
-
-
-def _requests() -> list[GenRequest]:
-    g = torch.Generator().manual_seed(7)
-    return [GenRequest(torch.randint(3, 256, (p,), generator=g).tolist(), out, float(a),
-                       pred_tokens=res, reserve_tokens=res, pred_bucket=b)
-            for a, p, out, res, b in TRACE]
-
-
-def _engine(model, policy: str) -> TransformersEngine:
-    return TransformersEngine(model, policy, clock="step", kv_blocks=KV_BLOCKS,
-                              token_budget=TOKEN_BUDGET, max_running=MAX_RUNNING)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_greedy(tiny_llama) -> list[list[int]]:
-    """Reference outputs: non-batched greedy ``generate``, one request at a time."""
-    out = []
-    for g in _requests():
-        ids = torch.tensor([g.prompt_ids])
-        gen = tiny_llama.generate(ids, max_new_tokens=g.max_new_tokens, do_sample=False)
-        out.append(gen[0, ids.shape[1]:].tolist())
-    return out
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_ecoserve_run(tiny_llama):
     """One EcoServe run over TRACE, checking the engine's blocks against the ledger each iteration."""
-    eng = _engine(tiny_llama, "ecoserve")
+    eng = make_engine(tiny_llama, "ecoserve")
     over: list[str] = []
 
     def check(_rec) -> None:
@@ -61,19 +36,18 @@ def tiny_llama_ecoserve_run(tiny_llama):
         kv = sched.policy.kv
         kv.check()
         for rid in sched.held:
-            sid = sched.states[rid].request_id
-            physical = sum(len(a.block_table.get(sid, [])) for a in sched.cache.cache_allocators.values())
+            physical = physical_blocks(sched, sched.states[rid].request_id)
             if physical > kv.usable(rid):
                 over.append(f"request {rid}: {physical} blocks > {kv.usable(rid)} usable")
 
-    run = eng.generate(_requests(), on_iteration=check)
+    run = eng.generate(trace_requests(), on_iteration=check)
     assert not over, over
     return eng, run
 
 
 @pytest.mark.parametrize("policy", ["ecoserve", "vllm"])
 def test_outputs_match_greedy_generate(tiny_llama, tiny_llama_greedy, tiny_llama_ecoserve_run, policy):
-    run = tiny_llama_ecoserve_run[1] if policy == "ecoserve" else _engine(tiny_llama, policy).generate(_requests())
+    run = tiny_llama_ecoserve_run[1] if policy == "ecoserve" else make_engine(tiny_llama, policy).generate(trace_requests())
     if policy == "ecoserve":
         assert run.counters["preemptions"] > 0  # recomputed requests must still match
     for res, ref in zip(run.results, tiny_llama_greedy, strict=True):
@@ -103,9 +77,9 @@ def test_requests_interleave(tiny_llama_ecoserve_run):
 @pytest.mark.parametrize("policy", ["ecoserve", "ecoserve-nopipe", "vllm", "orca", "s3", "sjf"])
 def test_engine_matches_simulator(tiny_llama, tiny_llama_ecoserve_run, policy):
     """Reservations, loans, top-ups and preemptions happen at the steps the simulator predicts."""
-    eng = tiny_llama_ecoserve_run[0] if policy == "ecoserve" else _engine(tiny_llama, policy)
-    run = tiny_llama_ecoserve_run[1] if policy == "ecoserve" else eng.generate(_requests())
-    sim = simulate(eng.to_requests(_requests()), eng.make_policy(), check=True)
+    eng = tiny_llama_ecoserve_run[0] if policy == "ecoserve" else make_engine(tiny_llama, policy)
+    run = tiny_llama_ecoserve_run[1] if policy == "ecoserve" else eng.generate(trace_requests())
+    sim = simulate(eng.to_requests(trace_requests()), eng.make_policy(), check=True)
     assert sim.counters == run.counters
     for r, res in zip(sorted(sim.requests, key=lambda r: r.rid), run.results, strict=True):
         assert r.state == State.FINISHED and len(res.tokens) == r.true_output_tokens
@@ -125,8 +99,8 @@ def test_policy_scheduler_plugs_into_generate_batch(tiny_llama, tiny_llama_greed
 
     from ecoserve_sched.engines.transformers_cb import register_scheduler
 
-    eng = _engine(tiny_llama, "ecoserve")
-    prompts = [g.prompt_ids for g in _requests()[:4]]
+    eng = make_engine(tiny_llama, "ecoserve")
+    prompts = [g.prompt_ids for g in trace_requests()[:4]]
     name = register_scheduler("ecoserve-test", eng.make_policy())  # no predictions: reserve max
     try:
         cb = ContinuousBatchingConfig(page_size=16, num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET,

@@ -10,47 +10,16 @@ import pytest
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-from ecoserve_sched.engines.transformers_cb import (  # noqa: E402
-    GenRequest,
-    TransformersEngine,
-)
+from cb_trace import KV_BLOCKS, TRACE, make_engine, physical_blocks, trace_requests  # noqa: E402
+
 from ecoserve_sched.request import State  # noqa: E402
 from ecoserve_sched.simulator import simulate  # noqa: E402
-
-# (arrival step, prompt tokens, output tokens, reserved tokens, bucket); 18 blocks of 16 tokens:
-# the trace of test_transformers_cb.py, which makes EcoServe lend, top up and preempt.
-TRACE = [(0, 16, 120, 128, 3), (0, 16, 60, 64, 2), (2, 40, 18, 20, 0), (3, 8, 40, 8, 0),
-         (6, 24, 10, 16, 0), (10, 12, 30, 32, 1), (14, 30, 12, 16, 0), (20, 5, 25, 24, 1)]
-KV_BLOCKS, TOKEN_BUDGET, MAX_RUNNING = 18, 128, 8
-
-
-def _requests() -> list[GenRequest]:
-    g = torch.Generator().manual_seed(7)
-    return [GenRequest(torch.randint(3, 256, (p,), generator=g).tolist(), out, float(a),
-                       pred_tokens=res, reserve_tokens=res, pred_bucket=b)
-            for a, p, out, res, b in TRACE]
-
-
-@pytest.fixture(scope="module")
-def greedy(tiny_llama) -> list[list[int]]:
-    """Reference outputs: non-batched greedy ``generate``, one request at a time."""
-    out = []
-    for g in _requests():
-        ids = torch.tensor([g.prompt_ids])
-        gen = tiny_llama.generate(ids, max_new_tokens=g.max_new_tokens, do_sample=False)
-        out.append(gen[0, ids.shape[1]:].tolist())
-    return out
-
-
-def _physical_blocks(sched, request_id: str) -> int:
-    return sum(len(a.block_table.get(request_id, [])) for a in sched.cache.cache_allocators.values())
 
 
 def _run_with_faults(model, monkeypatch, policy: str, fail_steps: set[int] | None):
     """Generate with the forward raising at the policy steps in ``fail_steps`` (None: always),
     checking the ledger and the engine's blocks after every iteration."""
-    eng = TransformersEngine(model, policy, clock="step", kv_blocks=KV_BLOCKS,
-                             token_budget=TOKEN_BUDGET, max_running=MAX_RUNNING)
+    eng = make_engine(model, policy)
     forward = model.forward
     raised: list[int] = []
 
@@ -69,21 +38,21 @@ def _run_with_faults(model, monkeypatch, policy: str, fail_steps: set[int] | Non
         kv = sched.policy.kv
         kv.check()
         for rid, st in sched.states.items():
-            physical = _physical_blocks(sched, st.request_id)
+            physical = physical_blocks(sched, st.request_id)
             r = sched.reqs[st.request_id]
             if r.state == State.ERRORED and (physical or kv.owned(rid) or rid in sched.held):
                 problems.append(f"errored request {rid} holds {physical} blocks, {kv.owned(rid)} in the ledger")
             if physical > kv.usable(rid):
                 problems.append(f"request {rid}: {physical} blocks > {kv.usable(rid)} usable")
 
-    run = eng.generate(_requests(), on_iteration=check)
+    run = eng.generate(trace_requests(), on_iteration=check)
     monkeypatch.setattr(model, "forward", forward)
     assert not problems, problems
     return eng, run, raised
 
 
 @pytest.mark.parametrize("policy,fail_steps", [("ecoserve", {40, 60}), ("vllm", {12, 30})])
-def test_failed_batches_end_as_errors_and_the_rest_complete(tiny_llama, greedy, monkeypatch, policy,
+def test_failed_batches_end_as_errors_and_the_rest_complete(tiny_llama, tiny_llama_greedy, monkeypatch, policy,
                                                             fail_steps):
     eng, run, raised = _run_with_faults(tiny_llama, monkeypatch, policy, fail_steps)
     assert raised == sorted(fail_steps)
@@ -93,7 +62,7 @@ def test_failed_batches_end_as_errors_and_the_rest_complete(tiny_llama, greedy, 
     assert all(r.error.startswith("RuntimeError: injected fault at step ") and len(r.tokens) < TRACE[r.rid][2]
                for r in errored)
     for res in done:  # the survivors' KV was untouched: same tokens as alone
-        assert res.tokens == greedy[res.rid], f"request {res.rid}"
+        assert res.tokens == tiny_llama_greedy[res.rid], f"request {res.rid}"
     assert run.counters["errors"] == len(errored) and run.counters["failed_iterations"] == 2
     if policy == "ecoserve":  # faults hit a run that lends, tops up and preempts
         assert run.counters["loans"] and run.counters["topups"] and run.counters["preemptions"]
@@ -101,10 +70,10 @@ def test_failed_batches_end_as_errors_and_the_rest_complete(tiny_llama, greedy, 
     assert kv.free_blocks == KV_BLOCKS and not kv.allocs  # every ledger block came back
     sched = eng.scheduler
     assert not sched.held and not sched.active_requests and not sched.waiting_requests
-    assert all(_physical_blocks(sched, st.request_id) == 0 for st in sched.states.values())
+    assert all(physical_blocks(sched, st.request_id) == 0 for st in sched.states.values())
 
     # The simulator with faults at the same steps makes the same decisions at the same times.
-    sim = simulate(eng.to_requests(_requests()), eng.make_policy(), check=True, faults=fail_steps)
+    sim = simulate(eng.to_requests(trace_requests()), eng.make_policy(), check=True, faults=fail_steps)
     assert sim.counters == run.counters
     for r, res in zip(sorted(sim.requests, key=lambda r: r.rid), run.results, strict=True):
         assert (r.state == State.ERRORED) == (res.error is not None), f"request {r.rid}"
@@ -118,5 +87,5 @@ def test_every_forward_failing_ends_every_request_without_hanging(tiny_llama, mo
     assert raised and all(r.error and not r.tokens for r in run.results)
     assert run.counters["errors"] == len(TRACE)
     assert eng.policy.kv.free_blocks == KV_BLOCKS and not eng.policy.kv.allocs
-    sim = simulate(eng.to_requests(_requests()), eng.make_policy(), check=True, faults=range(1000))
+    sim = simulate(eng.to_requests(trace_requests()), eng.make_policy(), check=True, faults=range(1000))
     assert all(r.state == State.ERRORED for r in sim.requests) and sim.counters == run.counters

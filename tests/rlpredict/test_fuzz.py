@@ -18,13 +18,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlpredict.annotate import COLUMNS, AnnotateError, annotate_file
 from rlpredict.data import DataError, load_samples
 from rlpredict.runtime import Predictor
 from tests.garbled_rows import (
+    FUZZ,
     TEXT,
     WORDS,
     csv_file,
@@ -34,7 +35,6 @@ from tests.garbled_rows import (
     jsonl_rows,
 )
 
-FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PROMPT = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=12).filter(str.strip)
 RESPONSE = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=12)
 COUNT = st.integers(0, 5000)
