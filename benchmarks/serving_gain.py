@@ -50,6 +50,7 @@ from rlpredict import Predictor  # noqa: E402
 from rlpredict.baselines import PromptLength, TfidfLogistic  # noqa: E402
 from rlpredict.data import attach_rl, load_samples  # noqa: E402
 from rlpredict.evaluate import baseline_texts  # noqa: E402
+from rlpredict.metrics import decode as decode_probs  # noqa: E402
 from rlpredict.metrics import rl_metrics  # noqa: E402
 from rlpredict.rl_tokenizers import count_tokens  # noqa: E402
 from rlpredict.splits import split_by_group  # noqa: E402
@@ -92,13 +93,9 @@ def decode(name: str, probs: dict[str, np.ndarray], rl: np.ndarray, scheme, mode
     if name == "oracle":
         b = scheme.bucket_of(rl)
         return np.stack([b, rl, rl], axis=1).astype(np.int64)
-    p = probs[name]
-    b = p.argmax(axis=1)
-    point = np.rint(scheme.predictive_quantile(p, 0.5))
-    if mode == "bucket":
-        res = np.asarray(scheme.reserve_tokens, dtype=float)[b]
-    else:
-        res = np.ceil(scheme.predictive_quantile(p, float(mode[1:]) / 100))
+    d = decode_probs(probs[name], scheme, 0.9 if mode == "bucket" else float(mode[1:]) / 100)
+    b, point = d.bucket, d.pred_tokens
+    res = d.reserve_bucket if mode == "bucket" else d.reserve_quantile
     return np.stack([b, np.maximum(point, 1), np.maximum(res, 1)], axis=1).astype(np.int64)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ecoserve_sched.calibrate import load_model  # noqa: E402
+from ecoserve_sched.calibrate import chat_lengths, load_model  # noqa: E402
 from ecoserve_sched.cost_model import fit_profile, load_profile  # noqa: E402
 from ecoserve_sched.engines.transformers_cb import GenRequest, TransformersEngine  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
@@ -35,8 +35,7 @@ PROFILE = REPO / "ecoserve_sched" / "profiles" / "calibrated" / "small-llama-tra
 
 def make_trace(n: int, rate: float, seed: int, vocab: int) -> list[GenRequest]:
     rng = np.random.default_rng(seed)
-    prompt = np.clip(rng.lognormal(np.log(96), 0.8, n), 8, 512).astype(int)
-    out = np.clip(rng.lognormal(np.log(32), 0.8, n), 4, 160).astype(int)
+    prompt, out = chat_lengths(rng, n)
     pred = np.maximum(1, (out * rng.lognormal(0.0, 0.35, n)).round().astype(int))
     arrivals = poisson_arrivals(n, rate, seed)
     return [GenRequest(rng.integers(3, vocab, p).tolist(), int(o), float(a), pred_tokens=int(pr),

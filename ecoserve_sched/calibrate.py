@@ -170,14 +170,21 @@ def _run_requests(b: int, p: int, k: int, q: int, seed: int) -> list[Any]:
     return reqs
 
 
+def chat_lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chat-like (prompt, response) token lengths scaled to a small model: log-normal around
+    96 and 32 tokens (Azure conversation's ~2:1), clipped to [8, 512] and [4, 160]."""
+    prompt = np.clip(rng.lognormal(np.log(96), 0.8, n), 8, 512).astype(int)
+    out = np.clip(rng.lognormal(np.log(32), 0.8, n), 4, 160).astype(int)
+    return prompt, out
+
+
 def _chat_requests(n: int, per_iter: float, seed: int) -> list[Any]:
-    """``n`` requests with chat-like lengths (log-normal prompts ~96 and responses ~32 tokens)
-    arriving as a Poisson process of ``per_iter`` requests per iteration (step clock)."""
+    """``n`` requests of :func:`chat_lengths` arriving as a Poisson process of ``per_iter``
+    requests per iteration (step clock)."""
     from .engines.transformers_cb import GenRequest
 
     rng = np.random.default_rng(seed)
-    prompt = np.clip(rng.lognormal(np.log(96), 0.8, n), 8, 512).astype(int)
-    out = np.clip(rng.lognormal(np.log(32), 0.8, n), 4, 160).astype(int)
+    prompt, out = chat_lengths(rng, n)
     arrivals = np.cumsum(rng.exponential(1.0 / per_iter, n)).round()
     return [GenRequest(rng.integers(3, 200, p).tolist(), int(o), float(a))
             for p, o, a in zip(prompt, out, arrivals, strict=True)]

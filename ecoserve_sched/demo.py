@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .compare import RunSpec, capacity, markdown_table, sweep, write_report
+from .compare import RunSpec, capacity, markdown_table, plot, sweep
 from .cost_model import load_profile
 from .predictions import load_confusion
 from .request import SLO
@@ -126,14 +126,16 @@ def run_demo(out: Path, *, sample: Path = SAMPLE, profile: str = PROFILE, bundle
         c["x_vllm"] = c["max_rate_scale"] / base if base else None
     clock["capacity_s"] = time.perf_counter() - t
 
-    files += write_report(rows, out, _header(trace, cost.name, slo))
-    result = DemoResult(out, ann, quality, rows, caps, files, clock)
+    files += plot(rows, out)
+    table = out / "table.md"
+    table.write_text(_header(trace, cost.name, slo) + "\n\n" + markdown_table(rows, TABLE) + "\n")
+    result = DemoResult(out, ann, quality, rows, caps, [], clock)
     (out / "results.json").write_text(json.dumps(
         {"annotate": ann, "predictor": quality, "runs": rows, "capacity": caps, "seconds": clock},
         indent=1) + "\n")
     report = out / "report.md"
     report.write_text(markdown(result, sample, bundle_path, cost.name, slo))
-    result.files = [report, *files]
+    result.files = [report, out / "results.json", table, *files]
     return result
 
 

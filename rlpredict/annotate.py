@@ -33,6 +33,7 @@ from typing import IO, Any, Literal
 
 from rlpredict.atomic import atomic_path
 from rlpredict.runtime import Predictor, Request
+from rlpredict.untrusted_text import is_valid_unicode, json_problem
 
 COLUMNS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
 Format = Literal["jsonl", "csv", "parquet"]
@@ -111,7 +112,7 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> Request:
             except json.JSONDecodeError as e:
                 raise BadRow(f"field {fields.messages!r} is not valid JSON ({e.msg})") from None
             except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
-                raise BadRow(f"field {fields.messages!r} is not valid JSON ({_json_problem(e)})") from None
+                raise BadRow(f"field {fields.messages!r} is not valid JSON ({json_problem(e)})") from None
         return _messages(msgs, fields)
     prompt = row.get(fields.prompt)
     if prompt is None:
@@ -126,29 +127,16 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> Request:
 def _unicode(text: str, what: str) -> str:
     """``text`` if it is valid Unicode; JSON escapes can make lone surrogates ("\\ud800"), which
     no tokenizer (and no UTF-8 file) accepts."""
-    if not _is_utf8(text):
+    if not is_valid_unicode(text):
         raise BadRow(f"{what} is not valid Unicode (a lone surrogate)")
     return text
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _json_problem(e: ValueError | RecursionError) -> str:
-    """A short reason for JSON that parses but cannot be held (deep nesting, huge integers)."""
-    return "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
 
 
 def _dumps(obj: Any) -> str:
     """JSON for the UTF-8 output files: non-ASCII kept, escaped only if a string cannot be
     encoded (a lone surrogate from the input's escapes, or undecodable CSV bytes)."""
     text = json.dumps(obj, ensure_ascii=False, default=str)
-    return text if _is_utf8(text) else json.dumps(obj, default=str)
+    return text if is_valid_unicode(text) else json.dumps(obj, default=str)
 
 
 def _messages(msgs: Any, fields: Fields) -> list[dict[str, str]]:
@@ -292,7 +280,7 @@ def _annotate_jsonl(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> N
                 run.reject("line", lineno, f"not valid JSON ({e.msg}, column {e.colno})", text)
                 continue
             except (ValueError, RecursionError) as e:
-                run.reject("line", lineno, f"not valid JSON ({_json_problem(e)})", text)
+                run.reject("line", lineno, f"not valid JSON ({json_problem(e)})", text)
                 continue
             if not isinstance(row, dict):
                 run.reject("line", lineno, f"expected a JSON object, got {type(row).__name__}", row)
@@ -341,7 +329,7 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
             raise AnnotateError(f"{src}: empty CSV file (no header)") from None
         except csv.Error as e:
             raise AnnotateError(f"{src}: line 1: {e}") from None
-        if not _is_utf8("".join(header)):
+        if not is_valid_unicode(header):
             raise AnnotateError(f"{src}: line 1: the header is not valid UTF-8")
         out_header = header + [c for c in COLUMNS if c not in header]
         slots = [out_header.index(c) for c in COLUMNS]
@@ -363,7 +351,7 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
             if not cells:
                 continue
             run.summary.rows_in += 1
-            if not _is_utf8("".join(cells)):
+            if not is_valid_unicode(cells):
                 run.reject("line", lineno, "not valid UTF-8", cells)
                 continue
             if len(cells) != len(header):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlpredict.rl_tokenizers import count_tokens
+from rlpredict.untrusted_text import is_valid_unicode, json_problem
 
 OnError = Literal["fail", "skip"]
 
@@ -137,12 +138,7 @@ def _iter_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as e:
                 yield loc, DataError(loc, f"malformed JSON ({e.msg} at column {e.colno})")
             except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
-                yield loc, DataError(loc, f"malformed JSON ({_json_problem(e)})")
-
-
-def _json_problem(e: ValueError | RecursionError) -> str:
-    """A short reason for JSON that parses but cannot be held (deep nesting, huge integers)."""
-    return "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+                yield loc, DataError(loc, f"malformed JSON ({json_problem(e)})")
 
 
 def _iter_json_array(p: Path) -> Iterator[tuple[str, Any]]:
@@ -159,7 +155,7 @@ def _iter_json_array(p: Path) -> Iterator[tuple[str, Any]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}", f"malformed JSON ({e.msg})") from None
         except (ValueError, RecursionError) as e:
-            raise DataError(str(p), f"malformed JSON ({_json_problem(e)})") from None
+            raise DataError(str(p), f"malformed JSON ({json_problem(e)})") from None
         rows = obj.get("data") if isinstance(obj, dict) and isinstance(obj.get("data"), list) else [obj]
         for i, r in enumerate(rows):
             yield f"{p}: item {i}", r
@@ -176,7 +172,7 @@ def _iter_json_array(p: Path) -> Iterator[tuple[str, Any]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}", f"malformed JSON ({e.msg} at column {e.colno})") from None
         except (ValueError, RecursionError) as e:
-            raise DataError(loc, f"malformed JSON ({_json_problem(e)})") from None
+            raise DataError(loc, f"malformed JSON ({json_problem(e)})") from None
         yield loc, obj
 
 
@@ -192,7 +188,7 @@ def _iter_csv(p: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{p}:1", f"malformed CSV header ({e})") from None
         if header is None:
             return
-        if not _is_utf8(header):
+        if not is_valid_unicode(header):
             raise DataError(f"{p}:1", "header is not valid UTF-8")
         start = reader.line_num + 1
         while True:
@@ -207,19 +203,10 @@ def _iter_csv(p: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
             loc, start = f"{p}:{reader.line_num}", reader.line_num + 1
             if not cells:
                 continue  # a blank line is not a row
-            if not _is_utf8(cells):
+            if not is_valid_unicode(cells):
                 yield loc, DataError(loc, "not valid UTF-8")
                 continue
             yield loc, {k: _maybe_json(v) for k, v in zip(header, cells, strict=False)}
-
-
-def _is_utf8(cells: list[str]) -> bool:
-    """False if a string holds a surrogate (undecodable bytes, or a lone surrogate escape)."""
-    try:
-        "".join(cells).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _maybe_json(v: str | None) -> Any:
@@ -293,7 +280,7 @@ def _text(v: Any, loc: str, name: str) -> str:
         v = "".join(parts)
     if not isinstance(v, str):
         raise DataError(loc, f"expected a string, got {type(v).__name__}", name)
-    if not _is_utf8([v]):  # a JSON escape of a lone surrogate: no tokenizer takes it
+    if not is_valid_unicode(v):  # a JSON escape of a lone surrogate: no tokenizer takes it
         raise DataError(loc, "not valid Unicode (a lone surrogate)", name)
     return v
 

@@ -1,0 +1,21 @@
+"""Checks on text from users' files, shared by the training loader (``data``) and ``annotate``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def is_valid_unicode(texts: str | Iterable[str]) -> bool:
+    """False if a string holds a surrogate: bytes that were not UTF-8 (decoded with
+    ``surrogateescape``) or a lone surrogate from a JSON escape ("\\ud800"), which no tokenizer
+    and no UTF-8 file accepts."""
+    try:
+        (texts if isinstance(texts, str) else "".join(texts)).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def json_problem(e: ValueError | RecursionError) -> str:
+    """A short reason for JSON that parses but cannot be held (deep nesting, huge integers)."""
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
