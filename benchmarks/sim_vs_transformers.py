@@ -1,21 +1,36 @@
 """Simulator vs real engine: replay one trace through transformers continuous batching and
-through the simulator with the engine's calibrated profile; print TTFT/JCT sim vs real.
+through the simulator with a profile calibrated on this host; print TTFT/JCT sim vs real.
 
 The trace has Azure-conversation-like shapes scaled down to a small model (log-normal prompt
 and response lengths, prompt:response ~ 2:1), Poisson arrivals, and noisy RL predictions
-(true length x log-normal noise). The engine runs on the wall clock (requests are served at
-their arrival times, every iteration is measured); the simulator replays the same requests,
-with the same policy, KV blocks, token budget and the profile, and knows the true lengths
-(EOS is off in the engine, so each request generates exactly its length).
+(true length x log-normal noise). The protocol:
 
-    python benchmarks/sim_vs_transformers.py            # ~1 min on 1 CPU thread
-    python benchmarks/sim_vs_transformers.py --policies ecoserve --requests 60 --rate 6
+1. Calibrate: ``ecoserve_sched.calibrate.calibrate`` on this host, now (grid ``replay`` at the
+   run's token budget), unless ``--profile`` names a profile JSON. A CPU host's speed drifts
+   between sessions, so a profile measured in another session can be 20% off.
+2. Real: each policy serves the trace ``--repeats`` times on the wall clock (requests arrive at
+   their arrival times, every iteration is measured); the policy plans with the profile.
+3. Sim: the simulator replays the same requests with the same policy settings, KV blocks,
+   token budget and profile, knowing the true lengths (EOS is off, so each request generates
+   exactly its length). A second replay times iterations with the profile refitted to the real
+   runs' own iterations (in-sample; the policy still plans with the calibrated profile): it
+   separates the iteration-time model's error from the replay's.
+
+Per-request errors are |sim - real| / real, averaged over requests: against each real run
+(then averaged over runs) and against the per-request mean of the runs. The real engine's own
+run-to-run difference (same trace, same engine, |run i - run j| / run j) is the floor.
+
+    python benchmarks/sim_vs_transformers.py                 # ~3 min on 1 CPU thread
+    python benchmarks/sim_vs_transformers.py --rate 2 --repeats 3
+    python benchmarks/sim_vs_transformers.py --profile ecoserve_sched/profiles/calibrated/small-llama-transformers-cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +38,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ecoserve_sched.calibrate import chat_lengths, load_model  # noqa: E402
-from ecoserve_sched.cost_model import fit_profile, load_profile  # noqa: E402
-from ecoserve_sched.engines.transformers_cb import GenRequest, TransformersEngine  # noqa: E402
+from ecoserve_sched.calibrate import calibrate, chat_lengths, load_model  # noqa: E402
+from ecoserve_sched.cost_model import CostModel, fit_profile, load_profile  # noqa: E402
+from ecoserve_sched.engines.transformers_cb import EngineRun, GenRequest, TransformersEngine  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import simulate  # noqa: E402
 from ecoserve_sched.trace import poisson_arrivals  # noqa: E402
-
-PROFILE = REPO / "ecoserve_sched" / "profiles" / "calibrated" / "small-llama-transformers-cpu.json"
 
 
 def make_trace(n: int, rate: float, seed: int, vocab: int) -> list[GenRequest]:
@@ -44,73 +57,103 @@ def make_trace(n: int, rate: float, seed: int, vocab: int) -> list[GenRequest]:
             for p, o, pr, a in zip(prompt, out, pred, arrivals, strict=True)]
 
 
-def pct_err(sim: np.ndarray, real: np.ndarray) -> np.ndarray:
-    return 100.0 * np.abs(sim - real) / real
+def pct_err(sim: np.ndarray, real: np.ndarray) -> float:
+    """Mean over requests of |sim - real| / real, in percent."""
+    return float(np.mean(100.0 * np.abs(sim - real) / real))
 
 
-def _compare(label: str, eng: TransformersEngine, trace: list[GenRequest], real, cost) -> tuple:
-    """Simulate ``trace`` with ``eng``'s policy settings over ``cost``; metrics vs ``real``."""
-    eng.cost = cost
-    sim = simulate(eng.to_requests(trace), eng.make_policy())
+def latencies(run: EngineRun) -> tuple[np.ndarray, np.ndarray]:
+    """Per-request TTFT and JCT (seconds) of a real run, in request order."""
+    return (np.array([r.ttft_s for r in run.results]), np.array([r.jct_s for r in run.results]))
+
+
+def _compare(label: str, eng: TransformersEngine, trace: list[GenRequest], runs: list[EngineRun],
+             timing: CostModel) -> tuple:
+    """Simulate ``trace`` with ``eng``'s policy (planning with ``eng.cost``), iterations timed by
+    ``timing``; aggregate metrics against the first real run, per-request errors against all."""
+    sim = simulate(eng.to_requests(trace), eng.make_policy(), timing=timing)
     sreq = sorted(sim.requests, key=lambda r: r.rid)
-    ok = [i for i, r in enumerate(real.results) if not r.dropped]
-    r_ttft = np.array([real.results[i].ttft_s for i in ok])
-    r_jct = np.array([real.results[i].jct_s for i in ok])
-    s_ttft = np.array([sreq[i].first_token_s - sreq[i].arrival_s for i in ok])
-    s_jct = np.array([sreq[i].finish_s - sreq[i].arrival_s for i in ok])
-    r_end = max(r.token_times[-1] for r in real.results if r.token_times)
-    s_end = max(r.finish_s for r in sreq)
-    e_ttft, e_jct = pct_err(s_ttft, r_ttft), pct_err(s_jct, r_jct)
-    shapes = np.asarray(real.samples(), dtype=float)
-    return (label, [
-        ("iteration time, same shapes (ms)", 1e3 * shapes[:, 4].mean(), 1e3 * cost.predict(shapes[:, :4]).mean()),
+    s_ttft = np.array([r.first_token_s - r.arrival_s for r in sreq])
+    s_jct = np.array([r.finish_s - r.arrival_s for r in sreq])
+    real = runs[0]
+    r_ttft, r_jct = latencies(real)
+    shapes = np.asarray([s for run in runs for s in run.samples()], dtype=float)
+    metrics = [
+        ("iteration time, same shapes (ms)", 1e3 * shapes[:, 4].mean(), 1e3 * timing.predict(shapes[:, :4]).mean()),
         ("mean TTFT (s)", r_ttft.mean(), s_ttft.mean()),
         ("p90 TTFT (s)", np.quantile(r_ttft, 0.9), np.quantile(s_ttft, 0.9)),
         ("mean JCT (s)", r_jct.mean(), s_jct.mean()),
         ("p90 JCT (s)", np.quantile(r_jct, 0.9), np.quantile(s_jct, 0.9)),
-        ("makespan (s)", r_end, s_end),
+        ("makespan (s)", max(r.token_times[-1] for r in real.results), max(r.finish_s for r in sreq)),
         ("iterations", len(real.iterations), sum(row[2] for row in sim.log)),
         ("preemptions", real.counters["preemptions"], sim.counters["preemptions"]),
         ("loans", real.counters["loans"], sim.counters["loans"]),
-    ], (np.mean(e_ttft), np.quantile(e_ttft, 0.9), np.mean(e_jct), np.quantile(e_jct, 0.9)))
+    ]
+    per_run = np.array([(pct_err(s_ttft, t), pct_err(s_jct, j)) for t, j in map(latencies, runs)])
+    mean_t = np.mean([latencies(r)[0] for r in runs], axis=0)
+    mean_j = np.mean([latencies(r)[1] for r in runs], axis=0)
+    return label, metrics, (*per_run.mean(axis=0), pct_err(s_ttft, mean_t), pct_err(s_jct, mean_j))
+
+
+def run_to_run(runs: list[EngineRun]) -> tuple[float, float]:
+    """The real engine's own per-request difference between runs of the same trace, averaged
+    over ordered pairs (TTFT %, JCT %); NaN with one run."""
+    pairs = list(itertools.permutations(runs, 2))
+    if not pairs:
+        return float("nan"), float("nan")
+    return (float(np.mean([pct_err(latencies(a)[0], latencies(b)[0]) for a, b in pairs])),
+            float(np.mean([pct_err(latencies(a)[1], latencies(b)[1]) for a, b in pairs])))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="small-llama", help="preset or config.json (random weights)")
-    ap.add_argument("--profile", default=str(PROFILE), help="calibrated profile JSON of that model")
+    ap.add_argument("--profile", default=None,
+                    help="profile JSON of that model on this host (default: calibrate now)")
+    ap.add_argument("--grid", default="replay", help="calibration grid when calibrating now")
     ap.add_argument("--policies", default="ecoserve,vllm")
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate, requests/s")
+    ap.add_argument("--repeats", type=int, default=2, help="real runs of the trace per policy")
     ap.add_argument("--kv-blocks", type=int, default=96, help="KV blocks of 16 tokens")
     ap.add_argument("--token-budget", type=int, default=512)
     ap.add_argument("--max-running", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
 
     import torch
 
     torch.set_num_threads(args.threads)
-    cost = load_profile(args.profile)
+    if args.profile:
+        cost = load_profile(args.profile)
+    else:
+        t = time.perf_counter()
+        cal = calibrate(args.model, "cpu", args.grid, token_budget=args.token_budget)
+        cost = cal.profile
+        print(f"calibrated on this host in {time.perf_counter() - t:.0f}s:\n{cal.report()}\n")
     model = load_model(args.model, "cpu")
     trace = make_trace(args.requests, args.rate, args.seed, model.config.vocab_size)
     print(f"trace: {len(trace)} requests, Poisson {args.rate:g}/s, prompt mean "
           f"{np.mean([len(g.prompt_ids) for g in trace]):.0f}, output mean "
           f"{np.mean([g.max_new_tokens for g in trace]):.0f} tokens; profile {cost.name}; "
-          f"KV {args.kv_blocks} x 16 tokens, budget {args.token_budget}, {args.threads} thread(s)\n")
+          f"KV {args.kv_blocks} x 16 tokens, budget {args.token_budget}, {args.threads} thread(s), "
+          f"{args.repeats} real run(s) per policy\n")
     TransformersEngine(model, "vllm", kv_blocks=64, token_budget=256).generate(trace[:4])  # warm-up
-    rows = []
+    rows, floors = [], {}
     for policy in args.policies.split(","):
         eng = TransformersEngine(model, policy, cost, kv_blocks=args.kv_blocks,
                                  token_budget=args.token_budget, max_running=args.max_running)
-        real = eng.generate(trace)
-        # second simulation: the profile refitted to this run's own iterations (in-sample), which
-        # separates the error of the iteration-time model from that of the replay itself
-        refit = fit_profile(real.samples(), cost, f"{cost.name}-refit")
-        for label, prof in ((policy, cost), (f"{policy} (refit on run)", refit)):
-            rows.append(_compare(label, eng, trace, real, prof))
-    print("| policy | metric | real | sim | Diff% |")
+        runs = [eng.generate(trace) for _ in range(args.repeats)]
+        if any(r.dropped for run in runs for r in run.results):
+            raise SystemExit("a request could never fit the KV cache: raise --kv-blocks")
+        refit = fit_profile([s for run in runs for s in run.samples()], cost, f"{cost.name}-refit")
+        rows.append(_compare(policy, eng, trace, runs, cost))
+        rows.append(_compare(f"{policy} (refit on run)", eng, trace, runs, refit))
+        floors[policy] = run_to_run(runs)
+    print("| policy | metric | real (run 1) | sim | Diff% |")
     print("|---|---|---:|---:|---:|")
     for policy, metrics, _ in rows:
         for name, r, s in metrics:
@@ -118,11 +161,13 @@ def main() -> None:
             fmt = (lambda v: f"{v:.3f}") if "(s)" in name else (
                 (lambda v: f"{v:.1f}") if "(ms)" in name else (lambda v: f"{v:.0f}"))
             print(f"| {policy} | {name} | {fmt(r)} | {fmt(s)} | {diff} |")
-    print("\nper-request |sim - real| / real:")
-    print("| policy | TTFT mean | TTFT p90 | JCT mean | JCT p90 |")
+    print("\nper-request |sim - real| / real, mean over requests:")
+    print("| policy | TTFT vs each run | JCT vs each run | TTFT vs mean of runs | JCT vs mean of runs |")
     print("|---|---:|---:|---:|---:|")
-    for policy, _, (tm, tp, jm, jp) in rows:
-        print(f"| {policy} | {tm:.1f}% | {tp:.1f}% | {jm:.1f}% | {jp:.1f}% |")
+    for policy, _, (t1, j1, tm, jm) in rows:
+        print(f"| {policy} | {t1:.1f}% | {j1:.1f}% | {tm:.1f}% | {jm:.1f}% |")
+    for policy, (t, j) in floors.items():
+        print(f"| {policy}: real run vs real run (floor) | {t:.1f}% | {j:.1f}% | | |")
 
 
 if __name__ == "__main__":

@@ -253,7 +253,8 @@ def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | 
                   "(ecoserve_sched.engines.transformers_cb, policy vllm, step clock)",
         "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
         "model": model, "dtype": str(next(m.parameters()).dtype).removeprefix("torch."),
-        "weights": "random", "grid": grid, "replays": REPLAYS.get(grid, []), "repeats": repeats, "statistic": "median",
+        "weights": "random", "grid": grid, "replays": REPLAYS.get(grid, []), "repeats": repeats,
+        "token_budget": token_budget, "statistic": "median",
         "measured": "wall time of each engine iteration: scheduling, input preparation, "
                     "forward, greedy sampling, output update",
         "holdout": {"mean_rel_error": float(rel.mean()), "max_rel_error": float(rel.max())},

@@ -160,6 +160,7 @@ def calibrate(
     grid: Annotated[str, typer.Option("--grid", help="test|small|replay|full: batch-shape grid (replay adds chat-like replays)")] = "small",
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32|bfloat16|float16 (default: float32 on CPU, bfloat16 on GPU)")] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="runs per grid point (median time per iteration)")] = 3,
+    token_budget: Annotated[int, typer.Option("--token-budget", min=16, help="engine token budget per iteration (use the serving one: it bounds the measured prefill shapes)")] = 2048,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads")] = None,
     name: Annotated[str | None, typer.Option("--name", help="profile name (default: <model>-transformers-<device>)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the fit error as one JSON object")] = False,
@@ -176,7 +177,8 @@ def calibrate(
 
         torch.set_num_threads(threads)
     try:
-        cal = cal_mod.calibrate(model, device, grid, name=name, dtype=dtype, repeats=repeats)
+        cal = cal_mod.calibrate(model, device, grid, name=name, dtype=dtype,
+                                token_budget=token_budget, repeats=repeats)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
     cal_mod.save(cal, out)

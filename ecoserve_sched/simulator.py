@@ -45,7 +45,7 @@ class SimResult:
 
 def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
              stepwise: bool = False, profile: str = "", predictions: str = "",
-             faults: Faults | Iterable[int] | None = None) -> SimResult:
+             faults: Faults | Iterable[int] | None = None, timing: Any = None) -> SimResult:
     """Replay ``requests`` (any order) through ``sched``; ``check`` verifies KV invariants each
     iteration (slow: for tests). ``stepwise`` calls ``sched.schedule`` every iteration instead
     of running decode-only stretches back to back: the same decisions and times, one log row
@@ -55,7 +55,11 @@ def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
     iterations raise: the iteration takes its time, then every request in its batch ends
     ERRORED via ``sched.fail_batch`` (KV released, counted as ``errors`` and
     ``failed_iterations``) and the run goes on. A failing iteration is always a full
-    ``schedule`` decision, so stretches stop before it; without faults nothing changes."""
+    ``schedule`` decision, so stretches stop before it; without faults nothing changes.
+
+    ``timing`` (a cost model) times the iterations instead of the policy's own ``cost``, which
+    the policy still plans with: a replay of a real run whose planner used one profile, timed
+    by another (swap times stay the policy's)."""
     t_wall = time.perf_counter()
     fault_cfg = Faults.of(faults) or Faults()
     plan = fault_cfg.plan()
@@ -63,7 +67,7 @@ def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
     reqs = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
     cap = sched.kv.num_blocks * sched.kv.block_size
     res = SimResult(sched.name, profile, predictions, reqs, cap, sched.kv.block_size)
-    it_time = sched.cost.iteration_time
+    it_time = (timing or sched.cost).iteration_time
     log = res.log.append
     finishes: list[tuple[int, int, int, Request]] = []
     n, i, now, sched_s = len(reqs), 0, 0.0, 0.0

@@ -19,12 +19,14 @@ def test_calibrate_cli_writes_a_loadable_profile(tmp_path, tiny_llama):
     out = tmp_path / "tiny.json"
     r = CliRunner().invoke(app, ["calibrate", "--engine", "transformers", "--model", "tiny-llama",
                                  "--device", "cpu", "--grid", "test", "--repeats", "1",
-                                 "--out", str(out), "--json"])
+                                 "--token-budget", "64", "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     fit = json.loads(r.stdout.strip().splitlines()[-1])["fit"]
     assert fit["n_samples"] >= 10 and fit["mean_rel_error"] < 1.0
     prof = load_profile(out)
     assert prof.spec["calibration"]["engine"].startswith("transformers")
+    cal = prof.spec["calibration"]
+    assert cal["token_budget"] == 64 and max(row[0] for row in cal["samples"]) == 64  # chunked
     assert prof.spec["model"]["n_layers"] == 2 and prof.spec["model"]["hidden"] == 64
     assert 0 < prof.iteration_time(0, 0, 4, 400) < prof.iteration_time(512, 512 * 256, 4, 400)
 
