@@ -57,7 +57,11 @@ GRIDS: dict[str, list[tuple[int, int, int, int]]] = {
 }
 
 #: Chat-like replays run after a grid's batch shapes: (requests, arrivals per iteration) each.
-REPLAYS: dict[str, list[tuple[int, float]]] = {"replay": [(32, 0.25), (32, 0.5)]}
+#: Light and moderate load (a prompt every 20 and every 10 iterations), where a served engine
+#: spends its time: mostly single-prompt prefills next to a few decodes. Heavier replays (0.25,
+#: 0.5 per iteration) fill the fit with batched prefills that cost more per token on a CPU and
+#: made the simulated TTFT too high (``benchmarks/calibration_replays.py``, docs/engines.md).
+REPLAYS: dict[str, list[tuple[int, float]]] = {"replay": [(32, 0.05), (32, 0.1)]}
 
 
 @dataclass
