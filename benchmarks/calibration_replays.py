@@ -7,8 +7,8 @@ runs in one process, back to back, so host-speed drift between sessions does not
 set. The engine plans with the first set's profile; each profile only times the simulation
 (``simulate(..., timing=...)``).
 
-    python benchmarks/calibration_replays.py                   # ~5 min on 1 CPU thread
-    python benchmarks/calibration_replays.py --rates 4         # ~3.5 min
+    python benchmarks/calibration_replays.py --rates 4         # ~3.5 min on 1 CPU thread
+    python benchmarks/calibration_replays.py                   # rates 2 and 4
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from sim_vs_transformers import _compare, make_trace  # noqa: E402
+from sim_vs_transformers import compare, make_trace  # noqa: E402
 
 from ecoserve_sched.calibrate import GRIDS, base_profile, load_model, measure  # noqa: E402
 from ecoserve_sched.cost_model import fit_profile  # noqa: E402
@@ -55,7 +55,7 @@ def main() -> None:
                                      token_budget=args.token_budget, max_running=32)
             runs = [eng.generate(trace) for _ in range(args.repeats)]
             for name, prof in profiles.items():
-                _, metrics, (ttft, jct, _, _) = _compare(name, eng, trace, runs, prof)
+                _, metrics, (ttft, jct, _, _) = compare(name, eng, trace, runs, prof)
                 diff = {m: f"{100 * (s - r) / r:+.1f}%" for m, r, s in metrics if r}
                 print(f"| {rate:g}/s | {policy} | {name} | {ttft:.1f}% | {jct:.1f}% | "
                       f"{diff['iteration time, same shapes (ms)']} | {diff['mean TTFT (s)']} | "

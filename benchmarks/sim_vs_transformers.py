@@ -20,7 +20,7 @@ Per-request errors are |sim - real| / real, averaged over requests: against each
 (then averaged over runs) and against the per-request mean of the runs. The real engine's own
 run-to-run difference (same trace, same engine, |run i - run j| / run j) is the floor.
 
-    python benchmarks/sim_vs_transformers.py                 # ~3 min on 1 CPU thread
+    python benchmarks/sim_vs_transformers.py                 # calibration (~80 s) + 4 engine runs
     python benchmarks/sim_vs_transformers.py --rate 2 --repeats 3
     python benchmarks/sim_vs_transformers.py --profile ecoserve_sched/profiles/calibrated/small-llama-transformers-cpu.json
 """
@@ -67,7 +67,7 @@ def latencies(run: EngineRun) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([r.ttft_s for r in run.results]), np.array([r.jct_s for r in run.results]))
 
 
-def _compare(label: str, eng: TransformersEngine, trace: list[GenRequest], runs: list[EngineRun],
+def compare(label: str, eng: TransformersEngine, trace: list[GenRequest], runs: list[EngineRun],
              timing: CostModel) -> tuple:
     """Simulate ``trace`` with ``eng``'s policy (planning with ``eng.cost``), iterations timed by
     ``timing``; aggregate metrics against the first real run, per-request errors against all."""
@@ -76,7 +76,8 @@ def _compare(label: str, eng: TransformersEngine, trace: list[GenRequest], runs:
     s_ttft = np.array([r.first_token_s - r.arrival_s for r in sreq])
     s_jct = np.array([r.finish_s - r.arrival_s for r in sreq])
     real = runs[0]
-    r_ttft, r_jct = latencies(real)
+    lat = [latencies(r) for r in runs]
+    r_ttft, r_jct = lat[0]
     shapes = np.asarray([s for run in runs for s in run.samples()], dtype=float)
     metrics = [
         ("iteration time, same shapes (ms)", 1e3 * shapes[:, 4].mean(), 1e3 * timing.predict(shapes[:, :4]).mean()),
@@ -89,20 +90,19 @@ def _compare(label: str, eng: TransformersEngine, trace: list[GenRequest], runs:
         ("preemptions", real.counters["preemptions"], sim.counters["preemptions"]),
         ("loans", real.counters["loans"], sim.counters["loans"]),
     ]
-    per_run = np.array([(pct_err(s_ttft, t), pct_err(s_jct, j)) for t, j in map(latencies, runs)])
-    mean_t = np.mean([latencies(r)[0] for r in runs], axis=0)
-    mean_j = np.mean([latencies(r)[1] for r in runs], axis=0)
+    per_run = np.array([(pct_err(s_ttft, t), pct_err(s_jct, j)) for t, j in lat])
+    mean_t, mean_j = np.mean(lat, axis=0)
     return label, metrics, (*per_run.mean(axis=0), pct_err(s_ttft, mean_t), pct_err(s_jct, mean_j))
 
 
 def run_to_run(runs: list[EngineRun]) -> tuple[float, float]:
     """The real engine's own per-request difference between runs of the same trace, averaged
     over ordered pairs (TTFT %, JCT %); NaN with one run."""
-    pairs = list(itertools.permutations(runs, 2))
+    pairs = list(itertools.permutations(map(latencies, runs), 2))
     if not pairs:
         return float("nan"), float("nan")
-    return (float(np.mean([pct_err(latencies(a)[0], latencies(b)[0]) for a, b in pairs])),
-            float(np.mean([pct_err(latencies(a)[1], latencies(b)[1]) for a, b in pairs])))
+    return (float(np.mean([pct_err(a[0], b[0]) for a, b in pairs])),
+            float(np.mean([pct_err(a[1], b[1]) for a, b in pairs])))
 
 
 def main() -> None:
@@ -150,8 +150,8 @@ def main() -> None:
         if any(r.dropped for run in runs for r in run.results):
             raise SystemExit("a request could never fit the KV cache: raise --kv-blocks")
         refit = fit_profile([s for run in runs for s in run.samples()], cost, f"{cost.name}-refit")
-        rows.append(_compare(policy, eng, trace, runs, cost))
-        rows.append(_compare(f"{policy} (refit on run)", eng, trace, runs, refit))
+        rows.append(compare(policy, eng, trace, runs, cost))
+        rows.append(compare(f"{policy} (refit on run)", eng, trace, runs, refit))
         floors[policy] = run_to_run(runs)
     print("| policy | metric | real (run 1) | sim | Diff% |")
     print("|---|---|---:|---:|---:|")

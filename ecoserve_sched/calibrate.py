@@ -49,12 +49,11 @@ GRIDS: dict[str, list[tuple[int, int, int, int]]] = {
     "small": [(b, p, 6, 0) for b in (1, 4, 16) for p in (16, 64, 128)]
     + [(4, 64, 8, 256), (16, 32, 8, 256), (8, 96, 8, 512)],
     "test": [(1, 16, 4, 0), (4, 32, 4, 0), (2, 64, 4, 32), (8, 16, 4, 0)],
-    # small, plus chat-like replays (see REPLAYS): the shapes a served workload produces
-    "replay": [(b, p, 6, 0) for b in (1, 4, 16) for p in (16, 64, 128)]
-    + [(4, 64, 8, 256), (16, 32, 8, 256), (8, 96, 8, 512)],
     "full": [(b, p, 8, 0) for b in (1, 2, 4, 8, 16, 32, 64) for p in (16, 64, 256, 1024)]
     + [(b, 128, 10, q) for b in (4, 16, 64) for q in (64, 256, 1024)],
 }
+
+GRIDS["replay"] = GRIDS["small"]  # plus chat-like replays (see REPLAYS)
 
 #: Chat-like replays run after a grid's batch shapes: (requests, arrivals per iteration) each.
 #: Light and moderate load (a prompt every 20 and every 10 iterations), where a served engine
