@@ -24,14 +24,15 @@ import io
 import json
 import sys
 import time
+import zlib
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from rlpredict.atomic import atomic_path
+from rlpredict.outputs import atomic_path, check_new_file, check_paths
 from rlpredict.runtime import Predictor, Request
 from rlpredict.untrusted_text import is_valid_unicode, json_problem
 
@@ -205,21 +206,28 @@ class _Run:
 def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *,
                   fields: Fields = Fields(), on_error: OnError = "fail",
                   rejects: str | Path | None = None, chunk_rows: int = 2048,
-                  progress: bool = False) -> AnnotateSummary:
-    """Annotate ``input`` into ``output`` (same format family); see the module docstring."""
+                  progress: bool = False, force: bool = False) -> AnnotateSummary:
+    """Annotate ``input`` into ``output`` (same format family); see the module docstring.
+
+    The output and the rejects file must differ from the input and from each other, and an
+    existing one is replaced only with ``force`` (``rlpredict.outputs``)."""
     src, dst = Path(input), Path(output)
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if not src.is_file():
-        raise AnnotateError(f"{src}: no such file")
+        raise AnnotateError(f"{src}: no such file" if not src.exists() else f"{src}: not a file")
     fmt, _ = detect_format(src)
     out_fmt, _ = detect_format(dst)
     if out_fmt != fmt:
         raise AnnotateError(f"{dst}: output format {out_fmt} differs from the input's ({fmt}); "
                             "annotate keeps the input's format")
-    if src.resolve() == dst.resolve():
-        raise AnnotateError(f"{dst}: output would overwrite the input")
     rej_path = Path(rejects) if rejects else default_rejects_path(dst) if on_error == "skip" else None
+    outputs = [("--output", dst)] + ([("--rejects", rej_path)] if rej_path else [])
+    check_paths([src], outputs)
+    for option, path in outputs:
+        check_new_file(path, force=force, option=option)
     summary = AnnotateSummary(str(src), str(dst), str(rej_path) if rej_path else None)
     t0 = time.perf_counter()
     with ExitStack() as stack:
@@ -231,7 +239,10 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
             rej_file = stack.enter_context(open(tmp_rej, "w", encoding="utf-8"))
         run = _Run(src, predictor, fields, on_error, rej_file, summary, bar)
         loop = {"jsonl": _annotate_jsonl, "csv": _annotate_csv, "parquet": _annotate_parquet}[fmt]
-        loop(run, src, tmp_out, dst, max(1, chunk_rows))
+        try:
+            loop(run, src, tmp_out, dst, chunk_rows)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise AnnotateError(f"{src}: truncated or corrupt compressed file ({e})") from None
         summary.reasons = dict(run.reasons.most_common())
         if rej_file is not None:
             rej_file.close()
@@ -388,10 +399,7 @@ def _annotate_parquet(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(src)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise AnnotateError(f"{src}: not a readable Parquet file ({e})") from None
+    pf = _open_parquet(src)
     schema = pf.schema_arrow
     keep = [n for n in schema.names if n not in COLUMNS]
     out_schema = pa.schema([schema.field(n) for n in keep] + [pa.field(c, pa.int64()) for c in COLUMNS],
@@ -400,7 +408,7 @@ def _annotate_parquet(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) ->
             if n is not None and n in schema.names]
     done = 0
     with pq.ParquetWriter(tmp, out_schema) as writer:
-        for rb in pf.iter_batches(batch_size=chunk):
+        for rb in _batches(pf, src, chunk):
             n = rb.num_rows
             cols = {name: rb.column(name).to_pylist() for name in used}
             ok, requests, gens = [], [], []
@@ -426,6 +434,26 @@ def _annotate_parquet(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) ->
             run.advance(done)
 
 
+def _open_parquet(src: Path) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(src)
+    except (pa.ArrowException, OSError) as e:
+        raise AnnotateError(f"{src}: not a readable Parquet file ({e})") from None
+
+
+def _batches(pf: Any, src: Path, chunk: int) -> Iterator[Any]:
+    """``pf.iter_batches``; a corrupt page is one error naming the file."""
+    import pyarrow as pa
+
+    try:
+        yield from pf.iter_batches(batch_size=chunk)
+    except (pa.ArrowException, OSError) as e:
+        raise AnnotateError(f"{src}: corrupt Parquet data ({e})") from None
+
+
 # ---- progress -----------------------------------------------------------------------------------
 class _progress:
     """A rich progress bar over input bytes (text formats) or rows (Parquet); a no-op when off."""
@@ -449,9 +477,7 @@ class _progress:
         )
 
         if self.fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            total = pq.ParquetFile(self.src).metadata.num_rows
+            total = _open_parquet(self.src).metadata.num_rows
             amount = MofNCompleteColumn()
         else:
             total = self.src.stat().st_size

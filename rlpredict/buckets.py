@@ -21,6 +21,8 @@ import numpy as np
 
 FORMAT = "rlpredict.buckets/1"
 DEFAULT_EDGES: tuple[float, ...] = (32, 64, 128, 192, 256, 384, 512, 768, 1024, math.inf)
+#: Largest response length a scheme may name (2^20 tokens; far above any served context).
+MAX_TOKENS = 1 << 20
 #: Quantile levels stored per bucket (0, 0.05, ..., 1).
 QUANTILE_GRID: np.ndarray = np.linspace(0.0, 1.0, 21)
 
@@ -30,7 +32,7 @@ def _edge_to_json(e: float) -> float | None:
 
 
 def _edge_from_json(e: float | None) -> float:
-    return math.inf if e is None else float(e)
+    return math.inf if e is None else _number(e, "edges")
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,23 @@ class BucketScheme:
         k = len(self.edges)
         e = _check_edges(self.edges)
         for name in ("point_tokens", "reserve_tokens"):
-            if len(getattr(self, name)) != k:
-                raise ValueError(f"{name} has {len(getattr(self, name))} values for {k} buckets")
+            values = getattr(self, name)
+            if len(values) != k:
+                raise ValueError(f"{name} has {len(values)} values for {k} buckets")
+            low = 1 if name == "reserve_tokens" else 0  # a reservation holds at least one token
+            if not all(isinstance(v, (int, np.integer)) and low <= v <= MAX_TOKENS for v in values):
+                raise ValueError(f"{name} must be integers in [{low}, {MAX_TOKENS}], got {list(values)}")
+        if self.counts and (len(self.counts) != k or min(self.counts) < 0):
+            raise ValueError(f"counts must be {k} non-negative integers, got {list(self.counts)}")
         if not 0.0 < self.reserve_quantile <= 1.0:
             raise ValueError(f"reserve_quantile must be in (0, 1], got {self.reserve_quantile}")
         q = self.quantiles or tuple(_default_grid(lo, hi) for lo, hi in self.bounds)
         qarr = np.asarray(q, dtype=float)
         if qarr.shape != (k, len(QUANTILE_GRID)):
             raise ValueError(f"quantiles must have shape ({k}, {len(QUANTILE_GRID)}), got {qarr.shape}")
+        if not (np.isfinite(qarr).all() and (qarr >= 0).all() and (qarr <= MAX_TOKENS).all()
+                and (np.diff(qarr, axis=1) >= 0).all()):
+            raise ValueError(f"quantiles must be finite, in [0, {MAX_TOKENS}] and non-decreasing in every bucket")
         object.__setattr__(self, "quantiles", tuple(tuple(map(float, r)) for r in qarr))
         object.__setattr__(self, "_qarr", qarr)
         object.__setattr__(self, "_earr", e)
@@ -123,11 +134,11 @@ class BucketScheme:
             if xs.size >= 5:
                 grid = np.quantile(xs, QUANTILE_GRID)
                 point.append(int(round(np.median(xs))))
-                reserve.append(int(math.ceil(np.quantile(xs, q))))
+                reserve.append(max(1, int(math.ceil(np.quantile(xs, q)))))
             else:  # too few examples: fall back to the bucket's range
                 grid = _default_grid(lo, hi, xs)
                 point.append(int(round(np.median(grid))))
-                reserve.append(int(math.ceil(np.quantile(grid, q))))
+                reserve.append(max(1, int(math.ceil(np.quantile(grid, q)))))
             grids.append(tuple(grid.tolist()))
         return replace(self, point_tokens=tuple(point), reserve_tokens=tuple(reserve),
                        reserve_quantile=q, quantiles=tuple(grids), counts=tuple(counts))
@@ -188,19 +199,19 @@ class BucketScheme:
                 raise ValueError("quantile_grid differs from this version's grid")
             return cls(
                 edges=tuple(_edge_from_json(e) for e in d["edges"]),
-                point_tokens=tuple(int(v) for v in d["point_tokens"]),
-                reserve_tokens=tuple(int(v) for v in d["reserve_tokens"]),
-                reserve_quantile=float(d.get("reserve_quantile", 0.9)),
-                quantiles=tuple(tuple(float(v) for v in r) for r in d.get("quantiles") or ()),
-                counts=tuple(int(v) for v in d.get("counts") or ()),
+                point_tokens=tuple(_integral(v, "point_tokens") for v in d["point_tokens"]),
+                reserve_tokens=tuple(_integral(v, "reserve_tokens") for v in d["reserve_tokens"]),
+                reserve_quantile=_number(d.get("reserve_quantile", 0.9), "reserve_quantile"),
+                quantiles=tuple(tuple(_number(v, "quantiles") for v in r) for r in d.get("quantiles") or ()),
+                counts=tuple(_integral(v, "counts") for v in d.get("counts") or ()),
             )
         except KeyError as e:
             raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"{source}: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        from rlpredict.atomic import write_text_atomic
+        from rlpredict.outputs import write_text_atomic
 
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -215,11 +226,24 @@ def _check_edges(edges: Sequence[float]) -> np.ndarray:
     e = np.asarray(edges, dtype=float)
     if e.size < 2:
         raise ValueError("a bucket scheme needs at least two buckets")
-    if np.any(np.isinf(e[:-1])):
-        raise ValueError("only the last bucket edge may be infinite")
-    if np.any(np.diff(e) <= 0) or e[0] <= 0:
-        raise ValueError(f"bucket edges must be positive and strictly increasing: {tuple(edges)}")
+    if not np.isfinite(e[:-1]).all() or np.isnan(e[-1]):
+        raise ValueError(f"bucket edges must be numbers, only the last may be infinite: {tuple(edges)}")
+    if not (np.diff(e) > 0).all() or not e[0] > 0 or e[-2] > MAX_TOKENS:
+        raise ValueError(f"bucket edges must be positive, at most {MAX_TOKENS} and strictly increasing: {tuple(edges)}")
     return e
+
+
+def _integral(v: object, name: str) -> int:
+    """An integer from JSON: ints, or floats with no fraction (never bools or strings)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        raise ValueError(f"{name}: expected an integer, got {v!r}")
+    return int(v)
+
+
+def _number(v: object, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    return float(v)
 
 
 def _default_grid(lo: float, hi: float, seen: np.ndarray | None = None) -> np.ndarray:

@@ -17,12 +17,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import rlpredict
-from rlpredict.atomic import write_text_atomic
 from rlpredict.buckets import BucketScheme
 from rlpredict.inputs import InputSpec
 from rlpredict.json_file import read_json
+from rlpredict.outputs import write_text_atomic
 
 FORMAT = "rlpredict.bundle/1"
 MANIFEST = "manifest.json"
@@ -111,23 +112,19 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         raise BundleError(f"{mpath}: unknown bundle format {fmt!r}; this rlpredict "
                           f"({rlpredict.__version__}) reads {FORMAT!r}")
     try:
-        model_file = manifest["model"]["file"]
-        tok_file = manifest["tokenizer"]["file"]
-        files = manifest["files"]
+        model_file, tok_file, files = _check_manifest(manifest)
         buckets = BucketScheme.from_dict(manifest["buckets"], source=f"{mpath}: buckets")
-        spec = InputSpec.from_dict(manifest["input"])
-        rl_tok = str(manifest["rl_tokenizer"])
+        spec = InputSpec.from_dict(_field(manifest, "input", dict))
+        rl_tok = _field(manifest, "rl_tokenizer", str)
     except KeyError as e:
         raise BundleError(f"{mpath}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"{mpath}: {e}") from None
     for role, name in (("model", model_file), ("tokenizer", tok_file)):
         if name not in files:
             raise BundleError(f"{mpath}: the {role} file {name!r} has no entry under 'files'")
     for name, entry in files.items():
         f = folder / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleError(f"{mpath}: file name {name!r} points outside the bundle")
         if not f.is_file():
             what = {model_file: "model file", tok_file: "tokenizer file"}.get(name, "file")
             raise BundleError(f"bundle {folder}: {what} {name} is missing")
@@ -135,9 +132,42 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
             raise BundleError(f"bundle {folder}: {name} does not match the sha256 in {MANIFEST} "
                               "(modified or corrupted); re-export the bundle")
     n_labels = manifest["model"].get("num_labels")
-    if n_labels is not None and int(n_labels) != buckets.n_buckets:
-        raise BundleError(f"{mpath}: model has {n_labels} outputs but the scheme {buckets.n_buckets} buckets")
+    if n_labels is not None and n_labels != buckets.n_buckets:
+        raise BundleError(f"{mpath}: model has {n_labels!r} outputs but the scheme {buckets.n_buckets} buckets")
     return Bundle(path=folder, manifest=manifest, buckets=buckets, input=spec, rl_tokenizer=rl_tok)
+
+
+def _field(d: dict, key: str, kind: type, where: str = "") -> Any:
+    """``d[key]``, which must be a ``kind`` (``bool`` is not an ``int`` here)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where or 'manifest'}: expected an object")
+    v = d[key]
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise ValueError(f"{where}{key}: expected {kind.__name__}, got {v!r}")
+    return v
+
+
+def _check_manifest(m: dict) -> tuple[str, str, dict]:
+    """The manifest's schema, beyond the bucket scheme and the input spec (checked by their
+    classes): file names, hashes and sizes, pad id, label count. Returns (model, tokenizer, files)."""
+    model = _field(m, "model", dict)
+    tok = _field(m, "tokenizer", dict)
+    model_file = _field(model, "file", str, "model.")
+    tok_file = _field(tok, "file", str, "tokenizer.")
+    if "pad_token_id" in tok and not 0 <= _field(tok, "pad_token_id", int, "tokenizer.") < 2**31:
+        raise ValueError(f"tokenizer.pad_token_id: out of range, got {tok['pad_token_id']}")
+    if model.get("num_labels") is not None and not 2 <= _field(model, "num_labels", int, "model.") <= 4096:
+        raise ValueError(f"model.num_labels: expected 2 to 4096, got {model['num_labels']}")
+    files = _field(m, "files", dict)
+    for name, entry in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"file name {name!r} points outside the bundle")
+        sha = _field(entry, "sha256", str, f"files.{name}.")
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ValueError(f"files.{name}.sha256: expected 64 lowercase hex digits, got {sha!r}")
+        if _field(entry, "bytes", int, f"files.{name}.") < 0:
+            raise ValueError(f"files.{name}.bytes: negative")
+    return model_file, tok_file, files
 
 
 def default_bundle_path() -> Path:

@@ -10,27 +10,32 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Literal, NoReturn
 
 import typer
 from rich.console import Console
+
+from rlpredict.cli_boundary import in_range, thread_count
+from rlpredict.json_file import dumps
 
 _err = Console(stderr=True)
 
 ModelOpt = Annotated[Path | None, typer.Option(
     "--model", "-m", help="Bundle folder (default: $RLPREDICT_MODEL, else the shipped default bundle).")]
 ReserveQOpt = Annotated[float | None, typer.Option(
-    "--reserve-quantile",
+    "--reserve-quantile", callback=in_range(0, 1, low_open=True),
     help="Reserve this quantile of the predicted length distribution (widens when unsure) "
          "instead of the predicted bucket's reservation.")]
 MarginOpt = Annotated[float, typer.Option(
-    help="Pad reservations by this fraction: reserve x (1 + margin), rounded up.")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).")]
+    callback=in_range(0, 100), help="Pad reservations by this fraction, in [0, 100]: reserve x (1 + margin), rounded up.")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    callback=thread_count, help="ONNX Runtime threads, 1 to this machine's cores (default: one per core).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing outputs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 def _fail(msg: str) -> NoReturn:
-    _err.print(f"[red]error:[/red] {msg}", highlight=False)
+    typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
 
 
@@ -41,22 +46,19 @@ def export(
     parity_data: Annotated[list[Path] | None, typer.Option(
         "--parity-data", help="Chat-log file(s) with real prompts (and responses) for the parity "
                               "check (repeatable; default: the bundled ShareGPT/AlpacaEval sample).")] = None,
-    parity_n: Annotated[int, typer.Option(help="Number of parity prompts (a seeded random subset).")] = 256,
-    atol: Annotated[float | None, typer.Option(help="Max |logit difference| torch vs ONNX that passes parity (default 1e-3).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (only once the new bundle passed parity).")] = False,
+    parity_n: Annotated[int, typer.Option(min=1, max=1_000_000, help="Number of parity prompts (a seeded random subset).")] = 256,
+    atol: Annotated[float | None, typer.Option(callback=in_range(0, 1e3, low_open=True), help="Max |logit difference| torch vs ONNX that passes parity (default 1e-3).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (only a bundle folder a tool of ours wrote, and only once the new bundle passed parity).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Export a trained model to a torch-free bundle (ONNX + tokenizer + manifest), checking parity."""
-    from rlpredict.export import ExportError, export_bundle
+    from rlpredict.export import export_bundle
 
-    try:
-        manifest = export_bundle(model, out, int8=int8, parity_data=parity_data, parity_n=parity_n,
-                                 atol=atol, force=force,
-                                 log=lambda m: _err.print(f"[dim]{m}[/dim]", highlight=False))
-    except (ExportError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+    manifest = export_bundle(model, out, int8=int8, parity_data=parity_data, parity_n=parity_n,
+                             atol=atol, force=force,
+                             log=lambda m: _err.print(f"[dim]{m}[/dim]", highlight=False))
     if json_out:
-        print(json.dumps({k: manifest[k] for k in ("name", "model", "parity", "quantization", "files")}, indent=2))
+        print(dumps({k: manifest[k] for k in ("name", "model", "parity", "quantization", "files")}, indent=2))
         return
     size = sum(f["bytes"] for f in manifest["files"].values())
     _err.print(f"[green]bundle[/green] {out} ({manifest['model']['precision']}, {size / 2**20:.1f} MiB)")
@@ -106,21 +108,17 @@ def predict(
     json_out: JsonOpt = False,
 ) -> None:
     """Predict the response-length bucket, point estimate and reservation of prompts."""
-    from rlpredict.bundle import BundleError
     from rlpredict.runtime import Predictor
 
     requests = list(texts) if texts else _read_stdin(jsonl, single)
-    try:
-        p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads)
-        preds = p.predict(requests, generator)
-    except (BundleError, ValueError, TypeError) as e:
-        _fail(str(e))
+    p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads)
+    preds = p.predict(requests, generator)
     edges = p.scheme.edges
     if json_out:
         rows = [{"input": r, "rl_bucket": x.bucket, "rl_pred_tokens": x.pred_tokens,
                  "rl_reserve_tokens": x.reserve_tokens, "bucket_range": _bucket_range(edges, x.bucket),
                  "probs": [round(float(v), 5) for v in x.probs]} for r, x in zip(requests, preds, strict=True)]
-        print(json.dumps({"model": str(p.bundle.path), "predictions": rows}, ensure_ascii=False, indent=2))
+        print(dumps({"model": str(p.bundle.path), "predictions": rows}, ensure_ascii=False, indent=2))
         return
     from rich.table import Table
 
@@ -143,36 +141,29 @@ def annotate(
     messages_field: Annotated[str, typer.Option(help="Field holding OpenAI-style messages (wins over the prompt when both are set).")] = "messages",
     generator_field: Annotated[str, typer.Option(help="Field naming the served model (used by bundles trained with it).")] = "generator",
     drop_final_assistant: Annotated[bool, typer.Option(help="Drop a trailing assistant message (logs that store the response in the conversation).")] = False,
-    on_error: Annotated[str, typer.Option("--on-error", help="Bad rows: 'fail' (stop with the line number) or 'skip' (write them to the rejects file).")] = "fail",
+    on_error: Annotated[Literal["fail", "skip"], typer.Option("--on-error", help="Bad rows: 'fail' (stop with the line number) or 'skip' (write them to the rejects file).")] = "fail",
     rejects: Annotated[Path | None, typer.Option(help="Rejects file for --on-error skip (default: OUTPUT's name + .rejects.jsonl).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts per inference batch.")] = 32,
-    chunk_rows: Annotated[int, typer.Option(help="Rows read, predicted and written at a time (bounds memory).")] = 2048,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Prompts per inference call (predictions do not depend on it).")] = 32,
+    chunk_rows: Annotated[int, typer.Option(min=1, max=1_000_000, help="Rows read, predicted and written at a time (bounds memory).")] = 2048,
     reserve_quantile: ReserveQOpt = None,
     margin: MarginOpt = 0.0,
     threads: ThreadsOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT and the rejects file if they exist.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Add rl_bucket, rl_pred_tokens and rl_reserve_tokens to every row of a request trace."""
-    from rlpredict.annotate import AnnotateError, Fields, annotate_file
-    from rlpredict.bundle import BundleError
+    from rlpredict.annotate import Fields, annotate_file
     from rlpredict.runtime import Predictor
 
-    if on_error not in ("fail", "skip"):
-        _fail(f"--on-error must be 'fail' or 'skip', got {on_error!r}")
     fields = Fields(prompt=prompt_field, messages=messages_field, generator=generator_field,
                     drop_final_assistant=drop_final_assistant)
-    try:
-        p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads,
-                           batch_size=batch_size)
-        s = annotate_file(p, input, output, fields=fields, on_error=on_error,  # type: ignore[arg-type]
-                          rejects=rejects, chunk_rows=chunk_rows, progress=progress and not json_out)
-    except (BundleError, AnnotateError, ValueError) as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail(f"interrupted; {output} was not written")
+    p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads,
+                       batch_size=batch_size)
+    s = annotate_file(p, input, output, fields=fields, on_error=on_error, rejects=rejects,
+                      chunk_rows=chunk_rows, progress=progress and not json_out, force=force)
     if json_out:
-        print(json.dumps(s.to_dict(), indent=2))
+        print(dumps(s.to_dict(), indent=2))
         return
     msg = (f"in {s.rows_in} = out {s.rows_out} + rejected {s.rows_rejected} rows "
            f"in {s.seconds:.1f} s ({s.rows_per_s:.0f} rows/s) -> {s.output}")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +66,22 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, source: str = "config") -> None:
+        """Check every setting's type and range; ``ValueError("SOURCE: NAME: ...")`` names it."""
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            problem = _type_problem(value, hints[f.name])
+            if problem is None and f.name in _RANGES and value is not None:
+                low, high, what = _RANGES[f.name]
+                if not (low <= value <= high) or (what.startswith("(") and value == low):
+                    problem = f"must be in {what}"
+            if problem:
+                raise ValueError(f"{source}: {f.name} {problem}, got {value!r}")
+
     @property
     def input_spec(self) -> InputSpec:
         return InputSpec(mode=self.input_mode, max_length=self.max_length,
@@ -77,9 +96,12 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        cfg = cls(**d)
-        cfg.input_spec  # noqa: B018 - validates mode and length
-        return cfg
+        base = cls()
+        for k, v in d.items():  # validated below, naming the source
+            setattr(base, k, v)
+        base.validate(source)
+        base.input_spec  # noqa: B018 - validates mode and length
+        return base
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -97,3 +119,57 @@ class TrainConfig:
         d = d.get("train", d)
         d["data"] = [str(p.parent / x) if not Path(x).is_absolute() else x for x in d.get("data", [])]
         return cls.from_dict(d, source=str(p))
+
+
+#: Numeric ranges: (low, high, how the message says it).
+_RANGES: dict[str, tuple[float, float, str]] = {
+    "max_length": (8, 8192, "[8, 8192]"),
+    "test_frac": (0.0, 0.9, "(0, 0.9]"),
+    "max_rows": (1, math.inf, "[1, inf)"),
+    "max_rows_per_source": (1, math.inf, "[1, inf)"),
+    "reserve_quantile": (0.0, 1.0, "(0, 1]"),
+    "lora_r": (1, 4096, "[1, 4096]"),
+    "lora_alpha": (1, 1 << 20, "[1, 2^20]"),
+    "lora_dropout": (0.0, 0.99, "[0, 0.99]"),
+    "ordinal_sigma": (0.0, 100.0, "(0, 100]"),
+    "epochs": (0.0, 1e4, "(0, 10000]"),
+    "max_steps": (1, math.inf, "[1, inf)"),
+    "batch_size": (1, 1 << 16, "[1, 65536]"),
+    "lr": (0.0, 1.0, "(0, 1]"),
+    "head_lr": (0.0, 1.0, "(0, 1]"),
+    "weight_decay": (0.0, 1.0, "[0, 1]"),
+    "warmup_ratio": (0.0, 1.0, "[0, 1]"),
+    "threads": (1, 1 << 10, "[1, 1024]"),
+}
+
+
+def _type_problem(value: Any, hint: Any, *, in_list: bool = False) -> str | None:
+    """Why ``value`` does not fit the annotation ``hint`` (None: it fits). Floats must be
+    finite, except in lists (bucket edges end with inf)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        problems = [_type_problem(value, a) for a in args if a is not type(None)]
+        if any(p is None for p in problems):
+            return None
+        lists = [p for a, p in zip(args, problems, strict=False) if typing.get_origin(a) is list]
+        return lists[0] if isinstance(value, list) and lists else problems[0]
+    if origin is typing.Literal:
+        return None if value in args else f"must be one of {', '.join(map(repr, args))}"
+    if origin is list:
+        if not isinstance(value, list):
+            return "must be a list"
+        bad = [_type_problem(v, args[0], in_list=True) for v in value] if args else []
+        return next((f"items: {p}" for p in bad if p), None)
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            math.isfinite(value) or (in_list and value == math.inf))
+        return None if ok else "must be a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "must be a string"
+    return None

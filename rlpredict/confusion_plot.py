@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.atomic import atomic_path
+from rlpredict.outputs import atomic_path
 
 
 def bucket_labels(edges: Sequence[float | None]) -> list[str]:

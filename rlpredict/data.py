@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import gzip
 import hashlib
 import io
 import json
 import reprlib
+import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -110,16 +112,15 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
         yield from _iter_datasets_dir(p)
         return
     kind = p.name.removesuffix(".gz").rsplit(".", 1)[-1].lower()
-    if kind in ("jsonl", "ndjson"):
-        yield from _iter_jsonl(p)
-    elif kind == "json":
-        yield from _iter_json_array(p)
-    elif kind in ("csv", "tsv"):
-        yield from _iter_csv(p, delimiter="\t" if kind == "tsv" else ",")
-    elif kind == "parquet":
-        yield from _iter_parquet(p)
-    else:
+    readers: dict[str, Callable[[Path], Iterator[tuple[str, Any]]]] = {
+        "jsonl": _iter_jsonl, "ndjson": _iter_jsonl, "json": _iter_json_array,
+        "csv": _iter_csv, "tsv": functools.partial(_iter_csv, delimiter="\t"), "parquet": _iter_parquet}
+    if kind not in readers:
         raise DataError(str(p), f"unsupported file type {kind!r} (use .jsonl, .json, .csv, .tsv, .parquet, optionally .gz, or a datasets folder)")
+    try:
+        yield from readers[kind](p)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(str(p), f"truncated or corrupt compressed file ({e})") from None
 
 
 def _iter_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
@@ -176,7 +177,7 @@ def _iter_json_array(p: Path) -> Iterator[tuple[str, Any]]:
         yield loc, obj
 
 
-def _iter_csv(p: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
+def _iter_csv(p: Path, delimiter: str = ",") -> Iterator[tuple[str, Any]]:
     """Rows as dicts (header -> cell; missing cells absent, extra cells dropped). Bytes that are
     not UTF-8 and unparsable records are bad rows at their line, like bad JSONL lines."""
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long conversations in one cell
@@ -222,7 +223,11 @@ def _maybe_json(v: str | None) -> Any:
 def _iter_parquet(p: Path) -> Iterator[tuple[str, Any]]:
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+    try:
+        ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+    except Exception as e:  # pyarrow / datasets errors of many types: one line naming the file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(str(p), f"not a readable Parquet file ({reason})") from None
     for i, row in enumerate(ds):
         yield f"{p}: row {i + 1}", row
 

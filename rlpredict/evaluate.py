@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.atomic import write_text_atomic
 from rlpredict.baselines import BASELINES
 from rlpredict.buckets import BucketScheme
 from rlpredict.confusion_plot import plot_confusion
@@ -21,6 +20,7 @@ from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.inputs import InputSpec, build_text
 from rlpredict.metrics import confusion, rl_metrics
 from rlpredict.model_meta import ModelMeta
+from rlpredict.outputs import output_dir, write_text_atomic
 from rlpredict.splits import split_by_group
 
 MODEL = "model"
@@ -102,9 +102,12 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
         tr_texts, te_texts = baseline_texts(train, spec), baseline_texts(test, spec)
         tr_rl = np.array([s.rl_tokens for s in train], dtype=float)
         for name in baselines:
-            probs[name] = BASELINES[name]().fit(tr_texts, tr_rl, scheme).predict_proba(te_texts)
+            try:
+                probs[name] = BASELINES[name]().fit(tr_texts, tr_rl, scheme).predict_proba(te_texts)
+            except ValueError as e:  # too few rows or classes, empty vocabulary: say so, go on
+                skipped_baselines.append(f"{name}: {' '.join(str(e).split())}")
     elif baselines:
-        skipped_baselines = list(baselines)
+        skipped_baselines = [f"{name}: no training side (--split all without --baseline-data)" for name in baselines]
 
     sources = sorted({s.source for s in test})
     src = np.array([s.source for s in test])
@@ -174,9 +177,15 @@ def markdown_report(report: dict) -> str:
 
 
 def write_report(report: dict, probs: dict[str, np.ndarray], test: Sequence[Sample], scheme: BucketScheme,
-                 out_dir: str | Path) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+                 out_dir: str | Path, *, force: bool = False) -> None:
+    """Write the report folder (JSON, Markdown, confusion plots) atomically; an existing one
+    is replaced only with ``force`` (``rlpredict.outputs``)."""
+    with output_dir(out_dir, force=force, tool="rlpredict eval") as tmp:
+        _write_report(report, probs, test, scheme, tmp)
+
+
+def _write_report(report: dict, probs: dict[str, np.ndarray], test: Sequence[Sample], scheme: BucketScheme,
+                  out: Path) -> None:
     rl = np.array([s.rl_tokens for s in test], dtype=float)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "report.md", markdown_report(report))

@@ -21,7 +21,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -34,6 +33,7 @@ from rlpredict.bundle import MODEL_FILE, TOKENIZER_FILE, load_bundle, write_mani
 from rlpredict.inputs import build_text
 from rlpredict.json_file import read_json
 from rlpredict.model_meta import ModelMeta
+from rlpredict.outputs import check_new_dir, check_paths, output_dir
 from rlpredict.runtime import Predictor
 
 DEFAULT_OPSET = 17
@@ -42,7 +42,7 @@ PARITY_ATOL = 1e-3
 DEFAULT_PARITY_N = 256
 
 
-class ExportError(RuntimeError):
+class ExportError(ValueError):
     """The export cannot produce a faithful bundle (parity failed, bad model folder, ...)."""
 
 
@@ -60,20 +60,14 @@ def export_bundle(model_dir: str | Path, out: str | Path, *, int8: bool = False,
     if not (model_dir / TOKENIZER_FILE).is_file():
         raise ExportError(f"{model_dir}: no {TOKENIZER_FILE} (the encoder's fast tokenizer); "
                           "the bundle needs it to tokenize without transformers")
-    if out.exists() and not force:
-        raise ExportError(f"{out} exists; pass --force to replace it")
+    check_paths([model_dir, *(parity_data or ())], [("--out", out)])
+    check_new_dir(out, force=force, option="--out")
     samples = _parity_samples(parity_data, parity_n, meta)
     log(f"parity prompts: {len(samples)} from {_describe(parity_data)}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-    try:
+    with output_dir(out, force=force, tool="rlpredict export") as tmp:
         manifest = _build(model_dir, tmp, meta, samples, int8=int8, atol=atol, opset=opset,
                           name=name or out.name, parity_source=_describe(parity_data), log=log)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"bundle written to {out}")
     return manifest
 
@@ -318,18 +312,3 @@ def _read_json(path: Path) -> dict | None:
         return read_json(path)
     except ValueError as e:
         raise ExportError(str(e)) from None
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished bundle into place; an existing ``out`` is replaced only at the end."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

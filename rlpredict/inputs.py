@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 Mode = Literal["last_user", "history"]
+#: Longest input an encoder of ours reads (BERT-style encoders stop at 512; some go to 8192).
+MAX_LENGTH = 8192
 Message = Mapping[str, str]
 
 
@@ -30,8 +32,11 @@ class InputSpec:
     def __post_init__(self) -> None:
         if self.mode not in ("last_user", "history"):
             raise ValueError(f"input mode must be 'last_user' or 'history', got {self.mode!r}")
-        if self.max_length < 8:
-            raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) \
+                or not 8 <= self.max_length <= MAX_LENGTH:
+            raise ValueError(f"max_length must be an integer in [8, {MAX_LENGTH}] tokens, got {self.max_length!r}")
+        if not isinstance(self.include_generator, bool):
+            raise ValueError(f"include_generator must be true or false, got {self.include_generator!r}")
 
     @property
     def truncation_side(self) -> Literal["left", "right"]:
@@ -42,8 +47,8 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> InputSpec:
-        return cls(mode=d.get("mode", "last_user"), max_length=int(d.get("max_length", 128)),
-                   include_generator=bool(d.get("include_generator", False)))
+        return cls(mode=d.get("mode", "last_user"), max_length=d.get("max_length", 128),
+                   include_generator=d.get("include_generator", False))
 
 
 def last_user_message(messages: Sequence[Message]) -> str:

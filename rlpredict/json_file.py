@@ -1,8 +1,12 @@
-"""Reading a whole JSON file, with errors that name the file and line (writes: ``atomic.py``)."""
+"""Reading a whole JSON file with errors that name the file and line; strict JSON output.
+
+(Atomic writes: ``outputs.py``.)
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,3 +18,21 @@ def read_json(path: str | Path) -> Any:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def strict(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by None, recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalars
+        return strict(obj.item())
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON (RFC 8259): NaN and infinities become null, never bare ``NaN``."""
+    return json.dumps(strict(obj), allow_nan=False, **kwargs)

@@ -10,10 +10,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlpredict.atomic import write_text_atomic
 from rlpredict.buckets import BucketScheme
 from rlpredict.inputs import InputSpec
 from rlpredict.json_file import read_json
+from rlpredict.outputs import write_text_atomic
 
 FORMAT = "rlpredict.model/1"
 FILENAME = "rlpredict.json"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from rlpredict.data import LoadReport, Sample, attach_rl, load_samples
 from rlpredict.encoders import encoder_path
 from rlpredict.inputs import build_text
 from rlpredict.model_meta import ModelMeta
+from rlpredict.outputs import check_new_dir, check_paths, output_dir
 from rlpredict.splits import split_by_group
 
 
@@ -62,6 +62,11 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if not train:
         raise ValueError("no training samples left after the split")
     scheme = make_scheme(cfg.buckets, np.array([s.rl_tokens for s in train]), cfg.reserve_quantile)
+    present = sum(1 for c in scheme.counts if c)
+    if present < 2:
+        raise ValueError(f"every training response falls in one bucket of {scheme.n_buckets} "
+                         f"(edges {[None if math.isinf(e) else e for e in scheme.edges]}): a classifier "
+                         "needs at least two; give more varied data or other bucket edges")
     return Prepared(train, test, scheme, report)
 
 
@@ -93,8 +98,20 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
     return batches
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None = None, progress: bool = True) -> dict:
-    """Train per ``cfg`` and write the model folder; returns the training summary."""
+def check_output(cfg: TrainConfig, out_dir: str | Path, force: bool = False) -> None:
+    """Refuse (``OutputError``) an output folder that exists without ``force``, holds files no
+    tool of ours wrote, or holds the training data: checked before training starts."""
+    check_paths(cfg.data, [("--out", Path(out_dir))])
+    check_new_dir(out_dir, force=force, option="--out")
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None = None, progress: bool = True,
+          force: bool = False) -> dict:
+    """Train per ``cfg`` and write the model folder; returns the training summary.
+
+    An existing ``out_dir`` is replaced only with ``force``, and only if a tool of ours wrote
+    everything in it (``rlpredict.outputs``); the new folder is moved into place at the end."""
+    check_output(cfg, out_dir, force)
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     from transformers import (
@@ -175,17 +192,22 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None = 
                 bar.console.print(f"step {step}/{total} loss {np.mean(losses[-25:]):.4f} "
                                   f"{seen / (time.time() - t_loop):.1f} ex/s")
     loop_s, train_s = time.time() - t_loop, time.time() - t0
-    window = max(1, min(50, step // 5))
 
     if cfg.method == "lora":
         model = model.merge_and_unload()
     model.eval()
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with output_dir(out_dir, force=force, tool="rlpredict train") as tmp:
+        summary = _save(model, tok, cfg, prep, scheme, tmp, step=step, seen=seen, losses=losses,
+                        train_s=train_s, loop_s=loop_s)
+    return summary
+
+
+def _save(model, tok, cfg: TrainConfig, prep: Prepared, scheme: BucketScheme, tmp: Path, *, step: int,
+          seen: int, losses: list[float], train_s: float, loop_s: float) -> dict:
+    window = max(1, min(50, step // 5))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    ModelMeta(buckets=scheme, input=spec, rl_tokenizer=cfg.rl_tokenizer).save(tmp)
+    ModelMeta(buckets=scheme, input=cfg.input_spec, rl_tokenizer=cfg.rl_tokenizer).save(tmp)
     summary = {
         "format": "rlpredict.training_summary/1",
         "config": cfg.to_dict(),
@@ -202,9 +224,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None = 
         "train_seconds": round(train_s, 1), "examples_per_second": round(seen / max(loop_s, 1e-9), 2),
     }
     (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return summary
 
 

@@ -125,7 +125,7 @@ def test_fail_mode_names_the_line_and_writes_nothing(predictor, tmp_path):
     write(src, rows)
     dst.write_text("previous output\n")
     with pytest.raises(AnnotateError, match=r"t\.jsonl: line 4: field 'prompt' is missing or null"):
-        annotate_file(predictor, src, dst, chunk_rows=2)  # two chunks were written before the error
+        annotate_file(predictor, src, dst, chunk_rows=2, force=True)  # two chunks were written before the error
     assert dst.read_text() == "previous output\n"  # the old file is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "t.jsonl"]  # no temp files
 

@@ -13,6 +13,7 @@ import onnxruntime as ort
 from rlpredict import export as export_mod
 from rlpredict.bundle import FORMAT, load_bundle
 from rlpredict.export import ExportError, export_bundle
+from rlpredict.outputs import OutputError
 
 
 def test_parity_recorded_and_passed(bundle_fp32):
@@ -76,17 +77,21 @@ def test_eval_copied_refuses_existing_and_force_replaces(tiny_model_dir, tmp_pat
     (model / "eval" / "report.json").write_text(json.dumps(report))
     (model / "eval" / "confusion.json").write_text(json.dumps(confusion))
     out = tmp_path / "bundle"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    with pytest.raises(ExportError, match=r"--force"):
+    export_bundle(model, out, parity_n=8)  # a bundle of ours: --force may replace it
+    with pytest.raises(OutputError, match=r"--force"):
         export_bundle(model, out, parity_n=8)
     res = CliRunner().invoke(app, ["export", "--model", str(model), "--out", str(out),
                                    "--parity-n", "8", "--force", "--json"])
     assert res.exit_code == 0, res.output
     m = load_bundle(out).manifest
     assert m["evaluation"] == report and m["confusion"] == confusion
-    assert not (out / "old.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "model"]
+    # a file the user put there: --force refuses, and nothing is deleted
+    (out / "notes.txt").write_text("mine")
+    res = CliRunner().invoke(app, ["export", "--model", str(model), "--out", str(out),
+                                   "--parity-n", "8", "--force"])
+    assert res.exit_code == 2 and "did not write" in res.output and "notes.txt" in res.output
+    assert (out / "notes.txt").read_text() == "mine" and load_bundle(out).manifest == m
 
 
 def test_missing_model_meta_is_a_clear_error(tmp_path):

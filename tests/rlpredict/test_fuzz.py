@@ -144,7 +144,7 @@ def _annotate_both_modes(p: Predictor, src: Path, rows: int):
     failed = d / f"failed{''.join(src.suffixes)}"
     failed.write_text("old content")
     try:
-        annotate_file(p, src, failed, on_error="fail", chunk_rows=7)  # int8: same batches
+        annotate_file(p, src, failed, on_error="fail", chunk_rows=7, force=True)  # int8: same batches
     except AnnotateError as e:
         assert rejected, f"fail mode failed where skip mode rejected nothing: {e}"
         m = re.match(rf"{re.escape(str(src))}: line (\d+): ", str(e))

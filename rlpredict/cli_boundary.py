@@ -1,0 +1,171 @@
+"""One error boundary for each CLI (``rlpredict`` and ``ecoserve``).
+
+Every command runs inside ``BoundaryGroup.invoke``:
+
+- a known failure (bad data, bad bundle, bad option, an output that would collide, I/O errors,
+  corrupt compressed files) prints one line, ``error: FILE[:LINE]: what is wrong``, and exits 2;
+- anything else is a bug: one line saying so, exit 1;
+- ``--debug`` (or ``RLPREDICT_DEBUG=1``) re-raises, so the traceback shows;
+- SIGTERM is turned into ``KeyboardInterrupt`` so temporary outputs are removed as on Ctrl-C
+  (exit 130, nothing half-written is left).
+
+``--version`` prints the package version and the bundle format version. Validators for numeric
+options (``positive_int``, ``in_range``, ...) give one message naming the option.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+DEBUG_ENV = "RLPREDICT_DEBUG"
+
+#: Failures a user can fix: one line and exit 2. Our errors (DataError, BundleError,
+#: AnnotateError, TraceError, OutputError, ...) are ValueErrors; ExportError registers itself.
+KNOWN_ERRORS: list[type[BaseException]] = [ValueError, OSError, EOFError, zlib.error, MemoryError]
+
+
+def register_known(*types: type[BaseException]) -> None:
+    """Add exception types that the boundary reports as user errors (exit 2)."""
+    KNOWN_ERRORS.extend(t for t in types if t not in KNOWN_ERRORS)
+
+
+def describe(e: BaseException) -> str:
+    """One line for a known failure."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, (EOFError, zlib.error)):
+        return f"a compressed input is truncated or corrupt ({e})"
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.splitlines()) if "\n" in text else text
+
+
+def _debug(ctx: Any) -> bool:
+    return bool(ctx.params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _framework(e: BaseException) -> bool:
+    """Typer/Click control flow (Exit, Abort, usage errors): left to the framework."""
+    return type(e).__module__.split(".")[0] in ("typer", "click")
+
+
+class BoundaryGroup(TyperGroup):
+    """A Typer group whose commands fail with one line, never a traceback."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            with _sigterm_as_interrupt():
+                return super().invoke(ctx)
+        except KeyboardInterrupt:
+            if _debug(ctx):
+                raise
+            typer.echo("interrupted: no output was written", err=True)
+            raise typer.Exit(130) from None
+        except Exception as e:
+            if _framework(e) or _debug(ctx):
+                raise
+            if isinstance(e, tuple(KNOWN_ERRORS)):
+                typer.echo(f"error: {describe(e)}", err=True)
+                raise typer.Exit(2) from None
+            typer.echo(f"internal error (a bug): {type(e).__name__}: {describe(e)}; rerun with "
+                       f"--debug for the traceback and report it", err=True)
+            raise typer.Exit(1) from None
+
+
+def version_text(tool: str) -> str:
+    import rlpredict
+    from rlpredict.bundle import FORMAT
+
+    return f"{tool} {rlpredict.__version__} (bundle format {FORMAT})"
+
+
+def root_callback(tool: str) -> Callable[..., None]:
+    """The group callback that adds ``--version`` and ``--debug`` to a CLI."""
+
+    def show_version(value: bool) -> None:
+        if value:
+            typer.echo(version_text(tool))
+            raise typer.Exit()
+
+    def callback(
+        version: bool = typer.Option(False, "--version", is_eager=True, callback=show_version,
+                                     help="Print the version and the bundle format, then exit."),
+        debug: bool = typer.Option(False, "--debug", help=f"Show tracebacks (also ${DEBUG_ENV}=1)."),
+    ) -> None:
+        pass
+
+    return callback
+
+
+# ---- option validators (one message naming the option) -----------------------------------------
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def at_least(low: float) -> Callable[[Any], Any]:
+    """A callback refusing values below ``low`` (None passes) and non-finite floats."""
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise typer.BadParameter(f"must be a finite number, got {value}")
+        if value < low:
+            raise typer.BadParameter(f"must be >= {low:g}, got {value}")
+        return value
+
+    return check
+
+
+def in_range(low: float, high: float, *, low_open: bool = False) -> Callable[[Any], Any]:
+    """A callback refusing values outside [low, high] ((low, high] with ``low_open``)."""
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return value
+        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            raise typer.BadParameter(f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value}")
+        return value
+
+    return check
+
+
+def thread_count(value: int | None) -> int | None:
+    """``--threads``: 1 to the usable cores."""
+    if value is None:
+        return value
+    cores = usable_cores()
+    if not 1 <= value <= cores:
+        raise typer.BadParameter(f"must be between 1 and {cores} (this machine's usable cores), got {value}")
+    return value

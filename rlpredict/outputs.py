@@ -1,0 +1,195 @@
+"""Output safety: the one rule every writer of both CLIs follows.
+
+1. **Atomic.** A file is written to a temporary file beside its target and renamed over it at
+   the end; a folder is built in a temporary folder beside its target and moved into place at
+   the end. A crash, Ctrl-C or SIGTERM leaves the old output or the new one, never half of one,
+   and removes the temporary file or folder.
+2. **No collisions.** ``check_paths`` refuses an output that is an input, is another output, or
+   is a folder holding an input (replacing it would delete the input).
+3. **No silent replacement.** An output that exists is replaced only with ``force``; a folder
+   only if everything in it was written by this tool (``OWNER_FILE`` lists the files each tool
+   wrote; sub-folders carry their own), so ``--force`` never deletes a user's file.
+
+Pure standard library: both packages import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+#: Written into every folder a tool creates: ``{"tool": ..., "files": [...]}``.
+OWNER_FILE = ".rlpredict-output.json"
+
+
+class OutputError(ValueError):
+    """An output would collide with an input or another output, or would replace what the tool
+    did not write."""
+
+
+# ---- files --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is renamed to ``path``, else removed."""
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder; give a file name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+# ---- collisions ---------------------------------------------------------------------------------
+def _key(p: Path) -> Path:
+    return p.expanduser().resolve()
+
+
+def _same(a: Path, b: Path) -> bool:
+    if _key(a) == _key(b):
+        return True
+    try:  # hard links, bind mounts
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_paths(inputs: Iterable[str | Path], outputs: Iterable[tuple[str, str | Path]]) -> None:
+    """Refuse outputs that collide. ``outputs`` are ``(option name, path)`` pairs.
+
+    Raises ``OutputError`` naming the option when an output is an input, equals another
+    output, or is a folder that holds an input.
+    """
+    ins = [Path(p) for p in inputs]
+    outs = [(name, Path(p)) for name, p in outputs]
+    for i, (name, out) in enumerate(outs):
+        for src in ins:
+            if _same(out, src):
+                raise OutputError(f"{out}: {name} is also an input; choose another path")
+            if _key(out) in _key(src).parents:
+                raise OutputError(f"{out}: {name} holds the input {src}; replacing it would delete "
+                                  "the input; choose another path")
+        for other_name, other in outs[i + 1:]:
+            if _same(out, other):
+                raise OutputError(f"{out}: {name} and {other_name} are the same path; choose two")
+
+
+def check_new_file(path: str | Path, *, force: bool, option: str) -> None:
+    """Refuse a file output that exists (unless ``force``) or that is a folder."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{p}: {option} is a folder; give a file name")
+    if p.exists() and not force:
+        raise OutputError(f"{p}: exists; pass --force to replace it ({option})")
+
+
+# ---- folders ------------------------------------------------------------------------------------
+def foreign_entries(folder: Path) -> list[Path]:
+    """What in ``folder`` no tool of ours wrote (empty: the folder may be replaced)."""
+    marker = folder / OWNER_FILE
+    owned: set[str] = set()
+    if marker.is_file():
+        try:
+            owned = set(json.loads(marker.read_text(encoding="utf-8")).get("files", []))
+        except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
+            owned = set()
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name == OWNER_FILE and owned:
+            continue
+        if entry.is_dir() and not entry.is_symlink() and (entry / OWNER_FILE).is_file():
+            foreign += foreign_entries(entry)
+        elif entry.name not in owned:
+            foreign.append(entry)
+    return foreign
+
+
+def check_new_dir(path: str | Path, *, force: bool, option: str) -> None:
+    """Refuse a folder output that exists (unless ``force``), that is a file, or that holds
+    anything this tool did not write."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{p}: {option} is a file, not a folder; choose another path")
+    if not p.exists() or not any(p.iterdir()):
+        return
+    if not force:
+        raise OutputError(f"{p}: exists; pass --force to replace it ({option})")
+    foreign = foreign_entries(p)
+    if foreign:
+        shown = ", ".join(str(f) for f in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise OutputError(f"{p}: holds files this tool did not write ({shown}); --force replaces "
+                          "only a folder a tool of ours wrote: move them or choose another path")
+
+
+@contextlib.contextmanager
+def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out") -> Iterator[Path]:
+    """Build a folder output: yield an empty temporary folder beside ``path``; on success it
+    gets ``OWNER_FILE`` and replaces ``path`` (checked by ``check_new_dir``); on any error or
+    interrupt it is removed and ``path`` is left as it was."""
+    out = Path(path)
+    check_new_dir(out, force=force, option=option)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    try:
+        yield tmp
+        files = sorted(e.name for e in tmp.iterdir())
+        write_text_atomic(tmp / OWNER_FILE, json.dumps({"tool": tool, "files": files}, indent=1) + "\n")
+        _replace_dir(tmp, out, force=force, option=option)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(tmp: Path, out: Path, *, force: bool, option: str) -> None:
+    """Move ``tmp`` to ``out``; an existing ``out`` (re-checked now) is moved aside first and
+    removed only once the new folder is in place."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    check_new_dir(out, force=force, option=option)  # it may have changed while we worked
+    if not any(out.iterdir()):
+        out.rmdir()
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old.rmdir()
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def mark_owned(folder: str | Path, tool: str, names: Iterable[str]) -> None:
+    """Record files a tool wrote into an existing folder (for writers that add to a folder
+    file by file, like reports)."""
+    f = Path(folder)
+    marker = f / OWNER_FILE
+    files: set[str] = set()
+    if marker.is_file():
+        with contextlib.suppress(ValueError, AttributeError, TypeError, UnicodeDecodeError):
+            files = set(json.loads(marker.read_text(encoding="utf-8")).get("files", []))
+    write_text_atomic(marker, json.dumps({"tool": tool, "files": sorted(files | set(names))}, indent=1) + "\n")

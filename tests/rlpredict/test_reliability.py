@@ -1,0 +1,298 @@
+"""The reliability rules at the CLI boundary: no user file is deleted or overwritten, every bad
+option or input is one line and exit 2, bundles are checked beyond their hashes, SIGTERM
+cleans up like Ctrl-C. (Fuzzing of the row readers: test_fuzz.py; determinism:
+test_determinism.py.)"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from rlpredict.bundle import BundleError, load_bundle
+from rlpredict.cli import app
+from rlpredict.config import TrainConfig
+from rlpredict.outputs import OWNER_FILE, OutputError, check_paths, output_dir
+
+REPO = Path(__file__).resolve().parents[2]
+ROWS = [{"id": i, "prompt": f"Write {i} short lines about the sea"} for i in range(5)]
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error_line(res, *needles: str) -> None:
+    """Exit 2, one ``error:`` line naming what is wrong, no traceback."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    for n in needles:
+        assert n in res.output, (n, res.output)
+
+
+@pytest.fixture
+def trace(tmp_path) -> Path:
+    p = tmp_path / "t.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return p
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- outputs never collide with inputs, never replace a user's file ------------------------------
+def test_annotate_refuses_every_collision_and_existing_outputs(trace, tmp_path):
+    before = snapshot(tmp_path)
+    one_error_line(run("annotate", trace, "-o", trace), "also an input")
+    one_error_line(run("annotate", trace, "-o", tmp_path / "o.jsonl", "--on-error", "skip", "--rejects", trace),
+                   "--rejects is also an input")
+    one_error_line(run("annotate", trace, "-o", tmp_path / "o.jsonl", "--on-error", "skip",
+                       "--rejects", tmp_path / "o.jsonl"), "are the same path")
+    # the default rejects name (OUTPUT's name + .rejects.jsonl) is the input
+    src = tmp_path / "x.rejects.jsonl"
+    shutil.copy(trace, src)
+    one_error_line(run("annotate", src, "-o", tmp_path / "x.jsonl", "--on-error", "skip"), "also an input")
+    (tmp_path / "dir.jsonl").mkdir()
+    one_error_line(run("annotate", trace, "-o", tmp_path / "dir.jsonl"), "is a folder")
+    # an existing output (or rejects file) is replaced only with --force
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("my file\n")
+    one_error_line(run("annotate", trace, "-o", mine), "exists; pass --force")
+    (tmp_path / "o.rejects.jsonl").write_text("my notes\n")
+    one_error_line(run("annotate", trace, "-o", tmp_path / "o.jsonl", "--on-error", "skip"), "--rejects")
+    assert mine.read_text() == "my file\n" and (tmp_path / "o.rejects.jsonl").read_text() == "my notes\n"
+    assert all(snapshot(tmp_path)[k] == v for k, v in before.items())
+    res = run("annotate", trace, "-o", mine, "--force", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert [json.loads(line)["id"] for line in mine.read_text().splitlines()] == [r["id"] for r in ROWS]
+
+
+def test_train_never_deletes_a_users_folder(trace, tmp_path):
+    data_dir = tmp_path / "logs"
+    data_dir.mkdir()
+    data = data_dir / "chats.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    before = snapshot(tmp_path)
+    # --out holding the training data: refused even with --force
+    one_error_line(run("train", "--data", data, "--out", data_dir, "--force"), "holds the input")
+    # an existing folder: refused without --force; with it, refused when it holds the user's files
+    notes = tmp_path / "work"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    one_error_line(run("train", "--data", data, "--out", notes), "exists; pass --force")
+    one_error_line(run("train", "--data", data, "--out", notes, "--force"), "did not write", "notes.txt")
+    one_error_line(run("train", "--data", data, "--out", trace), "is a file")
+    assert snapshot(tmp_path) == {**before, "work/notes.txt": b"mine"}
+
+
+def test_output_dir_replaces_only_what_a_tool_wrote(tmp_path):
+    out = tmp_path / "report"
+    with output_dir(out, force=False, tool="t") as tmp:
+        (tmp / "a.json").write_text("1")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / OWNER_FILE).write_text(json.dumps({"files": ["b.png"]}))
+        (tmp / "sub" / "b.png").write_text("2")
+    with pytest.raises(OutputError, match="exists; pass --force"):
+        with output_dir(out, force=False, tool="t"):
+            pass
+    with output_dir(out, force=True, tool="t") as tmp:  # ours entirely (nested folder too)
+        (tmp / "a.json").write_text("3")
+    assert (out / "a.json").read_text() == "3" and not (out / "sub").exists()
+    (out / "user.txt").write_text("mine")
+    with pytest.raises(OutputError, match="user.txt"):
+        with output_dir(out, force=True, tool="t"):
+            pass
+    with pytest.raises(RuntimeError), output_dir(tmp_path / "new", force=False, tool="t") as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("boom")  # an error leaves nothing behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    assert (out / "user.txt").read_text() == "mine"
+
+
+def test_check_paths_sees_links(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("{}\n")
+    link = tmp_path / "link.jsonl"
+    os.link(src, link)
+    with pytest.raises(OutputError, match="also an input"):
+        check_paths([src], [("--output", link)])
+    sym = tmp_path / "sym.jsonl"
+    sym.symlink_to(src)
+    with pytest.raises(OutputError, match="also an input"):
+        check_paths([src], [("--output", sym)])
+
+
+# ---- options and inputs: one line, exit 2 --------------------------------------------------------
+@pytest.mark.parametrize("args, option", [
+    (["--margin", "nan"], "--margin"), (["--margin", "-1"], "--margin"), (["--margin", "inf"], "--margin"),
+    (["--threads", "100000"], "--threads"), (["--threads", "0"], "--threads"), (["--threads", "-1"], "--threads"),
+    (["--chunk-rows", "0"], "--chunk-rows"), (["--batch-size", "0"], "--batch-size"),
+    (["--reserve-quantile", "0"], "--reserve-quantile"), (["--reserve-quantile", "1.5"], "--reserve-quantile"),
+    (["--reserve-quantile", "nan"], "--reserve-quantile"), (["--on-error", "ignore"], "--on-error"),
+])
+def test_annotate_options_are_checked_where_parsed(trace, tmp_path, args, option):
+    res = run("annotate", trace, "-o", tmp_path / "o.jsonl", *args)
+    assert res.exit_code == 2 and option in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_predict_and_train_options_are_checked(tmp_path):
+    for args, option in ((["predict", "--margin", "nan", "hi"], "--margin"),
+                         (["predict", "--threads", "100000", "hi"], "--threads"),
+                         (["train", "--max-steps", "-1"], "--max-steps"), (["train", "--max-rows", "0"], "--max-rows"),
+                         (["eval", "--model", "m", "--data", "d", "--reserve-quantile", "2"], "--reserve-quantile"),
+                         (["export", "--model", "m", "--out", "o", "--parity-n", "0"], "--parity-n")):
+        res = run(*args)
+        assert res.exit_code == 2 and option in res.output, (args, res.output)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('max_steps = "four"\n')
+    one_error_line(run("train", "-c", cfg, "--out", tmp_path / "m"), "c.toml: max_steps must be an integer")
+    cfg.write_text("lr = nan\n")
+    one_error_line(run("train", "-c", cfg, "--out", tmp_path / "m"), "lr must be a finite number")
+
+
+def test_config_refuses_bad_values_naming_them():
+    for d, msg in (({"max_steps": -1}, "max_steps must be in"), ({"batch_size": 0}, "batch_size"),
+                   ({"input_mode": "all"}, "input_mode must be one of"), ({"test_frac": 1.0}, "test_frac"),
+                   ({"include_generator": "yes"}, "true or false"), ({"threads": 0}, "threads")):
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig.from_dict(d, "cfg.toml")
+
+
+def test_one_bucket_of_training_data_is_refused():
+    from rlpredict.samples import SAMPLE_FILES
+    from rlpredict.train import prepare
+
+    cfg = TrainConfig(data=[str(SAMPLE_FILES["sharegpt"])], buckets=[100_000, float("inf")])
+    with pytest.raises(ValueError, match="one bucket"):
+        prepare(cfg)
+
+
+def test_corrupt_compressed_and_parquet_inputs_name_the_file(tmp_path):
+    good = gzip.compress("".join(json.dumps(r) + "\n" for r in ROWS * 200).encode())
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(good[: len(good) // 2])
+    one_error_line(run("annotate", cut, "-o", tmp_path / "o.jsonl.gz", "--no-progress"),
+                   "cut.jsonl.gz: truncated or corrupt compressed file")
+    assert not (tmp_path / "o.jsonl.gz").exists()
+    chats = gzip.compress("".join(json.dumps({"prompt": "hi", "response": "hello"}) + "\n"
+                                  for _ in range(2000)).encode())
+    (tmp_path / "chats.jsonl.gz").write_bytes(chats[: len(chats) // 2])
+    one_error_line(run("train", "--data", tmp_path / "chats.jsonl.gz", "--out", tmp_path / "m"),
+                   "chats.jsonl.gz", "truncated or corrupt")
+    pq = tmp_path / "bad.parquet"
+    pq.write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
+    one_error_line(run("annotate", pq, "-o", tmp_path / "o.parquet"), "bad.parquet")
+
+
+def test_unknown_errors_are_one_line_and_debug_shows_the_traceback(trace, tmp_path, monkeypatch):
+    from rlpredict import runtime
+
+    def boom(*a, **k):
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(runtime.Predictor, "load", boom)
+    res = run("annotate", trace, "-o", tmp_path / "o.jsonl")
+    assert res.exit_code == 1 and "internal error (a bug): RuntimeError: unexpected" in res.output
+    res = run("--debug", "annotate", trace, "-o", tmp_path / "o.jsonl")
+    assert isinstance(res.exception, RuntimeError)
+
+
+def test_version():
+    res = run("--version")
+    assert res.exit_code == 0 and res.output.startswith("rlpredict 0.1.0 (bundle format rlpredict.bundle/1)")
+
+
+def test_sigterm_removes_temporary_files_like_ctrl_c(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, typer
+        from rlpredict.cli_boundary import BoundaryGroup
+        from rlpredict.outputs import atomic_path
+        app = typer.Typer(cls=BoundaryGroup)
+        @app.command()
+        def write():
+            with atomic_path({str(tmp_path / "out.jsonl")!r}) as tmp:
+                tmp.write_text("half")
+                os.kill(os.getpid(), signal.SIGTERM)
+        @app.command()
+        def other():
+            pass
+        app()
+    """)
+    res = subprocess.run([sys.executable, "-c", script, "write"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 130 and "interrupted" in res.stderr, res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- bundle manifests are checked against their schema --------------------------------------------
+BAD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**9), st.sampled_from(
+    [float("nan"), float("inf"), -1.5, 0.0, 1e300]), st.text(max_size=5), st.lists(st.integers(-5, 5), max_size=3))
+FIELDS = [("buckets", "edges", 1), ("buckets", "edges", -1), ("buckets", "point_tokens", 0),
+          ("buckets", "reserve_tokens", 2), ("buckets", "reserve_quantile", None), ("buckets", "quantiles", 3),
+          ("input", "max_length", None), ("input", "mode", None), ("input", "include_generator", None),
+          ("tokenizer", "pad_token_id", None), ("model", "num_labels", None), ("model", "file", None),
+          ("rl_tokenizer", None, None)]
+
+
+@pytest.fixture(scope="module")
+def bundle_copy(bundle_fp32, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    shutil.copytree(bundle_fp32, out)
+    return out
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(FIELDS), value=BAD_VALUES)
+def test_manifest_fuzz_loads_valid_or_names_the_field(bundle_copy, where, value):
+    path = bundle_copy / "manifest.json"
+    original = json.loads(path.read_text())
+    m = json.loads(json.dumps(original))
+    top, key, idx = where
+    if key is None:
+        m[top] = value
+    elif idx is None:
+        m[top][key] = value
+    else:
+        m[top][key][idx] = value
+    path.write_text(json.dumps(m))
+    try:
+        b = load_bundle(bundle_copy, verify=False)
+    except BundleError as e:
+        assert str(e).startswith(str(path)) and "\n" not in str(e)
+    else:  # what loaded is sane
+        s = b.buckets
+        assert all(a < c for a, c in zip(s.edges, s.edges[1:], strict=False))
+        assert min(s.reserve_tokens) >= 1 and 8 <= b.input.max_length <= 8192
+    finally:
+        path.write_text(json.dumps(original))
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m["buckets"]["reserve_tokens"].__setitem__(0, -5), "reserve_tokens"),
+    (lambda m: m["buckets"]["edges"].__setitem__(1, 10), "strictly increasing"),
+    (lambda m: m["input"].__setitem__("max_length", 10**9), "max_length"),
+    (lambda m: m["files"][next(iter(m["files"]))].__setitem__("sha256", "x"), "sha256"),
+])
+def test_manifest_named_cases(bundle_copy, edit, field):
+    path = bundle_copy / "manifest.json"
+    original = path.read_text()
+    m = json.loads(original)
+    edit(m)
+    path.write_text(json.dumps(m))
+    try:
+        with pytest.raises(BundleError, match=field):
+            load_bundle(bundle_copy, verify=False)
+        one_error_line(run("predict", "--model", bundle_copy, "hi"), field)
+    finally:
+        path.write_text(original)
