@@ -37,6 +37,9 @@ from rlpredict.runtime import Predictor, Request
 from rlpredict.untrusted_text import is_valid_unicode, json_problem
 
 COLUMNS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
+#: A chunk is predicted and written once it holds ``chunk_rows`` rows or this many characters
+#: of row text, whichever comes first: memory stays bounded however long the rows are.
+CHUNK_CHARS = 16 << 20
 Format = Literal["jsonl", "csv", "parquet"]
 OnError = Literal["fail", "skip"]
 _SUFFIXES: dict[str, Format] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
@@ -273,6 +276,7 @@ def _annotate_jsonl(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> N
     with open(src, "rb") as raw, (gzip.GzipFile(fileobj=raw) if gz else nullcontext(raw)) as f, \
             _open_output(tmp, dst) as out:
         batch: list[tuple[str, dict, Request, str | None]] = []
+        held = 0  # characters of row text in the batch
         for lineno, data in enumerate(f, 1):
             try:
                 line = data.decode("utf-8-sig" if lineno == 1 else "utf-8")
@@ -302,8 +306,10 @@ def _annotate_jsonl(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> N
                 run.reject("line", lineno, str(e), row)
                 continue
             batch.append((text, row, req, gen))
-            if len(batch) >= chunk:
+            held += len(text)
+            if len(batch) >= chunk or held >= CHUNK_CHARS:
                 _flush_jsonl(run, batch, out)
+                held = 0
                 run.advance(raw.tell())
         _flush_jsonl(run, batch, out)
         run.advance(raw.tell())
@@ -347,6 +353,7 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(out_header)
         batch: list[tuple[list[str], Request, str | None]] = []
+        held = 0  # characters of row text in the batch
         line_start = reader.line_num + 1
         while True:
             try:
@@ -375,8 +382,10 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
                 run.reject("line", lineno, str(e), row)
                 continue
             batch.append((cells + [""] * (len(out_header) - len(cells)), req, gen))
-            if len(batch) >= chunk:
+            held += sum(map(len, cells))
+            if len(batch) >= chunk or held >= CHUNK_CHARS:
                 _flush_csv(run, batch, writer, slots)
+                held = 0
                 run.advance(raw.tell())
         _flush_csv(run, batch, writer, slots)
         run.advance(raw.tell())

@@ -296,3 +296,34 @@ def test_manifest_named_cases(bundle_copy, edit, field):
         one_error_line(run("predict", "--model", bundle_copy, "hi"), field)
     finally:
         path.write_text(original)
+
+
+# ---- fuzzing the options -------------------------------------------------------------------------
+NUMBERS = st.one_of(st.integers(-10**12, 10**12).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                    st.sampled_from(["nan", "-inf", "1e999", "", "abc", "1,2", "0x10", "1_000", " 3"]))
+OPTIONS = ["--margin", "--reserve-quantile", "--threads", "--chunk-rows", "--batch-size"]
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(opts=st.lists(st.tuples(st.sampled_from(OPTIONS), NUMBERS), min_size=1, max_size=3))
+def test_annotate_option_fuzz(bundle_fp32, tmp_path, opts):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "out.jsonl"
+    args = [a for pair in opts for a in pair]
+    res = run("annotate", src, "-o", out, "-m", bundle_fp32, "--json", "--no-progress", "--force", *args)
+    assert res.exit_code in (0, 2), res.output
+    assert "Traceback" not in res.output and (res.exception is None or isinstance(res.exception, SystemExit))
+    if res.exit_code == 0:
+        assert _strict_json(res.stdout)["rows_out"] == len(ROWS)
+        assert len(out.read_text().splitlines()) == len(ROWS)
+    else:
+        assert res.output.count("\n") <= 12 and not out.exists()  # one message (typer boxes usage errors)
+    out.unlink(missing_ok=True)
