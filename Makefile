@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt requirements/assets.txt requirements/vl
 	touch $@
 
 demo: setup
-	$(VENV)/bin/ecoserve demo --out runs/demo
+	$(VENV)/bin/ecoserve demo --out runs/demo --force
 
 demo-train: setup
 	$(VENV)/bin/rlpredict demo --out runs/demo-train

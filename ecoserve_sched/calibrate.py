@@ -19,9 +19,9 @@ fraction of them the engine reaches, plus fixed and per-request overheads.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,14 @@ GRIDS["replay"] = GRIDS["small"]  # plus chat-like replays (see REPLAYS)
 #: made the simulated TTFT too high (``benchmarks/calibration_replays.py``, docs/engines.md).
 REPLAYS: dict[str, list[tuple[int, float]]] = {"replay": [(32, 0.05), (32, 0.1)]}
 
+#: ``--dtype`` choices (torch dtype names).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot run as asked: a device that is not there, an unknown dtype, a
+    missing extra."""
+
 
 @dataclass
 class Calibration:
@@ -84,6 +92,30 @@ class Calibration:
                 f"mfu {e['mfu']:.3g}, mbu {e['mbu']:.3g}, overhead {1e3 * e['overhead_s']:.3g} ms, "
                 f"per decoding request {1e3 * e['overhead_per_seq_s']:.3g} ms, "
                 f"prefill {1e3 * e['prefill_overhead_s']:.3g} ms")
+
+
+def check_setup(device: str, dtype: str | None = None) -> None:
+    """Refuse, in one line naming the option, a ``--device`` this machine cannot run on, an
+    unknown ``--dtype``, or a missing ``[engines]`` extra (torch, transformers, scipy)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise CalibrationError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    if dtype is not None and dtype not in DTYPES:
+        raise CalibrationError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    try:
+        import scipy  # noqa: F401
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise CalibrationError(f"calibration needs the [engines] extra (torch, transformers, scipy): "
+                               f"{e}; pip install 'rlpredict-ecoserve[engines]'") from None
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        built = "" if torch.version.cuda else " (this torch build has no CUDA)"
+        raise CalibrationError(f"--device {device}: CUDA is not available{built}; use --device cpu")
+    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise CalibrationError(f"--device {device}: this machine has {count} CUDA device(s)")
 
 
 def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: int = 0) -> Any:
@@ -234,10 +266,18 @@ def base_profile(m: Any, device: str, name: str, token_budget: int) -> CostModel
 
 
 def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | None = None,
-              dtype: str | None = None, token_budget: int = 2048, repeats: int = 3) -> Calibration:
-    """Measure the engine over ``GRIDS[grid]`` and fit a profile (see module docstring)."""
+              dtype: str | None = None, token_budget: int = 2048, repeats: int = 3,
+              threads: int | None = None) -> Calibration:
+    """Measure the engine over ``GRIDS[grid]`` and fit a profile (see module docstring);
+    ``threads``: torch CPU threads (default: torch's)."""
+    check_setup(device, dtype)
+    if grid not in GRIDS:
+        raise CalibrationError(f"--grid {grid!r}: choose from {', '.join(GRIDS)}")
     import torch
     import transformers
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     t = time.perf_counter()
     m = load_model(model, device, dtype)
@@ -275,5 +315,6 @@ def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | 
 
 
 def save(cal: Calibration, path: str | Path) -> None:
-    """Write the fitted profile (loadable by ``cost_model.load_profile``)."""
-    Path(path).write_text(json.dumps(cal.profile.to_json(), indent=2) + "\n")
+    """Write the fitted profile (loadable by ``cost_model.load_profile``; ``CostModel.save``:
+    strict JSON, atomic)."""
+    cal.profile.save(path)

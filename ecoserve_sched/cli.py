@@ -1,62 +1,146 @@
-"""``ecoserve``: simulate a policy on a trace, compare policies across loads, find capacity."""
+"""``ecoserve``: simulate a policy on a trace, compare policies across loads, find capacity.
+
+Every command runs inside one error boundary (``rlpredict.cli_boundary``): a known failure is
+one line, ``error: FILE[:LINE]: what is wrong``, exit 2; a bad option is refused by name where
+it is parsed, exit 2; ``--debug`` shows the traceback. JSON output is strict (NaN -> null).
+Outputs follow ``rlpredict.outputs``: written atomically, never onto an input, and an existing
+one is replaced only with ``--force``.
+"""
 
 from __future__ import annotations
 
-import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .request import SLO
+from rlpredict.cli_boundary import BoundaryGroup, in_range, positive, root_callback, thread_count
+from rlpredict.json_file import dumps
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+from .predictions import SOURCES
+from .request import SLO
+from .trace import MAX_COUNT
+
+if TYPE_CHECKING:
+    from .compare import RunSpec
+
+ARRIVALS = ("trace", "poisson", "gamma")
+RATE_RANGE = (1e-6, 1e9)  # --rate, requests/s
+CV_RANGE = (1e-3, 100.0)  # --cv: beyond these the gamma draw under- or overflows
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=BoundaryGroup,
+                  callback=root_callback("ecoserve"),
                   help="EcoServe-style scheduling simulator: replay request traces under policies.")
+
+
+# ---- option validation (one message naming the option) -----------------------------------------
+def _choice(what: str, *allowed: str) -> Callable[[str | None], str | None]:
+    """Option callback: one of ``allowed`` (None passes)."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"unknown {what} {value!r}; choose from: {', '.join(allowed)}")
+        return value
+
+    return check
+
+
+def _names(text: str, option: str) -> list[str]:
+    """A comma-separated list of names: at least one, none twice."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise typer.BadParameter("give at least one name", param_hint=f"'{option}'")
+    _no_repeats(names, option)
+    return names
+
+
+def _scales(text: str, option: str) -> list[float]:
+    """A comma-separated list of rate multipliers: finite numbers > 0, none twice."""
+    scales = []
+    for item in text.split(","):
+        try:
+            x = float(item)
+        except ValueError:
+            raise typer.BadParameter(f"{item.strip()!r} is not a number (give e.g. 0.5,1,2)",
+                                     param_hint=f"'{option}'") from None
+        if not (math.isfinite(x) and x > 0):
+            raise typer.BadParameter(f"rate scales must be finite numbers > 0, got {item.strip()}",
+                                     param_hint=f"'{option}'")
+        scales.append(x)
+    _no_repeats(scales, option)
+    return scales
+
+
+def _no_repeats(items: list[Any], option: str) -> None:
+    twice = sorted({str(x) for x in items if items.count(x) > 1})
+    if twice:
+        raise typer.BadParameter(f"{', '.join(twice)} listed twice", param_hint=f"'{option}'")
+
 
 TraceOpt = Annotated[Path, typer.Option("--trace", help="CSV/JSONL(.gz) trace: arrival_time_s, input_tokens, output_tokens[, rl_*]")]
 ProfileOpt = Annotated[str | None, typer.Option("--profile", help="cost-model profile name or JSON file (default: the cost model's DEFAULT_PROFILE)")]
-PredOpt = Annotated[str | None, typer.Option("--predictions", help="annotated|confusion|oracle|bundle (default: annotated if the trace has rl_* fields, else confusion)")]
+PredOpt = Annotated[str | None, typer.Option("--predictions", callback=_choice("prediction source", *SOURCES), help=f"{'|'.join(SOURCES)} (default: annotated if the trace has rl_* fields, else confusion)")]
 ConfOpt = Annotated[Path | None, typer.Option("--confusion", help="confusion.json, manifest.json with a 'confusion' key, or a bundle directory")]
 BundleOpt = Annotated[str | None, typer.Option("--bundle", help="predictor bundle for --predictions bundle")]
-TTFTOpt = Annotated[float, typer.Option("--slo-ttft", help="TTFT SLO in seconds")]
-TBTOpt = Annotated[float, typer.Option("--slo-tbt", help="mean time-between-tokens SLO in seconds")]
-DeadlineOpt = Annotated[float | None, typer.Option("--slo-deadline", help="optional JCT deadline in seconds")]
-MaxTokOpt = Annotated[int, typer.Option("--max-tokens", help="max_tokens for rows without one (Orca reserves it)")]
-MaxReqOpt = Annotated[int | None, typer.Option("--max-requests", help="use only the first N requests")]
-ArrOpt = Annotated[str, typer.Option("--arrivals", help="trace|poisson|gamma: keep the trace's arrival times or draw new ones")]
-RateOpt = Annotated[float | None, typer.Option("--rate", help="requests/s for poisson/gamma arrivals")]
-CvOpt = Annotated[float, typer.Option("--cv", help="coefficient of variation of gamma inter-arrival gaps")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="seed for prediction sampling and synthetic arrivals")]
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
+TTFTOpt = Annotated[float, typer.Option("--slo-ttft", callback=positive, help="TTFT SLO in seconds (> 0)")]
+TBTOpt = Annotated[float, typer.Option("--slo-tbt", callback=positive, help="mean time-between-tokens SLO in seconds (> 0)")]
+DeadlineOpt = Annotated[float | None, typer.Option("--slo-deadline", callback=positive, help="optional JCT deadline in seconds (> 0)")]
+MaxTokOpt = Annotated[int, typer.Option("--max-tokens", min=1, max=MAX_COUNT, help="max_tokens for rows without one (Orca reserves it)")]
+MaxReqOpt = Annotated[int | None, typer.Option("--max-requests", min=1, help="use only the first N requests (N >= 1)")]
+ArrOpt = Annotated[str, typer.Option("--arrivals", callback=_choice("arrival process", *ARRIVALS), help="trace|poisson|gamma: keep the trace's arrival times or draw new ones")]
+RateOpt = Annotated[float | None, typer.Option("--rate", callback=in_range(*RATE_RANGE), help=f"requests/s for poisson/gamma arrivals, in [{RATE_RANGE[0]:g}, {RATE_RANGE[1]:g}]")]
+CvOpt = Annotated[float | None, typer.Option("--cv", callback=in_range(*CV_RANGE), help=f"coefficient of variation of gamma inter-arrival gaps, in [{CV_RANGE[0]:g}, {CV_RANGE[1]:g}] (default 1)")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="seed (>= 0) for prediction sampling and synthetic arrivals")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing output (a folder only if ecoserve wrote it)")]
 
 
 def _spec(trace: Path, profile: str | None, predictions: str | None, confusion: Path | None,
-          bundle: str | None, slo_ttft: float, slo_tbt: float, deadline: float | None,
-          max_tokens: int, max_requests: int | None, arrivals: str, rate: float | None,
-          cv: float, seed: int):
+          bundle: str | None, slo: SLO, max_tokens: int, max_requests: int | None,
+          seed: int, arrivals: str = "trace", rate: float | None = None, cv: float | None = None,
+          outputs: tuple[tuple[str, Path], ...] = ()) -> RunSpec:
+    """The RunSpec of the options; refuses options that would be ignored, and ``outputs`` that
+    collide with an input."""
+    from rlpredict.outputs import check_paths
+
     from .compare import RunSpec
     from .cost_model import DEFAULT_PROFILE, load_profile
     from .predictions import load_confusion
     from .trace import gamma_arrivals, read_trace
 
-    try:
-        tr = read_trace(trace, max_tokens=max_tokens)
-        if max_requests:
-            tr = tr.head(max_requests)
-        if arrivals != "trace":
-            if arrivals not in ("poisson", "gamma") or rate is None:
-                _fail("--arrivals poisson|gamma needs --rate R (requests/s)")
-            tr = tr.with_arrivals(gamma_arrivals(len(tr), rate, cv if arrivals == "gamma" else 1.0, seed))
-        cost = load_profile(profile or DEFAULT_PROFILE)
-        conf = load_confusion(confusion) if confusion else None
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    return RunSpec(tr, cost, SLO(slo_ttft, slo_tbt, deadline), predictions, conf, bundle, seed)
+    if bundle is not None and predictions != "bundle":
+        raise typer.BadParameter("is used only with --predictions bundle", param_hint="'--bundle'")
+    if predictions == "bundle" and bundle is None:
+        raise typer.BadParameter("bundle needs --bundle PATH", param_hint="'--predictions'")
+    if confusion is not None and predictions in ("annotated", "bundle"):
+        raise typer.BadParameter(f"is not used with --predictions {predictions}", param_hint="'--confusion'")
+    if arrivals == "trace" and (rate is not None or cv is not None):
+        raise typer.BadParameter("--rate and --cv need --arrivals poisson|gamma", param_hint="'--arrivals'")
+    if arrivals != "trace" and rate is None:
+        raise typer.BadParameter(f"{arrivals} arrivals need --rate R (requests/s)", param_hint="'--rate'")
+    if arrivals == "poisson" and cv is not None:
+        raise typer.BadParameter("poisson arrivals have cv 1; use --arrivals gamma", param_hint="'--cv'")
+    inputs = [trace, *(p for p in (confusion, bundle, profile) if p is not None and Path(p).exists())]
+    check_paths(inputs, outputs)
+
+    tr = read_trace(trace, max_tokens=max_tokens)
+    if max_requests is not None:
+        tr = tr.head(max_requests)
+    if arrivals != "trace":
+        assert rate is not None
+        tr = tr.with_arrivals(gamma_arrivals(len(tr), rate, cv or 1.0, seed))
+    cost = load_profile(profile or DEFAULT_PROFILE)
+    conf = load_confusion(confusion) if confusion else None
+    return RunSpec(tr, cost, slo, predictions, conf, bundle, seed)
+
+
+def _cell(v: Any) -> str:
+    """A metric for a text table: 4 significant digits; n/a for NaN and None."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 @app.command()
@@ -65,21 +149,18 @@ def simulate(
     policy: Annotated[str, typer.Option("--policy", help="policy name (see `ecoserve policies`)")] = "ecoserve",
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
     bundle: BundleOpt = None,
-    rate_scale: Annotated[float, typer.Option("--rate-scale", help="arrival rate multiplier")] = 1.0,
+    rate_scale: Annotated[float, typer.Option("--rate-scale", callback=positive, help="arrival rate multiplier (> 0)")] = 1.0,
     slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2, slo_deadline: DeadlineOpt = None,
     max_tokens: MaxTokOpt = 2048, max_requests: MaxReqOpt = None, arrivals: ArrOpt = "trace",
-    rate: RateOpt = None, cv: CvOpt = 1.0, seed: SeedOpt = 0,
+    rate: RateOpt = None, cv: CvOpt = None, seed: SeedOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Replay a trace under one policy and print its metrics."""
-    spec = _spec(trace, profile, predictions, confusion, bundle, slo_ttft, slo_tbt, slo_deadline,
-                 max_tokens, max_requests, arrivals, rate, cv, seed)
-    try:
-        s, _ = spec.run(policy, rate_scale)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        _fail(str(e))
+    spec = _spec(trace, profile, predictions, confusion, bundle, SLO(slo_ttft, slo_tbt, slo_deadline),
+                 max_tokens, max_requests, seed, arrivals, rate, cv)
+    s, _ = spec.run(policy, rate_scale)
     if as_json:
-        typer.echo(json.dumps(s))
+        typer.echo(dumps(s))
         return
     from rich.console import Console
     from rich.table import Table
@@ -89,7 +170,7 @@ def simulate(
     t.add_column("value", justify="right")
     for k, v in s.items():
         if k not in ("policy", "predictions"):
-            t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+            t.add_row(k, _cell(v))
     Console().print(t)
 
 
@@ -97,28 +178,28 @@ def simulate(
 def compare(
     trace: TraceOpt,
     policies: Annotated[str, typer.Option("--policies", help="comma-separated policy names")] = "vllm,sarathi,orca,s3,sjf,ecoserve,ecoserve-oracle",
-    rate_scales: Annotated[str, typer.Option("--rate-scales", help="comma-separated rate multipliers")] = "0.5,1,2",
-    out: Annotated[Path, typer.Option("--out", help="output directory (results.json, table.md, plots)")] = Path("out/compare"),
+    rate_scales: Annotated[str, typer.Option("--rate-scales", help="comma-separated rate multipliers (> 0)")] = "0.5,1,2",
+    out: Annotated[Path, typer.Option("--out", help="output folder (results.json, table.md, plots); must not hold an input")] = Path("out/compare"),
+    force: ForceOpt = False,
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
     bundle: BundleOpt = None, slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2,
     slo_deadline: DeadlineOpt = None, max_tokens: MaxTokOpt = 2048, max_requests: MaxReqOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
     """Every policy at every load: a Markdown table and plots."""
+    from rlpredict.outputs import output_dir
+
     from .compare import sweep, write_report
 
-    spec = _spec(trace, profile, predictions, confusion, bundle, slo_ttft, slo_tbt, slo_deadline,
-                 max_tokens, max_requests, "trace", None, 1.0, seed)
-    names = [p.strip() for p in policies.split(",") if p.strip()]
-    scales = [float(x) for x in rate_scales.split(",")]
-    try:
+    names, scales = _names(policies, "--policies"), _scales(rate_scales, "--rate-scales")
+    spec = _spec(trace, profile, predictions, confusion, bundle, SLO(slo_ttft, slo_tbt, slo_deadline),
+                 max_tokens, max_requests, seed, outputs=(("--out", out),))
+    with output_dir(out, force=force, tool="ecoserve compare") as tmp:
         rows = sweep(spec, names, scales, progress=lambda s: typer.echo(
             f"{s['policy']:>18} x{s['rate_scale']:<6g} attainment {s['slo_attainment']:.3f}", err=True))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        _fail(str(e))
-    header = (f"trace {trace.name}, profile {spec.cost.name}, SLO TTFT {slo_ttft:g}s / TBT {slo_tbt:g}s, "
-              f"predictions: {rows[0]['predictions']}")
-    files = write_report(rows, out, header)
+        header = (f"trace {trace.name}, profile {spec.cost.name}, SLO TTFT {slo_ttft:g}s / TBT "
+                  f"{slo_tbt:g}s, predictions: {rows[0]['predictions']}")
+        files = [out / f.relative_to(tmp) for f in write_report(rows, tmp, header)]
     typer.echo((out / "table.md").read_text())
     typer.echo("wrote " + ", ".join(str(f) for f in files), err=True)
 
@@ -128,24 +209,24 @@ def capacity(
     trace: TraceOpt,
     policy: Annotated[str, typer.Option("--policy", help="policy name")] = "ecoserve",
     slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2, slo_deadline: DeadlineOpt = None,
-    target: Annotated[float, typer.Option("--target", help="required SLO attainment")] = 0.9,
+    target: Annotated[float, typer.Option("--target", callback=in_range(0, 1, low_open=True), help="required SLO attainment, in (0, 1]")] = 0.9,
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
     bundle: BundleOpt = None, max_tokens: MaxTokOpt = 2048, max_requests: MaxReqOpt = None,
     seed: SeedOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Largest rate scale at which SLO attainment stays >= target (bisection)."""
+    """Largest rate scale at which SLO attainment stays >= target (bisection); null, with a
+    note, when the search finds no failing (or no passing) load."""
     from .compare import capacity as find_capacity
 
-    spec = _spec(trace, profile, predictions, confusion, bundle, slo_ttft, slo_tbt, slo_deadline,
-                 max_tokens, max_requests, "trace", None, 1.0, seed)
-    try:
-        res = find_capacity(spec, policy, target=target)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        _fail(str(e))
+    spec = _spec(trace, profile, predictions, confusion, bundle, SLO(slo_ttft, slo_tbt, slo_deadline),
+                 max_tokens, max_requests, seed)
+    res = find_capacity(spec, policy, target=target)
     res["profile"] = spec.cost.name
     if as_json:
-        typer.echo(json.dumps(res))
+        typer.echo(dumps(res))
+    elif res["max_rate_scale"] is None:
+        typer.echo(f"{policy}: no capacity found: {res['note']}")
     else:
         typer.echo(f"{policy}: max_rate_scale {res['max_rate_scale']:.4g} "
                    f"(SLO attainment >= {target:g} at TTFT {slo_ttft:g}s, TBT {slo_tbt:g}s)")
@@ -155,35 +236,29 @@ def capacity(
 def calibrate(
     model: Annotated[str, typer.Option("--model", help="config.json, a directory holding one, or a preset (tiny-llama, small-llama); weights are random")],
     out: Annotated[Path, typer.Option("--out", help="profile JSON to write (load it with --profile)")],
-    engine: Annotated[str, typer.Option("--engine", help="engine to measure (transformers)")] = "transformers",
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda[:N]")] = "cpu",
+    force: ForceOpt = False,
+    engine: Annotated[str, typer.Option("--engine", callback=_choice("engine", "transformers"), help="engine to measure (transformers)")] = "transformers",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
     grid: Annotated[str, typer.Option("--grid", help="test|small|replay|full: batch-shape grid (replay adds chat-like replays)")] = "small",
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32|bfloat16|float16 (default: float32 on CPU, bfloat16 on GPU)")] = None,
-    repeats: Annotated[int, typer.Option("--repeats", help="runs per grid point (median time per iteration)")] = 3,
-    token_budget: Annotated[int, typer.Option("--token-budget", min=16, help="engine token budget per iteration (use the serving one: it bounds the measured prefill shapes)")] = 2048,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, max=100, help="runs per grid point, 1 to 100 (median time per iteration)")] = 3,
+    token_budget: Annotated[int, typer.Option("--token-budget", min=16, max=1 << 20, help="engine token budget per iteration, 16 to 1048576 (use the serving one: it bounds the measured prefill shapes)")] = 2048,
+    threads: Annotated[int | None, typer.Option("--threads", callback=thread_count, help="torch CPU threads (1 to the usable cores)")] = None,
     name: Annotated[str | None, typer.Option("--name", help="profile name (default: <model>-transformers-<device>)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the fit error as one JSON object")] = False,
 ) -> None:
     """Measure a real engine's iteration latency over a grid of batch shapes and fit a profile."""
-    if engine != "transformers":
-        _fail(f"unknown engine {engine!r}; supported: transformers")
+    from rlpredict.outputs import check_new_file, check_paths
+
     from . import calibrate as cal_mod
 
-    if grid not in cal_mod.GRIDS:
-        _fail(f"unknown grid {grid!r}; choose from: {', '.join(cal_mod.GRIDS)}")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    try:
-        cal = cal_mod.calibrate(model, device, grid, name=name, dtype=dtype,
-                                token_budget=token_budget, repeats=repeats)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(str(e))
+    check_paths([model] if model not in cal_mod.PRESETS else [], [("--out", out)])
+    check_new_file(out, force=force, option="--out")
+    cal = cal_mod.calibrate(model, device, grid, name=name, dtype=dtype, token_budget=token_budget,
+                            repeats=repeats, threads=threads)
     cal_mod.save(cal, out)
     if as_json:
-        typer.echo(json.dumps({"profile": str(out), "fit": cal.profile.fit_error, "holdout": cal.holdout}))
+        typer.echo(dumps({"profile": str(out), "fit": cal.profile.fit_error, "holdout": cal.holdout}))
     else:
         typer.echo(cal.report())
         typer.echo(f"wrote {out}", err=True)
@@ -198,20 +273,15 @@ def policies() -> None:
         typer.echo(name)
 
 
-def main() -> None:
-    app(prog_name="ecoserve")
-
-
-
-
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="folder for the annotated trace and the report")] = Path("runs/demo"),
+    force: ForceOpt = False,
     profile: ProfileOpt = None,
     bundle: Annotated[str | None, typer.Option("--bundle", help="predictor bundle (default: the shipped one)")] = None,
     sample: Annotated[Path | None, typer.Option("--trace", help="trace with prompts (default: the bundled Azure + ShareGPT sample)")] = None,
     policies: Annotated[str, typer.Option("--policies", help="comma-separated policy names")] = "vllm,ecoserve,ecoserve-oracle",
-    rate_scales: Annotated[str | None, typer.Option("--rate-scales", help="comma-separated rate multipliers (default 0.2 to 0.6)")] = None,
+    rate_scales: Annotated[str | None, typer.Option("--rate-scales", help="comma-separated rate multipliers > 0 (default 0.2 to 0.6)")] = None,
     slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2,
 ) -> None:
     """The main job: annotate a real request sample with the predictor, replay it under vLLM,
@@ -220,7 +290,10 @@ def demo(
     from rich.table import Table
 
     from . import demo as demo_mod
+    from .compare import capacity_text
 
+    names = _names(policies, "--policies")
+    scales = _scales(rate_scales, "--rate-scales") if rate_scales is not None else demo_mod.RATE_SCALES
     err = Console(stderr=True)
     n_steps = iter(range(1, 4))
 
@@ -231,14 +304,9 @@ def demo(
         err.print(f"    {s['policy']:>16} x{s['rate_scale']:<4g} SLO attainment {s['slo_attainment']:.3f}, "
                   f"mean JCT {s['mean_jct_s']:.1f} s, preemptions {s['preemptions']}")
 
-    try:
-        res = demo_mod.run_demo(out, sample=sample or demo_mod.SAMPLE, profile=profile or demo_mod.PROFILE,
-                                bundle=bundle, policies=[p.strip() for p in policies.split(",") if p.strip()],
-                                rate_scales=([float(x) for x in rate_scales.split(",")] if rate_scales
-                                             else demo_mod.RATE_SCALES),
-                                slo=SLO(slo_ttft, slo_tbt), step=step, progress=progress)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        _fail(str(e))
+    res = demo_mod.run_demo(out, sample=sample or demo_mod.SAMPLE, profile=profile or demo_mod.PROFILE,
+                            bundle=bundle, policies=names, rate_scales=scales,
+                            slo=SLO(slo_ttft, slo_tbt), force=force, step=step, progress=progress)
     q = res.predictor
     err.print(f"    predictor on the sample: bucket accuracy {q['bucket_accuracy']:.3f}, +-1 bucket "
               f"{q['within_1_bucket']:.3f}, MAE {q['mae_tokens']:.0f} tokens, reservation covers "
@@ -247,11 +315,18 @@ def demo(
     for c in ("policy", "max load (x trace rate)", "requests/s", "x vLLM"):
         t.add_column(c, justify="left" if c == "policy" else "right")
     for c in res.capacity:
-        t.add_row(c["policy"], f"{c['max_rate_scale']:.3f}", f"{c['requests_per_s']:.2f}",
+        t.add_row(c["policy"], capacity_text(c), _cell(c["requests_per_s"]),
                   f"{c['x_vllm']:.2f}" if c.get("x_vllm") else "-")
     Console().print(t)
+    for c in res.capacity:
+        if c.get("note"):
+            err.print(f"    {c['policy']}: {c['note']}")
     typer.echo((out / "table.md").read_text())
     err.print(f"[green]report written to[/green] {res.files[0]} (plots and results.json beside it)")
+
+
+def main() -> None:
+    app(prog_name="ecoserve")
 
 
 if __name__ == "__main__":

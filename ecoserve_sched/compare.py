@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from rlpredict.json_file import dumps
 
 from .metrics import summarize
 from .predictions import Confusion
@@ -33,7 +34,12 @@ class RunSpec:
     seed: int = 0
 
     def run(self, policy: str, rate_scale: float) -> tuple[dict, SimResult]:
-        res = run(self.trace.scaled(rate_scale), policy, self.cost, slo=self.slo,
+        with np.errstate(over="ignore"):
+            trace = self.trace.scaled(rate_scale)
+        if not np.isfinite(trace.arrival_s).all():
+            raise ValueError(f"{self.trace.path}: arrival times at rate scale {rate_scale:g} are not "
+                             "finite numbers (too small a rate scale or --rate)")
+        res = run(trace, policy, self.cost, slo=self.slo,
                   predictions=self.predictions, confusion=self.confusion, bundle=self.bundle,
                   seed=self.seed)
         s = summarize(res, self.slo)
@@ -65,33 +71,76 @@ def sweep(spec: RunSpec, policies: Sequence[str], rate_scales: Sequence[float],
 
 def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
              hi: float = 1.0, rel_tol: float = 0.02, max_runs: int = 14) -> dict:
-    """Largest rate scale with SLO attainment >= ``target`` (bisection; attainment is assumed
-    to fall with load). Returns ``max_rate_scale`` and every probe."""
+    """Largest rate scale with SLO attainment >= ``target``: double from ``hi`` until the SLO
+    breaks, then bisect (``lo``: the assumed-passing lower end) to ``rel_tol``, in at most
+    ``max_runs`` runs; attainment is assumed to fall with load.
+
+    ``max_rate_scale`` is the largest passing scale probed, given only when a failing one was
+    found above it (``search``: ``found``). Otherwise it is None, ``search`` says why and
+    ``note`` explains: ``no_failing_load`` (the trace is too small or light to load the server;
+    ``lower_bound`` is the largest passing scale), ``no_passing_load`` (``upper_bound`` is the
+    smallest failing one) or ``load_independent`` (every request arrives at once, so the scale
+    does not change the load). Every probe is listed."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target attainment must be in (0, 1], got {target}")
+    if not 0 <= lo < hi or not np.isfinite(hi) or max_runs < 1:
+        raise ValueError(f"need 0 <= lo < hi (finite) and max_runs >= 1, got {lo}, {hi}, {max_runs}")
     probes: list[tuple[float, float]] = []
     seen: dict[str, str] = {}
+    passing: list[float] = []
+    failing: list[float] = []
 
     def ok(scale: float) -> bool:
         s, _ = spec.run(policy, scale)
         seen["predictions"] = s["predictions"]
         probes.append((scale, s["slo_attainment"]))
-        return s["slo_attainment"] >= target
+        passed = s["slo_attainment"] >= target
+        (passing if passed else failing).append(scale)
+        return passed
 
-    while ok(hi) and len(probes) < max_runs:  # grow until the SLO breaks
-        lo, hi = hi, hi * 2
-    floor = hi / 256
-    while hi - lo > rel_tol * hi and len(probes) < max_runs and hi > floor:
-        mid = (lo + hi) / 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    out = {"policy": policy, "max_rate_scale": lo, "target_attainment": target,
-            "slo_ttft_s": spec.slo.ttft_s, "slo_tbt_s": spec.slo.tbt_s,
-            "predictions": seen.get("predictions", ""),
-            "probes": [{"rate_scale": a, "slo_attainment": b} for a, b in probes]}
-    if lo == 0.0:
-        out["note"] = "SLO attainment stayed below the target at every load probed"
+    arrivals = spec.trace.arrival_s
+    simultaneous = len(arrivals) > 0 and arrivals[0] == arrivals[-1]  # sorted
+    if simultaneous:
+        ok(hi)  # every scale is the same load
+    else:
+        while len(probes) < max_runs and ok(hi):  # grow until the SLO breaks
+            hi *= 2
+        floor = hi / 256
+        while failing and len(probes) < max_runs:
+            low, high = max(passing, default=lo), min(failing)
+            if high - low <= rel_tol * high or (not passing and high <= floor):
+                break
+            ok((low + high) / 2)
+    best = max(passing, default=None)
+    search = ("load_independent" if simultaneous else "no_failing_load" if not failing
+              else "no_passing_load" if not passing else "found")
+    out: dict[str, Any] = {
+        "policy": policy, "max_rate_scale": best if search == "found" else None, "search": search,
+        "lower_bound": best, "upper_bound": min(failing, default=None), "target_attainment": target,
+        "slo_ttft_s": spec.slo.ttft_s, "slo_tbt_s": spec.slo.tbt_s,
+        "predictions": seen.get("predictions", ""),
+        "probes": [{"rate_scale": a, "slo_attainment": b} for a, b in probes]}
+    if search == "load_independent":
+        out["note"] = (f"every request arrives at the same time, so the rate scale does not change "
+                       f"the load: SLO attainment is {probes[0][1]:.3g} at any scale; no capacity")
+    elif search == "no_failing_load":
+        out["note"] = (f"SLO attainment stayed >= {target:g} at every load probed, up to "
+                       f"x{best:g}: the capacity is above that, not found (the trace is too small "
+                       "or too light to load the server)")
+    elif search == "no_passing_load":
+        out["note"] = (f"SLO attainment stayed below {target:g} at every load probed, down to "
+                       f"x{out['upper_bound']:g}: the capacity is below that, not found")
     return out
+
+
+def capacity_text(c: dict) -> str:
+    """``max_rate_scale`` for a table: the number, else what the search bounded it by."""
+    search = c.get("search", "found")
+    if search == "found":
+        return f"{c['max_rate_scale']:.3f}"
+    if search == "no_failing_load":
+        return f"> {c['lower_bound']:.3g}"
+    return f"< {c['upper_bound']:.3g}" if search == "no_passing_load" else "n/a"
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS) -> str:
@@ -106,10 +155,11 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS)
 
 
 def write_report(rows: Sequence[dict], out: Path, header: str = "") -> list[Path]:
-    """results.json, table.md and three plots under ``out``; returns the files written."""
+    """results.json (strict JSON), table.md and three plots into the folder ``out``; returns the
+    files written. The CLI gives it the temporary folder of ``rlpredict.outputs.output_dir``."""
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "results.json", out / "table.md"]
-    files[0].write_text(json.dumps(list(rows), indent=1) + "\n")
+    files[0].write_text(dumps(list(rows), indent=1) + "\n")
     files[1].write_text((header + "\n\n" if header else "") + markdown_table(rows) + "\n")
     return files + plot(rows, out)
 

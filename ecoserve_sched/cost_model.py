@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from rlpredict.json_file import dumps
+from rlpredict.outputs import write_text_atomic
+
 PROFILES_DIR = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = "llama2-13b-a100-80gb"
 MODEL_FIELDS = ("n_params", "n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim",
@@ -45,7 +48,7 @@ class CostModel:
                 raise ProfileError(f"{origin}: missing section '{section}'")
             for f in fields:
                 v = sec.get(f)
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                if not _number(v):
                     raise ProfileError(f"{origin}: field '{section}.{f}' must be a number, got {v!r}")
                 if v < 0 or (v == 0 and section != "efficiency"):
                     raise ProfileError(f"{origin}: field '{section}.{f}' must be positive, got {v!r}")
@@ -53,9 +56,15 @@ class CostModel:
         for f in ("mfu", "mbu", "pcie_eff"):
             if not 0 < e[f] <= 1:
                 raise ProfileError(f"{origin}: field 'efficiency.{f}' must be in (0, 1], got {e[f]!r}")
+        util = spec.get("gpu_memory_utilization", 0.9)
+        if not _number(util) or not 0 < util <= 1:
+            raise ProfileError(f"{origin}: field 'gpu_memory_utilization' must be in (0, 1], got {util!r}")
+        tb = spec.get("token_budget")
+        if tb is not None and (not _number(tb) or tb != int(tb) or not 1 <= tb <= 2**53):
+            raise ProfileError(f"{origin}: field 'token_budget' must be an integer >= 1, got {tb!r}")
         self.spec = spec
         self.name: str = str(spec.get("name", Path(origin).stem))
-        self.gpu_memory_utilization: float = float(spec.get("gpu_memory_utilization", 0.9))
+        self.gpu_memory_utilization: float = float(util)
         self.fit_error: dict[str, float] | None = spec.get("fit")
         m = spec["model"]
         q_dim, kv_dim = m["n_heads"] * m["head_dim"], m["n_kv_heads"] * m["head_dim"]
@@ -138,18 +147,29 @@ class CostModel:
         return out
 
     def save(self, path: str | Path) -> None:
-        """Write the profile JSON to ``path``."""
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        """Write the profile to ``path``: strict JSON (NaN -> null), atomically (the caller
+        decides whether an existing file may be replaced)."""
+        write_text_atomic(path, dumps(self.to_json(), indent=2) + "\n")
 
     def __repr__(self) -> str:
         return f"CostModel({self.name!r}, token_budget={self.token_budget})"
 
 
+def _number(v: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ProfileError(f"{path}: cannot read profile JSON: {err}") from err
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ProfileError(f"{path}: cannot read profile JSON ({err.strerror or err})") from None
+    except json.JSONDecodeError as err:
+        raise ProfileError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except (ValueError, RecursionError) as err:  # not UTF-8, huge numbers, deep nesting
+        why = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
+        raise ProfileError(f"{path}: not valid profile JSON ({why})") from None
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: expected a JSON object")
     return data
@@ -163,10 +183,11 @@ def list_profiles() -> list[str]:
 
 
 def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
-    """Load a shipped profile by name (see :func:`list_profiles`) or a profile JSON file."""
+    """Load a shipped profile by name (see :func:`list_profiles`) or a profile JSON file;
+    a profile whose model leaves no room for a KV cache is refused."""
     path = Path(name_or_path)
     if path.suffix == ".json" or path.is_file():
-        return CostModel(_read(path), str(path))
+        return _with_kv_room(CostModel(_read(path), str(path)), str(path))
     for gpu_file in sorted((PROFILES_DIR / "gpus").glob("*.json")):
         model = str(name_or_path).removesuffix("-" + gpu_file.stem)
         model_file = PROFILES_DIR / "models" / f"{model}.json"
@@ -176,8 +197,17 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
                     "gpu": gpu.get("gpu"), "efficiency": gpu.get("efficiency")}
             if "token_budget" in gpu:
                 spec["token_budget"] = gpu["token_budget"]
-            return CostModel(spec, f"{model_file} + {gpu_file}")
+            return _with_kv_room(CostModel(spec, f"{model_file} + {gpu_file}"), str(name_or_path))
     raise ProfileError(f"unknown profile {name_or_path!r}; shipped: {', '.join(list_profiles())}")
+
+
+def _with_kv_room(model: CostModel, origin: str, block_size: int = 16) -> CostModel:
+    if model.kv_blocks(block_size) < 1:
+        g = model.spec["gpu"]
+        raise ProfileError(f"{origin}: no room for a KV cache: weights ({model.weight_bytes_stored / 2**30:.3g} GiB) "
+                           f"and the activation reserve fill {model.gpu_memory_utilization:g} x "
+                           f"hbm_bytes ({g['hbm_bytes'] / 2**30:.3g} GiB)")
+    return model
 
 
 def fit_profile(samples: Iterable[Sample], base: CostModel | dict[str, Any], name: str) -> CostModel:

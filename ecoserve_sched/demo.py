@@ -13,22 +13,27 @@
 4. ``report.md`` with the tables and four plots (latency vs load, SLO attainment vs load, KV
    utilization over time, the confusion matrix), ``results.json``.
 
+The folder is built atomically (``rlpredict.outputs.output_dir``): an existing one is replaced
+only with ``force`` and only if this tool wrote it; an interrupted run leaves it as it was.
+
 The annotation step needs ``rlpredict``'s runtime (numpy, onnxruntime, tokenizers; no torch);
 the rest is the scheduler and the simulator.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .compare import RunSpec, capacity, markdown_table, plot, sweep
+from rlpredict.json_file import dumps
+from rlpredict.outputs import check_paths, output_dir
+
+from .compare import RunSpec, capacity, capacity_text, markdown_table, plot, sweep
 from .cost_model import load_profile
 from .predictions import load_confusion
 from .request import SLO
@@ -41,6 +46,10 @@ RATE_SCALES = (0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
 DEFAULT_SLO = SLO(5.0, 0.2)
 TABLE = ("policy", "rate_scale", "throughput_rps", "mean_jct_s", "p50_ttft_s", "p99_ttft_s",
          "p99_tbt_s", "slo_attainment", "preemptions", "kv_util_mean")
+
+
+class DemoError(ValueError):
+    """The demo cannot run here (rlpredict's runtime is missing)."""
 
 
 @dataclass
@@ -80,7 +89,7 @@ def _annotate(sample: Path, out: Path, bundle: str | None) -> tuple[Path, dict, 
         from rlpredict.annotate import annotate_file
         from rlpredict.runtime import Predictor
     except ImportError as e:
-        raise RuntimeError(f"the demo's annotation step needs rlpredict's runtime ({e})") from None
+        raise DemoError(f"the demo's annotation step needs rlpredict's runtime ({e})") from None
     predictor = Predictor.load(bundle)
     annotated = out / "trace.annotated.jsonl.gz"
     summary = annotate_file(predictor, sample, annotated)
@@ -89,25 +98,40 @@ def _annotate(sample: Path, out: Path, bundle: str | None) -> tuple[Path, dict, 
 
 def run_demo(out: Path, *, sample: Path = SAMPLE, profile: str = PROFILE, bundle: str | None = None,
              policies: Sequence[str] = POLICIES, rate_scales: Sequence[float] = RATE_SCALES,
-             slo: SLO = DEFAULT_SLO, target: float = 0.9,
+             slo: SLO = DEFAULT_SLO, target: float = 0.9, force: bool = False,
              step: Callable[[str], None] = lambda _: None,
              progress: Callable[[dict], None] | None = None) -> DemoResult:
-    """Run the main job and write its report under ``out`` (see the module docstring)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Run the main job and write its report into the folder ``out`` (see the module docstring);
+    ``out`` must not hold an input, and an existing ``out`` is replaced only with ``force``."""
+    from rlpredict.bundle import default_bundle_path
+
+    inputs = [sample, Path(bundle) if bundle else default_bundle_path()]
+    check_paths(inputs + ([Path(profile)] if Path(profile).is_file() else []), [("--out", out)])
+    with output_dir(out, force=force, tool="ecoserve demo") as tmp:
+        result = _run(tmp, out, sample, profile, bundle, policies, rate_scales, slo, target,
+                      step, progress)
+    result.files = [out / f.relative_to(tmp) for f in result.files]
+    return result
+
+
+def _run(tmp: Path, out: Path, sample: Path, profile: str, bundle: str | None,
+         policies: Sequence[str], rate_scales: Sequence[float], slo: SLO, target: float,
+         step: Callable[[str], None], progress: Callable[[dict], None] | None) -> DemoResult:
+    """``run_demo``'s work, written into ``tmp`` (which becomes ``out``)."""
     clock: dict[str, float] = {}
     t = time.perf_counter()
     step(f"annotate {sample.name} with the predictor bundle")
-    annotated, ann, bundle_path = _annotate(sample, out, bundle)
+    annotated, ann, bundle_path = _annotate(sample, tmp, bundle)
     clock["annotate_s"] = time.perf_counter() - t
 
-    trace = read_trace(annotated)
+    trace = replace(read_trace(annotated), path=str(out / annotated.name))  # where it will be
     edges = load_confusion(bundle_path).edges
     quality = predictor_quality(trace, edges)
     from rlpredict.confusion_plot import plot_confusion
 
     files = [plot_confusion(np.array(quality["confusion"]), quality["bucket_edges"],
                             f"{bundle_path.name} on {sample.name} ({len(trace)} requests)",
-                            out / "confusion.png")]
+                            tmp / "confusion.png")]
 
     t = time.perf_counter()
     cost = load_profile(profile)
@@ -122,20 +146,21 @@ def run_demo(out: Path, *, sample: Path = SAMPLE, profile: str = PROFILE, bundle
     caps = [capacity(spec, p, target=target) for p in policies]
     base = next((c["max_rate_scale"] for c in caps if c["policy"] == "vllm"), None)
     for c in caps:
-        c["requests_per_s"] = c["max_rate_scale"] * len(trace) / _span(trace)
-        c["x_vllm"] = c["max_rate_scale"] / base if base else None
+        found = c["max_rate_scale"]
+        c["requests_per_s"] = None if found is None else found * len(trace) / _span(trace)
+        c["x_vllm"] = found / base if found is not None and base else None
     clock["capacity_s"] = time.perf_counter() - t
 
-    files += plot(rows, out)
-    table = out / "table.md"
+    files += plot(rows, tmp)
+    table = tmp / "table.md"
     table.write_text(_header(trace, cost.name, slo) + "\n\n" + markdown_table(rows, TABLE) + "\n")
     result = DemoResult(out, ann, quality, rows, caps, [], clock)
-    (out / "results.json").write_text(json.dumps(
+    (tmp / "results.json").write_text(dumps(
         {"annotate": ann, "predictor": quality, "runs": rows, "capacity": caps, "seconds": clock},
         indent=1) + "\n")
-    report = out / "report.md"
+    report = tmp / "report.md"
     report.write_text(markdown(result, sample, bundle_path, cost.name, slo))
-    result.files = [report, out / "results.json", table, *files]
+    result.files = [report, tmp / "results.json", table, annotated, *files]
     return result
 
 
@@ -152,8 +177,10 @@ def capacity_table(caps: Sequence[dict]) -> str:
     lines = ["| policy | max load (x trace rate) | requests/s | x vLLM |", "|---|---:|---:|---:|"]
     for c in caps:
         x = f"{c['x_vllm']:.2f}" if c.get("x_vllm") else "-"
-        lines.append(f"| {c['policy']} | {c['max_rate_scale']:.3f} | {c['requests_per_s']:.2f} | {x} |")
-    return "\n".join(lines)
+        rps = "-" if c.get("requests_per_s") is None else f"{c['requests_per_s']:.2f}"
+        lines.append(f"| {c['policy']} | {capacity_text(c)} | {rps} | {x} |")
+    notes = [f"- {c['policy']}: {c['note']}" for c in caps if c.get("note")]
+    return "\n".join(lines + (["", *notes] if notes else []))
 
 
 def markdown(r: DemoResult, sample: Path, bundle: Path, profile: str, slo: SLO) -> str:

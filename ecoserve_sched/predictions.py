@@ -57,6 +57,8 @@ def load_confusion(path: str | Path) -> Confusion:
         raise ValueError(f"{p}: cannot read confusion matrix ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{p}: not valid JSON ({type(e).__name__})") from None
     if isinstance(d, dict) and "confusion" in d and d.get("format") != CONFUSION_FORMAT:
         d = d["confusion"]
     if not isinstance(d, dict) or d.get("format") != CONFUSION_FORMAT:
@@ -69,6 +71,8 @@ def load_confusion(path: str | Path) -> Confusion:
         matrix = np.asarray(d["matrix"], dtype=float)
     except KeyError as e:
         raise ValueError(f"{p}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"{p}: bad confusion matrix ({e})") from None
     if point.shape != (k,) or reserve.shape != (k,) or matrix.shape != (k, k) or (matrix < 0).any():
         raise ValueError(f"{p}: point_tokens, reserve_tokens need {k} values and matrix {k}x{k} counts >= 0")
     return Confusion(edges, point, reserve, matrix, str(d.get("source", "")), str(p))

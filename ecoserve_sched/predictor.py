@@ -30,7 +30,7 @@ def load_predictor(path: str) -> LengthPredictor:
     try:
         from rlpredict.runtime import Predictor  # type: ignore[import-not-found]
     except ImportError as e:
-        raise RuntimeError(
+        raise ValueError(
             "--predictions bundle needs rlpredict's runtime (rlpredict.runtime.Predictor), which "
             f"could not be imported ({e}); use --predictions confusion or annotated instead") from None
     p: Any = Predictor.load(path)

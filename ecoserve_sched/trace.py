@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import math
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -86,13 +87,19 @@ def _open_binary(path: Path) -> IO[bytes]:
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """Records with their line numbers; a truncated or corrupt .gz names the file (not a line:
+    decompression reads ahead of the parser)."""
     name = path.name.removesuffix(".gz")
     if name.endswith(".csv"):
-        yield from _csv_rows(path)
+        rows = _csv_rows(path)
     elif name.endswith((".jsonl", ".json")):
-        yield from _jsonl_rows(path)
+        rows = _jsonl_rows(path)
     else:
         raise TraceError(f"{path}: unknown trace format (use .csv, .jsonl, optionally .gz)")
+    try:
+        yield from rows
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise TraceError(f"{path}: compressed data is truncated or corrupt ({e})") from None
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:

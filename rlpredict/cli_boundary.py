@@ -10,7 +10,8 @@ Every command runs inside ``BoundaryGroup.invoke``:
   (exit 130, nothing half-written is left).
 
 ``--version`` prints the package version and the bundle format version. Validators for numeric
-options (``positive_int``, ``in_range``, ...) give one message naming the option.
+options (``positive``, ``at_least``, ``in_range``, ``thread_count``) give one message naming the
+option.
 """
 
 from __future__ import annotations
@@ -131,6 +132,13 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def positive(value: Any) -> Any:
+    """A callback refusing anything but a finite number > 0 (None passes)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number > 0, got {value}")
+    return value
 
 
 def at_least(low: float) -> Callable[[Any], Any]:

@@ -149,8 +149,11 @@ def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out
     interrupt it is removed and ``path`` is left as it was."""
     out = Path(path)
     check_new_dir(out, force=force, option=option)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create {option} there ({e.strerror})") from None
     try:
         yield tmp
         files = sorted(e.name for e in tmp.iterdir())

@@ -1,30 +1,53 @@
-"""The ecoserve CLI on a tiny trace: simulate --json, capacity, compare, clear errors."""
+"""The ecoserve CLI on a tiny trace: results, strict JSON, honest capacity, one-line errors,
+options checked by name, safe outputs (atomic, never an input, replaced only with --force)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
+from ecoserve_sched import compare as compare_mod
 from ecoserve_sched.cli import app
+from rlpredict.outputs import OWNER_FILE
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "confusion_sharegpt.json")
+PROFILE = ["--profile", "llama2-7b-a100-80gb"]
 runner = CliRunner()
 
 
-def _trace(tmp_path, n=60):
+def _trace(tmp_path: Path, n: int = 60, name: str = "t.csv") -> str:
     rows = "".join(f"{i * 0.5},{200 + 37 * (i % 7)},{20 + 53 * (i % 5)}\n" for i in range(n))
-    p = tmp_path / "t.csv"
+    p = tmp_path / name
     p.write_text("arrival_time_s,input_tokens,output_tokens\n" + rows)
     return str(p)
 
 
+def _strict(text: str) -> object:
+    """Parse JSON, refusing NaN and Infinity (not JSON)."""
+    def refuse(c: str) -> None:
+        raise ValueError(f"bare {c} in JSON output")
+    return json.loads(text, parse_constant=refuse)
+
+
+def _refused(r, *fragments: str) -> None:
+    """Exit 2, no traceback, and the message names what is wrong."""
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    assert "Traceback" not in r.output
+    flat = " ".join(r.output.replace("│", " ").split())
+    for f in fragments:
+        assert f in flat, (f, r.output)
+
+
 def test_simulate_json_has_the_required_fields(tmp_path):
     r = runner.invoke(app, ["simulate", "--trace", _trace(tmp_path), "--policy", "ecoserve",
-                            "--confusion", FIXTURE, "--profile", "llama2-7b-a100-80gb", "--json"])
+                            "--confusion", FIXTURE, *PROFILE, "--json"])
     assert r.exit_code == 0, r.output
-    s = json.loads(r.stdout)
+    s = _strict(r.stdout)
     for k in ("policy", "requests", "finished", "throughput_rps", "throughput_tok_s", "mean_jct_s",
               "p50_ttft_s", "p99_ttft_s", "p50_tbt_s", "p99_tbt_s", "slo_attainment", "goodput_rps",
               "preemptions", "kv_util_mean", "sched_us_per_iter", "predictions"):
@@ -32,26 +55,241 @@ def test_simulate_json_has_the_required_fields(tmp_path):
     assert s["requests"] == s["finished"] == 60 and s["predictions"].startswith("confusion")
 
 
+def test_simulate_json_is_strict_when_nothing_finishes(tmp_path):
+    huge = tmp_path / "huge.csv"
+    huge.write_text("arrival_time_s,input_tokens,output_tokens\n0,100000000,50\n")
+    r = runner.invoke(app, ["simulate", "--trace", str(huge), "--predictions", "oracle", "--json"])
+    assert r.exit_code == 0, r.output
+    s = _strict(r.stdout)  # was a bare NaN
+    assert s["finished"] == 0 and s["dropped"] == 1 and s["slo_attainment"] == 0.0
+    assert s["throughput_rps"] is None and s["mean_jct_s"] is None
+    r = runner.invoke(app, ["simulate", "--trace", str(huge), "--predictions", "oracle"])
+    assert r.exit_code == 0 and "n/a" in r.output and "nan" not in r.output
+
+
 def test_capacity_and_compare(tmp_path):
     r = runner.invoke(app, ["capacity", "--trace", _trace(tmp_path), "--policy", "vllm",
-                            "--predictions", "oracle", "--profile", "llama2-7b-a100-80gb",
-                            "--slo-ttft", "2", "--slo-tbt", "0.1", "--json"])
+                            "--predictions", "oracle", *PROFILE, "--slo-ttft", "2",
+                            "--slo-tbt", "0.03", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["max_rate_scale"] > 0
+    c = _strict(r.stdout)
+    assert c["search"] == "found" and c["lower_bound"] == c["max_rate_scale"] > 0
+    assert c["upper_bound"] > c["max_rate_scale"] and "note" not in c
     out = tmp_path / "cmp"
     r = runner.invoke(app, ["compare", "--trace", _trace(tmp_path), "--policies", "vllm,ecoserve",
-                            "--rate-scales", "1,4", "--out", str(out), "--confusion", FIXTURE,
-                            "--profile", "llama2-7b-a100-80gb"])
+                            "--rate-scales", "1,4", "--out", str(out), "--confusion", FIXTURE, *PROFILE])
     assert r.exit_code == 0, r.output
     assert "| vllm |" in (out / "table.md").read_text()
     assert (out / "slo_vs_load.png").exists() and (out / "kv_util_over_time.png").exists()
+    assert len(_strict((out / "results.json").read_text())) == 4
+    assert (out / OWNER_FILE).is_file()
+
+
+def test_capacity_says_when_the_search_finds_no_limit(tmp_path):
+    """A load the server never fails is no capacity (was: the search limit, 4096)."""
+    light = tmp_path / "two.csv"
+    light.write_text("arrival_time_s,input_tokens,output_tokens\n0,100,50\n1,100,50\n")
+    r = runner.invoke(app, ["capacity", "--trace", str(light), "--predictions", "oracle", "--json"])
+    assert r.exit_code == 0, r.output
+    c = _strict(r.stdout)
+    assert c["max_rate_scale"] is None and c["search"] == "no_failing_load"
+    assert c["upper_bound"] is None and c["lower_bound"] == max(p["rate_scale"] for p in c["probes"])
+    assert "too small or too light" in c["note"]
+    one = tmp_path / "one.csv"
+    one.write_text("arrival_time_s,input_tokens,output_tokens\n0,100,50\n")
+    r = runner.invoke(app, ["capacity", "--trace", str(one), "--predictions", "oracle"])
+    assert r.exit_code == 0 and "no capacity found" in r.output and "same time" in r.output
+    r = runner.invoke(app, ["capacity", "--trace", str(one), "--predictions", "oracle", "--json"])
+    c = _strict(r.stdout)
+    assert c["search"] == "load_independent" and len(c["probes"]) == 1
+    r = runner.invoke(app, ["capacity", "--trace", _trace(tmp_path), "--predictions", "oracle",
+                            "--slo-ttft", "1e-6", "--json"])
+    c = _strict(r.stdout)
+    assert c["max_rate_scale"] is None and c["search"] == "no_passing_load"
+    assert c["upper_bound"] == min(p["rate_scale"] for p in c["probes"])
+
+
+def test_capacity_text_in_tables():
+    assert compare_mod.capacity_text({"search": "found", "max_rate_scale": 0.25}) == "0.250"
+    assert compare_mod.capacity_text({"search": "no_failing_load", "lower_bound": 8192.0}) == "> 8.19e+03"
+    assert compare_mod.capacity_text({"search": "no_passing_load", "upper_bound": 0.004}) == "< 0.004"
+    assert compare_mod.capacity_text({"search": "load_independent"}) == "n/a"
 
 
 def test_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("arrival_time_s,input_tokens,output_tokens\n0,1,1\n0,x,1\n")
-    r = runner.invoke(app, ["simulate", "--trace", str(bad)])
-    assert r.exit_code == 2 and "bad.csv:3" in r.output
-    r = runner.invoke(app, ["simulate", "--trace", _trace(tmp_path), "--policy", "nope",
-                            "--predictions", "oracle"])
-    assert r.exit_code == 2 and "unknown policy" in r.output
+    _refused(runner.invoke(app, ["simulate", "--trace", str(bad)]), "bad.csv:3")
+    _refused(runner.invoke(app, ["simulate", "--trace", _trace(tmp_path), "--policy", "nope",
+                                 "--predictions", "oracle"]), "unknown policy")
+    gz = tmp_path / "t.csv.gz"
+    gz.write_bytes(gzip.compress(Path(_trace(tmp_path, 2000)).read_bytes())[:3000])
+    _refused(runner.invoke(app, ["simulate", "--trace", str(gz), "--predictions", "oracle"]),
+             "t.csv.gz: compressed data is truncated or corrupt")
+
+
+def test_debug_shows_the_traceback_and_version(tmp_path):
+    args = ["simulate", "--trace", str(tmp_path / "missing.csv")]
+    _refused(runner.invoke(app, args), "missing.csv: no such trace file")
+    r = runner.invoke(app, ["--debug", *args])
+    assert r.exit_code != 0 and isinstance(r.exception, ValueError)
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.startswith("ecoserve ")
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (["--max-requests", "-1"], "--max-requests"),
+    (["--max-requests", "0"], "--max-requests"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--max-tokens", str(2**63)], "--max-tokens"),
+    (["--slo-ttft", "nan"], "--slo-ttft"),
+    (["--slo-ttft", "0"], "--slo-ttft"),
+    (["--slo-tbt", "inf"], "--slo-tbt"),
+    (["--slo-tbt", "-0.2"], "--slo-tbt"),
+    (["--slo-deadline", "-1"], "--slo-deadline"),
+    (["--rate-scale", "0"], "--rate-scale"),
+    (["--rate-scale", "nan"], "--rate-scale"),
+    (["--rate-scale", "abc"], "--rate-scale"),
+    (["--seed", "-1"], "--seed"),
+    (["--arrivals", "poisson", "--rate", "-3"], "--rate"),
+    (["--arrivals", "gamma", "--rate", "2", "--cv", "inf"], "--cv"),
+    (["--arrivals", "gamma", "--rate", "2", "--cv", "0"], "--cv"),
+    (["--arrivals", "weibull", "--rate", "2"], "--arrivals"),
+    (["--predictions", "psychic"], "--predictions"),
+    # options that would be silently ignored
+    (["--rate", "2"], "--arrivals"),
+    (["--arrivals", "poisson"], "--rate"),
+    (["--arrivals", "poisson", "--rate", "2", "--cv", "2"], "--cv"),
+    (["--bundle", "models/x"], "--bundle"),
+    (["--predictions", "bundle"], "--predictions"),
+    (["--predictions", "annotated", "--confusion", FIXTURE], "--confusion"),
+])
+def test_simulate_options_are_checked_by_name(tmp_path, args, option):
+    _refused(runner.invoke(app, ["simulate", "--trace", _trace(tmp_path, 5), *args]), f"'{option}'")
+
+
+def test_synthetic_arrivals_and_overflowing_scales(tmp_path):
+    t = _trace(tmp_path, 5)
+    r = runner.invoke(app, ["simulate", "--trace", t, "--predictions", "oracle", "--arrivals", "gamma",
+                            "--rate", "2", "--cv", "3", "--json"])
+    assert r.exit_code == 0 and _strict(r.stdout)["finished"] == 5
+    _refused(runner.invoke(app, ["simulate", "--trace", t, "--predictions", "oracle",
+                                 "--rate-scale", "1e-320"]), "not finite")
+
+
+@pytest.mark.parametrize(("args", "option", "why"), [
+    (["--rate-scales", "1,abc"], "--rate-scales", "'abc' is not a number"),
+    (["--rate-scales", "1,-2"], "--rate-scales", "> 0"),
+    (["--rate-scales", "nan"], "--rate-scales", "> 0"),
+    (["--rate-scales", "1,1"], "--rate-scales", "twice"),
+    (["--policies", ","], "--policies", "at least one"),
+    (["--policies", "vllm,vllm"], "--policies", "twice"),
+])
+def test_compare_lists_are_checked(tmp_path, args, option, why):
+    r = runner.invoke(app, ["compare", "--trace", _trace(tmp_path, 5), "--predictions", "oracle",
+                            "--out", str(tmp_path / "o"), *args])
+    _refused(r, f"'{option}'", why)
+    assert not (tmp_path / "o").exists()
+
+
+def test_compare_output_is_safe(tmp_path):
+    t = _trace(tmp_path, 5)
+    out = tmp_path / "o"
+    base = ["compare", "--trace", t, "--predictions", "oracle", "--policies", "vllm",
+            "--rate-scales", "1", "--out", str(out)]
+    assert runner.invoke(app, base).exit_code == 0
+    first = (out / "results.json").read_text()
+    _refused(runner.invoke(app, base), "exists; pass --force")
+    assert runner.invoke(app, [*base, "--force", "--seed", "3"]).exit_code == 0
+    assert (out / "results.json").read_text() != first
+    (out / "notes.txt").write_text("mine")
+    _refused(runner.invoke(app, [*base, "--force"]), "did not write")
+    assert (out / "notes.txt").read_text() == "mine"
+    _refused(runner.invoke(app, [*base[:-1], str(tmp_path), "--force"]), "holds the input")
+    _refused(runner.invoke(app, [*base[:-1], t, "--force"]), "also an input")
+    assert Path(t).is_file()
+    # a failing run leaves nothing: no folder, no temporary folder
+    fresh = tmp_path / "fresh"
+    r = runner.invoke(app, ["compare", "--trace", t, "--predictions", "oracle", "--policies",
+                            "vllm,nope", "--rate-scales", "1", "--out", str(fresh)])
+    _refused(r, "unknown policy")
+    assert not fresh.exists() and not list(tmp_path.glob(".fresh*"))
+
+
+def test_compare_interrupt_removes_the_temporary_folder(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_mod, "sweep", interrupted)
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["compare", "--trace", _trace(tmp_path, 5), "--predictions", "oracle",
+                            "--out", str(out)])
+    assert r.exit_code == 130 and "interrupted" in r.output
+    assert not out.exists() and not list(tmp_path.glob(".o.*"))
+
+
+def test_profile_files_are_checked(tmp_path):
+    t = _trace(tmp_path, 5)
+    p = tmp_path / "p.json"
+    p.write_text('{"model": {\n  "hidden": 1,,\n}}')
+    _refused(runner.invoke(app, ["simulate", "--trace", t, "--predictions", "oracle", "--profile", str(p)]),
+             "p.json:2: not valid JSON")
+    spec = json.loads((Path(compare_mod.__file__).parent / "profiles" / "calibrated"
+                       / "small-llama-transformers-cpu.json").read_text())
+    for edit, why in ((lambda s: s.update(gpu_memory_utilization=2), "gpu_memory_utilization"),
+                      (lambda s: s.update(token_budget=-5), "token_budget"),
+                      (lambda s: s["gpu"].update(hbm_bytes=1000), "no room for a KV cache")):
+        bad = json.loads(json.dumps(spec))
+        edit(bad)
+        p.write_text(json.dumps(bad))
+        _refused(runner.invoke(app, ["simulate", "--trace", t, "--predictions", "oracle",
+                                     "--profile", str(p)]), "p.json", why)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe", b"[" * 100_000, b'{"format": "rlpredict.confusion/1", '
+                                     b'"bucket_edges": ["x"], "point_tokens": [1], "reserve_tokens": [1], "matrix": [[1]]}'])
+def test_confusion_files_are_named(tmp_path, content):
+    c = tmp_path / "conf.json"
+    c.write_bytes(content)
+    _refused(runner.invoke(app, ["simulate", "--trace", _trace(tmp_path, 5), "--confusion", str(c)]),
+             "conf.json")
+
+
+def test_calibrate_checks_options_and_output_before_measuring(tmp_path):
+    out = tmp_path / "p.json"
+    base = ["calibrate", "--model", "tiny-llama", "--grid", "test", "--out", str(out)]
+    for args, option in ((["--threads", "0"], "--threads"), (["--threads", "100000"], "--threads"),
+                         (["--repeats", "0"], "--repeats"), (["--token-budget", "8"], "--token-budget"),
+                         (["--engine", "vllm"], "--engine")):
+        _refused(runner.invoke(app, [*base, *args]), f"'{option}'")
+    out.write_text("{}")
+    _refused(runner.invoke(app, base), "exists; pass --force")
+    cfg = tmp_path / "config.json"
+    cfg.write_text("{}")
+    _refused(runner.invoke(app, [*base[:2], str(cfg), "--out", str(cfg), "--force"]), "also an input")
+
+
+def test_calibrate_refuses_a_missing_device(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("scipy")
+    base = ["calibrate", "--model", "tiny-llama", "--out", str(tmp_path / "p.json")]
+    _refused(runner.invoke(app, [*base, "--device", "tpu"]), "--device 'tpu'")
+    _refused(runner.invoke(app, [*base, "--dtype", "int3"]), "--dtype 'int3'")
+    if not torch.cuda.is_available():  # was: AssertionError traceback from torch
+        _refused(runner.invoke(app, [*base, "--device", "cuda"]), "CUDA is not available")
+    _refused(runner.invoke(app, [*base, "--device", "cuda:99"]), "--device cuda:99")
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_demo_checks_its_output_before_working(tmp_path):
+    from ecoserve_sched.demo import SAMPLE
+
+    _refused(runner.invoke(app, ["demo", "--out", str(SAMPLE.parent)]), "holds the input")
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "old.md").write_text("x")
+    _refused(runner.invoke(app, ["demo", "--out", str(out)]), "exists; pass --force")
+    _refused(runner.invoke(app, ["demo", "--out", str(out), "--rate-scales", "0.2,x"]), "'--rate-scales'")
+    _refused(runner.invoke(app, ["demo", "--out", str(out), "--slo-tbt", "nan"]), "'--slo-tbt'")
+    assert (out / "old.md").read_text() == "x"
