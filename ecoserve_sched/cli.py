@@ -20,6 +20,8 @@ import typer
 from rlpredict.cli_boundary import BoundaryGroup, in_range, positive, root_callback, thread_count
 from rlpredict.json_file import dumps
 
+from .compare import Server
+from .policies.base import DEFAULT_MAX_RUNNING
 from .predictions import SOURCES
 from .request import SLO
 from .trace import MAX_COUNT
@@ -27,7 +29,7 @@ from .trace import MAX_COUNT
 if TYPE_CHECKING:
     from .compare import RunSpec
 
-ARRIVALS = ("trace", "poisson", "gamma")
+ARRIVALS = ("trace", "poisson", "gamma", "burst8")
 RATE_RANGE = (1e-6, 1e9)  # --rate, requests/s
 CV_RANGE = (1e-3, 100.0)  # --cv: beyond these the gamma draw under- or overflows
 
@@ -90,17 +92,21 @@ TBTOpt = Annotated[float, typer.Option("--slo-tbt", callback=positive, help="mea
 DeadlineOpt = Annotated[float | None, typer.Option("--slo-deadline", callback=positive, help="optional JCT deadline in seconds (> 0)")]
 MaxTokOpt = Annotated[int, typer.Option("--max-tokens", min=1, max=MAX_COUNT, help="max_tokens for rows without one (Orca reserves it)")]
 MaxReqOpt = Annotated[int | None, typer.Option("--max-requests", min=1, help="use only the first N requests (N >= 1)")]
-ArrOpt = Annotated[str, typer.Option("--arrivals", callback=_choice("arrival process", *ARRIVALS), help="trace|poisson|gamma: keep the trace's arrival times or draw new ones")]
+ArrOpt = Annotated[str, typer.Option("--arrivals", callback=_choice("arrival process", *ARRIVALS), help="trace|poisson|gamma|burst8: keep the trace's arrival times or draw new ones (burst8: groups of 8 simultaneous requests, the groups gamma arrivals)")]
 RateOpt = Annotated[float | None, typer.Option("--rate", callback=in_range(*RATE_RANGE), help=f"requests/s for poisson/gamma arrivals, in [{RATE_RANGE[0]:g}, {RATE_RANGE[1]:g}]")]
 CvOpt = Annotated[float | None, typer.Option("--cv", callback=in_range(*CV_RANGE), help=f"coefficient of variation of gamma inter-arrival gaps, in [{CV_RANGE[0]:g}, {CV_RANGE[1]:g}] (default 1)")]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="seed (>= 0) for prediction sampling and synthetic arrivals")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing output (a folder only if ecoserve wrote it)")]
+GpuMemOpt = Annotated[float | None, typer.Option("--gpu-memory-utilization", callback=in_range(0, 1, low_open=True), help="HBM share for weights + KV cache, in (0, 1] (default: the profile's, 0.9): sets the KV size")]
+BudgetOpt = Annotated[int | None, typer.Option("--token-budget", min=2, max=1 << 20, help="tokens per iteration (vLLM's max_num_batched_tokens; default max(2048, the profile's knee))")]
+MaxRunOpt = Annotated[int | None, typer.Option("--max-running", min=1, max=1 << 16, help="running requests at most (vLLM's max_num_seqs; default 256)")]
+BlockOpt = Annotated[int, typer.Option("--block-size", min=1, max=1024, help="KV block size in tokens")]
 
 
 def _spec(trace: Path, profile: str | None, predictions: str | None, confusion: Path | None,
           bundle: str | None, slo: SLO, max_tokens: int, max_requests: int | None,
           seed: int, arrivals: str = "trace", rate: float | None = None, cv: float | None = None,
-          outputs: tuple[tuple[str, Path], ...] = ()) -> RunSpec:
+          outputs: tuple[tuple[str, Path], ...] = (), server: Server | None = None) -> RunSpec:
     """The RunSpec of the options; refuses options that would be ignored, and ``outputs`` that
     collide with an input."""
     from rlpredict.outputs import check_paths
@@ -108,7 +114,7 @@ def _spec(trace: Path, profile: str | None, predictions: str | None, confusion: 
     from .compare import RunSpec
     from .cost_model import DEFAULT_PROFILE, load_profile
     from .predictions import load_confusion
-    from .trace import gamma_arrivals, read_trace
+    from .trace import burst_arrivals, gamma_arrivals, read_trace
 
     if bundle is not None and predictions != "bundle":
         raise typer.BadParameter("is used only with --predictions bundle", param_hint="'--bundle'")
@@ -117,7 +123,7 @@ def _spec(trace: Path, profile: str | None, predictions: str | None, confusion: 
     if confusion is not None and predictions in ("annotated", "bundle"):
         raise typer.BadParameter(f"is not used with --predictions {predictions}", param_hint="'--confusion'")
     if arrivals == "trace" and (rate is not None or cv is not None):
-        raise typer.BadParameter("--rate and --cv need --arrivals poisson|gamma", param_hint="'--arrivals'")
+        raise typer.BadParameter("--rate and --cv need --arrivals poisson|gamma|burst8", param_hint="'--arrivals'")
     if arrivals != "trace" and rate is None:
         raise typer.BadParameter(f"{arrivals} arrivals need --rate R (requests/s)", param_hint="'--rate'")
     if arrivals == "poisson" and cv is not None:
@@ -130,10 +136,21 @@ def _spec(trace: Path, profile: str | None, predictions: str | None, confusion: 
         tr = tr.head(max_requests)
     if arrivals != "trace":
         assert rate is not None
-        tr = tr.with_arrivals(gamma_arrivals(len(tr), rate, cv or 1.0, seed))
+        tr = tr.with_arrivals(burst_arrivals(len(tr), rate, cv or 1.0, 8, seed) if arrivals == "burst8"
+                              else gamma_arrivals(len(tr), rate, cv or 1.0, seed))
     cost = load_profile(profile or DEFAULT_PROFILE)
     conf = load_confusion(confusion) if confusion else None
-    return RunSpec(tr, cost, slo, predictions, conf, bundle, seed)
+    spec = RunSpec(tr, cost, slo, predictions, conf, bundle, seed, server or Server())
+    spec.server.policy_kw(cost)  # refuses a KV size that leaves no room, before any run
+    return spec
+
+
+def _server(gpu_memory_utilization: float | None, token_budget: int | None, max_running: int | None,
+            block_size: int) -> Server:
+    if token_budget is not None and token_budget <= (max_running or DEFAULT_MAX_RUNNING):
+        raise typer.BadParameter(f"must exceed --max-running ({max_running or DEFAULT_MAX_RUNNING}): "
+                                 "every running request decodes in every iteration", param_hint="'--token-budget'")
+    return Server(gpu_memory_utilization, token_budget, max_running, block_size)
 
 
 def _cell(v: Any) -> str:
@@ -153,11 +170,14 @@ def simulate(
     slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2, slo_deadline: DeadlineOpt = None,
     max_tokens: MaxTokOpt = 2048, max_requests: MaxReqOpt = None, arrivals: ArrOpt = "trace",
     rate: RateOpt = None, cv: CvOpt = None, seed: SeedOpt = 0,
+    gpu_memory_utilization: GpuMemOpt = None, token_budget: BudgetOpt = None,
+    max_running: MaxRunOpt = None, block_size: BlockOpt = 16,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Replay a trace under one policy and print its metrics."""
     spec = _spec(trace, profile, predictions, confusion, bundle, SLO(slo_ttft, slo_tbt, slo_deadline),
-                 max_tokens, max_requests, seed, arrivals, rate, cv)
+                 max_tokens, max_requests, seed, arrivals, rate, cv,
+                 server=_server(gpu_memory_utilization, token_budget, max_running, block_size))
     s, _ = spec.run(policy, rate_scale)
     if as_json:
         typer.echo(dumps(s))
@@ -184,7 +204,8 @@ def compare(
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
     bundle: BundleOpt = None, slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2,
     slo_deadline: DeadlineOpt = None, max_tokens: MaxTokOpt = 2048, max_requests: MaxReqOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = 0, gpu_memory_utilization: GpuMemOpt = None, token_budget: BudgetOpt = None,
+    max_running: MaxRunOpt = None, block_size: BlockOpt = 16,
 ) -> None:
     """Every policy at every load: a Markdown table and plots."""
     from rlpredict.outputs import output_dir
@@ -193,7 +214,8 @@ def compare(
 
     names, scales = _names(policies, "--policies"), _scales(rate_scales, "--rate-scales")
     spec = _spec(trace, profile, predictions, confusion, bundle, SLO(slo_ttft, slo_tbt, slo_deadline),
-                 max_tokens, max_requests, seed, outputs=(("--out", out),))
+                 max_tokens, max_requests, seed, outputs=(("--out", out),),
+                 server=_server(gpu_memory_utilization, token_budget, max_running, block_size))
     with output_dir(out, force=force, tool="ecoserve compare") as tmp:
         rows = sweep(spec, names, scales, progress=lambda s: typer.echo(
             f"{s['policy']:>18} x{s['rate_scale']:<6g} attainment {s['slo_attainment']:.3f}", err=True))
@@ -212,24 +234,45 @@ def capacity(
     target: Annotated[float, typer.Option("--target", callback=in_range(0, 1, low_open=True), help="required SLO attainment, in (0, 1]")] = 0.9,
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
     bundle: BundleOpt = None, max_tokens: MaxTokOpt = 2048, max_requests: MaxReqOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = 0, gpu_memory_utilization: GpuMemOpt = None, token_budget: BudgetOpt = None,
+    max_running: MaxRunOpt = None, block_size: BlockOpt = 16,
+    max_normalized_latency: Annotated[float | None, typer.Option("--max-normalized-latency", callback=positive, help="criterion: normalized latency (s per output token, the vLLM/Orca papers' metric) at most this, every request finished; replaces the attainment target")] = None,
+    slo_p99_tbt: Annotated[float | None, typer.Option("--slo-p99-tbt", callback=positive, help="also require the p99 time between tokens (over all tokens) at most this many seconds")] = None,
+    ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="also compute the saturation ceiling (2 flooded runs) and capacity / ceiling")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Largest rate scale at which SLO attainment stays >= target (bisection); null, with a
-    note, when the search finds no failing (or no passing) load."""
+    """Largest rate scale at which SLO attainment stays >= target (bisection), beside the
+    saturation ceiling; null, with a note, when the search finds no failing (or no passing) load."""
     from .compare import capacity as find_capacity
+    from .compare import ceiling as find_ceiling
 
     spec = _spec(trace, profile, predictions, confusion, bundle, SLO(slo_ttft, slo_tbt, slo_deadline),
-                 max_tokens, max_requests, seed)
-    res = find_capacity(spec, policy, target=target)
+                 max_tokens, max_requests, seed,
+                 server=_server(gpu_memory_utilization, token_budget, max_running, block_size))
+    res = find_capacity(spec, policy, target=target, max_normalized_latency=max_normalized_latency,
+                        max_p99_tbt=slo_p99_tbt)
     res["profile"] = spec.cost.name
+    if ceiling:
+        c = find_ceiling(spec)
+        res["ceiling_rate_scale"] = c["ceiling_rate_scale"]
+        res["capacity_vs_ceiling"] = (res["max_rate_scale"] / c["ceiling_rate_scale"]
+                                      if res["max_rate_scale"] is not None and c["ceiling_rate_scale"] else None)
+        res["ceiling"] = c
     if as_json:
         typer.echo(dumps(res))
-    elif res["max_rate_scale"] is None:
+        return
+    if res["max_rate_scale"] is None:
         typer.echo(f"{policy}: no capacity found: {res['note']}")
     else:
-        typer.echo(f"{policy}: max_rate_scale {res['max_rate_scale']:.4g} "
-                   f"(SLO attainment >= {target:g} at TTFT {slo_ttft:g}s, TBT {slo_tbt:g}s)")
+        what = (f"normalized latency <= {max_normalized_latency:g}s/token" if max_normalized_latency
+                else f"SLO attainment >= {target:g} at TTFT {slo_ttft:g}s, TBT {slo_tbt:g}s")
+        typer.echo(f"{policy}: max_rate_scale {res['max_rate_scale']:.4g} ({what}"
+                   + (f", p99 TBT <= {slo_p99_tbt:g}s" if slo_p99_tbt else "") + ")")
+    if ceiling and res["ceiling_rate_scale"] is not None:
+        vs = res["capacity_vs_ceiling"]
+        typer.echo(f"saturation ceiling: rate scale {res['ceiling_rate_scale']:.4g} "
+                   f"(flooded-server throughput, best of {', '.join(res['ceiling']['flood_throughput_rps'])})"
+                   + (f"; capacity / ceiling {vs:.2f}" if vs is not None else ""))
 
 
 @app.command()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,30 @@ TABLE_COLUMNS = ("policy", "rate_scale", "throughput_rps", "mean_jct_s", "p50_tt
                  "p99_tbt_s", "slo_attainment", "goodput_rps", "preemptions", "kv_util_mean")
 
 
+@dataclass(frozen=True)
+class Server:
+    """The engine's settings in a scenario (None: the policy's default, as in vLLM)."""
+
+    gpu_memory_utilization: float | None = None  # KV size: HBM share the KV cache may fill up to
+    token_budget: int | None = None  # vLLM's max_num_batched_tokens
+    max_running: int | None = None  # vLLM's max_num_seqs
+    block_size: int = 16
+
+    def policy_kw(self, cost: Any) -> dict[str, Any]:
+        """Keyword arguments for ``get_policy`` / ``simulator.run``."""
+        kw: dict[str, Any] = {"block_size": self.block_size}
+        if self.gpu_memory_utilization is not None:
+            kw["kv_blocks"] = cost.kv_blocks(self.block_size, self.gpu_memory_utilization)
+            if kw["kv_blocks"] < 1:
+                raise ValueError(f"gpu_memory_utilization {self.gpu_memory_utilization:g} leaves no "
+                                 f"room for a KV cache with {cost.name}")
+        if self.token_budget is not None:
+            kw["token_budget"] = self.token_budget
+        if self.max_running is not None:
+            kw["max_running"] = self.max_running
+        return kw
+
+
 @dataclass
 class RunSpec:
     """Everything but the policy and the load: what one comparison holds fixed."""
@@ -32,6 +56,7 @@ class RunSpec:
     confusion: Confusion | None = None
     bundle: str | None = None
     seed: int = 0
+    server: Server = field(default_factory=Server)
 
     def run(self, policy: str, rate_scale: float) -> tuple[dict, SimResult]:
         with np.errstate(over="ignore"):
@@ -41,7 +66,7 @@ class RunSpec:
                              "finite numbers (too small a rate scale or --rate)")
         res = run(trace, policy, self.cost, slo=self.slo,
                   predictions=self.predictions, confusion=self.confusion, bundle=self.bundle,
-                  seed=self.seed)
+                  seed=self.seed, **self.server.policy_kw(self.cost))
         s = summarize(res, self.slo)
         s["rate_scale"] = rate_scale
         return s, res
@@ -69,9 +94,48 @@ def sweep(spec: RunSpec, policies: Sequence[str], rate_scales: Sequence[float],
     return rows
 
 
+#: What each capacity probe records.
+PROBE_METRICS = ("slo_attainment", "normalized_latency_s", "p99_tbt_s", "mean_jct_s")
+#: The flooded server of the saturation ceiling: the trace replayed this many times faster.
+FLOOD_SCALE = 50.0
+#: Policies whose flooded throughput is the ceiling (the best of them).
+CEILING_POLICIES = ("vllm", "ecoserve-oracle")
+
+
+def ceiling(spec: RunSpec, policies: Sequence[str] = CEILING_POLICIES, flood: float = FLOOD_SCALE) -> dict:
+    """The saturation ceiling: the rate scale at which the trace's arrival rate equals the
+    throughput of a flooded server (the trace replayed ``flood`` times faster, best of
+    ``policies``). Above it requests arrive faster than the server can finish them, queues and
+    TTFTs grow without bound, and no policy holds a TTFT SLO for long: an upper bound on any
+    policy's capacity (up to the edge effects of a finite trace; docs/results.md)."""
+    arr = spec.trace.arrival_s
+    n = len(arr)
+    if n < 2 or not arr[-1] > arr[0]:
+        return {"ceiling_rate_scale": None, "note": "needs at least two distinct arrival times"}
+    base_rps = (n - 1) / float(arr[-1] - arr[0])  # the trace's arrival rate at scale 1
+    runs = {p: spec.run(p, flood)[0]["throughput_rps"] for p in policies}
+    best = max(runs, key=lambda p: runs[p])
+    return {"ceiling_rate_scale": runs[best] / base_rps, "flood_scale": flood, "ceiling_policy": best,
+            "flood_throughput_rps": runs, "trace_rps": base_rps}
+
+
+def meets(s: dict, target: float = 0.9, max_normalized_latency: float | None = None,
+          max_p99_tbt: float | None = None) -> bool:
+    """The capacity criterion on one run's summary: SLO attainment >= ``target`` (or, with
+    ``max_normalized_latency``, normalized latency <= it: the papers' criterion), and the
+    p99 time between tokens <= ``max_p99_tbt`` when given."""
+    if max_normalized_latency is not None:
+        good = s["normalized_latency_s"] <= max_normalized_latency and s["finished"] == s["requests"]
+    else:
+        good = s["slo_attainment"] >= target
+    return bool(good and (max_p99_tbt is None or s["p99_tbt_s"] <= max_p99_tbt))
+
+
 def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
-             hi: float = 1.0, rel_tol: float = 0.02, max_runs: int = 14) -> dict:
-    """Largest rate scale with SLO attainment >= ``target``: double from ``hi`` until the SLO
+             hi: float = 1.0, rel_tol: float = 0.02, max_runs: int = 14,
+             max_normalized_latency: float | None = None, max_p99_tbt: float | None = None) -> dict:
+    """Largest rate scale that ``meets`` the criterion (SLO attainment >= ``target`` by default;
+    see ``meets`` for the normalized-latency and p99-TBT variants): double from ``hi`` until it
     breaks, then bisect (``lo``: the assumed-passing lower end) to ``rel_tol``, in at most
     ``max_runs`` runs; attainment is assumed to fall with load.
 
@@ -85,7 +149,7 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
         raise ValueError(f"target attainment must be in (0, 1], got {target}")
     if not 0 <= lo < hi or not np.isfinite(hi) or max_runs < 1:
         raise ValueError(f"need 0 <= lo < hi (finite) and max_runs >= 1, got {lo}, {hi}, {max_runs}")
-    probes: list[tuple[float, float]] = []
+    probes: list[dict] = []
     seen: dict[str, str] = {}
     passing: list[float] = []
     failing: list[float] = []
@@ -93,8 +157,8 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
     def ok(scale: float) -> bool:
         s, _ = spec.run(policy, scale)
         seen["predictions"] = s["predictions"]
-        probes.append((scale, s["slo_attainment"]))
-        passed = s["slo_attainment"] >= target
+        probes.append({"rate_scale": scale, **{k: s[k] for k in PROBE_METRICS}})
+        passed = meets(s, target, max_normalized_latency, max_p99_tbt)
         (passing if passed else failing).append(scale)
         return passed
 
@@ -117,19 +181,20 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
     out: dict[str, Any] = {
         "policy": policy, "max_rate_scale": best if search == "found" else None, "search": search,
         "lower_bound": best, "upper_bound": min(failing, default=None), "target_attainment": target,
+        "max_normalized_latency_s": max_normalized_latency, "max_p99_tbt_s": max_p99_tbt,
         "slo_ttft_s": spec.slo.ttft_s, "slo_tbt_s": spec.slo.tbt_s,
         "predictions": seen.get("predictions", ""),
-        "probes": [{"rate_scale": a, "slo_attainment": b} for a, b in probes]}
+        "probes": probes}
     if search == "load_independent":
         out["note"] = (f"every request arrives at the same time, so the rate scale does not change "
-                       f"the load: SLO attainment is {probes[0][1]:.3g} at any scale; no capacity")
+                       f"the load: SLO attainment is {probes[0]['slo_attainment']:.3g} at any scale; "
+                       "no capacity")
     elif search == "no_failing_load":
-        out["note"] = (f"SLO attainment stayed >= {target:g} at every load probed, up to "
-                       f"x{best:g}: the capacity is above that, not found (the trace is too small "
-                       "or too light to load the server)")
+        out["note"] = (f"the criterion held at every load probed, up to x{best:g}: the capacity is "
+                       "above that, not found (the trace is too small or too light to load the server)")
     elif search == "no_passing_load":
-        out["note"] = (f"SLO attainment stayed below {target:g} at every load probed, down to "
-                       f"x{out['upper_bound']:g}: the capacity is below that, not found")
+        out["note"] = (f"the criterion failed at every load probed, down to x{out['upper_bound']:g}: "
+                       "the capacity is below that, not found")
     return out
 
 

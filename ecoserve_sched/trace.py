@@ -252,3 +252,13 @@ def gamma_arrivals(n: int, rate: float, cv: float = 1.0, seed: int = 0) -> np.nd
     gaps = np.random.default_rng(seed).gamma(shape, 1.0 / (rate * shape), size=n)
     gaps[0] = 0.0
     return np.cumsum(gaps)
+
+
+def burst_arrivals(n: int, rate: float, cv: float = 4.0, burst: int = 8, seed: int = 0) -> np.ndarray:
+    """Bursty arrivals: groups of ``burst`` requests arriving at the same instant, the groups
+    ``gamma_arrivals`` with mean rate ``rate / burst`` and coefficient of variation ``cv``
+    (the mean request rate stays ``rate``). Production traffic comes in such bursts."""
+    if burst < 1 or burst != int(burst):
+        raise ValueError(f"burst must be a positive integer, got {burst}")
+    groups = gamma_arrivals(-(-n // burst), rate / burst, cv, seed)
+    return np.repeat(groups, burst)[:n]

@@ -1,0 +1,198 @@
+"""Where scheduling can win: every policy's capacity against the saturation ceiling, per scenario.
+
+    python benchmarks/scenario_grid.py --shared ../shared/data --out runs/scenario_grid
+
+A cell is a trace x profile x KV size x SLO. For each cell it prints the saturation ceiling (the
+rate scale at which arrivals equal a flooded server's throughput: an upper bound on any policy's
+capacity, `ecoserve_sched.compare.ceiling`), then each policy's capacity (largest rate scale with
+SLO attainment >= 0.9) as a fraction of the ceiling, x vLLM V1 and x vLLM V0, and mean JCT and
+normalized latency at vLLM V1's capacity load (ratios to vLLM V1). All policies of a cell replay
+the same requests with the same predictions (sampled from the shipped predictor's confusion
+matrix; `ecoserve-oracle` gets the true lengths). Cells and policies run in parallel processes.
+
+Cells (first ``--requests`` requests of each trace):
+- azure: Azure 2023 conversations, Llama-2-13B on A100-80GB, TTFT 5 s / TBT 0.2 s;
+  azure-kv50: the same at gpu_memory_utilization 0.5 (a KV-starved server);
+  azure-tbt100: the same with a tight 0.1 s TBT SLO;
+- mooncake: Kimi conversations (long prompts), Llama-3-8B on H100, TTFT 10 s / TBT 0.2 s;
+- sharegpt-opt13b: the paper's era: ShareGPT turns (context and response lengths in Llama-3
+  tokens: decode-heavy), Poisson arrivals, OPT-13B on an A100-40GB (13k KV tokens), TTFT 5 s /
+  TBT 0.2 s;
+- azure-burst: Azure lengths with bursty arrivals (groups of 8 simultaneous requests, the groups
+  gamma arrivals with cv 4), Llama-2-13B on A100-80GB, TTFT 2 s / TBT 0.2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ecoserve_sched.compare import RunSpec, Server, capacity, ceiling  # noqa: E402
+from ecoserve_sched.cost_model import load_profile  # noqa: E402
+from ecoserve_sched.request import SLO  # noqa: E402
+from ecoserve_sched.trace import Trace, burst_arrivals, poisson_arrivals, read_trace  # noqa: E402
+
+POLICIES = ("vllm", "vllm-v0", "sarathi", "orca", "s3", "sjf", "ecoserve", "ecoserve-oracle")
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    trace: str  # azure | mooncake | sharegpt
+    profile: str
+    slo: SLO
+    server: Server = field(default_factory=Server)
+    arrivals: str = "trace"  # trace | burst8 | poisson
+
+
+CELLS = (
+    Cell("azure", "azure", "llama2-13b-a100-80gb", SLO(5.0, 0.2)),
+    Cell("azure-kv50", "azure", "llama2-13b-a100-80gb", SLO(5.0, 0.2), Server(gpu_memory_utilization=0.5)),
+    Cell("azure-tbt100", "azure", "llama2-13b-a100-80gb", SLO(5.0, 0.1)),
+    Cell("mooncake", "mooncake", "llama3-8b-h100-80gb", SLO(10.0, 0.2)),
+    Cell("sharegpt-opt13b", "sharegpt", "opt-13b-a100-40gb", SLO(5.0, 0.2), arrivals="poisson"),
+    Cell("azure-burst", "azure", "llama2-13b-a100-80gb", SLO(2.0, 0.2), arrivals="burst8"),
+)
+
+
+def load_trace(cell: Cell, shared: Path, n: int) -> Trace:
+    if cell.trace == "azure":
+        tr = read_trace(shared / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz").head(n)
+    elif cell.trace == "mooncake":
+        tr = read_trace(shared / "mooncake_conversation_trace" / "mooncake_conversation_trace.jsonl.gz").head(n)
+    else:
+        tr = sharegpt_trace(shared, n)
+    rate = (len(tr) - 1) / float(tr.arrival_s[-1] - tr.arrival_s[0])  # keep the trace's mean rate
+    if cell.arrivals == "burst8":
+        tr = tr.with_arrivals(burst_arrivals(len(tr), rate, cv=4.0, burst=8, seed=0))
+    elif cell.arrivals == "poisson" and cell.trace != "sharegpt":
+        tr = tr.with_arrivals(poisson_arrivals(len(tr), rate, seed=0))
+    return tr
+
+
+def sharegpt_trace(shared: Path, n: int) -> Trace:
+    """ShareGPT turns as requests: context (history) and response lengths in Llama-3 tokens,
+    Poisson arrivals at 1 request/s (the grid scales the rate)."""
+    from rlpredict.data import attach_rl, load_samples
+    from rlpredict.rl_tokenizers import count_tokens
+
+    samples, _ = load_samples([shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"], max_rows=n, on_error="skip")
+    attach_rl(samples, "llama3")
+    ctx = count_tokens(["\n".join(m["content"] for m in s.messages) for s in samples], "llama3")
+    inp = np.maximum(np.asarray(ctx, dtype=np.int64), 1)
+    out = np.maximum(np.asarray([s.rl_tokens for s in samples], dtype=np.int64), 1)
+    keep = inp + out <= 2048  # OPT's context window
+    return Trace("sharegpt_v3 turns", poisson_arrivals(int(keep.sum()), 1.0, seed=0), inp[keep], out[keep],
+                 np.full(int(keep.sum()), 2048, dtype=np.int64))
+
+
+_SPECS: dict[str, RunSpec] = {}
+
+
+def spec_of(cell: Cell, shared: Path, n: int) -> RunSpec:
+    """The cell's RunSpec, built once per worker process."""
+    if cell.name not in _SPECS:
+        _SPECS[cell.name] = RunSpec(load_trace(cell, shared, n), load_profile(cell.profile), cell.slo,
+                                    server=cell.server)
+    return _SPECS[cell.name]
+
+
+def task_ceiling(cell: Cell, shared: Path, n: int) -> tuple[str, dict]:
+    spec = spec_of(cell, shared, n)
+    kv_blocks = spec.server.policy_kw(spec.cost).get("kv_blocks") or spec.cost.kv_blocks(spec.server.block_size)
+    return cell.name, {**ceiling(spec), "kv_tokens": kv_blocks * spec.server.block_size,
+                       "requests": len(spec.trace.arrival_s)}
+
+
+def task_capacity(cell: Cell, policy: str, shared: Path, n: int, hi: float) -> tuple[str, str, dict]:
+    return cell.name, policy, capacity(spec_of(cell, shared, n), policy, hi=hi)
+
+
+def task_at_load(cell: Cell, policy: str, shared: Path, n: int, scale: float) -> tuple[str, str, dict]:
+    s, _ = spec_of(cell, shared, n).run(policy, scale)
+    return cell.name, policy, {k: s[k] for k in ("mean_jct_s", "normalized_latency_s", "slo_attainment")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", type=Path, required=True, help="the shared data folder (../shared/data)")
+    ap.add_argument("--out", type=Path, help="folder for results.json and results.md")
+    ap.add_argument("--requests", type=int, default=6000, help="first N requests of each trace")
+    ap.add_argument("--cells", default=",".join(c.name for c in CELLS), help="comma-separated cell names")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
+    ap.add_argument("--workers", type=int, default=2, help="parallel processes")
+    args = ap.parse_args()
+    cells = [c for c in CELLS if c.name in args.cells.split(",")]
+    policies = args.policies.split(",")
+    t0 = time.time()
+    with ProcessPoolExecutor(args.workers) as pool:
+        def starmap(fn, jobs: list[tuple]) -> list:
+            return list(pool.map(fn, *zip(*jobs, strict=True), chunksize=1)) if jobs else []
+
+        ceilings = dict(starmap(task_ceiling, [(c, args.shared, args.requests) for c in cells]))
+        caps = {(name, p): c for name, p, c in starmap(task_capacity, [
+            (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3))
+            for c in cells for p in policies])}
+        at_load = {(name, p): s for name, p, s in starmap(task_at_load, [
+            (c, p, args.shared, args.requests, caps[c.name, "vllm"]["max_rate_scale"])
+            for c in cells for p in policies if caps[c.name, "vllm"]["max_rate_scale"]])}
+    rows = []
+    for c in cells:
+        ceil = ceilings[c.name]["ceiling_rate_scale"]
+        v1 = caps[c.name, "vllm"]["max_rate_scale"]
+        v0 = caps.get((c.name, "vllm-v0"), {}).get("max_rate_scale")
+        base = at_load.get((c.name, "vllm"))
+        for p in policies:
+            cap = caps[c.name, p]["max_rate_scale"]
+            load = at_load.get((c.name, p))
+            rows.append({
+                "cell": c.name, "profile": c.profile, "slo_ttft_s": c.slo.ttft_s, "slo_tbt_s": c.slo.tbt_s,
+                "kv_tokens": ceilings[c.name]["kv_tokens"], "requests": ceilings[c.name]["requests"],
+                "ceiling": ceil, "policy": p, "capacity": cap, "search": caps[c.name, p]["search"],
+                "vs_ceiling": _ratio(cap, ceil), "x_v1": _ratio(cap, v1), "x_v0": _ratio(cap, v0),
+                "jct_x_v1": _ratio(load and load["mean_jct_s"], base and base["mean_jct_s"]),
+                "norm_latency_x_v1": _ratio(load and load["normalized_latency_s"], base and base["normalized_latency_s"]),
+                "attainment_at_v1_load": load and load["slo_attainment"],
+            })
+    text = markdown(rows, args.requests, time.time() - t0)
+    print(text)
+    if args.out:
+        from rlpredict.json_file import dumps
+        from rlpredict.outputs import output_dir
+
+        with output_dir(args.out, force=True, tool="benchmarks/scenario_grid.py") as tmp:
+            (tmp / "results.json").write_text(dumps(rows, indent=1) + "\n")
+            (tmp / "results.md").write_text(text + "\n")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def markdown(rows: list[dict], n: int, seconds: float) -> str:
+    def f(v: float | None, d: int = 2) -> str:
+        return "n/a" if v is None else f"{v:.{d}f}"
+
+    out = [f"Scenario grid: first {n} requests per trace; capacity = largest rate scale with SLO attainment "
+           f">= 0.9; ({seconds:.0f} s on this machine)", "",
+           "| cell | ceiling | policy | capacity | / ceiling | x V1 | x V0 | JCT x V1 @V1 cap | norm. lat. x V1 | SLO @V1 cap |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cap = f(r["capacity"], 3) if r["search"] == "found" else r["search"]
+        out.append(f"| {r['cell']} | {f(r['ceiling'], 3)} | {r['policy']} | {cap} | {f(r['vs_ceiling'])} | "
+                   f"{f(r['x_v1'])} | {f(r['x_v0'])} | {f(r['jct_x_v1'])} | {f(r['norm_latency_x_v1'])} | "
+                   f"{f(r['attainment_at_v1_load'])} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Where scheduling can win: the saturation ceiling, normalized latency, capacity criteria and
+the scenario knobs, against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sim_helpers import FlatCost, make_req
+from typer.testing import CliRunner
+
+from ecoserve_sched.cli import app
+from ecoserve_sched.compare import RunSpec, Server, capacity, ceiling, meets
+from ecoserve_sched.cost_model import load_profile
+from ecoserve_sched.metrics import summarize
+from ecoserve_sched.policies import get_policy
+from ecoserve_sched.request import SLO
+from ecoserve_sched.simulator import simulate
+from ecoserve_sched.trace import Trace, burst_arrivals
+
+FIXTURE = str(Path(__file__).parent / "fixtures" / "confusion_sharegpt.json")
+
+
+def _trace(arrivals: list[float], prompt: int, out: int) -> Trace:
+    n = len(arrivals)
+    return Trace("hand", np.asarray(arrivals, float), np.full(n, prompt, np.int64), np.full(n, out, np.int64),
+                 np.full(n, 4096, np.int64))
+
+
+def test_normalized_latency_by_hand():
+    # FlatCost: 0.01 s per iteration + 1 us per prefill token. One prefill iteration (16 tokens,
+    # first token) then 3 decode iterations: JCT 0.040016 s for 4 tokens.
+    slo = SLO(5.0, 0.2)
+    r = make_req(0, 0.0, 16, 4)
+    s = summarize(simulate([r], get_policy("vllm", FlatCost(), slo=slo)), slo)
+    assert s["mean_jct_s"] == pytest.approx(0.040016)
+    assert s["normalized_latency_s"] == pytest.approx(0.040016 / 4)
+    # two requests, JCTs over lengths averaged per request (not total latency / total tokens)
+    a, b = make_req(0, 0.0, 16, 1), make_req(1, 10.0, 16, 4)
+    s = summarize(simulate([a, b], get_policy("vllm", FlatCost(), slo=slo)), slo)
+    assert s["normalized_latency_s"] == pytest.approx((0.010016 / 1 + 0.040016 / 4) / 2)
+
+
+def test_ceiling_by_hand():
+    # Two one-token requests 10 s apart (trace rate 0.1/s). Flooded (x50) they arrive 0.2 s
+    # apart and each takes one 0.010016 s prefill iteration: 2 requests in 0.210016 s.
+    spec = RunSpec(_trace([0.0, 10.0], 16, 1), FlatCost(), SLO(5.0, 0.2), predictions="oracle")
+    c = ceiling(spec, policies=("vllm",))
+    assert c["trace_rps"] == pytest.approx(0.1)
+    assert c["flood_throughput_rps"]["vllm"] == pytest.approx(2 / 0.210016)
+    assert c["ceiling_rate_scale"] == pytest.approx(2 / 0.210016 / 0.1)
+    assert ceiling(RunSpec(_trace([1.0], 16, 1), FlatCost(), SLO()))["ceiling_rate_scale"] is None
+
+
+def test_ceiling_bounds_capacity_on_a_real_profile():
+    rng = np.random.default_rng(0)
+    n = 3000
+    tr = Trace("synthetic", np.cumsum(rng.exponential(0.05, n)), rng.integers(100, 1500, n).astype(np.int64),
+               rng.integers(20, 600, n).astype(np.int64), np.full(n, 4096, np.int64))
+    spec = RunSpec(tr, load_profile("llama2-13b-a100-80gb"), SLO(5.0, 0.2), predictions="oracle")
+    c = ceiling(spec)
+    for policy in ("vllm", "ecoserve-oracle"):
+        cap = capacity(spec, policy, hi=c["ceiling_rate_scale"])
+        assert cap["search"] == "found" and cap["max_rate_scale"] <= c["ceiling_rate_scale"] * 1.02
+
+
+def test_capacity_criteria():
+    s = {"slo_attainment": 0.95, "normalized_latency_s": 0.05, "p99_tbt_s": 0.12, "finished": 10, "requests": 10}
+    assert meets(s) and not meets(s, target=0.96)
+    assert meets(s, max_normalized_latency=0.05) and not meets(s, max_normalized_latency=0.04)
+    assert not meets({**s, "finished": 9}, max_normalized_latency=1.0)  # unfinished requests fail it
+    assert meets(s, max_p99_tbt=0.12) and not meets(s, max_p99_tbt=0.1)
+
+
+def test_server_settings_reach_the_policy():
+    cost = load_profile("opt-13b-a100-40gb")
+    kw = Server(gpu_memory_utilization=0.8, token_budget=512, max_running=64, block_size=32).policy_kw(cost)
+    assert kw == {"block_size": 32, "kv_blocks": cost.kv_blocks(32, 0.8), "token_budget": 512, "max_running": 64}
+    sched = get_policy("vllm", cost, **kw)
+    assert sched.kv.num_blocks == cost.kv_blocks(32, 0.8) and sched.token_budget == 512 and sched.max_running == 64
+    assert 10_000 < cost.kv_blocks(16) * 16 < 16_000  # the paper era's KV-starved server
+    with pytest.raises(ValueError, match="no room"):
+        Server(gpu_memory_utilization=0.3).policy_kw(cost)
+
+
+def test_burst_arrivals_keep_the_rate_and_come_in_groups():
+    a = burst_arrivals(8000, rate=10.0, cv=4.0, burst=8, seed=1)
+    assert len(a) == 8000 and (np.diff(a) >= 0).all()
+    assert (a.reshape(-1, 8) == a.reshape(-1, 8)[:, :1]).all()  # groups of 8 simultaneous requests
+    assert len(a) / a[-1] == pytest.approx(10.0, rel=0.2)
+
+
+def _csv(tmp_path: Path, n: int = 80) -> str:
+    rows = "".join(f"{i * 0.25},{200 + 37 * (i % 7)},{20 + 53 * (i % 5)}\n" for i in range(n))
+    p = tmp_path / "t.csv"
+    p.write_text("arrival_time_s,input_tokens,output_tokens\n" + rows)
+    return str(p)
+
+
+def test_cli_capacity_reports_the_ceiling_and_takes_the_scenario_knobs(tmp_path):
+    args = ["capacity", "--trace", _csv(tmp_path), "--policy", "vllm", "--profile", "opt-13b-a100-40gb",
+            "--confusion", FIXTURE, "--slo-tbt", "0.05", "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    c = json.loads(r.stdout)
+    assert c["ceiling_rate_scale"] > 0 and c["search"] == "found"
+    assert c["capacity_vs_ceiling"] == pytest.approx(c["max_rate_scale"] / c["ceiling_rate_scale"])
+    assert {"rate_scale", "slo_attainment", "normalized_latency_s", "p99_tbt_s"} <= set(c["probes"][0])
+    r = CliRunner().invoke(app, [*args, "--gpu-memory-utilization", "0.7", "--token-budget", "512",
+                                 "--max-running", "32", "--block-size", "32", "--no-ceiling",
+                                 "--max-normalized-latency", "0.2"])
+    assert r.exit_code == 0, r.output
+    c2 = json.loads(r.stdout)
+    assert "ceiling_rate_scale" not in c2 and c2["max_normalized_latency_s"] == 0.2
+    for bad, option in ((["--token-budget", "16"], "--token-budget"), (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
+                        (["--gpu-memory-utilization", "0.3"], "no room"), (["--block-size", "0"], "--block-size")):
+        r = CliRunner().invoke(app, [*args, *bad])
+        assert r.exit_code == 2 and option in r.output, (bad, r.output)
+
+
+def test_cli_simulate_burst_arrivals(tmp_path):
+    r = CliRunner().invoke(app, ["simulate", "--trace", _csv(tmp_path), "--arrivals", "burst8", "--rate", "4",
+                                 "--cv", "3", "--confusion", FIXTURE, "--profile", "llama2-13b-a100-80gb", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["finished"] == 80 and s["normalized_latency_s"] > 0
