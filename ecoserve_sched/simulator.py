@@ -34,7 +34,9 @@ class SimResult:
     # One row per iteration, or per decode-only stretch of ``steps`` iterations: (end time,
     # mean step duration, steps, decoding requests, KV tokens held, blocks allocated); the KV
     # columns are taken at the end of each iteration, before finished requests free their blocks
-    # (a stretch logs their mean over its steps).
+    # (a stretch logs their mean over its steps). "Decoding requests" leaves out
+    # ``Batch.late_decodes``: decodes whose token gap spans earlier iterations too (vllm-v0
+    # after prefill-only iterations), whose gaps are in ``stall_gaps``.
     log: list[tuple[float, float, int, int, int, int]] = field(default_factory=list)
     stall_gaps: list[float] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
@@ -135,7 +137,8 @@ def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
             continue
         for r in sched.complete(batch, now):
             heapq.heappush(finishes, (r.dec_step0 + r.target_tokens - r.generated, r.rid, r.epoch, r))
-        log((now, dt, 1, batch.decode_requests, sched.kv_used_tokens(), sched.kv.allocated_blocks))
+        log((now, dt, 1, batch.decode_requests - batch.late_decodes, sched.kv_used_tokens(),
+             sched.kv.allocated_blocks))
         _finish_due(finishes, sched, now)
     if check:
         sched.kv.check()

@@ -7,7 +7,7 @@ __all__ = ["POLICIES", "Batch", "Scheduler", "get_policy", "policy_names", "regi
 
 def _load_all() -> None:
     """Import every policy module so that each registers itself."""
-    from . import ecoserve, orca, s3, sarathi, sjf, vllm  # noqa: F401
+    from . import ecoserve, orca, s3, sarathi, sjf, vllm, vllm_v0  # noqa: F401
 
 
 def policy_names() -> list[str]:

@@ -12,9 +12,11 @@ When the engine calls what (one iteration, see docs/scheduler.md)::
 
 Every request in DECODE state decodes one token in every iteration (the token budget always
 covers ``max_running`` decodes), so a decoding request's length is a function of the global step
-(``Request.context_at``) and costs nothing per iteration. A policy looks at a decoding request
-only at its *alarm*: the step at which it would run out of usable KV blocks (minus a lead), or at
-which it would reach blocks it has lent out. All block changes go through ``KVCacheManager``.
+(``Request.context_at``) and costs nothing per iteration. The one exception is a batch with
+``stall_decodes`` (vllm-v0's prefill-only iterations): no one decodes and the step stays.
+A policy looks at a decoding request only at its *alarm*: the step at which it would run out of
+usable KV blocks (minus a lead), or at which it would reach blocks it has lent out. All block
+changes go through ``KVCacheManager``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class Batch:
     decode_requests: int = 0
     decode_ctx_tokens: int = 0
     extra_s: float = 0.0  # swap transfers done in this iteration
+    stall_decodes: bool = False  # prefill-only (vLLM V0): the decodes wait, the decode clock stays
+    late_decodes: int = 0  # decodes whose last token came before the previous iteration (gaps in stall_gaps)
 
     def add_prefill(self, r: Request, chunk: int) -> None:
         self.prefill.append((r, chunk, r.epoch))
@@ -209,7 +213,8 @@ class Scheduler:
 
     def complete(self, batch: Batch, now: float) -> list[Request]:
         """Apply the iteration's prefill progress; return requests that started decoding."""
-        self.step += 1
+        if not batch.stall_decodes:
+            self.step += 1
         joined = []
         for r in self.resumed:
             self.stall_gaps.append(now - r.last_token_s)
