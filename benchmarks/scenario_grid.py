@@ -19,7 +19,7 @@ Cells (first ``--requests`` requests of each trace):
   tokens: decode-heavy), Poisson arrivals, OPT-13B on an A100-40GB (13k KV tokens), TTFT 5 s /
   TBT 0.2 s;
 - azure-burst: Azure lengths with bursty arrivals (groups of 8 simultaneous requests, the groups
-  gamma arrivals with cv 4), Llama-2-13B on A100-80GB, TTFT 2 s / TBT 0.2 s.
+  gamma arrivals with cv 2), Llama-2-13B on A100-80GB, TTFT 5 s / TBT 0.2 s.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class Cell:
     slo: SLO
     server: Server = field(default_factory=Server)
     arrivals: str = "trace"  # trace | burst8 | poisson
+    cv: float = 2.0  # burst8: coefficient of variation of the groups' arrival gaps
 
 
 CELLS = (
@@ -60,7 +61,7 @@ CELLS = (
     Cell("azure-tbt100", "azure", "llama2-13b-a100-80gb", SLO(5.0, 0.1)),
     Cell("mooncake", "mooncake", "llama3-8b-h100-80gb", SLO(10.0, 0.2)),
     Cell("sharegpt-opt13b", "sharegpt", "opt-13b-a100-40gb", SLO(5.0, 0.2), arrivals="poisson"),
-    Cell("azure-burst", "azure", "llama2-13b-a100-80gb", SLO(2.0, 0.2), arrivals="burst8"),
+    Cell("azure-burst", "azure", "llama2-13b-a100-80gb", SLO(5.0, 0.2), arrivals="burst8"),
 )
 
 
@@ -73,7 +74,7 @@ def load_trace(cell: Cell, shared: Path, n: int) -> Trace:
         tr = sharegpt_trace(shared, n)
     rate = (len(tr) - 1) / float(tr.arrival_s[-1] - tr.arrival_s[0])  # keep the trace's mean rate
     if cell.arrivals == "burst8":
-        tr = tr.with_arrivals(burst_arrivals(len(tr), rate, cv=4.0, burst=8, seed=0))
+        tr = tr.with_arrivals(burst_arrivals(len(tr), rate, cv=cell.cv, burst=8, seed=0))
     elif cell.arrivals == "poisson" and cell.trace != "sharegpt":
         tr = tr.with_arrivals(poisson_arrivals(len(tr), rate, seed=0))
     return tr

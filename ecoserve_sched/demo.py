@@ -9,7 +9,8 @@
    coverage) and its confusion matrix;
 3. the simulator replays the annotated trace under each policy (default vLLM, EcoServe,
    EcoServe-oracle) at several loads over a named GPU profile, and finds each policy's capacity
-   (the largest load that keeps SLO attainment >= 0.9);
+   (the largest load that keeps SLO attainment >= 0.9) beside the saturation ceiling (no policy's
+   capacity can pass it) and the ratio to vLLM's 2024 scheduler (``vllm-v0``, the paper's baseline);
 4. ``report.md`` with the tables and four plots (latency vs load, SLO attainment vs load, KV
    utilization over time, the confusion matrix), ``results.json``.
 
@@ -33,7 +34,7 @@ import numpy as np
 from rlpredict.json_file import dumps
 from rlpredict.outputs import check_paths, output_dir
 
-from .compare import RunSpec, capacity, capacity_text, markdown_table, plot, sweep
+from .compare import RunSpec, capacity, capacity_text, ceiling, markdown_table, plot, sweep
 from .cost_model import load_profile
 from .predictions import load_confusion
 from .request import SLO
@@ -41,7 +42,7 @@ from .trace import Trace, read_trace
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "azure_conv_sharegpt.jsonl.gz"
 PROFILE = "llama2-13b-a100-80gb"
-POLICIES = ("vllm", "ecoserve", "ecoserve-oracle")
+POLICIES = ("vllm-v0", "vllm", "ecoserve", "ecoserve-oracle")
 RATE_SCALES = (0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
 DEFAULT_SLO = SLO(5.0, 0.2)
 TABLE = ("policy", "rate_scale", "throughput_rps", "mean_jct_s", "p50_ttft_s", "p99_ttft_s",
@@ -143,12 +144,16 @@ def _run(tmp: Path, out: Path, sample: Path, profile: str, bundle: str | None,
 
     t = time.perf_counter()
     step(f"capacity: the largest load with SLO attainment >= {target:g}")
-    caps = [capacity(spec, p, target=target) for p in policies]
-    base = next((c["max_rate_scale"] for c in caps if c["policy"] == "vllm"), None)
+    ceil = ceiling(spec)["ceiling_rate_scale"]
+    caps = [capacity(spec, p, target=target, hi=ceil or 1.0) for p in policies]
+    found_by = {c["policy"]: c["max_rate_scale"] for c in caps}
     for c in caps:
         found = c["max_rate_scale"]
         c["requests_per_s"] = None if found is None else found * len(trace) / _span(trace)
-        c["x_vllm"] = found / base if found is not None and base else None
+        c["ceiling_rate_scale"] = ceil
+        c["vs_ceiling"] = _ratio(found, ceil)
+        c["x_vllm"] = _ratio(found, found_by.get("vllm"))
+        c["x_vllm_v0"] = _ratio(found, found_by.get("vllm-v0"))
     clock["capacity_s"] = time.perf_counter() - t
 
     files += plot(rows, tmp)
@@ -164,6 +169,10 @@ def _run(tmp: Path, out: Path, sample: Path, profile: str, bundle: str | None,
     return result
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def _span(trace: Trace) -> float:
     return max(float(trace.arrival_s[-1] - trace.arrival_s[0]), 1e-9)
 
@@ -174,11 +183,20 @@ def _header(trace: Trace, profile: str, slo: SLO) -> str:
 
 
 def capacity_table(caps: Sequence[dict]) -> str:
-    lines = ["| policy | max load (x trace rate) | requests/s | x vLLM |", "|---|---:|---:|---:|"]
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    ceil = next((c.get("ceiling_rate_scale") for c in caps), None)
+    lines = ["| policy | max load (x trace rate) | requests/s | / ceiling | x vLLM (V1) | x vLLM V0 |",
+             "|---|---:|---:|---:|---:|---:|"]
     for c in caps:
-        x = f"{c['x_vllm']:.2f}" if c.get("x_vllm") else "-"
-        rps = "-" if c.get("requests_per_s") is None else f"{c['requests_per_s']:.2f}"
-        lines.append(f"| {c['policy']} | {capacity_text(c)} | {rps} | {x} |")
+        lines.append(f"| {c['policy']} | {capacity_text(c)} | {f(c.get('requests_per_s'))} | "
+                     f"{f(c.get('vs_ceiling'))} | {f(c.get('x_vllm'))} | {f(c.get('x_vllm_v0'))} |")
+    if ceil:
+        lines += ["", f"Saturation ceiling: x{ceil:.3f}, the load at which requests arrive as fast as a "
+                      "flooded server finishes them (best of vllm and ecoserve-oracle replayed 50x "
+                      "faster): no policy can hold the SLO above it. `/ ceiling` is how much of the "
+                      "possible room each policy uses."]
     notes = [f"- {c['policy']}: {c['note']}" for c in caps if c.get("note")]
     return "\n".join(lines + (["", *notes] if notes else []))
 
