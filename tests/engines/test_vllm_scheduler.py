@@ -1,8 +1,13 @@
-"""EcoServe on vLLM's real V1 scheduler (CPU, no model): reservations, groups, order, victims."""
+"""EcoServe on vLLM's real V1 scheduler (CPU, no model): reservations, groups, order, victims.
+
+vLLM is required (conftest.py turns a missing vLLM into a failure unless ECOSERVE_VLLM_OPTIONAL=1).
+The helpers here (``make``, ``req``, ``drive``, ``check_done``) are shared with test_vllm_hints.py.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +29,20 @@ from ecoserve_sched.engines.vllm_sim import build_vllm_scheduler, fake_model_out
 
 BS = 16
 ECO_CLASSES = [EcoServeVllmSyncScheduler, EcoServeVllmScheduler]
+
+
+@pytest.fixture(autouse=True)
+def eco_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ECOSERVE_* setting leaks in from the shell; these tests feed predictions as client
+    hints, so hints are trusted (test_vllm_hints.py checks the default, off)."""
+    clear_eco_env(monkeypatch)
+    monkeypatch.setenv("ECOSERVE_TRUST_CLIENT_HINTS", "1")
+
+
+def clear_eco_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in list(os.environ):
+        if k.startswith("ECOSERVE_"):
+            monkeypatch.delenv(k)
 
 
 def make(cls: type, num_blocks: int = 64, **kw: object) -> Scheduler:
@@ -162,7 +181,7 @@ def test_predictions_at_add_request_extra_args_win_and_defaults() -> None:
     s.add_request(req("nopred", 20, 300))
     assert (s.rl["nopred"].source, s.rl["nopred"].reserve_tokens) == ("default", 300)  # capped
     s.predictor = _Predictor()
-    s._tokenizer, s._tokenizer_tried = SimpleNamespace(decode=lambda ids, **_: "hello"), True
+    s.tokenizer = SimpleNamespace(decode=lambda ids, **_: "hello")
     s.add_request(req("model", 20, 300))
     s.add_request(req("client", 20, 300, rl_bucket=1, rl_pred_tokens=7, rl_reserve_tokens=9))
     assert (s.rl["model"].bucket, s.rl["model"].reserve_tokens, s.rl["model"].source) == (3, 48, "predictor")
@@ -171,6 +190,8 @@ def test_predictions_at_add_request_extra_args_win_and_defaults() -> None:
     drive(s)
     assert s.predictor.calls == 1  # never called while scheduling
     check_done(s)
+    c = s.eco_counters
+    assert (c["predictions"], c["hints_used"], c["default_reservations"]) == (1, 1, 1)
 
 
 def test_config_from_env_and_scheduler_cls_resolves() -> None:
