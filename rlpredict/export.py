@@ -8,7 +8,9 @@
    token ids differ, the max logit difference exceeds ``atol``, or an argmax differs other than on
    a near-tie.
 3. ``int8``: ONNX Runtime dynamic quantization (per-channel QInt8 weights); its agreement with
-   fp32 and, where the prompts have responses, the bucket accuracy of both are recorded.
+   fp32 and, where the prompts have responses, the bucket accuracy of both are recorded. Both
+   are computed by the runtime (``Predictor.logits_of_ids``: each prompt alone, so activation
+   scales are per prompt), so the record is what users get.
 4. The manifest also carries the eval report and confusion matrix of ``MODEL/eval`` if present.
 
 The bundle is assembled in a temporary folder beside ``out`` and renamed into place at the end.
@@ -144,7 +146,7 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
     log("checking parity with the torch model")
     ref_ids = [hf_tok(t, truncation=True, max_length=spec.max_length)["input_ids"] for t in texts]
     ref = _torch_logits(model, ref_ids, int(pad_id))
-    fp32 = Predictor.load(tmp, batch_size=16)
+    fp32 = Predictor.load(tmp)
     run_ids = fp32.encode(texts)
     got = fp32.logits_of_ids(run_ids)
     labels = _labels(samples, meta)
@@ -171,7 +173,7 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
         _quantize(onnx_path)
         manifest["model"]["precision"] = "int8"
         manifest = write_manifest(tmp, {**manifest, "files": [MODEL_FILE, TOKENIZER_FILE]})
-        q = Predictor.load(tmp, batch_size=16).logits_of_ids(run_ids)
+        q = Predictor.load(tmp).logits_of_ids(run_ids)
         manifest["quantization"] = _int8_record(got, q, ref, labels, fp32_bytes,
                                                 onnx_path.stat().st_size)
         rec = manifest["quantization"]

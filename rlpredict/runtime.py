@@ -6,28 +6,43 @@
 
 A request is a prompt string or an OpenAI-style message list; the model sees the text that
 ``rlpredict.inputs.build_text`` makes of it, exactly as in training, tokenized with the bundle's
-``tokenizer.json`` and truncated to the input spec. Batches are sorted by token length and
-padded per batch into reused buffers.
+``tokenizer.json`` and truncated to the input spec (``TextEncoder``: long texts are cut before
+tokenizing, with the same ids as tokenizing them whole).
+
+**A prompt's prediction depends only on the prompt.** Every prompt runs alone: batch 1, at its own
+token length, no padding. Dynamic int8 quantization picks activation scales per input tensor, so
+in a padded batch a prompt's scales (and its padding width) would depend on its neighbours; alone,
+they are its own. Bulk calls (``predict``, ``predict_arrays``, ``logits``) spread the prompts over
+``threads`` workers, each running its prompts one at a time with one ONNX Runtime thread (ORT
+releases the GIL); a lone prompt (``predict_one``, or a bulk call of one) runs with ``threads``
+intra-op threads for latency. ORT's thread count changes how one input's work is split, and has
+changed no result in any measurement (``benchmarks/predictor_speed.py``: 1,000 ShareGPT prompts;
+``tests/rlpredict/test_determinism.py``); ``load`` also compares the two sessions on probe inputs
+and, should they ever differ, runs lone prompts single-threaded too.
 
 ``pred_tokens`` is the median of the predicted length distribution (the MAE-optimal point);
 ``reserve_tokens`` is the predicted bucket's reservation, or, with ``reserve_quantile``, that
 quantile of the predicted distribution (wider when the model is unsure); both reservations are
 then padded by ``margin`` (x (1 + margin), rounded up).
 
-A ``Predictor`` may be shared between threads (batches are serialised by a lock).
+A ``Predictor`` may be shared between threads: ``session.run`` is thread-safe, and bulk calls
+share one pool of ``threads - 1`` helper threads (each call's own thread is one more worker).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from rlpredict.buckets import BucketScheme
 from rlpredict.bundle import Bundle, load_bundle
@@ -35,6 +50,9 @@ from rlpredict.inputs import InputSpec, build_text, messages_from_prompt
 
 Request = str | Sequence[Mapping[str, Any]]
 """A prompt string, or the conversation before the response as ``[{role, content}, ...]``."""
+
+#: Texts longer than this many characters per kept token are cut before tokenizing.
+CUT_CHARS_PER_TOKEN = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,31 +79,154 @@ class PredictionArrays(NamedTuple):
     reserve_tokens: np.ndarray  # (n,) int64
 
 
-class Predictor:
-    """Response-length predictor over a verified bundle. Build it with ``Predictor.load``."""
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
-    def __init__(self, bundle: Bundle, session: ort.InferenceSession, tokenizer: Tokenizer, *,
-                 reserve_quantile: float | None = None, margin: float = 0.0, batch_size: int = 32):
+
+class TextEncoder:
+    """Token ids of texts truncated to ``max_length`` on ``side``, tokenizing long texts in part.
+
+    A text longer than ``window`` characters (default ``CUT_CHARS_PER_TOKEN * max_length``) is cut
+    to a window on the kept side (the head for ``right`` truncation, the tail for ``left``), at a
+    space when the window's outer half has one, and the window is tokenized without truncation.
+    The tokens of the word at the cut, and of the characters within the longest added token's
+    length of it, may differ from those of the whole text, so they do not count; if the other
+    tokens fill ``max_length``, the window's truncated ids are those of the whole text. Otherwise
+    the window grows 4x while it is at most a quarter of the text, then the whole text is
+    tokenized: texts with few tokens per character (long whitespace runs, giant ``[UNK]`` words)
+    cost at worst one window plus 4/3 of tokenizing them whole. Cuts at other characters than
+    spaces are made only for tokenizers whose words are tokenized independently (BERT's
+    normalizer and pre-tokenizer); for others a window without a space grows.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int, side: Literal["left", "right"],
+                 window: int | None = None):
+        spec = tokenizer.to_str()
+        self.max_length = int(max_length)
+        self.keep_head = side == "right"
+        self.window = int(window or CUT_CHARS_PER_TOKEN * self.max_length)
+        self.tokenizer = Tokenizer.from_str(spec)  # truncating: what the model sees
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.max_length, direction=side)
+        self._whole = Tokenizer.from_str(spec)  # untruncated, for windows
+        self._whole.no_padding()
+        self._whole.no_truncation()
+        self._n_content = self.max_length - self.tokenizer.num_special_tokens_to_add(False)
+        added = tokenizer.get_added_tokens_decoder().values()
+        self._guard = max((len(t.content) for t in added), default=0)
+        config = json.loads(spec)
+        self._cut_anywhere = ((config.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
+                              and (config.get("normalizer") or {}).get("type") in (None, "BertNormalizer"))
+
+    def encode(self, text: str) -> list[int]:
+        if len(text) <= self.window:
+            return self.tokenizer.encode(text).ids
+        return self._encode_long(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in texts]
+        short = [i for i, t in enumerate(texts) if len(t) <= self.window]
+        for i, e in zip(short, self.tokenizer.encode_batch([texts[i] for i in short]), strict=True):
+            out[i] = e.ids
+        if len(short) == len(texts):
+            return out
+        long = [i for i, t in enumerate(texts) if len(t) > self.window]
+        pieces = [self._piece(texts[i], self.window) for i in long]
+        ready = [(i, p) for i, p in zip(long, pieces, strict=True) if p is not None]
+        encs = self._whole.encode_batch([p for _, p in ready], add_special_tokens=False)
+        for (i, piece), enc in zip(ready, encs, strict=True):
+            if self._settles(enc, len(piece)):
+                out[i] = self.tokenizer.post_process(enc).ids
+        for i in long:
+            if not out[i]:  # the first window did not settle: the slow path
+                out[i] = self._encode_long(texts[i], first=4 * self.window)
+        return out
+
+    def _encode_long(self, text: str, first: int | None = None) -> list[int]:
+        w = first or self.window
+        while 4 * w <= len(text) or w == self.window:  # windows of up to a quarter of the text
+            piece = self._piece(text, w)
+            if piece is not None:
+                enc = self._whole.encode(piece, add_special_tokens=False)
+                if self._settles(enc, len(piece)):
+                    return self.tokenizer.post_process(enc).ids  # truncation + special tokens
+            w *= 4
+        return self.tokenizer.encode(text).ids
+
+    def _piece(self, text: str, w: int) -> str | None:
+        """About ``w`` characters of ``text`` on the kept side, cut at a space if the outer half
+        of the window has one (else anywhere, if the tokenizer allows: else ``None``)."""
+        if self.keep_head:
+            cut = text.rfind(" ", w // 2, w)
+            if cut < 0 and not self._cut_anywhere:
+                return None
+            return text[:cut if cut >= 0 else w]
+        start = len(text) - w
+        cut = text.find(" ", start, start + w // 2)
+        if cut < 0 and not self._cut_anywhere:
+            return None
+        return text[cut if cut >= 0 else start:]
+
+    def _settles(self, enc: Encoding, chars: int) -> bool:
+        """Whether the kept tokens of a piece's untruncated encoding are those of the whole text:
+        they fill ``max_length`` without the word at the cut and the guard before it."""
+        n, k = len(enc.ids), self._n_content
+        if n <= k:
+            return False
+        words, offsets = enc.word_ids, enc.offsets
+        if self.keep_head:  # tokens [0, k) must end before the last word and the guard
+            j = n - 1
+            while j > 0 and words[j - 1] == words[n - 1]:
+                j -= 1
+            return offsets[k - 1][1] <= min(offsets[j][0], chars - self._guard)
+        j = 0  # tokens [n - k, n) must start after the first word and the guard
+        while j < n - 1 and words[j + 1] == words[0]:
+            j += 1
+        return offsets[n - k][0] >= max(offsets[j][1], self._guard)
+
+
+class Predictor:
+    """Response-length predictor over a verified bundle. Build it with ``Predictor.load``.
+
+    ``threads``: the most CPU threads inference uses (``None``: every usable core; capped at the
+    usable cores). ``batch_size`` is accepted for compatibility and has no effect: every prompt
+    runs alone, so results do not depend on batching.
+    """
+
+    def __init__(self, bundle: Bundle, *, reserve_quantile: float | None = None, margin: float = 0.0,
+                 threads: int | None = None, batch_size: int = 32):
         if reserve_quantile is not None and not 0.0 < reserve_quantile <= 1.0:
             raise ValueError(f"reserve_quantile must be in (0, 1], got {reserve_quantile}")
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self.bundle = bundle
         self.reserve_quantile = reserve_quantile
         self.margin = float(margin)
         self.batch_size = int(batch_size)
-        self._session = session
-        self._tokenizer = tokenizer
-        self._inputs = [i.name for i in session.get_inputs()]
-        self._output = session.get_outputs()[0].name
+        self.threads = min(int(threads), usable_cores()) if threads is not None else usable_cores()
+        self.encoder = TextEncoder(Tokenizer.from_file(str(bundle.tokenizer_path)),
+                                   bundle.input.max_length, bundle.input.truncation_side)
+        self._tokenizer = self.encoder.tokenizer  # the truncating tokenizer (decode)
+        self._session = _session(bundle.model_path, 1)  # bulk: one thread per prompt
+        self._lone = self._session if self.threads == 1 else _session(bundle.model_path, self.threads)
+        self._inputs = [i.name for i in self._session.get_inputs()]
+        self._output = self._session.get_outputs()[0].name
         self._reserve = np.asarray(bundle.buckets.reserve_tokens, dtype=float)
-        n = self.batch_size * bundle.input.max_length
-        self._ids = np.empty(n, dtype=np.int64)
-        self._mask = np.empty(n, dtype=np.int64)
-        self._zeros = np.zeros(n, dtype=np.int64)
-        self._lock = threading.Lock()
+        width = bundle.input.max_length
+        self._ones = np.ones((1, width), dtype=np.int64)
+        self._zeros = np.zeros((1, width), dtype=np.int64)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        if self._lone is not self._session and not self._same_bits(self._lone, self._session):
+            self._lone = self._session  # not seen on any CPU so far; lone prompts then run 1-threaded
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, reserve_quantile: float | None = None,
@@ -93,23 +234,12 @@ class Predictor:
              verify: bool = True) -> Predictor:
         """Load a bundle folder (``None``: the default bundle).
 
-        ``threads``: ONNX Runtime intra-op threads (``None``: ORT's default, one per core).
-        ``verify=False`` skips the sha256 check of the bundle's files.
+        ``threads``: CPU threads for inference, >= 1, capped at the usable cores (``None``: all of
+        them; the value used is ``p.threads``). ``batch_size`` (>= 1) has no effect on results or
+        speed. ``verify=False`` skips the sha256 check of the bundle's files.
         """
-        bundle = load_bundle(path, verify=verify)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.inter_op_num_threads = 1
-        if threads is not None:
-            opts.intra_op_num_threads = int(threads)
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(bundle.model_path), opts, providers=["CPUExecutionProvider"])
-        tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
-        tokenizer.no_padding()
-        tokenizer.enable_truncation(bundle.input.max_length, direction=bundle.input.truncation_side)
-        return cls(bundle, session, tokenizer, reserve_quantile=reserve_quantile, margin=margin,
-                   batch_size=batch_size)
+        return cls(load_bundle(path, verify=verify), reserve_quantile=reserve_quantile, margin=margin,
+                   threads=threads, batch_size=batch_size)
 
     # ---- what the model sees -------------------------------------------------------------------
     @property
@@ -143,37 +273,78 @@ class Predictor:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, truncated per the input spec (no padding)."""
-        return [e.ids for e in self._tokenizer.encode_batch(list(texts))]
+        return self.encoder.encode_batch(texts)
 
     # ---- inference -----------------------------------------------------------------------------
     def logits_of_ids(self, encoded: Sequence[Sequence[int]]) -> np.ndarray:
-        """Logits (n, n_buckets) for token id lists: sorted by length, padded per batch."""
+        """Logits (n, n_buckets) for token id lists, each run alone (see the module docstring)."""
         n = len(encoded)
         out = np.empty((n, self.scheme.n_buckets), dtype=np.float32)
-        if n == 0:
-            return out
-        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=n)
-        order = np.argsort(lengths, kind="stable")
-        bs = self.batch_size
-        with self._lock:
-            for start in range(0, n, bs):
-                idx = order[start:start + bs]
-                out[idx] = self._run([encoded[i] for i in idx], int(lengths[idx[-1]]))
+        if n == 1:
+            out[0] = self._run(self._lone, encoded[0])
+        elif n > 1:
+            order = sorted(range(n), key=lambda i: -len(encoded[i]))  # longest first: even finish
+
+            def job(k: int) -> None:
+                out[order[k]] = self._run(self._session, encoded[order[k]])
+
+            self._spread(job, n)
         return out
 
-    def _run(self, batch: list[Sequence[int]], width: int) -> np.ndarray:
-        b = len(batch)
-        ids = self._ids[:b * width].reshape(b, width)
-        mask = self._mask[:b * width].reshape(b, width)
-        ids.fill(self.bundle.pad_token_id)
-        mask.fill(0)
-        for row, e in enumerate(batch):
-            ids[row, :len(e)] = e
-            mask[row, :len(e)] = 1
-        feed = {"input_ids": ids, "attention_mask": mask}
+    def _spread(self, job: Callable[[int], None], n: int) -> None:
+        """``job(k)`` for k in range(n) on the calling thread and up to ``threads - 1`` helpers."""
+        helpers = min(self.threads, n) - 1
+        if helpers == 0:
+            for k in range(n):
+                job(k)
+            return
+        todo = iter(range(n))
+        lock = threading.Lock()
+
+        def work() -> None:
+            try:
+                while True:
+                    with lock:
+                        k = next(todo, -1)
+                    if k < 0:
+                        return
+                    job(k)
+            except BaseException:
+                with lock:  # stop the other workers
+                    for _ in todo:
+                        pass
+                raise
+
+        pool = self._helpers()
+        futures = [pool.submit(work) for _ in range(helpers)]
+        try:
+            work()
+        finally:
+            for f in futures:
+                if not f.cancel():  # a helper that never started (busy elsewhere) is not waited for
+                    f.result()
+
+    def _helpers(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="rlpredict")
+            return self._pool
+
+    def _run(self, session: ort.InferenceSession, ids: Sequence[int]) -> np.ndarray:
+        """Logits (n_buckets,) of one id list: batch 1, its own length, no padding."""
+        a = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        w = a.shape[1]
+        ones = self._ones[:, :w] if w <= self._ones.shape[1] else np.ones_like(a)
+        feed = {"input_ids": a, "attention_mask": ones}
         if "token_type_ids" in self._inputs:
-            feed["token_type_ids"] = self._zeros[:b * width].reshape(b, width)
-        return self._session.run([self._output], feed)[0]
+            feed["token_type_ids"] = self._zeros[:, :w] if w <= self._zeros.shape[1] else np.zeros_like(a)
+        return session.run([self._output], feed)[0][0]
+
+    def _same_bits(self, a: ort.InferenceSession, b: ort.InferenceSession) -> bool:
+        """Whether two sessions give identical logits on probe inputs of several lengths."""
+        ids = self.encoder.encode("Explain how a compiler turns source code into machine code. " * 40)
+        return all(np.array_equal(self._run(a, ids[:w]), self._run(b, ids[:w]))
+                   for w in sorted({2, 9, len(ids) // 2, len(ids)}))
 
     def logits(self, requests: Request | Sequence[Request],
                generators: str | Sequence[str | None] | None = None) -> np.ndarray:
@@ -191,12 +362,9 @@ class Predictor:
                 for b, p, t, r in zip(a.bucket, a.probs, a.pred_tokens, a.reserve_tokens, strict=True)]
 
     def predict_one(self, request: Request, generator: str | None = None) -> Prediction:
-        """One request, without sorting or batching overhead."""
-        text = self.texts([request], [generator])[0]
-        ids = self._tokenizer.encode(text).ids
-        with self._lock:
-            logits = self._run([ids], len(ids))
-        a = self.from_logits(logits)
+        """One request with all ``threads`` on it: the same result as ``predict``, lower latency."""
+        ids = self.encoder.encode(self.texts([request], [generator])[0])
+        a = self.from_logits(self._run(self._lone, ids)[None])
         return Prediction(int(a.bucket[0]), a.probs[0], int(a.pred_tokens[0]), int(a.reserve_tokens[0]))
 
     def from_logits(self, logits: np.ndarray) -> PredictionArrays:
@@ -216,6 +384,17 @@ class Predictor:
         # round() first so that float noise (300.0000001) does not add a token
         reserve = np.ceil(np.round(reserve * (1.0 + self.margin), 6)).astype(np.int64)
         return PredictionArrays(bucket, probs, pred, reserve)
+
+
+def _session(model: Path, threads: int) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads (the caller's thread is one of them)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = threads  # > 1: its threads spin between ops (ORT's default), for latency
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
 
 
 def as_requests(requests: Request | Sequence[Request]) -> list[Request]:

@@ -1,0 +1,297 @@
+"""A prompt's prediction depends only on the prompt: not on the batch size, its neighbours, their
+order, annotate's chunking, predict_one vs predict, or the thread count. Checked bit for bit on
+the shipped int8 bundle, whose dynamic quantization (activation scales per input tensor) made
+them differ when prompts ran in padded batches. Also: long texts are cut before tokenizing with
+the same ids as tokenizing them whole, and ``threads`` is validated and capped.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+from rlpredict.annotate import annotate_file
+from rlpredict.bundle import default_bundle_path
+from rlpredict.inputs import InputSpec, build_text
+from rlpredict.runtime import Prediction, PredictionArrays, Predictor, TextEncoder, usable_cores
+from rlpredict.samples import SAMPLE_FILES
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = default_bundle_path()
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _sample_rows(n_per_file: int = 30) -> list[dict]:
+    rows = []
+    for path in SAMPLE_FILES.values():
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            rows += [json.loads(line) for line in itertools.islice(f, n_per_file)]
+    return rows
+
+
+ROWS = _sample_rows()
+LONG = "Explain, step by step, how a compiler turns source code into machine code. " * 400
+EDGE = ["", "hi", "   \n\t  ", LONG, "word " * 2000 + "end", "x" * 5000, "你好" * 3000]
+REQUESTS: list = [r["prompt"] for r in ROWS] + EDGE + [
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},
+     {"role": "user", "content": "now write me a long story about dragons"}]]
+GENERATORS = [r.get("generator") for r in ROWS] + [None] * (len(REQUESTS) - len(ROWS))
+
+
+def _key(p: Prediction) -> tuple:
+    return p.bucket, p.probs.tobytes(), p.pred_tokens, p.reserve_tokens
+
+
+def _keys(a: PredictionArrays) -> list[tuple]:
+    return [(int(b), p.tobytes(), int(t), int(r))
+            for b, p, t, r in zip(a.bucket, a.probs, a.pred_tokens, a.reserve_tokens, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Predictor:
+    return Predictor.load(SHIPPED, threads=2)
+
+
+@pytest.fixture(scope="module")
+def alone(shipped) -> list[tuple]:
+    """Each request predicted on its own (``predict_one``): the reference."""
+    return [_key(shipped.predict_one(r, g)) for r, g in zip(REQUESTS, GENERATORS, strict=True)]
+
+
+# ---- batching --------------------------------------------------------------------------------
+def test_the_shipped_bundle_is_batch_sensitive_when_padded(shipped):
+    """Why the runtime runs prompts alone: in one padded batch, int8 logits move."""
+    ids = shipped.encode(shipped.texts(REQUESTS[:40]))
+    width = max(map(len, ids))
+    batch = np.full((len(ids), width), shipped.bundle.pad_token_id, dtype=np.int64)
+    mask = np.zeros_like(batch)
+    for i, e in enumerate(ids):
+        batch[i, :len(e)], mask[i, :len(e)] = e, 1
+    padded = shipped._session.run(None, {"input_ids": batch, "attention_mask": mask})[0]
+    assert not np.array_equal(padded, shipped.logits_of_ids(ids))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+def test_batch_size_does_not_change_a_prediction(alone, batch_size):
+    p = Predictor.load(SHIPPED, threads=2, batch_size=batch_size)
+    assert [_key(x) for x in p.predict(REQUESTS, GENERATORS)] == alone
+    assert _keys(p.predict_arrays(REQUESTS, GENERATORS)) == alone
+
+
+def test_neighbours_and_order_do_not_change_a_prediction(shipped, alone):
+    n = len(REQUESTS)
+    perm = list(range(n))
+    random.Random(0).shuffle(perm)
+    shuffled = shipped.predict([REQUESTS[i] for i in perm], [GENERATORS[i] for i in perm])
+    assert [_key(shuffled[perm.index(i)]) for i in range(n)] == alone
+    for size in (2, 3, 7):  # each chunk is a different set of neighbours
+        got = []
+        for s in range(0, n, size):
+            got += shipped.predict(REQUESTS[s:s + size], GENERATORS[s:s + size])
+        assert [_key(x) for x in got] == alone, size
+    with_long = [shipped.predict([r, LONG, "hi"], [g, None, "other-model"])[0]
+                 for r, g in zip(REQUESTS[:12], GENERATORS[:12], strict=True)]
+    assert [_key(x) for x in with_long] == alone[:12]
+    doubled = shipped.predict(REQUESTS + REQUESTS, GENERATORS + GENERATORS)
+    assert [_key(x) for x in doubled] == alone + alone
+
+
+def test_thread_count_does_not_change_a_prediction(alone):
+    one = Predictor.load(SHIPPED, threads=1)
+    assert one.threads == 1
+    assert [_key(x) for x in one.predict(REQUESTS, GENERATORS)] == alone
+    assert _key(one.predict_one(REQUESTS[0], GENERATORS[0])) == alone[0]
+
+
+def test_annotate_chunking_does_not_change_a_row(shipped, alone, tmp_path):
+    src = tmp_path / "in.jsonl"
+    rows = [{"id": i, "prompt": r, **({"generator": g} if g else {})}
+            for i, (r, g) in enumerate(zip(REQUESTS[:-1], GENERATORS[:-1], strict=True))]
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    outs = []
+    for chunk in (1, 7, 2048):
+        dst = tmp_path / f"out-{chunk}.jsonl"
+        annotate_file(shipped, src, dst, chunk_rows=chunk)
+        outs.append(dst.read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+    got = [json.loads(line) for line in outs[0].decode().splitlines()]
+    assert [(g["rl_bucket"], g["rl_pred_tokens"], g["rl_reserve_tokens"]) for g in got] == \
+           [(b, t, r) for b, _, t, r in alone[:-1]]
+
+
+# ---- cutting long texts before tokenizing ----------------------------------------------------
+def _bert() -> str:
+    return Tokenizer.from_file(str(SHIPPED / "tokenizer.json")).to_str()
+
+
+def _byte_level_bpe() -> str:
+    """A RoBERTa-style tokenizer (byte-level BPE, <s> ... </s>), trained here on a few lines."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    corpus = ["hello world, this is a test of 12345 numbers and words!", "你好世界 ok\n\tyes",
+              "the quick brown fox jumps over the lazy dog"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.post_processor = processors.RobertaProcessing(("</s>", 1), ("<s>", 0))
+    return tok.to_str()
+
+
+TOKENIZERS = {"bert": _bert, "byte-level-bpe": _byte_level_bpe}
+
+
+@functools.cache
+def _encoders(kind: str, max_length: int, window: int | None, side: str) -> tuple[TextEncoder, Tokenizer]:
+    spec = _tokenizer_json(kind)
+    whole = Tokenizer.from_str(spec)
+    whole.no_padding()
+    whole.enable_truncation(max_length, direction=side)
+    return TextEncoder(Tokenizer.from_str(spec), max_length, side, window=window), whole
+
+
+@functools.cache
+def _tokenizer_json(kind: str) -> str:
+    return TOKENIZERS[kind]()
+
+
+ATOMS = st.one_of(
+    st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789"), min_size=1, max_size=12),
+    st.integers(95, 130).map(lambda n: "w" * n),  # BERT: a word over 100 characters is one [UNK]
+    st.text(st.sampled_from(" \t\n\r\u3000\xa0\x0b\x1c\x85\u2028"), min_size=1, max_size=30),
+    st.sampled_from(list(",.!?;:-_()[]{}'\"/\\@#")),
+    st.text(st.sampled_from("你好世界日本語한국어"), min_size=1, max_size=5),
+    st.sampled_from(["e\u0301", "\u0301", "ñ", "Å", "ﬁ", "①", "😀", "\x00", "\ufffd", "\u200b"]),
+    st.sampled_from(["[SEP]", "[MASK]", "[CLS]", "[UNK]", "[SE", "P]", "<s>", "</s>", "<mask>"]),
+    st.integers(0, 10**12).map(str),
+    st.text(st.characters(exclude_categories=("Cs",)), max_size=5),
+)
+LONG_TEXT = st.lists(st.tuples(ATOMS, st.sampled_from(["", " ", " ", "\n"])), max_size=150).map(
+    lambda parts: "".join(a + sep for a, sep in parts))
+
+
+@PROPERTY
+@given(text=LONG_TEXT, kind=st.sampled_from(sorted(TOKENIZERS)), max_length=st.sampled_from([8, 13, 24]),
+       window=st.sampled_from([4, 9, 16, 50, 120]), side=st.sampled_from(["left", "right"]))
+def test_cut_text_gives_the_ids_of_the_whole_text(text, kind, max_length, window, side):
+    enc, whole = _encoders(kind, max_length, window, side)
+    want = whole.encode(text).ids
+    assert enc.encode(text) == want
+    assert enc.encode_batch(["hi", text]) == [whole.encode("hi").ids, want]
+
+
+@PROPERTY
+@given(messages=st.lists(st.tuples(st.sampled_from(["user", "assistant", "system"]), LONG_TEXT),
+                         min_size=1, max_size=4),
+       generator=st.one_of(st.none(), st.sampled_from(["gpt-4", "llama-3-70b", "claude 3 opus"])),
+       mode=st.sampled_from(["last_user", "history"]), window=st.sampled_from([16, 64, None]))
+def test_cut_model_input_gives_the_ids_of_the_whole_text(messages, generator, mode, window):
+    spec = InputSpec(mode=mode, max_length=16, include_generator=True)
+    text = build_text([{"role": r, "content": c} for r, c in messages], spec, generator)
+    enc, whole = _encoders("bert", spec.max_length, window, spec.truncation_side)
+    assert enc.encode(text) == whole.encode(text).ids
+
+
+class _Recorder:
+    """A tokenizer that records the length of every text it is given."""
+
+    def __init__(self, tok: Tokenizer, seen: list[int]):
+        self._tok, self._seen = tok, seen
+
+    def encode(self, text: str, *args, **kwargs):
+        self._seen.append(len(text))
+        return self._tok.encode(text, *args, **kwargs)
+
+    def encode_batch(self, texts, *args, **kwargs):
+        self._seen.extend(map(len, texts))
+        return self._tok.encode_batch(texts, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tok, name)
+
+
+@pytest.mark.parametrize("mode", ["last_user", "history"])
+def test_long_prompts_are_cut_before_tokenizing(shipped, mode):
+    spec = InputSpec(mode=mode, max_length=shipped.input_spec.max_length, include_generator=True)
+    enc = TextEncoder(Tokenizer.from_file(str(SHIPPED / "tokenizer.json")), spec.max_length,
+                      spec.truncation_side)
+    seen: list[int] = []
+    enc.tokenizer, enc._whole = _Recorder(enc.tokenizer, seen), _Recorder(enc._whole, seen)
+    words = LONG.split()
+    text = build_text([{"role": "user", "content": " ".join(words[i % len(words)] for i in range(40_000))}],
+                      spec, "gpt-4")
+    _, whole = _encoders("bert", spec.max_length, None, spec.truncation_side)
+    assert enc.encode(text) == whole.encode(text).ids
+    assert len(text) > 200_000 and max(seen) <= enc.window
+    seen.clear()  # a text with few tokens per character: the window grows, up to the whole text
+    sparse = "x " + " " * 50_000 + "y" if mode == "last_user" else "x" + " " * 50_000 + " y"
+    assert enc.encode(sparse) == whole.encode(sparse).ids
+    assert sum(seen) <= len(sparse) * 4 / 3 + enc.window
+
+
+def test_predict_one_on_a_megabyte_prompt_tokenizes_a_window(shipped):
+    text = LONG * 100  # 3 MB
+    assert len(text) >= 3_000_000
+    assert _key(shipped.predict_one(text)) == _key(shipped.predict([text, "hi"])[0])
+    assert shipped.encode([text]) == shipped.encode([text[:shipped.encoder.window * 2]])
+
+
+# ---- threads ---------------------------------------------------------------------------------
+def test_lone_prompts_fall_back_to_one_thread_if_thread_counts_ever_differ(monkeypatch):
+    monkeypatch.setattr(Predictor, "_same_bits", lambda self, a, b: False)
+    p = Predictor.load(SHIPPED, threads=2)
+    assert p._lone is p._session
+
+
+@pytest.mark.parametrize("threads", [0, -1])
+def test_threads_must_be_positive(threads):
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        Predictor.load(SHIPPED, threads=threads)
+    with pytest.raises(ValueError, match="batch_size"):
+        Predictor.load(SHIPPED, batch_size=0)
+
+
+def test_threads_are_capped_at_the_usable_cores():
+    cores = usable_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    assert Predictor.load(SHIPPED, threads=10**6).threads == cores
+    assert Predictor.load(SHIPPED).threads == cores
+    assert Predictor.load(SHIPPED, threads=1).threads == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+@pytest.mark.parametrize("threads", [1, 10**6])
+def test_no_more_threads_than_cores(threads):
+    """Bulk calls compute on the caller + ``threads - 1`` helpers (one ORT thread each); a lone
+    prompt on ``threads`` ORT threads (the caller + ``threads - 1``). With 1 thread, none start."""
+    code = f"""
+        import os
+        from rlpredict.runtime import Predictor
+        count = lambda: len(os.listdir("/proc/self/task"))
+        before = count()
+        p = Predictor.load({str(SHIPPED)!r}, threads={threads})
+        p.predict(["hello there"] * 50)
+        p.predict_one("hello")
+        print(p.threads, count() - before)
+    """
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    used, started = map(int, res.stdout.split())
+    assert used == min(threads, usable_cores())
+    assert started <= 2 * (used - 1)
