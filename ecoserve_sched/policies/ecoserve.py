@@ -1,25 +1,26 @@
-"""EcoServe: PT queue + RL-bucket GT groups, exact KV allocation, KVC pipelining, ordering.
+"""EcoServe: shortest predicted work first, give way when the TTFT is lost, KV admission by the
+projected peak of median reservations (aggregate KVC pipelining), SLO-bounded prefill budget.
 
-Per iteration (docs/scheduler.md has the diagram and marks which rules are the paper's):
+Per iteration (docs/scheduler.md has the details and which rule comes from where; the rules
+themselves are the pure functions of ``ecoserve_rules``):
 
-1. KV alarms of decoding requests (GTs): a lender about to reach blocks it lent gets them back
-   (the borrower settles its loan from the free pool, or is preempted: the lender is never
-   starved); a request about to fill its reservation is topped up (``topup_frac`` of its
-   reservation, at least ``topup_min_tokens``) from the free pool, else the latest admitted
-   request admitted after it is preempted (or, if none, the request itself), by swap or
-   recompute, whichever the cost model says is cheaper.
+1. KV alarms of decoding requests (GTs): a GT whose last block is full gets one more block from
+   the free pool (blocks are allocated as tokens are written). If the pool is empty, a victim is
+   preempted (``rules.victim_key``: SLO already lost first, then the longest predicted remaining
+   work), by swap or recompute, whichever the cost model says is cheaper.
 2. Every GT decodes; partial prefills (they hold KV) continue.
-3. Swapped requests resume first (they hold KV), then prompt tasks (PTs) in priority order fill
-   the rest of the token budget with chunked prefill, each only if it gets its whole
-   reservation ``prompt + R``: from the free pool (minus a small global reserve kept for top-ups),
-   or by borrowing the unused tail of a running GT's reservation (KVC pipelining) that the lender
-   will not reach before the borrower is predicted to finish, plus ``lend_margin_tokens``.
-   Admission stops at the first PT that cannot get its reservation.
-
-PT priority (static, so a heap suffices): ``arrival + TTFT SLO - est. prefill time +
-order_weight * pred_tokens * TBT SLO`` - least TTFT slack first, shorter predicted work earlier,
-and aging built in (a request can be overtaken only by requests that arrived within
-``order_weight`` of its predicted decode time after it).
+3. Preempted requests resume first (they hold progress), then prompt tasks (PTs) in priority
+   order (``rules.priority_key``: arrival + predicted service seconds), then PTs whose TTFT is
+   already lost (``rules.ttft_lost``: they give way to every request that can still meet it).
+   A request is admitted only if its prompt's blocks are free now and the projected peak of the
+   running requests' KV, each growing to its reservation (the predictive median, doubled each
+   time it is outgrown: top-up), stays within the cache: reservations overlap in time, a short
+   request using the tail that a long one reaches only after it ended (KVC pipelining, in
+   aggregate). Admission stops at the first request that does not fit; a failed projection is
+   retried once a running request starts or ends.
+4. The prefill budget: the whole token budget when nothing decodes; otherwise the most prompt
+   tokens that keep the iteration within ``iter_time_frac`` of the TBT SLO by the cost model
+   (time-synced batching), at least the cost model's roofline knee.
 """
 
 from __future__ import annotations
@@ -30,24 +31,23 @@ from typing import Any
 
 from ..queues import GTGroups, PriorityQueue
 from ..request import Request, State
+from . import ecoserve_rules as rules
 from .base import Batch, Scheduler, register
 
 
 @dataclass(slots=True)
 class EcoServeConfig:
-    pipelining: bool = True
-    ordering: bool = True
-    grouping: bool = True
+    pipelining: bool = True  # admit by the projected peak (False: by the sum of reservations)
+    ordering: bool = True  # shortest predicted work first, with aging (False: arrival order)
+    grouping: bool = True  # GT groups by predicted bucket (bookkeeping; no decision depends on it)
+    give_way: bool = True  # waiting requests whose TTFT is lost go behind those that can meet it
     oracle: bool = False  # use true RLs as predictions (upper bound)
-    lend_margin_tokens: int = 32  # safety margin, in decode steps, before a lender reaches lent blocks
-    topup_lead_tokens: int = 0  # top up this many tokens before the reservation runs out
-    topup_frac: float = 0.5
-    topup_min_tokens: int = 64
-    reserve_frac: float = 0.02  # share of blocks admissions may not take (kept for top-ups)
-    order_weight: float = 0.25
-    max_lender_scan: int = 64  # lenders examined per admission
-    iter_time_frac: float = 0.8  # time-synced batching: iterations aim at this share of the TBT SLO
-    min_prefill_tokens: int = 64  # PTs get at least this much of every iteration
+    reserve: str = "median"  # reservation base: "median" (pred_tokens) or "p90" (reserve_tokens)
+    tbt_budget: bool = True  # keep iterations with decodes within iter_time_frac x TBT SLO
+    iter_time_frac: float = 0.8  # time-synced batching's share of the TBT SLO
+    aging: float = 1.0  # priority = arrival + aging x predicted service seconds
+    reserve_frac: float = 0.0  # share of blocks admissions leave free (CacheOPT's global reserve)
+    victim: str = "slo"  # "slo" (rules.victim_key) or "latest" (latest admitted, as vLLM)
 
 
 class EcoServeScheduler(Scheduler):
@@ -58,88 +58,170 @@ class EcoServeScheduler(Scheduler):
         self.cfg = config or EcoServeConfig()
         if self.cfg.oracle:
             self.prediction_override = "oracle"
-        self.swapped: deque[Request] = deque()
-        self.pt = PriorityQueue(key=self._priority if self.cfg.ordering else _arrival)
+        self.resume: deque[Request] = deque()  # preempted after their first token
+        key = self._priority if self.cfg.ordering else _arrival
+        self.pt = PriorityQueue(key=key)  # PTs that can still meet their TTFT (lazily checked)
+        self.lost = PriorityQueue(key=key)  # PTs whose TTFT is lost
         self.groups = GTGroups(enabled=self.cfg.grouping)
-        self.alarm_lead_tokens = self.cfg.topup_lead_tokens
+        self.proj = rules.Projection(self.max_running)
         self.keep_free = int(self.cfg.reserve_frac * self.kv.num_blocks)
-        # A failed lender search stays failed until a GT starts or ends or the pool changes
-        # (lenders only get closer to their tails): remember it and skip the rescan.
-        self._kv_events = 0
-        self._failed: tuple[int, ...] = ()
+        self.kv_tokens = self.kv.num_blocks * self.bs
+        # The time scale of KV occupancy: a decode step that reads the whole cache.
+        self.step_s = cost.iteration_time(0, 0, 1, self.kv_tokens)
+        # Fewest prompt tokens per iteration: the roofline knee (they ride on the weight read).
+        self.min_prefill = max(1, min(int(getattr(cost, "token_budget", 64)), self.token_budget))
         self._last_budget = (-1, 0, 0)  # (decodes, decode context, bisection result)
+        self._it_now = (0, 0.0)  # this iteration's prefill budget and its predicted time
+        self._no_fit = (-1, -1)  # (projection version, rid): the projection test failed
 
     # ---- queues -------------------------------------------------------------------------------
+    def _base_pred(self, r: Request) -> int:
+        return r.reserve_tokens if self.cfg.reserve == "p90" else r.pred_tokens
+
     def _priority(self, r: Request) -> float:
-        prefill_s = self.cost.recompute_time(r.prompt_tokens)
-        return (r.arrival_s + r.slo.ttft_s - prefill_s
-                + self.cfg.order_weight * r.pred_tokens * r.slo.tbt_s)
+        s = rules.service_s(self.cost.recompute_time(r.prompt_tokens), r.prompt_tokens, max(r.pred_tokens, 1),
+                            self.step_s, self.kv_tokens)
+        return rules.priority_key(r.arrival_s, s, self.cfg.aging)
 
     def enqueue(self, r: Request, front: bool = False) -> None:
-        if r.state == State.SWAPPED:
-            self.swapped.append(r)
+        if r.state == State.SWAPPED or r.generated > 0:
+            self.resume.append(r)
         else:
             self.pt.push(r)
 
     def waiting_count(self) -> int:
-        return len(self.swapped) + len(self.pt)
+        return len(self.resume) + len(self.pt) + len(self.lost)
 
     def on_decode_start(self, r: Request) -> None:
         self.groups.add(r)
-        self._kv_events += 1
+        if r.rid in self.proj:
+            return  # projected since its admission, as if it decoded from then on
+        self.proj.set(r.rid, r.prompt_tokens + r.generated - r.dec_step0, r.generated - r.dec_step0,
+                      self._base_pred(r), r.max_tokens)
 
     def on_decode_end(self, r: Request) -> None:
         self.groups.remove(r)
-        self._kv_events += 1
+        self.proj.drop(r.rid)
+        self._note_topups(r)
 
-    def lend_margin_tokens(self) -> int:
-        return self.cfg.lend_margin_tokens
+    def preempt(self, r: Request, now: float) -> None:
+        super().preempt(r, now)
+        self.proj.drop(r.rid)
+
+    def abort(self, r: Request, error: str = "engine error") -> None:
+        super().abort(r, error)
+        self.proj.drop(r.rid)
 
     def preempt_swap(self, r: Request) -> bool:
         ctx = r.prompt_tokens + r.generated
         return 2 * self.cost.swap_time(ctx) < self.cost.recompute_time(ctx)
 
+    # ---- prefill budget -----------------------------------------------------------------------
     def prefill_budget(self) -> int:
-        """Time-synced batching: the most prefill tokens that keep this iteration within
-        ``iter_time_frac`` of the TBT SLO, given the decodes (bisection on the cost model),
-        but at least ``min_prefill_tokens`` and at most the token budget."""
         d = len(self.decoding)
         dctx = self._ctx_base + d * self.step
+        b = self._budget(d, dctx)
+        self._it_now = (b, self.cost.iteration_time(b, b * b // 2, d, dctx))
+        return b
+
+    def _budget(self, d: int, dctx: int) -> int:
+        """All of the token budget when nothing decodes (or ``tbt_budget`` is off); else the most
+        prefill tokens keeping the iteration within ``iter_time_frac`` x TBT SLO (bisection on
+        the cost model), at least ``min_prefill``."""
+        hi = self.token_budget - d
+        if not d or not self.cfg.tbt_budget:
+            return hi
         target = self.cfg.iter_time_frac * self.slo.tbt_s
         it = self.cost.iteration_time
-        # Iteration time never falls as prefill tokens or decode context grow. So with the same
-        # decodes and more context, the last bisection's probes answer as before if its final
-        # ``lo`` still fits (larger probes did not fit and still do not): reuse it (exact).
+        floor = min(self.min_prefill, max(hi, 1))
+        if hi <= 0 or it(hi, hi * hi // 2, d, dctx) <= target:
+            return max(hi, floor)
+        # Iteration time never falls as prefill or decode context grow: with the same decodes
+        # and more context, the last result still fits if its probe does (larger ones did not).
         d0, dctx0, lo = self._last_budget
         if d0 == d and dctx0 <= dctx and (lo == 0 or it(lo, lo * lo // 2, d, dctx) <= target):
-            return max(lo, self.cfg.min_prefill_tokens)
-        lo, hi = 0, self.token_budget - d
-        if hi <= 0 or it(hi, hi * hi // 2, d, dctx) <= target:
-            return max(hi, self.cfg.min_prefill_tokens)
-        while hi - lo > 64:
+            return max(lo, floor)
+        lo = 0
+        while hi - lo > 32:
             mid = (lo + hi) // 2
             if it(mid, mid * mid // 2, d, dctx) <= target:
                 lo = mid
             else:
                 hi = mid
         self._last_budget = (d, dctx, lo)
-        return max(lo, self.cfg.min_prefill_tokens)
+        return max(lo, floor)
 
     # ---- admission ----------------------------------------------------------------------------
+    def _room(self) -> bool:
+        return len(self.decoding) + len(self.prefilling) < self.max_running
+
+    def _ttft_est_s(self, r: Request) -> float:
+        """Time to ``r``'s first token if it started now: its chunks at this iteration's budget
+        and iteration time."""
+        b, t = self._it_now
+        if b <= 0:
+            return self.cost.recompute_time(r.prefill_target)
+        return -(-r.prefill_target // b) * t
+
+    def _head(self, now: float) -> tuple[Request | None, Any]:
+        """The next request admission tries (moving PTs whose TTFT is lost to the lost queue)."""
+        if self.resume:
+            return self.resume[0], self.resume
+        pt = self.pt
+        while len(pt):
+            r = pt.peek()
+            if not self.cfg.give_way or not rules.ttft_lost(now, r.arrival_s, r.slo.ttft_s, self._ttft_est_s(r)):
+                return r, pt
+            self.lost.push(pt.pop())
+        if len(self.lost):
+            return self.lost.peek(), self.lost
+        return None, None
+
+    def _need_now(self, r: Request) -> int:
+        """Blocks ``r`` takes at admission: its whole prefill target, or its swapped context."""
+        if r.state == State.SWAPPED:
+            return self.kv.blocks_for(r.swapped_tokens + 1)
+        return self.kv.blocks_for(r.prefill_target)
+
+    def _fits(self, r: Request, need: int) -> bool:
+        """``need`` blocks are free now, and the projected peak (or, without pipelining, the sum
+        of reservations) of the running requests and ``r`` stays within the cache."""
+        keep = self._keep_free()
+        if need > self.kv.free_blocks - keep:
+            return False
+        if not len(self.proj):
+            return True  # alone: a reservation larger than the cache must not block it forever
+        if self._no_fit == (self.proj.version, r.rid):
+            return False  # failed with the same running requests: retried after one starts or ends
+        g = r.generated
+        rem = rules.reservation_tokens(self._base_pred(r), g, r.max_tokens) - g
+        # blocks are filled to half their size on average: count that rounding
+        cap = (self.kv.num_blocks - keep) * self.bs - (len(self.proj) + 1) * (self.bs - 1) // 2
+        if self.proj.demand(self.step, (need * self.bs, rem), self.cfg.pipelining, cap) <= cap:
+            return True
+        self._no_fit = (self.proj.version, r.rid)
+        return False
+
     def admit(self, budget: int, batch: Batch, now: float) -> None:
-        while self.swapped and self._room():
-            r = self.swapped[0]
-            if not self._get_kv(r, self.reservation_blocks(r), self._horizon(r)):
+        while budget > 0 and self._room():
+            r, q = self._head(now)
+            if r is None:
                 return
-            self.swapped.popleft()
-            self.swap_in(r)
-            budget -= 1
-        while budget > 0 and len(self.pt) and self._room():
-            r = self.pt.peek()
-            if not self._get_kv(r, self.reservation_blocks(r), self._horizon(r)):
+            need = self._need_now(r)
+            if not self._fits(r, need):
                 return
-            self.pt.pop()
+            if q is self.resume:
+                q.popleft()
+            else:
+                q.pop()
+            self.kv.allocate(r.rid, need)
+            if r.state == State.SWAPPED:
+                self.swap_in(r)  # joins the projection in on_decode_start
+                budget -= 1
+                continue
             self.start_prefill(r)
+            self.proj.set(r.rid, r.prefill_target - self.step, r.generated - self.step,
+                          self._base_pred(r), r.max_tokens)
             chunk = min(r.prefill_target, budget)
             batch.add_prefill(r, chunk)
             budget -= chunk
@@ -147,91 +229,67 @@ class EcoServeScheduler(Scheduler):
     def admission_blocked(self) -> bool:
         if not self._room():
             return True
-        r = self.swapped[0] if self.swapped else self.pt.peek()
-        need = self.reservation_blocks(r)
-        if need <= self.kv.free_blocks - self._keep_free():
-            return False
-        return not self.cfg.pipelining or self._scan_failed(r, need)
-
-    def _room(self) -> bool:
-        return len(self.decoding) + len(self.prefilling) < self.max_running
-
-    def _horizon(self, r: Request) -> int:
-        """Steps until ``r`` is predicted to finish: its prefill iterations + reserved tokens left."""
-        prefill_iters = -(-(r.prefill_target - r.prefilled) // self.token_budget)
-        return prefill_iters + max(0, r.reserve_tokens + r.reserved_extra - r.generated)
-
-    def _get_kv(self, r: Request, need: int, horizon: int) -> bool:
-        """Reserve ``need`` blocks for ``r``: free pool first, else borrow a lender's tail."""
-        kv = self.kv
-        if kv.allocate(r.rid, need, keep_free=self._keep_free()):
-            return True
-        if not self.cfg.pipelining:
-            return False
-        if self._scan_failed(r, need):
-            return False
-        own = max(0, min(need - 1, kv.free_blocks - self.keep_free))
-        short = need - own
-        # A lender keeps the blocks for its context after ``horizon`` more steps plus the margin:
-        # blocks_for(j.context_at(step) + horizon + margin), inlined (hot loop).
-        ahead = self.step + horizon + self.cfg.lend_margin_tokens + self.bs - 1
-        for scanned, j in enumerate(self.groups.longest_first(above_bucket=r.pred_bucket - 1), 1):
-            keep = (j.prompt_tokens + j.generated - j.dec_step0 + ahead) // self.bs  # j is decoding
-            if kv.lendable(j.rid, keep) >= short:
-                if own:
-                    kv.allocate(r.rid, own, keep_free=self.keep_free)
-                kv.borrow(r.rid, j.rid, short, keep)
-                self.set_alarm(j)
-                return True
-            if scanned >= self.cfg.max_lender_scan:
-                break
-        self._failed = (r.rid, need, self._kv_events, len(self.prefilling), kv.free_blocks)
-        return False
+        if self.resume:
+            r = self.resume[0]
+        elif len(self.pt):
+            if self.cfg.give_way:
+                return False  # the head may give way as time passes: unsure
+            r = self.pt.peek()
+        else:
+            r = self.lost.peek()
+        # Stable until a finish: the free pool only shrinks in between, and a failed projection
+        # is retried only once a running request starts or ends.
+        need = self._need_now(r)
+        return need > self.kv.free_blocks - self._keep_free() or self._no_fit == (self.proj.version, r.rid)
 
     def _keep_free(self) -> int:
-        return self.keep_free if self.decoding or self.prefilling else 0  # alone: may use all
+        return self.keep_free if self.decoding or self.prefilling else 0
 
-    def _scan_failed(self, r: Request, need: int) -> bool:
-        """A lender search for ``r`` failed with the same GTs, prefills and free pool: it fails
-        again (a pool change may mean a top-up, which lets that GT lend more)."""
-        return self._failed == (r.rid, need, self._kv_events, len(self.prefilling), self.kv.free_blocks)
-
-    # ---- alarms: loans coming due, reservations running out -----------------------------------
-    def on_alarm(self, r: Request) -> None:
-        a = self.kv.allocs[r.rid]
-        nxt = r.context_at(self.step + 1)
-        if a.lent and nxt + self.cfg.lend_margin_tokens > (a.own - a.lent) * self.bs:
-            for b in list(a.borrowers):
-                borrower = self.decoding.get(b) or self.prefilling[b]
-                if not self.kv.settle(b):
-                    self.preempt(borrower, self.now)  # the borrower bears the risk
-                else:
-                    self.counters["loan_settlements"] += 1
-        if nxt + self.cfg.topup_lead_tokens > self.kv.usable(r.rid) * self.bs:
-            extra = max(self.cfg.topup_min_tokens, int(r.reserve_tokens * self.cfg.topup_frac))
-            n = self.kv.blocks_for(extra)
-            while not self.kv.allocate(r.rid, n):
-                # Only requests admitted after r may make room for it (so a lender, always
-                # admitted before its borrowers, is never preempted for them); else r yields.
-                victims = [v for v in self.running() if v.seq > r.seq]
-                if not victims:
-                    if nxt > self.kv.usable(r.rid) * self.bs:
-                        self.preempt(r, self.now)
-                    return
-                self.preempt(max(victims, key=lambda v: v.seq), self.now)
-            r.reserved_extra += extra
+    # ---- alarms: a decoding request's last block is full ---------------------------------------
+    def _note_topups(self, r: Request) -> None:
+        """Count the doublings of ``r``'s reservation (top-ups) in the decode run just ended."""
+        base = max(self._base_pred(r), 1)
+        have = base + r.reserved_extra
+        if r.generated < have:
+            return  # still within its reservation
+        want = rules.reservation_tokens(base, r.generated, r.max_tokens)
+        r.reserved_extra = want - base
+        while have < want:
+            have *= 2
             self.counters["topups"] += 1
+
+    def easy_alarm(self, r: Request) -> bool:
+        return self.kv.allocate(r.rid, 1)
+
+    def on_alarm(self, r: Request) -> None:
+        while not self.kv.allocate(r.rid, 1):
+            v = self._victim()
+            self.preempt(v, self.now)
+            if v is r:
+                return
+
+    def _victim(self) -> Request:
+        running = self.running()
+        if self.cfg.victim == "latest":
+            return max(running, key=lambda v: v.seq)
+        step, now, ttft = self.step, self.now, self.slo.ttft_s
+
+        def key(v: Request) -> tuple[bool, int, int]:
+            g = v.generated_at(step)
+            lost = (v.first_token_s if v.first_token_s >= 0 else now) - v.arrival_s > ttft
+            return rules.victim_key(lost, rules.reservation_tokens(self._base_pred(v), g, v.max_tokens) - g, v.seq)
+
+        return max(running, key=key)
 
 
 def _arrival(r: Request) -> float:
     return r.arrival_s
 
 
-def _factory(**flags: bool) -> Any:
+def _factory(**flags: Any) -> Any:
     def build(cost: Any, **kw: Any) -> EcoServeScheduler:
         cfg = kw.pop("config", None) or EcoServeConfig(**flags)
-        s = EcoServeScheduler(cost, config=cfg, **kw)
-        return s
+        return EcoServeScheduler(cost, config=cfg, **kw)
 
     return build
 
@@ -241,3 +299,7 @@ register("ecoserve-oracle", _factory(oracle=True))
 register("ecoserve-nopipe", _factory(pipelining=False))
 register("ecoserve-noorder", _factory(ordering=False))
 register("ecoserve-nogroup", _factory(grouping=False))
+register("ecoserve-nogiveway", _factory(give_way=False))
+register("ecoserve-p90", _factory(reserve="p90"))
+register("ecoserve-notbt", _factory(tbt_budget=False))
+register("ecoserve-latest", _factory(victim="latest"))

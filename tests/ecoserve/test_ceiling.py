@@ -61,7 +61,9 @@ def test_ceiling_bounds_capacity_on_a_real_profile():
                rng.integers(20, 600, n).astype(np.int64), np.full(n, 4096, np.int64))
     spec = RunSpec(tr, load_profile("llama2-13b-a100-80gb"), SLO(5.0, 0.2), predictions="oracle")
     c = ceiling(spec)
-    for policy in ("vllm", "ecoserve-oracle"):
+    # ecoserve's give-way defers lost requests past the trace's end, so its capacity on a finite
+    # trace can pass the ceiling (docs/results.md); the policies that serve in order cannot
+    for policy in ("vllm", "ecoserve-nogiveway"):
         cap = capacity(spec, policy, hi=c["ceiling_rate_scale"])
         assert cap["search"] == "found" and cap["max_rate_scale"] <= c["ceiling_rate_scale"] * 1.02
 

@@ -35,7 +35,7 @@ def run(*args: str):
 def one_error_line(res, *needles: str) -> None:
     """Exit 2, one ``error:`` line naming what is wrong, no traceback."""
     assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    assert ("Traceback" not in res.output and res.exception is None) or isinstance(res.exception, SystemExit)
     for n in needles:
         assert n in res.output, (n, res.output)
 
@@ -103,16 +103,14 @@ def test_output_dir_replaces_only_what_a_tool_wrote(tmp_path):
         (tmp / "sub").mkdir()
         (tmp / "sub" / OWNER_FILE).write_text(json.dumps({"files": ["b.png"]}))
         (tmp / "sub" / "b.png").write_text("2")
-    with pytest.raises(OutputError, match="exists; pass --force"):
-        with output_dir(out, force=False, tool="t"):
-            pass
+    with pytest.raises(OutputError, match="exists; pass --force"), output_dir(out, force=False, tool="t"):
+        pass
     with output_dir(out, force=True, tool="t") as tmp:  # ours entirely (nested folder too)
         (tmp / "a.json").write_text("3")
     assert (out / "a.json").read_text() == "3" and not (out / "sub").exists()
     (out / "user.txt").write_text("mine")
-    with pytest.raises(OutputError, match="user.txt"):
-        with output_dir(out, force=True, tool="t"):
-            pass
+    with pytest.raises(OutputError, match=r"user\.txt"), output_dir(out, force=True, tool="t"):
+        pass
     with pytest.raises(RuntimeError), output_dir(tmp_path / "new", force=False, tool="t") as tmp:
         (tmp / "half").write_text("x")
         raise RuntimeError("boom")  # an error leaves nothing behind

@@ -1,0 +1,177 @@
+"""EcoServe's decision rules as pure functions: shared by the simulator policy
+(``policies/ecoserve.py``) and usable by an engine plug-in (``engines/vllm_scheduler.py``).
+
+Nothing here holds state or reads the true response length. Every rule takes what an engine
+knows (prompt and generated tokens, the prediction, the SLO, the cost model's numbers) and
+returns a number; each parameter is derived from the cost model or the SLO, none is fitted to a
+trace (docs/scheduler.md, "EcoServe").
+
+- ``service_s``: a request's predicted cost in server-seconds: its prefill compute plus its
+  share of the KV cache over its decode (KV-token-seconds / capacity). The ordering key.
+- ``priority_key``: the static heap key, ``arrival + aging x service`` (shortest predicted work
+  first, with aging: a request is overtaken only by requests that arrived less than ``aging``
+  times the difference of their service times after it).
+- ``ttft_lost``: a waiting request that can no longer meet its TTFT SLO ("give way").
+- ``reservation_tokens``: the response tokens reserved for a request: the predictive median,
+  doubled each time the request outgrows it (top-up).
+- ``projected_peak``: the KV a set of running requests will need at its peak, if each grows one
+  token per step and ends at its reservation (reservations overlap in time: aggregate KVC
+  pipelining).
+- ``victim_key``: which running request to preempt when KV runs out.
+- ``Projection``: the running requests as arrays, so that ``projected_peak`` with a candidate
+  costs a few vectorized operations at 512 running requests.
+
+Using them from vLLM's scheduler (``engines/vllm_scheduler.py``), with vLLM's own objects:
+the waiting-queue key is ``priority_key(request.arrival_time, service_s(prefill_s_per_token x
+num_prompt_tokens, num_prompt_tokens, rl_pred_tokens, step_s, num_gpu_blocks x block_size),
+1.0)``; before popping a waiting request, ``ttft_lost(now, arrival_time, slo_ttft,
+ceil(num_prompt_tokens / token_budget) x iteration_s)`` moves it behind the others; admission
+asks, besides vLLM's own block check, ``Projection.demand(engine_step, (prompt tokens,
+reservation_tokens(rl_pred_tokens, 0, max_tokens)), limit=cap) <= cap`` with ``cap`` the cache
+in tokens minus half a block per running request (``Projection.set`` on admission with ``x =
+num_computed_tokens - step`` and ``gx = num_output_tokens - step``, ``drop`` on finish or
+preemption); reservations need no lookahead slots any more (blocks are allocated as written,
+vLLM's default); the preemption order is ``max(running, key=victim_key(lost, remaining, seq))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+
+def service_s(prefill_s: float, prompt_tokens: int, pred_tokens: int, step_s: float,
+              kv_tokens: int) -> float:
+    """Predicted server-seconds of a request: prefill compute (``prefill_s``) plus the share of
+    the KV cache its decode occupies, ``(prompt + pred/2) x pred`` token-steps of ``step_s``
+    seconds over the cache's ``kv_tokens``: the two resources a request uses up, each as a
+    fraction of what the server has per second."""
+    kv_token_s = (prompt_tokens + 0.5 * pred_tokens) * pred_tokens * step_s
+    return prefill_s + kv_token_s / max(kv_tokens, 1)
+
+
+def priority_key(arrival_s: float, service: float, aging: float) -> float:
+    """Smaller first. ``aging`` (dimensionless): how many of its own service times a request's
+    place in line is pushed back (0: FCFS; large: shortest first)."""
+    return arrival_s + aging * service
+
+
+def ttft_lost(now: float, arrival_s: float, ttft_slo_s: float, prefill_s: float) -> bool:
+    """True if a request that starts its prefill now cannot have its first token within the
+    TTFT SLO: it gives way to the requests that still can."""
+    return now + prefill_s > arrival_s + ttft_slo_s
+
+
+def reservation_tokens(pred_tokens: int, generated: int, max_tokens: int) -> int:
+    """Response tokens reserved: the predictive median (``pred_tokens``), doubled until it
+    exceeds what the request has generated (geometric top-ups: O(log) of them, at most 2x
+    over), never beyond ``max_tokens``."""
+    r = max(pred_tokens, 1)
+    while r <= generated:
+        r *= 2
+    return max(min(r, max_tokens), generated + 1)
+
+
+def reservation_tokens_array(pred_tokens: np.ndarray, generated: np.ndarray, max_tokens: np.ndarray) -> np.ndarray:
+    """``reservation_tokens`` element-wise (the same numbers)."""
+    base = np.maximum(pred_tokens, 1)
+    k = np.maximum(np.ceil(np.log2((generated + 1) / base)), 0).astype(np.int64)
+    r = base << k
+    r = np.where(r <= generated, r * 2, r)  # guard against rounding in log2
+    return np.maximum(np.minimum(r, max_tokens), generated + 1)
+
+
+def projected_peak(items: Iterable[tuple[int, int]]) -> int:
+    """Peak KV tokens of requests given as ``(ctx, remaining)``: each holds ``ctx`` tokens now,
+    grows by one per step and frees everything after ``remaining`` more steps. The demand just
+    before the k-th earliest end is the contexts of those still running plus their growth."""
+    peak, total = 0, 0
+    for count, (rem, ctx) in enumerate(sorted(((rem, ctx) for ctx, rem in items), reverse=True), 1):
+        total += ctx
+        d = total + count * (rem - 1)
+        if d > peak:
+            peak = d
+    return peak
+
+
+def victim_key(slo_lost: bool, remaining: int, seq: int) -> tuple[bool, int, int]:
+    """Largest first: requests whose SLO is already lost, then the longest predicted remaining
+    work (it frees the most KV-time), then the latest admitted."""
+    return (slo_lost, remaining, seq)
+
+
+def projected_peak_arrays(ctx: np.ndarray, remaining: np.ndarray) -> int:
+    """``projected_peak`` over arrays of contexts and remaining steps (the same number)."""
+    if not len(ctx):
+        return 0
+    order = np.argsort(-remaining, kind="stable")
+    d = np.cumsum(ctx[order]) + np.arange(1, len(ctx) + 1) * (remaining[order] - 1)
+    return max(int(d.max()), 0)
+
+
+class Projection:
+    """The running requests' KV growth as arrays, for the projected-peak admission test.
+
+    Each request is a slot: at step ``s`` it holds ``x + s`` tokens, has generated ``gx + s``
+    tokens, and reserves ``reservation_tokens(base, gx + s, max_tokens)`` response tokens; it is
+    projected to end at step ``end`` (when it has generated its reservation; recomputed, with
+    the reservation doubled, once a request outlives it). Prefilling requests are entered as if
+    they decoded from admission on. An engine updates a slot when a request is admitted (or
+    resumes) and when it leaves; ``demand(step, ...)`` is then a few vectorized operations.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.x = np.zeros(slots, np.int64)
+        self.gx = np.zeros(slots, np.int64)
+        self.base = np.ones(slots, np.int64)
+        self.max_tokens = np.ones(slots, np.int64)
+        self.end = np.zeros(slots, np.int64)
+        self.active = np.zeros(slots, bool)
+        self._slot: dict[int, int] = {}
+        self._free = list(range(slots - 1, -1, -1))
+        self.version = 0  # bumped by every change
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def __contains__(self, rid: int) -> bool:
+        return rid in self._slot
+
+    def set(self, rid: int, x: int, gx: int, base: int, max_tokens: int) -> None:
+        i = self._slot.get(rid)
+        if i is None:
+            i = self._slot[rid] = self._free.pop()
+        self.x[i], self.gx[i], self.base[i], self.max_tokens[i] = x, gx, max(base, 1), max_tokens
+        self.end[i] = 0  # computed at the next ``demand``
+        self.active[i] = True
+        self.version += 1
+
+    def drop(self, rid: int) -> None:
+        i = self._slot.pop(rid, None)
+        if i is not None:
+            self.active[i] = False
+            self._free.append(i)
+            self.version += 1
+
+    def demand(self, step: int, extra: tuple[int, int] | None = None, pipelined: bool = True,
+               limit: int | None = None) -> int:
+        """KV tokens at the projected peak, ``extra`` = (ctx, remaining) of a candidate
+        included. ``pipelined=False``: every reservation held at once (their sum). With
+        ``limit``, a sum of reservations within it is returned as is (the peak cannot exceed it)."""
+        idx = np.flatnonzero(self.active)
+        rem = self.end[idx] - step
+        stale = rem <= 0
+        if stale.any():  # new, or outlived its reservation: (re)compute its end
+            j = idx[stale]
+            g = self.gx[j] + step
+            self.end[j] = reservation_tokens_array(self.base[j], g, self.max_tokens[j]) - self.gx[j]
+            rem = self.end[idx] - step
+        ctx = self.x[idx] + step
+        if extra is not None:
+            ctx = np.append(ctx, extra[0])
+            rem = np.append(rem, extra[1])
+        total = int(ctx.sum() + rem.sum())
+        if not pipelined or (limit is not None and total <= limit):
+            return total
+        return projected_peak_arrays(ctx, rem)

@@ -1,0 +1,273 @@
+"""EcoServe's rules on hand-checked small traces: ordering, give-way, projected-peak admission
+(aggregate KVC pipelining), top-ups, victim choice, the TBT-bounded prefill budget; and the KV
+invariants over random traces with tight SLOs (every iteration, ``simulate(..., check=True)``)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sim_helpers import FlatCost, make_req
+
+from ecoserve_sched.metrics import summarize
+from ecoserve_sched.policies import ecoserve_rules as rules
+from ecoserve_sched.policies import get_policy, policy_names
+from ecoserve_sched.policies.ecoserve import EcoServeConfig
+from ecoserve_sched.request import SLO, State
+from ecoserve_sched.simulator import simulate
+
+ECOSERVE = sorted(p for p in policy_names() if p.startswith("ecoserve"))
+
+
+def sim(policy, reqs, blocks=64, **kw):
+    sched = get_policy(policy, FlatCost(blocks=blocks, iter_s=kw.pop("iter_s", 0.01)), block_size=4,
+                       max_running=kw.pop("max_running", 8), **kw)
+    res = simulate(reqs, sched, check=True)
+    assert all(r.state == State.FINISHED for r in reqs)
+    assert sched.kv.free_blocks == sched.kv.num_blocks and not sched.kv.allocs
+    return sched, res
+
+
+# ---- the rules, by hand ------------------------------------------------------------------------
+def test_projected_peak_by_hand():
+    # (ctx 10, 5 steps left) and (ctx 20, 2 steps left): step 0 holds 30, step 1 holds 11 + 21 = 32,
+    # step 2 only the first (12), ... up to 14 at its last step: the peak is 32.
+    assert rules.projected_peak([(10, 5), (20, 2)]) == 32
+    assert rules.projected_peak_arrays(np.array([10, 20]), np.array([5, 2])) == 32
+    # held at once (no pipelining) they would need 10 + 5 + 20 + 2 = 37
+    assert rules.projected_peak([]) == 0 and rules.projected_peak([(7, 1)]) == 7
+
+
+def test_reservation_is_the_median_doubled_when_outgrown():
+    assert rules.reservation_tokens(100, 0, 4096) == 100
+    assert rules.reservation_tokens(100, 99, 4096) == 100
+    assert rules.reservation_tokens(100, 100, 4096) == 200  # outgrown: top-up
+    assert rules.reservation_tokens(100, 450, 4096) == 800
+    assert rules.reservation_tokens(100, 450, 500) == 500  # never beyond max_tokens
+    assert rules.reservation_tokens(0, 0, 10) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3000), st.integers(0, 50000), st.integers(1, 60000)), min_size=1, max_size=40))
+def test_vectorized_rules_equal_the_scalar_ones(rows):
+    base, gen, cap = (np.array(c, dtype=np.int64) for c in zip(*rows, strict=True))
+    assert rules.reservation_tokens_array(base, gen, cap).tolist() == [
+        rules.reservation_tokens(b, g, m) for b, g, m in rows]
+    ctx, rem = gen % 997, base
+    assert rules.projected_peak_arrays(ctx, rem) == rules.projected_peak(zip(ctx.tolist(), rem.tolist(), strict=True))
+
+
+def test_ttft_lost_and_victim_key():
+    assert not rules.ttft_lost(4.0, 0.0, 5.0, 0.5) and rules.ttft_lost(4.6, 0.0, 5.0, 0.5)
+    keys = {"lost": rules.victim_key(True, 1, 1), "long": rules.victim_key(False, 500, 2),
+            "latest": rules.victim_key(False, 10, 9)}
+    assert max(keys, key=keys.get) == "lost"
+    del keys["lost"]
+    assert max(keys, key=keys.get) == "long"  # longest predicted remaining work, not the latest
+
+
+def test_service_time_counts_prefill_and_kv_occupancy():
+    # 0.1 s of prefill; (100 + 50) x 100 token-steps of 0.02 s over a 3000-token cache = 0.1 s
+    assert rules.service_s(0.1, 100, 100, 0.02, 3000) == 0.1 + 0.1
+    assert rules.priority_key(2.0, 0.2, 1.0) == 2.2 and rules.priority_key(2.0, 0.2, 0.0) == 2.0
+
+
+# ---- ordering -----------------------------------------------------------------------------------
+def _blocked_queue(short_arrival):
+    # One slot. A blocker runs 2 s; a long request queues first, a short one arrives later.
+    return [make_req(0, 0.0, 8, 200, pred=200), make_req(1, 0.001, 8, 200, pred=200),
+            make_req(2, short_arrival, 8, 5, pred=5)]
+
+
+def test_shorter_predicted_work_goes_first():
+    reqs = _blocked_queue(0.002)
+    sim("ecoserve", reqs, blocks=60, max_running=1)
+    assert reqs[2].first_token_s < reqs[1].first_token_s
+    reqs = _blocked_queue(0.002)
+    sim("ecoserve-noorder", reqs, blocks=60, max_running=1)
+    assert reqs[1].first_token_s < reqs[2].first_token_s  # arrival order without ordering
+
+
+def test_aging_stops_overtaking():
+    # Predicted service: the long one (8 + 100) x 200 token-steps of 0.01 s over 240 tokens = 0.9 s,
+    # the short one 0.002 s. Arriving more than ~0.9 s after the long one, the short one waits.
+    reqs = _blocked_queue(0.8)
+    sim("ecoserve", reqs, blocks=60, max_running=1)
+    assert reqs[2].first_token_s < reqs[1].first_token_s
+    reqs = _blocked_queue(1.0)
+    sim("ecoserve", reqs, blocks=60, max_running=1)
+    assert reqs[1].first_token_s < reqs[2].first_token_s
+
+
+# ---- give way -----------------------------------------------------------------------------------
+def test_a_request_whose_ttft_is_lost_gives_way():
+    # One slot. While the blocker runs (2 s), A (short TTFT SLO, shorter work) and B queue. When
+    # the slot frees, A can no longer meet its 0.5 s TTFT; B (5 s) still can, and goes first.
+    def trace():
+        return [make_req(0, 0.0, 4, 200), make_req(1, 0.01, 4, 5, slo=SLO(0.5, 0.2)),
+                make_req(2, 0.02, 4, 50)]
+
+    reqs = trace()
+    sim("ecoserve", reqs, blocks=200, max_running=1)
+    assert reqs[2].first_token_s < reqs[1].first_token_s
+    assert reqs[1].state == State.FINISHED  # served after, not dropped
+    reqs = trace()
+    sim("ecoserve-nogiveway", reqs, blocks=200, max_running=1)
+    assert reqs[1].first_token_s < reqs[2].first_token_s
+
+
+def test_give_way_stops_the_overload_domino():
+    # One slot, a request every 0.4 s, each holding the slot ~0.5 s: arrivals outpace service.
+    # FCFS makes every request after the first few late; giving way keeps serving fresh ones.
+    def trace():
+        return [make_req(i, 0.4 * i, 4, 49, slo=SLO(1.2, 0.2)) for i in range(40)]
+
+    att = {}
+    for p in ("vllm", "ecoserve", "ecoserve-nogiveway"):
+        reqs = trace()
+        _, res = sim(p, reqs, blocks=200, max_running=1)
+        att[p] = summarize(res, SLO(1.2, 0.2))["slo_attainment"]
+    assert att["vllm"] < 0.4 and att["ecoserve-nogiveway"] < 0.4
+    assert att["ecoserve"] >= 0.7
+
+
+# ---- KV: projected peak (aggregate pipelining), top-ups, victims --------------------------------
+def _long_and_short():
+    # 12 blocks of 4 = 48 tokens. The long request reserves 4 + 40; the short one, arriving when
+    # the long one has 5 tokens, 4 + 4. Both reservations at once: 9 + 35 + 4 + 4 = 52 > 48; the
+    # projected peak, 43 (+ rounding), fits: the short one ends long before the long one's tail.
+    return [make_req(0, 0.0, 4, 40, pred=40), make_req(1, 0.05, 4, 4, pred=4)]
+
+
+def test_projected_peak_admits_alongside_where_the_sum_of_reservations_waits():
+    reqs = _long_and_short()
+    sched, _ = sim("ecoserve", reqs, blocks=12)
+    assert reqs[1].finish_s < reqs[0].finish_s and sched.counters["preemptions"] == 0
+    reqs = _long_and_short()
+    sched, _ = sim("ecoserve-nopipe", reqs, blocks=12)
+    assert reqs[1].first_token_s >= reqs[0].finish_s and sched.counters["preemptions"] == 0
+
+
+def test_blocks_are_taken_as_tokens_are_written():
+    r = make_req(0, 0.0, 10, 5, pred=5, reserve=9)
+    sched = get_policy("ecoserve", FlatCost(blocks=64), block_size=4, max_running=8)
+    sched.add(r, 0.0)
+    sched.schedule(0.0)
+    assert r.state == State.PREFILL and sched.kv.owned(r.rid) == sched.kv.blocks_for(10)
+
+
+def test_mispredicted_request_is_topped_up_not_preempted():
+    r = make_req(0, 0.0, 8, 100, pred=10)
+    sched, _ = sim("ecoserve", [r], blocks=64)
+    # 10 -> 20 -> 40 -> 80 -> 160: four top-ups, counted when its blocks fill
+    assert sched.counters["topups"] == 4 and r.reserved_extra == 150
+    assert r.preemptions == 0 and r.generated == 100
+
+
+def test_victim_is_the_request_whose_slo_is_lost_then_the_longest():
+    sched = get_policy("ecoserve", FlatCost(blocks=200), block_size=4, max_running=8, slo=SLO(5.0, 0.2))
+    reqs = [make_req(0, 0.0, 4, 50, pred=10), make_req(1, 0.0, 4, 50, pred=300), make_req(2, 0.0, 4, 50, pred=20)]
+    for r in reqs:
+        sched.add(r, 0.0)
+    sched.complete(sched.schedule(0.0), 0.01)
+    assert all(r.state == State.DECODE for r in reqs)
+    assert sched._victim() is reqs[1]  # longest predicted remaining work
+    reqs[0].first_token_s = 6.0  # its first token came after the 5 s TTFT SLO: already lost
+    assert sched._victim() is reqs[0]
+    cfg = EcoServeConfig(victim="latest", ordering=False)  # admitted in arrival order: 0, 1, 2
+    latest = get_policy("ecoserve", FlatCost(blocks=200), block_size=4, max_running=8, config=cfg)
+    for r in [make_req(i, 0.001 * i, 4, 50, pred=p) for i, p in enumerate((10, 300, 20))]:
+        latest.add(r, 0.0)
+    latest.complete(latest.schedule(0.0), 0.01)
+    assert latest._victim().rid == 2
+
+
+def test_kv_exhaustion_preempts_and_everything_finishes():
+    # Everyone predicts 4 tokens and writes 60: the projection admits them all, then they collide.
+    reqs = [make_req(i, 0.001 * i, 8, 60, pred=4) for i in range(6)]
+    sched, _ = sim("ecoserve", reqs, blocks=40)
+    assert sched.counters["preemptions"] >= 1
+    assert all(r.generated == 60 for r in reqs)
+
+
+# ---- prefill budget -----------------------------------------------------------------------------
+class LinearCost(FlatCost):
+    """10 ms plus 0.1 ms per prefill token."""
+
+    def iteration_time(self, prefill_tokens, prefill_ctx_tokens, decode_requests, decode_ctx_tokens):
+        return 0.0 if prefill_tokens <= 0 and decode_requests <= 0 else 0.01 + 1e-4 * prefill_tokens
+
+
+def test_prefill_budget_is_full_without_decodes_and_tbt_bounded_with_them():
+    cost = LinearCost(blocks=4000, token_budget=16)  # roofline knee 16 tokens
+    sched = get_policy("ecoserve", cost, block_size=4, max_running=8, token_budget=4096, slo=SLO(5.0, 0.2))
+    assert sched.prefill_budget() == 4096  # nothing decodes: the whole token budget
+    r = make_req(0, 0.0, 8, 100)
+    sched.add(r, 0.0)
+    sched.complete(sched.schedule(0.0), 0.01)
+    b = sched.prefill_budget()
+    # 0.8 x 0.2 s = 0.16 s allows 1500 tokens; the bisection stops within 32 below
+    assert cost.iteration_time(b, 0, 1, 0) <= 0.16 < cost.iteration_time(b + 33, 0, 1, 0)
+    free = get_policy("ecoserve-notbt", cost, block_size=4, max_running=8, token_budget=4096)
+    free.add(make_req(0, 0.0, 8, 100), 0.0)
+    free.complete(free.schedule(0.0), 0.01)
+    assert free.prefill_budget() == 4096 - 1
+
+
+def test_prefill_budget_never_below_the_knee():
+    cost = LinearCost(blocks=4000, token_budget=16)
+    sched = get_policy("ecoserve", cost, block_size=4, max_running=8, token_budget=4096, slo=SLO(5.0, 0.005))
+    sched.add(make_req(0, 0.0, 8, 100), 0.0)
+    sched.complete(sched.schedule(0.0), 0.01)
+    assert sched.prefill_budget() == 16  # no prefill fits 4 ms; the knee's tokens still go
+
+
+def test_config_reaches_the_policy():
+    cfg = EcoServeConfig(reserve="p90", aging=0.0)
+    sched = get_policy("ecoserve", FlatCost(), config=cfg)
+    assert sched.cfg.reserve == "p90" and sched.pt._key(make_req(0, 3.0, 8, 10)) == 3.0
+
+
+# ---- invariants and the engine's fast path over random traces -----------------------------------
+REQ = st.tuples(st.floats(0, 2.0), st.integers(1, 60), st.integers(1, 80), st.integers(1, 120),
+                st.integers(0, 4), st.sampled_from([0.05, 0.3, 5.0]))
+
+
+def _reqs(rows):
+    return [make_req(i, a, p, o, pred=r, reserve=2 * r, bucket=b, max_tokens=max(o, 64), slo=SLO(t, 0.2))
+            for i, (a, p, o, r, b, t) in enumerate(rows)]
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(REQ, min_size=1, max_size=25), blocks=st.integers(12, 80),
+       policy=st.sampled_from(ECOSERVE), swap=st.booleans())
+def test_kv_invariants_hold_with_tight_slos(rows, blocks, policy, swap):
+    """Tight TTFT SLOs make requests give way; invariants hold every iteration, everything
+    finishes with exactly its length and every block comes back."""
+    reqs = _reqs(rows)
+    cost = FlatCost(blocks=blocks)
+    if swap:
+        cost.swap_time = lambda t: 1e-9 * t
+    sched = get_policy(policy, cost, block_size=4, max_running=6, token_budget=64, slo=SLO(0.3, 0.05))
+    simulate(reqs, sched, check=True)
+    for r in reqs:
+        if r.prompt_tokens + r.target_tokens > blocks * 4:
+            continue
+        assert r.state == State.FINISHED and r.generated == r.target_tokens
+    assert sched.kv.free_blocks == blocks and not sched.kv.allocs and not len(sched.proj)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(REQ, min_size=1, max_size=25), blocks=st.integers(12, 80),
+       policy=st.sampled_from(ECOSERVE))
+def test_fast_path_makes_the_same_decisions_with_tight_slos(rows, blocks, policy):
+    runs = []
+    for stepwise in (False, True):
+        reqs = _reqs(rows)
+        cost = FlatCost(blocks=blocks)
+        cost.iteration_time = lambda p, pc, d, dc: 0.01 + 1e-6 * p + 1e-7 * dc
+        sched = get_policy(policy, cost, block_size=4, max_running=6, token_budget=64, slo=SLO(0.3, 0.05))
+        res = simulate(reqs, sched, stepwise=stepwise)
+        runs.append(([(r.first_token_s, r.finish_s, r.generated, r.preemptions) for r in reqs],
+                     res.counters, res.stall_gaps))
+    assert runs[0] == runs[1]
