@@ -24,7 +24,7 @@ demo: setup
 	$(VENV)/bin/ecoserve demo --out runs/demo --force
 
 demo-train: setup
-	$(VENV)/bin/rlpredict demo --out runs/demo-train
+	$(VENV)/bin/rlpredict demo --out runs/demo-train --force
 
 test: setup
 	$(PY) -m pytest -q

@@ -49,7 +49,7 @@ def tiny_llama_ecoserve_run(tiny_llama):
 def test_outputs_match_greedy_generate(tiny_llama, tiny_llama_greedy, tiny_llama_ecoserve_run, policy):
     run = tiny_llama_ecoserve_run[1] if policy == "ecoserve" else make_engine(tiny_llama, policy).generate(trace_requests())
     if policy == "ecoserve":
-        assert run.counters["preemptions"] > 0  # recomputed requests must still match
+        assert run.counters["topups"] > 0  # requests that outgrew their reservation must still match
     for res, ref in zip(run.results, tiny_llama_greedy, strict=True):
         assert res.tokens == ref, f"request {res.rid}"
 
@@ -85,11 +85,9 @@ def test_engine_matches_simulator(tiny_llama, tiny_llama_ecoserve_run, policy):
         assert r.state == State.FINISHED and len(res.tokens) == r.true_output_tokens
         assert (res.ttft_s, res.jct_s, res.preemptions) == (
             r.first_token_s - r.arrival_s, r.finish_s - r.arrival_s, r.preemptions), f"request {r.rid}"
-    if policy == "ecoserve":  # the trace exercises every EcoServe mechanism
-        assert run.counters["loans"] > 0 and run.counters["topups"] > 0
-        assert run.counters["preemptions"] > 0
-        kinds = {k for _, k, _ in run.events}
-        assert {"admit", "preempt", "finish"} <= kinds
+    if policy == "ecoserve":  # reservations at the predicted median are outgrown and topped up
+        assert run.counters["topups"] > 0
+        assert {"admit", "finish"} <= {k for _, k, _ in run.events}
 
 
 def test_policy_scheduler_plugs_into_generate_batch(tiny_llama, tiny_llama_greedy):
