@@ -126,14 +126,6 @@ def root_callback(tool: str) -> Callable[..., None]:
 
 
 # ---- option validators (one message naming the option) -----------------------------------------
-def usable_cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def positive(value: Any) -> Any:
     """A callback refusing anything but a finite number > 0 (None passes)."""
     if value is not None and not (math.isfinite(value) and value > 0):
@@ -173,6 +165,8 @@ def thread_count(value: int | None) -> int | None:
     """``--threads``: 1 to the usable cores."""
     if value is None:
         return value
+    from rlpredict.runtime import usable_cores  # the runtime's own cap (lazy: onnxruntime)
+
     cores = usable_cores()
     if not 1 <= value <= cores:
         raise typer.BadParameter(f"must be between 1 and {cores} (this machine's usable cores), got {value}")
