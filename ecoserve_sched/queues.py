@@ -35,25 +35,27 @@ class PriorityQueue:
     """Smallest ``key(r)`` first; the key is computed once, at push (O(log n) push/pop).
 
     Requeued (preempted) requests keep their key, so they come back at their old position.
+    ``items`` is the heap of ``(key, rid, request)`` itself, for hot loops (``len(q.items)``); a
+    writer keeps it a heap (EcoServe moves entries between two queues with the same key).
     """
 
     def __init__(self, key: Callable[[Request], float]) -> None:
         self._key = key
-        self._h: list[tuple[float, int, Request]] = []
+        self.items: list[tuple[float, int, Request]] = []
 
     def __len__(self) -> int:
-        return len(self._h)
+        return len(self.items)
 
     def push(self, r: Request) -> None:
-        heapq.heappush(self._h, (self._key(r), r.rid, r))
+        heapq.heappush(self.items, (self._key(r), r.rid, r))
 
     push_front = push
 
     def peek(self) -> Request:
-        return self._h[0][2]
+        return self.items[0][2]
 
     def pop(self) -> Request:
-        return heapq.heappop(self._h)[2]
+        return heapq.heappop(self.items)[2]
 
 
 class GTGroups:

@@ -1,17 +1,18 @@
-"""Discrete-event replay: requests arrive, the policy forms a batch, the cost model times it.
+"""Discrete-event replay: the serving loop (``serving.py``) over the cost-model executor.
 
-Events are arrivals (a sorted list), iterations (one at a time, timed by
-``cost.iteration_time``) and finishes (a heap keyed by the decode step at which a request's
-true length is reached; preemption bumps ``Request.epoch`` and so cancels a pending finish).
-Optional injected faults (``faults.py``) make chosen iterations raise.
+:class:`CostModelExecutor` runs an ``ecoserve_sched`` policy and times each iteration with
+``cost.iteration_time``. Finishes are a heap keyed by the decode step at which a request's true
+length is reached (preemption bumps ``Request.epoch`` and so cancels a pending finish). On its
+fast path, iterations that need no decision (``Scheduler.decode_only_step``) run back to back
+as one decode-only stretch up to the next finish, arrival, fault or alarm. Optional injected
+faults (``faults.py``) make chosen iterations raise.
 """
 
 from __future__ import annotations
 
-import heapq
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from heapq import heappop, heappush
+from time import perf_counter
 from typing import Any
 
 import numpy as np
@@ -20,38 +21,135 @@ from .faults import NEVER, Faults
 from .policies import Scheduler, get_policy
 from .predictions import Confusion, apply_predictions, default_source
 from .request import SLO, Request
+from .serving import Executor, LogRow, SimResult, serve
 from .trace import Trace
 
+__all__ = ["CostModelExecutor", "SimResult", "iteration_table", "run", "simulate"]
 
-@dataclass
-class SimResult:
-    policy: str
-    profile: str
-    predictions: str
-    requests: list[Request]
-    kv_capacity_tokens: int
-    block_size: int = 16
-    # One row per iteration, or per decode-only stretch of ``steps`` iterations: (end time,
-    # mean step duration, steps, decoding requests, KV tokens held, blocks allocated); the KV
-    # columns are taken at the end of each iteration, before finished requests free their blocks
-    # (a stretch logs their mean over its steps). "Decoding requests" leaves out
-    # ``Batch.late_decodes``: decodes whose token gap spans earlier iterations too (vllm-v0
-    # after prefill-only iterations), whose gaps are in ``stall_gaps``.
-    log: list[tuple[float, float, int, int, int, int]] = field(default_factory=list)
-    stall_gaps: list[float] = field(default_factory=list)
-    counters: dict[str, int] = field(default_factory=dict)
-    sched_s: float = 0.0
-    wall_s: float = 0.0
-    dropped: int = 0
+
+class CostModelExecutor(Executor):
+    """An ``ecoserve_sched`` policy whose iterations the cost model times (see ``simulate``)."""
+
+    def __init__(self, sched: Scheduler, *, check: bool = False, stepwise: bool = False,
+                 faults: Faults | Iterable[int] | None = None, timing: Any = None) -> None:
+        self.sched = sched
+        self.name = sched.name
+        self.kv_blocks, self.block_size = sched.kv.num_blocks, sched.kv.block_size
+        self.check, self.stepwise = check, stepwise
+        self.faults = Faults.of(faults) or Faults()
+        self._plan = self.faults.plan()
+        self.fault_step = next(self._plan, NEVER)  # the next failing iteration
+        self.fast_until = 0 if stepwise else self.fault_step  # stretches only before this step
+        self.it_time = (timing or sched.cost).iteration_time
+        self.finishes: list[tuple[int, int, int, Request]] = []  # (step, rid, epoch, request)
+        self.sched_s = 0.0
+        # The loop calls these for every arrival and turn: the policy's own, without a layer.
+        self.add = sched.add  # type: ignore[method-assign]
+        self.has_work = sched.has_work  # type: ignore[method-assign]
+
+    def waiting(self) -> int:
+        return self.sched.waiting_count()
+
+    def run(self, now: float, until: float) -> LogRow | None:
+        sched = self.sched
+        t0 = perf_counter()
+        if sched.step < self.fast_until and sched.decode_only_step():
+            self.sched_s += perf_counter() - t0
+            if self.check and sched.waiting_count():
+                self._check_blocked(now)
+            return self._stretch(now, until)
+        batch = sched.schedule(now)
+        self.sched_s += perf_counter() - t0
+        if batch.empty:
+            return None
+        if self.check:
+            sched.kv.check(sched.used_blocks_after(batch))
+        dt = self.it_time(batch.prefill_tokens, batch.prefill_ctx_tokens,
+                          batch.decode_requests, batch.decode_ctx_tokens) + batch.extra_s
+        now += dt
+        finishes = self.finishes
+        if sched.step >= self.fault_step:  # this iteration raises: its requests end as errors
+            sched.fail_batch(batch, self.faults.error)
+            row = (now, dt, 1, 0, sched.kv_used_tokens(), sched.kv.allocated_blocks)
+            self.fault_step = next(self._plan, NEVER)
+            self.fast_until = 0 if self.stepwise else self.fault_step
+        else:
+            for r in sched.complete(batch, now):
+                heappush(finishes, (r.dec_step0 + r.target_tokens - r.generated, r.rid, r.epoch, r))
+            row = (now, dt, 1, batch.decode_requests - batch.late_decodes, sched.kv_used_tokens(),
+                   sched.kv.allocated_blocks)
+        if finishes and finishes[0][0] <= sched.step:
+            self._finish_due(now)
+        return row
+
+    def _stretch(self, now: float, until: float) -> LogRow:
+        """Decode-only iterations: every decoding request runs one step per iteration, until a
+        finish, an arrival (``until``), a fault or an alarm that needs a decision."""
+        sched, kv, it_time, check = self.sched, self.sched.kv, self.it_time, self.check
+        next_finish = self.finishes[0][0] if self.finishes else NEVER
+        if self.fault_step < next_finish:
+            next_finish = self.fault_step
+        next_alarm = sched.next_alarm_step()
+        d = len(sched.decoding)
+        dctx = ctx0 = sched.kv_used_tokens()
+        t_start = now
+        step = step0 = since = sched.step  # ``sched.step`` is set whenever the policy looks
+        blocks, alloc = kv.allocated_blocks, 0  # blocks change only at alarms
+        while True:
+            if check:
+                sched.step = step
+                kv.check(sched.used_blocks_after())
+            now += it_time(0, 0, d, dctx)
+            dctx += d
+            step += 1
+            if step >= next_finish or now >= until:
+                break
+            if step >= next_alarm:
+                alloc += blocks * (step - since)
+                since = sched.step = step
+                if not sched.decode_only_step():
+                    break
+                next_alarm = sched.next_alarm_step()
+                blocks = kv.allocated_blocks
+        sched.step = step
+        k = step - step0
+        alloc += blocks * (step - since)
+        self._finish_due(now)
+        return (now, (now - t_start) / k, k, d, ctx0 + d * (k + 1) / 2, alloc / k)
+
+    def _check_blocked(self, now: float) -> None:
+        """``admission_blocked`` said True: ``schedule`` (hence ``admit``) must agree."""
+        batch = self.sched.schedule_dry_run(now)
+        if batch.prefill or batch.extra_s or batch.decode_requests != len(self.sched.decoding):
+            raise AssertionError(f"{self.name}: admission_blocked() is True at step {self.sched.step}, "
+                                 f"but schedule() would run {len(batch.prefill)} prefills")
+
+    def _finish_due(self, now: float) -> None:
+        """Finish the requests whose last token came out by ``sched.step`` (skip stale epochs)."""
+        finishes, sched = self.finishes, self.sched
+        while finishes and finishes[0][0] <= sched.step:
+            _, _, epoch, r = heappop(finishes)
+            if r.epoch == epoch:
+                sched.finish(r, now)
+
+    def close(self, res: SimResult) -> None:
+        sched = self.sched
+        if self.check:
+            sched.kv.check()
+            assert sched.kv.free_blocks == sched.kv.num_blocks and not sched.kv.allocs, "blocks leaked"
+        res.stall_gaps = sched.stall_gaps
+        res.counters = {**sched.counters, "loans": sched.kv.loans}
+        res.sched_s = self.sched_s
 
 
 def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
              stepwise: bool = False, profile: str = "", predictions: str = "",
              faults: Faults | Iterable[int] | None = None, timing: Any = None) -> SimResult:
     """Replay ``requests`` (any order) through ``sched``; ``check`` verifies KV invariants each
-    iteration (slow: for tests). ``stepwise`` calls ``sched.schedule`` every iteration instead
-    of running decode-only stretches back to back: the same decisions and times, one log row
-    per iteration (the reference the fast path is tested against).
+    iteration, and every blocked admission against a dry run of ``schedule`` (slow: for tests).
+    ``stepwise`` calls ``sched.schedule`` every iteration instead of running decode-only
+    stretches back to back: the same decisions and times, one log row per iteration (the
+    reference the fast path is tested against).
 
     ``faults`` (a :class:`~ecoserve_sched.faults.Faults`, or iteration indices) makes those
     iterations raise: the iteration takes its time, then every request in its batch ends
@@ -62,100 +160,11 @@ def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
     ``timing`` (a cost model) times the iterations instead of the policy's own ``cost``, which
     the policy still plans with: a replay of a real run whose planner used one profile, timed
     by another (swap times stay the policy's)."""
-    t_wall = time.perf_counter()
-    fault_cfg = Faults.of(faults) or Faults()
-    plan = fault_cfg.plan()
-    fault_step = next(plan, NEVER)  # the next failing iteration
     reqs = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
-    cap = sched.kv.num_blocks * sched.kv.block_size
-    res = SimResult(sched.name, profile, predictions, reqs, cap, sched.kv.block_size)
-    it_time = (timing or sched.cost).iteration_time
-    log = res.log.append
-    finishes: list[tuple[int, int, int, Request]] = []
-    n, i, now, sched_s = len(reqs), 0, 0.0, 0.0
-    perf = time.perf_counter
-    while True:
-        while i < n and reqs[i].arrival_s <= now:
-            r = reqs[i]
-            if sched.kv.blocks_for(r.prompt_tokens + r.target_tokens) > sched.kv.num_blocks:
-                res.dropped += 1  # could never finish on this GPU
-            else:
-                sched.add(r, r.arrival_s)
-            i += 1
-        if not sched.has_work():
-            if i >= n:
-                break
-            now = reqs[i].arrival_s
-            continue
-        t0 = perf()
-        if not stepwise and sched.step < fault_step and sched.decode_only_step():
-            sched_s += perf() - t0
-            # Decode-only stretch: every decoding request runs one step per iteration, until a
-            # finish, an arrival, a fault or an alarm that needs a decision; one log row for all.
-            next_arrival = reqs[i].arrival_s if i < n else float("inf")
-            next_finish = finishes[0][0] if finishes else NEVER
-            if fault_step < next_finish:
-                next_finish = fault_step
-            next_alarm = sched.next_alarm_step()
-            d = len(sched.decoding)
-            dctx = ctx0 = sched.kv_used_tokens()
-            t_start, k, alloc = now, 0, 0
-            while True:
-                if check:
-                    sched.kv.check(sched.used_blocks_after())
-                alloc += sched.kv.allocated_blocks
-                now += it_time(0, 0, d, dctx)
-                dctx += d
-                k += 1
-                sched.step += 1
-                if sched.step >= next_finish or now >= next_arrival:
-                    break
-                if sched.step >= next_alarm:
-                    if not sched.decode_only_step():
-                        break
-                    next_alarm = sched.next_alarm_step()
-            log((now, (now - t_start) / k, k, d, ctx0 + d * (k + 1) / 2, alloc / k))
-            _finish_due(finishes, sched, now)
-            continue
-        batch = sched.schedule(now)
-        sched_s += perf() - t0
-        if batch.empty:
-            if i >= n:
-                raise RuntimeError(f"{sched.name}: stuck with {sched.waiting_count()} waiting requests")
-            now = reqs[i].arrival_s  # blocked until something arrives
-            continue
-        if check:
-            sched.kv.check(sched.used_blocks_after(batch))
-        dt = it_time(batch.prefill_tokens, batch.prefill_ctx_tokens,
-                     batch.decode_requests, batch.decode_ctx_tokens) + batch.extra_s
-        now += dt
-        if sched.step >= fault_step:  # this iteration raises: its requests end as errors
-            sched.fail_batch(batch, fault_cfg.error)
-            log((now, dt, 1, 0, sched.kv_used_tokens(), sched.kv.allocated_blocks))
-            fault_step = next(plan, NEVER)
-            _finish_due(finishes, sched, now)
-            continue
-        for r in sched.complete(batch, now):
-            heapq.heappush(finishes, (r.dec_step0 + r.target_tokens - r.generated, r.rid, r.epoch, r))
-        log((now, dt, 1, batch.decode_requests - batch.late_decodes, sched.kv_used_tokens(),
-             sched.kv.allocated_blocks))
-        _finish_due(finishes, sched, now)
-    if check:
-        sched.kv.check()
-        assert sched.kv.free_blocks == sched.kv.num_blocks and not sched.kv.allocs, "blocks leaked"
-    res.stall_gaps = sched.stall_gaps
-    res.counters = {**sched.counters, "loans": sched.kv.loans}
-    res.sched_s = sched_s
-    res.wall_s = time.perf_counter() - t_wall
-    return res
-
-
-def _finish_due(finishes: list, sched: Scheduler, now: float) -> None:
-    """Finish the requests whose last token came out by ``sched.step`` (skip stale epochs)."""
-    while finishes and finishes[0][0] <= sched.step:
-        _, _, epoch, r = heapq.heappop(finishes)
-        if r.epoch == epoch:
-            sched.finish(r, now)
+    res = SimResult(sched.name, profile, predictions, reqs, sched.kv.num_blocks * sched.kv.block_size,
+                    sched.kv.block_size)
+    ex = CostModelExecutor(sched, check=check, stepwise=stepwise, faults=faults, timing=timing)
+    return serve(ex, res)
 
 
 def iteration_table(res: SimResult) -> np.ndarray:

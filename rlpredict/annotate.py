@@ -26,12 +26,13 @@ import sys
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from rlpredict.conformal import column_name
 from rlpredict.outputs import atomic_path, check_new_file, check_paths
 from rlpredict.runtime import Predictor, Request
 from rlpredict.untrusted_text import is_valid_unicode, json_problem
@@ -94,6 +95,14 @@ def detect_format(path: str | Path) -> tuple[Format, bool]:
     if fmt is None or (gz and fmt == "parquet"):
         raise AnnotateError(f"{path}: unsupported file type; use .jsonl, .jsonl.gz, .csv, .csv.gz or .parquet")
     return fmt, gz
+
+
+#: What reading a truncated or corrupt ``.gz`` raises.
+COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def corrupt_compressed(src: str | Path, e: BaseException) -> AnnotateError:
+    return AnnotateError(f"{src}: truncated or corrupt compressed file ({e})")
 
 
 def default_rejects_path(output: str | Path) -> Path:
@@ -179,38 +188,53 @@ def generator_of(row: Mapping[str, Any], fields: Fields, wanted: bool) -> str | 
 
 
 # ---- the driver ---------------------------------------------------------------------------------
+def bad_row_message(path: str | Path, where: str, number: int, reason: str) -> str:
+    """What fail mode reports for the first bad row (``where``: "line" or "row")."""
+    return f"{path}: {where} {number}: {reason} (use --on-error skip to set bad rows aside)"
+
+
 class _Run:
-    """State shared by the format-specific loops: counts, rejects, progress, errors."""
+    """State shared by the format-specific loops: counts, rejects, progress, errors.
+
+    ``file``: written into each rejects record (runs over a folder of inputs)."""
 
     def __init__(self, path: Path, predictor: Predictor, fields: Fields, on_error: OnError,
-                 rejects: IO[str] | None, summary: AnnotateSummary, advance: Callable[[float], None]):
+                 rejects: IO[str] | None, summary: AnnotateSummary, advance: Callable[[float], None],
+                 file: str | None = None, quantiles: Sequence[float] = ()):
         self.path, self.predictor, self.fields, self.on_error = path, predictor, fields, on_error
-        self.rejects, self.summary, self.advance = rejects, summary, advance
+        self.rejects, self.summary, self.advance, self.file = rejects, summary, advance, file
         self.reasons: Counter[str] = Counter()
         self.wants_generator = predictor.input_spec.include_generator
+        self.quantiles = tuple(quantiles)
+        self.columns = COLUMNS + tuple(column_name(q) for q in self.quantiles)
 
     def parse(self, row: Mapping[str, Any]) -> tuple[Request, str | None]:
         return request_of(row, self.fields), generator_of(row, self.fields, self.wants_generator)
 
     def reject(self, where: str, number: int, reason: str, raw: Any) -> None:
         if self.on_error == "fail":
-            hint = " (use --on-error skip to set bad rows aside)"
-            raise AnnotateError(f"{self.path}: {where} {number}: {reason}{hint}")
+            raise AnnotateError(bad_row_message(self.path, where, number, reason))
         self.summary.rows_rejected += 1
         self.reasons[reason.split(" (")[0]] += 1
         assert self.rejects is not None
         key = "line" if where == "line" else "row_number"
-        self.rejects.write(_dumps({key: number, "reason": reason, "row": raw}) + "\n")
+        record = {"file": self.file} if self.file is not None else {}
+        self.rejects.write(_dumps({**record, key: number, "reason": reason, "row": raw}) + "\n")
 
-    def predict(self, requests: list[Request], generators: list[str | None]):
-        return self.predictor.predict_arrays(requests, generators)
+    def predict(self, requests: list[Request], generators: list[str | None]) -> list[Any]:
+        """One array per output column (``self.columns``), for the given requests."""
+        a = self.predictor.predict_arrays(requests, generators, quantiles=self.quantiles or None)
+        quant = [] if a.quantile_tokens is None else list(a.quantile_tokens.T)
+        return [a.bucket, a.pred_tokens, a.reserve_tokens, *quant]
 
 
 def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *,
                   fields: Fields = Fields(), on_error: OnError = "fail",
                   rejects: str | Path | None = None, chunk_rows: int = 2048,
-                  progress: bool = False, force: bool = False) -> AnnotateSummary:
+                  progress: bool = False, force: bool = False,
+                  quantiles: Sequence[float] = ()) -> AnnotateSummary:
     """Annotate ``input`` into ``output`` (same format family); see the module docstring.
+    ``quantiles``: also the bundle's calibrated quantiles, as ``rl_q50_tokens``-style columns.
 
     The output and the rejects file must differ from the input and from each other, and an
     existing one is replaced only with ``force`` (``rlpredict.outputs``)."""
@@ -219,6 +243,7 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    predictor.check_quantiles(quantiles or None)
     if not src.is_file():
         raise AnnotateError(f"{src}: no such file" if not src.exists() else f"{src}: not a file")
     fmt, _ = detect_format(src)
@@ -240,12 +265,12 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
         if rej_path is not None:
             tmp_rej = stack.enter_context(atomic_path(rej_path))
             rej_file = stack.enter_context(open(tmp_rej, "w", encoding="utf-8"))
-        run = _Run(src, predictor, fields, on_error, rej_file, summary, bar)
+        run = _Run(src, predictor, fields, on_error, rej_file, summary, bar, quantiles=quantiles)
         loop = {"jsonl": _annotate_jsonl, "csv": _annotate_csv, "parquet": _annotate_parquet}[fmt]
         try:
             loop(run, src, tmp_out, dst, chunk_rows)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise AnnotateError(f"{src}: truncated or corrupt compressed file ({e})") from None
+        except COMPRESSION_ERRORS as e:
+            raise corrupt_compressed(src, e) from None
         summary.reasons = dict(run.reasons.most_common())
         if rej_file is not None:
             rej_file.close()
@@ -275,63 +300,71 @@ def _annotate_jsonl(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> N
     gz = detect_format(src)[1]
     with open(src, "rb") as raw, (gzip.GzipFile(fileobj=raw) if gz else nullcontext(raw)) as f, \
             _open_output(tmp, dst) as out:
-        batch: list[tuple[str, dict, Request, str | None]] = []
-        held = 0  # characters of row text in the batch
-        for lineno, data in enumerate(f, 1):
-            try:
-                line = data.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                run.summary.rows_in += 1
-                run.reject("line", lineno, f"not valid UTF-8 (byte {e.start})",
-                           data.rstrip(b"\r\n").decode("utf-8", "replace"))
-                continue
-            text = line.rstrip("\r\n")
-            if not text.strip():
-                continue
+        annotate_lines(run, enumerate(f, 1), out, chunk, lambda: run.advance(raw.tell()))
+
+
+def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], chunk: int,
+                   tick: Callable[[], None] = lambda: None) -> None:
+    """The JSONL rule: ``(line number, raw line)`` pairs -> annotated lines on ``out`` (in
+    order) and bad rows to ``run.reject``; ``tick`` after each chunk written. Used by the file
+    loop above and by the Ray workers (``rlpredict.annotate_ray``)."""
+    batch: list[tuple[str, dict, Request, str | None]] = []
+    held = 0  # characters of row text in the batch
+    for lineno, data in lines:
+        try:
+            line = data.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
             run.summary.rows_in += 1
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                run.reject("line", lineno, f"not valid JSON ({e.msg}, column {e.colno})", text)
-                continue
-            except (ValueError, RecursionError) as e:
-                run.reject("line", lineno, f"not valid JSON ({json_problem(e)})", text)
-                continue
-            if not isinstance(row, dict):
-                run.reject("line", lineno, f"expected a JSON object, got {type(row).__name__}", row)
-                continue
-            try:
-                req, gen = run.parse(row)
-            except BadRow as e:
-                run.reject("line", lineno, str(e), row)
-                continue
-            batch.append((text, row, req, gen))
-            held += len(text)
-            if len(batch) >= chunk or held >= CHUNK_CHARS:
-                _flush_jsonl(run, batch, out)
-                held = 0
-                run.advance(raw.tell())
-        _flush_jsonl(run, batch, out)
-        run.advance(raw.tell())
+            run.reject("line", lineno, f"not valid UTF-8 (byte {e.start})",
+                       data.rstrip(b"\r\n").decode("utf-8", "replace"))
+            continue
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        run.summary.rows_in += 1
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            run.reject("line", lineno, f"not valid JSON ({e.msg}, column {e.colno})", text)
+            continue
+        except (ValueError, RecursionError) as e:
+            run.reject("line", lineno, f"not valid JSON ({json_problem(e)})", text)
+            continue
+        if not isinstance(row, dict):
+            run.reject("line", lineno, f"expected a JSON object, got {type(row).__name__}", row)
+            continue
+        try:
+            req, gen = run.parse(row)
+        except BadRow as e:
+            run.reject("line", lineno, str(e), row)
+            continue
+        batch.append((text, row, req, gen))
+        held += len(text)
+        if len(batch) >= chunk or held >= CHUNK_CHARS:
+            _flush_jsonl(run, batch, out)
+            held = 0
+            tick()
+    _flush_jsonl(run, batch, out)
+    tick()
 
 
 def _flush_jsonl(run: _Run, batch: list, out: IO[str]) -> None:
     if not batch:
         return
-    a = run.predict([b[2] for b in batch], [b[3] for b in batch])
-    for (text, row, _, _), *vals in zip(batch, a.bucket, a.pred_tokens, a.reserve_tokens, strict=True):
-        out.write(_with_columns(text, row, [int(v) for v in vals]) + "\n")
+    cols = run.predict([b[2] for b in batch], [b[3] for b in batch])
+    for (text, row, _, _), *vals in zip(batch, *cols, strict=True):
+        out.write(_with_columns(text, row, [int(v) for v in vals], run.columns) + "\n")
     run.summary.rows_out += len(batch)
     batch.clear()
 
 
-def _with_columns(text: str, row: dict, values: list[int]) -> str:
+def _with_columns(text: str, row: dict, values: list[int], columns: Sequence[str] = COLUMNS) -> str:
     """The original JSON text with the rl_* fields added before its closing brace."""
-    if any(c in row for c in COLUMNS):
-        return _dumps({**row, **dict(zip(COLUMNS, values, strict=True))})
+    if any(c in row for c in columns):
+        return _dumps({**row, **dict(zip(columns, values, strict=True))})
     body = text.rstrip()[:-1].rstrip()
     sep = "" if body.endswith("{") else ", "
-    added = ", ".join(f'"{c}": {v}' for c, v in zip(COLUMNS, values, strict=True))
+    added = ", ".join(f'"{c}": {v}' for c, v in zip(columns, values, strict=True))
     return f"{body}{sep}{added}}}"
 
 
@@ -348,8 +381,8 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
             raise AnnotateError(f"{src}: line 1: {e}") from None
         if not is_valid_unicode(header):
             raise AnnotateError(f"{src}: line 1: the header is not valid UTF-8")
-        out_header = header + [c for c in COLUMNS if c not in header]
-        slots = [out_header.index(c) for c in COLUMNS]
+        out_header = header + [c for c in run.columns if c not in header]
+        slots = [out_header.index(c) for c in run.columns]
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(out_header)
         batch: list[tuple[list[str], Request, str | None]] = []
@@ -394,8 +427,8 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
 def _flush_csv(run: _Run, batch: list, writer: Any, slots: list[int]) -> None:
     if not batch:
         return
-    a = run.predict([b[1] for b in batch], [b[2] for b in batch])
-    for (cells, _, _), *vals in zip(batch, a.bucket, a.pred_tokens, a.reserve_tokens, strict=True):
+    cols = run.predict([b[1] for b in batch], [b[2] for b in batch])
+    for (cells, _, _), *vals in zip(batch, *cols, strict=True):
         for slot, v in zip(slots, vals, strict=True):
             cells[slot] = str(int(v))
         writer.writerow(cells)
@@ -405,42 +438,59 @@ def _flush_csv(run: _Run, batch: list, writer: Any, slots: list[int]) -> None:
 
 # ---- Parquet -----------------------------------------------------------------------------------
 def _annotate_parquet(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> None:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pf = _open_parquet(src)
-    schema = pf.schema_arrow
-    keep = [n for n in schema.names if n not in COLUMNS]
-    out_schema = pa.schema([schema.field(n) for n in keep] + [pa.field(c, pa.int64()) for c in COLUMNS],
-                           metadata=schema.metadata)
-    used = [n for n in (run.fields.prompt, run.fields.messages, run.fields.generator)
-            if n is not None and n in schema.names]
+    out_schema = parquet_out_schema(pf.schema_arrow, run.columns)
     done = 0
     with pq.ParquetWriter(tmp, out_schema) as writer:
         for rb in _batches(pf, src, chunk):
-            n = rb.num_rows
-            cols = {name: rb.column(name).to_pylist() for name in used}
-            ok, requests, gens = [], [], []
-            for i in range(n):
-                run.summary.rows_in += 1
-                row = {name: cols[name][i] for name in used}
-                try:
-                    req, gen = run.parse(row)
-                except BadRow as e:
-                    run.reject("row", done + i + 1, str(e), rb.slice(i, 1).to_pylist()[0])
-                    continue
-                ok.append(i)
-                requests.append(req)
-                gens.append(gen)
-            done += n
-            if ok:
-                a = run.predict(requests, gens)
-                good = rb if len(ok) == n else rb.take(pa.array(ok, type=pa.int64()))
-                arrays = [good.column(name) for name in keep]
-                arrays += [pa.array(v, type=pa.int64()) for v in (a.bucket, a.pred_tokens, a.reserve_tokens)]
-                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=out_schema))
-                run.summary.rows_out += len(ok)
+            good = annotate_record_batch(run, rb, done, out_schema)
+            if good is not None:
+                writer.write_batch(good)
+            done += rb.num_rows
             run.advance(done)
+
+
+def parquet_out_schema(schema: Any, columns: Sequence[str] = COLUMNS) -> Any:
+    """The output schema: the input's columns (minus any ``rl_*`` ones) then the ``rl_*`` int64s."""
+    import pyarrow as pa
+
+    keep = [schema.field(n) for n in schema.names if n not in columns]
+    return pa.schema(keep + [pa.field(c, pa.int64()) for c in columns], metadata=schema.metadata)
+
+
+def annotate_record_batch(run: _Run, rb: Any, done: int, out_schema: Any) -> Any:
+    """The Parquet rule: one record batch (rows ``done + 1``...) -> its good rows with the
+    ``rl_*`` columns (``None`` if none), bad rows to ``run.reject``. Used by the file loop above
+    and by the Ray workers (``rlpredict.annotate_ray``)."""
+    import pyarrow as pa
+
+    n = rb.num_rows
+    used = [name for name in (run.fields.prompt, run.fields.messages, run.fields.generator)
+            if name is not None and name in rb.schema.names]
+    cols = {name: rb.column(name).to_pylist() for name in used}
+    ok, requests, gens = [], [], []
+    for i in range(n):
+        run.summary.rows_in += 1
+        row = {name: cols[name][i] for name in used}
+        try:
+            req, gen = run.parse(row)
+        except BadRow as e:
+            run.reject("row", done + i + 1, str(e), rb.slice(i, 1).to_pylist()[0])
+            continue
+        ok.append(i)
+        requests.append(req)
+        gens.append(gen)
+    if not ok:
+        return None
+    cols = run.predict(requests, gens)
+    good = rb if len(ok) == n else rb.take(pa.array(ok, type=pa.int64()))
+    keep = out_schema.names[: -len(run.columns)]
+    arrays = [good.column(name) for name in keep]
+    arrays += [pa.array(v, type=pa.int64()) for v in cols]
+    run.summary.rows_out += len(ok)
+    return pa.RecordBatch.from_arrays(arrays, schema=out_schema)
 
 
 def _open_parquet(src: Path) -> Any:

@@ -21,6 +21,7 @@ from typing import Any
 
 import rlpredict
 from rlpredict.buckets import BucketScheme
+from rlpredict.conformal import QuantileCalibration
 from rlpredict.inputs import InputSpec
 from rlpredict.json_file import read_json
 from rlpredict.outputs import write_text_atomic
@@ -68,6 +69,7 @@ class Bundle:
     buckets: BucketScheme
     input: InputSpec
     rl_tokenizer: str
+    calibration: QuantileCalibration | None = None  # conformal quantiles (``rlpredict calibrate``)
 
     @property
     def model_path(self) -> Path:
@@ -116,6 +118,8 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         buckets = BucketScheme.from_dict(manifest["buckets"], source=f"{mpath}: buckets")
         spec = InputSpec.from_dict(_field(manifest, "input", dict))
         rl_tok = _field(manifest, "rl_tokenizer", str)
+        calibration = (QuantileCalibration.from_dict(manifest["calibration"], buckets.n_buckets)
+                       if manifest.get("calibration") is not None else None)
     except KeyError as e:
         raise BundleError(f"{mpath}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError) as e:
@@ -134,7 +138,8 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
     n_labels = manifest["model"].get("num_labels")
     if n_labels is not None and n_labels != buckets.n_buckets:
         raise BundleError(f"{mpath}: model has {n_labels!r} outputs but the scheme {buckets.n_buckets} buckets")
-    return Bundle(path=folder, manifest=manifest, buckets=buckets, input=spec, rl_tokenizer=rl_tok)
+    return Bundle(path=folder, manifest=manifest, buckets=buckets, input=spec, rl_tokenizer=rl_tok,
+                  calibration=calibration)
 
 
 def _field(d: dict, key: str, kind: type, where: str = "") -> Any:

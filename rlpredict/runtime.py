@@ -64,6 +64,7 @@ class Prediction:
     probs: np.ndarray
     pred_tokens: int
     reserve_tokens: int
+    quantile_tokens: tuple[int, ...] = ()  # calibrated quantiles, in the order asked for
 
     @property
     def confidence(self) -> float:
@@ -77,6 +78,7 @@ class PredictionArrays(NamedTuple):
     probs: np.ndarray  # (n, n_buckets) float32
     pred_tokens: np.ndarray  # (n,) int64
     reserve_tokens: np.ndarray  # (n,) int64
+    quantile_tokens: np.ndarray | None = None  # (n, len(quantiles)) int64, when asked for
 
 
 def usable_cores() -> int:
@@ -351,31 +353,57 @@ class Predictor:
         return self.logits_of_ids(self.encode(self.texts(requests, generators)))
 
     def predict_arrays(self, requests: Request | Sequence[Request],
-                       generators: str | Sequence[str | None] | None = None) -> PredictionArrays:
-        return self.from_logits(self.logits(requests, generators))
+                       generators: str | Sequence[str | None] | None = None, *,
+                       quantiles: Sequence[float] | None = None) -> PredictionArrays:
+        self.check_quantiles(quantiles)
+        return self.from_logits(self.logits(requests, generators), quantiles=quantiles)
 
     def predict(self, requests: Request | Sequence[Request],
-                generators: str | Sequence[str | None] | None = None) -> list[Prediction]:
-        """Predictions for a prompt, a message list, or a list of either (always a list)."""
-        a = self.predict_arrays(requests, generators)
-        return [Prediction(int(b), p, int(t), int(r))
-                for b, p, t, r in zip(a.bucket, a.probs, a.pred_tokens, a.reserve_tokens, strict=True)]
+                generators: str | Sequence[str | None] | None = None, *,
+                quantiles: Sequence[float] | None = None) -> list[Prediction]:
+        """Predictions for a prompt, a message list, or a list of either (always a list).
 
-    def predict_one(self, request: Request, generator: str | None = None) -> Prediction:
+        ``quantiles`` (e.g. ``[0.5, 0.9]``): also the bundle's calibrated quantiles of the
+        response length (``Prediction.quantile_tokens``, in that order; needs a bundle made by
+        ``rlpredict calibrate`` with those levels)."""
+        a = self.predict_arrays(requests, generators, quantiles=quantiles)
+        return [Prediction(int(a.bucket[i]), a.probs[i], int(a.pred_tokens[i]), int(a.reserve_tokens[i]),
+                           _row(a.quantile_tokens, i)) for i in range(len(a.bucket))]
+
+    def predict_one(self, request: Request, generator: str | None = None, *,
+                    quantiles: Sequence[float] | None = None) -> Prediction:
         """One request with all ``threads`` on it: the same result as ``predict``, lower latency."""
+        self.check_quantiles(quantiles)
         ids = self.encoder.encode(self.texts([request], [generator])[0])
-        a = self.from_logits(self._run(self._lone, ids)[None])
-        return Prediction(int(a.bucket[0]), a.probs[0], int(a.pred_tokens[0]), int(a.reserve_tokens[0]))
+        a = self.from_logits(self._run(self._lone, ids)[None], quantiles=quantiles)
+        return Prediction(int(a.bucket[0]), a.probs[0], int(a.pred_tokens[0]), int(a.reserve_tokens[0]),
+                          _row(a.quantile_tokens, 0))
 
-    def from_logits(self, logits: np.ndarray) -> PredictionArrays:
-        """Bucket, probabilities, point prediction and reservation from logits."""
+    def check_quantiles(self, quantiles: Sequence[float] | None) -> None:
+        """Refuse quantiles this bundle has no calibration for before any work is done."""
+        if quantiles is None:
+            return
+        cal = self.bundle.calibration
+        if cal is None:
+            raise ValueError(f"bundle {self.bundle.path}: has no calibrated quantiles; add them with "
+                             "`rlpredict calibrate --model BUNDLE --data LOGS --out NEW_BUNDLE`")
+        for q in quantiles:
+            cal.index(q)
+
+    def from_logits(self, logits: np.ndarray, *, quantiles: Sequence[float] | None = None) -> PredictionArrays:
+        """Bucket, probabilities, point prediction and reservation (and calibrated quantiles)
+        from logits."""
         z = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(z, dtype=np.float32)
         probs /= probs.sum(axis=1, keepdims=True)
         bucket = probs.argmax(axis=1).astype(np.int64)
+        qtok = None
+        if quantiles is not None:
+            self.check_quantiles(quantiles)
+            qtok = self.bundle.calibration.tokens(self.scheme, probs, list(quantiles))  # type: ignore[union-attr]
         if len(probs) == 0:
             empty = np.zeros(0, dtype=np.int64)
-            return PredictionArrays(bucket, probs, empty, empty)
+            return PredictionArrays(bucket, probs, empty, empty, qtok)
         pred = np.rint(self.scheme.predictive_quantile(probs, 0.5)).astype(np.int64)
         if self.reserve_quantile is None:
             reserve = self._reserve[bucket]
@@ -383,7 +411,11 @@ class Predictor:
             reserve = self.scheme.predictive_quantile(probs, self.reserve_quantile)
         # round() first so that float noise (300.0000001) does not add a token
         reserve = np.ceil(np.round(reserve * (1.0 + self.margin), 6)).astype(np.int64)
-        return PredictionArrays(bucket, probs, pred, reserve)
+        return PredictionArrays(bucket, probs, pred, reserve, qtok)
+
+
+def _row(q: np.ndarray | None, i: int) -> tuple[int, ...]:
+    return () if q is None else tuple(int(v) for v in q[i])
 
 
 def _session(model: Path, threads: int) -> ort.InferenceSession:

@@ -1,29 +1,60 @@
-"""Fine-tune an encoder to classify a prompt's response length into buckets.
+"""Fine-tune an encoder to classify a prompt's response length into buckets, on ``transformers.Trainer``.
 
 Full fine-tuning or LoRA (peft); cross-entropy or an ordinal-aware loss; class re-weighting
-against collapse onto the common buckets; length-grouped batches to cut padding on CPU.
-The output folder is a plain Hugging Face model (LoRA merged) plus ``rlpredict.json`` and
-``training_summary.json``.
+against collapse onto the common buckets; length-grouped global batches to cut padding. The
+Trainer brings the device (GPU when present, bf16 where supported), several processes
+(``torchrun`` / ``accelerate launch``), checkpoints and resume, held-out evaluation (MAE,
+Kendall's tau) with early stopping, and progress. The output folder is a plain Hugging Face
+model (LoRA merged) plus ``rlpredict.json`` and ``training_summary.json``; checkpoints go to a
+separate folder (``OUT-checkpoints`` by default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+from accelerate import PartialState
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    EvalPrediction,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.utils import logging as hf_logging
 
 from rlpredict.buckets import BucketScheme
-from rlpredict.config import TrainConfig
+from rlpredict.config import RESUMABLE_CHANGES, TrainConfig
 from rlpredict.data import LoadReport, Sample, attach_rl, load_samples
 from rlpredict.encoders import encoder_path
 from rlpredict.inputs import build_text
+from rlpredict.metrics import rl_metrics
 from rlpredict.model_meta import ModelMeta
-from rlpredict.outputs import check_new_dir, check_paths, output_dir
+from rlpredict.outputs import (
+    OutputError,
+    check_new_dir,
+    check_paths,
+    mark_owned,
+    output_dir,
+    write_text_atomic,
+)
 from rlpredict.splits import split_by_group
 
 
@@ -98,46 +129,250 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
     return batches
 
 
-def check_output(cfg: TrainConfig, out_dir: str | Path, force: bool = False) -> None:
+# ---- output folders --------------------------------------------------------------------------------
+CHECKPOINT_TOOL = "rlpredict train (checkpoints)"
+RUN_CONFIG = "run_config.json"
+
+
+def default_checkpoint_dir(out_dir: str | Path) -> Path:
+    """Checkpoints live beside the model folder, never inside it: the model folder appears only
+    when complete (atomic output), while checkpoints must survive a crash to be resumed."""
+    out = Path(out_dir)
+    return out.parent / f"{out.name}-checkpoints"
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``folder``: one holding ``trainer_state.json``,
+    which the Trainer writes last (a checkpoint cut short by a crash is skipped)."""
+    best: tuple[int, Path] | None = None
+    p = Path(folder)
+    if not p.is_dir():
+        return None
+    for d in p.glob("checkpoint-*"):
+        step = d.name.removeprefix("checkpoint-")
+        if step.isdigit() and (d / "trainer_state.json").is_file() and (best is None or int(step) > best[0]):
+            best = (int(step), d)
+    return best[1] if best else None
+
+
+def check_output(cfg: TrainConfig, out_dir: str | Path, force: bool = False, *,
+                 checkpoint_dir: str | Path | None = None, resume: bool = False) -> Path:
     """Refuse (``OutputError``) an output folder that exists without ``force``, holds files no
-    tool of ours wrote, or holds the training data: checked before training starts."""
-    check_paths(cfg.data, [("--out", Path(out_dir))])
-    check_new_dir(out_dir, force=force, option="--out")
+    tool of ours wrote, or holds the training data; the same for the checkpoint folder (which
+    ``resume`` needs to hold a complete checkpoint of the same run instead). Checked before
+    training starts; returns the checkpoint folder."""
+    out = Path(out_dir)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
+    check_paths(cfg.data, [("--out", out), ("--checkpoint-dir", ckpt)])
+    o, c = out.expanduser().resolve(), ckpt.expanduser().resolve()
+    if o in c.parents or c in o.parents:
+        raise OutputError(f"{ckpt}: --checkpoint-dir and --out {out} are nested; the model folder is replaced "
+                          "as a whole at the end, so keep them apart")
+    check_new_dir(out, force=force, option="--out")
+    if resume:
+        if latest_checkpoint(ckpt) is None:
+            raise OutputError(f"{ckpt}: no complete checkpoint to resume from (--resume); "
+                              "give the --checkpoint-dir of the interrupted run")
+        _check_same_run(cfg, ckpt)
+    elif cfg.save_checkpoints:
+        check_new_dir(ckpt, force=force, option="--checkpoint-dir")
+    return ckpt
+
+
+def _check_same_run(cfg: TrainConfig, ckpt: Path) -> None:
+    f = ckpt / RUN_CONFIG
+    try:
+        saved = json.loads(f.read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OutputError(f"{f}: missing or unreadable; {ckpt} was not written by `rlpredict train`") from None
+    now = cfg.to_dict()
+    diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if diff:
+        raise ValueError(f"{ckpt}: --resume with other settings than the interrupted run ({', '.join(diff)}); "
+                         f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
+
+
+# ---- the Trainer -----------------------------------------------------------------------------------
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Indices in length-grouped *global* batches (``length_grouped_batches``, short batch last).
+
+    Every process draws the same order (seed + epoch), and accelerate hands consecutive
+    per-device slices to the processes, so one optimizer step sees the same examples on 1 or N
+    processes: the loss curve does not depend on the number of processes."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        batches = length_grouped_batches(self.lengths, self.batch_size, random.Random(self.seed * 100_003 + self.epoch))
+        batches.sort(key=lambda b: len(b) < self.batch_size)  # stable: the short batch goes last
+        for b in batches:
+            yield from b
+
+
+class RLTrainer(Trainer):
+    """``transformers.Trainer`` with the project's loss (class-weighted cross-entropy against
+    one-hot or ordinal soft targets), a separate learning rate for the head, and length-grouped
+    global batches. Labels are response lengths in tokens; the bucket is found on the device."""
+
+    def __init__(self, *args: Any, scheme: BucketScheme, cfg: TrainConfig, labels: np.ndarray,
+                 lengths: Sequence[int], global_batch: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        k = scheme.n_buckets
+        self.rl_targets = torch.tensor(soft_targets(k, cfg.ordinal_sigma) if cfg.loss == "ordinal" else np.eye(k),
+                                       dtype=torch.float32)
+        self.rl_weights = torch.tensor(class_weights(labels, k, cfg.class_weight), dtype=torch.float32)
+        # bucket k holds RL <= edge k; RLs are integers, so floor(edge) is the same bound
+        self.rl_edges = torch.tensor([min(math.floor(e), 2**62) if math.isfinite(e) else 2**62 for e in scheme.edges],
+                                     dtype=torch.int64)
+        self.head_lr, self.lengths, self.global_batch = cfg.head_lr, lengths, global_batch
+        self.step_losses: list[torch.Tensor] = []
+        self.examples_seen, self.overhead_s = 0, 0.0
+        self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean
+        self.loss_is_scaled_for_ga = False
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(self.lengths, self.global_batch, seed)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        inputs = dict(inputs)
+        rl = inputs.pop("labels")
+        outputs = model(**inputs)
+        logp = torch.log_softmax(outputs.logits.float(), dim=-1)
+        if self.rl_targets.device != logp.device:
+            self.rl_targets, self.rl_weights = self.rl_targets.to(logp.device), self.rl_weights.to(logp.device)
+            self.rl_edges = self.rl_edges.to(logp.device)
+        y = torch.bucketize(rl.to(torch.int64), self.rl_edges)
+        loss = (-(self.rl_targets[y] * logp).sum(-1) * self.rl_weights[y]).mean()
+        if model.training:
+            self.step_losses.append(loss.detach())
+            self.examples_seen += len(y)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """AdamW; the encoder at ``lr``, the new head at ``head_lr``; no decay on biases and norms."""
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+            for n, p in opt_model.named_parameters():
+                if p.requires_grad:
+                    groups.setdefault(("classifier" in n, n in decay), []).append(p)
+            self.optimizer = torch.optim.AdamW(
+                [{"params": ps, "lr": self.head_lr if head else self.args.learning_rate,
+                  "weight_decay": self.args.weight_decay if dec else 0.0} for (head, dec), ps in sorted(groups.items())],
+                lr=self.args.learning_rate)
+        return self.optimizer
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        t = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.overhead_s += time.perf_counter() - t
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        t = time.perf_counter()
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.overhead_s += time.perf_counter() - t
+
+
+class _OwnCheckpoints(TrainerCallback):
+    """Record each checkpoint in the folder's ownership file *before* it is written, so that
+    ``--force`` may replace the folder even after a crash cut a save short."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if control.should_save and state.is_world_process_zero:
+            mark_owned(self.folder, CHECKPOINT_TOOL, [f"checkpoint-{state.global_step}"])
+
+
+def _metrics_fn(scheme: BucketScheme) -> Any:
+    def compute(pred: EvalPrediction) -> dict[str, float]:
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        z = np.asarray(logits, dtype=np.float64)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        m = rl_metrics(np.asarray(pred.label_ids), p / p.sum(axis=1, keepdims=True), scheme)
+        return {k: m[k] for k in EVAL_METRICS}
+
+    return compute
+
+
+EVAL_METRICS = ("mae", "kendall_tau", "bucket_acc", "within1_acc", "acc100")
+
+
+def _encode(tok: Any, samples: Sequence[Sample], cfg: TrainConfig) -> list[dict[str, Any]]:
+    spec = cfg.input_spec
+    texts = [build_text(s.messages, spec, s.generator) for s in samples]
+    ids = tok(texts, truncation=True, max_length=spec.max_length)["input_ids"] if texts else []
+    return [{"input_ids": x, "labels": int(s.rl_tokens)} for x, s in zip(ids, samples, strict=True)]
+
+
+def _precision(cfg: TrainConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def world_size() -> int:
+    """Processes of this run (``torchrun`` / ``accelerate launch`` set ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None = None, progress: bool = True,
-          force: bool = False) -> dict:
-    """Train per ``cfg`` and write the model folder; returns the training summary.
+          force: bool = False, checkpoint_dir: str | Path | None = None, resume: bool = False,
+          callbacks: Sequence[TrainerCallback] = ()) -> dict:
+    """Train per ``cfg`` with ``transformers.Trainer`` and write the model folder; returns the
+    training summary (on every process; only the main one writes).
 
-    An existing ``out_dir`` is replaced only with ``force``, and only if a tool of ours wrote
-    everything in it (``rlpredict.outputs``); the new folder is moved into place at the end."""
-    check_output(cfg, out_dir, force)
-    import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        get_linear_schedule_with_warmup,
-    )
-    from transformers.utils import logging as hf_logging
+    Uses a GPU when present (bf16 where supported) and every process of a ``torchrun`` /
+    ``accelerate launch`` run (``cfg.batch_size`` is the global batch). Checkpoints go to
+    ``checkpoint_dir`` (default ``OUT-checkpoints``); ``resume`` continues from its newest
+    complete one. An existing ``out_dir`` is replaced only with ``force``, and only if a tool of
+    ours wrote everything in it (``rlpredict.outputs``); the new folder is moved into place at
+    the end."""
+    with contextlib.ExitStack() as stack:
+        return _train(cfg, out_dir, prepared=prepared, progress=progress, force=force, checkpoint_dir=checkpoint_dir,
+                      resume=resume, callbacks=callbacks, stack=stack)
 
+
+def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, progress: bool, force: bool,
+           checkpoint_dir: str | Path | None, resume: bool, callbacks: Sequence[TrainerCallback],
+           stack: contextlib.ExitStack) -> dict:
+    ckpt = check_output(cfg, out_dir, force, checkpoint_dir=checkpoint_dir, resume=resume)
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
     hf_logging.disable_progress_bar()
     t0 = time.time()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     prep = prepared or prepare(cfg)
-    scheme, spec = prep.scheme, cfg.input_spec
-    k = scheme.n_buckets
+    scheme = prep.scheme
+    world = world_size()
+    replicas = world * (max(1, torch.cuda.device_count()) if world == 1 else 1)  # a lone process uses every GPU
+    if cfg.batch_size % replicas:
+        raise ValueError(f"batch_size {cfg.batch_size} is the global batch: it must divide by the {replicas} "
+                         "devices of this run")
 
     enc = encoder_path(cfg.encoder)
     tok = AutoTokenizer.from_pretrained(enc)
-    tok.truncation_side = spec.truncation_side
+    tok.truncation_side = cfg.input_spec.truncation_side
+    torch.manual_seed(cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        enc, num_labels=k, ignore_mismatched_sizes=True,
+        enc, num_labels=scheme.n_buckets, ignore_mismatched_sizes=True,
         id2label={i: f"rl<={e:g}" for i, e in enumerate(scheme.edges)},
         label2id={f"rl<={e:g}": i for i, e in enumerate(scheme.edges)})
     if cfg.method == "lora":
@@ -147,68 +382,98 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None = 
             task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=["query", "key", "value", "dense"]))
 
-    texts = [build_text(s.messages, spec, s.generator) for s in prep.train]
-    enc_ids = tok(texts, truncation=True, max_length=spec.max_length)["input_ids"]
-    labels = scheme.bucket_of([s.rl_tokens for s in prep.train]).astype(np.int64)
-
-    rng = random.Random(cfg.seed)
-    steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
+    train_ds = _encode(tok, prep.train, cfg)
+    held = prep.test if len(prep.test) <= cfg.eval_rows else random.Random(cfg.split_seed).sample(prep.test, cfg.eval_rows)
+    eval_ds = sorted(_encode(tok, held, cfg), key=lambda r: len(r["input_ids"]))  # less padding
+    evaluating = bool(eval_ds) and cfg.eval_rows > 0
+    keep_best = evaluating and cfg.save_checkpoints
+    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
     total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
-    head = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
-    body = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n]
-    opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
-                            weight_decay=cfg.weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
-    weights = torch.tensor(class_weights(labels, k, cfg.class_weight), dtype=torch.float32)
-    targets = torch.tensor(soft_targets(k, cfg.ordinal_sigma) if cfg.loss == "ordinal" else np.eye(k),
-                           dtype=torch.float32)
+    every = min(cfg.eval_steps or steps_per_epoch, total)
+    precision = _precision(cfg)
+    trainer_dir = str(ckpt)
+    if not cfg.save_checkpoints:  # the Trainer creates its output folder even when it saves nothing
+        trainer_dir = tempfile.mkdtemp(prefix="rlpredict-train-")
+        stack.callback(shutil.rmtree, trainer_dir, ignore_errors=True)
+    args = TrainingArguments(
+        output_dir=trainer_dir, per_device_train_batch_size=cfg.batch_size // replicas,
+        per_device_eval_batch_size=max(cfg.batch_size // replicas, 32),
+        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=1.0, max_steps=total,
+        lr_scheduler_type="linear", warmup_steps=int(cfg.warmup_ratio * total), seed=cfg.seed, data_seed=cfg.seed,
+        bf16=precision == "bf16", fp16=precision == "fp16",
+        eval_strategy="steps" if evaluating else "no", eval_steps=every,
+        save_strategy="steps" if cfg.save_checkpoints else "no", save_steps=every, save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=keep_best, metric_for_best_model=cfg.best_metric if evaluating else None,
+        greater_is_better=cfg.best_metric == "kendall_tau", logging_steps=cfg.logging_steps, report_to="none",
+        disable_tqdm=not progress, remove_unused_columns=False, label_names=["labels"],
+        ddp_find_unused_parameters=False, dataloader_num_workers=0,
+        use_cpu=world > 1 and not torch.cuda.is_available())  # accelerate makes CPU processes DDP (gloo) only so
+    args.device  # noqa: B018 - sets up the process group (torchrun / accelerate launch), or a single process
+    state: PartialState = args.distributed_state
+    cbs: list[TrainerCallback] = [_OwnCheckpoints(ckpt)] if cfg.save_checkpoints else []
+    if evaluating and cfg.early_stopping_patience:
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    trainer = RLTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if evaluating else None,
+        processing_class=tok, data_collator=DataCollatorWithPadding(tok),
+        compute_metrics=_metrics_fn(scheme) if evaluating else None, callbacks=[*cbs, *callbacks],
+        scheme=scheme, cfg=cfg, labels=scheme.bucket_of([s.rl_tokens for s in prep.train]).astype(np.int64),
+        lengths=[len(r["input_ids"]) for r in train_ds], global_batch=cfg.batch_size)
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
 
-    model.train()
-    t_loop = time.time()
-    losses: list[float] = []
-    step, seen, batches = 0, 0, []
-    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                  TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), disable=not progress) as bar:
-        task = bar.add_task("train", total=total, loss=float("nan"))
-        while step < total:
-            if not batches:
-                batches = length_grouped_batches([len(x) for x in enc_ids], cfg.batch_size, rng)
-            idx = batches.pop()
-            batch = tok.pad({"input_ids": [enc_ids[i] for i in idx]}, return_tensors="pt")
-            y = torch.from_numpy(labels[idx])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logp = torch.log_softmax(logits, dim=-1)
-            loss = (-(targets[y] * logp).sum(-1) * weights[y]).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step += 1
-            seen += len(idx)
-            bar.update(task, advance=1, loss=float(np.mean(losses[-50:])))
-            if progress and not bar.console.is_terminal and (step % 25 == 0 or step == total):
-                bar.console.print(f"step {step}/{total} loss {np.mean(losses[-25:]):.4f} "
-                                  f"{seen / (time.time() - t_loop):.1f} ex/s")
-    loop_s, train_s = time.time() - t_loop, time.time() - t0
+    state.wait_for_everyone()  # every process has checked the folders before the main one writes
+    if state.is_main_process and cfg.save_checkpoints and not resume:
+        if ckpt.exists():  # checked: empty, or (with --force) written entirely by us
+            shutil.rmtree(ckpt)
+        ckpt.mkdir(parents=True)
+        write_text_atomic(ckpt / RUN_CONFIG, json.dumps({"config": cfg.to_dict()}, indent=2) + "\n")
+        mark_owned(ckpt, CHECKPOINT_TOOL, [RUN_CONFIG])
+    state.wait_for_everyone()
+    resumed = latest_checkpoint(ckpt) if resume else None
+    result = trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
 
+    losses = torch.stack(trainer.step_losses).float() if trainer.step_losses else torch.zeros(0)
+    if world > 1:  # the global batch's loss = the mean of the processes' (equal-sized) shares
+        losses = trainer.accelerator.reduce(losses.to(args.device), reduction="mean")
+    steps_run = len(trainer.step_losses)
+    seen = trainer.examples_seen * world
+    loop_s = max(result.metrics.get("train_runtime", 0.0) - trainer.overhead_s, 1e-9)
+    model = trainer.model
     if cfg.method == "lora":
         model = model.merge_and_unload()
     model.eval()
+    st = trainer.state
+    evals = [{k.removeprefix("eval_"): v for k, v in h.items() if k.startswith("eval_") or k == "step"}
+             for h in st.log_history if any(k.startswith("eval_") for k in h)]
+    evals = [e for e in evals if "mae" in e]
+    best_step = st.best_global_step if keep_best else (evals[-1]["step"] if evals else None)
+    run = {"processes": world, "device": str(args.device), "precision": precision,
+           "per_device_batch": args.per_device_train_batch_size, "global_batch": cfg.batch_size,
+           "checkpoint_dir": str(ckpt) if cfg.save_checkpoints else None,
+           "resumed_from": str(resumed) if resumed else None, "best_checkpoint": st.best_model_checkpoint,
+           "planned_steps": total, "stopped_early": st.global_step < total, "eval_samples": len(eval_ds) if evaluating else 0,
+           "eval_every_steps": every if evaluating else None, "best_metric": cfg.best_metric if evaluating else None}
+    info = dict(step=st.global_step, steps_run=steps_run, seen=seen, losses=losses.cpu().tolist(),
+                train_s=time.time() - t0, loop_s=loop_s, run=run, evals=evals,
+                best=next((e for e in evals if e["step"] == best_step), None))
+    if not state.is_main_process:
+        return _summary(cfg, prep, scheme, **info)
     with output_dir(out_dir, force=force, tool="rlpredict train") as tmp:
-        summary = _save(model, tok, cfg, prep, scheme, tmp, step=step, seen=seen, losses=losses,
-                        train_s=train_s, loop_s=loop_s)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        ModelMeta(buckets=scheme, input=cfg.input_spec, rl_tokenizer=cfg.rl_tokenizer).save(tmp)
+        summary = _summary(cfg, prep, scheme, **info)
+        (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 
-def _save(model, tok, cfg: TrainConfig, prep: Prepared, scheme: BucketScheme, tmp: Path, *, step: int,
-          seen: int, losses: list[float], train_s: float, loop_s: float) -> dict:
-    window = max(1, min(50, step // 5))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    ModelMeta(buckets=scheme, input=cfg.input_spec, rl_tokenizer=cfg.rl_tokenizer).save(tmp)
-    summary = {
+def _summary(cfg: TrainConfig, prep: Prepared, scheme: BucketScheme, *, step: int, steps_run: int, seen: int,
+             losses: list[float], train_s: float, loop_s: float, run: dict, evals: list[dict],
+             best: dict | None) -> dict:
+    window = max(1, min(50, steps_run // 5))
+    mean = (lambda xs: float(np.mean(xs)) if xs else None)  # noqa: E731  (None: no step run, strict JSON)
+    return {
         "format": "rlpredict.training_summary/1",
         "config": cfg.to_dict(),
         "encoder": str(cfg.encoder),
@@ -217,14 +482,15 @@ def _save(model, tok, cfg: TrainConfig, prep: Prepared, scheme: BucketScheme, tm
                  "split": {"by": "group (conversation_id / prompt_id / context hash)",
                            "test_frac": cfg.test_frac, "seed": cfg.split_seed}},
         "buckets": {"edges": [None if math.isinf(e) else e for e in scheme.edges], "train_counts": list(scheme.counts)},
-        "steps": step, "examples_seen": seen,
-        "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:])),
+        "steps": step, "steps_this_run": steps_run, "examples_seen": seen,
+        "loss_first": mean(losses[:window]), "loss_last": mean(losses[-window:]),
         "loss_window_steps": window,
-        "loss_curve": [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
-        "train_seconds": round(train_s, 1), "examples_per_second": round(seen / max(loop_s, 1e-9), 2),
+        "loss_curve": [mean(losses[i:i + 50]) for i in range(0, len(losses), 50)],
+        "loss_per_step": [round(x, 6) for x in losses],
+        "eval_history": evals, "eval_best": best,
+        "trainer": run,
+        "train_seconds": round(train_s, 1), "examples_per_second": round(seen / loop_s, 2),
     }
-    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary
 
 
 def _count_by(samples: list[Sample], attr: str) -> dict[str, int]:

@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
-    base = TrainConfig(data=args.data, max_rows=args.rows, lr=6e-5, include_generator=True)
+    base = TrainConfig(data=args.data, max_rows=args.rows, lr=6e-5, include_generator=True,
+                       eval_rows=0, save_checkpoints=False)  # scored below, on the same rows for every variant
     prep = prepare(base)
     test = random.Random(0).sample(prep.test, min(args.eval_rows, len(prep.test)))
     rl = np.array([s.rl_tokens for s in test], dtype=float)

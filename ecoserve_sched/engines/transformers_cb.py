@@ -12,7 +12,9 @@ Two pieces:
   finishes are reported back to the policy.
 - :class:`TransformersEngine` runs requests with arrival times through it, one iteration at a
   time, and returns the tokens plus per-request timing (TTFT, JCT, token times) and one
-  :class:`IterationRecord` per iteration (batch shape and duration: what calibration fits).
+  :class:`IterationRecord` per iteration (batch shape and duration: what calibration fits). Its
+  iterations run in the simulator's serving loop (``serving.py``: arrivals, drop rule, stuck
+  check), with :class:`TransformersExecutor` as the executor.
 
 KV accounting: the policy's ``KVCacheManager`` is a ledger over the engine's block pool (same
 block size, same number of blocks). A reservation is a logical hold; transformers fills physical
@@ -51,6 +53,7 @@ from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPP
 
 from ..policies import Batch, Scheduler, get_policy
 from ..request import SLO, Request, State
+from ..serving import Executor, LogRow, SimResult, serve
 
 #: transformers versions this adapter is tested with (pinned by the ``engines`` extra).
 TRANSFORMERS_RANGE = ">=5.24,<5.25"
@@ -317,6 +320,7 @@ class EngineRun:
     counters: dict[str, int]
     events: list[tuple[float, str, int]]
     wall_s: float
+    result: SimResult | None = None  # the serving loop's record: policy requests, iteration log
 
     def samples(self) -> list[tuple[float, float, float, float, float]]:
         """Iterations as ``cost_model.fit_profile`` rows (shape..., measured seconds)."""
@@ -399,67 +403,104 @@ class TransformersEngine:
 
     def _loop(self, manager: Any, reqs: Sequence[GenRequest], preqs: list[Request],
               on_iteration: Callable[[IterationRecord], None] | None) -> EngineRun:
-        bp = manager.batch_processor
-        sched: PolicyScheduler = bp.scheduler
-        self.scheduler = sched
-        wall = self.clock == "wall"
-        results = [GenResult(r.rid, r.arrival_s) for r in preqs]
-        order = sorted(range(len(reqs)), key=lambda i: (reqs[i].arrival_s, i))
-        iters: list[IterationRecord] = []
-        eos = -1 if self.eos_token_id is None else self.eos_token_id
-        t0 = time.perf_counter()
-        self._now, nxt = 0.0, 0
-        while True:
-            w0 = time.perf_counter()
-            if wall:
-                self._now = w0 - t0
-            while nxt < len(order) and reqs[order[nxt]].arrival_s <= self._now:
-                i = order[nxt]
-                nxt += 1
-                g, r = reqs[i], preqs[i]
-                if self.kv_blocks * self.block_size < r.prompt_tokens + g.max_new_tokens:
-                    results[i].dropped = True  # could never finish (as the simulator drops it)
-                    continue
-                sched.add_waiting_request(RequestState(f"r{i}", list(g.prompt_ids),
-                                                       max_new_tokens=g.max_new_tokens, eos_token_id=eos))
-            start = self._now
-            if not sched.has_pending_requests() or not bp.prepare_next_batch():
-                if nxt >= len(order):
-                    if sched.has_pending_requests():
-                        raise RuntimeError(f"{self.policy_name}: stuck with waiting requests")
-                    break
-                if wall:
-                    time.sleep(max(0.0, reqs[order[nxt]].arrival_s - (time.perf_counter() - t0)))
-                else:
-                    self._now = reqs[order[nxt]].arrival_s
-                continue
-            batch = sched.last_batch
-            scheduled = [(f.state, f.state.generated_len()) for f in bp.inputs_and_outputs.requests_in_batch]
-            try:
-                bp._generation_step(self.model)
-            except Exception as e:  # this batch's requests fail; the others go on
-                self._now = time.perf_counter() - t0 if wall else self._now + 1.0
-                for r in sched.fail_batch(self._now, f"{type(e).__name__}: {e}"):
-                    results[r.rid].error = r.error
-            else:
-                self._now = time.perf_counter() - t0 if wall else self._now + 1.0
-                sched.iteration_done(self._now)
-                bp.update_batch()
-                if wall:
-                    self._now = time.perf_counter() - t0
-                for st, before in scheduled:
-                    res = results[int(st.request_id[1:])]
-                    for tok in st.generated_tokens[before:]:
-                        res.tokens.append(tok)
-                        res.token_times.append(self._now)
-            rec = IterationRecord(start, self._now, batch.prefill_tokens, batch.prefill_ctx_tokens,
-                                  batch.decode_requests, batch.decode_ctx_tokens,
-                                  time.perf_counter() - w0)
-            iters.append(rec)
-            if on_iteration is not None:
-                on_iteration(rec)
-        for res, r in zip(results, preqs, strict=True):
+        ex = TransformersExecutor(self, manager, reqs, on_iteration)
+        self.scheduler = ex.sched
+        order = sorted(preqs, key=lambda r: (r.arrival_s, r.rid))
+        sim = serve(ex, SimResult(self.policy_name, "transformers", "", order, self.kv_blocks * self.block_size,
+                                  self.block_size))
+        for res, r in zip(ex.results, preqs, strict=True):
             res.preemptions = r.preemptions
+        assert self.policy is not None
         counters = {**self.policy.counters, "loans": self.policy.kv.loans}
-        return EngineRun(self.policy_name, self.clock, results, iters, counters, sched.events,
-                         time.perf_counter() - t0)
+        sim.counters = counters
+        return EngineRun(self.policy_name, self.clock, ex.results, ex.iterations, counters, ex.sched.events,
+                         time.perf_counter() - ex.t0, sim)
+
+
+class TransformersExecutor(Executor):
+    """The serving loop's executor for :class:`TransformersEngine`: one forward pass of
+    transformers' batch processor per iteration, under the engine's :class:`PolicyScheduler`.
+    On the wall clock an iteration lasts what it took (and idle time is slept); on the step
+    clock it lasts exactly 1."""
+
+    own_clock = True  # the policy reads the engine's time (``engine._now``): keep it in step
+
+    def __init__(self, engine: TransformersEngine, manager: Any, reqs: Sequence[GenRequest],
+                 on_iteration: Callable[[IterationRecord], None] | None) -> None:
+        self.engine, self.model, self.reqs, self.on_iteration = engine, engine.model, reqs, on_iteration
+        self.bp = manager.batch_processor
+        self.sched: PolicyScheduler = self.bp.scheduler
+        self.name = engine.policy_name
+        self.kv_blocks, self.block_size = engine.kv_blocks, engine.block_size
+        self.wall = engine.clock == "wall"
+        self.eos = -1 if engine.eos_token_id is None else engine.eos_token_id
+        self.results = [GenResult(i, g.arrival_s) for i, g in enumerate(reqs)]
+        self.iterations: list[IterationRecord] = []
+        self.t0 = time.perf_counter()
+        engine._now = 0.0
+
+    def clock(self, now: float) -> float:
+        if self.wall:
+            now = time.perf_counter() - self.t0
+        self.engine._now = now
+        return now
+
+    def add(self, r: Request, now: float) -> None:
+        g = self.reqs[r.rid]
+        self.sched.add_waiting_request(RequestState(f"r{r.rid}", list(g.prompt_ids),
+                                                    max_new_tokens=g.max_new_tokens, eos_token_id=self.eos))
+
+    def drop(self, r: Request) -> None:
+        self.results[r.rid].dropped = True
+
+    def has_work(self) -> bool:
+        return self.sched.has_pending_requests()
+
+    def waiting(self) -> int:
+        return len(self.sched.waiting_requests) + len(self.sched.active_requests)
+
+    def wait(self, until: float) -> float:
+        if self.wall:
+            time.sleep(max(0.0, until - (time.perf_counter() - self.t0)))
+        return until
+
+    def _advance(self, now: float) -> float:
+        """The engine's time after a forward pass that started at ``now``."""
+        self.engine._now = time.perf_counter() - self.t0 if self.wall else now + 1.0
+        return self.engine._now
+
+    def run(self, now: float, until: float) -> LogRow | None:
+        w0 = time.perf_counter()
+        bp, sched = self.bp, self.sched
+        if not bp.prepare_next_batch():
+            return None
+        batch = sched.last_batch
+        scheduled = [(f.state, f.state.generated_len()) for f in bp.inputs_and_outputs.requests_in_batch]
+        policy = sched.policy
+        try:
+            bp._generation_step(self.model)
+        except Exception as e:  # this batch's requests fail; the others go on
+            end = self._advance(now)
+            for r in sched.fail_batch(end, f"{type(e).__name__}: {e}"):
+                self.results[r.rid].error = r.error
+            decodes, kv, blocks = 0, policy.kv_used_tokens(), policy.kv.allocated_blocks
+        else:
+            end = self._advance(now)
+            sched.iteration_done(end)
+            # KV as the simulator logs it: at the end of the iteration, before finishes free it
+            decodes = batch.decode_requests - batch.late_decodes
+            kv, blocks = policy.kv_used_tokens(), policy.kv.allocated_blocks
+            bp.update_batch()
+            if self.wall:
+                end = self.clock(end)
+            for st, before in scheduled:
+                res = self.results[int(st.request_id[1:])]
+                for tok in st.generated_tokens[before:]:
+                    res.tokens.append(tok)
+                    res.token_times.append(end)
+        rec = IterationRecord(now, end, batch.prefill_tokens, batch.prefill_ctx_tokens,
+                              batch.decode_requests, batch.decode_ctx_tokens, time.perf_counter() - w0)
+        self.iterations.append(rec)
+        if self.on_iteration is not None:
+            self.on_iteration(rec)
+        return (end, end - now, 1, decodes, kv, blocks)

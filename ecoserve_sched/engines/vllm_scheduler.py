@@ -1,38 +1,47 @@
 """EcoServe's decisions on top of vLLM V1's own scheduler (``vllm serve M --scheduler-cls ...``).
 
 Supported: vLLM 0.32 and 0.33 (checked at import, see :data:`SUPPORTED_VLLM`; it reads a few
-internals, named below). vLLM's scheduler still runs every step and owns the KV blocks; this
-subclass changes four of its decisions:
+internals, named below). vLLM's scheduler still runs every step and owns the KV blocks (allocated
+as tokens are written, vLLM's default); this subclass changes three of its decisions, with the
+rules of the simulator's EcoServe (``policies/ecoserve_rules.py``, the same functions and the
+same defaults as ``policies/ecoserve.py``):
 
 * **Predictions** are made once per request, at ``add_request`` (never inside ``schedule``),
   by the predictor bundle named by ``ECOSERVE_PREDICTOR`` on the prompt text (decoded from the
   prompt token ids with vLLM's own tokenizer, loaded when the scheduler is built); else a
-  constant reservation, ``ECOSERVE_DEFAULT_RESERVE``. Client hints
-  (``SamplingParams.extra_args`` keys ``rl_bucket``, ``rl_pred_tokens``, ``rl_reserve_tokens``)
-  are used only with ``ECOSERVE_TRUST_CLIENT_HINTS=1``, and only when every one is an integer in
-  range (:func:`parse_hints`). Nothing a client sends, and no predictor failure, raises out of
+  constant, ``ECOSERVE_DEFAULT_RESERVE``. Client hints (``SamplingParams.extra_args`` keys
+  ``rl_bucket``, ``rl_pred_tokens``, ``rl_reserve_tokens``) are used only with
+  ``ECOSERVE_TRUST_CLIENT_HINTS=1``, and only when every one is an integer in range
+  (:func:`parse_hints`). Nothing a client sends, and no predictor failure, raises out of
   ``add_request`` (that would be a fatal engine error in vLLM): bad input is ignored and counted
   in ``eco_counters``.
-* **Ordering**: the waiting queue is a heap. Preempted (and skipped) requests come first, as in
-  vLLM; then least TTFT slack, shorter predicted work earlier, aging built in - the same static
-  key as ``policies/ecoserve.py``. vLLM's own ``kv_holding_waiting`` queue still goes first.
-* **Exact allocation**: a request is admitted only if vLLM's ``KVCacheManager.allocate_slots``
-  can hand it the blocks of ``prompt + reserve`` at once (the reservation is allocated as
-  lookahead slots), keeping ``reserve_frac`` of the blocks free for top-ups. Admission stops at
-  the first request that does not get its reservation (vLLM's loop breaks there).
-* **Proactive top-up**: when a running request comes within ``topup_lead_tokens`` of the end of
-  its blocks, it gets ``max(topup_min_tokens, topup_frac x reserve)`` more tokens' blocks, if
-  the pool has them; else it keeps running and gets vLLM's on-demand block when it needs one.
-* **Victim choice**: when blocks may run out this step, ``self.running`` is re-sorted so that
-  vLLM's "preempt ``running[-1]``" takes, in order: a request ahead of its SLO pace (positive
-  slack), from the longest predicted RL group, with the fewest computed tokens (least work to
-  recompute), the latest arrival. Under ``--scheduling-policy priority`` vLLM's own victim rule
-  (lowest priority, latest arrival) applies instead.
+* **Order**: the waiting queue is a heap on ``rules.priority_key`` (arrival + ``aging`` x
+  predicted service seconds: shortest predicted work first, with aging). Requests put back
+  (preempted, skipped) come first, as in vLLM; a request whose TTFT SLO is lost
+  (``rules.ttft_lost``) gives way to those that can still meet it. Under ``--scheduling-policy
+  priority`` the request's priority comes before all of that. vLLM's own
+  ``kv_holding_waiting`` queue still goes first.
+* **Admission**: besides vLLM's own block check, a request that holds no KV is admitted only if
+  the projected peak (``rules.Projection``) of the admitted requests and it stays within the
+  cache, less ``reserve_frac`` of it: each request grows one token per step up to its
+  reservation (``rules.reservation_tokens``: the predicted median RL, doubled each time it is
+  outgrown: the top-up), and reservations overlap in time (aggregate KVC pipelining).
+  Admission stops at the first request that does not fit (vLLM's loop breaks there). Blocks
+  shared through prefix caching count once; block sizes are the KV manager's (``block_size``
+  x decode-context-parallel size). The test wraps ``allocate_slots`` only while vLLM takes
+  waiting requests: its call for each running request goes straight to vLLM.
+* **Victims**: before each step, if the blocks that the step's running requests need exceed
+  the free pool, ``running`` is sorted so that vLLM's "preempt ``running[-1]``" takes the
+  largest ``rules.victim_key`` (TTFT SLO lost, then the longest predicted remaining work, then
+  the latest admitted); when an upper bound on that need fits, nothing is counted per request.
+  Under ``--scheduling-policy priority`` vLLM's own victim rule (lowest priority, latest
+  arrival) applies.
 
-Running requests are kept in **groups** keyed by predicted RL bucket (``self.groups``); they
-set the victim order. KVC pipelining (lending a request's reserved-but-unused tail blocks) is
-not done: vLLM's block tables are append-only per request and a request's blocks return to the
-pool only all together, so a block cannot be lent and given back (docs/engines.md).
+No block is allocated ahead of the tokens written (no lookahead slots of ours: vLLM's speculative
+and asynchronous-KV-load lookahead is passed through unchanged), so a top-up is a larger
+projected reservation, never a run of blocks. Running requests are kept in **groups** keyed by
+predicted RL bucket (``self.groups``, for statistics). Models with more than one KV-cache group
+(hybrid: sliding window, Mamba) are refused at start-up.
 
 Classes: :class:`EcoServeVllmScheduler` (over vLLM's ``AsyncScheduler``, for async scheduling,
 vLLM's default), :class:`EcoServeVllmSyncScheduler` (over ``Scheduler``, for
@@ -45,10 +54,13 @@ bundle and the tokenizer are loaded and checked when the scheduler is built, and
 says what is active. vLLM builds the scheduler only after loading the model, so
 ``python -m ecoserve_sched.engines.vllm_scheduler`` runs the same checks in seconds beforehand.
 
-vLLM internals read: ``Scheduler.waiting`` / ``running`` / ``_preempt_request`` /
+vLLM internals read: ``Scheduler.waiting`` / ``kv_holding_waiting`` / ``running`` / ``policy`` /
+``max_num_scheduled_tokens`` / ``num_lookahead_tokens`` / ``_preempt_request`` /
 ``_free_request`` / ``structured_output_manager.tokenizer``, ``KVCacheManager.allocate_slots``
-(wrapped on the instance) and the single-type manager's ``req_to_blocks`` (the number of blocks
-a request holds).
+(wrapped on the instance while vLLM takes waiting requests, which it does through the queue's
+``peek_request`` / ``pop_request``; its ``new_computed_blocks`` and ``reserved_blocks``
+arguments), the block pool's free count and the single-type manager's ``block_size`` and
+``req_to_blocks``.
 """
 
 from __future__ import annotations
@@ -69,6 +81,10 @@ from typing import Any
 
 import vllm
 
+from ..policies import ecoserve_rules as rules
+from ..policies.ecoserve import EcoServeConfig
+from .vllm_middleware import SETTINGS as MIDDLEWARE_SETTINGS  # the standard library only
+
 logger = logging.getLogger(__name__)
 
 #: vLLM minor releases this module is tested against (``major.minor``; any patch release).
@@ -82,6 +98,8 @@ EXTRA_KEYS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
 HINT_LIMITS: dict[str, tuple[int, int]] = {
     "rl_bucket": (-1, 1023), "rl_pred_tokens": (1, 10_000_000), "rl_reserve_tokens": (1, 10_000_000)}
 DEFAULT_BUNDLE = "default"  # ECOSERVE_PREDICTOR=default: the bundle shipped with rlpredict
+#: The simulator policy's defaults (``policies/ecoserve.py``): the plug-in's are these.
+_SIM: dict[str, Any] = {f.name: f.default for f in fields(EcoServeConfig)}
 
 
 class EcoServeSetupError(ValueError):
@@ -156,22 +174,22 @@ def _env_name(field_name: str) -> str:
 
 @dataclass(slots=True)
 class EcoServeVllmConfig:
-    """Knobs of the vLLM scheduler; ``from_env`` reads ``ECOSERVE_<FIELD>`` (upper case).
-    Ranges: :data:`_LIMITS`; values are checked at construction too."""
+    """Settings of the vLLM scheduler; ``from_env`` reads ``ECOSERVE_<FIELD>`` (upper case).
+    Ranges: :data:`_LIMITS`; values are checked at construction too. The policy's defaults
+    (``aging``, ``reserve_frac``, ``give_way``) are the simulator policy's
+    (``policies/ecoserve.py``), read from its config so that the two cannot drift apart."""
 
     predictor: str | None = None  # predictor bundle folder, or "default" (ECOSERVE_PREDICTOR)
     require_predictor: bool = False  # no usable predictor is a start-up error
     trust_client_hints: bool = False  # use the rl_* keys of SamplingParams.extra_args
-    margin: float = 0.0  # predictor reservations x (1 + margin)
-    default_reserve: int = 512  # reservation when no prediction is available (tokens)
-    reserve_frac: float = 0.02  # share of blocks admissions leave free for top-ups
-    topup_lead_tokens: int = 16  # top up this many tokens before the blocks run out
-    topup_frac: float = 0.5
-    topup_min_tokens: int = 64
-    order_weight: float = 0.25
-    slo_ttft: float = 5.0  # seconds
-    slo_tbt: float = 0.2  # seconds
-    prefill_s_per_token: float = 5e-5  # rough prefill cost, for the TTFT slack of the order key
+    default_reserve: int = 512  # predicted RL (reservation base) when no prediction is available
+    reserve_frac: float = _SIM["reserve_frac"]  # share of blocks admissions leave free (global reserve)
+    aging: float = _SIM["aging"]  # waiting order: arrival + aging x predicted service seconds
+    give_way: bool = _SIM["give_way"]  # requests whose TTFT SLO is lost wait behind the others
+    slo_ttft: float = 5.0  # seconds: give-way and SLO-lost victims
+    slo_tbt: float = 0.2  # seconds: x iter_time_frac = the step time assumed for the TTFT estimate
+    prefill_s_per_token: float = 5e-5  # prefill seconds per prompt token (service time)
+    step_s: float = 0.05  # seconds of a decode step that reads the whole KV cache (service time)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -180,10 +198,18 @@ class EcoServeVllmConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EcoServeVllmConfig:
         """The settings in ``environ`` (default ``os.environ``); every value goes through
-        :func:`parse_setting`. Unknown ``ECOSERVE_*`` names are logged (typos)."""
+        :func:`parse_setting`. Unknown ``ECOSERVE_*`` names are logged (typos, or settings of
+        an older release); the API-server middleware's (``vllm_middleware.SETTINGS``: ``vllm
+        serve`` passes one environment to both processes) are known."""
         env = os.environ if environ is None else environ
         known = {_env_name(f.name) for f in fields(cls)} | {ENV_ALLOW_UNSUPPORTED_VLLM, ENV_VLLM_OPTIONAL}
-        unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
+        known |= set(MIDDLEWARE_SETTINGS)
+        ours = [k for k in env if k.startswith(ENV_PREFIX)]
+        retired = sorted(k for k in ours if k in _RETIRED)
+        if retired:
+            logger.warning("EcoServe: retired setting(s) %s ignored: %s", ", ".join(retired),
+                           "; ".join(f"{k}: {_RETIRED[k]}" for k in retired))
+        unknown = sorted(k for k in ours if k not in known and k not in _RETIRED)
         if unknown:
             logger.warning("EcoServe: unknown setting(s) %s ignored; known: %s",
                            ", ".join(unknown), ", ".join(sorted(known)))
@@ -199,15 +225,24 @@ class EcoServeVllmConfig:
         return " ".join(f"{_env_name(f.name)}={getattr(self, f.name)}" for f in fields(self))
 
 
+#: Settings of earlier releases that the shared rules left nothing to set, and why.
+_RETIRED = {
+    "ECOSERVE_TOPUP_LEAD_TOKENS": "a top-up is the rules' doubling of the projected reservation",
+    "ECOSERVE_TOPUP_FRAC": "a top-up is the rules' doubling of the projected reservation",
+    "ECOSERVE_TOPUP_MIN_TOKENS": "a top-up is the rules' doubling of the projected reservation",
+    "ECOSERVE_ORDER_WEIGHT": "the waiting order is rules.priority_key; see ECOSERVE_AGING",
+    "ECOSERVE_MARGIN": "the reservation base is rl_pred_tokens (the predicted median), doubled "
+                       "when outgrown; the margin padded the upper quantile, which is kept for the "
+                       "record only (in the scheduler and in the middleware)",
+}
+
 #: (type, lowest, highest) of each setting; None: unbounded (str: a path).
 _LIMITS: dict[str, tuple[type, float | None, float | None]] = {
     "predictor": (str, None, None), "require_predictor": (bool, None, None),
-    "trust_client_hints": (bool, None, None), "margin": (float, 0.0, 10.0),
-    "default_reserve": (int, 1, 10_000_000), "reserve_frac": (float, 0.0, 0.5),
-    "topup_lead_tokens": (int, 0, 1_000_000), "topup_frac": (float, 0.0, 100.0),
-    "topup_min_tokens": (int, 1, 1_000_000), "order_weight": (float, 0.0, 1000.0),
+    "trust_client_hints": (bool, None, None), "default_reserve": (int, 1, 10_000_000),
+    "reserve_frac": (float, 0.0, 0.5), "aging": (float, 0.0, 1000.0), "give_way": (bool, None, None),
     "slo_ttft": (float, 1e-3, 86_400.0), "slo_tbt": (float, 1e-4, 3_600.0),
-    "prefill_s_per_token": (float, 0.0, 1.0),
+    "prefill_s_per_token": (float, 0.0, 1.0), "step_s": (float, 1e-6, 60.0),
 }
 
 
@@ -259,7 +294,7 @@ VLLM_VERSION = str(getattr(vllm, "__version__", "unknown"))
 check_vllm_version(VLLM_VERSION)
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
-from vllm.v1.core.sched.request_queue import RequestQueue  # noqa: E402
+from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
 
@@ -293,26 +328,43 @@ def parse_hints(extra: Any) -> tuple[dict[str, int], str | None]:
 
 @dataclass(slots=True)
 class RLPrediction:
-    """What the scheduler knows of a request's response length (tokens)."""
+    """What the scheduler knows of a request's response length (tokens). ``pred_tokens`` (the
+    predictive median) is the reservation base; ``reserve_tokens`` (the bundle's upper
+    quantile, or the client's ``rl_reserve_tokens``) is kept for the record only."""
 
     bucket: int
     pred_tokens: int
     reserve_tokens: int
     source: str  # "extra_args" | "predictor" | "default"
-    topup_tokens: int = 0
 
 
 class EcoServeRequestQueue(RequestQueue):
-    """Waiting requests by ``(rank, key)``: prepended (preempted, skipped) ones first, then the
-    smallest key. The key is computed once, at push (O(log n) push and pop)."""
+    """Waiting requests in EcoServe's order: by ``(priority, rank, lost, key)``.
 
-    def __init__(self, key: Callable[[Request], tuple[float, float]]) -> None:
-        self._key = key
-        self._heap: list[tuple[int, float, float, int, Request]] = []
+    ``priority`` is the request's own under ``--scheduling-policy priority`` (0 otherwise), so
+    a request put back never passes one of a higher priority; ``rank`` 0 for requests put back
+    (preempted, skipped: they go first, as in vLLM), 1 for new ones; ``lost`` 1 once the
+    request's TTFT SLO is lost (``lost(request)``, checked lazily at the head: give-way);
+    ``key`` is ``rules.priority_key``, computed once at push. O(log n) push and pop.
+    ``on_take`` is called before every ``peek_request`` and ``pop_request`` (the scheduler
+    turns its admission test on there: vLLM's waiting loop takes requests only through them)."""
+
+    def __init__(self, key: Callable[[Request], float], lost: Callable[[Request], bool] | None = None,
+                 by_priority: bool = False, on_take: Callable[[], None] | None = None) -> None:
+        self._key, self._lost, self._by_priority, self._on_take = key, lost, by_priority, on_take
+        self._heap: list[tuple[int, int, int, float, int, Request]] = []
         self._seq = itertools.count()
 
-    def _push(self, request: Request, rank: int) -> None:
-        heapq.heappush(self._heap, (rank, *self._key(request), next(self._seq), request))
+    def _push(self, request: Request, rank: int, lost: int = 0) -> None:
+        prio = request.priority if self._by_priority else 0
+        heapq.heappush(self._heap, (prio, rank, lost, self._key(request), next(self._seq), request))
+
+    def _settle(self) -> None:
+        """Move head requests whose TTFT is lost behind the others (once each)."""
+        heap, lost = self._heap, self._lost
+        while lost is not None and heap and heap[0][1] == 1 and not heap[0][2] and lost(heap[0][-1]):
+            prio, rank, _, key, _, r = heap[0]
+            heapq.heapreplace(heap, (prio, rank, 1, key, next(self._seq), r))
 
     def add_request(self, request: Request) -> None:
         self._push(request, 1)
@@ -325,11 +377,17 @@ class EcoServeRequestQueue(RequestQueue):
             self._push(r, 0)
 
     def pop_request(self) -> Request:
+        if self._on_take is not None:
+            self._on_take()
+        self._settle()
         return heapq.heappop(self._heap)[-1]
 
     def peek_request(self) -> Request:
         if not self._heap:
             raise IndexError("peek from an empty queue")
+        if self._on_take is not None:
+            self._on_take()
+        self._settle()
         return self._heap[0][-1]
 
     def remove_request(self, request: Request) -> None:
@@ -347,7 +405,7 @@ class EcoServeRequestQueue(RequestQueue):
         return len(self._heap)
 
     def __iter__(self) -> Iterator[Request]:
-        return (e[-1] for e in sorted(self._heap, key=lambda e: e[:4]))
+        return (e[-1] for e in sorted(self._heap, key=lambda e: e[:5]))
 
 
 def _predicted(out: Any, name: str) -> int:
@@ -381,16 +439,29 @@ def _vllm_config_arg(args: tuple, kwargs: dict) -> Any:
 class EcoServeMixin:
     """The EcoServe decisions; combine with vLLM's ``Scheduler`` or ``AsyncScheduler``."""
 
+    #: Skip the per-step work that cannot change a decision (see ``schedule``); False does all
+    #: of it every step, the same decisions more slowly (the tests compare the two).
+    fast_steps: bool = True
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _log_through_vllm()
         _check_engine_kind(type(self), _vllm_config_arg(args, kwargs))
+        _check_kv_groups(kwargs["kv_cache_config"] if "kv_cache_config" in kwargs else args[1])
         eco_cfg = EcoServeVllmConfig.from_env()  # before vLLM's set-up: settings errors first
         super().__init__(*args, **kwargs)
+        mgr = self.kv_cache_manager.coordinator.single_type_managers[0]
+        self._bs = mgr.block_size  # vLLM's block_size x decode-context-parallel size
+        self._req_blocks = mgr.req_to_blocks  # request id -> the blocks it holds
+        self._usable_blocks = self.kv_cache_manager.block_pool.num_gpu_blocks - 1  # less the null block
         self.eco_cfg = eco_cfg
         self.rl: dict[str, RLPrediction] = {}
         self.groups: dict[int, set[str]] = defaultdict(set)
         self.eco_counters = {
-            "reserved_admissions": 0, "topups": 0, "topup_misses": 0, "preemptions": 0,
+            "admissions": 0,  # requests admitted by the projected-peak test
+            "admission_waits": 0,  # admissions refused by it (the queue waits)
+            "topups": 0,  # doublings of finished requests' reservations
+            "victim_sorts": 0,  # steps whose KV demand exceeded the free blocks: running re-sorted
+            "preemptions": 0,
             "predictions": 0,  # requests the predictor bundle predicted
             "predictor_errors": 0,  # the predictor (or the prompt's decoding) failed: default used
             "hints_used": 0,  # requests whose client hints were used
@@ -401,22 +472,41 @@ class EcoServeMixin:
         self._logged: set[str] = set()
         self.clock: Callable[[], float] = time.time  # the simulator swaps in its clock
         self.predictor, self.tokenizer, self.eco_mode = self._setup_prediction()
-        self.waiting = EcoServeRequestQueue(self._order_key)
-        groups = self.kv_cache_config.kv_cache_groups
-        self._reserving = len(groups) == 1
-        if not self._reserving:
-            logger.warning("EcoServe: %d KV-cache groups (hybrid model): reservations, top-ups "
-                           "and KV-based victim choice are off", len(groups))
-        self._bs = groups[0].kv_cache_spec.block_size
-        self._req_blocks = self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks
-        self._keep_free = int(self.eco_cfg.reserve_frac * self.kv_cache_config.num_blocks)
-        self._allocate = self.kv_cache_manager.allocate_slots
+        self._by_priority = self.policy == SchedulingPolicy.PRIORITY
+        self.waiting = EcoServeRequestQueue(self._order_key, self._ttft_lost, self._by_priority,
+                                            self._admissions_on)
+        # Admitted requests' KV growth (running requests and async KV loads); ``_entries`` keeps
+        # what was entered, to move it into a larger projection when the slots run out.
+        self._slots = 2 * self.max_num_running_reqs + 16
+        self.proj = rules.Projection(self._slots)
+        self._entries: dict[str, tuple[int, int, int, int]] = {}
+        self._step = 0  # schedule() calls: the projection's clock
+        self._seq: dict[str, int] = {}  # admission order (the victim key's tie-break)
+        self._next_seq = itertools.count(1)
+        self._no_token: dict[str, Request] = {}  # admitted, first token not seen yet
+        self._first_token: dict[str, float] = {}  # clock when the first token was seen
+        self._shared_blocks = 0  # blocks held by more than one request (prefix caching)
+        self._allocate = self.kv_cache_manager.allocate_slots  # vLLM's (see _admissions_on)
         self.kv_cache_manager.allocate_slots = self._allocate_slots
-        logger.info("EcoServe ready: vLLM %s, %s (async_scheduling=%s); predictions: %s; client "
-                    "hints: %s; settings: %s", VLLM_VERSION, type(self).__name__,
-                    bool(self.scheduler_config.async_scheduling), self.eco_mode,
+        logger.info("EcoServe ready: vLLM %s, %s (async_scheduling=%s, scheduling policy %s, "
+                    "KV block %d tokens x %d blocks); predictions: %s; client hints: %s; "
+                    "settings: %s", VLLM_VERSION, type(self).__name__,
+                    bool(self.scheduler_config.async_scheduling), self.policy.name.lower(),
+                    self._bs, self._usable_blocks, self.eco_mode,
                     "trusted" if self.eco_cfg.trust_client_hints else "ignored",
                     self.eco_cfg.describe())
+
+    @property
+    def eco_cfg(self) -> EcoServeVllmConfig:
+        return self._eco_cfg
+
+    @eco_cfg.setter
+    def eco_cfg(self, cfg: EcoServeVllmConfig) -> None:
+        """Settings and the numbers derived from them (a replay may swap them after set-up)."""
+        self._eco_cfg = cfg
+        self._keep_free = int(cfg.reserve_frac * self._usable_blocks)
+        self._kv_tokens = self._usable_blocks * self._bs
+        self._iter_s = _SIM["iter_time_frac"] * cfg.slo_tbt
 
     # ---- set-up (eager: every failure here is a start-up error or an explicit mode) -------------
     def _setup_prediction(self) -> tuple[Any, Any, str]:
@@ -533,92 +623,189 @@ class EcoServeMixin:
         self.eco_counters["predictions"] += 1
         return RLPrediction(*values, "predictor")
 
-    # ---- ordering -------------------------------------------------------------------------------
-    def _order_key(self, request: Request) -> tuple[float, float]:
+    # ---- ordering (rules.priority_key, rules.ttft_lost) -------------------------------------------
+    def _base(self, request_id: str) -> int:
+        """The reservation base: the predicted median RL."""
+        p = self.rl.get(request_id)
+        return p.pred_tokens if p is not None else self.eco_cfg.default_reserve
+
+    def _order_key(self, request: Request) -> float:
+        cfg, n = self.eco_cfg, request.num_prompt_tokens
+        s = rules.service_s(cfg.prefill_s_per_token * n, n, max(self._base(request.request_id), 1),
+                            cfg.step_s, self._kv_tokens)
+        return rules.priority_key(request.arrival_time, s, cfg.aging)
+
+    def _ttft_lost(self, request: Request) -> bool:
+        """Give way: ``request`` can no longer have its first token within the TTFT SLO (its
+        prompt's steps at the whole token budget, each ``iter_time_frac x slo_tbt`` long)."""
         cfg = self.eco_cfg
-        p = self.rl.get(request.request_id)
-        pred = p.pred_tokens if p is not None else cfg.default_reserve
-        key = (request.arrival_time + cfg.slo_ttft - cfg.prefill_s_per_token * request.num_prompt_tokens
-               + cfg.order_weight * pred * cfg.slo_tbt)
-        return float(request.priority), key
+        if not cfg.give_way:
+            return False
+        steps = -(-request.num_tokens // max(self.max_num_scheduled_tokens, 1))
+        return rules.ttft_lost(self.clock(), request.arrival_time, cfg.slo_ttft, steps * self._iter_s)
 
-    # ---- reservations and top-ups (wraps KVCacheManager.allocate_slots) ---------------------------
-    def reservation_tokens(self, request: Request) -> int:
-        """Prompt + reserved RL + top-ups, never beyond ``max_tokens`` or the model length."""
-        p = self.rl[request.request_id]
-        limit = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
-        want = request.num_prompt_tokens + p.reserve_tokens + p.topup_tokens
-        return min(max(want, request.num_tokens), limit)
+    # ---- admission: vLLM's block check plus the projected peak (wraps allocate_slots) -------------
+    def _allocate_slots(self, request: Request, num_new_tokens: int, *args: Any, **kw: Any) -> Any:
+        rid = request.request_id
+        if request.status not in _ADMITTING or rid in self.proj or self._req_blocks.get(rid):
+            return self._allocate(request, num_new_tokens, *args, **kw)  # running, or holds KV
+        if not self._fits(request, kw.get("new_computed_blocks")):
+            self.eco_counters["admission_waits"] += 1
+            return None  # vLLM stops admitting for this step, as when blocks run out
+        if self.running and self._keep_free:
+            kw["reserved_blocks"] = kw.get("reserved_blocks", 0) + self._keep_free
+        blocks = self._allocate(request, num_new_tokens, *args, **kw)
+        if blocks is not None:
+            self._admitted(request)
+        return blocks
 
-    def held_blocks(self, request_id: str) -> int:
-        return len(self._req_blocks.get(request_id, ()))
+    def _fits(self, request: Request, hit: Any) -> bool:
+        """The projected peak of the admitted requests and ``request`` stays within the cache:
+        each holds its context now, grows one token per step and ends at its reservation
+        (``rules.reservation_tokens``: the predicted median, doubled each time it is outgrown).
+        Blocks held by several requests (prefix caching) count once."""
+        if not len(self.proj):
+            return True  # alone: a reservation larger than the cache must not block it forever
+        bs, g = self._bs, request.num_output_tokens
+        rem = rules.reservation_tokens(self._base(request.request_id), g, request.max_tokens) - g
+        ctx = -(-request.num_tokens // bs) * bs
+        shared = self._shared_blocks + _referenced(hit)  # its prefix hits others hold: no new KV
+        keep = self._keep_free if self.running else 0
+        # blocks are filled to half their size on average: count that rounding
+        cap = (self._usable_blocks - keep + shared) * bs - (len(self.proj) + 1) * (bs - 1) // 2
+        return self.proj.demand(self._step, (ctx, rem), True, cap) <= cap
 
-    def _allocate_slots(self, request: Request, num_new_tokens: int, **kw: Any) -> Any:
-        p = self.rl.get(request.request_id)
-        if p is None or not self._reserving:
-            return self._allocate(request, num_new_tokens, **kw)
-        look = kw.get("num_lookahead_tokens", 0)
-        end = (request.num_computed_tokens + kw.get("num_new_computed_tokens", 0)
-               + kw.get("num_external_computed_tokens", 0) + num_new_tokens)
-        if request.status in _ADMITTING:  # admission: the whole reservation or nothing
-            kw["num_lookahead_tokens"] = max(look, self.reservation_tokens(request) - end)
-            if self.running:
-                kw["reserved_blocks"] = kw.get("reserved_blocks", 0) + self._keep_free
-            blocks = self._allocate(request, num_new_tokens, **kw)
-            if blocks is not None:
-                self.groups[p.bucket].add(request.request_id)
-                self.eco_counters["reserved_admissions"] += 1
-            return blocks
-        held = self.held_blocks(request.request_id) * self._bs
-        if end + look + self.eco_cfg.topup_lead_tokens <= held:
-            return self._allocate(request, num_new_tokens, **kw)  # inside its reservation
-        limit = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
-        extra = max(self.eco_cfg.topup_min_tokens, int(self.eco_cfg.topup_frac * p.reserve_tokens))
-        grown = min(held + extra, limit)
-        if grown > end + look:
-            blocks = self._allocate(request, num_new_tokens, **{**kw, "num_lookahead_tokens": grown - end})
-            if blocks is not None:
-                p.topup_tokens += grown - held
-                self.eco_counters["topups"] += 1
-                return blocks
-            self.eco_counters["topup_misses"] += 1
-        return self._allocate(request, num_new_tokens, **kw)  # on demand; None: vLLM preempts
+    def _admitted(self, request: Request) -> None:
+        rid, g, step = request.request_id, request.num_output_tokens, self._step
+        entry = (request.num_tokens - step, g - step, self._base(rid), request.max_tokens)
+        if len(self._entries) >= self._slots:  # more async loads than slots: a larger projection
+            self._slots *= 2
+            self.proj = rules.Projection(self._slots)
+            for other, e in self._entries.items():
+                self.proj.set(other, *e)
+        self._entries[rid] = entry
+        self.proj.set(rid, *entry)
+        self._seq[rid] = next(self._next_seq)
+        if rid not in self._first_token:
+            self._no_token[rid] = request
+        p = self.rl.get(rid)
+        self.groups[p.bucket if p is not None else -1].add(rid)
+        self.eco_counters["admissions"] += 1
 
-    # ---- victim choice ----------------------------------------------------------------------------
+    # ---- each step: first tokens, shared blocks, victim order (rules.victim_key) ----------------
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        if self._reserving and self.running and self._tight():
-            now = self.clock()
-            self.running.sort(key=lambda r: self._keep_key(r, now))
+        self._step += 1
+        self._before_step()
+        # vLLM calls allocate_slots once per running request, then for the waiting requests it
+        # takes from a queue: the admission test (the wrapper) is switched on by the first take
+        # from EcoServe's queue, or now if vLLM's queue of KV-holding waiting requests (drained
+        # first) is not empty. The running requests' calls go straight to vLLM.
+        direct = self.fast_steps and not getattr(self, "kv_holding_waiting", None)
+        self.kv_cache_manager.allocate_slots = self._allocate if direct else self._allocate_slots
         return super().schedule(*args, **kwargs)
 
-    def _tight(self) -> bool:
-        """Blocks could run out this step: fewer free than one per running request + reserve."""
-        free = self.kv_cache_manager.block_pool.get_num_free_blocks()
-        return free < len(self.running) + self._keep_free
+    def _admissions_on(self) -> None:
+        """Route allocate_slots through the admission test for the rest of this step."""
+        self.kv_cache_manager.allocate_slots = self._allocate_slots
 
-    def _keep_key(self, r: Request, now: float) -> tuple[bool, int, int, float]:
-        """Ascending: keep first; vLLM preempts from the end of ``running``."""
-        cfg = self.eco_cfg
-        p = self.rl.get(r.request_id)
-        slack = r.arrival_time + cfg.slo_ttft + r.num_output_tokens * cfg.slo_tbt - now
-        return slack > 0, p.bucket if p is not None else -1, -r.num_computed_tokens, r.arrival_time
+    def _before_step(self) -> None:
+        blocks, free = self._req_blocks, self.kv_cache_manager.block_pool.get_num_free_blocks()
+        # held blocks counted per request, less the blocks in use: what sharing saves
+        self._shared_blocks = max(0, sum(map(len, blocks.values())) - (self._usable_blocks - free))
+        if not self.running:
+            return
+        now = self.clock()
+        if self._no_token:
+            for rid in [rid for rid, r in self._no_token.items() if r.num_output_tokens > 0]:
+                del self._no_token[rid]
+                self._first_token[rid] = now
+        if self._by_priority or len(self.running) < 2:
+            return  # under --scheduling-policy priority vLLM's own victim rule applies
+        # The blocks the whole step needs (every running request's next tokens, in order, within
+        # the token budget): if they exceed the free pool, vLLM will preempt ``running[-1]``
+        # until they fit, so put EcoServe's victims last.
+        bs, look, budget, need = self._bs, self.num_lookahead_tokens, self.max_num_scheduled_tokens, 0
+        # A request's blocks cover its computed tokens, so n more tokens need at most
+        # ceil((n + look) / bs) new blocks: when that bound over the whole token budget fits the
+        # free pool, no request can be preempted and the loop below is skipped (the common case).
+        if self.fast_steps and (budget + len(self.running) * (look + bs - 1)) // bs <= free:
+            return
+        for r in self.running:
+            n = min(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens, budget)
+            if n > 0:
+                budget -= n
+                need += max(0, -(-(r.num_computed_tokens + n + look) // bs) - len(blocks.get(r.request_id, ())))
+            if budget <= 0:
+                break
+        if need > free:
+            self.running.sort(key=lambda r: self._victim_key(r, now))
+            self.eco_counters["victim_sorts"] += 1
+
+    def _victim_key(self, r: Request, now: float) -> tuple[bool, int, int]:
+        """Largest is preempted first: SLO lost, longest predicted remaining, latest admitted."""
+        rid, g = r.request_id, r.num_output_tokens
+        lost = self._first_token.get(rid, now) - r.arrival_time > self.eco_cfg.slo_ttft
+        rem = rules.reservation_tokens(self._base(rid), g, r.max_tokens) - g
+        return rules.victim_key(lost, rem, self._seq.get(rid, 0))
+
+    # ---- leaving ----------------------------------------------------------------------------------
+    def _forget(self, request: Request) -> None:
+        rid = request.request_id
+        self.proj.drop(rid)
+        self._entries.pop(rid, None)
+        self._no_token.pop(rid, None)
+        p = self.rl.get(rid)
+        self.groups[p.bucket if p is not None else -1].discard(rid)
 
     def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super()._preempt_request(request, *args, **kwargs)
-        p = self.rl.get(request.request_id)
-        if p is not None:
-            self.groups[p.bucket].discard(request.request_id)
+        self._forget(request)
         self.eco_counters["preemptions"] += 1
 
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
-        p = self.rl.pop(request.request_id, None)
-        if p is not None:
-            self.groups[p.bucket].discard(request.request_id)
+        self._forget(request)
+        rid = request.request_id
+        if rid in self.rl:
+            self.eco_counters["topups"] += _doublings(self._base(rid), request.num_output_tokens,
+                                                      request.max_tokens)
+        self.rl.pop(rid, None)
+        self._seq.pop(rid, None)
+        self._first_token.pop(rid, None)
         return super()._free_request(request, *args, **kwargs)
 
     def group_sizes(self) -> dict[int, int]:
         """Running requests per predicted RL bucket (non-empty groups only)."""
         return {b: len(ids) for b, ids in sorted(self.groups.items()) if ids}
+
+
+def _referenced(hit: Any) -> int:
+    """Prefix-cache hit blocks (vLLM's ``new_computed_blocks``) that another request holds now
+    (the others are evictable free blocks: taking them uses KV)."""
+    if hit is None:
+        return 0
+    return sum(1 for b in hit.blocks[0] if b.ref_cnt > 0) if hit.blocks else 0
+
+
+def _doublings(base: int, generated: int, max_tokens: int) -> int:
+    """Top-ups of a request that generated ``generated`` tokens from reservation ``base``:
+    how often ``rules.reservation_tokens`` doubled it."""
+    r, n = max(base, 1), 0
+    while r <= generated and r < max_tokens:
+        r, n = 2 * r, n + 1
+    return n
+
+
+def _check_kv_groups(kv_cache_config: Any) -> None:
+    """One KV-cache group of full attention, or a start-up error (hybrid models)."""
+    groups = kv_cache_config.kv_cache_groups
+    specs = {type(g.kv_cache_spec).__name__ for g in groups}
+    if len(groups) != 1:
+        raise EcoServeSetupError(
+            f"this model has {len(groups)} KV-cache groups ({', '.join(sorted(specs))}: a hybrid "
+            "model, e.g. sliding-window or Mamba layers next to full attention); EcoServe's vLLM "
+            "scheduler projects one group's blocks and does not support it. Serve this model "
+            "without --scheduler-cls")
+
 
 
 class EcoServeVllmScheduler(EcoServeMixin, AsyncScheduler):
@@ -665,7 +852,7 @@ def load_predictor(cfg: EcoServeVllmConfig) -> tuple[Any, str]:
     path = None if cfg.predictor == DEFAULT_BUNDLE else cfg.predictor
     t0 = time.perf_counter()
     try:
-        pred = Predictor.load(path, margin=cfg.margin, threads=1)
+        pred = Predictor.load(path, threads=1)
         t1 = time.perf_counter()
         out = pred.predict(["Hello"])[0]
         _predicted(out, "reserve_tokens")

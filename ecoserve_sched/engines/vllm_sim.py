@@ -9,8 +9,9 @@ prompt is done; the request's stop token when it reaches its true length, so vLL
 the true length). The schedulers are the synchronous ones: with zero model time there is no
 step to overlap, and vLLM's ``AsyncScheduler`` would only schedule one step ahead.
 
-The result is a :class:`~ecoserve_sched.simulator.SimResult`, so ``metrics.summarize`` reports
-it exactly as it reports the simulator's own policies.
+:class:`VllmExecutor` is the serving loop's executor (``serving.py``: arrivals, drop rule,
+stuck check and log are the loop's); the result is a :class:`~ecoserve_sched.serving.SimResult`,
+so ``metrics.summarize`` reports it exactly as it reports the simulator's own policies.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from ..policies.interface import DEFAULT_TOKEN_BUDGET
 from ..request import SLO, Request, State
-from ..simulator import SimResult
+from ..serving import Executor, LogRow, SimResult, serve
 
 STOP_TOKEN = 2
 TOKEN = 1
@@ -113,47 +115,47 @@ def fake_model_output(out: Any, sched: Any, target: dict[str, int]) -> Any:
                              sampled_token_ids=sampled)
 
 
-def replay(requests: list[Request], sched: Any, cost: Any, *, policy: str = "vllm-real",
-           with_prediction: bool = False, profile: str = "", predictions: str = "") -> RealSimResult:
-    """Replay ``requests`` through the vLLM scheduler ``sched``; timed by ``cost``."""
-    t_wall = time.perf_counter()
-    reqs = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
-    by_id = {str(r.rid): r for r in reqs}
-    bs = sched.block_size
-    usable = sched.kv_cache_config.num_blocks - 1
-    res = RealSimResult(policy, profile, predictions, reqs, usable * bs, bs)
-    pool = sched.kv_cache_manager.block_pool
-    target: dict[str, int] = {}
-    clock = [0.0]
-    if hasattr(sched, "clock"):
-        sched.clock = lambda: clock[0]
-    res.counters = {"preemptions": 0}
-    n, i, now, sched_s = len(reqs), 0, 0.0, 0.0
-    while True:
-        while i < n and reqs[i].arrival_s <= now:
-            r = reqs[i]
-            i += 1
-            if -(-(r.prompt_tokens + r.target_tokens) // bs) > usable:
-                res.dropped += 1
-                continue
-            target[str(r.rid)] = r.target_tokens
-            sched.add_request(vllm_request(r, with_prediction))
-        if not sched.get_num_unfinished_requests():
-            if i >= n:
-                break
-            now = reqs[i].arrival_s
-            continue
-        clock[0] = now
+class VllmExecutor(Executor):
+    """vLLM's scheduler ``sched`` under the loop's clock; each iteration timed by ``cost``."""
+
+    def __init__(self, sched: Any, cost: Any, *, name: str = "vllm-real", with_prediction: bool = False) -> None:
+        self.sched, self.cost, self.name = sched, cost, name
+        self.with_prediction = with_prediction
+        self.block_size = sched.block_size
+        self.kv_blocks = sched.kv_cache_config.num_blocks - 1  # vLLM's null block is not usable
+        self.pool = sched.kv_cache_manager.block_pool
+        self.by_id: dict[str, Request] = {}
+        self.target: dict[str, int] = {}  # the true output length, by vLLM request id
+        self.iter_tokens: list[int] = []
+        self.stall_gaps: list[float] = []
+        self.preemptions = 0
+        self.sched_s = 0.0
+        self.now = 0.0
+        if hasattr(sched, "clock"):
+            sched.clock = lambda: self.now
+
+    def add(self, r: Request, now: float) -> None:
+        rid = str(r.rid)
+        self.by_id[rid] = r
+        self.target[rid] = r.target_tokens
+        self.sched.add_request(vllm_request(r, self.with_prediction))
+
+    def has_work(self) -> bool:
+        return bool(self.sched.get_num_unfinished_requests())
+
+    def waiting(self) -> int:
+        return self.sched.get_num_unfinished_requests()
+
+    def run(self, now: float, until: float) -> LogRow | None:
+        sched = self.sched
+        self.now = now
         t0 = time.perf_counter()
         out = sched.schedule()
-        sched_s += time.perf_counter() - t0
-        res.counters["preemptions"] += len(out.preempted_req_ids)
+        self.sched_s += time.perf_counter() - t0
+        self.preemptions += len(out.preempted_req_ids)
         if out.total_num_scheduled_tokens == 0:
-            sched.update_from_output(out, fake_model_output(out, sched, target))
-            if i >= n:
-                raise RuntimeError(f"{policy}: stuck with {len(sched.requests)} requests")
-            now = reqs[i].arrival_s
-            continue
+            sched.update_from_output(out, fake_model_output(out, sched, self.target))
+            return None
         p_tok = p_ctx = d_req = d_ctx = 0
         for rid, k in out.num_scheduled_tokens.items():
             req = sched.requests[rid]
@@ -164,30 +166,44 @@ def replay(requests: list[Request], sched: Any, cost: Any, *, policy: str = "vll
             else:
                 p_tok += k
                 p_ctx += k * (before + k)
-        res.iter_tokens.append(out.total_num_scheduled_tokens)
-        dt = cost.iteration_time(p_tok, p_ctx, d_req, d_ctx)
+        self.iter_tokens.append(out.total_num_scheduled_tokens)
+        dt = self.cost.iteration_time(p_tok, p_ctx, d_req, d_ctx)
         prev, now = now, now + dt
-        outputs = sched.update_from_output(out, fake_model_output(out, sched, target))
+        outputs = sched.update_from_output(out, fake_model_output(out, sched, self.target))
         steady = 0
         for eco in outputs.values():
             for o in eco.outputs:
-                r = by_id[o.request_id]
+                r = self.by_id[o.request_id]
                 for _ in o.new_token_ids:
                     if r.first_token_s < 0:
                         r.first_token_s = now
                     elif r.last_token_s >= prev - 1e-12:
                         steady += 1  # decoded in the previous iteration too: gap = dt
                     else:
-                        res.stall_gaps.append(now - r.last_token_s)
+                        self.stall_gaps.append(now - r.last_token_s)
                     r.last_token_s = now
                     r.generated += 1
                 if o.finish_reason is not None:
                     r.state = State.FINISHED
                     r.finish_s = now
         kv_used = sum(q.num_computed_tokens for q in sched.running)
-        res.log.append((now, dt, 1, steady, kv_used, usable - pool.get_num_free_blocks()))
-    res.sched_s = sched_s
-    res.wall_s = time.perf_counter() - t_wall
+        return (now, dt, 1, steady, kv_used, self.kv_blocks - self.pool.get_num_free_blocks())
+
+    def close(self, res: SimResult) -> None:
+        res.counters = {"preemptions": self.preemptions}
+        res.stall_gaps = self.stall_gaps
+        res.sched_s = self.sched_s
+        if isinstance(res, RealSimResult):
+            res.iter_tokens = self.iter_tokens
+
+
+def replay(requests: list[Request], sched: Any, cost: Any, *, policy: str = "vllm-real",
+           with_prediction: bool = False, profile: str = "", predictions: str = "") -> RealSimResult:
+    """Replay ``requests`` through the vLLM scheduler ``sched``; timed by ``cost``."""
+    ex = VllmExecutor(sched, cost, name=policy, with_prediction=with_prediction)
+    reqs = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
+    res = RealSimResult(policy, profile, predictions, reqs, ex.kv_blocks * ex.block_size, ex.block_size)
+    serve(ex, res)
     return res
 
 
@@ -197,7 +213,6 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
              token_budget: int | None = None, max_running: int = 256, **_: Any) -> RealSimResult:
     """``simulator.run`` for ``vllm-real`` / ``ecoserve-vllm-real``: same trace, predictions,
     KV capacity, token budget and ``max_running`` as the simulator's policies."""
-    from ..policies.base import DEFAULT_TOKEN_BUDGET
     from ..predictions import apply_predictions, default_source
     from .vllm_scheduler import EcoServeVllmConfig, EcoServeVllmSyncScheduler
 
@@ -218,6 +233,7 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
         max_num_batched_tokens=int(token_budget or max(cost.token_budget, DEFAULT_TOKEN_BUDGET)))
     if eco:
         sched.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=slo.ttft_s, slo_tbt=slo.tbt_s,
-                                           prefill_s_per_token=cost.recompute_time(1))
+                                           prefill_s_per_token=cost.recompute_time(1),
+                                           step_s=cost.iteration_time(0, 0, 1, sched._kv_tokens))
     return replay(reqs, sched, cost, policy=policy, with_prediction=eco,
                   profile=getattr(cost, "name", ""), predictions=desc)

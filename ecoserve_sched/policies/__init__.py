@@ -1,8 +1,15 @@
-"""Scheduling policies over one KV manager and cost model; ``get_policy(name, cost)`` builds one."""
+"""Scheduling policies over one KV manager and cost model; ``get_policy(name, cost)`` builds one.
 
-from .base import POLICIES, Batch, Scheduler, get_policy, register
+``interface.py``: what the engine calls, and when; ``base.py``: the mechanics every policy
+shares (decode set, alarms, preemption); ``registry.py``: names to factories.
+"""
 
-__all__ = ["POLICIES", "Batch", "Scheduler", "get_policy", "policy_names", "register"]
+from .base import Scheduler
+from .interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN_BUDGET, Batch, SchedulerInterface
+from .registry import POLICIES, get_policy, register
+
+__all__ = ["DEFAULT_MAX_RUNNING", "DEFAULT_TOKEN_BUDGET", "POLICIES", "Batch", "Scheduler",
+           "SchedulerInterface", "get_policy", "policy_names", "register"]
 
 
 def _load_all() -> None:

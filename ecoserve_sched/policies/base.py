@@ -1,14 +1,7 @@
-"""The policy interface, the mechanics every policy shares, and the policy registry.
+"""The mechanics every policy shares: the decode set, the alarms, prefills and preemption.
 
-When the engine calls what (one iteration, see docs/scheduler.md)::
-
-    add(req, now)             a request arrives
-    batch = schedule(now)     decide this iteration: KV alarms, prefill chunks, admissions
-    ... the engine runs the batch; the clock advances by the cost model's iteration time ...
-    joined = complete(batch, now)   prefills advance; requests whose prompt is done start decoding
-    finish(req, now)          the engine saw the request's last token
-    fail_batch(batch, error)  instead of ``complete``: the engine raised running the batch; its
-                              requests end ERRORED (``abort``) and their KV blocks go back
+``Scheduler`` implements the engine's side (``interface.py``: what the serving loop calls and
+when) once; a policy subclasses it and fills in the hooks (queue, admission, alarms, victims).
 
 Every request in DECODE state decodes one token in every iteration (the token budget always
 covers ``max_running`` decodes), so a decoding request's length is a function of the global step
@@ -21,45 +14,19 @@ changes go through ``KVCacheManager``.
 
 from __future__ import annotations
 
+import copy
 import heapq
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..kv_cache import KVCacheManager
 from ..request import SLO, Request, State
+from .interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN_BUDGET, Batch, SchedulerInterface
+from .registry import register
 
-#: vLLM V1's default ``max_num_batched_tokens`` for online serving; the roofline knee of the
-#: cost model is often far smaller (128 tokens for a 13B model on A100), too small for prompts.
-DEFAULT_TOKEN_BUDGET = 2048
-#: vLLM's default ``max_num_seqs``.
-DEFAULT_MAX_RUNNING = 256
+__all__ = ["Batch", "Scheduler", "register"]  # ecoserve.py imports all three from here
 
 
-@dataclass(slots=True)
-class Batch:
-    """One iteration's work: prefill chunks plus every decoding request."""
-
-    prefill: list[tuple[Request, int, int]] = field(default_factory=list)  # (req, chunk, epoch)
-    prefill_tokens: int = 0
-    prefill_ctx_tokens: int = 0  # sum of chunk * context length after the chunk
-    decode_requests: int = 0
-    decode_ctx_tokens: int = 0
-    extra_s: float = 0.0  # swap transfers done in this iteration
-    stall_decodes: bool = False  # prefill-only (vLLM V0): the decodes wait, the decode clock stays
-    late_decodes: int = 0  # decodes whose last token came before the previous iteration (gaps in stall_gaps)
-
-    def add_prefill(self, r: Request, chunk: int) -> None:
-        self.prefill.append((r, chunk, r.epoch))
-        self.prefill_tokens += chunk
-        self.prefill_ctx_tokens += chunk * (r.prefilled + chunk)
-
-    @property
-    def empty(self) -> bool:
-        return not self.prefill and not self.decode_requests
-
-
-class Scheduler:
+class Scheduler(SchedulerInterface):
     """Shared mechanics; subclasses set the queue, admission, alarms and victim choice."""
 
     name = "base"
@@ -126,9 +93,17 @@ class Scheduler:
 
     def admission_blocked(self) -> bool:
         """True if ``admit`` would start nothing now (checked without side effects); False if
-        unsure. Asked when something waits, no prefill runs and no alarm is due; a True answer
-        must stay true until the next alarm, finish or arrival (the engine relies on it)."""
+        unsure (always safe: the engine then calls ``schedule``). Asked when something waits,
+        no prefill runs and no alarm is due; a True answer must stay true until the next alarm,
+        finish or arrival (the engine relies on it). The reference is ``admit`` itself: with
+        ``check=True`` the cost-model executor compares every True answer with
+        :meth:`schedule_dry_run`, so the fast predicate cannot drift from ``admit`` unseen."""
         return False
+
+    def schedule_dry_run(self, now: float) -> Batch:
+        """The batch ``schedule(now)`` would build (alarms, prefills, ``admit``), run on a deep
+        copy of this policy, which stays untouched. Slow: for checks."""
+        return copy.deepcopy(self, {id(self.cost): self.cost}).schedule(now)
 
     def on_decode_start(self, r: Request) -> None: ...
 
@@ -369,21 +344,3 @@ class Scheduler:
     def kv_used_tokens(self) -> int:
         used = self._ctx_base + len(self.decoding) * self.step
         return used + sum(r.prefilled for r in self.prefilling.values()) if self.prefilling else used
-
-
-PolicyFactory = Callable[..., Scheduler]
-POLICIES: dict[str, PolicyFactory] = {}
-
-
-def register(name: str, factory: PolicyFactory) -> None:
-    POLICIES[name] = factory
-
-
-def get_policy(name: str, cost: Any, **kwargs: Any) -> Scheduler:
-    """Build the policy registered as ``name`` over ``cost`` (a CostModel)."""
-    from . import _load_all
-
-    _load_all()
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose from: {', '.join(sorted(POLICIES))}")
-    return POLICIES[name](cost, **kwargs)

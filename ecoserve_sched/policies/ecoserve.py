@@ -25,6 +25,7 @@ themselves are the pure functions of ``ecoserve_rules``):
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,9 @@ from typing import Any
 from ..queues import GTGroups, PriorityQueue
 from ..request import Request, State
 from . import ecoserve_rules as rules
-from .base import Batch, Scheduler, register
+from .base import Scheduler
+from .interface import Batch
+from .registry import register
 
 
 @dataclass(slots=True)
@@ -62,6 +65,7 @@ class EcoServeScheduler(Scheduler):
         key = self._priority if self.cfg.ordering else _arrival
         self.pt = PriorityQueue(key=key)  # PTs that can still meet their TTFT (lazily checked)
         self.lost = PriorityQueue(key=key)  # PTs whose TTFT is lost
+        self._waiting = 0  # requests in the three queues
         self.groups = GTGroups(enabled=self.cfg.grouping)
         self.proj = rules.Projection(self.max_running)
         self.keep_free = int(self.cfg.reserve_frac * self.kv.num_blocks)
@@ -71,6 +75,7 @@ class EcoServeScheduler(Scheduler):
         # Fewest prompt tokens per iteration: the roofline knee (they ride on the weight read).
         self.min_prefill = max(1, min(int(getattr(cost, "token_budget", 64)), self.token_budget))
         self._last_budget = (-1, 0, 0)  # (decodes, decode context, bisection result)
+        self._target_s = self.cfg.iter_time_frac * self.slo.tbt_s  # iteration time with decodes
         self._it_now = (0, 0.0)  # this iteration's prefill budget and its predicted time
         self._no_fit = (-1, -1)  # (projection version, rid): the projection test failed
 
@@ -88,9 +93,10 @@ class EcoServeScheduler(Scheduler):
             self.resume.append(r)
         else:
             self.pt.push(r)
+        self._waiting += 1
 
     def waiting_count(self) -> int:
-        return len(self.resume) + len(self.pt) + len(self.lost)
+        return self._waiting  # len(resume) + len(pt) + len(lost), asked several times an iteration
 
     def on_decode_start(self, r: Request) -> None:
         self.groups.add(r)
@@ -120,27 +126,37 @@ class EcoServeScheduler(Scheduler):
     def prefill_budget(self) -> int:
         d = len(self.decoding)
         dctx = self._ctx_base + d * self.step
-        b = self._budget(d, dctx)
-        self._it_now = (b, self.cost.iteration_time(b, b * b // 2, d, dctx))
+        b, t = self._budget(d, dctx)
+        self._it_now = (b, t if t >= 0 else self.cost.iteration_time(b, b * b // 2, d, dctx))
         return b
 
-    def _budget(self, d: int, dctx: int) -> int:
+    def _budget(self, d: int, dctx: int) -> tuple[int, float]:
         """All of the token budget when nothing decodes (or ``tbt_budget`` is off); else the most
         prefill tokens keeping the iteration within ``iter_time_frac`` x TBT SLO (bisection on
-        the cost model), at least ``min_prefill``."""
+        the cost model), at least ``min_prefill``. With it, the iteration's time at that budget
+        if it was computed on the way (else -1)."""
         hi = self.token_budget - d
         if not d or not self.cfg.tbt_budget:
-            return hi
-        target = self.cfg.iter_time_frac * self.slo.tbt_s
+            return hi, -1.0
+        target = self._target_s
         it = self.cost.iteration_time
         floor = min(self.min_prefill, max(hi, 1))
-        if hi <= 0 or it(hi, hi * hi // 2, d, dctx) <= target:
-            return max(hi, floor)
         # Iteration time never falls as prefill or decode context grow: with the same decodes
-        # and more context, the last result still fits if its probe does (larger ones did not).
+        # and more context, the whole budget still does not fit (it did not when the last
+        # bisection ran), and the last result still fits if its probe does (larger ones did not).
         d0, dctx0, lo = self._last_budget
-        if d0 == d and dctx0 <= dctx and (lo == 0 or it(lo, lo * lo // 2, d, dctx) <= target):
-            return max(lo, floor)
+        if d0 == d and dctx0 <= dctx:
+            if lo == 0:
+                return floor, -1.0
+            t = it(lo, lo * lo // 2, d, dctx)
+            if t <= target:
+                return (lo, t) if lo >= floor else (floor, -1.0)
+        elif hi <= 0:
+            return max(hi, floor), -1.0
+        else:
+            t = it(hi, hi * hi // 2, d, dctx)
+            if t <= target:
+                return (hi, t) if hi >= floor else (floor, -1.0)
         lo = 0
         while hi - lo > 32:
             mid = (lo + hi) // 2
@@ -149,12 +165,9 @@ class EcoServeScheduler(Scheduler):
             else:
                 hi = mid
         self._last_budget = (d, dctx, lo)
-        return max(lo, floor)
+        return max(lo, floor), -1.0
 
     # ---- admission ----------------------------------------------------------------------------
-    def _room(self) -> bool:
-        return len(self.decoding) + len(self.prefilling) < self.max_running
-
     def _ttft_est_s(self, r: Request) -> float:
         """Time to ``r``'s first token if it started now: its chunks at this iteration's budget
         and iteration time."""
@@ -167,14 +180,17 @@ class EcoServeScheduler(Scheduler):
         """The next request admission tries (moving PTs whose TTFT is lost to the lost queue)."""
         if self.resume:
             return self.resume[0], self.resume
-        pt = self.pt
-        while len(pt):
-            r = pt.peek()
-            if not self.cfg.give_way or not rules.ttft_lost(now, r.arrival_s, r.slo.ttft_s, self._ttft_est_s(r)):
-                return r, pt
-            self.lost.push(pt.pop())
-        if len(self.lost):
-            return self.lost.peek(), self.lost
+        pt = self.pt.items
+        if pt and self.cfg.give_way:
+            while pt:
+                r = pt[0][2]
+                if not rules.ttft_lost(now, r.arrival_s, r.slo.ttft_s, self._ttft_est_s(r)):
+                    return r, self.pt
+                heapq.heappush(self.lost.items, heapq.heappop(pt))  # the same key: no recomputing
+        if pt:
+            return pt[0][2], self.pt
+        if self.lost.items:
+            return self.lost.items[0][2], self.lost
         return None, None
 
     def _need_now(self, r: Request) -> int:
@@ -186,24 +202,28 @@ class EcoServeScheduler(Scheduler):
     def _fits(self, r: Request, need: int) -> bool:
         """``need`` blocks are free now, and the projected peak (or, without pipelining, the sum
         of reservations) of the running requests and ``r`` stays within the cache."""
-        keep = self._keep_free()
+        keep = self.keep_free if self.decoding or self.prefilling else 0
         if need > self.kv.free_blocks - keep:
             return False
-        if not len(self.proj):
+        proj = self.proj
+        n = len(proj)
+        if not n:
             return True  # alone: a reservation larger than the cache must not block it forever
-        if self._no_fit == (self.proj.version, r.rid):
+        if self._no_fit == (proj.version, r.rid):
             return False  # failed with the same running requests: retried after one starts or ends
         g = r.generated
         rem = rules.reservation_tokens(self._base_pred(r), g, r.max_tokens) - g
         # blocks are filled to half their size on average: count that rounding
-        cap = (self.kv.num_blocks - keep) * self.bs - (len(self.proj) + 1) * (self.bs - 1) // 2
-        if self.proj.demand(self.step, (need * self.bs, rem), self.cfg.pipelining, cap) <= cap:
+        bs = self.bs
+        cap = (self.kv.num_blocks - keep) * bs - (n + 1) * (bs - 1) // 2
+        if proj.demand(self.step, (need * bs, rem), self.cfg.pipelining, cap) <= cap:
             return True
-        self._no_fit = (self.proj.version, r.rid)
+        self._no_fit = (proj.version, r.rid)
         return False
 
     def admit(self, budget: int, batch: Batch, now: float) -> None:
-        while budget > 0 and self._room():
+        max_running = self.max_running
+        while budget > 0 and len(self.decoding) + len(self.prefilling) < max_running:
             r, q = self._head(now)
             if r is None:
                 return
@@ -214,6 +234,7 @@ class EcoServeScheduler(Scheduler):
                 q.popleft()
             else:
                 q.pop()
+            self._waiting -= 1
             self.kv.allocate(r.rid, need)
             if r.state == State.SWAPPED:
                 self.swap_in(r)  # joins the projection in on_decode_start
@@ -227,16 +248,16 @@ class EcoServeScheduler(Scheduler):
             budget -= chunk
 
     def admission_blocked(self) -> bool:
-        if not self._room():
+        if len(self.decoding) + len(self.prefilling) >= self.max_running:
             return True
         if self.resume:
             r = self.resume[0]
-        elif len(self.pt):
+        elif self.pt.items:
             if self.cfg.give_way:
                 return False  # the head may give way as time passes: unsure
-            r = self.pt.peek()
+            r = self.pt.items[0][2]
         else:
-            r = self.lost.peek()
+            r = self.lost.items[0][2]
         # Stable until a finish: the free pool only shrinks in between, and a failed projection
         # is retried only once a running request starts or ends.
         need = self._need_now(r)
@@ -273,13 +294,16 @@ class EcoServeScheduler(Scheduler):
         if self.cfg.victim == "latest":
             return max(running, key=lambda v: v.seq)
         step, now, ttft = self.step, self.now, self.slo.ttft_s
-
-        def key(v: Request) -> tuple[bool, int, int]:
-            g = v.generated_at(step)
+        p90 = self.cfg.reserve == "p90"
+        best, best_key = running[0], None
+        for v in running:
+            g = v.generated + step - v.dec_step0 if v.state == State.DECODE else v.generated
             lost = (v.first_token_s if v.first_token_s >= 0 else now) - v.arrival_s > ttft
-            return rules.victim_key(lost, rules.reservation_tokens(self._base_pred(v), g, v.max_tokens) - g, v.seq)
-
-        return max(running, key=key)
+            base = v.reserve_tokens if p90 else v.pred_tokens  # ``_base_pred``
+            k = rules.victim_key(lost, rules.reservation_tokens(base, g, v.max_tokens) - g, v.seq)
+            if best_key is None or k > best_key:
+                best, best_key = v, k
+        return best
 
 
 def _arrival(r: Request) -> float:

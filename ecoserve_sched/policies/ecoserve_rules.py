@@ -18,8 +18,9 @@ trace (docs/scheduler.md, "EcoServe").
   token per step and ends at its reservation (reservations overlap in time: aggregate KVC
   pipelining).
 - ``victim_key``: which running request to preempt when KV runs out.
-- ``Projection``: the running requests as arrays, so that ``projected_peak`` with a candidate
-  costs a few vectorized operations at 512 running requests.
+- ``Projection``: the running requests kept for ``projected_peak`` with a candidate: a running
+  total of reservations and the requests sorted by projected end, updated as they start, leave
+  or outlive their reservation (one pass per test, not a sort).
 
 Using them from vLLM's scheduler (``engines/vllm_scheduler.py``), with vLLM's own objects:
 the waiting-queue key is ``priority_key(request.arrival_time, service_s(prefill_s_per_token x
@@ -36,7 +37,10 @@ vLLM's default); the preemption order is ``max(running, key=victim_key(lost, rem
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import heapq
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Hashable, Iterable
+from itertools import islice
 
 import numpy as np
 
@@ -68,8 +72,8 @@ def reservation_tokens(pred_tokens: int, generated: int, max_tokens: int) -> int
     exceeds what the request has generated (geometric top-ups: O(log) of them, at most 2x
     over), never beyond ``max_tokens``."""
     r = max(pred_tokens, 1)
-    while r <= generated:
-        r *= 2
+    if r <= generated:  # the smallest r x 2^k above generated
+        r <<= (generated // r).bit_length()
     return max(min(r, max_tokens), generated + 1)
 
 
@@ -111,67 +115,152 @@ def projected_peak_arrays(ctx: np.ndarray, remaining: np.ndarray) -> int:
 
 
 class Projection:
-    """The running requests' KV growth as arrays, for the projected-peak admission test.
+    """The running requests' KV growth, for the projected-peak admission test.
 
     Each request is a slot: at step ``s`` it holds ``x + s`` tokens, has generated ``gx + s``
     tokens, and reserves ``reservation_tokens(base, gx + s, max_tokens)`` response tokens; it is
     projected to end at step ``end`` (when it has generated its reservation; recomputed, with
     the reservation doubled, once a request outlives it). Prefilling requests are entered as if
     they decoded from admission on. An engine updates a slot when a request is admitted (or
-    resumes) and when it leaves; ``demand(step, ...)`` is then a few vectorized operations.
+    resumes) and when it leaves.
+
+    Why ``demand`` is cheap: a slot's context plus its remaining steps, ``x + end``, does not
+    depend on the step, so the sum of reservations is a running total; and in order of ``end``
+    the demand just before the k-th latest end, ``sum(x) + k x (end - 1)`` over those k slots,
+    does not either, so the slots are kept sorted by end (an end changes only when a request
+    starts, leaves or outlives its reservation; stale ends come off a heap) and the peak is one
+    pass over them, in C (numpy) when there are many.
     """
 
+    #: above this many slots, the peak is computed with numpy (argsort and cumsum)
+    NUMPY_FROM = 96
+
     def __init__(self, slots: int) -> None:
-        self.x = np.zeros(slots, np.int64)
-        self.gx = np.zeros(slots, np.int64)
-        self.base = np.ones(slots, np.int64)
-        self.max_tokens = np.ones(slots, np.int64)
+        self.x = np.zeros(slots, np.int64)  # numpy copies of ``_x``/``_end`` for the numpy path
         self.end = np.zeros(slots, np.int64)
         self.active = np.zeros(slots, bool)
-        self._slot: dict[int, int] = {}
+        self._x = [0] * slots
+        self._gx = [0] * slots
+        self._base = [1] * slots
+        self._max = [1] * slots
+        self._end = [0] * slots  # 0: not computed yet
+        self._gen = [0] * slots  # bumped when a slot is (re)set or dropped: stale heap entries
+        self._slot: dict[Hashable, int] = {}
         self._free = list(range(slots - 1, -1, -1))
-        self.version = 0  # bumped by every change
+        self._new: list[int] = []  # slots whose end is computed at the next ``demand``
+        self._ends: list[tuple[int, int, int]] = []  # (end, gen, slot), a min-heap
+        self._order: list[tuple[int, int]] = []  # (-end, slot) of the slots whose end is known, sorted
+        self._sum = 0  # sum of x + end over the slots whose end is known
+        self.version = 0  # bumped by every set and drop
 
     def __len__(self) -> int:
         return len(self._slot)
 
-    def __contains__(self, rid: int) -> bool:
+    def __contains__(self, rid: Hashable) -> bool:
         return rid in self._slot
 
-    def set(self, rid: int, x: int, gx: int, base: int, max_tokens: int) -> None:
+    def set(self, rid: Hashable, x: int, gx: int, base: int, max_tokens: int) -> None:
         i = self._slot.get(rid)
         if i is None:
             i = self._slot[rid] = self._free.pop()
-        self.x[i], self.gx[i], self.base[i], self.max_tokens[i] = x, gx, max(base, 1), max_tokens
-        self.end[i] = 0  # computed at the next ``demand``
+        else:
+            self._forget(i)
+        self._x[i], self._gx[i], self._base[i], self._max[i] = x, gx, max(base, 1), max_tokens
+        self._gen[i] += 1
+        self._new.append(i)
+        self.x[i] = x
         self.active[i] = True
+        self._sum += x
         self.version += 1
 
-    def drop(self, rid: int) -> None:
+    def drop(self, rid: Hashable) -> None:
         i = self._slot.pop(rid, None)
         if i is not None:
+            self._forget(i)
             self.active[i] = False
+            self._gen[i] += 1
             self._free.append(i)
             self.version += 1
+
+    def _forget(self, i: int) -> None:
+        """Take slot ``i``'s current numbers out of the running total and the order."""
+        self._sum -= self._x[i]
+        e = self._end[i]
+        if e:
+            self._sum -= e
+            del self._order[bisect_left(self._order, (-e, i))]
+            self._end[i] = 0
+        else:
+            self._new.remove(i)
+
+    def _refresh(self, step: int) -> None:
+        """(Re)compute the end of every new slot and of every slot that outlived its end."""
+        ends, gen, end, order = self._ends, self._gen, self._end, self._order
+        todo = self._new
+        while ends and ends[0][0] <= step:
+            e, g, i = heapq.heappop(ends)
+            if gen[i] == g and end[i] == e:
+                del order[bisect_left(order, (-e, i))]
+                self._sum -= e
+                todo.append(i)
+        for i in todo:
+            gx = self._gx[i]
+            e = reservation_tokens(self._base[i], gx + step, self._max[i]) - gx
+            self._sum += e
+            end[i] = e
+            self.end[i] = e
+            heapq.heappush(ends, (e, gen[i], i))
+            insort(order, (-e, i))
+        todo.clear()
 
     def demand(self, step: int, extra: tuple[int, int] | None = None, pipelined: bool = True,
                limit: int | None = None) -> int:
         """KV tokens at the projected peak, ``extra`` = (ctx, remaining) of a candidate
         included. ``pipelined=False``: every reservation held at once (their sum). With
         ``limit``, a sum of reservations within it is returned as is (the peak cannot exceed it)."""
-        idx = np.flatnonzero(self.active)
-        rem = self.end[idx] - step
-        stale = rem <= 0
-        if stale.any():  # new, or outlived its reservation: (re)compute its end
-            j = idx[stale]
-            g = self.gx[j] + step
-            self.end[j] = reservation_tokens_array(self.base[j], g, self.max_tokens[j]) - self.gx[j]
-            rem = self.end[idx] - step
-        ctx = self.x[idx] + step
-        if extra is not None:
-            ctx = np.append(ctx, extra[0])
-            rem = np.append(rem, extra[1])
-        total = int(ctx.sum() + rem.sum())
+        if self._new or (self._ends and self._ends[0][0] <= step):
+            self._refresh(step)
+        total = self._sum if extra is None else self._sum + extra[0] + extra[1]
         if not pipelined or (limit is not None and total <= limit):
             return total
-        return projected_peak_arrays(ctx, rem)
+        # The candidate, at (context - step, remaining + step), sorts after every slot ending no
+        # earlier than it (as a stable sort of the appended candidate would put it).
+        xc, ec = (0, 0) if extra is None else (extra[0] - step, extra[1] + step)
+        order = self._order
+        if len(order) >= self.NUMPY_FROM:
+            return self._peak_numpy(xc, ec, extra is not None)
+        xs = self._x
+        p = bisect_right(order, (-ec, len(xs))) if extra is not None else len(order)
+        peak = cum = k = 0
+        for ne, i in islice(order, p):
+            cum += xs[i]
+            k += 1
+            d = cum - k * (ne + 1)
+            if d > peak:
+                peak = d
+        if extra is None:
+            return peak
+        cum += xc
+        k += 1
+        d = cum + k * (ec - 1)
+        if d > peak:
+            peak = d
+        for ne, i in islice(order, p, None):
+            cum += xs[i]
+            k += 1
+            d = cum - k * (ne + 1)
+            if d > peak:
+                peak = d
+        return peak
+
+    def _peak_numpy(self, xc: int, ec: int, with_candidate: bool) -> int:
+        idx = np.flatnonzero(self.active)
+        e, x = self.end[idx], self.x[idx]
+        if with_candidate:
+            e, x = np.append(e, ec), np.append(x, xc)
+        if not len(e):
+            return 0
+        order = np.argsort(-e, kind="stable")
+        e = e[order]
+        d = np.cumsum(x[order]) + np.arange(1, len(e) + 1) * (e - 1)
+        return max(int(d.max()), 0)

@@ -10,7 +10,9 @@ from typing import Any
 
 from ..queues import FCFSQueue
 from ..request import Request
-from .base import Batch, Scheduler, register
+from .base import Scheduler
+from .interface import Batch
+from .registry import register
 
 
 class OrcaScheduler(Scheduler):

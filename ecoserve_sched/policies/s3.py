@@ -8,8 +8,9 @@ back with a doubled response reservation, as S3 reassigns a larger bucket after 
 from __future__ import annotations
 
 from ..request import Request
-from .base import Scheduler, register
+from .base import Scheduler
 from .orca import OrcaScheduler
+from .registry import register
 
 
 class S3Scheduler(OrcaScheduler):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import register
+from .registry import register
 from .vllm import VLLMScheduler
 
 SARATHI_TOKEN_BUDGET = 512  # Sarathi-Serve (OSDI'24) strict-SLO chunk size; ours as a default

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..queues import PriorityQueue
 from ..request import Request, State
-from .base import register
+from .registry import register
 from .vllm import VLLMScheduler
 
 

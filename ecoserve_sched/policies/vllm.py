@@ -17,7 +17,9 @@ from typing import Any
 
 from ..queues import FCFSQueue
 from ..request import Request, State
-from .base import Batch, Scheduler, register
+from .base import Scheduler
+from .interface import Batch
+from .registry import register
 
 
 class VLLMScheduler(Scheduler):

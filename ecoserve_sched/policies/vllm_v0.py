@@ -24,7 +24,9 @@ from typing import Any
 
 from ..queues import FCFSQueue
 from ..request import Request, State
-from .base import DEFAULT_TOKEN_BUDGET, Batch, Scheduler, register
+from .base import Scheduler
+from .interface import DEFAULT_TOKEN_BUDGET, Batch
+from .registry import register
 
 #: Llama 2's context length: ``max_model_len`` when neither the caller nor the profile gives one.
 DEFAULT_MAX_MODEL_LEN = 4096

@@ -46,6 +46,15 @@ def test_reservation_is_the_median_doubled_when_outgrown():
     assert rules.reservation_tokens(100, 450, 500) == 500  # never beyond max_tokens
     assert rules.reservation_tokens(0, 0, 10) == 1
 
+    def doubled(pred, generated, max_tokens):  # the definition, one doubling at a time
+        r = max(pred, 1)
+        while r <= generated:
+            r *= 2
+        return max(min(r, max_tokens), generated + 1)
+
+    assert all(rules.reservation_tokens(p, g, m) == doubled(p, g, m)
+               for p in range(0, 40) for g in range(0, 700, 3) for m in (50, 10**6))
+
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 3000), st.integers(0, 50000), st.integers(1, 60000)), min_size=1, max_size=40))
@@ -55,6 +64,61 @@ def test_vectorized_rules_equal_the_scalar_ones(rows):
         rules.reservation_tokens(b, g, m) for b, g, m in rows]
     ctx, rem = gen % 997, base
     assert rules.projected_peak_arrays(ctx, rem) == rules.projected_peak(zip(ctx.tolist(), rem.tolist(), strict=True))
+
+
+class _ProjectionFromScratch:
+    """``rules.Projection``'s definition, recomputed from scratch at every ``demand``."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int, list[int]] = {}  # rid -> [x, gx, base, max_tokens, end]
+
+    def set(self, rid, x, gx, base, max_tokens):
+        self.slots[rid] = [x, gx, max(base, 1), max_tokens, 0]
+
+    def drop(self, rid):
+        self.slots.pop(rid, None)
+
+    def demand(self, step, extra, pipelined, limit):
+        for v in self.slots.values():
+            if v[4] <= step:  # new, or outlived its reservation
+                v[4] = rules.reservation_tokens(v[2], v[1] + step, v[3]) - v[1]
+        items = [(v[0] + step, v[4] - step) for v in self.slots.values()] + ([extra] if extra else [])
+        total = sum(c + r for c, r in items)
+        if not pipelined or (limit is not None and total <= limit):
+            return total
+        return rules.projected_peak(items)
+
+
+PROJ_OP = st.one_of(
+    st.tuples(st.just("set"), st.integers(0, 12), st.integers(0, 3000), st.integers(0, 600),
+              st.integers(0, 400), st.integers(1, 4000)),
+    st.tuples(st.just("drop"), st.integers(0, 12)),
+    st.tuples(st.just("step"), st.integers(0, 300)),
+    st.tuples(st.just("demand"), st.none() | st.tuples(st.integers(1, 3000), st.integers(1, 800)),
+              st.booleans(), st.none() | st.integers(0, 20000)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops=st.lists(PROJ_OP, max_size=60), numpy_from=st.sampled_from([0, 4, 96]))
+def test_projection_equals_the_peak_recomputed_from_scratch(ops, numpy_from):
+    """The incremental ``Projection`` (running sums, ends kept sorted, a heap of stale ends; numpy
+    above ``numpy_from`` slots) returns the same numbers as recomputing every end and the peak."""
+    proj, ref, step = rules.Projection(16), _ProjectionFromScratch(), 0
+    proj.NUMPY_FROM = numpy_from
+    for op in ops:
+        if op[0] == "set":  # context and generated tokens given as of now (never negative)
+            _, rid, ctx, gen, base, max_tokens = op
+            proj.set(rid, ctx - step, gen - step, base, max_tokens)
+            ref.set(rid, ctx - step, gen - step, base, max_tokens)
+        elif op[0] == "drop":
+            proj.drop(op[1])
+            ref.drop(op[1])
+        elif op[0] == "step":
+            step += op[1]
+        else:
+            got = proj.demand(step, *op[1:])
+            assert got == ref.demand(step, *op[1:]) and type(got) is int
+        assert len(proj) == len(ref.slots)
 
 
 def test_ttft_lost_and_victim_key():
@@ -255,6 +319,7 @@ def test_kv_invariants_hold_with_tight_slos(rows, blocks, policy, swap):
             continue
         assert r.state == State.FINISHED and r.generated == r.target_tokens
     assert sched.kv.free_blocks == blocks and not sched.kv.allocs and not len(sched.proj)
+    assert sched.waiting_count() == len(sched.resume) + len(sched.pt) + len(sched.lost) == 0
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

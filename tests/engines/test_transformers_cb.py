@@ -81,6 +81,9 @@ def test_engine_matches_simulator(tiny_llama, tiny_llama_ecoserve_run, policy):
     run = tiny_llama_ecoserve_run[1] if policy == "ecoserve" else eng.generate(trace_requests())
     sim = simulate(eng.to_requests(trace_requests()), eng.make_policy(), check=True)
     assert sim.counters == run.counters
+    # One serving loop: the engine's iteration log is the simulator's, row for row.
+    stepwise = simulate(eng.to_requests(trace_requests()), eng.make_policy(), stepwise=True)
+    assert run.result is not None and run.result.log == stepwise.log
     for r, res in zip(sorted(sim.requests, key=lambda r: r.rid), run.results, strict=True):
         assert r.state == State.FINISHED and len(res.tokens) == r.true_output_tokens
         assert (res.ttft_s, res.jct_s, res.preemptions) == (

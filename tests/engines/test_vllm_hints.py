@@ -146,7 +146,7 @@ def test_parse_hints_accepts_only_integers_in_range(extra: dict) -> None:
 def test_hints_are_off_by_default_and_cannot_jump_the_queue(monkeypatch) -> None:
     def order(s) -> list[str]:
         s.add_request(req("early", 32, 100, arrival=0.0))
-        s.add_request(req("cheater", 32, 100, arrival=1.0, rl_pred_tokens=1, rl_reserve_tokens=1))
+        s.add_request(req("cheater", 32, 100, arrival=0.1, rl_pred_tokens=1, rl_reserve_tokens=1))
         return [r.request_id for r in s.waiting]
 
     s = make(EcoServeVllmSyncScheduler)
@@ -194,15 +194,13 @@ def test_predictor_failure_falls_back_to_the_default(cls: type, caplog) -> None:
 # ---- settings -------------------------------------------------------------------------------------
 BAD_SETTINGS = {
     "ECOSERVE_DEFAULT_RESERVE": ["lots", "0", "1.5", "-3", "9" * 5000],
-    "ECOSERVE_MARGIN": ["nan", "-0.1", "inf", "x"],
-    "ECOSERVE_RESERVE_FRAC": ["0.9", "2%"],
-    "ECOSERVE_TOPUP_LEAD_TOKENS": ["-1", "many"],
-    "ECOSERVE_TOPUP_FRAC": ["-1"],
-    "ECOSERVE_TOPUP_MIN_TOKENS": ["0"],
-    "ECOSERVE_ORDER_WEIGHT": ["heavy"],
+    "ECOSERVE_RESERVE_FRAC": ["0.9", "2%", "nan"],
+    "ECOSERVE_AGING": ["heavy", "-1", "inf"],
+    "ECOSERVE_GIVE_WAY": ["sometimes"],
     "ECOSERVE_SLO_TTFT": ["0", "5s"],
     "ECOSERVE_SLO_TBT": ["-0.2"],
     "ECOSERVE_PREFILL_S_PER_TOKEN": ["fast"],
+    "ECOSERVE_STEP_S": ["0", "x"],
     "ECOSERVE_TRUST_CLIENT_HINTS": ["maybe", "2"],
     "ECOSERVE_REQUIRE_PREDICTOR": ["si"],
 }
@@ -219,7 +217,7 @@ def test_setting_errors_name_the_variable_and_accepted_values(name: str, raw: st
         EcoServeVllmConfig.from_env({name: raw})
     msg = str(e.value)
     assert msg.startswith(f"{name}=") and "expected" in msg
-    assert ("1 or 0" in msg) if raw in ("maybe", "2", "si") else ("[" in msg or ">=" in msg)
+    assert ("1 or 0" in msg) if raw in ("maybe", "2", "si", "sometimes") else ("[" in msg or ">=" in msg)
 
 
 def test_settings_parse_and_are_checked_when_given_directly(caplog) -> None:
@@ -232,16 +230,37 @@ def test_settings_parse_and_are_checked_when_given_directly(caplog) -> None:
     assert cfg.trust_client_hints is True and cfg.require_predictor is False
     assert any("ECOSERVE_DEFAULT_RESREVE" in m for m in caplog.messages)
     assert EcoServeVllmConfig(default_reserve=300.0).default_reserve == 300
-    for bad in ({"default_reserve": -1}, {"margin": math.nan}, {"slo_ttft": "5"},
+    for bad in ({"default_reserve": -1}, {"aging": math.nan}, {"slo_ttft": "5"},
                 {"trust_client_hints": 1}, {"default_reserve": 10**400}, {"predictor": 3}):
         with pytest.raises(EcoServeSetupError, match=f"ECOSERVE_{next(iter(bad)).upper()}"):
             EcoServeVllmConfig(**bad)
     assert parse_setting("X", "on", bool) is True and parse_setting("X", "", str) is None
 
 
+def test_retired_and_other_components_settings(caplog) -> None:
+    """Settings the shared rules retired are named with the reason (``ECOSERVE_MARGIN`` too: it
+    no longer changes a reservation); the middleware's own settings (one environment for both
+    processes) are known, and a misspelled one is logged as unknown."""
+    from ecoserve_sched.engines.vllm_middleware import SETTINGS
+
+    env = {"ECOSERVE_TOPUP_FRAC": "0.5", "ECOSERVE_ORDER_WEIGHT": "1", "ECOSERVE_MARGIN": "0.1"}
+    env |= dict.fromkeys(SETTINGS, "2")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        EcoServeVllmConfig.from_env(env)
+    assert len(caplog.messages) == 1
+    msg = caplog.messages[0]
+    assert "retired" in msg and "ECOSERVE_TOPUP_FRAC" in msg and "ECOSERVE_AGING" in msg
+    assert "ECOSERVE_MARGIN: the reservation base is rl_pred_tokens" in msg and "MIDDLEWARE" not in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        EcoServeVllmConfig.from_env({"ECOSERVE_MIDDLEWARE_THRAEDS": "2"})
+    assert len(caplog.messages) == 1 and "unknown setting(s) ECOSERVE_MIDDLEWARE_THRAEDS" in caplog.messages[0]
+    assert "ECOSERVE_MIDDLEWARE_THREADS" in caplog.messages[0]  # listed among the known ones
+
+
 def test_bad_setting_stops_the_scheduler_at_construction(monkeypatch) -> None:
-    monkeypatch.setenv("ECOSERVE_TOPUP_FRAC", "half")
-    with pytest.raises(EcoServeSetupError, match=r"ECOSERVE_TOPUP_FRAC='half': expected a finite number in \[0, 100\]"):
+    monkeypatch.setenv("ECOSERVE_AGING", "half")
+    with pytest.raises(EcoServeSetupError, match=r"ECOSERVE_AGING='half': expected a finite number in \[0, 1000\]"):
         make(EcoServeVllmSyncScheduler)
 
 

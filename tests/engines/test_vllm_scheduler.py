@@ -1,4 +1,5 @@
-"""EcoServe on vLLM's real V1 scheduler (CPU, no model): reservations, groups, order, victims.
+"""EcoServe on vLLM's real V1 scheduler (CPU, no model): projected admission, top-ups, groups,
+order, victims.
 
 vLLM is required (conftest.py turns a missing vLLM into a failure unless ECOSERVE_VLLM_OPTIONAL=1).
 The helpers here (``make``, ``req``, ``drive``, ``check_done``) are shared with test_vllm_hints.py.
@@ -24,6 +25,7 @@ from ecoserve_sched.engines.vllm_scheduler import (
     EcoServeVllmConfig,
     EcoServeVllmScheduler,
     EcoServeVllmSyncScheduler,
+    _doublings,
 )
 from ecoserve_sched.engines.vllm_sim import build_vllm_scheduler, fake_model_output
 
@@ -81,56 +83,63 @@ def check_done(s: Scheduler) -> None:
     assert s.kv_cache_manager.block_pool.get_num_free_blocks() == s.kv_cache_config.num_blocks - 1
 
 
+def held_blocks(s: Scheduler, rid: str) -> int:
+    return len(s.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get(rid, ()))
+
+
 @pytest.mark.parametrize("cls", ECO_CLASSES)
-def test_reservation_allocated_at_admission_and_groups(cls: type) -> None:
+def test_blocks_as_written_projection_and_groups(cls: type) -> None:
+    """Reservations are projected, not allocated: a request holds the blocks of its tokens."""
     s = make(cls)
     specs = {"a": (40, 30, 0), "b": (40, 60, 1), "c": (70, 20, 0), "d": (20, 100, 2)}
-    for rid, (prompt, reserve, bucket) in specs.items():
-        s.add_request(req(rid, prompt, 200, rl_reserve_tokens=reserve, rl_bucket=bucket))
+    for rid, (prompt, pred, bucket) in specs.items():
+        s.add_request(req(rid, prompt, 200, rl_pred_tokens=pred, rl_bucket=bucket))
     out = s.schedule()
     assert set(out.num_scheduled_tokens) == set(specs)
-    for rid, (prompt, reserve, _) in specs.items():
-        assert s.held_blocks(rid) == math.ceil((prompt + reserve) / BS), rid
+    for rid, (prompt, _, _) in specs.items():
+        assert held_blocks(s, rid) == math.ceil(prompt / BS), rid
+        assert rid in s.proj
     assert s.group_sizes() == {0: 2, 1: 1, 2: 1}
     drive(s, [out])
     check_done(s)
-    assert s.group_sizes() == {}
+    assert s.group_sizes() == {} and not len(s.proj)
 
 
 @pytest.mark.parametrize("cls", ECO_CLASSES)
 def test_every_request_finishes_with_topups(cls: type) -> None:
     s = make(cls)
-    for i in range(6):  # under-predicted: every request needs top-ups
+    for i in range(6):  # under-predicted: every reservation is doubled (top-up) several times
         s.add_request(req(str(i), 30 + 7 * i, 90 + 20 * i, arrival=0.01 * i,
-                          rl_reserve_tokens=16, rl_bucket=i % 3))
+                          rl_pred_tokens=16, rl_bucket=i % 3))
     drive(s)
     check_done(s)
-    assert s.eco_counters["topups"] > 0
-    assert s.eco_counters["reserved_admissions"] >= 6
+    assert s.eco_counters["topups"] == sum(
+        _doublings(16, 90 + 20 * i, 90 + 20 * i) for i in range(6)) > 0
+    assert s.eco_counters["admissions"] >= 6
 
 
-def test_admission_waits_for_the_whole_reservation() -> None:
-    """vLLM admits on the prompt; EcoServe only when prompt + reservation fits (and keeps order)."""
+def test_admission_waits_for_the_projected_peak() -> None:
+    """vLLM admits on the prompt; EcoServe only when the projected peak fits (and keeps order):
+    14 blocks = 224 tokens; "long" (32 + 120) and "next" (32 + 150) would peak at 302."""
     plain, eco = make(Scheduler, num_blocks=14), make(EcoServeVllmSyncScheduler, num_blocks=14)
     for s in (plain, eco):
-        s.add_request(req("long", 32, 150, arrival=0.0, rl_reserve_tokens=120, rl_pred_tokens=120))
-        s.add_request(req("next", 32, 50, arrival=10.0, rl_reserve_tokens=40, rl_pred_tokens=40))
+        s.add_request(req("long", 32, 150, arrival=0.0, rl_pred_tokens=120))
+        s.add_request(req("next", 32, 180, arrival=10.0, rl_pred_tokens=150))
     assert set(plain.schedule().num_scheduled_tokens) == {"long", "next"}
     out = eco.schedule()
     assert set(out.num_scheduled_tokens) == {"long"}
-    assert eco.held_blocks("long") == math.ceil((32 + 120) / BS)
-    assert [r.request_id for r in eco.waiting] == ["next"]
+    assert [r.request_id for r in eco.waiting] == ["next"] and eco.eco_counters["admission_waits"] >= 1
     drive(eco, [out])
     check_done(eco)
 
 
 def test_ordering_shorter_predicted_work_first_and_preempted_first() -> None:
     s = make(EcoServeVllmSyncScheduler)
-    s.add_request(req("long", 32, 100, arrival=0.0, rl_pred_tokens=1000, rl_reserve_tokens=64))
-    s.add_request(req("short", 32, 100, arrival=0.1, rl_pred_tokens=10, rl_reserve_tokens=64))
-    s.add_request(req("late", 32, 100, arrival=60.0, rl_pred_tokens=1, rl_reserve_tokens=64))
+    s.add_request(req("long", 32, 100, arrival=0.0, rl_pred_tokens=1000))
+    s.add_request(req("short", 32, 100, arrival=0.1, rl_pred_tokens=10))
+    s.add_request(req("late", 32, 100, arrival=60.0, rl_pred_tokens=1))
     assert [r.request_id for r in s.waiting] == ["short", "long", "late"]
-    q = EcoServeRequestQueue(lambda r: (0.0, r.arrival_time))
+    q = EcoServeRequestQueue(lambda r: r.arrival_time)
     a, b, c = (req(x, 8, 8, arrival=t) for x, t in (("a", 1.0), ("b", 2.0), ("c", 3.0)))
     for r in (a, b, c):
         q.add_request(r)
@@ -141,29 +150,37 @@ def test_ordering_shorter_predicted_work_first_and_preempted_first() -> None:
 
 
 def _victim_setup(cls: type) -> Scheduler:
-    """Three under-reserved requests in a KV cache that runs out while they decode."""
+    """Three under-predicted requests in a KV cache that runs out while they decode."""
     s = make(cls, num_blocks=11)
     if hasattr(s, "clock"):
-        s.clock = lambda: 0.0  # every request is ahead of its SLO pace
-    # "wide" arrives first and has the least predicted work: both schedulers admit it first.
-    s.add_request(req("wide", 32, 100, arrival=0.00, rl_bucket=2, rl_pred_tokens=5, rl_reserve_tokens=16))
-    s.add_request(req("x", 32, 100, arrival=0.01, rl_bucket=0, rl_pred_tokens=50, rl_reserve_tokens=16))
-    s.add_request(req("z", 32, 100, arrival=0.02, rl_bucket=1, rl_pred_tokens=60, rl_reserve_tokens=16))
+        s.clock = lambda: 0.0  # no TTFT SLO is lost
+    # "wide" arrives first (both schedulers admit it first) and is predicted the longest: when
+    # KV runs out it has the most predicted work left, so the rules pick it, not the latest "z".
+    s.add_request(req("wide", 32, 100, arrival=0.0, rl_bucket=2, rl_pred_tokens=60))
+    s.add_request(req("x", 32, 100, arrival=5.0, rl_bucket=0, rl_pred_tokens=10))
+    s.add_request(req("z", 32, 100, arrival=10.0, rl_bucket=1, rl_pred_tokens=12))
     return s
 
 
-def test_victim_is_chosen_by_slack_group_and_kv_not_latest_admission() -> None:
+def test_victim_is_the_rules_victim_not_the_latest_admission() -> None:
     eco = _victim_setup(EcoServeVllmSyncScheduler)
-    outs = drive(eco)
-    first = next(o.preempted_req_ids for o in outs if o.preempted_req_ids)
-    assert [r.req_id for r in outs[0].scheduled_new_reqs] == ["wide", "x", "z"]
-    assert first == {"wide"}  # ours: ahead of its SLO pace, longest predicted group
-    assert eco.eco_counters["preemptions"] >= 1 and eco.eco_counters["topup_misses"] >= 1
+    target = {rid: r.max_tokens for rid, r in eco.requests.items()}
+    first = None
+    for _ in range(2000):
+        if not eco.get_num_unfinished_requests():
+            break
+        want = max(eco.running, key=lambda r: eco._victim_key(r, 0.0)).request_id if eco.running else None
+        out = eco.schedule()
+        if out.preempted_req_ids and first is None:
+            first = (set(out.preempted_req_ids), want)
+        eco.update_from_output(out, fake_model_output(out, eco, target))
+    assert first is not None and first[1] in first[0]
+    assert first[1] != "z"  # not vLLM's choice: the latest admitted
     check_done(eco)
+    assert eco.eco_counters["preemptions"] >= 1 and eco.eco_counters["victim_sorts"] >= 1
     plain = _victim_setup(Scheduler)
     outs = drive(plain)
-    first_plain = next(o.preempted_req_ids for o in outs if o.preempted_req_ids)
-    assert first_plain == {"z"}  # vLLM: the last admitted
+    assert next(o.preempted_req_ids for o in outs if o.preempted_req_ids) == {"z"}  # vLLM: the last admitted
     check_done(plain)
 
 

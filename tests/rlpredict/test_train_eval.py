@@ -24,9 +24,10 @@ DATA = [str(p) for p in SAMPLE_FILES.values()]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("m") / "model"
-    # Over-fit 32 examples for 24 steps: the loss must fall.
+    # Over-fit 32 examples for 24 steps: the loss must fall. (Evaluation while training and
+    # checkpoints are tested on a tiny encoder in test_trainer.py.)
     cfg = TrainConfig(data=DATA, max_rows=32, max_steps=24, batch_size=8, max_length=48, lr=3e-4,
-                      head_lr=3e-3, test_frac=0.25, seed=1, warmup_ratio=0.0)
+                      head_lr=3e-3, test_frac=0.25, seed=1, warmup_ratio=0.0, eval_rows=0, save_checkpoints=False)
     summary = train(cfg, out, progress=False)
     return out, summary
 
@@ -34,6 +35,8 @@ def trained(tmp_path_factory):
 def test_training_lowers_the_loss_and_saves_a_model_folder(trained):
     out, summary = trained
     assert summary["steps"] == 24 and summary["loss_last"] < summary["loss_first"]
+    assert summary["trainer"]["processes"] == 1 and summary["trainer"]["checkpoint_dir"] is None
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"]  # no checkpoint or temporary folder
     for f in ("config.json", "model.safetensors", "tokenizer.json", "rlpredict.json", "training_summary.json"):
         assert (out / f).is_file(), f
     meta = ModelMeta.load(out)
@@ -94,7 +97,7 @@ def test_lora_run_saves_a_merged_plain_model(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     cfg = TrainConfig(data=DATA[:1], max_rows=16, max_steps=3, batch_size=8, max_length=32, method="lora",
-                      lr=5e-4, loss="ce", class_weight="none")
+                      lr=5e-4, loss="ce", class_weight="none", eval_rows=0, save_checkpoints=False)
     summary = train(cfg, tmp_path / "lora", progress=False)
     assert summary["config"]["method"] == "lora"
     assert not (tmp_path / "lora" / "adapter_config.json").exists()

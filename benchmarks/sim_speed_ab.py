@@ -1,0 +1,125 @@
+"""Replay speed of two source trees, interleaved in one run (a before/after check for refactors).
+
+Each tree gets its own worker process (``PYTHONPATH`` = the tree); the cells of
+``benchmarks/sim_speed.py`` (policy x rate scale) run alternately in the two workers, ``--repeat``
+times each, so both see the same machine load. The table gives the best (least) wall and CPU
+seconds of each cell (the least disturbed run, as ``timeit`` reports), the after/before CPU
+ratio, and whether the two trees made the same decisions (a hash of every request's times and
+of the iteration log). Then each tree's own ``sim_speed.py`` decision benchmark (512 running).
+
+Usage: git worktree add --detach /tmp/before HEAD
+       python benchmarks/sim_speed_ab.py --before /tmp/before [--after .] [--rate-scales 0.3,1]
+       [--policies vllm,ecoserve] [--repeat 3] [--no-decision]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
+DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
+POLICIES = ("vllm", "sarathi", "orca", "s3", "sjf", "ecoserve", "ecoserve-oracle")
+
+WORKER = r"""
+import argparse, contextlib, hashlib, io, json, sys, time
+sys.path.insert(0, "benchmarks")
+from ecoserve_sched.cost_model import load_profile
+from ecoserve_sched.predictions import load_confusion
+from ecoserve_sched.request import SLO
+from ecoserve_sched.simulator import run
+from ecoserve_sched.trace import read_trace
+trace, cost, conf = read_trace(sys.argv[1]), load_profile(sys.argv[2]), load_confusion(sys.argv[3])
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["cmd"] == "decision":
+        import sim_speed
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            sim_speed.decision_time(argparse.Namespace(backlog=cmd["backlog"]))
+        print(json.dumps({"text": out.getvalue()}), flush=True)
+        continue
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = run(trace.scaled(cmd["scale"]), cmd["policy"], cost, slo=SLO(5.0, 0.2), predictions="confusion",
+              confusion=conf)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    rows = [(r.first_token_s, r.finish_s, r.generated, r.preemptions) for r in res.requests]
+    fp = hashlib.sha256(repr((rows, res.log, sorted(res.counters.items()))).encode()).hexdigest()[:12]
+    print(json.dumps({"wall": wall, "cpu": cpu, "iterations": sum(r[2] for r in res.log),
+                      "rows": len(res.log), "fp": fp}), flush=True)
+"""
+
+
+class Worker:
+    """A Python process importing ``ecoserve_sched`` from ``tree``, answering one command a line."""
+
+    def __init__(self, tree: Path, args: argparse.Namespace) -> None:
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(args.trace), args.profile,
+                                      str(args.confusion)], cwd=tree, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def ask(self, **cmd: object) -> dict:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", type=Path, required=True, help="source tree of the baseline (a git worktree)")
+    ap.add_argument("--after", type=Path, default=ROOT, help="source tree to compare (default: this one)")
+    ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="trace to replay")
+    ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile")
+    ap.add_argument("--confusion", type=Path, default=DEFAULT_CONFUSION, help="confusion matrix for predictions")
+    ap.add_argument("--rate-scales", default="0.3,1", type=lambda s: [float(x) for x in s.split(",")],
+                    help="rate scales to replay at")
+    ap.add_argument("--policies", default=",".join(POLICIES), type=lambda s: s.split(","),
+                    help="policies to replay (comma-separated)")
+    ap.add_argument("--decision", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run each tree's decision benchmark")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per cell and tree (the best is reported)")
+    ap.add_argument("--backlog", type=int, default=2000, help="waiting requests in the decision benchmark")
+    args = ap.parse_args()
+    args.trace, args.confusion = args.trace.resolve(), args.confusion.resolve()
+    workers = {"before": Worker(args.before.resolve(), args), "after": Worker(args.after.resolve(), args)}
+    print(f"## Replay speed, before ({args.before}) vs after ({args.after}), interleaved\n")
+    print("| policy | rate scale | wall s before | wall s after | CPU s before | CPU s after | after/before CPU "
+          "| iterations | log rows before / after | same decisions |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    total = {"before": 0.0, "after": 0.0}
+    for scale in args.rate_scales:
+        for p in args.policies:
+            got: dict[str, list[dict]] = {"before": [], "after": []}
+            for k in range(args.repeat):
+                for name in (("before", "after") if k % 2 == 0 else ("after", "before")):
+                    got[name].append(workers[name].ask(cmd="replay", policy=p, scale=scale))
+            best = {n: {m: min(g[m] for g in got[n]) for m in ("wall", "cpu")} for n in got}
+            b, a = got["before"][0], got["after"][0]
+            for n in total:
+                total[n] += best[n]["cpu"]
+            print(f"| {p} | {scale:g} | {best['before']['wall']:.2f} | {best['after']['wall']:.2f} | "
+                  f"{best['before']['cpu']:.2f} | {best['after']['cpu']:.2f} | "
+                  f"{best['after']['cpu'] / best['before']['cpu']:.3f} | {a['iterations']:,} | "
+                  f"{b['rows']:,} / {a['rows']:,} | {'yes' if a['fp'] == b['fp'] else 'NO'} |")
+    print(f"\nTotal CPU s (best of {args.repeat}): before {total['before']:.2f}, after {total['after']:.2f} "
+          f"({total['after'] / total['before']:.3f}x)\n")
+    for name, w in workers.items():
+        if args.decision:
+            print(f"### Decision time, {name}\n{w.ask(cmd='decision', backlog=args.backlog)['text']}")
+        w.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Training speed: the hand-written loop of git HEAD against the ``transformers.Trainer`` loop.
+
+    python benchmarks/train_speed.py                      # 2 rounds x 16 steps each, 2 threads
+    python benchmarks/train_speed.py --rev HEAD~3 --steps 30 --rounds 3 --json runs/train_speed.json
+
+The old ``rlpredict/train.py`` is read with ``git show REV:rlpredict/train.py`` into a temporary
+module, so both loops run in this one process on the same prepared data (the bundled ShareGPT
+and AlpacaEval samples), the same encoder (all-MiniLM-L6-v2), the same settings (length 128,
+batch 32, full fine-tuning, ordinal loss) and the same threads. Runs alternate (old, Trainer,
+old, Trainer, ...) so that load from other jobs hits both alike. The Trainer runs without
+evaluation and checkpoints, as the old loop did. Examples/s counts training steps only (model
+loading and saving excluded, as each loop's own summary reports it). Prints a Markdown table;
+the ratio is Trainer / old (>= 1: the Trainer is not slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def old_loop(rev: str, folder: Path) -> ModuleType:
+    """``rlpredict/train.py`` as of ``rev``, imported as the module ``rlpredict_train_old``."""
+    src = subprocess.run(["git", "show", f"{rev}:rlpredict/train.py"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    path = folder / "rlpredict_train_old.py"
+    path.write_text(src, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("rlpredict_train_old", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rev", default="HEAD", help="git revision of the old loop (default HEAD)")
+    ap.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each loop (alternating)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the project's CPU budget: 2 cores)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    from rlpredict import train as new
+    from rlpredict.config import TrainConfig
+    from rlpredict.samples import SAMPLE_FILES
+
+    cfg = TrainConfig(data=[str(p) for p in SAMPLE_FILES.values()], max_steps=args.steps, batch_size=args.batch_size,
+                      max_length=args.max_length, include_generator=True, threads=args.threads, seed=0,
+                      eval_rows=0, save_checkpoints=False)
+    prep = new.prepare(cfg)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        old = old_loop(args.rev, Path(tmp))
+        loops = {"old": lambda out: old.train(cfg, out, prepared=prep, progress=False),
+                 "trainer": lambda out: new.train(dataclasses.replace(cfg), out, prepared=prep, progress=False)}
+        for r in range(args.rounds):
+            for name, run in loops.items():
+                t = time.perf_counter()
+                s = run(Path(tmp) / f"{name}-{r}")
+                rows.append({"round": r + 1, "loop": name, "steps": s["steps"], "examples": s["examples_seen"],
+                             "examples_per_second": s["examples_per_second"], "wall_s": round(time.perf_counter() - t, 1)})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    med = {n: statistics.median(r["examples_per_second"] for r in rows if r["loop"] == n) for n in ("old", "trainer")}
+    print(f"\n{args.steps} steps x batch {args.batch_size}, length {args.max_length}, {args.threads} threads, "
+          f"old loop = {args.rev}\n")
+    print("| round | old loop ex/s | Trainer ex/s | Trainer / old |\n|---|---|---|---|")
+    for r in range(1, args.rounds + 1):
+        o, t = (next(x["examples_per_second"] for x in rows if x["round"] == r and x["loop"] == n)
+                for n in ("old", "trainer"))
+        print(f"| {r} | {o:.2f} | {t:.2f} | {t / o:.2f} |")
+    print(f"| median | {med['old']:.2f} | {med['trainer']:.2f} | {med['trainer'] / med['old']:.2f} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "runs": rows,
+                                         "median": med}, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""Response-length prediction in vLLM's API server process (an ASGI middleware), off the engine loop.
+
+    ECOSERVE_MIDDLEWARE_PREDICTOR=default ECOSERVE_TRUST_CLIENT_HINTS=1 vllm serve MODEL \\
+        --middleware ecoserve_sched.engines.vllm_middleware.EcoServePredictMiddleware \\
+        --scheduler-cls ecoserve_sched.engines.vllm_scheduler.EcoServeVllmAutoScheduler
+
+vLLM builds the class with ``app.add_middleware(cls)`` (no arguments), so it is configured by
+environment variables (:class:`MiddlewareConfig`). For every HTTP ``POST`` it:
+
+1. reads the body, at most ``ECOSERVE_MIDDLEWARE_MAX_BODY_BYTES`` (streamed bodies included);
+2. in a thread pool (never on the event loop): parses it with ``json.loads``, the parser FastAPI
+   uses for vLLM's endpoints, and removes every ``rl_*`` key from each ``vllm_xargs`` /
+   ``extra_args`` mapping anywhere in it - the client's hints never reach the engine;
+3. for ``/v1/chat/completions`` (the ``messages``) and ``/v1/completions`` (a single ``prompt``
+   string), runs the predictor on the text the user sent, as the bundle's input spec reads it
+   (e.g. the last user message, prefixed with the served model's name), and sets ``rl_bucket``,
+   ``rl_pred_tokens`` and ``rl_reserve_tokens`` in ``vllm_xargs``;
+4. passes the body on: the original bytes when nothing changed; with the predicted
+   ``vllm_xargs`` appended as the object's last member when no client hint was found (no full
+   re-serialisation: see :func:`_append_xargs`); else re-serialised from the parsed document.
+
+With the middleware in front, ``ECOSERVE_TRUST_CLIENT_HINTS=1`` on the scheduler trusts only
+hints this process set. Failures never fail a request: a body that is not JSON goes on untouched
+(vLLM rejects it); a predictor error, or more than ``ECOSERVE_MIDDLEWARE_MAX_PENDING`` predictions
+in flight, sends the request on without hints (the scheduler then predicts itself if it has
+``ECOSERVE_PREDICTOR``, else uses its default reservation), counted in :attr:`counters` and
+logged once. Bodies the middleware cannot vet (over the size limit, or form data, which the
+audio endpoints take) go on untouched when hints are not trusted, and are refused (413 / 415)
+when they are, since they could carry hints.
+
+Imports at module load: the standard library only; the predictor (ONNX Runtime) and the settings
+parser are imported when the middleware is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+ENV_PREFIX = "ECOSERVE_MIDDLEWARE_"
+#: Endpoints whose requests are predicted, and the field holding what the user sent.
+PREDICT_PATHS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
+#: Mappings that become ``SamplingParams.extra_args`` (vLLM's request models and /inference).
+XARG_FIELDS = ("vllm_xargs", "extra_args")
+HINT_PREFIX = "rl_"
+FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
+
+
+@dataclass(slots=True)
+class MiddlewareConfig:
+    """Settings of the middleware; ``from_env`` reads ``ECOSERVE_MIDDLEWARE_<FIELD>`` plus the one
+    it shares with the scheduler, ``ECOSERVE_TRUST_CLIENT_HINTS``."""
+
+    predictor: str | None = None  # bundle folder or "default"; None: strip client hints only
+    max_body_bytes: int = 4 << 20  # larger bodies are not parsed (refused under trust)
+    threads: int = 2  # prediction threads (ONNX Runtime releases the GIL)
+    max_pending: int = 16  # predictions queued or running; beyond: no prediction (shed)
+    generator: str | None = None  # the served model's name for the predictor; None: "model" field
+    trust_client_hints: bool = False  # ECOSERVE_TRUST_CLIENT_HINTS: refuse unvettable bodies
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> MiddlewareConfig:
+        """The settings in ``environ`` (default ``os.environ``), parsed and range-checked by the
+        scheduler's ``parse_setting`` (errors name the variable and what it accepts)."""
+        from .vllm_scheduler import parse_setting  # lazy: imports vLLM's scheduler
+
+        env = os.environ if environ is None else environ
+        names = {f.name: f"{ENV_PREFIX}{f.name.upper()}" for f in fields(cls)}
+        names["trust_client_hints"] = "ECOSERVE_TRUST_CLIENT_HINTS"
+        values = {name: parse_setting(var, env[var], *_LIMITS[name])
+                  for name, var in names.items() if var in env}
+        return cls(**values)
+
+
+#: (type, lowest, highest) of each setting.
+_LIMITS: dict[str, tuple[type, float | None, float | None]] = {
+    "predictor": (str, None, None), "max_body_bytes": (int, 1024, 1 << 30), "threads": (int, 1, 64),
+    "max_pending": (int, 1, 1_000_000), "generator": (str, None, None), "trust_client_hints": (bool, None, None)}
+#: The middleware's own variables (the scheduler's ``from_env`` knows them, and logs any other
+#: ``ECOSERVE_MIDDLEWARE_*`` name as unknown: one environment reaches both processes).
+SETTINGS = tuple(f"{ENV_PREFIX}{name.upper()}" for name in _LIMITS if name != "trust_client_hints")
+
+
+# ---- the body: hints out, predictions in (pure functions, run in the thread pool) ------------------
+def strip_hints(doc: Any) -> int:
+    """Remove every ``rl_*`` key from each ``vllm_xargs`` / ``extra_args`` mapping in ``doc`` (any
+    depth, in place); returns how many were removed."""
+    removed, stack = 0, [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in XARG_FIELDS and isinstance(value, dict):
+                    for k in [k for k in value if isinstance(k, str) and k.startswith(HINT_PREFIX)]:
+                        del value[k]
+                        removed += 1
+                if isinstance(value, dict | list):
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, dict | list))
+    return removed
+
+
+def _text(content: Any) -> str:
+    """A message's text: a string, or the text parts of an OpenAI content list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content
+                         if isinstance(p, dict) and p.get("type") in ("text", "input_text")
+                         and isinstance(p.get("text"), str))
+    return ""
+
+
+def predictor_input(doc: dict, field: str) -> str | list[dict[str, str]] | None:
+    """What the user sent, as the predictor takes it: the chat's messages (``role`` and text
+    ``content``) or the completion's single prompt string; None when there is no text."""
+    value = doc.get(field)
+    if field == "prompt":
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        return value if isinstance(value, str) and value else None
+    if not isinstance(value, list):
+        return None
+    messages = [{"role": m["role"], "content": _text(m.get("content"))}
+                for m in value if isinstance(m, dict) and isinstance(m.get("role"), str)]
+    return messages if any(m["role"] == "user" and m["content"] for m in messages) else None
+
+
+@dataclass(slots=True)
+class Rewrite:
+    """The outcome for one body: the bytes to send on (None: the original) and what happened."""
+
+    body: bytes | None
+    outcome: str  # not_json | no_text | predicted | shed | predictor_error | other_path | error
+    stripped: int = 0
+    error: BaseException | None = None
+
+
+def _hints(out: Any, limits: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+    """A prediction as scheduler hints, each checked against the scheduler's ``HINT_LIMITS``."""
+    hints = {}
+    for key in ("bucket", "pred_tokens", "reserve_tokens"):
+        value = getattr(out, key)
+        n = int(value)
+        lo, hi = limits[f"rl_{key}"]
+        if n != value or not lo <= n <= hi:
+            raise ValueError(f"the predictor returned {key}={value!r}, not an integer in [{lo}, {hi}]")
+        hints[f"rl_{key}"] = n
+    return hints
+
+
+# ---- the middleware ---------------------------------------------------------------------------------
+class EcoServePredictMiddleware:
+    """ASGI middleware: strips client ``rl_*`` hints and sets predicted ones (module docstring).
+
+    ``config`` and ``predictor`` (any object with ``predict(requests, generators)``, see
+    ``ecoserve_sched.predictor``) are for tests and embedding; vLLM passes neither.
+    """
+
+    def __init__(self, app: ASGIApp, config: MiddlewareConfig | None = None,
+                 predictor: Any = None) -> None:
+        from .vllm_scheduler import HINT_LIMITS
+
+        self.app = app
+        self.cfg = config if config is not None else MiddlewareConfig.from_env()
+        self._limits = HINT_LIMITS
+        if predictor is None and self.cfg.predictor:
+            predictor = load_bundle(self.cfg.predictor)
+        self.predictor = predictor
+        self._pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="ecoserve-predict")
+        # bodies that get no prediction (other endpoints, shed) are checked here, never queued
+        # behind predictions
+        self._plain_pool = ThreadPoolExecutor(1, thread_name_prefix="ecoserve-strip")
+        self._pending = 0  # predictions submitted and not finished (touched on the loop only)
+        self.counters = dict.fromkeys(
+            ("requests", "predicted", "stripped_requests", "stripped_keys", "not_json", "no_text",
+             "shed", "predictor_errors", "oversized", "form_bodies", "refused", "errors"), 0)
+        self.predict_s: list[float] = []  # seconds per prediction (bounded, for benchmarks)
+        self._logged: set[str] = set()
+        _log_through_vllm()
+        mode = f"predictor {self.cfg.predictor or type(predictor).__name__}" if predictor else "no predictor"
+        logger.info("EcoServe middleware: %s on %s; client rl_* hints stripped from every JSON body; "
+                    "max body %d bytes, %d threads, at most %d pending; ECOSERVE_TRUST_CLIENT_HINTS=%d",
+                    mode, ", ".join(PREDICT_PATHS), self.cfg.max_body_bytes, self.cfg.threads,
+                    self.cfg.max_pending, self.cfg.trust_client_hints)
+        if predictor is not None and not self.cfg.trust_client_hints:
+            logger.warning("EcoServe middleware: ECOSERVE_TRUST_CLIENT_HINTS is off, so the scheduler "
+                           "ignores the hints set here; set it to 1 in the environment of `vllm serve`")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        self.counters["requests"] += 1
+        headers = dict(scope.get("headers") or ())
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if ctype in FORM_TYPES:  # audio endpoints: vllm_xargs is a form field, not parsed here
+            self.counters["form_bodies"] += 1
+            if self.cfg.trust_client_hints:
+                await self._refuse(send, 415, "form data cannot be checked for rl_* hints while "
+                                   "ECOSERVE_TRUST_CLIENT_HINTS=1; send JSON")
+                return
+            await self.app(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more and size <= self.cfg.max_body_bytes:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                await self.app(scope, _replay(chunks, True, receive, message), send)
+                return
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            more = bool(message.get("more_body", False))
+        if size > self.cfg.max_body_bytes:
+            self.counters["oversized"] += 1
+            self._log_once("oversized", "a request body is over ECOSERVE_MIDDLEWARE_MAX_BODY_BYTES=%d; "
+                           "%s", self.cfg.max_body_bytes,
+                           "refused (413)" if self.cfg.trust_client_hints else "passed on unparsed")
+            if self.cfg.trust_client_hints:
+                await self._refuse(send, 413, f"request body over {self.cfg.max_body_bytes} bytes "
+                                   "(ECOSERVE_MIDDLEWARE_MAX_BODY_BYTES)")
+                return
+            await self.app(scope, _replay(chunks, more, receive), send)
+            return
+        body, path = b"".join(chunks), _route(scope)
+        predict = self.predictor is not None and path in PREDICT_PATHS
+        if predict and self._pending >= self.cfg.max_pending:
+            predict = False
+            self.counters["shed"] += 1
+            self._log_once("shed", "%d predictions in flight (ECOSERVE_MIDDLEWARE_MAX_PENDING); "
+                           "requests go on without a prediction", self._pending)
+        self._pending += predict
+        try:
+            loop = asyncio.get_running_loop()
+            pool = self._pool if predict else self._plain_pool
+            result = await loop.run_in_executor(pool, self.rewrite, body, path, predict)
+        except Exception as e:  # a bug, or a document json cannot write back: never fail for it
+            result = Rewrite(None, "error", error=e)
+        finally:
+            self._pending -= predict
+        self._count(result)
+        if result.outcome == "error" and self.cfg.trust_client_hints:  # it may carry hints
+            await self._refuse(send, 400, "the request body could not be checked for rl_* hints")
+            return
+        if result.body is not None:
+            scope = dict(scope, headers=[(k, str(len(result.body)).encode() if k == b"content-length" else v)
+                                         for k, v in scope.get("headers") or ()])
+            body = result.body
+        await self.app(scope, _replay([body], False, receive), send)
+
+    def rewrite(self, body: bytes, path: str | None, predict: bool) -> Rewrite:
+        """The body with client hints removed and, if ``predict``, predicted ones set. Runs in
+        the thread pool; never raises."""
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):  # not JSON (or UTF-8/16/32): vLLM rejects it too
+            return Rewrite(None, "not_json")
+        stripped = strip_hints(doc)
+        outcome, hints, error = "other_path", None, None
+        field = PREDICT_PATHS.get(path or "")
+        if field is not None and isinstance(doc, dict):
+            request = predictor_input(doc, field)
+            xargs = doc.get("vllm_xargs")
+            if request is None or not (xargs is None or isinstance(xargs, dict)):
+                outcome = "no_text"
+            elif not predict:
+                outcome = "shed" if self.predictor is not None else "other_path"
+            else:
+                generator = self.cfg.generator or (doc["model"] if isinstance(doc.get("model"), str) else None)
+                t0 = time.perf_counter()
+                try:
+                    hints = _hints(self.predictor.predict([request], [generator])[0], self._limits)
+                    outcome = "predicted"
+                except Exception as e:  # any predictor failure: no hints, the request goes on
+                    outcome, error = "predictor_error", e
+                if len(self.predict_s) < 100_000:
+                    self.predict_s.append(time.perf_counter() - t0)
+                if hints:
+                    doc["vllm_xargs"] = {**(xargs or {}), **hints}
+        if not stripped and not hints:
+            return Rewrite(None, outcome, 0, error)
+        if stripped or json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
+            return Rewrite(json.dumps(doc, separators=(",", ":")).encode(), outcome, stripped, error)
+        return Rewrite(_append_xargs(body, doc["vllm_xargs"]), outcome, 0, error)
+
+    def _count(self, r: Rewrite) -> None:
+        c = self.counters
+        if r.outcome in ("not_json", "no_text", "predicted"):
+            c[r.outcome] += 1
+        elif r.outcome == "error":
+            c["errors"] += 1
+            self._log_once("error", "checking a request body failed (%r); %s", r.error,
+                           "refused (400)" if self.cfg.trust_client_hints else "passed on unchanged")
+        elif r.outcome == "predictor_error":
+            c["predictor_errors"] += 1
+            self._log_once("predictor", "the predictor failed (%r); requests go on without a "
+                           "prediction", r.error)
+        if r.stripped:
+            c["stripped_requests"] += 1
+            c["stripped_keys"] += r.stripped
+
+    def _log_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.warning("EcoServe middleware: " + msg + " (logged once; counted in counters)", *args)
+
+    async def _refuse(self, send: Send, status: int, why: str) -> None:
+        self.counters["refused"] += 1
+        body = json.dumps({"error": {"message": why, "type": "BadRequestError", "param": None,
+                                     "code": status}}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _append_xargs(body: bytes, xargs: dict) -> bytes:
+    """``body`` (a UTF-8 JSON object holding no client hint) with ``"vllm_xargs": xargs`` added
+    as its last member: a duplicate key, if the client sent one, that ``json.loads`` (FastAPI) and
+    pydantic both resolve to the last. Saves re-serialising the whole body (the GIL) for every
+    request; bodies with client hints are re-serialised instead, so that safety never depends on
+    which duplicate a parser keeps."""
+    end = body.rstrip()
+    return end[:-1] + b',"vllm_xargs":' + json.dumps(xargs, separators=(",", ":")).encode() + b"}"
+
+
+def load_bundle(name: str) -> Any:
+    """The predictor bundle ``name`` (a folder, or "default": the shipped one), loaded and run
+    once; a bundle that cannot be used is a start-up error naming the variable."""
+    from rlpredict.runtime import Predictor  # lazy: ONNX Runtime, no torch
+
+    from .vllm_scheduler import EcoServeSetupError
+
+    t0 = time.perf_counter()
+    try:
+        predictor = Predictor.load(None if name == "default" else name, threads=1)
+        predictor.predict(["Hello"], ["warm-up"])
+    except Exception as e:
+        raise EcoServeSetupError(f"{ENV_PREFIX}PREDICTOR={name!r}: cannot use this predictor bundle "
+                                 f"({e}); expected a folder written by `rlpredict export`, or "
+                                 "'default' for the shipped one") from e
+    logger.info("EcoServe middleware: predictor %s loaded and checked in %.2f s", name, time.perf_counter() - t0)
+    return predictor
+
+
+def _route(scope: Scope) -> str:
+    """The request's path without the server's ``root_path`` (``--root-path``)."""
+    path, root = str(scope.get("path", "")), str(scope.get("root_path", "") or "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _replay(chunks: list[bytes], more: bool, receive: Receive, last: Message | None = None) -> Receive:
+    """A ``receive`` that yields the body read so far (one message), then ``last`` if given, then
+    defers to ``receive`` (the rest of a streamed body, or the client's disconnect)."""
+    queue: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": more}]
+    if last is not None:
+        queue.append(last)
+
+    async def replay() -> Message:
+        return queue.pop(0) if queue else await receive()
+
+    return replay
+
+
+def _log_through_vllm() -> None:
+    """Inside ``vllm serve`` only the "vllm" logger has handlers: log through them too."""
+    vllm_logger = logging.getLogger("vllm")
+    if vllm_logger.handlers and not vllm_logger.propagate and not logger.handlers:
+        for handler in vllm_logger.handlers:
+            logger.addHandler(handler)
+        logger.setLevel(vllm_logger.level)
+        logger.propagate = False

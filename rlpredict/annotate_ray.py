@@ -1,0 +1,569 @@
+"""Annotate traces at cluster scale on Ray Data (``rlpredict annotate --engine ray``).
+
+Two entry points:
+
+- ``annotate_path(input, output, ...)``: files or folders of JSONL(.gz) / Parquet, with the
+  local path's guarantees. The node that runs it (the driver) reads its inputs in chunks of
+  ``chunk_rows`` rows (read tasks pinned to that node, so only it needs the files); a pool of
+  actors, each holding one ``Predictor`` loaded once, annotates the chunks with the local
+  path's own rules (``annotate.annotate_lines`` / ``annotate.annotate_record_batch``: one
+  validation and one column rule for both engines); the driver writes the results in input
+  order into a temporary file or folder that is moved into place only when every row is
+  accounted for (``rlpredict.outputs``). A worker that dies is restarted and its chunk re-run by
+  Ray Data; a chunk's result reaches the driver once, so no row is lost or duplicated.
+- ``annotate_dataset(ds, ...)``: for a ``ray.data.Dataset`` of rows holding a prompt or
+  messages: the same rows plus ``rl_bucket``, ``rl_pred_tokens``, ``rl_reserve_tokens`` and
+  ``rl_error`` (null for good rows; for bad ones the reason, with null ``rl_*``).
+
+The bundle travels to the workers through Ray's object store (its sha256s are checked again
+where it lands), so ``--model`` need only exist on the driver's node. Ray is an extra
+(``pip install 'rlpredict[ray]'``); nothing here imports it at module level.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlpredict.annotate import (
+    CHUNK_CHARS,
+    COLUMNS,
+    COMPRESSION_ERRORS,
+    AnnotateError,
+    AnnotateSummary,
+    BadRow,
+    Fields,
+    OnError,
+    _batches,
+    _open_parquet,
+    _Run,
+    annotate_lines,
+    annotate_record_batch,
+    bad_row_message,
+    corrupt_compressed,
+    default_rejects_path,
+    detect_format,
+    parquet_out_schema,
+)
+from rlpredict.bundle import MANIFEST, load_bundle
+from rlpredict.outputs import atomic_path, check_new_dir, check_new_file, check_paths, output_dir
+
+INSTALL_HINT = "--engine ray needs Ray: pip install 'rlpredict[ray]' (or pip install 'ray[data]')"
+ERROR_COLUMN = "rl_error"
+DEFAULT_FIELDS = Fields()
+
+
+def import_ray() -> Any:
+    """``ray`` with Ray Data, or an ``AnnotateError`` saying how to install it."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise AnnotateError(INSTALL_HINT) from None
+    return ray
+
+
+@dataclass
+class RaySummary(AnnotateSummary):
+    engine: str = "ray"
+    workers: int = 0
+    threads_per_worker: int = 0
+    files: int = 0
+
+
+# ---- the bundle, shipped to the workers ---------------------------------------------------------
+def bundle_files(model: str | Path | None) -> dict[str, bytes]:
+    """A verified bundle's files by name (the manifest and what it lists)."""
+    b = load_bundle(model)
+    names = [MANIFEST, *b.manifest["files"]]
+    return {name: (b.path / name).read_bytes() for name in names}
+
+
+class _Annotator:
+    """One Ray actor: a Predictor loaded once, then chunks (``mode="chunks"``) or rows
+    (``mode="rows"``) of pyarrow batches."""
+
+    def __init__(self, bundle_ref: Any, options: dict, fields: Fields, mode: str,
+                 on_error: OnError = "skip", fault: tuple[str, int] | None = None):
+        import ray
+
+        from rlpredict.runtime import Predictor
+
+        files = ray.get(bundle_ref[0])  # wrapped in a list so Ray Data does not resolve it early
+        folder = Path(tempfile.mkdtemp(prefix="rlpredict-bundle-"))
+        try:
+            for name, data in files.items():
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_bytes(data)
+            self.predictor = Predictor.load(folder, **options)  # sha256s checked again here
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.fields, self.mode, self.on_error, self.fault = fields, mode, on_error, fault
+
+    def __call__(self, batch: Any) -> Any:
+        return self._chunks(batch) if self.mode == "chunks" else self._rows(batch)
+
+    # -- files: one row of the batch is one chunk of an input file
+    def _chunks(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        out: dict[str, list] = {k: [] for k in ("file", "first", "count", "last", "payload", "rejects",
+                                                "rows_in", "rows_out", "rows_rejected", "reasons",
+                                                "progress")}
+        for c in batch.to_pylist():
+            self._maybe_fail(c)
+            summary = AnnotateSummary(c["path"], "", None)
+            rejects = io.StringIO()
+            run = _Run(Path(c["path"]), self.predictor, self.fields, "skip", rejects, summary,
+                       lambda _done: None, file=c["name"] or None)
+            payload = b""
+            if c["kind"] == "jsonl":
+                text = io.StringIO()
+                annotate_lines(run, enumerate(io.BytesIO(c["payload"]), c["first"]), text, c["chunk_rows"])
+                data = text.getvalue().encode("utf-8")
+                payload = gzip.compress(data, compresslevel=6) if data and c["out_gz"] else data
+            elif c["count"]:
+                rb = pa.ipc.open_stream(c["payload"]).read_next_batch()
+                good = annotate_record_batch(run, rb, c["first"] - 1, parquet_out_schema(rb.schema))
+                if good is not None:
+                    sink = io.BytesIO()
+                    with pa.ipc.new_stream(sink, good.schema) as w:
+                        w.write_batch(good)
+                    payload = sink.getvalue()
+            for key, value in (("file", c["file"]), ("first", c["first"]), ("count", c["count"]),
+                               ("last", c["last"]), ("payload", payload),
+                               ("rejects", rejects.getvalue().encode("utf-8")),
+                               ("rows_in", summary.rows_in), ("rows_out", summary.rows_out),
+                               ("rows_rejected", summary.rows_rejected),
+                               ("reasons", json.dumps(dict(run.reasons))), ("progress", c["progress"])):
+                out[key].append(value)
+        return pa.table({**out, "payload": pa.array(out["payload"], pa.large_binary()),
+                         "rejects": pa.array(out["rejects"], pa.large_binary())})
+
+    def _maybe_fail(self, chunk: dict) -> None:
+        """Test hook: kill this worker process the first time it meets the chosen chunk."""
+        if self.fault is None or (chunk["file"], chunk["first"]) != (0, self.fault[1]):
+            return
+        try:
+            os.close(os.open(self.fault[0], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os._exit(1)
+
+    # -- a user's Dataset: rows in, the same rows plus rl_* and rl_error out
+    def _rows(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        f = self.fields
+        used = [n for n in (f.prompt, f.messages, f.generator) if n is not None and n in batch.column_names]
+        cols = {n: batch.column(n).to_pylist() for n in used}
+        run = _Run(Path("dataset"), self.predictor, f, self.on_error, None,
+                   AnnotateSummary("dataset", "", None), lambda _done: None)
+        ok, requests, gens = [], [], []
+        errors: list[str | None] = [None] * batch.num_rows
+        for i in range(batch.num_rows):
+            try:
+                req, gen = run.parse({n: cols[n][i] for n in used})
+            except BadRow as e:
+                if self.on_error == "fail":
+                    raise AnnotateError(f"a dataset row: {e} (use on_error='skip' to mark bad rows)") from None
+                errors[i] = str(e)
+                continue
+            ok.append(i)
+            requests.append(req)
+            gens.append(gen)
+        values: list[list[int | None]] = [[None] * batch.num_rows for _ in COLUMNS]
+        if ok:
+            for col, arr in zip(values, run.predict(requests, gens), strict=True):
+                for i, v in zip(ok, arr, strict=True):
+                    col[i] = int(v)
+        table = batch.drop_columns([c for c in (*COLUMNS, ERROR_COLUMN) if c in batch.column_names])
+        for name, col in zip(COLUMNS, values, strict=True):
+            table = table.append_column(name, pa.array(col, pa.int64()))
+        return table.append_column(ERROR_COLUMN, pa.array(errors, pa.string()))
+
+
+# ---- resources ----------------------------------------------------------------------------------
+def plan_workers(ray: Any, num_workers: int | None, threads: int | None) -> tuple[int, int]:
+    """(workers, threads per worker) from the cluster's CPUs: by default workers of up to 4
+    threads (at most one node's CPUs) filling the cluster; ``threads`` defaults to the CPUs
+    divided among ``num_workers``."""
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    total, biggest = int(sum(nodes)), int(max(nodes, default=0))
+    if total < 1:
+        raise AnnotateError("the Ray cluster has no CPUs")
+    if threads is None:
+        threads = min(biggest, 4) if num_workers is None else max(1, total // num_workers)
+    threads = max(1, min(threads, biggest))
+    if num_workers is None:
+        num_workers = max(1, total // threads)
+    return num_workers, threads
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[Any]:
+    """An initialised Ray: the running one, the cluster at ``address``, or a local one that is
+    started here and shut down at the end."""
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             configure_logging=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """No Ray Data log lines (progress, retry advice, tracebacks) on the user's terminal while we
+    run: progress is ours, and errors reach the user as one line (``_unwrapped``)."""
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+# ---- a user's Dataset ---------------------------------------------------------------------------
+def annotate_dataset(ds: Any, model: str | Path | None = None, *, fields: Fields = DEFAULT_FIELDS,
+                     on_error: OnError = "skip", num_workers: int | None = None,
+                     threads: int | None = None, reserve_quantile: float | None = None,
+                     margin: float = 0.0, batch_rows: int = 1024) -> Any:
+    """The rows of ``ds`` plus ``rl_bucket``, ``rl_pred_tokens``, ``rl_reserve_tokens`` (int64)
+    and ``rl_error`` (see the module docstring), lazily (a ``ray.data.Dataset``). ``on_error``:
+    "skip" marks bad rows in ``rl_error``; "fail" raises on the first one met. Ray must be
+    initialised (``ray.init``). Order follows ``ds``'s ``preserve_order`` setting."""
+    ray = import_ray()
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    workers, per_worker = plan_workers(ray, num_workers, threads)
+    options = {"reserve_quantile": reserve_quantile, "margin": margin, "threads": per_worker}
+    return _annotator(ds, ray.put(bundle_files(model)), options, fields, "rows", workers, per_worker,
+                      batch_rows, on_error=on_error)
+
+
+def _annotator(ds: Any, bundle_ref: Any, options: dict, fields: Fields, mode: str, workers: int,
+               threads: int, batch_size: int, on_error: OnError = "skip",
+               fault: tuple[str, int] | None = None) -> Any:
+    import ray
+
+    return ds.map_batches(
+        _Annotator, batch_size=batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
+        fn_constructor_kwargs={"bundle_ref": [bundle_ref], "options": options, "fields": fields,
+                               "mode": mode, "on_error": on_error, "fault": fault})
+
+
+# ---- files and folders --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _File:
+    src: Path
+    dst: Path
+    name: str  # relative name in a folder run, "" for a single file
+    kind: str  # "jsonl" or "parquet"
+
+
+def plan_files(input: Path, output: Path) -> list[_File]:
+    """Input file -> output file of the same format; input folder -> output folder with the
+    same relative names (every .jsonl[.gz]/.ndjson[.gz]/.parquet file in it, recursively)."""
+    def kind(p: Path) -> str:
+        fmt, _ = detect_format(p)
+        if fmt == "csv":
+            raise AnnotateError(f"{p}: --engine ray reads JSONL(.gz) and Parquet; use --engine local for CSV")
+        return fmt
+
+    if input.is_file():
+        k, out_k = kind(input), kind(output)
+        if out_k != k:
+            raise AnnotateError(f"{output}: output format {out_k} differs from the input's ({k}); "
+                                "annotate keeps the input's format")
+        return [_File(input, output, "", k)]
+    if not input.is_dir():
+        raise AnnotateError(f"{input}: no such file or folder")
+    found = []
+    for p in sorted(input.rglob("*")):
+        rel = p.relative_to(input)
+        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        try:
+            found.append(_File(p, output / rel, rel.as_posix(), kind(p)))
+        except AnnotateError:
+            continue  # other files in the folder are not inputs
+    if not found:
+        raise AnnotateError(f"{input}: no .jsonl, .jsonl.gz or .parquet files in this folder")
+    return found
+
+
+def _read_chunks(batch: Any, chunk_rows: int) -> Iterator[Any]:
+    """Ray task (on the driver's node): the files of ``batch`` -> chunks of raw lines (JSONL) or
+    Arrow IPC record batches (Parquet), one output row per chunk."""
+    import pyarrow as pa
+
+    for f in batch.to_pylist():
+        src = Path(f["path"])
+
+        def chunk(first: int, count: int, payload: bytes, progress: float, last: bool = False,
+                  f: dict = f) -> Any:
+            return pa.table({"file": [f["file"]], "path": [f["path"]], "name": [f["name"]],
+                             "kind": [f["kind"]], "out_gz": [f["out_gz"]], "chunk_rows": [chunk_rows],
+                             "first": [first], "count": [count], "last": [last],
+                             "progress": [progress], "payload": pa.array([payload], pa.large_binary())})
+
+        if f["kind"] == "parquet":
+            pf = _open_parquet(src)
+            total, done = max(1, pf.metadata.num_rows), 0
+            for rb in _batches(pf, src, chunk_rows):
+                sink = io.BytesIO()
+                with pa.ipc.new_stream(sink, rb.schema) as w:
+                    w.write_batch(rb)
+                yield chunk(done + 1, rb.num_rows, sink.getvalue(), (done + rb.num_rows) / total)
+                done += rb.num_rows
+            yield chunk(done + 1, 0, b"", 1.0, last=True)
+            continue
+        size = max(1, src.stat().st_size)
+        try:
+            with open(src, "rb") as raw, (gzip.GzipFile(fileobj=raw) if f["in_gz"] else nullcontext(raw)) as r:
+                lines: list[bytes] = []
+                first, held = 1, 0
+                for data in r:
+                    lines.append(data)
+                    held += len(data)
+                    if len(lines) >= chunk_rows or held >= CHUNK_CHARS:
+                        yield chunk(first, len(lines), b"".join(lines), raw.tell() / size)
+                        first, lines, held = first + len(lines), [], 0
+                yield chunk(first, len(lines), b"".join(lines), 1.0, last=True)
+        except COMPRESSION_ERRORS as e:
+            raise corrupt_compressed(src, e) from None
+
+
+def annotate_path(input: str | Path, output: str | Path, model: str | Path | None = None, *,
+                  fields: Fields = DEFAULT_FIELDS, on_error: OnError = "fail",
+                  rejects: str | Path | None = None, chunk_rows: int = 2048,
+                  num_workers: int | None = None, threads: int | None = None,
+                  reserve_quantile: float | None = None, margin: float = 0.0,
+                  ray_address: str | None = None, progress: bool = False, force: bool = False,
+                  log: Callable[[str], None] | None = None,
+                  _fault: tuple[str, int] | None = None) -> RaySummary:
+    """Annotate a file or a folder of files on Ray (see the module docstring); the same output,
+    rejects, checks and errors as ``annotate.annotate_file``. Uses the running Ray if there is
+    one, else attaches to ``ray_address``, else starts a local Ray and shuts it down."""
+    src, dst = Path(input), Path(output)
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    files = plan_files(src, dst)
+    folder = src.is_dir()
+    rej_path = Path(rejects) if rejects else default_rejects_path(dst) if on_error == "skip" else None
+    outputs = [("--output", dst)] + ([("--rejects", rej_path)] if rej_path else [])
+    check_paths([src], outputs)
+    (check_new_dir if folder else check_new_file)(dst, force=force, option="--output")
+    if rej_path is not None:
+        check_new_file(rej_path, force=force, option="--rejects")
+    if rej_path is not None and folder and dst.resolve() in rej_path.resolve().parents:
+        raise AnnotateError(f"{rej_path}: --rejects is inside the --output folder; choose another path")
+    bundle = bundle_files(model)  # a bad bundle fails before Ray starts
+    summary = RaySummary(str(src), str(dst), str(rej_path) if rej_path else None, files=len(files))
+    t0 = time.perf_counter()
+    with ray_session(ray_address) as ray, _quiet_ray_data(), ExitStack() as stack:
+        workers, per_worker = plan_workers(ray, num_workers, threads)
+        summary.workers, summary.threads_per_worker = workers, per_worker
+        if log:
+            log(f"ray: {workers} worker(s) x {per_worker} thread(s) on "
+                f"{int(ray.cluster_resources().get('CPU', 0))} CPUs; {len(files)} file(s)")
+        here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}  # read on this node
+        items = [{"file": i, "path": str(f.src), "name": f.name, "kind": f.kind,
+                  "in_gz": detect_format(f.src)[1], "out_gz": detect_format(f.dst)[1]}
+                 for i, f in enumerate(files)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(_read_chunks, batch_size=1, batch_format="pyarrow", num_cpus=0,
+                            fn_kwargs={"chunk_rows": chunk_rows}, label_selector=here)
+        options = {"reserve_quantile": reserve_quantile, "margin": margin, "threads": per_worker}
+        ds = _annotator(ds, ray.put(bundle), options, fields, "chunks", workers, per_worker, 1,
+                        fault=_fault)
+        ds.context.execution_options.preserve_order = True
+        ds.context.target_max_block_size = 1  # one chunk per block, so chunks spread over the workers
+
+        root = stack.enter_context(output_dir(dst, force=force, tool="rlpredict annotate")) if folder \
+            else None
+        rej_file = None
+        if rej_path is not None:
+            rej_file = stack.enter_context(open(stack.enter_context(atomic_path(rej_path)), "wb"))
+        writer = _Writers(files, root, stack)
+        sizes = [f.src.stat().st_size for f in files]
+        before = [sum(sizes[:i]) for i in range(len(files))]  # bytes of the files before file i
+        bar = stack.enter_context(_Progress(progress, sum(sizes)))
+        reasons: Counter[str] = Counter()
+        seen = _Ledger(files)
+        blocks = stack.enter_context(_unwrapped(ray, ds.iter_batches(batch_size=None, batch_format="pyarrow")))
+        for block in blocks:
+            for c in block.to_pylist():
+                i = c["file"]
+                seen.check(c)
+                if c["rows_rejected"] and on_error == "fail":
+                    first = json.loads(c["rejects"].split(b"\n", 1)[0])
+                    where, number = ("line", first["line"]) if "line" in first else ("row", first["row_number"])
+                    raise AnnotateError(bad_row_message(files[i].src, where, number, first["reason"]))
+                writer.write(i, c["payload"])
+                if rej_file is not None:
+                    rej_file.write(c["rejects"])
+                summary.rows_in += c["rows_in"]
+                summary.rows_out += c["rows_out"]
+                summary.rows_rejected += c["rows_rejected"]
+                reasons.update(json.loads(c["reasons"]))
+                bar.update(summary.rows_in, before[i] + c["progress"] * sizes[i])
+        seen.finish()
+        if summary.rows_in != summary.rows_out + summary.rows_rejected:
+            raise AssertionError(f"rows in {summary.rows_in} != out {summary.rows_out} + rejected "
+                                 f"{summary.rows_rejected}")
+        writer.close()
+        summary.reasons = dict(reasons.most_common())
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+class _Ledger:
+    """Checks, before anything is committed, that every file's chunks arrived once each, in
+    order, from its first line (or row) to its last: no chunk lost, none twice."""
+
+    def __init__(self, files: list[_File]):
+        self.files = files
+        self.current = 0  # the file whose chunks arrive now
+        self.next = 1  # its first line (row) number expected next
+
+    def check(self, c: dict) -> None:
+        if (c["file"], c["first"]) != (self.current, self.next):
+            raise AssertionError(f"chunk {c['file']}:{c['first']} arrived where "
+                                 f"{self.current}:{self.next} was expected (a bug)")
+        self.next += c["count"]
+        if c["last"]:
+            self.current, self.next = self.current + 1, 1
+
+    def finish(self) -> None:
+        if self.current != len(self.files):
+            raise AssertionError(f"{self.files[self.current].src}: chunks missing (a bug)")
+
+
+@contextmanager
+def _unwrapped(ray: Any, it: Iterator[Any]) -> Iterator[Iterator[Any]]:
+    """``it``, stopped when the caller stops (so the run ends with it), with a worker's known
+    error (a corrupt input, a bad bundle) raised as itself rather than wrapped by Ray."""
+    try:
+        yield it
+    except ray.exceptions.RayError as e:
+        cause: BaseException | None = e
+        while cause is not None and (isinstance(cause, ray.exceptions.RayError)
+                                     or type(cause).__module__.startswith("ray.")):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if isinstance(cause, OSError):
+            raise cause from None
+        if isinstance(cause, ValueError):  # Ray Data appends its retry advice to the message
+            raise AnnotateError(str(cause).split("\n", 1)[0]) from None
+        raise
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+class _Writers:
+    """The driver's output files, opened in input order; JSONL payloads are appended as they
+    come (a gzip member per chunk), Parquet payloads are Arrow IPC batches."""
+
+    def __init__(self, files: list[_File], root: Path | None, stack: ExitStack):
+        self.files, self.root, self.stack = files, root, stack
+        self.current = -1
+        self.out: Any = None
+
+    def write(self, i: int, payload: bytes) -> None:
+        while self.current < i:
+            self._next()
+        if not payload:
+            return
+        if self.files[i].kind == "jsonl":
+            self.out.write(payload)
+        else:
+            import pyarrow as pa
+
+            self.out.write_table(pa.ipc.open_stream(payload).read_all())
+
+    def _next(self) -> None:
+        if self.out is not None:
+            self.out.close()
+        self.current += 1
+        f = self.files[self.current]
+        if self.root is None:
+            path = self.stack.enter_context(atomic_path(f.dst))
+        else:
+            path = self.root / f.name
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if f.kind == "jsonl":
+            self.out = self.stack.enter_context(open(path, "wb"))  # noqa: SIM115 (the stack closes it)
+            if f.dst.name.lower().endswith(".gz"):
+                self.out.write(gzip.compress(b"", compresslevel=6))  # an empty file is still gzip
+        else:
+            import pyarrow.parquet as pq
+
+            schema = parquet_out_schema(_open_parquet(f.src).schema_arrow)
+            self.out = self.stack.enter_context(pq.ParquetWriter(path, schema))
+
+    def close(self) -> None:
+        while self.current < len(self.files) - 1:
+            self._next()
+        if self.out is not None:
+            self.out.close()
+
+
+class _Progress:
+    """Rows done and rows/s on stderr: a rich bar on a terminal, else a line every 30 s."""
+
+    def __init__(self, enabled: bool, total_bytes: int):
+        self.enabled, self.total = enabled, max(1, total_bytes)
+        self.t0 = self.last = time.perf_counter()
+        self._bar: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("annotating on ray"), BarColumn(),
+                                 TextColumn("{task.fields[rows]:,} rows, {task.fields[rate]:,.0f} rows/s"),
+                                 TimeElapsedColumn(), console=Console(stderr=True))
+            self._bar.__enter__()
+            self._task = self._bar.add_task("", total=self.total, rows=0, rate=0.0)
+        return self
+
+    def update(self, rows: int, done_bytes: float) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        rate = rows / max(now - self.t0, 1e-9)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done_bytes, rows=rows, rate=rate)
+        elif now - self.last >= 30:
+            self.last = now
+            print(f"annotated {rows:,} rows ({rate:,.0f} rows/s, {100 * done_bytes / self.total:.0f}% "
+                  "of the input)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

@@ -1,0 +1,132 @@
+"""``rlpredict calibrate``: add split-conformal quantiles to a bundle (``conformal.py``).
+
+The calibration prompts must be data the model never trained on: by default the held-out side
+of the split the bundle's evaluation recorded (``--split test``), divided again by a salted group
+hash into a calibration part and a check part (``--check-frac``) on which the achieved coverage
+is reported, per source. ``--split all`` uses every row of new logs the same way. The served
+model itself (the bundle's ONNX file, int8 included) predicts, so the offsets fit what serving
+sees. The result is a new bundle folder: the same model and tokenizer files, the manifest with a
+``calibration`` section, and the model card with a calibration table.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rlpredict.bundle import write_manifest
+from rlpredict.conformal import MIN_GROUP, QuantileCalibration, check_quantiles, coverage_table
+from rlpredict.data import Sample, attach_rl, load_samples
+from rlpredict.outputs import check_new_dir, check_paths, output_dir
+from rlpredict.splits import split_by_group
+
+CARD = "MODEL_CARD.md"
+CHECK_SALT = 7919  # the calibration/check division must not repeat the train/test one
+
+
+def held_out(samples: Sequence[Sample], manifest: dict, split: str, test_frac: float | None,
+             seed: int | None) -> tuple[list[Sample], str]:
+    """The samples the model never trained on, and how they were chosen."""
+    if split == "all":
+        return list(samples), "every row (--split all)"
+    if split != "test":
+        raise ValueError(f"split must be 'test' or 'all', got {split!r}")
+    recorded = ((manifest.get("evaluation") or {}).get("split") or {}) if isinstance(manifest, dict) else {}
+    test_frac = test_frac if test_frac is not None else recorded.get("test_frac")
+    seed = seed if seed is not None else recorded.get("seed", 0)
+    if test_frac is None:
+        raise ValueError("the bundle records no train/test split; pass --test-frac and --seed as "
+                         "used in training, or --split all for logs the model never saw")
+    _, test = split_by_group(samples, float(test_frac), int(seed))
+    return test, f"held-out side of the training split (test_frac {test_frac}, seed {seed})"
+
+
+def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | Path, *,
+                     quantiles: Sequence[float] = (0.5, 0.9), split: str = "test",
+                     test_frac: float | None = None, seed: int | None = None, check_frac: float = 0.5,
+                     min_group: int = MIN_GROUP, confidence: float | None = None,
+                     on_error: str = "fail", threads: int | None = None,
+                     force: bool = False, log: Callable[[str], None] = lambda m: None) -> dict:
+    """Fit the offsets, measure coverage on the check part, write the calibrated bundle to
+    ``out`` (atomically; never over an input). Returns the report."""
+    from rlpredict.runtime import Predictor
+
+    qs = check_quantiles(quantiles)
+    if not 0.0 < check_frac < 1.0:
+        raise ValueError(f"check_frac must be in (0, 1), got {check_frac}")
+    bundle, out = Path(bundle), Path(out)
+    check_paths([bundle, *data], [("--out", out)])
+    check_new_dir(out, force=force, option="--out")
+    p = Predictor.load(bundle, threads=threads)
+    samples, load = load_samples(data, on_error=on_error)  # type: ignore[arg-type]
+    log(f"read {load.summary()}")
+    pool, how = held_out(samples, p.bundle.manifest, split, test_frac, seed)
+    attach_rl(pool, p.bundle.rl_tokenizer)
+    fit_part, check_part = split_by_group(pool, check_frac, (seed or 0) + CHECK_SALT)
+    if not fit_part or not check_part:
+        raise ValueError(f"{len(pool)} held-out samples are too few to calibrate and check")
+    log(f"calibrating on {len(fit_part)} samples, checking on {len(check_part)} ({how})")
+
+    def probs_of(part: Sequence[Sample]) -> np.ndarray:
+        return p.predict_arrays([s.messages for s in part], [s.generator for s in part]).probs
+
+    scheme = p.scheme
+    cal = QuantileCalibration.fit(scheme, probs_of(fit_part), [s.rl_tokens for s in fit_part], qs,
+                                  min_group=min_group, source=f"{_sources(fit_part)}: {how}",
+                                  confidence=confidence, clusters=[s.group for s in fit_part])
+    check_probs = probs_of(check_part)
+    check_rl = np.array([s.rl_tokens for s in check_part])
+    src = np.array([s.source for s in check_part])
+    report = {"bundle": str(bundle), "quantiles": list(qs), "confidence": confidence,
+              "calibration_samples": len(fit_part), "calibration_groups": len({s.group for s in fit_part}),
+              "check_samples": len(check_part), "selection": how, "load": load.summary(),
+              "check": {"all": coverage_table(scheme, cal, check_probs, check_rl)}}
+    for name in sorted(set(src)):
+        m = src == name
+        report["check"][name] = coverage_table(scheme, cal, check_probs[m], check_rl[m])
+
+    with output_dir(out, force=force, tool="rlpredict calibrate") as tmp:
+        names = list(p.bundle.manifest["files"])
+        for name in names:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(bundle / name, tmp / name)
+        manifest = {k: v for k, v in p.bundle.manifest.items() if k != "files"}
+        manifest["calibration"] = {**cal.to_dict(), "check": report["check"]}
+        manifest["files"] = names
+        write_manifest(tmp, manifest)
+        card = bundle / CARD
+        text = card.read_text(encoding="utf-8") if card.is_file() else f"# {p.bundle.name}\n"
+        (tmp / CARD).write_text(_with_card_section(text, report), encoding="utf-8")
+    log(f"calibrated bundle written to {out}")
+    return report
+
+
+def _sources(samples: Sequence[Sample]) -> str:
+    return ", ".join(sorted({s.source for s in samples}))
+
+
+def markdown(report: dict) -> str:
+    """The check table: target vs achieved coverage, reserved / actual tokens, raw vs calibrated."""
+    lines = ["| source | quantile | n | coverage (calibrated) | reserved/actual (calibrated) "
+             "| coverage (raw) | reserved/actual (raw) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, rows in report["check"].items():
+        for r in rows:
+            lines.append(f"| {name} | {r['quantile']} | {r['n']} | {r['coverage']:.3f} | "
+                         f"{r['reserved_over_actual']:.2f}x | {r['raw_coverage']:.3f} | "
+                         f"{r['raw_reserved_over_actual']:.2f}x |")
+    return "\n".join(lines)
+
+
+def _with_card_section(card: str, report: dict) -> str:
+    head = "## Calibrated quantiles"
+    kept = card.split(f"\n{head}\n")[0].rstrip("\n")
+    return (f"{kept}\n\n{head}\n\nSplit-conformal offsets (`rlpredict calibrate`) fitted on "
+            f"{report['calibration_samples']} prompts, checked on {report['check_samples']} others "
+            f"({report['selection']}). On data exchangeable with them a response is at most its "
+            f"calibrated q-quantile with probability >= q, averaged over calibration sets; one "
+            f"set's coverage scatters around q (docs/bundle.md, \"Calibrated quantiles\").\n\n"
+            f"{markdown(report)}\n")
+

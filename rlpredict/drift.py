@@ -1,0 +1,139 @@
+"""``rlpredict drift``: are new logs still what the bundle was trained and calibrated on?
+
+For every group of the new logs (all rows, each source, each generator with enough rows):
+
+- **Label shift**: total variation distance between the observed bucket distribution of the new
+  responses and the one in the bundle's evaluation (the row sums of its confusion matrix).
+- **Calibration**: total variation distance between the observed bucket distribution and the
+  model's mean predicted distribution on the same prompts (0: the model's probabilities still
+  match reality).
+
+A distance counts as drift when it exceeds ``max_tv`` plus what sampling alone gives at this
+group's size (the 99th percentile of the distance of ``n`` draws from the reference itself).
+- **Coverage**: for each calibrated quantile q, the share of new responses at or below it, and
+  whether it fell below q by more than sampling noise (``z`` standard errors) plus ``tolerance``.
+
+Verdict ``drift`` if any group with at least ``min_rows`` rows breaks a bound; exit code 3 then
+(0: no drift; 2: bad input), so that cron or CI can act on it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rlpredict.data import attach_rl, load_samples
+
+DRIFT_EXIT = 3
+
+
+@dataclass(frozen=True)
+class DriftBounds:
+    max_tv: float = 0.15  # total variation, observed vs reference (or vs predicted)
+    tolerance: float = 0.02  # coverage may fall this far below q, beyond sampling noise
+    z: float = 3.0  # sampling noise allowance, in standard errors of a proportion
+    min_rows: int = 200  # groups smaller than this are reported but never decide
+
+
+def _tv(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / max(a.sum(), 1e-12)
+    b = b / max(b.sum(), 1e-12)
+    return float(0.5 * np.abs(a - b).sum())
+
+
+def sampling_tv(ref: np.ndarray, n: int, draws: int = 200, seed: int = 0) -> float:
+    """99th percentile of the distance between ``n`` draws from ``ref`` and ``ref``: what a
+    group of this size shows without any drift."""
+    p = np.asarray(ref, dtype=float) / max(float(np.sum(ref)), 1e-12)
+    counts = np.random.default_rng(seed).multinomial(max(n, 1), p, size=draws)
+    return float(np.quantile(0.5 * np.abs(counts / max(n, 1) - p).sum(axis=1), 0.99))
+
+
+def reference_distribution(manifest: dict, n_buckets: int) -> np.ndarray | None:
+    """Observed bucket shares in the bundle's own evaluation (confusion matrix rows)."""
+    m = (manifest.get("confusion") or {}).get("matrix")
+    try:
+        a = np.asarray(m, dtype=float)
+    except (TypeError, ValueError):
+        return None
+    if a.shape != (n_buckets, n_buckets) or not np.isfinite(a).all() or a.sum() <= 0:
+        return None
+    return a.sum(axis=1)
+
+
+def group_report(name: str, probs: np.ndarray, rl: np.ndarray, pred_q: np.ndarray | None,
+                 quantiles: Sequence[float], ref: np.ndarray | None, scheme, bounds: DriftBounds) -> dict:
+    n = len(rl)
+    observed = np.bincount(scheme.bucket_of(rl), minlength=scheme.n_buckets).astype(float)
+    predicted = probs.sum(axis=0)
+    row: dict = {"group": name, "n": n, "decides": n >= bounds.min_rows,
+                 "tv_vs_predicted": _tv(observed, predicted),
+                 "tv_vs_reference": _tv(observed, ref) if ref is not None else None,
+                 "median_rl": float(np.median(rl)), "coverage": {}, "problems": []}
+    limit = bounds.max_tv + sampling_tv(predicted, n)
+    row["tv_limit_predicted"] = limit
+    if row["tv_vs_predicted"] > limit:
+        row["problems"].append(f"predicted distribution off by TV {row['tv_vs_predicted']:.3f} (> {limit:.3f})")
+    if ref is not None:
+        limit = bounds.max_tv + sampling_tv(ref, n)
+        row["tv_limit_reference"] = limit
+        if row["tv_vs_reference"] > limit:
+            row["problems"].append(f"response lengths shifted by TV {row['tv_vs_reference']:.3f} "
+                                   f"(> {limit:.3f}) from the bundle's data")
+    if pred_q is not None:
+        for j, q in enumerate(quantiles):
+            cov = float(np.mean(rl <= pred_q[:, j]))
+            floor = q - bounds.tolerance - bounds.z * math.sqrt(q * (1 - q) / max(n, 1))
+            row["coverage"][str(q)] = {"achieved": cov, "floor": floor}
+            if cov < floor:
+                row["problems"].append(f"q{q} covers {cov:.3f} (< {floor:.3f})")
+    return row
+
+
+def drift_report(bundle: str | Path | None, data: Sequence[str | Path], *, bounds: DriftBounds = DriftBounds(),
+                 on_error: str = "fail", threads: int | None = None) -> dict:
+    """Predict on ``data`` (logs with responses) and compare, per group (see the module doc)."""
+    from rlpredict.runtime import Predictor
+
+    p = Predictor.load(bundle, threads=threads)
+    samples, load = load_samples(data, on_error=on_error)  # type: ignore[arg-type]
+    if not samples:
+        raise ValueError("no samples in " + ", ".join(str(d) for d in data))
+    attach_rl(samples, p.bundle.rl_tokenizer)
+    cal = p.bundle.calibration
+    qs = list(cal.quantiles) if cal is not None else []
+    a = p.predict_arrays([s.messages for s in samples], [s.generator for s in samples],
+                         quantiles=qs or None)
+    rl = np.array([s.rl_tokens for s in samples], dtype=float)
+    ref = reference_distribution(p.bundle.manifest, p.scheme.n_buckets)
+    groups: list[tuple[str, np.ndarray]] = [("all", np.ones(len(samples), dtype=bool))]
+    for label, key in (("source", lambda s: s.source), ("generator", lambda s: s.generator)):
+        values = np.array([str(key(s)) for s in samples])
+        for v in sorted(set(values)):
+            if v != "None":
+                groups.append((f"{label}={v}", values == v))
+    rows = [group_report(name, a.probs[m], rl[m], a.quantile_tokens[m] if a.quantile_tokens is not None else None,
+                         qs, ref, p.scheme, bounds) for name, m in groups]
+    drifted = [r for r in rows if r["decides"] and r["problems"]]
+    return {"bundle": str(p.bundle.path), "load": load.summary(), "samples": len(samples),
+            "calibrated_quantiles": qs, "bounds": bounds.__dict__, "groups": rows,
+            "verdict": "drift" if drifted else "ok",
+            "reasons": [f"{r['group']}: {'; '.join(r['problems'])}" for r in drifted]}
+
+
+def markdown(report: dict) -> str:
+    qs = report["calibrated_quantiles"]
+    head = "| group | n | TV vs predicted | TV vs bundle data | median RL |" + "".join(f" q{q} coverage |" for q in qs)
+    lines = [head, "|---" * (5 + len(qs)) + "|"]
+    for r in report["groups"]:
+        ref = "-" if r["tv_vs_reference"] is None else f"{r['tv_vs_reference']:.3f}"
+        cov = "".join(f" {r['coverage'][str(q)]['achieved']:.3f} |" for q in qs)
+        mark = "" if r["decides"] else " (small)"
+        lines.append(f"| {r['group']}{mark} | {r['n']} | {r['tv_vs_predicted']:.3f} | {ref} | "
+                     f"{r['median_rl']:.0f} |{cov}")
+    return "\n".join(lines)
+

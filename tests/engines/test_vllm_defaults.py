@@ -1,0 +1,392 @@
+"""The vLLM plug-in under vLLM's defaults and common settings, on vLLM's real ``Scheduler`` and
+``AsyncScheduler`` (CPU, no model, fake model outputs): one set of rules with the simulator's
+EcoServe, prefix caching, decode context parallelism, ``--scheduling-policy priority``, victims
+chosen with the whole step's demand, hybrid models refused.
+
+vLLM is required (conftest.py turns a missing vLLM into a failure unless ECOSERVE_VLLM_OPTIONAL=1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch
+from test_vllm_scheduler import BS, check_done, clear_eco_env, drive, held_blocks, req
+from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    SlidingWindowSpec,
+)
+from vllm.v1.request import Request, RequestStatus
+from vllm.v1.structured_output import StructuredOutputManager
+
+from ecoserve_sched.cost_model import load_profile
+from ecoserve_sched.engines.vllm_scheduler import (
+    EcoServeRequestQueue,
+    EcoServeSetupError,
+    EcoServeVllmConfig,
+    EcoServeVllmScheduler,
+    EcoServeVllmSyncScheduler,
+)
+from ecoserve_sched.engines.vllm_sim import fake_model_output, tiny_model_dir
+from ecoserve_sched.policies import ecoserve_rules as rules
+from ecoserve_sched.policies.ecoserve import EcoServeConfig, EcoServeScheduler
+from ecoserve_sched.request import SLO, State
+from ecoserve_sched.request import Request as SimRequest
+
+ECO_CLASSES = [EcoServeVllmSyncScheduler, EcoServeVllmScheduler]
+
+
+@pytest.fixture(autouse=True)
+def eco_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_eco_env(monkeypatch)
+    monkeypatch.setenv("ECOSERVE_TRUST_CLIENT_HINTS", "1")  # predictions come as hints here
+
+
+def build(cls: type, *, num_blocks: int = 64, prefix_caching: bool = False, dcp: int = 1,
+          policy: str = "fcfs", sliding_group: bool = False, max_num_seqs: int = 16) -> Scheduler:
+    """A real vLLM scheduler with the settings ``build_vllm_scheduler`` keeps fixed."""
+    sc = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=512, max_model_len=2048,
+                         enable_chunked_prefill=True, is_encoder_decoder=False, policy=policy,
+                         async_scheduling=issubclass(cls, EcoServeVllmScheduler))
+    mc = ModelConfig(model=tiny_model_dir(), skip_tokenizer_init=True, dtype="float32", max_model_len=2048)
+    cc = CacheConfig(block_size=BS, enable_prefix_caching=prefix_caching)
+    cc.num_gpu_blocks = num_blocks + 1  # vLLM keeps one null block out of the pool
+    vc = VllmConfig(scheduler_config=sc, model_config=mc, cache_config=cc, device_config=DeviceConfig(device="cpu"))
+    vc.parallel_config.decode_context_parallel_size = dcp  # as the engine sets it (no TP group on CPU)
+    spec = FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=1, dtype=torch.float32)
+    groups = [KVCacheGroupSpec(["full"], spec)]
+    if sliding_group:
+        groups.append(KVCacheGroupSpec(["swa"], SlidingWindowSpec(
+            block_size=BS, num_kv_heads=1, head_size=1, dtype=torch.float32, sliding_window=64)))
+    kv = KVCacheConfig(num_blocks=num_blocks + 1, kv_cache_tensors=[], kv_cache_groups=groups)
+    return cls(vllm_config=vc, kv_cache_config=kv, block_size=BS, log_stats=False,
+               structured_output_manager=StructuredOutputManager(vc))
+
+
+def cached_req(rid: str, prompt: list[int], max_tokens: int, arrival: float = 0.0, **extra: int) -> Request:
+    """A request with block hashes (prefix caching needs them)."""
+    init_none_hash(_hash)
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=extra or None)
+    return Request(request_id=rid, prompt_token_ids=prompt, sampling_params=sp, pooling_params=None,
+                   arrival_time=arrival, block_hasher=get_request_block_hasher(BS, _hash))
+
+
+def _hash(obj: object) -> bytes:
+    from vllm.utils.hashing import sha256
+
+    return sha256(obj)
+
+
+def step_once(s: Scheduler, target: dict[str, int]) -> object:
+    out = s.schedule()
+    s.update_from_output(out, fake_model_output(out, s, target))
+    return out
+
+
+# ---- one set of rules ------------------------------------------------------------------------------
+def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
+    """Same waiting order, same reservations (and top-ups), same admission answer and same victim
+    as ``policies/ecoserve.py`` given the same requests, predictions and cache."""
+    cost, blocks = load_profile("llama2-13b-a100-80gb"), 256
+    sim = EcoServeScheduler(cost, config=EcoServeConfig(), kv_blocks=blocks, block_size=BS, slo=SLO(5.0, 0.2))
+    eco = build(EcoServeVllmSyncScheduler, num_blocks=blocks)
+    eco.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=5.0, slo_tbt=0.2,
+                                     prefill_s_per_token=cost.recompute_time(512) / 512, step_s=sim.step_s)
+    assert (eco.eco_cfg.aging, eco.eco_cfg.reserve_frac, eco.eco_cfg.give_way) == (
+        sim.cfg.aging, sim.cfg.reserve_frac, sim.cfg.give_way)  # the same defaults
+    assert eco._kv_tokens == sim.kv_tokens and eco._keep_free == sim.keep_free
+    rng = np.random.default_rng(3)
+    n = 40
+    arrival, prompt = np.sort(rng.uniform(0, 4, n)), rng.integers(16, 1500, n)
+    pred, max_tokens = rng.integers(1, 800, n), rng.integers(800, 2000, n)
+    sims = [SimRequest(i, float(arrival[i]), int(prompt[i]), int(max_tokens[i]), 1, pred_tokens=int(pred[i]))
+            for i in range(n)]
+    vreqs = [req(str(i), int(prompt[i]), int(max_tokens[i]), arrival=float(arrival[i]),
+                 rl_pred_tokens=int(pred[i])) for i in range(n)]
+    for r in vreqs:
+        eco.add_request(r)
+    # 1. the waiting order (the same key, up to the prefill cost's small quadratic term)
+    sim_keys = [sim._priority(r) for r in sims]
+    eco_keys = [eco._order_key(r) for r in vreqs]
+    assert np.argsort(sim_keys, kind="stable").tolist() == np.argsort(eco_keys, kind="stable").tolist()
+    np.testing.assert_allclose(eco_keys, sim_keys, rtol=0.02)
+    assert [r.request_id for r in eco.waiting] == [str(i) for i in np.argsort(sim_keys, kind="stable")]
+    # 2. reservations and top-ups: the same base (the median), generated count and cap
+    for r, v in zip(sims, vreqs, strict=True):
+        assert sim._base_pred(r) == eco._base(v.request_id)
+        for g in (0, r.pred_tokens - 1, r.pred_tokens, 3 * r.pred_tokens + 5):
+            assert (rules.reservation_tokens(sim._base_pred(r), g, r.max_tokens)
+                    == rules.reservation_tokens(eco._base(v.request_id), g, v.max_tokens))
+    # 3. admission: the same projected state gives the same answer for every candidate
+    for i in range(6):  # six running requests, entered in both projections alike
+        ctx, g = 300 + 100 * i, 10 * i
+        sim.proj.set(i, ctx, g, sim._base_pred(sims[i]), int(max_tokens[i]))
+        eco.proj.set(str(i), ctx, g, eco._base(str(i)), int(max_tokens[i]))
+    sim.decoding = {i: sims[i] for i in range(6)}  # something runs: the keep-free reserve applies
+    eco.running = vreqs[:6]
+    answers = [(sim._fits(sims[i], sim.kv.blocks_for(int(prompt[i]))), eco._fits(vreqs[i], None))
+               for i in range(6, n)]
+    assert [a for a, _ in answers] == [b for _, b in answers] and {a for a, _ in answers} == {True, False}
+    # 4. the victim: the largest rules.victim_key over the same running requests
+    now = 7.0
+    sim.now, sim.step = now, 0
+    for i, (r, v) in enumerate(zip(sims[:6], vreqs[:6], strict=True)):
+        r.seq = eco._seq[v.request_id] = i + 1
+        r.state, r.generated = State.DECODE, [0, 30, 400, 5, 900, 64][i]
+        r.first_token_s = [0.5, 6.5, -1.0, 2.0, 1.0, 3.0][i] + r.arrival_s if i != 2 else -1.0
+        v.append_output_token_ids([1] * r.generated)
+        if r.first_token_s >= 0:
+            eco._first_token[v.request_id] = r.first_token_s
+    sim.decoding = {r.rid: r for r in sims[:6]}
+    for r in sims[:6]:
+        r.dec_step0 = 0
+    want = sim._victim()
+    got = max(vreqs[:6], key=lambda v: eco._victim_key(v, now))
+    assert got.request_id == str(want.rid)
+    order_sim = sorted(sims[:6], key=lambda r: rules.victim_key(
+        (r.first_token_s if r.first_token_s >= 0 else now) - r.arrival_s > 5.0,
+        rules.reservation_tokens(r.pred_tokens, r.generated, r.max_tokens) - r.generated, r.seq))
+    assert [str(r.rid) for r in order_sim] == [v.request_id for v in sorted(vreqs[:6], key=lambda v: eco._victim_key(v, now))]
+
+
+# ---- prefix caching ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_prefix_caching_counts_shared_blocks_once(cls: type) -> None:
+    """Eight prompts share a 160-token prefix. Counted per request they would need 8 x (176 +
+    32) tokens, far more than the 640-token cache, and EcoServe would admit three; their
+    blocks are shared, so all eight run at once, none is preempted, and the projection of a
+    request that starts from cached blocks holds its whole context."""
+    s = build(cls, num_blocks=40, prefix_caching=True)
+    prefix = list(range(3, 163))
+    target = {}
+    for i in range(8):
+        s.add_request(cached_req(f"r{i}", prefix + [500 + i] * 16, 32, arrival=0.001 * i, rl_pred_tokens=32))
+        target[f"r{i}"] = 32
+    entered: dict[str, tuple[int, ...]] = {}
+    set_slot = s.proj.set
+
+    def spy(rid: str, *args: int) -> None:
+        entered[rid] = args
+        set_slot(rid, *args)
+
+    s.proj.set = spy
+    peak, shared, outs = 0, 0, []
+    for _ in range(400):
+        if not s.get_num_unfinished_requests():
+            break
+        out = s.schedule()
+        outs.append(out)
+        for rid in (r.req_id for r in out.scheduled_new_reqs):
+            x, gx, base, _ = entered[rid]
+            assert x + s._step == s.requests[rid].num_tokens  # the whole context, cached part included
+            assert gx + s._step == 0 and base == 32
+        peak = max(peak, len(s.running))
+        assert s._shared_blocks <= 10 * max(len(s.running) - 1, 0)  # only the prefix is shared
+        shared = max(shared, s._shared_blocks)
+        s.update_from_output(out, fake_model_output(out, s, target))
+    assert peak == 8 and shared >= 10 and not any(o.preempted_req_ids for o in outs)
+    assert s.eco_counters["admissions"] == 8
+    check_done(s)
+
+
+def test_without_sharing_the_same_prompts_are_admitted_by_their_full_size() -> None:
+    """The control: distinct prompts of the same sizes fit three at a time."""
+    s = build(EcoServeVllmSyncScheduler, num_blocks=40, prefix_caching=True)
+    target = {}
+    for i in range(8):
+        s.add_request(cached_req(f"r{i}", [1000 * i + j for j in range(176)], 32, arrival=0.001 * i,
+                                 rl_pred_tokens=32))
+        target[f"r{i}"] = 32
+    peak = 0
+    for _ in range(800):
+        if not s.get_num_unfinished_requests():
+            break
+        out = step_once(s, target)
+        assert not out.preempted_req_ids
+        peak = max(peak, len(s.running))
+    assert peak == 3 and s.eco_counters["admission_waits"] > 0
+    check_done(s)
+
+
+# ---- decode context parallelism ----------------------------------------------------------------------
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_dcp_block_size_is_the_managers(cls: type) -> None:
+    """With decode context parallelism 2 the manager's blocks hold 2 x 16 tokens: 20 blocks are
+    640 tokens. Four requests of 64 + 64 tokens fit at once (counted in 16-token blocks the
+    cache would look half as large and EcoServe would admit two)."""
+    s = build(cls, num_blocks=20, dcp=2)
+    assert s._bs == 2 * BS and s._kv_tokens == 20 * 2 * BS
+    for i in range(4):
+        s.add_request(req(f"d{i}", 64, 64, arrival=0.001 * i, rl_pred_tokens=64))
+    out = s.schedule()
+    assert len(out.num_scheduled_tokens) == 4
+    assert all(held_blocks(s, f"d{i}") == math.ceil(64 / (2 * BS)) for i in range(4))
+    drive(s, [out])
+    check_done(s)
+    assert s.eco_counters["preemptions"] == 0
+
+
+# ---- --scheduling-policy priority ------------------------------------------------------------------
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_priority_policy_keeps_priority_order_for_requests_put_back(cls: type) -> None:
+    s = build(cls, policy="priority")
+    assert s._by_priority
+    low = req("low", 32, 40, arrival=0.0, rl_pred_tokens=40)
+    low.priority = 5
+    s.add_request(low)
+    out = s.schedule()
+    assert set(out.num_scheduled_tokens) == {"low"}
+    high = req("high", 32, 40, arrival=1.0, rl_pred_tokens=400)
+    high.priority = 0
+    mid = req("mid", 32, 40, arrival=0.5, rl_pred_tokens=1)
+    mid.priority = 5
+    s.add_request(high)
+    s.add_request(mid)
+    s.running.remove(low)
+    s._preempt_request(low, 0.0)  # put back, as vLLM does when it preempts
+    assert [r.request_id for r in s.waiting] == ["high", "low", "mid"]  # priority, then put back first
+    drive(s, [out])
+    check_done(s)
+    fcfs = EcoServeRequestQueue(lambda r: r.arrival_time)
+    for r in (high, mid):
+        fcfs.add_request(r)
+    fcfs.prepend_request(low)
+    assert [r.request_id for r in fcfs] == ["low", "mid", "high"]  # fcfs: put back first, then the key
+
+
+def test_priority_policy_uses_vllms_victim_rule() -> None:
+    s = build(EcoServeVllmSyncScheduler, num_blocks=11, policy="priority")
+    for i, prio in enumerate((0, 2, 1)):
+        r = req(f"p{prio}", 32, 100, arrival=0.01 * i, rl_pred_tokens=8)
+        r.priority = prio
+        s.add_request(r)
+    outs = drive(s)
+    first = next(o.preempted_req_ids for o in outs if o.preempted_req_ids)
+    assert first == {"p2"}  # the lowest priority, as vLLM's own rule says
+    assert s.eco_counters["victim_sorts"] == 0
+    check_done(s)
+
+
+# ---- victims and top-ups with the whole step's demand --------------------------------------------------
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_no_block_runs_and_victims_from_the_whole_step(cls: type) -> None:
+    """Under-predicted requests in a small cache: every step, each running request holds just
+    the blocks of the tokens it has computed or is computing (a top-up is a projected doubling,
+    never a run of blocks, so nothing cascades); a step that preempts had its running list
+    sorted by the rules' victim key first; everything finishes and the cache empties."""
+    s = build(cls, num_blocks=24)
+    s.clock = lambda: 0.0
+    for i in range(8):
+        s.add_request(req(f"u{i}", 24 + 8 * i, 120, arrival=0.01 * i, rl_pred_tokens=6 + i))
+    target = {rid: r.max_tokens for rid, r in s.requests.items()}
+    depth = 2 if s.scheduler_config.async_scheduling else 1
+    inflight, preempted, sorts = [], 0, 0
+    for _ in range(4000):
+        if not s.get_num_unfinished_requests() and not inflight:
+            break
+        if s.get_num_unfinished_requests():
+            before = s.eco_counters["victim_sorts"]
+            out = s.schedule()
+            for r in s.running:
+                assert held_blocks(s, r.request_id) == math.ceil(r.num_computed_tokens / BS), r.request_id
+            if out.preempted_req_ids:
+                preempted += len(out.preempted_req_ids)
+                sorts += 1
+                assert s.eco_counters["victim_sorts"] == before + 1  # sorted before vLLM preempted
+                keep = [s._victim_key(r, 0.0) for r in s.running]
+                assert keep == sorted(keep)  # the survivors, still in victim order
+            inflight.append(out)
+        if len(inflight) >= depth or not s.get_num_unfinished_requests():
+            o = inflight.pop(0)
+            s.update_from_output(o, fake_model_output(o, s, target))
+    assert preempted > 0 and sorts > 0
+    assert s.eco_counters["topups"] > 0
+    check_done(s)
+
+
+# ---- per-step shortcuts (fast_steps) change no decision -------------------------------------------------
+def _lockstep(cls: type, make_reqs: Callable[[], list[Request]], **build_kw: object) -> tuple[Scheduler, list]:
+    """The same arrivals (two per step) into a scheduler with ``fast_steps`` and one without,
+    step by step (async: one step in flight): every step's output must be the same. Returns
+    the fast scheduler and the calls its admission wrapper got."""
+    fast, slow = build(cls, **build_kw), build(cls, **build_kw)
+    slow.fast_steps = False
+    wrapped, seen = fast._allocate_slots, []
+
+    def spy(request: Request, *args: object, **kw: object) -> object:
+        seen.append(request.status)
+        return wrapped(request, *args, **kw)
+
+    fast._allocate_slots = spy
+    arrivals = [make_reqs(), make_reqs()]
+    target = {r.request_id: r.max_tokens for r in arrivals[0]}
+    depth = 2 if fast.scheduler_config.async_scheduling else 1
+    inflight: list[tuple[object, object]] = []
+    for step in range(5000):
+        for s in (fast, slow):
+            s.clock = lambda step=step: 0.01 * step
+        for s, reqs in zip((fast, slow), arrivals, strict=True):
+            for r in reqs[2 * step:2 * step + 2]:
+                s.add_request(r)
+        if fast.get_num_unfinished_requests():
+            a, b = fast.schedule(), slow.schedule()
+            assert a.num_scheduled_tokens == b.num_scheduled_tokens, step
+            assert a.preempted_req_ids == b.preempted_req_ids, step
+            assert [r.req_id for r in a.scheduled_new_reqs] == [r.req_id for r in b.scheduled_new_reqs]
+            inflight.append((a, b))
+        elif not inflight and 2 * step >= len(arrivals[0]):
+            break
+        if inflight and (len(inflight) >= depth or not fast.get_num_unfinished_requests()):
+            a, b = inflight.pop(0)
+            fast.update_from_output(a, fake_model_output(a, fast, target))
+            slow.update_from_output(b, fake_model_output(b, slow, target))
+    assert fast.eco_counters == slow.eco_counters
+    check_done(fast)
+    check_done(slow)
+    return fast, seen
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_fast_steps_change_no_decision_under_preemption(cls: type) -> None:
+    """A small cache and under-predicted requests (preemptions, victim sorts, top-ups): the
+    skipped demand loop and the admission wrapper off for running requests decide the same."""
+    rng = np.random.default_rng(5)
+    spec = [(int(rng.integers(8, 200)), int(rng.integers(4, 160)), int(rng.integers(1, 40))) for _ in range(60)]
+
+    def make_reqs() -> list[Request]:
+        return [req(f"q{i}", p, m, arrival=0.005 * i, rl_pred_tokens=pred) for i, (p, m, pred) in enumerate(spec)]
+
+    fast, seen = _lockstep(cls, make_reqs, num_blocks=48)
+    assert fast.eco_counters["victim_sorts"] > 0 and fast.eco_counters["preemptions"] > 0
+    assert seen and RequestStatus.RUNNING not in seen  # the wrapper saw admissions only
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_fast_steps_change_no_decision_with_prefix_caching(cls: type) -> None:
+    prefix = list(range(3, 99))
+
+    def make_reqs() -> list[Request]:
+        return [cached_req(f"c{i}", prefix + [600 + i] * (8 + 5 * (i % 7)), 20 + 13 * (i % 5), arrival=0.005 * i,
+                           rl_pred_tokens=10 + 3 * (i % 4)) for i in range(40)]
+
+    fast, _ = _lockstep(cls, make_reqs, num_blocks=40, prefix_caching=True)
+    assert fast.eco_counters["admissions"] >= 40
+
+
+# ---- hybrid models -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_hybrid_models_are_refused_at_startup(cls: type) -> None:
+    with pytest.raises(EcoServeSetupError, match=r"2 KV-cache groups \(FullAttentionSpec, SlidingWindowSpec"):
+        build(cls, sliding_group=True)

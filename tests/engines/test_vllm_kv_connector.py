@@ -1,0 +1,133 @@
+"""The vLLM plug-in with a KV connector that loads a prompt's KV asynchronously (disaggregated
+prefill, offloading): vLLM allocates no lookahead slots for such a load on purpose, and EcoServe
+adds none of its own; the load's blocks go through the projected-peak admission once, and the
+request then resumes (holding blocks) without a second test. Real ``Scheduler`` and
+``AsyncScheduler``, a scheduler-side test connector, fake model and transfer outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch
+from test_vllm_scheduler import BS, check_done, clear_eco_env, held_blocks, req
+from vllm.config import (
+    CacheConfig,
+    DeviceConfig,
+    KVTransferConfig,
+    ModelConfig,
+    SchedulerConfig,
+    VllmConfig,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+)
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import KVConnectorOutput
+from vllm.v1.request import RequestStatus
+from vllm.v1.structured_output import StructuredOutputManager
+
+from ecoserve_sched.engines.vllm_scheduler import EcoServeVllmScheduler, EcoServeVllmSyncScheduler
+from ecoserve_sched.engines.vllm_sim import fake_model_output, tiny_model_dir
+
+ECO_CLASSES = [EcoServeVllmSyncScheduler, EcoServeVllmScheduler]
+REMOTE_TOKENS = 64  # the prompt tokens a "remote*" request loads from the connector
+
+
+class AsyncLoadConnector(KVConnectorBase_V1):
+    """Scheduler side only: requests named ``remote*`` load their first ``REMOTE_TOKENS`` prompt
+    tokens asynchronously; the test reports the load finished one step later."""
+
+    loads: ClassVar[list[tuple[str, int, int]]] = []  # (request, blocks allocated, external tokens)
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        if request.request_id.startswith("remote") and num_computed_tokens == 0 and not request.num_preemptions:
+            return REMOTE_TOKENS, True
+        return 0, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        if num_external_tokens:
+            type(self).loads.append((request.request_id, len(blocks.get_block_ids()[0]), num_external_tokens))
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        return KVConnectorMetadata()
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
+        return False, None
+
+    # worker side: unused here
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None: ...
+
+    def wait_for_layer_load(self, layer_name: str) -> None: ...
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None: ...
+
+    def wait_for_save(self) -> None: ...
+
+
+@pytest.fixture(autouse=True)
+def eco_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_eco_env(monkeypatch)
+    monkeypatch.setenv("ECOSERVE_TRUST_CLIENT_HINTS", "1")
+    AsyncLoadConnector.loads = []
+
+
+def build(cls: type, num_blocks: int = 64) -> Any:
+    sc = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=2048,
+                         enable_chunked_prefill=True, is_encoder_decoder=False,
+                         async_scheduling=issubclass(cls, EcoServeVllmScheduler),
+                         disable_hybrid_kv_cache_manager=True)
+    mc = ModelConfig(model=tiny_model_dir(), skip_tokenizer_init=True, dtype="float32", max_model_len=2048)
+    cc = CacheConfig(block_size=BS, enable_prefix_caching=False)
+    cc.num_gpu_blocks = num_blocks + 1
+    kt = KVTransferConfig(kv_connector="AsyncLoadConnector", kv_role="kv_both",
+                          kv_connector_module_path=__name__)
+    vc = VllmConfig(scheduler_config=sc, model_config=mc, cache_config=cc, kv_transfer_config=kt,
+                    device_config=DeviceConfig(device="cpu"))
+    spec = FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=1, dtype=torch.float32)
+    kv = KVCacheConfig(num_blocks=num_blocks + 1, kv_cache_tensors=[],
+                       kv_cache_groups=[KVCacheGroupSpec(["l"], spec)])
+    return cls(vllm_config=vc, kv_cache_config=kv, block_size=BS, log_stats=False,
+               structured_output_manager=StructuredOutputManager(vc))
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_async_kv_loads_get_no_lookahead_and_finish(cls: type) -> None:
+    s = build(cls)
+    assert s.connector is not None
+    calls: list[dict] = []
+    allocate = s._allocate
+
+    def spy(request: Any, num_new_tokens: int, *args: Any, **kw: Any) -> Any:
+        calls.append({"rid": request.request_id, "new": num_new_tokens, **kw})
+        return allocate(request, num_new_tokens, *args, **kw)
+
+    s._allocate = spy
+    s.add_request(req("remote-a", 100, 20, arrival=0.0, rl_pred_tokens=20))
+    s.add_request(req("local-b", 40, 20, arrival=0.01, rl_pred_tokens=20))
+    target = {"remote-a": 20, "local-b": 20}
+    loading: set[str] = set()
+    for _ in range(200):
+        if not s.get_num_unfinished_requests():
+            break
+        out = s.schedule()
+        a = s.requests.get("remote-a")
+        if a is not None and a.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+            assert held_blocks(s, "remote-a") == REMOTE_TOKENS // BS  # the load's blocks, no more
+            assert "remote-a" in s.proj
+            loading.add("remote-a")
+        mro = fake_model_output(out, s, target)
+        if loading:  # the transfer finishes after one step
+            mro.kv_connector_output = KVConnectorOutput(finished_recving=set(loading))
+            loading.clear()
+        s.update_from_output(out, mro)
+    load = [c for c in calls if c["rid"] == "remote-a" and c.get("delay_cache_blocks")]
+    assert load and all(c.get("num_lookahead_tokens", 0) == 0 for c in load)  # vLLM's 0, unchanged
+    assert AsyncLoadConnector.loads == [("remote-a", REMOTE_TOKENS // BS, REMOTE_TOKENS)]
+    assert s.eco_counters["admissions"] == 2  # the load was admitted once, its resume was not re-tested
+    check_done(s)

@@ -1,0 +1,375 @@
+"""The API-server middleware (``vllm serve --middleware``): client hints stripped and predicted ones
+set, bodies it cannot or need not change passed on untouched, predictor failures and overload,
+streamed bodies, the event loop kept free, and the end to end path into the scheduler under
+``ECOSERVE_TRUST_CLIENT_HINTS=1``. The ASGI app is called directly (no server, no HTTP client)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from test_vllm_scheduler import check_done, clear_eco_env, drive, make
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.v1.request import Request
+
+from ecoserve_sched.engines import vllm_middleware as vm
+from ecoserve_sched.engines.vllm_middleware import EcoServePredictMiddleware, MiddlewareConfig
+from ecoserve_sched.engines.vllm_scheduler import EcoServeSetupError, EcoServeVllmSyncScheduler
+
+CHAT = "/v1/chat/completions"
+LOGGER = "ecoserve_sched.engines.vllm_middleware"
+BUNDLE = Path(__file__).resolve().parents[2] / "models" / "rl-minilm-l6-llama3"
+
+
+@pytest.fixture(autouse=True)
+def eco_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_eco_env(monkeypatch)
+
+
+class Stub:
+    """A predictor: remembers what it was given; ``delay`` sleeps (releasing the GIL, as ONNX
+    Runtime does); ``fail`` raises; ``out`` replaces the result."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False, out: Any = None) -> None:
+        self.delay, self.fail, self.out = delay, fail, out
+        self.seen: list[tuple[Any, Any]] = []
+        self.threads: set[str] = set()
+
+    def predict(self, requests: list[Any], generators: list[str | None] | None = None) -> list[Any]:
+        self.seen.append((requests[0], generators[0] if generators else None))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("predictor down")
+        return [self.out or SimpleNamespace(bucket=3, pred_tokens=150, reserve_tokens=185)]
+
+
+async def downstream(scope: dict, receive: Any, send: Any) -> None:
+    """Echo: the body (and content-length header) the app received."""
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    length = dict(scope.get("headers") or ()).get(b"content-length", b"")
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"x-length", length)]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def middleware(predictor: Any = None, **cfg: Any) -> EcoServePredictMiddleware:
+    return EcoServePredictMiddleware(downstream, MiddlewareConfig(**cfg), predictor=predictor)
+
+
+async def acall(app: Any, body: bytes | list[bytes], path: str = CHAT, method: str = "POST",
+                ctype: bytes = b"application/json") -> tuple[int, bytes, dict]:
+    chunks = [body] if isinstance(body, bytes) else list(body)
+    total = sum(map(len, chunks))
+    queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+             for i, c in enumerate(chunks)]
+
+    async def receive() -> dict:
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    out: list[dict] = []
+
+    async def send(message: dict) -> None:
+        out.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": "",
+             "headers": [(b"content-type", ctype), (b"content-length", str(total).encode())]}
+    await app(scope, receive, send)
+    return out[0]["status"], b"".join(m.get("body", b"") for m in out[1:]), dict(out[0]["headers"])
+
+
+def call(app: Any, body: Any, **kw: Any) -> tuple[int, bytes, dict]:
+    if not isinstance(body, bytes | list):
+        body = json.dumps(body).encode()
+    return asyncio.run(acall(app, body, **kw))
+
+
+def chat(text: str = "Write a long essay about the history of Rome.", **extra: Any) -> dict:
+    return {"model": "llama-3-8b", "messages": [{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": text}], **extra}
+
+
+PREDICTED = {"rl_bucket": 3, "rl_pred_tokens": 150, "rl_reserve_tokens": 185}
+
+
+# ---- hints: stripped and overwritten -----------------------------------------------------------
+def test_client_hints_are_replaced_by_predictions_other_xargs_kept() -> None:
+    stub = Stub()
+    mw = middleware(stub)
+    status, body, headers = call(mw, chat(vllm_xargs={"rl_pred_tokens": 1, "rl_bucket": "lots",
+                                                      "rl_other": 5, "session_id": "s1"}))
+    doc = json.loads(body)
+    assert status == 200 and doc["vllm_xargs"] == {"session_id": "s1", **PREDICTED}
+    assert headers[b"x-length"] == str(len(body)).encode()  # content-length follows the new body
+    # the predictor saw what the user sent (roles, text) and the served model's name
+    assert stub.seen == [([{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": "Write a long essay about the history of Rome."}],
+                          "llama-3-8b")]
+    assert mw.counters["predicted"] == 1 and mw.counters["stripped_keys"] == 3
+
+
+def test_honest_bodies_get_hints_appended_and_every_parser_of_vllm_sees_them() -> None:
+    """No client hint: the predicted ``vllm_xargs`` is appended as the last member (no full
+    re-serialisation); FastAPI's ``json.loads`` and pydantic's own JSON parser both keep it."""
+    mw = middleware(Stub())
+    raw = json.dumps(chat(vllm_xargs={"session_id": "s1"}), indent=2).encode() + b"\n"
+    body = call(mw, raw)[1]
+    assert body.startswith(raw.rstrip()[:-1])  # the client's bytes, then ours
+    for parsed in (ChatCompletionRequest.model_validate(json.loads(body)),
+                   ChatCompletionRequest.model_validate_json(body)):
+        assert parsed.vllm_xargs == {"session_id": "s1", **PREDICTED}
+    # other encodings json.loads accepts (UTF-16, a UTF-8 BOM) are re-serialised or appended safely
+    for encoded in (json.dumps(chat()).encode("utf-16"), b"\xef\xbb\xbf" + json.dumps(chat()).encode()):
+        assert json.loads(call(mw, encoded)[1])["vllm_xargs"] == PREDICTED
+    assert mw.counters["predicted"] == 3
+
+
+def test_hints_stripped_everywhere_without_a_predictor_and_on_other_endpoints() -> None:
+    mw = middleware(None)
+    generate = {"token_ids": [1, 2], "sampling_params": {"max_tokens": 5,
+                                                         "extra_args": {"rl_reserve_tokens": 1, "k": 1}}}
+    _, body, _ = call(mw, generate, path="/inference/v1/generate")
+    assert json.loads(body)["sampling_params"]["extra_args"] == {"k": 1}
+    _, body, _ = call(mw, chat(vllm_xargs={"rl_bucket": 0}))
+    assert json.loads(body)["vllm_xargs"] == {}
+    batch = {"messages": [[{"role": "user", "content": "x"}]], "vllm_xargs": {"rl_bucket": 1}}
+    _, body, _ = call(mw, batch, path="/v1/chat/completions/batch")
+    assert "rl_bucket" not in body.decode()
+    # duplicate keys: json.loads keeps the last, as FastAPI does; the body sent on has only that
+    dup = b'{"messages": [], "vllm_xargs": {"a": 1}, "vllm_xargs": {"rl_bucket": 0}}'
+    _, body, _ = call(mw, dup, path="/v1/messages")
+    assert json.loads(body) == {"messages": [], "vllm_xargs": {}}
+    # escaped key spellings are the same key once parsed
+    _, body, _ = call(mw, b'{"prompt": "hi", "vllm_xargs": {"\\u0072l_bucket": 0}}', path="/v1/completions")
+    assert json.loads(body)["vllm_xargs"] == {}
+    assert mw.counters["stripped_requests"] == 5
+
+
+def test_completions_prompt_and_content_parts() -> None:
+    stub = Stub()
+    mw = middleware(stub, generator="served-name")
+    call(mw, {"model": "m", "prompt": ["Tell me a story"]}, path="/v1/completions")
+    parts = [{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": "x"}},
+             {"type": "text", "text": "this picture"}]
+    call(mw, {"model": "m", "messages": [{"role": "user", "content": parts}]})
+    assert stub.seen == [("Tell me a story", "served-name"),
+                         ([{"role": "user", "content": "Describe\nthis picture"}], "served-name")]
+    # nothing to predict from: token prompts, several prompts, no user text -> no hints, untouched
+    for path, doc in (("/v1/completions", {"prompt": [1, 2, 3]}), ("/v1/completions", {"prompt": ["a", "b"]}),
+                      (CHAT, {"messages": [{"role": "system", "content": "x"}]}), (CHAT, {"messages": "hi"}),
+                      (CHAT, chat(vllm_xargs="not a mapping"))):
+        raw = json.dumps(doc).encode()
+        assert call(mw, raw, path=path)[1] == raw
+    assert mw.counters["no_text"] == 5 and len(stub.seen) == 2
+
+
+# ---- pass-through --------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw", [b"not json", b'{"messages": [', b"\xff\xfe\x00", b"", b"[" * 100_000,
+                                 json.dumps({"model": "m", "input": "x"}).encode()])
+def test_bodies_it_need_not_or_cannot_change_go_on_byte_for_byte(raw: bytes) -> None:
+    mw = middleware(Stub())
+    status, body, _ = call(mw, raw, path="/v1/responses" if raw.startswith(b'{"model"') else CHAT)
+    assert status == 200 and body == raw
+
+
+def test_get_websocket_and_lifespan_are_not_touched() -> None:
+    mw = middleware(Stub())
+    assert call(mw, b"", method="GET", path="/v1/models")[0] == 200
+    seen = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+
+    mw2 = EcoServePredictMiddleware(app, MiddlewareConfig(), predictor=Stub())
+    for kind in ("lifespan", "websocket"):
+        asyncio.run(mw2({"type": kind}, None, None))  # type: ignore[arg-type]
+    assert seen == ["lifespan", "websocket"] and mw.counters["requests"] == 0
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_oversized_and_form_bodies_pass_unless_hints_are_trusted(trusted: bool, caplog) -> None:
+    stub = Stub()
+    mw = middleware(stub, max_body_bytes=1024, trust_client_hints=trusted)
+    big = json.dumps(chat("x" * 4000, vllm_xargs={"rl_pred_tokens": 1})).encode()
+    chunks = [big[i:i + 300] for i in range(0, len(big), 300)]  # streamed: the limit is hit mid-way
+    form = (b"multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="vllm_xargs"'
+            b'\r\n\r\n{"rl_bucket": 0}\r\n--b--\r\n')
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        status, body, _ = call(mw, chunks)
+        status2, body2, _ = call(mw, big)
+        status3, body3, _ = call(mw, form[1], ctype=form[0], path="/v1/audio/transcriptions")
+    if trusted:  # they could carry hints the middleware cannot check: refused
+        assert (status, status2, status3) == (413, 413, 415)
+        assert json.loads(body)["error"]["code"] == 413 and mw.counters["refused"] == 3
+    else:
+        assert (status, body, status2, body2, status3, body3) == (200, big, 200, big, 200, form[1])
+    assert mw.counters["oversized"] == 2 and mw.counters["form_bodies"] == 1 and not stub.seen
+    assert len([m for m in caplog.messages if "MAX_BODY_BYTES" in m]) == 1
+
+
+# ---- predictor failure, overload -----------------------------------------------------------------
+@pytest.mark.parametrize("stub", [Stub(fail=True),
+                                  Stub(out=SimpleNamespace(bucket=float("nan"), pred_tokens=1, reserve_tokens=1)),
+                                  Stub(out=SimpleNamespace(bucket=2, pred_tokens=0, reserve_tokens=5)),
+                                  Stub(out=SimpleNamespace(bucket=2, pred_tokens=5.5, reserve_tokens=5)),
+                                  Stub(out=SimpleNamespace(bucket=None, pred_tokens=5, reserve_tokens=5))])
+def test_predictor_failure_sends_the_request_on_without_hints(stub: Stub, caplog) -> None:
+    mw = middleware(stub)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for _ in range(3):
+            status, body, _ = call(mw, chat(vllm_xargs={"rl_bucket": 0, "keep": 1}))
+            assert status == 200 and json.loads(body)["vllm_xargs"] == {"keep": 1}  # still stripped
+        raw = json.dumps(chat()).encode()
+        assert call(mw, raw)[1] == raw  # nothing stripped, nothing set: the original bytes
+    assert mw.counters["predictor_errors"] == 4 and mw.counters["predicted"] == 0
+    assert len([m for m in caplog.messages if "predictor failed" in m]) == 1
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_an_unexpected_error_never_fails_open_under_trust(trusted: bool, monkeypatch) -> None:
+    mw = middleware(Stub(), trust_client_hints=trusted)
+    monkeypatch.setattr(mw, "rewrite", lambda *a: 1 / 0)
+    raw = json.dumps(chat(vllm_xargs={"rl_bucket": 0})).encode()
+    status, body, _ = call(mw, raw)
+    assert (status, body == raw) == ((400, False) if trusted else (200, True))
+    assert mw.counters["errors"] == 1
+
+
+def test_overload_sheds_predictions_but_still_strips() -> None:
+    stub = Stub(delay=0.3)
+    mw = middleware(stub, threads=2, max_pending=1)
+
+    async def timed(body: dict) -> tuple[bytes, float]:
+        t0 = time.perf_counter()
+        out = await acall(mw, json.dumps(body).encode())
+        return out[1], time.perf_counter() - t0
+
+    async def two() -> list:
+        return await asyncio.gather(timed(chat()), timed(chat(vllm_xargs={"rl_bucket": 0})))
+
+    (first, t_first), (second, t_second) = asyncio.run(two())
+    assert json.loads(first)["vllm_xargs"] == PREDICTED and json.loads(second)["vllm_xargs"] == {}
+    assert mw.counters["shed"] == 1 and len(stub.seen) == 1
+    assert t_first >= 0.3 > 0.15 > t_second  # the shed request does not wait behind predictions
+
+
+# ---- streaming, the event loop -------------------------------------------------------------------
+def test_streamed_body_is_reassembled_and_rewritten() -> None:
+    mw = middleware(Stub())
+    raw = json.dumps(chat("a " * 2000, vllm_xargs={"rl_bucket": 0})).encode()
+    chunks = [raw[i:i + 7] for i in range(0, len(raw), 7)] + [b""]
+    status, body, _ = call(mw, chunks)
+    assert status == 200 and json.loads(body)["vllm_xargs"] == PREDICTED
+    assert json.loads(body)["messages"] == chat("a " * 2000)["messages"]
+
+
+def test_client_disconnect_mid_body_reaches_the_app() -> None:
+    got: list[dict] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        got.extend([await receive(), await receive()])
+
+    mw = EcoServePredictMiddleware(app, MiddlewareConfig(), predictor=Stub())
+    queue = [{"type": "http.request", "body": b'{"mess', "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict:
+        return queue.pop(0)
+
+    asyncio.run(mw({"type": "http", "method": "POST", "path": CHAT, "headers": []}, receive, None))  # type: ignore[arg-type]
+    assert got == [{"type": "http.request", "body": b'{"mess', "more_body": True}, {"type": "http.disconnect"}]
+
+
+def test_predictions_run_off_the_event_loop() -> None:
+    """Four slow predictions (0.25 s each) on two threads: the loop keeps ticking meanwhile and
+    the requests overlap (~0.5 s in all, not 1 s)."""
+    stub = Stub(delay=0.25)
+    mw = middleware(stub, threads=2)
+    raw = json.dumps(chat()).encode()
+
+    async def run() -> tuple[float, int, float]:
+        ticks, worst = 0, 0.0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks, worst
+            while not stop.is_set():
+                t = time.perf_counter()
+                await asyncio.sleep(0.005)
+                worst = max(worst, time.perf_counter() - t - 0.005)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        t0 = time.perf_counter()
+        await asyncio.gather(*(acall(mw, raw) for _ in range(4)))
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        await task
+        return elapsed, ticks, worst
+
+    elapsed, ticks, worst = asyncio.run(run())
+    assert 0.45 <= elapsed < 0.9 and ticks >= 20 and worst < 0.1
+    assert stub.threads and all(t.startswith("ecoserve-predict") for t in stub.threads)
+    assert mw.counters["predicted"] == 4
+
+
+# ---- settings --------------------------------------------------------------------------------------
+def test_settings_from_env_and_errors_name_the_variable() -> None:
+    env = {"ECOSERVE_MIDDLEWARE_PREDICTOR": "default", "ECOSERVE_MIDDLEWARE_THREADS": "3",
+           "ECOSERVE_MIDDLEWARE_MAX_BODY_BYTES": "65536", "ECOSERVE_TRUST_CLIENT_HINTS": "1",
+           "ECOSERVE_MARGIN": "0.1"}  # retired: not read
+    cfg = MiddlewareConfig.from_env(env)
+    assert (cfg.predictor, cfg.threads, cfg.max_body_bytes, cfg.trust_client_hints) == ("default", 3, 65536, True)
+    for var, bad in (("ECOSERVE_MIDDLEWARE_THREADS", "0"), ("ECOSERVE_MIDDLEWARE_MAX_PENDING", "many"),
+                     ("ECOSERVE_TRUST_CLIENT_HINTS", "perhaps")):
+        with pytest.raises(EcoServeSetupError, match=var):
+            MiddlewareConfig.from_env({var: bad})
+    with pytest.raises(EcoServeSetupError, match="ECOSERVE_MIDDLEWARE_PREDICTOR"):
+        EcoServePredictMiddleware(downstream, MiddlewareConfig(predictor="/no/such/bundle"))
+    assert set(vm.SETTINGS) == {"ECOSERVE_MIDDLEWARE_" + f.upper() for f in
+                                ("predictor", "max_body_bytes", "threads", "max_pending", "generator")}
+
+
+# ---- end to end: the real bundle, vLLM's request model, the scheduler under trust --------------------
+@pytest.fixture(scope="module")
+def bundle_middleware() -> EcoServePredictMiddleware:
+    return EcoServePredictMiddleware(downstream, MiddlewareConfig(predictor=str(BUNDLE), trust_client_hints=True))
+
+
+def test_end_to_end_middleware_hints_are_what_the_scheduler_uses(bundle_middleware, monkeypatch) -> None:
+    from rlpredict.runtime import Predictor
+
+    monkeypatch.setenv("ECOSERVE_TRUST_CLIENT_HINTS", "1")
+    mw = bundle_middleware
+    texts = ["Write a detailed, multi-chapter essay on the fall of Rome.", "Say hi.", "Translate 'cat' to French."]
+    reference = Predictor.load(BUNDLE, threads=1)
+    sched = make(EcoServeVllmSyncScheduler, num_blocks=256)
+    for i, text in enumerate(texts):
+        # a client trying to jump the queue with its own hint
+        status, body, _ = call(mw, chat(text, max_tokens=1000, vllm_xargs={"rl_pred_tokens": 1}))
+        assert status == 200
+        parsed = ChatCompletionRequest.model_validate_json(body)  # what vLLM's endpoint builds
+        sp = parsed.to_sampling_params(max_tokens=1000, default_sampling_params={})
+        sched.add_request(Request(request_id=f"r{i}", prompt_token_ids=[1] * (20 + i),
+                                  sampling_params=sp, pooling_params=None, arrival_time=0.01 * i))
+        ref = reference.predict([chat(text)["messages"]], ["llama-3-8b"])[0]
+        p = sched.rl[f"r{i}"]
+        assert (p.source, p.bucket, p.pred_tokens, p.reserve_tokens) == (
+            "extra_args", ref.bucket, ref.pred_tokens, ref.reserve_tokens)
+        assert p.pred_tokens != 1 or ref.pred_tokens == 1
+    assert sched.eco_counters["hints_used"] == 3 and sched.eco_counters["hints_invalid"] == 0
+    drive(sched)
+    check_done(sched)
+    assert mw.counters["predicted"] == 3 and mw.counters["stripped_keys"] == 3

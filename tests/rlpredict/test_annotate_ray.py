@@ -1,0 +1,191 @@
+"""annotate --engine ray: the same output as the local path, row for row, on a local Ray (2 CPUs).
+
+One Ray for the module (starting it takes seconds). The traces hold a few thousand rows with bad
+ones of every kind the local path rejects; each Ray run is compared with ``annotate_file``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rlpredict.annotate import annotate_file
+from rlpredict.outputs import OWNER_FILE
+from rlpredict.runtime import Predictor
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+ROWS = 3000
+CHUNK = 256
+
+
+def trace_lines(n: int = ROWS) -> list[bytes]:
+    """``n`` JSONL lines: prompts, conversations, and bad rows of each kind, plus blank lines."""
+    bad = [b"{not json", b"[1, 2]", b'{"id": -1}', b'{"prompt": 7}', b'{"prompt": "\\ud800"}',
+           b'{"prompt": "caf\xe9"}', b'{"messages": "[oops"}', b'{"messages": []}']
+    out = []
+    for i in range(n):
+        if i % 53 == 11:
+            out.append(bad[(i // 53) % len(bad)])
+        elif i % 97 == 5:
+            out.append(b"   ")
+        elif i % 7 == 3:
+            msgs = [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": "hi"},
+                    {"role": "user", "content": f"tell me about topic {i % 31} in detail"}]
+            out.append(json.dumps({"id": i, "messages": msgs, "t": i / 10}).encode())
+        else:
+            out.append(json.dumps({"id": i, "prompt": f"question {i}: explain item {i % 17}",
+                                   "arrival_time_s": i * 0.25, "tenant": ["a", "b"][i % 2]}).encode())
+    return out
+
+
+def write_jsonl(path: Path, lines: list[bytes]) -> Path:
+    data = b"\n".join(lines) + b"\n"
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def write_parquet(path: Path, n: int = ROWS) -> Path:
+    rows = [{"id": i, "prompt": None if i % 41 == 7 else f"request {i} about {i % 23}",
+             "arrival_time_s": i * 0.5, "tags": [f"t{i % 3}"]} for i in range(n)]
+    table = pa.Table.from_pylist(rows).replace_schema_metadata({"source": "test"})
+    pq.write_table(table, path)
+    return path
+
+
+def unzip(path: Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.name.endswith(".gz") else data
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle_fp32) -> Predictor:
+    return Predictor.load(bundle_fp32, threads=1)
+
+
+def local(predictor: Predictor, src: Path, dst: Path, **kw):
+    return annotate_file(predictor, src, dst, on_error="skip", chunk_rows=CHUNK, **kw)
+
+
+def test_without_ray_one_line_how_to_install(bundle_fp32, tmp_path, monkeypatch):
+    from rlpredict.cli import app
+
+    src = write_jsonl(tmp_path / "in.jsonl", trace_lines(5))
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails
+    r = CliRunner().invoke(app, ["annotate", str(src), "-o", str(tmp_path / "out.jsonl"),
+                                 "--model", str(bundle_fp32), "--engine", "ray"])
+    assert r.exit_code == 2, r.output
+    assert "pip install 'rlpredict[ray]'" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out.jsonl").exists()
+    r = CliRunner().invoke(app, ["annotate", str(src), "-o", str(tmp_path / "o.jsonl"),
+                                 "--model", str(bundle_fp32), "--num-workers", "2"])
+    assert r.exit_code == 2 and "--engine ray" in r.output
+
+
+def test_jsonl_gz_equals_local_and_a_killed_worker_loses_no_row(ray_local, bundle_fp32, predictor, tmp_path):
+    from rlpredict.annotate_ray import annotate_path
+
+    src = write_jsonl(tmp_path / "in.jsonl.gz", trace_lines())
+    want = local(predictor, src, tmp_path / "local.jsonl.gz")
+    marker = tmp_path / "killed"
+    # The worker that meets the 4th chunk exits (os._exit) the first time: Ray restarts it.
+    got = annotate_path(src, tmp_path / "ray.jsonl.gz", bundle_fp32, on_error="skip", chunk_rows=CHUNK,
+                        num_workers=2, _fault=(str(marker), 3 * CHUNK + 1))
+    assert marker.exists()  # the fault fired
+    assert (got.rows_in, got.rows_out, got.rows_rejected) == (want.rows_in, want.rows_out, want.rows_rejected)
+    assert got.rows_in == got.rows_out + got.rows_rejected and got.rows_rejected > 40
+    assert got.reasons == want.reasons and (got.workers, got.threads_per_worker) == (2, 1)
+    assert unzip(tmp_path / "ray.jsonl.gz") == unzip(tmp_path / "local.jsonl.gz")  # row for row
+    assert (tmp_path / "ray.rejects.jsonl").read_bytes() == (tmp_path / "local.rejects.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.jsonl.gz", "killed", "local.jsonl.gz", "local.rejects.jsonl", "ray.jsonl.gz", "ray.rejects.jsonl"]
+
+
+def test_folder_of_jsonl_and_parquet(ray_local, bundle_fp32, predictor, tmp_path):
+    from rlpredict.annotate_ray import annotate_path
+
+    src = tmp_path / "in"
+    (src / "day2").mkdir(parents=True)
+    lines = trace_lines(1200)
+    write_jsonl(src / "a.jsonl", lines[:700])
+    write_jsonl(src / "day2" / "b.jsonl", lines[700:])
+    write_jsonl(src / "empty.jsonl", [])
+    write_parquet(src / "c.parquet", 1500)
+    (src / "notes.txt").write_text("not an input\n")
+    got = annotate_path(src, tmp_path / "out", bundle_fp32, on_error="skip", chunk_rows=CHUNK)
+    assert got.files == 4 and got.rows_in == got.rows_out + got.rows_rejected
+    out = tmp_path / "out"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        OWNER_FILE, "a.jsonl", "c.parquet", "day2/b.jsonl", "empty.jsonl"]
+    rejects = [json.loads(line) for line in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
+    total = [0, 0, 0]
+    for name in ("a.jsonl", "day2/b.jsonl", "empty.jsonl", "c.parquet"):
+        ref = tmp_path / "ref" / name
+        s = local(predictor, src / name, ref, rejects=tmp_path / "ref" / f"{name}.rejects.jsonl")
+        total = [total[0] + s.rows_in, total[1] + s.rows_out, total[2] + s.rows_rejected]
+        if name.endswith(".parquet"):
+            a, b = pq.read_table(out / name), pq.read_table(ref)
+            assert a.equals(b) and a.schema.metadata == b.schema.metadata  # values and types unchanged
+        else:
+            assert (out / name).read_bytes() == ref.read_bytes()
+        mine = [{k: v for k, v in r.items() if k != "file"} for r in rejects if r["file"] == name]
+        assert mine == [json.loads(x) for x in (tmp_path / "ref" / f"{name}.rejects.jsonl").read_text().splitlines()]
+    assert [got.rows_in, got.rows_out, got.rows_rejected] == total
+
+
+def test_fail_mode_names_the_first_bad_line_and_writes_nothing(ray_local, bundle_fp32, tmp_path):
+    from rlpredict.annotate import AnnotateError
+    from rlpredict.annotate_ray import annotate_path
+
+    src = write_jsonl(tmp_path / "in.jsonl", trace_lines(600))
+    with pytest.raises(AnnotateError, match=r"in\.jsonl: line 12: not valid JSON"):
+        annotate_path(src, tmp_path / "out.jsonl", bundle_fp32, chunk_rows=100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "a"}\n' * 500)[:-30])
+    with pytest.raises(AnnotateError) as e:  # raised in a Ray task, reported as itself
+        annotate_path(tmp_path / "bad.jsonl.gz", tmp_path / "out.jsonl.gz", bundle_fp32, on_error="skip")
+    assert type(e.value) is AnnotateError and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{tmp_path / 'bad.jsonl.gz'}: truncated or corrupt compressed file")
+    assert not (tmp_path / "out.jsonl.gz").exists()
+
+
+def test_cli_engine_ray_json_summary(ray_local, bundle_fp32, tmp_path):
+    from rlpredict.cli import app
+
+    src = write_parquet(tmp_path / "in.parquet", 800)
+    args = ["annotate", str(src), "-o", str(tmp_path / "out.parquet"), "--model", str(bundle_fp32),
+            "--engine", "ray", "--num-workers", "1", "--on-error", "skip", "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert (s["engine"], s["workers"], s["rows_in"]) == ("ray", 1, 800)
+    assert s["rows_out"] + s["rows_rejected"] == 800 and s["rows_rejected"] == 20
+    r = CliRunner().invoke(app, args)  # the output exists now
+    assert r.exit_code == 2 and "--force" in r.output
+
+
+def test_dataset_api(ray_local, bundle_fp32, predictor):
+    from rlpredict.annotate_ray import annotate_dataset
+
+    rows = [{"id": i, "prompt": f"q {i}"} for i in range(300)] + [{"id": 300, "prompt": None}]
+    ds = annotate_dataset(ray_local.data.from_items(rows), bundle_fp32, num_workers=2)
+    out = sorted(ds.take_all(), key=lambda r: r["id"])
+    want = predictor.predict([r["prompt"] for r in rows[:300]])
+    assert [(r["rl_bucket"], r["rl_pred_tokens"], r["rl_reserve_tokens"]) for r in out[:300]] == [
+        (p.bucket, p.pred_tokens, p.reserve_tokens) for p in want]
+    assert all(r["rl_error"] is None for r in out[:300])
+    assert out[300]["rl_bucket"] is None and "missing or null" in out[300]["rl_error"]

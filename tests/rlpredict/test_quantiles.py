@@ -1,0 +1,210 @@
+"""Calibrated quantiles (``conformal.py``, ``rlpredict calibrate``) and ``rlpredict drift``."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import rlpredict.samples
+from rlpredict.buckets import BucketScheme
+from rlpredict.bundle import BundleError, load_bundle
+from rlpredict.cli import app
+from rlpredict.conformal import QuantileCalibration, _conformal_offset, column_name, pac_rank
+from rlpredict.outputs import OWNER_FILE
+
+SAMPLES = Path(rlpredict.samples.__file__).parent
+DATA = [SAMPLES / "sharegpt_sample.jsonl.gz", SAMPLES / "alpaca_sample.jsonl.gz"]
+
+
+def _synthetic(n: int, seed: int) -> tuple[BucketScheme, np.ndarray, np.ndarray]:
+    """A scheme, model probabilities and lengths drawn from them (so the model is calibrated up
+    to its bucket resolution), plus a systematic 1.3x under-prediction to correct."""
+    rng = np.random.default_rng(seed)
+    scheme = BucketScheme.default().fit(rng.lognormal(5.0, 1.0, 4000).astype(int) + 1)
+    probs = rng.dirichlet(np.full(scheme.n_buckets, 0.3), size=n)
+    q = rng.random(n)
+    rl = np.array([scheme.predictive_quantile(probs[i:i + 1], q[i])[0] for i in range(n)]) * 1.3
+    return scheme, probs, np.maximum(rl, 1).astype(int)
+
+
+def test_offset_is_the_conformal_order_statistic() -> None:
+    scores = np.array([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6])  # n = 9
+    assert _conformal_offset(scores, 0.9) == 0.9  # ceil(10 x 0.9) = 9th smallest
+    assert _conformal_offset(scores, 0.5) == 0.5  # ceil(10 x 0.5) = 5th
+    assert math.isinf(_conformal_offset(scores, 0.95))  # ceil(10 x 0.95) = 10 > 9
+    assert math.isinf(_conformal_offset(np.array([]), 0.5))
+
+
+def test_pac_rank_against_the_binomial_tail() -> None:
+    # Binomial(10, 0.5): P(X >= 9) = 11/1024 = 0.0107, P(X >= 8) = 56/1024 = 0.0547
+    assert pac_rank(10, 0.5, 0.05) == 9
+    assert pac_rank(10, 0.5, 0.06) == 8
+    assert pac_rank(5, 0.99, 0.01) == 6  # impossible: n + 1
+
+
+def test_column_names() -> None:
+    assert [column_name(q) for q in (0.5, 0.9, 0.975, 0.05)] == [
+        "rl_q50_tokens", "rl_q90_tokens", "rl_q975_tokens", "rl_q05_tokens"]
+
+
+def test_coverage_holds_on_exchangeable_data() -> None:
+    scheme, probs, rl = _synthetic(6000, 0)
+    covered = {0.5: [], 0.9: []}
+    for seed in range(10):
+        m = np.random.default_rng(seed).random(len(rl)) < 0.5
+        cal = QuantileCalibration.fit(scheme, probs[m], rl[m], [0.5, 0.9], min_group=50)
+        tok = cal.tokens(scheme, probs[~m], [0.5, 0.9])
+        assert (tok[:, 1] >= tok[:, 0]).mean() > 0.95
+        for j, q in enumerate((0.5, 0.9)):
+            covered[q].append(np.mean(rl[~m] <= tok[:, j]))
+        fit_tok = cal.tokens(scheme, probs[m], [0.9])[:, 0]
+        assert np.mean(rl[m] <= fit_tok) >= 0.9  # on the calibration set itself: by construction
+    for q, c in covered.items():
+        assert np.mean(c) >= q - 0.01, (q, np.mean(c))  # the guarantee is in expectation
+        assert np.mean(c) <= q + 0.03, (q, np.mean(c))  # and not wastefully above it
+    pac = QuantileCalibration.fit(scheme, probs, rl, [0.9], confidence=0.9)
+    plain = QuantileCalibration.fit(scheme, probs, rl, [0.9])
+    assert (pac.log_offsets >= plain.log_offsets).all()
+
+
+def test_calibration_round_trips_and_is_checked() -> None:
+    scheme, probs, rl = _synthetic(800, 1)
+    cal = QuantileCalibration.fit(scheme, probs, rl, [0.9, 0.5], source="x", confidence=0.8)
+    d = json.loads(json.dumps(cal.to_dict()))
+    back = QuantileCalibration.from_dict(d, scheme.n_buckets)
+    assert back.quantiles == (0.5, 0.9) and back.confidence == 0.8
+    np.testing.assert_allclose(back.tokens(scheme, probs, [0.9]), cal.tokens(scheme, probs, [0.9]), atol=1)
+    bad = [("format", "other"), ("quantiles", [0.5, 1.5]), ("quantiles", [0.5, 0.5]),
+           ("log_offsets", [[0.0]]), ("log_offsets", [[float("nan")] * scheme.n_buckets] * 2),
+           ("global_log_offsets", [1e9, 0.0]), ("group_n", [-1] * scheme.n_buckets),
+           ("min_group", 0), ("confidence", 1.0), ("source", 3)]
+    for key, value in bad:
+        with pytest.raises(ValueError, match=key.split("_")[0] if key != "format" else "format"):
+            QuantileCalibration.from_dict({**d, key: value}, scheme.n_buckets)
+    with pytest.raises(ValueError, match="not calibrated"):
+        cal.tokens(scheme, probs, [0.75])
+    with pytest.raises(ValueError, match="too few"):
+        QuantileCalibration.fit(scheme, probs[:5], rl[:5], [0.9])
+
+
+@pytest.fixture(scope="module")
+def calibrated(bundle_fp32: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cal") / "calibrated"
+    r = CliRunner().invoke(app, ["calibrate", "--model", str(bundle_fp32), "--data", str(DATA[0]),
+                                 "--data", str(DATA[1]), "--split", "all", "--out", str(out),
+                                 "--min-group", "20", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["calibration_samples"] + report["check_samples"] == 580
+    assert {row["quantile"] for row in report["check"]["all"]} == {0.5, 0.9}
+    return out
+
+
+def test_calibrate_writes_a_new_bundle(bundle_fp32: Path, calibrated: Path) -> None:
+    b = load_bundle(calibrated)
+    assert b.calibration is not None and b.calibration.quantiles == (0.5, 0.9)
+    assert (calibrated / OWNER_FILE).is_file() and "Calibrated quantiles" in (calibrated / "MODEL_CARD.md").read_text()
+    assert load_bundle(bundle_fp32).calibration is None  # the input bundle is untouched
+
+    from rlpredict.runtime import Predictor
+
+    p = Predictor.load(calibrated, threads=1)
+    prompts = ["Write a poem about the sea", "What is 2+2?", "Explain TCP in detail"]
+    preds = p.predict(prompts, quantiles=[0.9, 0.5])
+    assert all(len(x.quantile_tokens) == 2 and x.quantile_tokens[0] >= x.quantile_tokens[1] >= 1 for x in preds)
+    assert p.predict_one(prompts[0], quantiles=[0.9, 0.5]).quantile_tokens == preds[0].quantile_tokens
+    assert p.predict(prompts)[0].quantile_tokens == ()
+    with pytest.raises(ValueError, match="not calibrated"):
+        p.predict(prompts, quantiles=[0.8])
+    with pytest.raises(ValueError, match="no calibrated quantiles"):
+        Predictor.load(bundle_fp32, threads=1).predict(prompts, quantiles=[0.9])
+
+
+def test_calibrate_refuses_bad_options_and_collisions(bundle_fp32: Path, calibrated: Path, tmp_path: Path) -> None:
+    run = CliRunner().invoke
+    base = ["calibrate", "--model", str(bundle_fp32), "--data", str(DATA[1]), "--split", "all"]
+    for extra in (["--quantiles", "0.5,abc"], ["--quantiles", "0.9,1.2"], ["--check-frac", "0"]):
+        r = run(app, [*base, "--out", str(tmp_path / "x"), *extra])
+        assert r.exit_code == 2, r.output
+    r = run(app, [*base, "--out", str(bundle_fp32)])  # the output would be the input bundle
+    assert r.exit_code == 2 and "input" in r.output
+    r = run(app, [*base, "--out", str(calibrated)])  # exists, no --force
+    assert r.exit_code == 2 and "--force" in r.output
+    r = run(app, ["calibrate", "--model", str(bundle_fp32), "--data", str(DATA[1]), "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "split" in r.output  # the tiny bundle records no training split
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_corrupt_calibration_is_refused_at_load(calibrated: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "b"
+    shutil.copytree(calibrated, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["calibration"]["log_offsets"][0][0] = "big"
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"calibration\.log_offsets"):
+        load_bundle(copy)
+
+
+def test_drift_verdict_and_exit_code(calibrated: Path) -> None:
+    run = CliRunner().invoke
+    r = run(app, ["drift", "--model", str(calibrated), "--data", str(DATA[0]), "--data", str(DATA[1]), "--json"])
+    assert r.exit_code in (0, 3), r.output
+    report = json.loads(r.stdout)
+    assert (r.exit_code == 3) == (report["verdict"] == "drift")
+    names = [g["group"] for g in report["groups"]]
+    assert names[0] == "all" and any(n.startswith("source=") for n in names)
+    assert set(report["groups"][0]["coverage"]) == {"0.5", "0.9"}
+    loose = run(app, ["drift", "--model", str(calibrated), "--data", str(DATA[1]),
+                      "--max-tv", "1", "--tolerance", "1"])
+    assert loose.exit_code == 0, loose.output
+    strict = run(app, ["drift", "--model", str(calibrated), "--data", str(DATA[1]),
+                       "--max-tv", "0.0001", "--min-rows", "1"])
+    assert strict.exit_code == 3 and "drift" in strict.output
+    bad = run(app, ["drift", "--model", str(calibrated), "--data", str(calibrated / "nope.jsonl")])
+    assert bad.exit_code == 2
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_annotate_adds_calibrated_quantile_columns(calibrated: Path, tmp_path: Path, suffix: str) -> None:
+    from rlpredict.annotate import annotate_file
+    from rlpredict.runtime import Predictor
+
+    prompts = ["Write a poem about the sea", "What is 2+2?", "Explain TCP in detail"]
+    src = tmp_path / f"in{suffix}"
+    if suffix == ".jsonl":
+        src.write_text("".join(json.dumps({"prompt": t, "k": i}) + "\n" for i, t in enumerate(prompts)))
+    elif suffix == ".csv":
+        src.write_text("prompt,k\n" + "".join(f"{t},{i}\n" for i, t in enumerate(prompts)))
+    else:
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"prompt": prompts, "k": list(range(3))}), src)
+    p = Predictor.load(calibrated, threads=1)
+    out = tmp_path / f"out{suffix}"
+    annotate_file(p, src, out, quantiles=[0.5, 0.9])
+    if suffix == ".jsonl":
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    elif suffix == ".csv":
+        import csv
+
+        rows = [{k: int(v) if k.startswith("rl_") else v for k, v in r.items()} for r in csv.DictReader(out.open())]
+    else:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(out).to_pylist()
+    want = p.predict(prompts, quantiles=[0.5, 0.9])
+    assert [(r["rl_q50_tokens"], r["rl_q90_tokens"]) for r in rows] == [w.quantile_tokens for w in want]
+    assert [r["rl_bucket"] for r in rows] == [w.bucket for w in want]
+    r = CliRunner().invoke(app, ["annotate", str(src), "-o", str(tmp_path / f"o2{suffix}"),
+                                 "--model", str(calibrated), "--quantiles", "0.75"])
+    assert r.exit_code == 2 and "not calibrated" in r.output and not (tmp_path / f"o2{suffix}").exists()
+    r = CliRunner().invoke(app, ["annotate", str(src), "-o", str(tmp_path / f"o3{suffix}"),
+                                 "--quantiles", "0.5", "--engine", "ray"])
+    assert r.exit_code == 2

@@ -1,0 +1,176 @@
+"""Training on ``transformers.Trainer``: 2-process DDP (gloo, CPU) matches 1 process, resume
+continues an interrupted run exactly, checkpoints follow the output-safety rules, CLI flags are
+checked at parse time and override the config file.
+
+A tiny randomly initialised BERT encoder (2 layers of width 32, the real MiniLM tokenizer,
+dropout off so runs are deterministic) keeps each run to a few seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from transformers import TrainerCallback
+from typer.testing import CliRunner
+
+from rlpredict.cli import app
+from rlpredict.config import TrainConfig
+from rlpredict.outputs import OWNER_FILE, OutputError
+from rlpredict.samples import SAMPLE_FILES
+from rlpredict.train import LengthGroupedSampler, latest_checkpoint, prepare, train
+
+DATA = [str(SAMPLE_FILES["sharegpt"])]
+#: Largest |loss(2 processes) - loss(1 process)| allowed at any step. Both runs see the same
+#: global batches (the sampler orders global batches; accelerate hands each process a slice)
+#: and DDP averages equal-sized shares, so only float summation order differs (~1e-7 seen).
+DDP_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    import torch
+    import transformers
+
+    from rlpredict.encoders import encoder_path
+
+    src = encoder_path()
+    out = tmp_path_factory.mktemp("tiny_encoder")
+    base = transformers.BertConfig.from_pretrained(src)
+    cfg = transformers.BertConfig(
+        vocab_size=base.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, pad_token_id=base.pad_token_id,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+def tiny_cfg(encoder: Path, **kw) -> TrainConfig:
+    base = dict(data=DATA, encoder=str(encoder), max_rows=32, batch_size=8, max_steps=6, max_length=32,
+                lr=1e-3, head_lr=1e-2, warmup_ratio=0.0, eval_rows=16, eval_steps=2, seed=3, threads=1,
+                buckets="quantile:4")
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_encoder):
+    return prepare(tiny_cfg(tiny_encoder))
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_encoder, prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "model"
+    return out, train(tiny_cfg(tiny_encoder), out, prepared=prepared, progress=False)
+
+
+def test_saves_what_export_reads_and_evaluates_while_training(one_process):
+    from rlpredict.model_meta import ModelMeta
+
+    out, s = one_process
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "rlpredict.json", "training_summary.json",
+              OWNER_FILE):
+        assert (out / f).is_file(), f
+    assert ModelMeta.load(out).buckets.n_buckets == 4
+    assert s["steps"] == 6 and len(s["loss_per_step"]) == 6
+    assert [e["step"] for e in s["eval_history"]] == [2, 4, 6]
+    assert {"mae", "kendall_tau", "loss"} <= set(s["eval_best"])
+    ckpt = Path(s["trainer"]["checkpoint_dir"])
+    assert ckpt == out.parent / "model-checkpoints" and latest_checkpoint(ckpt).name == "checkpoint-6"
+    assert not list(out.parent.glob(".model.*"))  # no temporary folder left
+
+
+def test_two_process_ddp_matches_one_process(tiny_encoder, one_process, tmp_path):
+    """`torchrun --nproc_per_node 2 rlpredict train` (gloo on CPU); flags override the config file."""
+    _, one = one_process
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = ["{DATA[0]}"]\nencoder = "{tiny_encoder}"\nmax_rows = 32\nbatch_size = 4\n'
+                   "max_length = 32\nhead_lr = 1e-2\nwarmup_ratio = 0.0\neval_rows = 16\neval_steps = 2\nseed = 3\n"
+                   'buckets = "quantile:4"\nthreads = 1\nsave_checkpoints = false\nlr = 0.5\n')
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "rlpredict.cli", "train", "-c", str(cfg), "--out", str(tmp_path / "ddp"), "--batch-size", "8",
+         "--lr", "1e-3", "--max-steps", "6", "--json"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads((tmp_path / "ddp" / "training_summary.json").read_text())
+    assert two["trainer"]["processes"] == 2 and two["trainer"]["per_device_batch"] == 4
+    assert two["config"]["lr"] == 1e-3 and two["config"]["batch_size"] == 8  # flags beat the file
+    assert len(two["loss_per_step"]) == len(one["loss_per_step"]) == 6
+    diff = max(abs(a - b) for a, b in zip(two["loss_per_step"], one["loss_per_step"], strict=True))
+    assert diff <= DDP_TOLERANCE, (diff, two["loss_per_step"], one["loss_per_step"])
+    assert two["eval_history"][-1]["mae"] == pytest.approx(one["eval_history"][-1]["mae"], abs=1.0)
+    assert not (tmp_path / "ddp-checkpoints").exists()
+
+
+class _Crash(TrainerCallback):
+    """Interrupts training right after the checkpoint of step ``at`` is saved."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_an_interrupted_run(tiny_encoder, prepared, one_process, tmp_path):
+    _, full = one_process
+    cfg = tiny_cfg(tiny_encoder)
+    out = tmp_path / "model"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, prepared=prepared, progress=False, callbacks=[_Crash(4)])
+    ckpt = tmp_path / "model-checkpoints"
+    assert not out.exists() and latest_checkpoint(ckpt).name == "checkpoint-4"
+    with pytest.raises(OutputError, match="exists; pass --force"):
+        train(cfg, out, prepared=prepared, progress=False)  # a new run would replace the checkpoints
+    with pytest.raises(ValueError, match=r"other settings than the interrupted run \(lr\)"):
+        train(tiny_cfg(tiny_encoder, lr=5e-4), out, prepared=prepared, progress=False, resume=True)
+    s = train(cfg, out, prepared=prepared, progress=False, resume=True)
+    assert s["steps"] == 6 and s["steps_this_run"] == 2 and s["trainer"]["resumed_from"].endswith("checkpoint-4")
+    assert s["loss_per_step"] == pytest.approx(full["loss_per_step"][4:], abs=1e-5)
+    assert [e["step"] for e in s["eval_history"]] == [2, 4, 6]
+    assert s["eval_best"]["mae"] == pytest.approx(full["eval_best"]["mae"], abs=1e-6)
+
+
+def test_checkpoint_folder_follows_the_output_rules(tiny_encoder, tmp_path):
+    cfg = tiny_cfg(tiny_encoder)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="did not write"):
+        train(cfg, tmp_path / "m", checkpoint_dir=tmp_path / "mine", force=True)
+    with pytest.raises(OutputError, match="nested"):
+        train(cfg, tmp_path / "m", checkpoint_dir=tmp_path / "m" / "ck")
+    with pytest.raises(OutputError, match="no complete checkpoint"):
+        train(cfg, tmp_path / "m", checkpoint_dir=tmp_path / "none", resume=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (["--epochs", "0"], "--epochs"), (["--lr", "nan"], "--lr"), (["--lr", "2"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"), (["--method", "qlora"], "--method"), (["--loss", "mse"], "--loss"),
+    (["--input-mode", "all"], "--input-mode"), (["--encoder", "no/such/dir"], "--encoder"),
+    (["--rl-tokenizer", "gpt9"], "--rl-tokenizer")])
+def test_train_flags_are_checked_at_parse_time(args, option, tmp_path):
+    res = CliRunner().invoke(app, ["train", "--data", DATA[0], "--out", str(tmp_path / "m"), *args])
+    assert res.exit_code == 2 and option in res.output, res.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_sampler_orders_global_batches_short_one_last():
+    s = LengthGroupedSampler(list(range(21)), 4, seed=0)  # lengths = indices
+    order = list(s)
+    assert sorted(order) == list(range(21)) and order[-1] == 20  # the short batch (1 item) last
+    batches = [order[i:i + 4] for i in range(0, 20, 4)]
+    assert all(b == sorted(b) and b[-1] - b[0] == 3 for b in batches)  # each batch: neighbours in length
+    s.set_epoch(1)
+    assert list(s) != order and sorted(s) == list(range(21))
