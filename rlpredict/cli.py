@@ -6,6 +6,8 @@ that need them, so ``rlpredict predict`` stays torch-free.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,28 +29,22 @@ ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Replace OUT if it exists (only a folder that a tool of ours wrote entirely).")]
 
 
-def _encoder_option(value: str | None) -> str | None:
-    """``--encoder``: ``minilm`` or a local Hugging Face encoder folder, checked at parse time."""
-    from rlpredict.encoders import encoder_path
+def _found_by(module: str, function: str) -> Callable[[str | None], str | None]:
+    """A parse-time check that ``module.function(value)`` finds ``value`` (a name or a path)."""
 
-    if value is not None:
-        try:
-            encoder_path(value)
-        except FileNotFoundError as e:
-            raise typer.BadParameter(str(e)) from None
-    return value
+    def check(value: str | None) -> str | None:
+        if value is not None:
+            try:
+                getattr(importlib.import_module(module), function)(value)
+            except FileNotFoundError as e:
+                raise typer.BadParameter(str(e)) from None
+        return value
+
+    return check
 
 
-def _rl_tokenizer_option(value: str | None) -> str | None:
-    """``--rl-tokenizer``: a known name or a tokenizer.json path, checked at parse time."""
-    from rlpredict.rl_tokenizers import tokenizer_path
-
-    if value is not None:
-        try:
-            tokenizer_path(value)
-        except FileNotFoundError as e:
-            raise typer.BadParameter(str(e)) from None
-    return value
+_encoder_option = _found_by("rlpredict.encoders", "encoder_path")  # 'minilm' or an encoder folder
+_rl_tokenizer_option = _found_by("rlpredict.rl_tokenizers", "tokenizer_path")  # a name or tokenizer.json
 
 
 def _is_main_process() -> bool:

@@ -193,7 +193,9 @@ class EcoServePredictMiddleware:
              "shed", "predictor_errors", "oversized", "form_bodies", "refused", "errors"), 0)
         self.predict_s: list[float] = []  # seconds per prediction (bounded, for benchmarks)
         self._logged: set[str] = set()
-        _log_through_vllm()
+        from .vllm_scheduler import log_through_vllm
+
+        log_through_vllm(logger)
         mode = f"predictor {self.cfg.predictor or type(predictor).__name__}" if predictor else "no predictor"
         logger.info("EcoServe middleware: %s on %s; client rl_* hints stripped from every JSON body; "
                     "max body %d bytes, %d threads, at most %d pending; ECOSERVE_TRUST_CLIENT_HINTS=%d",
@@ -377,13 +379,3 @@ def _replay(chunks: list[bytes], more: bool, receive: Receive, last: Message | N
         return queue.pop(0) if queue else await receive()
 
     return replay
-
-
-def _log_through_vllm() -> None:
-    """Inside ``vllm serve`` only the "vllm" logger has handlers: log through them too."""
-    vllm_logger = logging.getLogger("vllm")
-    if vllm_logger.handlers and not vllm_logger.propagate and not logger.handlers:
-        for handler in vllm_logger.handlers:
-            logger.addHandler(handler)
-        logger.setLevel(vllm_logger.level)
-        logger.propagate = False

@@ -420,15 +420,16 @@ def _predicted(out: Any, name: str) -> int:
     return n
 
 
-def _log_through_vllm() -> None:
+def log_through_vllm(log: logging.Logger = logger) -> None:
     """Inside ``vllm serve`` the "vllm" logger has the only handler and does not propagate: log
-    through its handlers too, else the start-up line (INFO) would be lost. No-op elsewhere."""
+    ``log`` through its handlers too, else the start-up line (INFO) would be lost. No-op
+    elsewhere. Also used by the middleware (``vllm_middleware.py``) for its own logger."""
     vllm_logger = logging.getLogger("vllm")
-    if vllm_logger.handlers and not vllm_logger.propagate and not logger.handlers:
+    if vllm_logger.handlers and not vllm_logger.propagate and not log.handlers:
         for handler in vllm_logger.handlers:
-            logger.addHandler(handler)
-        logger.setLevel(vllm_logger.level)
-        logger.propagate = False
+            log.addHandler(handler)
+        log.setLevel(vllm_logger.level)
+        log.propagate = False
 
 
 def _vllm_config_arg(args: tuple, kwargs: dict) -> Any:
@@ -444,7 +445,7 @@ class EcoServeMixin:
     fast_steps: bool = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _log_through_vllm()
+        log_through_vllm()
         _check_engine_kind(type(self), _vllm_config_arg(args, kwargs))
         _check_kv_groups(kwargs["kv_cache_config"] if "kv_cache_config" in kwargs else args[1])
         eco_cfg = EcoServeVllmConfig.from_env()  # before vLLM's set-up: settings errors first
