@@ -95,10 +95,19 @@ class Scheduler(SchedulerInterface):
         """True if ``admit`` would start nothing now (checked without side effects); False if
         unsure (always safe: the engine then calls ``schedule``). Asked when something waits,
         no prefill runs and no alarm is due; a True answer must stay true until the next alarm,
-        finish or arrival (the engine relies on it). The reference is ``admit`` itself: with
-        ``check=True`` the cost-model executor compares every True answer with
-        :meth:`schedule_dry_run`, so the fast predicate cannot drift from ``admit`` unseen."""
-        return False
+        finish or arrival (the engine relies on it). Derived from ``admit``'s own gate: ``schedule``
+        calls ``admit`` only with budget left, and ``admit`` starts the request
+        :meth:`_next_admission` names, so with an empty batch the two cannot drift. With
+        ``check=True`` the cost-model executor also compares every True answer with
+        :meth:`schedule_dry_run`."""
+        budget = self.prefill_budget()
+        return budget <= 0 or self._next_admission(budget, Batch(), self.now) is None
+
+    def _next_admission(self, budget: int, batch: Batch, now: float) -> Any:
+        """The request ``admit`` starts next with ``budget`` tokens left and ``batch`` built so
+        far (with what ``admit`` needs to start it), or None: admission stops here. Side-effect
+        free: ``admit`` loops on it and ``admission_blocked`` asks it with an empty batch."""
+        raise NotImplementedError
 
     def schedule_dry_run(self, now: float) -> Batch:
         """The batch ``schedule(now)`` would build (alarms, prefills, ``admit``), run on a deep

@@ -199,10 +199,12 @@ class EcoServeScheduler(Scheduler):
             return self.kv.blocks_for(r.swapped_tokens + 1)
         return self.kv.blocks_for(r.prefill_target)
 
-    def _fits(self, r: Request, need: int) -> bool:
+    def _fits(self, r: Request, need: int, project: bool = True) -> bool:
         """``need`` blocks are free now, and the projected peak (or, without pipelining, the sum
-        of reservations) of the running requests and ``r`` stays within the cache."""
-        keep = self.keep_free if self.decoding or self.prefilling else 0
+        of reservations) of the running requests and ``r`` stays within the cache. Without
+        ``project``, side-effect free: True where only the projection (not tried since the running
+        set last changed) could say no."""
+        keep = self._keep_free()
         if need > self.kv.free_blocks - keep:
             return False
         proj = self.proj
@@ -211,6 +213,8 @@ class EcoServeScheduler(Scheduler):
             return True  # alone: a reservation larger than the cache must not block it forever
         if self._no_fit == (proj.version, r.rid):
             return False  # failed with the same running requests: retried after one starts or ends
+        if not project:
+            return True
         g = r.generated
         rem = rules.reservation_tokens(self._base_pred(r), g, r.max_tokens) - g
         # blocks are filled to half their size on average: count that rounding
@@ -221,15 +225,27 @@ class EcoServeScheduler(Scheduler):
         self._no_fit = (proj.version, r.rid)
         return False
 
+    def _next_admission(self, budget: int, batch: Batch, now: float,
+                        probe: bool = False) -> tuple[Request, Any, int] | None:
+        """The request ``admit`` starts next, with its queue and the blocks it takes, or None:
+        admission stops here. ``probe`` (``admission_blocked``): side-effect free, answering
+        with the head and queue None where only ``admit``'s side effects could tell (a PT that
+        may give way as time passes, or a projection not yet tried): unsure, so not blocked."""
+        if budget <= 0 or len(self.decoding) + len(self.prefilling) >= self.max_running:
+            return None
+        if probe and not self.resume and self.pt.items and self.cfg.give_way:
+            return self.pt.items[0][2], None, 0  # the head may give way as time passes: unsure
+        r, q = self._head(now)  # no side effects here when probing: no PT can give way
+        if r is None:
+            return None
+        need = self._need_now(r)
+        if not self._fits(r, need, project=not probe):
+            return None
+        return r, q, need
+
     def admit(self, budget: int, batch: Batch, now: float) -> None:
-        max_running = self.max_running
-        while budget > 0 and len(self.decoding) + len(self.prefilling) < max_running:
-            r, q = self._head(now)
-            if r is None:
-                return
-            need = self._need_now(r)
-            if not self._fits(r, need):
-                return
+        while (head := self._next_admission(budget, batch, now)) is not None:
+            r, q, need = head
             if q is self.resume:
                 q.popleft()
             else:
@@ -248,20 +264,10 @@ class EcoServeScheduler(Scheduler):
             budget -= chunk
 
     def admission_blocked(self) -> bool:
-        if len(self.decoding) + len(self.prefilling) >= self.max_running:
-            return True
-        if self.resume:
-            r = self.resume[0]
-        elif self.pt.items:
-            if self.cfg.give_way:
-                return False  # the head may give way as time passes: unsure
-            r = self.pt.items[0][2]
-        else:
-            r = self.lost.items[0][2]
         # Stable until a finish: the free pool only shrinks in between, and a failed projection
-        # is retried only once a running request starts or ends.
-        need = self._need_now(r)
-        return need > self.kv.free_blocks - self._keep_free() or self._no_fit == (self.proj.version, r.rid)
+        # is retried only once a running request starts or ends. The budget is never below 1
+        # (``_budget``'s floor); asking ``prefill_budget`` here would move its bisection cache.
+        return self._next_admission(1, Batch(), self.now, probe=True) is None
 
     def _keep_free(self) -> int:
         return self.keep_free if self.decoding or self.prefilling else 0

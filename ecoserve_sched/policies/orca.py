@@ -32,26 +32,28 @@ class OrcaScheduler(Scheduler):
     def reservation_blocks(self, r: Request) -> int:
         return min(self.kv.blocks_for(r.prompt_tokens + r.max_tokens), self.kv.num_blocks)
 
+    def _next_admission(self, budget: int, batch: Batch, now: float) -> tuple[Request, int] | None:
+        """The waiting head and its prefill (whole, or first chunk for S3), if ``admit`` starts
+        it: ``max_running``, budget and the blocks of its whole reservation allow."""
+        if not len(self.waiting) or len(self.decoding) + len(self.prefilling) >= self.max_running:
+            return None
+        r = self.waiting.peek()
+        chunk = r.prefill_target if not self.chunked_prefill else min(r.prefill_target, budget)
+        if chunk <= 0 or (chunk > budget and batch.prefill_tokens):
+            return None
+        if self.reservation_blocks(r) > self.kv.free_blocks:
+            return None
+        return r, chunk
+
     def admit(self, budget: int, batch: Batch, now: float) -> None:
-        while len(self.waiting) and len(self.decoding) + len(self.prefilling) < self.max_running:
-            r = self.waiting.peek()
-            chunk = r.prefill_target if not self.chunked_prefill else min(r.prefill_target, budget)
-            if chunk <= 0 or (chunk > budget and batch.prefill_tokens):
-                break
+        while (head := self._next_admission(budget, batch, now)) is not None:
+            r, chunk = head
             if not self.kv.allocate(r.rid, self.reservation_blocks(r)):
                 break
             self.waiting.pop()
             self.start_prefill(r)
             batch.add_prefill(r, chunk)
             budget -= chunk
-
-    def admission_blocked(self) -> bool:
-        budget = self.prefill_budget()
-        if budget <= 0 or len(self.decoding) + len(self.prefilling) >= self.max_running:
-            return True
-        r = self.waiting.peek()
-        chunk = r.prefill_target if not self.chunked_prefill else min(r.prefill_target, budget)
-        return chunk <= 0 or self.reservation_blocks(r) > self.kv.free_blocks
 
     def easy_alarm(self, r: Request) -> bool:
         return self.kv.allocate(r.rid, 1)

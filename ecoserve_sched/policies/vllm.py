@@ -59,14 +59,6 @@ class VLLMScheduler(Scheduler):
     def easy_alarm(self, r: Request) -> bool:
         return self.kv.allocate(r.rid, 1)
 
-    def admission_blocked(self) -> bool:
-        budget = self.prefill_budget()
-        if budget <= 0 or len(self.decoding) + len(self.prefilling) >= self.max_running:
-            return True
-        r = self.waiting.peek()
-        chunk = min(r.prefill_target, budget) if self.chunked_prefill else r.prefill_target
-        return not self._fits(r, chunk)  # the first ``admit`` check to fail
-
     def on_alarm(self, r: Request) -> None:
         if self._allocate_or_preempt(r, 1, self.now):
             self.set_alarm(r)
@@ -75,19 +67,26 @@ class VLLMScheduler(Scheduler):
         need = self.kv.blocks_for(r.prefilled + chunk) - self.kv.owned(r.rid)
         return need <= 0 or self._allocate_or_preempt(r, need, self.now)
 
+    def _next_admission(self, budget: int, batch: Batch, now: float) -> tuple[Request, int] | None:
+        """The waiting head and its first chunk, if ``admit`` starts it: budget, ``max_running``
+        and whole-prompt blocks (``_fits``) allow."""
+        if budget <= 0 or not len(self.waiting) or len(self.decoding) + len(self.prefilling) >= self.max_running:
+            return None
+        r = self.waiting.peek()
+        chunk = min(r.prefill_target, budget) if self.chunked_prefill else r.prefill_target
+        if (chunk > budget and batch.prefill_tokens) or not self._fits(r, chunk):
+            return None
+        return r, chunk
+
     def admit(self, budget: int, batch: Batch, now: float) -> None:
-        while budget > 0 and len(self.waiting) and len(self.decoding) + len(self.prefilling) < self.max_running:
-            r = self.waiting.peek()
-            chunk = min(r.prefill_target, budget) if self.chunked_prefill else r.prefill_target
-            if chunk > budget and batch.prefill_tokens:
-                break
-            if not self._fits(r, chunk) or not self.kv.allocate(r.rid, self.kv.blocks_for(chunk)):
+        while (head := self._next_admission(budget, batch, now)) is not None:
+            r, chunk = head
+            if not self.kv.allocate(r.rid, self.kv.blocks_for(chunk)):
                 break
             self.waiting.pop()
             self.start_prefill(r)
             r.state = State.PREFILL
             batch.add_prefill(r, chunk)
             budget -= chunk
-
 
 register("vllm", VLLMScheduler)

@@ -126,7 +126,8 @@ class VLLMV0Scheduler(Scheduler):
         return True
 
     def admission_blocked(self) -> bool:
-        return len(self.decoding) + len(self.prefilling) >= self.max_running or not self._fits(self.waiting.peek())
+        # ``schedule`` calls ``admit`` with the whole token budget whenever a prompt waits.
+        return self._next_admission(self.token_budget, Batch(), self.now) is None
 
     # ---- prefills -----------------------------------------------------------------------------
     def _fits(self, r: Request) -> bool:
@@ -135,22 +136,28 @@ class VLLMV0Scheduler(Scheduler):
         need = self.kv.blocks_for(r.prefill_target)
         return self.kv.free_blocks - need >= min(self.watermark_blocks, self.kv.num_blocks - need)
 
+    def _next_admission(self, budget: int, batch: Batch, now: float) -> tuple[Request, int] | None:
+        """The waiting head and its whole prompt, if ``admit`` starts it: ``max_num_seqs``, the
+        batch's token budget and the watermark (``_fits``) allow."""
+        if not len(self.waiting) or len(self.decoding) + len(self.prefilling) >= self.max_running:
+            return None
+        r = self.waiting.peek()
+        n = r.prefill_target
+        if (n > budget and batch.prefill) or not self._fits(r):
+            return None
+        return r, n
+
     def admit(self, budget: int, batch: Batch, now: float) -> None:
         """``_schedule_prefills``: FCFS whole prompts until one does not fit the budget or KV.
         A recompute longer than the budget (unreachable in vLLM, where the budget is at least
         ``max_model_len``) runs alone."""
-        room = self.max_running - len(self.decoding) - len(self.prefilling)
-        while len(self.waiting) and room > 0:
-            r = self.waiting.peek()
-            n = r.prefill_target
-            if (n > budget and batch.prefill) or not self._fits(r):
-                break
+        while (head := self._next_admission(budget, batch, now)) is not None:
+            r, n = head
             self.waiting.pop()
             self.kv.allocate(r.rid, self.kv.blocks_for(n))
             self.start_prefill(r)
             batch.add_prefill(r, n)
             budget -= n
-            room -= 1
 
     # ---- decodes ------------------------------------------------------------------------------
     def _pop_due(self) -> None:
