@@ -107,7 +107,7 @@ class CostModelExecutor(Executor):
             if step >= next_alarm:
                 alloc += blocks * (step - since)
                 since = sched.step = step
-                if not sched.decode_only_step():
+                if not sched.decode_only_step(recheck_admission=False):
                     break
                 next_alarm = sched.next_alarm_step()
                 blocks = kv.allocated_blocks

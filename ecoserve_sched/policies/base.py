@@ -15,13 +15,15 @@ changes go through ``KVCacheManager``.
 from __future__ import annotations
 
 import copy
-import heapq
+from heapq import heappop, heappush, heapreplace
 from typing import Any
 
 from ..kv_cache import KVCacheManager
 from ..request import SLO, Request, State
 from .interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN_BUDGET, Batch, SchedulerInterface
 from .registry import register
+
+DECODE = State.DECODE
 
 __all__ = ["Batch", "Scheduler", "register"]  # ecoserve.py imports all three from here
 
@@ -41,6 +43,8 @@ class Scheduler(SchedulerInterface):
         blocks = kv_blocks if kv_blocks is not None else cost.kv_blocks(block_size)
         self.kv = KVCacheManager(blocks, block_size)
         self.bs = block_size
+        # ``easy_alarm`` is the base's on-demand growth: ``_easy_alarms`` runs it inline
+        self._inline_growth = type(self).easy_alarm is Scheduler.easy_alarm
         self.token_budget = int(token_budget or max(cost.token_budget, DEFAULT_TOKEN_BUDGET))
         self.slo = slo or SLO()
         self.max_running = max_running
@@ -88,8 +92,10 @@ class Scheduler(SchedulerInterface):
         return False
 
     def easy_alarm(self, r: Request) -> bool:
-        """Handle ``r``'s alarm if that needs no decision (a free block is there); else False."""
-        return False
+        """Handle ``r``'s alarm if that needs no decision; else False. This default is on-demand
+        growth: ``r`` takes one more block while one is free (the engine's alarm loop runs it
+        inline, see :meth:`_easy_alarms`)."""
+        return self.kv.allocate(r.rid, 1)
 
     def admission_blocked(self) -> bool:
         """True if ``admit`` would start nothing now (checked without side effects); False if
@@ -135,16 +141,11 @@ class Scheduler(SchedulerInterface):
         self._extra_s = 0.0
         self.resumed.clear()
         alarms = self._alarms
-        while alarms and alarms[0][0] <= self.step:
-            step, _, r = heapq.heappop(alarms)
-            if r.state != State.DECODE or r.alarm_step != step:
-                continue  # stale: the request was preempted, finished or re-armed
-            if self.easy_alarm(r):
-                self.set_alarm(r)
-                continue
+        while (r := self._easy_alarms()) is not None:
+            heappop(alarms)
             r.alarm_step = -1
             self.on_alarm(r)
-            if r.state == State.DECODE and r.alarm_step < 0:
+            if r.state is DECODE and r.alarm_step < 0:
                 self.set_alarm(r)
         batch = Batch()
         if not self.prefilling and not self.waiting_count():
@@ -176,24 +177,37 @@ class Scheduler(SchedulerInterface):
         batch.extra_s = self._extra_s
         return batch
 
-    def decode_only_step(self) -> bool:
+    def decode_only_step(self, recheck_admission: bool = True) -> bool:
         """True if this iteration needs no decision: due alarms were all easy (and are now
         handled), no prefill runs and nothing can be admitted. The engine then runs every
         decoding request one step without calling ``schedule`` (the batch it would have built),
-        and more steps up to the next finish, arrival or alarm."""
-        if self.prefilling or not self.decoding:
-            return False
-        alarms = self._alarms
-        while alarms and alarms[0][0] <= self.step:
-            step, _, r = alarms[0]
-            if r.state == State.DECODE and r.alarm_step == step:
-                if not self.easy_alarm(r):
-                    return False  # ``schedule`` takes it from here, in the same order
-                heapq.heappop(alarms)
-                self.set_alarm(r)
-            else:
-                heapq.heappop(alarms)  # stale: the request was preempted, finished or re-armed
-        return not self.waiting_count() or self.admission_blocked()
+        and more steps up to the next finish, arrival or alarm (see the interface for
+        ``recheck_admission``)."""
+        if self.prefilling or not self.decoding or self._easy_alarms() is not None:
+            return False  # ``schedule`` takes the alarm that needs a decision, in the same order
+        return not recheck_admission or not self.waiting_count() or self.admission_blocked()
+
+    def _easy_alarms(self) -> Request | None:
+        """Handle the due alarms that need no decision, in order (dropping stale ones); return
+        the first request whose alarm needs one, left at the head of the heap, or None. Hot:
+        the base's :meth:`easy_alarm` (one more block while one is free) runs inline."""
+        alarms, step, kv = self._alarms, self.step, self.kv
+        inline, easy, set_alarm = self._inline_growth, self.easy_alarm, self.set_alarm
+        allocs = kv.allocs
+        while alarms and alarms[0][0] <= step:
+            s, rid, r = alarms[0]
+            if r.state is not DECODE or r.alarm_step != s:
+                heappop(alarms)  # stale: the request was preempted, finished or re-armed
+                continue
+            if inline and rid in allocs:
+                if kv.free_blocks < 1:
+                    return r
+                allocs[rid].own += 1
+                kv.free_blocks -= 1
+            elif not easy(r):
+                return r
+            set_alarm(r, replace=True)
+        return None
 
     def complete(self, batch: Batch, now: float) -> list[Request]:
         """Apply the iteration's prefill progress; return requests that started decoding."""
@@ -281,20 +295,21 @@ class Scheduler(SchedulerInterface):
         del self.decoding[r.rid]
         self.on_decode_end(r)
 
-    def set_alarm(self, r: Request) -> None:
-        """Schedule the next step at which ``r`` needs attention (see module docstring)."""
+    def set_alarm(self, r: Request, replace: bool = False) -> None:
+        """Schedule the next step at which ``r`` needs attention (see module docstring);
+        ``replace``: this alarm takes the place of ``r``'s due one, the heap's first entry."""
         x = r.prompt_tokens + r.generated - r.dec_step0  # context after step s is x + s
         a = self.kv.allocs.get(r.rid)
         if a is None:
             step = -self.alarm_lead_tokens - x
         else:
-            step = a.usable * self.bs - self.alarm_lead_tokens - x
+            step = (a.own - a.lent + a.borrowed) * self.bs - self.alarm_lead_tokens - x  # a.usable
             if a.lent:
                 step = min(step, (a.own - a.lent) * self.bs - self.lend_margin_tokens() - x)
         if step < self.step:
             step = self.step
         r.alarm_step = step
-        heapq.heappush(self._alarms, (step, r.rid, r))
+        (heapreplace if replace else heappush)(self._alarms, (step, r.rid, r))
 
     def lend_margin_tokens(self) -> int:
         return 0

@@ -285,9 +285,6 @@ class EcoServeScheduler(Scheduler):
             have *= 2
             self.counters["topups"] += 1
 
-    def easy_alarm(self, r: Request) -> bool:
-        return self.kv.allocate(r.rid, 1)
-
     def on_alarm(self, r: Request) -> None:
         while not self.kv.allocate(r.rid, 1):
             v = self._victim()

@@ -85,13 +85,15 @@ class SchedulerInterface(ABC):
         """Requests queued for admission (the stuck check reports it)."""
 
     @abstractmethod
-    def decode_only_step(self) -> bool:
+    def decode_only_step(self, recheck_admission: bool = True) -> bool:
         """Called at the top of an iteration instead of ``schedule`` by engines that can skip
         decisions (the cost-model executor). True if this iteration needs no decision: due
         alarms were easy (and are now handled), no prefill runs, and nothing can be admitted
         until the next alarm, finish or arrival. The engine then runs every decoding request
         one step (the batch ``schedule`` would have built), and more steps up to the next
-        finish, arrival or ``next_alarm_step``, asking again there."""
+        finish, arrival or ``next_alarm_step``, asking again there with ``recheck_admission``
+        False: since the last True answer only easy alarms ran, which only take free blocks,
+        so a blocked admission is still blocked."""
 
     @abstractmethod
     def next_alarm_step(self) -> int:

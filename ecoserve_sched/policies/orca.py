@@ -55,9 +55,6 @@ class OrcaScheduler(Scheduler):
             batch.add_prefill(r, chunk)
             budget -= chunk
 
-    def easy_alarm(self, r: Request) -> bool:
-        return self.kv.allocate(r.rid, 1)
-
     def on_alarm(self, r: Request) -> None:
         # Only reachable when the reservation was clipped to the whole cache: grow or restart.
         if not self.kv.allocate(r.rid, 1):

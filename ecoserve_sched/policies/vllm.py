@@ -56,9 +56,6 @@ class VLLMScheduler(Scheduler):
                 return False
         return True
 
-    def easy_alarm(self, r: Request) -> bool:
-        return self.kv.allocate(r.rid, 1)
-
     def on_alarm(self, r: Request) -> None:
         if self._allocate_or_preempt(r, 1, self.now):
             self.set_alarm(r)

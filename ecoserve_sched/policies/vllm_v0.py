@@ -116,8 +116,9 @@ class VLLMV0Scheduler(Scheduler):
             self._joined.clear()
         return joined
 
-    def decode_only_step(self) -> bool:
-        if not self.decoding or self._stalls or (len(self.waiting) and not self.admission_blocked()):
+    def decode_only_step(self, recheck_admission: bool = True) -> bool:
+        if not self.decoding or self._stalls or (
+                recheck_admission and len(self.waiting) and not self.admission_blocked()):
             return False
         self._pop_due()
         if len(self._due) >= self.kv.free_blocks:
