@@ -36,6 +36,10 @@ same defaults as ``policies/ecoserve.py``):
   the latest admitted); when an upper bound on that need fits, nothing is counted per request.
   Under ``--scheduling-policy priority`` vLLM's own victim rule (lowest priority, latest
   arrival) applies.
+* **Prefill budget** (with ``ECOSERVE_PROFILE``, a cost-model profile): each step with decodes
+  gets ``max_num_scheduled_tokens`` = its decodes + ``rules.PrefillBudget`` (the most prompt
+  tokens that keep the step within ``iter_time_frac`` x ``ECOSERVE_SLO_TBT`` by the cost model,
+  at least its roofline knee), for that step only; without a profile, vLLM's static budget.
 
 No block is allocated ahead of the tokens written (no lookahead slots of ours: vLLM's speculative
 and asynchronous-KV-load lookahead is passed through unchanged), so a top-up is a larger
@@ -190,6 +194,7 @@ class EcoServeVllmConfig:
     slo_tbt: float = 0.2  # seconds: x iter_time_frac = the step time assumed for the TTFT estimate
     prefill_s_per_token: float = 5e-5  # prefill seconds per prompt token (service time)
     step_s: float = 0.05  # seconds of a decode step that reads the whole KV cache (service time)
+    profile: str | None = None  # cost-model profile (name or JSON file): the TBT-aware token budget
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -242,7 +247,7 @@ _LIMITS: dict[str, tuple[type, float | None, float | None]] = {
     "trust_client_hints": (bool, None, None), "default_reserve": (int, 1, 10_000_000),
     "reserve_frac": (float, 0.0, 0.5), "aging": (float, 0.0, 1000.0), "give_way": (bool, None, None),
     "slo_ttft": (float, 1e-3, 86_400.0), "slo_tbt": (float, 1e-4, 3_600.0),
-    "prefill_s_per_token": (float, 0.0, 1.0), "step_s": (float, 1e-6, 60.0),
+    "prefill_s_per_token": (float, 0.0, 1.0), "step_s": (float, 1e-6, 60.0), "profile": (str, None, None),
 }
 
 
@@ -252,7 +257,7 @@ def _checked(name: str, value: Any) -> Any:
     if kind is str:
         if value is None or isinstance(value, str):
             return value or None
-        raise EcoServeSetupError(f"{name}={_short(value)} ({_env_name(name)}): expected a folder (str) or None")
+        raise EcoServeSetupError(f"{name}={_short(value)} ({_env_name(name)}): expected a name or path (str) or None")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -508,6 +513,21 @@ class EcoServeMixin:
         self._keep_free = int(cfg.reserve_frac * self._usable_blocks)
         self._kv_tokens = self._usable_blocks * self._bs
         self._iter_s = _SIM["iter_time_frac"] * cfg.slo_tbt
+        self.cost_model = load_cost_model(cfg.profile) if cfg.profile else None
+
+    @property
+    def cost_model(self) -> Any:
+        """The cost model (``ECOSERVE_PROFILE``) that sizes each step's prefill budget, or None:
+        vLLM's fixed token budget. A replay may set its own after ``eco_cfg``."""
+        return self._cost_model
+
+    @cost_model.setter
+    def cost_model(self, cost: Any) -> None:
+        self._cost_model = cost
+        self._prefill_now = self.max_num_scheduled_tokens  # this step's prompt tokens (give-way)
+        self._prefill_budget = None if cost is None else rules.PrefillBudget(
+            cost.iteration_time, self._iter_s,
+            max(1, min(int(getattr(cost, "token_budget", 64)), self.max_num_scheduled_tokens)))
 
     # ---- set-up (eager: every failure here is a start-up error or an explicit mode) -------------
     def _setup_prediction(self) -> tuple[Any, Any, str]:
@@ -642,7 +662,7 @@ class EcoServeMixin:
         cfg = self.eco_cfg
         if not cfg.give_way:
             return False
-        steps = -(-request.num_tokens // max(self.max_num_scheduled_tokens, 1))
+        steps = -(-request.num_tokens // max(self._prefill_now, 1))
         return rules.ttft_lost(self.clock(), request.arrival_time, cfg.slo_ttft, steps * self._iter_s)
 
     # ---- admission: vLLM's block check plus the projected peak (wraps allocate_slots) -------------
@@ -703,7 +723,34 @@ class EcoServeMixin:
         # first) is not empty. The running requests' calls go straight to vLLM.
         direct = self.fast_steps and not getattr(self, "kv_holding_waiting", None)
         self.kv_cache_manager.allocate_slots = self._allocate if direct else self._allocate_slots
-        return super().schedule(*args, **kwargs)
+        if self._prefill_budget is None:
+            return super().schedule(*args, **kwargs)
+        full = self.max_num_scheduled_tokens
+        self.max_num_scheduled_tokens = self._step_budget(full)  # read once, at the step's start
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_scheduled_tokens = full
+
+    def _step_budget(self, full: int) -> int:
+        """The TBT-aware token budget (``rules.PrefillBudget``, the simulator's rule): the
+        decodes, plus the most prompt tokens that keep the step within ``iter_time_frac`` x
+        ``ECOSERVE_SLO_TBT`` by the cost model (at least its roofline knee); ``full`` (vLLM's
+        budget) when nothing decodes. The decodes' tokens include speculative drafts, so they
+        never eat into each other's share. One pass over the running requests (~0.1 us each)."""
+        d = dctx = tokens = 0
+        for r in self.running:
+            n = r.num_computed_tokens
+            if n >= r.num_prompt_tokens:  # decoding
+                d += 1
+                dctx += n
+                tokens += max(1, r.num_tokens_with_spec + r.num_output_placeholders - n)
+        if not d or tokens >= full:
+            self._prefill_now = full
+            return full
+        b, _ = self._prefill_budget(full - tokens, d, dctx)
+        self._prefill_now = b
+        return min(full, tokens + b)
 
     def _admissions_on(self) -> None:
         """Route allocate_slots through the admission test for the rest of this step."""
@@ -843,6 +890,19 @@ def _check_engine_kind(cls: type, vllm_config: Any) -> None:
         f"{cls.__name__} is built on vLLM's {'AsyncScheduler' if not engine_async else 'Scheduler'}"
         f" but this engine runs with async_scheduling={engine_async}: use --scheduler-cls "
         f"{_MODULE}.{use.__name__}, or {_MODULE}.EcoServeVllmAutoScheduler (picks the right one)")
+
+
+def load_cost_model(profile: str) -> Any:
+    """The cost model of ``ECOSERVE_PROFILE`` (a shipped profile's name, or a profile JSON
+    file, e.g. one fitted by ``ecoserve calibrate``), or :class:`EcoServeSetupError`."""
+    from ..cost_model import list_profiles, load_profile
+
+    try:
+        return load_profile(profile)
+    except Exception as e:
+        raise EcoServeSetupError(f"ECOSERVE_PROFILE={profile!r}: not a usable cost-model profile "
+                                 f"({type(e).__name__}: {e}); shipped: {', '.join(list_profiles())}, "
+                                 "or a profile JSON file") from None
 
 
 def load_predictor(cfg: EcoServeVllmConfig) -> tuple[Any, str]:

@@ -105,8 +105,10 @@ def fake_model_output(out: Any, sched: Any, target: dict[str, int]) -> Any:
     ids = list(out.num_scheduled_tokens)
     sampled = []
     for rid in ids:
-        req = sched.requests[rid]
-        if req.num_computed_tokens < req.num_tokens:  # a prefill chunk short of the end
+        req = sched.requests.get(rid)
+        # finished while this step was in flight (async: vLLM drops its token), or a prefill
+        # chunk short of the end
+        if req is None or req.num_computed_tokens < req.num_tokens:
             sampled.append([])
         else:
             last = req.num_output_tokens + 1 >= target[rid]
@@ -235,5 +237,6 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
         sched.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=slo.ttft_s, slo_tbt=slo.tbt_s,
                                            prefill_s_per_token=cost.recompute_time(1),
                                            step_s=cost.iteration_time(0, 0, 1, sched._kv_tokens))
+        sched.cost_model = cost  # the simulator EcoServe's TBT-aware prefill budget
     return replay(reqs, sched, cost, policy=policy, with_prediction=eco,
                   profile=getattr(cost, "name", ""), predictions=desc)

@@ -74,8 +74,8 @@ class EcoServeScheduler(Scheduler):
         self.step_s = cost.iteration_time(0, 0, 1, self.kv_tokens)
         # Fewest prompt tokens per iteration: the roofline knee (they ride on the weight read).
         self.min_prefill = max(1, min(int(getattr(cost, "token_budget", 64)), self.token_budget))
-        self._last_budget = (-1, 0, 0)  # (decodes, decode context, bisection result)
-        self._target_s = self.cfg.iter_time_frac * self.slo.tbt_s  # iteration time with decodes
+        self._prefill_budget = rules.PrefillBudget(  # iteration time with decodes: within this
+            cost.iteration_time, self.cfg.iter_time_frac * self.slo.tbt_s, self.min_prefill)
         self._it_now = (0, 0.0)  # this iteration's prefill budget and its predicted time
         self._no_fit = (-1, -1)  # (projection version, rid): the projection test failed
 
@@ -131,41 +131,14 @@ class EcoServeScheduler(Scheduler):
         return b
 
     def _budget(self, d: int, dctx: int) -> tuple[int, float]:
-        """All of the token budget when nothing decodes (or ``tbt_budget`` is off); else the most
-        prefill tokens keeping the iteration within ``iter_time_frac`` x TBT SLO (bisection on
-        the cost model), at least ``min_prefill``. With it, the iteration's time at that budget
-        if it was computed on the way (else -1)."""
+        """All of the token budget when nothing decodes (or ``tbt_budget`` is off); else
+        ``rules.PrefillBudget``: the most prefill tokens keeping the iteration within
+        ``iter_time_frac`` x TBT SLO, at least ``min_prefill``. With it, the iteration's time at
+        that budget if it was computed on the way (else -1)."""
         hi = self.token_budget - d
         if not d or not self.cfg.tbt_budget:
             return hi, -1.0
-        target = self._target_s
-        it = self.cost.iteration_time
-        floor = min(self.min_prefill, max(hi, 1))
-        # Iteration time never falls as prefill or decode context grow: with the same decodes
-        # and more context, the whole budget still does not fit (it did not when the last
-        # bisection ran), and the last result still fits if its probe does (larger ones did not).
-        d0, dctx0, lo = self._last_budget
-        if d0 == d and dctx0 <= dctx:
-            if lo == 0:
-                return floor, -1.0
-            t = it(lo, lo * lo // 2, d, dctx)
-            if t <= target:
-                return (lo, t) if lo >= floor else (floor, -1.0)
-        elif hi <= 0:
-            return max(hi, floor), -1.0
-        else:
-            t = it(hi, hi * hi // 2, d, dctx)
-            if t <= target:
-                return (hi, t) if hi >= floor else (floor, -1.0)
-        lo = 0
-        while hi - lo > 32:
-            mid = (lo + hi) // 2
-            if it(mid, mid * mid // 2, d, dctx) <= target:
-                lo = mid
-            else:
-                hi = mid
-        self._last_budget = (d, dctx, lo)
-        return max(lo, floor), -1.0
+        return self._prefill_budget(hi, d, dctx)
 
     # ---- admission ----------------------------------------------------------------------------
     def _ttft_est_s(self, r: Request) -> float:

@@ -18,6 +18,9 @@ trace (docs/scheduler.md, "EcoServe").
   token per step and ends at its reservation (reservations overlap in time: aggregate KVC
   pipelining).
 - ``victim_key``: which running request to preempt when KV runs out.
+- ``PrefillBudget``: the TBT-aware prefill budget: the most prompt tokens an iteration with
+  decodes can take and stay within ``iter_time_frac`` x the TBT SLO by the cost model
+  (time-synced batching), at least the roofline knee.
 - ``Projection``: the running requests kept for ``projected_peak`` with a candidate: a running
   total of reservations and the requests sorted by projected end, updated as they start, leave
   or outlive their reservation (one pass per test, not a sort).
@@ -32,7 +35,9 @@ reservation_tokens(rl_pred_tokens, 0, max_tokens)), limit=cap) <= cap`` with ``c
 in tokens minus half a block per running request (``Projection.set`` on admission with ``x =
 num_computed_tokens - step`` and ``gx = num_output_tokens - step``, ``drop`` on finish or
 preemption); reservations need no lookahead slots any more (blocks are allocated as written,
-vLLM's default); the preemption order is ``max(running, key=victim_key(lost, remaining, seq))``.
+vLLM's default); the preemption order is ``max(running, key=victim_key(lost, remaining, seq))``; with a cost
+profile (``ECOSERVE_PROFILE``), each step's token budget is the decodes plus
+``PrefillBudget(...)(budget - decodes, decodes, their context tokens)``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import heapq
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Hashable, Iterable
 from itertools import islice
+from typing import Any
 
 import numpy as np
 
@@ -97,6 +103,50 @@ def projected_peak(items: Iterable[tuple[int, int]]) -> int:
         if d > peak:
             peak = d
     return peak
+
+
+class PrefillBudget:
+    """Prompt tokens an iteration may add to ``d`` decodes over ``dctx`` context tokens: all
+    of ``hi`` if the cost model times that within ``target_s``, else the most that fit (a
+    bisection to 32 tokens), at least ``floor`` (the roofline knee: those ride on the weight
+    read). Called every iteration with decodes; the last bisection is reused while the decodes
+    are the same and their context only grew (iteration time never falls as prefill or decode
+    context grow: what did not fit still does not, and the last result still fits if its probe
+    does)."""
+
+    def __init__(self, iteration_time: Any, target_s: float, floor: int) -> None:
+        self.it = iteration_time  # (prefill tokens, prefill context, decodes, decode context) -> s
+        self.target_s = target_s
+        self.floor = max(1, floor)
+        self._last = (-1, 0, 0)  # (decodes, decode context, bisection result)
+
+    def __call__(self, hi: int, d: int, dctx: int) -> tuple[int, float]:
+        """``(budget, seconds)``: the budget and the iteration's time at it where that was
+        computed on the way (else -1)."""
+        it, target = self.it, self.target_s
+        floor = min(self.floor, max(hi, 1))
+        d0, dctx0, lo = self._last
+        if d0 == d and dctx0 <= dctx:
+            if lo == 0:
+                return floor, -1.0
+            t = it(lo, lo * lo // 2, d, dctx)
+            if t <= target:
+                return (lo, t) if lo >= floor else (floor, -1.0)
+        elif hi <= 0:
+            return max(hi, floor), -1.0
+        else:
+            t = it(hi, hi * hi // 2, d, dctx)
+            if t <= target:
+                return (hi, t) if hi >= floor else (floor, -1.0)
+        lo = 0
+        while hi - lo > 32:
+            mid = (lo + hi) // 2
+            if it(mid, mid * mid // 2, d, dctx) <= target:
+                lo = mid
+            else:
+                hi = mid
+        self._last = (d, dctx, lo)
+        return max(lo, floor), -1.0
 
 
 def victim_key(slo_lost: bool, remaining: int, seq: int) -> tuple[bool, int, int]:

@@ -219,3 +219,61 @@ def test_config_from_env_and_scheduler_cls_resolves() -> None:
     sc = SchedulerConfig(scheduler_cls=name, max_model_len=2048, is_encoder_decoder=False)
     assert sc.get_scheduler_cls() is EcoServeVllmScheduler
 
+
+
+def test_profile_sizes_each_steps_prefill_budget_by_the_tbt_slo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ECOSERVE_PROFILE, a step with decodes admits only the prompt tokens that keep it
+    within iter_time_frac x ECOSERVE_SLO_TBT by the cost model: the simulator's rule
+    (``rules.PrefillBudget``) on the same decodes; without it, vLLM's whole token budget."""
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.policies import ecoserve_rules as rules
+    from ecoserve_sched.policies.ecoserve import EcoServeConfig
+
+    cost, frac = load_profile("llama3-8b-h100-80gb"), EcoServeConfig().iter_time_frac
+    tbt = cost.iteration_time(64, 64 * 32, 4, 4 * 40) / frac  # a 64-token prefill fits, more does not
+    monkeypatch.setenv("ECOSERVE_SLO_TBT", repr(tbt))
+    scheduled = {}
+    for profile in ("", cost.name):
+        monkeypatch.setenv("ECOSERVE_PROFILE", profile)
+        s = make(EcoServeVllmSyncScheduler, num_blocks=200)
+        assert (s.cost_model is not None) == bool(profile)
+        for i in range(4):
+            s.add_request(req(f"d{i}", 32, 60, arrival=0.0, rl_pred_tokens=60))
+        first = [s.schedule()]
+        s.update_from_output(first[0], fake_model_output(first[0], s, {f"d{i}": 60 for i in range(4)}))
+        decoding = [r for r in s.running if r.num_computed_tokens >= r.num_prompt_tokens]
+        dctx = sum(r.num_computed_tokens for r in decoding)
+        s.add_request(req("long", 1000, 8, arrival=1.0, rl_pred_tokens=8))
+        out = s.schedule()
+        scheduled[profile] = out.num_scheduled_tokens["long"]
+        if profile:
+            want, _ = rules.PrefillBudget(cost.iteration_time, frac * tbt, min(cost.token_budget, 512))(
+                512 - len(decoding), len(decoding), dctx)
+            assert scheduled[profile] == want < 512 - len(decoding)
+            assert s.max_num_scheduled_tokens == 512  # restored after the step
+        target = {r: 60 for r in ("d0", "d1", "d2", "d3")} | {"long": 8}
+        s.update_from_output(out, fake_model_output(out, s, target))
+        drive(s)
+        check_done(s)
+    assert scheduled[""] == 512 - 4 > scheduled[cost.name]
+
+
+def test_a_bad_profile_is_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ecoserve_sched.engines.vllm_scheduler import EcoServeSetupError
+
+    monkeypatch.setenv("ECOSERVE_PROFILE", "no-such-gpu-profile")
+    with pytest.raises(EcoServeSetupError, match=r"ECOSERVE_PROFILE='no-such-gpu-profile'.*shipped: "):
+        make(EcoServeVllmSyncScheduler)
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_every_request_finishes_under_a_tbt_budget(cls: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ECOSERVE_PROFILE", "llama3-8b-h100-80gb")
+    monkeypatch.setenv("ECOSERVE_SLO_TBT", "0.02")  # tight: most steps with decodes get the knee only
+    s = make(cls, num_blocks=200)
+    for i in range(10):
+        s.add_request(req(str(i), 300 + 40 * i, 30 + 5 * i, arrival=0.01 * i, rl_pred_tokens=40))
+    outs = drive(s)
+    check_done(s)
+    assert s.max_num_scheduled_tokens == 512
+    assert max(sum(o.num_scheduled_tokens.values()) for o in outs) <= 512
