@@ -55,8 +55,8 @@ def child(config: str, src: Path, dst: Path) -> dict:
     cores = os.cpu_count() or 1
     t0 = time.perf_counter()
     if config == "local":
-        from rlpredict.annotate import annotate_file
-        from rlpredict.runtime import Predictor
+        from rlpredict.serve.annotate import annotate_file
+        from rlpredict.serve.runtime import Predictor
 
         p = Predictor.load(None, threads=cores)
         t1 = time.perf_counter()
@@ -65,7 +65,7 @@ def child(config: str, src: Path, dst: Path) -> dict:
                 "rows_out": s.rows_out, "workers": 0, "threads": p.threads}
     import ray
 
-    from rlpredict.annotate_ray import annotate_path
+    from rlpredict.serve.annotate_ray import annotate_path
 
     ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     t1 = time.perf_counter()

@@ -7,7 +7,7 @@ Stages, each in its own subprocess (peak RSS = that process's ``ru_maxrss``):
 - ``build``: writes ``trace-N.jsonl.gz`` row by row (streaming): ``prompt``, ``arrival_time_s``
   (Poisson, ``--rate`` requests/s), ``input_tokens``, ``output_tokens`` (seeded log-normal).
   Runs first whenever a stage needs the file and it is missing.
-- ``annotate``: ``rlpredict.annotate.annotate_file`` with the shipped bundle, streaming, into
+- ``annotate``: ``rlpredict.serve.annotate.annotate_file`` with the shipped bundle, streaming, into
   ``trace-N.annotated.jsonl.gz``.
 - ``simulate``: ``read_trace`` of the annotated trace (the raw one if it was not annotated, with
   ``confusion`` predictions), then ``simulator.run`` with each policy of ``--policies``.
@@ -76,8 +76,8 @@ def build(path: Path, rows: int, rate: float, seed: int) -> dict:
 
 
 def annotate(src: Path, dst: Path, threads: int) -> dict:
-    from rlpredict.annotate import annotate_file
-    from rlpredict.runtime import Predictor
+    from rlpredict.serve.annotate import annotate_file
+    from rlpredict.serve.runtime import Predictor
 
     p = Predictor.load(threads=threads)
     s = annotate_file(p, src, dst)

@@ -9,7 +9,7 @@ model's input text by its input spec. For each ONNX bundle two runtimes are meas
 - old: the runtime before per-prompt inference (an inline copy below): length-sorted batches of
   ``--batch-size`` padded to their longest prompt, one session with ``--threads`` intra-op
   threads; a lone prompt runs as a batch of one;
-- new: ``rlpredict.runtime.Predictor`` (each prompt alone, spread over ``--threads`` workers).
+- new: ``rlpredict.serve.runtime.Predictor`` (each prompt alone, spread over ``--threads`` workers).
 
 Printed per runtime: bulk throughput (prompts/s, tokenization included; the best and the
 median of ``--repeat`` rounds, old and new interleaved: on a shared machine the best is the
@@ -82,9 +82,9 @@ def untrained_model(out: Path, mode: str, max_length: int) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlpredict.buckets import BucketScheme
-    from rlpredict.encoders import encoder_path
     from rlpredict.inputs import InputSpec
-    from rlpredict.model_meta import ModelMeta
+    from rlpredict.train.encoders import encoder_path
+    from rlpredict.train.model_meta import ModelMeta
 
     src = encoder_path()
     scheme = BucketScheme.default()
@@ -113,7 +113,7 @@ class OldRuntime:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        from rlpredict.runtime import Predictor
+        from rlpredict.serve.runtime import Predictor
 
         self.p = Predictor.load(bundle, threads=1)  # texts() and from_logits() only
         spec = self.p.input_spec
@@ -167,7 +167,7 @@ class OldRuntime:
 
 class NewRuntime:
     def __init__(self, bundle: Path, threads: int):
-        from rlpredict.runtime import Predictor
+        from rlpredict.serve.runtime import Predictor
 
         self.p = Predictor.load(bundle, threads=threads)
 
@@ -186,7 +186,7 @@ class TorchRuntime:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from rlpredict.model_meta import ModelMeta
+        from rlpredict.train.model_meta import ModelMeta
 
         self.torch = torch
         self.meta = ModelMeta.load(model_dir)
@@ -274,7 +274,7 @@ def compare(bundle: Path, requests: list, args: argparse.Namespace) -> list[dict
 def labelled_accuracy(rows: list[dict], rts: dict, bundle: Path, args: argparse.Namespace) -> None:
     """Bucket accuracy of each runtime (and of the fp32 reference) on labelled prompts."""
     from rlpredict.data import attach_rl, load_samples
-    from rlpredict.runtime import Predictor
+    from rlpredict.serve.runtime import Predictor
 
     p = rts["new"].p
     samples, _ = load_samples([str(args.labelled)], on_error="skip")
@@ -299,7 +299,7 @@ def dequantized_bundle(bundle: Path, out: Path) -> Path:
     import onnx
     from onnx import helper, numpy_helper
 
-    from rlpredict.bundle import MODEL_FILE, TOKENIZER_FILE, load_bundle, write_manifest
+    from rlpredict.serve.bundle import MODEL_FILE, TOKENIZER_FILE, load_bundle, write_manifest
 
     b = load_bundle(bundle)
     model = onnx.load(str(b.model_path))
@@ -402,9 +402,9 @@ def check_cut(bundle: Path, data: Path) -> None:
     """``TextEncoder`` ids == whole-text ids for every request context of ``data``, both modes."""
     from tokenizers import Tokenizer
 
-    from rlpredict.bundle import load_bundle
     from rlpredict.inputs import InputSpec, build_text
-    from rlpredict.runtime import TextEncoder
+    from rlpredict.serve.bundle import load_bundle
+    from rlpredict.serve.runtime import TextEncoder
 
     b = load_bundle(bundle)
     contexts = load_requests(data, 10**9)
@@ -501,7 +501,7 @@ def main() -> None:
         else:
             import torch
 
-            from rlpredict.export import export_bundle
+            from rlpredict.train.export import export_bundle
 
             torch.set_num_threads(args.threads)
             model = args.model or untrained_model(Path(tmp) / "untrained-minilm", args.mode, args.max_length)
@@ -511,7 +511,7 @@ def main() -> None:
             rows.append(measure_torch(model, requests, args))
         for b in bundles:
             rows += compare(b, requests, args)
-        from rlpredict.runtime import Predictor
+        from rlpredict.serve.runtime import Predictor
 
         p = Predictor.load(bundles[0], threads=1)
         lengths = [len(x) for x in p.encode(p.texts(requests))]

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.calibrate import held_out
-from rlpredict.conformal import QuantileCalibration
 from rlpredict.data import attach_rl, load_samples
-from rlpredict.runtime import Predictor
+from rlpredict.serve.calibrate import held_out
+from rlpredict.serve.conformal import QuantileCalibration
+from rlpredict.serve.runtime import Predictor
 
 
 def main() -> None:

@@ -47,13 +47,13 @@ from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import run  # noqa: E402
 from ecoserve_sched.trace import Trace, poisson_arrivals  # noqa: E402
 from rlpredict import Predictor  # noqa: E402
-from rlpredict.baselines import PromptLength, TfidfLogistic  # noqa: E402
 from rlpredict.data import attach_rl, load_samples  # noqa: E402
-from rlpredict.evaluate import baseline_texts  # noqa: E402
-from rlpredict.metrics import decode as decode_probs  # noqa: E402
-from rlpredict.metrics import rl_metrics  # noqa: E402
 from rlpredict.rl_tokenizers import count_tokens  # noqa: E402
 from rlpredict.splits import split_by_group  # noqa: E402
+from rlpredict.train.baselines import PromptLength, TfidfLogistic  # noqa: E402
+from rlpredict.train.evaluate import baseline_texts  # noqa: E402
+from rlpredict.train.metrics import decode as decode_probs  # noqa: E402
+from rlpredict.train.metrics import rl_metrics  # noqa: E402
 
 PREDICTORS = ("constant", "prompt_length", "tfidf_logreg", "minilm", "oracle")
 QUANTILES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)

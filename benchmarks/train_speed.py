@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py                      # 2 rounds x 16 steps each, 2 threads
     python benchmarks/train_speed.py --rev HEAD~3 --steps 30 --rounds 3 --json runs/train_speed.json
 
-The old ``rlpredict/train.py`` is read with ``git show REV:rlpredict/train.py`` into a temporary
+The old ``rlpredict/train/trainer.py`` is read with ``git show REV:rlpredict/train/trainer.py`` into a temporary
 module, so both loops run in this one process on the same prepared data (the bundled ShareGPT
 and AlpacaEval samples), the same encoder (all-MiniLM-L6-v2), the same settings (length 128,
 batch 32, full fine-tuning, ordinal loss) and the same threads. Runs alternate (old, Trainer,
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def old_loop(rev: str, folder: Path) -> ModuleType:
-    """``rlpredict/train.py`` as of ``rev``, imported as the module ``rlpredict_train_old``."""
-    src = subprocess.run(["git", "show", f"{rev}:rlpredict/train.py"], cwd=ROOT, check=True,
+    """``rlpredict/train/trainer.py`` as of ``rev``, imported as the module ``rlpredict_train_old``."""
+    src = subprocess.run(["git", "show", f"{rev}:rlpredict/train/trainer.py"], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout
     path = folder / "rlpredict_train_old.py"
     path.write_text(src, encoding="utf-8")
@@ -59,9 +59,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
-    from rlpredict import train as new
-    from rlpredict.config import TrainConfig
     from rlpredict.samples import SAMPLE_FILES
+    from rlpredict.train import trainer as new
+    from rlpredict.train.config import TrainConfig
 
     cfg = TrainConfig(data=[str(p) for p in SAMPLE_FILES.values()], max_steps=args.steps, batch_size=args.batch_size,
                       max_length=args.max_length, include_generator=True, threads=args.threads, seed=0,

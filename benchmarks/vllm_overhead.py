@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         MiddlewareConfig,
         load_bundle,
     )
-    from rlpredict.runtime import Predictor
+    from rlpredict.serve.runtime import Predictor
 
     tok = PreTrainedTokenizerFast(tokenizer_file=str(BUNDLE / "tokenizer.json"))
     convs = load_conversations(args.data, args.max_conversations, args.history)

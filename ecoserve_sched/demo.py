@@ -87,8 +87,8 @@ def predictor_quality(trace: Trace, edges: np.ndarray) -> dict[str, Any]:
 
 def _annotate(sample: Path, out: Path, bundle: str | None) -> tuple[Path, dict, Path]:
     try:
-        from rlpredict.annotate import annotate_file
-        from rlpredict.runtime import Predictor
+        from rlpredict.serve.annotate import annotate_file
+        from rlpredict.serve.runtime import Predictor
     except ImportError as e:
         raise DemoError(f"the demo's annotation step needs rlpredict's runtime ({e})") from None
     predictor = Predictor.load(bundle)
@@ -104,7 +104,7 @@ def run_demo(out: Path, *, sample: Path = SAMPLE, profile: str = PROFILE, bundle
              progress: Callable[[dict], None] | None = None) -> DemoResult:
     """Run the main job and write its report into the folder ``out`` (see the module docstring);
     ``out`` must not hold an input, and an existing ``out`` is replaced only with ``force``."""
-    from rlpredict.bundle import default_bundle_path
+    from rlpredict.serve.bundle import default_bundle_path
 
     inputs = [sample, Path(bundle) if bundle else default_bundle_path()]
     check_paths(inputs + ([Path(profile)] if Path(profile).is_file() else []), [("--out", out)])

@@ -1,6 +1,6 @@
 """The interface a response-length predictor offers the scheduler (``--predictions bundle``).
 
-The implementation is ``rlpredict.runtime.Predictor`` (ONNX runtime, no torch); the scheduler
+The implementation is ``rlpredict.serve.runtime.Predictor`` (ONNX runtime, no torch); the scheduler
 only needs this protocol, so any object with the same shape works (tests use a stub).
 """
 
@@ -26,12 +26,12 @@ class LengthPredictor(Protocol):
 
 
 def load_predictor(path: str) -> LengthPredictor:
-    """Load a predictor bundle with ``rlpredict.runtime.Predictor.load`` (imported lazily)."""
+    """Load a predictor bundle with ``rlpredict.serve.runtime.Predictor.load`` (imported lazily)."""
     try:
-        from rlpredict.runtime import Predictor  # type: ignore[import-not-found]
+        from rlpredict.serve.runtime import Predictor  # type: ignore[import-not-found]
     except ImportError as e:
         raise ValueError(
-            "--predictions bundle needs rlpredict's runtime (rlpredict.runtime.Predictor), which "
+            "--predictions bundle needs rlpredict's runtime (rlpredict.serve.runtime.Predictor), which "
             f"could not be imported ({e}); use --predictions confusion or annotated instead") from None
     p: Any = Predictor.load(path)
     return p

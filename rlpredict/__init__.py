@@ -9,7 +9,7 @@ from rlpredict.buckets import DEFAULT_EDGES, BucketScheme
 __version__ = "0.1.0"
 __all__ = ["DEFAULT_EDGES", "BucketScheme", "Prediction", "Predictor", "__version__"]
 
-_LAZY = {"Predictor": "rlpredict.runtime", "Prediction": "rlpredict.runtime"}
+_LAZY = {"Predictor": "rlpredict.serve.runtime", "Prediction": "rlpredict.serve.runtime"}
 
 
 def __getattr__(name: str):

@@ -6,7 +6,7 @@ probability vector over buckets can be turned into any quantile of the predicted
 (``predictive_quantile``): its median is the MAE-optimal point estimate, and a high quantile is
 a reservation that widens by itself when the predictor is unsure.
 
-Pure numpy: the serving path (``rlpredict.runtime``, ``ecoserve_sched``) imports this module.
+Pure numpy: the serving path (``rlpredict.serve.runtime``, ``ecoserve_sched``) imports this module.
 """
 
 from __future__ import annotations

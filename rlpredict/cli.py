@@ -43,7 +43,7 @@ def _found_by(module: str, function: str) -> Callable[[str | None], str | None]:
     return check
 
 
-_encoder_option = _found_by("rlpredict.encoders", "encoder_path")  # 'minilm' or an encoder folder
+_encoder_option = _found_by("rlpredict.train.encoders", "encoder_path")  # 'minilm' or an encoder folder
 _rl_tokenizer_option = _found_by("rlpredict.rl_tokenizers", "tokenizer_path")  # a name or tokenizer.json
 
 
@@ -77,9 +77,9 @@ def train(
 ) -> None:
     """Fine-tune an encoder to predict the response-length bucket of a prompt (transformers.Trainer:
     GPU and bf16 when present, torchrun / accelerate launch for several, checkpoints, early stopping)."""
-    from rlpredict.config import TrainConfig
-    from rlpredict.train import check_output, prepare
-    from rlpredict.train import train as run_train
+    from rlpredict.train.config import TrainConfig
+    from rlpredict.train.trainer import check_output, prepare
+    from rlpredict.train.trainer import train as run_train
 
     cfg = TrainConfig.load(config) if config else TrainConfig()
     if data:
@@ -131,10 +131,10 @@ def eval_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Score a model and the baselines on the same split: accuracy, MAE, tau, reservation coverage."""
-    from rlpredict.baselines import BASELINES
-    from rlpredict.evaluate import evaluate, markdown_report, write_report
-    from rlpredict.model_meta import ModelMeta
     from rlpredict.outputs import check_new_dir, check_paths
+    from rlpredict.train.baselines import BASELINES
+    from rlpredict.train.evaluate import evaluate, markdown_report, write_report
+    from rlpredict.train.model_meta import ModelMeta
 
     names = [b for b in baselines.split(",") if b]
     unknown = [b for b in names if b not in BASELINES]
@@ -163,12 +163,12 @@ def demo(
     force: ForceOpt = False,
 ) -> None:
     """The main job on the bundled real-data sample: train a small predictor, evaluate it vs the baselines."""
-    from rlpredict.config import TrainConfig
-    from rlpredict.evaluate import evaluate, markdown_report, write_report
-    from rlpredict.model_meta import ModelMeta
     from rlpredict.outputs import output_dir
     from rlpredict.samples import SAMPLE_FILES
-    from rlpredict.train import train as run_train
+    from rlpredict.train.config import TrainConfig
+    from rlpredict.train.evaluate import evaluate, markdown_report, write_report
+    from rlpredict.train.model_meta import ModelMeta
+    from rlpredict.train.trainer import train as run_train
 
     data = [str(p) for p in SAMPLE_FILES.values()]
     cfg = TrainConfig(data=data, max_steps=steps, batch_size=16, include_generator=True, test_frac=0.25,

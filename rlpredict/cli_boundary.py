@@ -102,7 +102,7 @@ class BoundaryGroup(TyperGroup):
 
 def version_text(tool: str) -> str:
     import rlpredict
-    from rlpredict.bundle import FORMAT
+    from rlpredict.serve.bundle import FORMAT
 
     return f"{tool} {rlpredict.__version__} (bundle format {FORMAT})"
 
@@ -165,7 +165,7 @@ def thread_count(value: int | None) -> int | None:
     """``--threads``: 1 to the usable cores."""
     if value is None:
         return value
-    from rlpredict.runtime import usable_cores  # the runtime's own cap (lazy: onnxruntime)
+    from rlpredict.serve.runtime import usable_cores  # the runtime's own cap (lazy: onnxruntime)
 
     cores = usable_cores()
     if not 1 <= value <= cores:

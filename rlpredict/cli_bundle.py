@@ -36,7 +36,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 def parse_quantiles(value: str | None) -> list[float] | None:
     """``--quantiles 0.5,0.9``: distinct levels in (0, 1)."""
-    from rlpredict.conformal import check_quantiles
+    from rlpredict.serve.conformal import check_quantiles
 
     if value is None:
         return None
@@ -68,7 +68,7 @@ def export(
     json_out: JsonOpt = False,
 ) -> None:
     """Export a trained model to a torch-free bundle (ONNX + tokenizer + manifest), checking parity."""
-    from rlpredict.export import export_bundle
+    from rlpredict.train.export import export_bundle
 
     manifest = export_bundle(model, out, int8=int8, parity_data=parity_data, parity_n=parity_n,
                              atol=atol, force=force,
@@ -81,7 +81,8 @@ def export(
 
 
 def _read_stdin(jsonl: bool, single: bool) -> list:
-    from rlpredict.annotate import BadRow, Fields, request_of
+    from rlpredict.records import TRACE_FIELDS
+    from rlpredict.serve.annotate import BadRow, request_of
 
     if sys.stdin.isatty():
         _fail("give TEXT arguments or pipe prompts on stdin")
@@ -97,7 +98,7 @@ def _read_stdin(jsonl: bool, single: bool) -> list:
             row = json.loads(line)
             if not isinstance(row, dict):
                 raise BadRow(f"expected a JSON object, got {type(row).__name__}")
-            out.append(request_of(row, Fields()))
+            out.append(request_of(row, TRACE_FIELDS))
         except (json.JSONDecodeError, BadRow) as e:
             _fail(f"stdin: line {i}: {e}")
     return out
@@ -124,7 +125,7 @@ def predict(
     json_out: JsonOpt = False,
 ) -> None:
     """Predict the response-length bucket, point estimate and reservation of prompts."""
-    from rlpredict.runtime import Predictor
+    from rlpredict.serve.runtime import Predictor
 
     requests = list(texts) if texts else _read_stdin(jsonl, single)
     p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads)
@@ -173,14 +174,15 @@ def annotate(
     quantiles: Annotated[str | None, typer.Option("--quantiles", help="Also add the bundle's calibrated quantiles (`rlpredict calibrate`), e.g. 0.5,0.9 -> rl_q50_tokens, rl_q90_tokens (local engine).")] = None,
 ) -> None:
     """Add rl_bucket, rl_pred_tokens and rl_reserve_tokens to every row of a request trace."""
-    from rlpredict.annotate import Fields, annotate_file
-    from rlpredict.runtime import Predictor
+    from rlpredict.records import Fields
+    from rlpredict.serve.annotate import annotate_file
+    from rlpredict.serve.runtime import Predictor
 
-    fields = Fields(prompt=prompt_field, messages=messages_field, generator=generator_field,
-                    drop_final_assistant=drop_final_assistant)
+    fields = Fields.trace(prompt=prompt_field, messages=messages_field, generator=generator_field,
+                          drop_final_assistant=drop_final_assistant)
     levels = parse_quantiles(quantiles)
     if engine == "ray":
-        from rlpredict.annotate_ray import annotate_path, import_ray
+        from rlpredict.serve.annotate_ray import annotate_path, import_ray
 
         if levels is not None:
             raise typer.BadParameter("not yet with --engine ray; use --engine local", param_hint="--quantiles")

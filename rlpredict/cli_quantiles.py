@@ -39,8 +39,8 @@ def calibrate(
     json_out: JsonOpt = False,
 ) -> None:
     """Add split-conformal quantiles (coverage >= q on exchangeable data) to a bundle."""
-    from rlpredict.bundle import default_bundle_path
-    from rlpredict.calibrate import calibrate_bundle, markdown
+    from rlpredict.serve.bundle import default_bundle_path
+    from rlpredict.serve.calibrate import calibrate_bundle, markdown
 
     report = calibrate_bundle(model or default_bundle_path(), data, out, quantiles=parse_quantiles(quantiles) or (),
                               split=split, test_frac=test_frac, seed=seed, check_frac=check_frac,
@@ -60,7 +60,7 @@ def drift(
     json_out: JsonOpt = False,
 ) -> None:
     """Compare new logs with what the bundle was trained and calibrated on; exit 3 on drift."""
-    from rlpredict.drift import DRIFT_EXIT, DriftBounds, drift_report, markdown
+    from rlpredict.serve.drift import DRIFT_EXIT, DriftBounds, drift_report, markdown
 
     report = drift_report(model, data, bounds=DriftBounds(max_tv=max_tv, tolerance=tolerance, min_rows=min_rows),
                           on_error=on_error, threads=threads)

@@ -1,7 +1,7 @@
 """Load chat logs as prediction samples: one sample per assistant response, with its context.
 
-Files: JSONL / JSON / CSV (optionally ``.gz``), Parquet, and Hugging Face ``datasets`` folders.
-Row shapes (detected per row):
+Files: JSONL / JSON / CSV (optionally ``.gz``), Parquet, and Hugging Face ``datasets`` folders,
+read by :mod:`rlpredict.records` (shared with ``annotate``). Row shapes (detected per row):
 
 - ``{prompt, response}`` (``completion`` / ``output`` are accepted for the response);
 - OpenAI chat ``{messages: [{role, content}, ...]}``: the response is the last assistant message,
@@ -18,42 +18,30 @@ it is counted in the :class:`LoadReport` instead, never dropped silently.
 from __future__ import annotations
 
 import contextlib
-import csv
-import functools
-import gzip
 import hashlib
-import io
 import json
 import reprlib
-import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from rlpredict.records import (
+    LOG_FIELDS,
+    LOG_MESSAGES,
+    Fields,
+    OnError,
+    RecordError,
+    iter_rows,
+    parse_messages,
+    source_name,
+)
 from rlpredict.rl_tokenizers import count_tokens
-from rlpredict.untrusted_text import is_valid_unicode, json_problem
+from rlpredict.untrusted_text import is_valid_unicode
 
-OnError = Literal["fail", "skip"]
-
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
-                "assistant": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
-                "system": "system", "tool": "tool", "function": "tool"}
-RESPONSE_FIELDS = ("response", "completion", "output")
-COUNT_FIELDS = ("rl_tokens", "output_tokens", "completion_tokens", "response_tokens",
-                "usage.completion_tokens", "usage.output_tokens")
-GROUP_FIELDS = ("conversation_id", "prompt_id")
-GENERATOR_FIELDS = ("generator", "model")
-
-
-class DataError(ValueError):
-    """A bad input row: ``location`` is ``file:line`` (or ``file: row N``)."""
-
-    def __init__(self, location: str, message: str, field: str | None = None):
-        self.location, self.field, self.reason = location, field, message
-        where = f"{location}: field {field!r}: " if field else f"{location}: "
-        super().__init__(where + message)
+#: A bad input row (``location`` is ``file:line`` or ``file: row N``); raised by the reader too.
+DataError = RecordError
 
 
 @dataclass(slots=True)
@@ -90,176 +78,7 @@ class LoadReport:
         return s
 
 
-# ---- reading rows ------------------------------------------------------------------------------
-def source_name(path: str | Path) -> str:
-    name = Path(path).name
-    for ext in (".gz", ".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet"):
-        name = name.removesuffix(ext)
-    return name
-
-
-def _open_text(path: Path, errors: str = "strict") -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
-    return io.TextIOWrapper(raw, encoding="utf-8", errors=errors, newline="")
-
-
-def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``(location, row)`` for every row of a supported file or ``datasets`` folder."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or folder")
-    if p.is_dir():
-        yield from _iter_datasets_dir(p)
-        return
-    kind = p.name.removesuffix(".gz").rsplit(".", 1)[-1].lower()
-    readers: dict[str, Callable[[Path], Iterator[tuple[str, Any]]]] = {
-        "jsonl": _iter_jsonl, "ndjson": _iter_jsonl, "json": _iter_json_array,
-        "csv": _iter_csv, "tsv": functools.partial(_iter_csv, delimiter="\t"), "parquet": _iter_parquet}
-    if kind not in readers:
-        raise DataError(str(p), f"unsupported file type {kind!r} (use .jsonl, .json, .csv, .tsv, .parquet, optionally .gz, or a datasets folder)")
-    try:
-        yield from readers[kind](p)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise DataError(str(p), f"truncated or corrupt compressed file ({e})") from None
-
-
-def _iter_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
-    with gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            loc = f"{p}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield loc, DataError(loc, f"not valid UTF-8 (byte {e.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield loc, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield loc, DataError(loc, f"malformed JSON ({e.msg} at column {e.colno})")
-            except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
-                yield loc, DataError(loc, f"malformed JSON ({json_problem(e)})")
-
-
-def _iter_json_array(p: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        with _open_text(p) as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(str(p), f"not valid UTF-8 (byte {e.start})") from None
-    dec = json.JSONDecoder()
-    pos = len(text) - len(text.lstrip())
-    if text[pos:pos + 1] != "[":  # one object, or {"data": [...]}
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}", f"malformed JSON ({e.msg})") from None
-        except (ValueError, RecursionError) as e:
-            raise DataError(str(p), f"malformed JSON ({json_problem(e)})") from None
-        rows = obj.get("data") if isinstance(obj, dict) and isinstance(obj.get("data"), list) else [obj]
-        for i, r in enumerate(rows):
-            yield f"{p}: item {i}", r
-        return
-    pos += 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
-        loc = f"{p}:{text.count(chr(10), 0, pos) + 1}"
-        try:
-            obj, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}", f"malformed JSON ({e.msg} at column {e.colno})") from None
-        except (ValueError, RecursionError) as e:
-            raise DataError(loc, f"malformed JSON ({json_problem(e)})") from None
-        yield loc, obj
-
-
-def _iter_csv(p: Path, delimiter: str = ",") -> Iterator[tuple[str, Any]]:
-    """Rows as dicts (header -> cell; missing cells absent, extra cells dropped). Bytes that are
-    not UTF-8 and unparsable records are bad rows at their line, like bad JSONL lines."""
-    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long conversations in one cell
-    with _open_text(p, errors="surrogateescape") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        try:
-            header = next(reader, None)
-        except csv.Error as e:
-            raise DataError(f"{p}:1", f"malformed CSV header ({e})") from None
-        if header is None:
-            return
-        if not is_valid_unicode(header):
-            raise DataError(f"{p}:1", "header is not valid UTF-8")
-        start = reader.line_num + 1
-        while True:
-            try:
-                cells = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:  # the record is dropped; the reader goes on at the next line
-                loc, start = f"{p}:{start}", reader.line_num + 1
-                yield loc, DataError(loc, f"malformed CSV ({e})")
-                continue
-            loc, start = f"{p}:{reader.line_num}", reader.line_num + 1
-            if not cells:
-                continue  # a blank line is not a row
-            if not is_valid_unicode(cells):
-                yield loc, DataError(loc, "not valid UTF-8")
-                continue
-            yield loc, {k: _maybe_json(v) for k, v in zip(header, cells, strict=False)}
-
-
-def _maybe_json(v: str | None) -> Any:
-    """CSV cells holding JSON lists/objects (``messages``, ``usage``) are decoded."""
-    if v and v[:1] in "[{":
-        try:
-            return json.loads(v)
-        except (ValueError, RecursionError):
-            return v
-    return v
-
-
-def _iter_parquet(p: Path) -> Iterator[tuple[str, Any]]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
-    except Exception as e:  # pyarrow / datasets errors of many types: one line naming the file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(str(p), f"not a readable Parquet file ({reason})") from None
-    for i, row in enumerate(ds):
-        yield f"{p}: row {i + 1}", row
-
-
-def _iter_datasets_dir(p: Path) -> Iterator[tuple[str, Any]]:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(p))
-    except FileNotFoundError:
-        ds = datasets.load_dataset(str(p))
-    splits = ds.items() if isinstance(ds, datasets.DatasetDict) else [("", ds)]
-    for split, d in splits:
-        tag = f"[{split}]" if split else ""
-        for i, row in enumerate(d):
-            yield f"{p}{tag}: row {i + 1}", row
-
-
 # ---- rows -> samples ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Fields:
-    """Which fields hold what; the defaults cover the common log shapes."""
-
-    prompt: str = "prompt"
-    messages: tuple[str, ...] = ("messages", "conversation", "conversations")
-    response: tuple[str, ...] = RESPONSE_FIELDS
-    count: tuple[str, ...] = COUNT_FIELDS
-    group: tuple[str, ...] = GROUP_FIELDS
-    generator: tuple[str, ...] = GENERATOR_FIELDS
-    id: str = "id"
-
-
 def _get(row: Mapping, dotted: str) -> Any:
     cur: Any = row
     for part in dotted.split("."):
@@ -305,24 +124,7 @@ _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxlong = 60
 
 
-def _messages(v: Any, loc: str, name: str) -> list[dict[str, str]]:
-    if not isinstance(v, list) or not v:
-        raise DataError(loc, "expected a non-empty list of messages", name)
-    out = []
-    for i, m in enumerate(v):
-        if not isinstance(m, Mapping):
-            raise DataError(loc, f"message {i} is not an object", name)
-        role = m.get("role", m.get("from"))
-        if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
-            raise DataError(loc, f"message {i} has unknown role {role!r}", name)
-        content = m["content"] if "content" in m else m.get("value")
-        if content is None:
-            raise DataError(loc, f"message {i} has no 'content' (or 'value')", name)
-        out.append({"role": ROLE_ALIASES[role.lower()], "content": _text(content, loc, f"{name}[{i}].content")})
-    return out
-
-
-def samples_from_row(row: Any, loc: str, source: str, fields: Fields = Fields()) -> list[Sample]:
+def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELDS) -> list[Sample]:
     """The samples a row holds (several for a ShareGPT conversation). Raises :class:`DataError`."""
     if isinstance(row, DataError):
         raise row
@@ -340,7 +142,10 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = Fields())
 
     msg_name, msgs = _first(row, fields.messages)
     if msg_name is not None:
-        messages = _messages(msgs, loc, msg_name)
+        try:
+            messages = parse_messages(msgs, msg_name, LOG_MESSAGES)
+        except RecordError as e:
+            raise DataError(loc, e.reason, e.field) from None
         if msg_name == "conversations" and response is None and rl is None:  # ShareGPT: every turn
             return _sharegpt_samples(messages, rid, str(group or rid), source, generator, loc, msg_name)
         if messages[-1]["role"] == "assistant":
@@ -378,7 +183,7 @@ def _sharegpt_samples(messages: list[dict[str, str]], rid: str, group: str, sour
     return out
 
 
-def load_samples(paths: Sequence[str | Path], *, fields: Fields = Fields(), on_error: OnError = "fail",
+def load_samples(paths: Sequence[str | Path], *, fields: Fields = LOG_FIELDS, on_error: OnError = "fail",
                  max_rows: int | None = None) -> tuple[list[Sample], LoadReport]:
     """Read every file; a bad row raises (``fail``) or is counted in the report (``skip``)."""
     if on_error not in ("fail", "skip"):

@@ -1,6 +1,6 @@
 """What text the predictor sees for a request: the input spec and the text builder.
 
-Shared by training (``rlpredict.train``) and the torch-free runtime, so that a model is served
+Shared by training (``rlpredict.train.trainer``) and the torch-free runtime, so that a model is served
 exactly on the text it was trained on. Pure Python.
 
 Two modes:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.config import TrainConfig
-from rlpredict.evaluate import encoder_texts, predict_proba_torch
-from rlpredict.metrics import rl_metrics
-from rlpredict.train import prepare, train
+from rlpredict.train.config import TrainConfig
+from rlpredict.train.evaluate import encoder_texts, predict_proba_torch
+from rlpredict.train.metrics import rl_metrics
+from rlpredict.train.trainer import prepare, train
 
 VARIANTS = {
     "full+ce": {"loss": "ce"},

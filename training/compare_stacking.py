@@ -5,11 +5,11 @@
 
 Scores, on exactly the held-out rows of docs/predictor.md's results tables (the recipe's group
 split, ``rlpredict.splits``; ShareGPT 6,434 rows, AlpacaEval 2,520), per source and pooled, with
-``rlpredict.metrics.rl_metrics``:
+``rlpredict.train.metrics.rl_metrics``:
 
-1. the shipped bundle alone (int8 ONNX through ``rlpredict.runtime.Predictor``; the docs' row is
+1. the shipped bundle alone (int8 ONNX through ``rlpredict.serve.runtime.Predictor``; the docs' row is
    the torch fp32 model's, so small differences are expected);
-2. TF-IDF + logistic regression alone (``rlpredict.baselines.TfidfLogistic`` trained on the whole
+2. TF-IDF + logistic regression alone (``rlpredict.train.baselines.TfidfLogistic`` trained on the whole
    training side, as ``rlpredict eval`` does);
 3. probability mixes of the two: linear ``w*p_enc + (1-w)*p_tfidf`` and geometric
    ``p_enc^w * p_tfidf^(1-w)`` (renormalised), ``w`` on a grid of 0.05;
@@ -18,7 +18,7 @@ split, ``rlpredict.splits``; ShareGPT 6,434 rows, AlpacaEval 2,520), per source 
 5. (``--ridge``) stacker 4 plus the TF-IDF ridge's log-RL prediction as a feature.
 
 ``w`` and ``C`` are fitted on a **stacking-fit set**, never on test rows: training-side rows the
-encoder was not trained on (the complement of ``rlpredict.train.prepare``'s seeded subsample of
+encoder was not trained on (the complement of ``rlpredict.train.trainer.prepare``'s seeded subsample of
 ``max_rows_per_source`` rows per source), whole groups (conversations / prompts) at a time,
 groups the encoder saw least first (up to ``--stack-rows`` rows per source). ShareGPT groups the
 encoder never saw exist; every AlpacaEval prompt has some of its 40 generators' rows in the
@@ -57,16 +57,16 @@ from unittest import mock
 
 import numpy as np
 
-from rlpredict import train as rl_train
-from rlpredict.baselines import TfidfLogistic, TfidfRidge
 from rlpredict.buckets import BucketScheme
-from rlpredict.config import TrainConfig
 from rlpredict.data import Sample, attach_rl, load_samples
-from rlpredict.evaluate import baseline_texts, encoder_texts, markdown_table
-from rlpredict.metrics import rl_metrics
 from rlpredict.outputs import write_text_atomic
-from rlpredict.runtime import Predictor
+from rlpredict.serve.runtime import Predictor
 from rlpredict.splits import split_by_group
+from rlpredict.train import trainer as rl_train
+from rlpredict.train.baselines import TfidfLogistic, TfidfRidge
+from rlpredict.train.config import TrainConfig
+from rlpredict.train.evaluate import baseline_texts, encoder_texts, markdown_table
+from rlpredict.train.metrics import rl_metrics
 
 EPS = 1e-9
 W_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
@@ -82,7 +82,7 @@ def log(msg: str) -> None:
 def load_split(cfg: TrainConfig) -> tuple[list[Sample], list[Sample], list[Sample], BucketScheme]:
     """(training side, encoder's training subsample, test side, scheme), from one load.
 
-    ``rlpredict.train.prepare`` is run on the already loaded samples (its loader is patched to
+    ``rlpredict.train.trainer.prepare`` is run on the already loaded samples (its loader is patched to
     hand them over), so the subsample is the very one training drew, as the same objects.
     """
     samples, report = load_samples(cfg.data, on_error=cfg.on_error)
@@ -169,7 +169,7 @@ def tfidf_oof(train_side: Sequence[Sample], stack: Sequence[Sample], folds: np.n
 
 
 def ridge_model(texts: Sequence[str], rl: np.ndarray) -> Any:
-    """The TF-IDF ridge of ``rlpredict.baselines.TfidfRidge``: a regressor of log(1 + RL)."""
+    """The TF-IDF ridge of ``rlpredict.train.baselines.TfidfRidge``: a regressor of log(1 + RL)."""
     return TfidfRidge()._model().fit(list(texts), np.log1p(rl))
 
 

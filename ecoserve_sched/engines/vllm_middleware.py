@@ -346,7 +346,7 @@ def _append_xargs(body: bytes, xargs: dict) -> bytes:
 def load_bundle(name: str) -> Any:
     """The predictor bundle ``name`` (a folder, or "default": the shipped one), loaded and run
     once; a bundle that cannot be used is a start-up error naming the variable."""
-    from rlpredict.runtime import Predictor  # lazy: ONNX Runtime, no torch
+    from rlpredict.serve.runtime import Predictor  # lazy: ONNX Runtime, no torch
 
     from .vllm_scheduler import EcoServeSetupError
 

@@ -908,7 +908,7 @@ def load_cost_model(profile: str) -> Any:
 def load_predictor(cfg: EcoServeVllmConfig) -> tuple[Any, str]:
     """The bundle named by ``cfg.predictor`` (``"default"``: the shipped one), loaded, checked
     and run once; raises :class:`EcoServeSetupError` naming ``ECOSERVE_PREDICTOR``."""
-    from rlpredict.runtime import Predictor  # lazy: ONNX Runtime, no torch
+    from rlpredict.serve.runtime import Predictor  # lazy: ONNX Runtime, no torch
 
     path = None if cfg.predictor == DEFAULT_BUNDLE else cfg.predictor
     t0 = time.perf_counter()

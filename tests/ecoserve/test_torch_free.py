@@ -16,7 +16,7 @@ tr = read_trace(sys.argv[1]).head(200)
 for p in ("vllm", "ecoserve"):
     run(tr, p, load_profile("llama2-13b-a100-80gb"), slo=SLO(), predictions="oracle")
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "vllm", "sklearn")
-             or m.startswith(("rlpredict.train", "rlpredict.evaluate")))
+             or m.split(".")[:2] == ["rlpredict", "train"])
 assert not bad, bad
 """
 

@@ -349,7 +349,7 @@ def bundle_middleware() -> EcoServePredictMiddleware:
 
 
 def test_end_to_end_middleware_hints_are_what_the_scheduler_uses(bundle_middleware, monkeypatch) -> None:
-    from rlpredict.runtime import Predictor
+    from rlpredict.serve.runtime import Predictor
 
     monkeypatch.setenv("ECOSERVE_TRUST_CLIENT_HINTS", "1")
     mw = bundle_middleware

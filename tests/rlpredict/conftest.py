@@ -25,9 +25,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     import numpy as np
 
     from rlpredict.buckets import BucketScheme
-    from rlpredict.encoders import encoder_path
     from rlpredict.inputs import InputSpec
-    from rlpredict.model_meta import ModelMeta
+    from rlpredict.train.encoders import encoder_path
+    from rlpredict.train.model_meta import ModelMeta
 
     src = encoder_path()
     out = tmp_path_factory.mktemp("tiny_model")
@@ -50,7 +50,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle_fp32(tiny_model_dir, tmp_path_factory) -> Path:
-    from rlpredict.export import export_bundle
+    from rlpredict.train.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-fp32"
     export_bundle(tiny_model_dir, out, parity_n=48)
@@ -59,7 +59,7 @@ def bundle_fp32(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle_int8(tiny_model_dir, tmp_path_factory) -> Path:
-    from rlpredict.export import export_bundle
+    from rlpredict.train.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-int8"
     export_bundle(tiny_model_dir, out, int8=True, parity_n=48)

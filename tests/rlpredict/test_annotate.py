@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rlpredict.annotate import COLUMNS, AnnotateError, Fields, annotate_file
-from rlpredict.runtime import Predictor
+from rlpredict.records import Fields
+from rlpredict.serve.annotate import COLUMNS, AnnotateError, annotate_file
+from rlpredict.serve.runtime import Predictor
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -113,7 +114,7 @@ def test_custom_fields_drop_final_assistant_and_existing_columns(predictor, tmp_
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a long answer"}]
     src = tmp_path / "t.jsonl"
     write(src, [{"conversation": conv, "rl_bucket": -1}])
-    fields = Fields(messages="conversation", drop_final_assistant=True)
+    fields = Fields.trace(messages="conversation", drop_final_assistant=True)
     annotate_file(predictor, src, tmp_path / "o.jsonl", fields=fields)
     (o,) = read(tmp_path / "o.jsonl")
     assert o["conversation"] == conv and o["rl_bucket"] == predictor.predict(conv[:1])[0].bucket
@@ -205,3 +206,15 @@ def test_bad_file_names(predictor, tmp_path):
         annotate_file(predictor, src, tmp_path / "o.txt")
     with pytest.raises(AnnotateError, match="no such file"):
         annotate_file(predictor, tmp_path / "missing.jsonl", tmp_path / "o.jsonl")
+
+
+def test_a_csv_cell_with_a_bare_carriage_return_is_quoted(predictor, tmp_path):
+    """The csv module quotes only the line terminator's characters; a bare "\\r" left unquoted
+    splits the row for any reader in universal-newline mode (text-mode csv, pandas)."""
+    src, dst = tmp_path / "t.csv", tmp_path / "o.csv"
+    src.write_bytes(b'id,prompt\r\n"x\ry",hello\r\nplain,bye\r\n')
+    annotate_file(predictor, src, dst)
+    assert dst.read_bytes().split(b"\n")[1].startswith(b'"x\ry","hello",')
+    with open(dst, encoding="utf-8") as f:  # universal newlines: the row stays whole
+        rows = list(csv.reader(f))
+    assert [r[:2] for r in rows] == [["id", "prompt"], ["x\ny", "hello"], ["plain", "bye"]]

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rlpredict.annotate import annotate_file
 from rlpredict.outputs import OWNER_FILE
-from rlpredict.runtime import Predictor
+from rlpredict.serve.annotate import annotate_file
+from rlpredict.serve.runtime import Predictor
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -97,7 +97,7 @@ def test_without_ray_one_line_how_to_install(bundle_fp32, tmp_path, monkeypatch)
 
 
 def test_jsonl_gz_equals_local_and_a_killed_worker_loses_no_row(ray_local, bundle_fp32, predictor, tmp_path):
-    from rlpredict.annotate_ray import annotate_path
+    from rlpredict.serve.annotate_ray import annotate_path
 
     src = write_jsonl(tmp_path / "in.jsonl.gz", trace_lines())
     want = local(predictor, src, tmp_path / "local.jsonl.gz")
@@ -116,7 +116,7 @@ def test_jsonl_gz_equals_local_and_a_killed_worker_loses_no_row(ray_local, bundl
 
 
 def test_folder_of_jsonl_and_parquet(ray_local, bundle_fp32, predictor, tmp_path):
-    from rlpredict.annotate_ray import annotate_path
+    from rlpredict.serve.annotate_ray import annotate_path
 
     src = tmp_path / "in"
     (src / "day2").mkdir(parents=True)
@@ -148,8 +148,8 @@ def test_folder_of_jsonl_and_parquet(ray_local, bundle_fp32, predictor, tmp_path
 
 
 def test_fail_mode_names_the_first_bad_line_and_writes_nothing(ray_local, bundle_fp32, tmp_path):
-    from rlpredict.annotate import AnnotateError
-    from rlpredict.annotate_ray import annotate_path
+    from rlpredict.serve.annotate import AnnotateError
+    from rlpredict.serve.annotate_ray import annotate_path
 
     src = write_jsonl(tmp_path / "in.jsonl", trace_lines(600))
     with pytest.raises(AnnotateError, match=r"in\.jsonl: line 12: not valid JSON"):
@@ -179,7 +179,7 @@ def test_cli_engine_ray_json_summary(ray_local, bundle_fp32, tmp_path):
 
 
 def test_dataset_api(ray_local, bundle_fp32, predictor):
-    from rlpredict.annotate_ray import annotate_dataset
+    from rlpredict.serve.annotate_ray import annotate_dataset
 
     rows = [{"id": i, "prompt": f"q {i}"} for i in range(300)] + [{"id": 300, "prompt": None}]
     ds = annotate_dataset(ray_local.data.from_items(rows), bundle_fp32, num_workers=2)

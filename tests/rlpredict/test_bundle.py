@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from rlpredict import bundle as bundle_mod
-from rlpredict.bundle import BundleError, default_bundle_path, load_bundle
-from rlpredict.runtime import Predictor
+from rlpredict.serve import bundle as bundle_mod
+from rlpredict.serve.bundle import BundleError, default_bundle_path, load_bundle
+from rlpredict.serve.runtime import Predictor
 
 
 @pytest.fixture

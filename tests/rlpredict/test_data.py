@@ -92,7 +92,7 @@ def test_shared_format_rows(tmp_path):
 
 
 @pytest.mark.parametrize(("line", "expect"), [
-    ('{"prompt": "x", "response": ', "malformed JSON"),
+    ('{"prompt": "x", "response": ', "not valid JSON"),
     ('{"response": "y"}', "no prompt"),
     ('{"prompt": 3, "response": "y"}', "field 'prompt': expected a string, got int"),
     ('{"prompt": "   ", "response": "y"}', "empty prompt"),

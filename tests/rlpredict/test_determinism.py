@@ -24,11 +24,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
-from rlpredict.annotate import annotate_file
-from rlpredict.bundle import default_bundle_path
 from rlpredict.inputs import InputSpec, build_text
-from rlpredict.runtime import Prediction, PredictionArrays, Predictor, TextEncoder, usable_cores
 from rlpredict.samples import SAMPLE_FILES
+from rlpredict.serve.annotate import annotate_file
+from rlpredict.serve.bundle import default_bundle_path
+from rlpredict.serve.runtime import (
+    Prediction,
+    PredictionArrays,
+    Predictor,
+    TextEncoder,
+    usable_cores,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = default_bundle_path()
@@ -279,7 +285,7 @@ def test_no_more_threads_than_cores(threads):
     prompt on ``threads`` ORT threads (the caller + ``threads - 1``). With 1 thread, none start."""
     code = f"""
         import os
-        from rlpredict.runtime import Predictor
+        from rlpredict.serve.runtime import Predictor
         count = lambda: len(os.listdir("/proc/self/task"))
         before = count()
         p = Predictor.load({str(SHIPPED)!r}, threads={threads})

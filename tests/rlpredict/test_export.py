@@ -10,10 +10,10 @@ import pytest
 pytest.importorskip("torch")
 import onnxruntime as ort
 
-from rlpredict import export as export_mod
-from rlpredict.bundle import FORMAT, load_bundle
-from rlpredict.export import ExportError, export_bundle
 from rlpredict.outputs import OutputError
+from rlpredict.serve.bundle import FORMAT, load_bundle
+from rlpredict.train import export as export_mod
+from rlpredict.train.export import ExportError, export_bundle
 
 
 def test_parity_recorded_and_passed(bundle_fp32):

@@ -21,9 +21,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlpredict.annotate import COLUMNS, AnnotateError, annotate_file
 from rlpredict.data import DataError, load_samples
-from rlpredict.runtime import Predictor
+from rlpredict.serve.annotate import COLUMNS, AnnotateError, annotate_file
+from rlpredict.serve.runtime import Predictor
 from tests.garbled_rows import (
     FUZZ,
     TEXT,
@@ -202,7 +202,7 @@ def test_annotate_csv_fuzz(shipped, file):
         rejected, out = _annotate_both_modes(shipped, src, csv_record_count(data))
         header = next(csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline="")), [])
         kept = [cells for line, cells in _csv_records(data) if line not in rejected]
-        got = list(csv.reader(io.StringIO(out.read_text(encoding="utf-8"), newline="")))
+        got = list(csv.reader(io.StringIO(out.read_bytes().decode("utf-8"), newline="")))
         if not got:  # no header in the input: nothing was written
             assert not header and not kept
             return

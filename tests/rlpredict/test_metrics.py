@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from rlpredict.buckets import BucketScheme
-from rlpredict.metrics import confusion, rl_metrics
 from rlpredict.splits import split_by_group
+from rlpredict.train.metrics import confusion, rl_metrics
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 import rlpredict.samples
 from rlpredict.buckets import BucketScheme
-from rlpredict.bundle import BundleError, load_bundle
 from rlpredict.cli import app
-from rlpredict.conformal import QuantileCalibration, _conformal_offset, column_name, pac_rank
 from rlpredict.outputs import OWNER_FILE
+from rlpredict.serve.bundle import BundleError, load_bundle
+from rlpredict.serve.conformal import QuantileCalibration, _conformal_offset, column_name, pac_rank
 
 SAMPLES = Path(rlpredict.samples.__file__).parent
 DATA = [SAMPLES / "sharegpt_sample.jsonl.gz", SAMPLES / "alpaca_sample.jsonl.gz"]
@@ -112,7 +112,7 @@ def test_calibrate_writes_a_new_bundle(bundle_fp32: Path, calibrated: Path) -> N
     assert (calibrated / OWNER_FILE).is_file() and "Calibrated quantiles" in (calibrated / "MODEL_CARD.md").read_text()
     assert load_bundle(bundle_fp32).calibration is None  # the input bundle is untouched
 
-    from rlpredict.runtime import Predictor
+    from rlpredict.serve.runtime import Predictor
 
     p = Predictor.load(calibrated, threads=1)
     prompts = ["Write a poem about the sea", "What is 2+2?", "Explain TCP in detail"]
@@ -172,8 +172,8 @@ def test_drift_verdict_and_exit_code(calibrated: Path) -> None:
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
 def test_annotate_adds_calibrated_quantile_columns(calibrated: Path, tmp_path: Path, suffix: str) -> None:
-    from rlpredict.annotate import annotate_file
-    from rlpredict.runtime import Predictor
+    from rlpredict.serve.annotate import annotate_file
+    from rlpredict.serve.runtime import Predictor
 
     prompts = ["Write a poem about the sea", "What is 2+2?", "Explain TCP in detail"]
     src = tmp_path / f"in{suffix}"

@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from rlpredict.bundle import BundleError, load_bundle
 from rlpredict.cli import app
-from rlpredict.config import TrainConfig
 from rlpredict.outputs import OWNER_FILE, OutputError, check_paths, output_dir
+from rlpredict.serve.bundle import BundleError, load_bundle
+from rlpredict.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [{"id": i, "prompt": f"Write {i} short lines about the sea"} for i in range(5)]
@@ -170,7 +170,7 @@ def test_config_refuses_bad_values_naming_them():
 
 def test_one_bucket_of_training_data_is_refused():
     from rlpredict.samples import SAMPLE_FILES
-    from rlpredict.train import prepare
+    from rlpredict.train.trainer import prepare
 
     cfg = TrainConfig(data=[str(SAMPLE_FILES["sharegpt"])], buckets=[100_000, float("inf")])
     with pytest.raises(ValueError, match="one bucket"):
@@ -195,7 +195,7 @@ def test_corrupt_compressed_and_parquet_inputs_name_the_file(tmp_path):
 
 
 def test_unknown_errors_are_one_line_and_debug_shows_the_traceback(trace, tmp_path, monkeypatch):
-    from rlpredict import runtime
+    from rlpredict.serve import runtime
 
     def boom(*a, **k):
         raise RuntimeError("unexpected")

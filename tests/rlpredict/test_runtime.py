@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rlpredict.inputs import build_text
-from rlpredict.runtime import Prediction, Predictor
+from rlpredict.serve.runtime import Prediction, Predictor
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [
@@ -59,7 +59,7 @@ def test_serving_path_never_imports_torch(bundle_fp32, tmp_path, block_torch):
         import sys
         import rlpredict
         from rlpredict import Predictor, Prediction
-        from rlpredict.runtime import Predictor as P2
+        from rlpredict.serve.runtime import Predictor as P2
         assert Predictor is P2
         p = Predictor.load({str(bundle_fp32)!r})
         assert len(p.predict(["hello", [{{"role": "user", "content": "hi"}}]])) == 2
@@ -68,7 +68,8 @@ def test_serving_path_never_imports_torch(bundle_fp32, tmp_path, block_torch):
         app(["predict", "--model", {str(bundle_fp32)!r}, "hello"], standalone_mode=False)
         app(["annotate", {str(trace)!r}, "-o", {str(tmp_path / "o.jsonl")!r}, "--model",
              {str(bundle_fp32)!r}, "--no-progress"], standalone_mode=False)
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")
+                       or m.split(".")[:2] == ["rlpredict", "train"])  # nor the training path
         assert not heavy, heavy
         print("OK")
     """
@@ -79,7 +80,7 @@ def test_serving_path_never_imports_torch(bundle_fp32, tmp_path, block_torch):
 def test_import_rlpredict_is_light():
     res = _run_isolated("""
         import sys, rlpredict
-        assert "onnxruntime" not in sys.modules and "rlpredict.runtime" not in sys.modules
+        assert "onnxruntime" not in sys.modules and "rlpredict.serve.runtime" not in sys.modules
         print("OK")
     """, block_torch=False)
     assert res.returncode == 0, res.stderr[-2000:]

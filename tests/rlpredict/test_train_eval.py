@@ -12,11 +12,17 @@ pytest.importorskip("torch")
 from typer.testing import CliRunner
 
 from rlpredict.cli import app
-from rlpredict.config import TrainConfig
-from rlpredict.evaluate import evaluate, write_report
-from rlpredict.model_meta import ModelMeta
 from rlpredict.samples import SAMPLE_FILES
-from rlpredict.train import class_weights, length_grouped_batches, prepare, soft_targets, train
+from rlpredict.train.config import TrainConfig
+from rlpredict.train.evaluate import evaluate, write_report
+from rlpredict.train.model_meta import ModelMeta
+from rlpredict.train.trainer import (
+    class_weights,
+    length_grouped_batches,
+    prepare,
+    soft_targets,
+    train,
+)
 
 DATA = [str(p) for p in SAMPLE_FILES.values()]
 

@@ -22,10 +22,10 @@ from transformers import TrainerCallback
 from typer.testing import CliRunner
 
 from rlpredict.cli import app
-from rlpredict.config import TrainConfig
 from rlpredict.outputs import OWNER_FILE, OutputError
 from rlpredict.samples import SAMPLE_FILES
-from rlpredict.train import LengthGroupedSampler, latest_checkpoint, prepare, train
+from rlpredict.train.config import TrainConfig
+from rlpredict.train.trainer import LengthGroupedSampler, latest_checkpoint, prepare, train
 
 DATA = [str(SAMPLE_FILES["sharegpt"])]
 #: Largest |loss(2 processes) - loss(1 process)| allowed at any step. Both runs see the same
@@ -39,7 +39,7 @@ def tiny_encoder(tmp_path_factory) -> Path:
     import torch
     import transformers
 
-    from rlpredict.encoders import encoder_path
+    from rlpredict.train.encoders import encoder_path
 
     src = encoder_path()
     out = tmp_path_factory.mktemp("tiny_encoder")
@@ -73,7 +73,7 @@ def one_process(tiny_encoder, prepared, tmp_path_factory):
 
 
 def test_saves_what_export_reads_and_evaluates_while_training(one_process):
-    from rlpredict.model_meta import ModelMeta
+    from rlpredict.train.model_meta import ModelMeta
 
     out, s = one_process
     for f in ("config.json", "model.safetensors", "tokenizer.json", "rlpredict.json", "training_summary.json",

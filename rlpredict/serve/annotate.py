@@ -22,9 +22,7 @@ import csv
 import gzip
 import io
 import json
-import sys
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, nullcontext
@@ -32,9 +30,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from rlpredict.conformal import column_name
 from rlpredict.outputs import atomic_path, check_new_file, check_paths
-from rlpredict.runtime import Predictor, Request
+from rlpredict.records import (
+    COMPRESSION_ERRORS,
+    TRACE_FIELDS,
+    TRACE_MESSAGES,
+    Fields,
+    OnError,
+    RecordError,
+    csv_records,
+    decode_line,
+    open_parquet,
+    parquet_batches,
+    parse_json,
+    parse_messages,
+    text_stream,
+)
+from rlpredict.records import detect_format as _detect_format
+from rlpredict.serve.conformal import column_name
+from rlpredict.serve.runtime import Predictor, Request
 from rlpredict.untrusted_text import is_valid_unicode, json_problem
 
 COLUMNS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
@@ -42,9 +56,6 @@ COLUMNS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
 #: of row text, whichever comes first: memory stays bounded however long the rows are.
 CHUNK_CHARS = 16 << 20
 Format = Literal["jsonl", "csv", "parquet"]
-OnError = Literal["fail", "skip"]
-_SUFFIXES: dict[str, Format] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
-                                ".parquet": "parquet", ".pq": "parquet"}
 
 
 class AnnotateError(ValueError):
@@ -53,17 +64,6 @@ class AnnotateError(ValueError):
 
 class BadRow(ValueError):
     """Why one row cannot be annotated."""
-
-
-@dataclass(frozen=True)
-class Fields:
-    """Where a row keeps its request; ``drop_final_assistant`` removes a trailing assistant
-    message (logs that store the response as the conversation's last message)."""
-
-    prompt: str = "prompt"
-    messages: str = "messages"
-    generator: str | None = "generator"
-    drop_final_assistant: bool = False
 
 
 @dataclass
@@ -87,18 +87,10 @@ class AnnotateSummary:
 
 def detect_format(path: str | Path) -> tuple[Format, bool]:
     """(format, gzipped) from a file name: .jsonl/.ndjson/.csv (each optionally .gz), .parquet/.pq."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    gz = bool(suffixes) and suffixes[-1] == ".gz"
-    if gz:
-        suffixes = suffixes[:-1]
-    fmt = _SUFFIXES.get(suffixes[-1]) if suffixes else None
-    if fmt is None or (gz and fmt == "parquet"):
+    fmt, gz = _detect_format(path)
+    if fmt not in ("jsonl", "csv", "parquet") or (gz and fmt == "parquet"):
         raise AnnotateError(f"{path}: unsupported file type; use .jsonl, .jsonl.gz, .csv, .csv.gz or .parquet")
     return fmt, gz
-
-
-#: What reading a truncated or corrupt ``.gz`` raises.
-COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
 def corrupt_compressed(src: str | Path, e: BaseException) -> AnnotateError:
@@ -117,21 +109,25 @@ def default_rejects_path(output: str | Path) -> Path:
 # ---- one row -> one request --------------------------------------------------------------------
 def request_of(row: Mapping[str, Any], fields: Fields) -> Request:
     """The request in a row (messages win over prompt); raises ``BadRow`` saying what is wrong."""
-    msgs = row.get(fields.messages)
-    if msgs is not None and msgs != "":
+    name, msgs = next(((n, row[n]) for n in fields.messages if row.get(n) not in (None, "")), (None, None))
+    if name is not None:
         if isinstance(msgs, str):  # CSV cells, or JSON that stores the list as a string
             try:
                 msgs = json.loads(msgs)
             except json.JSONDecodeError as e:
-                raise BadRow(f"field {fields.messages!r} is not valid JSON ({e.msg})") from None
+                raise BadRow(f"field {name!r} is not valid JSON ({e.msg})") from None
             except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
-                raise BadRow(f"field {fields.messages!r} is not valid JSON ({json_problem(e)})") from None
-        return _messages(msgs, fields)
+                raise BadRow(f"field {name!r} is not valid JSON ({json_problem(e)})") from None
+        try:
+            return parse_messages(msgs, name, TRACE_MESSAGES, drop_final_assistant=fields.drop_final_assistant)
+        except RecordError as e:
+            raise BadRow(str(e)) from None
     prompt = row.get(fields.prompt)
+    messages = " or ".join(map(repr, fields.messages))
     if prompt is None:
-        if fields.prompt not in row and fields.messages not in row:
-            raise BadRow(f"neither field {fields.prompt!r} nor {fields.messages!r} is present")
-        raise BadRow(f"field {fields.prompt!r} is missing or null and {fields.messages!r} is missing or empty")
+        if fields.prompt not in row and not any(n in row for n in fields.messages):
+            raise BadRow(f"neither field {fields.prompt!r} nor {messages} is present")
+        raise BadRow(f"field {fields.prompt!r} is missing or null and {messages} is missing or empty")
     if not isinstance(prompt, str):
         raise BadRow(f"field {fields.prompt!r} is a {type(prompt).__name__}, expected a string")
     return _unicode(prompt, f"field {fields.prompt!r}")
@@ -152,39 +148,13 @@ def _dumps(obj: Any) -> str:
     return text if is_valid_unicode(text) else json.dumps(obj, default=str)
 
 
-def _messages(msgs: Any, fields: Fields) -> list[dict[str, str]]:
-    name = fields.messages
-    if not isinstance(msgs, list):
-        raise BadRow(f"field {name!r} is a {type(msgs).__name__}, expected a list of {{role, content}}")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
-            raise BadRow(f"field {name!r}: message {i} is not an object with a string 'role'")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            texts = [p.get("text") or "" for p in content if isinstance(p, Mapping) and p.get("type") == "text"]
-            if not all(isinstance(t, str) for t in texts):
-                raise BadRow(f"field {name!r}: message {i} has a text part whose 'text' is not a string")
-            content = "\n".join(texts)
-        elif content is not None and not isinstance(content, str):
-            raise BadRow(f"field {name!r}: message {i} has content of type {type(content).__name__}")
-        where = f"field {name!r}: message {i}"
-        out.append({"role": _unicode(m["role"], f"{where} role"),
-                    "content": _unicode(content or "", f"{where} content")})
-    if fields.drop_final_assistant and out and out[-1]["role"] == "assistant":
-        out.pop()
-    if not out:
-        raise BadRow(f"field {name!r} has no messages")
-    return out
-
-
 def generator_of(row: Mapping[str, Any], fields: Fields, wanted: bool) -> str | None:
-    if not wanted or fields.generator is None:
+    if not wanted:
         return None
-    g = row.get(fields.generator)
+    name, g = next(((n, row[n]) for n in fields.generator if row.get(n) is not None), (None, None))
     if g is not None and not isinstance(g, str):
-        raise BadRow(f"field {fields.generator!r} is a {type(g).__name__}, expected a string")
-    return g if g is None else _unicode(g, f"field {fields.generator!r}")
+        raise BadRow(f"field {name!r} is a {type(g).__name__}, expected a string")
+    return g if g is None else _unicode(g, f"field {name!r}")
 
 
 # ---- the driver ---------------------------------------------------------------------------------
@@ -229,7 +199,7 @@ class _Run:
 
 
 def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *,
-                  fields: Fields = Fields(), on_error: OnError = "fail",
+                  fields: Fields = TRACE_FIELDS, on_error: OnError = "fail",
                   rejects: str | Path | None = None, chunk_rows: int = 2048,
                   progress: bool = False, force: bool = False,
                   quantiles: Sequence[float] = ()) -> AnnotateSummary:
@@ -287,13 +257,6 @@ def _open_output(tmp: Path, target: Path) -> IO[str]:
     return open(tmp, "w", encoding="utf-8", newline="")
 
 
-def _text_reader(raw: IO[bytes], gz: bool) -> IO[str]:
-    """Text over an open binary file; ``raw.tell()`` then says how far the input has been read.
-    Bytes that are not UTF-8 become surrogate escapes, which the CSV loop rejects row by row."""
-    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if gz else raw, encoding="utf-8-sig",
-                            errors="surrogateescape", newline="")
-
-
 def _annotate_jsonl(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> None:
     # Lines are split on b"\n" only (a bare "\r" is JSON whitespace, not a line end) and decoded
     # one by one, so a line that is not UTF-8 is one bad row with its number.
@@ -307,28 +270,24 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
                    tick: Callable[[], None] = lambda: None) -> None:
     """The JSONL rule: ``(line number, raw line)`` pairs -> annotated lines on ``out`` (in
     order) and bad rows to ``run.reject``; ``tick`` after each chunk written. Used by the file
-    loop above and by the Ray workers (``rlpredict.annotate_ray``)."""
+    loop above and by the Ray workers (``rlpredict.serve.annotate_ray``)."""
     batch: list[tuple[str, dict, Request, str | None]] = []
     held = 0  # characters of row text in the batch
     for lineno, data in lines:
         try:
-            line = data.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as e:
+            line = decode_line(data, lineno)
+        except RecordError as e:
             run.summary.rows_in += 1
-            run.reject("line", lineno, f"not valid UTF-8 (byte {e.start})",
-                       data.rstrip(b"\r\n").decode("utf-8", "replace"))
+            run.reject("line", lineno, e.reason, data.rstrip(b"\r\n").decode("utf-8", "replace"))
             continue
         text = line.rstrip("\r\n")
         if not text.strip():
             continue
         run.summary.rows_in += 1
         try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            run.reject("line", lineno, f"not valid JSON ({e.msg}, column {e.colno})", text)
-            continue
-        except (ValueError, RecursionError) as e:
-            run.reject("line", lineno, f"not valid JSON ({json_problem(e)})", text)
+            row = parse_json(text)
+        except RecordError as e:
+            run.reject("line", lineno, e.reason, text)
             continue
         if not isinstance(row, dict):
             run.reject("line", lineno, f"expected a JSON object, got {type(row).__name__}", row)
@@ -369,41 +328,26 @@ def _with_columns(text: str, row: dict, values: list[int], columns: Sequence[str
 
 
 def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> None:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(src, "rb") as raw, _text_reader(raw, detect_format(src)[1]) as f, \
+    with open(src, "rb") as raw, text_stream(raw, detect_format(src)[1]) as f, \
             _open_output(tmp, dst) as out:
-        reader = csv.reader(f)
+        records = csv_records(f)
         try:
-            header = next(reader)
+            _, header, _ = next(records)
         except StopIteration:
             raise AnnotateError(f"{src}: empty CSV file (no header)") from None
-        except csv.Error as e:
-            raise AnnotateError(f"{src}: line 1: {e}") from None
-        if not is_valid_unicode(header):
-            raise AnnotateError(f"{src}: line 1: the header is not valid UTF-8")
+        except RecordError as e:
+            raise AnnotateError(f"{src}: line 1: {e.reason}") from None
+        assert header is not None
         out_header = header + [c for c in run.columns if c not in header]
         slots = [out_header.index(c) for c in run.columns]
-        writer = csv.writer(out, lineterminator="\n")
+        writer = _CsvWriter(out)
         writer.writerow(out_header)
         batch: list[tuple[list[str], Request, str | None]] = []
         held = 0  # characters of row text in the batch
-        line_start = reader.line_num + 1
-        while True:
-            try:
-                cells = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                run.summary.rows_in += 1
-                run.reject("line", line_start, f"malformed CSV ({e})", None)
-                line_start = reader.line_num + 1
-                continue
-            lineno, line_start = line_start, reader.line_num + 1
-            if not cells:
-                continue
+        for lineno, cells, problem in records:
             run.summary.rows_in += 1
-            if not is_valid_unicode(cells):
-                run.reject("line", lineno, "not valid UTF-8", cells)
+            if problem is not None or cells is None:
+                run.reject("line", lineno, problem or "malformed CSV", cells)
                 continue
             if len(cells) != len(header):
                 run.reject("line", lineno, f"has {len(cells)} fields, the header has {len(header)}", cells)
@@ -424,7 +368,20 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
         run.advance(raw.tell())
 
 
-def _flush_csv(run: _Run, batch: list, writer: Any, slots: list[int]) -> None:
+class _CsvWriter:
+    """``csv.writer`` with ``\n`` line ends that also quotes a row with a bare carriage return in
+    a cell: the csv module quotes only the line terminator's characters, and readers in
+    universal-newline mode (``open(..., "r")``, pandas) would split such a row in two."""
+
+    def __init__(self, out: Any) -> None:
+        self._plain = csv.writer(out, lineterminator="\n")
+        self._quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
+
+    def writerow(self, cells: list[str]) -> None:
+        (self._quoted if any("\r" in c for c in cells) else self._plain).writerow(cells)
+
+
+def _flush_csv(run: _Run, batch: list, writer: _CsvWriter, slots: list[int]) -> None:
     if not batch:
         return
     cols = run.predict([b[1] for b in batch], [b[2] for b in batch])
@@ -463,12 +420,11 @@ def parquet_out_schema(schema: Any, columns: Sequence[str] = COLUMNS) -> Any:
 def annotate_record_batch(run: _Run, rb: Any, done: int, out_schema: Any) -> Any:
     """The Parquet rule: one record batch (rows ``done + 1``...) -> its good rows with the
     ``rl_*`` columns (``None`` if none), bad rows to ``run.reject``. Used by the file loop above
-    and by the Ray workers (``rlpredict.annotate_ray``)."""
+    and by the Ray workers (``rlpredict.serve.annotate_ray``)."""
     import pyarrow as pa
 
     n = rb.num_rows
-    used = [name for name in (run.fields.prompt, run.fields.messages, run.fields.generator)
-            if name is not None and name in rb.schema.names]
+    used = [name for name in run.fields.request_columns() if name in rb.schema.names]
     cols = {name: rb.column(name).to_pylist() for name in used}
     ok, requests, gens = [], [], []
     for i in range(n):
@@ -494,23 +450,18 @@ def annotate_record_batch(run: _Run, rb: Any, done: int, out_schema: Any) -> Any
 
 
 def _open_parquet(src: Path) -> Any:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
-        return pq.ParquetFile(src)
-    except (pa.ArrowException, OSError) as e:
-        raise AnnotateError(f"{src}: not a readable Parquet file ({e})") from None
+        return open_parquet(src)
+    except RecordError as e:
+        raise AnnotateError(str(e)) from None
 
 
 def _batches(pf: Any, src: Path, chunk: int) -> Iterator[Any]:
     """``pf.iter_batches``; a corrupt page is one error naming the file."""
-    import pyarrow as pa
-
     try:
-        yield from pf.iter_batches(batch_size=chunk)
-    except (pa.ArrowException, OSError) as e:
-        raise AnnotateError(f"{src}: corrupt Parquet data ({e})") from None
+        yield from parquet_batches(pf, src, chunk)
+    except RecordError as e:
+        raise AnnotateError(str(e)) from None
 
 
 # ---- progress -----------------------------------------------------------------------------------

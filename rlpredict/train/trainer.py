@@ -41,12 +41,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from rlpredict.buckets import BucketScheme
-from rlpredict.config import RESUMABLE_CHANGES, TrainConfig
 from rlpredict.data import LoadReport, Sample, attach_rl, load_samples
-from rlpredict.encoders import encoder_path
 from rlpredict.inputs import build_text
-from rlpredict.metrics import rl_metrics
-from rlpredict.model_meta import ModelMeta
 from rlpredict.outputs import (
     OutputError,
     check_new_dir,
@@ -56,6 +52,10 @@ from rlpredict.outputs import (
     write_text_atomic,
 )
 from rlpredict.splits import split_by_group
+from rlpredict.train.config import RESUMABLE_CHANGES, TrainConfig
+from rlpredict.train.encoders import encoder_path
+from rlpredict.train.metrics import rl_metrics
+from rlpredict.train.model_meta import ModelMeta
 
 
 @dataclass

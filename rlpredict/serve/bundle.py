@@ -21,10 +21,10 @@ from typing import Any
 
 import rlpredict
 from rlpredict.buckets import BucketScheme
-from rlpredict.conformal import QuantileCalibration
 from rlpredict.inputs import InputSpec
 from rlpredict.json_file import read_json
 from rlpredict.outputs import write_text_atomic
+from rlpredict.serve.conformal import QuantileCalibration
 
 FORMAT = "rlpredict.bundle/1"
 MANIFEST = "manifest.json"

@@ -17,10 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.bundle import write_manifest
-from rlpredict.conformal import MIN_GROUP, QuantileCalibration, check_quantiles, coverage_table
 from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
+from rlpredict.serve.bundle import write_manifest
+from rlpredict.serve.conformal import (
+    MIN_GROUP,
+    QuantileCalibration,
+    check_quantiles,
+    coverage_table,
+)
 from rlpredict.splits import split_by_group
 
 CARD = "MODEL_CARD.md"
@@ -52,7 +57,7 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
                      force: bool = False, log: Callable[[str], None] = lambda m: None) -> dict:
     """Fit the offsets, measure coverage on the check part, write the calibrated bundle to
     ``out`` (atomically; never over an input). Returns the report."""
-    from rlpredict.runtime import Predictor
+    from rlpredict.serve.runtime import Predictor
 
     qs = check_quantiles(quantiles)
     if not 0.0 < check_frac < 1.0:

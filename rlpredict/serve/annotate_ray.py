@@ -38,15 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlpredict.annotate import (
+from rlpredict.outputs import atomic_path, check_new_dir, check_new_file, check_paths, output_dir
+from rlpredict.records import COMPRESSION_ERRORS, TRACE_FIELDS, Fields, OnError
+from rlpredict.serve.annotate import (
     CHUNK_CHARS,
     COLUMNS,
-    COMPRESSION_ERRORS,
     AnnotateError,
     AnnotateSummary,
     BadRow,
-    Fields,
-    OnError,
     _batches,
     _open_parquet,
     _Run,
@@ -58,12 +57,11 @@ from rlpredict.annotate import (
     detect_format,
     parquet_out_schema,
 )
-from rlpredict.bundle import MANIFEST, load_bundle
-from rlpredict.outputs import atomic_path, check_new_dir, check_new_file, check_paths, output_dir
+from rlpredict.serve.bundle import MANIFEST, load_bundle
 
 INSTALL_HINT = "--engine ray needs Ray: pip install 'rlpredict[ray]' (or pip install 'ray[data]')"
 ERROR_COLUMN = "rl_error"
-DEFAULT_FIELDS = Fields()
+DEFAULT_FIELDS = TRACE_FIELDS
 
 
 def import_ray() -> Any:
@@ -100,7 +98,7 @@ class _Annotator:
                  on_error: OnError = "skip", fault: tuple[str, int] | None = None):
         import ray
 
-        from rlpredict.runtime import Predictor
+        from rlpredict.serve.runtime import Predictor
 
         files = ray.get(bundle_ref[0])  # wrapped in a list so Ray Data does not resolve it early
         folder = Path(tempfile.mkdtemp(prefix="rlpredict-bundle-"))
@@ -168,7 +166,7 @@ class _Annotator:
         import pyarrow as pa
 
         f = self.fields
-        used = [n for n in (f.prompt, f.messages, f.generator) if n is not None and n in batch.column_names]
+        used = [n for n in f.request_columns() if n in batch.column_names]
         cols = {n: batch.column(n).to_pylist() for n in used}
         run = _Run(Path("dataset"), self.predictor, f, self.on_error, None,
                    AnnotateSummary("dataset", "", None), lambda _done: None)

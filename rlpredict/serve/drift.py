@@ -97,7 +97,7 @@ def group_report(name: str, probs: np.ndarray, rl: np.ndarray, pred_q: np.ndarra
 def drift_report(bundle: str | Path | None, data: Sequence[str | Path], *, bounds: DriftBounds = DriftBounds(),
                  on_error: str = "fail", threads: int | None = None) -> dict:
     """Predict on ``data`` (logs with responses) and compare, per group (see the module doc)."""
-    from rlpredict.runtime import Predictor
+    from rlpredict.serve.runtime import Predictor
 
     p = Predictor.load(bundle, threads=threads)
     samples, load = load_samples(data, on_error=on_error)  # type: ignore[arg-type]

@@ -45,8 +45,8 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from rlpredict.buckets import BucketScheme
-from rlpredict.bundle import Bundle, load_bundle
 from rlpredict.inputs import InputSpec, build_text, messages_from_prompt
+from rlpredict.serve.bundle import Bundle, load_bundle
 
 Request = str | Sequence[Mapping[str, Any]]
 """A prompt string, or the conversation before the response as ``[{role, content}, ...]``."""

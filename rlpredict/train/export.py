@@ -1,10 +1,10 @@
-"""``rlpredict export``: a trained model folder -> a torch-free bundle (see ``rlpredict.bundle``).
+"""``rlpredict export``: a trained model folder -> a torch-free bundle (see ``rlpredict.serve.bundle``).
 
 1. Trace the classifier to ONNX (``torch.onnx.export(dynamo=False)``; inputs ``input_ids`` and
    ``attention_mask`` with dynamic batch and sequence axes; output ``logits``).
 2. Parity: run real prompts (the bundled ShareGPT/AlpacaEval sample, or ``parity_data``) through
    the torch model with the training tokenizer and through the bundle with the runtime
-   (``rlpredict.runtime.Predictor``, the exact serving path). Refuse to write the bundle when
+   (``rlpredict.serve.runtime.Predictor``, the exact serving path). Refuse to write the bundle when
    token ids differ, the max logit difference exceeds ``atol``, or an argmax differs other than on
    a near-tie.
 3. ``int8``: ONNX Runtime dynamic quantization (per-channel QInt8 weights); its agreement with
@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 
 import rlpredict
-from rlpredict.bundle import MODEL_FILE, TOKENIZER_FILE, load_bundle, write_manifest
 from rlpredict.inputs import build_text
 from rlpredict.json_file import read_json
-from rlpredict.model_meta import ModelMeta
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
-from rlpredict.runtime import Predictor
+from rlpredict.serve.bundle import MODEL_FILE, TOKENIZER_FILE, load_bundle, write_manifest
+from rlpredict.serve.runtime import Predictor
+from rlpredict.train.model_meta import ModelMeta
 
 DEFAULT_OPSET = 17
 #: Max |logit(torch) - logit(onnx fp32)| that passes the parity check.

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.baselines import BASELINES
 from rlpredict.buckets import BucketScheme
 from rlpredict.confusion_plot import plot_confusion
 from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.inputs import InputSpec, build_text
-from rlpredict.metrics import confusion, rl_metrics
-from rlpredict.model_meta import ModelMeta
 from rlpredict.outputs import output_dir, write_text_atomic
 from rlpredict.splits import split_by_group
+from rlpredict.train.baselines import BASELINES
+from rlpredict.train.metrics import confusion, rl_metrics
+from rlpredict.train.model_meta import ModelMeta
 
 MODEL = "model"
 TEXT_CAP = 4000  # characters of the kept side that baselines see

@@ -1,0 +1,403 @@
+"""Reading chat logs and request traces: the one reader behind training data (``rlpredict.data``)
+and trace annotation (``rlpredict.serve.annotate``, which streams).
+
+- file types: :func:`detect_format` (``.jsonl``/``.ndjson``/``.json``/``.csv``/``.tsv``, each
+  optionally ``.gz``; ``.parquet``/``.pq``);
+- rows with their places: :func:`iter_rows` (every format and ``datasets`` folders, as
+  ``(location, row)``), built from the streaming pieces annotate uses on its own file handles:
+  :func:`decode_line` and :func:`parse_json` (one JSONL line), :func:`csv_records` (CSV records
+  with their line numbers), :func:`open_parquet` and :func:`parquet_batches`;
+- :class:`Fields`: which fields of a row hold what;
+- :func:`parse_messages`: the message-list validator, with the rules of each path
+  (:data:`LOG_MESSAGES`, :data:`TRACE_MESSAGES`).
+
+Problems are :class:`RecordError`: ``location`` (``file``, ``file:line`` or ``file: row N``;
+empty when the caller adds its own), ``field`` and the bare ``reason``. A bad row is yielded in
+its place (the caller stops or counts it); an unreadable file raises. Text is UTF-8; a BOM at
+the start of a file is dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import gzip
+import io
+import json
+import sys
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from rlpredict.untrusted_text import is_valid_unicode, json_problem
+
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+                "assistant": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
+                "system": "system", "tool": "tool", "function": "tool"}
+RESPONSE_FIELDS = ("response", "completion", "output")
+COUNT_FIELDS = ("rl_tokens", "output_tokens", "completion_tokens", "response_tokens",
+                "usage.completion_tokens", "usage.output_tokens")
+GROUP_FIELDS = ("conversation_id", "prompt_id")
+GENERATOR_FIELDS = ("generator", "model")
+SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+            ".parquet": "parquet", ".pq": "parquet"}
+OnError = Literal["fail", "skip"]
+#: What reading a truncated or corrupt ``.gz`` raises.
+COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+class RecordError(ValueError):
+    """A bad file, row or field: ``location`` is ``file``, ``file:line`` or ``file: row N``."""
+
+    def __init__(self, location: str, message: str, field: str | None = None):
+        self.location, self.field, self.reason = location, field, message
+        where = f"field {field!r}: " if field else ""
+        super().__init__(f"{location}: {where}{message}" if location else where + message)
+
+
+# ---- which fields hold what ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fields:
+    """Which fields of a row hold what; of each tuple the first name present is used (a single
+    string is one name). The defaults cover the common log shapes (training data);
+    :meth:`trace` gives annotate's (one name each, as its CLI flags set them)."""
+
+    prompt: str = "prompt"
+    messages: tuple[str, ...] = ("messages", "conversation", "conversations")
+    response: tuple[str, ...] = RESPONSE_FIELDS
+    count: tuple[str, ...] = COUNT_FIELDS
+    group: tuple[str, ...] = GROUP_FIELDS
+    generator: tuple[str, ...] = GENERATOR_FIELDS
+    id: str = "id"
+    drop_final_assistant: bool = False
+    """annotate: drop a trailing assistant message (logs that store the response as the
+    conversation's last message)."""
+
+    def __post_init__(self) -> None:
+        for name in ("messages", "response", "count", "group", "generator"):
+            v = getattr(self, name)
+            if isinstance(v, str) or v is None:
+                object.__setattr__(self, name, (v,) if v else ())
+
+    @classmethod
+    def trace(cls, prompt: str = "prompt", messages: str = "messages", generator: str | None = "generator",
+              drop_final_assistant: bool = False) -> Fields:
+        """annotate's fields: a request trace keeps its request in ``prompt`` or ``messages``."""
+        return cls(prompt=prompt, messages=(messages,), generator=(generator,) if generator else (),
+                   drop_final_assistant=drop_final_assistant)
+
+    def request_columns(self) -> tuple[str, ...]:
+        """The columns annotate reads: prompt, messages, generator."""
+        return (self.prompt, *self.messages, *self.generator)
+
+
+LOG_FIELDS = Fields()
+TRACE_FIELDS = Fields.trace()
+
+
+# ---- the message validator -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class MessageRules:
+    """What a message list may hold on each path (the paths differ; see the two instances)."""
+
+    roles: Mapping[str, str] | None
+    """Accepted roles (lower-cased) -> the role kept; ``None``: any string, kept as given."""
+    role_keys: tuple[str, ...]
+    content_keys: tuple[str, ...]
+    content_required: bool
+    """False: a missing or null content is empty text."""
+    all_parts_text: bool
+    """Content parts: True, every part must be a text part (``type`` defaults to "text");
+    False, parts of other types are skipped."""
+    part_separator: str
+
+
+#: Training logs: OpenAI ``{role, content}`` and ShareGPT ``{from, value}``, roles mapped by
+#: ``ROLE_ALIASES``.
+LOG_MESSAGES = MessageRules(ROLE_ALIASES, ("role", "from"), ("content", "value"), content_required=True,
+                            all_parts_text=True, part_separator="")
+#: Request traces (annotate): ``{role, content}`` passed to the predictor as they are.
+TRACE_MESSAGES = MessageRules(None, ("role",), ("content",), content_required=False,
+                              all_parts_text=False, part_separator="\n")
+
+
+def parse_messages(value: Any, name: str, rules: MessageRules, *,
+                   drop_final_assistant: bool = False) -> list[dict[str, str]]:
+    """``value`` (field ``name``) as ``[{role, content}, ...]``; raises :class:`RecordError`
+    (no location) naming the field and the message at fault."""
+    if not isinstance(value, list):
+        raise RecordError("", f"expected a list of messages, got {type(value).__name__}", name)
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, Mapping):
+            raise RecordError("", f"message {i} is not an object", name)
+        role = next((m[k] for k in rules.role_keys if k in m), None)
+        if not isinstance(role, str) or (rules.roles is not None and role.lower() not in rules.roles):
+            raise RecordError("", f"message {i} has unknown role {role!r}", name)
+        if rules.roles is not None:
+            role = rules.roles[role.lower()]
+        elif not is_valid_unicode(role):
+            raise RecordError("", f"message {i} role is not valid Unicode (a lone surrogate)", name)
+        content = next((m[k] for k in rules.content_keys if k in m), None)
+        if content is None and rules.content_required:
+            keys = rules.content_keys
+            alt = "".join(f" (or {k!r})" for k in keys[1:])
+            raise RecordError("", f"message {i} has no {keys[0]!r}{alt}", name)
+        out.append({"role": role, "content": _content(content, i, name, rules)})
+    if drop_final_assistant and out and out[-1]["role"] == "assistant":
+        out.pop()
+    if not out:
+        raise RecordError("", "has no messages", name)
+    return out
+
+
+def _content(content: Any, i: int, name: str, rules: MessageRules) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, list):  # OpenAI content parts
+        if rules.all_parts_text:
+            texts = [p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type", "text") == "text"]
+            ok = len(texts) == len(content)
+        else:
+            texts = [p.get("text") or "" for p in content if isinstance(p, Mapping) and p.get("type") == "text"]
+            ok = True
+        if not ok or not all(isinstance(t, str) for t in texts):
+            raise RecordError("", f"message {i}: content parts must be objects with a 'text' string", name)
+        content = rules.part_separator.join(texts)
+    if not isinstance(content, str):
+        raise RecordError("", f"message {i} content is a {type(content).__name__}, expected a string", name)
+    if not is_valid_unicode(content):  # a JSON escape of a lone surrogate: no tokenizer takes it
+        raise RecordError("", f"message {i} content is not valid Unicode (a lone surrogate)", name)
+    return content
+
+
+# ---- file types and streaming pieces -------------------------------------------------------------
+def detect_format(path: str | Path) -> tuple[str | None, bool]:
+    """``(format, gzipped)`` from a file name; the format is ``None`` for an unknown suffix."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    gz = bool(suffixes) and suffixes[-1] == ".gz"
+    if gz:
+        suffixes = suffixes[:-1]
+    return (SUFFIXES.get(suffixes[-1]) if suffixes else None), gz
+
+
+def corrupt_compressed(path: str | Path, e: BaseException) -> RecordError:
+    return RecordError(str(path), f"truncated or corrupt compressed file ({e})")
+
+
+def text_stream(raw: IO[bytes], gz: bool, errors: str = "surrogateescape") -> IO[str]:
+    """Text over an open binary file (``raw.tell()`` still says how far it has been read).
+    With ``surrogateescape``, bytes that are not UTF-8 become surrogates, rejected row by row."""
+    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if gz else raw, encoding="utf-8-sig",
+                            errors=errors, newline="")
+
+
+def decode_line(data: bytes, lineno: int) -> str:
+    """One raw JSONL line as text (a BOM on line 1 is dropped); :class:`RecordError` if it is
+    not UTF-8. Lines are split on ``b"\\n"`` only: a bare ``"\\r"`` is JSON whitespace."""
+    try:
+        return data.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError("", f"not valid UTF-8 (byte {e.start})") from None
+
+
+def parse_json(text: str) -> Any:
+    """The JSON value of one line; :class:`RecordError` saying why not."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError("", f"not valid JSON ({e.msg}, column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
+        raise RecordError("", f"not valid JSON ({json_problem(e)})") from None
+
+
+def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[str] | None, str | None]]:
+    """``(line, cells, problem)`` for each record of a CSV text stream, the header first (line 1);
+    blank lines are skipped. ``problem`` is why a record is bad: unparsable (``cells`` is
+    ``None``; the reader goes on at the next line) or not UTF-8. A bad header raises
+    :class:`RecordError` (no location); an empty stream yields nothing."""
+    csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))  # long cells
+    reader = csv.reader(f, delimiter=delimiter)
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise RecordError("", f"malformed CSV header ({e})") from None
+    if header is None:
+        return
+    if not is_valid_unicode(header):
+        raise RecordError("", "the header is not valid UTF-8")
+    yield 1, header, None
+    start = reader.line_num + 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # the record is dropped; the reader goes on at the next line
+            line, start = start, reader.line_num + 1
+            yield line, None, f"malformed CSV ({e})"
+            continue
+        line, start = start, reader.line_num + 1
+        if not cells:
+            continue  # a blank line is not a row
+        yield line, cells, None if is_valid_unicode(cells) else "not valid UTF-8"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def open_parquet(path: str | Path) -> Any:
+    """A ``pyarrow.parquet.ParquetFile``; :class:`RecordError` naming the file if unreadable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise RecordError(str(path), f"not a readable Parquet file ({_first_line(e)})") from None
+
+
+def parquet_batches(pf: Any, path: str | Path, rows: int) -> Iterator[Any]:
+    """``pf.iter_batches``; a corrupt page is one :class:`RecordError` naming the file."""
+    import pyarrow as pa
+
+    try:
+        yield from pf.iter_batches(batch_size=rows)
+    except (pa.ArrowException, OSError) as e:
+        raise RecordError(str(path), f"corrupt Parquet data ({_first_line(e)})") from None
+
+
+# ---- every format: (location, row) --------------------------------------------------------------
+def source_name(path: str | Path) -> str:
+    name = Path(path).name
+    for ext in (".gz", ".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet"):
+        name = name.removesuffix(ext)
+    return name
+
+
+def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield ``(location, row)`` for every row of a supported file or ``datasets`` folder; a bad
+    row is a :class:`RecordError` in its place. Raises for a missing or unreadable file."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    if p.is_dir():
+        yield from _iter_datasets_dir(p)
+        return
+    fmt, gz = detect_format(p)
+    readers: dict[str, Callable[[Path, bool], Iterator[tuple[str, Any]]]] = {
+        "jsonl": _iter_jsonl, "json": _iter_json_array, "csv": _iter_csv,
+        "tsv": functools.partial(_iter_csv, delimiter="\t"), "parquet": _iter_parquet}
+    if fmt is None:
+        kind = p.name.removesuffix(".gz").rsplit(".", 1)[-1].lower()
+        raise RecordError(str(p), f"unsupported file type {kind!r} (use .jsonl, .json, .csv, .tsv, .parquet, optionally .gz, or a datasets folder)")
+    try:
+        yield from readers[fmt](p, gz)
+    except COMPRESSION_ERRORS as e:
+        raise corrupt_compressed(p, e) from None
+
+
+def _at(e: RecordError, loc: str) -> RecordError:
+    return RecordError(loc, e.reason, e.field)
+
+
+def _iter_jsonl(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
+    with open(p, "rb") as raw, gzip.GzipFile(fileobj=raw) if gz else nullcontext(raw) as f:
+        for lineno, data in enumerate(f, 1):
+            loc = f"{p}:{lineno}"
+            try:
+                line = decode_line(data, lineno)
+                if not line.strip():
+                    continue
+                yield loc, parse_json(line)
+            except RecordError as e:
+                yield loc, _at(e, loc)
+
+
+def _iter_json_array(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
+    try:
+        with open(p, "rb") as raw, text_stream(raw, gz, errors="strict") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise RecordError(str(p), f"not valid UTF-8 (byte {e.start})") from None
+    dec = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if text[pos:pos + 1] != "[":  # one object, or {"data": [...]}
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{p}:{e.lineno}", f"not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:
+            raise RecordError(str(p), f"not valid JSON ({json_problem(e)})") from None
+        rows = obj.get("data") if isinstance(obj, dict) and isinstance(obj.get("data"), list) else [obj]
+        for i, r in enumerate(rows):
+            yield f"{p}: item {i}", r
+        return
+    pos += 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        loc = f"{p}:{text.count(chr(10), 0, pos) + 1}"
+        try:
+            obj, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{p}:{e.lineno}", f"not valid JSON ({e.msg}, column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise RecordError(loc, f"not valid JSON ({json_problem(e)})") from None
+        yield loc, obj
+
+
+def _iter_csv(p: Path, gz: bool, delimiter: str = ",") -> Iterator[tuple[str, Any]]:
+    """Rows as dicts (header -> cell; missing cells absent, extra cells dropped); cells holding
+    JSON lists/objects (``messages``, ``usage``) are decoded."""
+    with open(p, "rb") as raw, text_stream(raw, gz) as f:
+        records = csv_records(f, delimiter)
+        try:
+            _, header, _ = next(records, (1, None, None))
+        except RecordError as e:
+            raise _at(e, f"{p}:1") from None
+        if header is None:
+            return
+        for line, cells, problem in records:
+            loc = f"{p}:{line}"
+            if problem is not None or cells is None:
+                yield loc, RecordError(loc, problem or "malformed CSV")
+                continue
+            yield loc, {k: _maybe_json(v) for k, v in zip(header, cells, strict=False)}
+
+
+def _maybe_json(v: str | None) -> Any:
+    if v and v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except (ValueError, RecursionError):
+            return v
+    return v
+
+
+def _iter_parquet(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
+    n = 0
+    for rb in parquet_batches(open_parquet(p), p, 4096):
+        for row in rb.to_pylist():
+            n += 1
+            yield f"{p}: row {n}", row
+
+
+def _iter_datasets_dir(p: Path) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except FileNotFoundError:
+        ds = datasets.load_dataset(str(p))
+    splits = ds.items() if isinstance(ds, datasets.DatasetDict) else [("", ds)]
+    for split, d in splits:
+        tag = f"[{split}]" if split else ""
+        for i, row in enumerate(d):
+            yield f"{p}{tag}: row {i + 1}", row
