@@ -42,6 +42,7 @@ COUNT_FIELDS = ("rl_tokens", "output_tokens", "completion_tokens", "response_tok
                 "usage.completion_tokens", "usage.output_tokens")
 GROUP_FIELDS = ("conversation_id", "prompt_id")
 GENERATOR_FIELDS = ("generator", "model")
+PART_SEPARATOR = "\n"  # between the text parts of one message's content
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
             ".parquet": "parquet", ".pq": "parquet"}
 OnError = Literal["fail", "skip"]
@@ -103,25 +104,30 @@ TRACE_FIELDS = Fields.trace()
 class MessageRules:
     """What a message list may hold on each path (the paths differ; see the two instances)."""
 
-    roles: Mapping[str, str] | None
-    """Accepted roles (lower-cased) -> the role kept; ``None``: any string, kept as given."""
+    roles: Mapping[str, str]
+    """Known roles (lower-cased) -> the role kept (ShareGPT's ``human``/``gpt`` become
+    ``user``/``assistant``)."""
+    other_roles: bool
+    """True: any other string role is kept as given; False: it is an error."""
     role_keys: tuple[str, ...]
     content_keys: tuple[str, ...]
     content_required: bool
     """False: a missing or null content is empty text."""
     all_parts_text: bool
     """Content parts: True, every part must be a text part (``type`` defaults to "text");
-    False, parts of other types are skipped."""
-    part_separator: str
+    False, parts of other types are skipped. Text parts are joined by ``PART_SEPARATOR`` on
+    both paths (the vLLM middleware joins them the same way)."""
 
 
 #: Training logs: OpenAI ``{role, content}`` and ShareGPT ``{from, value}``, roles mapped by
 #: ``ROLE_ALIASES``.
-LOG_MESSAGES = MessageRules(ROLE_ALIASES, ("role", "from"), ("content", "value"), content_required=True,
-                            all_parts_text=True, part_separator="")
-#: Request traces (annotate): ``{role, content}`` passed to the predictor as they are.
-TRACE_MESSAGES = MessageRules(None, ("role",), ("content",), content_required=False,
-                              all_parts_text=False, part_separator="\n")
+LOG_MESSAGES = MessageRules(ROLE_ALIASES, False, ("role", "from"), ("content", "value"), content_required=True,
+                            all_parts_text=True)
+#: Request traces (annotate): the same keys, role names and text as training sees (a prompt
+#: must give the model the text it was trained on), but more permissive: other roles are kept, a missing
+#: content is empty, and non-text content parts (images) are skipped.
+TRACE_MESSAGES = MessageRules(ROLE_ALIASES, True, ("role", "from"), ("content", "value"), content_required=False,
+                              all_parts_text=False)
 
 
 def parse_messages(value: Any, name: str, rules: MessageRules, *,
@@ -135,10 +141,11 @@ def parse_messages(value: Any, name: str, rules: MessageRules, *,
         if not isinstance(m, Mapping):
             raise RecordError("", f"message {i} is not an object", name)
         role = next((m[k] for k in rules.role_keys if k in m), None)
-        if not isinstance(role, str) or (rules.roles is not None and role.lower() not in rules.roles):
+        known = rules.roles.get(role.lower()) if isinstance(role, str) else None
+        if known is not None:
+            role = known
+        elif not isinstance(role, str) or not rules.other_roles:
             raise RecordError("", f"message {i} has unknown role {role!r}", name)
-        if rules.roles is not None:
-            role = rules.roles[role.lower()]
         elif not is_valid_unicode(role):
             raise RecordError("", f"message {i} role is not valid Unicode (a lone surrogate)", name)
         content = next((m[k] for k in rules.content_keys if k in m), None)
@@ -166,7 +173,7 @@ def _content(content: Any, i: int, name: str, rules: MessageRules) -> str:
             ok = True
         if not ok or not all(isinstance(t, str) for t in texts):
             raise RecordError("", f"message {i}: content parts must be objects with a 'text' string", name)
-        content = rules.part_separator.join(texts)
+        content = PART_SEPARATOR.join(texts)
     if not isinstance(content, str):
         raise RecordError("", f"message {i} content is a {type(content).__name__}, expected a string", name)
     if not is_valid_unicode(content):  # a JSON escape of a lone surrogate: no tokenizer takes it

@@ -218,3 +218,22 @@ def test_a_csv_cell_with_a_bare_carriage_return_is_quoted(predictor, tmp_path):
     with open(dst, encoding="utf-8") as f:  # universal newlines: the row stays whole
         rows = list(csv.reader(f))
     assert [r[:2] for r in rows] == [["id", "prompt"], ["x\ny", "hello"], ["plain", "bye"]]
+
+
+def test_trace_messages_read_like_training_logs(predictor, tmp_path):
+    """ShareGPT keys and role names, and content parts, give the model the text training gave
+    it: the same predictions as the plain OpenAI form."""
+    from rlpredict.data import samples_from_row
+
+    plain = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name\nthree rivers"}]
+    forms = [plain,
+             [{"from": "system", "value": "be brief"}, {"from": "human", "value": "name\nthree rivers"}],
+             [{"role": "system", "content": "be brief"},
+              {"role": "user", "content": [{"type": "text", "text": "name"}, {"type": "text", "text": "three rivers"}]}]]
+    src, dst = tmp_path / "t.jsonl", tmp_path / "o.jsonl"
+    write(src, [{"id": i, "messages": m} for i, m in enumerate(forms)])
+    annotate_file(predictor, src, dst)
+    out = read(dst)
+    assert len({tuple(o[c] for c in COLUMNS) for o in out}) == 1
+    logged = samples_from_row({"messages": forms[2] + [{"role": "assistant", "content": "ok"}]}, "x", "s")
+    assert logged[-1].messages[:2] == plain  # training reads the same text
