@@ -83,9 +83,9 @@ def decision_time(args: argparse.Namespace) -> None:
             reqs.append(r)
         times: list[tuple[float, float]] = []
 
-        def timed(*a: object, _orig=None, _times=times, _s=sched) -> object:
+        def timed(*a: object, _orig=None, _times=times, _s=sched, **kw: object) -> object:
             t0, c0 = time.perf_counter(), time.thread_time()
-            out = _orig(*a)
+            out = _orig(*a, **kw)
             if len(_s.decoding) >= 500:
                 _times.append((time.perf_counter() - t0, time.thread_time() - c0))
             return out
