@@ -38,6 +38,7 @@ Cells (first ``--requests`` requests of each trace):
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -148,8 +149,9 @@ def task_ceiling(cell: Cell, shared: Path, n: int) -> tuple[str, dict]:
                        "requests": len(spec.trace.arrival_s)}
 
 
-def task_capacity(cell: Cell, policy: str, shared: Path, n: int, hi: float) -> tuple[str, str, dict]:
-    return cell.name, policy, capacity(spec_of(cell, shared, n), policy, hi=hi)
+def task_capacity(cell: Cell, policy: str, shared: Path, n: int, hi: float,
+                  max_nl: float | None = None) -> tuple[str, str, dict]:
+    return cell.name, policy, capacity(spec_of(cell, shared, n), policy, hi=hi, max_normalized_latency=max_nl)
 
 
 def task_at_load(cell: Cell, policy: str, shared: Path, n: int, scale: float) -> tuple[str, str, dict]:
@@ -219,9 +221,16 @@ def main() -> None:
                     help="also report mean JCT and SLO attainment at 1x and 1.25x vLLM V1's capacity load")
     ap.add_argument("--sustained", action="store_true",
                     help="also report the capacity at which at most 1%% of requests are deferred past the trace")
+    ap.add_argument("--max-normalized-latency", type=float, metavar="S",
+                    help="capacity = the largest load whose normalized latency (mean end-to-end s per "
+                         "output token, the vLLM and Orca papers' metric) stays <= S with every request "
+                         "finished, instead of SLO attainment >= 0.9")
     args = ap.parse_args()
     if args.skip < 0:
         ap.error("--skip must be >= 0")
+    nl = args.max_normalized_latency
+    if nl is not None and not (nl > 0 and math.isfinite(nl)):
+        ap.error(f"--max-normalized-latency must be a positive number of seconds, got {nl}")
     cells = [c for c in CELLS if c.name in args.cells.split(",")]
     policies = args.policies.split(",")
     t0 = time.time()
@@ -233,7 +242,7 @@ def main() -> None:
 
         ceilings = dict(starmap(task_ceiling, [(c, args.shared, args.requests) for c in cells]))
         caps = {(name, p): c for name, p, c in starmap(task_capacity, [
-            (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3))
+            (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3), nl)
             for c in cells for p in policies])}
         at_load = {(name, p): s for name, p, s in starmap(task_at_load, [
             (c, p, args.shared, args.requests, caps[c.name, "vllm"]["max_rate_scale"])
@@ -265,7 +274,9 @@ def main() -> None:
                 "norm_latency_x_v1": _ratio(load and load["normalized_latency_s"], base and base["normalized_latency_s"]),
                 "attainment_at_v1_load": load and load["slo_attainment"],
             })
-    text = markdown(rows, args.requests, time.time() - t0)
+    criterion = "SLO attainment >= 0.9" if nl is None else \
+        f"normalized latency <= {nl:g} s per output token and every request finished"
+    text = markdown(rows, args.requests, time.time() - t0, criterion)
     if args.skip or args.seed:
         text += f"\n\n(requests {args.skip + 1} to {args.skip + args.requests} of each trace; seed {args.seed})"
     if overload:
@@ -325,12 +336,12 @@ def overload_markdown(res: dict[tuple[str, str, float], dict], cells: list[str],
     return "\n".join(out)
 
 
-def markdown(rows: list[dict], n: int, seconds: float) -> str:
+def markdown(rows: list[dict], n: int, seconds: float, criterion: str = "SLO attainment >= 0.9") -> str:
     def f(v: float | None, d: int = 2) -> str:
         return "n/a" if v is None else f"{v:.{d}f}"
 
-    out = [f"Scenario grid: first {n} requests per trace; capacity = largest rate scale with SLO attainment "
-           f">= 0.9; ({seconds:.0f} s on this machine)", "",
+    out = [f"Scenario grid: first {n} requests per trace; capacity = largest rate scale with {criterion}; "
+           f"({seconds:.0f} s on this machine)", "",
            "| cell | ceiling | policy | capacity | / ceiling | x V1 | x V0 | JCT x V1 @V1 cap | norm. lat. x V1 | SLO @V1 cap |",
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
