@@ -937,6 +937,10 @@ def preflight(environ: Mapping[str, str] | None = None) -> str:
         raise EcoServeSetupError(f"ECOSERVE_REQUIRE_PREDICTOR=1 but {ENV_PREDICTOR} is not set")
     else:
         pred = f"no predictor: default reservation of {cfg.default_reserve} tokens"
+    if cfg.profile:
+        cost = load_cost_model(cfg.profile)
+        pred += (f". TBT-aware prefill budget from profile {getattr(cost, 'name', cfg.profile)} "
+                 f"(steps with decodes within {_SIM['iter_time_frac']} x {cfg.slo_tbt} s)")
     return (f"vLLM {VLLM_VERSION}: supported. {pred}. Client hints "
             f"{'trusted' if cfg.trust_client_hints else 'ignored'}. Settings: {cfg.describe()}")
 

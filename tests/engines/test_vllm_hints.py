@@ -430,3 +430,6 @@ def test_preflight_summary() -> None:
     assert out.startswith(f"vLLM {vs.VLLM_VERSION}: supported. predictor {BUNDLE}")
     assert "Client hints trusted" in out
     assert "no predictor" in preflight({})
+    assert "prefill budget from profile llama3-8b-h100-80gb" in preflight({"ECOSERVE_PROFILE": "llama3-8b-h100-80gb"})
+    with pytest.raises(EcoServeSetupError, match="ECOSERVE_PROFILE='nope'"):
+        preflight({"ECOSERVE_PROFILE": "nope"})
