@@ -737,7 +737,8 @@ class EcoServeMixin:
         decodes, plus the most prompt tokens that keep the step within ``iter_time_frac`` x
         ``ECOSERVE_SLO_TBT`` by the cost model (at least its roofline knee); ``full`` (vLLM's
         budget) when nothing decodes. The decodes' tokens include speculative drafts, so they
-        never eat into each other's share. One pass over the running requests (~0.1 us each)."""
+        never eat into each other's share. One pass over the running requests (0.45 ms at 1,024 on
+        a 2-core CPU machine)."""
         d = dctx = tokens = 0
         for r in self.running:
             n = r.num_computed_tokens
