@@ -43,8 +43,6 @@ class Scheduler(SchedulerInterface):
         blocks = kv_blocks if kv_blocks is not None else cost.kv_blocks(block_size)
         self.kv = KVCacheManager(blocks, block_size)
         self.bs = block_size
-        # ``easy_alarm`` is the base's on-demand growth: ``_easy_alarms`` runs it inline
-        self._inline_growth = type(self).easy_alarm is Scheduler.easy_alarm
         self.token_budget = int(token_budget or max(cost.token_budget, DEFAULT_TOKEN_BUDGET))
         self.slo = slo or SLO()
         self.max_running = max_running
@@ -93,8 +91,7 @@ class Scheduler(SchedulerInterface):
 
     def easy_alarm(self, r: Request) -> bool:
         """Handle ``r``'s alarm if that needs no decision; else False. This default is on-demand
-        growth: ``r`` takes one more block while one is free (the engine's alarm loop runs it
-        inline, see :meth:`_easy_alarms`)."""
+        growth: ``r`` takes one more block while one is free."""
         return self.kv.allocate(r.rid, 1)
 
     def admission_blocked(self) -> bool:
@@ -189,22 +186,14 @@ class Scheduler(SchedulerInterface):
 
     def _easy_alarms(self) -> Request | None:
         """Handle the due alarms that need no decision, in order (dropping stale ones); return
-        the first request whose alarm needs one, left at the head of the heap, or None. Hot:
-        the base's :meth:`easy_alarm` (one more block while one is free) runs inline."""
-        alarms, step, kv = self._alarms, self.step, self.kv
-        inline, easy, set_alarm = self._inline_growth, self.easy_alarm, self.set_alarm
-        allocs = kv.allocs
+        the first request whose alarm needs one, left at the head of the heap, or None."""
+        alarms, step, easy, set_alarm = self._alarms, self.step, self.easy_alarm, self.set_alarm
         while alarms and alarms[0][0] <= step:
-            s, rid, r = alarms[0]
+            s, _, r = alarms[0]
             if r.state is not DECODE or r.alarm_step != s:
                 heappop(alarms)  # stale: the request was preempted, finished or re-armed
                 continue
-            if inline and rid in allocs:
-                if kv.free_blocks < 1:
-                    return r
-                allocs[rid].own += 1
-                kv.free_blocks -= 1
-            elif not easy(r):
+            if not easy(r):
                 return r
             set_alarm(r, replace=True)
         return None
