@@ -271,6 +271,33 @@ def compare(bundle: Path, requests: list, args: argparse.Namespace) -> list[dict
     return rows
 
 
+def lexical_cost(bundle: Path, requests: list, args: argparse.Namespace) -> None:
+    """For a bundle with a lexical head (``rlpredict stack``): what the head adds to one prompt.
+    The encoder path (text, tokenize, the lone ONNX run) and the head (TF-IDF + stacker) are
+    timed on the same prompts, alternating, so machine load hits both alike."""
+    from rlpredict.serve.runtime import Predictor
+
+    p = Predictor.load(bundle, threads=args.threads)
+    head = p.bundle.lexical
+    if head is None:
+        return
+    enc_ms, head_ms = [], []
+    for r in requests:
+        t0 = time.perf_counter()
+        texts = p.texts([r])
+        logits = p._run(p._lone, p.encoder.encode(texts[0]))[None]
+        t1 = time.perf_counter()
+        head.stack(logits, texts)
+        t2 = time.perf_counter()
+        enc_ms.append(t1 - t0)
+        head_ms.append(t2 - t1)
+    e50, h50 = percentile_ms(enc_ms, 50), percentile_ms(head_ms, 50)
+    print(f"\nLexical head of {bundle.name} ({len(head.vocabulary)} terms), {len(requests)} prompts one at a time: "
+          f"encoder path p50 {e50:.2f} ms / p99 {percentile_ms(enc_ms, 99):.2f} ms; head (TF-IDF + stacker) "
+          f"p50 {h50:.3f} ms / p99 {percentile_ms(head_ms, 99):.3f} ms = {h50 / e50:.1%} of the encoder's p50 "
+          "(the 'old' runtime above has no lexical head: its agreement column does not apply)")
+
+
 def labelled_accuracy(rows: list[dict], rts: dict, bundle: Path, args: argparse.Namespace) -> None:
     """Bucket accuracy of each runtime (and of the fp32 reference) on labelled prompts."""
     from rlpredict.data import attach_rl, load_samples
@@ -516,6 +543,8 @@ def main() -> None:
         p = Predictor.load(bundles[0], threads=1)
         lengths = [len(x) for x in p.encode(p.texts(requests))]
         report(rows, requests, args, p.input_spec, lengths)
+        for b in bundles:
+            lexical_cost(b, requests[:args.latency_n], args)
         if args.check_cut:
             check_cut(bundles[0], args.data)
         if args.long_prompt_mb:

@@ -13,7 +13,9 @@ matrix; `ecoserve-oracle` gets the true lengths). Cells and policies run in para
 Other slices and seeds (to check that a result is not tuned to one): ``--skip N`` replays requests
 N+1 ... N+``--requests`` of each trace (arrivals shifted to start at 0), ``--seed S`` draws the
 predictions (and the synthetic arrivals of the poisson and burst8 cells) with seed S; both 0 by
-default (the first requests, seed 0). ``--overload`` adds a table: mean JCT and SLO attainment of
+default (the first requests, seed 0). ``--confusion FILE`` draws the predictions from another
+confusion matrix (``benchmarks/confusion_minilm_encoder.json``: the encoder-only bundle's, with
+which the figures of docs/results.md dated before the stacked bundle were measured). ``--overload`` adds a table: mean JCT and SLO attainment of
 every policy at 1x and 1.25x vLLM V1's capacity load (ratios to vLLM V1).
 
 ``--sustained`` adds a table with a stricter capacity: a load passes only if, besides the SLO
@@ -52,6 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from ecoserve_sched.compare import RunSpec, Server, capacity, ceiling  # noqa: E402
 from ecoserve_sched.cost_model import load_profile  # noqa: E402
+from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import SimResult  # noqa: E402
 from ecoserve_sched.trace import Trace, burst_arrivals, poisson_arrivals, read_trace  # noqa: E402
@@ -126,11 +129,11 @@ def sharegpt_trace(shared: Path, n: int, skip: int = 0, seed: int = 0) -> Trace:
 
 
 _SPECS: dict[str, RunSpec] = {}
-_SLICE = {"skip": 0, "seed": 0}  # --skip and --seed, set in every worker by ``_init_worker``
+_SLICE: dict = {"skip": 0, "seed": 0, "confusion": None}  # --skip, --seed, --confusion: set in every worker
 
 
-def _init_worker(skip: int, seed: int) -> None:
-    _SLICE.update(skip=skip, seed=seed)
+def _init_worker(skip: int, seed: int, confusion: Path | None = None) -> None:
+    _SLICE.update(skip=skip, seed=seed, confusion=load_confusion(confusion) if confusion else None)
 
 
 def spec_of(cell: Cell, shared: Path, n: int) -> RunSpec:
@@ -138,7 +141,7 @@ def spec_of(cell: Cell, shared: Path, n: int) -> RunSpec:
     if cell.name not in _SPECS:
         skip, seed = _SLICE["skip"], _SLICE["seed"]
         _SPECS[cell.name] = RunSpec(load_trace(cell, shared, n, skip, seed), load_profile(cell.profile), cell.slo,
-                                    server=cell.server, seed=seed)
+                                    server=cell.server, seed=seed, confusion=_SLICE["confusion"])
     return _SPECS[cell.name]
 
 
@@ -217,6 +220,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="parallel processes")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N requests of each trace")
     ap.add_argument("--seed", type=int, default=0, help="seed of the predictions and synthetic arrivals")
+    ap.add_argument("--confusion", type=Path, help="confusion matrix the predictions are drawn from (a "
+                    "confusion.json or a bundle; default: the shipped bundle's)")
     ap.add_argument("--overload", action="store_true",
                     help="also report mean JCT and SLO attainment at 1x and 1.25x vLLM V1's capacity load")
     ap.add_argument("--sustained", action="store_true",
@@ -236,7 +241,8 @@ def main() -> None:
     t0 = time.time()
     overload: dict[tuple[str, str, float], dict] = {}
     sustained: dict[tuple[str, str], dict] = {}
-    with ProcessPoolExecutor(args.workers, initializer=_init_worker, initargs=(args.skip, args.seed)) as pool:
+    with ProcessPoolExecutor(args.workers, initializer=_init_worker,
+                             initargs=(args.skip, args.seed, args.confusion)) as pool:
         def starmap(fn, jobs: list[tuple]) -> list:
             return list(pool.map(fn, *zip(*jobs, strict=True), chunksize=1)) if jobs else []
 

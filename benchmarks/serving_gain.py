@@ -6,7 +6,8 @@ Predictors, all over the shipped bundle's bucket scheme and scored on the same h
 turns (the conversations the shipped model never trained on: split by conversation id,
 test_frac 0.1, seed 0): constant (the training distribution), prompt-length regression, TF-IDF +
 logistic regression (both trained on ``--train-rows`` turns of the training side), the shipped
-MiniLM bundle (int8 ONNX), and the oracle (true length). Each gives, per request, a predicted
+bundle (``--model``; int8 ONNX MiniLM, stacked with TF-IDF since December 2026; the row is named
+``minilm``), and the oracle (true length). Each gives, per request, a predicted
 bucket, a point prediction (predictive median) and a KV reservation: the predicted bucket's
 reservation (``bucket``, the default) or a quantile q of the predicted distribution (``q90``...).
 
@@ -159,6 +160,8 @@ def main() -> None:
     ap.add_argument("--slo-ttft", type=float, default=5.0)
     ap.add_argument("--slo-tbt", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="the predictor bundle of the 'minilm' row (default: the shipped bundle)")
     ap.add_argument("--report", type=Path, nargs="+", default=None, metavar="RUN_DIR",
                     help="only combine finished runs into one plot (written to --plot)")
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "serving_gain.png")
@@ -168,7 +171,7 @@ def main() -> None:
         return
     t0 = time.perf_counter()
 
-    predictor = Predictor.load()
+    predictor = Predictor.load(args.model)
     scheme = predictor.scheme
     train, test = load_heldout(args.shared, args.train_rows, args.seed)
     rl = np.array([s.rl_tokens for s in test], dtype=np.int64)

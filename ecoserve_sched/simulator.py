@@ -4,8 +4,10 @@
 ``cost.iteration_time``. Finishes are a heap keyed by the decode step at which a request's true
 length is reached (preemption bumps ``Request.epoch`` and so cancels a pending finish). On its
 fast path, iterations that need no decision (``Scheduler.decode_only_step``) run back to back
-as one decode-only stretch up to the next finish, arrival, fault or alarm. Optional injected
-faults (``faults.py``) make chosen iterations raise.
+as one decode-only stretch up to the next finish, arrival, fault or alarm; on-demand block
+growth runs lazily through it (``KVCacheManager.grow``: no alarm until the free pool would run
+short), and the stretch's block column sums it (``run_steps``). Optional injected faults
+(``faults.py``) make chosen iterations raise.
 """
 
 from __future__ import annotations
@@ -93,11 +95,16 @@ class CostModelExecutor(Executor):
         d = len(sched.decoding)
         dctx = ctx0 = sched.kv_used_tokens()
         t_start = now
-        step = step0 = since = sched.step  # ``sched.step`` is set whenever the policy looks
-        blocks, alloc = kv.allocated_blocks, 0  # blocks change only at alarms
+        step = step0 = sched.step  # ``sched.step`` is set whenever the policy looks
+        # Blocks change at alarms and by lazy growth (``kv.grown_step`` lags ``step`` here):
+        # ``alloc`` sums the allocated blocks of each step run (``kv.run_steps``).
+        alloc = 0
         while True:
             if check:
                 sched.step = step
+                alloc += kv.run_steps(step)
+                if not kv.advance(step):
+                    raise AssertionError(f"{self.name}: lazy growth overran the free pool at step {step}")
                 kv.check(sched.used_blocks_after())
             now += it_time(0, 0, d, dctx)
             dctx += d
@@ -105,15 +112,14 @@ class CostModelExecutor(Executor):
             if step >= next_finish or now >= until:
                 break
             if step >= next_alarm:
-                alloc += blocks * (step - since)
-                since = sched.step = step
+                alloc += kv.run_steps(step)
+                sched.step = step
                 if not sched.decode_only_step(recheck_admission=False):
                     break
                 next_alarm = sched.next_alarm_step()
-                blocks = kv.allocated_blocks
         sched.step = step
         k = step - step0
-        alloc += blocks * (step - since)
+        alloc += kv.run_steps(step)  # the alarms at ``step`` wait for the next turn
         self._finish_due(now)
         return (now, (now - t_start) / k, k, d, ctx0 + d * (k + 1) / 2, alloc / k)
 

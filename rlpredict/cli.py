@@ -157,6 +157,41 @@ def eval_cmd(
 
 
 @app.command()
+def stack(
+    model: Annotated[Path, typer.Option("--model", help="Bundle to extend (written by `rlpredict export`; encoder only).")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="The recipe the bundle's encoder was trained with (data, split, subsample).")],
+    out: Annotated[Path, typer.Option("--out", help="Stacked bundle folder to write (never the input bundle; refused if it exists, unless --force).")],
+    data: Annotated[list[Path] | None, typer.Option("--data", help="Chat-log file or folder (repeatable); overrides the recipe's `data`.")] = None,
+    stack_rows: Annotated[int, typer.Option(callback=at_least(10), help="Stacking-fit rows per source, at most (training-side rows the encoder did not train on).")] = 4000,
+    folds: Annotated[int, typer.Option(callback=in_range(2, 20), help="Group folds for the out-of-fold TF-IDF probabilities of the stacking-fit rows.")] = 3,
+    seed: Annotated[int, typer.Option(help="Order of the stacking-fit groups and folds.")] = 0,
+    threads: Annotated[int | None, typer.Option(callback=at_least(1), help="Encoder threads (default: every usable core).")] = None,
+    on_error: OnErrorOpt = "fail",
+    force: ForceOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Add a TF-IDF head stacked with the encoder to a bundle (never worse than either alone on the
+    shipped data); then run `rlpredict calibrate` on the result."""
+    from rlpredict.train.config import TrainConfig
+    from rlpredict.train.stack import markdown, stack_bundle
+
+    cfg = TrainConfig.load(config)
+    if data:
+        cfg.data = [str(p) for p in data]
+    cfg.on_error = on_error  # type: ignore[assignment]
+    cfg.validate("options")
+    report = stack_bundle(model, cfg, out, stack_rows=stack_rows, folds=folds, seed=seed, threads=threads,
+                          force=force, recipe=config.name,
+                          log=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
+    if json_out:
+        print(dumps(report, indent=2))
+    else:
+        print(markdown(report["evaluation"]))
+        err.print(f"[green]stacked bundle written to[/green] {out}; next: `rlpredict calibrate --model {out} ...`",
+                  highlight=False)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's model and report (refused if it exists, unless --force).")] = Path("runs/demo"),
     steps: Annotated[int, typer.Option(min=1, max=100_000, help="Training steps (batch 16).")] = 60,

@@ -20,6 +20,7 @@ from typing import Literal
 Mode = Literal["last_user", "history"]
 #: Longest input an encoder of ours reads (BERT-style encoders stop at 512; some go to 8192).
 MAX_LENGTH = 8192
+LEXICAL_TEXT_CAP = 4000  # characters of the kept side that lexical models (TF-IDF) see
 Message = Mapping[str, str]
 
 
@@ -69,6 +70,12 @@ def build_text(messages: Sequence[Message], spec: InputSpec, generator: str | No
     if spec.include_generator:
         lines.append(f"model: {generator or 'unknown'}")
     return "\n".join(lines)
+
+
+def lexical_text(text: str, spec: InputSpec, cap: int = LEXICAL_TEXT_CAP) -> str:
+    """``text`` (a ``build_text`` result) cut to ``cap`` characters on the side the spec keeps:
+    the TF-IDF baselines' input and the bundle's lexical head's."""
+    return text[-cap:] if spec.truncation_side == "left" else text[:cap]
 
 
 def messages_from_prompt(prompt: str) -> list[dict[str, str]]:

@@ -53,24 +53,30 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 
-from rlpredict.buckets import BucketScheme
-from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.outputs import write_text_atomic
 from rlpredict.serve.runtime import Predictor
-from rlpredict.splits import split_by_group
-from rlpredict.train import trainer as rl_train
-from rlpredict.train.baselines import TfidfLogistic, TfidfRidge
+from rlpredict.train.baselines import TfidfLogistic
 from rlpredict.train.config import TrainConfig
 from rlpredict.train.evaluate import baseline_texts, encoder_texts, markdown_table
 from rlpredict.train.metrics import rl_metrics
+from rlpredict.train.stack import (
+    Stacker,
+    encoder_probs,
+    features,
+    group_folds,
+    load_split,
+    nll,
+    normalise,
+    pick_c,
+    ridge_model,
+    stacking_rows,
+    tfidf_oof,
+)
 
-EPS = 1e-9
 W_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
-C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 T0 = time.perf_counter()
 
 
@@ -78,107 +84,7 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-# ---- data: the docs' split, the encoder's subsample, the stacking-fit set ------------------------
-def load_split(cfg: TrainConfig) -> tuple[list[Sample], list[Sample], list[Sample], BucketScheme]:
-    """(training side, encoder's training subsample, test side, scheme), from one load.
-
-    ``rlpredict.train.trainer.prepare`` is run on the already loaded samples (its loader is patched to
-    hand them over), so the subsample is the very one training drew, as the same objects.
-    """
-    samples, report = load_samples(cfg.data, on_error=cfg.on_error)
-    attach_rl(samples, cfg.rl_tokenizer)
-    log(f"loaded {report.summary()}")
-    train_side, test = split_by_group(samples, cfg.test_frac, cfg.split_seed)
-    with mock.patch.object(rl_train, "load_samples", return_value=(samples, report)), \
-            mock.patch.object(rl_train, "attach_rl"):
-        prep = rl_train.prepare(cfg)
-    if [id(s) for s in prep.test] != [id(s) for s in test]:
-        raise RuntimeError("prepare's test side differs from split_by_group's")
-    return train_side, prep.train, test, prep.scheme
-
-
-def stacking_rows(train_side: Sequence[Sample], enc_train: Sequence[Sample], per_source: int,
-                  seed: int) -> tuple[list[Sample], dict[str, dict[str, int]]]:
-    """Training-side rows the encoder did not train on, whole groups at a time, groups with the
-    smallest share of encoder-seen rows first (ties in seeded random order), up to
-    ``per_source`` rows per source (a group that would overshoot is skipped)."""
-    seen = {id(s) for s in enc_train}
-    rng = random.Random(seed)
-    out: list[Sample] = []
-    info: dict[str, dict[str, int]] = {}
-    for src in sorted({s.source for s in train_side}):
-        groups: dict[str, list[Sample]] = {}
-        for s in train_side:
-            if s.source == src:
-                groups.setdefault(s.group, []).append(s)
-        keys = sorted(groups)
-        rng.shuffle(keys)
-        share = {g: sum(id(s) in seen for s in groups[g]) / len(groups[g]) for g in keys}
-        keys.sort(key=lambda g: share[g])  # stable: random order within equal shares
-        taken: list[Sample] = []
-        n_groups = clean = 0
-        for g in keys:
-            rows = [s for s in groups[g] if id(s) not in seen]
-            if not rows or len(taken) + len(rows) > per_source:
-                continue
-            taken += rows
-            n_groups += 1
-            clean += share[g] == 0
-            if len(taken) >= per_source:
-                break
-        out += taken
-        info[src] = {"rows": len(taken), "groups": n_groups, "groups_never_seen_by_encoder": clean,
-                     "training_side_rows": sum(len(v) for v in groups.values()),
-                     "encoder_rows": sum(1 for s in enc_train if s.source == src)}
-    return out, info
-
-
-# ---- model outputs ------------------------------------------------------------------------------
-def encoder_probs(pred: Predictor, samples: Sequence[Sample]) -> np.ndarray:
-    texts = encoder_texts(samples, pred.input_spec)
-    return pred.from_logits(pred.logits_of_ids(pred.encode(texts))).probs.astype(np.float64)
-
-
-def group_folds(samples: Sequence[Sample], k: int, seed: int) -> np.ndarray:
-    groups = sorted({s.group for s in samples})
-    random.Random(seed).shuffle(groups)
-    fold = {g: i % k for i, g in enumerate(groups)}
-    return np.array([fold[s.group] for s in samples])
-
-
-def tfidf_oof(train_side: Sequence[Sample], stack: Sequence[Sample], folds: np.ndarray,
-              scheme: BucketScheme, spec: Any, ridge: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Out-of-fold TF-IDF + logreg probabilities (and ridge log-RL) for the stacking-fit rows:
-    fold f is predicted by models trained on the training side minus fold f's groups."""
-    p = np.zeros((len(stack), scheme.n_buckets))
-    mu = np.zeros(len(stack)) if ridge else None
-    stack_texts = baseline_texts(stack, spec)
-    for f in range(int(folds.max()) + 1):
-        held = {s.group for s, ff in zip(stack, folds, strict=True) if ff == f}
-        tr = [s for s in train_side if s.group not in held]
-        idx = np.flatnonzero(folds == f)
-        texts = baseline_texts(tr, spec)
-        rl = np.array([s.rl_tokens for s in tr], dtype=float)
-        t = time.perf_counter()
-        m = TfidfLogistic().fit(texts, rl, scheme)
-        p[idx] = m.predict_proba([stack_texts[i] for i in idx])
-        if mu is not None:
-            mu[idx] = ridge_model(texts, rl).predict([stack_texts[i] for i in idx])
-        log(f"TF-IDF fold {f}: trained on {len(tr)} rows, predicted {len(idx)} ({time.perf_counter() - t:.0f}s)")
-    return p, mu
-
-
-def ridge_model(texts: Sequence[str], rl: np.ndarray) -> Any:
-    """The TF-IDF ridge of ``rlpredict.train.baselines.TfidfRidge``: a regressor of log(1 + RL)."""
-    return TfidfRidge()._model().fit(list(texts), np.log1p(rl))
-
-
-# ---- combinations --------------------------------------------------------------------------------
-def normalise(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, EPS, None)
-    return p / p.sum(axis=1, keepdims=True)
-
-
+# ---- mixes (the stacker and its helpers live in rlpredict.train.stack) ----------------------------
 def linear_mix(pe: np.ndarray, pt: np.ndarray, w: float) -> np.ndarray:
     return normalise(w * pe + (1 - w) * pt)
 
@@ -189,54 +95,16 @@ def geometric_mix(pe: np.ndarray, pt: np.ndarray, w: float) -> np.ndarray:
     return normalise(np.exp(z))
 
 
-def nll(p: np.ndarray, y: np.ndarray) -> float:
-    return float(-np.mean(np.log(normalise(p)[np.arange(len(y)), y])))
-
-
-def features(pe: np.ndarray, pt: np.ndarray, src: np.ndarray, sources: Sequence[str],
-             indicator: bool, mu: np.ndarray | None) -> np.ndarray:
-    cols = [np.log(normalise(pe)), np.log(normalise(pt))]
+def stack_features(pe: np.ndarray, pt: np.ndarray, src: np.ndarray, sources: Sequence[str],
+                   indicator: bool, mu: np.ndarray | None) -> np.ndarray:
+    """``rlpredict.train.stack.features`` plus the research variants' columns (source one-hot,
+    the TF-IDF ridge's log-RL)."""
+    extra = []
     if indicator:
-        cols.append(np.stack([(src == s).astype(float) for s in sources[1:]], axis=1))
+        extra.append(np.stack([(src == s).astype(float) for s in sources[1:]], axis=1))
     if mu is not None:
-        cols.append(mu[:, None])
-    return np.hstack(cols)
-
-
-class Stacker:
-    """Multinomial logistic regression over the buckets on stacked features (standardised)."""
-
-    def __init__(self, k: int, c: float) -> None:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        self.k = k
-        self.model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
-
-    def fit(self, x: np.ndarray, y: np.ndarray) -> Stacker:
-        self.model.fit(x, y)
-        return self
-
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        p = np.zeros((len(x), self.k))
-        p[:, self.model.classes_] = self.model.predict_proba(x)
-        return p
-
-
-def pick_c(x: np.ndarray, y: np.ndarray, groups: Sequence[str], k: int) -> tuple[float, dict[str, float]]:
-    """The C of ``C_GRID`` with the lowest grouped 5-fold cross-validated NLL."""
-    from sklearn.model_selection import GroupKFold
-
-    scores: dict[str, float] = {}
-    for c in C_GRID:
-        oof = np.zeros((len(y), k))
-        for tr, te in GroupKFold(5).split(x, y, list(groups)):
-            oof[te] = Stacker(k, c).fit(x[tr], y[tr]).predict_proba(x[te])
-        scores[str(c)] = nll(oof, y)
-        log(f"  C={c}: CV NLL {scores[str(c)]:.5f}")
-    best = min(C_GRID, key=lambda c: scores[str(c)])
-    return best, scores
+        extra.append(mu[:, None])
+    return features(pe, pt, *extra)
 
 
 # ---- timing and size -----------------------------------------------------------------------------
@@ -299,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pred = Predictor.load(args.bundle, threads=args.threads)
     spec = pred.input_spec
     train_side, enc_train, test, scheme = load_split(cfg)
+    log(f"loaded {len(train_side) + len(test)} samples")
     if list(scheme.edges) != list(pred.scheme.edges) or list(scheme.reserve_tokens) != list(pred.scheme.reserve_tokens):
         raise RuntimeError("the recipe's bucket scheme differs from the bundle's")
     scheme = pred.scheme  # what the bundle decodes with (and rlpredict eval scores with)
@@ -335,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         del tr_texts
 
         folds = group_folds(stack, args.folds, args.seed)
-        pt_stack, mu_stack = tfidf_oof(train_side, stack, folds, scheme, spec, args.ridge)
+        pt_stack, mu_stack = tfidf_oof(train_side, stack, folds, scheme, spec, args.ridge, log=log)
         cache.write_bytes(pickle.dumps({"key": key, "values": (
             pe_test, pe_stack, pt_test, pt_stack, mu_test, mu_stack, tfidf, enc_s, full_fit_s)}))
 
@@ -375,9 +244,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"geometric mix, w={chosen_w['geo_mae']} (MAE rule)": geometric_mix(pe_test, pt_test, chosen_w["geo_mae"]),
     }
     for name, ind, use_mu in variants:
-        xs = features(pe_stack, pt_stack, src_stack, sources, ind, mu_stack if use_mu else None)
-        xt = features(pe_test, pt_test, src_test, sources, ind, mu_test if use_mu else None)
-        c, scores = pick_c(xs, y_stack, stack_groups, scheme.n_buckets)
+        xs = stack_features(pe_stack, pt_stack, src_stack, sources, ind, mu_stack if use_mu else None)
+        xt = stack_features(pe_test, pt_test, src_test, sources, ind, mu_test if use_mu else None)
+        c, scores = pick_c(xs, y_stack, stack_groups, scheme.n_buckets, log=log)
         st = Stacker(scheme.n_buckets, c).fit(xs, y_stack)
         label = f"{name}, C={c}"
         probs[label] = st.predict_proba(xt)

@@ -10,6 +10,24 @@ covers ``max_running`` decodes), so a decoding request's length is a function of
 A policy looks at a decoding request only at its *alarm*: the step at which it would run out of
 usable KV blocks (minus a lead), or at which it would reach blocks it has lent out. All block
 changes go through ``KVCacheManager``.
+
+Alarms are a heap of ``(step, rid, request)``, handled in that order; one that needs no decision
+(``easy_alarm``; by default on-demand growth: take one free block) is handled without
+``schedule``. On-demand growth would raise one alarm per request per block, so where a policy
+keeps the default ``easy_alarm`` and no alarm lead (``lazy_blocks``), a request that would be
+re-armed for its next block boundary and holds exactly the blocks its context needs *grows
+lazily* instead (``KVCacheManager.grow``; ``alarm_step`` is ``GROWING``, no heap entry): the pool
+applies everyone's growth in one go (``kv.advance``), and ``next_alarm_step`` includes
+``kv.growth_limit()``, a step by which the free pool may not cover it (an early one only makes
+the engine ask again). At the step where it does not, or when a heap alarm is due at the same
+step (their relative order could matter), the growers
+crossing a boundary there get their heap alarms back (``kv.take_due``) and everything due is
+handled one alarm at a time in ``(step, rid)`` order, exactly as without lazy growth: the same
+blocks at the same steps, the same failed allocation, the same preemptions (vllm-v0, whose
+decode pass walks its requests once due requests use up the pool, stops one block earlier:
+``growth_keep_free``). ``kv.free_blocks`` is exact through the last step whose alarms were
+handled (``kv.grown_step``), the state every decision and the iteration log read; a grower's
+``Alloc.own`` is brought up to date when read, and when it stops decoding.
 """
 
 from __future__ import annotations
@@ -24,6 +42,7 @@ from .interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN_BUDGET, Batch, Schedul
 from .registry import register
 
 DECODE = State.DECODE
+GROWING = -2  # ``Request.alarm_step`` of a request that grows lazily (``kv.grow``): no heap alarm
 
 __all__ = ["Batch", "Scheduler", "register"]  # ecoserve.py imports all three from here
 
@@ -35,6 +54,8 @@ class Scheduler(SchedulerInterface):
     chunked_prefill = True
     alarm_lead_tokens = 0  # a request raises its alarm this many tokens before its blocks run out
     prediction_override: str | None = None  # "oracle": the engine gives this policy true RLs
+    lazy_blocks = True  # on-demand growth without per-block alarms (module docstring), if eligible
+    growth_keep_free = 0  # free blocks lazy growth leaves: it stops where the policy would decide
 
     def __init__(self, cost: Any, kv_blocks: int | None = None, block_size: int = 16,
                  token_budget: int | None = None, max_running: int = DEFAULT_MAX_RUNNING,
@@ -49,6 +70,10 @@ class Scheduler(SchedulerInterface):
         if self.token_budget <= max_running:
             raise ValueError(f"token budget {self.token_budget} must exceed max_running {max_running}")
         self.step = 0
+        # Lazy growth replays the default easy alarm exactly; another ``easy_alarm`` or a lead
+        # changes what an alarm does or when it comes.
+        self.lazy_blocks = (self.lazy_blocks and type(self).easy_alarm is Scheduler.easy_alarm
+                            and not self.alarm_lead_tokens)
         self.decoding: dict[int, Request] = {}
         self.prefilling: dict[int, Request] = {}
         self._alarms: list[tuple[int, int, Request]] = []
@@ -142,7 +167,7 @@ class Scheduler(SchedulerInterface):
             heappop(alarms)
             r.alarm_step = -1
             self.on_alarm(r)
-            if r.state is DECODE and r.alarm_step < 0:
+            if r.state is DECODE and r.alarm_step == -1:  # not re-armed (nor growing) by on_alarm
                 self.set_alarm(r)
         batch = Batch()
         if not self.prefilling and not self.waiting_count():
@@ -186,8 +211,16 @@ class Scheduler(SchedulerInterface):
 
     def _easy_alarms(self) -> Request | None:
         """Handle the due alarms that need no decision, in order (dropping stale ones); return
-        the first request whose alarm needs one, left at the head of the heap, or None."""
-        alarms, step, easy, set_alarm = self._alarms, self.step, self.easy_alarm, self.set_alarm
+        the first request whose alarm needs one, left at the head of the heap, or None. First
+        the lazy growth through this step: in one go if the pool covers it and no heap alarm is
+        due, else the growers crossing a block boundary now get their heap alarms back."""
+        alarms, step, kv = self._alarms, self.step, self.kv
+        if kv.grown_step < step:
+            if kv.growers:
+                self._grow_to_step()
+            else:
+                kv.grown_step = step  # nothing grows lazily: nothing to apply
+        easy, set_alarm = self.easy_alarm, self.set_alarm
         while alarms and alarms[0][0] <= step:
             s, _, r = alarms[0]
             if r.state is not DECODE or r.alarm_step != s:
@@ -197,6 +230,19 @@ class Scheduler(SchedulerInterface):
                 return r
             set_alarm(r, replace=True)
         return None
+
+    def _grow_to_step(self) -> None:
+        """Apply the lazy growth through this step in one go if the free pool covers it (leaving
+        ``growth_keep_free``) and no heap alarm is due; else the growers crossing a block
+        boundary now get heap alarms, to be handled in order with the others."""
+        alarms, step, kv = self._alarms, self.step, self.kv
+        if (not kv.growers or not (alarms and alarms[0][0] <= step)) and kv.advance(step, self.growth_keep_free):
+            return
+        decoding = self.decoding
+        for rid in kv.take_due(step):
+            r = decoding[rid]
+            r.alarm_step = step
+            heappush(alarms, (step, rid, r))
 
     def complete(self, batch: Batch, now: float) -> list[Request]:
         """Apply the iteration's prefill progress; return requests that started decoding."""
@@ -222,8 +268,13 @@ class Scheduler(SchedulerInterface):
         return joined
 
     def next_alarm_step(self) -> int:
-        """The step of the earliest pending alarm (possibly stale), or a huge number."""
-        return self._alarms[0][0] if self._alarms else 1 << 62
+        """The step of the earliest pending alarm (possibly stale) or by which lazy growth may
+        outrun the free pool, or a huge number."""
+        first = self._alarms[0][0] if self._alarms else 1 << 62
+        if not self.kv.growers:
+            return first
+        limit = self.kv.growth_limit(self.growth_keep_free)
+        return limit if limit < first else first
 
     def finish(self, r: Request, now: float) -> None:
         self.stop_decode(r)
@@ -277,7 +328,9 @@ class Scheduler(SchedulerInterface):
         self.set_alarm(r)
 
     def stop_decode(self, r: Request) -> None:
-        """Freeze ``r``'s lazily counted progress and take it out of the decoding set."""
+        """Freeze ``r``'s lazily counted progress (and blocks) and take it out of the decoding set."""
+        if r.alarm_step == GROWING:
+            self.kv.stop_growing(r.rid)
         r.generated = r.generated_at(self.step)
         self._ctx_base -= r.prompt_tokens + r.generated - self.step
         r.state = State.WAITING
@@ -285,12 +338,18 @@ class Scheduler(SchedulerInterface):
         self.on_decode_end(r)
 
     def set_alarm(self, r: Request, replace: bool = False) -> None:
-        """Schedule the next step at which ``r`` needs attention (see module docstring);
-        ``replace``: this alarm takes the place of ``r``'s due one, the heap's first entry."""
+        """Schedule the next step at which ``r`` needs attention (see module docstring), or let
+        it grow lazily; ``replace``: this alarm takes the place of ``r``'s due one, the heap's
+        first entry."""
         x = r.prompt_tokens + r.generated - r.dec_step0  # context after step s is x + s
         a = self.kv.allocs.get(r.rid)
         if a is None:
             step = -self.alarm_lead_tokens - x
+        elif self.lazy_blocks and self.kv.grow(r.rid, x):
+            r.alarm_step = GROWING
+            if replace:
+                heappop(self._alarms)
+            return
         else:
             step = (a.own - a.lent + a.borrowed) * self.bs - self.alarm_lead_tokens - x  # a.usable
             if a.lent:

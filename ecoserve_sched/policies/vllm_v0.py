@@ -46,6 +46,7 @@ def _fcfs(r: Request) -> tuple[float, int]:
 class VLLMV0Scheduler(Scheduler):
     name = "vllm-v0"
     chunked_prefill = False
+    growth_keep_free = 1  # a decode pass with as many due requests as free blocks walks them
 
     def __init__(self, cost: Any, max_model_len: int | None = None, token_budget: int | None = None,
                  **kw: Any) -> None:
@@ -163,7 +164,9 @@ class VLLMV0Scheduler(Scheduler):
     # ---- decodes ------------------------------------------------------------------------------
     def _pop_due(self) -> None:
         """Move the due alarms (decodes whose last block is full) to ``_due``."""
-        self._due = [r for r in self._due if r.state == State.DECODE and r.alarm_step < 0]
+        self._due = [r for r in self._due if r.state == State.DECODE and r.alarm_step == -1]
+        if self.kv.grown_step < self.step:
+            self._grow_to_step()
         alarms = self._alarms
         while alarms and alarms[0][0] <= self.step:
             step, _, r = heapq.heappop(alarms)

@@ -3,9 +3,10 @@
 A bundle holds ``model.onnx`` (inputs ``input_ids`` and ``attention_mask``, int64, dynamic batch
 and sequence axes; output ``logits``), the encoder's ``tokenizer.json`` and ``manifest.json``:
 the bucket scheme, the input spec, the RL tokenizer, the format version, the sha256 of every
-file, and the export's parity, quantization and evaluation records. Loading checks all of it
-and refuses a bundle that does not match, naming the file. Only JSON, ONNX and
-``tokenizer.json`` are read: no pickle, no remote code.
+file, and the export's parity, quantization and evaluation records. ``rlpredict stack`` adds an
+optional lexical head (``lexical.npz``, ``rlpredict.serve.lexical``). Loading checks all of it
+and refuses a bundle that does not match, naming the file. Only JSON, ONNX, ``tokenizer.json``
+and ``.npz`` arrays (no object arrays) are read: no pickle, no remote code.
 
 Pure Python + numpy (through ``rlpredict.buckets``): part of the base install.
 """
@@ -25,6 +26,7 @@ from rlpredict.inputs import InputSpec
 from rlpredict.json_file import read_json
 from rlpredict.outputs import write_text_atomic
 from rlpredict.serve.conformal import QuantileCalibration
+from rlpredict.serve.lexical import LexicalHead
 
 FORMAT = "rlpredict.bundle/1"
 MANIFEST = "manifest.json"
@@ -70,6 +72,7 @@ class Bundle:
     input: InputSpec
     rl_tokenizer: str
     calibration: QuantileCalibration | None = None  # conformal quantiles (``rlpredict calibrate``)
+    lexical: LexicalHead | None = None  # TF-IDF head stacked with the encoder (``rlpredict stack``)
 
     @property
     def model_path(self) -> Path:
@@ -124,7 +127,13 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         raise BundleError(f"{mpath}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"{mpath}: {e}") from None
-    for role, name in (("model", model_file), ("tokenizer", tok_file)):
+    lex = manifest.get("lexical")
+    if lex is not None and not isinstance(lex, dict):
+        raise BundleError(f"{mpath}: lexical: expected an object")
+    roles = [("model", model_file), ("tokenizer", tok_file)]
+    if lex is not None:
+        roles.append(("lexical head", str(lex.get("file"))))
+    for role, name in roles:
         if name not in files:
             raise BundleError(f"{mpath}: the {role} file {name!r} has no entry under 'files'")
     for name, entry in files.items():
@@ -138,8 +147,14 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
     n_labels = manifest["model"].get("num_labels")
     if n_labels is not None and n_labels != buckets.n_buckets:
         raise BundleError(f"{mpath}: model has {n_labels!r} outputs but the scheme {buckets.n_buckets} buckets")
+    head = None
+    if lex is not None:
+        try:
+            head = LexicalHead.load(folder, lex, buckets.n_buckets, spec)
+        except ValueError as e:
+            raise BundleError(f"bundle {folder}: {e}") from None
     return Bundle(path=folder, manifest=manifest, buckets=buckets, input=spec, rl_tokenizer=rl_tok,
-                  calibration=calibration)
+                  calibration=calibration, lexical=head)
 
 
 def _field(d: dict, key: str, kind: type, where: str = "") -> Any:

@@ -20,6 +20,10 @@ changed no result in any measurement (``benchmarks/predictor_speed.py``: 1,000 S
 ``tests/rlpredict/test_determinism.py``); ``load`` also compares the two sessions on probe inputs
 and, should they ever differ, runs lone prompts single-threaded too.
 
+A bundle with a lexical head (``rlpredict stack``; ``rlpredict.serve.lexical``) also scores
+each prompt with TF-IDF + logistic regression and stacks the two models' probabilities into the
+logits that everything below uses; the head is per prompt too, so the above holds unchanged.
+
 ``pred_tokens`` is the median of the predicted length distribution (the MAE-optimal point);
 ``reserve_tokens`` is the predicted bucket's reservation, or, with ``reserve_quantile``, that
 quantile of the predicted distribution (wider when the model is unsure); both reservations are
@@ -350,7 +354,15 @@ class Predictor:
 
     def logits(self, requests: Request | Sequence[Request],
                generators: str | Sequence[str | None] | None = None) -> np.ndarray:
-        return self.logits_of_ids(self.encode(self.texts(requests, generators)))
+        """The model's logits (n, n_buckets): the encoder's, or, in a bundle with a lexical head,
+        the stacker's over the encoder's and the TF-IDF model's probabilities."""
+        texts = self.texts(requests, generators)
+        return self.combine(self.logits_of_ids(self.encode(texts)), texts)
+
+    def combine(self, enc_logits: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """The encoder's logits as they are, or stacked with the bundle's lexical head."""
+        head = self.bundle.lexical
+        return enc_logits if head is None else head.stack(enc_logits, texts)
 
     def predict_arrays(self, requests: Request | Sequence[Request],
                        generators: str | Sequence[str | None] | None = None, *,
@@ -374,8 +386,9 @@ class Predictor:
                     quantiles: Sequence[float] | None = None) -> Prediction:
         """One request with all ``threads`` on it: the same result as ``predict``, lower latency."""
         self.check_quantiles(quantiles)
-        ids = self.encoder.encode(self.texts([request], [generator])[0])
-        a = self.from_logits(self._run(self._lone, ids)[None], quantiles=quantiles)
+        texts = self.texts([request], [generator])
+        logits = self.combine(self._run(self._lone, self.encoder.encode(texts[0]))[None], texts)
+        a = self.from_logits(logits, quantiles=quantiles)
         return Prediction(int(a.bucket[0]), a.probs[0], int(a.pred_tokens[0]), int(a.reserve_tokens[0]),
                           _row(a.quantile_tokens, 0))
 

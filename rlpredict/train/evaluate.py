@@ -16,7 +16,7 @@ import numpy as np
 from rlpredict.buckets import BucketScheme
 from rlpredict.confusion_plot import plot_confusion
 from rlpredict.data import Sample, attach_rl, load_samples
-from rlpredict.inputs import InputSpec, build_text
+from rlpredict.inputs import InputSpec, build_text, lexical_text
 from rlpredict.outputs import output_dir, write_text_atomic
 from rlpredict.splits import split_by_group
 from rlpredict.train.baselines import BASELINES
@@ -24,7 +24,6 @@ from rlpredict.train.metrics import confusion, rl_metrics
 from rlpredict.train.model_meta import ModelMeta
 
 MODEL = "model"
-TEXT_CAP = 4000  # characters of the kept side that baselines see
 
 
 def encoder_texts(samples: Sequence[Sample], spec: InputSpec) -> list[str]:
@@ -32,8 +31,7 @@ def encoder_texts(samples: Sequence[Sample], spec: InputSpec) -> list[str]:
 
 
 def baseline_texts(samples: Sequence[Sample], spec: InputSpec) -> list[str]:
-    texts = encoder_texts(samples, spec)
-    return [t[-TEXT_CAP:] if spec.truncation_side == "left" else t[:TEXT_CAP] for t in texts]
+    return [lexical_text(t, spec) for t in encoder_texts(samples, spec)]
 
 
 def predict_proba_torch(model_dir: str | Path, texts: Sequence[str], spec: InputSpec, batch_size: int = 64,

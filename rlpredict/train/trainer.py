@@ -80,7 +80,14 @@ def prepare(cfg: TrainConfig) -> Prepared:
         raise ValueError("no training data: give --data PATH or `data = [...]` in the config")
     samples, report = load_samples(cfg.data, on_error=cfg.on_error)
     attach_rl(samples, cfg.rl_tokenizer)
+    return subsample(cfg, samples, report)[0]
+
+
+def subsample(cfg: TrainConfig, samples: list[Sample], report: LoadReport) -> tuple[Prepared, list[Sample]]:
+    """``prepare`` on loaded samples (RL attached): the group split, the seeded subsample of the
+    training side, the scheme; also the whole training side (``rlpredict stack`` fits on it)."""
     train, test = split_by_group(samples, cfg.test_frac, cfg.split_seed)
+    side = train
     rng = random.Random(cfg.seed)
     if cfg.max_rows_per_source:
         by_src: dict[str, list[Sample]] = {}
@@ -98,7 +105,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         raise ValueError(f"every training response falls in one bucket of {scheme.n_buckets} "
                          f"(edges {[None if math.isinf(e) else e for e in scheme.edges]}): a classifier "
                          "needs at least two; give more varied data or other bucket edges")
-    return Prepared(train, test, scheme, report)
+    return Prepared(train, test, scheme, report), side
 
 
 def class_weights(labels: np.ndarray, k: int, mode: str) -> np.ndarray:

@@ -1,0 +1,315 @@
+"""``rlpredict stack``: add a TF-IDF head, stacked with the encoder, to a bundle.
+
+The recipe (measured in docs/predictor.md, "Encoder + TF-IDF"):
+
+1. The recipe's split (``TrainConfig``: the same group split and seeded subsample as training).
+2. TF-IDF + logistic regression (``rlpredict.train.baselines.TfidfLogistic``) fitted on the whole
+   training side.
+3. A **stacking-fit set**: training-side rows the encoder did not train on, whole groups at a
+   time (``stacking_rows``), with the encoder's probabilities (the bundle's own ONNX model, as
+   served) and out-of-fold TF-IDF probabilities (``tfidf_oof``: each fold predicted by a model
+   trained on the training side minus that fold's groups). Test rows are never used.
+4. A multinomial logistic regression on ``[log p_enc, log p_tfidf]`` (``Stacker``), its ``C``
+   chosen by grouped 5-fold cross-validated NLL; its standardisation folded into plain
+   coefficients (``folded``).
+5. The new bundle: the input bundle's files plus ``lexical.npz``; the manifest gets a
+   ``lexical`` section (rules, fit record, the three models' metrics on the test split) and the
+   stacked model's confusion matrix on the test split. A calibration of the input bundle no
+   longer fits the new probabilities and is dropped: run ``rlpredict calibrate`` on the result.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlpredict.buckets import BucketScheme
+from rlpredict.data import Sample, attach_rl, load_samples
+from rlpredict.inputs import InputSpec
+from rlpredict.outputs import check_new_dir, check_paths, output_dir
+from rlpredict.serve import lexical
+from rlpredict.serve.bundle import write_manifest
+from rlpredict.train.baselines import TfidfLogistic, TfidfRidge
+from rlpredict.train.config import TrainConfig
+from rlpredict.train.evaluate import baseline_texts, confusion_dict, encoder_texts, markdown_table
+from rlpredict.train.metrics import rl_metrics
+
+EPS = lexical.EPS
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+CARD = "MODEL_CARD.md"
+CARD_HEAD = "## Lexical head (TF-IDF stacked with the encoder)"
+
+
+# ---- the split and the stacking-fit rows ---------------------------------------------------------
+def load_split(cfg: TrainConfig) -> tuple[list[Sample], list[Sample], list[Sample], BucketScheme]:
+    """(training side, the encoder's training subsample, test side, scheme) of a recipe, as
+    ``rlpredict.train.trainer.prepare`` draws them."""
+    from rlpredict.train.trainer import subsample
+
+    samples, report = load_samples(cfg.data, on_error=cfg.on_error)
+    attach_rl(samples, cfg.rl_tokenizer)
+    prep, train_side = subsample(cfg, samples, report)
+    return train_side, prep.train, prep.test, prep.scheme
+
+
+def stacking_rows(train_side: Sequence[Sample], enc_train: Sequence[Sample], per_source: int,
+                  seed: int) -> tuple[list[Sample], dict[str, dict[str, int]]]:
+    """Training-side rows the encoder did not train on, whole groups at a time, groups with the
+    smallest share of encoder-seen rows first (ties in seeded random order), up to
+    ``per_source`` rows per source (a group that would overshoot is skipped)."""
+    seen = {id(s) for s in enc_train}
+    rng = random.Random(seed)
+    out: list[Sample] = []
+    info: dict[str, dict[str, int]] = {}
+    for src in sorted({s.source for s in train_side}):
+        groups: dict[str, list[Sample]] = {}
+        for s in train_side:
+            if s.source == src:
+                groups.setdefault(s.group, []).append(s)
+        keys = sorted(groups)
+        rng.shuffle(keys)
+        share = {g: sum(id(s) in seen for s in groups[g]) / len(groups[g]) for g in keys}
+        keys.sort(key=lambda g: share[g])  # stable: random order within equal shares
+        taken: list[Sample] = []
+        n_groups = clean = 0
+        for g in keys:
+            rows = [s for s in groups[g] if id(s) not in seen]
+            if not rows or len(taken) + len(rows) > per_source:
+                continue
+            taken += rows
+            n_groups += 1
+            clean += share[g] == 0
+            if len(taken) >= per_source:
+                break
+        out += taken
+        info[src] = {"rows": len(taken), "groups": n_groups, "groups_never_seen_by_encoder": clean,
+                     "training_side_rows": sum(len(v) for v in groups.values()),
+                     "encoder_rows": sum(1 for s in enc_train if s.source == src)}
+    return out, info
+
+
+def group_folds(samples: Sequence[Sample], k: int, seed: int) -> np.ndarray:
+    groups = sorted({s.group for s in samples})
+    random.Random(seed).shuffle(groups)
+    fold = {g: i % k for i, g in enumerate(groups)}
+    return np.array([fold[s.group] for s in samples])
+
+
+# ---- model outputs --------------------------------------------------------------------------------
+def encoder_probs(pred: Any, samples: Sequence[Sample]) -> np.ndarray:
+    """The bundle's encoder alone (never its lexical head): probabilities as served."""
+    texts = encoder_texts(samples, pred.input_spec)
+    return pred.from_logits(pred.logits_of_ids(pred.encode(texts))).probs.astype(np.float64)
+
+
+def tfidf_oof(train_side: Sequence[Sample], stack: Sequence[Sample], folds: np.ndarray,
+              scheme: BucketScheme, spec: InputSpec, ridge: bool = False,
+              log: Callable[[str], None] = lambda m: None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Out-of-fold TF-IDF + logreg probabilities (and, with ``ridge``, the TF-IDF ridge's
+    log-RL) for the stacking-fit rows: fold f is predicted by models trained on the training
+    side minus fold f's groups."""
+    p = np.zeros((len(stack), scheme.n_buckets))
+    mu = np.zeros(len(stack)) if ridge else None
+    stack_texts = baseline_texts(stack, spec)
+    for f in range(int(folds.max()) + 1):
+        held = {s.group for s, ff in zip(stack, folds, strict=True) if ff == f}
+        tr = [s for s in train_side if s.group not in held]
+        idx = np.flatnonzero(folds == f)
+        texts = baseline_texts(tr, spec)
+        rl = np.array([s.rl_tokens for s in tr], dtype=float)
+        t = time.perf_counter()
+        m = TfidfLogistic().fit(texts, rl, scheme)
+        p[idx] = m.predict_proba([stack_texts[i] for i in idx])
+        if mu is not None:
+            mu[idx] = ridge_model(texts, rl).predict([stack_texts[i] for i in idx])
+        log(f"TF-IDF fold {f}: trained on {len(tr)} rows, predicted {len(idx)} ({time.perf_counter() - t:.0f}s)")
+    return p, mu
+
+
+def ridge_model(texts: Sequence[str], rl: np.ndarray) -> Any:
+    """The TF-IDF ridge of ``rlpredict.train.baselines.TfidfRidge``: a regressor of log(1 + RL)."""
+    return TfidfRidge()._model().fit(list(texts), np.log1p(rl))
+
+
+# ---- the stacker -----------------------------------------------------------------------------------
+def normalise(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, EPS, None)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def nll(p: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.mean(np.log(normalise(p)[np.arange(len(y)), y])))
+
+
+def features(pe: np.ndarray, pt: np.ndarray, *extra: np.ndarray) -> np.ndarray:
+    """``[log p_enc, log p_tfidf]`` (the runtime's ``LexicalHead.stack`` inputs), then ``extra``
+    columns (research variants only: a bundle ships the first two)."""
+    return np.hstack([np.log(normalise(pe)), np.log(normalise(pt)), *extra])
+
+
+class Stacker:
+    """Multinomial logistic regression over the buckets on stacked features (standardised)."""
+
+    def __init__(self, k: int, c: float) -> None:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        self.k = k
+        self.model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> Stacker:
+        self.model.fit(x, y)
+        return self
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        p = np.zeros((len(x), self.k))
+        p[:, self.model.classes_] = self.model.predict_proba(x)
+        return p
+
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(A, c)`` with ``softmax(x @ A.T + c) == predict_proba(x)``: the scaler folded into
+        the coefficients; a bucket absent from the fit gets probability 0 (logit -1e4)."""
+        scaler, lr = self.model[0], self.model[-1]
+        coef, icpt = np.asarray(lr.coef_, dtype=np.float64), np.asarray(lr.intercept_, dtype=np.float64)
+        if coef.shape[0] == 1:  # binary: softmax([0, z])
+            coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], icpt])
+        scale = np.asarray(scaler.scale_, dtype=np.float64)
+        a = np.zeros((self.k, coef.shape[1]))
+        c = np.full(self.k, -1e4)
+        a[lr.classes_] = coef / scale
+        c[lr.classes_] = icpt - (coef / scale) @ np.asarray(scaler.mean_, dtype=np.float64)
+        return a, c
+
+
+def pick_c(x: np.ndarray, y: np.ndarray, groups: Sequence[str], k: int,
+           log: Callable[[str], None] = lambda m: None) -> tuple[float, dict[str, float]]:
+    """The C of ``C_GRID`` with the lowest grouped 5-fold cross-validated NLL."""
+    from sklearn.model_selection import GroupKFold
+
+    scores: dict[str, float] = {}
+    for c in C_GRID:
+        oof = np.zeros((len(y), k))
+        for tr, te in GroupKFold(5).split(x, y, list(groups)):
+            oof[te] = Stacker(k, c).fit(x[tr], y[tr]).predict_proba(x[te])
+        scores[str(c)] = nll(oof, y)
+        log(f"  C={c}: CV NLL {scores[str(c)]:.5f}")
+    return min(C_GRID, key=lambda c: scores[str(c)]), scores
+
+
+# ---- the recipe -----------------------------------------------------------------------------------
+def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack_rows: int = 4000,
+                 folds: int = 3, seed: int = 0, threads: int | None = None, force: bool = False,
+                 recipe: str = "config", log: Callable[[str], None] = lambda m: None) -> dict:
+    """Fit the lexical head and the stacker for ``bundle`` on ``cfg``'s data (module docstring)
+    and write the stacked bundle to ``out`` (atomically; never over an input). Returns the
+    report (also the manifest's ``lexical.fit`` and ``lexical.evaluation``)."""
+    from threadpoolctl import threadpool_limits
+
+    from rlpredict.serve.runtime import Predictor
+
+    bundle, out = Path(bundle), Path(out)
+    check_paths([bundle, *cfg.data], [("--out", out)])
+    check_new_dir(out, force=force, option="--out")
+    t0 = time.perf_counter()
+    pred = Predictor.load(bundle, threads=threads)
+    if pred.bundle.lexical is not None:
+        raise ValueError(f"bundle {bundle}: already has a lexical head; stack the encoder-only bundle")
+    spec, scheme, q = pred.input_spec, pred.scheme, cfg.reserve_quantile
+    train_side, enc_train, test, cfg_scheme = load_split(cfg)
+    if list(cfg_scheme.edges) != list(scheme.edges):
+        raise ValueError(f"the recipe's bucket edges {cfg_scheme.edges} differ from the bundle's {scheme.edges}: "
+                         "give the recipe the bundle was trained with")
+    stack, stack_info = stacking_rows(train_side, enc_train, stack_rows, seed)
+    if not stack:
+        raise ValueError("no training-side rows the encoder did not train on: nothing to fit the stacker on "
+                         "(train the encoder on a subsample, max_rows_per_source)")
+    log(f"training side {len(train_side)}, encoder subsample {len(enc_train)}, test {len(test)}, "
+        f"stacking-fit {len(stack)} rows")
+
+    tr_texts = baseline_texts(train_side, spec)
+    tfidf = TfidfLogistic().fit(tr_texts, np.array([s.rl_tokens for s in train_side], dtype=float), scheme)
+    del tr_texts
+    log(f"TF-IDF + logreg fitted on {len(train_side)} rows ({time.perf_counter() - t0:.0f}s)")
+    pt_stack, _ = tfidf_oof(train_side, stack, group_folds(stack, folds, seed), scheme, spec, log=log)
+    pe_stack = encoder_probs(pred, stack)
+    log(f"encoder probabilities of the stacking-fit rows ({time.perf_counter() - t0:.0f}s)")
+
+    y = scheme.bucket_of(np.array([s.rl_tokens for s in stack], dtype=float))
+    x = features(pe_stack, pt_stack)
+    with threadpool_limits(1):  # small dense fits: one BLAS thread (more ran slower on 2 busy cores)
+        c, cv = pick_c(x, y, [f"{s.source}/{s.group}" for s in stack], scheme.n_buckets, log=log)
+        stacker = Stacker(scheme.n_buckets, c).fit(x, y)
+    a, b = stacker.folded()
+    vec, lr = tfidf.model[0], tfidf.model[-1]
+    arrays = lexical.export_arrays(vec, lr, a, b, scheme.n_buckets)
+    fit = {"recipe": recipe, "stacking_fit": stack_info, "folds": folds, "seed": seed,
+           "stacker": {"C": c, "cv_nll_by_C": cv, "features": "[log p_enc, log p_tfidf]"},
+           "tfidf_training_rows": len(train_side)}
+
+    with output_dir(out, force=force, tool="rlpredict stack") as tmp:
+        names = list(pred.bundle.manifest["files"])
+        for name in names:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(bundle / name, tmp / name)
+        np.savez(tmp / lexical.FILE, **arrays)
+        manifest = {k: v for k, v in pred.bundle.manifest.items() if k not in ("files", "calibration")}
+        manifest["lexical"] = {"format": lexical.FORMAT, "file": lexical.FILE,
+                               "tfidf": lexical.tfidf_rules(vec), "text_cap": _text_cap(), "fit": fit}
+        manifest["files"] = [*names, lexical.FILE]
+        write_manifest(tmp, manifest)
+        stacked = Predictor.load(tmp, threads=threads)  # score the bundle as it will be served
+        te_enc = encoder_probs(stacked, test)
+        te_tfidf = tfidf.predict_proba(baseline_texts(test, spec))
+        te_stacked = stacked.predict_arrays([s.messages for s in test], [s.generator for s in test]).probs
+        rl = np.array([s.rl_tokens for s in test], dtype=float)
+        src = np.array([s.source for s in test])
+        probs = {"stacked": te_stacked, "encoder": te_enc, "tfidf_logreg": te_tfidf}
+        evaluation = {"split": {"test_frac": cfg.test_frac, "seed": cfg.split_seed, "test_samples": len(test)},
+                      "all": {m: rl_metrics(rl, p, scheme, q) for m, p in probs.items()},
+                      "sources": {s: {m: rl_metrics(rl[src == s], p[src == s], scheme, q) for m, p in probs.items()}
+                                  for s in sorted(set(src))}}
+        manifest["lexical"]["evaluation"] = evaluation
+        manifest["confusion"] = confusion_dict(
+            rl, te_stacked, scheme, f"stacked model (encoder + TF-IDF) on {', '.join(sorted(set(src)))} "
+                                    f"(test split, n={len(test)})")
+        write_manifest(tmp, manifest)
+        card = bundle / CARD
+        text = card.read_text(encoding="utf-8") if card.is_file() else f"# {pred.bundle.name}\n"
+        (tmp / CARD).write_text(_with_card_section(text, fit, evaluation), encoding="utf-8")
+    report = {"fit": fit, "evaluation": evaluation, "seconds": round(time.perf_counter() - t0, 1)}
+    log(f"stacked bundle written to {out} ({report['seconds']}s)")
+    return report
+
+
+def _text_cap() -> int:
+    from rlpredict.inputs import LEXICAL_TEXT_CAP
+
+    return LEXICAL_TEXT_CAP
+
+
+def markdown(evaluation: dict) -> str:
+    """One table per source (and all): the stacked model, the encoder alone, TF-IDF alone."""
+    parts = []
+    for name, rows in [("all", evaluation["all"]), *evaluation["sources"].items()]:
+        parts += [f"\n{name} (test split, n={rows['stacked']['n']}):\n", markdown_table(rows)]
+    return "\n".join(parts)
+
+
+def _with_card_section(card: str, fit: dict, evaluation: dict) -> str:
+    kept = card.split(f"\n{CARD_HEAD}\n")[0].rstrip("\n")
+    kept = kept.split("\n## Calibrated quantiles\n")[0].rstrip("\n")  # no longer fits: recalibrate
+    rows = "; ".join(f"{src} {v['rows']} rows in {v['groups']} groups ({v['groups_never_seen_by_encoder']} "
+                     "never seen by the encoder)" for src, v in fit["stacking_fit"].items())
+    return (f"{kept}\n\n{CARD_HEAD}\n\n`rlpredict stack` added TF-IDF + logistic regression "
+            f"({fit['tfidf_training_rows']} training-side rows), stacked with the encoder by a multinomial "
+            f"logistic regression on `[log p_enc, log p_tfidf]` (C = {fit['stacker']['C']}, by grouped "
+            f"5-fold CV) fitted on training-side rows the encoder did not train on, with out-of-fold TF-IDF "
+            f"probabilities ({fit['folds']} group folds): {rows}. Metrics on the test split, computed by the "
+            f"runtime on this bundle:\n{markdown(evaluation)}\n")

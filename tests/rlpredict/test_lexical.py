@@ -1,0 +1,190 @@
+"""The bundle's lexical head: the runtime's TF-IDF + stacker equal scikit-learn's, and
+``rlpredict stack`` writes a bundle that loads, predicts deterministically and is checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rlpredict.buckets import BucketScheme
+from rlpredict.inputs import InputSpec
+from rlpredict.serve import lexical
+from rlpredict.serve.bundle import BundleError, load_bundle, write_manifest
+from rlpredict.serve.lexical import LexicalHead
+
+pytest.importorskip("sklearn")
+
+WORDS = ["write", "explain", "list", "code", "python", "story", "poem", "essay", "short", "long", "detailed",
+         "summary", "translate", "héllo", "naïve", "数据", "the", "a", "of", "and", "to", "in", "step", "by",
+         "why", "how"]
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(0, 40))
+        words = [WORDS[int(i)] for i in rng.integers(0, len(WORDS), k)]
+        out.append(" ".join(words).capitalize() + rng.choice(["?", "!", ".", " 42", "\n\tok"]))
+    return out
+
+
+def _head(tmp_path: Path, arrays: dict, k: int, spec: InputSpec, cap: int = 4000) -> LexicalHead:
+    np.savez(tmp_path / lexical.FILE, **arrays)
+    section = {"format": lexical.FORMAT, "file": lexical.FILE, "text_cap": cap,
+               "tfidf": {"token_pattern": lexical.TOKEN_PATTERN, "lowercase": True, "sublinear_tf": True,
+                         "norm": "l2", "ngram_range": [1, 2]}}
+    return LexicalHead.load(tmp_path, section, k, spec)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """The project's TF-IDF + logreg baseline fitted on synthetic texts whose length depends on words."""
+    from rlpredict.train.baselines import TfidfLogistic
+
+    texts = _texts(400, 0)
+    rl = np.array([20 + 60 * t.lower().count("detailed") + 40 * t.lower().count("essay") + 3 * len(t.split())
+                   for t in texts], dtype=float)
+    scheme = BucketScheme.default()
+    return TfidfLogistic().fit(texts, rl, scheme), scheme
+
+
+def test_runtime_tfidf_equals_scikit_learn(fitted, tmp_path):
+    model, scheme = fitted
+    k = scheme.n_buckets
+    vec, lr = model.model[0], model.model[-1]
+    arrays = lexical.export_arrays(vec, lr, np.zeros((k, 2 * k)), np.zeros(k), k)
+    head = _head(tmp_path, arrays, k, InputSpec())
+    texts = [*_texts(200, 1), "", "!!! ??", "x"]  # unseen mixes, no known term at all
+    got = head.lexical_probs(texts)
+    want = model.predict_proba(texts)
+    assert np.abs(got - want).max() < 1e-5  # float32 weights in the file
+    assert np.allclose(got.sum(axis=1), 1.0)
+
+
+def test_long_texts_are_cut_on_the_kept_side(fitted, tmp_path):
+    model, scheme = fitted
+    k = scheme.n_buckets
+    arrays = lexical.export_arrays(model.model[0], model.model[-1], np.zeros((k, 2 * k)), np.zeros(k), k)
+    text = "short poem " * 30 + "detailed essay " * 30
+    for mode, kept in (("last_user", text[:100]), ("history", text[-100:])):
+        head = _head(tmp_path, arrays, k, InputSpec(mode=mode), cap=100)
+        assert np.array_equal(head.lexical_probs([text]), head.lexical_probs([kept]))
+        assert np.abs(head.lexical_probs([text]) - model.predict_proba([kept])).max() < 1e-5
+
+
+def test_folded_stacker_equals_the_pipeline():
+    from rlpredict.train.stack import Stacker
+
+    rng = np.random.default_rng(0)
+    k = 6
+    x = rng.normal(size=(300, 2 * k)) * rng.uniform(0.1, 5, 2 * k) + rng.normal(size=2 * k)
+    y = rng.choice([0, 1, 2, 4], size=300)  # buckets 3 and 5 never seen
+    st = Stacker(k, 1.0).fit(x, y)
+    a, c = st.folded()
+    z = x @ a.T + c
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    assert np.abs(p - st.predict_proba(x)).max() < 1e-9
+    assert p[:, [3, 5]].max() < 1e-12
+
+
+def test_unsupported_vectorizer_is_refused(fitted):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    model, scheme = fitted
+    k = scheme.n_buckets
+    vec = TfidfVectorizer(ngram_range=(1, 3)).fit(_texts(50, 2))
+    with pytest.raises(ValueError, match="ngram_range"):
+        lexical.export_arrays(vec, model.model[-1], np.zeros((k, 2 * k)), np.zeros(k), k)
+    vec = TfidfVectorizer(sublinear_tf=False).fit(_texts(50, 2))
+    with pytest.raises(ValueError, match="sublinear_tf"):
+        lexical.export_arrays(vec, model.model[-1], np.zeros((k, 2 * k)), np.zeros(k), k)
+
+
+# ---- rlpredict stack on the tiny bundle ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stacked(bundle_fp32, tmp_path_factory) -> Path:
+    from rlpredict.samples import SAMPLE_FILES
+    from rlpredict.train.config import TrainConfig
+    from rlpredict.train.stack import stack_bundle
+
+    cfg = TrainConfig(data=[str(p) for p in SAMPLE_FILES.values()], test_frac=0.25, max_rows_per_source=150,
+                      input_mode="history", max_length=48)
+    out = tmp_path_factory.mktemp("stacked") / "bundle"
+    report = stack_bundle(bundle_fp32, cfg, out, stack_rows=200, folds=2, threads=1)
+    assert set(report["evaluation"]["all"]) == {"stacked", "encoder", "tfidf_logreg"}
+    return out
+
+
+def test_stacked_bundle_loads_and_predicts_per_prompt(stacked):
+    from rlpredict.serve.runtime import Predictor
+
+    b = load_bundle(stacked)
+    assert b.lexical is not None and "calibration" not in b.manifest
+    m = b.manifest
+    assert m["lexical"]["fit"]["stacker"]["C"] > 0 and m["confusion"]["source"].startswith("stacked model")
+    assert "lexical.npz" in m["files"]
+    p = Predictor.load(stacked, threads=2)
+    prompts = _texts(40, 3)
+    bulk = p.predict_arrays(prompts)
+    lone = [p.predict_one(t) for t in prompts]
+    assert [x.bucket for x in lone] == bulk.bucket.tolist()
+    assert np.array_equal(np.stack([x.probs for x in lone]), bulk.probs)
+    enc = p.logits_of_ids(p.encode(p.texts(prompts)))
+    assert np.allclose(p.logits(prompts), b.lexical.stack(enc, p.texts(prompts)))
+
+
+def test_stacking_a_stacked_bundle_is_refused(stacked, tmp_path):
+    from rlpredict.samples import SAMPLE_FILES
+    from rlpredict.train.config import TrainConfig
+    from rlpredict.train.stack import stack_bundle
+
+    cfg = TrainConfig(data=[str(p) for p in SAMPLE_FILES.values()], input_mode="history", max_length=48)
+    with pytest.raises(ValueError, match="already has a lexical head"):
+        stack_bundle(stacked, cfg, tmp_path / "again")
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    edit(m, dst)
+    m["files"] = list(m["files"])
+    write_manifest(dst, m)
+    return dst
+
+
+def test_a_bad_lexical_head_is_refused_naming_the_problem(stacked, tmp_path):
+    def rule(m, _):
+        m["lexical"]["tfidf"]["sublinear_tf"] = False
+
+    with pytest.raises(BundleError, match=r"lexical\.tfidf\.sublinear_tf"):
+        load_bundle(_rewrite(stacked, tmp_path / "rule", rule))
+
+    def shape(m, d):
+        with np.load(d / "lexical.npz") as z:
+            a = {k: z[k] for k in z.files}
+        a["idf"] = a["idf"][:-1]
+        np.savez(d / "lexical.npz", **a)
+
+    with pytest.raises(BundleError, match="idf has shape"):
+        load_bundle(_rewrite(stacked, tmp_path / "shape", shape))
+
+    def unlisted(m, _):
+        m["files"] = {k: v for k, v in m["files"].items() if k != "lexical.npz"}
+
+    with pytest.raises(BundleError, match=r"lexical head file 'lexical\.npz' has no entry"):
+        load_bundle(_rewrite(stacked, tmp_path / "unlisted", unlisted))
+
+
+def test_a_tampered_lexical_file_is_refused(stacked, tmp_path):
+    d = shutil.copytree(stacked, tmp_path / "b")
+    with (d / "lexical.npz").open("r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01")
+    with pytest.raises(BundleError, match=r"lexical\.npz does not match the sha256"):
+        load_bundle(d)
