@@ -737,12 +737,14 @@ class EcoServeMixin:
         decodes, plus the most prompt tokens that keep the step within ``iter_time_frac`` x
         ``ECOSERVE_SLO_TBT`` by the cost model (at least its roofline knee); ``full`` (vLLM's
         budget) when nothing decodes. The decodes' tokens include speculative drafts, so they
-        never eat into each other's share. One pass over the running requests (0.45 ms at 1,024 on
-        a 2-core CPU machine)."""
+        never eat into each other's share. A request decodes when at most its last token is left
+        to compute; one re-computing its prompt and generated tokens after a preemption is a
+        prefill, as in the simulator. One pass over the running requests (0.45 ms at 1,024 on a
+        2-core CPU machine)."""
         d = dctx = tokens = 0
         for r in self.running:
             n = r.num_computed_tokens
-            if n >= r.num_prompt_tokens:  # decoding
+            if n >= r.num_tokens - 1:  # decoding (async scheduling: n may run ahead of num_tokens)
                 d += 1
                 dctx += n
                 tokens += max(1, r.num_tokens_with_spec + r.num_output_placeholders - n)

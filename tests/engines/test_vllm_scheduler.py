@@ -258,6 +258,32 @@ def test_profile_sizes_each_steps_prefill_budget_by_the_tbt_slo(monkeypatch: pyt
     assert scheduled[""] == 512 - 4 > scheduled[cost.name]
 
 
+def test_a_request_recomputing_after_preemption_is_not_a_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TBT budget counts as decodes only requests with at most their last token left to
+    compute: one re-prefilling prompt + generated tokens after a preemption (computed past its
+    prompt, far from its end) is a prefill, as in the simulator."""
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.policies import ecoserve_rules as rules
+    from ecoserve_sched.policies.ecoserve import EcoServeConfig
+
+    monkeypatch.setenv("ECOSERVE_PROFILE", "llama3-8b-h100-80gb")
+    monkeypatch.setenv("ECOSERVE_SLO_TBT", "0.05")
+    s = make(EcoServeVllmSyncScheduler, num_blocks=200)
+    cost, frac = load_profile("llama3-8b-h100-80gb"), EcoServeConfig().iter_time_frac
+
+    def running(computed: int, prompt: int, tokens: int) -> SimpleNamespace:
+        return SimpleNamespace(num_computed_tokens=computed, num_prompt_tokens=prompt, num_tokens=tokens,
+                               num_tokens_with_spec=tokens, num_output_placeholders=0)
+
+    decodes = [running(99, 40, 100), running(300, 200, 301)]
+    resumed = running(150, 40, 400)  # preempted after 360 outputs: 250 tokens still to recompute
+    s.running = [*decodes, resumed]
+    want, _ = rules.PrefillBudget(cost.iteration_time, frac * 0.05, min(cost.token_budget, 512))(510, 2, 99 + 300)
+    assert s._step_budget(512) == 2 + want
+    s.running = decodes
+    assert s._step_budget(512) == 2 + want
+
+
 def test_a_bad_profile_is_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from ecoserve_sched.engines.vllm_scheduler import EcoServeSetupError
 
