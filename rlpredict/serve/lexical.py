@@ -137,11 +137,10 @@ class LexicalHead:
 
     def stack(self, enc_logits: np.ndarray, model_texts: Sequence[str]) -> np.ndarray:
         """The stacked logits (n, K) from the encoder's logits and the model's input texts."""
-        z = enc_logits.astype(np.float64)
-        z = z - z.max(axis=1, keepdims=True)
-        p_enc = np.exp(z)
-        p_enc /= p_enc.sum(axis=1, keepdims=True)
-        x = np.hstack([_log_clipped(p_enc), _log_clipped(self.lexical_probs(model_texts))])
+        z = enc_logits - enc_logits.max(axis=1, keepdims=True)
+        p_enc = np.exp(z, dtype=np.float32)  # the encoder's probabilities exactly as the runtime's
+        p_enc /= p_enc.sum(axis=1, keepdims=True)  # ``from_logits`` gives them (the stacker's fit)
+        x = np.hstack([_log_clipped(p_enc.astype(np.float64)), _log_clipped(self.lexical_probs(model_texts))])
         return x @ self.stack_coef.T + self.stack_intercept
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from rlpredict.buckets import BucketScheme
 from rlpredict.data import Sample, attach_rl, load_samples
-from rlpredict.inputs import InputSpec
+from rlpredict.inputs import LEXICAL_TEXT_CAP, InputSpec
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 from rlpredict.serve import lexical
 from rlpredict.serve.bundle import write_manifest
@@ -261,13 +261,15 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
         np.savez(tmp / lexical.FILE, **arrays)
         manifest = {k: v for k, v in pred.bundle.manifest.items() if k not in ("files", "calibration")}
         manifest["lexical"] = {"format": lexical.FORMAT, "file": lexical.FILE,
-                               "tfidf": lexical.tfidf_rules(vec), "text_cap": _text_cap(), "fit": fit}
+                               "tfidf": lexical.tfidf_rules(vec), "text_cap": LEXICAL_TEXT_CAP, "fit": fit}
         manifest["files"] = [*names, lexical.FILE]
         write_manifest(tmp, manifest)
         stacked = Predictor.load(tmp, threads=threads)  # score the bundle as it will be served
-        te_enc = encoder_probs(stacked, test)
+        texts = encoder_texts(test, spec)  # what ``predict_arrays`` does, the encoder run once
+        enc_logits = stacked.logits_of_ids(stacked.encode(texts))
+        te_enc = stacked.from_logits(enc_logits).probs.astype(np.float64)
+        te_stacked = stacked.from_logits(stacked.combine(enc_logits, texts)).probs
         te_tfidf = tfidf.predict_proba(baseline_texts(test, spec))
-        te_stacked = stacked.predict_arrays([s.messages for s in test], [s.generator for s in test]).probs
         rl = np.array([s.rl_tokens for s in test], dtype=float)
         src = np.array([s.source for s in test])
         probs = {"stacked": te_stacked, "encoder": te_enc, "tfidf_logreg": te_tfidf}
@@ -286,12 +288,6 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     report = {"fit": fit, "evaluation": evaluation, "seconds": round(time.perf_counter() - t0, 1)}
     log(f"stacked bundle written to {out} ({report['seconds']}s)")
     return report
-
-
-def _text_cap() -> int:
-    from rlpredict.inputs import LEXICAL_TEXT_CAP
-
-    return LEXICAL_TEXT_CAP
 
 
 def markdown(evaluation: dict) -> str:
