@@ -188,3 +188,20 @@ def test_a_tampered_lexical_file_is_refused(stacked, tmp_path):
         f.write(b"\x00\x01")
     with pytest.raises(BundleError, match=r"lexical\.npz does not match the sha256"):
         load_bundle(d)
+
+
+def test_annotate_with_a_stacked_bundle_gives_the_stacked_predictions(stacked, tmp_path):
+    """``rlpredict annotate`` goes through the same stacked logits as ``predict`` (and a
+    calibrated stacked bundle adds its quantile columns the same way)."""
+    from rlpredict.serve.annotate import annotate_file
+    from rlpredict.serve.runtime import Predictor
+
+    p = Predictor.load(stacked, threads=2)
+    prompts = _texts(30, 4)
+    src = tmp_path / "trace.jsonl"
+    src.write_text("".join(json.dumps({"prompt": t, "arrival_time_s": i}) + "\n" for i, t in enumerate(prompts)))
+    annotate_file(p, src, tmp_path / "out.jsonl", chunk_rows=7)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    want = p.predict_arrays(prompts)
+    assert [r["rl_bucket"] for r in rows] == want.bucket.tolist()
+    assert [r["rl_pred_tokens"] for r in rows] == want.pred_tokens.tolist()
