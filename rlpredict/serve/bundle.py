@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,16 @@ def write_manifest(folder: str | Path, manifest: dict) -> dict:
     manifest = {**manifest, "format": FORMAT, "files": file_entries(folder, names)}
     write_text_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def copy_files(bundle: Bundle, dst: str | Path) -> list[str]:
+    """Copy the files ``bundle``'s manifest lists into ``dst`` (a tool's new bundle folder, being
+    written); returns their names, for the new manifest's ``files``."""
+    names = list(bundle.manifest["files"])
+    for name in names:
+        (Path(dst) / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(bundle.path / name, Path(dst) / name)
+    return names
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ sees. The result is a new bundle folder: the same model and tokenizer files, the
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
-from rlpredict.serve.bundle import write_manifest
+from rlpredict.serve.bundle import copy_files, write_manifest
 from rlpredict.serve.conformal import (
     MIN_GROUP,
     QuantileCalibration,
@@ -94,10 +93,7 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
         report["check"][name] = coverage_table(scheme, cal, check_probs[m], check_rl[m])
 
     with output_dir(out, force=force, tool="rlpredict calibrate") as tmp:
-        names = list(p.bundle.manifest["files"])
-        for name in names:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(bundle / name, tmp / name)
+        names = copy_files(p.bundle, tmp)
         manifest = {k: v for k, v in p.bundle.manifest.items() if k != "files"}
         manifest["calibration"] = {**cal.to_dict(), "check": report["check"]}
         manifest["files"] = names

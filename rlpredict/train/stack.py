@@ -21,7 +21,6 @@ The recipe (measured in docs/predictor.md, "Encoder + TF-IDF"):
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.inputs import LEXICAL_TEXT_CAP, InputSpec
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 from rlpredict.serve import lexical
-from rlpredict.serve.bundle import write_manifest
+from rlpredict.serve.bundle import copy_files, write_manifest
 from rlpredict.train.baselines import TfidfLogistic, TfidfRidge
 from rlpredict.train.config import TrainConfig
 from rlpredict.train.evaluate import baseline_texts, confusion_dict, encoder_texts, markdown_table
@@ -254,10 +253,7 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
            "tfidf_training_rows": len(train_side)}
 
     with output_dir(out, force=force, tool="rlpredict stack") as tmp:
-        names = list(pred.bundle.manifest["files"])
-        for name in names:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(bundle / name, tmp / name)
+        names = copy_files(pred.bundle, tmp)
         np.savez(tmp / lexical.FILE, **arrays)
         manifest = {k: v for k, v in pred.bundle.manifest.items() if k not in ("files", "calibration")}
         manifest["lexical"] = {"format": lexical.FORMAT, "file": lexical.FILE,
