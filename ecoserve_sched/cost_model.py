@@ -104,6 +104,25 @@ class CostModel:
         t = (compute if compute > memory else memory) + self._oh + self._oh_seq * decode_requests
         return t + self._oh_pf if prefill_tokens > 0 else t
 
+    def decode_run(self, d: int, ctx: int, now: float, until: float, steps: int) -> tuple[float, int]:
+        """Run decode-only iterations of ``d`` requests holding ``ctx`` context tokens (each
+        step adds ``d``) from time ``now``: at most ``steps`` of them, stopping after the first
+        that ends at or after ``until``. Returns the time after them and how many ran. The
+        simulator's fast path: the same floating-point operations, in the same order, as adding
+        ``iteration_time(0, 0, d, ctx)`` step by step (so the same times to the last bit)."""
+        a = self._c_tok * d + self._c_logit * d  # iteration_time's compute, its ctx-free part
+        c_dctx, m_w, m_kv, oh, per_seq = self._c_dctx, self._m_w, self._m_kv, self._oh, self._oh_seq * d
+        k = 0
+        while k < steps:
+            compute = a + c_dctx * ctx
+            memory = m_w + m_kv * ctx
+            now += (compute if compute > memory else memory) + oh + per_seq
+            ctx += d
+            k += 1
+            if now >= until:
+                break
+        return now, k
+
     def swap_time(self, tokens: int) -> float:
         """Seconds to move ``tokens`` tokens' KV over PCIe, one direction."""
         return tokens * self._swap

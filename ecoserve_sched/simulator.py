@@ -42,7 +42,9 @@ class CostModelExecutor(Executor):
         self._plan = self.faults.plan()
         self.fault_step = next(self._plan, NEVER)  # the next failing iteration
         self.fast_until = 0 if stepwise else self.fault_step  # stretches only before this step
-        self.it_time = (timing or sched.cost).iteration_time
+        timer = timing or sched.cost
+        self.it_time = timer.iteration_time
+        self.decode_run = getattr(timer, "decode_run", None) or self._decode_run
         self.finishes: list[tuple[int, int, int, Request]] = []  # (step, rid, epoch, request)
         self.sched_s = 0.0
         # The loop calls these for every arrival and turn: the policy's own, without a layer.
@@ -86,8 +88,9 @@ class CostModelExecutor(Executor):
 
     def _stretch(self, now: float, until: float) -> LogRow:
         """Decode-only iterations: every decoding request runs one step per iteration, until a
-        finish, an arrival (``until``), a fault or an alarm that needs a decision."""
-        sched, kv, it_time, check = self.sched, self.sched.kv, self.it_time, self.check
+        finish, an arrival (``until``), a fault or an alarm that needs a decision. Between
+        alarms the steps run in one ``decode_run`` (the cost model's tight loop)."""
+        sched, kv, decode_run, check = self.sched, self.sched.kv, self.decode_run, self.check
         next_finish = self.finishes[0][0] if self.finishes else NEVER
         if self.fault_step < next_finish:
             next_finish = self.fault_step
@@ -100,15 +103,18 @@ class CostModelExecutor(Executor):
         # ``alloc`` sums the allocated blocks of each step run (``kv.run_steps``).
         alloc = 0
         while True:
-            if check:
+            if check:  # one step at a time, each checked
                 sched.step = step
                 alloc += kv.run_steps(step)
                 if not kv.advance(step):
                     raise AssertionError(f"{self.name}: lazy growth overran the free pool at step {step}")
                 kv.check(sched.used_blocks_after())
-            now += it_time(0, 0, d, dctx)
-            dctx += d
-            step += 1
+                n = 1
+            else:
+                n = (next_finish if next_finish < next_alarm else next_alarm) - step
+            now, k = decode_run(d, dctx, now, until, n if n > 1 else 1)
+            dctx += d * k
+            step += k
             if step >= next_finish or now >= until:
                 break
             if step >= next_alarm:
@@ -122,6 +128,17 @@ class CostModelExecutor(Executor):
         alloc += kv.run_steps(step)  # the alarms at ``step`` wait for the next turn
         self._finish_due(now)
         return (now, (now - t_start) / k, k, d, ctx0 + d * (k + 1) / 2, alloc / k)
+
+    def _decode_run(self, d: int, ctx: int, now: float, until: float, steps: int) -> tuple[float, int]:
+        """``CostModel.decode_run`` for a timing object without one: step by step."""
+        it_time, k = self.it_time, 0
+        while k < steps:
+            now += it_time(0, 0, d, ctx)
+            ctx += d
+            k += 1
+            if now >= until:
+                break
+        return now, k
 
     def _check_blocked(self, now: float) -> None:
         """``admission_blocked`` said True: ``schedule`` (hence ``admit``) must agree."""

@@ -115,6 +115,24 @@ def test_predict_matches_iteration_time():
     assert m.predict(np.array(xs)) == pytest.approx([m.iteration_time(*x) for x in xs])
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([A100_7B, "opt-13b-a100-40gb", "llama3-8b-h200"]), st.integers(1, 512),
+       st.integers(0, 200_000), st.floats(0, 1e4), st.floats(0, 30), st.integers(1, 3000))
+def test_decode_run_is_iteration_time_step_by_step(name, d, ctx, now, span, steps):
+    """The simulator's tight decode loop gives the same times, to the last bit, as adding
+    ``iteration_time`` one step at a time, and stops at the same step."""
+    m = load_profile(name)
+    until = now + span
+    t, c, k = now, ctx, 0
+    while k < steps:
+        t += m.iteration_time(0, 0, d, c)
+        c += d
+        k += 1
+        if t >= until:
+            break
+    assert m.decode_run(d, ctx, now, until, steps) == (t, k)
+
+
 def test_save_and_load_from_path(tmp_path):
     m = load_profile("llama3-8b-h100-80gb")
     path = tmp_path / "mine.json"
