@@ -118,8 +118,9 @@ def apply_predictions(requests: list[Request], trace: Trace, source: str, *, see
         rows = m.sum(axis=1)
         cdf = np.cumsum(m, axis=1) / np.where(rows > 0, rows, 1)[:, None]
         u = rng.random(len(requests))
-        pred = np.array([int(np.searchsorted(cdf[b], x, side="right")) if rows[b] > 0 else int(b)
-                         for b, x in zip(true_b.tolist(), u.tolist(), strict=True)], dtype=np.int64)
+        # the row's inverse CDF at u (``searchsorted(cdf[b], u, side="right")``: the entries <= u);
+        # a bucket never seen in evaluation keeps its true bucket
+        pred = np.where(rows[true_b] > 0, (cdf[true_b] <= u[:, None]).sum(axis=1), true_b)
         pred = np.minimum(pred, len(c.edges) - 1)
         for r, b in zip(requests, pred.tolist(), strict=True):
             r.pred_bucket, r.pred_tokens, r.reserve_tokens = b, int(c.point_tokens[b]), int(c.reserve_tokens[b])

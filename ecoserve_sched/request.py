@@ -6,7 +6,7 @@ the predicted fields (``pred_bucket``, ``pred_tokens``, ``reserve_tokens``) and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 
@@ -55,14 +55,13 @@ class Request:
     preemptions: int = 0
     swapped_tokens: int = 0
     error: str | None = None  # why the request ended ERRORED
+    # Output length the simulator stops at (the truth, capped by ``max_tokens``), set once at
+    # construction: the lengths never change, and the simulator reads this on every finish.
+    target_tokens: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.prefill_target = self.prompt_tokens
-
-    @property
-    def target_tokens(self) -> int:
-        """Output length the simulator will stop at (the truth, capped by ``max_tokens``)."""
-        return min(self.true_output_tokens, self.max_tokens)
+        self.target_tokens = min(self.true_output_tokens, self.max_tokens)
 
     def generated_at(self, step: int) -> int:
         """Output tokens produced after ``step`` iterations (decoding advances one per step)."""
