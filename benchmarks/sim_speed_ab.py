@@ -9,9 +9,16 @@ of the counters; "yes (log rows grouped differently)" where the iteration logs d
 one tree splits runs of decode-only iterations into more rows). Then each tree's own
 ``sim_speed.py`` decision benchmark (512 running).
 
+``--instructions N`` counts instead of timing: each cell replays the first N requests of the
+trace once per tree under valgrind (``cachegrind --cache-sim=no``), and the table gives the
+instructions the replay executed (less those of a run that stops just before it: interpreter
+start, imports, reading the trace). Instruction counts do not depend on the machine's load, so
+small differences show on a busy machine too; they weigh every instruction alike (a cache miss
+costs more time than an add), so confirm large changes in time.
+
 Usage: git worktree add --detach /tmp/before HEAD
        python benchmarks/sim_speed_ab.py --before /tmp/before [--after .] [--rate-scales 0.3,1]
-       [--policies vllm,ecoserve] [--repeat 3] [--no-decision]
+       [--policies vllm,ecoserve] [--repeat 3] [--no-decision] [--instructions 6000]
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +66,50 @@ for line in sys.stdin:
                       "rows": len(res.log), "fp": fp,
                       "fp_log": fp_log}), flush=True)
 """
+
+
+COUNTED = r"""
+import hashlib, sys
+from ecoserve_sched.cost_model import load_profile
+from ecoserve_sched.predictions import load_confusion
+from ecoserve_sched.request import SLO
+from ecoserve_sched.simulator import run
+from ecoserve_sched.trace import read_trace
+trace, cost, conf = read_trace(sys.argv[1]), load_profile(sys.argv[2]), load_confusion(sys.argv[3])
+policy, scale, n, replay = sys.argv[4], float(sys.argv[5]), int(sys.argv[6]), sys.argv[7] == "1"
+t = trace.scaled(scale).head(n)
+if replay:
+    res = run(t, policy, cost, slo=SLO(5.0, 0.2), predictions="confusion", confusion=conf)
+    rows = [(r.first_token_s, r.finish_s, r.generated, r.preemptions) for r in res.requests]
+    print(hashlib.sha256(repr((rows, sorted(res.counters.items()))).encode()).hexdigest()[:12])
+"""
+
+
+def count_instructions(tree: Path, args: argparse.Namespace, policy: str, scale: float, replay: bool) -> tuple[int, str]:
+    """Instructions of one run of ``COUNTED`` under valgrind, and the decisions' hash it printed."""
+    cmd = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null", sys.executable,
+           "-c", COUNTED, str(args.trace), args.profile, str(args.confusion), policy, str(scale),
+           str(args.instructions), "1" if replay else "0"]
+    out = subprocess.run(cmd, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+    m = re.search(r"I\s+refs:\s+([\d,]+)", out.stderr)
+    if out.returncode or not m:
+        sys.exit(f"valgrind run failed in {tree} ({policy}, rate scale {scale}): {out.stderr.strip()[-300:]}")
+    return int(m.group(1).replace(",", "")), out.stdout.strip()
+
+
+def instructions_table(args: argparse.Namespace) -> None:
+    trees = {"before": args.before.resolve(), "after": args.after.resolve()}
+    base = {n: count_instructions(t, args, args.policies[0], args.rate_scales[0], False)[0] for n, t in trees.items()}
+    print(f"## Instructions per replay of the first {args.instructions:,} requests, before ({args.before}) "
+          f"vs after ({args.after})\n")
+    print("| policy | rate scale | M instructions before | M instructions after | after/before | same decisions |")
+    print("|---|---|---|---|---|---|")
+    for scale in args.rate_scales:
+        for p in args.policies:
+            got = {n: count_instructions(t, args, p, scale, True) for n, t in trees.items()}
+            b, a = (got[n][0] - base[n] for n in ("before", "after"))
+            same = "yes" if got["before"][1] == got["after"][1] else "NO"
+            print(f"| {p} | {scale:g} | {b / 1e6:,.0f} | {a / 1e6:,.0f} | {a / b:.3f} | {same} |")
 
 
 def _same(a: dict, b: dict) -> str:
@@ -101,8 +154,15 @@ def main() -> None:
                     help="also run each tree's decision benchmark")
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell and tree (the best is reported)")
     ap.add_argument("--backlog", type=int, default=2000, help="waiting requests in the decision benchmark")
+    ap.add_argument("--instructions", type=int, default=0, metavar="N",
+                    help="count instructions (valgrind) over the first N requests instead of timing")
     args = ap.parse_args()
     args.trace, args.confusion = args.trace.resolve(), args.confusion.resolve()
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            sys.exit("--instructions needs valgrind on the PATH")
+        instructions_table(args)
+        return
     workers = {"before": Worker(args.before.resolve(), args), "after": Worker(args.after.resolve(), args)}
     print(f"## Replay speed, before ({args.before}) vs after ({args.after}), interleaved\n")
     print("| policy | rate scale | wall s before | wall s after | CPU s before | CPU s after | after/before CPU "
