@@ -24,8 +24,9 @@ same defaults as ``policies/ecoserve.py``):
 * **Admission**: besides vLLM's own block check, a request that holds no KV is admitted only if
   the projected peak (``rules.Projection``) of the admitted requests and it stays within the
   cache, less ``reserve_frac`` of it: each request grows one token per step up to its
-  reservation (``rules.reservation_tokens``: the predicted median RL, doubled each time it is
-  outgrown: the top-up), and reservations overlap in time (aggregate KVC pipelining).
+  reservation (``rules.reservation_tokens``: the prediction's reservation, its upper quantile,
+  doubled each time it is outgrown: the top-up), and reservations overlap in time (aggregate
+  KVC pipelining).
   Admission stops at the first request that does not fit (vLLM's loop breaks there). Blocks
   shared through prefix caching count once; block sizes are the KV manager's (``block_size``
   x decode-context-parallel size). The test wraps ``allocate_slots`` only while vLLM takes
@@ -236,9 +237,8 @@ _RETIRED = {
     "ECOSERVE_TOPUP_FRAC": "a top-up is the rules' doubling of the projected reservation",
     "ECOSERVE_TOPUP_MIN_TOKENS": "a top-up is the rules' doubling of the projected reservation",
     "ECOSERVE_ORDER_WEIGHT": "the waiting order is rules.priority_key; see ECOSERVE_AGING",
-    "ECOSERVE_MARGIN": "the reservation base is rl_pred_tokens (the predicted median), doubled "
-                       "when outgrown; the margin padded the upper quantile, which is kept for the "
-                       "record only (in the scheduler and in the middleware)",
+    "ECOSERVE_MARGIN": "the reservation base is rl_reserve_tokens (the prediction's upper quantile), "
+                       "doubled when outgrown, with no margin on top",
 }
 
 #: (type, lowest, highest) of each setting; None: unbounded (str: a path).
@@ -334,8 +334,9 @@ def parse_hints(extra: Any) -> tuple[dict[str, int], str | None]:
 @dataclass(slots=True)
 class RLPrediction:
     """What the scheduler knows of a request's response length (tokens). ``pred_tokens`` (the
-    predictive median) is the reservation base; ``reserve_tokens`` (the bundle's upper
-    quantile, or the client's ``rl_reserve_tokens``) is kept for the record only."""
+    predictive median) orders the waiting queue; ``reserve_tokens`` (the bundle's upper
+    quantile, or the client's ``rl_reserve_tokens``) is the reservation base, as in the
+    simulator's EcoServe."""
 
     bucket: int
     pred_tokens: int
@@ -646,9 +647,14 @@ class EcoServeMixin:
 
     # ---- ordering (rules.priority_key, rules.ttft_lost) -------------------------------------------
     def _base(self, request_id: str) -> int:
-        """The reservation base: the predicted median RL."""
+        """The ordering's length: the predicted median RL."""
         p = self.rl.get(request_id)
         return p.pred_tokens if p is not None else self.eco_cfg.default_reserve
+
+    def _reserve(self, request_id: str) -> int:
+        """The reservation base: the prediction's reservation (its upper quantile)."""
+        p = self.rl.get(request_id)
+        return p.reserve_tokens if p is not None else self.eco_cfg.default_reserve
 
     def _order_key(self, request: Request) -> float:
         cfg, n = self.eco_cfg, request.num_prompt_tokens
@@ -683,12 +689,13 @@ class EcoServeMixin:
     def _fits(self, request: Request, hit: Any) -> bool:
         """The projected peak of the admitted requests and ``request`` stays within the cache:
         each holds its context now, grows one token per step and ends at its reservation
-        (``rules.reservation_tokens``: the predicted median, doubled each time it is outgrown).
+        (``rules.reservation_tokens``: the prediction's reservation, doubled each time it is
+        outgrown).
         Blocks held by several requests (prefix caching) count once."""
         if not len(self.proj):
             return True  # alone: a reservation larger than the cache must not block it forever
         bs, g = self._bs, request.num_output_tokens
-        rem = rules.reservation_tokens(self._base(request.request_id), g, request.max_tokens) - g
+        rem = rules.reservation_tokens(self._reserve(request.request_id), g, request.max_tokens) - g
         ctx = -(-request.num_tokens // bs) * bs
         shared = self._shared_blocks + _referenced(hit)  # its prefix hits others hold: no new KV
         keep = self._keep_free if self.running else 0
@@ -698,7 +705,7 @@ class EcoServeMixin:
 
     def _admitted(self, request: Request) -> None:
         rid, g, step = request.request_id, request.num_output_tokens, self._step
-        entry = (request.num_tokens - step, g - step, self._base(rid), request.max_tokens)
+        entry = (request.num_tokens - step, g - step, self._reserve(rid), request.max_tokens)
         if len(self._entries) >= self._slots:  # more async loads than slots: a larger projection
             self._slots *= 2
             self.proj = rules.Projection(self._slots)
@@ -796,7 +803,7 @@ class EcoServeMixin:
         """Largest is preempted first: SLO lost, longest predicted remaining, latest admitted."""
         rid, g = r.request_id, r.num_output_tokens
         lost = self._first_token.get(rid, now) - r.arrival_time > self.eco_cfg.slo_ttft
-        rem = rules.reservation_tokens(self._base(rid), g, r.max_tokens) - g
+        rem = rules.reservation_tokens(self._reserve(rid), g, r.max_tokens) - g
         return rules.victim_key(lost, rem, self._seq.get(rid, 0))
 
     # ---- leaving ----------------------------------------------------------------------------------
@@ -817,7 +824,7 @@ class EcoServeMixin:
         self._forget(request)
         rid = request.request_id
         if rid in self.rl:
-            self.eco_counters["topups"] += _doublings(self._base(rid), request.num_output_tokens,
+            self.eco_counters["topups"] += _doublings(self._reserve(rid), request.num_output_tokens,
                                                       request.max_tokens)
         self.rl.pop(rid, None)
         self._seq.pop(rid, None)

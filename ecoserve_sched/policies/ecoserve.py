@@ -1,5 +1,6 @@
 """EcoServe: shortest predicted work first, give way when the TTFT is lost, KV admission by the
-projected peak of median reservations (aggregate KVC pipelining), SLO-bounded prefill budget.
+projected peak of the predictions' reservations (aggregate KVC pipelining), SLO-bounded prefill
+budget.
 
 Per iteration (docs/scheduler.md has the details and which rule comes from where; the rules
 themselves are the pure functions of ``ecoserve_rules``):
@@ -13,11 +14,15 @@ themselves are the pure functions of ``ecoserve_rules``):
    order (``rules.priority_key``: arrival + predicted service seconds), then PTs whose TTFT is
    already lost (``rules.ttft_lost``: they give way to every request that can still meet it).
    A request is admitted only if its prompt's blocks are free now and the projected peak of the
-   running requests' KV, each growing to its reservation (the predictive median, doubled each
-   time it is outgrown: top-up), stays within the cache: reservations overlap in time, a short
-   request using the tail that a long one reaches only after it ended (KVC pipelining, in
-   aggregate). Admission stops at the first request that does not fit; a failed projection is
-   retried once a running request starts or ends.
+   running requests' KV, each growing to its reservation (the prediction's reservation
+   ``reserve_tokens``, its upper quantile, doubled each time it is outgrown: top-up), stays
+   within the cache: reservations overlap in time, a short request using the tail that a long
+   one reaches only after it ended (KVC pipelining, in aggregate). The upper quantile, not the
+   median, because the two errors cost differently: a request projected too long only delays
+   an admission until it ends (its tail is pipelined), one projected too short lets admission
+   overcommit the cache, and the overcommit is paid in preemptions (a swap out and in of the
+   whole context, stalling the batch) while it lasts. Admission stops at the first request
+   that does not fit; a failed projection is retried once a running request starts or ends.
 4. The prefill budget: the whole token budget when nothing decodes; otherwise the most prompt
    tokens that keep the iteration within ``iter_time_frac`` of the TBT SLO by the cost model
    (time-synced batching), at least the cost model's roofline knee.
@@ -45,7 +50,8 @@ class EcoServeConfig:
     grouping: bool = True  # GT groups by predicted bucket (bookkeeping; no decision depends on it)
     give_way: bool = True  # waiting requests whose TTFT is lost go behind those that can meet it
     oracle: bool = False  # use true RLs as predictions (upper bound)
-    reserve: str = "median"  # reservation base: "median" (pred_tokens) or "p90" (reserve_tokens)
+    reserve: str = "p90"  # reservation base: "p90" (reserve_tokens, the prediction's upper quantile)
+    # or "median" (pred_tokens); the ordering uses pred_tokens either way
     tbt_budget: bool = True  # keep iterations with decodes within iter_time_frac x TBT SLO
     iter_time_frac: float = 0.8  # time-synced batching's share of the TBT SLO
     aging: float = 1.0  # priority = arrival + aging x predicted service seconds
@@ -300,6 +306,7 @@ register("ecoserve-nopipe", _factory(pipelining=False))
 register("ecoserve-noorder", _factory(ordering=False))
 register("ecoserve-nogroup", _factory(grouping=False))
 register("ecoserve-nogiveway", _factory(give_way=False))
-register("ecoserve-p90", _factory(reserve="p90"))
+register("ecoserve-p90", _factory(reserve="p90"))  # the default
+register("ecoserve-median", _factory(reserve="median"))
 register("ecoserve-notbt", _factory(tbt_budget=False))
 register("ecoserve-latest", _factory(victim="latest"))

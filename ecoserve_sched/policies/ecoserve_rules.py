@@ -12,8 +12,9 @@ trace (docs/scheduler.md, "EcoServe").
   first, with aging: a request is overtaken only by requests that arrived less than ``aging``
   times the difference of their service times after it).
 - ``ttft_lost``: a waiting request that can no longer meet its TTFT SLO ("give way").
-- ``reservation_tokens``: the response tokens reserved for a request: the predictive median,
-  doubled each time the request outgrows it (top-up).
+- ``reservation_tokens``: the response tokens reserved for a request: the reservation base (the
+  prediction's reservation, an upper quantile), doubled each time the request outgrows it
+  (top-up).
 - ``projected_peak``: the KV a set of running requests will need at its peak, if each grows one
   token per step and ends at its reservation (reservations overlap in time: aggregate KVC
   pipelining).
@@ -31,7 +32,7 @@ num_prompt_tokens, num_prompt_tokens, rl_pred_tokens, step_s, num_gpu_blocks x b
 1.0)``; before popping a waiting request, ``ttft_lost(now, arrival_time, slo_ttft,
 ceil(num_prompt_tokens / token_budget) x iteration_s)`` moves it behind the others; admission
 asks, besides vLLM's own block check, ``Projection.demand(engine_step, (prompt tokens,
-reservation_tokens(rl_pred_tokens, 0, max_tokens)), limit=cap) <= cap`` with ``cap`` the cache
+reservation_tokens(rl_reserve_tokens, 0, max_tokens)), limit=cap) <= cap`` with ``cap`` the cache
 in tokens minus half a block per running request (``Projection.set`` on admission with ``x =
 num_computed_tokens - step`` and ``gx = num_output_tokens - step``, ``drop`` on finish or
 preemption); reservations need no lookahead slots any more (blocks are allocated as written,
@@ -74,7 +75,8 @@ def ttft_lost(now: float, arrival_s: float, ttft_slo_s: float, prefill_s: float)
 
 
 def reservation_tokens(pred_tokens: int, generated: int, max_tokens: int) -> int:
-    """Response tokens reserved: the predictive median (``pred_tokens``), doubled until it
+    """Response tokens reserved: the reservation base (``pred_tokens``: EcoServe passes the
+    prediction's ``reserve_tokens``, its upper quantile), doubled until it
     exceeds what the request has generated (geometric top-ups: O(log) of them, at most 2x
     over), never beyond ``max_tokens``."""
     r = max(pred_tokens, 1)

@@ -99,7 +99,7 @@ def step_once(s: Scheduler, target: dict[str, int]) -> object:
 def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
     """Same waiting order, same reservations (and top-ups), same admission answer and same victim
     as ``policies/ecoserve.py`` given the same requests, predictions and cache."""
-    cost, blocks = load_profile("llama2-13b-a100-80gb"), 256
+    cost, blocks = load_profile("llama2-13b-a100-80gb"), 320
     sim = EcoServeScheduler(cost, config=EcoServeConfig(), kv_blocks=blocks, block_size=BS, slo=SLO(5.0, 0.2))
     eco = build(EcoServeVllmSyncScheduler, num_blocks=blocks)
     eco.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=5.0, slo_tbt=0.2,
@@ -111,10 +111,11 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
     n = 40
     arrival, prompt = np.sort(rng.uniform(0, 4, n)), rng.integers(16, 1500, n)
     pred, max_tokens = rng.integers(1, 800, n), rng.integers(800, 2000, n)
-    sims = [SimRequest(i, float(arrival[i]), int(prompt[i]), int(max_tokens[i]), 1, pred_tokens=int(pred[i]))
-            for i in range(n)]
+    resv = pred + rng.integers(0, 100, n)  # the prediction's reservation (an upper quantile)
+    sims = [SimRequest(i, float(arrival[i]), int(prompt[i]), int(max_tokens[i]), 1, pred_tokens=int(pred[i]),
+                       reserve_tokens=int(resv[i])) for i in range(n)]
     vreqs = [req(str(i), int(prompt[i]), int(max_tokens[i]), arrival=float(arrival[i]),
-                 rl_pred_tokens=int(pred[i])) for i in range(n)]
+                 rl_pred_tokens=int(pred[i]), rl_reserve_tokens=int(resv[i])) for i in range(n)]
     for r in vreqs:
         eco.add_request(r)
     # 1. the waiting order (the same key, up to the prefill cost's small quadratic term)
@@ -123,17 +124,19 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
     assert np.argsort(sim_keys, kind="stable").tolist() == np.argsort(eco_keys, kind="stable").tolist()
     np.testing.assert_allclose(eco_keys, sim_keys, rtol=0.02)
     assert [r.request_id for r in eco.waiting] == [str(i) for i in np.argsort(sim_keys, kind="stable")]
-    # 2. reservations and top-ups: the same base (the median), generated count and cap
+    # 2. reservations and top-ups: the same base (the prediction's reservation), generated count
+    # and cap
     for r, v in zip(sims, vreqs, strict=True):
-        assert sim._base_pred(r) == eco._base(v.request_id)
-        for g in (0, r.pred_tokens - 1, r.pred_tokens, 3 * r.pred_tokens + 5):
+        # the plug-in caps the base at max_tokens, as every reservation is
+        assert min(sim._base_pred(r), r.max_tokens) == eco._reserve(v.request_id)
+        for g in (0, r.reserve_tokens - 1, r.reserve_tokens, 3 * r.reserve_tokens + 5):
             assert (rules.reservation_tokens(sim._base_pred(r), g, r.max_tokens)
-                    == rules.reservation_tokens(eco._base(v.request_id), g, v.max_tokens))
+                    == rules.reservation_tokens(eco._reserve(v.request_id), g, v.max_tokens))
     # 3. admission: the same projected state gives the same answer for every candidate
     for i in range(6):  # six running requests, entered in both projections alike
         ctx, g = 300 + 100 * i, 10 * i
         sim.proj.set(i, ctx, g, sim._base_pred(sims[i]), int(max_tokens[i]))
-        eco.proj.set(str(i), ctx, g, eco._base(str(i)), int(max_tokens[i]))
+        eco.proj.set(str(i), ctx, g, eco._reserve(str(i)), int(max_tokens[i]))
     sim.decoding = {i: sims[i] for i in range(6)}  # something runs: the keep-free reserve applies
     eco.running = vreqs[:6]
     answers = [(sim._fits(sims[i], sim.kv.blocks_for(int(prompt[i]))), eco._fits(vreqs[i], None))
@@ -157,7 +160,7 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
     assert got.request_id == str(want.rid)
     order_sim = sorted(sims[:6], key=lambda r: rules.victim_key(
         (r.first_token_s if r.first_token_s >= 0 else now) - r.arrival_s > 5.0,
-        rules.reservation_tokens(r.pred_tokens, r.generated, r.max_tokens) - r.generated, r.seq))
+        rules.reservation_tokens(r.reserve_tokens, r.generated, r.max_tokens) - r.generated, r.seq))
     assert [str(r.rid) for r in order_sim] == [v.request_id for v in sorted(vreqs[:6], key=lambda v: eco._victim_key(v, now))]
 
 

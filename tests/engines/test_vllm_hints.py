@@ -251,7 +251,7 @@ def test_retired_and_other_components_settings(caplog) -> None:
     assert len(caplog.messages) == 1
     msg = caplog.messages[0]
     assert "retired" in msg and "ECOSERVE_TOPUP_FRAC" in msg and "ECOSERVE_AGING" in msg
-    assert "ECOSERVE_MARGIN: the reservation base is rl_pred_tokens" in msg and "MIDDLEWARE" not in msg
+    assert "ECOSERVE_MARGIN: the reservation base is rl_reserve_tokens" in msg and "MIDDLEWARE" not in msg
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         EcoServeVllmConfig.from_env({"ECOSERVE_MIDDLEWARE_THRAEDS": "2"})
