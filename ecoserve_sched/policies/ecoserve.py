@@ -57,6 +57,7 @@ class EcoServeConfig:
     aging: float = 1.0  # priority = arrival + aging x predicted service seconds
     reserve_frac: float = 0.0  # share of blocks admissions leave free (CacheOPT's global reserve)
     victim: str = "slo"  # "slo" (rules.victim_key) or "latest" (latest admitted, as vLLM)
+    lost_order: str = "key"  # PTs whose TTFT is lost: "key" (as the others) or "service" (rules.lost_key)
 
 
 class EcoServeScheduler(Scheduler):
@@ -90,9 +91,11 @@ class EcoServeScheduler(Scheduler):
         return r.reserve_tokens if self.cfg.reserve == "p90" else r.pred_tokens
 
     def _priority(self, r: Request) -> float:
-        s = rules.service_s(self.cost.recompute_time(r.prompt_tokens), r.prompt_tokens, max(r.pred_tokens, 1),
-                            self.step_s, self.kv_tokens)
-        return rules.priority_key(r.arrival_s, s, self.cfg.aging)
+        return rules.priority_key(r.arrival_s, self._service(r), self.cfg.aging)
+
+    def _service(self, r: Request) -> float:
+        return rules.service_s(self.cost.recompute_time(r.prompt_tokens), r.prompt_tokens, max(r.pred_tokens, 1),
+                               self.step_s, self.kv_tokens)
 
     def enqueue(self, r: Request, front: bool = False) -> None:
         if r.state == State.SWAPPED or r.generated > 0:
@@ -165,7 +168,10 @@ class EcoServeScheduler(Scheduler):
                 r = pt[0][2]
                 if not rules.ttft_lost(now, r.arrival_s, r.slo.ttft_s, self._ttft_est_s(r)):
                     return r, self.pt
-                heapq.heappush(self.lost.items, heapq.heappop(pt))  # the same key: no recomputing
+                item = heapq.heappop(pt)  # the same key (no recomputing), or rules.lost_key
+                if self.cfg.lost_order == "service" and self.cfg.ordering:
+                    item = (rules.lost_key(self._service(item[2])), item[1], item[2])
+                heapq.heappush(self.lost.items, item)
         if pt:
             return pt[0][2], self.pt
         if self.lost.items:
@@ -310,3 +316,4 @@ register("ecoserve-p90", _factory(reserve="p90"))  # the default
 register("ecoserve-median", _factory(reserve="median"))
 register("ecoserve-notbt", _factory(tbt_budget=False))
 register("ecoserve-latest", _factory(victim="latest"))
+register("ecoserve-lostsjf", _factory(lost_order="service"))

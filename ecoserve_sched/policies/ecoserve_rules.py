@@ -12,6 +12,8 @@ trace (docs/scheduler.md, "EcoServe").
   first, with aging: a request is overtaken only by requests that arrived less than ``aging``
   times the difference of their service times after it).
 - ``ttft_lost``: a waiting request that can no longer meet its TTFT SLO ("give way").
+- ``lost_key``: an order among requests whose TTFT is lost: shortest predicted service first
+  (``ecoserve-lostsjf``; the default keeps ``priority_key`` for them).
 - ``reservation_tokens``: the response tokens reserved for a request: the reservation base (the
   prediction's reservation, an upper quantile), doubled each time the request outgrows it
   (top-up).
@@ -72,6 +74,13 @@ def ttft_lost(now: float, arrival_s: float, ttft_slo_s: float, prefill_s: float)
     """True if a request that starts its prefill now cannot have its first token within the
     TTFT SLO: it gives way to the requests that still can."""
     return now + prefill_s > arrival_s + ttft_slo_s
+
+
+def lost_key(service: float) -> float:
+    """Smaller first: a heap key for a waiting request whose TTFT is lost (``ttft_lost``), its
+    predicted service seconds alone. Its SLO is missed whatever happens, so only its JCT is left
+    to save, and shortest work first minimizes the mean."""
+    return service
 
 
 def reservation_tokens(pred_tokens: int, generated: int, max_tokens: int) -> int:

@@ -176,6 +176,24 @@ def test_a_request_whose_ttft_is_lost_gives_way():
     assert reqs[1].first_token_s < reqs[2].first_token_s
 
 
+def test_lostsjf_orders_requests_whose_ttft_is_lost_shortest_first():
+    # One slot. While the blocker runs (2 s), A (long work) and, much later, B (short work) queue;
+    # both have lost their TTFT when the slot frees. ``ecoserve-lostsjf`` runs the shorter first
+    # (rules.lost_key: only their JCT is left to save); the default keeps the PTs' key, in which
+    # A's arrival + service is smaller.
+    def trace():
+        return [make_req(0, 0.0, 4, 200), make_req(1, 0.01, 4, 200, slo=SLO(0.5, 0.2)),
+                make_req(2, 1.9, 4, 5, slo=SLO(0.05, 0.2))]
+
+    reqs = trace()
+    sim("ecoserve-lostsjf", reqs, blocks=200, max_running=1)
+    assert reqs[2].first_token_s < reqs[1].first_token_s
+    reqs = trace()
+    sim("ecoserve", reqs, blocks=200, max_running=1)
+    assert reqs[1].first_token_s < reqs[2].first_token_s
+    assert rules.lost_key(0.5) < rules.lost_key(2.0)
+
+
 def test_give_way_stops_the_overload_domino():
     # One slot, a request every 0.4 s, each holding the slot ~0.5 s: arrivals outpace service.
     # FCFS makes every request after the first few late; giving way keeps serving fresh ones.
