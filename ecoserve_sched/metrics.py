@@ -52,6 +52,9 @@ def summarize(res: SimResult, slo: SLO) -> dict:
         "mean_jct_s": float((finish - arrival).mean()) if done else float("nan"),
         # the vLLM and Orca papers' metric: end-to-end latency per output token, mean over requests
         "normalized_latency_s": float(((finish - arrival) / np.maximum(gen, 1)).mean()) if done else float("nan"),
+        "mean_ttft_s": float(ttft.mean()) if done else float("nan"),
+        # finished requests whose first token came later than the TTFT SLO
+        "ttft_lost_share": float((ttft > slo.ttft_s).mean()) if done else float("nan"),
         "p50_ttft_s": q(ttft, 0.5),
         "p99_ttft_s": q(ttft, 0.99),
         "p50_tbt_s": weighted_quantile(gaps, w, 0.5),

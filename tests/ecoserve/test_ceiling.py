@@ -37,6 +37,9 @@ def test_normalized_latency_by_hand():
     s = summarize(simulate([r], get_policy("vllm", FlatCost(), slo=slo)), slo)
     assert s["mean_jct_s"] == pytest.approx(0.040016)
     assert s["normalized_latency_s"] == pytest.approx(0.040016 / 4)
+    assert s["mean_ttft_s"] == pytest.approx(0.010016) and s["ttft_lost_share"] == 0.0
+    late = summarize(simulate([make_req(0, 0.0, 16, 4)], get_policy("vllm", FlatCost(), slo=slo)), SLO(0.005, 0.2))
+    assert late["ttft_lost_share"] == 1.0  # its first token after 0.010016 s: the 5 ms TTFT is lost
     # two requests, JCTs over lengths averaged per request (not total latency / total tokens)
     a, b = make_req(0, 0.0, 16, 1), make_req(1, 10.0, 16, 4)
     s = summarize(simulate([a, b], get_policy("vllm", FlatCost(), slo=slo)), slo)
