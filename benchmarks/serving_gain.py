@@ -274,20 +274,24 @@ def plot(results: list[dict], path: Path) -> None:
     x = np.arange(len(PREDICTORS))
     series = [(res, t) for res in results for t in res["traces"]]
     width = 0.8 / len(series)
+    seen: dict[str, list[float]] = {"capacity_x_vllm": [1.0], "jct_x_vllm": [1.0]}
     for i, (res, tname) in enumerate(series):
         t = res["traces"][tname]
         for ax, key in zip(axes[:2], ("capacity_x_vllm", "jct_x_vllm"), strict=True):
-            ax.bar(x + i * width, [t["ecoserve"][f"{n}/bucket"][key] for n in PREDICTORS], width,
-                   label=_label(res, tname))
+            ys = [t["ecoserve"][f"{n}/bucket"][key] for n in PREDICTORS]
+            seen[key] += ys
+            ax.bar(x + i * width, ys, width, label=_label(res, tname))
         modes = [f"q{round(q * 100)}" for q in QUANTILES]
         axes[2].plot([t["ecoserve"][f"minilm/{m}"]["coverage"] for m in modes],
                      [t["ecoserve"][f"minilm/{m}"]["capacity_x_vllm"] for m in modes], marker="o",
                      label=_label(res, tname))
-    for ax, ylabel in zip(axes[:2], ("EcoServe capacity / vLLM capacity",
-                                     "EcoServe mean JCT / vLLM's, at vLLM's capacity"), strict=True):
+    for ax, key, ylabel in zip(axes[:2], seen, ("EcoServe capacity / vLLM capacity",
+                                                "EcoServe mean JCT / vLLM's, at vLLM's capacity"), strict=True):
         ax.set_xticks(x + width * (len(series) - 1) / 2, PREDICTORS, rotation=20, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
-        ax.set_ylim(0.8, 1.2)
+        lo, hi = min(seen[key]), max(seen[key])  # the bars' range (and 1.0), with a margin
+        pad = 0.1 * (hi - lo) + 0.02
+        ax.set_ylim(lo - pad, hi + pad)
     axes[2].set_xlabel("reservation coverage (MiniLM, predictive quantile 0.5 ... 0.99)", fontsize=8)
     axes[2].set_ylabel("EcoServe capacity / vLLM capacity", fontsize=8)
     for ax in axes:
