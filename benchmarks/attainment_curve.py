@@ -42,7 +42,7 @@ def main() -> None:
     if not 0 < lo <= hi or args.points < 1:
         ap.error("--loads needs 0 < LO <= HI and --points >= 1")
     cell = next(c for c in grid.CELLS if c.name == args.cell)
-    grid._SLICE.update(skip=args.skip, seed=args.seed)
+    grid._init_worker(args.skip, args.seed)  # the grid's slice and seed, as in its worker processes
     spec = grid.spec_of(cell, args.shared, args.requests)
     loads = np.linspace(lo, hi, args.points)
     print(f"{cell.name}: requests {args.skip + 1}-{args.skip + args.requests}, seed {args.seed}\n")

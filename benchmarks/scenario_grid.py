@@ -15,9 +15,10 @@ N+1 ... N+``--requests`` of each trace (arrivals shifted to start at 0), ``--see
 predictions (and the synthetic arrivals of the poisson and burst8 cells) with seed S; both 0 by
 default (the first requests, seed 0). ``--confusion FILE`` draws the predictions from another
 confusion matrix (``benchmarks/confusion_minilm_encoder.json``: the encoder-only bundle's, with
-which the figures of docs/results.md dated before the stacked bundle were measured). ``--overload`` adds a table: mean JCT (split into time to first
-token and decode), the share of requests whose TTFT was lost and SLO attainment of every policy
-at 1x and 1.25x vLLM V1's capacity load (JCT ratios to vLLM V1).
+which the figures of docs/results.md dated before the stacked bundle were measured).
+``--overload`` adds a table: mean JCT (split into time to first token and decode), the share of
+requests whose TTFT was lost and SLO attainment of every policy at 1x and 1.25x vLLM V1's
+capacity load (JCT ratios to vLLM V1).
 
 ``--sustained`` adds a table with a stricter capacity: a load passes only if, besides the SLO
 attainment, the server keeps up with every request: at most 1% of the requests are *deferred*,
