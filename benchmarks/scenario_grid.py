@@ -131,19 +131,25 @@ def sharegpt_trace(shared: Path, n: int, skip: int = 0, seed: int = 0) -> Trace:
 
 
 _SPECS: dict[str, RunSpec] = {}
-_SLICE: dict = {"skip": 0, "seed": 0, "confusion": None}  # --skip, --seed, --confusion: set in every worker
+_SLICE: dict = {"skip": 0, "seed": 0, "confusion": None, "kv_scale": 1.0}  # set in every worker
 
 
-def _init_worker(skip: int, seed: int, confusion: Path | None = None) -> None:
-    _SLICE.update(skip=skip, seed=seed, confusion=load_confusion(confusion) if confusion else None)
+def _init_worker(skip: int, seed: int, confusion: Path | None = None, kv_scale: float = 1.0) -> None:
+    """--skip, --seed, --confusion and --kv-scale, in every worker process."""
+    _SLICE.update(skip=skip, seed=seed, confusion=load_confusion(confusion) if confusion else None,
+                  kv_scale=kv_scale)
 
 
 def spec_of(cell: Cell, shared: Path, n: int) -> RunSpec:
     """The cell's RunSpec, built once per worker process."""
     if cell.name not in _SPECS:
         skip, seed = _SLICE["skip"], _SLICE["seed"]
-        _SPECS[cell.name] = RunSpec(load_trace(cell, shared, n, skip, seed), load_profile(cell.profile), cell.slo,
-                                    server=cell.server, seed=seed, confusion=_SLICE["confusion"])
+        cost, server = load_profile(cell.profile), cell.server
+        if _SLICE["kv_scale"] != 1.0:  # the cell's KV blocks times --kv-scale
+            blocks = server.policy_kw(cost).get("kv_blocks") or cost.kv_blocks(server.block_size)
+            server = replace(server, num_gpu_blocks_override=max(1, round(blocks * _SLICE["kv_scale"])))
+        _SPECS[cell.name] = RunSpec(load_trace(cell, shared, n, skip, seed), cost, cell.slo,
+                                    server=server, seed=seed, confusion=_SLICE["confusion"])
     return _SPECS[cell.name]
 
 
@@ -225,6 +231,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the predictions and synthetic arrivals")
     ap.add_argument("--confusion", type=Path, help="confusion matrix the predictions are drawn from (a "
                     "confusion.json or a bundle; default: the shipped bundle's)")
+    ap.add_argument("--kv-scale", type=float, default=1.0, metavar="F",
+                    help="every cell's KV cache times F (vLLM's num_gpu_blocks_override): what KV binds")
     ap.add_argument("--overload", action="store_true",
                     help="also report mean JCT and SLO attainment at 1x and 1.25x vLLM V1's capacity load")
     ap.add_argument("--sustained", action="store_true",
@@ -236,6 +244,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.skip < 0:
         ap.error("--skip must be >= 0")
+    if not (args.kv_scale > 0 and math.isfinite(args.kv_scale)):
+        ap.error(f"--kv-scale must be a positive number, got {args.kv_scale}")
     nl = args.max_normalized_latency
     if nl is not None and not (nl > 0 and math.isfinite(nl)):
         ap.error(f"--max-normalized-latency must be a positive number of seconds, got {nl}")
@@ -245,7 +255,7 @@ def main() -> None:
     overload: dict[tuple[str, str, float], dict] = {}
     sustained: dict[tuple[str, str], dict] = {}
     with ProcessPoolExecutor(args.workers, initializer=_init_worker,
-                             initargs=(args.skip, args.seed, args.confusion)) as pool:
+                             initargs=(args.skip, args.seed, args.confusion, args.kv_scale)) as pool:
         def starmap(fn, jobs: list[tuple]) -> list:
             return list(pool.map(fn, *zip(*jobs, strict=True), chunksize=1)) if jobs else []
 

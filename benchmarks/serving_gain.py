@@ -24,6 +24,16 @@ For every (trace, predictor): EcoServe's capacity (largest rate scale with SLO a
 and mean JCT at vLLM's capacity load, both relative to vLLM, beside the predictor's metrics.
 Writes results.json, results.md and serving_gain.png under ``--out``; ``--report DIR DIR ...``
 combines finished runs (e.g. two KV-cache sizes) into the one plot of docs/results.md.
+
+``--hybrid`` asks which use of the shipped bundle's predictions costs what: the true length is
+put into one use at a time (the point prediction that orders the queue, the reservation that
+sizes the admission projection, or only where it is larger or smaller than the reservation),
+and each mix gets EcoServe's capacity, its mean SLO attainment over a finer grid of loads
+(``--loads LO:HI``, default the predicted capacity -8% ... +8%) and its preemptions there.
+Writes hybrid.json and hybrid.md under ``--out`` (``--traces`` picks the traces, ``--workers``
+runs the mixes in parallel processes):
+
+    python benchmarks/serving_gain.py --shared ../shared/data --out runs/hybrid --hybrid --traces sharegpt
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import gzip
 import json
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -71,14 +82,14 @@ def load_heldout(shared: Path, train_rows: int, seed: int) -> tuple[list, list]:
     return train, test
 
 
-def predictor_probs(train: list, test: list, predictor: Predictor) -> dict[str, np.ndarray]:
+def predictor_probs(train: list, test: list, predictor: Predictor, baselines: bool = True) -> dict[str, np.ndarray]:
     scheme, spec = predictor.scheme, predictor.input_spec
     tr_texts, te_texts = baseline_texts(train, spec), baseline_texts(test, spec)
     tr_rl = np.array([s.rl_tokens for s in train], dtype=float)
     probs: dict[str, np.ndarray] = {}
     prior = np.bincount(scheme.bucket_of(tr_rl), minlength=scheme.n_buckets) / len(tr_rl)
     probs["constant"] = np.tile(prior, (len(test), 1))
-    for name, cls in (("prompt_length", PromptLength), ("tfidf_logreg", TfidfLogistic)):
+    for name, cls in (("prompt_length", PromptLength), ("tfidf_logreg", TfidfLogistic))[:2 if baselines else 0]:
         t = time.perf_counter()
         probs[name] = cls().fit(tr_texts, tr_rl, scheme).predict_proba(te_texts)
         print(f"  {name}: fitted and predicted in {time.perf_counter() - t:.0f} s", flush=True)
@@ -147,6 +158,81 @@ def serve(trace: Trace, rl_rows: np.ndarray, cost, slo: SLO, vllm: dict) -> dict
             "kv_alloc_mean": s["kv_alloc_mean"], "preemptions": s["preemptions"]}
 
 
+#: The mixes of ``--hybrid``: each takes the shipped bundle's rows and puts the true length into
+#: one use of the prediction (column 1: the point prediction, which orders the queue; column 2:
+#: the reservation, which sizes the admission projection).
+HYBRIDS = ("predicted", "oracle order", "oracle projection", "projection max(reservation, true)",
+           "projection min(reservation, true)", "median projection", "median projection, max(median, true)",
+           "oracle")
+
+
+def hybrid_rows(pred: np.ndarray, true: np.ndarray, name: str) -> np.ndarray:
+    """(n, 3) rows (bucket, point, reservation) of mix ``name`` (``HYBRIDS``) of ``pred`` (the
+    shipped bundle's rows) and the true lengths."""
+    rows = pred.copy()
+    point, res = pred[:, 1], pred[:, 2]
+    cols = {"predicted": {}, "oracle order": {1: true}, "oracle projection": {2: true},
+            "projection max(reservation, true)": {2: np.maximum(res, true)},
+            "projection min(reservation, true)": {2: np.minimum(res, true)},
+            "median projection": {2: point}, "median projection, max(median, true)": {2: np.maximum(point, true)},
+            "oracle": {1: true, 2: true}}[name]
+    for c, v in cols.items():
+        rows[:, c] = v
+    return rows
+
+
+def hybrid_case(tr: Trace, rows: np.ndarray, cost, slo: SLO, vllm: dict,
+                loads: np.ndarray | None) -> dict:
+    """One mix: capacity and JCT against vLLM (``serve``), and attainment and preemptions at each
+    of ``loads`` (rate scales; None: only the capacity)."""
+    r = serve(tr, rows, cost, slo, vllm)
+    if loads is not None:
+        annotated = Trace(tr.path, tr.arrival_s, tr.input_tokens, tr.output_tokens, tr.max_tokens, rows)
+        at = [summarize(run(annotated.scaled(float(x)), "ecoserve", cost, slo=slo, predictions="annotated"), slo)
+              for x in loads]
+        r["loads"] = [float(x) for x in loads]
+        r["attainment"] = [s["slo_attainment"] for s in at]
+        r["mean_attainment"] = float(np.mean(r["attainment"]))
+        r["preemptions_at_loads"] = [s["preemptions"] for s in at]
+    return r
+
+
+def _hybrid_job(job: tuple) -> dict:
+    return hybrid_case(*job)
+
+
+def run_hybrids(tr: Trace, pred: np.ndarray, cost, slo: SLO, vllm: dict, loads: tuple[float, float] | None,
+                points: int, workers: int) -> dict:
+    """Every mix of ``HYBRIDS`` on one trace: capacities first (the predicted one sets the
+    default load grid), then the attainment over the grid."""
+    true = tr.output_tokens.astype(np.int64)
+    rows = {n: hybrid_rows(pred, true, n) for n in HYBRIDS}
+    with ProcessPoolExecutor(workers) as ex:
+        if loads is None:
+            cap = serve(tr, rows["predicted"], cost, slo, vllm)["capacity"]
+            loads = (0.92 * cap, 1.08 * cap)
+        grid = np.linspace(loads[0], loads[1], points)
+        out = dict(zip(HYBRIDS, ex.map(_hybrid_job, [(tr, rows[n], cost, slo, vllm, grid) for n in HYBRIDS]),
+                       strict=True))
+    return out
+
+
+def hybrid_markdown(res: dict) -> str:
+    lines = [f"Profile {res['profile']} (KV cache {res['kv_cache_tokens']} tokens), SLO TTFT {res['slo'][0]:g} s / "
+             f"mean TBT {res['slo'][1]:g} s; the shipped bundle's predictions with the true length in one use at a "
+             "time (point: orders the queue; reservation: sizes the admission projection).", ""]
+    for tname, t in res["traces"].items():
+        loads = next(iter(t["ecoserve"].values()))["loads"]
+        lines += [f"{tname} ({t['requests']} requests; vLLM capacity x{t['vllm']['capacity']:.3f}); attainment at "
+                  f"{len(loads)} loads {loads[0]:.3f}-{loads[-1]:.3f}, preemptions summed over them:", "",
+                  "| mix | capacity x vLLM | mean attainment | preemptions |", "|---|---:|---:|---:|"]
+        for name, r in t["ecoserve"].items():
+            lines.append(f"| {name} | {r['capacity_x_vllm']:.3f} | {r['mean_attainment']:.4f} | "
+                         f"{sum(r['preemptions_at_loads'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
@@ -165,18 +251,39 @@ def main() -> None:
     ap.add_argument("--report", type=Path, nargs="+", default=None, metavar="RUN_DIR",
                     help="only combine finished runs into one plot (written to --plot)")
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "serving_gain.png")
+    ap.add_argument("--traces", default="azure,sharegpt", help="comma-separated: azure, sharegpt")
+    ap.add_argument("--hybrid", action="store_true",
+                    help="the shipped bundle's predictions with the true length in one use at a time (HYBRIDS)")
+    ap.add_argument("--loads", default=None, metavar="LO:HI",
+                    help="--hybrid: rate scales of the attainment grid (default: the predicted capacity +-8%%)")
+    ap.add_argument("--points", type=int, default=6, help="--hybrid: loads in the attainment grid")
+    ap.add_argument("--workers", type=int, default=2, help="--hybrid: parallel processes")
     args = ap.parse_args()
     if args.report:
         report(args.report, args.plot)
         return
+    tnames = [t for t in args.traces.split(",") if t]
+    if not tnames or set(tnames) - {"azure", "sharegpt"}:
+        ap.error(f"--traces: expected a comma-separated subset of azure,sharegpt, got {args.traces!r}")
+    loads = None
+    if args.loads is not None:
+        try:
+            loads = tuple(float(x) for x in args.loads.split(":"))
+            ok = len(loads) == 2 and 0 < loads[0] <= loads[1]
+        except ValueError:
+            ok = False
+        if not ok:
+            ap.error(f"--loads: expected LO:HI with 0 < LO <= HI, got {args.loads!r}")
+    if args.points < 1 or args.workers < 1:
+        ap.error("--points and --workers must be at least 1")
     t0 = time.perf_counter()
 
     predictor = Predictor.load(args.model)
     scheme = predictor.scheme
     train, test = load_heldout(args.shared, args.train_rows, args.seed)
     rl = np.array([s.rl_tokens for s in test], dtype=np.int64)
-    probs = predictor_probs(train, test, predictor)
-    metrics = {n: rl_metrics(rl, probs[n], scheme, 0.9) for n in PREDICTORS if n != "oracle"}
+    probs = predictor_probs(train, test, predictor, baselines=not args.hybrid)
+    metrics = {n: rl_metrics(rl, probs[n], scheme, 0.9) for n in probs}
     for q in QUANTILES:
         m = rl_metrics(rl, probs["minilm"], scheme, q)
         metrics["minilm"][f"coverage_q{round(q * 100)}"] = m[f"coverage_q{round(q * 100)}"]
@@ -188,9 +295,11 @@ def main() -> None:
     kv_tokens = cost.kv_blocks(16) * 16
     print(f"profile {cost.name}: KV cache {kv_tokens} tokens at gpu_memory_utilization "
           f"{cost.gpu_memory_utilization:g}", flush=True)
-    az, az_idx = azure_trace(args.shared, rl, args.azure_requests, args.seed)
-    traces = {"azure": (az, az_idx), "sharegpt": (sharegpt_trace(test, rl, args.sharegpt_rate, args.seed),
-                                                 np.arange(len(test)))}
+    traces = {}
+    if "azure" in tnames:
+        traces["azure"] = azure_trace(args.shared, rl, args.azure_requests, args.seed)
+    if "sharegpt" in tnames:
+        traces["sharegpt"] = (sharegpt_trace(test, rl, args.sharegpt_rate, args.seed), np.arange(len(test)))
     results: dict = {"profile": cost.name, "gpu_memory_utilization": cost.gpu_memory_utilization,
                      "kv_cache_tokens": kv_tokens, "slo": [slo.ttft_s, slo.tbt_s], "predictor_metrics": metrics,
                      "heldout_turns": len(test), "baseline_train_turns": len(train), "traces": {}}
@@ -205,6 +314,14 @@ def main() -> None:
         vllm = {"capacity": vcap, "mean_jct_s": vs["mean_jct_s"], "kv_alloc_mean": vs["kv_alloc_mean"],
                 "preemptions": vs["preemptions"]}
         print(f"[{tname}] vLLM capacity x{vcap:.3f}, mean JCT there {vs['mean_jct_s']:.1f} s", flush=True)
+        if args.hybrid:
+            runs = run_hybrids(tr, decode("minilm", sub, true, scheme, "bucket"), cost, slo, vllm, loads,
+                               args.points, args.workers)
+            for name, r in runs.items():
+                print(f"[{tname}] {name:>38}: capacity x{r['capacity_x_vllm']:.3f} vLLM, mean attainment "
+                      f"{r['mean_attainment']:.4f}, preemptions {sum(r['preemptions_at_loads'])}", flush=True)
+            results["traces"][tname] = {"requests": len(tr), "vllm": vllm, "ecoserve": runs}
+            continue
         runs = {}
         cases = [(n, "bucket") for n in PREDICTORS] + [("minilm", f"q{round(q * 100)}") for q in QUANTILES]
         for name, mode in cases:
@@ -219,6 +336,12 @@ def main() -> None:
         results["traces"][tname] = {"requests": len(tr), "vllm": vllm, "ecoserve": runs}
     results["seconds"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.hybrid:
+        (args.out / "hybrid.json").write_text(json.dumps(results, indent=1) + "\n")
+        (args.out / "hybrid.md").write_text(hybrid_markdown(results))
+        print(hybrid_markdown(results))
+        print(f"wrote {args.out}/hybrid.json, hybrid.md ({results['seconds']:.0f} s)")
+        return
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "results.md").write_text(markdown(results))
     plot([results], args.out / "serving_gain.png")

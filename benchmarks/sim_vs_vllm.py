@@ -11,6 +11,11 @@ Usage (defaults: first 2,000 requests of the Azure 2023 conversation trace, Llam
 A100-80GB, rate scales 0.2 and 0.3, SLO TTFT 5 s / TBT 0.2 s, both pairs):
   python benchmarks/sim_vs_vllm.py [--trace PATH] [--max-requests N] [--rate-scales 0.2,0.3]
       [--pairs vllm,ecoserve] [--profile NAME] [--confusion FILE] [--json OUT]
+      [--arrivals burst8 [--cv 2] [--seed 0]]
+
+``--arrivals burst8`` replaces the trace's arrival times with the scenario grid's bursts (groups
+of 8 simultaneous requests, the groups gamma arrivals with coefficient of variation ``--cv``, at
+the trace's mean rate), where EcoServe parks decodes (the ``parks`` row).
 """
 
 from __future__ import annotations
@@ -28,13 +33,13 @@ from ecoserve_sched.policies import Batch
 from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.simulator import run
-from ecoserve_sched.trace import read_trace
+from ecoserve_sched.trace import burst_arrivals, read_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
-METRICS = ("tokens_per_iter", "iterations", "preemptions", "p50_ttft_s", "p99_ttft_s",
-           "p50_tbt_s", "p99_tbt_s", "mean_jct_s")
+METRICS = ("tokens_per_iter", "iterations", "preemptions", "parks", "p50_ttft_s", "p99_ttft_s",
+           "p50_tbt_s", "p99_tbt_s", "mean_jct_s", "slo_attainment")
 PAIRS = {"vllm": ("vllm", "vllm-real"), "ecoserve": ("ecoserve", "ecoserve-vllm-real")}
 
 
@@ -63,6 +68,7 @@ def measure(tr, policy: str, cost, slo: SLO, conf) -> dict:
         tokens = (prefill[0] + decodes) / sum(row[2] for row in res.log)
     s = summarize(res, slo)
     s["tokens_per_iter"] = tokens
+    s["parks"] = res.counters.get("parks", 0)
     return s
 
 
@@ -79,14 +85,21 @@ def main() -> None:
     ap.add_argument("--slo-ttft", type=float, default=5.0, help="TTFT SLO, seconds")
     ap.add_argument("--slo-tbt", type=float, default=0.2, help="TBT SLO, seconds")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--arrivals", choices=("trace", "burst8"), default="trace",
+                    help="trace: the trace's arrival times; burst8: bursts at its mean rate")
+    ap.add_argument("--cv", type=float, default=2.0, help="burst8: coefficient of variation of the groups' gaps")
+    ap.add_argument("--seed", type=int, default=0, help="burst8: seed of the arrivals")
     a = ap.parse_args()
     unknown = set(a.pairs.split(",")) - set(PAIRS)
     if unknown:
         ap.error(f"unknown pair(s) {', '.join(sorted(unknown))}; choose from {', '.join(PAIRS)}")
     tr = read_trace(a.trace).head(a.max_requests)
+    if a.arrivals == "burst8":
+        rate = (len(tr) - 1) / float(tr.arrival_s[-1] - tr.arrival_s[0])
+        tr = tr.with_arrivals(burst_arrivals(len(tr), rate, cv=a.cv, burst=8, seed=a.seed))
     cost, conf, slo = load_profile(a.profile), load_confusion(a.confusion), SLO(a.slo_ttft, a.slo_tbt)
-    print(f"trace {Path(a.trace).name} (first {len(tr)} requests), profile {cost.name}, "
-          f"predictions: confusion {Path(a.confusion).name}\n")
+    print(f"trace {Path(a.trace).name} (first {len(tr)} requests{', burst8 arrivals' if a.arrivals != 'trace' else ''}), "
+          f"profile {cost.name}, predictions: confusion {Path(a.confusion).name}\n")
     print("| rate | sim policy | vLLM-backed | metric | sim | vLLM | Diff% |")
     print("|---|---|---|---|---|---|---|")
     rows = []
@@ -96,6 +109,8 @@ def main() -> None:
             t0 = time.perf_counter()
             sim, real = measure(t, sim_p, cost, slo, conf), measure(t, real_p, cost, slo, conf)
             for m in METRICS:
+                if m == "parks" and sim_p == "vllm":
+                    continue
                 diff = 100 * (sim[m] - real[m]) / real[m] if real[m] else float("nan")
                 print(f"| {scale:g} | {sim_p} | {real_p} | {m} | {sim[m]:.4g} | {real[m]:.4g} | {diff:+.1f} |")
                 rows.append({"rate_scale": scale, "sim": sim_p, "real": real_p, "metric": m,

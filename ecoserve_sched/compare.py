@@ -29,11 +29,16 @@ class Server:
     token_budget: int | None = None  # vLLM's max_num_batched_tokens
     max_running: int | None = None  # vLLM's max_num_seqs
     block_size: int = 16
+    num_gpu_blocks_override: int | None = None  # vLLM's: the KV size in blocks, whatever the HBM
 
     def policy_kw(self, cost: Any) -> dict[str, Any]:
         """Keyword arguments for ``get_policy`` / ``simulator.run``."""
         kw: dict[str, Any] = {"block_size": self.block_size}
-        if self.gpu_memory_utilization is not None:
+        if self.num_gpu_blocks_override is not None:
+            if self.num_gpu_blocks_override < 1:
+                raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+            kw["kv_blocks"] = self.num_gpu_blocks_override
+        elif self.gpu_memory_utilization is not None:
             kw["kv_blocks"] = cost.kv_blocks(self.block_size, self.gpu_memory_utilization)
             if kw["kv_blocks"] < 1:
                 raise ValueError(f"gpu_memory_utilization {self.gpu_memory_utilization:g} leaves no "

@@ -37,6 +37,12 @@ same defaults as ``policies/ecoserve.py``):
   the latest admitted); when an upper bound on that need fits, nothing is counted per request.
   Under ``--scheduling-policy priority`` vLLM's own victim rule (lowest priority, latest
   arrival) applies.
+* **Parking** (``ECOSERVE_PARK``, on by default): before each step, while the waiting head is
+  a new request that can still meet its TTFT, would not after another quarter TTFT SLO, and does
+  not fit, and the offered load (``rules.OfferedLoad``) is below ``rules.PARK_MAX_LOAD``, the
+  running request with the most slack on its mean-TBT SLO (``rules.tbt_slack_s``) is preempted
+  as ``reset_prefix_cache`` preempts between steps; the queue holds it behind the new requests
+  until it is due (``rules.park_due_s``), then it goes first like any request put back.
 * **Prefill budget** (with ``ECOSERVE_PROFILE``, a cost-model profile): each step with decodes
   gets ``max_num_scheduled_tokens`` = its decodes + ``rules.PrefillBudget`` (the most prompt
   tokens that keep the step within ``iter_time_frac`` x ``ECOSERVE_SLO_TBT`` by the cost model,
@@ -71,6 +77,7 @@ arguments), the block pool's free count and the single-type manager's ``block_si
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 import logging
 import math
@@ -191,6 +198,7 @@ class EcoServeVllmConfig:
     reserve_frac: float = _SIM["reserve_frac"]  # share of blocks admissions leave free (global reserve)
     aging: float = _SIM["aging"]  # waiting order: arrival + aging x predicted service seconds
     give_way: bool = _SIM["give_way"]  # requests whose TTFT SLO is lost wait behind the others
+    park: bool = _SIM["park"]  # preempt decodes with TBT slack for a new request that can meet its TTFT
     slo_ttft: float = 5.0  # seconds: give-way and SLO-lost victims
     slo_tbt: float = 0.2  # seconds: x iter_time_frac = the step time assumed for the TTFT estimate
     prefill_s_per_token: float = 5e-5  # prefill seconds per prompt token (service time)
@@ -246,6 +254,7 @@ _LIMITS: dict[str, tuple[type, float | None, float | None]] = {
     "predictor": (str, None, None), "require_predictor": (bool, None, None),
     "trust_client_hints": (bool, None, None), "default_reserve": (int, 1, 10_000_000),
     "reserve_frac": (float, 0.0, 0.5), "aging": (float, 0.0, 1000.0), "give_way": (bool, None, None),
+    "park": (bool, None, None),
     "slo_ttft": (float, 1e-3, 86_400.0), "slo_tbt": (float, 1e-4, 3_600.0),
     "prefill_s_per_token": (float, 0.0, 1.0), "step_s": (float, 1e-6, 60.0), "profile": (str, None, None),
 }
@@ -352,31 +361,61 @@ class EcoServeRequestQueue(RequestQueue):
     (preempted, skipped: they go first, as in vLLM), 1 for new ones; ``lost`` 1 once the
     request's TTFT SLO is lost (``lost(request)``, checked lazily at the head: give-way);
     ``key`` is ``rules.priority_key``, computed once at push. O(log n) push and pop.
+    Parked requests (parking) wait in a second heap by the time they must resume: taken after
+    the new requests that can meet their TTFT, before those whose TTFT is lost, and put back
+    (rank 0) once that time (``clock``) comes.
     ``on_take`` is called before every ``peek_request`` and ``pop_request`` (the scheduler
     turns its admission test on there: vLLM's waiting loop takes requests only through them)."""
 
     def __init__(self, key: Callable[[Request], float], lost: Callable[[Request], bool] | None = None,
-                 by_priority: bool = False, on_take: Callable[[], None] | None = None) -> None:
+                 by_priority: bool = False, on_take: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._key, self._lost, self._by_priority, self._on_take = key, lost, by_priority, on_take
         self._heap: list[tuple[int, int, int, float, int, Request]] = []
         self._seq = itertools.count()
+        # Parked requests (``rules.park_due_s``): ``(due, seq, request)``, taken after the new
+        # requests that can meet their TTFT, before those whose TTFT is lost; put back (rank 0)
+        # once due. ``parking``: the request being preempted to be parked, and its due time.
+        self._parked: list[tuple[float, int, Request]] = []
+        self.parking: tuple[Request, float] | None = None
+        self._clock = clock
 
     def _push(self, request: Request, rank: int, lost: int = 0) -> None:
         prio = request.priority if self._by_priority else 0
         heapq.heappush(self._heap, (prio, rank, lost, self._key(request), next(self._seq), request))
 
     def _settle(self) -> None:
-        """Move head requests whose TTFT is lost behind the others (once each)."""
-        heap, lost = self._heap, self._lost
+        """Put parked requests that are due back (rank 0); move head requests whose TTFT is lost
+        behind the others (once each)."""
+        heap, lost, parked = self._heap, self._lost, self._parked
+        if parked:
+            now = self._clock()
+            while parked and parked[0][0] <= now:
+                self._push(heapq.heappop(parked)[2], 0)
         while lost is not None and heap and heap[0][1] == 1 and not heap[0][2] and lost(heap[0][-1]):
             prio, rank, _, key, _, r = heap[0]
             heapq.heapreplace(heap, (prio, rank, 1, key, next(self._seq), r))
+
+    def _from_parked(self) -> bool:
+        """The next request is the earliest-due parked one (nothing else that can meet its TTFT
+        waits); call after ``_settle``."""
+        return bool(self._parked) and (not self._heap or self._heap[0][2] == 1)
+
+    def head_new(self) -> Request | None:
+        """The head if it is a new request that can still meet its TTFT, else None (no side
+        effects on the scheduler: parking asks this before vLLM's step)."""
+        self._settle()
+        h = self._heap[0] if self._heap else None
+        return h[-1] if h is not None and h[1] == 1 and not h[2] else None
 
     def add_request(self, request: Request) -> None:
         self._push(request, 1)
 
     def prepend_request(self, request: Request) -> None:
-        self._push(request, 0)
+        if self.parking is not None and self.parking[0] is request:
+            heapq.heappush(self._parked, (self.parking[1], next(self._seq), request))
+        else:
+            self._push(request, 0)
 
     def prepend_requests(self, requests: Iterable[Request]) -> None:
         for r in requests:
@@ -386,15 +425,17 @@ class EcoServeRequestQueue(RequestQueue):
         if self._on_take is not None:
             self._on_take()
         self._settle()
+        if self._from_parked():
+            return heapq.heappop(self._parked)[-1]
         return heapq.heappop(self._heap)[-1]
 
     def peek_request(self) -> Request:
-        if not self._heap:
+        if not self:
             raise IndexError("peek from an empty queue")
         if self._on_take is not None:
             self._on_take()
         self._settle()
-        return self._heap[0][-1]
+        return self._parked[0][-1] if self._from_parked() else self._heap[0][-1]
 
     def remove_request(self, request: Request) -> None:
         self.remove_requests((request,))
@@ -403,15 +444,22 @@ class EcoServeRequestQueue(RequestQueue):
         drop = {id(r) for r in requests}
         self._heap = [e for e in self._heap if id(e[-1]) not in drop]
         heapq.heapify(self._heap)
+        if self._parked:
+            self._parked = [e for e in self._parked if id(e[-1]) not in drop]
+            heapq.heapify(self._parked)
 
     def __bool__(self) -> bool:
-        return bool(self._heap)
+        return bool(self._heap) or bool(self._parked)
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._heap) + len(self._parked)
 
     def __iter__(self) -> Iterator[Request]:
-        return (e[-1] for e in sorted(self._heap, key=lambda e: e[:5]))
+        """Put back and new requests in order, then the parked ones, then those whose TTFT is lost."""
+        main = sorted(self._heap, key=lambda e: e[:5])
+        lost = [e[-1] for e in main if e[1] == 1 and e[2]]
+        return itertools.chain((e[-1] for e in main if not (e[1] == 1 and e[2])),
+                               (e[-1] for e in sorted(self._parked, key=lambda e: e[:2])), lost)
 
 
 def _predicted(out: Any, name: str) -> int:
@@ -475,13 +523,16 @@ class EcoServeMixin:
             "hints_ignored": 0,  # requests with hints while ECOSERVE_TRUST_CLIENT_HINTS is off
             "hints_invalid": 0,  # requests with a hint of the wrong type or out of range: not used
             "default_reservations": 0,  # requests that got ECOSERVE_DEFAULT_RESERVE
+            "parks": 0,  # running requests preempted for a new one that can meet its TTFT (parking)
         }
         self._logged: set[str] = set()
         self.clock: Callable[[], float] = time.time  # the simulator swaps in its clock
         self.predictor, self.tokenizer, self.eco_mode = self._setup_prediction()
         self._by_priority = self.policy == SchedulingPolicy.PRIORITY
         self.waiting = EcoServeRequestQueue(self._order_key, self._ttft_lost, self._by_priority,
-                                            self._admissions_on)
+                                            self._admissions_on, lambda: self.clock())
+        self.load = rules.OfferedLoad()  # predicted service seconds arriving per second (parking)
+        self._admit_step: dict[str, int] = {}  # the step each running request was admitted at
         # Admitted requests' KV growth (running requests and async KV loads); ``_entries`` keeps
         # what was entered, to move it into a larger projection when the slots run out.
         self._slots = 2 * self.max_num_running_reqs + 16
@@ -588,6 +639,8 @@ class EcoServeMixin:
     def add_request(self, request: Request) -> None:
         if request.request_id not in self.requests:
             self.rl[request.request_id] = self.predict(request)
+            if self.eco_cfg.park:
+                self.load.add(request.arrival_time, self._service(request))
         super().add_request(request)
 
     def predict(self, request: Request) -> RLPrediction:
@@ -656,11 +709,13 @@ class EcoServeMixin:
         p = self.rl.get(request_id)
         return p.reserve_tokens if p is not None else self.eco_cfg.default_reserve
 
-    def _order_key(self, request: Request) -> float:
+    def _service(self, request: Request) -> float:
         cfg, n = self.eco_cfg, request.num_prompt_tokens
-        s = rules.service_s(cfg.prefill_s_per_token * n, n, max(self._base(request.request_id), 1),
-                            cfg.step_s, self._kv_tokens)
-        return rules.priority_key(request.arrival_time, s, cfg.aging)
+        return rules.service_s(cfg.prefill_s_per_token * n, n, max(self._base(request.request_id), 1),
+                               cfg.step_s, self._kv_tokens)
+
+    def _order_key(self, request: Request) -> float:
+        return rules.priority_key(request.arrival_time, self._service(request), self.eco_cfg.aging)
 
     def _ttft_lost(self, request: Request) -> bool:
         """Give way: ``request`` can no longer have its first token within the TTFT SLO (its
@@ -668,8 +723,12 @@ class EcoServeMixin:
         cfg = self.eco_cfg
         if not cfg.give_way:
             return False
-        steps = -(-request.num_tokens // max(self._prefill_now, 1))
-        return rules.ttft_lost(self.clock(), request.arrival_time, cfg.slo_ttft, steps * self._iter_s)
+        return rules.ttft_lost(self.clock(), request.arrival_time, cfg.slo_ttft, self._prefill_est_s(request))
+
+    def _prefill_est_s(self, request: Request) -> float:
+        """Time to ``request``'s first token if it started now: its prompt's steps at this
+        step's prompt budget, each ``iter_time_frac x slo_tbt`` long."""
+        return -(-request.num_tokens // max(self._prefill_now, 1)) * self._iter_s
 
     # ---- admission: vLLM's block check plus the projected peak (wraps allocate_slots) -------------
     def _allocate_slots(self, request: Request, num_new_tokens: int, *args: Any, **kw: Any) -> Any:
@@ -714,6 +773,7 @@ class EcoServeMixin:
         self._entries[rid] = entry
         self.proj.set(rid, *entry)
         self._seq[rid] = next(self._next_seq)
+        self._admit_step[rid] = step
         if rid not in self._first_token:
             self._no_token[rid] = request
         p = self.rl.get(rid)
@@ -728,6 +788,9 @@ class EcoServeMixin:
         # takes from a queue: the admission test (the wrapper) is switched on by the first take
         # from EcoServe's queue, or now if vLLM's queue of KV-holding waiting requests (drained
         # first) is not empty. The running requests' calls go straight to vLLM.
+        if self.eco_cfg.park and self.running and self.waiting and not self._by_priority \
+                and not getattr(self, "kv_holding_waiting", None):
+            self._park()
         direct = self.fast_steps and not getattr(self, "kv_holding_waiting", None)
         self.kv_cache_manager.allocate_slots = self._allocate if direct else self._allocate_slots
         if self._prefill_budget is None:
@@ -738,6 +801,58 @@ class EcoServeMixin:
             return super().schedule(*args, **kwargs)
         finally:
             self.max_num_scheduled_tokens = full
+
+    # ---- parking (rules.tbt_slack_s, rules.park_due_s, rules.OfferedLoad) -------------------------
+    def _park(self) -> None:
+        """The simulator's parking: while the waiting head is a new request that can still meet
+        its TTFT, would not after ``rules.PARK_WITHIN_TTFTS`` more (``rules.park_for``), and does
+        not fit (its whole prompt's blocks, and the projected peak), and the offered load is below
+        ``rules.PARK_MAX_LOAD``, preempt the running request with the most
+        slack on its mean-TBT SLO (at least ``rules.PARK_MIN_SLACK_TTFTS`` TTFT SLOs; decoding,
+        first token seen, admitted before this step). The queue holds it until it is due
+        (``rules.park_due_s``) or nothing that can meet its TTFT waits. Preempted as
+        ``reset_prefix_cache`` does between steps (in-flight output dropped, its tokens sent
+        again if it resumes)."""
+        head = self.waiting.head_new()
+        if head is None:
+            return
+        now, cfg = self.clock(), self.eco_cfg
+        if self.load.load(now) >= rules.PARK_MAX_LOAD or \
+                not rules.park_for(now, head.arrival_time, cfg.slo_ttft, self._prefill_est_s(head)):
+            return
+        bs, pool = self._bs, self.kv_cache_manager.block_pool
+        need = -(-head.num_tokens // bs)
+        while need > pool.get_num_free_blocks() - (self._keep_free if self.running else 0) \
+                or not self._fits(head, None):
+            best, best_slack = self._park_victim(now)
+            if best is None:
+                return
+            self.running.remove(best)
+            self.waiting.parking = (best, rules.park_due_s(now, best_slack, cfg.slo_ttft))
+            try:
+                self._preempt_request(best, time.monotonic(), **_DROP_STALE)
+            finally:
+                self.waiting.parking = None
+            self.prev_step_scheduled_req_ids.discard(best.request_id)
+            self.eco_counters["parks"] += 1
+
+    def _park_victim(self, now: float) -> tuple[Request | None, float]:
+        """The running request with the most slack on its mean-TBT SLO (``rules.tbt_slack_s``),
+        if more than ``rules.PARK_MIN_SLACK_TTFTS`` TTFT SLOs: decoding, first token seen,
+        admitted before the last step (not parked right away). ``(None, 0)`` if none."""
+        cfg = self.eco_cfg
+        best, best_slack = None, rules.PARK_MIN_SLACK_TTFTS * cfg.slo_ttft
+        for r in self.running:
+            rid = r.request_id
+            first = self._first_token.get(rid)
+            if first is None or r.num_computed_tokens < r.num_tokens - 1 \
+                    or self._admit_step.get(rid, self._step) >= self._step - 1:
+                continue
+            slack = rules.tbt_slack_s(now, first, r.num_output_tokens, self._base(rid), cfg.slo_tbt,
+                                      self._iter_s, cfg.prefill_s_per_token * r.num_tokens)
+            if slack > best_slack:
+                best, best_slack = r, slack
+        return (best, best_slack) if best is not None else (None, 0.0)
 
     def _step_budget(self, full: int) -> int:
         """The TBT-aware token budget (``rules.PrefillBudget``, the simulator's rule): the
@@ -828,12 +943,18 @@ class EcoServeMixin:
                                                       request.max_tokens)
         self.rl.pop(rid, None)
         self._seq.pop(rid, None)
+        self._admit_step.pop(rid, None)
         self._first_token.pop(rid, None)
         return super()._free_request(request, *args, **kwargs)
 
     def group_sizes(self) -> dict[int, int]:
         """Running requests per predicted RL bucket (non-empty groups only)."""
         return {b: len(ids) for b, ids in sorted(self.groups.items()) if ids}
+
+
+#: ``_preempt_request``'s keyword to drop a parked request's in-flight output (vLLM >= 0.33).
+_DROP_STALE = {"drop_stale_output": True} if "drop_stale_output" in inspect.signature(
+    Scheduler._preempt_request).parameters else {}
 
 
 def _referenced(hit: Any) -> int:

@@ -193,6 +193,9 @@ class VllmExecutor(Executor):
 
     def close(self, res: SimResult) -> None:
         res.counters = {"preemptions": self.preemptions}
+        eco = getattr(self.sched, "eco_counters", None)
+        if eco is not None:
+            res.counters["parks"] = eco["parks"]
         res.stall_gaps = self.stall_gaps
         res.sched_s = self.sched_s
         if isinstance(res, RealSimResult):

@@ -23,6 +23,13 @@ themselves are the pure functions of ``ecoserve_rules``):
    overcommit the cache, and the overcommit is paid in preemptions (a swap out and in of the
    whole context, stalling the batch) while it lasts. Admission stops at the first request
    that does not fit; a failed projection is retried once a running request starts or ends.
+   Parking: when the head is a PT that can still meet its TTFT but does not fit, the decoding
+   request with the most slack on its mean-TBT SLO (``rules.tbt_slack_s``, at least two TTFT
+   SLOs) is preempted, and again until the head fits or no request has that slack. A parked
+   request waits behind the PTs that can meet their TTFT until its slack is down to one TTFT
+   SLO (``rules.park_due_s``; then it resumes right after the preempted requests), or until no
+   such PT waits. Only while the offered load (``rules.OfferedLoad``) is below
+   ``rules.PARK_MAX_LOAD``: bursts on a server with room to catch up.
 4. The prefill budget: the whole token budget when nothing decodes; otherwise the most prompt
    tokens that keep the iteration within ``iter_time_frac`` of the TBT SLO by the cost model
    (time-synced batching), at least the cost model's roofline knee.
@@ -58,6 +65,7 @@ class EcoServeConfig:
     reserve_frac: float = 0.0  # share of blocks admissions leave free (CacheOPT's global reserve)
     victim: str = "slo"  # "slo" (rules.victim_key) or "latest" (latest admitted, as vLLM)
     lost_order: str = "key"  # PTs whose TTFT is lost: "key" (as the others) or "service" (rules.lost_key)
+    park: bool = True  # preempt decodes with TBT slack for PTs that can still meet their TTFT, in bursts
 
 
 class EcoServeScheduler(Scheduler):
@@ -85,6 +93,11 @@ class EcoServeScheduler(Scheduler):
             cost.iteration_time, self.cfg.iter_time_frac * self.slo.tbt_s, self.min_prefill)
         self._it_now = (0, 0.0)  # this iteration's prefill budget and its predicted time
         self._no_fit = (-1, -1)  # (projection version, rid): the projection test failed
+        # Parking: parked requests by the time they must resume; the offered load
+        self.parked: list[tuple[float, int, Request]] = []
+        self._parking: tuple[Request, float] | None = None  # the request being parked, its due time
+        self.load = rules.OfferedLoad()
+        self.counters["parks"] = 0
 
     # ---- queues -------------------------------------------------------------------------------
     def _base_pred(self, r: Request) -> int:
@@ -98,9 +111,13 @@ class EcoServeScheduler(Scheduler):
                                self.step_s, self.kv_tokens)
 
     def enqueue(self, r: Request, front: bool = False) -> None:
-        if r.state == State.SWAPPED or r.generated > 0:
+        if self._parking is not None and self._parking[0] is r:
+            heapq.heappush(self.parked, (self._parking[1], r.seq, r))
+        elif r.state == State.SWAPPED or r.generated > 0:
             self.resume.append(r)
         else:
+            if self.cfg.park and not r.preemptions:
+                self.load.add(r.arrival_s, self._service(r))
             self.pt.push(r)
         self._waiting += 1
 
@@ -159,9 +176,14 @@ class EcoServeScheduler(Scheduler):
         return -(-r.prefill_target // b) * t
 
     def _head(self, now: float) -> tuple[Request | None, Any]:
-        """The next request admission tries (moving PTs whose TTFT is lost to the lost queue)."""
+        """The next request admission tries (moving PTs whose TTFT is lost to the lost queue):
+        preempted, parked whose slack is used up, PTs that can meet their TTFT, parked, PTs
+        whose TTFT is lost."""
         if self.resume:
             return self.resume[0], self.resume
+        parked = self.parked
+        if parked and parked[0][0] <= now:
+            return parked[0][2], parked
         pt = self.pt.items
         if pt and self.cfg.give_way:
             while pt:
@@ -174,6 +196,8 @@ class EcoServeScheduler(Scheduler):
                 heapq.heappush(self.lost.items, item)
         if pt:
             return pt[0][2], self.pt
+        if parked:
+            return parked[0][2], parked
         if self.lost.items:
             return self.lost.items[0][2], self.lost
         return None, None
@@ -218,8 +242,10 @@ class EcoServeScheduler(Scheduler):
         may give way as time passes, or a projection not yet tried): unsure, so not blocked."""
         if budget <= 0 or len(self.decoding) + len(self.prefilling) >= self.max_running:
             return None
-        if probe and not self.resume and self.pt.items and self.cfg.give_way:
-            return self.pt.items[0][2], None, 0  # the head may give way as time passes: unsure
+        if probe and not self.resume and ((self.pt.items and (self.cfg.give_way or self.cfg.park)) or self.parked):
+            # as time passes the head may give way, a decode earn the slack to be parked for it,
+            # or a parked request come due: unsure
+            return (self.pt.items or self.parked)[0][2], None, 0
         r, q = self._head(now)  # no side effects here when probing: no PT can give way
         if r is None:
             return None
@@ -229,10 +255,18 @@ class EcoServeScheduler(Scheduler):
         return r, q, need
 
     def admit(self, budget: int, batch: Batch, now: float) -> None:
+        budget = self._admit(budget, batch, now)
+        while self.cfg.park and budget > 0 and self._park(now):
+            budget = self._admit(budget, batch, now)
+
+    def _admit(self, budget: int, batch: Batch, now: float) -> int:
+        """Admit in order until a request does not fit; the budget left."""
         while (head := self._next_admission(budget, batch, now)) is not None:
             r, q, need = head
             if q is self.resume:
                 q.popleft()
+            elif q is self.parked:
+                heapq.heappop(q)
             else:
                 q.pop()
             self._waiting -= 1
@@ -247,6 +281,43 @@ class EcoServeScheduler(Scheduler):
             chunk = min(r.prefill_target, budget)
             batch.add_prefill(r, chunk)
             budget -= chunk
+        return budget
+
+    def _park(self, now: float) -> bool:
+        """Preempt the decoding request with the most TBT slack (at least
+        ``rules.PARK_MIN_SLACK_TTFTS`` TTFT SLOs) if admission stopped at a PT that can still
+        meet its TTFT and the offered load is below ``rules.PARK_MAX_LOAD``. True if one was."""
+        if len(self.decoding) + len(self.prefilling) >= self.max_running:
+            return False
+        r, q = self._head(now)
+        if q is not self.pt or self.load.load(now) >= rules.PARK_MAX_LOAD or \
+                not rules.park_for(now, r.arrival_s, r.slo.ttft_s, self._ttft_est_s(r)):
+            return False
+        best, best_slack = self._park_victim(now)
+        if best is None:
+            return False
+        self._parking = (best, rules.park_due_s(now, best_slack, best.slo.ttft_s))
+        self.preempt(best, now)
+        self._parking = None
+        self.counters["parks"] += 1
+        return True
+
+    def _park_victim(self, now: float) -> tuple[Request | None, float]:
+        """The decoding request with the most slack on its mean-TBT SLO (``rules.tbt_slack_s``),
+        if more than ``rules.PARK_MIN_SLACK_TTFTS`` TTFT SLOs, and its slack; ``(None, 0)`` if
+        none. Only requests that decoded a step since they started or resumed."""
+        step, frac, least = self.step, self.cfg.iter_time_frac, rules.PARK_MIN_SLACK_TTFTS
+        best, best_slack = None, 0.0
+        for v in self.decoding.values():
+            if v.first_token_s < 0 or v.dec_step0 >= step:
+                continue
+            g = v.generated + step - v.dec_step0
+            tbt = v.slo.tbt_s
+            s = rules.tbt_slack_s(now, v.first_token_s, g, v.pred_tokens, tbt, frac * tbt,
+                                  self.cost.recompute_time(v.prompt_tokens + g))
+            if s > least * v.slo.ttft_s and s > best_slack:
+                best, best_slack = v, s
+        return best, best_slack
 
     def admission_blocked(self) -> bool:
         # Stable until a finish: the free pool only shrinks in between, and a failed projection
@@ -317,3 +388,4 @@ register("ecoserve-median", _factory(reserve="median"))
 register("ecoserve-notbt", _factory(tbt_budget=False))
 register("ecoserve-latest", _factory(victim="latest"))
 register("ecoserve-lostsjf", _factory(lost_order="service"))
+register("ecoserve-nopark", _factory(park=False))

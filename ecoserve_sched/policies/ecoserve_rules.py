@@ -21,6 +21,13 @@ trace (docs/scheduler.md, "EcoServe").
   token per step and ends at its reservation (reservations overlap in time: aggregate KVC
   pipelining).
 - ``victim_key``: which running request to preempt when KV runs out.
+- ``tbt_slack_s``, ``park_due_s``, ``OfferedLoad``: parking. A decoding request whose mean-TBT
+  SLO leaves it slack may be preempted (parked) so that a waiting request that can still meet
+  its TTFT, and would not after another ``PARK_WITHIN_TTFTS`` (``park_for``), gets its KV; it
+  resumes once its slack is down to one TTFT SLO, or earlier if nothing else that can meet its
+  TTFT waits. Only while the offered load (predicted service seconds arriving per second over
+  ``PARK_WINDOW_S``) is below ``PARK_MAX_LOAD``: a burst on a server with room to catch up, not
+  a server that is full for good (parking there only moves work around and pays the resume).
 - ``PrefillBudget``: the TBT-aware prefill budget: the most prompt tokens an iteration with
   decodes can take and stay within ``iter_time_frac`` x the TBT SLO by the cost model
   (time-synced batching), at least the roofline knee.
@@ -40,13 +47,17 @@ num_computed_tokens - step`` and ``gx = num_output_tokens - step``, ``drop`` on 
 preemption); reservations need no lookahead slots any more (blocks are allocated as written,
 vLLM's default); the preemption order is ``max(running, key=victim_key(lost, remaining, seq))``; with a cost
 profile (``ECOSERVE_PROFILE``), each step's token budget is the decodes plus
-``PrefillBudget(...)(budget - decodes, decodes, their context tokens)``.
+``PrefillBudget(...)(budget - decodes, decodes, their context tokens)``; before each step, if the
+waiting head satisfies ``park_for`` and does not fit while ``OfferedLoad.load(now) <
+PARK_MAX_LOAD``, the running request with the largest ``tbt_slack_s`` (above
+``PARK_MIN_SLACK_TTFTS x slo_ttft``) is preempted and held until ``park_due_s``.
 """
 
 from __future__ import annotations
 
 import heapq
 from bisect import bisect_left, bisect_right, insort
+from collections import deque
 from collections.abc import Hashable, Iterable
 from itertools import islice
 from typing import Any
@@ -81,6 +92,63 @@ def lost_key(service: float) -> float:
     predicted service seconds alone. Its SLO is missed whatever happens, so only its JCT is left
     to save, and shortest work first minimizes the mean."""
     return service
+
+
+#: Parking: a victim needs this many TTFT SLOs of slack; a parked request resumes with one left.
+PARK_MIN_SLACK_TTFTS = 2.0
+#: Parking for a waiting request only in the last this many TTFT SLOs before its TTFT is lost.
+PARK_WITHIN_TTFTS = 0.25
+#: Parking only while the offered load over the last ``PARK_WINDOW_S`` seconds is below this.
+PARK_MAX_LOAD = 0.8
+PARK_WINDOW_S = 120.0
+
+
+def tbt_slack_s(now: float, first_token_s: float, generated: int, expected_tokens: int, tbt_slo_s: float,
+                per_token_s: float, resume_s: float) -> float:
+    """Seconds a request with its first token (at ``first_token_s``) and ``generated`` tokens can
+    pause and still meet its mean-TBT SLO: its deadline, ``tbt_slo_s`` per token over
+    ``expected_tokens`` (at least one more than generated), less the rest of its decode at
+    ``per_token_s`` a token and ``resume_s`` to get its KV back."""
+    n = max(expected_tokens, generated + 1)
+    return first_token_s + tbt_slo_s * (n - 1) - now - per_token_s * (n - generated) - resume_s
+
+
+def park_for(now: float, arrival_s: float, ttft_slo_s: float, prefill_s: float) -> bool:
+    """True if a waiting request that does not fit may have a decode parked for it: it can still
+    meet its TTFT SLO (``ttft_lost``), but would not if it waited ``PARK_WITHIN_TTFTS`` TTFT SLOs
+    more. Parking is the last resort: until then the KV that running requests free goes first."""
+    return (not ttft_lost(now, arrival_s, ttft_slo_s, prefill_s)
+            and ttft_lost(now + PARK_WITHIN_TTFTS * ttft_slo_s, arrival_s, ttft_slo_s, prefill_s))
+
+
+def park_due_s(now: float, slack_s: float, ttft_slo_s: float) -> float:
+    """When a request parked now with ``slack_s`` resumes at the latest: with one TTFT SLO of
+    slack left, the time a waiting request may take to start (its slack falls one second a
+    second while it is parked)."""
+    return now + slack_s - ttft_slo_s
+
+
+class OfferedLoad:
+    """Predicted server-seconds (``service_s``) arriving per second over the last ``window_s``
+    seconds: the server's utilization as the arriving requests would use it (near 1 at the
+    saturation ceiling of the Azure conversation trace, docs/scheduler.md)."""
+
+    def __init__(self, window_s: float = PARK_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._arrivals: deque[tuple[float, float]] = deque()
+        self._sum = 0.0
+
+    def add(self, t: float, service: float) -> None:
+        self._arrivals.append((t, service))
+        self._sum += service
+
+    def load(self, now: float) -> float:
+        a, start = self._arrivals, now - self.window_s
+        while a and a[0][0] < start:
+            self._sum -= a.popleft()[1]
+        if not a:
+            self._sum = 0.0  # no rounding drift carried over an idle spell
+        return self._sum / self.window_s
 
 
 def reservation_tokens(pred_tokens: int, generated: int, max_tokens: int) -> int:

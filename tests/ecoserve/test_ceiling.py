@@ -88,6 +88,10 @@ def test_server_settings_reach_the_policy():
     assert 10_000 < cost.kv_blocks(16) * 16 < 16_000  # the paper era's KV-starved server
     with pytest.raises(ValueError, match="no room"):
         Server(gpu_memory_utilization=0.3).policy_kw(cost)
+    # vLLM's num_gpu_blocks_override: the KV size in blocks, whatever the HBM share says
+    assert Server(gpu_memory_utilization=0.3, num_gpu_blocks_override=5000).policy_kw(cost)["kv_blocks"] == 5000
+    with pytest.raises(ValueError, match="num_gpu_blocks_override"):
+        Server(num_gpu_blocks_override=0).policy_kw(cost)
 
 
 def test_burst_arrivals_keep_the_rate_and_come_in_groups():

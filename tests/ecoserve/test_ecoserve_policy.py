@@ -217,6 +217,51 @@ def _long_and_short():
     return [make_req(0, 0.0, 4, 40, pred=40), make_req(1, 0.05, 4, 4, pred=4)]
 
 
+# ---- parking -------------------------------------------------------------------------------------
+def test_parking_rules_by_hand():
+    # deadline 10 + 0.2 x 299 = 69.8 s; the rest, 250 tokens at 0.16 s, and 1 s to resume
+    assert rules.tbt_slack_s(20.0, 10.0, 50, 300, 0.2, 0.16, 1.0) == pytest.approx(8.8)
+    assert rules.tbt_slack_s(20.0, 10.0, 400, 300, 0.2, 0.16, 0.0) == pytest.approx(
+        10.0 + 0.2 * 400 - 20.0 - 0.16)  # outgrew its prediction: one more token expected
+    assert rules.park_due_s(10.0, 8.8, 5.0) == pytest.approx(13.8)
+    # TTFT 5 s, 1 s of prefill: meetable until 4.0; parking only in its last 1.25 s
+    assert [rules.park_for(t, 0.0, 5.0, 1.0) for t in (2.5, 3.0, 4.0, 4.5)] == [False, True, True, False]
+    load = rules.OfferedLoad(10.0)
+    load.add(0.0, 2.0)
+    load.add(5.0, 3.0)
+    assert load.load(5.0) == pytest.approx(0.5) and load.load(12.0) == pytest.approx(0.3)
+    assert load.load(100.0) == 0.0
+
+
+def _burst(policy):
+    # A (250 tokens) decodes alone; B (100 + 100 tokens) arrives at 0.3 s and does not fit the
+    # projection until A ends at ~2.5 s, 1.2 s past its 1 s TTFT. A has slack on its mean TBT.
+    reqs = [make_req(0, 0.0, 8, 250, slo=SLO(1.0, 0.2)), make_req(1, 0.3, 100, 100, slo=SLO(1.0, 0.2))]
+    sched, _ = sim(policy, reqs, blocks=80, token_budget=512)
+    return reqs, sched
+
+
+def test_a_decode_with_tbt_slack_is_parked_for_a_request_that_can_still_meet_its_ttft():
+    reqs, sched = _burst("ecoserve-nopark")
+    assert reqs[1].first_token_s - reqs[1].arrival_s > 1.0  # B's TTFT is lost waiting for A
+    reqs, sched = _burst("ecoserve")
+    a, b = reqs
+    assert sched.counters["parks"] == 1 and a.preemptions == 1
+    assert 1.3 - 0.25 - 0.05 < b.first_token_s <= 1.3  # at the last quarter TTFT, not before
+    for r in reqs:  # both meet the SLO: A's mean TBT absorbs the pause
+        assert r.state == State.FINISHED and r.generated == r.target_tokens
+        assert r.first_token_s - r.arrival_s <= 1.0
+        assert (r.finish_s - r.first_token_s) / (r.generated - 1) <= 0.2
+    assert a.finish_s > b.finish_s  # A resumed once B, the only other request, was done
+    assert sched.kv.free_blocks == 80 and not sched.parked
+
+
+def test_no_parking_when_the_offered_load_is_high(monkeypatch):
+    monkeypatch.setattr(rules, "PARK_MAX_LOAD", 0.0)  # every load counts as high
+    reqs, sched = _burst("ecoserve")
+    assert sched.counters["parks"] == 0 and reqs[1].first_token_s - reqs[1].arrival_s > 1.0
+
+
 def test_projected_peak_admits_alongside_where_the_sum_of_reservations_waits():
     reqs = _long_and_short()
     sched, _ = sim("ecoserve", reqs, blocks=12)

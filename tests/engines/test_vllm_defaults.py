@@ -8,6 +8,7 @@ vLLM is required (conftest.py turns a missing vLLM into a failure unless ECOSERV
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -162,6 +163,22 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
         (r.first_token_s if r.first_token_s >= 0 else now) - r.arrival_s > 5.0,
         rules.reservation_tokens(r.reserve_tokens, r.generated, r.max_tokens) - r.generated, r.seq))
     assert [str(r.rid) for r in order_sim] == [v.request_id for v in sorted(vreqs[:6], key=lambda v: eco._victim_key(v, now))]
+    # 5. parking: the same request has the most slack on its mean-TBT SLO, by about as much
+    # (a resume costs the cost model's prefill time in one, per-token prefill seconds in the other)
+    assert eco.eco_cfg.park == sim.cfg.park
+    for r, v in zip(sims[:6], vreqs[:6], strict=True):
+        r.generated, r.dec_step0 = r.generated - 1, -1  # decoded a step since it started: eligible
+        v.num_computed_tokens = v.num_tokens - 1
+        eco._admit_step[v.request_id] = -5
+    picks = []
+    for t in (now, 40.0, 200.0):
+        want, want_slack = sim._park_victim(t)
+        got, got_slack = eco._park_victim(t)
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got.request_id == str(want.rid) and got_slack == pytest.approx(want_slack, rel=0.02)
+        picks.append(None if want is None else want.rid)
+    assert picks == [4, 4, None]  # the longest-running has banked the most; by 200 s none has 10 s
 
 
 # ---- prefix caching ---------------------------------------------------------------------------------
@@ -291,6 +308,7 @@ def test_no_block_runs_and_victims_from_the_whole_step(cls: type) -> None:
     sorted by the rules' victim key first; everything finishes and the cache empties."""
     s = build(cls, num_blocks=24)
     s.clock = lambda: 0.0
+    s.eco_cfg = dataclasses.replace(s.eco_cfg, park=False)  # vLLM's own preemptions (parking: its own test)
     for i in range(8):
         s.add_request(req(f"u{i}", 24 + 8 * i, 120, arrival=0.01 * i, rl_pred_tokens=6 + i))
     target = {rid: r.max_tokens for rid, r in s.requests.items()}

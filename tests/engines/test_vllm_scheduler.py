@@ -7,6 +7,7 @@ The helpers here (``make``, ``req``, ``drive``, ``check_done``) are shared with 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from types import SimpleNamespace
@@ -182,6 +183,52 @@ def test_victim_is_the_rules_victim_not_the_latest_admission() -> None:
     outs = drive(plain)
     assert next(o.preempted_req_ids for o in outs if o.preempted_req_ids) == {"z"}  # vLLM: the last admitted
     check_done(plain)
+
+
+def _burst(cls: type, park: bool) -> tuple[Scheduler, dict[str, float], set[str]]:
+    """The simulator's parking test on vLLM's scheduler: "a" (300 tokens) decodes alone; "b"
+    (160 + 150 tokens) arrives at 0.3 s and does not fit the projection until "a" ends (~3 s),
+    past its 1 s TTFT; "a" has slack on its mean TBT. 10 ms a step; async: one step in flight."""
+    s = make(cls, num_blocks=24)
+    s.eco_cfg = dataclasses.replace(s.eco_cfg, slo_ttft=1.0, park=park)
+    now = [0.0]
+    s.clock = lambda: now[0]
+    s.add_request(req("a", 16, 300, arrival=0.0, rl_pred_tokens=300))
+    target = {"a": 300}
+    depth = 2 if s.scheduler_config.async_scheduling else 1
+    first: dict[str, float] = {}
+    preempted: set[str] = set()
+    inflight: list = []
+    for _ in range(5000):
+        if not s.get_num_unfinished_requests() and not inflight:
+            break
+        now[0] += 0.01
+        if now[0] >= 0.3 and "b" not in target:
+            target["b"] = 150
+            s.add_request(req("b", 160, 150, arrival=0.3, rl_pred_tokens=150))
+        if s.get_num_unfinished_requests():
+            out = s.schedule()
+            preempted |= set(out.preempted_req_ids or ())
+            inflight.append(out)
+        if len(inflight) >= depth or not s.get_num_unfinished_requests():
+            o = inflight.pop(0)
+            s.update_from_output(o, fake_model_output(o, s, target))
+            for rid in ("a", "b"):
+                r = s.requests.get(rid)
+                if rid not in first and r is not None and r.num_output_tokens > 0:
+                    first[rid] = now[0]
+    check_done(s)
+    return s, first, preempted
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_a_decode_with_tbt_slack_is_parked_for_a_request_that_can_still_meet_its_ttft(cls: type) -> None:
+    s, first, preempted = _burst(cls, park=False)
+    assert first["b"] - 0.3 > 1.0 and not preempted  # b's TTFT is lost waiting for a
+    s, first, preempted = _burst(cls, park=True)
+    assert s.eco_counters["parks"] == 1 and preempted == {"a"}
+    assert first["b"] - 0.3 <= 1.0  # parked at the last quarter TTFT: b starts in time
+    assert first["b"] - 0.3 > 1.0 - 0.25 - 0.16 - 0.05
 
 
 class _Predictor:
