@@ -2,7 +2,7 @@
 
 Supported: vLLM 0.32 and 0.33 (checked at import, see :data:`SUPPORTED_VLLM`; it reads a few
 internals, named below). vLLM's scheduler still runs every step and owns the KV blocks (allocated
-as tokens are written, vLLM's default); this subclass changes three of its decisions, with the
+as tokens are written, vLLM's default); this subclass changes four of its decisions, with the
 rules of the simulator's EcoServe (``policies/ecoserve_rules.py``, the same functions and the
 same defaults as ``policies/ecoserve.py``):
 
