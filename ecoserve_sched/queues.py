@@ -46,8 +46,9 @@ class PriorityQueue:
     def __len__(self) -> int:
         return len(self.items)
 
-    def push(self, r: Request) -> None:
-        heapq.heappush(self.items, (self._key(r), r.rid, r))
+    def push(self, r: Request, key: float | None = None) -> None:
+        """``key``: ``key(r)`` if the caller already has it."""
+        heapq.heappush(self.items, (self._key(r) if key is None else key, r.rid, r))
 
     push_front = push
 

@@ -116,9 +116,13 @@ class EcoServeScheduler(Scheduler):
         elif r.state == State.SWAPPED or r.generated > 0:
             self.resume.append(r)
         else:
+            key = None
             if self.cfg.park and not r.preemptions:
-                self.load.add(r.arrival_s, self._service(r))
-            self.pt.push(r)
+                service = self._service(r)
+                self.load.add(r.arrival_s, service)
+                if self.cfg.ordering:  # the heap key from the same service seconds
+                    key = rules.priority_key(r.arrival_s, service, self.cfg.aging)
+            self.pt.push(r, key)
         self._waiting += 1
 
     def waiting_count(self) -> int:
