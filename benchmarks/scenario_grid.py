@@ -37,6 +37,16 @@ Cells (first ``--requests`` requests of each trace):
   TBT 0.2 s;
 - azure-burst: Azure lengths with bursty arrivals (groups of 8 simultaneous requests, the groups
   gamma arrivals with cv 2), Llama-2-13B on A100-80GB, TTFT 5 s / TBT 0.2 s.
+
+Held-out cells (``--cells heldout``), on which no constant of any policy was chosen:
+- alpaca-llama3-h200: AlpacaEval answers (short instructions, 40 generators pooled), Poisson
+  arrivals, Llama-3-8B on H200 (830k KV tokens: the 256 sequence slots bind, not the KV cache),
+  TTFT 5 s / TBT 0.1 s;
+- mooncake-burst: Mooncake lengths in groups of 8 simultaneous requests, Llama-3-8B on H100,
+  TTFT 10 s / TBT 0.2 s;
+- sharegpt-llama2-7b-gamma: ShareGPT turns, gamma arrivals with cv 3, Llama-2-7B on A100-40GB,
+  TTFT 5 s / TBT 0.2 s;
+- azure-llama2-7b-a100-40gb: the Azure trace on Llama-2-7B on A100-40GB, TTFT 3 s / TBT 0.15 s.
 """
 
 from __future__ import annotations
@@ -59,7 +69,7 @@ from ecoserve_sched.cost_model import load_profile  # noqa: E402
 from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import SimResult  # noqa: E402
-from ecoserve_sched.trace import Trace, burst_arrivals, poisson_arrivals, read_trace  # noqa: E402
+from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, poisson_arrivals, read_trace  # noqa: E402
 
 POLICIES = ("vllm", "vllm-v0", "sarathi", "orca", "s3", "sjf", "ecoserve", "ecoserve-oracle")
 
@@ -71,8 +81,8 @@ class Cell:
     profile: str
     slo: SLO
     server: Server = field(default_factory=Server)
-    arrivals: str = "trace"  # trace | burst8 | poisson
-    cv: float = 2.0  # burst8: coefficient of variation of the groups' arrival gaps
+    arrivals: str = "trace"  # trace | burst8 | poisson | gamma
+    cv: float = 2.0  # burst8, gamma: coefficient of variation of the (groups') arrival gaps
 
 
 CELLS = (
@@ -84,6 +94,16 @@ CELLS = (
     Cell("azure-burst", "azure", "llama2-13b-a100-80gb", SLO(5.0, 0.2), arrivals="burst8"),
 )
 
+#: Cells no constant of any policy was chosen on (``--cells heldout``): other models, GPUs, SLOs,
+#: arrival processes and one trace (AlpacaEval) the grid above never used.
+HELDOUT_CELLS = (
+    Cell("alpaca-llama3-h200", "alpaca", "llama3-8b-h200", SLO(5.0, 0.1), arrivals="poisson"),
+    Cell("mooncake-burst", "mooncake", "llama3-8b-h100-80gb", SLO(10.0, 0.2), arrivals="burst8"),
+    Cell("sharegpt-llama2-7b-gamma", "sharegpt", "llama2-7b-a100-40gb", SLO(5.0, 0.2), arrivals="gamma", cv=3.0),
+    Cell("azure-llama2-7b-a100-40gb", "azure", "llama2-7b-a100-40gb", SLO(3.0, 0.15)),
+)
+ALL_CELLS = CELLS + HELDOUT_CELLS
+
 
 def load_trace(cell: Cell, shared: Path, n: int, skip: int = 0, seed: int = 0) -> Trace:
     if cell.trace == "azure":
@@ -91,12 +111,16 @@ def load_trace(cell: Cell, shared: Path, n: int, skip: int = 0, seed: int = 0) -
     elif cell.trace == "mooncake":
         tr = _slice(read_trace(shared / "mooncake_conversation_trace" / "mooncake_conversation_trace.jsonl.gz"),
                     skip, n)
+    elif cell.trace == "alpaca":
+        tr = alpaca_trace(shared, n, skip, seed)
     else:
         tr = sharegpt_trace(shared, n, skip, seed)
     rate = (len(tr) - 1) / float(tr.arrival_s[-1] - tr.arrival_s[0])  # keep the trace's mean rate
     if cell.arrivals == "burst8":
         tr = tr.with_arrivals(burst_arrivals(len(tr), rate, cv=cell.cv, burst=8, seed=seed))
-    elif cell.arrivals == "poisson" and cell.trace != "sharegpt":
+    elif cell.arrivals == "gamma":
+        tr = tr.with_arrivals(gamma_arrivals(len(tr), rate, cv=cell.cv, seed=seed))
+    elif cell.arrivals == "poisson" and cell.trace not in ("sharegpt", "alpaca"):
         tr = tr.with_arrivals(poisson_arrivals(len(tr), rate, seed=seed))
     return tr
 
@@ -116,17 +140,35 @@ def _slice(tr: Trace, skip: int, n: int) -> Trace:
 def sharegpt_trace(shared: Path, n: int, skip: int = 0, seed: int = 0) -> Trace:
     """ShareGPT turns as requests: context (history) and response lengths in Llama-3 tokens,
     Poisson arrivals at 1 request/s (the grid scales the rate)."""
-    from rlpredict.data import attach_rl, load_samples
-    from rlpredict.rl_tokenizers import count_tokens
+    from rlpredict.data import load_samples
 
     samples, _ = load_samples([shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"], max_rows=skip + n, on_error="skip")
-    samples = samples[skip:]
+    return _turns_trace("sharegpt_v3 turns", samples[skip:], seed)
+
+
+def alpaca_trace(shared: Path, n: int, skip: int = 0, seed: int = 0) -> Trace:
+    """AlpacaEval answers as requests (single-turn instructions, 40 generators pooled, shuffled
+    with a fixed seed so that a slice mixes generators), lengths in Llama-3 tokens, Poisson
+    arrivals at 1 request/s."""
+    from rlpredict.data import load_samples
+
+    samples, _ = load_samples([shared / "alpaca_eval_outputs" / "alpaca_eval_outputs.jsonl.gz"], on_error="skip")
+    order = np.random.default_rng(0).permutation(len(samples))[skip:skip + n]
+    return _turns_trace("alpaca_eval answers", [samples[i] for i in order], seed)
+
+
+def _turns_trace(name: str, samples: list, seed: int) -> Trace:
+    """Chat turns as requests: context (history) and response in Llama-3 tokens, turns longer
+    than OPT's 2,048-token window left out, Poisson arrivals at 1 request/s."""
+    from rlpredict.data import attach_rl
+    from rlpredict.rl_tokenizers import count_tokens
+
     attach_rl(samples, "llama3")
     ctx = count_tokens(["\n".join(m["content"] for m in s.messages) for s in samples], "llama3")
     inp = np.maximum(np.asarray(ctx, dtype=np.int64), 1)
     out = np.maximum(np.asarray([s.rl_tokens for s in samples], dtype=np.int64), 1)
     keep = inp + out <= 2048  # OPT's context window
-    return Trace("sharegpt_v3 turns", poisson_arrivals(int(keep.sum()), 1.0, seed=seed), inp[keep], out[keep],
+    return Trace(name, poisson_arrivals(int(keep.sum()), 1.0, seed=seed), inp[keep], out[keep],
                  np.full(int(keep.sum()), 2048, dtype=np.int64))
 
 
@@ -224,7 +266,8 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, required=True, help="the shared data folder (../shared/data)")
     ap.add_argument("--out", type=Path, help="folder for results.json and results.md")
     ap.add_argument("--requests", type=int, default=6000, help="first N requests of each trace")
-    ap.add_argument("--cells", default=",".join(c.name for c in CELLS), help="comma-separated cell names")
+    ap.add_argument("--cells", default=",".join(c.name for c in CELLS), help="comma-separated cell names; "
+                    "'heldout': the cells no policy constant was chosen on")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
     ap.add_argument("--workers", type=int, default=2, help="parallel processes")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N requests of each trace")
@@ -249,7 +292,11 @@ def main() -> None:
     nl = args.max_normalized_latency
     if nl is not None and not (nl > 0 and math.isfinite(nl)):
         ap.error(f"--max-normalized-latency must be a positive number of seconds, got {nl}")
-    cells = [c for c in CELLS if c.name in args.cells.split(",")]
+    names = args.cells.replace("heldout", ",".join(c.name for c in HELDOUT_CELLS)).split(",")
+    if unknown := set(names) - {c.name for c in ALL_CELLS}:
+        ap.error(f"--cells: unknown cell(s) {', '.join(sorted(unknown))}; known: "
+                 f"{', '.join(c.name for c in ALL_CELLS)}, heldout")
+    cells = [c for c in ALL_CELLS if c.name in names]
     policies = args.policies.split(",")
     t0 = time.time()
     overload: dict[tuple[str, str, float], dict] = {}

@@ -712,7 +712,7 @@ class EcoServeMixin:
     def _service(self, request: Request) -> float:
         cfg, n = self.eco_cfg, request.num_prompt_tokens
         return rules.service_s(cfg.prefill_s_per_token * n, n, max(self._base(request.request_id), 1),
-                               cfg.step_s, self._kv_tokens)
+                               cfg.step_s, self._kv_tokens, self.max_num_running_reqs)
 
     def _order_key(self, request: Request) -> float:
         return rules.priority_key(request.arrival_time, self._service(request), self.eco_cfg.aging)
@@ -788,22 +788,25 @@ class EcoServeMixin:
         # takes from a queue: the admission test (the wrapper) is switched on by the first take
         # from EcoServe's queue, or now if vLLM's queue of KV-holding waiting requests (drained
         # first) is not empty. The running requests' calls go straight to vLLM.
+        full = self.max_num_scheduled_tokens
+        budget = full if self._prefill_budget is None else self._step_budget(full)
         if self.eco_cfg.park and self.running and self.waiting and not self._by_priority \
                 and not getattr(self, "kv_holding_waiting", None):
-            self._park()
+            # with this step's prompt budget (as the simulator: the budget before parking; a
+            # parked request's decode token is not in the step any more)
+            budget -= self._park()
         direct = self.fast_steps and not getattr(self, "kv_holding_waiting", None)
         self.kv_cache_manager.allocate_slots = self._allocate if direct else self._allocate_slots
         if self._prefill_budget is None:
             return super().schedule(*args, **kwargs)
-        full = self.max_num_scheduled_tokens
-        self.max_num_scheduled_tokens = self._step_budget(full)  # read once, at the step's start
+        self.max_num_scheduled_tokens = budget  # read once, at the step's start
         try:
             return super().schedule(*args, **kwargs)
         finally:
             self.max_num_scheduled_tokens = full
 
     # ---- parking (rules.tbt_slack_s, rules.park_due_s, rules.OfferedLoad) -------------------------
-    def _park(self) -> None:
+    def _park(self) -> int:
         """The simulator's parking: while the waiting head is a new request that can still meet
         its TTFT, would not after ``rules.PARK_WITHIN_TTFTS`` more (``rules.park_for``), and does
         not fit (its whole prompt's blocks, and the projected peak), and the offered load is below
@@ -812,21 +815,22 @@ class EcoServeMixin:
         first token seen, admitted before this step). The queue holds it until it is due
         (``rules.park_due_s``) or nothing that can meet its TTFT waits. Preempted as
         ``reset_prefix_cache`` does between steps (in-flight output dropped, its tokens sent
-        again if it resumes)."""
+        again if it resumes). The number of requests parked."""
         head = self.waiting.head_new()
         if head is None:
-            return
+            return 0
         now, cfg = self.clock(), self.eco_cfg
         if self.load.load(now) >= rules.PARK_MAX_LOAD or \
                 not rules.park_for(now, head.arrival_time, cfg.slo_ttft, self._prefill_est_s(head)):
-            return
+            return 0
         bs, pool = self._bs, self.kv_cache_manager.block_pool
         need = -(-head.num_tokens // bs)
+        parks = 0
         while need > pool.get_num_free_blocks() - (self._keep_free if self.running else 0) \
                 or not self._fits(head, None):
             best, best_slack = self._park_victim(now)
             if best is None:
-                return
+                break
             self.running.remove(best)
             self.waiting.parking = (best, rules.park_due_s(now, best_slack, cfg.slo_ttft))
             try:
@@ -835,6 +839,8 @@ class EcoServeMixin:
                 self.waiting.parking = None
             self.prev_step_scheduled_req_ids.discard(best.request_id)
             self.eco_counters["parks"] += 1
+            parks += 1
+        return parks
 
     def _park_victim(self, now: float) -> tuple[Request | None, float]:
         """The running request with the most slack on its mean-TBT SLO (``rules.tbt_slack_s``),

@@ -66,6 +66,7 @@ class EcoServeConfig:
     victim: str = "slo"  # "slo" (rules.victim_key) or "latest" (latest admitted, as vLLM)
     lost_order: str = "key"  # PTs whose TTFT is lost: "key" (as the others) or "service" (rules.lost_key)
     park: bool = True  # preempt decodes with TBT slack for PTs that can still meet their TTFT, in bursts
+    slot_share: bool = True  # service counts the larger of the KV share and the slot share (False: KV)
 
 
 class EcoServeScheduler(Scheduler):
@@ -108,7 +109,7 @@ class EcoServeScheduler(Scheduler):
 
     def _service(self, r: Request) -> float:
         return rules.service_s(self.cost.recompute_time(r.prompt_tokens), r.prompt_tokens, max(r.pred_tokens, 1),
-                               self.step_s, self.kv_tokens)
+                               self.step_s, self.kv_tokens, self.max_running if self.cfg.slot_share else None)
 
     def enqueue(self, r: Request, front: bool = False) -> None:
         if self._parking is not None and self._parking[0] is r:
@@ -393,3 +394,4 @@ register("ecoserve-notbt", _factory(tbt_budget=False))
 register("ecoserve-latest", _factory(victim="latest"))
 register("ecoserve-lostsjf", _factory(lost_order="service"))
 register("ecoserve-nopark", _factory(park=False))
+register("ecoserve-noslots", _factory(slot_share=False))

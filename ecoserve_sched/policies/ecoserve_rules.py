@@ -7,7 +7,8 @@ returns a number; each parameter is derived from the cost model or the SLO, none
 trace (docs/scheduler.md, "EcoServe").
 
 - ``service_s``: a request's predicted cost in server-seconds: its prefill compute plus its
-  share of the KV cache over its decode (KV-token-seconds / capacity). The ordering key.
+  decode's dominant share of the server (KV-token-seconds / capacity, or slot-seconds / sequence
+  slots, whichever is larger). The ordering key.
 - ``priority_key``: the static heap key, ``arrival + aging x service`` (shortest predicted work
   first, with aging: a request is overtaken only by requests that arrived less than ``aging``
   times the difference of their service times after it).
@@ -37,8 +38,8 @@ trace (docs/scheduler.md, "EcoServe").
 
 Using them from vLLM's scheduler (``engines/vllm_scheduler.py``), with vLLM's own objects:
 the waiting-queue key is ``priority_key(request.arrival_time, service_s(prefill_s_per_token x
-num_prompt_tokens, num_prompt_tokens, rl_pred_tokens, step_s, num_gpu_blocks x block_size),
-1.0)``; before popping a waiting request, ``ttft_lost(now, arrival_time, slo_ttft,
+num_prompt_tokens, num_prompt_tokens, rl_pred_tokens, step_s, num_gpu_blocks x block_size,
+max_num_seqs), 1.0)``; before popping a waiting request, ``ttft_lost(now, arrival_time, slo_ttft,
 ceil(num_prompt_tokens / token_budget) x iteration_s)`` moves it behind the others; admission
 asks, besides vLLM's own block check, ``Projection.demand(engine_step, (prompt tokens,
 reservation_tokens(rl_reserve_tokens, 0, max_tokens)), limit=cap) <= cap`` with ``cap`` the cache
@@ -66,13 +67,18 @@ import numpy as np
 
 
 def service_s(prefill_s: float, prompt_tokens: int, pred_tokens: int, step_s: float,
-              kv_tokens: int) -> float:
-    """Predicted server-seconds of a request: prefill compute (``prefill_s``) plus the share of
-    the KV cache its decode occupies, ``(prompt + pred/2) x pred`` token-steps of ``step_s``
-    seconds over the cache's ``kv_tokens``: the two resources a request uses up, each as a
-    fraction of what the server has per second."""
-    kv_token_s = (prompt_tokens + 0.5 * pred_tokens) * pred_tokens * step_s
-    return prefill_s + kv_token_s / max(kv_tokens, 1)
+              kv_tokens: int, slots: int | None) -> float:
+    """Predicted server-seconds of a request: prefill compute (``prefill_s``) plus its decode's
+    dominant share of the server: the larger of the share of the KV cache it occupies, ``(prompt
+    + pred/2) x pred`` token-steps of ``step_s`` seconds over the cache's ``kv_tokens``, and the
+    share of the sequence slots (``max_num_seqs``), ``pred`` steps over ``slots``. Each resource
+    as a fraction of what the server has per second; the one that binds counts (the slots, where
+    the cache holds more than ``slots`` requests of this size: a small model on a large GPU).
+    ``slots`` None: the KV share alone (``ecoserve-noslots``, the rule before December 2026)."""
+    kv_share = (prompt_tokens + 0.5 * pred_tokens) * pred_tokens * step_s / max(kv_tokens, 1)
+    if slots is None:
+        return prefill_s + kv_share
+    return prefill_s + max(kv_share, pred_tokens * step_s / max(slots, 1))
 
 
 def priority_key(arrival_s: float, service: float, aging: float) -> float:

@@ -131,22 +131,29 @@ def test_ttft_lost_and_victim_key():
     assert max(keys, key=keys.get) == "long"  # longest predicted remaining work, not the latest
 
 
-def test_service_time_counts_prefill_and_kv_occupancy():
-    # 0.1 s of prefill; (100 + 50) x 100 token-steps of 0.02 s over a 3000-token cache = 0.1 s
-    assert rules.service_s(0.1, 100, 100, 0.02, 3000) == 0.1 + 0.1
+def test_service_time_counts_prefill_and_the_decodes_dominant_share():
+    # 0.1 s of prefill; (100 + 50) x 100 token-steps of 0.02 s over a 3000-token cache = 0.1 s,
+    # more than 100 steps of 0.02 s over 256 slots (0.0078 s): the KV cache binds
+    assert rules.service_s(0.1, 100, 100, 0.02, 3000, 256) == 0.1 + 0.1
+    # a cache of 3M tokens holds 20,000 such requests, more than the 256 slots: the slots bind
+    assert rules.service_s(0.1, 100, 100, 0.02, 3_000_000, 256) == pytest.approx(0.1 + 100 * 0.02 / 256)
+    # either way a longer prediction costs more
+    assert rules.service_s(0.1, 100, 200, 0.02, 3_000_000, 256) > rules.service_s(0.1, 100, 100, 0.02, 3_000_000, 256)
     assert rules.priority_key(2.0, 0.2, 1.0) == 2.2 and rules.priority_key(2.0, 0.2, 0.0) == 2.0
 
 
 # ---- ordering -----------------------------------------------------------------------------------
-def _blocked_queue(short_arrival):
-    # One slot. A blocker runs 2 s; a long request queues first, a short one arrives later.
-    return [make_req(0, 0.0, 8, 200, pred=200), make_req(1, 0.001, 8, 200, pred=200),
+def _blocked_queue(short_arrival, blocker=200):
+    # A blocker runs ``blocker`` x 10 ms; a long request queues first, a short one arrives later.
+    return [make_req(0, 0.0, 8, blocker, pred=blocker), make_req(1, 0.001, 8, 200, pred=200),
             make_req(2, short_arrival, 8, 5, pred=5)]
 
 
-# Predicted service: the long one (8 + 100) x 200 token-steps of 0.01 s over 240 tokens = 0.9 s,
-# the short one 0.002 s. With ordering the short one overtakes (shortest predicted work first)
-# unless it arrives more than ~0.9 s after the long one (aging); without ordering, arrival order.
+# KV binds (8 slots, a 240-token cache that holds the blocker and not the long one too):
+# predicted service of the long one (8 + 100) x 200 token-steps of 0.01 s over 240 tokens =
+# 0.9 s (its slot share, 200 steps over 8 slots, is 0.25 s), of the short one 0.00625 s. With
+# ordering the short one overtakes (shortest predicted work first) unless it arrives more than
+# ~0.9 s after the long one (aging); without ordering, arrival order.
 @pytest.mark.parametrize(("policy", "short_arrival", "short_first"), [
     ("ecoserve", 0.002, True),
     ("ecoserve-noorder", 0.002, False),
@@ -155,7 +162,17 @@ def _blocked_queue(short_arrival):
 ])
 def test_shorter_predicted_work_goes_first_until_aging_stops_it(policy, short_arrival, short_first):
     reqs = _blocked_queue(short_arrival)
-    sim(policy, reqs, blocks=60, max_running=1)
+    sim(policy, reqs, blocks=60, max_running=8)
+    assert (reqs[2].first_token_s < reqs[1].first_token_s) is short_first
+
+
+# The slots bind (one slot; the blocker runs 4 s): the long one holds the only slot for 200
+# steps of 0.01 s, 2 s of service (more than its KV share, 0.45 s of a 480-token cache), the
+# short one 0.05 s: it overtakes unless it arrives more than ~1.95 s after the long one.
+@pytest.mark.parametrize(("short_arrival", "short_first"), [(0.002, True), (1.0, True), (1.9, True), (2.0, False)])
+def test_where_slots_bind_the_service_is_the_slot_share(short_arrival, short_first):
+    reqs = _blocked_queue(short_arrival, blocker=400)
+    sim("ecoserve", reqs, blocks=120, max_running=1)
     assert (reqs[2].first_token_s < reqs[1].first_token_s) is short_first
 
 
@@ -180,10 +197,11 @@ def test_lostsjf_orders_requests_whose_ttft_is_lost_shortest_first():
     # One slot. While the blocker runs (2 s), A (long work) and, much later, B (short work) queue;
     # both have lost their TTFT when the slot frees. ``ecoserve-lostsjf`` runs the shorter first
     # (rules.lost_key: only their JCT is left to save); the default keeps the PTs' key, in which
-    # A's arrival + service is smaller.
+    # A's arrival + service (0.01 + 2 s: 200 steps in the only slot) is smaller than B's (1.98 +
+    # 0.05 s).
     def trace():
         return [make_req(0, 0.0, 4, 200), make_req(1, 0.01, 4, 200, slo=SLO(0.5, 0.2)),
-                make_req(2, 1.9, 4, 5, slo=SLO(0.05, 0.2))]
+                make_req(2, 1.98, 4, 5, slo=SLO(0.01, 0.2))]
 
     reqs = trace()
     sim("ecoserve-lostsjf", reqs, blocks=200, max_running=1)

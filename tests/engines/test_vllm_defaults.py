@@ -101,8 +101,9 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
     """Same waiting order, same reservations (and top-ups), same admission answer and same victim
     as ``policies/ecoserve.py`` given the same requests, predictions and cache."""
     cost, blocks = load_profile("llama2-13b-a100-80gb"), 320
-    sim = EcoServeScheduler(cost, config=EcoServeConfig(), kv_blocks=blocks, block_size=BS, slo=SLO(5.0, 0.2))
     eco = build(EcoServeVllmSyncScheduler, num_blocks=blocks)
+    sim = EcoServeScheduler(cost, config=EcoServeConfig(), kv_blocks=blocks, block_size=BS, slo=SLO(5.0, 0.2),
+                            max_running=eco.max_num_running_reqs)  # the same slots (service_s)
     eco.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=5.0, slo_tbt=0.2,
                                      prefill_s_per_token=cost.recompute_time(512) / 512, step_s=sim.step_s)
     assert (eco.eco_cfg.aging, eco.eco_cfg.reserve_frac, eco.eco_cfg.give_way) == (

@@ -305,6 +305,33 @@ def test_profile_sizes_each_steps_prefill_budget_by_the_tbt_slo(monkeypatch: pyt
     assert scheduled[""] == 512 - 4 > scheduled[cost.name]
 
 
+def test_parking_and_give_way_estimate_the_ttft_with_this_steps_prompt_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parking check runs before vLLM's step, with the prompt budget of the step about to
+    run (as the simulator's), not the last step's: a step with no decodes has the whole budget,
+    the next one, with four decodes, the TBT-bounded one."""
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.policies.ecoserve import EcoServeConfig
+
+    cost = load_profile("llama3-8b-h100-80gb")
+    monkeypatch.setenv("ECOSERVE_SLO_TBT", repr(cost.iteration_time(64, 64 * 32, 4, 4 * 40) / EcoServeConfig().iter_time_frac))
+    monkeypatch.setenv("ECOSERVE_PROFILE", cost.name)
+    s = make(EcoServeVllmSyncScheduler, num_blocks=200)
+    s.clock = lambda: 1.0
+    seen: list[int] = []
+    est = s._prefill_est_s
+    monkeypatch.setattr(s, "_prefill_est_s", lambda r: seen.append(s._prefill_now) or est(r))
+    for i in range(4):
+        s.add_request(req(f"d{i}", 32, 60, arrival=0.0, rl_pred_tokens=60))
+    out = s.schedule()
+    assert s._prefill_now == 512  # nothing decoded: the whole budget
+    s.update_from_output(out, fake_model_output(out, s, {f"d{i}": 60 for i in range(4)}))
+    s.add_request(req("long", 1000, 8, arrival=1.0, rl_pred_tokens=8))
+    seen.clear()
+    out = s.schedule()
+    assert seen and set(seen) == {out.num_scheduled_tokens["long"]} and seen[0] < 512 - 4
+
+
 def test_a_request_recomputing_after_preemption_is_not_a_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     """The TBT budget counts as decodes only requests with at most their last token left to
     compute: one re-prefilling prompt + generated tokens after a preemption (computed past its
