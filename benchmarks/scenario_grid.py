@@ -292,7 +292,8 @@ def main() -> None:
     nl = args.max_normalized_latency
     if nl is not None and not (nl > 0 and math.isfinite(nl)):
         ap.error(f"--max-normalized-latency must be a positive number of seconds, got {nl}")
-    names = args.cells.replace("heldout", ",".join(c.name for c in HELDOUT_CELLS)).split(",")
+    names = [n for tok in args.cells.split(",")
+             for n in ([c.name for c in HELDOUT_CELLS] if tok == "heldout" else [tok])]
     if unknown := set(names) - {c.name for c in ALL_CELLS}:
         ap.error(f"--cells: unknown cell(s) {', '.join(sorted(unknown))}; known: "
                  f"{', '.join(c.name for c in ALL_CELLS)}, heldout")
