@@ -47,6 +47,14 @@ Held-out cells (``--cells heldout``), on which no constant of any policy was cho
 - sharegpt-llama2-7b-gamma: ShareGPT turns, gamma arrivals with cv 3, Llama-2-7B on A100-40GB,
   TTFT 5 s / TBT 0.2 s;
 - azure-llama2-7b-a100-40gb: the Azure trace on Llama-2-7B on A100-40GB, TTFT 3 s / TBT 0.15 s.
+
+Random cells (``--cells random:N``, drawn with ``--cell-seed S``; names start ``rS.i-``): N
+scenarios drawn uniformly from the four traces x the models whose context window holds them x
+four GPUs (A100-40GB, A100-80GB, H100, H200) x TTFT SLOs 2-10 s x TBT SLOs 0.1-0.3 s x trace,
+gamma (cv 2, 4) or burst8 (cv 1, 2) arrivals x vLLM's default KV size or
+gpu_memory_utilization 0.6 (``random_cells``). Nothing was chosen on them: a check that a result
+holds beyond the named cells. A draw can be infeasible for every policy (Mooncake's long prompts
+with a 3 s TTFT on an A100): its capacities then read ``no_passing_load``.
 """
 
 from __future__ import annotations
@@ -103,6 +111,44 @@ HELDOUT_CELLS = (
     Cell("azure-llama2-7b-a100-40gb", "azure", "llama2-7b-a100-40gb", SLO(3.0, 0.15)),
 )
 ALL_CELLS = CELLS + HELDOUT_CELLS
+
+#: ``--cells random:N``: what a random cell is drawn from (traces with the models whose context
+#: holds them: Mooncake's long prompts only with Llama-3-8B's 8k window, OPT-13B's 2k window only
+#: with the chat turns, which ``_turns_trace`` keeps within 2,048 tokens).
+RANDOM_MODELS = {"azure": ("llama2-7b", "llama2-13b", "llama3-8b"), "mooncake": ("llama3-8b",),
+                 "sharegpt": ("llama2-7b", "llama2-13b", "llama3-8b", "opt-13b"),
+                 "alpaca": ("llama2-7b", "llama2-13b", "llama3-8b", "opt-13b")}
+RANDOM_GPUS = ("a100-40gb", "a100-80gb", "h100-80gb", "h200")
+RANDOM_TTFT_S = (2.0, 3.0, 5.0, 10.0)
+RANDOM_TBT_S = (0.1, 0.15, 0.2, 0.3)
+RANDOM_ARRIVALS = (("trace", 0.0), ("gamma", 2.0), ("gamma", 4.0), ("burst8", 1.0), ("burst8", 2.0))
+RANDOM_KV_SHARE = (None, 0.6)  # gpu_memory_utilization: vLLM's default (0.9) or a smaller cache
+
+
+def random_cells(n: int, seed: int) -> tuple[Cell, ...]:
+    """``n`` cells drawn uniformly from the product above with ``seed``: scenarios no constant
+    of any policy was chosen on, to check that a result generalizes beyond the named cells.
+    A draw whose KV cache at its memory share holds fewer than 16k tokens is redrawn."""
+    rng = np.random.default_rng(seed)
+    out: list[Cell] = []
+    while len(out) < n:
+        trace = str(rng.choice(sorted(RANDOM_MODELS)))
+        profile = f"{rng.choice(RANDOM_MODELS[trace])}-{rng.choice(RANDOM_GPUS)}"
+        slo = SLO(float(rng.choice(RANDOM_TTFT_S)), float(rng.choice(RANDOM_TBT_S)))
+        arrivals, cv = RANDOM_ARRIVALS[rng.integers(len(RANDOM_ARRIVALS))]
+        util = RANDOM_KV_SHARE[rng.integers(len(RANDOM_KV_SHARE))]
+        try:
+            if load_profile(profile).kv_blocks(16, util) < 1024:  # 16k tokens: the longest prompts fit
+                continue
+        except ValueError:
+            continue
+        arr = "" if arrivals == "trace" else f"-{arrivals}-cv{cv:g}"
+        kv = "" if util is None else f"-kv{round(util * 100)}"
+        name = f"r{seed}.{len(out)}-{trace}-{profile}{kv}{arr}-{slo.ttft_s:g}s-{slo.tbt_s:g}s"
+        out.append(Cell(name, trace, profile, slo, Server(gpu_memory_utilization=util),
+                        "poisson" if arrivals == "trace" and trace in ("sharegpt", "alpaca") else arrivals,
+                        cv or 2.0))
+    return tuple(out)
 
 
 def load_trace(cell: Cell, shared: Path, n: int, skip: int = 0, seed: int = 0) -> Trace:
@@ -267,7 +313,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="folder for results.json and results.md")
     ap.add_argument("--requests", type=int, default=6000, help="first N requests of each trace")
     ap.add_argument("--cells", default=",".join(c.name for c in CELLS), help="comma-separated cell names; "
-                    "'heldout': the cells no policy constant was chosen on")
+                    "'heldout': the cells no policy constant was chosen on; 'random:N': N cells drawn "
+                    "with --cell-seed from other traces x models x GPUs x SLOs x arrivals x KV sizes")
+    ap.add_argument("--cell-seed", type=int, default=0, help="seed of the cells 'random:N' draws")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
     ap.add_argument("--workers", type=int, default=2, help="parallel processes")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N requests of each trace")
@@ -292,12 +340,24 @@ def main() -> None:
     nl = args.max_normalized_latency
     if nl is not None and not (nl > 0 and math.isfinite(nl)):
         ap.error(f"--max-normalized-latency must be a positive number of seconds, got {nl}")
-    names = [n for tok in args.cells.split(",")
-             for n in ([c.name for c in HELDOUT_CELLS] if tok == "heldout" else [tok])]
-    if unknown := set(names) - {c.name for c in ALL_CELLS}:
+    drawn: tuple[Cell, ...] = ()
+    names: list[str] = []
+    for tok in args.cells.split(","):
+        if tok == "heldout":
+            names += [c.name for c in HELDOUT_CELLS]
+        elif tok.startswith("random:"):
+            count = tok.removeprefix("random:")
+            if not count.isdigit() or int(count) < 1:
+                ap.error(f"--cells: 'random:N' needs a whole number N >= 1, got {tok!r}")
+            drawn += random_cells(int(count), args.cell_seed)
+            names += [c.name for c in drawn[-int(count):]]
+        else:
+            names.append(tok)
+    known = ALL_CELLS + drawn
+    if unknown := set(names) - {c.name for c in known}:
         ap.error(f"--cells: unknown cell(s) {', '.join(sorted(unknown))}; known: "
-                 f"{', '.join(c.name for c in ALL_CELLS)}, heldout")
-    cells = [c for c in ALL_CELLS if c.name in names]
+                 f"{', '.join(c.name for c in ALL_CELLS)}, heldout, random:N")
+    cells = [c for c in known if c.name in names]
     policies = args.policies.split(",")
     t0 = time.time()
     overload: dict[tuple[str, str, float], dict] = {}

@@ -1,0 +1,62 @@
+"""The scenario grid's cells (``benchmarks/scenario_grid.py``): the random draws of
+``--cells random:N`` and the ``--cells`` errors. Nothing here replays a trace."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ecoserve_sched.cost_model import list_profiles, load_profile
+
+GRID = Path(__file__).resolve().parents[2] / "benchmarks" / "scenario_grid.py"
+
+
+@pytest.fixture(scope="module")
+def grid():
+    spec = importlib.util.spec_from_file_location("scenario_grid", GRID)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["scenario_grid"] = mod  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop("scenario_grid", None)
+
+
+def test_random_cells_are_a_fixed_draw_per_seed(grid) -> None:
+    a, b, c = grid.random_cells(12, 0), grid.random_cells(12, 0), grid.random_cells(12, 1)
+    assert a == b
+    assert a != c
+    names = [x.name for x in a + c]
+    assert len(set(names)) == len(names)  # seeds and indices keep names apart
+    assert not {x.name for x in a} & {x.name for x in grid.ALL_CELLS}
+
+
+def test_random_cells_are_servable_scenarios(grid) -> None:
+    profiles = set(list_profiles())
+    for cell in grid.random_cells(40, 3):
+        assert cell.profile in profiles
+        assert any(cell.profile.startswith(m + "-") for m in grid.RANDOM_MODELS[cell.trace]), cell
+        util = cell.server.gpu_memory_utilization
+        assert load_profile(cell.profile).kv_blocks(16, util) >= 1024  # the longest prompts fit
+        assert cell.slo.ttft_s in grid.RANDOM_TTFT_S and cell.slo.tbt_s in grid.RANDOM_TBT_S
+        assert cell.arrivals in ("trace", "poisson", "gamma", "burst8")
+        if cell.trace in ("sharegpt", "alpaca"):
+            assert cell.arrivals != "trace"  # chat turns have no arrival times: Poisson
+        if cell.trace == "mooncake":
+            assert cell.profile.startswith("llama3-8b")  # an 8k window for its long prompts
+
+
+@pytest.mark.parametrize("cells, message", [
+    ("random:0", "random:N"), ("random:x", "random:N"), ("nope", "unknown cell"),
+])
+def test_bad_cells_are_one_line_and_exit_2(cells: str, message: str, tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(GRID), "--shared", str(tmp_path), "--cells", cells],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
