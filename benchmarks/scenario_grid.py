@@ -10,6 +10,12 @@ normalized latency at vLLM V1's capacity load (ratios to vLLM V1). All policies 
 the same requests with the same predictions (sampled from the shipped predictor's confusion
 matrix; `ecoserve-oracle` gets the true lengths). Cells and policies run in parallel processes.
 
+Baselines: vLLM V1 as configured by default (`vllm`: 2,048 batched tokens per iteration) and
+with its token budget tuned per cell (`vllm-tuned`: the best capacity over
+max_num_batched_tokens 512 ... 8,192, ``TUNED_BUDGETS``; the budget it chose is printed
+beside it; its loads past capacity and its sustained capacity run at that budget), vLLM V0,
+Sarathi-Serve, Orca, S3 and SJF. ``vllm@B`` names vLLM V1 with a budget of B tokens.
+
 Other slices and seeds (to check that a result is not tuned to one): ``--skip N`` replays requests
 N+1 ... N+``--requests`` of each trace (arrivals shifted to start at 0), ``--seed S`` draws the
 predictions (and the synthetic arrivals of the poisson and burst8 cells) with seed S; both 0 by
@@ -66,6 +72,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,12 +81,17 @@ sys.path.insert(0, str(REPO))
 
 from ecoserve_sched.compare import RunSpec, Server, capacity, ceiling  # noqa: E402
 from ecoserve_sched.cost_model import load_profile  # noqa: E402
+from ecoserve_sched.policies.interface import DEFAULT_TOKEN_BUDGET  # noqa: E402
 from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import SimResult  # noqa: E402
 from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, poisson_arrivals, read_trace  # noqa: E402
 
-POLICIES = ("vllm", "vllm-v0", "sarathi", "orca", "s3", "sjf", "ecoserve", "ecoserve-oracle")
+POLICIES = ("vllm", "vllm-tuned", "vllm-v0", "sarathi", "orca", "s3", "sjf", "ecoserve", "ecoserve-oracle")
+
+#: ``vllm-tuned``: vLLM V1 with the best of these token budgets (max_num_batched_tokens) per cell,
+#: the largest capacity any of them reaches (2048, vLLM's default, is the ``vllm`` row).
+TUNED_BUDGETS = (512, 1024, 2048, 4096, 8192)
 
 
 @dataclass(frozen=True)
@@ -241,6 +253,23 @@ def spec_of(cell: Cell, shared: Path, n: int) -> RunSpec:
     return _SPECS[cell.name]
 
 
+def resolve(cell: Cell, policy: str, shared: Path, n: int) -> tuple[RunSpec, str]:
+    """The spec and registered policy a grid policy name runs: ``vllm@B`` is vLLM V1 with a
+    token budget of B (``Server.token_budget``), any other name runs as is."""
+    spec = spec_of(cell, shared, n)
+    if policy.startswith("vllm@"):
+        return replace(spec, server=replace(spec.server, token_budget=int(policy[5:]))), "vllm"
+    return spec, policy
+
+
+def budget_policy(name: str) -> str | None:
+    """None if ``name`` is a valid ``vllm@B`` (B an integer >= 1) or no such name; else why not."""
+    if not name.startswith("vllm@"):
+        return None
+    b = name[5:]
+    return None if b.isdigit() and int(b) >= 1 else f"'{name}': vllm@B needs a whole number of tokens B >= 1"
+
+
 def task_ceiling(cell: Cell, shared: Path, n: int) -> tuple[str, dict]:
     spec = spec_of(cell, shared, n)
     kv_blocks = spec.server.policy_kw(spec.cost).get("kv_blocks") or spec.cost.kv_blocks(spec.server.block_size)
@@ -250,11 +279,13 @@ def task_ceiling(cell: Cell, shared: Path, n: int) -> tuple[str, dict]:
 
 def task_capacity(cell: Cell, policy: str, shared: Path, n: int, hi: float,
                   max_nl: float | None = None) -> tuple[str, str, dict]:
-    return cell.name, policy, capacity(spec_of(cell, shared, n), policy, hi=hi, max_normalized_latency=max_nl)
+    spec, run_as = resolve(cell, policy, shared, n)
+    return cell.name, policy, capacity(spec, run_as, hi=hi, max_normalized_latency=max_nl)
 
 
 def task_at_load(cell: Cell, policy: str, shared: Path, n: int, scale: float) -> tuple[str, str, dict]:
-    s, _ = spec_of(cell, shared, n).run(policy, scale)
+    spec, run_as = resolve(cell, policy, shared, n)
+    s, _ = spec.run(run_as, scale)
     return cell.name, policy, {k: s[k] for k in ("mean_jct_s", "normalized_latency_s", "slo_attainment")}
 
 
@@ -289,10 +320,10 @@ class SustainedSpec(RunSpec):
 
 def task_sustained(cell: Cell, policy: str, shared: Path, n: int, hi: float,
                    cap: float | None) -> tuple[str, str, dict]:
-    spec = spec_of(cell, shared, n)
+    spec, run_as = resolve(cell, policy, shared, n)
     sus = SustainedSpec(**{f.name: getattr(spec, f.name) for f in fields(spec)})
-    out = capacity(sus, policy, hi=hi)
-    out["deferred_at_capacity"] = deferred_share(spec.run(policy, cap)[1], spec.slo) if cap else None
+    out = capacity(sus, run_as, hi=hi)
+    out["deferred_at_capacity"] = deferred_share(spec.run(run_as, cap)[1], spec.slo) if cap else None
     return cell.name, policy, out
 
 
@@ -302,7 +333,8 @@ OVERLOAD_FACTORS = (1.0, 1.25)
 
 def task_overload(cell: Cell, policy: str, shared: Path, n: int, factor: float,
                   scale: float) -> tuple[str, str, float, dict]:
-    s, _ = spec_of(cell, shared, n).run(policy, scale)
+    spec, run_as = resolve(cell, policy, shared, n)
+    s, _ = spec.run(run_as, scale)
     keys = ("mean_jct_s", "mean_ttft_s", "ttft_lost_share", "slo_attainment", "p99_ttft_s")
     return cell.name, policy, factor, {k: s[k] for k in keys}
 
@@ -359,6 +391,13 @@ def main() -> None:
                  f"{', '.join(c.name for c in ALL_CELLS)}, heldout, random:N")
     cells = [c for c in known if c.name in names]
     policies = args.policies.split(",")
+    if "vllm" not in policies:
+        ap.error("--policies must include vllm: every ratio is to vLLM V1")
+    if bad := [m for m in map(budget_policy, policies) if m]:
+        ap.error(f"--policies: {bad[0]}")
+    # vllm-tuned: vLLM V1 at each of TUNED_BUDGETS (its default, 2048, is the vllm run)
+    sweep = [f"vllm@{b}" for b in TUNED_BUDGETS if b != DEFAULT_TOKEN_BUDGET] if "vllm-tuned" in policies else []
+    searched = [p for p in policies if p != "vllm-tuned"] + [p for p in sweep if p not in policies]
     t0 = time.time()
     overload: dict[tuple[str, str, float], dict] = {}
     sustained: dict[tuple[str, str], dict] = {}
@@ -370,17 +409,24 @@ def main() -> None:
         ceilings = dict(starmap(task_ceiling, [(c, args.shared, args.requests) for c in cells]))
         caps = {(name, p): c for name, p, c in starmap(task_capacity, [
             (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3), nl)
-            for c in cells for p in policies])}
-        at_load = {(name, p): s for name, p, s in starmap(task_at_load, [
+            for c in cells for p in searched])}
+        runs_as = {(c.name, p): p for c in cells for p in policies}  # the policy a row's loads run
+        if sweep:
+            for c in cells:
+                best = max(["vllm", *sweep], key=lambda p: caps[c.name, p]["max_rate_scale"] or -1.0)
+                budget = DEFAULT_TOKEN_BUDGET if best == "vllm" else int(best[5:])
+                caps[c.name, "vllm-tuned"] = {**caps[c.name, best], "token_budget": budget}
+                runs_as[c.name, "vllm-tuned"] = best
+        at_load = {(name, p): s for name, p, s in starmap(_as_row(task_at_load, runs_as), [
             (c, p, args.shared, args.requests, caps[c.name, "vllm"]["max_rate_scale"])
             for c in cells for p in policies if caps[c.name, "vllm"]["max_rate_scale"]])}
         if args.overload:
-            overload = {(name, p, f): s for name, p, f, s in starmap(task_overload, [
+            overload = {(name, p, f): s for name, p, f, s in starmap(_as_row(task_overload, runs_as), [
                 (c, p, args.shared, args.requests, f, f * caps[c.name, "vllm"]["max_rate_scale"])
                 for c in cells for p in policies for f in OVERLOAD_FACTORS
                 if caps.get((c.name, "vllm"), {}).get("max_rate_scale")])}
         if args.sustained:
-            sustained = {(name, p): c for name, p, c in starmap(task_sustained, [
+            sustained = {(name, p): c for name, p, c in starmap(_as_row(task_sustained, runs_as), [
                 (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3),
                  caps[c.name, p]["max_rate_scale"]) for c in cells for p in policies])}
     rows = []
@@ -400,6 +446,7 @@ def main() -> None:
                 "jct_x_v1": _ratio(load and load["mean_jct_s"], base and base["mean_jct_s"]),
                 "norm_latency_x_v1": _ratio(load and load["normalized_latency_s"], base and base["normalized_latency_s"]),
                 "attainment_at_v1_load": load and load["slo_attainment"],
+                "token_budget": caps[c.name, p].get("token_budget"),
             })
     criterion = "SLO attainment >= 0.9" if nl is None else \
         f"normalized latency <= {nl:g} s per output token and every request finished"
@@ -418,6 +465,18 @@ def main() -> None:
         with output_dir(args.out, force=True, tool="benchmarks/scenario_grid.py") as tmp:
             (tmp / "results.json").write_text(dumps(rows, indent=1) + "\n")
             (tmp / "results.md").write_text(text + "\n")
+
+
+class _as_row:
+    """A task run as the policy ``runs_as`` names for its row (``vllm-tuned``: the best budget's
+    ``vllm@B``), its result keyed by the row's name. Picklable for the process pool."""
+
+    def __init__(self, task: Any, runs_as: dict[tuple[str, str], str]) -> None:
+        self.task, self.runs_as = task, runs_as
+
+    def __call__(self, cell: Cell, policy: str, *args: Any) -> tuple:
+        out = self.task(cell, self.runs_as[cell.name, policy], *args)
+        return (out[0], policy, *out[2:])
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -476,7 +535,8 @@ def markdown(rows: list[dict], n: int, seconds: float, criterion: str = "SLO att
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cap = f(r["capacity"], 3) if r["search"] == "found" else r["search"]
-        out.append(f"| {r['cell']} | {f(r['ceiling'], 3)} | {r['policy']} | {cap} | {f(r['vs_ceiling'])} | "
+        policy = r["policy"] + (f" ({r['token_budget']})" if r.get("token_budget") else "")
+        out.append(f"| {r['cell']} | {f(r['ceiling'], 3)} | {policy} | {cap} | {f(r['vs_ceiling'])} | "
                    f"{f(r['x_v1'])} | {f(r['x_v0'])} | {f(r['jct_x_v1'])} | {f(r['norm_latency_x_v1'])} | "
                    f"{f(r['attainment_at_v1_load'])} |")
     return "\n".join(out)

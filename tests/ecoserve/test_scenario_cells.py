@@ -36,6 +36,12 @@ def test_random_cells_are_a_fixed_draw_per_seed(grid) -> None:
     assert not {x.name for x in a} & {x.name for x in grid.ALL_CELLS}
 
 
+def test_vllm_at_a_budget_is_vllm_with_that_token_budget(grid) -> None:
+    assert grid.budget_policy("vllm@1024") is None and grid.budget_policy("sjf") is None
+    assert "vllm@B" in grid.budget_policy("vllm@0") and "vllm@B" in grid.budget_policy("vllm@1k")
+    assert grid.DEFAULT_TOKEN_BUDGET in grid.TUNED_BUDGETS  # the default is one of the tuned runs
+
+
 def test_random_cells_are_servable_scenarios(grid) -> None:
     profiles = set(list_profiles())
     for cell in grid.random_cells(40, 3):
@@ -51,11 +57,13 @@ def test_random_cells_are_servable_scenarios(grid) -> None:
             assert cell.profile.startswith("llama3-8b")  # an 8k window for its long prompts
 
 
-@pytest.mark.parametrize("cells, message", [
-    ("random:0", "random:N"), ("random:x", "random:N"), ("nope", "unknown cell"),
+@pytest.mark.parametrize("option, value, message", [
+    ("--cells", "random:0", "random:N"), ("--cells", "random:x", "random:N"), ("--cells", "nope", "unknown cell"),
+    ("--policies", "vllm,vllm@x", "vllm@B"), ("--policies", "sjf,ecoserve", "must include vllm"),
 ])
-def test_bad_cells_are_one_line_and_exit_2(cells: str, message: str, tmp_path: Path) -> None:
-    p = subprocess.run([sys.executable, str(GRID), "--shared", str(tmp_path), "--cells", cells],
+def test_bad_cells_and_policies_are_one_line_and_exit_2(option: str, value: str, message: str,
+                                                         tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(GRID), "--shared", str(tmp_path), option, value],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert message in p.stderr
