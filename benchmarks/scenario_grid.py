@@ -81,7 +81,7 @@ sys.path.insert(0, str(REPO))
 
 from ecoserve_sched.compare import RunSpec, Server, capacity, ceiling  # noqa: E402
 from ecoserve_sched.cost_model import load_profile  # noqa: E402
-from ecoserve_sched.policies.interface import DEFAULT_TOKEN_BUDGET  # noqa: E402
+from ecoserve_sched.policies.interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN_BUDGET  # noqa: E402
 from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import SimResult  # noqa: E402
@@ -263,11 +263,13 @@ def resolve(cell: Cell, policy: str, shared: Path, n: int) -> tuple[RunSpec, str
 
 
 def budget_policy(name: str) -> str | None:
-    """None if ``name`` is a valid ``vllm@B`` (B an integer >= 1) or no such name; else why not."""
+    """None if ``name`` is a valid ``vllm@B`` (B a whole number of tokens above vLLM's
+    max_num_seqs, which every iteration's decodes may take) or no such name; else why not."""
     if not name.startswith("vllm@"):
         return None
     b = name[5:]
-    return None if b.isdigit() and int(b) >= 1 else f"'{name}': vllm@B needs a whole number of tokens B >= 1"
+    return None if b.isdigit() and int(b) > DEFAULT_MAX_RUNNING else \
+        f"'{name}': vllm@B needs a whole number of tokens B > {DEFAULT_MAX_RUNNING} (vLLM's max_num_seqs)"
 
 
 def task_ceiling(cell: Cell, shared: Path, n: int) -> tuple[str, dict]:

@@ -39,6 +39,7 @@ def test_random_cells_are_a_fixed_draw_per_seed(grid) -> None:
 def test_vllm_at_a_budget_is_vllm_with_that_token_budget(grid) -> None:
     assert grid.budget_policy("vllm@1024") is None and grid.budget_policy("sjf") is None
     assert "vllm@B" in grid.budget_policy("vllm@0") and "vllm@B" in grid.budget_policy("vllm@1k")
+    assert "vllm@B" in grid.budget_policy("vllm@256")  # not above max_num_seqs: no room for a prompt
     assert grid.DEFAULT_TOKEN_BUDGET in grid.TUNED_BUDGETS  # the default is one of the tuned runs
 
 
