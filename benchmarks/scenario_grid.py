@@ -412,23 +412,21 @@ def main() -> None:
         caps = {(name, p): c for name, p, c in starmap(task_capacity, [
             (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3), nl)
             for c in cells for p in searched])}
-        runs_as = {(c.name, p): p for c in cells for p in policies}  # the policy a row's loads run
-        if sweep:
-            for c in cells:
-                best = max(["vllm", *sweep], key=lambda p: caps[c.name, p]["max_rate_scale"] or -1.0)
-                budget = DEFAULT_TOKEN_BUDGET if best == "vllm" else int(best[5:])
-                caps[c.name, "vllm-tuned"] = {**caps[c.name, best], "token_budget": budget}
-                runs_as[c.name, "vllm-tuned"] = best
-        at_load = {(name, p): s for name, p, s in starmap(_as_row(task_at_load, runs_as), [
+        tuned: dict[str, str] = {}  # cell -> the vllm@B (or vllm) run that vllm-tuned's loads run
+        for c in cells if sweep else ():
+            tuned[c.name] = max(["vllm", *sweep], key=lambda p: caps[c.name, p]["max_rate_scale"] or -1.0)
+            budget = DEFAULT_TOKEN_BUDGET if tuned[c.name] == "vllm" else int(tuned[c.name][5:])
+            caps[c.name, "vllm-tuned"] = {**caps[c.name, tuned[c.name]], "token_budget": budget}
+        at_load = {(name, p): s for name, p, s in starmap(_as_row(task_at_load, tuned), [
             (c, p, args.shared, args.requests, caps[c.name, "vllm"]["max_rate_scale"])
             for c in cells for p in policies if caps[c.name, "vllm"]["max_rate_scale"]])}
         if args.overload:
-            overload = {(name, p, f): s for name, p, f, s in starmap(_as_row(task_overload, runs_as), [
+            overload = {(name, p, f): s for name, p, f, s in starmap(_as_row(task_overload, tuned), [
                 (c, p, args.shared, args.requests, f, f * caps[c.name, "vllm"]["max_rate_scale"])
                 for c in cells for p in policies for f in OVERLOAD_FACTORS
-                if caps.get((c.name, "vllm"), {}).get("max_rate_scale")])}
+                if caps[c.name, "vllm"]["max_rate_scale"]])}
         if args.sustained:
-            sustained = {(name, p): c for name, p, c in starmap(_as_row(task_sustained, runs_as), [
+            sustained = {(name, p): c for name, p, c in starmap(_as_row(task_sustained, tuned), [
                 (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3),
                  caps[c.name, p]["max_rate_scale"]) for c in cells for p in policies])}
     rows = []
@@ -470,14 +468,14 @@ def main() -> None:
 
 
 class _as_row:
-    """A task run as the policy ``runs_as`` names for its row (``vllm-tuned``: the best budget's
-    ``vllm@B``), its result keyed by the row's name. Picklable for the process pool."""
+    """A task whose ``vllm-tuned`` rows run the cell's best budget (``tuned``: cell -> ``vllm@B``),
+    its result keyed by the row's name. Picklable for the process pool."""
 
-    def __init__(self, task: Any, runs_as: dict[tuple[str, str], str]) -> None:
-        self.task, self.runs_as = task, runs_as
+    def __init__(self, task: Any, tuned: dict[str, str]) -> None:
+        self.task, self.tuned = task, tuned
 
     def __call__(self, cell: Cell, policy: str, *args: Any) -> tuple:
-        out = self.task(cell, self.runs_as[cell.name, policy], *args)
+        out = self.task(cell, self.tuned[cell.name] if policy == "vllm-tuned" else policy, *args)
         return (out[0], policy, *out[2:])
 
 
