@@ -57,7 +57,7 @@ class CostModelExecutor(Executor):
     def run(self, now: float, until: float) -> LogRow | None:
         sched = self.sched
         t0 = perf_counter()
-        if sched.step < self.fast_until and sched.decode_only_step():
+        if sched.step < self.fast_until and sched.decode_only_step(now=now):
             self.sched_s += perf_counter() - t0
             if self.check and sched.waiting_count():
                 self._check_blocked(now)
@@ -88,12 +88,18 @@ class CostModelExecutor(Executor):
 
     def _stretch(self, now: float, until: float) -> LogRow:
         """Decode-only iterations: every decoding request runs one step per iteration, until a
-        finish, an arrival (``until``), a fault or an alarm that needs a decision. Between
+        finish, an arrival (``until``), a fault, an alarm that needs a decision or the policy's
+        ``recheck`` of a blocked admission. Between
         alarms the steps run in one ``decode_run`` (the cost model's tight loop)."""
         sched, kv, decode_run, check = self.sched, self.sched.kv, self.decode_run, self.check
         next_finish = self.finishes[0][0] if self.finishes else NEVER
         if self.fault_step < next_finish:
             next_finish = self.fault_step
+        recheck_step, recheck_s = sched.recheck  # a blocked admission to be asked again then
+        if recheck_step < next_finish:
+            next_finish = recheck_step
+        if recheck_s < until:
+            until = recheck_s
         next_alarm = sched.next_alarm_step()
         d = len(sched.decoding)
         dctx = ctx0 = sched.kv_used_tokens()

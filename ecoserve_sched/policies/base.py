@@ -43,6 +43,7 @@ from .registry import register
 
 DECODE = State.DECODE
 GROWING = -2  # ``Request.alarm_step`` of a request that grows lazily (``kv.grow``): no heap alarm
+NO_RECHECK = (1 << 62, float("inf"))  # ``Scheduler.recheck`` of an admission blocked until a finish
 
 __all__ = ["Batch", "Scheduler", "register"]  # ecoserve.py imports all three from here
 
@@ -70,6 +71,7 @@ class Scheduler(SchedulerInterface):
         if self.token_budget <= max_running:
             raise ValueError(f"token budget {self.token_budget} must exceed max_running {max_running}")
         self.step = 0
+        self.recheck = NO_RECHECK
         # Lazy growth replays the default easy alarm exactly; another ``easy_alarm`` or a lead
         # changes what an alarm does or when it comes.
         self.lazy_blocks = (self.lazy_blocks and type(self).easy_alarm is Scheduler.easy_alarm
@@ -123,7 +125,7 @@ class Scheduler(SchedulerInterface):
         """True if ``admit`` would start nothing now (checked without side effects); False if
         unsure (always safe: the engine then calls ``schedule``). Asked when something waits,
         no prefill runs and no alarm is due; a True answer must stay true until the next alarm,
-        finish or arrival (the engine relies on it). Derived from ``admit``'s own gate: ``schedule``
+        finish or arrival, or until ``recheck`` (which it may set) comes (the engine relies on it). Derived from ``admit``'s own gate: ``schedule``
         calls ``admit`` only with budget left, and ``admit`` starts the request
         :meth:`_next_admission` names, so with an empty batch the two cannot drift. With
         ``check=True`` the cost-model executor also compares every True answer with
@@ -199,7 +201,7 @@ class Scheduler(SchedulerInterface):
         batch.extra_s = self._extra_s
         return batch
 
-    def decode_only_step(self, recheck_admission: bool = True) -> bool:
+    def decode_only_step(self, recheck_admission: bool = True, now: float | None = None) -> bool:
         """True if this iteration needs no decision: due alarms were all easy (and are now
         handled), no prefill runs and nothing can be admitted. The engine then runs every
         decoding request one step without calling ``schedule`` (the batch it would have built),
@@ -207,7 +209,12 @@ class Scheduler(SchedulerInterface):
         ``recheck_admission``)."""
         if self.prefilling or not self.decoding or self._easy_alarms() is not None:
             return False  # ``schedule`` takes the alarm that needs a decision, in the same order
-        return not recheck_admission or not self.waiting_count() or self.admission_blocked()
+        if not recheck_admission:
+            return True
+        if now is not None:
+            self.now = now  # the time ``admission_blocked`` asks at
+        self.recheck = NO_RECHECK  # ``admission_blocked`` may bring it forward
+        return not self.waiting_count() or self.admission_blocked()
 
     def _easy_alarms(self) -> Request | None:
         """Handle the due alarms that need no decision, in order (dropping stale ones); return

@@ -49,6 +49,9 @@ from .base import Scheduler
 from .interface import Batch
 from .registry import register
 
+#: A blocked admission waiting on a PT's TTFT is asked again at most this many decode steps on
+#: (``_probe_head``): the TTFT estimate is bounded over them, more steps a looser bound.
+RECHECK_STEPS = 64
 
 @dataclass(slots=True)
 class EcoServeConfig:
@@ -91,6 +94,8 @@ class EcoServeScheduler(Scheduler):
         # Fewest prompt tokens per iteration: the roofline knee (they ride on the weight read).
         self.min_prefill = max(1, min(int(getattr(cost, "token_budget", 64)), self.token_budget))
         self._prefill_budget = rules.PrefillBudget(  # iteration time with decodes: within this
+            cost.iteration_time, self.cfg.iter_time_frac * self.slo.tbt_s, self.min_prefill)
+        self._bound_budget = rules.PrefillBudget(  # the same, steps ahead (``_ttft_est_bound``)
             cost.iteration_time, self.cfg.iter_time_frac * self.slo.tbt_s, self.min_prefill)
         self._it_now = (0, 0.0)  # this iteration's prefill budget and its predicted time
         self._no_fit = (-1, -1)  # (projection version, rid): the projection test failed
@@ -161,15 +166,15 @@ class EcoServeScheduler(Scheduler):
         self._it_now = (b, t if t >= 0 else self.cost.iteration_time(b, b * b // 2, d, dctx))
         return b
 
-    def _budget(self, d: int, dctx: int) -> tuple[int, float]:
+    def _budget(self, d: int, dctx: int, pb: rules.PrefillBudget | None = None) -> tuple[int, float]:
         """All of the token budget when nothing decodes (or ``tbt_budget`` is off); else
-        ``rules.PrefillBudget``: the most prefill tokens keeping the iteration within
-        ``iter_time_frac`` x TBT SLO, at least ``min_prefill``. With it, the iteration's time at
-        that budget if it was computed on the way (else -1)."""
+        ``rules.PrefillBudget`` (``pb``, default this iteration's): the most prefill tokens
+        keeping the iteration within ``iter_time_frac`` x TBT SLO, at least ``min_prefill``.
+        With it, the iteration's time at that budget if it was computed on the way (else -1)."""
         hi = self.token_budget - d
         if not d or not self.cfg.tbt_budget:
             return hi, -1.0
-        return self._prefill_budget(hi, d, dctx)
+        return (pb or self._prefill_budget)(hi, d, dctx)
 
     # ---- admission ----------------------------------------------------------------------------
     def _ttft_est_s(self, r: Request) -> float:
@@ -206,6 +211,53 @@ class EcoServeScheduler(Scheduler):
         if self.lost.items:
             return self.lost.items[0][2], self.lost
         return None, None
+
+    def _probe_head(self, now: float) -> tuple[Request | None, bool]:
+        """``_head`` for ``admission_blocked`` (no preempted request waits), without side
+        effects: the head, and False if ``schedule`` might act on it now (it may fit, give way,
+        or have a decode parked for it). Sure, it sets ``recheck``: by then a parked request may
+        come due, the head give way, or its parking window open or the offered load fall below
+        ``rules.PARK_MAX_LOAD`` in it (each bounded with ``_ttft_est_bound``; early is safe: the
+        engine only asks again)."""
+        parked, pt, cfg = self.parked, self.pt.items, self.cfg
+        if parked and parked[0][0] <= now:
+            return parked[0][2], True
+        if not pt:  # the head stays the head: a parked request, else a PT whose TTFT is lost
+            return (parked or self.lost.items or [(0, 0, None)])[0][2], True
+        r = pt[0][2]
+        if self._fits(r, self._need_now(r), project=False):
+            return r, False  # it may be admitted: ``schedule`` tries
+        until = parked[0][0] if parked else float("inf")
+        if cfg.give_way or cfg.park:
+            self.prefill_budget()  # this iteration's TTFT estimate, as ``schedule`` sets it
+            est, deadline = self._ttft_est_s(r), r.arrival_s + r.slo.ttft_s
+            if cfg.give_way and rules.ttft_lost(now, r.arrival_s, r.slo.ttft_s, est):
+                return r, False
+            est_max = self._ttft_est_bound(r, RECHECK_STEPS)
+            if cfg.give_way:
+                until = min(until, deadline - est_max)
+            if cfg.park:
+                if rules.park_for(now, r.arrival_s, r.slo.ttft_s, est):
+                    low = self.load.stays_at_least(now, rules.PARK_MAX_LOAD)
+                    if low <= now:
+                        return r, False
+                    until = min(until, low)
+                else:
+                    until = min(until, deadline - rules.PARK_WITHIN_TTFTS * r.slo.ttft_s - est_max)
+        if until < float("inf"):
+            until -= 1e-6 + 1e-12 * abs(until)  # early by more than any rounding
+        self.recheck = (self.step + RECHECK_STEPS, until)
+        return r, True
+
+    def _ttft_est_bound(self, r: Request, steps: int) -> float:
+        """An upper bound on ``_ttft_est_s(r)`` over the next ``steps`` decode-only iterations
+        (after ``prefill_budget``): the budget only falls as the decodes' context grows and the
+        iteration time only rises (the cost model is monotone), so the chunks at the budget
+        ``steps`` on, each timed at today's budget over that context."""
+        d = len(self.decoding)
+        dctx = self._ctx_base + d * (self.step + steps)
+        b, lo = self._it_now[0], self._budget(d, dctx, self._bound_budget)[0]
+        return -(-r.prefill_target // lo) * self.cost.iteration_time(b, b * b // 2, d, dctx)
 
     def _need_now(self, r: Request) -> int:
         """Blocks ``r`` takes at admission: its whole prefill target, or its swapped context."""
@@ -247,11 +299,13 @@ class EcoServeScheduler(Scheduler):
         may give way as time passes, or a projection not yet tried): unsure, so not blocked."""
         if budget <= 0 or len(self.decoding) + len(self.prefilling) >= self.max_running:
             return None
-        if probe and not self.resume and ((self.pt.items and (self.cfg.give_way or self.cfg.park)) or self.parked):
-            # as time passes the head may give way, a decode earn the slack to be parked for it,
-            # or a parked request come due: unsure
-            return (self.pt.items or self.parked)[0][2], None, 0
-        r, q = self._head(now)  # no side effects here when probing: no PT can give way
+        if probe and not self.resume:
+            r, sure = self._probe_head(now)
+            if not sure:
+                return r, None, 0
+            q = None
+        else:
+            r, q = self._head(now)
         if r is None:
             return None
         need = self._need_now(r)
@@ -326,8 +380,9 @@ class EcoServeScheduler(Scheduler):
 
     def admission_blocked(self) -> bool:
         # Stable until a finish: the free pool only shrinks in between, and a failed projection
-        # is retried only once a running request starts or ends. The budget is never below 1
-        # (``_budget``'s floor); asking ``prefill_budget`` here would move its bisection cache.
+        # is retried only once a running request starts or ends; as time passes only the head
+        # (``_probe_head``: ``recheck``) and parking can change. The budget is never below 1
+        # (``_budget``'s floor).
         return self._next_admission(1, Batch(), self.now, probe=True) is None
 
     def _keep_free(self) -> int:

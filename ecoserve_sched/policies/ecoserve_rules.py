@@ -143,18 +143,44 @@ class OfferedLoad:
         self.window_s = window_s
         self._arrivals: deque[tuple[float, float]] = deque()
         self._sum = 0.0
+        # For ``stays_at_least``: the arrivals' times and the total added before each, from
+        # ``_head`` on (the entries ``load`` has not dropped yet).
+        self._t: list[float] = []
+        self._before: list[float] = []
+        self._total = 0.0
+        self._head = 0
 
     def add(self, t: float, service: float) -> None:
         self._arrivals.append((t, service))
         self._sum += service
+        self._t.append(t)
+        self._before.append(self._total)
+        self._total += service
 
     def load(self, now: float) -> float:
         a, start = self._arrivals, now - self.window_s
+        n = len(a)
         while a and a[0][0] < start:
             self._sum -= a.popleft()[1]
+        if len(a) < n:
+            self._head += n - len(a)
+            if self._head > 1024 and 2 * self._head > len(self._t):  # keep memory bounded
+                del self._t[:self._head], self._before[:self._head]
+                self._head = 0
         if not a:
             self._sum = 0.0  # no rounding drift carried over an idle spell
         return self._sum / self.window_s
+
+    def stays_at_least(self, now: float, level: float) -> float:
+        """A time before which ``load`` stays at or above ``level`` if nothing arrives (it only
+        falls as arrivals leave the window): the time the last arrival it needs leaves; ``now``
+        if it may already be below. Early by a relative 1e-6 for rounding, never late;
+        side-effect free."""
+        t, before = self._t, self._before
+        first = bisect_left(t, now - self.window_s, self._head)  # the window at ``now``
+        # the window from entry i on holds total - before[i]: the first i where that is short
+        i = bisect_right(before, self._total - level * self.window_s * (1 + 1e-6), first)
+        return now if i <= first else t[i - 1] + self.window_s
 
 
 def reservation_tokens(pred_tokens: int, generated: int, max_tokens: int) -> int:

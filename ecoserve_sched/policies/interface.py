@@ -3,9 +3,9 @@
 One iteration, as the serving loop (``serving.py``) and its executors drive it::
 
     add(req, now)                 a request arrived (and passed the loop's drop rule)
-    decode_only_step()            top of the iteration, before ``schedule`` (cost-model executor
+    decode_only_step(now=now)     top of the iteration, before ``schedule`` (cost-model executor
                                   only): True lets the engine run every decode without a batch
-    next_alarm_step()             during a run of decode-only iterations: when to ask again
+    next_alarm_step(), recheck    during a run of decode-only iterations: when to ask again
     batch = schedule(now)         otherwise: decide the iteration (alarms, prefill chunks,
                                   admissions, preemptions)
     ... the engine runs the batch; the clock advances by its iteration time ...
@@ -71,6 +71,7 @@ class SchedulerInterface(ABC):
     decoding: dict[int, Request]
     counters: dict[str, int]
     stall_gaps: list[float]
+    recheck: tuple[int, float]  # see ``decode_only_step``
 
     @abstractmethod
     def add(self, r: Request, now: float) -> None:
@@ -85,15 +86,20 @@ class SchedulerInterface(ABC):
         """Requests queued for admission (the stuck check reports it)."""
 
     @abstractmethod
-    def decode_only_step(self, recheck_admission: bool = True) -> bool:
+    def decode_only_step(self, recheck_admission: bool = True, now: float | None = None) -> bool:
         """Called at the top of an iteration instead of ``schedule`` by engines that can skip
         decisions (the cost-model executor). True if this iteration needs no decision: due
         alarms were easy (and are now handled), no prefill runs, and nothing can be admitted
-        until the next alarm, finish or arrival. The engine then runs every decoding request
-        one step (the batch ``schedule`` would have built), and more steps up to the next
-        finish, arrival or ``next_alarm_step``, asking again there with ``recheck_admission``
-        False: since the last True answer only easy alarms ran, which only take free blocks,
-        so a blocked admission is still blocked."""
+        until the next alarm, finish or arrival, or until ``recheck``. The engine then runs every
+        decoding request one step (the batch ``schedule`` would have built), and more steps up
+        to the next finish, arrival or ``next_alarm_step``, asking again there with
+        ``recheck_admission`` False: since the last True answer only easy alarms ran, which only
+        take free blocks, so a blocked admission is still blocked. A True answer with requests
+        waiting also sets ``recheck`` = (step, time): an admission blocked only for now (a
+        waiting request that will give way as time passes, say) must be asked again at that
+        step, or at the first iteration starting at or after that time, whichever comes first
+        (``base.NO_RECHECK``: not before the next alarm, finish or arrival). ``now``: the
+        iteration's start time (the engine passes it when it rechecks the admission)."""
 
     @abstractmethod
     def next_alarm_step(self) -> int:

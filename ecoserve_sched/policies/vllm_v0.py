@@ -117,7 +117,7 @@ class VLLMV0Scheduler(Scheduler):
             self._joined.clear()
         return joined
 
-    def decode_only_step(self, recheck_admission: bool = True) -> bool:
+    def decode_only_step(self, recheck_admission: bool = True, now: float | None = None) -> bool:
         if not self.decoding or self._stalls or (
                 recheck_admission and len(self.waiting) and not self.admission_blocked()):
             return False

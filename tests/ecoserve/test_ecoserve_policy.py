@@ -251,6 +251,17 @@ def test_parking_rules_by_hand():
     assert load.load(100.0) == 0.0
 
 
+def test_offered_load_says_until_when_it_stays_at_least_a_level():
+    load = rules.OfferedLoad(10.0)
+    load.add(0.0, 2.0)
+    load.add(5.0, 3.0)  # load 0.5 at 5 s; 0.3 once the first leaves (after 10 s), 0 after 15 s
+    assert load.stays_at_least(5.0, 0.4) == 10.0
+    assert load.stays_at_least(5.0, 0.25) == 15.0
+    assert load.stays_at_least(5.0, 0.6) == 5.0  # already below
+    assert load.load(12.0) == pytest.approx(0.3)  # drops the first arrival
+    assert load.stays_at_least(12.0, 0.25) == 15.0 and load.stays_at_least(16.0, 0.1) == 16.0
+
+
 def _burst(policy):
     # A (250 tokens) decodes alone; B (100 + 100 tokens) arrives at 0.3 s and does not fit the
     # projection until A ends at ~2.5 s, 1.2 s past its 1 s TTFT. A has slack on its mean TBT.
@@ -272,6 +283,24 @@ def test_a_decode_with_tbt_slack_is_parked_for_a_request_that_can_still_meet_its
         assert (r.finish_s - r.first_token_s) / (r.generated - 1) <= 0.2
     assert a.finish_s > b.finish_s  # A resumed once B, the only other request, was done
     assert sched.kv.free_blocks == 80 and not sched.parked
+
+
+def test_decodes_run_as_stretches_while_a_blocked_prompt_waits_out_its_ttft():
+    """B waits from 0.3 s (its projection fails while A decodes) until it gives way at its TTFT
+    deadline: the engine runs A's decodes as stretches in between (``recheck``), not one
+    decision per iteration, and B gives way at the same iteration as when asked every one."""
+    runs = []
+    for stepwise in (False, True):
+        reqs = [make_req(0, 0.0, 8, 250, slo=SLO(1.0, 0.2)), make_req(1, 0.3, 100, 100, slo=SLO(1.0, 0.2))]
+        sched = get_policy("ecoserve-nopark", FlatCost(blocks=80, iter_s=0.01), block_size=4, max_running=8,
+                           token_budget=512)
+        res = simulate(reqs, sched, stepwise=stepwise, check=not stepwise)
+        runs.append(([(r.first_token_s, r.finish_s) for r in reqs], res.log))
+    (times, log), (ref_times, ref_log) = runs
+    assert times == ref_times and times[1][0] > 1.3  # B's TTFT is lost, at the same time
+    waiting = [row for row in log if 0.305 < row[0] < 1.295]  # B waits, A decodes: ~100 iterations
+    assert sum(row[2] for row in waiting) > 90 and len(waiting) <= 4  # RECHECK_STEPS = 64 at most
+    assert len([row for row in ref_log if 0.305 < row[0] < 1.295]) > 90
 
 
 def test_no_parking_when_the_offered_load_is_high(monkeypatch):
