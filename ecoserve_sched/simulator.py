@@ -4,10 +4,11 @@
 ``cost.iteration_time``. Finishes are a heap keyed by the decode step at which a request's true
 length is reached (preemption bumps ``Request.epoch`` and so cancels a pending finish). On its
 fast path, iterations that need no decision (``Scheduler.decode_only_step``) run back to back
-as one decode-only stretch up to the next finish, arrival, fault or alarm; on-demand block
-growth runs lazily through it (``KVCacheManager.grow``: no alarm until the free pool would run
-short), and the stretch's block column sums it (``run_steps``). Optional injected faults
-(``faults.py``) make chosen iterations raise.
+as one decode-only stretch up to the next finish, arrival, fault, alarm or the policy's
+``recheck`` of a blocked admission; on-demand block growth runs lazily through it
+(``KVCacheManager.grow``: no alarm until the free pool would run short), and the stretch's block
+column sums it (``run_steps``). Optional injected faults (``faults.py``) make chosen iterations
+raise.
 """
 
 from __future__ import annotations
