@@ -233,17 +233,16 @@ class EcoServeScheduler(Scheduler):
             est, deadline = self._ttft_est_s(r), r.arrival_s + r.slo.ttft_s
             if cfg.give_way and rules.ttft_lost(now, r.arrival_s, r.slo.ttft_s, est):
                 return r, False
+            window = cfg.park and rules.park_for(now, r.arrival_s, r.slo.ttft_s, est)
+            if window:  # a decode may be parked for it unless the load is high
+                until = min(until, self.load.stays_at_least(now, rules.PARK_MAX_LOAD))
+                if until <= now:
+                    return r, False
             est_max = self._ttft_est_bound(r, RECHECK_STEPS)
             if cfg.give_way:
                 until = min(until, deadline - est_max)
-            if cfg.park:
-                if rules.park_for(now, r.arrival_s, r.slo.ttft_s, est):
-                    low = self.load.stays_at_least(now, rules.PARK_MAX_LOAD)
-                    if low <= now:
-                        return r, False
-                    until = min(until, low)
-                else:
-                    until = min(until, deadline - rules.PARK_WITHIN_TTFTS * r.slo.ttft_s - est_max)
+            if cfg.park and not window:
+                until = min(until, deadline - rules.PARK_WITHIN_TTFTS * r.slo.ttft_s - est_max)
         if until < float("inf"):
             until -= 1e-6 + 1e-12 * abs(until)  # early by more than any rounding
         self.recheck = (self.step + RECHECK_STEPS, until)
