@@ -122,8 +122,9 @@ def apply_predictions(requests: list[Request], trace: Trace, source: str, *, see
         # a bucket never seen in evaluation keeps its true bucket
         pred = np.where(rows[true_b] > 0, (cdf[true_b] <= u[:, None]).sum(axis=1), true_b)
         pred = np.minimum(pred, len(c.edges) - 1)
-        for r, b in zip(requests, pred.tolist(), strict=True):
-            r.pred_bucket, r.pred_tokens, r.reserve_tokens = b, int(c.point_tokens[b]), int(c.reserve_tokens[b])
+        for r, b, p, q in zip(requests, pred.tolist(), c.point_tokens[pred].tolist(), c.reserve_tokens[pred].tolist(),
+                              strict=True):
+            r.pred_bucket, r.pred_tokens, r.reserve_tokens = b, p, q
         return f"confusion ({c.path}, seed {seed}, accuracy {c.accuracy:.3f}; {c.source})"
     if source == "bundle":
         from .predictor import load_predictor

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from heapq import heappop, heappush
+from operator import attrgetter
 from time import perf_counter
 from typing import Any
 
@@ -190,7 +191,7 @@ def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
     ``timing`` (a cost model) times the iterations instead of the policy's own ``cost``, which
     the policy still plans with: a replay of a real run whose planner used one profile, timed
     by another (swap times stay the policy's)."""
-    reqs = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
+    reqs = sorted(requests, key=attrgetter("arrival_s", "rid"))
     res = SimResult(sched.name, profile, predictions, reqs, sched.kv.num_blocks * sched.kv.block_size,
                     sched.kv.block_size)
     ex = CostModelExecutor(sched, check=check, stepwise=stepwise, faults=faults, timing=timing)
