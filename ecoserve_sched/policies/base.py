@@ -125,11 +125,11 @@ class Scheduler(SchedulerInterface):
         """True if ``admit`` would start nothing now (checked without side effects); False if
         unsure (always safe: the engine then calls ``schedule``). Asked when something waits,
         no prefill runs and no alarm is due; a True answer must stay true until the next alarm,
-        finish or arrival, or until ``recheck`` (which it may set) comes (the engine relies on it). Derived from ``admit``'s own gate: ``schedule``
-        calls ``admit`` only with budget left, and ``admit`` starts the request
-        :meth:`_next_admission` names, so with an empty batch the two cannot drift. With
-        ``check=True`` the cost-model executor also compares every True answer with
-        :meth:`schedule_dry_run`."""
+        finish or arrival, or until ``recheck`` (which it may set) comes: the engine relies on
+        it. Derived from ``admit``'s own gate: ``schedule`` calls ``admit`` only with budget
+        left, and ``admit`` starts the request :meth:`_next_admission` names, so with an empty
+        batch the two cannot drift. With ``check=True`` the cost-model executor also compares
+        every True answer with :meth:`schedule_dry_run`."""
         budget = self.prefill_budget()
         return budget <= 0 or self._next_admission(budget, Batch(), self.now) is None
 

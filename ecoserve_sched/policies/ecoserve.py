@@ -53,6 +53,7 @@ from .registry import register
 #: (``_probe_head``): the TTFT estimate is bounded over them, more steps a looser bound.
 RECHECK_STEPS = 64
 
+
 @dataclass(slots=True)
 class EcoServeConfig:
     pipelining: bool = True  # admit by the projected peak (False: by the sum of reservations)
@@ -223,7 +224,8 @@ class EcoServeScheduler(Scheduler):
         if parked and parked[0][0] <= now:
             return parked[0][2], True
         if not pt:  # the head stays the head: a parked request, else a PT whose TTFT is lost
-            return (parked or self.lost.items or [(0, 0, None)])[0][2], True
+            queue = parked or self.lost.items
+            return (queue[0][2] if queue else None), True
         r = pt[0][2]
         if self._fits(r, self._need_now(r), project=False):
             return r, False  # it may be admitted: ``schedule`` tries
