@@ -9,26 +9,16 @@ from collections.abc import Callable, Iterator
 from .request import Request
 
 
-class FCFSQueue:
-    """Arrival order; preempted requests go back to the front (vLLM V1 semantics)."""
+class FCFSQueue(deque):
+    """Arrival order; preempted requests go back to the front (vLLM V1 semantics). A deque
+    (``len`` in C: the serving loop asks it every iteration) whose ``pop`` takes the front."""
 
-    def __init__(self) -> None:
-        self._q: deque[Request] = deque()
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def push(self, r: Request) -> None:
-        self._q.append(r)
-
-    def push_front(self, r: Request) -> None:
-        self._q.appendleft(r)
+    push = deque.append
+    push_front = deque.appendleft
+    pop = deque.popleft  # type: ignore[assignment]
 
     def peek(self) -> Request:
-        return self._q[0]
-
-    def pop(self) -> Request:
-        return self._q.popleft()
+        return self[0]
 
 
 class PriorityQueue:

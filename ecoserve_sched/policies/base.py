@@ -38,7 +38,13 @@ from typing import Any
 
 from ..kv_cache import KVCacheManager
 from ..request import SLO, Request, State
-from .interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN_BUDGET, Batch, SchedulerInterface
+from .interface import (
+    DEFAULT_MAX_RUNNING,
+    DEFAULT_TOKEN_BUDGET,
+    NO_BATCH,
+    Batch,
+    SchedulerInterface,
+)
 from .registry import register
 
 DECODE = State.DECODE
@@ -131,7 +137,7 @@ class Scheduler(SchedulerInterface):
         batch the two cannot drift. With ``check=True`` the cost-model executor also compares
         every True answer with :meth:`schedule_dry_run`."""
         budget = self.prefill_budget()
-        return budget <= 0 or self._next_admission(budget, Batch(), self.now) is None
+        return budget <= 0 or self._next_admission(budget, NO_BATCH, self.now) is None
 
     def _next_admission(self, budget: int, batch: Batch, now: float) -> Any:
         """The request ``admit`` starts next with ``budget`` tokens left and ``batch`` built so

@@ -46,7 +46,7 @@ from ..queues import GTGroups, PriorityQueue
 from ..request import Request, State
 from . import ecoserve_rules as rules
 from .base import Scheduler
-from .interface import Batch
+from .interface import NO_BATCH, Batch
 from .registry import register
 
 #: A blocked admission waiting on a PT's TTFT is asked again at most this many decode steps on
@@ -384,7 +384,7 @@ class EcoServeScheduler(Scheduler):
         # is retried only once a running request starts or ends; as time passes only the head
         # (``_probe_head``: ``recheck``) and parking can change. The budget is never below 1
         # (``_budget``'s floor).
-        return self._next_admission(1, Batch(), self.now, probe=True) is None
+        return self._next_admission(1, NO_BATCH, self.now, probe=True) is None
 
     def _keep_free(self) -> int:
         return self.keep_free if self.decoding or self.prefilling else 0

@@ -55,6 +55,10 @@ class Batch:
         return not self.prefill and not self.decode_requests
 
 
+#: The empty batch ``admission_blocked`` asks ``_next_admission`` with: read, never written.
+NO_BATCH = Batch()
+
+
 class SchedulerInterface(ABC):
     """The methods an engine calls on a policy (see the module docstring for the order).
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 from ..queues import FCFSQueue
@@ -20,6 +21,8 @@ from ..request import Request, State
 from .base import Scheduler
 from .interface import Batch
 from .registry import register
+
+_SEQ = attrgetter("seq")
 
 
 class VLLMScheduler(Scheduler):
@@ -33,7 +36,7 @@ class VLLMScheduler(Scheduler):
     def _fits(self, r: Request, chunk: int) -> bool:
         """vLLM's admission gate: the whole prompt's (or the first chunk's) blocks are free."""
         need = r.prefill_target if self.reserve_full_prompt else chunk
-        return self.kv.blocks_for(need) <= self.kv.free_blocks
+        return -(-need // self.bs) <= self.kv.free_blocks  # kv.blocks_for, inline: asked every iteration
 
     def make_queue(self) -> Any:
         return FCFSQueue()
@@ -45,7 +48,7 @@ class VLLMScheduler(Scheduler):
         return len(self.waiting)
 
     def pick_victim(self, running: list[Request]) -> Request:
-        return max(running, key=lambda r: r.seq)
+        return max(running, key=_SEQ)
 
     def _allocate_or_preempt(self, r: Request, blocks: int, now: float) -> bool:
         """Give ``r`` ``blocks`` more blocks, preempting victims; False if ``r`` itself went."""

@@ -25,7 +25,7 @@ from typing import Any
 from ..queues import FCFSQueue
 from ..request import Request, State
 from .base import Scheduler
-from .interface import DEFAULT_TOKEN_BUDGET, Batch
+from .interface import DEFAULT_TOKEN_BUDGET, NO_BATCH, Batch
 from .registry import register
 
 #: Llama 2's context length: ``max_model_len`` when neither the caller nor the profile gives one.
@@ -129,7 +129,7 @@ class VLLMV0Scheduler(Scheduler):
 
     def admission_blocked(self) -> bool:
         # ``schedule`` calls ``admit`` with the whole token budget whenever a prompt waits.
-        return self._next_admission(self.token_budget, Batch(), self.now) is None
+        return self._next_admission(self.token_budget, NO_BATCH, self.now) is None
 
     # ---- prefills -----------------------------------------------------------------------------
     def _fits(self, r: Request) -> bool:
