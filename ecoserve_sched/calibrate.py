@@ -19,6 +19,7 @@ fraction of them the engine reaches, plus fixed and per-request overheads.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -118,19 +119,39 @@ def check_setup(device: str, dtype: str | None = None) -> None:
         raise CalibrationError(f"--device {device}: this machine has {count} CUDA device(s)")
 
 
+def model_inputs(model: str) -> list[Path]:
+    """The files ``--model`` reads (none for a preset): the config JSON itself, or a folder's
+    config.json. An output must not replace them."""
+    if model in PRESETS:
+        return []
+    path = Path(model)
+    return [path / "config.json" if path.is_dir() else path]
+
+
 def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: int = 0) -> Any:
-    """A causal LM with random weights from a preset name, a config.json, or a directory with one."""
+    """A causal LM with random weights from a preset name, a config JSON file (any name), or a
+    directory holding a config.json."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     if model in PRESETS:
         config = LlamaConfig(**PRESETS[model])
     else:
-        path = Path(model)
-        if not (path / "config.json").is_file() and not (path.suffix == ".json" and path.is_file()):
+        (path,) = model_inputs(model)
+        if not path.is_file():
             raise FileNotFoundError(f"{model}: not a preset ({', '.join(PRESETS)}), a config.json "
                                     "or a directory holding one")
-        config = AutoConfig.from_pretrained(str(path.parent if path.suffix == ".json" else path))
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise CalibrationError(f"{path}: not a readable JSON config ({e})") from None
+        if not isinstance(spec, dict) or not isinstance(spec.get("model_type"), str):
+            raise CalibrationError(f"{path}: field 'model_type' is missing: a transformers "
+                                   "config.json names its architecture there")
+        try:
+            config = AutoConfig.for_model(**spec)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CalibrationError(f"{path}: not a transformers config ({e})") from None
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     torch.manual_seed(seed)
     m = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)

@@ -132,8 +132,15 @@ def _spec(trace: Path, profile: str | None, predictions: str | None, confusion: 
     check_paths(inputs, outputs)
 
     tr = read_trace(trace, max_tokens=max_tokens)
+    if confusion is not None and predictions is None and tr.has_rl:
+        raise typer.BadParameter(f"is not used: {trace} has rl_* fields, so predictions default to "
+                                 "annotated; pass --predictions confusion to use it", param_hint="'--confusion'")
     if max_requests is not None:
         tr = tr.head(max_requests)
+    capped = int((tr.output_tokens > tr.max_tokens).sum())
+    if capped:  # the request's own limit ends its response: said, not done silently
+        typer.echo(f"note: {trace}: {capped} rows have output_tokens above their max_tokens; their "
+                   "responses stop at max_tokens", err=True)
     if arrivals != "trace":
         assert rate is not None
         tr = tr.with_arrivals(burst_arrivals(len(tr), rate, cv or 1.0, 8, seed) if arrivals == "burst8"
@@ -231,7 +238,7 @@ def capacity(
     trace: TraceOpt,
     policy: Annotated[str, typer.Option("--policy", help="policy name")] = "ecoserve",
     slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2, slo_deadline: DeadlineOpt = None,
-    target: Annotated[float, typer.Option("--target", callback=in_range(0, 1, low_open=True), help="required SLO attainment, in (0, 1]")] = 0.9,
+    target: Annotated[float | None, typer.Option("--target", callback=in_range(0, 1, low_open=True), help="required SLO attainment, in (0, 1] (default 0.9)")] = None,
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
     bundle: BundleOpt = None, max_tokens: MaxTokOpt = 2048, max_requests: MaxReqOpt = None,
     seed: SeedOpt = 0, gpu_memory_utilization: GpuMemOpt = None, token_budget: BudgetOpt = None,
@@ -246,6 +253,10 @@ def capacity(
     from .compare import capacity as find_capacity
     from .compare import ceiling as find_ceiling
 
+    if target is not None and max_normalized_latency is not None:
+        raise typer.BadParameter("is the attainment criterion; --max-normalized-latency replaces it: "
+                                 "pass one of the two", param_hint="'--target'")
+    target = 0.9 if target is None else target
     spec = _spec(trace, profile, predictions, confusion, bundle, SLO(slo_ttft, slo_tbt, slo_deadline),
                  max_tokens, max_requests, seed,
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size))
@@ -295,7 +306,7 @@ def calibrate(
 
     from . import calibrate as cal_mod
 
-    check_paths([model] if model not in cal_mod.PRESETS else [], [("--out", out)])
+    check_paths(cal_mod.model_inputs(model), [("--out", out)])
     check_new_file(out, force=force, option="--out")
     cal = cal_mod.calibrate(model, device, grid, name=name, dtype=dtype, token_budget=token_budget,
                             repeats=repeats, threads=threads)

@@ -43,6 +43,9 @@ class Server:
             if kw["kv_blocks"] < 1:
                 raise ValueError(f"gpu_memory_utilization {self.gpu_memory_utilization:g} leaves no "
                                  f"room for a KV cache with {cost.name}")
+        elif cost.kv_blocks(self.block_size) < 1:
+            raise ValueError(f"block size {self.block_size}: not one block of that many tokens fits "
+                             f"in the KV cache of {cost.name}; use a smaller --block-size")
         if self.token_budget is not None:
             kw["token_budget"] = self.token_budget
         if self.max_running is not None:
@@ -214,6 +217,11 @@ def capacity_text(c: dict) -> str:
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """``rows`` as a markdown table; a ``dropped`` column is added when a run dropped requests
+    (longer than the whole KV cache: the other columns count only the requests served)."""
+    if any(r.get("dropped") for r in rows) and "dropped" not in columns:
+        columns = (*columns, "dropped")
+
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"

@@ -31,6 +31,8 @@ EFF_FIELDS = ("mfu", "mbu", "pcie_eff", "overhead_s", "overhead_per_seq_s",
               "prefill_overhead_s", "activation_reserve_bytes")
 FIT_FIELDS = ("mfu", "mbu", "overhead_s", "overhead_per_seq_s", "prefill_overhead_s")
 Sample = tuple[float, float, float, float, float]
+#: A one-token iteration slower than this (an hour) is a profile typo, not a GPU.
+MAX_ITERATION_S = 3600.0
 
 
 class ProfileError(ValueError):
@@ -52,6 +54,8 @@ class CostModel:
                     raise ProfileError(f"{origin}: field '{section}.{f}' must be a number, got {v!r}")
                 if v < 0 or (v == 0 and section != "efficiency"):
                     raise ProfileError(f"{origin}: field '{section}.{f}' must be positive, got {v!r}")
+                if section == "model" and (v != int(v) or v > 2**53):
+                    raise ProfileError(f"{origin}: field 'model.{f}' must be a whole number up to 2^53, got {v!r}")
         e = spec["efficiency"]
         for f in ("mfu", "mbu", "pcie_eff"):
             if not 0 < e[f] <= 1:
@@ -63,7 +67,10 @@ class CostModel:
         if tb is not None and (not _number(tb) or tb != int(tb) or not 1 <= tb <= 2**53):
             raise ProfileError(f"{origin}: field 'token_budget' must be an integer >= 1, got {tb!r}")
         self.spec = spec
-        self.name: str = str(spec.get("name", Path(origin).stem))
+        name = spec.get("name", Path(origin).stem)
+        if not isinstance(name, str):
+            raise ProfileError(f"{origin}: field 'name' must be a string, got {name!r}")
+        self.name: str = name
         self.gpu_memory_utilization: float = float(util)
         self.fit_error: dict[str, float] | None = spec.get("fit")
         m = spec["model"]
@@ -81,6 +88,11 @@ class CostModel:
         self.kv_bytes_per_token = float(2 * n_layers * kv_dim * dt)
         self.weight_bytes_stored = float(m["n_params"] * dt)
         self._set_efficiency(e)
+        one = self.iteration_time(1, 1, 1, 1)
+        if not (math.isfinite(self.weight_bytes_stored) and math.isfinite(self.kv_bytes_per_token)
+                and 0 < one < MAX_ITERATION_S):
+            raise ProfileError(f"{origin}: its numbers give a one-token iteration of {one:.3g} s (or an "
+                               "infinite size): check gpu.peak_flops, gpu.hbm_bw and the efficiency fields")
         tb = spec.get("token_budget")
         self.token_budget: int = int(tb) if tb else self.knee_tokens()
 

@@ -91,9 +91,17 @@ def _annotate(sample: Path, out: Path, bundle: str | None) -> tuple[Path, dict, 
         from rlpredict.serve.runtime import Predictor
     except ImportError as e:
         raise DemoError(f"the demo's annotation step needs rlpredict's runtime ({e})") from None
+    from rlpredict.serve.annotate import AnnotateError, detect_format
+
+    fmt, _ = detect_format(sample)
+    if fmt not in ("jsonl", "csv"):
+        raise DemoError(f"{sample}: the demo reads a .jsonl or .csv trace (optionally .gz)")
     predictor = Predictor.load(bundle)
-    annotated = out / "trace.annotated.jsonl.gz"
-    summary = annotate_file(predictor, sample, annotated)
+    annotated = out / f"trace.annotated.{fmt}.gz"  # annotate keeps the input's format
+    try:
+        summary = annotate_file(predictor, sample, annotated)
+    except AnnotateError as e:  # its advice names an option of `rlpredict annotate`, not of the demo
+        raise DemoError(str(e).replace(" (use --on-error skip to set bad rows aside)", "")) from None
     return annotated, summary.to_dict(), predictor.bundle.path
 
 

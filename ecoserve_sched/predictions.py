@@ -66,16 +66,30 @@ def load_confusion(path: str | Path) -> Confusion:
     try:
         edges = np.array([math.inf if e is None else float(e) for e in d["bucket_edges"]])
         k = len(edges)
-        point = np.asarray(d["point_tokens"], dtype=np.int64)
-        reserve = np.asarray(d["reserve_tokens"], dtype=np.int64)
+        point_raw, reserve_raw = d["point_tokens"], d["reserve_tokens"]
+        point = np.asarray(point_raw, dtype=float)
+        reserve = np.asarray(reserve_raw, dtype=float)
         matrix = np.asarray(d["matrix"], dtype=float)
     except KeyError as e:
         raise ValueError(f"{p}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError, OverflowError) as e:
         raise ValueError(f"{p}: bad confusion matrix ({e})") from None
-    if point.shape != (k,) or reserve.shape != (k,) or matrix.shape != (k, k) or (matrix < 0).any():
-        raise ValueError(f"{p}: point_tokens, reserve_tokens need {k} values and matrix {k}x{k} counts >= 0")
-    return Confusion(edges, point, reserve, matrix, str(d.get("source", "")), str(p))
+    if not k:
+        raise ValueError(f"{p}: field 'bucket_edges' is empty")
+    if np.isnan(edges).any() or (edges[:-1] <= 0).any() or (np.diff(edges) <= 0).any() or edges[-1] != math.inf:
+        raise ValueError(f"{p}: field 'bucket_edges' must be increasing positive upper edges ending in "
+                         f"null (infinity), got {d['bucket_edges']}")
+    if point.shape != (k,) or reserve.shape != (k,):
+        raise ValueError(f"{p}: fields 'point_tokens' and 'reserve_tokens' need {k} values (one per bucket)")
+    for name, a, raw in (("point_tokens", point, point_raw), ("reserve_tokens", reserve, reserve_raw)):
+        if not np.isfinite(a).all() or (a != np.round(a)).any() or (a < 1).any() or (a > 2**53).any():
+            raise ValueError(f"{p}: field {name!r} must be whole token counts >= 1, got {raw}")
+    if matrix.shape != (k, k) or not np.isfinite(matrix).all() or (matrix < 0).any():
+        raise ValueError(f"{p}: field 'matrix' must be {k}x{k} finite counts >= 0")
+    if not matrix.sum():
+        raise ValueError(f"{p}: field 'matrix' has no counts")
+    return Confusion(edges, point.astype(np.int64), reserve.astype(np.int64), matrix,
+                     str(d.get("source", "")), str(p))
 
 
 def default_confusion_path(root: Path = REPO_ROOT) -> Path:
@@ -132,7 +146,8 @@ def apply_predictions(requests: list[Request], trace: Trace, source: str, *, see
         if bundle is None:
             raise ValueError("--predictions bundle needs --bundle PATH")
         if trace.prompts is None:
-            raise ValueError(f"{trace.path}: --predictions bundle needs a prompt or messages field on every row")
+            raise ValueError(f"{trace.prompt_problem or trace.path} (--predictions bundle needs a prompt "
+                             "string or a messages list on every row)")
         predictor = load_predictor(bundle)
         # a bundle trained with the generator as an input needs it: pass the trace's column
         preds = (predictor.predict(trace.prompts, trace.generators) if trace.generators is not None

@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import math
+import re
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
+
+from rlpredict.records import TRACE_MESSAGES, RecordError, parse_messages
 
 from .request import SLO, Request
 
@@ -44,6 +47,7 @@ class Trace:
     rl: np.ndarray | None = None
     prompts: list[str | list] | None = None  # prompt strings or OpenAI message lists
     generators: list[str | None] | None = None  # the ``generator`` (served model) column, if any
+    prompt_problem: str = ""  # ``file:line: why`` of the first row without a usable prompt ("" if none)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -105,8 +109,8 @@ def _rows(path: Path) -> Iterator[tuple[int, dict]]:
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """CSV records; undecodable bytes and unparsable records raise at their line."""
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long prompts in one cell
-    with io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="surrogateescape", newline="") as f:
-        reader = csv.DictReader(f)
+    with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f, strict=True)  # a quote left open at the end is an error
         try:
             names = reader.fieldnames or []
         except csv.Error as e:
@@ -116,6 +120,9 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
         missing = [c for c in REQUIRED if c not in names]
         if missing:
             raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}")
+        twice = sorted({c for c in names if names.count(c) > 1})
+        if twice:
+            raise TraceError(f"{path}:1: column(s) {', '.join(twice)} appear more than once in the header")
         while True:
             start = reader.line_num + 1
             try:
@@ -124,6 +131,9 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
                 return
             except csv.Error as e:
                 raise TraceError(f"{path}:{start}: malformed CSV ({e})") from None
+            if None in row:  # ``DictReader``'s key for cells past the header's columns
+                raise TraceError(f"{path}:{reader.line_num}: {len(names) + len(row[None])} fields, "
+                                 f"but the header has {len(names)} columns")
             if not _is_utf8(v for v in row.values() if isinstance(v, str)):
                 raise TraceError(f"{path}:{reader.line_num}: not valid UTF-8")
             yield reader.line_num, row
@@ -159,10 +169,19 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
             yield line_no, row
 
 
+#: A number as a CSV cell may spell it: ASCII digits, optional sign, fraction and exponent
+#: (``float`` would also take ``1_000``, other scripts' digits, ``inf`` and ``nan``).
+_PLAIN_NUMBER = re.compile(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*")
+
+
+def _number_cell(v: object) -> bool:
+    return not isinstance(v, str) or _PLAIN_NUMBER.fullmatch(v) is not None
+
+
 def _int(row: dict, key: str, where: str, minimum: int) -> int:
     v = row.get(key)
-    if isinstance(v, bool):
-        raise TraceError(f"{where}: {key} must be an integer, got {v!r}")
+    if isinstance(v, bool) or not _number_cell(v):
+        raise TraceError(f"{where}: {key} must be an integer, got {_short(v)}")
     try:
         x = float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
@@ -178,12 +197,27 @@ def _short(v: object) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
-def _prompt_input(row: dict) -> str | list | None:
-    """What a predictor sees: the ``prompt`` string, else the OpenAI ``messages`` list as is."""
-    if isinstance(row.get("prompt"), str):
-        return row["prompt"]
+def _prompt_input(row: dict) -> tuple[str | list | None, str]:
+    """What a predictor sees: the ``prompt`` string, else the ``messages`` list (a JSON string
+    in CSV) as ``rlpredict annotate`` reads it; with it, why the row has none ("" if it has
+    one). Only ``--predictions bundle`` needs prompts, so a row without one is no error here."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        return prompt, ""
+    if prompt not in (None, ""):
+        return None, f"field 'prompt' must be a string, got {_short(prompt)}"
     msgs = row.get("messages")
-    return msgs if isinstance(msgs, list) else None
+    if msgs in (None, ""):
+        return None, "no prompt or messages field"
+    if isinstance(msgs, str):  # a CSV cell holds the list as JSON
+        try:
+            msgs = json.loads(msgs)
+        except (ValueError, RecursionError) as e:
+            return None, f"field 'messages': not valid JSON ({type(e).__name__})"
+    try:
+        return parse_messages(msgs, "messages", TRACE_MESSAGES), ""
+    except RecordError as e:
+        return None, str(e)
 
 
 def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
@@ -193,16 +227,17 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
     """
     p = Path(path)
     if not p.is_file():
-        raise TraceError(f"{p}: no such trace file")
+        raise TraceError(f"{p}: {'is a folder, not a trace file' if p.is_dir() else 'no such trace file'}")
     arr, inp, out, mx, rl, prompts, gens = [], [], [], [], [], [], []
     has_rl: bool | None = None
+    prompt_problem = ""
     for line_no, row in _rows(p):
         where = f"{p}:{line_no}"
         for k in REQUIRED:
             if row.get(k) in (None, ""):
                 raise TraceError(f"{where}: missing {k}")
-        if isinstance(row["arrival_time_s"], bool):
-            raise TraceError(f"{where}: arrival_time_s must be a number, got {row['arrival_time_s']!r}")
+        if isinstance(row["arrival_time_s"], bool) or not _number_cell(row["arrival_time_s"]):
+            raise TraceError(f"{where}: arrival_time_s must be a number, got {_short(row['arrival_time_s'])}")
         try:
             a = float(row["arrival_time_s"])
         except (TypeError, ValueError, OverflowError):
@@ -221,7 +256,10 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
             raise TraceError(f"{where}: rl_* fields present on some rows but not on this one")
         if row_rl:
             rl.append([_int(row, k, where, 0) for k in RL_FIELDS])
-        prompts.append(_prompt_input(row))
+        prompt, problem = _prompt_input(row)
+        prompts.append(prompt)
+        if problem and not prompt_problem:
+            prompt_problem = f"{where}: {problem}"
         g = row.get("generator")
         gens.append(g if isinstance(g, str) and g else None)
     if not arr:
@@ -236,6 +274,7 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
         rl=np.asarray(rl, dtype=np.int64)[order] if has_rl else None,
         prompts=[prompts[i] for i in order] if all(t is not None for t in prompts) else None,
         generators=[gens[i] for i in order] if any(g is not None for g in gens) else None,
+        prompt_problem=prompt_problem,
     )
 
 

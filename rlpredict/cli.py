@@ -141,6 +141,9 @@ def eval_cmd(
     if unknown:
         raise typer.BadParameter(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}",
                                  param_hint="--baselines")
+    if baseline_data and split != "all":
+        raise typer.BadParameter("is used only with --split all (with --split test the baselines train "
+                                 "on the training side of the split)", param_hint="'--baseline-data'")
     out = out or model / "eval"
     check_paths([model, *data, *(baseline_data or ())], [("--out", out)])
     check_new_dir(out, force=force, option="--out")

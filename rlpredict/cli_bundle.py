@@ -80,28 +80,35 @@ def export(
     _err.print(f"[green]bundle[/green] {out} ({manifest['model']['precision']}, {size / 2**20:.1f} MiB)")
 
 
-def _read_stdin(jsonl: bool, single: bool) -> list:
+def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list, list[str | None] | None]:
+    """The prompts on stdin and, with ``--jsonl``, each line's generator (None: no line has one)."""
     from rlpredict.records import TRACE_FIELDS
-    from rlpredict.serve.annotate import BadRow, request_of
+    from rlpredict.serve.annotate import BadRow, generator_of, request_of
 
     if sys.stdin.isatty():
         _fail("give TEXT arguments or pipe prompts on stdin")
-    data = sys.stdin.read()
+    raw = sys.stdin.buffer.read()
+    try:
+        data = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        _fail(f"stdin: line {line}: not valid UTF-8 (byte {e.start})")
     if single:
-        return [data]
+        return [data], None
     lines = [(i, line) for i, line in enumerate(data.splitlines(), 1) if line.strip()]
     if not jsonl:
-        return [line for _, line in lines]
-    out = []
+        return [line for _, line in lines], None
+    out, gens = [], []
     for i, line in lines:
         try:
             row = json.loads(line)
             if not isinstance(row, dict):
                 raise BadRow(f"expected a JSON object, got {type(row).__name__}")
             out.append(request_of(row, TRACE_FIELDS))
+            gens.append(generator_of(row, TRACE_FIELDS, wants_generator))
         except (json.JSONDecodeError, BadRow) as e:
             _fail(f"stdin: line {i}: {e}")
-    return out
+    return out, gens if any(g is not None for g in gens) else None
 
 
 def _bucket_range(edges: tuple[float, ...], k: int) -> str:
@@ -117,7 +124,7 @@ def predict(
     texts: Annotated[list[str] | None, typer.Argument(help="Prompts (default: one per line on stdin).")] = None,
     model: ModelOpt = None,
     generator: Annotated[str | None, typer.Option(help="Served model's name (for bundles trained with the generator as input).")] = None,
-    jsonl: Annotated[bool, typer.Option("--jsonl", help="stdin lines are JSON objects with 'prompt' or 'messages'.")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="stdin lines are JSON objects with 'prompt' or 'messages' (and 'generator', which wins over --generator).")] = False,
     single: Annotated[bool, typer.Option("--single", help="All of stdin is one prompt.")] = False,
     reserve_quantile: ReserveQOpt = None,
     margin: MarginOpt = 0.0,
@@ -126,10 +133,21 @@ def predict(
 ) -> None:
     """Predict the response-length bucket, point estimate and reservation of prompts."""
     from rlpredict.serve.runtime import Predictor
+    from rlpredict.untrusted_text import is_valid_unicode
 
-    requests = list(texts) if texts else _read_stdin(jsonl, single)
+    if jsonl and single:
+        raise typer.BadParameter("reads one prompt; --jsonl reads one JSON object per line: pass one",
+                                 param_hint="'--single'")
+    if texts and (jsonl or single):
+        raise typer.BadParameter("reads stdin; the prompts given as arguments would be ignored",
+                                 param_hint="'--jsonl'" if jsonl else "'--single'")
+    for i, t in enumerate(texts or (), 1):
+        if not is_valid_unicode(t):  # undecodable bytes in argv arrive as lone surrogates
+            _fail(f"prompt argument {i}: not valid UTF-8")
     p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads)
-    preds = p.predict(requests, generator)
+    requests, line_gens = (list(texts), None) if texts else _read_stdin(jsonl, single, p.input_spec.include_generator)
+    # a line's own generator wins; --generator names it for the lines without one
+    preds = p.predict(requests, generator if line_gens is None else [g or generator for g in line_gens])
     edges = p.scheme.edges
     if json_out:
         rows = [{"input": r, "rl_bucket": x.bucket, "rl_pred_tokens": x.pred_tokens,
@@ -175,12 +193,21 @@ def annotate(
 ) -> None:
     """Add rl_bucket, rl_pred_tokens and rl_reserve_tokens to every row of a request trace."""
     from rlpredict.records import Fields
-    from rlpredict.serve.annotate import annotate_file
+    from rlpredict.serve.annotate import COLUMNS, annotate_file, column_name
     from rlpredict.serve.runtime import Predictor
 
     fields = Fields.trace(prompt=prompt_field, messages=messages_field, generator=generator_field,
                           drop_final_assistant=drop_final_assistant)
     levels = parse_quantiles(quantiles)
+    written = {*COLUMNS, *(column_name(q) for q in levels or ())}
+    for option, name in (("--prompt-field", prompt_field), ("--messages-field", messages_field),
+                         ("--generator-field", generator_field)):
+        if name in written:
+            raise typer.BadParameter(f"{name!r} is a column annotate writes (its predictions would "
+                                     "replace what it read); name the input's field", param_hint=f"'{option}'")
+    if rejects is not None and on_error != "skip":
+        raise typer.BadParameter("is written only with --on-error skip (fail mode stops at the first "
+                                 "bad row)", param_hint="'--rejects'")
     if engine == "ray":
         from rlpredict.serve.annotate_ray import annotate_path, import_ray
 
@@ -196,7 +223,7 @@ def annotate(
     else:
         for option, value in (("--ray-address", ray_address), ("--num-workers", num_workers)):
             if value is not None:
-                raise typer.BadParameter("only with --engine ray", param_hint=option)
+                raise typer.BadParameter("only with --engine ray", param_hint=f"'{option}'")
         p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads,
                            batch_size=batch_size)
         s = annotate_file(p, input, output, fields=fields, on_error=on_error, rejects=rejects,
@@ -210,5 +237,8 @@ def annotate(
     if s.rejects:
         msg += f"; rejects: {s.rejects}"
     _err.print(msg, highlight=False)
+    if s.rows_replaced:
+        _err.print(f"  {s.rows_replaced} rows already had rl_* fields: their values were replaced by this "
+                   "bundle's predictions", highlight=False)
     for reason, n in list(s.reasons.items())[:5]:
         _err.print(f"  {n} x {reason}", highlight=False)

@@ -28,11 +28,11 @@ def calibrate(
     split: Annotated[Literal["test", "all"], typer.Option(
         help="'test': the held-out side of the split the bundle recorded (training data is never "
              "used); 'all': every row (logs the model never saw).")] = "test",
-    test_frac: Annotated[float | None, typer.Option(callback=in_range(0, 1, low_open=True), help="Training split's test fraction, if the bundle does not record it.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Training split's seed, if the bundle does not record it.")] = None,
+    test_frac: Annotated[float | None, typer.Option(callback=in_range(0, 1, low_open=True), help="Training split's test fraction, if the bundle does not record it (a different one is refused).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Training split's seed, if the bundle does not record it (a different one is refused).")] = None,
     check_frac: Annotated[float, typer.Option(callback=in_range(0.01, 0.99), help="Share of the held-out prompts kept to check coverage.")] = 0.5,
     min_group: Annotated[int, typer.Option(callback=at_least(1), help="Predicted buckets with fewer calibration prompts use the global offset.")] = 100,
-    confidence: Annotated[float | None, typer.Option(callback=in_range(0, 1, low_open=True), help="Also bound the calibration draw: coverage >= q except with probability 1 - CONFIDENCE (e.g. 0.9); costs wider quantiles.")] = None,
+    confidence: Annotated[float | None, typer.Option(callback=in_range(0, 1, low_open=True), help="Also bound the calibration draw, in (0, 1): coverage >= q except with probability 1 - CONFIDENCE (e.g. 0.9); costs wider quantiles.")] = None,
     on_error: OnErrorOpt = "fail",
     threads: ThreadsOpt = None,
     force: ForceOpt = False,
@@ -41,6 +41,9 @@ def calibrate(
     """Add split-conformal quantiles (coverage >= q on exchangeable data) to a bundle."""
     from rlpredict.serve.bundle import default_bundle_path
     from rlpredict.serve.calibrate import calibrate_bundle, markdown
+
+    if confidence == 1:  # the bound needs some chance of a bad draw
+        raise typer.BadParameter("must be in (0, 1), got 1.0", param_hint="'--confidence'")
 
     report = calibrate_bundle(model or default_bundle_path(), data, out, quantiles=parse_quantiles(quantiles) or (),
                               split=split, test_frac=test_frac, seed=seed, check_frac=check_frac,
@@ -68,6 +71,7 @@ def drift(
         print(dumps(report, indent=2))
     else:
         print(markdown(report))
+        _err.print(report["load"], highlight=False)  # rows read, samples, and what was skipped
         _err.print(f"verdict: {report['verdict']}" + "".join(f"\n  {r}" for r in report["reasons"]), highlight=False)
     if report["verdict"] != "ok":
         raise typer.Exit(DRIFT_EXIT)

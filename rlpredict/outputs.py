@@ -27,6 +27,17 @@ from pathlib import Path
 OWNER_FILE = ".rlpredict-output.json"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: The process's umask, read once at import (reading it means setting it): temporary files and
+#: folders are created private (0600, 0700) and get the modes a plain ``open``/``mkdir`` would.
+_UMASK = _read_umask()
+
+
 class OutputError(ValueError):
     """An output would collide with an input or another output, or would replace what the tool
     did not write."""
@@ -44,6 +55,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        tmp_path.chmod(0o666 & ~_UMASK)
         yield tmp_path
         os.replace(tmp_path, target)
     except BaseException:
@@ -95,13 +107,29 @@ def check_paths(inputs: Iterable[str | Path], outputs: Iterable[tuple[str, str |
                 raise OutputError(f"{out}: {name} and {other_name} are the same path; choose two")
 
 
+def check_parent(path: str | Path, option: str) -> None:
+    """Refuse an output whose folder cannot be created or written (checked before the work, so
+    a long run does not fail at its last step): its nearest existing ancestor must be a
+    writable folder."""
+    p = Path(path).expanduser().absolute()
+    for anc in p.parents:
+        if anc.exists():
+            if not anc.is_dir():
+                raise OutputError(f"{p}: {option}'s parent {anc} is a file, not a folder; choose another path")
+            if not os.access(anc, os.W_OK | os.X_OK):
+                raise OutputError(f"{p}: {option}: the folder {anc} is not writable; choose another path")
+            return
+
+
 def check_new_file(path: str | Path, *, force: bool, option: str) -> None:
-    """Refuse a file output that exists (unless ``force``) or that is a folder."""
+    """Refuse a file output that exists (unless ``force``), that is a folder, or whose folder
+    cannot be written (``check_parent``)."""
     p = Path(path)
     if p.is_dir():
         raise OutputError(f"{p}: {option} is a folder; give a file name")
     if p.exists() and not force:
         raise OutputError(f"{p}: exists; pass --force to replace it ({option})")
+    check_parent(p, option)
 
 
 # ---- folders ------------------------------------------------------------------------------------
@@ -131,6 +159,7 @@ def check_new_dir(path: str | Path, *, force: bool, option: str) -> None:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: {option} is a file, not a folder; choose another path")
+    check_parent(p, option)
     if not p.exists() or not any(p.iterdir()):
         return
     if not force:
@@ -152,6 +181,7 @@ def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+        tmp.chmod(0o777 & ~_UMASK)
     except OSError as e:
         raise OutputError(f"{out}: cannot create {option} there ({e.strerror})") from None
     try:

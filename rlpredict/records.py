@@ -202,9 +202,35 @@ def text_stream(raw: IO[bytes], gz: bool, errors: str = "surrogateescape") -> IO
                             errors=errors, newline="")
 
 
+#: The largest JSONL row read whole (64 MiB): a longer line is a bad row, read past in pieces,
+#: so memory stays bounded whatever one row holds.
+MAX_ROW_BYTES = 64 << 20
+#: What ``bounded_lines`` puts in place of a longer line (a NUL byte starts no JSON text).
+_OVERSIZE = b"\x00rlpredict: oversize row of "
+
+
+def bounded_lines(f: IO[bytes], limit: int = MAX_ROW_BYTES) -> Iterator[bytes]:
+    """The lines of a binary stream, each at most ``limit`` bytes; a longer line is read past in
+    ``limit``-byte pieces and yielded as a short marker that :func:`decode_line` rejects."""
+    while data := f.readline(limit):
+        if len(data) < limit or data.endswith(b"\n"):
+            yield data
+            continue
+        n = len(data)
+        while True:
+            more = f.readline(limit)
+            n += len(more)
+            if not more or more.endswith(b"\n"):
+                break
+        yield _OVERSIZE + str(n).encode() + b"\n"
+
+
 def decode_line(data: bytes, lineno: int) -> str:
     """One raw JSONL line as text (a BOM on line 1 is dropped); :class:`RecordError` if it is
     not UTF-8. Lines are split on ``b"\\n"`` only: a bare ``"\\r"`` is JSON whitespace."""
+    if data.startswith(_OVERSIZE):
+        n = int(data[len(_OVERSIZE):])
+        raise RecordError("", f"a row of {n:,} bytes, over the {MAX_ROW_BYTES >> 20} MiB limit")
     try:
         return data.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as e:
@@ -227,7 +253,7 @@ def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[st
     ``None``; the reader goes on at the next line) or not UTF-8. A bad header raises
     :class:`RecordError` (no location); an empty stream yields nothing."""
     csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))  # long cells
-    reader = csv.reader(f, delimiter=delimiter)
+    reader = csv.reader(f, delimiter=delimiter, strict=True)  # a quote left open at the end is an error
     try:
         header = next(reader, None)
     except csv.Error as e:

@@ -38,6 +38,7 @@ from rlpredict.records import (
     Fields,
     OnError,
     RecordError,
+    bounded_lines,
     csv_records,
     decode_line,
     open_parquet,
@@ -74,6 +75,7 @@ class AnnotateSummary:
     rows_in: int = 0
     rows_out: int = 0
     rows_rejected: int = 0
+    rows_replaced: int = 0  # rows out that already had rl_* fields: their values were replaced
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -222,6 +224,8 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
         raise AnnotateError(f"{dst}: output format {out_fmt} differs from the input's ({fmt}); "
                             "annotate keeps the input's format")
     rej_path = Path(rejects) if rejects else default_rejects_path(dst) if on_error == "skip" else None
+    if rej_path is not None and not rej_path.name.lower().endswith(".jsonl"):
+        raise AnnotateError(f"{rej_path}: the rejects file is JSONL; give it a .jsonl name")
     outputs = [("--output", dst)] + ([("--rejects", rej_path)] if rej_path else [])
     check_paths([src], outputs)
     for option, path in outputs:
@@ -263,7 +267,7 @@ def _annotate_jsonl(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> N
     gz = detect_format(src)[1]
     with open(src, "rb") as raw, (gzip.GzipFile(fileobj=raw) if gz else nullcontext(raw)) as f, \
             _open_output(tmp, dst) as out:
-        annotate_lines(run, enumerate(f, 1), out, chunk, lambda: run.advance(raw.tell()))
+        annotate_lines(run, enumerate(bounded_lines(f), 1), out, chunk, lambda: run.advance(raw.tell()))
 
 
 def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], chunk: int,
@@ -312,6 +316,7 @@ def _flush_jsonl(run: _Run, batch: list, out: IO[str]) -> None:
         return
     cols = run.predict([b[2] for b in batch], [b[3] for b in batch])
     for (text, row, _, _), *vals in zip(batch, *cols, strict=True):
+        run.summary.rows_replaced += any(c in row for c in run.columns)
         out.write(_with_columns(text, row, [int(v) for v in vals], run.columns) + "\n")
     run.summary.rows_out += len(batch)
     batch.clear()
@@ -340,6 +345,7 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
         assert header is not None
         out_header = header + [c for c in run.columns if c not in header]
         slots = [out_header.index(c) for c in run.columns]
+        replaces = any(c in header for c in run.columns)
         writer = _CsvWriter(out)
         writer.writerow(out_header)
         batch: list[tuple[list[str], Request, str | None]] = []
@@ -366,6 +372,8 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
                 run.advance(raw.tell())
         _flush_csv(run, batch, writer, slots)
         run.advance(raw.tell())
+        if replaces:
+            run.summary.rows_replaced = run.summary.rows_out
 
 
 class _CsvWriter:
@@ -446,6 +454,8 @@ def annotate_record_batch(run: _Run, rb: Any, done: int, out_schema: Any) -> Any
     arrays = [good.column(name) for name in keep]
     arrays += [pa.array(v, type=pa.int64()) for v in cols]
     run.summary.rows_out += len(ok)
+    if any(c in rb.schema.names for c in run.columns):
+        run.summary.rows_replaced += len(ok)
     return pa.RecordBatch.from_arrays(arrays, schema=out_schema)
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from rlpredict.outputs import atomic_path, check_new_dir, check_new_file, check_paths, output_dir
-from rlpredict.records import COMPRESSION_ERRORS, TRACE_FIELDS, Fields, OnError
+from rlpredict.records import COMPRESSION_ERRORS, TRACE_FIELDS, Fields, OnError, bounded_lines
 from rlpredict.serve.annotate import (
     CHUNK_CHARS,
     COLUMNS,
@@ -119,7 +119,7 @@ class _Annotator:
         import pyarrow as pa
 
         out: dict[str, list] = {k: [] for k in ("file", "first", "count", "last", "payload", "rejects",
-                                                "rows_in", "rows_out", "rows_rejected", "reasons",
+                                                "rows_in", "rows_out", "rows_rejected", "rows_replaced", "reasons",
                                                 "progress")}
         for c in batch.to_pylist():
             self._maybe_fail(c)
@@ -145,7 +145,7 @@ class _Annotator:
                                ("last", c["last"]), ("payload", payload),
                                ("rejects", rejects.getvalue().encode("utf-8")),
                                ("rows_in", summary.rows_in), ("rows_out", summary.rows_out),
-                               ("rows_rejected", summary.rows_rejected),
+                               ("rows_rejected", summary.rows_rejected), ("rows_replaced", summary.rows_replaced),
                                ("reasons", json.dumps(dict(run.reasons))), ("progress", c["progress"])):
                 out[key].append(value)
         return pa.table({**out, "payload": pa.array(out["payload"], pa.large_binary()),
@@ -341,7 +341,7 @@ def _read_chunks(batch: Any, chunk_rows: int) -> Iterator[Any]:
             with open(src, "rb") as raw, (gzip.GzipFile(fileobj=raw) if f["in_gz"] else nullcontext(raw)) as r:
                 lines: list[bytes] = []
                 first, held = 1, 0
-                for data in r:
+                for data in bounded_lines(r):  # an oversize row travels as a short marker
                     lines.append(data)
                     held += len(data)
                     if len(lines) >= chunk_rows or held >= CHUNK_CHARS:
@@ -426,6 +426,7 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
                 summary.rows_in += c["rows_in"]
                 summary.rows_out += c["rows_out"]
                 summary.rows_rejected += c["rows_rejected"]
+                summary.rows_replaced += c["rows_replaced"]
                 reasons.update(json.loads(c["reasons"]))
                 bar.update(summary.rows_in, before[i] + c["progress"] * sizes[i])
         seen.finish()

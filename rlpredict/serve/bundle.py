@@ -131,6 +131,10 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         model_file, tok_file, files = _check_manifest(manifest)
         buckets = BucketScheme.from_dict(manifest["buckets"], source=f"{mpath}: buckets")
         spec = InputSpec.from_dict(_field(manifest, "input", dict))
+        side = manifest["input"].get("truncation_side", spec.truncation_side)
+        if side != spec.truncation_side:  # derived from the mode: a different value is an edit
+            raise ValueError(f"input.truncation_side: input mode {spec.mode!r} truncates on the "
+                             f"{spec.truncation_side}, got {side!r}")
         rl_tok = _field(manifest, "rl_tokenizer", str)
         calibration = (QuantileCalibration.from_dict(manifest["calibration"], buckets.n_buckets)
                        if manifest.get("calibration") is not None else None)

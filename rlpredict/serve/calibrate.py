@@ -35,10 +35,17 @@ def held_out(samples: Sequence[Sample], manifest: dict, split: str, test_frac: f
              seed: int | None) -> tuple[list[Sample], str]:
     """The samples the model never trained on, and how they were chosen."""
     if split == "all":
+        if test_frac is not None:
+            raise ValueError("--test-frac names the training split; --split all uses every row: pass one")
         return list(samples), "every row (--split all)"
     if split != "test":
         raise ValueError(f"split must be 'test' or 'all', got {split!r}")
     recorded = ((manifest.get("evaluation") or {}).get("split") or {}) if isinstance(manifest, dict) else {}
+    for option, given, name in (("--test-frac", test_frac, "test_frac"), ("--seed", seed, "seed")):
+        if given is not None and recorded.get(name) is not None and given != recorded[name]:
+            raise ValueError(f"{option} {given} differs from the split the bundle recorded ({name} "
+                             f"{recorded[name]}): its held-out side would hold training rows; leave "
+                             f"{option} out, or use --split all for logs the model never saw")
     test_frac = test_frac if test_frac is not None else recorded.get("test_frac")
     seed = seed if seed is not None else recorded.get("seed", 0)
     if test_frac is None:

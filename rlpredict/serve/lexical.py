@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -75,13 +76,15 @@ class LexicalHead:
         if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
             raise ValueError(f"lexical.text_cap: expected a positive integer, got {cap!r}")
         path = Path(folder) / str(section.get("file", FILE))
+        if path.is_file() and not zipfile.is_zipfile(path):
+            raise ValueError(f"{path.name}: not a .npz archive")
         try:
             with np.load(path, allow_pickle=False) as z:
                 missing = [a for a in ARRAYS if a not in z.files]
                 if missing:
                     raise ValueError(f"{path.name}: missing arrays {missing}")
                 a = {k: z[k] for k in ARRAYS}
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path.name}: not a readable .npz file ({e})") from None
         terms = a["vocab_utf8"].tobytes().decode("utf-8").split("\n") if a["vocab_utf8"].size else []
         v, k = len(terms), n_buckets

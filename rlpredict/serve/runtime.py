@@ -50,7 +50,8 @@ from tokenizers import Encoding, Tokenizer
 
 from rlpredict.buckets import BucketScheme
 from rlpredict.inputs import InputSpec, build_text, messages_from_prompt
-from rlpredict.serve.bundle import Bundle, load_bundle
+from rlpredict.serve.bundle import Bundle, BundleError, load_bundle
+from rlpredict.untrusted_text import library_error
 
 Request = str | Sequence[Mapping[str, Any]]
 """A prompt string, or the conversation before the response as ``[{role, content}, ...]``."""
@@ -218,13 +219,21 @@ class Predictor:
         self.margin = float(margin)
         self.batch_size = int(batch_size)
         self.threads = min(int(threads), usable_cores()) if threads is not None else usable_cores()
-        self.encoder = TextEncoder(Tokenizer.from_file(str(bundle.tokenizer_path)),
-                                   bundle.input.max_length, bundle.input.truncation_side)
+        try:
+            tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
+        except Exception as e:  # tokenizers raises a bare Exception for a bad file
+            raise BundleError(f"{bundle.tokenizer_path}: not a tokenizer file ({library_error(e)})") from None
+        self.encoder = TextEncoder(tokenizer, bundle.input.max_length, bundle.input.truncation_side)
         self._tokenizer = self.encoder.tokenizer  # the truncating tokenizer (decode)
         self._session = _session(bundle.model_path, 1)  # bulk: one thread per prompt
         self._lone = self._session if self.threads == 1 else _session(bundle.model_path, self.threads)
         self._inputs = [i.name for i in self._session.get_inputs()]
         self._output = self._session.get_outputs()[0].name
+        declared = bundle.manifest["model"]
+        for key, want in (("inputs", self._inputs), ("output", self._output)):
+            if key in declared and declared[key] != want:
+                raise BundleError(f"{bundle.path / 'manifest.json'}: model.{key} is {declared[key]!r}, "
+                                  f"but {bundle.model_path.name} has {want!r}")
         self._reserve = np.asarray(bundle.buckets.reserve_tokens, dtype=float)
         width = bundle.input.max_length
         self._ones = np.ones((1, width), dtype=np.int64)
@@ -439,7 +448,10 @@ def _session(model: Path, threads: int) -> ort.InferenceSession:
     opts.inter_op_num_threads = 1
     opts.intra_op_num_threads = threads  # > 1: its threads spin between ops (ORT's default), for latency
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception
+        raise BundleError(f"{model}: not a loadable ONNX model ({library_error(e)})") from None
 
 
 def as_requests(requests: Request | Sequence[Request]) -> list[Request]:

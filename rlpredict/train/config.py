@@ -128,7 +128,12 @@ class TrainConfig:
         if p.suffix in (".yaml", ".yml"):
             import yaml
 
-            d = yaml.safe_load(text) or {}
+            try:
+                d = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{p}: expected a mapping of settings, got {type(d).__name__}")
         else:
             try:
                 d = tomllib.loads(text)

@@ -21,7 +21,7 @@ from rlpredict.outputs import output_dir, write_text_atomic
 from rlpredict.splits import split_by_group
 from rlpredict.train.baselines import BASELINES
 from rlpredict.train.metrics import confusion, rl_metrics
-from rlpredict.train.model_meta import ModelMeta
+from rlpredict.train.model_meta import ModelMeta, load_trained
 
 MODEL = "model"
 
@@ -38,18 +38,19 @@ def predict_proba_torch(model_dir: str | Path, texts: Sequence[str], spec: Input
                         progress: bool = False) -> np.ndarray:
     """Bucket probabilities from a Hugging Face model folder (torch; sorted by length, padded per batch)."""
     import torch
+    from rich.console import Console
     from rich.progress import track
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    model, tok = load_trained(model_dir)
+    model.eval()
     tok.truncation_side = spec.truncation_side
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     ids = tok(list(texts), truncation=True, max_length=spec.max_length)["input_ids"]
     order = np.argsort([len(x) for x in ids], kind="stable")
     out = np.zeros((len(ids), model.config.num_labels), dtype=np.float64)
     starts = range(0, len(ids), batch_size)
     with torch.inference_mode():
-        for i in track(starts, description="predict", disable=not progress):
+        for i in track(starts, description="predict", disable=not progress,
+                       console=Console(stderr=True)):  # stdout holds the report
             idx = order[i:i + batch_size]
             b = tok.pad({"input_ids": [ids[j] for j in idx]}, return_tensors="pt")
             out[idx] = torch.softmax(model(**b).logits.float(), dim=-1).numpy()

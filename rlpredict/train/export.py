@@ -36,7 +36,7 @@ from rlpredict.json_file import read_json
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 from rlpredict.serve.bundle import MODEL_FILE, TOKENIZER_FILE, load_bundle, write_manifest
 from rlpredict.serve.runtime import Predictor
-from rlpredict.train.model_meta import ModelMeta
+from rlpredict.train.model_meta import ModelMeta, load_trained
 
 DEFAULT_OPSET = 17
 #: Max |logit(torch) - logit(onnx fp32)| that passes the parity check.
@@ -78,14 +78,13 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
            opset: int, name: str, parity_source: str, log: Callable[[str], None]) -> dict:
     import onnxruntime
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     spec, scheme = meta.input, meta.buckets
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager")
+        model, hf_tok = load_trained(model_dir, attn_implementation="eager")
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -98,7 +97,6 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
     if max_pos is not None and spec.max_length > max_pos:
         raise ExportError(f"{model_dir}: input max_length {spec.max_length} exceeds the encoder's "
                           f"{max_pos} positions")
-    hf_tok = AutoTokenizer.from_pretrained(model_dir)
     hf_tok.truncation_side = spec.truncation_side
     texts = [build_text(s.messages, spec, s.generator) for s in samples]
 

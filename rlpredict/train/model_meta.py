@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rlpredict.buckets import BucketScheme
 from rlpredict.inputs import InputSpec
 from rlpredict.json_file import read_json
 from rlpredict.outputs import write_text_atomic
+from rlpredict.untrusted_text import library_error
 
 FORMAT = "rlpredict.model/1"
 FILENAME = "rlpredict.json"
@@ -49,3 +51,20 @@ class ModelMeta:
         if not p.is_file():
             raise FileNotFoundError(f"{model_dir}: no {FILENAME}; is this a model trained by `rlpredict train`?")
         return cls.from_dict(read_json(p), source=str(p))
+
+
+class ModelLoadError(ValueError):
+    """A trained model folder whose weights or tokenizer cannot be loaded."""
+
+
+def load_trained(model_dir: str | Path, **kwargs: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a trained folder (transformers' classes), or ``ModelLoadError``
+    naming the folder: truncated weights, say, raise safetensors' own error type otherwise."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # safetensors, tokenizers and transformers raise their own types
+        raise ModelLoadError(f"{model_dir}: cannot load the trained model ({library_error(e)})") from None
+    return model, tok

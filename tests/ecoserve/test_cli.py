@@ -109,6 +109,41 @@ def test_capacity_says_when_the_search_finds_no_limit(tmp_path):
     assert c["upper_bound"] == min(p["rate_scale"] for p in c["probes"])
 
 
+def test_options_that_would_be_ignored_are_refused(tmp_path):
+    t = _trace(tmp_path, 5)
+    _refused(runner.invoke(app, ["capacity", "--trace", t, "--predictions", "oracle", "--target", "0.5",
+                                 "--max-normalized-latency", "0.1"]), "'--target'", "pass one of the two")
+    annotated = tmp_path / "a.jsonl"
+    annotated.write_text(json.dumps({"arrival_time_s": 0, "input_tokens": 5, "output_tokens": 3, "rl_bucket": 0,
+                                     "rl_pred_tokens": 3, "rl_reserve_tokens": 4}) + "\n")
+    _refused(runner.invoke(app, ["simulate", "--trace", str(annotated), "--confusion", FIXTURE]),
+             "'--confusion'", "rl_* fields")
+    r = runner.invoke(app, ["simulate", "--trace", str(annotated), "--confusion", FIXTURE,
+                            "--predictions", "confusion"])
+    assert r.exit_code == 0, r.output
+
+
+def test_responses_cut_by_max_tokens_are_counted(tmp_path):
+    t = tmp_path / "cap.jsonl"
+    t.write_text('{"arrival_time_s": 0, "input_tokens": 5, "output_tokens": 700, "max_tokens": 10}\n'
+                 '{"arrival_time_s": 1, "input_tokens": 5, "output_tokens": 7}\n')
+    r = CliRunner().invoke(app, ["simulate", "--trace", str(t), "--predictions", "oracle", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "1 rows have output_tokens above their max_tokens" in r.stderr
+    assert _strict(r.stdout)["finished"] == 2
+
+
+def test_a_table_says_when_requests_were_dropped(tmp_path):
+    huge = tmp_path / "huge.csv"  # one prompt longer than the whole KV cache
+    huge.write_text(Path(_trace(tmp_path, 5)).read_text() + "3,9000000,5\n")
+    out = tmp_path / "cmp"
+    r = runner.invoke(app, ["compare", "--trace", str(huge), "--policies", "vllm", "--rate-scales", "1",
+                            "--predictions", "oracle", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    header, _, row = (out / "table.md").read_text().strip().splitlines()[-3:]
+    assert header.split("|")[-2].strip() == "dropped" and row.split("|")[-2].strip() == "1"
+
+
 def test_capacity_text_in_tables():
     assert compare_mod.capacity_text({"search": "found", "max_rate_scale": 0.25}) == "0.250"
     assert compare_mod.capacity_text({"search": "no_failing_load", "lower_bound": 8192.0}) == "> 8.19e+03"
@@ -238,7 +273,12 @@ def test_profile_files_are_checked(tmp_path):
                        / "small-llama-transformers-cpu.json").read_text())
     for edit, why in ((lambda s: s.update(gpu_memory_utilization=2), "gpu_memory_utilization"),
                       (lambda s: s.update(token_budget=-5), "token_budget"),
-                      (lambda s: s["gpu"].update(hbm_bytes=1000), "no room for a KV cache")):
+                      (lambda s: s["gpu"].update(hbm_bytes=1000), "no room for a KV cache"),
+                      (lambda s: s["model"].update(n_layers=0.5), "model.n_layers"),
+                      (lambda s: s["model"].update(n_params=1e308), "model.n_params"),
+                      (lambda s: s["gpu"].update(peak_flops=1e-300), "one-token iteration"),
+                      (lambda s: s["efficiency"].update(overhead_s=1e308), "one-token iteration"),
+                      (lambda s: s.update(name={"a": 1}), "field 'name'")):
         bad = json.loads(json.dumps(spec))
         edit(bad)
         p.write_text(json.dumps(bad))
@@ -267,6 +307,9 @@ def test_calibrate_checks_options_and_output_before_measuring(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text("{}")
     _refused(runner.invoke(app, [*base[:2], str(cfg), "--out", str(cfg), "--force"]), "also an input")
+    # a folder's config.json is its input too; an output under a file is refused before measuring
+    _refused(runner.invoke(app, [*base[:2], str(tmp_path), "--out", str(cfg), "--force"]), "also an input")
+    _refused(runner.invoke(app, [*base[:5], "--out", str(cfg / "p.json")]), "is a file, not a folder")
 
 
 def test_calibrate_refuses_a_missing_device(tmp_path):

@@ -45,6 +45,9 @@ def test_csv_and_jsonl_gz_read_and_sort(tmp_path):
     ("1.0,10,5\n1.0,ten,5\n", 3, "input_tokens"),
     ("1.0,10,0\n", 2, "output_tokens"),
     ("1.0,10,5\n2.0,,5\n", 3, "missing input_tokens"),
+    ("1.0,1_000,5\n", 2, "input_tokens"),  # ``float`` takes these: a plain number is ASCII digits
+    ("1.0,10,\u0661\u0662\n", 2, "output_tokens"),
+    ("1.0,10,5\n2.0,\"7,5\n", 3, "malformed CSV"),  # a quote left open to the end
 ])
 def test_bad_csv_rows_name_the_line(tmp_path, body, line, msg):
     p = write(tmp_path, "bad.csv", "arrival_time_s,input_tokens,output_tokens\n" + body)
@@ -72,6 +75,55 @@ def test_rate_scaling_and_synthetic_arrivals(tmp_path):
     assert abs(len(a) / a[-1] - 5.0) < 0.2 and np.array_equal(a, poisson_arrivals(20000, 5.0, seed=1))
     g = np.diff(gamma_arrivals(20000, rate=5.0, cv=3.0, seed=1))
     assert abs(g.std() / g.mean() - 3.0) < 0.3
+
+
+def test_csv_header_problems_are_named(tmp_path):
+    head = "arrival_time_s,input_tokens,output_tokens"
+    t = read_trace(write(tmp_path, "bom.csv", "\ufeff" + head + "\n0,10,5\n"))  # a BOM is not a name
+    assert t.input_tokens.tolist() == [10]
+    with pytest.raises(TraceError, match=r"dup\.csv:1: column\(s\) input_tokens appear more than once"):
+        read_trace(write(tmp_path, "dup.csv", head + ",input_tokens\n0,10,5,11\n"))
+    with pytest.raises(TraceError, match=r"extra\.csv:3: 5 fields, but the header has 3 columns"):
+        read_trace(write(tmp_path, "extra.csv", head + "\n0,10,5\n1,10,5,7,8\n"))
+
+
+@pytest.mark.parametrize("field, value, msg", [
+    ("messages", [1, 2], "message 0 is not an object"),
+    ("messages", [{"role": 5, "content": None}], "unknown role 5"),
+    ("messages", [], "has no messages"),
+    ("messages", "[{oops", "not valid JSON"),
+    ("prompt", 5, "field 'prompt' must be a string"),
+    ("other", "x", "no prompt or messages field"),
+])
+def test_a_row_without_a_usable_prompt_is_named_for_the_bundle(tmp_path, field, value, msg):
+    rows = [{"arrival_time_s": i, "input_tokens": 5, "output_tokens": 3, "prompt": "hi"} for i in range(3)]
+    del rows[1]["prompt"]
+    rows[1][field] = value
+    rows[2] = {**rows[2], "prompt": None, "messages": json.dumps([{"from": "human", "value": "hello"}])}  # CSV-style
+    p = write(tmp_path, "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    t = read_trace(p)  # prompts are needed only by --predictions bundle
+    assert t.prompts is None and t.prompt_problem.startswith(f"{p}:2: ")
+    with pytest.raises(ValueError, match=rf"p\.jsonl:2: .*{msg}.*--predictions bundle needs"):
+        apply_predictions(t.requests(SLO()), t, "bundle", bundle="any")
+    rows[1] = {**rows[1], field: None, "prompt": "fixed"}
+    t = read_trace(write(tmp_path, "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows)))
+    assert t.prompt_problem == "" and t.prompts[2] == [{"role": "user", "content": "hello"}]
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (lambda d: d.update(bucket_edges=[*d["bucket_edges"][:-1], 5000]), "bucket_edges"),  # was an IndexError
+    (lambda d: d.update(bucket_edges=d["bucket_edges"][::-1]), "bucket_edges"),
+    (lambda d: d["point_tokens"].__setitem__(0, 10.7), "point_tokens"),  # was truncated to 10
+    (lambda d: d["reserve_tokens"].__setitem__(0, -100), "reserve_tokens"),  # was used as is
+    (lambda d: d["matrix"][0].__setitem__(0, float("nan")), "matrix"),
+    (lambda d: d.update(matrix=[[0] * len(d["matrix"])] * len(d["matrix"])), "no counts"),
+    (lambda d: d.update(bucket_edges=[], point_tokens=[], reserve_tokens=[], matrix=[]), "bucket_edges"),
+])
+def test_confusion_values_are_checked(tmp_path, edit, msg):
+    d = json.loads(FIXTURE.read_text())
+    edit(d)
+    with pytest.raises(ValueError, match=rf"c\.json: .*{msg}"):
+        load_confusion(write(tmp_path, "c.json", json.dumps(d)))
 
 
 def test_confusion_loads_from_file_manifest_and_bundle_dir(tmp_path):

@@ -118,6 +118,19 @@ def test_output_dir_replaces_only_what_a_tool_wrote(tmp_path):
     assert (out / "user.txt").read_text() == "mine"
 
 
+def test_outputs_get_the_modes_of_a_plain_write(tmp_path):
+    """Temporary files and folders are private (0600/0700); what lands gets the umask's modes."""
+    from rlpredict.outputs import _UMASK, check_new_file, write_text_atomic
+
+    write_text_atomic(tmp_path / "f.txt", "x")
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~_UMASK
+    with output_dir(tmp_path / "d", force=False, tool="t") as tmp:
+        (tmp / "a").write_text("1")
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~_UMASK
+    with pytest.raises(OutputError, match=r"parent .* is a file"):  # before any work is done
+        check_new_file(tmp_path / "f.txt" / "out.json", force=False, option="--out")
+
+
 def test_check_paths_sees_links(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("{}\n")
@@ -281,6 +294,7 @@ def test_manifest_fuzz_loads_valid_or_names_the_field(bundle_copy, where, value)
     (lambda m: m["buckets"]["edges"].__setitem__(1, 10), "strictly increasing"),
     (lambda m: m["input"].__setitem__("max_length", 10**9), "max_length"),
     (lambda m: m["files"][next(iter(m["files"]))].__setitem__("sha256", "x"), "sha256"),
+    (lambda m: m["input"].__setitem__("truncation_side", "middle"), "truncation_side"),
 ])
 def test_manifest_named_cases(bundle_copy, edit, field):
     path = bundle_copy / "manifest.json"
@@ -292,6 +306,19 @@ def test_manifest_named_cases(bundle_copy, edit, field):
         with pytest.raises(BundleError, match=field):
             load_bundle(bundle_copy, verify=False)
         one_error_line(run("predict", "--model", bundle_copy, "hi"), field)
+    finally:
+        path.write_text(original)
+
+
+@pytest.mark.parametrize("key, value", [("inputs", ["foo", "bar"]), ("output", "nope")])
+def test_manifest_model_io_must_match_the_onnx_file(bundle_copy, key, value):
+    path = bundle_copy / "manifest.json"
+    original = path.read_text()
+    m = json.loads(original)
+    m["model"][key] = value
+    path.write_text(json.dumps(m))
+    try:
+        one_error_line(run("predict", "--model", bundle_copy, "hi"), f"model.{key}")
     finally:
         path.write_text(original)
 
@@ -325,3 +352,107 @@ def test_annotate_option_fuzz(bundle_fp32, tmp_path, opts):
     else:
         assert res.output.count("\n") <= 12 and not out.exists()  # one message (typer boxes usage errors)
     out.unlink(missing_ok=True)
+
+
+# ---- found by an audit of bad inputs (December 2026) ---------------------------------------------
+def _rehash(bundle: Path, name: str, data: bytes) -> None:
+    """Replace a bundle file and its manifest entry, as a careless edit would (hash still valid)."""
+    import hashlib
+
+    (bundle / name).write_bytes(data)
+    m = json.loads((bundle / "manifest.json").read_text())
+    entry = m["files"][name]
+    for k in entry:
+        if "sha" in k:
+            entry[k] = hashlib.sha256(data).hexdigest()
+        elif k in ("bytes", "size"):
+            entry[k] = len(data)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("name, data, why", [("tokenizer.json", b'{"junk": 1}', "not a tokenizer file"),
+                                             ("model.onnx", b"\x00" * 1000, "not a loadable ONNX model")])
+def test_a_bundle_file_that_cannot_be_loaded_is_one_line(bundle_fp32, tmp_path, name, data, why):
+    b = tmp_path / "b"
+    shutil.copytree(bundle_fp32, b)
+    _rehash(b, name, data)
+    one_error_line(run("predict", "-m", b, "hello"), name, why)  # was: exit 1 and the library's error
+
+
+def test_predict_reads_utf8_and_refuses_ignored_options(bundle_fp32):
+    res = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32)], input=b"fine\nbad \xff here\n")
+    one_error_line(res, "stdin: line 2: not valid UTF-8")  # was: exit 1, a TypeError from the tokenizer
+    one_error_line(run("predict", "-m", bundle_fp32, "a\udcffb"), "prompt argument 1: not valid UTF-8")
+    res = run("predict", "-m", bundle_fp32, "--jsonl", "--single")
+    assert res.exit_code == 2 and "--single" in res.output
+    res = run("predict", "-m", bundle_fp32, "--jsonl", "hello")
+    assert res.exit_code == 2 and "--jsonl" in res.output
+
+
+def test_load_trained_names_the_folder(tiny_model_dir, tmp_path):
+    from rlpredict.train.model_meta import ModelLoadError, load_trained
+
+    bad = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match=rf"{bad}: cannot load the trained model \(SafetensorError"):
+        load_trained(bad)
+
+
+def test_a_bad_yaml_config_is_named(tmp_path):
+    pytest.importorskip("yaml")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("a: [1\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: not valid YAML"):
+        TrainConfig.load(cfg)
+    cfg.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: expected a mapping"):
+        TrainConfig.load(cfg)
+
+
+def test_annotate_reports_replaced_columns_and_refuses_what_it_would_ignore(bundle_fp32, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "a", "rl_bucket": "OLD"}\n{"prompt": "b"}\n')
+    out = tmp_path / "out.jsonl"
+    res = run("annotate", src, "-o", out, "-m", bundle_fp32, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["rows_replaced"] == 1
+    one_error_line(run("annotate", src, "-o", out, "-m", bundle_fp32, "--force", "--prompt-field", "rl_bucket"),
+                   "--prompt-field")
+    one_error_line(run("annotate", src, "-o", out, "-m", bundle_fp32, "--force", "--rejects", tmp_path / "r.jsonl"),
+                   "--rejects")
+    cut = tmp_path / "cut.csv"  # a quote left open swallows every later row: refused at its line
+    cut.write_text('id,prompt\n1,a\n2,"cut short\n3,c\n')
+    one_error_line(run("annotate", cut, "-o", tmp_path / "o.csv", "-m", bundle_fp32), "line 3: malformed CSV")
+
+
+def test_calibrate_keeps_the_recorded_split():
+    from rlpredict.serve.calibrate import held_out
+
+    manifest = {"evaluation": {"split": {"test_frac": 0.1, "seed": 0}}}
+    with pytest.raises(ValueError, match=r"--test-frac 0\.5 differs from the split the bundle recorded"):
+        held_out([], manifest, "test", 0.5, None)
+    with pytest.raises(ValueError, match="--seed 3 differs"):
+        held_out([], manifest, "test", None, 3)
+    with pytest.raises(ValueError, match="--split all uses every row"):
+        held_out([], manifest, "all", 0.5, None)
+    assert held_out([], manifest, "test", 0.1, 0)[1].endswith("(test_frac 0.1, seed 0)")
+
+
+def test_eval_refuses_baseline_data_it_would_ignore(tiny_model_dir, trace, tmp_path):
+    one_error_line(run("eval", "--model", tiny_model_dir, "--data", trace, "--baseline-data", trace,
+                       "--out", tmp_path / "e"), "--baseline-data")
+
+
+def test_an_oversize_jsonl_row_is_read_past_in_pieces():
+    import io
+
+    from rlpredict.records import RecordError, bounded_lines, decode_line
+
+    data = b'{"a": 1}\n' + b"x" * 25 + b"\n" + b'{"b": 2}\n' + b"z" * 40  # the last one unterminated
+    lines = list(bounded_lines(io.BytesIO(data), limit=10))
+    assert len(lines) == 4 and lines[0] == b'{"a": 1}\n' and lines[2] == b'{"b": 2}\n'
+    for i in (1, 3):  # each oversize row is one bad row, its size said; memory held: one piece
+        with pytest.raises(RecordError, match=f"a row of {(26, 40)[i // 2]:,} bytes"):
+            decode_line(lines[i], i + 1)
