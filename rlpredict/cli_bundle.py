@@ -85,8 +85,6 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
     from rlpredict.records import TRACE_FIELDS
     from rlpredict.serve.annotate import BadRow, generator_of, request_of
 
-    if sys.stdin.isatty():
-        _fail("give TEXT arguments or pipe prompts on stdin")
     raw = sys.stdin.buffer.read()
     try:
         data = raw.decode("utf-8")
@@ -144,6 +142,8 @@ def predict(
     for i, t in enumerate(texts or (), 1):
         if not is_valid_unicode(t):  # undecodable bytes in argv arrive as lone surrogates
             _fail(f"prompt argument {i}: not valid UTF-8")
+    if not texts and sys.stdin.isatty():
+        _fail("give TEXT arguments or pipe prompts on stdin")
     p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads)
     requests, line_gens = (list(texts), None) if texts else _read_stdin(jsonl, single, p.input_spec.include_generator)
     # a line's own generator wins; --generator names it for the lines without one
