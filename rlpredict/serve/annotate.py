@@ -25,7 +25,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -254,11 +254,18 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
 
 
 # ---- text formats -------------------------------------------------------------------------------
-def _open_output(tmp: Path, target: Path) -> IO[str]:
-    """Open the temporary output file for text; the final name decides gzip compression."""
-    if target.name.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(tmp, "wb", compresslevel=6), encoding="utf-8", newline="")
-    return open(tmp, "w", encoding="utf-8", newline="")
+@contextmanager
+def _open_output(tmp: Path, target: Path) -> Iterator[IO[str]]:
+    """The temporary output file, open for text; the final name decides gzip compression (and
+    is the name the gzip header records, not the temporary one)."""
+    if not target.name.lower().endswith(".gz"):
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            yield f
+        return
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename=target.name[:-3], mode="wb", fileobj=raw,
+                                                compresslevel=6) as gz, \
+            io.TextIOWrapper(gz, encoding="utf-8", newline="") as f:
+        yield f
 
 
 def _annotate_jsonl(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> None:

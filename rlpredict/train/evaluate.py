@@ -89,7 +89,7 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
     else:
         raise ValueError(f"split must be 'test' or 'all', got {split!r}")
     if not test:
-        raise ValueError("nothing to evaluate: the held-out side is empty")
+        raise ValueError(f"{', '.join(map(str, data))}: nothing to evaluate: the held-out side is empty")
     scheme, spec = meta.buckets, meta.input
     rl = np.array([s.rl_tokens for s in test], dtype=float)
 

@@ -98,7 +98,8 @@ def subsample(cfg: TrainConfig, samples: list[Sample], report: LoadReport) -> tu
     if cfg.max_rows and len(train) > cfg.max_rows:
         train = rng.sample(train, cfg.max_rows)
     if not train:
-        raise ValueError("no training samples left after the split")
+        raise ValueError(f"{', '.join(map(str, cfg.data))}: no training samples left after the split "
+                         f"({report.summary()})")
     scheme = make_scheme(cfg.buckets, np.array([s.rl_tokens for s in train]), cfg.reserve_quantile)
     present = sum(1 for c in scheme.counts if c)
     if present < 2:
