@@ -33,6 +33,12 @@ SLO before it. A policy that gives up on requests whose TTFT is lost and serves 
 nothing else waits can meet 90% attainment above the saturation ceiling by never catching up
 with the other 10% (they run after the trace ends); the deferred share at its capacity shows it.
 
+``--max-normalized-latency S`` takes capacity at a normalized latency (the vLLM and Orca papers'
+metric) instead of SLO attainment; ``--max-p99-tbt S`` also requires the p99 time between tokens
+to stay within S seconds (``slo``: within the cell's TBT SLO; Sarathi-Serve's P99-TBT SLO). Both
+apply to every capacity the grid reports (the sustained one and the budget ``vllm-tuned`` picks
+included).
+
 Cells (first ``--requests`` requests of each trace):
 - azure: Azure 2023 conversations, Llama-2-13B on A100-80GB, TTFT 5 s / TBT 0.2 s;
   azure-kv50: the same at gpu_memory_utilization 0.5 (a KV-starved server);
@@ -280,9 +286,15 @@ def task_ceiling(cell: Cell, shared: Path, n: int) -> tuple[str, dict]:
 
 
 def task_capacity(cell: Cell, policy: str, shared: Path, n: int, hi: float,
-                  max_nl: float | None = None) -> tuple[str, str, dict]:
+                  max_nl: float | None = None, max_p99_tbt: float | str | None = None) -> tuple[str, str, dict]:
     spec, run_as = resolve(cell, policy, shared, n)
-    return cell.name, policy, capacity(spec, run_as, hi=hi, max_normalized_latency=max_nl)
+    return cell.name, policy, capacity(spec, run_as, hi=hi, max_normalized_latency=max_nl,
+                                       max_p99_tbt=p99_tbt_of(cell, max_p99_tbt))
+
+
+def p99_tbt_of(cell: Cell, max_p99_tbt: float | str | None) -> float | None:
+    """``--max-p99-tbt`` for ``cell``: seconds, or ``"slo"``: the cell's own TBT SLO."""
+    return cell.slo.tbt_s if max_p99_tbt == "slo" else max_p99_tbt
 
 
 def task_at_load(cell: Cell, policy: str, shared: Path, n: int, scale: float) -> tuple[str, str, dict]:
@@ -320,11 +332,12 @@ class SustainedSpec(RunSpec):
         return s, res
 
 
-def task_sustained(cell: Cell, policy: str, shared: Path, n: int, hi: float,
-                   cap: float | None) -> tuple[str, str, dict]:
+def task_sustained(cell: Cell, policy: str, shared: Path, n: int, hi: float, cap: float | None,
+                   max_nl: float | None = None, max_p99_tbt: float | str | None = None) -> tuple[str, str, dict]:
+    """The sustained capacity, under the same criterion as ``task_capacity``'s."""
     spec, run_as = resolve(cell, policy, shared, n)
     sus = SustainedSpec(**{f.name: getattr(spec, f.name) for f in fields(spec)})
-    out = capacity(sus, run_as, hi=hi)
+    out = capacity(sus, run_as, hi=hi, max_normalized_latency=max_nl, max_p99_tbt=p99_tbt_of(cell, max_p99_tbt))
     out["deferred_at_capacity"] = deferred_share(spec.run(run_as, cap)[1], spec.slo) if cap else None
     return cell.name, policy, out
 
@@ -366,6 +379,10 @@ def main() -> None:
                     help="capacity = the largest load whose normalized latency (mean end-to-end s per "
                          "output token, the vLLM and Orca papers' metric) stays <= S with every request "
                          "finished, instead of SLO attainment >= 0.9")
+    ap.add_argument("--max-p99-tbt", metavar="S|slo",
+                    help="a load passes only if, besides its criterion, the p99 time between tokens (over "
+                         "all tokens, preemption stalls included) is <= S seconds, or with 'slo' <= the "
+                         "cell's TBT SLO: Sarathi-Serve's P99-TBT SLO")
     args = ap.parse_args()
     if args.skip < 0:
         ap.error("--skip must be >= 0")
@@ -374,6 +391,14 @@ def main() -> None:
     nl = args.max_normalized_latency
     if nl is not None and not (nl > 0 and math.isfinite(nl)):
         ap.error(f"--max-normalized-latency must be a positive number of seconds, got {nl}")
+    p99: float | str | None = args.max_p99_tbt
+    if p99 is not None and p99 != "slo":
+        try:
+            p99 = float(p99)
+        except ValueError:
+            p99 = math.nan
+        if not (p99 > 0 and math.isfinite(p99)):
+            ap.error(f"--max-p99-tbt must be a positive number of seconds or 'slo', got {args.max_p99_tbt}")
     drawn: tuple[Cell, ...] = ()
     names: list[str] = []
     for tok in args.cells.split(","):
@@ -410,7 +435,7 @@ def main() -> None:
 
         ceilings = dict(starmap(task_ceiling, [(c, args.shared, args.requests) for c in cells]))
         caps = {(name, p): c for name, p, c in starmap(task_capacity, [
-            (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3), nl)
+            (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3), nl, p99)
             for c in cells for p in searched])}
         tuned: dict[str, str] = {}  # cell -> the vllm@B (or vllm) run that vllm-tuned's loads run
         for c in cells if sweep else ():
@@ -428,7 +453,7 @@ def main() -> None:
         if args.sustained:
             sustained = {(name, p): c for name, p, c in starmap(_as_row(task_sustained, tuned), [
                 (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3),
-                 caps[c.name, p]["max_rate_scale"]) for c in cells for p in policies])}
+                 caps[c.name, p]["max_rate_scale"], nl, p99) for c in cells for p in policies])}
     rows = []
     for c in cells:
         ceil = ceilings[c.name]["ceiling_rate_scale"]
@@ -450,13 +475,15 @@ def main() -> None:
             })
     criterion = "SLO attainment >= 0.9" if nl is None else \
         f"normalized latency <= {nl:g} s per output token and every request finished"
+    if p99 is not None:
+        criterion += " and p99 time between tokens <= " + ("the TBT SLO" if p99 == "slo" else f"{p99:g} s")
     text = markdown(rows, args.requests, time.time() - t0, criterion)
     if args.skip or args.seed:
         text += f"\n\n(requests {args.skip + 1} to {args.skip + args.requests} of each trace; seed {args.seed})"
     if overload:
         text += "\n\n" + overload_markdown(overload, [c.name for c in cells], policies)
     if sustained:
-        text += "\n\n" + sustained_markdown(sustained, caps, ceilings, [c.name for c in cells], policies)
+        text += "\n\n" + sustained_markdown(sustained, caps, ceilings, [c.name for c in cells], policies, criterion)
     print(text)
     if args.out:
         from rlpredict.json_file import dumps
@@ -483,12 +510,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def sustained_markdown(sus: dict, caps: dict, ceilings: dict, cells: list[str], policies: list[str]) -> str:
+def sustained_markdown(sus: dict, caps: dict, ceilings: dict, cells: list[str], policies: list[str],
+                       criterion: str = "SLO attainment >= 0.9") -> str:
     """Capacity, deferred share at it, and the sustained capacity (at most 1% deferred)."""
     def f(v: float | None, d: int = 3) -> str:
         return "n/a" if v is None else f"{v:.{d}f}"
 
-    out = [f"Sustained capacity: SLO attainment >= 0.9 and at most {MAX_DEFERRED:.0%} of requests deferred "
+    out = [f"Sustained capacity: {criterion} and at most {MAX_DEFERRED:.0%} of requests deferred "
            "past the last arrival", "",
            "| cell | ceiling | policy | capacity | deferred @cap | sustained capacity | / ceiling |",
            "|---|---:|---|---:|---:|---:|---:|"]

@@ -39,6 +39,13 @@ class ProfileError(ValueError):
     """A profile file is missing a field or has a bad value."""
 
 
+def prefill_ctx_tokens(chunk: int, prefilled: int = 0) -> int:
+    """The attention context of a prefill chunk of ``chunk`` prompt tokens after ``prefilled``
+    already computed, as ``iteration_time`` counts it: the chunk times the context after it (the
+    causal mask's halving is in the per-token cost, ``flops_per_prefill_ctx``)."""
+    return chunk * (prefilled + chunk)
+
+
 class CostModel:
     """Roofline iteration latency, KV capacity, swap and recompute costs for a model+GPU."""
 
@@ -107,7 +114,9 @@ class CostModel:
 
     def iteration_time(self, prefill_tokens: int, prefill_ctx_tokens: int,
                        decode_requests: int, decode_ctx_tokens: int) -> float:
-        """Seconds for one iteration (0 for an empty one). Hot path: a few multiplies."""
+        """Seconds for one iteration (0 for an empty one). ``prefill_ctx_tokens``: the sum of
+        ``prefill_ctx_tokens(chunk, prefilled)`` over its prefill chunks. Hot path: a few
+        multiplies."""
         if prefill_tokens <= 0 and decode_requests <= 0:
             return 0.0
         compute = (self._c_tok * (prefill_tokens + decode_requests) + self._c_logit * decode_requests

@@ -32,7 +32,8 @@ themselves are the pure functions of ``ecoserve_rules``):
    ``rules.PARK_MAX_LOAD``: bursts on a server with room to catch up.
 4. The prefill budget: the whole token budget when nothing decodes; otherwise the most prompt
    tokens that keep the iteration within ``iter_time_frac`` of the TBT SLO by the cost model
-   (time-synced batching), at least the cost model's roofline knee.
+   (time-synced batching), timed as a chunk of the oldest partial prefill after its computed
+   tokens, at least the cost model's roofline knee.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from ..cost_model import prefill_ctx_tokens
 from ..queues import GTGroups, PriorityQueue
 from ..request import Request, State
 from . import ecoserve_rules as rules
@@ -163,19 +165,23 @@ class EcoServeScheduler(Scheduler):
     def prefill_budget(self) -> int:
         d = len(self.decoding)
         dctx = self._ctx_base + d * self.step
-        b, t = self._budget(d, dctx)
-        self._it_now = (b, t if t >= 0 else self.cost.iteration_time(b, b * b // 2, d, dctx))
+        # the chunk goes first to the oldest partial prefill (``schedule``): it attends to its prefix
+        off = next(iter(self.prefilling.values())).prefilled if self.prefilling else 0
+        b, t = self._budget(d, dctx, off)
+        self._it_now = (b, t if t >= 0 else self.cost.iteration_time(b, prefill_ctx_tokens(b, off), d, dctx))
         return b
 
-    def _budget(self, d: int, dctx: int, pb: rules.PrefillBudget | None = None) -> tuple[int, float]:
+    def _budget(self, d: int, dctx: int, offset: int = 0,
+                pb: rules.PrefillBudget | None = None) -> tuple[int, float]:
         """All of the token budget when nothing decodes (or ``tbt_budget`` is off); else
-        ``rules.PrefillBudget`` (``pb``, default this iteration's): the most prefill tokens
-        keeping the iteration within ``iter_time_frac`` x TBT SLO, at least ``min_prefill``.
-        With it, the iteration's time at that budget if it was computed on the way (else -1)."""
+        ``rules.PrefillBudget`` (``pb``, default this iteration's): the most prefill tokens, as
+        a chunk after ``offset`` prompt tokens, keeping the iteration within ``iter_time_frac`` x
+        TBT SLO, at least ``min_prefill``. With it, the iteration's time at that budget if it
+        was computed on the way (else -1)."""
         hi = self.token_budget - d
         if not d or not self.cfg.tbt_budget:
             return hi, -1.0
-        return (pb or self._prefill_budget)(hi, d, dctx)
+        return (pb or self._prefill_budget)(hi, d, dctx, offset)
 
     # ---- admission ----------------------------------------------------------------------------
     def _ttft_est_s(self, r: Request) -> float:
@@ -257,8 +263,9 @@ class EcoServeScheduler(Scheduler):
         ``steps`` on, each timed at today's budget over that context."""
         d = len(self.decoding)
         dctx = self._ctx_base + d * (self.step + steps)
-        b, lo = self._it_now[0], self._budget(d, dctx, self._bound_budget)[0]
-        return -(-r.prefill_target // lo) * self.cost.iteration_time(b, b * b // 2, d, dctx)
+        # nothing prefills while a blocked admission waits (``_probe_head``): offset 0
+        b, lo = self._it_now[0], self._budget(d, dctx, 0, self._bound_budget)[0]
+        return -(-r.prefill_target // lo) * self.cost.iteration_time(b, prefill_ctx_tokens(b), d, dctx)
 
     def _need_now(self, r: Request) -> int:
         """Blocks ``r`` takes at admission: its whole prefill target, or its swapped context."""

@@ -48,7 +48,8 @@ num_computed_tokens - step`` and ``gx = num_output_tokens - step``, ``drop`` on 
 preemption); reservations need no lookahead slots any more (blocks are allocated as written,
 vLLM's default); the preemption order is ``max(running, key=victim_key(lost, remaining, seq))``; with a cost
 profile (``ECOSERVE_PROFILE``), each step's token budget is the decodes plus
-``PrefillBudget(...)(budget - decodes, decodes, their context tokens)``; before each step, if the
+``PrefillBudget(...)(budget - decodes, decodes, their context tokens, the first partial
+prefill's num_computed_tokens)``; before each step, if the
 waiting head satisfies ``park_for`` and does not fit while ``OfferedLoad.load(now) <
 PARK_MAX_LOAD``, the running request with the largest ``tbt_slack_s`` (above
 ``PARK_MIN_SLACK_TTFTS x slo_ttft``) is preempted and held until ``park_due_s``.
@@ -64,6 +65,8 @@ from itertools import islice
 from typing import Any
 
 import numpy as np
+
+from ..cost_model import prefill_ctx_tokens
 
 
 def service_s(prefill_s: float, prompt_tokens: int, pred_tokens: int, step_s: float,
@@ -217,46 +220,47 @@ def projected_peak(items: Iterable[tuple[int, int]]) -> int:
 
 
 class PrefillBudget:
-    """Prompt tokens an iteration may add to ``d`` decodes over ``dctx`` context tokens: all
-    of ``hi`` if the cost model times that within ``target_s``, else the most that fit (a
-    bisection to 32 tokens), at least ``floor`` (the roofline knee: those ride on the weight
-    read). Called every iteration with decodes; the last bisection is reused while the decodes
-    are the same and their context only grew (iteration time never falls as prefill or decode
-    context grow: what did not fit still does not, and the last result still fits if its probe
-    does)."""
+    """Prompt tokens an iteration may add to ``d`` decodes over ``dctx`` context tokens, as
+    one chunk after ``offset`` prompt tokens already computed (the partial prefill that goes
+    first: a late chunk of a long prompt attends to all of it): all of ``hi`` if the cost model
+    times that within ``target_s``, else the most that fit (a bisection to 32 tokens), at least
+    ``floor`` (the roofline knee: those ride on the weight read). Called every iteration with
+    decodes; the last bisection is reused while the decodes are the same and their context and
+    the offset only grew (iteration time never falls as prefill or decode context grow: what did
+    not fit still does not, and the last result still fits if its probe does)."""
 
     def __init__(self, iteration_time: Any, target_s: float, floor: int) -> None:
         self.it = iteration_time  # (prefill tokens, prefill context, decodes, decode context) -> s
         self.target_s = target_s
         self.floor = max(1, floor)
-        self._last = (-1, 0, 0)  # (decodes, decode context, bisection result)
+        self._last = (-1, 0, 0, 0)  # (decodes, decode context, offset, bisection result)
 
-    def __call__(self, hi: int, d: int, dctx: int) -> tuple[int, float]:
+    def __call__(self, hi: int, d: int, dctx: int, offset: int = 0) -> tuple[int, float]:
         """``(budget, seconds)``: the budget and the iteration's time at it where that was
         computed on the way (else -1)."""
-        it, target = self.it, self.target_s
+        it, target, ctx = self.it, self.target_s, prefill_ctx_tokens
         floor = min(self.floor, max(hi, 1))
-        d0, dctx0, lo = self._last
-        if d0 == d and dctx0 <= dctx:
+        d0, dctx0, off0, lo = self._last
+        if d0 == d and dctx0 <= dctx and off0 <= offset:
             if lo == 0:
                 return floor, -1.0
-            t = it(lo, lo * lo // 2, d, dctx)
+            t = it(lo, ctx(lo, offset), d, dctx)
             if t <= target:
                 return (lo, t) if lo >= floor else (floor, -1.0)
         elif hi <= 0:
             return max(hi, floor), -1.0
         else:
-            t = it(hi, hi * hi // 2, d, dctx)
+            t = it(hi, ctx(hi, offset), d, dctx)
             if t <= target:
                 return (hi, t) if hi >= floor else (floor, -1.0)
         lo = 0
         while hi - lo > 32:
             mid = (lo + hi) // 2
-            if it(mid, mid * mid // 2, d, dctx) <= target:
+            if it(mid, ctx(mid, offset), d, dctx) <= target:
                 lo = mid
             else:
                 hi = mid
-        self._last = (d, dctx, lo)
+        self._last = (d, dctx, offset, lo)
         return max(lo, floor), -1.0
 
 

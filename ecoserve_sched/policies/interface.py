@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..cost_model import prefill_ctx_tokens
 from ..request import SLO, Request
 
 #: vLLM V1's default ``max_num_batched_tokens`` for online serving; the roofline knee of the
@@ -38,7 +39,7 @@ class Batch:
 
     prefill: list[tuple[Request, int, int]] = field(default_factory=list)  # (req, chunk, epoch)
     prefill_tokens: int = 0
-    prefill_ctx_tokens: int = 0  # sum of chunk * context length after the chunk
+    prefill_ctx_tokens: int = 0  # sum of cost_model.prefill_ctx_tokens over the chunks
     decode_requests: int = 0
     decode_ctx_tokens: int = 0
     extra_s: float = 0.0  # swap transfers done in this iteration
@@ -48,7 +49,7 @@ class Batch:
     def add_prefill(self, r: Request, chunk: int) -> None:
         self.prefill.append((r, chunk, r.epoch))
         self.prefill_tokens += chunk
-        self.prefill_ctx_tokens += chunk * (r.prefilled + chunk)
+        self.prefill_ctx_tokens += prefill_ctx_tokens(chunk, r.prefilled)
 
     @property
     def empty(self) -> bool:

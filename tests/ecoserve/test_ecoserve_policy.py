@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sim_helpers import FlatCost, make_req
 
+from ecoserve_sched.cost_model import prefill_ctx_tokens
 from ecoserve_sched.metrics import summarize
 from ecoserve_sched.policies import ecoserve_rules as rules
 from ecoserve_sched.policies import get_policy, policy_names
@@ -390,6 +391,48 @@ def test_prefill_budget_never_below_the_knee():
     sched.add(make_req(0, 0.0, 8, 100), 0.0)
     sched.complete(sched.schedule(0.0), 0.01)
     assert sched.prefill_budget() == 16  # no prefill fits 4 ms; the knee's tokens still go
+
+
+class AttentionCost(LinearCost):
+    """``LinearCost`` plus 10 ns per token of prefill attention context."""
+
+    def iteration_time(self, prefill_tokens, prefill_ctx_tokens, decode_requests, decode_ctx_tokens):
+        t = super().iteration_time(prefill_tokens, prefill_ctx_tokens, decode_requests, decode_ctx_tokens)
+        return t + 1e-8 * prefill_ctx_tokens
+
+
+def test_prefill_budget_counts_the_prefix_a_late_chunk_attends_to():
+    cost = AttentionCost(blocks=4000)
+    pb = rules.PrefillBudget(cost.iteration_time, 0.16, 16)
+    fresh, _ = pb(4000, 1, 100)
+    late, _ = pb(4000, 1, 100, offset=20000)  # a chunk after 20k computed prompt tokens
+    assert late < fresh
+    for b, off in ((fresh, 0), (late, 20000)):  # within the target, the bisection 32 tokens short at most
+        assert cost.iteration_time(b, prefill_ctx_tokens(b, off), 1, 100) <= 0.16
+        assert cost.iteration_time(b + 33, prefill_ctx_tokens(b + 33, off), 1, 100) > 0.16
+    assert pb(4000, 1, 100)[0] == fresh  # a smaller offset is bisected again, not reused
+
+
+def test_each_chunk_of_a_long_prompt_keeps_the_decodes_within_the_tbt_target():
+    """With a request decoding, every chunk of a 30k-token prompt (the late ones attend to up to
+    30k tokens) keeps the iteration within 0.8 x the TBT SLO."""
+    cost = AttentionCost(blocks=20000, token_budget=16)
+    sched = get_policy("ecoserve", cost, block_size=16, max_running=8, token_budget=4096, slo=SLO(60.0, 0.2))
+    short, long = make_req(0, 0.0, 8, 2000), make_req(1, 0.0, 30000, 4)
+    sched.add(short, 0.0)
+    now = 0.01
+    sched.complete(sched.schedule(0.0), now)
+    sched.add(long, now)
+    chunks = 0
+    while long.state != State.DECODE:
+        batch = sched.schedule(now)
+        assert batch.decode_requests == 1 and batch.prefill_tokens > 16
+        dt = cost.iteration_time(batch.prefill_tokens, batch.prefill_ctx_tokens, 1, batch.decode_ctx_tokens)
+        assert dt <= 0.8 * 0.2
+        now += dt
+        sched.complete(batch, now)
+        chunks += 1
+    assert chunks > 30000 // 1500  # later chunks are smaller than the first
 
 
 def test_config_reaches_the_policy():

@@ -61,6 +61,8 @@ def test_random_cells_are_servable_scenarios(grid) -> None:
 @pytest.mark.parametrize("option, value, message", [
     ("--cells", "random:0", "random:N"), ("--cells", "random:x", "random:N"), ("--cells", "nope", "unknown cell"),
     ("--policies", "vllm,vllm@x", "vllm@B"), ("--policies", "sjf,ecoserve", "must include vllm"),
+    ("--max-p99-tbt", "0", "--max-p99-tbt"), ("--max-p99-tbt", "nan", "--max-p99-tbt"),
+    ("--max-p99-tbt", "fast", "--max-p99-tbt"),
 ])
 def test_bad_cells_and_policies_are_one_line_and_exit_2(option: str, value: str, message: str,
                                                          tmp_path: Path) -> None:

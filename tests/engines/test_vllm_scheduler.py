@@ -300,9 +300,54 @@ def test_profile_sizes_each_steps_prefill_budget_by_the_tbt_slo(monkeypatch: pyt
             assert s.max_num_scheduled_tokens == 512  # restored after the step
         target = {r: 60 for r in ("d0", "d1", "d2", "d3")} | {"long": 8}
         s.update_from_output(out, fake_model_output(out, s, target))
+        if profile:  # the next chunk attends to the prompt tokens computed so far: a smaller budget
+            dctx = sum(r.num_computed_tokens for r in decoding)
+            late, _ = rules.PrefillBudget(cost.iteration_time, frac * tbt, min(cost.token_budget, 512))(
+                512 - len(decoding), len(decoding), dctx, offset=want)
+            out = s.schedule()
+            assert out.num_scheduled_tokens["long"] == late
+            s.update_from_output(out, fake_model_output(out, s, target))
         drive(s)
         check_done(s)
     assert scheduled[""] == 512 - 4 > scheduled[cost.name]
+
+
+def test_each_chunk_is_timed_after_the_prompt_tokens_already_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A late chunk of a long prompt attends to its computed prefix: every step's prompt budget is
+    ``rules.PrefillBudget`` at the first running prefill's computed tokens (the simulator's rule),
+    smaller than a fresh prompt's."""
+    from ecoserve_sched.policies import ecoserve_rules as rules
+
+    class AttentionCost:  # 10 ms + 0.1 ms per prompt token + 0.1 us per token of attention context
+        token_budget = 16
+
+        def iteration_time(self, p: int, pc: int, d: int, dc: int) -> float:
+            return 0.01 + 1e-4 * p + 1e-7 * pc
+
+    monkeypatch.setenv("ECOSERVE_SLO_TBT", "0.125")  # 0.8 x 0.125 s = 0.1 s per step
+    s = make(EcoServeVllmSyncScheduler, num_blocks=200)
+    s.cost_model = cost = AttentionCost()
+    target = {"d0": 200, "d1": 200, "long": 4}
+    for rid in ("d0", "d1"):
+        s.add_request(req(rid, 32, 200, arrival=0.0, rl_pred_tokens=200))
+    out = s.schedule()
+    s.update_from_output(out, fake_model_output(out, s, target))
+    s.add_request(req("long", 1900, 4, arrival=1.0, rl_pred_tokens=4))
+    long = s.requests["long"]
+    budgets = []
+    while long.num_computed_tokens < 1900:
+        offset = long.num_computed_tokens
+        dctx = sum(s.requests[r].num_computed_tokens for r in ("d0", "d1"))
+        want, _ = rules.PrefillBudget(cost.iteration_time, 0.1, 16)(512 - 2, 2, dctx, offset=offset)
+        fresh, _ = rules.PrefillBudget(cost.iteration_time, 0.1, 16)(512 - 2, 2, dctx)
+        out = s.schedule()
+        assert out.num_scheduled_tokens["long"] == min(want, 1900 - offset)
+        budgets.append((offset, want, fresh))
+        s.update_from_output(out, fake_model_output(out, s, target))
+    assert budgets[0][1] == budgets[0][2] == 510  # the first chunk: the whole budget
+    assert any(want < fresh for _, want, fresh in budgets[1:])  # later ones: less
+    drive(s)
+    check_done(s)
 
 
 def test_parking_and_give_way_estimate_the_ttft_with_this_steps_prompt_budget(
