@@ -334,19 +334,22 @@ def demo(
     profile: ProfileOpt = None,
     bundle: Annotated[str | None, typer.Option("--bundle", help="predictor bundle (default: the shipped one)")] = None,
     sample: Annotated[Path | None, typer.Option("--trace", help="trace with prompts (default: the bundled Azure + ShareGPT sample)")] = None,
-    policies: Annotated[str, typer.Option("--policies", help="comma-separated policy names")] = "vllm,ecoserve,ecoserve-oracle",
+    policies: Annotated[str | None, typer.Option(
+        "--policies", help="comma-separated policy names (default: vLLM V0 and V1, EcoServe, EcoServe-oracle)")] = None,
     rate_scales: Annotated[str | None, typer.Option("--rate-scales", help="comma-separated rate multipliers > 0 (default 0.2 to 0.6)")] = None,
     slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2,
 ) -> None:
-    """The main job: annotate a real request sample with the predictor, replay it under vLLM,
-    EcoServe and EcoServe-oracle, and write a report with plots."""
+    """The main job: annotate a real request sample with the predictor, replay it under vLLM's
+    2024 scheduler (V0, the EcoServe paper's baseline), vLLM V1, EcoServe and EcoServe-oracle,
+    and write a report with plots: each policy's capacity against the saturation ceiling, x V1
+    and x V0."""
     from rich.console import Console
     from rich.table import Table
 
     from . import demo as demo_mod
     from .compare import capacity_text
 
-    names = _names(policies, "--policies")
+    names = _names(policies, "--policies") if policies is not None else list(demo_mod.POLICIES)
     scales = _scales(rate_scales, "--rate-scales") if rate_scales is not None else demo_mod.RATE_SCALES
     err = Console(stderr=True)
     n_steps = iter(range(1, 4))
@@ -366,11 +369,11 @@ def demo(
               f"{q['within_1_bucket']:.3f}, MAE {q['mae_tokens']:.0f} tokens, reservation covers "
               f"{q['reserve_coverage']:.3f}")
     t = Table(title=f"capacity (SLO attainment >= 0.9) on {res.rows[0]['profile']}")
-    for c in ("policy", "max load (x trace rate)", "requests/s", "x vLLM"):
+    for c in ("policy", "max load (x trace rate)", "requests/s", "/ ceiling", "x vLLM", "x vLLM V0"):
         t.add_column(c, justify="left" if c == "policy" else "right")
     for c in res.capacity:
         t.add_row(c["policy"], capacity_text(c), _cell(c["requests_per_s"]),
-                  f"{c['x_vllm']:.2f}" if c.get("x_vllm") else "-")
+                  *(f"{c[k]:.2f}" if c.get(k) else "-" for k in ("vs_ceiling", "x_vllm", "x_vllm_v0")))
     Console().print(t)
     for c in res.capacity:
         if c.get("note"):

@@ -7,8 +7,8 @@
    lengths; see ``samples/README.md``) with ``rlpredict annotate``;
 2. the predictor's accuracy on that sample (bucket accuracy, +-1 bucket, MAE, reservation
    coverage) and its confusion matrix;
-3. the simulator replays the annotated trace under each policy (default vLLM, EcoServe,
-   EcoServe-oracle) at several loads over a named GPU profile, and finds each policy's capacity
+3. the simulator replays the annotated trace under each policy (default ``POLICIES``: vLLM V0
+   and V1, EcoServe, EcoServe-oracle) at several loads over a named GPU profile, and finds each policy's capacity
    (the largest load that keeps SLO attainment >= 0.9) beside the saturation ceiling (no policy's
    capacity can pass it) and the ratio to vLLM's 2024 scheduler (``vllm-v0``, the paper's baseline);
 4. ``report.md`` with the tables and four plots (latency vs load, SLO attainment vs load, KV

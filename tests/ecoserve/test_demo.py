@@ -36,7 +36,13 @@ def test_demo_writes_report_and_tables(tmp_path) -> None:
 
 
 def test_demo_cli_says_where_the_report_is(tmp_path) -> None:
-    r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--policies", "vllm,ecoserve-oracle",
-                                 "--rate-scales", "0.4"])
+    """By default the demo runs the paper's baseline too: the ceiling and the ratio to vLLM V0
+    in the terminal table and in the report."""
+    r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--rate-scales", "0.4"])
     assert r.exit_code == 0, r.output
     assert "report written to" in r.output and "capacity" in r.output
+    assert "/ ceiling" in r.output and "x vLLM V0" in r.output
+    caps = {c["policy"]: c for c in json.loads((tmp_path / "results.json").read_text())["capacity"]}
+    assert set(caps) == set(demo.POLICIES) and "vllm-v0" in caps
+    assert caps["vllm-v0"]["x_vllm_v0"] == 1.0 and caps["ecoserve"]["x_vllm_v0"] > 0
+    assert "| vllm-v0 |" in (tmp_path / "report.md").read_text()
