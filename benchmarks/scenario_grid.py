@@ -76,7 +76,7 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +85,19 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ecoserve_sched.compare import RunSpec, Server, capacity, ceiling  # noqa: E402
+from ecoserve_sched.compare import (  # noqa: E402
+    MAX_DEFERRED,
+    RunSpec,
+    Server,
+    capacity,
+    ceiling,
+    deferred_share,
+    sustained,
+)
 from ecoserve_sched.cost_model import load_profile  # noqa: E402
 from ecoserve_sched.policies.interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN_BUDGET  # noqa: E402
 from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
-from ecoserve_sched.simulator import SimResult  # noqa: E402
 from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, poisson_arrivals, read_trace  # noqa: E402
 
 POLICIES = ("vllm", "vllm-tuned", "vllm-v0", "sarathi", "orca", "s3", "sjf", "ecoserve", "ecoserve-oracle")
@@ -303,41 +310,11 @@ def task_at_load(cell: Cell, policy: str, shared: Path, n: int, scale: float) ->
     return cell.name, policy, {k: s[k] for k in ("mean_jct_s", "normalized_latency_s", "slo_attainment")}
 
 
-#: --sustained: the largest share of requests that may be deferred past the end of the trace.
-MAX_DEFERRED = 0.01
-
-
-def deferred_share(res: SimResult, slo: SLO) -> float:
-    """Share of requests still waiting for their first token at the last arrival although they
-    arrived more than the TTFT SLO before it (requests that never fit the cache left out)."""
-    reqs = res.requests
-    if not reqs:
-        return 0.0
-    end = max(r.arrival_s for r in reqs)
-    late = sum(1 for r in reqs if r.finish_s >= 0 and r.arrival_s < end - slo.ttft_s
-               and not 0 <= r.first_token_s <= end)
-    return late / len(reqs)
-
-
-@dataclass
-class SustainedSpec(RunSpec):
-    """A RunSpec whose runs count as failing (attainment 0) when more than ``MAX_DEFERRED`` of
-    the requests are deferred past the end of the trace."""
-
-    def run(self, policy: str, rate_scale: float) -> tuple[dict, SimResult]:
-        s, res = RunSpec.run(self, policy, rate_scale)
-        s["deferred_share"] = deferred_share(res, self.slo)
-        if s["deferred_share"] > MAX_DEFERRED:
-            s["slo_attainment"] = 0.0
-        return s, res
-
-
 def task_sustained(cell: Cell, policy: str, shared: Path, n: int, hi: float, cap: float | None,
                    max_nl: float | None = None, max_p99_tbt: float | str | None = None) -> tuple[str, str, dict]:
     """The sustained capacity, under the same criterion as ``task_capacity``'s."""
     spec, run_as = resolve(cell, policy, shared, n)
-    sus = SustainedSpec(**{f.name: getattr(spec, f.name) for f in fields(spec)})
-    out = capacity(sus, run_as, hi=hi, max_normalized_latency=max_nl, max_p99_tbt=p99_tbt_of(cell, max_p99_tbt))
+    out = capacity(sustained(spec), run_as, hi=hi, max_normalized_latency=max_nl, max_p99_tbt=p99_tbt_of(cell, max_p99_tbt))
     out["deferred_at_capacity"] = deferred_share(spec.run(run_as, cap)[1], spec.slo) if cap else None
     return cell.name, policy, out
 

@@ -8,10 +8,15 @@
 2. the predictor's accuracy on that sample (bucket accuracy, +-1 bucket, MAE, reservation
    coverage) and its confusion matrix;
 3. the simulator replays the annotated trace under each policy (default ``POLICIES``: vLLM V0
-   and V1, EcoServe, EcoServe-oracle) at several loads over a named GPU profile, and finds each policy's capacity
-   (the largest load that keeps SLO attainment >= 0.9) beside the saturation ceiling (no policy's
-   capacity can pass it) and the ratio to vLLM's 2024 scheduler (``vllm-v0``, the paper's baseline);
-4. ``report.md`` with the tables and four plots (latency vs load, SLO attainment vs load, KV
+   and V1, EcoServe, EcoServe-oracle) at several loads over a named GPU profile, and finds each
+   policy's capacity (the largest load that keeps SLO attainment >= 0.9) and its sustained
+   capacity (also at most 1% of the requests deferred past the trace's end,
+   ``compare.SustainedSpec``) beside the saturation ceiling (no policy keeps up above it) and the
+   ratio to vLLM's 2024 scheduler (``vllm-v0``, the paper's baseline);
+4. the same capacities on a second server, ``HEADROOM_PROFILE`` (Llama-3-8B on an H200: the KV
+   cache is no constraint there), where vLLM V1 already keeps up with the ceiling: the regime
+   where no scheduler can win, beside the one where EcoServe does;
+5. ``report.md`` with the tables and four plots (latency vs load, SLO attainment vs load, KV
    utilization over time, the confusion matrix), ``results.json``.
 
 The folder is built atomically (``rlpredict.outputs.output_dir``): an existing one is replaced
@@ -34,7 +39,16 @@ import numpy as np
 from rlpredict.json_file import dumps
 from rlpredict.outputs import check_paths, output_dir
 
-from .compare import RunSpec, capacity, capacity_text, ceiling, markdown_table, plot, sweep
+from .compare import (
+    RunSpec,
+    capacity,
+    capacity_text,
+    ceiling,
+    markdown_table,
+    plot,
+    sustained,
+    sweep,
+)
 from .cost_model import load_profile
 from .predictions import load_confusion
 from .request import SLO
@@ -43,6 +57,9 @@ from .trace import Trace, read_trace
 SAMPLE = Path(__file__).resolve().parent / "samples" / "azure_conv_sharegpt.jsonl.gz"
 PROFILE = "llama2-13b-a100-80gb"
 POLICIES = ("vllm-v0", "vllm", "ecoserve", "ecoserve-oracle")
+#: The regime where nothing can win: the same requests on a server whose KV cache is no
+#: constraint, where vLLM V1 already keeps up with the saturation ceiling.
+HEADROOM_PROFILE = "llama3-8b-h200"
 RATE_SCALES = (0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
 DEFAULT_SLO = SLO(5.0, 0.2)
 TABLE = ("policy", "rate_scale", "throughput_rps", "mean_jct_s", "p50_ttft_s", "p99_ttft_s",
@@ -62,6 +79,7 @@ class DemoResult:
     capacity: list[dict]
     files: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    headroom: dict[str, Any] | None = None  # {"profile": ..., "capacity": [...]}: the second regime
 
 
 def predictor_quality(trace: Trace, edges: np.ndarray) -> dict[str, Any]:
@@ -108,24 +126,27 @@ def _annotate(sample: Path, out: Path, bundle: str | None) -> tuple[Path, dict, 
 def run_demo(out: Path, *, sample: Path = SAMPLE, profile: str = PROFILE, bundle: str | None = None,
              policies: Sequence[str] = POLICIES, rate_scales: Sequence[float] = RATE_SCALES,
              slo: SLO = DEFAULT_SLO, target: float = 0.9, force: bool = False,
+             headroom_profile: str | None = HEADROOM_PROFILE,
              step: Callable[[str], None] = lambda _: None,
              progress: Callable[[dict], None] | None = None) -> DemoResult:
     """Run the main job and write its report into the folder ``out`` (see the module docstring);
-    ``out`` must not hold an input, and an existing ``out`` is replaced only with ``force``."""
+    ``out`` must not hold an input, and an existing ``out`` is replaced only with ``force``.
+    ``headroom_profile`` None (or ``profile`` itself): no second regime."""
     from rlpredict.serve.bundle import default_bundle_path
 
     inputs = [sample, Path(bundle) if bundle else default_bundle_path()]
     check_paths(inputs + ([Path(profile)] if Path(profile).is_file() else []), [("--out", out)])
     with output_dir(out, force=force, tool="ecoserve demo") as tmp:
         result = _run(tmp, out, sample, profile, bundle, policies, rate_scales, slo, target,
-                      step, progress)
+                      headroom_profile, step, progress)
     result.files = [out / f.relative_to(tmp) for f in result.files]
     return result
 
 
 def _run(tmp: Path, out: Path, sample: Path, profile: str, bundle: str | None,
          policies: Sequence[str], rate_scales: Sequence[float], slo: SLO, target: float,
-         step: Callable[[str], None], progress: Callable[[dict], None] | None) -> DemoResult:
+         headroom_profile: str | None, step: Callable[[str], None],
+         progress: Callable[[dict], None] | None) -> DemoResult:
     """``run_demo``'s work, written into ``tmp`` (which becomes ``out``)."""
     clock: dict[str, float] = {}
     t = time.perf_counter()
@@ -151,30 +172,51 @@ def _run(tmp: Path, out: Path, sample: Path, profile: str, bundle: str | None,
     clock["sweep_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    step(f"capacity: the largest load with SLO attainment >= {target:g}")
+    step(f"capacity: the largest load with SLO attainment >= {target:g}, and the largest the "
+         "server keeps up with")
+    caps = capacities(spec, policies, target)
+    clock["capacity_s"] = time.perf_counter() - t
+    headroom = None
+    if headroom_profile and load_profile(headroom_profile).name != cost.name:
+        t = time.perf_counter()
+        cost2 = load_profile(headroom_profile)
+        step(f"the same capacities on {cost2.name}, where the KV cache is no constraint")
+        headroom = {"profile": cost2.name, "capacity": capacities(replace(spec, cost=cost2), policies, target)}
+        clock["headroom_s"] = time.perf_counter() - t
+
+    files += plot(rows, tmp)
+    table = tmp / "table.md"
+    table.write_text(_header(trace, cost.name, slo) + "\n\n" + markdown_table(rows, TABLE) + "\n")
+    result = DemoResult(out, ann, quality, rows, caps, [], clock, headroom)
+    (tmp / "results.json").write_text(dumps(
+        {"annotate": ann, "predictor": quality, "runs": rows, "capacity": caps, "headroom": headroom,
+         "seconds": clock}, indent=1) + "\n")
+    report = tmp / "report.md"
+    report.write_text(markdown(result, sample, bundle_path, cost.name, slo))
+    result.files = [report, tmp / "results.json", table, annotated, *files]
+    return result
+
+
+def capacities(spec: RunSpec, policies: Sequence[str], target: float) -> list[dict]:
+    """Each policy's capacity (``compare.capacity``) and sustained capacity (the same search
+    under ``compare.SustainedSpec``), against the saturation ceiling, vLLM V1 and vLLM V0."""
+    trace = spec.trace
     ceil = ceiling(spec)["ceiling_rate_scale"]
     caps = [capacity(spec, p, target=target, hi=ceil or 1.0) for p in policies]
+    sus = sustained(spec)
+    held = {p: capacity(sus, p, target=target, hi=ceil or 1.0)["max_rate_scale"] for p in policies}
     found_by = {c["policy"]: c["max_rate_scale"] for c in caps}
     for c in caps:
-        found = c["max_rate_scale"]
+        found, kept = c["max_rate_scale"], held[c["policy"]]
         c["requests_per_s"] = None if found is None else found * len(trace) / _span(trace)
         c["ceiling_rate_scale"] = ceil
         c["vs_ceiling"] = _ratio(found, ceil)
         c["x_vllm"] = _ratio(found, found_by.get("vllm"))
         c["x_vllm_v0"] = _ratio(found, found_by.get("vllm-v0"))
-    clock["capacity_s"] = time.perf_counter() - t
-
-    files += plot(rows, tmp)
-    table = tmp / "table.md"
-    table.write_text(_header(trace, cost.name, slo) + "\n\n" + markdown_table(rows, TABLE) + "\n")
-    result = DemoResult(out, ann, quality, rows, caps, [], clock)
-    (tmp / "results.json").write_text(dumps(
-        {"annotate": ann, "predictor": quality, "runs": rows, "capacity": caps, "seconds": clock},
-        indent=1) + "\n")
-    report = tmp / "report.md"
-    report.write_text(markdown(result, sample, bundle_path, cost.name, slo))
-    result.files = [report, tmp / "results.json", table, annotated, *files]
-    return result
+        c["sustained_rate_scale"] = kept
+        c["sustained_vs_ceiling"] = _ratio(kept, ceil)
+        c["sustained_x_vllm"] = _ratio(kept, held.get("vllm"))
+    return caps
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -190,23 +232,63 @@ def _header(trace: Trace, profile: str, slo: SLO) -> str:
             f"profile {profile}, SLO TTFT {slo.ttft_s:g} s / mean TBT {slo.tbt_s:g} s")
 
 
-def capacity_table(caps: Sequence[dict]) -> str:
+def capacity_table(caps: Sequence[dict], explain: bool = True) -> str:
+    """The capacities as a markdown table, the ceiling under it (``explain``: and what the
+    columns mean)."""
     def f(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
+    def load(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3g}"
+
     ceil = next((c.get("ceiling_rate_scale") for c in caps), None)
-    lines = ["| policy | max load (x trace rate) | requests/s | / ceiling | x vLLM (V1) | x vLLM V0 |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| policy | max load (x trace rate) | requests/s | / ceiling | x vLLM (V1) | x vLLM V0 "
+             "| sustained load (/ ceiling) | sustained x vLLM (V1) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in caps:
         lines.append(f"| {c['policy']} | {capacity_text(c)} | {f(c.get('requests_per_s'))} | "
-                     f"{f(c.get('vs_ceiling'))} | {f(c.get('x_vllm'))} | {f(c.get('x_vllm_v0'))} |")
-    if ceil:
+                     f"{f(c.get('vs_ceiling'))} | {f(c.get('x_vllm'))} | {f(c.get('x_vllm_v0'))} | "
+                     f"{load(c.get('sustained_rate_scale'))} ({f(c.get('sustained_vs_ceiling'))}) | "
+                     f"{f(c.get('sustained_x_vllm'))} |")
+    if ceil and not explain:
+        lines += ["", f"Saturation ceiling: x{ceil:.3f}."]
+    elif ceil:
         lines += ["", f"Saturation ceiling: x{ceil:.3f}, the load at which requests arrive as fast as a "
                       "flooded server finishes them (best of vllm and ecoserve-oracle replayed 50x "
-                      "faster): no policy can hold the SLO above it. `/ ceiling` is how much of the "
-                      "possible room each policy uses."]
+                      "faster): above it no policy keeps up. `/ ceiling` is how much of that room each "
+                      "policy uses. On a finite trace a policy that serves requests whose TTFT is lost "
+                      "after the others can pass 90% attainment above the ceiling by never catching up "
+                      "with the rest; the *sustained* load also requires that at most 1% of the "
+                      "requests are still waiting for their first token at the last arrival although "
+                      "they arrived more than a TTFT SLO before it."]
     notes = [f"- {c['policy']}: {c['note']}" for c in caps if c.get("note")]
     return "\n".join(lines + (["", *notes] if notes else []))
+
+
+def headroom_section(caps: Sequence[dict], headroom: dict[str, Any] | None) -> str:
+    """The second regime's table, with what the two regimes say side by side."""
+    if not headroom:
+        return ""
+    def kept(cs: Sequence[dict], policy: str, key: str) -> float | None:
+        return next((c.get(key) for c in cs if c["policy"] == policy), None)
+
+    v1_here = kept(headroom["capacity"], "vllm", "sustained_vs_ceiling")
+    v1_main = kept(caps, "vllm", "sustained_vs_ceiling")
+    eco_here = kept(headroom["capacity"], "ecoserve", "sustained_x_vllm")
+    eco_main = kept(caps, "ecoserve", "sustained_x_vllm")
+    reading = ""
+    if v1_here and v1_main and eco_here and eco_main:
+        room = ("no room is left for any scheduler" if v1_here >= 0.95 else
+                f"a scheduler could keep up with at most {1 / v1_here:.2f}x its load")
+        reading = (f"\n\nHere vLLM V1 already keeps up with {v1_here:.2f} of the ceiling: {room} "
+                   f"(EcoServe keeps up with {eco_here:.2f}x V1's load). Above, where the KV cache "
+                   f"binds, V1 keeps up with {v1_main:.2f} of the ceiling, and the room left is what "
+                   f"EcoServe wins ({eco_main:.2f}x V1, sustained).")
+    return f"""
+## The same requests on `{headroom['profile']}`, where the KV cache is no constraint
+
+{capacity_table(headroom['capacity'], explain=False)}{reading}
+"""
 
 
 def markdown(r: DemoResult, sample: Path, bundle: Path, profile: str, slo: SLO) -> str:
@@ -229,7 +311,7 @@ rate. Written by `ecoserve demo`.
 ## Capacity (SLO attainment >= 0.9)
 
 {capacity_table(r.capacity)}
-
+{headroom_section(r.capacity, r.headroom)}
 ## Policies across loads
 
 {markdown_table(r.rows, TABLE)}
@@ -239,5 +321,5 @@ rate. Written by `ecoserve demo`.
 ![KV utilization over time](kv_util_over_time.png)
 
 Times: annotate {r.seconds.get('annotate_s', 0):.1f} s, load sweep {r.seconds.get('sweep_s', 0):.1f} s,
-capacity search {r.seconds.get('capacity_s', 0):.1f} s.
+capacity search {r.seconds.get('capacity_s', 0):.1f} s, the second server's {r.seconds.get('headroom_s', 0):.1f} s.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +13,15 @@ from sim_helpers import FlatCost, make_req
 from typer.testing import CliRunner
 
 from ecoserve_sched.cli import app
-from ecoserve_sched.compare import RunSpec, Server, capacity, ceiling, meets
+from ecoserve_sched.compare import (
+    RunSpec,
+    Server,
+    capacity,
+    ceiling,
+    deferred_share,
+    meets,
+    sustained,
+)
 from ecoserve_sched.cost_model import load_profile
 from ecoserve_sched.metrics import summarize
 from ecoserve_sched.policies import get_policy
@@ -69,6 +78,26 @@ def test_ceiling_bounds_capacity_on_a_real_profile():
     for policy in ("vllm", "ecoserve-nogiveway"):
         cap = capacity(spec, policy, hi=c["ceiling_rate_scale"])
         assert cap["search"] == "found" and cap["max_rate_scale"] <= c["ceiling_rate_scale"] * 1.02
+    # under the sustained criterion (at most 1% deferred past the end) ecoserve cannot either
+    held = capacity(sustained(spec), "ecoserve", hi=c["ceiling_rate_scale"])
+    assert held["search"] == "found" and held["max_rate_scale"] <= c["ceiling_rate_scale"] * 1.02
+    assert held["max_rate_scale"] <= capacity(spec, "ecoserve", hi=c["ceiling_rate_scale"])["max_rate_scale"]
+
+
+def test_deferred_share_by_hand():
+    def r(arrival: float, first: float, finish: float) -> SimpleNamespace:
+        return SimpleNamespace(arrival_s=arrival, first_token_s=first, finish_s=finish)
+
+    res = SimpleNamespace(requests=[
+        r(10.0, 50.0, 60.0),    # served in time
+        r(20.0, -1.0, -1.0),    # never fit the cache: left out of the count (not of the total)
+        r(30.0, 120.0, 130.0),  # first token after the last arrival although it came > 5 s before: deferred
+        r(40.0, -1.0, 200.0),   # the same, its first token never recorded before the end: deferred
+        r(97.0, 110.0, 120.0),  # arrived within one TTFT SLO of the end: not deferred
+        r(100.0, 101.0, 102.0),  # the last arrival
+    ])
+    assert deferred_share(res, SLO(5.0, 0.2)) == pytest.approx(2 / 6)
+    assert deferred_share(SimpleNamespace(requests=[]), SLO()) == 0.0
 
 
 def test_capacity_criteria():

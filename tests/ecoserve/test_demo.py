@@ -19,7 +19,7 @@ def test_sample_is_a_real_trace_with_prompts() -> None:
 
 
 def test_demo_writes_report_and_tables(tmp_path) -> None:
-    res = demo.run_demo(tmp_path, policies=["vllm", "ecoserve"], rate_scales=[0.3, 0.5])
+    res = demo.run_demo(tmp_path, policies=["vllm", "ecoserve"], rate_scales=[0.3, 0.5], headroom_profile=None)
     assert res.annotate["rows_out"] == 1500 and res.annotate["rows_rejected"] == 0
     q = res.predictor
     assert np.asarray(q["confusion"]).sum() == 1500 and 0 < q["bucket_accuracy"] < 1
@@ -27,6 +27,10 @@ def test_demo_writes_report_and_tables(tmp_path) -> None:
     assert all(r["finished"] == 1500 for r in res.rows)
     caps = {c["policy"]: c for c in res.capacity}
     assert caps["vllm"]["x_vllm"] == 1.0 and caps["ecoserve"]["max_rate_scale"] > 0
+    # the sustained capacity: a stricter criterion over the same search, never above the plain one
+    for c in caps.values():
+        assert 0 < c["sustained_rate_scale"] <= c["max_rate_scale"]
+    assert caps["vllm"]["sustained_x_vllm"] == 1.0 and res.headroom is None
     for name in ("report.md", "results.json", "table.md", "confusion.png", "latency_vs_load.png",
                  "slo_vs_load.png", "kv_util_over_time.png", "trace.annotated.jsonl.gz"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -41,8 +45,14 @@ def test_demo_cli_says_where_the_report_is(tmp_path) -> None:
     r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--rate-scales", "0.4"])
     assert r.exit_code == 0, r.output
     assert "report written to" in r.output and "capacity" in r.output
-    assert "/ ceiling" in r.output and "x vLLM V0" in r.output
+    assert "vllm-v0" in r.output and "ceiling" in r.output  # the terminal table (rich wraps headers)
     caps = {c["policy"]: c for c in json.loads((tmp_path / "results.json").read_text())["capacity"]}
     assert set(caps) == set(demo.POLICIES) and "vllm-v0" in caps
     assert caps["vllm-v0"]["x_vllm_v0"] == 1.0 and caps["ecoserve"]["x_vllm_v0"] > 0
-    assert "| vllm-v0 |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| vllm-v0 |" in report and "sustained load (/ ceiling)" in report
+    # the second regime: the same requests where the KV cache is no constraint
+    head = json.loads((tmp_path / "results.json").read_text())["headroom"]
+    assert head["profile"] == demo.HEADROOM_PROFILE and {c["policy"] for c in head["capacity"]} == set(demo.POLICIES)
+    assert f"## The same requests on `{demo.HEADROOM_PROFILE}`" in report and "Here vLLM V1 already keeps up" in report
+    assert "4/4 the same capacities on llama3-8b-h200" in r.output.replace("\n", " ")
