@@ -339,7 +339,7 @@ def demo(
     rate_scales: Annotated[str | None, typer.Option("--rate-scales", help="comma-separated rate multipliers > 0 (default 0.2 to 0.6)")] = None,
     slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2,
     headroom: Annotated[bool, typer.Option(
-        "--headroom/--no-headroom", help="also the capacities on Llama-3-8B / H200, where no scheduler can win")] = True,
+        "--headroom/--no-headroom", help="also the capacities on Llama-3-8B / H200, where the KV cache is no constraint")] = True,
 ) -> None:
     """The main job: annotate a real request sample with the predictor, replay it under vLLM's
     2024 scheduler (V0, the EcoServe paper's baseline), vLLM V1, EcoServe and EcoServe-oracle,
@@ -375,8 +375,8 @@ def demo(
     regimes = [(res.rows[0]["profile"], res.capacity)]
     if res.headroom:
         regimes.append((f"{res.headroom['profile']} (the KV cache is no constraint)", res.headroom["capacity"]))
-    for profile, caps in regimes:
-        t = Table(title=f"capacity (SLO attainment >= 0.9) on {profile}")
+    for server, caps in regimes:
+        t = Table(title=f"capacity (SLO attainment >= 0.9) on {server}")
         for c in ("policy", "max load (x trace rate)", "/ ceiling", "x vLLM", "x vLLM V0", "sustained / ceiling",
                   "sustained x vLLM"):
             t.add_column(c, justify="left" if c == "policy" else "right")

@@ -265,10 +265,12 @@ def capacity_table(caps: Sequence[dict], explain: bool = True) -> str:
     return "\n".join(lines + (["", *notes] if notes else []))
 
 
-def headroom_section(caps: Sequence[dict], headroom: dict[str, Any] | None) -> str:
-    """The second regime's table, with what the two regimes say side by side."""
+def headroom_section(caps: Sequence[dict], headroom: dict[str, Any] | None, profile: str) -> str:
+    """The second regime's table, with what the two regimes (``profile``'s ``caps`` and
+    ``headroom``) say side by side."""
     if not headroom:
         return ""
+
     def kept(cs: Sequence[dict], policy: str, key: str) -> float | None:
         return next((c.get(key) for c in cs if c["policy"] == policy), None)
 
@@ -281,9 +283,8 @@ def headroom_section(caps: Sequence[dict], headroom: dict[str, Any] | None) -> s
         room = ("no room is left for any scheduler" if v1_here >= 0.95 else
                 f"a scheduler could keep up with at most {1 / v1_here:.2f}x its load")
         reading = (f"\n\nHere vLLM V1 already keeps up with {v1_here:.2f} of the ceiling: {room} "
-                   f"(EcoServe keeps up with {eco_here:.2f}x V1's load). Above, where the KV cache "
-                   f"binds, V1 keeps up with {v1_main:.2f} of the ceiling, and the room left is what "
-                   f"EcoServe wins ({eco_main:.2f}x V1, sustained).")
+                   f"(EcoServe keeps up with {eco_here:.2f}x V1's load). On `{profile}` above, V1 keeps "
+                   f"up with {v1_main:.2f} of the ceiling, and EcoServe with {eco_main:.2f}x V1's load.")
     return f"""
 ## The same requests on `{headroom['profile']}`, where the KV cache is no constraint
 
@@ -311,7 +312,7 @@ rate. Written by `ecoserve demo`.
 ## Capacity (SLO attainment >= 0.9)
 
 {capacity_table(r.capacity)}
-{headroom_section(r.capacity, r.headroom)}
+{headroom_section(r.capacity, r.headroom, profile)}
 ## Policies across loads
 
 {markdown_table(r.rows, TABLE)}
