@@ -246,12 +246,15 @@ def capacity(
     max_normalized_latency: Annotated[float | None, typer.Option("--max-normalized-latency", callback=positive, help="criterion: normalized latency (s per output token, the vLLM/Orca papers' metric) at most this, every request finished; replaces the attainment target")] = None,
     slo_p99_tbt: Annotated[float | None, typer.Option("--slo-p99-tbt", callback=positive, help="also require the p99 time between tokens (over all tokens) at most this many seconds")] = None,
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="also compute the saturation ceiling (2 flooded runs) and capacity / ceiling")] = True,
+    sustained: Annotated[bool, typer.Option("--sustained", help="count a load only if, besides the criterion, at most 1% of the requests are deferred past the trace's end (the load the server keeps up with)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Largest rate scale at which SLO attainment stays >= target (bisection), beside the
     saturation ceiling; null, with a note, when the search finds no failing (or no passing) load."""
+    from .compare import MAX_DEFERRED
     from .compare import capacity as find_capacity
     from .compare import ceiling as find_ceiling
+    from .compare import sustained as sustained_spec
 
     if target is not None and max_normalized_latency is not None:
         raise typer.BadParameter("is the attainment criterion; --max-normalized-latency replaces it: "
@@ -260,9 +263,10 @@ def capacity(
     spec = _spec(trace, profile, predictions, confusion, bundle, SLO(slo_ttft, slo_tbt, slo_deadline),
                  max_tokens, max_requests, seed,
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size))
-    res = find_capacity(spec, policy, target=target, max_normalized_latency=max_normalized_latency,
-                        max_p99_tbt=slo_p99_tbt)
+    res = find_capacity(sustained_spec(spec) if sustained else spec, policy, target=target,
+                        max_normalized_latency=max_normalized_latency, max_p99_tbt=slo_p99_tbt)
     res["profile"] = spec.cost.name
+    res["sustained"] = sustained
     if ceiling:
         c = find_ceiling(spec)
         res["ceiling_rate_scale"] = c["ceiling_rate_scale"]
@@ -278,12 +282,17 @@ def capacity(
         what = (f"normalized latency <= {max_normalized_latency:g}s/token" if max_normalized_latency
                 else f"SLO attainment >= {target:g} at TTFT {slo_ttft:g}s, TBT {slo_tbt:g}s")
         typer.echo(f"{policy}: max_rate_scale {res['max_rate_scale']:.4g} ({what}"
-                   + (f", p99 TBT <= {slo_p99_tbt:g}s" if slo_p99_tbt else "") + ")")
+                   + (f", p99 TBT <= {slo_p99_tbt:g}s" if slo_p99_tbt else "")
+                   + (f", at most {MAX_DEFERRED:.0%} of requests deferred" if sustained else "") + ")")
     if ceiling and res["ceiling_rate_scale"] is not None:
         vs = res["capacity_vs_ceiling"]
         typer.echo(f"saturation ceiling: rate scale {res['ceiling_rate_scale']:.4g} "
                    f"(flooded-server throughput, best of {', '.join(res['ceiling']['flood_throughput_rps'])})"
                    + (f"; capacity / ceiling {vs:.2f}" if vs is not None else ""))
+        if vs is not None and vs > 1 and not sustained:
+            typer.echo(f"  above the ceiling: on this finite trace {policy} meets the criterion by deferring "
+                       "requests whose TTFT is lost past the trace's end; --sustained counts a load only if "
+                       f"at most {MAX_DEFERRED:.0%} of the requests are deferred")
 
 
 @app.command()

@@ -146,6 +146,12 @@ def test_cli_capacity_reports_the_ceiling_and_takes_the_scenario_knobs(tmp_path)
     assert c["ceiling_rate_scale"] > 0 and c["search"] == "found"
     assert c["capacity_vs_ceiling"] == pytest.approx(c["max_rate_scale"] / c["ceiling_rate_scale"])
     assert {"rate_scale", "slo_attainment", "normalized_latency_s", "p99_tbt_s"} <= set(c["probes"][0])
+    assert c["sustained"] is False
+    r = CliRunner().invoke(app, [*args, "--sustained"])
+    assert r.exit_code == 0, r.output
+    held = json.loads(r.stdout)
+    assert held["sustained"] is True and held["search"] == "found"
+    assert held["max_rate_scale"] <= c["max_rate_scale"]
     r = CliRunner().invoke(app, [*args, "--gpu-memory-utilization", "0.7", "--token-budget", "512",
                                  "--max-running", "32", "--block-size", "32", "--no-ceiling",
                                  "--max-normalized-latency", "0.2"])
