@@ -177,9 +177,9 @@ def _run(tmp: Path, out: Path, sample: Path, profile: str, bundle: str | None,
     caps = capacities(spec, policies, target)
     clock["capacity_s"] = time.perf_counter() - t
     headroom = None
-    if headroom_profile and load_profile(headroom_profile).name != cost.name:
+    cost2 = load_profile(headroom_profile) if headroom_profile else None
+    if cost2 is not None and cost2.name != cost.name:
         t = time.perf_counter()
-        cost2 = load_profile(headroom_profile)
         step(f"the same capacities on {cost2.name}, where the KV cache is no constraint")
         headroom = {"profile": cost2.name, "capacity": capacities(replace(spec, cost=cost2), policies, target)}
         clock["headroom_s"] = time.perf_counter() - t
