@@ -60,6 +60,14 @@ Held-out cells (``--cells heldout``), on which no constant of any policy was cho
   TTFT 5 s / TBT 0.2 s;
 - azure-llama2-7b-a100-40gb: the Azure trace on Llama-2-7B on A100-40GB, TTFT 3 s / TBT 0.15 s.
 
+Synthetic cells (``--cells synthetic``): code completion, the workload of the Azure 2023 code
+trace, which is a hidden hold-out: a synthetic trace of its published shape (``code_trace``,
+``CODE_SHAPE``: prompts of 1,500 tokens and answers of 13 at the median), on which, too, nothing
+was chosen:
+- code-synth: gamma arrivals (cv 2), Llama-2-13B on A100-80GB, TTFT 5 s / TBT 0.2 s;
+  code-synth-tbt100: the same with a 0.1 s TBT SLO; code-synth-burst: groups of 8;
+- code-synth-llama3-h100: gamma arrivals (cv 2), Llama-3-8B on H100, TTFT 2 s / TBT 0.1 s.
+
 Random cells (``--cells random:N``, drawn with ``--cell-seed S``; names start ``rS.i-``): N
 scenarios drawn uniformly from the four traces x the models whose context window holds them x
 four GPUs (A100-40GB, A100-80GB, H100, H200) x TTFT SLOs 2-10 s x TBT SLOs 0.1-0.3 s x trace,
@@ -135,7 +143,24 @@ HELDOUT_CELLS = (
     Cell("sharegpt-llama2-7b-gamma", "sharegpt", "llama2-7b-a100-40gb", SLO(5.0, 0.2), arrivals="gamma", cv=3.0),
     Cell("azure-llama2-7b-a100-40gb", "azure", "llama2-7b-a100-40gb", SLO(3.0, 0.15)),
 )
-ALL_CELLS = CELLS + HELDOUT_CELLS
+#: Code completion (``--cells synthetic``): the companion of the Azure conversation trace, the
+#: Azure 2023 *code* trace, is a hidden hold-out (../shared/data/azure_llm_2023_conv/README.md);
+#: these cells draw its shape instead (``code_trace``): long prompts, very short answers.
+SYNTHETIC_CELLS = (
+    Cell("code-synth", "code", "llama2-13b-a100-80gb", SLO(5.0, 0.2), arrivals="gamma"),
+    Cell("code-synth-tbt100", "code", "llama2-13b-a100-80gb", SLO(5.0, 0.1), arrivals="gamma"),
+    Cell("code-synth-burst", "code", "llama2-13b-a100-80gb", SLO(5.0, 0.2), arrivals="burst8"),
+    Cell("code-synth-llama3-h100", "code", "llama3-8b-h100-80gb", SLO(2.0, 0.1), arrivals="gamma"),
+)
+ALL_CELLS = CELLS + HELDOUT_CELLS + SYNTHETIC_CELLS
+
+#: ``code_trace``'s shape: the medians Splitwise (Patel et al., ISCA 2024) reports for the Azure
+#: code trace (1,500 prompt and 13 output tokens; its conversation medians, 1,020 and 129, are
+#: those of ../shared's trace), log-normal spreads that are ours (the published tails are not),
+#: and the conversation trace's largest prompt and output (14,050 and 1,000 tokens) as caps. Like
+#: the conversation cells, they ignore the model's context window.
+CODE_SHAPE = {"prompt_median": 1500, "prompt_sigma": 0.9, "output_median": 13, "output_sigma": 1.1,
+              "max_prompt": 14050, "max_output": 1000}
 
 #: ``--cells random:N``: what a random cell is drawn from (traces with the models whose context
 #: holds them: Mooncake's long prompts only with Llama-3-8B's 8k window, OPT-13B's 2k window only
@@ -184,6 +209,8 @@ def load_trace(cell: Cell, shared: Path, n: int, skip: int = 0, seed: int = 0) -
                     skip, n)
     elif cell.trace == "alpaca":
         tr = alpaca_trace(shared, n, skip, seed)
+    elif cell.trace == "code":
+        tr = code_trace(n, skip)
     else:
         tr = sharegpt_trace(shared, n, skip, seed)
     rate = (len(tr) - 1) / float(tr.arrival_s[-1] - tr.arrival_s[0])  # keep the trace's mean rate
@@ -226,6 +253,17 @@ def alpaca_trace(shared: Path, n: int, skip: int = 0, seed: int = 0) -> Trace:
     samples, _ = load_samples([shared / "alpaca_eval_outputs" / "alpaca_eval_outputs.jsonl.gz"], on_error="skip")
     order = np.random.default_rng(0).permutation(len(samples))[skip:skip + n]
     return _turns_trace("alpaca_eval answers", [samples[i] for i in order], seed)
+
+
+def code_trace(n: int, skip: int = 0) -> Trace:
+    """Requests ``skip`` ... ``skip + n - 1`` of a synthetic code-completion trace: prompt and
+    output lengths drawn independently (seed 0) from log-normals with ``CODE_SHAPE``'s medians and
+    spreads, clipped to its caps; Poisson arrivals at 1 request/s (the cells replace them)."""
+    rng, c, m = np.random.default_rng(0), CODE_SHAPE, skip + n
+    inp = np.clip(rng.lognormal(math.log(c["prompt_median"]), c["prompt_sigma"], m), 1, c["max_prompt"])
+    out = np.clip(rng.lognormal(math.log(c["output_median"]), c["output_sigma"], m), 1, c["max_output"])
+    return Trace("synthetic code completion", poisson_arrivals(n, 1.0), inp[skip:].astype(np.int64),
+                 out[skip:].astype(np.int64), np.full(n, 2048, dtype=np.int64))
 
 
 def _turns_trace(name: str, samples: list, seed: int) -> Trace:
@@ -337,7 +375,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="folder for results.json and results.md")
     ap.add_argument("--requests", type=int, default=6000, help="first N requests of each trace")
     ap.add_argument("--cells", default=",".join(c.name for c in CELLS), help="comma-separated cell names; "
-                    "'heldout': the cells no policy constant was chosen on; 'random:N': N cells drawn "
+                    "'heldout': the cells no policy constant was chosen on; 'synthetic': code completion "
+                    "(a synthetic trace of the hidden Azure code trace's shape); 'random:N': N cells drawn "
                     "with --cell-seed from other traces x models x GPUs x SLOs x arrivals x KV sizes")
     ap.add_argument("--cell-seed", type=int, default=0, help="seed of the cells 'random:N' draws")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
@@ -381,6 +420,8 @@ def main() -> None:
     for tok in args.cells.split(","):
         if tok == "heldout":
             names += [c.name for c in HELDOUT_CELLS]
+        elif tok == "synthetic":
+            names += [c.name for c in SYNTHETIC_CELLS]
         elif tok.startswith("random:"):
             count = tok.removeprefix("random:")
             if not count.isdigit() or int(count) < 1:
@@ -392,7 +433,7 @@ def main() -> None:
     known = ALL_CELLS + drawn
     if unknown := set(names) - {c.name for c in known}:
         ap.error(f"--cells: unknown cell(s) {', '.join(sorted(unknown))}; known: "
-                 f"{', '.join(c.name for c in ALL_CELLS)}, heldout, random:N")
+                 f"{', '.join(c.name for c in ALL_CELLS)}, heldout, synthetic, random:N")
     cells = [c for c in known if c.name in names]
     policies = args.policies.split(",")
     if "vllm" not in policies:

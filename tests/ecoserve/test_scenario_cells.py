@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ecoserve_sched.cost_model import list_profiles, load_profile
@@ -71,3 +72,26 @@ def test_bad_cells_and_policies_are_one_line_and_exit_2(option: str, value: str,
     assert p.returncode == 2
     assert message in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_code_trace_has_the_published_shape_and_slices(grid) -> None:
+    tr = grid.code_trace(6000)
+    c = grid.CODE_SHAPE
+    assert len(tr) == 6000 and tr.arrival_s[0] == 0 and (tr.arrival_s[1:] >= tr.arrival_s[:-1]).all()
+    # medians within 5% of the published ones; caps hold
+    assert abs(float(np.median(tr.input_tokens)) / c["prompt_median"] - 1) < 0.05
+    assert abs(float(np.median(tr.output_tokens)) / c["output_median"] - 1) < 0.1
+    assert tr.input_tokens.min() >= 1 and tr.input_tokens.max() <= c["max_prompt"]
+    assert tr.output_tokens.min() >= 1 and tr.output_tokens.max() <= c["max_output"]
+    second = grid.code_trace(1000, skip=6000 - 1000)  # --skip: the same draws, further on
+    assert (second.input_tokens == tr.input_tokens[-1000:]).all()
+    assert (second.output_tokens == tr.output_tokens[-1000:]).all()
+
+
+def test_synthetic_cells_load_without_shared_data(grid, tmp_path: Path) -> None:
+    for cell in grid.SYNTHETIC_CELLS:
+        assert cell.trace == "code" and cell.profile in set(list_profiles())
+        tr = grid.load_trace(cell, tmp_path, 200)  # no data folder needed
+        assert len(tr) == 200
+        if cell.arrivals == "burst8":
+            assert tr.arrival_s[0] == tr.arrival_s[7] < tr.arrival_s[8]
