@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .cost_model import CostModel, fit_profile
+from .cost_model import CostModel, fit_profile, model_fields
 
 #: Random-weight Llama configs small enough for CPU (``--model`` accepts these names too).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -160,19 +160,13 @@ def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: 
 
 
 def model_section(m: Any) -> dict[str, Any]:
-    """The profile's ``model`` section from a loaded model's config."""
-    c = m.config.get_text_config()
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return {
-        "n_params": int(sum(p.numel() for p in m.parameters())),
-        "n_layers": c.num_hidden_layers, "hidden": c.hidden_size, "n_heads": heads,
-        "n_kv_heads": getattr(c, "num_key_value_heads", None) or heads, "head_dim": head_dim,
-        "intermediate": c.intermediate_size, "mlp_mats": 3, "vocab": c.vocab_size,
-        "dtype_bytes": next(m.parameters()).element_size(),
-        "source": {"architecture": f"config of the calibrated model ({type(m).__name__}); "
-                   "mlp_mats 3 assumes a gated (SwiGLU) MLP; weights random"},
-    }
+    """The profile's ``model`` section from a loaded model's config (``cost_model.model_fields``),
+    with its parameters counted."""
+    fields = model_fields(m.config, next(m.parameters()).element_size(),
+                          n_params=int(sum(p.numel() for p in m.parameters())))
+    fields["source"] = {"architecture": f"config of the calibrated model ({type(m).__name__}): "
+                        f"{fields['source']['architecture']}; weights random"}
+    return fields
 
 
 def device_section(device: str) -> dict[str, Any]:

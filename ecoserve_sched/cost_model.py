@@ -241,6 +241,79 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
     raise ProfileError(f"unknown profile {name_or_path!r}; shipped: {', '.join(list_profiles())}")
 
 
+def model_fields(config: Any, dtype_bytes: int, n_params: int | None = None) -> dict[str, Any]:
+    """A profile's ``model`` section from a decoder's Hugging Face config (Llama-, Mistral- or
+    Qwen-style: a gated MLP of three matrices; OPT-style, with ``ffn_dim``: two, with biases
+    and learned positions). ``n_params`` (default: counted from the config) sizes only the
+    weights a KV-cache estimate subtracts. :class:`ProfileError` for what the roofline does not
+    describe: a config without these fields, or mixture-of-experts layers."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def field(*names: str) -> Any:
+        return next((getattr(c, k) for k in names if getattr(c, k, None) is not None), None)
+
+    if field("num_local_experts", "num_experts", "n_routed_experts"):
+        raise ProfileError(f"{type(c).__name__}: mixture-of-experts layers are not in the cost model")
+    hidden, layers, heads = field("hidden_size"), field("num_hidden_layers"), field("num_attention_heads")
+    inter, vocab = field("intermediate_size", "ffn_dim"), field("vocab_size")
+    named = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+             "intermediate_size": inter, "vocab_size": vocab}
+    if missing := [k for k, v in named.items() if not isinstance(v, int) or v < 1]:
+        raise ProfileError(f"{type(c).__name__}: no usable {', '.join(missing)} in the model config")
+    kv_heads = field("num_key_value_heads") or heads
+    head_dim = field("head_dim") or hidden // heads
+    opt = getattr(c, "ffn_dim", None) is not None
+    mats = 2 if opt else 3
+    if n_params is None:
+        q, kv = heads * head_dim, kv_heads * head_dim
+        per_layer = hidden * (2 * q + 2 * kv) + mats * hidden * inter + 2 * hidden  # + the norms
+        if opt:  # biases of the projections and the MLP, the norms' biases, learned positions
+            per_layer += 2 * q + 2 * kv + inter + hidden + 2 * hidden
+        n_params = vocab * hidden + layers * per_layer + hidden * (2 if opt else 1)
+        n_params += ((field("max_position_embeddings") or 0) + 2) * hidden if opt else 0  # OPT offsets positions by 2
+        n_params += 0 if getattr(c, "tie_word_embeddings", opt) else vocab * hidden
+    return {"n_params": int(n_params), "n_layers": layers, "hidden": hidden, "n_heads": heads,
+            "n_kv_heads": kv_heads, "head_dim": head_dim, "intermediate": inter, "mlp_mats": mats,
+            "vocab": vocab, "dtype_bytes": int(dtype_bytes),
+            "source": {"architecture": f"{type(c).__name__} config: mlp_mats {mats} "
+                       f"({'OPT-style MLP' if opt else 'a gated (SwiGLU) MLP'})"}}
+
+
+def gpu_for(device_name: str, total_memory: int) -> str | None:
+    """The shipped GPU file (``profiles/gpus/<name>.json``) that describes a device, by the name
+    NVML gives it (``NVIDIA H100 80GB HBM3``) and its memory in bytes; None if none does. The
+    files hold the SXM parts' datasheet numbers, so PCIe and NVL parts match none."""
+    n = device_name.upper()
+    if "PCIE" in n or "NVL" in n:
+        return None
+    if "H200" in n:
+        return "h200"
+    if "H100" in n and ("HBM3" in n or "SXM" in n):
+        return "h100-80gb"
+    if "A100" in n and "SXM" in n:
+        return "a100-80gb" if total_memory > 60 * 2**30 else "a100-40gb"
+    return None
+
+
+def profile_for(config: Any, dtype_bytes: int, device_name: str, total_memory: int, name: str) -> CostModel:
+    """The profile of a model (its Hugging Face config, :func:`model_fields`) on a device the
+    shipped GPU files describe (:func:`gpu_for`), with that file's efficiency factors: what
+    ``ECOSERVE_PROFILE=auto`` builds for the model vLLM serves. :class:`ProfileError` if either
+    is not described."""
+    gpu = gpu_for(device_name, total_memory)
+    if gpu is None:
+        shipped = ", ".join(p.stem for p in sorted((PROFILES_DIR / "gpus").glob("*.json")))
+        raise ProfileError(f"no shipped GPU profile describes {device_name!r} (shipped: {shipped}, SXM "
+                           "parts); fit one with `ecoserve calibrate`")
+    gpu_file = PROFILES_DIR / "gpus" / f"{gpu}.json"
+    g = _read(gpu_file)
+    spec = {"name": f"{name}-{gpu}", "model": model_fields(config, dtype_bytes),
+            "gpu": g.get("gpu"), "efficiency": g.get("efficiency")}
+    if "token_budget" in g:
+        spec["token_budget"] = g["token_budget"]
+    return _with_kv_room(CostModel(spec, f"{name} config + {gpu_file}"), spec["name"])
+
+
 def _with_kv_room(model: CostModel, origin: str, block_size: int = 16) -> CostModel:
     if model.kv_blocks(block_size) < 1:
         g = model.spec["gpu"]

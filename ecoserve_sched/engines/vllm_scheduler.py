@@ -89,6 +89,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import vllm
@@ -565,7 +566,7 @@ class EcoServeMixin:
         self._keep_free = int(cfg.reserve_frac * self._usable_blocks)
         self._kv_tokens = self._usable_blocks * self._bs
         self._iter_s = _SIM["iter_time_frac"] * cfg.slo_tbt
-        self.cost_model = load_cost_model(cfg.profile) if cfg.profile else None
+        self.cost_model = load_cost_model(cfg.profile, self.vllm_config) if cfg.profile else None
 
     @property
     def cost_model(self) -> Any:
@@ -1033,17 +1034,53 @@ def _check_engine_kind(cls: type, vllm_config: Any) -> None:
         f"{_MODULE}.{use.__name__}, or {_MODULE}.EcoServeVllmAutoScheduler (picks the right one)")
 
 
-def load_cost_model(profile: str) -> Any:
-    """The cost model of ``ECOSERVE_PROFILE`` (a shipped profile's name, or a profile JSON
-    file, e.g. one fitted by ``ecoserve calibrate``), or :class:`EcoServeSetupError`."""
+#: ``ECOSERVE_PROFILE=auto``: the profile of the served model on this GPU (``auto_cost_model``).
+AUTO_PROFILE = "auto"
+
+
+def load_cost_model(profile: str, vllm_config: Any = None) -> Any:
+    """The cost model of ``ECOSERVE_PROFILE`` (a shipped profile's name, a profile JSON file,
+    e.g. one fitted by ``ecoserve calibrate``, or ``auto`` with the engine's ``vllm_config``),
+    or :class:`EcoServeSetupError`."""
     from ..cost_model import list_profiles, load_profile
 
+    if profile == AUTO_PROFILE:
+        if vllm_config is None:  # preflight: no engine yet
+            raise ValueError("ECOSERVE_PROFILE=auto is resolved when the engine starts")
+        return auto_cost_model(vllm_config)
     try:
         return load_profile(profile)
     except Exception as e:
         raise EcoServeSetupError(f"ECOSERVE_PROFILE={profile!r}: not a usable cost-model profile "
                                  f"({type(e).__name__}: {e}); shipped: {', '.join(list_profiles())}, "
                                  "or a profile JSON file") from None
+
+
+def auto_cost_model(vllm_config: Any, device: tuple[str, int] | None = None) -> Any:
+    """``ECOSERVE_PROFILE=auto``: the roofline profile of the model vLLM serves (its Hugging
+    Face config and dtype) on the GPU it runs on (``device``: name and memory in bytes; default
+    vLLM's platform, read through NVML), with the shipped GPU file's efficiency factors
+    (``cost_model.profile_for``). One GPU, unquantized weights; anything else is a start-up
+    error naming what to do instead."""
+    from ..cost_model import ProfileError, profile_for
+
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    gpus = pc.tensor_parallel_size * pc.pipeline_parallel_size
+    why = (f"the engine runs on {gpus} GPUs (tensor x pipeline parallel)" if gpus > 1 else
+           f"the weights are quantized ({mc.quantization})" if mc.quantization else "")
+    if not why:
+        try:
+            if device is None:
+                from vllm.platforms import current_platform
+
+                device = current_platform.get_device_name(0), current_platform.get_device_total_memory(0)
+            return profile_for(mc.hf_config, mc.dtype.itemsize, device[0], int(device[1]), Path(mc.model).name)
+        except ProfileError as e:
+            why = str(e)
+        except Exception as e:  # no GPU, no NVML: the platform cannot say
+            why = f"vLLM's platform names no GPU ({type(e).__name__}{f': {e}' if str(e) else ''})"
+    raise EcoServeSetupError(f"ECOSERVE_PROFILE=auto: {why}; name a shipped profile or a profile JSON "
+                             "fitted by `ecoserve calibrate` instead")
 
 
 def load_predictor(cfg: EcoServeVllmConfig) -> tuple[Any, str]:
@@ -1078,7 +1115,10 @@ def preflight(environ: Mapping[str, str] | None = None) -> str:
         raise EcoServeSetupError(f"ECOSERVE_REQUIRE_PREDICTOR=1 but {ENV_PREDICTOR} is not set")
     else:
         pred = f"no predictor: default reservation of {cfg.default_reserve} tokens"
-    if cfg.profile:
+    if cfg.profile == AUTO_PROFILE:
+        pred += (". TBT-aware prefill budget from the served model's profile on this GPU, built at engine "
+                 f"start (steps with decodes within {_SIM['iter_time_frac']} x {cfg.slo_tbt} s)")
+    elif cfg.profile:
         cost = load_cost_model(cfg.profile)
         pred += (f". TBT-aware prefill budget from profile {getattr(cost, 'name', cfg.profile)} "
                  f"(steps with decodes within {_SIM['iter_time_frac']} x {cfg.slo_tbt} s)")

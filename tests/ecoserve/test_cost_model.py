@@ -13,11 +13,15 @@ from hypothesis import strategies as st
 from ecoserve_sched.cost_model import (
     DEFAULT_PROFILE,
     FIT_FIELDS,
+    PROFILES_DIR,
     CostModel,
     ProfileError,
     fit_profile,
+    gpu_for,
     list_profiles,
     load_profile,
+    model_fields,
+    profile_for,
 )
 
 A100_7B = "llama2-7b-a100-80gb"
@@ -186,3 +190,67 @@ def test_fit_profile_recovers_known_coefficients(tmp_path):
     assert fitted.fit_error["max_rel_error"] < 1e-4
     fitted.save(tmp_path / "recovered.json")
     assert load_profile(str(tmp_path / "recovered.json")).fit_error == fitted.fit_error
+
+
+# ---- profiles built from a model's config (ECOSERVE_PROFILE=auto) -------------------------------
+def _hf_configs() -> dict[str, object]:
+    """The shipped models' Hugging Face configs, as transformers builds them (the numbers of
+    their config.json files on the hub, cited in profiles/models/*.json)."""
+    from transformers import LlamaConfig, OPTConfig
+
+    return {
+        "llama3-8b": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+        "llama2-13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                  num_attention_heads=40, vocab_size=32000),
+        "llama2-7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                 num_attention_heads=32, vocab_size=32000),
+        "opt-13b": OPTConfig(hidden_size=5120, ffn_dim=20480, num_hidden_layers=40, num_attention_heads=40,
+                             vocab_size=50272, max_position_embeddings=2048),
+    }
+
+
+@pytest.mark.parametrize("model", ["llama3-8b", "llama2-13b", "llama2-7b", "opt-13b"])
+def test_model_fields_of_a_config_are_the_shipped_model_file(model: str) -> None:
+    got = model_fields(_hf_configs()[model], 2)
+    want = json.loads((PROFILES_DIR / "models" / f"{model}.json").read_text())
+    for k in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "intermediate", "mlp_mats", "vocab",
+              "dtype_bytes"):
+        assert got[k] == want[k], k
+    assert got["n_params"] == pytest.approx(want["n_params"], rel=1e-5)  # counted, not read
+
+
+@pytest.mark.parametrize("device, memory, gpu", [
+    ("NVIDIA H100 80GB HBM3", 85520809984, "h100-80gb"), ("NVIDIA H200", 150754820096, "h200"),
+    ("NVIDIA A100-SXM4-80GB", 85899345920, "a100-80gb"), ("NVIDIA A100-SXM4-40GB", 42949672960, "a100-40gb"),
+    ("NVIDIA A100 80GB PCIe", 85899345920, None), ("NVIDIA H100 PCIe", 85520809984, None),
+    ("NVIDIA H100 NVL", 100485038080, None), ("NVIDIA H200 NVL", 150754820096, None),
+    ("NVIDIA L4", 24152899584, None), ("cpu", 0, None),
+])
+def test_gpu_for_names_only_the_parts_the_files_describe(device: str, memory: int, gpu: str | None) -> None:
+    assert gpu_for(device, memory) == gpu
+
+
+def test_profile_for_a_config_on_a_gpu_is_the_shipped_profile() -> None:
+    cfgs = _hf_configs()
+    for model, device, memory, gpu in [("llama3-8b", "NVIDIA H100 80GB HBM3", 85520809984, "h100-80gb"),
+                                       ("opt-13b", "NVIDIA A100-SXM4-40GB", 42949672960, "a100-40gb"),
+                                       ("llama2-13b", "NVIDIA A100-SXM4-80GB", 85899345920, "a100-80gb")]:
+        auto, shipped = profile_for(cfgs[model], 2, device, memory, model), load_profile(f"{model}-{gpu}")
+        assert auto.name == shipped.name and auto.token_budget == shipped.token_budget
+        for shape in [(512, 512 * 512, 40, 40 * 900), (0, 0, 200, 200 * 1500), (2048, 2048 * 4000, 0, 0)]:
+            assert auto.iteration_time(*shape) == shipped.iteration_time(*shape)
+        assert abs(auto.kv_blocks(16) - shipped.kv_blocks(16)) <= 1  # weights counted from the config
+
+
+def test_profile_for_refuses_what_the_roofline_does_not_describe() -> None:
+    from types import SimpleNamespace
+
+    llama = _hf_configs()["llama3-8b"]
+    with pytest.raises(ProfileError, match="no shipped GPU profile describes 'NVIDIA L4'"):
+        profile_for(llama, 2, "NVIDIA L4", 24152899584, "llama3-8b")
+    moe = SimpleNamespace(**llama.to_dict(), num_local_experts=8)
+    with pytest.raises(ProfileError, match="mixture-of-experts"):
+        model_fields(moe, 2)
+    with pytest.raises(ProfileError, match="no usable hidden_size, intermediate_size"):
+        model_fields(SimpleNamespace(num_hidden_layers=2, num_attention_heads=2, vocab_size=10), 2)

@@ -434,3 +434,4 @@ def test_preflight_summary() -> None:
     assert "prefill budget from profile llama3-8b-h100-80gb" in preflight({"ECOSERVE_PROFILE": "llama3-8b-h100-80gb"})
     with pytest.raises(EcoServeSetupError, match="ECOSERVE_PROFILE='nope'"):
         preflight({"ECOSERVE_PROFILE": "nope"})
+    assert "served model's profile on this GPU, built at engine start" in preflight({"ECOSERVE_PROFILE": "auto"})

@@ -377,6 +377,35 @@ def test_parking_and_give_way_estimate_the_ttft_with_this_steps_prompt_budget(
     assert seen and set(seen) == {out.num_scheduled_tokens["long"]} and seen[0] < 512 - 4
 
 
+def test_auto_profile_is_the_served_model_on_this_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ECOSERVE_PROFILE=auto builds the cost model from the engine's model config and the GPU
+    vLLM's platform names; a platform that names none (this CPU machine), a GPU no shipped file
+    describes, or more than one GPU is a one-line start-up error."""
+    from vllm.platforms import current_platform
+
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.engines.vllm_scheduler import EcoServeSetupError, auto_cost_model
+
+    monkeypatch.setenv("ECOSERVE_PROFILE", "auto")
+    with pytest.raises(EcoServeSetupError, match="ECOSERVE_PROFILE=auto: vLLM's platform names no GPU") as e:
+        make(EcoServeVllmSyncScheduler, num_blocks=200)
+    assert "\n" not in str(e.value) and "ecoserve calibrate" in str(e.value)
+    monkeypatch.setattr(current_platform, "get_device_name", lambda device_id=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(current_platform, "get_device_total_memory", lambda device_id=0: 85520809984)
+    s = make(EcoServeVllmSyncScheduler, num_blocks=200)
+    cfg = s.vllm_config.model_config.hf_config
+    assert s.cost_model.name.endswith("-h100-80gb")
+    assert (s.cost_model.spec["model"]["hidden"], s.cost_model.spec["model"]["n_layers"]) == \
+        (cfg.hidden_size, cfg.num_hidden_layers)
+    h100 = load_profile("llama3-8b-h100-80gb").spec
+    assert s.cost_model.spec["gpu"] == h100["gpu"] and s.cost_model.spec["efficiency"] == h100["efficiency"]
+    with pytest.raises(EcoServeSetupError, match="no shipped GPU profile describes 'NVIDIA L4'"):
+        auto_cost_model(s.vllm_config, ("NVIDIA L4", 24152899584))
+    monkeypatch.setattr(s.vllm_config.parallel_config, "tensor_parallel_size", 2)
+    with pytest.raises(EcoServeSetupError, match="runs on 2 GPUs"):
+        auto_cost_model(s.vllm_config)
+
+
 def test_a_request_recomputing_after_preemption_is_not_a_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     """The TBT budget counts as decodes only requests with at most their last token left to
     compute: one re-prefilling prompt + generated tokens after a preemption (computed past its
