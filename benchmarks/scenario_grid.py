@@ -118,7 +118,7 @@ TUNED_BUDGETS = (512, 1024, 2048, 4096, 8192)
 @dataclass(frozen=True)
 class Cell:
     name: str
-    trace: str  # azure | mooncake | sharegpt
+    trace: str  # azure | mooncake | sharegpt | alpaca | code (synthetic, ``code_trace``)
     profile: str
     slo: SLO
     server: Server = field(default_factory=Server)
@@ -258,12 +258,15 @@ def alpaca_trace(shared: Path, n: int, skip: int = 0, seed: int = 0) -> Trace:
 def code_trace(n: int, skip: int = 0) -> Trace:
     """Requests ``skip`` ... ``skip + n - 1`` of a synthetic code-completion trace: prompt and
     output lengths drawn independently (seed 0) from log-normals with ``CODE_SHAPE``'s medians and
-    spreads, clipped to its caps; Poisson arrivals at 1 request/s (the cells replace them)."""
-    rng, c, m = np.random.default_rng(0), CODE_SHAPE, skip + n
-    inp = np.clip(rng.lognormal(math.log(c["prompt_median"]), c["prompt_sigma"], m), 1, c["max_prompt"])
-    out = np.clip(rng.lognormal(math.log(c["output_median"]), c["output_sigma"], m), 1, c["max_output"])
-    return Trace("synthetic code completion", poisson_arrivals(n, 1.0), inp[skip:].astype(np.int64),
-                 out[skip:].astype(np.int64), np.full(n, 2048, dtype=np.int64))
+    spreads (request i from the i-th pair of draws, whatever ``n`` and ``skip``), rounded and
+    clipped to its caps; Poisson arrivals at 1 request/s (the cells replace them)."""
+    c = CODE_SHAPE
+    z = np.random.default_rng(0).standard_normal((skip + n, 2))[skip:]
+    inp = np.exp(math.log(c["prompt_median"]) + c["prompt_sigma"] * z[:, 0])
+    out = np.exp(math.log(c["output_median"]) + c["output_sigma"] * z[:, 1])
+    return Trace("synthetic code completion", poisson_arrivals(n, 1.0),
+                 np.clip(np.rint(inp), 1, c["max_prompt"]).astype(np.int64),
+                 np.clip(np.rint(out), 1, c["max_output"]).astype(np.int64), np.full(n, 2048, dtype=np.int64))
 
 
 def _turns_trace(name: str, samples: list, seed: int) -> Trace:

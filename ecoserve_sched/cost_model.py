@@ -84,7 +84,7 @@ class CostModel:
         q_dim, kv_dim = m["n_heads"] * m["head_dim"], m["n_kv_heads"] * m["head_dim"]
         h, n_layers, dt = m["hidden"], m["n_layers"], m["dtype_bytes"]
         # Linear-layer parameters touched per token (attention projections + MLP) and the LM head.
-        self.layer_params = n_layers * (h * (2 * q_dim + 2 * kv_dim) + m["mlp_mats"] * h * m["intermediate"])
+        self.layer_params = n_layers * layer_weights(h, q_dim, kv_dim, m["mlp_mats"], m["intermediate"])
         self.lm_head_params = m["vocab"] * h
         # Efficiency-free structure: FLOPs and bytes per unit of each input.
         self.flops_per_token = 2.0 * self.layer_params
@@ -241,41 +241,60 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
     raise ProfileError(f"unknown profile {name_or_path!r}; shipped: {', '.join(list_profiles())}")
 
 
+def layer_weights(hidden: int, q_dim: int, kv_dim: int, mlp_mats: int, intermediate: int) -> int:
+    """Weights of one decoder layer's linear maps: the attention projections (q, k, v, o) and
+    the MLP's ``mlp_mats`` matrices."""
+    return hidden * (2 * q_dim + 2 * kv_dim) + mlp_mats * hidden * intermediate
+
+
+#: ``model_fields``: the Hugging Face model types whose layers the roofline describes: a gated
+#: MLP of three matrices (gate, up, down), or OPT's two with biases and learned positions.
+GATED_MLP_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "phi3"})
+TWO_MATRIX_TYPES = frozenset({"opt"})
+
+
 def model_fields(config: Any, dtype_bytes: int, n_params: int | None = None) -> dict[str, Any]:
-    """A profile's ``model`` section from a decoder's Hugging Face config (Llama-, Mistral- or
-    Qwen-style: a gated MLP of three matrices; OPT-style, with ``ffn_dim``: two, with biases
-    and learned positions). ``n_params`` (default: counted from the config) sizes only the
-    weights a KV-cache estimate subtracts. :class:`ProfileError` for what the roofline does not
-    describe: a config without these fields, or mixture-of-experts layers."""
+    """A profile's ``model`` section from a decoder's Hugging Face config, for the model types of
+    ``GATED_MLP_TYPES`` and ``TWO_MATRIX_TYPES``. ``n_params`` (default: counted from the config)
+    sizes only the weights a KV-cache estimate subtracts. :class:`ProfileError` for what the
+    roofline does not describe: other model types, mixture-of-experts layers, a config without
+    these fields."""
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    what = type(c).__name__
 
     def field(*names: str) -> Any:
         return next((getattr(c, k) for k in names if getattr(c, k, None) is not None), None)
 
-    if field("num_local_experts", "num_experts", "n_routed_experts"):
-        raise ProfileError(f"{type(c).__name__}: mixture-of-experts layers are not in the cost model")
     hidden, layers, heads = field("hidden_size"), field("num_hidden_layers"), field("num_attention_heads")
     inter, vocab = field("intermediate_size", "ffn_dim"), field("vocab_size")
     named = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
              "intermediate_size": inter, "vocab_size": vocab}
     if missing := [k for k, v in named.items() if not isinstance(v, int) or v < 1]:
-        raise ProfileError(f"{type(c).__name__}: no usable {', '.join(missing)} in the model config")
+        raise ProfileError(f"{what}: no usable {', '.join(missing)} in the model config")
+    if field("num_local_experts", "num_experts", "n_routed_experts"):
+        raise ProfileError(f"{what}: mixture-of-experts layers are not in the cost model")
+    kind = getattr(c, "model_type", None)
+    opt = kind in TWO_MATRIX_TYPES
+    if not opt and kind not in GATED_MLP_TYPES:
+        raise ProfileError(f"{what}: model type {kind!r} is not one the cost model describes "
+                           f"({', '.join(sorted(GATED_MLP_TYPES | TWO_MATRIX_TYPES))})")
+    if opt and field("word_embed_proj_dim") not in (None, hidden):
+        raise ProfileError(f"{what}: a projected embedding (word_embed_proj_dim) is not in the cost model")
     kv_heads = field("num_key_value_heads") or heads
     head_dim = field("head_dim") or hidden // heads
-    opt = getattr(c, "ffn_dim", None) is not None
     mats = 2 if opt else 3
     if n_params is None:
         q, kv = heads * head_dim, kv_heads * head_dim
-        per_layer = hidden * (2 * q + 2 * kv) + mats * hidden * inter + 2 * hidden  # + the norms
+        per_layer = layer_weights(hidden, q, kv, mats, inter) + 2 * hidden  # + the norms
         if opt:  # biases of the projections and the MLP, the norms' biases, learned positions
             per_layer += 2 * q + 2 * kv + inter + hidden + 2 * hidden
         n_params = vocab * hidden + layers * per_layer + hidden * (2 if opt else 1)
-        n_params += ((field("max_position_embeddings") or 0) + 2) * hidden if opt else 0  # OPT offsets positions by 2
+        n_params += ((field("max_position_embeddings") or 0) + 2) * hidden if opt else 0  # offset 2
         n_params += 0 if getattr(c, "tie_word_embeddings", opt) else vocab * hidden
     return {"n_params": int(n_params), "n_layers": layers, "hidden": hidden, "n_heads": heads,
             "n_kv_heads": kv_heads, "head_dim": head_dim, "intermediate": inter, "mlp_mats": mats,
             "vocab": vocab, "dtype_bytes": int(dtype_bytes),
-            "source": {"architecture": f"{type(c).__name__} config: mlp_mats {mats} "
+            "source": {"architecture": f"{what} ({kind}) config: mlp_mats {mats} "
                        f"({'OPT-style MLP' if opt else 'a gated (SwiGLU) MLP'})"}}
 
 
@@ -284,15 +303,19 @@ def gpu_for(device_name: str, total_memory: int) -> str | None:
     NVML gives it (``NVIDIA H100 80GB HBM3``) and its memory in bytes; None if none does. The
     files hold the SXM parts' datasheet numbers, so PCIe and NVL parts match none."""
     n = device_name.upper()
-    if "PCIE" in n or "NVL" in n:
+    if "PCIE" in n or "NVL" in n or "GH200" in n:
+        gpu = None
+    elif "H200" in n:
+        gpu = "h200"
+    elif "H100" in n and ("HBM3" in n or "SXM" in n):
+        gpu = "h100-80gb"
+    elif "A100" in n and "SXM" in n:
+        gpu = "a100-80gb" if total_memory > 60 * 2**30 else "a100-40gb"
+    else:
         return None
-    if "H200" in n:
-        return "h200"
-    if "H100" in n and ("HBM3" in n or "SXM" in n):
-        return "h100-80gb"
-    if "A100" in n and "SXM" in n:
-        return "a100-80gb" if total_memory > 60 * 2**30 else "a100-40gb"
-    return None
+    # a MIG slice (or another memory size) is not the part the file describes
+    held = _read(PROFILES_DIR / "gpus" / f"{gpu}.json")["gpu"]["hbm_bytes"] if gpu else 0
+    return gpu if gpu and 0.9 * held <= total_memory <= 1.1 * held else None
 
 
 def profile_for(config: Any, dtype_bytes: int, device_name: str, total_memory: int, name: str) -> CostModel:
@@ -303,8 +326,8 @@ def profile_for(config: Any, dtype_bytes: int, device_name: str, total_memory: i
     gpu = gpu_for(device_name, total_memory)
     if gpu is None:
         shipped = ", ".join(p.stem for p in sorted((PROFILES_DIR / "gpus").glob("*.json")))
-        raise ProfileError(f"no shipped GPU profile describes {device_name!r} (shipped: {shipped}, SXM "
-                           "parts); fit one with `ecoserve calibrate`")
+        raise ProfileError(f"no shipped GPU profile describes {device_name!r} with {total_memory / 2**30:.0f} "
+                           f"GiB (shipped: {shipped}, whole SXM parts)")
     gpu_file = PROFILES_DIR / "gpus" / f"{gpu}.json"
     g = _read(gpu_file)
     spec = {"name": f"{name}-{gpu}", "model": model_fields(config, dtype_bytes),

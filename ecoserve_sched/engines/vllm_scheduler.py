@@ -1060,25 +1060,29 @@ def auto_cost_model(vllm_config: Any, device: tuple[str, int] | None = None) -> 
     """``ECOSERVE_PROFILE=auto``: the roofline profile of the model vLLM serves (its Hugging
     Face config and dtype) on the GPU it runs on (``device``: name and memory in bytes; default
     vLLM's platform, read through NVML), with the shipped GPU file's efficiency factors
-    (``cost_model.profile_for``). One GPU, unquantized weights; anything else is a start-up
-    error naming what to do instead."""
+    (``cost_model.profile_for``). One GPU, unquantized weights and KV cache; anything else is a
+    one-line start-up error naming what to do instead."""
     from ..cost_model import ProfileError, profile_for
 
     mc, pc = vllm_config.model_config, vllm_config.parallel_config
     gpus = pc.tensor_parallel_size * pc.pipeline_parallel_size
+    kv_dtype = getattr(vllm_config.cache_config, "cache_dtype", "auto")
     why = (f"the engine runs on {gpus} GPUs (tensor x pipeline parallel)" if gpus > 1 else
-           f"the weights are quantized ({mc.quantization})" if mc.quantization else "")
+           f"the weights are quantized ({mc.quantization})" if mc.quantization else
+           f"the KV cache is stored as {kv_dtype}" if kv_dtype not in ("auto", None) else "")
+    if not why and device is None:
+        try:
+            from vllm.platforms import current_platform
+
+            device = current_platform.get_device_name(0), current_platform.get_device_total_memory(0)
+        except Exception as e:  # no GPU, no NVML: the platform cannot say
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            why = f"vLLM's platform names no GPU ({type(e).__name__}{f': {detail}' if detail else ''})"
     if not why:
         try:
-            if device is None:
-                from vllm.platforms import current_platform
-
-                device = current_platform.get_device_name(0), current_platform.get_device_total_memory(0)
             return profile_for(mc.hf_config, mc.dtype.itemsize, device[0], int(device[1]), Path(mc.model).name)
         except ProfileError as e:
             why = str(e)
-        except Exception as e:  # no GPU, no NVML: the platform cannot say
-            why = f"vLLM's platform names no GPU ({type(e).__name__}{f': {e}' if str(e) else ''})"
     raise EcoServeSetupError(f"ECOSERVE_PROFILE=auto: {why}; name a shipped profile or a profile JSON "
                              "fitted by `ecoserve calibrate` instead")
 

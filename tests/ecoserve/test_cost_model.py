@@ -225,7 +225,8 @@ def test_model_fields_of_a_config_are_the_shipped_model_file(model: str) -> None
     ("NVIDIA A100-SXM4-80GB", 85899345920, "a100-80gb"), ("NVIDIA A100-SXM4-40GB", 42949672960, "a100-40gb"),
     ("NVIDIA A100 80GB PCIe", 85899345920, None), ("NVIDIA H100 PCIe", 85520809984, None),
     ("NVIDIA H100 NVL", 100485038080, None), ("NVIDIA H200 NVL", 150754820096, None),
-    ("NVIDIA L4", 24152899584, None), ("cpu", 0, None),
+    ("NVIDIA L4", 24152899584, None), ("cpu", 0, None), ("NVIDIA GH200 480GB", 102005473280, None),
+    ("NVIDIA H100 80GB HBM3", 21474836480, None),  # a MIG slice: not the part the file describes
 ])
 def test_gpu_for_names_only_the_parts_the_files_describe(device: str, memory: int, gpu: str | None) -> None:
     assert gpu_for(device, memory) == gpu
@@ -254,3 +255,6 @@ def test_profile_for_refuses_what_the_roofline_does_not_describe() -> None:
         model_fields(moe, 2)
     with pytest.raises(ProfileError, match="no usable hidden_size, intermediate_size"):
         model_fields(SimpleNamespace(num_hidden_layers=2, num_attention_heads=2, vocab_size=10), 2)
+    neox = SimpleNamespace(**{**llama.to_dict(), "model_type": "gpt_neox"})  # a two-matrix MLP
+    with pytest.raises(ProfileError, match="model type 'gpt_neox' is not one the cost model describes"):
+        model_fields(neox, 2)

@@ -83,9 +83,15 @@ def test_code_trace_has_the_published_shape_and_slices(grid) -> None:
     assert abs(float(np.median(tr.output_tokens)) / c["output_median"] - 1) < 0.1
     assert tr.input_tokens.min() >= 1 and tr.input_tokens.max() <= c["max_prompt"]
     assert tr.output_tokens.min() >= 1 and tr.output_tokens.max() <= c["max_output"]
-    second = grid.code_trace(1000, skip=6000 - 1000)  # --skip: the same draws, further on
-    assert (second.input_tokens == tr.input_tokens[-1000:]).all()
-    assert (second.output_tokens == tr.output_tokens[-1000:]).all()
+    for n, skip in [(1000, 5000), (1000, 3000), (9000, 2000)]:  # --skip: request i is request i
+        part = grid.code_trace(n, skip=skip)
+        k = min(n, 6000 - skip)
+        assert (part.input_tokens[:k] == tr.input_tokens[skip:skip + k]).all()
+        assert (part.output_tokens[:k] == tr.output_tokens[skip:skip + k]).all()
+    # prompt and output lengths are independent draws, within a slice and across slices
+    later = grid.code_trace(6000, skip=6000)
+    logs = np.log(np.stack([tr.input_tokens, tr.output_tokens, later.input_tokens, later.output_tokens]))
+    assert np.abs(np.corrcoef(logs)[np.triu_indices(4, 1)]).max() < 0.05
 
 
 def test_synthetic_cells_load_without_shared_data(grid, tmp_path: Path) -> None:

@@ -386,10 +386,14 @@ def test_auto_profile_is_the_served_model_on_this_gpu(monkeypatch: pytest.Monkey
     from ecoserve_sched.cost_model import load_profile
     from ecoserve_sched.engines.vllm_scheduler import EcoServeSetupError, auto_cost_model
 
+    def no_gpu(device_id: int = 0) -> str:
+        raise RuntimeError("Found no NVIDIA driver on your system.\nPlease check ...")
+
     monkeypatch.setenv("ECOSERVE_PROFILE", "auto")
+    monkeypatch.setattr(current_platform, "get_device_name", no_gpu)
     with pytest.raises(EcoServeSetupError, match="ECOSERVE_PROFILE=auto: vLLM's platform names no GPU") as e:
         make(EcoServeVllmSyncScheduler, num_blocks=200)
-    assert "\n" not in str(e.value) and "ecoserve calibrate" in str(e.value)
+    assert "\n" not in str(e.value) and str(e.value).count("ecoserve calibrate") == 1
     monkeypatch.setattr(current_platform, "get_device_name", lambda device_id=0: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(current_platform, "get_device_total_memory", lambda device_id=0: 85520809984)
     s = make(EcoServeVllmSyncScheduler, num_blocks=200)
@@ -401,6 +405,12 @@ def test_auto_profile_is_the_served_model_on_this_gpu(monkeypatch: pytest.Monkey
     assert s.cost_model.spec["gpu"] == h100["gpu"] and s.cost_model.spec["efficiency"] == h100["efficiency"]
     with pytest.raises(EcoServeSetupError, match="no shipped GPU profile describes 'NVIDIA L4'"):
         auto_cost_model(s.vllm_config, ("NVIDIA L4", 24152899584))
+    with pytest.raises(EcoServeSetupError, match="describes 'NVIDIA H100 80GB HBM3' with 20 GiB"):
+        auto_cost_model(s.vllm_config, ("NVIDIA H100 80GB HBM3", 20 * 2**30))  # a MIG slice
+    monkeypatch.setattr(s.vllm_config.cache_config, "cache_dtype", "fp8")
+    with pytest.raises(EcoServeSetupError, match="KV cache is stored as fp8"):
+        auto_cost_model(s.vllm_config)
+    monkeypatch.setattr(s.vllm_config.cache_config, "cache_dtype", "auto")
     monkeypatch.setattr(s.vllm_config.parallel_config, "tensor_parallel_size", 2)
     with pytest.raises(EcoServeSetupError, match="runs on 2 GPUs"):
         auto_cost_model(s.vllm_config)
