@@ -26,11 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import scenario_grid as grid  # noqa: E402
+import scenario_grid as grid
 
-from ecoserve_sched.cost_model import prefill_ctx_tokens  # noqa: E402
-from ecoserve_sched.policies.interface import DEFAULT_TOKEN_BUDGET  # noqa: E402
-from ecoserve_sched.simulator import iteration_table  # noqa: E402
+from ecoserve_sched.cost_model import prefill_ctx_tokens
+from ecoserve_sched.policies.interface import DEFAULT_TOKEN_BUDGET
+from ecoserve_sched.simulator import iteration_table
 
 
 def prefill_s(cost: object, prompt: int, budget: int) -> float:
