@@ -101,3 +101,17 @@ def test_synthetic_cells_load_without_shared_data(grid, tmp_path: Path) -> None:
         assert len(tr) == 200
         if cell.arrivals == "burst8":
             assert tr.arrival_s[0] == tr.arrival_s[7] < tr.arrival_s[8]
+
+
+def test_slo_anatomy_reference_is_shortest_feasible_first(tmp_path: Path) -> None:
+    path = GRID.parent / "slo_anatomy.py"
+    spec = importlib.util.spec_from_file_location("slo_anatomy", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # three at once, TTFT 3.5 s: 1 s and 2 s prompts make it, the 3 s one (then due at 6 s) not
+    assert mod.reference_ttft(np.array([0.0, 0.0, 0.0]), np.array([3.0, 1.0, 2.0]), 3.5) == pytest.approx(2 / 3)
+    # the hopeless one is served when nothing else waits, and does not block a later arrival
+    assert mod.reference_ttft(np.array([0.0, 0.0, 4.0]), np.array([3.0, 3.0, 1.0]), 3.5) == pytest.approx(2 / 3)
+    p = subprocess.run([sys.executable, str(path), "--shared", str(tmp_path), "--cell", "nope"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "unknown cell" in p.stderr and "Traceback" not in p.stderr
