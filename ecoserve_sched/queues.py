@@ -52,9 +52,10 @@ class PriorityQueue:
 class GTGroups:
     """Decoding requests (generation tasks) grouped by predicted RL bucket.
 
-    Policies look at groups, not requests: lenders for KVC pipelining are searched from the
-    group with the longest predicted RL down, and the number of groups (not requests) bounds
-    that search's outer loop.
+    Bookkeeping: EcoServe fills it, and no shipped decision reads it since its KV pipelining
+    became an admission test (``ecoserve_rules.Projection``; ``ecoserve-nogroup`` equals
+    ``ecoserve``, docs/scheduler.md). ``longest_first`` walks the groups from the longest
+    predicted RL down, for a policy that searches them (physical loans' lenders).
     """
 
     def __init__(self, enabled: bool = True) -> None:
