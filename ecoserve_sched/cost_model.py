@@ -232,11 +232,7 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
         model = str(name_or_path).removesuffix("-" + gpu_file.stem)
         model_file = PROFILES_DIR / "models" / f"{model}.json"
         if model != str(name_or_path) and model_file.is_file():
-            gpu = _read(gpu_file)
-            spec = {"name": str(name_or_path), "model": _read(model_file),
-                    "gpu": gpu.get("gpu"), "efficiency": gpu.get("efficiency")}
-            if "token_budget" in gpu:
-                spec["token_budget"] = gpu["token_budget"]
+            spec = _spec(str(name_or_path), _read(model_file), gpu_file)
             return _with_kv_room(CostModel(spec, f"{model_file} + {gpu_file}"), str(name_or_path))
     raise ProfileError(f"unknown profile {name_or_path!r}; shipped: {', '.join(list_profiles())}")
 
@@ -329,12 +325,18 @@ def profile_for(config: Any, dtype_bytes: int, device_name: str, total_memory: i
         raise ProfileError(f"no shipped GPU profile describes {device_name!r} with {total_memory / 2**30:.0f} "
                            f"GiB (shipped: {shipped}, whole SXM parts)")
     gpu_file = PROFILES_DIR / "gpus" / f"{gpu}.json"
+    spec = _spec(f"{name}-{gpu}", model_fields(config, dtype_bytes), gpu_file)
+    return _with_kv_room(CostModel(spec, f"{name} config + {gpu_file}"), spec["name"])
+
+
+def _spec(name: str, model: dict[str, Any], gpu_file: Path) -> dict[str, Any]:
+    """A profile: a model section and a GPU file (its ``gpu``, ``efficiency`` and, if any,
+    ``token_budget``)."""
     g = _read(gpu_file)
-    spec = {"name": f"{name}-{gpu}", "model": model_fields(config, dtype_bytes),
-            "gpu": g.get("gpu"), "efficiency": g.get("efficiency")}
+    spec = {"name": name, "model": model, "gpu": g.get("gpu"), "efficiency": g.get("efficiency")}
     if "token_budget" in g:
         spec["token_budget"] = g["token_budget"]
-    return _with_kv_room(CostModel(spec, f"{name} config + {gpu_file}"), spec["name"])
+    return spec
 
 
 def _with_kv_room(model: CostModel, origin: str, block_size: int = 16) -> CostModel:
