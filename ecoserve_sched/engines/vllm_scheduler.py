@@ -37,6 +37,10 @@ same defaults as ``policies/ecoserve.py``):
   the latest admitted); when an upper bound on that need fits, nothing is counted per request.
   Under ``--scheduling-policy priority`` vLLM's own victim rule (lowest priority, latest
   arrival) applies.
+* **Prediction scale** (``ECOSERVE_SCALE_PREDICTIONS``, off by default, as in the simulator):
+  a new request's predicted RL is multiplied by ``rules.PredictionScale`` (the median of
+  generated / predicted tokens over the last finished requests; only those that stopped or hit
+  their length cap count), for a predictor trained on other traffic.
 * **Parking** (``ECOSERVE_PARK``, on by default): before each step, while the waiting head is
   a new request that can still meet its TTFT, would not after another quarter TTFT SLO, and does
   not fit, and the offered load (``rules.OfferedLoad``) is below ``rules.PARK_MAX_LOAD``, the
@@ -200,6 +204,7 @@ class EcoServeVllmConfig:
     aging: float = _SIM["aging"]  # waiting order: arrival + aging x predicted service seconds
     give_way: bool = _SIM["give_way"]  # requests whose TTFT SLO is lost wait behind the others
     park: bool = _SIM["park"]  # preempt decodes with TBT slack for a new request that can meet its TTFT
+    scale_predictions: bool = _SIM["scale_predictions"]  # predicted RL x rules.PredictionScale
     slo_ttft: float = 5.0  # seconds: give-way and SLO-lost victims
     slo_tbt: float = 0.2  # seconds: x iter_time_frac = the step time assumed for the TTFT estimate
     prefill_s_per_token: float = 5e-5  # prefill seconds per prompt token (service time)
@@ -255,7 +260,7 @@ _LIMITS: dict[str, tuple[type, float | None, float | None]] = {
     "predictor": (str, None, None), "require_predictor": (bool, None, None),
     "trust_client_hints": (bool, None, None), "default_reserve": (int, 1, 10_000_000),
     "reserve_frac": (float, 0.0, 0.5), "aging": (float, 0.0, 1000.0), "give_way": (bool, None, None),
-    "park": (bool, None, None),
+    "park": (bool, None, None), "scale_predictions": (bool, None, None),
     "slo_ttft": (float, 1e-3, 86_400.0), "slo_tbt": (float, 1e-4, 3_600.0),
     "prefill_s_per_token": (float, 0.0, 1.0), "step_s": (float, 1e-6, 60.0), "profile": (str, None, None),
 }
@@ -314,6 +319,9 @@ from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
 
 _ADMITTING = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+#: Finished requests whose output length says how long such a response runs (not aborted,
+#: ignored or failed: those were cut short).
+_RAN_TO_THE_END = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
 
 
 # ---- client hints ----------------------------------------------------------------------------------
@@ -352,6 +360,7 @@ class RLPrediction:
     pred_tokens: int
     reserve_tokens: int
     source: str  # "extra_args" | "predictor" | "default"
+    predicted: int = 0  # with ECOSERVE_SCALE_PREDICTIONS: pred_tokens before the scale
 
 
 class EcoServeRequestQueue(RequestQueue):
@@ -566,6 +575,7 @@ class EcoServeMixin:
         self._keep_free = int(cfg.reserve_frac * self._usable_blocks)
         self._kv_tokens = self._usable_blocks * self._bs
         self._iter_s = _SIM["iter_time_frac"] * cfg.slo_tbt
+        self.pscale = rules.PredictionScale() if cfg.scale_predictions else None
         self.cost_model = load_cost_model(cfg.profile, self.vllm_config) if cfg.profile else None
 
     @property
@@ -639,7 +649,10 @@ class EcoServeMixin:
     # ---- predictions (once per request, at arrival; never raises) ---------------------------------
     def add_request(self, request: Request) -> None:
         if request.request_id not in self.requests:
-            self.rl[request.request_id] = self.predict(request)
+            p = self.rl[request.request_id] = self.predict(request)
+            if self.pscale is not None:  # rules.PredictionScale: this traffic's scale, once
+                p.predicted = p.pred_tokens
+                p.pred_tokens = min(self.pscale.scaled(p.pred_tokens), max(1, request.max_tokens))
             if self.eco_cfg.park:
                 self.load.add(request.arrival_time, self._service(request))
         super().add_request(request)
@@ -952,6 +965,8 @@ class EcoServeMixin:
         if rid in self.rl:
             self.eco_counters["topups"] += _doublings(self._reserve(rid), request.num_output_tokens,
                                                       request.max_tokens)
+            if self.pscale is not None and request.status in _RAN_TO_THE_END:
+                self.pscale.observe(self.rl[rid].predicted, request.num_output_tokens)
         self.rl.pop(rid, None)
         self._seq.pop(rid, None)
         self._admit_step.pop(rid, None)

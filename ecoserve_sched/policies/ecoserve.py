@@ -34,6 +34,11 @@ themselves are the pure functions of ``ecoserve_rules``):
    tokens that keep the iteration within ``iter_time_frac`` of the TBT SLO by the cost model
    (time-synced batching), timed as a chunk of the oldest partial prefill after its computed
    tokens, at least the cost model's roofline knee.
+
+Opt-in (``scale_predictions``, ``ecoserve-scaled``): a new request's predicted length is
+multiplied by ``rules.PredictionScale`` (the median of generated / predicted over the last
+finished requests), for a predictor trained on other traffic; its reservation stays the
+predictor's.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class EcoServeConfig:
     lost_order: str = "key"  # PTs whose TTFT is lost: "key" (as the others) or "service" (rules.lost_key)
     park: bool = True  # preempt decodes with TBT slack for PTs that can still meet their TTFT, in bursts
     slot_share: bool = True  # service counts the larger of the KV share and the slot share (False: KV)
+    scale_predictions: bool = False  # predicted lengths x rules.PredictionScale (``ecoserve-scaled``)
 
 
 class EcoServeScheduler(Scheduler):
@@ -107,6 +113,9 @@ class EcoServeScheduler(Scheduler):
         self._parking: tuple[Request, float] | None = None  # the request being parked, its due time
         self.load = rules.OfferedLoad()
         self.counters["parks"] = 0
+        # Predictions at this traffic's scale: the predictor's own value of each request in flight
+        self.pscale = rules.PredictionScale() if self.cfg.scale_predictions and not self.cfg.oracle else None
+        self._predicted: dict[int, int] = {}
 
     # ---- queues -------------------------------------------------------------------------------
     def _base_pred(self, r: Request) -> int:
@@ -126,6 +135,9 @@ class EcoServeScheduler(Scheduler):
             self.resume.append(r)
         else:
             key = None
+            if self.pscale is not None and not r.preemptions:  # a new request: scaled once
+                self._predicted[r.rid] = r.pred_tokens
+                r.pred_tokens = self.pscale.scaled(r.pred_tokens)
             if self.cfg.park and not r.preemptions:
                 service = self._service(r)
                 self.load.add(r.arrival_s, service)
@@ -153,9 +165,15 @@ class EcoServeScheduler(Scheduler):
         super().preempt(r, now)
         self.proj.drop(r.rid)
 
+    def finish(self, r: Request, now: float) -> None:
+        super().finish(r, now)
+        if self.pscale is not None:
+            self.pscale.observe(self._predicted.pop(r.rid, r.pred_tokens), r.generated)
+
     def abort(self, r: Request, error: str = "engine error") -> None:
         super().abort(r, error)
         self.proj.drop(r.rid)
+        self._predicted.pop(r.rid, None)  # cut short: says nothing of its length
 
     def preempt_swap(self, r: Request) -> bool:
         ctx = r.prompt_tokens + r.generated
@@ -458,3 +476,4 @@ register("ecoserve-latest", _factory(victim="latest"))
 register("ecoserve-lostsjf", _factory(lost_order="service"))
 register("ecoserve-nopark", _factory(park=False))
 register("ecoserve-noslots", _factory(slot_share=False))
+register("ecoserve-scaled", _factory(scale_predictions=True))

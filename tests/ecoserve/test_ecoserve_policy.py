@@ -485,3 +485,57 @@ def test_fast_path_makes_the_same_decisions_with_tight_slos(rows, blocks, policy
         runs.append(([(r.first_token_s, r.finish_s, r.generated, r.preemptions) for r in reqs],
                      res.counters, res.stall_gaps))
     assert runs[0] == runs[1]
+
+
+# ---- predictions at this traffic's scale (``ecoserve-scaled``) -----------------------------------
+def test_prediction_scale_is_the_median_ratio_of_the_last_finishes():
+    ps = rules.PredictionScale(window=4, min_samples=3, refresh=2)
+    ps.observe(100, 50)
+    ps.observe(100, 30)
+    assert ps.scale == 1.0 and ps.scaled(100) == 100  # fewer than min_samples
+    ps.observe(100, 200)  # ratios 0.5, 0.3, 2: the median, at once
+    assert ps.scale == 0.5 and ps.scaled(10) == 5
+    ps.observe(10, 1)  # one new finish: not recomputed yet
+    assert ps.scale == 0.5
+    ps.observe(10, 40)  # the last four: 0.3, 2, 0.1, 4 -> the lower median
+    assert ps.scale == 0.3 and ps.scaled(1) == 1  # never below one token
+    ps.observe(0, 5)  # a prediction of 0 counts as 1
+    assert ps._ratios[-1] == 5.0
+
+
+def test_scaled_predictions_follow_what_the_requests_generate():
+    """Every prediction is 10x the truth: once enough requests finished, new arrivals are
+    predicted at a tenth; the scale is learned from the predictor's own values (not the
+    scaled ones), and an aborted request teaches nothing."""
+    reqs = [make_req(i, 0.05 * i, 20, 10, pred=100, reserve=120) for i in range(80)]
+    sched = get_policy("ecoserve-scaled", FlatCost(blocks=400), block_size=4)
+    sched.pscale = rules.PredictionScale(min_samples=8, refresh=1)
+    simulate(reqs, sched, check=True)
+    assert all(r.state == State.FINISHED for r in reqs)
+    assert sched.pscale.scale == 0.1 and not sched._predicted
+    assert reqs[0].pred_tokens == 100 and reqs[-1].pred_tokens == 10
+    assert all(r.reserve_tokens == 120 for r in reqs)  # reservations are the predictor's
+    plain = [make_req(i, 0.05 * i, 20, 10, pred=100, reserve=120) for i in range(80)]
+    simulate(plain, get_policy("ecoserve", FlatCost(blocks=400), block_size=4))
+    assert all(r.pred_tokens == 100 for r in plain)  # off by default
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(REQ, min_size=1, max_size=25), blocks=st.integers(12, 80), swap=st.booleans())
+def test_kv_invariants_and_fast_path_with_the_scale_learning_from_the_first_finish(rows, blocks, swap):
+    runs = []
+    for stepwise in (False, True):
+        reqs = _reqs(rows)
+        cost = FlatCost(blocks=blocks)
+        if swap:
+            cost.swap_time = lambda t: 1e-9 * t
+        sched = get_policy("ecoserve-scaled", cost, block_size=4, max_running=6, token_budget=64,
+                           slo=SLO(0.3, 0.05))
+        sched.pscale = rules.PredictionScale(min_samples=1, refresh=1)
+        res = simulate(reqs, sched, check=not stepwise, stepwise=stepwise)
+        for r in reqs:
+            if r.prompt_tokens + r.target_tokens <= blocks * 4:
+                assert r.state == State.FINISHED and r.generated == r.target_tokens
+        assert sched.kv.free_blocks == blocks and not sched.kv.allocs and not sched._predicted
+        runs.append(([(r.first_token_s, r.finish_s, r.generated, r.preemptions) for r in reqs], res.counters))
+    assert runs[0] == runs[1]

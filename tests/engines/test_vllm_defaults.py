@@ -167,6 +167,7 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
     # 5. parking: the same request has the most slack on its mean-TBT SLO, by about as much
     # (a resume costs the cost model's prefill time in one, per-token prefill seconds in the other)
     assert eco.eco_cfg.park == sim.cfg.park
+    assert eco.eco_cfg.scale_predictions == sim.cfg.scale_predictions  # off in both
     for r, v in zip(sims[:6], vreqs[:6], strict=True):
         r.generated, r.dec_step0 = r.generated - 1, -1  # decoded a step since it started: eligible
         v.num_computed_tokens = v.num_tokens - 1

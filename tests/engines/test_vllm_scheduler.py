@@ -19,7 +19,7 @@ pytest.importorskip("vllm")
 from vllm.config import SchedulerConfig
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from ecoserve_sched.engines.vllm_scheduler import (
     EcoServeRequestQueue,
@@ -29,6 +29,7 @@ from ecoserve_sched.engines.vllm_scheduler import (
     _doublings,
 )
 from ecoserve_sched.engines.vllm_sim import build_vllm_scheduler, fake_model_output
+from ecoserve_sched.policies import ecoserve_rules as rules
 
 BS = 16
 ECO_CLASSES = [EcoServeVllmSyncScheduler, EcoServeVllmScheduler]
@@ -256,6 +257,30 @@ def test_predictions_at_add_request_extra_args_win_and_defaults() -> None:
     check_done(s)
     c = s.eco_counters
     assert (c["predictions"], c["hints_used"], c["default_reservations"]) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_scaled_predictions_learn_from_requests_that_ran_to_the_end(cls: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ECOSERVE_SCALE_PREDICTIONS: the simulator's ``rules.PredictionScale``, fed the
+    predictor's own values of the requests that stopped or hit their cap (not aborted ones)."""
+    monkeypatch.setenv("ECOSERVE_SCALE_PREDICTIONS", "1")
+    s = make(cls)
+    assert s.eco_cfg.scale_predictions and s.pscale is not None
+    s.pscale = rules.PredictionScale(min_samples=4, refresh=1)
+    for i in range(4):  # predicted 50, generate 100 (their cap): twice as long as predicted
+        s.add_request(req(str(i), 20, 100, arrival=0.01 * i, rl_pred_tokens=50, rl_bucket=1))
+    s.add_request(req("cut", 20, 100, arrival=0.05, rl_pred_tokens=5, rl_bucket=0))
+    s.finish_requests("cut", RequestStatus.FINISHED_ABORTED)
+    drive(s)
+    check_done(s)
+    assert s.pscale.scale == 2.0  # the aborted request's 5 -> 0 tokens is not a length
+    s.add_request(req("late", 20, 300, rl_pred_tokens=60, rl_bucket=1))
+    assert (s.rl["late"].predicted, s.rl["late"].pred_tokens) == (60, 120)
+    s.add_request(req("capped", 20, 100, rl_pred_tokens=60, rl_bucket=1))
+    assert s.rl["capped"].pred_tokens == 100  # never beyond max_tokens
+    drive(s)
+    monkeypatch.delenv("ECOSERVE_SCALE_PREDICTIONS")
+    assert make(cls).pscale is None  # off by default
 
 
 def test_config_from_env_and_scheduler_cls_resolves() -> None:
