@@ -198,6 +198,7 @@ BAD_SETTINGS = {
     "ECOSERVE_AGING": ["heavy", "-1", "inf"],
     "ECOSERVE_GIVE_WAY": ["sometimes"],
     "ECOSERVE_PARK": ["often"],
+    "ECOSERVE_SCALE_PREDICTIONS": ["rescale"],
     "ECOSERVE_SLO_TTFT": ["0", "5s"],
     "ECOSERVE_SLO_TBT": ["-0.2"],
     "ECOSERVE_PREFILL_S_PER_TOKEN": ["fast"],
@@ -219,7 +220,7 @@ def test_setting_errors_name_the_variable_and_accepted_values(name: str, raw: st
         EcoServeVllmConfig.from_env({name: raw})
     msg = str(e.value)
     assert msg.startswith(f"{name}=") and "expected" in msg
-    assert ("1 or 0" in msg) if raw in ("maybe", "2", "si", "sometimes", "often") else ("[" in msg or ">=" in msg)
+    assert ("1 or 0" in msg) if raw in ("maybe", "2", "si", "sometimes", "often", "rescale") else ("[" in msg or ">=" in msg)
 
 
 def test_settings_parse_and_are_checked_when_given_directly(caplog) -> None:
