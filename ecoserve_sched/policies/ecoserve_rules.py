@@ -283,8 +283,8 @@ class PredictionScale:
     predicted tokens over the last ``window`` finished requests (1 until ``min_samples`` have
     finished). A predictor's ``pred_tokens`` is a median, so on the traffic it was trained on
     about half the responses run longer and half shorter and the scale is near 1 (0.9-1.05 over
-    whole chat traces of ../shared with the shipped bundle, 0.7-1.2 over 512 finishes as a replay
-    serves them); on other traffic it is not (that chat predictor on code completion's 13-token
+    the whole of each chat trace in docs/results.md with the shipped bundle, 0.7-1.2 over 512
+    finishes as a replay serves them); on other traffic it is not (that chat predictor on code completion's 13-token
     answers: about 0.2). ``scaled`` multiplies a new request's
     predicted length by it: the predictor's ranking is kept, and its scale, which weighs predicted
     decode work against the prompt's prefill (``service_s``) and against time waited
