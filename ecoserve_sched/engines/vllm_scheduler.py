@@ -965,8 +965,9 @@ class EcoServeMixin:
         if rid in self.rl:
             self.eco_counters["topups"] += _doublings(self._reserve(rid), request.num_output_tokens,
                                                       request.max_tokens)
-            if self.pscale is not None and request.status in _RAN_TO_THE_END:
-                self.pscale.observe(self.rl[rid].predicted, request.num_output_tokens)
+            p = self.rl[rid]
+            if self.pscale is not None and p.predicted and request.status in _RAN_TO_THE_END:
+                self.pscale.observe(p.predicted, request.num_output_tokens)  # (0: added unscaled)
         self.rl.pop(rid, None)
         self._seq.pop(rid, None)
         self._admit_step.pop(rid, None)
