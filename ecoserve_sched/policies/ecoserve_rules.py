@@ -283,11 +283,11 @@ class PredictionScale:
     predicted tokens over the last ``window`` finished requests (1 until ``min_samples`` have
     finished). A predictor's ``pred_tokens`` is a median, so on the traffic it was trained on
     about half the responses run longer and half shorter and the scale is near 1 (0.9-1.05 over
-    the whole of each chat trace in docs/results.md with the shipped bundle, 0.7-1.2 over 512
-    finishes as a replay serves them); on other traffic it is not (that chat predictor on code completion's 13-token
-    answers: about 0.2). ``scaled`` multiplies a new request's
-    predicted length by it: the predictor's ranking is kept, and its scale, which weighs predicted
-    decode work against the prompt's prefill (``service_s``) and against time waited
+    the whole of each chat trace in docs/results.md with the shipped bundle, about 0.7-1.2 over
+    512 finishes as a replay serves them); on other traffic it is not (that chat predictor on
+    code completion's 13-token answers: about 0.2). ``scaled`` multiplies a new request's
+    predicted length by it: the predictor's ranking is kept, and its scale, which weighs
+    predicted decode work against the prompt's prefill (``service_s``) and against time waited
     (``priority_key``), follows the traffic. Finishes come in the order the scheduler serves
     them, so over a short window the median leans towards what it served last (under overload,
     the requests it deferred). Bounded: ``window`` ratios."""
