@@ -17,7 +17,7 @@ Two entry points:
 
 The bundle travels to the workers through Ray's object store (its sha256s are checked again
 where it lands), so ``--model`` need only exist on the driver's node. Ray is an extra
-(``pip install 'rlpredict[ray]'``); nothing here imports it at module level.
+(``pip install 'rlpredict-ecoserve[ray]'``); nothing here imports it at module level.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from rlpredict.serve.annotate import (
 )
 from rlpredict.serve.bundle import MANIFEST, load_bundle
 
-INSTALL_HINT = "--engine ray needs Ray: pip install 'rlpredict[ray]' (or pip install 'ray[data]')"
+INSTALL_HINT = "--engine ray needs Ray: pip install 'rlpredict-ecoserve[ray]' (or pip install 'ray[data]')"
 ERROR_COLUMN = "rl_error"
 DEFAULT_FIELDS = TRACE_FIELDS
 

@@ -1,6 +1,6 @@
-"""The transformers-engine tests' trace: a long GT with a large reservation (a lender),
-under-predicted requests (top-ups, preemptions) and late arrivals that join running decodes,
-on 18 KV blocks of 16 tokens. Import after ``pytest.importorskip("transformers")``."""
+"""The transformers-engine tests' trace: a long GT with a large reservation, under-predicted
+requests (top-ups) and late arrivals that join running decodes, on 14 KV blocks of 16 tokens:
+few enough that EcoServe preempts once and vLLM four times (by recompute), SJF and S3 too. Import after ``pytest.importorskip("transformers")``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ecoserve_sched.engines.transformers_cb import GenRequest, TransformersEngin
 # (arrival step, prompt tokens, output tokens, predicted = reserved tokens, predicted bucket)
 TRACE = [(0, 16, 120, 128, 3), (0, 16, 60, 64, 2), (2, 40, 18, 20, 0), (3, 8, 40, 8, 0),
          (6, 24, 10, 16, 0), (10, 12, 30, 32, 1), (14, 30, 12, 16, 0), (20, 5, 25, 24, 1)]
-KV_BLOCKS, TOKEN_BUDGET, MAX_RUNNING = 18, 128, 8
+KV_BLOCKS, TOKEN_BUDGET, MAX_RUNNING = 14, 128, 8
 
 
 def trace_requests() -> list[GenRequest]:
