@@ -510,8 +510,10 @@ def test_scaled_predictions_follow_what_the_requests_generate():
     reqs = [make_req(i, 0.05 * i, 20, 10, pred=100, reserve=120) for i in range(80)]
     sched = get_policy("ecoserve-scaled", FlatCost(blocks=400), block_size=4)
     sched.pscale = rules.PredictionScale(min_samples=8, refresh=1)
-    simulate(reqs, sched, check=True)
-    assert all(r.state == State.FINISHED for r in reqs)
+    res = simulate(reqs, sched, check=True, faults=[2, 9, 30])  # these iterations' requests abort
+    finished = [r for r in reqs if r.state == State.FINISHED]
+    assert res.counters["errors"] > 0 and len(finished) + res.counters["errors"] == len(reqs)
+    assert len(sched.pscale._ratios) == len(finished)  # the aborted ones are not lengths
     assert sched.pscale.scale == 0.1 and not sched._predicted
     assert reqs[0].pred_tokens == 100 and reqs[-1].pred_tokens == 10
     assert all(r.reserve_tokens == 120 for r in reqs)  # reservations are the predictor's
