@@ -21,7 +21,7 @@ from typing import IO
 
 import numpy as np
 
-from rlpredict.records import TRACE_MESSAGES, RecordError, parse_messages
+from rlpredict.records import TRACE_FIELDS, RecordError, generator_of, request_of
 
 from .request import SLO, Request
 
@@ -197,27 +197,15 @@ def _short(v: object) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
-def _prompt_input(row: dict) -> tuple[str | list | None, str]:
-    """What a predictor sees: the ``prompt`` string, else the ``messages`` list (a JSON string
-    in CSV) as ``rlpredict annotate`` reads it; with it, why the row has none ("" if it has
-    one). Only ``--predictions bundle`` needs prompts, so a row without one is no error here."""
-    prompt = row.get("prompt")
-    if isinstance(prompt, str):
-        return prompt, ""
-    if prompt not in (None, ""):
-        return None, f"field 'prompt' must be a string, got {_short(prompt)}"
-    msgs = row.get("messages")
-    if msgs in (None, ""):
-        return None, "no prompt or messages field"
-    if isinstance(msgs, str):  # a CSV cell holds the list as JSON
-        try:
-            msgs = json.loads(msgs)
-        except (ValueError, RecursionError) as e:
-            return None, f"field 'messages': not valid JSON ({type(e).__name__})"
+def _prompt_input(row: dict) -> tuple[str | list | None, str | None, str]:
+    """What a predictor sees, as ``rlpredict annotate`` reads it (``records.request_of`` and
+    ``generator_of``: the messages win over the prompt): the request, its generator, and why
+    the row has none ("" if it has one). Only ``--predictions bundle`` needs prompts, so a row
+    without one is no error here."""
     try:
-        return parse_messages(msgs, "messages", TRACE_MESSAGES), ""
+        return request_of(row, TRACE_FIELDS), generator_of(row, TRACE_FIELDS), ""
     except RecordError as e:
-        return None, str(e)
+        return None, None, str(e)
 
 
 def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
@@ -256,12 +244,11 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
             raise TraceError(f"{where}: rl_* fields present on some rows but not on this one")
         if row_rl:
             rl.append([_int(row, k, where, 0) for k in RL_FIELDS])
-        prompt, problem = _prompt_input(row)
+        prompt, g, problem = _prompt_input(row)
         prompts.append(prompt)
+        gens.append(g)
         if problem and not prompt_problem:
             prompt_problem = f"{where}: {problem}"
-        g = row.get("generator")
-        gens.append(g if isinstance(g, str) and g else None)
     if not arr:
         raise TraceError(f"{p}: trace has no rows")
     order = np.argsort(np.asarray(arr), kind="stable")

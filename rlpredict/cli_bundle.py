@@ -142,6 +142,8 @@ def predict(
     for i, t in enumerate(texts or (), 1):
         if not is_valid_unicode(t):  # undecodable bytes in argv arrive as lone surrogates
             _fail(f"prompt argument {i}: not valid UTF-8")
+    if generator is not None and not is_valid_unicode(generator):
+        raise typer.BadParameter("not valid UTF-8", param_hint="'--generator'")
     if not texts and sys.stdin.isatty():
         _fail("give TEXT arguments or pipe prompts on stdin")
     p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads)

@@ -30,11 +30,13 @@ from typing import Any
 from rlpredict.records import (
     LOG_FIELDS,
     LOG_MESSAGES,
+    PART_SEPARATOR,
     Fields,
     OnError,
     RecordError,
     iter_rows,
     parse_messages,
+    part_texts,
     source_name,
 )
 from rlpredict.rl_tokenizers import count_tokens
@@ -98,10 +100,10 @@ def _first(row: Mapping, names: Iterable[str]) -> tuple[str | None, Any]:
 
 def _text(v: Any, loc: str, name: str) -> str:
     if isinstance(v, list):  # OpenAI content parts
-        parts = [p.get("text", "") for p in v if isinstance(p, Mapping) and p.get("type", "text") == "text"]
-        if len(parts) != len(v) or not all(isinstance(t, str) for t in parts):
+        parts = part_texts(v, all_text=True)
+        if parts is None:
             raise DataError(loc, "content parts must be objects with a 'text' string", name)
-        v = "".join(parts)
+        v = PART_SEPARATOR.join(parts)
     if not isinstance(v, str):
         raise DataError(loc, f"expected a string, got {type(v).__name__}", name)
     if not is_valid_unicode(v):  # a JSON escape of a lone surrogate: no tokenizer takes it

@@ -43,6 +43,9 @@ COUNT_FIELDS = ("rl_tokens", "output_tokens", "completion_tokens", "response_tok
 GROUP_FIELDS = ("conversation_id", "prompt_id")
 GENERATOR_FIELDS = ("generator", "model")
 PART_SEPARATOR = "\n"  # between the text parts of one message's content
+#: Content-part types that carry text: Chat Completions' "text" (also a part with no ``type``)
+#: and the Responses API's "input_text".
+TEXT_PART_TYPES = ("text", "input_text")
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
             ".parquet": "parquet", ".pq": "parquet"}
 OnError = Literal["fail", "skip"]
@@ -114,9 +117,9 @@ class MessageRules:
     content_required: bool
     """False: a missing or null content is empty text."""
     all_parts_text: bool
-    """Content parts: True, every part must be a text part (``type`` defaults to "text");
-    False, parts of other types are skipped. Text parts are joined by ``PART_SEPARATOR`` on
-    both paths (the vLLM middleware joins them the same way)."""
+    """Content parts (``part_texts``): True, every part must be a text part
+    (``is_text_part``); False, parts of other types (images) are skipped. Text parts are joined
+    by ``PART_SEPARATOR`` on every path (the vLLM middleware joins them the same way)."""
 
 
 #: Training logs: OpenAI ``{role, content}`` and ShareGPT ``{from, value}``, roles mapped by
@@ -161,17 +164,82 @@ def parse_messages(value: Any, name: str, rules: MessageRules, *,
     return out
 
 
+def request_of(row: Mapping[str, Any], fields: Fields) -> str | list[dict[str, str]]:
+    """The request in a row, as a predictor takes it: the messages (the first of
+    ``fields.messages`` that is present and not empty; a string holding JSON is parsed, as CSV
+    cells do) win over the ``fields.prompt`` string. The one rule of ``rlpredict annotate``,
+    ``rlpredict predict --jsonl`` and ``ecoserve``'s traces. Raises :class:`RecordError` (no
+    location) saying what is wrong."""
+    name, msgs = next(((n, row[n]) for n in fields.messages if row.get(n) not in (None, "")), (None, None))
+    if name is not None:
+        if isinstance(msgs, str):  # CSV cells, or JSON that stores the list as a string
+            try:
+                msgs = json.loads(msgs)
+            except json.JSONDecodeError as e:
+                raise RecordError("", f"field {name!r} is not valid JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
+                raise RecordError("", f"field {name!r} is not valid JSON ({json_problem(e)})") from None
+        return parse_messages(msgs, name, TRACE_MESSAGES, drop_final_assistant=fields.drop_final_assistant)
+    prompt = row.get(fields.prompt)
+    messages = " or ".join(map(repr, fields.messages))
+    if prompt is None:
+        if fields.prompt not in row and not any(n in row for n in fields.messages):
+            raise RecordError("", f"neither field {fields.prompt!r} nor {messages} is present")
+        raise RecordError("", f"field {fields.prompt!r} is missing or null and {messages} is missing or empty")
+    if not isinstance(prompt, str):
+        raise RecordError("", f"field {fields.prompt!r} is a {type(prompt).__name__}, expected a string")
+    return _unicode(prompt, f"field {fields.prompt!r}")
+
+
+def generator_of(row: Mapping[str, Any], fields: Fields) -> str | None:
+    """The row's generator (the served model: the first of ``fields.generator`` that is not
+    null or empty, as a blank CSV cell), or None; raises :class:`RecordError` if it is not a
+    valid string."""
+    name, g = next(((n, row[n]) for n in fields.generator if row.get(n) not in (None, "")), (None, None))
+    if g is not None and not isinstance(g, str):
+        raise RecordError("", f"field {name!r} is a {type(g).__name__}, expected a string")
+    return g if g is None else _unicode(g, f"field {name!r}")
+
+
+def _unicode(text: str, what: str) -> str:
+    """``text`` if it is valid Unicode; JSON escapes can make lone surrogates ("\\ud800"), which
+    no tokenizer (and no UTF-8 file) accepts."""
+    if not is_valid_unicode(text):
+        raise RecordError("", f"{what} is not valid Unicode (a lone surrogate)")
+    return text
+
+
+def is_text_part(part: Any) -> bool:
+    """An OpenAI content part that carries text: an object whose ``type`` is one of
+    ``TEXT_PART_TYPES`` (no ``type``: text). The one rule of every path (training, traces, the
+    vLLM middleware)."""
+    return isinstance(part, Mapping) and part.get("type", "text") in TEXT_PART_TYPES
+
+
+def part_texts(parts: list, all_text: bool) -> list[str] | None:
+    """The texts of a content-part list's text parts, in order; ``all_text``: every part must be
+    one (else parts of other types, images, are skipped). None if a part is not an object, a
+    text part has no ``text`` string, or (``all_text``) a part is of another type."""
+    texts = []
+    for p in parts:
+        if not isinstance(p, Mapping):
+            return None
+        if is_text_part(p):
+            t = p.get("text")
+            if not isinstance(t, str):
+                return None
+            texts.append(t)
+        elif all_text:
+            return None
+    return texts
+
+
 def _content(content: Any, i: int, name: str, rules: MessageRules) -> str:
     if content is None:
         return ""
     if isinstance(content, list):  # OpenAI content parts
-        if rules.all_parts_text:
-            texts = [p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type", "text") == "text"]
-            ok = len(texts) == len(content)
-        else:
-            texts = [p.get("text") or "" for p in content if isinstance(p, Mapping) and p.get("type") == "text"]
-            ok = True
-        if not ok or not all(isinstance(t, str) for t in texts):
+        texts = part_texts(content, rules.all_parts_text)
+        if texts is None:
             raise RecordError("", f"message {i}: content parts must be objects with a 'text' string", name)
         content = PART_SEPARATOR.join(texts)
     if not isinstance(content, str):

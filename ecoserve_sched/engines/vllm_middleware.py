@@ -44,6 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
+from rlpredict.records import PART_SEPARATOR, is_text_part
+
 logger = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
@@ -121,9 +123,7 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(p["text"] for p in content
-                         if isinstance(p, dict) and p.get("type") in ("text", "input_text")
-                         and isinstance(p.get("text"), str))
+        return PART_SEPARATOR.join(p["text"] for p in content if is_text_part(p) and isinstance(p.get("text"), str))
     return ""
 
 

@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from rlpredict import records
 from rlpredict.outputs import atomic_path, check_new_file, check_paths
 from rlpredict.records import (
     COMPRESSION_ERRORS,
     TRACE_FIELDS,
-    TRACE_MESSAGES,
     Fields,
     OnError,
     RecordError,
@@ -44,13 +44,12 @@ from rlpredict.records import (
     open_parquet,
     parquet_batches,
     parse_json,
-    parse_messages,
     text_stream,
 )
 from rlpredict.records import detect_format as _detect_format
 from rlpredict.serve.conformal import column_name
 from rlpredict.serve.runtime import Predictor, Request
-from rlpredict.untrusted_text import is_valid_unicode, json_problem
+from rlpredict.untrusted_text import is_valid_unicode
 
 COLUMNS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
 #: A chunk is predicted and written once it holds ``chunk_rows`` rows or this many characters
@@ -110,37 +109,11 @@ def default_rejects_path(output: str | Path) -> Path:
 
 # ---- one row -> one request --------------------------------------------------------------------
 def request_of(row: Mapping[str, Any], fields: Fields) -> Request:
-    """The request in a row (messages win over prompt); raises ``BadRow`` saying what is wrong."""
-    name, msgs = next(((n, row[n]) for n in fields.messages if row.get(n) not in (None, "")), (None, None))
-    if name is not None:
-        if isinstance(msgs, str):  # CSV cells, or JSON that stores the list as a string
-            try:
-                msgs = json.loads(msgs)
-            except json.JSONDecodeError as e:
-                raise BadRow(f"field {name!r} is not valid JSON ({e.msg})") from None
-            except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
-                raise BadRow(f"field {name!r} is not valid JSON ({json_problem(e)})") from None
-        try:
-            return parse_messages(msgs, name, TRACE_MESSAGES, drop_final_assistant=fields.drop_final_assistant)
-        except RecordError as e:
-            raise BadRow(str(e)) from None
-    prompt = row.get(fields.prompt)
-    messages = " or ".join(map(repr, fields.messages))
-    if prompt is None:
-        if fields.prompt not in row and not any(n in row for n in fields.messages):
-            raise BadRow(f"neither field {fields.prompt!r} nor {messages} is present")
-        raise BadRow(f"field {fields.prompt!r} is missing or null and {messages} is missing or empty")
-    if not isinstance(prompt, str):
-        raise BadRow(f"field {fields.prompt!r} is a {type(prompt).__name__}, expected a string")
-    return _unicode(prompt, f"field {fields.prompt!r}")
-
-
-def _unicode(text: str, what: str) -> str:
-    """``text`` if it is valid Unicode; JSON escapes can make lone surrogates ("\\ud800"), which
-    no tokenizer (and no UTF-8 file) accepts."""
-    if not is_valid_unicode(text):
-        raise BadRow(f"{what} is not valid Unicode (a lone surrogate)")
-    return text
+    """The request in a row (``records.request_of``); raises ``BadRow`` saying what is wrong."""
+    try:
+        return records.request_of(row, fields)
+    except RecordError as e:
+        raise BadRow(str(e)) from None
 
 
 def _dumps(obj: Any) -> str:
@@ -151,12 +124,11 @@ def _dumps(obj: Any) -> str:
 
 
 def generator_of(row: Mapping[str, Any], fields: Fields, wanted: bool) -> str | None:
-    if not wanted:
-        return None
-    name, g = next(((n, row[n]) for n in fields.generator if row.get(n) is not None), (None, None))
-    if g is not None and not isinstance(g, str):
-        raise BadRow(f"field {name!r} is a {type(g).__name__}, expected a string")
-    return g if g is None else _unicode(g, f"field {name!r}")
+    """The row's generator if ``wanted`` (``records.generator_of``); raises ``BadRow``."""
+    try:
+        return records.generator_of(row, fields) if wanted else None
+    except RecordError as e:
+        raise BadRow(str(e)) from None
 
 
 # ---- the driver ---------------------------------------------------------------------------------

@@ -92,12 +92,16 @@ def test_csv_header_problems_are_named(tmp_path):
     ("messages", [{"role": 5, "content": None}], "unknown role 5"),
     ("messages", [], "has no messages"),
     ("messages", "[{oops", "not valid JSON"),
-    ("prompt", 5, "field 'prompt' must be a string"),
-    ("other", "x", "no prompt or messages field"),
+    ("prompt", 5, "field 'prompt' is a int, expected a string"),
+    ("prompt", "\ud800", "field 'prompt' is not valid Unicode"),  # was a TypeError in the tokenizer
+    ("generator", 7, "field 'generator' is a int, expected a string"),  # was ignored
+    ("generator", "\udc80", "field 'generator' is not valid Unicode"),
+    ("other", "x", "neither field 'prompt' nor 'messages' is present"),
 ])
 def test_a_row_without_a_usable_prompt_is_named_for_the_bundle(tmp_path, field, value, msg):
     rows = [{"arrival_time_s": i, "input_tokens": 5, "output_tokens": 3, "prompt": "hi"} for i in range(3)]
-    del rows[1]["prompt"]
+    if field != "generator":
+        del rows[1]["prompt"]
     rows[1][field] = value
     rows[2] = {**rows[2], "prompt": None, "messages": json.dumps([{"from": "human", "value": "hello"}])}  # CSV-style
     p = write(tmp_path, "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -108,6 +112,19 @@ def test_a_row_without_a_usable_prompt_is_named_for_the_bundle(tmp_path, field, 
     rows[1] = {**rows[1], field: None, "prompt": "fixed"}
     t = read_trace(write(tmp_path, "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows)))
     assert t.prompt_problem == "" and t.prompts[2] == [{"role": "user", "content": "hello"}]
+
+
+def test_a_trace_row_is_read_as_annotate_reads_it(tmp_path):
+    """One rule (``records.request_of``): the messages win over the prompt, content parts
+    without a type or of type input_text are text, a blank generator is none."""
+    msgs = [{"role": "user", "content": [{"text": "Write"}, {"type": "input_text", "text": "an essay"},
+                                         {"type": "image_url", "image_url": {"url": "x"}}]}]
+    rows = [{"arrival_time_s": 0, "input_tokens": 5, "output_tokens": 3, "prompt": "hi", "messages": msgs,
+             "generator": "gpt-4"},
+            {"arrival_time_s": 1, "input_tokens": 5, "output_tokens": 3, "prompt": "hi", "generator": ""}]
+    t = read_trace(write(tmp_path, "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows)))
+    assert t.prompts == [[{"role": "user", "content": "Write\nan essay"}], "hi"]
+    assert t.generators == ["gpt-4", None]
 
 
 @pytest.mark.parametrize("edit, msg", [

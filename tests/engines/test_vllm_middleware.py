@@ -163,7 +163,7 @@ def test_completions_prompt_and_content_parts() -> None:
     mw = middleware(stub, generator="served-name")
     call(mw, {"model": "m", "prompt": ["Tell me a story"]}, path="/v1/completions")
     parts = [{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": "x"}},
-             {"type": "text", "text": "this picture"}]
+             {"text": "this picture"}]  # no type: text, as training and annotate read it
     call(mw, {"model": "m", "messages": [{"role": "user", "content": parts}]})
     assert stub.seen == [("Tell me a story", "served-name"),
                          ([{"role": "user", "content": "Describe\nthis picture"}], "served-name")]

@@ -229,11 +229,22 @@ def test_trace_messages_read_like_training_logs(predictor, tmp_path):
     forms = [plain,
              [{"from": "system", "value": "be brief"}, {"from": "human", "value": "name\nthree rivers"}],
              [{"role": "system", "content": "be brief"},
-              {"role": "user", "content": [{"type": "text", "text": "name"}, {"type": "text", "text": "three rivers"}]}]]
+              {"role": "user", "content": [{"type": "text", "text": "name"}, {"type": "text", "text": "three rivers"}]}],
+             # a part without a type is text (as training reads it), so is the Responses API's input_text
+             [{"role": "system", "content": [{"text": "be brief"}]},
+              {"role": "user", "content": [{"type": "input_text", "text": "name"}, {"text": "three rivers"},
+                                           {"type": "image_url", "image_url": {"url": "x"}}]}]]
     src, dst = tmp_path / "t.jsonl", tmp_path / "o.jsonl"
     write(src, [{"id": i, "messages": m} for i, m in enumerate(forms)])
     annotate_file(predictor, src, dst)
     out = read(dst)
     assert len({tuple(o[c] for c in COLUMNS) for o in out}) == 1
-    logged = samples_from_row({"messages": forms[2] + [{"role": "assistant", "content": "ok"}]}, "x", "s")
-    assert logged[-1].messages[:2] == plain  # training reads the same text
+    for form in forms[2:4]:
+        logged = samples_from_row({"messages": form[:1] + [{**form[1], "content": [
+            p for p in form[1]["content"] if p.get("type") != "image_url"]}, {"role": "assistant", "content": "ok"}]},
+            "x", "s")
+        assert logged[-1].messages[:2] == plain  # training reads the same text
+    # a part that is not an object is refused, not read as nothing
+    write(src, [{"id": 0, "messages": [{"role": "user", "content": ["name three rivers"]}]}])
+    summary = annotate_file(predictor, src, dst, force=True, on_error="skip")
+    assert summary.rows_rejected == 1

@@ -383,6 +383,8 @@ def test_predict_reads_utf8_and_refuses_ignored_options(bundle_fp32):
     res = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32)], input=b"fine\nbad \xff here\n")
     one_error_line(res, "stdin: line 2: not valid UTF-8")  # was: exit 1, a TypeError from the tokenizer
     one_error_line(run("predict", "-m", bundle_fp32, "a\udcffb"), "prompt argument 1: not valid UTF-8")
+    res = run("predict", "-m", bundle_fp32, "--generator", "\udcff\udcfe", "hello")  # was: exit 1, a TypeError
+    assert res.exit_code == 2 and "--generator" in res.output and "Traceback" not in res.output
     res = run("predict", "-m", bundle_fp32, "--jsonl", "--single")
     assert res.exit_code == 2 and "--single" in res.output
     res = run("predict", "-m", bundle_fp32, "--jsonl", "hello")
