@@ -239,11 +239,10 @@ def test_trace_messages_read_like_training_logs(predictor, tmp_path):
     annotate_file(predictor, src, dst)
     out = read(dst)
     assert len({tuple(o[c] for c in COLUMNS) for o in out}) == 1
-    for form in forms[2:4]:
-        logged = samples_from_row({"messages": form[:1] + [{**form[1], "content": [
-            p for p in form[1]["content"] if p.get("type") != "image_url"]}, {"role": "assistant", "content": "ok"}]},
-            "x", "s")
-        assert logged[-1].messages[:2] == plain  # training reads the same text
+    for system, user in (forms[2], forms[3]):
+        text_parts = [p for p in user["content"] if p.get("type") != "image_url"]  # training refuses images
+        row = {"messages": [system, {**user, "content": text_parts}, {"role": "assistant", "content": "ok"}]}
+        assert samples_from_row(row, "x", "s")[-1].messages[:2] == plain  # training reads the same text
     # a part that is not an object is refused, not read as nothing
     write(src, [{"id": 0, "messages": [{"role": "user", "content": ["name three rivers"]}]}])
     summary = annotate_file(predictor, src, dst, force=True, on_error="skip")
