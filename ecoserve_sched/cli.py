@@ -83,7 +83,14 @@ def _no_repeats(items: list[Any], option: str) -> None:
 
 
 TraceOpt = Annotated[Path, typer.Option("--trace", help="CSV/JSONL(.gz) trace: arrival_time_s, input_tokens, output_tokens[, rl_*]")]
-ProfileOpt = Annotated[str | None, typer.Option("--profile", help="cost-model profile name or JSON file (default: the cost model's DEFAULT_PROFILE)")]
+def _named(value: str | None) -> str | None:
+    """Option callback: not empty (None passes): an empty name would mean the default, silently."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("is empty: give a profile name or a JSON file, or leave the option out")
+    return value
+
+
+ProfileOpt = Annotated[str | None, typer.Option("--profile", callback=_named, help="cost-model profile name or JSON file (default: the cost model's DEFAULT_PROFILE)")]
 PredOpt = Annotated[str | None, typer.Option("--predictions", callback=_choice("prediction source", *SOURCES), help=f"{'|'.join(SOURCES)} (default: annotated if the trace has rl_* fields, else confusion)")]
 ConfOpt = Annotated[Path | None, typer.Option("--confusion", help="confusion.json, manifest.json with a 'confusion' key, or a bundle directory")]
 BundleOpt = Annotated[str | None, typer.Option("--bundle", help="predictor bundle for --predictions bundle")]

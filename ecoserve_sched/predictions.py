@@ -86,6 +86,10 @@ def load_confusion(path: str | Path) -> Confusion:
             raise ValueError(f"{p}: field {name!r} must be whole token counts >= 1, got {raw}")
     if matrix.shape != (k, k) or not np.isfinite(matrix).all() or (matrix < 0).any():
         raise ValueError(f"{p}: field 'matrix' must be {k}x{k} finite counts >= 0")
+    with np.errstate(over="ignore"):
+        finite_rows = np.isfinite(matrix.sum()) and np.isfinite(matrix.sum(axis=1)).all()
+    if not finite_rows:  # the draws divide by them
+        raise ValueError(f"{p}: field 'matrix' has counts too large to add up (a row sums to infinity)")
     if not matrix.sum():
         raise ValueError(f"{p}: field 'matrix' has no counts")
     return Confusion(edges, point.astype(np.int64), reserve.astype(np.int64), matrix,

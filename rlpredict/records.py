@@ -330,6 +330,8 @@ def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[st
         return
     if not is_valid_unicode(header):
         raise RecordError("", "the header is not valid UTF-8")
+    if twice := _twice(header):  # which cell a name means would be a guess
+        raise RecordError("", f"column(s) {twice} appear more than once in the header")
     yield 1, header, None
     start = reader.line_num + 1
     while True:
@@ -357,9 +359,17 @@ def open_parquet(path: str | Path) -> Any:
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
+        pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise RecordError(str(path), f"not a readable Parquet file ({_first_line(e)})") from None
+    if twice := _twice(pf.schema_arrow.names):
+        raise RecordError(str(path), f"column(s) {twice} appear more than once")
+    return pf
+
+
+def _twice(names: list[str]) -> str:
+    """The names that appear more than once, comma-separated ("" if none)."""
+    return ", ".join(sorted({n for n in names if names.count(n) > 1}))
 
 
 def parquet_batches(pf: Any, path: str | Path, rows: int) -> Iterator[Any]:

@@ -275,6 +275,9 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
         if not isinstance(row, dict):
             run.reject("line", lineno, f"expected a JSON object, got {type(row).__name__}", row)
             continue
+        if any(c in row for c in run.columns) and (why := _not_rewritable(text, row)):
+            run.reject("line", lineno, why, text)
+            continue
         try:
             req, gen = run.parse(row)
         except BadRow as e:
@@ -299,6 +302,26 @@ def _flush_jsonl(run: _Run, batch: list, out: IO[str]) -> None:
         out.write(_with_columns(text, row, [int(v) for v in vals], run.columns) + "\n")
     run.summary.rows_out += len(batch)
     batch.clear()
+
+
+def _not_rewritable(text: str, row: dict) -> str | None:
+    """Why a row that already has rl_* fields (``_with_columns`` writes it anew) would not come
+    back as it was: a key given twice (one value would be lost), or a number JSON cannot write
+    (one that overflows to infinity). None if it would."""
+    def pairs(kv: list[tuple[str, Any]]) -> dict:
+        keys = [k for k, _ in kv]
+        if len(set(keys)) != len(keys):
+            raise BadRow(f"field {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+        return dict(kv)
+
+    try:
+        json.loads(text, object_pairs_hook=pairs)
+        json.dumps(row, allow_nan=False)
+    except BadRow as e:
+        return f"{e}; the row has rl_* fields to replace, and rewriting it would lose a value"
+    except ValueError:
+        return "a number overflows to infinity; the row has rl_* fields to replace, and JSON cannot write it back"
+    return None
 
 
 def _with_columns(text: str, row: dict, values: list[int], columns: Sequence[str] = COLUMNS) -> str:

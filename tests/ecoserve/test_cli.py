@@ -284,6 +284,8 @@ def test_profile_files_are_checked(tmp_path):
         p.write_text(json.dumps(bad))
         _refused(runner.invoke(app, ["simulate", "--trace", t, "--predictions", "oracle",
                                      "--profile", str(p)]), "p.json", why)
+    # an empty name is not the default profile (was: the default, silently)
+    _refused(runner.invoke(app, ["simulate", "--trace", t, "--profile", ""]), "--profile", "is empty")
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe", b"[" * 100_000, b'{"format": "rlpredict.confusion/1", '

@@ -134,6 +134,7 @@ def test_a_trace_row_is_read_as_annotate_reads_it(tmp_path):
     (lambda d: d["reserve_tokens"].__setitem__(0, -100), "reserve_tokens"),  # was used as is
     (lambda d: d["matrix"][0].__setitem__(0, float("nan")), "matrix"),
     (lambda d: d.update(matrix=[[0] * len(d["matrix"])] * len(d["matrix"])), "no counts"),
+    (lambda d: d.update(matrix=[[1e308] * len(d["matrix"])] * len(d["matrix"])), "too large to add up"),
     (lambda d: d.update(bucket_edges=[], point_tokens=[], reserve_tokens=[], matrix=[]), "bucket_edges"),
 ])
 def test_confusion_values_are_checked(tmp_path, edit, msg):

@@ -413,6 +413,16 @@ def test_a_bad_yaml_config_is_named(tmp_path):
         TrainConfig.load(cfg)
 
 
+def test_a_parquet_file_with_a_column_twice_is_refused(bundle_fp32, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "dup.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["prompt", "prompt"]), src)
+    one_error_line(run("annotate", src, "-o", tmp_path / "o.parquet", "-m", bundle_fp32),  # was: exit 1, KeyError
+                   "dup.parquet", "column(s) prompt appear more than once")
+
+
 def test_annotate_reports_replaced_columns_and_refuses_what_it_would_ignore(bundle_fp32, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text('{"prompt": "a", "rl_bucket": "OLD"}\n{"prompt": "b"}\n')
@@ -424,6 +434,19 @@ def test_annotate_reports_replaced_columns_and_refuses_what_it_would_ignore(bund
                    "--prompt-field")
     one_error_line(run("annotate", src, "-o", out, "-m", bundle_fp32, "--force", "--rejects", tmp_path / "r.jsonl"),
                    "--rejects")
+    # a row with rl_* fields is written anew: one that would not come back as it was is a bad row
+    src.write_text('{"prompt": "a", "x": 1, "x": 2, "rl_bucket": 3}\n{"prompt": "b", "big": 1e400, "rl_bucket": 1}\n'
+                   '{"prompt": "c", "x": 1, "x": 2}\n')  # was: "x": 1 lost, and Infinity written
+    res = run("annotate", src, "-o", out, "-m", bundle_fp32, "--force", "--json", "--on-error", "skip")
+    assert res.exit_code == 0, res.output
+    assert (json.loads(res.stdout)["rows_rejected"], json.loads(res.stdout)["rows_out"]) == (2, 1)
+    assert out.read_text().startswith('{"prompt": "c", "x": 1, "x": 2, "rl_bucket"')  # untouched text, kept
+    one_error_line(run("annotate", src, "-o", out, "-m", bundle_fp32, "--force"),
+                   "line 1: field 'x' appears twice")
+    for name, text in (("dup.csv", "prompt,rl_bucket,rl_bucket\na,1,9\n"), ("dup2.csv", "prompt,prompt\na,b\n")):
+        (tmp_path / name).write_text(text)  # was: one of the two read, silently
+        one_error_line(run("annotate", tmp_path / name, "-o", tmp_path / "o.csv", "-m", bundle_fp32),
+                       name, "appear more than once in the header")
     cut = tmp_path / "cut.csv"  # a quote left open swallows every later row: refused at its line
     cut.write_text('id,prompt\n1,a\n2,"cut short\n3,c\n')
     one_error_line(run("annotate", cut, "-o", tmp_path / "o.csv", "-m", bundle_fp32), "line 3: malformed CSV")
