@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rlpredict.untrusted_text import json_problem
+
 
 def read_json(path: str | Path) -> Any:
     """The parsed content of ``path``; ``ValueError("FILE: line N: not valid JSON (...)")`` if malformed."""
@@ -18,6 +20,10 @@ def read_json(path: str | Path) -> Any:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not valid UTF-8 (byte {e.start})") from None
+    except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
+        raise ValueError(f"{p}: not valid JSON ({json_problem(e)})") from None
 
 
 def strict(obj: Any) -> Any:

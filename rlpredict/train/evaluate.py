@@ -17,6 +17,7 @@ from rlpredict.buckets import BucketScheme
 from rlpredict.confusion_plot import plot_confusion
 from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.inputs import InputSpec, build_text, lexical_text
+from rlpredict.json_file import read_json
 from rlpredict.outputs import output_dir, write_text_atomic
 from rlpredict.splits import split_by_group
 from rlpredict.train.baselines import BASELINES
@@ -57,6 +58,25 @@ def predict_proba_torch(model_dir: str | Path, texts: Sequence[str], spec: Input
     return out
 
 
+def recorded_split(path: Path) -> dict:
+    """The held-out split ``rlpredict train`` recorded in ``training_summary.json``
+    (``{test_frac, seed}``; {} without the file or the record); ``ValueError`` naming the file
+    if a value is of the wrong kind."""
+    if not path.is_file():
+        return {}
+    summary = read_json(path)
+    data = summary.get("data", {}) if isinstance(summary, dict) else None
+    split = data.get("split", {}) if isinstance(data, dict) else None
+    if not isinstance(split, dict):
+        raise ValueError(f"{path}: expected an object whose 'data.split' is an object")
+    frac, seed = split.get("test_frac", 0.1), split.get("seed", 0)
+    if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 < frac < 1:
+        raise ValueError(f"{path}: field 'data.split.test_frac' must be a number in (0, 1), got {frac!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{path}: field 'data.split.seed' must be a whole number >= 0, got {seed!r}")
+    return {"test_frac": frac, "seed": seed}
+
+
 def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split: str = "test",
              test_frac: float | None = None, split_seed: int | None = None,
              baselines: Sequence[str] = tuple(BASELINES), baseline_data: Sequence[str | Path] = (),
@@ -70,8 +90,7 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
     """
     if model_dir is not None:
         meta = ModelMeta.load(model_dir)
-        summary_path = Path(model_dir) / "training_summary.json"
-        recorded = json.loads(summary_path.read_text())["data"]["split"] if summary_path.is_file() else {}
+        recorded = recorded_split(Path(model_dir) / "training_summary.json")
         test_frac = test_frac if test_frac is not None else recorded.get("test_frac", 0.1)
         split_seed = split_seed if split_seed is not None else recorded.get("seed", 0)
     if meta is None:

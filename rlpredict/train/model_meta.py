@@ -34,11 +34,20 @@ class ModelMeta:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = FILENAME) -> ModelMeta:
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise ValueError(f"{source}: unknown format {d.get('format')!r} (expected {FORMAT!r})")
+        for name in ("buckets", "input"):
+            if name in d and not isinstance(d[name], dict):
+                raise ValueError(f"{source}: field {name!r} must be an object, got {type(d[name]).__name__}")
         try:
-            return cls(buckets=BucketScheme.from_dict(d["buckets"], source=f"{source}: buckets"),
-                       input=InputSpec.from_dict(d["input"]), rl_tokenizer=str(d["rl_tokenizer"]))
+            buckets = BucketScheme.from_dict(d["buckets"], source=f"{source}: buckets")
+            try:
+                spec = InputSpec.from_dict(d["input"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{source}: field 'input': {e}") from None
+            return cls(buckets=buckets, input=spec, rl_tokenizer=str(d["rl_tokenizer"]))
         except KeyError as e:
             raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
 

@@ -465,6 +465,38 @@ def test_calibrate_keeps_the_recorded_split():
     assert held_out([], manifest, "test", 0.1, 0)[1].endswith("(test_frac 0.1, seed 0)")
 
 
+def _labelled(tmp_path: Path) -> Path:
+    """40 labelled rows in 40 conversations."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "a " * (i + 1), "conversation_id": i}) + "\n"
+                            for i in range(40)))
+    return data
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("training_summary.json", "[]", "data.split"),  # was: exit 1, TypeError
+    ("training_summary.json", '{"data": {"split": {"test_frac": "x"}}}', "data.split.test_frac"),
+    ("training_summary.json", "{oops", "line 1: not valid JSON"),  # was: no file named
+    ("rlpredict.json", "[]", "expected a JSON object"),  # was: exit 1, AttributeError
+    ("rlpredict.json", '{"format": "rlpredict.model/1", "buckets": "x"}', "field 'buckets' must be an object"),
+])
+def test_a_model_folders_own_files_are_checked(tiny_model_dir, tmp_path, name, content, needle):
+    data = _labelled(tmp_path)
+    bad = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, bad)
+    (bad / name).write_text(content)
+    one_error_line(run("eval", "--model", bad, "--data", data, "--out", tmp_path / "e"), name, needle)
+    if name == "rlpredict.json":
+        one_error_line(run("export", "--model", bad, "--out", tmp_path / "b"), name, needle)
+
+
+def test_eval_reads_a_summary_without_a_split_record(tiny_model_dir, tmp_path):
+    """``training_summary.json`` without ``data.split`` (the test fixture's): the default split."""
+    data = _labelled(tmp_path)
+    res = run("eval", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "e")  # was: exit 1, KeyError
+    assert res.exit_code == 0, res.output
+
+
 def test_eval_refuses_baseline_data_it_would_ignore(tiny_model_dir, trace, tmp_path):
     one_error_line(run("eval", "--model", tiny_model_dir, "--data", trace, "--baseline-data", trace,
                        "--out", tmp_path / "e"), "--baseline-data")
