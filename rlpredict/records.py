@@ -500,13 +500,29 @@ def _iter_parquet(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
             yield f"{p}: row {n}", row
 
 
+#: Files ``datasets.Dataset.save_to_disk`` (and ``DatasetDict``'s) write at a folder's top.
+SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")
+
+
 def _iter_datasets_dir(p: Path) -> Iterator[tuple[str, Any]]:
+    """A ``save_to_disk`` folder through ``datasets``; any other folder file by file with the
+    readers above (every data file below it, in name order: the same ``file:line`` locations
+    and bad-row handling as a file given alone)."""
+    if not any((p / name).is_file() for name in SAVED_DATASET_FILES):
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                       and detect_format(f)[0] is not None)
+        if not files:
+            raise RecordError(str(p), "a folder with no data files (.jsonl, .json, .csv, .tsv, .parquet, "
+                                      "optionally .gz) and not a saved datasets folder")
+        for f in files:
+            yield from iter_rows(f)
+        return
     import datasets
 
     try:
         ds = datasets.load_from_disk(str(p))
-    except FileNotFoundError:
-        ds = datasets.load_dataset(str(p))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise RecordError(str(p), f"not a readable saved datasets folder ({_first_line(e)})") from None
     splits = ds.items() if isinstance(ds, datasets.DatasetDict) else [("", ds)]
     for split, d in splits:
         tag = f"[{split}]" if split else ""

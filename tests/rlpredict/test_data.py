@@ -75,6 +75,23 @@ def test_json_array_csv_parquet_and_datasets_folder(tmp_path):
         assert [s.group for s in samples] == ["c0", "c1", "c2"], name
 
 
+def test_a_folder_of_data_files_is_read_file_by_file(tmp_path):
+    """Not a saved datasets folder: every data file below it, in name order, with its lines named
+    and bad rows skippable (was: ``datasets.load_dataset``'s errors, no file or line, no skip)."""
+    d = tmp_path / "logs"
+    (d / "b").mkdir(parents=True)
+    (d / "a.jsonl").write_text('{"prompt": "q1", "response": "r1"}\n{"prompt": "q2", oops}\n')
+    (d / "b" / "c.csv").write_text("prompt,response\nq3,r3\n")
+    (d / "notes.txt").write_text("not data\n")
+    with pytest.raises(DataError, match=r"a\.jsonl:2: not valid JSON"):
+        load_samples([d])
+    samples, rep = load_samples([d], on_error="skip")
+    assert [s.response for s in samples] == ["r1", "r3"] and rep.n_skipped == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: a folder with no data files"):
+        load_samples([tmp_path / "empty"])
+
+
 def test_csv_messages_cell_is_json(tmp_path):
     p = tmp_path / "m.csv"
     msgs = json.dumps([{"role": "user", "content": "hi, there"}, {"role": "assistant", "content": "yo"}])
