@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,8 +65,8 @@ def export_bundle(model_dir: str | Path, out: str | Path, *, int8: bool = False,
                           "the bundle needs it to tokenize without transformers")
     check_paths([model_dir, *(parity_data or ())], [("--out", out)])
     check_new_dir(out, force=force, option="--out")
-    samples = _parity_samples(parity_data, parity_n, meta)
-    log(f"parity prompts: {len(samples)} from {_describe(parity_data)}")
+    samples, read = _parity_samples(parity_data, parity_n, meta)
+    log(f"parity prompts: {len(samples)} from {_describe(parity_data)} ({read.summary()})")
 
     with output_dir(out, force=force, tool="rlpredict export") as tmp:
         manifest = _build(model_dir, tmp, meta, samples, int8=int8, atol=atol, opset=opset,
@@ -269,20 +270,22 @@ def _quantize(path: Path) -> None:
 
 
 # ---- parity prompts ----------------------------------------------------------------------------
-def _parity_samples(paths: Sequence[str | Path] | None, n: int, meta: ModelMeta) -> list:
-    """A seeded random subset of real prompts (context messages, generator, response)."""
+def _parity_samples(paths: Sequence[str | Path] | None, n: int, meta: ModelMeta) -> tuple[list, Any]:
+    """A seeded random subset of real prompts (context messages, generator, response), and the
+    read's ``LoadReport``: bad rows are set aside and counted (the log line says how many and why)."""
     from rlpredict.data import load_samples
 
     if not paths:
         from rlpredict.samples import SAMPLE_FILES
 
         paths = list(SAMPLE_FILES.values())
-    samples, _ = load_samples([str(p) for p in paths], on_error="skip")
+    samples, report = load_samples([str(p) for p in paths], on_error="skip")
     if not samples:
-        raise ExportError(f"no usable prompts in {', '.join(map(str, paths))} for the parity check")
+        raise ExportError(f"no usable prompts in {', '.join(map(str, paths))} for the parity check "
+                          f"({report.summary()})")
     if len(samples) > n:
         samples = random.Random(0).sample(samples, n)
-    return samples
+    return samples, report
 
 
 def _labels(samples: list, meta: ModelMeta) -> np.ndarray | None:

@@ -63,6 +63,18 @@ def test_failed_parity_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no temporary folder left behind
 
 
+def test_bad_parity_rows_are_counted_and_said(tiny_model_dir, tmp_path):
+    """--parity-data's bad rows are set aside and the log says how many and why (was: dropped
+    without a word)."""
+    src = tmp_path / "parity.jsonl"
+    src.write_bytes(b'{"prompt": "good one", "response": "fine"}\n\xff\xfe\n{"prompt": 5, "response": "x"}\n'
+                    b'{"prompt": "good two", "response": "fine"}\n')
+    lines: list[str] = []
+    export_bundle(tiny_model_dir, tmp_path / "b", parity_data=[src], parity_n=8, log=lines.append)
+    said = next(line for line in lines if line.startswith("parity prompts:"))
+    assert said.startswith("parity prompts: 2 from") and "skipped 2 rows" in said
+
+
 def test_eval_copied_refuses_existing_and_force_replaces(tiny_model_dir, tmp_path):
     from typer.testing import CliRunner
 
