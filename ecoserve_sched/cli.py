@@ -59,6 +59,18 @@ def _names(text: str, option: str) -> list[str]:
     return names
 
 
+def _policy_names(text: str, option: str) -> list[str]:
+    """``_names``, each a registered policy or a vLLM engine policy: all checked before any runs."""
+    from .engines.vllm_sim import REAL_POLICIES
+    from .policies import policy_names
+
+    names, known = _names(text, option), set(policy_names()) | set(REAL_POLICIES)
+    if unknown := [n for n in names if n not in known]:
+        raise typer.BadParameter(f"unknown polic{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} "
+                                 "(see `ecoserve policies`)", param_hint=f"'{option}'")
+    return names
+
+
 def _scales(text: str, option: str) -> list[float]:
     """A comma-separated list of rate multipliers: finite numbers > 0, none twice."""
     scales = []
@@ -226,7 +238,7 @@ def compare(
 
     from .compare import sweep, write_report
 
-    names, scales = _names(policies, "--policies"), _scales(rate_scales, "--rate-scales")
+    names, scales = _policy_names(policies, "--policies"), _scales(rate_scales, "--rate-scales")
     spec = _spec(trace, profile, predictions, confusion, bundle, SLO(slo_ttft, slo_tbt, slo_deadline),
                  max_tokens, max_requests, seed, outputs=(("--out", out),),
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size))
@@ -367,7 +379,7 @@ def demo(
     from . import demo as demo_mod
     from .compare import capacity_text
 
-    names = _names(policies, "--policies") if policies is not None else list(demo_mod.POLICIES)
+    names = _policy_names(policies, "--policies") if policies is not None else list(demo_mod.POLICIES)
     scales = _scales(rate_scales, "--rate-scales") if rate_scales is not None else demo_mod.RATE_SCALES
     err = Console(stderr=True)
     total = 4 if headroom else 3

@@ -243,7 +243,8 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
         elif has_rl != row_rl:
             raise TraceError(f"{where}: rl_* fields present on some rows but not on this one")
         if row_rl:
-            rl.append([_int(row, k, where, 0) for k in RL_FIELDS])
+            # a reservation holds at least one token (annotate never writes less)
+            rl.append([_int(row, k, where, lo) for k, lo in zip(RL_FIELDS, (0, 0, 1), strict=True)])
         prompt, g, problem = _prompt_input(row)
         prompts.append(prompt)
         gens.append(g)

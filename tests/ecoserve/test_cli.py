@@ -243,11 +243,13 @@ def test_compare_output_is_safe(tmp_path):
     _refused(runner.invoke(app, [*base[:-1], str(tmp_path), "--force"]), "holds the input")
     _refused(runner.invoke(app, [*base[:-1], t, "--force"]), "also an input")
     assert Path(t).is_file()
-    # a failing run leaves nothing: no folder, no temporary folder
+    # a refused run leaves nothing: no folder, no temporary folder; every name is checked before
+    # any policy runs (was: vllm ran, then "nope" failed, and the message named no option)
     fresh = tmp_path / "fresh"
     r = runner.invoke(app, ["compare", "--trace", t, "--predictions", "oracle", "--policies",
                             "vllm,nope", "--rate-scales", "1", "--out", str(fresh)])
-    _refused(r, "unknown policy")
+    _refused(r, "--policies", "unknown policy nope")
+    assert "attainment" not in r.output  # no progress line: nothing ran
     assert not fresh.exists() and not list(tmp_path.glob(".fresh*"))
 
 

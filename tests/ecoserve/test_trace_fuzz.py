@@ -40,7 +40,7 @@ def trace_row(draw: st.DrawFn, with_rl: bool) -> dict:
         row["prompt"] = draw(WORDS)
     if with_rl:
         row.update(rl_bucket=draw(st.integers(0, 9)), rl_pred_tokens=draw(st.integers(0, 4000)),
-                   rl_reserve_tokens=draw(st.integers(0, 8000)))
+                   rl_reserve_tokens=draw(st.integers(1, 8000)))
     return row
 
 

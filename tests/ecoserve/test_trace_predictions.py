@@ -114,6 +114,13 @@ def test_a_row_without_a_usable_prompt_is_named_for_the_bundle(tmp_path, field, 
     assert t.prompt_problem == "" and t.prompts[2] == [{"role": "user", "content": "hello"}]
 
 
+def test_an_annotated_reservation_of_zero_tokens_is_refused(tmp_path):
+    row = {"arrival_time_s": 0, "input_tokens": 5, "output_tokens": 3, "rl_bucket": 0, "rl_pred_tokens": 0,
+           "rl_reserve_tokens": 0}  # was: accepted
+    with pytest.raises(TraceError, match=r"p\.jsonl:1: rl_reserve_tokens must be an integer in \[1, "):
+        read_trace(write(tmp_path, "p.jsonl", json.dumps(row) + "\n"))
+
+
 def test_a_trace_row_is_read_as_annotate_reads_it(tmp_path):
     """One rule (``records.request_of``): the messages win over the prompt, content parts
     without a type or of type input_text are text, a blank generator is none."""
