@@ -24,7 +24,7 @@ from .compare import Server
 from .policies.interface import DEFAULT_MAX_RUNNING
 from .predictions import SOURCES
 from .request import SLO
-from .trace import MAX_COUNT
+from .trace import MAX_COUNT, is_plain_number
 
 if TYPE_CHECKING:
     from .compare import RunSpec
@@ -76,6 +76,8 @@ def _scales(text: str, option: str) -> list[float]:
     scales = []
     for item in text.split(","):
         try:
+            if not is_plain_number(item):
+                raise ValueError(item)
             x = float(item)
         except ValueError:
             raise typer.BadParameter(f"{item.strip()!r} is not a number (give e.g. 0.5,1,2)",

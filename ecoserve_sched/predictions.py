@@ -64,7 +64,10 @@ def load_confusion(path: str | Path) -> Confusion:
     if not isinstance(d, dict) or d.get("format") != CONFUSION_FORMAT:
         raise ValueError(f"{p}: not a confusion matrix (expected format {CONFUSION_FORMAT!r})")
     try:
-        edges = np.array([math.inf if e is None else float(e) for e in d["bucket_edges"]])
+        raw_edges = d["bucket_edges"]
+        for name in ("bucket_edges", "point_tokens", "reserve_tokens", "matrix"):
+            _numbers(d[name], name, null_ok=name == "bucket_edges")
+        edges = np.array([math.inf if e is None else float(e) for e in raw_edges])
         k = len(edges)
         point_raw, reserve_raw = d["point_tokens"], d["reserve_tokens"]
         point = np.asarray(point_raw, dtype=float)
@@ -94,6 +97,19 @@ def load_confusion(path: str | Path) -> Confusion:
         raise ValueError(f"{p}: field 'matrix' has no counts")
     return Confusion(edges, point.astype(np.int64), reserve.astype(np.int64), matrix,
                      str(d.get("source", "")), str(p))
+
+
+def _numbers(value: object, name: str, null_ok: bool = False) -> None:
+    """``value`` is a (nested) list of JSON numbers (and nulls if ``null_ok``): ``float`` and
+    numpy would take ``true`` and ``"64"`` as numbers."""
+    items = value if isinstance(value, list) else None
+    if items is None:
+        raise ValueError(f"field {name!r} must be a list, got {type(value).__name__}")
+    for v in items:
+        if isinstance(v, list):
+            _numbers(v, name, null_ok)
+        elif isinstance(v, bool) or not (isinstance(v, int | float) or (v is None and null_ok)):
+            raise ValueError(f"field {name!r} must hold numbers{' (null last)' if null_ok else ''}, got {v!r}"[:200])
 
 
 def default_confusion_path(root: Path = REPO_ROOT) -> Path:

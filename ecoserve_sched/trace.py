@@ -174,18 +174,22 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
 _PLAIN_NUMBER = re.compile(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*")
 
 
-def _number_cell(v: object) -> bool:
+def is_plain_number(v: object) -> bool:
+    """Not a string, or a number written in plain ASCII digits (``float`` also takes ``1_000``
+    and other scripts' digits)."""
     return not isinstance(v, str) or _PLAIN_NUMBER.fullmatch(v) is not None
 
 
 def _int(row: dict, key: str, where: str, minimum: int) -> int:
     v = row.get(key)
-    if isinstance(v, bool) or not _number_cell(v):
+    if isinstance(v, bool) or not is_plain_number(v):
         raise TraceError(f"{where}: {key} must be an integer, got {_short(v)}")
     try:
         x = float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
         raise TraceError(f"{where}: {key} must be an integer, got {_short(v)}") from None
+    if isinstance(v, int) and not minimum <= v <= MAX_COUNT:  # exact: 2^53 + 1 is no float
+        x = math.inf
     if not math.isfinite(x) or x != int(x) or not minimum <= x <= MAX_COUNT:
         raise TraceError(f"{where}: {key} must be an integer in [{minimum}, 2^53], got {_short(v)}")
     return int(x)
@@ -224,7 +228,7 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
         for k in REQUIRED:
             if row.get(k) in (None, ""):
                 raise TraceError(f"{where}: missing {k}")
-        if isinstance(row["arrival_time_s"], bool) or not _number_cell(row["arrival_time_s"]):
+        if isinstance(row["arrival_time_s"], bool) or not is_plain_number(row["arrival_time_s"]):
             raise TraceError(f"{where}: arrival_time_s must be a number, got {_short(row['arrival_time_s'])}")
         try:
             a = float(row["arrival_time_s"])

@@ -87,7 +87,7 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
 
     raw = sys.stdin.buffer.read()
     try:
-        data = raw.decode("utf-8")
+        data = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first prompt
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         _fail(f"stdin: line {line}: not valid UTF-8 (byte {e.start})")

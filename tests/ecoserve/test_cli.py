@@ -249,6 +249,7 @@ def test_compare_output_is_safe(tmp_path):
     r = runner.invoke(app, ["compare", "--trace", t, "--predictions", "oracle", "--policies",
                             "vllm,nope", "--rate-scales", "1", "--out", str(fresh)])
     _refused(r, "--policies", "unknown policy nope")
+    _refused(runner.invoke(app, [*base[:5], "--rate-scales", "1_0"]), "--rate-scales", "not a number")  # was: 10
     assert "attainment" not in r.output  # no progress line: nothing ran
     assert not fresh.exists() and not list(tmp_path.glob(".fresh*"))
 

@@ -114,6 +114,12 @@ def test_a_row_without_a_usable_prompt_is_named_for_the_bundle(tmp_path, field, 
     assert t.prompt_problem == "" and t.prompts[2] == [{"role": "user", "content": "hello"}]
 
 
+def test_a_count_past_2_to_the_53_is_refused_exactly(tmp_path):
+    row = {"arrival_time_s": 0, "input_tokens": 2**53 + 1, "output_tokens": 3}  # was: read as 2^53
+    with pytest.raises(TraceError, match=r"input_tokens must be an integer in \[1, 2\^53\]"):
+        read_trace(write(tmp_path, "p.jsonl", json.dumps(row) + "\n"))
+
+
 def test_an_annotated_reservation_of_zero_tokens_is_refused(tmp_path):
     row = {"arrival_time_s": 0, "input_tokens": 5, "output_tokens": 3, "rl_bucket": 0, "rl_pred_tokens": 0,
            "rl_reserve_tokens": 0}  # was: accepted
@@ -142,6 +148,8 @@ def test_a_trace_row_is_read_as_annotate_reads_it(tmp_path):
     (lambda d: d["matrix"][0].__setitem__(0, float("nan")), "matrix"),
     (lambda d: d.update(matrix=[[0] * len(d["matrix"])] * len(d["matrix"])), "no counts"),
     (lambda d: d.update(matrix=[[1e308] * len(d["matrix"])] * len(d["matrix"])), "too large to add up"),
+    (lambda d: d.update(bucket_edges=[True, *d["bucket_edges"][1:]]), "bucket_edges"),  # was: taken as 1
+    (lambda d: d.update(bucket_edges=["64", *d["bucket_edges"][1:]]), "bucket_edges"),  # was: taken as 64
     (lambda d: d.update(bucket_edges=[], point_tokens=[], reserve_tokens=[], matrix=[]), "bucket_edges"),
 ])
 def test_confusion_values_are_checked(tmp_path, edit, msg):

@@ -383,6 +383,9 @@ def test_predict_reads_utf8_and_refuses_ignored_options(bundle_fp32):
     res = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32)], input=b"fine\nbad \xff here\n")
     one_error_line(res, "stdin: line 2: not valid UTF-8")  # was: exit 1, a TypeError from the tokenizer
     one_error_line(run("predict", "-m", bundle_fp32, "a\udcffb"), "prompt argument 1: not valid UTF-8")
+    bom = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--json"], input="\ufeffhello\n".encode())
+    plain = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--json"], input=b"hello\n")
+    assert bom.exit_code == 0 and bom.stdout == plain.stdout  # a byte-order mark is not part of the prompt
     res = run("predict", "-m", bundle_fp32, "--generator", "\udcff\udcfe", "hello")  # was: exit 1, a TypeError
     assert res.exit_code == 2 and "--generator" in res.output and "Traceback" not in res.output
     res = run("predict", "-m", bundle_fp32, "--jsonl", "--single")
