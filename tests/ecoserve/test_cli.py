@@ -215,7 +215,7 @@ def test_synthetic_arrivals_and_overflowing_scales(tmp_path):
 @pytest.mark.parametrize(("args", "option", "why"), [
     (["--rate-scales", "1,abc"], "--rate-scales", "'abc' is not a number"),
     (["--rate-scales", "1,-2"], "--rate-scales", "> 0"),
-    (["--rate-scales", "nan"], "--rate-scales", "> 0"),
+    (["--rate-scales", "nan"], "--rate-scales", "is not a number"),
     (["--rate-scales", "1,1"], "--rate-scales", "twice"),
     (["--policies", ","], "--policies", "at least one"),
     (["--policies", "vllm,vllm"], "--policies", "twice"),
