@@ -242,5 +242,8 @@ def annotate(
     if s.rows_replaced:
         _err.print(f"  {s.rows_replaced} rows already had rl_* fields: their values were replaced by this "
                    "bundle's predictions", highlight=False)
+    if s.rows_without_generator:
+        _err.print(f"  {s.rows_without_generator} rows have no generator (field {generator_field!r}): this bundle "
+                   "takes one, and predicted them as 'model: unknown'", highlight=False)
     for reason, n in list(s.reasons.items())[:5]:
         _err.print(f"  {n} x {reason}", highlight=False)

@@ -75,6 +75,7 @@ class AnnotateSummary:
     rows_out: int = 0
     rows_rejected: int = 0
     rows_replaced: int = 0  # rows out that already had rl_* fields: their values were replaced
+    rows_without_generator: int = 0  # rows out predicted as "model: unknown" by a bundle that takes one
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -167,6 +168,8 @@ class _Run:
 
     def predict(self, requests: list[Request], generators: list[str | None]) -> list[Any]:
         """One array per output column (``self.columns``), for the given requests."""
+        if self.wants_generator:
+            self.summary.rows_without_generator += sum(g is None for g in generators)
         a = self.predictor.predict_arrays(requests, generators, quantiles=self.quantiles or None)
         quant = [] if a.quantile_tokens is None else list(a.quantile_tokens.T)
         return [a.bucket, a.pred_tokens, a.reserve_tokens, *quant]

@@ -119,8 +119,8 @@ class _Annotator:
         import pyarrow as pa
 
         out: dict[str, list] = {k: [] for k in ("file", "first", "count", "last", "payload", "rejects",
-                                                "rows_in", "rows_out", "rows_rejected", "rows_replaced", "reasons",
-                                                "progress")}
+                                                "rows_in", "rows_out", "rows_rejected", "rows_replaced",
+                                                "rows_without_generator", "reasons", "progress")}
         for c in batch.to_pylist():
             self._maybe_fail(c)
             summary = AnnotateSummary(c["path"], "", None)
@@ -146,6 +146,7 @@ class _Annotator:
                                ("rejects", rejects.getvalue().encode("utf-8")),
                                ("rows_in", summary.rows_in), ("rows_out", summary.rows_out),
                                ("rows_rejected", summary.rows_rejected), ("rows_replaced", summary.rows_replaced),
+                               ("rows_without_generator", summary.rows_without_generator),
                                ("reasons", json.dumps(dict(run.reasons))), ("progress", c["progress"])):
                 out[key].append(value)
         return pa.table({**out, "payload": pa.array(out["payload"], pa.large_binary()),
@@ -427,6 +428,7 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
                 summary.rows_out += c["rows_out"]
                 summary.rows_rejected += c["rows_rejected"]
                 summary.rows_replaced += c["rows_replaced"]
+                summary.rows_without_generator += c["rows_without_generator"]
                 reasons.update(json.loads(c["reasons"]))
                 bar.update(summary.rows_in, before[i] + c["progress"] * sizes[i])
         seen.finish()

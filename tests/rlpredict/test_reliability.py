@@ -416,6 +416,19 @@ def test_a_bad_yaml_config_is_named(tmp_path):
         TrainConfig.load(cfg)
 
 
+def test_annotate_counts_rows_a_generator_bundle_predicts_without_one(tmp_path):
+    """The shipped bundle takes the generator: rows without one (a typo in --generator-field,
+    say) are counted and said, not predicted as "model: unknown" silently."""
+    from rlpredict.serve.bundle import default_bundle_path
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "a", "generator": "gpt-4"}\n{"prompt": "b"}\n')
+    for extra, without in (([], 1), (["--generator-field", "modle"], 2)):
+        res = run("annotate", src, "-o", tmp_path / "o.jsonl", "-m", default_bundle_path(), "--force", *extra)
+        assert res.exit_code == 0, res.output
+        assert f"{without} rows have no generator" in " ".join(res.output.split())
+
+
 def test_a_parquet_file_with_a_column_twice_is_refused(bundle_fp32, tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
