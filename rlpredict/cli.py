@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
-from rlpredict.cli_boundary import BoundaryGroup, at_least, in_range, root_callback
+from rlpredict.cli_boundary import BoundaryGroup, at_least, distinct_paths, in_range, root_callback
 from rlpredict.json_file import dumps
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, cls=BoundaryGroup,
@@ -56,7 +56,7 @@ def _is_main_process() -> bool:
 
 @app.command()
 def train(
-    data: Annotated[list[Path] | None, typer.Option("--data", help="Chat-log file or folder (repeatable); overrides the config's `data`.")] = None,
+    data: Annotated[list[Path] | None, typer.Option("--data", callback=distinct_paths, help="Chat-log file or folder (repeatable); overrides the config's `data`.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output model folder (refused if it exists, unless --force).")] = Path("runs/model"),
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML (or YAML) file with TrainConfig settings; the options below override it.")] = None,
     rl_tokenizer: Annotated[str | None, typer.Option("--rl-tokenizer", callback=_rl_tokenizer_option, help="Tokenizer RL is counted in: llama3, qwen3, deepseek or a tokenizer.json path.")] = None,
@@ -120,7 +120,7 @@ def train(
 @app.command("eval")
 def eval_cmd(
     model: Annotated[Path, typer.Option("--model", help="Model folder written by `rlpredict train`.")],
-    data: Annotated[list[Path], typer.Option("--data", help="Data file or folder (repeatable).")],
+    data: Annotated[list[Path], typer.Option("--data", callback=distinct_paths, help="Data file or folder (repeatable).")],
     split: Annotated[str, typer.Option(help="'test': the model's held-out groups of DATA (baselines train on the rest); 'all': every row.")] = "test",
     baseline_data: Annotated[list[Path] | None, typer.Option(help="With --split all: data to train the baselines on.")] = None,
     baselines: Annotated[str, typer.Option(help="Comma-separated baselines: constant,prompt_length,tfidf_ridge,tfidf_logreg (empty: none).")] = "constant,prompt_length,tfidf_ridge,tfidf_logreg",
@@ -164,7 +164,7 @@ def stack(
     model: Annotated[Path, typer.Option("--model", help="Bundle to extend (written by `rlpredict export`; encoder only).")],
     config: Annotated[Path, typer.Option("--config", "-c", help="The recipe the bundle's encoder was trained with (data, split, subsample).")],
     out: Annotated[Path, typer.Option("--out", help="Stacked bundle folder to write (never the input bundle; refused if it exists, unless --force).")],
-    data: Annotated[list[Path] | None, typer.Option("--data", help="Chat-log file or folder (repeatable); overrides the recipe's `data`.")] = None,
+    data: Annotated[list[Path] | None, typer.Option("--data", callback=distinct_paths, help="Chat-log file or folder (repeatable); overrides the recipe's `data`.")] = None,
     stack_rows: Annotated[int, typer.Option(callback=at_least(10), help="Stacking-fit rows per source, at most (training-side rows the encoder did not train on).")] = 4000,
     folds: Annotated[int, typer.Option(callback=in_range(2, 20), help="Group folds for the out-of-fold TF-IDF probabilities of the stacking-fit rows.")] = 3,
     seed: Annotated[int, typer.Option(help="Order of the stacking-fit groups and folds.")] = 0,

@@ -23,6 +23,7 @@ import signal
 import threading
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -126,6 +127,18 @@ def root_callback(tool: str) -> Callable[..., None]:
 
 
 # ---- option validators (one message naming the option) -----------------------------------------
+def distinct_paths(value: Any) -> Any:
+    """A callback refusing a file or folder given twice in a repeatable option (its rows would
+    count twice); None passes."""
+    seen: set[Path] = set()
+    for p in value or ():
+        key = Path(p).resolve()
+        if key in seen:
+            raise typer.BadParameter(f"{p} is given twice (its rows would count twice)")
+        seen.add(key)
+    return value
+
+
 def positive(value: Any) -> Any:
     """A callback refusing anything but a finite number > 0 (None passes)."""
     if value is not None and not (math.isfinite(value) and value > 0):

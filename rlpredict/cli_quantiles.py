@@ -9,13 +9,13 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
-from rlpredict.cli_boundary import at_least, in_range
+from rlpredict.cli_boundary import at_least, distinct_paths, in_range
 from rlpredict.cli_bundle import ForceOpt, JsonOpt, ModelOpt, ThreadsOpt, parse_quantiles
 from rlpredict.json_file import dumps
 
 _err = Console(stderr=True)
 
-DataOpt = Annotated[list[Path], typer.Option("--data", help="Chat logs with responses (repeatable).")]
+DataOpt = Annotated[list[Path], typer.Option("--data", callback=distinct_paths, help="Chat logs with responses (repeatable).")]
 OnErrorOpt = Annotated[Literal["fail", "skip"], typer.Option(
     "--on-error", help="Bad rows: 'fail' (stop with file:line) or 'skip' (count and report).")]
 

@@ -506,6 +506,13 @@ def test_a_model_folders_own_files_are_checked(tiny_model_dir, tmp_path, name, c
         one_error_line(run("export", "--model", bad, "--out", tmp_path / "b"), name, needle)
 
 
+def test_the_same_data_twice_is_refused(tiny_model_dir, tmp_path):
+    data = _labelled(tmp_path)  # was: its rows counted twice
+    res = run("eval", "--model", tiny_model_dir, "--data", data, "--data", tmp_path / "." / "d.jsonl",
+              "--out", tmp_path / "e")
+    assert res.exit_code == 2 and "given twice" in res.output and "Traceback" not in res.output
+
+
 def test_eval_reads_a_summary_without_a_split_record(tiny_model_dir, tmp_path):
     """``training_summary.json`` without ``data.split`` (the test fixture's): the default split."""
     data = _labelled(tmp_path)
