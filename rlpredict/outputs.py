@@ -127,7 +127,7 @@ def check_new_file(path: str | Path, *, force: bool, option: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise OutputError(f"{p}: {option} is a folder; give a file name")
-    if p.exists() and not force:
+    if (p.exists() or p.is_symlink()) and not force:  # a dangling link is the user's too
         raise OutputError(f"{p}: exists; pass --force to replace it ({option})")
     check_parent(p, option)
 

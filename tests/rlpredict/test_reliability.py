@@ -69,6 +69,9 @@ def test_annotate_refuses_every_collision_and_existing_outputs(trace, tmp_path):
     mine = tmp_path / "mine.jsonl"
     mine.write_text("my file\n")
     one_error_line(run("annotate", trace, "-o", mine), "exists; pass --force")
+    (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "nowhere.jsonl")  # was: replaced without --force
+    one_error_line(run("annotate", trace, "-o", tmp_path / "dangling.jsonl"), "exists; pass --force")
+    assert (tmp_path / "dangling.jsonl").is_symlink()
     (tmp_path / "o.rejects.jsonl").write_text("my notes\n")
     one_error_line(run("annotate", trace, "-o", tmp_path / "o.jsonl", "--on-error", "skip"), "--rejects")
     assert mine.read_text() == "my file\n" and (tmp_path / "o.rejects.jsonl").read_text() == "my notes\n"
