@@ -141,6 +141,8 @@ def eval_cmd(
     if unknown:
         raise typer.BadParameter(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}",
                                  param_hint="--baselines")
+    if twice := sorted({b for b in names if names.count(b) > 1}):
+        raise typer.BadParameter(f"{', '.join(twice)} listed twice", param_hint="--baselines")
     if baseline_data and split != "all":
         raise typer.BadParameter("is used only with --split all (with --split test the baselines train "
                                  "on the training side of the split)", param_hint="'--baseline-data'")

@@ -514,6 +514,9 @@ def test_the_same_data_twice_is_refused(tiny_model_dir, tmp_path):
     res = run("eval", "--model", tiny_model_dir, "--data", data, "--data", tmp_path / "." / "d.jsonl",
               "--out", tmp_path / "e")
     assert res.exit_code == 2 and "given twice" in res.output and "Traceback" not in res.output
+    res = run("eval", "--model", tiny_model_dir, "--data", data, "--baselines", "constant,constant",
+              "--out", tmp_path / "e")  # was: run twice
+    assert res.exit_code == 2 and "listed twice" in res.output and "Traceback" not in res.output
 
 
 def test_eval_reads_a_summary_without_a_split_record(tiny_model_dir, tmp_path):
