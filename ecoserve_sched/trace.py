@@ -201,11 +201,30 @@ def _short(v: object) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
+#: The fields a request can come from; a row with none of them (a length-only trace) skips
+#: ``request_of`` and the exception it would raise on every row.
+_REQUEST_FIELDS = frozenset((TRACE_FIELDS.prompt, *TRACE_FIELDS.messages))
+
+
+def _why_no_request() -> str:
+    """``request_of``'s own words for a row with none of ``_REQUEST_FIELDS``."""
+    try:
+        request_of({}, TRACE_FIELDS)
+    except RecordError as e:
+        return str(e)
+    raise AssertionError("request_of took an empty row")
+
+
+_NO_REQUEST = _why_no_request()
+
+
 def _prompt_input(row: dict) -> tuple[str | list | None, str | None, str]:
     """What a predictor sees, as ``rlpredict annotate`` reads it (``records.request_of`` and
     ``generator_of``: the messages win over the prompt): the request, its generator, and why
     the row has none ("" if it has one). Only ``--predictions bundle`` needs prompts, so a row
     without one is no error here."""
+    if _REQUEST_FIELDS.isdisjoint(row):
+        return None, None, _NO_REQUEST
     try:
         return request_of(row, TRACE_FIELDS), generator_of(row, TRACE_FIELDS), ""
     except RecordError as e:

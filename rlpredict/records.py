@@ -170,7 +170,7 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> str | list[dict[str, s
     cells do) win over the ``fields.prompt`` string. The one rule of ``rlpredict annotate``,
     ``rlpredict predict --jsonl`` and ``ecoserve``'s traces. Raises :class:`RecordError` (no
     location) saying what is wrong."""
-    name, msgs = next(((n, row[n]) for n in fields.messages if row.get(n) not in (None, "")), (None, None))
+    name, msgs = _first_set(row, fields.messages)
     if name is not None:
         if isinstance(msgs, str):  # CSV cells, or JSON that stores the list as a string
             try:
@@ -181,8 +181,8 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> str | list[dict[str, s
                 raise RecordError("", f"field {name!r} is not valid JSON ({json_problem(e)})") from None
         return parse_messages(msgs, name, TRACE_MESSAGES, drop_final_assistant=fields.drop_final_assistant)
     prompt = row.get(fields.prompt)
-    messages = " or ".join(map(repr, fields.messages))
     if prompt is None:
+        messages = " or ".join(map(repr, fields.messages))
         if fields.prompt not in row and not any(n in row for n in fields.messages):
             raise RecordError("", f"neither field {fields.prompt!r} nor {messages} is present")
         raise RecordError("", f"field {fields.prompt!r} is missing or null and {messages} is missing or empty")
@@ -195,10 +195,20 @@ def generator_of(row: Mapping[str, Any], fields: Fields) -> str | None:
     """The row's generator (the served model: the first of ``fields.generator`` that is not
     null or empty, as a blank CSV cell), or None; raises :class:`RecordError` if it is not a
     valid string."""
-    name, g = next(((n, row[n]) for n in fields.generator if row.get(n) not in (None, "")), (None, None))
+    name, g = _first_set(row, fields.generator)
     if g is not None and not isinstance(g, str):
         raise RecordError("", f"field {name!r} is a {type(g).__name__}, expected a string")
     return g if g is None else _unicode(g, f"field {name!r}")
+
+
+def _first_set(row: Mapping[str, Any], names: tuple[str, ...]) -> tuple[str | None, Any]:
+    """The first of ``names`` whose value is neither null nor empty, with it (None, None if none).
+    A loop, not a generator: this runs for every row of a trace."""
+    for n in names:
+        v = row.get(n)
+        if v is not None and v != "":
+            return n, v
+    return None, None
 
 
 def _unicode(text: str, what: str) -> str:
