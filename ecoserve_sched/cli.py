@@ -96,7 +96,6 @@ def _no_repeats(items: list[Any], option: str) -> None:
         raise typer.BadParameter(f"{', '.join(twice)} listed twice", param_hint=f"'{option}'")
 
 
-TraceOpt = Annotated[Path, typer.Option("--trace", help="CSV/JSONL(.gz) trace: arrival_time_s, input_tokens, output_tokens[, rl_*]")]
 def _named(value: str | None) -> str | None:
     """Option callback: not empty (None passes): an empty name would mean the default, silently."""
     if value is not None and not value.strip():
@@ -104,6 +103,7 @@ def _named(value: str | None) -> str | None:
     return value
 
 
+TraceOpt = Annotated[Path, typer.Option("--trace", help="CSV/JSONL(.gz) trace: arrival_time_s, input_tokens, output_tokens[, rl_*]")]
 ProfileOpt = Annotated[str | None, typer.Option("--profile", callback=_named, help="cost-model profile name or JSON file (default: the cost model's DEFAULT_PROFILE)")]
 PredOpt = Annotated[str | None, typer.Option("--predictions", callback=_choice("prediction source", *SOURCES), help=f"{'|'.join(SOURCES)} (default: annotated if the trace has rl_* fields, else confusion)")]
 ConfOpt = Annotated[Path | None, typer.Option("--confusion", help="confusion.json, manifest.json with a 'confusion' key, or a bundle directory")]

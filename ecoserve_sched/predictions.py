@@ -102,10 +102,9 @@ def load_confusion(path: str | Path) -> Confusion:
 def _numbers(value: object, name: str, null_ok: bool = False) -> None:
     """``value`` is a (nested) list of JSON numbers (and nulls if ``null_ok``): ``float`` and
     numpy would take ``true`` and ``"64"`` as numbers."""
-    items = value if isinstance(value, list) else None
-    if items is None:
+    if not isinstance(value, list):
         raise ValueError(f"field {name!r} must be a list, got {type(value).__name__}")
-    for v in items:
+    for v in value:
         if isinstance(v, list):
             _numbers(v, name, null_ok)
         elif isinstance(v, bool) or not (isinstance(v, int | float) or (v is None and null_ok)):
