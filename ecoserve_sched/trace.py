@@ -7,21 +7,20 @@ Columns: ``arrival_time_s``, ``input_tokens``, ``output_tokens`` (required); ``m
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import json
 import math
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
-from rlpredict.records import TRACE_FIELDS, RecordError, generator_of, request_of
+from rlpredict.records import TRACE_FIELDS, RecordError, csv_records, generator_of, request_of
 
 from .request import SLO, Request
 
@@ -107,44 +106,22 @@ def _rows(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """CSV records; undecodable bytes and unparsable records raise at their line."""
-    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long prompts in one cell
+    """CSV records (``rlpredict.records.csv_records``: its rules for a record, its line
+    numbers); a bad record raises at the line where it starts."""
     with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.DictReader(f, strict=True)  # a quote left open at the end is an error
+        records = csv_records(f)
         try:
-            names = reader.fieldnames or []
-        except csv.Error as e:
-            raise TraceError(f"{path}:1: malformed CSV header ({e})") from None
-        if not _is_utf8(names):
-            raise TraceError(f"{path}:1: header is not valid UTF-8")
+            _, names, _ = next(records, (1, [], None))
+        except RecordError as e:
+            raise TraceError(f"{path}:1: {e.reason}") from None
+        assert names is not None
         missing = [c for c in REQUIRED if c not in names]
         if missing:
             raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}")
-        twice = sorted({c for c in names if names.count(c) > 1})
-        if twice:
-            raise TraceError(f"{path}:1: column(s) {', '.join(twice)} appear more than once in the header")
-        while True:
-            start = reader.line_num + 1
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                raise TraceError(f"{path}:{start}: malformed CSV ({e})") from None
-            if None in row:  # ``DictReader``'s key for cells past the header's columns
-                raise TraceError(f"{path}:{reader.line_num}: {len(names) + len(row[None])} fields, "
-                                 f"but the header has {len(names)} columns")
-            if not _is_utf8(v for v in row.values() if isinstance(v, str)):
-                raise TraceError(f"{path}:{reader.line_num}: not valid UTF-8")
-            yield reader.line_num, row
-
-
-def _is_utf8(cells: Iterable[str]) -> bool:
-    try:
-        "".join(cells).encode("utf-8")
-    except UnicodeEncodeError:  # surrogate escapes of undecodable bytes
-        return False
-    return True
+        for line, cells, problem in records:
+            if problem is not None or cells is None:
+                raise TraceError(f"{path}:{line}: {problem or 'malformed CSV'}")
+            yield line, dict(zip(names, cells, strict=True))
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:

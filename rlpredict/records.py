@@ -327,9 +327,11 @@ def parse_json(text: str) -> Any:
 
 def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[str] | None, str | None]]:
     """``(line, cells, problem)`` for each record of a CSV text stream, the header first (line 1);
-    blank lines are skipped. ``problem`` is why a record is bad: unparsable (``cells`` is
-    ``None``; the reader goes on at the next line) or not UTF-8. A bad header raises
-    :class:`RecordError` (no location); an empty stream yields nothing."""
+    blank lines are skipped; ``line`` is where a record starts (a quoted cell may span lines).
+    ``problem`` is why a record is bad: unparsable (``cells`` is ``None``; the reader goes on
+    after it), a number of cells other than the header's (a cell without a column, or a column
+    without a cell), or not UTF-8. A bad header raises :class:`RecordError` (no location); an
+    empty stream yields nothing."""
     csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))  # long cells
     reader = csv.reader(f, delimiter=delimiter, strict=True)  # a quote left open at the end is an error
     try:
@@ -343,6 +345,7 @@ def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[st
     if twice := _twice(header):  # which cell a name means would be a guess
         raise RecordError("", f"column(s) {twice} appear more than once in the header")
     yield 1, header, None
+    width = len(header)
     start = reader.line_num + 1
     while True:
         try:
@@ -351,12 +354,16 @@ def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[st
             return
         except csv.Error as e:  # the record is dropped; the reader goes on at the next line
             line, start = start, reader.line_num + 1
-            yield line, None, f"malformed CSV ({e})"
+            span = f"; the record runs to line {start - 1}" if start - 1 > line else ""
+            yield line, None, f"malformed CSV ({e}{span})"
             continue
         line, start = start, reader.line_num + 1
         if not cells:
             continue  # a blank line is not a row
-        yield line, cells, None if is_valid_unicode(cells) else "not valid UTF-8"
+        if len(cells) != width:
+            yield line, cells, f"has {len(cells)} field{'s' * (len(cells) != 1)}, the header has {width}"
+        else:
+            yield line, cells, None if is_valid_unicode(cells) else "not valid UTF-8"
 
 
 def _first_line(e: BaseException) -> str:
@@ -475,8 +482,8 @@ def _iter_json_array(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_csv(p: Path, gz: bool, delimiter: str = ",") -> Iterator[tuple[str, Any]]:
-    """Rows as dicts (header -> cell; missing cells absent, extra cells dropped); cells holding
-    JSON lists/objects (``messages``, ``usage``) are decoded."""
+    """Rows as dicts (header -> cell); cells holding JSON lists/objects (``messages``,
+    ``usage``) are decoded."""
     with open(p, "rb") as raw, text_stream(raw, gz) as f:
         records = csv_records(f, delimiter)
         try:
@@ -490,7 +497,7 @@ def _iter_csv(p: Path, gz: bool, delimiter: str = ",") -> Iterator[tuple[str, An
             if problem is not None or cells is None:
                 yield loc, RecordError(loc, problem or "malformed CSV")
                 continue
-            yield loc, {k: _maybe_json(v) for k, v in zip(header, cells, strict=False)}
+            yield loc, {k: _maybe_json(v) for k, v in zip(header, cells, strict=True)}
 
 
 def _maybe_json(v: str | None) -> Any:

@@ -48,6 +48,8 @@ def test_csv_and_jsonl_gz_read_and_sort(tmp_path):
     ("1.0,1_000,5\n", 2, "input_tokens"),  # ``float`` takes these: a plain number is ASCII digits
     ("1.0,10,\u0661\u0662\n", 2, "output_tokens"),
     ("1.0,10,5\n2.0,\"7,5\n", 3, "malformed CSV"),  # a quote left open to the end
+    ("1.0,10,5\n\n2.0,\"7\n\n,5\n4,5\n", 4, r"malformed CSV \(unexpected end of data; the record runs to line 7\)"),
+    ("1.0,10,5\n2.0,\"1\n0\",5\n", 3, "input_tokens must be an integer"),  # named where the record starts
 ])
 def test_bad_csv_rows_name_the_line(tmp_path, body, line, msg):
     p = write(tmp_path, "bad.csv", "arrival_time_s,input_tokens,output_tokens\n" + body)
@@ -83,8 +85,10 @@ def test_csv_header_problems_are_named(tmp_path):
     assert t.input_tokens.tolist() == [10]
     with pytest.raises(TraceError, match=r"dup\.csv:1: column\(s\) input_tokens appear more than once"):
         read_trace(write(tmp_path, "dup.csv", head + ",input_tokens\n0,10,5,11\n"))
-    with pytest.raises(TraceError, match=r"extra\.csv:3: 5 fields, but the header has 3 columns"):
+    with pytest.raises(TraceError, match=r"extra\.csv:3: has 5 fields, the header has 3"):
         read_trace(write(tmp_path, "extra.csv", head + "\n0,10,5\n1,10,5,7,8\n"))
+    with pytest.raises(TraceError, match=r"short\.csv:3: has 2 fields, the header has 3"):
+        read_trace(write(tmp_path, "short.csv", head + "\n0,10,5\n1,10\n"))
 
 
 @pytest.mark.parametrize("field, value, msg", [

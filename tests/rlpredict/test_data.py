@@ -100,6 +100,16 @@ def test_csv_messages_cell_is_json(tmp_path):
     assert s.response == "yo" and s.messages == [{"role": "user", "content": "hi, there"}]
 
 
+def test_a_csv_record_with_more_or_fewer_cells_than_the_header_is_a_bad_row(tmp_path):
+    """A cell past the header's columns has no field to go to: it is not dropped in silence."""
+    p = tmp_path / "ragged.csv"
+    p.write_text('prompt,response\nok,fine\n"a\nb",c,d\nhi\n')
+    with pytest.raises(DataError, match=r"ragged\.csv:3: has 3 fields, the header has 2"):
+        load_samples([p])
+    samples, rep = load_samples([p], on_error="skip")
+    assert [s.response for s in samples] == ["fine"] and rep.n_skipped == 2
+
+
 def test_shared_format_rows(tmp_path):
     samples, rep = load_samples(list(SAMPLE_FILES.values()))
     assert rep.n_skipped == 0 and rep.rows == len(samples) == 580
