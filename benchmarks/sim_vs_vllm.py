@@ -4,8 +4,9 @@ inside vLLM's real scheduler (`ecoserve-vllm-real`, engines/vllm_scheduler.py: t
 module, policies/ecoserve_rules.py). Prints a Diff% table (LLMServingSim style:
 (sim - real) / real).
 
-The plug-in gets the numbers the simulator policy derives from the cost model: the prefill cost
-per token and the time of a decode step that reads the whole KV cache (``step_s``).
+The plug-in gets the cost model (as ``ECOSERVE_PROFILE`` would give it), so it takes the same
+numbers from it as the simulator policy: each step's prompt budget and time, a prompt's prefill
+seconds and the time of a decode step that reads the whole KV cache.
 
 Usage (defaults: first 2,000 requests of the Azure 2023 conversation trace, Llama-2-13B on
 A100-80GB, rate scales 0.2 and 0.3, SLO TTFT 5 s / TBT 0.2 s, both pairs):

@@ -1,7 +1,12 @@
-"""Training speed: the hand-written loop of git HEAD against the ``transformers.Trainer`` loop.
+"""Training speed: a revision's training loop against the ``transformers.Trainer`` loop of this tree.
 
-    python benchmarks/train_speed.py                      # 2 rounds x 16 steps each, 2 threads
-    python benchmarks/train_speed.py --rev HEAD~3 --steps 30 --rounds 3 --json runs/train_speed.json
+    python benchmarks/train_speed.py --rev REV --steps 12 --rounds 2
+    python benchmarks/train_speed.py --rev REV --steps 30 --rounds 3 --json runs/train_speed.json
+
+Written for the move from the hand-written loop to the Trainer (commit ebec005, run in that
+change's working tree with ``--rev HEAD``: the loop of the commit before it). Every later commit
+holds the Trainer too, so against any of them there is nothing to compare: the script says so
+and exits 2 when ``REV``'s file is this tree's.
 
 The old ``rlpredict/train/trainer.py`` is read with ``git show REV:rlpredict/train/trainer.py`` into a temporary
 module, so both loops run in this one process on the same prepared data (the bundled ShareGPT
@@ -38,6 +43,10 @@ def old_loop(rev: str, folder: Path) -> ModuleType:
     """``rlpredict/train/trainer.py`` as of ``rev``, imported as the module ``rlpredict_train_old``."""
     src = subprocess.run(["git", "show", f"{rev}:rlpredict/train/trainer.py"], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout
+    if src == (ROOT / "rlpredict" / "train" / "trainer.py").read_text(encoding="utf-8"):
+        print(f"error: --rev {rev}: its rlpredict/train/trainer.py is this tree's (the Trainer): nothing to "
+              "compare (the hand-written loop is gone since commit ebec005)", file=sys.stderr)
+        sys.exit(2)
     path = folder / "rlpredict_train_old.py"
     path.write_text(src, encoding="utf-8")
     spec = importlib.util.spec_from_file_location("rlpredict_train_old", path)
@@ -50,7 +59,7 @@ def old_loop(rev: str, folder: Path) -> ModuleType:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rev", default="HEAD", help="git revision of the old loop (default HEAD)")
+    ap.add_argument("--rev", default="HEAD", help="git revision of the other loop (default HEAD)")
     ap.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each loop (alternating)")
     ap.add_argument("--batch-size", type=int, default=32)

@@ -2,9 +2,10 @@
 
 Supported: vLLM 0.32 and 0.33 (checked at import, see :data:`SUPPORTED_VLLM`; it reads a few
 internals, named below). vLLM's scheduler still runs every step and owns the KV blocks (allocated
-as tokens are written, vLLM's default); this subclass changes four of its decisions, with the
-rules of the simulator's EcoServe (``policies/ecoserve_rules.py``, the same functions and the
-same defaults as ``policies/ecoserve.py``):
+as tokens are written, vLLM's default); this subclass changes four of its decisions, and with
+``ECOSERVE_PROFILE`` each step's token budget, with the rules of the simulator's EcoServe
+(``policies/ecoserve_rules.py``, the same functions and the same defaults as
+``policies/ecoserve.py``, and with a profile the same numbers from the same cost model):
 
 * **Predictions** are made once per request, at ``add_request`` (never inside ``schedule``),
   by the predictor bundle named by ``ECOSERVE_PREDICTOR`` on the prompt text (decoded from the
@@ -98,6 +99,7 @@ from typing import Any
 
 import vllm
 
+from ..cost_model import prefill_ctx_tokens
 from ..policies import ecoserve_rules as rules
 from ..policies.ecoserve import EcoServeConfig
 from .vllm_middleware import SETTINGS as MIDDLEWARE_SETTINGS  # the standard library only
@@ -206,7 +208,8 @@ class EcoServeVllmConfig:
     park: bool = _SIM["park"]  # preempt decodes with TBT slack for a new request that can meet its TTFT
     scale_predictions: bool = _SIM["scale_predictions"]  # predicted RL x rules.PredictionScale
     slo_ttft: float = 5.0  # seconds: give-way and SLO-lost victims
-    slo_tbt: float = 0.2  # seconds: x iter_time_frac = the step time assumed for the TTFT estimate
+    slo_tbt: float = 0.2  # seconds: parking's slack; x iter_time_frac: the step time target (budget)
+    # Without a profile only (with one, the cost model's, as the simulator's EcoServe):
     prefill_s_per_token: float = 5e-5  # prefill seconds per prompt token (service time)
     step_s: float = 0.05  # seconds of a decode step that reads the whole KV cache (service time)
     profile: str | None = None  # cost-model profile (name or JSON file): the TBT-aware token budget
@@ -572,7 +575,7 @@ class EcoServeMixin:
     def eco_cfg(self, cfg: EcoServeVllmConfig) -> None:
         """Settings and the numbers derived from them (a replay may swap them after set-up)."""
         self._eco_cfg = cfg
-        self._keep_free = int(cfg.reserve_frac * self._usable_blocks)
+        self._keep_free = rules.keep_free_blocks(cfg.reserve_frac, self._usable_blocks)
         self._kv_tokens = self._usable_blocks * self._bs
         self._iter_s = _SIM["iter_time_frac"] * cfg.slo_tbt
         self.pscale = rules.PredictionScale() if cfg.scale_predictions else None
@@ -586,11 +589,25 @@ class EcoServeMixin:
 
     @cost_model.setter
     def cost_model(self, cost: Any) -> None:
+        """With a cost model, the numbers the simulator's EcoServe takes from it: each step's
+        prompt budget and time (``rules.PrefillBudget``; the TTFT estimate), a prompt's prefill
+        seconds and the step over the whole cache (``rules.service_s``, parking's resume cost).
+        Without one, vLLM's fixed budget, steps of ``iter_time_frac`` x ``slo_tbt`` and the
+        linear ``prefill_s_per_token`` and ``step_s`` settings."""
         self._cost_model = cost
-        self._prefill_now = self.max_num_scheduled_tokens  # this step's prompt tokens (give-way)
-        self._prefill_budget = None if cost is None else rules.PrefillBudget(
-            cost.iteration_time, self._iter_s,
-            max(1, min(int(getattr(cost, "token_budget", 64)), self.max_num_scheduled_tokens)))
+        cfg, full = self.eco_cfg, self.max_num_scheduled_tokens
+        self._prefill_now = full  # this step's prompt budget (the TTFT estimate)
+        if cost is None:
+            self._prefill_budget = None
+            self._step_now_s = self._iter_s  # this step's time (the TTFT estimate)
+            self._prefill_s: Callable[[int], float] = lambda n: cfg.prefill_s_per_token * n
+            self._cache_step_s = cfg.step_s
+            return
+        self._prefill_budget = rules.PrefillBudget(cost.iteration_time, self._iter_s,
+                                                   rules.prefill_floor(cost, full))
+        self._step_now_s = cost.iteration_time(full, prefill_ctx_tokens(full), 0, 0)
+        self._prefill_s = cost.recompute_time
+        self._cache_step_s = rules.cache_step_s(cost, self._kv_tokens)
 
     # ---- set-up (eager: every failure here is a start-up error or an explicit mode) -------------
     def _setup_prediction(self) -> tuple[Any, Any, str]:
@@ -652,7 +669,7 @@ class EcoServeMixin:
             p = self.rl[request.request_id] = self.predict(request)
             if self.pscale is not None:  # rules.PredictionScale: this traffic's scale, once
                 p.predicted = p.pred_tokens
-                p.pred_tokens = min(self.pscale.scaled(p.pred_tokens), max(1, request.max_tokens))
+                p.pred_tokens = rules.prediction_within(self.pscale.scaled(p.pred_tokens), request.max_tokens)
             if self.eco_cfg.park:
                 self.load.add(request.arrival_time, self._service(request))
         super().add_request(request)
@@ -677,9 +694,8 @@ class EcoServeMixin:
         if p is None:
             self.eco_counters["default_reservations"] += 1
             p = RLPrediction(-1, cfg.default_reserve, cfg.default_reserve, "default")
-        cap = max(1, request.max_tokens)
-        p.reserve_tokens = min(max(p.reserve_tokens, 1), cap)
-        p.pred_tokens = min(max(p.pred_tokens, 1), cap)
+        p.reserve_tokens = rules.prediction_within(p.reserve_tokens, request.max_tokens)
+        p.pred_tokens = rules.prediction_within(p.pred_tokens, request.max_tokens)
         return p
 
     def _from_hints(self, request: Request) -> RLPrediction | None:
@@ -724,25 +740,26 @@ class EcoServeMixin:
         return p.reserve_tokens if p is not None else self.eco_cfg.default_reserve
 
     def _service(self, request: Request) -> float:
-        cfg, n = self.eco_cfg, request.num_prompt_tokens
-        return rules.service_s(cfg.prefill_s_per_token * n, n, max(self._base(request.request_id), 1),
-                               cfg.step_s, self._kv_tokens, self.max_num_running_reqs)
+        n = request.num_prompt_tokens
+        return rules.service_s(self._prefill_s(n), n, max(self._base(request.request_id), 1),
+                               self._cache_step_s, self._kv_tokens, self.max_num_running_reqs)
 
     def _order_key(self, request: Request) -> float:
         return rules.priority_key(request.arrival_time, self._service(request), self.eco_cfg.aging)
 
     def _ttft_lost(self, request: Request) -> bool:
-        """Give way: ``request`` can no longer have its first token within the TTFT SLO (its
-        prompt's steps at the whole token budget, each ``iter_time_frac x slo_tbt`` long)."""
+        """Give way: ``request`` can no longer have its first token within the TTFT SLO
+        (``_prefill_est_s``)."""
         cfg = self.eco_cfg
         if not cfg.give_way:
             return False
         return rules.ttft_lost(self.clock(), request.arrival_time, cfg.slo_ttft, self._prefill_est_s(request))
 
     def _prefill_est_s(self, request: Request) -> float:
-        """Time to ``request``'s first token if it started now: its prompt's steps at this
-        step's prompt budget, each ``iter_time_frac x slo_tbt`` long."""
-        return -(-request.num_tokens // max(self._prefill_now, 1)) * self._iter_s
+        """Time to ``request``'s first token if it started now (``rules.ttft_est_s``): its
+        prompt's steps at this step's prompt budget, each as long as this step by the cost model
+        (without one, ``iter_time_frac x slo_tbt``)."""
+        return rules.ttft_est_s(request.num_tokens, max(self._prefill_now, 1), self._step_now_s)
 
     # ---- admission: vLLM's block check plus the projected peak (wraps allocate_slots) -------------
     def _allocate_slots(self, request: Request, num_new_tokens: int, *args: Any, **kw: Any) -> Any:
@@ -772,8 +789,7 @@ class EcoServeMixin:
         ctx = -(-request.num_tokens // bs) * bs
         shared = self._shared_blocks + _referenced(hit)  # its prefix hits others hold: no new KV
         keep = self._keep_free if self.running else 0
-        # blocks are filled to half their size on average: count that rounding
-        cap = (self._usable_blocks - keep + shared) * bs - (len(self.proj) + 1) * (bs - 1) // 2
+        cap = rules.admission_cap_tokens(self._usable_blocks - keep + shared, bs, len(self.proj) + 1)
         return self.proj.demand(self._step, (ctx, rem), True, cap) <= cap
 
     def _admitted(self, request: Request) -> None:
@@ -830,6 +846,8 @@ class EcoServeMixin:
         (``rules.park_due_s``) or nothing that can meet its TTFT waits. Preempted as
         ``reset_prefix_cache`` does between steps (in-flight output dropped, its tokens sent
         again if it resumes). The number of requests parked."""
+        if len(self.running) >= self.max_num_running_reqs:
+            return 0  # no slot for the head (the simulator's rule)
         head = self.waiting.head_new()
         if head is None:
             return 0
@@ -869,7 +887,7 @@ class EcoServeMixin:
                     or self._admit_step.get(rid, self._step) >= self._step - 1:
                 continue
             slack = rules.tbt_slack_s(now, first, r.num_output_tokens, self._base(rid), cfg.slo_tbt,
-                                      self._iter_s, cfg.prefill_s_per_token * r.num_tokens)
+                                      self._iter_s, self._prefill_s(r.num_tokens))
             if slack > best_slack:
                 best, best_slack = r, slack
         return (best, best_slack) if best is not None else (None, 0.0)
@@ -890,15 +908,18 @@ class EcoServeMixin:
             n = r.num_computed_tokens
             if n >= r.num_tokens - 1:  # decoding (async scheduling: n may run ahead of num_tokens)
                 d += 1
-                dctx += n
+                dctx += n + 1  # the step attends to its computed tokens and the one it feeds
                 tokens += max(1, r.num_tokens_with_spec + r.num_output_placeholders - n)
             elif offset < 0:
                 offset = n
+        offset = max(offset, 0)
         if not d or tokens >= full:
-            self._prefill_now = full
-            return full
-        b, _ = self._prefill_budget(full - tokens, d, dctx, max(offset, 0))
+            b, t = full, -1.0
+        else:
+            b, t = self._prefill_budget(full - tokens, d, dctx, offset)
         self._prefill_now = b
+        # this step's time at that budget (the TTFT estimate, as the simulator's)
+        self._step_now_s = t if t >= 0 else self.cost_model.iteration_time(b, prefill_ctx_tokens(b, offset), d, dctx)
         return min(full, tokens + b)
 
     def _admissions_on(self) -> None:
@@ -963,8 +984,8 @@ class EcoServeMixin:
         self._forget(request)
         rid = request.request_id
         if rid in self.rl:
-            self.eco_counters["topups"] += _doublings(self._reserve(rid), request.num_output_tokens,
-                                                      request.max_tokens)
+            self.eco_counters["topups"] += rules.topups(self._reserve(rid), request.num_output_tokens,
+                                                        request.max_tokens)
             p = self.rl[rid]
             if self.pscale is not None and p.predicted and request.status in _RAN_TO_THE_END:
                 self.pscale.observe(p.predicted, request.num_output_tokens)  # (0: added unscaled)
@@ -990,15 +1011,6 @@ def _referenced(hit: Any) -> int:
     if hit is None:
         return 0
     return sum(1 for b in hit.blocks[0] if b.ref_cnt > 0) if hit.blocks else 0
-
-
-def _doublings(base: int, generated: int, max_tokens: int) -> int:
-    """Top-ups of a request that generated ``generated`` tokens from reservation ``base``:
-    how often ``rules.reservation_tokens`` doubled it."""
-    r, n = max(base, 1), 0
-    while r <= generated and r < max_tokens:
-        r, n = 2 * r, n + 1
-    return n
 
 
 def _check_kv_groups(kv_cache_config: Any) -> None:

@@ -237,9 +237,7 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
         max_num_seqs=max_running, max_model_len=max(longest, 2048),
         max_num_batched_tokens=int(token_budget or max(cost.token_budget, DEFAULT_TOKEN_BUDGET)))
     if eco:
-        sched.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=slo.ttft_s, slo_tbt=slo.tbt_s,
-                                           prefill_s_per_token=cost.recompute_time(1),
-                                           step_s=cost.iteration_time(0, 0, 1, sched._kv_tokens))
-        sched.cost_model = cost  # the simulator EcoServe's TBT-aware prefill budget
+        sched.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=slo.ttft_s, slo_tbt=slo.tbt_s)
+        sched.cost_model = cost  # every number the simulator's EcoServe takes from the cost model
     return replay(reqs, sched, cost, policy=policy, with_prediction=eco,
                   profile=getattr(cost, "name", ""), predictions=desc)

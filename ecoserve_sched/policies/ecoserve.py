@@ -96,12 +96,10 @@ class EcoServeScheduler(Scheduler):
         self._waiting = 0  # requests in the three queues
         self.groups = GTGroups(enabled=self.cfg.grouping)
         self.proj = rules.Projection(self.max_running)
-        self.keep_free = int(self.cfg.reserve_frac * self.kv.num_blocks)
+        self.keep_free = rules.keep_free_blocks(self.cfg.reserve_frac, self.kv.num_blocks)
         self.kv_tokens = self.kv.num_blocks * self.bs
-        # The time scale of KV occupancy: a decode step that reads the whole cache.
-        self.step_s = cost.iteration_time(0, 0, 1, self.kv_tokens)
-        # Fewest prompt tokens per iteration: the roofline knee (they ride on the weight read).
-        self.min_prefill = max(1, min(int(getattr(cost, "token_budget", 64)), self.token_budget))
+        self.step_s = rules.cache_step_s(cost, self.kv_tokens)  # the time scale of KV occupancy
+        self.min_prefill = rules.prefill_floor(cost, self.token_budget)  # the roofline knee
         self._prefill_budget = rules.PrefillBudget(  # iteration time with decodes: within this
             cost.iteration_time, self.cfg.iter_time_frac * self.slo.tbt_s, self.min_prefill)
         self._bound_budget = rules.PrefillBudget(  # the same, steps ahead (``_ttft_est_bound``)
@@ -135,9 +133,11 @@ class EcoServeScheduler(Scheduler):
             self.resume.append(r)
         else:
             key = None
-            if self.pscale is not None and not r.preemptions:  # a new request: scaled once
-                self._predicted[r.rid] = r.pred_tokens
-                r.pred_tokens = self.pscale.scaled(r.pred_tokens)
+            if not r.preemptions:  # a new request: its prediction within max_tokens, scaled once
+                r.pred_tokens = rules.prediction_within(r.pred_tokens, r.max_tokens)
+                if self.pscale is not None:
+                    self._predicted[r.rid] = r.pred_tokens
+                    r.pred_tokens = rules.prediction_within(self.pscale.scaled(r.pred_tokens), r.max_tokens)
             if self.cfg.park and not r.preemptions:
                 service = self._service(r)
                 self.load.add(r.arrival_s, service)
@@ -177,7 +177,7 @@ class EcoServeScheduler(Scheduler):
 
     def preempt_swap(self, r: Request) -> bool:
         ctx = r.prompt_tokens + r.generated
-        return 2 * self.cost.swap_time(ctx) < self.cost.recompute_time(ctx)
+        return rules.swap_cheaper(self.cost.swap_time(ctx), self.cost.recompute_time(ctx))
 
     # ---- prefill budget -----------------------------------------------------------------------
     def prefill_budget(self) -> int:
@@ -208,7 +208,7 @@ class EcoServeScheduler(Scheduler):
         b, t = self._it_now
         if b <= 0:
             return self.cost.recompute_time(r.prefill_target)
-        return -(-r.prefill_target // b) * t
+        return rules.ttft_est_s(r.prefill_target, b, t)
 
     def _head(self, now: float) -> tuple[Request | None, Any]:
         """The next request admission tries (moving PTs whose TTFT is lost to the lost queue):
@@ -283,7 +283,7 @@ class EcoServeScheduler(Scheduler):
         dctx = self._ctx_base + d * (self.step + steps)
         # nothing prefills while a blocked admission waits (``_probe_head``): offset 0
         b, lo = self._it_now[0], self._budget(d, dctx, 0, self._bound_budget)[0]
-        return -(-r.prefill_target // lo) * self.cost.iteration_time(b, prefill_ctx_tokens(b), d, dctx)
+        return rules.ttft_est_s(r.prefill_target, lo, self.cost.iteration_time(b, prefill_ctx_tokens(b), d, dctx))
 
     def _need_now(self, r: Request) -> int:
         """Blocks ``r`` takes at admission: its whole prefill target, or its swapped context."""
@@ -309,9 +309,8 @@ class EcoServeScheduler(Scheduler):
             return True
         g = r.generated
         rem = rules.reservation_tokens(self._base_pred(r), g, r.max_tokens) - g
-        # blocks are filled to half their size on average: count that rounding
         bs = self.bs
-        cap = (self.kv.num_blocks - keep) * bs - (n + 1) * (bs - 1) // 2
+        cap = rules.admission_cap_tokens(self.kv.num_blocks - keep, bs, n + 1)
         if proj.demand(self.step, (need * bs, rem), self.cfg.pipelining, cap) <= cap:
             return True
         self._no_fit = (proj.version, r.rid)
@@ -418,14 +417,13 @@ class EcoServeScheduler(Scheduler):
     def _note_topups(self, r: Request) -> None:
         """Count the doublings of ``r``'s reservation (top-ups) in the decode run just ended."""
         base = max(self._base_pred(r), 1)
-        have = base + r.reserved_extra
-        if r.generated < have:
+        if r.generated < base + r.reserved_extra:
             return  # still within its reservation
-        want = rules.reservation_tokens(base, r.generated, r.max_tokens)
-        r.reserved_extra = want - base
-        while have < want:
-            have *= 2
-            self.counters["topups"] += 1
+        counted = ((base + r.reserved_extra) // base).bit_length() - 1
+        n = rules.topups(base, r.generated, r.max_tokens)
+        if n > counted:
+            self.counters["topups"] += n - counted
+            r.reserved_extra = (base << n) - base
 
     def on_alarm(self, r: Request) -> None:
         while not self.kv.allocate(r.rid, 1):

@@ -39,24 +39,33 @@ trace (docs/scheduler.md, "EcoServe").
 - ``Projection``: the running requests kept for ``projected_peak`` with a candidate: a running
   total of reservations and the requests sorted by projected end, updated as they start, leave
   or outlive their reservation (one pass per test, not a sort).
+- The numbers both engines derive the same way: ``cache_step_s`` (``service_s``'s time scale
+  from the cost model), ``prefill_floor`` (the budget's least prompt tokens), ``ttft_est_s``
+  (the TTFT estimate ``ttft_lost`` and ``park_for`` take), ``prediction_within`` (a prediction
+  within ``max_tokens``), ``topups`` (the doublings counted), ``keep_free_blocks`` and
+  ``admission_cap_tokens`` (the admission test's cache size), ``swap_cheaper``.
 
-Using them from vLLM's scheduler (``engines/vllm_scheduler.py``), with vLLM's own objects:
-the waiting-queue key is ``priority_key(request.arrival_time, service_s(prefill_s_per_token x
-num_prompt_tokens, num_prompt_tokens, rl_pred_tokens, step_s, num_gpu_blocks x block_size,
-max_num_seqs), 1.0)``; before popping a waiting request, ``ttft_lost(now, arrival_time, slo_ttft,
-ceil(num_prompt_tokens / token_budget) x iteration_s)`` moves it behind the others; admission
-asks, besides vLLM's own block check, ``Projection.demand(engine_step, (prompt tokens,
-reservation_tokens(rl_reserve_tokens, 0, max_tokens)), limit=cap) <= cap`` with ``cap`` the cache
-in tokens minus half a block per running request (``Projection.set`` on admission with ``x =
-num_computed_tokens - step`` and ``gx = num_output_tokens - step``, ``drop`` on finish or
-preemption); reservations need no lookahead slots any more (blocks are allocated as written,
-vLLM's default); the preemption order is ``max(running, key=victim_key(lost, remaining, seq))``; with a cost
-profile (``ECOSERVE_PROFILE``), each step's token budget is the decodes plus
-``PrefillBudget(...)(budget - decodes, decodes, their context tokens, the first partial
-prefill's num_computed_tokens)``; before each step, if the
-waiting head satisfies ``park_for`` and does not fit while ``OfferedLoad.load(now) <
+Using them from vLLM's scheduler (``engines/vllm_scheduler.py``), with vLLM's own objects
+and, with ``ECOSERVE_PROFILE``, the same cost model: predictions go through
+``prediction_within(x, max_tokens)``; the waiting-queue key is ``priority_key(arrival_time,
+service_s(recompute_time(num_prompt_tokens), num_prompt_tokens, rl_pred_tokens,
+cache_step_s(cost, num_gpu_blocks x block_size), num_gpu_blocks x block_size, max_num_seqs),
+aging)`` (without a profile, ``ECOSERVE_PREFILL_S_PER_TOKEN`` x tokens and ``ECOSERVE_STEP_S``);
+before popping a waiting request, ``ttft_lost(now, arrival_time, slo_ttft, ttft_est_s(num_tokens,
+this step's prompt budget, this step's time by the cost model or iter_time_frac x slo_tbt))``
+moves it behind the others; admission asks, besides vLLM's own block check,
+``Projection.demand(engine_step, (prompt tokens, reservation_tokens(rl_reserve_tokens, 0,
+max_tokens)), limit=cap) <= cap`` with ``cap = admission_cap_tokens(blocks - keep_free_blocks +
+shared, block_size, running + 1)`` (``Projection.set`` on admission with ``x = num_tokens -
+step`` and ``gx = num_output_tokens - step``, ``drop`` on finish or preemption); the preemption
+order is ``max(running, key=victim_key(lost, remaining, seq))``; with a profile, each step's
+token budget is the decodes plus ``PrefillBudget(iteration_time, iter_time_frac x slo_tbt,
+prefill_floor(cost, budget))(budget - decodes, decodes, their computed tokens plus one each, the
+first partial prefill's num_computed_tokens)``; before each step, with a free sequence slot, if
+the waiting head satisfies ``park_for`` and does not fit while ``OfferedLoad.load(now) <
 PARK_MAX_LOAD``, the running request with the largest ``tbt_slack_s`` (above
-``PARK_MIN_SLACK_TTFTS x slo_ttft``) is preempted and held until ``park_due_s``.
+``PARK_MIN_SLACK_TTFTS x slo_ttft``) is preempted and held until ``park_due_s``; finished
+requests count ``topups``.
 """
 
 from __future__ import annotations
@@ -86,6 +95,30 @@ def service_s(prefill_s: float, prompt_tokens: int, pred_tokens: int, step_s: fl
     if slots is None:
         return prefill_s + kv_share
     return prefill_s + max(kv_share, pred_tokens * step_s / max(slots, 1))
+
+
+def prediction_within(tokens: int, max_tokens: int) -> int:
+    """A predicted length as a request can have it: at least 1, at most its ``max_tokens``."""
+    return min(max(tokens, 1), max(max_tokens, 1))
+
+
+def cache_step_s(cost: Any, kv_tokens: int) -> float:
+    """``service_s``'s time scale of KV occupancy: a decode step of one request over the whole
+    cache (``kv_tokens``), by the cost model."""
+    return cost.iteration_time(0, 0, 1, kv_tokens)
+
+
+def prefill_floor(cost: Any, token_budget: int) -> int:
+    """``PrefillBudget``'s floor: the cost model's roofline knee (its ``token_budget``: the prompt
+    tokens that ride on the weight read), within the engine's token budget."""
+    return max(1, min(int(getattr(cost, "token_budget", 64)), token_budget))
+
+
+def ttft_est_s(prefill_tokens: int, budget: int, iteration_s: float) -> float:
+    """Time to the first token of a request whose prefill (``prefill_tokens``, the prompt or the
+    tokens to recompute) starts now: its chunks at this iteration's prompt budget, each as long
+    as this iteration (the estimate ``ttft_lost`` and ``park_for`` take)."""
+    return -(-prefill_tokens // budget) * iteration_s
 
 
 def priority_key(arrival_s: float, service: float, aging: float) -> float:
@@ -199,6 +232,34 @@ def reservation_tokens(pred_tokens: int, generated: int, max_tokens: int) -> int
     if r <= generated:  # the smallest r x 2^k above generated
         r <<= (generated // r).bit_length()
     return max(min(r, max_tokens), generated + 1)
+
+
+def topups(base: int, generated: int, max_tokens: int) -> int:
+    """How often ``reservation_tokens`` has doubled the base of a request that has generated
+    ``generated`` tokens (the top-ups counted): while the reservation is outgrown and below
+    ``max_tokens``."""
+    r, n = max(base, 1), 0
+    while r <= generated and r < max_tokens:
+        r, n = 2 * r, n + 1
+    return n
+
+
+def keep_free_blocks(reserve_frac: float, num_blocks: int) -> int:
+    """The blocks admissions leave free while anything runs (CacheOPT's global reserve)."""
+    return int(reserve_frac * num_blocks)
+
+
+def admission_cap_tokens(blocks: int, block_size: int, requests: int) -> int:
+    """KV tokens the projected peak of ``requests`` requests (the running ones and the candidate)
+    may reach in ``blocks`` blocks: blocks are filled to half their size on average, so each
+    request costs half a block of rounding."""
+    return blocks * block_size - requests * (block_size - 1) // 2
+
+
+def swap_cheaper(swap_s: float, recompute_s: float) -> bool:
+    """Swap a preempted request's KV out (and back in: twice ``swap_s``) rather than recompute
+    it (CacheOPT's choice by cost)."""
+    return 2 * swap_s < recompute_s
 
 
 def reservation_tokens_array(pred_tokens: np.ndarray, generated: np.ndarray, max_tokens: np.ndarray) -> np.ndarray:

@@ -98,34 +98,45 @@ def step_once(s: Scheduler, target: dict[str, int]) -> object:
 
 # ---- one set of rules ------------------------------------------------------------------------------
 def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
-    """Same waiting order, same reservations (and top-ups), same admission answer and same victim
-    as ``policies/ecoserve.py`` given the same requests, predictions and cache."""
+    """Same waiting order (predictions capped at max_tokens alike), same TTFT estimate (give-way,
+    parking), same reservations (and top-ups), same admission answer, same victim and same park
+    victim as ``policies/ecoserve.py`` given the same requests, predictions, cost model and cache
+    (the plug-in's cost model as ``ECOSERVE_PROFILE`` gives it)."""
     cost, blocks = load_profile("llama2-13b-a100-80gb"), 320
     eco = build(EcoServeVllmSyncScheduler, num_blocks=blocks)
     sim = EcoServeScheduler(cost, config=EcoServeConfig(), kv_blocks=blocks, block_size=BS, slo=SLO(5.0, 0.2),
-                            max_running=eco.max_num_running_reqs)  # the same slots (service_s)
-    eco.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=5.0, slo_tbt=0.2,
-                                     prefill_s_per_token=cost.recompute_time(512) / 512, step_s=sim.step_s)
+                            max_running=eco.max_num_running_reqs,  # the same slots (service_s)
+                            token_budget=eco.max_num_scheduled_tokens)
+    eco.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=5.0, slo_tbt=0.2)
+    eco.cost_model = cost
     assert (eco.eco_cfg.aging, eco.eco_cfg.reserve_frac, eco.eco_cfg.give_way) == (
         sim.cfg.aging, sim.cfg.reserve_frac, sim.cfg.give_way)  # the same defaults
     assert eco._kv_tokens == sim.kv_tokens and eco._keep_free == sim.keep_free
+    assert eco._cache_step_s == sim.step_s
     rng = np.random.default_rng(3)
     n = 40
     arrival, prompt = np.sort(rng.uniform(0, 4, n)), rng.integers(16, 1500, n)
     pred, max_tokens = rng.integers(1, 800, n), rng.integers(800, 2000, n)
+    max_tokens[-4:] = pred[-4:] // 2 + 1  # predicted beyond what they may generate
     resv = pred + rng.integers(0, 100, n)  # the prediction's reservation (an upper quantile)
     sims = [SimRequest(i, float(arrival[i]), int(prompt[i]), int(max_tokens[i]), 1, pred_tokens=int(pred[i]),
                        reserve_tokens=int(resv[i])) for i in range(n)]
     vreqs = [req(str(i), int(prompt[i]), int(max_tokens[i]), arrival=float(arrival[i]),
                  rl_pred_tokens=int(pred[i]), rl_reserve_tokens=int(resv[i])) for i in range(n)]
+    for r in sims:
+        sim.add(r, 0.0)
     for r in vreqs:
         eco.add_request(r)
-    # 1. the waiting order (the same key, up to the prefill cost's small quadratic term)
+    # 1. the waiting order: the same key from the same numbers
+    assert [r.pred_tokens for r in sims[-4:]] == [eco._base(v.request_id) for v in vreqs[-4:]] == max_tokens[-4:].tolist()
     sim_keys = [sim._priority(r) for r in sims]
     eco_keys = [eco._order_key(r) for r in vreqs]
-    assert np.argsort(sim_keys, kind="stable").tolist() == np.argsort(eco_keys, kind="stable").tolist()
-    np.testing.assert_allclose(eco_keys, sim_keys, rtol=0.02)
+    np.testing.assert_allclose(eco_keys, sim_keys, rtol=1e-12)
     assert [r.request_id for r in eco.waiting] == [str(i) for i in np.argsort(sim_keys, kind="stable")]
+    # the TTFT estimate (give-way, parking) with nothing decoding: the whole budget, timed alike
+    sim.prefill_budget()
+    np.testing.assert_allclose([eco._prefill_est_s(v) for v in vreqs], [sim._ttft_est_s(r) for r in sims],
+                               rtol=1e-12)
     # 2. reservations and top-ups: the same base (the prediction's reservation), generated count
     # and cap
     for r, v in zip(sims, vreqs, strict=True):
@@ -164,8 +175,7 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
         (r.first_token_s if r.first_token_s >= 0 else now) - r.arrival_s > 5.0,
         rules.reservation_tokens(r.reserve_tokens, r.generated, r.max_tokens) - r.generated, r.seq))
     assert [str(r.rid) for r in order_sim] == [v.request_id for v in sorted(vreqs[:6], key=lambda v: eco._victim_key(v, now))]
-    # 5. parking: the same request has the most slack on its mean-TBT SLO, by about as much
-    # (a resume costs the cost model's prefill time in one, per-token prefill seconds in the other)
+    # 5. parking: the same request has the most slack on its mean-TBT SLO, by as much
     assert eco.eco_cfg.park == sim.cfg.park
     assert eco.eco_cfg.scale_predictions == sim.cfg.scale_predictions  # off in both
     for r, v in zip(sims[:6], vreqs[:6], strict=True):
@@ -178,7 +188,7 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
         got, got_slack = eco._park_victim(t)
         assert (got is None) == (want is None)
         if want is not None:
-            assert got.request_id == str(want.rid) and got_slack == pytest.approx(want_slack, rel=0.02)
+            assert got.request_id == str(want.rid) and got_slack == pytest.approx(want_slack, rel=1e-12)
         picks.append(None if want is None else want.rid)
     assert picks == [4, 4, None]  # the longest-running has banked the most; by 200 s none has 10 s
 

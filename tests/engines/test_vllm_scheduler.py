@@ -26,7 +26,6 @@ from ecoserve_sched.engines.vllm_scheduler import (
     EcoServeVllmConfig,
     EcoServeVllmScheduler,
     EcoServeVllmSyncScheduler,
-    _doublings,
 )
 from ecoserve_sched.engines.vllm_sim import build_vllm_scheduler, fake_model_output
 from ecoserve_sched.policies import ecoserve_rules as rules
@@ -116,7 +115,7 @@ def test_every_request_finishes_with_topups(cls: type) -> None:
     drive(s)
     check_done(s)
     assert s.eco_counters["topups"] == sum(
-        _doublings(16, 90 + 20 * i, 90 + 20 * i) for i in range(6)) > 0
+        rules.topups(16, 90 + 20 * i, 90 + 20 * i) for i in range(6)) > 0
     assert s.eco_counters["admissions"] >= 6
 
 
@@ -186,11 +185,13 @@ def test_victim_is_the_rules_victim_not_the_latest_admission() -> None:
     check_done(plain)
 
 
-def _burst(cls: type, park: bool) -> tuple[Scheduler, dict[str, float], set[str]]:
+def _burst(cls: type, park: bool, slots: int = 16) -> tuple[Scheduler, dict[str, float], set[str]]:
     """The simulator's parking test on vLLM's scheduler: "a" (300 tokens) decodes alone; "b"
     (160 + 150 tokens) arrives at 0.3 s and does not fit the projection until "a" ends (~3 s),
-    past its 1 s TTFT; "a" has slack on its mean TBT. 10 ms a step; async: one step in flight."""
+    past its 1 s TTFT; "a" has slack on its mean TBT. 10 ms a step; async: one step in flight.
+    ``slots``: vLLM's ``max_num_seqs``."""
     s = make(cls, num_blocks=24)
+    s.max_num_running_reqs = slots
     s.eco_cfg = dataclasses.replace(s.eco_cfg, slo_ttft=1.0, park=park)
     now = [0.0]
     s.clock = lambda: now[0]
@@ -230,6 +231,9 @@ def test_a_decode_with_tbt_slack_is_parked_for_a_request_that_can_still_meet_its
     assert s.eco_counters["parks"] == 1 and preempted == {"a"}
     assert first["b"] - 0.3 <= 1.0  # parked at the last quarter TTFT: b starts in time
     assert first["b"] - 0.3 > 1.0 - 0.25 - 0.16 - 0.05
+    # every slot taken: no parking (the simulator's rule: parking makes room in the cache)
+    s, first, preempted = _burst(cls, park=True, slots=1)
+    assert s.eco_counters["parks"] == 0 and not preempted and first["b"] - 0.3 > 1.0
 
 
 class _Predictor:
@@ -316,7 +320,7 @@ def test_profile_sizes_each_steps_prefill_budget_by_the_tbt_slo(monkeypatch: pyt
         first = [s.schedule()]
         s.update_from_output(first[0], fake_model_output(first[0], s, {f"d{i}": 60 for i in range(4)}))
         decoding = [r for r in s.running if r.num_computed_tokens >= r.num_prompt_tokens]
-        dctx = sum(r.num_computed_tokens for r in decoding)
+        dctx = sum(r.num_computed_tokens + 1 for r in decoding)  # each attends to the token it feeds too
         s.add_request(req("long", 1000, 8, arrival=1.0, rl_pred_tokens=8))
         out = s.schedule()
         scheduled[profile] = out.num_scheduled_tokens["long"]
@@ -328,7 +332,7 @@ def test_profile_sizes_each_steps_prefill_budget_by_the_tbt_slo(monkeypatch: pyt
         target = {r: 60 for r in ("d0", "d1", "d2", "d3")} | {"long": 8}
         s.update_from_output(out, fake_model_output(out, s, target))
         if profile:  # the next chunk attends to the prompt tokens computed so far: a smaller budget
-            dctx = sum(r.num_computed_tokens for r in decoding)
+            dctx = sum(r.num_computed_tokens + 1 for r in decoding)
             late, _ = rules.PrefillBudget(cost.iteration_time, frac * tbt, min(cost.token_budget, 512))(
                 512 - len(decoding), len(decoding), dctx, offset=want)
             out = s.schedule()
@@ -351,6 +355,9 @@ def test_each_chunk_is_timed_after_the_prompt_tokens_already_computed(monkeypatc
         def iteration_time(self, p: int, pc: int, d: int, dc: int) -> float:
             return 0.01 + 1e-4 * p + 1e-7 * pc
 
+        def recompute_time(self, tokens: int) -> float:
+            return 1e-4 * tokens + 1e-7 * tokens * tokens
+
     monkeypatch.setenv("ECOSERVE_SLO_TBT", "0.125")  # 0.8 x 0.125 s = 0.1 s per step
     s = make(EcoServeVllmSyncScheduler, num_blocks=200)
     s.cost_model = cost = AttentionCost()
@@ -364,7 +371,7 @@ def test_each_chunk_is_timed_after_the_prompt_tokens_already_computed(monkeypatc
     budgets = []
     while long.num_computed_tokens < 1900:
         offset = long.num_computed_tokens
-        dctx = sum(s.requests[r].num_computed_tokens for r in ("d0", "d1"))
+        dctx = sum(s.requests[r].num_computed_tokens + 1 for r in ("d0", "d1"))
         want, _ = rules.PrefillBudget(cost.iteration_time, 0.1, 16)(512 - 2, 2, dctx, offset=offset)
         fresh, _ = rules.PrefillBudget(cost.iteration_time, 0.1, 16)(512 - 2, 2, dctx)
         out = s.schedule()
