@@ -371,9 +371,12 @@ class EcoServeRequestQueue(RequestQueue):
 
     ``priority`` is the request's own under ``--scheduling-policy priority`` (0 otherwise), so
     a request put back never passes one of a higher priority; ``rank`` 0 for requests put back
-    (preempted, skipped: they go first, as in vLLM), 1 for new ones; ``lost`` 1 once the
-    request's TTFT SLO is lost (``lost(request)``, checked lazily at the head: give-way);
-    ``key`` is ``rules.priority_key``, computed once at push. O(log n) push and pop.
+    (preempted, or skipped in a step) that have their first token: they go first, in the order
+    they were first put back (the simulator's resume queue, a FIFO); 1 for the others, new or
+    put back before their first token, which wait by their key and may give way (the
+    simulator's prompt heap); ``lost`` 1 once the request's TTFT SLO is lost (``lost(request)``,
+    checked lazily at the head: give-way); ``key`` is ``rules.priority_key``, computed once at
+    push (rank 0: the put-back order). O(log n) push and pop.
     Parked requests (parking) wait in a second heap by the time they must resume: taken after
     the new requests that can meet their TTFT, before those whose TTFT is lost, and put back
     (rank 0) once that time (``clock``) comes.
@@ -392,10 +395,26 @@ class EcoServeRequestQueue(RequestQueue):
         self._parked: list[tuple[float, int, Request]] = []
         self.parking: tuple[Request, float] | None = None
         self._clock = clock
+        self._back: dict[str, int] = {}  # request id -> when it was put back with its first token
 
     def _push(self, request: Request, rank: int, lost: int = 0) -> None:
         prio = request.priority if self._by_priority else 0
-        heapq.heappush(self._heap, (prio, rank, lost, self._key(request), next(self._seq), request))
+        key = self._key(request) if rank else float(self._back[request.request_id])
+        heapq.heappush(self._heap, (prio, rank, lost, key, next(self._seq), request))
+
+    def _put_back(self, request: Request, again: bool) -> None:
+        """Rank 0 (first, in put-back order) if it has its first token, else among the new ones.
+        ``again``: skipped within a step, it keeps the place it was put back at."""
+        if request.num_output_tokens > 0:
+            if not again or request.request_id not in self._back:
+                self._back[request.request_id] = next(self._seq)
+            self._push(request, 0)
+        else:
+            self._push(request, 1)
+
+    def forget(self, request_id: str) -> None:
+        """The request left the scheduler."""
+        self._back.pop(request_id, None)
 
     def _settle(self) -> None:
         """Put parked requests that are due back (rank 0); move head requests whose TTFT is lost
@@ -404,7 +423,7 @@ class EcoServeRequestQueue(RequestQueue):
         if parked:
             now = self._clock()
             while parked and parked[0][0] <= now:
-                self._push(heapq.heappop(parked)[2], 0)
+                self._put_back(heapq.heappop(parked)[2], again=False)
         while lost is not None and heap and heap[0][1] == 1 and not heap[0][2] and lost(heap[0][-1]):
             prio, rank, _, key, _, r = heap[0]
             heapq.heapreplace(heap, (prio, rank, 1, key, next(self._seq), r))
@@ -428,11 +447,11 @@ class EcoServeRequestQueue(RequestQueue):
         if self.parking is not None and self.parking[0] is request:
             heapq.heappush(self._parked, (self.parking[1], next(self._seq), request))
         else:
-            self._push(request, 0)
+            self._put_back(request, again=False)
 
     def prepend_requests(self, requests: Iterable[Request]) -> None:
-        for r in requests:
-            self._push(r, 0)
+        for r in requests:  # skipped in this step
+            self._put_back(r, again=True)
 
     def pop_request(self) -> Request:
         if self._on_take is not None:
@@ -983,6 +1002,7 @@ class EcoServeMixin:
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
         self._forget(request)
         rid = request.request_id
+        self.waiting.forget(rid)
         if rid in self.rl:
             self.eco_counters["topups"] += rules.topups(self._reserve(rid), request.num_output_tokens,
                                                         request.max_tokens)

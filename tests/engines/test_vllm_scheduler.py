@@ -144,10 +144,23 @@ def test_ordering_shorter_predicted_work_first_and_preempted_first() -> None:
     a, b, c = (req(x, 8, 8, arrival=t) for x, t in (("a", 1.0), ("b", 2.0), ("c", 3.0)))
     for r in (a, b, c):
         q.add_request(r)
-    q.prepend_request(c)  # a preempted request goes first whatever its key
+    q.prepend_request(c)  # put back before its first token: by its key, as a new request
     q.remove_request(b)
-    assert [r.request_id for r in q] == ["c", "a", "c"]
-    assert q.pop_request() is c and q.pop_request() is a and q.pop_request() is c and not q
+    assert [r.request_id for r in q] == ["a", "c", "c"]
+    assert q.pop_request() is a and q.pop_request() is c and q.pop_request() is c and not q
+    # Put back with their first token: first whatever their key, in the order they were put back
+    # (the simulator's resume FIFO); one skipped within a step keeps its place.
+    d, e, f = (req(x, 8, 8, arrival=t) for x, t in (("d", 1.0), ("e", 3.0), ("f", 2.0)))
+    for r in (d, e):
+        r.append_output_token_ids([7])
+    q.add_request(f)
+    q.prepend_request(e)
+    q.prepend_request(d)  # preempted after e
+    assert [r.request_id for r in q] == ["e", "d", "f"]
+    assert q.pop_request() is e
+    q.prepend_requests([e])  # skipped: back before d
+    assert [r.request_id for r in q] == ["e", "d", "f"]
+    q.forget("e")
 
 
 def _victim_setup(cls: type) -> Scheduler:
