@@ -18,7 +18,9 @@ as tokens are written, vLLM's default); this subclass changes four of its decisi
   in ``eco_counters``.
 * **Order**: the waiting queue is a heap on ``rules.priority_key`` (arrival + ``aging`` x
   predicted service seconds: shortest predicted work first, with aging). Requests put back
-  (preempted, skipped) come first, as in vLLM; a request whose TTFT SLO is lost
+  (preempted, skipped) with their first token come first, in the order they were put back;
+  one put back before its first token waits by its key (the simulator's queues); a request
+  whose TTFT SLO is lost
   (``rules.ttft_lost``) gives way to those that can still meet it. Under ``--scheduling-policy
   priority`` the request's priority comes before all of that. vLLM's own
   ``kv_holding_waiting`` queue still goes first.
@@ -379,7 +381,7 @@ class EcoServeRequestQueue(RequestQueue):
     push (rank 0: the put-back order). O(log n) push and pop.
     Parked requests (parking) wait in a second heap by the time they must resume: taken after
     the new requests that can meet their TTFT, before those whose TTFT is lost, and put back
-    (rank 0) once that time (``clock``) comes.
+    once that time (``clock``) comes.
     ``on_take`` is called before every ``peek_request`` and ``pop_request`` (the scheduler
     turns its admission test on there: vLLM's waiting loop takes requests only through them)."""
 
@@ -390,8 +392,8 @@ class EcoServeRequestQueue(RequestQueue):
         self._heap: list[tuple[int, int, int, float, int, Request]] = []
         self._seq = itertools.count()
         # Parked requests (``rules.park_due_s``): ``(due, seq, request)``, taken after the new
-        # requests that can meet their TTFT, before those whose TTFT is lost; put back (rank 0)
-        # once due. ``parking``: the request being preempted to be parked, and its due time.
+        # requests that can meet their TTFT, before those whose TTFT is lost; put back once
+        # due. ``parking``: the request being preempted to be parked, and its due time.
         self._parked: list[tuple[float, int, Request]] = []
         self.parking: tuple[Request, float] | None = None
         self._clock = clock
