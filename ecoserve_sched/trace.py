@@ -111,14 +111,14 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
     with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         records = csv_records(f)
         try:
-            _, names, _ = next(records, (1, [], None))
+            _, names, _, _ = next(records, (1, [], None, None))
         except RecordError as e:
             raise TraceError(f"{path}:1: {e.reason}") from None
         assert names is not None
         missing = [c for c in REQUIRED if c not in names]
         if missing:
             raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}")
-        for line, cells, problem in records:
+        for line, cells, problem, _ in records:
             if problem is not None or cells is None:
                 raise TraceError(f"{path}:{line}: {problem or 'malformed CSV'}")
             yield line, dict(zip(names, cells, strict=True))

@@ -325,15 +325,23 @@ def parse_json(text: str) -> Any:
         raise RecordError("", f"not valid JSON ({json_problem(e)})") from None
 
 
-def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[str] | None, str | None]]:
-    """``(line, cells, problem)`` for each record of a CSV text stream, the header first (line 1);
-    blank lines are skipped; ``line`` is where a record starts (a quoted cell may span lines).
-    ``problem`` is why a record is bad: unparsable (``cells`` is ``None``; the reader goes on
-    after it), a number of cells other than the header's (a cell without a column, or a column
-    without a cell), or not UTF-8. A bad header raises :class:`RecordError` (no location); an
-    empty stream yields nothing."""
+def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[str] | None, str | None, str | None]]:
+    """``(line, cells, problem, text)`` for each record of a CSV text stream, the header first
+    (line 1); blank lines are skipped; ``line`` is where a record starts (a quoted cell may span
+    lines). ``problem`` is why a record is bad: unparsable (``cells`` is ``None`` and ``text`` is
+    the record as read, so that a caller that skips it can keep it; the reader goes on after
+    it), a number of cells other than the header's (a cell without a column, or a column
+    without a cell), or not UTF-8. ``text`` is ``None`` for a record that parsed. A bad header
+    raises :class:`RecordError` (no location); an empty stream yields nothing."""
     csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))  # long cells
-    reader = csv.reader(f, delimiter=delimiter, strict=True)  # a quote left open at the end is an error
+    read: list[str] = []  # the lines of the record being parsed (one record's worth at most)
+
+    def tap() -> Iterator[str]:
+        for text in f:
+            read.append(text)
+            yield text
+
+    reader = csv.reader(tap(), delimiter=delimiter, strict=True)  # a quote left open at the end is an error
     try:
         header = next(reader, None)
     except csv.Error as e:
@@ -344,7 +352,8 @@ def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[st
         raise RecordError("", "the header is not valid UTF-8")
     if twice := _twice(header):  # which cell a name means would be a guess
         raise RecordError("", f"column(s) {twice} appear more than once in the header")
-    yield 1, header, None
+    read.clear()
+    yield 1, header, None, None
     width = len(header)
     start = reader.line_num + 1
     while True:
@@ -355,15 +364,18 @@ def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[st
         except csv.Error as e:  # the record is dropped; the reader goes on at the next line
             line, start = start, reader.line_num + 1
             span = f"; the record runs to line {start - 1}" if start - 1 > line else ""
-            yield line, None, f"malformed CSV ({e}{span})"
+            text = "".join(read)
+            read.clear()
+            yield line, None, f"malformed CSV ({e}{span})", text
             continue
+        read.clear()
         line, start = start, reader.line_num + 1
         if not cells:
             continue  # a blank line is not a row
         if len(cells) != width:
-            yield line, cells, f"has {len(cells)} field{'s' * (len(cells) != 1)}, the header has {width}"
+            yield line, cells, f"has {len(cells)} field{'s' * (len(cells) != 1)}, the header has {width}", None
         else:
-            yield line, cells, None if is_valid_unicode(cells) else "not valid UTF-8"
+            yield line, cells, None if is_valid_unicode(cells) else "not valid UTF-8", None
 
 
 def _first_line(e: BaseException) -> str:
@@ -487,12 +499,12 @@ def _iter_csv(p: Path, gz: bool, delimiter: str = ",") -> Iterator[tuple[str, An
     with open(p, "rb") as raw, text_stream(raw, gz) as f:
         records = csv_records(f, delimiter)
         try:
-            _, header, _ = next(records, (1, None, None))
+            _, header, _, _ = next(records, (1, None, None, None))
         except RecordError as e:
             raise _at(e, f"{p}:1") from None
         if header is None:
             return
-        for line, cells, problem in records:
+        for line, cells, problem, _ in records:
             loc = f"{p}:{line}"
             if problem is not None or cells is None:
                 yield loc, RecordError(loc, problem or "malformed CSV")

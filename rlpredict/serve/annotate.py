@@ -342,7 +342,7 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
             _open_output(tmp, dst) as out:
         records = csv_records(f)
         try:
-            _, header, _ = next(records)
+            _, header, _, _ = next(records)
         except StopIteration:
             raise AnnotateError(f"{src}: empty CSV file (no header)") from None
         except RecordError as e:
@@ -355,10 +355,10 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
         writer.writerow(out_header)
         batch: list[tuple[list[str], Request, str | None]] = []
         held = 0  # characters of row text in the batch
-        for lineno, cells, problem in records:
+        for lineno, cells, problem, text in records:
             run.summary.rows_in += 1
-            if problem is not None or cells is None:
-                run.reject("line", lineno, problem or "malformed CSV", cells)
+            if problem is not None or cells is None:  # an unparsable record is kept as its text
+                run.reject("line", lineno, problem or "malformed CSV", cells if text is None else text)
                 continue
             row = dict(zip(header, cells, strict=True))
             try:  # an empty CSV cell is a missing value

@@ -220,6 +220,21 @@ def test_a_csv_cell_with_a_bare_carriage_return_is_quoted(predictor, tmp_path):
     assert [r[:2] for r in rows] == [["id", "prompt"], ["x\ny", "hello"], ["plain", "bye"]]
 
 
+def test_a_csv_record_that_does_not_parse_is_kept_as_its_text(predictor, tmp_path):
+    """Skip mode keeps a record the CSV reader cannot split into cells (a stray quote, a quote
+    left open to the end) in the rejects file as the text it read, not as ``null``."""
+    src, dst = tmp_path / "t.csv", tmp_path / "o.csv"
+    bad = 'b,"x"y\n'                         # a character after a closing quote
+    tail = '"never closed,\nstill\n'         # runs to the end of the file
+    src.write_text("id,prompt\na,first\n" + bad + "c,third\n" + tail, encoding="utf-8")
+    s = annotate_file(predictor, src, dst, on_error="skip")
+    assert (s.rows_in, s.rows_out, s.rows_rejected) == (4, 2, 2)
+    rejects = [json.loads(x) for x in Path(s.rejects).read_text().splitlines()]
+    assert [(r["line"], r["row"]) for r in rejects] == [(3, bad), (5, tail)]
+    assert all(r["reason"].startswith("malformed CSV") for r in rejects)
+    assert [r["id"] for r in read(dst)] == ["a", "c"]
+
+
 def test_trace_messages_read_like_training_logs(predictor, tmp_path):
     """ShareGPT keys and role names, and content parts, give the model the text training gave
     it: the same predictions as the plain OpenAI form."""
