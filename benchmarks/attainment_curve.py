@@ -27,7 +27,8 @@ import scenario_grid as grid
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, required=True, help="the shared data folder (../shared/data)")
-    ap.add_argument("--cell", required=True, choices=[c.name for c in grid.ALL_CELLS], help="scenario-grid cell")
+    ap.add_argument("--cell", required=True, help="scenario-grid cell, or a random draw's cell by its rS.I prefix "
+                    "(cell I of --cells random:N --cell-seed S)")
     ap.add_argument("--loads", required=True, help="LO:HI, rate scales")
     ap.add_argument("--points", type=int, default=9, help="loads from LO to HI")
     ap.add_argument("--policies", required=True, help="comma-separated policy names")
@@ -41,7 +42,9 @@ def main() -> None:
         ap.error(f"--loads: expected LO:HI, got {args.loads!r}")
     if not 0 < lo <= hi or args.points < 1:
         ap.error("--loads needs 0 < LO <= HI and --points >= 1")
-    cell = next(c for c in grid.ALL_CELLS if c.name == args.cell)
+    cell = grid.find_cell(args.cell)
+    if cell is None:
+        ap.error(f"--cell: unknown cell {args.cell!r}; known: {', '.join(c.name for c in grid.ALL_CELLS)}, rS.I")
     grid._init_worker(args.skip, args.seed)  # the grid's slice and seed, as in its worker processes
     spec = grid.spec_of(cell, args.shared, args.requests)
     loads = np.linspace(lo, hi, args.points)

@@ -201,6 +201,21 @@ def random_cells(n: int, seed: int) -> tuple[Cell, ...]:
     return tuple(out)
 
 
+def find_cell(name: str) -> Cell | None:
+    """The named cell, or a random draw's cell by its full name or its ``rS.I`` prefix (cell
+    ``I`` of ``random_cells(I + 1, S)``, as ``--cells random:N --cell-seed S`` names it); None
+    if there is no such cell."""
+    for c in ALL_CELLS:
+        if c.name == name:
+            return c
+    head = name.split("-", 1)[0]
+    seed, _, index = head.removeprefix("r").partition(".")
+    if not (head.startswith("r") and seed.isdigit() and index.isdigit()) or int(index) > 10_000:
+        return None
+    cell = random_cells(int(index) + 1, int(seed))[-1]
+    return cell if name in (head, cell.name) else None
+
+
 def load_trace(cell: Cell, shared: Path, n: int, skip: int = 0, seed: int = 0) -> Trace:
     if cell.trace == "azure":
         tr = _slice(read_trace(shared / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"), skip, n)

@@ -4,14 +4,15 @@
         --loads 0.02,0.06,0.12,0.2 --policies vllm,ecoserve
 
 For each policy and load (rate scale): SLO attainment, the share of requests that miss their
-TTFT and the share that miss their mean TBT, and the share of the server's time spent in
-iterations longer than the TBT SLO (from the replay's iteration log). Beside them, a reference
+TTFT and the share that miss their mean TBT, the share of the server's time spent in
+iterations longer than the TBT SLO (from the replay's iteration log), and the mean TTFT. Beside them, a reference
 that ignores decodes altogether: one server prefilling whole prompts at its full-budget rate
 (chunks of ``--budget`` tokens timed by the cell's cost model), the shortest prompt first among
 those that can still meet their TTFT, the others set aside and prefilled only when nothing else
 waits. It is not a bound (shortest-first is not optimal with arrivals, and a decode-aware
 policy could hold some prompts back), but it says how much of a TTFT-bound cell's shortfall the
-decodes and the order cost. Cells are those of ``benchmarks/scenario_grid.py``.
+decodes and the order cost. Cells are those of ``benchmarks/scenario_grid.py``, named or
+drawn (``--cell r2.10``: cell 10 of ``--cells random:N --cell-seed 2``).
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ def reference_ttft(arrival_s: np.ndarray, prefill: np.ndarray, ttft_s: float) ->
     return met / n
 
 
-def anatomy(res: object, slo: object) -> tuple[float, float, float]:
+def anatomy(res: object, slo: object) -> tuple[float, float, float, float]:
     """(share missing the TTFT, share missing the mean TBT, share of time in iterations longer
-    than the TBT SLO) of a replay."""
+    than the TBT SLO, mean TTFT in seconds) of a replay's finished requests."""
     done = [r for r in res.requests if r.finish_s >= 0]
     ttft = np.array([r.first_token_s - r.arrival_s > slo.ttft_s for r in done])
     tbt = np.array([r.generated > 1 and (r.finish_s - r.first_token_s) / (r.generated - 1) > slo.tbt_s
@@ -79,40 +80,43 @@ def anatomy(res: object, slo: object) -> tuple[float, float, float]:
     log = iteration_table(res)
     busy = log[:, 1] * log[:, 2]  # mean iteration seconds x iterations per row
     slow = busy[log[:, 1] > slo.tbt_s].sum() / max(busy.sum(), 1e-12)
-    return float(ttft.mean()), float(tbt.mean()), float(slow)
+    mean_ttft = float(np.mean([r.first_token_s - r.arrival_s for r in done])) if done else float("nan")
+    return float(ttft.mean()), float(tbt.mean()), float(slow), mean_ttft
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, required=True, help="the shared data folder (../shared/data)")
-    ap.add_argument("--cell", required=True, help="a cell of benchmarks/scenario_grid.py")
+    ap.add_argument("--cell", required=True, help="a cell of benchmarks/scenario_grid.py, or a random draw's "
+                    "cell by its rS.I prefix (cell I of --cells random:N --cell-seed S)")
     ap.add_argument("--loads", default="0.02,0.06,0.12,0.2", type=lambda s: [float(x) for x in s.split(",")])
     ap.add_argument("--policies", default="vllm,ecoserve", type=lambda s: s.split(","))
     ap.add_argument("--requests", type=int, default=6000, help="first N requests of the trace")
     ap.add_argument("--budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="the reference's prefill chunk")
     args = ap.parse_args()
-    cells = {c.name: c for c in grid.ALL_CELLS}
-    if args.cell not in cells:
-        ap.error(f"--cell: unknown cell {args.cell!r}; known: {', '.join(cells)}")
+    cell = grid.find_cell(args.cell)
+    if cell is None:
+        ap.error(f"--cell: unknown cell {args.cell!r}; known: {', '.join(c.name for c in grid.ALL_CELLS)}, rS.I")
     if not all(x > 0 for x in args.loads):
         ap.error("--loads must be positive rate scales")
     t0 = time.time()
     grid._init_worker(0, 0)
-    cell = cells[args.cell]
     spec, _ = grid.resolve(cell, "vllm", args.shared, args.requests)
     prefill = np.array([prefill_s(spec.cost, int(p), args.budget) for p in spec.trace.input_tokens])
     print(f"## {cell.name}: {len(prefill)} requests, profile {spec.cost.name}, SLO TTFT {cell.slo.ttft_s:g} s / "
           f"TBT {cell.slo.tbt_s:g} s\n")
-    print("| load | policy | SLO attainment | TTFT missed | mean TBT missed | time in iterations > TBT SLO |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("| load | policy | SLO attainment | TTFT missed | mean TBT missed | time in iterations > TBT SLO "
+          "| mean TTFT s |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for load in args.loads:
         for p in args.policies:
             spec_p, run_as = grid.resolve(cell, p, args.shared, args.requests)
             s, res = spec_p.run(run_as, load)
-            ttft, tbt, slow = anatomy(res, cell.slo)
-            print(f"| {load:g} | {p} | {s['slo_attainment']:.3f} | {ttft:.3f} | {tbt:.3f} | {slow:.2f} |")
+            ttft, tbt, slow, mean_ttft = anatomy(res, cell.slo)
+            print(f"| {load:g} | {p} | {s['slo_attainment']:.3f} | {ttft:.3f} | {tbt:.3f} | {slow:.2f} "
+                  f"| {mean_ttft:.2f} |")
         ref = reference_ttft(spec.trace.arrival_s / load, prefill, cell.slo.ttft_s)
-        print(f"| {load:g} | decode-free reference | {ref:.3f} (TTFT only) | {1 - ref:.3f} | | |")
+        print(f"| {load:g} | decode-free reference | {ref:.3f} (TTFT only) | {1 - ref:.3f} | | | |")
     print(f"\n({time.time() - t0:.0f} s)")
 
 

@@ -37,6 +37,15 @@ def test_random_cells_are_a_fixed_draw_per_seed(grid) -> None:
     assert not {x.name for x in a} & {x.name for x in grid.ALL_CELLS}
 
 
+def test_find_cell_takes_named_cells_and_random_draws_by_prefix(grid) -> None:
+    named = grid.ALL_CELLS[0]
+    assert grid.find_cell(named.name) is named
+    drawn = grid.random_cells(11, 2)[10]
+    assert grid.find_cell("r2.10") == drawn == grid.find_cell(drawn.name)  # the prefix or the full name
+    for bad in ("nope", "r2.10-not-its-name", "r2", "rx.1", "r2.-1", ""):
+        assert grid.find_cell(bad) is None
+
+
 def test_vllm_at_a_budget_is_vllm_with_that_token_budget(grid) -> None:
     assert grid.budget_policy("vllm@1024") is None and grid.budget_policy("sjf") is None
     assert "vllm@B" in grid.budget_policy("vllm@0") and "vllm@B" in grid.budget_policy("vllm@1k")
