@@ -16,7 +16,9 @@ A100-80GB, rate scales 0.2 and 0.3, SLO TTFT 5 s / TBT 0.2 s, both pairs):
 
 ``--arrivals burst8`` replaces the trace's arrival times with the scenario grid's bursts (groups
 of 8 simultaneous requests, the groups gamma arrivals with coefficient of variation ``--cv``, at
-the trace's mean rate), where EcoServe parks decodes (the ``parks`` row).
+the trace's mean rate), where EcoServe parks decodes (the ``parks`` row). The ``amortized`` row
+counts EcoServe's amortized chunks (docs/scheduler.md): ``--profile llama3-8b-a100-80gb
+--slo-tbt 0.1`` is a setting where they run.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from ecoserve_sched.trace import burst_arrivals, read_trace
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
-METRICS = ("tokens_per_iter", "iterations", "preemptions", "parks", "p50_ttft_s", "p99_ttft_s",
+METRICS = ("tokens_per_iter", "iterations", "preemptions", "parks", "amortized", "p50_ttft_s", "p99_ttft_s",
            "p50_tbt_s", "p99_tbt_s", "mean_jct_s", "slo_attainment")
 PAIRS = {"vllm": ("vllm", "vllm-real"), "ecoserve": ("ecoserve", "ecoserve-vllm-real")}
 
@@ -70,6 +72,7 @@ def measure(tr, policy: str, cost, slo: SLO, conf) -> dict:
     s = summarize(res, slo)
     s["tokens_per_iter"] = tokens
     s["parks"] = res.counters.get("parks", 0)
+    s["amortized"] = res.counters.get("amortized", 0)  # iterations given an amortized chunk
     return s
 
 
@@ -110,7 +113,7 @@ def main() -> None:
             t0 = time.perf_counter()
             sim, real = measure(t, sim_p, cost, slo, conf), measure(t, real_p, cost, slo, conf)
             for m in METRICS:
-                if m == "parks" and sim_p == "vllm":
+                if m in ("parks", "amortized") and sim_p == "vllm":
                     continue
                 diff = 100 * (sim[m] - real[m]) / real[m] if real[m] else float("nan")
                 print(f"| {scale:g} | {sim_p} | {real_p} | {m} | {sim[m]:.4g} | {real[m]:.4g} | {diff:+.1f} |")

@@ -54,6 +54,9 @@ as tokens are written, vLLM's default); this subclass changes four of its decisi
   gets ``max_num_scheduled_tokens`` = its decodes + ``rules.PrefillBudget`` (the most prompt
   tokens that keep the step within ``iter_time_frac`` x ``ECOSERVE_SLO_TBT`` by the cost model,
   at least its roofline knee), for that step only; without a profile, vLLM's static budget.
+  With ``ECOSERVE_AMORTIZE`` (on by default: a mean-TBT SLO), while prompts wait beyond that
+  budget, the whole budget where ``rules.amortized_chunk_pays``, then no prompt tokens for
+  ``rules.repay_steps`` steps (the simulator's amortized chunks).
 
 No block is allocated ahead of the tokens written (no lookahead slots of ours: vLLM's speculative
 and asynchronous-KV-load lookahead is passed through unchanged), so a top-up is a larger
@@ -209,6 +212,7 @@ class EcoServeVllmConfig:
     give_way: bool = _SIM["give_way"]  # requests whose TTFT SLO is lost wait behind the others
     park: bool = _SIM["park"]  # preempt decodes with TBT slack for a new request that can meet its TTFT
     scale_predictions: bool = _SIM["scale_predictions"]  # predicted RL x rules.PredictionScale
+    amortize: bool = _SIM["amortize"]  # amortized chunks (a mean-TBT SLO; 0 for a P99-TBT SLO)
     slo_ttft: float = 5.0  # seconds: give-way and SLO-lost victims
     slo_tbt: float = 0.2  # seconds: parking's slack; x iter_time_frac: the step time target (budget)
     # Without a profile only (with one, the cost model's, as the simulator's EcoServe):
@@ -265,7 +269,7 @@ _LIMITS: dict[str, tuple[type, float | None, float | None]] = {
     "predictor": (str, None, None), "require_predictor": (bool, None, None),
     "trust_client_hints": (bool, None, None), "default_reserve": (int, 1, 10_000_000),
     "reserve_frac": (float, 0.0, 0.5), "aging": (float, 0.0, 1000.0), "give_way": (bool, None, None),
-    "park": (bool, None, None), "scale_predictions": (bool, None, None),
+    "park": (bool, None, None), "scale_predictions": (bool, None, None), "amortize": (bool, None, None),
     "slo_ttft": (float, 1e-3, 86_400.0), "slo_tbt": (float, 1e-4, 3_600.0),
     "prefill_s_per_token": (float, 0.0, 1.0), "step_s": (float, 1e-6, 60.0), "profile": (str, None, None),
 }
@@ -558,7 +562,12 @@ class EcoServeMixin:
             "hints_invalid": 0,  # requests with a hint of the wrong type or out of range: not used
             "default_reservations": 0,  # requests that got ECOSERVE_DEFAULT_RESERVE
             "parks": 0,  # running requests preempted for a new one that can meet its TTFT (parking)
+            "amortized": 0,  # steps given the whole budget as an amortized chunk
         }
+        # Amortized chunks: no prompt tokens before this step while prompts wait; this step's
+        # (paced budget, its time, the decodes' time, decodes, their context, offset, decode tokens)
+        self._repay_until = 0
+        self._paced: tuple[int, float, float, int, int, int, int] | None = None
         self._logged: set[str] = set()
         self.clock: Callable[[], float] = time.time  # the simulator swaps in its clock
         self.predictor, self.tokenizer, self.eco_mode = self._setup_prediction()
@@ -852,9 +861,23 @@ class EcoServeMixin:
             return super().schedule(*args, **kwargs)
         self.max_num_scheduled_tokens = budget  # read once, at the step's start
         try:
-            return super().schedule(*args, **kwargs)
+            out = super().schedule(*args, **kwargs)
         finally:
             self.max_num_scheduled_tokens = full
+        if self._paced is not None:
+            self._repay(out.total_num_scheduled_tokens)
+        return out
+
+    def _repay(self, scheduled: int) -> None:
+        """An amortized chunk ran if this step took more prompt tokens than its paced budget:
+        no prompt tokens for ``rules.repay_steps`` steps (its prompt tokens timed as one chunk
+        after the first partial prefill's computed tokens, as the budget times them)."""
+        b, t0, decode_s, d, dctx, offset, tokens = self._paced
+        prompt = scheduled - tokens
+        if prompt > b:
+            t = self.cost_model.iteration_time(prompt, prefill_ctx_tokens(prompt, offset), d, dctx)
+            self._repay_until = self._step + 1 + rules.repay_steps(t, t0, decode_s)
+            self.eco_counters["amortized"] += 1
 
     # ---- parking (rules.tbt_slack_s, rules.park_due_s, rules.OfferedLoad) -------------------------
     def _park(self) -> int:
@@ -923,7 +946,7 @@ class EcoServeMixin:
         prefill, as in the simulator. The prompt tokens are timed as a chunk of the first running
         prefill (vLLM schedules the running requests in order), after its computed tokens. One
         pass over the running requests (0.45 ms at 1,024 on a 2-core CPU machine)."""
-        d = dctx = tokens = 0
+        d = dctx = tokens = left = 0
         offset = -1
         for r in self.running:
             n = r.num_computed_tokens
@@ -931,8 +954,10 @@ class EcoServeMixin:
                 d += 1
                 dctx += n + 1  # the step attends to its computed tokens and the one it feeds
                 tokens += max(1, r.num_tokens_with_spec + r.num_output_placeholders - n)
-            elif offset < 0:
-                offset = n
+            else:
+                left += r.num_tokens - n
+                if offset < 0:
+                    offset = n
         offset = max(offset, 0)
         if not d or tokens >= full:
             b, t = full, -1.0
@@ -940,8 +965,50 @@ class EcoServeMixin:
             b, t = self._prefill_budget(full - tokens, d, dctx, offset)
         self._prefill_now = b
         # this step's time at that budget (the TTFT estimate, as the simulator's)
-        self._step_now_s = t if t >= 0 else self.cost_model.iteration_time(b, prefill_ctx_tokens(b, offset), d, dctx)
+        it = self.cost_model.iteration_time
+        self._step_now_s = t if t >= 0 else it(b, prefill_ctx_tokens(b, offset), d, dctx)
+        self._paced = None
+        if d and tokens < full and self.eco_cfg.amortize and (self.waiting or left > b):
+            if self._step < self._repay_until:
+                return tokens  # an amortized chunk is being repaid: decodes only
+            big = full - tokens if self.waiting else min(full - tokens, left)
+            big = self._amortized_chunk(big, b, d, dctx, offset)
+            if big > b:
+                self._paced = (b, self._step_now_s, it(0, 0, d, dctx), d, dctx, offset, tokens)
+                return tokens + big
         return min(full, tokens + b)
+
+    def _amortized_chunk(self, big: int, b: int, d: int, dctx: int, offset: int) -> int:
+        """The simulator's amortized chunk: ``big`` prompt tokens (less, down to where the step
+        keeps every decode's mean TBT within ``ECOSERVE_SLO_TBT`` were its next token its last:
+        ``rules.tbt_slack_s``) if ``rules.amortized_chunk_pays`` against the paced ``b``, else
+        ``b``."""
+        it, t0 = self.cost_model.iteration_time, self._step_now_s
+        decode_s, t = it(0, 0, d, dctx), it(big, prefill_ctx_tokens(big, offset), d, dctx)
+        if not rules.amortized_chunk_pays(big, t, b, t0, decode_s):
+            return b
+        limit = self._next_token_slack_s(self.clock())
+        if t > limit:
+            if limit <= t0:
+                return b
+            big, t = rules.PrefillBudget(it, limit, b)(big, d, dctx, offset)
+            if t < 0:
+                t = it(big, prefill_ctx_tokens(big, offset), d, dctx)
+            if not rules.amortized_chunk_pays(big, t, b, t0, decode_s):
+                return b
+        return big
+
+    def _next_token_slack_s(self, now: float) -> float:
+        """The longest this step may take with every decoding request's mean TBT within
+        ``ECOSERVE_SLO_TBT`` were its next token its last (``rules.tbt_slack_s`` at one more
+        token, paced at 0; the simulator's ``_next_token_slack_s``)."""
+        tbt, least = self.eco_cfg.slo_tbt, float("inf")
+        for r in self.running:
+            first = self._first_token.get(r.request_id)
+            if first is not None and r.num_computed_tokens >= r.num_tokens - 1:
+                g = r.num_output_tokens
+                least = min(least, rules.tbt_slack_s(now, first, g, g + 1, tbt, 0.0, 0.0))
+        return least
 
     def _admissions_on(self) -> None:
         """Route allocate_slots through the admission test for the rest of this step."""

@@ -195,7 +195,7 @@ class VllmExecutor(Executor):
         res.counters = {"preemptions": self.preemptions}
         eco = getattr(self.sched, "eco_counters", None)
         if eco is not None:
-            res.counters["parks"] = eco["parks"]
+            res.counters["parks"], res.counters["amortized"] = eco["parks"], eco["amortized"]
         res.stall_gaps = self.stall_gaps
         res.sched_s = self.sched_s
         if isinstance(res, RealSimResult):

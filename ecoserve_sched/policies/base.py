@@ -118,6 +118,11 @@ class Scheduler(SchedulerInterface):
         """Prefill tokens allowed this iteration: the token budget left after the decodes."""
         return self.token_budget - len(self.decoding)
 
+    def schedule_budget(self) -> int:
+        """The prefill tokens ``schedule`` gives this iteration: ``prefill_budget``, which a
+        policy may pace across iterations (EcoServe's amortized chunks)."""
+        return self.prefill_budget()
+
     def preempt_swap(self, r: Request) -> bool:
         """True to preempt ``r`` by swapping its KV out, False to recompute it later."""
         return False
@@ -182,7 +187,7 @@ class Scheduler(SchedulerInterface):
             batch.decode_requests = len(self.decoding)
             batch.decode_ctx_tokens = self._ctx_base + len(self.decoding) * self.step
             return batch
-        budget = self.prefill_budget()
+        budget = self.schedule_budget()
         preempted = self.counters["preemptions"]
         for r in list(self.prefilling.values()):  # partial prefills hold KV: they go first
             if budget <= 0:

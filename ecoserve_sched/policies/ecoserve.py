@@ -33,7 +33,12 @@ themselves are the pure functions of ``ecoserve_rules``):
 4. The prefill budget: the whole token budget when nothing decodes; otherwise the most prompt
    tokens that keep the iteration within ``iter_time_frac`` of the TBT SLO by the cost model
    (time-synced batching), timed as a chunk of the oldest partial prefill after its computed
-   tokens, at least the cost model's roofline knee.
+   tokens, at least the cost model's roofline knee. Amortized chunks (for the mean-TBT SLO):
+   while prompts wait beyond that budget, the whole token budget in one iteration (less where
+   a decode's mean TBT would pass its SLO were its next token its last), then as many
+   decode-only iterations as bring the mean iteration time back to the budget's, where that
+   moves more prompt tokens a second (``rules.amortized_chunk_pays``: every iteration with a
+   prefill pays the cost model's fixed prefill overhead).
 
 Opt-in (``scale_predictions``, ``ecoserve-scaled``): a new request's predicted length is
 multiplied by ``rules.PredictionScale`` (the median of generated / predicted over the last
@@ -79,6 +84,8 @@ class EcoServeConfig:
     park: bool = True  # preempt decodes with TBT slack for PTs that can still meet their TTFT, in bursts
     slot_share: bool = True  # service counts the larger of the KV share and the slot share (False: KV)
     scale_predictions: bool = False  # predicted lengths x rules.PredictionScale (``ecoserve-scaled``)
+    amortize: bool = True  # a mean-TBT SLO: amortized chunks (False: every iteration within the
+    # TBT budget, as a P99-TBT SLO needs; ``ecoserve-p99``)
 
 
 class EcoServeScheduler(Scheduler):
@@ -105,6 +112,11 @@ class EcoServeScheduler(Scheduler):
         self._bound_budget = rules.PrefillBudget(  # the same, steps ahead (``_ttft_est_bound``)
             cost.iteration_time, self.cfg.iter_time_frac * self.slo.tbt_s, self.min_prefill)
         self._it_now = (0, 0.0)  # this iteration's prefill budget and its predicted time
+        # Amortized chunks: no prompt tokens before this step while prompts wait; this
+        # iteration's paced budget, its time and the decodes' time alone, if it offers more
+        self._repay_until = 0
+        self._paced: tuple[int, float, float] | None = None
+        self.counters["amortized"] = 0
         self._no_fit = (-1, -1)  # (projection version, rid): the projection test failed
         # Parking: parked requests by the time they must resume; the offered load
         self.parked: list[tuple[float, int, Request]] = []
@@ -188,6 +200,78 @@ class EcoServeScheduler(Scheduler):
         b, t = self._budget(d, dctx, off)
         self._it_now = (b, t if t >= 0 else self.cost.iteration_time(b, prefill_ctx_tokens(b, off), d, dctx))
         return b
+
+    def schedule_budget(self) -> int:
+        """``prefill_budget``, or with ``amortize`` while prompts wait beyond it: 0 until the
+        last amortized chunk is repaid, else the whole token budget (less where an iteration that
+        long would put a decode's mean TBT over its SLO were its next token its last) where
+        ``rules.amortized_chunk_pays`` (``schedule`` then sets the repayment)."""
+        b = self.prefill_budget()
+        self._paced = None
+        cfg, d = self.cfg, len(self.decoding)
+        if not (cfg.amortize and cfg.tbt_budget and d):
+            return b
+        big = self.token_budget - d
+        if not self._waiting:  # only partial prefills: do they go beyond this budget?
+            left = 0
+            for r in self.prefilling.values():
+                left += r.prefill_target - r.prefilled
+            if left <= b:
+                return b
+            big = min(big, left)
+        if self.step < self._repay_until:
+            return 0
+        if big <= b:
+            return b
+        dctx = self._ctx_base + d * self.step
+        off = next(iter(self.prefilling.values())).prefilled if self.prefilling else 0
+        big = self._amortized_chunk(big, b, d, dctx, off)
+        if big > b:
+            self._paced = (b, self._it_now[1], self.cost.iteration_time(0, 0, d, dctx))
+        return big
+
+    def _amortized_chunk(self, big: int, b: int, d: int, dctx: int, offset: int) -> int:
+        """``big`` prompt tokens (less, down to where the iteration keeps every decode's mean TBT
+        within the SLO were its next token its last: ``_next_token_slack_s``) if
+        ``rules.amortized_chunk_pays`` against this iteration's paced ``b``, else ``b``."""
+        it, t0 = self.cost.iteration_time, self._it_now[1]
+        decode_s, t = it(0, 0, d, dctx), it(big, prefill_ctx_tokens(big, offset), d, dctx)
+        if not rules.amortized_chunk_pays(big, t, b, t0, decode_s):
+            return b
+        limit = self._next_token_slack_s()
+        if t > limit:
+            if limit <= t0:
+                return b
+            big, t = rules.PrefillBudget(it, limit, b)(big, d, dctx, offset)
+            if t < 0:
+                t = it(big, prefill_ctx_tokens(big, offset), d, dctx)
+            if not rules.amortized_chunk_pays(big, t, b, t0, decode_s):
+                return b
+        return big
+
+    def _next_token_slack_s(self) -> float:
+        """The longest this iteration may take with every decoding request's mean TBT within its
+        SLO were its next token its last (``rules.tbt_slack_s`` at one more token, paced at 0)."""
+        now, step, tbt = self.now, self.step, self.slo.tbt_s
+        least = float("inf")
+        for v in self.decoding.values():
+            if v.first_token_s < 0:
+                continue
+            g = v.generated + step - v.dec_step0
+            s = rules.tbt_slack_s(now, v.first_token_s, g, g + 1, tbt, 0.0, 0.0)
+            if s < least:
+                least = s
+        return least
+
+    def schedule(self, now: float) -> Batch:
+        batch = super().schedule(now)
+        paced = self._paced
+        if paced is not None and batch.prefill_tokens > paced[0]:  # an amortized chunk: repaid next
+            t = self.cost.iteration_time(batch.prefill_tokens, batch.prefill_ctx_tokens,
+                                         batch.decode_requests, batch.decode_ctx_tokens)
+            self._repay_until = self.step + 1 + rules.repay_steps(t, paced[1], paced[2])
+            self.counters["amortized"] += 1
+        return batch
 
     def _budget(self, d: int, dctx: int, offset: int = 0,
                 pb: rules.PrefillBudget | None = None) -> tuple[int, float]:
@@ -407,7 +491,10 @@ class EcoServeScheduler(Scheduler):
         # Stable until a finish: the free pool only shrinks in between, and a failed projection
         # is retried only once a running request starts or ends; as time passes only the head
         # (``_probe_head``: ``recheck``) and parking can change. The budget is never below 1
-        # (``_budget``'s floor).
+        # (``_budget``'s floor), but 0 while an amortized chunk is repaid (something waits).
+        if self.step < self._repay_until and self.decoding and self.cfg.amortize and self.cfg.tbt_budget:
+            self.recheck = (self._repay_until, float("inf"))
+            return True
         return self._next_admission(1, NO_BATCH, self.now, probe=True) is None
 
     def _keep_free(self) -> int:
@@ -475,3 +562,4 @@ register("ecoserve-lostsjf", _factory(lost_order="service"))
 register("ecoserve-nopark", _factory(park=False))
 register("ecoserve-noslots", _factory(slot_share=False))
 register("ecoserve-scaled", _factory(scale_predictions=True))
+register("ecoserve-p99", _factory(amortize=False))

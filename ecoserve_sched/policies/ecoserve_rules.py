@@ -36,6 +36,10 @@ trace (docs/scheduler.md, "EcoServe").
 - ``PrefillBudget``: the TBT-aware prefill budget: the most prompt tokens an iteration with
   decodes can take and stay within ``iter_time_frac`` x the TBT SLO by the cost model
   (time-synced batching), at least the roofline knee.
+- ``amortized_chunk_pays``, ``repay_steps``: amortized chunks, for a mean-TBT SLO. While prompts
+  wait beyond that budget, one chunk of the whole token budget followed by decode-only
+  iterations, as many as bring the mean iteration time back to the budget's, when that moves
+  more prompt tokens a second (each iteration with a prefill pays a fixed cost).
 - ``Projection``: the running requests kept for ``projected_peak`` with a candidate: a running
   total of reservations and the requests sorted by projected end, updated as they start, leave
   or outlive their reservation (one pass per test, not a sort).
@@ -61,7 +65,10 @@ step`` and ``gx = num_output_tokens - step``, ``drop`` on finish or preemption);
 order is ``max(running, key=victim_key(lost, remaining, seq))``; with a profile, each step's
 token budget is the decodes plus ``PrefillBudget(iteration_time, iter_time_frac x slo_tbt,
 prefill_floor(cost, budget))(budget - decodes, decodes, their computed tokens plus one each, the
-first partial prefill's num_computed_tokens)``; before each step, with a free sequence slot, if
+first partial prefill's num_computed_tokens)``, or the whole budget where
+``amortized_chunk_pays(budget - decodes, its time, that budget, its time, the decodes' time
+alone)`` while prompts wait beyond it, and then no prompt tokens for ``repay_steps(the step's
+time, that budget's time, the decodes' time)`` steps; before each step, with a free sequence slot, if
 the waiting head satisfies ``park_for`` and does not fit while ``OfferedLoad.load(now) <
 PARK_MAX_LOAD``, the running request with the largest ``tbt_slack_s`` (above
 ``PARK_MIN_SLACK_TTFTS x slo_ttft``) is preempted and held until ``park_due_s``; finished
@@ -71,6 +78,7 @@ requests count ``topups``.
 from __future__ import annotations
 
 import heapq
+import math
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Hashable, Iterable
@@ -327,6 +335,28 @@ class PrefillBudget:
                 hi = mid
         self._last = (d, dctx, offset, lo)
         return max(lo, floor), -1.0
+
+
+def repay_steps(iteration_s: float, paced_s: float, decode_s: float) -> int:
+    """Decode-only iterations (``decode_s`` seconds each, below ``paced_s``) that bring the mean
+    iteration time back to ``paced_s`` (the TBT-bounded iteration's) after one of
+    ``iteration_s``: 0 if that one was no longer."""
+    if iteration_s <= paced_s:
+        return 0
+    return math.ceil((iteration_s - paced_s) / (paced_s - decode_s))
+
+
+def amortized_chunk_pays(chunk: int, chunk_s: float, paced_tokens: int, paced_s: float,
+                         decode_s: float) -> bool:
+    """True if prefilling ``chunk`` prompt tokens in one iteration of ``chunk_s`` seconds, then
+    ``repay_steps`` decode-only iterations of ``decode_s``, moves more prompt tokens a second
+    than ``paced_tokens`` in every iteration of ``paced_s`` (``PrefillBudget``'s chunk and
+    time). Both keep the decodes' mean iteration time at ``paced_s``, which is what a mean-TBT
+    SLO bounds; every iteration that carries a prefill pays a fixed cost (the cost model's
+    ``prefill_overhead_s``), and the larger chunk pays it less often."""
+    if paced_s <= decode_s or chunk <= paced_tokens:
+        return False
+    return chunk * paced_s > paced_tokens * (chunk_s + repay_steps(chunk_s, paced_s, decode_s) * decode_s)
 
 
 #: ``PredictionScale``: the finished requests it looks at (the most recent), how many it needs

@@ -435,6 +435,84 @@ def test_each_chunk_of_a_long_prompt_keeps_the_decodes_within_the_tbt_target():
     assert chunks > 30000 // 1500  # later chunks are smaller than the first
 
 
+class PrefillOverheadCost(LinearCost):
+    """``LinearCost`` plus 20 ms in every iteration that carries a prefill (the cost model's
+    ``prefill_overhead_s``)."""
+
+    def iteration_time(self, prefill_tokens, prefill_ctx_tokens, decode_requests, decode_ctx_tokens):
+        t = super().iteration_time(prefill_tokens, prefill_ctx_tokens, decode_requests, decode_ctx_tokens)
+        return t + 0.02 if prefill_tokens > 0 else t
+
+
+def test_amortized_chunk_rule_by_hand():
+    # paced: 1,300 tokens in 0.16 s (8,125 tokens/s); the whole budget, 4,095 tokens in 0.4395 s,
+    # then ceil((0.4395 - 0.16) / (0.16 - 0.01)) = 2 decode-only steps of 0.01 s: 8,912 tokens/s
+    assert rules.repay_steps(0.4395, 0.16, 0.01) == 2 and rules.repay_steps(0.16, 0.16, 0.01) == 0
+    assert rules.amortized_chunk_pays(4095, 0.4395, 1300, 0.16, 0.01)
+    # no fixed cost per prefill: 1,500 tokens in 0.16 s beat 4,095 in 0.4195 s + 2 x 0.01 s
+    assert not rules.amortized_chunk_pays(4095, 0.4195, 1500, 0.16, 0.01)
+    assert not rules.amortized_chunk_pays(4095, 0.4395, 1300, 0.16, 0.16)  # decodes alone fill the target
+    assert not rules.amortized_chunk_pays(1300, 0.16, 1300, 0.16, 0.01)  # nothing larger
+
+
+@pytest.mark.parametrize("policy", ["ecoserve", "ecoserve-p99"])
+def test_amortized_chunks_keep_the_mean_iteration_within_the_tbt_target(policy):
+    """With a fixed cost per prefill iteration, a long prompt is prefilled in chunks of the whole
+    token budget, each followed by the decode-only iterations that bring the mean iteration time
+    back within 0.8 x the TBT SLO; ``ecoserve-p99`` keeps every iteration within it."""
+    cost = PrefillOverheadCost(blocks=20000, token_budget=16)
+    sched = get_policy(policy, cost, block_size=16, max_running=8, token_budget=4096, slo=SLO(60.0, 0.2))
+    short, long = make_req(0, 0.0, 8, 2000), make_req(1, 0.0, 30000, 4)
+    sched.add(short, 0.0)
+    now = 0.0
+    for _ in range(6):  # the decode banks 0.19 s of slack a step on its mean-TBT SLO
+        batch = sched.schedule(now)
+        now += cost.iteration_time(batch.prefill_tokens, 0, batch.decode_requests, 0)
+        sched.complete(batch, now)
+    sched.add(long, now)
+    pattern, times = [], []
+    while long.state != State.DECODE:
+        batch = sched.schedule(now)
+        dt = cost.iteration_time(batch.prefill_tokens, batch.prefill_ctx_tokens, 1, batch.decode_ctx_tokens)
+        pattern.append(batch.prefill_tokens)
+        times.append(dt)
+        now += dt
+        sched.complete(batch, now)
+    assert sum(pattern) == 30000
+    if policy == "ecoserve-p99":
+        assert max(times) <= 0.16 and sched.counters["amortized"] == 0
+        return
+    assert pattern[:6] == [4095, 0, 0, 4095, 0, 0] and sched.counters["amortized"] == 7
+    assert sum(times) / len(times) <= 0.16  # the mean, over whole cycles: 0.4395 + 2 x 0.01 s / 3
+    assert max(times) > 0.16  # single iterations run longer: not for a P99-TBT SLO
+
+
+def test_an_amortized_chunk_keeps_a_fresh_decode_within_its_mean_tbt():
+    """A decode that has just started has banked little slack: the chunk is cut to what keeps
+    its mean TBT within the SLO were its next token its last (``rules.tbt_slack_s``), and taken
+    only if that still pays; with no slack banked (one TBT SLO for its next token) it does not."""
+    cost = PrefillOverheadCost(blocks=20000, token_budget=16)
+    for steps, amortized in ((0, 0), (1, 1)):
+        sched = get_policy("ecoserve", cost, block_size=16, max_running=8, token_budget=4096, slo=SLO(60.0, 0.2))
+        short, long = make_req(0, 0.0, 8, 2000), make_req(1, 0.0, 30000, 4)
+        sched.add(short, 0.0)
+        now = 0.0
+        for _ in range(1 + steps):  # its prefill (its first token at 0.0308 s), then decode steps
+            batch = sched.schedule(now)
+            now += cost.iteration_time(batch.prefill_tokens, 0, batch.decode_requests, 0)
+            sched.complete(batch, now)
+        sched.add(long, now)
+        g = short.generated + sched.step - short.dec_step0  # its tokens (counted lazily while decoding)
+        slack = short.first_token_s + 0.2 * g - now  # 0.2 s, or 0.39 s after one step
+        batch = sched.schedule(now)
+        dt = cost.iteration_time(batch.prefill_tokens, 0, 1, 0)
+        assert sched.counters["amortized"] == amortized
+        if amortized:  # longer than paced, within the slack: less than the whole budget
+            assert 0.16 < dt <= slack < cost.iteration_time(4095, 0, 1, 0)
+        else:  # cut to 0.2 s it would not pay: the paced chunk
+            assert slack == pytest.approx(0.2) and dt <= 0.16
+
+
 def test_config_reaches_the_policy():
     cfg = EcoServeConfig(reserve="p90", aging=0.0)
     sched = get_policy("ecoserve", FlatCost(), config=cfg)
@@ -451,14 +529,23 @@ def _reqs(rows):
             for i, (a, p, o, r, b, t) in enumerate(rows)]
 
 
+def _overhead_cost(blocks: int) -> FlatCost:
+    """A cost whose TBT-bounded budget (about 20 tokens at a 0.05 s TBT SLO) is below the token
+    budget and pays a fixed 10 ms per prefill iteration: amortized chunks run."""
+    cost = FlatCost(blocks=blocks, token_budget=8)
+    cost.iteration_time = lambda p, pc, d, dc: 0.01 + (0.01 + 1e-3 * p if p > 0 else 0.0) + 1e-7 * dc
+    return cost
+
+
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.lists(REQ, min_size=1, max_size=25), blocks=st.integers(12, 80),
-       policy=st.sampled_from(ECOSERVE), swap=st.booleans())
-def test_kv_invariants_hold_with_tight_slos(rows, blocks, policy, swap):
+       policy=st.sampled_from(ECOSERVE), swap=st.booleans(), overhead=st.booleans())
+def test_kv_invariants_hold_with_tight_slos(rows, blocks, policy, swap, overhead):
     """Tight TTFT SLOs make requests give way; invariants hold every iteration, everything
-    finishes with exactly its length and every block comes back."""
+    finishes with exactly its length and every block comes back (``overhead``: with amortized
+    chunks)."""
     reqs = _reqs(rows)
-    cost = FlatCost(blocks=blocks)
+    cost = _overhead_cost(blocks) if overhead else FlatCost(blocks=blocks)
     if swap:
         cost.swap_time = lambda t: 1e-9 * t
     sched = get_policy(policy, cost, block_size=4, max_running=6, token_budget=64, slo=SLO(0.3, 0.05))
@@ -473,13 +560,16 @@ def test_kv_invariants_hold_with_tight_slos(rows, blocks, policy, swap):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.lists(REQ, min_size=1, max_size=25), blocks=st.integers(12, 80),
-       policy=st.sampled_from(ECOSERVE))
-def test_fast_path_makes_the_same_decisions_with_tight_slos(rows, blocks, policy):
+       policy=st.sampled_from(ECOSERVE), overhead=st.booleans())
+def test_fast_path_makes_the_same_decisions_with_tight_slos(rows, blocks, policy, overhead):
     runs = []
     for stepwise in (False, True):
         reqs = _reqs(rows)
-        cost = FlatCost(blocks=blocks)
-        cost.iteration_time = lambda p, pc, d, dc: 0.01 + 1e-6 * p + 1e-7 * dc
+        if overhead:  # amortized chunks, repaid partly inside decode-only stretches
+            cost = _overhead_cost(blocks)
+        else:
+            cost = FlatCost(blocks=blocks)
+            cost.iteration_time = lambda p, pc, d, dc: 0.01 + 1e-6 * p + 1e-7 * dc
         sched = get_policy(policy, cost, block_size=4, max_running=6, token_budget=64, slo=SLO(0.3, 0.05))
         res = simulate(reqs, sched, stepwise=stepwise)
         runs.append(([(r.first_token_s, r.finish_s, r.generated, r.preemptions) for r in reqs],

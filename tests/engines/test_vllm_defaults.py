@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from itertools import product
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ from vllm.v1.kv_cache_interface import (
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
-from ecoserve_sched.cost_model import load_profile
+from ecoserve_sched.cost_model import load_profile, prefill_ctx_tokens
 from ecoserve_sched.engines.vllm_scheduler import (
     EcoServeRequestQueue,
     EcoServeSetupError,
@@ -191,6 +192,33 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
             assert got.request_id == str(want.rid) and got_slack == pytest.approx(want_slack, rel=1e-12)
         picks.append(None if want is None else want.rid)
     assert picks == [4, 4, None]  # the longest-running has banked the most; by 200 s none has 10 s
+    # 6. amortized chunks: the same bound from the decodes' slack, the same chunk from the same
+    # paced budget and decodes (the plug-in's step time as the simulator's iteration time)
+    assert eco.eco_cfg.amortize == sim.cfg.amortize
+    for i, (r, v) in enumerate(zip(sims[:6], vreqs[:6], strict=True)):  # first tokens near 10 s
+        r.first_token_s = -1.0 if i == 0 else 10.0 - 0.1 * i  # request 0: no first token yet
+        eco._first_token.pop(v.request_id, None)
+        if r.first_token_s >= 0:
+            eco._first_token[v.request_id] = r.first_token_s
+    for t in (now, 10.0, 10.5, 40.0):
+        sim.now = t
+        assert eco._next_token_slack_s(t) == pytest.approx(sim._next_token_slack_s(), rel=1e-12)
+    chunks = []
+    for t, (b, d, dctx, offset) in product((10.0, 10.5, 11.0), ((64, 6, 3000, 0), (1024, 6, 3000, 0),
+                                                                (128, 6, 9000, 700))):
+        sim.now = t
+        t0 = cost.iteration_time(b, prefill_ctx_tokens(b, offset), d, dctx)
+        sim._it_now, eco._step_now_s = (b, t0), t0
+        eco.clock = lambda t=t: t
+        got = eco._amortized_chunk(2048 - d, b, d, dctx, offset)
+        assert got == sim._amortized_chunk(2048 - d, b, d, dctx, offset)
+        chunks.append(got)
+    whole = 2048 - 6
+    # with a 64-token paced budget: amortized whole at 10 s, cut to the decodes' slack at 10.5 s,
+    # not at 11 s (no slack left); never with 1,024 paced tokens (too large for it to pay), nor
+    # with 128 late in a long prompt over 9,000 tokens of decode context
+    assert chunks[0] == whole and 64 < chunks[3] < whole and chunks[6] == 64
+    assert chunks[1::3] == [1024] * 3 and chunks[2::3] == [128] * 3
 
 
 # ---- prefix caching ---------------------------------------------------------------------------------

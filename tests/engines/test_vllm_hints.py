@@ -199,6 +199,7 @@ BAD_SETTINGS = {
     "ECOSERVE_GIVE_WAY": ["sometimes"],
     "ECOSERVE_PARK": ["often"],
     "ECOSERVE_SCALE_PREDICTIONS": ["rescale"],
+    "ECOSERVE_AMORTIZE": ["sometimes"],
     "ECOSERVE_SLO_TTFT": ["0", "5s"],
     "ECOSERVE_SLO_TBT": ["-0.2"],
     "ECOSERVE_PREFILL_S_PER_TOKEN": ["fast"],

@@ -315,7 +315,8 @@ def test_config_from_env_and_scheduler_cls_resolves() -> None:
 def test_profile_sizes_each_steps_prefill_budget_by_the_tbt_slo(monkeypatch: pytest.MonkeyPatch) -> None:
     """With ECOSERVE_PROFILE, a step with decodes admits only the prompt tokens that keep it
     within iter_time_frac x ECOSERVE_SLO_TBT by the cost model: the simulator's rule
-    (``rules.PrefillBudget``) on the same decodes; without it, vLLM's whole token budget."""
+    (``rules.PrefillBudget``) on the same decodes; without it, vLLM's whole token budget.
+    (Amortized chunks off: ``test_amortized_chunk_takes_the_whole_budget_then_repays``.)"""
     from ecoserve_sched.cost_model import load_profile
     from ecoserve_sched.policies import ecoserve_rules as rules
     from ecoserve_sched.policies.ecoserve import EcoServeConfig
@@ -323,6 +324,7 @@ def test_profile_sizes_each_steps_prefill_budget_by_the_tbt_slo(monkeypatch: pyt
     cost, frac = load_profile("llama3-8b-h100-80gb"), EcoServeConfig().iter_time_frac
     tbt = cost.iteration_time(64, 64 * 32, 4, 4 * 40) / frac  # a 64-token prefill fits, more does not
     monkeypatch.setenv("ECOSERVE_SLO_TBT", repr(tbt))
+    monkeypatch.setenv("ECOSERVE_AMORTIZE", "0")
     scheduled = {}
     for profile in ("", cost.name):
         monkeypatch.setenv("ECOSERVE_PROFILE", profile)
@@ -354,6 +356,50 @@ def test_profile_sizes_each_steps_prefill_budget_by_the_tbt_slo(monkeypatch: pyt
         drive(s)
         check_done(s)
     assert scheduled[""] == 512 - 4 > scheduled[cost.name]
+
+
+def test_amortized_chunk_takes_the_whole_budget_then_repays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ECOSERVE_AMORTIZE (the default): while a prompt waits beyond the paced budget, a step takes
+    the whole budget where ``rules.amortized_chunk_pays``, and the next ``rules.repay_steps``
+    steps schedule only decodes (the simulator's rule, ``test_ecoserve_policy.py``)."""
+    from ecoserve_sched.cost_model import load_profile, prefill_ctx_tokens
+    from ecoserve_sched.policies import ecoserve_rules as rules
+    from ecoserve_sched.policies.ecoserve import EcoServeConfig
+
+    cost, frac = load_profile("llama3-8b-h100-80gb"), EcoServeConfig().iter_time_frac
+    tbt = cost.iteration_time(64, 64 * 32, 4, 4 * 40) / frac
+    monkeypatch.setenv("ECOSERVE_SLO_TBT", repr(tbt))
+    monkeypatch.setenv("ECOSERVE_PROFILE", cost.name)
+    s = make(EcoServeVllmSyncScheduler, num_blocks=200)
+    s.clock = lambda: 0.0  # every first token at 0: 20 tokens bank 20 TBT SLOs of slack
+    assert s.eco_cfg.amortize
+    for i in range(4):
+        s.add_request(req(f"d{i}", 32, 60, arrival=0.0, rl_pred_tokens=60))
+    target = {f"d{i}": 60 for i in range(4)} | {"long": 8}
+    for _ in range(20):
+        out = s.schedule()
+        s.update_from_output(out, fake_model_output(out, s, target))
+    s.add_request(req("long", 1000, 8, arrival=0.0, rl_pred_tokens=8))
+    dctx = sum(s.requests[f"d{i}"].num_computed_tokens + 1 for i in range(4))
+    paced, t0 = rules.PrefillBudget(cost.iteration_time, frac * tbt, min(cost.token_budget, 512))(512 - 4, 4, dctx)
+    t0 = t0 if t0 >= 0 else cost.iteration_time(paced, prefill_ctx_tokens(paced), 4, dctx)
+    big, decode_s = 512 - 4, cost.iteration_time(0, 0, 4, dctx)
+    t_big = cost.iteration_time(big, prefill_ctx_tokens(big), 4, dctx)
+    assert rules.amortized_chunk_pays(big, t_big, paced, t0, decode_s)  # this setting: it pays
+    out = s.schedule()
+    assert out.num_scheduled_tokens["long"] == big and s.eco_counters["amortized"] == 1
+    s.update_from_output(out, fake_model_output(out, s, target))
+    repay = rules.repay_steps(t_big, t0, decode_s)
+    assert repay >= 1
+    for _ in range(repay):  # decodes only
+        out = s.schedule()
+        assert "long" not in out.num_scheduled_tokens and out.total_num_scheduled_tokens == 4
+        s.update_from_output(out, fake_model_output(out, s, target))
+    out = s.schedule()  # the rest of the prompt: within the whole budget, so the paced rule decides
+    assert out.num_scheduled_tokens["long"] > 0
+    s.update_from_output(out, fake_model_output(out, s, target))
+    drive(s)
+    check_done(s)
 
 
 def test_each_chunk_is_timed_after_the_prompt_tokens_already_computed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -408,6 +454,7 @@ def test_parking_and_give_way_estimate_the_ttft_with_this_steps_prompt_budget(
     cost = load_profile("llama3-8b-h100-80gb")
     monkeypatch.setenv("ECOSERVE_SLO_TBT", repr(cost.iteration_time(64, 64 * 32, 4, 4 * 40) / EcoServeConfig().iter_time_frac))
     monkeypatch.setenv("ECOSERVE_PROFILE", cost.name)
+    monkeypatch.setenv("ECOSERVE_AMORTIZE", "0")  # the paced budget every step
     s = make(EcoServeVllmSyncScheduler, num_blocks=200)
     s.clock = lambda: 1.0
     seen: list[int] = []
