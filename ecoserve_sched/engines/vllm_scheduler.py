@@ -979,24 +979,10 @@ class EcoServeMixin:
         return min(full, tokens + b)
 
     def _amortized_chunk(self, big: int, b: int, d: int, dctx: int, offset: int) -> int:
-        """The simulator's amortized chunk: ``big`` prompt tokens (less, down to where the step
-        keeps every decode's mean TBT within ``ECOSERVE_SLO_TBT`` were its next token its last:
-        ``rules.tbt_slack_s``) if ``rules.amortized_chunk_pays`` against the paced ``b``, else
-        ``b``."""
-        it, t0 = self.cost_model.iteration_time, self._step_now_s
-        decode_s, t = it(0, 0, d, dctx), it(big, prefill_ctx_tokens(big, offset), d, dctx)
-        if not rules.amortized_chunk_pays(big, t, b, t0, decode_s):
-            return b
-        limit = self._next_token_slack_s(self.clock())
-        if t > limit:
-            if limit <= t0:
-                return b
-            big, t = rules.PrefillBudget(it, limit, b)(big, d, dctx, offset)
-            if t < 0:
-                t = it(big, prefill_ctx_tokens(big, offset), d, dctx)
-            if not rules.amortized_chunk_pays(big, t, b, t0, decode_s):
-                return b
-        return big
+        """``rules.amortized_chunk`` against this step's paced ``b`` and its time (the
+        simulator's amortized chunk)."""
+        return rules.amortized_chunk(self.cost_model.iteration_time, big, b, self._step_now_s, d, dctx,
+                                     offset, lambda: self._next_token_slack_s(self.clock()))
 
     def _next_token_slack_s(self, now: float) -> float:
         """The longest this step may take with every decoding request's mean TBT within

@@ -231,23 +231,9 @@ class EcoServeScheduler(Scheduler):
         return big
 
     def _amortized_chunk(self, big: int, b: int, d: int, dctx: int, offset: int) -> int:
-        """``big`` prompt tokens (less, down to where the iteration keeps every decode's mean TBT
-        within the SLO were its next token its last: ``_next_token_slack_s``) if
-        ``rules.amortized_chunk_pays`` against this iteration's paced ``b``, else ``b``."""
-        it, t0 = self.cost.iteration_time, self._it_now[1]
-        decode_s, t = it(0, 0, d, dctx), it(big, prefill_ctx_tokens(big, offset), d, dctx)
-        if not rules.amortized_chunk_pays(big, t, b, t0, decode_s):
-            return b
-        limit = self._next_token_slack_s()
-        if t > limit:
-            if limit <= t0:
-                return b
-            big, t = rules.PrefillBudget(it, limit, b)(big, d, dctx, offset)
-            if t < 0:
-                t = it(big, prefill_ctx_tokens(big, offset), d, dctx)
-            if not rules.amortized_chunk_pays(big, t, b, t0, decode_s):
-                return b
-        return big
+        """``rules.amortized_chunk`` against this iteration's paced ``b`` and its time."""
+        return rules.amortized_chunk(self.cost.iteration_time, big, b, self._it_now[1], d, dctx, offset,
+                                     self._next_token_slack_s)
 
     def _next_token_slack_s(self) -> float:
         """The longest this iteration may take with every decoding request's mean TBT within its

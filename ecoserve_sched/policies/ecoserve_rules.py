@@ -36,7 +36,7 @@ trace (docs/scheduler.md, "EcoServe").
 - ``PrefillBudget``: the TBT-aware prefill budget: the most prompt tokens an iteration with
   decodes can take and stay within ``iter_time_frac`` x the TBT SLO by the cost model
   (time-synced batching), at least the roofline knee.
-- ``amortized_chunk_pays``, ``repay_steps``: amortized chunks, for a mean-TBT SLO. While prompts
+- ``amortized_chunk``, ``amortized_chunk_pays``, ``repay_steps``: amortized chunks, for a mean-TBT SLO. While prompts
   wait beyond that budget, one chunk of the whole token budget followed by decode-only
   iterations, as many as bring the mean iteration time back to the budget's, when that moves
   more prompt tokens a second (each iteration with a prefill pays a fixed cost).
@@ -357,6 +357,31 @@ def amortized_chunk_pays(chunk: int, chunk_s: float, paced_tokens: int, paced_s:
     if paced_s <= decode_s or chunk <= paced_tokens:
         return False
     return chunk * paced_s > paced_tokens * (chunk_s + repay_steps(chunk_s, paced_s, decode_s) * decode_s)
+
+
+def amortized_chunk(iteration_time: Any, chunk: int, paced_tokens: int, paced_s: float, d: int,
+                    dctx: int, offset: int, slack_s: Any) -> int:
+    """The prompt tokens of an iteration with ``d`` decodes over ``dctx`` context tokens, its
+    chunk after ``offset`` computed prompt tokens: ``chunk`` (the whole budget) if
+    ``amortized_chunk_pays`` against the paced ``paced_tokens`` in ``paced_s``, cut (bisection,
+    ``PrefillBudget``) to an iteration within ``slack_s()`` if it is longer and the cut chunk
+    still pays, else ``paced_tokens``. ``slack_s``, asked only when the chunk pays: the longest
+    the iteration may take with every decode's mean TBT within its SLO were its next token its
+    last (``tbt_slack_s`` at one more token, paced at 0, the least over the decodes)."""
+    decode_s = iteration_time(0, 0, d, dctx)
+    t = iteration_time(chunk, prefill_ctx_tokens(chunk, offset), d, dctx)
+    if not amortized_chunk_pays(chunk, t, paced_tokens, paced_s, decode_s):
+        return paced_tokens
+    limit = slack_s()
+    if t > limit:
+        if limit <= paced_s:
+            return paced_tokens
+        chunk, t = PrefillBudget(iteration_time, limit, paced_tokens)(chunk, d, dctx, offset)
+        if t < 0:
+            t = iteration_time(chunk, prefill_ctx_tokens(chunk, offset), d, dctx)
+        if not amortized_chunk_pays(chunk, t, paced_tokens, paced_s, decode_s):
+            return paced_tokens
+    return chunk
 
 
 #: ``PredictionScale``: the finished requests it looks at (the most recent), how many it needs
