@@ -5,7 +5,9 @@
 
 For each policy and load (rate scale): SLO attainment, the share of requests that miss their
 TTFT and the share that miss their mean TBT, the share of the server's time spent in
-iterations longer than the TBT SLO (from the replay's iteration log), and the mean TTFT.
+iterations longer than the TBT SLO (from the replay's iteration log), the mean TTFT, and the
+iterations that carried prompt tokens with the share of the replay's time their fixed cost took
+(the cost model's ``prefill_overhead_s`` each: what small chunks pay).
 Beside them, a reference that ignores decodes altogether: one server prefilling whole prompts
 at its full-budget rate (chunks of ``--budget`` tokens timed by the cell's cost model), the
 shortest prompt first among those that can still meet their TTFT, the others set aside and
@@ -105,17 +107,19 @@ def main() -> None:
     print(f"## {cell.name}: {len(prefill)} requests, profile {spec.cost.name}, SLO TTFT {cell.slo.ttft_s:g} s / "
           f"TBT {cell.slo.tbt_s:g} s\n")
     print("| load | policy | SLO attainment | TTFT missed | mean TBT missed | time in iterations > TBT SLO "
-          "| mean TTFT s |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+          "| mean TTFT s | prefill iterations | their fixed cost / replay time |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    overhead_s = spec.cost.spec["efficiency"]["prefill_overhead_s"]
     for load in args.loads:
         for p in args.policies:
             spec_p, run_as = grid.resolve(cell, p, args.shared, args.requests)
             s, res = spec_p.run(run_as, load)
             ttft, tbt, slow, mean_ttft = anatomy(res, cell.slo)
+            fixed = res.prefill_iterations * overhead_s / max(s["duration_s"], 1e-12)
             print(f"| {load:g} | {p} | {s['slo_attainment']:.3f} | {ttft:.3f} | {tbt:.3f} | {slow:.2f} "
-                  f"| {mean_ttft:.2f} |")
+                  f"| {mean_ttft:.2f} | {res.prefill_iterations:,} | {fixed:.3f} |")
         ref = reference_ttft(spec.trace.arrival_s / load, prefill, cell.slo.ttft_s)
-        print(f"| {load:g} | decode-free reference | {ref:.3f} (TTFT only) | {1 - ref:.3f} | | | |")
+        print(f"| {load:g} | decode-free reference | {ref:.3f} (TTFT only) | {1 - ref:.3f} | | | | | |")
     print(f"\n({time.time() - t0:.0f} s)")
 
 

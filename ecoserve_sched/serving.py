@@ -53,6 +53,7 @@ class SimResult:
     sched_s: float = 0.0
     wall_s: float = 0.0
     dropped: int = 0
+    prefill_iterations: int = 0  # iterations that carried prompt tokens (the cost-model executor)
 
 
 class Executor:

@@ -49,6 +49,7 @@ class CostModelExecutor(Executor):
         self.decode_run = getattr(timer, "decode_run", None) or self._decode_run
         self.finishes: list[tuple[int, int, int, Request]] = []  # (step, rid, epoch, request)
         self.sched_s = 0.0
+        self.prefill_iterations = 0  # each pays the cost model's prefill_overhead_s
         # The loop calls these for every arrival and turn: the policy's own, without a layer.
         self.add = sched.add  # type: ignore[method-assign]
         self.has_work = sched.has_work  # type: ignore[method-assign]
@@ -72,6 +73,8 @@ class CostModelExecutor(Executor):
             sched.kv.check(sched.used_blocks_after(batch))
         dt = self.it_time(batch.prefill_tokens, batch.prefill_ctx_tokens,
                           batch.decode_requests, batch.decode_ctx_tokens) + batch.extra_s
+        if batch.prefill_tokens:
+            self.prefill_iterations += 1
         now += dt
         finishes = self.finishes
         if sched.step >= self.fault_step:  # this iteration raises: its requests end as errors
@@ -171,6 +174,7 @@ class CostModelExecutor(Executor):
         res.stall_gaps = sched.stall_gaps
         res.counters = {**sched.counters, "loans": sched.kv.loans}
         res.sched_s = self.sched_s
+        res.prefill_iterations = self.prefill_iterations
 
 
 def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,

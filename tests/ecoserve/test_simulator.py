@@ -122,3 +122,13 @@ def test_oracle_policy_ignores_the_prediction_source():
     res = run(_trace(50), "ecoserve-oracle", FlatCost(blocks=600), predictions="confusion", confusion=conf)
     assert res.predictions.startswith("oracle")
     assert all(r.reserve_tokens == r.target_tokens for r in res.requests)
+
+
+def test_prefill_iterations_count_the_iterations_that_carried_prompt_tokens():
+    """A 5,000-token prompt in 2,048-token chunks takes three prefill iterations, a 10-token one
+    arriving later one more; the decode steps in between carry none (``SimResult.prefill_iterations``:
+    each pays the cost model's fixed ``prefill_overhead_s``, ``benchmarks/slo_anatomy.py``)."""
+    reqs = [make_req(0, 0.0, 5000, 20), make_req(1, 5.0, 10, 5)]
+    sched = get_policy("vllm", FlatCost(blocks=4000), block_size=4, max_running=8, token_budget=2048)
+    res = simulate(reqs, sched, check=True)
+    assert res.prefill_iterations == 4 and all(r.state == State.FINISHED for r in reqs)
