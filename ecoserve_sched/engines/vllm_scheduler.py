@@ -972,13 +972,13 @@ class EcoServeMixin:
             if self._step < self._repay_until:
                 return tokens  # an amortized chunk is being repaid: decodes only
             big = full - tokens if self.waiting else min(full - tokens, left)
-            big = self._amortized_chunk(big, b, d, dctx, offset)
+            big, decode_s = self._amortized_chunk(big, b, d, dctx, offset)
             if big > b:
-                self._paced = (b, self._step_now_s, it(0, 0, d, dctx), d, dctx, offset, tokens)
+                self._paced = (b, self._step_now_s, decode_s, d, dctx, offset, tokens)
                 return tokens + big
         return min(full, tokens + b)
 
-    def _amortized_chunk(self, big: int, b: int, d: int, dctx: int, offset: int) -> int:
+    def _amortized_chunk(self, big: int, b: int, d: int, dctx: int, offset: int) -> tuple[int, float]:
         """``rules.amortized_chunk`` against this step's paced ``b`` and its time (the
         simulator's amortized chunk)."""
         return rules.amortized_chunk(self.cost_model.iteration_time, big, b, self._step_now_s, d, dctx,

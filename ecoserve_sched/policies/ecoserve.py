@@ -225,12 +225,12 @@ class EcoServeScheduler(Scheduler):
             return b
         dctx = self._ctx_base + d * self.step
         off = next(iter(self.prefilling.values())).prefilled if self.prefilling else 0
-        big = self._amortized_chunk(big, b, d, dctx, off)
+        big, decode_s = self._amortized_chunk(big, b, d, dctx, off)
         if big > b:
-            self._paced = (b, self._it_now[1], self.cost.iteration_time(0, 0, d, dctx))
+            self._paced = (b, self._it_now[1], decode_s)
         return big
 
-    def _amortized_chunk(self, big: int, b: int, d: int, dctx: int, offset: int) -> int:
+    def _amortized_chunk(self, big: int, b: int, d: int, dctx: int, offset: int) -> tuple[int, float]:
         """``rules.amortized_chunk`` against this iteration's paced ``b`` and its time."""
         return rules.amortized_chunk(self.cost.iteration_time, big, b, self._it_now[1], d, dctx, offset,
                                      self._next_token_slack_s)

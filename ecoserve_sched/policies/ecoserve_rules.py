@@ -360,28 +360,29 @@ def amortized_chunk_pays(chunk: int, chunk_s: float, paced_tokens: int, paced_s:
 
 
 def amortized_chunk(iteration_time: Any, chunk: int, paced_tokens: int, paced_s: float, d: int,
-                    dctx: int, offset: int, slack_s: Any) -> int:
+                    dctx: int, offset: int, slack_s: Any) -> tuple[int, float]:
     """The prompt tokens of an iteration with ``d`` decodes over ``dctx`` context tokens, its
     chunk after ``offset`` computed prompt tokens: ``chunk`` (the whole budget) if
     ``amortized_chunk_pays`` against the paced ``paced_tokens`` in ``paced_s``, cut (bisection,
     ``PrefillBudget``) to an iteration within ``slack_s()`` if it is longer and the cut chunk
     still pays, else ``paced_tokens``. ``slack_s``, asked only when the chunk pays: the longest
     the iteration may take with every decode's mean TBT within its SLO were its next token its
-    last (``tbt_slack_s`` at one more token, paced at 0, the least over the decodes)."""
+    last (``tbt_slack_s`` at one more token, paced at 0, the least over the decodes). With the
+    decodes' time alone (what ``repay_steps`` then takes)."""
     decode_s = iteration_time(0, 0, d, dctx)
     t = iteration_time(chunk, prefill_ctx_tokens(chunk, offset), d, dctx)
     if not amortized_chunk_pays(chunk, t, paced_tokens, paced_s, decode_s):
-        return paced_tokens
+        return paced_tokens, decode_s
     limit = slack_s()
     if t > limit:
         if limit <= paced_s:
-            return paced_tokens
+            return paced_tokens, decode_s
         chunk, t = PrefillBudget(iteration_time, limit, paced_tokens)(chunk, d, dctx, offset)
         if t < 0:
             t = iteration_time(chunk, prefill_ctx_tokens(chunk, offset), d, dctx)
         if not amortized_chunk_pays(chunk, t, paced_tokens, paced_s, decode_s):
-            return paced_tokens
-    return chunk
+            return paced_tokens, decode_s
+    return chunk, decode_s
 
 
 #: ``PredictionScale``: the finished requests it looks at (the most recent), how many it needs

@@ -210,9 +210,9 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
         t0 = cost.iteration_time(b, prefill_ctx_tokens(b, offset), d, dctx)
         sim._it_now, eco._step_now_s = (b, t0), t0
         eco.clock = lambda t=t: t
-        got = eco._amortized_chunk(2048 - d, b, d, dctx, offset)
+        got = eco._amortized_chunk(2048 - d, b, d, dctx, offset)  # (chunk, the decodes' time)
         assert got == sim._amortized_chunk(2048 - d, b, d, dctx, offset)
-        chunks.append(got)
+        chunks.append(got[0])
     whole = 2048 - 6
     # with a 64-token paced budget: amortized whole at 10 s, cut to the decodes' slack at 10.5 s,
     # not at 11 s (no slack left); never with 1,024 paced tokens (too large for it to pay), nor
