@@ -55,8 +55,9 @@ as tokens are written, vLLM's default); this subclass changes four of its decisi
   tokens that keep the step within ``iter_time_frac`` x ``ECOSERVE_SLO_TBT`` by the cost model,
   at least its roofline knee), for that step only; without a profile, vLLM's static budget.
   With ``ECOSERVE_AMORTIZE`` (on by default: a mean-TBT SLO), while prompts wait beyond that
-  budget, the whole budget where ``rules.amortized_chunk_pays``, then no prompt tokens for
-  ``rules.repay_steps`` steps (the simulator's amortized chunks).
+  budget, the whole budget (or ``rules.amortized_chunk``'s cut of it) where
+  ``rules.amortized_chunk_pays``, then no prompt tokens for ``rules.repay_steps`` steps (the
+  simulator's amortized chunks).
 
 No block is allocated ahead of the tokens written (no lookahead slots of ours: vLLM's speculative
 and asynchronous-KV-load lookahead is passed through unchanged), so a top-up is a larger

@@ -34,8 +34,9 @@ themselves are the pure functions of ``ecoserve_rules``):
    tokens that keep the iteration within ``iter_time_frac`` of the TBT SLO by the cost model
    (time-synced batching), timed as a chunk of the oldest partial prefill after its computed
    tokens, at least the cost model's roofline knee. Amortized chunks (for the mean-TBT SLO):
-   while prompts wait beyond that budget, the whole token budget in one iteration (less where
-   a decode's mean TBT would pass its SLO were its next token its last), then as many
+   while prompts wait beyond that budget, the whole token budget in one iteration (or what
+   one decode-only iteration repays exactly, where the whole does not pay; less where a
+   decode's mean TBT would pass its SLO were its next token its last), then as many
    decode-only iterations as bring the mean iteration time back to the budget's, where that
    moves more prompt tokens a second (``rules.amortized_chunk_pays``: every iteration with a
    prefill pays the cost model's fixed prefill overhead).

@@ -37,9 +37,10 @@ trace (docs/scheduler.md, "EcoServe").
   decodes can take and stay within ``iter_time_frac`` x the TBT SLO by the cost model
   (time-synced batching), at least the roofline knee.
 - ``amortized_chunk``, ``amortized_chunk_pays``, ``repay_steps``: amortized chunks, for a mean-TBT SLO. While prompts
-  wait beyond that budget, one chunk of the whole token budget followed by decode-only
-  iterations, as many as bring the mean iteration time back to the budget's, when that moves
-  more prompt tokens a second (each iteration with a prefill pays a fixed cost).
+  wait beyond that budget, one chunk of the whole token budget (or, where that does not pay,
+  of what one decode-only iteration repays exactly) followed by decode-only iterations, as
+  many as bring the mean iteration time back to the budget's, when that moves more prompt
+  tokens a second (each iteration with a prefill pays a fixed cost).
 - ``Projection``: the running requests kept for ``projected_peak`` with a candidate: a running
   total of reservations and the requests sorted by projected end, updated as they start, leave
   or outlive their reservation (one pass per test, not a sort).
@@ -65,10 +66,10 @@ step`` and ``gx = num_output_tokens - step``, ``drop`` on finish or preemption);
 order is ``max(running, key=victim_key(lost, remaining, seq))``; with a profile, each step's
 token budget is the decodes plus ``PrefillBudget(iteration_time, iter_time_frac x slo_tbt,
 prefill_floor(cost, budget))(budget - decodes, decodes, their computed tokens plus one each, the
-first partial prefill's num_computed_tokens)``, or the whole budget where
-``amortized_chunk_pays(budget - decodes, its time, that budget, its time, the decodes' time
-alone)`` while prompts wait beyond it, and then no prompt tokens for ``repay_steps(the step's
-time, that budget's time, the decodes' time)`` steps; before each step, with a free sequence slot, if
+first partial prefill's num_computed_tokens)``, or, while prompts wait beyond it,
+``amortized_chunk(iteration_time, budget - decodes, that budget, its time, ...)`` and then no
+prompt tokens for ``repay_steps(the step's time, that budget's time, the decodes' time)``
+steps; before each step, with a free sequence slot, if
 the waiting head satisfies ``park_for`` and does not fit while ``OfferedLoad.load(now) <
 PARK_MAX_LOAD``, the running request with the largest ``tbt_slack_s`` (above
 ``PARK_MIN_SLACK_TTFTS x slo_ttft``) is preempted and held until ``park_due_s``; finished
@@ -363,26 +364,64 @@ def amortized_chunk(iteration_time: Any, chunk: int, paced_tokens: int, paced_s:
                     dctx: int, offset: int, slack_s: Any) -> tuple[int, float]:
     """The prompt tokens of an iteration with ``d`` decodes over ``dctx`` context tokens, its
     chunk after ``offset`` computed prompt tokens: ``chunk`` (the whole budget) if
-    ``amortized_chunk_pays`` against the paced ``paced_tokens`` in ``paced_s``, cut (bisection,
-    ``PrefillBudget``) to an iteration within ``slack_s()`` if it is longer and the cut chunk
-    still pays, else ``paced_tokens``. ``slack_s``, asked only when the chunk pays: the longest
-    the iteration may take with every decode's mean TBT within its SLO were its next token its
-    last (``tbt_slack_s`` at one more token, paced at 0, the least over the decodes). With the
+    ``amortized_chunk_pays`` against the paced ``paced_tokens`` in ``paced_s``, else the chunk
+    that one decode-only iteration repays exactly if that pays (``_one_step_chunk``), else
+    ``paced_tokens``. That chunk is cut the same way to an iteration within ``slack_s()``
+    if it is longer. ``slack_s``, asked only when a chunk pays: the longest the iteration may
+    take with every decode's mean TBT within its SLO were its next token its last
+    (``tbt_slack_s`` at one more token, paced at 0, the least over the decodes). With the
     decodes' time alone (what ``repay_steps`` then takes)."""
     decode_s = iteration_time(0, 0, d, dctx)
-    t = iteration_time(chunk, prefill_ctx_tokens(chunk, offset), d, dctx)
-    if not amortized_chunk_pays(chunk, t, paced_tokens, paced_s, decode_s):
+    if paced_s <= decode_s or chunk <= paced_tokens:
+        return paced_tokens, decode_s
+    got = _paying_chunk(iteration_time, chunk, math.inf, paced_tokens, paced_s, decode_s, d, dctx, offset)
+    if got is None:
         return paced_tokens, decode_s
     limit = slack_s()
-    if t > limit:
+    if got[1] > limit:
         if limit <= paced_s:
             return paced_tokens, decode_s
-        chunk, t = PrefillBudget(iteration_time, limit, paced_tokens)(chunk, d, dctx, offset)
+        got = _paying_chunk(iteration_time, got[0], limit, paced_tokens, paced_s, decode_s, d, dctx, offset)
+        if got is None:
+            return paced_tokens, decode_s
+    return got[0], decode_s
+
+
+def _paying_chunk(iteration_time: Any, chunk: int, cap_s: float, paced_tokens: int, paced_s: float,
+                  decode_s: float, d: int, dctx: int, offset: int) -> tuple[int, float] | None:
+    """``(tokens, seconds)`` of the largest chunk up to ``chunk`` within ``cap_s`` (bisection,
+    ``PrefillBudget``) if ``amortized_chunk_pays``; else of ``_one_step_chunk`` if it is below
+    that and pays; None if neither does."""
+    t = iteration_time(chunk, prefill_ctx_tokens(chunk, offset), d, dctx)
+    if t > cap_s:
+        chunk, t = PrefillBudget(iteration_time, cap_s, paced_tokens)(chunk, d, dctx, offset)
         if t < 0:
             t = iteration_time(chunk, prefill_ctx_tokens(chunk, offset), d, dctx)
-        if not amortized_chunk_pays(chunk, t, paced_tokens, paced_s, decode_s):
-            return paced_tokens, decode_s
-    return chunk, decode_s
+    if amortized_chunk_pays(chunk, t, paced_tokens, paced_s, decode_s):
+        return chunk, t
+    target = 2 * paced_s - decode_s
+    if t <= target:
+        return None
+    return _one_step_chunk(iteration_time, chunk, target, paced_tokens, paced_s, decode_s, d, dctx, offset)
+
+
+def _one_step_chunk(iteration_time: Any, chunk: int, target_s: float, paced_tokens: int, paced_s: float,
+                    decode_s: float, d: int, dctx: int, offset: int) -> tuple[int, float] | None:
+    """The chunk (up to ``chunk``) of the longest iteration that one decode-only iteration
+    repays exactly (``target_s`` = paced + (paced - decode-only) seconds) if it pays: the two
+    take as long as two paced iterations, so it pays if it moves more than two paced chunks
+    (one fixed cost saved against the longer chunk's dearer tokens). The whole budget may
+    need a fraction of a repayment step more, rounded up to a whole step that moves no prompt
+    tokens. Longer cuts (k steps, k + 1 paced chunks) were measured and not kept: their gains
+    are smaller and each waiting prompt waits longer for the next iteration that admits it
+    (docs/scheduler.md). One cost-model call says whether it could pay, before the bisection."""
+    need = 2 * paced_tokens + 1
+    if need >= chunk or iteration_time(need, prefill_ctx_tokens(need, offset), d, dctx) > target_s:
+        return None
+    got, t = PrefillBudget(iteration_time, target_s, need)(chunk, d, dctx, offset)
+    if t < 0:
+        t = iteration_time(got, prefill_ctx_tokens(got, offset), d, dctx)
+    return (got, t) if amortized_chunk_pays(got, t, paced_tokens, paced_s, decode_s) else None
 
 
 #: ``PredictionScale``: the finished requests it looks at (the most recent), how many it needs

@@ -4,6 +4,8 @@ invariants over random traces with tight SLOs (every iteration, ``simulate(..., 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -453,6 +455,31 @@ def test_amortized_chunk_rule_by_hand():
     assert not rules.amortized_chunk_pays(4095, 0.4195, 1500, 0.16, 0.01)
     assert not rules.amortized_chunk_pays(4095, 0.4395, 1300, 0.16, 0.16)  # decodes alone fill the target
     assert not rules.amortized_chunk_pays(1300, 0.16, 1300, 0.16, 0.01)  # nothing larger
+
+
+def test_amortized_chunk_cut_to_a_whole_repayment_by_hand():
+    """Decodes take 0.05 s, a prefill 0.02 s plus 0.1 ms a token: paced, 900 tokens in 0.16 s
+    (5,625 tokens/s). 2,100 tokens take 0.28 s, which 1.09 decode-only steps would repay; two
+    are needed: 2,100 / 0.38 s = 5,526 tokens/s does not pay. Cut to 0.27 s (about 2,000
+    tokens), one step repays it exactly: about 2,000 / 0.32 s = 6,250 tokens/s."""
+
+    def it(p, pctx, d, dctx):
+        return 0.05 + (0.02 + 1e-4 * p if p > 0 else 0.0)
+
+    def no_slack_limit():
+        return math.inf
+
+    assert not rules.amortized_chunk_pays(2100, it(2100, 0, 1, 0), 900, 0.16, 0.05)
+    chunk, decode_s = rules.amortized_chunk(it, 2100, 900, 0.16, 1, 0, 0, no_slack_limit)
+    assert decode_s == 0.05 and 2000 - 32 <= chunk <= 2000
+    assert rules.repay_steps(it(chunk, 0, 1, 0), 0.16, 0.05) == 1
+    assert rules.amortized_chunk_pays(chunk, it(chunk, 0, 1, 0), 900, 0.16, 0.05)
+    # a decode's slack of 0.25 s: cut to it, 0.82 of a step repays it in one, which pays
+    chunk, _ = rules.amortized_chunk(it, 2100, 900, 0.16, 1, 0, 0, lambda: 0.25)
+    assert 1800 - 32 <= chunk <= 1800
+    # a slack of 0.2 s: 1,300 tokens in 0.2 s and a step (5,200 tokens/s) do not pay, and no
+    # whole number of steps fits below: the paced chunk
+    assert rules.amortized_chunk(it, 2100, 900, 0.16, 1, 0, 0, lambda: 0.2)[0] == 900
 
 
 @pytest.mark.parametrize("policy", ["ecoserve", "ecoserve-p99"])

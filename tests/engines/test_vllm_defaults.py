@@ -215,10 +215,15 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
         chunks.append(got[0])
     whole = 2048 - 6
     # with a 64-token paced budget: amortized whole at 10 s, cut to the decodes' slack at 10.5 s,
-    # not at 11 s (no slack left); never with 1,024 paced tokens (too large for it to pay), nor
-    # with 128 late in a long prompt over 9,000 tokens of decode context
+    # not at 11 s (no slack left); never with 1,024 paced tokens (too large for it to pay); with
+    # 128 late in a long prompt over 9,000 tokens of decode context the whole budget does not
+    # pay, but what one decode-only step repays does (more than two paced chunks), until 11 s
     assert chunks[0] == whole and 64 < chunks[3] < whole and chunks[6] == 64
-    assert chunks[1::3] == [1024] * 3 and chunks[2::3] == [128] * 3
+    assert chunks[1::3] == [1024] * 3
+    assert chunks[2] == chunks[5] > 2 * 128 and chunks[8] == 128
+    t0, dec = cost.iteration_time(128, prefill_ctx_tokens(128, 700), 6, 9000), cost.iteration_time(0, 0, 6, 9000)
+    assert not rules.amortized_chunk_pays(whole, cost.iteration_time(whole, prefill_ctx_tokens(whole, 700), 6, 9000),
+                                          128, t0, dec)
 
 
 # ---- prefix caching ---------------------------------------------------------------------------------
