@@ -374,25 +374,25 @@ def amortized_chunk(iteration_time: Any, chunk: int, paced_tokens: int, paced_s:
     decode_s = iteration_time(0, 0, d, dctx)
     if paced_s <= decode_s or chunk <= paced_tokens:
         return paced_tokens, decode_s
-    got = _paying_chunk(iteration_time, chunk, math.inf, paced_tokens, paced_s, decode_s, d, dctx, offset)
+    t = iteration_time(chunk, prefill_ctx_tokens(chunk, offset), d, dctx)
+    got = _paying_chunk(iteration_time, chunk, t, math.inf, paced_tokens, paced_s, decode_s, d, dctx, offset)
     if got is None:
         return paced_tokens, decode_s
     limit = slack_s()
     if got[1] > limit:
         if limit <= paced_s:
             return paced_tokens, decode_s
-        got = _paying_chunk(iteration_time, got[0], limit, paced_tokens, paced_s, decode_s, d, dctx, offset)
+        got = _paying_chunk(iteration_time, *got, limit, paced_tokens, paced_s, decode_s, d, dctx, offset)
         if got is None:
             return paced_tokens, decode_s
     return got[0], decode_s
 
 
-def _paying_chunk(iteration_time: Any, chunk: int, cap_s: float, paced_tokens: int, paced_s: float,
+def _paying_chunk(iteration_time: Any, chunk: int, t: float, cap_s: float, paced_tokens: int, paced_s: float,
                   decode_s: float, d: int, dctx: int, offset: int) -> tuple[int, float] | None:
-    """``(tokens, seconds)`` of the largest chunk up to ``chunk`` within ``cap_s`` (bisection,
-    ``PrefillBudget``) if ``amortized_chunk_pays``; else of ``_one_step_chunk`` if it is below
-    that and pays; None if neither does."""
-    t = iteration_time(chunk, prefill_ctx_tokens(chunk, offset), d, dctx)
+    """``(tokens, seconds)`` of the largest chunk up to ``chunk`` (of ``t`` seconds) within
+    ``cap_s`` (bisection, ``PrefillBudget``) if ``amortized_chunk_pays``; else of
+    ``_one_step_chunk`` if it is below that and pays; None if neither does."""
     if t > cap_s:
         chunk, t = PrefillBudget(iteration_time, cap_s, paced_tokens)(chunk, d, dctx, offset)
         if t < 0:
