@@ -270,8 +270,9 @@ def capacity(
     sustained: Annotated[bool, typer.Option("--sustained", help="count a load only if, besides the criterion, at most 1% of the requests are deferred past the trace's end (the load the server keeps up with)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Largest rate scale at which SLO attainment stays >= target (bisection), beside the
-    saturation ceiling; null, with a note, when the search finds no failing (or no passing) load."""
+    """Largest rate scale at which SLO attainment stays >= target, beside the saturation ceiling.
+
+    A bisection; null, with a note, when the search finds no failing (or no passing) load."""
     from .compare import MAX_DEFERRED
     from .compare import capacity as find_capacity
     from .compare import ceiling as find_ceiling
@@ -371,10 +372,11 @@ def demo(
     headroom: Annotated[bool, typer.Option(
         "--headroom/--no-headroom", help="also the capacities on Llama-3-8B / H200, where the KV cache is no constraint")] = True,
 ) -> None:
-    """The main job: annotate a real request sample with the predictor, replay it under vLLM's
-    2024 scheduler (V0, the EcoServe paper's baseline), vLLM V1, EcoServe and EcoServe-oracle,
-    and write a report with plots: each policy's capacity against the saturation ceiling, x V1
-    and x V0."""
+    """The main job: EcoServe against vLLM V1 and V0 on a real request sample, with plots.
+
+    Annotates the sample with the predictor, replays it under vLLM's 2024 scheduler (V0, the
+    EcoServe paper's baseline), vLLM V1, EcoServe and EcoServe-oracle, and writes a report with
+    plots: each policy's capacity against the saturation ceiling, x V1 and x V0."""
     from rich.console import Console
     from rich.table import Table
 

@@ -75,8 +75,10 @@ def train(
     force: ForceOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the training summary as JSON.")] = False,
 ) -> None:
-    """Fine-tune an encoder to predict the response-length bucket of a prompt (transformers.Trainer:
-    GPU and bf16 when present, torchrun / accelerate launch for several, checkpoints, early stopping)."""
+    """Fine-tune an encoder to predict the response-length bucket of a prompt.
+
+    transformers.Trainer: GPU and bf16 when present, torchrun / accelerate launch for several,
+    checkpoints, early stopping."""
     from rlpredict.train.config import TrainConfig
     from rlpredict.train.trainer import check_output, prepare
     from rlpredict.train.trainer import train as run_train
@@ -175,8 +177,9 @@ def stack(
     force: ForceOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Add a TF-IDF head stacked with the encoder to a bundle (never worse than either alone on the
-    shipped data); then run `rlpredict calibrate` on the result."""
+    """Add a TF-IDF head stacked with the encoder to a bundle.
+
+    Never worse than either alone on the shipped data; run `rlpredict calibrate` on the result."""
     from rlpredict.train.config import TrainConfig
     from rlpredict.train.stack import markdown, stack_bundle
 

@@ -341,3 +341,17 @@ def test_demo_checks_its_output_before_working(tmp_path):
     _refused(runner.invoke(app, ["demo", "--out", str(out), "--rate-scales", "0.2,x"]), "'--rate-scales'")
     _refused(runner.invoke(app, ["demo", "--out", str(out), "--slo-tbt", "nan"]), "'--slo-tbt'")
     assert (out / "old.md").read_text() == "x"
+
+
+@pytest.mark.parametrize("module", ["ecoserve_sched.cli", "rlpredict.cli"])
+def test_each_command_is_summarized_in_one_line(module: str) -> None:
+    """The commands panel of ``--help`` shows a docstring's first paragraph as it is written: a
+    one-line summary, then a blank line before any detail."""
+    import importlib
+
+    import typer
+
+    group = typer.main.get_command(importlib.import_module(module).app)
+    for name, cmd in group.commands.items():
+        summary = (cmd.help or "").strip().split("\n\n")[0]
+        assert summary and "\n" not in summary, f"{module} {name}: {summary!r}"
