@@ -49,7 +49,7 @@ from .compare import (
     sustained,
     sweep,
 )
-from .cost_model import load_profile
+from .cost_model import CostModel, load_profile
 from .predictions import load_confusion
 from .request import SLO
 from .trace import Trace, read_trace
@@ -136,16 +136,19 @@ def run_demo(out: Path, *, sample: Path = SAMPLE, profile: str = PROFILE, bundle
 
     inputs = [sample, Path(bundle) if bundle else default_bundle_path()]
     check_paths(inputs + ([Path(profile)] if Path(profile).is_file() else []), [("--out", out)])
+    read_trace(sample)  # a bad row or profile is refused naming it, before any work
+    cost = load_profile(profile)
+    cost2 = load_profile(headroom_profile) if headroom_profile else None
     with output_dir(out, force=force, tool="ecoserve demo") as tmp:
-        result = _run(tmp, out, sample, profile, bundle, policies, rate_scales, slo, target,
-                      headroom_profile, step, progress)
+        result = _run(tmp, out, sample, cost, bundle, policies, rate_scales, slo, target,
+                      cost2, step, progress)
     result.files = [out / f.relative_to(tmp) for f in result.files]
     return result
 
 
-def _run(tmp: Path, out: Path, sample: Path, profile: str, bundle: str | None,
+def _run(tmp: Path, out: Path, sample: Path, cost: CostModel, bundle: str | None,
          policies: Sequence[str], rate_scales: Sequence[float], slo: SLO, target: float,
-         headroom_profile: str | None, step: Callable[[str], None],
+         cost2: CostModel | None, step: Callable[[str], None],
          progress: Callable[[dict], None] | None) -> DemoResult:
     """``run_demo``'s work, written into ``tmp`` (which becomes ``out``)."""
     clock: dict[str, float] = {}
@@ -164,7 +167,6 @@ def _run(tmp: Path, out: Path, sample: Path, profile: str, bundle: str | None,
                             tmp / "confusion.png")]
 
     t = time.perf_counter()
-    cost = load_profile(profile)
     spec = RunSpec(trace, cost, slo, predictions="annotated")
     step(f"simulate {', '.join(policies)} at load x{', x'.join(f'{s:g}' for s in rate_scales)} "
          f"on {cost.name}")
@@ -177,7 +179,6 @@ def _run(tmp: Path, out: Path, sample: Path, profile: str, bundle: str | None,
     caps = capacities(spec, policies, target)
     clock["capacity_s"] = time.perf_counter() - t
     headroom = None
-    cost2 = load_profile(headroom_profile) if headroom_profile else None
     if cost2 is not None and cost2.name != cost.name:
         t = time.perf_counter()
         step(f"the same capacities on {cost2.name}, where the KV cache is no constraint")

@@ -237,7 +237,11 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
         inp.append(_int(row, "input_tokens", where, 1))
         out.append(o)
         mx.append(_int(row, "max_tokens", where, 1) if row.get("max_tokens") not in (None, "") else max(max_tokens, o))
-        row_rl = all(row.get(k) not in (None, "") for k in RL_FIELDS)
+        missing = [k for k in RL_FIELDS if row.get(k) in (None, "")]
+        row_rl = not missing
+        if missing and len(missing) < len(RL_FIELDS):  # ignoring the rest would be silent
+            raise TraceError(f"{where}: missing {missing[0]}: the rl_* fields ({', '.join(RL_FIELDS)}) "
+                             "come all three or none")
         if has_rl is None:
             has_rl = row_rl
         elif has_rl != row_rl:

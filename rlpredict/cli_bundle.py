@@ -43,11 +43,11 @@ def parse_quantiles(value: str | None) -> list[float] | None:
     try:
         levels = [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{value!r}: expected numbers like 0.5,0.9") from None
+        raise typer.BadParameter(f"{value!r}: expected numbers like 0.5,0.9", param_hint="'--quantiles'") from None
     try:
         return list(check_quantiles(levels))
     except ValueError as e:
-        raise typer.BadParameter(f"{value!r}: {e}") from None
+        raise typer.BadParameter(f"{value!r}: {e}", param_hint="'--quantiles'") from None
 
 
 def _fail(msg: str) -> NoReturn:
@@ -149,7 +149,13 @@ def predict(
     p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads)
     requests, line_gens = (list(texts), None) if texts else _read_stdin(jsonl, single, p.input_spec.include_generator)
     # a line's own generator wins; --generator names it for the lines without one
-    preds = p.predict(requests, generator if line_gens is None else [g or generator for g in line_gens])
+    gens = generator if line_gens is None else [g or generator for g in line_gens]
+    preds = p.predict(requests, gens)
+    unknown = (0 if gens else len(requests)) if not isinstance(gens, list) else sum(not g for g in gens)
+    if p.input_spec.include_generator and unknown:  # said, as annotate says it
+        typer.echo(f"note: {unknown} prompt(s) without a generator: this bundle takes the served model's "
+                   "name (--generator, or 'generator' in --jsonl lines) and predicted them as 'model: unknown'",
+                   err=True)
     edges = p.scheme.edges
     if json_out:
         rows = [{"input": r, "rl_bucket": x.bucket, "rl_pred_tokens": x.pred_tokens,
@@ -179,7 +185,7 @@ def annotate(
     generator_field: Annotated[str, typer.Option(help="Field naming the served model (used by bundles trained with it).")] = "generator",
     drop_final_assistant: Annotated[bool, typer.Option(help="Drop a trailing assistant message (logs that store the response in the conversation).")] = False,
     on_error: Annotated[Literal["fail", "skip"], typer.Option("--on-error", help="Bad rows: 'fail' (stop with the line number) or 'skip' (write them to the rejects file).")] = "fail",
-    rejects: Annotated[Path | None, typer.Option(help="Rejects file for --on-error skip (default: OUTPUT's name + .rejects.jsonl).")] = None,
+    rejects: Annotated[Path | None, typer.Option(help="Rejects file for --on-error skip (default: beside OUTPUT, its stem + .rejects.jsonl: out.csv.gz -> out.rejects.jsonl).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Prompts per inference call (predictions do not depend on it).")] = 32,
     chunk_rows: Annotated[int, typer.Option(min=1, max=1_000_000, help="Rows read, predicted and written at a time (bounds memory).")] = 2048,
     reserve_quantile: ReserveQOpt = None,

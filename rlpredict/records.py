@@ -187,7 +187,7 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> str | list[dict[str, s
             raise RecordError("", f"neither field {fields.prompt!r} nor {messages} is present")
         raise RecordError("", f"field {fields.prompt!r} is missing or null and {messages} is missing or empty")
     if not isinstance(prompt, str):
-        raise RecordError("", f"field {fields.prompt!r} is a {type(prompt).__name__}, expected a string")
+        raise RecordError("", f"field {fields.prompt!r}: expected a string, got {type(prompt).__name__}")
     return _unicode(prompt, f"field {fields.prompt!r}")
 
 
@@ -197,7 +197,7 @@ def generator_of(row: Mapping[str, Any], fields: Fields) -> str | None:
     valid string."""
     name, g = _first_set(row, fields.generator)
     if g is not None and not isinstance(g, str):
-        raise RecordError("", f"field {name!r} is a {type(g).__name__}, expected a string")
+        raise RecordError("", f"field {name!r}: expected a string, got {type(g).__name__}")
     return g if g is None else _unicode(g, f"field {name!r}")
 
 
@@ -253,7 +253,7 @@ def _content(content: Any, i: int, name: str, rules: MessageRules) -> str:
             raise RecordError("", f"message {i}: content parts must be objects with a 'text' string", name)
         content = PART_SEPARATOR.join(texts)
     if not isinstance(content, str):
-        raise RecordError("", f"message {i} content is a {type(content).__name__}, expected a string", name)
+        raise RecordError("", f"message {i} content: expected a string, got {type(content).__name__}", name)
     if not is_valid_unicode(content):  # a JSON escape of a lone surrogate: no tokenizer takes it
         raise RecordError("", f"message {i} content is not valid Unicode (a lone surrogate)", name)
     return content

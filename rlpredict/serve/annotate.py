@@ -194,6 +194,8 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
     if not src.is_file():
         raise AnnotateError(f"{src}: no such file" if not src.exists() else f"{src}: not a file")
     fmt, _ = detect_format(src)
+    if dst.is_dir():
+        raise AnnotateError(f"{dst}: is a folder; the output is a file (.jsonl, .jsonl.gz, .csv, .csv.gz or .parquet)")
     out_fmt, _ = detect_format(dst)
     if out_fmt != fmt:
         raise AnnotateError(f"{dst}: output format {out_fmt} differs from the input's ({fmt}); "

@@ -113,7 +113,8 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
     """
     folder = Path(path) if path is not None else default_bundle_path()
     if not folder.is_dir():
-        raise BundleError(f"bundle {folder}: no such folder")
+        what = "is a file, not a bundle folder" if folder.exists() else "no such folder"
+        raise BundleError(f"bundle {folder}: {what}")
     mpath = folder / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"bundle {folder}: no {MANIFEST}; is this a folder written by `rlpredict export`?")

@@ -56,3 +56,21 @@ def test_demo_cli_says_where_the_report_is(tmp_path) -> None:
     assert head["profile"] == demo.HEADROOM_PROFILE and {c["policy"] for c in head["capacity"]} == set(demo.POLICIES)
     assert f"## The same requests on `{demo.HEADROOM_PROFILE}`" in report and "Here vLLM V1 already keeps up" in report
     assert "4/4 the same capacities on llama3-8b-h200" in r.output.replace("\n", " ")
+
+
+def test_demo_refuses_bad_inputs_before_any_work(tmp_path) -> None:
+    """A bad profile or sample is named at once (not after annotating 1,500 prompts), by its own
+    name (not a temporary file's), and nothing is written."""
+    import pytest
+
+    from ecoserve_sched.cost_model import ProfileError
+    from ecoserve_sched.trace import TraceError
+
+    out = tmp_path / "out"
+    with pytest.raises((ProfileError, ValueError), match="nosuch"):
+        demo.run_demo(out, profile="nosuch")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(TraceError, match=rf"^{empty}: trace has no rows"):
+        demo.run_demo(out, sample=empty)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]

@@ -66,6 +66,9 @@ def test_bad_jsonl_rows_name_the_line(tmp_path):
               '{"arrival_time_s": 0, "input_tokens": 1, "output_tokens": 1}\n')
     with pytest.raises(TraceError, match=r"mixed\.jsonl:2: rl_\*"):
         read_trace(p)
+    p = write(tmp_path, "part.jsonl", '{"arrival_time_s": 0, "input_tokens": 1, "output_tokens": 1, "rl_bucket": 0}\n')
+    with pytest.raises(TraceError, match=r"part\.jsonl:1: missing rl_pred_tokens: .* all three or none"):
+        read_trace(p)  # not read as a trace without predictions, silently
     with pytest.raises(TraceError, match="missing column"):
         read_trace(write(tmp_path, "nocol.csv", "arrival_time_s,input_tokens\n0,1\n"))
 
@@ -96,9 +99,9 @@ def test_csv_header_problems_are_named(tmp_path):
     ("messages", [{"role": 5, "content": None}], "unknown role 5"),
     ("messages", [], "has no messages"),
     ("messages", "[{oops", "not valid JSON"),
-    ("prompt", 5, "field 'prompt' is a int, expected a string"),
+    ("prompt", 5, "field 'prompt': expected a string, got int"),
     ("prompt", "\ud800", "field 'prompt' is not valid Unicode"),  # was a TypeError in the tokenizer
-    ("generator", 7, "field 'generator' is a int, expected a string"),  # was ignored
+    ("generator", 7, "field 'generator': expected a string, got int"),  # was ignored
     ("generator", "\udc80", "field 'generator' is not valid Unicode"),
     ("other", "x", "neither field 'prompt' nor 'messages' is present"),
 ])

@@ -204,6 +204,9 @@ def test_bad_file_names(predictor, tmp_path):
         annotate_file(predictor, src, tmp_path / "o.csv")
     with pytest.raises(AnnotateError, match="unsupported file type"):
         annotate_file(predictor, src, tmp_path / "o.txt")
+    (tmp_path / "odir.jsonl").mkdir()
+    with pytest.raises(AnnotateError, match=r"odir\.jsonl: is a folder; the output is a file"):
+        annotate_file(predictor, src, tmp_path / "odir.jsonl")
     with pytest.raises(AnnotateError, match="no such file"):
         annotate_file(predictor, tmp_path / "missing.jsonl", tmp_path / "o.jsonl")
 

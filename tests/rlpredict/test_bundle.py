@@ -74,6 +74,8 @@ def test_missing_or_broken_manifest(copy, tmp_path):
         load_bundle(copy)
     with pytest.raises(BundleError, match=r"no such folder"):
         load_bundle(tmp_path / "nowhere")
+    with pytest.raises(BundleError, match=r"is a file, not a bundle folder"):
+        load_bundle(copy / "manifest.json")
 
 
 def test_path_escaping_the_bundle_is_refused(copy):

@@ -192,3 +192,20 @@ def test_predict_cli_args_stdin_and_json(bundle_fp32, monkeypatch):
     assert res.exit_code == 0 and json.loads(res.stdout)["predictions"][0]["rl_bucket"] >= 0
     res = runner.invoke(app, ["predict", "--jsonl"], input='{"prompt": 5}\n')
     assert res.exit_code == 2 and "stdin: line 1" in res.output
+
+
+def test_predict_cli_says_when_a_generator_bundle_gets_none(monkeypatch):
+    """The shipped bundle takes the served model's name: a prompt without one is predicted as
+    'model: unknown', and predict says so (as annotate does), on stderr."""
+    from typer.testing import CliRunner
+
+    from rlpredict.cli import app
+
+    monkeypatch.delenv("RLPREDICT_MODEL", raising=False)
+    assert Predictor.load().input_spec.include_generator
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", "--json", "Write a haiku about the sea"])
+    assert res.exit_code == 0, res.output
+    assert "1 prompt(s) without a generator" in res.stderr and "without a generator" not in res.stdout
+    res = runner.invoke(app, ["predict", "--json", "--generator", "llama-3-8b", "Write a haiku"])
+    assert res.exit_code == 0 and "without a generator" not in res.output
