@@ -151,7 +151,7 @@ def predict(
     # a line's own generator wins; --generator names it for the lines without one
     gens = generator if line_gens is None else [g or generator for g in line_gens]
     preds = p.predict(requests, gens)
-    unknown = (0 if gens else len(requests)) if not isinstance(gens, list) else sum(not g for g in gens)
+    unknown = sum(not g for g in gens) if isinstance(gens, list) else 0 if gens else len(requests)
     if p.input_spec.include_generator and unknown:  # said, as annotate says it
         typer.echo(f"note: {unknown} prompt(s) without a generator: this bundle takes the served model's "
                    "name (--generator, or 'generator' in --jsonl lines) and predicted them as 'model: unknown'",
