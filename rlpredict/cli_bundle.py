@@ -80,8 +80,9 @@ def export(
     _err.print(f"[green]bundle[/green] {out} ({manifest['model']['precision']}, {size / 2**20:.1f} MiB)")
 
 
-def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list, list[str | None] | None]:
-    """The prompts on stdin and, with ``--jsonl``, each line's generator (None: no line has one)."""
+def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list, list[str | None] | None, list[int]]:
+    """The prompts on stdin, with ``--jsonl`` each line's generator (None: no line has one), and
+    each prompt's line number (blank lines hold no prompt)."""
     from rlpredict.records import TRACE_FIELDS
     from rlpredict.serve.annotate import BadRow, generator_of, request_of
 
@@ -92,10 +93,11 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
         line = raw.count(b"\n", 0, e.start) + 1
         _fail(f"stdin: line {line}: not valid UTF-8 (byte {e.start})")
     if single:
-        return [data], None
+        return [data], None, [1]
     lines = [(i, line) for i, line in enumerate(data.splitlines(), 1) if line.strip()]
+    numbers = [i for i, _ in lines]
     if not jsonl:
-        return [line for _, line in lines], None
+        return [line for _, line in lines], None, numbers
     out, gens = [], []
     for i, line in lines:
         try:
@@ -106,7 +108,7 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
             gens.append(generator_of(row, TRACE_FIELDS, wants_generator))
         except (json.JSONDecodeError, BadRow) as e:
             _fail(f"stdin: line {i}: {e}")
-    return out, gens if any(g is not None for g in gens) else None
+    return out, gens if any(g is not None for g in gens) else None, numbers
 
 
 def _bucket_range(edges: tuple[float, ...], k: int) -> str:
@@ -147,7 +149,15 @@ def predict(
     if not texts and sys.stdin.isatty():
         _fail("give TEXT arguments or pipe prompts on stdin")
     p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads)
-    requests, line_gens = (list(texts), None) if texts else _read_stdin(jsonl, single, p.input_spec.include_generator)
+    if texts:
+        requests, line_gens, numbers = list(texts), None, list(range(1, len(texts) + 1))
+    else:
+        requests, line_gens, numbers = _read_stdin(jsonl, single, p.input_spec.include_generator)
+        blank = (numbers[-1] if numbers else 0) - len(numbers)  # blank lines before the last prompt
+        if blank:
+            typer.echo(f"note: skipped {blank} blank stdin line(s); '#' is each prompt's line number", err=True)
+        if not requests:
+            _fail("stdin: no prompt (empty, or only blank lines)")
     # a line's own generator wins; --generator names it for the lines without one
     gens = generator if line_gens is None else [g or generator for g in line_gens]
     preds = p.predict(requests, gens)
@@ -158,9 +168,11 @@ def predict(
                    err=True)
     edges = p.scheme.edges
     if json_out:
-        rows = [{"input": r, "rl_bucket": x.bucket, "rl_pred_tokens": x.pred_tokens,
+        key = "argument" if texts else "line"
+        rows = [{key: n, "input": r, "rl_bucket": x.bucket, "rl_pred_tokens": x.pred_tokens,
                  "rl_reserve_tokens": x.reserve_tokens, "bucket_range": _bucket_range(edges, x.bucket),
-                 "probs": [round(float(v), 5) for v in x.probs]} for r, x in zip(requests, preds, strict=True)]
+                 "probs": [round(float(v), 5) for v in x.probs]}
+                for n, r, x in zip(numbers, requests, preds, strict=True)]
         print(dumps({"model": str(p.bundle.path), "predictions": rows}, ensure_ascii=False, indent=2))
         return
     from rich.table import Table
@@ -169,9 +181,9 @@ def predict(
     for col in ("#", "bucket", "range", "pred", "reserve", "p"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("prompt")
-    for i, (r, x) in enumerate(zip(requests, preds, strict=True)):
+    for n, r, x in zip(numbers, requests, preds, strict=True):
         shown = r if isinstance(r, str) else (r[-1].get("content") or "") if r else ""
-        table.add_row(str(i), str(x.bucket), _bucket_range(edges, x.bucket), str(x.pred_tokens),
+        table.add_row(str(n), str(x.bucket), _bucket_range(edges, x.bucket), str(x.pred_tokens),
                       str(x.reserve_tokens), f"{x.confidence:.2f}", _clip(shown.replace("\n", " "), 48))
     Console().print(table)
 
@@ -246,10 +258,10 @@ def annotate(
         msg += f"; rejects: {s.rejects}"
     _err.print(msg, highlight=False)
     if s.rows_replaced:
-        _err.print(f"  {s.rows_replaced} rows already had rl_* fields: their values were replaced by this "
+        _err.print(f"  {s.rows_replaced} row(s) already had rl_* fields: their values were replaced by this "
                    "bundle's predictions", highlight=False)
     if s.rows_without_generator:
-        _err.print(f"  {s.rows_without_generator} rows have no generator (field {generator_field!r}): this bundle "
+        _err.print(f"  {s.rows_without_generator} row(s) have no generator (field {generator_field!r}): this bundle "
                    "takes one, and predicted them as 'model: unknown'", highlight=False)
     for reason, n in list(s.reasons.items())[:5]:
         _err.print(f"  {n} x {reason}", highlight=False)

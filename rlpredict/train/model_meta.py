@@ -58,6 +58,10 @@ class ModelMeta:
     def load(cls, model_dir: str | Path) -> ModelMeta:
         p = Path(model_dir) / FILENAME
         if not p.is_file():
+            if (Path(model_dir) / "manifest.json").is_file():  # rlpredict.serve.bundle.MANIFEST
+                raise FileNotFoundError(f"{model_dir}: an exported bundle, not a model folder written by "
+                                        "`rlpredict train` (the bundle's held-out scores are in its manifest's "
+                                        "'evaluation')")
             raise FileNotFoundError(f"{model_dir}: no {FILENAME}; is this a model trained by `rlpredict train`?")
         return cls.from_dict(read_json(p), source=str(p))
 

@@ -397,6 +397,18 @@ def test_predict_reads_utf8_and_refuses_ignored_options(bundle_fp32):
     assert res.exit_code == 2 and "--jsonl" in res.output
 
 
+def test_predict_numbers_prompts_by_their_stdin_line_and_counts_blank_lines(bundle_fp32):
+    res = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--json"], input=b"a\n\n  \nb\n\n")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["predictions"]
+    assert [(r["line"], r["input"]) for r in rows] == [(1, "a"), (4, "b")]  # was: 0 and 1, blanks dropped unsaid
+    assert "skipped 2 blank stdin line(s)" in res.stderr
+    args = json.loads(run("predict", "-m", bundle_fp32, "--json", "x", "y").stdout)["predictions"]
+    assert [r["argument"] for r in args] == [1, 2]
+    one_error_line(CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32)], input=b"\n \n"),
+                   "stdin: no prompt")  # was: exit 0 and an empty table
+
+
 def test_load_trained_names_the_folder(tiny_model_dir, tmp_path):
     from rlpredict.train.model_meta import ModelLoadError, load_trained
 
@@ -429,7 +441,7 @@ def test_annotate_counts_rows_a_generator_bundle_predicts_without_one(tmp_path):
     for extra, without in (([], 1), (["--generator-field", "modle"], 2)):
         res = run("annotate", src, "-o", tmp_path / "o.jsonl", "-m", default_bundle_path(), "--force", *extra)
         assert res.exit_code == 0, res.output
-        assert f"{without} rows have no generator" in " ".join(res.output.split())
+        assert f"{without} row(s) have no generator" in " ".join(res.output.split())
 
 
 def test_a_parquet_file_with_a_column_twice_is_refused(bundle_fp32, tmp_path):
@@ -507,6 +519,11 @@ def test_a_model_folders_own_files_are_checked(tiny_model_dir, tmp_path, name, c
     one_error_line(run("eval", "--model", bad, "--data", data, "--out", tmp_path / "e"), name, needle)
     if name == "rlpredict.json":
         one_error_line(run("export", "--model", bad, "--out", tmp_path / "b"), name, needle)
+
+
+def test_eval_given_a_bundle_says_it_takes_a_trained_model(bundle_fp32, tmp_path):
+    one_error_line(run("eval", "--model", bundle_fp32, "--data", _labelled(tmp_path), "--out", tmp_path / "e"),
+                   "an exported bundle, not a model folder written by `rlpredict train`")
 
 
 def test_the_same_data_twice_is_refused(tiny_model_dir, tmp_path):
