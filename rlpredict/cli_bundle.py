@@ -93,7 +93,7 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
         line = raw.count(b"\n", 0, e.start) + 1
         _fail(f"stdin: line {line}: not valid UTF-8 (byte {e.start})")
     if single:
-        return [data], None, [1]
+        return ([data], None, [1]) if data.strip() else ([], None, [])
     lines = [(i, line) for i, line in enumerate(data.splitlines(), 1) if line.strip()]
     numbers = [i for i, _ in lines]
     if not jsonl:
@@ -157,7 +157,7 @@ def predict(
         if blank:
             typer.echo(f"note: skipped {blank} blank stdin line(s); '#' is each prompt's line number", err=True)
         if not requests:
-            _fail("stdin: no prompt (empty, or only blank lines)")
+            _fail("stdin: no prompt (empty, or only blank space)")
     # a line's own generator wins; --generator names it for the lines without one
     gens = generator if line_gens is None else [g or generator for g in line_gens]
     preds = p.predict(requests, gens)

@@ -58,7 +58,9 @@ class ModelMeta:
     def load(cls, model_dir: str | Path) -> ModelMeta:
         p = Path(model_dir) / FILENAME
         if not p.is_file():
-            if (Path(model_dir) / "manifest.json").is_file():  # rlpredict.serve.bundle.MANIFEST
+            from rlpredict.serve.bundle import MANIFEST
+
+            if (Path(model_dir) / MANIFEST).is_file():
                 raise FileNotFoundError(f"{model_dir}: an exported bundle, not a model folder written by "
                                         "`rlpredict train` (the bundle's held-out scores are in its manifest's "
                                         "'evaluation')")

@@ -407,6 +407,8 @@ def test_predict_numbers_prompts_by_their_stdin_line_and_counts_blank_lines(bund
     assert [r["argument"] for r in args] == [1, 2]
     one_error_line(CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32)], input=b"\n \n"),
                    "stdin: no prompt")  # was: exit 0 and an empty table
+    one_error_line(CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--single"], input=b" \n"),
+                   "stdin: no prompt")  # was: a blank prompt predicted
 
 
 def test_load_trained_names_the_folder(tiny_model_dir, tmp_path):
