@@ -33,6 +33,11 @@ SLO before it. A policy that gives up on requests whose TTFT is lost and serves 
 nothing else waits can meet 90% attainment above the saturation ceiling by never catching up
 with the other 10% (they run after the trace ends); the deferred share at its capacity shows it.
 
+With ``--out``, ``results.json`` holds one row per cell and policy: capacity, its ratios, and,
+with ``--overload``, ``overload_1x`` and ``overload_1.25x`` (mean JCT, its ratio to V1's, SLO
+attainment, ...), with ``--sustained``, ``sustained_capacity``. ``benchmarks/grid_summary.py``
+sums several such folders up (the figures README's "Results at a glance" quotes).
+
 ``--max-normalized-latency S`` takes capacity at a normalized latency (the vLLM and Orca papers'
 metric) instead of SLO attainment; ``--max-p99-tbt S`` also requires the p99 time between tokens
 to stay within S seconds (``slo``: within the cell's TBT SLO; Sarathi-Serve's P99-TBT SLO). Both
@@ -509,6 +514,15 @@ def main() -> None:
                 "attainment_at_v1_load": load and load["slo_attainment"],
                 "token_budget": caps[c.name, p].get("token_budget"),
             })
+            for f in OVERLOAD_FACTORS if overload else ():  # --overload: "overload_1x", "overload_1.25x"
+                s = overload.get((c.name, p, f))
+                base_f = overload.get((c.name, "vllm", f))
+                rows[-1][f"overload_{f:g}x"] = s and {
+                    **s, "jct_x_v1": _ratio(s["mean_jct_s"], base_f and base_f["mean_jct_s"])}
+            if sustained:
+                sus = sustained[c.name, p]
+                rows[-1]["sustained_capacity"] = sus["max_rate_scale"] if sus["search"] == "found" else None
+                rows[-1]["deferred_at_capacity"] = sus["deferred_at_capacity"]
     criterion = "SLO attainment >= 0.9" if nl is None else \
         f"normalized latency <= {nl:g} s per output token and every request finished"
     if p99 is not None:

@@ -1,0 +1,196 @@
+"""One table and one summary from several scenario-grid runs: EcoServe against the best baseline
+in every cell, and the aggregate figures README's "Results at a glance" quotes.
+
+    python benchmarks/grid_summary.py runs/random12_s0 runs/random12_s1 runs/random12_s2
+
+Each FOLDER is a ``benchmarks/scenario_grid.py --out`` folder (its ``results.json``; the columns
+past capacity need ``--overload``, the sustained ones ``--sustained``). The baselines are every
+policy of a cell whose name does not start with ``ecoserve``: with the grid's default
+``--policies``, vLLM V1 (default and tuned), vLLM V0, Sarathi-Serve, Orca, S3 and SJF.
+
+A cell counts as *servable* if some policy holds the SLO at a load of at least ``--min-share``
+of its saturation ceiling (default 0.02: a few Mooncake draws pass only at 1/128 of it, where
+the ratios say nothing). Ratios of capacities are taken over the servable cells where both
+policies hold some load. "Predicted within 5% of the oracle" compares ``--policy`` with
+``--oracle``; the mean JCT at vLLM V1's capacity load counts as above V1's past 0.5% (the
+tables print two decimals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+MISS_MARGIN = 1.005  # a mean-JCT ratio above this is "above V1's" (1.01 in a two-decimal table)
+
+
+def fail(message: str) -> NoReturn:
+    """A bad input: one line on stderr, exit 2."""
+    print(f"grid_summary.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load(folder: Path) -> list[dict]:
+    """The rows of ``folder/results.json``; one line and exit 2 if it cannot be read."""
+    path = folder / "results.json"
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        fail(f"{path}: cannot read ({e.strerror}): give a benchmarks/scenario_grid.py --out folder")
+    except json.JSONDecodeError as e:
+        fail(f"{path}: line {e.lineno}: not valid JSON ({e.msg})")
+    except (UnicodeDecodeError, ValueError) as e:
+        fail(f"{path}: not valid JSON ({type(e).__name__})")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"cell", "policy", "capacity"} <= r.keys()
+                                             for r in rows):
+        fail(f"{path}: not a scenario_grid.py results.json (a list of rows with cell, policy, capacity)")
+    return rows
+
+
+def _cap(row: dict | None) -> float | None:
+    c = row and row.get("capacity")
+    return c if isinstance(c, int | float) and c > 0 else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def cell_summary(rows: dict[str, dict], policy: str, oracle: str, min_share: float) -> dict:
+    """One cell's figures for ``policy`` (``rows``: policy -> its results.json row)."""
+    eco = rows[policy]
+    ceiling = eco.get("ceiling")
+    base = {p: r for p, r in rows.items() if not p.startswith("ecoserve")}
+    caps = {p: c for p, r in rows.items() if (c := _cap(r)) is not None}
+    best_any = max(caps.values(), default=None)
+    out: dict = {"cell": eco["cell"], "ceiling": ceiling,
+                 "servable": best_any is not None and bool(ceiling) and best_any >= min_share * ceiling}
+    if not out["servable"]:
+        return out
+    bcaps = {p: c for p in base if (c := caps.get(p)) is not None}
+    best = max(bcaps, key=bcaps.get, default=None)
+    over, sjf = eco.get("overload_1.25x"), (rows.get("sjf") or {}).get("overload_1.25x")
+    sus = {p: r.get("sustained_capacity") for p, r in base.items() if r.get("sustained_capacity")}
+    out.update(
+        capacity=caps.get(policy), vs_ceiling=_ratio(caps.get(policy), ceiling),
+        best=best, best_capacity=bcaps.get(best), best_budget=best and base[best].get("token_budget"),
+        x_best=_ratio(caps.get(policy), bcaps.get(best)), x_v1=_ratio(caps.get(policy), caps.get("vllm")),
+        x_v0=_ratio(caps.get(policy), caps.get("vllm-v0")),
+        pred_oracle=_ratio(caps.get(policy), caps.get(oracle)), jct_at_v1=eco.get("jct_x_v1"),
+        overload_jct=over and over.get("jct_x_v1"), overload_att=over and over.get("slo_attainment"),
+        sjf_att=sjf and sjf.get("slo_attainment"),
+        sustained_x_best=_ratio(eco.get("sustained_capacity"), max(sus.values(), default=None)),
+    )
+    return out
+
+
+def _f(v: float | None, spec: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _g(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def table(cells: list[dict], policy: str, min_share: float) -> str:
+    head = (f"| cell | ceiling | best baseline | **{policy}** (/ ceiling) | x best baseline | x V1 | x V0 "
+            "| predicted / oracle | JCT x V1 at V1's capacity | at 1.25x V1's capacity: JCT x V1 (attainment; SJF's) "
+            "| sustained x best baseline |")
+    out = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for c in cells:
+        if not c["servable"]:
+            out.append(f"| {c['cell']} | {_f(c['ceiling'], '.3g')} | no policy holds the SLO at {min_share:g} of "
+                       "the ceiling | | | | | | | | |")
+            continue
+        budget = f" ({c['best_budget']})" if c["best_budget"] else ""
+        best = "none" if c["best"] is None else f"{c['best']}{budget} {_g(c['best_capacity'])}"
+        eco = "none" if c["capacity"] is None else f"**{_g(c['capacity'])}** ({_f(c['vs_ceiling'])})"
+        over = "n/a" if c["overload_jct"] is None else \
+            f"{c['overload_jct']:.2f} ({_f(c['overload_att'], '.3f')}; {_f(c['sjf_att'], '.3f')})"
+        out.append(f"| {c['cell']} | {_f(c['ceiling'], '.3g')} | {best} | {eco} | {_f(c['x_best'])} | "
+                   f"{_f(c['x_v1'])} | {_f(c['x_v0'])} | {_f(c['pred_oracle'], '.3f')} | {_f(c['jct_at_v1'])} | "
+                   f"{over} | {_f(c['sustained_x_best'])} |")
+    return "\n".join(out)
+
+
+def _span(xs: list[float], geo: bool = True) -> str:
+    """``lo-hi`` of ratios (``x`` and their geometric mean with ``geo``; shares without)."""
+    if not xs:
+        return "none"
+    if not geo:
+        return f"{min(xs):.2f}-{max(xs):.2f}"
+    return f"{min(xs):.2f}-{max(xs):.2f}x (geometric mean {math.exp(sum(map(math.log, xs)) / len(xs)):.2f}x)"
+
+
+def _short(cell: str) -> str:
+    return cell.split("-")[0] if cell[:1] == "r" and "." in cell.split("-")[0] else cell
+
+
+def _listed(cells: list[dict], key: str, spec: str, lead: str = "") -> str:
+    """`` (lead cell value, ...)`` for the cells named, or nothing."""
+    items = [f"{_short(c['cell'])} {format(c[key], spec)}" for c in cells]
+    return f" ({lead}{', '.join(items)})" if items else ""
+
+
+def summary(cells: list[dict], policy: str) -> str:
+    ok = [c for c in cells if c["servable"]]
+    won = [c for c in ok if c["capacity"] is not None and (c["x_best"] is None or c["x_best"] >= 1.0)]
+    po = [c for c in ok if c["pred_oracle"] is not None]
+    po_miss = [c for c in po if c["pred_oracle"] < 0.95]
+    jct = [c for c in ok if c["jct_at_v1"] is not None]
+    jct_miss = [c for c in jct if c["jct_at_v1"] > MISS_MARGIN]
+    over = [c for c in ok if c["overload_att"] is not None and c["sjf_att"] is not None]
+    lines = [
+        f"- cells: {len(cells)}; servable: {len(ok)}; {policy} has the highest capacity in {len(won)} of {len(ok)}",
+        f"- x best baseline: {_span([c['x_best'] for c in ok if c['x_best'] is not None])}",
+        f"- x vLLM V1: {_span([c['x_v1'] for c in ok if c['x_v1'] is not None])}",
+        f"- x vLLM V0: {_span([c['x_v0'] for c in ok if c['x_v0'] is not None])}",
+        f"- share of the saturation ceiling: {_span([c['vs_ceiling'] for c in ok if c['vs_ceiling']], geo=False)}",
+        f"- predicted within 5% of the oracle: {len(po) - len(po_miss)} of {len(po)}"
+        + _listed(po_miss, "pred_oracle", ".3f", "missed: "),
+        f"- mean JCT at vLLM V1's capacity load above V1's: {len(jct_miss)} of {len(jct)}"
+        + _listed(jct_miss, "jct_at_v1", ".2f"),
+    ]
+    if over:
+        lines.append(f"- at 1.25x V1's capacity load: SLO attainment at least SJF's in "
+                     f"{sum(c['overload_att'] >= c['sjf_att'] for c in over)} of {len(over)}; mean JCT at most "
+                     f"0.5x V1's in {sum(c['overload_jct'] is not None and c['overload_jct'] <= 0.5 for c in over)}"
+                     f" of {len(over)}")
+    sus = [c["sustained_x_best"] for c in ok if c["sustained_x_best"] is not None]
+    if sus:
+        lines.append(f"- sustained capacity x the best baseline's: {_span(sus)}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", type=Path, help="benchmarks/scenario_grid.py --out folders")
+    ap.add_argument("--policy", default="ecoserve", help="the policy judged (default: ecoserve)")
+    ap.add_argument("--oracle", default="ecoserve-oracle", help="its oracle (default: ecoserve-oracle)")
+    ap.add_argument("--min-share", type=float, default=0.02,
+                    help="a cell is servable if some policy holds a load of this share of its ceiling")
+    ap.add_argument("--no-table", action="store_true", help="print the summary only")
+    args = ap.parse_args()
+    if not 0 <= args.min_share < 1:
+        ap.error(f"--min-share must be in [0, 1), got {args.min_share}")
+    cells: list[dict] = []
+    for folder in args.folders:
+        by_cell: dict[str, dict[str, dict]] = {}
+        for r in load(folder):
+            by_cell.setdefault(r["cell"], {})[r["policy"]] = r
+        for name, rows in by_cell.items():
+            if args.policy not in rows:
+                fail(f"{folder / 'results.json'}: cell {name} has no {args.policy} row "
+                         f"(policies: {', '.join(rows)})")
+            cells.append(cell_summary(rows, args.policy, args.oracle, args.min_share))
+    if not args.no_table:
+        print(table(cells, args.policy, args.min_share) + "\n")
+    print(summary(cells, args.policy))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""``benchmarks/grid_summary.py``: the figures it sums up from scenario-grid runs, its bad inputs,
+and one tiny grid run end to end (a synthetic cell: no shared data)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _summary(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / "grid_summary.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _row(cell: str, policy: str, capacity: float | None, ceiling: float = 10.0, **extra: object) -> dict:
+    return {"cell": cell, "policy": policy, "capacity": capacity, "ceiling": ceiling, **extra}
+
+
+def _over(jct: float, attainment: float) -> dict:
+    return {"jct_x_v1": jct, "slo_attainment": attainment}
+
+
+@pytest.fixture()
+def run(tmp_path: Path) -> Path:
+    rows = [
+        # a: EcoServe best (2x SJF), oracle 4% above, JCT at V1's load 1.02x, overload beats SJF
+        _row("a", "vllm", 4.0, jct_x_v1=1.0, **{"overload_1.25x": _over(1.0, 0.5)}),
+        _row("a", "sjf", 5.0, **{"overload_1.25x": _over(0.9, 0.7)}),
+        _row("a", "ecoserve", 10.0, jct_x_v1=1.02, **{"overload_1.25x": _over(0.4, 0.8)}),
+        _row("a", "ecoserve-oracle", 10.4),
+        # b: SJF best; the oracle 10% above EcoServe; overload below SJF's
+        _row("b", "vllm", 2.0, jct_x_v1=1.0, **{"overload_1.25x": _over(1.0, 0.6)}),
+        _row("b", "sjf", 4.0, **{"overload_1.25x": _over(0.8, 0.9)}),
+        _row("b", "ecoserve", 3.0, jct_x_v1=0.9, **{"overload_1.25x": _over(0.7, 0.85)}),
+        _row("b", "ecoserve-oracle", 3.3),
+        # c: only a sliver of the ceiling holds the SLO: not servable
+        _row("c", "vllm", None), _row("c", "sjf", None),
+        _row("c", "ecoserve", 0.01), _row("c", "ecoserve-oracle", 0.01),
+    ]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    return tmp_path
+
+
+def test_summary_counts_servable_cells_wins_and_misses(run: Path) -> None:
+    p = _summary(run)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "- cells: 3; servable: 2; ecoserve has the highest capacity in 1 of 2" in out
+    assert "- x best baseline: 0.75-2.00x (geometric mean 1.22x)" in out
+    assert "- x vLLM V1: 1.50-2.50x" in out
+    assert "- predicted within 5% of the oracle: 1 of 2 (missed: b 0.909)" in out
+    assert "- mean JCT at vLLM V1's capacity load above V1's: 1 of 2 (a 1.02)" in out
+    assert "SLO attainment at least SJF's in 1 of 2; mean JCT at most 0.5x V1's in 1 of 2" in out
+    assert "| c | 10 | no policy holds the SLO at 0.02 of the ceiling |" in out
+    assert "| a | 10 | sjf 5 | **10** (1.00) | 2.00 | 2.50 |" in out
+    # a lower bar makes c servable: EcoServe alone holds a load there
+    assert "servable: 3; ecoserve has the highest capacity in 2 of 3" in _summary(run, "--min-share", "0.001").stdout
+
+
+def test_bad_inputs_are_one_line_and_exit_2(run: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text('[{"cell": "a",\n "policy": }]')
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "results.json").write_text('{"cell": "a"}')
+    for args, message in (((tmp_path / "missing",), "cannot read"), ((bad,), "line 2: not valid JSON"),
+                          ((wrong,), "not a scenario_grid.py results.json"),
+                          ((run, "--policy", "ecoserve-p99"), "cell a has no ecoserve-p99 row"),
+                          ((run, "--min-share", "2"), "--min-share")):
+        p = _summary(*args)
+        assert p.returncode == 2, (args, p.stderr)
+        lines = p.stderr.strip().splitlines()
+        assert message in lines[-1] and "Traceback" not in p.stderr
+        assert len(lines) == 1 or lines[0].startswith("usage:")  # argparse's errors follow its usage
+
+
+def test_a_grid_run_records_overload_and_sustained_rows(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, str(BENCH / "scenario_grid.py"), "--shared", str(tmp_path), "--cells",
+                        "code-synth", "--requests", "120", "--policies", "vllm,sjf,ecoserve,ecoserve-oracle",
+                        "--overload", "--sustained", "--workers", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["policy"] for r in rows} == {"vllm", "sjf", "ecoserve", "ecoserve-oracle"}
+    for r in rows:
+        assert {"overload_1x", "overload_1.25x", "sustained_capacity", "deferred_at_capacity"} <= r.keys()
+        assert r["overload_1x"]["slo_attainment"] == r["attainment_at_v1_load"]  # the same replay
+    v1 = next(r for r in rows if r["policy"] == "vllm")
+    assert v1["overload_1.25x"]["jct_x_v1"] == 1.0
+    s = _summary(out)
+    assert s.returncode == 0, s.stderr
+    assert "- cells: 1; servable: 1;" in s.stdout and "| code-synth |" in s.stdout
