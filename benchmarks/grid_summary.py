@@ -25,6 +25,9 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+#: results.json fields read as numbers (null allowed), and the overload rows (objects of numbers)
+NUMBERS = ("capacity", "ceiling", "jct_x_v1", "sustained_capacity", "token_budget")
+OVERLOADS = ("overload_1x", "overload_1.25x")
 MISS_MARGIN = 1.005  # a mean-JCT ratio above this is "above V1's" (1.01 in a two-decimal table)
 
 
@@ -48,7 +51,26 @@ def load(folder: Path) -> list[dict]:
     if not isinstance(rows, list) or not all(isinstance(r, dict) and {"cell", "policy", "capacity"} <= r.keys()
                                              for r in rows):
         fail(f"{path}: not a scenario_grid.py results.json (a list of rows with cell, policy, capacity)")
+    for i, r in enumerate(rows, 1):
+        where = f"{path}: row {i}"
+        for k in ("cell", "policy"):
+            if not isinstance(r[k], str):
+                fail(f"{where}: field {k!r} must be a name, got {r[k]!r:.80}")
+        for k in NUMBERS:
+            _check_number(where, k, r.get(k))
+        for k in OVERLOADS:
+            if (v := r.get(k)) is not None:
+                if not isinstance(v, dict):
+                    fail(f"{where}: field {k!r} must be an object of numbers, got {v!r:.80}")
+                for name, x in v.items():
+                    _check_number(where, f"{k}.{name}", x)
     return rows
+
+
+def _check_number(where: str, field: str, v: object) -> None:
+    """A finite number or null, else one line and exit 2."""
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+        fail(f"{where}: field {field!r} must be a number or null, got {v!r:.80}")
 
 
 def _cap(row: dict | None) -> float | None:

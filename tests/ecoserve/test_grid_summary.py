@@ -70,8 +70,12 @@ def test_bad_inputs_are_one_line_and_exit_2(run: Path, tmp_path: Path) -> None:
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     (wrong / "results.json").write_text('{"cell": "a"}')
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "results.json").write_text(json.dumps([_row("a", "vllm", 1.0, **{"overload_1.25x": {"jct_x_v1": "x"}})]))
     for args, message in (((tmp_path / "missing",), "cannot read"), ((bad,), "line 2: not valid JSON"),
                           ((wrong,), "not a scenario_grid.py results.json"),
+                          ((text,), "row 1: field 'overload_1.25x.jct_x_v1' must be a number or null, got 'x'"),
                           ((run, "--policy", "ecoserve-p99"), "cell a has no ecoserve-p99 row"),
                           ((run, "--min-share", "2"), "--min-share")):
         p = _summary(*args)
