@@ -516,13 +516,10 @@ def main() -> None:
             })
             for f in OVERLOAD_FACTORS if overload else ():  # --overload: "overload_1x", "overload_1.25x"
                 s = overload.get((c.name, p, f))
-                base_f = overload.get((c.name, "vllm", f))
-                rows[-1][f"overload_{f:g}x"] = s and {
-                    **s, "jct_x_v1": _ratio(s["mean_jct_s"], base_f and base_f["mean_jct_s"])}
+                rows[-1][f"overload_{f:g}x"] = s and {**s, "jct_x_v1": _jct_x_v1(overload, c.name, p, f)}
             if sustained:
-                sus = sustained[c.name, p]
-                rows[-1]["sustained_capacity"] = sus["max_rate_scale"] if sus["search"] == "found" else None
-                rows[-1]["deferred_at_capacity"] = sus["deferred_at_capacity"]
+                rows[-1]["sustained_capacity"] = _found(sustained[c.name, p])
+                rows[-1]["deferred_at_capacity"] = sustained[c.name, p]["deferred_at_capacity"]
     criterion = "SLO attainment >= 0.9" if nl is None else \
         f"normalized latency <= {nl:g} s per output token and every request finished"
     if p99 is not None:
@@ -560,6 +557,17 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _found(search: dict) -> float | None:
+    """A capacity search's result: its rate scale if it found one."""
+    return search["max_rate_scale"] if search["search"] == "found" else None
+
+
+def _jct_x_v1(res: dict[tuple[str, str, float], dict], cell: str, policy: str, factor: float) -> float | None:
+    """``--overload``: ``policy``'s mean JCT over vLLM V1's in ``cell`` at ``factor`` x V1's capacity load."""
+    base = res.get((cell, "vllm", factor))
+    return _ratio(res[cell, policy, factor]["mean_jct_s"], base and base["mean_jct_s"])
+
+
 def sustained_markdown(sus: dict, caps: dict, ceilings: dict, cells: list[str], policies: list[str],
                        criterion: str = "SLO attainment >= 0.9") -> str:
     """Capacity, deferred share at it, and the sustained capacity (at most 1% deferred)."""
@@ -574,7 +582,7 @@ def sustained_markdown(sus: dict, caps: dict, ceilings: dict, cells: list[str], 
         ceil = ceilings[c]["ceiling_rate_scale"]
         for p in policies:
             s = sus[c, p]
-            cap = s["max_rate_scale"] if s["search"] == "found" else None
+            cap = _found(s)
             out.append(f"| {c} | {f(ceil)} | {p} | {f(caps[c, p]['max_rate_scale'])} | "
                        f"{f(s['deferred_at_capacity'])} | {f(cap) if cap else s['search']} | "
                        f"{f(_ratio(cap, ceil), 2)} |")
@@ -590,12 +598,11 @@ def overload_markdown(res: dict[tuple[str, str, float], dict], cells: list[str],
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cells:
         for f in OVERLOAD_FACTORS:
-            base = res.get((c, "vllm", f))
             for p in policies:
                 s = res.get((c, p, f))
                 if s is None:
                     continue
-                ratio = _ratio(s["mean_jct_s"], base and base["mean_jct_s"])
+                ratio = _jct_x_v1(res, c, p, f)
                 out.append(f"| {c} | {f:g} | {p} | {s['mean_jct_s']:.2f} | "
                            f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {s['mean_ttft_s']:.2f} | "
                            f"{s['mean_jct_s'] - s['mean_ttft_s']:.2f} | {s['ttft_lost_share']:.3f} | "
