@@ -4,9 +4,10 @@ in every cell, and the aggregate figures README's "Results at a glance" quotes.
     python benchmarks/grid_summary.py runs/random12_s0 runs/random12_s1 runs/random12_s2
 
 Each FOLDER is a ``benchmarks/scenario_grid.py --out`` folder (its ``results.json``; the columns
-past capacity need ``--overload``, the sustained ones ``--sustained``). The baselines are every
-policy of a cell whose name does not start with ``ecoserve``: with the grid's default
-``--policies``, vLLM V1 (default and tuned), vLLM V0, Sarathi-Serve, Orca, S3 and SJF.
+past capacity need ``--overload``, the sustained ones ``--sustained``). The baselines are the
+policies of a cell other than ``--policy`` whose names do not start with ``ecoserve``: with the
+grid's default ``--policies``, vLLM V1 (default and tuned), vLLM V0, Sarathi-Serve, Orca, S3 and
+SJF.
 
 A cell counts as *servable* if some policy holds the SLO at a load of at least ``--min-share``
 of its saturation ceiling (default 0.02: a few Mooncake draws pass only at 1/128 of it, where
@@ -86,7 +87,7 @@ def cell_summary(rows: dict[str, dict], policy: str, oracle: str, min_share: flo
     """One cell's figures for ``policy`` (``rows``: policy -> its results.json row)."""
     eco = rows[policy]
     ceiling = eco.get("ceiling")
-    base = {p: r for p, r in rows.items() if not p.startswith("ecoserve")}
+    base = {p: r for p, r in rows.items() if not p.startswith("ecoserve") and p != policy}
     caps = {p: c for p, r in rows.items() if (c := _cap(r)) is not None}
     best_any = max(caps.values(), default=None)
     out: dict = {"cell": eco["cell"], "ceiling": ceiling,
@@ -207,7 +208,7 @@ def main() -> None:
         for name, rows in by_cell.items():
             if args.policy not in rows:
                 fail(f"{folder / 'results.json'}: cell {name} has no {args.policy} row "
-                         f"(policies: {', '.join(rows)})")
+                     f"(policies: {', '.join(rows)})")
             cells.append(cell_summary(rows, args.policy, args.oracle, args.min_share))
     if not args.no_table:
         print(table(cells, args.policy, args.min_share) + "\n")
