@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from rlpredict.cli_boundary import BoundaryGroup, in_range, positive, root_callback, thread_count
+from rlpredict.cli_boundary import (
+    BoundaryGroup,
+    err,
+    in_range,
+    positive,
+    root_callback,
+    thread_count,
+)
 from rlpredict.json_file import dumps
 
-from .compare import Server
+from .compare import Server, table_cell
 from .policies.interface import DEFAULT_MAX_RUNNING
 from .predictions import SOURCES
 from .request import SLO
@@ -71,6 +78,15 @@ def _policy_names(text: str, option: str) -> list[str]:
     return names
 
 
+def _policy(value: str) -> str:
+    """Option callback of ``--policy``: one known policy (``_policy_names``), before any work."""
+    names = _policy_names(value, "--policy")
+    if len(names) > 1:
+        raise typer.BadParameter("takes one policy name (`ecoserve compare --policies` takes several)",
+                                 param_hint="'--policy'")
+    return names[0]
+
+
 def _scales(text: str, option: str) -> list[float]:
     """A comma-separated list of rate multipliers: finite numbers > 0, none twice."""
     scales = []
@@ -114,8 +130,8 @@ DeadlineOpt = Annotated[float | None, typer.Option("--slo-deadline", callback=po
 MaxTokOpt = Annotated[int, typer.Option("--max-tokens", min=1, max=MAX_COUNT, help="max_tokens for rows without one (Orca reserves it)")]
 MaxReqOpt = Annotated[int | None, typer.Option("--max-requests", min=1, help="use only the first N requests (N >= 1)")]
 ArrOpt = Annotated[str, typer.Option("--arrivals", callback=_choice("arrival process", *ARRIVALS), help="trace|poisson|gamma|burst8: keep the trace's arrival times or draw new ones (burst8: groups of 8 simultaneous requests, the groups gamma arrivals)")]
-RateOpt = Annotated[float | None, typer.Option("--rate", callback=in_range(*RATE_RANGE), help=f"requests/s for poisson/gamma arrivals, in [{RATE_RANGE[0]:g}, {RATE_RANGE[1]:g}]")]
-CvOpt = Annotated[float | None, typer.Option("--cv", callback=in_range(*CV_RANGE), help=f"coefficient of variation of gamma inter-arrival gaps, in [{CV_RANGE[0]:g}, {CV_RANGE[1]:g}] (default 1)")]
+RateOpt = Annotated[float | None, typer.Option("--rate", callback=in_range(*RATE_RANGE), help=f"requests/s for poisson/gamma/burst8 arrivals, in [{RATE_RANGE[0]:g}, {RATE_RANGE[1]:g}]")]
+CvOpt = Annotated[float | None, typer.Option("--cv", callback=in_range(*CV_RANGE), help=f"coefficient of variation of the gamma inter-arrival gaps (burst8: of the gaps between groups), in [{CV_RANGE[0]:g}, {CV_RANGE[1]:g}] (default 1)")]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="seed (>= 0) for prediction sampling and synthetic arrivals")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing output (a folder only if ecoserve wrote it)")]
 GpuMemOpt = Annotated[float | None, typer.Option("--gpu-memory-utilization", callback=in_range(0, 1, low_open=True), help="HBM share for weights + KV cache, in (0, 1] (default: the profile's, 0.9): sets the KV size")]
@@ -124,15 +140,16 @@ MaxRunOpt = Annotated[int | None, typer.Option("--max-running", min=1, max=1 << 
 BlockOpt = Annotated[int, typer.Option("--block-size", min=1, max=1024, help="KV block size in tokens")]
 
 
-def _spec(trace: Path, profile: str | None, predictions: str | None, confusion: Path | None,
-          bundle: str | None, slo: SLO, max_tokens: int, max_requests: int | None,
-          seed: int, arrivals: str = "trace", rate: float | None = None, cv: float | None = None,
-          outputs: tuple[tuple[str, Path], ...] = (), server: Server | None = None) -> RunSpec:
-    """The RunSpec of the options; refuses options that would be ignored, and ``outputs`` that
-    collide with an input."""
+def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions: str | None,
+          confusion: Path | None, bundle: str | None, slo: SLO, max_tokens: int,
+          max_requests: int | None, seed: int, arrivals: str = "trace", rate: float | None = None,
+          cv: float | None = None, outputs: tuple[tuple[str, Path], ...] = (),
+          server: Server | None = None) -> RunSpec:
+    """The RunSpec of the options for running ``policies``; refuses options that would be
+    ignored, and ``outputs`` that collide with an input."""
     from rlpredict.outputs import check_paths
 
-    from .compare import RunSpec
+    from .compare import RunSpec, ServerSettingError
     from .cost_model import DEFAULT_PROFILE, load_profile
     from .predictions import load_confusion
     from .trace import burst_arrivals, gamma_arrivals, read_trace
@@ -141,7 +158,7 @@ def _spec(trace: Path, profile: str | None, predictions: str | None, confusion: 
         raise typer.BadParameter("is used only with --predictions bundle", param_hint="'--bundle'")
     if predictions == "bundle" and bundle is None:
         raise typer.BadParameter("bundle needs --bundle PATH", param_hint="'--predictions'")
-    if confusion is not None and predictions in ("annotated", "bundle"):
+    if confusion is not None and predictions in ("annotated", "bundle", "oracle"):
         raise typer.BadParameter(f"is not used with --predictions {predictions}", param_hint="'--confusion'")
     if arrivals == "trace" and (rate is not None or cv is not None):
         raise typer.BadParameter("--rate and --cv need --arrivals poisson|gamma|burst8", param_hint="'--arrivals'")
@@ -151,6 +168,13 @@ def _spec(trace: Path, profile: str | None, predictions: str | None, confusion: 
         raise typer.BadParameter("poisson arrivals have cv 1; use --arrivals gamma", param_hint="'--cv'")
     inputs = [trace, *(p for p in (confusion, bundle, profile) if p is not None and Path(p).exists())]
     check_paths(inputs, outputs)
+    cost = load_profile(profile or DEFAULT_PROFILE)
+    server = server or Server()
+    try:  # a KV size that leaves no room is refused before any run
+        kw = server.policy_kw(cost)
+    except ServerSettingError as e:
+        raise typer.BadParameter(str(e), param_hint=f"'{e.option}'") from None
+    _refuse_unused_predictions(policies, predictions, confusion, cost, kw)
 
     tr = read_trace(trace, max_tokens=max_tokens)
     if confusion is not None and predictions is None and tr.has_rl:
@@ -166,11 +190,24 @@ def _spec(trace: Path, profile: str | None, predictions: str | None, confusion: 
         assert rate is not None
         tr = tr.with_arrivals(burst_arrivals(len(tr), rate, cv or 1.0, 8, seed) if arrivals == "burst8"
                               else gamma_arrivals(len(tr), rate, cv or 1.0, seed))
-    cost = load_profile(profile or DEFAULT_PROFILE)
     conf = load_confusion(confusion) if confusion else None
-    spec = RunSpec(tr, cost, slo, predictions, conf, bundle, seed, server or Server())
-    spec.server.policy_kw(cost)  # refuses a KV size that leaves no room, before any run
-    return spec
+    return RunSpec(tr, cost, slo, predictions, conf, bundle, seed, server)
+
+
+def _refuse_unused_predictions(policies: Sequence[str], predictions: str | None, confusion: Path | None,
+                               cost: Any, policy_kw: dict[str, Any]) -> None:
+    """Refuse ``--predictions`` and ``--confusion`` when every policy runs on predictions of its
+    own (``simulator.fixed_predictions``)."""
+    from .simulator import fixed_predictions
+
+    if predictions is None and confusion is None:
+        return
+    fixed = {p: fixed_predictions(p, cost, **policy_kw) for p in policies}
+    if all(fixed.values()):
+        why = "; ".join(f"{p} reads no predictions" if f == "none" else f"{p} always runs on {f} predictions"
+                        for p, f in fixed.items())
+        raise typer.BadParameter(f"is not used: {why}",
+                                 param_hint=f"'{'--predictions' if predictions is not None else '--confusion'}'")
 
 
 def _server(gpu_memory_utilization: float | None, token_budget: int | None, max_running: int | None,
@@ -181,17 +218,10 @@ def _server(gpu_memory_utilization: float | None, token_budget: int | None, max_
     return Server(gpu_memory_utilization, token_budget, max_running, block_size)
 
 
-def _cell(v: Any) -> str:
-    """A metric for a text table: 4 significant digits; n/a for NaN and None."""
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 @app.command()
 def simulate(
     trace: TraceOpt,
-    policy: Annotated[str, typer.Option("--policy", help="policy name (see `ecoserve policies`)")] = "ecoserve",
+    policy: Annotated[str, typer.Option("--policy", callback=_policy, help="policy name (see `ecoserve policies`)")] = "ecoserve",
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
     bundle: BundleOpt = None,
     rate_scale: Annotated[float, typer.Option("--rate-scale", callback=positive, help="arrival rate multiplier (> 0)")] = 1.0,
@@ -203,22 +233,23 @@ def simulate(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Replay a trace under one policy and print its metrics."""
-    spec = _spec(trace, profile, predictions, confusion, bundle, SLO(slo_ttft, slo_tbt, slo_deadline),
-                 max_tokens, max_requests, seed, arrivals, rate, cv,
+    spec = _spec(trace, [policy], profile, predictions, confusion, bundle,
+                 SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed, arrivals, rate, cv,
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size))
     s, _ = spec.run(policy, rate_scale)
     if as_json:
         typer.echo(dumps(s))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"{policy} on {trace.name} x{rate_scale:g} ({s['predictions']})")
+    t = Table(title=escape(f"{policy} on {trace.name} x{rate_scale:g} ({s['predictions']})"))
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in s.items():
         if k not in ("policy", "predictions"):
-            t.add_row(k, _cell(v))
+            t.add_row(k, table_cell(v, 4))
     Console().print(t)
 
 
@@ -241,8 +272,8 @@ def compare(
     from .compare import sweep, write_report
 
     names, scales = _policy_names(policies, "--policies"), _scales(rate_scales, "--rate-scales")
-    spec = _spec(trace, profile, predictions, confusion, bundle, SLO(slo_ttft, slo_tbt, slo_deadline),
-                 max_tokens, max_requests, seed, outputs=(("--out", out),),
+    spec = _spec(trace, names, profile, predictions, confusion, bundle,
+                 SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed, outputs=(("--out", out),),
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size))
     with output_dir(out, force=force, tool="ecoserve compare") as tmp:
         rows = sweep(spec, names, scales, progress=lambda s: typer.echo(
@@ -257,7 +288,7 @@ def compare(
 @app.command()
 def capacity(
     trace: TraceOpt,
-    policy: Annotated[str, typer.Option("--policy", help="policy name")] = "ecoserve",
+    policy: Annotated[str, typer.Option("--policy", callback=_policy, help="policy name (see `ecoserve policies`)")] = "ecoserve",
     slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2, slo_deadline: DeadlineOpt = None,
     target: Annotated[float | None, typer.Option("--target", callback=in_range(0, 1, low_open=True), help="required SLO attainment, in (0, 1] (default 0.9)")] = None,
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
@@ -282,8 +313,8 @@ def capacity(
         raise typer.BadParameter("is the attainment criterion; --max-normalized-latency replaces it: "
                                  "pass one of the two", param_hint="'--target'")
     target = 0.9 if target is None else target
-    spec = _spec(trace, profile, predictions, confusion, bundle, SLO(slo_ttft, slo_tbt, slo_deadline),
-                 max_tokens, max_requests, seed,
+    spec = _spec(trace, [policy], profile, predictions, confusion, bundle,
+                 SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed,
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size))
     res = find_capacity(sustained_spec(spec) if sustained else spec, policy, target=target,
                         max_normalized_latency=max_normalized_latency, max_p99_tbt=slo_p99_tbt)
@@ -306,7 +337,12 @@ def capacity(
         typer.echo(f"{policy}: max_rate_scale {res['max_rate_scale']:.4g} ({what}"
                    + (f", p99 TBT <= {slo_p99_tbt:g}s" if slo_p99_tbt else "")
                    + (f", at most {MAX_DEFERRED:.0%} of requests deferred" if sustained else "") + ")")
-    if ceiling and res["ceiling_rate_scale"] is not None:
+    if res["dropped"]:
+        typer.echo(f"  {res['dropped']} of {res['requests']} requests dropped at every load (longer than the "
+                   "whole KV cache): they count against the criterion")
+    if ceiling and res["ceiling_rate_scale"] is None:
+        typer.echo(f"saturation ceiling: none ({res['ceiling']['note']})")
+    elif ceiling:
         vs = res["capacity_vs_ceiling"]
         typer.echo(f"saturation ceiling: rate scale {res['ceiling_rate_scale']:.4g} "
                    f"(flooded-server throughput, best of {', '.join(res['ceiling']['flood_throughput_rps'])})"
@@ -351,11 +387,14 @@ def calibrate(
 
 @app.command()
 def policies() -> None:
-    """List the registered policies."""
+    """List the policies: the simulator's, then vLLM's own scheduler classes (they need vLLM)."""
+    from .engines.vllm_sim import REAL_POLICIES
     from .policies import policy_names
 
     for name in policy_names():
         typer.echo(name)
+    for name in REAL_POLICIES:
+        typer.echo(f"{name} (needs vLLM: replayed through a vLLM scheduler class, docs/engines.md)")
 
 
 @app.command()
@@ -378,6 +417,7 @@ def demo(
     EcoServe paper's baseline), vLLM V1, EcoServe and EcoServe-oracle, and writes a report with
     plots: each policy's capacity against the saturation ceiling, x V1 and x V0."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from . import demo as demo_mod
@@ -385,16 +425,15 @@ def demo(
 
     names = _policy_names(policies, "--policies") if policies is not None else list(demo_mod.POLICIES)
     scales = _scales(rate_scales, "--rate-scales") if rate_scales is not None else demo_mod.RATE_SCALES
-    err = Console(stderr=True)
     total = 4 if headroom else 3
     n_steps = iter(range(1, total + 1))
 
     def step(msg: str) -> None:
-        err.print(f"[bold]{next(n_steps)}/{total}[/bold] {msg}")
+        err.print(f"[bold]{next(n_steps)}/{total}[/bold] {escape(msg)}")
 
     def progress(s: dict) -> None:
         err.print(f"    {s['policy']:>16} x{s['rate_scale']:<4g} SLO attainment {s['slo_attainment']:.3f}, "
-                  f"mean JCT {s['mean_jct_s']:.1f} s, preemptions {s['preemptions']}")
+                  f"mean JCT {table_cell(s['mean_jct_s'])} s, preemptions {s['preemptions']}", markup=False)
 
     res = demo_mod.run_demo(out, sample=sample or demo_mod.SAMPLE, profile=profile or demo_mod.PROFILE,
                             bundle=bundle, policies=names, rate_scales=scales,
@@ -408,19 +447,19 @@ def demo(
     if res.headroom:
         regimes.append((f"{res.headroom['profile']} (the KV cache is no constraint)", res.headroom["capacity"]))
     for server, caps in regimes:
-        t = Table(title=f"capacity (SLO attainment >= 0.9) on {server}")
+        t = Table(title=escape(f"capacity (SLO attainment >= 0.9) on {server}"))
         for c in ("policy", "max load (x trace rate)", "/ ceiling", "x vLLM", "x vLLM V0", "sustained / ceiling",
                   "sustained x vLLM"):
             t.add_column(c, justify="left" if c == "policy" else "right")
         for c in caps:
-            t.add_row(c["policy"], capacity_text(c), *(f"{c[k]:.2f}" if c.get(k) else "-" for k in (
+            t.add_row(escape(c["policy"]), capacity_text(c), *(f"{c[k]:.2f}" if c.get(k) else "-" for k in (
                 "vs_ceiling", "x_vllm", "x_vllm_v0", "sustained_vs_ceiling", "sustained_x_vllm")))
         Console().print(t)
         for c in caps:
             if c.get("note"):
-                err.print(f"    {c['policy']}: {c['note']}")
+                err.print(f"    {c['policy']}: {c['note']}", markup=False)
     typer.echo((out / "table.md").read_text())
-    err.print(f"[green]report written to[/green] {res.files[0]} (plots and results.json beside it)")
+    err.print(f"[green]report written to[/green] {escape(str(res.files[0]))} (plots and results.json beside it)")
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,14 @@ from .trace import Trace
 
 TABLE_COLUMNS = ("policy", "rate_scale", "throughput_rps", "mean_jct_s", "p50_ttft_s", "p99_ttft_s",
                  "p99_tbt_s", "slo_attainment", "goodput_rps", "preemptions", "kv_util_mean")
+
+
+class ServerSettingError(ValueError):
+    """A server setting that leaves no KV cache; ``option`` is its ``ecoserve`` option."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 @dataclass(frozen=True)
@@ -41,11 +50,12 @@ class Server:
         elif self.gpu_memory_utilization is not None:
             kw["kv_blocks"] = cost.kv_blocks(self.block_size, self.gpu_memory_utilization)
             if kw["kv_blocks"] < 1:
-                raise ValueError(f"gpu_memory_utilization {self.gpu_memory_utilization:g} leaves no "
-                                 f"room for a KV cache with {cost.name}")
+                raise ServerSettingError("--gpu-memory-utilization", f"gpu_memory_utilization "
+                                         f"{self.gpu_memory_utilization:g} leaves no room for a KV cache "
+                                         f"with {cost.name}")
         elif cost.kv_blocks(self.block_size) < 1:
-            raise ValueError(f"block size {self.block_size}: not one block of that many tokens fits "
-                             f"in the KV cache of {cost.name}; use a smaller --block-size")
+            raise ServerSettingError("--block-size", f"block size {self.block_size}: not one block of that "
+                                     f"many tokens fits in the KV cache of {cost.name}; use a smaller --block-size")
         if self.token_budget is not None:
             kw["token_budget"] = self.token_budget
         if self.max_running is not None:
@@ -161,7 +171,11 @@ def ceiling(spec: RunSpec, policies: Sequence[str] = CEILING_POLICIES, flood: fl
         return {"ceiling_rate_scale": None, "note": "needs at least two distinct arrival times"}
     base_rps = (n - 1) / float(arr[-1] - arr[0])  # the trace's arrival rate at scale 1
     runs = {p: spec.run(p, flood)[0]["throughput_rps"] for p in policies}
-    best = max(runs, key=lambda p: runs[p])
+    if not any(math.isfinite(x) for x in runs.values()):
+        return {"ceiling_rate_scale": None, "flood_throughput_rps": runs,
+                "note": "no request finished on the flooded server: every one was dropped, longer "
+                        "than the whole KV cache"}
+    best = max((p for p in runs if math.isfinite(runs[p])), key=lambda p: runs[p])
     return {"ceiling_rate_scale": runs[best] / base_rps, "flood_scale": flood, "ceiling_policy": best,
             "flood_throughput_rps": runs, "trace_rps": base_rps}
 
@@ -191,19 +205,20 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
     ``note`` explains: ``no_failing_load`` (the trace is too small or light to load the server;
     ``lower_bound`` is the largest passing scale), ``no_passing_load`` (``upper_bound`` is the
     smallest failing one) or ``load_independent`` (every request arrives at once, so the scale
-    does not change the load). Every probe is listed."""
+    does not change the load). Every probe is listed; ``dropped`` counts the requests longer
+    than the whole KV cache, dropped at every load (misses for the criterion)."""
     if not 0 < target <= 1:
         raise ValueError(f"target attainment must be in (0, 1], got {target}")
     if not 0 <= lo < hi or not np.isfinite(hi) or max_runs < 1:
         raise ValueError(f"need 0 <= lo < hi (finite) and max_runs >= 1, got {lo}, {hi}, {max_runs}")
     probes: list[dict] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, Any] = {}
     passing: list[float] = []
     failing: list[float] = []
 
     def ok(scale: float) -> bool:
         s, _ = spec.run(policy, scale)
-        seen["predictions"] = s["predictions"]
+        seen["predictions"], seen["dropped"] = s["predictions"], s["dropped"]  # the same at every load
         probes.append({"rate_scale": scale, **{k: s[k] for k in PROBE_METRICS}})
         passed = meets(s, target, max_normalized_latency, max_p99_tbt)
         (passing if passed else failing).append(scale)
@@ -230,8 +245,8 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
         "lower_bound": best, "upper_bound": min(failing, default=None), "target_attainment": target,
         "max_normalized_latency_s": max_normalized_latency, "max_p99_tbt_s": max_p99_tbt,
         "slo_ttft_s": spec.slo.ttft_s, "slo_tbt_s": spec.slo.tbt_s,
-        "predictions": seen.get("predictions", ""),
-        "probes": probes}
+        "predictions": seen.get("predictions", ""), "requests": len(arrivals),
+        "dropped": seen.get("dropped", 0), "probes": probes}
     if search == "load_independent":
         out["note"] = (f"every request arrives at the same time, so the rate scale does not change "
                        f"the load: SLO attainment is {probes[0]['slo_attainment']:.3g} at any scale; "
@@ -261,14 +276,19 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS)
     if any(r.get("dropped") for r in rows) and "dropped" not in columns:
         columns = (*columns, "dropped")
 
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return str(v)
-
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(table_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def table_cell(v: Any, digits: int = 3) -> str:
+    """A value for a text table: a float to ``digits`` significant digits (whole from 1000 up);
+    n/a for None, NaN and infinities (a metric no request gave: JSON has null)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
 
 
 def write_report(rows: Sequence[dict], out: Path, header: str = "") -> list[Path]:

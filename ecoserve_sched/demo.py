@@ -136,7 +136,9 @@ def run_demo(out: Path, *, sample: Path = SAMPLE, profile: str = PROFILE, bundle
 
     inputs = [sample, Path(bundle) if bundle else default_bundle_path()]
     check_paths(inputs + ([Path(profile)] if Path(profile).is_file() else []), [("--out", out)])
-    read_trace(sample)  # a bad row or profile is refused naming it, before any work
+    tr = read_trace(sample)  # a bad row, prompt or profile is refused naming it, before any work
+    if tr.prompts is None:
+        raise DemoError(f"{tr.prompt_problem} (the demo annotates every row's prompt)")
     cost = load_profile(profile)
     cost2 = load_profile(headroom_profile) if headroom_profile else None
     with output_dir(out, force=force, tool="ecoserve demo") as tmp:

@@ -56,7 +56,7 @@ def load_confusion(path: str | Path) -> Confusion:
     except OSError as e:
         raise ValueError(f"{p}: cannot read confusion matrix ({e.strerror})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        raise ValueError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"{p}: not valid JSON ({type(e).__name__})") from None
     if isinstance(d, dict) and "confusion" in d and d.get("format") != CONFUSION_FORMAT:
@@ -131,7 +131,10 @@ def default_source(trace: Trace) -> str:
 
 def apply_predictions(requests: list[Request], trace: Trace, source: str, *, seed: int = 0,
                       confusion: Confusion | None = None, bundle: str | None = None) -> str:
-    """Fill each request's predicted RL from ``source``; returns a one-line description."""
+    """Fill each request's predicted RL from ``source``; returns a one-line description.
+    ``none``: a policy that reads no predictions (``prediction_override``) gets none."""
+    if source == "none":
+        return "none (the policy reads no predictions)"
     if source == "annotated":
         if not trace.has_rl:
             raise ValueError(f"{trace.path}: --predictions annotated needs rl_* fields "

@@ -28,7 +28,7 @@ from .request import SLO, Request
 from .serving import Executor, LogRow, SimResult, serve
 from .trace import Trace
 
-__all__ = ["CostModelExecutor", "SimResult", "iteration_table", "run", "simulate"]
+__all__ = ["CostModelExecutor", "SimResult", "fixed_predictions", "iteration_table", "run", "simulate"]
 
 
 class CostModelExecutor(Executor):
@@ -205,6 +205,17 @@ def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
 def iteration_table(res: SimResult) -> np.ndarray:
     """``res.log`` as an (n, 6) float array; columns as in ``SimResult.log``."""
     return np.asarray(res.log, dtype=float).reshape(-1, 6)
+
+
+def fixed_predictions(policy: str, cost: Any, **policy_kw: Any) -> str | None:
+    """The predictions ``policy`` runs on whatever source ``run`` is given: "none" for a policy
+    that reads none (vLLM's, Sarathi's, Orca's: ``prediction_override``, and ``vllm-real``),
+    "oracle" for ``ecoserve-oracle``, or None: the source given."""
+    if policy.endswith("vllm-real"):
+        from .engines.vllm_sim import PREDICTING_POLICIES
+
+        return None if policy in PREDICTING_POLICIES else "none"
+    return get_policy(policy, cost, **policy_kw).prediction_override
 
 
 def run(trace: Trace, policy: str, cost: Any, *, slo: SLO | None = None,

@@ -121,7 +121,8 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
         for line, cells, problem, _ in records:
             if problem is not None or cells is None:
                 raise TraceError(f"{path}:{line}: {problem or 'malformed CSV'}")
-            yield line, dict(zip(names, cells, strict=True))
+            # an empty cell is a missing value, as ``rlpredict annotate`` reads it
+            yield line, {k: v for k, v in zip(names, cells, strict=True) if v != ""}
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -217,7 +218,8 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
     if not p.is_file():
         raise TraceError(f"{p}: {'is a folder, not a trace file' if p.is_dir() else 'no such trace file'}")
     arr, inp, out, mx, rl, prompts, gens = [], [], [], [], [], [], []
-    has_rl: bool | None = None
+    has_rl: bool | None = None  # the first row's: every row must agree
+    first_line = 0
     prompt_problem = ""
     for line_no, row in _rows(p):
         where = f"{p}:{line_no}"
@@ -243,9 +245,11 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
             raise TraceError(f"{where}: missing {missing[0]}: the rl_* fields ({', '.join(RL_FIELDS)}) "
                              "come all three or none")
         if has_rl is None:
-            has_rl = row_rl
+            has_rl, first_line = row_rl, line_no
         elif has_rl != row_rl:
-            raise TraceError(f"{where}: rl_* fields present on some rows but not on this one")
+            raise TraceError(f"{where}: {'has' if row_rl else 'has no'} rl_* fields but the first row "
+                             f"(line {first_line}) {'has none' if row_rl else 'has them'}: they come on "
+                             "every row or on none")
         if row_rl:
             # a reservation holds at least one token (annotate never writes less)
             rl.append([_int(row, k, where, lo) for k, lo in zip(RL_FIELDS, (0, 0, 1), strict=True)])

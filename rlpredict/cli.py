@@ -12,14 +12,22 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 
-from rlpredict.cli_boundary import BoundaryGroup, at_least, distinct_paths, in_range, root_callback
+from rlpredict.cli_boundary import (
+    BoundaryGroup,
+    at_least,
+    distinct_paths,
+    err,
+    in_range,
+    log_line,
+    root_callback,
+    say_skipped,
+)
 from rlpredict.json_file import dumps
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, cls=BoundaryGroup,
                   callback=root_callback("rlpredict"))
-err = Console(stderr=True)
 
 OnErrorOpt = Annotated[Literal["fail", "skip"], typer.Option(
     "--on-error", help="Bad rows: 'fail' (stop with file:line) or 'skip' (count and report).")]
@@ -97,9 +105,9 @@ def train(
     main = _is_main_process()
     prep = prepare(cfg)
     if main:
-        err.print(f"data: {prep.report.summary()}; train {len(prep.train)} / held out {len(prep.test)}", highlight=False)
-        for line in prep.report.examples:
-            err.print(f"  [yellow]skipped[/yellow] {line}", highlight=False)
+        err.print(f"data: {escape(prep.report.summary())}; train {len(prep.train)} / held out {len(prep.test)}",
+                  highlight=False)
+        say_skipped(prep.report.examples)
         empty = [k for k, c in enumerate(prep.scheme.counts) if not c]
         if empty:
             err.print(f"  [yellow]warning[/yellow] no training response falls in bucket(s) {empty}: "
@@ -115,7 +123,7 @@ def train(
         held = f", held-out MAE {best['mae']:.1f} tau {best['kendall_tau']:.3f}" if best else ""
         loss = (f", loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}"
                 if summary["steps_this_run"] else ", no step left to run")
-        err.print(f"[green]saved[/green] {out}  ({summary['steps']} steps{loss}{held}, "
+        err.print(f"[green]saved[/green] {escape(str(out))}  ({summary['steps']} steps{loss}{held}, "
                   f"{summary['examples_per_second']} ex/s)", highlight=False)
 
 
@@ -123,7 +131,7 @@ def train(
 def eval_cmd(
     model: Annotated[Path, typer.Option("--model", help="Model folder written by `rlpredict train`.")],
     data: Annotated[list[Path], typer.Option("--data", callback=distinct_paths, help="Data file or folder (repeatable).")],
-    split: Annotated[str, typer.Option(help="'test': the model's held-out groups of DATA (baselines train on the rest); 'all': every row.")] = "test",
+    split: Annotated[Literal["test", "all"], typer.Option(help="'test': the model's held-out groups of DATA (baselines train on the rest); 'all': every row.")] = "test",
     baseline_data: Annotated[list[Path] | None, typer.Option(help="With --split all: data to train the baselines on.")] = None,
     baselines: Annotated[str, typer.Option(help="Comma-separated baselines: constant,prompt_length,tfidf_ridge,tfidf_logreg (empty: none).")] = "constant,prompt_length,tfidf_ridge,tfidf_logreg",
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: MODEL/eval; refused if it exists, unless --force).")] = None,
@@ -154,13 +162,14 @@ def eval_cmd(
     report, probs, test = evaluate(model, data, split=split, baselines=names, baseline_data=baseline_data or (),
                                    on_error=on_error, reserve_quantile=reserve_quantile, progress=not json_out)
     for line in report["baselines_skipped"]:
-        err.print(f"[yellow]baseline skipped[/yellow] {line}", highlight=False)
+        err.print(f"[yellow]baseline skipped[/yellow] {escape(line)}", highlight=False)
     write_report(report, probs, test, ModelMeta.load(model).buckets, out, force=force)
     if json_out:
         print(dumps(report, indent=2))
     else:
         print(markdown_report(report))
-        err.print(f"[green]report written to[/green] {out}", highlight=False)
+        say_skipped(report["skipped_examples"] + report.get("baseline_skipped_examples", []))  # counted above
+        err.print(f"[green]report written to[/green] {escape(str(out))}", highlight=False)
 
 
 @app.command()
@@ -189,13 +198,13 @@ def stack(
     cfg.on_error = on_error  # type: ignore[assignment]
     cfg.validate("options")
     report = stack_bundle(model, cfg, out, stack_rows=stack_rows, folds=folds, seed=seed, threads=threads,
-                          force=force, recipe=config.name,
-                          log=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
+                          force=force, recipe=config.name, log=log_line)
     if json_out:
         print(dumps(report, indent=2))
     else:
         print(markdown(report["evaluation"]))
-        err.print(f"[green]stacked bundle written to[/green] {out}; next: `rlpredict calibrate --model {out} ...`",
+        err.print(f"[green]stacked bundle written to[/green] {escape(str(out))}; next: `rlpredict calibrate --model "
+                  f"{escape(str(out))} ...`",
                   highlight=False)
 
 
@@ -224,7 +233,7 @@ def demo(
         report, probs, test = evaluate(tmp / "model", data, progress=True)
         write_report(report, probs, test, ModelMeta.load(tmp / "model").buckets, tmp / "report")
     print(markdown_report(report))
-    err.print(f"[green]report written to[/green] {out / 'report'}/report.md (confusion matrices: confusion_*.png)",
+    err.print(f"[green]report written to[/green] {escape(str(out / 'report'))}/report.md (confusion matrices: confusion_*.png)",
               highlight=False)
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 DEBUG_ENV = "RLPREDICT_DEBUG"
@@ -99,6 +101,23 @@ class BoundaryGroup(TyperGroup):
             typer.echo(f"internal error (a bug): {type(e).__name__}: {describe(e)}; rerun with "
                        f"--debug for the traceback and report it", err=True)
             raise typer.Exit(1) from None
+
+
+#: Both CLIs' rich stderr. Text from a user (a prompt, a file name, a row's field) goes
+#: into its lines through ``escape``: a '[' there is not markup. Lines never wrap (rich takes a
+#: piped stderr as 80 columns).
+err = Console(stderr=True, soft_wrap=True)
+
+
+def log_line(message: str) -> None:
+    """A progress line of a library function's ``log`` callback, dimmed, on stderr."""
+    err.print(f"[dim]{escape(message)}[/dim]", highlight=False)
+
+
+def say_skipped(examples: list[str]) -> None:
+    """Each skipped row's message in full (file:line and field) on stderr, after the counts."""
+    for e in examples:
+        err.print(f"  [yellow]skipped[/yellow] {escape(e)}", highlight=False)
 
 
 def version_text(tool: str) -> str:

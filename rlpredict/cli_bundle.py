@@ -14,11 +14,10 @@ from typing import Annotated, Literal, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from rlpredict.cli_boundary import in_range, thread_count
+from rlpredict.cli_boundary import err, in_range, log_line, thread_count
 from rlpredict.json_file import dumps
-
-_err = Console(stderr=True)
 
 ModelOpt = Annotated[Path | None, typer.Option(
     "--model", "-m", help="Bundle folder (default: $RLPREDICT_MODEL, else the shipped default bundle).")]
@@ -71,13 +70,12 @@ def export(
     from rlpredict.train.export import export_bundle
 
     manifest = export_bundle(model, out, int8=int8, parity_data=parity_data, parity_n=parity_n,
-                             atol=atol, force=force,
-                             log=lambda m: _err.print(f"[dim]{m}[/dim]", highlight=False))
+                             atol=atol, force=force, log=log_line)
     if json_out:
         print(dumps({k: manifest[k] for k in ("name", "model", "parity", "quantization", "files")}, indent=2))
         return
     size = sum(f["bytes"] for f in manifest["files"].values())
-    _err.print(f"[green]bundle[/green] {out} ({manifest['model']['precision']}, {size / 2**20:.1f} MiB)")
+    err.print(f"[green]bundle[/green] {escape(str(out))} ({manifest['model']['precision']}, {size / 2**20:.1f} MiB)")
 
 
 def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list, list[str | None] | None, list[int]]:
@@ -177,14 +175,14 @@ def predict(
         return
     from rich.table import Table
 
-    table = Table(title=f"{p.bundle.name} ({p.bundle.precision}; RL in {p.bundle.rl_tokenizer} tokens)")
+    table = Table(title=escape(f"{p.bundle.name} ({p.bundle.precision}; RL in {p.bundle.rl_tokenizer} tokens)"))
     for col in ("#", "bucket", "range", "pred", "reserve", "p"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("prompt")
     for n, r, x in zip(numbers, requests, preds, strict=True):
         shown = r if isinstance(r, str) else (r[-1].get("content") or "") if r else ""
         table.add_row(str(n), str(x.bucket), _bucket_range(edges, x.bucket), str(x.pred_tokens),
-                      str(x.reserve_tokens), f"{x.confidence:.2f}", _clip(shown.replace("\n", " "), 48))
+                      str(x.reserve_tokens), f"{x.confidence:.2f}", escape(_clip(shown.replace("\n", " "), 48)))
     Console().print(table)
 
 
@@ -197,7 +195,7 @@ def annotate(
     generator_field: Annotated[str, typer.Option(help="Field naming the served model (used by bundles trained with it).")] = "generator",
     drop_final_assistant: Annotated[bool, typer.Option(help="Drop a trailing assistant message (logs that store the response in the conversation).")] = False,
     on_error: Annotated[Literal["fail", "skip"], typer.Option("--on-error", help="Bad rows: 'fail' (stop with the line number) or 'skip' (write them to the rejects file).")] = "fail",
-    rejects: Annotated[Path | None, typer.Option(help="Rejects file for --on-error skip (default: beside OUTPUT, its stem + .rejects.jsonl: out.csv.gz -> out.rejects.jsonl).")] = None,
+    rejects: Annotated[Path | None, typer.Option(help="Rejects file for --on-error skip (default: beside OUTPUT, its name less the format suffixes + .rejects.jsonl: run.05.csv.gz -> run.05.rejects.jsonl).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Prompts per inference call (predictions do not depend on it).")] = 32,
     chunk_rows: Annotated[int, typer.Option(min=1, max=1_000_000, help="Rows read, predicted and written at a time (bounds memory).")] = 2048,
     reserve_quantile: ReserveQOpt = None,
@@ -206,7 +204,7 @@ def annotate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT and the rejects file if they exist.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    engine: Annotated[Literal["local", "ray"], typer.Option("--engine", help="'local': this process; 'ray': predictor actors on a Ray cluster (needs the [ray] extra; --threads is then per worker).")] = "local",
+    engine: Annotated[Literal["local", "ray"], typer.Option("--engine", help="'local': this process; 'ray': predictor actors on a Ray cluster (needs Ray: the project's 'ray' extra; --threads is then per worker).")] = "local",
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --engine ray: the cluster to attach to ('auto' or HOST:PORT; default: start a local Ray and stop it at the end).")] = None,
     num_workers: Annotated[int | None, typer.Option("--num-workers", min=1, max=100_000, help="With --engine ray: predictor actors (default: the cluster's CPUs / threads per worker).")] = None,
     quantiles: Annotated[str | None, typer.Option("--quantiles", help="Also add the bundle's calibrated quantiles (`rlpredict calibrate`), e.g. 0.5,0.9 -> rl_q50_tokens, rl_q90_tokens (local engine).")] = None,
@@ -239,7 +237,7 @@ def annotate(
                           chunk_rows=chunk_rows, num_workers=num_workers, threads=threads,
                           reserve_quantile=reserve_quantile, margin=margin, ray_address=ray_address,
                           progress=progress and not json_out, force=force,
-                          log=None if json_out else lambda m: _err.print(m, highlight=False))
+                          log=None if json_out else log_line)
     else:
         for option, value in (("--ray-address", ray_address), ("--num-workers", num_workers)):
             if value is not None:
@@ -256,12 +254,12 @@ def annotate(
            f"in {s.seconds:.1f} s ({s.rows_per_s:.0f} rows/s) -> {s.output}")
     if s.rejects:
         msg += f"; rejects: {s.rejects}"
-    _err.print(msg, highlight=False)
+    err.print(escape(msg), highlight=False)
     if s.rows_replaced:
-        _err.print(f"  {s.rows_replaced} row(s) already had rl_* fields: their values were replaced by this "
-                   "bundle's predictions", highlight=False)
+        err.print(f"  {s.rows_replaced} row(s) already had rl_* fields: their values were replaced by this "
+                  "bundle's predictions", highlight=False)
     if s.rows_without_generator:
-        _err.print(f"  {s.rows_without_generator} row(s) have no generator (field {generator_field!r}): this bundle "
-                   "takes one, and predicted them as 'model: unknown'", highlight=False)
+        err.print(f"  {s.rows_without_generator} row(s) have no generator (field {escape(repr(generator_field))}): "
+                  "this bundle takes one, and predicted them as 'model: unknown'", highlight=False)
     for reason, n in list(s.reasons.items())[:5]:
-        _err.print(f"  {n} x {reason}", highlight=False)
+        err.print(f"  {n} x {escape(reason)}", highlight=False)

@@ -7,13 +7,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 
-from rlpredict.cli_boundary import at_least, distinct_paths, in_range
+from rlpredict.cli_boundary import at_least, distinct_paths, err, in_range, log_line, say_skipped
 from rlpredict.cli_bundle import ForceOpt, JsonOpt, ModelOpt, ThreadsOpt, parse_quantiles
 from rlpredict.json_file import dumps
-
-_err = Console(stderr=True)
 
 DataOpt = Annotated[list[Path], typer.Option("--data", callback=distinct_paths, help="Chat logs with responses (repeatable).")]
 OnErrorOpt = Annotated[Literal["fail", "skip"], typer.Option(
@@ -48,7 +46,7 @@ def calibrate(
     report = calibrate_bundle(model or default_bundle_path(), data, out, quantiles=parse_quantiles(quantiles) or (),
                               split=split, test_frac=test_frac, seed=seed, check_frac=check_frac,
                               min_group=min_group, confidence=confidence, on_error=on_error, threads=threads, force=force,
-                              log=lambda m: _err.print(f"[dim]{m}[/dim]", highlight=False))
+                              log=log_line)
     print(dumps(report, indent=2) if json_out else markdown(report))
 
 
@@ -71,7 +69,8 @@ def drift(
         print(dumps(report, indent=2))
     else:
         print(markdown(report))
-        _err.print(report["load"], highlight=False)  # rows read, samples, and what was skipped
-        _err.print(f"verdict: {report['verdict']}" + "".join(f"\n  {r}" for r in report["reasons"]), highlight=False)
+        err.print(escape(report["load"]), highlight=False)  # rows read, samples, and what was skipped
+        say_skipped(report["skipped_examples"])
+        err.print(escape(f"verdict: {report['verdict']}" + "".join(f"\n  {r}" for r in report["reasons"])), highlight=False)
     if report["verdict"] != "ok":
         raise typer.Exit(DRIFT_EXIT)

@@ -79,6 +79,11 @@ class LoadReport:
             s += f"; skipped {self.n_skipped} rows: " + ", ".join(f"{n} x {r}" for r, n in self.skipped.most_common())
         return s
 
+    def lines(self) -> list[str]:
+        """What a command says about its read: the summary, then each example in full (file:line
+        and field), so a user can find the rows that were skipped."""
+        return [f"read {self.summary()}", *(f"skipped {e}" for e in self.examples)]
+
 
 # ---- rows -> samples ---------------------------------------------------------------------------
 def _get(row: Mapping, dotted: str) -> Any:

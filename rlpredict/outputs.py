@@ -87,15 +87,20 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def check_paths(inputs: Iterable[str | Path], outputs: Iterable[tuple[str, str | Path]]) -> None:
+def check_paths(inputs: Iterable[str | Path], outputs: Iterable[tuple[str, str | Path]], *,
+                apart: Iterable[str | Path] = ()) -> None:
     """Refuse outputs that collide. ``outputs`` are ``(option name, path)`` pairs.
 
     Raises ``OutputError`` naming the option when an output is an input, equals another
-    output, or is a folder that holds an input.
+    output, is a folder that holds an input, or lies inside one of the input folders ``apart``
+    (a bundle written into the model or bundle it is made from).
     """
     ins = [Path(p) for p in inputs]
     outs = [(name, Path(p)) for name, p in outputs]
     for i, (name, out) in enumerate(outs):
+        for folder in apart:
+            if Path(folder).is_dir() and _key(Path(folder)) in _key(out).parents:
+                raise OutputError(f"{out}: {name} lies inside the input {folder}; choose a path outside it")
         for src in ins:
             if _same(out, src):
                 raise OutputError(f"{out}: {name} is also an input; choose another path")
@@ -171,6 +176,18 @@ def check_new_dir(path: str | Path, *, force: bool, option: str) -> None:
                           "only a folder a tool of ours wrote: move them or choose another path")
 
 
+def plain_modes(folder: str | Path) -> None:
+    """Give everything under ``folder`` the modes a plain write would (the umask's): libraries
+    save some files private (safetensors writes ``model.safetensors`` 0600)."""
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~_UMASK)
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~_UMASK)
+
+
 @contextlib.contextmanager
 def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out") -> Iterator[Path]:
     """Build a folder output: yield an empty temporary folder beside ``path``; on success it
@@ -186,6 +203,7 @@ def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out
         raise OutputError(f"{out}: cannot create {option} there ({e.strerror})") from None
     try:
         yield tmp
+        plain_modes(tmp)
         files = sorted(e.name for e in tmp.iterdir())
         write_text_atomic(tmp / OWNER_FILE, json.dumps({"tool": tool, "files": files}, indent=1) + "\n")
         _replace_dir(tmp, out, force=force, option=option)

@@ -413,10 +413,11 @@ def parquet_batches(pf: Any, path: str | Path, rows: int) -> Iterator[Any]:
 
 # ---- every format: (location, row) --------------------------------------------------------------
 def source_name(path: str | Path) -> str:
-    name = Path(path).name
-    for ext in (".gz", ".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet"):
-        name = name.removesuffix(ext)
-    return name
+    """A file's name without its format suffixes: ``.gz``, then one of ``SUFFIXES``
+    (``logs.2024.01.jsonl.gz`` -> ``logs.2024.01``)."""
+    name = Path(path).name.removesuffix(".gz")
+    suffix = Path(name).suffix
+    return name[: -len(suffix)] if suffix in SUFFIXES else name
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
@@ -459,12 +460,12 @@ def _iter_jsonl(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_json_array(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
+    """A JSON array of rows, ``{"data": [rows]}`` or one object; each row named by its line."""
     try:
         with open(p, "rb") as raw, text_stream(raw, gz, errors="strict") as f:
             text = f.read()
     except UnicodeDecodeError as e:
         raise RecordError(str(p), f"not valid UTF-8 (byte {e.start})") from None
-    dec = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
     if text[pos:pos + 1] != "[":  # one object, or {"data": [...]}
         try:
@@ -473,14 +474,40 @@ def _iter_json_array(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
             raise RecordError(f"{p}:{e.lineno}", f"not valid JSON ({e.msg})") from None
         except (ValueError, RecursionError) as e:
             raise RecordError(str(p), f"not valid JSON ({json_problem(e)})") from None
-        rows = obj.get("data") if isinstance(obj, dict) and isinstance(obj.get("data"), list) else [obj]
-        for i, r in enumerate(rows):
-            yield f"{p}: item {i}", r
-        return
+        if not (isinstance(obj, dict) and isinstance(obj.get("data"), list)):
+            yield f"{p}:{text.count(chr(10), 0, pos) + 1}", obj
+            return
+        pos = _value_of(text, pos, "data")  # valid JSON: the walk below cannot fail
+    yield from _array_rows(p, text, pos)
+
+
+def _skip_space(text: str, pos: int, also: str = "") -> int:
+    while pos < len(text) and (text[pos] in " \t\r\n" or text[pos] in also):
+        pos += 1
+    return pos
+
+
+def _value_of(text: str, pos: int, key: str) -> int:
+    """Where the value of ``key`` starts in the valid JSON object at ``pos`` (its last
+    occurrence, the one ``json.loads`` keeps)."""
+    dec, found = json.JSONDecoder(), -1
+    pos = _skip_space(text, pos + 1)
+    while text[pos] != "}":
+        name, pos = dec.raw_decode(text, pos)
+        pos = _skip_space(text, _skip_space(text, pos) + 1)  # past ':'
+        if name == key:
+            found = pos
+        _, pos = dec.raw_decode(text, pos)
+        pos = _skip_space(text, pos, ",")
+    return found
+
+
+def _array_rows(p: Path, text: str, pos: int) -> Iterator[tuple[str, Any]]:
+    """The items of the JSON array opening at ``pos``, each named by the line it starts on."""
+    dec = json.JSONDecoder()
     pos += 1
     while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
+        pos = _skip_space(text, pos, ",")
         if pos >= len(text) or text[pos] == "]":
             return
         loc = f"{p}:{text.count(chr(10), 0, pos) + 1}"

@@ -37,6 +37,8 @@ TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hid
               "num_hidden_layers": 2, "vocab_size": 1024, "max_position_embeddings": 65536,
               "rms_norm_eps": 1e-6, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2}
 REAL_POLICIES = ("vllm-real", "ecoserve-vllm-real")
+#: The engine policies that get predictions (``vllm-real``, vLLM's own scheduler, reads none).
+PREDICTING_POLICIES = ("ecoserve-vllm-real",)
 
 
 @dataclass
@@ -225,7 +227,7 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
         raise ValueError(f"unknown engine policy {policy!r}; choose from {', '.join(REAL_POLICIES)}")
     slo = slo or SLO()
     reqs = trace.requests(slo)
-    eco = policy == "ecoserve-vllm-real"
+    eco = policy in PREDICTING_POLICIES
     desc = "none"
     if eco:
         source = predictions or default_source(trace)

@@ -60,7 +60,8 @@ class Scheduler(SchedulerInterface):
     name = "base"
     chunked_prefill = True
     alarm_lead_tokens = 0  # a request raises its alarm this many tokens before its blocks run out
-    prediction_override: str | None = None  # "oracle": the engine gives this policy true RLs
+    #: "oracle": the engine gives this policy true RLs; "none": it reads no predictions
+    prediction_override: str | None = None
     lazy_blocks = True  # on-demand growth without per-block alarms (module docstring), if eligible
     growth_keep_free = 0  # free blocks lazy growth leaves: it stops where the policy would decide
 

@@ -69,7 +69,7 @@ class SchedulerInterface(ABC):
     """
 
     name: str
-    prediction_override: str | None  # "oracle": the engine must give this policy true RLs
+    prediction_override: str | None  # "oracle": the engine must give true RLs; "none": reads none
     cost: Any
     slo: SLO
     step: int

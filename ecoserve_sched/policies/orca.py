@@ -17,6 +17,7 @@ from .registry import register
 
 class OrcaScheduler(Scheduler):
     name = "orca"
+    prediction_override = "none"  # reserves max_tokens: no predictions read
     chunked_prefill = False
 
     def __init__(self, cost: Any, **kw: Any) -> None:

@@ -15,6 +15,7 @@ from .registry import register
 
 class S3Scheduler(OrcaScheduler):
     name = "s3"
+    prediction_override = None  # reserves the prediction
     chunked_prefill = True
 
     def reservation_blocks(self, r: Request) -> int:

@@ -18,6 +18,7 @@ from .vllm import VLLMScheduler
 
 class SJFScheduler(VLLMScheduler):
     name = "sjf"
+    prediction_override = None  # orders by the predictions
 
     def make_queue(self) -> Any:
         return PriorityQueue(key=lambda r: r.pred_tokens + r.arrival_s * 1e-9)

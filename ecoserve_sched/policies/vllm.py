@@ -27,6 +27,7 @@ _SEQ = attrgetter("seq")
 
 class VLLMScheduler(Scheduler):
     name = "vllm"
+    prediction_override = "none"  # first come, first served: no predictions read
 
     def __init__(self, cost: Any, reserve_full_prompt: bool = True, **kw: Any) -> None:
         super().__init__(cost, **kw)

@@ -45,6 +45,7 @@ def _fcfs(r: Request) -> tuple[float, int]:
 
 class VLLMV0Scheduler(Scheduler):
     name = "vllm-v0"
+    prediction_override = "none"  # first come, first served: no predictions read
     chunked_prefill = False
     growth_keep_free = 1  # a decode pass with as many due requests as free blocks walks them
 

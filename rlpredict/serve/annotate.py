@@ -100,12 +100,10 @@ def corrupt_compressed(src: str | Path, e: BaseException) -> AnnotateError:
 
 
 def default_rejects_path(output: str | Path) -> Path:
-    """``out.parquet`` -> ``out.rejects.jsonl`` (beside the output)."""
+    """``out.parquet`` -> ``out.rejects.jsonl`` (beside the output; only the format's suffixes
+    go: ``run.2024.01.05.csv.gz`` -> ``run.2024.01.05.rejects.jsonl``)."""
     out = Path(output)
-    stem = out.name
-    for s in reversed(out.suffixes):
-        stem = stem[: -len(s)]
-    return out.with_name(f"{stem}.rejects.jsonl")
+    return out.with_name(f"{records.source_name(out)}.rejects.jsonl")
 
 
 # ---- one row -> one request --------------------------------------------------------------------

@@ -130,7 +130,7 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
                           f"({rlpredict.__version__}) reads {FORMAT!r}")
     try:
         model_file, tok_file, files = _check_manifest(manifest)
-        buckets = BucketScheme.from_dict(manifest["buckets"], source=f"{mpath}: buckets")
+        buckets = BucketScheme.from_dict(manifest["buckets"], source="buckets")
         spec = InputSpec.from_dict(_field(manifest, "input", dict))
         side = manifest["input"].get("truncation_side", spec.truncation_side)
         if side != spec.truncation_side:  # derived from the mode: a different value is an edit

@@ -40,7 +40,8 @@ def held_out(samples: Sequence[Sample], manifest: dict, split: str, test_frac: f
         return list(samples), "every row (--split all)"
     if split != "test":
         raise ValueError(f"split must be 'test' or 'all', got {split!r}")
-    recorded = ((manifest.get("evaluation") or {}).get("split") or {}) if isinstance(manifest, dict) else {}
+    recorded = ((manifest.get("evaluation") or {}).get("split") or manifest.get("training_split") or {}
+                if isinstance(manifest, dict) else {})
     for option, given, name in (("--test-frac", test_frac, "test_frac"), ("--seed", seed, "seed")):
         if given is not None and recorded.get(name) is not None and given != recorded[name]:
             raise ValueError(f"{option} {given} differs from the split the bundle recorded ({name} "
@@ -69,11 +70,12 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
     if not 0.0 < check_frac < 1.0:
         raise ValueError(f"check_frac must be in (0, 1), got {check_frac}")
     bundle, out = Path(bundle), Path(out)
-    check_paths([bundle, *data], [("--out", out)])
+    check_paths([bundle, *data], [("--out", out)], apart=[bundle])
     check_new_dir(out, force=force, option="--out")
     p = Predictor.load(bundle, threads=threads)
     samples, load = load_samples(data, on_error=on_error)  # type: ignore[arg-type]
-    log(f"read {load.summary()}")
+    for line in load.lines():
+        log(line)
     pool, how = held_out(samples, p.bundle.manifest, split, test_frac, seed)
     attach_rl(pool, p.bundle.rl_tokenizer)
     fit_part, check_part = split_by_group(pool, check_frac, (seed or 0) + CHECK_SALT)
@@ -94,6 +96,7 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
     report = {"bundle": str(bundle), "quantiles": list(qs), "confidence": confidence,
               "calibration_samples": len(fit_part), "calibration_groups": len({s.group for s in fit_part}),
               "check_samples": len(check_part), "selection": how, "load": load.summary(),
+              "skipped_examples": load.examples,
               "check": {"all": coverage_table(scheme, cal, check_probs, check_rl)}}
     for name in sorted(set(src)):
         m = src == name

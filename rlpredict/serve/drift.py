@@ -77,21 +77,30 @@ def group_report(name: str, probs: np.ndarray, rl: np.ndarray, pred_q: np.ndarra
     limit = bounds.max_tv + sampling_tv(predicted, n)
     row["tv_limit_predicted"] = limit
     if row["tv_vs_predicted"] > limit:
-        row["problems"].append(f"predicted distribution off by TV {row['tv_vs_predicted']:.3f} (> {limit:.3f})")
+        row["problems"].append(f"predicted distribution off by TV {_beyond(row['tv_vs_predicted'], '>', limit)}")
     if ref is not None:
         limit = bounds.max_tv + sampling_tv(ref, n)
         row["tv_limit_reference"] = limit
         if row["tv_vs_reference"] > limit:
-            row["problems"].append(f"response lengths shifted by TV {row['tv_vs_reference']:.3f} "
-                                   f"(> {limit:.3f}) from the bundle's data")
+            row["problems"].append(f"response lengths shifted by TV {_beyond(row['tv_vs_reference'], '>', limit)} "
+                                   "from the bundle's data")
     if pred_q is not None:
         for j, q in enumerate(quantiles):
             cov = float(np.mean(rl <= pred_q[:, j]))
             floor = q - bounds.tolerance - bounds.z * math.sqrt(q * (1 - q) / max(n, 1))
             row["coverage"][str(q)] = {"achieved": cov, "floor": floor}
             if cov < floor:
-                row["problems"].append(f"q{q} covers {cov:.3f} (< {floor:.3f})")
+                row["problems"].append(f"q{q} covers {_beyond(cov, '<', floor)}")
     return row
+
+
+def _beyond(value: float, op: str, bound: float) -> str:
+    """``value (op bound)`` with as many decimals (3 to 6) as it takes to tell them apart."""
+    for digits in range(3, 7):
+        a, b = f"{value:.{digits}f}", f"{bound:.{digits}f}"
+        if a != b:
+            break
+    return f"{a} ({op} {b})"
 
 
 def drift_report(bundle: str | Path | None, data: Sequence[str | Path], *, bounds: DriftBounds = DriftBounds(),
@@ -119,7 +128,8 @@ def drift_report(bundle: str | Path | None, data: Sequence[str | Path], *, bound
     rows = [group_report(name, a.probs[m], rl[m], a.quantile_tokens[m] if a.quantile_tokens is not None else None,
                          qs, ref, p.scheme, bounds) for name, m in groups]
     drifted = [r for r in rows if r["decides"] and r["problems"]]
-    return {"bundle": str(p.bundle.path), "load": load.summary(), "samples": len(samples),
+    return {"bundle": str(p.bundle.path), "load": load.summary(), "skipped_examples": load.examples,
+            "samples": len(samples),
             "calibrated_quantiles": qs, "bounds": bounds.__dict__, "groups": rows,
             "verdict": "drift" if drifted else "ok",
             "reasons": [f"{r['group']}: {'; '.join(r['problems'])}" for r in drifted]}

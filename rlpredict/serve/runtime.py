@@ -50,8 +50,9 @@ from tokenizers import Encoding, Tokenizer
 
 from rlpredict.buckets import BucketScheme
 from rlpredict.inputs import InputSpec, build_text, messages_from_prompt
+from rlpredict.records import TRACE_MESSAGES, RecordError, parse_messages
 from rlpredict.serve.bundle import Bundle, BundleError, load_bundle
-from rlpredict.untrusted_text import library_error
+from rlpredict.untrusted_text import is_valid_unicode, library_error
 
 Request = str | Sequence[Mapping[str, Any]]
 """A prompt string, or the conversation before the response as ``[{role, content}, ...]``."""
@@ -277,9 +278,14 @@ class Predictor:
         out = []
         for i, (r, g) in enumerate(zip(reqs, gens, strict=True)):
             if isinstance(r, str):
+                if not is_valid_unicode(r):
+                    raise ValueError(f"request {i}: not valid Unicode (a lone surrogate)")
                 messages = messages_from_prompt(r)
             elif isinstance(r, Sequence) and all(isinstance(m, Mapping) for m in r):
-                messages = r
+                try:  # the messages rule of annotate and the traces (roles, content parts, types)
+                    messages = parse_messages(list(r), "messages", TRACE_MESSAGES)
+                except RecordError as e:
+                    raise ValueError(f"request {i}: {e}") from None
             else:
                 raise TypeError(f"request {i}: expected a prompt string or a list of "
                                 f"{{role, content}} messages, got {type(r).__name__}")
@@ -410,7 +416,10 @@ class Predictor:
             raise ValueError(f"bundle {self.bundle.path}: has no calibrated quantiles; add them with "
                              "`rlpredict calibrate --model BUNDLE --data LOGS --out NEW_BUNDLE`")
         for q in quantiles:
-            cal.index(q)
+            try:
+                cal.index(q)
+            except ValueError as e:
+                raise ValueError(f"bundle {self.bundle.path}: {e}") from None
 
     def from_logits(self, logits: np.ndarray, *, quantiles: Sequence[float] | None = None) -> PredictionArrays:
         """Bucket, probabilities, point prediction and reservation (and calibrated quantiles)

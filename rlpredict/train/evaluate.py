@@ -97,13 +97,14 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
         raise ValueError("give a model folder, or a ModelMeta to score baselines alone")
     samples, load_report = load_samples(data, on_error=on_error)  # type: ignore[arg-type]
     attach_rl(samples, meta.rl_tokenizer)
+    baseline_report = None
     if split == "test":
         train, test = split_by_group(samples, test_frac or 0.1, split_seed or 0)
     elif split == "all":
         test = samples
         train = []
         if baseline_data:
-            train, _ = load_samples(baseline_data, on_error=on_error)  # type: ignore[arg-type]
+            train, baseline_report = load_samples(baseline_data, on_error=on_error)  # type: ignore[arg-type]
             attach_rl(train, meta.rl_tokenizer)
     else:
         raise ValueError(f"split must be 'test' or 'all', got {split!r}")
@@ -138,6 +139,9 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
         "split": {"mode": split, "test_frac": test_frac, "seed": split_seed,
                   "train_samples": len(train), "test_samples": len(test)},
         "load": load_report.summary(),
+        "skipped_examples": load_report.examples,
+        **({"baseline_load": baseline_report.summary(), "baseline_skipped_examples": baseline_report.examples}
+           if baseline_report is not None else {}),
         "reserve_quantile_predictive": reserve_quantile,
         "baselines_skipped": skipped_baselines,
         "all": {m: rl_metrics(rl, p, scheme, reserve_quantile) for m, p in probs.items()},
@@ -186,6 +190,7 @@ def markdown_report(report: dict) -> str:
     out = ["# RL predictor evaluation\n",
            f"- model: `{report['model']}`", f"- RL tokens: `{report['rl_tokenizer']}`; input: `{report['input']}`",
            f"- split: {report['split']}", f"- data: {report['load']}",
+           *([f"- baseline data: {report['baseline_load']}"] if "baseline_load" in report else []),
            "- coverage / res/RL: the scheme's per-bucket reservation of the predicted bucket; "
            f"`q{round(report['reserve_quantile_predictive'] * 100)}`: the quantile of the predicted length distribution",
            f"\n**{report['verdict']}**\n", "## All sources\n", markdown_table(report["all"])]

@@ -37,6 +37,7 @@ from rlpredict.json_file import read_json
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 from rlpredict.serve.bundle import MODEL_FILE, TOKENIZER_FILE, load_bundle, write_manifest
 from rlpredict.serve.runtime import Predictor
+from rlpredict.train.evaluate import recorded_split
 from rlpredict.train.model_meta import ModelMeta, load_trained
 
 DEFAULT_OPSET = 17
@@ -63,7 +64,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, *, int8: bool = False,
     if not (model_dir / TOKENIZER_FILE).is_file():
         raise ExportError(f"{model_dir}: no {TOKENIZER_FILE} (the encoder's fast tokenizer); "
                           "the bundle needs it to tokenize without transformers")
-    check_paths([model_dir, *(parity_data or ())], [("--out", out)])
+    check_paths([model_dir, *(parity_data or ())], [("--out", out)], apart=[model_dir])
     check_new_dir(out, force=force, option="--out")
     samples, read = _parity_samples(parity_data, parity_n, meta)
     log(f"parity prompts: {len(samples)} from {_describe(parity_data)} ({read.summary()})")
@@ -139,6 +140,10 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
         found = _read_json(model_dir / "eval" / path)
         if found is not None:  # absent rather than null: readers test `"confusion" in manifest`
             manifest[key] = found
+    summary = _read_json(model_dir / "training_summary.json")
+    if isinstance(summary, dict) and "split" in (summary.get("data") or {}):  # recorded, not a default
+        # what `calibrate --split test` needs, with or without an `eval` report
+        manifest["training_split"] = recorded_split(model_dir / "training_summary.json")
     manifest = write_manifest(tmp, manifest)
 
     # 2. parity: torch + training tokenizer vs bundle + runtime

@@ -46,12 +46,15 @@ CARD_HEAD = "## Lexical head (TF-IDF stacked with the encoder)"
 
 
 # ---- the split and the stacking-fit rows ---------------------------------------------------------
-def load_split(cfg: TrainConfig) -> tuple[list[Sample], list[Sample], list[Sample], BucketScheme]:
+def load_split(cfg: TrainConfig, log: Callable[[str], None] = lambda m: None,
+               ) -> tuple[list[Sample], list[Sample], list[Sample], BucketScheme]:
     """(training side, the encoder's training subsample, test side, scheme) of a recipe, as
-    ``rlpredict.train.trainer.prepare`` draws them."""
+    ``rlpredict.train.trainer.prepare`` draws them; ``log`` gets what the read skipped."""
     from rlpredict.train.trainer import subsample
 
     samples, report = load_samples(cfg.data, on_error=cfg.on_error)
+    for line in report.lines():
+        log(line)
     attach_rl(samples, cfg.rl_tokenizer)
     prep, train_side = subsample(cfg, samples, report)
     return train_side, prep.train, prep.test, prep.scheme
@@ -214,14 +217,14 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     from rlpredict.serve.runtime import Predictor
 
     bundle, out = Path(bundle), Path(out)
-    check_paths([bundle, *cfg.data], [("--out", out)])
+    check_paths([bundle, *cfg.data], [("--out", out)], apart=[bundle])
     check_new_dir(out, force=force, option="--out")
     t0 = time.perf_counter()
     pred = Predictor.load(bundle, threads=threads)
     if pred.bundle.lexical is not None:
         raise ValueError(f"bundle {bundle}: already has a lexical head; stack the encoder-only bundle")
     spec, scheme, q = pred.input_spec, pred.scheme, cfg.reserve_quantile
-    train_side, enc_train, test, cfg_scheme = load_split(cfg)
+    train_side, enc_train, test, cfg_scheme = load_split(cfg, log)
     if list(cfg_scheme.edges) != list(scheme.edges):
         raise ValueError(f"the recipe's bucket edges {cfg_scheme.edges} differ from the bundle's {scheme.edges}: "
                          "give the recipe the bundle was trained with")

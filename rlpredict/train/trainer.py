@@ -49,6 +49,7 @@ from rlpredict.outputs import (
     check_paths,
     mark_owned,
     output_dir,
+    plain_modes,
     write_text_atomic,
 )
 from rlpredict.splits import split_by_group
@@ -98,8 +99,9 @@ def subsample(cfg: TrainConfig, samples: list[Sample], report: LoadReport) -> tu
     if cfg.max_rows and len(train) > cfg.max_rows:
         train = rng.sample(train, cfg.max_rows)
     if not train:
+        first = f"; the first skipped: {report.examples[0]}" if report.examples else ""
         raise ValueError(f"{', '.join(map(str, cfg.data))}: no training samples left after the split "
-                         f"({report.summary()})")
+                         f"({report.summary()}{first})")
     scheme = make_scheme(cfg.buckets, np.array([s.rl_tokens for s in train]), cfg.reserve_quantile)
     present = sum(1 for c in scheme.counts if c)
     if present < 2:
@@ -305,6 +307,11 @@ class _OwnCheckpoints(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if control.should_save and state.is_world_process_zero:
             mark_owned(self.folder, CHECKPOINT_TOOL, [f"checkpoint-{state.global_step}"])
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        ckpt = self.folder / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and ckpt.is_dir():
+            plain_modes(ckpt)
 
 
 def _metrics_fn(scheme: BucketScheme) -> Any:

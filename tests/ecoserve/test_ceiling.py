@@ -139,7 +139,7 @@ def _csv(tmp_path: Path, n: int = 80) -> str:
 
 def test_cli_capacity_reports_the_ceiling_and_takes_the_scenario_knobs(tmp_path):
     args = ["capacity", "--trace", _csv(tmp_path), "--policy", "vllm", "--profile", "opt-13b-a100-40gb",
-            "--confusion", FIXTURE, "--slo-tbt", "0.05", "--json"]
+            "--slo-tbt", "0.05", "--json"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     c = json.loads(r.stdout)

@@ -69,7 +69,7 @@ def test_simulate_json_is_strict_when_nothing_finishes(tmp_path):
 
 def test_capacity_and_compare(tmp_path):
     r = runner.invoke(app, ["capacity", "--trace", _trace(tmp_path), "--policy", "vllm",
-                            "--predictions", "oracle", *PROFILE, "--slo-ttft", "2",
+                            *PROFILE, "--slo-ttft", "2",
                             "--slo-tbt", "0.03", "--json"])
     assert r.exit_code == 0, r.output
     c = _strict(r.stdout)
@@ -123,6 +123,73 @@ def test_options_that_would_be_ignored_are_refused(tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_predictions_no_policy_reads_are_refused_in_capacity_and_compare(tmp_path):
+    t = _trace(tmp_path, 5)
+    _refused(runner.invoke(app, ["capacity", "--trace", t, "--policy", "ecoserve-oracle", "--predictions",
+                                 "oracle"]), "'--predictions'", "ecoserve-oracle always runs on oracle")
+    _refused(runner.invoke(app, ["compare", "--trace", t, "--policies", "ecoserve-oracle,vllm-real",
+                                 "--confusion", FIXTURE, "--out", str(tmp_path / "o")]),
+             "'--confusion'", "vllm-real reads no predictions")
+    r = runner.invoke(app, ["compare", "--trace", t, "--policies", "ecoserve,ecoserve-oracle", "--rate-scales",
+                            "1", "--confusion", FIXTURE, "--out", str(tmp_path / "o")])  # ecoserve reads them
+    assert r.exit_code == 0, r.output
+
+
+def test_an_unknown_policy_is_refused_before_the_trace_is_read(tmp_path):
+    missing = str(tmp_path / "missing.csv")  # was: the trace was read first, then a plain error
+    for command in ("simulate", "capacity"):
+        _refused(runner.invoke(app, [command, "--trace", missing, "--policy", "nosuch"]),
+                 "'--policy'", "unknown policy nosuch")
+    r = runner.invoke(app, ["policies"])
+    assert r.exit_code == 0 and "vllm-real (needs vLLM" in r.output and "\necoserve-oracle\n" in r.output
+
+
+def test_all_dropped_reads_n_a_not_nan(tmp_path):
+    """Every request longer than the KV cache: tables say n/a and the ceiling says why there is
+    none (was: nan, and "rate scale nan")."""
+    drop = tmp_path / "alldrop.csv"
+    drop.write_text("arrival_time_s,input_tokens,output_tokens\n0,100000,10\n1,200000,10\n")
+    out = tmp_path / "d"
+    r = runner.invoke(app, ["compare", "--trace", str(drop), "--policies", "vllm", "--rate-scales", "1",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "nan" not in (out / "table.md").read_text() and "| n/a |" in (out / "table.md").read_text()
+    r = runner.invoke(app, ["capacity", "--trace", str(drop), "--policy", "vllm"])
+    assert r.exit_code == 0, r.output
+    assert "nan" not in r.stdout and "saturation ceiling: none (no request finished" in r.stdout
+    assert compare_mod.table_cell(float("nan")) == compare_mod.table_cell(None) == "n/a"
+
+
+def test_capacity_counts_dropped_requests(tmp_path):
+    t = tmp_path / "drop.csv"
+    t.write_text("arrival_time_s,input_tokens,output_tokens\n0,100000,10\n1,200,10\n")
+    base = ["capacity", "--trace", str(t), "--policy", "vllm", "--no-ceiling"]
+    r = runner.invoke(app, base)
+    assert r.exit_code == 0 and "1 of 2 requests dropped at every load" in r.stdout, r.output
+    c = _strict(runner.invoke(app, [*base, "--json"]).stdout)
+    assert c["dropped"] == 1 and c["requests"] == 2
+
+
+def test_file_locations_and_server_options_are_named(tmp_path):
+    conf = tmp_path / "neg.csv"
+    conf.write_text("{\n  oops\n}")
+    _refused(runner.invoke(app, ["simulate", "--trace", _trace(tmp_path, 5), "--confusion", str(conf)]),
+             "neg.csv:2: not valid JSON")  # was: "neg.csv: line 2:"
+    _refused(runner.invoke(app, ["simulate", "--trace", _trace(tmp_path, 5), "--predictions", "oracle",
+                                 "--gpu-memory-utilization", "0.3"]), "'--gpu-memory-utilization'", "no room")
+
+
+def test_user_text_is_not_rich_markup(tmp_path):
+    """A file name with '[/b]' in it is printed, not parsed (was: rich's MarkupError)."""
+    (tmp_path / "a[").mkdir()
+    t = tmp_path / "a[" / "b].jsonl"
+    t.write_text(json.dumps({"arrival_time_s": 0, "input_tokens": 5, "output_tokens": 3, "rl_bucket": 0,
+                             "rl_pred_tokens": 3, "rl_reserve_tokens": 4}) + "\n")
+    r = runner.invoke(app, ["simulate", "--trace", str(t)])
+    assert r.exit_code == 0, r.output
+    assert "ecoserve on b].jsonl x1" in r.output
+
+
 def test_responses_cut_by_max_tokens_are_counted(tmp_path):
     t = tmp_path / "cap.jsonl"
     t.write_text('{"arrival_time_s": 0, "input_tokens": 5, "output_tokens": 700, "max_tokens": 10}\n'
@@ -138,7 +205,7 @@ def test_a_table_says_when_requests_were_dropped(tmp_path):
     huge.write_text(Path(_trace(tmp_path, 5)).read_text() + "3,9000000,5\n")
     out = tmp_path / "cmp"
     r = runner.invoke(app, ["compare", "--trace", str(huge), "--policies", "vllm", "--rate-scales", "1",
-                            "--predictions", "oracle", "--out", str(out)])
+                            "--out", str(out)])
     assert r.exit_code == 0, r.output
     header, _, row = (out / "table.md").read_text().strip().splitlines()[-3:]
     assert header.split("|")[-2].strip() == "dropped" and row.split("|")[-2].strip() == "1"
@@ -198,6 +265,15 @@ def test_debug_shows_the_traceback_and_version(tmp_path):
     (["--bundle", "models/x"], "--bundle"),
     (["--predictions", "bundle"], "--predictions"),
     (["--predictions", "annotated", "--confusion", FIXTURE], "--confusion"),
+    (["--predictions", "oracle", "--confusion", FIXTURE], "--confusion"),
+    # no policy run reads them (was: ignored, or switched to oracle, silently)
+    (["--policy", "ecoserve-oracle", "--confusion", FIXTURE], "--confusion"),
+    (["--policy", "ecoserve-oracle", "--predictions", "confusion"], "--predictions"),
+    (["--policy", "vllm-real", "--predictions", "confusion"], "--predictions"),  # was: reported "none"
+    (["--policy", "vllm", "--confusion", FIXTURE], "--confusion"),  # FCFS reads none: was ignored unsaid
+    (["--policy", "orca", "--predictions", "oracle"], "--predictions"),
+    (["--policy", "vllm-real", "--confusion", FIXTURE], "--confusion"),
+    (["--policy", "vllm,sjf"], "--policy"),
 ])
 def test_simulate_options_are_checked_by_name(tmp_path, args, option):
     _refused(runner.invoke(app, ["simulate", "--trace", _trace(tmp_path, 5), *args]), f"'{option}'")
@@ -230,7 +306,7 @@ def test_compare_lists_are_checked(tmp_path, args, option, why):
 def test_compare_output_is_safe(tmp_path):
     t = _trace(tmp_path, 5)
     out = tmp_path / "o"
-    base = ["compare", "--trace", t, "--predictions", "oracle", "--policies", "vllm",
+    base = ["compare", "--trace", t, "--policies", "sjf", "--predictions", "oracle",
             "--rate-scales", "1", "--out", str(out)]
     assert runner.invoke(app, base).exit_code == 0
     first = (out / "results.json").read_text()

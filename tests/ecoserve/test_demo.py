@@ -56,6 +56,9 @@ def test_demo_cli_says_where_the_report_is(tmp_path) -> None:
     assert head["profile"] == demo.HEADROOM_PROFILE and {c["policy"] for c in head["capacity"]} == set(demo.POLICIES)
     assert f"## The same requests on `{demo.HEADROOM_PROFILE}`" in report and "Here vLLM V1 already keeps up" in report
     assert "4/4 the same capacities on llama3-8b-h200" in r.output.replace("\n", " ")
+    # progress lines stay whole on a piped stderr (was: wrapped at 80 columns)
+    assert ("2/4 simulate vllm-v0, vllm, ecoserve, ecoserve-oracle at load x0.4 on llama2-13b-a100-80gb"
+            in r.output.splitlines())
 
 
 def test_demo_refuses_bad_inputs_before_any_work(tmp_path) -> None:
@@ -75,4 +78,8 @@ def test_demo_refuses_bad_inputs_before_any_work(tmp_path) -> None:
     empty.write_text("")
     with pytest.raises(TraceError, match=rf"^{re.escape(str(empty))}: trace has no rows"):
         demo.run_demo(out, sample=empty)
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
+    no_prompt = tmp_path / "t.csv"  # an empty cell is no prompt: named FILE:LINE before annotating
+    no_prompt.write_text("arrival_time_s,input_tokens,output_tokens,prompt\n0,100,10,hello\n1,200,10,\n")
+    with pytest.raises(demo.DemoError, match=rf"^{re.escape(str(no_prompt))}:3: neither field"):
+        demo.run_demo(out, sample=no_prompt)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "t.csv"]

@@ -64,7 +64,11 @@ def test_bad_jsonl_rows_name_the_line(tmp_path):
     p = write(tmp_path, "mixed.jsonl", '{"arrival_time_s": 0, "input_tokens": 1, "output_tokens": 1, '
               '"rl_bucket": 0, "rl_pred_tokens": 1, "rl_reserve_tokens": 1}\n'
               '{"arrival_time_s": 0, "input_tokens": 1, "output_tokens": 1}\n')
-    with pytest.raises(TraceError, match=r"mixed\.jsonl:2: rl_\*"):
+    with pytest.raises(TraceError, match=r"mixed\.jsonl:2: has no rl_\* fields but the first row \(line 1\) has them"):
+        read_trace(p)
+    lines = p.read_text().splitlines()  # the other order: the message still says which row differs
+    p.write_text(f"{lines[1]}\n{lines[0]}\n")
+    with pytest.raises(TraceError, match=r"mixed\.jsonl:2: has rl_\* fields but the first row \(line 1\) has none"):
         read_trace(p)
     p = write(tmp_path, "part.jsonl", '{"arrival_time_s": 0, "input_tokens": 1, "output_tokens": 1, "rl_bucket": 0}\n')
     with pytest.raises(TraceError, match=r"part\.jsonl:1: missing rl_pred_tokens: .* all three or none"):
@@ -145,6 +149,12 @@ def test_a_trace_row_is_read_as_annotate_reads_it(tmp_path):
     t = read_trace(write(tmp_path, "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows)))
     assert t.prompts == [[{"role": "user", "content": "Write\nan essay"}], "hi"]
     assert t.generators == ["gpt-4", None]
+
+
+def test_an_empty_csv_cell_is_a_missing_value(tmp_path):
+    """As ``rlpredict annotate`` reads it: an empty prompt cell is no prompt (was: the prompt "")."""
+    t = read_trace(write(tmp_path, "e.csv", "arrival_time_s,input_tokens,output_tokens,prompt\n0,5,3,hi\n1,5,3,\n"))
+    assert t.prompts is None and t.prompt_problem.startswith(f"{tmp_path / 'e.csv'}:3: neither field")
 
 
 @pytest.mark.parametrize("edit, msg", [

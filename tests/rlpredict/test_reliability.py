@@ -561,3 +561,96 @@ def test_an_oversize_jsonl_row_is_read_past_in_pieces():
     for i in (1, 3):  # each oversize row is one bad row, its size said; memory held: one piece
         with pytest.raises(RecordError, match=f"a row of {(26, 40)[i // 2]:,} bytes"):
             decode_line(lines[i], i + 1)
+
+
+# ---- a user review's findings (December 2026) -----------------------------------------------------
+def test_user_text_is_never_read_as_markup(bundle_fp32, tmp_path):
+    """A '[' in a prompt, a file name or a row is text: it was a MarkupError (exit 1) or vanished."""
+    res = run("predict", "-m", bundle_fp32, "[/b] x", "a[i] [bold]b")
+    assert res.exit_code == 0, res.output
+    assert "[/b] x" in res.stdout and "a[i] [bold]b" in res.stdout
+    data = tmp_path / "logs[red].jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "response": "yo"}) + "\n"
+                    + json.dumps({"messages": [{"role": "[/bold]", "content": "hi"},
+                                               {"role": "assistant", "content": "yo"}]}) + "\n")
+    res = run("drift", "-m", bundle_fp32, "--data", data, "--on-error", "skip")
+    assert res.exit_code == 0, res.output
+    # the skipped row in full, as `train` prints it: file:line, field and reason
+    assert f"skipped {data}:2: field 'messages': message 0 has unknown role '[/bold]'" in res.stderr
+
+
+def test_default_rejects_name_drops_only_the_format_suffixes():
+    from rlpredict.serve.annotate import default_rejects_path
+
+    assert default_rejects_path("d/run_2024.01.05.ann.jsonl") == Path("d/run_2024.01.05.ann.rejects.jsonl")
+    assert default_rejects_path("out.csv.gz") == Path("out.rejects.jsonl")  # was: run_2024.rejects.jsonl above
+    assert default_rejects_path("out.pq") == Path("out.rejects.jsonl")
+
+
+def test_a_folder_output_lands_with_plain_modes_whatever_a_library_wrote(tmp_path):
+    from rlpredict.outputs import _UMASK
+
+    with output_dir(tmp_path / "d", force=False, tool="t") as tmp:  # safetensors saves its file 0600
+        (tmp / "model.safetensors").write_bytes(b"1")
+        (tmp / "model.safetensors").chmod(0o600)
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "f").write_text("x")
+    assert (tmp_path / "d" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_UMASK
+    assert (tmp_path / "d" / "sub").stat().st_mode & 0o777 == 0o777 & ~_UMASK
+
+
+def test_rows_of_a_json_file_are_named_by_their_line(tmp_path):
+    from rlpredict.records import iter_rows
+
+    cases = {"obj.json": '{"meta": {"data": 1},\n "data": [\n {"a": 1},\n {"a": 2}\n], "data": [\n{"a": 3}]}\n',
+             "arr.json": '[\n {"a": 1},\n\n {"a": 2}\n]\n', "one.json": '\n\n{"a": 1}\n'}
+    got = {}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        got[name] = [(loc.rsplit(":", 1)[1], row) for loc, row in iter_rows(tmp_path / name)]
+    assert got == {"obj.json": [("6", {"a": 3})],  # the last "data", as json.loads keeps (was: "item 0")
+                   "arr.json": [("2", {"a": 1}), ("4", {"a": 2})], "one.json": [("3", {"a": 1})]}
+
+
+def test_eval_split_is_checked_as_a_choice(tmp_path):
+    one_error_line(run("eval", "--model", tmp_path, "--data", tmp_path / "d.jsonl", "--split", "bogus"),
+                   "--split", "test", "all")
+
+
+def test_a_bundle_is_never_written_inside_the_folder_it_is_made_from(tmp_path):
+    model = tmp_path / "m1"
+    model.mkdir()
+    with pytest.raises(OutputError, match="lies inside the input"):
+        check_paths([model], [("--out", model / "sub")], apart=[model])
+    check_paths([model], [("--out", model / "eval")])  # eval's default report folder is inside its model
+
+
+def test_drift_shows_the_digits_that_break_a_bound():
+    from rlpredict.serve.drift import _beyond
+
+    assert _beyond(0.10004, ">", 0.1) == "0.10004 (> 0.10000)"  # was: "0.100 (> 0.100)"
+    assert _beyond(0.52, "<", 0.6) == "0.520 (< 0.600)"
+
+
+def test_the_python_api_takes_messages_by_the_rule_annotate_takes_them(bundle_fp32):
+    from rlpredict.serve.runtime import Predictor
+
+    p = Predictor.load(bundle_fp32, threads=1)
+    with pytest.raises(ValueError, match="request 0: field 'messages': message 0 content: expected a string, got int"):
+        p.predict([[{"role": "user", "content": 5}]])  # was: predicted on "5"
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "image_url", "image_url": {}}]}]
+    assert p.texts([parts]) == p.texts([[{"role": "user", "content": "hello"}]])  # was: the list's repr
+    with pytest.raises(ValueError, match="request 1: not valid Unicode"):
+        p.predict(["ok", "a\ud800b"])
+
+
+def test_an_exported_bundle_records_the_training_split(tiny_model_dir, tmp_path):
+    from rlpredict.serve.calibrate import held_out
+    from rlpredict.train.export import export_bundle
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "training_summary.json").write_text('{"data": {"split": {"test_frac": 0.2, "seed": 4}}}')
+    manifest = export_bundle(model, tmp_path / "b", parity_n=4)
+    assert manifest["training_split"] == {"test_frac": 0.2, "seed": 4}  # without an `eval` report
+    assert held_out([], manifest, "test", None, None)[1].endswith("(test_frac 0.2, seed 4)")
