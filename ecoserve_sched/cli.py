@@ -269,7 +269,7 @@ def compare(
     """Every policy at every load: a Markdown table and plots."""
     from rlpredict.outputs import output_dir
 
-    from .compare import sweep, write_report
+    from .compare import predictions_of, sweep, write_report
 
     names, scales = _policy_names(policies, "--policies"), _scales(rate_scales, "--rate-scales")
     spec = _spec(trace, names, profile, predictions, confusion, bundle,
@@ -279,7 +279,7 @@ def compare(
         rows = sweep(spec, names, scales, progress=lambda s: typer.echo(
             f"{s['policy']:>18} x{s['rate_scale']:<6g} attainment {s['slo_attainment']:.3f}", err=True))
         header = (f"trace {trace.name}, profile {spec.cost.name}, SLO TTFT {slo_ttft:g}s / TBT "
-                  f"{slo_tbt:g}s, predictions: {rows[0]['predictions']}")
+                  f"{slo_tbt:g}s, predictions: {predictions_of(rows)}")
         files = [out / f.relative_to(tmp) for f in write_report(rows, tmp, header)]
     typer.echo((out / "table.md").read_text())
     typer.echo("wrote " + ", ".join(str(f) for f in files), err=True)
@@ -391,10 +391,10 @@ def policies() -> None:
     from .engines.vllm_sim import REAL_POLICIES
     from .policies import policy_names
 
-    for name in policy_names():
+    for name in [*policy_names(), *REAL_POLICIES]:  # one name a line, for scripts
         typer.echo(name)
-    for name in REAL_POLICIES:
-        typer.echo(f"{name} (needs vLLM: replayed through a vLLM scheduler class, docs/engines.md)")
+    typer.echo(f"({' and '.join(REAL_POLICIES)} need vLLM: replayed through a vLLM scheduler class, "
+               "docs/engines.md)", err=True)
 
 
 @app.command()

@@ -13,7 +13,7 @@ import numpy as np
 from rlpredict.json_file import dumps
 
 from .metrics import summarize
-from .predictions import Confusion
+from .predictions import NO_PREDICTIONS, Confusion
 from .request import SLO
 from .simulator import SimResult, iteration_table, run
 from .trace import Trace
@@ -279,6 +279,13 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(table_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def predictions_of(rows: Sequence[dict]) -> str:
+    """What a sweep's predictions were: the distinct descriptions of its runs whose policy reads
+    predictions (vLLM's, Sarathi's and Orca's read none), in order."""
+    seen = dict.fromkeys(r["predictions"] for r in rows if r["predictions"] != NO_PREDICTIONS)
+    return "; ".join(seen) or NO_PREDICTIONS
 
 
 def table_cell(v: Any, digits: int = 3) -> str:

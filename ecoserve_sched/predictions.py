@@ -21,6 +21,8 @@ from .request import Request
 from .trace import Trace
 
 SOURCES = ("annotated", "confusion", "oracle", "bundle")
+#: A run's ``predictions`` when its policy reads none (``prediction_override = "none"``).
+NO_PREDICTIONS = "none (the policy reads no predictions)"
 CONFUSION_FORMAT = "rlpredict.confusion/1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EDGES = (32, 64, 128, 192, 256, 384, 512, 768, 1024, math.inf)
@@ -134,7 +136,7 @@ def apply_predictions(requests: list[Request], trace: Trace, source: str, *, see
     """Fill each request's predicted RL from ``source``; returns a one-line description.
     ``none``: a policy that reads no predictions (``prediction_override``) gets none."""
     if source == "none":
-        return "none (the policy reads no predictions)"
+        return NO_PREDICTIONS
     if source == "annotated":
         if not trace.has_rl:
             raise ValueError(f"{trace.path}: --predictions annotated needs rl_* fields "

@@ -179,13 +179,11 @@ def check_new_dir(path: str | Path, *, force: bool, option: str) -> None:
 def plain_modes(folder: str | Path) -> None:
     """Give everything under ``folder`` the modes a plain write would (the umask's): libraries
     save some files private (safetensors writes ``model.safetensors`` 0600)."""
-    for root, dirs, files in os.walk(folder):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o777 & ~_UMASK)
-        for f in files:
-            path = os.path.join(root, f)
+    for root, dirs, files in os.walk(folder):  # links are left alone (chmod would follow them)
+        for name, mode in [*((d, 0o777) for d in dirs), *((f, 0o666) for f in files)]:
+            path = os.path.join(root, name)
             if not os.path.islink(path):
-                os.chmod(path, 0o666 & ~_UMASK)
+                os.chmod(path, mode & ~_UMASK)
 
 
 @contextlib.contextmanager

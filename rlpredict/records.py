@@ -415,9 +415,11 @@ def parquet_batches(pf: Any, path: str | Path, rows: int) -> Iterator[Any]:
 def source_name(path: str | Path) -> str:
     """A file's name without its format suffixes: ``.gz``, then one of ``SUFFIXES``
     (``logs.2024.01.jsonl.gz`` -> ``logs.2024.01``)."""
-    name = Path(path).name.removesuffix(".gz")
+    name = Path(path).name
+    if name.lower().endswith(".gz"):
+        name = name[:-3]
     suffix = Path(name).suffix
-    return name[: -len(suffix)] if suffix in SUFFIXES else name
+    return name[: -len(suffix)] if suffix.lower() in SUFFIXES else name
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
@@ -503,14 +505,18 @@ def _value_of(text: str, pos: int, key: str) -> int:
 
 
 def _array_rows(p: Path, text: str, pos: int) -> Iterator[tuple[str, Any]]:
-    """The items of the JSON array opening at ``pos``, each named by the line it starts on."""
+    """The items of the JSON array opening at ``pos``, each named by the line it starts on (a
+    running count: each stretch of text is counted once)."""
     dec = json.JSONDecoder()
+    line, counted = text.count("\n", 0, pos) + 1, pos
     pos += 1
     while True:
         pos = _skip_space(text, pos, ",")
         if pos >= len(text) or text[pos] == "]":
             return
-        loc = f"{p}:{text.count(chr(10), 0, pos) + 1}"
+        line += text.count("\n", counted, pos)
+        counted = pos
+        loc = f"{p}:{line}"
         try:
             obj, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:

@@ -504,7 +504,7 @@ class _progress:
         else:
             total = self.src.stat().st_size
             amount = DownloadColumn()
-        self._bar = Progress(TextColumn("annotating {task.description}"), BarColumn(), amount,
+        self._bar = Progress(TextColumn("annotating {task.description}", markup=False), BarColumn(), amount,
                              TimeElapsedColumn(), TimeRemainingColumn(),
                              console=Console(stderr=True), transient=False)
         self._bar.__enter__()

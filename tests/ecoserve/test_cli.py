@@ -141,7 +141,8 @@ def test_an_unknown_policy_is_refused_before_the_trace_is_read(tmp_path):
         _refused(runner.invoke(app, [command, "--trace", missing, "--policy", "nosuch"]),
                  "'--policy'", "unknown policy nosuch")
     r = runner.invoke(app, ["policies"])
-    assert r.exit_code == 0 and "vllm-real (needs vLLM" in r.output and "\necoserve-oracle\n" in r.output
+    assert r.exit_code == 0 and "\necoserve-oracle\n" in r.stdout and r.stdout.endswith("\necoserve-vllm-real\n")
+    assert "need vLLM" in r.stderr  # the names alone on stdout, one a line (for scripts)
 
 
 def test_all_dropped_reads_n_a_not_nan(tmp_path):
@@ -431,3 +432,14 @@ def test_each_command_is_summarized_in_one_line(module: str) -> None:
     for name, cmd in group.commands.items():
         summary = (cmd.help or "").strip().split("\n\n")[0]
         assert summary and "\n" not in summary, f"{module} {name}: {summary!r}"
+
+
+def test_a_compare_header_names_the_predictions_its_policies_read(tmp_path):
+    """vLLM's runs read no predictions: the header names those EcoServe's runs read (it named the
+    first row's, vLLM's, which now says none)."""
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["compare", "--trace", _trace(tmp_path, 5), "--policies", "vllm,sjf",
+                            "--predictions", "oracle", "--rate-scales", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    head = (out / "table.md").read_text().splitlines()[0]
+    assert "predictions: oracle" in head and "none" not in head

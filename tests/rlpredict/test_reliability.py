@@ -585,18 +585,23 @@ def test_default_rejects_name_drops_only_the_format_suffixes():
     assert default_rejects_path("d/run_2024.01.05.ann.jsonl") == Path("d/run_2024.01.05.ann.rejects.jsonl")
     assert default_rejects_path("out.csv.gz") == Path("out.rejects.jsonl")  # was: run_2024.rejects.jsonl above
     assert default_rejects_path("out.pq") == Path("out.rejects.jsonl")
+    assert default_rejects_path("run.05.CSV.GZ") == Path("run.05.rejects.jsonl")  # as detect_format reads it
 
 
 def test_a_folder_output_lands_with_plain_modes_whatever_a_library_wrote(tmp_path):
     from rlpredict.outputs import _UMASK
 
+    outside = tmp_path / "private"
+    outside.mkdir(mode=0o700)
     with output_dir(tmp_path / "d", force=False, tool="t") as tmp:  # safetensors saves its file 0600
         (tmp / "model.safetensors").write_bytes(b"1")
         (tmp / "model.safetensors").chmod(0o600)
         (tmp / "sub").mkdir(mode=0o700)
         (tmp / "sub" / "f").write_text("x")
+        (tmp / "link").symlink_to(outside)
     assert (tmp_path / "d" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_UMASK
     assert (tmp_path / "d" / "sub").stat().st_mode & 0o777 == 0o777 & ~_UMASK
+    assert outside.stat().st_mode & 0o777 == 0o700  # a link is not followed
 
 
 def test_rows_of_a_json_file_are_named_by_their_line(tmp_path):
