@@ -115,9 +115,11 @@ def log_line(message: str) -> None:
 
 
 def say_skipped(examples: list[str]) -> None:
-    """Each skipped row's message in full (file:line and field) on stderr, after the counts."""
+    """Each skipped row's line (``data.skipped_line``) on stderr, after the counts."""
+    from rlpredict.data import skipped_line
+
     for e in examples:
-        err.print(f"  [yellow]skipped[/yellow] {escape(e)}", highlight=False)
+        err.print(f"  [yellow]{escape(skipped_line(e))}[/yellow]", highlight=False)
 
 
 def version_text(tool: str) -> str:

@@ -82,7 +82,12 @@ class LoadReport:
     def lines(self) -> list[str]:
         """What a command says about its read: the summary, then each example in full (file:line
         and field), so a user can find the rows that were skipped."""
-        return [f"read {self.summary()}", *(f"skipped {e}" for e in self.examples)]
+        return [f"read {self.summary()}", *map(skipped_line, self.examples)]
+
+
+def skipped_line(example: str) -> str:
+    """How a skipped row is reported, wherever it is: its error in full (file:line, field)."""
+    return f"skipped {example}"
 
 
 # ---- rows -> samples ---------------------------------------------------------------------------
