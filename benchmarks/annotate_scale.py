@@ -30,7 +30,12 @@ import threading
 import time
 from pathlib import Path
 
+from rlpredict.cli_boundary import run_script
+from rlpredict.outputs import atomic_path, mark_owned, work_folder
+from rlpredict.serve.annotate import default_rejects_path
+
 REPO = Path(__file__).resolve().parents[1]
+TOOL = "benchmarks/annotate_scale.py"
 CONFIGS = {"local": 0, "ray-1": 1, "ray-2": 2}
 
 
@@ -41,13 +46,12 @@ def build(path: Path, rows: int) -> None:
     for sample in SAMPLE_FILES.values():
         with gzip.open(sample, "rt", encoding="utf-8") as f:
             prompts += [p for line in f if isinstance(p := json.loads(line).get("prompt"), str) and p.strip()]
-    tmp = path.with_name(path.name + ".part")
-    with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
+    with atomic_path(path) as tmp, gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
         for i in range(rows):
             row = {"id": i, "arrival_time_s": i / 12} if i % 100 == 99 else \
                 {"id": i, "prompt": f"{prompts[i % len(prompts)]} (request {i})", "arrival_time_s": i / 12}
             f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
+    mark_owned(path.parent, TOOL, [path.name])
 
 
 def child(config: str, src: Path, dst: Path) -> dict:
@@ -139,7 +143,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.src, args.dst)))
         return
-    args.dir.mkdir(parents=True, exist_ok=True)
+    work_folder(args.dir, option="--dir")  # a new folder or this script's
     src = args.dir / f"trace-{args.rows}.jsonl.gz"
     if not src.exists():
         build(src, args.rows)
@@ -147,6 +151,7 @@ def main() -> None:
     for config in args.configs.split(","):
         dst = args.dir / f"trace-{args.rows}.{config}.jsonl.gz"
         results[config] = r = run_child(config, src, dst)
+        mark_owned(args.dir, TOOL, [p.name for p in (dst, default_rejects_path(dst)) if p.exists()])
         base = args.dir / f"trace-{args.rows}.local.jsonl.gz"
         r["same"] = (gzip.decompress(dst.read_bytes()) == gzip.decompress(base.read_bytes())
                      if config != "local" and base.exists() else None)
@@ -165,4 +170,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -26,6 +26,7 @@ from sim_vs_transformers import compare, make_trace  # noqa: E402
 from ecoserve_sched.calibrate import GRIDS, base_profile, load_model, measure  # noqa: E402
 from ecoserve_sched.cost_model import fit_profile  # noqa: E402
 from ecoserve_sched.engines.transformers_cb import TransformersEngine  # noqa: E402
+from rlpredict.cli_boundary import run_script  # noqa: E402
 
 SETS = {"heavy: 0.25, 0.5 per iteration": [(32, 0.25), (32, 0.5)],
         "light: 0.05, 0.1 per iteration": [(32, 0.05), (32, 0.1)]}
@@ -63,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from rlpredict.cli_boundary import run_script
+
 #: results.json fields read as numbers (null allowed), and the overload rows (objects of numbers)
 NUMBERS = ("capacity", "ceiling", "jct_x_v1", "sustained_capacity", "token_budget")
 OVERLOADS = ("overload_1x", "overload_1.25x")
@@ -216,4 +218,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -30,7 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rlpredict.cli_boundary import run_script
+from rlpredict.outputs import atomic_path, mark_owned, work_folder
+
 REPO = Path(__file__).resolve().parents[1]
+TOOL = "benchmarks/large_trace.py"
 STAGES = ("build", "annotate", "simulate")
 
 
@@ -57,8 +61,7 @@ def build(path: Path, rows: int, rate: float, seed: int) -> dict:
     stems = _prompt_stems()
     rng = np.random.default_rng(seed)
     t, done = 0.0, 0
-    tmp = path.with_name(path.name + ".part")
-    with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
+    with atomic_path(path) as tmp, gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
         while done < rows:
             n = min(10_000, rows - done)
             arrivals = t + np.cumsum(rng.exponential(1.0 / rate, n))
@@ -71,7 +74,6 @@ def build(path: Path, rows: int, rate: float, seed: int) -> dict:
                             "output_tokens": int(o)}) + "\n"
                 for k, (a, i, o) in enumerate(zip(arrivals, inp, out, strict=True)))
             done += n
-    tmp.replace(path)
     return {"rows": rows}
 
 
@@ -80,7 +82,7 @@ def annotate(src: Path, dst: Path, threads: int) -> dict:
     from rlpredict.serve.runtime import Predictor
 
     p = Predictor.load(threads=threads)
-    s = annotate_file(p, src, dst)
+    s = annotate_file(p, src, dst, force=True)  # the folder is this script's (``work_folder``)
     sample = p.encode(p.texts(_first_prompts(src, 2000)))
     return {"rows": s.rows_in, "rejected": s.rows_rejected,
             "tokens_per_prompt": round(float(np.mean([len(e) for e in sample])), 1)}
@@ -167,9 +169,8 @@ def main() -> None:
         return
     stages = [s for s in args.stages.split(",") if s]
     if unknown := set(stages) - set(STAGES):
-        sys.exit(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        ap.error(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+    out_dir = work_folder(args.out, option="--out")  # a new folder or this script's
     print(f"## Large trace: {args.rate:g} requests/s, profile {args.profile}, annotate threads {args.threads}\n")
     print("Prompts are short on purpose: the first 3-8 words of the bundled sample prompts plus the "
           "row number, ~16 encoder tokens (real ~40-token prompts annotate ~3x slower).\n")
@@ -185,6 +186,7 @@ def main() -> None:
         for stage, policy in todo:
             src = annotated_path(trace) if stage == "simulate" and annotated_path(trace).exists() else trace
             r = _child(stage, src, args, n, policy)
+            mark_owned(out_dir, TOOL, [p.name for p in (trace, annotated_path(trace)) if p.exists()])
             notes = {k: v for k, v in r.items() if k not in ("rows", "seconds", "peak_mib", "start_mib")}
             label = f"{stage} {policy}".strip()
             print(f"| {r['rows']:,} | {label} | {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | "
@@ -193,4 +195,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

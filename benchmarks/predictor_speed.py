@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rlpredict.cli_boundary import run_script
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"
 
@@ -556,4 +558,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rlpredict.cli_boundary import run_script
 from rlpredict.data import attach_rl, load_samples
 from rlpredict.serve.calibrate import held_out
 from rlpredict.serve.conformal import QuantileCalibration
@@ -98,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -112,6 +112,8 @@ from ecoserve_sched.policies.interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN
 from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, poisson_arrivals, read_trace  # noqa: E402
+from rlpredict.cli_boundary import run_script  # noqa: E402
+from rlpredict.outputs import check_new_dir, check_paths, output_dir  # noqa: E402
 
 POLICIES = ("vllm", "vllm-tuned", "vllm-v0", "sarathi", "orca", "s3", "sjf", "ecoserve", "ecoserve-oracle")
 
@@ -463,6 +465,9 @@ def main() -> None:
         ap.error("--policies must include vllm: every ratio is to vLLM V1")
     if bad := [m for m in map(budget_policy, policies) if m]:
         ap.error(f"--policies: {bad[0]}")
+    if args.out:  # checked before the work, written at its end
+        check_paths([args.shared] + ([args.confusion] if args.confusion else []), [("--out", args.out)])
+        check_new_dir(args.out, force=True, option="--out")
     # vllm-tuned: vLLM V1 at each of TUNED_BUDGETS (its default, 2048, is the vllm run)
     sweep = [f"vllm@{b}" for b in TUNED_BUDGETS if b != DEFAULT_TOKEN_BUDGET] if "vllm-tuned" in policies else []
     searched = [p for p in policies if p != "vllm-tuned"] + [p for p in sweep if p not in policies]
@@ -534,7 +539,6 @@ def main() -> None:
     print(text)
     if args.out:
         from rlpredict.json_file import dumps
-        from rlpredict.outputs import output_dir
 
         with output_dir(args.out, force=True, tool="benchmarks/scenario_grid.py") as tmp:
             (tmp / "results.json").write_text(dumps(rows, indent=1) + "\n")
@@ -628,4 +632,4 @@ def markdown(rows: list[dict], n: int, seconds: float, criterion: str = "SLO att
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import io
 import json
 import sys
 import time
@@ -50,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+TOOL = "benchmarks/serving_gain.py"
 sys.path.insert(0, str(REPO))
 
 from ecoserve_sched.compare import RunSpec, capacity  # noqa: E402
@@ -59,7 +61,9 @@ from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import run  # noqa: E402
 from ecoserve_sched.trace import Trace, poisson_arrivals  # noqa: E402
 from rlpredict import Predictor  # noqa: E402
+from rlpredict.cli_boundary import run_script  # noqa: E402
 from rlpredict.data import attach_rl, load_samples  # noqa: E402
+from rlpredict.outputs import check_file_output, work_folder, write_bytes_atomic, write_owned  # noqa: E402
 from rlpredict.rl_tokenizers import count_tokens  # noqa: E402
 from rlpredict.splits import split_by_group  # noqa: E402
 from rlpredict.train.baselines import PromptLength, TfidfLogistic  # noqa: E402
@@ -251,6 +255,7 @@ def main() -> None:
     ap.add_argument("--report", type=Path, nargs="+", default=None, metavar="RUN_DIR",
                     help="only combine finished runs into one plot (written to --plot)")
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "serving_gain.png")
+    ap.add_argument("--force", action="store_true", help="--report: replace an existing --plot file")
     ap.add_argument("--traces", default="azure,sharegpt", help="comma-separated: azure, sharegpt")
     ap.add_argument("--hybrid", action="store_true",
                     help="the shipped bundle's predictions with the true length in one use at a time (HYBRIDS)")
@@ -260,8 +265,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="--hybrid: parallel processes")
     args = ap.parse_args()
     if args.report:
-        report(args.report, args.plot)
+        report(args.report, args.plot, force=args.force)
         return
+    work_folder(args.out, option="--out")  # before the work: a folder of ours or a new one
     tnames = [t for t in args.traces.split(",") if t]
     if not tnames or set(tnames) - {"azure", "sharegpt"}:
         ap.error(f"--traces: expected a comma-separated subset of azure,sharegpt, got {args.traces!r}")
@@ -335,16 +341,15 @@ def main() -> None:
                   f"{r['reserved_over_actual']:.2f}", flush=True)
         results["traces"][tname] = {"requests": len(tr), "vllm": vllm, "ecoserve": runs}
     results["seconds"] = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.hybrid:
-        (args.out / "hybrid.json").write_text(json.dumps(results, indent=1) + "\n")
-        (args.out / "hybrid.md").write_text(hybrid_markdown(results))
+        write_owned(args.out, "hybrid.json", json.dumps(results, indent=1) + "\n", tool=TOOL)
+        write_owned(args.out, "hybrid.md", hybrid_markdown(results), tool=TOOL)
         print(hybrid_markdown(results))
         print(f"wrote {args.out}/hybrid.json, hybrid.md ({results['seconds']:.0f} s)")
         return
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "results.md").write_text(markdown(results))
-    plot([results], args.out / "serving_gain.png")
+    write_owned(args.out, "results.json", json.dumps(results, indent=1) + "\n", tool=TOOL)
+    write_owned(args.out, "results.md", markdown(results), tool=TOOL)
+    write_owned(args.out, "serving_gain.png", plot([results]), tool=TOOL)
     print(markdown(results))
     print(f"wrote {args.out}/results.json, results.md, serving_gain.png ({results['seconds']:.0f} s)")
 
@@ -386,14 +391,13 @@ def _label(res: dict, trace: str) -> str:
     return f"{trace}, KV {res['kv_cache_tokens'] // 1000}k tok"
 
 
-def plot(results: list[dict], path: Path) -> None:
-    """One figure: capacity and JCT vs vLLM per predictor, and capacity vs reservation coverage."""
-    import matplotlib
+def plot(results: list[dict]) -> bytes:
+    """One figure, as PNG: capacity and JCT vs vLLM per predictor, and capacity vs reservation
+    coverage."""
+    from matplotlib.figure import Figure  # the object API: never switches the process's backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig = Figure(figsize=(15, 4.2))
+    axes = fig.subplots(1, 3)
     x = np.arange(len(PREDICTORS))
     series = [(res, t) for res in results for t in res["traces"]]
     width = 0.8 / len(series)
@@ -424,18 +428,28 @@ def plot(results: list[dict], path: Path) -> None:
     fig.suptitle(f"Serving gain vs predictor quality ({results[0]['profile']}, SLO TTFT "
                  f"{results[0]['slo'][0]:g} s / TBT {results[0]['slo'][1]:g} s)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
 
 
-def report(dirs: list[Path], out: Path) -> None:
-    """Combine finished runs (their results.json) into one plot and one Markdown file."""
-    results = [json.loads((d / "results.json").read_text()) for d in dirs]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot(results, out)
+def report(dirs: list[Path], out: Path, *, force: bool) -> None:
+    """Combine finished runs (their results.json) into one plot, and print their tables."""
+    files = [d / "results.json" for d in dirs]
+    check_file_output(out, force=force, option="--plot", inputs=files)
+    results = []
+    for f in files:
+        try:
+            r = json.loads(f.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{f}: not JSON ({e})") from None
+        if not isinstance(r, dict) or not isinstance(r.get("traces"), dict):
+            raise ValueError(f"{f}: not a results.json of this script (no 'traces')")
+        results.append(r)
+    write_bytes_atomic(out, plot(results))
     print("\n\n".join(markdown(r) for r in results))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -18,6 +18,8 @@ from ecoserve_sched.cost_model import load_profile
 from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.trace import read_trace
+from rlpredict.cli_boundary import run_script
+from rlpredict.outputs import check_new_dir, check_paths, output_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
@@ -44,6 +46,8 @@ def main() -> None:
     ap.add_argument("--max-requests", type=int, default=None)
     ap.add_argument("--out", default="out/sim_compare")
     args = ap.parse_args()
+    check_paths([args.trace, args.confusion], [("--out", args.out)])
+    check_new_dir(args.out, force=True, option="--out")  # new, or a folder this script wrote
 
     t0 = time.perf_counter()
     trace = read_trace(args.trace)
@@ -58,7 +62,8 @@ def main() -> None:
     print(f"predictions: {args.predictions}, confusion matrix {rel(args.confusion)} "
           f"(source: {spec.confusion.source})\n")
     rows = sweep(spec, args.policies.split(","), [float(x) for x in args.rate_scales.split(",")])
-    write_report(rows, Path(args.out), header=f"trace {Path(args.trace).name}, profile {cost.name}")
+    with output_dir(args.out, force=True, tool="benchmarks/sim_compare.py") as tmp:
+        write_report(rows, tmp, header=f"trace {Path(args.trace).name}, profile {cost.name}")
     print(markdown_table(rows))
     print("\n| policy | max rate scale (>= 90% SLO) | x vLLM | probes |")
     print("|---|---|---|---|")
@@ -72,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ecoserve_sched.cost_model import FIT_FIELDS, CostModel, fit_profile, load_profile  # noqa: E402
+from rlpredict.cli_boundary import run_script  # noqa: E402
 
 PREFILL_GRID = [(b, n) for b in (1, 2, 4, 8) for n in (128, 256, 512, 1024)]
 DECODE_GRID = [(b, c) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) for c in (256, 512, 1024, 2048)]
@@ -92,4 +93,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)

@@ -29,6 +29,7 @@ from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO, Request
 from ecoserve_sched.simulator import run, simulate
 from ecoserve_sched.trace import read_trace
+from rlpredict.cli_boundary import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
@@ -119,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -32,6 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rlpredict.cli_boundary import run_script
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
@@ -192,4 +194,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

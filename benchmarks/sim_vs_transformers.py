@@ -44,6 +44,7 @@ from ecoserve_sched.engines.transformers_cb import EngineRun, GenRequest, Transf
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import simulate  # noqa: E402
 from ecoserve_sched.trace import poisson_arrivals  # noqa: E402
+from rlpredict.cli_boundary import run_script  # noqa: E402
 
 
 def make_trace(n: int, rate: float, seed: int, vocab: int) -> list[GenRequest]:
@@ -171,4 +172,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -37,6 +37,8 @@ from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.simulator import run
 from ecoserve_sched.trace import burst_arrivals, read_trace
+from rlpredict.cli_boundary import run_script
+from rlpredict.outputs import check_file_output, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
@@ -89,6 +91,7 @@ def main() -> None:
     ap.add_argument("--slo-ttft", type=float, default=5.0, help="TTFT SLO, seconds")
     ap.add_argument("--slo-tbt", type=float, default=0.2, help="TBT SLO, seconds")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     ap.add_argument("--arrivals", choices=("trace", "burst8"), default="trace",
                     help="trace: the trace's arrival times; burst8: bursts at its mean rate")
     ap.add_argument("--cv", type=float, default=2.0, help="burst8: coefficient of variation of the groups' gaps")
@@ -97,6 +100,8 @@ def main() -> None:
     unknown = set(a.pairs.split(",")) - set(PAIRS)
     if unknown:
         ap.error(f"unknown pair(s) {', '.join(sorted(unknown))}; choose from {', '.join(PAIRS)}")
+    if a.json:
+        check_file_output(a.json, force=a.force, option="--json", inputs=[a.trace, a.confusion])
     tr = read_trace(a.trace).head(a.max_requests)
     if a.arrivals == "burst8":
         rate = (len(tr) - 1) / float(tr.arrival_s[-1] - tr.arrival_s[0])
@@ -121,8 +126,8 @@ def main() -> None:
                              "sim_value": sim[m], "real_value": real[m], "diff_pct": diff})
             print(f"<!-- {sim_p} vs {real_p} x{scale:g}: {time.perf_counter() - t0:.0f} s wall -->")
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+        write_text_atomic(a.json, json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -34,6 +34,7 @@ import scenario_grid as grid
 from ecoserve_sched.cost_model import prefill_ctx_tokens
 from ecoserve_sched.policies.interface import DEFAULT_TOKEN_BUDGET
 from ecoserve_sched.simulator import iteration_table
+from rlpredict.cli_boundary import run_script
 
 
 def prefill_s(cost: object, prompt: int, budget: int) -> float:
@@ -124,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from rlpredict.cli_boundary import run_script
+from rlpredict.outputs import check_file_output, write_text_atomic
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -66,7 +69,10 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the project's CPU budget: 2 cores)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = ap.parse_args()
+    if args.json:
+        check_file_output(args.json, force=args.force, option="--json")
 
     from rlpredict.samples import SAMPLE_FILES
     from rlpredict.train import trainer as new
@@ -99,10 +105,9 @@ def main() -> None:
         print(f"| {r} | {o:.2f} | {t:.2f} | {t / o:.2f} |")
     print(f"| median | {med['old']:.2f} | {med['trainer']:.2f} | {med['trainer'] / med['old']:.2f} |")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "runs": rows,
-                                         "median": med}, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(args.json, json.dumps({"settings": vars(args) | {"json": str(args.json)}, "runs": rows,
+                                                 "median": med}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -53,6 +53,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ecoserve_sched.cost_model import load_profile  # noqa: E402
+from rlpredict.cli_boundary import run_script  # noqa: E402
+from rlpredict.outputs import check_file_output, write_text_atomic  # noqa: E402
 
 SAMPLE = ROOT / "rlpredict" / "samples" / "sharegpt_sample.jsonl.gz"
 BUNDLE = ROOT / "models" / "rl-minilm-l6-llama3"
@@ -310,7 +312,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="the middleware's prediction threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = ap.parse_args(argv)
+    if args.json:
+        check_file_output(args.json, force=args.force, option="--json", inputs=[args.data])
     logging.getLogger("ecoserve_sched").setLevel(logging.ERROR)
 
     from transformers import PreTrainedTokenizerFast
@@ -387,9 +392,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "engine": results, "middleware": mw_res,
            "batched_ms_per_prompt": {"alone": alone, "k4": batched}, "paired_overhead_pct": paired}
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+        write_text_atomic(args.json, json.dumps(out, indent=1) + "\n")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -1,11 +1,12 @@
-"""One error boundary for each CLI (``rlpredict`` and ``ecoserve``).
+"""One error boundary for each CLI (``rlpredict`` and ``ecoserve``) and each script.
 
-Every command runs inside ``BoundaryGroup.invoke``:
+Every command runs inside ``BoundaryGroup.invoke``, every script of ``benchmarks/`` and
+``training/`` inside ``run_script``:
 
 - a known failure (bad data, bad bundle, bad option, an output that would collide, I/O errors,
   corrupt compressed files) prints one line, ``error: FILE[:LINE]: what is wrong``, and exits 2;
 - anything else is a bug: one line saying so, exit 1;
-- ``--debug`` (or ``RLPREDICT_DEBUG=1``) re-raises, so the traceback shows;
+- ``--debug`` (or ``RLPREDICT_DEBUG=1``; a script: the variable) re-raises, so the traceback shows;
 - SIGTERM is turned into ``KeyboardInterrupt`` so temporary outputs are removed as on Ctrl-C
   (exit 130, nothing half-written is left).
 
@@ -20,11 +21,12 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -80,6 +82,17 @@ def _framework(e: BaseException) -> bool:
     return type(e).__module__.split(".")[0] in ("typer", "click")
 
 
+def failure(e: BaseException, debug_hint: str) -> tuple[int, str]:
+    """The exit code and the one line for an exception that reached a boundary: an interrupt
+    (130), a known failure (2) or a bug (1, with ``debug_hint``: how to see the traceback)."""
+    if isinstance(e, KeyboardInterrupt):
+        return 130, "interrupted: no output was written"
+    if isinstance(e, tuple(KNOWN_ERRORS)):
+        return 2, f"error: {describe(e)}"
+    return 1, (f"internal error (a bug): {type(e).__name__}: {describe(e)}; rerun with {debug_hint} "
+               "for the traceback and report it")
+
+
 class BoundaryGroup(TyperGroup):
     """A Typer group whose commands fail with one line, never a traceback."""
 
@@ -87,20 +100,29 @@ class BoundaryGroup(TyperGroup):
         try:
             with _sigterm_as_interrupt():
                 return super().invoke(ctx)
-        except KeyboardInterrupt:
-            if _debug(ctx):
-                raise
-            typer.echo("interrupted: no output was written", err=True)
-            raise typer.Exit(130) from None
-        except Exception as e:
+        except (KeyboardInterrupt, Exception) as e:
             if _framework(e) or _debug(ctx):
                 raise
-            if isinstance(e, tuple(KNOWN_ERRORS)):
-                typer.echo(f"error: {describe(e)}", err=True)
-                raise typer.Exit(2) from None
-            typer.echo(f"internal error (a bug): {type(e).__name__}: {describe(e)}; rerun with "
-                       f"--debug for the traceback and report it", err=True)
-            raise typer.Exit(1) from None
+            code, line = failure(e, "--debug")
+            typer.echo(line, err=True)
+            raise typer.Exit(code) from None
+
+
+def run_script(main: Callable[[], Any]) -> NoReturn:
+    """The same boundary for a script (``benchmarks/``, ``training/``): an int ``main()``
+    returns is the exit code (anything else: 0); a failure prints one line and exits as in
+    ``failure``; argparse's usage errors exit 2 as usual. ``RLPREDICT_DEBUG=1`` shows the
+    traceback instead."""
+    try:
+        with _sigterm_as_interrupt():
+            result = main()
+        code = result if isinstance(result, int) else 0
+    except (KeyboardInterrupt, Exception) as e:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        code, line = failure(e, f"{DEBUG_ENV}=1")
+        print(line, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 #: Both CLIs' rich stderr. Text from a user (a prompt, a file name, a row's field) goes

@@ -169,11 +169,15 @@ def check_new_dir(path: str | Path, *, force: bool, option: str) -> None:
         return
     if not force:
         raise OutputError(f"{p}: exists; pass --force to replace it ({option})")
-    foreign = foreign_entries(p)
-    if foreign:
+    _refuse_foreign(p, option)
+
+
+def _refuse_foreign(folder: Path, option: str) -> None:
+    """Refuse a folder output that holds anything no tool of ours wrote (``foreign_entries``)."""
+    if foreign := foreign_entries(folder):
         shown = ", ".join(str(f) for f in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
-        raise OutputError(f"{p}: holds files this tool did not write ({shown}); --force replaces "
-                          "only a folder a tool of ours wrote: move them or choose another path")
+        raise OutputError(f"{folder}: holds files no tool of ours wrote ({shown}); {option} replaces or adds "
+                          "to only a folder a tool of ours wrote: move them or choose another path")
 
 
 def plain_modes(folder: str | Path) -> None:
@@ -242,3 +246,36 @@ def mark_owned(folder: str | Path, tool: str, names: Iterable[str]) -> None:
         with contextlib.suppress(ValueError, AttributeError, TypeError, UnicodeDecodeError):
             files = set(json.loads(marker.read_text(encoding="utf-8")).get("files", []))
     write_text_atomic(marker, json.dumps({"tool": tool, "files": sorted(files | set(names))}, indent=1) + "\n")
+
+
+# ---- scripts (benchmarks/, training/) -----------------------------------------------------------
+def check_file_output(path: str | Path, *, force: bool, option: str, inputs: Iterable[str | Path] = ()) -> Path:
+    """A script's file output, checked before its work: not one of ``inputs``, and an existing
+    file only with ``force`` (``check_new_file``). Write it with ``write_text_atomic``."""
+    check_paths(inputs, [(option, path)])
+    check_new_file(path, force=force, option=option)
+    return Path(path)
+
+
+def work_folder(path: str | Path, *, option: str) -> Path:
+    """A folder a script adds its files to, run after run (``write_owned``), checked before the
+    work: refused if it is a file or holds anything no tool of ours wrote. The first write
+    creates it."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{p}: {option} is a file, not a folder; choose another path")
+    check_parent(p, option)
+    if p.is_dir():
+        _refuse_foreign(p, option)
+    return p
+
+
+def write_owned(folder: str | Path, name: str, data: str | bytes, *, tool: str) -> Path:
+    """Write ``folder/name`` atomically and record it as ``tool``'s (``mark_owned``)."""
+    path = Path(folder) / name
+    if isinstance(data, bytes):
+        write_bytes_atomic(path, data)
+    else:
+        write_text_atomic(path, data)
+    mark_owned(folder, tool, [name])
+    return path

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rlpredict.cli_boundary import run_script
+from rlpredict.outputs import check_file_output, write_text_atomic
 from rlpredict.train.config import TrainConfig
 from rlpredict.train.evaluate import encoder_texts, predict_proba_torch
 from rlpredict.train.metrics import rl_metrics
@@ -38,7 +40,10 @@ def main() -> None:
     ap.add_argument("--eval-rows", type=int, default=2000, help="held-out samples scored")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = ap.parse_args()
+    if args.json:
+        check_file_output(args.json, force=args.force, option="--json", inputs=args.data)
 
     base = TrainConfig(data=args.data, max_rows=args.rows, lr=6e-5, include_generator=True,
                        eval_rows=0, save_checkpoints=False)  # scored below, on the same rows for every variant
@@ -59,8 +64,9 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"rows": args.rows, "eval_rows": len(test), "results": rows}, indent=2))
+        write_text_atomic(args.json, json.dumps({"rows": args.rows, "eval_rows": len(test), "results": rows},
+                                                indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

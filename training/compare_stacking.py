@@ -56,7 +56,8 @@ from typing import Any
 
 import numpy as np
 
-from rlpredict.outputs import write_text_atomic
+from rlpredict.cli_boundary import run_script
+from rlpredict.outputs import check_paths, work_folder, write_owned
 from rlpredict.serve.runtime import Predictor
 from rlpredict.train.baselines import TfidfLogistic
 from rlpredict.train.config import TrainConfig
@@ -78,6 +79,7 @@ from rlpredict.train.stack import (
 
 W_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
 T0 = time.perf_counter()
+TOOL = "training/compare_stacking.py"
 
 
 def log(msg: str) -> None:
@@ -162,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="reuse OUT/cache.pkl (probabilities, fitted TF-IDF) when its rows match")
     ap.add_argument("--threads", type=int, default=None, help="encoder threads (default: all usable cores)")
     args = ap.parse_args(argv)
+    check_paths([args.config, args.bundle], [("--out", args.out)], apart=[args.bundle])
+    out = work_folder(args.out, option="--out")  # a new folder or this script's (its cache.pkl)
 
     cfg = TrainConfig.load(args.config)
     pred = Predictor.load(args.bundle, threads=args.threads)
@@ -169,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_side, enc_train, test, scheme = load_split(cfg)
     log(f"loaded {len(train_side) + len(test)} samples")
     if list(scheme.edges) != list(pred.scheme.edges) or list(scheme.reserve_tokens) != list(pred.scheme.reserve_tokens):
-        raise RuntimeError("the recipe's bucket scheme differs from the bundle's")
+        raise ValueError(f"{args.config}: the recipe's bucket scheme differs from the bundle's ({args.bundle})")
     scheme = pred.scheme  # what the bundle decodes with (and rlpredict eval scores with)
     q = cfg.reserve_quantile
     stack, stack_info = stacking_rows(train_side, enc_train, args.stack_rows, args.seed)
@@ -177,8 +181,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     log(f"training side {len(train_side)}, encoder subsample {len(enc_train)}, test {len(test)} "
         f"({', '.join(f'{s} {sum(t.source == s for t in test)}' for s in sources)}), stacking-fit {stack_info}")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache.pkl"  # the expensive outputs, reused by a rerun with the same rows
     key = {"test": [s.id for s in test], "stack": [s.id for s in stack], "folds": args.folds,
            "ridge": args.ridge, "bundle": str(Path(args.bundle).resolve())}
@@ -205,8 +207,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         folds = group_folds(stack, args.folds, args.seed)
         pt_stack, mu_stack = tfidf_oof(train_side, stack, folds, scheme, spec, args.ridge, log=log)
-        cache.write_bytes(pickle.dumps({"key": key, "values": (
-            pe_test, pe_stack, pt_test, pt_stack, mu_test, mu_stack, tfidf, enc_s, full_fit_s)}))
+        write_owned(out, cache.name, pickle.dumps({"key": key, "values": (
+            pe_test, pe_stack, pt_test, pt_stack, mu_test, mu_stack, tfidf, enc_s, full_fit_s)}), tool=TOOL)
 
     y_stack = scheme.bucket_of(np.array([s.rl_tokens for s in stack], dtype=float))
     rl_stack = np.array([s.rl_tokens for s in stack], dtype=float)
@@ -307,13 +309,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     lines += [f"| {r['w']:.2f} | {r['lin_nll']:.4f} | {r['geo_nll']:.4f} | {r['lin_mae']:.2f} | {r['geo_mae']:.2f} |"
               for r in w_table]
     text = "\n".join(lines) + "\n"
-    write_text_atomic(out / "report.md", text)
-    write_text_atomic(out / "results.json", json.dumps(
+    write_owned(out, "report.md", text, tool=TOOL)
+    write_owned(out, "results.json", json.dumps(
         {"results": results, "stack_fit": stack_info, "stack_fit_metrics": stack_metrics, "w_grid": w_table,
          "chosen_w": chosen_w, "stackers": stackers, "size": size, "timing_ms": timing, "beats_both": beats,
-         "wall_s": time.perf_counter() - T0}, indent=2) + "\n")
+         "wall_s": time.perf_counter() - T0}, indent=2) + "\n", tool=TOOL)
     print(text)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

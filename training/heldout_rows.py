@@ -14,6 +14,8 @@ import gzip
 import json
 import random
 
+from rlpredict.cli_boundary import run_script
+from rlpredict.outputs import atomic_path, check_file_output
 from rlpredict.splits import in_test
 
 
@@ -21,19 +23,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sources", nargs="+", help="FILE.jsonl.gz:GROUP_FIELD")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--force", action="store_true", help="replace an existing --out file")
     ap.add_argument("--per-source", type=int, default=600)
     ap.add_argument("--test-frac", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    with open(args.out, "w", encoding="utf-8") as out:
-        for spec in args.sources:
-            path, field = spec.rsplit(":", 1)
+    sources = []
+    for spec in args.sources:
+        path, sep, field = spec.rpartition(":")
+        if not sep or not path or not field:
+            ap.error(f"{spec!r}: expected FILE.jsonl.gz:GROUP_FIELD")
+        sources.append((path, field))
+    check_file_output(args.out, force=args.force, option="--out", inputs=[p for p, _ in sources])
+    with atomic_path(args.out) as tmp, tmp.open("w", encoding="utf-8") as out:
+        for path, field in sources:
+            rows = []
             with gzip.open(path, "rt", encoding="utf-8") as f:
-                rows = [line for line in f if in_test(json.loads(line)[field], args.test_frac, args.seed)]
+                for n, line in enumerate(f, 1):
+                    group = json.loads(line).get(field) if line.strip() else None
+                    if group is None:
+                        raise ValueError(f"{path}:{n}: field {field!r}: missing")
+                    if in_test(group, args.test_frac, args.seed):
+                        rows.append(line)
             random.Random(0).shuffle(rows)
             out.writelines(rows[:args.per_source])
             print(f"{path}: {len(rows)} held-out rows, wrote {min(len(rows), args.per_source)}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -1,6 +1,6 @@
 """Rebuild the main job's request sample, ``ecoserve_sched/samples/azure_conv_sharegpt.jsonl.gz``.
 
-    python training/make_demo_trace.py --shared ../shared/data
+    python training/make_demo_trace.py --shared ../shared/data --force    # replaces the bundled one
 
 The Azure conversation trace has real arrival times and token counts but no text; ShareGPT has
 real prompts and responses but no arrival times. Each of the first ``--requests`` Azure requests
@@ -24,6 +24,8 @@ import json
 import random
 from pathlib import Path
 
+from rlpredict.cli_boundary import run_script
+from rlpredict.outputs import check_file_output, write_bytes_atomic
 from rlpredict.rl_tokenizers import count_tokens
 from rlpredict.splits import in_test
 
@@ -35,14 +37,18 @@ def main() -> None:
     ap.add_argument("--shared", default="../shared/data", help="folder holding azure_llm_2023_conv/ and sharegpt_v3/")
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = ap.parse_args()
     shared = Path(args.shared)
+    azure_path = shared / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
+    sharegpt_path = shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"
+    check_file_output(args.out, force=args.force, option="--out", inputs=[azure_path, sharegpt_path])
 
-    with gzip.open(shared / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz", "rt") as f:
+    with gzip.open(azure_path, "rt") as f:
         azure = [r for _, r in zip(range(args.requests), csv.DictReader(f), strict=False)]
 
     turns = []
-    with gzip.open(shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz", "rt", encoding="utf-8") as f:
+    with gzip.open(sharegpt_path, "rt", encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
             if in_test(r["conversation_id"], 0.1, 0) and r["prompt"].strip():
@@ -74,8 +80,7 @@ def main() -> None:
                    "prompt": turn["prompt"][:2000], "generator": turn["generator"],
                    "conversation_id": turn["conversation_id"], "turn": turn["turn"]}
             g.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(buf.getvalue())
+    write_bytes_atomic(args.out, buf.getvalue())
     gaps.sort()
     print(f"{args.out.name}: {len(azure)} rows, {len(buf.getvalue()) / 1024:.0f} KiB; "
           f"|ShareGPT RL - Azure RL| median {gaps[len(gaps) // 2]}, p90 {gaps[int(0.9 * len(gaps))]}, "
@@ -83,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -1,6 +1,6 @@
 """Rebuild the small real-data samples bundled in ``rlpredict/samples/`` from ../shared/data.
 
-    python training/make_samples.py --shared ../shared/data
+    python training/make_samples.py --shared ../shared/data --force    # replaces the bundled ones
 
 Deterministic: picks whole conversations (ShareGPT) / whole prompts (AlpacaEval) by a hash of
 their id, keeps rows whose context is short, and writes gzip JSONL with mtime 0.
@@ -15,6 +15,9 @@ import io
 import json
 from pathlib import Path
 
+from rlpredict.cli_boundary import run_script
+from rlpredict.outputs import check_file_output, write_bytes_atomic
+
 OUT = Path(__file__).resolve().parents[1] / "rlpredict" / "samples"
 
 
@@ -27,15 +30,18 @@ def _write(path: Path, rows: list[dict]) -> None:
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as g:
         for r in rows:
             g.write((json.dumps(r, ensure_ascii=False) + "\n").encode())
-    path.write_bytes(buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
     print(f"{path.name}: {len(rows)} rows, {len(buf.getvalue()) / 1024:.0f} KiB")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default="../shared/data", help="folder holding sharegpt_v3/ and alpaca_eval_outputs/")
+    ap.add_argument("--force", action="store_true", help="replace the bundled samples")
     args = ap.parse_args()
     shared = Path(args.shared)
+    for name in ("sharegpt_sample.jsonl.gz", "alpaca_sample.jsonl.gz"):
+        check_file_output(OUT / name, force=args.force, option="the bundled sample")
 
     rows = []
     with gzip.open(shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz", "rt", encoding="utf-8") as f:
@@ -56,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

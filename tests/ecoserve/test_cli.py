@@ -315,7 +315,7 @@ def test_compare_output_is_safe(tmp_path):
     assert runner.invoke(app, [*base, "--force", "--seed", "3"]).exit_code == 0
     assert (out / "results.json").read_text() != first
     (out / "notes.txt").write_text("mine")
-    _refused(runner.invoke(app, [*base, "--force"]), "did not write")
+    _refused(runner.invoke(app, [*base, "--force"]), "no tool of ours wrote")
     assert (out / "notes.txt").read_text() == "mine"
     _refused(runner.invoke(app, [*base[:-1], str(tmp_path), "--force"]), "holds the input")
     _refused(runner.invoke(app, [*base[:-1], t, "--force"]), "also an input")

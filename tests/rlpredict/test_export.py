@@ -102,7 +102,7 @@ def test_eval_copied_refuses_existing_and_force_replaces(tiny_model_dir, tmp_pat
     (out / "notes.txt").write_text("mine")
     res = CliRunner().invoke(app, ["export", "--model", str(model), "--out", str(out),
                                    "--parity-n", "8", "--force"])
-    assert res.exit_code == 2 and "did not write" in res.output and "notes.txt" in res.output
+    assert res.exit_code == 2 and "no tool of ours wrote" in res.output and "notes.txt" in res.output
     assert (out / "notes.txt").read_text() == "mine" and load_bundle(out).manifest == m
 
 

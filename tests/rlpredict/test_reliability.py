@@ -94,7 +94,7 @@ def test_train_never_deletes_a_users_folder(trace, tmp_path):
     notes.mkdir()
     (notes / "notes.txt").write_text("mine")
     one_error_line(run("train", "--data", data, "--out", notes), "exists; pass --force")
-    one_error_line(run("train", "--data", data, "--out", notes, "--force"), "did not write", "notes.txt")
+    one_error_line(run("train", "--data", data, "--out", notes, "--force"), "no tool of ours wrote", "notes.txt")
     one_error_line(run("train", "--data", data, "--out", trace), "is a file")
     assert snapshot(tmp_path) == {**before, "work/notes.txt": b"mine"}
 

@@ -146,7 +146,7 @@ def test_checkpoint_folder_follows_the_output_rules(tiny_encoder, tmp_path):
     cfg = tiny_cfg(tiny_encoder)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
-    with pytest.raises(OutputError, match="did not write"):
+    with pytest.raises(OutputError, match="no tool of ours wrote"):
         train(cfg, tmp_path / "m", checkpoint_dir=tmp_path / "mine", force=True)
     with pytest.raises(OutputError, match="nested"):
         train(cfg, tmp_path / "m", checkpoint_dir=tmp_path / "m" / "ck")

@@ -1,0 +1,147 @@
+"""The scripts of benchmarks/ and training/ follow the CLIs' rules: a bad input is one line and
+exit 2 (``rlpredict.cli_boundary.run_script``), and an output is written atomically, never over
+an input, never over a file without ``--force``, never into a folder no tool of ours wrote
+(``rlpredict.outputs``)."""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlpredict.cli_boundary import DEBUG_ENV, run_script
+from rlpredict.outputs import OWNER_FILE, OutputError, check_file_output, work_folder, write_owned
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*ROOT.glob("benchmarks/*.py"), *ROOT.glob("training/*.py")])
+
+
+def _main_block(path: Path) -> ast.If | None:
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            return node
+    return None
+
+
+@pytest.mark.parametrize("path", [p for p in SCRIPTS if _main_block(p)], ids=lambda p: p.name)
+def test_every_script_runs_inside_the_boundary(path: Path) -> None:
+    assert ast.unparse(_main_block(path)).strip().endswith("run_script(main)"), \
+        f"{path.name}: its __main__ block must be run_script(main)"
+
+
+# ---- run_script ----------------------------------------------------------------------------------
+def _exit(main, capsys, monkeypatch, debug: str = "") -> tuple[int, str]:
+    monkeypatch.setenv(DEBUG_ENV, debug)
+    with pytest.raises(SystemExit) as e:
+        run_script(main)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_run_script_exit_codes(capsys, monkeypatch) -> None:
+    def missing():
+        Path("/nonexistent/file.csv").read_text()
+
+    def bad():
+        raise ValueError("data.csv:3: field 'x': not a number")
+
+    def bug():
+        raise KeyError("oops")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    code, err = _exit(missing, capsys, monkeypatch)
+    assert code == 2 and err == "error: /nonexistent/file.csv: No such file or directory\n"
+    assert _exit(bad, capsys, monkeypatch) == (2, "error: data.csv:3: field 'x': not a number\n")
+    code, err = _exit(bug, capsys, monkeypatch)
+    assert code == 1 and err.startswith("internal error (a bug): KeyError") and f"{DEBUG_ENV}=1" in err
+    assert _exit(interrupted, capsys, monkeypatch) == (130, "interrupted: no output was written\n")
+    assert _exit(lambda: 3, capsys, monkeypatch)[0] == 3
+    assert _exit(lambda: {"rows": 1}, capsys, monkeypatch)[0] == 0  # not an int: success
+    with pytest.raises(ValueError):
+        _exit(bad, capsys, monkeypatch, debug="1")
+
+
+# ---- outputs -------------------------------------------------------------------------------------
+def test_check_file_output(tmp_path: Path) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.json"
+    src.write_text("{}\n")
+    with pytest.raises(OutputError, match="also an input"):
+        check_file_output(src, force=True, option="--json", inputs=[src])
+    assert check_file_output(out, force=False, option="--json", inputs=[src]) == out
+    out.write_text("mine")
+    with pytest.raises(OutputError, match="pass --force"):
+        check_file_output(out, force=False, option="--json")
+    check_file_output(out, force=True, option="--json")
+    with pytest.raises(OutputError, match="is a folder"):
+        check_file_output(tmp_path, force=True, option="--json")
+
+
+def test_work_folder_takes_a_new_folder_or_its_own(tmp_path: Path) -> None:
+    new = tmp_path / "a" / "b"
+    assert work_folder(new, option="--out") == new and not new.exists()  # the first write creates it
+    write_owned(new, "results.json", "{}\n", tool="t")
+    write_owned(new, "plot.png", b"\x89PNG", tool="t")
+    assert json.loads((new / OWNER_FILE).read_text())["files"] == ["plot.png", "results.json"]
+    work_folder(new, option="--out")  # its own: accepted again
+    (new / "notes.txt").write_text("a user's")
+    with pytest.raises(OutputError, match=r"notes\.txt"):
+        work_folder(new, option="--out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        work_folder(tmp_path / "file", option="--out")
+
+
+# ---- the scripts themselves, as a user runs them -----------------------------------------------------
+def _run(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+
+
+def _one_error(res: subprocess.CompletedProcess, *parts: str) -> None:
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("error: ") and all(p in res.stderr for p in parts), res.stderr
+
+
+def test_a_missing_input_is_one_line(tmp_path: Path) -> None:
+    _one_error(_run("benchmarks/sim_speed.py", "--trace", tmp_path / "none.csv"), "none.csv")
+
+
+def test_heldout_rows_never_writes_over_its_input(tmp_path: Path) -> None:
+    src = tmp_path / "rows.jsonl.gz"
+    rows = [{"conversation_id": f"c{i}", "prompt": "p", "response": "r"} for i in range(200)]
+    src.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    before = src.read_bytes()
+    _one_error(_run("training/heldout_rows.py", f"{src}:conversation_id", "--out", src, "--force"), "also an input")
+    assert src.read_bytes() == before
+    out = tmp_path / "held.jsonl"
+    _one_error(_run("training/heldout_rows.py", f"{src}:nofield", "--out", out), "rows.jsonl.gz:1", "nofield")
+    assert not out.exists()  # nothing half-written
+    assert _run("training/heldout_rows.py", f"{src}:conversation_id", "--out", out).returncode == 0
+    written = out.read_bytes()
+    _one_error(_run("training/heldout_rows.py", f"{src}:conversation_id", "--out", out), "--force")
+    assert out.read_bytes() == written
+
+
+def test_an_output_folder_of_the_user_is_refused_before_the_work(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("a user's")
+    for script in ("benchmarks/scenario_grid.py", "benchmarks/serving_gain.py"):
+        _one_error(_run(script, "--shared", tmp_path / "data", "--out", out), "notes.txt")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_serving_gain_report_refuses_what_it_did_not_write(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text('{"rows": []}')
+    _one_error(_run("benchmarks/serving_gain.py", "--report", run, "--plot", tmp_path / "p.png"), "no 'traces'")
+    _one_error(_run("benchmarks/serving_gain.py", "--report", run, "--plot", run / "results.json", "--force"),
+               "also an input")
