@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_list, arg_number, run_script
 from rlpredict.outputs import atomic_path, mark_owned, work_folder
 from rlpredict.serve.annotate import default_rejects_path
 
@@ -112,7 +112,7 @@ def _pss_kib(pid: int) -> int:
 
 def run_child(config: str, src: Path, dst: Path) -> dict:
     proc = subprocess.Popen([sys.executable, __file__, "--child", config, "--src", str(src), "--dst", str(dst)],
-                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     peak = 0
     done = threading.Event()
 
@@ -123,18 +123,20 @@ def run_child(config: str, src: Path, dst: Path) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    out, _ = proc.communicate()
+    out, err = proc.communicate()
     done.set()
     sampler.join()
-    if proc.returncode:
-        raise SystemExit(f"{config} failed (exit {proc.returncode})")
+    if proc.returncode:  # the child's own one line (``run_script``), as this run's
+        last = (err.strip().splitlines() or [f"exit {proc.returncode}"])[-1].removeprefix("error: ")
+        raise SystemExit(f"{config}: {last}")
     return {**json.loads(out.strip().splitlines()[-1]), "peak_mib": peak / 1024}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=10_000)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from " + ",".join(CONFIGS))
+    ap.add_argument("--rows", type=arg_number(int, 1), default=10_000)
+    ap.add_argument("--configs", type=arg_list(str), default=",".join(CONFIGS),
+                    help="comma-separated, from " + ",".join(CONFIGS))
     ap.add_argument("--dir", type=Path, default=REPO / "runs" / "annotate_scale")
     ap.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     ap.add_argument("--src", type=Path, help=argparse.SUPPRESS)
@@ -143,15 +145,18 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.src, args.dst)))
         return
-    work_folder(args.dir, option="--dir")  # a new folder or this script's
+    if unknown := set(args.configs) - set(CONFIGS):
+        ap.error(f"--configs: unknown {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}")
+    args.dir = args.dir.resolve()  # absolute: the configurations run as children in the repository's folder
+    work_folder(args.dir, tool=TOOL, option="--dir")  # a new folder or this script's
     src = args.dir / f"trace-{args.rows}.jsonl.gz"
     if not src.exists():
         build(src, args.rows)
     results = {}
-    for config in args.configs.split(","):
+    for config in args.configs:
         dst = args.dir / f"trace-{args.rows}.{config}.jsonl.gz"
+        mark_owned(args.dir, TOOL, [dst.name, default_rejects_path(dst).name])  # before the child writes them
         results[config] = r = run_child(config, src, dst)
-        mark_owned(args.dir, TOOL, [p.name for p in (dst, default_rejects_path(dst)) if p.exists()])
         base = args.dir / f"trace-{args.rows}.local.jsonl.gz"
         r["same"] = (gzip.decompress(dst.read_bytes()) == gzip.decompress(base.read_bytes())
                      if config != "local" and base.exists() else None)

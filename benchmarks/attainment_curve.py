@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scenario_grid as grid
 
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_number, run_script
 
 
 def main() -> None:
@@ -32,10 +32,10 @@ def main() -> None:
     ap.add_argument("--cell", required=True, help="scenario-grid cell, or a random draw's cell by its rS.I prefix "
                     "(cell I of --cells random:N --cell-seed S)")
     ap.add_argument("--loads", required=True, help="LO:HI, rate scales")
-    ap.add_argument("--points", type=int, default=9, help="loads from LO to HI")
+    ap.add_argument("--points", type=arg_number(int, 1), default=9, help="loads from LO to HI")
     ap.add_argument("--policies", required=True, help="comma-separated policy names")
-    ap.add_argument("--requests", type=int, default=6000, help="first N requests of the trace")
-    ap.add_argument("--skip", type=int, default=0, help="skip the first N requests")
+    ap.add_argument("--requests", type=arg_number(int, 2), default=6000, help="first N requests of the trace")
+    ap.add_argument("--skip", type=arg_number(int, 0), default=0, help="skip the first N requests")
     ap.add_argument("--seed", type=int, default=0, help="seed of the predictions and synthetic arrivals")
     args = ap.parse_args()
     try:

@@ -26,7 +26,7 @@ from sim_vs_transformers import compare, make_trace  # noqa: E402
 from ecoserve_sched.calibrate import GRIDS, base_profile, load_model, measure  # noqa: E402
 from ecoserve_sched.cost_model import fit_profile  # noqa: E402
 from ecoserve_sched.engines.transformers_cb import TransformersEngine  # noqa: E402
-from rlpredict.cli_boundary import run_script  # noqa: E402
+from rlpredict.cli_boundary import arg_list, arg_number, run_script  # noqa: E402
 
 SETS = {"heavy: 0.25, 0.5 per iteration": [(32, 0.25), (32, 0.5)],
         "light: 0.05, 0.1 per iteration": [(32, 0.05), (32, 0.1)]}
@@ -34,9 +34,9 @@ SETS = {"heavy: 0.25, 0.5 per iteration": [(32, 0.25), (32, 0.5)],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rates", default="2,4", help="Poisson arrival rates of the served traces")
-    ap.add_argument("--repeats", type=int, default=2, help="real runs per trace and policy")
-    ap.add_argument("--token-budget", type=int, default=512)
+    ap.add_argument("--rates", type=arg_list(arg_number(float, 0, low_open=True)), default="2,4", help="Poisson arrival rates of the served traces")
+    ap.add_argument("--repeats", type=arg_number(int, 1), default=2, help="real runs per trace and policy")
+    ap.add_argument("--token-budget", type=arg_number(int, 1), default=512)
     args = ap.parse_args()
 
     import torch
@@ -49,7 +49,7 @@ def main() -> None:
                 for name, reps in SETS.items()}
     print("| trace | policy | calibration replays | TTFT error | JCT error | iteration time | mean TTFT | mean JCT |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    for rate in map(float, args.rates.split(",")):
+    for rate in args.rates:
         trace = make_trace(40, rate, 0, model.config.vocab_size)
         for policy in ("ecoserve", "vllm"):
             eng = TransformersEngine(model, policy, next(iter(profiles.values())), kv_blocks=96,

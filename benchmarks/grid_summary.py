@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -35,9 +34,8 @@ MISS_MARGIN = 1.005  # a mean-JCT ratio above this is "above V1's" (1.01 in a tw
 
 
 def fail(message: str) -> NoReturn:
-    """A bad input: one line on stderr, exit 2."""
-    print(f"grid_summary.py: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    """A bad input: one line on stderr, exit 2 (``run_script``)."""
+    raise SystemExit(message)
 
 
 def load(folder: Path) -> list[dict]:

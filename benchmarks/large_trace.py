@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_list, arg_number, run_script
 from rlpredict.outputs import atomic_path, mark_owned, work_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,19 +143,22 @@ def _child(stage: str, path: Path, args: argparse.Namespace, n: int = 0, policy:
            "--_policy", policy, "--rate", str(args.rate), "--seed", str(args.seed),
            "--threads", str(args.threads), "--profile", args.profile]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if done.returncode != 0:
-        sys.exit(f"stage {stage} failed:\n{done.stderr[-3000:]}")
+    if done.returncode != 0:  # the child's own one line (``run_script``), as this run's
+        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1].removeprefix("error: ")
+        sys.exit(f"stage {stage}{' ' + policy if policy else ''}: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="1000000", help="trace sizes, comma-separated (e.g. 100000,1000000)")
-    ap.add_argument("--stages", default="annotate,simulate", help="comma-separated: build, annotate, simulate")
-    ap.add_argument("--policies", default="vllm,ecoserve", help="policies for the simulate stage")
+    ap.add_argument("--rows", type=arg_list(arg_number(int, 1)), default="1000000",
+                    help="trace sizes, comma-separated (e.g. 100000,1000000)")
+    ap.add_argument("--stages", type=arg_list(str), default="annotate,simulate",
+                    help="comma-separated: build, annotate, simulate")
+    ap.add_argument("--policies", type=arg_list(str), default="vllm,ecoserve", help="policies for the simulate stage")
     ap.add_argument("--profile", default="llama3-8b-h100-80gb", help="cost-model profile")
-    ap.add_argument("--rate", type=float, default=12.0, help="arrival rate, requests/s")
-    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for annotate")
+    ap.add_argument("--rate", type=arg_number(float, 0, low_open=True), default=12.0, help="arrival rate, requests/s")
+    ap.add_argument("--threads", type=arg_number(int, 1), default=2, help="ONNX Runtime threads for annotate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "runs" / "large_trace"), help="folder for the traces")
     ap.add_argument("--_stage", help=argparse.SUPPRESS)
@@ -167,26 +170,34 @@ def main() -> None:
         args.stage, args.path, args.n, args.policy = args._stage, args._path, args._n, args._policy
         _stage(args)
         return
-    stages = [s for s in args.stages.split(",") if s]
+    stages = args.stages
     if unknown := set(stages) - set(STAGES):
         ap.error(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
-    out_dir = work_folder(args.out, option="--out")  # a new folder or this script's
+    # absolute: the stages run as children in the repository's folder
+    out_dir = work_folder(Path(args.out).resolve(), tool=TOOL, option="--out")  # a new folder or this script's
+    if "simulate" in stages:  # a bad name: one line now, not after the build
+        from ecoserve_sched.cost_model import load_profile
+        from ecoserve_sched.policies import get_policy
+
+        cost = load_profile(args.profile)
+        for p in args.policies:
+            get_policy(p, cost)
     print(f"## Large trace: {args.rate:g} requests/s, profile {args.profile}, annotate threads {args.threads}\n")
     print("Prompts are short on purpose: the first 3-8 words of the bundled sample prompts plus the "
           "row number, ~16 encoder tokens (real ~40-token prompts annotate ~3x slower).\n")
     print("| rows | stage | seconds | rows/s | peak RSS MiB | start RSS MiB | notes |")
     print("|---|---|---|---|---|---|---|")
-    for n in (int(x) for x in args.rows.split(",")):
+    for n in args.rows:
         trace = out_dir / f"trace-{n}.jsonl.gz"
+        mark_owned(out_dir, TOOL, [trace.name, annotated_path(trace).name])  # before a child writes them
         todo = [("build", "")] if "build" in stages or not trace.exists() else []
         if "annotate" in stages:
             todo.append(("annotate", ""))
         if "simulate" in stages:
-            todo += [("simulate", p) for p in args.policies.split(",")]
+            todo += [("simulate", p) for p in args.policies]
         for stage, policy in todo:
             src = annotated_path(trace) if stage == "simulate" and annotated_path(trace).exists() else trace
             r = _child(stage, src, args, n, policy)
-            mark_owned(out_dir, TOOL, [p.name for p in (trace, annotated_path(trace)) if p.exists()])
             notes = {k: v for k, v in r.items() if k not in ("rows", "seconds", "peak_mib", "start_mib")}
             label = f"{stage} {policy}".strip()
             print(f"| {r['rows']:,} | {label} | {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | "

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_number, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"
@@ -64,9 +64,14 @@ def load_requests(path: Path, n: int, seed: int = 0) -> list[list[dict]]:
     picked: list[list[dict]] = []
     seen = 0
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            conv = json.loads(line).get("conversation") or []
-            if len(conv) < 2 or conv[-1].get("role") != "assistant":
+        for n_line, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n_line}: not a JSON row ({e})") from None
+            conv = (row.get("conversation") if isinstance(row, dict) else None) or []
+            if not isinstance(conv, list) or len(conv) < 2 or not isinstance(conv[-1], dict) \
+                    or conv[-1].get("role") != "assistant":
                 continue
             ctx = conv[:-1]
             seen += 1
@@ -504,20 +509,23 @@ def main() -> None:
                     help="Input mode of the untrained model (a trained model brings its own).")
     ap.add_argument("--max-length", type=int, default=128, help="Max tokens of the untrained model.")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ShareGPT JSONL(.gz) with 'conversation'.")
-    ap.add_argument("--n", type=int, default=1000, help="Prompts for the bulk run.")
-    ap.add_argument("--latency-n", type=int, default=200, help="Prompts for single-prompt latency.")
-    ap.add_argument("--threads", type=int, default=2, help="Threads for torch and ONNX Runtime.")
-    ap.add_argument("--batch-size", type=int, default=32, help="Batch size of the old runtime and torch.")
-    ap.add_argument("--repeat", type=int, default=5, help="Bulk rounds per runtime (interleaved).")
+    ap.add_argument("--n", type=arg_number(int, 1), default=1000, help="Prompts for the bulk run.")
+    ap.add_argument("--latency-n", type=arg_number(int, 1), default=200, help="Prompts for single-prompt latency.")
+    ap.add_argument("--threads", type=arg_number(int, 1), default=2, help="Threads for torch and ONNX Runtime.")
+    ap.add_argument("--batch-size", type=arg_number(int, 1), default=32, help="Batch size of the old runtime and torch.")
+    ap.add_argument("--repeat", type=arg_number(int, 1), default=5, help="Bulk rounds per runtime (interleaved).")
     ap.add_argument("--labelled", type=Path, help="Chat rows with responses: adds bucket accuracy.")
     ap.add_argument("--fp32-reference", action="store_true",
                     help="With --labelled and an int8 bundle: accuracy of its dequantized fp32 copy (needs onnx).")
-    ap.add_argument("--long-prompt-mb", type=float, help="Also time predict_one on one prompt this big.")
+    ap.add_argument("--long-prompt-mb", type=arg_number(float, 0, low_open=True), help="Also time predict_one on one prompt this big.")
     ap.add_argument("--long-kinds", default="prose", help="Long prompts: prose,cjk,spaces.")
     ap.add_argument("--check-cut", action="store_true",
                     help="Also check cut-before-tokenizing against whole texts on all of --data.")
     ap.add_argument("--json", action="store_true", help="Also print the rows as JSON.")
     args = ap.parse_args()
+    for path in (args.data, args.labelled, *(args.bundle or [])):  # checked before the timing runs
+        if path is not None and not path.exists():
+            sys.exit(f"{path}: no such file or folder")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")

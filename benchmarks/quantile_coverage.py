@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_number, run_script
 from rlpredict.data import attach_rl, load_samples
 from rlpredict.serve.calibrate import held_out
 from rlpredict.serve.conformal import QuantileCalibration
@@ -36,8 +36,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, action="append", required=True, help="labelled chat logs (repeatable)")
     ap.add_argument("--model", type=Path, default=None, help="bundle (default: the shipped one)")
-    ap.add_argument("--q", type=float, default=0.9)
-    ap.add_argument("--splits", type=int, default=30)
+    ap.add_argument("--q", type=arg_number(float, 0, 1, low_open=True), default=0.9)
+    ap.add_argument("--splits", type=arg_number(int, 1), default=30)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 

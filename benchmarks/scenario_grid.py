@@ -96,6 +96,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+TOOL = "benchmarks/scenario_grid.py"
 sys.path.insert(0, str(REPO))
 
 from ecoserve_sched.compare import (  # noqa: E402
@@ -112,7 +113,7 @@ from ecoserve_sched.policies.interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN
 from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, poisson_arrivals, read_trace  # noqa: E402
-from rlpredict.cli_boundary import run_script  # noqa: E402
+from rlpredict.cli_boundary import arg_number, run_script  # noqa: E402
 from rlpredict.outputs import check_new_dir, check_paths, output_dir  # noqa: E402
 
 POLICIES = ("vllm", "vllm-tuned", "vllm-v0", "sarathi", "orca", "s3", "sjf", "ecoserve", "ecoserve-oracle")
@@ -397,15 +398,17 @@ def task_overload(cell: Cell, policy: str, shared: Path, n: int, factor: float,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, required=True, help="the shared data folder (../shared/data)")
-    ap.add_argument("--out", type=Path, help="folder for results.json and results.md")
-    ap.add_argument("--requests", type=int, default=6000, help="first N requests of each trace")
+    ap.add_argument("--out", type=Path, help="folder for results.json and results.md (an earlier run's is "
+                    "replaced)")
+    ap.add_argument("--force", action="store_true", help="replace an --out folder another tool of ours wrote")
+    ap.add_argument("--requests", type=arg_number(int, 2), default=6000, help="first N requests of each trace")
     ap.add_argument("--cells", default=",".join(c.name for c in CELLS), help="comma-separated cell names; "
                     "'heldout': the cells no policy constant was chosen on; 'synthetic': code completion "
                     "(a synthetic trace of the hidden Azure code trace's shape); 'random:N': N cells drawn "
                     "with --cell-seed from other traces x models x GPUs x SLOs x arrivals x KV sizes")
     ap.add_argument("--cell-seed", type=int, default=0, help="seed of the cells 'random:N' draws")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
-    ap.add_argument("--workers", type=int, default=2, help="parallel processes")
+    ap.add_argument("--workers", type=arg_number(int, 1), default=2, help="parallel processes")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N requests of each trace")
     ap.add_argument("--seed", type=int, default=0, help="seed of the predictions and synthetic arrivals")
     ap.add_argument("--confusion", type=Path, help="confusion matrix the predictions are drawn from (a "
@@ -467,7 +470,9 @@ def main() -> None:
         ap.error(f"--policies: {bad[0]}")
     if args.out:  # checked before the work, written at its end
         check_paths([args.shared] + ([args.confusion] if args.confusion else []), [("--out", args.out)])
-        check_new_dir(args.out, force=True, option="--out")
+        check_new_dir(args.out, force=args.force, option="--out", rerun=TOOL)
+    if args.confusion:
+        load_confusion(args.confusion)  # a bad file: one line here, not a worker's traceback
     # vllm-tuned: vLLM V1 at each of TUNED_BUDGETS (its default, 2048, is the vllm run)
     sweep = [f"vllm@{b}" for b in TUNED_BUDGETS if b != DEFAULT_TOKEN_BUDGET] if "vllm-tuned" in policies else []
     searched = [p for p in policies if p != "vllm-tuned"] + [p for p in sweep if p not in policies]
@@ -540,7 +545,7 @@ def main() -> None:
     if args.out:
         from rlpredict.json_file import dumps
 
-        with output_dir(args.out, force=True, tool="benchmarks/scenario_grid.py") as tmp:
+        with output_dir(args.out, force=args.force, tool=TOOL, rerun=True) as tmp:
             (tmp / "results.json").write_text(dumps(rows, indent=1) + "\n")
             (tmp / "results.md").write_text(text + "\n")
 

@@ -61,9 +61,15 @@ from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import run  # noqa: E402
 from ecoserve_sched.trace import Trace, poisson_arrivals  # noqa: E402
 from rlpredict import Predictor  # noqa: E402
-from rlpredict.cli_boundary import run_script  # noqa: E402
+from rlpredict.cli_boundary import arg_number, run_script  # noqa: E402
 from rlpredict.data import attach_rl, load_samples  # noqa: E402
-from rlpredict.outputs import check_file_output, work_folder, write_bytes_atomic, write_owned  # noqa: E402
+from rlpredict.outputs import (  # noqa: E402
+    check_file_output,
+    check_paths,
+    work_folder,
+    write_bytes_atomic,
+    write_owned,
+)
 from rlpredict.rl_tokenizers import count_tokens  # noqa: E402
 from rlpredict.splits import split_by_group  # noqa: E402
 from rlpredict.train.baselines import PromptLength, TfidfLogistic  # noqa: E402
@@ -242,13 +248,13 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "serving_gain")
     ap.add_argument("--profile", default="llama2-13b-a100-80gb")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=None,
+    ap.add_argument("--gpu-memory-utilization", type=arg_number(float, 0, 1, low_open=True), default=None,
                     help="override the profile's (0.9): lower values leave less HBM for the KV cache")
-    ap.add_argument("--train-rows", type=int, default=20000, help="training turns for the baselines")
-    ap.add_argument("--azure-requests", type=int, default=None, help="first N Azure requests (default all)")
-    ap.add_argument("--sharegpt-rate", type=float, default=1.0, help="Poisson requests/s at rate scale 1")
-    ap.add_argument("--slo-ttft", type=float, default=5.0)
-    ap.add_argument("--slo-tbt", type=float, default=0.2)
+    ap.add_argument("--train-rows", type=arg_number(int, 1), default=20000, help="training turns for the baselines")
+    ap.add_argument("--azure-requests", type=arg_number(int, 2), default=None, help="first N Azure requests (default all)")
+    ap.add_argument("--sharegpt-rate", type=arg_number(float, 0, low_open=True), default=1.0, help="Poisson requests/s at rate scale 1")
+    ap.add_argument("--slo-ttft", type=arg_number(float, 0, low_open=True), default=5.0)
+    ap.add_argument("--slo-tbt", type=arg_number(float, 0, low_open=True), default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", type=Path, default=None,
                     help="the predictor bundle of the 'minilm' row (default: the shipped bundle)")
@@ -267,7 +273,10 @@ def main() -> None:
     if args.report:
         report(args.report, args.plot, force=args.force)
         return
-    work_folder(args.out, option="--out")  # before the work: a folder of ours or a new one
+    check_paths([args.shared] + ([args.model] if args.model else []), [("--out", args.out)],
+                apart=[args.model] if args.model else [])
+    work_folder(args.out, tool=TOOL, option="--out")  # before the work: a new folder or this script's
+    cost, slo = load_profile(args.profile), SLO(args.slo_ttft, args.slo_tbt)  # a bad name: now, not later
     tnames = [t for t in args.traces.split(",") if t]
     if not tnames or set(tnames) - {"azure", "sharegpt"}:
         ap.error(f"--traces: expected a comma-separated subset of azure,sharegpt, got {args.traces!r}")
@@ -295,7 +304,6 @@ def main() -> None:
         metrics["minilm"][f"coverage_q{round(q * 100)}"] = m[f"coverage_q{round(q * 100)}"]
         metrics["minilm"][f"reserve_ratio_total_q{round(q * 100)}"] = m[f"reserve_ratio_total_q{round(q * 100)}"]
 
-    cost, slo = load_profile(args.profile), SLO(args.slo_ttft, args.slo_tbt)
     if args.gpu_memory_utilization is not None:
         cost.gpu_memory_utilization = args.gpu_memory_utilization
     kv_tokens = cost.kv_blocks(16) * 16
@@ -443,8 +451,10 @@ def report(dirs: list[Path], out: Path, *, force: bool) -> None:
             r = json.loads(f.read_text(encoding="utf-8"))
         except ValueError as e:
             raise ValueError(f"{f}: not JSON ({e})") from None
-        if not isinstance(r, dict) or not isinstance(r.get("traces"), dict):
-            raise ValueError(f"{f}: not a results.json of this script (no 'traces')")
+        traces = r.get("traces") if isinstance(r, dict) else None
+        if not traces or not isinstance(traces, dict) or \
+                not all(isinstance(t, dict) and {"vllm", "ecoserve"} <= t.keys() for t in traces.values()):
+            raise ValueError(f"{f}: not a results.json of this script (no 'traces' with vLLM and EcoServe runs)")
         results.append(r)
     write_bytes_atomic(out, plot(results))
     print("\n\n".join(markdown(r) for r in results))

@@ -15,15 +15,17 @@ from pathlib import Path
 
 from ecoserve_sched.compare import RunSpec, capacity, markdown_table, sweep, write_report
 from ecoserve_sched.cost_model import load_profile
-from ecoserve_sched.predictions import load_confusion
+from ecoserve_sched.policies import get_policy
+from ecoserve_sched.predictions import SOURCES, load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.trace import read_trace
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_list, arg_number, run_script
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
+TOOL = "benchmarks/sim_compare.py"
 ALL = "vllm,sarathi,orca,s3,sjf,ecoserve,ecoserve-nopipe,ecoserve-noorder,ecoserve-nogroup,ecoserve-oracle"
 
 
@@ -36,24 +38,29 @@ def main() -> None:
     ap.add_argument("--trace", default=str(DEFAULT_TRACE))
     ap.add_argument("--profile", default="llama2-13b-a100-80gb")
     ap.add_argument("--confusion", default=str(DEFAULT_CONFUSION), help="measured confusion.json (or bundle)")
-    ap.add_argument("--predictions", default="confusion", help="annotated|confusion|oracle|bundle")
-    ap.add_argument("--policies", default=ALL)
-    ap.add_argument("--rate-scales", default="0.1,0.2,0.3,0.4")
-    ap.add_argument("--capacity-policies", default="vllm,sarathi,sjf,ecoserve,ecoserve-nopipe,ecoserve-oracle")
-    ap.add_argument("--slo-ttft", type=float, default=5.0)
-    ap.add_argument("--slo-tbt", type=float, default=0.2)
-    ap.add_argument("--capacity-start", type=float, default=0.25, help="first rate scale probed")
-    ap.add_argument("--max-requests", type=int, default=None)
-    ap.add_argument("--out", default="out/sim_compare")
+    ap.add_argument("--predictions", default="confusion", choices=SOURCES)
+    ap.add_argument("--policies", type=arg_list(str), default=ALL)
+    ap.add_argument("--rate-scales", type=arg_list(arg_number(float, 0, low_open=True)), default="0.1,0.2,0.3,0.4")
+    ap.add_argument("--capacity-policies", type=arg_list(str),
+                    default="vllm,sarathi,sjf,ecoserve,ecoserve-nopipe,ecoserve-oracle")
+    ap.add_argument("--slo-ttft", type=arg_number(float, 0, low_open=True), default=5.0)
+    ap.add_argument("--slo-tbt", type=arg_number(float, 0, low_open=True), default=0.2)
+    ap.add_argument("--capacity-start", type=arg_number(float, 0, low_open=True), default=0.25,
+                    help="first rate scale probed")
+    ap.add_argument("--max-requests", type=arg_number(int, 1), default=None)
+    ap.add_argument("--out", default="out/sim_compare", help="folder for the report (an earlier run's is replaced)")
+    ap.add_argument("--force", action="store_true", help="replace an --out folder another tool of ours wrote")
     args = ap.parse_args()
     check_paths([args.trace, args.confusion], [("--out", args.out)])
-    check_new_dir(args.out, force=True, option="--out")  # new, or a folder this script wrote
+    check_new_dir(args.out, force=args.force, option="--out", rerun=TOOL)
+    cost = load_profile(args.profile)
+    for p in {*args.policies, *args.capacity_policies}:
+        get_policy(p, cost)  # an unknown name: one line now, not after the sweep
 
     t0 = time.perf_counter()
     trace = read_trace(args.trace)
     if args.max_requests:
         trace = trace.head(args.max_requests)
-    cost = load_profile(args.profile)
     spec = RunSpec(trace, cost, SLO(args.slo_ttft, args.slo_tbt), args.predictions,
                    load_confusion(args.confusion))
     print(f"trace {rel(args.trace)} ({len(trace)} requests), profile {cost.name} "
@@ -61,19 +68,20 @@ def main() -> None:
           f"mean TBT {args.slo_tbt:g} s")
     print(f"predictions: {args.predictions}, confusion matrix {rel(args.confusion)} "
           f"(source: {spec.confusion.source})\n")
-    rows = sweep(spec, args.policies.split(","), [float(x) for x in args.rate_scales.split(",")])
-    with output_dir(args.out, force=True, tool="benchmarks/sim_compare.py") as tmp:
-        write_report(rows, tmp, header=f"trace {Path(args.trace).name}, profile {cost.name}")
+    rows = sweep(spec, args.policies, args.rate_scales)
     print(markdown_table(rows))
-    print("\n| policy | max rate scale (>= 90% SLO) | x vLLM | probes |")
-    print("|---|---|---|---|")
+    lines = ["| policy | max rate scale (>= 90% SLO) | x vLLM | probes |", "|---|---|---|---|"]
     caps = {}
-    for p in args.capacity_policies.split(","):
+    for p in args.capacity_policies:
         c = capacity(spec, p, hi=args.capacity_start)
         caps[p] = c["max_rate_scale"]
         ratio = caps[p] / caps["vllm"] if caps.get("vllm") else float("nan")
-        print(f"| {p} | {caps[p]:.3f} | {ratio:.2f} | {len(c['probes'])} |")
-    print(f"\nwall time {time.perf_counter() - t0:.0f} s; table, results.json and plots in {args.out}")
+        lines.append(f"| {p} | {caps[p]:.3f} | {ratio:.2f} | {len(c['probes'])} |")
+    print("\n" + "\n".join(lines))
+    with output_dir(args.out, force=args.force, tool=TOOL, rerun=True) as tmp:
+        write_report(rows, tmp, header=f"trace {Path(args.trace).name}, profile {cost.name}")
+        (tmp / "capacity.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s; table, capacities, results.json and plots in {args.out}")
 
 
 if __name__ == "__main__":

@@ -66,8 +66,12 @@ def main() -> int:
                          "relative error), print them as JSON, and compare with the fitted model")
     args = ap.parse_args()
 
-    data = json.loads((args.profiles_dir / f"profiler-a100-80g.{args.engine}.json").read_text())
-    rows = anchor_rows(data["facebook/opt-13b"]["1"])  # OPT-13B, tensor parallel 1
+    path = args.profiles_dir / f"profiler-a100-80g.{args.engine}.json"
+    try:
+        rows = anchor_rows(json.loads(path.read_text())["facebook/opt-13b"]["1"])  # OPT-13B, tensor parallel 1
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{path}: not a DistServe profile with OPT-13B at tensor parallel 1 "
+                         f"({type(e).__name__}: {e})") from None
     model = load_profile(args.profile)
     if args.fit:
         model = fit_profile([(*x, y) for _, x, y in rows], model, f"{model.name}-fit")

@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_list, arg_number, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
@@ -148,18 +148,24 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="trace to replay")
     ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile")
     ap.add_argument("--confusion", type=Path, default=DEFAULT_CONFUSION, help="confusion matrix for predictions")
-    ap.add_argument("--rate-scales", default="0.3,1", type=lambda s: [float(x) for x in s.split(",")],
+    ap.add_argument("--rate-scales", default="0.3,1", type=arg_list(arg_number(float, 0, low_open=True)),
                     help="rate scales to replay at")
-    ap.add_argument("--policies", default=",".join(POLICIES), type=lambda s: s.split(","),
+    ap.add_argument("--policies", default=",".join(POLICIES), type=arg_list(str),
                     help="policies to replay (comma-separated)")
     ap.add_argument("--decision", action=argparse.BooleanOptionalAction, default=True,
                     help="also run each tree's decision benchmark")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per cell and tree (the best is reported)")
-    ap.add_argument("--backlog", type=int, default=2000, help="waiting requests in the decision benchmark")
-    ap.add_argument("--instructions", type=int, default=0, metavar="N",
+    ap.add_argument("--repeat", type=arg_number(int, 1), default=3, help="runs per cell and tree (the best is reported)")
+    ap.add_argument("--backlog", type=arg_number(int, 0), default=2000, help="waiting requests in the decision benchmark")
+    ap.add_argument("--instructions", type=arg_number(int, 0), default=0, metavar="N",
                     help="count instructions (valgrind) over the first N requests instead of timing")
     args = ap.parse_args()
     args.trace, args.confusion = args.trace.resolve(), args.confusion.resolve()
+    for tree, option in ((args.before, "--before"), (args.after, "--after")):
+        if not (tree / "ecoserve_sched" / "simulator.py").is_file():
+            sys.exit(f"{tree}: {option} is not a source tree of this project (no ecoserve_sched/simulator.py)")
+    for path in (args.trace, args.confusion):
+        if not path.is_file():
+            sys.exit(f"{path}: no such file")
     if args.instructions:
         if shutil.which("valgrind") is None:
             sys.exit("--instructions needs valgrind on the PATH")

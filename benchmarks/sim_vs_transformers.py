@@ -44,7 +44,7 @@ from ecoserve_sched.engines.transformers_cb import EngineRun, GenRequest, Transf
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import simulate  # noqa: E402
 from ecoserve_sched.trace import poisson_arrivals  # noqa: E402
-from rlpredict.cli_boundary import run_script  # noqa: E402
+from rlpredict.cli_boundary import arg_list, arg_number, run_script  # noqa: E402
 
 
 def make_trace(n: int, rate: float, seed: int, vocab: int) -> list[GenRequest]:
@@ -112,18 +112,20 @@ def main() -> None:
     ap.add_argument("--profile", default=None,
                     help="profile JSON of that model on this host (default: calibrate now)")
     ap.add_argument("--grid", default="replay", help="calibration grid when calibrating now")
-    ap.add_argument("--policies", default="ecoserve,vllm")
-    ap.add_argument("--requests", type=int, default=40)
-    ap.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate, requests/s")
-    ap.add_argument("--repeats", type=int, default=2, help="real runs of the trace per policy")
-    ap.add_argument("--kv-blocks", type=int, default=96, help="KV blocks of 16 tokens")
-    ap.add_argument("--token-budget", type=int, default=512)
-    ap.add_argument("--max-running", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--policies", type=arg_list(str), default="ecoserve,vllm")
+    ap.add_argument("--requests", type=arg_number(int, 1), default=40)
+    ap.add_argument("--rate", type=arg_number(float, 0, low_open=True), default=4.0, help="Poisson arrival rate, requests/s")
+    ap.add_argument("--repeats", type=arg_number(int, 1), default=2, help="real runs of the trace per policy")
+    ap.add_argument("--kv-blocks", type=arg_number(int, 1), default=96, help="KV blocks of 16 tokens")
+    ap.add_argument("--token-budget", type=arg_number(int, 1), default=512)
+    ap.add_argument("--max-running", type=arg_number(int, 1), default=32)
+    ap.add_argument("--threads", type=arg_number(int, 1), default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if args.repeats < 1:
-        ap.error("--repeats must be at least 1")
+    from ecoserve_sched.policies.registry import POLICIES  # filled when the package is imported
+
+    if unknown := [p for p in args.policies if p not in POLICIES]:
+        ap.error(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(sorted(POLICIES))}")
 
     import torch
 
@@ -144,7 +146,7 @@ def main() -> None:
           f"{args.repeats} real run(s) per policy\n")
     TransformersEngine(model, "vllm", kv_blocks=64, token_budget=256).generate(trace[:4])  # warm-up
     rows, floors = [], {}
-    for policy in args.policies.split(","):
+    for policy in args.policies:
         eng = TransformersEngine(model, policy, cost, kv_blocks=args.kv_blocks,
                                  token_budget=args.token_budget, max_running=args.max_running)
         runs = [eng.generate(trace) for _ in range(args.repeats)]

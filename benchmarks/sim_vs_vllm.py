@@ -37,7 +37,7 @@ from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.simulator import run
 from ecoserve_sched.trace import burst_arrivals, read_trace
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_list, arg_number, run_script
 from rlpredict.outputs import check_file_output, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,20 +81,20 @@ def measure(tr, policy: str, cost, slo: SLO, conf) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default=str(DEFAULT_TRACE), help="trace file (CSV, optionally gzipped)")
-    ap.add_argument("--max-requests", type=int, default=2000, help="replay the first N requests")
-    ap.add_argument("--rate-scales", default="0.2,0.3", help="comma-separated arrival-rate scales")
+    ap.add_argument("--max-requests", type=arg_number(int, 2), default=2000, help="replay the first N requests")
+    ap.add_argument("--rate-scales", type=arg_list(arg_number(float, 0, low_open=True)), default="0.2,0.3", help="comma-separated arrival-rate scales")
     ap.add_argument("--pairs", default="vllm,ecoserve",
                     help=f"comma-separated pairs to compare: {', '.join(PAIRS)}")
     ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile")
     ap.add_argument("--confusion", default=str(DEFAULT_CONFUSION),
                     help="predictor confusion matrix the predictions are drawn from")
-    ap.add_argument("--slo-ttft", type=float, default=5.0, help="TTFT SLO, seconds")
-    ap.add_argument("--slo-tbt", type=float, default=0.2, help="TBT SLO, seconds")
+    ap.add_argument("--slo-ttft", type=arg_number(float, 0, low_open=True), default=5.0, help="TTFT SLO, seconds")
+    ap.add_argument("--slo-tbt", type=arg_number(float, 0, low_open=True), default=0.2, help="TBT SLO, seconds")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     ap.add_argument("--arrivals", choices=("trace", "burst8"), default="trace",
                     help="trace: the trace's arrival times; burst8: bursts at its mean rate")
-    ap.add_argument("--cv", type=float, default=2.0, help="burst8: coefficient of variation of the groups' gaps")
+    ap.add_argument("--cv", type=arg_number(float, 0, low_open=True), default=2.0, help="burst8: coefficient of variation of the groups' gaps")
     ap.add_argument("--seed", type=int, default=0, help="burst8: seed of the arrivals")
     a = ap.parse_args()
     unknown = set(a.pairs.split(",")) - set(PAIRS)
@@ -112,7 +112,7 @@ def main() -> None:
     print("| rate | sim policy | vLLM-backed | metric | sim | vLLM | Diff% |")
     print("|---|---|---|---|---|---|---|")
     rows = []
-    for scale in (float(x) for x in a.rate_scales.split(",")):
+    for scale in a.rate_scales:
         t = tr.scaled(scale)
         for sim_p, real_p in (PAIRS[k] for k in a.pairs.split(",")):
             t0 = time.perf_counter()

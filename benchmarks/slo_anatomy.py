@@ -34,7 +34,7 @@ import scenario_grid as grid
 from ecoserve_sched.cost_model import prefill_ctx_tokens
 from ecoserve_sched.policies.interface import DEFAULT_TOKEN_BUDGET
 from ecoserve_sched.simulator import iteration_table
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_number, run_script
 
 
 def prefill_s(cost: object, prompt: int, budget: int) -> float:
@@ -93,8 +93,8 @@ def main() -> None:
                     "cell by its rS.I prefix (cell I of --cells random:N --cell-seed S)")
     ap.add_argument("--loads", default="0.02,0.06,0.12,0.2", type=lambda s: [float(x) for x in s.split(",")])
     ap.add_argument("--policies", default="vllm,ecoserve", type=lambda s: s.split(","))
-    ap.add_argument("--requests", type=int, default=6000, help="first N requests of the trace")
-    ap.add_argument("--budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="the reference's prefill chunk")
+    ap.add_argument("--requests", type=arg_number(int, 2), default=6000, help="first N requests of the trace")
+    ap.add_argument("--budget", type=arg_number(int, 1), default=DEFAULT_TOKEN_BUDGET, help="the reference's prefill chunk")
     args = ap.parse_args()
     cell = grid.find_cell(args.cell)
     if cell is None:

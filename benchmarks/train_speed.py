@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_number, run_script
 from rlpredict.outputs import check_file_output, write_text_atomic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,16 +63,19 @@ def old_loop(rev: str, folder: Path) -> ModuleType:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", default="HEAD", help="git revision of the other loop (default HEAD)")
-    ap.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
-    ap.add_argument("--rounds", type=int, default=2, help="runs of each loop (alternating)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (the project's CPU budget: 2 cores)")
+    ap.add_argument("--steps", type=arg_number(int, 1), default=16, help="optimizer steps per run")
+    ap.add_argument("--rounds", type=arg_number(int, 1), default=2, help="runs of each loop (alternating)")
+    ap.add_argument("--batch-size", type=arg_number(int, 1), default=32)
+    ap.add_argument("--max-length", type=arg_number(int, 8), default=128)
+    ap.add_argument("--threads", type=arg_number(int, 1), default=2, help="torch threads (the project's CPU budget: 2 cores)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = ap.parse_args()
     if args.json:
         check_file_output(args.json, force=args.force, option="--json")
+    if subprocess.run(["git", "cat-file", "-e", f"{args.rev}:rlpredict/train/trainer.py"], cwd=ROOT,
+                      capture_output=True).returncode:
+        sys.exit(f"--rev {args.rev}: no rlpredict/train/trainer.py at that git revision")
 
     from rlpredict.samples import SAMPLE_FILES
     from rlpredict.train import trainer as new

@@ -17,6 +17,7 @@ option.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -82,11 +83,13 @@ def _framework(e: BaseException) -> bool:
     return type(e).__module__.split(".")[0] in ("typer", "click")
 
 
-def failure(e: BaseException, debug_hint: str) -> tuple[int, str]:
+def failure(e: BaseException, debug_hint: str,
+            interrupted: str = "interrupted: no output was written") -> tuple[int, str]:
     """The exit code and the one line for an exception that reached a boundary: an interrupt
-    (130), a known failure (2) or a bug (1, with ``debug_hint``: how to see the traceback)."""
+    (130, ``interrupted``), a known failure (2) or a bug (1, with ``debug_hint``: how to see the
+    traceback)."""
     if isinstance(e, KeyboardInterrupt):
-        return 130, "interrupted: no output was written"
+        return 130, interrupted
     if isinstance(e, tuple(KNOWN_ERRORS)):
         return 2, f"error: {describe(e)}"
     return 1, (f"internal error (a bug): {type(e).__name__}: {describe(e)}; rerun with {debug_hint} "
@@ -111,18 +114,60 @@ class BoundaryGroup(TyperGroup):
 def run_script(main: Callable[[], Any]) -> NoReturn:
     """The same boundary for a script (``benchmarks/``, ``training/``): an int ``main()``
     returns is the exit code (anything else: 0); a failure prints one line and exits as in
-    ``failure``; argparse's usage errors exit 2 as usual. ``RLPREDICT_DEBUG=1`` shows the
-    traceback instead."""
+    ``failure``, and so does ``sys.exit("message")`` (exit 2); argparse's usage errors exit 2
+    as usual. A script may have written some of its files when interrupted (each whole).
+    ``RLPREDICT_DEBUG=1`` shows the traceback instead."""
     try:
         with _sigterm_as_interrupt():
             result = main()
         code = result if isinstance(result, int) else 0
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        code, line = 2, f"error: {' '.join(e.code.split())}"
+        print(line, file=sys.stderr, flush=True)
     except (KeyboardInterrupt, Exception) as e:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        code, line = failure(e, f"{DEBUG_ENV}=1")
+        code, line = failure(e, f"{DEBUG_ENV}=1", "interrupted: no file was left half-written")
         print(line, file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+# ---- argparse types for the scripts (a bad value: argparse's usage line naming the option) -------
+def arg_number(kind: Callable[[str], Any] = int, low: float | None = None, high: float | None = None,
+               *, low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind`` (int or float), finite, within [low, high] ((low, high]
+    with ``low_open``; a missing bound is open)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
+            lo = "-inf" if low is None else f"{low:g}"
+            hi = "inf" if high is None else f"{high:g}"
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open or low is None else '['}{lo}, {hi}"
+                                             f"{')' if high is None else ']'}, got {text}")
+        return value
+
+    return parse
+
+
+def arg_list(item: Callable[[str], Any]) -> Callable[[str], list]:
+    """An argparse ``type``: comma-separated ``item``s, at least one."""
+
+    def parse(text: str) -> list:
+        parts = [t.strip() for t in text.split(",") if t.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError("expected a comma-separated list, got nothing")
+        return [item(t) for t in parts]
+
+    return parse
 
 
 #: Both CLIs' rich stderr. Text from a user (a prompt, a file name, a row's field) goes

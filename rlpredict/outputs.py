@@ -45,22 +45,38 @@ class OutputError(ValueError):
 
 # ---- files --------------------------------------------------------------------------------------
 @contextlib.contextmanager
+def _parent_made(path: Path) -> Iterator[None]:
+    """Create ``path``'s missing parent folders; if the block fails, remove those it created
+    (while they are empty): a failed write leaves no trace."""
+    made = [a for a in reversed(path.parents) if not a.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is renamed to ``path``, else removed."""
+    """Yield a temporary path to write; on success it is renamed to ``path``, else removed
+    (with the parent folders it created)."""
     target = Path(path)
     if target.is_dir():
         raise OutputError(f"{target}: is a folder; give a file name")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        tmp_path.chmod(0o666 & ~_UMASK)
-        yield tmp_path
-        os.replace(tmp_path, target)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    with _parent_made(target):
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            tmp_path.chmod(0o666 & ~_UMASK)
+            yield tmp_path
+            os.replace(tmp_path, target)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -158,18 +174,28 @@ def foreign_entries(folder: Path) -> list[Path]:
     return foreign
 
 
-def check_new_dir(path: str | Path, *, force: bool, option: str) -> None:
-    """Refuse a folder output that exists (unless ``force``), that is a file, or that holds
-    anything this tool did not write."""
+def check_new_dir(path: str | Path, *, force: bool, option: str, rerun: str | None = None) -> None:
+    """Refuse a folder output that exists (unless ``force``, or unless the tool ``rerun`` wrote
+    all of it: a script's earlier run), that is a file, or that holds anything no tool of ours
+    wrote."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: {option} is a file, not a folder; choose another path")
     check_parent(p, option)
     if not p.exists() or not any(p.iterdir()):
         return
-    if not force:
+    if not force and not (rerun and written_by(p) == rerun):
         raise OutputError(f"{p}: exists; pass --force to replace it ({option})")
     _refuse_foreign(p, option)
+
+
+def written_by(folder: Path) -> str | None:
+    """The tool named in ``folder``'s ``OWNER_FILE``, if it has a readable one."""
+    try:
+        tool = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8")).get("tool")
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return tool if isinstance(tool, str) else None
 
 
 def _refuse_foreign(folder: Path, option: str) -> None:
@@ -191,36 +217,39 @@ def plain_modes(folder: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out") -> Iterator[Path]:
+def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out",
+               rerun: bool = False) -> Iterator[Path]:
     """Build a folder output: yield an empty temporary folder beside ``path``; on success it
-    gets ``OWNER_FILE`` and replaces ``path`` (checked by ``check_new_dir``); on any error or
-    interrupt it is removed and ``path`` is left as it was."""
+    gets ``OWNER_FILE`` and replaces ``path`` (checked by ``check_new_dir``; ``rerun``: a
+    folder ``tool`` wrote is replaced without ``force``); on any error or interrupt it is
+    removed and ``path`` is left as it was."""
     out = Path(path)
-    check_new_dir(out, force=force, option=option)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-        tmp.chmod(0o777 & ~_UMASK)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot create {option} there ({e.strerror})") from None
-    try:
-        yield tmp
-        plain_modes(tmp)
-        files = sorted(e.name for e in tmp.iterdir())
-        write_text_atomic(tmp / OWNER_FILE, json.dumps({"tool": tool, "files": files}, indent=1) + "\n")
-        _replace_dir(tmp, out, force=force, option=option)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    own = tool if rerun else None
+    check_new_dir(out, force=force, option=option, rerun=own)
+    with _parent_made(out):
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+            tmp.chmod(0o777 & ~_UMASK)
+        except OSError as e:
+            raise OutputError(f"{out}: cannot create {option} there ({e.strerror})") from None
+        try:
+            yield tmp
+            plain_modes(tmp)
+            files = sorted(e.name for e in tmp.iterdir())
+            write_text_atomic(tmp / OWNER_FILE, json.dumps({"tool": tool, "files": files}, indent=1) + "\n")
+            _replace_dir(tmp, out, force=force, option=option, rerun=own)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
-def _replace_dir(tmp: Path, out: Path, *, force: bool, option: str) -> None:
+def _replace_dir(tmp: Path, out: Path, *, force: bool, option: str, rerun: str | None) -> None:
     """Move ``tmp`` to ``out``; an existing ``out`` (re-checked now) is moved aside first and
     removed only once the new folder is in place."""
     if not out.exists():
         os.replace(tmp, out)
         return
-    check_new_dir(out, force=force, option=option)  # it may have changed while we worked
+    check_new_dir(out, force=force, option=option, rerun=rerun)  # it may have changed while we worked
     if not any(out.iterdir()):
         out.rmdir()
         os.replace(tmp, out)
@@ -257,16 +286,18 @@ def check_file_output(path: str | Path, *, force: bool, option: str, inputs: Ite
     return Path(path)
 
 
-def work_folder(path: str | Path, *, option: str) -> Path:
-    """A folder a script adds its files to, run after run (``write_owned``), checked before the
-    work: refused if it is a file or holds anything no tool of ours wrote. The first write
-    creates it."""
+def work_folder(path: str | Path, *, tool: str, option: str) -> Path:
+    """A folder the script ``tool`` adds its files to, run after run (``write_owned``), checked
+    before the work: new, empty, or written by ``tool`` alone; refused if it is a file, holds
+    anything no tool of ours wrote, or is another tool's. The first write creates it."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: {option} is a file, not a folder; choose another path")
     check_parent(p, option)
-    if p.is_dir():
+    if p.is_dir() and any(p.iterdir()):
         _refuse_foreign(p, option)
+        if (other := written_by(p)) != tool:
+            raise OutputError(f"{p}: {option} is {other}'s output folder, not {tool}'s; choose another path")
     return p
 
 

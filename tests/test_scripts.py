@@ -14,8 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from rlpredict.cli_boundary import DEBUG_ENV, run_script
-from rlpredict.outputs import OWNER_FILE, OutputError, check_file_output, work_folder, write_owned
+from rlpredict.cli_boundary import DEBUG_ENV, arg_list, arg_number, run_script
+from rlpredict.outputs import (
+    OWNER_FILE,
+    OutputError,
+    atomic_path,
+    check_file_output,
+    mark_owned,
+    output_dir,
+    work_folder,
+    write_owned,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted([*ROOT.glob("benchmarks/*.py"), *ROOT.glob("training/*.py")])
@@ -60,7 +69,9 @@ def test_run_script_exit_codes(capsys, monkeypatch) -> None:
     assert _exit(bad, capsys, monkeypatch) == (2, "error: data.csv:3: field 'x': not a number\n")
     code, err = _exit(bug, capsys, monkeypatch)
     assert code == 1 and err.startswith("internal error (a bug): KeyError") and f"{DEBUG_ENV}=1" in err
-    assert _exit(interrupted, capsys, monkeypatch) == (130, "interrupted: no output was written\n")
+    assert _exit(interrupted, capsys, monkeypatch) == (130, "interrupted: no file was left half-written\n")
+    assert _exit(lambda: sys.exit("trace.csv: fewer than 2 requests\nleft"), capsys, monkeypatch) == \
+        (2, "error: trace.csv: fewer than 2 requests left\n")
     assert _exit(lambda: 3, capsys, monkeypatch)[0] == 3
     assert _exit(lambda: {"rows": 1}, capsys, monkeypatch)[0] == 0  # not an int: success
     with pytest.raises(ValueError):
@@ -84,17 +95,54 @@ def test_check_file_output(tmp_path: Path) -> None:
 
 def test_work_folder_takes_a_new_folder_or_its_own(tmp_path: Path) -> None:
     new = tmp_path / "a" / "b"
-    assert work_folder(new, option="--out") == new and not new.exists()  # the first write creates it
+    assert work_folder(new, tool="t", option="--out") == new and not new.exists()  # the first write creates it
     write_owned(new, "results.json", "{}\n", tool="t")
     write_owned(new, "plot.png", b"\x89PNG", tool="t")
     assert json.loads((new / OWNER_FILE).read_text())["files"] == ["plot.png", "results.json"]
-    work_folder(new, option="--out")  # its own: accepted again
+    work_folder(new, tool="t", option="--out")  # its own: accepted again
+    with pytest.raises(OutputError, match="t's output folder, not other's"):
+        work_folder(new, tool="other", option="--out")  # another tool's (a trained model, a report)
     (new / "notes.txt").write_text("a user's")
     with pytest.raises(OutputError, match=r"notes\.txt"):
-        work_folder(new, option="--out")
+        work_folder(new, tool="t", option="--out")
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="is a file"):
-        work_folder(tmp_path / "file", option="--out")
+        work_folder(tmp_path / "file", tool="t", option="--out")
+
+
+def test_a_rerun_replaces_its_own_folder_and_no_other(tmp_path: Path) -> None:
+    out = tmp_path / "grid"
+    with output_dir(out, force=False, tool="script", rerun=True) as tmp:
+        (tmp / "results.json").write_text("1")
+    with output_dir(out, force=False, tool="script", rerun=True) as tmp:  # its own: replaced
+        (tmp / "results.json").write_text("2")
+    assert (out / "results.json").read_text() == "2"
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_text("weights")
+    mark_owned(model, "rlpredict train", ["model.safetensors"])
+    with pytest.raises(OutputError, match="pass --force"), output_dir(model, force=False, tool="script", rerun=True):
+        pass
+    assert (model / "model.safetensors").read_text() == "weights"
+
+
+def test_a_failed_write_leaves_no_folder(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "a" / "b" / "out.json") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    with pytest.raises(RuntimeError), output_dir(tmp_path / "c" / "d", force=False, tool="t"):
+        raise RuntimeError
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_argparse_types() -> None:
+    import argparse
+
+    assert arg_number(int, 1)("3") == 3 and arg_list(arg_number(float, 0, low_open=True))("0.5, 2") == [0.5, 2.0]
+    for parse, text in ((arg_number(int, 1), "0"), (arg_number(int, 1), "x"), (arg_number(float, 0, 1), "nan"),
+                        (arg_number(float, 0, low_open=True), "0"), (arg_list(str), ",")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
 
 
 # ---- the scripts themselves, as a user runs them -----------------------------------------------------
@@ -133,15 +181,19 @@ def test_an_output_folder_of_the_user_is_refused_before_the_work(tmp_path: Path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("a user's")
-    for script in ("benchmarks/scenario_grid.py", "benchmarks/serving_gain.py"):
-        _one_error(_run(script, "--shared", tmp_path / "data", "--out", out), "notes.txt")
+    grid = ("benchmarks/scenario_grid.py", "--shared", tmp_path / "data", "--out", out)
+    _one_error(_run(*grid), "exists; pass --force")
+    _one_error(_run(*grid, "--force"), "notes.txt")  # --force replaces only a folder of ours
+    _one_error(_run("benchmarks/serving_gain.py", "--shared", tmp_path / "data", "--out", out), "notes.txt")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_serving_gain_report_refuses_what_it_did_not_write(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    (run / "results.json").write_text('{"rows": []}')
-    _one_error(_run("benchmarks/serving_gain.py", "--report", run, "--plot", tmp_path / "p.png"), "no 'traces'")
+    for text in ('{"rows": []}', '{"traces": {}}', '{"traces": {"x": 1}}'):
+        (run / "results.json").write_text(text)
+        _one_error(_run("benchmarks/serving_gain.py", "--report", run, "--plot", tmp_path / "p.png"), "no 'traces'")
+    assert not (tmp_path / "p.png").exists()
     _one_error(_run("benchmarks/serving_gain.py", "--report", run, "--plot", run / "results.json", "--force"),
                "also an input")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_list, arg_number, run_script
 from rlpredict.outputs import check_file_output, write_text_atomic
 from rlpredict.train.config import TrainConfig
 from rlpredict.train.evaluate import encoder_texts, predict_proba_torch
@@ -36,12 +36,14 @@ VARIANTS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", action="append", required=True, help="data file (repeatable)")
-    ap.add_argument("--rows", type=int, default=3000, help="training samples per variant")
-    ap.add_argument("--eval-rows", type=int, default=2000, help="held-out samples scored")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--rows", type=arg_number(int, 1), default=3000, help="training samples per variant")
+    ap.add_argument("--eval-rows", type=arg_number(int, 1), default=2000, help="held-out samples scored")
+    ap.add_argument("--variants", type=arg_list(str), default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = ap.parse_args()
+    if unknown := [v for v in args.variants if v not in VARIANTS]:
+        ap.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.json:
         check_file_output(args.json, force=args.force, option="--json", inputs=args.data)
 
@@ -51,7 +53,7 @@ def main() -> None:
     test = random.Random(0).sample(prep.test, min(args.eval_rows, len(prep.test)))
     rl = np.array([s.rl_tokens for s in test], dtype=float)
     rows = {}
-    for name in args.variants.split(","):
+    for name in args.variants:
         cfg = dataclasses.replace(base, **VARIANTS[name])
         with tempfile.TemporaryDirectory() as tmp:
             summary = train(cfg, Path(tmp) / "m", prepared=prep)

@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="encoder threads (default: all usable cores)")
     args = ap.parse_args(argv)
     check_paths([args.config, args.bundle], [("--out", args.out)], apart=[args.bundle])
-    out = work_folder(args.out, option="--out")  # a new folder or this script's (its cache.pkl)
+    out = work_folder(args.out, tool=TOOL, option="--out")  # a new folder or this script's (its cache.pkl)
 
     cfg = TrainConfig.load(args.config)
     pred = Predictor.load(args.bundle, threads=args.threads)

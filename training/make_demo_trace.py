@@ -24,7 +24,7 @@ import json
 import random
 from pathlib import Path
 
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_number, run_script
 from rlpredict.outputs import check_file_output, write_bytes_atomic
 from rlpredict.rl_tokenizers import count_tokens
 from rlpredict.splits import in_test
@@ -35,7 +35,7 @@ OUT = Path(__file__).resolve().parents[1] / "ecoserve_sched" / "samples" / "azur
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default="../shared/data", help="folder holding azure_llm_2023_conv/ and sharegpt_v3/")
-    ap.add_argument("--requests", type=int, default=1500)
+    ap.add_argument("--requests", type=arg_number(int, 1), default=1500)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = ap.parse_args()

@@ -43,22 +43,21 @@ def main() -> None:
     for name in ("sharegpt_sample.jsonl.gz", "alpaca_sample.jsonl.gz"):
         check_file_output(OUT / name, force=args.force, option="the bundled sample")
 
-    rows = []
+    sharegpt = []
     with gzip.open(shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz", "rt", encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
             if _h("s:" + r["conversation_id"]) < 0.012 and sum(len(m["content"]) for m in r["conversation"]) < 6000:
-                rows.append(r)
-    _write(OUT / "sharegpt_sample.jsonl.gz", rows[:400])
-
-    rows = []
+                sharegpt.append(r)
+    alpaca = []
     with gzip.open(shared / "alpaca_eval_outputs" / "alpaca_eval_outputs.jsonl.gz", "rt", encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
             if _h("a:" + r["prompt_id"]) < 0.04 and _h("g:" + r["model_dir"]) < 0.25:
                 r.pop("conversation", None)  # prompt/response carry the same text
-                rows.append(r)
-    _write(OUT / "alpaca_sample.jsonl.gz", rows[:300])
+                alpaca.append(r)
+    _write(OUT / "sharegpt_sample.jsonl.gz", sharegpt[:400])  # both read before either is written
+    _write(OUT / "alpaca_sample.jsonl.gz", alpaca[:300])
 
 
 if __name__ == "__main__":
