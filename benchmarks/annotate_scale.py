@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from rlpredict.cli_boundary import arg_list, arg_number, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, child_failed, child_process, run_script
 from rlpredict.outputs import atomic_path, mark_owned, work_folder
 from rlpredict.serve.annotate import default_rejects_path
 
@@ -111,24 +111,25 @@ def _pss_kib(pid: int) -> int:
 
 
 def run_child(config: str, src: Path, dst: Path) -> dict:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", config, "--src", str(src), "--dst", str(dst)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    cmd = [sys.executable, __file__, "--child", config, "--src", str(src), "--dst", str(dst)]
     peak = 0
     done = threading.Event()
+    with child_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) as proc:
 
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.1):
-            peak = max(peak, sum(_pss_kib(p) for p in _descendants(proc.pid)))
+        def sample() -> None:
+            nonlocal peak
+            while not done.wait(0.1):
+                peak = max(peak, sum(_pss_kib(p) for p in _descendants(proc.pid)))
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = proc.communicate()
-    done.set()
-    sampler.join()
-    if proc.returncode:  # the child's own one line (``run_script``), as this run's
-        last = (err.strip().splitlines() or [f"exit {proc.returncode}"])[-1].removeprefix("error: ")
-        raise SystemExit(f"{config}: {last}")
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            out, err = proc.communicate()
+        finally:
+            done.set()
+            sampler.join()
+    if proc.returncode:
+        child_failed(config, proc.returncode, err)
     return {**json.loads(out.strip().splitlines()[-1]), "peak_mib": peak / 1024}
 
 

@@ -14,6 +14,7 @@ over them: the area under the curve near capacity, which a one-step difference d
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scenario_grid as grid
 
-from rlpredict.cli_boundary import arg_number, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, run_script
 
 
 def main() -> None:
@@ -33,17 +34,19 @@ def main() -> None:
                     "(cell I of --cells random:N --cell-seed S)")
     ap.add_argument("--loads", required=True, help="LO:HI, rate scales")
     ap.add_argument("--points", type=arg_number(int, 1), default=9, help="loads from LO to HI")
-    ap.add_argument("--policies", required=True, help="comma-separated policy names")
+    ap.add_argument("--policies", type=arg_list(str), required=True, help="comma-separated policy names")
     ap.add_argument("--requests", type=arg_number(int, 2), default=6000, help="first N requests of the trace")
     ap.add_argument("--skip", type=arg_number(int, 0), default=0, help="skip the first N requests")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the predictions and synthetic arrivals")
+    ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="seed of the predictions and synthetic arrivals")
     args = ap.parse_args()
     try:
         lo, hi = (float(x) for x in args.loads.split(":"))
     except ValueError:
         ap.error(f"--loads: expected LO:HI, got {args.loads!r}")
-    if not 0 < lo <= hi or args.points < 1:
-        ap.error("--loads needs 0 < LO <= HI and --points >= 1")
+    if not 0 < lo <= hi < math.inf:
+        ap.error("--loads needs 0 < LO <= HI, both finite")
+    if bad := [m for m in map(grid.unknown_policy, args.policies) if m]:
+        ap.error(f"--policies: {bad[0]}")
     cell = grid.find_cell(args.cell)
     if cell is None:
         ap.error(f"--cell: unknown cell {args.cell!r}; known: {', '.join(c.name for c in grid.ALL_CELLS)}, rS.I")
@@ -53,7 +56,7 @@ def main() -> None:
     print(f"{cell.name}: requests {args.skip + 1}-{args.skip + args.requests}, seed {args.seed}\n")
     print("| policy | mean attainment | " + " | ".join(f"{x:.3f}" for x in loads) + " |")
     print("|---|---:|" + "---:|" * len(loads))
-    for p in args.policies.split(","):
+    for p in args.policies:
         att = [spec.run(p, float(x))[0]["slo_attainment"] for x in loads]
         print(f"| {p} | {np.mean(att):.4f} | " + " | ".join(f"{a:.3f}" for a in att) + " |", flush=True)
 

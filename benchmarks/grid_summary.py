@@ -146,6 +146,8 @@ def _span(xs: list[float], geo: bool = True) -> str:
         return "none"
     if not geo:
         return f"{min(xs):.2f}-{max(xs):.2f}"
+    if min(xs) <= 0:  # a zero capacity (none held the SLO): no geometric mean
+        return f"{min(xs):.2f}-{max(xs):.2f}x"
     return f"{min(xs):.2f}-{max(xs):.2f}x (geometric mean {math.exp(sum(map(math.log, xs)) / len(xs)):.2f}x)"
 
 

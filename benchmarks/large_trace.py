@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import arg_list, arg_number, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, child_failed, child_process, run_script
 from rlpredict.outputs import atomic_path, mark_owned, work_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,11 +142,11 @@ def _child(stage: str, path: Path, args: argparse.Namespace, n: int = 0, policy:
     cmd = [sys.executable, __file__, "--_stage", stage, "--_path", str(path), "--_n", str(n),
            "--_policy", policy, "--rate", str(args.rate), "--seed", str(args.seed),
            "--threads", str(args.threads), "--profile", args.profile]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if done.returncode != 0:  # the child's own one line (``run_script``), as this run's
-        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1].removeprefix("error: ")
-        sys.exit(f"stage {stage}{' ' + policy if policy else ''}: {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    with child_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) as proc:
+        out, err = proc.communicate()
+    if proc.returncode:
+        child_failed(f"stage {stage}{' ' + policy if policy else ''}", proc.returncode, err)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--profile", default="llama3-8b-h100-80gb", help="cost-model profile")
     ap.add_argument("--rate", type=arg_number(float, 0, low_open=True), default=12.0, help="arrival rate, requests/s")
     ap.add_argument("--threads", type=arg_number(int, 1), default=2, help="ONNX Runtime threads for annotate")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=arg_number(int, 0), default=0)
     ap.add_argument("--out", default=str(REPO / "runs" / "large_trace"), help="folder for the traces")
     ap.add_argument("--_stage", help=argparse.SUPPRESS)
     ap.add_argument("--_path", help=argparse.SUPPRESS)

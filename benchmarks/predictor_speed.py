@@ -37,7 +37,6 @@ bundles and torch is measured too (the ``[train]`` extra).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import random
@@ -52,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import arg_number, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"
@@ -63,22 +62,21 @@ def load_requests(path: Path, n: int, seed: int = 0) -> list[list[dict]]:
     rng = random.Random(seed)
     picked: list[list[dict]] = []
     seen = 0
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for n_line, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n_line}: not a JSON row ({e})") from None
-            conv = (row.get("conversation") if isinstance(row, dict) else None) or []
-            if not isinstance(conv, list) or len(conv) < 2 or not isinstance(conv[-1], dict) \
-                    or conv[-1].get("role") != "assistant":
-                continue
-            ctx = conv[:-1]
-            seen += 1
-            if len(picked) < n:  # reservoir sampling: bounded memory over the whole file
-                picked.append(ctx)
-            elif (j := rng.randrange(seen)) < n:
-                picked[j] = ctx
+    from rlpredict.records import RecordError, iter_rows
+
+    for _, row in iter_rows(path):
+        if isinstance(row, RecordError):
+            raise row
+        conv = (row.get("conversation") if isinstance(row, dict) else None) or []
+        if not isinstance(conv, list) or len(conv) < 2 or not isinstance(conv[-1], dict) \
+                or conv[-1].get("role") != "assistant":
+            continue
+        ctx = conv[:-1]
+        seen += 1
+        if len(picked) < n:  # reservoir sampling: bounded memory over the whole file
+            picked.append(ctx)
+        elif (j := rng.randrange(seen)) < n:
+            picked[j] = ctx
     if not picked:
         sys.exit(f"{path}: no rows with a conversation ending in an assistant response")
     return picked
@@ -314,6 +312,8 @@ def labelled_accuracy(rows: list[dict], rts: dict, bundle: Path, args: argparse.
     samples, _ = load_samples([str(args.labelled)], on_error="skip")
     attach_rl(samples, p.bundle.rl_tokenizer)
     samples = [s for s in samples if s.rl_tokens is not None]
+    if not samples:
+        raise ValueError(f"{args.labelled}: no chat rows with a response (--labelled needs them)")
     labels = p.scheme.bucket_of([s.rl_tokens for s in samples])
     gens = [s.generator for s in samples]
     for row, rt in zip(rows, rts.values(), strict=True):
@@ -391,6 +391,9 @@ def measure_torch(model: Path, requests: list, args: argparse.Namespace) -> dict
             "p99_ms": percentile_ms(lat, 99), "buckets": pred}
 
 
+LONG_KINDS = ("prose", "cjk", "spaces")
+
+
 def long_text(kind: str, chars: int) -> str:
     """A prompt of ``chars`` characters: English prose, CJK without spaces, or spaces."""
     if kind == "prose":
@@ -421,7 +424,7 @@ def long_prompts(bundle: Path, args: argparse.Namespace) -> list[dict]:
     import subprocess
 
     rows = []
-    for kind in args.long_kinds.split(","):
+    for kind in args.long_kinds:
         for which in ("old", "new"):
             code = _LONG.format(here=str(Path(__file__).parent), bundle=str(bundle), threads=args.threads,
                                 which=which, kind=kind, chars=int(args.long_prompt_mb * 1e6))
@@ -518,7 +521,7 @@ def main() -> None:
     ap.add_argument("--fp32-reference", action="store_true",
                     help="With --labelled and an int8 bundle: accuracy of its dequantized fp32 copy (needs onnx).")
     ap.add_argument("--long-prompt-mb", type=arg_number(float, 0, low_open=True), help="Also time predict_one on one prompt this big.")
-    ap.add_argument("--long-kinds", default="prose", help="Long prompts: prose,cjk,spaces.")
+    ap.add_argument("--long-kinds", type=arg_list(str), default="prose", help="Long prompts: prose,cjk,spaces.")
     ap.add_argument("--check-cut", action="store_true",
                     help="Also check cut-before-tokenizing against whole texts on all of --data.")
     ap.add_argument("--json", action="store_true", help="Also print the rows as JSON.")
@@ -526,6 +529,14 @@ def main() -> None:
     for path in (args.data, args.labelled, *(args.bundle or [])):  # checked before the timing runs
         if path is not None and not path.exists():
             sys.exit(f"{path}: no such file or folder")
+    if args.labelled:  # rows with a response, or the accuracy would be NaN after the timing runs
+        from rlpredict.data import load_samples
+
+        if not any(s.rl_tokens is not None or s.response for s in load_samples([str(args.labelled)],
+                                                                             on_error="skip")[0]):
+            sys.exit(f"{args.labelled}: no chat rows with a response (--labelled needs them)")
+    if unknown := set(args.long_kinds) - set(LONG_KINDS):
+        ap.error(f"--long-kinds: unknown {', '.join(sorted(unknown))}; choose from {', '.join(LONG_KINDS)}")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")

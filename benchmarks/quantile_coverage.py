@@ -21,6 +21,7 @@ Then across sources (calibrate on one, check on another: not exchangeable, so no
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, action="append", required=True, help="labelled chat logs (repeatable)")
     ap.add_argument("--model", type=Path, default=None, help="bundle (default: the shipped one)")
-    ap.add_argument("--q", type=arg_number(float, 0, 1, low_open=True), default=0.9)
+    ap.add_argument("--q", type=arg_number(float, 0, 0.999, low_open=True), default=0.9)
     ap.add_argument("--splits", type=arg_number(int, 1), default=30)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -44,6 +45,9 @@ def main() -> None:
     p = Predictor.load(args.model)
     samples, load = load_samples(args.data)
     pool, how = held_out(samples, p.bundle.manifest, "test", None, None)
+    if len({s.group for s in pool}) < 2:
+        sys.exit(f"{', '.join(map(str, args.data))}: {len(pool)} held-out prompts; the splits need rows of at "
+                 "least two held-out conversations")
     attach_rl(pool, p.bundle.rl_tokenizer)
     probs = p.predict_arrays([s.messages for s in pool], [s.generator for s in pool]).probs
     rl = np.array([s.rl_tokens for s in pool], dtype=float)

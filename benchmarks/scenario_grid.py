@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -109,6 +110,7 @@ from ecoserve_sched.compare import (  # noqa: E402
     sustained,
 )
 from ecoserve_sched.cost_model import load_profile  # noqa: E402
+from ecoserve_sched.policies import policy_names  # noqa: E402
 from ecoserve_sched.policies.interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN_BUDGET  # noqa: E402
 from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
@@ -116,6 +118,8 @@ from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, poisson_
 from rlpredict.cli_boundary import arg_number, run_script  # noqa: E402
 from rlpredict.outputs import check_new_dir, check_paths, output_dir  # noqa: E402
 
+#: ``--cells random:N``: at most this many (each cell is minutes of work on two cores)
+MAX_RANDOM_CELLS = 1000
 POLICIES = ("vllm", "vllm-tuned", "vllm-v0", "sarathi", "orca", "s3", "sjf", "ecoserve", "ecoserve-oracle")
 
 #: ``vllm-tuned``: vLLM V1 with the best of these token budgets (max_num_batched_tokens) per cell,
@@ -298,6 +302,8 @@ def _turns_trace(name: str, samples: list, seed: int) -> Trace:
     from rlpredict.data import attach_rl
     from rlpredict.rl_tokenizers import count_tokens
 
+    if len(samples) < 2:
+        raise SystemExit(f"{name}: fewer than 2 requests left (--skip and --requests)")
     attach_rl(samples, "llama3")
     ctx = count_tokens(["\n".join(m["content"] for m in s.messages) for s in samples], "llama3")
     inp = np.maximum(np.asarray(ctx, dtype=np.int64), 1)
@@ -315,6 +321,15 @@ def _init_worker(skip: int, seed: int, confusion: Path | None = None, kv_scale: 
     """--skip, --seed, --confusion and --kv-scale, in every worker process."""
     _SLICE.update(skip=skip, seed=seed, confusion=load_confusion(confusion) if confusion else None,
                   kv_scale=kv_scale)
+
+
+def _pool_worker(*args: Any) -> None:
+    """A pool worker's start: ``_init_worker``. Ctrl-C and SIGTERM (to the whole process group,
+    as a terminal or ``timeout`` sends them) are left to the main process: it stops the pool,
+    each worker ends its running task, and no worker prints a traceback (``run_script``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _init_worker(*args)
 
 
 def spec_of(cell: Cell, shared: Path, n: int) -> RunSpec:
@@ -347,6 +362,18 @@ def budget_policy(name: str) -> str | None:
     b = name[5:]
     return None if b.isdigit() and int(b) > DEFAULT_MAX_RUNNING else \
         f"'{name}': vllm@B needs a whole number of tokens B > {DEFAULT_MAX_RUNNING} (vLLM's max_num_seqs)"
+
+
+def unknown_policy(name: str) -> str | None:
+    """Why ``name`` is no policy the grid runs (None if it is one): a registered policy,
+    ``vllm-tuned``, ``vllm@B`` (``budget_policy``) or vLLM's own scheduler (``*vllm-real``)."""
+    if name == "vllm-tuned" or name.endswith("vllm-real"):
+        return None
+    if name.startswith("vllm@"):
+        return budget_policy(name)
+    names = policy_names()
+    return None if name in names else f"unknown policy {name!r}; choose from {', '.join(sorted(names))}, " \
+        "vllm-tuned, vllm@B"
 
 
 def task_ceiling(cell: Cell, shared: Path, n: int) -> tuple[str, dict]:
@@ -406,11 +433,11 @@ def main() -> None:
                     "'heldout': the cells no policy constant was chosen on; 'synthetic': code completion "
                     "(a synthetic trace of the hidden Azure code trace's shape); 'random:N': N cells drawn "
                     "with --cell-seed from other traces x models x GPUs x SLOs x arrivals x KV sizes")
-    ap.add_argument("--cell-seed", type=int, default=0, help="seed of the cells 'random:N' draws")
+    ap.add_argument("--cell-seed", type=arg_number(int, 0), default=0, help="seed of the cells 'random:N' draws")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
     ap.add_argument("--workers", type=arg_number(int, 1), default=2, help="parallel processes")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N requests of each trace")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the predictions and synthetic arrivals")
+    ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="seed of the predictions and synthetic arrivals")
     ap.add_argument("--confusion", type=Path, help="confusion matrix the predictions are drawn from (a "
                     "confusion.json or a bundle; default: the shipped bundle's)")
     ap.add_argument("--kv-scale", type=float, default=1.0, metavar="F",
@@ -452,8 +479,8 @@ def main() -> None:
             names += [c.name for c in SYNTHETIC_CELLS]
         elif tok.startswith("random:"):
             count = tok.removeprefix("random:")
-            if not count.isdigit() or int(count) < 1:
-                ap.error(f"--cells: 'random:N' needs a whole number N >= 1, got {tok!r}")
+            if not count.isdigit() or not 1 <= int(count) <= MAX_RANDOM_CELLS:
+                ap.error(f"--cells: 'random:N' needs a whole number 1 <= N <= {MAX_RANDOM_CELLS}, got {tok!r}")
             drawn += random_cells(int(count), args.cell_seed)
             names += [c.name for c in drawn[-int(count):]]
         else:
@@ -466,7 +493,7 @@ def main() -> None:
     policies = args.policies.split(",")
     if "vllm" not in policies:
         ap.error("--policies must include vllm: every ratio is to vLLM V1")
-    if bad := [m for m in map(budget_policy, policies) if m]:
+    if bad := [m for m in map(unknown_policy, policies) if m]:
         ap.error(f"--policies: {bad[0]}")
     if args.out:  # checked before the work, written at its end
         check_paths([args.shared] + ([args.confusion] if args.confusion else []), [("--out", args.out)])
@@ -479,7 +506,7 @@ def main() -> None:
     t0 = time.time()
     overload: dict[tuple[str, str, float], dict] = {}
     sustained: dict[tuple[str, str], dict] = {}
-    with ProcessPoolExecutor(args.workers, initializer=_init_worker,
+    with ProcessPoolExecutor(args.workers, initializer=_pool_worker,
                              initargs=(args.skip, args.seed, args.confusion, args.kv_scale)) as pool:
         def starmap(fn, jobs: list[tuple]) -> list:
             return list(pool.map(fn, *zip(*jobs, strict=True), chunksize=1)) if jobs else []

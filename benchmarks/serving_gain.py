@@ -39,8 +39,6 @@ runs the mixes in parallel processes):
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import io
 import json
 import sys
@@ -59,7 +57,7 @@ from ecoserve_sched.cost_model import load_profile  # noqa: E402
 from ecoserve_sched.metrics import summarize  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import run  # noqa: E402
-from ecoserve_sched.trace import Trace, poisson_arrivals  # noqa: E402
+from ecoserve_sched.trace import Trace, poisson_arrivals, read_trace  # noqa: E402
 from rlpredict import Predictor  # noqa: E402
 from rlpredict.cli_boundary import arg_number, run_script  # noqa: E402
 from rlpredict.data import attach_rl, load_samples  # noqa: E402
@@ -121,17 +119,19 @@ def decode(name: str, probs: dict[str, np.ndarray], rl: np.ndarray, scheme, mode
     return np.stack([b, np.maximum(point, 1), np.maximum(res, 1)], axis=1).astype(np.int64)
 
 
-def azure_trace(shared: Path, rl: np.ndarray, max_requests: int | None, seed: int) -> tuple[Trace, np.ndarray]:
-    """The Azure trace with each request mapped to the held-out turn of closest RL."""
-    with gzip.open(shared / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz", "rt") as f:
-        rows = list(csv.DictReader(f))[:max_requests]
-    arr = np.array([float(r["arrival_time_s"]) for r in rows])
-    inp = np.array([int(r["input_tokens"]) for r in rows])
-    want = np.array([int(r["output_tokens"]) for r in rows])
+def azure_path(shared: Path) -> Path:
+    return shared / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
+
+
+def azure_trace(azure: Trace, rl: np.ndarray, seed: int) -> tuple[Trace, np.ndarray]:
+    """The Azure trace (``read_trace``, cut to ``--azure-requests``) with each request mapped to
+    the held-out turn of closest RL."""
+    n = len(azure)
+    arr, inp, want = azure.arrival_s, azure.input_tokens, azure.output_tokens
     order = np.argsort(rl, kind="stable")
     srt = rl[order]
     rng = np.random.default_rng(seed)
-    idx = np.empty(len(rows), dtype=np.int64)
+    idx = np.empty(n, dtype=np.int64)
     for i, w in enumerate(want.tolist()):
         lo, hi = np.searchsorted(srt, w, "left"), np.searchsorted(srt, w, "right")
         if hi > lo:  # exact matches: pick one at random
@@ -141,10 +141,10 @@ def azure_trace(shared: Path, rl: np.ndarray, max_requests: int | None, seed: in
             idx[i] = order[min(cands, key=lambda k: abs(srt[k] - w))]
     out = rl[idx].astype(np.int64)
     gap = np.abs(out - want)
-    print(f"Azure: {len(rows)} requests over {arr[-1] - arr[0]:.0f} s; |matched RL - Azure RL| median "
+    print(f"Azure: {n} requests over {arr[-1] - arr[0]:.0f} s; |matched RL - Azure RL| median "
           f"{np.median(gap):.0f}, p90 {np.quantile(gap, 0.9):.0f} tokens", flush=True)
     tr = Trace("azure_llm_2023_conv (RL-matched held-out ShareGPT turns)", arr, inp, out,
-               np.full(len(rows), 2048, dtype=np.int64))
+               np.full(n, 2048, dtype=np.int64))
     return tr, idx
 
 
@@ -291,6 +291,9 @@ def main() -> None:
             ap.error(f"--loads: expected LO:HI with 0 < LO <= HI, got {args.loads!r}")
     if args.points < 1 or args.workers < 1:
         ap.error("--points and --workers must be at least 1")
+    if "azure" in tnames:  # read (and checked) before the predictors' work
+        azure = read_trace(azure_path(args.shared))
+        azure = azure.head(args.azure_requests) if args.azure_requests else azure
     t0 = time.perf_counter()
 
     predictor = Predictor.load(args.model)
@@ -311,7 +314,7 @@ def main() -> None:
           f"{cost.gpu_memory_utilization:g}", flush=True)
     traces = {}
     if "azure" in tnames:
-        traces["azure"] = azure_trace(args.shared, rl, args.azure_requests, args.seed)
+        traces["azure"] = azure_trace(azure, rl, args.seed)
     if "sharegpt" in tnames:
         traces["sharegpt"] = (sharegpt_trace(test, rl, args.sharegpt_rate, args.seed), np.arange(len(test)))
     results: dict = {"profile": cost.name, "gpu_memory_utilization": cost.gpu_memory_utilization,
@@ -456,8 +459,13 @@ def report(dirs: list[Path], out: Path, *, force: bool) -> None:
                 not all(isinstance(t, dict) and {"vllm", "ecoserve"} <= t.keys() for t in traces.values()):
             raise ValueError(f"{f}: not a results.json of this script (no 'traces' with vLLM and EcoServe runs)")
         results.append(r)
-    write_bytes_atomic(out, plot(results))
-    print("\n\n".join(markdown(r) for r in results))
+    try:
+        png, text = plot(results), "\n\n".join(markdown(r) for r in results)
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise ValueError(f"{', '.join(map(str, files))}: not results.json files of this script "
+                         f"({type(e).__name__}: {e})") from None
+    write_bytes_atomic(out, png)
+    print(text)
     print(f"wrote {out}")
 
 

@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--trace", default=str(DEFAULT_TRACE))
     ap.add_argument("--profile", default="llama2-13b-a100-80gb")
     ap.add_argument("--confusion", default=str(DEFAULT_CONFUSION), help="measured confusion.json (or bundle)")
-    ap.add_argument("--predictions", default="confusion", choices=SOURCES)
+    ap.add_argument("--predictions", default="confusion", choices=[s for s in SOURCES if s != "bundle"],
+                    help="predictions drawn from --confusion, the trace's own (annotated) or the true lengths")
     ap.add_argument("--policies", type=arg_list(str), default=ALL)
     ap.add_argument("--rate-scales", type=arg_list(arg_number(float, 0, low_open=True)), default="0.1,0.2,0.3,0.4")
     ap.add_argument("--capacity-policies", type=arg_list(str),
@@ -74,9 +75,10 @@ def main() -> None:
     caps = {}
     for p in args.capacity_policies:
         c = capacity(spec, p, hi=args.capacity_start)
-        caps[p] = c["max_rate_scale"]
-        ratio = caps[p] / caps["vllm"] if caps.get("vllm") else float("nan")
-        lines.append(f"| {p} | {caps[p]:.3f} | {ratio:.2f} | {len(c['probes'])} |")
+        caps[p] = c["max_rate_scale"]  # None: no load probed held the SLO
+        ratio = f"{caps[p] / caps['vllm']:.2f}" if caps[p] and caps.get("vllm") else "n/a"
+        cap = "none" if caps[p] is None else f"{caps[p]:.3f}"
+        lines.append(f"| {p} | {cap} | {ratio} | {len(c['probes'])} |")
     print("\n" + "\n".join(lines))
     with output_dir(args.out, force=args.force, tool=TOOL, rerun=True) as tmp:
         write_report(rows, tmp, header=f"trace {Path(args.trace).name}, profile {cost.name}")

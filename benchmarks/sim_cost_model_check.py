@@ -72,6 +72,8 @@ def main() -> int:
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise ValueError(f"{path}: not a DistServe profile with OPT-13B at tensor parallel 1 "
                          f"({type(e).__name__}: {e})") from None
+    if bad := [label for label, _, y in rows if not y > 0]:
+        raise ValueError(f"{path}: the profile gives {bad[0]} no positive time")
     model = load_profile(args.profile)
     if args.fit:
         model = fit_profile([(*x, y) for _, x, y in rows], model, f"{model.name}-fit")

@@ -166,6 +166,16 @@ def main() -> None:
     for path in (args.trace, args.confusion):
         if not path.is_file():
             sys.exit(f"{path}: no such file")
+    from ecoserve_sched.cost_model import (
+        load_profile,  # this tree's rules, before any worker starts
+    )
+    from ecoserve_sched.policies import policy_names
+    from ecoserve_sched.predictions import load_confusion
+
+    load_profile(args.profile)
+    load_confusion(args.confusion)
+    if unknown := [p for p in args.policies if p not in policy_names()]:
+        ap.error(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(sorted(policy_names()))}")
     if args.instructions:
         if shutil.which("valgrind") is None:
             sys.exit("--instructions needs valgrind on the PATH")

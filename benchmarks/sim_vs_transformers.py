@@ -122,10 +122,10 @@ def main() -> None:
     ap.add_argument("--threads", type=arg_number(int, 1), default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    from ecoserve_sched.policies.registry import POLICIES  # filled when the package is imported
+    from ecoserve_sched.policies import policy_names
 
-    if unknown := [p for p in args.policies if p not in POLICIES]:
-        ap.error(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(sorted(POLICIES))}")
+    if unknown := [p for p in args.policies if p not in policy_names()]:
+        ap.error(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(sorted(policy_names()))}")
 
     import torch
 

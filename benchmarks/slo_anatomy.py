@@ -34,7 +34,7 @@ import scenario_grid as grid
 from ecoserve_sched.cost_model import prefill_ctx_tokens
 from ecoserve_sched.policies.interface import DEFAULT_TOKEN_BUDGET
 from ecoserve_sched.simulator import iteration_table
-from rlpredict.cli_boundary import arg_number, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, run_script
 
 
 def prefill_s(cost: object, prompt: int, budget: int) -> float:
@@ -91,16 +91,16 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, required=True, help="the shared data folder (../shared/data)")
     ap.add_argument("--cell", required=True, help="a cell of benchmarks/scenario_grid.py, or a random draw's "
                     "cell by its rS.I prefix (cell I of --cells random:N --cell-seed S)")
-    ap.add_argument("--loads", default="0.02,0.06,0.12,0.2", type=lambda s: [float(x) for x in s.split(",")])
-    ap.add_argument("--policies", default="vllm,ecoserve", type=lambda s: s.split(","))
+    ap.add_argument("--loads", default="0.02,0.06,0.12,0.2", type=arg_list(arg_number(float, 0, low_open=True)))
+    ap.add_argument("--policies", default="vllm,ecoserve", type=arg_list(str))
     ap.add_argument("--requests", type=arg_number(int, 2), default=6000, help="first N requests of the trace")
     ap.add_argument("--budget", type=arg_number(int, 1), default=DEFAULT_TOKEN_BUDGET, help="the reference's prefill chunk")
     args = ap.parse_args()
     cell = grid.find_cell(args.cell)
     if cell is None:
         ap.error(f"--cell: unknown cell {args.cell!r}; known: {', '.join(c.name for c in grid.ALL_CELLS)}, rS.I")
-    if not all(x > 0 for x in args.loads):
-        ap.error("--loads must be positive rate scales")
+    if bad := [m for m in map(grid.unknown_policy, args.policies) if m]:
+        ap.error(f"--policies: {bad[0]}")
     t0 = time.time()
     grid._init_worker(0, 0)
     spec, _ = grid.resolve(cell, "vllm", args.shared, args.requests)

@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ecoserve_sched.cost_model import load_profile  # noqa: E402
-from rlpredict.cli_boundary import run_script  # noqa: E402
+from rlpredict.cli_boundary import arg_number, run_script  # noqa: E402
 from rlpredict.outputs import check_file_output, write_text_atomic  # noqa: E402
 
 SAMPLE = ROOT / "rlpredict" / "samples" / "sharegpt_sample.jsonl.gz"
@@ -288,29 +288,29 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", type=Path, default=SAMPLE,
                     help="ShareGPT-format .jsonl.gz (fields conversation or prompt, response); "
                          "default: the packaged sample")
-    ap.add_argument("--max-conversations", type=int, default=2000, help="read at most this many rows")
+    ap.add_argument("--max-conversations", type=arg_number(int, 1), default=2000, help="read at most this many rows")
     ap.add_argument("--history", action="store_true",
                     help="send each row's whole conversation (default: its last user message, as "
                          "vLLM's ShareGPT benchmark sends the first turn)")
-    ap.add_argument("--rate", type=float, default=100.0, help="arrivals per second")
-    ap.add_argument("--duration", type=float, default=20.0, help="simulated seconds of arrivals")
-    ap.add_argument("--middleware-requests", type=int, default=300,
+    ap.add_argument("--rate", type=arg_number(float, 0, low_open=True), default=100.0, help="arrivals per second")
+    ap.add_argument("--duration", type=arg_number(float, 0, low_open=True), default=20.0, help="simulated seconds of arrivals")
+    ap.add_argument("--middleware-requests", type=arg_number(int, 1), default=300,
                     help="requests sent through the middleware (open loop at --rate)")
-    ap.add_argument("--alone", type=int, default=100,
+    ap.add_argument("--alone", type=arg_number(int, 1), default=100,
                     help="requests sent through the middleware one at a time first")
     ap.add_argument("--profile", default="llama3-8b-h100-80gb", help="cost profile for model time")
     ap.add_argument("--model-name", default="meta-llama/Meta-Llama-3-8B-Instruct",
                     help="the served model's name in the request bodies")
-    ap.add_argument("--max-tokens", type=int, default=2048, help="max_tokens of every request")
-    ap.add_argument("--max-prompt-tokens", type=int, default=4096, help="prompts are cut to this")
-    ap.add_argument("--max-num-seqs", type=int, default=1024, help="vLLM's (default on an H100: 1024)")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
+    ap.add_argument("--max-tokens", type=arg_number(int, 1), default=2048, help="max_tokens of every request")
+    ap.add_argument("--max-prompt-tokens", type=arg_number(int, 1), default=4096, help="prompts are cut to this")
+    ap.add_argument("--max-num-seqs", type=arg_number(int, 1), default=1024, help="vLLM's (default on an H100: 1024)")
+    ap.add_argument("--max-num-batched-tokens", type=arg_number(int, 1), default=8192,
                     help="vLLM's (default for `vllm serve` on an H100: 8192)")
-    ap.add_argument("--repeat", type=int, default=5,
+    ap.add_argument("--repeat", type=arg_number(int, 1), default=5,
                     help="runs of the vllm and eco-middleware modes, stepped in turn (the best is "
                          "reported); eco-engine runs once")
-    ap.add_argument("--threads", type=int, default=2, help="the middleware's prediction threads")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=arg_number(int, 1), default=2, help="the middleware's prediction threads")
+    ap.add_argument("--seed", type=arg_number(int, 0), default=0)
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = ap.parse_args(argv)

@@ -22,6 +22,7 @@ import contextlib
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 import zlib
@@ -126,12 +127,46 @@ def run_script(main: Callable[[], Any]) -> NoReturn:
             raise
         code, line = 2, f"error: {' '.join(e.code.split())}"
         print(line, file=sys.stderr, flush=True)
+    except BrokenPipeError:  # the reader left (``| head``): stop quietly, as a shell tool does
+        with contextlib.suppress(OSError, ValueError):  # no flush error at exit either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     except (KeyboardInterrupt, Exception) as e:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         code, line = failure(e, f"{DEBUG_ENV}=1", "interrupted: no file was left half-written")
         print(line, file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def child_process(cmd: list[str], **popen_kw: Any) -> Iterator[subprocess.Popen]:
+    """A script's child process (``subprocess.Popen(cmd, **popen_kw)``) that ends with the
+    script: if the block fails or is interrupted, the child gets SIGTERM, so that its own
+    ``run_script`` removes what it half-wrote (SIGKILL after 30 s)."""
+    proc = subprocess.Popen(cmd, **popen_kw)
+    try:
+        yield proc
+    except BaseException:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+
+
+def child_failed(what: str, returncode: int, stderr: str) -> NoReturn:
+    """Fail as a child (run under ``run_script``) failed: its last stderr line, prefixed with
+    ``what``, as this script's bug (exit 1), interrupt (130) or error (2)."""
+    last = (stderr.strip().splitlines() or [f"exit {returncode}"])[-1]
+    if returncode == 130:
+        raise KeyboardInterrupt
+    if returncode == 1:
+        raise RuntimeError(f"{what}: {last}")
+    raise SystemExit(f"{what}: {last.removeprefix('error: ')}")
 
 
 # ---- argparse types for the scripts (a bad value: argparse's usage line naming the option) -------

@@ -184,9 +184,19 @@ def check_new_dir(path: str | Path, *, force: bool, option: str, rerun: str | No
     check_parent(p, option)
     if not p.exists() or not any(p.iterdir()):
         return
-    if not force and not (rerun and written_by(p) == rerun):
+    if not force and not (rerun and _tools(p) == {rerun}):
         raise OutputError(f"{p}: exists; pass --force to replace it ({option})")
     _refuse_foreign(p, option)
+
+
+def _tools(folder: Path) -> set[str | None]:
+    """The tools named by ``folder``'s ``OWNER_FILE`` and by those of its sub-folders that carry
+    their own (the ones ``foreign_entries`` counts as ours)."""
+    tools = {written_by(folder)}
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink() and (entry / OWNER_FILE).is_file():
+            tools |= _tools(entry)
+    return tools
 
 
 def written_by(folder: Path) -> str | None:
@@ -262,7 +272,10 @@ def _replace_dir(tmp: Path, out: Path, *, force: bool, option: str, rerun: str |
     except BaseException:
         os.replace(old, out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # ``out`` was a link: the link goes, the folder it named is left as it was
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def mark_owned(folder: str | Path, tool: str, names: Iterable[str]) -> None:

@@ -26,7 +26,7 @@ import io
 import json
 import sys
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -442,6 +442,19 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
         yield from readers[fmt](p, gz)
     except COMPRESSION_ERRORS as e:
         raise corrupt_compressed(p, e) from None
+
+
+def rows_with(path: str | Path, fields: Sequence[str]) -> Iterator[dict]:
+    """The rows of ``path`` (``iter_rows``), each an object holding every one of ``fields``; the
+    first bad row or missing field stops with a :class:`RecordError` naming file and line."""
+    for loc, row in iter_rows(path):
+        if isinstance(row, RecordError):
+            raise row
+        if not isinstance(row, dict):
+            raise RecordError(loc, "not a JSON object")
+        if missing := [f for f in fields if f not in row]:
+            raise RecordError(loc, "missing", missing[0])
+        yield row
 
 
 def _at(e: RecordError, loc: str) -> RecordError:

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from rlpredict.cli_boundary import DEBUG_ENV, arg_list, arg_number, run_script
+from rlpredict.cli_boundary import (
+    DEBUG_ENV,
+    arg_list,
+    arg_number,
+    child_failed,
+    child_process,
+    run_script,
+)
 from rlpredict.outputs import (
     OWNER_FILE,
     OutputError,
@@ -124,6 +131,21 @@ def test_a_rerun_replaces_its_own_folder_and_no_other(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="pass --force"), output_dir(model, force=False, tool="script", rerun=True):
         pass
     assert (model / "model.safetensors").read_text() == "weights"
+    model.rename(out / "model")  # another tool's folder inside the script's own: not replaced either
+    with pytest.raises(OutputError, match="pass --force"), output_dir(out, force=False, tool="script", rerun=True):
+        pass
+    assert (out / "model" / "model.safetensors").read_text() == "weights"
+
+
+def test_a_linked_output_folder_leaves_no_stray_link(tmp_path: Path) -> None:
+    target, link = tmp_path / "target", tmp_path / "link"
+    with output_dir(target, force=False, tool="t") as tmp:
+        (tmp / "a.json").write_text("1")
+    link.symlink_to(target)
+    with output_dir(link, force=False, tool="t", rerun=True) as tmp:
+        (tmp / "a.json").write_text("2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+    assert (link / "a.json").read_text() == "2" and (target / "a.json").read_text() == "1"
 
 
 def test_a_failed_write_leaves_no_folder(tmp_path: Path) -> None:
@@ -133,6 +155,25 @@ def test_a_failed_write_leaves_no_folder(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), output_dir(tmp_path / "c" / "d", force=False, tool="t"):
         raise RuntimeError
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_child_process_ends_with_its_script(tmp_path: Path) -> None:
+    marker = tmp_path / "done"
+    cmd = [sys.executable, "-c", f"import time; time.sleep(5); open({str(marker)!r}, 'w')"]
+    with pytest.raises(KeyboardInterrupt), child_process(cmd) as proc:
+        raise KeyboardInterrupt  # the script is interrupted while its child runs
+    assert proc.poll() is not None and not marker.exists()
+    with pytest.raises(SystemExit, match="stage build: bad seed"):
+        child_failed("stage build", 2, "error: bad seed\n")
+    with pytest.raises(RuntimeError, match="stage build: internal error"):
+        child_failed("stage build", 1, "internal error (a bug): KeyError\n")
+
+
+def test_a_closed_pipe_ends_quietly(capsys, monkeypatch) -> None:
+    def piped():
+        raise BrokenPipeError(32, "Broken pipe")  # what print raises once `| head` has left
+
+    assert _exit(piped, capsys, monkeypatch) == (141, "")
 
 
 def test_argparse_types() -> None:
@@ -159,6 +200,11 @@ def _one_error(res: subprocess.CompletedProcess, *parts: str) -> None:
 
 def test_a_missing_input_is_one_line(tmp_path: Path) -> None:
     _one_error(_run("benchmarks/sim_speed.py", "--trace", tmp_path / "none.csv"), "none.csv")
+
+
+def test_policy_names_are_checked_before_the_work() -> None:
+    res = _run("benchmarks/sim_vs_transformers.py", "--policies", "ecoserve,nosuch")
+    assert res.returncode == 2 and "unknown nosuch; choose from" in res.stderr and "ecoserve, ecoserve-" in res.stderr
 
 
 def test_heldout_rows_never_writes_over_its_input(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_number, run_script
 from rlpredict.outputs import check_paths, work_folder, write_owned
 from rlpredict.serve.runtime import Predictor
 from rlpredict.train.baselines import TfidfLogistic
@@ -155,14 +155,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--config", required=True, help="the predictor's recipe (TOML)")
     ap.add_argument("--bundle", required=True, help="the shipped bundle folder")
     ap.add_argument("--out", required=True, help="output folder (report.md, results.json)")
-    ap.add_argument("--stack-rows", type=int, default=4000, help="stacking-fit rows per source, at most")
-    ap.add_argument("--folds", type=int, default=3, help="group folds for the TF-IDF out-of-fold probabilities")
+    ap.add_argument("--stack-rows", type=arg_number(int, 10), default=4000, help="stacking-fit rows per source, at most")
+    ap.add_argument("--folds", type=arg_number(int, 2), default=3, help="group folds for the TF-IDF out-of-fold probabilities")
     ap.add_argument("--ridge", action="store_true", help="also the stacker with the TF-IDF ridge prediction")
-    ap.add_argument("--timing-prompts", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0, help="stacking-fit groups' order and folds")
+    ap.add_argument("--timing-prompts", type=arg_number(int, 1), default=200)
+    ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="stacking-fit groups' order and folds")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse OUT/cache.pkl (probabilities, fitted TF-IDF) when its rows match")
-    ap.add_argument("--threads", type=int, default=None, help="encoder threads (default: all usable cores)")
+    ap.add_argument("--threads", type=arg_number(int, 1), default=None, help="encoder threads (default: all usable cores)")
     args = ap.parse_args(argv)
     check_paths([args.config, args.bundle], [("--out", args.out)], apart=[args.bundle])
     out = work_folder(args.out, tool=TOOL, option="--out")  # a new folder or this script's (its cache.pkl)

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import csv
 import gzip
 import io
 import json
 import random
 from pathlib import Path
 
+from ecoserve_sched.trace import read_trace
 from rlpredict.cli_boundary import arg_number, run_script
 from rlpredict.outputs import check_file_output, write_bytes_atomic
+from rlpredict.records import rows_with
 from rlpredict.rl_tokenizers import count_tokens
 from rlpredict.splits import in_test
 
@@ -44,15 +45,14 @@ def main() -> None:
     sharegpt_path = shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"
     check_file_output(args.out, force=args.force, option="--out", inputs=[azure_path, sharegpt_path])
 
-    with gzip.open(azure_path, "rt") as f:
-        azure = [r for _, r in zip(range(args.requests), csv.DictReader(f), strict=False)]
+    trace = read_trace(azure_path).head(args.requests)  # checked row by row, named by file and line
+    azure = [{"arrival_time_s": a, "input_tokens": i, "output_tokens": o} for a, i, o in
+             zip(trace.arrival_s, trace.input_tokens.tolist(), trace.output_tokens.tolist(), strict=True)]
 
     turns = []
-    with gzip.open(sharegpt_path, "rt", encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if in_test(r["conversation_id"], 0.1, 0) and r["prompt"].strip():
-                turns.append(r)
+    for r in rows_with(sharegpt_path, ("conversation_id", "prompt", "response", "generator", "turn")):
+        if in_test(r["conversation_id"], 0.1, 0) and r["prompt"].strip():
+            turns.append(r)
     rl = count_tokens([t["response"] for t in turns], "llama3")
     pool = sorted(zip(rl, range(len(turns)), strict=True))  # (response tokens, turn index), unused ones
     print(f"{len(turns)} held-out ShareGPT turns, {len(azure)} Azure requests")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rlpredict.cli_boundary import run_script
 from rlpredict.outputs import check_file_output, write_bytes_atomic
+from rlpredict.records import rows_with
 
 OUT = Path(__file__).resolve().parents[1] / "rlpredict" / "samples"
 
@@ -43,19 +44,13 @@ def main() -> None:
     for name in ("sharegpt_sample.jsonl.gz", "alpaca_sample.jsonl.gz"):
         check_file_output(OUT / name, force=args.force, option="the bundled sample")
 
-    sharegpt = []
-    with gzip.open(shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz", "rt", encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if _h("s:" + r["conversation_id"]) < 0.012 and sum(len(m["content"]) for m in r["conversation"]) < 6000:
-                sharegpt.append(r)
+    sharegpt = [r for r in rows_with(shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz", ("conversation_id", "conversation"))
+                if _h("s:" + r["conversation_id"]) < 0.012 and sum(len(m["content"]) for m in r["conversation"]) < 6000]
     alpaca = []
-    with gzip.open(shared / "alpaca_eval_outputs" / "alpaca_eval_outputs.jsonl.gz", "rt", encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if _h("a:" + r["prompt_id"]) < 0.04 and _h("g:" + r["model_dir"]) < 0.25:
-                r.pop("conversation", None)  # prompt/response carry the same text
-                alpaca.append(r)
+    for r in rows_with(shared / "alpaca_eval_outputs" / "alpaca_eval_outputs.jsonl.gz", ("prompt_id", "model_dir")):
+        if _h("a:" + r["prompt_id"]) < 0.04 and _h("g:" + r["model_dir"]) < 0.25:
+            r.pop("conversation", None)  # prompt/response carry the same text
+            alpaca.append(r)
     _write(OUT / "sharegpt_sample.jsonl.gz", sharegpt[:400])  # both read before either is written
     _write(OUT / "alpaca_sample.jsonl.gz", alpaca[:300])
 
