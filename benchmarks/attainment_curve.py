@@ -45,19 +45,20 @@ def main() -> None:
         ap.error(f"--loads: expected LO:HI, got {args.loads!r}")
     if not 0 < lo <= hi < math.inf:
         ap.error("--loads needs 0 < LO <= HI, both finite")
-    if bad := [m for m in map(grid.unknown_policy, args.policies) if m]:
+    if bad := [m for p in args.policies if (m := grid.unknown_policy(p, tuned=False))]:
         ap.error(f"--policies: {bad[0]}")
     cell = grid.find_cell(args.cell)
     if cell is None:
         ap.error(f"--cell: unknown cell {args.cell!r}; known: {', '.join(c.name for c in grid.ALL_CELLS)}, rS.I")
     grid._init_worker(args.skip, args.seed)  # the grid's slice and seed, as in its worker processes
-    spec = grid.spec_of(cell, args.shared, args.requests)
+    grid.spec_of(cell, args.shared, args.requests)  # the trace, read (and checked) before the work
     loads = np.linspace(lo, hi, args.points)
     print(f"{cell.name}: requests {args.skip + 1}-{args.skip + args.requests}, seed {args.seed}\n")
     print("| policy | mean attainment | " + " | ".join(f"{x:.3f}" for x in loads) + " |")
     print("|---|---:|" + "---:|" * len(loads))
     for p in args.policies:
-        att = [spec.run(p, float(x))[0]["slo_attainment"] for x in loads]
+        spec_p, run_as = grid.resolve(cell, p, args.shared, args.requests)  # vllm@B: vLLM V1 at budget B
+        att = [spec_p.run(run_as, float(x))[0]["slo_attainment"] for x in loads]
         print(f"| {p} | {np.mean(att):.4f} | " + " | ".join(f"{a:.3f}" for a in att) + " |", flush=True)
 
 

@@ -364,16 +364,17 @@ def budget_policy(name: str) -> str | None:
         f"'{name}': vllm@B needs a whole number of tokens B > {DEFAULT_MAX_RUNNING} (vLLM's max_num_seqs)"
 
 
-def unknown_policy(name: str) -> str | None:
+def unknown_policy(name: str, tuned: bool = True) -> str | None:
     """Why ``name`` is no policy the grid runs (None if it is one): a registered policy,
-    ``vllm-tuned``, ``vllm@B`` (``budget_policy``) or vLLM's own scheduler (``*vllm-real``)."""
-    if name == "vllm-tuned" or name.endswith("vllm-real"):
+    ``vllm@B`` (``budget_policy``; run through ``resolve``), vLLM's own scheduler
+    (``*vllm-real``) or, with ``tuned`` (the grid's search itself), ``vllm-tuned``."""
+    if (tuned and name == "vllm-tuned") or name.endswith("vllm-real"):
         return None
     if name.startswith("vllm@"):
         return budget_policy(name)
     names = policy_names()
     return None if name in names else f"unknown policy {name!r}; choose from {', '.join(sorted(names))}, " \
-        "vllm-tuned, vllm@B"
+        f"vllm@B{', vllm-tuned' if tuned else ''}"
 
 
 def task_ceiling(cell: Cell, shared: Path, n: int) -> tuple[str, dict]:

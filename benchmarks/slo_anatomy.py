@@ -99,7 +99,7 @@ def main() -> None:
     cell = grid.find_cell(args.cell)
     if cell is None:
         ap.error(f"--cell: unknown cell {args.cell!r}; known: {', '.join(c.name for c in grid.ALL_CELLS)}, rS.I")
-    if bad := [m for m in map(grid.unknown_policy, args.policies) if m]:
+    if bad := [m for p in args.policies if (m := grid.unknown_policy(p, tuned=False))]:
         ap.error(f"--policies: {bad[0]}")
     t0 = time.time()
     grid._init_worker(0, 0)

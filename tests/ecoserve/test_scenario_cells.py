@@ -53,6 +53,15 @@ def test_vllm_at_a_budget_is_vllm_with_that_token_budget(grid) -> None:
     assert grid.DEFAULT_TOKEN_BUDGET in grid.TUNED_BUDGETS  # the default is one of the tuned runs
 
 
+def test_policy_names_the_grid_and_its_helpers_run(grid) -> None:
+    for name in ("ecoserve", "vllm-v0", "vllm@1024", "vllm-tuned", "vllm-real"):
+        assert grid.unknown_policy(name) is None, name
+    assert "vllm-tuned" in grid.unknown_policy("nosuch")
+    assert grid.unknown_policy("vllm@1024", tuned=False) is None  # attainment_curve, slo_anatomy: resolve()
+    assert "unknown policy 'vllm-tuned'" in grid.unknown_policy("vllm-tuned", tuned=False)
+    assert "vllm@B" in grid.unknown_policy("vllm@0")
+
+
 def test_random_cells_are_servable_scenarios(grid) -> None:
     profiles = set(list_profiles())
     for cell in grid.random_cells(40, 3):
