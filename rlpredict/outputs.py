@@ -232,8 +232,10 @@ def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out
     """Build a folder output: yield an empty temporary folder beside ``path``; on success it
     gets ``OWNER_FILE`` and replaces ``path`` (checked by ``check_new_dir``; ``rerun``: a
     folder ``tool`` wrote is replaced without ``force``); on any error or interrupt it is
-    removed and ``path`` is left as it was."""
+    removed and ``path`` is left as it was. A link to a folder is followed: the link stays."""
     out = Path(path)
+    if out.is_symlink() and out.is_dir():
+        out = out.resolve()
     own = tool if rerun else None
     check_new_dir(out, force=force, option=option, rerun=own)
     with _parent_made(out):
@@ -272,10 +274,7 @@ def _replace_dir(tmp: Path, out: Path, *, force: bool, option: str, rerun: str |
     except BaseException:
         os.replace(old, out)
         raise
-    if old.is_symlink():  # ``out`` was a link: the link goes, the folder it named is left as it was
-        old.unlink()
-    else:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def mark_owned(folder: str | Path, tool: str, names: Iterable[str]) -> None:
