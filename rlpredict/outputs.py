@@ -308,7 +308,8 @@ def work_folder(path: str | Path, *, tool: str, option: str) -> Path:
     check_parent(p, option)
     if p.is_dir() and any(p.iterdir()):
         _refuse_foreign(p, option)
-        if (other := written_by(p)) != tool:
+        if (tools := _tools(p)) != {tool}:  # another tool's, or one nested in it: the rule of ``check_new_dir``
+            other = ", ".join(sorted(str(t) for t in tools - {tool}))
             raise OutputError(f"{p}: {option} is {other}'s output folder, not {tool}'s; choose another path")
     return p
 
