@@ -86,10 +86,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -115,7 +113,7 @@ from ecoserve_sched.policies.interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN
 from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, poisson_arrivals, read_trace  # noqa: E402
-from rlpredict.cli_boundary import arg_number, run_script  # noqa: E402
+from rlpredict.cli_boundary import arg_number, run_script, worker_pool  # noqa: E402
 from rlpredict.outputs import check_new_dir, check_paths, output_dir  # noqa: E402
 
 #: ``--cells random:N``: at most this many (each cell is minutes of work on two cores)
@@ -323,15 +321,6 @@ def _init_worker(skip: int, seed: int, confusion: Path | None = None, kv_scale: 
                   kv_scale=kv_scale)
 
 
-def _pool_worker(*args: Any) -> None:
-    """A pool worker's start: ``_init_worker``. Ctrl-C and SIGTERM (to the whole process group,
-    as a terminal or ``timeout`` sends them) are left to the main process: it stops the pool,
-    each worker ends its running task, and no worker prints a traceback (``run_script``)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _init_worker(*args)
-
-
 def spec_of(cell: Cell, shared: Path, n: int) -> RunSpec:
     """The cell's RunSpec, built once per worker process."""
     if cell.name not in _SPECS:
@@ -507,8 +496,7 @@ def main() -> None:
     t0 = time.time()
     overload: dict[tuple[str, str, float], dict] = {}
     sustained: dict[tuple[str, str], dict] = {}
-    with ProcessPoolExecutor(args.workers, initializer=_pool_worker,
-                             initargs=(args.skip, args.seed, args.confusion, args.kv_scale)) as pool:
+    with worker_pool(args.workers, _init_worker, (args.skip, args.seed, args.confusion, args.kv_scale)) as pool:
         def starmap(fn, jobs: list[tuple]) -> list:
             return list(pool.map(fn, *zip(*jobs, strict=True), chunksize=1)) if jobs else []
 

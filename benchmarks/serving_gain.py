@@ -43,7 +43,6 @@ import io
 import json
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +58,7 @@ from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import run  # noqa: E402
 from ecoserve_sched.trace import Trace, poisson_arrivals, read_trace  # noqa: E402
 from rlpredict import Predictor  # noqa: E402
-from rlpredict.cli_boundary import arg_number, run_script  # noqa: E402
+from rlpredict.cli_boundary import arg_number, run_script, worker_pool  # noqa: E402
 from rlpredict.data import attach_rl, load_samples  # noqa: E402
 from rlpredict.outputs import (  # noqa: E402
     check_file_output,
@@ -217,7 +216,7 @@ def run_hybrids(tr: Trace, pred: np.ndarray, cost, slo: SLO, vllm: dict, loads: 
     default load grid), then the attainment over the grid."""
     true = tr.output_tokens.astype(np.int64)
     rows = {n: hybrid_rows(pred, true, n) for n in HYBRIDS}
-    with ProcessPoolExecutor(workers) as ex:
+    with worker_pool(workers) as ex:
         if loads is None:
             cap = serve(tr, rows["predicted"], cost, slo, vllm)["capacity"]
             loads = (0.92 * cap, 1.08 * cap)

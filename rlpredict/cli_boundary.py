@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -156,6 +158,33 @@ def child_process(cmd: list[str], **popen_kw: Any) -> Iterator[subprocess.Popen]
                 proc.kill()
                 proc.wait()
         raise
+
+
+def _quiet_worker(init: Callable[..., Any] | None, *args: Any) -> None:
+    """A ``worker_pool`` worker's start: Ctrl-C and SIGTERM (sent to the whole process group, as
+    a terminal or ``timeout`` sends them) are left to the main process; then ``init(*args)``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if init is not None:
+        init(*args)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, initializer: Callable[..., Any] | None = None,
+                initargs: tuple = ()) -> Iterator[ProcessPoolExecutor]:
+    """A script's process pool for work that only computes (the main process writes every
+    file): no worker prints a traceback on Ctrl-C or SIGTERM, and if the block fails or is
+    interrupted the workers are killed at once rather than left to finish their running tasks."""
+    before = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(workers, initializer=_quiet_worker, initargs=(initializer, *initargs))
+    try:
+        yield pool
+    except BaseException:
+        for proc in set(multiprocessing.active_children()) - before:
+            proc.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def child_failed(what: str, returncode: int, stderr: str) -> NoReturn:

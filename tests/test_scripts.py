@@ -8,8 +8,11 @@ from __future__ import annotations
 import ast
 import gzip
 import json
+import multiprocessing
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from rlpredict.cli_boundary import (
     child_failed,
     child_process,
     run_script,
+    worker_pool,
 )
 from rlpredict.outputs import (
     OWNER_FILE,
@@ -167,6 +171,19 @@ def test_a_child_process_ends_with_its_script(tmp_path: Path) -> None:
         child_failed("stage build", 2, "error: bad seed\n")
     with pytest.raises(RuntimeError, match="stage build: internal error"):
         child_failed("stage build", 1, "internal error (a bug): KeyError\n")
+
+
+def test_pool_workers_leave_interrupts_to_the_script_and_die_with_it() -> None:
+    before = set(multiprocessing.active_children())
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), worker_pool(1) as pool:
+        assert list(pool.map(abs, [-1, 2])) == [1, 2]
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+        pool.submit(time.sleep, 60)
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+    assert time.monotonic() - t0 < 30  # not the 60 s of the running task
+    assert not set(multiprocessing.active_children()) - before
 
 
 def test_a_closed_pipe_ends_quietly(capsys, monkeypatch) -> None:
