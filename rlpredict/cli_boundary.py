@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -28,14 +27,16 @@ import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 DEBUG_ENV = "RLPREDICT_DEBUG"
 
@@ -174,7 +175,11 @@ def worker_pool(workers: int, initializer: Callable[..., Any] | None = None,
                 initargs: tuple = ()) -> Iterator[ProcessPoolExecutor]:
     """A script's process pool for work that only computes (the main process writes every
     file): no worker prints a traceback on Ctrl-C or SIGTERM, and if the block fails or is
-    interrupted the workers are killed at once rather than left to finish their running tasks."""
+    interrupted the workers are killed at once rather than left to finish their running tasks.
+    (Imported here: the CLIs, which share this module, start without multiprocessing.)"""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     before = set(multiprocessing.active_children())
     pool = ProcessPoolExecutor(workers, initializer=_quiet_worker, initargs=(initializer, *initargs))
     try:
