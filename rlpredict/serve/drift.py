@@ -48,7 +48,8 @@ def _tv(a: np.ndarray, b: np.ndarray) -> float:
 def sampling_tv(ref: np.ndarray, n: int, draws: int = 200, seed: int = 0) -> float:
     """99th percentile of the distance between ``n`` draws from ``ref`` and ``ref``: what a
     group of this size shows without any drift."""
-    p = np.asarray(ref, dtype=float) / max(float(np.sum(ref)), 1e-12)
+    p = np.asarray(ref, dtype=np.float64)  # summed in float64: a float32 sum can leave p summing past 1
+    p = p / max(float(p.sum()), 1e-12)
     counts = np.random.default_rng(seed).multinomial(max(n, 1), p, size=draws)
     return float(np.quantile(0.5 * np.abs(counts / max(n, 1) - p).sum(axis=1), 0.99))
 

@@ -170,6 +170,17 @@ def test_drift_verdict_and_exit_code(calibrated: Path) -> None:
     assert bad.exit_code == 2
 
 
+def test_sampling_noise_takes_float32_probability_sums() -> None:
+    """A model's float32 probabilities summed per bucket, the last bucket empty (as a stacked
+    bundle gives them): summed in float32 they normalise to past 1, which numpy's multinomial
+    refuses."""
+    from rlpredict.serve.drift import sampling_tv
+
+    ref = np.array([38.90222, 31.288351, 30.31988, 33.30666, 62.010757, 61.550026, 26.705444,
+                    14.763485, 1.1531863, 0.0], dtype=np.float32)
+    assert 0 < sampling_tv(ref, 300) < 0.2
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
 def test_annotate_adds_calibrated_quantile_columns(calibrated: Path, tmp_path: Path, suffix: str) -> None:
     from rlpredict.serve.annotate import annotate_file
