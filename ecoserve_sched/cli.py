@@ -269,12 +269,14 @@ def compare(
     """Every policy at every load: a Markdown table and plots."""
     from rlpredict.outputs import output_dir
 
-    from .compare import predictions_of, sweep, write_report
+    from .compare import NO_PLOTS, can_plot, predictions_of, sweep, write_report
 
     names, scales = _policy_names(policies, "--policies"), _scales(rate_scales, "--rate-scales")
     spec = _spec(trace, names, profile, predictions, confusion, bundle,
                  SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed, outputs=(("--out", out),),
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size))
+    if not can_plot():
+        typer.echo(NO_PLOTS, err=True)
     with output_dir(out, force=force, tool="ecoserve compare") as tmp:
         rows = sweep(spec, names, scales, progress=lambda s: typer.echo(
             f"{s['policy']:>18} x{s['rate_scale']:<6g} attainment {s['slo_attainment']:.3f}", err=True))
@@ -421,10 +423,12 @@ def demo(
     from rich.table import Table
 
     from . import demo as demo_mod
-    from .compare import capacity_text
+    from .compare import NO_PLOTS, can_plot, capacity_text
 
     names = _policy_names(policies, "--policies") if policies is not None else list(demo_mod.POLICIES)
     scales = _scales(rate_scales, "--rate-scales") if rate_scales is not None else demo_mod.RATE_SCALES
+    if not can_plot():
+        err.print(NO_PLOTS, markup=False)
     total = 4 if headroom else 3
     n_steps = iter(range(1, total + 1))
 
@@ -459,7 +463,8 @@ def demo(
             if c.get("note"):
                 err.print(f"    {c['policy']}: {c['note']}", markup=False)
     typer.echo((out / "table.md").read_text())
-    err.print(f"[green]report written to[/green] {escape(str(res.files[0]))} (plots and results.json beside it)")
+    beside = "plots and results.json" if can_plot() else "results.json"
+    err.print(f"[green]report written to[/green] {escape(str(res.files[0]))} ({beside} beside it)")
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -298,14 +299,25 @@ def table_cell(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+#: What ``ecoserve compare`` and ``ecoserve demo`` say when they write no plots.
+NO_PLOTS = "matplotlib is not installed: no plots (pip install 'rlpredict-ecoserve[plot]' adds them)"
+
+
+def can_plot() -> bool:
+    """True if matplotlib is installed (the ``[plot]`` extra): the base install writes the
+    results and tables without plots."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def write_report(rows: Sequence[dict], out: Path, header: str = "") -> list[Path]:
-    """results.json (strict JSON), table.md and three plots into the folder ``out``; returns the
-    files written. The CLI gives it the temporary folder of ``rlpredict.outputs.output_dir``."""
+    """results.json (strict JSON), table.md and three plots (if ``can_plot``) into the folder
+    ``out``; returns the files written. The CLI gives it the temporary folder of
+    ``rlpredict.outputs.output_dir``."""
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "results.json", out / "table.md"]
     files[0].write_text(dumps(list(rows), indent=1) + "\n")
     files[1].write_text((header + "\n\n" if header else "") + markdown_table(rows) + "\n")
-    return files + plot(rows, out)
+    return files + (plot(rows, out) if can_plot() else [])
 
 
 def plot(rows: Sequence[dict], out: Path) -> list[Path]:

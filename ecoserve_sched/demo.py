@@ -40,7 +40,9 @@ from rlpredict.json_file import dumps
 from rlpredict.outputs import check_paths, output_dir
 
 from .compare import (
+    NO_PLOTS,
     RunSpec,
+    can_plot,
     capacity,
     capacity_text,
     ceiling,
@@ -162,11 +164,13 @@ def _run(tmp: Path, out: Path, sample: Path, cost: CostModel, bundle: str | None
     trace = replace(read_trace(annotated), path=str(out / annotated.name))  # where it will be
     edges = load_confusion(bundle_path).edges
     quality = predictor_quality(trace, edges)
-    from rlpredict.confusion_plot import plot_confusion
+    files = []
+    if can_plot():
+        from rlpredict.confusion_plot import plot_confusion
 
-    files = [plot_confusion(np.array(quality["confusion"]), quality["bucket_edges"],
-                            f"{bundle_path.name} on {sample.name} ({len(trace)} requests)",
-                            tmp / "confusion.png")]
+        files.append(plot_confusion(np.array(quality["confusion"]), quality["bucket_edges"],
+                                    f"{bundle_path.name} on {sample.name} ({len(trace)} requests)",
+                                    tmp / "confusion.png"))
 
     t = time.perf_counter()
     spec = RunSpec(trace, cost, slo, predictions="annotated")
@@ -187,7 +191,8 @@ def _run(tmp: Path, out: Path, sample: Path, cost: CostModel, bundle: str | None
         headroom = {"profile": cost2.name, "capacity": capacities(replace(spec, cost=cost2), policies, target)}
         clock["headroom_s"] = time.perf_counter() - t
 
-    files += plot(rows, tmp)
+    if can_plot():
+        files += plot(rows, tmp)
     table = tmp / "table.md"
     table.write_text(_header(trace, cost.name, slo) + "\n\n" + markdown_table(rows, TABLE) + "\n")
     result = DemoResult(out, ann, quality, rows, caps, [], clock, headroom)
@@ -297,6 +302,10 @@ def headroom_section(caps: Sequence[dict], headroom: dict[str, Any] | None, prof
 
 def markdown(r: DemoResult, sample: Path, bundle: Path, profile: str, slo: SLO) -> str:
     q = r.predictor
+    plots = can_plot()
+    confusion = "![confusion matrix](confusion.png)" if plots else f"(No plots: {NO_PLOTS}.)"
+    figures = ("![latency vs load](latency_vs_load.png) ![SLO attainment vs load](slo_vs_load.png)\n\n"
+               "![KV utilization over time](kv_util_over_time.png)") if plots else f"(No plots: {NO_PLOTS}.)"
     return f"""# EcoServe demo: {sample.name}
 
 Predictor `{bundle.name}` annotated {r.annotate['rows_out']} requests
@@ -310,7 +319,7 @@ rate. Written by `ecoserve demo`.
 |---:|---:|---:|---:|---:|---:|
 | {q['requests']} | {q['bucket_accuracy']:.3f} | {q['within_1_bucket']:.3f} | {q['mae_tokens']:.1f} | {q['reserve_coverage']:.3f} | {q['reserved_over_actual']:.2f} |
 
-![confusion matrix](confusion.png)
+{confusion}
 
 ## Capacity (SLO attainment >= 0.9)
 
@@ -320,9 +329,7 @@ rate. Written by `ecoserve demo`.
 
 {markdown_table(r.rows, TABLE)}
 
-![latency vs load](latency_vs_load.png) ![SLO attainment vs load](slo_vs_load.png)
-
-![KV utilization over time](kv_util_over_time.png)
+{figures}
 
 Times: annotate {r.seconds.get('annotate_s', 0):.1f} s, load sweep {r.seconds.get('sweep_s', 0):.1f} s,
 capacity search {r.seconds.get('capacity_s', 0):.1f} s, the second server's {r.seconds.get('headroom_s', 0):.1f} s.

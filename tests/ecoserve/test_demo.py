@@ -39,6 +39,16 @@ def test_demo_writes_report_and_tables(tmp_path) -> None:
     assert json.loads((tmp_path / "results.json").read_text())["predictor"]["requests"] == 1500
 
 
+def test_demo_without_matplotlib_writes_the_report_without_plots(tmp_path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the base install: import matplotlib fails
+    res = demo.run_demo(tmp_path, policies=["vllm"], rate_scales=[0.3], headroom_profile=None)
+    assert not list(tmp_path.glob("*.png")) and all(f.suffix != ".png" for f in res.files)
+    report = (tmp_path / "report.md").read_text()
+    assert "png" not in report and "(No plots: matplotlib is not installed" in report
+
+
 def test_demo_cli_says_where_the_report_is(tmp_path) -> None:
     """By default the demo runs the paper's baseline too: the ceiling and the ratio to vLLM V0
     in the terminal table and in the report."""
