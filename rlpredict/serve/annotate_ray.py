@@ -196,17 +196,21 @@ class _Annotator:
 
 
 # ---- resources ----------------------------------------------------------------------------------
-def plan_workers(ray: Any, num_workers: int | None, threads: int | None) -> tuple[int, int]:
+def plan_workers(ray: Any, num_workers: int | None, threads: int | None,
+                 leave_cpu: bool = False) -> tuple[int, int]:
     """(workers, threads per worker) from the cluster's CPUs: by default workers of up to 4
     threads (at most one node's CPUs) filling the cluster; ``threads`` defaults to the CPUs
-    divided among ``num_workers``."""
+    divided among ``num_workers``. ``leave_cpu``: a worker takes at most a node's CPUs less one,
+    which the Dataset's own read and write tasks need (an actor that wants a whole node never
+    starts while one of them holds a CPU there, and the pipeline waits forever)."""
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     total, biggest = int(sum(nodes)), int(max(nodes, default=0))
     if total < 1:
         raise AnnotateError("the Ray cluster has no CPUs")
+    most = max(1, biggest - 1) if leave_cpu else biggest
     if threads is None:
-        threads = min(biggest, 4) if num_workers is None else max(1, total // num_workers)
-    threads = max(1, min(threads, biggest))
+        threads = min(most, 4) if num_workers is None else max(1, total // num_workers)
+    threads = max(1, min(threads, most))
     if num_workers is None:
         num_workers = max(1, total // threads)
     return num_workers, threads
@@ -253,7 +257,7 @@ def annotate_dataset(ds: Any, model: str | Path | None = None, *, fields: Fields
     ray = import_ray()
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
-    workers, per_worker = plan_workers(ray, num_workers, threads)
+    workers, per_worker = plan_workers(ray, num_workers, threads, leave_cpu=True)
     options = {"reserve_quantile": reserve_quantile, "margin": margin, "threads": per_worker}
     return _annotator(ds, ray.put(bundle_files(model)), options, fields, "rows", workers, per_worker,
                       batch_rows, on_error=on_error)
@@ -264,9 +268,12 @@ def _annotator(ds: Any, bundle_ref: Any, options: dict, fields: Fields, mode: st
                fault: tuple[str, int] | None = None) -> Any:
     import ray
 
+    # Up to ``workers`` actors, as many as the CPUs hold: a fixed-size pool waits until all of
+    # them have started, forever where the cluster cannot hold them all (more workers asked for
+    # than CPUs, or CPUs held by the Dataset's other tasks); an autoscaling cluster adds nodes.
     return ds.map_batches(
         _Annotator, batch_size=batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers), num_cpus=threads,
         fn_constructor_kwargs={"bundle_ref": [bundle_ref], "options": options, "fields": fields,
                                "mode": mode, "on_error": on_error, "fault": fault})
 

@@ -189,3 +189,47 @@ def test_dataset_api(ray_local, bundle_fp32, predictor):
         (p.bucket, p.pred_tokens, p.reserve_tokens) for p in want]
     assert all(r["rl_error"] is None for r in out[:300])
     assert out[300]["rl_bucket"] is None and "missing or null" in out[300]["rl_error"]
+
+
+
+PIPELINE = """
+import sys, ray
+import pyarrow.parquet as pq
+from rlpredict.serve.annotate_ray import annotate_dataset
+
+src, out, bundle = sys.argv[1:4]
+ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+for workers in (None, 4):
+    dst = f"{out}/{workers}"
+    annotate_dataset(ray.data.read_parquet(src), bundle, num_workers=workers).write_parquet(dst)
+    t = pq.read_table(dst)
+    print(workers, t.num_rows, t.column("rl_error").null_count, flush=True)
+"""
+
+
+def test_dataset_api_in_a_read_write_pipeline_on_few_cpus(bundle_fp32, tmp_path):
+    """read_parquet -> annotate_dataset -> write_parquet on 2 CPUs, by default and with more
+    workers than CPUs (was: waiting forever for actors that could not start: a pool of fixed
+    size, and a default worker wanting both CPUs while a read task held one). In a process of
+    its own, so that a pipeline that waits forever fails the test instead of hanging it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    src = write_parquet(tmp_path / "in.parquet", 400)
+    log, err = tmp_path / "stdout", tmp_path / "stderr"
+    # Files, not pipes: Ray's daemons inherit them. Its own session: on timeout the whole
+    # group (the driver and the Ray processes it started) is killed.
+    with open(log, "w") as out, open(err, "w") as errors:
+        proc = subprocess.Popen([sys.executable, "-c", PIPELINE, str(src), str(tmp_path / "out"), str(bundle_fp32)],
+                                stdout=out, stderr=errors, start_new_session=True)
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail("the pipeline did not finish in 240 s")
+    assert proc.returncode == 0, err.read_text()[-2000:]
+    assert log.read_text().split("\n")[:2] == ["None 400 390", "4 400 390"]  # 10 null prompts
