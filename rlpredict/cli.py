@@ -210,7 +210,7 @@ def stack(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's model and report (refused if it exists, unless --force).")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's model and report (refused if it exists, unless --force).")] = Path("runs/demo-train"),
     steps: Annotated[int, typer.Option(min=1, max=100_000, help="Training steps (batch 16).")] = 60,
     force: ForceOpt = False,
 ) -> None:
@@ -231,6 +231,7 @@ def demo(
         err.print(f"    loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, {summary['examples_per_second']} ex/s")
         err.print("[bold]2/2 evaluate[/bold] vs constant, prompt-length, TF-IDF baselines on the held-out 25% (by prompt/conversation)")
         report, probs, test = evaluate(tmp / "model", data, progress=True)
+        report["model"] = str(out / "model")  # where it will be, not the temporary folder
         write_report(report, probs, test, ModelMeta.load(tmp / "model").buckets, tmp / "report")
     print(markdown_report(report))
     err.print(f"[green]report written to[/green] {escape(str(out / 'report'))}/report.md (confusion matrices: confusion_*.png)",

@@ -109,3 +109,16 @@ def test_lora_run_saves_a_merged_plain_model(tmp_path):
     assert not (tmp_path / "lora" / "adapter_config.json").exists()
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora")
     assert model.config.num_labels == 10
+
+
+def test_demo_trains_evaluates_and_names_the_final_model_folder(tmp_path) -> None:
+    """`rlpredict demo` (`make demo-train`), in two steps: the model and the report land in
+    ``--out``, and the report names the model where it is (was: the temporary folder, deleted)."""
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["demo", "--out", str(out), "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["model"] == str(out / "model") and (out / "model").is_dir()
+    assert f"- model: `{out / 'model'}`" in (out / "report" / "report.md").read_text()
+    assert ".part" not in (out / "report" / "confusion.json").read_text()
+    assert (out / "report" / "confusion_model.png").stat().st_size > 0
