@@ -28,3 +28,22 @@ def split_by_group(items: Sequence[T], test_frac: float = 0.1, seed: int = 0,
     for s in items:
         (test if in_test(key(s), test_frac, seed) else train).append(s)
     return train, test
+
+
+def recorded_split(manifest: object) -> dict:
+    """The train/test split a bundle's manifest recorded (``{test_frac, seed}``; {} if none):
+    its evaluation's, else the one ``rlpredict export`` copied from training."""
+    if not isinstance(manifest, dict):
+        return {}
+    split = (manifest.get("evaluation") or {}).get("split") or manifest.get("training_split") or {}
+    return split if isinstance(split, dict) else {}
+
+
+def check_same_split(recorded: dict, given: dict[str, tuple[str, object]], fix: str) -> None:
+    """``ValueError`` if a split setting given (``name -> (where it was given, value)``, value
+    None: not given) differs from the one the bundle recorded: the held-out side would then hold
+    rows the model trained on. ``fix`` ends the message."""
+    for name, (where, value) in given.items():
+        if value is not None and recorded.get(name) is not None and value != recorded[name]:
+            raise ValueError(f"{where} {value} differs from the split the bundle recorded ({name} "
+                             f"{recorded[name]}): its held-out side would hold training rows; {fix}")

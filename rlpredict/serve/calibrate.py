@@ -25,7 +25,7 @@ from rlpredict.serve.conformal import (
     check_quantiles,
     coverage_table,
 )
-from rlpredict.splits import split_by_group
+from rlpredict.splits import check_same_split, recorded_split, split_by_group
 
 CARD = "MODEL_CARD.md"
 CHECK_SALT = 7919  # the calibration/check division must not repeat the train/test one
@@ -40,13 +40,9 @@ def held_out(samples: Sequence[Sample], manifest: dict, split: str, test_frac: f
         return list(samples), "every row (--split all)"
     if split != "test":
         raise ValueError(f"split must be 'test' or 'all', got {split!r}")
-    recorded = ((manifest.get("evaluation") or {}).get("split") or manifest.get("training_split") or {}
-                if isinstance(manifest, dict) else {})
-    for option, given, name in (("--test-frac", test_frac, "test_frac"), ("--seed", seed, "seed")):
-        if given is not None and recorded.get(name) is not None and given != recorded[name]:
-            raise ValueError(f"{option} {given} differs from the split the bundle recorded ({name} "
-                             f"{recorded[name]}): its held-out side would hold training rows; leave "
-                             f"{option} out, or use --split all for logs the model never saw")
+    recorded = recorded_split(manifest)
+    check_same_split(recorded, {"test_frac": ("--test-frac", test_frac), "seed": ("--seed", seed)},
+                     "leave the option out, or use --split all for logs the model never saw")
     test_frac = test_frac if test_frac is not None else recorded.get("test_frac")
     seed = seed if seed is not None else recorded.get("seed", 0)
     if test_frac is None:

@@ -140,7 +140,11 @@ class TrainConfig:
             except tomllib.TOMLDecodeError as e:
                 raise ValueError(f"{p}: {e}") from None
         d = d.get("train", d)
-        d["data"] = [str(p.parent / x) if not Path(x).is_absolute() else x for x in d.get("data", [])]
+        data = d.get("data", [])
+        problem = _type_problem(data, list[str])
+        if problem:  # checked before the paths are resolved against the config's folder
+            raise ValueError(f"{p}: data {problem}, got {data!r}")
+        d["data"] = [str(p.parent / x) if not Path(x).is_absolute() else x for x in data]
         return cls.from_dict(d, source=str(p))
 
 
@@ -168,6 +172,8 @@ _RANGES: dict[str, tuple[float, float, str]] = {
     "early_stopping_patience": (1, 10_000, "[1, 10000]"),
     "save_total_limit": (1, 10_000, "[1, 10000]"),
     "logging_steps": (1, math.inf, "[1, inf)"),
+    "seed": (0, 2**32 - 1, "[0, 2^32 - 1]"),  # numpy's and torch's seed range
+    "split_seed": (0, 2**32 - 1, "[0, 2^32 - 1]"),
 }
 
 #: Settings a resumed run may change (the rest must match the interrupted run's).

@@ -34,6 +34,7 @@ from rlpredict.inputs import LEXICAL_TEXT_CAP, InputSpec
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 from rlpredict.serve import lexical
 from rlpredict.serve.bundle import copy_files, write_manifest
+from rlpredict.splits import check_same_split, recorded_split
 from rlpredict.train.baselines import TfidfLogistic, TfidfRidge
 from rlpredict.train.config import TrainConfig
 from rlpredict.train.evaluate import baseline_texts, confusion_dict, encoder_texts, markdown_table
@@ -50,8 +51,9 @@ def load_split(cfg: TrainConfig, log: Callable[[str], None] = lambda m: None,
                ) -> tuple[list[Sample], list[Sample], list[Sample], BucketScheme]:
     """(training side, the encoder's training subsample, test side, scheme) of a recipe, as
     ``rlpredict.train.trainer.prepare`` draws them; ``log`` gets what the read skipped."""
-    from rlpredict.train.trainer import subsample
+    from rlpredict.train.trainer import check_has_data, subsample
 
+    check_has_data(cfg)
     samples, report = load_samples(cfg.data, on_error=cfg.on_error)
     for line in report.lines():
         log(line)
@@ -224,7 +226,15 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     if pred.bundle.lexical is not None:
         raise ValueError(f"bundle {bundle}: already has a lexical head; stack the encoder-only bundle")
     spec, scheme, q = pred.input_spec, pred.scheme, cfg.reserve_quantile
+    check_same_split(recorded_split(pred.bundle.manifest),
+                     {"test_frac": ("the recipe's test_frac", cfg.test_frac),
+                      "seed": ("the recipe's split_seed", cfg.split_seed)},
+                     "give the recipe the bundle's encoder was trained with")
     train_side, enc_train, test, cfg_scheme = load_split(cfg, log)
+    if not test:  # checked before the fits: the stacked bundle is scored on this side
+        raise ValueError(f"{', '.join(cfg.data)}: the held-out side of the split (test_frac {cfg.test_frac}, "
+                         f"split_seed {cfg.split_seed}) is empty: nothing to score the stacked bundle on; "
+                         "give more data (whole conversations go to one side)")
     if list(cfg_scheme.edges) != list(scheme.edges):
         raise ValueError(f"the recipe's bucket edges {cfg_scheme.edges} differ from the bundle's {scheme.edges}: "
                          "give the recipe the bundle was trained with")

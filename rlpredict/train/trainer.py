@@ -77,11 +77,15 @@ def make_scheme(spec: str | list[float], train_rl: np.ndarray, reserve_quantile:
 
 def prepare(cfg: TrainConfig) -> Prepared:
     """Load, count RL, split by group, subsample the training side, fit the bucket scheme."""
-    if not cfg.data:
-        raise ValueError("no training data: give --data PATH or `data = [...]` in the config")
+    check_has_data(cfg)
     samples, report = load_samples(cfg.data, on_error=cfg.on_error)
     attach_rl(samples, cfg.rl_tokenizer)
     return subsample(cfg, samples, report)[0]
+
+
+def check_has_data(cfg: TrainConfig) -> None:
+    if not cfg.data:
+        raise ValueError("no training data: give --data PATH or `data = [...]` in the config")
 
 
 def subsample(cfg: TrainConfig, samples: list[Sample], report: LoadReport) -> tuple[Prepared, list[Sample]]:
@@ -446,7 +450,14 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
         mark_owned(ckpt, CHECKPOINT_TOOL, [RUN_CONFIG])
     state.wait_for_everyone()
     resumed = latest_checkpoint(ckpt) if resume else None
-    result = trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
+    except BaseException:
+        # Stopped before its first complete checkpoint: nothing to resume from, and a folder
+        # left behind would only block the same command (which would need --force).
+        if state.is_main_process and cfg.save_checkpoints and not resume and latest_checkpoint(ckpt) is None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise
 
     losses = torch.stack(trainer.step_losses).float() if trainer.step_losses else torch.zeros(0)
     if world > 1:  # the global batch's loss = the mean of the processes' (equal-sized) shares

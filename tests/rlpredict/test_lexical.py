@@ -149,6 +149,25 @@ def test_stacking_a_stacked_bundle_is_refused(stacked, tmp_path):
         stack_bundle(stacked, cfg, tmp_path / "again")
 
 
+def test_stack_refuses_a_recipe_split_other_than_the_bundles(bundle_fp32, tmp_path):
+    """The stacking-fit rows come from the recipe's training side: another split would let rows
+    the encoder trained on be scored as held out (``calibrate`` refuses the same)."""
+    from rlpredict.samples import SAMPLE_FILES
+    from rlpredict.train.config import TrainConfig
+    from rlpredict.train.stack import stack_bundle
+
+    recorded = _rewrite(bundle_fp32, tmp_path / "b", lambda m, _: m.update(training_split={"test_frac": 0.25, "seed": 0}))
+    for field, value in (("test_frac", 0.3), ("split_seed", 5)):
+        split = {"test_frac": 0.25, "split_seed": 0, field: value}
+        cfg = TrainConfig(data=[str(p) for p in SAMPLE_FILES.values()], max_rows_per_source=150,
+                          input_mode="history", max_length=48, **split)
+        with pytest.raises(ValueError, match=f"the recipe's {field} {value} differs from the split the bundle"):
+            stack_bundle(recorded, cfg, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match="no training data: give --data"):  # was: ": no training samples"
+        stack_bundle(bundle_fp32, TrainConfig(input_mode="history", max_length=48), tmp_path / "s")
+
+
 def _rewrite(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst)
     m = json.loads((dst / "manifest.json").read_text())

@@ -142,6 +142,22 @@ def test_resume_continues_an_interrupted_run(tiny_encoder, prepared, one_process
     assert s["eval_best"]["mae"] == pytest.approx(full["eval_best"]["mae"], abs=1e-6)
 
 
+class _Stop(TrainerCallback):
+    """Ctrl-C at the first step, before any checkpoint."""
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        raise KeyboardInterrupt
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder(tiny_encoder, prepared, tmp_path):
+    """Nothing to resume from: no checkpoint folder is left to block the same command (was: one
+    holding only run_config.json, so the rerun needed --force and --resume found nothing)."""
+    out = tmp_path / "model"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(tiny_encoder), out, prepared=prepared, progress=False, callbacks=[_Stop()])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_checkpoint_folder_follows_the_output_rules(tiny_encoder, tmp_path):
     cfg = tiny_cfg(tiny_encoder)
     (tmp_path / "mine").mkdir()
