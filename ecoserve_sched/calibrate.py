@@ -134,9 +134,8 @@ def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-    if model in PRESETS:
-        config = LlamaConfig(**PRESETS[model])
-    else:
+    spec: dict[str, Any] = {}
+    if model not in PRESETS:
         (path,) = model_inputs(model)
         if not path.is_file():
             raise FileNotFoundError(f"{model}: not a preset ({', '.join(PRESETS)}), a config.json "
@@ -148,13 +147,21 @@ def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: 
         if not isinstance(spec, dict) or not isinstance(spec.get("model_type"), str):
             raise CalibrationError(f"{path}: field 'model_type' is missing: a transformers "
                                    "config.json names its architecture there")
-        try:
-            config = AutoConfig.for_model(**spec)
-        except (ValueError, TypeError, KeyError) as e:
-            raise CalibrationError(f"{path}: not a transformers config ({e})") from None
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    if model in PRESETS:
+        m = AutoModelForCausalLM.from_config(LlamaConfig(**PRESETS[model]), dtype=torch_dtype)
+    else:
+        # A user's config: what transformers' validation (strict dataclasses: a bare Exception
+        # subclass) or the model's construction (a negative size: torch's RuntimeError) refuses
+        # is the file's fault.
+        from huggingface_hub.errors import StrictDataclassError
+
+        try:
+            m = AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec), dtype=torch_dtype)
+        except (ValueError, TypeError, KeyError, RuntimeError, StrictDataclassError) as e:
+            raise CalibrationError(f"{path}: not a config transformers can build a model from "
+                                   f"({' '.join(str(e).split())})") from None
     m.generation_config.eos_token_id = None
     return m.to(device).eval()
 

@@ -7,8 +7,8 @@ Every command runs inside ``BoundaryGroup.invoke``, every script of ``benchmarks
   corrupt compressed files) prints one line, ``error: FILE[:LINE]: what is wrong``, and exits 2;
 - anything else is a bug: one line saying so, exit 1;
 - ``--debug`` (or ``RLPREDICT_DEBUG=1``; a script: the variable) re-raises, so the traceback shows;
-- SIGTERM is turned into ``KeyboardInterrupt`` so temporary outputs are removed as on Ctrl-C
-  (exit 130, nothing half-written is left).
+- SIGTERM and SIGHUP are turned into ``KeyboardInterrupt`` so temporary outputs are removed as
+  on Ctrl-C (exit 130, nothing half-written is left).
 
 ``--version`` prints the package version and the bundle format version. Validators for numeric
 options (``positive``, ``at_least``, ``in_range``, ``thread_count``) give one message naming the
@@ -66,6 +66,11 @@ def _debug(ctx: Any) -> bool:
     return bool(ctx.params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+#: Signals that end a run as Ctrl-C does: SIGTERM (``kill``, ``timeout``, a job scheduler) and
+#: SIGHUP (the terminal closed), whose default action would end it without removing anything.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
@@ -75,11 +80,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 def _framework(e: BaseException) -> bool:
@@ -162,10 +168,11 @@ def child_process(cmd: list[str], **popen_kw: Any) -> Iterator[subprocess.Popen]
 
 
 def _quiet_worker(init: Callable[..., Any] | None, *args: Any) -> None:
-    """A ``worker_pool`` worker's start: Ctrl-C and SIGTERM (sent to the whole process group, as
-    a terminal or ``timeout`` sends them) are left to the main process; then ``init(*args)``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A ``worker_pool`` worker's start: Ctrl-C, SIGTERM and SIGHUP (sent to the whole process
+    group, as a terminal or ``timeout`` sends them) are left to the main process; then
+    ``init(*args)``."""
+    for sig in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
     if init is not None:
         init(*args)
 
@@ -285,14 +292,20 @@ def root_callback(tool: str) -> Callable[..., None]:
 
 # ---- option validators (one message naming the option) -----------------------------------------
 def distinct_paths(value: Any) -> Any:
-    """A callback refusing a file or folder given twice in a repeatable option (its rows would
-    count twice); None passes."""
-    seen: set[Path] = set()
+    """A callback refusing a file or folder given twice in a repeatable option, or inside a
+    folder also given (a folder is read with everything under it): its rows would count twice.
+    None passes."""
+    seen: dict[Path, Any] = {}
     for p in value or ():
         key = Path(p).resolve()
         if key in seen:
             raise typer.BadParameter(f"{p} is given twice (its rows would count twice)")
-        seen.add(key)
+        seen[key] = p
+    for key, p in seen.items():
+        outer = next((seen[a] for a in key.parents if a in seen), None)
+        if outer is not None:
+            raise typer.BadParameter(f"{p} is inside {outer}, also given, which is read with everything "
+                                     "under it (its rows would count twice)")
     return value
 
 

@@ -68,6 +68,9 @@ class LoadReport:
     """reason -> count"""
     examples: list[str] = field(default_factory=list)
     """The first few skipped rows' full messages (file, line, field)."""
+    unanswered_turns: int = 0
+    """Assistant turns of ShareGPT conversations that answer no user message (a conversation
+    cut into chunks): not samples, counted here."""
 
     @property
     def n_skipped(self) -> int:
@@ -75,6 +78,8 @@ class LoadReport:
 
     def summary(self) -> str:
         s = f"{self.rows} rows -> {self.samples} samples"
+        if self.unanswered_turns:
+            s += f" ({self.unanswered_turns} assistant turns answering no user message left out)"
         if self.n_skipped:
             s += f"; skipped {self.n_skipped} rows: " + ", ".join(f"{n} x {r}" for r, n in self.skipped.most_common())
         return s
@@ -136,16 +141,31 @@ _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxlong = 60
 
 
-def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELDS) -> list[Sample]:
-    """The samples a row holds (several for a ShareGPT conversation). Raises :class:`DataError`."""
+def _key(v: Any, loc: str, name: str) -> str | None:
+    """An id or group: a string, or an integer (as its decimal string); None if absent."""
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    raise DataError(loc, f"expected a string or an integer, got {_REPR.repr(v)}", name)
+
+
+def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELDS,
+                     report: LoadReport | None = None) -> list[Sample]:
+    """The samples a row holds (several for a ShareGPT conversation; ``report`` counts its
+    assistant turns that answer nothing). Raises :class:`DataError`."""
     if isinstance(row, DataError):
         raise row
     if not isinstance(row, Mapping):
         raise DataError(loc, f"expected a JSON object per row, got {type(row).__name__}")
-    rid = str(row.get(fields.id) or hashlib.sha1(loc.encode()).hexdigest()[:12])
-    _, generator = _first(row, fields.generator)
-    generator = str(generator) if generator is not None else None
-    _, group = _first(row, fields.group)
+    raw_id = row.get(fields.id)
+    rid = _key(raw_id, loc, fields.id) if raw_id else hashlib.sha1(loc.encode()).hexdigest()[:12]
+    gen_name, generator = _first(row, fields.generator)
+    if generator is not None and not isinstance(generator, str):
+        raise DataError(loc, f"expected a string, got {_REPR.repr(generator)}", gen_name)
+    group_name, group = _first(row, fields.group)
+    if group is not None:
+        _key(group, loc, group_name or "")  # a string or an integer
     count_name, count = _first(row, fields.count)
     rl = _count(count, loc, count_name) if count_name else None
     resp_name, response = _first(row, fields.response)
@@ -159,7 +179,7 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
         except RecordError as e:
             raise DataError(loc, e.reason, e.field) from None
         if msg_name == "conversations" and response is None and rl is None:  # ShareGPT: every turn
-            return _sharegpt_samples(messages, rid, str(group or rid), source, generator, loc, msg_name)
+            return _sharegpt_samples(messages, rid, str(group or rid), source, generator, loc, msg_name, report)
         if messages[-1]["role"] == "assistant":
             if response is None:
                 response = messages[-1]["content"]
@@ -181,17 +201,19 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
 
 
 def _sharegpt_samples(messages: list[dict[str, str]], rid: str, group: str, source: str,
-                      generator: str | None, loc: str, name: str) -> list[Sample]:
-    out = []
+                      generator: str | None, loc: str, name: str, report: LoadReport | None) -> list[Sample]:
+    out, unanswered = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i == 0:
+        if m["role"] != "assistant":
             continue
-        ctx = messages[:i]
-        if ctx[-1]["role"] != "user" or not ctx[-1]["content"].strip():
-            continue  # an assistant message that answers nothing here (chunked conversations)
-        out.append(Sample(f"{rid}:{i}", group, ctx, m["content"], None, source, generator, loc))
+        if i == 0 or messages[i - 1]["role"] != "user" or not messages[i - 1]["content"].strip():
+            unanswered += 1  # an assistant message that answers nothing here (chunked conversations)
+            continue
+        out.append(Sample(f"{rid}:{i}", group, messages[:i], m["content"], None, source, generator, loc))
     if not out:
         raise DataError(loc, "no assistant turn answering a user message", name)
+    if report is not None:
+        report.unanswered_turns += unanswered
     return out
 
 
@@ -210,7 +232,7 @@ def load_samples(paths: Sequence[str | Path], *, fields: Fields = LOG_FIELDS, on
             n += 1
             report.rows += 1
             try:
-                got = samples_from_row(row, loc, source, fields)
+                got = samples_from_row(row, loc, source, fields, report)
             except DataError as e:
                 if on_error == "fail":
                     raise

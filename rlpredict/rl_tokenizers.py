@@ -41,7 +41,12 @@ def tokenizer_path(name_or_path: str) -> Path:
 
 @lru_cache(maxsize=8)
 def load_rl_tokenizer(name_or_path: str) -> Tokenizer:
-    tok = Tokenizer.from_file(str(tokenizer_path(name_or_path)))
+    path = tokenizer_path(name_or_path)
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+        raise ValueError(f"{path}: not a tokenizer.json the tokenizers library can load "
+                         f"({' '.join(str(e).split())})") from None
     tok.no_truncation()
     tok.no_padding()
     return tok

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,18 @@ def test_capacity_and_compare(tmp_path):
     assert (out / "slo_vs_load.png").exists() and (out / "kv_util_over_time.png").exists()
     assert len(_strict((out / "results.json").read_text())) == 4
     assert (out / OWNER_FILE).is_file()
+
+
+def test_compare_without_matplotlib_writes_results_and_says_so(tmp_path, monkeypatch):
+    """The base install has no matplotlib: the results and the table, no plots, one line
+    (was: every simulation run, then a ModuleNotFoundError and nothing written)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    out = tmp_path / "cmp"
+    r = runner.invoke(app, ["compare", "--trace", _trace(tmp_path), "--policies", "vllm", "--rate-scales", "1",
+                            "--out", str(out), *PROFILE])
+    assert r.exit_code == 0, r.output
+    assert "matplotlib is not installed: no plots" in r.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", "table.md", OWNER_FILE])
 
 
 def test_capacity_says_when_the_search_finds_no_limit(tmp_path):
@@ -405,6 +418,22 @@ def test_calibrate_refuses_a_missing_device(tmp_path):
         _refused(runner.invoke(app, [*base, "--device", "cuda"]), "CUDA is not available")
     _refused(runner.invoke(app, [*base, "--device", "cuda:99"]), "--device cuda:99")
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize(("edit", "why"), [({"hidden_size": -4}, "negative dimension"),
+                                         ({"hidden_size": "64"}, "hidden_size"),
+                                         ({"num_attention_heads": 3}, "heads")])
+def test_calibrate_names_a_config_transformers_cannot_build(tmp_path, edit, why):
+    """Was: a RuntimeError, a strict-dataclass error or a ValueError from transformers, reported
+    as a bug."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                               "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 128, **edit}))
+    r = runner.invoke(app, ["calibrate", "--model", str(cfg), "--grid", "test", "--out", str(tmp_path / "p.json")])
+    _refused(r, f"{cfg}: not a config transformers can build a model from")
+    assert why in r.output.replace("\n", " ") and not (tmp_path / "p.json").exists()
 
 
 def test_demo_checks_its_output_before_working(tmp_path):

@@ -45,6 +45,16 @@ def test_sharegpt_one_sample_per_assistant_turn(tmp_path):
     assert {s.group for s in samples} == {"c1"}
 
 
+def test_sharegpt_turns_answering_nothing_are_counted(tmp_path):
+    """A conversation cut into chunks starts with an assistant turn (or has two in a row): those
+    turns are no samples, and the read says how many it left out."""
+    conv = [{"from": "gpt", "value": "tail of a1"}, {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"},
+            {"from": "gpt", "value": "a2, continued"}]
+    samples, rep = load_samples([_jsonl(tmp_path / "sg.jsonl", [{"id": 7, "conversations": conv}])])
+    assert [s.response for s in samples] == ["a2"] and samples[0].group == "7" and rep.unanswered_turns == 2
+    assert "1 rows -> 1 samples (2 assistant turns answering no user message left out)" in rep.summary()
+
+
 def test_token_count_only_and_count_wins(tmp_path):
     rows = [{"prompt": "a", "usage": {"completion_tokens": 17}},
             {"prompt": "b", "output_tokens": "23"},
@@ -127,6 +137,10 @@ def test_shared_format_rows(tmp_path):
     ('{"prompt": "x", "output_tokens": -4}', "field 'output_tokens': expected a non-negative integer"),
     ('{"messages": [{"role": "wizard", "content": "x"}]}', "unknown role"),
     ('[1, 2]', "expected a JSON object"),
+    ('{"prompt": "x", "response": "y", "generator": ["a", "b"]}', "field 'generator': expected a string, got ['a', 'b']"),
+    ('{"prompt": "x", "response": "y", "generator": 7}', "field 'generator': expected a string, got 7"),
+    ('{"prompt": "x", "response": "y", "id": {"x": 1}}', "field 'id': expected a string or an integer"),
+    ('{"prompt": "x", "response": "y", "conversation_id": 1.5}', "field 'conversation_id': expected a string or an integer"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, line, expect):
     p = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "response": "fine"}, line])

@@ -179,7 +179,8 @@ def test_predict_and_train_options_are_checked(tmp_path):
 def test_config_refuses_bad_values_naming_them():
     for d, msg in (({"max_steps": -1}, "max_steps must be in"), ({"batch_size": 0}, "batch_size"),
                    ({"input_mode": "all"}, "input_mode must be one of"), ({"test_frac": 1.0}, "test_frac"),
-                   ({"include_generator": "yes"}, "true or false"), ({"threads": 0}, "threads")):
+                   ({"include_generator": "yes"}, "true or false"), ({"threads": 0}, "threads"),
+                   ({"seed": -1}, r"seed must be in \[0, 2\^32 - 1\]"), ({"split_seed": 2**32}, "split_seed")):
         with pytest.raises(ValueError, match=msg):
             TrainConfig.from_dict(d, "cfg.toml")
 
@@ -228,7 +229,9 @@ def test_version():
     assert res.exit_code == 0 and res.output.startswith("rlpredict 0.1.0 (bundle format rlpredict.bundle/1)")
 
 
-def test_sigterm_removes_temporary_files_like_ctrl_c(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_removes_temporary_files_like_ctrl_c(tmp_path, sig):
+    """SIGTERM (kill, timeout) and SIGHUP (the terminal closed) end a run as Ctrl-C does."""
     script = textwrap.dedent(f"""
         import os, signal, typer
         from rlpredict.cli_boundary import BoundaryGroup
@@ -238,7 +241,7 @@ def test_sigterm_removes_temporary_files_like_ctrl_c(tmp_path):
         def write():
             with atomic_path({str(tmp_path / "out.jsonl")!r}) as tmp:
                 tmp.write_text("half")
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.{sig})
         @app.command()
         def other():
             pass
@@ -422,6 +425,16 @@ def test_load_trained_names_the_folder(tiny_model_dir, tmp_path):
         load_trained(bad)
 
 
+@pytest.mark.parametrize(("data", "msg"), [("5", "data must be a list, got 5"),
+                                           ("[5]", "data items: must be a string, got \\[5\\]")])
+def test_a_config_whose_data_is_not_paths_is_named(tmp_path, data, msg):
+    """Was: a TypeError, reported as a bug."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"data = {data}\n")
+    with pytest.raises(ValueError, match=rf"c\.toml: {msg}"):
+        TrainConfig.load(cfg)
+
+
 def test_a_bad_yaml_config_is_named(tmp_path):
     pytest.importorskip("yaml")
     cfg = tmp_path / "c.yaml"
@@ -533,6 +546,8 @@ def test_the_same_data_twice_is_refused(tiny_model_dir, tmp_path):
     res = run("eval", "--model", tiny_model_dir, "--data", data, "--data", tmp_path / "." / "d.jsonl",
               "--out", tmp_path / "e")
     assert res.exit_code == 2 and "given twice" in res.output and "Traceback" not in res.output
+    res = run("eval", "--model", tiny_model_dir, "--data", data, "--data", tmp_path, "--out", tmp_path / "e")
+    assert res.exit_code == 2 and "inside" in res.output and "Traceback" not in res.output  # was: read twice
     res = run("eval", "--model", tiny_model_dir, "--data", data, "--baselines", "constant,constant",
               "--out", tmp_path / "e")  # was: run twice
     assert res.exit_code == 2 and "listed twice" in res.output and "Traceback" not in res.output
@@ -659,3 +674,14 @@ def test_an_exported_bundle_records_the_training_split(tiny_model_dir, tmp_path)
     manifest = export_bundle(model, tmp_path / "b", parity_n=4)
     assert manifest["training_split"] == {"test_frac": 0.2, "seed": 4}  # without an `eval` report
     assert held_out([], manifest, "test", None, None)[1].endswith("(test_frac 0.2, seed 4)")
+
+
+@pytest.mark.parametrize("content", ['{"version": "1.0", ', '{"a": 1}'])
+def test_an_rl_tokenizer_file_that_does_not_load_is_named(tmp_path, content):
+    """Was: the tokenizers library's bare Exception, reported as a bug without the file."""
+    tok = tmp_path / "tok.json"
+    tok.write_text(content)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "hi", "response": "hello"}\n')
+    one_error_line(run("train", "--data", data, "--out", tmp_path / "m", "--rl-tokenizer", tok),
+                   f"{tok}: not a tokenizer.json")
