@@ -205,8 +205,13 @@ def main() -> None:
     cells: list[dict] = []
     for folder in args.folders:
         by_cell: dict[str, dict[str, dict]] = {}
-        for r in load(folder):
-            by_cell.setdefault(r["cell"], {})[r["policy"]] = r
+        rows_read = load(folder)
+        if not rows_read:
+            fail(f"{folder / 'results.json'}: no rows (a grid run that measured nothing)")
+        for i, r in enumerate(rows_read, 1):
+            if r["policy"] in by_cell.setdefault(r["cell"], {}):
+                fail(f"{folder / 'results.json'}: row {i}: cell {r['cell']} has a second {r['policy']} row")
+            by_cell[r["cell"]][r["policy"]] = r
         for name, rows in by_cell.items():
             if args.policy not in rows:
                 fail(f"{folder / 'results.json'}: cell {name} has no {args.policy} row "

@@ -309,7 +309,9 @@ def labelled_accuracy(rows: list[dict], rts: dict, bundle: Path, args: argparse.
     from rlpredict.serve.runtime import Predictor
 
     p = rts["new"].p
-    samples, _ = load_samples([str(args.labelled)], on_error="skip")
+    samples, load = load_samples([str(args.labelled)], on_error="skip")
+    if load.n_skipped:  # counted and shown, as every reader of logs does
+        print("\n".join(load.lines()), file=sys.stderr)
     attach_rl(samples, p.bundle.rl_tokenizer)
     samples = [s for s in samples if s.rl_tokens is not None]
     if not samples:

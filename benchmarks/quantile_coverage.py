@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="bundle (default: the shipped one)")
     ap.add_argument("--q", type=arg_number(float, 0, 0.999, low_open=True), default=0.9)
     ap.add_argument("--splits", type=arg_number(int, 1), default=30)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=arg_number(int, 0), default=0)
     args = ap.parse_args()
 
     p = Predictor.load(args.model)

@@ -639,7 +639,11 @@ def markdown(rows: list[dict], n: int, seconds: float, criterion: str = "SLO att
     def f(v: float | None, d: int = 2) -> str:
         return "n/a" if v is None else f"{v:.{d}f}"
 
-    out = [f"Scenario grid: first {n} requests per trace; capacity = largest rate scale with {criterion}; "
+    counts = sorted({r["requests"] for r in rows if isinstance(r.get("requests"), int)})
+    first = f"first {n} requests per trace"
+    if counts and counts != [n]:  # a trace shorter than --requests: say how many each cell replayed
+        first += f" ({counts[0]}" + (f"-{counts[-1]}" if len(counts) > 1 else "") + " in these cells)"
+    out = [f"Scenario grid: {first}; capacity = largest rate scale with {criterion}; "
            f"({seconds:.0f} s on this machine)", "",
            "| cell | ceiling | policy | capacity | / ceiling | x V1 | x V0 | JCT x V1 @V1 cap | norm. lat. x V1 | SLO @V1 cap |",
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -254,7 +254,7 @@ def main() -> None:
     ap.add_argument("--sharegpt-rate", type=arg_number(float, 0, low_open=True), default=1.0, help="Poisson requests/s at rate scale 1")
     ap.add_argument("--slo-ttft", type=arg_number(float, 0, low_open=True), default=5.0)
     ap.add_argument("--slo-tbt", type=arg_number(float, 0, low_open=True), default=0.2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=arg_number(int, 0), default=0)
     ap.add_argument("--model", type=Path, default=None,
                     help="the predictor bundle of the 'minilm' row (default: the shipped bundle)")
     ap.add_argument("--report", type=Path, nargs="+", default=None, metavar="RUN_DIR",

@@ -171,9 +171,11 @@ def main() -> None:
     )
     from ecoserve_sched.policies import policy_names
     from ecoserve_sched.predictions import load_confusion
+    from ecoserve_sched.trace import read_trace
 
     load_profile(args.profile)
     load_confusion(args.confusion)
+    read_trace(args.trace)  # a bad row is one line here, not a traceback from each worker
     if unknown := [p for p in args.policies if p not in policy_names()]:
         ap.error(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(sorted(policy_names()))}")
     if args.instructions:

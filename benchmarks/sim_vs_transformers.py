@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--token-budget", type=arg_number(int, 1), default=512)
     ap.add_argument("--max-running", type=arg_number(int, 1), default=32)
     ap.add_argument("--threads", type=arg_number(int, 1), default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=arg_number(int, 0), default=0)
     args = ap.parse_args()
     from ecoserve_sched.policies import policy_names
 

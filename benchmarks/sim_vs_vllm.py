@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--arrivals", choices=("trace", "burst8"), default="trace",
                     help="trace: the trace's arrival times; burst8: bursts at its mean rate")
     ap.add_argument("--cv", type=arg_number(float, 0, low_open=True), default=2.0, help="burst8: coefficient of variation of the groups' gaps")
-    ap.add_argument("--seed", type=int, default=0, help="burst8: seed of the arrivals")
+    ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="burst8: seed of the arrivals")
     a = ap.parse_args()
     unknown = set(a.pairs.split(",")) - set(PAIRS)
     if unknown:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ecoserve_sched.cost_model import load_profile  # noqa: E402
 from rlpredict.cli_boundary import arg_number, run_script  # noqa: E402
+from rlpredict.data import DataError, load_samples  # noqa: E402
 from rlpredict.outputs import check_file_output, write_text_atomic  # noqa: E402
 
 SAMPLE = ROOT / "rlpredict" / "samples" / "sharegpt_sample.jsonl.gz"
@@ -64,20 +64,16 @@ MODES = ("vllm", "eco-engine", "eco-middleware")
 
 # ---- workload ---------------------------------------------------------------------------------------
 def load_conversations(path: Path, limit: int, history: bool) -> list[dict]:
-    """Rows of the shared ShareGPT format: ``messages`` (the last user message, or with
-    ``history`` the whole context before the response) and ``response`` text."""
+    """The first ``limit`` rows of a chat log (``rlpredict.data``'s readers: the shared ShareGPT
+    format and the others; a bad row names its file, line and field): ``messages`` (the last
+    user message, or with ``history`` the whole context before the response) and ``response``
+    text."""
+    samples, _ = load_samples([path], max_rows=limit)
     out = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            conv = row.get("conversation")
-            if history and isinstance(conv, list) and conv and conv[-1].get("role") == "assistant":
-                messages = [{"role": m["role"], "content": m["content"]} for m in conv[:-1]]
-            else:
-                messages = [{"role": "user", "content": row["prompt"]}]
-            out.append({"messages": messages, "response": row["response"]})
-            if len(out) >= limit:
-                break
+    for s in samples[:limit]:
+        if s.response is None:
+            raise DataError(s.location, "no response text: the benchmark counts the response's tokens")
+        out.append({"messages": s.messages if history else s.messages[-1:], "response": s.response})
     return out
 
 

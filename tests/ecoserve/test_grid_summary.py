@@ -73,10 +73,16 @@ def test_bad_inputs_are_one_line_and_exit_2(run: Path, tmp_path: Path) -> None:
     text = tmp_path / "text"
     text.mkdir()
     (text / "results.json").write_text(json.dumps([_row("a", "vllm", 1.0, **{"overload_1.25x": {"jct_x_v1": "x"}})]))
+    empty, twice = tmp_path / "empty", tmp_path / "twice"
+    empty.mkdir()
+    (empty / "results.json").write_text("[]")  # was: "cells: 0", exit 0
+    twice.mkdir()  # was: the later row taken without a word
+    (twice / "results.json").write_text(json.dumps([_row("a", "vllm", 1.0), _row("a", "vllm", 2.0)]))
     for args, message in (((tmp_path / "missing",), "cannot read"), ((bad,), "line 2: not valid JSON"),
                           ((wrong,), "not a scenario_grid.py results.json"),
                           ((text,), "row 1: field 'overload_1.25x.jct_x_v1' must be a number or null, got 'x'"),
                           ((run, "--policy", "ecoserve-p99"), "cell a has no ecoserve-p99 row"),
+                          ((empty,), "no rows"), ((twice,), "row 2: cell a has a second vllm row"),
                           ((run, "--min-share", "2"), "--min-share")):
         p = _summary(*args)
         assert p.returncode == 2, (args, p.stderr)
