@@ -226,6 +226,9 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
     """Load a shipped profile by name (see :func:`list_profiles`) or a profile JSON file;
     a profile whose model leaves no room for a KV cache is refused."""
     path = Path(name_or_path)
+    if path.is_dir():
+        raise ProfileError(f"{path}: a folder, not a profile: give a profile JSON file (`ecoserve calibrate --out` "
+                           f"writes one) or a shipped name: {', '.join(list_profiles())}")
     if path.suffix == ".json" or path.is_file():
         return _with_kv_room(CostModel(_read(path), str(path)), str(path))
     for gpu_file in sorted((PROFILES_DIR / "gpus").glob("*.json")):

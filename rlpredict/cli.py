@@ -132,7 +132,7 @@ def eval_cmd(
     model: Annotated[Path, typer.Option("--model", help="Model folder written by `rlpredict train`.")],
     data: Annotated[list[Path], typer.Option("--data", callback=distinct_paths, help="Data file or folder (repeatable).")],
     split: Annotated[Literal["test", "all"], typer.Option(help="'test': the model's held-out groups of DATA (baselines train on the rest); 'all': every row.")] = "test",
-    baseline_data: Annotated[list[Path] | None, typer.Option(help="With --split all: data to train the baselines on.")] = None,
+    baseline_data: Annotated[list[Path] | None, typer.Option(callback=distinct_paths, help="With --split all: data to train the baselines on (apart from --data).")] = None,
     baselines: Annotated[str, typer.Option(help="Comma-separated baselines: constant,prompt_length,tfidf_ridge,tfidf_logreg (empty: none).")] = "constant,prompt_length,tfidf_ridge,tfidf_logreg",
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: MODEL/eval; refused if it exists, unless --force).")] = None,
     reserve_quantile: Annotated[float, typer.Option(callback=in_range(0, 1, low_open=True), help="Quantile of the predicted length distribution for the q-reservation columns, in (0, 1].")] = 0.9,
@@ -156,6 +156,13 @@ def eval_cmd(
     if baseline_data and split != "all":
         raise typer.BadParameter("is used only with --split all (with --split test the baselines train "
                                  "on the training side of the split)", param_hint="'--baseline-data'")
+    for b in baseline_data or ():
+        rb = b.resolve()
+        for d in data:
+            rd = d.resolve()
+            if rb == rd or rd in rb.parents or rb in rd.parents:
+                raise typer.BadParameter(f"{b} overlaps --data {d}: the baselines would train on rows they "
+                                         "are scored on", param_hint="'--baseline-data'")
     out = out or model / "eval"
     check_paths([model, *data, *(baseline_data or ())], [("--out", out)])
     check_new_dir(out, force=force, option="--out")

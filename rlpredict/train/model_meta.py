@@ -64,6 +64,8 @@ class ModelMeta:
                 raise FileNotFoundError(f"{model_dir}: an exported bundle, not a model folder written by "
                                         "`rlpredict train` (the bundle's held-out scores are in its manifest's "
                                         "'evaluation')")
+            if not Path(model_dir).exists():
+                raise FileNotFoundError(f"{model_dir}: no such folder")
             raise FileNotFoundError(f"{model_dir}: no {FILENAME}; is this a model trained by `rlpredict train`?")
         return cls.from_dict(read_json(p), source=str(p))
 

@@ -169,6 +169,8 @@ def test_unreadable_or_unknown_profile(tmp_path):
         load_profile(str(path))
     with pytest.raises(ProfileError, match="unknown profile 'gpt5-tpu'"):
         load_profile("gpt5-tpu")
+    with pytest.raises(ProfileError, match="a folder, not a profile"):  # was: "unknown profile"
+        load_profile(tmp_path)
 
 
 def test_fit_profile_recovers_known_coefficients(tmp_path):

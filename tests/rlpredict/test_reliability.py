@@ -536,6 +536,11 @@ def test_a_model_folders_own_files_are_checked(tiny_model_dir, tmp_path, name, c
         one_error_line(run("export", "--model", bad, "--out", tmp_path / "b"), name, needle)
 
 
+def test_a_missing_model_folder_is_said_to_be_missing(tmp_path):
+    one_error_line(run("export", "--model", tmp_path / "nope", "--out", tmp_path / "b"),
+                   "nope: no such folder")  # was: "no rlpredict.json; is this a model ..."
+
+
 def test_eval_given_a_bundle_says_it_takes_a_trained_model(bundle_fp32, tmp_path):
     one_error_line(run("eval", "--model", bundle_fp32, "--data", _labelled(tmp_path), "--out", tmp_path / "e"),
                    "an exported bundle, not a model folder written by `rlpredict train`")
@@ -563,6 +568,11 @@ def test_eval_reads_a_summary_without_a_split_record(tiny_model_dir, tmp_path):
 def test_eval_refuses_baseline_data_it_would_ignore(tiny_model_dir, trace, tmp_path):
     one_error_line(run("eval", "--model", tiny_model_dir, "--data", trace, "--baseline-data", trace,
                        "--out", tmp_path / "e"), "--baseline-data")
+    # with --split all, baselines trained on the rows they are scored on (was: accepted)
+    res = run("eval", "--model", tiny_model_dir, "--data", trace, "--split", "all", "--baseline-data",
+              trace.parent, "--out", tmp_path / "e")
+    one_error_line(res, "--baseline-data")
+    assert "overlaps" in res.output and not (tmp_path / "e").exists()
 
 
 def test_an_oversize_jsonl_row_is_read_past_in_pieces():
