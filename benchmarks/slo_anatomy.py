@@ -5,7 +5,8 @@
 
 For each policy and load (rate scale): SLO attainment, the share of requests that miss their
 TTFT and the share that miss their mean TBT, the share of the server's time spent in
-iterations longer than the TBT SLO (from the replay's iteration log), the mean TTFT, and the
+iterations longer than the TBT SLO (from the replay's iteration log), the mean TTFT, the mean
+decode time and how much of it the request spent stalled (preempted or parked), the parks, and the
 iterations that carried prompt tokens with the share of the replay's time their fixed cost took
 (the cost model's ``prefill_overhead_s`` each: what small chunks pay).
 Beside them, a reference that ignores decodes altogether: one server prefilling whole prompts
@@ -73,17 +74,22 @@ def reference_ttft(arrival_s: np.ndarray, prefill: np.ndarray, ttft_s: float) ->
     return met / n
 
 
-def anatomy(res: object, slo: object) -> tuple[float, float, float, float]:
-    """(share missing the TTFT, share missing the mean TBT, share of time in iterations longer
-    than the TBT SLO, mean TTFT in seconds) of a replay's finished requests."""
+def anatomy(res: object, slo: object) -> dict[str, float]:
+    """Of a replay's finished requests: the shares missing the TTFT and the mean TBT, the share of
+    time in iterations longer than the TBT SLO, and the mean TTFT, decode time (first token to
+    last) and stalled time (the gaps while a request was preempted or parked, a part of its
+    decode time) in seconds."""
     done = [r for r in res.requests if r.finish_s >= 0]
     wait = np.array([r.first_token_s - r.arrival_s for r in done])
+    decode = np.array([r.finish_s - r.first_token_s for r in done])
     tbt = np.array([r.generated > 1 and (r.finish_s - r.first_token_s) / (r.generated - 1) > slo.tbt_s
                     for r in done])
     log = iteration_table(res)
     busy = log[:, 1] * log[:, 2]  # mean iteration seconds x iterations per row
-    slow = busy[log[:, 1] > slo.tbt_s].sum() / max(busy.sum(), 1e-12)
-    return float((wait > slo.ttft_s).mean()), float(tbt.mean()), float(slow), float(wait.mean())
+    return {"ttft_missed": float((wait > slo.ttft_s).mean()), "tbt_missed": float(tbt.mean()),
+            "slow": float(busy[log[:, 1] > slo.tbt_s].sum() / max(busy.sum(), 1e-12)),
+            "ttft_s": float(wait.mean()), "decode_s": float(decode.mean()),
+            "stalled_s": float(sum(res.stall_gaps) / max(len(done), 1))}
 
 
 def main() -> None:
@@ -108,19 +114,21 @@ def main() -> None:
     print(f"## {cell.name}: {len(prefill)} requests, profile {spec.cost.name}, SLO TTFT {cell.slo.ttft_s:g} s / "
           f"TBT {cell.slo.tbt_s:g} s\n")
     print("| load | policy | SLO attainment | TTFT missed | mean TBT missed | time in iterations > TBT SLO "
-          "| mean TTFT s | prefill iterations | their fixed cost / replay time |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| mean TTFT s | mean decode s | of it stalled s | parks | prefill iterations "
+          "| their fixed cost / replay time |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     overhead_s = spec.cost.spec["efficiency"]["prefill_overhead_s"]
     for load in args.loads:
         for p in args.policies:
             spec_p, run_as = grid.resolve(cell, p, args.shared, args.requests)
             s, res = spec_p.run(run_as, load)
-            ttft, tbt, slow, mean_ttft = anatomy(res, cell.slo)
+            a = anatomy(res, cell.slo)
             fixed = res.prefill_iterations * overhead_s / max(s["duration_s"], 1e-12)
-            print(f"| {load:g} | {p} | {s['slo_attainment']:.3f} | {ttft:.3f} | {tbt:.3f} | {slow:.2f} "
-                  f"| {mean_ttft:.2f} | {res.prefill_iterations:,} | {fixed:.3f} |")
+            print(f"| {load:g} | {p} | {s['slo_attainment']:.3f} | {a['ttft_missed']:.3f} | {a['tbt_missed']:.3f} "
+                  f"| {a['slow']:.2f} | {a['ttft_s']:.2f} | {a['decode_s']:.2f} | {a['stalled_s']:.2f} "
+                  f"| {res.counters.get('parks', 0):,} | {res.prefill_iterations:,} | {fixed:.3f} |")
         ref = reference_ttft(spec.trace.arrival_s / load, prefill, cell.slo.ttft_s)
-        print(f"| {load:g} | decode-free reference | {ref:.3f} (TTFT only) | {1 - ref:.3f} | | | | | |")
+        print(f"| {load:g} | decode-free reference | {ref:.3f} (TTFT only) | {1 - ref:.3f} | | | | | | | | |")
     print(f"\n({time.time() - t0:.0f} s)")
 
 
