@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,6 +42,11 @@ class Server:
     block_size: int = 16
     num_gpu_blocks_override: int | None = None  # vLLM's: the KV size in blocks, whatever the HBM
 
+    def __post_init__(self) -> None:  # the rest is checked where the policy is built (``Scheduler``)
+        g = self.gpu_memory_utilization
+        if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Real) or not 0 < g <= 1):
+            raise ServerSettingError("--gpu-memory-utilization", f"gpu_memory_utilization must be in (0, 1], got {g!r}")
+
     def policy_kw(self, cost: Any) -> dict[str, Any]:
         """Keyword arguments for ``get_policy`` / ``simulator.run``."""
         kw: dict[str, Any] = {"block_size": self.block_size}
@@ -77,12 +83,12 @@ class RunSpec:
     seed: int = 0
     server: Server = field(default_factory=Server)
 
+    def __post_init__(self) -> None:
+        if not len(self.trace):  # was: a capacity search of 9 runs, "failed at every load"
+            raise ValueError(f"{self.trace.path}: the trace has no requests")
+
     def run(self, policy: str, rate_scale: float) -> tuple[dict, SimResult]:
-        with np.errstate(over="ignore"):
-            trace = self.trace.scaled(rate_scale)
-        if not np.isfinite(trace.arrival_s).all():
-            raise ValueError(f"{self.trace.path}: arrival times at rate scale {rate_scale:g} are not "
-                             "finite numbers (too small a rate scale or --rate)")
+        trace = self.trace.scaled(rate_scale)
         res = run(trace, policy, self.cost, slo=self.slo,
                   predictions=self.predictions, confusion=self.confusion, bundle=self.bundle,
                   seed=self.seed, **self.server.policy_kw(self.cost))

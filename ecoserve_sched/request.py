@@ -6,6 +6,8 @@ the predicted fields (``pred_bucket``, ``pred_tokens``, ``reserve_tokens``) and 
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -26,6 +28,13 @@ class SLO:
     ttft_s: float = 5.0
     tbt_s: float = 0.2
     deadline_s: float | None = None
+
+    def __post_init__(self) -> None:  # the CLI checks its options; this, the API's (was: attainment 0)
+        for name, v in (("ttft_s", self.ttft_s), ("tbt_s", self.tbt_s), ("deadline_s", self.deadline_s)):
+            if v is None and name == "deadline_s":
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"SLO {name} must be a finite number > 0, got {v!r}")
 
 
 @dataclass(slots=True, eq=False)

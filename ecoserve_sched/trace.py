@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import math
+import numbers
 import re
 import zlib
 from collections.abc import Iterator
@@ -48,6 +49,20 @@ class Trace:
     generators: list[str | None] | None = None  # the ``generator`` (served model) column, if any
     prompt_problem: str = ""  # ``file:line: why`` of the first row without a usable prompt ("" if none)
 
+    def __post_init__(self) -> None:
+        """Columns of one length, and arrival times finite and >= 0 (a NaN arrival made the
+        simulator loop forever): what ``read_trace`` checks per row, for a trace built in code."""
+        n = len(self.arrival_s)
+        columns = {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                   "max_tokens": self.max_tokens, "rl": self.rl, "prompts": self.prompts,
+                   "generators": self.generators}
+        if bad := [k for k, c in columns.items() if c is not None and len(c) != n]:
+            raise ValueError(f"trace {self.path}: column {bad[0]} has {len(columns[bad[0]])} rows, "
+                             f"arrival_s has {n}")
+        arrivals = np.asarray(self.arrival_s, dtype=float)
+        if n and not (np.isfinite(arrivals).all() and arrivals.min() >= 0):
+            raise ValueError(f"trace {self.path}: arrival times must be finite and >= 0")
+
     def __len__(self) -> int:
         return len(self.arrival_s)
 
@@ -57,9 +72,14 @@ class Trace:
 
     def scaled(self, rate_scale: float) -> Trace:
         """The same requests arriving ``rate_scale`` times faster (inter-arrival gaps divided)."""
-        if not rate_scale > 0:
-            raise ValueError(f"rate scale must be positive, got {rate_scale}")
-        return replace(self, arrival_s=self.arrival_s / rate_scale)
+        if isinstance(rate_scale, bool) or not isinstance(rate_scale, numbers.Real) or not rate_scale > 0:
+            raise ValueError(f"rate scale must be a number > 0, got {rate_scale!r}")
+        with np.errstate(over="ignore"):
+            arrivals = self.arrival_s / rate_scale
+        if not np.isfinite(arrivals).all():
+            raise ValueError(f"{self.path}: arrival times at rate scale {rate_scale:g} are not finite numbers "
+                             "(too small a rate scale or --rate)")
+        return replace(self, arrival_s=arrivals)
 
     def with_arrivals(self, arrival_s: np.ndarray) -> Trace:
         return replace(self, arrival_s=np.asarray(arrival_s, dtype=float))

@@ -39,6 +39,8 @@ Supported transformers: :data:`TRANSFORMERS_RANGE` (this code uses the scheduler
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -273,6 +275,16 @@ class GenRequest:
     pred_bucket: int = -1
     slo: SLO = field(default_factory=SLO)
 
+    def __post_init__(self) -> None:  # was: a NaN arrival served forever, an empty prompt generated tokens
+        if not self.prompt_ids:
+            raise ValueError("GenRequest: prompt_ids is empty")
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"GenRequest: max_new_tokens must be a whole number >= 1, got {n!r}")
+        a = self.arrival_s
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or a < 0:
+            raise ValueError(f"GenRequest: arrival_s must be a finite number >= 0, got {a!r}")
+
 
 @dataclass(slots=True)
 class GenResult:
@@ -381,6 +393,8 @@ class TransformersEngine:
     def generate(self, reqs: Sequence[GenRequest],
                  on_iteration: Callable[[IterationRecord], None] | None = None) -> EngineRun:
         """Serve ``reqs`` (arrival times relative to the start) and return tokens and timings."""
+        if not reqs:
+            raise ValueError("generate: no requests")
         policy = self.policy = self.make_policy()
         preqs = self.to_requests(reqs, oracle=policy.prediction_override == "oracle")
         meta = {f"r{r.rid}": r for r in preqs}

@@ -237,7 +237,7 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
     sched = build_vllm_scheduler(
         EcoServeVllmSyncScheduler if eco else None, num_blocks=blocks, block_size=block_size,
         max_num_seqs=max_running, max_model_len=max(longest, 2048),
-        max_num_batched_tokens=int(token_budget or max(cost.token_budget, DEFAULT_TOKEN_BUDGET)))
+        max_num_batched_tokens=int(max(cost.token_budget, DEFAULT_TOKEN_BUDGET) if token_budget is None else token_budget))
     if eco:
         sched.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=slo.ttft_s, slo_tbt=slo.tbt_s)
         sched.cost_model = cost  # every number the simulator's EcoServe takes from the cost model

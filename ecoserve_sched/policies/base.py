@@ -33,6 +33,7 @@ handled (``kv.grown_step``), the state every decision and the iteration log read
 from __future__ import annotations
 
 import copy
+import numbers
 from heapq import heappop, heappush, heapreplace
 from typing import Any
 
@@ -68,11 +69,15 @@ class Scheduler(SchedulerInterface):
     def __init__(self, cost: Any, kv_blocks: int | None = None, block_size: int = 16,
                  token_budget: int | None = None, max_running: int = DEFAULT_MAX_RUNNING,
                  slo: SLO | None = None) -> None:
+        for name, v, low in (("kv_blocks", kv_blocks, 1), ("block_size", block_size, 1),
+                             ("token_budget", token_budget, 2), ("max_running", max_running, 1)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low):
+                raise ValueError(f"{name} must be a whole number >= {low}, got {v!r}")  # was: 0 meant the default
         self.cost = cost
         blocks = kv_blocks if kv_blocks is not None else cost.kv_blocks(block_size)
         self.kv = KVCacheManager(blocks, block_size)
         self.bs = block_size
-        self.token_budget = int(token_budget or max(cost.token_budget, DEFAULT_TOKEN_BUDGET))
+        self.token_budget = int(token_budget if token_budget is not None else max(cost.token_budget, DEFAULT_TOKEN_BUDGET))
         self.slo = slo or SLO()
         self.max_running = max_running
         if self.token_budget <= max_running:

@@ -21,7 +21,7 @@ class SarathiScheduler(VLLMScheduler):
     name = "sarathi"
 
     def __init__(self, cost: Any, token_budget: int | None = None, **kw: Any) -> None:
-        super().__init__(cost, token_budget=token_budget or SARATHI_TOKEN_BUDGET, **kw)
+        super().__init__(cost, token_budget=SARATHI_TOKEN_BUDGET if token_budget is None else token_budget, **kw)
 
 
 register("sarathi", SarathiScheduler)

@@ -52,7 +52,7 @@ class VLLMV0Scheduler(Scheduler):
     def __init__(self, cost: Any, max_model_len: int | None = None, token_budget: int | None = None,
                  **kw: Any) -> None:
         self.max_model_len = int(max_model_len or _model_len(cost) or DEFAULT_MAX_MODEL_LEN)
-        super().__init__(cost, token_budget=token_budget or max(self.max_model_len, DEFAULT_TOKEN_BUDGET), **kw)
+        super().__init__(cost, token_budget=max(self.max_model_len, DEFAULT_TOKEN_BUDGET) if token_budget is None else token_budget, **kw)
         self.prompt_limit = min(self.max_model_len, self.token_budget)
         self.watermark_blocks = int(WATERMARK * self.kv.num_blocks)
         self.waiting = FCFSQueue()

@@ -36,6 +36,8 @@ share one pool of ``threads - 1`` helper threads (each call's own thread is one 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -207,14 +209,14 @@ class Predictor:
 
     def __init__(self, bundle: Bundle, *, reserve_quantile: float | None = None, margin: float = 0.0,
                  threads: int | None = None, batch_size: int = 32):
-        if reserve_quantile is not None and not 0.0 < reserve_quantile <= 1.0:
-            raise ValueError(f"reserve_quantile must be in (0, 1], got {reserve_quantile}")
-        if margin < 0:
-            raise ValueError(f"margin must be >= 0, got {margin}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        if reserve_quantile is not None and not (_real(reserve_quantile) and 0.0 < reserve_quantile <= 1.0):
+            raise ValueError(f"reserve_quantile must be a number in (0, 1], got {reserve_quantile!r}")
+        if not (_real(margin) and math.isfinite(margin) and margin >= 0):  # NaN and inf made reservations INT64_MIN
+            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+        if not (_whole(batch_size) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        if threads is not None and not (_whole(threads) and threads >= 1):
+            raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
         self.bundle = bundle
         self.reserve_quantile = reserve_quantile
         self.margin = float(margin)
@@ -411,6 +413,8 @@ class Predictor:
         """Refuse quantiles this bundle has no calibration for before any work is done."""
         if quantiles is None:
             return
+        if isinstance(quantiles, (str, bytes)) or not isinstance(quantiles, Sequence):
+            raise TypeError(f"quantiles: expected a list of numbers, got {quantiles!r}")
         cal = self.bundle.calibration
         if cal is None:
             raise ValueError(f"bundle {self.bundle.path}: has no calibrated quantiles; add them with "
@@ -463,10 +467,24 @@ def _session(model: Path, threads: int) -> ort.InferenceSession:
         raise BundleError(f"{model}: not a loadable ONNX model ({library_error(e)})") from None
 
 
+def _real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _whole(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def as_requests(requests: Request | Sequence[Request]) -> list[Request]:
     """Normalise a prompt, a message list, or a list of either to a list of requests."""
     if isinstance(requests, str):
         return [requests]
+    if isinstance(requests, Mapping):  # was: predicted as its keys, "role" and "content"
+        raise TypeError("requests: one message is not a request: give a prompt string, a list of messages "
+                        "([{'role': 'user', 'content': ...}]) or a list of either")
+    if not isinstance(requests, Sequence) or isinstance(requests, (bytes, bytearray)):
+        raise TypeError(f"requests: expected a prompt string, a list of messages or a list of either, "
+                        f"got {type(requests).__name__}")
     reqs = list(requests)
     if reqs and isinstance(reqs[0], Mapping):
         return [reqs]  # one conversation
@@ -476,7 +494,12 @@ def as_requests(requests: Request | Sequence[Request]) -> list[Request]:
 def _as_generators(generators: str | Sequence[str | None] | None, n: int) -> list[str | None]:
     if generators is None or isinstance(generators, str):
         return [generators] * n
+    if not isinstance(generators, Sequence):
+        raise TypeError(f"generators: expected a string or a list of strings, got {type(generators).__name__}")
     gens = list(generators)
     if len(gens) != n:
         raise ValueError(f"got {len(gens)} generators for {n} requests")
+    bad = [g for g in gens if g is not None and not isinstance(g, str)]
+    if bad:  # was: stringified into the model's text ("model: 1")
+        raise TypeError(f"generators: each must be a string or None, got {bad[0]!r}")
     return gens

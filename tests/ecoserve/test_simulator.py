@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sim_helpers import FlatCost, make_req
@@ -132,3 +133,32 @@ def test_prefill_iterations_count_the_iterations_that_carried_prompt_tokens():
     sched = get_policy("vllm", FlatCost(blocks=4000), block_size=4, max_running=8, token_budget=2048)
     res = simulate(reqs, sched, check=True)
     assert res.prefill_iterations == 4 and all(r.state == State.FINISHED for r in reqs)
+
+
+def test_the_api_refuses_what_the_cli_refuses():
+    """The CLI checks its options; these are the API's own checks (each ran before: a NaN
+    arrival looped forever, ``token_budget=0`` meant the default, ``SLO(0, 0)`` gave attainment 0,
+    an empty trace ran a whole capacity search)."""
+    from ecoserve_sched.compare import RunSpec, Server
+
+    tr = _trace(20)
+    cost = FlatCost()
+    with pytest.raises(ValueError, match="arrival times must be finite and >= 0"):
+        tr.with_arrivals(np.r_[tr.arrival_s[:-1], np.nan])
+    with pytest.raises(ValueError, match="column input_tokens has 19 rows"):
+        Trace("t", tr.arrival_s, tr.input_tokens[:-1], tr.output_tokens, tr.max_tokens)
+    with pytest.raises(ValueError, match="rate scale must be a number > 0, got '2'"):
+        tr.scaled("2")
+    with pytest.raises(ValueError, match=r"at rate scale .* are not finite numbers"):
+        tr.scaled(1e-320)
+    for bad in ((0, 0.2), (5.0, -1), (float("nan"), 0.2), (5.0, 0.2, -1)):
+        with pytest.raises(ValueError, match=r"SLO .* must be a finite number > 0"):
+            SLO(*bad)
+    for kw, name in (({"token_budget": 0}, "token_budget"), ({"max_running": 0}, "max_running"),
+                     ({"block_size": 0}, "block_size"), ({"token_budget": 2.5}, "token_budget")):
+        with pytest.raises(ValueError, match=f"{name} must be a whole number"):
+            run(tr, "vllm", cost, **kw)
+    with pytest.raises(ValueError, match="the trace has no requests"):
+        RunSpec(tr.head(0), cost, SLO())
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
+        Server(gpu_memory_utilization=2.0)

@@ -117,3 +117,16 @@ def test_policy_scheduler_plugs_into_generate_batch(tiny_llama, tiny_llama_greed
     finally:
         SCHEDULER_MAPPING.pop(name, None)
     assert [o.generated_tokens for o in out.values()] == [ref[:12] for ref in tiny_llama_greedy[:4]]
+
+
+def test_requests_the_engine_cannot_serve_are_refused(tiny_llama):
+    """A NaN arrival was served forever, an empty prompt batched with others generated tokens,
+    and ``generate([])`` failed inside (``max() arg is an empty sequence``)."""
+    from ecoserve_sched.engines.transformers_cb import GenRequest
+
+    for args, msg in ((([1, 2, 3], 3, float("nan")), "arrival_s must be a finite number >= 0"),
+                      (([], 3), "prompt_ids is empty"), (([1, 2], 0), "max_new_tokens must be a whole number")):
+        with pytest.raises(ValueError, match=msg):
+            GenRequest(*args)
+    with pytest.raises(ValueError, match="no requests"):
+        make_engine(tiny_llama, "ecoserve").generate([])

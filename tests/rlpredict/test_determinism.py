@@ -264,7 +264,7 @@ def test_lone_prompts_fall_back_to_one_thread_if_thread_counts_ever_differ(monke
 
 @pytest.mark.parametrize("threads", [0, -1])
 def test_threads_must_be_positive(threads):
-    with pytest.raises(ValueError, match="threads must be >= 1"):
+    with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
         Predictor.load(SHIPPED, threads=threads)
     with pytest.raises(ValueError, match="batch_size"):
         Predictor.load(SHIPPED, batch_size=0)

@@ -140,6 +140,30 @@ def test_reserve_quantile_and_margin(bundle_fp32, predictor):
         Predictor.load(bundle_fp32, reserve_quantile=1.5)
     with pytest.raises(ValueError, match="margin"):
         Predictor.load(bundle_fp32, margin=-0.1)
+    for bad in (float("nan"), float("inf"), "0.1"):  # NaN and inf made every reservation INT64_MIN
+        with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
+            Predictor.load(bundle_fp32, margin=bad)
+    for kw in ({"threads": "2"}, {"threads": 1.5}, {"threads": True}, {"reserve_quantile": "0.9"}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            Predictor.load(bundle_fp32, **kw)
+
+
+def test_what_is_no_request_is_refused_by_name(predictor):
+    """A single message dict was predicted as its keys ("role", "content"); a number, None or
+    bytes failed inside; generators that are not strings were written into the model's text."""
+    with pytest.raises(TypeError, match="one message is not a request"):
+        predictor.predict({"role": "user", "content": "x"})
+    for bad in (None, 123, b"hi"):
+        with pytest.raises(TypeError, match="requests: expected a prompt string"):
+            predictor.predict(bad)
+    with pytest.raises(TypeError, match="generators: each must be a string or None, got 1"):
+        predictor.predict(["a"], generators=[1])
+    with pytest.raises(TypeError, match="generators: expected a string or a list"):
+        predictor.predict(["a"], generators=5)
+    with pytest.raises(TypeError, match="generators: each must be a string"):
+        predictor.predict_one("a", generator=["x"])
+    with pytest.raises(TypeError, match="quantiles: expected a list of numbers"):
+        predictor.predict(["a"], quantiles="0.5")
 
 
 def test_batch_single_and_order_give_the_same_result(bundle_fp32, predictor):
