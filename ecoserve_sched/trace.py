@@ -234,6 +234,8 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
 
     ``max_tokens`` applies to rows without a ``max_tokens`` field (never below their true length).
     """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")  # was: -5 accepted
     p = Path(path)
     if not p.is_file():
         raise TraceError(f"{p}: {'is a folder, not a trace file' if p.is_dir() else 'no such trace file'}")

@@ -162,3 +162,7 @@ def test_the_api_refuses_what_the_cli_refuses():
         RunSpec(tr.head(0), cost, SLO())
     with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
         Server(gpu_memory_utilization=2.0)
+    from ecoserve_sched.trace import read_trace
+
+    with pytest.raises(ValueError, match="max_tokens must be a whole number >= 1, got -5"):
+        read_trace("any.csv", max_tokens=-5)
