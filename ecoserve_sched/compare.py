@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,7 +15,7 @@ from rlpredict.json_file import dumps
 
 from .metrics import summarize
 from .predictions import NO_PREDICTIONS, Confusion
-from .request import SLO
+from .request import SLO, is_real
 from .simulator import SimResult, iteration_table, run
 from .trace import Trace
 
@@ -44,7 +43,7 @@ class Server:
 
     def __post_init__(self) -> None:  # the rest is checked where the policy is built (``Scheduler``)
         g = self.gpu_memory_utilization
-        if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Real) or not 0 < g <= 1):
+        if g is not None and not (is_real(g) and 0 < g <= 1):
             raise ServerSettingError("--gpu-memory-utilization", f"gpu_memory_utilization must be in (0, 1], got {g!r}")
 
     def policy_kw(self, cost: Any) -> dict[str, Any]:

@@ -21,6 +21,16 @@ class State(IntEnum):
     ERRORED = 5  # ended by an engine error (``Request.error`` says which); holds no KV
 
 
+def is_real(v: object) -> bool:
+    """A finite int or float (numpy's too), not a bool: what an API argument that is a number
+    must be (``is_whole``: an integer)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_whole(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 @dataclass(slots=True, frozen=True)
 class SLO:
     """Latency targets: time to first token, mean time between tokens, optional JCT deadline."""
@@ -33,7 +43,7 @@ class SLO:
         for name, v in (("ttft_s", self.ttft_s), ("tbt_s", self.tbt_s), ("deadline_s", self.deadline_s)):
             if v is None and name == "deadline_s":
                 continue
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+            if not (is_real(v) and v > 0):
                 raise ValueError(f"SLO {name} must be a finite number > 0, got {v!r}")
 
 

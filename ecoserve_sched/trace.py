@@ -11,7 +11,6 @@ import gzip
 import io
 import json
 import math
-import numbers
 import re
 import zlib
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import numpy as np
 
 from rlpredict.records import TRACE_FIELDS, RecordError, csv_records, generator_of, request_of
 
-from .request import SLO, Request
+from .request import SLO, Request, is_real, is_whole
 
 REQUIRED = ("arrival_time_s", "input_tokens", "output_tokens")
 MAX_COUNT = 2**53  # token counts above this are not integers a float (or a sane trace) holds
@@ -72,7 +71,7 @@ class Trace:
 
     def scaled(self, rate_scale: float) -> Trace:
         """The same requests arriving ``rate_scale`` times faster (inter-arrival gaps divided)."""
-        if isinstance(rate_scale, bool) or not isinstance(rate_scale, numbers.Real) or not rate_scale > 0:
+        if not (is_real(rate_scale) and rate_scale > 0):
             raise ValueError(f"rate scale must be a number > 0, got {rate_scale!r}")
         with np.errstate(over="ignore"):
             arrivals = self.arrival_s / rate_scale
@@ -234,7 +233,7 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
 
     ``max_tokens`` applies to rows without a ``max_tokens`` field (never below their true length).
     """
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
+    if not (is_whole(max_tokens) and max_tokens >= 1):
         raise ValueError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")  # was: -5 accepted
     p = Path(path)
     if not p.is_file():

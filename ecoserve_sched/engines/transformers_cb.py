@@ -39,8 +39,6 @@ Supported transformers: :data:`TRANSFORMERS_RANGE` (this code uses the scheduler
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +52,7 @@ from transformers.generation.continuous_batching.requests import FutureRequestSt
 from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
 
 from ..policies import Batch, Scheduler, get_policy
-from ..request import SLO, Request, State
+from ..request import SLO, Request, State, is_real, is_whole
 from ..serving import Executor, LogRow, SimResult, serve
 
 #: transformers versions this adapter is tested with (pinned by the ``engines`` extra).
@@ -279,10 +277,10 @@ class GenRequest:
         if not self.prompt_ids:
             raise ValueError("GenRequest: prompt_ids is empty")
         n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        if not (is_whole(n) and n >= 1):
             raise ValueError(f"GenRequest: max_new_tokens must be a whole number >= 1, got {n!r}")
         a = self.arrival_s
-        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or a < 0:
+        if not (is_real(a) and a >= 0):
             raise ValueError(f"GenRequest: arrival_s must be a finite number >= 0, got {a!r}")
 
 

@@ -33,12 +33,11 @@ handled (``kv.grown_step``), the state every decision and the iteration log read
 from __future__ import annotations
 
 import copy
-import numbers
 from heapq import heappop, heappush, heapreplace
 from typing import Any
 
 from ..kv_cache import KVCacheManager
-from ..request import SLO, Request, State
+from ..request import SLO, Request, State, is_whole
 from .interface import (
     DEFAULT_MAX_RUNNING,
     DEFAULT_TOKEN_BUDGET,
@@ -71,7 +70,7 @@ class Scheduler(SchedulerInterface):
                  slo: SLO | None = None) -> None:
         for name, v, low in (("kv_blocks", kv_blocks, 1), ("block_size", block_size, 1),
                              ("token_budget", token_budget, 2), ("max_running", max_running, 1)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low):
+            if v is not None and not (is_whole(v) and v >= low):
                 raise ValueError(f"{name} must be a whole number >= {low}, got {v!r}")  # was: 0 meant the default
         self.cost = cost
         blocks = kv_blocks if kv_blocks is not None else cost.kv_blocks(block_size)
