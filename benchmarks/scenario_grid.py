@@ -38,6 +38,10 @@ with ``--overload``, ``overload_1x`` and ``overload_1.25x`` (mean JCT, its ratio
 attainment, ...), with ``--sustained``, ``sustained_capacity``. ``benchmarks/grid_summary.py``
 sums several such folders up (the figures README's "Results at a glance" quotes).
 
+``--resolution F`` stops each capacity search once its passing and failing loads are within F
+of each other (relative; 0.02 by default): a capacity is known to F, a ratio of two to about
+twice that. Each halving of F takes one more run a search (``--resolution 0.003``: three).
+
 ``--max-normalized-latency S`` takes capacity at a normalized latency (the vLLM and Orca papers'
 metric) instead of SLO attainment; ``--max-p99-tbt S`` also requires the p99 time between tokens
 to stay within S seconds (``slo``: within the cell's TBT SLO; Sarathi-Serve's P99-TBT SLO). Both
@@ -366,6 +370,19 @@ def unknown_policy(name: str, tuned: bool = True) -> str | None:
         f"vllm@B{', vllm-tuned' if tuned else ''}"
 
 
+#: --resolution: the capacity search stops once its bracket is within this share of its top
+#: (``compare.capacity``'s ``rel_tol``), in at most ``MAX_RUNS`` runs at the default.
+RESOLUTION = 0.02
+MAX_RUNS = 14
+
+
+def _search(rel_tol: float) -> dict:
+    """``compare.capacity``'s search settings at resolution ``rel_tol``: finer ones get the runs
+    the extra bisection steps take."""
+    extra = max(0, math.ceil(math.log2(RESOLUTION / rel_tol)))
+    return {"rel_tol": rel_tol, "max_runs": MAX_RUNS + extra}
+
+
 def task_ceiling(cell: Cell, shared: Path, n: int) -> tuple[str, dict]:
     spec = spec_of(cell, shared, n)
     kv_blocks = spec.server.policy_kw(spec.cost).get("kv_blocks") or spec.cost.kv_blocks(spec.server.block_size)
@@ -374,10 +391,11 @@ def task_ceiling(cell: Cell, shared: Path, n: int) -> tuple[str, dict]:
 
 
 def task_capacity(cell: Cell, policy: str, shared: Path, n: int, hi: float,
-                  max_nl: float | None = None, max_p99_tbt: float | str | None = None) -> tuple[str, str, dict]:
+                  max_nl: float | None = None, max_p99_tbt: float | str | None = None,
+                  rel_tol: float = RESOLUTION) -> tuple[str, str, dict]:
     spec, run_as = resolve(cell, policy, shared, n)
     return cell.name, policy, capacity(spec, run_as, hi=hi, max_normalized_latency=max_nl,
-                                       max_p99_tbt=p99_tbt_of(cell, max_p99_tbt))
+                                       max_p99_tbt=p99_tbt_of(cell, max_p99_tbt), **_search(rel_tol))
 
 
 def p99_tbt_of(cell: Cell, max_p99_tbt: float | str | None) -> float | None:
@@ -392,10 +410,12 @@ def task_at_load(cell: Cell, policy: str, shared: Path, n: int, scale: float) ->
 
 
 def task_sustained(cell: Cell, policy: str, shared: Path, n: int, hi: float, cap: float | None,
-                   max_nl: float | None = None, max_p99_tbt: float | str | None = None) -> tuple[str, str, dict]:
-    """The sustained capacity, under the same criterion as ``task_capacity``'s."""
+                   max_nl: float | None = None, max_p99_tbt: float | str | None = None,
+                   rel_tol: float = RESOLUTION) -> tuple[str, str, dict]:
+    """The sustained capacity, under the same criterion (and resolution) as ``task_capacity``'s."""
     spec, run_as = resolve(cell, policy, shared, n)
-    out = capacity(sustained(spec), run_as, hi=hi, max_normalized_latency=max_nl, max_p99_tbt=p99_tbt_of(cell, max_p99_tbt))
+    out = capacity(sustained(spec), run_as, hi=hi, max_normalized_latency=max_nl,
+                   max_p99_tbt=p99_tbt_of(cell, max_p99_tbt), **_search(rel_tol))
     out["deferred_at_capacity"] = deferred_share(spec.run(run_as, cap)[1], spec.slo) if cap else None
     return cell.name, policy, out
 
@@ -432,6 +452,9 @@ def main() -> None:
                     "confusion.json or a bundle; default: the shipped bundle's)")
     ap.add_argument("--kv-scale", type=float, default=1.0, metavar="F",
                     help="every cell's KV cache times F (vLLM's num_gpu_blocks_override): what KV binds")
+    ap.add_argument("--resolution", type=arg_number(float, 0.001, 0.5), default=RESOLUTION, metavar="F",
+                    help="stop each capacity search once the passing and failing loads are within F "
+                         "of each other (relative; default 0.02)")
     ap.add_argument("--overload", action="store_true",
                     help="also report mean JCT and SLO attainment at 1x and 1.25x vLLM V1's capacity load")
     ap.add_argument("--sustained", action="store_true",
@@ -502,8 +525,8 @@ def main() -> None:
 
         ceilings = dict(starmap(task_ceiling, [(c, args.shared, args.requests) for c in cells]))
         caps = {(name, p): c for name, p, c in starmap(task_capacity, [
-            (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3), nl, p99)
-            for c in cells for p in searched])}
+            (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3), nl, p99,
+             args.resolution) for c in cells for p in searched])}
         tuned: dict[str, str] = {}  # cell -> the vllm@B (or vllm) run that vllm-tuned's loads run
         for c in cells if sweep else ():
             tuned[c.name] = max(["vllm", *sweep], key=lambda p: caps[c.name, p]["max_rate_scale"] or -1.0)
@@ -520,7 +543,7 @@ def main() -> None:
         if args.sustained:
             sustained = {(name, p): c for name, p, c in starmap(_as_row(task_sustained, tuned), [
                 (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3),
-                 caps[c.name, p]["max_rate_scale"], nl, p99) for c in cells for p in policies])}
+                 caps[c.name, p]["max_rate_scale"], nl, p99, args.resolution) for c in cells for p in policies])}
     rows = []
     for c in cells:
         ceil = ceilings[c.name]["ceiling_rate_scale"]
@@ -534,6 +557,7 @@ def main() -> None:
                 "cell": c.name, "profile": c.profile, "slo_ttft_s": c.slo.ttft_s, "slo_tbt_s": c.slo.tbt_s,
                 "kv_tokens": ceilings[c.name]["kv_tokens"], "requests": ceilings[c.name]["requests"],
                 "ceiling": ceil, "policy": p, "capacity": cap, "search": caps[c.name, p]["search"],
+                "resolution": args.resolution,
                 "vs_ceiling": _ratio(cap, ceil), "x_v1": _ratio(cap, v1), "x_v0": _ratio(cap, v0),
                 "jct_x_v1": _ratio(load and load["mean_jct_s"], base and base["mean_jct_s"]),
                 "norm_latency_x_v1": _ratio(load and load["normalized_latency_s"], base and base["normalized_latency_s"]),
@@ -550,6 +574,8 @@ def main() -> None:
         f"normalized latency <= {nl:g} s per output token and every request finished"
     if p99 is not None:
         criterion += " and p99 time between tokens <= " + ("the TBT SLO" if p99 == "slo" else f"{p99:g} s")
+    if args.resolution != RESOLUTION:
+        criterion += f" (searched to {args.resolution:.2%})"
     text = markdown(rows, args.requests, time.time() - t0, criterion)
     if args.skip or args.seed:
         text += f"\n\n(requests {args.skip + 1} to {args.skip + args.requests} of each trace; seed {args.seed})"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ecoserve_sched.compare import capacity
 from ecoserve_sched.cost_model import list_profiles, load_profile
 
 GRID = Path(__file__).resolve().parents[2] / "benchmarks" / "scenario_grid.py"
@@ -81,7 +83,8 @@ def test_random_cells_are_servable_scenarios(grid) -> None:
     ("--cells", "random:0", "random:N"), ("--cells", "random:x", "random:N"), ("--cells", "nope", "unknown cell"),
     ("--policies", "vllm,vllm@x", "vllm@B"), ("--policies", "sjf,ecoserve", "must include vllm"),
     ("--max-p99-tbt", "0", "--max-p99-tbt"), ("--max-p99-tbt", "nan", "--max-p99-tbt"),
-    ("--max-p99-tbt", "fast", "--max-p99-tbt"),
+    ("--max-p99-tbt", "fast", "--max-p99-tbt"), ("--resolution", "0", "--resolution"),
+    ("--resolution", "inf", "--resolution"),
 ])
 def test_bad_cells_and_policies_are_one_line_and_exit_2(option: str, value: str, message: str,
                                                          tmp_path: Path) -> None:
@@ -90,6 +93,13 @@ def test_bad_cells_and_policies_are_one_line_and_exit_2(option: str, value: str,
     assert p.returncode == 2
     assert message in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_resolution_keeps_the_default_search_and_gives_finer_ones_their_runs(grid) -> None:
+    defaults = {k: v.default for k, v in inspect.signature(capacity).parameters.items()}
+    assert grid._search(grid.RESOLUTION) == {"rel_tol": defaults["rel_tol"], "max_runs": defaults["max_runs"]}
+    assert grid._search(0.005) == {"rel_tol": 0.005, "max_runs": defaults["max_runs"] + 2}  # two more halvings
+    assert grid._search(0.003)["max_runs"] == defaults["max_runs"] + 3
 
 
 def test_code_trace_has_the_published_shape_and_slices(grid) -> None:
