@@ -103,6 +103,8 @@ TOOL = "benchmarks/scenario_grid.py"
 sys.path.insert(0, str(REPO))
 
 from ecoserve_sched.compare import (  # noqa: E402
+    CAPACITY_MAX_RUNS,
+    CAPACITY_REL_TOL,
     MAX_DEFERRED,
     RunSpec,
     Server,
@@ -370,17 +372,15 @@ def unknown_policy(name: str, tuned: bool = True) -> str | None:
         f"vllm@B{', vllm-tuned' if tuned else ''}"
 
 
-#: --resolution: the capacity search stops once its bracket is within this share of its top
-#: (``compare.capacity``'s ``rel_tol``), in at most ``MAX_RUNS`` runs at the default.
-RESOLUTION = 0.02
-MAX_RUNS = 14
+#: --resolution's default: ``compare.capacity``'s own.
+RESOLUTION = CAPACITY_REL_TOL
 
 
 def _search(rel_tol: float) -> dict:
-    """``compare.capacity``'s search settings at resolution ``rel_tol``: finer ones get the runs
-    the extra bisection steps take."""
-    extra = max(0, math.ceil(math.log2(RESOLUTION / rel_tol)))
-    return {"rel_tol": rel_tol, "max_runs": MAX_RUNS + extra}
+    """``compare.capacity``'s search settings at resolution ``rel_tol``: a finer one gets the
+    runs its extra bisection steps take."""
+    extra = max(0, math.ceil(math.log2(CAPACITY_REL_TOL / rel_tol)))
+    return {"rel_tol": rel_tol, "max_runs": CAPACITY_MAX_RUNS + extra}
 
 
 def task_ceiling(cell: Cell, shared: Path, n: int) -> tuple[str, dict]:

@@ -198,8 +198,14 @@ def meets(s: dict, target: float = 0.9, max_normalized_latency: float | None = N
     return bool(good and (max_p99_tbt is None or s["p99_tbt_s"] <= max_p99_tbt))
 
 
+#: ``capacity``'s search: it stops once the passing and failing loads are within this share of
+#: the failing one, or after this many runs.
+CAPACITY_REL_TOL = 0.02
+CAPACITY_MAX_RUNS = 14
+
+
 def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
-             hi: float = 1.0, rel_tol: float = 0.02, max_runs: int = 14,
+             hi: float = 1.0, rel_tol: float = CAPACITY_REL_TOL, max_runs: int = CAPACITY_MAX_RUNS,
              max_normalized_latency: float | None = None, max_p99_tbt: float | None = None) -> dict:
     """Largest rate scale that ``meets`` the criterion (SLO attainment >= ``target`` by default;
     see ``meets`` for the normalized-latency and p99-TBT variants): double from ``hi`` until it

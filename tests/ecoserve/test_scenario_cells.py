@@ -100,6 +100,7 @@ def test_resolution_keeps_the_default_search_and_gives_finer_ones_their_runs(gri
     assert grid._search(grid.RESOLUTION) == {"rel_tol": defaults["rel_tol"], "max_runs": defaults["max_runs"]}
     assert grid._search(0.005) == {"rel_tol": 0.005, "max_runs": defaults["max_runs"] + 2}  # two more halvings
     assert grid._search(0.003)["max_runs"] == defaults["max_runs"] + 3
+    assert grid._search(0.1)["max_runs"] == defaults["max_runs"]  # coarser: no fewer runs than the default
 
 
 def test_code_trace_has_the_published_shape_and_slices(grid) -> None:
