@@ -10,7 +10,6 @@ one is replaced only with ``--force``.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -23,6 +22,7 @@ from rlpredict.cli_boundary import (
     in_range,
     positive,
     root_callback,
+    run_cli,
     thread_count,
 )
 from rlpredict.json_file import dumps
@@ -468,8 +468,8 @@ def demo(
 
 
 def main() -> None:
-    app(prog_name="ecoserve")
+    run_cli(app, prog_name="ecoserve")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -20,12 +20,12 @@ from typing import IO
 
 import numpy as np
 
+from rlpredict.records import MAX_TOKEN_COUNT as MAX_COUNT
 from rlpredict.records import TRACE_FIELDS, RecordError, csv_records, generator_of, request_of
 
 from .request import SLO, Request, is_real, is_whole
 
 REQUIRED = ("arrival_time_s", "input_tokens", "output_tokens")
-MAX_COUNT = 2**53  # token counts above this are not integers a float (or a sane trace) holds
 RL_FIELDS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
 DEFAULT_MAX_TOKENS = 2048
 
@@ -134,6 +134,8 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
         except RecordError as e:
             raise TraceError(f"{path}:1: {e.reason}") from None
         assert names is not None
+        if not names:
+            raise TraceError(f"{path}: empty CSV file (no header)")
         missing = [c for c in REQUIRED if c not in names]
         if missing:
             raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}")

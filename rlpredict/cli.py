@@ -22,6 +22,7 @@ from rlpredict.cli_boundary import (
     in_range,
     log_line,
     root_callback,
+    run_cli,
     say_skipped,
 )
 from rlpredict.json_file import dumps
@@ -255,7 +256,7 @@ app.command("drift")(cli_quantiles.drift)
 
 
 def main() -> None:
-    app()
+    run_cli(app)
 
 
 if __name__ == "__main__":

@@ -113,12 +113,42 @@ class BoundaryGroup(TyperGroup):
         try:
             with _sigterm_as_interrupt():
                 return super().invoke(ctx)
+        except BrokenPipeError:  # the reader left (``| head``): stop quietly, as a shell tool does
+            _stdout_to_devnull()
+            raise typer.Exit(141) from None
         except (KeyboardInterrupt, Exception) as e:
             if _framework(e) or _debug(ctx):
                 raise
             code, line = failure(e, "--debug")
             typer.echo(line, err=True)
             raise typer.Exit(code) from None
+
+
+def _stdout_to_devnull() -> None:
+    """After the reader of stdout left: later writes, and the flush at exit, go nowhere."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _stdout_is_devnull() -> bool:
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run_cli(app: typer.Typer, **kwargs: Any) -> None:
+    """A CLI's entry point: ``app(**kwargs)``, except that a reader that left (``| head``)
+    ends it quietly with exit 141, as a shell tool. Commands' own writes are caught in
+    ``BoundaryGroup.invoke``; rich (tables, ``--help``) catches its own, points stdout at the
+    null device and exits 1, which is told apart here by that stdout."""
+    was_null = _stdout_is_devnull()
+    try:
+        app(**kwargs)
+    except SystemExit as e:
+        if e.code == 1 and not was_null and _stdout_is_devnull():
+            raise SystemExit(141) from None
+        raise
 
 
 def run_script(main: Callable[[], Any]) -> NoReturn:
@@ -137,8 +167,7 @@ def run_script(main: Callable[[], Any]) -> NoReturn:
         code, line = 2, f"error: {' '.join(e.code.split())}"
         print(line, file=sys.stderr, flush=True)
     except BrokenPipeError:  # the reader left (``| head``): stop quietly, as a shell tool does
-        with contextlib.suppress(OSError, ValueError):  # no flush error at exit either
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
         code = 141
     except (KeyboardInterrupt, Exception) as e:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):

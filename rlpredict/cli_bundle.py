@@ -6,7 +6,6 @@ Registered on ``rlpredict.cli.app``. Heavy imports happen inside the commands: `
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -81,7 +80,7 @@ def export(
 def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list, list[str | None] | None, list[int]]:
     """The prompts on stdin, with ``--jsonl`` each line's generator (None: no line has one), and
     each prompt's line number (blank lines hold no prompt)."""
-    from rlpredict.records import TRACE_FIELDS
+    from rlpredict.records import TRACE_FIELDS, RecordError, parse_json
     from rlpredict.serve.annotate import BadRow, generator_of, request_of
 
     raw = sys.stdin.buffer.read()
@@ -99,12 +98,14 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
     out, gens = [], []
     for i, line in lines:
         try:
-            row = json.loads(line)
+            row = parse_json(line)  # annotate's rule: "not valid JSON (...)", deep nesting included
             if not isinstance(row, dict):
                 raise BadRow(f"expected a JSON object, got {type(row).__name__}")
             out.append(request_of(row, TRACE_FIELDS))
             gens.append(generator_of(row, TRACE_FIELDS, wants_generator))
-        except (json.JSONDecodeError, BadRow) as e:
+        except RecordError as e:
+            _fail(f"stdin: line {i}: {e.reason}")
+        except BadRow as e:
             _fail(f"stdin: line {i}: {e}")
     return out, gens if any(g is not None for g in gens) else None, numbers
 
@@ -142,6 +143,8 @@ def predict(
     for i, t in enumerate(texts or (), 1):
         if not is_valid_unicode(t):  # undecodable bytes in argv arrive as lone surrogates
             _fail(f"prompt argument {i}: not valid UTF-8")
+        if not t.strip():  # as blank stdin: most often an unset shell variable ("$PROMPT")
+            _fail(f"prompt argument {i}: empty (or only blank space)")
     if generator is not None and not is_valid_unicode(generator):
         raise typer.BadParameter("not valid UTF-8", param_hint="'--generator'")
     if not texts and sys.stdin.isatty():

@@ -30,6 +30,7 @@ from typing import Any
 from rlpredict.records import (
     LOG_FIELDS,
     LOG_MESSAGES,
+    MAX_TOKEN_COUNT,
     PART_SEPARATOR,
     Fields,
     OnError,
@@ -132,8 +133,8 @@ def _count(v: Any, loc: str, name: str) -> int:
             v = int(v)
     if isinstance(v, float) and v.is_integer():
         v = int(v)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise DataError(loc, f"expected a non-negative integer token count, got {_REPR.repr(v)}", name)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_TOKEN_COUNT:
+        raise DataError(loc, f"expected an integer token count in [0, 2^53], got {_REPR.repr(v)}", name)
     return v
 
 

@@ -42,6 +42,9 @@ COUNT_FIELDS = ("rl_tokens", "output_tokens", "completion_tokens", "response_tok
                 "usage.completion_tokens", "usage.output_tokens")
 GROUP_FIELDS = ("conversation_id", "prompt_id")
 GENERATOR_FIELDS = ("generator", "model")
+#: The largest token count any reader accepts (logs, traces): beyond 2^53 a float, and so a
+#: JSON number in most writers, no longer holds every integer.
+MAX_TOKEN_COUNT = 2**53
 PART_SEPARATOR = "\n"  # between the text parts of one message's content
 #: Content-part types that carry text: Chat Completions' "text" (also a part with no ``type``)
 #: and the Responses API's "input_text".

@@ -12,8 +12,8 @@ number (``on_error="fail"``) or goes to a rejects JSONL file with the reason
 (``on_error="skip"``), one JSON object per bad row: ``line`` (text formats) or ``row_number``
 (Parquet, from 1), ``reason`` and the raw ``row``; rows in = rows out + rows rejected.
 The output and the rejects file are written to temporary files and renamed at the end: an error
-or Ctrl-C leaves no partial file. Blank lines are not rows; in CSV an empty cell is a missing
-value. Parquet needs pyarrow (imported only for Parquet files).
+or Ctrl-C leaves no partial file. Blank lines are not rows, and an input with no row is an
+error; in CSV an empty cell is a missing value. Parquet needs pyarrow (imported only for Parquet files).
 """
 
 from __future__ import annotations
@@ -97,6 +97,13 @@ def detect_format(path: str | Path) -> tuple[Format, bool]:
 
 def corrupt_compressed(src: str | Path, e: BaseException) -> AnnotateError:
     return AnnotateError(f"{src}: truncated or corrupt compressed file ({e})")
+
+
+def no_rows(src: str | Path, fmt: str) -> AnnotateError:
+    """An input with no row: an error, as in every other command, not an empty output."""
+    what = {"jsonl": "is empty or holds only blank lines", "parquet": "has 0 rows",
+            "csv": "holds a header and no row, or only blank lines"}[fmt]
+    return AnnotateError(f"{src}: no rows to annotate (the file {what})")
 
 
 def default_rejects_path(output: str | Path) -> Path:
@@ -220,6 +227,8 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
             loop(run, src, tmp_out, dst, chunk_rows)
         except COMPRESSION_ERRORS as e:
             raise corrupt_compressed(src, e) from None
+        if summary.rows_in == 0:  # raised here, so the temporary output is removed
+            raise no_rows(src, fmt)
         summary.reasons = dict(run.reasons.most_common())
         if rej_file is not None:
             rej_file.close()
@@ -264,7 +273,8 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
             line = decode_line(data, lineno)
         except RecordError as e:
             run.summary.rows_in += 1
-            run.reject("line", lineno, e.reason, data.rstrip(b"\r\n").decode("utf-8", "replace"))
+            # kept recoverable, as CSV text is: each undecodable byte becomes "\udcXX" in the rejects
+            run.reject("line", lineno, e.reason, data.rstrip(b"\r\n").decode("utf-8", "surrogateescape"))
             continue
         text = line.rstrip("\r\n")
         if not text.strip():
@@ -361,8 +371,8 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
                 run.reject("line", lineno, problem or "malformed CSV", cells if text is None else text)
                 continue
             row = dict(zip(header, cells, strict=True))
-            try:  # an empty CSV cell is a missing value
-                req, gen = run.parse({k: v for k, v in row.items() if v != ""})
+            try:  # an empty CSV cell is a missing value (present, so the error says "missing or null")
+                req, gen = run.parse({k: None if v == "" else v for k, v in row.items()})
             except BadRow as e:
                 run.reject("line", lineno, str(e), row)
                 continue

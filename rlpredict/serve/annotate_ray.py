@@ -55,6 +55,7 @@ from rlpredict.serve.annotate import (
     corrupt_compressed,
     default_rejects_path,
     detect_format,
+    no_rows,
     parquet_out_schema,
 )
 from rlpredict.serve.bundle import MANIFEST, load_bundle
@@ -439,6 +440,9 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
                 reasons.update(json.loads(c["reasons"]))
                 bar.update(summary.rows_in, before[i] + c["progress"] * sizes[i])
         seen.finish()
+        if summary.rows_in == 0:  # as the local engine: an error, and nothing is written
+            raise AnnotateError(f"{src}: no rows to annotate in any of its {len(files)} file(s)") if folder \
+                else no_rows(src, files[0].kind)
         if summary.rows_in != summary.rows_out + summary.rows_rejected:
             raise AssertionError(f"rows in {summary.rows_in} != out {summary.rows_out} + rejected "
                                  f"{summary.rows_rejected}")

@@ -75,6 +75,9 @@ def test_bad_jsonl_rows_name_the_line(tmp_path):
         read_trace(p)  # not read as a trace without predictions, silently
     with pytest.raises(TraceError, match="missing column"):
         read_trace(write(tmp_path, "nocol.csv", "arrival_time_s,input_tokens\n0,1\n"))
+    for name, text in (("zero.csv", ""), ("blank.csv", "\n\n")):  # was: "missing column(s) ..."
+        with pytest.raises(TraceError, match=rf"{name}: empty CSV file \(no header\)"):
+            read_trace(write(tmp_path, name, text))
 
 
 def test_rate_scaling_and_synthetic_arrivals(tmp_path):

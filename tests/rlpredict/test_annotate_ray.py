@@ -133,7 +133,8 @@ def test_folder_of_jsonl_and_parquet(ray_local, bundle_fp32, predictor, tmp_path
         OWNER_FILE, "a.jsonl", "c.parquet", "day2/b.jsonl", "empty.jsonl"]
     rejects = [json.loads(line) for line in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
     total = [0, 0, 0]
-    for name in ("a.jsonl", "day2/b.jsonl", "empty.jsonl", "c.parquet"):
+    assert (out / "empty.jsonl").read_bytes() == b"" and not [r for r in rejects if r["file"] == "empty.jsonl"]
+    for name in ("a.jsonl", "day2/b.jsonl", "c.parquet"):  # (the local engine refuses an empty file)
         ref = tmp_path / "ref" / name
         s = local(predictor, src / name, ref, rejects=tmp_path / "ref" / f"{name}.rejects.jsonl")
         total = [total[0] + s.rows_in, total[1] + s.rows_out, total[2] + s.rows_rejected]
@@ -161,6 +162,22 @@ def test_fail_mode_names_the_first_bad_line_and_writes_nothing(ray_local, bundle
     assert type(e.value) is AnnotateError and "\n" not in str(e.value)
     assert str(e.value).startswith(f"{tmp_path / 'bad.jsonl.gz'}: truncated or corrupt compressed file")
     assert not (tmp_path / "out.jsonl.gz").exists()
+
+
+def test_no_row_is_an_error_as_on_the_local_engine(ray_local, bundle_fp32, tmp_path):
+    from rlpredict.serve.annotate import AnnotateError
+    from rlpredict.serve.annotate_ray import annotate_path
+
+    src = write_jsonl(tmp_path / "in.jsonl", [b"", b"  "])
+    with pytest.raises(AnnotateError, match=r"in\.jsonl: no rows to annotate \(the file is empty"):
+        annotate_path(src, tmp_path / "out.jsonl", bundle_fp32, on_error="skip")
+    folder = tmp_path / "day"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [b""])
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), folder / "b.parquet")
+    with pytest.raises(AnnotateError, match=r"day: no rows to annotate in any of its 2 file\(s\)"):
+        annotate_path(folder, tmp_path / "out", bundle_fp32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["day", "in.jsonl"]
 
 
 def test_cli_engine_ray_json_summary(ray_local, bundle_fp32, tmp_path):

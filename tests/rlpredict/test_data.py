@@ -134,7 +134,11 @@ def test_shared_format_rows(tmp_path):
     ('{"prompt": 3, "response": "y"}', "field 'prompt': expected a string, got int"),
     ('{"prompt": "   ", "response": "y"}', "empty prompt"),
     ('{"prompt": "x"}', "no response"),
-    ('{"prompt": "x", "output_tokens": -4}', "field 'output_tokens': expected a non-negative integer"),
+    ('{"prompt": "x", "output_tokens": -4}', "field 'output_tokens': expected an integer token count in [0, 2^53]"),
+    # counts past 2^53 were read, rounded: a float holds no such integer exactly
+    ('{"prompt": "x", "output_tokens": 1e30}', "field 'output_tokens': expected an integer token count in [0, 2^53]"),
+    ('{"prompt": "x", "output_tokens": 9007199254740993}', "got 9007199254740993"),
+    ('{"prompt": "x", "completion_tokens": "99999999999999999999"}', "field 'completion_tokens': expected an integer"),
     ('{"messages": [{"role": "wizard", "content": "x"}]}', "unknown role"),
     ('[1, 2]', "expected a JSON object"),
     ('{"prompt": "x", "response": "y", "generator": ["a", "b"]}', "field 'generator': expected a string, got ['a', 'b']"),
@@ -147,6 +151,13 @@ def test_bad_rows_name_file_line_and_field(tmp_path, line, expect):
     with pytest.raises(DataError) as e:
         load_samples([p])
     assert f"{p}:2" in str(e.value) and expect in str(e.value)
+
+
+def test_token_counts_up_to_2_53_are_exact(tmp_path):
+    p = _jsonl(tmp_path / "ok.jsonl", ['{"prompt": "x", "output_tokens": 9007199254740992}',
+                                       '{"prompt": "y", "output_tokens": 7.0}'])
+    samples, _ = load_samples([p])
+    assert [s.rl_tokens for s in samples] == [2**53, 7]
 
 
 def test_non_utf8_line(tmp_path):

@@ -134,6 +134,12 @@ def _annotate_both_modes(p: Predictor, src: Path, rows: int):
     output path)."""
     d = src.parent
     out = d / f"out{''.join(src.suffixes)}"
+    if rows == 0:  # no row (or no CSV header): an error in both modes, and nothing written
+        for mode in ("skip", "fail"):
+            with pytest.raises(AnnotateError, match=r"no rows to annotate|no header"):
+                annotate_file(p, src, out, on_error=mode, chunk_rows=7)  # type: ignore[arg-type]
+        assert sorted(x.name for x in d.iterdir()) == [src.name]
+        return [], None
     s = annotate_file(p, src, out, on_error="skip", chunk_rows=7)
     assert s.rows_in == rows == s.rows_out + s.rows_rejected
     rejects = [json.loads(x) for x in (d / "out.rejects.jsonl").read_bytes().split(b"\n")[:-1]]
@@ -164,6 +170,8 @@ def test_annotate_jsonl_fuzz(shipped, lines):
         src.write_bytes(jsonl_bytes(lines))
         row_lines = jsonl_rows(lines)
         rejected, out = _annotate_both_modes(shipped, src, len(row_lines))
+        if out is None:
+            return
         kept = [lines[i - 1].data.decode("utf-8") for i in row_lines if i not in rejected]
         got = [json.loads(x) for x in out.read_bytes().split(b"\n")[:-1]]  # only b"\n" ends a line
         assert len(got) == len(kept)
@@ -202,10 +210,10 @@ def test_annotate_csv_fuzz(shipped, file):
         rejected, out = _annotate_both_modes(shipped, src, csv_record_count(data))
         header = next(csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline="")), [])
         kept = [cells for line, cells in _csv_records(data) if line not in rejected]
-        got = list(csv.reader(io.StringIO(out.read_bytes().decode("utf-8"), newline="")))
-        if not got:  # no header in the input: nothing was written
-            assert not header and not kept
+        if out is None:  # no row: nothing was written
+            assert not kept
             return
+        got = list(csv.reader(io.StringIO(out.read_bytes().decode("utf-8"), newline="")))
         assert got[0][:len(header)] == header and set(COLUMNS) <= set(got[0])
         assert [r[:len(header)] for r in got[1:]] == kept
         assert all(r[got[0].index(c)].isdigit() for r in got[1:] for c in COLUMNS)

@@ -414,6 +414,66 @@ def test_predict_numbers_prompts_by_their_stdin_line_and_counts_blank_lines(bund
                    "stdin: no prompt")  # was: a blank prompt predicted
 
 
+def test_predict_refuses_a_blank_argument_and_names_bad_jsonl(bundle_fp32):
+    one_error_line(run("predict", "-m", bundle_fp32, "ok", "  "), "prompt argument 2: empty")  # was: predicted
+    one_error_line(run("predict", "-m", bundle_fp32, ""), "prompt argument 1: empty")
+    deep = ('{"prompt": ' + "[" * 5000 + "]" * 5000 + "}\n").encode()
+    res = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--jsonl"], input=deep)
+    one_error_line(res, "stdin: line 1: not valid JSON (nested too deeply)")  # was: exit 1, RecursionError
+    res = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--jsonl"], input=b'{"prompt": "a"}\n{"prompt": \n')
+    one_error_line(res, "stdin: line 2: not valid JSON (")  # was: the decoder's bare message
+
+
+@pytest.mark.parametrize(("name", "data", "why"), [
+    ("empty.jsonl", b"", "the file is empty or holds only blank lines"),
+    ("blank.jsonl", b"\n  \n", "the file is empty or holds only blank lines"),
+    ("empty.jsonl.gz", b"", "the file is empty or holds only blank lines"),  # not even a gzip header
+    ("header.csv", b"prompt,id\n", "holds a header and no row"),
+    ("other_header.csv", b"x,y\n", "holds a header and no row"),
+])
+@pytest.mark.parametrize("mode", ["fail", "skip"])
+def test_annotate_refuses_an_input_with_no_row(bundle_fp32, tmp_path, name, data, why, mode):
+    """Every other command says "no rows"; annotate wrote an empty output and exited 0."""
+    src = tmp_path / name
+    src.write_bytes(data)
+    out = tmp_path / f"out{''.join(src.suffixes)}"
+    res = run("annotate", src, "-o", out, "-m", bundle_fp32, "--no-progress", "--on-error", mode)
+    one_error_line(res, f"{src}: no rows to annotate", why)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no output, no rejects, no temporary file
+
+
+def test_annotate_csv_names_an_empty_prompt_cell(bundle_fp32, tmp_path):
+    src = tmp_path / "t.csv"
+    src.write_text("id,prompt\n1,hello\n2,\n")
+    res = run("annotate", src, "-o", tmp_path / "o.csv", "-m", bundle_fp32, "--no-progress")
+    # was: "neither field 'prompt' nor 'messages' is present", with the column right there
+    one_error_line(res, f"{src}: line 3: field 'prompt' is missing or null")
+
+
+def test_annotate_rejects_keep_bytes_that_are_not_utf8(bundle_fp32, tmp_path):
+    src = tmp_path / "t.jsonl"
+    src.write_bytes(b'{"prompt": "ok"}\n\xff\xfe{"prompt": "caf\xe9"}\n')
+    res = run("annotate", src, "-o", tmp_path / "o.jsonl", "-m", bundle_fp32, "--no-progress", "--on-error", "skip")
+    assert res.exit_code == 0, res.output
+    (row,) = [json.loads(x) for x in (tmp_path / "o.rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert row["row"].encode("utf-8", "surrogateescape") == b'\xff\xfe{"prompt": "caf\xe9"}'  # was: U+FFFD
+
+
+@pytest.mark.parametrize("args", [["rlpredict", "--help"], ["rlpredict", "predict", "--json", "hello"],
+                                  ["ecoserve", "policies"], ["ecoserve", "capacity", "--help"]])
+def test_a_reader_that_leaves_stops_the_cli_quietly(args, bundle_fp32):
+    """``cmd | head``: exit 141 and nothing on stderr, as a shell tool (was: exit 1 without a
+    word, or exit 2 and "error: [Errno 32] Broken pipe")."""
+    module = {"rlpredict": "rlpredict.cli", "ecoserve": "ecoserve_sched.cli"}[args[0]]
+    extra = ["-m", str(bundle_fp32)] if args[1] == "predict" else []
+    proc = subprocess.Popen([sys.executable, "-c", f"from {module} import main; main()", *args[1:], *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc.stdout.close()  # the reader is gone before the first write
+    err = proc.stderr.read()
+    assert (proc.wait(timeout=120), err) == (141, b"")
+
+
 def test_load_trained_names_the_folder(tiny_model_dir, tmp_path):
     from rlpredict.train.model_meta import ModelLoadError, load_trained
 
