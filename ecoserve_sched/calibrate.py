@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from rlpredict.outputs import raise_if_interrupted
+
 from .cost_model import CostModel, fit_profile, model_fields
 
 #: Random-weight Llama configs small enough for CPU (``--model`` accepts these names too).
@@ -261,6 +263,7 @@ def measure(m: Any, grid: list[tuple[int, int, int, int]], token_budget: int = 2
     workloads = ([_run_requests(b, p, k, q, seed=i) for i, (b, p, k, q) in enumerate(warm + grid)]
                  + [_chat_requests(n, rate, seed=1000 + i) for i, (n, rate) in enumerate(replays)])
     for i, reqs in enumerate(workloads):
+        raise_if_interrupted()  # an interrupt raised in transformers' __del__ is swallowed there
         blocks = sum(-(-(len(g.prompt_ids) + g.max_new_tokens) // block_size) for g in reqs) + 4
         eng = TransformersEngine(m, "vllm", clock="step", block_size=block_size, kv_blocks=blocks,
                                  token_budget=max(token_budget, len(reqs) + 1),
@@ -295,6 +298,8 @@ def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | 
     check_setup(device, dtype)
     if grid not in GRIDS:
         raise CalibrationError(f"--grid {grid!r}: choose from {', '.join(GRIDS)}")
+    if name is not None and not name.strip():  # was: the default name, without a word
+        raise CalibrationError("--name: empty; give the profile a name, or leave --name out for the default")
     import torch
     import transformers
 

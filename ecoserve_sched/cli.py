@@ -443,6 +443,9 @@ def demo(
                             bundle=bundle, policies=names, rate_scales=scales,
                             slo=SLO(slo_ttft, slo_tbt), force=force, step=step, progress=progress,
                             headroom_profile=demo_mod.HEADROOM_PROFILE if headroom else None)
+    if res.annotate["rows_replaced"]:  # said, as `rlpredict annotate` says it
+        err.print(f"    {res.annotate['rows_replaced']} row(s) of the trace already had rl_* fields: their values "
+                  "were replaced by this bundle's predictions", markup=False)
     q = res.predictor
     err.print(f"    predictor on the sample: bucket accuracy {q['bucket_accuracy']:.3f}, +-1 bucket "
               f"{q['within_1_bucket']:.3f}, MAE {q['mae_tokens']:.0f} tokens, reservation covers "

@@ -159,6 +159,7 @@ def _run(tmp: Path, out: Path, sample: Path, cost: CostModel, bundle: str | None
     t = time.perf_counter()
     step(f"annotate {sample.name} with the predictor bundle")
     annotated, ann, bundle_path = _annotate(sample, tmp, bundle)
+    ann["output"] = str(out / annotated.name)  # where it will be (it named the temporary folder)
     clock["annotate_s"] = time.perf_counter() - t
 
     trace = replace(read_trace(annotated), path=str(out / annotated.name))  # where it will be
@@ -306,10 +307,12 @@ def markdown(r: DemoResult, sample: Path, bundle: Path, profile: str, slo: SLO) 
     confusion = "![confusion matrix](confusion.png)" if plots else f"(No plots: {NO_PLOTS}.)"
     figures = ("![latency vs load](latency_vs_load.png) ![SLO attainment vs load](slo_vs_load.png)\n\n"
                "![KV utilization over time](kv_util_over_time.png)") if plots else f"(No plots: {NO_PLOTS}.)"
+    n = r.annotate["rows_replaced"]
+    replaced = f"; {n} already had `rl_*` fields, replaced by this bundle's predictions" if n else ""
     return f"""# EcoServe demo: {sample.name}
 
 Predictor `{bundle.name}` annotated {r.annotate['rows_out']} requests
-({r.annotate['rows_per_s']:.0f} requests/s); the simulator replayed them on `{profile}` with
+({r.annotate['rows_per_s']:.0f} requests/s{replaced}); the simulator replayed them on `{profile}` with
 SLO TTFT {slo.ttft_s:g} s / mean TBT {slo.tbt_s:g} s. Rate scale x1 is the trace's own arrival
 rate. Written by `ecoserve demo`.
 

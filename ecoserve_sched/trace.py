@@ -26,6 +26,9 @@ from rlpredict.records import TRACE_FIELDS, RecordError, csv_records, generator_
 from .request import SLO, Request, is_real, is_whole
 
 REQUIRED = ("arrival_time_s", "input_tokens", "output_tokens")
+#: A trace whose first arrival is later than this (2^20 s, 12 days: a Unix timestamp, say) is read
+#: relative to it; earlier times are kept as written.
+REBASE_AFTER_S = float(2**20)
 RL_FIELDS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
 DEFAULT_MAX_TOKENS = 2048
 
@@ -47,6 +50,7 @@ class Trace:
     prompts: list[str | list] | None = None  # prompt strings or OpenAI message lists
     generators: list[str | None] | None = None  # the ``generator`` (served model) column, if any
     prompt_problem: str = ""  # ``file:line: why`` of the first row without a usable prompt ("" if none)
+    arrival_offset_s: float = 0.0  # subtracted from the file's arrival times (``read_trace``)
 
     def __post_init__(self) -> None:
         """Columns of one length, and arrival times finite and >= 0 (a NaN arrival made the
@@ -239,7 +243,9 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
         raise ValueError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")  # was: -5 accepted
     p = Path(path)
     if not p.is_file():
-        raise TraceError(f"{p}: {'is a folder, not a trace file' if p.is_dir() else 'no such trace file'}")
+        why = ("is a folder, not a trace file" if p.is_dir() else "not a regular file (a device or a pipe); "
+               "give a trace file" if p.exists() else "no such trace file")
+        raise TraceError(f"{p}: {why}")
     arr, inp, out, mx, rl, prompts, gens = [], [], [], [], [], [], []
     has_rl: bool | None = None  # the first row's: every row must agree
     first_line = 0
@@ -284,9 +290,14 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
     if not arr:
         raise TraceError(f"{p}: trace has no rows")
     order = np.argsort(np.asarray(arr), kind="stable")
+    arrivals = np.asarray(arr, dtype=float)[order]
+    # Unix timestamps: times past REBASE_AFTER_S are taken from the first arrival, else a float
+    # holds the gaps between them too coarsely (at 1.7e18, every latency came out 0)
+    offset = float(arrivals[0]) if arrivals[0] > REBASE_AFTER_S else 0.0
     return Trace(
         path=str(p),
-        arrival_s=np.asarray(arr, dtype=float)[order],
+        arrival_s=arrivals - offset if offset else arrivals,
+        arrival_offset_s=offset,
         input_tokens=np.asarray(inp, dtype=np.int64)[order],
         output_tokens=np.asarray(out, dtype=np.int64)[order],
         max_tokens=np.asarray(mx, dtype=np.int64)[order],

@@ -24,6 +24,7 @@ from rlpredict.cli_boundary import (
     root_callback,
     run_cli,
     say_skipped,
+    thread_count,
 )
 from rlpredict.json_file import dumps
 
@@ -188,8 +189,8 @@ def stack(
     data: Annotated[list[Path] | None, typer.Option("--data", callback=distinct_paths, help="Chat-log file or folder (repeatable); overrides the recipe's `data`.")] = None,
     stack_rows: Annotated[int, typer.Option(callback=at_least(10), help="Stacking-fit rows per source, at most (training-side rows the encoder did not train on).")] = 4000,
     folds: Annotated[int, typer.Option(callback=in_range(2, 20), help="Group folds for the out-of-fold TF-IDF probabilities of the stacking-fit rows.")] = 3,
-    seed: Annotated[int, typer.Option(help="Order of the stacking-fit groups and folds.")] = 0,
-    threads: Annotated[int | None, typer.Option(callback=at_least(1), help="Encoder threads (default: every usable core).")] = None,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Order of the stacking-fit groups and folds (numpy's seed range).")] = 0,
+    threads: Annotated[int | None, typer.Option(callback=thread_count, help="Encoder threads, 1 to this machine's cores (default: every usable core).")] = None,
     on_error: OnErrorOpt = "fail",
     force: ForceOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,

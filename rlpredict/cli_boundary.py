@@ -35,6 +35,8 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from rlpredict.outputs import note_interrupt
+
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
 
@@ -78,14 +80,25 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: Any) -> None:
+        note_interrupt()  # in case a library swallows the exception (``outputs.raise_if_interrupted``)
         raise KeyboardInterrupt
 
-    old = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    # a signal ignored at the start stays ignored (``nohup`` ignores SIGHUP; a shell's background
+    # job, SIGINT)
+    def unraisable(u: Any) -> None:  # the interrupt raised in a __del__: noted, not printed
+        if not isinstance(u.exc_value, KeyboardInterrupt):
+            previous_hook(u)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, *STOP_SIGNALS)
+           if signal.getsignal(sig) is not signal.SIG_IGN}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
         for sig, previous in old.items():
             signal.signal(sig, previous)
+        sys.unraisablehook = previous_hook
+        note_interrupt(False)
 
 
 def _framework(e: BaseException) -> bool:
@@ -325,11 +338,18 @@ def distinct_paths(value: Any) -> Any:
     folder also given (a folder is read with everything under it): its rows would count twice.
     None passes."""
     seen: dict[Path, Any] = {}
+    files: dict[tuple[int, int], Any] = {}  # (device, inode): a hard link is the same file
     for p in value or ():
         key = Path(p).resolve()
         if key in seen:
             raise typer.BadParameter(f"{p} is given twice (its rows would count twice)")
         seen[key] = p
+        with contextlib.suppress(OSError):
+            st = os.stat(key)
+            if not key.is_dir() and (st.st_dev, st.st_ino) in files:
+                raise typer.BadParameter(f"{p} is the same file as {files[st.st_dev, st.st_ino]} (a hard "
+                                         "link; its rows would count twice)")
+            files[st.st_dev, st.st_ino] = p
     for key, p in seen.items():
         outer = next((seen[a] for a in key.parents if a in seen), None)
         if outer is not None:

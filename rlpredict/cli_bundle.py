@@ -24,8 +24,9 @@ ReserveQOpt = Annotated[float | None, typer.Option(
     "--reserve-quantile", callback=in_range(0, 1, low_open=True),
     help="Reserve this quantile of the predicted length distribution (widens when unsure) "
          "instead of the predicted bucket's reservation.")]
+MAX_MARGIN = 100  # runtime.MAX_MARGIN, written out: the CLI starts without numpy (a test checks they agree)
 MarginOpt = Annotated[float, typer.Option(
-    callback=in_range(0, 100), help="Pad reservations by this fraction, in [0, 100]: reserve x (1 + margin), rounded up.")]
+    callback=in_range(0, MAX_MARGIN), help="Pad reservations by this fraction, in [0, 100]: reserve x (1 + margin), rounded up.")]
 ThreadsOpt = Annotated[int | None, typer.Option(
     callback=thread_count, help="ONNX Runtime threads, 1 to this machine's cores (default: one per core).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing outputs.")]

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -59,6 +60,23 @@ def _parent_made(path: Path) -> Iterator[None]:
         raise
 
 
+#: Set by the CLIs' signal handler (``cli_boundary``) as it raises ``KeyboardInterrupt``, and
+#: cleared when the command ends: a library may swallow that exception (one raised inside a
+#: ``__del__`` is only printed), so every commit below, and long loops, check this too.
+_INTERRUPTED = threading.Event()
+
+
+def note_interrupt(on: bool = True) -> None:
+    """Record (``on``) or forget an interrupt; see ``raise_if_interrupted``."""
+    (_INTERRUPTED.set if on else _INTERRUPTED.clear)()
+
+
+def raise_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` if an interrupt came that something swallowed."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is renamed to ``path``, else removed
@@ -73,6 +91,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         try:
             tmp_path.chmod(0o666 & ~_UMASK)
             yield tmp_path
+            raise_if_interrupted()
             os.replace(tmp_path, target)
         except BaseException:
             tmp_path.unlink(missing_ok=True)
@@ -181,6 +200,9 @@ def check_new_dir(path: str | Path, *, force: bool, option: str, rerun: str | No
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: {option} is a file, not a folder; choose another path")
+    here = Path.cwd()
+    if Path(os.path.abspath(p)) in (here, *here.parents):  # "." or "": it would be built inside itself
+        raise OutputError(f"{p}: {option} is the current folder or holds it; give a new folder's name")
     check_parent(p, option)
     if not p.exists() or not any(p.iterdir()):
         return
@@ -249,6 +271,7 @@ def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out
             plain_modes(tmp)
             files = sorted(e.name for e in tmp.iterdir())
             write_text_atomic(tmp / OWNER_FILE, json.dumps({"tool": tool, "files": files}, indent=1) + "\n")
+            raise_if_interrupted()
             _replace_dir(tmp, out, force=force, option=option, rerun=own)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -305,6 +328,9 @@ def work_folder(path: str | Path, *, tool: str, option: str) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: {option} is a file, not a folder; choose another path")
+    here = Path.cwd()
+    if Path(os.path.abspath(p)) in (here, *here.parents):  # "." or "": it would be built inside itself
+        raise OutputError(f"{p}: {option} is the current folder or holds it; give a new folder's name")
     check_parent(p, option)
     if p.is_dir() and any(p.iterdir()):
         _refuse_foreign(p, option)

@@ -49,6 +49,9 @@ def check_quantiles(quantiles: Sequence[float]) -> tuple[float, ...]:
     for q in quantiles:
         if isinstance(q, bool) or not isinstance(q, int | float) or not math.isfinite(q) or not 0.0 < q < 1.0:
             raise ValueError(f"quantile {q!r}: expected a number strictly between 0 and 1")
+        if abs(round(q, 6) - q) > 1e-12 or not 0.0 < round(q, 6) < 1.0:  # was rounded without a word
+            raise ValueError(f"quantile {q!r}: at most 6 decimals (levels are stored and named to 6 "
+                             "decimals), strictly between 0 and 1")
         out.append(round(float(q), 6))
     if not out:
         raise ValueError("no quantiles given")

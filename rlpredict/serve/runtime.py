@@ -36,7 +36,6 @@ share one pool of ``threads - 1`` helper threads (each call's own thread is one 
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 import threading
@@ -59,6 +58,9 @@ from rlpredict.untrusted_text import is_valid_unicode, library_error
 Request = str | Sequence[Mapping[str, Any]]
 """A prompt string, or the conversation before the response as ``[{role, content}, ...]``."""
 
+#: The largest reservation margin (reserve x (1 + margin)): 100 is 101x the reservation, far past
+#: any use, and far from the int64 overflow that larger ones reach.
+MAX_MARGIN = 100.0
 #: Texts longer than this many characters per kept token are cut before tokenizing.
 CUT_CHARS_PER_TOKEN = 8
 
@@ -211,8 +213,9 @@ class Predictor:
                  threads: int | None = None, batch_size: int = 32):
         if reserve_quantile is not None and not (_real(reserve_quantile) and 0.0 < reserve_quantile <= 1.0):
             raise ValueError(f"reserve_quantile must be a number in (0, 1], got {reserve_quantile!r}")
-        if not (_real(margin) and math.isfinite(margin) and margin >= 0):  # NaN and inf made reservations INT64_MIN
-            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+        # NaN, inf and 1e300 made reservations INT64_MIN; the CLIs' --margin has the same bounds
+        if not (_real(margin) and 0 <= margin <= MAX_MARGIN):
+            raise ValueError(f"margin must be a number in [0, {MAX_MARGIN}], got {margin!r}")
         if not (_whole(batch_size) and batch_size >= 1):
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         if threads is not None and not (_whole(threads) and threads >= 1):

@@ -99,6 +99,27 @@ class TrainConfig:
                     problem = f"must be in {what}"
             if problem:
                 raise ValueError(f"{source}: {f.name} {problem}, got {value!r}")
+        if not self.encoder.strip():  # was refused only after the data was read
+            raise ValueError(f"{source}: encoder: empty; 'minilm' or a local Hugging Face encoder folder")
+        self._check_buckets(source)
+
+    def _check_buckets(self, source: str) -> None:
+        """The bucket spec, checked with the config (was: after the data was read, naming neither
+        the file nor the field)."""
+        from rlpredict.buckets import BucketScheme
+
+        spec = self.buckets
+        try:
+            if isinstance(spec, str) and spec.startswith(("quantile:", "log:")):
+                n = spec.split(":", 1)[1]
+                if not (n.isdigit() and int(n) >= 2):
+                    raise ValueError(f"{spec!r}: N must be a whole number >= 2")
+                if spec.startswith("log:"):
+                    BucketScheme.from_spec(spec)
+            else:
+                BucketScheme.from_spec(spec)
+        except ValueError as e:
+            raise ValueError(f"{source}: buckets: {e}") from None
 
     @property
     def input_spec(self) -> InputSpec:
@@ -139,9 +160,18 @@ class TrainConfig:
                 d = tomllib.loads(text)
             except tomllib.TOMLDecodeError as e:
                 raise ValueError(f"{p}: {e}") from None
-        d = d.get("train", d)
+        if "train" in d:
+            outside = [k for k in d if k != "train"]
+            if outside:  # were ignored without a word
+                raise ValueError(f"{p}: {', '.join(map(repr, outside))} outside the [train] table would be "
+                                 "ignored; put every setting under [train] (or drop the table)")
+            d = d["train"]
+            if not isinstance(d, dict):
+                raise ValueError(f"{p}: train: expected a table of settings, got {type(d).__name__}")
         data = d.get("data", [])
         problem = _type_problem(data, list[str])
+        if not problem and any(not x.strip() for x in data):  # "" is the config's own folder
+            problem = "items: must not be empty"
         if problem:  # checked before the paths are resolved against the config's folder
             raise ValueError(f"{p}: data {problem}, got {data!r}")
         d["data"] = [str(p.parent / x) if not Path(x).is_absolute() else x for x in data]

@@ -174,28 +174,32 @@ def confusion_dict(rl: np.ndarray, probs: np.ndarray, scheme: BucketScheme, sour
 COLUMNS = [("n", "n", "{:d}"), ("bucket_acc", "acc", "{:.3f}"), ("within1_acc", "±1", "{:.3f}"),
            ("mae", "MAE", "{:.1f}"), ("acc50", "Acc-50", "{:.3f}"), ("acc100", "Acc-100", "{:.3f}"),
            ("kendall_tau", "tau", "{:.3f}"), ("coverage", "cover", "{:.3f}"),
-           ("reserve_ratio_total", "res/RL tot", "{:.2f}"), ("reserve_ratio_mean", "res/RL mean", "{:.2f}"),
-           ("coverage_q90", "cover q90", "{:.3f}"), ("reserve_ratio_total_q90", "res/RL tot q90", "{:.2f}")]
+           ("reserve_ratio_total", "res/RL tot", "{:.2f}"), ("reserve_ratio_mean", "res/RL mean", "{:.2f}")]
 
 
-def markdown_table(metrics: dict[str, dict]) -> str:
-    lines = ["| method | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
+def markdown_table(metrics: dict[str, dict], reserve_quantile: float = 0.9) -> str:
+    """One row per method; the last two columns are ``rl_metrics``' at ``reserve_quantile``."""
+    tag = f"q{round(reserve_quantile * 100)}"
+    columns = [*COLUMNS, (f"coverage_{tag}", f"cover {tag}", "{:.3f}"),
+               (f"reserve_ratio_total_{tag}", f"res/RL tot {tag}", "{:.2f}")]
+    lines = ["| method | " + " | ".join(h for _, h, _ in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
     for m, row in metrics.items():
-        lines.append(f"| {m} | " + " | ".join(f.format(row[k]) for k, _, f in COLUMNS) + " |")
+        lines.append(f"| {m} | " + " | ".join(f.format(row[k]) for k, _, f in columns) + " |")
     return "\n".join(lines)
 
 
 def markdown_report(report: dict) -> str:
+    q = report["reserve_quantile_predictive"]
     out = ["# RL predictor evaluation\n",
            f"- model: `{report['model']}`", f"- RL tokens: `{report['rl_tokenizer']}`; input: `{report['input']}`",
            f"- split: {report['split']}", f"- data: {report['load']}",
            *([f"- baseline data: {report['baseline_load']}"] if "baseline_load" in report else []),
            "- coverage / res/RL: the scheme's per-bucket reservation of the predicted bucket; "
-           f"`q{round(report['reserve_quantile_predictive'] * 100)}`: the quantile of the predicted length distribution",
-           f"\n**{report['verdict']}**\n", "## All sources\n", markdown_table(report["all"])]
+           f"`q{round(q * 100)}`: the quantile of the predicted length distribution",
+           f"\n**{report['verdict']}**\n", "## All sources\n", markdown_table(report["all"], q)]
     for s, m in report["sources"].items():
-        out += [f"\n## {s}\n", markdown_table(m)]
+        out += [f"\n## {s}\n", markdown_table(m, q)]
     return "\n".join(out) + "\n"
 
 

@@ -106,6 +106,14 @@ def test_capacity_criteria():
     assert meets(s, max_normalized_latency=0.05) and not meets(s, max_normalized_latency=0.04)
     assert not meets({**s, "finished": 9}, max_normalized_latency=1.0)  # unfinished requests fail it
     assert meets(s, max_p99_tbt=0.12) and not meets(s, max_p99_tbt=0.1)
+    # every request one token long: no gap between tokens, so none breaks the TBT bound (was: a
+    # NaN p99 failed every load, "no capacity found")
+    assert meets({**s, "p99_tbt_s": float("nan")}, max_p99_tbt=0.1)
+    # a sustained run's deferral counts under either criterion (was: ignored with
+    # --max-normalized-latency; the attainment was zeroed instead, and lost from the probes)
+    late = {**s, "deferred_share": 0.02}
+    assert meets({**s, "deferred_share": 0.01}) and meets({**s, "deferred_share": 0.01}, max_normalized_latency=0.05)
+    assert not meets(late) and not meets(late, max_normalized_latency=0.05)
 
 
 def test_server_settings_reach_the_policy():

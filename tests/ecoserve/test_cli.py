@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -397,6 +398,8 @@ def test_calibrate_checks_options_and_output_before_measuring(tmp_path):
                          (["--repeats", "0"], "--repeats"), (["--token-budget", "8"], "--token-budget"),
                          (["--engine", "vllm"], "--engine")):
         _refused(runner.invoke(app, [*base, *args]), f"'{option}'")
+    _refused(runner.invoke(app, [*base, "--name", " "]), "--name: empty")  # was: the default name
+    _refused(runner.invoke(app, ["simulate", "--trace", os.devnull]), "not a regular file")  # was: "no such"
     out.write_text("{}")
     _refused(runner.invoke(app, base), "exists; pass --force")
     cfg = tmp_path / "config.json"

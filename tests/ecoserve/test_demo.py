@@ -36,7 +36,9 @@ def test_demo_writes_report_and_tables(tmp_path) -> None:
         assert (tmp_path / name).stat().st_size > 0, name
     report = (tmp_path / "report.md").read_text()
     assert "Capacity" in report and "![confusion matrix](confusion.png)" in report
-    assert json.loads((tmp_path / "results.json").read_text())["predictor"]["requests"] == 1500
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["predictor"]["requests"] == 1500
+    assert results["annotate"]["output"] == str(tmp_path / "trace.annotated.jsonl.gz")  # was: the temporary folder
 
 
 def test_demo_without_matplotlib_writes_the_report_without_plots(tmp_path, monkeypatch) -> None:
@@ -93,3 +95,20 @@ def test_demo_refuses_bad_inputs_before_any_work(tmp_path) -> None:
     with pytest.raises(demo.DemoError, match=rf"^{re.escape(str(no_prompt))}:3: neither field"):
         demo.run_demo(out, sample=no_prompt)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "t.csv"]
+
+
+def test_demo_says_it_replaced_a_traces_predictions(tmp_path) -> None:
+    """An annotated trace given to the demo: its rl_* values are replaced, and it says so
+    (was: only results.json recorded it)."""
+    import gzip
+
+    lines = gzip.decompress(demo.SAMPLE.read_bytes()).decode().splitlines()[:60]
+    rows = [{**json.loads(x), "rl_bucket": 0, "rl_pred_tokens": 10, "rl_reserve_tokens": 20} for x in lines]
+    trace = tmp_path / "annotated.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "d"
+    r = CliRunner().invoke(app, ["demo", "--trace", str(trace), "--out", str(out), "--policies", "vllm",
+                                 "--rate-scales", "0.5", "--no-headroom"])
+    assert r.exit_code == 0, r.output
+    assert "60 row(s) of the trace already had rl_* fields" in " ".join(r.output.split())
+    assert "60 already had `rl_*` fields" in (out / "report.md").read_text()

@@ -277,3 +277,22 @@ def test_bundle_source_passes_the_generator_column(tmp_path, monkeypatch):
     monkeypatch.setattr(predictor_mod, "load_predictor", lambda path: Stub())
     preds.apply_predictions(t.requests(SLO()), t, "bundle", bundle="b")
     assert seen["g"] == ["gpt-4", None]
+
+
+def test_unix_timestamps_are_read_from_the_first_arrival(tmp_path):
+    """Nanosecond timestamps gave every latency as 0 (a float at 1.7e18 steps by 256)."""
+    from ecoserve_sched.compare import RunSpec
+    from ecoserve_sched.cost_model import load_profile
+
+    rows = "".join(f"{i * 0.75:.2f},{100 + 7 * i},{20 + 3 * i}\n" for i in range(20))
+    plain = read_trace(write(tmp_path, "plain.csv", "arrival_time_s,input_tokens,output_tokens\n" + rows))
+    stamped = "".join(f"{1.7e9 + i * 0.75:.2f},{100 + 7 * i},{20 + 3 * i}\n" for i in range(20))
+    t = read_trace(write(tmp_path, "epoch.csv", "arrival_time_s,input_tokens,output_tokens\n" + stamped))
+    assert t.arrival_offset_s == 1.7e9 and plain.arrival_offset_s == 0.0
+    np.testing.assert_allclose(t.arrival_s, plain.arrival_s, atol=1e-6)
+    late = read_trace(write(tmp_path, "late.csv", "arrival_time_s,input_tokens,output_tokens\n5,1,1\n6,1,1\n"))
+    assert late.arrival_s.tolist() == [5.0, 6.0]  # times below 2^20 s are kept as written
+    ns = "".join(f"{1.7e18 + i * 1e9:.0f},100,50\n" for i in range(10))
+    t = read_trace(write(tmp_path, "ns.csv", "arrival_time_s,input_tokens,output_tokens\n" + ns))
+    s, _ = RunSpec(t, load_profile("llama2-13b-a100-80gb"), SLO(5.0, 0.2)).run("vllm", 1.0)
+    assert s["mean_ttft_s"] > 0 and s["p50_tbt_s"] > 0

@@ -129,9 +129,11 @@ def test_calibrate_writes_a_new_bundle(bundle_fp32: Path, calibrated: Path) -> N
 def test_calibrate_refuses_bad_options_and_collisions(bundle_fp32: Path, calibrated: Path, tmp_path: Path) -> None:
     run = CliRunner().invoke
     base = ["calibrate", "--model", str(bundle_fp32), "--data", str(DATA[1]), "--split", "all"]
-    for extra in (["--quantiles", "0.5,abc"], ["--quantiles", "0.9,1.2"], ["--check-frac", "0"]):
+    for extra in (["--quantiles", "0.5,abc"], ["--quantiles", "0.9,1.2"], ["--check-frac", "0"],
+                  # were rounded to 6 decimals after the check: 1.0 (refused late, unnamed), 0.955556
+                  ["--quantiles", "0.9999996"], ["--quantiles", "0.95555555"], ["--quantiles", "1e-300"]):
         r = run(app, [*base, "--out", str(tmp_path / "x"), *extra])
-        assert r.exit_code == 2, r.output
+        assert r.exit_code == 2 and extra[0] in r.output, r.output
     r = run(app, [*base, "--out", str(bundle_fp32)])  # the output would be the input bundle
     assert r.exit_code == 2 and "input" in r.output
     r = run(app, [*base, "--out", str(calibrated)])  # exists, no --force

@@ -166,7 +166,11 @@ def test_predict_and_train_options_are_checked(tmp_path):
                          (["predict", "--threads", "100000", "hi"], "--threads"),
                          (["train", "--max-steps", "-1"], "--max-steps"), (["train", "--max-rows", "0"], "--max-rows"),
                          (["eval", "--model", "m", "--data", "d", "--reserve-quantile", "2"], "--reserve-quantile"),
-                         (["export", "--model", "m", "--out", "o", "--parity-n", "0"], "--parity-n")):
+                         (["export", "--model", "m", "--out", "o", "--parity-n", "0"], "--parity-n"),
+                         # were accepted (the config's own seed has these bounds)
+                         (["stack", "--model", "m", "-c", "c", "--data", "d", "--out", "o", "--seed", "-1"], "--seed"),
+                         (["stack", "--model", "m", "-c", "c", "--data", "d", "--out", "o", "--threads", "100000"],
+                          "--threads")):
         res = run(*args)
         assert res.exit_code == 2 and option in res.output, (args, res.output)
     cfg = tmp_path / "c.toml"
@@ -486,13 +490,42 @@ def test_load_trained_names_the_folder(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize(("data", "msg"), [("5", "data must be a list, got 5"),
-                                           ("[5]", "data items: must be a string, got \\[5\\]")])
+                                           ("[5]", "data items: must be a string, got \\[5\\]"),
+                                           ('[""]', "data items: must not be empty")])  # was: the config's folder
 def test_a_config_whose_data_is_not_paths_is_named(tmp_path, data, msg):
     """Was: a TypeError, reported as a bug."""
     cfg = tmp_path / "c.toml"
     cfg.write_text(f"data = {data}\n")
     with pytest.raises(ValueError, match=rf"c\.toml: {msg}"):
         TrainConfig.load(cfg)
+
+
+@pytest.mark.parametrize(("buckets", "why"), [("[100.0, 50.0, inf]", "strictly increasing"),
+                                             ('"quantile:1"', "N must be a whole number >= 2"),
+                                             ('"log:x"', "N must be a whole number >= 2"),
+                                             ('"nope"', "unknown bucket spec")])
+def test_bucket_specs_are_checked_with_the_config(tmp_path, buckets, why):
+    """Were refused only once the data was read, naming neither the file nor the field."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"buckets = {buckets}\n")
+    with pytest.raises(ValueError, match=rf"c\.toml: buckets: .*{why}"):
+        TrainConfig.load(cfg)
+    cfg.write_text('encoder = " "\n')
+    with pytest.raises(ValueError, match=r"c\.toml: encoder: empty"):
+        TrainConfig.load(cfg)
+
+
+def test_settings_outside_the_train_table_are_refused(tmp_path):
+    """Were ignored: ``max_steps = 0`` above ``[train]`` trained with the default."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("max_steps = 0\n[train]\nmax_steps = 2\n")
+    with pytest.raises(ValueError, match=r"c\.toml: 'max_steps' outside the \[train\] table would be ignored"):
+        TrainConfig.load(cfg)
+    cfg.write_text("train = 5\n")
+    with pytest.raises(ValueError, match=r"c\.toml: train: expected a table"):
+        TrainConfig.load(cfg)
+    cfg.write_text("[train]\nmax_steps = 2\n")
+    assert TrainConfig.load(cfg).max_steps == 2
 
 
 def test_a_bad_yaml_config_is_named(tmp_path):
@@ -613,6 +646,10 @@ def test_the_same_data_twice_is_refused(tiny_model_dir, tmp_path):
     assert res.exit_code == 2 and "given twice" in res.output and "Traceback" not in res.output
     res = run("eval", "--model", tiny_model_dir, "--data", data, "--data", tmp_path, "--out", tmp_path / "e")
     assert res.exit_code == 2 and "inside" in res.output and "Traceback" not in res.output  # was: read twice
+    os.link(data, tmp_path / "hard.jsonl")  # was: read twice (drift, stack, eval)
+    res = run("eval", "--model", tiny_model_dir, "--data", data, "--data", tmp_path / "hard.jsonl",
+              "--out", tmp_path / "e")
+    one_error_line(res, "the same file as", "hard")
     res = run("eval", "--model", tiny_model_dir, "--data", data, "--baselines", "constant,constant",
               "--out", tmp_path / "e")  # was: run twice
     assert res.exit_code == 2 and "listed twice" in res.output and "Traceback" not in res.output
@@ -623,6 +660,10 @@ def test_eval_reads_a_summary_without_a_split_record(tiny_model_dir, tmp_path):
     data = _labelled(tmp_path)
     res = run("eval", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "e")  # was: exit 1, KeyError
     assert res.exit_code == 0, res.output
+    res = run("eval", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "e5",
+              "--reserve-quantile", "0.5")  # was: exit 1, KeyError 'coverage_q90' (any level but 0.9)
+    assert res.exit_code == 0, res.output
+    assert "cover q50" in (tmp_path / "e5" / "report.md").read_text()
 
 
 def test_eval_refuses_baseline_data_it_would_ignore(tiny_model_dir, trace, tmp_path):
@@ -755,3 +796,44 @@ def test_an_rl_tokenizer_file_that_does_not_load_is_named(tmp_path, content):
     data.write_text('{"prompt": "hi", "response": "hello"}\n')
     one_error_line(run("train", "--data", data, "--out", tmp_path / "m", "--rl-tokenizer", tok),
                    f"{tok}: not a tokenizer.json")
+
+
+def test_an_interrupt_a_library_swallows_still_stops_the_write(tmp_path):
+    """``ecoserve calibrate`` went on and wrote its profile (exit 0) when Ctrl-C or SIGTERM
+    landed in transformers' ``__del__``, where Python only prints the exception."""
+    import signal
+
+    from rlpredict.cli_boundary import _sigterm_as_interrupt
+    from rlpredict.outputs import output_dir, write_text_atomic
+
+    class Swallows:
+        def __del__(self):
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the boundary's handler
+
+    with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt():
+        Swallows()  # the KeyboardInterrupt raised in __del__ is swallowed (and not printed)
+        write_text_atomic(tmp_path / "out.txt", "x")
+    with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt():
+        Swallows()
+        with output_dir(tmp_path / "folder", force=False, tool="test") as tmp:
+            (tmp / "a.txt").write_text("a")
+    assert list(tmp_path.iterdir()) == []
+    write_text_atomic(tmp_path / "out.txt", "x")  # forgotten once the command ended
+    assert (tmp_path / "out.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("name", [".", "", ".."])
+def test_the_current_folder_is_no_output_folder(tmp_path, monkeypatch, name):
+    """``compare --out .`` ran every simulation, then failed ("exists", or with --force "Device
+    or resource busy"): the temporary folder was made inside the target."""
+    from rlpredict.outputs import check_new_dir
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(OutputError, match="is the current folder or holds it"):
+        check_new_dir(name, force=True, option="--out")
+    with pytest.raises(OutputError, match="is the current folder or holds it"), \
+            output_dir(name, force=True, tool="test"):
+        pass
+    assert list(work.iterdir()) == []

@@ -140,9 +140,15 @@ def test_reserve_quantile_and_margin(bundle_fp32, predictor):
         Predictor.load(bundle_fp32, reserve_quantile=1.5)
     with pytest.raises(ValueError, match="margin"):
         Predictor.load(bundle_fp32, margin=-0.1)
-    for bad in (float("nan"), float("inf"), "0.1"):  # NaN and inf made every reservation INT64_MIN
-        with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
+    for bad in (float("nan"), float("inf"), 1e300, "0.1"):  # NaN, inf, 1e300 made reservations INT64_MIN
+        with pytest.raises(ValueError, match=r"margin must be a number in \[0, 100"):
             Predictor.load(bundle_fp32, margin=bad)
+    from rlpredict import cli_bundle
+    from rlpredict.serve.runtime import MAX_MARGIN
+
+    assert cli_bundle.MAX_MARGIN == MAX_MARGIN  # the CLI's bound, written out, is the API's
+    top = Predictor.load(bundle_fp32, margin=MAX_MARGIN).predict(PROMPTS)
+    assert all(0 < b.reserve_tokens == math.ceil(a.reserve_tokens * 101 - 1e-9) for a, b in zip(base, top, strict=True))
     for kw in ({"threads": "2"}, {"threads": 1.5}, {"threads": True}, {"reserve_quantile": "0.9"}):
         with pytest.raises(ValueError, match=next(iter(kw))):
             Predictor.load(bundle_fp32, **kw)
