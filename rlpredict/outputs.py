@@ -328,9 +328,6 @@ def work_folder(path: str | Path, *, tool: str, option: str) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: {option} is a file, not a folder; choose another path")
-    here = Path.cwd()
-    if Path(os.path.abspath(p)) in (here, *here.parents):  # "." or "": it would be built inside itself
-        raise OutputError(f"{p}: {option} is the current folder or holds it; give a new folder's name")
     check_parent(p, option)
     if p.is_dir() and any(p.iterdir()):
         _refuse_foreign(p, option)

@@ -21,7 +21,7 @@ from rlpredict.json_file import read_json
 from rlpredict.outputs import output_dir, write_text_atomic
 from rlpredict.splits import split_by_group
 from rlpredict.train.baselines import BASELINES
-from rlpredict.train.metrics import confusion, rl_metrics
+from rlpredict.train.metrics import confusion, quantile_tag, rl_metrics
 from rlpredict.train.model_meta import ModelMeta, load_trained
 
 MODEL = "model"
@@ -179,7 +179,7 @@ COLUMNS = [("n", "n", "{:d}"), ("bucket_acc", "acc", "{:.3f}"), ("within1_acc", 
 
 def markdown_table(metrics: dict[str, dict], reserve_quantile: float = 0.9) -> str:
     """One row per method; the last two columns are ``rl_metrics``' at ``reserve_quantile``."""
-    tag = f"q{round(reserve_quantile * 100)}"
+    tag = quantile_tag(reserve_quantile)
     columns = [*COLUMNS, (f"coverage_{tag}", f"cover {tag}", "{:.3f}"),
                (f"reserve_ratio_total_{tag}", f"res/RL tot {tag}", "{:.2f}")]
     lines = ["| method | " + " | ".join(h for _, h, _ in columns) + " |",
@@ -196,7 +196,7 @@ def markdown_report(report: dict) -> str:
            f"- split: {report['split']}", f"- data: {report['load']}",
            *([f"- baseline data: {report['baseline_load']}"] if "baseline_load" in report else []),
            "- coverage / res/RL: the scheme's per-bucket reservation of the predicted bucket; "
-           f"`q{round(q * 100)}`: the quantile of the predicted length distribution",
+           f"`{quantile_tag(q)}`: the quantile of the predicted length distribution",
            f"\n**{report['verdict']}**\n", "## All sources\n", markdown_table(report["all"], q)]
     for s, m in report["sources"].items():
         out += [f"\n## {s}\n", markdown_table(m, q)]

@@ -31,6 +31,11 @@ def decode(probs: np.ndarray, scheme: BucketScheme, q: float = 0.9) -> Decoded:
                    reserve_quantile=np.ceil(scheme.predictive_quantile(probs, q)))
 
 
+def quantile_tag(q: float) -> str:
+    """``q90`` for 0.9: how ``rl_metrics`` names its quantile reservation's metrics."""
+    return f"q{round(q * 100)}"
+
+
 def rl_metrics(rl: np.ndarray, probs: np.ndarray, scheme: BucketScheme, q: float = 0.9) -> dict[str, float]:
     """Bucket accuracy, +-1 bucket, MAE, Acc-50/100, Kendall's tau-b, reservation coverage/ratios."""
     from scipy.stats import kendalltau
@@ -53,7 +58,7 @@ def rl_metrics(rl: np.ndarray, probs: np.ndarray, scheme: BucketScheme, q: float
         "acc100": float(np.mean(err <= 100)),
         "kendall_tau": float(tau) if np.isfinite(tau) else 0.0,  # constant predictions rank nothing
     }
-    for tag, res in (("", d.reserve_bucket), (f"_q{round(q * 100)}", d.reserve_quantile)):
+    for tag, res in (("", d.reserve_bucket), (f"_{quantile_tag(q)}", d.reserve_quantile)):
         out[f"coverage{tag}"] = float(np.mean(rl <= res))
         out[f"reserve_ratio_total{tag}"] = float(res.sum() / max(rl.sum(), 1.0))
         out[f"reserve_ratio_mean{tag}"] = float(np.mean(res / denom))
