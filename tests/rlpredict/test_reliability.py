@@ -233,11 +233,13 @@ def test_version():
     assert res.exit_code == 0 and res.output.startswith("rlpredict 0.1.0 (bundle format rlpredict.bundle/1)")
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
-def test_sigterm_removes_temporary_files_like_ctrl_c(tmp_path, sig):
-    """SIGTERM (kill, timeout) and SIGHUP (the terminal closed) end a run as Ctrl-C does."""
+@pytest.mark.parametrize(("sig", "start"), [("SIGTERM", "SIG_DFL"), ("SIGHUP", "SIG_DFL"), ("SIGHUP", "SIG_IGN")])
+def test_sigterm_removes_temporary_files_like_ctrl_c(tmp_path, sig, start):
+    """SIGTERM (kill, timeout) and SIGHUP (the terminal closed) end a run as Ctrl-C does; a
+    signal ignored when the command starts (``nohup`` ignores SIGHUP) stays ignored."""
     script = textwrap.dedent(f"""
         import os, signal, typer
+        signal.signal(signal.{sig}, signal.{start})  # as the shell that started the command left it
         from rlpredict.cli_boundary import BoundaryGroup
         from rlpredict.outputs import atomic_path
         app = typer.Typer(cls=BoundaryGroup)
@@ -252,6 +254,9 @@ def test_sigterm_removes_temporary_files_like_ctrl_c(tmp_path, sig):
         app()
     """)
     res = subprocess.run([sys.executable, "-c", script, "write"], capture_output=True, text=True, cwd=REPO)
+    if start == "SIG_IGN":
+        assert res.returncode == 0 and (tmp_path / "out.jsonl").read_text() == "half", res.stderr
+        return
     assert res.returncode == 130 and "interrupted" in res.stderr, res.stderr
     assert list(tmp_path.iterdir()) == []
 
