@@ -100,3 +100,45 @@ class Request:
     def reservation_tokens(self) -> int:
         """Prompt plus reserved response tokens (predicted reservation plus top-ups)."""
         return self.prompt_tokens + max(self.reserve_tokens, 1) + self.reserved_extra
+
+
+#: The lengths a request needs (each a whole number >= 1) and the predictions it may carry
+#: (whole numbers; a missing prediction is 0, or -1 for the bucket).
+_LENGTHS = ("prompt_tokens", "true_output_tokens", "max_tokens")
+_PREDICTIONS = ("pred_bucket", "pred_tokens", "reserve_tokens")
+
+
+def check_servable(requests: list[Request]) -> None:
+    """Raise ``ValueError`` naming the first request that cannot be served as given: an arrival
+    that is no finite number >= 0, a length that is no whole number >= 1, a prediction that is
+    no whole number (NaN, 2.5), a request already served (a list reused from an earlier run: it
+    finished again in no time), or an id given twice. Whole numbers of other types (numpy's)
+    become ``int``, the same values. ``read_trace`` and ``Trace`` check their columns; this is
+    the API's check."""
+    for r in requests:
+        a = r.arrival_s
+        if not (is_real(a) and a >= 0):  # a NaN arrival would never arrive
+            raise ValueError(f"request {r.rid}: arrival_s must be a finite number >= 0, got {a!r}")
+        if not (type(r.prompt_tokens) is type(r.true_output_tokens) is type(r.max_tokens) is int
+                and min(r.prompt_tokens, r.true_output_tokens, r.max_tokens) >= 1
+                and type(r.pred_bucket) is type(r.pred_tokens) is type(r.reserve_tokens) is int):
+            _whole_numbers(r)  # the slow path: anything but plain ints
+        if r.state != State.WAITING or r.generated or r.prefilled or r.epoch or r.first_token_s >= 0:
+            raise ValueError(f"request {r.rid}: already served (state {r.state.name}, {r.generated} tokens "
+                             "generated); give fresh Request objects (Trace.requests makes them)")
+    if len({r.rid for r in requests}) != len(requests):
+        seen: set[int] = set()
+        twice = next(r.rid for r in requests if r.rid in seen or seen.add(r.rid))
+        raise ValueError(f"request id {twice!r} is given twice: ids must be unique")
+
+
+def _whole_numbers(r: Request) -> None:
+    for name in _LENGTHS + _PREDICTIONS:
+        v = getattr(r, name)
+        if not (is_whole(v) and (v >= 1 or name in _PREDICTIONS)):
+            need = "a whole number >= 1" if name in _LENGTHS else "a whole number"
+            raise ValueError(f"request {r.rid}: {name} must be {need}, got {v!r}")
+        setattr(r, name, int(v))
+    if is_whole(r.rid):
+        r.rid = int(r.rid)
+    r.target_tokens = min(r.true_output_tokens, r.max_tokens)

@@ -24,7 +24,7 @@ import numpy as np
 from .faults import NEVER, Faults
 from .policies import Scheduler, get_policy
 from .predictions import Confusion, apply_predictions, default_source
-from .request import SLO, Request
+from .request import SLO, Request, check_servable
 from .serving import Executor, LogRow, SimResult, serve
 from .trace import Trace
 
@@ -180,8 +180,9 @@ class CostModelExecutor(Executor):
 def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
              stepwise: bool = False, profile: str = "", predictions: str = "",
              faults: Faults | Iterable[int] | None = None, timing: Any = None) -> SimResult:
-    """Replay ``requests`` (any order) through ``sched``; ``check`` verifies KV invariants each
-    iteration, and every blocked admission against a dry run of ``schedule`` (slow: for tests).
+    """Replay ``requests`` (any order; fresh ones: ``request.check_servable``) through ``sched``;
+    ``check`` verifies KV invariants each iteration, and every blocked admission against a dry
+    run of ``schedule`` (slow: for tests).
     ``stepwise`` calls ``sched.schedule`` every iteration instead of running decode-only
     stretches back to back: the same decisions and times, one log row per iteration (the
     reference the fast path is tested against).
@@ -196,6 +197,7 @@ def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
     the policy still plans with: a replay of a real run whose planner used one profile, timed
     by another (swap times stay the policy's)."""
     reqs = sorted(requests, key=attrgetter("arrival_s", "rid"))
+    check_servable(reqs)
     res = SimResult(sched.name, profile, predictions, reqs, sched.kv.num_blocks * sched.kv.block_size,
                     sched.kv.block_size)
     ex = CostModelExecutor(sched, check=check, stepwise=stepwise, faults=faults, timing=timing)

@@ -65,6 +65,19 @@ class Trace:
         arrivals = np.asarray(self.arrival_s, dtype=float)
         if n and not (np.isfinite(arrivals).all() and arrivals.min() >= 0):
             raise ValueError(f"trace {self.path}: arrival times must be finite and >= 0")
+        # the lengths as read_trace bounds them; predictions whole numbers (a bucket of -1 and
+        # 0 tokens mean "none"). Was: -5 prompt tokens "finished" with negative KV use.
+        counts = {"input_tokens": (self.input_tokens, 1), "output_tokens": (self.output_tokens, 1),
+                  "max_tokens": (self.max_tokens, 1)}
+        if self.rl is not None:
+            rl = np.asarray(self.rl)
+            if rl.shape != (n, 3):
+                raise ValueError(f"trace {self.path}: rl has shape {rl.shape}, expected ({n}, 3)")
+            counts.update({k: (rl[:, j], lo) for j, (k, lo) in enumerate(zip(RL_FIELDS, (-1, 0, 0), strict=True))})
+        for name, (column, lo) in counts.items():
+            if n and (bad := _not_whole(column, lo)) is not None:
+                raise ValueError(f"trace {self.path}: row {bad}: {name} must be a whole number in "
+                                 f"[{lo}, 2^53], got {np.asarray(column)[bad].item()!r}")
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -106,6 +119,19 @@ class Trace:
                 r.pred_bucket, r.pred_tokens, r.reserve_tokens = (int(v) for v in rl[i])
             out.append(r)
         return out
+
+
+def _not_whole(column: np.ndarray | list, lo: int) -> int | None:
+    """The index of the first value of ``column`` that is no whole number in [lo, 2^53], or None."""
+    a = np.asarray(column)
+    if a.dtype.kind in "iu":
+        ok = (a >= lo) & (a <= MAX_COUNT)
+    elif a.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(a) & (a == np.floor(a)) & (a >= lo) & (a <= MAX_COUNT)
+    else:  # bools, strings, objects: none of them a count
+        return 0
+    return None if ok.all() else int(np.argmin(ok))
 
 
 def _open_binary(path: Path) -> IO[bytes]:

@@ -7,7 +7,7 @@ Two pieces:
   ``ecoserve_sched`` policy (``ecoserve``, ``vllm``, ``orca``, ...): the policy object is the same
   one the simulator runs, so reservations, loans (KVC pipelining), top-ups, ordering and
   preemptions are decided by identical code in both. The adapter only translates: the policy's
-  ``Batch`` (prefill chunks + every decoding request) becomes transformers'
+  ``Batch`` (prefill chunks + its decoding requests) becomes transformers'
   ``FutureRequestState`` list, preempted requests are reset for recompute, and the engine's
   finishes are reported back to the policy.
 - :class:`TransformersEngine` runs requests with arrival times through it, one iteration at a
@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.continuous_batching import RequestState, RequestStatus
@@ -184,8 +185,14 @@ class PolicyScheduler(HFScheduler):
             raise RuntimeError(f"policy batch of {n_tokens} tokens exceeds the engine's {token_budget}")
         out: list[FutureRequestState] = []
         moved: set[str] = set()
-        # Decodes laid out group by group (predicted RL bucket), longest bucket first.
-        for r in sorted(self.policy.decoding.values(), key=lambda r: (-r.pred_bucket, r.seq)):
+        # Decodes laid out group by group (predicted RL bucket), longest bucket first; none in a
+        # prefill-only iteration (``stall_decodes``: vllm-v0), whose decodes wait.
+        decodes = [] if batch.stall_decodes else sorted(self.policy.decoding.values(),
+                                                          key=lambda r: (-r.pred_bucket, r.seq))
+        if len(decodes) != batch.decode_requests:
+            raise RuntimeError(f"policy batch has {batch.decode_requests} decodes, "
+                               f"{len(decodes)} requests are decoding")
+        for r in decodes:
             out.append(self._take(r, 1, moved))
         for r, chunk, _ in batch.prefill:
             if r.rid not in self.held:
@@ -274,8 +281,23 @@ class GenRequest:
     slo: SLO = field(default_factory=SLO)
 
     def __post_init__(self) -> None:  # was: a NaN arrival served forever, an empty prompt generated tokens
-        if not self.prompt_ids:
+        ids = self.prompt_ids
+        if isinstance(ids, str | bytes):  # was: accepted, then "too many dimensions 'str'"
+            raise TypeError("GenRequest: prompt_ids must be token ids (tokenize the text first), got text")
+        if isinstance(ids, torch.Tensor | np.ndarray):  # a 1-D tensor or array of ids: as a list
+            if ids.ndim != 1:
+                raise ValueError(f"GenRequest: prompt_ids must be 1-D, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        ids = list(ids)
+        if not ids:
             raise ValueError("GenRequest: prompt_ids is empty")
+        if bad := [v for v in ids if not (is_whole(v) and v >= 0)]:  # was: 1.5 accepted silently
+            raise ValueError(f"GenRequest: prompt_ids must be whole numbers >= 0, got {bad[0]!r}")
+        self.prompt_ids = [int(v) for v in ids]
+        for name, lo in (("pred_tokens", 0), ("reserve_tokens", 0), ("pred_bucket", -1)):
+            v = getattr(self, name)  # was: NaN or 2.5 failed inside the policy, mid-run; -5 taken
+            if not (is_whole(v) and v >= lo):
+                raise ValueError(f"GenRequest: {name} must be a whole number >= {lo}, got {v!r}")
         n = self.max_new_tokens
         if not (is_whole(n) and n >= 1):
             raise ValueError(f"GenRequest: max_new_tokens must be a whole number >= 1, got {n!r}")
@@ -393,6 +415,11 @@ class TransformersEngine:
         """Serve ``reqs`` (arrival times relative to the start) and return tokens and timings."""
         if not reqs:
             raise ValueError("generate: no requests")
+        vocab = getattr(self.model.config, "vocab_size", None)
+        for i, g in enumerate(reqs):  # was: one bad id failed every request of its batch
+            if vocab is not None and (top := max(g.prompt_ids)) >= vocab:
+                raise ValueError(f"generate: request {i}: token id {top} is outside the model's "
+                                 f"vocabulary ({vocab} ids)")
         policy = self.policy = self.make_policy()
         preqs = self.to_requests(reqs, oracle=policy.prediction_override == "oracle")
         meta = {f"r{r.rid}": r for r in preqs}

@@ -111,6 +111,8 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
 
     ``verify=False`` skips the sha256 check of the files (still checks that they exist).
     """
+    if path is not None and not str(path).strip():  # Path("") is the current folder: never meant
+        raise BundleError("bundle path is empty: give a folder written by `rlpredict export`")
     folder = Path(path) if path is not None else default_bundle_path()
     if not folder.is_dir():
         what = "is a file, not a bundle folder" if folder.exists() else "no such folder"

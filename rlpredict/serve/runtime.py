@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -133,13 +134,27 @@ class TextEncoder:
         config = json.loads(spec)
         self._cut_anywhere = ((config.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
                               and (config.get("normalizer") or {}).get("type") in (None, "BertNormalizer"))
+        # WordPiece makes a word of more than max_input_chars_per_word characters one [UNK]: a
+        # longer run of characters that BERT's normalizer keeps one for one and its pre-tokenizer
+        # never splits (ASCII letters and digits, emoji) is shortened to one character over that
+        # limit, the same ids. Was: one 60 MB word was tokenized whole (5 GB).
+        model = config.get("model") or {}
+        limit = model.get("max_input_chars_per_word") if model.get("type") == "WordPiece" else None
+        self._unk_run = (re.compile(f"[A-Za-z0-9\U0001F300-\U0001FAFF]{{{limit + 2},}}")
+                         if self._cut_anywhere and isinstance(limit, int) else None)
+        self._unk_word = "a" * ((limit or 0) + 1)
 
     def encode(self, text: str) -> list[int]:
         if len(text) <= self.window:
             return self.tokenizer.encode(text).ids
-        return self._encode_long(text)
+        return self._encode_long(self._shorten(text))
+
+    def _shorten(self, text: str) -> str:
+        """``text`` with its runs that are one [UNK] each at their limit's length (same ids)."""
+        return self._unk_run.sub(self._unk_word, text) if self._unk_run is not None else text
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        texts = [t if len(t) <= self.window else self._shorten(t) for t in texts]
         out: list[list[int]] = [[] for _ in texts]
         short = [i for i, t in enumerate(texts) if len(t) <= self.window]
         for i, e in zip(short, self.tokenizer.encode_batch([texts[i] for i in short]), strict=True):
@@ -496,13 +511,17 @@ def as_requests(requests: Request | Sequence[Request]) -> list[Request]:
 
 def _as_generators(generators: str | Sequence[str | None] | None, n: int) -> list[str | None]:
     if generators is None or isinstance(generators, str):
-        return [generators] * n
-    if not isinstance(generators, Sequence):
+        gens: list[str | None] = [generators] * n
+    elif not isinstance(generators, Sequence):
         raise TypeError(f"generators: expected a string or a list of strings, got {type(generators).__name__}")
-    gens = list(generators)
-    if len(gens) != n:
-        raise ValueError(f"got {len(gens)} generators for {n} requests")
-    bad = [g for g in gens if g is not None and not isinstance(g, str)]
-    if bad:  # was: stringified into the model's text ("model: 1")
-        raise TypeError(f"generators: each must be a string or None, got {bad[0]!r}")
+    else:
+        gens = list(generators)
+        if len(gens) != n:
+            raise ValueError(f"got {len(gens)} generators for {n} requests")
+        bad = [g for g in gens if g is not None and not isinstance(g, str)]
+        if bad:  # was: stringified into the model's text ("model: 1")
+            raise TypeError(f"generators: each must be a string or None, got {bad[0]!r}")
+    for i, g in enumerate(gens[:1] if isinstance(generators, str) else gens):
+        if g is not None and not is_valid_unicode(g):  # was: a TypeError deep in the tokenizer
+            raise ValueError(f"generator {i}: not valid Unicode (a lone surrogate)")
     return gens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +168,41 @@ def test_the_api_refuses_what_the_cli_refuses():
 
     with pytest.raises(ValueError, match="max_tokens must be a whole number >= 1, got -5"):
         read_trace("any.csv", max_tokens=-5)
+
+
+def test_a_trace_built_in_code_is_checked_as_read_trace_checks_a_file():
+    """Was: -5 prompt tokens "finished" with negative KV use, 0 made Orca and S3 stuck, a NaN
+    prediction failed in ``Trace.requests`` naming no field, 2.5 tokens deep in the KV cache."""
+    tr = _trace(4)
+    for kw, msg in (({"input_tokens": np.r_[tr.input_tokens[:-1], -5]}, r"row 3: input_tokens .* got -5"),
+                    ({"output_tokens": np.r_[0, tr.output_tokens[1:]]}, r"row 0: output_tokens .* got 0"),
+                    ({"max_tokens": tr.max_tokens + 0.5}, r"row 0: max_tokens .* got \d+\.5"),
+                    ({"rl": np.array([[1.0, np.nan, 4.0]] * 4)}, r"row 0: rl_pred_tokens .* got nan"),
+                    ({"rl": np.array([[1, 3, -4]] * 4)}, r"row 0: rl_reserve_tokens .* got -4"),
+                    ({"rl": np.ones((4, 2), dtype=int)}, r"rl has shape \(4, 2\), expected \(4, 3\)")):
+        with pytest.raises(ValueError, match=msg):
+            replace(tr, **kw)
+    unknown = replace(tr, rl=np.array([[-1, 0, 0]] * 4))  # no prediction: bucket -1, 0 tokens
+    assert [r.pred_bucket for r in unknown.requests(SLO())] == [-1] * 4
+
+
+def test_simulate_refuses_requests_it_cannot_serve_as_given():
+    """Was: a list served twice "finished" again in no time; an id given twice crashed deep in
+    the policies (KeyError, or comparing Requests); 10.5 tokens failed inside the KV cache."""
+    cost = FlatCost()
+    reqs = [make_req(i, 0.1 * i, 10, 20) for i in range(3)]
+    simulate(reqs, get_policy("ecoserve", cost))
+    bad = {"already served": reqs,
+           "given twice": [make_req(0, 0.0, 10, 20), make_req(0, 1.0, 10, 20)],
+           "prompt_tokens must be a whole number >= 1, got 10.5": [make_req(0, 0.0, 10.5, 20)],
+           "true_output_tokens must be a whole number >= 1, got 0": [make_req(0, 0.0, 10, 0)],
+           "arrival_s must be a finite number >= 0, got nan": [make_req(0, float("nan"), 10, 20)]}
+    nan_pred = make_req(0, 0.0, 10, 20)
+    nan_pred.pred_tokens = float("nan")
+    bad["pred_tokens must be a whole number, got nan"] = [nan_pred]
+    for msg, rs in bad.items():
+        for policy in ("vllm", "ecoserve"):
+            with pytest.raises(ValueError, match=re.escape(msg)):
+                simulate(rs, get_policy(policy, cost))
+    fresh = [make_req(np.int64(i), np.float64(0.1 * i), np.int64(10), np.int64(20)) for i in range(3)]
+    assert all(r.state == State.FINISHED for r in simulate(fresh, get_policy("ecoserve", cost)).requests)

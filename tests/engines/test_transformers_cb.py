@@ -8,6 +8,9 @@ recompute), and vLLM preempt, so that outputs, block bounds and agreement are ch
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -77,11 +80,12 @@ def test_requests_interleave(tiny_llama_ecoserve_run):
     assert eng.policy.kv.free_blocks == KV_BLOCKS and not eng.policy.kv.allocs
 
 
-@pytest.mark.parametrize("policy", ["ecoserve", "ecoserve-nopipe", "vllm", "orca", "s3", "sjf"])
+@pytest.mark.parametrize("policy", ["ecoserve", "ecoserve-nopipe", "vllm", "vllm-v0", "orca", "s3", "sjf"])
 def test_engine_matches_simulator(tiny_llama, tiny_llama_ecoserve_run, policy):
     """Reservations, top-ups and preemptions happen at the steps the simulator predicts."""
     eng = tiny_llama_ecoserve_run[0] if policy == "ecoserve" else make_engine(tiny_llama, policy)
     run = tiny_llama_ecoserve_run[1] if policy == "ecoserve" else eng.generate(trace_requests())
+    assert [res.error for res in run.results] == [None] * len(run.results)
     sim = simulate(eng.to_requests(trace_requests()), eng.make_policy(), check=True)
     assert sim.counters == run.counters
     # One serving loop: the engine's iteration log is the simulator's, row for row.
@@ -130,3 +134,24 @@ def test_requests_the_engine_cannot_serve_are_refused(tiny_llama):
             GenRequest(*args)
     with pytest.raises(ValueError, match="no requests"):
         make_engine(tiny_llama, "ecoserve").generate([])
+    # predictions and ids: NaN or 2.5 failed inside the policy mid-run, -5 and 1.5 were taken,
+    # text failed inside transformers ("too many dimensions 'str'")
+    for kw, msg in (({"pred_tokens": float("nan")}, "pred_tokens must be a whole number >= 0, got nan"),
+                    ({"pred_tokens": 2.5}, "pred_tokens must be a whole number >= 0, got 2.5"),
+                    ({"reserve_tokens": -5}, "reserve_tokens must be a whole number >= 0, got -5"),
+                    ({"pred_bucket": -2}, "pred_bucket must be a whole number >= -1, got -2")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            GenRequest([1, 2, 3], 3, **kw)
+    with pytest.raises(ValueError, match=r"prompt_ids must be whole numbers >= 0, got 1\.5"):
+        GenRequest([1.5, 2, 3], 3)
+    with pytest.raises(ValueError, match=r"prompt_ids must be whole numbers >= 0, got -1"):
+        GenRequest([1, -1], 3)
+    with pytest.raises(TypeError, match="prompt_ids must be token ids"):
+        GenRequest("hello", 3)
+    with pytest.raises(ValueError, match=r"prompt_ids must be 1-D, got shape \(1, 3\)"):
+        GenRequest(torch.tensor([[1, 2, 3]]), 3)
+    assert GenRequest(torch.tensor([1, 2, 3]), 3).prompt_ids == GenRequest(np.array([1, 2, 3]), 3).prompt_ids == [1, 2, 3]
+    # one id outside the vocabulary failed every request of its batch, the valid ones too
+    vocab = tiny_llama.config.vocab_size
+    with pytest.raises(ValueError, match=f"request 1: token id {vocab} is outside the model's vocabulary"):
+        make_engine(tiny_llama, "ecoserve").generate([GenRequest([5, 6, 7], 3), GenRequest([1, 2, vocab], 3)])

@@ -253,7 +253,7 @@ class _Predictor:
     def __init__(self) -> None:
         self.calls = 0
 
-    def predict(self, texts: list[str]) -> list[SimpleNamespace]:
+    def predict(self, texts: list[str], generators: str | None = None) -> list[SimpleNamespace]:
         self.calls += len(texts)
         return [SimpleNamespace(bucket=3, pred_tokens=40, reserve_tokens=48) for _ in texts]
 

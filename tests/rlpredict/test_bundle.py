@@ -102,3 +102,9 @@ def test_no_default_bundle_is_a_clear_error(monkeypatch):
         pytest.skip("a packaged default model is installed")
     with pytest.raises(BundleError, match=r"no default predictor bundle found.*--model"):
         default_bundle_path()
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_bundle_path_is_refused_not_read_as_the_current_folder(path):
+    with pytest.raises(BundleError, match=r"bundle path is empty"):
+        load_bundle(path)

@@ -6,6 +6,8 @@ import gzip
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rlpredict.data import DataError, attach_rl, load_samples
 from rlpredict.samples import SAMPLE_FILES
@@ -182,3 +184,32 @@ def test_missing_file_and_unknown_type(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DataError, match="unsupported file type"):
         load_samples([tmp_path / "x.txt"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(words=st.lists(st.sampled_from(["word", "1234567", "é", "你好", "😀", "  ", "\n", "\t", "x.y", "'s"]),
+                      min_size=1, max_size=120),
+       seps=st.lists(st.sampled_from([" ", "", "  ", "\n"]), min_size=120, max_size=120),
+       size=st.integers(8, 120))
+def test_long_responses_are_counted_in_pieces_to_the_same_count(words, seps, size):
+    """A 30 MB response took 4.5 GB to count whole: texts over PIECE_CHARS are counted piece by
+    piece, cut before a space between two other characters, which is exact for byte-level BPE."""
+    from rlpredict.rl_tokenizers import _pieces, load_rl_tokenizer
+
+    text = "".join(w + s for w, s in zip(words, seps, strict=False))
+    pieces = _pieces(text, size)
+    assert "".join(pieces) == text and all(len(p) <= size for p in pieces)
+    if all(p.startswith(" ") and not p[1:2].isspace() for p in pieces[1:]):  # cut at spaces only
+        tok = load_rl_tokenizer("llama3")
+        count = sum(len(tok.encode(p, add_special_tokens=False).ids) for p in pieces)
+        assert count == len(tok.encode(text, add_special_tokens=False).ids)
+
+
+def test_count_tokens_pieces_and_batches_add_up(monkeypatch):
+    from rlpredict import rl_tokenizers
+
+    texts = [" ".join(["alpha", "beta", "42", "gamma."] * n) for n in (1, 30, 300)] + ["", "x"]
+    want = rl_tokenizers.count_tokens(texts, "llama3")
+    monkeypatch.setattr(rl_tokenizers, "PIECE_CHARS", 64)
+    monkeypatch.setattr(rl_tokenizers, "BATCH_CHARS", 200)
+    assert rl_tokenizers.count_tokens(texts, "llama3", batch_size=3) == want

@@ -177,6 +177,7 @@ def _tokenizer_json(kind: str) -> str:
 ATOMS = st.one_of(
     st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789"), min_size=1, max_size=12),
     st.integers(95, 130).map(lambda n: "w" * n),  # BERT: a word over 100 characters is one [UNK]
+    st.integers(95, 400).map(lambda n: ("a1Z\U0001F600" * n)[:n]),  # runs the encoder shortens
     st.text(st.sampled_from(" \t\n\r\u3000\xa0\x0b\x1c\x85\u2028"), min_size=1, max_size=30),
     st.sampled_from(list(",.!?;:-_()[]{}'\"/\\@#")),
     st.text(st.sampled_from("你好世界日本語한국어"), min_size=1, max_size=5),
@@ -246,6 +247,22 @@ def test_long_prompts_are_cut_before_tokenizing(shipped, mode):
     sparse = "x " + " " * 50_000 + "y" if mode == "last_user" else "x" + " " * 50_000 + " y"
     assert enc.encode(sparse) == whole.encode(sparse).ids
     assert sum(seen) <= len(sparse) * 4 / 3 + enc.window
+
+
+def test_a_giant_word_is_not_tokenized_whole(shipped):
+    """A 60 MB prompt with no space took 5 GB: its windows never filled max_length (the word is
+    one [UNK]), so the whole text was tokenized. Such runs are now one character over
+    WordPiece's limit before tokenizing, the same ids."""
+    spec = shipped.input_spec
+    enc = TextEncoder(Tokenizer.from_file(str(SHIPPED / "tokenizer.json")), spec.max_length,
+                      spec.truncation_side)
+    seen: list[int] = []
+    enc.tokenizer, enc._whole = _Recorder(enc.tokenizer, seen), _Recorder(enc._whole, seen)
+    _, whole = _encoders("bert", spec.max_length, None, spec.truncation_side)
+    for text in ("a" * 5_000_000 + " hello world", "\U0001F600" * 2_000_000, "x é" + "Z9" * 2_000_000 + "é. ok"):
+        want = whole.encode(text[:2000] + text[-2000:] if text.startswith("x") else text).ids
+        assert enc.encode(text) == enc.encode_batch([text])[0] == want
+    assert max(seen) <= 4 * enc.window
 
 
 def test_predict_one_on_a_megabyte_prompt_tokenizes_a_window(shipped):

@@ -170,6 +170,11 @@ def test_what_is_no_request_is_refused_by_name(predictor):
         predictor.predict_one("a", generator=["x"])
     with pytest.raises(TypeError, match="quantiles: expected a list of numbers"):
         predictor.predict(["a"], quantiles="0.5")
+    # a generator with a lone surrogate failed with a TypeError inside the tokenizer
+    with pytest.raises(ValueError, match=r"generator 0: not valid Unicode"):
+        predictor.predict(["a", "b"], generators="m\ud800")
+    with pytest.raises(ValueError, match=r"generator 1: not valid Unicode"):
+        predictor.predict(["a", "b"], generators=["m", "m\ud800"])
 
 
 def test_batch_single_and_order_give_the_same_result(bundle_fp32, predictor):
