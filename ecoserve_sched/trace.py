@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import math
 import re
 import zlib
@@ -21,7 +20,16 @@ from typing import IO
 import numpy as np
 
 from rlpredict.records import MAX_TOKEN_COUNT as MAX_COUNT
-from rlpredict.records import TRACE_FIELDS, RecordError, csv_records, generator_of, request_of
+from rlpredict.records import (
+    TRACE_FIELDS,
+    RecordError,
+    bounded_lines,
+    csv_records,
+    decode_line,
+    generator_of,
+    parse_json,
+    request_of,
+)
 
 from .request import SLO, Request, is_real, is_whole
 
@@ -177,22 +185,17 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """JSON objects, one per line (split on b"\\n" only: a bare "\\r" is JSON whitespace)."""
+    """JSON objects, one per line, read by ``rlpredict annotate``'s rules (``records``: lines
+    split on b"\\n" only, at most ``MAX_ROW_BYTES`` each; was: a line of any size held whole)."""
     with _open_binary(path) as f:
-        for line_no, data in enumerate(f, 1):
+        for line_no, data in enumerate(bounded_lines(f), 1):
             try:
-                line = data.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise TraceError(f"{path}:{line_no}: not valid UTF-8 (byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TraceError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
-                why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
-                raise TraceError(f"{path}:{line_no}: not valid JSON ({why})") from None
+                line = decode_line(data, line_no)
+                if not line.strip():
+                    continue
+                row = parse_json(line)
+            except RecordError as e:
+                raise TraceError(f"{path}:{line_no}: {e.reason}") from None
             if not isinstance(row, dict):
                 raise TraceError(f"{path}:{line_no}: expected a JSON object")
             yield line_no, row

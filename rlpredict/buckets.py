@@ -113,14 +113,21 @@ class BucketScheme:
 
     @classmethod
     def from_spec(cls, spec: str | Sequence[float]) -> BucketScheme:
-        """``"default"``, ``"log:N"``, or a list of upper edges (``inf`` allowed last)."""
+        """``"default"``, ``"log:N"``, or a list of upper edges (whole numbers, ``inf`` last)."""
         if isinstance(spec, str):
             if spec == "default":
                 return cls.default()
             if spec.startswith("log:"):
                 return cls.log_spaced(int(spec[4:]))
             raise ValueError(f"unknown bucket spec {spec!r}: use 'default', 'log:N', 'quantile:N' or a list of edges")
-        return cls.from_edges([float(e) for e in spec])
+        edges = [float(e) for e in spec]
+        # was: a finite last edge failed in training (a length above it has no bucket), 0.5 was
+        # reported as a bad reservation
+        if edges and not math.isinf(edges[-1]):
+            raise ValueError(f"the last edge must be inf, so that every length has a bucket: {spec}")
+        if bad := [e for e in edges[:-1] if not (e >= 1 and e == int(e))]:
+            raise ValueError(f"edges are token counts: whole numbers >= 1 (and inf last), got {bad[0]:g}")
+        return cls.from_edges(edges)
 
     def fit(self, rls: Sequence[int], reserve_quantile: float | None = None) -> BucketScheme:
         """Fill point estimates, reservations and quantile grids from training RLs."""

@@ -72,6 +72,9 @@ class LoadReport:
     unanswered_turns: int = 0
     """Assistant turns of ShareGPT conversations that answer no user message (a conversation
     cut into chunks): not samples, counted here."""
+    shared_sources: dict[str, list[str]] = field(default_factory=dict)
+    """Source names that several files share (sources are named by file name: ``a/logs.jsonl``
+    and ``b/logs.jsonl`` are one source, ``logs``, for the per-source cap and tables)."""
 
     @property
     def n_skipped(self) -> int:
@@ -83,6 +86,8 @@ class LoadReport:
             s += f" ({self.unanswered_turns} assistant turns answering no user message left out)"
         if self.n_skipped:
             s += f"; skipped {self.n_skipped} rows: " + ", ".join(f"{n} x {r}" for r, n in self.skipped.most_common())
+        for src, files in self.shared_sources.items():  # was: merged without a word
+            s += f"; {len(files)} files are one source, {src!r} (sources are named by file name): {', '.join(files)}"
         return s
 
     def lines(self) -> list[str]:
@@ -169,7 +174,9 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
         _key(group, loc, group_name or "")  # a string or an integer
     count_name, count = _first(row, fields.count)
     rl = _count(count, loc, count_name) if count_name else None
-    resp_name, response = _first(row, fields.response)
+    # "" is an empty response (RL 0), as an empty final assistant message is; an empty CSV
+    # cell is a missing value (``records``). Was: "" refused as "no response".
+    resp_name, response = next(((n, v) for n in fields.response if (v := _get(row, n)) is not None), (None, None))
     if resp_name is not None:
         response = _text(response, loc, resp_name)
 
@@ -225,8 +232,10 @@ def load_samples(paths: Sequence[str | Path], *, fields: Fields = LOG_FIELDS, on
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     samples: list[Sample] = []
     report = LoadReport()
+    files: dict[str, list[str]] = {}
     for path in paths:
         source, n = source_name(path), 0
+        files.setdefault(source, []).append(str(path))
         for loc, row in iter_rows(path):
             if max_rows is not None and n >= max_rows:
                 break
@@ -243,6 +252,7 @@ def load_samples(paths: Sequence[str | Path], *, fields: Fields = LOG_FIELDS, on
                 continue
             samples.extend(got)
     report.samples = len(samples)
+    report.shared_sources = {src: f for src, f in files.items() if len(f) > 1}
     return samples, report
 
 

@@ -306,6 +306,11 @@ def bounded_lines(f: IO[bytes], limit: int = MAX_ROW_BYTES) -> Iterator[bytes]:
         yield _OVERSIZE + str(n).encode() + b"\n"
 
 
+def is_oversize(data: bytes) -> bool:
+    """Whether ``data`` is :func:`bounded_lines`' marker for a line over its limit (not the row)."""
+    return data.startswith(_OVERSIZE)
+
+
 def decode_line(data: bytes, lineno: int) -> str:
     """One raw JSONL line as text (a BOM on line 1 is dropped); :class:`RecordError` if it is
     not UTF-8. Lines are split on ``b"\\n"`` only: a bare ``"\\r"`` is JSON whitespace."""
@@ -466,7 +471,7 @@ def _at(e: RecordError, loc: str) -> RecordError:
 
 def _iter_jsonl(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
     with open(p, "rb") as raw, gzip.GzipFile(fileobj=raw) if gz else nullcontext(raw) as f:
-        for lineno, data in enumerate(f, 1):
+        for lineno, data in enumerate(bounded_lines(f), 1):  # was: a line of any size held whole
             loc = f"{p}:{lineno}"
             try:
                 line = decode_line(data, lineno)
@@ -558,7 +563,8 @@ def _iter_csv(p: Path, gz: bool, delimiter: str = ",") -> Iterator[tuple[str, An
             if problem is not None or cells is None:
                 yield loc, RecordError(loc, problem or "malformed CSV")
                 continue
-            yield loc, {k: _maybe_json(v) for k, v in zip(header, cells, strict=True)}
+            # an empty cell is a missing value, as annotate and the trace reader read it
+            yield loc, {k: None if v == "" else _maybe_json(v) for k, v in zip(header, cells, strict=True)}
 
 
 def _maybe_json(v: str | None) -> Any:

@@ -7,8 +7,9 @@ across runs and machines, independent of row order, and no prompt lands on both 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -28,6 +29,16 @@ def split_by_group(items: Sequence[T], test_frac: float = 0.1, seed: int = 0,
     for s in items:
         (test if in_test(key(s), test_frac, seed) else train).append(s)
     return train, test
+
+
+def rows_sha256(samples: Sequence[Any]) -> str:
+    """One sha256 over a set of samples (source, group, RL and context of each; order and file
+    paths do not count): which rows the encoder trained on, so that ``rlpredict stack`` can
+    tell whether a recipe reproduces them."""
+    keys = sorted(hashlib.sha256(json.dumps([s.source, s.group, s.rl_tokens, s.messages], sort_keys=True,
+                                            ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+                  for s in samples)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def recorded_split(manifest: object) -> dict:

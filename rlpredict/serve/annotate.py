@@ -41,6 +41,7 @@ from rlpredict.records import (
     bounded_lines,
     csv_records,
     decode_line,
+    is_oversize,
     open_parquet,
     parquet_batches,
     parse_json,
@@ -273,8 +274,10 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
             line = decode_line(data, lineno)
         except RecordError as e:
             run.summary.rows_in += 1
-            # kept recoverable, as CSV text is: each undecodable byte becomes "\udcXX" in the rejects
-            run.reject("line", lineno, e.reason, data.rstrip(b"\r\n").decode("utf-8", "surrogateescape"))
+            # kept recoverable, as CSV text is: each undecodable byte becomes "\udcXX" in the
+            # rejects; an oversize row was not kept (null; was: the reader's internal marker)
+            raw = None if is_oversize(data) else data.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+            run.reject("line", lineno, e.reason, raw)
             continue
         text = line.rstrip("\r\n")
         if not text.strip():

@@ -6,6 +6,7 @@ Nothing is downloaded from a hub: a name that is not ``minilm`` must be a local 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 DEFAULT_ENCODER = "minilm"
@@ -25,3 +26,15 @@ def encoder_path(name_or_path: str = DEFAULT_ENCODER) -> Path:
         raise FileNotFoundError(
             f"encoder {name_or_path!r}: not 'minilm' nor a local Hugging Face model folder with config.json")
     return p
+
+
+def check_positions(folder: str | Path, max_length: int, what: str) -> None:
+    """Refuse a ``max_length`` above the position embeddings in ``folder``'s ``config.json``
+    (was: accepted, then a RuntimeError in the first long batch, mid-training or mid-eval).
+    An unreadable config is left to transformers, which names it."""
+    try:
+        n = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(n, int) and not isinstance(n, bool) and max_length > n:
+        raise ValueError(f"{what}: max_length {max_length} exceeds the encoder's {n} positions ({folder})")

@@ -21,8 +21,9 @@ from rlpredict.json_file import read_json
 from rlpredict.outputs import output_dir, write_text_atomic
 from rlpredict.splits import split_by_group
 from rlpredict.train.baselines import BASELINES
+from rlpredict.train.encoders import check_positions
 from rlpredict.train.metrics import confusion, quantile_tag, rl_metrics
-from rlpredict.train.model_meta import ModelMeta, load_trained
+from rlpredict.train.model_meta import ModelMeta, load_trained, weights_sha256
 
 MODEL = "model"
 
@@ -60,7 +61,7 @@ def predict_proba_torch(model_dir: str | Path, texts: Sequence[str], spec: Input
 
 def recorded_split(path: Path) -> dict:
     """The held-out split ``rlpredict train`` recorded in ``training_summary.json``
-    (``{test_frac, seed}``; {} without the file or the record); ``ValueError`` naming the file
+    (``{test_frac, seed}``, and ``train_rows_sha256`` if recorded; {} without the file or the record); ``ValueError`` naming the file
     if a value is of the wrong kind."""
     if not path.is_file():
         return {}
@@ -74,7 +75,8 @@ def recorded_split(path: Path) -> dict:
         raise ValueError(f"{path}: field 'data.split.test_frac' must be a number in (0, 1), got {frac!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"{path}: field 'data.split.seed' must be a whole number >= 0, got {seed!r}")
-    return {"test_frac": frac, "seed": seed}
+    rows = split.get("train_rows_sha256")  # the encoder's training rows (``splits.rows_sha256``)
+    return {"test_frac": frac, "seed": seed, **({"train_rows_sha256": rows} if isinstance(rows, str) else {})}
 
 
 def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split: str = "test",
@@ -90,6 +92,7 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
     """
     if model_dir is not None:
         meta = ModelMeta.load(model_dir)
+        check_positions(model_dir, meta.input.max_length, f"model {model_dir}")  # before the data
         recorded = recorded_split(Path(model_dir) / "training_summary.json")
         test_frac = test_frac if test_frac is not None else recorded.get("test_frac", 0.1)
         split_seed = split_seed if split_seed is not None else recorded.get("seed", 0)
@@ -133,6 +136,7 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
     report = {
         "format": "rlpredict.eval/1",
         "model": str(model_dir) if model_dir is not None else None,
+        "model_weights_sha256": weights_sha256(model_dir) if model_dir is not None else None,
         "rl_tokenizer": meta.rl_tokenizer,
         "input": spec.to_dict(),
         "bucket_edges": [None if math.isinf(e) else e for e in scheme.edges],

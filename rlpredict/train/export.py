@@ -37,8 +37,9 @@ from rlpredict.json_file import read_json
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 from rlpredict.serve.bundle import MODEL_FILE, TOKENIZER_FILE, load_bundle, write_manifest
 from rlpredict.serve.runtime import Predictor
+from rlpredict.train.encoders import check_positions
 from rlpredict.train.evaluate import recorded_split
-from rlpredict.train.model_meta import ModelMeta, load_trained
+from rlpredict.train.model_meta import ModelMeta, load_trained, weights_sha256
 
 DEFAULT_OPSET = 17
 #: Max |logit(torch) - logit(onnx fp32)| that passes the parity check.
@@ -95,10 +96,10 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
     if cfg.num_labels != scheme.n_buckets:
         raise ExportError(f"{model_dir}: the model has {cfg.num_labels} labels but rlpredict.json "
                           f"has {scheme.n_buckets} buckets")
-    max_pos = getattr(cfg, "max_position_embeddings", None)
-    if max_pos is not None and spec.max_length > max_pos:
-        raise ExportError(f"{model_dir}: input max_length {spec.max_length} exceeds the encoder's "
-                          f"{max_pos} positions")
+    try:
+        check_positions(model_dir, spec.max_length, str(model_dir))
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     hf_tok.truncation_side = spec.truncation_side
     texts = [build_text(s.messages, spec, s.generator) for s in samples]
 
@@ -136,6 +137,9 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
         "quantization": None,
         "files": [MODEL_FILE, TOKENIZER_FILE],
     }
+    report = _read_json(model_dir / "eval" / "report.json")
+    if report is not None:  # was: any report there was embedded, another model's too
+        _check_own_report(model_dir, report)
     for key, path in (("evaluation", "report.json"), ("confusion", "confusion.json")):
         found = _read_json(model_dir / "eval" / path)
         if found is not None:  # absent rather than null: readers test `"confusion" in manifest`
@@ -311,6 +315,24 @@ def _describe(paths: Sequence[str | Path] | None) -> str:
     if not paths:
         return "the bundled sample (rlpredict/samples: ShareGPT + AlpacaEval)"
     return ", ".join(Path(p).name for p in paths)
+
+
+def _check_own_report(model_dir: Path, report: object) -> None:
+    """``MODEL/eval`` must hold this model's evaluation (its weights' sha256; a report of an
+    older release without one: a model folder of the same name), else ``ExportError``: the
+    manifest's evaluation and confusion matrix feed the simulator and ``drift``."""
+    if not isinstance(report, dict):
+        return
+    if report.get("model_weights_sha256") is not None:
+        same = report["model_weights_sha256"] == weights_sha256(model_dir)
+    elif isinstance(report.get("model"), str):
+        same = Path(report["model"]).name == model_dir.name
+    else:  # says nothing about its model
+        same = True
+    if not same:
+        raise ExportError(f"{model_dir / 'eval' / 'report.json'}: the evaluation of another model "
+                          f"({report.get('model')}); rerun `rlpredict eval --model {model_dir} --out "
+                          f"{model_dir / 'eval'} --force`, or move that folder away")
 
 
 def _read_json(path: Path) -> dict | None:

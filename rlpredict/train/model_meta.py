@@ -6,6 +6,7 @@ tokens (the RL tokenizer). ``rlpredict export`` copies it into the bundle manife
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,3 +86,15 @@ def load_trained(model_dir: str | Path, **kwargs: Any) -> tuple[Any, Any]:
     except Exception as e:  # safetensors, tokenizers and transformers raise their own types
         raise ModelLoadError(f"{model_dir}: cannot load the trained model ({library_error(e)})") from None
     return model, tok
+
+
+def weights_sha256(model_dir: str | Path) -> str | None:
+    """One sha256 over a trained folder's weight files (``*.safetensors``, ``*.bin``, by name):
+    which model an ``eval`` report scored. None if the folder has none."""
+    from rlpredict.serve.bundle import file_sha256
+
+    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in Path(model_dir).glob(pattern))
+    if not files:
+        return None
+    return file_sha256(files[0]) if len(files) == 1 else hashlib.sha256(
+        "".join(f"{p.name}:{file_sha256(p)}\n" for p in files).encode()).hexdigest()

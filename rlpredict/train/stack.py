@@ -34,7 +34,7 @@ from rlpredict.inputs import LEXICAL_TEXT_CAP, InputSpec
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 from rlpredict.serve import lexical
 from rlpredict.serve.bundle import copy_files, write_manifest
-from rlpredict.splits import check_same_split, recorded_split
+from rlpredict.splits import check_same_split, recorded_split, rows_sha256
 from rlpredict.train.baselines import TfidfLogistic, TfidfRidge
 from rlpredict.train.config import TrainConfig
 from rlpredict.train.evaluate import baseline_texts, confusion_dict, encoder_texts, markdown_table
@@ -238,6 +238,14 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     if list(cfg_scheme.edges) != list(scheme.edges):
         raise ValueError(f"the recipe's bucket edges {cfg_scheme.edges} differ from the bundle's {scheme.edges}: "
                          "give the recipe the bundle was trained with")
+    recorded = (pred.bundle.manifest.get("training_split") or {}).get("train_rows_sha256")
+    if recorded is not None and recorded != rows_sha256(enc_train):  # was: a stacker fit on training rows
+        raise ValueError(f"the recipe's training subsample ({len(enc_train)} rows) is not the one bundle {bundle}'s "
+                         "encoder trained on: the stacker would be fit on rows the encoder has seen; give the "
+                         "recipe it was trained with (the same data files, seed, max_rows and max_rows_per_source)")
+    if recorded is None:
+        log("note: the bundle does not record its encoder's training rows (an export before December 2026): "
+            "the recipe is trusted to reproduce them (the same data files, seed, max_rows and max_rows_per_source)")
     stack, stack_info = stacking_rows(train_side, enc_train, stack_rows, seed)
     if not stack:
         raise ValueError("no training-side rows the encoder did not train on: nothing to fit the stacker on "

@@ -52,9 +52,9 @@ from rlpredict.outputs import (
     plain_modes,
     write_text_atomic,
 )
-from rlpredict.splits import split_by_group
+from rlpredict.splits import rows_sha256, split_by_group
 from rlpredict.train.config import RESUMABLE_CHANGES, TrainConfig
-from rlpredict.train.encoders import encoder_path
+from rlpredict.train.encoders import check_positions, encoder_path
 from rlpredict.train.metrics import rl_metrics
 from rlpredict.train.model_meta import ModelMeta
 
@@ -371,6 +371,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
            checkpoint_dir: str | Path | None, resume: bool, callbacks: Sequence[TrainerCallback],
            stack: contextlib.ExitStack) -> dict:
     ckpt = check_output(cfg, out_dir, force, checkpoint_dir=checkpoint_dir, resume=resume)
+    check_positions(encoder_path(cfg.encoder), cfg.max_length, f"encoder {cfg.encoder}")  # before the data
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
     hf_logging.disable_progress_bar()
     t0 = time.time()
@@ -506,7 +507,8 @@ def _summary(cfg: TrainConfig, prep: Prepared, scheme: BucketScheme, *, step: in
         "data": {"load": prep.report.summary(), "train_samples": len(prep.train), "test_samples": len(prep.test),
                  "train_sources": dict(sorted(_count_by(prep.train, "source").items())),
                  "split": {"by": "group (conversation_id / prompt_id / context hash)",
-                           "test_frac": cfg.test_frac, "seed": cfg.split_seed}},
+                           "test_frac": cfg.test_frac, "seed": cfg.split_seed,
+                           "train_rows_sha256": rows_sha256(prep.train)}},
         "buckets": {"edges": [None if math.isinf(e) else e for e in scheme.edges], "train_counts": list(scheme.counts)},
         "steps": step, "steps_this_run": steps_run, "examples_seen": seen,
         "loss_first": mean(losses[:window]), "loss_last": mean(losses[-window:]),

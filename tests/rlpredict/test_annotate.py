@@ -265,3 +265,16 @@ def test_trace_messages_read_like_training_logs(predictor, tmp_path):
     write(src, [{"id": 0, "messages": [{"role": "user", "content": ["name three rivers"]}]}])
     summary = annotate_file(predictor, src, dst, force=True, on_error="skip")
     assert summary.rows_rejected == 1
+
+
+def test_an_oversize_row_is_rejected_with_no_row_not_the_readers_marker(predictor, tmp_path):
+    """The rejects record of a row over the 64 MiB limit held the reader's internal marker
+    ("\\x00rlpredict: oversize row of N") as its row; the row was not kept, so it is null."""
+    from rlpredict.records import MAX_ROW_BYTES
+
+    src = tmp_path / "t.jsonl.gz"
+    src.write_bytes(gzip.compress(b'{"prompt": "' + b"a" * MAX_ROW_BYTES + b'"}\n{"prompt": "hi"}\n', compresslevel=1))
+    s = annotate_file(predictor, src, tmp_path / "o.jsonl.gz", on_error="skip")
+    assert (s.rows_in, s.rows_out, s.rows_rejected) == (2, 1, 1)
+    [rec] = [json.loads(line) for line in (tmp_path / "o.rejects.jsonl").read_text().splitlines()]
+    assert rec["line"] == 1 and rec["row"] is None and "over the 64 MiB limit" in rec["reason"]

@@ -213,3 +213,32 @@ def test_count_tokens_pieces_and_batches_add_up(monkeypatch):
     monkeypatch.setattr(rl_tokenizers, "PIECE_CHARS", 64)
     monkeypatch.setattr(rl_tokenizers, "BATCH_CHARS", 200)
     assert rl_tokenizers.count_tokens(texts, "llama3", batch_size=3) == want
+
+
+def test_files_that_share_a_source_name_are_said(tmp_path):
+    """``a/logs.jsonl`` and ``b/logs.jsonl`` are one source (the per-source cap and tables count
+    them together): that was silent."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "logs.jsonl").write_text(json.dumps({"prompt": f"q{d}", "response": "r"}) + "\n")
+    paths = [tmp_path / "a" / "logs.jsonl", tmp_path / "b" / "logs.jsonl"]
+    samples, report = load_samples(paths)
+    assert {s.source for s in samples} == {"logs"} and len(samples) == 2
+    assert report.shared_sources == {"logs": [str(p) for p in paths]}
+    assert "2 files are one source, 'logs' (sources are named by file name)" in report.summary()
+    assert load_samples(paths[:1])[1].shared_sources == {}
+
+
+def test_an_empty_response_is_rl_0_and_an_empty_csv_cell_is_missing(tmp_path):
+    """docs/predictor.md: an empty response is not an error, its RL is 0 (as an empty final
+    assistant message was); ``"response": ""`` was refused as "no response". A CSV cell cannot
+    tell empty from missing: an empty one is a missing value, as everywhere else."""
+    logs = tmp_path / "l.jsonl"
+    logs.write_text(json.dumps({"prompt": "x", "response": ""}) + "\n" + json.dumps({"prompt": "y", "response": "yes"}) + "\n")
+    samples, _ = load_samples([logs])
+    attach_rl(samples, "llama3")
+    assert [s.rl_tokens for s in samples] == [0, 1]
+    table = tmp_path / "l.csv"
+    table.write_text("prompt,response\nx,\ny,yes\n")
+    with pytest.raises(DataError, match=r"l\.csv:2: no response"):
+        load_samples([table])

@@ -109,3 +109,34 @@ def test_eval_copied_refuses_existing_and_force_replaces(tiny_model_dir, tmp_pat
 def test_missing_model_meta_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"rlpredict.json"):
         export_bundle(tmp_path, tmp_path / "out")
+
+
+def test_export_refuses_the_evaluation_of_another_model(tiny_model_dir, tmp_path):
+    """Was: ``MODEL/eval`` was embedded whatever model it scored, and the simulator's confusion
+    matrix and ``drift``'s reference then described another model."""
+    import torch
+    import transformers
+
+    from rlpredict.train.evaluate import evaluate, write_report
+    from rlpredict.train.model_meta import ModelMeta
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(other)
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)
+    model.save_pretrained(other)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "a " * (i + 1)}) + "\n" for i in range(30)))
+    mine = tmp_path / "mine"
+    shutil.copytree(tiny_model_dir, mine)
+    report, probs, test = evaluate(other, [data], split="all", baselines=())
+    scheme = ModelMeta.load(mine).buckets
+    write_report(report, probs, test, scheme, mine / "eval")  # the other model's scores, in this one's folder
+    with pytest.raises(ExportError, match=r"the evaluation of another model"):
+        export_bundle(mine, tmp_path / "b", parity_n=8)
+    assert not (tmp_path / "b").exists()
+    report, probs, test = evaluate(mine, [data], split="all", baselines=())
+    write_report(report, probs, test, scheme, mine / "eval", force=True)
+    export_bundle(mine, tmp_path / "b", parity_n=8)
+    assert load_bundle(tmp_path / "b").manifest["evaluation"]["model_weights_sha256"] == report["model_weights_sha256"]

@@ -224,3 +224,26 @@ def test_annotate_with_a_stacked_bundle_gives_the_stacked_predictions(stacked, t
     want = p.predict_arrays(prompts)
     assert [r["rl_bucket"] for r in rows] == want.bucket.tolist()
     assert [r["rl_pred_tokens"] for r in rows] == want.pred_tokens.tolist()
+
+
+def test_stack_refuses_a_recipe_whose_subsample_is_not_the_encoders(bundle_fp32, tmp_path):
+    """Another seed, max_rows_per_source or data order draws another training subsample: the
+    stacker was then fit, without a word, on rows the encoder trained on. The bundle now records
+    its encoder's training rows (``splits.rows_sha256``, from ``training_summary.json``)."""
+    from rlpredict.samples import SAMPLE_FILES
+    from rlpredict.splits import rows_sha256
+    from rlpredict.train.config import TrainConfig
+    from rlpredict.train.stack import load_split, stack_bundle
+
+    files = [str(p) for p in SAMPLE_FILES.values()]
+    recipe = {"test_frac": 0.25, "max_rows_per_source": 150, "input_mode": "history", "max_length": 48}
+    enc_train = load_split(TrainConfig(data=files, **recipe), lambda _: None)[1]
+    split = {"test_frac": 0.25, "seed": 0, "train_rows_sha256": rows_sha256(enc_train)}
+    recorded = _rewrite(bundle_fp32, tmp_path / "b", lambda m, _: m.update(training_split=split))
+    for change in ({"seed": 1}, {"max_rows_per_source": 120}, {"data": files[::-1]}):
+        cfg = TrainConfig(**{"data": files, **recipe, **change})
+        with pytest.raises(ValueError, match=r"is not the one bundle .* encoder trained on"):
+            stack_bundle(recorded, cfg, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+    report = stack_bundle(recorded, TrainConfig(data=files, **recipe), tmp_path / "s", stack_rows=60, folds=2, threads=1)
+    assert report["evaluation"]["all"]

@@ -511,6 +511,9 @@ def test_a_config_whose_data_is_not_paths_is_named(tmp_path, data, msg):
     ('buckets = "quantile:1"', "buckets: 'quantile:1': N must be a whole number >= 2"),
     ('buckets = "log:x"', "buckets: 'log:x': N must be a whole number >= 2"),
     ('buckets = "nope"', "buckets: unknown bucket spec"),
+    # were: an IndexError in training, and "reserve_tokens must be integers" for an edge of 0.5
+    ("buckets = [32, 64]", r"buckets: the last edge must be inf"),
+    ("buckets = [0.5, inf]", r"buckets: edges are token counts: whole numbers >= 1 \(and inf last\), got 0.5"),
     ('encoder = " "', "encoder: empty"),
     # were ignored: ``max_steps = 0`` above ``[train]`` trained with the default
     ("max_steps = 0\n[train]\nmax_steps = 2", r"'max_steps' outside the \[train\] table would be ignored"),
@@ -834,3 +837,41 @@ def test_the_current_folder_is_no_output_folder(tmp_path, monkeypatch, name):
             output_dir(name, force=True, tool="test"):
         pass
     assert list(work.iterdir()) == []
+
+
+def test_a_max_length_beyond_the_encoders_positions_is_refused_before_the_data(tiny_model_dir, tmp_path):
+    """Was: accepted by ``train`` (and ``eval`` of such a model), then a RuntimeError in the
+    first batch with a long prompt, mid-run; only ``export`` checked it."""
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    meta = json.loads((model / "rlpredict.json").read_text())
+    meta["input"]["max_length"] = 200  # the tiny encoder has 128 positions
+    (model / "rlpredict.json").write_text(json.dumps(meta))
+    data = _labelled(tmp_path)
+    one_error_line(run("eval", "--model", model, "--data", data, "--out", tmp_path / "e"),
+                   "max_length 200 exceeds the encoder's 128 positions")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = ["{data}"]\nencoder = "{tiny_model_dir}"\nmax_length = 200\n')
+    one_error_line(run("train", "-c", cfg, "--out", tmp_path / "t"), "max_length 200 exceeds the encoder's 128 positions")
+    assert not (tmp_path / "t").exists()
+
+
+def test_the_log_and_trace_readers_bound_a_line_as_annotate_does(tmp_path):
+    """Was: a 1.5 MB .gz holding one 1.5 GB line ran ``drift`` and ``ecoserve simulate`` out of
+    memory ("error: out of memory", no file named); annotate's 64 MiB rule now holds for both."""
+    from rlpredict.data import load_samples
+    from rlpredict.records import MAX_ROW_BYTES
+
+    huge = b'{"prompt": "hi", "response": "' + b"a" * MAX_ROW_BYTES + b'"}\n'
+    logs = tmp_path / "logs.jsonl.gz"
+    logs.write_bytes(gzip.compress(huge + b'{"prompt": "q", "response": "r"}\n', compresslevel=1))
+    samples, report = load_samples([logs], on_error="skip")
+    assert len(samples) == 1 and report.n_skipped == 1
+    assert "logs.jsonl.gz:1" in report.examples[0] and "over the 64 MiB limit" in report.examples[0]
+    trace = tmp_path / "t.jsonl.gz"
+    trace.write_bytes(gzip.compress(b'{"arrival_time_s": 0, "input_tokens": 1, "output_tokens": 1, "pad": "'
+                                    + b"a" * MAX_ROW_BYTES + b'"}\n', compresslevel=1))
+    from ecoserve_sched.trace import TraceError, read_trace
+
+    with pytest.raises(TraceError, match=r"t\.jsonl\.gz:1: a row of [\d,]+ bytes, over the 64 MiB limit"):
+        read_trace(trace)
