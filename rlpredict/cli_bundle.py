@@ -81,18 +81,27 @@ def export(
 def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list, list[str | None] | None, list[int]]:
     """The prompts on stdin, with ``--jsonl`` each line's generator (None: no line has one), and
     each prompt's line number (blank lines hold no prompt)."""
-    from rlpredict.records import TRACE_FIELDS, RecordError, parse_json
+    from rlpredict.records import TRACE_FIELDS, RecordError, bounded_lines, decode_line, parse_json
     from rlpredict.serve.annotate import BadRow, generator_of, request_of
 
-    raw = sys.stdin.buffer.read()
-    try:
-        data = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first prompt
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        _fail(f"stdin: line {line}: not valid UTF-8 (byte {e.start})")
     if single:
+        raw = sys.stdin.buffer.read()
+        try:
+            data = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first prompt
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            _fail(f"stdin: line {line}: not valid UTF-8 (byte {e.start})")
         return ([data], None, [1]) if data.strip() else ([], None, [])
-    lines = [(i, line) for i, line in enumerate(data.splitlines(), 1) if line.strip()]
+    # annotate's lines: split on "\n" only, each at most records.MAX_ROW_BYTES (was: all of
+    # stdin held, a 100 MB line that annotate refuses taken)
+    lines = []
+    for i, raw_line in enumerate(bounded_lines(sys.stdin.buffer), 1):
+        try:
+            line = decode_line(raw_line, i).rstrip("\r\n")
+        except RecordError as e:
+            _fail(f"stdin: line {i}: {e.reason}")
+        if line.strip():
+            lines.append((i, line))
     numbers = [i for i, _ in lines]
     if not jsonl:
         return [line for _, line in lines], None, numbers

@@ -28,8 +28,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -60,6 +62,9 @@ from rlpredict.serve.annotate import (
 )
 from rlpredict.serve.bundle import MANIFEST, load_bundle
 
+#: Files read at once on the driver's node (reading is cheap next to predicting; each read task
+#: is a Python process).
+READ_TASKS = 2
 INSTALL_HINT = "--engine ray needs Ray: pip install 'rlpredict-ecoserve[ray]' (or pip install 'ray[data]')"
 ERROR_COLUMN = "rl_error"
 DEFAULT_FIELDS = TRACE_FIELDS
@@ -225,8 +230,16 @@ def ray_session(address: str | None) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    # ray.init replaces SIGTERM's handler (Python: sys.exit(15); its core worker's C++ handler
+    # dumps a stack): put back what this process had (the CLI's: exit 130, one line, nothing written)
+    main = threading.current_thread() is threading.main_thread()
+    signals = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, n)] if main else []
+    before = {sig: signal.getsignal(sig) for sig in signals}
     ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              configure_logging=True)
+    for sig, handler in before.items():
+        if handler is not None:
+            signal.signal(sig, handler)
     try:
         yield ray
     finally:
@@ -401,8 +414,11 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
                   "in_gz": detect_format(f.src)[1], "out_gz": detect_format(f.dst)[1]}
                  for i, f in enumerate(files)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # at most READ_TASKS files read at once (was: one task per file, all at once: 60 files
+        # of 10 rows started 56 worker processes and took 7.7 GB)
         ds = ds.map_batches(_read_chunks, batch_size=1, batch_format="pyarrow", num_cpus=0,
-                            fn_kwargs={"chunk_rows": chunk_rows}, label_selector=here)
+                            concurrency=min(READ_TASKS, len(items)), fn_kwargs={"chunk_rows": chunk_rows},
+                            label_selector=here)
         options = {"reserve_quantile": reserve_quantile, "margin": margin, "threads": per_worker}
         ds = _annotator(ds, ray.put(bundle), options, fields, "chunks", workers, per_worker, 1,
                         fault=_fault)

@@ -20,6 +20,7 @@ The recipe (measured in docs/predictor.md, "Encoder + TF-IDF"):
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -226,6 +227,9 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     if pred.bundle.lexical is not None:
         raise ValueError(f"bundle {bundle}: already has a lexical head; stack the encoder-only bundle")
     spec, scheme, q = pred.input_spec, pred.scheme, cfg.reserve_quantile
+    if "calibration" in pred.bundle.manifest:  # was: dropped without a word
+        log("note: the input bundle's calibration is dropped (it fitted the encoder's probabilities): "
+            "run `rlpredict calibrate` on the stacked bundle")
     check_same_split(recorded_split(pred.bundle.manifest),
                      {"test_frac": ("the recipe's test_frac", cfg.test_frac),
                       "seed": ("the recipe's split_seed", cfg.split_seed)},
@@ -262,6 +266,11 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     log(f"encoder probabilities of the stacking-fit rows ({time.perf_counter() - t0:.0f}s)")
 
     y = scheme.bucket_of(np.array([s.rl_tokens for s in stack], dtype=float))
+    absent = sorted(set(range(scheme.n_buckets)) - set(y.tolist()))
+    if absent:  # was: silent; the stacked model can never predict these buckets
+        log(f"warning: the stacking-fit rows hold no response in bucket(s) {absent} (edges "
+            f"{[None if math.isinf(e) else e for e in scheme.edges]}): the stacked model gives them "
+            "probability 0; give more --stack-rows, or data with such responses")
     x = features(pe_stack, pt_stack)
     with threadpool_limits(1):  # small dense fits: one BLAS thread (more ran slower on 2 busy cores)
         c, cv = pick_c(x, y, [f"{s.source}/{s.group}" for s in stack], scheme.n_buckets, log=log)
@@ -269,7 +278,7 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     a, b = stacker.folded()
     vec, lr = tfidf.model[0], tfidf.model[-1]
     arrays = lexical.export_arrays(vec, lr, a, b, scheme.n_buckets)
-    fit = {"recipe": recipe, "stacking_fit": stack_info, "folds": folds, "seed": seed,
+    fit = {"recipe": recipe, "stacking_fit": stack_info, "buckets_without_fit_rows": absent, "folds": folds, "seed": seed,
            "stacker": {"C": c, "cv_nll_by_C": cv, "features": "[log p_enc, log p_tfidf]"},
            "tfidf_training_rows": len(train_side)}
 

@@ -189,6 +189,9 @@ def check_output(cfg: TrainConfig, out_dir: str | Path, force: bool = False, *,
                               "give the --checkpoint-dir of the interrupted run")
         _check_same_run(cfg, ckpt)
     elif cfg.save_checkpoints:
+        if not force and latest_checkpoint(ckpt) is not None:  # was: "pass --force", which deletes them
+            raise OutputError(f"{ckpt}: holds checkpoints of an earlier run; --resume continues it, "
+                              "--force starts over and deletes them (--checkpoint-dir)")
         check_new_dir(ckpt, force=force, option="--checkpoint-dir")
     return ckpt
 

@@ -250,3 +250,39 @@ def test_dataset_api_in_a_read_write_pipeline_on_few_cpus(bundle_fp32, tmp_path)
             pytest.fail("the pipeline did not finish in 240 s")
     assert proc.returncode == 0, err.read_text()[-2000:]
     assert log.read_text().split("\n")[:2] == ["None 400 390", "4 400 390"]  # 10 null prompts
+
+
+def test_sigterm_ends_a_ray_run_as_ctrl_c_does(bundle_fp32, tmp_path):
+    """ray.init replaced SIGTERM's handler: ``kill`` gave exit 15 and a C++ stack dump from
+    Ray's core worker, not the CLI's one line and exit 130 (nothing written either way)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("ray")
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"question {i} " * 20}) + "\n" for i in range(20_000)))
+    err = tmp_path / "stderr"
+    code = "from rlpredict.cli import main; main()"
+    args = ["annotate", str(src), "-o", str(tmp_path / "out.jsonl"), "--engine", "ray", "--no-progress",
+            "-m", str(bundle_fp32), "--num-workers", "1", "--threads", "1"]
+    with open(err, "w") as errors:
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=errors,
+                                start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            deadline = time.monotonic() + 120
+            while "ray:" not in err.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(2)  # Ray Data is running
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    said = err.read_text()
+    assert rc == 130, said[-2000:]
+    assert "interrupted: no output was written" in said and "SIGTERM received" not in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "stderr"]

@@ -875,3 +875,12 @@ def test_the_log_and_trace_readers_bound_a_line_as_annotate_does(tmp_path):
 
     with pytest.raises(TraceError, match=r"t\.jsonl\.gz:1: a row of [\d,]+ bytes, over the 64 MiB limit"):
         read_trace(trace)
+
+
+def test_predict_reads_stdin_lines_as_annotate_does(bundle_fp32):
+    """Lines split on "\\n" only (a \\u2028 in a prompt is text), CRLF ends taken off, and each
+    line bounded as annotate bounds it (was: all of stdin held, a 100 MB line accepted)."""
+    res = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--json"],
+                             input="a\u2028b\r\nsecond\r\n".encode())
+    assert res.exit_code == 0, res.output
+    assert [p["input"] for p in json.loads(res.stdout)["predictions"]] == ["a\u2028b", "second"]

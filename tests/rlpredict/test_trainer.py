@@ -131,8 +131,9 @@ def test_resume_continues_an_interrupted_run(tiny_encoder, prepared, one_process
         train(cfg, out, prepared=prepared, progress=False, callbacks=[_Crash(4)])
     ckpt = tmp_path / "model-checkpoints"
     assert not out.exists() and latest_checkpoint(ckpt).name == "checkpoint-4"
-    with pytest.raises(OutputError, match="exists; pass --force"):
-        train(cfg, out, prepared=prepared, progress=False)  # a new run would replace the checkpoints
+    # a new run would replace the checkpoints: the message says how to continue (was: only --force)
+    with pytest.raises(OutputError, match="holds checkpoints of an earlier run; --resume continues it, --force"):
+        train(cfg, out, prepared=prepared, progress=False)
     with pytest.raises(ValueError, match=r"other settings than the interrupted run \(lr\)"):
         train(tiny_cfg(tiny_encoder, lr=5e-4), out, prepared=prepared, progress=False, resume=True)
     s = train(cfg, out, prepared=prepared, progress=False, resume=True)
