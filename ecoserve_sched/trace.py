@@ -177,11 +177,14 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
         missing = [c for c in REQUIRED if c not in names]
         if missing:
             raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}")
-        for line, cells, problem, _ in records:
-            if problem is not None or cells is None:
-                raise TraceError(f"{path}:{line}: {problem or 'malformed CSV'}")
-            # an empty cell is a missing value, as ``rlpredict annotate`` reads it
-            yield line, {k: v for k, v in zip(names, cells, strict=True) if v != ""}
+        try:
+            for line, cells, problem, _ in records:
+                if problem is not None or cells is None:
+                    raise TraceError(f"{path}:{line}: {problem or 'malformed CSV'}")
+                # an empty cell is a missing value, as ``rlpredict annotate`` reads it
+                yield line, {k: v for k, v in zip(names, cells, strict=True) if v != ""}
+        except RecordError as e:  # a record too large to read (a quote left open)
+            raise TraceError(f"{path}: {e.reason}") from None
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:

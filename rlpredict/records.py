@@ -340,16 +340,25 @@ def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[st
     the record as read, so that a caller that skips it can keep it; the reader goes on after
     it), a number of cells other than the header's (a cell without a column, or a column
     without a cell), or not UTF-8. ``text`` is ``None`` for a record that parsed. A bad header
-    raises :class:`RecordError` (no location); an empty stream yields nothing."""
+    raises :class:`RecordError` (no location); an empty stream yields nothing. A record over
+    ``MAX_ROW_BYTES`` characters (a quote left open holds the rest of the file) raises
+    :class:`RecordError` naming its first line: the records after it cannot be told apart."""
     csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))  # long cells
     read: list[str] = []  # the lines of the record being parsed (one record's worth at most)
+    held = 0  # their characters
 
     def tap() -> Iterator[str]:
-        for text in f:
+        nonlocal held
+        while text := f.readline(MAX_ROW_BYTES + 1):  # was: a line of any size, held whole
+            held = (held if read else 0) + len(text)
+            if held > MAX_ROW_BYTES:  # was: the rest of the file held as one record (9x its size)
+                raise RecordError("", f"a record of over {MAX_ROW_BYTES >> 20} Mi characters from line "
+                                      f"{start} (a quote left open?); the records after it cannot be read")
             read.append(text)
             yield text
 
     reader = csv.reader(tap(), delimiter=delimiter, strict=True)  # a quote left open at the end is an error
+    start = 1
     try:
         header = next(reader, None)
     except csv.Error as e:
@@ -558,13 +567,16 @@ def _iter_csv(p: Path, gz: bool, delimiter: str = ",") -> Iterator[tuple[str, An
             raise _at(e, f"{p}:1") from None
         if header is None:
             return
-        for line, cells, problem, _ in records:
-            loc = f"{p}:{line}"
-            if problem is not None or cells is None:
-                yield loc, RecordError(loc, problem or "malformed CSV")
-                continue
-            # an empty cell is a missing value, as annotate and the trace reader read it
-            yield loc, {k: None if v == "" else _maybe_json(v) for k, v in zip(header, cells, strict=True)}
+        try:
+            for line, cells, problem, _ in records:
+                loc = f"{p}:{line}"
+                if problem is not None or cells is None:
+                    yield loc, RecordError(loc, problem or "malformed CSV")
+                    continue
+                # an empty cell is a missing value, as annotate and the trace reader read it
+                yield loc, {k: None if v == "" else _maybe_json(v) for k, v in zip(header, cells, strict=True)}
+        except RecordError as e:  # a record too large to read (a quote left open)
+            raise _at(e, str(p)) from None
 
 
 def _maybe_json(v: str | None) -> Any:

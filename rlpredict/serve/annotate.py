@@ -368,7 +368,7 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
         writer.writerow(out_header)
         batch: list[tuple[list[str], Request, str | None]] = []
         held = 0  # characters of row text in the batch
-        for lineno, cells, problem, text in records:
+        for lineno, cells, problem, text in _named(records, src):
             run.summary.rows_in += 1
             if problem is not None or cells is None:  # an unparsable record is kept as its text
                 run.reject("line", lineno, problem or "malformed CSV", cells if text is None else text)
@@ -389,6 +389,14 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
         run.advance(raw.tell())
         if replaces:
             run.summary.rows_replaced = run.summary.rows_out
+
+
+def _named(records: Iterator[Any], src: Path) -> Iterator[Any]:
+    """``records`` with a record too large to read reported at ``src`` (``csv_records``)."""
+    try:
+        yield from records
+    except RecordError as e:
+        raise AnnotateError(f"{src}: {e.reason}") from None
 
 
 class _CsvWriter:

@@ -52,6 +52,7 @@ from rlpredict.outputs import (
     plain_modes,
     write_text_atomic,
 )
+from rlpredict.serve.runtime import usable_cores
 from rlpredict.splits import rows_sha256, split_by_group
 from rlpredict.train.config import RESUMABLE_CHANGES, TrainConfig
 from rlpredict.train.encoders import check_positions, encoder_path
@@ -380,8 +381,8 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
     t0 = time.time()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads:  # at most the cores this process may use, as the predictor's threads
+        torch.set_num_threads(min(cfg.threads, usable_cores()))
     prep = prepared or prepare(cfg)
     scheme = prep.scheme
     world = world_size()

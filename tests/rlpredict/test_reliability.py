@@ -884,3 +884,32 @@ def test_predict_reads_stdin_lines_as_annotate_does(bundle_fp32):
                              input="a\u2028b\r\nsecond\r\n".encode())
     assert res.exit_code == 0, res.output
     assert [p["input"] for p in json.loads(res.stdout)["predictions"]] == ["a\u2028b", "second"]
+
+
+def test_a_csv_record_left_open_is_bounded_in_every_csv_reader(bundle_fp32, tmp_path):
+    """A quote left open made the rest of the file one record, held whole (908 MB for a 100 MB
+    file, and one 100 MB reject in skip mode): a record over 64 Mi characters is an error at the
+    line where it starts, in annotate (both modes), the log reader and the trace reader."""
+    from rlpredict.data import load_samples
+    from rlpredict.records import MAX_ROW_BYTES, RecordError
+
+    line = b"x" * (MAX_ROW_BYTES // 2) + b"\n"
+    for name, header, good in (("t.csv.gz", "prompt,arrival_time_s,input_tokens,output_tokens", "hi,0,1,1"),
+                               ("l.csv.gz", "prompt,response", "hi,yo")):
+        src = tmp_path / name
+        with gzip.open(src, "wb", compresslevel=1) as f:  # three lines of 32 Mi characters after the quote
+            f.write(f'{header}\n{good}\n"oops,{good}\n'.encode())
+            for _ in range(3):
+                f.write(line)
+        if name.startswith("t"):
+            for mode in ("fail", "skip"):
+                res = run("annotate", src, "-o", tmp_path / f"o.{mode}.csv.gz", "-m", bundle_fp32, "--on-error", mode)
+                one_error_line(res, "t.csv.gz: a record of over 64 Mi characters from line 3 (a quote left open?)")
+                assert not (tmp_path / f"o.{mode}.csv.gz").exists()
+            from ecoserve_sched.trace import TraceError, read_trace
+
+            with pytest.raises(TraceError, match=r"t\.csv\.gz: a record of over 64 Mi characters from line 3"):
+                read_trace(src)
+        else:
+            with pytest.raises(RecordError, match=r"l\.csv\.gz: a record of over 64 Mi characters from line 3"):
+                load_samples([src], on_error="skip")
