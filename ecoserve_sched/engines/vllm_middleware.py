@@ -60,7 +60,14 @@ PREDICT_PATHS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"
 #: Mappings that become ``SamplingParams.extra_args`` (vLLM's request models and /inference).
 XARG_FIELDS = ("vllm_xargs", "extra_args")
 HINT_PREFIX = "rl_"
-FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def media_type(value: bytes) -> str:
+    """The media type of a Content-Type value as the form parser reads it (python-multipart:
+    latin-1 text, any Unicode space stripped). Was: ``bytes.strip()``, which kept a trailing
+    ``\\xa0`` or ``\\x85``, so such a form passed as "not JSON" with its hints."""
+    return value.decode("latin-1").split(";")[0].strip().lower()
 
 
 @dataclass(slots=True)
@@ -175,13 +182,24 @@ class EcoServePredictMiddleware:
 
     def __init__(self, app: ASGIApp, config: MiddlewareConfig | None = None,
                  predictor: Any = None) -> None:
-        from .vllm_scheduler import HINT_LIMITS
+        from .vllm_scheduler import HINT_LIMITS, EcoServeSetupError
 
         self.app = app
-        self.cfg = config if config is not None else MiddlewareConfig.from_env()
+        self.setup_error: str | None = None
+        try:
+            self.cfg = config if config is not None else MiddlewareConfig.from_env()
+            if predictor is None and self.cfg.predictor:
+                predictor = load_bundle(self.cfg.predictor)
+        except EcoServeSetupError as e:
+            if config is not None:
+                raise
+            # Built by the server (Starlette builds its middleware stack at the first call, the
+            # lifespan's): an exception there is read by uvicorn as "lifespan unsupported", and
+            # the server ran, answering 500 to every request. Failing the startup stops it.
+            self.setup_error = str(e)
+            logger.error("EcoServe middleware: %s", e)
+            return
         self._limits = HINT_LIMITS
-        if predictor is None and self.cfg.predictor:
-            predictor = load_bundle(self.cfg.predictor)
         self.predictor = predictor
         self._pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="ecoserve-predict")
         # bodies that get no prediction (other endpoints, shed) are checked here, never queued
@@ -206,13 +224,20 @@ class EcoServePredictMiddleware:
                            "ignores the hints set here; set it to 1 in the environment of `vllm serve`")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.setup_error is not None:
+            await self._setup_failed(scope, receive, send)
+            return
         if scope["type"] != "http" or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
         self.counters["requests"] += 1
-        headers = dict(scope.get("headers") or ())
-        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if ctype in FORM_TYPES:  # audio endpoints: vllm_xargs is a form field, not parsed here
+        types = [v for k, v in scope.get("headers") or () if k.lower() == b"content-type"]
+        if len(types) > 1 and self.cfg.trust_client_hints:  # which one the app reads is its choice
+            self.counters["form_bodies"] += 1
+            await self._refuse(send, 415, "more than one Content-Type header: the body cannot be "
+                               "checked for rl_* hints while ECOSERVE_TRUST_CLIENT_HINTS=1")
+            return
+        if types and media_type(types[0]) in FORM_TYPES:  # audio endpoints: vllm_xargs is a form field
             self.counters["form_bodies"] += 1
             if self.cfg.trust_client_hints:
                 await self._refuse(send, 415, "form data cannot be checked for rl_* hints while "
@@ -322,6 +347,26 @@ class EcoServePredictMiddleware:
         if key not in self._logged:
             self._logged.add(key)
             logger.warning("EcoServe middleware: " + msg + " (logged once; counted in counters)", *args)
+
+    async def _setup_failed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A setting or the bundle is unusable: the server's startup fails with the error (its
+        lifespan protocol), and anything that reaches it anyway gets the error, not the app."""
+        why = f"EcoServe middleware: {self.setup_error}"
+        if scope["type"] == "lifespan":
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.failed", "message": why})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+        elif scope["type"] == "http":
+            body = json.dumps({"error": {"message": why, "type": "InternalServerError", "param": None,
+                                         "code": 500}}).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1011, "reason": why[:120]})
 
     async def _refuse(self, send: Send, status: int, why: str) -> None:
         self.counters["refused"] += 1

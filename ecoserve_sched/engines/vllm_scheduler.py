@@ -1236,8 +1236,9 @@ def load_predictor(cfg: EcoServeVllmConfig) -> tuple[Any, str]:
 
 
 def preflight(environ: Mapping[str, str] | None = None) -> str:
-    """The start-up checks that need no engine: vLLM version (at import), settings, bundle.
-    Returns a summary; raises :class:`EcoServeSetupError`."""
+    """The start-up checks that need no engine: vLLM version (at import), settings, bundle, and
+    the API-server middleware's settings and bundle. Returns a summary; raises
+    :class:`EcoServeSetupError`."""
     cfg = EcoServeVllmConfig.from_env(environ)
     if cfg.predictor:
         _, detail = load_predictor(cfg)
@@ -1253,8 +1254,14 @@ def preflight(environ: Mapping[str, str] | None = None) -> str:
         cost = load_cost_model(cfg.profile)
         pred += (f". TBT-aware prefill budget from profile {getattr(cost, 'name', cfg.profile)} "
                  f"(steps with decodes within {_SIM['iter_time_frac']} x {cfg.slo_tbt} s)")
+    from .vllm_middleware import MiddlewareConfig, load_bundle  # one environment for both processes
+
+    mw = MiddlewareConfig.from_env(environ)  # was: not checked here; a bad value surfaced at serve
+    if mw.predictor:
+        load_bundle(mw.predictor)
+    middleware = f"middleware predictor {mw.predictor}" if mw.predictor else "no middleware predictor"
     return (f"vLLM {VLLM_VERSION}: supported. {pred}. Client hints "
-            f"{'trusted' if cfg.trust_client_hints else 'ignored'}. Settings: {cfg.describe()}")
+            f"{'trusted' if cfg.trust_client_hints else 'ignored'}; {middleware}. Settings: {cfg.describe()}")
 
 
 if __name__ == "__main__":  # python -m ecoserve_sched.engines.vllm_scheduler: check before serving

@@ -469,6 +469,10 @@ def test_preflight_summary() -> None:
     with pytest.raises(EcoServeSetupError, match="ECOSERVE_PROFILE='nope'"):
         preflight({"ECOSERVE_PROFILE": "nope"})
     assert "served model's profile on this GPU, built at engine start" in preflight({"ECOSERVE_PROFILE": "auto"})
+    # the middleware's settings too: one environment reaches both processes (was: not checked)
+    with pytest.raises(EcoServeSetupError, match="ECOSERVE_MIDDLEWARE_THREADS"):
+        preflight({"ECOSERVE_MIDDLEWARE_THREADS": "0"})
+    assert "middleware predictor default" in preflight({"ECOSERVE_MIDDLEWARE_PREDICTOR": "default"})
 
 
 def test_preflight_command_reports_a_bad_version_setting_in_one_line() -> None:

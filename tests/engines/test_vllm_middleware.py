@@ -71,7 +71,7 @@ def middleware(predictor: Any = None, **cfg: Any) -> EcoServePredictMiddleware:
 
 
 async def acall(app: Any, body: bytes | list[bytes], path: str = CHAT, method: str = "POST",
-                ctype: bytes = b"application/json") -> tuple[int, bytes, dict]:
+                ctype: bytes | list[bytes] = b"application/json") -> tuple[int, bytes, dict]:
     chunks = [body] if isinstance(body, bytes) else list(body)
     total = sum(map(len, chunks))
     queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
@@ -86,7 +86,8 @@ async def acall(app: Any, body: bytes | list[bytes], path: str = CHAT, method: s
         out.append(message)
 
     scope = {"type": "http", "method": method, "path": path, "root_path": "",
-             "headers": [(b"content-type", ctype), (b"content-length", str(total).encode())]}
+             "headers": [*((b"content-type", c) for c in ([ctype] if isinstance(ctype, bytes) else ctype)),
+                         (b"content-length", str(total).encode())]}
     await app(scope, receive, send)
     return out[0]["status"], b"".join(m.get("body", b"") for m in out[1:]), dict(out[0]["headers"])
 
@@ -220,6 +221,25 @@ def test_oversized_and_form_bodies_pass_unless_hints_are_trusted(trusted: bool, 
     assert len([m for m in caplog.messages if "MAX_BODY_BYTES" in m]) == 1
 
 
+def test_a_form_in_disguise_is_refused_when_hints_are_trusted() -> None:
+    """Two ways past the 415: a second Content-Type header (the middleware read the last one,
+    Starlette's form parser the first), and a Unicode space after the type (the middleware's
+    bytes.strip() kept it, python-multipart's str.strip() does not): the form's vllm_xargs then
+    reached the scheduler as trusted hints."""
+    stub = Stub()
+    mw = middleware(stub, trust_client_hints=True)
+    form = b'--b\r\nContent-Disposition: form-data; name="vllm_xargs"\r\n\r\n{"rl_reserve_tokens": 1}\r\n--b--\r\n'
+    for ctype in (b"multipart/form-data\xa0; boundary=b", b"multipart/form-data\x85; boundary=b",
+                  b"Multipart/Form-Data\x1f; boundary=b", [b"multipart/form-data; boundary=b", b"application/json"],
+                  [b"application/json", b"application/json"]):
+        status, _, _ = call(mw, form, ctype=ctype, path="/v1/audio/transcriptions")
+        assert status == 415, (ctype, status)
+    assert not stub.seen and mw.counters["refused"] == 5
+    status, _, _ = call(middleware(stub), form, ctype=[b"multipart/form-data; boundary=b", b"text/plain"],
+                        path="/v1/audio/transcriptions")
+    assert status == 200  # not trusted: the scheduler ignores hints, the body passes untouched
+
+
 # ---- predictor failure, overload -----------------------------------------------------------------
 @pytest.mark.parametrize("stub", [Stub(fail=True),
                                   Stub(out=SimpleNamespace(bucket=float("nan"), pred_tokens=1, reserve_tokens=1)),
@@ -340,6 +360,32 @@ def test_settings_from_env_and_errors_name_the_variable() -> None:
         EcoServePredictMiddleware(downstream, MiddlewareConfig(predictor="/no/such/bundle"))
     assert set(vm.SETTINGS) == {"ECOSERVE_MIDDLEWARE_" + f.upper() for f in
                                 ("predictor", "max_body_bytes", "threads", "max_pending", "generator")}
+
+
+@pytest.mark.parametrize(("var", "value"), [("ECOSERVE_MIDDLEWARE_THREADS", "0"),
+                                            ("ECOSERVE_MIDDLEWARE_PREDICTOR", "/no/such/bundle")])
+def test_a_bad_setting_fails_the_servers_startup(var: str, value: str, monkeypatch) -> None:
+    """``vllm serve`` adds the class with ``app.add_middleware``; Starlette builds it at the first
+    call, the lifespan's. Raising there read to uvicorn as "lifespan unsupported": the server
+    came up and answered 500 to every request (and loaded the bundle again for each). The startup
+    now fails with the error, which names the variable."""
+    from fastapi import FastAPI
+
+    monkeypatch.setenv(var, value)
+    app = FastAPI()
+    app.add_middleware(EcoServePredictMiddleware)
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send))
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"] and var in sent[0]["message"]
+    status, body, _ = call(app, chat())
+    assert status == 500 and var in json.loads(body)["error"]["message"]
 
 
 # ---- end to end: the real bundle, vLLM's request model, the scheduler under trust --------------------
