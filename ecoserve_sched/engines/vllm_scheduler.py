@@ -1171,6 +1171,10 @@ def load_cost_model(profile: str, vllm_config: Any = None) -> Any:
                                  "or a profile JSON file") from None
 
 
+#: Bytes per value of vLLM's unquantized ``--kv-cache-dtype`` names.
+_UNQUANTIZED_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float": 4, "float32": 4}
+
+
 def auto_cost_model(vllm_config: Any, device: tuple[str, int] | None = None) -> Any:
     """``ECOSERVE_PROFILE=auto``: the roofline profile of the model vLLM serves (its Hugging
     Face config and dtype) on the GPU it runs on (``device``: name and memory in bytes; default
@@ -1182,9 +1186,11 @@ def auto_cost_model(vllm_config: Any, device: tuple[str, int] | None = None) -> 
     mc, pc = vllm_config.model_config, vllm_config.parallel_config
     gpus = pc.tensor_parallel_size * pc.pipeline_parallel_size
     kv_dtype = getattr(vllm_config.cache_config, "cache_dtype", "auto")
+    # an unquantized KV cache of the weights' width is the profile's (was: bfloat16 refused)
+    same_width = kv_dtype in (None, "auto") or _UNQUANTIZED_BYTES.get(str(kv_dtype)) == mc.dtype.itemsize
     why = (f"the engine runs on {gpus} GPUs (tensor x pipeline parallel)" if gpus > 1 else
            f"the weights are quantized ({mc.quantization})" if mc.quantization else
-           f"the KV cache is stored as {kv_dtype}" if kv_dtype not in ("auto", None) else "")
+           f"the KV cache is stored as {kv_dtype}" if not same_width else "")
     if not why and device is None:
         try:
             from vllm.platforms import current_platform

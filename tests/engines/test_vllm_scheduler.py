@@ -504,6 +504,13 @@ def test_auto_profile_is_the_served_model_on_this_gpu(monkeypatch: pytest.Monkey
     monkeypatch.setattr(s.vllm_config.cache_config, "cache_dtype", "fp8")
     with pytest.raises(EcoServeSetupError, match="KV cache is stored as fp8"):
         auto_cost_model(s.vllm_config)
+    # an unquantized KV cache of the weights' width is the profile's (was: "bfloat16" refused)
+    width = s.vllm_config.model_config.dtype.itemsize
+    monkeypatch.setattr(s.vllm_config.cache_config, "cache_dtype", {2: "bfloat16", 4: "float32"}[width])
+    assert auto_cost_model(s.vllm_config).name == s.cost_model.name
+    monkeypatch.setattr(s.vllm_config.cache_config, "cache_dtype", {2: "float32", 4: "bfloat16"}[width])
+    with pytest.raises(EcoServeSetupError, match="KV cache is stored as"):
+        auto_cost_model(s.vllm_config)
     monkeypatch.setattr(s.vllm_config.cache_config, "cache_dtype", "auto")
     monkeypatch.setattr(s.vllm_config.parallel_config, "tensor_parallel_size", 2)
     with pytest.raises(EcoServeSetupError, match="runs on 2 GPUs"):
