@@ -107,7 +107,9 @@ def train(
     main = _is_main_process()
     prep = prepare(cfg)
     if main:
-        err.print(f"data: {escape(prep.report.summary())}; train {len(prep.train)} / held out {len(prep.test)}",
+        left = prep.training_side - len(prep.train)  # was: not said
+        sub = f" (of {prep.training_side} on the training side: max_rows / max_rows_per_source)" if left > 0 else ""
+        err.print(f"data: {escape(prep.report.summary())}; train {len(prep.train)}{sub} / held out {len(prep.test)}",
                   highlight=False)
         say_skipped(prep.report.examples)
         empty = [k for k, c in enumerate(prep.scheme.counts) if not c]

@@ -66,6 +66,7 @@ class Prepared:
     test: list[Sample]
     scheme: BucketScheme
     report: LoadReport
+    training_side: int = 0  # samples on the training side of the split, before the subsample
 
 
 def make_scheme(spec: str | list[float], train_rl: np.ndarray, reserve_quantile: float) -> BucketScheme:
@@ -113,7 +114,7 @@ def subsample(cfg: TrainConfig, samples: list[Sample], report: LoadReport) -> tu
         raise ValueError(f"every training response falls in one bucket of {scheme.n_buckets} "
                          f"(edges {[None if math.isinf(e) else e for e in scheme.edges]}): a classifier "
                          "needs at least two; give more varied data or other bucket edges")
-    return Prepared(train, test, scheme, report), side
+    return Prepared(train, test, scheme, report, len(side)), side
 
 
 def class_weights(labels: np.ndarray, k: int, mode: str) -> np.ndarray:
@@ -509,6 +510,7 @@ def _summary(cfg: TrainConfig, prep: Prepared, scheme: BucketScheme, *, step: in
         "config": cfg.to_dict(),
         "encoder": str(cfg.encoder),
         "data": {"load": prep.report.summary(), "train_samples": len(prep.train), "test_samples": len(prep.test),
+                 "training_side_samples": prep.training_side,
                  "train_sources": dict(sorted(_count_by(prep.train, "source").items())),
                  "split": {"by": "group (conversation_id / prompt_id / context hash)",
                            "test_frac": cfg.test_frac, "seed": cfg.split_seed,

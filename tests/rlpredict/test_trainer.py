@@ -191,3 +191,16 @@ def test_sampler_orders_global_batches_short_one_last():
     assert all(b == sorted(b) and b[-1] - b[0] == 3 for b in batches)  # each batch: neighbours in length
     s.set_epoch(1)
     assert list(s) != order and sorted(s) == list(range(21))
+
+
+def test_the_subsample_says_how_much_of_the_training_side_it_kept():
+    """``train`` said "train 80 / held out 30" with 130 training-side samples left out by
+    max_rows_per_source, and the summary did not count them either."""
+    from rlpredict.samples import SAMPLE_FILES
+    from rlpredict.train.config import TrainConfig
+    from rlpredict.train.trainer import prepare
+
+    full = prepare(TrainConfig(data=[str(p) for p in SAMPLE_FILES.values()], test_frac=0.25))
+    cut = prepare(TrainConfig(data=[str(p) for p in SAMPLE_FILES.values()], test_frac=0.25, max_rows_per_source=40))
+    assert full.training_side == len(full.train) == cut.training_side > len(cut.train) == 80
+    assert len(cut.test) == len(full.test)
