@@ -85,7 +85,7 @@ class Trace:
         for name, (column, lo) in counts.items():
             if n and (bad := _not_whole(column, lo)) is not None:
                 raise ValueError(f"trace {self.path}: row {bad}: {name} must be a whole number in "
-                                 f"[{lo}, 2^53], got {np.asarray(column)[bad].item()!r}")
+                                 f"[{lo}, 2^53], got {np.asarray(column, dtype=object)[bad]!r}")
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -137,8 +137,8 @@ def _not_whole(column: np.ndarray | list, lo: int) -> int | None:
     elif a.dtype.kind == "f":
         with np.errstate(invalid="ignore"):
             ok = np.isfinite(a) & (a == np.floor(a)) & (a >= lo) & (a <= MAX_COUNT)
-    else:  # bools, strings, objects: none of them a count
-        return 0
+    else:  # bools, strings, objects (Python ints past int64, None): each value checked
+        return next((i for i, v in enumerate(a.tolist()) if not (is_whole(v) and lo <= v <= MAX_COUNT)), None)
     return None if ok.all() else int(np.argmin(ok))
 
 

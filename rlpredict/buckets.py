@@ -125,7 +125,7 @@ class BucketScheme:
         # reported as a bad reservation
         if edges and not math.isinf(edges[-1]):
             raise ValueError(f"the last edge must be inf, so that every length has a bucket: {spec}")
-        if bad := [e for e in edges[:-1] if not (e >= 1 and e == int(e))]:
+        if bad := [e for e in edges[:-1] if not (math.isfinite(e) and e >= 1 and e.is_integer())]:
             raise ValueError(f"edges are token counts: whole numbers >= 1 (and inf last), got {bad[0]:g}")
         return cls.from_edges(edges)
 

@@ -174,9 +174,10 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
         _key(group, loc, group_name or "")  # a string or an integer
     count_name, count = _first(row, fields.count)
     rl = _count(count, loc, count_name) if count_name else None
-    # "" is an empty response (RL 0), as an empty final assistant message is; an empty CSV
-    # cell is a missing value (``records``). Was: "" refused as "no response".
-    resp_name, response = next(((n, v) for n in fields.response if (v := _get(row, n)) is not None), (None, None))
+    resp_name, response = _first(row, fields.response)
+    # "" is an empty response (RL 0), as an empty final assistant message is, when no field or
+    # message holds text; an empty CSV cell is a missing value (``records``). Was: "" refused.
+    empty = resp_name is None and any(_get(row, n) == "" for n in fields.response)
     if resp_name is not None:
         response = _text(response, loc, resp_name)
 
@@ -199,6 +200,8 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
                              f"{', '.join(map(repr, fields.messages))}")
     if not messages or not any(m["role"] == "user" and m["content"].strip() for m in messages):
         raise DataError(loc, "empty prompt: no non-empty user message", msg_name or fields.prompt)
+    if response is None and empty:
+        response = ""
     if rl is None and response is None:
         raise DataError(loc, "no response: expected a response text ("
                              f"{', '.join(fields.response)}), a final assistant message, or a token count "

@@ -64,9 +64,11 @@ def count_tokens(texts: Sequence[str], name_or_path: str, batch_size: int = 256)
 
     A text over ``PIECE_CHARS`` characters is the sum of its pieces' counts, each piece cut
     before a space that sits between two other characters: exact for tokenizers whose
-    pre-tokenizer starts a word at its space (the byte-level BPE of Llama 3, Qwen 3, DeepSeek);
-    one that adds a word-start mark to each call's text (SentencePiece's Metaspace) may count one
-    token more per piece."""
+    pre-tokenizer starts a word at its space (the byte-level BPE of Llama 3, Qwen 3, DeepSeek).
+    Where the second half of a piece has no such space (CJK text, newline-separated lists,
+    base64), the piece is cut at its size, and the count may differ by about a token per cut; a
+    tokenizer that adds a word-start mark to each call's text (SentencePiece's Metaspace) may
+    count one token more per piece."""
     tok = load_rl_tokenizer(name_or_path)
     out = [0] * len(texts)
     owners: list[int] = []

@@ -32,10 +32,11 @@ def split_by_group(items: Sequence[T], test_frac: float = 0.1, seed: int = 0,
 
 
 def rows_sha256(samples: Sequence[Any]) -> str:
-    """One sha256 over a set of samples (source, group, RL and context of each; order and file
-    paths do not count): which rows the encoder trained on, so that ``rlpredict stack`` can
-    tell whether a recipe reproduces them."""
-    keys = sorted(hashlib.sha256(json.dumps([s.source, s.group, s.rl_tokens, s.messages], sort_keys=True,
+    """One sha256 over a set of samples (source, group, RL, generator and context of each; their
+    order does not count): which rows the encoder trained on, so that ``rlpredict stack`` can
+    tell whether a recipe reproduces them. A row with no id has a group made from its location
+    (file path as given, line), so such data must be named the same way in both recipes."""
+    keys = sorted(hashlib.sha256(json.dumps([s.source, s.group, s.rl_tokens, s.generator, s.messages], sort_keys=True,
                                             ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
                   for s in samples)
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()

@@ -182,15 +182,15 @@ class EcoServePredictMiddleware:
 
     def __init__(self, app: ASGIApp, config: MiddlewareConfig | None = None,
                  predictor: Any = None) -> None:
-        from .vllm_scheduler import HINT_LIMITS, EcoServeSetupError
-
         self.app = app
         self.setup_error: str | None = None
-        try:
+        try:  # the scheduler module checks the vLLM version at import: inside, too
+            from .vllm_scheduler import HINT_LIMITS
+
             self.cfg = config if config is not None else MiddlewareConfig.from_env()
             if predictor is None and self.cfg.predictor:
                 predictor = load_bundle(self.cfg.predictor)
-        except EcoServeSetupError as e:
+        except Exception as e:  # EcoServeSetupError (defined in that module), or its import's
             if config is not None:
                 raise
             # Built by the server (Starlette builds its middleware stack at the first call, the

@@ -237,8 +237,8 @@ def ray_session(address: str | None) -> Iterator[Any]:
     before = {sig: signal.getsignal(sig) for sig in signals}
     ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              configure_logging=True)
-    for sig, handler in before.items():
-        if handler is not None:
+    for sig, handler in before.items():  # Python handlers only: with SIG_DFL, Ray's sys.exit
+        if callable(handler):             # still runs the callers' finally blocks
             signal.signal(sig, handler)
     try:
         yield ray

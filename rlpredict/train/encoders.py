@@ -28,13 +28,24 @@ def encoder_path(name_or_path: str = DEFAULT_ENCODER) -> Path:
     return p
 
 
+#: Model types whose position ids start at ``pad_token_id + 1`` (RoBERTa's 514 positions hold 512
+#: tokens).
+_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+                               "longformer", "roberta-prelayernorm"})
+
+
 def check_positions(folder: str | Path, max_length: int, what: str) -> None:
     """Refuse a ``max_length`` above the position embeddings in ``folder``'s ``config.json``
     (was: accepted, then a RuntimeError in the first long batch, mid-training or mid-eval).
     An unreadable config is left to transformers, which names it."""
     try:
-        n = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+        cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        n = cfg.get("max_position_embeddings")
     except (OSError, ValueError, AttributeError):
         return
+    if cfg.get("position_biased_input") is False:  # relative positions only (DeBERTa-v2/v3)
+        return
+    if isinstance(n, int) and cfg.get("model_type") in _OFFSET_POSITIONS:  # ids start past the padding
+        n -= int(cfg.get("pad_token_id") or 0) + 1
     if isinstance(n, int) and not isinstance(n, bool) and max_length > n:
         raise ValueError(f"{what}: max_length {max_length} exceeds the encoder's {n} positions ({folder})")

@@ -319,17 +319,12 @@ def _describe(paths: Sequence[str | Path] | None) -> str:
 
 def _check_own_report(model_dir: Path, report: object) -> None:
     """``MODEL/eval`` must hold this model's evaluation (its weights' sha256; a report of an
-    older release without one: a model folder of the same name), else ``ExportError``: the
+    older release, which records none, is taken), else ``ExportError``: the
     manifest's evaluation and confusion matrix feed the simulator and ``drift``."""
     if not isinstance(report, dict):
         return
-    if report.get("model_weights_sha256") is not None:
-        same = report["model_weights_sha256"] == weights_sha256(model_dir)
-    elif isinstance(report.get("model"), str):
-        same = Path(report["model"]).name == model_dir.name
-    else:  # says nothing about its model
-        same = True
-    if not same:
+    recorded = report.get("model_weights_sha256")
+    if recorded is not None and recorded != weights_sha256(model_dir):  # none: an older report
         raise ExportError(f"{model_dir / 'eval' / 'report.json'}: the evaluation of another model "
                           f"({report.get('model')}); rerun `rlpredict eval --model {model_dir} --out "
                           f"{model_dir / 'eval'} --force`, or move that folder away")

@@ -179,7 +179,10 @@ def test_a_trace_built_in_code_is_checked_as_read_trace_checks_a_file():
                     ({"max_tokens": tr.max_tokens + 0.5}, r"row 0: max_tokens .* got \d+\.5"),
                     ({"rl": np.array([[1.0, np.nan, 4.0]] * 4)}, r"row 0: rl_pred_tokens .* got nan"),
                     ({"rl": np.array([[1, 3, -4]] * 4)}, r"row 0: rl_reserve_tokens .* got -4"),
-                    ({"rl": np.ones((4, 2), dtype=int)}, r"rl has shape \(4, 2\), expected \(4, 3\)")):
+                    ({"rl": np.ones((4, 2), dtype=int)}, r"rl has shape \(4, 2\), expected \(4, 3\)"),
+                    # a list with None or a number past int64 (object dtype): the row and value named
+                    ({"input_tokens": [5, 6, None, 7]}, r"row 2: input_tokens .* got None"),
+                    ({"output_tokens": [5, 2**70, 6, 7]}, r"row 1: output_tokens .* got 1180591620717411303424")):
         with pytest.raises(ValueError, match=msg):
             replace(tr, **kw)
     unknown = replace(tr, rl=np.array([[-1, 0, 0]] * 4))  # no prediction: bucket -1, 0 tokens

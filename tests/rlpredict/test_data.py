@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 
 import pytest
@@ -199,7 +200,9 @@ def test_long_responses_are_counted_in_pieces_to_the_same_count(words, seps, siz
     text = "".join(w + s for w, s in zip(words, seps, strict=False))
     pieces = _pieces(text, size)
     assert "".join(pieces) == text and all(len(p) <= size for p in pieces)
-    if all(p.startswith(" ") and not p[1:2].isspace() for p in pieces[1:]):  # cut at spaces only
+    clean = all(p[:1] == " " and p[1:2] and not p[1].isspace() and not q[-1].isspace()
+                for q, p in itertools.pairwise(pieces))
+    if clean:  # every cut before a space between two other characters (else a cut at `size`)
         tok = load_rl_tokenizer("llama3")
         count = sum(len(tok.encode(p, add_special_tokens=False).ids) for p in pieces)
         assert count == len(tok.encode(text, add_special_tokens=False).ids)
@@ -238,6 +241,11 @@ def test_an_empty_response_is_rl_0_and_an_empty_csv_cell_is_missing(tmp_path):
     samples, _ = load_samples([logs])
     attach_rl(samples, "llama3")
     assert [s.rl_tokens for s in samples] == [0, 1]
+    # an empty field does not hide text elsewhere: the final assistant message wins over it
+    both = tmp_path / "b.jsonl"
+    both.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a b c"}],
+                                "response": ""}) + "\n")
+    assert [s.response for s in load_samples([both])[0]] == ["a b c"]
     table = tmp_path / "l.csv"
     table.write_text("prompt,response\nx,\ny,yes\n")
     with pytest.raises(DataError, match=r"l\.csv:2: no response"):

@@ -514,6 +514,7 @@ def test_a_config_whose_data_is_not_paths_is_named(tmp_path, data, msg):
     # were: an IndexError in training, and "reserve_tokens must be integers" for an edge of 0.5
     ("buckets = [32, 64]", r"buckets: the last edge must be inf"),
     ("buckets = [0.5, inf]", r"buckets: edges are token counts: whole numbers >= 1 \(and inf last\), got 0.5"),
+    ("buckets = [32, inf, inf]", r"buckets: edges are token counts: whole numbers >= 1 \(and inf last\), got inf"),
     ('encoder = " "', "encoder: empty"),
     # were ignored: ``max_steps = 0`` above ``[train]`` trained with the default
     ("max_steps = 0\n[train]\nmax_steps = 2", r"'max_steps' outside the \[train\] table would be ignored"),
@@ -913,3 +914,18 @@ def test_a_csv_record_left_open_is_bounded_in_every_csv_reader(bundle_fp32, tmp_
         else:
             with pytest.raises(RecordError, match=r"l\.csv\.gz: a record of over 64 Mi characters from line 3"):
                 load_samples([src], on_error="skip")
+
+
+@pytest.mark.parametrize(("config", "ok", "too_long"), [
+    ({"model_type": "bert", "max_position_embeddings": 512}, 512, 513),
+    ({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}, 512, 513),  # ids start at 2
+    ({"model_type": "deberta-v2", "max_position_embeddings": 512, "position_biased_input": False}, 4096, None),
+])
+def test_the_position_check_follows_the_encoders_position_scheme(tmp_path, config, ok, too_long):
+    from rlpredict.train.encoders import check_positions
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    check_positions(tmp_path, ok, "enc")
+    if too_long is not None:
+        with pytest.raises(ValueError, match=f"max_length {too_long} exceeds the encoder's {ok} positions"):
+            check_positions(tmp_path, too_long, "enc")
