@@ -324,12 +324,15 @@ class Scheduler(SchedulerInterface):
     def fail_batch(self, batch: Batch, error: str = "engine error") -> list[Request]:
         """The engine raised while running ``batch`` (called instead of ``complete``): every
         request in it (all decodes, the prefill chunks still valid) is aborted, the step advances
-        as after any iteration, and the others go on. Returns the aborted requests."""
+        as ``complete`` advances it (not in a prefill-only iteration: was, and the lazy growth of
+        the step after it then overran the free pool), and the others go on. Returns the
+        aborted requests."""
         failed = {r.rid: r for r, _, epoch in batch.prefill if r.state == State.PREFILL and r.epoch == epoch}
         failed.update(self.decoding)
         for r in failed.values():
             self.abort(r, error)
-        self.step += 1
+        if not batch.stall_decodes:  # as ``complete``: the decode clock stays in a stall
+            self.step += 1
         self.counters["failed_iterations"] += 1
         return list(failed.values())
 

@@ -212,3 +212,15 @@ def test_random_traces_same_on_the_fast_path(rows, blocks):
         runs.append(([(r.first_token_s, r.finish_s, r.generated, r.preemptions) for r in reqs],
                      res.counters, res.stall_gaps, sum(row[2] for row in res.log)))
     assert runs[0] == runs[1]
+
+
+def test_a_failing_prefill_only_iteration_keeps_the_decode_clock():
+    """Found by the fault fuzz test: ``fail_batch`` advanced the step after a failing
+    prefill-only iteration (``complete`` does not), and the next step's lazy growth overran the
+    free pool (an AssertionError in ``KVCacheManager.take_due``)."""
+    rows = [(0.0, 1, 1)] * 5 + [(0.0, 21, 8), (0.0, 6, 8), (1.0, 20, 2), (1.0, 24, 2)]
+    reqs = [make_req(i, a, p, o, reserve=1, pred=1, bucket=0, max_tokens=64) for i, (a, p, o) in enumerate(rows)]
+    sched = get_policy("vllm-v0", FlatCost(blocks=12), block_size=BS, max_running=6, token_budget=64)
+    res = simulate(reqs, sched, check=True, faults=Faults(rate=0.140625, seed=1))
+    assert all(r.state in (State.FINISHED, State.ERRORED) for r in reqs) and res.counters["failed_iterations"] >= 1
+    assert sched.kv.free_blocks == 12
