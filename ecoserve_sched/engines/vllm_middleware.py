@@ -359,23 +359,21 @@ class EcoServePredictMiddleware:
             else:
                 await send({"type": "lifespan.shutdown.complete"})
         elif scope["type"] == "http":
-            body = json.dumps({"error": {"message": why, "type": "InternalServerError", "param": None,
-                                         "code": 500}}).encode()
-            await send({"type": "http.response.start", "status": 500,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await _send_error(send, 500, why, "InternalServerError")
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1011, "reason": why[:120]})
 
     async def _refuse(self, send: Send, status: int, why: str) -> None:
         self.counters["refused"] += 1
-        body = json.dumps({"error": {"message": why, "type": "BadRequestError", "param": None,
-                                     "code": status}}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, status, why, "BadRequestError")
+
+
+async def _send_error(send: Send, status: int, why: str, kind: str) -> None:
+    """An OpenAI-style JSON error response (vLLM's shape)."""
+    body = json.dumps({"error": {"message": why, "type": kind, "param": None, "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _append_xargs(body: bytes, xargs: dict) -> bytes:
