@@ -215,6 +215,9 @@ class Scheduler(SchedulerInterface):
         batch.decode_requests = len(self.decoding)
         batch.decode_ctx_tokens = self._ctx_base + len(self.decoding) * self.step
         batch.extra_s = self._extra_s
+        if self.resumed:  # a swapped-in token's gap spans its preemption: one stall gap, not two
+            self.resumed = list({r.rid: r for r in self.resumed if r.rid in self.decoding}.values())
+            batch.late_decodes = len(self.resumed)
         return batch
 
     def decode_only_step(self, recheck_admission: bool = True, now: float | None = None) -> bool:

@@ -16,7 +16,7 @@ from ecoserve_sched.metrics import summarize, weighted_quantile
 from ecoserve_sched.policies import get_policy, policy_names
 from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO, State
-from ecoserve_sched.simulator import run, simulate
+from ecoserve_sched.simulator import iteration_table, run, simulate
 from ecoserve_sched.trace import Trace
 
 FIXTURE = Path(__file__).parent / "fixtures" / "confusion_sharegpt.json"
@@ -30,20 +30,26 @@ REQ = st.tuples(st.floats(0, 2.0), st.integers(1, 60), st.integers(1, 80),
        policy=st.sampled_from(sorted(policy_names())), swap=st.booleans())
 def test_random_traces_finish_and_keep_kv_invariants(rows, blocks, policy, swap):
     """Thousands of random traces over all policies: invariants hold every iteration (check=True),
-    every request finishes with exactly its length, and every block comes back."""
+    every request finishes with exactly its length, and every block comes back; the TBT
+    distribution holds one gap per token after the first, adding up to each request's
+    first-to-last-token time (a swapped-in token's gap was counted twice)."""
     reqs = [make_req(i, a, p, o, reserve=r, pred=r, bucket=b, max_tokens=max(o, 64))
             for i, (a, p, o, r, b) in enumerate(rows)]
     cost = FlatCost(blocks=blocks)
     if swap:
         cost.swap_time = lambda t: 1e-9 * t  # make swapping cheaper than recompute
     sched = get_policy(policy, cost, block_size=4, max_running=6, token_budget=64)
-    simulate(reqs, sched, check=True)
-    for r in reqs:
-        if r.prompt_tokens + r.target_tokens > blocks * 4:
-            continue  # dropped: can never fit
+    res = simulate(reqs, sched, check=True)
+    done = [r for r in reqs if r.prompt_tokens + r.target_tokens <= blocks * 4]  # the rest: dropped
+    for r in done:
         assert r.state == State.FINISHED and r.generated == r.target_tokens
         assert r.arrival_s <= r.first_token_s <= r.finish_s
     assert sched.kv.free_blocks == blocks and not sched.kv.allocs
+    log = iteration_table(res)
+    w = log[:, 3] * log[:, 2]
+    assert w.sum() + len(res.stall_gaps) == sum(r.generated - 1 for r in done)
+    total = float(log[:, 1] @ w) + sum(res.stall_gaps)
+    assert total == pytest.approx(sum(r.finish_s - r.first_token_s for r in done), rel=1e-9, abs=1e-9)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
