@@ -106,7 +106,7 @@ def simulate(path: Path, policy: str, profile: str) -> dict:
     from ecoserve_sched.trace import read_trace
 
     t0 = time.perf_counter()
-    trace = read_trace(path)
+    trace = read_trace(path, keep_prompts=False)  # no predictor reads them here
     read_s = time.perf_counter() - t0
     read_mib = _peak_mib()
     slo = SLO(5.0, 0.2)

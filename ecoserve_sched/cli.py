@@ -42,7 +42,8 @@ CV_RANGE = (1e-3, 100.0)  # --cv: beyond these the gamma draw under- or overflow
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, cls=BoundaryGroup,
                   callback=root_callback("ecoserve"),
-                  help="EcoServe-style scheduling simulator: replay request traces under policies.")
+                  help="EcoServe-style scheduling: replay request traces under policies in the simulator, "
+                       "find capacities, calibrate a real engine's cost model (docs/simulator.md).")
 
 
 # ---- option validation (one message naming the option) -----------------------------------------
@@ -176,7 +177,7 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
         raise typer.BadParameter(str(e), param_hint=f"'{e.option}'") from None
     _refuse_unused_predictions(policies, predictions, confusion, cost, kw)
 
-    tr = read_trace(trace, max_tokens=max_tokens)
+    tr = read_trace(trace, max_tokens=max_tokens, keep_prompts=predictions == "bundle")
     if confusion is not None and predictions is None and tr.has_rl:
         raise typer.BadParameter(f"is not used: {trace} has rl_* fields, so predictions default to "
                                  "annotated; pass --predictions confusion to use it", param_hint="'--confusion'")
@@ -306,7 +307,7 @@ def capacity(
     """Largest rate scale at which SLO attainment stays >= target, beside the saturation ceiling.
 
     A bisection; null, with a note, when the search finds no failing (or no passing) load."""
-    from .compare import MAX_DEFERRED
+    from .compare import CEILING_DRAIN_NOTE, MAX_DEFERRED
     from .compare import capacity as find_capacity
     from .compare import ceiling as find_ceiling
     from .compare import sustained as sustained_spec
@@ -349,10 +350,11 @@ def capacity(
         typer.echo(f"saturation ceiling: rate scale {res['ceiling_rate_scale']:.4g} "
                    f"(flooded-server throughput, best of {', '.join(res['ceiling']['flood_throughput_rps'])})"
                    + (f"; capacity / ceiling {vs:.2f}" if vs is not None else ""))
-        if vs is not None and vs > 1 and not sustained:
-            typer.echo(f"  above the ceiling: on this finite trace {policy} meets the criterion by deferring "
-                       "requests whose TTFT is lost past the trace's end; --sustained counts a load only if "
-                       f"at most {MAX_DEFERRED:.0%} of the requests are deferred")
+        if vs is not None and vs > 1:  # two causes; which one holds here is not measured
+            typer.echo("  above the ceiling: " + ("" if sustained else (
+                f"on a finite trace a policy can meet the criterion by deferring requests whose TTFT "
+                f"is lost past the trace's end (--sustained counts a load only if at most "
+                f"{MAX_DEFERRED:.0%} of the requests are deferred); ")) + CEILING_DRAIN_NOTE)
 
 
 @app.command()
@@ -454,10 +456,13 @@ def demo(
     if res.headroom:
         regimes.append((f"{res.headroom['profile']} (the KV cache is no constraint)", res.headroom["capacity"]))
     for server, caps in regimes:
-        t = Table(title=escape(f"capacity (SLO attainment >= 0.9) on {server}"))
-        for c in ("policy", "max load (x trace rate)", "/ ceiling", "x vLLM", "x vLLM V0", "sustained / ceiling",
-                  "sustained x vLLM"):
-            t.add_column(c, justify="left" if c == "policy" else "right")
+        # whole words in 80 columns: `ecoserve-oracle` and `sustained` were cut to `ecoserve…`, `sustai…`
+        t = Table(title=escape(f"capacity (SLO attainment >= 0.9) on {server}"),
+                  caption="max load: x the trace's rate; sustained: at most 1% of requests deferred "
+                          "past the trace's end")
+        t.add_column("policy", no_wrap=True, min_width=max(len(c["policy"]) for c in caps))
+        for c in ("max load", "/ ceiling", "x vLLM V1", "x vLLM V0", "sustained / ceiling", "sustained x vLLM V1"):
+            t.add_column(c, justify="right", width=6 if "vLLM" in c and len(c) < 10 else max(5, *map(len, c.split())))
         for c in caps:
             t.add_row(escape(c["policy"]), capacity_text(c), *(f"{c[k]:.2f}" if c.get(k) else "-" for k in (
                 "vs_ceiling", "x_vllm", "x_vllm_v0", "sustained_vs_ceiling", "sustained_x_vllm")))

@@ -163,6 +163,11 @@ FLOOD_SCALE = 50.0
 CEILING_POLICIES = ("vllm", "ecoserve-oracle")
 
 
+#: Why a capacity held without deferral can pass the ceiling (said wherever it does).
+CEILING_DRAIN_NOTE = ("on a short trace the flooded run ends with its last requests draining at a small "
+                      "batch, which lowers the ceiling itself: it bounds capacity on long traces")
+
+
 def ceiling(spec: RunSpec, policies: Sequence[str] = CEILING_POLICIES, flood: float = FLOOD_SCALE) -> dict:
     """The saturation ceiling: the rate scale at which the trace's arrival rate equals the
     throughput of a flooded server (the trace replayed ``flood`` times faster, best of
@@ -276,8 +281,9 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
 def capacity_text(c: dict) -> str:
     """``max_rate_scale`` for a table: the number, else what the search bounded it by."""
     search = c.get("search", "found")
-    if search == "found":
-        return f"{c['max_rate_scale']:.3f}"
+    if search == "found":  # three decimals, or three significant digits below 0.1 (0.00355 was 0.004)
+        x = c["max_rate_scale"]
+        return f"{x:.3f}" if x >= 0.1 else f"{x:.3g}"
     if search == "no_failing_load":
         return f"> {c['lower_bound']:.3g}"
     return f"< {c['upper_bound']:.3g}" if search == "no_passing_load" else "n/a"
@@ -307,7 +313,8 @@ def table_cell(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
     if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+        text = f"{v:.{digits}g}"
+        return text if "e" not in text or abs(v) < 1 else f"{v:.0f}"  # 999.6 was 1e+03
     return str(v)
 
 

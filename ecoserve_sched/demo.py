@@ -40,6 +40,7 @@ from rlpredict.json_file import dumps
 from rlpredict.outputs import check_paths, output_dir
 
 from .compare import (
+    CEILING_DRAIN_NOTE,
     NO_PLOTS,
     RunSpec,
     can_plot,
@@ -217,7 +218,8 @@ def capacities(spec: RunSpec, policies: Sequence[str], target: float) -> list[di
     found_by = {c["policy"]: c["max_rate_scale"] for c in caps}
     for c in caps:
         found, kept = c["max_rate_scale"], held[c["policy"]]
-        c["requests_per_s"] = None if found is None else found * len(trace) / _span(trace)
+        # the trace's rate as the ceiling takes it: n - 1 gaps over the span (n / span was high)
+        c["requests_per_s"] = None if found is None else found * (len(trace) - 1) / _span(trace)
         c["ceiling_rate_scale"] = ceil
         c["vs_ceiling"] = _ratio(found, ceil)
         c["x_vllm"] = _ratio(found, found_by.get("vllm"))
@@ -255,7 +257,7 @@ def capacity_table(caps: Sequence[dict], explain: bool = True) -> str:
              "| sustained load (/ ceiling) | sustained x vLLM (V1) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in caps:
-        lines.append(f"| {c['policy']} | {capacity_text(c)} | {f(c.get('requests_per_s'))} | "
+        lines.append(f"| {c['policy']} | {capacity_text(c)} | {load(c.get('requests_per_s'))} | "
                      f"{f(c.get('vs_ceiling'))} | {f(c.get('x_vllm'))} | {f(c.get('x_vllm_v0'))} | "
                      f"{load(c.get('sustained_rate_scale'))} ({f(c.get('sustained_vs_ceiling'))}) | "
                      f"{f(c.get('sustained_x_vllm'))} |")
@@ -270,6 +272,8 @@ def capacity_table(caps: Sequence[dict], explain: bool = True) -> str:
                       "with the rest; the *sustained* load also requires that at most 1% of the "
                       "requests are still waiting for their first token at the last arrival although "
                       "they arrived more than a TTFT SLO before it."]
+        if any((c.get("sustained_vs_ceiling") or 0) > 1 for c in caps):
+            lines[-1] += f" Here a sustained load is above the ceiling: {CEILING_DRAIN_NOTE}."
     notes = [f"- {c['policy']}: {c['note']}" for c in caps if c.get("note")]
     return "\n".join(lines + (["", *notes] if notes else []))
 

@@ -266,10 +266,12 @@ def _prompt_input(row: dict) -> tuple[str | list | None, str | None, str]:
         return None, None, str(e)
 
 
-def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
+def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_prompts: bool = True) -> Trace:
     """Read and validate a trace; raises TraceError naming the file and line of a bad row.
 
     ``max_tokens`` applies to rows without a ``max_tokens`` field (never below their true length).
+    ``keep_prompts=False`` keeps no prompt or generator (the trace's ``prompts`` is None): what a
+    replay needs when no predictor reads them, in memory of the lengths alone.
     """
     if not (is_whole(max_tokens) and max_tokens >= 1):
         raise ValueError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")  # was: -5 accepted
@@ -314,6 +316,8 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
         if row_rl:
             # a reservation holds at least one token (annotate never writes less)
             rl.append([_int(row, k, where, lo) for k, lo in zip(RL_FIELDS, (0, 0, 1), strict=True)])
+        if not keep_prompts:
+            continue
         prompt, g, problem = _prompt_input(row)
         prompts.append(prompt)
         gens.append(g)
@@ -334,7 +338,7 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> Trace:
         output_tokens=np.asarray(out, dtype=np.int64)[order],
         max_tokens=np.asarray(mx, dtype=np.int64)[order],
         rl=np.asarray(rl, dtype=np.int64)[order] if has_rl else None,
-        prompts=[prompts[i] for i in order] if all(t is not None for t in prompts) else None,
+        prompts=[prompts[i] for i in order] if keep_prompts and all(t is not None for t in prompts) else None,
         generators=[gens[i] for i in order] if any(g is not None for g in gens) else None,
         prompt_problem=prompt_problem,
     )

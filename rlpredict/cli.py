@@ -28,8 +28,10 @@ from rlpredict.cli_boundary import (
 )
 from rlpredict.json_file import dumps
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, cls=BoundaryGroup,
-                  callback=root_callback("rlpredict"))
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=BoundaryGroup,
+                  callback=root_callback("rlpredict"),
+                  help="Response-length prediction: train, evaluate, export and serve predictors, and "
+                       "annotate request traces (README.md, docs/predictor.md).")
 
 OnErrorOpt = Annotated[Literal["fail", "skip"], typer.Option(
     "--on-error", help="Bad rows: 'fail' (stop with file:line) or 'skip' (count and report).")]

@@ -231,6 +231,9 @@ def test_capacity_text_in_tables():
     assert compare_mod.capacity_text({"search": "no_failing_load", "lower_bound": 8192.0}) == "> 8.19e+03"
     assert compare_mod.capacity_text({"search": "no_passing_load", "upper_bound": 0.004}) == "< 0.004"
     assert compare_mod.capacity_text({"search": "load_independent"}) == "n/a"
+    assert compare_mod.capacity_text({"search": "found", "max_rate_scale": 0.00355}) == "0.00355"  # was 0.004
+    assert compare_mod.table_cell(999.6) == "1000" and compare_mod.table_cell(12345.6) == "12346"  # was 1e+03
+    assert compare_mod.table_cell(0.5) == "0.5" and compare_mod.table_cell(1e-5) == "1e-05"
 
 
 def test_errors_are_clear(tmp_path):
