@@ -146,7 +146,9 @@ def parse_messages(value: Any, name: str, rules: MessageRules, *,
     for i, m in enumerate(value):
         if not isinstance(m, Mapping):
             raise RecordError("", f"message {i} is not an object", name)
-        role = next((m[k] for k in rules.role_keys if k in m), None)
+        # a key set to null counts as absent: Parquet gives every message of a column every key
+        # any message has (a ShareGPT `from` beside an OpenAI `role` came back as `role: None`)
+        role = next((m[k] for k in rules.role_keys if m.get(k) is not None), None)
         known = rules.roles.get(role.lower()) if isinstance(role, str) else None
         if known is not None:
             role = known
@@ -154,7 +156,7 @@ def parse_messages(value: Any, name: str, rules: MessageRules, *,
             raise RecordError("", f"message {i} has unknown role {role!r}", name)
         elif not is_valid_unicode(role):
             raise RecordError("", f"message {i} role is not valid Unicode (a lone surrogate)", name)
-        content = next((m[k] for k in rules.content_keys if k in m), None)
+        content = next((m[k] for k in rules.content_keys if m.get(k) is not None), None)
         if content is None and rules.content_required:
             keys = rules.content_keys
             alt = "".join(f" (or {k!r})" for k in keys[1:])
@@ -173,8 +175,10 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> str | list[dict[str, s
     cells do) win over the ``fields.prompt`` string. The one rule of ``rlpredict annotate``,
     ``rlpredict predict --jsonl`` and ``ecoserve``'s traces. Raises :class:`RecordError` (no
     location) saying what is wrong."""
-    name, msgs = _first_set(row, fields.messages)
-    if name is not None:
+    for name in fields.messages:
+        msgs = row.get(name)
+        if msgs is None or msgs == "":
+            continue
         if isinstance(msgs, str):  # CSV cells, or JSON that stores the list as a string
             try:
                 msgs = json.loads(msgs)
@@ -182,6 +186,8 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> str | list[dict[str, s
                 raise RecordError("", f"field {name!r} is not valid JSON ({e.msg})") from None
             except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
                 raise RecordError("", f"field {name!r} is not valid JSON ({json_problem(e)})") from None
+        if isinstance(msgs, list) and not msgs:
+            continue  # empty: the next field, or the prompt (`[]` hid a prompt beside it)
         return parse_messages(msgs, name, TRACE_MESSAGES, drop_final_assistant=fields.drop_final_assistant)
     prompt = row.get(fields.prompt)
     if prompt is None:
@@ -224,9 +230,12 @@ def _unicode(text: str, what: str) -> str:
 
 def is_text_part(part: Any) -> bool:
     """An OpenAI content part that carries text: an object whose ``type`` is one of
-    ``TEXT_PART_TYPES`` (no ``type``: text). The one rule of every path (training, traces, the
+    ``TEXT_PART_TYPES`` (no ``type``, or null: text). The one rule of every path (training, traces, the
     vLLM middleware)."""
-    return isinstance(part, Mapping) and part.get("type", "text") in TEXT_PART_TYPES
+    if not isinstance(part, Mapping):
+        return False
+    kind = part.get("type")  # null as absent: Parquet gives every part every key of the column
+    return kind is None or kind in TEXT_PART_TYPES
 
 
 def part_texts(parts: list, all_text: bool) -> list[str] | None:

@@ -104,7 +104,7 @@ def test_csv_header_problems_are_named(tmp_path):
 @pytest.mark.parametrize("field, value, msg", [
     ("messages", [1, 2], "message 0 is not an object"),
     ("messages", [{"role": 5, "content": None}], "unknown role 5"),
-    ("messages", [], "has no messages"),
+    ("messages", [], "'messages' is missing or empty"),
     ("messages", "[{oops", "not valid JSON"),
     ("prompt", 5, "field 'prompt': expected a string, got int"),
     ("prompt", "\ud800", "field 'prompt' is not valid Unicode"),  # was a TypeError in the tokenizer
@@ -126,6 +126,18 @@ def test_a_row_without_a_usable_prompt_is_named_for_the_bundle(tmp_path, field, 
     rows[1] = {**rows[1], field: None, "prompt": "fixed"}
     t = read_trace(write(tmp_path, "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows)))
     assert t.prompt_problem == "" and t.prompts[2] == [{"role": "user", "content": "hello"}]
+
+
+def test_a_replay_without_a_predictor_keeps_no_prompt(tmp_path):
+    rows = [{"arrival_time_s": 2 - i, "input_tokens": 5 + i, "output_tokens": 3, "prompt": "hi " * 1000,
+             "generator": "m"} for i in range(3)]
+    p = write(tmp_path, "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    full, lean = read_trace(p), read_trace(p, keep_prompts=False)  # `ecoserve simulate` without a bundle
+    assert full.prompts is not None and full.generators == ["m"] * 3
+    assert lean.prompts is None and lean.generators is None and lean.prompt_problem == ""
+    for k in ("arrival_s", "input_tokens", "output_tokens", "max_tokens"):
+        assert np.array_equal(getattr(full, k), getattr(lean, k))
+    assert list(lean.input_tokens) == [7, 6, 5]  # sorted by arrival as before
 
 
 def test_a_count_past_2_to_the_53_is_refused_exactly(tmp_path):

@@ -278,3 +278,29 @@ def test_an_oversize_row_is_rejected_with_no_row_not_the_readers_marker(predicto
     assert (s.rows_in, s.rows_out, s.rows_rejected) == (2, 1, 1)
     [rec] = [json.loads(line) for line in (tmp_path / "o.rejects.jsonl").read_text().splitlines()]
     assert rec["line"] == 1 and rec["row"] is None and "over the 64 MiB limit" in rec["reason"]
+
+
+def test_parquet_rows_read_as_their_json_does():
+    """pyarrow gives every message (and content part) of a column every key any of them has,
+    set to null where a row had none: null is read as absent. A ShareGPT message beside OpenAI
+    ones was refused as `unknown role None`, and a text part without `type` was dropped."""
+    from rlpredict.records import TRACE_FIELDS, request_of
+
+    mixed = [{"messages": [{"role": "user", "content": "Write an essay"}]},
+             {"messages": [{"from": "human", "value": "Write an essay"}]}]
+    parts = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"text": "and more"}]}]}]
+    for rows in (mixed, parts):
+        via_parquet = pa.Table.from_pylist(rows).to_pylist()
+        for row, stored in zip(rows, via_parquet, strict=True):
+            assert stored != row  # the null keys pyarrow adds
+            assert request_of(stored, TRACE_FIELDS) == request_of(row, TRACE_FIELDS)
+    assert request_of(parts[0], TRACE_FIELDS)[0]["content"] == "hi\nand more"
+
+
+@pytest.mark.parametrize("messages", [[], "[]"])  # JSON, and a CSV cell
+def test_empty_messages_leave_the_prompt_beside_them(messages):
+    from rlpredict.records import TRACE_FIELDS, RecordError, request_of
+
+    assert request_of({"prompt": "hello there", "messages": messages}, TRACE_FIELDS) == "hello there"  # was refused
+    with pytest.raises(RecordError, match="'messages' is missing or empty"):
+        request_of({"messages": messages}, TRACE_FIELDS)
