@@ -271,6 +271,9 @@ def annotate(
     if s.rows_replaced:
         err.print(f"  {s.rows_replaced} row(s) already had rl_* fields: their values were replaced by this "
                   "bundle's predictions", highlight=False)
+    for name, n in s.stale_fields.items():
+        err.print(f"  {n} row(s) keep {name} from an earlier annotation: this run did not write it, so it is not "
+                  "this bundle's prediction (--quantiles replaces it)", highlight=False)
     if s.rows_without_generator:
         err.print(f"  {s.rows_without_generator} row(s) have no generator (field {escape(repr(generator_field))}): "
                   "this bundle takes one, and predicted them as 'model: unknown'", highlight=False)

@@ -22,6 +22,7 @@ import csv
 import gzip
 import io
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -59,6 +60,10 @@ CHUNK_CHARS = 16 << 20
 Format = Literal["jsonl", "csv", "parquet"]
 
 
+#: The fields ``--quantiles`` writes (``conformal.column_name``).
+QUANTILE_FIELD = re.compile(r"rl_q\d+_tokens")
+
+
 class AnnotateError(ValueError):
     """A bad input row (in fail mode), an unreadable input, or an unsupported file name."""
 
@@ -77,6 +82,8 @@ class AnnotateSummary:
     rows_rejected: int = 0
     rows_replaced: int = 0  # rows out that already had rl_* fields: their values were replaced
     rows_without_generator: int = 0  # rows out predicted as "model: unknown" by a bundle that takes one
+    # rows out keeping each rl_q*_tokens field this run did not write (an earlier --quantiles run's)
+    stale_fields: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -155,6 +162,7 @@ class _Run:
         self.path, self.predictor, self.fields, self.on_error = path, predictor, fields, on_error
         self.rejects, self.summary, self.advance, self.file = rejects, summary, advance, file
         self.reasons: Counter[str] = Counter()
+        self.stale: Counter[str] = Counter()  # ``AnnotateSummary.stale_fields``, as counted
         self.wants_generator = predictor.input_spec.include_generator
         self.quantiles = tuple(quantiles)
         self.columns = COLUMNS + tuple(column_name(q) for q in self.quantiles)
@@ -171,6 +179,11 @@ class _Run:
         key = "line" if where == "line" else "row_number"
         record = {"file": self.file} if self.file is not None else {}
         self.rejects.write(_dumps({**record, key: number, "reason": reason, "row": raw}) + "\n")
+
+    def stale_in(self, names: Iterable[str]) -> list[str]:
+        """The fields of ``names`` that an earlier ``--quantiles`` run wrote and this one does not
+        (kept as they are, and said: they are not this bundle's predictions)."""
+        return [n for n in names if n.startswith("rl_q") and QUANTILE_FIELD.fullmatch(n) and n not in self.columns]
 
     def predict(self, requests: list[Request], generators: list[str | None]) -> list[Any]:
         """One array per output column (``self.columns``), for the given requests."""
@@ -231,6 +244,7 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
         if summary.rows_in == 0:  # raised here, so the temporary output is removed
             raise no_rows(src, fmt)
         summary.reasons = dict(run.reasons.most_common())
+        summary.stale_fields = dict(sorted(run.stale.items()))
         if rej_file is not None:
             rej_file.close()
     summary.seconds = time.perf_counter() - t0
@@ -291,9 +305,6 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
         if not isinstance(row, dict):
             run.reject("line", lineno, f"expected a JSON object, got {type(row).__name__}", row)
             continue
-        if any(c in row for c in run.columns) and (why := _not_rewritable(text, row)):
-            run.reject("line", lineno, why, text)
-            continue
         try:
             req, gen = run.parse(row)
         except BadRow as e:
@@ -315,39 +326,51 @@ def _flush_jsonl(run: _Run, batch: list, out: IO[str]) -> None:
     cols = run.predict([b[2] for b in batch], [b[3] for b in batch])
     for (text, row, _, _), *vals in zip(batch, *cols, strict=True):
         run.summary.rows_replaced += any(c in row for c in run.columns)
+        run.stale.update(run.stale_in(row))
         out.write(_with_columns(text, row, [int(v) for v in vals], run.columns) + "\n")
     run.summary.rows_out += len(batch)
     batch.clear()
 
 
-def _not_rewritable(text: str, row: dict) -> str | None:
-    """Why a row that already has rl_* fields (``_with_columns`` writes it anew) would not come
-    back as it was: a key given twice (one value would be lost), or a number JSON cannot write
-    (one that overflows to infinity). None if it would."""
-    def pairs(kv: list[tuple[str, Any]]) -> dict:
-        keys = [k for k, _ in kv]
-        if len(set(keys)) != len(keys):
-            raise BadRow(f"field {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
-        return dict(kv)
-
-    try:
-        json.loads(text, object_pairs_hook=pairs)
-        json.dumps(row, allow_nan=False)
-    except BadRow as e:
-        return f"{e}; the row has rl_* fields to replace, and rewriting it would lose a value"
-    except ValueError:
-        return "a number overflows to infinity; the row has rl_* fields to replace, and JSON cannot write it back"
-    return None
-
-
 def _with_columns(text: str, row: dict, values: list[int], columns: Sequence[str] = COLUMNS) -> str:
-    """The original JSON text with the rl_* fields added before its closing brace."""
+    """The original JSON text with the rl_* fields: a field the row has gets its new value in
+    place, the others are added before the closing brace; every other byte is kept (a rewrite
+    through ``json.dumps`` turned ``1e-400`` into ``0.0`` and cut long decimals)."""
+    new = dict(zip(columns, values, strict=True))
     if any(c in row for c in columns):
-        return _dumps({**row, **dict(zip(columns, values, strict=True))})
+        parts, at = [], 0
+        for key, start, end in _members(text):
+            if key in new:  # every occurrence of a key given twice
+                parts += [text[at:start], str(new[key])]
+                at = end
+        text = "".join(parts) + text[at:]
+        new = {c: v for c, v in new.items() if c not in row}
+        if not new:
+            return text
     body = text.rstrip()[:-1].rstrip()
     sep = "" if body.endswith("{") else ", "
-    added = ", ".join(f'"{c}": {v}' for c, v in zip(columns, values, strict=True))
+    added = ", ".join(f'"{c}": {v}' for c, v in new.items())
     return f"{body}{sep}{added}}}"
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def _members(text: str) -> list[tuple[str, int, int]]:
+    """``(key, start, end)`` of the value of each member of ``text``, a JSON object that parsed."""
+    space = _SPACE.match
+    i = space(text, text.index("{") + 1).end()
+    out = []
+    while text[i] == '"':
+        key, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+        i = space(text, space(text, i).end() + 1).end()  # past the colon
+        _, end = _DECODER.raw_decode(text, i)
+        out.append((key, i, end))
+        i = space(text, end).end()
+        if text[i] == ",":
+            i = space(text, i + 1).end()
+    return out
 
 
 def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> None:
@@ -389,6 +412,7 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
         run.advance(raw.tell())
         if replaces:
             run.summary.rows_replaced = run.summary.rows_out
+        run.stale.update(dict.fromkeys(run.stale_in(header), run.summary.rows_out))
 
 
 def _named(records: Iterator[Any], src: Path) -> Iterator[Any]:
@@ -479,6 +503,7 @@ def annotate_record_batch(run: _Run, rb: Any, done: int, out_schema: Any) -> Any
     run.summary.rows_out += len(ok)
     if any(c in rb.schema.names for c in run.columns):
         run.summary.rows_replaced += len(ok)
+    run.stale.update(dict.fromkeys(run.stale_in(rb.schema.names), len(ok)))
     return pa.RecordBatch.from_arrays(arrays, schema=out_schema)
 
 

@@ -126,7 +126,7 @@ class _Annotator:
 
         out: dict[str, list] = {k: [] for k in ("file", "first", "count", "last", "payload", "rejects",
                                                 "rows_in", "rows_out", "rows_rejected", "rows_replaced",
-                                                "rows_without_generator", "reasons", "progress")}
+                                                "rows_without_generator", "reasons", "stale", "progress")}
         for c in batch.to_pylist():
             self._maybe_fail(c)
             summary = AnnotateSummary(c["path"], "", None)
@@ -153,7 +153,8 @@ class _Annotator:
                                ("rows_in", summary.rows_in), ("rows_out", summary.rows_out),
                                ("rows_rejected", summary.rows_rejected), ("rows_replaced", summary.rows_replaced),
                                ("rows_without_generator", summary.rows_without_generator),
-                               ("reasons", json.dumps(dict(run.reasons))), ("progress", c["progress"])):
+                               ("reasons", json.dumps(dict(run.reasons))), ("stale", json.dumps(dict(run.stale))),
+                               ("progress", c["progress"])):
                 out[key].append(value)
         return pa.table({**out, "payload": pa.array(out["payload"], pa.large_binary()),
                          "rejects": pa.array(out["rejects"], pa.large_binary())})
@@ -435,6 +436,7 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         before = [sum(sizes[:i]) for i in range(len(files))]  # bytes of the files before file i
         bar = stack.enter_context(_Progress(progress, sum(sizes)))
         reasons: Counter[str] = Counter()
+        stale: Counter[str] = Counter()
         seen = _Ledger(files)
         blocks = stack.enter_context(_unwrapped(ray, ds.iter_batches(batch_size=None, batch_format="pyarrow")))
         for block in blocks:
@@ -454,6 +456,7 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
                 summary.rows_replaced += c["rows_replaced"]
                 summary.rows_without_generator += c["rows_without_generator"]
                 reasons.update(json.loads(c["reasons"]))
+                stale.update(json.loads(c["stale"]))
                 bar.update(summary.rows_in, before[i] + c["progress"] * sizes[i])
         seen.finish()
         if summary.rows_in == 0:  # as the local engine: an error, and nothing is written
@@ -464,6 +467,7 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
                                  f"{summary.rows_rejected}")
         writer.close()
         summary.reasons = dict(reasons.most_common())
+        summary.stale_fields = dict(sorted(stale.items()))
     summary.seconds = time.perf_counter() - t0
     return summary
 

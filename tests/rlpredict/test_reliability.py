@@ -574,15 +574,37 @@ def test_annotate_reports_replaced_columns_and_refuses_what_it_would_ignore(bund
                    "--prompt-field")
     one_error_line(run("annotate", src, "-o", out, "-m", bundle_fp32, "--force", "--rejects", tmp_path / "r.jsonl"),
                    "--rejects")
-    # a row with rl_* fields is written anew: one that would not come back as it was is a bad row
-    src.write_text('{"prompt": "a", "x": 1, "x": 2, "rl_bucket": 3}\n{"prompt": "b", "big": 1e400, "rl_bucket": 1}\n'
-                   '{"prompt": "c", "x": 1, "x": 2}\n')  # was: "x": 1 lost, and Infinity written
-    res = run("annotate", src, "-o", out, "-m", bundle_fp32, "--force", "--json", "--on-error", "skip")
+    # a row with rl_* fields gets their new values in place, every other byte as it was (a rewrite
+    # through json.dumps lost "x": 1, turned 1e-400 into 0.0 and cut long decimals)
+    rows = ['{"prompt": "a", "x": 1, "x": 2, "rl_bucket": 3}', '{"prompt":"b","big":1e400,"rl_bucket" : 1 ,"t":1e-400}',
+            '{"prompt": "c", "rl_bucket": 1, "d": 0.12345678901234567890123, "rl_bucket": 2, "o": {"rl_bucket": 5}}  ',
+            '{"prompt": "d", "x": NaN, "rl_q90_tokens": 7}']
+    src.write_text("".join(r + "\n" for r in rows))
+    res = run("annotate", src, "-o", out, "-m", bundle_fp32, "--force", "--json")
     assert res.exit_code == 0, res.output
-    assert (json.loads(res.stdout)["rows_rejected"], json.loads(res.stdout)["rows_out"]) == (2, 1)
-    assert out.read_text().startswith('{"prompt": "c", "x": 1, "x": 2, "rl_bucket"')  # untouched text, kept
-    one_error_line(run("annotate", src, "-o", out, "-m", bundle_fp32, "--force"),
-                   "line 1: field 'x' appears twice")
+    summary = json.loads(res.stdout)
+    assert (summary["rows_out"], summary["rows_replaced"], summary["stale_fields"]) == (4, 3, {"rl_q90_tokens": 1})
+    got = out.read_text().splitlines()
+    (b0, p0, r0), (b1, p1, r1), (b2, p2, r2), _ = ((r["rl_bucket"], r["rl_pred_tokens"], r["rl_reserve_tokens"])
+                                                   for r in map(json.loads, got))
+    assert got[0] == f'{{"prompt": "a", "x": 1, "x": 2, "rl_bucket": {b0}, "rl_pred_tokens": {p0}, "rl_reserve_tokens": {r0}}}'
+    assert got[1] == (f'{{"prompt":"b","big":1e400,"rl_bucket" : {b1} ,"t":1e-400, "rl_pred_tokens": {p1}, '
+                      f'"rl_reserve_tokens": {r1}}}')
+    assert got[2] == (f'{{"prompt": "c", "rl_bucket": {b2}, "d": 0.12345678901234567890123, "rl_bucket": {b2}, '
+                      f'"o": {{"rl_bucket": 5}}, "rl_pred_tokens": {p2}, "rl_reserve_tokens": {r2}}}')
+    assert got[3].startswith('{"prompt": "d", "x": NaN, "rl_q90_tokens": 7, "rl_bucket": ')  # kept, and said:
+    res = run("annotate", src, "-o", out, "-m", bundle_fp32, "--force")
+    assert "1 row(s) keep rl_q90_tokens from an earlier annotation" in res.stderr
+    stale = tmp_path / "q.csv"
+    stale.write_text("prompt,rl_q90_tokens\na,7\nb,8\n")
+    res = run("annotate", stale, "-o", tmp_path / "q.out.csv", "-m", bundle_fp32, "--json")
+    assert json.loads(res.stdout)["stale_fields"] == {"rl_q90_tokens": 2}
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a", "b"], "rl_q90_tokens": [7, 8]}), tmp_path / "q.parquet")
+    res = run("annotate", tmp_path / "q.parquet", "-o", tmp_path / "q.out.parquet", "-m", bundle_fp32, "--json")
+    assert json.loads(res.stdout)["stale_fields"] == {"rl_q90_tokens": 2}
     for name, text in (("dup.csv", "prompt,rl_bucket,rl_bucket\na,1,9\n"), ("dup2.csv", "prompt,prompt\na,b\n")):
         (tmp_path / name).write_text(text)  # was: one of the two read, silently
         one_error_line(run("annotate", tmp_path / name, "-o", tmp_path / "o.csv", "-m", bundle_fp32),
