@@ -72,7 +72,7 @@ from rlpredict.splits import split_by_group  # noqa: E402
 from rlpredict.train.baselines import PromptLength, TfidfLogistic  # noqa: E402
 from rlpredict.train.evaluate import baseline_texts  # noqa: E402
 from rlpredict.train.metrics import decode as decode_probs  # noqa: E402
-from rlpredict.train.metrics import rl_metrics  # noqa: E402
+from rlpredict.train.metrics import quantile_tag, rl_metrics  # noqa: E402
 
 PREDICTORS = ("constant", "prompt_length", "tfidf_logreg", "minilm", "oracle")
 QUANTILES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -303,8 +303,8 @@ def main() -> None:
     metrics = {n: rl_metrics(rl, probs[n], scheme, 0.9) for n in probs}
     for q in QUANTILES:
         m = rl_metrics(rl, probs["minilm"], scheme, q)
-        metrics["minilm"][f"coverage_q{round(q * 100)}"] = m[f"coverage_q{round(q * 100)}"]
-        metrics["minilm"][f"reserve_ratio_total_q{round(q * 100)}"] = m[f"reserve_ratio_total_q{round(q * 100)}"]
+        metrics["minilm"][f"coverage_{quantile_tag(q)}"] = m[f"coverage_{quantile_tag(q)}"]
+        metrics["minilm"][f"reserve_ratio_total_{quantile_tag(q)}"] = m[f"reserve_ratio_total_{quantile_tag(q)}"]
 
     if args.gpu_memory_utilization is not None:
         cost.gpu_memory_utilization = args.gpu_memory_utilization
@@ -339,7 +339,7 @@ def main() -> None:
             results["traces"][tname] = {"requests": len(tr), "vllm": vllm, "ecoserve": runs}
             continue
         runs = {}
-        cases = [(n, "bucket") for n in PREDICTORS] + [("minilm", f"q{round(q * 100)}") for q in QUANTILES]
+        cases = [(n, "bucket") for n in PREDICTORS] + [("minilm", quantile_tag(q)) for q in QUANTILES]
         for name, mode in cases:
             rows = decode(name, sub, true, scheme, mode)
             r = serve(tr, rows, cost, slo, vllm)
@@ -383,7 +383,7 @@ def markdown(res: dict) -> str:
               "| reservation | " + " | ".join(f"{t}: coverage | {t}: reserved/actual | {t}: capacity x vLLM | "
                                                f"{t}: JCT x vLLM" for t in res["traces"]) + " |",
               "|---|" + "---:|---:|---:|---:|" * len(res["traces"])]
-    for mode in ["bucket"] + [f"q{round(q * 100)}" for q in QUANTILES]:
+    for mode in ["bucket"] + [quantile_tag(q) for q in QUANTILES]:
         cells = []
         for t in res["traces"].values():
             r = t["ecoserve"][f"minilm/{mode}"]
@@ -418,7 +418,7 @@ def plot(results: list[dict]) -> bytes:
             ys = [t["ecoserve"][f"{n}/bucket"][key] for n in PREDICTORS]
             seen[key] += ys
             ax.bar(x + i * width, ys, width, label=_label(res, tname))
-        modes = [f"q{round(q * 100)}" for q in QUANTILES]
+        modes = [quantile_tag(q) for q in QUANTILES]
         axes[2].plot([t["ecoserve"][f"minilm/{m}"]["coverage"] for m in modes],
                      [t["ecoserve"][f"minilm/{m}"]["capacity_x_vllm"] for m in modes], marker="o",
                      label=_label(res, tname))

@@ -64,8 +64,16 @@ def check_quantiles(quantiles: Sequence[float]) -> tuple[float, ...]:
 
 def column_name(q: float) -> str:
     """``rl_q90_tokens`` for 0.9, ``rl_q975_tokens`` for 0.975."""
-    digits = f"{q:.6f}".split(".")[1].rstrip("0")
-    return f"rl_q{digits.ljust(2, '0')}_tokens"
+    return f"rl_q{quantile_digits(q)}_tokens"
+
+
+def quantile_digits(q: float) -> str:
+    """A quantile level in (0, 1] as a name: ``90`` for 0.9, ``975`` for 0.975, ``05`` for 0.05,
+    ``100`` for 1 (to 6 decimals, as ``--quantiles`` takes them). The one rule of the
+    ``rl_q*_tokens`` columns and of ``eval``'s ``coverage_q*`` metrics."""
+    if q >= 1:
+        return "100"
+    return f"{q:.6f}".split(".")[1].rstrip("0").ljust(2, "0")
 
 
 def _raw(scheme: BucketScheme, probs: np.ndarray, q: float) -> np.ndarray:

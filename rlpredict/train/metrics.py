@@ -32,8 +32,11 @@ def decode(probs: np.ndarray, scheme: BucketScheme, q: float = 0.9) -> Decoded:
 
 
 def quantile_tag(q: float) -> str:
-    """``q90`` for 0.9: how ``rl_metrics`` names its quantile reservation's metrics."""
-    return f"q{round(q * 100)}"
+    """``q90`` for 0.9, ``q975`` for 0.975: how ``rl_metrics`` names its quantile reservation's
+    metrics, as ``annotate`` names the column (0.975 was ``q98``; 0.995 and 1 both ``q100``)."""
+    from rlpredict.serve.conformal import quantile_digits
+
+    return f"q{quantile_digits(q)}"
 
 
 def rl_metrics(rl: np.ndarray, probs: np.ndarray, scheme: BucketScheme, q: float = 0.9) -> dict[str, float]:

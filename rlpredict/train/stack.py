@@ -300,6 +300,7 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
         src = np.array([s.source for s in test])
         probs = {"stacked": te_stacked, "encoder": te_enc, "tfidf_logreg": te_tfidf}
         evaluation = {"split": {"test_frac": cfg.test_frac, "seed": cfg.split_seed, "test_samples": len(test)},
+                      "reserve_quantile": q,
                       "all": {m: rl_metrics(rl, p, scheme, q) for m, p in probs.items()},
                       "sources": {s: {m: rl_metrics(rl[src == s], p[src == s], scheme, q) for m, p in probs.items()}
                                   for s in sorted(set(src))}}
@@ -319,8 +320,9 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
 def markdown(evaluation: dict) -> str:
     """One table per source (and all): the stacked model, the encoder alone, TF-IDF alone."""
     parts = []
+    q = evaluation.get("reserve_quantile", 0.9)  # the recipe's (a bundle stacked before it was recorded: 0.9)
     for name, rows in [("all", evaluation["all"]), *evaluation["sources"].items()]:
-        parts += [f"\n{name} (test split, n={rows['stacked']['n']}):\n", markdown_table(rows)]
+        parts += [f"\n{name} (test split, n={rows['stacked']['n']}):\n", markdown_table(rows, q)]
     return "\n".join(parts)
 
 

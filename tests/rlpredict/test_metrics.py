@@ -7,7 +7,7 @@ import pytest
 
 from rlpredict.buckets import BucketScheme
 from rlpredict.splits import split_by_group
-from rlpredict.train.metrics import confusion, rl_metrics
+from rlpredict.train.metrics import confusion, quantile_tag, rl_metrics
 
 
 @pytest.fixture
@@ -45,3 +45,19 @@ def test_split_by_group_never_leaks():
     assert {g for g, _ in train}.isdisjoint({g for g, _ in test})
     assert len(train) + len(test) == 1000 and 0.05 < len(test) / 1000 < 0.4
     assert split_by_group(items, 0.2, seed=3, key=lambda x: x[0]) == (train, test)
+
+
+def test_quantile_names_are_annotates():
+    from rlpredict.serve.conformal import column_name
+
+    names = {q: quantile_tag(q) for q in (0.05, 0.5, 0.9, 0.905, 0.975, 0.995, 1.0)}
+    assert names == {0.05: "q05", 0.5: "q50", 0.9: "q90", 0.905: "q905", 0.975: "q975", 0.995: "q995", 1.0: "q100"}
+    assert all(column_name(q) == f"rl_{t}_tokens" for q, t in names.items())  # 0.975 was q98 here, q975 there
+
+
+def test_stack_report_at_the_recipes_quantile(scheme):
+    from rlpredict.train.stack import markdown
+
+    m = rl_metrics(np.array([50, 150, 300]), np.eye(3), scheme, 0.95)
+    table = markdown({"reserve_quantile": 0.95, "all": {"stacked": m}, "sources": {}})  # was a KeyError
+    assert "cover q95" in table  # ... at the end of `rlpredict stack`, which then wrote nothing

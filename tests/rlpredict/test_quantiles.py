@@ -221,3 +221,20 @@ def test_annotate_adds_calibrated_quantile_columns(calibrated: Path, tmp_path: P
     r = CliRunner().invoke(app, ["annotate", str(src), "-o", str(tmp_path / f"o3{suffix}"),
                                  "--quantiles", "0.5", "--engine", "ray"])
     assert r.exit_code == 2
+
+
+def test_label_shift_alone_is_a_note_not_drift() -> None:
+    """One model's logs differ from a bundle's mix of many by design (a shipped bundle's own
+    held-out rows of two generators were called drift): only predictions that no longer fit
+    the responses, or a quantile that no longer covers, decide."""
+    from rlpredict.buckets import BucketScheme
+    from rlpredict.serve.drift import DriftBounds, group_report
+
+    scheme = BucketScheme.from_edges([100, 200, float("inf")])
+    rl = np.array([50.0] * 300 + [150.0] * 100)  # mostly short
+    probs = np.array([[0.75, 0.25, 0.0]] * 400)  # ... and predicted so
+    ref = np.array([10.0, 10.0, 80.0])  # the bundle's data: mostly long
+    row = group_report("generator=m", probs, rl, None, [], ref, scheme, DriftBounds())
+    assert not row["problems"] and row["notes"][0].startswith("response lengths shifted by TV 0.800")
+    row = group_report("generator=m", np.array([[0.1, 0.1, 0.8]] * 400), rl, None, [], ref, scheme, DriftBounds())
+    assert row["problems"][0].startswith("predicted distribution off by TV")  # this one is drift
