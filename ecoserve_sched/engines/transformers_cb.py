@@ -138,10 +138,10 @@ class PolicyScheduler(HFScheduler):
         self.states[r.rid] = state
         super().add_waiting_request(state)
         self.policy.add(r, self.clock())
-        if r.state == State.FINISHED:  # larger than the whole KV cache: the policy dropped it
-            self.waiting_requests.pop(state.request_id)
+        if r.state in (State.FINISHED, State.ERRORED):  # dropped: larger than the whole KV cache,
+            self.waiting_requests.pop(state.request_id)  # or a prompt vllm-v0 ignores (was: "stuck")
             self._cleanup_waiting_queue({state.request_id})
-            state.error = "prompt does not fit the KV cache"
+            state.error = r.error or "prompt does not fit the KV cache"
             state.status = RequestStatus.FAILED
             self.events.append((self.clock(), "drop", r.rid))
 
@@ -314,7 +314,7 @@ class GenResult:
     token_times: list[float] = field(default_factory=list)  # engine time of each output token
     preemptions: int = 0
     dropped: bool = False
-    error: str | None = None  # the exception of the forward pass that ended this request
+    error: str | None = None  # why it ended without finishing: its forward pass failed, or vllm-v0 ignored its prompt
 
     @property
     def ttft_s(self) -> float:
@@ -424,8 +424,13 @@ class TransformersEngine:
         preqs = self.to_requests(reqs, oracle=policy.prediction_override == "oracle")
         meta = {f"r{r.rid}": r for r in preqs}
         name = register_scheduler(f"ecoserve_sched-{id(self)}", policy, meta, lambda: self._now)
+        # a policy that does not chunk prompts (orca, vllm-v0) runs a whole prompt, or the
+        # recompute of prompt and generated tokens, alone past its budget: transformers' batch
+        # must hold it (the simulator's does; the engine stopped with "exceeds the engine's")
+        most = self.token_budget if policy.chunked_prefill else max(
+            self.token_budget, max(len(g.prompt_ids) + g.max_new_tokens for g in reqs) + self.max_running)
         cb = ContinuousBatchingConfig(
-            page_size=self.block_size, num_blocks=self.kv_blocks, max_batch_tokens=self.token_budget,
+            page_size=self.block_size, num_blocks=self.kv_blocks, max_batch_tokens=most,
             max_requests_per_batch=self.max_running, allow_block_sharing=False,
             use_async_batching=False, scheduler_type=name, **self.cb_overrides)
         gen = GenerationConfig(do_sample=False, max_new_tokens=max(g.max_new_tokens for g in reqs),
@@ -449,10 +454,9 @@ class TransformersEngine:
                                   self.block_size))
         for res, r in zip(ex.results, preqs, strict=True):
             res.preemptions = r.preemptions
-        assert self.policy is not None
-        counters = {**self.policy.counters, "loans": self.policy.kv.loans}
-        sim.counters = counters
-        return EngineRun(self.policy_name, self.clock, ex.results, ex.iterations, counters, ex.sched.events,
+            if r.state == State.ERRORED and res.error is None:  # a prompt vllm-v0 ignored
+                res.error = r.error
+        return EngineRun(self.policy_name, self.clock, ex.results, ex.iterations, sim.counters, ex.sched.events,
                          time.perf_counter() - ex.t0, sim)
 
 
@@ -497,6 +501,14 @@ class TransformersExecutor(Executor):
 
     def waiting(self) -> int:
         return len(self.sched.waiting_requests) + len(self.sched.active_requests)
+
+    def close(self, res: SimResult) -> None:
+        """As the simulator's: the policy's counters and its stall gaps (the token gaps across
+        preemptions and vllm-v0's prefill-only iterations; the record's TBT lacked them)."""
+        policy = self.sched.policy
+        res.stall_gaps = policy.stall_gaps
+        res.counters = {**policy.counters, "loans": policy.kv.loans}
+        res.prefill_iterations = sum(1 for it in self.iterations if it.prefill_tokens)
 
     def wait(self, until: float) -> float:
         if self.wall:

@@ -155,3 +155,35 @@ def test_requests_the_engine_cannot_serve_are_refused(tiny_llama):
     vocab = tiny_llama.config.vocab_size
     with pytest.raises(ValueError, match=f"request 1: token id {vocab} is outside the model's vocabulary"):
         make_engine(tiny_llama, "ecoserve").generate([GenRequest([5, 6, 7], 3), GenRequest([1, 2, vocab], 3)])
+
+
+@pytest.mark.parametrize("policy", ["vllm", "vllm-v0"])
+def test_the_run_record_holds_the_stall_gaps(tiny_llama, policy):
+    """The engine's run record (what ``summarize`` reads) has the token gaps across
+    preemptions and vllm-v0's prefill-only iterations, as the simulator's: its p99 TBT was low."""
+    eng = make_engine(tiny_llama, policy)
+    run = eng.generate(trace_requests())
+    sim = simulate(eng.to_requests(trace_requests()), eng.make_policy())
+    assert run.result.stall_gaps == sim.stall_gaps and len(sim.stall_gaps) > 0
+    assert run.result.prefill_iterations == sim.prefill_iterations > 0
+
+
+def test_vllm_v0_in_the_engine_runs_what_it_runs_in_the_simulator(tiny_llama, tiny_llama_greedy):
+    """A prompt vllm-v0 ignores ends with its reason while the rest are served (the engine
+    stopped "stuck"), and a recompute longer than the budget runs alone (the engine stopped
+    with "exceeds the engine's")."""
+    from ecoserve_sched.engines.transformers_cb import GenRequest, TransformersEngine
+
+    eng = TransformersEngine(tiny_llama, "vllm-v0", clock="step", kv_blocks=14, token_budget=32, max_running=8)
+    run = eng.generate([GenRequest(list(range(3, 43)), 5, 0.0), GenRequest(list(range(5, 25)), 5, 0.0)])
+    assert run.results[0].error.startswith("prompt of 40 tokens ignored") and not run.results[0].tokens
+    assert run.results[1].error is None and len(run.results[1].tokens) == 5
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 256, (40,), generator=g).tolist() for _ in range(2)]
+    reqs = [GenRequest(p, 60, 0.1 * i) for i, p in enumerate(prompts)]
+    eng = TransformersEngine(tiny_llama, "vllm-v0", clock="step", kv_blocks=9, token_budget=64, max_running=8)
+    run = eng.generate(reqs)  # both preempted; a recompute of 40 + 25 tokens > 64
+    assert run.counters["recomputes"] > 0 and all(len(r.tokens) == 60 for r in run.results)
+    sim = simulate(eng.to_requests(reqs), eng.make_policy())
+    assert [(r.first_token_s, r.finish_s) for r in sim.requests] == [
+        (res.token_times[0], res.token_times[-1]) for res in run.results]
