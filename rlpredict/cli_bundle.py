@@ -121,7 +121,9 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
 
 
 def _bucket_range(edges: tuple[float, ...], k: int) -> str:
-    lo = 0 if k == 0 else int(edges[k - 1])
+    """Bucket ``k``'s lengths, both ends included: ``33-64`` for (32, 64] (was ``32-64``, which
+    read as if 32 were in it), ``1025+`` for the last."""
+    lo = 0 if k == 0 else int(edges[k - 1]) + 1
     return f"{lo}+" if math.isinf(edges[k]) else f"{lo}-{int(edges[k])}"
 
 
