@@ -43,7 +43,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     model = load_model("small-llama", "cpu")
-    base = base_profile(model, "cpu", "small-llama-transformers-cpu", args.token_budget)
+    base = base_profile(model, "cpu", "small-llama-transformers-cpu")
     grid = measure(model, GRIDS["small"], args.token_budget)[0]
     profiles = {name: fit_profile(grid + measure(model, [], args.token_budget, replays=reps)[0], base, name)
                 for name, reps in SETS.items()}

@@ -280,14 +280,13 @@ def measure(m: Any, grid: list[tuple[int, int, int, int]], token_budget: int = 2
     return samples, float(np.mean(noise)) if repeats > 1 else None
 
 
-def base_profile(m: Any, device: str, name: str, token_budget: int) -> CostModel:
+def base_profile(m: Any, device: str, name: str) -> CostModel:
     """An unfitted profile: the model's constants, the measured device, neutral efficiencies."""
     eff = {"mfu": 0.5, "mbu": 0.5, "pcie_eff": 1.0, "overhead_s": 1e-3, "overhead_per_seq_s": 1e-4,
            "prefill_overhead_s": 1e-3, "activation_reserve_bytes": 0,
            "source": {"pcie_eff": "not calibrated", "activation_reserve_bytes": "not modelled"}}
-    spec = {"name": name, "model": model_section(m), "gpu": device_section(device),
-            "efficiency": eff, "token_budget": token_budget}
-    return CostModel(spec, name)
+    spec = {"name": name, "model": model_section(m), "gpu": device_section(device), "efficiency": eff}
+    return CostModel(spec, name)  # token_budget: the knee (the engine's budget is calibration.token_budget)
 
 
 def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | None = None,
@@ -309,7 +308,7 @@ def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | 
     t = time.perf_counter()
     m = load_model(model, device, dtype)
     name = name or f"{Path(model).stem}-transformers-{device.split(':')[0]}"
-    base = base_profile(m, device, name, token_budget)
+    base = base_profile(m, device, name)
     samples, noise = measure(m, GRIDS[grid], token_budget, repeats=repeats,
                             replays=REPLAYS.get(grid, []))
     fitted = fit_profile(samples, base, name)

@@ -27,6 +27,8 @@ def test_calibrate_cli_writes_a_loadable_profile(tmp_path, tiny_llama):
     assert prof.spec["calibration"]["engine"].startswith("transformers")
     cal = prof.spec["calibration"]
     assert cal["token_budget"] == 64 and max(row[0] for row in cal["samples"]) == 64  # chunked
+    # the engine's budget is a setting of the run, not the profile's knee (EcoServe's floor)
+    assert "token_budget" not in prof.spec and prof.token_budget == prof.knee_tokens()
     assert prof.spec["model"]["n_layers"] == 2 and prof.spec["model"]["hidden"] == 64
     assert 0 < prof.iteration_time(0, 0, 4, 400) < prof.iteration_time(512, 512 * 256, 4, 400)
 
