@@ -178,12 +178,13 @@ def model_section(m: Any) -> dict[str, Any]:
     return fields
 
 
-def device_section(device: str) -> dict[str, Any]:
-    """The profile's ``gpu`` section, measured: best-of-5 matmul FLOP/s and copy bandwidth."""
+def device_section(device: str, dtype: Any = None) -> dict[str, Any]:
+    """The profile's ``gpu`` section, measured: best-of-5 matmul FLOP/s (in ``dtype``, the
+    model's; default bf16 on CUDA, fp32 on CPU) and copy bandwidth."""
     import torch
 
     cuda = device.startswith("cuda")
-    dt = torch.bfloat16 if cuda else torch.float32
+    dt = dtype or (torch.bfloat16 if cuda else torch.float32)
     n = 4096 if cuda else 1024
     a, b = torch.randn(n, n, dtype=dt, device=device), torch.randn(n, n, dtype=dt, device=device)
     src = torch.empty((1 << 30) if cuda else (1 << 26), dtype=torch.uint8, device=device)
@@ -285,7 +286,8 @@ def base_profile(m: Any, device: str, name: str) -> CostModel:
     eff = {"mfu": 0.5, "mbu": 0.5, "pcie_eff": 1.0, "overhead_s": 1e-3, "overhead_per_seq_s": 1e-4,
            "prefill_overhead_s": 1e-3, "activation_reserve_bytes": 0,
            "source": {"pcie_eff": "not calibrated", "activation_reserve_bytes": "not modelled"}}
-    spec = {"name": name, "model": model_section(m), "gpu": device_section(device), "efficiency": eff}
+    spec = {"name": name, "model": model_section(m), "gpu": device_section(device, next(m.parameters()).dtype),
+            "efficiency": eff}
     return CostModel(spec, name)  # token_budget: the knee (the engine's budget is calibration.token_budget)
 
 

@@ -40,3 +40,11 @@ def test_calibrate_cli_rejects_unknown_engine_and_model(tmp_path):
     r = CliRunner().invoke(app, ["calibrate", "--model", str(tmp_path / "nope"),
                                  "--out", str(tmp_path / "x.json")])
     assert r.exit_code == 2 and "not a preset" in r.output
+
+
+def test_the_device_peak_is_measured_in_the_models_dtype():
+    torch = pytest.importorskip("torch")
+    from ecoserve_sched.calibrate import device_section
+
+    assert "torch.bfloat16 matmul" in device_section("cpu", torch.bfloat16)["source"]["peak_flops"]  # was fp32
+    assert "torch.float32 matmul" in device_section("cpu")["source"]["peak_flops"]
