@@ -64,7 +64,12 @@ def main() -> int:
     ap.add_argument("--fit", action="store_true",
                     help="fit mfu, mbu and the overheads to the anchor grid (least squares on "
                          "relative error), print them as JSON, and compare with the fitted model")
+    ap.add_argument("--cv", action="store_true",
+                    help="with --fit: also fit on every other shape and score the rest, both ways "
+                         "(a held-out error for the in-sample fit)")
     args = ap.parse_args()
+    if args.cv and not args.fit:
+        ap.error("--cv needs --fit")
 
     path = args.profiles_dir / f"profiler-a100-80g.{args.engine}.json"
     try:
@@ -75,6 +80,12 @@ def main() -> int:
     if bad := [label for label, _, y in rows if not y > 0]:
         raise ValueError(f"{path}: the profile gives {bad[0]} no positive time")
     model = load_profile(args.profile)
+    if args.cv:
+        for half in (0, 1):  # fit on rows i % 2 == half, score the others
+            fit = fit_profile([(*x, y) for i, (_, x, y) in enumerate(rows) if i % 2 == half], model, "cv")
+            err = [abs(fit.iteration_time(*x) / y - 1) for i, (_, x, y) in enumerate(rows) if i % 2 != half]
+            print(f"fit on {'even' if half == 0 else 'odd'} shapes, held-out {'odd' if half == 0 else 'even'}: "
+                  f"mean |error| {100 * sum(err) / len(err):.1f}%, max {100 * max(err):.1f}%")
     if args.fit:
         model = fit_profile([(*x, y) for _, x, y in rows], model, f"{model.name}-fit")
         print(json.dumps({f: round(model.spec["efficiency"][f], 6) for f in FIT_FIELDS}, indent=2))
