@@ -49,7 +49,7 @@ from rlpredict.records import (
     text_stream,
 )
 from rlpredict.records import detect_format as _detect_format
-from rlpredict.serve.conformal import column_name
+from rlpredict.serve.conformal import QUANTILE_COLUMN, column_name
 from rlpredict.serve.runtime import Predictor, Request
 from rlpredict.untrusted_text import is_valid_unicode
 
@@ -58,10 +58,6 @@ COLUMNS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
 #: of row text, whichever comes first: memory stays bounded however long the rows are.
 CHUNK_CHARS = 16 << 20
 Format = Literal["jsonl", "csv", "parquet"]
-
-
-#: The fields ``--quantiles`` writes (``conformal.column_name``).
-QUANTILE_FIELD = re.compile(r"rl_q\d+_tokens")
 
 
 class AnnotateError(ValueError):
@@ -183,7 +179,7 @@ class _Run:
     def stale_in(self, names: Iterable[str]) -> list[str]:
         """The fields of ``names`` that an earlier ``--quantiles`` run wrote and this one does not
         (kept as they are, and said: they are not this bundle's predictions)."""
-        return [n for n in names if n.startswith("rl_q") and QUANTILE_FIELD.fullmatch(n) and n not in self.columns]
+        return [n for n in names if QUANTILE_COLUMN.fullmatch(n) and n not in self.columns]
 
     def predict(self, requests: list[Request], generators: list[str | None]) -> list[Any]:
         """One array per output column (``self.columns``), for the given requests."""

@@ -29,6 +29,7 @@ Pure numpy; stored in the bundle's manifest under ``calibration``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,6 +61,10 @@ def check_quantiles(quantiles: Sequence[float]) -> tuple[float, ...]:
     if len(out) > MAX_QUANTILES:
         raise ValueError(f"at most {MAX_QUANTILES} quantiles, got {len(out)}")
     return tuple(sorted(out))
+
+
+#: Every name ``column_name`` gives (an earlier run's quantile columns are found by it).
+QUANTILE_COLUMN = re.compile(r"rl_q\d+_tokens")
 
 
 def column_name(q: float) -> str:
