@@ -395,7 +395,10 @@ class EcoServeRequestQueue(RequestQueue):
     the new requests that can meet their TTFT, before those whose TTFT is lost, and put back
     once that time (``clock``) comes.
     ``on_take`` is called before every ``peek_request`` and ``pop_request`` (the scheduler
-    turns its admission test on there: vLLM's waiting loop takes requests only through them)."""
+    turns its admission test on there: vLLM's waiting loop takes requests only through them).
+    A ``pop_request`` right after a ``peek_request`` returns the request peeked: vLLM allocates
+    KV for the peeked request and then runs the popped one, and the clock (give-way, parked
+    requests falling due) must not swap them in between."""
 
     def __init__(self, key: Callable[[Request], float], lost: Callable[[Request], bool] | None = None,
                  by_priority: bool = False, on_take: Callable[[], None] | None = None,
@@ -410,8 +413,10 @@ class EcoServeRequestQueue(RequestQueue):
         self.parking: tuple[Request, float] | None = None
         self._clock = clock
         self._back: dict[str, int] = {}  # request id -> when it was put back with its first token
+        self._peeked = False  # the last call was a peek, and nothing changed the queue since
 
     def _push(self, request: Request, rank: int, lost: int = 0) -> None:
+        self._peeked = False
         prio = request.priority if self._by_priority else 0
         key = self._key(request) if rank else float(self._back[request.request_id])
         heapq.heappush(self._heap, (prio, rank, lost, key, next(self._seq), request))
@@ -450,6 +455,7 @@ class EcoServeRequestQueue(RequestQueue):
     def head_new(self) -> Request | None:
         """The head if it is a new request that can still meet its TTFT, else None (no side
         effects on the scheduler: parking asks this before vLLM's step)."""
+        self._peeked = False
         self._settle()
         h = self._heap[0] if self._heap else None
         return h[-1] if h is not None and h[1] == 1 and not h[2] else None
@@ -459,6 +465,7 @@ class EcoServeRequestQueue(RequestQueue):
 
     def prepend_request(self, request: Request) -> None:
         if self.parking is not None and self.parking[0] is request:
+            self._peeked = False
             heapq.heappush(self._parked, (self.parking[1], next(self._seq), request))
         else:
             self._put_back(request, again=False)
@@ -470,7 +477,9 @@ class EcoServeRequestQueue(RequestQueue):
     def pop_request(self) -> Request:
         if self._on_take is not None:
             self._on_take()
-        self._settle()
+        if not self._peeked:  # else the order is the one the peek saw (see the class docstring)
+            self._settle()
+        self._peeked = False
         if self._from_parked():
             return heapq.heappop(self._parked)[-1]
         return heapq.heappop(self._heap)[-1]
@@ -481,6 +490,7 @@ class EcoServeRequestQueue(RequestQueue):
         if self._on_take is not None:
             self._on_take()
         self._settle()
+        self._peeked = True
         return self._parked[0][-1] if self._from_parked() else self._heap[0][-1]
 
     def remove_request(self, request: Request) -> None:
@@ -488,6 +498,7 @@ class EcoServeRequestQueue(RequestQueue):
 
     def remove_requests(self, requests: Iterable[Request]) -> None:
         drop = {id(r) for r in requests}
+        self._peeked = False
         self._heap = [e for e in self._heap if id(e[-1]) not in drop]
         heapq.heapify(self._heap)
         if self._parked:
@@ -596,6 +607,9 @@ class EcoServeMixin:
         self._no_token: dict[str, Request] = {}  # admitted, first token not seen yet
         self._first_token: dict[str, float] = {}  # clock when the first token was seen
         self._shared_blocks = 0  # blocks held by more than one request (prefix caching)
+        # streaming-input sessions between two chunks: out of the projection (they do not
+        # grow), their blocks still held (``_fits`` counts them)
+        self._idle_sessions: set[str] = set()
         self._allocate = self.kv_cache_manager.allocate_slots  # vLLM's (see _admissions_on)
         self.kv_cache_manager.allocate_slots = self._allocate_slots
         logger.info("EcoServe ready: vLLM %s, %s (async_scheduling=%s, scheduling policy %s, "
@@ -806,6 +820,11 @@ class EcoServeMixin:
     # ---- admission: vLLM's block check plus the projected peak (wraps allocate_slots) -------------
     def _allocate_slots(self, request: Request, num_new_tokens: int, *args: Any, **kw: Any) -> Any:
         rid = request.request_id
+        if rid in self._idle_sessions:  # a session's next chunk: it holds its KV; projected again
+            blocks = self._allocate(request, num_new_tokens, *args, **kw)
+            if blocks is not None:
+                self._admitted(request)
+            return blocks
         if request.status not in _ADMITTING or rid in self.proj or self._req_blocks.get(rid):
             return self._allocate(request, num_new_tokens, *args, **kw)  # running, or holds KV
         if not self._fits(request, kw.get("new_computed_blocks")):
@@ -831,6 +850,8 @@ class EcoServeMixin:
         ctx = -(-request.num_tokens // bs) * bs
         shared = self._shared_blocks + _referenced(hit)  # its prefix hits others hold: no new KV
         keep = self._keep_free if self.running else 0
+        if self._idle_sessions:
+            keep += sum(len(self._req_blocks.get(rid, ())) for rid in self._idle_sessions)
         cap = rules.admission_cap_tokens(self._usable_blocks - keep + shared, bs, len(self.proj) + 1)
         return self.proj.demand(self._step, (ctx, rem), True, cap) <= cap
 
@@ -844,6 +865,7 @@ class EcoServeMixin:
                 self.proj.set(other, *e)
         self._entries[rid] = entry
         self.proj.set(rid, *entry)
+        self._idle_sessions.discard(rid)
         self._seq[rid] = next(self._next_seq)
         self._admit_step[rid] = step
         if rid not in self._first_token:
@@ -1066,9 +1088,23 @@ class EcoServeMixin:
         self._forget(request)
         self.eco_counters["preemptions"] += 1
 
+    def _handle_stopped_request(self, request: Request) -> bool:
+        """vLLM >= 0.33: a streaming-input session (``resumable``) that ends a chunk stays, its
+        KV held, waiting for its next chunk (or is queued again at once with one that came
+        early). It leaves the
+        projection, which would grow it one token per step for as long as it waits (it did:
+        after enough idle steps no request was admitted into an empty cache); its blocks are
+        counted as held until its next chunk is admitted."""
+        finished = super()._handle_stopped_request(request)
+        if not finished:  # waiting for its next chunk, or queued again with it: either way,
+            self._forget(request)  # out of running, its KV held, admitted again as a session
+            self._idle_sessions.add(request.request_id)
+        return finished
+
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
         self._forget(request)
         rid = request.request_id
+        self._idle_sessions.discard(rid)
         self.waiting.forget(rid)
         if rid in self.rl:
             self.eco_counters["topups"] += rules.topups(self._reserve(rid), request.num_output_tokens,

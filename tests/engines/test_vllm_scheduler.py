@@ -163,6 +163,113 @@ def test_ordering_shorter_predicted_work_first_and_preempted_first() -> None:
     q.forget("e")
 
 
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_pop_after_peek_returns_the_request_peeked_whatever_the_clock_did(cls: type) -> None:
+    """vLLM allocates KV for the request ``peek_request`` gives, then runs the one
+    ``pop_request`` gives: the clock moving in between (here "A" loses its TTFT SLO while vLLM
+    allocates) must not swap them. It did: "B" ran holding no KV, and ``schedule`` raised."""
+    s = make(cls)
+    now = [4.80]
+    s.clock = lambda: now[0]
+    s.add_request(req("A", 32, 20, arrival=0.0, rl_pred_tokens=10))  # lost once now + 0.16 > 5
+    s.add_request(req("B", 100, 20, arrival=0.1, rl_pred_tokens=10))
+    allocate = s._allocate
+
+    def slow_allocate(request: Request, *args: object, **kwargs: object) -> object:
+        blocks = allocate(request, *args, **kwargs)
+        now[0] += 0.05  # vLLM's own work between the peek and the pop
+        return blocks
+
+    s._allocate = slow_allocate
+    out = s.schedule()
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["A", "B"]
+    s._allocate = allocate
+    drive(s, [out])
+    check_done(s)
+    # the queue alone: a parked request falling due between the peek and the pop
+    t = [0.0]
+    q = EcoServeRequestQueue(lambda r: r.arrival_time, clock=lambda: t[0])
+    n, parked = req("N", 8, 8, arrival=1.0), req("P", 8, 8)
+    parked.append_output_token_ids([7])
+    q.add_request(n)
+    q.parking = (parked, 0.010)
+    q.prepend_request(parked)
+    q.parking = None
+    assert q.peek_request() is n
+    t[0] = 0.011
+    assert q.pop_request() is n and q.pop_request() is parked  # due by now: next
+    # without a peek just before, the pop settles the queue at the clock's time
+    q.add_request(n)
+    q.parking = (parked, 0.020)
+    q.prepend_request(parked)
+    q.parking = None
+    t[0] = 0.021
+    assert q.pop_request() is parked
+
+
+def test_a_streaming_session_between_chunks_holds_its_kv_but_does_not_grow() -> None:
+    """vLLM's streaming-input sessions (``resumable``): between two chunks the session holds its
+    KV and waits. It stayed in the projection, growing a token per step while it waited: after
+    ~1,000 idle steps the 64-block cache admitted nothing, 61 blocks free."""
+    s = make(EcoServeVllmSyncScheduler)
+    s.clock = lambda: 0.0
+    if not hasattr(Scheduler, "_handle_stopped_request"):
+        pytest.skip("this vLLM has no streaming-input sessions")
+
+    def session(prompt: int) -> Request:
+        sp = SamplingParams(max_tokens=4, ignore_eos=True, extra_args={"rl_pred_tokens": 4})
+        return Request(request_id="session", prompt_token_ids=[1] * prompt, sampling_params=sp,
+                       pooling_params=None, arrival_time=0.0, resumable=True)
+
+    s.add_request(session(32))
+    for _ in range(8):
+        out = s.schedule()
+        s.update_from_output(out, fake_model_output(out, s, {"session": 4}))
+    assert s.requests["session"].status == RequestStatus.WAITING_FOR_STREAMING_REQ
+    assert "session" not in s.proj and s._idle_sessions == {"session"}
+    held = len(s._req_blocks["session"])
+    assert held >= 2
+    # its blocks count as held: the largest prompt admitted next to a running request is
+    # smaller by them than if they were free ...
+    s.add_request(req("a", 16, 300, rl_pred_tokens=8))
+    s.update_from_output(out := s.schedule(), fake_model_output(out, s, {"a": 300}))
+
+    def largest_prompt() -> int:
+        return max(n for n in range(BS, BS * s._usable_blocks, BS)
+                   if s._fits(req("x", n, 9, rl_pred_tokens=9), None))
+
+    counted = largest_prompt()
+    s._idle_sessions.clear()
+    assert largest_prompt() - counted == held * BS
+    s._idle_sessions.add("session")
+    s.finish_requests("a", RequestStatus.FINISHED_ABORTED)
+    # ... and requests that fit are admitted however long the session waits
+    for i in range(1200):
+        if i % 50 == 0:
+            s.add_request(req(f"r{i}", 16, 8, rl_pred_tokens=8))
+        out = s.schedule()
+        s.update_from_output(out, fake_model_output(out, s, {rid: 8 for rid in s.requests}))
+    assert [rid for rid in s.requests if rid != "session"] == []
+    # the next chunk is admitted (entering the projection again), then the session ends
+    s.add_request(session(8))
+    out = s.schedule()
+    assert "session" in out.num_scheduled_tokens and "session" in s.proj and not s._idle_sessions
+    for _ in range(8):
+        s.update_from_output(out, fake_model_output(out, s, {"session": 4}))
+        out = s.schedule()
+    s.add_request(req("session", 1, 1))  # not resumable: the session's end
+    assert "session" not in s.requests and not s._idle_sessions and not len(s.proj)
+    # a chunk that comes while the one before runs is queued: the session is projected again
+    # when it runs (it was not: it ran and grew outside the projection)
+    s.add_request(session(32))
+    s.update_from_output(out := s.schedule(), fake_model_output(out, s, {"session": 4}))
+    s.add_request(session(8))
+    for _ in range(4):  # three tokens of the first chunk, then the second's prefill
+        s.update_from_output(out := s.schedule(), fake_model_output(out, s, {"session": 10**6}))
+    assert s.requests["session"].status == RequestStatus.RUNNING and out.num_scheduled_tokens["session"] == 8
+    assert "session" in s.proj and not s._idle_sessions
+
+
 def _victim_setup(cls: type) -> Scheduler:
     """Three under-predicted requests in a KV cache that runs out while they decode."""
     s = make(cls, num_blocks=11)
