@@ -31,6 +31,7 @@ from rlpredict.data import attach_rl, load_samples
 from rlpredict.serve.calibrate import held_out
 from rlpredict.serve.conformal import QuantileCalibration
 from rlpredict.serve.runtime import Predictor
+from rlpredict.splits import RECORDLESS_RULE, group_keys, recorded_split
 
 
 def main() -> None:
@@ -45,13 +46,13 @@ def main() -> None:
     p = Predictor.load(args.model)
     samples, load = load_samples(args.data)
     pool, how = held_out(samples, p.bundle.manifest, "test", None, None)
-    if len({s.group for s in pool}) < 2:
+    groups = np.array(group_keys(pool, recorded_split(p.bundle.manifest).get("rule", RECORDLESS_RULE)))
+    if len(set(groups)) < 2:
         sys.exit(f"{', '.join(map(str, args.data))}: {len(pool)} held-out prompts; the splits need rows of at "
                  "least two held-out conversations")
     attach_rl(pool, p.bundle.rl_tokenizer)
     probs = p.predict_arrays([s.messages for s in pool], [s.generator for s in pool]).probs
     rl = np.array([s.rl_tokens for s in pool], dtype=float)
-    groups = np.array([s.group for s in pool])
     src = np.array([s.source for s in pool])
     q, scheme = args.q, p.scheme
     print(f"## Calibrated q{q}: {p.bundle.name}, {len(pool)} held-out prompts in "

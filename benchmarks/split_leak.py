@@ -6,7 +6,9 @@ The group split keeps each conversation (``conversation_id``) on one side, but a
 hold the same conversation under several ids. This takes the bundle's recorded split of
 ``--data``, counts the held-out rows whose context (every message before the response) and
 response both appear on the training side, and scores the bundle (stacked, and its encoder and
-TF-IDF head alone when it has one) on all held-out rows, on those copies and on the rest.
+TF-IDF head alone when it has one) on all held-out rows, on those copies and on the rest. Then
+it counts the copies under each split rule (``rlpredict.splits.SPLIT_RULES``) at the same
+``test_frac`` and seed: ``copies``, the default for new trainings, leaves none by construction.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from rlpredict.cli_boundary import run_script
 from rlpredict.data import attach_rl, load_samples
 from rlpredict.serve.runtime import Predictor
-from rlpredict.splits import recorded_split, split_by_group
+from rlpredict.splits import SPLIT_RULES, recorded_split, split_by_group
 from rlpredict.train.metrics import rl_metrics
 
 
@@ -35,18 +37,22 @@ def main() -> None:
     if split.get("test_frac") is None:
         raise SystemExit(f"{p.bundle.path}: the bundle records no training split")
     samples, load = load_samples(args.data)
-    train, test = split_by_group(samples, float(split["test_frac"]), int(split.get("seed", 0)))
+    frac, seed, rule = float(split["test_frac"]), int(split.get("seed", 0)), split["rule"]
 
     def context(s: object) -> str:
         return json.dumps(s.messages, sort_keys=True)  # type: ignore[attr-defined]
 
-    seen: dict[str, set[str]] = {}
-    for s in train:
-        seen.setdefault(context(s), set()).add(s.response)
-    copy = np.array([s.response in seen.get(context(s), ()) for s in test])
+    def copies(rule: str) -> tuple[list, np.ndarray]:
+        train, test = split_by_group(samples, frac, seed, rule)
+        seen: dict[str, set[str]] = {}
+        for s in train:
+            seen.setdefault(context(s), set()).add(s.response)
+        return test, np.array([s.response in seen.get(context(s), ()) for s in test], dtype=bool)
+
+    test, copy = copies(rule)
     groups = {s.group for s, c in zip(test, copy, strict=True) if c}
     print(f"{p.bundle.name} on {', '.join(map(str, args.data))} ({load.summary()}): split test_frac "
-          f"{split['test_frac']}, seed {split.get('seed', 0)}; {len(test)} held-out rows, {int(copy.sum())} "
+          f"{frac}, seed {seed}, rule {rule}; {len(test)} held-out rows, {int(copy.sum())} "
           f"({copy.mean():.1%}) are copies of a training-side row (context and response), from "
           f"{len(groups)} of {len({s.group for s in test})} held-out conversations\n")
     attach_rl(test, p.bundle.rl_tokenizer)
@@ -65,6 +71,12 @@ def main() -> None:
                 r = rl_metrics(rl[m], pr[m], p.scheme)
                 print(f"| {name} | {rows} | {int(m.sum())} | {r['mae']:.1f} | {r['kendall_tau']:.3f} | "
                       f"{r['bucket_acc']:.3f} |")
+    print("\n| split rule | held-out rows | copies of a training row |")
+    print("|---|---:|---:|")
+    for other in SPLIT_RULES:
+        held, c = (test, copy) if other == rule else copies(other)
+        print(f"| {other}{' (the bundle' + chr(39) + 's)' if other == rule else ''} | {len(held)} | "
+              f"{int(c.sum())} ({c.mean():.1%}) |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,16 @@
-"""Train/test splits by group (conversation or prompt id), never by row.
+"""Train/test splits by group, never by row.
 
-A group goes to the test side when a salted hash of its id falls below ``test_frac``: stable
-across runs and machines, independent of row order, and no prompt lands on both sides.
+A group goes to the test side when a salted hash of its key falls below ``test_frac``: stable
+across runs and machines, independent of row order, and no group lands on both sides. The
+rule (``SPLIT_RULES``) says what a group is:
+
+- ``id``: the log's own id (``conversation_id``, ``prompt_id``; a row with none, its location).
+  A log that holds one conversation under several ids puts copies on both sides: 14.8% of the
+  shipped bundle's ShareGPT held-out rows copy a training row (``benchmarks/split_leak.py``).
+- ``copies``: the ``id`` groups, joined wherever one row (its context and response) appears in
+  two of them. A joined group takes the key of its smallest id, so where a log holds no copies
+  the split is the ``id`` split, row for row. The default for new trainings; a split that
+  records no rule (every bundle before this one existed) is an ``id`` split.
 """
 
 from __future__ import annotations
@@ -13,21 +22,50 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+SPLIT_RULES = ("id", "copies")
+#: the rule of a split that records none
+RECORDLESS_RULE = "id"
+
 
 def in_test(group: str, test_frac: float, seed: int = 0) -> bool:
     h = int.from_bytes(hashlib.sha256(f"{seed}:{group}".encode()).digest()[:8], "big")
     return h / 2**64 < test_frac
 
 
+def group_keys(samples: Sequence[Any], rule: str = RECORDLESS_RULE) -> list[str]:
+    """Each sample's group key under ``rule`` (see the module docstring)."""
+    if rule == "id":
+        return [s.group for s in samples]
+    if rule != "copies":
+        raise ValueError(f"split rule {rule!r}: choose from {', '.join(SPLIT_RULES)}")
+    # union-find over ids (0, id) and rows (1, digest); a root is its set's smallest node, so
+    # an id, the smallest of the set's ids
+    parent: dict[tuple[int, str], tuple[int, str]] = {}
+
+    def root(x: tuple[int, str]) -> tuple[int, str]:
+        while (up := parent.setdefault(x, x)) != x:
+            parent[x] = parent.setdefault(up, up)  # halve the path
+            x = parent[x]
+        return x
+
+    for s in samples:
+        row = hashlib.sha256(json.dumps([s.messages, s.response], sort_keys=True, ensure_ascii=False)
+                             .encode("utf-8", "surrogatepass")).hexdigest()
+        a, b = root((0, s.group)), root((1, row))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return [root((0, s.group))[1] for s in samples]
+
+
 def split_by_group(items: Sequence[T], test_frac: float = 0.1, seed: int = 0,
-                   key=lambda s: s.group) -> tuple[list[T], list[T]]:
-    """(train, test) with every group wholly on one side."""
+                   rule: str = RECORDLESS_RULE) -> tuple[list[T], list[T]]:
+    """(train, test) with every group (``group_keys`` under ``rule``) wholly on one side."""
     if not 0.0 < test_frac < 1.0:
         raise ValueError(f"test_frac must be in (0, 1), got {test_frac}")
     train: list[T] = []
     test: list[T] = []
-    for s in items:
-        (test if in_test(key(s), test_frac, seed) else train).append(s)
+    for s, key in zip(items, group_keys(items, rule), strict=True):
+        (test if in_test(key, test_frac, seed) else train).append(s)
     return train, test
 
 
@@ -43,12 +81,24 @@ def rows_sha256(samples: Sequence[Any]) -> str:
 
 
 def recorded_split(manifest: object) -> dict:
-    """The train/test split a bundle's manifest recorded (``{test_frac, seed}``; {} if none):
-    its evaluation's, else the one ``rlpredict export`` copied from training."""
+    """The train/test split a bundle's manifest recorded (``{test_frac, seed, rule}``; {} if
+    none): its evaluation's, else the one ``rlpredict export`` copied from training (first, if
+    the evaluation scored every row: ``eval --split all``). A record without a rule gets
+    ``RECORDLESS_RULE``; an unknown rule is a ``ValueError``."""
     if not isinstance(manifest, dict):
         return {}
-    split = (manifest.get("evaluation") or {}).get("split") or manifest.get("training_split") or {}
-    return split if isinstance(split, dict) else {}
+    evaluated = (manifest.get("evaluation") or {}).get("split")
+    trained = manifest.get("training_split")
+    if isinstance(evaluated, dict) and evaluated.get("mode") == "all" and trained:
+        evaluated = None
+    split = evaluated or trained or {}
+    if not isinstance(split, dict) or not split:
+        return {}
+    rule = split.get("rule", RECORDLESS_RULE)
+    if rule not in SPLIT_RULES:
+        raise ValueError(f"the bundle's manifest records split rule {rule!r}, which this version does not "
+                         f"know ({', '.join(SPLIT_RULES)}): use the rlpredict that made the bundle")
+    return {**split, "rule": rule}
 
 
 def check_same_split(recorded: dict, given: dict[str, tuple[str, object]], fix: str) -> None:

@@ -4,7 +4,9 @@
         ../shared/data/sharegpt_v3/sharegpt_v3.jsonl.gz:conversation_id \
         ../shared/data/alpaca_eval_outputs/alpaca_eval_outputs.jsonl.gz:prompt_id
 
-Uses the same group split as training (test_frac 0.1, seed 0), so no row was trained on.
+Uses the shipped recipe's split (test_frac 0.1, seed 0, split_rule "id"), so no row was trained on.
+A recipe split by "copies" (the default) joins ids that share a row: some rows written here
+may then be on its training side.
 """
 
 from __future__ import annotations

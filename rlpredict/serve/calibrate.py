@@ -25,7 +25,13 @@ from rlpredict.serve.conformal import (
     check_quantiles,
     coverage_table,
 )
-from rlpredict.splits import check_same_split, recorded_split, split_by_group
+from rlpredict.splits import (
+    RECORDLESS_RULE,
+    check_same_split,
+    group_keys,
+    recorded_split,
+    split_by_group,
+)
 
 CARD = "MODEL_CARD.md"
 CHECK_SALT = 7919  # the calibration/check division must not repeat the train/test one
@@ -48,8 +54,9 @@ def held_out(samples: Sequence[Sample], manifest: dict, split: str, test_frac: f
     if test_frac is None:
         raise ValueError("the bundle records no train/test split; pass --test-frac and --seed as "
                          "used in training, or --split all for logs the model never saw")
-    _, test = split_by_group(samples, float(test_frac), int(seed))
-    return test, f"held-out side of the training split (test_frac {test_frac}, seed {seed})"
+    rule = recorded.get("rule", RECORDLESS_RULE)
+    _, test = split_by_group(samples, float(test_frac), int(seed), rule)
+    return test, f"held-out side of the training split (test_frac {test_frac}, seed {seed}, rule {rule})"
 
 
 def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | Path, *,
@@ -74,7 +81,10 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
         log(line)
     pool, how = held_out(samples, p.bundle.manifest, split, test_frac, seed)
     attach_rl(pool, p.bundle.rl_tokenizer)
-    fit_part, check_part = split_by_group(pool, check_frac, (seed or 0) + CHECK_SALT)
+    # the fit and check parts by the bundle's split rule: copies of one row on both would
+    # flatter the check
+    rule = recorded_split(p.bundle.manifest).get("rule", RECORDLESS_RULE)
+    fit_part, check_part = split_by_group(pool, check_frac, (seed or 0) + CHECK_SALT, rule)
     if not fit_part or not check_part:
         raise ValueError(f"{len(pool)} held-out samples are too few to calibrate and check")
     log(f"calibrating on {len(fit_part)} samples, checking on {len(check_part)} ({how})")
@@ -85,7 +95,7 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
     scheme = p.scheme
     cal = QuantileCalibration.fit(scheme, probs_of(fit_part), [s.rl_tokens for s in fit_part], qs,
                                   min_group=min_group, source=f"{_sources(fit_part)}: {how}",
-                                  confidence=confidence, clusters=[s.group for s in fit_part])
+                                  confidence=confidence, clusters=group_keys(fit_part, rule))
     check_probs = probs_of(check_part)
     check_rl = np.array([s.rl_tokens for s in check_part])
     src = np.array([s.source for s in check_part])

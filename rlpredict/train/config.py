@@ -31,6 +31,10 @@ class TrainConfig:
     test_frac: float = 0.1
     """Share of groups (conversations / prompts) held out for evaluation."""
     split_seed: int = 0
+    split_rule: Literal["id", "copies"] = "copies"
+    """What a group is (``rlpredict.splits``): ``id``, the log's conversation or prompt id;
+    ``copies``, those ids joined wherever one row appears under two (the same split where no
+    row does)."""
     max_rows: int | None = None
     """Subsample the training side to at most this many samples (None: all)."""
     max_rows_per_source: int | None = None

@@ -19,7 +19,7 @@ from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.inputs import InputSpec, build_text, lexical_text
 from rlpredict.json_file import read_json
 from rlpredict.outputs import output_dir, write_text_atomic
-from rlpredict.splits import split_by_group
+from rlpredict.splits import RECORDLESS_RULE, SPLIT_RULES, split_by_group
 from rlpredict.train.baselines import BASELINES
 from rlpredict.train.encoders import check_positions
 from rlpredict.train.metrics import confusion, quantile_tag, rl_metrics
@@ -61,8 +61,8 @@ def predict_proba_torch(model_dir: str | Path, texts: Sequence[str], spec: Input
 
 def recorded_split(path: Path) -> dict:
     """The held-out split ``rlpredict train`` recorded in ``training_summary.json``
-    (``{test_frac, seed}``, and ``train_rows_sha256`` if recorded; {} without the file or the record); ``ValueError`` naming the file
-    if a value is of the wrong kind."""
+    (``{test_frac, seed, rule}``, and ``train_rows_sha256`` if recorded; {} without the file or the record; ``rule``
+    ``RECORDLESS_RULE`` if not recorded); ``ValueError`` naming the file if a value is of the wrong kind."""
     if not path.is_file():
         return {}
     summary = read_json(path)
@@ -75,12 +75,16 @@ def recorded_split(path: Path) -> dict:
         raise ValueError(f"{path}: field 'data.split.test_frac' must be a number in (0, 1), got {frac!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"{path}: field 'data.split.seed' must be a whole number >= 0, got {seed!r}")
+    rule = split.get("rule", RECORDLESS_RULE)
+    if rule not in SPLIT_RULES:
+        raise ValueError(f"{path}: field 'data.split.rule' must be one of {', '.join(SPLIT_RULES)}, got {rule!r}")
     rows = split.get("train_rows_sha256")  # the encoder's training rows (``splits.rows_sha256``)
-    return {"test_frac": frac, "seed": seed, **({"train_rows_sha256": rows} if isinstance(rows, str) else {})}
+    return {"test_frac": frac, "seed": seed, "rule": rule,
+            **({"train_rows_sha256": rows} if isinstance(rows, str) else {})}
 
 
 def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split: str = "test",
-             test_frac: float | None = None, split_seed: int | None = None,
+             test_frac: float | None = None, split_seed: int | None = None, split_rule: str | None = None,
              baselines: Sequence[str] = tuple(BASELINES), baseline_data: Sequence[str | Path] = (),
              meta: ModelMeta | None = None, on_error: str = "fail", reserve_quantile: float = 0.9,
              progress: bool = False) -> tuple[dict, dict[str, np.ndarray], list[Sample]]:
@@ -88,7 +92,8 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
 
     ``split="test"``: apply the model's recorded group split to ``data`` and score its held-out
     side (baselines train on the other side). ``split="all"``: score every row of ``data``
-    (baselines then train on ``baseline_data``).
+    (baselines then train on ``baseline_data``). ``split_rule``: the model's recorded rule, else
+    ``RECORDLESS_RULE``.
     """
     if model_dir is not None:
         meta = ModelMeta.load(model_dir)
@@ -96,13 +101,15 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
         recorded = recorded_split(Path(model_dir) / "training_summary.json")
         test_frac = test_frac if test_frac is not None else recorded.get("test_frac", 0.1)
         split_seed = split_seed if split_seed is not None else recorded.get("seed", 0)
+        split_rule = split_rule or recorded.get("rule")
+    split_rule = split_rule or RECORDLESS_RULE
     if meta is None:
         raise ValueError("give a model folder, or a ModelMeta to score baselines alone")
     samples, load_report = load_samples(data, on_error=on_error)  # type: ignore[arg-type]
     attach_rl(samples, meta.rl_tokenizer)
     baseline_report = None
     if split == "test":
-        train, test = split_by_group(samples, test_frac or 0.1, split_seed or 0)
+        train, test = split_by_group(samples, test_frac or 0.1, split_seed or 0, split_rule)
     elif split == "all":
         test = samples
         train = []
@@ -141,7 +148,7 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
         "input": spec.to_dict(),
         "bucket_edges": [None if math.isinf(e) else e for e in scheme.edges],
         "split": {"mode": split, "test_frac": test_frac, "seed": split_seed,
-                  "train_samples": len(train), "test_samples": len(test)},
+                  "rule": split_rule, "train_samples": len(train), "test_samples": len(test)},
         "load": load_report.summary(),
         "skipped_examples": load_report.examples,
         **({"baseline_load": baseline_report.summary(), "baseline_skipped_examples": baseline_report.examples}

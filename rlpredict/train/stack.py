@@ -232,7 +232,8 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
             "run `rlpredict calibrate` on the stacked bundle")
     check_same_split(recorded_split(pred.bundle.manifest),
                      {"test_frac": ("the recipe's test_frac", cfg.test_frac),
-                      "seed": ("the recipe's split_seed", cfg.split_seed)},
+                      "seed": ("the recipe's split_seed", cfg.split_seed),
+                      "rule": ("the recipe's split_rule", cfg.split_rule)},
                      "give the recipe the bundle's encoder was trained with")
     train_side, enc_train, test, cfg_scheme = load_split(cfg, log)
     if not test:  # checked before the fits: the stacked bundle is scored on this side
@@ -299,7 +300,8 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
         rl = np.array([s.rl_tokens for s in test], dtype=float)
         src = np.array([s.source for s in test])
         probs = {"stacked": te_stacked, "encoder": te_enc, "tfidf_logreg": te_tfidf}
-        evaluation = {"split": {"test_frac": cfg.test_frac, "seed": cfg.split_seed, "test_samples": len(test)},
+        evaluation = {"split": {"test_frac": cfg.test_frac, "seed": cfg.split_seed, "rule": cfg.split_rule,
+                                "test_samples": len(test)},
                       "reserve_quantile": q,
                       "all": {m: rl_metrics(rl, p, scheme, q) for m, p in probs.items()},
                       "sources": {s: {m: rl_metrics(rl[src == s], p[src == s], scheme, q) for m, p in probs.items()}

@@ -93,7 +93,7 @@ def check_has_data(cfg: TrainConfig) -> None:
 def subsample(cfg: TrainConfig, samples: list[Sample], report: LoadReport) -> tuple[Prepared, list[Sample]]:
     """``prepare`` on loaded samples (RL attached): the group split, the seeded subsample of the
     training side, the scheme; also the whole training side (``rlpredict stack`` fits on it)."""
-    train, test = split_by_group(samples, cfg.test_frac, cfg.split_seed)
+    train, test = split_by_group(samples, cfg.test_frac, cfg.split_seed, cfg.split_rule)
     side = train
     rng = random.Random(cfg.seed)
     if cfg.max_rows_per_source:
@@ -513,7 +513,7 @@ def _summary(cfg: TrainConfig, prep: Prepared, scheme: BucketScheme, *, step: in
                  "training_side_samples": prep.training_side,
                  "train_sources": dict(sorted(_count_by(prep.train, "source").items())),
                  "split": {"by": "group (conversation_id / prompt_id / context hash)",
-                           "test_frac": cfg.test_frac, "seed": cfg.split_seed,
+                           "rule": cfg.split_rule, "test_frac": cfg.test_frac, "seed": cfg.split_seed,
                            "train_rows_sha256": rows_sha256(prep.train)}},
         "buckets": {"edges": [None if math.isinf(e) else e for e in scheme.edges], "train_counts": list(scheme.counts)},
         "steps": step, "steps_this_run": steps_run, "examples_seen": seen,

@@ -157,8 +157,8 @@ def test_stack_refuses_a_recipe_split_other_than_the_bundles(bundle_fp32, tmp_pa
     from rlpredict.train.stack import stack_bundle
 
     recorded = _rewrite(bundle_fp32, tmp_path / "b", lambda m, _: m.update(training_split={"test_frac": 0.25, "seed": 0}))
-    for field, value in (("test_frac", 0.3), ("split_seed", 5)):
-        split = {"test_frac": 0.25, "split_seed": 0, field: value}
+    for field, value in (("test_frac", 0.3), ("split_seed", 5), ("split_rule", "copies")):  # no rule recorded: id
+        split = {"test_frac": 0.25, "split_seed": 0, "split_rule": "id", field: value}
         cfg = TrainConfig(data=[str(p) for p in SAMPLE_FILES.values()], max_rows_per_source=150,
                           input_mode="history", max_length=48, **split)
         with pytest.raises(ValueError, match=f"the recipe's {field} {value} differs from the split the bundle"):
@@ -238,7 +238,7 @@ def test_stack_refuses_a_recipe_whose_subsample_is_not_the_encoders(bundle_fp32,
     files = [str(p) for p in SAMPLE_FILES.values()]
     recipe = {"test_frac": 0.25, "max_rows_per_source": 150, "input_mode": "history", "max_length": 48}
     enc_train = load_split(TrainConfig(data=files, **recipe), lambda _: None)[1]
-    split = {"test_frac": 0.25, "seed": 0, "train_rows_sha256": rows_sha256(enc_train)}
+    split = {"test_frac": 0.25, "seed": 0, "rule": "copies", "train_rows_sha256": rows_sha256(enc_train)}
     recorded = _rewrite(bundle_fp32, tmp_path / "b", lambda m, _: m.update(training_split=split))
     for change in ({"seed": 1}, {"max_rows_per_source": 120}, {"data": files[::-1]}):
         cfg = TrainConfig(**{"data": files, **recipe, **change})

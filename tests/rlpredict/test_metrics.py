@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rlpredict.buckets import BucketScheme
-from rlpredict.splits import split_by_group
+from rlpredict.splits import SPLIT_RULES, recorded_split, split_by_group
 from rlpredict.train.metrics import confusion, quantile_tag, rl_metrics
 
 
@@ -39,12 +43,42 @@ def test_kendall_tau_perfect_and_constant(scheme):
     assert rl_metrics(rl, np.tile([0.2, 0.5, 0.3], (3, 1)), scheme)["kendall_tau"] == 0.0
 
 
-def test_split_by_group_never_leaks():
-    items = [(f"g{i % 50}", i) for i in range(1000)]
-    train, test = split_by_group(items, 0.2, seed=3, key=lambda x: x[0])
-    assert {g for g, _ in train}.isdisjoint({g for g, _ in test})
+def _row(group: str, prompt: str, response: str) -> SimpleNamespace:
+    return SimpleNamespace(group=group, messages=[{"role": "user", "content": prompt}], response=response)
+
+
+@pytest.mark.parametrize("rule", SPLIT_RULES)
+def test_split_by_group_never_leaks(rule):
+    items = [_row(f"g{i % 50}", f"q{i}", "a") for i in range(1000)]
+    train, test = split_by_group(items, 0.2, seed=3, rule=rule)
+    assert {s.group for s in train}.isdisjoint({s.group for s in test})
     assert len(train) + len(test) == 1000 and 0.05 < len(test) / 1000 < 0.4
-    assert split_by_group(items, 0.2, seed=3, key=lambda x: x[0]) == (train, test)
+    assert split_by_group(items, 0.2, seed=3, rule=rule) == (train, test)
+    assert split_by_group(items[::-1], 0.2, seed=3, rule=rule) == (train[::-1], test[::-1])
+    with pytest.raises(ValueError, match="split rule 'start': choose from id, copies"):
+        split_by_group(items, 0.2, rule="start")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 6), st.integers(0, 1)), min_size=1, max_size=40),
+       st.integers(0, 5))
+def test_the_copies_rule_joins_ids_that_share_a_row_and_is_the_id_split_elsewhere(rows, seed):
+    """A row (context and response) under two ids puts both ids on one side; where no row is
+    under two ids, the split is the id split, row for row."""
+    items = [_row(f"c{g}", f"q{p}", f"a{r}") for g, p, r in rows]
+    train, test = split_by_group(items, 0.5, seed, "copies")
+    held = {id(s) for s in test}
+    side = {id(s): id(s) in held for s in items}
+    content = lambda s: (s.messages[0]["content"], s.response)  # noqa: E731
+    for a in items:
+        for b in items:
+            if a.group == b.group or content(a) == content(b):
+                assert side[id(a)] == side[id(b)]
+    ids_of: dict[tuple, set] = {}
+    for s in items:
+        ids_of.setdefault(content(s), set()).add(s.group)
+    if all(len(v) == 1 for v in ids_of.values()):
+        assert (train, test) == split_by_group(items, 0.5, seed, "id")
 
 
 def test_quantile_names_are_annotates():
@@ -61,3 +95,15 @@ def test_stack_report_at_the_recipes_quantile(scheme):
     m = rl_metrics(np.array([50, 150, 300]), np.eye(3), scheme, 0.95)
     table = markdown({"reserve_quantile": 0.95, "all": {"stacked": m}, "sources": {}})  # was a KeyError
     assert "cover q95" in table  # ... at the end of `rlpredict stack`, which then wrote nothing
+
+
+def test_a_split_recorded_without_a_rule_is_an_id_split():
+    assert recorded_split({"training_split": {"test_frac": 0.1, "seed": 0}})["rule"] == "id"
+    assert recorded_split({"evaluation": {"split": {"test_frac": 0.1, "seed": 0, "rule": "copies"}}})["rule"] == "copies"
+    assert recorded_split({}) == {} and recorded_split(None) == {}
+    # an `eval --split all` record (it scored every row) gives way to the training split's
+    both = {"evaluation": {"split": {"mode": "all", "test_frac": 0.1, "seed": 0}},
+            "training_split": {"test_frac": 0.1, "seed": 0, "rule": "copies"}}
+    assert recorded_split(both)["rule"] == "copies"
+    with pytest.raises(ValueError, match="records split rule 'later'"):
+        recorded_split({"training_split": {"test_frac": 0.1, "rule": "later"}})

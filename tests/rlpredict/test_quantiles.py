@@ -238,3 +238,32 @@ def test_label_shift_alone_is_a_note_not_drift() -> None:
     assert not row["problems"] and row["notes"][0].startswith("response lengths shifted by TV 0.800")
     row = group_report("generator=m", np.array([[0.1, 0.1, 0.8]] * 400), rl, None, [], ref, scheme, DriftBounds())
     assert row["problems"][0].startswith("predicted distribution off by TV")  # this one is drift
+
+
+def test_calibrate_splits_fit_and_check_by_the_bundles_rule(bundle_fp32: Path, tmp_path: Path, monkeypatch) -> None:
+    """A bundle split by ``copies`` is calibrated on its ``copies`` held-out side, and that side
+    is cut into fit and check parts by the same rule: cut by id, copies of one row landed on
+    both and flattered the check (215 of 4,220 ShareGPT check rows)."""
+    import rlpredict.serve.calibrate as cal
+    from rlpredict.serve.bundle import write_manifest
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle_fp32, b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["training_split"] = {"test_frac": 0.5, "seed": 0, "rule": "copies"}
+    m["evaluation"] = {"split": {"mode": "all", "test_frac": 0.5, "seed": 0}}  # eval --split all: no rule
+    m["files"] = list(m["files"])
+    write_manifest(b, m)
+    rules: list[str] = []
+    split = cal.split_by_group
+
+    def spy(items, frac, seed, rule="id"):
+        rules.append(rule)
+        return split(items, frac, seed, rule)
+
+    monkeypatch.setattr(cal, "split_by_group", spy)
+    for mode in ("test", "all"):
+        r = CliRunner().invoke(app, ["calibrate", "--model", str(b), "--data", str(DATA[0]), "--data", str(DATA[1]),
+                                     "--split", mode, "--out", str(tmp_path / mode), "--min-group", "20"])
+        assert r.exit_code == 0, r.output
+    assert rules == ["copies"] * 3  # held-out side (test), fit/check (test), fit/check (all)

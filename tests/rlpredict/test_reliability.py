@@ -624,7 +624,7 @@ def test_calibrate_keeps_the_recorded_split():
         held_out([], manifest, "test", None, 3)
     with pytest.raises(ValueError, match="--split all uses every row"):
         held_out([], manifest, "all", 0.5, None)
-    assert held_out([], manifest, "test", 0.1, 0)[1].endswith("(test_frac 0.1, seed 0)")
+    assert held_out([], manifest, "test", 0.1, 0)[1].endswith("(test_frac 0.1, seed 0, rule id)")
 
 
 def _labelled(tmp_path: Path) -> Path:
@@ -806,8 +806,9 @@ def test_an_exported_bundle_records_the_training_split(tiny_model_dir, tmp_path)
     shutil.copytree(tiny_model_dir, model)
     (model / "training_summary.json").write_text('{"data": {"split": {"test_frac": 0.2, "seed": 4}}}')
     manifest = export_bundle(model, tmp_path / "b", parity_n=4)
-    assert manifest["training_split"] == {"test_frac": 0.2, "seed": 4}  # without an `eval` report
-    assert held_out([], manifest, "test", None, None)[1].endswith("(test_frac 0.2, seed 4)")
+    # without an `eval` report; a summary without a rule was an `id` split, said in the bundle
+    assert manifest["training_split"] == {"test_frac": 0.2, "seed": 4, "rule": "id"}
+    assert held_out([], manifest, "test", None, None)[1].endswith("(test_frac 0.2, seed 4, rule id)")
 
 
 @pytest.mark.parametrize("content", ['{"version": "1.0", ', '{"a": 1}'])
@@ -951,3 +952,13 @@ def test_the_position_check_follows_the_encoders_position_scheme(tmp_path, confi
     if too_long is not None:
         with pytest.raises(ValueError, match=f"max_length {too_long} exceeds the encoder's {ok} positions"):
             check_positions(tmp_path, too_long, "enc")
+
+
+def test_predict_says_what_pred_and_reserve_are(bundle_fp32):
+    """The default reserve (the predicted bucket's reservation) can be below pred (the
+    distribution's median): the table says which is which."""
+    for args, reserve in (((), "reservation"), (("--reserve-quantile", "0.9"), "0.9 quantile")):
+        res = run("predict", "-m", bundle_fp32, *args, "hi")
+        assert res.exit_code == 0, res.output
+        text = " ".join(res.output.split())
+        assert "pred: the predicted distribution's median" in text and reserve in text
