@@ -23,6 +23,7 @@ run-to-run difference (same trace, same engine, |run i - run j| / run j) is the 
     python benchmarks/sim_vs_transformers.py                 # calibration (~80 s) + 4 engine runs
     python benchmarks/sim_vs_transformers.py --rate 2 --repeats 3
     python benchmarks/sim_vs_transformers.py --profile ecoserve_sched/profiles/calibrated/small-llama-transformers-cpu.json
+    python benchmarks/sim_vs_transformers.py --device cuda --model CONFIG.json --rate 12 --requests 120
 """
 
 from __future__ import annotations
@@ -38,7 +39,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ecoserve_sched.calibrate import calibrate, chat_lengths, load_model  # noqa: E402
+from ecoserve_sched.calibrate import (  # noqa: E402
+    CalibrationError,
+    calibrate,
+    chat_lengths,
+    check_setup,
+    load_model,
+)
 from ecoserve_sched.cost_model import CostModel, fit_profile, load_profile  # noqa: E402
 from ecoserve_sched.engines.transformers_cb import EngineRun, GenRequest, TransformersEngine  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
@@ -119,7 +126,9 @@ def main() -> None:
     ap.add_argument("--kv-blocks", type=arg_number(int, 1), default=96, help="KV blocks of 16 tokens")
     ap.add_argument("--token-budget", type=arg_number(int, 1), default=512)
     ap.add_argument("--max-running", type=arg_number(int, 1), default=32)
-    ap.add_argument("--threads", type=arg_number(int, 1), default=1)
+    ap.add_argument("--threads", type=arg_number(int, 1), default=None,
+                    help="torch CPU threads (default: 1 on CPU, torch's own with a GPU)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the model runs in bfloat16 on a GPU)")
     ap.add_argument("--seed", type=arg_number(int, 0), default=0)
     args = ap.parse_args()
     from ecoserve_sched.policies import policy_names
@@ -127,22 +136,28 @@ def main() -> None:
     if unknown := [p for p in args.policies if p not in policy_names()]:
         ap.error(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(sorted(policy_names()))}")
 
+    try:
+        check_setup(args.device)
+    except CalibrationError as e:
+        raise SystemExit(str(e)) from None
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     if args.profile:
         cost = load_profile(args.profile)
     else:
         t = time.perf_counter()
-        cal = calibrate(args.model, "cpu", args.grid, token_budget=args.token_budget)
+        cal = calibrate(args.model, args.device, args.grid, token_budget=args.token_budget)
         cost = cal.profile
         print(f"calibrated on this host in {time.perf_counter() - t:.0f}s:\n{cal.report()}\n")
-    model = load_model(args.model, "cpu")
+    model = load_model(args.model, args.device)
     trace = make_trace(args.requests, args.rate, args.seed, model.config.vocab_size)
     print(f"trace: {len(trace)} requests, Poisson {args.rate:g}/s, prompt mean "
           f"{np.mean([len(g.prompt_ids) for g in trace]):.0f}, output mean "
           f"{np.mean([g.max_new_tokens for g in trace]):.0f} tokens; profile {cost.name}; "
-          f"KV {args.kv_blocks} x 16 tokens, budget {args.token_budget}, {args.threads} thread(s), "
+          f"KV {args.kv_blocks} x 16 tokens, budget {args.token_budget}, "
+          f"{args.device}, {torch.get_num_threads()} CPU thread(s), "
           f"{args.repeats} real run(s) per policy\n")
     TransformersEngine(model, "vllm", kv_blocks=64, token_budget=256).generate(trace[:4])  # warm-up
     rows, floors = [], {}

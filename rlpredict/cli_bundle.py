@@ -190,7 +190,11 @@ def predict(
         return
     from rich.table import Table
 
-    table = Table(title=escape(f"{p.bundle.name} ({p.bundle.precision}; RL in {p.bundle.rl_tokenizer} tokens)"))
+    reserve = ("the predicted bucket's reservation" if p.reserve_quantile is None
+               else f"the distribution's {p.reserve_quantile:g} quantile")
+    table = Table(title=escape(f"{p.bundle.name} ({p.bundle.precision}; RL in {p.bundle.rl_tokenizer} tokens)"),
+                  caption=f"pred: the predicted distribution's median; reserve: {reserve}"
+                          f"{' plus the margin' if p.margin else ''}; p: the bucket's probability")
     for col in ("#", "bucket", "range", "pred", "reserve", "p"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("prompt")
