@@ -8,9 +8,11 @@ rule (``SPLIT_RULES``) says what a group is:
   A log that holds one conversation under several ids puts copies on both sides: 14.8% of the
   shipped bundle's ShareGPT held-out rows copy a training row (``benchmarks/split_leak.py``).
 - ``copies``: the ``id`` groups, joined wherever one row (its context and response) appears in
-  two of them. A joined group takes the key of its smallest id, so where a log holds no copies
-  the split is the ``id`` split, row for row. The default for new trainings; a split that
-  records no rule (every bundle before this one existed) is an ``id`` split.
+  two of them; a joined group is held out only if each of its ids would be. So where a log holds
+  no copies the split is the ``id`` split, row for row, and rows added to a log can move rows to
+  the training side, never off it: a model's training rows stay there when ``eval`` or
+  ``calibrate`` reads more data than the training did. The default for new trainings; a split
+  that records no rule (every bundle before this one existed) is an ``id`` split.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def in_test(group: str, test_frac: float, seed: int = 0) -> bool:
 
 
 def group_keys(samples: Sequence[Any], rule: str = RECORDLESS_RULE) -> list[str]:
-    """Each sample's group key under ``rule`` (see the module docstring)."""
+    """Each sample's group under ``rule`` (see the module docstring), named by its smallest id."""
     if rule == "id":
         return [s.group for s in samples]
     if rule != "copies":
@@ -59,13 +61,20 @@ def group_keys(samples: Sequence[Any], rule: str = RECORDLESS_RULE) -> list[str]
 
 def split_by_group(items: Sequence[T], test_frac: float = 0.1, seed: int = 0,
                    rule: str = RECORDLESS_RULE) -> tuple[list[T], list[T]]:
-    """(train, test) with every group (``group_keys`` under ``rule``) wholly on one side."""
+    """(train, test) with every group (``group_keys`` under ``rule``) wholly on one side; a
+    group of several ids (``copies``) is held out only if each id is."""
     if not 0.0 < test_frac < 1.0:
         raise ValueError(f"test_frac must be in (0, 1), got {test_frac}")
+    keys = group_keys(items, rule)
+    held = {g for g in {s.group for s in items} if in_test(g, test_frac, seed)}  # type: ignore[attr-defined]
+    if rule != "id":
+        for s, key in zip(items, keys, strict=True):
+            if s.group not in held:  # type: ignore[attr-defined]
+                held.discard(key)  # a training-side id trains its whole group
     train: list[T] = []
     test: list[T] = []
-    for s, key in zip(items, group_keys(items, rule), strict=True):
-        (test if in_test(key, test_frac, seed) else train).append(s)
+    for s, key in zip(items, keys, strict=True):
+        (test if key in held else train).append(s)
     return train, test
 
 

@@ -136,7 +136,9 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
             except ValueError as e:  # too few rows or classes, empty vocabulary: say so, go on
                 skipped_baselines.append(f"{name}: {' '.join(str(e).split())}")
     elif baselines:
-        skipped_baselines = [f"{name}: no training side (--split all without --baseline-data)" for name in baselines]
+        why = ("the training side of the split is empty: every row of --data is held out" if split == "test"
+               else "no training side (--split all without --baseline-data)")
+        skipped_baselines = [f"{name}: {why}" for name in baselines]
 
     sources = sorted({s.source for s in test})
     src = np.array([s.source for s in test])

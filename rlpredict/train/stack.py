@@ -35,7 +35,7 @@ from rlpredict.inputs import LEXICAL_TEXT_CAP, InputSpec
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 from rlpredict.serve import lexical
 from rlpredict.serve.bundle import copy_files, write_manifest
-from rlpredict.splits import check_same_split, recorded_split, rows_sha256
+from rlpredict.splits import check_same_split, group_keys, recorded_split, rows_sha256
 from rlpredict.train.baselines import TfidfLogistic, TfidfRidge
 from rlpredict.train.config import TrainConfig
 from rlpredict.train.evaluate import baseline_texts, confusion_dict, encoder_texts, markdown_table
@@ -251,6 +251,10 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     if recorded is None:
         log("note: the bundle does not record its encoder's training rows (an export before December 2026): "
             "the recipe is trusted to reproduce them (the same data files, seed, max_rows and max_rows_per_source)")
+    # From here a group is the split rule's: the stacking folds must not hold one row's copies
+    # (other ids, under ``copies``) on both sides, or the out-of-fold TF-IDF sees them.
+    for s, key in zip(train_side, group_keys(train_side, cfg.split_rule), strict=True):
+        s.group = key
     stack, stack_info = stacking_rows(train_side, enc_train, stack_rows, seed)
     if not stack:
         raise ValueError("no training-side rows the encoder did not train on: nothing to fit the stacker on "

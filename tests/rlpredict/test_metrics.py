@@ -63,8 +63,8 @@ def test_split_by_group_never_leaks(rule):
 @given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 6), st.integers(0, 1)), min_size=1, max_size=40),
        st.integers(0, 5))
 def test_the_copies_rule_joins_ids_that_share_a_row_and_is_the_id_split_elsewhere(rows, seed):
-    """A row (context and response) under two ids puts both ids on one side; where no row is
-    under two ids, the split is the id split, row for row."""
+    """A row (context and response) under two ids puts both ids on one side (held out only if
+    both would be); where no row is under two ids, the split is the id split, row for row."""
     items = [_row(f"c{g}", f"q{p}", f"a{r}") for g, p, r in rows]
     train, test = split_by_group(items, 0.5, seed, "copies")
     held = {id(s) for s in test}
@@ -79,6 +79,11 @@ def test_the_copies_rule_joins_ids_that_share_a_row_and_is_the_id_split_elsewher
         ids_of.setdefault(content(s), set()).add(s.group)
     if all(len(v) == 1 for v in ids_of.values()):
         assert (train, test) == split_by_group(items, 0.5, seed, "id")
+    # rows added (the whole log where the training read part of it) move rows to the training
+    # side, never off it: a model's training rows are never scored as held out
+    for cut in range(len(items)):
+        part_train, _ = split_by_group(items[:cut], 0.5, seed, "copies")
+        assert not {id(s) for s in part_train} & held
 
 
 def test_quantile_names_are_annotates():
