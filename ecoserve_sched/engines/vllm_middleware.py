@@ -79,7 +79,8 @@ class MiddlewareConfig:
     max_body_bytes: int = 4 << 20  # larger bodies are not parsed (refused under trust)
     threads: int = 2  # prediction threads (ONNX Runtime releases the GIL)
     max_pending: int = 16  # predictions queued or running; beyond: no prediction (shed)
-    generator: str | None = None  # the served model's name for the predictor; None: "model" field
+    generator: str | None = None  # the model name for the predictor (else ECOSERVE_GENERATOR, else
+    # vLLM's served model name, as the scheduler plug-in gives it; else the request's "model")
     trust_client_hints: bool = False  # ECOSERVE_TRUST_CLIENT_HINTS: refuse unvettable bodies
 
     @classmethod
@@ -93,6 +94,8 @@ class MiddlewareConfig:
         names["trust_client_hints"] = "ECOSERVE_TRUST_CLIENT_HINTS"
         values = {name: parse_setting(var, env[var], *_LIMITS[name])
                   for name, var in names.items() if var in env}
+        if "generator" not in values and "ECOSERVE_GENERATOR" in env:  # the scheduler's, shared
+            values["generator"] = parse_setting("ECOSERVE_GENERATOR", env["ECOSERVE_GENERATOR"], str, None, None)
         return cls(**values)
 
 
@@ -277,7 +280,7 @@ class EcoServePredictMiddleware:
         try:
             loop = asyncio.get_running_loop()
             pool = self._pool if predict else self._plain_pool
-            result = await loop.run_in_executor(pool, self.rewrite, body, path, predict)
+            result = await loop.run_in_executor(pool, self.rewrite, body, path, predict, _served_name(scope))
         except Exception as e:  # a bug, or a document json cannot write back: never fail for it
             result = Rewrite(None, "error", error=e)
         finally:
@@ -286,15 +289,23 @@ class EcoServePredictMiddleware:
         if result.outcome == "error" and self.cfg.trust_client_hints:  # it may carry hints
             await self._refuse(send, 400, "the request body could not be checked for rl_* hints")
             return
+        if result.outcome == "not_json" and self.cfg.trust_client_hints and body.strip():
+            # a form in disguise (a Content-Type this check does not read as a form, that the
+            # app's form parser does) would reach the scheduler with the client's hints
+            self.counters["form_bodies"] += 1
+            await self._refuse(send, 415, "a body that is not JSON cannot be checked for rl_* hints "
+                               "while ECOSERVE_TRUST_CLIENT_HINTS=1; send JSON")
+            return
         if result.body is not None:
             scope = dict(scope, headers=[(k, str(len(result.body)).encode() if k == b"content-length" else v)
                                          for k, v in scope.get("headers") or ()])
             body = result.body
         await self.app(scope, _replay([body], False, receive), send)
 
-    def rewrite(self, body: bytes, path: str | None, predict: bool) -> Rewrite:
-        """The body with client hints removed and, if ``predict``, predicted ones set. Runs in
-        the thread pool; never raises."""
+    def rewrite(self, body: bytes, path: str | None, predict: bool, served: str | None = None) -> Rewrite:
+        """The body with client hints removed and, if ``predict``, predicted ones set (the
+        predictor given ``cfg.generator``, else ``served``: vLLM's served model name, else the
+        request's "model"). Runs in the thread pool; never raises."""
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError):  # not JSON (or UTF-8/16/32): vLLM rejects it too
@@ -310,7 +321,8 @@ class EcoServePredictMiddleware:
             elif not predict:
                 outcome = "shed" if self.predictor is not None else "other_path"
             else:
-                generator = self.cfg.generator or (doc["model"] if isinstance(doc.get("model"), str) else None)
+                generator = self.cfg.generator or served or (
+                    doc["model"] if isinstance(doc.get("model"), str) else None)
                 t0 = time.perf_counter()
                 try:
                     hints = _hints(self.predictor.predict([request], [generator])[0], self._limits)
@@ -406,9 +418,24 @@ def load_bundle(name: str) -> Any:
 
 
 def _route(scope: Scope) -> str:
-    """The request's path without the server's ``root_path`` (``--root-path``)."""
+    """The request's path without the server's ``root_path`` (``--root-path``), as Starlette's
+    router reads it: the root is cut only where a ``/`` follows it (was: any prefix, so with
+    ``--root-path /`` nothing was predicted)."""
     path, root = str(scope.get("path", "")), str(scope.get("root_path", "") or "")
-    return path[len(root):] if root and path.startswith(root) else path
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    return path[len(root):] if path[len(root)] == "/" else path
+
+
+def _served_name(scope: Scope) -> str | None:
+    """vLLM's first served model name (what its scheduler plug-in gives the predictor), from the
+    app's state; None where the app has none (a test app)."""
+    try:
+        return str(scope["app"].state.openai_serving_models.base_model_paths[0].name)
+    except (KeyError, AttributeError, IndexError, TypeError):
+        return None
 
 
 def _replay(chunks: list[bytes], more: bool, receive: Receive, last: Message | None = None) -> Receive:

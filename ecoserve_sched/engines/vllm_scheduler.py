@@ -1308,8 +1308,12 @@ def preflight(environ: Mapping[str, str] | None = None) -> str:
 
 if __name__ == "__main__":  # python -m ecoserve_sched.engines.vllm_scheduler: check before serving
     logging.basicConfig(level=logging.WARNING)
+    # the module by its package name: the middleware imports that one, and its
+    # EcoServeSetupError is not this __main__ module's (was: a traceback and exit 1)
+    from ecoserve_sched.engines import vllm_scheduler as _module
+
     try:
-        print(preflight())
-    except EcoServeSetupError as e:
+        print(_module.preflight())
+    except _module.EcoServeSetupError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

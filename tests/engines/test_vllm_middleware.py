@@ -71,7 +71,8 @@ def middleware(predictor: Any = None, **cfg: Any) -> EcoServePredictMiddleware:
 
 
 async def acall(app: Any, body: bytes | list[bytes], path: str = CHAT, method: str = "POST",
-                ctype: bytes | list[bytes] = b"application/json") -> tuple[int, bytes, dict]:
+                ctype: bytes | list[bytes] = b"application/json",
+                scope_extra: dict | None = None) -> tuple[int, bytes, dict]:
     chunks = [body] if isinstance(body, bytes) else list(body)
     total = sum(map(len, chunks))
     queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
@@ -87,7 +88,7 @@ async def acall(app: Any, body: bytes | list[bytes], path: str = CHAT, method: s
 
     scope = {"type": "http", "method": method, "path": path, "root_path": "",
              "headers": [*((b"content-type", c) for c in ([ctype] if isinstance(ctype, bytes) else ctype)),
-                         (b"content-length", str(total).encode())]}
+                         (b"content-length", str(total).encode())], **(scope_extra or {})}
     await app(scope, receive, send)
     return out[0]["status"], b"".join(m.get("body", b"") for m in out[1:]), dict(out[0]["headers"])
 
@@ -238,6 +239,13 @@ def test_a_form_in_disguise_is_refused_when_hints_are_trusted() -> None:
     status, _, _ = call(middleware(stub), form, ctype=[b"multipart/form-data; boundary=b", b"text/plain"],
                         path="/v1/audio/transcriptions")
     assert status == 200  # not trusted: the scheduler ignores hints, the body passes untouched
+    # types this check does not read as a form, that python-multipart 0.0.18-0.0.29 (allowed by
+    # vLLM's requirements) did: under trust any non-empty body that is not JSON is refused
+    for ctype in (b"multipart/form-data=1; boundary=b", b'multipart/form-data";"x; boundary=b', b"text/plain"):
+        status, _, _ = call(mw, form, ctype=ctype, path="/v1/audio/transcriptions")
+        assert status == 415, (ctype, status)
+    assert call(mw, b"", path="/reset_prefix_cache")[0] == 200  # an empty body carries nothing
+    assert not stub.seen
 
 
 # ---- predictor failure, overload -----------------------------------------------------------------
@@ -419,3 +427,42 @@ def test_end_to_end_middleware_hints_are_what_the_scheduler_uses(bundle_middlewa
     drive(sched)
     check_done(sched)
     assert mw.counters["predicted"] == 3 and mw.counters["stripped_keys"] == 3
+
+
+def test_the_predictor_gets_the_name_the_scheduler_gives_it_and_root_path_slash_is_predicted(monkeypatch) -> None:
+    """The scheduler plug-in gives a bundle ECOSERVE_GENERATOR, else vLLM's served model name;
+    the middleware gave the request's "model", so a request without one (vLLM 0.33 allows it)
+    was predicted as "model: unknown" (602 tokens where the scheduler predicted 647). And with
+    ``--root-path /`` nothing was predicted (the route was cut to ``v1/chat/completions``)."""
+    stub = Stub()
+    mw = middleware(stub)
+    served = SimpleNamespace(state=SimpleNamespace(openai_serving_models=SimpleNamespace(
+        base_model_paths=[SimpleNamespace(name="served-llama")])))
+    no_model = {k: v for k, v in chat().items() if k != "model"}
+    for body, extra, want in ((no_model, {}, None), (no_model, {"app": served}, "served-llama"),
+                              (chat(), {"app": served}, "served-llama"), (chat(), {}, "llama-3-8b"),
+                              (chat(), {"root_path": "/"}, "llama-3-8b")):
+        assert json.loads(asyncio.run(acall(mw, json.dumps(body).encode(), scope_extra=extra))[1])["vllm_xargs"] == PREDICTED
+        assert stub.seen[-1][1] == want
+    monkeypatch.setenv("ECOSERVE_GENERATOR", "named")
+    assert MiddlewareConfig.from_env().generator == "named"
+    monkeypatch.setenv("ECOSERVE_MIDDLEWARE_GENERATOR", "own")
+    assert MiddlewareConfig.from_env().generator == "own"
+    assert [vm._route({"path": p, "root_path": r}) for p, r in (
+        ("/v1/completions", "/"), ("/api/v1/completions", "/api"), ("/apiv1/completions", "/api"), ("/api", "/api"))] \
+        == ["/v1/completions", "/v1/completions", "/apiv1/completions", ""]
+
+
+def test_the_preflight_command_names_a_bad_middleware_setting_in_one_line() -> None:
+    """Run as ``python -m``, the module is ``__main__`` and the middleware's EcoServeSetupError
+    was the package module's: a traceback and exit 1."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECOSERVE_")}
+    res = subprocess.run([sys.executable, "-m", "ecoserve_sched.engines.vllm_scheduler"], capture_output=True,
+                         text=True, env={**env, "ECOSERVE_MIDDLEWARE_THREADS": "0", "HF_HUB_OFFLINE": "1"},
+                         cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "error: ECOSERVE_MIDDLEWARE_THREADS='0'" in res.stderr and "Traceback" not in res.stderr
