@@ -11,7 +11,7 @@ seconds and the time of a decode step that reads the whole KV cache.
 Usage (defaults: first 2,000 requests of the Azure 2023 conversation trace, Llama-2-13B on
 A100-80GB, rate scales 0.2 and 0.3, SLO TTFT 5 s / TBT 0.2 s, both pairs):
   python benchmarks/sim_vs_vllm.py [--trace PATH] [--max-requests N] [--rate-scales 0.2,0.3]
-      [--pairs vllm,ecoserve] [--profile NAME] [--confusion FILE] [--json OUT]
+      [--pairs vllm,ecoserve] [--profile NAME] [--confusion FILE] [--kv-blocks N] [--json OUT]
       [--arrivals burst8 [--cv 2] [--seed 0]]
 
 ``--arrivals burst8`` replaces the trace's arrival times with the scenario grid's bursts (groups
@@ -48,11 +48,11 @@ METRICS = ("tokens_per_iter", "iterations", "preemptions", "parks", "amortized",
 PAIRS = {"vllm": ("vllm", "vllm-real"), "ecoserve": ("ecoserve", "ecoserve-vllm-real")}
 
 
-def measure(tr, policy: str, cost, slo: SLO, conf) -> dict:
+def measure(tr, policy: str, cost, slo: SLO, conf, kv_blocks: int | None = None) -> dict:
     """Summary plus mean scheduled tokens per iteration (prefill + decode tokens)."""
     prefill = [0]
     if policy.endswith("vllm-real"):
-        res = run(tr, policy, cost, slo=slo, confusion=conf)
+        res = run(tr, policy, cost, slo=slo, confusion=conf, kv_blocks=kv_blocks)
         tokens = float(np.mean(res.iter_tokens))
     else:
         from ecoserve_sched.policies import base
@@ -66,7 +66,7 @@ def measure(tr, policy: str, cost, slo: SLO, conf) -> dict:
 
         base.Scheduler.schedule = counting
         try:
-            res = run(tr, policy, cost, slo=slo, confusion=conf)
+            res = run(tr, policy, cost, slo=slo, confusion=conf, kv_blocks=kv_blocks)
         finally:
             base.Scheduler.schedule = orig
         decodes = sum(row[2] * row[3] for row in res.log)
@@ -90,6 +90,8 @@ def main() -> None:
                     help="predictor confusion matrix the predictions are drawn from")
     ap.add_argument("--slo-ttft", type=arg_number(float, 0, low_open=True), default=5.0, help="TTFT SLO, seconds")
     ap.add_argument("--slo-tbt", type=arg_number(float, 0, low_open=True), default=0.2, help="TBT SLO, seconds")
+    ap.add_argument("--kv-blocks", type=arg_number(int, 1), default=None,
+                    help="KV blocks of 16 tokens on both sides (default: what the profile's GPU holds)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     ap.add_argument("--arrivals", choices=("trace", "burst8"), default="trace",
@@ -108,7 +110,8 @@ def main() -> None:
         tr = tr.with_arrivals(burst_arrivals(len(tr), rate, cv=a.cv, burst=8, seed=a.seed))
     cost, conf, slo = load_profile(a.profile), load_confusion(a.confusion), SLO(a.slo_ttft, a.slo_tbt)
     print(f"trace {Path(a.trace).name} (first {len(tr)} requests{', burst8 arrivals' if a.arrivals != 'trace' else ''}), "
-          f"profile {cost.name}, predictions: confusion {Path(a.confusion).name}\n")
+          f"profile {cost.name}, KV {a.kv_blocks or cost.kv_blocks(16)} blocks of 16 tokens, predictions: confusion "
+          f"{Path(a.confusion).name}; vLLM's synchronous scheduler classes\n")
     print("| rate | sim policy | vLLM-backed | metric | sim | vLLM | Diff% |")
     print("|---|---|---|---|---|---|---|")
     rows = []
@@ -116,7 +119,7 @@ def main() -> None:
         t = tr.scaled(scale)
         for sim_p, real_p in (PAIRS[k] for k in a.pairs.split(",")):
             t0 = time.perf_counter()
-            sim, real = measure(t, sim_p, cost, slo, conf), measure(t, real_p, cost, slo, conf)
+            sim, real = (measure(t, p, cost, slo, conf, a.kv_blocks) for p in (sim_p, real_p))
             for m in METRICS:
                 if m in ("parks", "amortized") and sim_p == "vllm":
                     continue

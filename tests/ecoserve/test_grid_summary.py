@@ -55,7 +55,7 @@ def test_summary_counts_servable_cells_wins_and_misses(run: Path) -> None:
     assert "- x best baseline: 0.75-2.00x (geometric mean 1.22x)" in out
     assert "- x vLLM V1: 1.50-2.50x" in out
     assert "- predicted within 5% of the oracle: 1 of 2 (missed: b 0.909)" in out
-    assert "- mean JCT at vLLM V1's capacity load above V1's: 1 of 2 (a 1.02)" in out
+    assert "- mean JCT at vLLM V1's capacity load above V1's: 1 of 2; by more than 0.5%: 1 (a 1.02)" in out
     assert "SLO attainment at least SJF's in 1 of 2; mean JCT at most 0.5x V1's in 1 of 2" in out
     assert "| c | 10 | no policy holds the SLO at 0.02 of the ceiling |" in out
     assert "| a | 10 | sjf 5 | **10** (1.00) | 2.00 | 2.50 |" in out
@@ -108,3 +108,19 @@ def test_a_grid_run_records_overload_and_sustained_rows(tmp_path: Path) -> None:
     s = _summary(out)
     assert s.returncode == 0, s.stderr
     assert "- cells: 1; servable: 1;" in s.stdout and "| code-synth |" in s.stdout
+
+
+def test_strict_and_margin_counts_two_sided_oracle_and_cells_given_twice(tmp_path: Path) -> None:
+    """A JCT ratio of 1.003 is above V1's (it was counted as no worse, without a word); a
+    prediction 20% above the oracle is not "within 5%"; a folder given twice was counted twice;
+    a search that never failed is said."""
+    rows = [_row("a", "vllm", 4.0, jct_x_v1=1.0), _row("a", "ecoserve", 10.0, jct_x_v1=1.003),
+            _row("a", "ecoserve-oracle", 8.0), _row("b", "vllm", None, search="no_failing_load"),
+            _row("b", "ecoserve", 5.0, jct_x_v1=1.0), _row("b", "ecoserve-oracle", 5.0)]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    out = _summary(tmp_path, "--no-table").stdout
+    assert "above V1's: 1 of 2; by more than 0.5%: 0" in out
+    assert "- predicted within 5% of the oracle: 1 of 2 (missed: a 1.250)" in out
+    assert "- note: 1 search(es) never failed (no_failing_load)" in out
+    twice = _summary(tmp_path, tmp_path)
+    assert twice.returncode == 2 and "cell a is also in" in twice.stderr
