@@ -26,7 +26,8 @@ ever does.
 Faults: if a forward pass (``_generation_step``) raises, the requests of that batch end with
 an error (``GenResult.error``; FAILED in transformers, ERRORED in the policy through
 ``Scheduler.fail_batch``), their engine blocks and ledger blocks are freed, and the other
-requests go on, exactly as the simulator's injected faults (``simulate(faults=...)``) model it.
+requests go on, exactly as the simulator's injected faults (``simulate(faults=...)``) model it
+(under ``vllm-v0`` a failing prefill-only iteration also ends the waiting decodes, as V0 did).
 
 What the engine cannot do (ours): preemption is always by recompute (transformers' CPU
 offloading is not driven by the policy), prefix sharing is off (the ledger counts every block),
@@ -494,7 +495,10 @@ class TransformersExecutor(Executor):
                                                     max_new_tokens=g.max_new_tokens, eos_token_id=self.eos))
 
     def drop(self, r: Request) -> None:
+        """The serving loop's drop rule (larger than the whole KV cache): recorded as a drop
+        made after admission is (was: no ``drop`` event)."""
         self.results[r.rid].dropped = True
+        self.sched.events.append((self.sched.clock(), "drop", r.rid))
 
     def has_work(self) -> bool:
         return self.sched.has_pending_requests()

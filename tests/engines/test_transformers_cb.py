@@ -187,3 +187,15 @@ def test_vllm_v0_in_the_engine_runs_what_it_runs_in_the_simulator(tiny_llama, ti
     sim = simulate(eng.to_requests(reqs), eng.make_policy())
     assert [(r.first_token_s, r.finish_s) for r in sim.requests] == [
         (res.token_times[0], res.token_times[-1]) for res in run.results]
+
+
+def test_a_request_larger_than_the_cache_is_dropped_with_an_event(tiny_llama):
+    """The serving loop's drop (prompt and output over the whole cache) left no ``drop`` event;
+    the drop made at admission does."""
+    from ecoserve_sched.engines.transformers_cb import GenRequest, TransformersEngine
+
+    eng = TransformersEngine(tiny_llama, "ecoserve", clock="step", kv_blocks=4, block_size=16, token_budget=32,
+                             max_running=4)
+    run = eng.generate([GenRequest(list(range(3, 19)), 100, 0.0), GenRequest(list(range(3, 11)), 3, 0.0)])
+    assert run.results[0].dropped and not run.results[0].tokens and len(run.results[1].tokens) == 3
+    assert (0.0, "drop", 0) in run.events and [e[1] for e in run.events].count("drop") == 1
