@@ -190,6 +190,12 @@ class _Run:
         return [a.bucket, a.pred_tokens, a.reserve_tokens, *quant]
 
 
+def check_rejects_name(rej_path: Path | None) -> None:
+    """The rejects file is JSONL, and its name says so (both engines)."""
+    if rej_path is not None and not rej_path.name.lower().endswith(".jsonl"):
+        raise AnnotateError(f"{rej_path}: the rejects file is JSONL; give it a .jsonl name")
+
+
 def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *,
                   fields: Fields = TRACE_FIELDS, on_error: OnError = "fail",
                   rejects: str | Path | None = None, chunk_rows: int = 2048,
@@ -216,8 +222,7 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
         raise AnnotateError(f"{dst}: output format {out_fmt} differs from the input's ({fmt}); "
                             "annotate keeps the input's format")
     rej_path = Path(rejects) if rejects else default_rejects_path(dst) if on_error == "skip" else None
-    if rej_path is not None and not rej_path.name.lower().endswith(".jsonl"):
-        raise AnnotateError(f"{rej_path}: the rejects file is JSONL; give it a .jsonl name")
+    check_rejects_name(rej_path)
     outputs = [("--output", dst)] + ([("--rejects", rej_path)] if rej_path else [])
     check_paths([src], outputs)
     for option, path in outputs:

@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from rlpredict.serve.annotate import (
     annotate_lines,
     annotate_record_batch,
     bad_row_message,
+    check_rejects_name,
     corrupt_compressed,
     default_rejects_path,
     detect_format,
@@ -86,6 +87,7 @@ class RaySummary(AnnotateSummary):
     workers: int = 0
     threads_per_worker: int = 0
     files: int = 0
+    skipped_csv: list[str] = field(default_factory=list)  # CSV traces in an input folder: not read
 
 
 # ---- the bundle, shipped to the workers ---------------------------------------------------------
@@ -302,9 +304,10 @@ class _File:
     kind: str  # "jsonl" or "parquet"
 
 
-def plan_files(input: Path, output: Path) -> list[_File]:
+def plan_files(input: Path, output: Path, skipped_csv: list[str] | None = None) -> list[_File]:
     """Input file -> output file of the same format; input folder -> output folder with the
-    same relative names (every .jsonl[.gz]/.ndjson[.gz]/.parquet file in it, recursively)."""
+    same relative names (every .jsonl[.gz]/.ndjson[.gz]/.parquet file in it, recursively; the
+    CSV traces it holds, which this engine does not read, are added to ``skipped_csv``)."""
     def kind(p: Path) -> str:
         fmt, _ = detect_format(p)
         if fmt == "csv":
@@ -325,9 +328,14 @@ def plan_files(input: Path, output: Path) -> list[_File]:
         if not p.is_file() or any(part.startswith(".") for part in rel.parts):
             continue
         try:
-            found.append(_File(p, output / rel, rel.as_posix(), kind(p)))
+            fmt, _ = detect_format(p)
         except AnnotateError:
             continue  # other files in the folder are not inputs
+        if fmt == "csv":
+            if skipped_csv is not None:
+                skipped_csv.append(rel.as_posix())  # said, not silently left out
+            continue
+        found.append(_File(p, output / rel, rel.as_posix(), fmt))
     if not found:
         raise AnnotateError(f"{input}: no .jsonl, .jsonl.gz or .parquet files in this folder")
     return found
@@ -391,18 +399,27 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    files = plan_files(src, dst)
+    skipped_csv: list[str] = []
+    files = plan_files(src, dst, skipped_csv)
     folder = src.is_dir()
     rej_path = Path(rejects) if rejects else default_rejects_path(dst) if on_error == "skip" else None
+    check_rejects_name(rej_path)  # as the local engine (was: any name)
     outputs = [("--output", dst)] + ([("--rejects", rej_path)] if rej_path else [])
-    check_paths([src], outputs)
+    # an output inside the input folder would be an input file, or be read as one next run (a
+    # rejects file written over an input trace, with --force)
+    check_paths([src, *(f.src for f in files)], outputs, apart=[src] if folder else [])
     (check_new_dir if folder else check_new_file)(dst, force=force, option="--output")
     if rej_path is not None:
         check_new_file(rej_path, force=force, option="--rejects")
     if rej_path is not None and folder and dst.resolve() in rej_path.resolve().parents:
         raise AnnotateError(f"{rej_path}: --rejects is inside the --output folder; choose another path")
     bundle = bundle_files(model)  # a bad bundle fails before Ray starts
-    summary = RaySummary(str(src), str(dst), str(rej_path) if rej_path else None, files=len(files))
+    summary = RaySummary(str(src), str(dst), str(rej_path) if rej_path else None, files=len(files),
+                         skipped_csv=skipped_csv)
+    if skipped_csv and log:
+        log(f"skipped {len(skipped_csv)} CSV file(s) in {src} ({', '.join(skipped_csv[:3])}"
+            f"{', ...' if len(skipped_csv) > 3 else ''}): --engine ray reads JSONL and Parquet; "
+            "annotate them with --engine local")
     t0 = time.perf_counter()
     with ray_session(ray_address) as ray, _quiet_ray_data(), ExitStack() as stack:
         workers, per_worker = plan_workers(ray, num_workers, threads)

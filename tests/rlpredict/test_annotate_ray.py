@@ -126,8 +126,11 @@ def test_folder_of_jsonl_and_parquet(ray_local, bundle_fp32, predictor, tmp_path
     write_jsonl(src / "empty.jsonl", [])
     write_parquet(src / "c.parquet", 1500)
     (src / "notes.txt").write_text("not an input\n")
-    got = annotate_path(src, tmp_path / "out", bundle_fp32, on_error="skip", chunk_rows=CHUNK)
+    (src / "d.csv").write_text("prompt\nhi\n")  # not read by this engine: said (was: silently left out)
+    said: list[str] = []
+    got = annotate_path(src, tmp_path / "out", bundle_fp32, on_error="skip", chunk_rows=CHUNK, log=said.append)
     assert got.files == 4 and got.rows_in == got.rows_out + got.rows_rejected
+    assert got.skipped_csv == ["d.csv"] and any("skipped 1 CSV file(s)" in m for m in said)
     out = tmp_path / "out"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         OWNER_FILE, "a.jsonl", "c.parquet", "day2/b.jsonl", "empty.jsonl"]
@@ -286,3 +289,24 @@ def test_sigterm_ends_a_ray_run_as_ctrl_c_does(bundle_fp32, tmp_path):
     assert rc == 130, said[-2000:]
     assert "interrupted: no output was written" in said and "SIGTERM received" not in said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "stderr"]
+
+
+def test_outputs_inside_the_input_folder_and_odd_rejects_names_are_refused(bundle_fp32, tmp_path):
+    """Checked before Ray starts. A rejects file on an input trace replaced it (with --force),
+    and an output folder inside the input folder was read as input by the next run; a rejects
+    name that is not .jsonl was taken (the local engine refuses it)."""
+    from rlpredict.outputs import OutputError
+    from rlpredict.serve.annotate import AnnotateError
+    from rlpredict.serve.annotate_ray import annotate_path
+
+    src = tmp_path / "in"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", trace_lines(5))
+    before = (src / "a.jsonl").read_bytes()
+    for out, rejects in ((tmp_path / "out", src / "a.jsonl"), (tmp_path / "out", src / "r.jsonl"),
+                         (src / "out", None)):
+        with pytest.raises(OutputError, match=r"inside the input|also an input"):
+            annotate_path(src, out, bundle_fp32, on_error="skip", rejects=rejects, force=True)
+    with pytest.raises(AnnotateError, match=r"give it a \.jsonl name"):
+        annotate_path(src / "a.jsonl", tmp_path / "o.jsonl", bundle_fp32, on_error="skip", rejects=tmp_path / "r.txt")
+    assert (src / "a.jsonl").read_bytes() == before and not (tmp_path / "out").exists()
