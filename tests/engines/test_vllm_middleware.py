@@ -432,7 +432,7 @@ def test_end_to_end_middleware_hints_are_what_the_scheduler_uses(bundle_middlewa
 def test_the_predictor_gets_the_name_the_scheduler_gives_it_and_root_path_slash_is_predicted(monkeypatch) -> None:
     """The scheduler plug-in gives a bundle ECOSERVE_GENERATOR, else vLLM's served model name;
     the middleware gave the request's "model", so a request without one (vLLM 0.33 allows it)
-    was predicted as "model: unknown" (602 tokens where the scheduler predicted 647). And with
+    was predicted as "model: unknown", unlike the scheduler's own prediction. And with
     ``--root-path /`` nothing was predicted (the route was cut to ``v1/chat/completions``)."""
     stub = Stub()
     mw = middleware(stub)
