@@ -335,7 +335,7 @@ def dequantized_bundle(bundle: Path, out: Path) -> Path:
     import onnx
     from onnx import helper, numpy_helper
 
-    from rlpredict.serve.bundle import MODEL_FILE, TOKENIZER_FILE, load_bundle, write_manifest
+    from rlpredict.serve.bundle import MODEL_FILE, load_bundle, write_manifest
 
     b = load_bundle(bundle)
     model = onnx.load(str(b.model_path))
@@ -369,11 +369,14 @@ def dequantized_bundle(bundle: Path, out: Path) -> Path:
     g.node.extend(nodes)  # the DynamicQuantizeLinear nodes left unused are pruned by ORT
     out.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out / MODEL_FILE))
-    shutil.copyfile(b.tokenizer_path, out / TOKENIZER_FILE)
+    # every other file the bundle lists (the tokenizer, a stacked bundle's lexical head: was
+    # left out, and loading the copy failed)
+    others = [n for n in b.manifest["files"] if n != b.model_path.name]
+    for name in others:
+        shutil.copyfile(b.path / name, out / name)
     write_manifest(out, {**b.manifest, "model": {**b.manifest["model"], "file": MODEL_FILE,
                                                  "precision": "fp32 (dequantized int8)"},
-                         "tokenizer": {**b.manifest["tokenizer"], "file": TOKENIZER_FILE},
-                         "files": [MODEL_FILE, TOKENIZER_FILE]})
+                         "files": [MODEL_FILE, *others]})
     return out
 
 

@@ -12,8 +12,14 @@ tokens / generated tokens (total), for
 - ``constant``: the calibration half's q-quantile of response lengths for every prompt;
 - ``raw``: the model's predictive q-quantile, uncalibrated;
 - ``conformal``: split conformal, one offset;
-- ``mondrian``: split conformal per predicted bucket (``rlpredict calibrate``'s default);
-- ``mondrian-pac``: the same with ``confidence`` 0.9 counted in conversations.
+- ``mondrian``: split conformal per predicted bucket (``rlpredict calibrate``'s default), the
+  buckets with fewer than ``MIN_GROUP`` calibration prompts pooled into one rest group;
+- ``mondrian-global-rest``: the same, those buckets taking the offset over all prompts (the rule
+  before December 2026, which the shipped bundle's calibration used);
+- ``mondrian-pac``: ``mondrian`` with ``confidence`` 0.9 counted in conversations.
+
+Coverage is also given over the check half's prompts predicted into the small buckets, where the
+two rules differ.
 
 Then across sources (calibrate on one, check on another: not exchangeable, so no guarantee).
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +36,7 @@ import numpy as np
 from rlpredict.cli_boundary import arg_number, run_script
 from rlpredict.data import attach_rl, load_samples
 from rlpredict.serve.calibrate import held_out
-from rlpredict.serve.conformal import QuantileCalibration
+from rlpredict.serve.conformal import MIN_GROUP, QuantileCalibration
 from rlpredict.serve.runtime import Predictor
 from rlpredict.splits import RECORDLESS_RULE, group_keys, recorded_split
 
@@ -67,25 +74,38 @@ def main() -> None:
         if method == "mondrian-pac":
             kw = {"confidence": 0.9, "clusters": groups[fit]}
         cal = QuantileCalibration.fit(scheme, probs[fit], rl[fit], [q], **kw)
+        if method == "mondrian-global-rest":
+            small = np.asarray(cal.group_n) < cal.min_group
+            offsets = cal.log_offsets.copy()
+            offsets[:, small] = cal.global_log_offsets[:, None]
+            cal = replace(cal, log_offsets=offsets)
         return cal.tokens(scheme, probs, [q])[:, 0]
 
-    methods = ("constant", "raw", "conformal", "mondrian", "mondrian-pac")
+    methods = ("constant", "raw", "conformal", "mondrian", "mondrian-global-rest", "mondrian-pac")
+    bucket = probs.argmax(axis=1)
     rng = np.random.default_rng(args.seed)
     uniq = np.unique(groups)
-    res: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
+    res: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
+    small_n = []
     for _ in range(args.splits):
         fit = np.isin(groups, uniq[rng.random(len(uniq)) < 0.5])
         chk = ~fit
+        small = chk & (np.bincount(bucket[fit], minlength=scheme.n_buckets)[bucket] < MIN_GROUP)
+        small_n.append(int(small.sum()))
         for m in methods:
             r = reserve(m, fit)
-            res[m].append((float(np.mean(rl[chk] <= r[chk])), float(r[chk].sum() / rl[chk].sum())))
+            res[m].append((float(np.mean(rl[chk] <= r[chk])), float(r[chk].sum() / rl[chk].sum()),
+                           float(np.mean(rl[small] <= r[small])) if small.any() else np.nan))
     print(f"### Over {args.splits} random halvings of the held-out conversations (check half)\n")
-    print("| method | coverage mean | coverage p10 | coverage min | reserved/actual mean |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"Small buckets: predicted buckets with fewer than {MIN_GROUP} calibration prompts; "
+          f"{np.mean(small_n):.0f} check prompts fall in them on average.\n")
+    print("| method | coverage mean | coverage p10 | coverage min | reserved/actual mean | "
+          "coverage in small buckets, mean |")
+    print("|---|---:|---:|---:|---:|---:|")
     for m in methods:
         a = np.array(res[m])
         print(f"| {m} | {a[:, 0].mean():.3f} | {np.quantile(a[:, 0], 0.1):.3f} | {a[:, 0].min():.3f} | "
-              f"{a[:, 1].mean():.2f}x |")
+              f"{a[:, 1].mean():.2f}x | {np.nanmean(a[:, 2]):.3f} |")
 
     names = sorted(set(src))
     if len(names) > 1:

@@ -31,7 +31,7 @@ from .compare import Server, table_cell
 from .policies.interface import DEFAULT_MAX_RUNNING
 from .predictions import SOURCES
 from .request import SLO
-from .trace import MAX_COUNT, is_plain_number
+from .trace import MAPPABLE, MAX_COUNT, TIME_UNITS, TraceFormat, is_plain_number
 
 if TYPE_CHECKING:
     from .compare import RunSpec
@@ -139,13 +139,38 @@ GpuMemOpt = Annotated[float | None, typer.Option("--gpu-memory-utilization", cal
 BudgetOpt = Annotated[int | None, typer.Option("--token-budget", min=2, max=1 << 20, help="tokens per iteration (vLLM's max_num_batched_tokens; default max(2048, the profile's knee))")]
 MaxRunOpt = Annotated[int | None, typer.Option("--max-running", min=1, max=1 << 16, help="running requests at most (vLLM's max_num_seqs; default 256)")]
 BlockOpt = Annotated[int, typer.Option("--block-size", min=1, max=1024, help="KV block size in tokens")]
+ColumnsOpt = Annotated[str | None, typer.Option("--columns", help="the trace's own column names: FIELD=COLUMN,... (e.g. arrival_time_s=TIMESTAMP,input_tokens=ContextTokens,output_tokens=GeneratedTokens)")]
+TimeUnitOpt = Annotated[str, typer.Option("--time-unit", callback=_choice("time unit", *TIME_UNITS), help=f"unit of the arrival column: {'|'.join(TIME_UNITS)} (iso: ISO 8601 date-times, UTC unless they say otherwise)")]
+OnErrorOpt = Annotated[str, typer.Option("--on-error", callback=_choice("--on-error", "fail", "skip"), help="bad trace rows: fail (stop at the first, naming its line) or skip (count them and name the first)")]
+
+
+def _trace_format(columns: str | None, time_unit: str, on_error: str) -> TraceFormat:
+    """The ``TraceFormat`` of ``--columns``, ``--time-unit`` and ``--on-error``."""
+    if columns is not None and not columns.strip():
+        raise typer.BadParameter("is empty: give FIELD=COLUMN pairs or leave the option out", param_hint="'--columns'")
+    mapping: dict[str, str] = {}
+    for item in (columns or "").split(","):
+        if not item.strip():
+            continue
+        key, eq, column = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise typer.BadParameter(f"{item.strip()!r} is not FIELD=COLUMN (fields: {', '.join(MAPPABLE)})",
+                                     param_hint="'--columns'")
+        if key in mapping:
+            raise typer.BadParameter(f"{key} is mapped twice", param_hint="'--columns'")
+        mapping[key] = column.strip()
+    try:
+        return TraceFormat(mapping, time_unit, on_error == "skip")
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="'--columns'") from None
 
 
 def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions: str | None,
           confusion: Path | None, bundle: str | None, slo: SLO, max_tokens: int,
           max_requests: int | None, seed: int, arrivals: str = "trace", rate: float | None = None,
           cv: float | None = None, outputs: tuple[tuple[str, Path], ...] = (),
-          server: Server | None = None) -> RunSpec:
+          server: Server | None = None, fmt: TraceFormat | None = None) -> RunSpec:
     """The RunSpec of the options for running ``policies``; refuses options that would be
     ignored, and ``outputs`` that collide with an input."""
     from rlpredict.outputs import check_paths
@@ -153,7 +178,7 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     from .compare import RunSpec, ServerSettingError
     from .cost_model import DEFAULT_PROFILE, load_profile
     from .predictions import load_confusion
-    from .trace import burst_arrivals, gamma_arrivals, read_trace
+    from .trace import burst_arrivals, describe, gamma_arrivals, read_trace
 
     if bundle is not None and predictions != "bundle":
         raise typer.BadParameter("is used only with --predictions bundle", param_hint="'--bundle'")
@@ -177,7 +202,8 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
         raise typer.BadParameter(str(e), param_hint=f"'{e.option}'") from None
     _refuse_unused_predictions(policies, predictions, confusion, cost, kw)
 
-    tr = read_trace(trace, max_tokens=max_tokens, keep_prompts=predictions == "bundle")
+    tr = read_trace(trace, max_tokens=max_tokens, keep_prompts=predictions == "bundle", fmt=fmt)
+    typer.echo(f"read {describe(tr)}", err=True)  # a millisecond column read as seconds shows here
     if confusion is not None and predictions is None and tr.has_rl:
         raise typer.BadParameter(f"is not used: {trace} has rl_* fields, so predictions default to "
                                  "annotated; pass --predictions confusion to use it", param_hint="'--confusion'")
@@ -231,12 +257,14 @@ def simulate(
     rate: RateOpt = None, cv: CvOpt = None, seed: SeedOpt = 0,
     gpu_memory_utilization: GpuMemOpt = None, token_budget: BudgetOpt = None,
     max_running: MaxRunOpt = None, block_size: BlockOpt = 16,
+    columns: ColumnsOpt = None, time_unit: TimeUnitOpt = "s", on_error: OnErrorOpt = "fail",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Replay a trace under one policy and print its metrics."""
     spec = _spec(trace, [policy], profile, predictions, confusion, bundle,
                  SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed, arrivals, rate, cv,
-                 server=_server(gpu_memory_utilization, token_budget, max_running, block_size))
+                 server=_server(gpu_memory_utilization, token_budget, max_running, block_size),
+                 fmt=_trace_format(columns, time_unit, on_error))
     s, _ = spec.run(policy, rate_scale)
     if as_json:
         typer.echo(dumps(s))
@@ -266,6 +294,7 @@ def compare(
     slo_deadline: DeadlineOpt = None, max_tokens: MaxTokOpt = 2048, max_requests: MaxReqOpt = None,
     seed: SeedOpt = 0, gpu_memory_utilization: GpuMemOpt = None, token_budget: BudgetOpt = None,
     max_running: MaxRunOpt = None, block_size: BlockOpt = 16,
+    columns: ColumnsOpt = None, time_unit: TimeUnitOpt = "s", on_error: OnErrorOpt = "fail",
 ) -> None:
     """Every policy at every load: a Markdown table and plots."""
     from rlpredict.outputs import output_dir
@@ -275,7 +304,8 @@ def compare(
     names, scales = _policy_names(policies, "--policies"), _scales(rate_scales, "--rate-scales")
     spec = _spec(trace, names, profile, predictions, confusion, bundle,
                  SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed, outputs=(("--out", out),),
-                 server=_server(gpu_memory_utilization, token_budget, max_running, block_size))
+                 server=_server(gpu_memory_utilization, token_budget, max_running, block_size),
+                 fmt=_trace_format(columns, time_unit, on_error))
     if not can_plot():
         typer.echo(NO_PLOTS, err=True)
     with output_dir(out, force=force, tool="ecoserve compare") as tmp:
@@ -302,6 +332,7 @@ def capacity(
     slo_p99_tbt: Annotated[float | None, typer.Option("--slo-p99-tbt", callback=positive, help="also require the p99 time between tokens (over all tokens) at most this many seconds")] = None,
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="also compute the saturation ceiling (2 flooded runs) and capacity / ceiling")] = True,
     sustained: Annotated[bool, typer.Option("--sustained", help="count a load only if, besides the criterion, at most 1% of the requests are deferred past the trace's end (the load the server keeps up with)")] = False,
+    columns: ColumnsOpt = None, time_unit: TimeUnitOpt = "s", on_error: OnErrorOpt = "fail",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Largest rate scale at which SLO attainment stays >= target, beside the saturation ceiling.
@@ -318,7 +349,8 @@ def capacity(
     target = 0.9 if target is None else target
     spec = _spec(trace, [policy], profile, predictions, confusion, bundle,
                  SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed,
-                 server=_server(gpu_memory_utilization, token_budget, max_running, block_size))
+                 server=_server(gpu_memory_utilization, token_budget, max_running, block_size),
+                 fmt=_trace_format(columns, time_unit, on_error))
     res = find_capacity(sustained_spec(spec) if sustained else spec, policy, target=target,
                         max_normalized_latency=max_normalized_latency, max_p99_tbt=slo_p99_tbt)
     res["profile"] = spec.cost.name
@@ -340,6 +372,8 @@ def capacity(
         typer.echo(f"{policy}: max_rate_scale {res['max_rate_scale']:.4g} ({what}"
                    + (f", p99 TBT <= {slo_p99_tbt:g}s" if slo_p99_tbt else "")
                    + (f", at most {MAX_DEFERRED:.0%} of requests deferred" if sustained else "") + ")")
+        if not res["converged"]:
+            typer.echo(f"  {res['note']}")
     if res["dropped"]:
         typer.echo(f"  {res['dropped']} of {res['requests']} requests dropped at every load (longer than the "
                    "whole KV cache): they count against the criterion")
@@ -350,6 +384,8 @@ def capacity(
         typer.echo(f"saturation ceiling: rate scale {res['ceiling_rate_scale']:.4g} "
                    f"(flooded-server throughput, best of {', '.join(res['ceiling']['flood_throughput_rps'])})"
                    + (f"; capacity / ceiling {vs:.2f}" if vs is not None else ""))
+        if not res["ceiling"]["saturated"]:
+            typer.echo(f"  {res['ceiling']['note']}")
         if vs is not None and vs > 1:  # two causes; which one holds here is not measured
             typer.echo("  above the ceiling: " + ("" if sustained else (
                 f"on a finite trace a policy can meet the criterion by deferring requests whose TTFT "

@@ -157,8 +157,11 @@ def sweep(spec: RunSpec, policies: Sequence[str], rate_scales: Sequence[float],
 
 #: What each capacity probe records.
 PROBE_METRICS = ("slo_attainment", "normalized_latency_s", "p99_tbt_s", "mean_jct_s")
-#: The flooded server of the saturation ceiling: the trace replayed this many times faster.
+#: The flooded server of the saturation ceiling: the trace replayed this many times faster,
+#: and, while that does not saturate the server, ``FLOOD_STEP`` times more, up to the maximum.
 FLOOD_SCALE = 50.0
+FLOOD_STEP = 8.0
+MAX_FLOOD_SCALE = FLOOD_SCALE * FLOOD_STEP**4
 #: Policies whose flooded throughput is the ceiling (the best of them).
 CEILING_POLICIES = ("vllm", "ecoserve-oracle")
 
@@ -173,20 +176,37 @@ def ceiling(spec: RunSpec, policies: Sequence[str] = CEILING_POLICIES, flood: fl
     throughput of a flooded server (the trace replayed ``flood`` times faster, best of
     ``policies``). Above it requests arrive faster than the server can finish them, queues and
     TTFTs grow without bound, and no policy holds a TTFT SLO for long: an upper bound on any
-    policy's capacity (up to the edge effects of a finite trace; docs/results.md)."""
+    policy's capacity (up to the edge effects of a finite trace; docs/results.md).
+
+    The arrival rate counts the requests the server can hold (those longer than the whole KV
+    cache are dropped at every load and finish at no rate). A light trace that ``flood`` does
+    not saturate (the flooded server finished at over half the rate requests arrived) is
+    flooded ``FLOOD_STEP`` times harder, up to ``MAX_FLOOD_SCALE``; ``saturated`` says whether
+    it was."""
     arr = spec.trace.arrival_s
     n = len(arr)
     if n < 2 or not arr[-1] > arr[0]:
         return {"ceiling_rate_scale": None, "note": "needs at least two distinct arrival times"}
     base_rps = (n - 1) / float(arr[-1] - arr[0])  # the trace's arrival rate at scale 1
-    runs = {p: spec.run(p, flood)[0]["throughput_rps"] for p in policies}
-    if not any(math.isfinite(x) for x in runs.values()):
-        return {"ceiling_rate_scale": None, "flood_throughput_rps": runs,
-                "note": "no request finished on the flooded server: every one was dropped, longer "
-                        "than the whole KV cache"}
-    best = max((p for p in runs if math.isfinite(runs[p])), key=lambda p: runs[p])
-    return {"ceiling_rate_scale": runs[best] / base_rps, "flood_scale": flood, "ceiling_policy": best,
-            "flood_throughput_rps": runs, "trace_rps": base_rps}
+    while True:
+        summaries = {p: spec.run(p, flood)[0] for p in policies}
+        runs = {p: s["throughput_rps"] for p, s in summaries.items()}
+        if not any(math.isfinite(x) for x in runs.values()):
+            return {"ceiling_rate_scale": None, "flood_throughput_rps": runs,
+                    "note": "no request finished on the flooded server: every one was dropped, longer "
+                            "than the whole KV cache"}
+        best = max((p for p in runs if math.isfinite(runs[p])), key=lambda p: runs[p])
+        held = 1.0 - summaries[best]["dropped"] / summaries[best]["requests"]  # the same at every load
+        saturated = runs[best] < 0.5 * flood * base_rps * held
+        if saturated or flood >= MAX_FLOOD_SCALE:
+            break
+        flood *= FLOOD_STEP
+    out = {"ceiling_rate_scale": runs[best] / (base_rps * held), "flood_scale": flood, "ceiling_policy": best,
+           "flood_throughput_rps": runs, "trace_rps": base_rps, "saturated": saturated}
+    if not saturated:
+        out["note"] = (f"the server kept up with the trace even {flood:g} times faster: the ceiling is at "
+                       "least this")
+    return out
 
 
 def meets(s: dict, target: float = 0.9, max_normalized_latency: float | None = None,
@@ -205,9 +225,10 @@ def meets(s: dict, target: float = 0.9, max_normalized_latency: float | None = N
 
 
 #: ``capacity``'s search: it stops once the passing and failing loads are within this share of
-#: the failing one, or after this many runs.
+#: the failing one, or after this many runs (enough to double up to x16384 and then bisect to
+#: 2%; a search stopped short says so: ``converged``).
 CAPACITY_REL_TOL = 0.02
-CAPACITY_MAX_RUNS = 14
+CAPACITY_MAX_RUNS = 20
 
 
 def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
@@ -258,9 +279,12 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
     best = max(passing, default=None)
     search = ("load_independent" if simultaneous else "no_failing_load" if not failing
               else "no_passing_load" if not passing else "found")
+    upper = min(failing, default=None)
+    converged = search != "found" or upper - best <= rel_tol * upper  # type: ignore[operator]
     out: dict[str, Any] = {
         "policy": policy, "max_rate_scale": best if search == "found" else None, "search": search,
-        "lower_bound": best, "upper_bound": min(failing, default=None), "target_attainment": target,
+        "converged": converged,
+        "lower_bound": best, "upper_bound": upper, "target_attainment": target,
         "max_normalized_latency_s": max_normalized_latency, "max_p99_tbt_s": max_p99_tbt,
         "slo_ttft_s": spec.slo.ttft_s, "slo_tbt_s": spec.slo.tbt_s,
         "predictions": seen.get("predictions", ""), "requests": len(arrivals),
@@ -275,6 +299,9 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
     elif search == "no_passing_load":
         out["note"] = (f"the criterion failed at every load probed, down to x{out['upper_bound']:g}: "
                        "the capacity is below that, not found")
+    elif not converged:
+        out["note"] = (f"the search stopped after {len(probes)} runs with the capacity between x{best:g} and "
+                       f"x{upper:g}, not within {rel_tol:.0%} (max_rate_scale is the lower end)")
     return out
 
 
@@ -282,8 +309,10 @@ def capacity_text(c: dict) -> str:
     """``max_rate_scale`` for a table: the number, else what the search bounded it by."""
     search = c.get("search", "found")
     if search == "found":  # three decimals, or three significant digits below 0.1 (0.00355 was 0.004)
-        x = c["max_rate_scale"]
-        return f"{x:.3f}" if x >= 0.1 else f"{x:.3g}"
+        def text(x: float) -> str:
+            return f"{x:.3f}" if x >= 0.1 else f"{x:.3g}"
+
+        return text(c["max_rate_scale"]) + ("" if c.get("converged", True) else f" to {text(c['upper_bound'])}")
     if search == "no_failing_load":
         return f"> {c['lower_bound']:.3g}"
     return f"< {c['upper_bound']:.3g}" if search == "no_passing_load" else "n/a"

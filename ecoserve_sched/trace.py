@@ -2,7 +2,8 @@
 
 Columns: ``arrival_time_s``, ``input_tokens``, ``output_tokens`` (required); ``max_tokens``,
 ``rl_bucket``, ``rl_pred_tokens``, ``rl_reserve_tokens`` (from ``rlpredict annotate``), and a
-``prompt`` string or OpenAI ``messages`` list (for ``--predictions bundle``) are optional.
+``prompt`` string or OpenAI ``messages`` list (for ``--predictions bundle``) are optional. A
+:class:`TraceFormat` reads other spellings: public traces' own column names and time units.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import io
 import math
 import re
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
@@ -45,6 +47,39 @@ class TraceError(ValueError):
     """A trace row is malformed; the message starts with ``file:line:``."""
 
 
+#: Seconds per unit of the arrival column; ``iso``: ISO 8601 date-times (Azure's ``TIMESTAMP``).
+TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "iso": 0.0}
+#: The fields a trace's own column names can be mapped to.
+MAPPABLE = (*REQUIRED, "max_tokens", *RL_FIELDS, "prompt", "messages", "generator")
+
+
+@dataclass(frozen=True)
+class TraceFormat:
+    """How a trace file spells the fields: ``columns`` maps a field to the file's column
+    (``{"arrival_time_s": "TIMESTAMP"}``), ``time_unit`` is the arrival column's unit (a key
+    of ``TIME_UNITS``; ``iso`` date-times without a zone are UTC), and ``skip_bad_rows`` skips
+    a bad row (counted, the first one named) instead of stopping at it."""
+
+    columns: Mapping[str, str] = field(default_factory=dict)
+    time_unit: str = "s"
+    skip_bad_rows: bool = False
+
+    def __post_init__(self) -> None:
+        if unknown := [k for k in self.columns if k not in MAPPABLE]:
+            raise ValueError(f"{unknown[0]!r} is not a trace field (one of {', '.join(MAPPABLE)})")
+        if empty := [k for k, v in self.columns.items() if not str(v).strip()]:
+            raise ValueError(f"{empty[0]} is mapped to an empty column name")
+        theirs = list(self.columns.values())
+        if twice := sorted({c for c in theirs if theirs.count(c) > 1}):
+            raise ValueError(f"column {twice[0]!r} is mapped to two fields")
+        if self.time_unit not in TIME_UNITS:
+            raise ValueError(f"time unit must be one of {', '.join(TIME_UNITS)}, got {self.time_unit!r}")
+
+    def label(self, key: str) -> str:
+        """How a message names ``key``: with the file's column when it is mapped."""
+        return f"{self.columns[key]} (read as {key})" if key in self.columns else key
+
+
 @dataclass(frozen=True)
 class Trace:
     """Columns of a trace, sorted by arrival. ``rl`` is (n, 3) or None; ``prompts`` may be None."""
@@ -59,6 +94,8 @@ class Trace:
     generators: list[str | None] | None = None  # the ``generator`` (served model) column, if any
     prompt_problem: str = ""  # ``file:line: why`` of the first row without a usable prompt ("" if none)
     arrival_offset_s: float = 0.0  # subtracted from the file's arrival times (``read_trace``)
+    skipped_rows: int = 0  # bad rows skipped (``TraceFormat.skip_bad_rows``)
+    first_skipped: str = ""  # ``file:line: why`` of the first of them
 
     def __post_init__(self) -> None:
         """Columns of one length, and arrival times finite and >= 0 (a NaN arrival made the
@@ -146,25 +183,50 @@ def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """Records with their line numbers; a truncated or corrupt .gz names the file (not a line:
-    decompression reads ahead of the parser)."""
+def _rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None, str]]:
+    """``(line, record, problem)`` for each record, the fields renamed by ``fmt.columns``; a
+    record that cannot be read has ``None`` and why (the reader goes on after it). A truncated
+    or corrupt .gz names the file (not a line: decompression reads ahead of the parser)."""
     name = path.name.removesuffix(".gz")
     if name.endswith(".csv"):
-        rows = _csv_rows(path)
+        rows = _csv_rows(path, fmt)
     elif name.endswith((".jsonl", ".json")):
-        rows = _jsonl_rows(path)
+        rows = _jsonl_rows(path, fmt)
     else:
-        raise TraceError(f"{path}: unknown trace format (use .csv, .jsonl, optionally .gz)")
+        raise TraceError(f"{path}: unknown trace format (use .csv, or JSON Lines as .jsonl or .json, "
+                         "optionally .gz)")
     try:
         yield from rows
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise TraceError(f"{path}: compressed data is truncated or corrupt ({e})") from None
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def _renamed_header(path: Path, names: list[str], fmt: TraceFormat) -> list[str]:
+    """The CSV header with ``fmt.columns`` applied; a mapped column the file lacks, or a field
+    given by two columns, is refused (one of them would be ignored)."""
+    ours = {theirs: key for key, theirs in fmt.columns.items()}
+    if absent := [c for c in fmt.columns.values() if c not in names]:
+        raise TraceError(f"{path}:1: no column {absent[0]!r} (mapped to {ours[absent[0]]}); the "
+                         f"header has {_header_text(names)}")
+    if clash := [c for c in names if c in fmt.columns and c not in ours]:
+        raise TraceError(f"{path}:1: column {clash[0]!r} is in the file and {fmt.columns[clash[0]]!r} "
+                         f"is mapped to it: give one of the two")
+    renamed = [ours.get(c, c) for c in names]
+    if missing := [c for c in REQUIRED if c not in renamed]:
+        raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}; the header has "
+                         f"{_header_text(names)} (map its names with --columns, e.g. "
+                         f"--columns {missing[0]}=COLUMN)")
+    return renamed
+
+
+def _header_text(names: list[str]) -> str:
+    shown = ", ".join(_short(n) for n in names[:12])
+    return shown + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+
+
+def _csv_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None, str]]:
     """CSV records (``rlpredict.records.csv_records``: its rules for a record, its line
-    numbers); a bad record raises at the line where it starts."""
+    numbers)."""
     with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         records = csv_records(f)
         try:
@@ -174,34 +236,43 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
         assert names is not None
         if not names:
             raise TraceError(f"{path}: empty CSV file (no header)")
-        missing = [c for c in REQUIRED if c not in names]
-        if missing:
-            raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}")
+        names = _renamed_header(path, names, fmt)
         try:
             for line, cells, problem, _ in records:
                 if problem is not None or cells is None:
-                    raise TraceError(f"{path}:{line}: {problem or 'malformed CSV'}")
-                # an empty cell is a missing value, as ``rlpredict annotate`` reads it
-                yield line, {k: v for k, v in zip(names, cells, strict=True) if v != ""}
+                    yield line, None, problem or "malformed CSV"
+                else:  # an empty cell is a missing value, as ``rlpredict annotate`` reads it
+                    yield line, {k: v for k, v in zip(names, cells, strict=True) if v != ""}, ""
         except RecordError as e:  # a record too large to read (a quote left open)
             raise TraceError(f"{path}: {e.reason}") from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def _jsonl_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None, str]]:
     """JSON objects, one per line, read by ``rlpredict annotate``'s rules (``records``: lines
     split on b"\\n" only, at most ``MAX_ROW_BYTES`` each; was: a line of any size held whole)."""
+    ours = {theirs: key for key, theirs in fmt.columns.items()}
+    read = frozenset((*MAPPABLE, *fmt.columns.values()))  # given twice, which one is meant?
     with _open_binary(path) as f:
         for line_no, data in enumerate(bounded_lines(f), 1):
+            line = ""
             try:
                 line = decode_line(data, line_no)
                 if not line.strip():
                     continue
-                row = parse_json(line)
+                row = parse_json(line, read)
             except RecordError as e:
-                raise TraceError(f"{path}:{line_no}: {e.reason}") from None
+                why = e.reason
+                if line_no == 1 and line.strip() in ("[", "{"):  # pretty-printed JSON
+                    why += " (a trace is JSON Lines: one object per line)"
+                yield line_no, None, why
+                continue
             if not isinstance(row, dict):
-                raise TraceError(f"{path}:{line_no}: expected a JSON object")
-            yield line_no, row
+                yield line_no, None, "expected a JSON object (a trace is JSON Lines: one object per line)"
+            elif clash := [c for c in row if c in fmt.columns and c not in ours]:
+                yield line_no, None, (f"field {clash[0]!r} is in the row and {fmt.columns[clash[0]]!r} is "
+                                      "mapped to it: give one of the two")
+            else:
+                yield line_no, {ours.get(k, k): v for k, v in row.items()} if ours else row, ""
 
 
 #: A number as a CSV cell may spell it: ASCII digits, optional sign, fraction and exponent
@@ -215,19 +286,48 @@ def is_plain_number(v: object) -> bool:
     return not isinstance(v, str) or _PLAIN_NUMBER.fullmatch(v) is not None
 
 
-def _int(row: dict, key: str, where: str, minimum: int) -> int:
+def _int(row: dict, key: str, where: str, minimum: int, fmt: TraceFormat | None = None) -> int:
     v = row.get(key)
+    name = fmt.label(key) if fmt else key
     if isinstance(v, bool) or not is_plain_number(v):
-        raise TraceError(f"{where}: {key} must be an integer, got {_short(v)}")
+        raise TraceError(f"{where}: {name} must be an integer, got {_short(v)}")
     try:
         x = float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
-        raise TraceError(f"{where}: {key} must be an integer, got {_short(v)}") from None
+        raise TraceError(f"{where}: {name} must be an integer, got {_short(v)}") from None
     if isinstance(v, int) and not minimum <= v <= MAX_COUNT:  # exact: 2^53 + 1 is no float
         x = math.inf
     if not math.isfinite(x) or x != int(x) or not minimum <= x <= MAX_COUNT:
-        raise TraceError(f"{where}: {key} must be an integer in [{minimum}, 2^53], got {_short(v)}")
+        raise TraceError(f"{where}: {name} must be an integer in [{minimum}, 2^53], got {_short(v)}")
     return int(x)
+
+
+_DATE = re.compile(r"\s*[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _arrival(row: dict, where: str, fmt: TraceFormat) -> float:
+    """The row's arrival time in seconds, read in ``fmt.time_unit``."""
+    v, name = row["arrival_time_s"], fmt.label("arrival_time_s")
+    if fmt.time_unit == "iso":
+        if not isinstance(v, str):
+            raise TraceError(f"{where}: {name} must be an ISO 8601 date-time (--time-unit iso), got {_short(v)}")
+        try:
+            t = datetime.fromisoformat(v.strip())
+        except ValueError:
+            raise TraceError(f"{where}: {name} must be an ISO 8601 date-time (--time-unit iso), "
+                             f"got {_short(v)}") from None
+        a = (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+    else:
+        if isinstance(v, bool) or not is_plain_number(v):
+            hint = " (a date-time: pass --time-unit iso)" if isinstance(v, str) and _DATE.match(v) else ""
+            raise TraceError(f"{where}: {name} must be a number, got {_short(v)}{hint}")
+        try:
+            a = float(v) * TIME_UNITS[fmt.time_unit]
+        except (TypeError, ValueError, OverflowError):
+            raise TraceError(f"{where}: {name} must be a number, got {_short(v)}") from None
+    if not (math.isfinite(a) and a >= 0):
+        raise TraceError(f"{where}: {name} must be a finite time >= 0 (1970 or later), got {_short(v)}")
+    return a
 
 
 def _short(v: object) -> str:
@@ -266,65 +366,65 @@ def _prompt_input(row: dict) -> tuple[str | list | None, str | None, str]:
         return None, None, str(e)
 
 
-def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_prompts: bool = True) -> Trace:
-    """Read and validate a trace; raises TraceError naming the file and line of a bad row.
+def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_prompts: bool = True,
+               fmt: TraceFormat | None = None) -> Trace:
+    """Read and validate a trace; raises TraceError naming the file and line of a bad row
+    (``fmt.skip_bad_rows``: skips it, counted in the trace's ``skipped_rows``).
 
     ``max_tokens`` applies to rows without a ``max_tokens`` field (never below their true length).
     ``keep_prompts=False`` keeps no prompt or generator (the trace's ``prompts`` is None): what a
-    replay needs when no predictor reads them, in memory of the lengths alone.
+    replay needs when no predictor reads them, in memory of the lengths alone. ``fmt`` says how
+    the file spells the fields (default: as above, times in seconds).
     """
     if not (is_whole(max_tokens) and max_tokens >= 1):
         raise ValueError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")  # was: -5 accepted
+    fmt = fmt or TraceFormat()
     p = Path(path)
     if not p.is_file():
         why = ("is a folder, not a trace file" if p.is_dir() else "not a regular file (a device or a pipe); "
                "give a trace file" if p.exists() else "no such trace file")
         raise TraceError(f"{p}: {why}")
     arr, inp, out, mx, rl, prompts, gens = [], [], [], [], [], [], []
-    has_rl: bool | None = None  # the first row's: every row must agree
+    has_rl: bool | None = None  # the first good row's: every row must agree
     first_line = 0
     prompt_problem = ""
-    for line_no, row in _rows(p):
+    skipped, first_skipped = 0, ""
+    for line_no, row, problem in _rows(p, fmt):
         where = f"{p}:{line_no}"
-        for k in REQUIRED:
-            if row.get(k) in (None, ""):
-                raise TraceError(f"{where}: missing {k}")
-        if isinstance(row["arrival_time_s"], bool) or not is_plain_number(row["arrival_time_s"]):
-            raise TraceError(f"{where}: arrival_time_s must be a number, got {_short(row['arrival_time_s'])}")
         try:
-            a = float(row["arrival_time_s"])
-        except (TypeError, ValueError, OverflowError):
-            raise TraceError(f"{where}: arrival_time_s must be a number, got {_short(row['arrival_time_s'])}") from None
-        if not (math.isfinite(a) and a >= 0):
-            raise TraceError(f"{where}: arrival_time_s must be a finite number >= 0, got {a}")
-        o = _int(row, "output_tokens", where, 1)
-        arr.append(a)
-        inp.append(_int(row, "input_tokens", where, 1))
-        out.append(o)
-        mx.append(_int(row, "max_tokens", where, 1) if row.get("max_tokens") not in (None, "") else max(max_tokens, o))
-        missing = [k for k in RL_FIELDS if row.get(k) in (None, "")]
-        row_rl = not missing
-        if missing and len(missing) < len(RL_FIELDS):  # ignoring the rest would be silent
-            raise TraceError(f"{where}: missing {missing[0]}: the rl_* fields ({', '.join(RL_FIELDS)}) "
-                             "come all three or none")
+            if row is None:
+                raise TraceError(f"{where}: {problem}")
+            values = _lengths(row, where, max_tokens, fmt)
+            row_rl = values[4] is not None
+            if has_rl is not None and has_rl != row_rl:
+                raise TraceError(f"{where}: {'has' if row_rl else 'has no'} rl_* fields but the first row "
+                                 f"(line {first_line}) {'has none' if row_rl else 'has them'}: they come on "
+                                 "every row or on none")
+        except TraceError as e:
+            if not fmt.skip_bad_rows:
+                raise
+            skipped += 1
+            first_skipped = first_skipped or str(e)
+            continue
         if has_rl is None:
             has_rl, first_line = row_rl, line_no
-        elif has_rl != row_rl:
-            raise TraceError(f"{where}: {'has' if row_rl else 'has no'} rl_* fields but the first row "
-                             f"(line {first_line}) {'has none' if row_rl else 'has them'}: they come on "
-                             "every row or on none")
-        if row_rl:
-            # a reservation holds at least one token (annotate never writes less)
-            rl.append([_int(row, k, where, lo) for k, lo in zip(RL_FIELDS, (0, 0, 1), strict=True)])
+        a, i, o, m, row_rl_values = values
+        arr.append(a)
+        inp.append(i)
+        out.append(o)
+        mx.append(m)
+        if row_rl_values is not None:
+            rl.append(row_rl_values)
         if not keep_prompts:
             continue
-        prompt, g, problem = _prompt_input(row)
+        prompt, g, why = _prompt_input(row)
         prompts.append(prompt)
         gens.append(g)
-        if problem and not prompt_problem:
-            prompt_problem = f"{where}: {problem}"
+        if why and not prompt_problem:
+            prompt_problem = f"{where}: {why}"
     if not arr:
-        raise TraceError(f"{p}: trace has no rows")
+        raise TraceError(f"{p}: trace has no rows" + (f" left: all {skipped} were bad (first: {first_skipped})"
+                                                      if skipped else ""))
     order = np.argsort(np.asarray(arr), kind="stable")
     arrivals = np.asarray(arr, dtype=float)[order]
     # Unix timestamps: times past REBASE_AFTER_S are taken from the first arrival, else a float
@@ -341,7 +441,43 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
         prompts=[prompts[i] for i in order] if keep_prompts and all(t is not None for t in prompts) else None,
         generators=[gens[i] for i in order] if any(g is not None for g in gens) else None,
         prompt_problem=prompt_problem,
+        skipped_rows=skipped,
+        first_skipped=first_skipped,
     )
+
+
+def _lengths(row: dict, where: str, max_tokens: int, fmt: TraceFormat
+             ) -> tuple[float, int, int, int, list[int] | None]:
+    """A row's arrival (s), input, output and max tokens, and its rl_* values (None: none)."""
+    for k in REQUIRED:
+        if row.get(k) in (None, ""):
+            raise TraceError(f"{where}: missing {fmt.label(k)}")
+    a = _arrival(row, where, fmt)
+    o = _int(row, "output_tokens", where, 1, fmt)
+    i = _int(row, "input_tokens", where, 1, fmt)
+    m = _int(row, "max_tokens", where, 1, fmt) if row.get("max_tokens") not in (None, "") else max(max_tokens, o)
+    missing = [k for k in RL_FIELDS if row.get(k) in (None, "")]
+    if missing and len(missing) < len(RL_FIELDS):  # ignoring the rest would be silent
+        raise TraceError(f"{where}: missing {missing[0]}: the rl_* fields ({', '.join(RL_FIELDS)}) "
+                         "come all three or none")
+    # a reservation holds at least one token (annotate never writes less)
+    rl = None if missing else [_int(row, k, where, lo, fmt) for k, lo in zip(RL_FIELDS, (0, 0, 1), strict=True)]
+    return a, i, o, m, rl
+
+
+def describe(trace: Trace) -> str:
+    """One line on what was read: rows, span and rate (a millisecond column read as seconds
+    shows as a 1,000x longer span), the rebase and what was skipped."""
+    n, a = len(trace), trace.arrival_s
+    span = float(a[-1] - a[0]) if n else 0.0
+    text = f"{trace.path}: {n} request{'' if n == 1 else 's'} over {span:.6g} s"
+    if span > 0 and n > 1:
+        text += f" ({(n - 1) / span:.4g} requests/s)"
+    if trace.arrival_offset_s:
+        text += f"; times taken from the first arrival ({trace.arrival_offset_s:.10g} s)"
+    if trace.skipped_rows:
+        text += f"; skipped {trace.skipped_rows} bad rows (first: {trace.first_skipped})"
+    return text
 
 
 def poisson_arrivals(n: int, rate: float, seed: int = 0) -> np.ndarray:

@@ -135,7 +135,7 @@ def predict(
     texts: Annotated[list[str] | None, typer.Argument(help="Prompts (default: one per line on stdin).")] = None,
     model: ModelOpt = None,
     generator: Annotated[str | None, typer.Option(help="Served model's name (for bundles trained with the generator as input).")] = None,
-    jsonl: Annotated[bool, typer.Option("--jsonl", help="stdin lines are JSON objects with 'prompt' or 'messages' (and 'generator', which wins over --generator).")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="stdin lines are JSON objects with 'prompt' or 'messages' (and 'generator' or 'model', which win over --generator).")] = False,
     single: Annotated[bool, typer.Option("--single", help="All of stdin is one prompt.")] = False,
     reserve_quantile: ReserveQOpt = None,
     margin: MarginOpt = 0.0,
@@ -177,7 +177,7 @@ def predict(
     unknown = sum(not g for g in gens) if isinstance(gens, list) else 0 if gens else len(requests)
     if p.input_spec.include_generator and unknown:  # said, as annotate says it
         typer.echo(f"note: {unknown} prompt(s) without a generator: this bundle takes the served model's "
-                   "name (--generator, or 'generator' in --jsonl lines) and predicted them as 'model: unknown'",
+                   "name (--generator, or 'generator' or 'model' in --jsonl lines) and predicted them as 'model: unknown'",
                    err=True)
     edges = p.scheme.edges
     if json_out:
@@ -211,7 +211,7 @@ def annotate(
     model: ModelOpt = None,
     prompt_field: Annotated[str, typer.Option(help="Field holding the prompt string.")] = "prompt",
     messages_field: Annotated[str, typer.Option(help="Field holding OpenAI-style messages (wins over the prompt when both are set).")] = "messages",
-    generator_field: Annotated[str, typer.Option(help="Field naming the served model (used by bundles trained with it).")] = "generator",
+    generator_field: Annotated[str | None, typer.Option(help="Field naming the served model (used by bundles trained with it; default: 'generator', else 'model', as training reads it).")] = None,
     drop_final_assistant: Annotated[bool, typer.Option(help="Drop a trailing assistant message (logs that store the response in the conversation).")] = False,
     on_error: Annotated[Literal["fail", "skip"], typer.Option("--on-error", help="Bad rows: 'fail' (stop with the line number) or 'skip' (write them to the rejects file).")] = "fail",
     rejects: Annotated[Path | None, typer.Option(help="Rejects file for --on-error skip (default: beside OUTPUT, its name less the format suffixes + .rejects.jsonl: run.05.csv.gz -> run.05.rejects.jsonl).")] = None,
@@ -229,17 +229,18 @@ def annotate(
     quantiles: Annotated[str | None, typer.Option("--quantiles", help="Also add the bundle's calibrated quantiles (`rlpredict calibrate`), e.g. 0.5,0.9 -> rl_q50_tokens, rl_q90_tokens (local engine).")] = None,
 ) -> None:
     """Add rl_bucket, rl_pred_tokens and rl_reserve_tokens to every row of a request trace."""
-    from rlpredict.records import Fields
+    from rlpredict.records import GENERATOR_FIELDS, Fields
     from rlpredict.serve.annotate import COLUMNS, annotate_file, column_name
     from rlpredict.serve.runtime import Predictor
 
-    fields = Fields.trace(prompt=prompt_field, messages=messages_field, generator=generator_field,
+    fields = Fields.trace(prompt=prompt_field, messages=messages_field,
+                          generator=generator_field if generator_field is not None else GENERATOR_FIELDS,
                           drop_final_assistant=drop_final_assistant)
     levels = parse_quantiles(quantiles)
     written = {*COLUMNS, *(column_name(q) for q in levels or ())}
     for option, name in (("--prompt-field", prompt_field), ("--messages-field", messages_field),
                          ("--generator-field", generator_field)):
-        if name in written:
+        if name is not None and name in written:
             raise typer.BadParameter(f"{name!r} is a column annotate writes (its predictions would "
                                      "replace what it read); name the input's field", param_hint=f"'{option}'")
     if rejects is not None and on_error != "skip":
@@ -281,7 +282,8 @@ def annotate(
         err.print(f"  {n} row(s) keep {name} from an earlier annotation: this run did not write it, so it is not "
                   "this bundle's prediction (--quantiles replaces it)", highlight=False)
     if s.rows_without_generator:
-        err.print(f"  {s.rows_without_generator} row(s) have no generator (field {escape(repr(generator_field))}): "
+        named = " or ".join(repr(f) for f in fields.generator)
+        err.print(f"  {s.rows_without_generator} row(s) have no generator (field {escape(named)}): "
                   "this bundle takes one, and predicted them as 'model: unknown'", highlight=False)
     for reason, n in list(s.reasons.items())[:5]:
         err.print(f"  {n} x {escape(reason)}", highlight=False)

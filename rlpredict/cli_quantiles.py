@@ -29,7 +29,7 @@ def calibrate(
     test_frac: Annotated[float | None, typer.Option(callback=in_range(0, 1, low_open=True), help="Training split's test fraction, if the bundle does not record it (a different one is refused).")] = None,
     seed: Annotated[int | None, typer.Option(min=0, max=2**32 - 1, help="Training split's seed, if the bundle does not record it (a different one is refused).")] = None,
     check_frac: Annotated[float, typer.Option(callback=in_range(0.01, 0.99), help="Share of the held-out prompts kept to check coverage.")] = 0.5,
-    min_group: Annotated[int, typer.Option(callback=at_least(1), help="Predicted buckets with fewer calibration prompts use the global offset.")] = 100,
+    min_group: Annotated[int, typer.Option(callback=at_least(1), help="Predicted buckets with fewer calibration prompts share one offset (the rest group's).")] = 100,
     confidence: Annotated[float | None, typer.Option(callback=in_range(0, 1, low_open=True), help="Also bound the calibration draw, in (0, 1): coverage >= q except with probability 1 - CONFIDENCE (e.g. 0.9); costs wider quantiles.")] = None,
     on_error: OnErrorOpt = "fail",
     threads: ThreadsOpt = None,
@@ -60,8 +60,10 @@ def drift(
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Compare new logs with what the bundle was trained and calibrated on; exit 3 on drift."""
-    from rlpredict.serve.drift import DRIFT_EXIT, DriftBounds, drift_report, markdown
+    """Compare new logs with what the bundle was trained and calibrated on; exit 3 on drift.
+
+    Exit 4 when the logs hold fewer than --min-rows rows: nothing was judged."""
+    from rlpredict.serve.drift import DRIFT_EXIT, TOO_FEW_EXIT, DriftBounds, drift_report, markdown
 
     report = drift_report(model, data, bounds=DriftBounds(max_tv=max_tv, tolerance=tolerance, min_rows=min_rows),
                           on_error=on_error, threads=threads)
@@ -75,4 +77,4 @@ def drift(
         for note in report["notes"]:  # label shift: said, not a verdict
             err.print(escape(f"note: {note} (not drift while the predictions still fit)"), highlight=False)
     if report["verdict"] != "ok":
-        raise typer.Exit(DRIFT_EXIT)
+        raise typer.Exit(DRIFT_EXIT if report["verdict"] == "drift" else TOO_FEW_EXIT)

@@ -90,10 +90,15 @@ class Fields:
                 object.__setattr__(self, name, (v,) if v else ())
 
     @classmethod
-    def trace(cls, prompt: str = "prompt", messages: str = "messages", generator: str | None = "generator",
+    def trace(cls, prompt: str = "prompt", messages: str = "messages",
+              generator: str | tuple[str, ...] | None = GENERATOR_FIELDS,
               drop_final_assistant: bool = False) -> Fields:
-        """annotate's fields: a request trace keeps its request in ``prompt`` or ``messages``."""
-        return cls(prompt=prompt, messages=(messages,), generator=(generator,) if generator else (),
+        """annotate's fields: a request trace keeps its request in ``prompt`` or ``messages``,
+        and its generator where training reads it (``generator``, else ``model``: was
+        ``generator`` alone, so a log naming its model in ``model`` was trained with it and
+        annotated as "model: unknown"), unless one field is named."""
+        gen = (generator,) if isinstance(generator, str) and generator else generator or ()
+        return cls(prompt=prompt, messages=(messages,), generator=tuple(gen),
                    drop_final_assistant=drop_final_assistant)
 
     def request_columns(self) -> tuple[str, ...]:
@@ -332,10 +337,36 @@ def decode_line(data: bytes, lineno: int) -> str:
         raise RecordError("", f"not valid UTF-8 (byte {e.start})") from None
 
 
-def parse_json(text: str) -> Any:
-    """The JSON value of one line; :class:`RecordError` saying why not."""
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refusing_twice(keys: frozenset[str]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """An ``object_pairs_hook`` refusing an object that gives one of ``keys`` twice (``json``
+    keeps the last silently)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            seen: set[str] = set()
+            for k, _ in pairs:
+                if k in seen and k in keys:
+                    raise _DuplicateKey(f"key {k!r} is given twice in one JSON object (which value is "
+                                        "meant is not known)")
+                seen.add(k)
+        return d
+
+    return hook
+
+
+def parse_json(text: str, refuse_twice: frozenset[str] = frozenset()) -> Any:
+    """The JSON value of one line; :class:`RecordError` saying why not (also for an object
+    that gives one of ``refuse_twice`` twice: the fields a reader reads; ``annotate`` keeps
+    every other byte of a row, so a key it does not read may repeat)."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_refusing_twice(refuse_twice)) if refuse_twice else json.loads(text)
+    except _DuplicateKey as e:
+        raise RecordError("", str(e)) from None
     except json.JSONDecodeError as e:
         raise RecordError("", f"not valid JSON ({e.msg}, column {e.colno})") from None
     except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting

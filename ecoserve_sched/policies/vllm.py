@@ -1,7 +1,8 @@
 """vLLM V1 semantics: token budget, running first, FCFS waiting, on-demand blocks, preempt latest.
 
 - Blocks are allocated on demand: a prefill chunk gets the blocks its tokens need, a decoding
-  request gets one more block when its last one is full.
+  request gets one more block when the token its step writes does not fit its last one (the
+  simulator's rule for every policy: one step before vLLM V1 asks; docs/scheduler.md).
 - When a running request cannot get a block, the most recently admitted running request is
   preempted by recompute (possibly the request itself), until the allocation succeeds.
 - A waiting request is admitted, in arrival order, only if the blocks of its whole prompt are

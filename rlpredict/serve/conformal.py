@@ -11,15 +11,23 @@ smallest of the ``n`` scores.
 distribution, in any order), the new response's length is at most its calibrated ``q``-quantile
 with probability at least ``q`` (and below ``q + 1 / (n + 1)`` when scores have no ties). The
 scores are grouped by predicted bucket (Mondrian conformal prediction), so the guarantee also
-holds within each predicted bucket that has at least ``min_group`` calibration prompts; smaller
-buckets use the offset computed over all prompts (marginal guarantee only).
+holds within each predicted bucket that has at least ``min_group`` calibration prompts. The
+smaller buckets are pooled into one rest group with an offset of its own, so the guarantee holds
+over that group too (was: they took the offset over all prompts, which guaranteed nothing for
+them: a review's simulation of a small bucket with higher scores covered 0.59 of it, and 0.83
+overall, for q = 0.9). A rest group too small for an offset of its own takes the one over all
+prompts, with no guarantee for its buckets.
 
 That probability is an average over calibration sets: one calibration set's coverage scatters
 around ``q``, and widely when prompts come in clusters (many turns of one conversation are
 not independent). ``confidence=1 - delta`` asks for more: coverage >= ``q`` for all but a
 ``delta`` share of calibration sets (a training-conditional, "PAC" bound: the order statistic is
 raised until ``P(Binomial(n, q) >= k) <= delta``), counting ``n`` as the number of distinct
-groups (conversations) rather than prompts, so clustered logs are not over-trusted. Nothing is
+groups (conversations) rather than prompts, so clustered logs are not over-trusted. That
+count is a heuristic, not a bound, when conversations differ much in size and their turns'
+scores are strongly alike: a review's simulation with the held-out side's conversation sizes
+(the largest 5% holding a third of the rows) met ``q`` in 0.97, 0.91 and 0.80 of calibration
+sets at within-conversation score correlations 0.3, 0.5 and 0.8, for ``confidence`` 0.9. Nothing is
 guaranteed on data that is not exchangeable with the calibration split (another source, a new
 model version, new users): ``rlpredict drift`` measures that.
 
@@ -39,8 +47,10 @@ from rlpredict.buckets import BucketScheme
 
 FORMAT = "rlpredict.conformal/1"
 METHOD = "split conformal, score log(actual / predicted quantile), grouped by predicted bucket"
-#: Buckets with fewer calibration prompts than this use the offset over all prompts.
+#: Buckets with fewer calibration prompts than this share one offset (the rest group's).
 MIN_GROUP = 100
+#: Below 1e-9, a rank's ``(n + 1) q`` is a float's error: (9 + 1) x 0.9 is 9.000000000000002.
+_EPS = 1e-9
 MAX_QUANTILES = 16
 
 
@@ -119,9 +129,10 @@ class QuantileCalibration:
                              f"got {probs.shape} and {len(y)}")
         if min_group < 1:
             raise ValueError(f"min_group must be >= 1, got {min_group}")
-        if len(y) < max(math.ceil(1 / (1 - q)) for q in qs):
+        need = math.ceil(max(qs) / (1 - max(qs)) - _EPS)  # the least n with ceil((n + 1) q) <= n
+        if len(y) < need:  # was 1 / (1 - q): 11 for q = 0.9, where 9 prompts have rank 9
             raise ValueError(f"{len(y)} calibration prompts are too few for quantile {max(qs)} "
-                             f"(need at least {math.ceil(1 / (1 - max(qs)))})")
+                             f"(need at least {need})")
         group = probs.argmax(axis=1)
         group_n = np.bincount(group, minlength=scheme.n_buckets)
         offsets = np.zeros((len(qs), scheme.n_buckets))
@@ -134,11 +145,17 @@ class QuantileCalibration:
                 raise ValueError(f"{len(y)} calibration prompts are too few for quantile {q}"
                                  + (f" at confidence {confidence}" if confidence else ""))
             offsets[i, :] = global_off[i]
+            own = np.zeros(scheme.n_buckets, dtype=bool)
             for g in np.flatnonzero(group_n >= min_group):
                 m = group == g
                 c = _conformal_offset(score[m], q, delta, len(np.unique(cl[m])))
                 if math.isfinite(c):
-                    offsets[i, g] = c
+                    offsets[i, g], own[g] = c, True
+            rest = ~own[group]  # prompts of the buckets without an offset of their own
+            if rest.any() and own.any():  # (with none of their own, the rest is every prompt)
+                c = _conformal_offset(score[rest], q, delta, len(np.unique(cl[rest])))
+                if math.isfinite(c):
+                    offsets[i, ~own] = c
         return cls(qs, offsets, global_off, tuple(int(v) for v in group_n), int(min_group), source, confidence)
 
     def tokens(self, scheme: BucketScheme, probs: np.ndarray, quantiles: Sequence[float]) -> np.ndarray:
@@ -206,7 +223,7 @@ def _conformal_offset(score: np.ndarray, q: float, delta: float | None = None, n
     if n == 0:
         return math.inf
     level = q if delta is None else pac_rank(max(n_eff, 1), q, delta) / max(n_eff, 1)
-    k = math.ceil((n + 1) * level)
+    k = math.ceil((n + 1) * level - _EPS)
     if k > n:
         return math.inf
     return float(np.partition(score, k - 1)[k - 1])

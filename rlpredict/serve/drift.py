@@ -17,7 +17,9 @@ group's size (the 99th percentile of the distance of ``n`` draws from the refere
   whether it fell below q by more than sampling noise (``z`` standard errors) plus ``tolerance``.
 
 Verdict ``drift`` if any group with at least ``min_rows`` rows breaks a calibration or coverage bound; exit code 3 then
-(0: no drift; 2: bad input), so that cron or CI can act on it.
+(0: no drift; 2: bad input), so that cron or CI can act on it. Verdict ``too few rows``, exit
+code 4, when all the logs together hold fewer than ``min_rows`` rows: no group decides, and
+"ok" would say that logs nothing judged were fine (the bounds the small groups broke are listed).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 from rlpredict.data import attach_rl, load_samples
 
 DRIFT_EXIT = 3
+TOO_FEW_EXIT = 4
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,15 @@ def drift_report(bundle: str | Path | None, data: Sequence[str | Path], *, bound
     rows = [group_report(name, a.probs[m], rl[m], a.quantile_tokens[m] if a.quantile_tokens is not None else None,
                          qs, ref, p.scheme, bounds) for name, m in groups]
     drifted = [r for r in rows if r["decides"] and r["problems"]]
+    judged = rows[0]["decides"]  # the "all" group: no group decides if it does not
+    verdict = "drift" if drifted else "ok" if judged else "too few rows"
+    reasons = ([f"{r['group']}: {'; '.join(r['problems'])}" for r in drifted] if judged else
+               [f"{len(samples)} rows, fewer than --min-rows {bounds.min_rows}: no group decides"]
+               + [f"{r['group']} (small): {'; '.join(r['problems'])}" for r in rows if r["problems"]])
     return {"bundle": str(p.bundle.path), "load": load.summary(), "skipped_examples": load.examples,
             "samples": len(samples),
             "calibrated_quantiles": qs, "bounds": bounds.__dict__, "groups": rows,
-            "verdict": "drift" if drifted else "ok",
-            "reasons": [f"{r['group']}: {'; '.join(r['problems'])}" for r in drifted],
+            "verdict": verdict, "reasons": reasons,
             "notes": [f"{r['group']}: {'; '.join(r['notes'])}" for r in rows if r["decides"] and r["notes"]]}
 
 

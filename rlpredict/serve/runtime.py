@@ -31,6 +31,12 @@ then padded by ``margin`` (x (1 + margin), rounded up).
 
 A ``Predictor`` may be shared between threads: ``session.run`` is thread-safe, and bulk calls
 share one pool of ``threads - 1`` helper threads (each call's own thread is one more worker).
+``threads`` bounds ONNX Runtime, not the tokenizer: a batch of two or more prompts is tokenized
+by the ``tokenizers`` library's own pool, one thread per core unless ``RAYON_NUM_THREADS`` says
+otherwise; a lone prompt (the serving path) is tokenized on the calling thread.
+
+An empty or blank prompt is predicted like any other (the CLI refuses one, training never saw
+one): check for it before calling where that matters.
 """
 
 from __future__ import annotations
@@ -154,6 +160,8 @@ class TextEncoder:
         return self._unk_run.sub(self._unk_word, text) if self._unk_run is not None else text
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if len(texts) == 1:  # the per-request path: tokenizers' batch call starts a thread per core
+            return [self.encode(texts[0])]
         texts = [t if len(t) <= self.window else self._shorten(t) for t in texts]
         out: list[list[int]] = [[] for _ in texts]
         short = [i for i, t in enumerate(texts) if len(t) <= self.window]

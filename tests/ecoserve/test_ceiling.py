@@ -12,11 +12,13 @@ import pytest
 from sim_helpers import FlatCost, make_req
 from typer.testing import CliRunner
 
+from ecoserve_sched import compare
 from ecoserve_sched.cli import app
 from ecoserve_sched.compare import (
     RunSpec,
     Server,
     capacity,
+    capacity_text,
     ceiling,
     deferred_share,
     meets,
@@ -55,15 +57,59 @@ def test_normalized_latency_by_hand():
     assert s["normalized_latency_s"] == pytest.approx((0.010016 / 1 + 0.040016 / 4) / 2)
 
 
-def test_ceiling_by_hand():
-    # Two one-token requests 10 s apart (trace rate 0.1/s). Flooded (x50) they arrive 0.2 s
-    # apart and each takes one 0.010016 s prefill iteration: 2 requests in 0.210016 s.
+def test_ceiling_by_hand(monkeypatch):
+    # Two one-token requests 10 s apart (trace rate 0.1/s), each one 0.010016 s prefill
+    # iteration. Flooded x50 (0.2 s apart) and x400 (25 ms) the server keeps up: it finishes at
+    # over half the rate they arrive. x3200 (3.125 ms apart) the second waits for the first: 2
+    # requests in 0.020032 s, under half of 320/s: saturated.
     spec = RunSpec(_trace([0.0, 10.0], 16, 1), FlatCost(), SLO(5.0, 0.2), predictions="oracle")
     c = ceiling(spec, policies=("vllm",))
     assert c["trace_rps"] == pytest.approx(0.1)
-    assert c["flood_throughput_rps"]["vllm"] == pytest.approx(2 / 0.210016)
-    assert c["ceiling_rate_scale"] == pytest.approx(2 / 0.210016 / 0.1)
+    assert c["flood_scale"] == 3200 and c["saturated"] and "note" not in c
+    assert c["flood_throughput_rps"]["vllm"] == pytest.approx(2 / 0.020032)
+    assert c["ceiling_rate_scale"] == pytest.approx(2 / 0.020032 / 0.1)
+    # was: the x50 run's 2 requests in 0.210016 s taken as the ceiling, a server that kept up
+    monkeypatch.setattr(compare, "MAX_FLOOD_SCALE", 50.0)
+    low = ceiling(spec, policies=("vllm",))
+    assert low["ceiling_rate_scale"] == pytest.approx(2 / 0.210016 / 0.1)
+    assert not low["saturated"] and "at least this" in low["note"]
     assert ceiling(RunSpec(_trace([1.0], 16, 1), FlatCost(), SLO()))["ceiling_rate_scale"] is None
+
+
+def test_the_ceiling_counts_only_requests_the_cache_can_hold():
+    # 2 blocks of 16 tokens: the 40-token prompt at t=2 is dropped at every load; the rate the
+    # server must keep up with is that of the other three (was: all four, a ceiling 3/4 as high)
+    tr = Trace("hand", np.array([0.0, 1.0, 2.0, 3.0]), np.array([8, 8, 40, 8], np.int64),
+               np.full(4, 4, np.int64), np.full(4, 64, np.int64))
+    c = ceiling(RunSpec(tr, FlatCost(blocks=2), SLO(5.0, 0.2), predictions="oracle"), policies=("vllm",))
+    assert c["saturated"] and c["trace_rps"] == pytest.approx(1.0)
+    assert c["ceiling_rate_scale"] == pytest.approx(c["flood_throughput_rps"]["vllm"] / 0.75)
+
+
+class _Threshold:
+    """A spec whose policy meets the criterion up to rate scale ``limit``."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.trace = SimpleNamespace(arrival_s=np.array([0.0, 1.0]))
+        self.slo = SLO(5.0, 0.2)
+
+    def run(self, policy: str, scale: float) -> tuple[dict, None]:
+        ok = scale <= self.limit
+        return {"slo_attainment": 1.0 if ok else 0.0, "normalized_latency_s": 0.0, "p99_tbt_s": 0.0,
+                "mean_jct_s": 0.0, "predictions": "oracle", "dropped": 0, "finished": 1, "requests": 1}, None
+
+
+def test_a_capacity_search_that_runs_out_of_runs_says_so():
+    # a light trace: doubling to x8192 takes 14 runs; the default budget then bisects to 2%
+    c = capacity(_Threshold(5000.0), "p")  # type: ignore[arg-type]
+    assert c["search"] == "found" and c["converged"] and len(c["probes"]) <= 20
+    assert c["upper_bound"] - c["max_rate_scale"] <= 0.02 * c["upper_bound"] and c["max_rate_scale"] <= 5000
+    # was: 14 runs, "found" at 4096 with 8192 failing, and nothing said
+    short = capacity(_Threshold(5000.0), "p", max_runs=14)  # type: ignore[arg-type]
+    assert short["search"] == "found" and not short["converged"]
+    assert (short["max_rate_scale"], short["upper_bound"]) == (4096.0, 8192.0)
+    assert "between x4096 and x8192" in short["note"] and capacity_text(short) == "4096.000 to 8192.000"
 
 
 def test_ceiling_bounds_capacity_on_a_real_profile():

@@ -478,3 +478,24 @@ def test_a_compare_header_names_the_predictions_its_policies_read(tmp_path):
     assert r.exit_code == 0, r.output
     head = (out / "table.md").read_text().splitlines()[0]
     assert "predictions: oracle" in head and "none" not in head
+
+
+def test_a_public_trace_runs_with_its_own_columns_and_time_unit(tmp_path):
+    t = tmp_path / "azure.csv"  # Azure's trace as published, one failed request logged with 0 tokens
+    t.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.7527360,374,44\n"
+                 "2023-11-16 18:15:47.0,879,0\n2023-11-16 18:15:50.7527360,396,109\n")
+    columns = "arrival_time_s=TIMESTAMP,input_tokens=ContextTokens,output_tokens=GeneratedTokens"
+    r = runner.invoke(app, ["simulate", "--trace", str(t), "--policy", "vllm", "--columns", columns,
+                            "--time-unit", "iso", "--on-error", "skip", "--json"])
+    assert r.exit_code == 0, r.output
+    assert _strict(r.stdout)["requests"] == 2
+    assert f"read {t}: 2 requests over 4 s (0.25 requests/s); times taken from the first arrival" in r.stderr
+    assert f"skipped 1 bad rows (first: {t}:3: GeneratedTokens (read as output_tokens)" in r.stderr
+    r = runner.invoke(app, ["simulate", "--trace", str(t), "--columns", columns, "--time-unit", "iso"])
+    assert r.exit_code == 2 and f"error: {t}:3: GeneratedTokens (read as output_tokens) must be" in r.output
+    for bad, msg in [("arrival_time_s", "is not FIELD=COLUMN"), ("foo=TIMESTAMP", "'foo' is not a trace field"),
+                     ("input_tokens=a,input_tokens=b", "input_tokens is mapped twice"), (" ", "is empty")]:
+        r = runner.invoke(app, ["capacity", "--trace", str(t), "--columns", bad])
+        assert r.exit_code == 2 and "--columns" in r.output and msg in " ".join(r.output.split()), (bad, r.output)
+    r = runner.invoke(app, ["compare", "--trace", str(t), "--time-unit", "minutes"])
+    assert r.exit_code == 2 and "unknown time unit 'minutes'" in r.output

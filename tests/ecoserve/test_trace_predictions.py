@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,14 @@ import pytest
 from ecoserve_sched import predictions as preds
 from ecoserve_sched.predictions import apply_predictions, default_confusion_path, load_confusion
 from ecoserve_sched.request import SLO
-from ecoserve_sched.trace import TraceError, gamma_arrivals, poisson_arrivals, read_trace
+from ecoserve_sched.trace import (
+    TraceError,
+    TraceFormat,
+    describe,
+    gamma_arrivals,
+    poisson_arrivals,
+    read_trace,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "confusion_sharegpt.json"
 
@@ -308,3 +316,101 @@ def test_unix_timestamps_are_read_from_the_first_arrival(tmp_path):
     t = read_trace(write(tmp_path, "ns.csv", "arrival_time_s,input_tokens,output_tokens\n" + ns))
     s, _ = RunSpec(t, load_profile("llama2-13b-a100-80gb"), SLO(5.0, 0.2)).run("vllm", 1.0)
     assert s["mean_ttft_s"] > 0 and s["p50_tbt_s"] > 0
+
+
+AZURE = "TIMESTAMP,ContextTokens,GeneratedTokens\n" \
+        "2023-11-16 18:15:50.7527360,396,109\n2023-11-16 18:15:46.7527360,374,44\n"
+AZURE_COLUMNS = {"arrival_time_s": "TIMESTAMP", "input_tokens": "ContextTokens", "output_tokens": "GeneratedTokens"}
+
+
+def test_public_traces_are_read_through_a_column_map_and_a_time_unit(tmp_path):
+    # Azure's trace: its own column names, ISO date-times without a zone (UTC)
+    t = read_trace(write(tmp_path, "azure.csv", AZURE), fmt=TraceFormat(AZURE_COLUMNS, "iso"))
+    assert t.arrival_s.tolist() == [0.0, 4.0] and t.input_tokens.tolist() == [374, 396]
+    assert t.arrival_offset_s == datetime(2023, 11, 16, 18, 15, 46, 752736, tzinfo=timezone.utc).timestamp()
+    # a zone is honoured: 18:15:50+01:00 is an hour before 18:15:50 UTC
+    zoned = AZURE.replace("50.7527360", "50.7527360+01:00").replace("46.7527360", "46.7527360+01:00")
+    z = read_trace(write(tmp_path, "zoned.csv", zoned), fmt=TraceFormat(AZURE_COLUMNS, "iso"))
+    assert z.arrival_offset_s == t.arrival_offset_s - 3600
+    # Mooncake's: milliseconds, JSON Lines; the time unit divides, the rebase follows
+    rows = [{"timestamp": 1500, "input_length": 10, "output_length": 5, "hash_ids": [1]},
+            {"timestamp": 0, "input_length": 20, "output_length": 7, "hash_ids": [2]}]
+    m = read_trace(write(tmp_path, "m.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),
+                   fmt=TraceFormat({"arrival_time_s": "timestamp", "input_tokens": "input_length",
+                                    "output_tokens": "output_length"}, "ms"))
+    assert m.arrival_s.tolist() == [0.0, 1.5] and m.output_tokens.tolist() == [7, 5]
+    # errors name the file's column; a date-time read as a number says which unit to give
+    with pytest.raises(TraceError, match=r"azure\.csv:2: TIMESTAMP \(read as arrival_time_s\) must be a "
+                                         r"number, .*pass --time-unit iso"):
+        read_trace(tmp_path / "azure.csv", fmt=TraceFormat(AZURE_COLUMNS))
+    with pytest.raises(TraceError, match=r"m\.jsonl:1: timestamp \(read as arrival_time_s\) must be an ISO"):
+        read_trace(tmp_path / "m.jsonl", fmt=TraceFormat({"arrival_time_s": "timestamp", "input_tokens":
+                                                          "input_length", "output_tokens": "output_length"}, "iso"))
+
+
+def test_a_column_map_is_checked_against_the_header(tmp_path):
+    p = write(tmp_path, "azure.csv", AZURE)
+    with pytest.raises(TraceError, match=r"azure\.csv:1: missing column\(s\) arrival_time_s, input_tokens, "
+                                         r"output_tokens; the header has 'TIMESTAMP', 'ContextTokens'.*--columns"):
+        read_trace(p)
+    with pytest.raises(TraceError, match=r"azure\.csv:1: no column 'Context' \(mapped to input_tokens\)"):
+        read_trace(p, fmt=TraceFormat({**AZURE_COLUMNS, "input_tokens": "Context"}, "iso"))
+    both = write(tmp_path, "both.csv", "arrival_time_s,TIMESTAMP,input_tokens,output_tokens\n1,2,3,4\n")
+    with pytest.raises(TraceError, match=r"both\.csv:1: column 'arrival_time_s' is in the file and 'TIMESTAMP' "
+                                         "is mapped to it"):
+        read_trace(both, fmt=TraceFormat({"arrival_time_s": "TIMESTAMP"}))
+    for bad, msg in [({"arrival": "x"}, "not a trace field"), ({"input_tokens": " "}, "empty column name"),
+                     ({"input_tokens": "x", "output_tokens": "x"}, "mapped to two fields")]:
+        with pytest.raises(ValueError, match=msg):
+            TraceFormat(bad)
+    with pytest.raises(ValueError, match="time unit"):
+        TraceFormat(time_unit="minutes")
+
+
+def test_bad_rows_are_skipped_only_when_asked_and_always_counted(tmp_path):
+    # BurstGPT logs a failed request with 0 response tokens
+    body = ("Timestamp,Model,Request tokens,Response tokens\n5,ChatGPT,472,18\n6,ChatGPT,1087,0\n"
+            "8,GPT-4,417,\"oops\n9,GPT-4,100,20\n")
+    p = write(tmp_path, "burst.csv", body)
+    fmt = {"arrival_time_s": "Timestamp", "input_tokens": "Request tokens", "output_tokens": "Response tokens"}
+    with pytest.raises(TraceError, match=r"burst\.csv:3: Response tokens \(read as output_tokens\) must be an "
+                                         r"integer in \[1, 2\^53\], got '0'"):
+        read_trace(p, fmt=TraceFormat(fmt))
+    t = read_trace(p, fmt=TraceFormat(fmt, skip_bad_rows=True))
+    assert t.arrival_s.tolist() == [5.0] and t.skipped_rows == 2 and t.first_skipped.startswith(f"{p}:3: ")
+    assert describe(t) == (f"{p}: 1 request over 0 s; skipped 2 bad rows (first: {p}:3: Response tokens "
+                           "(read as output_tokens) must be an integer in [1, 2^53], got '0')")
+    only_bad = write(tmp_path, "bad.csv", "arrival_time_s,input_tokens,output_tokens\n1,2,0\n")
+    with pytest.raises(TraceError, match=r"trace has no rows left: all 1 were bad \(first: .*bad\.csv:2: "):
+        read_trace(only_bad, fmt=TraceFormat(skip_bad_rows=True))
+    # rows that disagree on the rl_* fields: the first good row decides
+    mixed = write(tmp_path, "mixed.jsonl", '{"arrival_time_s": 0, "input_tokens": 0, "output_tokens": 1}\n'
+                  '{"arrival_time_s": 1, "input_tokens": 1, "output_tokens": 1}\n'
+                  '{"arrival_time_s": 2, "input_tokens": 1, "output_tokens": 1, "rl_bucket": 0, '
+                  '"rl_pred_tokens": 1, "rl_reserve_tokens": 1}\n')
+    t = read_trace(mixed, fmt=TraceFormat(skip_bad_rows=True))
+    assert len(t) == 1 and not t.has_rl and t.skipped_rows == 2
+
+
+def test_describe_shows_a_unit_mistake(tmp_path):
+    ms = "".join(f"{1_700_000_000_000 + 250 * i},100,50\n" for i in range(5))
+    t = read_trace(write(tmp_path, "ms.csv", "arrival_time_s,input_tokens,output_tokens\n" + ms))
+    assert describe(t).endswith("5 requests over 1000 s (0.004 requests/s); times taken from the first "
+                                "arrival (1.7e+12 s)")
+    t = read_trace(tmp_path / "ms.csv", fmt=TraceFormat(time_unit="ms"))
+    assert describe(t).endswith("5 requests over 1 s (4 requests/s); times taken from the first arrival "
+                                "(1700000000 s)")
+
+
+def test_pretty_printed_json_is_named_as_not_json_lines(tmp_path):
+    p = write(tmp_path, "sharegpt.json", '[\n  {"arrival_time_s": 0}\n]\n')
+    with pytest.raises(TraceError, match=r"sharegpt\.json:1: not valid JSON .*\(a trace is JSON Lines: one object "
+                                         "per line\\)"):
+        read_trace(p)
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    # json keeps the last value silently: 7 input tokens where the row also said 10
+    p = write(tmp_path, "dup.jsonl", '{"arrival_time_s": 0, "input_tokens": 10, "output_tokens": 3, "input_tokens": 7}\n')
+    with pytest.raises(TraceError, match=r"dup\.jsonl:1: key 'input_tokens' is given twice in one JSON object"):
+        read_trace(p)

@@ -21,6 +21,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from ecoserve_sched.engines.chat_prompt import TurnMarkers
 from ecoserve_sched.engines.vllm_scheduler import (
     EcoServeRequestQueue,
     EcoServeVllmConfig,
@@ -381,6 +382,34 @@ def test_predictions_at_add_request_extra_args_win_and_defaults() -> None:
     check_done(s)
     c = s.eco_counters
     assert (c["predictions"], c["hints_used"], c["default_reservations"]) == (1, 1, 1)
+
+
+def test_a_last_user_bundle_is_given_the_last_user_turn() -> None:
+    """The decoded template is cut to the last user turn (``engines/chat_prompt.py``) when the
+    chat template has markers; without a user turn, the whole prompt, counted."""
+    seen: list[str] = []
+
+    class Recorder(_Predictor):
+        def predict(self, texts: list[str], generators: str | None = None) -> list[SimpleNamespace]:
+            seen.extend(texts)
+            return super().predict(texts, generators)
+
+    rendered = {"a": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nold<|im_end|>\n"
+                     "<|im_start|>assistant\nok<|im_end|>\n<|im_start|>user\nnew question<|im_end|>\n"
+                     "<|im_start|>assistant\n",
+                "b": "<|im_start|>system\nno user here<|im_end|>\n<|im_start|>assistant\n"}
+
+    def decode(ids: list[int], skip_special_tokens: bool) -> str:
+        text = rendered["a" if len(ids) == 20 else "b"]
+        return text.replace("<|im_start|>", "").replace("<|im_end|>", "") if skip_special_tokens else text
+
+    s = make(EcoServeVllmSyncScheduler)
+    s.predictor, s.tokenizer = Recorder(), SimpleNamespace(decode=decode)
+    s.turns = TurnMarkers("<|im_start|>user\n", "<|im_end|>")
+    s.add_request(req("a", 20, 100))
+    s.add_request(req("b", 30, 100))
+    assert seen == ["new question", "system\nno user here\nassistant\n"]
+    assert (s.eco_counters["predictions"], s.eco_counters["whole_prompts"]) == (2, 1)
 
 
 @pytest.mark.parametrize("cls", ECO_CLASSES)

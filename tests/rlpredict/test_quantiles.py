@@ -73,6 +73,39 @@ def test_coverage_holds_on_exchangeable_data() -> None:
     assert (pac.log_offsets >= plain.log_offsets).all()
 
 
+def test_small_buckets_share_an_offset_of_their_own() -> None:
+    """Buckets under ``min_group`` are one rest group with its own conformal offset (was: the
+    all-prompts offset, which left a small bucket whose lengths run longer under-covered)."""
+    scheme, probs, rl = _synthetic(6000, 3)
+    group = probs.argmax(axis=1)
+    small = np.isin(group, [0, 1])  # make two buckets small and their responses 4.5x longer
+    keep = ~small | (np.random.default_rng(3).random(len(rl)) < 0.08)
+    probs, rl, group, small = probs[keep], rl[keep], group[keep], small[keep]
+    rl = np.where(small, rl * 4.5, rl).astype(int)
+    covered = []
+    for seed in range(20):
+        m = np.random.default_rng(seed).random(len(rl)) < 0.5
+        cal = QuantileCalibration.fit(scheme, probs[m], rl[m], [0.9], min_group=100)
+        assert all(cal.group_n[g] < 100 for g in (0, 1)) and cal.log_offsets[0, 0] == cal.log_offsets[0, 1]
+        assert cal.log_offsets[0, 0] > cal.global_log_offsets[0]  # the rest's own, not the global one
+        tok = cal.tokens(scheme, probs[~m], [0.9])[:, 0]
+        covered.append(np.mean(rl[~m][small[~m]] <= tok[small[~m]]))
+    assert np.mean(covered) >= 0.88, np.mean(covered)  # the guarantee, now over the rest group
+
+
+def test_the_fewest_calibration_prompts_a_quantile_takes() -> None:
+    # rank ceil((n + 1) q) <= n from n = q / (1 - q): 9 prompts for q = 0.9 (was 11: 1 / (1 - q)
+    # in floats is 10.000000000000002)
+    scheme, probs, rl = _synthetic(20, 2)
+    cal = QuantileCalibration.fit(scheme, probs[:9], rl[:9], [0.9])
+    assert cal.n == 9 and math.isfinite(cal.global_log_offsets[0])
+    with pytest.raises(ValueError, match="8 calibration prompts are too few for quantile 0.9 "
+                                         r"\(need at least 9\)"):
+        QuantileCalibration.fit(scheme, probs[:8], rl[:8], [0.9])
+    scores = np.arange(99.0)
+    assert _conformal_offset(scores, 0.55) == 54.0  # rank ceil(100 x 0.55) = 55, not 56
+
+
 def test_calibration_round_trips_and_is_checked() -> None:
     scheme, probs, rl = _synthetic(800, 1)
     cal = QuantileCalibration.fit(scheme, probs, rl, [0.9, 0.5], source="x", confidence=0.8)
@@ -163,8 +196,16 @@ def test_drift_verdict_and_exit_code(calibrated: Path) -> None:
     assert names[0] == "all" and any(n.startswith("source=") for n in names)
     assert set(report["groups"][0]["coverage"]) == {"0.5", "0.9"}
     loose = run(app, ["drift", "--model", str(calibrated), "--data", str(DATA[1]),
-                      "--max-tv", "1", "--tolerance", "1"])
+                      "--max-tv", "1", "--tolerance", "1", "--min-rows", "100"])
     assert loose.exit_code == 0, loose.output
+    # 180 rows, fewer than --min-rows: nothing decides, and that is not "ok" (was: exit 0
+    # whatever the logs held); the bounds the small groups broke are listed
+    few = run(app, ["drift", "--model", str(calibrated), "--data", str(DATA[1]), "--max-tv", "0.0001", "--json"])
+    assert few.exit_code == 4, few.output
+    report = json.loads(few.stdout)
+    assert report["verdict"] == "too few rows" and not any(g["decides"] for g in report["groups"])
+    assert report["reasons"][0] == "180 rows, fewer than --min-rows 200: no group decides"
+    assert report["reasons"][1].startswith("all (small): predicted distribution off by TV")
     strict = run(app, ["drift", "--model", str(calibrated), "--data", str(DATA[1]),
                        "--max-tv", "0.0001", "--min-rows", "1"])
     assert strict.exit_code == 3 and "drift" in strict.output

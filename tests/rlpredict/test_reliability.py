@@ -553,6 +553,24 @@ def test_annotate_counts_rows_a_generator_bundle_predicts_without_one(tmp_path):
         assert f"{without} row(s) have no generator" in " ".join(res.output.split())
 
 
+def test_annotate_reads_the_generator_where_training_reads_it(tmp_path):
+    """``generator``, else ``model`` (training's ``GENERATOR_FIELDS``): was ``generator`` alone,
+    so a log naming its model in ``model``, trained with it, was annotated as "model: unknown"."""
+    from rlpredict.serve.bundle import default_bundle_path
+    from rlpredict.serve.runtime import Predictor
+
+    prompt = "Write a detailed essay on the history of the Roman empire"
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": prompt, "model": "gpt4_1106_preview"}) + "\n")
+    res = run("annotate", src, "-o", tmp_path / "o.jsonl", "-m", default_bundle_path())
+    assert res.exit_code == 0 and "have no generator" not in res.output, res.output
+    want = Predictor.load().predict([prompt], ["gpt4_1106_preview"])[0]
+    row = json.loads((tmp_path / "o.jsonl").read_text())
+    assert (row["rl_bucket"], row["rl_pred_tokens"]) == (want.bucket, want.pred_tokens)
+    res = run("annotate", src, "-o", tmp_path / "g.jsonl", "-m", default_bundle_path(), "--generator-field", "generator")
+    assert "1 row(s) have no generator (field 'generator')" in " ".join(res.output.split())
+
+
 def test_a_parquet_file_with_a_column_twice_is_refused(bundle_fp32, tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -722,7 +740,7 @@ def test_user_text_is_never_read_as_markup(bundle_fp32, tmp_path):
     data.write_text(json.dumps({"prompt": "hi", "response": "yo"}) + "\n"
                     + json.dumps({"messages": [{"role": "[/bold]", "content": "hi"},
                                                {"role": "assistant", "content": "yo"}]}) + "\n")
-    res = run("drift", "-m", bundle_fp32, "--data", data, "--on-error", "skip")
+    res = run("drift", "-m", bundle_fp32, "--data", data, "--on-error", "skip", "--min-rows", "1")
     assert res.exit_code == 0, res.output
     # the skipped row in full, as `train` prints it: file:line, field and reason
     assert f"skipped {data}:2: field 'messages': message 0 has unknown role '[/bold]'" in res.stderr
