@@ -160,6 +160,8 @@ def _trace_format(columns: str | None, time_unit: str, on_error: str) -> TraceFo
         if key in mapping:
             raise typer.BadParameter(f"{key} is mapped twice", param_hint="'--columns'")
         mapping[key] = column.strip()
+    if columns is not None and not mapping:
+        raise typer.BadParameter("names no FIELD=COLUMN pair", param_hint="'--columns'")
     try:
         return TraceFormat(mapping, time_unit, on_error == "skip")
     except ValueError as e:
@@ -203,12 +205,14 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     _refuse_unused_predictions(policies, predictions, confusion, cost, kw)
 
     tr = read_trace(trace, max_tokens=max_tokens, keep_prompts=predictions == "bundle", fmt=fmt)
-    typer.echo(f"read {describe(tr)}", err=True)  # a millisecond column read as seconds shows here
     if confusion is not None and predictions is None and tr.has_rl:
         raise typer.BadParameter(f"is not used: {trace} has rl_* fields, so predictions default to "
                                  "annotated; pass --predictions confusion to use it", param_hint="'--confusion'")
+    rows = len(tr)
     if max_requests is not None:
         tr = tr.head(max_requests)
+    # what runs: a millisecond column read as seconds shows here
+    typer.echo(f"read {describe(tr)}" + (f" (the first {len(tr)} of {rows})" if len(tr) < rows else ""), err=True)
     capped = int((tr.output_tokens > tr.max_tokens).sum())
     if capped:  # the request's own limit ends its response: said, not done silently
         typer.echo(f"note: {trace}: {capped} rows have output_tokens above their max_tokens; their "
@@ -330,7 +334,7 @@ def capacity(
     max_running: MaxRunOpt = None, block_size: BlockOpt = 16,
     max_normalized_latency: Annotated[float | None, typer.Option("--max-normalized-latency", callback=positive, help="criterion: normalized latency (s per output token, the vLLM/Orca papers' metric) at most this, every request finished; replaces the attainment target")] = None,
     slo_p99_tbt: Annotated[float | None, typer.Option("--slo-p99-tbt", callback=positive, help="also require the p99 time between tokens (over all tokens) at most this many seconds")] = None,
-    ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="also compute the saturation ceiling (2 flooded runs) and capacity / ceiling")] = True,
+    ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="also compute the saturation ceiling (2 flooded runs, more on a light trace) and capacity / ceiling")] = True,
     sustained: Annotated[bool, typer.Option("--sustained", help="count a load only if, besides the criterion, at most 1% of the requests are deferred past the trace's end (the load the server keeps up with)")] = False,
     columns: ColumnsOpt = None, time_unit: TimeUnitOpt = "s", on_error: OnErrorOpt = "fail",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -372,7 +376,7 @@ def capacity(
         typer.echo(f"{policy}: max_rate_scale {res['max_rate_scale']:.4g} ({what}"
                    + (f", p99 TBT <= {slo_p99_tbt:g}s" if slo_p99_tbt else "")
                    + (f", at most {MAX_DEFERRED:.0%} of requests deferred" if sustained else "") + ")")
-        if not res["converged"]:
+        if res["search"] == "found" and not res["converged"]:
             typer.echo(f"  {res['note']}")
     if res["dropped"]:
         typer.echo(f"  {res['dropped']} of {res['requests']} requests dropped at every load (longer than the "
@@ -384,9 +388,9 @@ def capacity(
         typer.echo(f"saturation ceiling: rate scale {res['ceiling_rate_scale']:.4g} "
                    f"(flooded-server throughput, best of {', '.join(res['ceiling']['flood_throughput_rps'])})"
                    + (f"; capacity / ceiling {vs:.2f}" if vs is not None else ""))
-        if not res["ceiling"]["saturated"]:
+        if not res["ceiling"]["saturated"]:  # a lower bound: capacity above it says nothing
             typer.echo(f"  {res['ceiling']['note']}")
-        if vs is not None and vs > 1:  # two causes; which one holds here is not measured
+        elif vs is not None and vs > 1:  # two causes; which one holds here is not measured
             typer.echo("  above the ceiling: " + ("" if sustained else (
                 f"on a finite trace a policy can meet the criterion by deferring requests whose TTFT "
                 f"is lost past the trace's end (--sustained counts a load only if at most "

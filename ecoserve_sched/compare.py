@@ -225,7 +225,7 @@ def meets(s: dict, target: float = 0.9, max_normalized_latency: float | None = N
 
 
 #: ``capacity``'s search: it stops once the passing and failing loads are within this share of
-#: the failing one, or after this many runs (enough to double up to x16384 and then bisect to
+#: the failing one, or after this many runs (enough to double up to x8192 and then bisect to
 #: 2%; a search stopped short says so: ``converged``).
 CAPACITY_REL_TOL = 0.02
 CAPACITY_MAX_RUNS = 20
@@ -280,7 +280,8 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
     search = ("load_independent" if simultaneous else "no_failing_load" if not failing
               else "no_passing_load" if not passing else "found")
     upper = min(failing, default=None)
-    converged = search != "found" or upper - best <= rel_tol * upper  # type: ignore[operator]
+    # within rel_tol: only a found capacity can be (the others have no bracket)
+    converged = search == "found" and upper - best <= rel_tol * upper  # type: ignore[operator]
     out: dict[str, Any] = {
         "policy": policy, "max_rate_scale": best if search == "found" else None, "search": search,
         "converged": converged,

@@ -251,7 +251,9 @@ def _jsonl_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None
     """JSON objects, one per line, read by ``rlpredict annotate``'s rules (``records``: lines
     split on b"\\n" only, at most ``MAX_ROW_BYTES`` each; was: a line of any size held whole)."""
     ours = {theirs: key for key, theirs in fmt.columns.items()}
-    read = frozenset((*MAPPABLE, *fmt.columns.values()))  # given twice, which one is meant?
+    # given twice, which one is meant? (the fields read, ``model`` as the generator too)
+    read = frozenset((*MAPPABLE, *TRACE_FIELDS.generator, *fmt.columns.values()))
+    unseen = set(fmt.columns.values())  # mapped columns no row has had yet
     with _open_binary(path) as f:
         for line_no, data in enumerate(bounded_lines(f), 1):
             line = ""
@@ -269,10 +271,15 @@ def _jsonl_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None
             if not isinstance(row, dict):
                 yield line_no, None, "expected a JSON object (a trace is JSON Lines: one object per line)"
             elif clash := [c for c in row if c in fmt.columns and c not in ours]:
-                yield line_no, None, (f"field {clash[0]!r} is in the row and {fmt.columns[clash[0]]!r} is "
-                                      "mapped to it: give one of the two")
+                yield line_no, None, (f"field {clash[0]!r} is in the row, but --columns reads {clash[0]} from "
+                                      f"{fmt.columns[clash[0]]!r}: one of the two would be ignored")
             else:
+                if unseen:
+                    unseen.difference_update(row)
                 yield line_no, {ours.get(k, k): v for k, v in row.items()} if ours else row, ""
+    if unseen:  # a typo in --columns would leave a field missing on every row, silently
+        name = sorted(unseen)[0]
+        raise TraceError(f"{path}: no row has the field {name!r} (mapped to {ours[name]} by --columns)")
 
 
 #: A number as a CSV cell may spell it: ASCII digits, optional sign, fraction and exponent
@@ -395,17 +402,17 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
             if row is None:
                 raise TraceError(f"{where}: {problem}")
             values = _lengths(row, where, max_tokens, fmt)
-            row_rl = values[4] is not None
-            if has_rl is not None and has_rl != row_rl:
-                raise TraceError(f"{where}: {'has' if row_rl else 'has no'} rl_* fields but the first row "
-                                 f"(line {first_line}) {'has none' if row_rl else 'has them'}: they come on "
-                                 "every row or on none")
         except TraceError as e:
             if not fmt.skip_bad_rows:
                 raise
             skipped += 1
             first_skipped = first_skipped or str(e)
             continue
+        row_rl = values[4] is not None
+        if has_rl is not None and has_rl != row_rl:  # the file's, not the row's: never skipped
+            raise TraceError(f"{where}: {'has' if row_rl else 'has no'} rl_* fields but the first row "
+                             f"(line {first_line}) {'has none' if row_rl else 'has them'}: they come on "
+                             "every row or on none")
         if has_rl is None:
             has_rl, first_line = row_rl, line_no
         a, i, o, m, row_rl_values = values

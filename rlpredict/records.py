@@ -337,40 +337,32 @@ def decode_line(data: bytes, lineno: int) -> str:
         raise RecordError("", f"not valid UTF-8 (byte {e.start})") from None
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _refusing_twice(keys: frozenset[str]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
-    """An ``object_pairs_hook`` refusing an object that gives one of ``keys`` twice (``json``
-    keeps the last silently)."""
+def parse_json(text: str, refuse_twice: frozenset[str] = frozenset()) -> Any:
+    """The JSON value of one line; :class:`RecordError` saying why not (also for a top-level
+    object that gives one of ``refuse_twice`` twice: the fields a reader reads, where ``json``
+    keeps the last silently; ``annotate`` keeps every other byte of a row, so a key it does not
+    read may repeat)."""
+    twice: list[str] = []  # per object, its keys given twice; the top-level object comes last
 
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         d = dict(pairs)
         if len(d) != len(pairs):
             seen: set[str] = set()
-            for k, _ in pairs:
-                if k in seen and k in keys:
-                    raise _DuplicateKey(f"key {k!r} is given twice in one JSON object (which value is "
-                                        "meant is not known)")
-                seen.add(k)
+            twice[:] = [k for k, _ in pairs if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
+        else:
+            twice.clear()
         return d
 
-    return hook
-
-
-def parse_json(text: str, refuse_twice: frozenset[str] = frozenset()) -> Any:
-    """The JSON value of one line; :class:`RecordError` saying why not (also for an object
-    that gives one of ``refuse_twice`` twice: the fields a reader reads; ``annotate`` keeps
-    every other byte of a row, so a key it does not read may repeat)."""
     try:
-        return json.loads(text, object_pairs_hook=_refusing_twice(refuse_twice)) if refuse_twice else json.loads(text)
-    except _DuplicateKey as e:
-        raise RecordError("", str(e)) from None
+        value = json.loads(text, object_pairs_hook=hook) if refuse_twice else json.loads(text)
     except json.JSONDecodeError as e:
         raise RecordError("", f"not valid JSON ({e.msg}, column {e.colno})") from None
     except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
         raise RecordError("", f"not valid JSON ({json_problem(e)})") from None
+    if isinstance(value, dict) and (bad := [k for k in twice if k in refuse_twice]):
+        raise RecordError("", f"key {bad[0]!r} is given twice in one JSON object (which value is meant "
+                              "is not known)")
+    return value
 
 
 def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[str] | None, str | None, str | None]]:

@@ -15,7 +15,7 @@ there are no markers and the caller keeps the whole text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 #: Probe contents: plain words no template rewrites (templates may trim whitespace).
@@ -24,20 +24,31 @@ PROBES = ("ecoserveprobeAlpha", "ecoserveprobeBravo", "ecoserveprobeCharlie")
 
 @dataclass(frozen=True)
 class TurnMarkers:
-    """What opens and what closes a user turn in a rendered prompt."""
+    """What opens and what closes a user turn in a rendered prompt; ``tool_prefix`` starts a
+    user turn that holds tool results (Qwen's ``<tool_response>``), ``specials`` are the
+    tokenizer's special tokens, removed from the content (a multimodal prompt's image
+    placeholders, one per patch)."""
 
     user_open: str
     user_close: str
+    tool_prefix: str = ""
+    specials: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def last_user(self, text: str) -> str | None:
-        """The content of the last user turn in ``text`` (decoded with its special tokens), or
-        None when ``text`` has no user turn."""
-        i = text.rfind(self.user_open)
-        if i < 0:
-            return None
-        start = i + len(self.user_open)
-        end = text.find(self.user_close, start)
-        return text[start:] if end < 0 else text[start:end]
+        """The content of the last user turn in ``text`` (decoded with its special tokens) that
+        is not tool results, without special tokens; None when ``text`` has no such turn."""
+        end = len(text)
+        while (i := text.rfind(self.user_open, 0, end)) >= 0:
+            start = i + len(self.user_open)
+            if self.tool_prefix and text.startswith(self.tool_prefix, start):
+                end = i  # training's last user message is the last one whose role is user
+                continue
+            stop = text.find(self.user_close, start)
+            content = text[start:] if stop < 0 else text[start:stop]
+            for token in self.specials:
+                content = content.replace(token, "")
+            return content
+        return None
 
 
 def turn_markers(tokenizer: Any) -> tuple[TurnMarkers | None, str]:
@@ -68,7 +79,27 @@ def turn_markers(tokenizer: Any) -> tuple[TurnMarkers | None, str]:
                       "special token")
     # from the opening's first special token on (a common tail can start inside the token
     # before it: "|>" of Llama 3's <|begin_of_text|> and <|eot_id|>), and the closing's first
-    return TurnMarkers(opening[first_open:], closing[: first_close[1]]), ""
+    opening, closing = opening[first_open:], closing[: first_close[1]]
+    longest_first = tuple(sorted(specials, key=len, reverse=True))
+    return TurnMarkers(opening, closing, _tool_prefix(tokenizer, opening), longest_first), ""
+
+
+def _tool_prefix(tokenizer: Any, opening: str) -> str:
+    """What a tool result's turn starts with where the template renders it as a user turn
+    (Qwen: ``<tool_response>``); "" where it does not, or cannot say."""
+    a, b, c = PROBES
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": a}, {"role": "assistant", "content": b},
+             {"role": "tool", "content": c, "tool_call_id": "0", "name": "probe"}],
+            tokenize=False, add_generation_prompt=True)
+    except Exception:  # no tool role in this template
+        return ""
+    if not isinstance(text, str) or text.count(c) != 1:
+        return ""
+    before = text[: text.index(c)]
+    i = before.rfind(opening)
+    return before[i + len(opening):] if i >= 0 and i > before.find(b) else ""
 
 
 def _common_prefix(x: str, y: str) -> str:

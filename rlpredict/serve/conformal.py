@@ -138,24 +138,31 @@ class QuantileCalibration:
         offsets = np.zeros((len(qs), scheme.n_buckets))
         global_off = np.zeros(len(qs))
         delta = None if confidence is None else 1.0 - confidence
-        for i, q in enumerate(qs):
-            score = np.log(y) - np.log(_raw(scheme, probs, q))
-            global_off[i] = _conformal_offset(score, q, delta, len(np.unique(cl)))
-            if not math.isfinite(global_off[i]):
-                raise ValueError(f"{len(y)} calibration prompts are too few for quantile {q}"
-                                 + (f" at confidence {confidence}" if confidence else ""))
-            offsets[i, :] = global_off[i]
-            own = np.zeros(scheme.n_buckets, dtype=bool)
-            for g in np.flatnonzero(group_n >= min_group):
-                m = group == g
-                c = _conformal_offset(score[m], q, delta, len(np.unique(cl[m])))
-                if math.isfinite(c):
-                    offsets[i, g], own[g] = c, True
-            rest = ~own[group]  # prompts of the buckets without an offset of their own
-            if rest.any() and own.any():  # (with none of their own, the rest is every prompt)
-                c = _conformal_offset(score[rest], q, delta, len(np.unique(cl[rest])))
-                if math.isfinite(c):
-                    offsets[i, ~own] = c
+        scores = [np.log(y) - np.log(_raw(scheme, probs, q)) for q in qs]
+
+        def offsets_of(m: np.ndarray) -> np.ndarray:  # every level's offset over the prompts m
+            n_eff = len(np.unique(cl[m]))
+            return np.array([_conformal_offset(sc[m], q, delta, n_eff) for sc, q in zip(scores, qs, strict=True)])
+
+        everyone = np.ones(len(y), dtype=bool)
+        global_off = offsets_of(everyone)
+        if not np.isfinite(global_off).all():
+            q = qs[int(np.argmin(np.isfinite(global_off)))]
+            raise ValueError(f"{len(y)} calibration prompts are too few for quantile {q}"
+                             + (f" at confidence {confidence}" if confidence else ""))
+        offsets = np.repeat(global_off[:, None], scheme.n_buckets, axis=1)
+        # a bucket has offsets of its own only if every level's is finite (mixing its own and
+        # another group's across levels could make a lower level's quantile pass a higher one's)
+        own = np.zeros(scheme.n_buckets, dtype=bool)
+        for g in np.flatnonzero(group_n >= min_group):
+            c = offsets_of(group == g)
+            if np.isfinite(c).all():
+                offsets[:, g], own[g] = c, True
+        rest = ~own[group]  # prompts of the buckets without offsets of their own
+        if rest.any() and own.any():  # (with none of their own, the rest is every prompt)
+            c = offsets_of(rest)
+            if np.isfinite(c).all():
+                offsets[:, ~own] = c[:, None]
         return cls(qs, offsets, global_off, tuple(int(v) for v in group_n), int(min_group), source, confidence)
 
     def tokens(self, scheme: BucketScheme, probs: np.ndarray, quantiles: Sequence[float]) -> np.ndarray:
@@ -165,11 +172,15 @@ class QuantileCalibration:
         if len(probs) == 0:
             return out
         group = probs.argmax(axis=1)
+        levels = np.empty((len(probs), len(self.quantiles)), dtype=np.int64)
+        for i, q in enumerate(self.quantiles):
+            v = _raw(scheme, probs, q) * np.exp(self.log_offsets[i, group])
+            levels[:, i] = np.ceil(np.round(v, 6)).astype(np.int64)
+        # levels never cross: each at least the one below (separate order statistics can)
+        levels = np.maximum.accumulate(np.maximum(levels, 1), axis=1)
         for j, q in enumerate(quantiles):
-            i = self.index(q)
-            v = _raw(scheme, probs, self.quantiles[i]) * np.exp(self.log_offsets[i, group])
-            out[:, j] = np.ceil(np.round(v, 6)).astype(np.int64)
-        return np.maximum(out, 1)
+            out[:, j] = levels[:, self.index(q)]
+        return out
 
     def index(self, q: float) -> int:
         key = round(float(q), 6)

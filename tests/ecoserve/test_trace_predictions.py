@@ -383,13 +383,27 @@ def test_bad_rows_are_skipped_only_when_asked_and_always_counted(tmp_path):
     only_bad = write(tmp_path, "bad.csv", "arrival_time_s,input_tokens,output_tokens\n1,2,0\n")
     with pytest.raises(TraceError, match=r"trace has no rows left: all 1 were bad \(first: .*bad\.csv:2: "):
         read_trace(only_bad, fmt=TraceFormat(skip_bad_rows=True))
-    # rows that disagree on the rl_* fields: the first good row decides
+    # rows that disagree on the rl_* fields: the file's fault, not a row's, so never skipped
+    # (was: the first good row decided, and every annotated row after it was "bad")
     mixed = write(tmp_path, "mixed.jsonl", '{"arrival_time_s": 0, "input_tokens": 0, "output_tokens": 1}\n'
                   '{"arrival_time_s": 1, "input_tokens": 1, "output_tokens": 1}\n'
                   '{"arrival_time_s": 2, "input_tokens": 1, "output_tokens": 1, "rl_bucket": 0, '
                   '"rl_pred_tokens": 1, "rl_reserve_tokens": 1}\n')
-    t = read_trace(mixed, fmt=TraceFormat(skip_bad_rows=True))
-    assert len(t) == 1 and not t.has_rl and t.skipped_rows == 2
+    with pytest.raises(TraceError, match=r"mixed\.jsonl:3: has rl_\* fields but the first row \(line 2\)"):
+        read_trace(mixed, fmt=TraceFormat(skip_bad_rows=True))
+
+
+def test_a_mapped_field_no_jsonl_row_has_is_refused(tmp_path):
+    # JSONL has no header: a typo in --columns left max_tokens at its default on every row
+    p = write(tmp_path, "t.jsonl", '{"ts": 0, "i": 5, "o": 3, "max_new": 9}\n{"ts": 1, "i": 5, "o": 3}\n')
+    cols = {"arrival_time_s": "ts", "input_tokens": "i", "output_tokens": "o"}
+    assert read_trace(p, fmt=TraceFormat({**cols, "max_tokens": "max_new"})).max_tokens.tolist() == [9, 2048]
+    with pytest.raises(TraceError, match=r"t\.jsonl: no row has the field 'max_new_tokens' \(mapped to max_tokens"):
+        read_trace(p, fmt=TraceFormat({**cols, "max_tokens": "max_new_tokens"}))
+    both = write(tmp_path, "b.jsonl", '{"ts": 0, "input_tokens": 5, "o": 3}\n')
+    with pytest.raises(TraceError, match=r"b\.jsonl:1: field 'input_tokens' is in the row, but --columns reads "
+                                         r"input_tokens from 'i'"):
+        read_trace(both, fmt=TraceFormat(cols))
 
 
 def test_describe_shows_a_unit_mistake(tmp_path):
@@ -414,3 +428,11 @@ def test_a_key_given_twice_is_refused(tmp_path):
     p = write(tmp_path, "dup.jsonl", '{"arrival_time_s": 0, "input_tokens": 10, "output_tokens": 3, "input_tokens": 7}\n')
     with pytest.raises(TraceError, match=r"dup\.jsonl:1: key 'input_tokens' is given twice in one JSON object"):
         read_trace(p)
+    gen = write(tmp_path, "gen.jsonl", '{"arrival_time_s": 0, "input_tokens": 1, "output_tokens": 3, '
+                                       '"model": "a", "model": "b"}\n')
+    with pytest.raises(TraceError, match="key 'model' is given twice"):  # the generator, as training reads it
+        read_trace(gen)
+    # a key no reader reads, or one inside a nested object, may repeat
+    ok = write(tmp_path, "ok.jsonl", '{"arrival_time_s": 0, "input_tokens": 1, "output_tokens": 3, "x": 1, "x": 2, '
+                                     '"meta": {"input_tokens": 1, "input_tokens": 2}}\n')
+    assert read_trace(ok).input_tokens.tolist() == [1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from ecoserve_sched.engines.chat_prompt import TurnMarkers, turn_markers
+from ecoserve_sched.engines.chat_prompt import turn_markers
 from rlpredict.rl_tokenizers import tokenizer_path
 
 LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
@@ -37,10 +37,25 @@ def test_the_last_user_turn_is_cut_from_a_rendered_prompt(name: str, template: s
                                                           markers: tuple[str, str]) -> None:
     tok = _tokenizer(name, template)
     turns, why = turn_markers(tok)
-    assert turns == TurnMarkers(*markers) and why == ""
+    assert turns is not None and (turns.user_open, turns.user_close) == markers and why == ""
     assert turns.last_user(_rendered(tok, CHAT)) == "Explain it in detail,\nstep by step."
     assert turns.last_user(_rendered(tok, CHAT[1:2])) == "What is TCP?"  # the first turn, no system
     assert turns.last_user(_rendered(tok, CHAT[:1])) is None  # no user turn: the caller keeps the text
+
+
+def test_tool_results_and_special_tokens_are_not_the_user_turn() -> None:
+    tok = _tokenizer("qwen3")
+    turns, _ = turn_markers(tok)
+    assert turns is not None and turns.tool_prefix == "<tool_response>\n"
+    # Qwen renders a tool result as a user turn: training's last user message is the one before
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "lookup", "arguments": {"q": "tcp"}}}]}
+    chat = [*CHAT, call, {"role": "tool", "content": "TCP is RFC 793"}]
+    assert turns.last_user(_rendered(tok, chat)) == "Explain it in detail,\nstep by step."
+    # a multimodal prompt's placeholders, one per image patch (was: 1,000 of them, then the text)
+    image = "<|vision_start|>" + "<|image_pad|>" * 1000 + "<|vision_end|>"
+    assert turns.last_user(f"<|im_start|>user\n{image}Describe this photo.<|im_end|>\n<|im_start|>assistant\n") \
+        == "Describe this photo."
 
 
 def test_no_markers_without_a_template_or_special_tokens() -> None:

@@ -93,6 +93,27 @@ def test_small_buckets_share_an_offset_of_their_own() -> None:
     assert np.mean(covered) >= 0.88, np.mean(covered)  # the guarantee, now over the rest group
 
 
+def test_calibrated_levels_never_cross() -> None:
+    """A rest group of one prompt has a q0.5 offset but no q0.9 one: it takes the all-prompts
+    offsets for both (was: its own for q0.5, the global for q0.9, and q0.5 came out above q0.9
+    for its buckets); and a higher level is never below a lower one's tokens."""
+    scheme = BucketScheme.default()
+    k = scheme.n_buckets
+    rng = np.random.default_rng(0)
+    group = np.r_[np.zeros(100, int), np.ones(100, int), [5]]
+    probs = np.full((len(group), k), 0.01)
+    probs[np.arange(len(group)), group] = 1.0
+    probs /= probs.sum(axis=1, keepdims=True)
+    raw = scheme.predictive_quantile(probs, 0.9)
+    rl = np.maximum(1, raw * np.exp(rng.normal(0, 0.5, len(group)))).astype(int)
+    rl[-1] = 10**6  # the rest group's one prompt ran very long
+    cal = QuantileCalibration.fit(scheme, probs, rl, [0.5, 0.9], min_group=100)
+    np.testing.assert_array_equal(cal.log_offsets[:, 5], cal.global_log_offsets)
+    test = rng.dirichlet(np.full(k, 0.3), size=500)
+    tok = cal.tokens(scheme, test, [0.5, 0.9])
+    assert (tok[:, 1] >= tok[:, 0]).all()
+
+
 def test_the_fewest_calibration_prompts_a_quantile_takes() -> None:
     # rank ceil((n + 1) q) <= n from n = q / (1 - q): 9 prompts for q = 0.9 (was 11: 1 / (1 - q)
     # in floats is 10.000000000000002)
