@@ -165,7 +165,8 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
     if not isinstance(row, Mapping):
         raise DataError(loc, f"expected a JSON object per row, got {type(row).__name__}")
     raw_id = row.get(fields.id)
-    rid = _key(raw_id, loc, fields.id) if raw_id else hashlib.sha1(loc.encode()).hexdigest()[:12]
+    rid = (_key(raw_id, loc, fields.id) if raw_id is not None and raw_id != ""  # an id of 0 is an id
+           else hashlib.sha1(loc.encode()).hexdigest()[:12])
     gen_name, generator = _first(row, fields.generator)
     if generator is not None and not isinstance(generator, str):
         raise DataError(loc, f"expected a string, got {_REPR.repr(generator)}", gen_name)

@@ -34,9 +34,9 @@ from typing import IO, Any, Literal
 
 from rlpredict.untrusted_text import is_valid_unicode, json_problem
 
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+ROLE_ALIASES = {"human": "user", "user": "user", "prompter": "user", "gpt": "assistant", "chatgpt": "assistant",
                 "assistant": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
-                "system": "system", "tool": "tool", "function": "tool"}
+                "system": "system", "developer": "system", "tool": "tool", "function": "tool"}
 RESPONSE_FIELDS = ("response", "completion", "output")
 COUNT_FIELDS = ("rl_tokens", "output_tokens", "completion_tokens", "response_tokens",
                 "usage.completion_tokens", "usage.output_tokens")

@@ -211,7 +211,9 @@ class EcoServePredictMiddleware:
         self._pending = 0  # predictions submitted and not finished (touched on the loop only)
         self.counters = dict.fromkeys(
             ("requests", "predicted", "stripped_requests", "stripped_keys", "not_json", "no_text",
-             "shed", "predictor_errors", "oversized", "form_bodies", "refused", "errors"), 0)
+             "shed", "predictor_errors", "oversized", "form_bodies", "refused", "errors",
+             "unauthorized"), 0)
+        self._auth: Any = _UNSET  # vLLM's --api-key middleware, found in the stack at the first call
         self.predict_s: list[float] = []  # seconds per prediction (bounded, for benchmarks)
         self._logged: set[str] = set()
         from .vllm_scheduler import log_through_vllm
@@ -234,6 +236,10 @@ class EcoServePredictMiddleware:
             await self.app(scope, receive, send)
             return
         self.counters["requests"] += 1
+        if self._refused_by_vllm(scope):  # no key: vLLM answers 401 and nothing reaches the engine
+            self.counters["unauthorized"] += 1
+            await self.app(scope, receive, send)  # so the body is never read (was: parsed first)
+            return
         types = [v for k, v in scope.get("headers") or () if k.lower() == b"content-type"]
         if len(types) > 1 and self.cfg.trust_client_hints:  # which one the app reads is its choice
             self.counters["form_bodies"] += 1
@@ -360,6 +366,22 @@ class EcoServePredictMiddleware:
             self._logged.add(key)
             logger.warning("EcoServe middleware: " + msg + " (logged once; counted in counters)", *args)
 
+    def _refused_by_vllm(self, scope: Scope) -> bool:
+        """Whether vLLM's ``--api-key`` middleware, inside this one, will refuse the request:
+        its own rule (a guarded path without a valid bearer token), asked of it."""
+        if self._auth is _UNSET:
+            self._auth = _vllm_authentication(self.app)
+        if self._auth is None:
+            return False
+        auth, guarded = self._auth
+        path = str(scope.get("path", "")).removeprefix(str(scope.get("root_path", "") or ""))
+        try:
+            from starlette.datastructures import Headers
+
+            return path.startswith(guarded) and not auth.verify_token(Headers(scope=scope))
+        except Exception:  # its interface changed: read the body as before
+            return False
+
     async def _setup_failed(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A setting or the bundle is unusable: the server's startup fails with the error (its
         lifespan protocol), and anything that reaches it anyway gets the error, not the app."""
@@ -415,6 +437,28 @@ def load_bundle(name: str) -> Any:
                                  "'default' for the shipped one") from e
     logger.info("EcoServe middleware: predictor %s loaded and checked in %.2f s", name, time.perf_counter() - t0)
     return predictor
+
+
+_UNSET = object()
+
+
+def _vllm_authentication(app: Any, depth: int = 64) -> tuple[Any, tuple[str, ...]] | None:
+    """vLLM's ``AuthenticationMiddleware`` among the apps inside ``app`` (each middleware holds
+    the next as ``.app``) and its guarded path prefixes; None when the server has no
+    ``--api-key`` (or a vLLM without that middleware)."""
+    import sys
+
+    for _ in range(depth):
+        if app is None:
+            return None
+        if type(app).__name__ == "AuthenticationMiddleware" and callable(getattr(app, "verify_token", None)):
+            guarded = getattr(sys.modules.get(type(app).__module__), "GUARDED_PREFIX", None)
+            if isinstance(guarded, str):
+                guarded = (guarded,)
+            ok = isinstance(guarded, tuple) and all(isinstance(g, str) for g in guarded)
+            return (app, guarded) if ok else None
+        app = getattr(app, "app", None)
+    return None
 
 
 def _route(scope: Scope) -> str:

@@ -466,3 +466,43 @@ def test_the_preflight_command_names_a_bad_middleware_setting_in_one_line() -> N
                          cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert res.returncode == 2, res.stderr
     assert "error: ECOSERVE_MIDDLEWARE_THREADS='0'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_request_vllm_will_refuse_for_its_api_key_is_not_read() -> None:
+    """vLLM's ``--api-key`` middleware sits inside this one: a request it will answer 401 is
+    passed to it unread (was: read, parsed and predicted first, which let clients without a
+    key keep the parser and the predictor busy)."""
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    stub = Stub()
+    mw = EcoServePredictMiddleware(AuthenticationMiddleware(downstream, tokens=["sekret"]),
+                                   MiddlewareConfig(trust_client_hints=True), predictor=stub)
+    reads = 0
+
+    async def run(headers: list[tuple[bytes, bytes]], path: str = CHAT) -> int:
+        nonlocal reads
+        queue = [{"type": "http.request", "body": json.dumps(chat()).encode(), "more_body": False}]
+
+        async def receive() -> dict:
+            nonlocal reads
+            reads += 1
+            return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+        out: list[dict] = []
+
+        async def send(message: dict) -> None:
+            out.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "root_path": "",
+                 "headers": [(b"content-type", b"application/json"), *headers]}
+        await mw(scope, receive, send)
+        return out[0]["status"]
+
+    assert asyncio.run(run([])) == 401 and asyncio.run(run([(b"authorization", b"Bearer wrong")])) == 401
+    assert reads == 0 and stub.seen == [] and mw.counters["unauthorized"] == 2
+    assert asyncio.run(run([(b"authorization", b"Bearer sekret")])) == 200 and len(stub.seen) == 1
+    # a path vLLM does not guard is read as before (its hints are stripped)
+    assert asyncio.run(run([], path="/health")) == 200 and mw.counters["unauthorized"] == 2
+    assert mw.counters["requests"] == 4
+    # without --api-key there is nothing to ask
+    assert vm._vllm_authentication(downstream) is None

@@ -250,3 +250,14 @@ def test_an_empty_response_is_rl_0_and_an_empty_csv_cell_is_missing(tmp_path):
     table.write_text("prompt,response\nx,\ny,yes\n")
     with pytest.raises(DataError, match=r"l\.csv:2: no response"):
         load_samples([table])
+
+
+def test_public_role_names_and_an_id_of_0(tmp_path):
+    # OpenAI's "developer" is a system message, OpenAssistant's "prompter" a user (were: a bad
+    # row in training, while annotate kept "developer" as given); an id of 0 is an id (was hashed)
+    p = tmp_path / "logs.jsonl"
+    p.write_text(json.dumps({"id": 0, "messages": [{"role": "developer", "content": "Be brief."},
+                                                   {"role": "prompter", "content": "Hi"},
+                                                   {"role": "assistant", "content": "Hello"}]}) + "\n")
+    (s,), _ = load_samples([p])
+    assert s.id == "0" and [m["role"] for m in s.messages] == ["system", "user"] and s.response == "Hello"
