@@ -506,3 +506,28 @@ def test_a_request_vllm_will_refuse_for_its_api_key_is_not_read() -> None:
     assert mw.counters["requests"] == 4
     # without --api-key there is nothing to ask
     assert vm._vllm_authentication(downstream) is None
+
+
+def test_in_vllms_own_middleware_stack_the_api_key_check_is_found() -> None:
+    """vLLM's registration (``init_entrypoints_middleware``, as ``vllm serve`` calls it) puts
+    ``--middleware`` outermost and its authentication further in: found there, asked first."""
+    from argparse import Namespace
+
+    from fastapi import FastAPI
+    from vllm.entrypoints.serve.middleware.register import init_entrypoints_middleware
+
+    app = FastAPI()
+
+    @app.post(CHAT)
+    async def chat_endpoint(body: dict) -> dict:
+        return {"ok": True}
+
+    args = Namespace(allowed_origins=["*"], allow_credentials=False, allowed_methods=["*"], allowed_headers=["*"],
+                     api_key=["sekret"], enable_request_id_headers=True,
+                     middleware=["ecoserve_sched.engines.vllm_middleware.EcoServePredictMiddleware"])
+    init_entrypoints_middleware(args, app, ("generate",))
+    ours = app.build_middleware_stack()
+    while not isinstance(ours, EcoServePredictMiddleware):
+        ours = ours.app
+    assert vm._vllm_authentication(ours.app) is not None
+    assert call(ours, chat(), scope_extra={"query_string": b""})[0] == 401 and ours.counters["unauthorized"] == 1
