@@ -15,6 +15,7 @@ there are no markers and the caller keeps the whole text.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ class TurnMarkers:
     user_open: str
     user_close: str
     tool_prefix: str = ""
-    specials: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    specials: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
     def last_user(self, text: str) -> str | None:
         """The content of the last user turn in ``text`` (decoded with its special tokens) that
@@ -45,9 +46,7 @@ class TurnMarkers:
                 continue
             stop = text.find(self.user_close, start)
             content = text[start:] if stop < 0 else text[start:stop]
-            for token in self.specials:
-                content = content.replace(token, "")
-            return content
+            return self.specials.sub("", content) if self.specials is not None else content
         return None
 
 
@@ -80,8 +79,8 @@ def turn_markers(tokenizer: Any) -> tuple[TurnMarkers | None, str]:
     # from the opening's first special token on (a common tail can start inside the token
     # before it: "|>" of Llama 3's <|begin_of_text|> and <|eot_id|>), and the closing's first
     opening, closing = opening[first_open:], closing[: first_close[1]]
-    longest_first = tuple(sorted(specials, key=len, reverse=True))
-    return TurnMarkers(opening, closing, _tool_prefix(tokenizer, opening), longest_first), ""
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+    return TurnMarkers(opening, closing, _tool_prefix(tokenizer, opening), pattern), ""
 
 
 def _tool_prefix(tokenizer: Any, opening: str) -> str:
