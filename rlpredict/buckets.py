@@ -110,6 +110,12 @@ class BucketScheme:
             raise ValueError("no response lengths to derive bucket edges from")
         inner = np.unique(np.ceil(np.quantile(x, np.linspace(0, 1, n + 1)[1:-1])))
         inner = inner[inner > 0]
+        if not inner.size:  # said of the data, not of the scheme (was: "needs two buckets")
+            raise ValueError(f"quantile:{n} gives one bucket: the quantiles of these {x.size} response "
+                             f"lengths (min {int(x.min())}, max {int(x.max())}) all fall at 0 tokens")
+        if inner[-1] > MAX_TOKENS:
+            raise ValueError(f"quantile:{n}: these response lengths put a bucket edge at {int(inner[-1])} "
+                             f"tokens, above the {MAX_TOKENS} an edge may be (max length {int(x.max())})")
         return cls.from_edges((*inner.tolist(), math.inf))
 
     @classmethod

@@ -44,6 +44,13 @@ def test_log_spaced_and_quantile_schemes():
     assert counts.min() >= 240
 
 
+def test_quantile_edges_on_degenerate_lengths_name_the_data():
+    with pytest.raises(ValueError, match=r"quantile:4 gives one bucket: .* 50 response lengths \(min 0, max 0\)"):
+        BucketScheme.from_quantiles([0] * 50, 4)
+    with pytest.raises(ValueError, match=r"quantile:4: these response lengths put a bucket edge at 2097152 tokens"):
+        BucketScheme.from_quantiles([2**21] * 10 + [5] * 10, 4)
+
+
 @pytest.mark.parametrize("bad", [[], [64, 32, math.inf], [0, 32], [32, math.inf, 64]])
 def test_bad_edges_rejected(bad):
     with pytest.raises(ValueError):
