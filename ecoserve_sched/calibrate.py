@@ -32,7 +32,7 @@ import numpy as np
 
 from rlpredict.outputs import raise_if_interrupted
 
-from .cost_model import CostModel, fit_profile, model_fields
+from .cost_model import CostModel, ProfileError, fit_profile, model_fields
 
 #: Random-weight Llama configs small enough for CPU (``--model`` accepts these names too).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -94,7 +94,11 @@ class Calibration:
                 f"max {100 * self.holdout['max_rel_error']:.1f}%\n{noise}"
                 f"mfu {e['mfu']:.3g}, mbu {e['mbu']:.3g}, overhead {1e3 * e['overhead_s']:.3g} ms, "
                 f"per decoding request {1e3 * e['overhead_per_seq_s']:.3g} ms, "
-                f"prefill {1e3 * e['prefill_overhead_s']:.3g} ms")
+                f"prefill {1e3 * e['prefill_overhead_s']:.3g} ms"
+                + "".join(f"\n{what}: {', '.join(fe[key])}" for key, what in (
+                    ("not_fitted", "not fitted (no measured iteration depends on it; the base value kept)"),
+                    ("at_bound", "at the fit's bound (the model cannot follow the measurements there)"))
+                    if fe.get(key)))
 
 
 def check_setup(device: str, dtype: str | None = None) -> None:
@@ -160,7 +164,13 @@ def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: 
         from huggingface_hub.errors import StrictDataclassError
 
         try:
-            m = AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec), dtype=torch_dtype)
+            config = AutoConfig.for_model(**spec)
+            # what the cost model cannot describe is refused before the weights are built (a
+            # mixture-of-experts config could take more memory than the machine has)
+            model_fields(config, torch_dtype.itemsize)
+            m = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        except ProfileError as e:
+            raise CalibrationError(f"{path}: {e}") from None
         except (ValueError, TypeError, KeyError, RuntimeError, StrictDataclassError) as e:
             raise CalibrationError(f"{path}: not a config transformers can build a model from "
                                    f"({' '.join(str(e).split())})") from None
@@ -313,7 +323,9 @@ def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | 
     base = base_profile(m, device, name)
     samples, noise = measure(m, GRIDS[grid], token_budget, repeats=repeats,
                             replays=REPLAYS.get(grid, []))
-    fitted = fit_profile(samples, base, name)
+    how = (f"`ecoserve calibrate --engine transformers --model {model} --device {device} --grid {grid}` "
+           f"({len(samples)} measured iterations)")
+    fitted = fit_profile(samples, base, name, how)
     test = samples[2::3]
     part = fit_profile([s for i, s in enumerate(samples) if i % 3 != 2], base, name)
     arr = np.asarray(test, dtype=float)
@@ -334,10 +346,6 @@ def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | 
         "sample_columns": ["prefill_tokens", "prefill_ctx_tokens", "decode_requests",
                            "decode_ctx_tokens", "seconds"],
     }
-    for f in ("mfu", "mbu", "overhead_s", "overhead_per_seq_s", "prefill_overhead_s"):
-        spec["efficiency"]["source"][f] = (f"fitted by `ecoserve calibrate --engine transformers "
-                                           f"--model {model} --device {device} --grid {grid}` to "
-                                           f"{len(samples)} measured iterations")
     return Calibration(CostModel(spec, name), samples, spec["calibration"]["holdout"], noise,
                        time.perf_counter() - t)
 

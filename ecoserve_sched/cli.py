@@ -315,7 +315,7 @@ def compare(
     with output_dir(out, force=force, tool="ecoserve compare") as tmp:
         rows = sweep(spec, names, scales, progress=lambda s: typer.echo(
             f"{s['policy']:>18} x{s['rate_scale']:<6g} attainment {s['slo_attainment']:.3f}", err=True))
-        header = (f"trace {trace.name}, profile {spec.cost.name}, SLO TTFT {slo_ttft:g}s / TBT "
+        header = (f"trace {trace.name}, profile {spec.cost.label}, SLO TTFT {slo_ttft:g}s / TBT "
                   f"{slo_tbt:g}s, predictions: {predictions_of(rows)}")
         files = [out / f.relative_to(tmp) for f in write_report(rows, tmp, header)]
     typer.echo((out / "table.md").read_text())
@@ -357,7 +357,7 @@ def capacity(
                  fmt=_trace_format(columns, time_unit, on_error))
     res = find_capacity(sustained_spec(spec) if sustained else spec, policy, target=target,
                         max_normalized_latency=max_normalized_latency, max_p99_tbt=slo_p99_tbt)
-    res["profile"] = spec.cost.name
+    res["profile"] = spec.cost.label
     res["sustained"] = sustained
     if ceiling:
         c = find_ceiling(spec)

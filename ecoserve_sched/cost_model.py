@@ -11,7 +11,6 @@ sections (what :meth:`CostModel.save` writes). See docs/cost_model.md.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from rlpredict.json_file import dumps
+from rlpredict.json_file import dumps, read_json
 from rlpredict.outputs import write_text_atomic
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -30,6 +29,15 @@ GPU_FIELDS = ("peak_flops", "hbm_bw", "hbm_bytes", "pcie_bw")
 EFF_FIELDS = ("mfu", "mbu", "pcie_eff", "overhead_s", "overhead_per_seq_s",
               "prefill_overhead_s", "activation_reserve_bytes")
 FIT_FIELDS = ("mfu", "mbu", "overhead_s", "overhead_per_seq_s", "prefill_overhead_s")
+#: The keys a profile may hold besides its sections' fields: a typo (``token_budgett``) is
+#: refused, not dropped. ``calibration`` is what ``ecoserve calibrate`` measured.
+TOP_KEYS = frozenset({"name", "model", "gpu", "efficiency", "fit", "calibration", "token_budget",
+                      "gpu_memory_utilization", "paper_era", "source"})
+SECTION_KEYS = {"model": frozenset(MODEL_FIELDS) | {"source", "hf_id"},
+                "gpu": frozenset(GPU_FIELDS) | {"source"}, "efficiency": frozenset(EFF_FIELDS) | {"source"}}
+#: What a GPU file (``profiles/gpus/<gpu>.json``) may hold; its ``gpu_memory_utilization`` and
+#: ``token_budget`` carry into every profile built on it.
+GPU_FILE_KEYS = frozenset({"gpu", "efficiency", "token_budget", "gpu_memory_utilization", "paper_era", "source"})
 Sample = tuple[float, float, float, float, float]
 #: A one-token iteration slower than this (an hour) is a profile typo, not a GPU.
 MAX_ITERATION_S = 3600.0
@@ -50,11 +58,13 @@ class CostModel:
     """Roofline iteration latency, KV capacity, swap and recompute costs for a model+GPU."""
 
     def __init__(self, spec: dict[str, Any], origin: str = "<dict>") -> None:
+        _known_keys(spec, TOP_KEYS, origin)
         for section, fields in (("model", MODEL_FIELDS), ("gpu", GPU_FIELDS),
                                 ("efficiency", EFF_FIELDS)):
             sec = spec.get(section)
             if not isinstance(sec, dict):
                 raise ProfileError(f"{origin}: missing section '{section}'")
+            _known_keys(sec, SECTION_KEYS[section], origin, f"{section}.")
             for f in fields:
                 v = sec.get(f)
                 if not _number(v):
@@ -63,6 +73,20 @@ class CostModel:
                     raise ProfileError(f"{origin}: field '{section}.{f}' must be positive, got {v!r}")
                 if section == "model" and (v != int(v) or v > 2**53):
                     raise ProfileError(f"{origin}: field 'model.{f}' must be a whole number up to 2^53, got {v!r}")
+        m = spec["model"]
+        if m["dtype_bytes"] not in (1, 2, 4):
+            raise ProfileError(f"{origin}: field 'model.dtype_bytes' must be 1, 2 or 4, got {m['dtype_bytes']!r}")
+        if m["mlp_mats"] not in (2, 3):
+            raise ProfileError(f"{origin}: field 'model.mlp_mats' must be 2 (an OPT-style MLP) or 3 (a gated "
+                               f"MLP), got {m['mlp_mats']!r}")
+        if m["n_heads"] % m["n_kv_heads"]:
+            raise ProfileError(f"{origin}: field 'model.n_kv_heads' ({m['n_kv_heads']!r}) must divide "
+                               f"model.n_heads ({m['n_heads']!r})")
+        fit = spec.get("fit")
+        if fit is not None and not (isinstance(fit, dict) and all(
+                _number(v) or (isinstance(v, list) and set(v) <= set(FIT_FIELDS)) for v in fit.values())):
+            raise ProfileError(f"{origin}: field 'fit' must be an object of numbers and lists of fitted "
+                               f"factors (what fit_profile writes), got {fit!r}")
         e = spec["efficiency"]
         for f in ("mfu", "mbu", "pcie_eff"):
             if not 0 < e[f] <= 1:
@@ -78,9 +102,9 @@ class CostModel:
         if not isinstance(name, str):
             raise ProfileError(f"{origin}: field 'name' must be a string, got {name!r}")
         self.name: str = name
+        self.path: str | None = None  # the file it was loaded from (None: shipped, or built)
         self.gpu_memory_utilization: float = float(util)
-        self.fit_error: dict[str, float] | None = spec.get("fit")
-        m = spec["model"]
+        self.fit_error: dict[str, float] | None = fit
         q_dim, kv_dim = m["n_heads"] * m["head_dim"], m["n_kv_heads"] * m["head_dim"]
         h, n_layers, dt = m["hidden"], m["n_layers"], m["dtype_bytes"]
         # Linear-layer parameters touched per token (attention projections + MLP) and the LM head.
@@ -111,6 +135,12 @@ class CostModel:
         self._m_w, self._m_kv = self.weight_bytes_read * inv_b, self.kv_bytes_per_token * inv_b
         self._oh, self._oh_seq, self._oh_pf = e["overhead_s"], e["overhead_per_seq_s"], e["prefill_overhead_s"]
         self._swap = self.kv_bytes_per_token / (g["pcie_bw"] * e["pcie_eff"])
+
+    @property
+    def label(self) -> str:
+        """The name reports print: with the file's path if loaded from one (a hand-edited copy of
+        a shipped profile keeps its name)."""
+        return self.name if self.path is None else f"{self.name} ({self.path})"
 
     def iteration_time(self, prefill_tokens: int, prefill_ctx_tokens: int,
                        decode_requests: int, decode_ctx_tokens: int) -> float:
@@ -200,16 +230,19 @@ def _number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _known_keys(d: dict[str, Any], known: frozenset[str], origin: str, prefix: str = "") -> None:
+    if unknown := sorted(set(d) - known):
+        raise ProfileError(f"{origin}: field '{prefix}{unknown[0]}' is not a profile field (a typo?); "
+                           f"known: {', '.join(sorted(known))}")
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)  # names the line of bad JSON; a key given twice is refused
     except OSError as err:
         raise ProfileError(f"{path}: cannot read profile JSON ({err.strerror or err})") from None
-    except json.JSONDecodeError as err:
-        raise ProfileError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    except (ValueError, RecursionError) as err:  # not UTF-8, huge numbers, deep nesting
-        why = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
-        raise ProfileError(f"{path}: not valid profile JSON ({why})") from None
+    except ValueError as err:
+        raise ProfileError(str(err)) from None
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: expected a JSON object")
     return data
@@ -230,7 +263,9 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
         raise ProfileError(f"{path}: a folder, not a profile: give a profile JSON file (`ecoserve calibrate --out` "
                            f"writes one) or a shipped name: {', '.join(list_profiles())}")
     if path.suffix == ".json" or path.is_file():
-        return _with_kv_room(CostModel(_read(path), str(path)), str(path))
+        model = _with_kv_room(CostModel(_read(path), str(path)), str(path))
+        model.path = str(path)
+        return model
     for gpu_file in sorted((PROFILES_DIR / "gpus").glob("*.json")):
         model = str(name_or_path).removesuffix("-" + gpu_file.stem)
         model_file = PROFILES_DIR / "models" / f"{model}.json"
@@ -264,12 +299,6 @@ def model_fields(config: Any, dtype_bytes: int, n_params: int | None = None) -> 
     def field(*names: str) -> Any:
         return next((getattr(c, k) for k in names if getattr(c, k, None) is not None), None)
 
-    hidden, layers, heads = field("hidden_size"), field("num_hidden_layers"), field("num_attention_heads")
-    inter, vocab = field("intermediate_size", "ffn_dim"), field("vocab_size")
-    named = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-             "intermediate_size": inter, "vocab_size": vocab}
-    if missing := [k for k, v in named.items() if not isinstance(v, int) or v < 1]:
-        raise ProfileError(f"{what}: no usable {', '.join(missing)} in the model config")
     if field("num_local_experts", "num_experts", "n_routed_experts"):
         raise ProfileError(f"{what}: mixture-of-experts layers are not in the cost model")
     kind = getattr(c, "model_type", None)
@@ -277,6 +306,12 @@ def model_fields(config: Any, dtype_bytes: int, n_params: int | None = None) -> 
     if not opt and kind not in GATED_MLP_TYPES:
         raise ProfileError(f"{what}: model type {kind!r} is not one the cost model describes "
                            f"({', '.join(sorted(GATED_MLP_TYPES | TWO_MATRIX_TYPES))})")
+    hidden, layers, heads = field("hidden_size"), field("num_hidden_layers"), field("num_attention_heads")
+    inter, vocab = field("intermediate_size", "ffn_dim"), field("vocab_size")
+    named = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+             "intermediate_size": inter, "vocab_size": vocab}
+    if missing := [k for k, v in named.items() if not isinstance(v, int) or v < 1]:
+        raise ProfileError(f"{what}: no usable {', '.join(missing)} in the model config")
     if opt and field("word_embed_proj_dim") not in (None, hidden):
         raise ProfileError(f"{what}: a projected embedding (word_embed_proj_dim) is not in the cost model")
     kv_heads = field("num_key_value_heads") or heads
@@ -334,11 +369,11 @@ def profile_for(config: Any, dtype_bytes: int, device_name: str, total_memory: i
 
 def _spec(name: str, model: dict[str, Any], gpu_file: Path) -> dict[str, Any]:
     """A profile: a model section and a GPU file (its ``gpu``, ``efficiency`` and, if any,
-    ``token_budget``)."""
+    ``token_budget`` and ``gpu_memory_utilization``)."""
     g = _read(gpu_file)
+    _known_keys(g, GPU_FILE_KEYS, str(gpu_file))
     spec = {"name": name, "model": model, "gpu": g.get("gpu"), "efficiency": g.get("efficiency")}
-    if "token_budget" in g:
-        spec["token_budget"] = g["token_budget"]
+    spec.update((k, g[k]) for k in ("token_budget", "gpu_memory_utilization") if k in g)
     return spec
 
 
@@ -351,12 +386,16 @@ def _with_kv_room(model: CostModel, origin: str, block_size: int = 16) -> CostMo
     return model
 
 
-def fit_profile(samples: Iterable[Sample], base: CostModel | dict[str, Any], name: str) -> CostModel:
+def fit_profile(samples: Iterable[Sample], base: CostModel | dict[str, Any], name: str,
+                how: str | None = None) -> CostModel:
     """Least-squares fit of mfu, mbu and the overheads to measured iteration latencies.
 
     ``samples``: rows (prefill_tokens, prefill_ctx_tokens, decode_requests, decode_ctx_tokens,
     seconds). Minimises the relative error; the model's ``fit_error`` records the mean and
-    max absolute relative error over the samples.
+    max absolute relative error over the samples, and which factors no sample depends on
+    (``not_fitted``: kept from ``base``) or ended at a bound of the search (``at_bound``).
+    ``how``: what measured the samples, for each fitted factor's ``source``. The result holds
+    no ``calibration`` section of ``base`` (it described other samples).
     """
     from scipy.optimize import least_squares
 
@@ -374,11 +413,24 @@ def fit_profile(samples: Iterable[Sample], base: CostModel | dict[str, Any], nam
     x0 = np.array([e0[f] for f in FIT_FIELDS]) / scale
     lo, hi = [1e-3, 1e-3, 0, 0, 0], [1.0, 1.0, 1e3, 1e3, 1e3]
     sol = least_squares(resid, np.clip(x0, lo, hi), bounds=(lo, hi), x_scale="jac")
-    rel = np.abs(resid(sol.x))
-    eff = {**e0, **{f: float(v) for f, v in zip(FIT_FIELDS, sol.x * scale, strict=True)}}
-    note = f"fitted by fit_profile to {len(y)} measured iterations (profile {name!r})"
-    eff["source"] = {**e0.get("source", {}), **dict.fromkeys(FIT_FIELDS, note)}
-    spec = {**model.spec, "name": name, "efficiency": eff,
-            "fit": {"n_samples": len(y), "mean_rel_error": float(rel.mean()),
-                    "max_rel_error": float(rel.max())}}
+    not_fitted = [f for f, col in zip(FIT_FIELDS, sol.jac.T, strict=True) if not np.any(col)]
+    at_bound = [f for f, a in zip(FIT_FIELDS, sol.active_mask, strict=True) if a and f not in not_fitted]
+    x = np.where([f in not_fitted for f in FIT_FIELDS], x0, sol.x)
+    rel = np.abs(resid(x))
+    eff = {**e0, **{f: float(v) for f, v in zip(FIT_FIELDS, x * scale, strict=True)}}
+    how = how or f"fit_profile to {len(y)} measured iterations (profile {name!r})"
+    source = dict(e0.get("source", {}))
+    for f, low, high in zip(FIT_FIELDS, lo, hi, strict=True):
+        if f in not_fitted:
+            source[f] = f"not fitted: none of the {len(y)} iterations of {how} depends on it; kept: " \
+                        f"{source.get(f, 'the base profile')}"
+        else:
+            bound = f"; at the search's bound ({low if sol.x[FIT_FIELDS.index(f)] <= low else high:g})" \
+                if f in at_bound else ""
+            source[f] = f"fitted by {how}{bound}"
+    eff["source"] = source
+    spec = {k: v for k, v in model.spec.items() if k != "calibration"}
+    spec.update(name=name, efficiency=eff,
+                fit={"n_samples": len(y), "mean_rel_error": float(rel.mean()), "max_rel_error": float(rel.max()),
+                     "not_fitted": not_fitted, "at_bound": at_bound})
     return CostModel(spec, name)

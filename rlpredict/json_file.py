@@ -13,11 +13,28 @@ from typing import Any
 from rlpredict.untrusted_text import json_problem
 
 
+class _GivenTwice(ValueError):
+    """A JSON object gives one key twice (``json`` would keep the last value without a word)."""
+
+
+def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        raise _GivenTwice(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    return d
+
+
 def read_json(path: str | Path) -> Any:
-    """The parsed content of ``path``; ``ValueError("FILE: line N: not valid JSON (...)")`` if malformed."""
+    """The parsed content of a file a user may edit (a manifest, a profile, bucket edges);
+    ``ValueError("FILE: line N: not valid JSON (...)")`` if malformed, and for an object that
+    gives one key twice (which value is meant is not known)."""
     p = Path(path)
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        return json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=_once)
+    except _GivenTwice as e:
+        raise ValueError(f"{p}: key {e.args[0]!r} is given twice in one JSON object (which value is meant "
+                         "is not known)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
     except UnicodeDecodeError as e:

@@ -1212,11 +1212,30 @@ def load_cost_model(profile: str, vllm_config: Any = None) -> Any:
             raise ValueError("ECOSERVE_PROFILE=auto is resolved when the engine starts")
         return auto_cost_model(vllm_config)
     try:
-        return load_profile(profile)
+        cost = load_profile(profile)
     except Exception as e:
         raise EcoServeSetupError(f"ECOSERVE_PROFILE={profile!r}: not a usable cost-model profile "
                                  f"({type(e).__name__}: {e}); shipped: {', '.join(list_profiles())}, "
                                  "or a profile JSON file") from None
+    if vllm_config is not None and (other := other_model(cost, vllm_config)):
+        logger.warning("EcoServe: ECOSERVE_PROFILE=%s describes another model than the one served (%s): "
+                       "each step's prefill budget comes from that model's step times", profile, other)
+    return cost
+
+
+def other_model(cost: Any, vllm_config: Any) -> str:
+    """How the profile's model differs from the one vLLM serves ("" if it does not, or if the
+    served model's config says too little to tell)."""
+    from ..cost_model import ProfileError, model_fields
+
+    mc = getattr(vllm_config, "model_config", None)
+    try:
+        served = model_fields(mc.hf_config, mc.dtype.itemsize)
+    except (ProfileError, AttributeError) as e:
+        return f"the served model cannot be compared: {e}" if isinstance(e, ProfileError) else ""
+    have = cost.spec["model"]
+    return ", ".join(f"{f} {have[f]} vs {served[f]}" for f in ("n_layers", "hidden", "n_heads", "n_kv_heads",
+                     "head_dim", "intermediate", "vocab", "dtype_bytes") if have[f] != served[f])
 
 
 #: Bytes per value of vLLM's unquantized ``--kv-cache-dtype`` names.
@@ -1238,6 +1257,9 @@ def auto_cost_model(vllm_config: Any, device: tuple[str, int] | None = None) -> 
     same_width = kv_dtype in (None, "auto") or _UNQUANTIZED_BYTES.get(str(kv_dtype)) == mc.dtype.itemsize
     why = (f"the engine runs on {gpus} GPUs (tensor x pipeline parallel)" if gpus > 1 else
            f"the weights are quantized ({mc.quantization})" if mc.quantization else
+           # the GPU files' peak_flops is the 16-bit tensor-core rate (an A100's float32 is 1/16 of it)
+           f"the weights are {str(mc.dtype).removeprefix('torch.')}, and the shipped GPU files describe "
+           "16-bit weights" if mc.dtype.itemsize != 2 else
            f"the KV cache is stored as {kv_dtype}" if not same_width else "")
     if not why and device is None:
         try:

@@ -60,9 +60,10 @@ def tiny_model_dir() -> str:
 def build_vllm_scheduler(cls: type | None = None, *, num_blocks: int = 256, block_size: int = 16,
                          max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                          max_model_len: int = 4096, async_scheduling: bool = False,
-                         model_dir: str | None = None) -> Any:
+                         model_dir: str | None = None, dtype: str = "float32") -> Any:
     """A real vLLM V1 scheduler of class ``cls`` (default: vLLM's ``Scheduler``) on CPU over
-    ``num_blocks`` usable KV blocks; no tokenizer, no prefix caching."""
+    ``num_blocks`` usable KV blocks; no tokenizer, no prefix caching. ``dtype``: the model
+    config's (what ``ECOSERVE_PROFILE=auto`` reads)."""
     import torch
     from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -75,7 +76,7 @@ def build_vllm_scheduler(cls: type | None = None, *, num_blocks: int = 256, bloc
                                 max_model_len=max_model_len, enable_chunked_prefill=True,
                                 is_encoder_decoder=False, async_scheduling=async_scheduling)
     model_cfg = ModelConfig(model=model_dir or tiny_model_dir(), skip_tokenizer_init=True,
-                            dtype="float32", max_model_len=max_model_len)
+                            dtype=dtype, max_model_len=max_model_len)
     cache_cfg = CacheConfig(block_size=block_size, enable_prefix_caching=False)
     cache_cfg.num_gpu_blocks = total
     vc = VllmConfig(scheduler_config=sched_cfg, model_config=model_cfg, cache_config=cache_cfg,

@@ -365,7 +365,7 @@ def test_profile_files_are_checked(tmp_path):
     p = tmp_path / "p.json"
     p.write_text('{"model": {\n  "hidden": 1,,\n}}')
     _refused(runner.invoke(app, ["simulate", "--trace", t, "--predictions", "oracle", "--profile", str(p)]),
-             "p.json:2: not valid JSON")
+             "p.json: line 2: not valid JSON")
     spec = json.loads((Path(compare_mod.__file__).parent / "profiles" / "calibrated"
                        / "small-llama-transformers-cpu.json").read_text())
     for edit, why in ((lambda s: s.update(gpu_memory_utilization=2), "gpu_memory_utilization"),
@@ -426,19 +426,22 @@ def test_calibrate_refuses_a_missing_device(tmp_path):
     assert not (tmp_path / "p.json").exists()
 
 
-@pytest.mark.parametrize(("edit", "why"), [({"hidden_size": -4}, "negative dimension"),
+@pytest.mark.parametrize(("edit", "why"), [({"hidden_size": -4}, "no usable hidden_size"),
                                          ({"hidden_size": "64"}, "hidden_size"),
-                                         ({"num_attention_heads": 3}, "heads")])
+                                         ({"num_attention_heads": 3}, "heads"),
+                                         ({"model_type": "gpt2", "bos_token_id": 0, "eos_token_id": 0}, "model type 'gpt2' is not one"),
+                                         ({"model_type": "qwen2_moe", "num_experts": 60}, "mixture-of-experts")])
 def test_calibrate_names_a_config_transformers_cannot_build(tmp_path, edit, why):
     """Was: a RuntimeError, a strict-dataclass error or a ValueError from transformers, reported
-    as a bug."""
+    as a bug; what the cost model cannot describe is refused before the weights are built (a
+    mixture-of-experts config took 40 s and 9 GB to be refused)."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
                                "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 128, **edit}))
     r = runner.invoke(app, ["calibrate", "--model", str(cfg), "--grid", "test", "--out", str(tmp_path / "p.json")])
-    _refused(r, f"{cfg}: not a config transformers can build a model from")
+    _refused(r, f"{cfg}: ")
     assert why in r.output.replace("\n", " ") and not (tmp_path / "p.json").exists()
 
 

@@ -152,6 +152,14 @@ def test_save_and_load_from_path(tmp_path):
     (lambda s: s["gpu"].update(hbm_bw="fast"), "gpu.hbm_bw"),
     (lambda s: s["efficiency"].update(mfu=1.5), "efficiency.mfu"),
     (lambda s: s.pop("efficiency"), "efficiency"),
+    # a typo is refused, not dropped (was: loaded with the default 0.9 and token budget)
+    (lambda s: s.update(gpu_memory_utilisation=0.5), "gpu_memory_utilisation"),
+    (lambda s: s["efficiency"].update(token_budgett=4096), "efficiency.token_budgett"),
+    # values the roofline cannot mean (were: loaded and simulated)
+    (lambda s: s["model"].update(dtype_bytes=3), "model.dtype_bytes"),
+    (lambda s: s["model"].update(mlp_mats=5), "model.mlp_mats"),
+    (lambda s: s["model"].update(n_kv_heads=64, n_heads=40), "model.n_kv_heads"),
+    (lambda s: s.update(fit="garbage"), "fit"),
 ])
 def test_bad_profile_names_file_and_field(tmp_path, edit, field):
     spec = copy.deepcopy(load_profile(A100_7B).to_json())
@@ -160,6 +168,18 @@ def test_bad_profile_names_file_and_field(tmp_path, edit, field):
     path.write_text(json.dumps(spec))
     with pytest.raises(ProfileError, match=rf"broken\.json.*'{field}'"):
         load_profile(str(path))
+
+
+def test_a_key_given_twice_is_refused_and_a_file_is_reported_by_its_path(tmp_path):
+    text = load_profile(A100_7B).save(tmp_path / "p.json") or (tmp_path / "p.json").read_text()
+    twice = tmp_path / "twice.json"
+    twice.write_text(text.replace('"gpu_memory_utilization": 0.9', '"gpu_memory_utilization": 0.5, '
+                                  '"gpu_memory_utilization": 0.9'))
+    with pytest.raises(ProfileError, match=r"twice\.json: key 'gpu_memory_utilization' is given twice"):
+        load_profile(str(twice))
+    # a hand-edited copy keeps the shipped name: reports give its path too
+    assert load_profile(A100_7B).label == A100_7B
+    assert load_profile(str(tmp_path / "p.json")).label == f"{A100_7B} ({tmp_path / 'p.json'})"
 
 
 def test_unreadable_or_unknown_profile(tmp_path):
@@ -190,8 +210,22 @@ def test_fit_profile_recovers_known_coefficients(tmp_path):
     for k, v in known.items():
         assert fitted.spec["efficiency"][k] == pytest.approx(v, rel=1e-3), k
     assert fitted.fit_error["max_rel_error"] < 1e-4
+    assert fitted.fit_error["not_fitted"] == [] and fitted.fit_error["at_bound"] == []
     fitted.save(tmp_path / "recovered.json")
     assert load_profile(str(tmp_path / "recovered.json")).fit_error == fitted.fit_error
+
+
+def test_fit_profile_says_what_it_could_not_fit() -> None:
+    """Decode-only samples say nothing of the prefill overhead: it is kept from the base and
+    marked (was: labelled "fitted"); a base's ``calibration`` section is not carried over."""
+    base = CostModel({**copy.deepcopy(load_profile(A100_7B).spec), "calibration": {"samples": [[1, 1, 1, 1, 1.0]]}})
+    samples = [(0, 0, b, b * c, base.iteration_time(0, 0, b, b * c)) for b in (1, 4, 16, 64) for c in (128, 1024)]
+    fitted = fit_profile(samples, base, "decode-only", how="a test")
+    e = fitted.spec["efficiency"]
+    assert "prefill_overhead_s" in fitted.fit_error["not_fitted"]
+    assert e["prefill_overhead_s"] == base.spec["efficiency"]["prefill_overhead_s"]
+    assert e["source"]["prefill_overhead_s"].startswith("not fitted: none of the 8 iterations of a test")
+    assert e["source"]["overhead_s"] == "fitted by a test" and "calibration" not in fitted.spec
 
 
 # ---- profiles built from a model's config (ECOSERVE_PROFILE=auto) -------------------------------
@@ -256,7 +290,7 @@ def test_profile_for_refuses_what_the_roofline_does_not_describe() -> None:
     with pytest.raises(ProfileError, match="mixture-of-experts"):
         model_fields(moe, 2)
     with pytest.raises(ProfileError, match="no usable hidden_size, intermediate_size"):
-        model_fields(SimpleNamespace(num_hidden_layers=2, num_attention_heads=2, vocab_size=10), 2)
+        model_fields(SimpleNamespace(model_type="llama", num_hidden_layers=2, num_attention_heads=2, vocab_size=10), 2)
     neox = SimpleNamespace(**{**llama.to_dict(), "model_type": "gpt_neox"})  # a two-matrix MLP
     with pytest.raises(ProfileError, match="model type 'gpt_neox' is not one the cost model describes"):
         model_fields(neox, 2)

@@ -16,6 +16,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
+import torch
 from vllm.config import SchedulerConfig
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -622,11 +623,11 @@ def test_auto_profile_is_the_served_model_on_this_gpu(monkeypatch: pytest.Monkey
     monkeypatch.setenv("ECOSERVE_PROFILE", "auto")
     monkeypatch.setattr(current_platform, "get_device_name", no_gpu)
     with pytest.raises(EcoServeSetupError, match="ECOSERVE_PROFILE=auto: vLLM's platform names no GPU") as e:
-        make(EcoServeVllmSyncScheduler, num_blocks=200)
+        make(EcoServeVllmSyncScheduler, num_blocks=200, dtype="bfloat16")
     assert "\n" not in str(e.value) and str(e.value).count("ecoserve calibrate") == 1
     monkeypatch.setattr(current_platform, "get_device_name", lambda device_id=0: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(current_platform, "get_device_total_memory", lambda device_id=0: 85520809984)
-    s = make(EcoServeVllmSyncScheduler, num_blocks=200)
+    s = make(EcoServeVllmSyncScheduler, num_blocks=200, dtype="bfloat16")
     cfg = s.vllm_config.model_config.hf_config
     assert s.cost_model.name.endswith("-h100-80gb")
     assert (s.cost_model.spec["model"]["hidden"], s.cost_model.spec["model"]["n_layers"]) == \
@@ -641,13 +642,18 @@ def test_auto_profile_is_the_served_model_on_this_gpu(monkeypatch: pytest.Monkey
     with pytest.raises(EcoServeSetupError, match="KV cache is stored as fp8"):
         auto_cost_model(s.vllm_config)
     # an unquantized KV cache of the weights' width is the profile's (was: "bfloat16" refused)
-    width = s.vllm_config.model_config.dtype.itemsize
-    monkeypatch.setattr(s.vllm_config.cache_config, "cache_dtype", {2: "bfloat16", 4: "float32"}[width])
+    monkeypatch.setattr(s.vllm_config.cache_config, "cache_dtype", "bfloat16")
     assert auto_cost_model(s.vllm_config).name == s.cost_model.name
-    monkeypatch.setattr(s.vllm_config.cache_config, "cache_dtype", {2: "float32", 4: "bfloat16"}[width])
+    monkeypatch.setattr(s.vllm_config.cache_config, "cache_dtype", "float32")
     with pytest.raises(EcoServeSetupError, match="KV cache is stored as"):
         auto_cost_model(s.vllm_config)
     monkeypatch.setattr(s.vllm_config.cache_config, "cache_dtype", "auto")
+    # float32 weights (was: the 16-bit profile, under its name): the GPU files' peak is the
+    # 16-bit tensor-core rate
+    monkeypatch.setattr(s.vllm_config.model_config, "dtype", torch.float32)
+    with pytest.raises(EcoServeSetupError, match="the weights are float32, and the shipped GPU files describe 16-bit"):
+        auto_cost_model(s.vllm_config)
+    monkeypatch.setattr(s.vllm_config.model_config, "dtype", torch.bfloat16)
     monkeypatch.setattr(s.vllm_config.parallel_config, "tensor_parallel_size", 2)
     with pytest.raises(EcoServeSetupError, match="runs on 2 GPUs"):
         auto_cost_model(s.vllm_config)
@@ -679,6 +685,27 @@ def test_a_request_recomputing_after_preemption_is_not_a_decode(monkeypatch: pyt
     assert s._step_budget(512) == 2 + want
     s.running = decodes
     assert s._step_budget(512) == 2 + want
+
+
+def test_a_profile_of_another_model_is_said_at_start(monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A shipped profile (or a calibrated one) of another model than the one served still runs,
+    but start-up says which fields differ (was: taken without a word)."""
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.engines.vllm_scheduler import other_model
+
+    monkeypatch.setenv("ECOSERVE_PROFILE", "llama3-8b-h100-80gb")
+    with caplog.at_level("WARNING", logger="ecoserve_sched.engines.vllm_scheduler"):
+        s = make(EcoServeVllmSyncScheduler, num_blocks=200)
+    assert s.cost_model.name == "llama3-8b-h100-80gb"
+    assert "describes another model than the one served (n_layers 32 vs" in caplog.text
+    served = s.vllm_config.model_config.hf_config
+    same = load_profile("llama3-8b-h100-80gb")
+    same.spec = {**same.spec, "model": {**same.spec["model"], "n_layers": served.num_hidden_layers,
+                 "hidden": served.hidden_size, "n_heads": served.num_attention_heads,
+                 "n_kv_heads": served.num_key_value_heads, "head_dim": served.head_dim,
+                 "intermediate": served.intermediate_size, "vocab": served.vocab_size, "dtype_bytes": 4}}
+    assert other_model(same, s.vllm_config) == ""
 
 
 def test_a_bad_profile_is_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:
