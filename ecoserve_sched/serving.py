@@ -56,6 +56,13 @@ class SimResult:
     prefill_iterations: int = 0  # iterations that carried prompt tokens (the cost-model executor)
 
 
+def never_fits(r: Request, kv_tokens: int) -> bool:
+    """The drop rule: ``r``'s prompt plus its true output can never fit a KV cache of
+    ``kv_tokens`` tokens (the serving loop drops it on arrival; so does the transformers
+    scheduler under transformers' own manager)."""
+    return r.prompt_tokens + r.target_tokens > kv_tokens
+
+
 class Executor:
     """What the loop drives: one engine with its scheduler. The defaults are a simulated clock."""
 
@@ -111,7 +118,7 @@ def serve(ex: Executor, res: SimResult) -> SimResult:
             while i < n and reqs[i].arrival_s <= now:
                 r = reqs[i]
                 i += 1
-                if r.prompt_tokens + r.target_tokens > cap:  # could never finish on this GPU
+                if never_fits(r, cap):  # could never finish on this GPU
                     res.dropped += 1
                     ex.drop(r)
                 else:

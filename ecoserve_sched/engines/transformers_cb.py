@@ -31,7 +31,8 @@ requests go on, exactly as the simulator's injected faults (``simulate(faults=..
 
 What the engine cannot do (ours): preemption is always by recompute (transformers' CPU
 offloading is not driven by the policy), prefix sharing is off (the ledger counts every block),
-cancellation is not supported.
+cancellation (under transformers' manager) ends only running requests: one still in the policy's
+waiting queue runs to the end, with a warning.
 
 Supported transformers: :data:`TRANSFORMERS_RANGE` (this code uses the scheduler base class and
 ``RequestState`` fields, and steps the batch processor itself; both move between releases).
@@ -40,6 +41,7 @@ Supported transformers: :data:`TRANSFORMERS_RANGE` (this code uses the scheduler
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +57,9 @@ from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPP
 
 from ..policies import Batch, Scheduler, get_policy
 from ..request import SLO, Request, State, is_real, is_whole
-from ..serving import Executor, LogRow, SimResult, serve
+from ..serving import Executor, LogRow, SimResult, never_fits, serve
+
+logger = logging.getLogger(__name__)
 
 #: transformers versions this adapter is tested with (pinned by the ``engines`` extra).
 TRANSFORMERS_RANGE = ">=5.24,<5.25"
@@ -122,19 +126,40 @@ class PolicyScheduler(HFScheduler):
         self.reqs: dict[str, Request] = {}  # engine id -> policy request
         self.states: dict[int, RequestState] = {}  # policy rid -> engine state
         self.held: dict[int, int] = {}  # rid -> epoch, for requests whose KV the engine holds
-        self.events: list[tuple[float, str, int]] = []  # (time, admit|preempt|finish|drop, rid)
+        self.events: list[tuple[float, str, int]] = []  # (time, admit|preempt|finish|drop|error|cancel, rid)
         self.last_batch: Batch | None = None
         self._pending: Batch | None = None  # scheduled, not yet reported to policy.complete
         self._next_rid = 1 << 30
 
     # ---- arrivals and finishes ----------------------------------------------------------------
     def add_waiting_request(self, state: RequestState) -> None:
-        r = self.meta.get(state.request_id)
+        """Hand a request to the policy. Under transformers' own manager (``generate_batch``),
+        what cannot be served raises, and transformers fails that request alone (its batch
+        processor catches it): an id still in use (was: two requests shared one block table,
+        wrong tokens without a word) or a request longer than the whole KV cache (was: a wait
+        forever). Several return sequences are served as that many requests."""
+        rid_s = state.request_id
+        if state.num_children:  # several return sequences: each its own request, with its own KV
+            # (was: transformers forks a prefilled request's blocks, which the ledger does not
+            # hold; the forks were never made, and generate_batch waited forever)
+            children = [state.fork(f"{rid_s}__child#{i}") for i in range(state.num_children)]
+            state.num_children = 0
+            for child in (state, *children):
+                child.num_children = 0
+                self.add_waiting_request(child)
+            return
+        if (old := self.reqs.get(rid_s)) is not None and old.state not in (State.FINISHED, State.ERRORED):
+            raise ValueError(f"request id {rid_s!r} is already in use by a request not yet finished")
+        r = self.meta.get(rid_s)
         if r is None:
             n = state.max_new_tokens or 1
             r = Request(self._next_rid, self.clock(), len(state.initial_tokens), n, n,
                         pred_tokens=n, reserve_tokens=n)
             self._next_rid += 1
+        cap = self.policy.kv.num_blocks * self.policy.kv.block_size
+        if never_fits(r, cap):  # the serving loop's drop rule (``TransformersEngine`` applies it first)
+            raise ValueError(f"{rid_s}: {r.prompt_tokens} prompt + {r.target_tokens} new tokens can never fit "
+                             f"the KV cache ({cap} tokens)")
         self.reqs[state.request_id] = r
         self.states[r.rid] = state
         super().add_waiting_request(state)
@@ -156,9 +181,32 @@ class PolicyScheduler(HFScheduler):
         super().finish_request(request_id)
 
     def clear_cancelled_requests(self) -> list[RequestState]:
-        if self._requests_to_cancel:
-            raise NotImplementedError("PolicyScheduler does not support cancellation")
-        return []
+        """Cancel what the manager was asked to cancel (``manager.cancel_request``): a running
+        request ends (the policy aborts it and its blocks are freed); one still waiting in the
+        policy's queue cannot be taken out of it and runs to the end, with a warning (was: every
+        request of the run failed)."""
+        with self._cancellation_lock:
+            ids, self._requests_to_cancel = self._requests_to_cancel, set()
+        self._flush()
+        cancelled = []
+        for rid_s in ids:
+            r = self.reqs.get(rid_s)
+            if r is None or r.state in (State.FINISHED, State.ERRORED):
+                continue
+            if r.state not in (State.PREFILL, State.DECODE):
+                logger.warning("PolicyScheduler: %s is waiting in the policy's queue and cannot be "
+                               "cancelled; it runs to the end", rid_s)
+                continue
+            self.policy.abort(r, "cancelled")
+            self.held.pop(r.rid, None)
+            self.cache.free_blocks(rid_s)
+            st = self.active_requests.pop(rid_s, None) or self.waiting_requests.pop(rid_s, None)
+            if rid_s in self.waiting_requests_order:
+                self.waiting_requests_order.remove(rid_s)
+            if st is not None:
+                cancelled.append(st)
+            self.events.append((self.clock(), "cancel", r.rid))
+        return cancelled
 
     def iteration_done(self, now: float) -> None:
         """The engine finished the scheduled forward pass at ``now``: report it to the policy
@@ -416,11 +464,22 @@ class TransformersEngine:
         """Serve ``reqs`` (arrival times relative to the start) and return tokens and timings."""
         if not reqs:
             raise ValueError("generate: no requests")
-        vocab = getattr(self.model.config, "vocab_size", None)
-        for i, g in enumerate(reqs):  # was: one bad id failed every request of its batch
+        if getattr(self.model, "_cached_continuous_batching_manager", None) is not None:
+            # transformers would hand back that manager, with its own scheduler (was: a traceback
+            # after some batches, and the user's manager destroyed)
+            raise ValueError("generate: the model holds a persistent continuous-batching manager "
+                             "(generate_batch(persistent_manager=True)); call "
+                             "model.destroy_cached_continuous_batching_manager() first")
+        config = self.model.config
+        vocab = getattr(config, "vocab_size", None)
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        for i, g in enumerate(reqs):  # was: one bad request failed every request of its batch
             if vocab is not None and (top := max(g.prompt_ids)) >= vocab:
                 raise ValueError(f"generate: request {i}: token id {top} is outside the model's "
                                  f"vocabulary ({vocab} ids)")
+            if positions and (n := len(g.prompt_ids) + g.max_new_tokens) > positions:
+                raise ValueError(f"generate: request {i}: {len(g.prompt_ids)} prompt + {g.max_new_tokens} new "
+                                 f"tokens ({n}) exceed the model's {positions} positions")
         policy = self.policy = self.make_policy()
         preqs = self.to_requests(reqs, oracle=policy.prediction_override == "oracle")
         meta = {f"r{r.rid}": r for r in preqs}
@@ -428,8 +487,11 @@ class TransformersEngine:
         # a policy that does not chunk prompts (orca, vllm-v0) runs a whole prompt, or the
         # recompute of prompt and generated tokens, alone past its budget: transformers' batch
         # must hold it (the simulator's does; the engine stopped with "exceeds the engine's")
+        # (at most the whole KV cache: a longer request is dropped; was: a huge max_new_tokens
+        # sized transformers' buffers, up to a MemoryError before anything ran)
+        cap = self.kv_blocks * self.block_size
         most = self.token_budget if policy.chunked_prefill else max(
-            self.token_budget, max(len(g.prompt_ids) + g.max_new_tokens for g in reqs) + self.max_running)
+            self.token_budget, min(cap, max(len(g.prompt_ids) + g.max_new_tokens for g in reqs)) + self.max_running)
         cb = ContinuousBatchingConfig(
             page_size=self.block_size, num_blocks=self.kv_blocks, max_batch_tokens=most,
             max_requests_per_batch=self.max_running, allow_block_sharing=False,
@@ -546,9 +608,7 @@ class TransformersExecutor(Executor):
             decodes = batch.decode_requests - batch.late_decodes
             kv, blocks = policy.kv_used_tokens(), policy.kv.allocated_blocks
             bp.update_batch()
-            if self.wall:
-                end = self.clock(end)
-            for st, before in scheduled:
+            for st, before in scheduled:  # stamped at the end the policy saw (was: after update_batch)
                 res = self.results[int(st.request_id[1:])]
                 for tok in st.generated_tokens[before:]:
                     res.tokens.append(tok)

@@ -123,6 +123,93 @@ def test_policy_scheduler_plugs_into_generate_batch(tiny_llama, tiny_llama_greed
     assert [o.generated_tokens for o in out.values()] == [ref[:12] for ref in tiny_llama_greedy[:4]]
 
 
+def test_under_transformers_manager_what_cannot_be_served_fails_alone(tiny_llama):
+    """Under transformers' own manager: a request id still in use, a request longer than the
+    whole KV cache and several return sequences fail that request alone (were: wrong tokens
+    from a shared block table, a wait forever); cancelling a running request ends it, and only
+    it (was: every request of the run failed)."""
+    import time
+
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    from ecoserve_sched.engines.transformers_cb import register_scheduler
+
+    eng = make_engine(tiny_llama, "ecoserve")
+    policy = eng.make_policy()
+    name = register_scheduler("ecoserve-manager-test", policy)
+    cb = ContinuousBatchingConfig(page_size=16, num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET,
+                                  max_requests_per_batch=MAX_RUNNING, allow_block_sharing=False,
+                                  use_async_batching=False, scheduler_type=name)
+    gen = GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=-1)
+    manager = tiny_llama.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+    manager.start()
+    a, b = list(range(3, 13)), list(range(40, 52))
+    try:
+        manager.add_request(list(range(60, 200)), request_id="long", max_new_tokens=80)  # 14 blocks: it fits
+        deadline = time.time() + 20
+        while not any(r.state.name == "DECODE" for r in policy.decoding.values()) and time.time() < deadline:
+            time.sleep(0.01)
+        manager.cancel_request("long")
+        manager.add_request(a, request_id="dup", max_new_tokens=8)
+        manager.add_request(b, request_id="dup", max_new_tokens=8)
+        manager.add_request(list(range(5, 25)), request_id="huge", max_new_tokens=300)
+        results: dict[str, list] = {}
+        while time.time() < deadline and sum(map(len, results.values())) < 3:
+            r = manager.get_result(timeout=0.5)
+            if r is not None and r.is_finished():
+                results.setdefault(r.request_id, []).append((r.status.name, r.generated_tokens, r.error))
+    finally:
+        manager.stop(block=True, timeout=10)
+        SCHEDULER_MAPPING.pop(name, None)
+    ref = tiny_llama.generate(torch.tensor([a]), max_new_tokens=8, do_sample=False)[0, len(a):].tolist()
+    assert sorted(results["dup"], key=lambda x: x[0]) == [("FAILED", [], "request id 'dup' is already in use by "
+                                                           "a request not yet finished"), ("FINISHED", ref, None)]
+    [(status, _, error)] = results["huge"]
+    assert status == "FAILED" and "20 prompt + 300 new tokens can never fit the KV cache (224 tokens)" in error
+    assert policy.counters["errors"] == 1 and not policy.decoding and policy.kv.free_blocks == KV_BLOCKS
+
+
+def test_the_wall_clock_gives_one_time_per_token(tiny_llama):
+    """On the wall clock a request's token times are the policy's (were: read again after
+    transformers' output update, so ``GenResult.jct_s`` and the run record's JCT differed)."""
+    from ecoserve_sched.engines.transformers_cb import GenRequest, TransformersEngine
+
+    eng = TransformersEngine(tiny_llama, "ecoserve", kv_blocks=KV_BLOCKS, token_budget=TOKEN_BUDGET,
+                             max_running=MAX_RUNNING, clock="wall")
+    run = eng.generate([GenRequest([5, 6, 7], 4), GenRequest([8] * 20, 6, arrival_s=0.01)])
+    for res, r in zip(run.results, sorted(run.result.requests, key=lambda r: r.rid), strict=True):
+        assert res.token_times[0] == r.first_token_s and res.token_times[-1] == r.finish_s
+
+
+def test_several_return_sequences_are_served_as_as_many_requests(tiny_llama):
+    """``num_return_sequences`` under transformers' manager (was: the forks were never made and
+    ``generate_batch`` waited forever)."""
+    import threading
+
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    from ecoserve_sched.engines.transformers_cb import register_scheduler
+
+    name = register_scheduler("ecoserve-forks-test", make_engine(tiny_llama, "ecoserve").make_policy())
+    cb = ContinuousBatchingConfig(page_size=16, num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET,
+                                  max_requests_per_batch=MAX_RUNNING, allow_block_sharing=False,
+                                  use_async_batching=False, scheduler_type=name)
+    gen = GenerationConfig(do_sample=True, num_return_sequences=2, max_new_tokens=5, eos_token_id=-1)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(tiny_llama.generate_batch(
+        [[5] * 10, [6] * 12], generation_config=gen, continuous_batching_config=cb)), daemon=True)
+    try:
+        t.start()
+        t.join(60)
+    finally:
+        SCHEDULER_MAPPING.pop(name, None)
+    assert not t.is_alive(), "generate_batch did not return"
+    assert sorted(out) == ["req_0", "req_0__child#0", "req_1", "req_1__child#0"]
+    assert {(o.status.name, len(o.generated_tokens)) for o in out.values()} == {("FINISHED", 5)}
+
+
 def test_requests_the_engine_cannot_serve_are_refused(tiny_llama):
     """A NaN arrival was served forever, an empty prompt batched with others generated tokens,
     and ``generate([])`` failed inside (``max() arg is an empty sequence``)."""
@@ -155,6 +242,16 @@ def test_requests_the_engine_cannot_serve_are_refused(tiny_llama):
     vocab = tiny_llama.config.vocab_size
     with pytest.raises(ValueError, match=f"request 1: token id {vocab} is outside the model's vocabulary"):
         make_engine(tiny_llama, "ecoserve").generate([GenRequest([5, 6, 7], 3), GenRequest([1, 2, vocab], 3)])
+    # so did one past the model's positions (an IndexError in a learned position embedding)
+    with pytest.raises(ValueError, match=re.escape("request 1: 10 prompt + 1015 new tokens (1025) exceed the model's 1024")):
+        make_engine(tiny_llama, "ecoserve").generate([GenRequest([5, 6, 7], 3), GenRequest([5] * 10, 1015)])
+    # a persistent manager of the model's own would have been used, and destroyed
+    tiny_llama._cached_continuous_batching_manager = object()
+    try:
+        with pytest.raises(ValueError, match="holds a persistent continuous-batching manager"):
+            make_engine(tiny_llama, "ecoserve").generate([GenRequest([5, 6, 7], 3)])
+    finally:
+        del tiny_llama._cached_continuous_batching_manager
 
 
 @pytest.mark.parametrize("policy", ["vllm", "vllm-v0"])
