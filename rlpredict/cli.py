@@ -35,6 +35,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, cls=BoundaryGroup,
 
 OnErrorOpt = Annotated[Literal["fail", "skip"], typer.Option(
     "--on-error", help="Bad rows: 'fail' (stop with file:line) or 'skip' (count and report).")]
+#: train and stack: the config's ``on_error`` unless given (was: always overridden by "fail")
+ConfigOnErrorOpt = Annotated[Literal["fail", "skip"] | None, typer.Option(
+    "--on-error", help="Bad rows: 'fail' (stop with file:line) or 'skip' (count and report); default: the "
+    "config's on_error, else fail.")]
 
 
 ForceOpt = Annotated[bool, typer.Option(
@@ -83,7 +87,7 @@ def train(
     max_steps: Annotated[int | None, typer.Option(callback=at_least(1), help="Stop after N optimizer steps (overrides --epochs).")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir", help="Checkpoint folder (default: OUT-checkpoints beside OUT; refused if it exists, unless --force or --resume).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the checkpoint folder (same settings).")] = False,
-    on_error: OnErrorOpt = "fail",
+    on_error: ConfigOnErrorOpt = None,
     force: ForceOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the training summary as JSON.")] = False,
 ) -> None:
@@ -103,7 +107,8 @@ def train(
     for name, value in flags.items():
         if value is not None:
             setattr(cfg, name, value)
-    cfg.on_error = on_error  # type: ignore[assignment]
+    if on_error is not None:
+        cfg.on_error = on_error
     cfg.validate("options")
     check_output(cfg, out, force, checkpoint_dir=checkpoint_dir, resume=resume)  # before the data is read
     main = _is_main_process()
@@ -195,7 +200,7 @@ def stack(
     folds: Annotated[int, typer.Option(callback=in_range(2, 20), help="Group folds for the out-of-fold TF-IDF probabilities of the stacking-fit rows.")] = 3,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Order of the stacking-fit groups and folds (numpy's seed range).")] = 0,
     threads: Annotated[int | None, typer.Option(callback=thread_count, help="Encoder threads, 1 to this machine's cores (default: every usable core).")] = None,
-    on_error: OnErrorOpt = "fail",
+    on_error: ConfigOnErrorOpt = None,
     force: ForceOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -208,7 +213,8 @@ def stack(
     cfg = TrainConfig.load(config)
     if data:
         cfg.data = [str(p) for p in data]
-    cfg.on_error = on_error  # type: ignore[assignment]
+    if on_error is not None:
+        cfg.on_error = on_error
     cfg.validate("options")
     report = stack_bundle(model, cfg, out, stack_rows=stack_rows, folds=folds, seed=seed, threads=threads,
                           force=force, recipe=config.name, log=log_line)

@@ -27,7 +27,6 @@ import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
@@ -335,26 +334,11 @@ def root_callback(tool: str) -> Callable[..., None]:
 # ---- option validators (one message naming the option) -----------------------------------------
 def distinct_paths(value: Any) -> Any:
     """A callback refusing a file or folder given twice in a repeatable option, or inside a
-    folder also given (a folder is read with everything under it): its rows would count twice.
-    None passes."""
-    seen: dict[Path, Any] = {}
-    files: dict[tuple[int, int], Any] = {}  # (device, inode): a hard link is the same file
-    for p in value or ():
-        key = Path(p).resolve()
-        if key in seen:
-            raise typer.BadParameter(f"{p} is given twice (its rows would count twice)")
-        seen[key] = p
-        with contextlib.suppress(OSError):
-            st = os.stat(key)
-            if not key.is_dir() and (st.st_dev, st.st_ino) in files:
-                raise typer.BadParameter(f"{p} is the same file as {files[st.st_dev, st.st_ino]} (a hard "
-                                         "link; its rows would count twice)")
-            files[st.st_dev, st.st_ino] = p
-    for key, p in seen.items():
-        outer = next((seen[a] for a in key.parents if a in seen), None)
-        if outer is not None:
-            raise typer.BadParameter(f"{p} is inside {outer}, also given, which is read with everything "
-                                     "under it (its rows would count twice)")
+    folder also given (``outputs.repeated_input``). None passes."""
+    from rlpredict.outputs import repeated_input
+
+    if problem := repeated_input(value or ()):
+        raise typer.BadParameter(problem)
     return value
 
 

@@ -189,7 +189,10 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
         except RecordError as e:
             raise DataError(loc, e.reason, e.field) from None
         if msg_name == "conversations" and response is None and rl is None:  # ShareGPT: every turn
-            return _sharegpt_samples(messages, rid, str(group or rid), source, generator, loc, msg_name, report)
+            if group is None:  # its id, else its content: a group from its location (was) moved
+                # with the path as typed and with rows added above it, and so did the split
+                group = rid if raw_id is not None and raw_id != "" else _content_key(messages)
+            return _sharegpt_samples(messages, rid, str(group), source, generator, loc, msg_name, report)
         if messages[-1]["role"] == "assistant":
             if response is None:
                 response = messages[-1]["content"]
@@ -208,8 +211,14 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
                              f"{', '.join(fields.response)}), a final assistant message, or a token count "
                              f"({', '.join(fields.count)})")
     if group is None:  # identical contexts share a group, so they never straddle a split
-        group = hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:12]
+        group = _content_key(messages)
     return [Sample(rid, str(group), messages, response, rl, source, generator, loc)]
+
+
+def _content_key(messages: list[dict[str, str]]) -> str:
+    """A group key from content alone (where a row names no group): the same wherever the row
+    sits and however its file is named."""
+    return hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _sharegpt_samples(messages: list[dict[str, str]], rid: str, group: str, source: str,

@@ -147,6 +147,28 @@ def check_paths(inputs: Iterable[str | Path], outputs: Iterable[tuple[str, str |
                 raise OutputError(f"{out}: {name} and {other_name} are the same path; choose two")
 
 
+def repeated_input(paths: Iterable[str | Path]) -> str | None:
+    """Why reading ``paths`` would read some rows twice (a file or folder given twice, a hard
+    link to one given, a path inside a folder also given, which is read with everything under
+    it), or None."""
+    seen: dict[Path, str | Path] = {}
+    files: dict[tuple[int, int], str | Path] = {}  # (device, inode): a hard link is the same file
+    for p in paths:
+        key = Path(p).resolve()
+        if key in seen:
+            return f"{p} is given twice (its rows would count twice)"
+        seen[key] = p
+        with contextlib.suppress(OSError):
+            st = os.stat(key)
+            if not key.is_dir() and (st.st_dev, st.st_ino) in files:
+                return f"{p} is the same file as {files[st.st_dev, st.st_ino]} (a hard link; its rows would count twice)"
+            files[st.st_dev, st.st_ino] = p
+    for key, p in seen.items():
+        if (outer := next((seen[a] for a in key.parents if a in seen), None)) is not None:
+            return f"{p} is inside {outer}, also given, which is read with everything under it (its rows would count twice)"
+    return None
+
+
 def check_parent(path: str | Path, option: str) -> None:
     """Refuse an output whose folder cannot be created or written (checked before the work, so
     a long run does not fail at its last step): its nearest existing ancestor must be a

@@ -4,7 +4,8 @@ A group goes to the test side when a salted hash of its key falls below ``test_f
 across runs and machines, independent of row order, and no group lands on both sides. The
 rule (``SPLIT_RULES``) says what a group is:
 
-- ``id``: the log's own id (``conversation_id``, ``prompt_id``; a row with none, its location).
+- ``id``: the log's own id (``conversation_id``, ``prompt_id``; a row with none, a hash of
+  its context: of the whole conversation for a ShareGPT row).
   A log that holds one conversation under several ids puts copies on both sides: 14.8% of the
   shipped bundle's ShareGPT held-out rows copy a training row (``benchmarks/split_leak.py``).
 - ``copies``: the ``id`` groups, joined wherever one row (its context and response) appears in
@@ -81,8 +82,7 @@ def split_by_group(items: Sequence[T], test_frac: float = 0.1, seed: int = 0,
 def rows_sha256(samples: Sequence[Any]) -> str:
     """One sha256 over a set of samples (source, group, RL, generator and context of each; their
     order does not count): which rows the encoder trained on, so that ``rlpredict stack`` can
-    tell whether a recipe reproduces them. A row with no id has a group made from its location
-    (file path as given, line), so such data must be named the same way in both recipes."""
+    tell whether a recipe reproduces them."""
     keys = sorted(hashlib.sha256(json.dumps([s.source, s.group, s.rl_tokens, s.generator, s.messages], sort_keys=True,
                                             ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
                   for s in samples)

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import tomllib
 
 from rlpredict.inputs import InputSpec
+from rlpredict.outputs import repeated_input
+from rlpredict.rl_tokenizers import NAMED as RL_TOKENIZER_NAMES
 from rlpredict.train.encoders import DEFAULT_ENCODER
 
 
@@ -117,8 +119,8 @@ class TrainConfig:
         try:
             if isinstance(spec, str) and spec.startswith(("quantile:", "log:")):
                 n = spec.split(":", 1)[1]
-                if not (n.isdigit() and int(n) >= 2):
-                    raise ValueError(f"{spec!r}: N must be a whole number >= 2")
+                if not (n.isdigit() and 2 <= int(n) <= MAX_BUCKETS):  # was: "out of memory" at 10^12
+                    raise ValueError(f"{spec!r}: N must be a whole number in [2, {MAX_BUCKETS}]")
                 if spec.startswith("log:"):
                     BucketScheme.from_spec(spec)
             else:
@@ -150,7 +152,10 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         p = Path(path)
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:  # was: the codec's message, naming no file
+            raise ValueError(f"{p}: not UTF-8 text (byte {e.start})") from None
         if p.suffix in (".yaml", ".yml"):
             import yaml
 
@@ -180,11 +185,19 @@ class TrainConfig:
         if problem:  # checked before the paths are resolved against the config's folder
             raise ValueError(f"{p}: data {problem}, got {data!r}")
         d["data"] = [str(p.parent / x) if not Path(x).is_absolute() else x for x in data]
+        if problem := repeated_input(d["data"]):  # as --data (was: every row trained twice)
+            raise ValueError(f"{p}: data: {problem}")
         enc = d.get("encoder")  # a folder too is relative to the config (was: to the working directory)
         if isinstance(enc, str) and enc.strip() and enc != DEFAULT_ENCODER and not Path(enc).is_absolute():
             d["encoder"] = str(p.parent / enc)
+        tok = d.get("rl_tokenizer")  # a tokenizer.json path too (was: relative to the working directory)
+        if isinstance(tok, str) and tok.strip() and tok not in RL_TOKENIZER_NAMES and not Path(tok).is_absolute():
+            d["rl_tokenizer"] = str(p.parent / tok)
         return cls.from_dict(d, source=str(p))
 
+
+#: Most buckets a ``log:N`` or ``quantile:N`` spec may ask for (a classification head's width).
+MAX_BUCKETS = 1024
 
 #: Numeric ranges: (low, high, how the message says it).
 _RANGES: dict[str, tuple[float, float, str]] = {

@@ -179,7 +179,10 @@ def check_output(cfg: TrainConfig, out_dir: str | Path, force: bool = False, *,
     training starts; returns the checkpoint folder."""
     out = Path(out_dir)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
-    check_paths(cfg.data, [("--out", out), ("--checkpoint-dir", ckpt)])
+    # the encoder folder and a tokenizer file are inputs too (was: `--encoder runs/m1 --out
+    # runs/m1 --force` replaced it, and an encoder inside the checkpoint folder was deleted)
+    files = [p for p in (cfg.encoder, cfg.rl_tokenizer) if Path(p).expanduser().exists()]
+    check_paths([*cfg.data, *files], [("--out", out), ("--checkpoint-dir", ckpt)])
     o, c = out.expanduser().resolve(), ckpt.expanduser().resolve()
     if o in c.parents or c in o.parents:
         raise OutputError(f"{ckpt}: --checkpoint-dir and --out {out} are nested; the model folder is replaced "
@@ -352,6 +355,26 @@ class _StepLosses(TrainerCallback):
         return len(trainer.step_losses), trainer.examples_seen
 
 
+class _BestInMemory(TrainerCallback):
+    """Without checkpoints, keep the best evaluated weights in memory (on the CPU), so that an
+    early stop still ends with the best model (was: the last one, reported as the best)."""
+
+    def __init__(self, metric: str, greater: bool) -> None:
+        self.key, self.greater = f"eval_{metric}", greater
+        self.value: float | None = None
+        self.step: int | None = None
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def on_evaluate(self, args: TrainingArguments, state: Any, control: Any, metrics: dict | None = None,
+                    model: Any = None, **kwargs: Any) -> None:
+        v = (metrics or {}).get(self.key)
+        if v is None or model is None or not math.isfinite(v):
+            return
+        if self.value is None or (v > self.value if self.greater else v < self.value):
+            self.value, self.step = v, state.global_step
+            self.weights = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
+
+
 #: the file in each checkpoint holding a process's step losses so far (``_StepLosses``)
 STEP_LOSSES = "rl_step_losses.rank{rank}.json"
 
@@ -465,6 +488,9 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
         greater_is_better=cfg.best_metric == "kendall_tau", logging_steps=cfg.logging_steps, report_to="none",
         disable_tqdm=not progress, remove_unused_columns=False, label_names=["labels"],
         ddp_find_unused_parameters=False, dataloader_num_workers=0,
+        # a resumed run keeps its early-stopping patience (was: reset, so it ran on and ended
+        # with another model than the run it continues)
+        restore_callback_states_from_checkpoint=True,
         use_cpu=world > 1 and not torch.cuda.is_available())  # accelerate makes CPU processes DDP (gloo) only so
     args.device  # noqa: B018 - sets up the process group (torchrun / accelerate launch), or a single process
     state: PartialState = args.distributed_state
@@ -472,6 +498,9 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
     cbs: list[TrainerCallback] = [_OwnCheckpoints(ckpt), step_log] if cfg.save_checkpoints else []
     if evaluating and cfg.early_stopping_patience:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    in_memory = _BestInMemory(cfg.best_metric, cfg.best_metric == "kendall_tau") if evaluating and not keep_best else None
+    if in_memory is not None:
+        cbs.append(in_memory)
     trainer = RLTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if evaluating else None,
         processing_class=tok, data_collator=DataCollatorWithPadding(tok),
@@ -508,6 +537,8 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
     seen = trainer.examples_seen * world
     loop_s = max(result.metrics.get("train_runtime", 0.0) - trainer.overhead_s, 1e-9)
     model = trainer.model
+    if in_memory is not None and in_memory.weights is not None:  # the best evaluated weights
+        model.load_state_dict(in_memory.weights)
     if cfg.method == "lora":
         model = model.merge_and_unload()
     model.eval()
@@ -515,7 +546,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
     evals = [{k.removeprefix("eval_"): v for k, v in h.items() if k.startswith("eval_") or k == "step"}
              for h in st.log_history if any(k.startswith("eval_") for k in h)]
     evals = [e for e in evals if "mae" in e]
-    best_step = st.best_global_step if keep_best else (evals[-1]["step"] if evals else None)
+    best_step = st.best_global_step if keep_best else (in_memory.step if in_memory is not None else None)
     run = {"processes": world, "device": str(args.device), "precision": precision,
            "per_device_batch": args.per_device_train_batch_size, "global_batch": cfg.batch_size,
            "checkpoint_dir": str(ckpt) if cfg.save_checkpoints else None,

@@ -48,6 +48,19 @@ def test_sharegpt_one_sample_per_assistant_turn(tmp_path):
     assert {s.group for s in samples} == {"c1"}
 
 
+def test_an_id_less_conversation_is_grouped_by_its_content(tmp_path):
+    """Was: by its location (the path as typed, the line), so ``eval`` given the same file under
+    another path, or with rows added above, split it otherwise and scored training rows."""
+    conv = [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}]
+    other = [{"from": "human", "value": "q0"}, {"from": "gpt", "value": "a0"}]
+    (tmp_path / "d").mkdir()
+    p = _jsonl(tmp_path / "sg.jsonl", [{"conversations": conv}])
+    (a,), _ = load_samples([p])
+    (_, b), _ = load_samples([_jsonl(tmp_path / "sg2.jsonl", [{"conversations": other}, {"conversations": conv}])])
+    (c,), _ = load_samples([str(tmp_path / "d" / ".." / "sg.jsonl")])
+    assert a.group == b.group == c.group
+
+
 def test_sharegpt_turns_answering_nothing_are_counted(tmp_path):
     """A conversation cut into chunks starts with an assistant turn (or has two in a row): those
     turns are no samples, and the read says how many it left out."""

@@ -508,8 +508,11 @@ def test_a_config_whose_data_is_not_paths_is_named(tmp_path, data, msg):
 @pytest.mark.parametrize(("text", "why"), [
     # were refused only once the data was read, naming neither the file nor the field
     ("buckets = [100.0, 50.0, inf]", "buckets: .*strictly increasing"),
-    ('buckets = "quantile:1"', "buckets: 'quantile:1': N must be a whole number >= 2"),
-    ('buckets = "log:x"', "buckets: 'log:x': N must be a whole number >= 2"),
+    ('buckets = "quantile:1"', r"buckets: 'quantile:1': N must be a whole number in \[2, 1024\]"),
+    ('buckets = "log:x"', r"buckets: 'log:x': N must be a whole number in \[2, 1024\]"),
+    ('buckets = "log:1000000000000"', r"buckets: 'log:1000000000000': N must be"),  # was: "out of memory"
+    # as --data (was: every row trained twice)
+    ('data = ["a.jsonl", "./a.jsonl"]', r"data: .*a.jsonl is given twice"),
     ('buckets = "nope"', "buckets: unknown bucket spec"),
     # were: an IndexError in training, and "reserve_tokens must be integers" for an edge of 0.5
     ("buckets = [32, 64]", r"buckets: the last edge must be inf"),
@@ -527,6 +530,42 @@ def test_a_config_is_checked_before_the_data_is_read(tmp_path, text, why):
         TrainConfig.load(cfg)
     cfg.write_text("[train]\nmax_steps = 2\n")
     assert TrainConfig.load(cfg).max_steps == 2
+
+
+def test_a_config_reads_its_paths_and_on_error_as_written(tmp_path, monkeypatch):
+    """A tokenizer.json path is relative to the config, as data and encoder are (was: to the
+    working directory); a config's on_error holds unless --on-error is given (was: always
+    "fail"); a config that is not UTF-8 is named (was: the codec's message alone)."""
+    (tmp_path / "cfgs" / "tok").mkdir(parents=True)
+    cfg = tmp_path / "cfgs" / "c.toml"
+    cfg.write_text('rl_tokenizer = "tok/tokenizer.json"\non_error = "skip"\n')
+    monkeypatch.chdir(tmp_path)
+    loaded = TrainConfig.load(cfg)
+    assert Path(loaded.rl_tokenizer) == tmp_path / "cfgs" / "tok" / "tokenizer.json"
+    assert loaded.on_error == "skip"
+    assert TrainConfig.load(_write(cfg, 'rl_tokenizer = "llama3"\n')).rl_tokenizer == "llama3"  # a name stays
+    cfg.write_bytes(b'data = ["\xff"]\n')
+    with pytest.raises(ValueError, match=r"c\.toml: not UTF-8 text \(byte 9\)"):
+        TrainConfig.load(cfg)
+    # the CLI keeps the config's on_error unless --on-error is given
+    seen = []
+
+    def prepare(cfg):
+        seen.append(cfg.on_error)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("rlpredict.train.trainer.prepare", prepare)
+    cfg.write_text('data = ["rows.jsonl"]\non_error = "skip"\n')
+    (tmp_path / "cfgs" / "rows.jsonl").write_text("{}\n")
+    for flags in ([], ["--on-error", "fail"]):
+        res = CliRunner().invoke(app, ["train", "-c", str(cfg), "--out", str(tmp_path / "m"), *flags])
+        assert res.exit_code == 2 and "stop here" in res.output, res.output
+    assert seen == ["skip", "fail"]
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
 
 
 def test_a_bad_yaml_config_is_named(tmp_path):

@@ -153,6 +153,32 @@ class _Stop(TrainerCallback):
         raise KeyboardInterrupt
 
 
+def test_an_early_stop_ends_with_the_best_model_with_or_without_checkpoints_and_resumed(tiny_encoder, prepared,
+                                                                                        tmp_path):
+    """Evaluated every step, MAE 147.4, 159.9, 148.3: patience 2 stops at step 3 and keeps step
+    1. Without checkpoints the last model was kept and reported as the best; a run resumed
+    from step 2 forgot its patience and ran on to step 10."""
+    from safetensors.torch import load_file
+
+    cfg = tiny_cfg(tiny_encoder, max_steps=10, eval_steps=1, lr=3e-3, head_lr=0.05, early_stopping_patience=2)
+    runs = {}
+    for keep in (True, False):
+        c = TrainConfig(**{**cfg.to_dict(), "save_checkpoints": keep})
+        runs[keep] = train(c, tmp_path / f"m{keep}", prepared=prepared, progress=False)
+    for s in runs.values():
+        assert s["steps"] == 3 and s["eval_best"]["step"] == 1
+        assert s["eval_best"]["mae"] == min(e["mae"] for e in s["eval_history"])
+    weights = [load_file(tmp_path / f"m{keep}" / "model.safetensors") for keep in (True, False)]
+    assert weights[0].keys() == weights[1].keys() and all(weights[0][k].equal(weights[1][k]) for k in weights[0])
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, prepared=prepared, progress=False, callbacks=[_Crash(2)])
+    s = train(cfg, out, prepared=prepared, progress=False, resume=True)
+    assert s["steps"] == 3 and s["eval_best"]["step"] == 1 and s["trainer"]["stopped_early"]
+    resumed = load_file(out / "model.safetensors")
+    assert all(resumed[k].equal(weights[0][k]) for k in weights[0])
+
+
 def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder(tiny_encoder, prepared, tmp_path):
     """Nothing to resume from: no checkpoint folder is left to block the same command (was: one
     holding only run_config.json, so the rerun needed --force and --resume found nothing)."""
@@ -173,6 +199,11 @@ def test_checkpoint_folder_follows_the_output_rules(tiny_encoder, tmp_path):
     with pytest.raises(OutputError, match="no complete checkpoint"):
         train(cfg, tmp_path / "m", checkpoint_dir=tmp_path / "none", resume=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    # the encoder folder is an input (was: replaced by --out, or deleted with the checkpoints)
+    with pytest.raises(OutputError, match="--out is also an input"):
+        train(cfg, tiny_encoder, force=True)
+    with pytest.raises(OutputError, match="--checkpoint-dir holds the input"):
+        train(cfg, tmp_path / "m", checkpoint_dir=Path(tiny_encoder).parent, force=True)
 
 
 @pytest.mark.parametrize(("args", "option"), [
