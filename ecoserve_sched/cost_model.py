@@ -84,7 +84,8 @@ class CostModel:
                                f"model.n_heads ({m['n_heads']!r})")
         fit = spec.get("fit")
         if fit is not None and not (isinstance(fit, dict) and all(
-                _number(v) or (isinstance(v, list) and set(v) <= set(FIT_FIELDS)) for v in fit.values())):
+                _number(v) or (isinstance(v, list) and all(f in FIT_FIELDS for f in v if isinstance(f, str))
+                               and all(isinstance(f, str) for f in v)) for v in fit.values())):
             raise ProfileError(f"{origin}: field 'fit' must be an object of numbers and lists of fitted "
                                f"factors (what fit_profile writes), got {fit!r}")
         e = spec["efficiency"]
@@ -413,9 +414,15 @@ def fit_profile(samples: Iterable[Sample], base: CostModel | dict[str, Any], nam
     x0 = np.array([e0[f] for f in FIT_FIELDS]) / scale
     lo, hi = [1e-3, 1e-3, 0, 0, 0], [1.0, 1.0, 1e3, 1e3, 1e3]
     sol = least_squares(resid, np.clip(x0, lo, hi), bounds=(lo, hi), x_scale="jac")
-    not_fitted = [f for f, col in zip(FIT_FIELDS, sol.jac.T, strict=True) if not np.any(col)]
+    # a factor no sample depends on keeps the base value, where putting it back changes no
+    # residual (was: put back where the search had moved it out of play, a worse fit)
+    x, base_r, not_fitted = sol.x.copy(), resid(sol.x), []
+    for i, (f, col) in enumerate(zip(FIT_FIELDS, sol.jac.T, strict=True)):
+        trial = x.copy()
+        trial[i] = np.clip(x0[i], lo[i], hi[i])
+        if not np.any(col) and np.array_equal(resid(trial), base_r):
+            x, not_fitted = trial, [*not_fitted, f]
     at_bound = [f for f, a in zip(FIT_FIELDS, sol.active_mask, strict=True) if a and f not in not_fitted]
-    x = np.where([f in not_fitted for f in FIT_FIELDS], x0, sol.x)
     rel = np.abs(resid(x))
     eff = {**e0, **{f: float(v) for f, v in zip(FIT_FIELDS, x * scale, strict=True)}}
     how = how or f"fit_profile to {len(y)} measured iterations (profile {name!r})"

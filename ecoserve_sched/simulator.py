@@ -241,7 +241,7 @@ def run(trace: Trace, policy: str, cost: Any, *, slo: SLO | None = None,
     source = sched.prediction_override or predictions or default_source(trace)
     reqs = trace.requests(slo)
     desc = apply_predictions(reqs, trace, source, seed=seed, confusion=confusion, bundle=bundle)
-    res = simulate(reqs, sched, check=check, profile=getattr(cost, "label", ""), predictions=desc,
+    res = simulate(reqs, sched, check=check, profile=getattr(cost, "label", getattr(cost, "name", "")), predictions=desc,
                    faults=faults, check_requests=False)  # fresh, from a checked Trace
     res.policy = policy
     return res

@@ -141,25 +141,22 @@ class PolicyScheduler(HFScheduler):
         rid_s = state.request_id
         if state.num_children:  # several return sequences: each its own request, with its own KV
             # (was: transformers forks a prefilled request's blocks, which the ledger does not
-            # hold; the forks were never made, and generate_batch waited forever)
+            # hold; the forks were never made, and generate_batch waited forever). All are
+            # checked before any is added: a refusal fails the first sequence only, and
+            # generate_batch waits for the others, as under transformers' own schedulers.
             children = [state.fork(f"{rid_s}__child#{i}") for i in range(state.num_children)]
-            state.num_children = 0
             for child in (state, *children):
                 child.num_children = 0
+                self._check_new(child)
+            for child in (state, *children):
                 self.add_waiting_request(child)
             return
-        if (old := self.reqs.get(rid_s)) is not None and old.state not in (State.FINISHED, State.ERRORED):
-            raise ValueError(f"request id {rid_s!r} is already in use by a request not yet finished")
-        r = self.meta.get(rid_s)
+        r = self._check_new(state)
         if r is None:
             n = state.max_new_tokens or 1
             r = Request(self._next_rid, self.clock(), len(state.initial_tokens), n, n,
                         pred_tokens=n, reserve_tokens=n)
             self._next_rid += 1
-        cap = self.policy.kv.num_blocks * self.policy.kv.block_size
-        if never_fits(r, cap):  # the serving loop's drop rule (``TransformersEngine`` applies it first)
-            raise ValueError(f"{rid_s}: {r.prompt_tokens} prompt + {r.target_tokens} new tokens can never fit "
-                             f"the KV cache ({cap} tokens)")
         self.reqs[state.request_id] = r
         self.states[r.rid] = state
         super().add_waiting_request(state)
@@ -170,6 +167,19 @@ class PolicyScheduler(HFScheduler):
             state.error = r.error or "prompt does not fit the KV cache"
             state.status = RequestStatus.FAILED
             self.events.append((self.clock(), "drop", r.rid))
+
+    def _check_new(self, state: RequestState) -> Request | None:
+        """Raise for what cannot be served: an id in use, a request longer than the whole KV
+        cache (the serving loop's drop rule). Returns the request's policy side, if given."""
+        rid_s = state.request_id
+        if (old := self.reqs.get(rid_s)) is not None and old.state not in (State.FINISHED, State.ERRORED):
+            raise ValueError(f"request id {rid_s!r} is already in use by a request not yet finished")
+        r = self.meta.get(rid_s)
+        prompt, new = (r.prompt_tokens, r.target_tokens) if r else (len(state.initial_tokens), state.max_new_tokens or 1)
+        cap = self.policy.kv.num_blocks * self.policy.kv.block_size
+        if never_fits(Request(-1, 0.0, prompt, new, new), cap):
+            raise ValueError(f"{rid_s}: {prompt} prompt + {new} new tokens can never fit the KV cache ({cap} tokens)")
+        return r
 
     def finish_request(self, request_id: str) -> None:
         self._flush()
@@ -472,7 +482,11 @@ class TransformersEngine:
                              "model.destroy_cached_continuous_batching_manager() first")
         config = self.model.config
         vocab = getattr(config, "vocab_size", None)
-        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        # a hard limit only for learned position embeddings (OPT, GPT-2: an IndexError past them);
+        # rotary models compute positions past their nominal length
+        rotary = any(getattr(config, a, None) is not None for a in ("rope_parameters", "rope_scaling", "rope_theta"))
+        positions = None if rotary else (getattr(config, "max_position_embeddings", None)
+                                         or getattr(config, "n_positions", None))
         for i, g in enumerate(reqs):  # was: one bad request failed every request of its batch
             if vocab is not None and (top := max(g.prompt_ids)) >= vocab:
                 raise ValueError(f"generate: request {i}: token id {top} is outside the model's "

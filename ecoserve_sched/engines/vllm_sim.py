@@ -243,4 +243,4 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
         sched.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=slo.ttft_s, slo_tbt=slo.tbt_s)
         sched.cost_model = cost  # every number the simulator's EcoServe takes from the cost model
     return replay(reqs, sched, cost, policy=policy, with_prediction=eco,
-                  profile=getattr(cost, "name", ""), predictions=desc)
+                  profile=getattr(cost, "label", getattr(cost, "name", "")), predictions=desc)

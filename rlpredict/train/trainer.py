@@ -355,6 +355,21 @@ class _StepLosses(TrainerCallback):
         return len(trainer.step_losses), trainer.examples_seen
 
 
+class _Patience(TrainerCallback):
+    """A resumed run restores its early-stopping count of evaluations without improvement from
+    the checkpoint, and with it the patience then set: put back the configured one (a resume may
+    change it, ``RESUMABLE_CHANGES``)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.trainer: RLTrainer | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        for cb in self.trainer.callback_handler.callbacks if self.trainer is not None else ():
+            if isinstance(cb, EarlyStoppingCallback):
+                cb.early_stopping_patience = self.patience
+
+
 class _BestInMemory(TrainerCallback):
     """Without checkpoints, keep the best evaluated weights in memory (on the CPU), so that an
     early stop still ends with the best model (was: the last one, reported as the best)."""
@@ -496,8 +511,9 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
     state: PartialState = args.distributed_state
     step_log = _StepLosses()
     cbs: list[TrainerCallback] = [_OwnCheckpoints(ckpt), step_log] if cfg.save_checkpoints else []
+    patience = _Patience(cfg.early_stopping_patience or 0)
     if evaluating and cfg.early_stopping_patience:
-        cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+        cbs += [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience), patience]
     in_memory = _BestInMemory(cfg.best_metric, cfg.best_metric == "kendall_tau") if evaluating and not keep_best else None
     if in_memory is not None:
         cbs.append(in_memory)
@@ -509,7 +525,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
         lengths=[len(r["input_ids"]) for r in train_ds], global_batch=cfg.batch_size)
     if not progress:
         trainer.remove_callback(PrinterCallback)
-    step_log.trainer = trainer
+    step_log.trainer = patience.trainer = trainer
 
     state.wait_for_everyone()  # every process has checked the folders before the main one writes
     if state.is_main_process and cfg.save_checkpoints and not resume:

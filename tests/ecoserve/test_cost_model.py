@@ -226,6 +226,12 @@ def test_fit_profile_says_what_it_could_not_fit() -> None:
     assert e["prefill_overhead_s"] == base.spec["efficiency"]["prefill_overhead_s"]
     assert e["source"]["prefill_overhead_s"].startswith("not fitted: none of the 8 iterations of a test")
     assert e["source"]["overhead_s"] == "fitted by a test" and "calibration" not in fitted.spec
+    # a base whose mfu makes decodes compute-bound: the search moves mfu out of play, where it
+    # stays (was: put back to the base's, a mean error of 3.7)
+    slow = copy.deepcopy(base.spec)
+    slow["efficiency"]["mfu"] = 0.01
+    fitted = fit_profile(samples, CostModel(slow), "decode-only")
+    assert fitted.fit_error["mean_rel_error"] < 1e-3 and "mfu" not in fitted.fit_error["not_fitted"]
 
 
 # ---- profiles built from a model's config (ECOSERVE_PROFILE=auto) -------------------------------

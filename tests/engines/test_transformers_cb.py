@@ -242,9 +242,15 @@ def test_requests_the_engine_cannot_serve_are_refused(tiny_llama):
     vocab = tiny_llama.config.vocab_size
     with pytest.raises(ValueError, match=f"request 1: token id {vocab} is outside the model's vocabulary"):
         make_engine(tiny_llama, "ecoserve").generate([GenRequest([5, 6, 7], 3), GenRequest([1, 2, vocab], 3)])
-    # so did one past the model's positions (an IndexError in a learned position embedding)
-    with pytest.raises(ValueError, match=re.escape("request 1: 10 prompt + 1015 new tokens (1025) exceed the model's 1024")):
-        make_engine(tiny_llama, "ecoserve").generate([GenRequest([5, 6, 7], 3), GenRequest([5] * 10, 1015)])
+    # so did one past a learned position embedding's length (an IndexError); a rotary model
+    # (the tiny Llama) computes positions past its nominal length, and is not held to it
+    from types import SimpleNamespace
+
+    from transformers import OPTConfig
+
+    opt = SimpleNamespace(config=OPTConfig(vocab_size=256, max_position_embeddings=32))
+    with pytest.raises(ValueError, match=re.escape("request 1: 10 prompt + 23 new tokens (33) exceed the model's 32")):
+        make_engine(opt, "ecoserve").generate([GenRequest([5, 6, 7], 3), GenRequest([5] * 10, 23)])
     # a persistent manager of the model's own would have been used, and destroyed
     tiny_llama._cached_continuous_batching_manager = object()
     try:

@@ -177,6 +177,13 @@ def test_an_early_stop_ends_with_the_best_model_with_or_without_checkpoints_and_
     assert s["steps"] == 3 and s["eval_best"]["step"] == 1 and s["trainer"]["stopped_early"]
     resumed = load_file(out / "model.safetensors")
     assert all(resumed[k].equal(weights[0][k]) for k in weights[0])
+    # a resume may change the patience: the count is the checkpoint's, the patience the config's
+    out = tmp_path / "more-patient"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, prepared=prepared, progress=False, callbacks=[_Crash(2)])
+    s = train(TrainConfig(**{**cfg.to_dict(), "early_stopping_patience": 6}), out, prepared=prepared,
+              progress=False, resume=True)
+    assert s["steps"] > 3
 
 
 def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder(tiny_encoder, prepared, tmp_path):
