@@ -178,6 +178,12 @@ def check_output(cfg: TrainConfig, out_dir: str | Path, force: bool = False, *,
     ``resume`` needs to hold a complete checkpoint of the same run instead). Checked before
     training starts; returns the checkpoint folder."""
     out = Path(out_dir)
+    if checkpoint_dir is not None and not cfg.save_checkpoints:  # was: ignored without a word
+        raise OutputError(f"{checkpoint_dir}: --checkpoint-dir, but this config saves no checkpoints "
+                          "(save_checkpoints = false)")
+    if cfg.precision in ("bf16", "fp16") and world_size() == 1 and not torch.cuda.is_available():
+        # was: refused by transformers after the data was read, naming an option users do not have
+        raise ValueError(f"precision = {cfg.precision!r} needs a CUDA GPU and none is visible: use 'auto' or 'fp32'")
     ckpt = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
     # the encoder folder and a tokenizer file are inputs too (was: `--encoder runs/m1 --out
     # runs/m1 --force` replaced it, and an encoder inside the checkpoint folder was deleted)

@@ -211,6 +211,15 @@ def test_checkpoint_folder_follows_the_output_rules(tiny_encoder, tmp_path):
         train(cfg, tiny_encoder, force=True)
     with pytest.raises(OutputError, match="--checkpoint-dir holds the input"):
         train(cfg, tmp_path / "m", checkpoint_dir=Path(tiny_encoder).parent, force=True)
+    # a checkpoint folder for a run that saves none (was: ignored); bf16 without a GPU (was:
+    # refused by transformers after the data was read)
+    with pytest.raises(OutputError, match="this config saves no checkpoints"):
+        train(tiny_cfg(tiny_encoder, save_checkpoints=False), tmp_path / "m", checkpoint_dir=tmp_path / "ck")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="precision = 'bf16' needs a CUDA GPU"):
+            train(tiny_cfg(tiny_encoder, precision="bf16"), tmp_path / "m")
 
 
 @pytest.mark.parametrize(("args", "option"), [
