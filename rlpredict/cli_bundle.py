@@ -215,11 +215,11 @@ def annotate(
     drop_final_assistant: Annotated[bool, typer.Option(help="Drop a trailing assistant message (logs that store the response in the conversation).")] = False,
     on_error: Annotated[Literal["fail", "skip"], typer.Option("--on-error", help="Bad rows: 'fail' (stop with the line number) or 'skip' (write them to the rejects file).")] = "fail",
     rejects: Annotated[Path | None, typer.Option(help="Rejects file for --on-error skip (default: beside OUTPUT, its name less the format suffixes + .rejects.jsonl: run.05.csv.gz -> run.05.rejects.jsonl).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Prompts per inference call (predictions do not depend on it).")] = 32,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=4096, help="Prompts per inference call (predictions do not depend on it; default 32; local engine).")] = None,
     chunk_rows: Annotated[int, typer.Option(min=1, max=1_000_000, help="Rows read, predicted and written at a time (bounds memory).")] = 2048,
     reserve_quantile: ReserveQOpt = None,
     margin: MarginOpt = 0.0,
-    threads: ThreadsOpt = None,
+    threads: Annotated[int | None, typer.Option(min=1, max=4096, help="ONNX Runtime threads, 1 to this machine's cores (default: one per core); with --engine ray, per worker, up to the largest node's CPUs.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT and the rejects file if they exist.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -251,6 +251,9 @@ def annotate(
 
         if levels is not None:
             raise typer.BadParameter("not yet with --engine ray; use --engine local", param_hint="--quantiles")
+        if batch_size is not None:  # was: ignored
+            raise typer.BadParameter("only with --engine local (Ray workers predict a chunk at a time)",
+                                     param_hint="'--batch-size'")
 
         import_ray()  # one line on how to install it, before anything else
         s = annotate_path(input, output, model, fields=fields, on_error=on_error, rejects=rejects,
@@ -262,8 +265,12 @@ def annotate(
         for option, value in (("--ray-address", ray_address), ("--num-workers", num_workers)):
             if value is not None:
                 raise typer.BadParameter("only with --engine ray", param_hint=f"'{option}'")
+        try:  # this machine's cores (with Ray, the cluster's nodes decide: plan_workers)
+            thread_count(threads)
+        except typer.BadParameter as e:
+            raise typer.BadParameter(str(e), param_hint="'--threads'") from None
         p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads,
-                           batch_size=batch_size)
+                           batch_size=batch_size or 32)
         s = annotate_file(p, input, output, fields=fields, on_error=on_error, rejects=rejects,
                           chunk_rows=chunk_rows, progress=progress and not json_out, force=force,
                           quantiles=levels or ())

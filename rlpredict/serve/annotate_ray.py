@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -88,6 +91,7 @@ class RaySummary(AnnotateSummary):
     threads_per_worker: int = 0
     files: int = 0
     skipped_csv: list[str] = field(default_factory=list)  # CSV traces in an input folder: not read
+    skipped_other: list[str] = field(default_factory=list)  # files named like logs it cannot read (.jsonl.zst)
 
 
 # ---- the bundle, shipped to the workers ---------------------------------------------------------
@@ -225,6 +229,21 @@ def plan_workers(ray: Any, num_workers: int | None, threads: int | None,
     return num_workers, threads
 
 
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` address must accept a connection (was: Ray retried for 13 minutes,
+    printing its own errors, then named another address)."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise AnnotateError(f"--ray-address {address!r}: expected HOST:PORT, 'auto' or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise AnnotateError(f"--ray-address {address}: cannot reach a Ray cluster there "
+                            f"({e.strerror or type(e).__name__}, within {timeout_s:g} s)") from None
+
+
 @contextmanager
 def ray_session(address: str | None) -> Iterator[Any]:
     """An initialised Ray: the running one, the cluster at ``address``, or a local one that is
@@ -238,7 +257,10 @@ def ray_session(address: str | None) -> Iterator[Any]:
     main = threading.current_thread() is threading.main_thread()
     signals = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, n)] if main else []
     before = {sig: signal.getsignal(sig) for sig in signals}
-    ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+    _check_reachable(address)
+    # no address: a new local Ray, as documented (was: ray.init attached to a `ray start`
+    # cluster running on this machine)
+    ray.init(address=address or "local", include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              configure_logging=True)
     for sig, handler in before.items():  # Python handlers only: with SIG_DFL, Ray's sys.exit
         if callable(handler):             # still runs the callers' finally blocks
@@ -304,10 +326,16 @@ class _File:
     kind: str  # "jsonl" or "parquet"
 
 
-def plan_files(input: Path, output: Path, skipped_csv: list[str] | None = None) -> list[_File]:
+#: Name parts of files a folder run names when it cannot read them (a `.jsonl.zst` month of logs).
+LOG_LIKE = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".log")
+
+
+def plan_files(input: Path, output: Path, skipped_csv: list[str] | None = None,
+               skipped_other: list[str] | None = None) -> list[_File]:
     """Input file -> output file of the same format; input folder -> output folder with the
     same relative names (every .jsonl[.gz]/.ndjson[.gz]/.parquet file in it, recursively; the
-    CSV traces it holds, which this engine does not read, are added to ``skipped_csv``)."""
+    CSV traces it holds, which this engine does not read, are added to ``skipped_csv``, and
+    other files named like logs (``LOG_LIKE``: another compression, say) to ``skipped_other``)."""
     def kind(p: Path) -> str:
         fmt, _ = detect_format(p)
         if fmt == "csv":
@@ -329,8 +357,10 @@ def plan_files(input: Path, output: Path, skipped_csv: list[str] | None = None) 
             continue
         try:
             fmt, _ = detect_format(p)
-        except AnnotateError:
-            continue  # other files in the folder are not inputs
+        except AnnotateError:  # other files in the folder are not inputs; log-like ones are named
+            if skipped_other is not None and any(part in p.name.lower() for part in LOG_LIKE):
+                skipped_other.append(rel.as_posix())
+            continue
         if fmt == "csv":
             if skipped_csv is not None:
                 skipped_csv.append(rel.as_posix())  # said, not silently left out
@@ -367,8 +397,8 @@ def _read_chunks(batch: Any, chunk_rows: int) -> Iterator[Any]:
                 done += rb.num_rows
             yield chunk(done + 1, 0, b"", 1.0, last=True)
             continue
-        size = max(1, src.stat().st_size)
         try:
+            size = max(1, src.stat().st_size)
             with open(src, "rb") as raw, (gzip.GzipFile(fileobj=raw) if f["in_gz"] else nullcontext(raw)) as r:
                 lines: list[bytes] = []
                 first, held = 1, 0
@@ -381,6 +411,8 @@ def _read_chunks(batch: Any, chunk_rows: int) -> Iterator[Any]:
                 yield chunk(first, len(lines), b"".join(lines), 1.0, last=True)
         except COMPRESSION_ERRORS as e:
             raise corrupt_compressed(src, e) from None
+        except OSError as e:  # Ray rebuilds an OSError with its retry advice as the file name
+            raise AnnotateError(f"{src}: cannot read ({e.strerror or e})") from None
 
 
 def annotate_path(input: str | Path, output: str | Path, model: str | Path | None = None, *,
@@ -400,7 +432,8 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     skipped_csv: list[str] = []
-    files = plan_files(src, dst, skipped_csv)
+    skipped_other: list[str] = []
+    files = plan_files(src, dst, skipped_csv, skipped_other)
     folder = src.is_dir()
     rej_path = Path(rejects) if rejects else default_rejects_path(dst) if on_error == "skip" else None
     check_rejects_name(rej_path)  # as the local engine (was: any name)
@@ -415,7 +448,10 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         raise AnnotateError(f"{rej_path}: --rejects is inside the --output folder; choose another path")
     bundle = bundle_files(model)  # a bad bundle fails before Ray starts
     summary = RaySummary(str(src), str(dst), str(rej_path) if rej_path else None, files=len(files),
-                         skipped_csv=skipped_csv)
+                         skipped_csv=skipped_csv, skipped_other=skipped_other)
+    if skipped_other and log:
+        log(f"skipped {len(skipped_other)} file(s) in {src} named like logs but not .jsonl[.gz], "
+            f".ndjson[.gz] or .parquet ({', '.join(skipped_other[:3])}{', ...' if len(skipped_other) > 3 else ''})")
     if skipped_csv and log:
         log(f"skipped {len(skipped_csv)} CSV file(s) in {src} ({', '.join(skipped_csv[:3])}"
             f"{', ...' if len(skipped_csv) > 3 else ''}): --engine ray reads JSONL and Parquet; "
@@ -428,7 +464,9 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
             log(f"ray: {workers} worker(s) x {per_worker} thread(s) on "
                 f"{int(ray.cluster_resources().get('CPU', 0))} CPUs; {len(files)} file(s)")
         here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}  # read on this node
-        items = [{"file": i, "path": str(f.src), "name": f.name, "kind": f.kind,
+        # absolute: the read tasks run in the Ray worker's folder (was: a relative path of the
+        # documented `--ray-address auto` command was not found there)
+        items = [{"file": i, "path": str(f.src.resolve()), "name": f.name, "kind": f.kind,
                   "in_gz": detect_format(f.src)[1], "out_gz": detect_format(f.dst)[1]}
                  for i, f in enumerate(files)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -450,7 +488,7 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
             rej_file = stack.enter_context(open(stack.enter_context(atomic_path(rej_path)), "wb"))
         writer = _Writers(files, root, stack)
         sizes = [f.src.stat().st_size for f in files]
-        before = [sum(sizes[:i]) for i in range(len(files))]  # bytes of the files before file i
+        before = [0, *itertools.accumulate(sizes)][:-1]  # bytes of the files before file i
         bar = stack.enter_context(_Progress(progress, sum(sizes)))
         reasons: Counter[str] = Counter()
         stale: Counter[str] = Counter()
@@ -511,6 +549,9 @@ class _Ledger:
             raise AssertionError(f"{self.files[self.current].src}: chunks missing (a bug)")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 @contextmanager
 def _unwrapped(ray: Any, it: Iterator[Any]) -> Iterator[Iterator[Any]]:
     """``it``, stopped when the caller stops (so the run ends with it), with a worker's known
@@ -526,7 +567,10 @@ def _unwrapped(ray: Any, it: Iterator[Any]) -> Iterator[Iterator[Any]]:
             raise cause from None
         if isinstance(cause, ValueError):  # Ray Data appends its retry advice to the message
             raise AnnotateError(str(cause).split("\n", 1)[0]) from None
-        raise
+        # anything else (a worker that cannot start: another environment on one node, say) is
+        # the setup's, not a bug: its last line, without Ray's traceback and colour codes
+        lines = [ln.strip() for ln in _ANSI.sub("", str(cause if cause is not None else e)).splitlines() if ln.strip()]
+        raise AnnotateError(f"a Ray worker failed: {lines[-1] if lines else type(e).__name__}") from None
     finally:
         close = getattr(it, "close", None)
         if close is not None:
@@ -541,6 +585,7 @@ class _Writers:
         self.files, self.root, self.stack = files, root, stack
         self.current = -1
         self.out: Any = None
+        self.empty = False  # the current output is a .gz that has no member yet
 
     def write(self, i: int, payload: bytes) -> None:
         while self.current < i:
@@ -549,14 +594,20 @@ class _Writers:
             return
         if self.files[i].kind == "jsonl":
             self.out.write(payload)
+            self.empty = False
         else:
             import pyarrow as pa
 
             self.out.write_table(pa.ipc.open_stream(payload).read_all())
 
-    def _next(self) -> None:
+    def _end(self) -> None:
         if self.out is not None:
+            if self.empty:  # an empty file is still gzip (was: an empty member first in every
+                self.out.write(gzip.compress(b"", compresslevel=6))  # file, which one-member readers read as all)
             self.out.close()
+
+    def _next(self) -> None:
+        self._end()
         self.current += 1
         f = self.files[self.current]
         if self.root is None:
@@ -566,8 +617,7 @@ class _Writers:
             path.parent.mkdir(parents=True, exist_ok=True)
         if f.kind == "jsonl":
             self.out = self.stack.enter_context(open(path, "wb"))  # noqa: SIM115 (the stack closes it)
-            if f.dst.name.lower().endswith(".gz"):
-                self.out.write(gzip.compress(b"", compresslevel=6))  # an empty file is still gzip
+            self.empty = f.dst.name.lower().endswith(".gz")
         else:
             import pyarrow.parquet as pq
 
@@ -577,8 +627,7 @@ class _Writers:
     def close(self) -> None:
         while self.current < len(self.files) - 1:
             self._next()
-        if self.out is not None:
-            self.out.close()
+        self._end()
 
 
 class _Progress:

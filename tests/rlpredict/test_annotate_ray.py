@@ -9,7 +9,10 @@ from __future__ import annotations
 import gzip
 import json
 import sys
+import time
+import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -94,6 +97,34 @@ def test_without_ray_one_line_how_to_install(bundle_fp32, tmp_path, monkeypatch)
     r = CliRunner().invoke(app, ["annotate", str(src), "-o", str(tmp_path / "o.jsonl"),
                                  "--model", str(bundle_fp32), "--num-workers", "2"])
     assert r.exit_code == 2 and "--engine ray" in r.output
+    r = CliRunner().invoke(app, ["annotate", str(src), "-o", str(tmp_path / "o.jsonl"),  # was: ignored
+                                 "--model", str(bundle_fp32), "--engine", "ray", "--batch-size", "8"])
+    assert r.exit_code == 2 and "only with --engine local" in r.output
+
+
+def test_an_unreachable_address_and_a_failed_worker_are_one_line():
+    """``--ray-address`` pointing nowhere: Ray retried for 13 minutes, then named another
+    address; a worker that could not start (another environment on one node) was reported as a
+    bug with Ray's traceback."""
+    from rlpredict.serve.annotate import AnnotateError
+    from rlpredict.serve.annotate_ray import _check_reachable, _unwrapped
+
+    t = time.perf_counter()
+    with pytest.raises(AnnotateError, match=r"--ray-address 127\.0\.0\.1:1: cannot reach a Ray cluster there"):
+        _check_reachable("127.0.0.1:1", timeout_s=2)
+    assert time.perf_counter() - t < 3
+    with pytest.raises(AnnotateError, match="expected HOST:PORT"):
+        _check_reachable("head:port")
+
+    class RayError(Exception):
+        pass
+
+    fake = SimpleNamespace(exceptions=SimpleNamespace(RayError=RayError))
+    err = RayError("The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker\x1b[39m\n"
+                   "Traceback (most recent call last):\n  ...\nImportError: no module named onnxruntime\n")
+    with (pytest.raises(AnnotateError, match=r"^a Ray worker failed: ImportError: no module named onnxruntime$"),
+          _unwrapped(fake, iter(()))):
+        raise err
 
 
 def test_jsonl_gz_equals_local_and_a_killed_worker_loses_no_row(ray_local, bundle_fp32, predictor, tmp_path):
@@ -110,6 +141,9 @@ def test_jsonl_gz_equals_local_and_a_killed_worker_loses_no_row(ray_local, bundl
     assert got.rows_in == got.rows_out + got.rows_rejected and got.rows_rejected > 40
     assert got.reasons == want.reasons and (got.workers, got.threads_per_worker) == (2, 1)
     assert unzip(tmp_path / "ray.jsonl.gz") == unzip(tmp_path / "local.jsonl.gz")  # row for row
+    # a reader of one gzip member gets the first chunk (was: an empty member came first)
+    first = zlib.decompressobj(wbits=31).decompress((tmp_path / "ray.jsonl.gz").read_bytes())
+    assert first and unzip(tmp_path / "local.jsonl.gz").startswith(first)
     assert (tmp_path / "ray.rejects.jsonl").read_bytes() == (tmp_path / "local.rejects.jsonl").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "in.jsonl.gz", "killed", "local.jsonl.gz", "local.rejects.jsonl", "ray.jsonl.gz", "ray.rejects.jsonl"]
@@ -127,10 +161,13 @@ def test_folder_of_jsonl_and_parquet(ray_local, bundle_fp32, predictor, tmp_path
     write_parquet(src / "c.parquet", 1500)
     (src / "notes.txt").write_text("not an input\n")
     (src / "d.csv").write_text("prompt\nhi\n")  # not read by this engine: said (was: silently left out)
+    (src / "e.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")  # another compression: said too (was: not)
     said: list[str] = []
     got = annotate_path(src, tmp_path / "out", bundle_fp32, on_error="skip", chunk_rows=CHUNK, log=said.append)
     assert got.files == 4 and got.rows_in == got.rows_out + got.rows_rejected
     assert got.skipped_csv == ["d.csv"] and any("skipped 1 CSV file(s)" in m for m in said)
+    assert got.skipped_other == ["e.jsonl.zst"] and any("skipped 1 file(s)" in m and "e.jsonl.zst" in m for m in said)
+    (src / "e.jsonl.zst").unlink()
     out = tmp_path / "out"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         OWNER_FILE, "a.jsonl", "c.parquet", "day2/b.jsonl", "empty.jsonl"]
