@@ -154,6 +154,9 @@ def run_cli(app: typer.Typer, **kwargs: Any) -> None:
     ends it quietly with exit 141, as a shell tool. Commands' own writes are caught in
     ``BoundaryGroup.invoke``; rich (tables, ``--help``) catches its own, points stdout at the
     null device and exits 1, which is told apart here by that stdout."""
+    if sys.stdout is None:  # fd 1 closed (`cmd >&-`): every print would vanish, exit 0
+        print("error: standard output is closed; nothing could be written", file=sys.stderr)
+        raise SystemExit(2)
     was_null = _stdout_is_devnull()
     try:
         app(**kwargs)

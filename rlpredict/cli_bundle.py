@@ -81,11 +81,20 @@ def export(
 def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list, list[str | None] | None, list[int]]:
     """The prompts on stdin, with ``--jsonl`` each line's generator (None: no line has one), and
     each prompt's line number (blank lines hold no prompt)."""
-    from rlpredict.records import TRACE_FIELDS, RecordError, bounded_lines, decode_line, parse_json
+    from rlpredict.records import (
+        MAX_ROW_BYTES,
+        TRACE_FIELDS,
+        RecordError,
+        bounded_lines,
+        decode_line,
+        parse_json,
+    )
     from rlpredict.serve.annotate import BadRow, generator_of, request_of
 
     if single:
-        raw = sys.stdin.buffer.read()
+        raw = sys.stdin.buffer.read(MAX_ROW_BYTES + 1)  # was: any size, held whole
+        if len(raw) > MAX_ROW_BYTES:
+            _fail(f"stdin: a prompt over the {MAX_ROW_BYTES >> 20} MiB limit")
         try:
             data = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first prompt
         except UnicodeDecodeError as e:
@@ -106,9 +115,10 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
     if not jsonl:
         return [line for _, line in lines], None, numbers
     out, gens = [], []
+    twice = frozenset(TRACE_FIELDS.request_columns())
     for i, line in lines:
         try:
-            row = parse_json(line)  # annotate's rule: "not valid JSON (...)", deep nesting included
+            row = parse_json(line, twice)  # annotate's rule: "not valid JSON (...)", deep nesting, a field twice
             if not isinstance(row, dict):
                 raise BadRow(f"expected a JSON object, got {type(row).__name__}")
             out.append(request_of(row, TRACE_FIELDS))
@@ -143,7 +153,7 @@ def predict(
     json_out: JsonOpt = False,
 ) -> None:
     """Predict the response-length bucket, point estimate and reservation of prompts."""
-    from rlpredict.serve.runtime import Predictor
+    from rlpredict.serve.runtime import Predictor, lacks_user_text
     from rlpredict.untrusted_text import is_valid_unicode
 
     if jsonl and single:
@@ -179,6 +189,9 @@ def predict(
         typer.echo(f"note: {unknown} prompt(s) without a generator: this bundle takes the served model's "
                    "name (--generator, or 'generator' or 'model' in --jsonl lines) and predicted them as 'model: unknown'",
                    err=True)
+    if no_user := sum(map(lacks_user_text, requests)):  # said, as annotate says it (was: silent)
+        typer.echo(f"note: {no_user} request(s) with no non-empty user message (only a system turn, an unknown "
+                   "role, an image alone): predicted as an empty prompt, which training never saw", err=True)
     edges = p.scheme.edges
     if json_out:
         key = "argument" if texts else "line"
@@ -288,6 +301,10 @@ def annotate(
     for name, n in s.stale_fields.items():
         err.print(f"  {n} row(s) keep {name} from an earlier annotation: this run did not write it, so it is not "
                   "this bundle's prediction (--quantiles replaces it)", highlight=False)
+    if s.rows_without_user_text:
+        err.print(f"  {s.rows_without_user_text} row(s) have no non-empty user message (a blank prompt, only a "
+                  "system turn, an unknown role, an image alone): predicted as an empty prompt, which training "
+                  "never saw", highlight=False)
     if s.rows_without_generator:
         named = " or ".join(repr(f) for f in fields.generator)
         err.print(f"  {s.rows_without_generator} row(s) have no generator (field {escape(named)}): "

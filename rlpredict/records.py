@@ -105,6 +105,11 @@ class Fields:
         """The columns annotate reads: prompt, messages, generator."""
         return (self.prompt, *self.messages, *self.generator)
 
+    def read_columns(self) -> frozenset[str]:
+        """Every column a log reader reads (a JSON row that gives one twice is refused)."""
+        return frozenset((self.prompt, *self.messages, *self.response, *self.count, *self.group,
+                          *self.generator, self.id))
+
 
 LOG_FIELDS = Fields()
 TRACE_FIELDS = Fields.trace()
@@ -518,7 +523,7 @@ def _iter_jsonl(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
                 line = decode_line(data, lineno)
                 if not line.strip():
                     continue
-                yield loc, parse_json(line)
+                yield loc, parse_json(line, LOG_FIELDS.read_columns())  # a repeated field: which is meant?
             except RecordError as e:
                 yield loc, _at(e, loc)
 

@@ -50,7 +50,7 @@ from rlpredict.records import (
 )
 from rlpredict.records import detect_format as _detect_format
 from rlpredict.serve.conformal import QUANTILE_COLUMN, column_name
-from rlpredict.serve.runtime import Predictor, Request
+from rlpredict.serve.runtime import Predictor, Request, lacks_user_text
 from rlpredict.untrusted_text import is_valid_unicode
 
 COLUMNS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
@@ -78,6 +78,7 @@ class AnnotateSummary:
     rows_rejected: int = 0
     rows_replaced: int = 0  # rows out that already had rl_* fields: their values were replaced
     rows_without_generator: int = 0  # rows out predicted as "model: unknown" by a bundle that takes one
+    rows_without_user_text: int = 0  # rows out with no non-empty user message: predicted as an empty prompt
     # rows out keeping each rl_q*_tokens field this run did not write (an earlier --quantiles run's)
     stale_fields: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -156,6 +157,7 @@ class _Run:
                  rejects: IO[str] | None, summary: AnnotateSummary, advance: Callable[[float], None],
                  file: str | None = None, quantiles: Sequence[float] = ()):
         self.path, self.predictor, self.fields, self.on_error = path, predictor, fields, on_error
+        self.read_twice = frozenset(fields.request_columns())  # refused given twice (ecoserve refuses them too)
         self.rejects, self.summary, self.advance, self.file = rejects, summary, advance, file
         self.reasons: Counter[str] = Counter()
         self.stale: Counter[str] = Counter()  # ``AnnotateSummary.stale_fields``, as counted
@@ -185,6 +187,7 @@ class _Run:
         """One array per output column (``self.columns``), for the given requests."""
         if self.wants_generator:
             self.summary.rows_without_generator += sum(g is None for g in generators)
+        self.summary.rows_without_user_text += sum(map(lacks_user_text, requests))
         a = self.predictor.predict_arrays(requests, generators, quantiles=self.quantiles or None)
         quant = [] if a.quantile_tokens is None else list(a.quantile_tokens.T)
         return [a.bucket, a.pred_tokens, a.reserve_tokens, *quant]
@@ -299,7 +302,7 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
             continue
         run.summary.rows_in += 1
         try:
-            row = parse_json(text)
+            row = parse_json(text, run.read_twice)  # a request field given twice: which is meant?
         except RecordError as e:
             run.reject("line", lineno, e.reason, text)
             continue

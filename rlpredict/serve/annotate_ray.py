@@ -132,7 +132,8 @@ class _Annotator:
 
         out: dict[str, list] = {k: [] for k in ("file", "first", "count", "last", "payload", "rejects",
                                                 "rows_in", "rows_out", "rows_rejected", "rows_replaced",
-                                                "rows_without_generator", "reasons", "stale", "progress")}
+                                                "rows_without_generator", "rows_without_user_text", "reasons",
+                                                "stale", "progress")}
         for c in batch.to_pylist():
             self._maybe_fail(c)
             summary = AnnotateSummary(c["path"], "", None)
@@ -159,6 +160,7 @@ class _Annotator:
                                ("rows_in", summary.rows_in), ("rows_out", summary.rows_out),
                                ("rows_rejected", summary.rows_rejected), ("rows_replaced", summary.rows_replaced),
                                ("rows_without_generator", summary.rows_without_generator),
+                               ("rows_without_user_text", summary.rows_without_user_text),
                                ("reasons", json.dumps(dict(run.reasons))), ("stale", json.dumps(dict(run.stale))),
                                ("progress", c["progress"])):
                 out[key].append(value)
@@ -510,6 +512,7 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
                 summary.rows_rejected += c["rows_rejected"]
                 summary.rows_replaced += c["rows_replaced"]
                 summary.rows_without_generator += c["rows_without_generator"]
+                summary.rows_without_user_text += c["rows_without_user_text"]
                 reasons.update(json.loads(c["reasons"]))
                 stale.update(json.loads(c["stale"]))
                 bar.update(summary.rows_in, before[i] + c["progress"] * sizes[i])

@@ -35,8 +35,10 @@ share one pool of ``threads - 1`` helper threads (each call's own thread is one 
 by the ``tokenizers`` library's own pool, one thread per core unless ``RAYON_NUM_THREADS`` says
 otherwise; a lone prompt (the serving path) is tokenized on the calling thread.
 
-An empty or blank prompt is predicted like any other (the CLI refuses one, training never saw
-one): check for it before calling where that matters.
+An empty or blank prompt, or a request with no non-empty user message (only a system turn, an
+unknown role, an image alone), is predicted as an empty prompt, which training never saw:
+``lacks_user_text`` tells; ``annotate`` and ``predict --jsonl`` count such rows and say so, and
+the CLI refuses a blank prompt argument.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from rlpredict.buckets import BucketScheme
-from rlpredict.inputs import InputSpec, build_text, messages_from_prompt
+from rlpredict.inputs import InputSpec, build_text, last_user_message, messages_from_prompt
 from rlpredict.records import TRACE_MESSAGES, RecordError, parse_messages
 from rlpredict.serve.bundle import Bundle, BundleError, load_bundle
 from rlpredict.untrusted_text import is_valid_unicode, library_error
@@ -149,6 +151,15 @@ class TextEncoder:
         self._unk_run = (re.compile(f"[A-Za-z0-9\U0001F300-\U0001FAFF]{{{limit + 2},}}")
                          if self._cut_anywhere and isinstance(limit, int) else None)
         self._unk_word = "a" * ((limit or 0) + 1)
+        # BERT's normalizer deletes some characters (controls, zero-width, combining marks) and
+        # makes others a space its pre-tokenizer splits at: a run of two or more of them has the
+        # ids of one (a space if the run holds whitespace); squeezed before a text is tokenized
+        # whole. Was: 8 MB of zero-width spaces took 7 s and 1 GB.
+        self._squeezable = (self._cut_anywhere and (config.get("normalizer") or {}).get("type") == "BertNormalizer"
+                            and all(t.content.isprintable() and not any(c.isspace() for c in t.content)
+                                    for t in added))  # a squeeze cannot make an added token
+        self._squeeze_re: re.Pattern[str] | None = None
+        self._blank: frozenset[str] = frozenset()
 
     def encode(self, text: str) -> list[int]:
         if len(text) <= self.window:
@@ -190,7 +201,28 @@ class TextEncoder:
                 if self._settles(enc, len(piece)):
                     return self.tokenizer.post_process(enc).ids  # truncation + special tokens
             w *= 4
+        if self._squeezable and len(short := self._squeeze(text)) < len(text):
+            return self._encode_long(short)  # the same ids (see __init__), windows on a shorter text
         return self.tokenizer.encode(text).ids
+
+    def _squeeze(self, text: str) -> str:
+        """``text`` with each run of characters BERT's normalizer deletes or makes a space cut
+        to one (a space if the run holds whitespace): the same ids."""
+        if self._squeeze_re is None:  # once, on the first text that needs it (80 ms)
+            norm = self._whole.normalizer
+            gone, blank = [], []
+            for cp in range(0x10000):
+                if 0xD800 <= cp <= 0xDFFF:
+                    continue
+                out = norm.normalize_str(chr(cp))
+                if out == "":
+                    gone.append(chr(cp))
+                elif out == " ":
+                    blank.append(chr(cp))
+            self._blank = frozenset(blank)
+            self._squeeze_re = re.compile("[" + "".join(re.escape(c) for c in gone + blank) + "]{2,}")
+        blank = self._blank
+        return self._squeeze_re.sub(lambda m: m.group()[0] if blank.isdisjoint(m.group()) else " ", text)
 
     def _piece(self, text: str, w: int) -> str | None:
         """About ``w`` characters of ``text`` on the kept side, cut at a space if the outer half
@@ -429,6 +461,7 @@ class Predictor:
                     quantiles: Sequence[float] | None = None) -> Prediction:
         """One request with all ``threads`` on it: the same result as ``predict``, lower latency."""
         self.check_quantiles(quantiles)
+        as_requests(request)  # one message is not a request, as ``predict`` says (was: predicted)
         texts = self.texts([request], [generator])
         logits = self.combine(self._run(self._lone, self.encoder.encode(texts[0]))[None], texts)
         a = self.from_logits(logits, quantiles=quantiles)
@@ -499,6 +532,19 @@ def _real(v: object) -> bool:
 
 def _whole(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def lacks_user_text(request: Request) -> bool:
+    """Whether ``request`` has no non-empty user message (a blank prompt, only a system turn, an
+    unknown role, an image alone): predicted as an empty prompt, which training never saw, so
+    ``annotate`` and ``predict`` count such requests and say so."""
+    if isinstance(request, str):
+        return not request.strip()
+    try:
+        messages = parse_messages(list(request), "messages", TRACE_MESSAGES)
+    except (RecordError, TypeError):
+        return False  # not a request at all: ``texts`` says why
+    return not last_user_message(messages).strip()
 
 
 def as_requests(requests: Request | Sequence[Request]) -> list[Request]:

@@ -265,6 +265,28 @@ def test_a_giant_word_is_not_tokenized_whole(shipped):
     assert max(seen) <= 4 * enc.window
 
 
+@PROPERTY
+@given(text=LONG_TEXT, side=st.sampled_from(["left", "right"]))
+def test_squeezed_text_gives_the_ids_of_the_whole_text(text, side):
+    enc, whole = _encoders("bert", 24, None, side)
+    assert whole.encode(enc._squeeze(text)).ids == whole.encode(text).ids
+
+
+def test_runs_of_blank_and_deleted_characters_are_not_tokenized_whole(shipped):
+    """8 MB of zero-width spaces took 7 s and 1 GB (windows of them hold no token, so the whole
+    text was tokenized); runs of characters BERT's normalizer deletes or makes a space are cut
+    to one first, the same ids."""
+    spec = shipped.input_spec
+    enc = TextEncoder(Tokenizer.from_file(str(SHIPPED / "tokenizer.json")), spec.max_length,
+                      spec.truncation_side)
+    seen: list[int] = []
+    enc.tokenizer, enc._whole = _Recorder(enc.tokenizer, seen), _Recorder(enc._whole, seen)
+    _, whole = _encoders("bert", spec.max_length, None, spec.truncation_side)
+    for text in ("\u200b" * 400_000 + " hello", "hi" + " \n\t\u3000" * 300_000 + "there", "\u0301\x00" * 300_000):
+        assert enc.encode(text) == whole.encode(text).ids
+    assert max(seen) < 400_000  # never the whole text
+
+
 def test_predict_one_on_a_megabyte_prompt_tokenizes_a_window(shipped):
     text = LONG * 100  # 3 MB
     assert len(text) >= 3_000_000

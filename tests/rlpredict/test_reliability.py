@@ -590,6 +590,15 @@ def test_annotate_counts_rows_a_generator_bundle_predicts_without_one(tmp_path):
         res = run("annotate", src, "-o", tmp_path / "o.jsonl", "-m", default_bundle_path(), "--force", *extra)
         assert res.exit_code == 0, res.output
         assert f"{without} row(s) have no generator" in " ".join(res.output.split())
+    # a request with no user text: predicted as an empty prompt, and counted (was: silently)
+    src.write_text('{"messages": [{"role": "system", "content": "Write an essay"}], "generator": "g"}\n'
+                   '{"prompt": "", "generator": "g"}\n{"prompt": "b", "generator": "g"}\n')
+    res = run("annotate", src, "-o", tmp_path / "o.jsonl", "-m", default_bundle_path(), "--force")
+    assert res.exit_code == 0 and "2 row(s) have no non-empty user message" in " ".join(res.output.split())
+    # a request field given twice is a bad row (was: the last kept; ecoserve refused the output)
+    src.write_text('{"prompt": "a long essay", "prompt": "hi"}\n')
+    res = run("annotate", src, "-o", tmp_path / "o.jsonl", "-m", default_bundle_path(), "--force")
+    assert res.exit_code == 2 and "key 'prompt' is given twice" in res.output
 
 
 def test_annotate_reads_the_generator_where_training_reads_it(tmp_path):

@@ -159,6 +159,8 @@ def test_what_is_no_request_is_refused_by_name(predictor):
     bytes failed inside; generators that are not strings were written into the model's text."""
     with pytest.raises(TypeError, match="one message is not a request"):
         predictor.predict({"role": "user", "content": "x"})
+    with pytest.raises(TypeError, match="one message is not a request"):  # was: predicted
+        predictor.predict_one({"role": "user", "content": "x"})
     for bad in (None, 123, b"hi"):
         with pytest.raises(TypeError, match="requests: expected a prompt string"):
             predictor.predict(bad)
@@ -227,6 +229,36 @@ def test_predict_cli_args_stdin_and_json(bundle_fp32, monkeypatch):
     assert res.exit_code == 0 and json.loads(res.stdout)["predictions"][0]["rl_bucket"] >= 0
     res = runner.invoke(app, ["predict", "--jsonl"], input='{"prompt": 5}\n')
     assert res.exit_code == 2 and "stdin: line 1" in res.output
+    # a request field given twice (was: the last kept, silently; ecoserve refuses such a row)
+    res = runner.invoke(app, ["predict", "--jsonl"], input='{"prompt": "a long essay", "prompt": "hi"}\n')
+    assert res.exit_code == 2 and "key 'prompt' is given twice" in res.output
+    # no user text: predicted as an empty prompt, and said (was: silently)
+    res = runner.invoke(app, ["predict", "--jsonl", "--json"],
+                        input='{"messages": [{"role": "system", "content": "Write an essay"}]}\n{"prompt": "hi"}\n')
+    assert res.exit_code == 0 and "1 request(s) with no non-empty user message" in res.stderr
+    # --single reads at most the row limit (was: any size, held whole)
+    monkeypatch.setattr("rlpredict.records.MAX_ROW_BYTES", 10)
+    res = runner.invoke(app, ["predict", "--single"], input="x" * 11)
+    assert res.exit_code == 2 and "a prompt over the 0 MiB limit" in res.output
+
+
+def test_which_requests_lack_user_text():
+    from rlpredict.serve.runtime import lacks_user_text
+
+    for r in ("", "  ", [{"role": "system", "content": "Write an essay"}], [{"role": "wizard", "content": "x"}],
+              [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:"}}]}],
+              [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": " "}]):
+        assert lacks_user_text(r), r
+    for r in ("hi", [{"role": "user", "content": "hi"}], [{"role": "user", "content": [{"type": "text", "text": "x"}]}]):
+        assert not lacks_user_text(r), r
+
+
+def test_a_closed_stdout_is_an_error(bundle_fp32):
+    """``rlpredict predict hi >&-`` printed nothing and exited 0."""
+    res = subprocess.run([sys.executable, "-m", "rlpredict.cli", "predict", "--model", str(bundle_fp32), "hi"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                         preexec_fn=lambda: os.close(1))
+    assert res.returncode == 2 and "standard output is closed" in res.stderr
 
 
 def test_predict_cli_says_when_a_generator_bundle_gets_none(monkeypatch):
