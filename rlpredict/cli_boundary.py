@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import math
 import os
 import signal
@@ -149,17 +150,36 @@ def _stdout_is_devnull() -> bool:
         return False
 
 
+class StdoutClosed(ValueError):
+    """Output was written to a standard output the command was started with closed."""
+
+
+class _ClosedStdout(io.TextIOBase):
+    """Standard output when the command was started with it closed: writing is an error."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if s:
+            raise StdoutClosed("standard output is closed; nothing could be written")
+        return 0
+
+
 def run_cli(app: typer.Typer, **kwargs: Any) -> None:
     """A CLI's entry point: ``app(**kwargs)``, except that a reader that left (``| head``)
     ends it quietly with exit 141, as a shell tool. Commands' own writes are caught in
     ``BoundaryGroup.invoke``; rich (tables, ``--help``) catches its own, points stdout at the
     null device and exits 1, which is told apart here by that stdout."""
-    if sys.stdout is None:  # fd 1 closed (`cmd >&-`): every print would vanish, exit 0
-        print("error: standard output is closed; nothing could be written", file=sys.stderr)
-        raise SystemExit(2)
+    if sys.stdout is None:  # fd 1 closed (`cmd >&-`): every print vanished, with exit 0
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # so no file opened later becomes fd 1
+        sys.stdout = _ClosedStdout()  # a command that writes results there fails, one that does not runs
     was_null = _stdout_is_devnull()
     try:
         app(**kwargs)
+    except StdoutClosed as e:  # written outside a command (--help): one line, as inside one
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except SystemExit as e:
         if e.code == 1 and not was_null and _stdout_is_devnull():
             raise SystemExit(141) from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -130,6 +130,12 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
     return out, gens if any(g is not None for g in gens) else None, numbers
 
 
+def _reads(spec: Any) -> str:
+    """Where a bundle reads the prompt, for notes."""
+    return ("any message" if spec.mode == "history" else
+            "the last user message: a blank prompt, only a system turn, an unknown role, an image alone")
+
+
 def _bucket_range(edges: tuple[float, ...], k: int) -> str:
     """Bucket ``k``'s lengths, both ends included: ``33-64`` for (32, 64] (was ``32-64``, which
     read as if 32 were in it), ``1025+`` for the last."""
@@ -189,9 +195,9 @@ def predict(
         typer.echo(f"note: {unknown} prompt(s) without a generator: this bundle takes the served model's "
                    "name (--generator, or 'generator' or 'model' in --jsonl lines) and predicted them as 'model: unknown'",
                    err=True)
-    if no_user := sum(map(lacks_user_text, requests)):  # said, as annotate says it (was: silent)
-        typer.echo(f"note: {no_user} request(s) with no non-empty user message (only a system turn, an unknown "
-                   "role, an image alone): predicted as an empty prompt, which training never saw", err=True)
+    if no_user := sum(lacks_user_text(r, p.input_spec) for r in requests):  # said, as annotate says it
+        typer.echo(f"note: {no_user} request(s) with no text where this bundle reads it ({_reads(p.input_spec)}): "
+                   "predicted as an empty prompt, which training never saw", err=True)
     edges = p.scheme.edges
     if json_out:
         key = "argument" if texts else "line"
@@ -269,6 +275,9 @@ def annotate(
                                      param_hint="'--batch-size'")
 
         import_ray()  # one line on how to install it, before anything else
+        from rlpredict.serve.bundle import load_bundle
+
+        spec = load_bundle(model, verify=False).input
         s = annotate_path(input, output, model, fields=fields, on_error=on_error, rejects=rejects,
                           chunk_rows=chunk_rows, num_workers=num_workers, threads=threads,
                           reserve_quantile=reserve_quantile, margin=margin, ray_address=ray_address,
@@ -284,6 +293,7 @@ def annotate(
             raise typer.BadParameter(str(e), param_hint="'--threads'") from None
         p = Predictor.load(model, reserve_quantile=reserve_quantile, margin=margin, threads=threads,
                            batch_size=batch_size or 32)
+        spec = p.input_spec
         s = annotate_file(p, input, output, fields=fields, on_error=on_error, rejects=rejects,
                           chunk_rows=chunk_rows, progress=progress and not json_out, force=force,
                           quantiles=levels or ())
@@ -302,9 +312,8 @@ def annotate(
         err.print(f"  {n} row(s) keep {name} from an earlier annotation: this run did not write it, so it is not "
                   "this bundle's prediction (--quantiles replaces it)", highlight=False)
     if s.rows_without_user_text:
-        err.print(f"  {s.rows_without_user_text} row(s) have no non-empty user message (a blank prompt, only a "
-                  "system turn, an unknown role, an image alone): predicted as an empty prompt, which training "
-                  "never saw", highlight=False)
+        err.print(f"  {s.rows_without_user_text} row(s) have no text where this bundle reads it "
+                  f"({_reads(spec)}): predicted as an empty prompt, which training never saw", highlight=False)
     if s.rows_without_generator:
         named = " or ".join(repr(f) for f in fields.generator)
         err.print(f"  {s.rows_without_generator} row(s) have no generator (field {escape(named)}): "

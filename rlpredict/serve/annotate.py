@@ -78,7 +78,7 @@ class AnnotateSummary:
     rows_rejected: int = 0
     rows_replaced: int = 0  # rows out that already had rl_* fields: their values were replaced
     rows_without_generator: int = 0  # rows out predicted as "model: unknown" by a bundle that takes one
-    rows_without_user_text: int = 0  # rows out with no non-empty user message: predicted as an empty prompt
+    rows_without_user_text: int = 0  # rows out with no text where the bundle reads it: predicted as an empty prompt
     # rows out keeping each rl_q*_tokens field this run did not write (an earlier --quantiles run's)
     stale_fields: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -187,7 +187,8 @@ class _Run:
         """One array per output column (``self.columns``), for the given requests."""
         if self.wants_generator:
             self.summary.rows_without_generator += sum(g is None for g in generators)
-        self.summary.rows_without_user_text += sum(map(lacks_user_text, requests))
+        spec = self.predictor.input_spec
+        self.summary.rows_without_user_text += sum(lacks_user_text(r, spec) for r in requests)
         a = self.predictor.predict_arrays(requests, generators, quantiles=self.quantiles or None)
         quant = [] if a.quantile_tokens is None else list(a.quantile_tokens.T)
         return [a.bucket, a.pred_tokens, a.reserve_tokens, *quant]

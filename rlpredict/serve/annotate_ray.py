@@ -234,7 +234,7 @@ def plan_workers(ray: Any, num_workers: int | None, threads: int | None,
 def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
     """A ``host:port`` address must accept a connection (was: Ray retried for 13 minutes,
     printing its own errors, then named another address)."""
-    if not address or address == "auto" or "://" in address or ":" not in address:
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
         return
     host, _, port = address.rpartition(":")
     if not port.isdigit():
@@ -259,10 +259,11 @@ def ray_session(address: str | None) -> Iterator[Any]:
     main = threading.current_thread() is threading.main_thread()
     signals = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, n)] if main else []
     before = {sig: signal.getsignal(sig) for sig in signals}
+    # no address: $RAY_ADDRESS (set by `ray job submit`), else a new local Ray, as documented
+    # (was: ray.init attached to any `ray start` cluster running on this machine)
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     _check_reachable(address)
-    # no address: a new local Ray, as documented (was: ray.init attached to a `ray start`
-    # cluster running on this machine)
-    ray.init(address=address or "local", include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+    ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              configure_logging=True)
     for sig, handler in before.items():  # Python handlers only: with SIG_DFL, Ray's sys.exit
         if callable(handler):             # still runs the callers' finally blocks
@@ -329,7 +330,7 @@ class _File:
 
 
 #: Name parts of files a folder run names when it cannot read them (a `.jsonl.zst` month of logs).
-LOG_LIKE = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".log")
+LOG_LIKE = (".jsonl", ".ndjson", ".parquet", ".csv", ".log")
 
 
 def plan_files(input: Path, output: Path, skipped_csv: list[str] | None = None,
@@ -570,10 +571,16 @@ def _unwrapped(ray: Any, it: Iterator[Any]) -> Iterator[Iterator[Any]]:
             raise cause from None
         if isinstance(cause, ValueError):  # Ray Data appends its retry advice to the message
             raise AnnotateError(str(cause).split("\n", 1)[0]) from None
-        # anything else (a worker that cannot start: another environment on one node, say) is
-        # the setup's, not a bug: its last line, without Ray's traceback and colour codes
-        lines = [ln.strip() for ln in _ANSI.sub("", str(cause if cause is not None else e)).splitlines() if ln.strip()]
-        raise AnnotateError(f"a Ray worker failed: {lines[-1] if lines else type(e).__name__}") from None
+        # a worker that cannot start (another environment on one node: a module missing, a
+        # runtime env that fails) is the setup's, not a bug: its last line, without Ray's
+        # traceback and colour codes; anything else stays a bug
+        setup = tuple(getattr(ray.exceptions, n) for n in ("ActorDiedError", "RuntimeEnvSetupError")
+                      if hasattr(ray.exceptions, n))
+        if isinstance(e, setup) or isinstance(cause, ImportError):
+            text = _ANSI.sub("", str(cause if cause is not None else e))
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            raise AnnotateError(f"a Ray worker failed: {lines[-1] if lines else type(e).__name__}") from e
+        raise
     finally:
         close = getattr(it, "close", None)
         if close is not None:

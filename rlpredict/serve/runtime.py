@@ -155,9 +155,8 @@ class TextEncoder:
         # makes others a space its pre-tokenizer splits at: a run of two or more of them has the
         # ids of one (a space if the run holds whitespace); squeezed before a text is tokenized
         # whole. Was: 8 MB of zero-width spaces took 7 s and 1 GB.
-        self._squeezable = (self._cut_anywhere and (config.get("normalizer") or {}).get("type") == "BertNormalizer"
-                            and all(t.content.isprintable() and not any(c.isspace() for c in t.content)
-                                    for t in added))  # a squeeze cannot make an added token
+        self._squeezable = self._cut_anywhere and (config.get("normalizer") or {}).get("type") == "BertNormalizer"
+        self._added = list(added)  # checked against the squeezed characters in ``_squeeze``
         self._squeeze_re: re.Pattern[str] | None = None
         self._blank: frozenset[str] = frozenset()
 
@@ -221,6 +220,12 @@ class TextEncoder:
                     blank.append(chr(cp))
             self._blank = frozenset(blank)
             self._squeeze_re = re.compile("[" + "".join(re.escape(c) for c in gone + blank) + "]{2,}")
+            # a squeeze must not make or unmake an added token: none may hold a squeezed
+            # character or match whole words only (the character beside it may change)
+            squeezed = self._blank | frozenset(gone)
+            if any(t.single_word or not squeezed.isdisjoint(t.content) for t in self._added):
+                self._squeezable = False
+                return text
         blank = self._blank
         return self._squeeze_re.sub(lambda m: m.group()[0] if blank.isdisjoint(m.group()) else " ", text)
 
@@ -534,16 +539,19 @@ def _whole(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def lacks_user_text(request: Request) -> bool:
-    """Whether ``request`` has no non-empty user message (a blank prompt, only a system turn, an
-    unknown role, an image alone): predicted as an empty prompt, which training never saw, so
-    ``annotate`` and ``predict`` count such requests and say so."""
+def lacks_user_text(request: Request, spec: InputSpec) -> bool:
+    """Whether ``request`` gives the model no text where ``spec`` reads it: a blank last user
+    message in ``last_user`` mode (a blank prompt, only a system turn, an unknown role, an image
+    alone), no text in any message in ``history`` mode. Predicted as an empty prompt, which
+    training never saw, so ``annotate`` and ``predict`` count such requests and say so."""
     if isinstance(request, str):
         return not request.strip()
     try:
         messages = parse_messages(list(request), "messages", TRACE_MESSAGES)
     except (RecordError, TypeError):
         return False  # not a request at all: ``texts`` says why
+    if spec.mode == "history":
+        return not any(m["content"].strip() for m in messages)
     return not last_user_message(messages).strip()
 
 

@@ -181,9 +181,10 @@ def check_output(cfg: TrainConfig, out_dir: str | Path, force: bool = False, *,
     if checkpoint_dir is not None and not cfg.save_checkpoints:  # was: ignored without a word
         raise OutputError(f"{checkpoint_dir}: --checkpoint-dir, but this config saves no checkpoints "
                           "(save_checkpoints = false)")
-    if cfg.precision in ("bf16", "fp16") and world_size() == 1 and not torch.cuda.is_available():
+    if cfg.precision in ("bf16", "fp16") and world_size() == 1 and not _accelerator():
         # was: refused by transformers after the data was read, naming an option users do not have
-        raise ValueError(f"precision = {cfg.precision!r} needs a CUDA GPU and none is visible: use 'auto' or 'fp32'")
+        raise ValueError(f"precision = {cfg.precision!r} needs a GPU (CUDA, MPS or XPU) and none is visible: "
+                         "use 'auto' or 'fp32'")
     ckpt = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
     # the encoder folder and a tokenizer file are inputs too (was: `--encoder runs/m1 --out
     # runs/m1 --force` replaced it, and an encoder inside the checkpoint folder was deleted)
@@ -419,6 +420,14 @@ def _encode(tok: Any, samples: Sequence[Sample], cfg: TrainConfig) -> list[dict[
     texts = [build_text(s.messages, spec, s.generator) for s in samples]
     ids = tok(texts, truncation=True, max_length=spec.max_length)["input_ids"] if texts else []
     return [{"input_ids": x, "labels": int(s.rl_tokens)} for x, s in zip(ids, samples, strict=True)]
+
+
+def _accelerator() -> bool:
+    """A device transformers runs mixed precision on: CUDA, Apple's MPS or Intel's XPU."""
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available())
+                or (xpu is not None and xpu.is_available()))
 
 
 def _precision(cfg: TrainConfig) -> str:

@@ -119,9 +119,15 @@ def test_an_unreachable_address_and_a_failed_worker_are_one_line():
     class RayError(Exception):
         pass
 
-    fake = SimpleNamespace(exceptions=SimpleNamespace(RayError=RayError))
-    err = RayError("The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker\x1b[39m\n"
-                   "Traceback (most recent call last):\n  ...\nImportError: no module named onnxruntime\n")
+    class ActorDiedError(RayError):
+        pass
+
+    fake = SimpleNamespace(exceptions=SimpleNamespace(RayError=RayError, ActorDiedError=ActorDiedError))
+    err = ActorDiedError("The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker"
+                         "\x1b[39m\nTraceback (most recent call last):\n  ...\nImportError: no module named onnxruntime\n")
+    other = RayError("a task failed")  # not the setup's: stays what it was (a bug, with its traceback)
+    with pytest.raises(RayError, match="a task failed"), _unwrapped(fake, iter(())):
+        raise other
     with (pytest.raises(AnnotateError, match=r"^a Ray worker failed: ImportError: no module named onnxruntime$"),
           _unwrapped(fake, iter(()))):
         raise err

@@ -272,6 +272,20 @@ def test_squeezed_text_gives_the_ids_of_the_whole_text(text, side):
     assert whole.encode(enc._squeeze(text)).ids == whole.encode(text).ids
 
 
+def test_no_squeeze_where_an_added_token_could_change():
+    """An added token that matches whole words only, or holds a character the squeeze removes,
+    could be made or unmade by it: such tokenizers are not squeezed (a reviewer's mismatch)."""
+    from tokenizers import AddedToken
+
+    tok = Tokenizer.from_str(_tokenizer_json("bert"))
+    tok.add_tokens([AddedToken("foo", single_word=True, normalized=False)])
+    enc = TextEncoder(tok, 24, "right")
+    whole = Tokenizer.from_str(tok.to_str())
+    whole.enable_truncation(24)
+    text = "x\u0345" + "\u200b" * 20_000 + "foo"
+    assert enc.encode(text) == whole.encode(text).ids and not enc._squeezable
+
+
 def test_runs_of_blank_and_deleted_characters_are_not_tokenized_whole(shipped):
     """8 MB of zero-width spaces took 7 s and 1 GB (windows of them hold no token, so the whole
     text was tokenized); runs of characters BERT's normalizer deletes or makes a space are cut

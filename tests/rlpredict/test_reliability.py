@@ -594,7 +594,7 @@ def test_annotate_counts_rows_a_generator_bundle_predicts_without_one(tmp_path):
     src.write_text('{"messages": [{"role": "system", "content": "Write an essay"}], "generator": "g"}\n'
                    '{"prompt": "", "generator": "g"}\n{"prompt": "b", "generator": "g"}\n')
     res = run("annotate", src, "-o", tmp_path / "o.jsonl", "-m", default_bundle_path(), "--force")
-    assert res.exit_code == 0 and "2 row(s) have no non-empty user message" in " ".join(res.output.split())
+    assert res.exit_code == 0 and "2 row(s) have no text where this bundle reads it" in " ".join(res.output.split())
     # a request field given twice is a bad row (was: the last kept; ecoserve refused the output)
     src.write_text('{"prompt": "a long essay", "prompt": "hi"}\n')
     res = run("annotate", src, "-o", tmp_path / "o.jsonl", "-m", default_bundle_path(), "--force")

@@ -234,8 +234,8 @@ def test_predict_cli_args_stdin_and_json(bundle_fp32, monkeypatch):
     assert res.exit_code == 2 and "key 'prompt' is given twice" in res.output
     # no user text: predicted as an empty prompt, and said (was: silently)
     res = runner.invoke(app, ["predict", "--jsonl", "--json"],
-                        input='{"messages": [{"role": "system", "content": "Write an essay"}]}\n{"prompt": "hi"}\n')
-    assert res.exit_code == 0 and "1 request(s) with no non-empty user message" in res.stderr
+                        input='{"messages": [{"role": "user", "content": " "}]}\n{"prompt": "hi"}\n')
+    assert res.exit_code == 0 and "1 request(s) with no text where this bundle reads it" in res.stderr
     # --single reads at most the row limit (was: any size, held whole)
     monkeypatch.setattr("rlpredict.records.MAX_ROW_BYTES", 10)
     res = runner.invoke(app, ["predict", "--single"], input="x" * 11)
@@ -243,22 +243,36 @@ def test_predict_cli_args_stdin_and_json(bundle_fp32, monkeypatch):
 
 
 def test_which_requests_lack_user_text():
+    from rlpredict.inputs import InputSpec
     from rlpredict.serve.runtime import lacks_user_text
 
-    for r in ("", "  ", [{"role": "system", "content": "Write an essay"}], [{"role": "wizard", "content": "x"}],
-              [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:"}}]}],
-              [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": " "}]):
-        assert lacks_user_text(r), r
+    last, history = InputSpec(mode="last_user"), InputSpec(mode="history")
+    system_only = [{"role": "system", "content": "Write an essay"}]
+    blank_last = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": " "}]
+    for r in ("", "  ", system_only, [{"role": "wizard", "content": "x"}], blank_last,
+              [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:"}}]}]):
+        assert lacks_user_text(r, last), r
     for r in ("hi", [{"role": "user", "content": "hi"}], [{"role": "user", "content": [{"type": "text", "text": "x"}]}]):
-        assert not lacks_user_text(r), r
+        assert not lacks_user_text(r, last), r
+    # a history-mode bundle reads every turn (was: counted as predicted from an empty prompt)
+    assert not lacks_user_text(system_only, history) and not lacks_user_text(blank_last, history)
+    assert lacks_user_text([{"role": "user", "content": " "}], history)
 
 
-def test_a_closed_stdout_is_an_error(bundle_fp32):
+def test_a_closed_stdout_is_an_error(bundle_fp32, tmp_path):
     """``rlpredict predict hi >&-`` printed nothing and exited 0."""
     res = subprocess.run([sys.executable, "-m", "rlpredict.cli", "predict", "--model", str(bundle_fp32), "hi"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
                          preexec_fn=lambda: os.close(1))
     assert res.returncode == 2 and "standard output is closed" in res.stderr
+    # a command that writes nothing there runs (annotate writes its file; its summary is on stderr)
+    src = tmp_path / "closed-stdout.jsonl"
+    src.write_text('{"prompt": "hi"}\n')
+    out = src.with_name("closed-stdout.out.jsonl")
+    res = subprocess.run([sys.executable, "-m", "rlpredict.cli", "annotate", str(src), "-o", str(out), "--model",
+                          str(bundle_fp32), "--no-progress", "--force"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))
+    assert res.returncode == 0 and out.read_text().count("rl_bucket") == 1, res.stderr
 
 
 def test_predict_cli_says_when_a_generator_bundle_gets_none(monkeypatch):
