@@ -155,7 +155,7 @@ def _short(value: Any) -> str:
 
 
 # ---- settings: one parser for every ECOSERVE_* variable -------------------------------------------
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def parse_setting(name: str, raw: str, kind: type, lo: float | None = None,
@@ -248,7 +248,7 @@ class EcoServeVllmConfig:
         values = {}
         for f in fields(cls):
             raw = env.get(_env_name(f.name))
-            if raw is not None:
+            if raw is not None and raw.strip():  # blank is unset (was: a blank boolean turned a feature off)
                 values[f.name] = parse_setting(_env_name(f.name), raw, *_LIMITS[f.name])
         return cls(**values)
 
@@ -317,14 +317,15 @@ def check_vllm_version(version: str, environ: Mapping[str, str] | None = None) -
            f"{ENV_ALLOW_UNSUPPORTED_VLLM}=1 to try anyway (it reads vLLM internals that change "
            "between releases)")
     if allow:
-        logger.warning("%s", msg)
+        logger.warning("%s", msg.split("; this is")[0] + f"; this is vLLM {version!r}, tried anyway "
+                       f"({ENV_ALLOW_UNSUPPORTED_VLLM}=1): it reads vLLM internals that change between releases")
         return False
     raise EcoServeSetupError(msg)
 
 
 VLLM_VERSION = str(getattr(vllm, "__version__", "unknown"))
 try:
-    check_vllm_version(VLLM_VERSION)
+    VLLM_SUPPORTED = check_vllm_version(VLLM_VERSION)
 except EcoServeSetupError as e:  # `python -m` runs this before its own error handling below
     if __name__ != "__main__":
         raise
@@ -332,6 +333,7 @@ except EcoServeSetupError as e:  # `python -m` runs this before its own error ha
     sys.exit(2)
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
+from vllm.v1.core.sched.interface import PauseState  # noqa: E402
 from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
@@ -581,6 +583,7 @@ class EcoServeMixin:
             "hints_used": 0,  # requests whose client hints were used
             "hints_ignored": 0,  # requests with hints while ECOSERVE_TRUST_CLIENT_HINTS is off
             "hints_invalid": 0,  # requests with a hint of the wrong type or out of range: not used
+            "hints_bucket_only": 0,  # requests whose hints hold rl_bucket alone: the predictor's used
             "default_reservations": 0,  # requests that got ECOSERVE_DEFAULT_RESERVE
             "parks": 0,  # running requests preempted for a new one that can meet its TTFT (parking)
             "amortized": 0,  # steps given the whole budget as an amortized chunk
@@ -595,6 +598,9 @@ class EcoServeMixin:
         self.turns: TurnMarkers | None = None  # the chat template's user-turn markers (_setup_prediction)
         self.predictor, self.tokenizer, self.eco_mode = self._setup_prediction()
         self._by_priority = self.policy == SchedulingPolicy.PRIORITY
+        if self._by_priority and self.eco_cfg.park:  # was: on in the ready line, and never done
+            logger.warning("EcoServe: ECOSERVE_PARK has no effect under --scheduling-policy priority "
+                           "(vLLM's priorities choose the victims)")
         self.waiting = EcoServeRequestQueue(self._order_key, self._ttft_lost, self._by_priority,
                                             self._admissions_on, lambda: self.clock())
         self.load = rules.OfferedLoad()  # predicted service seconds arriving per second (parking)
@@ -777,6 +783,10 @@ class EcoServeMixin:
             self._log_once("hints-invalid", "request %s: invalid hint ignored: %s",
                            request.request_id, why)
             return None
+        if "rl_pred_tokens" not in hints and "rl_reserve_tokens" not in hints:
+            # a bucket alone says no length (was: the default reservation, as a used hint)
+            self.eco_counters["hints_bucket_only"] += 1
+            return None
         self.eco_counters["hints_used"] += 1
         reserve = hints.get("rl_reserve_tokens", hints.get("rl_pred_tokens", self.eco_cfg.default_reserve))
         return RLPrediction(hints.get("rl_bucket", -1), hints.get("rl_pred_tokens", reserve),
@@ -896,8 +906,11 @@ class EcoServeMixin:
         # first) is not empty. The running requests' calls go straight to vLLM.
         full = self.max_num_scheduled_tokens
         budget = full if self._prefill_budget is None else self._step_budget(full)
+        # not while vLLM is paused (a request parked then is no unfinished work for a pause that
+        # waits for the in-flight ones: was, the pause ended with it half done)
         if self.eco_cfg.park and self.running and self.waiting and not self._by_priority \
-                and not getattr(self, "kv_holding_waiting", None):
+                and not getattr(self, "kv_holding_waiting", None) \
+                and getattr(self, "_pause_state", PauseState.UNPAUSED) == PauseState.UNPAUSED:
             # with this step's prompt budget (as the simulator: the budget before parking; a
             # parked request's decode token is not in the step any more)
             budget -= self._park()
@@ -947,12 +960,13 @@ class EcoServeMixin:
             return 0
         bs, pool = self._bs, self.kv_cache_manager.block_pool
         need = -(-head.num_tokens // bs)
-        parks = 0
-        while need > pool.get_num_free_blocks() - (self._keep_free if self.running else 0) \
+        parks, later = 0, 0  # later: blocks of parked requests whose free vLLM defers to the step's end
+        while need > pool.get_num_free_blocks() + later - (self._keep_free if self.running else 0) \
                 or not self._fits(head, None):
             best, best_slack = self._park_victim(now)
             if best is None:
                 break
+            held, free = len(self._req_blocks.get(best.request_id, ())), pool.get_num_free_blocks()
             self.running.remove(best)
             self.waiting.parking = (best, rules.park_due_s(now, best_slack, cfg.slo_ttft))
             try:
@@ -960,6 +974,9 @@ class EcoServeMixin:
             finally:
                 self.waiting.parking = None
             self.prev_step_scheduled_req_ids.discard(best.request_id)
+            # a KV connector under async scheduling frees a preempted request's blocks after the
+            # in-flight step: count them as freed (was: every decode with slack was parked)
+            later += max(0, held - (pool.get_num_free_blocks() - free))
             self.eco_counters["parks"] += 1
             parks += 1
         return parks
@@ -1336,7 +1353,8 @@ def preflight(environ: Mapping[str, str] | None = None) -> str:
     if mw.predictor:
         load_bundle(mw.predictor)
     middleware = f"middleware predictor {mw.predictor}" if mw.predictor else "no middleware predictor"
-    return (f"vLLM {VLLM_VERSION}: supported. {pred}. Client hints "
+    support = "supported" if VLLM_SUPPORTED else f"UNSUPPORTED (allowed by {ENV_ALLOW_UNSUPPORTED_VLLM}=1)"
+    return (f"vLLM {VLLM_VERSION}: {support}. {pred}. Client hints "
             f"{'trusted' if cfg.trust_client_hints else 'ignored'}; {middleware}. Settings: {cfg.describe()}")
 
 

@@ -158,6 +158,17 @@ def test_hints_are_off_by_default_and_cannot_jump_the_queue(monkeypatch) -> None
     trusted = make(EcoServeVllmSyncScheduler)
     assert order(trusted) == ["cheater", "early"]  # why the operator must opt in
     assert trusted.rl["cheater"].source == "extra_args"
+    # a bucket alone says no length: the predictor's (here the default) is used, and counted
+    # (was: the default reservation, counted as a used hint)
+    trusted.add_request(req("bucket", 32, 100, arrival=0.2, rl_bucket=3))
+    assert trusted.rl["bucket"].source == "default" and trusted.eco_counters["hints_bucket_only"] == 1
+
+
+def test_a_blank_setting_is_unset() -> None:
+    """Was: a blank boolean was off (``ECOSERVE_PARK=`` turned parking off, a default-on feature)."""
+    cfg = EcoServeVllmConfig.from_env({"ECOSERVE_PARK": "", "ECOSERVE_GIVE_WAY": "  ", "ECOSERVE_SLO_TBT": " "})
+    default = EcoServeVllmConfig()
+    assert (cfg.park, cfg.give_way, cfg.slo_tbt) == (default.park, default.give_way, default.slo_tbt) == (True, True, 0.2)
 
 
 class _Failing:

@@ -131,3 +131,39 @@ def test_async_kv_loads_get_no_lookahead_and_finish(cls: type) -> None:
     assert AsyncLoadConnector.loads == [("remote-a", REMOTE_TOKENS // BS, REMOTE_TOKENS)]
     assert s.eco_counters["admissions"] == 2  # the load was admitted once, its resume was not re-tested
     check_done(s)
+
+
+def test_parking_counts_the_blocks_a_connector_frees_after_the_step() -> None:
+    """With a KV connector and async scheduling vLLM frees a preempted request's blocks after
+    the step in flight: parking counted only the free blocks, so it parked every decode with
+    slack for one prompt (4 of 4 here); it now counts the deferred ones, and parks what a
+    scheduler without the connector parks (2)."""
+    import dataclasses
+
+    from test_vllm_scheduler import make
+
+    def run(s: Any) -> int:
+        s.eco_cfg = dataclasses.replace(s.eco_cfg, slo_ttft=1.0, trust_client_hints=True)
+        now = [0.0]
+        s.clock = lambda: now[0]
+        target = {f"a{i}": 60 for i in range(4)}
+        for rid in target:
+            s.add_request(req(rid, 48, 60, arrival=0.0, rl_pred_tokens=300, rl_reserve_tokens=16))
+        inflight: list = []
+        for _ in range(3000):
+            if not s.get_num_unfinished_requests() and not inflight:
+                break
+            now[0] += 0.05
+            if now[0] >= 0.3 and "b" not in target:
+                target["b"] = 20
+                s.add_request(req("b", 160, 20, arrival=0.3, rl_pred_tokens=20))
+            if s.get_num_unfinished_requests():
+                inflight.append(s.schedule())
+            if len(inflight) >= 2 or not s.get_num_unfinished_requests():
+                o = inflight.pop(0)
+                s.update_from_output(o, fake_model_output(o, s, target))
+        check_done(s)
+        return s.eco_counters["parks"]
+
+    plain, deferred = run(make(EcoServeVllmScheduler, num_blocks=24)), run(build(EcoServeVllmScheduler, num_blocks=24))
+    assert deferred == plain == 2

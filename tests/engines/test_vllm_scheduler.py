@@ -358,6 +358,30 @@ def test_a_decode_with_tbt_slack_is_parked_for_a_request_that_can_still_meet_its
     assert s.eco_counters["parks"] == 0 and not preempted and first["b"] - 0.3 > 1.0
 
 
+def test_no_parking_while_vllm_is_paused() -> None:
+    """vLLM's pause_generation(mode="wait") lets the in-flight requests finish: a request parked
+    then sat in the waiting queue, no unfinished work for the pause, which ended with it half
+    done (after a weight update it would resume on the new weights)."""
+    from vllm.v1.core.sched.interface import PauseState
+
+    s = make(EcoServeVllmSyncScheduler, num_blocks=24)
+    s.eco_cfg = dataclasses.replace(s.eco_cfg, slo_ttft=1.0, park=True)
+    now = [0.0]
+    s.clock = lambda: now[0]
+    s.add_request(req("a", 16, 300, arrival=0.0, rl_pred_tokens=300))
+    target = {"a": 300, "b": 150}
+    for _ in range(1000):
+        now[0] += 0.01
+        if now[0] >= 0.3 and "b" not in s.requests and s.pause_state == PauseState.UNPAUSED:
+            s.add_request(req("b", 160, 150, arrival=0.3, rl_pred_tokens=150))
+            s.set_pause_state(PauseState.PAUSED_NEW)
+        if s.pause_state == PauseState.PAUSED_NEW and s.get_num_unfinished_requests() == 0:
+            break
+        out = s.schedule()
+        s.update_from_output(out, fake_model_output(out, s, target))
+    assert s.eco_counters["parks"] == 0 and "a" not in s.requests  # "a" finished before the pause ended
+
+
 class _Predictor:
     def __init__(self) -> None:
         self.calls = 0
