@@ -249,16 +249,22 @@ def test_long_prompts_are_cut_before_tokenizing(shipped, mode):
     assert sum(seen) <= len(sparse) * 4 / 3 + enc.window
 
 
-def test_a_giant_word_is_not_tokenized_whole(shipped):
-    """A 60 MB prompt with no space took 5 GB: its windows never filled max_length (the word is
-    one [UNK]), so the whole text was tokenized. Such runs are now one character over
-    WordPiece's limit before tokenizing, the same ids."""
+def _recorded(shipped) -> tuple[TextEncoder, Tokenizer, list[int]]:
+    """The shipped bundle's text encoder, recording the length of every text it tokenizes; the
+    whole-text tokenizer to compare with; the recorded lengths."""
     spec = shipped.input_spec
     enc = TextEncoder(Tokenizer.from_file(str(SHIPPED / "tokenizer.json")), spec.max_length,
                       spec.truncation_side)
     seen: list[int] = []
     enc.tokenizer, enc._whole = _Recorder(enc.tokenizer, seen), _Recorder(enc._whole, seen)
-    _, whole = _encoders("bert", spec.max_length, None, spec.truncation_side)
+    return enc, _encoders("bert", spec.max_length, None, spec.truncation_side)[1], seen
+
+
+def test_a_giant_word_is_not_tokenized_whole(shipped):
+    """A 60 MB prompt with no space took 5 GB: its windows never filled max_length (the word is
+    one [UNK]), so the whole text was tokenized. Such runs are now one character over
+    WordPiece's limit before tokenizing, the same ids."""
+    enc, whole, seen = _recorded(shipped)
     for text in ("a" * 5_000_000 + " hello world", "\U0001F600" * 2_000_000, "x é" + "Z9" * 2_000_000 + "é. ok"):
         want = whole.encode(text[:2000] + text[-2000:] if text.startswith("x") else text).ids
         assert enc.encode(text) == enc.encode_batch([text])[0] == want
@@ -290,12 +296,7 @@ def test_runs_of_blank_and_deleted_characters_are_not_tokenized_whole(shipped):
     """8 MB of zero-width spaces took 7 s and 1 GB (windows of them hold no token, so the whole
     text was tokenized); runs of characters BERT's normalizer deletes or makes a space are cut
     to one first, the same ids."""
-    spec = shipped.input_spec
-    enc = TextEncoder(Tokenizer.from_file(str(SHIPPED / "tokenizer.json")), spec.max_length,
-                      spec.truncation_side)
-    seen: list[int] = []
-    enc.tokenizer, enc._whole = _Recorder(enc.tokenizer, seen), _Recorder(enc._whole, seen)
-    _, whole = _encoders("bert", spec.max_length, None, spec.truncation_side)
+    enc, whole, seen = _recorded(shipped)
     for text in ("\u200b" * 400_000 + " hello", "hi" + " \n\t\u3000" * 300_000 + "there", "\u0301\x00" * 300_000):
         assert enc.encode(text) == whole.encode(text).ids
     assert max(seen) < 400_000  # never the whole text
