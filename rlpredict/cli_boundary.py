@@ -162,7 +162,8 @@ class _ClosedStdout(io.TextIOBase):
 
     def write(self, s: str) -> int:
         if s:
-            raise StdoutClosed("standard output is closed; nothing could be written")
+            raise StdoutClosed("standard output is closed: what this command prints there is lost "
+                               "(files it writes were written as usual)")
         return 0
 
 

@@ -92,8 +92,8 @@ class MiddlewareConfig:
         env = os.environ if environ is None else environ
         names = {f.name: f"{ENV_PREFIX}{f.name.upper()}" for f in fields(cls)}
         names["trust_client_hints"] = "ECOSERVE_TRUST_CLIENT_HINTS"
-        values = {name: parse_setting(var, env[var], *_LIMITS[name])
-                  for name, var in names.items() if var in env}
+        values = {name: parse_setting(var, env[var], *_LIMITS[name])  # blank is unset, as the scheduler's
+                  for name, var in names.items() if env.get(var, "").strip()}
         if "generator" not in values and "ECOSERVE_GENERATOR" in env:  # the scheduler's, shared
             values["generator"] = parse_setting("ECOSERVE_GENERATOR", env["ECOSERVE_GENERATOR"], str, None, None)
         return cls(**values)

@@ -307,7 +307,7 @@ def check_vllm_version(version: str, environ: Mapping[str, str] | None = None) -
     (:data:`SUPPORTED_VLLM`); with ``ECOSERVE_ALLOW_UNSUPPORTED_VLLM=1`` log a warning instead.
     Returns whether the version is supported."""
     env = os.environ if environ is None else environ
-    allow = parse_setting(ENV_ALLOW_UNSUPPORTED_VLLM, env.get(ENV_ALLOW_UNSUPPORTED_VLLM, "0"), bool)
+    allow = parse_setting(ENV_ALLOW_UNSUPPORTED_VLLM, env.get(ENV_ALLOW_UNSUPPORTED_VLLM, "").strip() or "0", bool)
     m = re.match(r"(\d+)\.(\d+)(?:\D|$)", version)
     if m and f"{int(m[1])}.{int(m[2])}" in SUPPORTED_VLLM:
         return True
@@ -598,7 +598,8 @@ class EcoServeMixin:
         self.turns: TurnMarkers | None = None  # the chat template's user-turn markers (_setup_prediction)
         self.predictor, self.tokenizer, self.eco_mode = self._setup_prediction()
         self._by_priority = self.policy == SchedulingPolicy.PRIORITY
-        if self._by_priority and self.eco_cfg.park:  # was: on in the ready line, and never done
+        if self._by_priority and self.eco_cfg.park and os.environ.get("ECOSERVE_PARK", "").strip():
+            # set, and never done (was: said nowhere)
             logger.warning("EcoServe: ECOSERVE_PARK has no effect under --scheduling-policy priority "
                            "(vLLM's priorities choose the victims)")
         self.waiting = EcoServeRequestQueue(self._order_key, self._ttft_lost, self._by_priority,
@@ -966,7 +967,9 @@ class EcoServeMixin:
             best, best_slack = self._park_victim(now)
             if best is None:
                 break
-            held, free = len(self._req_blocks.get(best.request_id, ())), pool.get_num_free_blocks()
+            # its blocks no other request holds (a shared prefix block stays with the others)
+            held = sum(b.ref_cnt == 1 for b in self._req_blocks.get(best.request_id, ()))
+            free = pool.get_num_free_blocks()
             self.running.remove(best)
             self.waiting.parking = (best, rules.park_due_s(now, best_slack, cfg.slo_ttft))
             try:

@@ -231,18 +231,18 @@ def plan_workers(ray: Any, num_workers: int | None, threads: int | None,
     return num_workers, threads
 
 
-def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+def _check_reachable(address: str | None, timeout_s: float = 5.0, option: str = "--ray-address") -> None:
     """A ``host:port`` address must accept a connection (was: Ray retried for 13 minutes,
     printing its own errors, then named another address)."""
     if not address or address in ("auto", "local") or "://" in address or ":" not in address:
         return
     host, _, port = address.rpartition(":")
     if not port.isdigit():
-        raise AnnotateError(f"--ray-address {address!r}: expected HOST:PORT, 'auto' or ray://HOST:PORT")
+        raise AnnotateError(f"{option} {address!r}: expected HOST:PORT, 'auto' or ray://HOST:PORT")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as e:
-        raise AnnotateError(f"--ray-address {address}: cannot reach a Ray cluster there "
+        raise AnnotateError(f"{option} {address}: cannot reach a Ray cluster there "
                             f"({e.strerror or type(e).__name__}, within {timeout_s:g} s)") from None
 
 
@@ -261,8 +261,9 @@ def ray_session(address: str | None) -> Iterator[Any]:
     before = {sig: signal.getsignal(sig) for sig in signals}
     # no address: $RAY_ADDRESS (set by `ray job submit`), else a new local Ray, as documented
     # (was: ray.init attached to any `ray start` cluster running on this machine)
+    given = "--ray-address" if address else "$RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    _check_reachable(address)
+    _check_reachable(address, option=given)
     ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              configure_logging=True)
     for sig, handler in before.items():  # Python handlers only: with SIG_DFL, Ray's sys.exit
@@ -574,8 +575,9 @@ def _unwrapped(ray: Any, it: Iterator[Any]) -> Iterator[Iterator[Any]]:
         # a worker that cannot start (another environment on one node: a module missing, a
         # runtime env that fails) is the setup's, not a bug: its last line, without Ray's
         # traceback and colour codes; anything else stays a bug
-        setup = tuple(getattr(ray.exceptions, n) for n in ("ActorDiedError", "RuntimeEnvSetupError")
-                      if hasattr(ray.exceptions, n))
+        setup = tuple(getattr(ray.exceptions, n) for n in (
+            "ActorDiedError", "RayActorError", "RuntimeEnvSetupError", "OutOfMemoryError", "WorkerCrashedError",
+            "NodeDiedError", "ObjectLostError", "RaySystemError") if hasattr(ray.exceptions, n))
         if isinstance(e, setup) or isinstance(cause, ImportError):
             text = _ANSI.sub("", str(cause if cause is not None else e))
             lines = [ln.strip() for ln in text.splitlines() if ln.strip()]

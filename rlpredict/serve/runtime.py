@@ -207,6 +207,8 @@ class TextEncoder:
     def _squeeze(self, text: str) -> str:
         """``text`` with each run of characters BERT's normalizer deletes or makes a space cut
         to one (a space if the run holds whitespace): the same ids."""
+        if not self._squeezable:
+            return text
         if self._squeeze_re is None:  # once, on the first text that needs it (80 ms)
             norm = self._whole.normalizer
             gone, blank = [], []
@@ -218,14 +220,14 @@ class TextEncoder:
                     gone.append(chr(cp))
                 elif out == " ":
                     blank.append(chr(cp))
-            self._blank = frozenset(blank)
-            self._squeeze_re = re.compile("[" + "".join(re.escape(c) for c in gone + blank) + "]{2,}")
             # a squeeze must not make or unmake an added token: none may hold a squeezed
             # character or match whole words only (the character beside it may change)
-            squeezed = self._blank | frozenset(gone)
+            squeezed = frozenset(blank) | frozenset(gone)
             if any(t.single_word or not squeezed.isdisjoint(t.content) for t in self._added):
                 self._squeezable = False
                 return text
+            self._blank = frozenset(blank)
+            self._squeeze_re = re.compile("[" + "".join(re.escape(c) for c in gone + blank) + "]{2,}")
         blank = self._blank
         return self._squeeze_re.sub(lambda m: m.group()[0] if blank.isdisjoint(m.group()) else " ", text)
 

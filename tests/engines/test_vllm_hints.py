@@ -165,10 +165,19 @@ def test_hints_are_off_by_default_and_cannot_jump_the_queue(monkeypatch) -> None
 
 
 def test_a_blank_setting_is_unset() -> None:
-    """Was: a blank boolean was off (``ECOSERVE_PARK=`` turned parking off, a default-on feature)."""
+    """Was: a blank boolean was off (``ECOSERVE_PARK=`` turned parking off, a default-on feature);
+    the version check and the middleware read blank the same way."""
+    from ecoserve_sched.engines.vllm_middleware import MiddlewareConfig
+    from ecoserve_sched.engines.vllm_scheduler import check_vllm_version
+
     cfg = EcoServeVllmConfig.from_env({"ECOSERVE_PARK": "", "ECOSERVE_GIVE_WAY": "  ", "ECOSERVE_SLO_TBT": " "})
     default = EcoServeVllmConfig()
     assert (cfg.park, cfg.give_way, cfg.slo_tbt) == (default.park, default.give_way, default.slo_tbt) == (True, True, 0.2)
+    assert check_vllm_version("0.33.0", {"ECOSERVE_ALLOW_UNSUPPORTED_VLLM": ""})
+    with pytest.raises(EcoServeSetupError, match="supports vLLM"):
+        check_vllm_version("0.35.1", {"ECOSERVE_ALLOW_UNSUPPORTED_VLLM": " "})
+    assert MiddlewareConfig.from_env({"ECOSERVE_TRUST_CLIENT_HINTS": "", "ECOSERVE_MIDDLEWARE_THREADS": ""}) \
+        == MiddlewareConfig()
 
 
 class _Failing:
