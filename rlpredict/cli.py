@@ -123,6 +123,9 @@ def train(
         if empty:
             err.print(f"  [yellow]warning[/yellow] no training response falls in bucket(s) {empty}: "
                       "the model cannot learn to predict them", highlight=False)
+        if cfg.include_generator and (unknown := sum(s.generator is None for s in prep.train)):  # was: not said
+            err.print(f"  {unknown} of {len(prep.train)} training samples name no generator ('generator' or "
+                      "'model'): include_generator trains them as 'model: unknown'", highlight=False)
     summary = run_train(cfg, out, prepared=prep, progress=main and not json_out, force=force,
                         checkpoint_dir=checkpoint_dir, resume=resume)
     if not main:

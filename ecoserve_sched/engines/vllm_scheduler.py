@@ -598,6 +598,8 @@ class EcoServeMixin:
         self.turns: TurnMarkers | None = None  # the chat template's user-turn markers (_setup_prediction)
         self.predictor, self.tokenizer, self.eco_mode = self._setup_prediction()
         self._by_priority = self.policy == SchedulingPolicy.PRIORITY
+        if idle := idle_settings(eco_cfg, os.environ, self.predictor is not None, self.generator is not None):
+            logger.warning("EcoServe: setting(s) with no effect here: %s", "; ".join(idle))
         if self._by_priority and self.eco_cfg.park and os.environ.get("ECOSERVE_PARK", "").strip():
             # set, and never done (was: said nowhere)
             logger.warning("EcoServe: ECOSERVE_PARK has no effect under --scheduling-policy priority "
@@ -1215,6 +1217,18 @@ def _check_engine_kind(cls: type, vllm_config: Any) -> None:
         f"{cls.__name__} is built on vLLM's {'AsyncScheduler' if not engine_async else 'Scheduler'}"
         f" but this engine runs with async_scheduling={engine_async}: use --scheduler-cls "
         f"{_MODULE}.{use.__name__}, or {_MODULE}.EcoServeVllmAutoScheduler (picks the right one)")
+
+
+def idle_settings(cfg: EcoServeVllmConfig, environ: Mapping[str, str], predictor: bool,
+                  takes_generator: bool) -> list[str]:
+    """The settings given in ``environ`` that this configuration never reads (said at start:
+    were taken without a word)."""
+    given = {k for k, v in environ.items() if k.startswith(ENV_PREFIX) and v.strip()}
+    why = {"ECOSERVE_STEP_S": ("with ECOSERVE_PROFILE the cost model times a step", bool(cfg.profile)),
+           "ECOSERVE_PREFILL_S_PER_TOKEN": ("with ECOSERVE_PROFILE the cost model times a prefill", bool(cfg.profile)),
+           "ECOSERVE_AMORTIZE": ("amortized chunks need ECOSERVE_PROFILE", not cfg.profile),
+           "ECOSERVE_GENERATOR": ("no predictor bundle reads a model name here", not (predictor and takes_generator))}
+    return [f"{name} ({reason})" for name, (reason, idle) in why.items() if idle and name in given]
 
 
 #: ``ECOSERVE_PROFILE=auto``: the profile of the served model on this GPU (``auto_cost_model``).

@@ -259,6 +259,10 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     if not stack:
         raise ValueError("no training-side rows the encoder did not train on: nothing to fit the stacker on "
                          "(train the encoder on a subsample, max_rows_per_source)")
+    groups = len({(s.source, s.group) for s in stack})
+    if groups < max(5, folds):  # was: scikit-learn's "Cannot have number of splits n_splits=5 ..." after the fits
+        raise ValueError(f"the stacking-fit rows hold {groups} conversation group(s); the stacker's grouped "
+                         f"cross-validation needs at least {max(5, folds)}: give more --stack-rows or more data")
     log(f"training side {len(train_side)}, encoder subsample {len(enc_train)}, test {len(test)}, "
         f"stacking-fit {len(stack)} rows")
 
@@ -271,6 +275,9 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     log(f"encoder probabilities of the stacking-fit rows ({time.perf_counter() - t0:.0f}s)")
 
     y = scheme.bucket_of(np.array([s.rl_tokens for s in stack], dtype=float))
+    if len(set(y.tolist())) < 2:
+        raise ValueError("the stacking-fit rows' responses all fall in one bucket: a stacker cannot be fitted; "
+                         "give more --stack-rows or more data")
     absent = sorted(set(range(scheme.n_buckets)) - set(y.tolist()))
     if absent:  # was: silent; the stacked model can never predict these buckets
         log(f"warning: the stacking-fit rows hold no response in bucket(s) {absent} (edges "

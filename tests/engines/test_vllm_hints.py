@@ -507,3 +507,16 @@ def test_preflight_command_reports_a_bad_version_setting_in_one_line() -> None:
     assert p.returncode == 2, p.stderr
     assert "error: ECOSERVE_ALLOW_UNSUPPORTED_VLLM='maybe': expected 1 or 0" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_settings_this_configuration_never_reads_are_named() -> None:
+    """Were taken without a word: a step time beside a profile, amortized chunks without one, a
+    generator name without a bundle that reads one."""
+    from ecoserve_sched.engines.vllm_scheduler import idle_settings
+
+    env = {"ECOSERVE_STEP_S": "0.01", "ECOSERVE_AMORTIZE": "0", "ECOSERVE_GENERATOR": "m", "ECOSERVE_PARK": "1"}
+    with_profile = EcoServeVllmConfig(profile="llama3-8b-h100-80gb")
+    assert [s.split(" ")[0] for s in idle_settings(with_profile, env, True, True)] == ["ECOSERVE_STEP_S"]
+    assert [s.split(" ")[0] for s in idle_settings(EcoServeVllmConfig(), env, False, False)] == [
+        "ECOSERVE_AMORTIZE", "ECOSERVE_GENERATOR"]
+    assert idle_settings(EcoServeVllmConfig(), {"ECOSERVE_STEP_S": " "}, False, False) == []

@@ -247,3 +247,18 @@ def test_stack_refuses_a_recipe_whose_subsample_is_not_the_encoders(bundle_fp32,
     assert not (tmp_path / "s").exists()
     report = stack_bundle(recorded, TrainConfig(data=files, **recipe), tmp_path / "s", stack_rows=60, folds=2, threads=1)
     assert report["evaluation"]["all"]
+
+
+def test_too_few_stacking_rows_are_refused_before_the_fits(bundle_fp32, tmp_path):
+    """Was: scikit-learn's "Cannot have number of splits n_splits=5 greater than the number of
+    groups" after every fit; now one line naming the option."""
+    from rlpredict.samples import SAMPLE_FILES
+    from rlpredict.train.config import TrainConfig
+    from rlpredict.train.stack import stack_bundle
+
+    cfg = TrainConfig(data=[str(p) for p in SAMPLE_FILES.values()], test_frac=0.25, max_rows_per_source=150,
+                      input_mode="history", max_length=48)
+    with pytest.raises(ValueError, match=r"conversation group\(s\); the stacker's grouped cross-validation needs "
+                                         r"at least 5: give more --stack-rows"):
+        stack_bundle(bundle_fp32, cfg, tmp_path / "s", stack_rows=3, folds=2, threads=1)
+    assert not (tmp_path / "s").exists()

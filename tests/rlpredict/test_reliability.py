@@ -563,6 +563,22 @@ def test_a_config_reads_its_paths_and_on_error_as_written(tmp_path, monkeypatch)
     assert seen == ["skip", "fail"]
 
 
+def test_train_says_how_many_samples_include_generator_trains_without_one(tmp_path, monkeypatch):
+    """Was: every row without a generator trained as 'model: unknown', without a word."""
+    def stop(*args, **kwargs):
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("rlpredict.train.trainer.train", stop)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}", "response": "word " * (i * 7 % 50 + 1),
+                                        **({"model": "m"} if i % 4 == 0 else {})}) + "\n" for i in range(40)))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = ["{data}"]\ninclude_generator = true\nbuckets = [8, 32, inf]\ntest_frac = 0.2\n')
+    res = CliRunner().invoke(app, ["train", "-c", str(cfg), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2 and "stop here" in res.output, res.output
+    assert "training samples name no generator" in " ".join(res.output.split())
+
+
 def _write(path, text):
     path.write_text(text)
     return path
