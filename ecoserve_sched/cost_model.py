@@ -84,8 +84,8 @@ class CostModel:
                                f"model.n_heads ({m['n_heads']!r})")
         fit = spec.get("fit")
         if fit is not None and not (isinstance(fit, dict) and all(
-                _number(v) or (isinstance(v, list) and all(f in FIT_FIELDS for f in v if isinstance(f, str))
-                               and all(isinstance(f, str) for f in v)) for v in fit.values())):
+                _number(v) or (isinstance(v, list) and all(isinstance(f, str) and f in FIT_FIELDS for f in v))
+                for v in fit.values())):
             raise ProfileError(f"{origin}: field 'fit' must be an object of numbers and lists of fitted "
                                f"factors (what fit_profile writes), got {fit!r}")
         e = spec["efficiency"]
@@ -105,7 +105,7 @@ class CostModel:
         self.name: str = name
         self.path: str | None = None  # the file it was loaded from (None: shipped, or built)
         self.gpu_memory_utilization: float = float(util)
-        self.fit_error: dict[str, float] | None = fit
+        self.fit_error: dict[str, Any] | None = fit
         q_dim, kv_dim = m["n_heads"] * m["head_dim"], m["n_kv_heads"] * m["head_dim"]
         h, n_layers, dt = m["hidden"], m["n_layers"], m["dtype_bytes"]
         # Linear-layer parameters touched per token (attention projections + MLP) and the LM head.
