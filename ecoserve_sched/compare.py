@@ -321,9 +321,12 @@ def capacity_text(c: dict) -> str:
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS) -> str:
     """``rows`` as a markdown table; a ``dropped`` column is added when a run dropped requests
-    (longer than the whole KV cache: the other columns count only the requests served)."""
-    if any(r.get("dropped") for r in rows) and "dropped" not in columns:
-        columns = (*columns, "dropped")
+    (longer than the whole KV cache), an ``errors`` column when a run ended requests with an
+    error (an engine fault, a prompt vllm-v0 ignores): the other columns count only the requests
+    served (was: errors were in results.json only)."""
+    for extra in ("dropped", "errors"):
+        if any(r.get(extra) for r in rows) and extra not in columns:
+            columns = (*columns, extra)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(table_cell(r.get(c, "")) for c in columns) + " |" for r in rows]

@@ -224,6 +224,10 @@ def test_a_table_says_when_requests_were_dropped(tmp_path):
     assert r.exit_code == 0, r.output
     header, _, row = (out / "table.md").read_text().strip().splitlines()[-3:]
     assert header.split("|")[-2].strip() == "dropped" and row.split("|")[-2].strip() == "1"
+    # so does one whose requests ended with an error (was: in results.json only)
+    table = compare_mod.markdown_table([{"policy": "vllm-v0", "errors": 1}, {"policy": "vllm", "errors": 0}],
+                                       ("policy",))
+    assert table.splitlines()[0] == "| policy | errors |" and table.splitlines()[2] == "| vllm-v0 | 1 |"
 
 
 def test_capacity_text_in_tables():
