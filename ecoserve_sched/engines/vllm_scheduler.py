@@ -618,7 +618,10 @@ class EcoServeMixin:
         self._next_seq = itertools.count(1)
         self._no_token: dict[str, Request] = {}  # admitted, first token not seen yet
         self._first_token: dict[str, float] = {}  # clock when the first token was seen
-        self._shared_blocks = 0  # blocks held by more than one request (prefix caching)
+        # blocks the projection counts per request less the blocks it covers in use: positive when
+        # requests share blocks (prefix caching), negative when blocks are held outside it
+        # (a KV connector's finished requests, frees vLLM defers past the step in flight)
+        self._held_offset = 0
         # streaming-input sessions between two chunks: out of the projection (they do not
         # grow), their blocks still held (``_fits`` counts them)
         self._idle_sessions: set[str] = set()
@@ -873,7 +876,7 @@ class EcoServeMixin:
         bs, g = self._bs, request.num_output_tokens
         rem = rules.reservation_tokens(self._reserve(request.request_id), g, request.max_tokens) - g
         ctx = -(-request.num_tokens // bs) * bs
-        shared = self._shared_blocks + _referenced(hit)  # its prefix hits others hold: no new KV
+        shared = self._held_offset + _referenced(hit)  # its prefix hits others hold: no new KV
         keep = self._keep_free if self.running else 0
         if self._idle_sessions:
             keep += sum(len(self._req_blocks.get(rid, ())) for rid in self._idle_sessions)
@@ -1070,8 +1073,14 @@ class EcoServeMixin:
 
     def _before_step(self) -> None:
         blocks, free = self._req_blocks, self.kv_cache_manager.block_pool.get_num_free_blocks()
-        # held blocks counted per request, less the blocks in use: what sharing saves
-        self._shared_blocks = max(0, sum(map(len, blocks.values())) - (self._usable_blocks - free))
+        # Blocks held per request, less the blocks in use: what sharing saves. Requests outside
+        # the projection hold theirs until they free them (a KV connector still sending a
+        # finished request's KV): not counted, so their blocks are taken from the cap; an idle
+        # session's are counted here and kept free by ``_fits``.
+        held = sum(map(len, blocks.values()))
+        if len(blocks) != len(self._entries):
+            held -= sum(len(blocks[rid]) for rid in blocks.keys() - self._entries.keys() - self._idle_sessions)
+        self._held_offset = held - (self._usable_blocks - free)
         if not self.running:
             return
         now = self.clock()

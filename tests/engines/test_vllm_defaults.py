@@ -258,8 +258,8 @@ def test_prefix_caching_counts_shared_blocks_once(cls: type) -> None:
             assert x + s._step == s.requests[rid].num_tokens  # the whole context, cached part included
             assert gx + s._step == 0 and base == 32
         peak = max(peak, len(s.running))
-        assert s._shared_blocks <= 10 * max(len(s.running) - 1, 0)  # only the prefix is shared
-        shared = max(shared, s._shared_blocks)
+        assert s._held_offset <= 10 * max(len(s.running) - 1, 0)  # only the prefix is shared
+        shared = max(shared, s._held_offset)
         s.update_from_output(out, fake_model_output(out, s, target))
     assert peak == 8 and shared >= 10 and not any(o.preempted_req_ids for o in outs)
     assert s.eco_counters["admissions"] == 8

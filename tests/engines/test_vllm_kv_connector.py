@@ -58,7 +58,7 @@ class AsyncLoadConnector(KVConnectorBase_V1):
         return KVConnectorMetadata()
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
-        return False, None
+        return request.request_id.startswith("send"), None  # ``send*``: KV sent after it finishes
 
     # worker side: unused here
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None: ...
@@ -167,3 +167,34 @@ def test_parking_counts_the_blocks_a_connector_frees_after_the_step() -> None:
 
     plain, deferred = run(make(EcoServeVllmScheduler, num_blocks=24)), run(build(EcoServeVllmScheduler, num_blocks=24))
     assert deferred == plain == 2
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_blocks_a_connector_holds_for_a_finished_request_are_not_admitted_into(cls: type) -> None:
+    """``send-a`` finishes, and the connector holds its 31 blocks while it sends them (100
+    steps here). ``c`` arrives then: with ``b`` its projected peak (29 + 29 blocks) fits the
+    64-block cache only if the held blocks were free. Admission counted them free and vLLM
+    preempted to make room; it now waits for the send, and nothing is preempted."""
+    s = build(cls)
+    s.add_request(req("send-a", 480, 16, arrival=0.0, rl_pred_tokens=16))
+    s.add_request(req("b", 160, 300, arrival=0.0, rl_pred_tokens=300))
+    target = {"send-a": 16, "b": 300, "c": 200}
+    sent_at, step, waited = None, 0, False
+    for step in range(2000):
+        if not s.get_num_unfinished_requests() and "send-a" not in s.requests:
+            break
+        if sent_at is None and "send-a" in s.requests and s.requests["send-a"].is_finished():
+            sent_at = step + 100
+            s.add_request(req("c", 256, 200, arrival=0.1, rl_pred_tokens=200))
+            assert held_blocks(s, "send-a") == 31
+        out = s.schedule()
+        if sent_at is not None and step < sent_at and "c" in s.requests:
+            waited |= s.requests["c"].status == RequestStatus.WAITING
+            assert s.requests["c"].status != RequestStatus.RUNNING  # held blocks are not free
+        mro = fake_model_output(out, s, target)
+        if step == sent_at:
+            mro.kv_connector_output = KVConnectorOutput(finished_sending={"send-a"})
+        s.update_from_output(out, mro)
+        assert not out.preempted_req_ids
+    assert waited and s.eco_counters["admission_waits"] > 0 and s.eco_counters["preemptions"] == 0
+    check_done(s)
