@@ -240,8 +240,11 @@ def _check_edges(edges: Sequence[float]) -> np.ndarray:
     e = np.asarray(edges, dtype=float)
     if e.size < 2:
         raise ValueError("a bucket scheme needs at least two buckets")
-    if not np.isfinite(e[:-1]).all() or np.isnan(e[-1]):
-        raise ValueError(f"bucket edges must be numbers, only the last may be infinite: {tuple(edges)}")
+    if not np.isfinite(e[:-1]).all() or not np.isposinf(e[-1]):
+        # a finite last edge left longer responses in no bucket (an IndexError or a broadcast
+        # error later, in drift and calibrate); from_spec refused it, a manifest did not
+        raise ValueError(f"bucket edges must be numbers, the last one inf (null in JSON) so that every "
+                         f"length has a bucket: {tuple(edges)}")
     if not (np.diff(e) > 0).all() or not e[0] > 0 or e[-2] > MAX_TOKENS:
         raise ValueError(f"bucket edges must be positive, at most {MAX_TOKENS} and strictly increasing: {tuple(edges)}")
     return e

@@ -18,8 +18,18 @@ from rich.markup import escape
 from rlpredict.cli_boundary import err, in_range, log_line, thread_count
 from rlpredict.json_file import dumps
 
-ModelOpt = Annotated[Path | None, typer.Option(
-    "--model", "-m", help="Bundle folder (default: $RLPREDICT_MODEL, else the shipped default bundle).")]
+
+def _bundle_folder(value: str | None) -> str | None:
+    """``--model``: a blank value (an unset ``$BUNDLE``) is refused; as a Path it was the
+    current folder."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("empty: give a bundle folder (written by `rlpredict export`)")
+    return value
+
+
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m", callback=_bundle_folder,
+    help="Bundle folder (default: $RLPREDICT_MODEL, else the shipped default bundle).")]
 ReserveQOpt = Annotated[float | None, typer.Option(
     "--reserve-quantile", callback=in_range(0, 1, low_open=True),
     help="Reserve this quantile of the predicted length distribution (widens when unsure) "

@@ -30,6 +30,9 @@ from rlpredict.serve.conformal import QuantileCalibration
 from rlpredict.serve.lexical import LexicalHead
 
 FORMAT = "rlpredict.bundle/1"
+#: Fields a bundle must give (``rlpredict export`` writes them all; defaults would change predictions).
+INPUT_FIELDS = ("mode", "max_length", "include_generator")
+BUCKET_FIELDS = ("edges", "point_tokens", "reserve_tokens", "reserve_quantile", "quantiles")
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -105,6 +108,16 @@ class Bundle:
     def name(self) -> str:
         return str(self.manifest.get("name") or self.path.name)
 
+    def check_rl_tokenizer(self) -> None:
+        """The tokenizer RL is counted in (``drift``, ``calibrate``) is there, or a BundleError
+        naming the manifest, before any data is read (was: after, naming no file)."""
+        from rlpredict.rl_tokenizers import tokenizer_path
+
+        try:
+            tokenizer_path(self.rl_tokenizer)
+        except FileNotFoundError as e:
+            raise BundleError(f"{self.path / MANIFEST}: rl_tokenizer: {e}") from None
+
 
 def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundle:
     """Read and check a bundle (``None``: the default one). Raises ``BundleError``.
@@ -132,8 +145,19 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
                           f"({rlpredict.__version__}) reads {FORMAT!r}")
     try:
         model_file, tok_file, files = _check_manifest(manifest)
-        buckets = BucketScheme.from_dict(manifest["buckets"], source="buckets")
-        spec = InputSpec.from_dict(_field(manifest, "input", dict))
+        scheme = _field(manifest, "buckets", dict)
+        for key in BUCKET_FIELDS:  # export writes them all: a default would change predictions
+            if key not in scheme:
+                raise ValueError(f"buckets: missing field {key!r}")
+        buckets = BucketScheme.from_dict(scheme, source="buckets")
+        spec_d = _field(manifest, "input", dict)
+        if unknown := sorted(set(spec_d) - {*INPUT_FIELDS, "truncation_side"}):
+            raise ValueError(f"input: unknown field(s) {', '.join(map(repr, unknown))} "
+                             f"(known: {', '.join((*INPUT_FIELDS, 'truncation_side'))})")
+        for key in INPUT_FIELDS:
+            if key not in spec_d:
+                raise ValueError(f"input: missing field {key!r}")
+        spec = InputSpec.from_dict(spec_d)
         side = manifest["input"].get("truncation_side", spec.truncation_side)
         if side != spec.truncation_side:  # derived from the mode: a different value is an edit
             raise ValueError(f"input.truncation_side: input mode {spec.mode!r} truncates on the "
@@ -196,6 +220,14 @@ def _check_manifest(m: dict) -> tuple[str, str, dict]:
         raise ValueError(f"tokenizer.pad_token_id: out of range, got {tok['pad_token_id']}")
     if model.get("num_labels") is not None and not 2 <= _field(model, "num_labels", int, "model.") <= 4096:
         raise ValueError(f"model.num_labels: expected 2 to 4096, got {model['num_labels']}")
+    for key in ("name", "created_by", "created_at"):
+        if m.get(key) is not None:
+            _field(m, key, str)
+    if model.get("precision") is not None:
+        _field(model, "precision", str, "model.")
+    for key in ("evaluation", "confusion", "training_split", "parity", "quantization"):
+        if m.get(key) is not None:
+            _field(m, key, dict)  # read by eval, drift, calibrate and stack
     files = _field(m, "files", dict)
     for name, entry in files.items():
         if Path(name).is_absolute() or ".." in Path(name).parts:

@@ -76,6 +76,7 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
     check_paths([bundle, *data], [("--out", out)], apart=[bundle])
     check_new_dir(out, force=force, option="--out")
     p = Predictor.load(bundle, threads=threads)
+    p.bundle.check_rl_tokenizer()
     samples, load = load_samples(data, on_error=on_error)  # type: ignore[arg-type]
     for line in load.lines():
         log(line)

@@ -209,6 +209,8 @@ class QuantileCalibration:
             qs = check_quantiles(d["quantiles"] if isinstance(d.get("quantiles"), list) else [None])
         except ValueError as e:
             raise ValueError(f"calibration.quantiles: {e}") from None
+        if list(qs) != d["quantiles"]:  # the offset rows follow the stored order (were read sorted)
+            raise ValueError(f"calibration.quantiles: expected increasing levels, got {d['quantiles']}")
         offsets = _finite_matrix(d.get("log_offsets"), (len(qs), n_buckets), "calibration.log_offsets")
         glob = _finite_matrix([d.get("global_log_offsets")], (1, len(qs)), "calibration.global_log_offsets")[0]
         group_n = d.get("group_n")

@@ -116,9 +116,11 @@ def drift_report(bundle: str | Path | None, data: Sequence[str | Path], *, bound
     from rlpredict.serve.runtime import Predictor
 
     p = Predictor.load(bundle, threads=threads)
+    p.bundle.check_rl_tokenizer()
     samples, load = load_samples(data, on_error=on_error)  # type: ignore[arg-type]
     if not samples:
-        raise ValueError("no samples in " + ", ".join(str(d) for d in data))
+        first = f"; first skipped: {load.examples[0]}" if load.examples else ""
+        raise ValueError("no samples in " + ", ".join(str(d) for d in data) + f" (read {load.summary()}{first})")
     attach_rl(samples, p.bundle.rl_tokenizer)
     cal = p.bundle.calibration
     qs = list(cal.quantiles) if cal is not None else []

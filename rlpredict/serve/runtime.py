@@ -306,10 +306,37 @@ class Predictor:
         width = bundle.input.max_length
         self._ones = np.ones((1, width), dtype=np.int64)
         self._zeros = np.zeros((1, width), dtype=np.int64)
+        self._check_model()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         if self._lone is not self._session and not self._same_bits(self._lone, self._session):
             self._lone = self._session  # not seen on any CPU so far; lone prompts then run 1-threaded
+
+    def _check_model(self) -> None:
+        """The model takes what the bundle feeds it and gives one float per bucket, or a
+        BundleError naming the file. Two probe runs: the tokenizer's largest id (its vocabulary
+        must fit the model's embedding) and ``input.max_length`` tokens (its positions). These
+        used to fail at the first prediction, after the data was read, or not at all: a model
+        of another width gave wrong buckets."""
+        b, model = self.bundle, self.bundle.model_path
+        known = {"input_ids", "attention_mask", "token_type_ids"}
+        if not {"input_ids", "attention_mask"} <= set(self._inputs) or not set(self._inputs) <= known:
+            raise BundleError(f"{model}: inputs {self._inputs}; a bundle's model takes input_ids and "
+                              "attention_mask (and token_type_ids)")
+        kind = self._session.get_outputs()[0].type
+        if kind not in ("tensor(float)", "tensor(float16)", "tensor(double)"):
+            raise BundleError(f"{model}: output {self._output!r} is {kind}, expected float logits")
+        top = self._tokenizer.get_vocab_size(with_added_tokens=True) - 1
+        for what, ids in ((f"the largest token id of {b.tokenizer_path.name} ({top}): is it this "
+                           "model's tokenizer?", [top, top]),
+                          (f"input.max_length = {b.input.max_length} tokens", [b.pad_token_id] * b.input.max_length)):
+            try:
+                logits = self._run(self._session, ids)
+            except Exception as e:  # onnxruntime's errors derive from Exception
+                raise BundleError(f"{model}: the model does not take {what} ({library_error(e)})") from None
+            if logits.shape != (b.buckets.n_buckets,):
+                raise BundleError(f"{model}: the model gives {logits.size} outputs per prompt, but the "
+                                  f"bundle's scheme has {b.buckets.n_buckets} buckets")
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, reserve_quantile: float | None = None,
@@ -526,7 +553,7 @@ def _session(model: Path, threads: int) -> ort.InferenceSession:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.inter_op_num_threads = 1
     opts.intra_op_num_threads = threads  # > 1: its threads spin between ops (ORT's default), for latency
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: errors reach the user as one line of ours
     try:
         return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception

@@ -118,8 +118,10 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
             attach_rl(train, meta.rl_tokenizer)
     else:
         raise ValueError(f"split must be 'test' or 'all', got {split!r}")
-    if not test:
-        raise ValueError(f"{', '.join(map(str, data))}: nothing to evaluate: the held-out side is empty")
+    if not test:  # what was read, and skipped, says why (was: the held-out side alone)
+        first = f"; first skipped: {load_report.examples[0]}" if load_report.examples else ""
+        raise ValueError(f"{', '.join(map(str, data))}: nothing to evaluate: the held-out side is empty "
+                         f"(read {load_report.summary()}{first})")
     scheme, spec = meta.buckets, meta.input
     rl = np.array([s.rl_tokens for s in test], dtype=float)
 

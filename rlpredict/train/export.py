@@ -68,7 +68,8 @@ def export_bundle(model_dir: str | Path, out: str | Path, *, int8: bool = False,
     check_paths([model_dir, *(parity_data or ())], [("--out", out)], apart=[model_dir])
     check_new_dir(out, force=force, option="--out")
     samples, read = _parity_samples(parity_data, parity_n, meta)
-    log(f"parity prompts: {len(samples)} from {_describe(parity_data)} ({read.summary()})")
+    fewer = f", of the {parity_n} asked for: the data holds no more" if len(samples) < parity_n else ""
+    log(f"parity prompts: {len(samples)} from {_describe(parity_data)}{fewer} ({read.summary()})")
 
     with output_dir(out, force=force, tool="rlpredict export") as tmp:
         manifest = _build(model_dir, tmp, meta, samples, int8=int8, atol=atol, opset=opset,
@@ -171,7 +172,7 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
                           f"(tolerance {atol:g}), argmax agreement {parity['argmax_agreement']:.4f} "
                           f"over {len(texts)} prompts; the bundle was not written")
     manifest["parity"] = parity
-    log(f"parity ok: max |logit diff| {parity['max_abs_logit_diff']:.2e}, "
+    log(f"parity ok over {len(texts)} prompts: max |logit diff| {parity['max_abs_logit_diff']:.2e}, "
         f"argmax agreement {parity['argmax_agreement']:.4f}")
 
     # 3. int8

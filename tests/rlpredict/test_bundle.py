@@ -108,3 +108,127 @@ def test_no_default_bundle_is_a_clear_error(monkeypatch):
 def test_an_empty_bundle_path_is_refused_not_read_as_the_current_folder(path):
     with pytest.raises(BundleError, match=r"bundle path is empty"):
         load_bundle(path)
+
+
+# ---- the model must take what the bundle feeds it (checked at load, not at the first prediction)
+def _swap_model(path, width, names=("input_ids", "attention_mask")):
+    """Replace ``model.onnx`` with a tiny model of ``width`` outputs and these inputs; rehashed,
+    as ``write_manifest`` would, so only the load-time check can catch it."""
+    onnx = pytest.importorskip("onnx")
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    ins = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in names]
+    w = numpy_helper.from_array(np.linspace(-1, 1, width, dtype=np.float32).reshape(1, width), "W")
+    nodes = [helper.make_node("Cast", [names[0]], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["f"], ["m"], axes=[1], keepdims=1),
+             helper.make_node("MatMul", ["m", "W"], ["logits"])]
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", width])
+    model = helper.make_model(helper.make_graph(nodes, "g", ins, [out], [w]),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path / "model.onnx")
+    _rehash(path, "model.onnx", drop_io=True)
+
+
+def _rehash(path, name, drop_io=False):
+    m = json.loads((path / "manifest.json").read_text())
+    m["files"].update(bundle_mod.file_entries(path, [name]))
+    if drop_io:
+        m["model"].pop("inputs", None)
+        m["model"].pop("output", None)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("width", [1, 5, 12])
+def test_a_model_of_another_width_is_refused_at_load(copy, width):
+    """Was: width 1 loaded and predicted bucket 0 for everything; others failed at the first
+    prediction with numpy's broadcast error, naming no file."""
+    _swap_model(copy, width)
+    with pytest.raises(BundleError, match=rf"model.onnx: the model gives {width} outputs per prompt, "
+                                          r"but the bundle's scheme has 10 buckets"):
+        Predictor.load(copy)
+
+
+def test_a_model_with_other_inputs_is_refused_at_load(copy):
+    _swap_model(copy, 10, names=("ids", "mask"))
+    with pytest.raises(BundleError, match=r"model.onnx: inputs \['ids', 'mask'\]; a bundle's model takes"):
+        Predictor.load(copy)
+
+
+def test_a_tokenizer_of_another_model_is_refused_at_load(copy):
+    """Was an 'internal error (a bug)' from ONNX Runtime's Gather at the first prediction."""
+    from rlpredict.rl_tokenizers import tokenizer_path
+
+    try:
+        other = tokenizer_path("llama3")  # 128k ids: far past the tiny model's embedding
+    except FileNotFoundError:
+        pytest.skip("the llama3 tokenizer package is not installed")
+    shutil.copy(other, copy / "tokenizer.json")
+    _rehash(copy, "tokenizer.json")
+    with pytest.raises(BundleError, match=r"model.onnx: the model does not take the largest token id "
+                                          r"of tokenizer.json \(\d+\): is it this model's tokenizer\?"):
+        Predictor.load(copy)
+
+
+def test_a_max_length_past_the_models_positions_is_refused_at_load(copy):
+    """Was: short prompts passed, the first long one was an internal error."""
+    m = json.loads((copy / "manifest.json").read_text())
+    m["input"]["max_length"] = 1024  # the tiny model has 128 positions
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"the model does not take input.max_length = 1024 tokens"):
+        Predictor.load(copy)
+
+
+# ---- fields export always writes are required: a default would change predictions silently
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda m: m["input"].pop("include_generator"), r"input: missing field 'include_generator'"),
+    (lambda m: m["input"].pop("mode"), r"input: missing field 'mode'"),
+    (lambda m: m["input"].update(max_lenght=64), r"input: unknown field\(s\) 'max_lenght'"),
+    (lambda m: m["buckets"].pop("quantiles"), r"buckets: missing field 'quantiles'"),
+    (lambda m: m["buckets"].pop("reserve_quantile"), r"buckets: missing field 'reserve_quantile'"),
+    (lambda m: m.update(buckets=None), r"buckets: expected dict"),
+    (lambda m: m["buckets"]["edges"].__setitem__(-1, 4096), r"buckets: bucket edges .* the last one inf"),
+    (lambda m: m.update(confusion="garbage"), r"confusion: expected dict"),
+    (lambda m: m.update(evaluation=5), r"evaluation: expected dict"),
+    (lambda m: m.update(name=["x"]), r"name: expected str"),
+    (lambda m: m["model"].update(precision=8), r"model.precision: expected str"),
+])
+def test_manifest_fields_are_checked_at_load(copy, edit, match):
+    """Were: defaults (a prediction changed from 37 to 51 tokens without a word), or an
+    AttributeError / broadcast error in drift and calibrate after the data was read."""
+    m = json.loads((copy / "manifest.json").read_text())
+    edit(m)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=rf"manifest.json: {match}"):
+        load_bundle(copy)
+
+
+def test_calibration_levels_out_of_order_are_refused():
+    """Were sorted while their offset rows were not: q0.5 got q0.9's offsets."""
+    from rlpredict.serve.conformal import FORMAT, QuantileCalibration
+
+    d = {"format": FORMAT, "quantiles": [0.9, 0.5], "log_offsets": [[0.2] * 3, [0.1] * 3],
+         "global_log_offsets": [0.2, 0.1], "group_n": [0, 0, 0]}
+    with pytest.raises(ValueError, match=r"calibration.quantiles: expected increasing levels"):
+        QuantileCalibration.from_dict(d, 3)
+    d.update(quantiles=[0.5, 0.9], log_offsets=[[0.1] * 3, [0.2] * 3], global_log_offsets=[0.1, 0.2])
+    assert QuantileCalibration.from_dict(d, 3).quantiles == (0.5, 0.9)
+
+
+def test_blank_model_option_is_refused_not_read_as_the_current_folder(bundle_fp32, monkeypatch):
+    from typer.testing import CliRunner
+
+    from rlpredict.cli import app
+
+    monkeypatch.chdir(bundle_fp32)  # a bundle in the current folder: "" used to load it
+    res = CliRunner().invoke(app, ["predict", "-m", "", "hello"])
+    assert res.exit_code == 2 and "empty: give a bundle folder" in res.output
+
+
+def test_an_unknown_rl_tokenizer_is_named_before_the_data_is_read(copy, tmp_path):
+    from rlpredict.serve.drift import drift_report
+
+    _edit_manifest(copy, rl_tokenizer="nosuch")
+    with pytest.raises(BundleError, match=r"manifest.json: rl_tokenizer: RL tokenizer 'nosuch'"):
+        drift_report(copy, [tmp_path / "not-read.jsonl"])
