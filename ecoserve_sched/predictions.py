@@ -24,7 +24,6 @@ SOURCES = ("annotated", "confusion", "oracle", "bundle")
 #: A run's ``predictions`` when its policy reads none (``prediction_override = "none"``).
 NO_PREDICTIONS = "none (the policy reads no predictions)"
 CONFUSION_FORMAT = "rlpredict.confusion/1"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EDGES = (32, 64, 128, 192, 256, 384, 512, 768, 1024, math.inf)
 
 
@@ -113,17 +112,31 @@ def _numbers(value: object, name: str, null_ok: bool = False) -> None:
             raise ValueError(f"field {name!r} must hold numbers{' (null last)' if null_ok else ''}, got {v!r}"[:200])
 
 
-def default_confusion_path(root: Path = REPO_ROOT) -> Path:
-    """The shipped default bundle's confusion matrix: the first ``models/*/manifest.json``
-    with a "confusion" key."""
-    for manifest in sorted((root / "models").glob("*/manifest.json")):
+def default_confusion_path(root: Path | None = None) -> Path:
+    """The default predictor bundle's confusion matrix: its ``manifest.json``, if it has a
+    "confusion" key. The bundle is ``rlpredict``'s default (``$RLPREDICT_MODEL``, the checkout's
+    ``models/rl-minilm-l6-llama3``, or the copy a wheel installs; was: the checkout's alone, so
+    an installed package found none); with ``root``, the first ``root/models/*/manifest.json``."""
+    if root is None:
+        from rlpredict.serve.bundle import MANIFEST, BundleError, default_bundle_path
+
+        try:
+            candidates = [default_bundle_path() / MANIFEST]
+        except BundleError as e:
+            raise FileNotFoundError(f"{e}; or pass --confusion FILE (a confusion.json from "
+                                    "`rlpredict eval`, or a bundle)") from None
+        where = f"the default bundle, {candidates[0].parent}"
+    else:
+        candidates = sorted((root / "models").glob("*/manifest.json"))
+        where = f"{root / 'models'}"
+    for manifest in candidates:
         try:
             if "confusion" in json.loads(manifest.read_text(encoding="utf-8")):
                 return manifest
         except (OSError, json.JSONDecodeError):
             continue
     raise FileNotFoundError(
-        f"no default predictor bundle with a confusion matrix under {root / 'models'}; "
+        f"no confusion matrix in {where}; "
         "pass --confusion FILE (a confusion.json from `rlpredict eval`, or a bundle)")
 
 

@@ -47,6 +47,28 @@ DEBUG_ENV = "RLPREDICT_DEBUG"
 KNOWN_ERRORS: list[type[BaseException]] = [ValueError, OSError, EOFError, zlib.error, MemoryError]
 
 
+#: Optional modules -> the extra of ``rlpredict-ecoserve`` that installs them: a command that
+#: needs a missing one says which to install (exit 2; was "internal error (a bug)").
+OPTIONAL_MODULES = {
+    **dict.fromkeys(("torch", "transformers", "peft", "accelerate", "datasets", "sklearn", "threadpoolctl",
+                     "scipy", "onnx", "yaml", "tomli"), "train"),
+    "pyarrow": "parquet", "matplotlib": "plot", "ray": "ray",
+}
+
+
+def missing_module(e: BaseException) -> str | None:
+    """The line for an optional module that is not installed (None: not one of ours to name)."""
+    if not isinstance(e, ModuleNotFoundError) or not e.name:
+        return None
+    top = e.name.split(".")[0]
+    if top == "vllm":
+        return "vLLM is not installed (tested with vllm 0.33.0; how to install it: docs/engines.md)"
+    if top in OPTIONAL_MODULES:
+        extra = OPTIONAL_MODULES[top]
+        return f"this needs {top}, which is not installed: pip install 'rlpredict-ecoserve[{extra}]'"
+    return None
+
+
 def register_known(*types: type[BaseException]) -> None:
     """Add exception types that the boundary reports as user errors (exit 2)."""
     KNOWN_ERRORS.extend(t for t in types if t not in KNOWN_ERRORS)
@@ -115,6 +137,8 @@ def failure(e: BaseException, debug_hint: str,
         return 130, interrupted
     if isinstance(e, tuple(KNOWN_ERRORS)):
         return 2, f"error: {describe(e)}"
+    if missing := missing_module(e):
+        return 2, f"error: {missing}"
     return 1, (f"internal error (a bug): {type(e).__name__}: {describe(e)}; rerun with {debug_hint} "
                "for the traceback and report it")
 

@@ -654,8 +654,9 @@ def _iter_datasets_dir(p: Path) -> Iterator[tuple[str, Any]]:
 
     try:
         ds = datasets.load_from_disk(str(p))
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise RecordError(str(p), f"not a readable saved datasets folder ({_first_line(e)})") from None
+    except (FileNotFoundError, ValueError, OSError, KeyError, TypeError) as e:  # KeyError: a state.json
+        # without the fields datasets writes
+        raise RecordError(str(p), f"not a readable saved datasets folder ({_first_line(e) or type(e).__name__})") from None
     splits = ds.items() if isinstance(ds, datasets.DatasetDict) else [("", ds)]
     for split, d in splits:
         tag = f"[{split}]" if split else ""

@@ -103,7 +103,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import vllm
+try:
+    import vllm
+except ModuleNotFoundError as e:  # the set-up check (``python -m``) says it in one line
+    if __name__ != "__main__" or e.name != "vllm":
+        raise
+    print("error: vLLM is not installed (tested with vllm 0.33.0; how to install it: docs/engines.md)",
+          file=sys.stderr)
+    sys.exit(2)
 
 from ..cost_model import prefill_ctx_tokens
 from ..policies import ecoserve_rules as rules

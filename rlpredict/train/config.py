@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI ([train] installs it)
+    import tomli as tomllib
 
 from rlpredict.inputs import InputSpec
 from rlpredict.outputs import repeated_input

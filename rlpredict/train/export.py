@@ -59,6 +59,9 @@ def export_bundle(model_dir: str | Path, out: str | Path, *, int8: bool = False,
 
     Returns the manifest. Raises ``ExportError`` (nothing written) when parity fails.
     """
+    import onnx  # noqa: F401  # torch's exporter needs it (without, it failed after the model loaded)
+    import torch  # noqa: F401
+
     model_dir, out = Path(model_dir), Path(out)
     atol = PARITY_ATOL if atol is None else atol
     meta = ModelMeta.load(model_dir)

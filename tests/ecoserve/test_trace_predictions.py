@@ -219,6 +219,17 @@ def test_default_confusion_path_searches_models_dir(tmp_path):
     assert default_confusion_path(tmp_path).name == "manifest.json"
 
 
+def test_default_confusion_path_is_the_default_bundles(tmp_path, monkeypatch):
+    """Was: the checkout's models/ alone, so an installed wheel (whose default bundle is
+    packaged in rlpredict/_default_model) had no default matrix."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"confusion": {}}))
+    monkeypatch.setenv("RLPREDICT_MODEL", str(tmp_path))
+    assert default_confusion_path() == tmp_path / "manifest.json"
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "no matrix"}))
+    with pytest.raises(FileNotFoundError, match=r"no confusion matrix in the default bundle.*--confusion"):
+        default_confusion_path()
+
+
 def _lengths_trace(tmp_path, outs):
     body = "".join(f"{i * 0.1},10,{o}\n" for i, o in enumerate(outs))
     return read_trace(write(tmp_path, "t.csv", "arrival_time_s,input_tokens,output_tokens\n" + body))

@@ -1,0 +1,50 @@
+"""A command that needs an optional dependency the install lacks says which extra to install
+(exit 2), as the base install or one extra alone would meet it; it was "internal error (a bug)"."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlpredict.cli_boundary import failure
+
+SAMPLE = str(Path(__file__).resolve().parents[2] / "ecoserve_sched" / "samples" / "azure_conv_sharegpt.jsonl.gz")
+
+
+@pytest.mark.parametrize(("name", "extra"), [("torch", "train"), ("sklearn", "train"), ("onnx", "train"),
+                                             ("pyarrow.parquet", "parquet"), ("matplotlib", "plot"),
+                                             ("ray", "ray")])
+def test_a_missing_optional_module_names_its_extra(name, extra):
+    code, line = failure(ModuleNotFoundError(f"No module named {name!r}", name=name), "--debug")
+    assert code == 2 and line == (f"error: this needs {name.split('.')[0]}, which is not installed: "
+                                  f"pip install 'rlpredict-ecoserve[{extra}]'")
+
+
+def test_a_missing_module_of_our_own_is_still_a_bug():
+    code, line = failure(ModuleNotFoundError("No module named 'rlpredict.gone'", name="rlpredict.gone"), "--debug")
+    assert code == 1 and line.startswith("internal error (a bug)")
+
+
+def _run_without(module: str, cli: str, args: list[str]) -> subprocess.CompletedProcess:
+    code = (f"import sys; sys.modules[{module!r}] = None\n"  # as if not installed
+            f"from {cli} import main; sys.argv = ['x', *{args!r}]; main()")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_train_without_torch(tmp_path):
+    data = tmp_path / "logs.jsonl"
+    data.write_text('{"prompt": "hi", "response": "hello"}\n')
+    r = _run_without("torch", "rlpredict.cli", ["train", "--data", str(data), "--out", str(tmp_path / "out")])
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("error: this needs torch, which is not installed: "
+                                                 "pip install 'rlpredict-ecoserve[train]'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_real_vllm_policy_without_vllm(tmp_path):
+    r = _run_without("vllm", "ecoserve_sched.cli", ["simulate", "--trace", SAMPLE, "--policy", "vllm-real"])
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: vLLM is not installed")
