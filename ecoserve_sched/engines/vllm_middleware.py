@@ -273,7 +273,9 @@ class EcoServePredictMiddleware:
                 await self._refuse(send, 413, f"request body over {self.cfg.max_body_bytes} bytes "
                                    "(ECOSERVE_MIDDLEWARE_MAX_BODY_BYTES)")
                 return
-            await self.app(scope, _replay(chunks, more, receive), send)
+            replay = _replay(chunks, more, receive)
+            del chunks, chunk, message
+            await self.app(scope, replay, send)
             return
         body, path = b"".join(chunks), _route(scope)
         predict = self.predictor is not None and path in PREDICT_PATHS
@@ -306,7 +308,11 @@ class EcoServePredictMiddleware:
             scope = dict(scope, headers=[(k, str(len(result.body)).encode() if k == b"content-length" else v)
                                          for k, v in scope.get("headers") or ()])
             body = result.body
-        await self.app(scope, _replay([body], False, receive), send)
+        replay = _replay([body], False, receive)
+        # the app holds the body until it has read it; this frame must not while the response
+        # streams (was: one to two copies per open request, for the whole generation)
+        del chunks, chunk, message, body, result
+        await self.app(scope, replay, send)
 
     def rewrite(self, body: bytes, path: str | None, predict: bool, served: str | None = None) -> Rewrite:
         """The body with client hints removed and, if ``predict``, predicted ones set (the
@@ -486,6 +492,7 @@ def _replay(chunks: list[bytes], more: bool, receive: Receive, last: Message | N
     """A ``receive`` that yields the body read so far (one message), then ``last`` if given, then
     defers to ``receive`` (the rest of a streamed body, or the client's disconnect)."""
     queue: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": more}]
+    chunks.clear()  # joined: the pieces are not held while the response streams
     if last is not None:
         queue.append(last)
 

@@ -353,6 +353,52 @@ def test_predictions_run_off_the_event_loop() -> None:
     assert mw.counters["predicted"] == 4
 
 
+class Forgetful:
+    """A predictor that keeps nothing it is given."""
+
+    def predict(self, requests: list[Any], generators: Any = None) -> list[Any]:
+        return [SimpleNamespace(bucket=3, pred_tokens=150, reserve_tokens=185)]
+
+
+@pytest.mark.parametrize("predictor", [Forgetful(), None])
+@pytest.mark.parametrize("pieces", [1, 60])
+def test_the_body_is_not_held_while_the_response_streams(predictor: Any, pieces: int) -> None:
+    """The app has read the body and streams its response: the middleware holds no copy of it
+    (was: one, the chunks or the rewritten body, per open request for the whole generation)."""
+    import gc
+    import tracemalloc
+
+    held: list[int] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await asyncio.sleep(0)  # the response streams from here: the task waits for tokens
+        gc.collect()
+        held.append(tracemalloc.get_traced_memory()[0])
+
+    mw = EcoServePredictMiddleware(app, MiddlewareConfig(), predictor=predictor)
+    raw = json.dumps(chat("y " * 1_500_000)).encode()
+    step = -(-len(raw) // pieces)
+    queue = [{"type": "http.request", "body": raw[k:k + step], "more_body": k + step < len(raw)}
+             for k in range(0, len(raw), step)]
+    size = len(raw)
+    del raw
+
+    async def receive() -> dict:
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        asyncio.run(mw({"type": "http", "method": "POST", "path": CHAT,
+                        "headers": [(b"content-type", b"application/json")]}, receive, None))  # type: ignore[arg-type]
+    finally:
+        tracemalloc.stop()
+    assert held and held[0] - base < 0.2 * size, (held[0] - base) / size
+
+
 # ---- settings --------------------------------------------------------------------------------------
 def test_settings_from_env_and_errors_name_the_variable() -> None:
     env = {"ECOSERVE_MIDDLEWARE_PREDICTOR": "default", "ECOSERVE_MIDDLEWARE_THREADS": "3",

@@ -355,3 +355,37 @@ def test_no_more_threads_than_cores(threads):
     used, started = map(int, res.stdout.split())
     assert used == min(threads, usable_cores())
     assert started <= 2 * (used - 1)
+
+
+def test_a_long_text_is_tokenized_with_the_gil_released(shipped):
+    """A long word of a non-ASCII letter is tokenized whole (no window settles, no squeeze): the
+    single-text call held the GIL all along, and a reviewer's 3.8 MB one stopped the API
+    server's event loop for 4 s around the middleware. Another thread now runs meanwhile."""
+    import threading
+    import time
+
+    enc = TextEncoder(Tokenizer.from_file(str(SHIPPED / "tokenizer.json")), shipped.input_spec.max_length,
+                      shipped.input_spec.truncation_side)
+    text = "\u00e9" * 1_000_000
+    stamps: list[float] = []
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.is_set():
+            time.sleep(0.001)
+            stamps.append(time.perf_counter())
+
+    t = threading.Thread(target=tick)
+    t.start()
+    time.sleep(0.01)
+    t0 = time.perf_counter()
+    ids = enc.encode(text)
+    t1 = time.perf_counter()
+    done.set()
+    t.join()
+    inside = [t0, *(s for s in stamps if t0 < s < t1), t1]
+    longest = max(b - a for a, b in itertools.pairwise(inside))
+    whole = Tokenizer.from_file(str(SHIPPED / "tokenizer.json"))
+    whole.enable_truncation(shipped.input_spec.max_length)
+    assert ids == whole.encode(text).ids
+    assert longest < max(0.5 * (t1 - t0), 0.05), (longest, t1 - t0)  # held: one gap, the whole call
