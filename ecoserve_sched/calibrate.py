@@ -114,7 +114,7 @@ def check_setup(device: str, dtype: str | None = None) -> None:
         import transformers  # noqa: F401
     except ImportError as e:
         raise CalibrationError(f"calibration needs the [engines] extra (torch, transformers, scipy): "
-                               f"{e}; pip install 'rlpredict-ecoserve[engines]'") from None
+                               f"{e}; in a checkout: pip install -c constraints.txt -e '.[engines]'") from None
     if device == "cpu":
         return
     if not torch.cuda.is_available():

@@ -248,8 +248,14 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
     than the whole KV cache, dropped at every load (misses for the criterion)."""
     if not 0 < target <= 1:
         raise ValueError(f"target attainment must be in (0, 1], got {target}")
-    if not 0 <= lo < hi or not np.isfinite(hi) or max_runs < 1:
-        raise ValueError(f"need 0 <= lo < hi (finite) and max_runs >= 1, got {lo}, {hi}, {max_runs}")
+    if not 0 <= lo < hi or not np.isfinite(hi) or isinstance(max_runs, bool) \
+            or not isinstance(max_runs, int | np.integer) or max_runs < 1:
+        raise ValueError(f"need 0 <= lo < hi (finite) and max_runs a whole number >= 1, got {lo}, {hi}, {max_runs}")
+    if not (np.isfinite(rel_tol) and rel_tol > 0):
+        raise ValueError(f"rel_tol must be a finite number > 0, got {rel_tol}")
+    for name, bound in (("max_normalized_latency", max_normalized_latency), ("max_p99_tbt", max_p99_tbt)):
+        if bound is not None and not (np.isfinite(bound) and bound > 0):  # was: every load failed
+            raise ValueError(f"{name} must be a finite number > 0 (seconds), got {bound}")
     probes: list[dict] = []
     seen: dict[str, Any] = {}
     passing: list[float] = []
@@ -352,7 +358,7 @@ def table_cell(v: Any, digits: int = 3) -> str:
 
 
 #: What ``ecoserve compare`` and ``ecoserve demo`` say when they write no plots.
-NO_PLOTS = "matplotlib is not installed: no plots (pip install 'rlpredict-ecoserve[plot]' adds them)"
+NO_PLOTS = "matplotlib is not installed: no plots (the [plot] extra adds them: pip install -e '.[plot]' in a checkout)"
 
 
 def can_plot() -> bool:

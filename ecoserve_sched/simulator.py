@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from heapq import heappop, heappush
 from operator import attrgetter
+from pathlib import Path
 from time import perf_counter
 from typing import Any
 
@@ -171,7 +172,7 @@ class CostModelExecutor(Executor):
         if self.check:
             sched.kv.check()
             assert sched.kv.free_blocks == sched.kv.num_blocks and not sched.kv.allocs, "blocks leaked"
-        res.stall_gaps = sched.stall_gaps
+        res.stall_gaps = list(sched.stall_gaps)
         res.counters = {**sched.counters, "loans": sched.kv.loans}
         res.sched_s = self.sched_s
         res.prefill_iterations = self.prefill_iterations
@@ -198,6 +199,10 @@ def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
     ``timing`` (a cost model) times the iterations instead of the policy's own ``cost``, which
     the policy still plans with: a replay of a real run whose planner used one profile, timed
     by another (swap times stay the policy's)."""
+    if sched.step or sched.stall_gaps:  # its counters and log would run on (and change the
+        # first run's result, which shares its stall gaps)
+        raise ValueError(f"simulate: this {sched.name} scheduler has run before; build a new one "
+                         "(get_policy) for each simulation")
     reqs = sorted(requests, key=attrgetter("arrival_s", "rid"))
     if check_requests:  # False only for requests ``run`` made from a checked Trace (about 1 us each)
         check_servable(reqs)
@@ -229,6 +234,16 @@ def run(trace: Trace, policy: str, cost: Any, *, slo: SLO | None = None,
         faults: Faults | Iterable[int] | None = None, **policy_kw: Any) -> SimResult:
     """Build requests from ``trace``, attach predictions, build ``policy`` and simulate
     (``faults``: injected failing iterations, see ``simulate``)."""
+    if not isinstance(trace, Trace):
+        raise TypeError(f"run: trace must be a Trace (read_trace(path)), got {type(trace).__name__}")
+    if not isinstance(policy, str):
+        raise TypeError(f"run: policy must be a policy name (`ecoserve policies`), got {type(policy).__name__}")
+    if cost is None or isinstance(cost, str | Path):
+        raise TypeError(f"run: cost must be a cost model (load_profile({str(cost)!r})), got {type(cost).__name__}")
+    if slo is not None and not isinstance(slo, SLO):
+        raise TypeError(f"run: slo must be an SLO(ttft_s, tbt_s), got {type(slo).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"run: seed must be a whole number >= 0, got {seed!r}")
     slo = slo or SLO()
     if policy.endswith("vllm-real"):  # vLLM's own scheduler class (engines/vllm_sim.py)
         from .engines.vllm_sim import run_real

@@ -80,6 +80,12 @@ class TraceFormat:
         return f"{self.columns[key]} (read as {key})" if key in self.columns else key
 
 
+#: The latest arrival a trace may have (about 2,000 years): a float clock there still steps by
+#: 15 us, and the simulator's iteration times (milliseconds) are lost to rounding far past it
+#: (a reviewer's run at 1e13 s: mean JCT 0.009 s for 3.5 s).
+MAX_ARRIVAL_S = 2.0**36
+
+
 @dataclass(frozen=True)
 class Trace:
     """Columns of a trace, sorted by arrival. ``rl`` is (n, 3) or None; ``prompts`` may be None."""
@@ -110,6 +116,14 @@ class Trace:
         arrivals = np.asarray(self.arrival_s, dtype=float)
         if n and not (np.isfinite(arrivals).all() and arrivals.min() >= 0):
             raise ValueError(f"trace {self.path}: arrival times must be finite and >= 0")
+        if n and arrivals.max() > MAX_ARRIVAL_S:
+            raise ValueError(f"trace {self.path}: arrival times must be at most 2^36 s (about 2,000 years), got "
+                             f"{arrivals.max():g}: past that, the simulator's clock loses its iteration times")
+        if n > 1 and (down := np.flatnonzero(np.diff(arrivals) < 0)).size:  # capacity searches
+            # read the span from the ends (was: a wrong answer without a word)
+            raise ValueError(f"trace {self.path}: not sorted by arrival (row {down[0] + 1} arrives "
+                             "before the row above it): sort every column by arrival_s, e.g. "
+                             "with np.argsort(arrival_s, kind='stable')")
         # the lengths as read_trace bounds them; predictions whole numbers (a bucket of -1 and
         # 0 tokens mean "none"). Was: -5 prompt tokens "finished" with negative KV use.
         counts = {"input_tokens": (self.input_tokens, 1), "output_tokens": (self.output_tokens, 1),
@@ -123,6 +137,13 @@ class Trace:
             if n and (bad := _not_whole(column, lo)) is not None:
                 raise ValueError(f"trace {self.path}: row {bad}: {name} must be a whole number in "
                                  f"[{lo}, 2^53], got {np.asarray(column, dtype=object)[bad]!r}")
+        # numpy columns of the types the simulator reads (was: whole floats, as pandas gives
+        # them, and Python lists passed this check and failed in the simulator)
+        object.__setattr__(self, "arrival_s", arrivals)
+        for name in ("input_tokens", "output_tokens", "max_tokens"):
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.int64).reshape(n))
+        if self.rl is not None:
+            object.__setattr__(self, "rl", np.asarray(self.rl, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -137,9 +158,10 @@ class Trace:
             raise ValueError(f"rate scale must be a number > 0, got {rate_scale!r}")
         with np.errstate(over="ignore"):
             arrivals = self.arrival_s / rate_scale
-        if not np.isfinite(arrivals).all():
-            raise ValueError(f"{self.path}: arrival times at rate scale {rate_scale:g} are not finite numbers "
-                             "(too small a rate scale or --rate)")
+        if not (np.isfinite(arrivals).all() and (not len(arrivals) or arrivals.max() <= MAX_ARRIVAL_S)):
+            raise ValueError(f"{self.path}: arrival times at rate scale {rate_scale:g} are past 2^36 s "
+                             "(too small a rate scale or --rate): the simulator's clock would lose its "
+                             "iteration times")
         return replace(self, arrival_s=arrivals)
 
     def with_arrivals(self, arrival_s: np.ndarray) -> Trace:

@@ -56,6 +56,11 @@ OPTIONAL_MODULES = {
 }
 
 
+def install_hint(extra: str) -> str:
+    """How to install an extra: the project is installed from a checkout (it is not on PyPI)."""
+    return f"install the [{extra}] extra (in a checkout: pip install -c constraints.txt -e '.[{extra}]')"
+
+
 def missing_module(e: BaseException) -> str | None:
     """The line for an optional module that is not installed (None: not one of ours to name)."""
     if not isinstance(e, ModuleNotFoundError) or not e.name:
@@ -65,7 +70,7 @@ def missing_module(e: BaseException) -> str | None:
         return "vLLM is not installed (tested with vllm 0.33.0; how to install it: docs/engines.md)"
     if top in OPTIONAL_MODULES:
         extra = OPTIONAL_MODULES[top]
-        return f"this needs {top}, which is not installed: pip install 'rlpredict-ecoserve[{extra}]'"
+        return f"this needs {top}, which is not installed: {install_hint(extra)}"
     return None
 
 

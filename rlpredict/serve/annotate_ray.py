@@ -17,7 +17,7 @@ Two entry points:
 
 The bundle travels to the workers through Ray's object store (its sha256s are checked again
 where it lands), so ``--model`` need only exist on the driver's node. Ray is an extra
-(``pip install 'rlpredict-ecoserve[ray]'``); nothing here imports it at module level.
+(the ``[ray]`` extra: ``pip install -c constraints.txt -e '.[ray]'`` in a checkout); nothing here imports it at module level.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ from rlpredict.serve.bundle import MANIFEST, load_bundle
 #: Files read at once on the driver's node (reading is cheap next to predicting; each read task
 #: is a Python process).
 READ_TASKS = 2
-INSTALL_HINT = "--engine ray needs Ray: pip install 'rlpredict-ecoserve[ray]' (or pip install 'ray[data]')"
+INSTALL_HINT = ("--engine ray needs Ray: install the [ray] extra (in a checkout: pip install -c constraints.txt "
+                "-e '.[ray]'), or pip install 'ray[data]'")
 ERROR_COLUMN = "rl_error"
 DEFAULT_FIELDS = TRACE_FIELDS
 

@@ -143,6 +143,58 @@ def test_prefill_iterations_count_the_iterations_that_carried_prompt_tokens():
     assert res.prefill_iterations == 4 and all(r.state == State.FINISHED for r in reqs)
 
 
+def test_a_trace_built_in_code_is_read_as_the_simulator_needs_it():
+    """A reviewer's library calls: whole floats (as pandas gives them) and Python lists passed
+    the checks and failed in the simulator (TypeError); unsorted arrivals made capacity searches
+    answer wrongly without a word; a clock past 2^36 s lost its iteration times."""
+    tr = _trace(30)
+    cost = FlatCost(blocks=600, iter_s=0.02)
+    want = summarize(run(tr, "ecoserve", cost, predictions="oracle"), SLO())
+    for cols in ((tr.input_tokens.astype(float), tr.output_tokens.astype(float), tr.max_tokens.astype(float)),
+                 (tr.input_tokens.tolist(), tr.output_tokens.tolist(), tr.max_tokens.tolist())):
+        t = Trace("code", tr.arrival_s.tolist(), *cols)
+        assert t.input_tokens.dtype == np.int64 and t.arrival_s.dtype == float
+        got = summarize(run(t, "ecoserve", cost, predictions="oracle"), SLO())
+        assert got["mean_jct_s"] == want["mean_jct_s"] and got["finished"] == 30
+    with pytest.raises(ValueError, match=r"not sorted by arrival \(row 29 arrives before the row above it\)"):
+        tr.with_arrivals(np.r_[tr.arrival_s[:-1], 0.0])
+    with pytest.raises(ValueError, match=r"arrival times must be at most 2\^36 s"):
+        tr.with_arrivals(tr.arrival_s + 2.0**36)
+
+
+def test_the_api_names_a_wrong_argument():
+    """Were AttributeErrors deep inside (``'NoneType' object has no attribute 'endswith'``)."""
+    from ecoserve_sched.compare import RunSpec, capacity
+
+    tr, cost = _trace(10), FlatCost()
+    for args, kw, msg in (((None, cost), {}, "policy must be a policy name"),
+                          (("vllm", "llama2-13b-a100-80gb"), {}, r"cost must be a cost model \(load_profile"),
+                          (("vllm", None), {}, "cost must be a cost model"),
+                          (("vllm", cost), {"slo": {"ttft_s": 1}}, r"slo must be an SLO"),
+                          (("vllm", cost), {"seed": -1}, "seed must be a whole number >= 0"),
+                          (("vllm", cost), {"seed": None}, "seed must be a whole number >= 0")):
+        with pytest.raises((TypeError, ValueError), match=msg):
+            run(tr, *args, **kw)
+    with pytest.raises(TypeError, match="trace must be a Trace"):
+        run("trace.csv", "vllm", cost)
+    spec = RunSpec(tr, cost, SLO())
+    for kw, msg in (({"max_normalized_latency": float("nan")}, "max_normalized_latency must be"),
+                    ({"max_p99_tbt": -1.0}, "max_p99_tbt must be"), ({"rel_tol": 0.0}, "rel_tol must be"),
+                    ({"max_runs": 2.5}, "max_runs a whole number")):
+        with pytest.raises(ValueError, match=msg):
+            capacity(spec, "vllm", **kw)
+
+
+def test_a_scheduler_runs_one_simulation():
+    """Reused, its counters ran on and the first result's stall gaps changed after the fact."""
+    sched = get_policy("vllm", FlatCost(blocks=60), block_size=4, max_running=4, token_budget=64)
+    first = simulate([make_req(i, 0.1 * i, 40, 30) for i in range(8)], sched)
+    gaps = list(first.stall_gaps)
+    with pytest.raises(ValueError, match="has run before; build a new one"):
+        simulate([make_req(i, 0.1 * i, 40, 30) for i in range(8)], sched)
+    assert first.stall_gaps == gaps and first.stall_gaps is not sched.stall_gaps
+
+
 def test_the_api_refuses_what_the_cli_refuses():
     """The CLI checks its options; these are the API's own checks (each ran before: a NaN
     arrival looped forever, ``token_budget=0`` meant the default, ``SLO(0, 0)`` gave attainment 0,
@@ -157,7 +209,7 @@ def test_the_api_refuses_what_the_cli_refuses():
         Trace("t", tr.arrival_s, tr.input_tokens[:-1], tr.output_tokens, tr.max_tokens)
     with pytest.raises(ValueError, match="rate scale must be a number > 0, got '2'"):
         tr.scaled("2")
-    with pytest.raises(ValueError, match=r"at rate scale .* are not finite numbers"):
+    with pytest.raises(ValueError, match=r"at rate scale .* are past 2\^36 s"):
         tr.scaled(1e-320)
     for bad in ((0, 0.2), (5.0, -1), (float("nan"), 0.2), (5.0, 0.2, -1)):
         with pytest.raises(ValueError, match=r"SLO .* must be a finite number > 0"):

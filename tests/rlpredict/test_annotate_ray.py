@@ -92,7 +92,7 @@ def test_without_ray_one_line_how_to_install(bundle_fp32, tmp_path, monkeypatch)
     r = CliRunner().invoke(app, ["annotate", str(src), "-o", str(tmp_path / "out.jsonl"),
                                  "--model", str(bundle_fp32), "--engine", "ray"])
     assert r.exit_code == 2, r.output
-    assert "pip install 'rlpredict-ecoserve[ray]'" in r.output and "Traceback" not in r.output
+    assert "-e '.[ray]'" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "out.jsonl").exists()
     r = CliRunner().invoke(app, ["annotate", str(src), "-o", str(tmp_path / "o.jsonl"),
                                  "--model", str(bundle_fp32), "--num-workers", "2"])

@@ -20,7 +20,7 @@ SAMPLE = str(Path(__file__).resolve().parents[2] / "ecoserve_sched" / "samples" 
 def test_a_missing_optional_module_names_its_extra(name, extra):
     code, line = failure(ModuleNotFoundError(f"No module named {name!r}", name=name), "--debug")
     assert code == 2 and line == (f"error: this needs {name.split('.')[0]}, which is not installed: "
-                                  f"pip install 'rlpredict-ecoserve[{extra}]'")
+                                  f"install the [{extra}] extra (in a checkout: pip install -c constraints.txt -e '.[{extra}]')")
 
 
 def test_a_missing_module_of_our_own_is_still_a_bug():
@@ -40,7 +40,7 @@ def test_train_without_torch(tmp_path):
     r = _run_without("torch", "rlpredict.cli", ["train", "--data", str(data), "--out", str(tmp_path / "out")])
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == ("error: this needs torch, which is not installed: "
-                                                 "pip install 'rlpredict-ecoserve[train]'")
+                                                 "install the [train] extra (in a checkout: pip install -c constraints.txt -e '.[train]')")
     assert not (tmp_path / "out").exists()
 
 
