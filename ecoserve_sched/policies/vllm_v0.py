@@ -183,8 +183,7 @@ class VLLMV0Scheduler(Scheduler):
         kv = self.kv
         if len(due) < kv.free_blocks:  # the pool cannot run dry: no walk needed
             for r in due:
-                kv.allocate(r.rid, 1)
-                self.set_alarm(r)
+                self._append_slot(r)
             return
         need = {r.rid for r in due}
         order = sorted(self.decoding.values(), key=_fcfs)
@@ -198,8 +197,18 @@ class VLLMV0Scheduler(Scheduler):
                     break  # r itself was the latest
             lo += 1
             if r.rid in need:
-                kv.allocate(r.rid, 1)
-                self.set_alarm(r)
+                self._append_slot(r)
+
+    def _append_slot(self, r: Request) -> None:
+        """``r``'s next block. With blocks of one token a decode that starts is one block
+        behind (its prompt's blocks hold no slot for the token it feeds): it takes a second
+        while one is free (was: it ran the whole request one block short)."""
+        kv = self.kv
+        kv.allocate(r.rid, 1)
+        self.set_alarm(r)
+        while r.alarm_step == self.step and kv.free_blocks:
+            kv.allocate(r.rid, 1)
+            self.set_alarm(r)
 
     def _preempt(self, r: Request) -> None:
         """Preempt ``r`` by recompute (vLLM's mode for single-sequence requests), remembering

@@ -224,3 +224,16 @@ def test_a_failing_prefill_only_iteration_keeps_the_decode_clock():
     res = simulate(reqs, sched, check=True, faults=Faults(rate=0.140625, seed=1))
     assert all(r.state in (State.FINISHED, State.ERRORED) for r in reqs) and res.counters["failed_iterations"] >= 1
     assert sched.kv.free_blocks == 12
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3])
+def test_small_blocks_hold_every_decode_slot(block_size):
+    """With blocks of one token, a decode that started was a block behind and ran the whole
+    request so (``check=True``: "uses 102 blocks but may use 101")."""
+    from ecoserve_sched.simulator import run
+    from ecoserve_sched.trace import Trace
+
+    tr = Trace("hand", np.array([0.0, 0.5, 0.6]), np.array([100, 37, 64]), np.array([300, 40, 9]),
+               np.array([2048] * 3))
+    res = run(tr, "vllm-v0", FlatCost(blocks=2000), block_size=block_size, check=True)
+    assert [r.generated for r in res.requests] == [300, 40, 9]
