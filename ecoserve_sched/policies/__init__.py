@@ -6,15 +6,24 @@ shares (decode set, alarms, preemption); ``registry.py``: names to factories.
 
 from .base import Scheduler
 from .interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN_BUDGET, Batch, SchedulerInterface
-from .registry import POLICIES, get_policy, register
+from .registry import POLICIES, get_policy, load_entry_points, register
 
 __all__ = ["DEFAULT_MAX_RUNNING", "DEFAULT_TOKEN_BUDGET", "POLICIES", "Batch", "Scheduler",
            "SchedulerInterface", "get_policy", "policy_names", "register"]
 
 
+_loaded = False
+
+
 def _load_all() -> None:
-    """Import every policy module so that each registers itself."""
+    """Import every policy module so that each registers itself, then the policies installed
+    packages add (``registry.load_entry_points``), once."""
+    global _loaded
     from . import ecoserve, orca, s3, sarathi, sjf, vllm, vllm_v0  # noqa: F401
+
+    if not _loaded:
+        load_entry_points()
+        _loaded = True
 
 
 def policy_names() -> list[str]:

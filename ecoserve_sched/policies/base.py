@@ -102,22 +102,26 @@ class Scheduler(SchedulerInterface):
 
     # ---- hooks for policies -------------------------------------------------------------------
     def enqueue(self, r: Request, front: bool = False) -> None:
-        raise NotImplementedError
+        """Put ``r`` in the waiting queue (``front``: a preempted request, first)."""
+        raise _missing(self, "enqueue")
 
     def waiting_count(self) -> int:
-        raise NotImplementedError
+        raise _missing(self, "waiting_count")
 
     def admit(self, budget: int, batch: Batch, now: float) -> None:
         """Start new prefills from the waiting queue within ``budget`` tokens."""
-        raise NotImplementedError
+        raise _missing(self, "admit")
 
     def on_alarm(self, r: Request) -> None:
         """``r`` would outgrow its usable blocks (or reach lent ones) in this iteration."""
-        raise NotImplementedError
+        raise _missing(self, "on_alarm")
 
     def grow_prefill(self, r: Request, chunk: int) -> bool:
-        """Make room for ``chunk`` more prefill tokens of ``r``; False to skip it this iteration."""
-        return True
+        """Make room for ``chunk`` more prefill tokens of ``r``; False to skip it this iteration.
+        This default takes the blocks the chunk needs while they are free (was: True without
+        taking any, so a policy that left it out overcommitted the cache)."""
+        need = self.kv.blocks_for(r.prefilled + chunk) - self.kv.owned(r.rid)
+        return need <= 0 or self.kv.allocate(r.rid, need)
 
     def prefill_budget(self) -> int:
         """Prefill tokens allowed this iteration: the token budget left after the decodes."""
@@ -153,7 +157,7 @@ class Scheduler(SchedulerInterface):
         """The request ``admit`` starts next with ``budget`` tokens left and ``batch`` built so
         far (with what ``admit`` needs to start it), or None: admission stops here. Side-effect
         free: ``admit`` loops on it and ``admission_blocked`` asks it with an empty batch."""
-        raise NotImplementedError
+        raise _missing(self, "_next_admission")
 
     def schedule_dry_run(self, now: float) -> Batch:
         """The batch ``schedule(now)`` would build (alarms, prefills, ``admit``), run on a deep
@@ -445,3 +449,8 @@ class Scheduler(SchedulerInterface):
     def kv_used_tokens(self) -> int:
         used = self._ctx_base + len(self.decoding) * self.step
         return used + sum(r.prefilled for r in self.prefilling.values()) if self.prefilling else used
+
+
+def _missing(sched: Scheduler, hook: str) -> NotImplementedError:
+    return NotImplementedError(f"policy {type(sched).__name__} does not implement {hook}(), which every "
+                               "policy must (docs/simulator.md, Writing a policy)")

@@ -12,8 +12,31 @@ PolicyFactory = Callable[..., "Scheduler"]
 POLICIES: dict[str, PolicyFactory] = {}
 
 
-def register(name: str, factory: PolicyFactory) -> None:
+#: The entry-point group through which an installed package adds policies (docs/simulator.md).
+ENTRY_POINTS = "ecoserve_sched.policies"
+
+
+def register(name: str, factory: PolicyFactory, *, replace: bool = False) -> None:
+    """Make ``factory(cost, **kwargs)`` the policy ``name``. A name already taken is refused
+    unless ``replace`` (was: a built-in policy replaced without a word)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a policy name must be a non-empty string, got {name!r}")
+    if name in POLICIES and POLICIES[name] is not factory and not replace:
+        raise ValueError(f"policy {name!r} is already registered; pass replace=True to replace it")
     POLICIES[name] = factory
+
+
+def load_entry_points() -> None:
+    """Import the modules installed packages name in the ``ecoserve_sched.policies`` entry-point
+    group (each registers its policies), so that every CLI command and ``get_policy`` know them."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINTS):
+        try:
+            ep.load()
+        except Exception as e:  # a third party's import error: named, one line
+            raise ValueError(f"policy plug-in {ep.name!r} ({ep.value}) failed to load: "
+                             f"{type(e).__name__}: {e}") from None
 
 
 def get_policy(name: str, cost: Any, **kwargs: Any) -> Scheduler:

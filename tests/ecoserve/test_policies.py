@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sim_helpers import FlatCost, make_req
 
 from ecoserve_sched.policies import get_policy, policy_names
@@ -179,3 +180,78 @@ def test_admission_blocked_equals_a_dry_run_admitting_nothing_on_random_states()
             simulate(reqs, sched)
     for name, (blocked, admits, *_) in seen.items():
         assert blocked and admits, (name, seen[name])  # both answers came up: the check is not vacuous
+
+
+# ---- writing a policy (docs/simulator.md): the page's example, run as written ------------------
+@pytest.fixture
+def registry_restored():
+    """The registry as it was after the test (the tests register and replace policies)."""
+    from ecoserve_sched.policies import POLICIES
+
+    saved = dict(POLICIES)
+    yield
+    POLICIES.clear()
+    POLICIES.update(saved)
+
+
+def _docs_policy_example() -> str:
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "simulator.md").read_text(encoding="utf-8")
+    section = page.split("## Writing a policy", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_documented_policy_runs_checked_and_matches_vllm_where_uncontended(registry_restored):
+    import numpy as np
+
+    from ecoserve_sched.simulator import run
+    from ecoserve_sched.trace import Trace
+
+    exec(compile(_docs_policy_example(), "docs/simulator.md", "exec"), {"__name__": "docs_example"})
+    assert "my-fcfs" in policy_names()
+    rng = np.random.default_rng(0)
+    n = 60
+    tr = Trace("t", np.sort(rng.uniform(0, 20, n)), rng.integers(20, 400, n), rng.integers(1, 300, n),
+               np.full(n, 2048))
+    tight = run(tr, "my-fcfs", FlatCost(blocks=200), block_size=4, check=True)  # preempts: checked
+    assert all(r.state == State.FINISHED for r in tight.requests) and tight.counters["preemptions"] > 0
+    roomy = {p: [(r.first_token_s, r.finish_s) for r in run(tr, p, FlatCost(blocks=100_000), check=True).requests]
+             for p in ("my-fcfs", "vllm")}
+    assert roomy["my-fcfs"] == roomy["vllm"]
+
+
+def test_a_policy_without_a_hook_is_named_and_a_taken_name_refused(registry_restored):
+    from ecoserve_sched.policies import Scheduler, registry
+
+    class Half(Scheduler):
+        def enqueue(self, r, front=False):
+            self.q = [*getattr(self, "q", []), r]
+
+    with pytest.raises(NotImplementedError, match=r"policy Half does not implement waiting_count\(\)"):
+        simulate([make_req(0, 0.0, 10, 5)], Half(FlatCost()))
+    with pytest.raises(ValueError, match="policy 'vllm' is already registered"):
+        registry.register("vllm", Half)
+    registry.register("vllm", Half, replace=True)
+    assert registry.POLICIES["vllm"] is Half
+
+
+def test_policies_of_installed_packages_are_loaded_from_entry_points(registry_restored, monkeypatch, tmp_path):
+    import importlib.metadata
+
+    from ecoserve_sched import policies
+    from ecoserve_sched.policies import registry
+
+    (tmp_path / "third_party_policy.py").write_text(_docs_policy_example().replace("my-fcfs", "third-party-fcfs"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(policies, "_loaded", False)
+    ep = importlib.metadata.EntryPoint("third-party-fcfs", "third_party_policy", registry.ENTRY_POINTS)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [ep] if group == registry.ENTRY_POINTS else [])
+    assert "third-party-fcfs" in policy_names()
+    broken = importlib.metadata.EntryPoint("broken", "no_such_module_here", registry.ENTRY_POINTS)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [broken])
+    monkeypatch.setattr(policies, "_loaded", False)
+    with pytest.raises(ValueError, match=r"policy plug-in 'broken' \(no_such_module_here\) failed to load"):
+        policy_names()
+    monkeypatch.setattr(policies, "_loaded", True)
