@@ -17,12 +17,15 @@ ENTRY_POINTS = "ecoserve_sched.policies"
 
 
 def register(name: str, factory: PolicyFactory, *, replace: bool = False) -> None:
-    """Make ``factory(cost, **kwargs)`` the policy ``name``. A name already taken is refused
-    unless ``replace`` (was: a built-in policy replaced without a word)."""
+    """Make ``factory(cost, **kwargs)`` the policy ``name``. A built-in policy's name is refused
+    unless ``replace`` (was: replaced without a word); a policy of one's own may be registered
+    again (a notebook cell run twice)."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"a policy name must be a non-empty string, got {name!r}")
-    if name in POLICIES and POLICIES[name] is not factory and not replace:
-        raise ValueError(f"policy {name!r} is already registered; pass replace=True to replace it")
+    old = POLICIES.get(name)
+    if old is not None and old is not factory and not replace \
+            and getattr(old, "__module__", "").startswith("ecoserve_sched."):
+        raise ValueError(f"policy {name!r} is built in; pass replace=True to replace it")
     POLICIES[name] = factory
 
 

@@ -231,10 +231,13 @@ def test_a_policy_without_a_hook_is_named_and_a_taken_name_refused(registry_rest
 
     with pytest.raises(NotImplementedError, match=r"policy Half does not implement waiting_count\(\)"):
         simulate([make_req(0, 0.0, 10, 5)], Half(FlatCost()))
-    with pytest.raises(ValueError, match="policy 'vllm' is already registered"):
+    with pytest.raises(ValueError, match="policy 'vllm' is built in; pass replace=True"):
         registry.register("vllm", Half)
     registry.register("vllm", Half, replace=True)
     assert registry.POLICIES["vllm"] is Half
+    registry.register("mine", Half)
+    registry.register("mine", Scheduler)  # one's own, registered again (a notebook cell run twice)
+    assert registry.POLICIES["mine"] is Scheduler
 
 
 def test_policies_of_installed_packages_are_loaded_from_entry_points(registry_restored, monkeypatch, tmp_path):
