@@ -20,6 +20,7 @@ from rlpredict.cli_boundary import (
     BoundaryGroup,
     err,
     in_range,
+    nonblank_path,
     positive,
     root_callback,
     run_cli,
@@ -123,7 +124,7 @@ def _named(value: str | None) -> str | None:
 TraceOpt = Annotated[Path, typer.Option("--trace", help="CSV/JSONL(.gz) trace: arrival_time_s, input_tokens, output_tokens[, rl_*]")]
 ProfileOpt = Annotated[str | None, typer.Option("--profile", callback=_named, help="cost-model profile name or JSON file (default: the cost model's DEFAULT_PROFILE)")]
 PredOpt = Annotated[str | None, typer.Option("--predictions", callback=_choice("prediction source", *SOURCES), help=f"{'|'.join(SOURCES)} (default: annotated if the trace has rl_* fields, else confusion)")]
-ConfOpt = Annotated[Path | None, typer.Option("--confusion", help="confusion.json, manifest.json with a 'confusion' key, or a bundle directory")]
+ConfOpt = Annotated[str | None, typer.Option("--confusion", callback=nonblank_path("a confusion file or a bundle folder"), help="confusion.json, manifest.json with a 'confusion' key, or a bundle directory")]
 BundleOpt = Annotated[str | None, typer.Option("--bundle", help="predictor bundle for --predictions bundle")]
 TTFTOpt = Annotated[float, typer.Option("--slo-ttft", callback=positive, help="TTFT SLO in seconds (> 0)")]
 TBTOpt = Annotated[float, typer.Option("--slo-tbt", callback=positive, help="mean time-between-tokens SLO in seconds (> 0)")]
@@ -169,7 +170,7 @@ def _trace_format(columns: str | None, time_unit: str, on_error: str) -> TraceFo
 
 
 def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions: str | None,
-          confusion: Path | None, bundle: str | None, slo: SLO, max_tokens: int,
+          confusion: str | None, bundle: str | None, slo: SLO, max_tokens: int,
           max_requests: int | None, seed: int, arrivals: str = "trace", rate: float | None = None,
           cv: float | None = None, outputs: tuple[tuple[str, Path], ...] = (),
           server: Server | None = None, fmt: TraceFormat | None = None) -> RunSpec:
@@ -225,7 +226,7 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     return RunSpec(tr, cost, slo, predictions, conf, bundle, seed, server)
 
 
-def _refuse_unused_predictions(policies: Sequence[str], predictions: str | None, confusion: Path | None,
+def _refuse_unused_predictions(policies: Sequence[str], predictions: str | None, confusion: str | None,
                                cost: Any, policy_kw: dict[str, Any]) -> None:
     """Refuse ``--predictions`` and ``--confusion`` when every policy runs on predictions of its
     own (``simulator.fixed_predictions``)."""

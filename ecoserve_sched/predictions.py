@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,19 +114,17 @@ def _numbers(value: object, name: str, null_ok: bool = False) -> None:
 
 
 def default_confusion_path(root: Path | None = None) -> Path:
-    """The default predictor bundle's confusion matrix: its ``manifest.json``, if it has a
-    "confusion" key. The bundle is ``rlpredict``'s default (``$RLPREDICT_MODEL``, the checkout's
-    ``models/rl-minilm-l6-llama3``, or the copy a wheel installs; was: the checkout's alone, so
-    an installed package found none); with ``root``, the first ``root/models/*/manifest.json``."""
+    """The default predictor bundle's confusion matrix: the first ``manifest.json`` with a
+    "confusion" key among ``$RLPREDICT_MODEL``'s bundle (if set) and the shipped bundle (the
+    checkout's ``models/rl-minilm-l6-llama3``, or the copy a wheel installs; was: the
+    checkout's alone, so an installed package found none); with ``root``, the first
+    ``root/models/*/manifest.json``. The runs say which file they used."""
     if root is None:
-        from rlpredict.serve.bundle import MANIFEST, BundleError, default_bundle_path
+        from rlpredict.serve.bundle import ENV_MODEL, MANIFEST, shipped_bundle_paths
 
-        try:
-            candidates = [default_bundle_path() / MANIFEST]
-        except BundleError as e:
-            raise FileNotFoundError(f"{e}; or pass --confusion FILE (a confusion.json from "
-                                    "`rlpredict eval`, or a bundle)") from None
-        where = f"the default bundle, {candidates[0].parent}"
+        env = os.environ.get(ENV_MODEL, "").strip()
+        candidates = [p / MANIFEST for p in ([Path(env).expanduser()] if env else []) + shipped_bundle_paths()]
+        where = " or ".join(str(c.parent) for c in candidates)
     else:
         candidates = sorted((root / "models").glob("*/manifest.json"))
         where = f"{root / 'models'}"

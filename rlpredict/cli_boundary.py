@@ -66,6 +66,14 @@ def missing_module(e: BaseException) -> str | None:
     if not isinstance(e, ModuleNotFoundError) or not e.name:
         return None
     top = e.name.split(".")[0]
+    if e.name != top:  # a submodule: the package is there (another version, or a bug of ours)
+        import importlib.util
+
+        try:
+            if importlib.util.find_spec(top) is not None:
+                return None
+        except (ImportError, ValueError):
+            return None
     if top == "vllm":
         return "vLLM is not installed (tested with vllm 0.33.0; how to install it: docs/engines.md)"
     if top in OPTIONAL_MODULES:
@@ -393,6 +401,18 @@ def distinct_paths(value: Any) -> Any:
     if problem := repeated_input(value or ()):
         raise typer.BadParameter(problem)
     return value
+
+
+def nonblank_path(what: str) -> Callable[[str | None], str | None]:
+    """A callback for a path option typed ``str``: a blank value (an unset ``$VAR``) is refused;
+    as a ``Path`` it was the current folder."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise typer.BadParameter(f"empty: give {what}")
+        return value
+
+    return check
 
 
 def positive(value: Any) -> Any:

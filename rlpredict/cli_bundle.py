@@ -15,20 +15,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from rlpredict.cli_boundary import err, in_range, log_line, thread_count
+from rlpredict.cli_boundary import err, in_range, log_line, nonblank_path, thread_count
 from rlpredict.json_file import dumps
 
-
-def _bundle_folder(value: str | None) -> str | None:
-    """``--model``: a blank value (an unset ``$BUNDLE``) is refused; as a Path it was the
-    current folder."""
-    if value is not None and not value.strip():
-        raise typer.BadParameter("empty: give a bundle folder (written by `rlpredict export`)")
-    return value
-
-
 ModelOpt = Annotated[str | None, typer.Option(
-    "--model", "-m", callback=_bundle_folder,
+    "--model", "-m", callback=nonblank_path("a bundle folder (written by `rlpredict export`)"),
     help="Bundle folder (default: $RLPREDICT_MODEL, else the shipped default bundle).")]
 ReserveQOpt = Annotated[float | None, typer.Option(
     "--reserve-quantile", callback=in_range(0, 1, low_open=True),

@@ -240,6 +240,13 @@ def _check_manifest(m: dict) -> tuple[str, str, dict]:
     return model_file, tok_file, files
 
 
+def shipped_bundle_paths() -> list[Path]:
+    """Where the shipped bundle is: the checkout's ``models/rl-minilm-l6-llama3``, or the copy
+    a wheel installs in ``rlpredict/_default_model``."""
+    package = Path(rlpredict.__file__).resolve().parent
+    return [package.parent / "models" / DEFAULT_MODEL_NAME, package / "_default_model"]
+
+
 def default_bundle_path() -> Path:
     """The bundle used without ``--model``: ``$RLPREDICT_MODEL``, the checkout's
     ``models/rl-minilm-l6-llama3``, or the copy packaged in ``rlpredict/_default_model``."""
@@ -249,8 +256,7 @@ def default_bundle_path() -> Path:
         if not (p / MANIFEST).is_file():
             raise BundleError(f"${ENV_MODEL}={env}: no bundle there (no {MANIFEST})")
         return p
-    package = Path(rlpredict.__file__).resolve().parent
-    candidates = [package.parent / "models" / DEFAULT_MODEL_NAME, package / "_default_model"]
+    candidates = shipped_bundle_paths()
     for p in candidates:
         if (p / MANIFEST).is_file():
             return p

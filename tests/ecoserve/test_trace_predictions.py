@@ -225,9 +225,8 @@ def test_default_confusion_path_is_the_default_bundles(tmp_path, monkeypatch):
     (tmp_path / "manifest.json").write_text(json.dumps({"confusion": {}}))
     monkeypatch.setenv("RLPREDICT_MODEL", str(tmp_path))
     assert default_confusion_path() == tmp_path / "manifest.json"
-    (tmp_path / "manifest.json").write_text(json.dumps({"name": "no matrix"}))
-    with pytest.raises(FileNotFoundError, match=r"no confusion matrix in the default bundle.*--confusion"):
-        default_confusion_path()
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "no matrix"}))  # e.g. an encoder-only bundle
+    assert default_confusion_path().parent.name in ("rl-minilm-l6-llama3", "_default_model")  # the shipped one
 
 
 def _lengths_trace(tmp_path, outs):

@@ -167,7 +167,7 @@ def test_a_tokenizer_of_another_model_is_refused_at_load(copy):
     shutil.copy(other, copy / "tokenizer.json")
     _rehash(copy, "tokenizer.json")
     with pytest.raises(BundleError, match=r"model.onnx: the model does not take the largest token id "
-                                          r"of tokenizer.json \(\d+\): is it this model's tokenizer\?"):
+                                          r"of tokenizer.json, \d+: past its embedding \(another model's tokenizer"):
         Predictor.load(copy)
 
 

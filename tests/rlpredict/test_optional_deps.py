@@ -15,12 +15,18 @@ SAMPLE = str(Path(__file__).resolve().parents[2] / "ecoserve_sched" / "samples" 
 
 
 @pytest.mark.parametrize(("name", "extra"), [("torch", "train"), ("sklearn", "train"), ("onnx", "train"),
-                                             ("pyarrow.parquet", "parquet"), ("matplotlib", "plot"),
+                                             ("pyarrow", "parquet"), ("matplotlib", "plot"),
                                              ("ray", "ray")])
 def test_a_missing_optional_module_names_its_extra(name, extra):
     code, line = failure(ModuleNotFoundError(f"No module named {name!r}", name=name), "--debug")
     assert code == 2 and line == (f"error: this needs {name.split('.')[0]}, which is not installed: "
                                   f"install the [{extra}] extra (in a checkout: pip install -c constraints.txt -e '.[{extra}]')")
+
+
+def test_a_missing_submodule_of_an_installed_package_is_a_bug_not_a_missing_extra():
+    """transformers of another version, or a typo in our own import: the package is there."""
+    code, line = failure(ModuleNotFoundError("No module named 'numpy.nowhere'", name="numpy.nowhere"), "--debug")
+    assert code == 1 and line.startswith("internal error (a bug)")
 
 
 def test_a_missing_module_of_our_own_is_still_a_bug():
