@@ -71,12 +71,13 @@ def _names(text: str, option: str) -> list[str]:
 def _policy_names(text: str, option: str) -> list[str]:
     """``_names``, each a registered policy or a vLLM engine policy: all checked before any runs."""
     from .engines.vllm_sim import REAL_POLICIES
-    from .policies import policy_names
+    from .policies import policy_names, registry
 
     names, known = _names(text, option), set(policy_names()) | set(REAL_POLICIES)
     if unknown := [n for n in names if n not in known]:
         raise typer.BadParameter(f"unknown polic{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} "
-                                 "(see `ecoserve policies`)", param_hint=f"'{option}'")
+                                 "(see `ecoserve policies`)" + "".join(f"; {why}" for why in registry.plugin_error),
+                                 param_hint=f"'{option}'")
     return names
 
 
@@ -434,10 +435,12 @@ def calibrate(
 def policies() -> None:
     """List the policies: the simulator's, then vLLM's own scheduler classes (they need vLLM)."""
     from .engines.vllm_sim import REAL_POLICIES
-    from .policies import policy_names
+    from .policies import policy_names, registry
 
     for name in [*policy_names(), *REAL_POLICIES]:  # one name a line, for scripts
         typer.echo(name)
+    for why in registry.plugin_error:
+        typer.echo(f"warning: {why}", err=True)
     typer.echo(f"({' and '.join(REAL_POLICIES)} need vLLM: replayed through a vLLM scheduler class, "
                "docs/engines.md)", err=True)
 

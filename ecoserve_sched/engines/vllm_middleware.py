@@ -255,6 +255,7 @@ class EcoServePredictMiddleware:
             await self.app(scope, receive, send)
             return
         chunks, size, more = [], 0, True
+        chunk, message = b"", {}  # (a limit below 0 reads nothing)
         while more and size <= self.cfg.max_body_bytes:
             message = await receive()
             if message["type"] != "http.request":  # the client left: let the app see it

@@ -51,6 +51,10 @@ class VLLMV0Scheduler(Scheduler):
 
     def __init__(self, cost: Any, max_model_len: int | None = None, token_budget: int | None = None,
                  **kw: Any) -> None:
+        if kw.get("block_size") == 1:  # a decode that starts is then a block behind, which its
+            # one-block-per-step pass never catches up (check=True: "uses 102 blocks but may use 101")
+            raise ValueError("vllm-v0 does not model one-token KV blocks (vLLM V0 took 8, 16 or 32): "
+                             "use block_size >= 2")
         self.max_model_len = int(max_model_len or _model_len(cost) or DEFAULT_MAX_MODEL_LEN)
         super().__init__(cost, token_budget=max(self.max_model_len, DEFAULT_TOKEN_BUDGET) if token_budget is None else token_budget, **kw)
         self.prompt_limit = min(self.max_model_len, self.token_budget)
@@ -183,7 +187,8 @@ class VLLMV0Scheduler(Scheduler):
         kv = self.kv
         if len(due) < kv.free_blocks:  # the pool cannot run dry: no walk needed
             for r in due:
-                self._append_slot(r)
+                kv.allocate(r.rid, 1)
+                self.set_alarm(r)
             return
         need = {r.rid for r in due}
         order = sorted(self.decoding.values(), key=_fcfs)
@@ -197,18 +202,8 @@ class VLLMV0Scheduler(Scheduler):
                     break  # r itself was the latest
             lo += 1
             if r.rid in need:
-                self._append_slot(r)
-
-    def _append_slot(self, r: Request) -> None:
-        """``r``'s next block. With blocks of one token a decode that starts is one block
-        behind (its prompt's blocks hold no slot for the token it feeds): it takes a second
-        while one is free (was: it ran the whole request one block short)."""
-        kv = self.kv
-        kv.allocate(r.rid, 1)
-        self.set_alarm(r)
-        while r.alarm_step == self.step and kv.free_blocks:
-            kv.allocate(r.rid, 1)
-            self.set_alarm(r)
+                kv.allocate(r.rid, 1)
+                self.set_alarm(r)
 
     def _preempt(self, r: Request) -> None:
         """Preempt ``r`` by recompute (vLLM's mode for single-sequence requests), remembering
