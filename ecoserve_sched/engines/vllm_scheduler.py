@@ -108,8 +108,9 @@ try:
 except ModuleNotFoundError as e:  # the set-up check (``python -m``) says it in one line
     if __name__ != "__main__" or e.name != "vllm":
         raise
-    print("error: vLLM is not installed (tested with vllm 0.33.0; how to install it: docs/engines.md)",
-          file=sys.stderr)
+    from rlpredict.cli_boundary import missing_module
+
+    print(f"error: {missing_module(e)}", file=sys.stderr)
     sys.exit(2)
 
 from ..cost_model import prefill_ctx_tokens
