@@ -54,3 +54,11 @@ def test_the_real_vllm_policy_without_vllm(tmp_path):
     r = _run_without("vllm", "ecoserve_sched.cli", ["simulate", "--trace", SAMPLE, "--policy", "vllm-real"])
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: vLLM is not installed")
+
+
+def test_the_vllm_setup_check_without_vllm():
+    """``python -m ecoserve_sched.engines.vllm_scheduler`` printed a traceback without vLLM."""
+    code = ("import runpy, sys; sys.modules['vllm'] = None\n"
+            "runpy.run_module('ecoserve_sched.engines.vllm_scheduler', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: vLLM is not installed"), r.stderr
