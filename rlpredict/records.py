@@ -343,19 +343,18 @@ def decode_line(data: bytes, lineno: int) -> str:
 
 
 def parse_json(text: str, refuse_twice: frozenset[str] = frozenset()) -> Any:
-    """The JSON value of one line; :class:`RecordError` saying why not (also for a top-level
-    object that gives one of ``refuse_twice`` twice: the fields a reader reads, where ``json``
-    keeps the last silently; ``annotate`` keeps every other byte of a row, so a key it does not
-    read may repeat)."""
-    twice: list[str] = []  # per object, its keys given twice; the top-level object comes last
+    """The JSON value of one line; :class:`RecordError` saying why not (also for an object that
+    gives one of ``refuse_twice`` twice: the fields a reader reads, dotted ones such as
+    ``usage.completion_tokens`` at each level of their path, where ``json`` keeps the last
+    silently; ``annotate`` keeps every other byte of a row, so a key it does not read may
+    repeat)."""
+    twice: list[tuple[dict[str, Any], set[str]]] = []  # objects that give a key twice, and those keys
 
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         d = dict(pairs)
         if len(d) != len(pairs):
             seen: set[str] = set()
-            twice[:] = [k for k, _ in pairs if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
-        else:
-            twice.clear()
+            twice.append((d, {k for k, _ in pairs if k in seen or seen.add(k)}))  # type: ignore[func-returns-value]
         return d
 
     try:
@@ -364,10 +363,27 @@ def parse_json(text: str, refuse_twice: frozenset[str] = frozenset()) -> Any:
         raise RecordError("", f"not valid JSON ({e.msg}, column {e.colno})") from None
     except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
         raise RecordError("", f"not valid JSON ({json_problem(e)})") from None
-    if isinstance(value, dict) and (bad := [k for k in twice if k in refuse_twice]):
-        raise RecordError("", f"key {bad[0]!r} is given twice in one JSON object (which value is meant "
+    if twice and isinstance(value, dict) and (bad := _given_twice(value, twice, refuse_twice)):
+        raise RecordError("", f"key {bad!r} is given twice in one JSON object (which value is meant "
                               "is not known)")
     return value
+
+
+def _given_twice(row: dict[str, Any], twice: list[tuple[dict[str, Any], set[str]]],
+                 fields: frozenset[str]) -> str | None:
+    """The path to the first key given twice on the path of one of ``fields`` (dotted paths into
+    ``row``); ``twice`` pairs each object that repeats a key with the keys it repeats."""
+    repeated = {id(d): keys for d, keys in twice}
+    for name in sorted(fields):
+        cur: Any = row
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(cur, dict):
+                break
+            if part in repeated.get(id(cur), ()):
+                return ".".join(parts[:i + 1])
+            cur = cur.get(part)
+    return None
 
 
 def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[str] | None, str | None, str | None]]:

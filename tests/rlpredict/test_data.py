@@ -78,6 +78,9 @@ def test_token_count_only_and_count_wins(tmp_path):
     samples, _ = load_samples([_jsonl(tmp_path / "req.jsonl", rows)])
     attach_rl(samples, "llama3")
     assert [s.rl_tokens for s in samples] == [17, 23, 5]
+    # a key no reader reads may repeat, nested or not
+    ok = _jsonl(tmp_path / "ok.jsonl", ['{"prompt": "a", "usage": {"completion_tokens": 4, "x": 1, "x": 2}, "y": 1, "y": 2}'])
+    assert load_samples([ok])[0][0].rl_tokens == 4
 
 
 def test_rl_counted_with_named_tokenizer(tmp_path):
@@ -161,6 +164,11 @@ def test_shared_format_rows(tmp_path):
     ('{"prompt": "x", "response": "y", "generator": 7}', "field 'generator': expected a string, got 7"),
     ('{"prompt": "x", "response": "y", "id": {"x": 1}}', "field 'id': expected a string or an integer"),
     ('{"prompt": "x", "response": "y", "conversation_id": 1.5}', "field 'conversation_id': expected a string or an integer"),
+    # a field read from a nested object, given twice inside it (was: the last count kept, silently)
+    ('{"prompt": "x", "usage": {"completion_tokens": 3, "completion_tokens": 300}}',
+     "key 'usage.completion_tokens' is given twice in one JSON object"),
+    ('{"prompt": "x", "usage": {"completion_tokens": 3}, "usage": {"completion_tokens": 300}}',
+     "key 'usage' is given twice"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, line, expect):
     p = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "response": "fine"}, line])
