@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -206,6 +207,8 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
         raise typer.BadParameter(str(e), param_hint=f"'{e.option}'") from None
     _refuse_unused_predictions(policies, predictions, confusion, cost, kw)
 
+    # drawn arrival times: a file without its own (a conversation log's lengths) is read in order
+    fmt = replace(fmt or TraceFormat(), drawn_arrivals=arrivals != "trace")
     tr = read_trace(trace, max_tokens=max_tokens, keep_prompts=predictions == "bundle", fmt=fmt)
     if confusion is not None and predictions is None and tr.has_rl:
         raise typer.BadParameter(f"is not used: {trace} has rl_* fields, so predictions default to "
@@ -213,16 +216,19 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     rows = len(tr)
     if max_requests is not None:
         tr = tr.head(max_requests)
-    # what runs: a millisecond column read as seconds shows here
-    typer.echo(f"read {describe(tr)}" + (f" (the first {len(tr)} of {rows})" if len(tr) < rows else ""), err=True)
-    capped = int((tr.output_tokens > tr.max_tokens).sum())
-    if capped:  # the request's own limit ends its response: said, not done silently
-        typer.echo(f"note: {trace}: {capped} rows have output_tokens above their max_tokens; their "
-                   "responses stop at max_tokens", err=True)
+    drawn = ""
     if arrivals != "trace":
         assert rate is not None
         tr = tr.with_arrivals(burst_arrivals(len(tr), rate, cv or 1.0, 8, seed) if arrivals == "burst8"
                               else gamma_arrivals(len(tr), rate, cv or 1.0, seed))
+        drawn = f"; arrival times drawn ({arrivals}, {rate:g} requests/s, seed {seed})"
+    # what runs: a millisecond column read as seconds shows here
+    typer.echo(f"read {describe(tr)}" + (f" (the first {len(tr)} of {rows})" if len(tr) < rows else "") + drawn,
+               err=True)
+    capped = int((tr.output_tokens > tr.max_tokens).sum())
+    if capped:  # the request's own limit ends its response: said, not done silently
+        typer.echo(f"note: {trace}: {capped} rows have output_tokens above their max_tokens; their "
+                   "responses stop at max_tokens", err=True)
     conf = load_confusion(confusion) if confusion else None
     return RunSpec(tr, cost, slo, predictions, conf, bundle, seed, server)
 

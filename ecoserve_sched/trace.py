@@ -57,12 +57,15 @@ MAPPABLE = (*REQUIRED, "max_tokens", *RL_FIELDS, "prompt", "messages", "generato
 class TraceFormat:
     """How a trace file spells the fields: ``columns`` maps a field to the file's column
     (``{"arrival_time_s": "TIMESTAMP"}``), ``time_unit`` is the arrival column's unit (a key
-    of ``TIME_UNITS``; ``iso`` date-times without a zone are UTC), and ``skip_bad_rows`` skips
-    a bad row (counted, the first one named) instead of stopping at it."""
+    of ``TIME_UNITS``; ``iso`` date-times without a zone are UTC), ``skip_bad_rows`` skips
+    a bad row (counted, the first one named) instead of stopping at it, and ``drawn_arrivals``
+    says the arrival times will be drawn (``--arrivals poisson|gamma|burst8``), so a file
+    without them (a conversation log's lengths) is read in its own order."""
 
     columns: Mapping[str, str] = field(default_factory=dict)
     time_unit: str = "s"
     skip_bad_rows: bool = False
+    drawn_arrivals: bool = False
 
     def __post_init__(self) -> None:
         if unknown := [k for k in self.columns if k not in MAPPABLE]:
@@ -165,7 +168,9 @@ class Trace:
         return replace(self, arrival_s=arrivals)
 
     def with_arrivals(self, arrival_s: np.ndarray) -> Trace:
-        return replace(self, arrival_s=np.asarray(arrival_s, dtype=float))
+        """The same requests, in the same order, arriving at ``arrival_s`` (no longer taken from
+        the file's first arrival)."""
+        return replace(self, arrival_s=np.asarray(arrival_s, dtype=float), arrival_offset_s=0.0)
 
     def head(self, n: int) -> Trace:
         return replace(self, arrival_s=self.arrival_s[:n], input_tokens=self.input_tokens[:n],
@@ -234,11 +239,21 @@ def _renamed_header(path: Path, names: list[str], fmt: TraceFormat) -> list[str]
         raise TraceError(f"{path}:1: column {clash[0]!r} is in the file and {fmt.columns[clash[0]]!r} "
                          f"is mapped to it: give one of the two")
     renamed = [ours.get(c, c) for c in names]
-    if missing := [c for c in REQUIRED if c not in renamed]:
+    if missing := [c for c in _required(fmt, "arrival_time_s" in renamed) if c not in renamed]:
         raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}; the header has "
                          f"{_header_text(names)} (map its names with --columns, e.g. "
-                         f"--columns {missing[0]}=COLUMN)")
+                         f"--columns {missing[0]}=COLUMN{_NO_TIMES if missing == ['arrival_time_s'] else ''})")
     return renamed
+
+
+#: What a trace without arrival times can do (said where one is missing).
+_NO_TIMES = "; a trace without arrival times gets drawn ones from `ecoserve simulate --arrivals poisson --rate R`"
+
+
+def _required(fmt: TraceFormat, has_arrival: bool) -> tuple[str, ...]:
+    """The fields a row (or header) must give: the arrival time only if it has one, when the
+    arrival times will be drawn (a row with one is then read as any other)."""
+    return REQUIRED if has_arrival or not fmt.drawn_arrivals else REQUIRED[1:]
 
 
 def _header_text(names: list[str]) -> str:
@@ -415,6 +430,7 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
         raise TraceError(f"{p}: {why}")
     arr, inp, out, mx, rl, prompts, gens = [], [], [], [], [], [], []
     has_rl: bool | None = None  # the first good row's: every row must agree
+    has_arrival: bool | None = None  # the same (no arrival column: only with drawn arrivals)
     first_line = 0
     prompt_problem = ""
     skipped, first_skipped = 0, ""
@@ -435,10 +451,15 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
             raise TraceError(f"{where}: {'has' if row_rl else 'has no'} rl_* fields but the first row "
                              f"(line {first_line}) {'has none' if row_rl else 'has them'}: they come on "
                              "every row or on none")
+        row_arrival = values[0] is not None
+        if has_arrival is not None and has_arrival != row_arrival:  # file order and time order mixed
+            raise TraceError(f"{where}: {'has' if row_arrival else 'has no'} {fmt.label('arrival_time_s')} "
+                             f"but the first row (line {first_line}) {'has none' if row_arrival else 'has one'}: "
+                             "arrival times come on every row or on none")
         if has_rl is None:
-            has_rl, first_line = row_rl, line_no
+            has_rl, has_arrival, first_line = row_rl, row_arrival, line_no
         a, i, o, m, row_rl_values = values
-        arr.append(a)
+        arr.append(0.0 if a is None else a)  # none: the file's order (the times are drawn)
         inp.append(i)
         out.append(o)
         mx.append(m)
@@ -476,12 +497,15 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
 
 
 def _lengths(row: dict, where: str, max_tokens: int, fmt: TraceFormat
-             ) -> tuple[float, int, int, int, list[int] | None]:
-    """A row's arrival (s), input, output and max tokens, and its rl_* values (None: none)."""
-    for k in REQUIRED:
+             ) -> tuple[float | None, int, int, int, list[int] | None]:
+    """A row's arrival (s; None: none, and the times will be drawn), input, output and max
+    tokens, and its rl_* values (None: none)."""
+    required = _required(fmt, row.get("arrival_time_s") not in (None, ""))
+    for k in required:
         if row.get(k) in (None, ""):
-            raise TraceError(f"{where}: missing {fmt.label(k)}")
-    a = _arrival(row, where, fmt)
+            raise TraceError(f"{where}: missing {fmt.label(k)}" + (f" ({_NO_TIMES.removeprefix('; ')})"
+                                                                  if k == "arrival_time_s" else ""))
+    a = _arrival(row, where, fmt) if required is REQUIRED else None
     o = _int(row, "output_tokens", where, 1, fmt)
     i = _int(row, "input_tokens", where, 1, fmt)
     m = _int(row, "max_tokens", where, 1, fmt) if row.get("max_tokens") not in (None, "") else max(max_tokens, o)

@@ -308,6 +308,14 @@ def test_synthetic_arrivals_and_overflowing_scales(tmp_path):
     assert r.exit_code == 0 and _strict(r.stdout)["finished"] == 5
     _refused(runner.invoke(app, ["simulate", "--trace", t, "--predictions", "oracle",
                                  "--rate-scale", "1e-320"]), "past 2^36 s")
+    # lengths without arrival times (docs/simulator.md: ShareGPT's) get drawn ones; the line says so
+    lens = tmp_path / "lens.csv"
+    lens.write_text("input_tokens,output_tokens\n10,20\n30,5\n7,7\n")
+    r = runner.invoke(app, ["simulate", "--trace", str(lens), "--predictions", "oracle", "--arrivals", "poisson",
+                            "--rate", "2", "--json"])
+    assert r.exit_code == 0 and _strict(r.stdout)["finished"] == 3
+    assert "arrival times drawn (poisson, 2 requests/s, seed 0)" in r.stderr
+    _refused(runner.invoke(app, ["simulate", "--trace", str(lens), "--predictions", "oracle"]), "--arrivals poisson")
 
 
 @pytest.mark.parametrize(("args", "option", "why"), [

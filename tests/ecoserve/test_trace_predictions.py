@@ -88,6 +88,30 @@ def test_bad_jsonl_rows_name_the_line(tmp_path):
             read_trace(write(tmp_path, name, text))
 
 
+def test_a_trace_without_arrival_times_is_read_in_order_when_they_are_drawn(tmp_path):
+    # conversation lengths (ShareGPT's) have no arrival times: docs/simulator.md sends them to
+    # `simulate --arrivals poisson`, which refused them (was: "missing arrival_time_s")
+    lens = write(tmp_path, "lens.jsonl", '{"input_tokens": 5, "output_tokens": 9}\n{"input_tokens": 3, "output_tokens": 1}\n')
+    with pytest.raises(TraceError, match=r"lens\.jsonl:1: missing arrival_time_s \(a trace without arrival times "
+                                         r"gets drawn ones from `ecoserve simulate --arrivals poisson --rate R`\)"):
+        read_trace(lens)
+    drawn = TraceFormat(drawn_arrivals=True)
+    t = read_trace(lens, fmt=drawn)
+    assert t.input_tokens.tolist() == [5, 3] and t.arrival_s.tolist() == [0.0, 0.0]  # the file's order
+    csv = write(tmp_path, "lens.csv", "input_tokens,output_tokens\n5,9\n3,1\n")
+    with pytest.raises(TraceError, match=r"missing column\(s\) arrival_time_s; .*--arrivals poisson"):
+        read_trace(csv)
+    assert read_trace(csv, fmt=drawn).input_tokens.tolist() == [5, 3]
+    # a file with times is read as before (in time order), and times on some rows only are refused
+    timed = write(tmp_path, "timed.jsonl", '{"arrival_time_s": 2, "input_tokens": 5, "output_tokens": 9}\n'
+                                           '{"arrival_time_s": 1, "input_tokens": 3, "output_tokens": 1}\n')
+    assert read_trace(timed, fmt=drawn).input_tokens.tolist() == [3, 5]
+    mixed = write(tmp_path, "mixed.jsonl", '{"input_tokens": 5, "output_tokens": 9}\n'
+                                           '{"arrival_time_s": 1, "input_tokens": 3, "output_tokens": 1}\n')
+    with pytest.raises(TraceError, match=r"mixed\.jsonl:2: has arrival_time_s but the first row \(line 1\) has none"):
+        read_trace(mixed, fmt=drawn)
+
+
 def test_rate_scaling_and_synthetic_arrivals(tmp_path):
     t = read_trace(write(tmp_path, "t.csv", "arrival_time_s,input_tokens,output_tokens\n0,1,1\n4,1,1\n"))
     assert t.scaled(2.0).arrival_s.tolist() == [0.0, 2.0]
