@@ -476,8 +476,9 @@ class PredictionScale:
 
 
 def victim_key(slo_lost: bool, remaining: int, seq: int) -> tuple[bool, int, int]:
-    """Largest first: requests whose SLO is already lost, then the longest predicted remaining
-    work (it frees the most KV-time), then the latest admitted."""
+    """Largest first: requests whose TTFT SLO is already missed (``slo_lost``: the first token
+    came late; mean TBT is not looked at), then the longest predicted remaining work (it frees
+    the most KV-time), then the latest admitted."""
     return (slo_lost, remaining, seq)
 
 
