@@ -224,7 +224,7 @@ class EcoServeVllmConfig:
     park: bool = _SIM["park"]  # preempt decodes with TBT slack for a new request that can meet its TTFT
     scale_predictions: bool = _SIM["scale_predictions"]  # predicted RL x rules.PredictionScale
     amortize: bool = _SIM["amortize"]  # amortized chunks (a mean-TBT SLO; 0 for a P99-TBT SLO)
-    slo_ttft: float = 5.0  # seconds: give-way and SLO-lost victims
+    slo_ttft: float = 5.0  # seconds: give-way and TTFT-missed victims
     slo_tbt: float = 0.2  # seconds: parking's slack; x iter_time_frac: the step time target (budget)
     # Without a profile only (with one, the cost model's, as the simulator's EcoServe):
     prefill_s_per_token: float = 5e-5  # prefill seconds per prompt token (service time)
@@ -1120,7 +1120,7 @@ class EcoServeMixin:
             self.eco_counters["victim_sorts"] += 1
 
     def _victim_key(self, r: Request, now: float) -> tuple[bool, int, int]:
-        """Largest is preempted first: SLO lost, longest predicted remaining, latest admitted."""
+        """Largest is preempted first: TTFT SLO missed, longest predicted remaining, latest admitted."""
         rid, g = r.request_id, r.num_output_tokens
         lost = self._first_token.get(rid, now) - r.arrival_time > self.eco_cfg.slo_ttft
         rem = rules.reservation_tokens(self._reserve(rid), g, r.max_tokens) - g
