@@ -112,6 +112,8 @@ class Fields:
 
 
 LOG_FIELDS = Fields()
+#: How a row without the request's field begins (annotate then names its field options).
+NO_REQUEST_FIELD = "neither field"
 TRACE_FIELDS = Fields.trace()
 
 
@@ -203,7 +205,9 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> str | list[dict[str, s
     if prompt is None:
         messages = " or ".join(map(repr, fields.messages))
         if fields.prompt not in row and not any(n in row for n in fields.messages):
-            raise RecordError("", f"neither field {fields.prompt!r} nor {messages} is present")
+            names = [repr(k[:40]) for k in list(row)[:8] if isinstance(k, str)]
+            has = f"the row has {', '.join(names)}{' and more' if len(row) > 8 else ''}" if names else "the row is empty"
+            raise RecordError("", f"{NO_REQUEST_FIELD} {fields.prompt!r} nor {messages} is present ({has})")
         raise RecordError("", f"field {fields.prompt!r} is missing or null and {messages} is missing or empty")
     if not isinstance(prompt, str):
         raise RecordError("", f"field {fields.prompt!r}: expected a string, got {type(prompt).__name__}")

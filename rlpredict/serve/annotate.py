@@ -35,6 +35,7 @@ from rlpredict import records
 from rlpredict.outputs import atomic_path, check_new_file, check_paths
 from rlpredict.records import (
     COMPRESSION_ERRORS,
+    NO_REQUEST_FIELD,
     TRACE_FIELDS,
     Fields,
     OnError,
@@ -111,6 +112,16 @@ def no_rows(src: str | Path, fmt: str) -> AnnotateError:
     return AnnotateError(f"{src}: no rows to annotate (the file {what})")
 
 
+def none_annotated(src: str | Path, summary: AnnotateSummary, reasons: Counter[str]) -> AnnotateError:
+    """Every row rejected (``--on-error skip``): an error, not an output of no rows and exit 0;
+    nothing is written (the input holds every row). Was: a header-only output, rc 0."""
+    top = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(2))
+    hint = ("; name the request's field with --prompt-field or --messages-field"
+            if any(why.startswith(NO_REQUEST_FIELD) for why in reasons) else "")
+    return AnnotateError(f"{src}: no row could be annotated: all {summary.rows_rejected} were rejected ({top}); "
+                         f"nothing was written{hint}")
+
+
 def default_rejects_path(output: str | Path) -> Path:
     """``out.parquet`` -> ``out.rejects.jsonl`` (beside the output; only the format's suffixes
     go: ``run.2024.01.05.csv.gz`` -> ``run.2024.01.05.rejects.jsonl``)."""
@@ -145,6 +156,8 @@ def generator_of(row: Mapping[str, Any], fields: Fields, wanted: bool) -> str | 
 # ---- the driver ---------------------------------------------------------------------------------
 def bad_row_message(path: str | Path, where: str, number: int, reason: str) -> str:
     """What fail mode reports for the first bad row (``where``: "line" or "row")."""
+    if reason.startswith(NO_REQUEST_FIELD):  # a file that names its request otherwise: every row would fail
+        return f"{path}: {where} {number}: {reason}; name the request's field with --prompt-field or --messages-field"
     return f"{path}: {where} {number}: {reason} (use --on-error skip to set bad rows aside)"
 
 
@@ -248,6 +261,8 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
             raise corrupt_compressed(src, e) from None
         if summary.rows_in == 0:  # raised here, so the temporary output is removed
             raise no_rows(src, fmt)
+        if summary.rows_out == 0:
+            raise none_annotated(src, summary, run.reasons)
         summary.reasons = dict(run.reasons.most_common())
         summary.stale_fields = dict(sorted(run.stale.items()))
         if rej_file is not None:

@@ -62,6 +62,7 @@ from rlpredict.serve.annotate import (
     default_rejects_path,
     detect_format,
     no_rows,
+    none_annotated,
     parquet_out_schema,
 )
 from rlpredict.serve.bundle import MANIFEST, load_bundle
@@ -523,6 +524,8 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         if summary.rows_in == 0:  # as the local engine: an error, and nothing is written
             raise AnnotateError(f"{src}: no rows to annotate in any of its {len(files)} file(s)") if folder \
                 else no_rows(src, files[0].kind)
+        if summary.rows_out == 0:
+            raise none_annotated(src, summary, reasons)
         if summary.rows_in != summary.rows_out + summary.rows_rejected:
             raise AssertionError(f"rows in {summary.rows_in} != out {summary.rows_out} + rejected "
                                  f"{summary.rows_rejected}")

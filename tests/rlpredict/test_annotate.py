@@ -262,9 +262,9 @@ def test_trace_messages_read_like_training_logs(predictor, tmp_path):
         row = {"messages": [system, {**user, "content": text_parts}, {"role": "assistant", "content": "ok"}]}
         assert samples_from_row(row, "x", "s")[-1].messages[:2] == plain  # training reads the same text
     # a part that is not an object is refused, not read as nothing
-    write(src, [{"id": 0, "messages": [{"role": "user", "content": ["name three rivers"]}]}])
+    write(src, [{"id": 0, "messages": [{"role": "user", "content": ["name three rivers"]}]}, {"id": 1, "prompt": "hi"}])
     summary = annotate_file(predictor, src, dst, force=True, on_error="skip")
-    assert summary.rows_rejected == 1
+    assert (summary.rows_rejected, summary.rows_out) == (1, 1)
 
 
 def test_an_oversize_row_is_rejected_with_no_row_not_the_readers_marker(predictor, tmp_path):

@@ -128,6 +128,9 @@ ANNOTATE_ROWS = st.one_of(
 ANNOTATE_FIELDS = ["prompt", "messages", "generator", "id"]
 
 
+ALL_REJECTED: list[int] = []  # skip mode rejected every row (nothing written): no line list
+
+
 def _annotate_both_modes(p: Predictor, src: Path, rows: int):
     """Run skip mode (checked: counts, rejects, no stray temp files) and fail mode (checked:
     error at skip mode's first rejected line, output left as it was); returns (rejected lines,
@@ -140,7 +143,14 @@ def _annotate_both_modes(p: Predictor, src: Path, rows: int):
                 annotate_file(p, src, out, on_error=mode, chunk_rows=7)  # type: ignore[arg-type]
         assert sorted(x.name for x in d.iterdir()) == [src.name]
         return [], None
-    s = annotate_file(p, src, out, on_error="skip", chunk_rows=7)
+    try:
+        s = annotate_file(p, src, out, on_error="skip", chunk_rows=7)
+    except AnnotateError as e:  # every row rejected: an error, and nothing written
+        assert re.match(rf"{re.escape(str(src))}: no row could be annotated: all {rows} were rejected", str(e)), str(e)
+        assert sorted(x.name for x in d.iterdir()) == [src.name]
+        with pytest.raises(AnnotateError, match=rf"{re.escape(str(src))}: line \d+: "):
+            annotate_file(p, src, out, on_error="fail", chunk_rows=7)
+        return ALL_REJECTED, None
     assert s.rows_in == rows == s.rows_out + s.rows_rejected
     rejects = [json.loads(x) for x in (d / "out.rejects.jsonl").read_bytes().split(b"\n")[:-1]]
     assert len(rejects) == s.rows_rejected and all(r["reason"] for r in rejects)
@@ -209,7 +219,7 @@ def test_annotate_csv_fuzz(shipped, file):
         src.write_bytes(data)
         rejected, out = _annotate_both_modes(shipped, src, csv_record_count(data))
         header = next(csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline="")), [])
-        kept = [cells for line, cells in _csv_records(data) if line not in rejected]
+        kept = [] if rejected is ALL_REJECTED else [cells for line, cells in _csv_records(data) if line not in rejected]
         if out is None:  # no row: nothing was written
             assert not kept
             return
@@ -276,10 +286,11 @@ ANNOTATE_REGRESSIONS = {  # file name -> (content, rows in, rows rejected)
                          b'{"prompt": "a", "generator": "\\udfff"}\n{"prompt": "ok", "x": "\\ud800"}\n'
                          b'{"prompt": "ok", "x": "\\ud800", "rl_bucket": 1}\n', 5, 3),  # TypeError
     "numbers.jsonl": (b'{"prompt": "a", "x": ' + b"9" * 5000 + b'}\n{"prompt": "a", "x": '
-                      + b"[" * 3000 + b"]" * 3000 + b"}\n", 2, 2),  # ValueError, RecursionError
-    "parts.jsonl": (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}\n', 1, 1),
+                      + b"[" * 3000 + b"]" * 3000 + b'}\n{"prompt": "ok"}\n', 3, 2),  # ValueError, RecursionError
+    "parts.jsonl": (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}\n{"prompt": "ok"}\n',
+                    2, 1),
     "cr.jsonl": (b'{"prompt": "a",\r "b": 1}\n', 1, 0),  # a bare CR made two bad rows of one
-    "messages_cell.csv": (b"messages\n" + b"9" * 5000 + b"\n", 1, 1),
+    "messages_cell.csv": (b"messages\n" + b"9" * 5000 + b'\n"[{""role"": ""user"", ""content"": ""hi""}]"\n', 2, 1),
 }
 
 

@@ -459,6 +459,21 @@ def test_annotate_csv_names_an_empty_prompt_cell(bundle_fp32, tmp_path):
     one_error_line(res, f"{src}: line 3: field 'prompt' is missing or null")
 
 
+def test_annotate_a_file_that_names_its_prompt_otherwise(bundle_fp32, tmp_path):
+    """Was: the error said "use --on-error skip", which wrote a header-only output, exit 0."""
+    src = tmp_path / "t.csv"
+    src.write_text("text,ts\nhello,1\nworld,2\n")
+    res = run("annotate", src, "-o", tmp_path / "o.csv", "-m", bundle_fp32, "--no-progress")
+    one_error_line(res, f"{src}: line 2: neither field 'prompt' nor 'messages' is present (the row has 'text', "
+                        "'ts'); name the request's field with --prompt-field or --messages-field")
+    res = run("annotate", src, "-o", tmp_path / "o.csv", "-m", bundle_fp32, "--no-progress", "--on-error", "skip")
+    one_error_line(res, f"{src}: no row could be annotated: all 2 were rejected (2 x neither field 'prompt' nor "
+                        "'messages' is present); nothing was written; name the request's field with --prompt-field")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
+    res = run("annotate", src, "-o", tmp_path / "o.csv", "-m", bundle_fp32, "--no-progress", "--prompt-field", "text")
+    assert res.exit_code == 0, res.output
+
+
 def test_annotate_rejects_keep_bytes_that_are_not_utf8(bundle_fp32, tmp_path):
     src = tmp_path / "t.jsonl"
     src.write_bytes(b'{"prompt": "ok"}\n\xff\xfe{"prompt": "caf\xe9"}\n')
