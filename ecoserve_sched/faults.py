@@ -2,7 +2,9 @@
 
 An iteration is named by the scheduler's step counter when it starts (``Scheduler.step``: 0 for
 the first iteration; every iteration, failed or not, advances it by one, and so does every step
-of a decode-only stretch). A failing iteration takes its usual time, then produces nothing: the
+of a decode-only stretch; under ``vllm-v0`` a prefill-only iteration, which stalls the decodes,
+does not). Step k fails the first iteration that starts at step k or later. A failing iteration
+takes its usual time, then produces nothing: the
 requests in its batch (every decode and the prefill chunks) end ERRORED through
 ``Scheduler.fail_batch``, their KV blocks go back, and the run goes on for everyone else.
 
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .request import is_real, is_whole
+
 NEVER = 1 << 62  # a step no run reaches
 
 
@@ -33,11 +37,15 @@ class Faults:
     error: str = "injected engine fault"
 
     def __post_init__(self) -> None:
+        if isinstance(self.steps, str | bytes):  # was: "12" read as steps 1 and 2
+            raise TypeError(f"fault steps must be iteration indices, got text {self.steps!r}")
+        if bad := [s for s in self.steps if not (is_whole(s) and s >= 0)]:  # was: 2.5 read as 2, True as 1
+            raise ValueError(f"fault steps must be whole numbers >= 0, got {bad[0]!r}")
         object.__setattr__(self, "steps", frozenset(int(s) for s in self.steps))
-        if any(s < 0 for s in self.steps):
-            raise ValueError(f"fault steps must be >= 0, got {sorted(self.steps)[:3]}")
-        if not 0.0 <= self.rate < 1.0:
-            raise ValueError(f"fault rate must be in [0, 1), got {self.rate}")
+        if not (is_real(self.rate) and 0.0 <= self.rate < 1.0):
+            raise ValueError(f"fault rate must be in [0, 1), got {self.rate!r}")
+        if not (is_whole(self.seed) and self.seed >= 0):  # was: refused only when the plan was drawn
+            raise ValueError(f"fault seed must be a whole number >= 0, got {self.seed!r}")
 
     @classmethod
     def of(cls, faults: Faults | Iterable[int] | None) -> Faults | None:

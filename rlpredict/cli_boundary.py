@@ -62,7 +62,11 @@ def install_hint(extra: str) -> str:
 
 
 def missing_module(e: BaseException) -> str | None:
-    """The line for an optional module that is not installed (None: not one of ours to name)."""
+    """The line for an optional module that is not installed, or not in a version we support
+    (an ``ImportError`` with ``needs_extra`` set: its message says which); None: not one of
+    ours to name."""
+    if isinstance(e, ImportError) and getattr(e, "needs_extra", None):
+        return str(e)
     if not isinstance(e, ModuleNotFoundError) or not e.name:
         return None
     top = e.name.split(".")[0]

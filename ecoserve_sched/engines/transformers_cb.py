@@ -41,28 +41,45 @@ Supported transformers: :data:`TRANSFORMERS_RANGE` (this code uses the scheduler
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import ContinuousBatchingConfig, GenerationConfig
-from transformers.generation.continuous_batching import RequestState, RequestStatus
-from transformers.generation.continuous_batching import Scheduler as HFScheduler
-from transformers.generation.continuous_batching.requests import FutureRequestState
-from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+import transformers
 
 from ..policies import Batch, Scheduler, get_policy
-from ..request import SLO, Request, State, is_real, is_whole
+from ..request import SLO, Request, State, check_servable, is_real, is_whole
 from ..serving import Executor, LogRow, SimResult, never_fits, serve
-
-logger = logging.getLogger(__name__)
 
 #: transformers versions this adapter is tested with (pinned by the ``engines`` extra).
 TRANSFORMERS_RANGE = ">=5.24,<5.25"
+
+try:
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching import RequestState, RequestStatus
+    from transformers.generation.continuous_batching import Scheduler as HFScheduler
+    from transformers.generation.continuous_batching.requests import FutureRequestState
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+except ImportError as e:  # was: transformers' own ImportError, naming no version (the base install allows 4.46)
+    wrong = ImportError(f"ecoserve_sched.engines.transformers_cb needs transformers{TRANSFORMERS_RANGE}, found "
+                        f"{transformers.__version__} ({e}); install the engines extra: "
+                        "pip install -c constraints.txt -e '.[engines]'")
+    wrong.needs_extra = "engines"  # type: ignore[attr-defined]  # the CLIs' boundary: exit 2, this line
+    raise wrong from e
+
+logger = logging.getLogger(__name__)
+#: Events a :class:`PolicyScheduler` keeps under transformers' manager (a server runs for days);
+#: :class:`TransformersEngine` keeps all of its run's.
+KEEP_EVENTS = 100_000
+#: Policy-side ids of requests given no policy request (unique in the process: a policy may see
+#: several schedulers' requests).
+_RIDS = itertools.count(1 << 30)
 
 
 class StepCost:
@@ -106,8 +123,14 @@ class PolicyScheduler(HFScheduler):
 
     def __init__(self, cache: Any, safety_margin: float | None, max_requests_per_batch: int, *,
                  policy: Scheduler, requests: dict[str, Request] | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, keep_events: int | None = KEEP_EVENTS) -> None:
+        if policy.has_work():  # its requests' engine states are gone: their ids would be reused
+            raise ValueError(f"the policy still holds {policy.waiting_count()} waiting and "
+                             f"{len(policy.prefilling) + len(policy.decoding)} running requests of an earlier run "
+                             "(a generate_batch or manager that ended with an error?): a policy serves one "
+                             "run; register a fresh one (get_policy(...)) with register_scheduler")
         self.policy = policy
+        self.keep_events = keep_events
         self.meta = requests if requests is not None else {}
         t0 = time.perf_counter()
         self.clock = clock or (lambda: time.perf_counter() - t0)
@@ -126,10 +149,10 @@ class PolicyScheduler(HFScheduler):
         self.reqs: dict[str, Request] = {}  # engine id -> policy request
         self.states: dict[int, RequestState] = {}  # policy rid -> engine state
         self.held: dict[int, int] = {}  # rid -> epoch, for requests whose KV the engine holds
-        self.events: list[tuple[float, str, int]] = []  # (time, admit|preempt|finish|drop|error|cancel, rid)
+        # (time, admit|preempt|finish|drop|error|cancel, rid); the last ``keep_events`` (None: all)
+        self.events: deque[tuple[float, str, int]] = deque(maxlen=self.keep_events)
         self.last_batch: Batch | None = None
         self._pending: Batch | None = None  # scheduled, not yet reported to policy.complete
-        self._next_rid = 1 << 30
 
     # ---- arrivals and finishes ----------------------------------------------------------------
     def add_waiting_request(self, state: RequestState) -> None:
@@ -154,9 +177,8 @@ class PolicyScheduler(HFScheduler):
         r = self._check_new(state)
         if r is None:
             n = state.max_new_tokens or 1
-            r = Request(self._next_rid, self.clock(), len(state.initial_tokens), n, n,
+            r = Request(next(_RIDS), self.clock(), len(state.initial_tokens), n, n,
                         pred_tokens=n, reserve_tokens=n)
-            self._next_rid += 1
         self.reqs[state.request_id] = r
         self.states[r.rid] = state
         super().add_waiting_request(state)
@@ -167,6 +189,7 @@ class PolicyScheduler(HFScheduler):
             state.error = r.error or "prompt does not fit the KV cache"
             state.status = RequestStatus.FAILED
             self.events.append((self.clock(), "drop", r.rid))
+            self._forget(r)
 
     def _check_new(self, state: RequestState) -> Request | None:
         """Raise for what cannot be served: an id in use, a request longer than the whole KV
@@ -175,6 +198,16 @@ class PolicyScheduler(HFScheduler):
         if (old := self.reqs.get(rid_s)) is not None and old.state not in (State.FINISHED, State.ERRORED):
             raise ValueError(f"request id {rid_s!r} is already in use by a request not yet finished")
         r = self.meta.get(rid_s)
+        if r is None and state.max_new_tokens is None:  # was: planned as 1 token; it grew, was preempted, and waited forever
+            raise ValueError(f"{rid_s}: max_new_tokens is not set (transformers: no limit); a policy plans each "
+                             "request's KV up to its max_new_tokens: set it in the generation config")
+        if r is not None:  # the policy side given to register_scheduler: it must describe this request
+            check_servable([r])  # fresh (was: a map reused from an earlier run), whole numbers (numpy's: int)
+            limit = state.max_new_tokens
+            if r.prompt_tokens != len(state.initial_tokens) or (limit is not None and r.target_tokens < limit):
+                raise ValueError(f"{rid_s}: its policy request has {r.prompt_tokens} prompt tokens and ends at "
+                                 f"{r.target_tokens} new tokens; the request has {len(state.initial_tokens)} and "
+                                 f"max_new_tokens {limit} (was: wrong tokens, or a policy done before the engine)")
         prompt, new = (r.prompt_tokens, r.target_tokens) if r else (len(state.initial_tokens), state.max_new_tokens or 1)
         cap = self.policy.kv.num_blocks * self.policy.kv.block_size
         if never_fits(Request(-1, 0.0, prompt, new, new), cap):
@@ -189,6 +222,15 @@ class PolicyScheduler(HFScheduler):
             self.held.pop(r.rid, None)
             self.events.append((self.clock(), "finish", r.rid))
         super().finish_request(request_id)
+        if r is not None and r.state in (State.FINISHED, State.ERRORED):
+            self._forget(r)
+
+    def _forget(self, r: Request) -> None:
+        """Drop an ended request from the maps (a long-running manager held every request it
+        had served: 1,500 served, 1,500 prompts kept)."""
+        st = self.states.pop(r.rid, None)
+        if st is not None and self.reqs.get(st.request_id) is r:
+            del self.reqs[st.request_id]
 
     def clear_cancelled_requests(self) -> list[RequestState]:
         """Cancel what the manager was asked to cancel (``manager.cancel_request``): a running
@@ -216,6 +258,7 @@ class PolicyScheduler(HFScheduler):
             if st is not None:
                 cancelled.append(st)
             self.events.append((self.clock(), "cancel", r.rid))
+            self._forget(r)
         return cancelled
 
     def iteration_done(self, now: float) -> None:
@@ -283,6 +326,7 @@ class PolicyScheduler(HFScheduler):
             st.status = RequestStatus.FAILED
             st.error = error
             self.events.append((now, "error", r.rid))
+            self._forget(r)
         return failed
 
     def _take(self, r: Request, n: int, moved: set[str]) -> FutureRequestState:
@@ -318,11 +362,14 @@ class PolicyScheduler(HFScheduler):
 
 
 def register_scheduler(name: str, policy: Scheduler, requests: dict[str, Request] | None = None,
-                       clock: Callable[[], float] | None = None) -> str:
+                       clock: Callable[[], float] | None = None, keep_events: int | None = KEEP_EVENTS) -> str:
     """Make ``ContinuousBatchingConfig(scheduler_type=name)`` build a :class:`PolicyScheduler`
-    over ``policy`` (so ``model.generate_batch`` and the manager use it too); returns ``name``."""
+    over ``policy`` (so ``model.generate_batch`` and the manager use it too); returns ``name``.
+    ``requests`` maps engine request ids to fresh policy requests (unique ids)."""
+    if requests:
+        check_servable(list(requests.values()))  # was: two sharing an id lost one request's output
     SCHEDULER_MAPPING[name] = functools.partial(PolicyScheduler, policy=policy, requests=requests,
-                                                clock=clock)
+                                                clock=clock, keep_events=keep_events)
     return name
 
 
@@ -357,9 +404,11 @@ class GenRequest:
             v = getattr(self, name)  # was: NaN or 2.5 failed inside the policy, mid-run; -5 taken
             if not (is_whole(v) and v >= lo):
                 raise ValueError(f"GenRequest: {name} must be a whole number >= {lo}, got {v!r}")
+            setattr(self, name, int(v))  # numpy's integers (a predictor's output) as int
         n = self.max_new_tokens
         if not (is_whole(n) and n >= 1):
             raise ValueError(f"GenRequest: max_new_tokens must be a whole number >= 1, got {n!r}")
+        self.max_new_tokens = int(n)
         a = self.arrival_s
         if not (is_real(a) and a >= 0):
             raise ValueError(f"GenRequest: arrival_s must be a finite number >= 0, got {a!r}")
@@ -419,6 +468,11 @@ class EngineRun:
                  i.measured_s) for i in self.iterations]
 
 
+#: ``ContinuousBatchingConfig`` fields the engine sets from its own arguments.
+_CB_SET_HERE = frozenset(("page_size", "num_blocks", "max_batch_tokens", "max_requests_per_batch",
+                          "allow_block_sharing", "use_async_batching", "scheduler_type"))
+
+
 class TransformersEngine:
     """Generate with a transformers causal LM, batched continuously under an ecoserve policy.
 
@@ -445,6 +499,9 @@ class TransformersEngine:
         self.clock = clock
         self.eos_token_id = eos_token_id
         self.cb_overrides = cb_overrides or {}
+        if set_here := sorted(set(self.cb_overrides) & _CB_SET_HERE):  # was: a TypeError that left the
+            raise ValueError(f"cb_overrides: {', '.join(set_here)} is set by the engine "  # scheduler registered
+                             "(from its own arguments; async batching is not supported)")
         self.policy_kw = policy_kw
         self.policy: Scheduler | None = None  # the last run's policy (counters, KV ledger)
         self.scheduler: PolicyScheduler | None = None  # the last run's engine-side scheduler
@@ -484,7 +541,8 @@ class TransformersEngine:
         vocab = getattr(config, "vocab_size", None)
         # a hard limit only for learned position embeddings (OPT, GPT-2: an IndexError past them);
         # rotary models compute positions past their nominal length
-        rotary = any(getattr(config, a, None) is not None for a in ("rope_parameters", "rope_scaling", "rope_theta"))
+        rotary = any(getattr(config, a, None) is not None
+                     for a in ("rope_parameters", "rope_scaling", "rope_theta", "rotary_dim", "rotary_pct"))
         positions = None if rotary else (getattr(config, "max_position_embeddings", None)
                                          or getattr(config, "n_positions", None))
         for i, g in enumerate(reqs):  # was: one bad request failed every request of its batch
@@ -497,7 +555,7 @@ class TransformersEngine:
         policy = self.policy = self.make_policy()
         preqs = self.to_requests(reqs, oracle=policy.prediction_override == "oracle")
         meta = {f"r{r.rid}": r for r in preqs}
-        name = register_scheduler(f"ecoserve_sched-{id(self)}", policy, meta, lambda: self._now)
+        name = register_scheduler(f"ecoserve_sched-{id(self)}", policy, meta, lambda: self._now, keep_events=None)
         # a policy that does not chunk prompts (orca, vllm-v0) runs a whole prompt, or the
         # recompute of prompt and generated tokens, alone past its budget: transformers' batch
         # must hold it (the simulator's does; the engine stopped with "exceeds the engine's")
@@ -533,7 +591,7 @@ class TransformersEngine:
             res.preemptions = r.preemptions
             if r.state == State.ERRORED and res.error is None:  # a prompt vllm-v0 ignored
                 res.error = r.error
-        return EngineRun(self.policy_name, self.clock, ex.results, ex.iterations, sim.counters, ex.sched.events,
+        return EngineRun(self.policy_name, self.clock, ex.results, ex.iterations, sim.counters, list(ex.sched.events),
                          time.perf_counter() - ex.t0, sim)
 
 

@@ -148,9 +148,16 @@ def test_fault_plan_and_validation():
     gaps = np.diff(list(itertools.islice(Faults(rate=0.1, seed=2).plan(), 5000)))
     assert 9 < gaps.mean() < 11  # Bernoulli(0.1) per iteration: mean gap 10
     assert Faults.of([4, 2]) == Faults(steps=frozenset({2, 4})) and Faults.of(None) is None
-    for bad in ({"rate": 1.0}, {"rate": -0.1}, {"steps": {-1}}):
-        with pytest.raises(ValueError):
+    # was: 2.5 read as step 2, True as 1, "12" as steps 1 and 2; a NaN rate or a bad seed
+    # failed only when the plan was drawn
+    for bad, why in (({"rate": 1.0}, "rate"), ({"rate": -0.1}, "rate"), ({"rate": float("nan")}, "rate"),
+                     ({"steps": {-1}}, "steps"), ({"steps": {2.5}}, "got 2.5"), ({"steps": {True}}, "got True"),
+                     ({"steps": {float("nan")}}, "got nan"), ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed")):
+        with pytest.raises(ValueError, match=why):
             Faults(**bad)
+    with pytest.raises(TypeError, match="got text '12'"):
+        Faults(steps="12")
+    assert Faults(steps={np.int64(3)}).steps == {3} and type(next(iter(Faults(steps={np.int64(3)}).steps))) is int
 
 
 def test_abort_is_for_running_requests_only():

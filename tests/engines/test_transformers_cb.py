@@ -251,6 +251,20 @@ def test_requests_the_engine_cannot_serve_are_refused(tiny_llama):
     opt = SimpleNamespace(config=OPTConfig(vocab_size=256, max_position_embeddings=32))
     with pytest.raises(ValueError, match=re.escape("request 1: 10 prompt + 23 new tokens (33) exceed the model's 32")):
         make_engine(opt, "ecoserve").generate([GenRequest([5, 6, 7], 3), GenRequest([5] * 10, 23)])
+    # GPT-J's rotary positions (``rotary_dim``) were held to its n_positions
+    from transformers import GPTJConfig
+
+    gptj = SimpleNamespace(config=GPTJConfig(vocab_size=256, n_positions=32))
+    with pytest.raises(AttributeError):  # past the positions check: the namespace is no model
+        make_engine(gptj, "ecoserve").generate([GenRequest([5] * 10, 23)])
+    # numpy's integers (a predictor's output) become int (were: a traceback mid-run)
+    g = GenRequest([1, 2], np.int64(3), pred_tokens=np.int32(2), reserve_tokens=np.int64(4))
+    assert all(type(v) is int for v in (g.max_new_tokens, g.pred_tokens, g.reserve_tokens))
+    # what the engine sets itself (was: a TypeError that left the scheduler registered)
+    from ecoserve_sched.engines.transformers_cb import TransformersEngine
+
+    with pytest.raises(ValueError, match="cb_overrides: use_async_batching is set by the engine"):
+        TransformersEngine(tiny_llama, "ecoserve", cb_overrides={"use_async_batching": True})
     # a persistent manager of the model's own would have been used, and destroyed
     tiny_llama._cached_continuous_batching_manager = object()
     try:
@@ -302,3 +316,60 @@ def test_a_request_larger_than_the_cache_is_dropped_with_an_event(tiny_llama):
     run = eng.generate([GenRequest(list(range(3, 19)), 100, 0.0), GenRequest(list(range(3, 11)), 3, 0.0)])
     assert run.results[0].dropped and not run.results[0].tokens and len(run.results[1].tokens) == 3
     assert (0.0, "drop", 0) in run.events and [e[1] for e in run.events].count("drop") == 1
+
+
+def _generate_batch(model, prompts, cb, gen=None, timeout=60.0) -> dict:
+    """``model.generate_batch`` in a thread: a hang fails the test instead of the suite."""
+    import threading
+
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(model.generate_batch(
+        prompts, generation_config=gen, continuous_batching_config=cb)), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "generate_batch did not return"
+    return out
+
+
+def test_under_the_manager_what_a_policy_cannot_plan_is_refused(tiny_llama):
+    """A request with no token limit (transformers' default generation config) was planned as one
+    token: it grew to the whole cache, was preempted and waited forever. A policy request given
+    to ``register_scheduler`` that does not describe its request, or was served before, gave
+    wrong tokens; two sharing an id lost one's output; and a policy left with requests by a run
+    that ended in an error broke the next run (its ids were reused)."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    from ecoserve_sched.engines.transformers_cb import PolicyScheduler, register_scheduler
+    from ecoserve_sched.request import Request
+
+    eng = make_engine(tiny_llama, "vllm")
+    cb = lambda name: ContinuousBatchingConfig(  # noqa: E731
+        page_size=16, num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET, max_requests_per_batch=MAX_RUNNING,
+        allow_block_sharing=False, use_async_batching=False, scheduler_type=name)
+    unlimited = GenerationConfig(do_sample=False, max_new_tokens=None, eos_token_id=-1)
+    gen = GenerationConfig(do_sample=False, max_new_tokens=6, eos_token_id=-1)
+    names = []
+    try:
+        names.append(register_scheduler("nolimit-test", eng.make_policy()))
+        out = _generate_batch(tiny_llama, [[5, 6, 7]], cb(names[-1]), unlimited)
+        [(status, error)] = [(o.status.name, o.error) for o in out.values()]
+        assert status == "FAILED" and "max_new_tokens is not set" in error
+
+        meta = {"req_0": Request(0, 0.0, 3, 6, 6), "req_1": Request(1, 0.0, 5, 6, 6)}  # req_1's prompt has 4
+        names.append(register_scheduler("meta-test", eng.make_policy(), meta))
+        out = _generate_batch(tiny_llama, [[5, 6, 7], [8, 9, 10, 11]], cb(names[-1]), gen)
+        assert out["req_0"].status.name == "FINISHED" and len(out["req_0"].generated_tokens) == 6
+        assert out["req_1"].status.name == "FAILED" and "has 5 prompt tokens" in out["req_1"].error
+        out = _generate_batch(tiny_llama, [[5, 6, 7]], cb(names[-1]), gen)  # the same map again
+        assert "already served" in out["req_0"].error
+        with pytest.raises(ValueError, match="request id 0 is given twice"):
+            register_scheduler("dup-test", eng.make_policy(), {"a": Request(0, 0.0, 3, 6, 6), "b": Request(0, 0.0, 3, 6, 6)})
+
+        busy = eng.make_policy()
+        busy.add(Request(7, 0.0, 3, 6, 6), 0.0)  # left by a run that ended in an error
+        with pytest.raises(ValueError, match="the policy still holds 1 waiting and 0 running requests of an earlier run"):
+            PolicyScheduler(None, None, MAX_RUNNING, policy=busy)  # refused before the cache is looked at
+    finally:
+        for name in names:
+            SCHEDULER_MAPPING.pop(name, None)

@@ -29,6 +29,18 @@ def test_a_missing_submodule_of_an_installed_package_is_a_bug_not_a_missing_extr
     assert code == 1 and line.startswith("internal error (a bug)")
 
 
+def test_an_unsupported_transformers_names_the_range_and_the_extra():
+    """The transformers engine under a transformers without its continuous-batching API (the
+    base install allows 4.46): was transformers' own ImportError, an "internal error (a bug)"."""
+    code = ("import sys; sys.modules['transformers.generation.continuous_batching.scheduler'] = None\n"
+            "try:\n    import ecoserve_sched.engines.transformers_cb\n"
+            "except ImportError as e:\n    from rlpredict.cli_boundary import failure; print(*failure(e, '--debug'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = r.stdout.strip()
+    assert out.startswith("2 error: ecoserve_sched.engines.transformers_cb needs transformers>=5.24,<5.25, found "), r
+    assert out.endswith("install the engines extra: pip install -c constraints.txt -e '.[engines]'")
+
+
 def test_a_missing_module_of_our_own_is_still_a_bug():
     code, line = failure(ModuleNotFoundError("No module named 'rlpredict.gone'", name="rlpredict.gone"), "--debug")
     assert code == 1 and line.startswith("internal error (a bug)")
