@@ -475,7 +475,7 @@ def demo(
     from rich.table import Table
 
     from . import demo as demo_mod
-    from .compare import NO_PLOTS, can_plot, capacity_text
+    from .compare import CEILING_DRAIN_NOTE, NO_PLOTS, can_plot, capacity_text
 
     names = _policy_names(policies, "--policies") if policies is not None else list(demo_mod.POLICIES)
     scales = _scales(rate_scales, "--rate-scales") if rate_scales is not None else demo_mod.RATE_SCALES
@@ -517,10 +517,18 @@ def demo(
             t.add_row(escape(c["policy"]), capacity_text(c), *(f"{c[k]:.2f}" if c.get(k) else "-" for k in (
                 "vs_ceiling", "x_vllm", "x_vllm_v0", "sustained_vs_ceiling", "sustained_x_vllm")))
         Console().print(t)
+        if ceil := next((c.get("ceiling_rate_scale") for c in caps), None):
+            err.print(f"    saturation ceiling x{ceil:.3f}: no policy sustains a load above it"
+                      + (f" ({CEILING_DRAIN_NOTE})" if any((c.get("sustained_vs_ceiling") or 0) > 1 for c in caps)
+                         else ""), markup=False)
         for c in caps:
             if c.get("note"):
                 err.print(f"    {c['policy']}: {c['note']}", markup=False)
+    if reading := demo_mod.regimes_reading(res.capacity, res.headroom, res.rows[0]["profile"], above="(the first server)"):
+        err.print(f"    {reading}", markup=False)
     typer.echo((out / "table.md").read_text())
+    if note := demo_mod.errors_note(res.rows):
+        err.print(f"    {note}", markup=False)
     beside = "plots and results.json" if can_plot() else "results.json"
     err.print(f"[green]report written to[/green] {escape(str(res.files[0]))} ({beside} beside it)")
 

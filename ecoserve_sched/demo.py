@@ -263,6 +263,8 @@ def capacity_table(caps: Sequence[dict], explain: bool = True) -> str:
                      f"{f(c.get('sustained_x_vllm'))} |")
     if ceil and not explain:
         lines += ["", f"Saturation ceiling: x{ceil:.3f}."]
+        if any((c.get("sustained_vs_ceiling") or 0) > 1 for c in caps):
+            lines[-1] += f" A sustained load above it: {CEILING_DRAIN_NOTE}."
     elif ceil:
         lines += ["", f"Saturation ceiling: x{ceil:.3f}, the load at which requests arrive as fast as a "
                       "flooded server finishes them (best of vllm and ecoserve-oracle replayed 50x "
@@ -278,9 +280,10 @@ def capacity_table(caps: Sequence[dict], explain: bool = True) -> str:
     return "\n".join(lines + (["", *notes] if notes else []))
 
 
-def headroom_section(caps: Sequence[dict], headroom: dict[str, Any] | None, profile: str) -> str:
-    """The second regime's table, with what the two regimes (``profile``'s ``caps`` and
-    ``headroom``) say side by side."""
+def regimes_reading(caps: Sequence[dict], headroom: dict[str, Any] | None, profile: str,
+                    above: str = "above") -> str:
+    """What the two regimes say side by side ("" without both): how much of the ceiling vLLM V1
+    keeps up with in each, and EcoServe's load against V1's (``ecoserve demo`` prints it too)."""
     if not headroom:
         return ""
 
@@ -291,13 +294,37 @@ def headroom_section(caps: Sequence[dict], headroom: dict[str, Any] | None, prof
     v1_main = kept(caps, "vllm", "sustained_vs_ceiling")
     eco_here = kept(headroom["capacity"], "ecoserve", "sustained_x_vllm")
     eco_main = kept(caps, "ecoserve", "sustained_x_vllm")
-    reading = ""
-    if v1_here and v1_main and eco_here and eco_main:
-        room = ("no room is left for any scheduler" if v1_here >= 0.95 else
-                f"a scheduler could keep up with at most {1 / v1_here:.2f}x its load")
-        reading = (f"\n\nHere vLLM V1 already keeps up with {v1_here:.2f} of the ceiling: {room} "
-                   f"(EcoServe keeps up with {eco_here:.2f}x V1's load). On `{profile}` above, V1 keeps "
-                   f"up with {v1_main:.2f} of the ceiling, and EcoServe with {eco_main:.2f}x V1's load.")
+    if not (v1_here and v1_main and eco_here and eco_main):
+        return ""
+    room = ("no room is left for any scheduler" if v1_here >= 0.95 else
+            f"a scheduler could keep up with at most {1 / v1_here:.2f}x its load")
+    return (f"On `{headroom['profile']}` vLLM V1 already keeps up with {v1_here:.2f} of the ceiling: {room} "
+            f"(EcoServe keeps up with {eco_here:.2f}x V1's load). On `{profile}` {above}, V1 keeps "
+            f"up with {v1_main:.2f} of the ceiling, and EcoServe with {eco_main:.2f}x V1's load.")
+
+
+def errors_note(rows: Sequence[dict]) -> str:
+    """What the ``errors`` column counts, when some row has errors ("" otherwise)."""
+    policies = sorted({r["policy"] for r in rows if r.get("errors")})
+    if not policies:
+        return ""
+    v0 = (" `vllm-v0` ignores a prompt longer than its `max_model_len` (4,096 tokens), as vLLM V0 "
+          "did." if "vllm-v0" in policies else "")
+    return (f"`errors`: requests a policy ended without serving them ({', '.join(policies)}); each counts "
+            f"as an SLO miss.{v0}")
+
+
+def headroom_section(caps: Sequence[dict], headroom: dict[str, Any] | None, profile: str) -> str:
+    """The second regime's table, with what the two regimes (``profile``'s ``caps`` and
+    ``headroom``) say side by side."""
+    if not headroom:
+        return ""
+
+    def kept(cs: Sequence[dict], policy: str, key: str) -> float | None:
+        return next((c.get(key) for c in cs if c["policy"] == policy), None)
+
+    reading = regimes_reading(caps, headroom, profile)
+    reading = f"\n\n{reading}" if reading else ""
     return f"""
 ## The same requests on `{headroom['profile']}`, where the KV cache is no constraint
 
@@ -311,6 +338,7 @@ def markdown(r: DemoResult, sample: Path, bundle: Path, profile: str, slo: SLO) 
     confusion = "![confusion matrix](confusion.png)" if plots else f"(No plots: {NO_PLOTS}.)"
     figures = ("![latency vs load](latency_vs_load.png) ![SLO attainment vs load](slo_vs_load.png)\n\n"
                "![KV utilization over time](kv_util_over_time.png)") if plots else f"(No plots: {NO_PLOTS}.)"
+    errors = f"\n{note}\n" if (note := errors_note(r.rows)) else ""
     n = r.annotate["rows_replaced"]
     replaced = f"; {n} already had `rl_*` fields, replaced by this bundle's predictions" if n else ""
     return f"""# EcoServe demo: {sample.name}
@@ -326,6 +354,12 @@ rate. Written by `ecoserve demo`.
 |---:|---:|---:|---:|---:|---:|
 | {q['requests']} | {q['bucket_accuracy']:.3f} | {q['within_1_bucket']:.3f} | {q['mae_tokens']:.1f} | {q['reserve_coverage']:.3f} | {q['reserved_over_actual']:.2f} |
 
+The bundle's {len(q['bucket_edges'])} buckets are response-length ranges; *reservation covers* is the share of
+requests whose true length is within their reservation. The bundled sample's prompts are held-out
+ShareGPT turns matched to Azure's response lengths (`ecoserve_sched/samples/README.md`), so these
+figures differ from the held-out test in `docs/predictor.md`, where the predictor is compared
+with its baselines.
+
 {confusion}
 
 ## Capacity (SLO attainment >= 0.9)
@@ -335,7 +369,7 @@ rate. Written by `ecoserve demo`.
 ## Policies across loads
 
 {markdown_table(r.rows, TABLE)}
-
+{errors}
 {figures}
 
 Times: annotate {r.seconds.get('annotate_s', 0):.1f} s, load sweep {r.seconds.get('sweep_s', 0):.1f} s,
