@@ -213,8 +213,9 @@ def predict(
     reserve = ("the predicted bucket's reservation" if p.reserve_quantile is None
                else f"the distribution's {p.reserve_quantile:g} quantile")
     table = Table(title=escape(f"{p.bundle.name} ({p.bundle.precision}; RL in {p.bundle.rl_tokenizer} tokens)"),
-                  caption=f"pred: the predicted distribution's median; reserve: {reserve}"
-                          f"{' plus the margin' if p.margin else ''}; p: the bucket's probability")
+                  caption=f"bucket, p: the most likely bucket and its probability; pred: the median of the "
+                          "whole predicted distribution (it may lie outside that bucket); reserve: "
+                          f"{reserve}{' plus the margin' if p.margin else ''}")
     for col in ("#", "bucket", "range", "pred", "reserve", "p"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("prompt")

@@ -1058,7 +1058,7 @@ def test_predict_says_what_pred_and_reserve_are(bundle_fp32):
         res = run("predict", "-m", bundle_fp32, *args, "hi")
         assert res.exit_code == 0, res.output
         text = " ".join(res.output.split())
-        assert "pred: the predicted distribution's median" in text and reserve in text
+        assert "pred: the median of the whole predicted distribution (it may lie outside that bucket)" in text and reserve in text
 
 
 def test_a_config_files_encoder_folder_is_relative_to_the_file(tmp_path):
