@@ -76,8 +76,12 @@ def _policy_names(text: str, option: str) -> list[str]:
 
     names, known = _names(text, option), set(policy_names()) | set(REAL_POLICIES)
     if unknown := [n for n in names if n not in known]:
+        import difflib
+
+        near = [m for n in unknown for m in difflib.get_close_matches(n, sorted(known), n=1)]
         raise typer.BadParameter(f"unknown polic{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} "
-                                 "(see `ecoserve policies`)" + "".join(f"; {why}" for why in registry.plugin_error),
+                                 + (f"(did you mean {', '.join(near)}? " if near else "(")
+                                 + "see `ecoserve policies`)" + "".join(f"; {why}" for why in registry.plugin_error),
                                  param_hint=f"'{option}'")
     return names
 
