@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -235,10 +236,17 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
         desc = apply_predictions(reqs, trace, source, seed=seed, confusion=confusion, bundle=bundle)
     blocks = kv_blocks if kv_blocks is not None else cost.kv_blocks(block_size)
     longest = max((r.prompt_tokens + r.max_tokens for r in reqs), default=2048)
-    sched = build_vllm_scheduler(
-        EcoServeVllmSyncScheduler if eco else None, num_blocks=blocks, block_size=block_size,
-        max_num_seqs=max_running, max_model_len=max(longest, 2048),
-        max_num_batched_tokens=int(max(cost.token_budget, DEFAULT_TOKEN_BUDGET) if token_budget is None else token_budget))
+    plugin_log = logging.getLogger(EcoServeVllmSyncScheduler.__module__)
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)  # its "no predictor" warning: the replay hands each request its prediction
+    try:
+        sched = build_vllm_scheduler(
+            EcoServeVllmSyncScheduler if eco else None, num_blocks=blocks, block_size=block_size,
+            max_num_seqs=max_running, max_model_len=max(longest, 2048),
+            max_num_batched_tokens=int(max(cost.token_budget, DEFAULT_TOKEN_BUDGET) if token_budget is None
+                                       else token_budget))
+    finally:
+        plugin_log.setLevel(level)
     if eco:
         sched.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=slo.ttft_s, slo_tbt=slo.tbt_s)
         sched.cost_model = cost  # every number the simulator's EcoServe takes from the cost model
