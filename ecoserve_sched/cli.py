@@ -377,6 +377,12 @@ def capacity(
         res["capacity_vs_ceiling"] = (res["max_rate_scale"] / c["ceiling_rate_scale"]
                                       if res["max_rate_scale"] is not None and c["ceiling_rate_scale"] else None)
         res["ceiling"] = c
+        vs = res["capacity_vs_ceiling"]
+        if c["saturated"] and vs is not None and vs > 1:  # two causes; which one holds here is not measured
+            res["above_ceiling"] = ("" if sustained else (
+                f"on a finite trace a policy can meet the criterion by deferring requests whose TTFT "
+                f"is lost past the trace's end (--sustained counts a load only if at most "
+                f"{MAX_DEFERRED:.0%} of the requests are deferred); ")) + CEILING_DRAIN_NOTE
     if as_json:
         typer.echo(dumps(res))
         return
@@ -402,11 +408,8 @@ def capacity(
                    + (f"; capacity / ceiling {vs:.2f}" if vs is not None else ""))
         if not res["ceiling"]["saturated"]:  # a lower bound: capacity above it says nothing
             typer.echo(f"  {res['ceiling']['note']}")
-        elif vs is not None and vs > 1:  # two causes; which one holds here is not measured
-            typer.echo("  above the ceiling: " + ("" if sustained else (
-                f"on a finite trace a policy can meet the criterion by deferring requests whose TTFT "
-                f"is lost past the trace's end (--sustained counts a load only if at most "
-                f"{MAX_DEFERRED:.0%} of the requests are deferred); ")) + CEILING_DRAIN_NOTE)
+        elif "above_ceiling" in res:
+            typer.echo(f"  above the ceiling: {res['above_ceiling']}")
 
 
 @app.command()

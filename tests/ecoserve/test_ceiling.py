@@ -224,3 +224,16 @@ def test_cli_simulate_burst_arrivals(tmp_path):
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert s["finished"] == 80 and s["normalized_latency_s"] > 0
+
+
+def test_cli_capacity_json_says_why_a_capacity_is_above_the_ceiling():
+    """The text output explained a capacity above the ceiling; ``--json`` carried only
+    ``"sustained": false`` (a reviewer read 1.06x the ceiling as a load the server keeps up with)."""
+    from ecoserve_sched.demo import SAMPLE
+
+    r = CliRunner().invoke(app, ["capacity", "--trace", str(SAMPLE), "--policy", "ecoserve", "--json"])
+    assert r.exit_code == 0, r.output
+    c = json.loads(r.stdout)
+    assert c["capacity_vs_ceiling"] > 1 and c["above_ceiling"].startswith("on a finite trace a policy can meet")
+    text = CliRunner().invoke(app, ["capacity", "--trace", str(SAMPLE), "--policy", "ecoserve"])
+    assert f"above the ceiling: {c['above_ceiling']}" in " ".join(text.output.split())
