@@ -585,8 +585,14 @@ class TransformersEngine:
         ex = TransformersExecutor(self, manager, reqs, on_iteration)
         self.scheduler = ex.sched
         order = sorted(preqs, key=lambda r: (r.arrival_s, r.rid))
-        sim = serve(ex, SimResult(self.policy_name, "transformers", "", order, self.kv_blocks * self.block_size,
-                                  self.block_size))
+        try:
+            sim = serve(ex, SimResult(self.policy_name, "transformers", "", order, self.kv_blocks * self.block_size,
+                                      self.block_size))
+        except BaseException as e:  # Ctrl-C, a policy's or on_iteration's error: the tokens so far stay
+            e.partial_run = EngineRun(self.policy_name, self.clock, ex.results, ex.iterations,  # type: ignore[attr-defined]
+                                      dict(ex.sched.policy.counters), list(ex.sched.events),
+                                      time.perf_counter() - ex.t0)
+            raise
         for res, r in zip(ex.results, preqs, strict=True):
             res.preemptions = r.preemptions
             if r.state == State.ERRORED and res.error is None:  # a prompt vllm-v0 ignored

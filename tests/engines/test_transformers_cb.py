@@ -373,3 +373,22 @@ def test_under_the_manager_what_a_policy_cannot_plan_is_refused(tiny_llama):
     finally:
         for name in names:
             SCHEDULER_MAPPING.pop(name, None)
+
+
+def test_an_interrupted_run_keeps_the_tokens_generated_so_far(tiny_llama, tiny_llama_greedy):
+    """Ctrl-C (or an error in ``on_iteration`` or the policy) ended ``generate`` with nothing:
+    the exception now carries ``partial_run``, each request's tokens up to the interrupt."""
+    eng = make_engine(tiny_llama, "ecoserve")
+    seen = [0]
+
+    def ctrl_c(_rec) -> None:
+        seen[0] += 1
+        if seen[0] == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as e:
+        eng.generate(trace_requests(), on_iteration=ctrl_c)
+    run = e.value.partial_run
+    assert len(run.iterations) == 6 and any(r.tokens for r in run.results)
+    for res in run.results:  # a prefix of what the request generates alone
+        assert res.tokens == tiny_llama_greedy[res.rid][:len(res.tokens)]
