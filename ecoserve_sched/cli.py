@@ -378,7 +378,7 @@ def capacity(
                                       if res["max_rate_scale"] is not None and c["ceiling_rate_scale"] else None)
         res["ceiling"] = c
         vs = res["capacity_vs_ceiling"]
-        if c["saturated"] and vs is not None and vs > 1:  # two causes; which one holds here is not measured
+        if c.get("saturated") and vs is not None and vs > 1:  # two causes; which one holds here is not measured
             res["above_ceiling"] = ("" if sustained else (
                 f"on a finite trace a policy can meet the criterion by deferring requests whose TTFT "
                 f"is lost past the trace's end (--sustained counts a load only if at most "
