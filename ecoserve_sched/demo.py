@@ -308,8 +308,8 @@ def errors_note(rows: Sequence[dict]) -> str:
     policies = sorted({r["policy"] for r in rows if r.get("errors")})
     if not policies:
         return ""
-    v0 = (" `vllm-v0` ignores a prompt longer than its `max_model_len` (4,096 tokens), as vLLM V0 "
-          "did." if "vllm-v0" in policies else "")
+    v0 = (" `vllm-v0` ignores a prompt longer than its `max_model_len`, as vLLM V0 did."
+          if "vllm-v0" in policies else "")
     return (f"`errors`: requests a policy ended without serving them ({', '.join(policies)}); each counts "
             f"as an SLO miss.{v0}")
 

@@ -278,8 +278,10 @@ def _csv_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None, 
             for line, cells, problem, _ in records:
                 if problem is not None or cells is None:
                     yield line, None, problem or "malformed CSV"
-                else:  # an empty cell is a missing value, as ``rlpredict annotate`` reads it
-                    yield line, {k: v for k, v in zip(names, cells, strict=True) if v != ""}, ""
+                else:  # an empty cell is a missing value, as ``rlpredict annotate`` reads it; the
+                    # arrival column's is kept: the header says the file has times (drawn ones or not)
+                    yield line, {k: v for k, v in zip(names, cells, strict=True)
+                                 if v != "" or k == "arrival_time_s"}, ""
         except RecordError as e:  # a record too large to read (a quote left open)
             raise TraceError(f"{path}: {e.reason}") from None
 
@@ -394,7 +396,7 @@ def _why_no_request() -> str:
     raise AssertionError("request_of took an empty row")
 
 
-_NO_REQUEST = _why_no_request()
+_NO_REQUEST = _why_no_request().split(" (")[0]  # (not the empty row's keys)
 
 
 def _prompt_input(row: dict) -> tuple[str | list | None, str | None, str]:
@@ -440,6 +442,10 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
             if row is None:
                 raise TraceError(f"{where}: {problem}")
             values = _lengths(row, where, max_tokens, fmt)
+            if has_arrival is not None and has_arrival != (values[0] is not None):  # a row's error: skippable
+                raise TraceError(f"{where}: {'has no' if has_arrival else 'has'} {fmt.label('arrival_time_s')} "
+                                 f"but the first row (line {first_line}) {'has one' if has_arrival else 'has none'}: "
+                                 "arrival times come on every row or on none")
         except TraceError as e:
             if not fmt.skip_bad_rows:
                 raise
@@ -451,13 +457,8 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
             raise TraceError(f"{where}: {'has' if row_rl else 'has no'} rl_* fields but the first row "
                              f"(line {first_line}) {'has none' if row_rl else 'has them'}: they come on "
                              "every row or on none")
-        row_arrival = values[0] is not None
-        if has_arrival is not None and has_arrival != row_arrival:  # file order and time order mixed
-            raise TraceError(f"{where}: {'has' if row_arrival else 'has no'} {fmt.label('arrival_time_s')} "
-                             f"but the first row (line {first_line}) {'has none' if row_arrival else 'has one'}: "
-                             "arrival times come on every row or on none")
         if has_rl is None:
-            has_rl, has_arrival, first_line = row_rl, row_arrival, line_no
+            has_rl, has_arrival, first_line = row_rl, values[0] is not None, line_no
         a, i, o, m, row_rl_values = values
         arr.append(0.0 if a is None else a)  # none: the file's order (the times are drawn)
         inp.append(i)
@@ -500,7 +501,7 @@ def _lengths(row: dict, where: str, max_tokens: int, fmt: TraceFormat
              ) -> tuple[float | None, int, int, int, list[int] | None]:
     """A row's arrival (s; None: none, and the times will be drawn), input, output and max
     tokens, and its rl_* values (None: none)."""
-    required = _required(fmt, row.get("arrival_time_s") not in (None, ""))
+    required = _required(fmt, "arrival_time_s" in row)  # a CSV's header decides: an empty cell is missing
     for k in required:
         if row.get(k) in (None, ""):
             raise TraceError(f"{where}: missing {fmt.label(k)}" + (f" ({_NO_TIMES.removeprefix('; ')})"

@@ -379,6 +379,8 @@ def _given_twice(row: dict[str, Any], twice: list[tuple[dict[str, Any], set[str]
     ``row``); ``twice`` pairs each object that repeats a key with the keys it repeats."""
     repeated = {id(d): keys for d, keys in twice}
     for name in sorted(fields):
+        if name in repeated.get(id(row), ()):  # a top-level key, dots and all (annotate's --prompt-field, --columns)
+            return name
         cur: Any = row
         parts = name.split(".")
         for i, part in enumerate(parts):

@@ -198,16 +198,16 @@ class PolicyScheduler(HFScheduler):
         if (old := self.reqs.get(rid_s)) is not None and old.state not in (State.FINISHED, State.ERRORED):
             raise ValueError(f"request id {rid_s!r} is already in use by a request not yet finished")
         r = self.meta.get(rid_s)
-        if r is None and state.max_new_tokens is None:  # was: planned as 1 token; it grew, was preempted, and waited forever
+        if state.max_new_tokens is None:  # was: planned as 1 token (or the policy's); it grew past it, waited forever
             raise ValueError(f"{rid_s}: max_new_tokens is not set (transformers: no limit); a policy plans each "
                              "request's KV up to its max_new_tokens: set it in the generation config")
         if r is not None:  # the policy side given to register_scheduler: it must describe this request
             check_servable([r])  # fresh (was: a map reused from an earlier run), whole numbers (numpy's: int)
             limit = state.max_new_tokens
-            if r.prompt_tokens != len(state.initial_tokens) or (limit is not None and r.target_tokens < limit):
-                raise ValueError(f"{rid_s}: its policy request has {r.prompt_tokens} prompt tokens and ends at "
-                                 f"{r.target_tokens} new tokens; the request has {len(state.initial_tokens)} and "
-                                 f"max_new_tokens {limit} (was: wrong tokens, or a policy done before the engine)")
+            if r.prompt_tokens != len(state.initial_tokens) or r.max_tokens < limit:
+                raise ValueError(f"{rid_s}: its policy request has {r.prompt_tokens} prompt tokens and max_tokens "
+                                 f"{r.max_tokens}; the request has {len(state.initial_tokens)} and max_new_tokens "
+                                 f"{limit} (was: wrong tokens, or KV planned short of the request's limit)")
         prompt, new = (r.prompt_tokens, r.target_tokens) if r else (len(state.initial_tokens), state.max_new_tokens or 1)
         cap = self.policy.kv.num_blocks * self.policy.kv.block_size
         if never_fits(Request(-1, 0.0, prompt, new, new), cap):

@@ -91,7 +91,7 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
         raise ValueError(f"{len(pool)} held-out samples are too few to calibrate and check")
     log(f"calibrating on {len(fit_part)} samples, checking on {len(check_part)} ({how})")
     if min(len(fit_part), len(check_part)) < FEW_SAMPLES:  # valid on average, but loose: said (was: silent)
-        q = max(qs)
+        q = min(qs, key=lambda v: abs(v - 0.5))  # the level whose check is loosest
         log(f"note: few samples: the quantiles cover their level on average over calibration sets, but "
             f"one set of {len(fit_part)} varies widely, and the check's coverage of q{q:g} on "
             f"{len(check_part)} samples is +-{1.96 * math.sqrt(q * (1 - q) / len(check_part)):.2f} "

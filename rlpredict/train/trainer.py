@@ -518,6 +518,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
         greater_is_better=cfg.best_metric == "kendall_tau", logging_steps=cfg.logging_steps, report_to="none",
         disable_tqdm=not progress, remove_unused_columns=False, label_names=["labels"],
         ddp_find_unused_parameters=False, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # was: a pin_memory warning on every CPU run
         # a resumed run keeps its early-stopping patience (was: reset, so it ran on and ended
         # with another model than the run it continues)
         restore_callback_states_from_checkpoint=True,

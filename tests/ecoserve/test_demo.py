@@ -72,7 +72,7 @@ def test_demo_cli_says_where_the_report_is(tmp_path) -> None:
     assert "4/4 the same capacities on llama3-8b-h200" in flat
     # the terminal says what the report says: the ceilings, the two regimes, what `errors` counts
     assert reading in flat and "(the first server)" in flat and "saturation ceiling x" in flat
-    assert "`vllm-v0` ignores a prompt longer than its `max_model_len`" in flat and "`errors`:" in report
+    assert "`vllm-v0` ignores a prompt longer than its `max_model_len`, as vLLM V0 did" in flat and "`errors`:" in report
     # progress lines stay whole on a piped stderr (was: wrapped at 80 columns)
     assert ("2/4 simulate vllm-v0, vllm, ecoserve, ecoserve-oracle at load x0.4 on llama2-13b-a100-80gb"
             in r.output.splitlines())

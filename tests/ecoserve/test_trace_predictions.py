@@ -110,6 +110,16 @@ def test_a_trace_without_arrival_times_is_read_in_order_when_they_are_drawn(tmp_
                                            '{"arrival_time_s": 1, "input_tokens": 3, "output_tokens": 1}\n')
     with pytest.raises(TraceError, match=r"mixed\.jsonl:2: has arrival_time_s but the first row \(line 1\) has none"):
         read_trace(mixed, fmt=drawn)
+    # such a row is a bad row, which --on-error skip sets aside; a CSV's header decides, so an
+    # empty arrival cell there is a missing value (was, for a moment: the whole run refused)
+    skip = TraceFormat(drawn_arrivals=True, skip_bad_rows=True)
+    t = read_trace(mixed, fmt=skip)
+    assert t.input_tokens.tolist() == [5] and t.skipped_rows == 1
+    gap = write(tmp_path, "gap.csv", "arrival_time_s,input_tokens,output_tokens\n0,5,9\n,3,1\n2,4,4\n")
+    t = read_trace(gap, fmt=skip)
+    assert t.input_tokens.tolist() == [5, 4] and "gap.csv:3: missing arrival_time_s" in t.first_skipped
+    first = write(tmp_path, "first.csv", "arrival_time_s,input_tokens,output_tokens\n,5,9\n1,3,1\n")
+    assert "first.csv:2: missing arrival_time_s" in read_trace(first, fmt=skip).first_skipped
 
 
 def test_rate_scaling_and_synthetic_arrivals(tmp_path):

@@ -356,7 +356,12 @@ def test_under_the_manager_what_a_policy_cannot_plan_is_refused(tiny_llama):
         [(status, error)] = [(o.status.name, o.error) for o in out.values()]
         assert status == "FAILED" and "max_new_tokens is not set" in error
 
-        meta = {"req_0": Request(0, 0.0, 3, 6, 6), "req_1": Request(1, 0.0, 5, 6, 6)}  # req_1's prompt has 4
+        names.append(register_scheduler("nolimit-meta-test", eng.make_policy(), {"req_0": Request(0, 0.0, 3, 6, 6)}))
+        out = _generate_batch(tiny_llama, [[5, 6, 7]], cb(names[-1]), unlimited)  # with a policy request too
+        assert "max_new_tokens is not set" in out["req_0"].error
+
+        # req_0's true length (an oracle's) is below the limit: fine; req_1's prompt has 4 tokens
+        meta = {"req_0": Request(0, 0.0, 3, 6, 4), "req_1": Request(1, 0.0, 5, 6, 6)}
         names.append(register_scheduler("meta-test", eng.make_policy(), meta))
         out = _generate_batch(tiny_llama, [[5, 6, 7], [8, 9, 10, 11]], cb(names[-1]), gen)
         assert out["req_0"].status.name == "FINISHED" and len(out["req_0"].generated_tokens) == 6

@@ -169,6 +169,8 @@ def test_shared_format_rows(tmp_path):
      "key 'usage.completion_tokens' is given twice in one JSON object"),
     ('{"prompt": "x", "usage": {"completion_tokens": 3}, "usage": {"completion_tokens": 300}}',
      "key 'usage' is given twice"),
+    ('{"prompt": "x", "usage.completion_tokens": 3, "usage.completion_tokens": 300, "output_tokens": 4}',
+     "key 'usage.completion_tokens' is given twice"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, line, expect):
     p = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "response": "fine"}, line])
