@@ -635,9 +635,9 @@ class EcoServeMixin:
         self._idle_sessions: set[str] = set()
         self._allocate = self.kv_cache_manager.allocate_slots  # vLLM's (see _admissions_on)
         self.kv_cache_manager.allocate_slots = self._allocate_slots
-        logger.info("EcoServe ready: vLLM %s, %s (async_scheduling=%s, scheduling policy %s, "
+        logger.info("EcoServe ready: vLLM %s%s, %s (async_scheduling=%s, scheduling policy %s, "
                     "KV block %d tokens x %d blocks); predictions: %s; client hints: %s; "
-                    "settings: %s", VLLM_VERSION, type(self).__name__,
+                    "settings: %s", VLLM_VERSION, "" if VLLM_SUPPORTED else " (UNSUPPORTED)", type(self).__name__,
                     bool(self.scheduler_config.async_scheduling), self.policy.name.lower(),
                     self._bs, self._usable_blocks, self.eco_mode,
                     "trusted" if self.eco_cfg.trust_client_hints else "ignored",
@@ -1245,7 +1245,10 @@ def idle_settings(cfg: EcoServeVllmConfig, environ: Mapping[str, str], predictor
     why = {"ECOSERVE_STEP_S": ("with ECOSERVE_PROFILE the cost model times a step", bool(cfg.profile)),
            "ECOSERVE_PREFILL_S_PER_TOKEN": ("with ECOSERVE_PROFILE the cost model times a prefill", bool(cfg.profile)),
            "ECOSERVE_AMORTIZE": ("amortized chunks need ECOSERVE_PROFILE", not cfg.profile),
-           "ECOSERVE_GENERATOR": ("no predictor bundle reads a model name here", not (predictor and takes_generator))}
+           # the middleware reads it too (its predictor, in the API server's process)
+           "ECOSERVE_GENERATOR": ("no predictor bundle reads a model name here",
+                                  not (predictor and takes_generator)
+                                  and not environ.get("ECOSERVE_MIDDLEWARE_PREDICTOR", "").strip())}
     return [f"{name} ({reason})" for name, (reason, idle) in why.items() if idle and name in given]
 
 

@@ -297,7 +297,15 @@ def test_missing_predictor_is_an_error_in_strict_mode_and_explicit_otherwise(mon
     assert s.predictor is None and "no predictor" in s.eco_mode
     assert any("ECOSERVE_PREDICTOR is not set" in m for m in caplog.messages)
     ready = [m for m in caplog.messages if m.startswith("EcoServe ready")]
-    assert len(ready) == 1 and "default reservation of 512 tokens" in ready[0]
+    assert len(ready) == 1 and "default reservation of 512 tokens" in ready[0] and "UNSUPPORTED" not in ready[0]
+    # a vLLM outside the supported ones, tried anyway: the ready line says so (docs/engines.md)
+    import ecoserve_sched.engines.vllm_scheduler as plugin
+
+    monkeypatch.setattr(plugin, "VLLM_SUPPORTED", False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        make(EcoServeVllmSyncScheduler)
+    assert any(m.startswith(f"EcoServe ready: vLLM {plugin.VLLM_VERSION} (UNSUPPORTED), ") for m in caplog.messages)
     monkeypatch.setenv("ECOSERVE_REQUIRE_PREDICTOR", "1")
     with pytest.raises(EcoServeSetupError, match=r"ECOSERVE_REQUIRE_PREDICTOR=1.*ECOSERVE_PREDICTOR is not set"):
         make(EcoServeVllmSyncScheduler)
@@ -520,3 +528,8 @@ def test_settings_this_configuration_never_reads_are_named() -> None:
     assert [s.split(" ")[0] for s in idle_settings(EcoServeVllmConfig(), env, False, False)] == [
         "ECOSERVE_AMORTIZE", "ECOSERVE_GENERATOR"]
     assert idle_settings(EcoServeVllmConfig(), {"ECOSERVE_STEP_S": " "}, False, False) == []
+    # the middleware's predictor reads the generator name too (docs/engines.md's set-up: no
+    # scheduler predictor, the middleware's): not said to have no effect
+    middleware = {**env, "ECOSERVE_MIDDLEWARE_PREDICTOR": "default"}
+    assert [s.split(" ")[0] for s in idle_settings(EcoServeVllmConfig(), middleware, False, False)] == [
+        "ECOSERVE_AMORTIZE"]
