@@ -215,6 +215,9 @@ def _check_same_run(cfg: TrainConfig, ckpt: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         raise OutputError(f"{f}: missing or unreadable; {ckpt} was not written by `rlpredict train`") from None
     now = cfg.to_dict()
+    for c in (saved, now):  # the same files, typed relative or absolute (was: refused as other data)
+        if isinstance(c.get("data"), list):
+            c["data"] = [os.path.realpath(p) if isinstance(p, str) else p for p in c["data"]]
     diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if diff:
         raise ValueError(f"{ckpt}: --resume with other settings than the interrupted run ({', '.join(diff)}); "

@@ -254,3 +254,20 @@ def test_the_subsample_says_how_much_of_the_training_side_it_kept():
     cut = prepare(TrainConfig(data=[str(p) for p in SAMPLE_FILES.values()], test_frac=0.25, max_rows_per_source=40))
     assert full.training_side == len(full.train) == cut.training_side > len(cut.train) == 80
     assert len(cut.test) == len(full.test)
+
+
+def test_resume_takes_the_same_data_files_typed_otherwise(tmp_path, monkeypatch):
+    """The data files were compared as typed: `--data a.jsonl` then `--data /abs/a.jsonl` for the
+    same file was refused as other data. Other settings outside RESUMABLE_CHANGES still are."""
+    from rlpredict.train.config import TrainConfig
+    from rlpredict.train.trainer import RUN_CONFIG, _check_same_run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / RUN_CONFIG).write_text(json.dumps({"config": TrainConfig(data=["a.jsonl"]).to_dict()}))
+    _check_same_run(TrainConfig(data=[str(tmp_path / "a.jsonl")]), ckpt)
+    _check_same_run(TrainConfig(data=["./a.jsonl"], epochs=3), ckpt)  # epochs may change
+    with pytest.raises(ValueError, match=r"--resume with other settings than the interrupted run \(best_metric\)"):
+        _check_same_run(TrainConfig(data=["a.jsonl"], best_metric="loss"), ckpt)
