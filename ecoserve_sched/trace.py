@@ -59,8 +59,9 @@ class TraceFormat:
     (``{"arrival_time_s": "TIMESTAMP"}``), ``time_unit`` is the arrival column's unit (a key
     of ``TIME_UNITS``; ``iso`` date-times without a zone are UTC), ``skip_bad_rows`` skips
     a bad row (counted, the first one named) instead of stopping at it, and ``drawn_arrivals``
-    says the arrival times will be drawn (``--arrivals poisson|gamma|burst8``), so a file
-    without them (a conversation log's lengths) is read in its own order."""
+    says the arrival times will be drawn (``--arrivals poisson|gamma|burst8``): the file's own,
+    if any, are not read, and its requests keep the file's order (a conversation log's lengths
+    have none)."""
 
     columns: Mapping[str, str] = field(default_factory=dict)
     time_unit: str = "s"
@@ -239,7 +240,7 @@ def _renamed_header(path: Path, names: list[str], fmt: TraceFormat) -> list[str]
         raise TraceError(f"{path}:1: column {clash[0]!r} is in the file and {fmt.columns[clash[0]]!r} "
                          f"is mapped to it: give one of the two")
     renamed = [ours.get(c, c) for c in names]
-    if missing := [c for c in _required(fmt, "arrival_time_s" in renamed) if c not in renamed]:
+    if missing := [c for c in _required(fmt) if c not in renamed]:
         raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}; the header has "
                          f"{_header_text(names)} (map its names with --columns, e.g. "
                          f"--columns {missing[0]}=COLUMN{_NO_TIMES if missing == ['arrival_time_s'] else ''})")
@@ -250,10 +251,9 @@ def _renamed_header(path: Path, names: list[str], fmt: TraceFormat) -> list[str]
 _NO_TIMES = "; a trace without arrival times gets drawn ones from `ecoserve simulate --arrivals poisson --rate R`"
 
 
-def _required(fmt: TraceFormat, has_arrival: bool) -> tuple[str, ...]:
-    """The fields a row (or header) must give: the arrival time only if it has one, when the
-    arrival times will be drawn (a row with one is then read as any other)."""
-    return REQUIRED if has_arrival or not fmt.drawn_arrivals else REQUIRED[1:]
+def _required(fmt: TraceFormat) -> tuple[str, ...]:
+    """The fields a row (or header) must give: not the arrival time when times will be drawn."""
+    return REQUIRED[1:] if fmt.drawn_arrivals else REQUIRED
 
 
 def _header_text(names: list[str]) -> str:
@@ -278,10 +278,8 @@ def _csv_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None, 
             for line, cells, problem, _ in records:
                 if problem is not None or cells is None:
                     yield line, None, problem or "malformed CSV"
-                else:  # an empty cell is a missing value, as ``rlpredict annotate`` reads it; the
-                    # arrival column's is kept: the header says the file has times (drawn ones or not)
-                    yield line, {k: v for k, v in zip(names, cells, strict=True)
-                                 if v != "" or k == "arrival_time_s"}, ""
+                else:  # an empty cell is a missing value, as ``rlpredict annotate`` reads it
+                    yield line, {k: v for k, v in zip(names, cells, strict=True) if v != ""}, ""
         except RecordError as e:  # a record too large to read (a quote left open)
             raise TraceError(f"{path}: {e.reason}") from None
 
@@ -432,7 +430,6 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
         raise TraceError(f"{p}: {why}")
     arr, inp, out, mx, rl, prompts, gens = [], [], [], [], [], [], []
     has_rl: bool | None = None  # the first good row's: every row must agree
-    has_arrival: bool | None = None  # the same (no arrival column: only with drawn arrivals)
     first_line = 0
     prompt_problem = ""
     skipped, first_skipped = 0, ""
@@ -442,10 +439,6 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
             if row is None:
                 raise TraceError(f"{where}: {problem}")
             values = _lengths(row, where, max_tokens, fmt)
-            if has_arrival is not None and has_arrival != (values[0] is not None):  # a row's error: skippable
-                raise TraceError(f"{where}: {'has no' if has_arrival else 'has'} {fmt.label('arrival_time_s')} "
-                                 f"but the first row (line {first_line}) {'has one' if has_arrival else 'has none'}: "
-                                 "arrival times come on every row or on none")
         except TraceError as e:
             if not fmt.skip_bad_rows:
                 raise
@@ -458,9 +451,9 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
                              f"(line {first_line}) {'has none' if row_rl else 'has them'}: they come on "
                              "every row or on none")
         if has_rl is None:
-            has_rl, has_arrival, first_line = row_rl, values[0] is not None, line_no
+            has_rl, first_line = row_rl, line_no
         a, i, o, m, row_rl_values = values
-        arr.append(0.0 if a is None else a)  # none: the file's order (the times are drawn)
+        arr.append(0.0 if a is None else a)  # drawn times: the file's order
         inp.append(i)
         out.append(o)
         mx.append(m)
@@ -501,7 +494,7 @@ def _lengths(row: dict, where: str, max_tokens: int, fmt: TraceFormat
              ) -> tuple[float | None, int, int, int, list[int] | None]:
     """A row's arrival (s; None: none, and the times will be drawn), input, output and max
     tokens, and its rl_* values (None: none)."""
-    required = _required(fmt, "arrival_time_s" in row)  # a CSV's header decides: an empty cell is missing
+    required = _required(fmt)
     for k in required:
         if row.get(k) in (None, ""):
             raise TraceError(f"{where}: missing {fmt.label(k)}" + (f" ({_NO_TIMES.removeprefix('; ')})"

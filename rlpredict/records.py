@@ -346,12 +346,13 @@ def decode_line(data: bytes, lineno: int) -> str:
         raise RecordError("", f"not valid UTF-8 (byte {e.start})") from None
 
 
-def parse_json(text: str, refuse_twice: frozenset[str] = frozenset()) -> Any:
+def parse_json(text: str, refuse_twice: frozenset[str] = frozenset(), *, dotted: bool = False) -> Any:
     """The JSON value of one line; :class:`RecordError` saying why not (also for an object that
-    gives one of ``refuse_twice`` twice: the fields a reader reads, dotted ones such as
-    ``usage.completion_tokens`` at each level of their path, where ``json`` keeps the last
+    gives one of ``refuse_twice`` twice: the fields a reader reads, where ``json`` keeps the last
     silently; ``annotate`` keeps every other byte of a row, so a key it does not read may
-    repeat)."""
+    repeat). ``dotted``: the reader reads a name such as ``usage.completion_tokens`` as a path
+    into nested objects (the log reader), each level checked; else as one top-level key
+    (``annotate``'s fields, a trace's ``--columns``)."""
     twice: list[tuple[dict[str, Any], set[str]]] = []  # objects that give a key twice, and those keys
 
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -367,20 +368,22 @@ def parse_json(text: str, refuse_twice: frozenset[str] = frozenset()) -> Any:
         raise RecordError("", f"not valid JSON ({e.msg}, column {e.colno})") from None
     except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
         raise RecordError("", f"not valid JSON ({json_problem(e)})") from None
-    if twice and isinstance(value, dict) and (bad := _given_twice(value, twice, refuse_twice)):
+    if twice and isinstance(value, dict) and (bad := _given_twice(value, twice, refuse_twice, dotted)):
         raise RecordError("", f"key {bad!r} is given twice in one JSON object (which value is meant "
                               "is not known)")
     return value
 
 
 def _given_twice(row: dict[str, Any], twice: list[tuple[dict[str, Any], set[str]]],
-                 fields: frozenset[str]) -> str | None:
-    """The path to the first key given twice on the path of one of ``fields`` (dotted paths into
-    ``row``); ``twice`` pairs each object that repeats a key with the keys it repeats."""
+                 fields: frozenset[str], dotted: bool) -> str | None:
+    """The first of ``fields`` given twice (``dotted``: the path to the first key given twice on
+    its path into nested objects); ``twice`` pairs each object that repeats a key with the keys
+    it repeats."""
     repeated = {id(d): keys for d, keys in twice}
+    if not dotted:
+        top = repeated.get(id(row), set())
+        return next((name for name in sorted(fields) if name in top), None)
     for name in sorted(fields):
-        if name in repeated.get(id(row), ()):  # a top-level key, dots and all (annotate's --prompt-field, --columns)
-            return name
         cur: Any = row
         parts = name.split(".")
         for i, part in enumerate(parts):
@@ -545,7 +548,7 @@ def _iter_jsonl(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
                 line = decode_line(data, lineno)
                 if not line.strip():
                     continue
-                yield loc, parse_json(line, LOG_FIELDS.read_columns())  # a repeated field: which is meant?
+                yield loc, parse_json(line, LOG_FIELDS.read_columns(), dotted=True)  # a repeated field: which is meant?
             except RecordError as e:
                 yield loc, _at(e, loc)
 

@@ -208,7 +208,8 @@ class PolicyScheduler(HFScheduler):
                 raise ValueError(f"{rid_s}: its policy request has {r.prompt_tokens} prompt tokens and max_tokens "
                                  f"{r.max_tokens}; the request has {len(state.initial_tokens)} and max_new_tokens "
                                  f"{limit} (was: wrong tokens, or KV planned short of the request's limit)")
-        prompt, new = (r.prompt_tokens, r.target_tokens) if r else (len(state.initial_tokens), state.max_new_tokens or 1)
+        # the engine generates up to max_new_tokens whatever the policy side's true length says
+        prompt, new = len(state.initial_tokens), max(state.max_new_tokens, r.target_tokens if r else 1)
         cap = self.policy.kv.num_blocks * self.policy.kv.block_size
         if never_fits(Request(-1, 0.0, prompt, new, new), cap):
             raise ValueError(f"{rid_s}: {prompt} prompt + {new} new tokens can never fit the KV cache ({cap} tokens)")

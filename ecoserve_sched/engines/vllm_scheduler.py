@@ -1248,7 +1248,8 @@ def idle_settings(cfg: EcoServeVllmConfig, environ: Mapping[str, str], predictor
            # the middleware reads it too (its predictor, in the API server's process)
            "ECOSERVE_GENERATOR": ("no predictor bundle reads a model name here",
                                   not (predictor and takes_generator)
-                                  and not environ.get("ECOSERVE_MIDDLEWARE_PREDICTOR", "").strip())}
+                                  and not (environ.get("ECOSERVE_MIDDLEWARE_PREDICTOR", "").strip()
+                                           and not environ.get("ECOSERVE_MIDDLEWARE_GENERATOR", "").strip()))}
     return [f"{name} ({reason})" for name, (reason, idle) in why.items() if idle and name in given]
 
 

@@ -208,6 +208,12 @@ def check_output(cfg: TrainConfig, out_dir: str | Path, force: bool = False, *,
     return ckpt
 
 
+def _data_files(cfg: TrainConfig) -> list[str]:
+    """The data entries with their paths resolved (a ``:field`` suffix kept as typed), as a run
+    records them for ``--resume``."""
+    return [os.path.realpath(d) if os.path.exists(d) else d for d in cfg.data]
+
+
 def _check_same_run(cfg: TrainConfig, ckpt: Path) -> None:
     f = ckpt / RUN_CONFIG
     try:
@@ -215,9 +221,9 @@ def _check_same_run(cfg: TrainConfig, ckpt: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         raise OutputError(f"{f}: missing or unreadable; {ckpt} was not written by `rlpredict train`") from None
     now = cfg.to_dict()
-    for c in (saved, now):  # the same files, typed relative or absolute (was: refused as other data)
-        if isinstance(c.get("data"), list):
-            c["data"] = [os.path.realpath(p) if isinstance(p, str) else p for p in c["data"]]
+    files = json.loads(f.read_text(encoding="utf-8")).get("data_files")
+    if isinstance(files, list):  # the same files, typed relative or absolute, from any folder (was: refused)
+        saved["data"], now["data"] = files, _data_files(cfg)
     diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if diff:
         raise ValueError(f"{ckpt}: --resume with other settings than the interrupted run ({', '.join(diff)}); "
@@ -551,7 +557,8 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
         if ckpt.exists():  # checked: empty, or (with --force) written entirely by us
             shutil.rmtree(ckpt)
         ckpt.mkdir(parents=True)
-        write_text_atomic(ckpt / RUN_CONFIG, json.dumps({"config": cfg.to_dict()}, indent=2) + "\n")
+        write_text_atomic(ckpt / RUN_CONFIG, json.dumps({"config": cfg.to_dict(), "data_files": _data_files(cfg)},
+                                                        indent=2) + "\n")
         mark_owned(ckpt, CHECKPOINT_TOOL, [RUN_CONFIG])
     state.wait_for_everyone()
     resumed = latest_checkpoint(ckpt) if resume else None

@@ -102,24 +102,17 @@ def test_a_trace_without_arrival_times_is_read_in_order_when_they_are_drawn(tmp_
     with pytest.raises(TraceError, match=r"missing column\(s\) arrival_time_s; .*--arrivals poisson"):
         read_trace(csv)
     assert read_trace(csv, fmt=drawn).input_tokens.tolist() == [5, 3]
-    # a file with times is read as before (in time order), and times on some rows only are refused
+    # with drawn times, a file's own are not read: every request in the file's order, whatever
+    # its arrival column holds (null on every row, as pandas writes NaN, empty cells, times on
+    # some rows only); without drawn times a row without one is a bad row, as before
     timed = write(tmp_path, "timed.jsonl", '{"arrival_time_s": 2, "input_tokens": 5, "output_tokens": 9}\n'
-                                           '{"arrival_time_s": 1, "input_tokens": 3, "output_tokens": 1}\n')
-    assert read_trace(timed, fmt=drawn).input_tokens.tolist() == [3, 5]
-    mixed = write(tmp_path, "mixed.jsonl", '{"input_tokens": 5, "output_tokens": 9}\n'
-                                           '{"arrival_time_s": 1, "input_tokens": 3, "output_tokens": 1}\n')
-    with pytest.raises(TraceError, match=r"mixed\.jsonl:2: has arrival_time_s but the first row \(line 1\) has none"):
-        read_trace(mixed, fmt=drawn)
-    # such a row is a bad row, which --on-error skip sets aside; a CSV's header decides, so an
-    # empty arrival cell there is a missing value (was, for a moment: the whole run refused)
-    skip = TraceFormat(drawn_arrivals=True, skip_bad_rows=True)
-    t = read_trace(mixed, fmt=skip)
-    assert t.input_tokens.tolist() == [5] and t.skipped_rows == 1
-    gap = write(tmp_path, "gap.csv", "arrival_time_s,input_tokens,output_tokens\n0,5,9\n,3,1\n2,4,4\n")
-    t = read_trace(gap, fmt=skip)
-    assert t.input_tokens.tolist() == [5, 4] and "gap.csv:3: missing arrival_time_s" in t.first_skipped
-    first = write(tmp_path, "first.csv", "arrival_time_s,input_tokens,output_tokens\n,5,9\n1,3,1\n")
-    assert "first.csv:2: missing arrival_time_s" in read_trace(first, fmt=skip).first_skipped
+                                           '{"arrival_time_s": null, "input_tokens": 3, "output_tokens": 1}\n'
+                                           '{"input_tokens": 4, "output_tokens": 4}\n')
+    assert read_trace(timed, fmt=drawn).input_tokens.tolist() == [5, 3, 4]
+    gap = write(tmp_path, "gap.csv", "arrival_time_s,input_tokens,output_tokens\n,5,9\n,3,1\n2,4,4\n")
+    assert read_trace(gap, fmt=drawn).input_tokens.tolist() == [5, 3, 4]
+    t = read_trace(gap, fmt=TraceFormat(skip_bad_rows=True))
+    assert t.input_tokens.tolist() == [4] and "gap.csv:2: missing arrival_time_s" in t.first_skipped
 
 
 def test_rate_scaling_and_synthetic_arrivals(tmp_path):

@@ -368,6 +368,11 @@ def test_under_the_manager_what_a_policy_cannot_plan_is_refused(tiny_llama):
         assert out["req_1"].status.name == "FAILED" and "has 5 prompt tokens" in out["req_1"].error
         out = _generate_batch(tiny_llama, [[5, 6, 7]], cb(names[-1]), gen)  # the same map again
         assert "already served" in out["req_0"].error
+        # a short true length does not let a request that can outgrow the cache in (it hung)
+        names.append(register_scheduler("short-true-test", eng.make_policy(), {"req_0": Request(0, 0.0, 3, 300, 4)}))
+        out = _generate_batch(tiny_llama, [[5, 6, 7]], cb(names[-1]),
+                              GenerationConfig(do_sample=False, max_new_tokens=300, eos_token_id=-1))
+        assert "3 prompt + 300 new tokens can never fit the KV cache (224 tokens)" in out["req_0"].error
         with pytest.raises(ValueError, match="request id 0 is given twice"):
             register_scheduler("dup-test", eng.make_policy(), {"a": Request(0, 0.0, 3, 6, 6), "b": Request(0, 0.0, 3, 6, 6)})
 

@@ -533,3 +533,6 @@ def test_settings_this_configuration_never_reads_are_named() -> None:
     middleware = {**env, "ECOSERVE_MIDDLEWARE_PREDICTOR": "default"}
     assert [s.split(" ")[0] for s in idle_settings(EcoServeVllmConfig(), middleware, False, False)] == [
         "ECOSERVE_AMORTIZE"]
+    own = {**middleware, "ECOSERVE_MIDDLEWARE_GENERATOR": "y"}  # the middleware's own name wins
+    assert [s.split(" ")[0] for s in idle_settings(EcoServeVllmConfig(), own, False, False)] == [
+        "ECOSERVE_AMORTIZE", "ECOSERVE_GENERATOR"]

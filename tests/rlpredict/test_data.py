@@ -78,8 +78,10 @@ def test_token_count_only_and_count_wins(tmp_path):
     samples, _ = load_samples([_jsonl(tmp_path / "req.jsonl", rows)])
     attach_rl(samples, "llama3")
     assert [s.rl_tokens for s in samples] == [17, 23, 5]
-    # a key no reader reads may repeat, nested or not
-    ok = _jsonl(tmp_path / "ok.jsonl", ['{"prompt": "a", "usage": {"completion_tokens": 4, "x": 1, "x": 2}, "y": 1, "y": 2}'])
+    # a key no reader reads may repeat, nested or not (a literal top-level "usage.completion_tokens"
+    # is not read: the reader reads it as a path)
+    ok = _jsonl(tmp_path / "ok.jsonl", ['{"prompt": "a", "usage": {"completion_tokens": 4, "x": 1, "x": 2}, "y": 1, "y": 2, '
+                                        '"usage.completion_tokens": 1, "usage.completion_tokens": 2}'])
     assert load_samples([ok])[0][0].rl_tokens == 4
 
 
@@ -169,8 +171,6 @@ def test_shared_format_rows(tmp_path):
      "key 'usage.completion_tokens' is given twice in one JSON object"),
     ('{"prompt": "x", "usage": {"completion_tokens": 3}, "usage": {"completion_tokens": 300}}',
      "key 'usage' is given twice"),
-    ('{"prompt": "x", "usage.completion_tokens": 3, "usage.completion_tokens": 300, "output_tokens": 4}',
-     "key 'usage.completion_tokens' is given twice"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, line, expect):
     p = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "response": "fine"}, line])

@@ -472,6 +472,12 @@ def test_annotate_a_file_that_names_its_prompt_otherwise(bundle_fp32, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
     res = run("annotate", src, "-o", tmp_path / "o.csv", "-m", bundle_fp32, "--no-progress", "--prompt-field", "text")
     assert res.exit_code == 0, res.output
+    # a field named with a dot is one top-level key here: given twice, which is meant?
+    dotted = tmp_path / "d.jsonl"
+    dotted.write_text('{"req.text": "a", "req.text": "b"}\n')
+    res = run("annotate", dotted, "-o", tmp_path / "d.out.jsonl", "-m", bundle_fp32, "--no-progress",
+              "--prompt-field", "req.text")
+    one_error_line(res, f"{dotted}: line 1: key 'req.text' is given twice in one JSON object")
 
 
 def test_annotate_rejects_keep_bytes_that_are_not_utf8(bundle_fp32, tmp_path):

@@ -258,16 +258,25 @@ def test_the_subsample_says_how_much_of_the_training_side_it_kept():
 
 def test_resume_takes_the_same_data_files_typed_otherwise(tmp_path, monkeypatch):
     """The data files were compared as typed: `--data a.jsonl` then `--data /abs/a.jsonl` for the
-    same file was refused as other data. Other settings outside RESUMABLE_CHANGES still are."""
+    same file was refused as other data. A run records them resolved, so a resume from another
+    folder finds the same file, and another file of the same name is other data."""
     from rlpredict.train.config import TrainConfig
-    from rlpredict.train.trainer import RUN_CONFIG, _check_same_run
+    from rlpredict.train.trainer import RUN_CONFIG, _check_same_run, _data_files
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "a.jsonl").write_text("{}\n")
+    first, other = tmp_path / "r1", tmp_path / "r2"
+    for d in (first, other):
+        d.mkdir()
+        (d / "a.jsonl").write_text("{}\n")
+    monkeypatch.chdir(first)
+    cfg = TrainConfig(data=["a.jsonl"])
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / RUN_CONFIG).write_text(json.dumps({"config": TrainConfig(data=["a.jsonl"]).to_dict()}))
-    _check_same_run(TrainConfig(data=[str(tmp_path / "a.jsonl")]), ckpt)
+    (ckpt / RUN_CONFIG).write_text(json.dumps({"config": cfg.to_dict(), "data_files": _data_files(cfg)}))
+    _check_same_run(TrainConfig(data=[str(first / "a.jsonl")]), ckpt)
     _check_same_run(TrainConfig(data=["./a.jsonl"], epochs=3), ckpt)  # epochs may change
+    monkeypatch.chdir(other)
+    _check_same_run(TrainConfig(data=[str(first / "a.jsonl")]), ckpt)
+    with pytest.raises(ValueError, match=r"other settings than the interrupted run \(data\)"):
+        _check_same_run(TrainConfig(data=["a.jsonl"]), ckpt)  # r2's a.jsonl: another file
     with pytest.raises(ValueError, match=r"--resume with other settings than the interrupted run \(best_metric\)"):
-        _check_same_run(TrainConfig(data=["a.jsonl"], best_metric="loss"), ckpt)
+        _check_same_run(TrainConfig(data=[str(first / "a.jsonl")], best_metric="loss"), ckpt)
