@@ -211,7 +211,7 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
         raise typer.BadParameter(str(e), param_hint=f"'{e.option}'") from None
     _refuse_unused_predictions(policies, predictions, confusion, cost, kw)
 
-    # drawn arrival times: a file without its own (a conversation log's lengths) is read in order
+    # drawn arrival times: the file's own, if any, are not read (a conversation log's lengths have none)
     fmt = replace(fmt or TraceFormat(), drawn_arrivals=arrivals != "trace")
     tr = read_trace(trace, max_tokens=max_tokens, keep_prompts=predictions == "bundle", fmt=fmt)
     if confusion is not None and predictions is None and tr.has_rl:
@@ -526,8 +526,8 @@ def demo(
         Console().print(t)
         if ceil := next((c.get("ceiling_rate_scale") for c in caps), None):
             err.print(f"    saturation ceiling x{ceil:.3f}: no policy sustains a load above it"
-                      + (f" ({CEILING_DRAIN_NOTE})" if any((c.get("sustained_vs_ceiling") or 0) > 1 for c in caps)
-                         else ""), markup=False)
+                      + (f" ({CEILING_DRAIN_NOTE})" if demo_mod.sustained_above_ceiling(caps) else ""),
+                      markup=False)
         for c in caps:
             if c.get("note"):
                 err.print(f"    {c['policy']}: {c['note']}", markup=False)

@@ -243,6 +243,11 @@ def _header(trace: Trace, profile: str, slo: SLO) -> str:
             f"profile {profile}, SLO TTFT {slo.ttft_s:g} s / mean TBT {slo.tbt_s:g} s")
 
 
+def sustained_above_ceiling(caps: Sequence[dict]) -> bool:
+    """Some policy sustains a load above the ceiling (a short trace's drain lowers the ceiling)."""
+    return any((c.get("sustained_vs_ceiling") or 0) > 1 for c in caps)
+
+
 def capacity_table(caps: Sequence[dict], explain: bool = True) -> str:
     """The capacities as a markdown table, the ceiling under it (``explain``: and what the
     columns mean)."""
@@ -263,7 +268,7 @@ def capacity_table(caps: Sequence[dict], explain: bool = True) -> str:
                      f"{f(c.get('sustained_x_vllm'))} |")
     if ceil and not explain:
         lines += ["", f"Saturation ceiling: x{ceil:.3f}."]
-        if any((c.get("sustained_vs_ceiling") or 0) > 1 for c in caps):
+        if sustained_above_ceiling(caps):
             lines[-1] += f" A sustained load above it: {CEILING_DRAIN_NOTE}."
     elif ceil:
         lines += ["", f"Saturation ceiling: x{ceil:.3f}, the load at which requests arrive as fast as a "
@@ -274,7 +279,7 @@ def capacity_table(caps: Sequence[dict], explain: bool = True) -> str:
                       "with the rest; the *sustained* load also requires that at most 1% of the "
                       "requests are still waiting for their first token at the last arrival although "
                       "they arrived more than a TTFT SLO before it."]
-        if any((c.get("sustained_vs_ceiling") or 0) > 1 for c in caps):
+        if sustained_above_ceiling(caps):
             lines[-1] += f" Here a sustained load is above the ceiling: {CEILING_DRAIN_NOTE}."
     notes = [f"- {c['policy']}: {c['note']}" for c in caps if c.get("note")]
     return "\n".join(lines + (["", *notes] if notes else []))
@@ -319,10 +324,6 @@ def headroom_section(caps: Sequence[dict], headroom: dict[str, Any] | None, prof
     ``headroom``) say side by side."""
     if not headroom:
         return ""
-
-    def kept(cs: Sequence[dict], policy: str, key: str) -> float | None:
-        return next((c.get(key) for c in cs if c["policy"] == policy), None)
-
     reading = regimes_reading(caps, headroom, profile)
     reading = f"\n\n{reading}" if reading else ""
     return f"""
