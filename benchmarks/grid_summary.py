@@ -193,9 +193,12 @@ def summary(cells: list[dict], policy: str) -> str:
                      f"{sum(c['overload_att'] >= c['sjf_att'] for c in over)} of {len(over)}; mean JCT at most "
                      f"0.5x V1's in {sum(c['overload_jct'] is not None and c['overload_jct'] <= 0.5 for c in over)}"
                      f" of {len(over)}")
-    sus = [c["sustained_x_best"] for c in ok if c["sustained_x_best"] is not None]
-    if sus:
-        lines.append(f"- sustained capacity x the best baseline's: {_span(sus)}")
+    measured = [c for c in ok if c["sustained_x_best"] is not None]
+    if measured:  # only where the grid ran --sustained: the plain ratio beside it, over the same cells
+        plain = [c["x_best"] for c in measured if c["x_best"] is not None]
+        lines.append(f"- sustained capacity x the best baseline's, in the {len(measured)} cells where it was "
+                     f"measured: {_span([c['sustained_x_best'] for c in measured])}; plain on the same cells: "
+                     f"{_span(plain)}")
     return "\n".join(lines)
 
 
