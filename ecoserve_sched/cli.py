@@ -213,6 +213,10 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
 
     # drawn arrival times: the file's own, if any, are not read (a conversation log's lengths have none)
     fmt = replace(fmt or TraceFormat(), drawn_arrivals=arrivals != "trace")
+    if fmt.drawn_arrivals and (fmt.time_unit != "s" or "arrival_time_s" in fmt.columns):
+        raise typer.BadParameter(f"{arrivals} arrivals draw the times: the trace's arrival column is not read, "
+                                 "so --time-unit and --columns arrival_time_s=... have no use",
+                                 param_hint="'--arrivals'")
     tr = read_trace(trace, max_tokens=max_tokens, keep_prompts=predictions == "bundle", fmt=fmt)
     if confusion is not None and predictions is None and tr.has_rl:
         raise typer.BadParameter(f"is not used: {trace} has rl_* fields, so predictions default to "
@@ -225,7 +229,8 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
         assert rate is not None
         tr = tr.with_arrivals(burst_arrivals(len(tr), rate, cv or 1.0, 8, seed) if arrivals == "burst8"
                               else gamma_arrivals(len(tr), rate, cv or 1.0, seed))
-        drawn = f"; arrival times drawn ({arrivals}, {rate:g} requests/s, seed {seed})"
+        drawn = (f"; arrival times drawn ({arrivals}, {rate:g} requests/s, seed {seed}; the file's own, if "
+                 "any, not read: requests in the file's order)")
     # what runs: a millisecond column read as seconds shows here
     typer.echo(f"read {describe(tr)}" + (f" (the first {len(tr)} of {rows})" if len(tr) < rows else "") + drawn,
                err=True)

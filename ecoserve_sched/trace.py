@@ -290,6 +290,8 @@ def _jsonl_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None
     ours = {theirs: key for key, theirs in fmt.columns.items()}
     # given twice, which one is meant? (the fields read, ``model`` as the generator too)
     read = frozenset((*MAPPABLE, *TRACE_FIELDS.generator, *fmt.columns.values()))
+    if fmt.drawn_arrivals:  # not read: may repeat
+        read -= {"arrival_time_s", fmt.columns.get("arrival_time_s", "arrival_time_s")}
     unseen = set(fmt.columns.values())  # mapped columns no row has had yet
     with _open_binary(path) as f:
         for line_no, data in enumerate(bounded_lines(f), 1):

@@ -209,8 +209,8 @@ def check_output(cfg: TrainConfig, out_dir: str | Path, force: bool = False, *,
 
 
 def _data_files(cfg: TrainConfig) -> list[str]:
-    """The data entries with their paths resolved (a ``:field`` suffix kept as typed), as a run
-    records them for ``--resume``."""
+    """The data entries with their paths resolved (an entry that is no path kept as typed), as a
+    run records them for ``--resume``."""
     return [os.path.realpath(d) if os.path.exists(d) else d for d in cfg.data]
 
 
@@ -224,6 +224,9 @@ def _check_same_run(cfg: TrainConfig, ckpt: Path) -> None:
     files = json.loads(f.read_text(encoding="utf-8")).get("data_files")
     if isinstance(files, list):  # the same files, typed relative or absolute, from any folder (was: refused)
         saved["data"], now["data"] = files, _data_files(cfg)
+    elif isinstance(saved.get("data"), list):  # a run from before data_files: resolved from this folder
+        saved["data"] = [os.path.realpath(d) if isinstance(d, str) else d for d in saved["data"]]
+        now["data"] = [os.path.realpath(d) for d in cfg.data]
     diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if diff:
         raise ValueError(f"{ckpt}: --resume with other settings than the interrupted run ({', '.join(diff)}); "

@@ -316,7 +316,10 @@ def test_synthetic_arrivals_and_overflowing_scales(tmp_path):
     r = runner.invoke(app, ["simulate", "--trace", str(lens), "--predictions", "oracle", "--arrivals", "poisson",
                             "--rate", "2", "--json"])
     assert r.exit_code == 0 and _strict(r.stdout)["finished"] == 3
-    assert "arrival times drawn (poisson, 2 requests/s, seed 0)" in r.stderr
+    assert "arrival times drawn (poisson, 2 requests/s, seed 0; the file's own, if any, not read" in r.stderr
+    for extra in (["--time-unit", "ms"], ["--columns", "arrival_time_s=t"]):  # they would do nothing
+        _refused(runner.invoke(app, ["simulate", "--trace", str(lens), "--predictions", "oracle", "--arrivals",
+                                     "poisson", "--rate", "2", *extra]), "'--arrivals'", "is not read")
     _refused(runner.invoke(app, ["simulate", "--trace", str(lens), "--predictions", "oracle"]), "--arrivals poisson")
 
 

@@ -109,6 +109,11 @@ def test_a_trace_without_arrival_times_is_read_in_order_when_they_are_drawn(tmp_
                                            '{"arrival_time_s": null, "input_tokens": 3, "output_tokens": 1}\n'
                                            '{"input_tokens": 4, "output_tokens": 4}\n')
     assert read_trace(timed, fmt=drawn).input_tokens.tolist() == [5, 3, 4]
+    unsorted = write(tmp_path, "unsorted.jsonl", '{"arrival_time_s": 2, "input_tokens": 5, "output_tokens": 9}\n'
+                                                 '{"arrival_time_s": "abc", "input_tokens": 3, "output_tokens": 1}\n'
+                                                 '{"arrival_time_s": 1, "arrival_time_s": 0, "input_tokens": 4, '
+                                                 '"output_tokens": 4}\n')
+    assert read_trace(unsorted, fmt=drawn).input_tokens.tolist() == [5, 3, 4]  # the file's order, its times unread
     gap = write(tmp_path, "gap.csv", "arrival_time_s,input_tokens,output_tokens\n,5,9\n,3,1\n2,4,4\n")
     assert read_trace(gap, fmt=drawn).input_tokens.tolist() == [5, 3, 4]
     t = read_trace(gap, fmt=TraceFormat(skip_bad_rows=True))

@@ -280,3 +280,6 @@ def test_resume_takes_the_same_data_files_typed_otherwise(tmp_path, monkeypatch)
         _check_same_run(TrainConfig(data=["a.jsonl"]), ckpt)  # r2's a.jsonl: another file
     with pytest.raises(ValueError, match=r"--resume with other settings than the interrupted run \(best_metric\)"):
         _check_same_run(TrainConfig(data=[str(first / "a.jsonl")], best_metric="loss"), ckpt)
+    # a checkpoint from before data_files: resolved from the folder the resume runs in
+    (ckpt / RUN_CONFIG).write_text(json.dumps({"config": TrainConfig(data=["a.jsonl"]).to_dict()}))
+    _check_same_run(TrainConfig(data=[str(other / "a.jsonl")]), ckpt)
