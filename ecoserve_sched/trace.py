@@ -501,7 +501,7 @@ def _lengths(row: dict, where: str, max_tokens: int, fmt: TraceFormat
         if row.get(k) in (None, ""):
             raise TraceError(f"{where}: missing {fmt.label(k)}" + (f" ({_NO_TIMES.removeprefix('; ')})"
                                                                   if k == "arrival_time_s" else ""))
-    a = _arrival(row, where, fmt) if required is REQUIRED else None
+    a = None if fmt.drawn_arrivals else _arrival(row, where, fmt)
     o = _int(row, "output_tokens", where, 1, fmt)
     i = _int(row, "input_tokens", where, 1, fmt)
     m = _int(row, "max_tokens", where, 1, fmt) if row.get("max_tokens") not in (None, "") else max(max_tokens, o)

@@ -301,7 +301,8 @@ class PolicyScheduler(HFScheduler):
             if r.rid not in self.held:
                 self.events.append((now, "admit", r.rid))
             out.append(self._take(r, chunk, moved))
-        self._cleanup_waiting_queue(moved)
+        if moved:  # (a rebuild of the whole waiting order otherwise, every iteration)
+            self._cleanup_waiting_queue(moved)
         if not out:
             return [], False, 0, 0
         self._pending = batch

@@ -94,6 +94,7 @@ class RaySummary(AnnotateSummary):
     files: int = 0
     skipped_csv: list[str] = field(default_factory=list)  # CSV traces in an input folder: not read
     skipped_other: list[str] = field(default_factory=list)  # files named like logs it cannot read (.jsonl.zst)
+    all_rejected: list[str] = field(default_factory=list)  # files of a folder none of whose rows was annotated
 
 
 # ---- the bundle, shipped to the workers ---------------------------------------------------------
@@ -498,6 +499,8 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         bar = stack.enter_context(_Progress(progress, sum(sizes)))
         reasons: Counter[str] = Counter()
         stale: Counter[str] = Counter()
+        file_out = [0] * len(files)  # rows annotated per file
+        file_in = [0] * len(files)
         seen = _Ledger(files)
         blocks = stack.enter_context(_unwrapped(ray, ds.iter_batches(batch_size=None, batch_format="pyarrow")))
         for block in blocks:
@@ -513,6 +516,8 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
                     rej_file.write(c["rejects"])
                 summary.rows_in += c["rows_in"]
                 summary.rows_out += c["rows_out"]
+                file_in[i] += c["rows_in"]
+                file_out[i] += c["rows_out"]
                 summary.rows_rejected += c["rows_rejected"]
                 summary.rows_replaced += c["rows_replaced"]
                 summary.rows_without_generator += c["rows_without_generator"]
@@ -526,6 +531,11 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
                 else no_rows(src, files[0].kind)
         if summary.rows_out == 0:
             raise none_annotated(src, summary, reasons)
+        summary.all_rejected = [f.name for f, n_in, n_out in zip(files, file_in, file_out, strict=True)
+                                if n_in and not n_out]
+        if summary.all_rejected and log:  # the others were annotated: said, not an error
+            log(f"note: every row of {len(summary.all_rejected)} file(s) was rejected, so their outputs are "
+                f"empty: {', '.join(summary.all_rejected[:3])}{', ...' if len(summary.all_rejected) > 3 else ''}")
         if summary.rows_in != summary.rows_out + summary.rows_rejected:
             raise AssertionError(f"rows in {summary.rows_in} != out {summary.rows_out} + rejected "
                                  f"{summary.rows_rejected}")

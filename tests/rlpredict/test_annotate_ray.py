@@ -224,6 +224,18 @@ def test_no_row_is_an_error_as_on_the_local_engine(ray_local, bundle_fp32, tmp_p
     with pytest.raises(AnnotateError, match=r"day: no rows to annotate in any of its 2 file\(s\)"):
         annotate_path(folder, tmp_path / "out", bundle_fp32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["day", "in.jsonl"]
+    # every row rejected: an error, as on the local engine; in a folder whose other files are
+    # annotated, the file is named (was: an empty output, without a word)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [b'{"text": "a"}', b'{"text": "b"}'])
+    with pytest.raises(AnnotateError, match=r"bad\.jsonl: no row could be annotated: all 2 were rejected"):
+        annotate_path(bad, tmp_path / "bad.out.jsonl", bundle_fp32, on_error="skip")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_jsonl(mixed / "good.jsonl", trace_lines(20))
+    write_jsonl(mixed / "bad.jsonl", [b'{"text": "a"}'])
+    said: list[str] = []
+    got = annotate_path(mixed, tmp_path / "mixed.out", bundle_fp32, on_error="skip", log=said.append)
+    assert got.all_rejected == ["bad.jsonl"] and any("every row of 1 file(s) was rejected" in m for m in said)
 
 
 def test_cli_engine_ray_json_summary(ray_local, bundle_fp32, tmp_path):
