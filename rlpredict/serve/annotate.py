@@ -112,12 +112,15 @@ def no_rows(src: str | Path, fmt: str) -> AnnotateError:
     return AnnotateError(f"{src}: no rows to annotate (the file {what})")
 
 
+#: What a file that names its request otherwise is told.
+FIELD_HINT = "name the request's field with --prompt-field or --messages-field"
+
+
 def none_annotated(src: str | Path, summary: AnnotateSummary, reasons: Counter[str]) -> AnnotateError:
     """Every row rejected (``--on-error skip``): an error, not an output of no rows and exit 0;
     nothing is written (the input holds every row). Was: a header-only output, rc 0."""
     top = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(2))
-    hint = ("; name the request's field with --prompt-field or --messages-field"
-            if any(why.startswith(NO_REQUEST_FIELD) for why in reasons) else "")
+    hint = f"; {FIELD_HINT}" if any(why.startswith(NO_REQUEST_FIELD) for why in reasons) else ""
     return AnnotateError(f"{src}: no row could be annotated: all {summary.rows_rejected} were rejected ({top}); "
                          f"nothing was written{hint}")
 
@@ -157,7 +160,7 @@ def generator_of(row: Mapping[str, Any], fields: Fields, wanted: bool) -> str | 
 def bad_row_message(path: str | Path, where: str, number: int, reason: str) -> str:
     """What fail mode reports for the first bad row (``where``: "line" or "row")."""
     if reason.startswith(NO_REQUEST_FIELD):  # a file that names its request otherwise: every row would fail
-        return f"{path}: {where} {number}: {reason}; name the request's field with --prompt-field or --messages-field"
+        return f"{path}: {where} {number}: {reason}; {FIELD_HINT}"
     return f"{path}: {where} {number}: {reason} (use --on-error skip to set bad rows aside)"
 
 

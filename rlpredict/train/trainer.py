@@ -217,11 +217,12 @@ def _data_files(cfg: TrainConfig) -> list[str]:
 def _check_same_run(cfg: TrainConfig, ckpt: Path) -> None:
     f = ckpt / RUN_CONFIG
     try:
-        saved = json.loads(f.read_text(encoding="utf-8"))["config"]
+        record = json.loads(f.read_text(encoding="utf-8"))
+        saved = record["config"]
     except (OSError, ValueError, KeyError, TypeError):
         raise OutputError(f"{f}: missing or unreadable; {ckpt} was not written by `rlpredict train`") from None
     now = cfg.to_dict()
-    files = json.loads(f.read_text(encoding="utf-8")).get("data_files")
+    files = record.get("data_files")
     if isinstance(files, list):  # the same files, typed relative or absolute, from any folder (was: refused)
         saved["data"], now["data"] = files, _data_files(cfg)
     elif isinstance(saved.get("data"), list):  # a run from before data_files: resolved from this folder
