@@ -210,6 +210,7 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     except ServerSettingError as e:
         raise typer.BadParameter(str(e), param_hint=f"'{e.option}'") from None
     _refuse_unused_predictions(policies, predictions, confusion, cost, kw)
+    _refuse_unbuildable(policies, cost, slo, kw)
 
     # drawn arrival times: the file's own, if any, are not read (a conversation log's lengths have none)
     fmt = replace(fmt or TraceFormat(), drawn_arrivals=arrivals != "trace")
@@ -232,14 +233,32 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
         drawn = (f"; arrival times drawn ({arrivals}, {rate:g} requests/s, seed {seed}; the file's own, if "
                  "any, not read: requests in the file's order)")
     # what runs: a millisecond column read as seconds shows here
-    typer.echo(f"read {describe(tr)}" + (f" (the first {len(tr)} of {rows})" if len(tr) < rows else "") + drawn,
-               err=True)
+    read = describe(tr) + (f"; the first {len(tr)} of {rows} requests used (--max-requests)"
+                           if len(tr) < rows else "") + drawn
+    typer.echo(f"read {read}", err=True)
     capped = int((tr.output_tokens > tr.max_tokens).sum())
     if capped:  # the request's own limit ends its response: said, not done silently
         typer.echo(f"note: {trace}: {capped} rows have output_tokens above their max_tokens; their "
                    "responses stop at max_tokens", err=True)
     conf = load_confusion(confusion) if confusion else None
-    return RunSpec(tr, cost, slo, predictions, conf, bundle, seed, server)
+    return RunSpec(tr, cost, slo, predictions, conf, bundle, seed, server, read=read)
+
+
+def _refuse_unbuildable(policies: Sequence[str], cost: Any, slo: SLO, policy_kw: dict[str, Any]) -> None:
+    """Build each policy once with the server's settings, so that a setting one of them cannot
+    take (``--max-running`` above its own token budget) is refused before any run, naming the
+    policy (was: after the runs before it, naming no option)."""
+    from .policies import get_policy
+
+    for p in policies:
+        if p.endswith("vllm-real"):  # vLLM's own class: built per run (engines/vllm_sim.py)
+            continue
+        try:
+            get_policy(p, cost, slo=slo, **policy_kw)
+        except ValueError as e:
+            budget = "token_budget" not in policy_kw and "max_running" in str(e)
+            raise typer.BadParameter(f"{p}: {e}" + ("; pass --token-budget above it" if budget else ""),
+                                     param_hint="'--max-running'" if "max_running" in policy_kw else None) from None
 
 
 def _refuse_unused_predictions(policies: Sequence[str], predictions: str | None, confusion: str | None,
@@ -286,6 +305,10 @@ def simulate(
                  SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed, arrivals, rate, cv,
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size),
                  fmt=_trace_format(columns, time_unit, on_error))
+    if arrivals != "trace" and rate_scale != 1:
+        assert rate is not None
+        typer.echo(f"note: arrivals at {rate * rate_scale:g} requests/s (--rate {rate:g} x --rate-scale "
+                   f"{rate_scale:g})", err=True)
     s, _ = spec.run(policy, rate_scale)
     if as_json:
         typer.echo(dumps(s))
@@ -320,21 +343,27 @@ def compare(
     """Every policy at every load: a Markdown table and plots."""
     from rlpredict.outputs import output_dir
 
-    from .compare import NO_PLOTS, can_plot, predictions_of, sweep, write_report
+    from .compare import NO_PLOTS, can_plot, predictions_of, slo_text, sweep, write_report
 
     names, scales = _policy_names(policies, "--policies"), _scales(rate_scales, "--rate-scales")
     spec = _spec(trace, names, profile, predictions, confusion, bundle,
                  SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed, outputs=(("--out", out),),
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size),
                  fmt=_trace_format(columns, time_unit, on_error))
+    for x in scales:  # one too small for the trace's clock: refused before the first run
+        try:
+            spec.trace.scaled(x)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="'--rate-scales'") from None
     if not can_plot():
         typer.echo(NO_PLOTS, err=True)
     with output_dir(out, force=force, tool="ecoserve compare") as tmp:
         rows = sweep(spec, names, scales, progress=lambda s: typer.echo(
             f"{s['policy']:>18} x{s['rate_scale']:<6g} attainment {s['slo_attainment']:.3f}", err=True))
-        header = (f"trace {trace.name}, profile {spec.cost.label}, SLO TTFT {slo_ttft:g}s / TBT "
-                  f"{slo_tbt:g}s, predictions: {predictions_of(rows)}")
-        files = [out / f.relative_to(tmp) for f in write_report(rows, tmp, header)]
+        title = f"trace {trace.name}, profile {spec.cost.name}, {slo_text(spec.slo)}"
+        header = (f"trace {trace.name}, profile {spec.cost.label}, {slo_text(spec.slo)}, "
+                  f"predictions: {predictions_of(rows)}\n\nread {spec.read}; {spec.server.describe(spec.cost)}")
+        files = [out / f.relative_to(tmp) for f in write_report(rows, tmp, header, title)]
     typer.echo((out / "table.md").read_text())
     typer.echo("wrote " + ", ".join(str(f) for f in files), err=True)
 
@@ -359,7 +388,7 @@ def capacity(
     """Largest rate scale at which SLO attainment stays >= target, beside the saturation ceiling.
 
     A bisection; null, with a note, when the search finds no failing (or no passing) load."""
-    from .compare import CEILING_DRAIN_NOTE, MAX_DEFERRED
+    from .compare import CEILING_DRAIN_NOTE, MAX_DEFERRED, slo_text
     from .compare import capacity as find_capacity
     from .compare import ceiling as find_ceiling
     from .compare import sustained as sustained_spec
@@ -383,6 +412,13 @@ def capacity(
                                       if res["max_rate_scale"] is not None and c["ceiling_rate_scale"] else None)
         res["ceiling"] = c
         vs = res["capacity_vs_ceiling"]
+        held = res["lower_bound"] if res["search"] == "no_failing_load" else None
+        if c.get("saturated") and c["ceiling_rate_scale"] and held and held > c["ceiling_rate_scale"]:
+            times = held / c["ceiling_rate_scale"]
+            res["above_ceiling"] = (f"the criterion held up to x{held:g}, "
+                                    f"{f'{times:,.0f}' if times >= 1000 else f'{times:.3g}'}x "
+                                    "the ceiling: on a trace this short the backlog a load above the ceiling "
+                                    "builds ends with the trace; more requests (or --sustained) load the server")
         if c.get("saturated") and vs is not None and vs > 1:  # two causes; which one holds here is not measured
             res["above_ceiling"] = ("" if sustained else (
                 f"on a finite trace a policy can meet the criterion by deferring requests whose TTFT "
@@ -395,7 +431,7 @@ def capacity(
         typer.echo(f"{policy}: no capacity found: {res['note']}")
     else:
         what = (f"normalized latency <= {max_normalized_latency:g}s/token" if max_normalized_latency
-                else f"SLO attainment >= {target:g} at TTFT {slo_ttft:g}s, TBT {slo_tbt:g}s")
+                else f"SLO attainment >= {target:g} at {slo_text(spec.slo)}")
         typer.echo(f"{policy}: max_rate_scale {res['max_rate_scale']:.4g} ({what}"
                    + (f", p99 TBT <= {slo_p99_tbt:g}s" if slo_p99_tbt else "")
                    + (f", at most {MAX_DEFERRED:.0%} of requests deferred" if sustained else "") + ")")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -46,6 +47,16 @@ class Server:
         if g is not None and not (is_real(g) and 0 < g <= 1):
             raise ServerSettingError("--gpu-memory-utilization", f"gpu_memory_utilization must be in (0, 1], got {g!r}")
 
+    def describe(self, cost: Any) -> str:
+        """The settings a report states: KV cache size, and the rest (each policy's default
+        where not set)."""
+        kw = self.policy_kw(cost)
+        blocks = kw.get("kv_blocks", cost.kv_blocks(self.block_size))
+        return (f"KV cache {blocks:,} blocks of {self.block_size} tokens"
+                + (f" (--gpu-memory-utilization {self.gpu_memory_utilization:g})" if self.gpu_memory_utilization else "")
+                + f", token budget {self.token_budget or 'each policy default'}"
+                + f", max running {self.max_running or 'each policy default'}")
+
     def policy_kw(self, cost: Any) -> dict[str, Any]:
         """Keyword arguments for ``get_policy`` / ``simulator.run``."""
         kw: dict[str, Any] = {"block_size": self.block_size}
@@ -81,6 +92,7 @@ class RunSpec:
     bundle: str | None = None
     seed: int = 0
     server: Server = field(default_factory=Server)
+    read: str = ""  # what was read: the CLI's ``read`` line (rows, rate, skipped, used), for reports
 
     def __post_init__(self) -> None:
         if not len(self.trace):  # was: a capacity search of 9 runs, "failed at every load"
@@ -134,9 +146,14 @@ def sustained(spec: RunSpec) -> SustainedSpec:
 
 
 def kv_timeline(res: SimResult, points: int = 400) -> tuple[list[float], list[float]]:
-    """KV utilization (used / capacity) over time, thinned to about ``points`` samples."""
+    """KV utilization (used / capacity) over time, thinned to about ``points`` samples: each
+    logged iteration's from its start, and 0 from the end of one after which the server idled
+    (drawn as steps: was a line from one iteration's end to the next's, across idle gaps)."""
     log = iteration_table(res)
-    t, u = log[:, 0], log[:, 4] / res.kv_capacity_tokens
+    end, start, u = log[:, 0], log[:, 0] - log[:, 1] * log[:, 2], log[:, 4] / res.kv_capacity_tokens
+    idle = np.flatnonzero(start[1:] > end[:-1] * (1 + 1e-9) + 1e-9)  # (times are float sums)
+    t = np.insert(start, idle + 1, end[idle])
+    u = np.insert(u, idle + 1, 0.0)
     idx = np.linspace(0, len(t) - 1, min(points, len(t))).astype(int) if len(t) else np.array([], int)
     return t[idx].tolist(), u[idx].tolist()
 
@@ -291,9 +308,10 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
     out: dict[str, Any] = {
         "policy": policy, "max_rate_scale": best if search == "found" else None, "search": search,
         "converged": converged,
-        "lower_bound": best, "upper_bound": upper, "target_attainment": target,
+        "lower_bound": best, "upper_bound": upper,
+        "target_attainment": None if max_normalized_latency is not None else target,  # (replaced)
         "max_normalized_latency_s": max_normalized_latency, "max_p99_tbt_s": max_p99_tbt,
-        "slo_ttft_s": spec.slo.ttft_s, "slo_tbt_s": spec.slo.tbt_s,
+        "slo_ttft_s": spec.slo.ttft_s, "slo_tbt_s": spec.slo.tbt_s, "slo_deadline_s": spec.slo.deadline_s,
         "predictions": seen.get("predictions", ""), "requests": len(arrivals),
         "dropped": seen.get("dropped", 0), "probes": probes}
     if search == "load_independent":
@@ -310,6 +328,12 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
         out["note"] = (f"the search stopped after {len(probes)} runs with the capacity between x{best:g} and "
                        f"x{upper:g}, not within {rel_tol:.0%} (max_rate_scale is the lower end)")
     return out
+
+
+def slo_text(slo: SLO) -> str:
+    """The SLO as reports state it (the deadline only when there is one)."""
+    return (f"SLO TTFT {slo.ttft_s:g}s / TBT {slo.tbt_s:g}s"
+            + (f" / deadline {slo.deadline_s:g}s" if slo.deadline_s is not None else ""))
 
 
 def capacity_text(c: dict) -> str:
@@ -335,7 +359,8 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS)
             columns = (*columns, extra)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(table_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(f"{r[c]:g}" if c == "rate_scale" and isinstance(r.get(c), float)  # exact:
+                                else table_cell(r.get(c, "")) for c in columns) + " |" for r in rows]  # 1.231, 1.234
     return "\n".join(lines)
 
 
@@ -367,7 +392,7 @@ def can_plot() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def write_report(rows: Sequence[dict], out: Path, header: str = "") -> list[Path]:
+def write_report(rows: Sequence[dict], out: Path, header: str = "", title: str = "") -> list[Path]:
     """results.json (strict JSON), table.md and three plots (if ``can_plot``) into the folder
     ``out``; returns the files written. The CLI gives it the temporary folder of
     ``rlpredict.outputs.output_dir``."""
@@ -375,10 +400,10 @@ def write_report(rows: Sequence[dict], out: Path, header: str = "") -> list[Path
     files = [out / "results.json", out / "table.md"]
     files[0].write_text(dumps(list(rows), indent=1) + "\n")
     files[1].write_text((header + "\n\n" if header else "") + markdown_table(rows) + "\n")
-    return files + (plot(rows, out) if can_plot() else [])
+    return files + (plot(rows, out, title) if can_plot() else [])
 
 
-def plot(rows: Sequence[dict], out: Path) -> list[Path]:
+def plot(rows: Sequence[dict], out: Path, title: str = "") -> list[Path]:
     from matplotlib.figure import Figure  # the object API: never switches the process's backend
 
     policies = list(dict.fromkeys(r["policy"] for r in rows))
@@ -396,6 +421,7 @@ def plot(rows: Sequence[dict], out: Path) -> list[Path]:
             ax.set_yscale("log")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+        _title(ax, title)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         written.append(out / fname)
@@ -404,11 +430,19 @@ def plot(rows: Sequence[dict], out: Path) -> list[Path]:
     ax = fig.subplots()
     for r in rows:
         if r["rate_scale"] == top and "kv_timeline" in r:
-            ax.plot(*r["kv_timeline"], label=r["policy"], lw=0.8)
+            # held from one iteration to the next (was: lines across idle gaps, an empty cache)
+            ax.plot(*r["kv_timeline"], label=r["policy"], lw=0.8, drawstyle="steps-post")
     ax.set_xlabel("time (s)")
     ax.set_ylabel(f"KV cache used / capacity (rate scale {top:g})")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    _title(ax, title)
     fig.tight_layout()
     fig.savefig(out / "kv_util_over_time.png", dpi=120)
     return [*written, out / "kv_util_over_time.png"]
+
+
+def _title(ax: Any, title: str) -> None:
+    """The run's conditions (trace, profile, SLO), wrapped to the plot's width."""
+    if title:
+        ax.set_title(textwrap.fill(title, 80), fontsize=7)

@@ -61,6 +61,7 @@ def summarize(res: SimResult, slo: SLO) -> dict:
         "p99_tbt_s": weighted_quantile(gaps, w, 0.99),
         "slo_ttft_s": slo.ttft_s,
         "slo_tbt_s": slo.tbt_s,
+        "slo_deadline_s": slo.deadline_s,  # (None: no deadline)
         "slo_attainment": float(ok.sum()) / n if n else float("nan"),
         "goodput_rps": float(ok.sum()) / span,
         "preemptions": res.counters.get("preemptions", 0),

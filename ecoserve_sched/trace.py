@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -106,6 +106,9 @@ class Trace:
     arrival_offset_s: float = 0.0  # subtracted from the file's arrival times (``read_trace``)
     skipped_rows: int = 0  # bad rows skipped (``TraceFormat.skip_bad_rows``)
     first_skipped: str = ""  # ``file:line: why`` of the first of them
+    # every row's (prompt or None, ``file:line: why``) in arrival order, where some row has no
+    # usable prompt: ``head`` keeps the problem only if a row it keeps has it
+    prompt_rows: list[tuple[Any, str]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         """Columns of one length, and arrival times finite and >= 0 (a NaN arrival made the
@@ -174,11 +177,20 @@ class Trace:
         return replace(self, arrival_s=np.asarray(arrival_s, dtype=float), arrival_offset_s=0.0)
 
     def head(self, n: int) -> Trace:
+        """The first ``n`` requests by arrival. A row without a usable prompt matters only if
+        kept (was: ``--max-requests 2`` failed on the file's third row)."""
+        prompts, problem, rows = self.prompts, self.prompt_problem, self.prompt_rows
+        if rows is not None:
+            rows = rows[:n]
+            problem = next((why for prompt, why in rows if prompt is None), "")
+            prompts = None if problem else [prompt for prompt, _ in rows]
+            rows = rows if problem else None
         return replace(self, arrival_s=self.arrival_s[:n], input_tokens=self.input_tokens[:n],
                        output_tokens=self.output_tokens[:n], max_tokens=self.max_tokens[:n],
                        rl=None if self.rl is None else self.rl[:n],
-                       prompts=None if self.prompts is None else self.prompts[:n],
-                       generators=None if self.generators is None else self.generators[:n])
+                       prompts=None if prompts is None else prompts[:n],
+                       generators=None if self.generators is None else self.generators[:n],
+                       prompt_problem=problem, prompt_rows=rows)
 
     def requests(self, slo: SLO) -> list[Request]:
         """Fresh Request objects (a simulation mutates them), with annotated RL if present."""
@@ -430,7 +442,7 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
         why = ("is a folder, not a trace file" if p.is_dir() else "not a regular file (a device or a pipe); "
                "give a trace file" if p.exists() else "no such trace file")
         raise TraceError(f"{p}: {why}")
-    arr, inp, out, mx, rl, prompts, gens = [], [], [], [], [], [], []
+    arr, inp, out, mx, rl, prompts, gens, whys = [], [], [], [], [], [], [], []
     has_rl: bool | None = None  # the first good row's: every row must agree
     first_line = 0
     prompt_problem = ""
@@ -466,8 +478,9 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
         prompt, g, why = _prompt_input(row)
         prompts.append(prompt)
         gens.append(g)
-        if why and not prompt_problem:
-            prompt_problem = f"{where}: {why}"
+        whys.append(f"{where}: {why}" if prompt is None else "")
+        if prompt is None and not prompt_problem:
+            prompt_problem = whys[-1]
     if not arr:
         raise TraceError(f"{p}: trace has no rows" + (f" left: all {skipped} were bad (first: {first_skipped})"
                                                       if skipped else ""))
@@ -487,6 +500,7 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
         prompts=[prompts[i] for i in order] if keep_prompts and all(t is not None for t in prompts) else None,
         generators=[gens[i] for i in order] if any(g is not None for g in gens) else None,
         prompt_problem=prompt_problem,
+        prompt_rows=[(prompts[i], whys[i]) for i in order] if keep_prompts and prompt_problem else None,
         skipped_rows=skipped,
         first_skipped=first_skipped,
     )

@@ -21,20 +21,23 @@ environment variables (:class:`MiddlewareConfig`). For every HTTP ``POST`` it:
 
 With the middleware in front, ``ECOSERVE_TRUST_CLIENT_HINTS=1`` on the scheduler trusts only
 hints this process set. Failures never fail a request: a body that is not JSON goes on untouched
-(vLLM rejects it); a predictor error, or more than ``ECOSERVE_MIDDLEWARE_MAX_PENDING`` predictions
-in flight, sends the request on without hints (the scheduler then predicts itself if it has
-``ECOSERVE_PREDICTOR``, else uses its default reservation), counted in :attr:`counters` and
-logged once. Bodies the middleware cannot vet (over the size limit, or form data, which the
-audio endpoints take) go on untouched when hints are not trusted, and are refused (413 / 415)
-when they are, since they could carry hints.
+(vLLM rejects it); a predictor error, a prediction slower than ``ECOSERVE_MIDDLEWARE_TIMEOUT_S``,
+or more than ``ECOSERVE_MIDDLEWARE_MAX_PENDING`` predictions in flight, sends the request on
+without hints (the scheduler then predicts itself if it has ``ECOSERVE_PREDICTOR``, else uses its
+default reservation), counted in :attr:`counters` and logged (at most once a minute per kind;
+the counters again at shutdown). Bodies the middleware cannot vet (over the size limit, form
+data, which the audio endpoints take, or more than ``MAX_PENDING`` waiting for the checking
+thread) go on untouched when hints are not trusted, and are refused (413 / 415 / 503) when they
+are, since they could carry hints.
 
-Imports at module load: the standard library only; the predictor (ONNX Runtime) and the settings
-parser are imported when the middleware is built.
+Imports at module load: the standard library and ``rlpredict.records`` (numpy); the predictor
+(ONNX Runtime) and the settings parser are imported when the middleware is built.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -60,6 +63,8 @@ PREDICT_PATHS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"
 #: Mappings that become ``SamplingParams.extra_args`` (vLLM's request models and /inference).
 XARG_FIELDS = ("vllm_xargs", "extra_args")
 HINT_PREFIX = "rl_"
+#: Seconds between two warnings of the same kind (each says how many it stands for).
+WARN_EVERY_S = 60.0
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
@@ -78,7 +83,9 @@ class MiddlewareConfig:
     predictor: str | None = None  # bundle folder or "default"; None: strip client hints only
     max_body_bytes: int = 4 << 20  # larger bodies are not parsed (refused under trust)
     threads: int = 2  # prediction threads (ONNX Runtime releases the GIL)
-    max_pending: int = 16  # predictions queued or running; beyond: no prediction (shed)
+    max_pending: int = 16  # predictions queued or running; beyond: no prediction (shed). Also
+    # the bound of the checking thread's queue (bodies that get no prediction)
+    timeout_s: float = 1.0  # a prediction not back by then: the request goes on without one
     generator: str | None = None  # the model name for the predictor (else ECOSERVE_GENERATOR, else
     # vLLM's served model name, as the scheduler plug-in gives it; else the request's "model")
     trust_client_hints: bool = False  # ECOSERVE_TRUST_CLIENT_HINTS: refuse unvettable bodies
@@ -102,7 +109,7 @@ class MiddlewareConfig:
 #: (type, lowest, highest) of each setting.
 _LIMITS: dict[str, tuple[type, float | None, float | None]] = {
     "predictor": (str, None, None), "max_body_bytes": (int, 1024, 1 << 30), "threads": (int, 1, 64),
-    "max_pending": (int, 1, 1_000_000), "generator": (str, None, None), "trust_client_hints": (bool, None, None)}
+    "max_pending": (int, 1, 1_000_000), "timeout_s": (float, 0.001, 3600), "generator": (str, None, None), "trust_client_hints": (bool, None, None)}
 #: The middleware's own variables (the scheduler's ``from_env`` knows them, and logs any other
 #: ``ECOSERVE_MIDDLEWARE_*`` name as unknown: one environment reaches both processes).
 SETTINGS = tuple(f"{ENV_PREFIX}{name.upper()}" for name in _LIMITS if name != "trust_client_hints")
@@ -157,7 +164,7 @@ class Rewrite:
     """The outcome for one body: the bytes to send on (None: the original) and what happened."""
 
     body: bytes | None
-    outcome: str  # not_json | no_text | predicted | shed | predictor_error | other_path | error
+    outcome: str  # not_json | no_text | predicted | shed | busy | predictor_error | other_path | error
     stripped: int = 0
     error: BaseException | None = None
 
@@ -205,25 +212,27 @@ class EcoServePredictMiddleware:
         self._limits = HINT_LIMITS
         self.predictor = predictor
         self._pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="ecoserve-predict")
-        # bodies that get no prediction (other endpoints, shed) are checked here, never queued
-        # behind predictions
+        # bodies that get no prediction (other endpoints, shed, timed out) are checked here,
+        # never queued behind predictions; at most cfg.max_pending of them wait or run
         self._plain_pool = ThreadPoolExecutor(1, thread_name_prefix="ecoserve-strip")
         self._pending = 0  # predictions submitted and not finished (touched on the loop only)
+        self._plain_pending = 0  # the same for the checking thread
         self.counters = dict.fromkeys(
             ("requests", "predicted", "stripped_requests", "stripped_keys", "not_json", "no_text",
-             "shed", "predictor_errors", "oversized", "form_bodies", "refused", "errors",
-             "unauthorized"), 0)
+             "shed", "timeouts", "busy", "predictor_errors", "oversized", "form_bodies", "refused",
+             "errors", "unauthorized"), 0)
         self._auth: Any = _UNSET  # vLLM's --api-key middleware, found in the stack at the first call
         self.predict_s: list[float] = []  # seconds per prediction (bounded, for benchmarks)
-        self._logged: set[str] = set()
+        self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last warning, since then)
         from .vllm_scheduler import log_through_vllm
 
         log_through_vllm(logger)
         mode = f"predictor {self.cfg.predictor or type(predictor).__name__}" if predictor else "no predictor"
         logger.info("EcoServe middleware: %s on %s; client rl_* hints stripped from every JSON body; "
-                    "max body %d bytes, %d threads, at most %d pending; ECOSERVE_TRUST_CLIENT_HINTS=%d",
-                    mode, ", ".join(PREDICT_PATHS), self.cfg.max_body_bytes, self.cfg.threads,
-                    self.cfg.max_pending, self.cfg.trust_client_hints)
+                    "max body %d bytes, %d threads, at most %d pending, %g s per prediction; "
+                    "ECOSERVE_TRUST_CLIENT_HINTS=%d", mode, ", ".join(PREDICT_PATHS),
+                    self.cfg.max_body_bytes, self.cfg.threads, self.cfg.max_pending,
+                    self.cfg.timeout_s, self.cfg.trust_client_hints)
         if predictor is not None and not self.cfg.trust_client_hints:
             logger.warning("EcoServe middleware: ECOSERVE_TRUST_CLIENT_HINTS is off, so the scheduler "
                            "ignores the hints set here; set it to 1 in the environment of `vllm serve`")
@@ -231,6 +240,9 @@ class EcoServePredictMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.setup_error is not None:
             await self._setup_failed(scope, receive, send)
+            return
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._log_at_shutdown(receive), send)
             return
         if scope["type"] != "http" or scope.get("method") != "POST":
             await self.app(scope, receive, send)
@@ -267,7 +279,7 @@ class EcoServePredictMiddleware:
             more = bool(message.get("more_body", False))
         if size > self.cfg.max_body_bytes:
             self.counters["oversized"] += 1
-            self._log_once("oversized", "a request body is over ECOSERVE_MIDDLEWARE_MAX_BODY_BYTES=%d; "
+            self._warn("oversized", "a request body is over ECOSERVE_MIDDLEWARE_MAX_BODY_BYTES=%d; "
                            "%s", self.cfg.max_body_bytes,
                            "refused (413)" if self.cfg.trust_client_hints else "passed on unparsed")
             if self.cfg.trust_client_hints:
@@ -278,22 +290,37 @@ class EcoServePredictMiddleware:
             del chunks, chunk, message
             await self.app(scope, replay, send)
             return
-        body, path = b"".join(chunks), _route(scope)
-        predict = self.predictor is not None and path in PREDICT_PATHS
-        if predict and self._pending >= self.cfg.max_pending:
-            predict = False
-            self.counters["shed"] += 1
-            self._log_once("shed", "%d predictions in flight (ECOSERVE_MIDDLEWARE_MAX_PENDING); "
+        body, path, served = b"".join(chunks), _route(scope), _served_name(scope)
+        chunks.clear()  # one copy of the body per waiting request (was: two)
+        chunk, message = b"", {}
+        result = None
+        if self.predictor is not None and path in PREDICT_PATHS:
+            if self._pending < self.cfg.max_pending:
+                result = await self._predicted(body, path, served)
+            else:
+                self.counters["shed"] += 1
+                self._warn("shed", "%d predictions in flight (ECOSERVE_MIDDLEWARE_MAX_PENDING); "
                            "requests go on without a prediction", self._pending)
-        self._pending += predict
-        try:
-            loop = asyncio.get_running_loop()
-            pool = self._pool if predict else self._plain_pool
-            result = await loop.run_in_executor(pool, self.rewrite, body, path, predict, _served_name(scope))
-        except Exception as e:  # a bug, or a document json cannot write back: never fail for it
-            result = Rewrite(None, "error", error=e)
-        finally:
-            self._pending -= predict
+        if result is None:  # no prediction: the checking thread, if it has room
+            if self._plain_pending >= self.cfg.max_pending:
+                self.counters["busy"] += 1
+                self._warn("busy", "%d bodies wait for the checking thread (ECOSERVE_MIDDLEWARE_MAX_PENDING); "
+                           "%s", self._plain_pending, "refused (503)" if self.cfg.trust_client_hints
+                           else "passed on unparsed (the scheduler ignores client hints)")
+                if self.cfg.trust_client_hints:
+                    await self._refuse(send, 503, "the server is busy checking request bodies for rl_* "
+                                       "hints; retry", retry_after=1)
+                    return
+                result = Rewrite(None, "busy")
+            else:
+                self._plain_pending += 1
+                try:
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(self._plain_pool, self.rewrite, body, path, False, served)
+                except Exception as e:  # a bug, or a document json cannot write back: never fail for it
+                    result = Rewrite(None, "error", error=e)
+                finally:
+                    self._plain_pending -= 1
         self._count(result)
         if result.outcome == "error" and self.cfg.trust_client_hints:  # it may carry hints
             await self._refuse(send, 400, "the request body could not be checked for rl_* hints")
@@ -314,6 +341,45 @@ class EcoServePredictMiddleware:
         # streams (was: one to two copies per open request, for the whole generation)
         del chunks, chunk, message, body, result
         await self.app(scope, replay, send)
+
+    async def _predicted(self, body: bytes, path: str, served: str | None) -> Rewrite | None:
+        """``rewrite`` with a prediction, in the prediction pool; None if it is not back within
+        ``cfg.timeout_s`` (one not started by then never runs). A prediction counts as pending
+        until its thread is done with it, so a hung predictor fills ``max_pending`` and later
+        requests are shed, none waits longer than the timeout."""
+        loop = asyncio.get_running_loop()
+
+        def done(_: Any) -> None:  # in the worker thread, or here if cancelled before it ran
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
+                loop.call_soon_threadsafe(self._prediction_done)
+
+        self._pending += 1
+        future = self._pool.submit(self.rewrite, body, path, True, served)
+        future.add_done_callback(done)  # before wrap_future's: the count drops before we resume
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future, loop=loop), self.cfg.timeout_s)
+        except asyncio.TimeoutError:
+            future.cancel()
+            self.counters["timeouts"] += 1
+            self._warn("timeout", "a prediction took longer than ECOSERVE_MIDDLEWARE_TIMEOUT_S=%g s; "
+                       "requests go on without a prediction", self.cfg.timeout_s)
+            return None
+        except Exception as e:  # a bug, or a document json cannot write back: never fail for it
+            return Rewrite(None, "error", error=e)
+
+    def _prediction_done(self) -> None:
+        self._pending -= 1
+
+    def _log_at_shutdown(self, receive: Receive) -> Receive:
+        """``receive`` of the lifespan protocol, logging the counters when the server stops."""
+        async def logged() -> Message:
+            message = await receive()
+            if message.get("type") == "lifespan.shutdown":
+                logger.info("EcoServe middleware: counters at shutdown: %s",
+                            ", ".join(f"{k} {v}" for k, v in self.counters.items()))
+            return message
+
+        return logged
 
     def rewrite(self, body: bytes, path: str | None, predict: bool, served: str | None = None) -> Rewrite:
         """The body with client hints removed and, if ``predict``, predicted ones set (the
@@ -358,20 +424,29 @@ class EcoServePredictMiddleware:
             c[r.outcome] += 1
         elif r.outcome == "error":
             c["errors"] += 1
-            self._log_once("error", "checking a request body failed (%r); %s", r.error,
+            self._warn("error", "checking a request body failed (%r); %s", r.error,
                            "refused (400)" if self.cfg.trust_client_hints else "passed on unchanged")
         elif r.outcome == "predictor_error":
             c["predictor_errors"] += 1
-            self._log_once("predictor", "the predictor failed (%r); requests go on without a "
+            self._warn("predictor", "the predictor failed (%r); requests go on without a "
                            "prediction", r.error)
         if r.stripped:
             c["stripped_requests"] += 1
             c["stripped_keys"] += r.stripped
 
-    def _log_once(self, key: str, msg: str, *args: Any) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            logger.warning("EcoServe middleware: " + msg + " (logged once; counted in counters)", *args)
+    def _warn(self, kind: str, msg: str, *args: Any) -> None:
+        """A warning of ``kind``: the first, then at most one every ``WARN_EVERY_S`` seconds,
+        saying how many happened since the last (was: once per server, so one client's bad
+        text hid a predictor that broke later)."""
+        now = time.monotonic()
+        last, since = self._warned.get(kind, (None, 0))
+        if last is not None and now - last < WARN_EVERY_S:
+            self._warned[kind] = (last, since + 1)
+            return
+        self._warned[kind] = (now, 0)
+        more = f"; {since} more since the last warning" if since else ""
+        logger.warning("EcoServe middleware: " + msg + " (counted in counters; at most one warning a "
+                       "minute of each kind" + more + ")", *args)
 
     def _refused_by_vllm(self, scope: Scope) -> bool:
         """Whether vLLM's ``--api-key`` middleware, inside this one, will refuse the request:
@@ -404,16 +479,19 @@ class EcoServePredictMiddleware:
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1011, "reason": why[:120]})
 
-    async def _refuse(self, send: Send, status: int, why: str) -> None:
+    async def _refuse(self, send: Send, status: int, why: str, retry_after: int | None = None) -> None:
         self.counters["refused"] += 1
-        await _send_error(send, status, why, "BadRequestError")
+        await _send_error(send, status, why, "ServiceUnavailableError" if status == 503 else "BadRequestError",
+                          retry_after)
 
 
-async def _send_error(send: Send, status: int, why: str, kind: str) -> None:
+async def _send_error(send: Send, status: int, why: str, kind: str, retry_after: int | None = None) -> None:
     """An OpenAI-style JSON error response (vLLM's shape)."""
     body = json.dumps({"error": {"message": why, "type": kind, "param": None, "code": status}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

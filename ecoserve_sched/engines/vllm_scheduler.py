@@ -166,6 +166,15 @@ def _short(value: Any) -> str:
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+def hints_mode(trusted: bool) -> str:
+    """How client hints are read, as the start-up lines say it. Under trust, the warning that
+    only the middleware makes that safe: this process cannot see whether it is in front."""
+    if not trusted:
+        return "ignored"
+    return ("trusted (safe only behind the EcoServe middleware, which strips clients' rl_* keys: "
+            "vllm serve --middleware ecoserve_sched.engines.vllm_middleware.EcoServePredictMiddleware)")
+
+
 def parse_setting(name: str, raw: str, kind: type, lo: float | None = None,
                   hi: float | None = None) -> Any:
     """``raw`` (the text of environment variable ``name``) as ``kind`` (bool, int, float, str)
@@ -640,8 +649,7 @@ class EcoServeMixin:
                     "settings: %s", VLLM_VERSION, "" if VLLM_SUPPORTED else " (UNSUPPORTED)", type(self).__name__,
                     bool(self.scheduler_config.async_scheduling), self.policy.name.lower(),
                     self._bs, self._usable_blocks, self.eco_mode,
-                    "trusted" if self.eco_cfg.trust_client_hints else "ignored",
-                    self.eco_cfg.describe())
+                    hints_mode(self.eco_cfg.trust_client_hints), self.eco_cfg.describe())
 
     @property
     def eco_cfg(self) -> EcoServeVllmConfig:
@@ -1394,7 +1402,7 @@ def preflight(environ: Mapping[str, str] | None = None) -> str:
     middleware = f"middleware predictor {mw.predictor}" if mw.predictor else "no middleware predictor"
     support = "supported" if VLLM_SUPPORTED else f"UNSUPPORTED (allowed by {ENV_ALLOW_UNSUPPORTED_VLLM}=1)"
     return (f"vLLM {VLLM_VERSION}: {support}. {pred}. Client hints "
-            f"{'trusted' if cfg.trust_client_hints else 'ignored'}; {middleware}. Settings: {cfg.describe()}")
+            f"{hints_mode(cfg.trust_client_hints)}; {middleware}. Settings: {cfg.describe()}")
 
 
 if __name__ == "__main__":  # python -m ecoserve_sched.engines.vllm_scheduler: check before serving

@@ -222,7 +222,7 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
              token_budget: int | None = None, max_running: int = 256, **_: Any) -> RealSimResult:
     """``simulator.run`` for ``vllm-real`` / ``ecoserve-vllm-real``: same trace, predictions,
     KV capacity, token budget and ``max_running`` as the simulator's policies."""
-    from ..predictions import apply_predictions, default_source
+    from ..predictions import NO_PREDICTIONS, apply_predictions, default_source
     from .vllm_scheduler import EcoServeVllmConfig, EcoServeVllmSyncScheduler
 
     if policy not in REAL_POLICIES:
@@ -230,7 +230,7 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
     slo = slo or SLO()
     reqs = trace.requests(slo)
     eco = policy in PREDICTING_POLICIES
-    desc = "none"
+    desc = NO_PREDICTIONS  # as the simulator's vLLM says it (was: "none")
     if eco:
         source = predictions or default_source(trace)
         desc = apply_predictions(reqs, trace, source, seed=seed, confusion=confusion, bundle=bundle)

@@ -519,3 +519,63 @@ def test_a_public_trace_runs_with_its_own_columns_and_time_unit(tmp_path):
         assert r.exit_code == 2 and "--columns" in r.output and msg in " ".join(r.output.split()), (bad, r.output)
     r = runner.invoke(app, ["compare", "--trace", str(t), "--time-unit", "minutes"])
     assert r.exit_code == 2 and "unknown time unit 'minutes'" in r.output
+
+
+def test_a_deadline_is_recorded_wherever_attainment_is(tmp_path):
+    trace = _trace(tmp_path, 12)
+    r = runner.invoke(app, ["simulate", "--trace", trace, "--policy", "vllm", *PROFILE, "--slo-deadline", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    assert _strict(r.stdout)["slo_deadline_s"] == 0.5
+    out = tmp_path / "cmp"
+    r = runner.invoke(app, ["compare", "--trace", trace, "--policies", "vllm", "--rate-scales", "1.231,1.234",
+                            *PROFILE, "--slo-deadline", "0.5", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    table = (out / "table.md").read_text()
+    assert "SLO TTFT 5s / TBT 0.2s / deadline 0.5s" in table.splitlines()[0]
+    assert "read " in table and "KV cache" in table  # what was read and the server settings
+    assert "| 1.231 |" in table and "| 1.234 |" in table  # rate scales as given (was: both 1.23)
+    r = runner.invoke(app, ["capacity", "--trace", trace, "--policy", "vllm", *PROFILE, "--slo-deadline", "0.5",
+                            "--no-ceiling", "--json"])
+    assert r.exit_code == 0, r.output
+    assert _strict(r.stdout)["slo_deadline_s"] == 0.5
+
+
+def test_settings_a_policy_cannot_take_are_refused_before_any_run(tmp_path):
+    out = tmp_path / "mr"
+    r = runner.invoke(app, ["compare", "--trace", _trace(tmp_path, 12), "--policies", "vllm,sarathi",
+                            "--max-running", "600", "--rate-scales", "1,2", *PROFILE, "--out", str(out)])
+    _refused(r, "--max-running", "sarathi: token budget 512 must exceed max_running 600", "--token-budget")
+    assert "attainment" not in r.output and not out.exists()  # no run started (was: vllm ran first)
+    r = runner.invoke(app, ["compare", "--trace", _trace(tmp_path, 12), "--policies", "vllm",
+                            "--rate-scales", "1,1e-300", *PROFILE, "--out", str(out)])
+    _refused(r, "--rate-scales", "past 2^36 s")
+    assert "attainment" not in r.output and not out.exists()
+
+
+def test_a_drawn_rate_times_a_rate_scale_is_said(tmp_path):
+    r = runner.invoke(app, ["simulate", "--trace", _trace(tmp_path, 12), "--policy", "vllm", *PROFILE,
+                            "--arrivals", "poisson", "--rate", "1", "--rate-scale", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "arrivals at 2 requests/s (--rate 1 x --rate-scale 2)" in r.stderr
+
+
+def test_capacity_on_a_short_trace_says_why_it_passes_the_ceiling(tmp_path):
+    r = runner.invoke(app, ["capacity", "--trace", _trace(tmp_path, 8), "--policy", "vllm", *PROFILE])
+    assert r.exit_code == 0, r.output
+    assert "no capacity found" in r.stdout and "saturation ceiling: rate scale" in r.stdout
+    assert "above the ceiling: the criterion held up to x524288, " in r.stdout, r.stdout
+
+
+def test_the_kv_timeline_drops_to_zero_while_the_server_idles(tmp_path):
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.request import SLO
+    from ecoserve_sched.simulator import run
+    from ecoserve_sched.trace import read_trace
+
+    p = tmp_path / "gap.csv"
+    p.write_text("arrival_time_s,input_tokens,output_tokens\n0,100,5\n30,100,5\n")
+    res = run(read_trace(p), "vllm", load_profile("llama2-7b-a100-80gb"), slo=SLO())
+    t, u = compare_mod.kv_timeline(res)
+    assert t == sorted(t) and t[0] == 0.0  # from the first iteration's start
+    idle = [i for i, v in enumerate(u) if v == 0.0]
+    assert len(idle) == 1 and t[idle[0]] < 1 and t[idle[0] + 1] >= 30  # 0 from the first's end to the second's start

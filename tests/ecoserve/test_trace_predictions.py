@@ -478,3 +478,17 @@ def test_a_key_given_twice_is_refused(tmp_path):
     ok = write(tmp_path, "ok.jsonl", '{"arrival_time_s": 0, "input_tokens": 1, "output_tokens": 3, "x": 1, "x": 2, '
                                      '"meta": {"input_tokens": 1, "input_tokens": 2}}\n')
     assert read_trace(ok).input_tokens.tolist() == [1]
+
+
+def test_head_keeps_a_prompt_problem_only_if_it_keeps_the_row(tmp_path: Path) -> None:
+    p = tmp_path / "t.jsonl"
+    rows = [{"arrival_time_s": i, "input_tokens": 5, "output_tokens": 7, "prompt": f"p{i}"} for i in range(4)]
+    del rows[2]["prompt"]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = read_trace(p)
+    assert t.prompts is None and t.prompt_problem.startswith(f"{p}:3: ")
+    first = t.head(2)  # --max-requests 2: the third row is not used (was: refused for it)
+    assert first.prompts == ["p0", "p1"] and first.prompt_problem == "" and first.prompt_rows is None
+    more = t.head(3)
+    assert more.prompts is None and more.prompt_problem == t.prompt_problem
+    assert read_trace(p, keep_prompts=False).prompt_rows is None

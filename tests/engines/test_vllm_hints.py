@@ -491,7 +491,7 @@ def test_vllm_version_check(caplog) -> None:
 def test_preflight_summary() -> None:
     out = preflight({"ECOSERVE_PREDICTOR": str(BUNDLE), "ECOSERVE_TRUST_CLIENT_HINTS": "1"})
     assert out.startswith(f"vLLM {vs.VLLM_VERSION}: supported. predictor {BUNDLE}")
-    assert "Client hints trusted" in out
+    assert "Client hints trusted (safe only behind the EcoServe middleware" in out
     assert "no predictor" in preflight({})
     assert "prefill budget from profile llama3-8b-h100-80gb" in preflight({"ECOSERVE_PROFILE": "llama3-8b-h100-80gb"})
     with pytest.raises(EcoServeSetupError, match="ECOSERVE_PROFILE='nope'"):

@@ -294,6 +294,114 @@ def test_overload_sheds_predictions_but_still_strips() -> None:
     assert t_first >= 0.3 > 0.15 > t_second  # the shed request does not wait behind predictions
 
 
+def test_a_slow_prediction_times_out_and_stays_counted_until_its_thread_is_done(caplog) -> None:
+    stub = Stub(delay=0.5)
+    mw = middleware(stub, threads=1, max_pending=2, timeout_s=0.05)
+
+    async def scenario() -> tuple:
+        t0 = time.perf_counter()
+        first = await acall(mw, json.dumps(chat(vllm_xargs={"rl_bucket": 0, "k": 1})).encode())
+        waited = time.perf_counter() - t0
+        pending = mw._pending  # its thread still predicts
+        second = await acall(mw, json.dumps(chat()).encode())  # queued behind it, then cancelled
+        await asyncio.sleep(0.7)  # the first prediction ends; the second never started
+        return first, waited, pending, second
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        first, waited, pending, second = asyncio.run(scenario())
+    assert first[0] == 200 and json.loads(first[1])["vllm_xargs"] == {"k": 1}  # stripped, not predicted
+    assert second[0] == 200 and "vllm_xargs" not in json.loads(second[1])
+    assert waited < 0.4 and pending == 1 and mw._pending == 0
+    assert mw.counters["timeouts"] == 2 and mw.counters["predicted"] == 0 and len(stub.seen) == 1
+    assert len([m for m in caplog.messages if "ECOSERVE_MIDDLEWARE_TIMEOUT_S" in m]) == 1
+
+
+def test_a_hung_predictor_sheds_later_requests_at_once() -> None:
+    release = threading.Event()
+
+    class Hung(Stub):
+        def predict(self, requests: list[Any], generators: Any = None) -> list[Any]:
+            release.wait(5)
+            return super().predict(requests, generators)
+
+    mw = middleware(Hung(), threads=1, max_pending=1, timeout_s=0.05)
+
+    async def scenario() -> float:
+        await acall(mw, json.dumps(chat()).encode())  # times out; its thread hangs
+        t0 = time.perf_counter()
+        await acall(mw, json.dumps(chat()).encode())
+        return time.perf_counter() - t0
+
+    waited = asyncio.run(scenario())
+    release.set()
+    assert mw.counters["timeouts"] == 1 and mw.counters["shed"] == 1 and waited < 0.04
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_the_checking_threads_queue_is_bounded(trusted: bool, monkeypatch) -> None:
+    mw = middleware(None, max_pending=2, trust_client_hints=trusted)
+    checked = mw.rewrite
+
+    def slow(*a: Any) -> Any:
+        time.sleep(0.1)
+        return checked(*a)
+
+    monkeypatch.setattr(mw, "rewrite", slow)
+    raw = json.dumps({"input": "x", "vllm_xargs": {"rl_bucket": 0}}).encode()
+
+    async def five() -> list:
+        return await asyncio.gather(*(acall(mw, raw, path="/v1/embeddings") for _ in range(5)))
+
+    out = asyncio.run(five())
+    assert mw.counters["busy"] == 3 and mw.counters["stripped_requests"] == 2 and mw._plain_pending == 0
+    stripped = [o for o in out if o[0] == 200 and json.loads(o[1])["vllm_xargs"] == {}]
+    assert len(stripped) == 2
+    if trusted:  # could carry hints: refused, with a retry hint
+        busy = [o for o in out if o[0] == 503]
+        assert len(busy) == 3 and all(o[2][b"retry-after"] == b"1" for o in busy)
+    else:  # the scheduler ignores hints: passed on as sent
+        assert sum(o[0] == 200 and o[1] == raw for o in out) == 3
+
+
+def test_warnings_repeat_at_most_once_a_minute_saying_how_many(monkeypatch, caplog) -> None:
+    mw = middleware(Stub(fail=True))
+    clock = [100.0]
+    monkeypatch.setattr(vm.time, "monotonic", lambda: clock[0])
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for t in (100.0, 110.0, 120.0, 161.0, 162.0):
+            clock[0] = t
+            call(mw, chat())
+    warned = [m for m in caplog.messages if "predictor failed" in m]
+    assert len(warned) == 2 and "2 more since the last warning" in warned[1]
+    assert mw.counters["predictor_errors"] == 5
+
+
+def test_the_counters_are_logged_at_shutdown(caplog) -> None:
+    mw = middleware(Stub())
+    call(mw, chat())
+    messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        while True:
+            m = await receive()
+            await send({"type": m["type"] + ".complete"})
+            if m["type"] == "lifespan.shutdown":
+                return
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    async def send(m: dict) -> None:
+        sent.append(m)
+
+    mw.app = app
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        asyncio.run(mw({"type": "lifespan"}, receive, send))
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert any("counters at shutdown" in m and "predicted 1" in m for m in caplog.messages)
+
+
 # ---- streaming, the event loop -------------------------------------------------------------------
 def test_streamed_body_is_reassembled_and_rewritten() -> None:
     mw = middleware(Stub())
@@ -406,14 +514,17 @@ def test_settings_from_env_and_errors_name_the_variable() -> None:
            "ECOSERVE_MARGIN": "0.1"}  # retired: not read
     cfg = MiddlewareConfig.from_env(env)
     assert (cfg.predictor, cfg.threads, cfg.max_body_bytes, cfg.trust_client_hints) == ("default", 3, 65536, True)
+    assert MiddlewareConfig.from_env({"ECOSERVE_MIDDLEWARE_TIMEOUT_S": "0.25"}).timeout_s == 0.25
     for var, bad in (("ECOSERVE_MIDDLEWARE_THREADS", "0"), ("ECOSERVE_MIDDLEWARE_MAX_PENDING", "many"),
+                     ("ECOSERVE_MIDDLEWARE_TIMEOUT_S", "0"), ("ECOSERVE_MIDDLEWARE_TIMEOUT_S", "nan"),
                      ("ECOSERVE_TRUST_CLIENT_HINTS", "perhaps")):
         with pytest.raises(EcoServeSetupError, match=var):
             MiddlewareConfig.from_env({var: bad})
     with pytest.raises(EcoServeSetupError, match="ECOSERVE_MIDDLEWARE_PREDICTOR"):
         EcoServePredictMiddleware(downstream, MiddlewareConfig(predictor="/no/such/bundle"))
     assert set(vm.SETTINGS) == {"ECOSERVE_MIDDLEWARE_" + f.upper() for f in
-                                ("predictor", "max_body_bytes", "threads", "max_pending", "generator")}
+                                ("predictor", "max_body_bytes", "threads", "max_pending", "timeout_s",
+                                 "generator")}
 
 
 @pytest.mark.parametrize(("var", "value"), [("ECOSERVE_MIDDLEWARE_THREADS", "0"),
