@@ -96,7 +96,7 @@ def train(
     transformers.Trainer: GPU and bf16 when present, torchrun / accelerate launch for several,
     checkpoints, early stopping."""
     from rlpredict.train.config import TrainConfig
-    from rlpredict.train.trainer import check_output, prepare
+    from rlpredict.train.trainer import check_output, latest_checkpoint, prepare
     from rlpredict.train.trainer import train as run_train
 
     cfg = TrainConfig.load(config) if config else TrainConfig()
@@ -110,7 +110,7 @@ def train(
     if on_error is not None:
         cfg.on_error = on_error
     cfg.validate("options")
-    check_output(cfg, out, force, checkpoint_dir=checkpoint_dir, resume=resume)  # before the data is read
+    ckpt = check_output(cfg, out, force, checkpoint_dir=checkpoint_dir, resume=resume)  # before the data is read
     main = _is_main_process()
     prep = prepare(cfg)
     if main:
@@ -126,19 +126,40 @@ def train(
         if cfg.include_generator and (unknown := sum(s.generator is None for s in prep.train)):  # was: not said
             err.print(f"  {unknown} of {len(prep.train)} training samples name no generator ('generator' or "
                       "'model'): include_generator trains them as 'model: unknown'", highlight=False)
-    summary = run_train(cfg, out, prepared=prep, progress=main and not json_out, force=force,
-                        checkpoint_dir=checkpoint_dir, resume=resume)
+    try:
+        summary = run_train(cfg, out, prepared=prep, progress=main and not json_out, force=force,
+                            checkpoint_dir=checkpoint_dir, resume=resume)
+    except KeyboardInterrupt:
+        last = latest_checkpoint(ckpt) if main and cfg.save_checkpoints and ckpt.is_dir() else None
+        if last is not None:  # was: only "no output was written"
+            err.print(f"\n{escape(str(last))} kept: the same command with --resume continues from it", highlight=False)
+        raise
     if not main:
         return
     if json_out:
         print(dumps(summary, indent=2))
     else:
-        best = summary["eval_best"]
-        held = f", held-out MAE {best['mae']:.1f} tau {best['kendall_tau']:.3f}" if best else ""
-        loss = (f", loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}"
-                if summary["steps_this_run"] else ", no step left to run")
-        err.print(f"[green]saved[/green] {escape(str(out))}  ({summary['steps']} steps{loss}{held}, "
-                  f"{summary['examples_per_second']} ex/s)", highlight=False)
+        err.print(f"[green]saved[/green] {escape(saved_line(summary, out))}", highlight=False)
+
+
+def saved_line(summary: dict, out: Path) -> str:
+    """What ``train`` saved: the steps (of those planned, if it stopped early), the loss, which
+    step's weights with their held-out scores (was: the last step's count beside the best
+    step's scores), the speed, and where the checkpoints stay."""
+    best, run, steps = summary["eval_best"], summary["trainer"], summary["steps"]
+    text = f"{out}  ({steps} step{'' if steps == 1 else 's'}"
+    if run["stopped_early"]:
+        text += f" of {run['planned_steps']}: stopped early"
+    text += (f", loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}"
+             if summary["steps_this_run"] else ", no step left to run")
+    if best:
+        which = f"step {best['step']}'s weights, the best by held-out {run['best_metric']}" \
+            if best["step"] != steps else f"held-out {run['best_metric']} best here"
+        text += f"; {which}: MAE {best['mae']:.1f}, tau {best['kendall_tau']:.3f}"
+    text += f"; {summary['examples_per_second']} training ex/s)"
+    if run["checkpoint_dir"]:
+        text += f"; checkpoints kept in {run['checkpoint_dir']} (for --resume; delete them when done)"
+    return text
 
 
 @app.command("eval")
@@ -209,7 +230,8 @@ def stack(
 ) -> None:
     """Add a TF-IDF head stacked with the encoder to a bundle.
 
-    Never worse than either alone on the shipped data; run `rlpredict calibrate` on the result."""
+    Better than either alone on the shipped data; it says whether it is on yours. Run `rlpredict
+    calibrate` on the result."""
     from rlpredict.train.config import TrainConfig
     from rlpredict.train.stack import markdown, stack_bundle
 
@@ -225,9 +247,8 @@ def stack(
         print(dumps(report, indent=2))
     else:
         print(markdown(report["evaluation"]))
-        err.print(f"[green]stacked bundle written to[/green] {escape(str(out))}; next: `rlpredict calibrate --model "
-                  f"{escape(str(out))} ...`",
-                  highlight=False)
+        print(f"\n{report['evaluation']['verdict']}")
+        err.print(f"next: `rlpredict calibrate --model {escape(str(out))} ...`", highlight=False)
 
 
 @app.command()

@@ -174,6 +174,8 @@ class BoundaryGroup(TyperGroup):
             if _framework(e) or _debug(ctx):
                 raise
             code, line = failure(e, "--debug")
+            if code == 130 and sys.stderr.isatty():  # off a progress bar's line (was: glued to it)
+                line = "\n" + line
             typer.echo(line, err=True)
             raise typer.Exit(code) from None
 

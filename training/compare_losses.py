@@ -1,6 +1,6 @@
 """Cross-entropy vs the ordinal loss (and full fine-tuning vs LoRA), same data, same budget.
 
-    python training/compare_losses.py --data ../shared/data/sharegpt_v3/sharegpt_v3.jsonl.gz \
+    python training/compare_losses.py --data ../shared/data/sharegpt_v3/sharegpt_v3.jsonl.gz \\
         --rows 3000 --eval-rows 2000
 
 Trains each variant on the same subsample of the training side and scores it on the same
@@ -33,6 +33,13 @@ VARIANTS = {
 }
 
 
+#: The table's columns: metric -> (header, format), as docs/predictor.md quotes them.
+COLUMNS = {"bucket_acc": ("acc", "{:.3f}"), "within1_acc": ("±1", "{:.3f}"), "mae": ("MAE", "{:.1f}"),
+           "acc100": ("Acc-100", "{:.3f}"), "kendall_tau": ("tau", "{:.3f}"), "coverage": ("cover", "{:.3f}"),
+           "reserve_ratio_total": ("reserved/actual", "{:.3f}"), "pred_buckets_used": ("buckets predicted", "{}"),
+           "train_s": ("train s", "{:.0f}")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", action="append", required=True, help="data file (repeatable)")
@@ -61,10 +68,10 @@ def main() -> None:
         rows[name] = {**rl_metrics(rl, probs, prep.scheme), "train_s": summary["train_seconds"],
                       "pred_buckets_used": int(np.unique(probs.argmax(1)).size)}
         print(name, json.dumps(rows[name]), flush=True)
-    keys = ["bucket_acc", "within1_acc", "mae", "acc100", "kendall_tau", "coverage", "reserve_ratio_total", "pred_buckets_used", "train_s"]
-    print("\n| variant | " + " | ".join(keys) + " |\n|---" * 1 + "|---" * len(keys) + "|")
+    print("\n| variant | " + " | ".join(label for label, _ in COLUMNS.values()) + " |\n|---"
+          + "|---" * len(COLUMNS) + "|")
     for name, r in rows.items():
-        print(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+        print(f"| {name} | " + " | ".join(fmt.format(r[k]) for k, (_, fmt) in COLUMNS.items()) + " |")
     if args.json:
         write_text_atomic(args.json, json.dumps({"rows": args.rows, "eval_rows": len(test), "results": rows},
                                                 indent=2) + "\n")

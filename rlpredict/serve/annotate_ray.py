@@ -43,7 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlpredict.outputs import atomic_path, check_new_dir, check_new_file, check_paths, output_dir
+from rlpredict.outputs import (
+    atomic_path,
+    check_new_dir,
+    check_new_file,
+    check_paths,
+    mark_owned,
+    output_dir,
+)
 from rlpredict.records import COMPRESSION_ERRORS, TRACE_FIELDS, Fields, OnError, bounded_lines
 from rlpredict.serve.annotate import (
     CHUNK_CHARS,
@@ -73,6 +80,7 @@ READ_TASKS = 2
 INSTALL_HINT = ("--engine ray needs Ray: install the [ray] extra (in a checkout: pip install -c constraints.txt "
                 "-e '.[ray]'), or pip install 'ray[data]'")
 ERROR_COLUMN = "rl_error"
+ANNOTATE_TOOL = "rlpredict annotate"  # the tool its output folders record
 DEFAULT_FIELDS = TRACE_FIELDS
 
 
@@ -81,8 +89,10 @@ def import_ray() -> Any:
     try:
         import ray
         import ray.data
-    except ImportError:
-        raise AnnotateError(INSTALL_HINT) from None
+    except ImportError as e:  # Ray itself, or one of its own imports (was: that cause hidden)
+        missing = getattr(e, "name", None)
+        cause = "" if missing in ("ray", "ray.data", None) else f" (importing it failed: {e})"
+        raise AnnotateError(INSTALL_HINT + cause) from None
     return ray
 
 
@@ -241,7 +251,7 @@ def _check_reachable(address: str | None, timeout_s: float = 5.0, option: str = 
         return
     host, _, port = address.rpartition(":")
     if not port.isdigit():
-        raise AnnotateError(f"{option} {address!r}: expected HOST:PORT, 'auto' or ray://HOST:PORT")
+        raise AnnotateError(f"{option} {address!r}: expected HOST:PORT, 'auto' or ray://HOST:PORT (Ray Client: needs ray[client], not in the [ray] extra)")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as e:
@@ -334,7 +344,7 @@ class _File:
 
 
 #: Name parts of files a folder run names when it cannot read them (a `.jsonl.zst` month of logs).
-LOG_LIKE = (".jsonl", ".ndjson", ".parquet", ".csv", ".log")
+LOG_LIKE = (".jsonl", ".ndjson", ".parquet", ".pq", ".csv", ".log", ".json")
 
 
 def plan_files(input: Path, output: Path, skipped_csv: list[str] | None = None,
@@ -360,7 +370,13 @@ def plan_files(input: Path, output: Path, skipped_csv: list[str] | None = None,
     found = []
     for p in sorted(input.rglob("*")):
         rel = p.relative_to(input)
-        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.is_symlink() and (p.is_dir() or not p.exists()):  # was: left out without a word
+            if skipped_other is not None:
+                skipped_other.append(f"{rel.as_posix()} (a {'link to a folder, not followed' if p.is_dir() else 'broken link'})")
+            continue
+        if not p.is_file():
             continue
         try:
             fmt, _ = detect_format(p)
@@ -380,46 +396,55 @@ def plan_files(input: Path, output: Path, skipped_csv: list[str] | None = None,
 
 def _read_chunks(batch: Any, chunk_rows: int) -> Iterator[Any]:
     """Ray task (on the driver's node): the files of ``batch`` -> chunks of raw lines (JSONL) or
-    Arrow IPC record batches (Parquet), one output row per chunk."""
+    Arrow IPC record batches (Parquet), one output row per chunk. An error names each file as
+    the user gave it, as the local engine does (it is read by its absolute path: the task runs
+    in another folder)."""
+    for f in batch.to_pylist():
+        try:
+            yield from _file_chunks(f, chunk_rows)
+        except AnnotateError as e:
+            raise AnnotateError(str(e).replace(f["path"], f["shown"], 1)) from None
+
+
+def _file_chunks(f: dict, chunk_rows: int) -> Iterator[Any]:
+    """``_read_chunks`` of one file."""
     import pyarrow as pa
 
-    for f in batch.to_pylist():
-        src = Path(f["path"])
+    src = Path(f["path"])
 
-        def chunk(first: int, count: int, payload: bytes, progress: float, last: bool = False,
-                  f: dict = f) -> Any:
-            return pa.table({"file": [f["file"]], "path": [f["path"]], "name": [f["name"]],
-                             "kind": [f["kind"]], "out_gz": [f["out_gz"]], "chunk_rows": [chunk_rows],
-                             "first": [first], "count": [count], "last": [last],
-                             "progress": [progress], "payload": pa.array([payload], pa.large_binary())})
+    def chunk(first: int, count: int, payload: bytes, progress: float, last: bool = False) -> Any:
+        return pa.table({"file": [f["file"]], "path": [f["shown"]], "name": [f["name"]],
+                         "kind": [f["kind"]], "out_gz": [f["out_gz"]], "chunk_rows": [chunk_rows],
+                         "first": [first], "count": [count], "last": [last],
+                         "progress": [progress], "payload": pa.array([payload], pa.large_binary())})
 
-        if f["kind"] == "parquet":
-            pf = _open_parquet(src)
-            total, done = max(1, pf.metadata.num_rows), 0
-            for rb in _batches(pf, src, chunk_rows):
-                sink = io.BytesIO()
-                with pa.ipc.new_stream(sink, rb.schema) as w:
-                    w.write_batch(rb)
-                yield chunk(done + 1, rb.num_rows, sink.getvalue(), (done + rb.num_rows) / total)
-                done += rb.num_rows
-            yield chunk(done + 1, 0, b"", 1.0, last=True)
-            continue
-        try:
-            size = max(1, src.stat().st_size)
-            with open(src, "rb") as raw, (gzip.GzipFile(fileobj=raw) if f["in_gz"] else nullcontext(raw)) as r:
-                lines: list[bytes] = []
-                first, held = 1, 0
-                for data in bounded_lines(r):  # an oversize row travels as a short marker
-                    lines.append(data)
-                    held += len(data)
-                    if len(lines) >= chunk_rows or held >= CHUNK_CHARS:
-                        yield chunk(first, len(lines), b"".join(lines), raw.tell() / size)
-                        first, lines, held = first + len(lines), [], 0
-                yield chunk(first, len(lines), b"".join(lines), 1.0, last=True)
-        except COMPRESSION_ERRORS as e:
-            raise corrupt_compressed(src, e) from None
-        except OSError as e:  # Ray rebuilds an OSError with its retry advice as the file name
-            raise AnnotateError(f"{src}: cannot read ({e.strerror or e})") from None
+    if f["kind"] == "parquet":
+        pf = _open_parquet(src)
+        total, done = max(1, pf.metadata.num_rows), 0
+        for rb in _batches(pf, src, chunk_rows):
+            sink = io.BytesIO()
+            with pa.ipc.new_stream(sink, rb.schema) as w:
+                w.write_batch(rb)
+            yield chunk(done + 1, rb.num_rows, sink.getvalue(), (done + rb.num_rows) / total)
+            done += rb.num_rows
+        yield chunk(done + 1, 0, b"", 1.0, last=True)
+        return
+    try:
+        size = max(1, src.stat().st_size)
+        with open(src, "rb") as raw, (gzip.GzipFile(fileobj=raw) if f["in_gz"] else nullcontext(raw)) as r:
+            lines: list[bytes] = []
+            first, held = 1, 0
+            for data in bounded_lines(r):  # an oversize row travels as a short marker
+                lines.append(data)
+                held += len(data)
+                if len(lines) >= chunk_rows or held >= CHUNK_CHARS:
+                    yield chunk(first, len(lines), b"".join(lines), raw.tell() / size)
+                    first, lines, held = first + len(lines), [], 0
+            yield chunk(first, len(lines), b"".join(lines), 1.0, last=True)
+    except COMPRESSION_ERRORS as e:
+        raise corrupt_compressed(src, e) from None
+    except OSError as e:  # Ray rebuilds an OSError with its retry advice as the file name
+        raise AnnotateError(f"{src}: cannot read ({e.strerror or e})") from None
 
 
 def annotate_path(input: str | Path, output: str | Path, model: str | Path | None = None, *,
@@ -457,8 +482,9 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
     summary = RaySummary(str(src), str(dst), str(rej_path) if rej_path else None, files=len(files),
                          skipped_csv=skipped_csv, skipped_other=skipped_other)
     if skipped_other and log:
-        log(f"skipped {len(skipped_other)} file(s) in {src} named like logs but not .jsonl[.gz], "
-            f".ndjson[.gz] or .parquet ({', '.join(skipped_other[:3])}{', ...' if len(skipped_other) > 3 else ''})")
+        log(f"skipped {len(skipped_other)} file(s) in {src}: links to folders, broken links, or named like logs "
+            f"but not .jsonl[.gz], .ndjson[.gz], .parquet or .pq ({', '.join(skipped_other[:3])}"
+            f"{', ...' if len(skipped_other) > 3 else ''})")
     if skipped_csv and log:
         log(f"skipped {len(skipped_csv)} CSV file(s) in {src} ({', '.join(skipped_csv[:3])}"
             f"{', ...' if len(skipped_csv) > 3 else ''}): --engine ray reads JSONL and Parquet; "
@@ -468,12 +494,16 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         workers, per_worker = plan_workers(ray, num_workers, threads)
         summary.workers, summary.threads_per_worker = workers, per_worker
         if log:
-            log(f"ray: {workers} worker(s) x {per_worker} thread(s) on "
-                f"{int(ray.cluster_resources().get('CPU', 0))} CPUs; {len(files)} file(s)")
+            cpus = int(ray.cluster_resources().get("CPU", 0))
+            at_once = max(1, cpus // per_worker)
+            log(f"ray: {workers} worker(s) x {per_worker} thread(s) on {cpus} CPUs; {len(files)} file(s)"
+                + (f" (--threads {threads} is more than a worker may take here)" if threads and per_worker < threads
+                   else "")
+                + (f"; at most {at_once} worker(s) run at once" if workers > at_once else ""))
         here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}  # read on this node
         # absolute: the read tasks run in the Ray worker's folder (was: a relative path of the
         # documented `--ray-address auto` command was not found there)
-        items = [{"file": i, "path": str(f.src.resolve()), "name": f.name, "kind": f.kind,
+        items = [{"file": i, "path": str(f.src.resolve()), "shown": str(f.src), "name": f.name, "kind": f.kind,
                   "in_gz": detect_format(f.src)[1], "out_gz": detect_format(f.dst)[1]}
                  for i, f in enumerate(files)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -488,7 +518,7 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         ds.context.execution_options.preserve_order = True
         ds.context.target_max_block_size = 1  # one chunk per block, so chunks spread over the workers
 
-        root = stack.enter_context(output_dir(dst, force=force, tool="rlpredict annotate")) if folder \
+        root = stack.enter_context(output_dir(dst, force=force, tool=ANNOTATE_TOOL)) if folder \
             else None
         rej_file = None
         if rej_path is not None:
@@ -654,6 +684,17 @@ class _Writers:
         while self.current < len(self.files) - 1:
             self._next()
         self._end()
+        if self.root is None:
+            return
+        # each sub-folder records what it holds, as the output folder does: `--force` then
+        # refuses a file someone added in one (was: replaced with the folder, without a word)
+        children: dict[Path, set[str]] = {}
+        for f in self.files:
+            parts = Path(f.name).parts
+            for depth in range(1, len(parts)):
+                children.setdefault(Path(*parts[:depth]), set()).add(parts[depth])
+        for folder, names in children.items():
+            mark_owned(self.root / folder, ANNOTATE_TOOL, names)
 
 
 class _Progress:

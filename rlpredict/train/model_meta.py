@@ -79,12 +79,18 @@ def load_trained(model_dir: str | Path, **kwargs: Any) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a trained folder (transformers' classes), or ``ModelLoadError``
     naming the folder: truncated weights, say, raise safetensors' own error type otherwise."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar (was: on every eval, --json too)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs)
         tok = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # safetensors, tokenizers and transformers raise their own types
         raise ModelLoadError(f"{model_dir}: cannot load the trained model ({library_error(e)})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model, tok
 
 

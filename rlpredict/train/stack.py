@@ -317,6 +317,7 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
                       "all": {m: rl_metrics(rl, p, scheme, q) for m, p in probs.items()},
                       "sources": {s: {m: rl_metrics(rl[src == s], p[src == s], scheme, q) for m, p in probs.items()}
                                   for s in sorted(set(src))}}
+        evaluation["verdict"] = verdict(evaluation["all"])
         manifest["lexical"]["evaluation"] = evaluation
         manifest["confusion"] = confusion_dict(
             rl, te_stacked, scheme, f"stacked model (encoder + TF-IDF) on {', '.join(sorted(set(src)))} "
@@ -328,6 +329,18 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     report = {"fit": fit, "evaluation": evaluation, "seconds": round(time.perf_counter() - t0, 1)}
     log(f"stacked bundle written to {out} ({report['seconds']}s)")
     return report
+
+
+def verdict(all_rows: dict[str, dict]) -> str:
+    """The stacked model's MAE against the encoder's and TF-IDF's alone, in one line: whether
+    stacking paid on this data (it need not: the stacking fit is small)."""
+    mae = {m: all_rows[m]["mae"] for m in ("stacked", "encoder", "tfidf_logreg")}
+    worse = [m for m in ("encoder", "tfidf_logreg") if mae["stacked"] >= mae[m]]
+    word = ("better than either alone" if not worse else
+            f"NOT better than {' or '.join('the encoder' if m == 'encoder' else 'TF-IDF' for m in worse)} alone")
+    return (f"stacked MAE {mae['stacked']:.1f} = {mae['stacked'] / mae['encoder']:.2f}x the encoder's "
+            f"({mae['encoder']:.1f}), {mae['stacked'] / mae['tfidf_logreg']:.2f}x TF-IDF's ({mae['tfidf_logreg']:.1f}): "
+            f"the stacked bundle is {word}")
 
 
 def markdown(evaluation: dict) -> str:

@@ -168,15 +168,30 @@ def test_folder_of_jsonl_and_parquet(ray_local, bundle_fp32, predictor, tmp_path
     (src / "notes.txt").write_text("not an input\n")
     (src / "d.csv").write_text("prompt\nhi\n")  # not read by this engine: said (was: silently left out)
     (src / "e.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")  # another compression: said too (was: not)
+    (tmp_path / "elsewhere").mkdir()
+    write_jsonl(tmp_path / "elsewhere" / "o.jsonl", lines[:5])
+    (src / "linked").symlink_to(tmp_path / "elsewhere")  # not followed, and said (was: its rows lost silently)
+    (src / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
     said: list[str] = []
-    got = annotate_path(src, tmp_path / "out", bundle_fp32, on_error="skip", chunk_rows=CHUNK, log=said.append)
+    got = annotate_path(src, tmp_path / "out", bundle_fp32, on_error="skip", chunk_rows=CHUNK, log=said.append,
+                        threads=64)
     assert got.files == 4 and got.rows_in == got.rows_out + got.rows_rejected
+    assert any(m.startswith("ray: ") and "(--threads 64 is more than a worker may take here)" in m for m in said)
     assert got.skipped_csv == ["d.csv"] and any("skipped 1 CSV file(s)" in m for m in said)
-    assert got.skipped_other == ["e.jsonl.zst"] and any("skipped 1 file(s)" in m and "e.jsonl.zst" in m for m in said)
-    (src / "e.jsonl.zst").unlink()
+    assert got.skipped_other == ["e.jsonl.zst", "gone.jsonl (a broken link)",
+                                 "linked (a link to a folder, not followed)"]
+    assert any("skipped 3 file(s)" in m and "e.jsonl.zst" in m for m in said)
+    for extra in ("e.jsonl.zst", "linked", "gone.jsonl"):
+        (src / extra).unlink()
     out = tmp_path / "out"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        OWNER_FILE, "a.jsonl", "c.parquet", "day2/b.jsonl", "empty.jsonl"]
+        OWNER_FILE, "a.jsonl", "c.parquet", f"day2/{OWNER_FILE}", "day2/b.jsonl", "empty.jsonl"]
+    # a sub-folder records what it holds: a file someone adds there is never replaced by --force
+    from rlpredict.outputs import foreign_entries
+
+    assert foreign_entries(out) == []
+    (out / "day2" / "notes.txt").write_text("mine\n")
+    assert foreign_entries(out) == [out / "day2" / "notes.txt"]
     rejects = [json.loads(line) for line in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
     total = [0, 0, 0]
     assert (out / "empty.jsonl").read_bytes() == b"" and not [r for r in rejects if r["file"] == "empty.jsonl"]
@@ -194,7 +209,7 @@ def test_folder_of_jsonl_and_parquet(ray_local, bundle_fp32, predictor, tmp_path
     assert [got.rows_in, got.rows_out, got.rows_rejected] == total
 
 
-def test_fail_mode_names_the_first_bad_line_and_writes_nothing(ray_local, bundle_fp32, tmp_path):
+def test_fail_mode_names_the_first_bad_line_and_writes_nothing(ray_local, bundle_fp32, tmp_path, monkeypatch):
     from rlpredict.serve.annotate import AnnotateError
     from rlpredict.serve.annotate_ray import annotate_path
 
@@ -207,6 +222,10 @@ def test_fail_mode_names_the_first_bad_line_and_writes_nothing(ray_local, bundle
         annotate_path(tmp_path / "bad.jsonl.gz", tmp_path / "out.jsonl.gz", bundle_fp32, on_error="skip")
     assert type(e.value) is AnnotateError and "\n" not in str(e.value)
     assert str(e.value).startswith(f"{tmp_path / 'bad.jsonl.gz'}: truncated or corrupt compressed file")
+    # a relative path is named as given, as the local engine names it (was: made absolute)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AnnotateError, match=r"^bad\.jsonl\.gz: truncated or corrupt compressed file"):
+        annotate_path(Path("bad.jsonl.gz"), Path("out.jsonl.gz"), bundle_fp32, on_error="skip")
     assert not (tmp_path / "out.jsonl.gz").exists()
 
 
@@ -365,3 +384,32 @@ def test_outputs_inside_the_input_folder_and_odd_rejects_names_are_refused(bundl
     with pytest.raises(AnnotateError, match=r"give it a \.jsonl name"):
         annotate_path(src / "a.jsonl", tmp_path / "o.jsonl", bundle_fp32, on_error="skip", rejects=tmp_path / "r.txt")
     assert (src / "a.jsonl").read_bytes() == before and not (tmp_path / "out").exists()
+
+
+def test_a_ray_that_fails_to_import_says_why(monkeypatch):
+    import builtins
+
+    from rlpredict.serve.annotate import AnnotateError
+    from rlpredict.serve.annotate_ray import INSTALL_HINT, import_ray
+
+    real = builtins.__import__
+
+    def broken(name, *a, **kw):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'grpc'", name="grpc")  # Ray there, one of its imports not
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(AnnotateError) as e:
+        import_ray()
+    assert str(e.value) == f"{INSTALL_HINT} (importing it failed: No module named 'grpc')"
+
+    def absent(name, *a, **kw):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'", name="ray")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", absent)
+    with pytest.raises(AnnotateError) as e:
+        import_ray()
+    assert str(e.value) == INSTALL_HINT

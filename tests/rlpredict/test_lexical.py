@@ -118,6 +118,10 @@ def stacked(bundle_fp32, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stacked") / "bundle"
     report = stack_bundle(bundle_fp32, cfg, out, stack_rows=200, folds=2, threads=1)
     assert set(report["evaluation"]["all"]) == {"stacked", "encoder", "tfidf_logreg"}
+    all_rows = report["evaluation"]["all"]
+    assert report["evaluation"]["verdict"].startswith(f"stacked MAE {all_rows['stacked']['mae']:.1f} = ")
+    assert ("better than either alone" in report["evaluation"]["verdict"]) == (
+        all_rows["stacked"]["mae"] < min(all_rows["encoder"]["mae"], all_rows["tfidf_logreg"]["mae"]))
     return out
 
 

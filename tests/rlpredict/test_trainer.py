@@ -283,3 +283,71 @@ def test_resume_takes_the_same_data_files_typed_otherwise(tmp_path, monkeypatch)
     # a checkpoint from before data_files: resolved from the folder the resume runs in
     (ckpt / RUN_CONFIG).write_text(json.dumps({"config": TrainConfig(data=["a.jsonl"]).to_dict()}))
     _check_same_run(TrainConfig(data=[str(other / "a.jsonl")]), ckpt)
+
+
+def test_the_saved_line_names_the_weights_it_saved_and_the_checkpoints(one_process):
+    from rlpredict.cli import saved_line
+
+    out, s = one_process
+    line = saved_line(s, out)
+    best = s["eval_best"]["step"]
+    assert line.startswith(f"{out}  (6 steps, loss ")
+    assert (f"step {best}'s weights, the best by held-out mae" if best != 6 else "held-out mae best here") in line
+    assert f"checkpoints kept in {s['trainer']['checkpoint_dir']}" in line and "stopped early" not in line
+    early = {**s, "steps": 4, "trainer": {**s["trainer"], "stopped_early": True, "checkpoint_dir": None}}
+    assert "(4 steps of 6: stopped early" in saved_line(early, out) and "checkpoints" not in saved_line(early, out)
+
+
+def test_an_encoder_whose_weights_do_not_load_is_refused(tiny_encoder, prepared, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "renamed"
+    shutil.copytree(tiny_encoder, bad)
+    weights = load_file(bad / "model.safetensors")
+    save_file({f"renamed.{k}": v for k, v in weights.items()}, bad / "model.safetensors")
+    with pytest.raises(ValueError, match="of the encoder's weights are not in its checkpoint"):
+        train(tiny_cfg(bad), tmp_path / "out", prepared=prepared, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_log_lines_go_to_stderr_readable(capsys):
+    from types import SimpleNamespace
+
+    from tqdm.auto import tqdm
+
+    from rlpredict.train.trainer import _StderrProgress
+
+    cb = _StderrProgress()
+    cb.training_bar = tqdm(total=2, disable=True)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=2)
+    cb.on_log(None, state, None, logs={"loss": 2.3456, "learning_rate": 4.1e-5, "grad_norm": 1.0, "epoch": 0.5})
+    cb.on_log(None, state, None, logs={"eval_mae": 118.14, "eval_kendall_tau": 0.21, "eval_runtime": 1.0,
+                                       "eval_loss": 2.0})
+    cb.on_log(None, state, None, logs={"train_runtime": 3.0, "train_samples_per_second": 9.7})
+    out = capsys.readouterr()
+    assert out.out == ""  # was: {'loss': ...} dicts on stdout, inside a redirected report
+    assert out.err.splitlines() == ["step 2: loss 2.346, lr 4.1e-05, grad_norm 1",
+                                    "step 2: held-out mae 118.1, kendall_tau 0.21"]
+
+
+def test_an_interrupted_train_names_the_checkpoint_it_kept(tiny_encoder, tmp_path, monkeypatch):
+    import rlpredict.train.trainer as trainer_mod
+
+    out = tmp_path / "m"
+
+    def interrupted(cfg, out_dir, **kw):
+        ckpt = out_dir.parent / f"{out_dir.name}-checkpoints" / "checkpoint-2"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod, "train", interrupted)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'encoder = "{tiny_encoder}"\nmax_length = 32\nmax_rows = 32\nmax_steps = 4\n')
+    r = CliRunner().invoke(app, ["train", "--data", DATA[0], "-c", str(cfg), "--out", str(out)])
+    assert r.exit_code == 130, r.output
+    flat = " ".join(r.output.split())
+    assert "checkpoint-2 kept: the same command with --resume continues from it" in flat
+    assert "interrupted: no output was written" in flat and not out.exists()
