@@ -129,7 +129,7 @@ def _named(value: str | None) -> str | None:
 
 TraceOpt = Annotated[Path, typer.Option("--trace", help="CSV/JSONL(.gz) trace: arrival_time_s, input_tokens, output_tokens[, rl_*]")]
 ProfileOpt = Annotated[str | None, typer.Option("--profile", callback=_named, help="cost-model profile name or JSON file (default: the cost model's DEFAULT_PROFILE)")]
-PredOpt = Annotated[str | None, typer.Option("--predictions", callback=_choice("prediction source", *SOURCES), help=f"{'|'.join(SOURCES)} (default: annotated if the trace has rl_* fields, else confusion)")]
+PredOpt = Annotated[str | None, typer.Option("--predictions", callback=_choice("prediction source", *SOURCES), help=f"{' | '.join(SOURCES)} (default: annotated if the trace has rl_* fields, else confusion)")]
 ConfOpt = Annotated[str | None, typer.Option("--confusion", callback=nonblank_path("a confusion file or a bundle folder"), help="confusion.json, manifest.json with a 'confusion' key, or a bundle directory")]
 BundleOpt = Annotated[str | None, typer.Option("--bundle", help="predictor bundle for --predictions bundle")]
 TTFTOpt = Annotated[float, typer.Option("--slo-ttft", callback=positive, help="TTFT SLO in seconds (> 0)")]
@@ -137,7 +137,7 @@ TBTOpt = Annotated[float, typer.Option("--slo-tbt", callback=positive, help="mea
 DeadlineOpt = Annotated[float | None, typer.Option("--slo-deadline", callback=positive, help="optional JCT deadline in seconds (> 0)")]
 MaxTokOpt = Annotated[int, typer.Option("--max-tokens", min=1, max=MAX_COUNT, help="max_tokens for rows without one (Orca reserves it)")]
 MaxReqOpt = Annotated[int | None, typer.Option("--max-requests", min=1, help="use only the first N requests (N >= 1)")]
-ArrOpt = Annotated[str, typer.Option("--arrivals", callback=_choice("arrival process", *ARRIVALS), help="trace|poisson|gamma|burst8: keep the trace's arrival times or draw new ones (burst8: groups of 8 simultaneous requests, the groups gamma arrivals)")]
+ArrOpt = Annotated[str, typer.Option("--arrivals", callback=_choice("arrival process", *ARRIVALS), help="trace | poisson | gamma | burst8: keep the trace's arrival times or draw new ones (burst8: groups of 8 simultaneous requests, the groups gamma arrivals)")]
 RateOpt = Annotated[float | None, typer.Option("--rate", callback=in_range(*RATE_RANGE), help=f"requests/s for poisson/gamma/burst8 arrivals, in [{RATE_RANGE[0]:g}, {RATE_RANGE[1]:g}]")]
 CvOpt = Annotated[float | None, typer.Option("--cv", callback=in_range(*CV_RANGE), help=f"coefficient of variation of the gamma inter-arrival gaps (burst8: of the gaps between groups), in [{CV_RANGE[0]:g}, {CV_RANGE[1]:g}] (default 1)")]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="seed (>= 0) for prediction sampling and synthetic arrivals")]
@@ -147,7 +147,7 @@ BudgetOpt = Annotated[int | None, typer.Option("--token-budget", min=2, max=1 <<
 MaxRunOpt = Annotated[int | None, typer.Option("--max-running", min=1, max=1 << 16, help="running requests at most (vLLM's max_num_seqs; default 256)")]
 BlockOpt = Annotated[int, typer.Option("--block-size", min=1, max=1024, help="KV block size in tokens")]
 ColumnsOpt = Annotated[str | None, typer.Option("--columns", help="the trace's own column names: FIELD=COLUMN,... (e.g. arrival_time_s=TIMESTAMP,input_tokens=ContextTokens,output_tokens=GeneratedTokens)")]
-TimeUnitOpt = Annotated[str, typer.Option("--time-unit", callback=_choice("time unit", *TIME_UNITS), help=f"unit of the arrival column: {'|'.join(TIME_UNITS)} (iso: ISO 8601 date-times, UTC unless they say otherwise)")]
+TimeUnitOpt = Annotated[str, typer.Option("--time-unit", callback=_choice("time unit", *TIME_UNITS), help=f"unit of the arrival column: {' | '.join(TIME_UNITS)} (iso: ISO 8601 date-times, UTC unless they say otherwise)")]
 OnErrorOpt = Annotated[str, typer.Option("--on-error", callback=_choice("--on-error", "fail", "skip"), help="bad trace rows: fail (stop at the first, naming its line) or skip (count them and name the first)")]
 
 
@@ -460,8 +460,8 @@ def calibrate(
     force: ForceOpt = False,
     engine: Annotated[str, typer.Option("--engine", callback=_choice("engine", "transformers"), help="engine to measure (transformers)")] = "transformers",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
-    grid: Annotated[str, typer.Option("--grid", help="test|small|replay|full: batch-shape grid (replay adds chat-like replays)")] = "small",
-    dtype: Annotated[str | None, typer.Option("--dtype", help="float32|bfloat16|float16 (default: float32 on CPU, bfloat16 on GPU)")] = None,
+    grid: Annotated[str, typer.Option("--grid", help="test | small | replay | full: batch-shape grid (replay adds chat-like replays)")] = "small",
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")] = None,
     repeats: Annotated[int, typer.Option("--repeats", min=1, max=100, help="runs per grid point, 1 to 100 (median time per iteration)")] = 3,
     token_budget: Annotated[int, typer.Option("--token-budget", min=16, max=1 << 20, help="engine token budget per iteration, 16 to 1048576 (use the serving one: it bounds the measured prefill shapes)")] = 2048,
     threads: Annotated[int | None, typer.Option("--threads", callback=thread_count, help="torch CPU threads (1 to the usable cores)")] = None,

@@ -8,7 +8,8 @@
    is a folder holding an input (replacing it would delete the input).
 3. **No silent replacement.** An output that exists is replaced only with ``force``; a folder
    only if everything in it was written by this tool (``OWNER_FILE`` lists the files each tool
-   wrote; sub-folders carry their own), so ``--force`` never deletes a user's file.
+   wrote; a sub-folder it lists may carry its own), so ``--force`` never deletes a user's file,
+   nor another run's output saved inside.
 
 Pure standard library: both packages import it.
 """
@@ -196,7 +197,10 @@ def check_new_file(path: str | Path, *, force: bool, option: str) -> None:
 
 # ---- folders ------------------------------------------------------------------------------------
 def foreign_entries(folder: Path) -> list[Path]:
-    """What in ``folder`` no tool of ours wrote (empty: the folder may be replaced)."""
+    """What in ``folder`` the run that wrote it did not write (empty: the folder may be
+    replaced): files its ``OWNER_FILE`` does not list, and sub-folders that are another run's
+    output (their own ``OWNER_FILE``, not listed here: was counted as ours, so ``--force`` on a
+    folder deleted a separate run saved inside it)."""
     marker = folder / OWNER_FILE
     owned: set[str] = set()
     if marker.is_file():
@@ -209,7 +213,7 @@ def foreign_entries(folder: Path) -> list[Path]:
         if entry.name == OWNER_FILE and owned:
             continue
         if entry.is_dir() and not entry.is_symlink() and (entry / OWNER_FILE).is_file():
-            foreign += foreign_entries(entry)
+            foreign += foreign_entries(entry) if entry.name in owned else [entry]
         elif entry.name not in owned:
             foreign.append(entry)
     return foreign
@@ -256,8 +260,9 @@ def _refuse_foreign(folder: Path, option: str) -> None:
     """Refuse a folder output that holds anything no tool of ours wrote (``foreign_entries``)."""
     if foreign := foreign_entries(folder):
         shown = ", ".join(str(f) for f in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
-        raise OutputError(f"{folder}: holds files no tool of ours wrote ({shown}); {option} replaces or adds "
-                          "to only a folder a tool of ours wrote: move them or choose another path")
+        raise OutputError(f"{folder}: holds files no tool of ours wrote, or another run's output ({shown}); "
+                          f"{option} replaces or adds to only a folder one run of a tool of ours wrote: "
+                          "move them or choose another path")
 
 
 def plain_modes(folder: str | Path) -> None:

@@ -119,6 +119,12 @@ def test_output_dir_replaces_only_what_a_tool_wrote(tmp_path):
         raise RuntimeError("boom")  # an error leaves nothing behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
     assert (out / "user.txt").read_text() == "mine"
+    (out / "user.txt").unlink()
+    with output_dir(out / "run2", force=False, tool="t") as tmp:  # another run saved inside it
+        (tmp / "c.json").write_text("4")
+    with pytest.raises(OutputError, match=r"another run's output .*run2"), output_dir(out, force=True, tool="t"):
+        pass  # was: --force deleted it with the folder
+    assert (out / "run2" / "c.json").read_text() == "4"
 
 
 def test_outputs_get_the_modes_of_a_plain_write(tmp_path):
