@@ -418,7 +418,8 @@ def capacity(
             res["above_ceiling"] = (f"the criterion held up to x{held:g}, "
                                     f"{f'{times:,.0f}' if times >= 1000 else f'{times:.3g}'}x "
                                     "the ceiling: on a trace this short the backlog a load above the ceiling "
-                                    "builds ends with the trace; more requests (or --sustained) load the server")
+                                    "builds ends with the trace; more requests"
+                                    + ("" if sustained else " (or --sustained)") + " load the server")
         if c.get("saturated") and vs is not None and vs > 1:  # two causes; which one holds here is not measured
             res["above_ceiling"] = ("" if sustained else (
                 f"on a finite trace a policy can meet the criterion by deferring requests whose TTFT "

@@ -146,16 +146,23 @@ def sustained(spec: RunSpec) -> SustainedSpec:
 
 
 def kv_timeline(res: SimResult, points: int = 400) -> tuple[list[float], list[float]]:
-    """KV utilization (used / capacity) over time, thinned to about ``points`` samples: each
-    logged iteration's from its start, and 0 from the end of one after which the server idled
-    (drawn as steps: was a line from one iteration's end to the next's, across idle gaps)."""
+    """KV utilization (used / capacity) over time as steps: each logged iteration's from its
+    start, and 0 from the end of one after which the server idled (was: a line from one
+    iteration's end to the next's, across idle gaps); at most ``points`` steps, each the mean
+    over an equal share of the span when there are more."""
     log = iteration_table(res)
     end, start, u = log[:, 0], log[:, 0] - log[:, 1] * log[:, 2], log[:, 4] / res.kv_capacity_tokens
     idle = np.flatnonzero(start[1:] > end[:-1] * (1 + 1e-9) + 1e-9)  # (times are float sums)
     t = np.insert(start, idle + 1, end[idle])
     u = np.insert(u, idle + 1, 0.0)
-    idx = np.linspace(0, len(t) - 1, min(points, len(t))).astype(int) if len(t) else np.array([], int)
-    return t[idx].tolist(), u[idx].tolist()
+    if len(t) <= points:
+        return t.tolist(), u.tolist()
+    # more steps than points: each point the time-weighted mean over its share of the span
+    # (was: every k-th step, so a sampled idle zero held until the next sample)
+    edges = np.linspace(t[0], end[-1], points + 1)
+    area = np.concatenate([[0.0], np.cumsum(u * np.diff(np.append(t, end[-1])))])  # exact at each t
+    at = np.interp(edges, np.append(t, end[-1]), area)  # the step function's integral is piecewise linear
+    return edges[:-1].tolist(), (np.diff(at) / np.diff(edges)).tolist()
 
 
 def sweep(spec: RunSpec, policies: Sequence[str], rate_scales: Sequence[float],
@@ -359,7 +366,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS)
             columns = (*columns, extra)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(f"{r[c]:g}" if c == "rate_scale" and isinstance(r.get(c), float)  # exact:
+    lines += ["| " + " | ".join(f"{r[c]:.15g}" if c == "rate_scale" and isinstance(r.get(c), float)  # exact:
                                 else table_cell(r.get(c, "")) for c in columns) + " |" for r in rows]  # 1.231, 1.234
     return "\n".join(lines)
 

@@ -579,3 +579,13 @@ def test_the_kv_timeline_drops_to_zero_while_the_server_idles(tmp_path):
     assert t == sorted(t) and t[0] == 0.0  # from the first iteration's start
     idle = [i for i, v in enumerate(u) if v == 0.0]
     assert len(idle) == 1 and t[idle[0]] < 1 and t[idle[0] + 1] >= 30  # 0 from the first's end to the second's start
+
+
+def test_a_thinned_kv_timeline_keeps_each_share_of_the_spans_mean():
+    from ecoserve_sched.serving import SimResult
+
+    log = [((i + 1) * 0.1, 0.1, 1, 1, 50, 4) for i in range(10)]  # busy 0-1 s at half the cache
+    log += [(100 + (i + 1) * 0.1, 0.1, 1, 1, 100, 7) for i in range(10)]  # idle to 100 s, then full
+    t, u = compare_mod.kv_timeline(SimResult("p", "x", "none", [], 100, 16, log=log), points=4)
+    assert t == pytest.approx([0, 25.25, 50.5, 75.75])
+    assert u == pytest.approx([0.5 / 25.25, 0, 0, 1 / 25.25])  # (was: every k-th step, idle held)

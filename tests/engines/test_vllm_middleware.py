@@ -296,23 +296,24 @@ def test_overload_sheds_predictions_but_still_strips() -> None:
 
 def test_a_slow_prediction_times_out_and_stays_counted_until_its_thread_is_done(caplog) -> None:
     stub = Stub(delay=0.5)
-    mw = middleware(stub, threads=1, max_pending=2, timeout_s=0.05)
+    mw = middleware(stub, threads=2, max_pending=4, timeout_s=0.05)
 
     async def scenario() -> tuple:
         t0 = time.perf_counter()
-        first = await acall(mw, json.dumps(chat(vllm_xargs={"rl_bucket": 0, "k": 1})).encode())
+        # two run (and time out), the third waits in the queue and is cancelled unstarted
+        three = await asyncio.gather(*(acall(mw, json.dumps(chat(vllm_xargs={"rl_bucket": 0, "k": i})).encode())
+                                       for i in range(3)))
         waited = time.perf_counter() - t0
-        pending = mw._pending  # its thread still predicts
-        second = await acall(mw, json.dumps(chat()).encode())  # queued behind it, then cancelled
-        await asyncio.sleep(0.7)  # the first prediction ends; the second never started
-        return first, waited, pending, second
+        pending, stuck = mw._pending, len(mw._stuck)  # the two threads still predict
+        await asyncio.sleep(0.7)  # they end
+        return three, waited, pending, stuck
 
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        first, waited, pending, second = asyncio.run(scenario())
-    assert first[0] == 200 and json.loads(first[1])["vllm_xargs"] == {"k": 1}  # stripped, not predicted
-    assert second[0] == 200 and "vllm_xargs" not in json.loads(second[1])
-    assert waited < 0.4 and pending == 1 and mw._pending == 0
-    assert mw.counters["timeouts"] == 2 and mw.counters["predicted"] == 0 and len(stub.seen) == 1
+        three, waited, pending, stuck = asyncio.run(scenario())
+    for i, (status, body, _) in enumerate(three):  # stripped, not predicted
+        assert status == 200 and json.loads(body)["vllm_xargs"] == {"k": i}
+    assert waited < 0.4 and (pending, stuck) == (2, 2) and mw._pending == 0 and not mw._stuck
+    assert mw.counters["timeouts"] == 3 and mw.counters["predicted"] == 0 and len(stub.seen) == 2
     assert len([m for m in caplog.messages if "ECOSERVE_MIDDLEWARE_TIMEOUT_S" in m]) == 1
 
 
@@ -324,17 +325,17 @@ def test_a_hung_predictor_sheds_later_requests_at_once() -> None:
             release.wait(5)
             return super().predict(requests, generators)
 
-    mw = middleware(Hung(), threads=1, max_pending=1, timeout_s=0.05)
+    mw = middleware(Hung(), timeout_s=0.05)  # the defaults: 2 threads, 16 pending
 
     async def scenario() -> float:
-        await acall(mw, json.dumps(chat()).encode())  # times out; its thread hangs
+        await asyncio.gather(*(acall(mw, json.dumps(chat()).encode()) for _ in range(2)))  # both threads hang
         t0 = time.perf_counter()
-        await acall(mw, json.dumps(chat()).encode())
+        await asyncio.gather(*(acall(mw, json.dumps(chat()).encode()) for _ in range(5)))
         return time.perf_counter() - t0
 
     waited = asyncio.run(scenario())
     release.set()
-    assert mw.counters["timeouts"] == 1 and mw.counters["shed"] == 1 and waited < 0.04
+    assert mw.counters["timeouts"] == 2 and mw.counters["shed"] == 5 and waited < 0.04
 
 
 @pytest.mark.parametrize("trusted", [False, True])
@@ -347,13 +348,19 @@ def test_the_checking_threads_queue_is_bounded(trusted: bool, monkeypatch) -> No
         return checked(*a)
 
     monkeypatch.setattr(mw, "rewrite", slow)
-    raw = json.dumps({"input": "x", "vllm_xargs": {"rl_bucket": 0}}).encode()
+    raw = json.dumps({"input": "x" * vm.INLINE_BYTES, "vllm_xargs": {"rl_bucket": 0}}).encode()
 
     async def five() -> list:
         return await asyncio.gather(*(acall(mw, raw, path="/v1/embeddings") for _ in range(5)))
 
     out = asyncio.run(five())
     assert mw.counters["busy"] == 3 and mw.counters["stripped_requests"] == 2 and mw._plain_pending == 0
+    small = json.dumps({"input": "x", "vllm_xargs": {"rl_bucket": 0}}).encode()
+
+    async def burst() -> list:  # small bodies are checked on the loop: a burst is never refused
+        return await asyncio.gather(*(acall(mw, small, path="/v1/embeddings") for _ in range(64)))
+
+    assert all(o[0] == 200 and json.loads(o[1])["vllm_xargs"] == {} for o in asyncio.run(burst()))
     stripped = [o for o in out if o[0] == 200 and json.loads(o[1])["vllm_xargs"] == {}]
     assert len(stripped) == 2
     if trusted:  # could carry hints: refused, with a retry hint
@@ -361,6 +368,24 @@ def test_the_checking_threads_queue_is_bounded(trusted: bool, monkeypatch) -> No
         assert len(busy) == 3 and all(o[2][b"retry-after"] == b"1" for o in busy)
     else:  # the scheduler ignores hints: passed on as sent
         assert sum(o[0] == 200 and o[1] == raw for o in out) == 3
+
+
+def test_a_cancelled_request_stays_counted_while_its_body_is_checked(monkeypatch) -> None:
+    mw = middleware(None, max_pending=2)
+    checked = mw.rewrite
+    monkeypatch.setattr(mw, "rewrite", lambda *a: (time.sleep(0.2), checked(*a))[1])
+    raw = json.dumps({"input": "x" * vm.INLINE_BYTES}).encode()
+
+    async def scenario() -> tuple[int, int]:
+        task = asyncio.ensure_future(acall(mw, raw, path="/v1/embeddings"))
+        await asyncio.sleep(0.05)
+        task.cancel()  # the client left; the thread still checks its body
+        await asyncio.sleep(0.01)
+        during = mw._plain_pending
+        await asyncio.sleep(0.3)
+        return during, mw._plain_pending
+
+    assert asyncio.run(scenario()) == (1, 0)  # was: 0 at once, so the bound let more in
 
 
 def test_warnings_repeat_at_most_once_a_minute_saying_how_many(monkeypatch, caplog) -> None:
