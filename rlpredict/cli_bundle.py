@@ -112,6 +112,9 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
             _fail(f"stdin: line {i}: {e.reason}")
         if line.strip():
             lines.append((i, line))
+            if len(lines) > MAX_STDIN_PROMPTS:  # was: all held (about 7 KB a prompt), nothing printed until the end
+                _fail(f"stdin: line {i}: more than {MAX_STDIN_PROMPTS:,} prompts; predict holds them to print one "
+                      "table: `rlpredict annotate FILE -o OUT` streams a file of any size")
     numbers = [i for i, _ in lines]
     if not jsonl:
         return [line for _, line in lines], None, numbers
@@ -129,6 +132,10 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
         except BadRow as e:
             _fail(f"stdin: line {i}: {e}")
     return out, gens if any(g is not None for g in gens) else None, numbers
+
+
+#: Prompts ``predict`` takes from stdin; more is ``annotate``'s job (it streams).
+MAX_STDIN_PROMPTS = 10_000
 
 
 def _reads(spec: Any) -> str:

@@ -22,7 +22,7 @@ import hashlib
 import json
 import reprlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,10 +241,18 @@ def _sharegpt_samples(messages: list[dict[str, str]], rid: str, group: str, sour
 def load_samples(paths: Sequence[str | Path], *, fields: Fields = LOG_FIELDS, on_error: OnError = "fail",
                  max_rows: int | None = None) -> tuple[list[Sample], LoadReport]:
     """Read every file; a bad row raises (``fail``) or is counted in the report (``skip``)."""
+    report = LoadReport()
+    samples = list(iter_samples(paths, report, fields=fields, on_error=on_error, max_rows=max_rows))
+    return samples, report
+
+
+def iter_samples(paths: Sequence[str | Path], report: LoadReport, *, fields: Fields = LOG_FIELDS,
+                 on_error: OnError = "fail", max_rows: int | None = None) -> Iterator[Sample]:
+    """``load_samples`` one sample at a time (``report`` is complete once it is exhausted): for
+    readers that keep only what they compute per sample (``drift``)."""
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
-    samples: list[Sample] = []
-    report = LoadReport()
+    samples = 0
     files: dict[str, list[str]] = {}
     for path in paths:
         source, n = source_name(path), 0
@@ -263,10 +271,10 @@ def load_samples(paths: Sequence[str | Path], *, fields: Fields = LOG_FIELDS, on
                 if len(report.examples) < 5:
                     report.examples.append(str(e))
                 continue
-            samples.extend(got)
-    report.samples = len(samples)
+            samples += len(got)
+            yield from got
+    report.samples = samples
     report.shared_sources = {src: f for src, f in files.items() if len(f) > 1}
-    return samples, report
 
 
 def attach_rl(samples: Sequence[Sample], rl_tokenizer: str) -> None:

@@ -495,7 +495,8 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         summary.workers, summary.threads_per_worker = workers, per_worker
         if log:
             cpus = int(ray.cluster_resources().get("CPU", 0))
-            at_once = max(1, cpus // per_worker)
+            at_once = max(1, sum(int(n["Resources"].get("CPU", 0)) // per_worker  # node by node: an actor
+                                 for n in ray.nodes() if n.get("Alive")))  # never spans two
             log(f"ray: {workers} worker(s) x {per_worker} thread(s) on {cpus} CPUs; {len(files)} file(s)"
                 + (f" (--threads {threads} is more than a worker may take here)" if threads and per_worker < threads
                    else "")

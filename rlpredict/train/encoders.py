@@ -65,3 +65,13 @@ def check_loaded(model: Any, info: dict, what: str) -> None:
         raise ValueError(f"{what}: {len(missing)} of the encoder's weights are not in its checkpoint "
                          f"(e.g. {missing[0]}): training would start from random weights; give a folder "
                          "whose weights match its config.json")
+    # loaded with ignore_mismatched_sizes (for the head): an encoder weight of another shape
+    # than config.json says (a raised max_position_embeddings) is re-initialised too
+    wrong = sorted((m if isinstance(m, tuple | list) else (m,)) for m in info.get("mismatched_keys", ())
+                   if str(m[0] if isinstance(m, tuple | list) else m).startswith(prefix))
+    if wrong:
+        name, *shapes = wrong[0]
+        sizes = f": {list(shapes[0])} in the checkpoint, {list(shapes[1])} by config.json" if len(shapes) == 2 else ""
+        raise ValueError(f"{what}: {len(wrong)} of the encoder's weights do not match its config.json "
+                         f"(e.g. {name}{sizes}): training would start them from random weights; give a "
+                         "folder whose config.json matches its weights")

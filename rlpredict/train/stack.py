@@ -336,8 +336,8 @@ def verdict(all_rows: dict[str, dict]) -> str:
     stacking paid on this data (it need not: the stacking fit is small)."""
     mae = {m: all_rows[m]["mae"] for m in ("stacked", "encoder", "tfidf_logreg")}
     worse = [m for m in ("encoder", "tfidf_logreg") if mae["stacked"] >= mae[m]]
-    word = ("better than either alone" if not worse else
-            f"NOT better than {' or '.join('the encoder' if m == 'encoder' else 'TF-IDF' for m in worse)} alone")
+    word = ("better than either alone" if not worse else "NOT better than either alone" if len(worse) == 2
+            else f"NOT better than {'the encoder' if worse[0] == 'encoder' else 'TF-IDF'} alone")
     return (f"stacked MAE {mae['stacked']:.1f} = {mae['stacked'] / mae['encoder']:.2f}x the encoder's "
             f"({mae['encoder']:.1f}), {mae['stacked'] / mae['tfidf_logreg']:.2f}x TF-IDF's ({mae['tfidf_logreg']:.1f}): "
             f"the stacked bundle is {word}")

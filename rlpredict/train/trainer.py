@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
+from tqdm.auto import tqdm
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -358,6 +359,15 @@ class _StderrProgress(ProgressCallback):
     the run's closing dict: the CLI's ``saved`` line says it. Was: ``{'loss': ...}`` dicts on
     stdout, in the middle of a report redirected to a file."""
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:  # a bar on a terminal only (was: its frames in a log file)
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, disable=not sys.stderr.isatty())
+        self.current_step = 0
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if sys.stderr.isatty():
+            super().on_prediction_step(args, state, control, **kwargs)
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if not (state.is_world_process_zero and self.training_bar is not None and logs):
             return
@@ -366,10 +376,18 @@ class _StderrProgress(ProgressCallback):
         held = any(k.startswith("eval_") for k in logs)
         keep = {k.removeprefix("eval_"): v for k, v in logs.items()
                 if (k.startswith("eval_") if held else k in ("loss", "learning_rate", "grad_norm"))
-                and isinstance(v, int | float) and not k.endswith(("_runtime", "_per_second", "_loss"))}
+                and isinstance(v, int | float) and not k.endswith(("_runtime", "_per_second"))}
         text = ", ".join(f"{k.replace('learning_rate', 'lr')} {v:.4g}" for k, v in keep.items())
         if text:
             self.training_bar.write(f"step {state.global_step}: {'held-out ' if held else ''}{text}", file=sys.stderr)
+
+
+def _checkpoint_step(ckpt: Path) -> int:
+    """The global step a checkpoint's ``trainer_state.json`` records (0 if unreadable)."""
+    try:
+        return int(json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")).get("global_step", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 class _StepLosses(TrainerCallback):
@@ -596,6 +614,9 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
         mark_owned(ckpt, CHECKPOINT_TOOL, [RUN_CONFIG])
     state.wait_for_everyone()
     resumed = latest_checkpoint(ckpt) if resume else None
+    if resumed is not None and _checkpoint_step(resumed) >= total:  # was: trained a step past the plan
+        raise OutputError(f"{resumed}: this run already trained its {total} steps; there is nothing to resume "
+                          "(to train again, run without --resume, with --force)")
     prior, prior_seen = _StepLosses.restore(trainer, resumed, args.process_index) if resumed else (0, 0)
     try:
         result = trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)

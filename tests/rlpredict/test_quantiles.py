@@ -332,3 +332,26 @@ def test_calibrate_splits_fit_and_check_by_the_bundles_rule(bundle_fp32: Path, t
                                      "--split", mode, "--out", str(tmp_path / mode), "--min-group", "20"])
         assert r.exit_code == 0, r.output
     assert rules == ["copies"] * 3  # held-out side (test), fit/check (test), fit/check (all)
+
+
+def test_drift_reads_in_chunks_and_says_what_small_groups_break(calibrated: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlpredict.serve import drift
+    from rlpredict.serve.drift import DriftBounds, drift_report
+
+    new = tmp_path / "new.jsonl"
+    new.write_text("".join(json.dumps({"prompt": f"Say hi to {i}", "response": "word " * 1500,
+                                       "generator": "new-model"}) + "\n" for i in range(30)))
+    bounds = DriftBounds(min_rows=100)
+    whole = drift_report(calibrated, [DATA[1], new], bounds=bounds)
+    monkeypatch.setattr(drift, "CHUNK", 7)  # 30 + 180 rows in 31 chunks: the same report
+    assert drift_report(calibrated, [DATA[1], new], bounds=bounds) == whole
+    small = [n for n in whole["notes"] if n.startswith("generator=new-model (30 rows, fewer than --min-rows")]
+    assert len(small) == 1 and "q0.9 covers 0.000" in small[0]  # (was: not said when the total decided)
+    uncalibrated = tmp_path / "u"
+    shutil.copytree(calibrated, uncalibrated)
+    m = json.loads((uncalibrated / "manifest.json").read_text())
+    del m["calibration"]
+    (uncalibrated / "manifest.json").write_text(json.dumps(m))
+    report = drift_report(uncalibrated, [DATA[1]], bounds=bounds)
+    assert report["calibrated_quantiles"] == [] and any("coverage is not checked" in n for n in report["notes"])

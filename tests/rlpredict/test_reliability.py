@@ -1082,3 +1082,13 @@ def test_a_config_files_encoder_folder_is_relative_to_the_file(tmp_path):
     assert c.encoder == str(tmp_path / "cfg" / "enc") and c.data == [str(tmp_path / "cfg" / "d.jsonl")]
     cfg.write_text('[train]\nencoder = "minilm"\n')
     assert TrainConfig.load(cfg).encoder == "minilm"
+
+
+def test_predict_takes_at_most_so_many_stdin_prompts(bundle_fp32, monkeypatch):
+    import rlpredict.cli_bundle as cli_bundle
+
+    monkeypatch.setattr(cli_bundle, "MAX_STDIN_PROMPTS", 3)
+    res = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--json"], input="a\n\nb\nc\nd\ne\n")
+    assert res.exit_code == 2 and "stdin: line 5: more than 3 prompts" in res.output and "annotate" in res.output
+    ok = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--json"], input="a\nb\nc\n")
+    assert ok.exit_code == 0 and len(json.loads(ok.stdout)["predictions"]) == 3

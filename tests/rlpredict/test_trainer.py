@@ -329,7 +329,7 @@ def test_training_log_lines_go_to_stderr_readable(capsys):
     out = capsys.readouterr()
     assert out.out == ""  # was: {'loss': ...} dicts on stdout, inside a redirected report
     assert out.err.splitlines() == ["step 2: loss 2.346, lr 4.1e-05, grad_norm 1",
-                                    "step 2: held-out mae 118.1, kendall_tau 0.21"]
+                                    "step 2: held-out mae 118.1, kendall_tau 0.21, loss 2"]
 
 
 def test_an_interrupted_train_names_the_checkpoint_it_kept(tiny_encoder, tmp_path, monkeypatch):
@@ -351,3 +351,23 @@ def test_an_interrupted_train_names_the_checkpoint_it_kept(tiny_encoder, tmp_pat
     flat = " ".join(r.output.split())
     assert "checkpoint-2 kept: the same command with --resume continues from it" in flat
     assert "interrupted: no output was written" in flat and not out.exists()
+
+
+def test_an_encoder_whose_config_disagrees_with_its_weights_is_refused(tiny_encoder, prepared, tmp_path):
+    import shutil
+
+    bad = tmp_path / "longer"
+    shutil.copytree(tiny_encoder, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["max_position_embeddings"] = 128  # the weights hold 64 positions
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"do not match its config\.json .*position_embeddings.*\[64, 32\] in the "
+                                         r"checkpoint, \[128, 32\] by config\.json"):
+        train(tiny_cfg(bad), tmp_path / "out", prepared=prepared, progress=False)
+
+
+def test_resuming_a_finished_run_is_refused(tiny_encoder, prepared, one_process):
+    out, _ = one_process
+    with pytest.raises(OutputError, match="already trained its 6 steps"):  # was: trained a 7th
+        train(tiny_cfg(tiny_encoder), out, prepared=prepared, progress=False, resume=True, force=True)
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 6
