@@ -163,6 +163,16 @@ def failure(e: BaseException, debug_hint: str,
 class BoundaryGroup(TyperGroup):
     """A Typer group whose commands fail with one line, never a traceback."""
 
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _plain_flags(self)
+        super().format_help(ctx, formatter)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_flags(command)
+        return command
+
     def invoke(self, ctx: Any) -> Any:
         try:
             with _sigterm_as_interrupt():
@@ -178,6 +188,17 @@ class BoundaryGroup(TyperGroup):
                 line = "\n" + line
             typer.echo(line, err=True)
             raise typer.Exit(code) from None
+
+
+def _plain_flags(command: Any) -> None:
+    """No metavar on flags in ``--help`` (typer 0.29 shows ``--force <bool>``, which reads as if
+    it took a value: ``--force true`` is then an unexpected extra argument), and ``<path>`` on a
+    repeatable option (not ``<list[Path]>``)."""
+    for param in getattr(command, "params", ()):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        elif getattr(param, "multiple", False) and param.metavar is None:  # was: <list[Path]>
+            param.metavar = "<path>"  # (every repeatable option of both CLIs takes files)
 
 
 def _stdout_to_devnull() -> None:
