@@ -26,8 +26,8 @@ or more than ``ECOSERVE_MIDDLEWARE_MAX_PENDING`` predictions in flight, sends th
 without hints (the scheduler then predicts itself if it has ``ECOSERVE_PREDICTOR``, else uses its
 default reservation), counted in :attr:`counters` and logged (at most once a minute per kind;
 the counters again at shutdown). Bodies the middleware cannot vet (over the size limit, form
-data, which the audio endpoints take, or more than ``MAX_PENDING`` waiting for the checking
-thread) go on untouched when hints are not trusted, and are refused (413 / 415 / 503) when they
+data, which the audio endpoints take, or a body that would take the checking thread past
+``MAX_PENDING x MAX_BODY_BYTES`` bytes waiting) go on untouched when hints are not trusted, and are refused (413 / 415 / 503) when they
 are, since they could carry hints.
 
 Imports at module load: the standard library and ``rlpredict.records`` (numpy); the predictor
@@ -65,9 +65,6 @@ XARG_FIELDS = ("vllm_xargs", "extra_args")
 HINT_PREFIX = "rl_"
 #: Seconds between two warnings of the same kind (each says how many it stands for).
 WARN_EVERY_S = 60.0
-#: Bodies up to this size that get no prediction are checked on the event loop (a 60 KB chat
-#: parses in about 0.16 ms): a burst of small requests never queues for the checking thread.
-INLINE_BYTES = 64 << 10
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
@@ -86,8 +83,8 @@ class MiddlewareConfig:
     predictor: str | None = None  # bundle folder or "default"; None: strip client hints only
     max_body_bytes: int = 4 << 20  # larger bodies are not parsed (refused under trust)
     threads: int = 2  # prediction threads (ONNX Runtime releases the GIL)
-    max_pending: int = 16  # predictions queued or running; beyond: no prediction (shed). Also
-    # the bound of the checking thread's queue (bodies that get no prediction)
+    max_pending: int = 16  # predictions queued or running; beyond: no prediction (shed). The
+    # checking thread (bodies that get no prediction) holds at most max_pending x max_body_bytes
     timeout_s: float = 1.0  # a prediction not back by then: the request goes on without one
     generator: str | None = None  # the model name for the predictor (else ECOSERVE_GENERATOR, else
     # vLLM's served model name, as the scheduler plug-in gives it; else the request's "model")
@@ -219,7 +216,7 @@ class EcoServePredictMiddleware:
         # never queued behind predictions; at most cfg.max_pending of them wait or run
         self._plain_pool = ThreadPoolExecutor(1, thread_name_prefix="ecoserve-strip")
         self._pending = 0  # predictions submitted and not finished (touched on the loop only)
-        self._plain_pending = 0  # the same for the checking thread
+        self._plain_bytes = 0  # bytes of the bodies the checking thread holds (queued or running)
         self._stuck: set[Future] = set()  # predictions past their timeout, still running
         self.counters = dict.fromkeys(
             ("requests", "predicted", "stripped_requests", "stripped_keys", "not_json", "no_text",
@@ -306,16 +303,11 @@ class EcoServePredictMiddleware:
                 self._warn("shed", "%d predictions in flight (ECOSERVE_MIDDLEWARE_MAX_PENDING), %d of them "
                            "past ECOSERVE_MIDDLEWARE_TIMEOUT_S; requests go on without a prediction",
                            self._pending, len(self._stuck))
-        if result is None and len(body) <= INLINE_BYTES:  # microseconds: no thread hop, no queue
-            try:
-                result = self.rewrite(body, path, False, served)
-            except Exception as e:  # a bug: never fail for it
-                result = Rewrite(None, "error", error=e)
         if result is None:  # no prediction: the checking thread, if it has room
-            if self._plain_pending >= self.cfg.max_pending:
+            if self._plain_bytes and self._plain_bytes + len(body) > self.plain_limit:
                 self.counters["busy"] += 1
-                self._warn("busy", "%d bodies wait for the checking thread (ECOSERVE_MIDDLEWARE_MAX_PENDING); "
-                           "%s", self._plain_pending, "refused (503)" if self.cfg.trust_client_hints
+                self._warn("busy", "%d bytes of bodies wait for the checking thread (at most MAX_PENDING x "
+                           "MAX_BODY_BYTES); %s", self._plain_bytes, "refused (503)" if self.cfg.trust_client_hints
                            else "passed on unparsed (the scheduler ignores client hints)")
                 if self.cfg.trust_client_hints:
                     await self._refuse(send, 503, "the server is busy checking request bodies for rl_* "
@@ -324,8 +316,8 @@ class EcoServePredictMiddleware:
                 result = Rewrite(None, "busy")
             else:
                 try:
-                    result = await asyncio.wrap_future(self._submit(self._plain_pool, "_plain_pending", body,
-                                                                    path, False, served))
+                    result = await asyncio.wrap_future(self._submit(self._plain_pool, "_plain_bytes", len(body),
+                                                                    body, path, False, served))
                 except Exception as e:  # a bug, or a document json cannot write back: never fail for it
                     result = Rewrite(None, "error", error=e)
         self._count(result)
@@ -356,11 +348,11 @@ class EcoServePredictMiddleware:
         (``_stuck``), and once every thread is held so, later requests are shed at once: a hung
         predictor makes no request wait more than one timeout."""
         try:
-            future = self._submit(self._pool, "_pending", body, path, True, served)
+            future = self._submit(self._pool, "_pending", 1, body, path, True, served)
             return await asyncio.wait_for(asyncio.wrap_future(future), self.cfg.timeout_s)
         except asyncio.TimeoutError:
-            if not future.cancel():  # running: it holds its thread until it returns
-                self._stuck.add(future)
+            if not future.cancel() and not future.done():  # running: it holds its thread until it
+                self._stuck.add(future)  # returns (a done one already ran _finished: was kept here)
             self.counters["timeouts"] += 1
             self._warn("timeout", "a prediction took longer than ECOSERVE_MIDDLEWARE_TIMEOUT_S=%g s; "
                        "requests go on without a prediction", self.cfg.timeout_s)
@@ -368,24 +360,33 @@ class EcoServePredictMiddleware:
         except Exception as e:  # a bug, or a document json cannot write back: never fail for it
             return Rewrite(None, "error", error=e)
 
-    def _submit(self, pool: ThreadPoolExecutor, pending: str, *args: Any) -> Future:
-        """``rewrite(*args)`` in ``pool``, counted in ``self.<pending>`` until its thread is done
-        with it (or it is cancelled before it starts), whatever happens to the request that
-        awaits it (was: uncounted when that request was cancelled, with the work still queued)."""
+    def _submit(self, pool: ThreadPoolExecutor, counter: str, amount: int, *args: Any) -> Future:
+        """``rewrite(*args)`` in ``pool``, with ``amount`` added to ``self.<counter>`` until its
+        thread is done with it (or it is cancelled before it starts), whatever happens to the
+        request that awaits it (was: dropped when that request was cancelled, the work still
+        queued)."""
         loop = asyncio.get_running_loop()
         future = pool.submit(self.rewrite, *args)  # (a pool shut down raises: nothing counted)
-        setattr(self, pending, getattr(self, pending) + 1)
+        setattr(self, counter, getattr(self, counter) + amount)
 
         def done(f: Future) -> None:  # in the worker thread, or here if cancelled before it ran
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
-                loop.call_soon_threadsafe(self._finished, pending, f)
+                loop.call_soon_threadsafe(self._finished, counter, amount, f)
 
         future.add_done_callback(done)  # before wrap_future's: the count drops before we resume
         return future
 
-    def _finished(self, pending: str, future: Future) -> None:
-        setattr(self, pending, getattr(self, pending) - 1)
+    def _finished(self, counter: str, amount: int, future: Future) -> None:
+        setattr(self, counter, getattr(self, counter) - amount)
         self._stuck.discard(future)
+
+    @property
+    def plain_limit(self) -> int:
+        """Bytes of bodies the checking thread may hold: ``max_pending`` bodies of the largest
+        size (64 MiB by default). Counted in bytes, not bodies: a burst of small requests never
+        fills it (was: 16 bodies, so under trusted hints 31 of 64 small requests got 503), and
+        one body always gets in."""
+        return self.cfg.max_pending * self.cfg.max_body_bytes
 
     def _log_at_shutdown(self, receive: Receive) -> Receive:
         """``receive`` of the lifespan protocol, logging the counters when the server stops."""

@@ -35,7 +35,7 @@ import numpy as np
 from rlpredict.data import LoadReport, attach_rl, iter_samples
 
 #: Samples read, counted and predicted at a time: what drift holds of the logs' text.
-CHUNK = 2048
+CHUNK = 256
 
 DRIFT_EXIT = 3
 TOO_FEW_EXIT = 4

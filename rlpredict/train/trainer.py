@@ -40,8 +40,10 @@ from transformers import (
     ProgressCallback,
     Trainer,
     TrainerCallback,
+    TrainerState,
     TrainingArguments,
 )
+from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging as hf_logging
 
 from rlpredict.buckets import BucketScheme
@@ -614,12 +616,21 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
         mark_owned(ckpt, CHECKPOINT_TOOL, [RUN_CONFIG])
     state.wait_for_everyone()
     resumed = latest_checkpoint(ckpt) if resume else None
-    if resumed is not None and _checkpoint_step(resumed) >= total:  # was: trained a step past the plan
-        raise OutputError(f"{resumed}: this run already trained its {total} steps; there is nothing to resume "
-                          "(to train again, run without --resume, with --force)")
+    finished = resumed is not None and _checkpoint_step(resumed) >= total  # (transformers would train a step more)
+    if finished and Path(out_dir).exists():
+        raise OutputError(f"{resumed}: this run already trained its {total} steps and its model is in {out_dir}; "
+                          "there is nothing to resume (to train again, run without --resume, with --force)")
     prior, prior_seen = _StepLosses.restore(trainer, resumed, args.process_index) if resumed else (0, 0)
     try:
-        result = trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
+        if finished:  # killed after its last checkpoint, before its model was written: write it now
+            assert resumed is not None
+            trainer.state = TrainerState.load_from_json(str(resumed / "trainer_state.json"))
+            trainer._load_from_checkpoint(str(resumed))
+            if keep_best and trainer.state.best_model_checkpoint:
+                trainer._load_best_model()
+            result = TrainOutput(trainer.state.global_step, 0.0, {"train_runtime": 0.0})
+        else:
+            result = trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
     except BaseException:
         # Stopped before its first complete checkpoint: nothing to resume from, and a folder
         # left behind would only block the same command (which would need --force).

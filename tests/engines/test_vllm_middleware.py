@@ -340,7 +340,7 @@ def test_a_hung_predictor_sheds_later_requests_at_once() -> None:
 
 @pytest.mark.parametrize("trusted", [False, True])
 def test_the_checking_threads_queue_is_bounded(trusted: bool, monkeypatch) -> None:
-    mw = middleware(None, max_pending=2, trust_client_hints=trusted)
+    mw = middleware(None, max_pending=2, max_body_bytes=80 << 10, trust_client_hints=trusted)
     checked = mw.rewrite
 
     def slow(*a: Any) -> Any:
@@ -348,19 +348,20 @@ def test_the_checking_threads_queue_is_bounded(trusted: bool, monkeypatch) -> No
         return checked(*a)
 
     monkeypatch.setattr(mw, "rewrite", slow)
-    raw = json.dumps({"input": "x" * vm.INLINE_BYTES, "vllm_xargs": {"rl_bucket": 0}}).encode()
+    raw = json.dumps({"input": "x" * (70 << 10), "vllm_xargs": {"rl_bucket": 0}}).encode()  # 2 fit in 160 KiB
 
     async def five() -> list:
         return await asyncio.gather(*(acall(mw, raw, path="/v1/embeddings") for _ in range(5)))
 
     out = asyncio.run(five())
-    assert mw.counters["busy"] == 3 and mw.counters["stripped_requests"] == 2 and mw._plain_pending == 0
+    assert mw.counters["busy"] == 3 and mw.counters["stripped_requests"] == 2 and mw._plain_bytes == 0
     small = json.dumps({"input": "x", "vllm_xargs": {"rl_bucket": 0}}).encode()
 
-    async def burst() -> list:  # small bodies are checked on the loop: a burst is never refused
+    async def burst() -> list:  # counted in bytes: a burst of small bodies is never refused
         return await asyncio.gather(*(acall(mw, small, path="/v1/embeddings") for _ in range(64)))
 
     assert all(o[0] == 200 and json.loads(o[1])["vllm_xargs"] == {} for o in asyncio.run(burst()))
+    assert mw.counters["busy"] == 3 and mw._plain_bytes == 0
     stripped = [o for o in out if o[0] == 200 and json.loads(o[1])["vllm_xargs"] == {}]
     assert len(stripped) == 2
     if trusted:  # could carry hints: refused, with a retry hint
@@ -374,18 +375,18 @@ def test_a_cancelled_request_stays_counted_while_its_body_is_checked(monkeypatch
     mw = middleware(None, max_pending=2)
     checked = mw.rewrite
     monkeypatch.setattr(mw, "rewrite", lambda *a: (time.sleep(0.2), checked(*a))[1])
-    raw = json.dumps({"input": "x" * vm.INLINE_BYTES}).encode()
+    raw = json.dumps({"input": "x" * 100}).encode()
 
     async def scenario() -> tuple[int, int]:
         task = asyncio.ensure_future(acall(mw, raw, path="/v1/embeddings"))
         await asyncio.sleep(0.05)
         task.cancel()  # the client left; the thread still checks its body
         await asyncio.sleep(0.01)
-        during = mw._plain_pending
+        during = mw._plain_bytes
         await asyncio.sleep(0.3)
-        return during, mw._plain_pending
+        return during, mw._plain_bytes
 
-    assert asyncio.run(scenario()) == (1, 0)  # was: 0 at once, so the bound let more in
+    assert asyncio.run(scenario()) == (len(raw), 0)  # was: 0 at once, so the bound let more in
 
 
 def test_warnings_repeat_at_most_once_a_minute_saying_how_many(monkeypatch, caplog) -> None:
@@ -713,3 +714,19 @@ def test_in_vllms_own_middleware_stack_the_api_key_check_is_found() -> None:
         ours = ours.app
     assert vm._vllm_authentication(ours.app) is not None
     assert call(ours, chat(), scope_extra={"query_string": b""})[0] == 401 and ours.counters["unauthorized"] == 1
+
+
+def test_a_prediction_done_as_its_timeout_fires_is_not_held_as_stuck(monkeypatch) -> None:
+    mw = middleware(Stub(), timeout_s=0.05)
+
+    async def late(awaitable: Any, timeout: float) -> Any:  # it finishes, then the timeout is handled
+        await awaitable
+        raise asyncio.TimeoutError
+
+    monkeypatch.setattr(vm.asyncio, "wait_for", late)
+    for _ in range(3):
+        call(mw, chat())
+    assert mw.counters["timeouts"] == 3 and not mw._stuck and mw._pending == 0  # (was: 2 held: shed forever)
+    monkeypatch.undo()
+    status, body, _ = call(mw, chat())
+    assert status == 200 and json.loads(body)["vllm_xargs"] == PREDICTED

@@ -366,8 +366,17 @@ def test_an_encoder_whose_config_disagrees_with_its_weights_is_refused(tiny_enco
         train(tiny_cfg(bad), tmp_path / "out", prepared=prepared, progress=False)
 
 
-def test_resuming_a_finished_run_is_refused(tiny_encoder, prepared, one_process):
-    out, _ = one_process
-    with pytest.raises(OutputError, match="already trained its 6 steps"):  # was: trained a 7th
+def test_resuming_a_finished_run_writes_its_model_or_is_refused(tiny_encoder, prepared, one_process, tmp_path):
+    import shutil
+
+    out, first = one_process
+    with pytest.raises(OutputError, match="already trained its 6 steps and its model is in"):  # was: a 7th step
         train(tiny_cfg(tiny_encoder), out, prepared=prepared, progress=False, resume=True, force=True)
     assert json.loads((out / "training_summary.json").read_text())["steps"] == 6
+    # killed after its last checkpoint, before the model folder was written: --resume writes it
+    # from the checkpoints, training nothing (was: refused, or a step past the plan)
+    run = tmp_path / "run"
+    shutil.copytree(Path(first["trainer"]["checkpoint_dir"]), tmp_path / "run-checkpoints")
+    again = train(tiny_cfg(tiny_encoder), run, prepared=prepared, progress=False, resume=True)
+    assert again["steps"] == 6 and again["steps_this_run"] == 0 and again["eval_best"] == first["eval_best"]
+    assert (run / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
