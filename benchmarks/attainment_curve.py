@@ -1,6 +1,6 @@
 """SLO attainment over a grid of loads: a finer comparison of policies than the capacity bisection.
 
-    python benchmarks/attainment_curve.py --shared ../shared/data --cell mooncake --loads 0.56:0.64 \
+    python benchmarks/attainment_curve.py --shared ../shared/data --cell mooncake --loads 0.56:0.64 \\
         --policies ecoserve,ecoserve-median
 
 Capacity (the largest rate scale with SLO attainment >= 0.9) is found by bisection to 2%, and

@@ -165,7 +165,7 @@ def _listed(cells: list[dict], key: str, spec: str, lead: str = "") -> str:
     return f" ({lead}{', '.join(items)})" if items else ""
 
 
-def summary(cells: list[dict], policy: str) -> str:
+def summary(cells: list[dict], policy: str, oracle: str = "ecoserve-oracle") -> str:
     ok = [c for c in cells if c["servable"]]
     won = [c for c in ok if c["capacity"] is not None and (c["x_best"] is None or c["x_best"] >= 1.0)]
     po = [c for c in ok if c["pred_oracle"] is not None]
@@ -180,8 +180,9 @@ def summary(cells: list[dict], policy: str) -> str:
         f"- x vLLM V1: {_span([c['x_v1'] for c in ok if c['x_v1'] is not None])}",
         f"- x vLLM V0: {_span([c['x_v0'] for c in ok if c['x_v0'] is not None])}",
         f"- share of the saturation ceiling: {_span([c['vs_ceiling'] for c in ok if c['vs_ceiling']], geo=False)}",
-        f"- predicted within 5% of the oracle: {len(po) - len(po_miss)} of {len(po)}"
-        + _listed(po_miss, "pred_oracle", ".3f", "missed: "),
+        (f"- predicted within 5% of the oracle: {len(po) - len(po_miss)} of {len(po)}"
+         + _listed(po_miss, "pred_oracle", ".3f", "missed: ") if po else
+         f"- predicted within 5% of the oracle: not measured (no cell has a {oracle} row; --oracle)"),
         f"- mean JCT at vLLM V1's capacity load above V1's: {len(jct_above)} of {len(jct)}; by more than "
         f"{MISS_MARGIN - 1:.1%}: {len(jct_miss)}" + _listed(jct_miss, "jct_at_v1", ".2f"),
     ]
@@ -235,7 +236,7 @@ def main() -> None:
             cells.append(cell_summary(rows, args.policy, args.oracle, args.min_share))
     if not args.no_table:
         print(table(cells, args.policy, args.min_share) + "\n")
-    print(summary(cells, args.policy))
+    print(summary(cells, args.policy, args.oracle))
 
 
 if __name__ == "__main__":

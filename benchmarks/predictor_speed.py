@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from rlpredict.cli_boundary import arg_list, arg_number, run_script
+from rlpredict.serve.runtime import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"
@@ -519,7 +520,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ShareGPT JSONL(.gz) with 'conversation'.")
     ap.add_argument("--n", type=arg_number(int, 1), default=1000, help="Prompts for the bulk run.")
     ap.add_argument("--latency-n", type=arg_number(int, 1), default=200, help="Prompts for single-prompt latency.")
-    ap.add_argument("--threads", type=arg_number(int, 1), default=2, help="Threads for torch and ONNX Runtime.")
+    ap.add_argument("--threads", type=arg_number(int, 1, usable_cores()), default=min(2, usable_cores()),
+                    help="Threads for torch and ONNX Runtime, 1 to this machine's usable cores (as the CLIs take).")
     ap.add_argument("--batch-size", type=arg_number(int, 1), default=32, help="Batch size of the old runtime and torch.")
     ap.add_argument("--repeat", type=arg_number(int, 1), default=5, help="Bulk rounds per runtime (interleaved).")
     ap.add_argument("--labelled", type=Path, help="Chat rows with responses: adds bucket accuracy.")

@@ -1,6 +1,6 @@
 """Coverage of calibrated quantiles (``rlpredict calibrate``) against the honest alternatives.
 
-    python benchmarks/quantile_coverage.py --data ../shared/data/sharegpt_v3/sharegpt_v3.jsonl.gz \
+    python benchmarks/quantile_coverage.py --data ../shared/data/sharegpt_v3/sharegpt_v3.jsonl.gz \\
         --data ../shared/data/alpaca_eval_outputs/alpaca_eval_outputs.jsonl.gz
 
 Takes the held-out side of the bundle's recorded training split, predicts once with the bundle,

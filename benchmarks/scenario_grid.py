@@ -4,7 +4,8 @@
 
 A cell is a trace x profile x KV size x SLO. For each cell it prints the saturation ceiling (the
 rate scale at which arrivals equal a flooded server's throughput: an upper bound on any policy's
-capacity, `ecoserve_sched.compare.ceiling`), then each policy's capacity (largest rate scale with
+sustained capacity, `ecoserve_sched.compare.ceiling`; on a finite trace a policy can pass it by
+leaving a backlog at the trace's end, which `--sustained` does not count), then each policy's capacity (largest rate scale with
 SLO attainment >= 0.9) as a fraction of the ceiling, x vLLM V1 and x vLLM V0, and mean JCT and
 normalized latency at vLLM V1's capacity load (ratios to vLLM V1). All policies of a cell replay
 the same requests with the same predictions (sampled from the shipped predictor's confusion
@@ -498,6 +499,9 @@ def main() -> None:
             names += [c.name for c in drawn[-int(count):]]
         else:
             names.append(tok)
+    if twice := sorted({n for n in names if names.count(n) > 1}):  # was: run and written twice
+        ap.error(f"--cells: {', '.join(twice)} given twice (random:N draws the same cells for the same "
+                 "--cell-seed: give it once, or another --cell-seed)")
     known = ALL_CELLS + drawn
     if unknown := set(names) - {c.name for c in known}:
         ap.error(f"--cells: unknown cell(s) {', '.join(sorted(unknown))}; known: "

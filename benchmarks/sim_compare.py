@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from ecoserve_sched.compare import RunSpec, capacity, markdown_table, sweep, write_report
+from ecoserve_sched.compare import RunSpec, capacity, ceiling, markdown_table, sweep, write_report
 from ecoserve_sched.cost_model import load_profile
 from ecoserve_sched.policies import get_policy
 from ecoserve_sched.predictions import SOURCES, load_confusion
@@ -34,7 +34,7 @@ def rel(p: str | Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trace", default=str(DEFAULT_TRACE))
     ap.add_argument("--profile", default="llama2-13b-a100-80gb")
     ap.add_argument("--confusion", default=str(DEFAULT_CONFUSION), help="measured confusion.json (or bundle)")
@@ -71,14 +71,22 @@ def main() -> None:
           f"(source: {spec.confusion.source})\n")
     rows = sweep(spec, args.policies, args.rate_scales)
     print(markdown_table(rows))
-    lines = ["| policy | max rate scale (>= 90% SLO) | x vLLM | probes |", "|---|---|---|---|"]
+    top = ceiling(spec)  # how much room any policy has: the flooded server's throughput
+    roof = top["ceiling_rate_scale"]
+    lines = ["| policy | max rate scale (>= 90% SLO) | x vLLM | / saturation ceiling | probes |", "|---|---|---|---|---|"]
     caps = {}
-    for p in args.capacity_policies:
+    # vLLM's capacity is every ratio's baseline: measured first, and always (was: "n/a" for the
+    # policies listed before it, and no ratio at all without it)
+    for p in ["vllm", *(q for q in args.capacity_policies if q != "vllm")]:
         c = capacity(spec, p, hi=args.capacity_start)
         caps[p] = c["max_rate_scale"]  # None: no load probed held the SLO
         ratio = f"{caps[p] / caps['vllm']:.2f}" if caps[p] and caps.get("vllm") else "n/a"
         cap = "none" if caps[p] is None else f"{caps[p]:.3f}"
-        lines.append(f"| {p} | {cap} | {ratio} | {len(c['probes'])} |")
+        share = f"{caps[p] / roof:.2f}" if caps[p] and roof else "n/a"
+        lines.append(f"| {p} | {cap} | {ratio} | {share} | {len(c['probes'])} |")
+    lines.append(f"\nsaturation ceiling: rate scale {roof:.4g}" if roof else f"\nsaturation ceiling: none ({top['note']})")
+    if roof and not top.get("saturated", True):
+        lines[-1] += f" ({top['note']})"
     print("\n" + "\n".join(lines))
     with output_dir(args.out, force=args.force, tool=TOOL, rerun=True) as tmp:
         write_report(rows, tmp, header=f"trace {Path(args.trace).name}, profile {cost.name}")

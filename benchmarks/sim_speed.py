@@ -48,7 +48,9 @@ def replay_speed(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for scale in args.rate_scales:
         vllm_cpu = None
-        for p in args.policies:
+        # vLLM's policy is every ratio's baseline: run first, and always (was: "n/a" for the
+        # policies listed before it)
+        for p in ["vllm", *(q for q in args.policies if q != "vllm")]:
             walls, cpus = [], []
             for _ in range(args.repeat):
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -114,6 +116,9 @@ def main() -> None:
                     help="policies of the replay table (comma-separated)")
     ap.add_argument("--skip-decisions", action="store_true", help="only the replay table")
     args = ap.parse_args()
+    cost = load_profile(args.profile)
+    for p in args.policies:  # an unknown name: one line now, not after the rows before it
+        get_policy(p, cost)
     replay_speed(args)
     if not args.skip_decisions:
         decision_time(args)

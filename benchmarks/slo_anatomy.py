@@ -1,6 +1,6 @@
 """Which SLO a policy misses in a scenario-grid cell, and a decode-free reference for the TTFT.
 
-    python benchmarks/slo_anatomy.py --shared ../shared/data --cell code-synth-burst \
+    python benchmarks/slo_anatomy.py --shared ../shared/data --cell code-synth-burst \\
         --loads 0.02,0.06,0.12,0.2 --policies vllm,ecoserve
 
 For each policy and load (rate scale): SLO attainment, the share of requests that miss their

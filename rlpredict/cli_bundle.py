@@ -104,7 +104,7 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
         return ([data], None, [1]) if data.strip() else ([], None, [])
     # annotate's lines: split on "\n" only, each at most records.MAX_ROW_BYTES (was: all of
     # stdin held, a 100 MB line that annotate refuses taken)
-    lines = []
+    lines, held = [], 0
     for i, raw_line in enumerate(bounded_lines(sys.stdin.buffer), 1):
         try:
             line = decode_line(raw_line, i).rstrip("\r\n")
@@ -112,9 +112,11 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
             _fail(f"stdin: line {i}: {e.reason}")
         if line.strip():
             lines.append((i, line))
-            if len(lines) > MAX_STDIN_PROMPTS:  # was: all held (about 7 KB a prompt), nothing printed until the end
-                _fail(f"stdin: line {i}: more than {MAX_STDIN_PROMPTS:,} prompts; predict holds them to print one "
-                      "table: `rlpredict annotate FILE -o OUT` streams a file of any size")
+            held += len(raw_line)
+            if len(lines) > MAX_STDIN_PROMPTS or held > MAX_STDIN_BYTES:  # was: all held, printed at the end
+                _fail(f"stdin: line {i}: more than {MAX_STDIN_PROMPTS:,} prompts or {MAX_STDIN_BYTES >> 20} MiB; "
+                      "predict holds them to print one table: `rlpredict annotate FILE -o OUT` streams a file "
+                      "of any size")
     numbers = [i for i, _ in lines]
     if not jsonl:
         return [line for _, line in lines], None, numbers
@@ -134,8 +136,9 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
     return out, gens if any(g is not None for g in gens) else None, numbers
 
 
-#: Prompts ``predict`` takes from stdin; more is ``annotate``'s job (it streams).
+#: Prompts, and bytes of them, ``predict`` takes from stdin; more is ``annotate``'s job (it streams).
 MAX_STDIN_PROMPTS = 10_000
+MAX_STDIN_BYTES = 256 << 20
 
 
 def _reads(spec: Any) -> str:

@@ -1,6 +1,6 @@
 """Does combining the shipped encoder with TF-IDF beat both, on every source? (issue 15, item 2)
 
-    python training/compare_stacking.py --config training/rl-minilm-l6-llama3.toml \
+    python training/compare_stacking.py --config training/rl-minilm-l6-llama3.toml \\
         --bundle models/rl-minilm-l6-llama3 --out runs/stacking
 
 Scores, on exactly the held-out rows of docs/predictor.md's results tables (the recipe's group

@@ -1,7 +1,7 @@
 """Write held-out rows (the eval split's test side, as JSONL) for export's parity/int8 check.
 
-    python training/heldout_rows.py --out runs/heldout_parity.jsonl --per-source 600 \
-        ../shared/data/sharegpt_v3/sharegpt_v3.jsonl.gz:conversation_id \
+    python training/heldout_rows.py --out runs/heldout_parity.jsonl --per-source 600 \\
+        ../shared/data/sharegpt_v3/sharegpt_v3.jsonl.gz:conversation_id \\
         ../shared/data/alpaca_eval_outputs/alpaca_eval_outputs.jsonl.gz:prompt_id
 
 Uses the shipped recipe's split (test_frac 0.1, seed 0, split_rule "id"), so no row was trained on.

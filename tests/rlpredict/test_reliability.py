@@ -1090,5 +1090,8 @@ def test_predict_takes_at_most_so_many_stdin_prompts(bundle_fp32, monkeypatch):
     monkeypatch.setattr(cli_bundle, "MAX_STDIN_PROMPTS", 3)
     res = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--json"], input="a\n\nb\nc\nd\ne\n")
     assert res.exit_code == 2 and "stdin: line 5: more than 3 prompts" in res.output and "annotate" in res.output
+    monkeypatch.setattr(cli_bundle, "MAX_STDIN_BYTES", 10)
+    big = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--json"], input="hello\nthere world\n")
+    assert big.exit_code == 2 and "stdin: line 2: more than 3 prompts or 0 MiB" in big.output
     ok = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--json"], input="a\nb\nc\n")
     assert ok.exit_code == 0 and len(json.loads(ok.stdout)["predictions"]) == 3
