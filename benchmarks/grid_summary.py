@@ -182,7 +182,8 @@ def summary(cells: list[dict], policy: str, oracle: str = "ecoserve-oracle") -> 
         f"- share of the saturation ceiling: {_span([c['vs_ceiling'] for c in ok if c['vs_ceiling']], geo=False)}",
         (f"- predicted within 5% of the oracle: {len(po) - len(po_miss)} of {len(po)}"
          + _listed(po_miss, "pred_oracle", ".3f", "missed: ") if po else
-         f"- predicted within 5% of the oracle: not measured (no cell has a {oracle} row; --oracle)"),
+         f"- predicted within 5% of the oracle: not measured (no cell has both {policy}'s and {oracle}'s "
+         "capacity; --oracle names the oracle)"),
         f"- mean JCT at vLLM V1's capacity load above V1's: {len(jct_above)} of {len(jct)}; by more than "
         f"{MISS_MARGIN - 1:.1%}: {len(jct_miss)}" + _listed(jct_miss, "jct_at_v1", ".2f"),
     ]

@@ -42,7 +42,7 @@ from rlpredict.splits import RECORDLESS_RULE, group_keys, recorded_split
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, action="append", required=True, help="labelled chat logs (repeatable)")
     ap.add_argument("--model", type=Path, default=None, help="bundle (default: the shipped one)")
     ap.add_argument("--q", type=arg_number(float, 0, 0.999, low_open=True), default=0.9)

@@ -93,7 +93,7 @@ def anatomy(res: object, slo: object) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, required=True, help="the shared data folder (../shared/data)")
     ap.add_argument("--cell", required=True, help="a cell of benchmarks/scenario_grid.py, or a random draw's "
                     "cell by its rS.I prefix (cell I of --cells random:N --cell-seed S)")

@@ -156,7 +156,9 @@ def saved_line(summary: dict, out: Path) -> str:
         which = f"step {best['step']}'s weights, the best by held-out {run['best_metric']}" \
             if best["step"] != steps else f"held-out {run['best_metric']} best here"
         text += f"; {which}: MAE {best['mae']:.1f}, tau {best['kendall_tau']:.3f}"
-    text += f"; {summary['examples_per_second']} training ex/s)"
+    if summary["examples_per_second"] is not None:
+        text += f"; {summary['examples_per_second']} training ex/s"
+    text += ")"
     if run["checkpoint_dir"]:
         text += f"; checkpoints kept in {run['checkpoint_dir']} (for --resume; delete them when done)"
     return text

@@ -213,7 +213,7 @@ class EcoServePredictMiddleware:
         self.predictor = predictor
         self._pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="ecoserve-predict")
         # bodies that get no prediction (other endpoints, shed, timed out) are checked here,
-        # never queued behind predictions; at most cfg.max_pending of them wait or run
+        # never queued behind predictions; at most plain_limit bytes of them wait or run
         self._plain_pool = ThreadPoolExecutor(1, thread_name_prefix="ecoserve-strip")
         self._pending = 0  # predictions submitted and not finished (touched on the loop only)
         self._plain_bytes = 0  # bytes of the bodies the checking thread holds (queued or running)

@@ -384,12 +384,15 @@ class _StderrProgress(ProgressCallback):
             self.training_bar.write(f"step {state.global_step}: {'held-out ' if held else ''}{text}", file=sys.stderr)
 
 
-def _checkpoint_step(ckpt: Path) -> int:
-    """The global step a checkpoint's ``trainer_state.json`` records (0 if unreadable)."""
+def _checkpoint_done(ckpt: Path, total: int) -> bool:
+    """Whether the run a checkpoint belongs to had ended there: its planned steps trained, or its
+    early stopping said stop (``trainer_state.json``; False if unreadable)."""
     try:
-        return int(json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")).get("global_step", 0))
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        stop = (state.get("stateful_callbacks") or {}).get("TrainerControl", {}).get("args", {})
+        return int(state.get("global_step", 0)) >= total or bool(stop.get("should_training_stop"))
     except (OSError, ValueError, TypeError, AttributeError):
-        return 0
+        return False
 
 
 class _StepLosses(TrainerCallback):
@@ -616,17 +619,22 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
         mark_owned(ckpt, CHECKPOINT_TOOL, [RUN_CONFIG])
     state.wait_for_everyone()
     resumed = latest_checkpoint(ckpt) if resume else None
-    finished = resumed is not None and _checkpoint_step(resumed) >= total  # (transformers would train a step more)
+    finished = resumed is not None and _checkpoint_done(resumed, total)  # (transformers would train on)
     if finished and Path(out_dir).exists():
-        raise OutputError(f"{resumed}: this run already trained its {total} steps and its model is in {out_dir}; "
-                          "there is nothing to resume (to train again, run without --resume, with --force)")
+        raise OutputError(f"{resumed}: this run already ended (its {total} steps, or an early stop) and its model is "
+                          f"in {out_dir}; there is nothing to resume (to train again, run without --resume, with --force)")
     prior, prior_seen = _StepLosses.restore(trainer, resumed, args.process_index) if resumed else (0, 0)
     try:
         if finished:  # killed after its last checkpoint, before its model was written: write it now
             assert resumed is not None
             trainer.state = TrainerState.load_from_json(str(resumed / "trainer_state.json"))
             trainer._load_from_checkpoint(str(resumed))
-            if keep_best and trainer.state.best_model_checkpoint:
+            if keep_best and trainer.state.best_global_step:  # in this folder (the state records
+                best = resumed.parent / f"checkpoint-{trainer.state.best_global_step}"  # where it was)
+                if not best.is_dir():  # was: the last checkpoint's weights, without a word
+                    raise OutputError(f"{best}: this run's best checkpoint is missing, so its model cannot be "
+                                      "written; run without --resume (with --force) to train again")
+                trainer.state.best_model_checkpoint = str(best)
                 trainer._load_best_model()
             result = TrainOutput(trainer.state.global_step, 0.0, {"train_runtime": 0.0})
         else:
@@ -700,7 +708,8 @@ def _summary(cfg: TrainConfig, prep: Prepared, scheme: BucketScheme, *, step: in
         "loss_per_step": [round(x, 6) for x in losses],
         "eval_history": evals, "eval_best": best,
         "trainer": run,
-        "train_seconds": round(train_s, 1), "examples_per_second": round(seen_run / loop_s, 2),
+        "train_seconds": round(train_s, 1),
+        "examples_per_second": round(seen_run / loop_s, 2) if steps_run else None,  # (None: nothing trained)
     }
 
 

@@ -370,7 +370,7 @@ def test_resuming_a_finished_run_writes_its_model_or_is_refused(tiny_encoder, pr
     import shutil
 
     out, first = one_process
-    with pytest.raises(OutputError, match="already trained its 6 steps and its model is in"):  # was: a 7th step
+    with pytest.raises(OutputError, match=r"already ended \(its 6 steps, or an early stop\) and its model is in"):
         train(tiny_cfg(tiny_encoder), out, prepared=prepared, progress=False, resume=True, force=True)
     assert json.loads((out / "training_summary.json").read_text())["steps"] == 6
     # killed after its last checkpoint, before the model folder was written: --resume writes it
@@ -380,3 +380,25 @@ def test_resuming_a_finished_run_writes_its_model_or_is_refused(tiny_encoder, pr
     again = train(tiny_cfg(tiny_encoder), run, prepared=prepared, progress=False, resume=True)
     assert again["steps"] == 6 and again["steps_this_run"] == 0 and again["eval_best"] == first["eval_best"]
     assert (run / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    # its best checkpoint is looked for in this folder (the state names where it was): gone, refused
+    shutil.rmtree(run)
+    state = tmp_path / "run-checkpoints" / "checkpoint-6" / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "best_global_step": 2}))  # deleted by the limit
+    with pytest.raises(OutputError, match="checkpoint-2: this run's best checkpoint is missing"):
+        train(tiny_cfg(tiny_encoder), run, prepared=prepared, progress=False, resume=True)
+    assert not run.exists()  # (was: the last checkpoint's weights written as the model, without a word)
+
+
+def test_a_checkpoint_where_early_stopping_ended_the_run_counts_as_its_end(tmp_path):
+    from rlpredict.train.trainer import _checkpoint_done
+
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    state = {"global_step": 3, "stateful_callbacks": {"TrainerControl": {"args": {"should_training_stop": True}}}}
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    assert _checkpoint_done(ckpt, 40)  # (was: resumed, it trained on to step 7)
+    state["stateful_callbacks"]["TrainerControl"]["args"]["should_training_stop"] = False
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    assert not _checkpoint_done(ckpt, 40) and _checkpoint_done(ckpt, 3)
+    (ckpt / "trainer_state.json").write_text("{not json")
+    assert not _checkpoint_done(ckpt, 3)
