@@ -27,8 +27,8 @@ without hints (the scheduler then predicts itself if it has ``ECOSERVE_PREDICTOR
 default reservation), counted in :attr:`counters` and logged (at most once a minute per kind;
 the counters again at shutdown). Bodies the middleware cannot vet (over the size limit, form
 data, which the audio endpoints take, or a body that would take the checking thread past
-``MAX_PENDING x MAX_BODY_BYTES`` bytes waiting) go on untouched when hints are not trusted, and are refused (413 / 415 / 503) when they
-are, since they could carry hints.
+``MAX_PENDING x MAX_BODY_BYTES`` bytes waiting) go on untouched when hints are not trusted, and
+are refused (413 / 415 / 503) when they are, since they could carry hints.
 
 Imports at module load: the standard library and ``rlpredict.records`` (numpy); the predictor
 (ONNX Runtime) and the settings parser are imported when the middleware is built.
@@ -109,7 +109,8 @@ class MiddlewareConfig:
 #: (type, lowest, highest) of each setting.
 _LIMITS: dict[str, tuple[type, float | None, float | None]] = {
     "predictor": (str, None, None), "max_body_bytes": (int, 1024, 1 << 30), "threads": (int, 1, 64),
-    "max_pending": (int, 1, 1_000_000), "timeout_s": (float, 0.001, 3600), "generator": (str, None, None), "trust_client_hints": (bool, None, None)}
+    "max_pending": (int, 1, 1_000_000), "timeout_s": (float, 0.001, 3600), "generator": (str, None, None),
+    "trust_client_hints": (bool, None, None)}
 #: The middleware's own variables (the scheduler's ``from_env`` knows them, and logs any other
 #: ``ECOSERVE_MIDDLEWARE_*`` name as unknown: one environment reaches both processes).
 SETTINGS = tuple(f"{ENV_PREFIX}{name.upper()}" for name in _LIMITS if name != "trust_client_hints")
