@@ -209,8 +209,8 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
         kw = server.policy_kw(cost)
     except ServerSettingError as e:
         raise typer.BadParameter(str(e), param_hint=f"'{e.option}'") from None
+    _refuse_unbuildable(policies, cost, slo, kw)  # first: the next builds them too, and would fail unnamed
     _refuse_unused_predictions(policies, predictions, confusion, cost, kw)
-    _refuse_unbuildable(policies, cost, slo, kw)
 
     # drawn arrival times: the file's own, if any, are not read (a conversation log's lengths have none)
     fmt = replace(fmt or TraceFormat(), drawn_arrivals=arrivals != "trace")

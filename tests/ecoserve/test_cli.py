@@ -546,6 +546,9 @@ def test_settings_a_policy_cannot_take_are_refused_before_any_run(tmp_path):
                             "--max-running", "600", "--rate-scales", "1,2", *PROFILE, "--out", str(out)])
     _refused(r, "--max-running", "sarathi: token budget 512 must exceed max_running 600", "--token-budget")
     assert "attainment" not in r.output and not out.exists()  # no run started (was: vllm ran first)
+    r = runner.invoke(app, ["simulate", "--trace", _trace(tmp_path, 12), "--policy", "sarathi", "--predictions",
+                            "confusion", "--max-running", "600", *PROFILE])  # (the predictions check builds it too)
+    _refused(r, "--max-running", "sarathi: token budget 512 must exceed max_running 600")
     r = runner.invoke(app, ["compare", "--trace", _trace(tmp_path, 12), "--policies", "vllm",
                             "--rate-scales", "1,1e-300", *PROFILE, "--out", str(out)])
     _refused(r, "--rate-scales", "past 2^36 s")
