@@ -443,7 +443,8 @@ def main() -> None:
     ap.add_argument("--cells", default=",".join(c.name for c in CELLS), help="comma-separated cell names; "
                     "'heldout': the cells no policy constant was chosen on; 'synthetic': code completion "
                     "(a synthetic trace of the hidden Azure code trace's shape); 'random:N': N cells drawn "
-                    "with --cell-seed from other traces x models x GPUs x SLOs x arrivals x KV sizes")
+                    "with --cell-seed from other traces x models x GPUs x SLOs x arrivals x KV sizes; "
+                    "'rS.I': the random cell I drawn with seed S (as docs/results.md names them)")
     ap.add_argument("--cell-seed", type=arg_number(int, 0), default=0, help="seed of the cells 'random:N' draws")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
     ap.add_argument("--workers", type=arg_number(int, 1), default=2, help="parallel processes")
@@ -497,6 +498,9 @@ def main() -> None:
                 ap.error(f"--cells: 'random:N' needs a whole number 1 <= N <= {MAX_RANDOM_CELLS}, got {tok!r}")
             drawn += random_cells(int(count), args.cell_seed)
             names += [c.name for c in drawn[-int(count):]]
+        elif (c := find_cell(tok)) is not None and c not in ALL_CELLS:  # one random cell: rS.I
+            drawn += (c,)
+            names.append(c.name)
         else:
             names.append(tok)
     if twice := sorted({n for n in names if names.count(n) > 1}):  # was: run and written twice
@@ -505,7 +509,7 @@ def main() -> None:
     known = ALL_CELLS + drawn
     if unknown := set(names) - {c.name for c in known}:
         ap.error(f"--cells: unknown cell(s) {', '.join(sorted(unknown))}; known: "
-                 f"{', '.join(c.name for c in ALL_CELLS)}, heldout, synthetic, random:N")
+                 f"{', '.join(c.name for c in ALL_CELLS)}, heldout, synthetic, random:N, rS.I")
     cells = [c for c in known if c.name in names]
     policies = args.policies.split(",")
     if "vllm" not in policies:

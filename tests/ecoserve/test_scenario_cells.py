@@ -144,3 +144,16 @@ def test_slo_anatomy_reference_is_shortest_feasible_first(tmp_path: Path) -> Non
     p = subprocess.run([sys.executable, str(path), "--shared", str(tmp_path), "--cell", "nope"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "unknown cell" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("cells, message", [
+    ("r2.10,r2.10", "given twice"),  # a random cell by its rS.I name (was: "unknown cell")
+    ("random:11,r2.10", "given twice"),  # the same cell as random:11's last with --cell-seed 2
+    ("r2.10-not-its-name", "unknown cell"),
+])
+def test_cells_take_a_random_cell_by_its_name(cells: str, message: str, tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(GRID), "--shared", str(tmp_path), "--cells", cells,
+                        "--cell-seed", "2"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert message in p.stderr and "r2.10" in p.stderr
+    assert "Traceback" not in p.stderr
