@@ -15,12 +15,16 @@ __all__ = ["DEFAULT_MAX_RUNNING", "DEFAULT_TOKEN_BUDGET", "POLICIES", "Batch", "
 _loaded = False
 
 
-def _load_all() -> None:
-    """Import every policy module so that each registers itself, then the policies installed
-    packages add (``registry.load_entry_points``), once."""
-    global _loaded
+def _load_built_in() -> None:
+    """Import every built-in policy module, so that each registers itself."""
     from . import ecoserve, orca, s3, sarathi, sjf, vllm, vllm_v0  # noqa: F401
 
+
+def _load_all() -> None:
+    """The built-in policies (``_load_built_in``), then the policies installed packages add
+    (``registry.load_entry_points``), once."""
+    global _loaded
+    _load_built_in()
     if not _loaded:
         load_entry_points()
         _loaded = True

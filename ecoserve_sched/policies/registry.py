@@ -28,6 +28,13 @@ def register(name: str, factory: PolicyFactory, *, replace: bool = False) -> Non
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"a policy name must be a non-empty string, got {name!r}")
     module = getattr(factory, "__module__", "") or ""
+    if not module.startswith("ecoserve_sched.policies."):
+        # the built-in policies first (was: registered before they were, a policy of one's own
+        # under a built-in name took no error and was replaced by the built-in, without a word,
+        # when the built-ins loaded, also with ``replace``)
+        from . import _load_built_in
+
+        _load_built_in()
     old = POLICIES.get(name)
     if name in _BUILT_IN and old is not factory and not replace and _origin(old) != _origin(factory):
         raise ValueError(f"policy {name!r} is built in; pass replace=True to replace it")

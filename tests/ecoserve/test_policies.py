@@ -188,6 +188,7 @@ def registry_restored():
     """The registry as it was after the test (the tests register and replace policies)."""
     from ecoserve_sched.policies import POLICIES
 
+    policy_names()  # every built-in registered before the copy (was: a test run alone restored none)
     saved = dict(POLICIES)
     yield
     POLICIES.clear()
@@ -238,6 +239,33 @@ def test_a_policy_without_a_hook_is_named_and_a_taken_name_refused(registry_rest
     registry.register("mine", Half)
     registry.register("mine", Scheduler)  # one's own, registered again (a notebook cell run twice)
     assert registry.POLICIES["mine"] is Scheduler
+
+
+def test_a_policy_registered_before_the_built_ins_load_is_checked_and_kept() -> None:
+    """In a fresh process, before any built-in policy was loaded: a taken name was accepted
+    without a word and the built-in replaced it later, also after ``replace=True``."""
+    import subprocess
+    import sys
+
+    code = """
+from ecoserve_sched.policies import Scheduler, policy_names, register
+from ecoserve_sched.policies.registry import POLICIES
+
+class Mine(Scheduler):
+    pass
+
+try:
+    register("vllm", Mine)
+except ValueError as e:
+    print("refused:", e)
+register("sjf", Mine, replace=True)
+policy_names()  # every policy loaded, entry points too
+print("sjf is mine:", POLICIES["sjf"] is Mine)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused: policy 'vllm' is built in; pass replace=True" in out.stdout
+    assert "sjf is mine: True" in out.stdout
 
 
 def test_a_built_in_policy_module_can_be_reloaded(registry_restored):
