@@ -165,6 +165,17 @@ def _listed(cells: list[dict], key: str, spec: str, lead: str = "") -> str:
     return f" ({lead}{', '.join(items)})" if items else ""
 
 
+def _above_ceiling(ok: list[dict]) -> str:
+    """How many servable cells the policy's capacity passes the ceiling in (on a finite trace, by
+    deferring requests past its end), and the ratio to the best baseline on either side."""
+    known = [c for c in ok if c["vs_ceiling"]]
+    above = [c for c in known if c["vs_ceiling"] > 1.0]
+    below = [c for c in known if c["vs_ceiling"] <= 1.0]
+    return (f"- above the saturation ceiling in {len(above)} of {len(known)}; x best baseline at or below it: "
+            f"{_span([c['x_best'] for c in below if c['x_best'] is not None])}, above it: "
+            f"{_span([c['x_best'] for c in above if c['x_best'] is not None])}")
+
+
 def summary(cells: list[dict], policy: str, oracle: str = "ecoserve-oracle") -> str:
     ok = [c for c in cells if c["servable"]]
     won = [c for c in ok if c["capacity"] is not None and (c["x_best"] is None or c["x_best"] >= 1.0)]
@@ -180,6 +191,7 @@ def summary(cells: list[dict], policy: str, oracle: str = "ecoserve-oracle") -> 
         f"- x vLLM V1: {_span([c['x_v1'] for c in ok if c['x_v1'] is not None])}",
         f"- x vLLM V0: {_span([c['x_v0'] for c in ok if c['x_v0'] is not None])}",
         f"- share of the saturation ceiling: {_span([c['vs_ceiling'] for c in ok if c['vs_ceiling']], geo=False)}",
+        _above_ceiling(ok),
         (f"- predicted within 5% of the oracle: {len(po) - len(po_miss)} of {len(po)}"
          + _listed(po_miss, "pred_oracle", ".3f", "missed: ") if po else
          f"- predicted within 5% of the oracle: not measured (no cell has both {policy}'s and {oracle}'s "

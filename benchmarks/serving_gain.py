@@ -21,7 +21,10 @@ Two traces, each replayed on ``--profile`` under vLLM and EcoServe:
   tokens, Poisson arrivals.
 
 For every (trace, predictor): EcoServe's capacity (largest rate scale with SLO attainment >= 0.9)
-and mean JCT at vLLM's capacity load, both relative to vLLM, beside the predictor's metrics.
+and mean JCT at vLLM's capacity load, both relative to vLLM, beside the predictor's metrics; and
+per trace the saturation ceiling (``compare.ceiling``: the rate scale at which arrivals equal a
+flooded server's throughput), with vLLM's and EcoServe's capacity as shares of it: how much room
+was left. The capacity searches run in ``--workers`` parallel processes.
 Writes results.json, results.md and serving_gain.png under ``--out``; ``--report DIR DIR ...``
 combines finished runs (e.g. two KV-cache sizes) into the one plot of docs/results.md.
 
@@ -51,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOOL = "benchmarks/serving_gain.py"
 sys.path.insert(0, str(REPO))
 
-from ecoserve_sched.compare import RunSpec, capacity  # noqa: E402
+from ecoserve_sched.compare import RunSpec, capacity, capacity_text, ceiling  # noqa: E402
 from ecoserve_sched.cost_model import load_profile  # noqa: E402
 from ecoserve_sched.metrics import summarize  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
@@ -156,11 +159,68 @@ def sharegpt_trace(test: list, rl: np.ndarray, rate: float, seed: int) -> Trace:
                  np.maximum(rl, 1).astype(np.int64), np.full(len(test), 2048, dtype=np.int64))
 
 
+def _serve_job(job: tuple) -> dict:
+    return serve(*job)
+
+
+def _found(c: dict, policy: str, trace: Trace) -> float:
+    """A capacity search's capacity, or one line naming what bounded it (a trace too light or
+    too heavy for this server: every ratio here needs both ends)."""
+    if c["max_rate_scale"] is None:
+        raise ValueError(f"{trace.path}: {policy}'s capacity search found no capacity ({capacity_text(c)}: "
+                         f"{c.get('note') or c.get('search')}); try other --azure-requests, --sharegpt-rate or "
+                         "--profile")
+    return c["max_rate_scale"]
+
+
+def vllm_at_capacity(spec: RunSpec) -> dict:
+    """vLLM's capacity on ``spec`` and its mean JCT, KV use and preemptions there."""
+    vcap = _found(capacity(spec, "vllm"), "vllm", spec.trace)
+    vs = summarize(run(spec.trace.scaled(vcap), "vllm", spec.cost, slo=spec.slo, predictions="annotated"), spec.slo)
+    return {"capacity": vcap, "mean_jct_s": vs["mean_jct_s"], "kv_alloc_mean": vs["kv_alloc_mean"],
+            "preemptions": vs["preemptions"]}
+
+
+def baseline(spec: RunSpec, workers: int) -> tuple[dict, dict]:
+    """vLLM at its capacity (``vllm_at_capacity``) and the saturation ceiling
+    (``compare.ceiling``: ``ceiling_rate_scale``, ``saturated``, ``note``), the ceiling in a
+    worker process beside vLLM's search when ``workers`` > 1."""
+    if workers > 1:
+        with worker_pool(1) as ex:
+            top = ex.submit(ceiling, spec)
+            vllm = vllm_at_capacity(spec)
+            roof = top.result()
+    else:
+        vllm, roof = vllm_at_capacity(spec), ceiling(spec)
+    return vllm, {k: roof.get(k) for k in ("ceiling_rate_scale", "saturated", "note")}
+
+
+def serve_cases(tr: Trace, rows_of: dict[str, np.ndarray], cost, slo: SLO, vllm: dict, roof: float | None,
+                workers: int, log=print) -> dict[str, dict]:
+    """``serve`` for every case of ``rows_of`` (name: prediction rows), in ``workers``
+    processes, each logged in order as it comes; with coverage, KV reserved over generated
+    and the share of the ceiling ``roof`` (a rate scale, or None)."""
+    true = tr.output_tokens
+    runs = {}
+    with worker_pool(workers) as ex:
+        jobs = [(tr, rows, cost, slo, vllm) for rows in rows_of.values()]
+        for (key, rows), r in zip(rows_of.items(), ex.map(_serve_job, jobs), strict=True):
+            r["coverage"] = float((rows[:, 2] >= true).mean())
+            r["reserved_over_actual"] = float(rows[:, 2].sum() / true.sum())
+            r["vs_ceiling"] = r["capacity"] / roof if roof else None
+            runs[key] = r
+            name, _, mode = key.partition("/")
+            log(f"{name:>13} {mode:>6}: capacity x{r['capacity_x_vllm']:.3f} vLLM{_share(r['vs_ceiling'])}, "
+                f"JCT x{r['jct_x_vllm']:.3f}, coverage {r['coverage']:.3f}, reserved/actual "
+                f"{r['reserved_over_actual']:.2f}")
+    return runs
+
+
 def serve(trace: Trace, rl_rows: np.ndarray, cost, slo: SLO, vllm: dict) -> dict:
     """EcoServe's capacity and mean JCT at vLLM's capacity load, given these predictions."""
     tr = Trace(trace.path, trace.arrival_s, trace.input_tokens, trace.output_tokens, trace.max_tokens, rl_rows)
     spec = RunSpec(tr, cost, slo, predictions="annotated")
-    cap = capacity(spec, "ecoserve")["max_rate_scale"]
+    cap = _found(capacity(spec, "ecoserve"), "ecoserve", trace)
     s = summarize(run(tr.scaled(vllm["capacity"]), "ecoserve", cost, slo=slo, predictions="annotated"), slo)
     return {"capacity": cap, "capacity_x_vllm": cap / vllm["capacity"],
             "mean_jct_s": s["mean_jct_s"], "jct_x_vllm": s["mean_jct_s"] / vllm["mean_jct_s"],
@@ -232,8 +292,9 @@ def hybrid_markdown(res: dict) -> str:
              "time (point: orders the queue; reservation: sizes the admission projection).", ""]
     for tname, t in res["traces"].items():
         loads = next(iter(t["ecoserve"].values()))["loads"]
-        lines += [f"{tname} ({t['requests']} requests; vLLM capacity x{t['vllm']['capacity']:.3f}); attainment at "
-                  f"{len(loads)} loads {loads[0]:.3f}-{loads[-1]:.3f}, preemptions summed over them:", "",
+        roof = f"; saturation ceiling {_scale(t['ceiling'], t)}" if "ceiling" in t else ""
+        lines += [f"{tname} ({t['requests']} requests; vLLM capacity x{t['vllm']['capacity']:.3f}{roof}); attainment "
+                  f"at {len(loads)} loads {loads[0]:.3f}-{loads[-1]:.3f}, preemptions summed over them:", "",
                   "| mix | capacity x vLLM | mean attainment | preemptions |", "|---|---:|---:|---:|"]
         for name, r in t["ecoserve"].items():
             lines.append(f"| {name} | {r['capacity_x_vllm']:.3f} | {r['mean_attainment']:.4f} | "
@@ -269,7 +330,8 @@ def main() -> None:
     ap.add_argument("--loads", default=None, metavar="LO:HI",
                     help="--hybrid: rate scales of the attainment grid (default: the predicted capacity +-8%%)")
     ap.add_argument("--points", type=int, default=6, help="--hybrid: loads in the attainment grid")
-    ap.add_argument("--workers", type=int, default=2, help="--hybrid: parallel processes")
+    ap.add_argument("--workers", type=int, default=2, help="parallel processes (the capacity searches, or "
+                    "--hybrid's mixes; default 2)")
     args = ap.parse_args()
     if args.report:
         report(args.report, args.plot, force=args.force)
@@ -327,31 +389,26 @@ def main() -> None:
         base_rows = decode("oracle", sub, true, scheme, "bucket")
         spec = RunSpec(Trace(tr.path, tr.arrival_s, tr.input_tokens, true, tr.max_tokens, base_rows), cost, slo,
                        predictions="annotated")
-        vcap = capacity(spec, "vllm")["max_rate_scale"]
-        vs = summarize(run(spec.trace.scaled(vcap), "vllm", cost, slo=slo, predictions="annotated"), slo)
-        vllm = {"capacity": vcap, "mean_jct_s": vs["mean_jct_s"], "kv_alloc_mean": vs["kv_alloc_mean"],
-                "preemptions": vs["preemptions"]}
-        print(f"[{tname}] vLLM capacity x{vcap:.3f}, mean JCT there {vs['mean_jct_s']:.1f} s", flush=True)
+        vllm, top = baseline(spec, args.workers)
+        roof = top["ceiling_rate_scale"]
+        vllm["vs_ceiling"] = vllm["capacity"] / roof if roof else None
+        print(f"[{tname}] vLLM capacity x{vllm['capacity']:.3f} trace rate, mean JCT there "
+              f"{vllm['mean_jct_s']:.1f} s; saturation ceiling {_scale(roof, top)}"
+              + (f", vLLM{_share(vllm['vs_ceiling'])}" if roof else ""), flush=True)
+        ceiling_fields = {"ceiling": roof, "ceiling_saturated": top["saturated"], "ceiling_note": top["note"]}
         if args.hybrid:
             runs = run_hybrids(tr, decode("minilm", sub, true, scheme, "bucket"), cost, slo, vllm, loads,
                                args.points, args.workers)
             for name, r in runs.items():
                 print(f"[{tname}] {name:>38}: capacity x{r['capacity_x_vllm']:.3f} vLLM, mean attainment "
                       f"{r['mean_attainment']:.4f}, preemptions {sum(r['preemptions_at_loads'])}", flush=True)
-            results["traces"][tname] = {"requests": len(tr), "vllm": vllm, "ecoserve": runs}
+            results["traces"][tname] = {"requests": len(tr), **ceiling_fields, "vllm": vllm, "ecoserve": runs}
             continue
-        runs = {}
         cases = [(n, "bucket") for n in PREDICTORS] + [("minilm", quantile_tag(q)) for q in QUANTILES]
-        for name, mode in cases:
-            rows = decode(name, sub, true, scheme, mode)
-            r = serve(tr, rows, cost, slo, vllm)
-            r["coverage"] = float((rows[:, 2] >= true).mean())
-            r["reserved_over_actual"] = float(rows[:, 2].sum() / true.sum())
-            runs[f"{name}/{mode}"] = r
-            print(f"[{tname}] {name:>13} {mode:>6}: capacity x{r['capacity_x_vllm']:.3f} vLLM, JCT "
-                  f"x{r['jct_x_vllm']:.3f}, coverage {r['coverage']:.3f}, reserved/actual "
-                  f"{r['reserved_over_actual']:.2f}", flush=True)
-        results["traces"][tname] = {"requests": len(tr), "vllm": vllm, "ecoserve": runs}
+        rows_of = {f"{n}/{m}": decode(n, sub, true, scheme, m) for n, m in cases}
+        runs = serve_cases(tr, rows_of, cost, slo, vllm, roof, args.workers,
+                           log=lambda line, t=tname: print(f"[{t}] {line}", flush=True))
+        results["traces"][tname] = {"requests": len(tr), **ceiling_fields, "vllm": vllm, "ecoserve": runs}
     results["seconds"] = time.perf_counter() - t0
     if args.hybrid:
         write_owned(args.out, "hybrid.json", json.dumps(results, indent=1) + "\n", tool=TOOL)
@@ -396,7 +453,33 @@ def markdown(res: dict) -> str:
     lines += ["", "vLLM at its capacity: " + "; ".join(
         f"{n}: x{t['vllm']['capacity']:.3f} trace rate, mean JCT {t['vllm']['mean_jct_s']:.1f} s, "
         f"{t['vllm']['preemptions']} preemptions" for n, t in res["traces"].items())]
+    if all("ceiling" in t for t in res["traces"].values()):  # results.json files before it had none
+        lines += ["", "Saturation ceiling (the rate scale at which arrivals equal a flooded server's throughput, "
+                  "`compare.ceiling`) and each capacity as a share of it (above 1 where a policy defers requests "
+                  "whose TTFT is lost past the end of a finite trace): " + "; ".join(
+                      f"{n}: {_scale(t['ceiling'], t)}" + (
+                          f"; vLLM {_share(t['vllm']['capacity'] / t['ceiling'], lead='')}, EcoServe with the "
+                          f"shipped bundle (minilm) {_share(t['ecoserve']['minilm/bucket']['capacity'] / t['ceiling'], lead='')}"
+                          f", with the oracle {_share(t['ecoserve']['oracle/bucket']['capacity'] / t['ceiling'], lead='')}"
+                          if t["ceiling"] else "")
+                      for n, t in res["traces"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _scale(x: float | None, top: dict | None = None) -> str:
+    """A ceiling as a rate scale; ``top`` (``ceiling``'s fields, or a trace of results.json):
+    why there is none, or that it is only a lower bound."""
+    top = top or {}
+    note = top.get("note") or top.get("ceiling_note")
+    if not x:
+        return f"none ({note or 'no request finished on the flooded server'})"
+    lower = top.get("saturated", top.get("ceiling_saturated", True)) is False
+    return f"x{x:.3f} trace rate" + (f" (a lower bound: {note})" if lower else "")
+
+
+def _share(share: float | None, lead: str = ", ") -> str:
+    """A share of the ceiling, after ``lead``; nothing without one."""
+    return "" if share is None else f"{lead}{share:.2f} of the ceiling"
 
 
 def _label(res: dict, trace: str) -> str:

@@ -269,3 +269,92 @@ def test_sim_vs_vllm_takes_the_kv_size_and_sim_vs_transformers_the_device() -> N
     assert res.returncode == 0, res.stderr[-2000:]
     assert "KV 300 blocks of 16 tokens" in res.stdout and "| 0.4 | vllm | vllm-real | preemptions |" in res.stdout
     _one_error(_run("benchmarks/sim_vs_transformers.py", "--device", "tpu"), "--device 'tpu'")
+
+
+@pytest.fixture()
+def serving_gain():
+    """``benchmarks/serving_gain.py`` as a module, importable by its worker processes (they
+    unpickle its jobs by module name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serving_gain", ROOT / "benchmarks" / "serving_gain.py")
+    sg = importlib.util.module_from_spec(spec)
+    sys.modules["serving_gain"] = sg
+    try:
+        spec.loader.exec_module(sg)
+        yield sg
+    finally:
+        sys.modules.pop("serving_gain", None)
+
+
+def _serving_gain_results(sg, ceiling: float | None, **top: object) -> dict:
+    """A results.json of ``serving_gain.py`` with one trace (figures made up, shapes real)."""
+    case = {"capacity": 0.5, "capacity_x_vllm": 1.25, "jct_x_vllm": 0.9, "coverage": 0.7, "reserved_over_actual": 1.4}
+    modes = ["bucket"] + [sg.quantile_tag(q) for q in sg.QUANTILES]
+    trace = {"requests": 10, "vllm": {"capacity": 0.4, "mean_jct_s": 9.0, "preemptions": 3},
+             "ecoserve": {**{f"{n}/bucket": case for n in sg.PREDICTORS}, **{f"minilm/{m}": case for m in modes}}}
+    if ceiling is not None or top:
+        trace.update(ceiling=ceiling, **top)
+    metrics = {n: {"bucket_acc": 0.3, "within1_acc": 0.6, "mae": 120.0, "kendall_tau": 0.4}
+               for n in sg.PREDICTORS if n != "oracle"}
+    return {"profile": "p", "gpu_memory_utilization": 0.9, "kv_cache_tokens": 1000, "slo": [5, 0.2],
+            "heldout_turns": 10, "predictor_metrics": metrics, "traces": {"azure": trace}}
+
+
+def test_serving_gain_states_the_saturation_ceiling(serving_gain) -> None:
+    sg = serving_gain
+    text = sg.markdown(_serving_gain_results(sg, 0.5, ceiling_saturated=True, ceiling_note=None))
+    assert "azure: x0.500 trace rate; vLLM 0.80 of the ceiling, EcoServe with the shipped bundle (minilm) 1.00 " \
+        "of the ceiling, with the oracle 1.00 of the ceiling" in text
+    lower = sg.markdown(_serving_gain_results(sg, 0.5, ceiling_saturated=False, ceiling_note="kept up"))
+    assert "x0.500 trace rate (a lower bound: kept up)" in lower
+    none = sg.markdown(_serving_gain_results(sg, None, ceiling_saturated=None, ceiling_note="every one was dropped"))
+    assert "azure: none (every one was dropped)" in none and "of the ceiling" not in none
+    old = _serving_gain_results(sg, None)  # a results.json written before the ceiling: --report still reads it
+    assert "Saturation ceiling" not in sg.markdown(old) and "| constant |" in sg.markdown(old)
+    sg.plot([old])
+
+
+def _tiny_trace(n: int = 60):
+    import numpy as np
+
+    from ecoserve_sched.trace import Trace
+
+    rng = np.random.default_rng(0)
+    out = rng.integers(20, 300, n)
+    rows = np.stack([np.zeros(n, dtype=np.int64), out, out], axis=1)
+    return Trace("tiny", np.sort(rng.uniform(0, 60, n)), rng.integers(50, 600, n), out, np.full(n, 2048), rows), rows
+
+
+def test_serving_gain_runs_the_same_cases_in_parallel_as_in_one_process(serving_gain) -> None:
+    import numpy as np
+
+    from ecoserve_sched.compare import RunSpec
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.request import SLO
+
+    sg = serving_gain
+    tr, rows = _tiny_trace()
+    cost, slo = load_profile("llama2-13b-a100-80gb"), SLO(5.0, 0.2)
+    cost.gpu_memory_utilization = 0.4  # a small cache: the loads matter
+    spec = RunSpec(tr, cost, slo, predictions="annotated")
+    vllm1, top1 = sg.baseline(spec, 1)
+    vllm2, top2 = sg.baseline(spec, 2)
+    assert vllm1 == vllm2 and top1 == top2 and set(top1) == {"ceiling_rate_scale", "saturated", "note"}
+    rows_of = {"oracle/bucket": rows, "constant/bucket": np.stack([rows[:, 0], np.full(len(rows), 150),
+                                                                   np.full(len(rows), 300)], axis=1)}
+    logged: list[str] = []
+    one = sg.serve_cases(tr, rows_of, cost, slo, vllm1, top1["ceiling_rate_scale"], 1, log=logged.append)
+    two = sg.serve_cases(tr, rows_of, cost, slo, vllm1, top1["ceiling_rate_scale"], 2, log=logged.append)
+    assert one == two and list(one) == list(rows_of)
+    assert [line.split()[0] for line in logged] == ["oracle", "constant"] * 2  # in the cases' order
+    assert one["oracle/bucket"]["coverage"] == 1.0
+
+
+def test_serving_gain_names_a_search_that_found_no_capacity(serving_gain) -> None:
+    sg = serving_gain
+    tr, _ = _tiny_trace()
+    bound = {"max_rate_scale": None, "search": "no_failing_load", "lower_bound": 64.0,
+             "note": "the trace is too small or light to load the server"}
+    with pytest.raises(ValueError, match=r"tiny: vllm's capacity search found no capacity \(> 64: the trace is"):
+        sg._found(bound, "vllm", tr)

@@ -54,6 +54,9 @@ def test_summary_counts_servable_cells_wins_and_misses(run: Path) -> None:
     assert "- cells: 3; servable: 2; ecoserve has the highest capacity in 1 of 2" in out
     assert "- x best baseline: 0.75-2.00x (geometric mean 1.22x)" in out
     assert "- x vLLM V1: 1.50-2.50x" in out
+    # a's 10 is at its ceiling of 10, not above it (was: a reviewer's count over the tables)
+    assert "- above the saturation ceiling in 0 of 2; x best baseline at or below it: 0.75-2.00x (geometric mean " \
+        "1.22x), above it: none" in out
     assert "- predicted within 5% of the oracle: 1 of 2 (missed: b 0.909)" in out
     assert "- mean JCT at vLLM V1's capacity load above V1's: 1 of 2; by more than 0.5%: 1 (a 1.02)" in out
     assert "SLO attainment at least SJF's in 1 of 2; mean JCT at most 0.5x V1's in 1 of 2" in out
@@ -61,6 +64,16 @@ def test_summary_counts_servable_cells_wins_and_misses(run: Path) -> None:
     assert "| a | 10 | sjf 5 | **10** (1.00) | 2.00 | 2.50 |" in out
     # a lower bar makes c servable: EcoServe alone holds a load there
     assert "servable: 3; ecoserve has the highest capacity in 2 of 3" in _summary(run, "--min-share", "0.001").stdout
+
+
+def test_cells_above_the_ceiling_are_counted_apart(run: Path) -> None:
+    rows = json.loads((run / "results.json").read_text())
+    for r in rows:
+        if r["cell"] == "a":
+            r["ceiling"] = 8.0  # EcoServe's 10 passes it
+    (run / "results.json").write_text(json.dumps(rows))
+    assert "- above the saturation ceiling in 1 of 2; x best baseline at or below it: 0.75-0.75x (geometric mean " \
+        "0.75x), above it: 2.00-2.00x (geometric mean 2.00x)" in _summary(run).stdout
 
 
 def test_bad_inputs_are_one_line_and_exit_2(run: Path, tmp_path: Path) -> None:
