@@ -18,7 +18,8 @@ as tokens are written, vLLM's default); this subclass changes four of its decisi
   in ``eco_counters``.
 * **Order**: the waiting queue is a heap on ``rules.priority_key`` (arrival + ``aging`` x
   predicted service seconds: shortest predicted work first, with aging). Requests put back
-  (preempted, skipped) with their first token come first, in the order they were put back;
+  (preempted, skipped) with their first token (async: or with it in flight, delivered after)
+  come first, in the order they were put back;
   one put back before its first token waits by its key (the simulator's queues); a request
   whose TTFT SLO is lost
   (``rules.ttft_lost``) gives way to those that can still meet it. Under ``--scheduling-policy
@@ -49,7 +50,10 @@ as tokens are written, vLLM's default); this subclass changes four of its decisi
   not fit, and the offered load (``rules.OfferedLoad``) is below ``rules.PARK_MAX_LOAD``, the
   running request with the most slack on its mean-TBT SLO (``rules.tbt_slack_s``) is preempted
   as ``reset_prefix_cache`` preempts between steps; the queue holds it behind the new requests
-  until it is due (``rules.park_due_s``), then it goes first like any request put back.
+  until it is due (``rules.park_due_s``), then it goes first like any request put back. The head
+  is tested as vLLM's waiting loop tests it: with its prefix-cache hit, not while vLLM would
+  skip it, only with one of vLLM's admission slots (``--max-num-active-seqs``) free. The TTFT
+  estimates (give-way, parking) count the tokens vLLM would compute: not a cached prefix.
 * **Prefill budget** (with ``ECOSERVE_PROFILE``, a cost-model profile): each step with decodes
   gets ``max_num_scheduled_tokens`` = its decodes + ``rules.PrefillBudget`` (the most prompt
   tokens that keep the step within ``iter_time_frac`` x ``ECOSERVE_SLO_TBT`` by the cost model,
@@ -63,7 +67,8 @@ No block is allocated ahead of the tokens written (no lookahead slots of ours: v
 and asynchronous-KV-load lookahead is passed through unchanged), so a top-up is a larger
 projected reservation, never a run of blocks. Running requests are kept in **groups** keyed by
 predicted RL bucket (``self.groups``, for statistics). Models with more than one KV-cache group
-(hybrid: sliding window, Mamba) are refused at start-up.
+(hybrid: sliding window, Mamba) are refused at start-up; speculative decoding and pipeline
+parallelism run, untested, with a start-up warning saying so.
 
 Classes: :class:`EcoServeVllmScheduler` (over vLLM's ``AsyncScheduler``, for async scheduling,
 vLLM's default), :class:`EcoServeVllmSyncScheduler` (over ``Scheduler``, for
@@ -78,11 +83,14 @@ says what is active. vLLM builds the scheduler only after loading the model, so
 
 vLLM internals read: ``Scheduler.waiting`` / ``kv_holding_waiting`` / ``running`` / ``policy`` /
 ``max_num_scheduled_tokens`` / ``num_lookahead_tokens`` / ``_preempt_request`` /
-``_free_request`` / ``structured_output_manager.tokenizer``, ``KVCacheManager.allocate_slots``
+``_free_request`` / ``structured_output_manager.tokenizer`` / ``max_num_active_reqs`` /
+``num_waiting_for_streaming_input`` / ``lora_config``, the ``Request`` fields vLLM's loops test
+(``num_output_placeholders``, ``num_stale_output_tokens``, ``drop_stale_output``,
+``structured_output_request``), ``KVCacheManager.allocate_slots``
 (wrapped on the instance while vLLM takes waiting requests, which it does through the queue's
 ``peek_request`` / ``pop_request``; its ``new_computed_blocks`` and ``reserved_blocks``
-arguments), the block pool's free count and the single-type manager's ``block_size`` and
-``req_to_blocks``.
+arguments) and ``get_computed_blocks`` (the waiting head's prefix-cache hit), the block pool's
+free count and the single-type manager's ``block_size`` and ``req_to_blocks``.
 """
 
 from __future__ import annotations
@@ -405,9 +413,10 @@ class EcoServeRequestQueue(RequestQueue):
 
     ``priority`` is the request's own under ``--scheduling-policy priority`` (0 otherwise), so
     a request put back never passes one of a higher priority; ``rank`` 0 for requests put back
-    (preempted, or skipped in a step) that have their first token: they go first, in the order
-    they were first put back (the simulator's resume queue, a FIFO); 1 for the others, new or
-    put back before their first token, which wait by their key and may give way (the
+    (preempted, or skipped in a step) that have their first token, or whose first token is in
+    flight and will be delivered (``first_in_flight``, async scheduling): they go first, in the
+    order they were first put back (the simulator's resume queue, a FIFO); 1 for the others,
+    new or put back before their first token, which wait by their key and may give way (the
     simulator's prompt heap); ``lost`` 1 once the request's TTFT SLO is lost (``lost(request)``,
     checked lazily at the head: give-way); ``key`` is ``rules.priority_key``, computed once at
     push (rank 0: the put-back order). O(log n) push and pop.
@@ -431,6 +440,9 @@ class EcoServeRequestQueue(RequestQueue):
         # due. ``parking``: the request being preempted to be parked, and its due time.
         self._parked: list[tuple[float, int, Request]] = []
         self.parking: tuple[Request, float] | None = None
+        # the request being preempted whose first token is in the step in flight: vLLM delivers
+        # it after the put-back (stale output), so the client has it (see ``_put_back``)
+        self.first_in_flight: Request | None = None
         self._clock = clock
         self._back: dict[str, int] = {}  # request id -> when it was put back with its first token
         self._peeked = False  # the last call was a peek, and nothing changed the queue since
@@ -442,11 +454,15 @@ class EcoServeRequestQueue(RequestQueue):
         heapq.heappush(self._heap, (prio, rank, lost, key, next(self._seq), request))
 
     def _put_back(self, request: Request, again: bool) -> None:
-        """Rank 0 (first, in put-back order) if it has its first token, else among the new ones.
+        """Rank 0 (first, in put-back order) if it has its first token (or it is in flight:
+        ``first_in_flight``; once ranked 0 a request stays so), else among the new ones.
         ``again``: skipped within a step, it keeps the place it was put back at."""
-        if request.num_output_tokens > 0:
-            if not again or request.request_id not in self._back:
-                self._back[request.request_id] = next(self._seq)
+        rid = request.request_id
+        # (was: the token count alone: a request preempted while its first token was in flight
+        # waited as a new prompt, by its key and subject to give-way, after that token came)
+        if request.num_output_tokens > 0 or rid in self._back or self.first_in_flight is request:
+            if not again or rid not in self._back:
+                self._back[rid] = next(self._seq)
             self._push(request, 0)
         else:
             self._push(request, 1)
@@ -650,6 +666,8 @@ class EcoServeMixin:
                     bool(self.scheduler_config.async_scheduling), self.policy.name.lower(),
                     self._bs, self._usable_blocks, self.eco_mode,
                     hints_mode(self.eco_cfg.trust_client_hints), self.eco_cfg.describe())
+        if untested := untested_features(self.vllm_config):  # (was: taken without a word)
+            logger.warning("EcoServe: not tested with this scheduler, so not claimed: %s", "; ".join(untested))
 
     @property
     def eco_cfg(self) -> EcoServeVllmConfig:
@@ -839,10 +857,17 @@ class EcoServeMixin:
         p = self.rl.get(request_id)
         return p.reserve_tokens if p is not None else self.eco_cfg.default_reserve
 
+    @property
+    def _active_limit(self) -> int:
+        """The most requests vLLM runs at once: its admission limit ``max_num_active_reqs``
+        (``--max-num-active-seqs``, vLLM 0.33; by default ``max_num_seqs``)."""
+        return getattr(self, "max_num_active_reqs", self.max_num_running_reqs)
+
     def _service(self, request: Request) -> float:
         n = request.num_prompt_tokens
+        # the slots: vLLM's admission limit (was: max_num_seqs, also under --max-num-active-seqs)
         return rules.service_s(self._prefill_s(n), n, max(self._base(request.request_id), 1),
-                               self._cache_step_s, self._kv_tokens, self.max_num_running_reqs)
+                               self._cache_step_s, self._kv_tokens, self._active_limit)
 
     def _order_key(self, request: Request) -> float:
         return rules.priority_key(request.arrival_time, self._service(request), self.eco_cfg.aging)
@@ -856,10 +881,25 @@ class EcoServeMixin:
         return rules.ttft_lost(self.clock(), request.arrival_time, cfg.slo_ttft, self._prefill_est_s(request))
 
     def _prefill_est_s(self, request: Request) -> float:
-        """Time to ``request``'s first token if it started now (``rules.ttft_est_s``): its
-        prompt's steps at this step's prompt budget, each as long as this step by the cost model
-        (without one, ``iter_time_frac x slo_tbt``)."""
-        return rules.ttft_est_s(request.num_tokens, max(self._prefill_now, 1), self._step_now_s)
+        """Time to ``request``'s first token if it started now (``rules.ttft_est_s``): the steps
+        of the tokens vLLM would compute (its context less its prefix-cache hit: the simulator's
+        prefill target) at this step's prompt budget, each as long as this step by the cost
+        model (without one, ``iter_time_frac x slo_tbt``)."""
+        # (was: the whole context: a prompt with a long cached prefix was estimated at several
+        # steps for one, gave way and missed a TTFT it would have met)
+        todo = request.num_tokens - self._prefix_hit(request)[1]
+        return rules.ttft_est_s(todo, max(self._prefill_now, 1), self._step_now_s)
+
+    def _prefix_hit(self, request: Request) -> tuple[Any, int]:
+        """The prefix-cache hit vLLM's waiting loop would find for ``request`` now: its blocks
+        (as ``allocate_slots``' ``new_computed_blocks``) and tokens (at most all but the last);
+        ``(None, 0)`` without prefix caching or for a request that holds KV. vLLM's own look-up
+        (``get_computed_blocks``), which changes nothing (with KV-cache events in "full" report
+        mode it sends the hit blocks' events once more)."""
+        if request.num_computed_tokens or not self.kv_cache_manager.enable_caching:
+            return None, 0
+        found = self.kv_cache_manager.get_computed_blocks(request)
+        return found[0], found[1]
 
     # ---- admission: vLLM's block check plus the projected peak (wraps allocate_slots) -------------
     def _allocate_slots(self, request: Request, num_new_tokens: int, *args: Any, **kw: Any) -> Any:
@@ -967,24 +1007,35 @@ class EcoServeMixin:
         not fit (its whole prompt's blocks, and the projected peak), and the offered load is below
         ``rules.PARK_MAX_LOAD``, preempt the running request with the most
         slack on its mean-TBT SLO (at least ``rules.PARK_MIN_SLACK_TTFTS`` TTFT SLOs; decoding,
-        first token seen, admitted before this step). The queue holds it until it is due
-        (``rules.park_due_s``) or nothing that can meet its TTFT waits. Preempted as
-        ``reset_prefix_cache`` does between steps (in-flight output dropped, its tokens sent
-        again if it resumes). The number of requests parked."""
-        if len(self.running) >= self.max_num_running_reqs:
+        first token seen, admitted before this step, last token not in flight). The queue holds
+        it until it is due (``rules.park_due_s``) or nothing that can meet its TTFT waits.
+        Preempted as ``reset_prefix_cache`` does between steps (in-flight output dropped, its
+        tokens sent again if it resumes). The head is tested as vLLM will test it: with its
+        prefix-cache hit, and only if vLLM will not skip it (``_vllm_takes``); a slot is one of
+        vLLM's admission limit (``_active_limit``). The number of requests parked."""
+        # (was: len(running) against max_num_seqs: under --max-num-active-seqs, or with streaming
+        # sessions between chunks holding slots, it parked with no slot for the head)
+        if len(self.running) + getattr(self, "num_waiting_for_streaming_input", 0) >= self._active_limit:
             return 0  # no slot for the head (the simulator's rule)
         head = self.waiting.head_new()
-        if head is None:
+        # (was: any head: one vLLM skips, e.g. its grammar still compiling, had a decode parked
+        # for it every other step, and the parked request re-admitted in the same step)
+        if head is None or not self._vllm_takes(head):
             return 0
         now, cfg = self.clock(), self.eco_cfg
         if self.load.load(now) >= rules.PARK_MAX_LOAD or \
                 not rules.park_for(now, head.arrival_time, cfg.slo_ttft, self._prefill_est_s(head)):
             return 0
         bs, pool = self._bs, self.kv_cache_manager.block_pool
-        need = -(-head.num_tokens // bs)
+        # its hit blocks that requests hold take no free block (those in the free pool do:
+        # vLLM takes them out of it), and count once in the projection (was: tested without its
+        # hit, a decode was parked for a head that vLLM admitted anyway, then re-admitted)
+        hit = self._prefix_hit(head)[0]
+        whole = -(-head.num_tokens // bs)
         parks, later = 0, 0  # later: blocks of parked requests whose free vLLM defers to the step's end
-        while need > pool.get_num_free_blocks() + later - (self._keep_free if self.running else 0) \
-                or not self._fits(head, None):
+        # (re-read each time: a parked request may have held some of the head's hit blocks)
+        while (whole - _referenced(hit) > pool.get_num_free_blocks() + later - (self._keep_free if self.running else 0)
+               or not self._fits(head, hit)):
             best, best_slack = self._park_victim(now)
             if best is None:
                 break
@@ -1008,20 +1059,45 @@ class EcoServeMixin:
     def _park_victim(self, now: float) -> tuple[Request | None, float]:
         """The running request with the most slack on its mean-TBT SLO (``rules.tbt_slack_s``),
         if more than ``rules.PARK_MIN_SLACK_TTFTS`` TTFT SLOs: decoding, first token seen,
-        admitted before the last step (not parked right away). ``(None, 0)`` if none."""
+        admitted before the last step (not parked right away), its last token (``max_tokens``)
+        not in flight (async scheduling: it ends with that step). ``(None, 0)`` if none."""
         cfg = self.eco_cfg
         best, best_slack = None, rules.PARK_MIN_SLACK_TTFTS * cfg.slo_ttft
         for r in self.running:
             rid = r.request_id
             first = self._first_token.get(rid)
+            # (was: such a request could be parked: its last token dropped, its whole context
+            # recomputed later to give the same token)
             if first is None or r.num_computed_tokens < r.num_tokens - 1 \
-                    or self._admit_step.get(rid, self._step) >= self._step - 1:
+                    or self._admit_step.get(rid, self._step) >= self._step - 1 or _last_in_flight(r):
                 continue
             slack = rules.tbt_slack_s(now, first, r.num_output_tokens, self._base(rid), cfg.slo_tbt,
                                       self._iter_s, self._prefill_s(r.num_tokens))
             if slack > best_slack:
                 best, best_slack = r, slack
         return (best, best_slack) if best is not None else (None, 0.0)
+
+    def _vllm_takes(self, request: Request) -> bool:
+        """vLLM's waiting loop would try to schedule waiting ``request`` now rather than skip it
+        (``Scheduler.schedule``'s checks that do not depend on the step's budgets): not while its
+        structured-output grammar is compiling (or failed), nor while output of a preemption is
+        still in flight to be delivered, nor when its LoRA adapter would exceed ``max_loras``."""
+        if request.status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR:
+            so = request.structured_output_request
+            grammar = so.grammar if so is not None else None  # vLLM's own readiness test
+            if grammar is None or isinstance(grammar, Exception):
+                return False
+        elif request.status not in _ADMITTING:
+            return False
+        if getattr(request, "num_stale_output_tokens", 0) and not getattr(request, "drop_stale_output", False):
+            return False
+        lora = request.lora_request
+        if self.lora_config and lora:
+            loras = {r.lora_request.lora_int_id for r in self.running
+                     if r.lora_request and r.lora_request.lora_int_id > 0}
+            if len(loras) == self.lora_config.max_loras and lora.lora_int_id not in loras:
+                return False
+        return True
 
     def _step_budget(self, full: int) -> int:
         """The TBT-aware token budget (``rules.PrefillBudget``, the simulator's rule): the
@@ -1144,8 +1220,20 @@ class EcoServeMixin:
         self.groups[p.bucket if p is not None else -1].discard(rid)
 
     def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
-        super()._preempt_request(request, *args, **kwargs)
+        """vLLM's preemption; with async scheduling a request preempted while the step that
+        samples its first token is in flight gets that token (vLLM delivers stale output unless
+        told to drop it): it is put back as one with its first token (the queue's rank 0) and
+        its first token's time is taken when the token comes."""
+        drop = kwargs.get("drop_stale_output", args[1] if len(args) > 1 else False)
+        first = not drop and request.num_output_tokens == 0 and request.num_output_placeholders > 0
+        self.waiting.first_in_flight = request if first else None
+        try:
+            super()._preempt_request(request, *args, **kwargs)
+        finally:
+            self.waiting.first_in_flight = None
         self._forget(request)
+        if first:  # (was: forgotten; its first token's time taken only after it resumed)
+            self._no_token[request.request_id] = request
         self.eco_counters["preemptions"] += 1
 
     def _handle_stopped_request(self, request: Request) -> bool:
@@ -1186,6 +1274,30 @@ class EcoServeMixin:
 #: ``_preempt_request``'s keyword to drop a parked request's in-flight output (vLLM >= 0.33).
 _DROP_STALE = {"drop_stale_output": True} if "drop_stale_output" in inspect.signature(
     Scheduler._preempt_request).parameters else {}
+
+
+def _last_in_flight(request: Request) -> bool:
+    """Async scheduling: the step in flight gives ``request`` its ``max_tokens``-th token,
+    whatever its drafts (vLLM's own test: it schedules no further step for it)."""
+    return request.num_output_placeholders > 0 and (
+        request.num_computed_tokens + 2 - request.num_output_placeholders
+        >= request.num_prompt_tokens + request.max_tokens)
+
+
+def untested_features(vllm_config: Any) -> list[str]:
+    """vLLM features this engine runs with that the plug-in is not tested with (said at
+    start-up): speculative decoding (its drafts are not in the projection) and pipeline
+    parallelism."""
+    out = []
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is not None and getattr(spec, "num_speculative_tokens", 0):
+        out.append(f"speculative decoding ({getattr(spec, 'method', None) or 'draft model'}, "
+                   f"{spec.num_speculative_tokens} draft tokens a step: drafts are passed through "
+                   "unchanged and are not in the admission projection)")
+    pp = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1)
+    if pp > 1:
+        out.append(f"pipeline parallelism (size {pp})")
+    return out
 
 
 def _referenced(hit: Any) -> int:

@@ -20,6 +20,7 @@ import torch
 from vllm.config import SchedulerConfig
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from ecoserve_sched.engines.chat_prompt import TurnMarkers
@@ -165,6 +166,38 @@ def test_ordering_shorter_predicted_work_first_and_preempted_first() -> None:
     q.forget("e")
 
 
+def test_a_request_preempted_with_its_first_token_in_flight_goes_first() -> None:
+    """Async scheduling: vLLM preempts "x" (out of blocks) while the step that samples its
+    first token is in flight, and then delivers that token (stale output). x was put back as a
+    new prompt: behind "y", predicted shorter, and subject to give-way, though its client had
+    its first token; and that token's time was taken only when x resumed. It goes first now,
+    as one preempted after its first token (the simulator's resume FIFO)."""
+    s = make(EcoServeVllmScheduler, num_blocks=6)
+    now = [1.0]
+    s.clock = lambda: now[0]
+    s.add_request(req("w", 48, 40, arrival=0.0, rl_pred_tokens=1))
+    o0 = s.schedule()
+    s.add_request(req("x", 32, 60, arrival=0.0, rl_pred_tokens=50))
+    o1 = s.schedule()  # x's whole prompt: its first token is sampled in this step
+    x = s.requests["x"]
+    assert x.num_output_placeholders == 1 and x.num_output_tokens == 0
+    s.update_from_output(o0, fake_model_output(o0, s, {"w": 40}))
+    s.add_request(req("y", 16, 20, arrival=0.0, rl_pred_tokens=1))  # a smaller key than x's
+    o2 = s.schedule()
+    assert o2.preempted_req_ids == {"x"} and x.num_output_tokens == 0
+    assert [r.request_id for r in s.waiting] == ["x", "y"]  # was: ["y", "x"]
+    # the worker returns the token it sampled for x: vLLM delivers it
+    ids = list(o1.num_scheduled_tokens)
+    s.update_from_output(o1, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                                               sampled_token_ids=[[7] for _ in ids]))
+    assert x.num_output_tokens == 1 and [r.request_id for r in s.waiting] == ["x", "y"]
+    now[0] = 1.5
+    o3 = s.schedule()
+    assert s._first_token["x"] == 1.5  # seen at the first step after it came (was: after x resumed)
+    drive(s, [o2, o3])
+    check_done(s)
+
+
 @pytest.mark.parametrize("cls", ECO_CLASSES)
 def test_pop_after_peek_returns_the_request_peeked_whatever_the_clock_did(cls: type) -> None:
     """vLLM allocates KV for the request ``peek_request`` gives, then runs the one
@@ -307,18 +340,29 @@ def test_victim_is_the_rules_victim_not_the_latest_admission() -> None:
     check_done(plain)
 
 
-def _burst(cls: type, park: bool, slots: int = 16) -> tuple[Scheduler, dict[str, float], set[str]]:
-    """The simulator's parking test on vLLM's scheduler: "a" (300 tokens) decodes alone; "b"
-    (160 + 150 tokens) arrives at 0.3 s and does not fit the projection until "a" ends (~3 s),
-    past its 1 s TTFT; "a" has slack on its mean TBT. 10 ms a step; async: one step in flight.
-    ``slots``: vLLM's ``max_num_seqs``."""
-    s = make(cls, num_blocks=24)
-    s.max_num_running_reqs = slots
+def burst_start(s: Scheduler, park: bool, a_prompt: int = 16, a_tokens: int = 300) -> list[float]:
+    """``_burst``'s start: a 1 s TTFT SLO, parking on or off, a clock the test moves (the list's
+    one value), and "a" decoding alone."""
     s.eco_cfg = dataclasses.replace(s.eco_cfg, slo_ttft=1.0, park=park)
     now = [0.0]
     s.clock = lambda: now[0]
-    s.add_request(req("a", 16, 300, arrival=0.0, rl_pred_tokens=300))
-    target = {"a": 300}
+    s.add_request(req("a", a_prompt, a_tokens, arrival=0.0, rl_pred_tokens=a_tokens))
+    return now
+
+
+def _burst(cls: type, park: bool, slots: int = 16, s: Scheduler | None = None,
+           a_prompt: int = 16, a_tokens: int = 300) -> tuple[Scheduler, dict[str, float], set[str]]:
+    """The simulator's parking test on vLLM's scheduler: "a" (``a_prompt`` + ``a_tokens``, 16 +
+    300) decodes alone;
+    "b" (160 + 150 tokens) arrives at 0.3 s and does not fit the projection until "a" ends
+    (~3 s), past its 1 s TTFT; "a" has slack on its mean TBT. 10 ms a step; async: one step in
+    flight. ``slots``: vLLM's ``max_num_seqs`` (and so its admission limit); ``s``: a scheduler
+    of 24 blocks built for the test instead."""
+    if s is None:
+        s = make(cls, num_blocks=24)
+        s.max_num_running_reqs = s.max_num_active_reqs = slots  # as vLLM sets both from max_num_seqs
+    now = burst_start(s, park, a_prompt, a_tokens)
+    target = {"a": a_tokens}
     depth = 2 if s.scheduler_config.async_scheduling else 1
     first: dict[str, float] = {}
     preempted: set[str] = set()
@@ -365,10 +409,7 @@ def test_no_parking_while_vllm_is_paused() -> None:
     from vllm.v1.core.sched.interface import PauseState
 
     s = make(EcoServeVllmSyncScheduler, num_blocks=24)
-    s.eco_cfg = dataclasses.replace(s.eco_cfg, slo_ttft=1.0, park=True)
-    now = [0.0]
-    s.clock = lambda: now[0]
-    s.add_request(req("a", 16, 300, arrival=0.0, rl_pred_tokens=300))
+    now = burst_start(s, park=True)
     target = {"a": 300, "b": 150}
     for _ in range(1000):
         now[0] += 0.01

@@ -1,0 +1,187 @@
+"""Parking on vLLM's real ``Scheduler`` and ``AsyncScheduler`` (CPU, no model, fake model
+outputs): the waiting head is tested as vLLM's waiting loop tests it (its prefix-cache hit,
+the requests vLLM skips, vLLM's admission limit), and no victim's last token is in flight. The
+burst itself (a decode parked for a request that can still meet its TTFT) is
+``test_vllm_scheduler.py``'s ``_burst``.
+
+vLLM is required (conftest.py turns a missing vLLM into a failure unless ECOSERVE_VLLM_OPTIONAL=1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from test_vllm_defaults import build, cached_req
+from test_vllm_scheduler import (
+    ECO_CLASSES,
+    _burst,
+    burst_start,
+    check_done,
+    clear_eco_env,
+    make,
+    req,
+)
+from vllm.config import SchedulerConfig
+from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from ecoserve_sched.engines.vllm_scheduler import EcoServeVllmScheduler
+from ecoserve_sched.engines.vllm_sim import fake_model_output
+
+
+@pytest.fixture(autouse=True)
+def eco_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_eco_env(monkeypatch)
+    monkeypatch.setenv("ECOSERVE_TRUST_CLIENT_HINTS", "1")  # predictions come as hints here
+
+
+def _run(s: Scheduler, arrivals: list[tuple[float, Request, int]], steps: int = 3000,
+         before: Callable[[Scheduler], None] | None = None) -> dict[str, object]:
+    """Steps of 10 ms under ``s.clock`` (async: one step in flight) until nothing is left
+    unfinished; ``arrivals``: ``(time, request, true length)``; ``before``: called before each
+    ``schedule``. Returns the parks, the requests preempted and, per request, the step it was
+    first scheduled at and what that step preempted."""
+    now = [0.0]
+    s.clock = lambda: now[0]
+    depth = 2 if s.scheduler_config.async_scheduling else 1
+    target = {r.request_id: n for _, r, n in arrivals}
+    pending = sorted(arrivals, key=lambda a: a[0])
+    inflight: list = []
+    seen: dict[str, tuple[int, set[str]]] = {}
+    preempted: set[str] = set()
+    for step in range(steps):
+        now[0] += 0.01
+        while pending and pending[0][0] <= now[0] + 1e-9:
+            s.add_request(pending.pop(0)[1])
+        if not pending and not s.get_num_unfinished_requests() and not inflight:
+            break
+        if s.get_num_unfinished_requests():
+            if before is not None:
+                before(s)
+            out = s.schedule()
+            gone = set(out.preempted_req_ids or ())
+            preempted |= gone
+            for rid in out.num_scheduled_tokens:
+                seen.setdefault(rid, (step, gone))
+            inflight.append(out)
+        if inflight and (len(inflight) >= depth or not s.get_num_unfinished_requests()):
+            o = inflight.pop(0)
+            s.update_from_output(o, fake_model_output(o, s, target))
+    else:
+        raise AssertionError("did not finish")
+    return {"parks": s.eco_counters["parks"], "preempted": preempted, "first_step": seen}
+
+
+PREFIX = list(range(3, 131))  # 128 tokens: 8 full blocks
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_the_head_is_tested_with_its_prefix_cache_hit(cls: type) -> None:
+    """``max_num_seqs=2``: "a" (holding a cached 128-token prefix) and "c" decode; "b" (that
+    prefix + 300 tokens) waits for a slot, and "c" ends inside b's parking window. Then b's
+    blocks exceed the free pool without its hit and fit with it: vLLM admits b at once. Parking
+    tested b without the hit and parked "a" first (then re-admitted it in the same step)."""
+    hit_decides: list[bool] = []
+
+    def premise(s: Scheduler) -> None:  # b waits with a slot free: is the hit what makes it fit?
+        b = s.requests.get("b")
+        if b is not None and b.status == RequestStatus.WAITING and len(s.running) < 2:
+            hit = s.kv_cache_manager.get_computed_blocks(b)[0]
+            whole, free = -(-b.num_tokens // 16), s.kv_cache_manager.block_pool.get_num_free_blocks()
+            held = sum(blk.ref_cnt > 0 for blk in hit.blocks[0])
+            hit_decides.append(whole > free >= whole - held)
+
+    runs = {}
+    for park in (False, True):
+        s = build(cls, num_blocks=40, prefix_caching=True, max_num_seqs=2)
+        s.eco_cfg = dataclasses.replace(s.eco_cfg, slo_ttft=1.0, park=park)
+        runs[park] = _run(s, [(0.0, cached_req("a", PREFIX + [900] * 16, 300, rl_pred_tokens=300), 300),
+                              (0.0, cached_req("c", list(range(2000, 2160)), 95, rl_pred_tokens=95), 95),
+                              (0.3, cached_req("b", PREFIX + list(range(5000, 5300)), 20, arrival=0.3,
+                                               rl_pred_tokens=20), 20)], before=premise if park else None)
+        check_done(s)
+    assert any(hit_decides)
+    off, on = runs[False], runs[True]
+    assert off["first_step"]["b"][1] == set() and not off["preempted"]
+    assert on["first_step"]["b"] == off["first_step"]["b"]  # the same step, nothing preempted
+    assert on["parks"] == 0 and not on["preempted"]  # was: "a" parked, then re-admitted with b
+
+
+def _grammar_req(rid: str, prompt: int, max_tokens: int, arrival: float, **extra: int) -> Request:
+    """A structured-output request; its grammar never compiles here (no backend is run)."""
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=extra or None,
+                        structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
+    r = Request(request_id=rid, prompt_token_ids=[1] * prompt, sampling_params=sp, pooling_params=None,
+                arrival_time=arrival)
+    assert r.status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
+    return r
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_no_parking_for_a_head_that_vllm_skips(cls: type) -> None:
+    """The burst's "b" with its grammar still compiling: vLLM skips it (``deferred_waiting``).
+    A decode was parked for it every other step (13 times in 1.3 s), re-admitted at once, its
+    context recomputed (async: its in-flight token dropped each time)."""
+    s = make(cls, num_blocks=24)
+    now = burst_start(s, park=True)
+    target = {"a": 300, "b": 150}
+    depth = 2 if s.scheduler_config.async_scheduling else 1
+    inflight: list = []
+    for step in range(130):  # to 1.3 s: past b's parking window (0.3 s + 0.75-1 s)
+        now[0] += 0.01
+        if step == 29:
+            s.add_request(_grammar_req("b", 160, 150, arrival=0.3, rl_pred_tokens=150))
+        out = s.schedule()
+        assert "b" not in out.num_scheduled_tokens and not out.preempted_req_ids
+        inflight.append(out)
+        if len(inflight) >= depth:
+            o = inflight.pop(0)
+            s.update_from_output(o, fake_model_output(o, s, target))
+    assert s.eco_counters["parks"] == 0
+    assert s.requests["b"].status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
+    # the other skips of vLLM's waiting loop that do not depend on the step's budgets
+    b = req("x", 16, 8)
+    assert s._vllm_takes(b)
+    b.num_stale_output_tokens, b.drop_stale_output = 1, False  # a preemption's output to deliver
+    assert not s._vllm_takes(b)
+    b.drop_stale_output = True
+    assert s._vllm_takes(b)
+    b.num_stale_output_tokens = 0
+    s.lora_config = SimpleNamespace(max_loras=1)
+    s.requests["a"].lora_request = SimpleNamespace(lora_int_id=1)
+    b.lora_request = SimpleNamespace(lora_int_id=2)  # a second adapter, one allowed
+    assert not s._vllm_takes(b)
+    b.lora_request = SimpleNamespace(lora_int_id=1)
+    assert s._vllm_takes(b)
+
+
+@pytest.mark.skipif("max_num_active_seqs" not in SchedulerConfig.__dataclass_fields__,
+                    reason="this vLLM has no --max-num-active-seqs")
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_no_parking_when_vllms_admission_limit_is_reached(cls: type) -> None:
+    """``--max-num-active-seqs 1`` (vLLM's admission limit, below ``max_num_seqs``): with "a"
+    running no request can be admitted, so none is parked (the burst's rule with
+    ``max_num_seqs=1``). It parked: the test read ``max_num_seqs``. The order key's slots are
+    that limit too."""
+    s = build(cls, num_blocks=24, max_num_active_seqs=1)
+    s, first, preempted = _burst(cls, park=True, s=s)
+    assert s.eco_counters["parks"] == 0 and not preempted and first["b"] - 0.3 > 1.0
+    assert s._active_limit == 1 < s.max_num_running_reqs
+
+
+def test_no_victim_whose_last_token_is_in_flight() -> None:
+    """Async scheduling: "a" (200 + 88 tokens) has its 88th and last token in flight when the
+    burst's "b" reaches its parking window: vLLM schedules no further step for it. It was
+    parked: that token dropped, and its 287 tokens recomputed later to give the same token. One
+    token longer, it is still parked (the control)."""
+    s, first, preempted = _burst(EcoServeVllmScheduler, park=True, a_prompt=200, a_tokens=88)
+    assert s.eco_counters["parks"] == 0 and not preempted and first["b"] - 0.3 <= 1.0
+    s, _, preempted = _burst(EcoServeVllmScheduler, park=True, a_prompt=200, a_tokens=89)
+    assert s.eco_counters["parks"] == 1 and preempted == {"a"}
