@@ -518,7 +518,7 @@ def main() -> None:
         ap.error(f"--policies: {bad[0]}")
     if args.out:  # checked before the work, written at its end
         check_paths([args.shared] + ([args.confusion] if args.confusion else []), [("--out", args.out)])
-        check_new_dir(args.out, force=args.force, option="--out", rerun=TOOL)
+        check_new_dir(args.out, force=args.force, option="--out", rerun=TOOL, only=TOOL)
     if args.confusion:
         load_confusion(args.confusion)  # a bad file: one line here, not a worker's traceback
     # vllm-tuned: vLLM V1 at each of TUNED_BUDGETS (its default, 2048, is the vllm run)

@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="replace an --out folder another tool of ours wrote")
     args = ap.parse_args()
     check_paths([args.trace, args.confusion], [("--out", args.out)])
-    check_new_dir(args.out, force=args.force, option="--out", rerun=TOOL)
+    check_new_dir(args.out, force=args.force, option="--out", rerun=TOOL, only=TOOL)
     cost = load_profile(args.profile)
     for p in {*args.policies, *args.capacity_policies}:
         get_policy(p, cost)  # an unknown name: one line now, not after the sweep

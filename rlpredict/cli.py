@@ -21,6 +21,7 @@ from rlpredict.cli_boundary import (
     err,
     in_range,
     log_line,
+    nonblank_path,
     root_callback,
     run_cli,
     say_skipped,
@@ -166,24 +167,24 @@ def saved_line(summary: dict, out: Path) -> str:
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[Path, typer.Option("--model", help="Model folder written by `rlpredict train`.")],
-    data: Annotated[list[Path], typer.Option("--data", callback=distinct_paths, help="Data file or folder (repeatable).")],
-    split: Annotated[Literal["test", "all"], typer.Option(help="'test': the model's held-out groups of DATA (baselines train on the rest); 'all': every row.")] = "test",
-    baseline_data: Annotated[list[Path] | None, typer.Option(callback=distinct_paths, help="With --split all: data to train the baselines on (apart from --data).")] = None,
+    model: Annotated[str, typer.Option("--model", callback=nonblank_path("a model folder (written by `rlpredict train`)"), help="Model folder written by `rlpredict train`.")],
+    data: Annotated[list[str], typer.Option("--data", callback=distinct_paths, help="Data file or folder (repeatable).")],
+    split: Annotated[Literal["test", "all"], typer.Option(help="'test': the model's held-out groups of DATA (baselines train on the rest); 'all': every row, including any the model trained on.")] = "test",
+    baseline_data: Annotated[list[str] | None, typer.Option(callback=distinct_paths, help="With --split all: data to train the baselines on (apart from --data).")] = None,
     baselines: Annotated[str, typer.Option(help="Comma-separated baselines: constant,prompt_length,tfidf_ridge,tfidf_logreg (empty: none).")] = "constant,prompt_length,tfidf_ridge,tfidf_logreg",
-    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: MODEL/eval; refused if it exists, unless --force).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: MODEL/eval; refused if it exists, unless --force; never inside --data).")] = None,
     reserve_quantile: Annotated[float, typer.Option(callback=in_range(0, 1, low_open=True), help="Quantile of the predicted length distribution for the q-reservation columns, in (0, 1].")] = 0.9,
     on_error: OnErrorOpt = "fail",
-    force: ForceOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (only an earlier `rlpredict eval` report folder).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Score a model and the baselines on the same split: accuracy, MAE, tau, reservation coverage."""
-    from rlpredict.outputs import check_new_dir, check_paths
+    from rlpredict.outputs import check_new_dir, check_paths, repeated_input
     from rlpredict.train.baselines import BASELINES
-    from rlpredict.train.evaluate import evaluate, markdown_report, write_report
+    from rlpredict.train.evaluate import EVAL_TOOL, evaluate, markdown_report, write_report
     from rlpredict.train.model_meta import ModelMeta
 
-    names = [b for b in baselines.split(",") if b]
+    names = [b.strip() for b in baselines.split(",") if b.strip()]  # "constant, tfidf_ridge" (was: unknown)
     unknown = [b for b in names if b not in BASELINES]
     if unknown:
         raise typer.BadParameter(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}",
@@ -194,26 +195,41 @@ def eval_cmd(
         raise typer.BadParameter("is used only with --split all (with --split test the baselines train "
                                  "on the training side of the split)", param_hint="'--baseline-data'")
     for b in baseline_data or ():
-        rb = b.resolve()
-        for d in data:
-            rd = d.resolve()
-            if rb == rd or rd in rb.parents or rb in rd.parents:
+        for d in data:  # the same file (a hard link too), or one inside the other
+            if repeated_input([d, b]):
                 raise typer.BadParameter(f"{b} overlaps --data {d}: the baselines would train on rows they "
                                          "are scored on", param_hint="'--baseline-data'")
-    out = out or model / "eval"
-    check_paths([model, *data, *(baseline_data or ())], [("--out", out)])
-    check_new_dir(out, force=force, option="--out")
-    report, probs, test = evaluate(model, data, split=split, baselines=names, baseline_data=baseline_data or (),
+    model_dir = Path(model)
+    out = out or model_dir / "eval"
+    inputs = [*data, *(baseline_data or ())]
+    check_paths([model_dir, *inputs], [("--out", out)], apart=inputs)  # was: a report inside --data became data
+    check_new_dir(out, force=force, option="--out", only=EVAL_TOOL)  # never a trained model's folder
+    report, probs, test = evaluate(model_dir, data, split=split, baselines=names, baseline_data=baseline_data or (),
                                    on_error=on_error, reserve_quantile=reserve_quantile, progress=not json_out)
+    for line in eval_warnings(report):
+        err.print(f"[yellow]warning[/yellow] {escape(line)}", highlight=False)
     for line in report["baselines_skipped"]:
         err.print(f"[yellow]baseline skipped[/yellow] {escape(line)}", highlight=False)
-    write_report(report, probs, test, ModelMeta.load(model).buckets, out, force=force)
+    write_report(report, probs, test, ModelMeta.load(model_dir).buckets, out, force=force)
     if json_out:
         print(dumps(report, indent=2))
     else:
         print(markdown_report(report))
         say_skipped(report["skipped_examples"] + report.get("baseline_skipped_examples", []))  # counted above
         err.print(f"[green]report written to[/green] {escape(str(out))}", highlight=False)
+
+
+def eval_warnings(report: dict) -> list[str]:
+    """What ``eval`` warns of on stderr (the report says it too): with ``--split all``, data the
+    model trained on, and scored rows the baselines trained on (a copy of --data)."""
+    lines = []
+    if trained := report["split"].get("model_trained_on"):
+        lines.append(f"--split all scores the model on data it trained on ({', '.join(trained)}, recorded in "
+                     "the model's training_summary.json): --split test scores its held-out rows only")
+    if overlap := report.get("baseline_train_overlap"):
+        lines.append(f"{overlap} of the {report['split']['test_samples']} scored samples are also --baseline-data "
+                     "samples (the same context and response): the baselines trained on rows they are scored on")
+    return lines
 
 
 @app.command()

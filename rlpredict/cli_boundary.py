@@ -422,9 +422,13 @@ def root_callback(tool: str) -> Callable[..., None]:
 # ---- option validators (one message naming the option) -----------------------------------------
 def distinct_paths(value: Any) -> Any:
     """A callback refusing a file or folder given twice in a repeatable option, or inside a
-    folder also given (``outputs.repeated_input``). None passes."""
+    folder also given (``outputs.repeated_input``), and, in an option typed ``list[str]``, a
+    blank one (``nonblank_path``; as a ``Path`` it was the current folder). None passes."""
     from rlpredict.outputs import repeated_input
 
+    for v in value or ():
+        if isinstance(v, str):
+            nonblank_path("a file or folder")(v)
     if problem := repeated_input(value or ()):
         raise typer.BadParameter(problem)
     return value

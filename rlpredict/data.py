@@ -61,12 +61,20 @@ class Sample:
     location: str
 
 
+#: Kinds of skipped rows a ``LoadReport`` tells apart; the rows of any further kind are counted
+#: together (``OTHER_KINDS``), so the tally stays bounded whatever the input.
+MAX_KINDS = 50
+OTHER_KINDS = "other reasons"
+
+
 @dataclass
 class LoadReport:
     rows: int = 0
     samples: int = 0
     skipped: Counter = field(default_factory=Counter)
-    """reason -> count"""
+    """kind of reason (``RecordError.kind``, with its field: not the row's value) -> count"""
+    first: dict[str, str] = field(default_factory=dict)
+    """kind -> where its first skipped row is (``file:line``); ``examples`` has the full messages."""
     examples: list[str] = field(default_factory=list)
     """The first few skipped rows' full messages (file, line, field)."""
     unanswered_turns: int = 0
@@ -85,10 +93,24 @@ class LoadReport:
         if self.unanswered_turns:
             s += f" ({self.unanswered_turns} assistant turns answering no user message left out)"
         if self.n_skipped:
-            s += f"; skipped {self.n_skipped} rows: " + ", ".join(f"{n} x {r}" for r, n in self.skipped.most_common())
+            s += f"; skipped {self.n_skipped} rows: " + ", ".join(
+                f"{n} x {r}" + (f" (first: {self.first[r]})" if r in self.first else "")
+                for r, n in self.skipped.most_common())
         for src, files in self.shared_sources.items():  # was: merged without a word
             s += f"; {len(files)} files are one source, {src!r} (sources are named by file name): {', '.join(files)}"
         return s
+
+    def skip(self, e: RecordError) -> None:
+        """Count a skipped row by its kind of reason (was: by its full reason, the row's value
+        in it: a tally, and a summary line, as long as the input), keeping the first few rows'
+        full messages and where each kind was first met."""
+        key = f"{e.field}: {e.kind}" if e.field else e.kind
+        if key not in self.skipped and len(self.skipped) >= MAX_KINDS:
+            key = OTHER_KINDS
+        self.skipped[key] += 1
+        self.first.setdefault(key, e.location)
+        if len(self.examples) < 5:
+            self.examples.append(str(e))
 
     def lines(self) -> list[str]:
         """What a command says about its read: the summary, then each example in full (file:line
@@ -139,12 +161,20 @@ def _count(v: Any, loc: str, name: str) -> int:
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_TOKEN_COUNT:
-        raise DataError(loc, f"expected an integer token count in [0, 2^53], got {_REPR.repr(v)}", name)
+        raise DataError(loc, f"expected an integer token count in [0, 2^53], got {_REPR.repr(v)}", name,
+                        kind="expected an integer token count in [0, 2^53]")
     return v
 
 
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxlong = 60
+
+
+def _json_kind(v: Any) -> str:
+    """What a row is, in JSON's words (was: Python's, "got NoneType" for a ``null`` line)."""
+    names = {type(None): "null", bool: "true or false", str: "a string", int: "a number", float: "a number",
+             list: "an array"}
+    return names.get(type(v), type(v).__name__)
 
 
 def _key(v: Any, loc: str, name: str) -> str | None:
@@ -153,7 +183,8 @@ def _key(v: Any, loc: str, name: str) -> str | None:
         return v
     if isinstance(v, int) and not isinstance(v, bool):
         return str(v)
-    raise DataError(loc, f"expected a string or an integer, got {_REPR.repr(v)}", name)
+    raise DataError(loc, f"expected a string or an integer, got {_REPR.repr(v)}", name,
+                    kind="expected a string or an integer")
 
 
 def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELDS,
@@ -163,13 +194,13 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
     if isinstance(row, DataError):
         raise row
     if not isinstance(row, Mapping):
-        raise DataError(loc, f"expected a JSON object per row, got {type(row).__name__}")
+        raise DataError(loc, f"expected a JSON object per row, got {_json_kind(row)}")
     raw_id = row.get(fields.id)
     rid = (_key(raw_id, loc, fields.id) if raw_id is not None and raw_id != ""  # an id of 0 is an id
            else hashlib.sha1(loc.encode()).hexdigest()[:12])
     gen_name, generator = _first(row, fields.generator)
     if generator is not None and not isinstance(generator, str):
-        raise DataError(loc, f"expected a string, got {_REPR.repr(generator)}", gen_name)
+        raise DataError(loc, f"expected a string, got {_REPR.repr(generator)}", gen_name, kind="expected a string")
     group_name, group = _first(row, fields.group)
     if group is not None:
         _key(group, loc, group_name or "")  # a string or an integer
@@ -187,7 +218,7 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
         try:
             messages = parse_messages(msgs, msg_name, LOG_MESSAGES)
         except RecordError as e:
-            raise DataError(loc, e.reason, e.field) from None
+            raise DataError(loc, e.reason, e.field, kind=e.kind) from None
         if msg_name == "conversations" and response is None and rl is None:  # ShareGPT: every turn
             if group is None:  # its id, else its content: a group from its location (was) moved
                 # with the path as typed and with rows added above it, and so did the split
@@ -267,9 +298,7 @@ def iter_samples(paths: Sequence[str | Path], report: LoadReport, *, fields: Fie
             except DataError as e:
                 if on_error == "fail":
                     raise
-                report.skipped[e.reason if not e.field else f"{e.field}: {e.reason}"] += 1
-                if len(report.examples) < 5:
-                    report.examples.append(str(e))
+                report.skip(e)
                 continue
             samples += len(got)
             yield from got

@@ -219,10 +219,12 @@ def foreign_entries(folder: Path) -> list[Path]:
     return foreign
 
 
-def check_new_dir(path: str | Path, *, force: bool, option: str, rerun: str | None = None) -> None:
+def check_new_dir(path: str | Path, *, force: bool, option: str, rerun: str | None = None,
+                  only: str | None = None) -> None:
     """Refuse a folder output that exists (unless ``force``, or unless the tool ``rerun`` wrote
     all of it: a script's earlier run), that is a file, or that holds anything no tool of ours
-    wrote."""
+    wrote. ``only``: a tool that replaces only its own folders, never another tool's (a trained
+    model, a simulator run), even with ``force``. The refusal names the tool that wrote it."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: {option} is a file, not a folder; choose another path")
@@ -232,9 +234,18 @@ def check_new_dir(path: str | Path, *, force: bool, option: str, rerun: str | No
     check_parent(p, option)
     if not p.exists() or not any(p.iterdir()):
         return
+    owner = written_by(p)
+    if only is not None and owner not in (None, only):  # was: --force replaced a trained model with a report
+        raise _other_tools(p, option, owner, only, f" ({only} replaces only its own, even with --force)")
     if not force and not (rerun and _tools(p) == {rerun}):
-        raise OutputError(f"{p}: exists; pass --force to replace it ({option})")
+        whose = f"; it is {owner}'s output" if owner else ""  # was: not said
+        raise OutputError(f"{p}: exists; pass --force to replace it ({option}{whose})")
     _refuse_foreign(p, option)
+
+
+def _other_tools(folder: Path, option: str, others: str, tool: str, why: str = "") -> OutputError:
+    """The refusal of ``folder``, the output of the tool(s) ``others``, as ``tool``'s output."""
+    return OutputError(f"{folder}: {option} is {others}'s output folder, not {tool}'s{why}; choose another path")
 
 
 def _tools(folder: Path) -> set[str | None]:
@@ -277,16 +288,19 @@ def plain_modes(folder: str | Path) -> None:
 
 @contextlib.contextmanager
 def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out",
-               rerun: bool = False) -> Iterator[Path]:
+               rerun: bool = False, only_own: bool = True) -> Iterator[Path]:
     """Build a folder output: yield an empty temporary folder beside ``path``; on success it
     gets ``OWNER_FILE`` and replaces ``path`` (checked by ``check_new_dir``; ``rerun``: a
-    folder ``tool`` wrote is replaced without ``force``); on any error or interrupt it is
-    removed and ``path`` is left as it was. A link to a folder is followed: the link stays."""
+    folder ``tool`` wrote is replaced without ``force``; ``only_own``, the default: another
+    tool's folder is never replaced, not even with ``force``: a trained model is not lost to a
+    report or a bundle given its path); on any error or interrupt it is removed and ``path`` is left as it
+    was. A link to a folder is followed: the link stays."""
     out = Path(path)
     if out.is_symlink() and out.is_dir():
         out = out.resolve()
     own = tool if rerun else None
-    check_new_dir(out, force=force, option=option, rerun=own)
+    only = tool if only_own else None
+    check_new_dir(out, force=force, option=option, rerun=own, only=only)
     with _parent_made(out):
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
@@ -299,19 +313,19 @@ def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out
             files = sorted(e.name for e in tmp.iterdir())
             write_text_atomic(tmp / OWNER_FILE, json.dumps({"tool": tool, "files": files}, indent=1) + "\n")
             raise_if_interrupted()
-            _replace_dir(tmp, out, force=force, option=option, rerun=own)
+            _replace_dir(tmp, out, force=force, option=option, rerun=own, only=only)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
 
-def _replace_dir(tmp: Path, out: Path, *, force: bool, option: str, rerun: str | None) -> None:
+def _replace_dir(tmp: Path, out: Path, *, force: bool, option: str, rerun: str | None, only: str | None) -> None:
     """Move ``tmp`` to ``out``; an existing ``out`` (re-checked now) is moved aside first and
     removed only once the new folder is in place."""
     if not out.exists():
         os.replace(tmp, out)
         return
-    check_new_dir(out, force=force, option=option, rerun=rerun)  # it may have changed while we worked
+    check_new_dir(out, force=force, option=option, rerun=rerun, only=only)  # it may have changed while we worked
     if not any(out.iterdir()):
         out.rmdir()
         os.replace(tmp, out)
@@ -359,8 +373,7 @@ def work_folder(path: str | Path, *, tool: str, option: str) -> Path:
     if p.is_dir() and any(p.iterdir()):
         _refuse_foreign(p, option)
         if (tools := _tools(p)) != {tool}:  # another tool's, or one nested in it: the rule of ``check_new_dir``
-            other = ", ".join(sorted(str(t) for t in tools - {tool}))
-            raise OutputError(f"{p}: {option} is {other}'s output folder, not {tool}'s; choose another path")
+            raise _other_tools(p, option, ", ".join(sorted(str(t) for t in tools - {tool})), tool)
     return p
 
 

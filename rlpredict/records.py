@@ -57,10 +57,14 @@ COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
 class RecordError(ValueError):
-    """A bad file, row or field: ``location`` is ``file``, ``file:line`` or ``file: row N``."""
+    """A bad file, row or field: ``location`` is ``file``, ``file:line`` or ``file: row N``.
+    ``kind``: the reason without what is particular to the row (its value, a byte or column
+    number), by which readers that skip bad rows count them (a bounded tally); default: the
+    reason."""
 
-    def __init__(self, location: str, message: str, field: str | None = None):
+    def __init__(self, location: str, message: str, field: str | None = None, *, kind: str | None = None):
         self.location, self.field, self.reason = location, field, message
+        self.kind = kind or message
         where = f"field {field!r}: " if field else ""
         super().__init__(f"{location}: {where}{message}" if location else where + message)
 
@@ -157,7 +161,7 @@ def parse_messages(value: Any, name: str, rules: MessageRules, *,
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, Mapping):
-            raise RecordError("", f"message {i} is not an object", name)
+            raise RecordError("", f"message {i} is not an object", name, kind="a message is not an object")
         # a key set to null counts as absent: Parquet gives every message of a column every key
         # any message has (a ShareGPT `from` beside an OpenAI `role` came back as `role: None`)
         role = next((m[k] for k in rules.role_keys if m.get(k) is not None), None)
@@ -165,14 +169,15 @@ def parse_messages(value: Any, name: str, rules: MessageRules, *,
         if known is not None:
             role = known
         elif not isinstance(role, str) or not rules.other_roles:
-            raise RecordError("", f"message {i} has unknown role {role!r}", name)
+            raise RecordError("", f"message {i} has unknown role {role!r}", name, kind="a message has an unknown role")
         elif not is_valid_unicode(role):
-            raise RecordError("", f"message {i} role is not valid Unicode (a lone surrogate)", name)
+            raise RecordError("", f"message {i} role is not valid Unicode (a lone surrogate)", name,
+                              kind="a message role is not valid Unicode")
         content = next((m[k] for k in rules.content_keys if m.get(k) is not None), None)
         if content is None and rules.content_required:
             keys = rules.content_keys
             alt = "".join(f" (or {k!r})" for k in keys[1:])
-            raise RecordError("", f"message {i} has no {keys[0]!r}{alt}", name)
+            raise RecordError("", f"message {i} has no {keys[0]!r}{alt}", name, kind=f"a message has no {keys[0]!r}{alt}")
         out.append({"role": role, "content": _content(content, i, name, rules)})
     if drop_final_assistant and out and out[-1]["role"] == "assistant":
         out.pop()
@@ -276,12 +281,15 @@ def _content(content: Any, i: int, name: str, rules: MessageRules) -> str:
     if isinstance(content, list):  # OpenAI content parts
         texts = part_texts(content, rules.all_parts_text)
         if texts is None:
-            raise RecordError("", f"message {i}: content parts must be objects with a 'text' string", name)
+            raise RecordError("", f"message {i}: content parts must be objects with a 'text' string", name,
+                              kind="a message's content parts are not objects with a 'text' string")
         content = PART_SEPARATOR.join(texts)
     if not isinstance(content, str):
-        raise RecordError("", f"message {i} content: expected a string, got {type(content).__name__}", name)
+        raise RecordError("", f"message {i} content: expected a string, got {type(content).__name__}", name,
+                          kind="a message's content is not a string")
     if not is_valid_unicode(content):  # a JSON escape of a lone surrogate: no tokenizer takes it
-        raise RecordError("", f"message {i} content is not valid Unicode (a lone surrogate)", name)
+        raise RecordError("", f"message {i} content is not valid Unicode (a lone surrogate)", name,
+                          kind="a message's content is not valid Unicode")
     return content
 
 
@@ -339,11 +347,18 @@ def decode_line(data: bytes, lineno: int) -> str:
     not UTF-8. Lines are split on ``b"\\n"`` only: a bare ``"\\r"`` is JSON whitespace."""
     if data.startswith(_OVERSIZE):
         n = int(data[len(_OVERSIZE):])
-        raise RecordError("", f"a row of {n:,} bytes, over the {MAX_ROW_BYTES >> 20} MiB limit")
+        raise RecordError("", f"a row of {n:,} bytes, over the {MAX_ROW_BYTES >> 20} MiB limit",
+                          kind=f"a row over the {MAX_ROW_BYTES >> 20} MiB limit")
     try:
         return data.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as e:
-        raise RecordError("", f"not valid UTF-8 (byte {e.start})") from None
+        raise RecordError("", f"not valid UTF-8 (byte {e.start})", kind="not valid UTF-8") from None
+
+
+def decode_problem(e: json.JSONDecodeError) -> str:
+    """``Expecting value at column 7``, ``Invalid control character at column 23`` (was: "...
+    character at, column 23")."""
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
 def parse_json(text: str, refuse_twice: frozenset[str] = frozenset(), *, dotted: bool = False) -> Any:
@@ -365,9 +380,9 @@ def parse_json(text: str, refuse_twice: frozenset[str] = frozenset(), *, dotted:
     try:
         value = json.loads(text, object_pairs_hook=hook) if refuse_twice else json.loads(text)
     except json.JSONDecodeError as e:
-        raise RecordError("", f"not valid JSON ({e.msg}, column {e.colno})") from None
+        raise RecordError("", f"not valid JSON ({decode_problem(e)})", kind=f"not valid JSON ({e.msg})") from None
     except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
-        raise RecordError("", f"not valid JSON ({json_problem(e)})") from None
+        raise RecordError("", f"not valid JSON ({json_problem(e)})", kind="not valid JSON") from None
     if twice and isinstance(value, dict) and (bad := _given_twice(value, twice, refuse_twice, dotted)):
         raise RecordError("", f"key {bad!r} is given twice in one JSON object (which value is meant "
                               "is not known)")
@@ -537,7 +552,7 @@ def rows_with(path: str | Path, fields: Sequence[str]) -> Iterator[dict]:
 
 
 def _at(e: RecordError, loc: str) -> RecordError:
-    return RecordError(loc, e.reason, e.field)
+    return RecordError(loc, e.reason, e.field, kind=e.kind)
 
 
 def _iter_jsonl(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
@@ -612,7 +627,7 @@ def _array_rows(p: Path, text: str, pos: int) -> Iterator[tuple[str, Any]]:
         try:
             obj, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise RecordError(f"{p}:{e.lineno}", f"not valid JSON ({e.msg}, column {e.colno})") from None
+            raise RecordError(f"{p}:{e.lineno}", f"not valid JSON ({decode_problem(e)})") from None
         except (ValueError, RecursionError) as e:
             raise RecordError(loc, f"not valid JSON ({json_problem(e)})") from None
         yield loc, obj
@@ -633,7 +648,9 @@ def _iter_csv(p: Path, gz: bool, delimiter: str = ",") -> Iterator[tuple[str, An
             for line, cells, problem, _ in records:
                 loc = f"{p}:{line}"
                 if problem is not None or cells is None:
-                    yield loc, RecordError(loc, problem or "malformed CSV")
+                    kind = "malformed CSV" if cells is None else "a number of cells other than the header's" \
+                        if len(cells) != len(header) else None  # (the counts and the parser's words: the row's)
+                    yield loc, RecordError(loc, problem or "malformed CSV", kind=kind)
                     continue
                 # an empty cell is a missing value, as annotate and the trace reader read it
                 yield loc, {k: None if v == "" else _maybe_json(v) for k, v in zip(header, cells, strict=True)}

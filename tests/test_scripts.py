@@ -132,8 +132,10 @@ def test_a_rerun_replaces_its_own_folder_and_no_other(tmp_path: Path) -> None:
     model.mkdir()
     (model / "model.safetensors").write_text("weights")
     mark_owned(model, "rlpredict train", ["model.safetensors"])
-    with pytest.raises(OutputError, match="pass --force"), output_dir(model, force=False, tool="script", rerun=True):
-        pass
+    for force in (False, True):  # another tool's folder: not even with --force
+        with pytest.raises(OutputError, match="rlpredict train's output folder, not script's"), \
+                output_dir(model, force=force, tool="script", rerun=True):
+            pass
     assert (model / "model.safetensors").read_text() == "weights"
     model.rename(out / "model")  # another tool's folder inside the script's own: not replaced either
     with pytest.raises(OutputError, match="pass --force"), output_dir(out, force=False, tool="script", rerun=True):

@@ -34,6 +34,11 @@ from rlpredict.splits import (
     split_by_group,
 )
 
+#: The tool named in its output folder's owner record (``rlpredict.outputs``): it replaces
+#: only a folder of its own, never another tool's, even with --force.
+CALIBRATE_TOOL = "rlpredict calibrate"
+
+
 CARD = "MODEL_CARD.md"
 CHECK_SALT = 7919  # the calibration/check division must not repeat the train/test one
 
@@ -75,7 +80,7 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
         raise ValueError(f"check_frac must be in (0, 1), got {check_frac}")
     bundle, out = Path(bundle), Path(out)
     check_paths([bundle, *data], [("--out", out)], apart=[bundle])
-    check_new_dir(out, force=force, option="--out")
+    check_new_dir(out, force=force, option="--out", only=CALIBRATE_TOOL)  # never another tool's folder
     p = Predictor.load(bundle, threads=threads)
     p.bundle.check_rl_tokenizer()
     samples, load = load_samples(data, on_error=on_error)  # type: ignore[arg-type]
@@ -116,7 +121,7 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
         m = src == name
         report["check"][name] = coverage_table(scheme, cal, check_probs[m], check_rl[m])
 
-    with output_dir(out, force=force, tool="rlpredict calibrate") as tmp:
+    with output_dir(out, force=force, tool=CALIBRATE_TOOL) as tmp:
         names = copy_files(p.bundle, tmp)
         manifest = {k: v for k, v in p.bundle.manifest.items() if k != "files"}
         manifest["calibration"] = {**cal.to_dict(), "check": report["check"]}

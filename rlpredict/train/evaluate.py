@@ -6,6 +6,7 @@ predictions from it) and a confusion-matrix PNG per method.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from rlpredict.confusion_plot import plot_confusion
 from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.inputs import InputSpec, build_text, lexical_text
 from rlpredict.json_file import read_json
-from rlpredict.outputs import output_dir, write_text_atomic
+from rlpredict.outputs import output_dir, repeated_input, write_text_atomic
 from rlpredict.splits import RECORDLESS_RULE, SPLIT_RULES, split_by_group
 from rlpredict.train.baselines import BASELINES
 from rlpredict.train.encoders import check_positions
@@ -26,6 +27,9 @@ from rlpredict.train.metrics import confusion, quantile_tag, rl_metrics
 from rlpredict.train.model_meta import ModelMeta, load_trained, weights_sha256
 
 MODEL = "model"
+#: The tool named in the report folder's owner record (``rlpredict.outputs``): ``eval`` replaces
+#: only a folder of its own, never another tool's (a trained model, a simulator run).
+EVAL_TOOL = "rlpredict eval"
 
 
 def encoder_texts(samples: Sequence[Sample], spec: InputSpec) -> list[str]:
@@ -83,6 +87,41 @@ def recorded_split(path: Path) -> dict:
             **({"train_rows_sha256": rows} if isinstance(rows, str) else {})}
 
 
+def recorded_data(path: Path) -> list[str]:
+    """The data a model trained on, as ``rlpredict train`` recorded it in
+    ``training_summary.json`` (``config.data``: paths as given; [] without the file or the
+    record); ``ValueError`` naming the file if it is not a list of strings."""
+    if not path.is_file():
+        return []
+    summary = read_json(path)
+    config = summary.get("config", {}) if isinstance(summary, dict) else None
+    data = config.get("data", []) if isinstance(config, dict) else None
+    if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+        raise ValueError(f"{path}: expected an object whose 'config.data' is a list of paths")
+    return data
+
+
+def trained_on(data: Sequence[str | Path], recorded: Sequence[str]) -> list[str]:
+    """The paths of ``data`` that are, hold or lie inside a path the model trained on
+    (``recorded_data``; a relative one taken from the current folder): the same file (a hard
+    link too) or folder, as ``outputs.repeated_input`` tells them."""
+    return [str(d) for d in data if any(repeated_input([d, r]) for r in recorded)]
+
+
+def _row_key(s: Sample) -> bytes:
+    """A row as a baseline fits it: its context, response and RL (a digest, 32 bytes a row)."""
+    return hashlib.sha256(json.dumps([s.messages, s.response, s.rl_tokens], sort_keys=True, ensure_ascii=False)
+                          .encode("utf-8", "surrogatepass")).digest()
+
+
+def baseline_overlap(test: Sequence[Sample], train: Sequence[Sample]) -> int:
+    """How many rows of ``test`` are also rows of ``train`` (the same context, response and RL):
+    rows a baseline fitted on ``train`` is scored on. A copy of the data cannot be told by its
+    path."""
+    seen = {_row_key(s) for s in train}
+    return sum(_row_key(s) in seen for s in test)
+
+
 def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split: str = "test",
              test_frac: float | None = None, split_seed: int | None = None, split_rule: str | None = None,
              baselines: Sequence[str] = tuple(BASELINES), baseline_data: Sequence[str | Path] = (),
@@ -93,12 +132,16 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
     ``split="test"``: apply the model's recorded group split to ``data`` and score its held-out
     side (baselines train on the other side). ``split="all"``: score every row of ``data``
     (baselines then train on ``baseline_data``). ``split_rule``: the model's recorded rule, else
-    ``RECORDLESS_RULE``.
+    ``RECORDLESS_RULE``. With ``baseline_data``, a ``ValueError`` if every scored row is also a
+    baseline training row (a copy of ``data``); some are counted (``baseline_train_overlap``).
     """
+    model_data: list[str] = []
     if model_dir is not None:
         meta = ModelMeta.load(model_dir)
         check_positions(model_dir, meta.input.max_length, f"model {model_dir}")  # before the data
         recorded = recorded_split(Path(model_dir) / "training_summary.json")
+        if split == "all":  # to say which --data the model trained on
+            model_data = recorded_data(Path(model_dir) / "training_summary.json")
         test_frac = test_frac if test_frac is not None else recorded.get("test_frac", 0.1)
         split_seed = split_seed if split_seed is not None else recorded.get("seed", 0)
         split_rule = split_rule or recorded.get("rule")
@@ -120,8 +163,17 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
         raise ValueError(f"split must be 'test' or 'all', got {split!r}")
     if not test:  # what was read, and skipped, says why (was: the held-out side alone)
         first = f"; first skipped: {load_report.examples[0]}" if load_report.examples else ""
-        raise ValueError(f"{', '.join(map(str, data))}: nothing to evaluate: the held-out side is empty "
+        empty = "the held-out side is empty" if split == "test" else "no row to score"
+        raise ValueError(f"{', '.join(map(str, data))}: nothing to evaluate: {empty} "
                          f"(read {load_report.summary()}{first})")
+    overlap = None
+    if baseline_report is not None and train and baselines:
+        overlap = baseline_overlap(test, train)
+        if overlap == len(test):  # a copy of --data: every baseline score would be in-sample
+            raise ValueError(f"{', '.join(map(str, baseline_data))}: every one of the {len(test)} scored samples of "
+                             "--data is also a --baseline-data sample (the same context and response; a copy of "
+                             "the data?): the baselines would be scored on rows they trained on; give "
+                             "--baseline-data that leaves them out, or no --baseline-data")
     scheme, spec = meta.buckets, meta.input
     rl = np.array([s.rl_tokens for s in test], dtype=float)
 
@@ -151,20 +203,36 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
         "rl_tokenizer": meta.rl_tokenizer,
         "input": spec.to_dict(),
         "bucket_edges": [None if math.isinf(e) else e for e in scheme.edges],
-        "split": {"mode": split, "test_frac": test_frac, "seed": split_seed,
-                  "rule": split_rule, "train_samples": len(train), "test_samples": len(test)},
+        "split": ({"mode": split, "test_frac": test_frac, "seed": split_seed, "rule": split_rule,
+                   "train_samples": len(train), "test_samples": len(test)} if split == "test" else
+                  {"mode": split, "scored": ALL_ROWS, "model_trained_on": trained_on(data, model_data),
+                   "train_samples": len(train), "test_samples": len(test)}),
         "load": load_report.summary(),
         "skipped_examples": load_report.examples,
         **({"baseline_load": baseline_report.summary(), "baseline_skipped_examples": baseline_report.examples}
            if baseline_report is not None else {}),
+        **({"baseline_train_overlap": overlap} if overlap is not None else {}),
         "reserve_quantile_predictive": reserve_quantile,
         "baselines_skipped": skipped_baselines,
-        "all": {m: rl_metrics(rl, p, scheme, reserve_quantile) for m, p in probs.items()},
-        "sources": {s: {m: rl_metrics(rl[src == s], p[src == s], scheme, reserve_quantile)
+        "all": {m: scores(rl, p, scheme, reserve_quantile) for m, p in probs.items()},
+        "sources": {s: {m: scores(rl[src == s], p[src == s], scheme, reserve_quantile)
                         for m, p in probs.items()} for s in sources} if len(sources) > 1 else {},
     }
     report["verdict"] = verdict(report["all"])
     return report, probs, test
+
+
+#: What ``--split all`` scores (said in the report: the model may have trained on some of it).
+ALL_ROWS = "every row of --data, including any the model trained on"
+
+
+def scores(rl: np.ndarray, probs: np.ndarray, scheme: BucketScheme, q: float) -> dict[str, float | None]:
+    """``rl_metrics``, with Kendall's tau None (not defined) for fewer than 2 rows: its 0.0
+    there would read as a model that ranks nothing."""
+    m: dict[str, float | None] = dict(rl_metrics(rl, probs, scheme, q))
+    if rl.size < 2:
+        m["kendall_tau"] = None
+    return m
 
 
 def verdict(metrics: dict[str, dict]) -> str:
@@ -199,20 +267,47 @@ def markdown_table(metrics: dict[str, dict], reserve_quantile: float = 0.9) -> s
                (f"reserve_ratio_total_{tag}", f"res/RL tot {tag}", "{:.2f}")]
     lines = ["| method | " + " | ".join(h for _, h, _ in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
-    for m, row in metrics.items():
-        lines.append(f"| {m} | " + " | ".join(f.format(row[k]) for k, _, f in columns) + " |")
+    for m, row in metrics.items():  # None: not defined (tau of fewer than 2 rows)
+        lines.append(f"| {m} | " + " | ".join("n/a" if row[k] is None else f.format(row[k]) for k, _, f in columns)
+                     + " |")
     return "\n".join(lines)
+
+
+def _settings(d: dict) -> str:
+    """``{'mode': 'history', 'max_length': 48}`` as ``mode history, max_length 48``."""
+    return ", ".join(f"{k} {v}" for k, v in d.items())
+
+
+def split_line(report: dict) -> str:
+    """What was scored, and what the baselines trained on, in words."""
+    sp = report["split"]
+    if sp["mode"] == "test":
+        text = (f"test: the held-out groups of the model's split ({_settings({k: sp[k] for k in ('test_frac', 'seed', 'rule')})})"
+                f"; {sp['test_samples']} samples scored, the baselines trained on the {sp['train_samples']} others")
+    else:
+        text = f"all: {sp['test_samples']} samples scored, {sp['scored']}; " + (
+            f"the baselines trained on {sp['train_samples']} --baseline-data samples" if "baseline_load" in report
+            else "no --baseline-data")
+        if sp.get("model_trained_on"):
+            text += f"; **the model trained on {', '.join(sp['model_trained_on'])}**"
+    if report.get("baseline_train_overlap"):
+        text += (f"; **{report['baseline_train_overlap']} scored samples are also --baseline-data samples** (the "
+                 "baselines trained on rows they are scored on)")
+    return text
 
 
 def markdown_report(report: dict) -> str:
     q = report["reserve_quantile_predictive"]
+    skipped = report["baselines_skipped"]
     out = ["# RL predictor evaluation\n",
-           f"- model: `{report['model']}`", f"- RL tokens: `{report['rl_tokenizer']}`; input: `{report['input']}`",
-           f"- split: {report['split']}", f"- data: {report['load']}",
+           f"- model: `{report['model']}`", f"- RL tokens: `{report['rl_tokenizer']}`; input: {_settings(report['input'])}",
+           f"- split: {split_line(report)}", f"- data: {report['load']}",
            *([f"- baseline data: {report['baseline_load']}"] if "baseline_load" in report else []),
            "- coverage / res/RL: the scheme's per-bucket reservation of the predicted bucket; "
            f"`{quantile_tag(q)}`: the quantile of the predicted length distribution",
-           f"\n**{report['verdict']}**\n", "## All sources\n", markdown_table(report["all"], q)]
+           f"\n**{report['verdict']}**\n",
+           *(["Baselines skipped:\n", *(f"- {line}" for line in skipped), ""] if skipped else []),
+           "## All sources\n", markdown_table(report["all"], q)]
     for s, m in report["sources"].items():
         out += [f"\n## {s}\n", markdown_table(m, q)]
     return "\n".join(out) + "\n"
@@ -221,8 +316,8 @@ def markdown_report(report: dict) -> str:
 def write_report(report: dict, probs: dict[str, np.ndarray], test: Sequence[Sample], scheme: BucketScheme,
                  out_dir: str | Path, *, force: bool = False) -> None:
     """Write the report folder (JSON, Markdown, confusion plots) atomically; an existing one
-    is replaced only with ``force`` (``rlpredict.outputs``)."""
-    with output_dir(out_dir, force=force, tool="rlpredict eval") as tmp:
+    is replaced only with ``force``, and only if ``eval`` wrote it (``rlpredict.outputs``)."""
+    with output_dir(out_dir, force=force, tool=EVAL_TOOL) as tmp:
         _write_report(report, probs, test, scheme, tmp)
 
 

@@ -41,6 +41,11 @@ from rlpredict.train.encoders import check_positions
 from rlpredict.train.evaluate import recorded_split
 from rlpredict.train.model_meta import ModelMeta, load_trained, weights_sha256
 
+#: The tool named in its output folder's owner record (``rlpredict.outputs``): it replaces
+#: only a folder of its own, never another tool's, even with --force.
+EXPORT_TOOL = "rlpredict export"
+
+
 DEFAULT_OPSET = 17
 #: Max |logit(torch) - logit(onnx fp32)| that passes the parity check.
 PARITY_ATOL = 1e-3
@@ -69,7 +74,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, *, int8: bool = False,
         raise ExportError(f"{model_dir}: no {TOKENIZER_FILE} (the encoder's fast tokenizer); "
                           "the bundle needs it to tokenize without transformers")
     check_paths([model_dir, *(parity_data or ())], [("--out", out)], apart=[model_dir])
-    check_new_dir(out, force=force, option="--out")
+    check_new_dir(out, force=force, option="--out", only=EXPORT_TOOL)  # never another tool's folder
     samples, read = _parity_samples(parity_data, parity_n, meta)
     fewer = f", of the {parity_n} asked for: the data holds no more" if len(samples) < parity_n else ""
     log(f"parity prompts: {len(samples)} from {_describe(parity_data)}{fewer} ({read.summary()})")
@@ -78,7 +83,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, *, int8: bool = False,
     for example in read.examples:  # the skipped rows' file:line (was: counted only)
         log(f"  {skipped_line(example)}")
 
-    with output_dir(out, force=force, tool="rlpredict export") as tmp:
+    with output_dir(out, force=force, tool=EXPORT_TOOL) as tmp:
         manifest = _build(model_dir, tmp, meta, samples, int8=int8, atol=atol, opset=opset,
                           name=name or out.name, parity_source=_describe(parity_data), log=log)
     log(f"bundle written to {out}")

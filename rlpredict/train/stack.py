@@ -41,6 +41,11 @@ from rlpredict.train.config import TrainConfig
 from rlpredict.train.evaluate import baseline_texts, confusion_dict, encoder_texts, markdown_table
 from rlpredict.train.metrics import rl_metrics
 
+#: The tool named in its output folder's owner record (``rlpredict.outputs``): it replaces
+#: only a folder of its own, never another tool's, even with --force.
+STACK_TOOL = "rlpredict stack"
+
+
 EPS = lexical.EPS
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 CARD = "MODEL_CARD.md"
@@ -221,7 +226,7 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
 
     bundle, out = Path(bundle), Path(out)
     check_paths([bundle, *cfg.data], [("--out", out)], apart=[bundle])
-    check_new_dir(out, force=force, option="--out")
+    check_new_dir(out, force=force, option="--out", only=STACK_TOOL)  # never another tool's folder
     t0 = time.perf_counter()
     pred = Predictor.load(bundle, threads=threads)
     if pred.bundle.lexical is not None:
@@ -294,7 +299,7 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
            "stacker": {"C": c, "cv_nll_by_C": cv, "features": "[log p_enc, log p_tfidf]"},
            "tfidf_training_rows": len(train_side)}
 
-    with output_dir(out, force=force, tool="rlpredict stack") as tmp:
+    with output_dir(out, force=force, tool=STACK_TOOL) as tmp:
         names = copy_files(pred.bundle, tmp)
         np.savez(tmp / lexical.FILE, **arrays)
         manifest = {k: v for k, v in pred.bundle.manifest.items() if k not in ("files", "calibration")}

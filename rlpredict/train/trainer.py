@@ -152,6 +152,9 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
 
 
 # ---- output folders --------------------------------------------------------------------------------
+#: The tool named in the model folder's owner record (``rlpredict.outputs``): ``train`` replaces
+#: only a folder of its own, never another tool's, even with --force.
+TRAIN_TOOL = "rlpredict train"
 CHECKPOINT_TOOL = "rlpredict train (checkpoints)"
 RUN_CONFIG = "run_config.json"
 
@@ -203,7 +206,7 @@ def check_output(cfg: TrainConfig, out_dir: str | Path, force: bool = False, *,
     if o in c.parents or c in o.parents:
         raise OutputError(f"{ckpt}: --checkpoint-dir and --out {out} are nested; the model folder is replaced "
                           "as a whole at the end, so keep them apart")
-    check_new_dir(out, force=force, option="--out")
+    check_new_dir(out, force=force, option="--out", only=TRAIN_TOOL)  # never another tool's folder
     if resume:
         if latest_checkpoint(ckpt) is None:
             raise OutputError(f"{ckpt}: no complete checkpoint to resume from (--resume); "
@@ -676,7 +679,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
                 best=next((e for e in evals if e["step"] == best_step), None))
     if not state.is_main_process:
         return _summary(cfg, prep, scheme, **info)
-    with output_dir(out_dir, force=force, tool="rlpredict train") as tmp:
+    with output_dir(out_dir, force=force, tool=TRAIN_TOOL) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         ModelMeta(buckets=scheme, input=cfg.input_spec, rl_tokenizer=cfg.rl_tokenizer).save(tmp)

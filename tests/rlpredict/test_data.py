@@ -202,6 +202,38 @@ def test_skip_mode_counts_every_bad_row(tmp_path):
     assert any("mixed.jsonl:2" in e for e in rep.examples) and "skipped 2 rows" in rep.summary()
 
 
+def test_skipped_rows_are_counted_by_kind_not_by_value(tmp_path):
+    """The tally was keyed on each row's reason, its value in it: 20,000 bad counts made 20,000
+    keys and a 1.5 MB summary line. One key per kind now, with where it was first met."""
+    from rlpredict.data import MAX_KINDS, OTHER_KINDS, LoadReport
+    from rlpredict.records import RecordError
+
+    broken = '{"prompt": "x", "response": "\x01'  # a control character in a string (a truncated line)
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b"".join(json.dumps({"prompt": f"q{i}", "output_tokens": -(i + 1)}).encode() + b"\n" for i in range(300))
+                  + broken.encode() + b"\n\xe9\n" + b'{"prompt": "ok", "response": "fine"}\n')
+    samples, rep = load_samples([p], on_error="skip")
+    assert len(samples) == 1 and rep.n_skipped == 302
+    assert rep.skipped == {"output_tokens: expected an integer token count in [0, 2^53]": 300,
+                           "not valid JSON (Invalid control character at)": 1, "not valid UTF-8": 1}
+    summary = rep.summary()
+    assert len(summary) < 300 + 3 * len(str(p)) and f"300 x output_tokens: expected an integer token count in [0, 2^53] (first: {p}:1)" in summary
+    assert f"not valid UTF-8 (first: {p}:302)" in summary
+    assert len(rep.examples) == 5 and rep.examples[0].endswith("got -1")  # the values, in the first rows
+    with pytest.raises(DataError, match="Invalid control character at column 30"):  # was "at, column 30"
+        load_samples([_jsonl(tmp_path / "one.jsonl", [broken])])
+    rep = LoadReport()  # kinds past MAX_KINDS are counted together: the tally stays bounded
+    for i in range(MAX_KINDS + 10):
+        rep.skip(RecordError(f"f:{i}", f"reason {i}"))
+    assert len(rep.skipped) == MAX_KINDS + 1 and rep.skipped[OTHER_KINDS] == 10 and rep.first[OTHER_KINDS] == f"f:{MAX_KINDS}"
+
+
+def test_a_row_that_is_no_object_is_named_in_json_words(tmp_path):
+    p = _jsonl(tmp_path / "n.jsonl", [{"prompt": "ok", "response": "fine"}, "null"])
+    with pytest.raises(DataError, match=r"n\.jsonl:2: expected a JSON object per row, got null"):  # was: NoneType
+        load_samples([p])
+
+
 def test_missing_file_and_unknown_type(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_samples([tmp_path / "nope.jsonl"])

@@ -808,6 +808,110 @@ def test_eval_refuses_baseline_data_it_would_ignore(tiny_model_dir, trace, tmp_p
     assert "overlaps" in res.output and not (tmp_path / "e").exists()
 
 
+def test_eval_baselines_are_not_scored_on_their_own_training_rows(tiny_model_dir, tmp_path):
+    """Audit of eval, finding 1: a hard link or a copy of --data as --baseline-data was accepted
+    (the baselines then scored on the rows they trained on, and the verdict said the model
+    lost)."""
+    data = _labelled(tmp_path)
+    base = ["eval", "--model", tiny_model_dir, "--data", data, "--split", "all", "--out", tmp_path / "e"]
+    os.link(data, tmp_path / "hard.jsonl")
+    one_error_line(run(*base, "--baseline-data", tmp_path / "hard.jsonl"), "overlaps --data")
+    copy = tmp_path / "copy" / "d.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(data, copy)
+    one_error_line(run(*base, "--baseline-data", copy), f"{copy}: every one of the 40 scored samples")
+    assert not (tmp_path / "e").exists()
+    part = tmp_path / "part.jsonl"  # 10 of the scored rows, and 19 others
+    part.write_text("".join(data.read_text().splitlines(keepends=True)[:10])
+                    + "".join(json.dumps({"prompt": f"other {i}", "response": "b " * i}) + "\n" for i in range(1, 20)))
+    res = run(*base, "--baseline-data", part, "--baselines", "constant")
+    assert res.exit_code == 0, res.output
+    assert "10 of the 40 scored samples are also --baseline-data samples" in res.stderr
+    assert json.loads((tmp_path / "e" / "report.json").read_text())["baseline_train_overlap"] == 10
+    assert "**10 scored samples are also --baseline-data samples**" in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_eval_never_writes_its_report_into_its_data(tiny_model_dir, tmp_path):
+    """Finding 2: the report landed in the --data folder, and the next run read it as data."""
+    d = tmp_path / "dd"
+    d.mkdir()
+    shutil.copy(_labelled(tmp_path), d / "d.jsonl")
+    one_error_line(run("eval", "--model", tiny_model_dir, "--data", d, "--split", "all", "--baselines", "",
+                       "--out", d / "eval"), f"{d / 'eval'}: --out lies inside the input {d}")
+    assert sorted(p.name for p in d.iterdir()) == ["d.jsonl"]
+
+
+@pytest.mark.parametrize("tool", ["rlpredict train", "ecoserve demo"])
+def test_eval_never_replaces_another_tools_folder(tiny_model_dir, tmp_path, tool):
+    """Finding 3: ``eval --force`` replaced a trained model (90 MB of weights) or an ``ecoserve
+    demo`` run with a report, and the refusal without --force did not say whose it was."""
+    data = _labelled(tmp_path)
+    base = ["eval", "--model", tiny_model_dir, "--data", data, "--split", "all", "--baselines", ""]
+    other = tmp_path / "other"
+    with output_dir(other, force=False, tool=tool) as tmp:
+        (tmp / "model.safetensors").write_text("weights")
+    before = snapshot(other)
+    for force in ((), ("--force",)):
+        one_error_line(run(*base, "--out", other, *force), f"--out is {tool}'s output folder, not rlpredict eval's")
+    assert snapshot(other) == before
+    mine = tmp_path / "e"  # its own report: replaced with --force only
+    assert run(*base, "--out", mine).exit_code == 0
+    one_error_line(run(*base, "--out", mine), "exists; pass --force to replace it (--out; it is rlpredict eval's output)")
+    assert run(*base, "--out", mine, "--force").exit_code == 0
+
+
+def test_eval_refuses_blank_paths(tiny_model_dir, tmp_path, monkeypatch):
+    """Finding 5: ``--data ""`` (an unset variable) read the whole current folder."""
+    data = _labelled(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    out = ("--out", tmp_path / "e")
+    one_error_line(run("eval", "--model", tiny_model_dir, "--data", "", *out), "--data", "empty")
+    one_error_line(run("eval", "--model", "", "--data", data, *out), "--model", "empty")
+    one_error_line(run("eval", "--model", tiny_model_dir, "--data", data, "--split", "all", "--baseline-data", " ",
+                       *out), "--baseline-data", "empty")
+    assert not (tmp_path / "e").exists()
+
+
+def test_eval_split_all_says_it_scores_training_rows(tiny_model_dir, tmp_path):
+    """Finding 6: ``--split all`` over the model's own training files printed the unused split
+    settings and said nothing of training rows."""
+    data = _labelled(tmp_path)
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "training_summary.json").write_text(json.dumps(
+        {"config": {"data": [str(data)]}, "data": {"split": {"test_frac": 0.25, "seed": 3}}}))
+    res = run("eval", "--model", model, "--data", data, "--split", "all", "--baselines", "", "--out", tmp_path / "e")
+    assert res.exit_code == 0, res.output
+    assert f"--split all scores the model on data it trained on ({data}" in res.stderr
+    split = json.loads((tmp_path / "e" / "report.json").read_text())["split"]
+    assert split["model_trained_on"] == [str(data)] and "test_frac" not in split and "seed" not in split
+    md = (tmp_path / "e" / "report.md").read_text()
+    assert "including any the model trained on" in md and "including any the model trained on" in res.stdout
+    assert "test_frac" not in md and "{'" not in md  # was: Python dicts
+    other = tmp_path / "o.jsonl"
+    other.write_text(data.read_text())
+    res = run("eval", "--model", model, "--data", other, "--out", tmp_path / "t")  # --split test: the recorded split
+    assert res.exit_code == 0 and "trained on" not in res.stderr
+    assert "(test_frac 0.25, seed 3, rule id)" in (tmp_path / "t" / "report.md").read_text()
+
+
+def test_eval_report_lists_skipped_baselines_and_no_tau_for_one_row(tiny_model_dir, tmp_path):
+    """Finding 7, and polish: skipped baselines were named on stderr only; tau of one row was
+    0.000; ``--baselines "a, b"`` was refused for its space."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "hi", "response": "hello there"}) + "\n")
+    base = tmp_path / "base.jsonl"
+    base.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "a " * i}) + "\n" for i in (1, 50)))
+    res = run("eval", "--model", tiny_model_dir, "--data", one, "--split", "all", "--baseline-data", base,
+              "--baselines", "constant, tfidf_ridge", "--out", tmp_path / "e")
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "e" / "report.md").read_text()
+    assert "Baselines skipped:" in md and "- tfidf_ridge: " in md
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert set(report["all"]) == {"model", "constant"} and report["all"]["model"]["kendall_tau"] is None
+    assert "| n/a |" in md
+
+
 def test_an_oversize_jsonl_row_is_read_past_in_pieces():
     import io
 
@@ -1095,3 +1199,20 @@ def test_predict_takes_at_most_so_many_stdin_prompts(bundle_fp32, monkeypatch):
     assert big.exit_code == 2 and "stdin: line 2: more than 3 prompts or 0 MiB" in big.output
     ok = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--json"], input="a\nb\nc\n")
     assert ok.exit_code == 0 and len(json.loads(ok.stdout)["predictions"]) == 3
+
+
+def test_force_never_replaces_another_tools_folder(tiny_model_dir, tmp_path):
+    """``export --out <a trained model> --force`` replaced the model (hours of training) with a
+    bundle: ``--force`` replaces only a folder the same tool wrote (``output_dir``'s
+    ``only_own``, the default, and each command's check before the work)."""
+    model = tmp_path / "model"
+    with output_dir(model, force=False, tool="rlpredict train") as tmp:  # as train writes it
+        shutil.copytree(tiny_model_dir, tmp, dirs_exist_ok=True)
+    before = snapshot(model)
+    for force in ((), ("--force",)):
+        one_error_line(run("export", "--model", tiny_model_dir, "--out", model, *force),
+                       "is rlpredict train's output folder, not rlpredict export's")
+    assert snapshot(model) == before
+    with pytest.raises(OutputError, match="not mine's"), output_dir(model, force=True, tool="mine"):
+        pass  # the rule itself, for every tool
+    assert snapshot(model) == before
