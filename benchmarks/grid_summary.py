@@ -15,7 +15,10 @@ the ratios say nothing). Ratios of capacities are taken over the servable cells 
 policies hold some load. "Predicted within 5% of the oracle" compares ``--policy`` with
 ``--oracle`` (either way: 0.95-1.05). The mean JCT at vLLM V1's capacity load is counted twice:
 above V1's at all, and above it by more than 0.5% (what a two-decimal table shows as 1.01 or
-more). A cell given twice (the same folder, or two runs of one cell) is refused. A search in
+more). The cells where ``--policy``'s capacity is above the saturation ceiling (its unrounded
+share over 1, which a finite trace allows by deferring requests past its end; the table rounds
+it) are counted, with its ratio to the best baseline there and elsewhere. A cell given twice
+(the same folder, or two runs of one cell) is refused. A search in
 which a policy never failed (``no_failing_load``) has no capacity here: the summary says how
 many.
 """
@@ -165,15 +168,18 @@ def _listed(cells: list[dict], key: str, spec: str, lead: str = "") -> str:
     return f" ({lead}{', '.join(items)})" if items else ""
 
 
-def _above_ceiling(ok: list[dict]) -> str:
-    """How many servable cells the policy's capacity passes the ceiling in (on a finite trace, by
-    deferring requests past its end), and the ratio to the best baseline on either side."""
+def _above_ceiling(ok: list[dict], policy: str) -> str:
+    """In how many servable cells the policy's capacity passes the ceiling (its unrounded share
+    above 1: on a finite trace, by deferring requests past its end), and its ratio to the best
+    baseline on either side (over the cells that have a baseline)."""
     known = [c for c in ok if c["vs_ceiling"]]
-    above = [c for c in known if c["vs_ceiling"] > 1.0]
-    below = [c for c in known if c["vs_ceiling"] <= 1.0]
-    return (f"- above the saturation ceiling in {len(above)} of {len(known)}; x best baseline at or below it: "
-            f"{_span([c['x_best'] for c in below if c['x_best'] is not None])}, above it: "
-            f"{_span([c['x_best'] for c in above if c['x_best'] is not None])}")
+    above = [c["x_best"] for c in known if c["vs_ceiling"] > 1.0 and c["x_best"] is not None]
+    below = [c["x_best"] for c in known if c["vs_ceiling"] <= 1.0 and c["x_best"] is not None]
+    n_above = sum(c["vs_ceiling"] > 1.0 for c in known)
+    without = f" ({len(ok) - len(known)} without a capacity)" if len(known) < len(ok) else ""
+    return (f"- {policy}'s capacity above the saturation ceiling in {n_above} of {len(known)} servable cells"
+            f"{without}; x best baseline over the {len(below)} with a baseline at or below the ceiling: "
+            f"{_span(below)}, over the {len(above)} above it: {_span(above)}")
 
 
 def summary(cells: list[dict], policy: str, oracle: str = "ecoserve-oracle") -> str:
@@ -191,7 +197,7 @@ def summary(cells: list[dict], policy: str, oracle: str = "ecoserve-oracle") -> 
         f"- x vLLM V1: {_span([c['x_v1'] for c in ok if c['x_v1'] is not None])}",
         f"- x vLLM V0: {_span([c['x_v0'] for c in ok if c['x_v0'] is not None])}",
         f"- share of the saturation ceiling: {_span([c['vs_ceiling'] for c in ok if c['vs_ceiling']], geo=False)}",
-        _above_ceiling(ok),
+        _above_ceiling(ok, policy),
         (f"- predicted within 5% of the oracle: {len(po) - len(po_miss)} of {len(po)}"
          + _listed(po_miss, "pred_oracle", ".3f", "missed: ") if po else
          f"- predicted within 5% of the oracle: not measured (no cell has both {policy}'s and {oracle}'s "

@@ -55,8 +55,8 @@ def test_summary_counts_servable_cells_wins_and_misses(run: Path) -> None:
     assert "- x best baseline: 0.75-2.00x (geometric mean 1.22x)" in out
     assert "- x vLLM V1: 1.50-2.50x" in out
     # a's 10 is at its ceiling of 10, not above it (was: a reviewer's count over the tables)
-    assert "- above the saturation ceiling in 0 of 2; x best baseline at or below it: 0.75-2.00x (geometric mean " \
-        "1.22x), above it: none" in out
+    assert "- ecoserve's capacity above the saturation ceiling in 0 of 2 servable cells; x best baseline over the " \
+        "2 with a baseline at or below the ceiling: 0.75-2.00x (geometric mean 1.22x), over the 0 above it: none" in out
     assert "- predicted within 5% of the oracle: 1 of 2 (missed: b 0.909)" in out
     assert "- mean JCT at vLLM V1's capacity load above V1's: 1 of 2; by more than 0.5%: 1 (a 1.02)" in out
     assert "SLO attainment at least SJF's in 1 of 2; mean JCT at most 0.5x V1's in 1 of 2" in out
@@ -72,8 +72,13 @@ def test_cells_above_the_ceiling_are_counted_apart(run: Path) -> None:
         if r["cell"] == "a":
             r["ceiling"] = 8.0  # EcoServe's 10 passes it
     (run / "results.json").write_text(json.dumps(rows))
-    assert "- above the saturation ceiling in 1 of 2; x best baseline at or below it: 0.75-0.75x (geometric mean " \
-        "0.75x), above it: 2.00-2.00x (geometric mean 2.00x)" in _summary(run).stdout
+    out = _summary(run).stdout
+    assert "- ecoserve's capacity above the saturation ceiling in 1 of 2 servable cells; x best baseline over the " \
+        "1 with a baseline at or below the ceiling: 0.75-0.75x (geometric mean 0.75x), over the 1 above it: " \
+        "2.00-2.00x (geometric mean 2.00x)" in out
+    # with c servable (EcoServe alone holds a load there; no baseline): counted, with no ratio
+    assert "in 1 of 3 servable cells; x best baseline over the 1 with a baseline at or below the ceiling: " \
+        "0.75-0.75x (geometric mean 0.75x), over the 1 above it" in _summary(run, "--min-share", "0.001").stdout
 
 
 def test_bad_inputs_are_one_line_and_exit_2(run: Path, tmp_path: Path) -> None:
