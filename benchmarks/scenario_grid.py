@@ -438,7 +438,8 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, required=True, help="the shared data folder (../shared/data)")
     ap.add_argument("--out", type=Path, help="folder for results.json and results.md (an earlier run's is "
                     "replaced)")
-    ap.add_argument("--force", action="store_true", help="replace an --out folder another tool of ours wrote")
+    ap.add_argument("--force", action="store_true", help="accepted for older command lines: this script's earlier --out is replaced "
+                    "without it, another tool's folder never")
     ap.add_argument("--requests", type=arg_number(int, 2), default=6000, help="first N requests of each trace")
     ap.add_argument("--cells", default=",".join(c.name for c in CELLS), help="comma-separated cell names; "
                     "'heldout': the cells no policy constant was chosen on; 'synthetic': code completion "

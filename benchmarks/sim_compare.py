@@ -50,7 +50,8 @@ def main() -> None:
                     help="first rate scale probed")
     ap.add_argument("--max-requests", type=arg_number(int, 1), default=None)
     ap.add_argument("--out", default="out/sim_compare", help="folder for the report (an earlier run's is replaced)")
-    ap.add_argument("--force", action="store_true", help="replace an --out folder another tool of ours wrote")
+    ap.add_argument("--force", action="store_true", help="accepted for older command lines: this script's earlier --out is replaced "
+                    "without it, another tool's folder never")
     args = ap.parse_args()
     check_paths([args.trace, args.confusion], [("--out", args.out)])
     check_new_dir(args.out, force=args.force, option="--out", rerun=TOOL, only=TOOL)

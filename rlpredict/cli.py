@@ -228,7 +228,8 @@ def eval_warnings(report: dict) -> list[str]:
                      "the model's training_summary.json): --split test scores its held-out rows only")
     if overlap := report.get("baseline_train_overlap"):
         lines.append(f"{overlap} of the {report['split']['test_samples']} scored samples are also --baseline-data "
-                     "samples (the same context and response): the baselines trained on rows they are scored on")
+                     "samples (the same input and length as the baselines see them): the baselines trained on rows "
+                     "they are scored on")
     return lines
 
 

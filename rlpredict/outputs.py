@@ -245,7 +245,8 @@ def check_new_dir(path: str | Path, *, force: bool, option: str, rerun: str | No
 
 def _other_tools(folder: Path, option: str, others: str, tool: str, why: str = "") -> OutputError:
     """The refusal of ``folder``, the output of the tool(s) ``others``, as ``tool``'s output."""
-    return OutputError(f"{folder}: {option} is {others}'s output folder, not {tool}'s{why}; choose another path")
+    return OutputError(f"{folder}: {option} is {others}'s output folder, not {tool}'s{why}; choose another path, "
+                       "or move or delete that folder yourself")
 
 
 def _tools(folder: Path) -> set[str | None]:

@@ -24,6 +24,7 @@ import functools
 import gzip
 import io
 import json
+import reprlib
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,6 +55,10 @@ SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv
 OnError = Literal["fail", "skip"]
 #: What reading a truncated or corrupt ``.gz`` raises.
 COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60  # a value quoted in an error message
 
 
 class RecordError(ValueError):
@@ -169,7 +174,9 @@ def parse_messages(value: Any, name: str, rules: MessageRules, *,
         if known is not None:
             role = known
         elif not isinstance(role, str) or not rules.other_roles:
-            raise RecordError("", f"message {i} has unknown role {role!r}", name, kind="a message has an unknown role")
+            # the role cut to 60 characters (was: whole: a 2 MB role made a 2 MB error message)
+            raise RecordError("", f"message {i} has unknown role {_SHORT.repr(role)}", name,
+                              kind="a message has an unknown role")
         elif not is_valid_unicode(role):
             raise RecordError("", f"message {i} role is not valid Unicode (a lone surrogate)", name,
                               kind="a message role is not valid Unicode")
@@ -212,7 +219,8 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> str | list[dict[str, s
         if fields.prompt not in row and not any(n in row for n in fields.messages):
             names = [repr(k[:40]) for k in list(row)[:8] if isinstance(k, str)]
             has = f"the row has {', '.join(names)}{' and more' if len(row) > 8 else ''}" if names else "the row is empty"
-            raise RecordError("", f"{NO_REQUEST_FIELD} {fields.prompt!r} nor {messages} is present ({has})")
+            raise RecordError("", f"{NO_REQUEST_FIELD} {fields.prompt!r} nor {messages} is present ({has})",
+                              kind=f"{NO_REQUEST_FIELD} {fields.prompt!r} nor {messages} is present")
         raise RecordError("", f"field {fields.prompt!r} is missing or null and {messages} is missing or empty")
     if not isinstance(prompt, str):
         raise RecordError("", f"field {fields.prompt!r}: expected a string, got {type(prompt).__name__}")
@@ -380,7 +388,7 @@ def parse_json(text: str, refuse_twice: frozenset[str] = frozenset(), *, dotted:
     try:
         value = json.loads(text, object_pairs_hook=hook) if refuse_twice else json.loads(text)
     except json.JSONDecodeError as e:
-        raise RecordError("", f"not valid JSON ({decode_problem(e)})", kind=f"not valid JSON ({e.msg})") from None
+        raise RecordError("", f"not valid JSON ({decode_problem(e)})", kind=f"not valid JSON ({e.msg.removesuffix(' at')})") from None
     except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
         raise RecordError("", f"not valid JSON ({json_problem(e)})", kind="not valid JSON") from None
     if twice and isinstance(value, dict) and (bad := _given_twice(value, twice, refuse_twice, dotted)):

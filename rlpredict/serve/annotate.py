@@ -66,7 +66,12 @@ class AnnotateError(ValueError):
 
 
 class BadRow(ValueError):
-    """Why one row cannot be annotated."""
+    """Why one row cannot be annotated; ``kind``: the reason without the row's value (the
+    tally's key, ``RecordError.kind``)."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -138,7 +143,7 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> Request:
     try:
         return records.request_of(row, fields)
     except RecordError as e:
-        raise BadRow(str(e)) from None
+        raise BadRow(str(e), f"{e.field}: {e.kind}" if e.field else e.kind) from None
 
 
 def _dumps(obj: Any) -> str:
@@ -153,7 +158,7 @@ def generator_of(row: Mapping[str, Any], fields: Fields, wanted: bool) -> str | 
     try:
         return records.generator_of(row, fields) if wanted else None
     except RecordError as e:
-        raise BadRow(str(e)) from None
+        raise BadRow(str(e), f"{e.field}: {e.kind}" if e.field else e.kind) from None
 
 
 # ---- the driver ---------------------------------------------------------------------------------
@@ -184,11 +189,13 @@ class _Run:
     def parse(self, row: Mapping[str, Any]) -> tuple[Request, str | None]:
         return request_of(row, self.fields), generator_of(row, self.fields, self.wants_generator)
 
-    def reject(self, where: str, number: int, reason: str, raw: Any) -> None:
+    def reject(self, where: str, number: int, reason: str, raw: Any, kind: str | None = None) -> None:
+        """``kind``: the reason without the row's value, the tally's key (was: the reason, so
+        rows with distinct bad values each made a key: a tally as long as the input)."""
         if self.on_error == "fail":
             raise AnnotateError(bad_row_message(self.path, where, number, reason))
         self.summary.rows_rejected += 1
-        self.reasons[reason.split(" (")[0]] += 1
+        self.reasons[kind or reason.split(" (")[0]] += 1
         assert self.rejects is not None
         key = "line" if where == "line" else "row_number"
         record = {"file": self.file} if self.file is not None else {}
@@ -314,7 +321,7 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
             # kept recoverable, as CSV text is: each undecodable byte becomes "\udcXX" in the
             # rejects; an oversize row was not kept (null; was: the reader's internal marker)
             raw = None if is_oversize(data) else data.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
-            run.reject("line", lineno, e.reason, raw)
+            run.reject("line", lineno, e.reason, raw, e.kind)
             continue
         text = line.rstrip("\r\n")
         if not text.strip():
@@ -323,7 +330,7 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
         try:
             row = parse_json(text, run.read_twice)  # a request field given twice: which is meant?
         except RecordError as e:
-            run.reject("line", lineno, e.reason, text)
+            run.reject("line", lineno, e.reason, text, e.kind)
             continue
         if not isinstance(row, dict):
             run.reject("line", lineno, f"expected a JSON object, got {type(row).__name__}", row)
@@ -331,7 +338,7 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
         try:
             req, gen = run.parse(row)
         except BadRow as e:
-            run.reject("line", lineno, str(e), row)
+            run.reject("line", lineno, str(e), row, e.kind)
             continue
         batch.append((text, row, req, gen))
         held += len(text)
@@ -423,7 +430,7 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
             try:  # an empty CSV cell is a missing value (present, so the error says "missing or null")
                 req, gen = run.parse({k: None if v == "" else v for k, v in row.items()})
             except BadRow as e:
-                run.reject("line", lineno, str(e), row)
+                run.reject("line", lineno, str(e), row, e.kind)
                 continue
             batch.append((cells + [""] * (len(out_header) - len(cells)), req, gen))
             held += sum(map(len, cells))
@@ -511,7 +518,7 @@ def annotate_record_batch(run: _Run, rb: Any, done: int, out_schema: Any) -> Any
         try:
             req, gen = run.parse(row)
         except BadRow as e:
-            run.reject("row", done + i + 1, str(e), rb.slice(i, 1).to_pylist()[0])
+            run.reject("row", done + i + 1, str(e), rb.slice(i, 1).to_pylist()[0], e.kind)
             continue
         ok.append(i)
         requests.append(req)

@@ -473,7 +473,10 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
     # an output inside the input folder would be an input file, or be read as one next run (a
     # rejects file written over an input trace, with --force)
     check_paths([src, *(f.src for f in files)], outputs, apart=[src] if folder else [])
-    (check_new_dir if folder else check_new_file)(dst, force=force, option="--output")
+    if folder:  # never another tool's folder, even with --force (was: refused only after Ray started)
+        check_new_dir(dst, force=force, option="--output", only=ANNOTATE_TOOL)
+    else:
+        check_new_file(dst, force=force, option="--output")
     if rej_path is not None:
         check_new_file(rej_path, force=force, option="--rejects")
     if rej_path is not None and folder and dst.resolve() in rej_path.resolve().parents:
@@ -519,7 +522,7 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         ds.context.execution_options.preserve_order = True
         ds.context.target_max_block_size = 1  # one chunk per block, so chunks spread over the workers
 
-        root = stack.enter_context(output_dir(dst, force=force, tool=ANNOTATE_TOOL)) if folder \
+        root = stack.enter_context(output_dir(dst, force=force, tool=ANNOTATE_TOOL, option="--output")) if folder \
             else None
         rej_file = None
         if rej_path is not None:

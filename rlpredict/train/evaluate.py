@@ -108,18 +108,19 @@ def trained_on(data: Sequence[str | Path], recorded: Sequence[str]) -> list[str]
     return [str(d) for d in data if any(repeated_input([d, r]) for r in recorded)]
 
 
-def _row_key(s: Sample) -> bytes:
-    """A row as a baseline fits it: its context, response and RL (a digest, 32 bytes a row)."""
-    return hashlib.sha256(json.dumps([s.messages, s.response, s.rl_tokens], sort_keys=True, ensure_ascii=False)
-                          .encode("utf-8", "surrogatepass")).digest()
+def _row_key(text: str, rl: int) -> bytes:
+    """A row as a baseline fits it: its input text (``baseline_texts``) and its RL, as a digest."""
+    return hashlib.sha256(f"{rl}\n{text}".encode("utf-8", "surrogatepass")).digest()
 
 
-def baseline_overlap(test: Sequence[Sample], train: Sequence[Sample]) -> int:
-    """How many rows of ``test`` are also rows of ``train`` (the same context, response and RL):
-    rows a baseline fitted on ``train`` is scored on. A copy of the data cannot be told by its
-    path."""
-    seen = {_row_key(s) for s in train}
-    return sum(_row_key(s) in seen for s in test)
+def baseline_overlap(test: Sequence[Sample], te_texts: Sequence[str], train: Sequence[Sample],
+                     tr_texts: Sequence[str]) -> int:
+    """How many rows of ``test`` are also rows of ``train`` as a baseline sees them (the same
+    input text, ``baseline_texts``, and RL; was: the same context and response text, so a copy
+    that gives token counts instead of responses went uncounted): rows a baseline fitted on
+    ``train`` is scored on. A copy of the data cannot be told by its path."""
+    seen = {_row_key(t, s.rl_tokens) for t, s in zip(tr_texts, train, strict=True)}
+    return sum(_row_key(t, s.rl_tokens) in seen for t, s in zip(te_texts, test, strict=True))
 
 
 def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split: str = "test",
@@ -166,15 +167,16 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
         empty = "the held-out side is empty" if split == "test" else "no row to score"
         raise ValueError(f"{', '.join(map(str, data))}: nothing to evaluate: {empty} "
                          f"(read {load_report.summary()}{first})")
+    scheme, spec = meta.buckets, meta.input
+    tr_texts, te_texts = (baseline_texts(train, spec), baseline_texts(test, spec)) if train else ([], [])
     overlap = None
     if baseline_report is not None and train and baselines:
-        overlap = baseline_overlap(test, train)
+        overlap = baseline_overlap(test, te_texts, train, tr_texts)
         if overlap == len(test):  # a copy of --data: every baseline score would be in-sample
             raise ValueError(f"{', '.join(map(str, baseline_data))}: every one of the {len(test)} scored samples of "
-                             "--data is also a --baseline-data sample (the same context and response; a copy of "
-                             "the data?): the baselines would be scored on rows they trained on; give "
-                             "--baseline-data that leaves them out, or no --baseline-data")
-    scheme, spec = meta.buckets, meta.input
+                             "--data is also a --baseline-data sample (the same input and length as the baselines "
+                             "see them; a copy of the data?): the baselines would be scored on rows they trained "
+                             "on; give --baseline-data that leaves them out, or no --baseline-data")
     rl = np.array([s.rl_tokens for s in test], dtype=float)
 
     probs: dict[str, np.ndarray] = {}
@@ -182,7 +184,6 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
         probs[MODEL] = predict_proba_torch(model_dir, encoder_texts(test, spec), spec, progress=progress)
     skipped_baselines = []
     if train:
-        tr_texts, te_texts = baseline_texts(train, spec), baseline_texts(test, spec)
         tr_rl = np.array([s.rl_tokens for s in train], dtype=float)
         for name in baselines:
             try:

@@ -216,7 +216,8 @@ def check_output(cfg: TrainConfig, out_dir: str | Path, force: bool = False, *,
         if not force and latest_checkpoint(ckpt) is not None:  # was: "pass --force", which deletes them
             raise OutputError(f"{ckpt}: holds checkpoints of an earlier run; --resume continues it, "
                               "--force starts over and deletes them (--checkpoint-dir)")
-        check_new_dir(ckpt, force=force, option="--checkpoint-dir")
+        # never another tool's folder (was: --force deleted a trained model given as --checkpoint-dir)
+        check_new_dir(ckpt, force=force, option="--checkpoint-dir", only=CHECKPOINT_TOOL)
     return ckpt
 
 

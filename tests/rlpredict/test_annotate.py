@@ -304,3 +304,11 @@ def test_empty_messages_leave_the_prompt_beside_them(messages):
     assert request_of({"prompt": "hello there", "messages": messages}, TRACE_FIELDS) == "hello there"  # was refused
     with pytest.raises(RecordError, match="'messages' is missing or empty"):
         request_of({"messages": messages}, TRACE_FIELDS)
+
+
+def test_rejected_rows_are_tallied_by_kind_not_by_value(predictor, tmp_path: Path) -> None:
+    """Each row's bad value made its own tally key (200 distinct roles: 200 keys in ``reasons``)."""
+    src = tmp_path / "t.jsonl"
+    write(src, [{"messages": [{"role": i, "content": "hi"}]} for i in range(200)] + [{"prompt": "fine"}])
+    s = annotate_file(predictor, src, tmp_path / "o.jsonl", on_error="skip")
+    assert s.rows_rejected == 200 and s.reasons == {"messages: a message has an unknown role": 200}

@@ -215,7 +215,7 @@ def test_skipped_rows_are_counted_by_kind_not_by_value(tmp_path):
     samples, rep = load_samples([p], on_error="skip")
     assert len(samples) == 1 and rep.n_skipped == 302
     assert rep.skipped == {"output_tokens: expected an integer token count in [0, 2^53]": 300,
-                           "not valid JSON (Invalid control character at)": 1, "not valid UTF-8": 1}
+                           "not valid JSON (Invalid control character)": 1, "not valid UTF-8": 1}
     summary = rep.summary()
     assert len(summary) < 300 + 3 * len(str(p)) and f"300 x output_tokens: expected an integer token count in [0, 2^53] (first: {p}:1)" in summary
     assert f"not valid UTF-8 (first: {p}:302)" in summary
@@ -316,3 +316,13 @@ def test_public_role_names_and_an_id_of_0(tmp_path):
                                                    {"role": "assistant", "content": "Hello"}]}) + "\n")
     (s,), _ = load_samples([p])
     assert s.id == "0" and [m["role"] for m in s.messages] == ["system", "user"] and s.response == "Hello"
+
+
+def test_a_long_bad_value_is_cut_in_its_message(tmp_path):
+    """A 2 MB role made a 2 MB example in the report, on stderr and in a rejects file."""
+    f = tmp_path / "big.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "r" * 2_000_000, "content": "hi"}], "response": "x"}) + "\n"
+                 + json.dumps({"prompt": "q", "response": "a"}) + "\n")
+    samples, report = load_samples([f], on_error="skip")
+    assert len(samples) == 1 and report.n_skipped == 1
+    assert len(report.examples[0]) < 300 and "rrr...rrr" in report.examples[0]

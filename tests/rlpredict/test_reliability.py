@@ -1216,3 +1216,30 @@ def test_force_never_replaces_another_tools_folder(tiny_model_dir, tmp_path):
     with pytest.raises(OutputError, match="not mine's"), output_dir(model, force=True, tool="mine"):
         pass  # the rule itself, for every tool
     assert snapshot(model) == before
+
+
+def test_eval_counts_a_copy_that_gives_token_counts_instead_of_responses(tiny_model_dir, tmp_path):
+    """The overlap was keyed on the response text, which the baselines never read: a copy of
+    --data giving ``output_tokens`` instead of responses counted 0 (a reviewer of the fix)."""
+    from rlpredict.rl_tokenizers import count_tokens
+
+    data = _labelled(tmp_path)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    counts = count_tokens([r["response"] for r in rows], "llama3")
+    copy = tmp_path / "counts.jsonl"
+    copy.write_text("".join(json.dumps({"prompt": r["prompt"], "output_tokens": int(n)}) + "\n"
+                            for r, n in zip(rows, counts, strict=True)))
+    one_error_line(run("eval", "--model", tiny_model_dir, "--data", data, "--split", "all", "--out", tmp_path / "e",
+                       "--baseline-data", copy), "every one of the 40 scored samples")
+
+
+def test_train_never_deletes_another_tools_folder_given_as_checkpoint_dir(tiny_model_dir, tmp_path):
+    """``train --checkpoint-dir <a trained model> --force`` deleted the model (a reviewer of the
+    --force rule)."""
+    victim = tmp_path / "victim"
+    with output_dir(victim, force=False, tool="rlpredict train") as tmp:
+        shutil.copytree(tiny_model_dir, tmp, dirs_exist_ok=True)
+    before = snapshot(victim)
+    one_error_line(run("train", "--data", _labelled(tmp_path), "--out", tmp_path / "new", "--checkpoint-dir", victim,
+                       "--max-steps", "1", "--force"), "--checkpoint-dir is rlpredict train's output folder")
+    assert snapshot(victim) == before and not (tmp_path / "new").exists()
