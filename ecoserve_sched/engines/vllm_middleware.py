@@ -367,7 +367,13 @@ class EcoServePredictMiddleware:
         request that awaits it (was: dropped when that request was cancelled, the work still
         queued)."""
         loop = asyncio.get_running_loop()
-        future = pool.submit(self.rewrite, *args)  # (a pool shut down raises: nothing counted)
+        box = [args]  # taken out by the thread: the body is let go when ``rewrite`` returns (was:
+        # held by the pool's work item until its thread took the next one, after we resumed)
+
+        def call() -> Any:
+            return self.rewrite(*box.pop())
+
+        future = pool.submit(call)  # (a pool shut down raises: nothing counted)
         setattr(self, counter, getattr(self, counter) + amount)
 
         def done(f: Future) -> None:  # in the worker thread, or here if cancelled before it ran
