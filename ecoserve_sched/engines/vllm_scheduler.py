@@ -51,8 +51,9 @@ as tokens are written, vLLM's default); this subclass changes four of its decisi
   running request with the most slack on its mean-TBT SLO (``rules.tbt_slack_s``) is preempted
   as ``reset_prefix_cache`` preempts between steps; the queue holds it behind the new requests
   until it is due (``rules.park_due_s``), then it goes first like any request put back. The head
-  is tested as vLLM's waiting loop tests it: with its prefix-cache hit, not while vLLM would
-  skip it, only with one of vLLM's admission slots (``--max-num-active-seqs``) free. The TTFT
+  is tested as vLLM's waiting loop tests it: with its prefix-cache hit, not for the skips of
+  vLLM's that ``_vllm_takes`` foresees nor for a request vLLM skipped in the step before (any
+  reason), only with one of vLLM's admission slots (``--max-num-active-seqs``) free. The TTFT
   estimates (give-way, parking) count the tokens vLLM would compute: not a cached prefix.
 * **Prefill budget** (with ``ECOSERVE_PROFILE``, a cost-model profile): each step with decodes
   gets ``max_num_scheduled_tokens`` = its decodes + ``rules.PrefillBudget`` (the most prompt
@@ -89,7 +90,8 @@ vLLM internals read: ``Scheduler.waiting`` / ``kv_holding_waiting`` / ``running`
 ``structured_output_request``), ``KVCacheManager.allocate_slots``
 (wrapped on the instance while vLLM takes waiting requests, which it does through the queue's
 ``peek_request`` / ``pop_request``; its ``new_computed_blocks`` and ``reserved_blocks``
-arguments) and ``get_computed_blocks`` (the waiting head's prefix-cache hit), the block pool's
+arguments), ``get_computed_blocks`` (the waiting head's prefix-cache hit) and
+``enable_kv_cache_events`` (off for that call), the block pool's
 free count and the single-type manager's ``block_size`` and ``req_to_blocks``.
 """
 
@@ -446,6 +448,7 @@ class EcoServeRequestQueue(RequestQueue):
         self._clock = clock
         self._back: dict[str, int] = {}  # request id -> when it was put back with its first token
         self._peeked = False  # the last call was a peek, and nothing changed the queue since
+        self.skipped: set[str] = set()  # ids vLLM skipped (``prepend_requests``); the scheduler resets it
 
     def _push(self, request: Request, rank: int, lost: int = 0) -> None:
         self._peeked = False
@@ -508,6 +511,7 @@ class EcoServeRequestQueue(RequestQueue):
 
     def prepend_requests(self, requests: Iterable[Request]) -> None:
         for r in requests:  # skipped in this step
+            self.skipped.add(r.request_id)
             self._put_back(r, again=True)
 
     def pop_request(self) -> Request:
@@ -647,6 +651,10 @@ class EcoServeMixin:
         self.proj = rules.Projection(self._slots)
         self._entries: dict[str, tuple[int, int, int, int]] = {}
         self._step = 0  # schedule() calls: the projection's clock
+        # request id -> (step, hit blocks, hit tokens): ``_prefix_hit``'s look-up of that step
+        self._hits: dict[str, tuple[int, Any, int]] = {}
+        # the waiting requests vLLM skipped in the step before (no parking for them: see _park)
+        self._skipped_before: set[str] = set()
         self._seq: dict[str, int] = {}  # admission order (the victim key's tie-break)
         self._next_seq = itertools.count(1)
         self._no_token: dict[str, Request] = {}  # admitted, first token not seen yet
@@ -894,11 +902,28 @@ class EcoServeMixin:
         """The prefix-cache hit vLLM's waiting loop would find for ``request`` now: its blocks
         (as ``allocate_slots``' ``new_computed_blocks``) and tokens (at most all but the last);
         ``(None, 0)`` without prefix caching or for a request that holds KV. vLLM's own look-up
-        (``get_computed_blocks``), which changes nothing (with KV-cache events in "full" report
-        mode it sends the hit blocks' events once more)."""
+        (``get_computed_blocks``), once per request per step (memoized: was 2-4 look-ups a step
+        for a waiting head), with the KV manager's events off for it: with KV-cache events in
+        "full" report mode vLLM's look-up sends the hit blocks' BlockStored events, and only
+        vLLM's own look-up should (was: sent again by each of ours)."""
         if request.num_computed_tokens or not self.kv_cache_manager.enable_caching:
             return None, 0
-        found = self.kv_cache_manager.get_computed_blocks(request)
+        rid = request.request_id
+        memo = self._hits.get(rid)
+        if memo is not None and memo[0] == self._step:
+            return memo[1], memo[2]
+        mgr = self.kv_cache_manager
+        # vLLM's look-up itself rather than a copy of it (find_longest_cache_hit and the checks
+        # around it differ between the supported releases); only its event switch is read here
+        events = getattr(mgr, "enable_kv_cache_events", False)
+        if events:
+            mgr.enable_kv_cache_events = False
+        try:
+            found = mgr.get_computed_blocks(request)
+        finally:
+            if events:
+                mgr.enable_kv_cache_events = True
+        self._hits[rid] = (self._step, found[0], found[1])
         return found[0], found[1]
 
     # ---- admission: vLLM's block check plus the projected peak (wraps allocate_slots) -------------
@@ -961,6 +986,8 @@ class EcoServeMixin:
     # ---- each step: first tokens, shared blocks, victim order (rules.victim_key) ----------------
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         self._step += 1
+        self._hits.clear()  # the look-ups of the step before
+        self._skipped_before, self.waiting.skipped = self.waiting.skipped, set()
         self._before_step()
         # vLLM calls allocate_slots once per running request, then for the waiting requests it
         # takes from a queue: the admission test (the wrapper) is switched on by the first take
@@ -979,14 +1006,15 @@ class EcoServeMixin:
         direct = self.fast_steps and not getattr(self, "kv_holding_waiting", None)
         self.kv_cache_manager.allocate_slots = self._allocate if direct else self._allocate_slots
         if self._prefill_budget is None:
-            return super().schedule(*args, **kwargs)
-        self.max_num_scheduled_tokens = budget  # read once, at the step's start
-        try:
             out = super().schedule(*args, **kwargs)
-        finally:
-            self.max_num_scheduled_tokens = full
-        if self._paced is not None:
-            self._repay(out.total_num_scheduled_tokens)
+        else:
+            self.max_num_scheduled_tokens = budget  # read once, at the step's start
+            try:
+                out = super().schedule(*args, **kwargs)
+            finally:
+                self.max_num_scheduled_tokens = full
+            if self._paced is not None:
+                self._repay(out.total_num_scheduled_tokens)
         return out
 
     def _repay(self, scheduled: int) -> None:
@@ -1011,8 +1039,9 @@ class EcoServeMixin:
         it until it is due (``rules.park_due_s``) or nothing that can meet its TTFT waits.
         Preempted as ``reset_prefix_cache`` does between steps (in-flight output dropped, its
         tokens sent again if it resumes). The head is tested as vLLM will test it: with its
-        prefix-cache hit, and only if vLLM will not skip it (``_vllm_takes``); a slot is one of
-        vLLM's admission limit (``_active_limit``). The number of requests parked."""
+        prefix-cache hit, and only if vLLM will not skip it (``_vllm_takes``) and did not skip it
+        in the step before; a slot is one of vLLM's admission limit (``_active_limit``). The
+        number of requests parked."""
         # (was: len(running) against max_num_seqs: under --max-num-active-seqs, or with streaming
         # sessions between chunks holding slots, it parked with no slot for the head)
         if len(self.running) + getattr(self, "num_waiting_for_streaming_input", 0) >= self._active_limit:
@@ -1022,6 +1051,12 @@ class EcoServeMixin:
         # for it every other step, and the parked request re-admitted in the same step)
         if head is None or not self._vllm_takes(head):
             return 0
+        # vLLM skipped it in the step before, whatever the reason (one ``_vllm_takes`` does not
+        # mirror: a KV connector's look-up not done, an encoder budget, a skip added later):
+        # its loop would go past it again, and re-admit the parked request in this very step
+        # (was: a decode parked every other step, 13 times in 1.3 s, behind a pending look-up)
+        if head.request_id in self._skipped_before:
+            return 0
         now, cfg = self.clock(), self.eco_cfg
         if self.load.load(now) >= rules.PARK_MAX_LOAD or \
                 not rules.park_for(now, head.arrival_time, cfg.slo_ttft, self._prefill_est_s(head)):
@@ -1030,7 +1065,7 @@ class EcoServeMixin:
         # its hit blocks that requests hold take no free block (those in the free pool do:
         # vLLM takes them out of it), and count once in the projection (was: tested without its
         # hit, a decode was parked for a head that vLLM admitted anyway, then re-admitted)
-        hit = self._prefix_hit(head)[0]
+        hit = self._prefix_hit(head)[0]  # (memoized: the look-up the estimate above made)
         whole = -(-head.num_tokens // bs)
         parks, later = 0, 0  # later: blocks of parked requests whose free vLLM defers to the step's end
         # (re-read each time: a parked request may have held some of the head's hit blocks)
@@ -1039,22 +1074,35 @@ class EcoServeMixin:
             best, best_slack = self._park_victim(now)
             if best is None:
                 break
-            # its blocks no other request holds (a shared prefix block stays with the others)
-            held = sum(b.ref_cnt == 1 for b in self._req_blocks.get(best.request_id, ()))
-            free = pool.get_num_free_blocks()
-            self.running.remove(best)
-            self.waiting.parking = (best, rules.park_due_s(now, best_slack, cfg.slo_ttft))
-            try:
-                self._preempt_request(best, time.monotonic(), **_DROP_STALE)
-            finally:
-                self.waiting.parking = None
-            self.prev_step_scheduled_req_ids.discard(best.request_id)
-            # a KV connector under async scheduling frees a preempted request's blocks after the
-            # in-flight step: count them as freed (was: every decode with slack was parked)
-            later += max(0, held - (pool.get_num_free_blocks() - free))
+            later += self._park_one(best, rules.park_due_s(now, best_slack, cfg.slo_ttft))
             self.eco_counters["parks"] += 1
             parks += 1
         return parks
+
+    def _park_one(self, victim: Request, due: float) -> int:
+        """Preempt running ``victim`` to be parked until ``due``; returns its blocks whose free
+        vLLM defers to the step's end (a KV connector under async scheduling)."""
+        pool = self.kv_cache_manager.block_pool
+        blocks = self._req_blocks.get(victim.request_id, ())
+        n_blocks = len(blocks)
+        # its blocks no other request holds (a shared prefix block stays with the others)
+        held = sum(b.ref_cnt == 1 for b in blocks)
+        free = pool.get_num_free_blocks()
+        self.running.remove(victim)
+        self.waiting.parking = (victim, due)
+        try:
+            self._preempt_request(victim, time.monotonic(), **_DROP_STALE)
+        finally:
+            self.waiting.parking = None
+        self.prev_step_scheduled_req_ids.discard(victim.request_id)
+        freed = pool.get_num_free_blocks() - free
+        # out of the projection: its blocks leave the held count, its own ones the blocks in use
+        # (those whose free vLLM defers too, as ``later`` counts them; was: the offset of the
+        # step's start, too large by its shared blocks for the rest of the step)
+        self._held_offset -= n_blocks - held
+        # a KV connector under async scheduling frees a preempted request's blocks after the
+        # in-flight step: count them as freed (was: every decode with slack was parked)
+        return max(0, held - freed)
 
     def _park_victim(self, now: float) -> tuple[Request | None, float]:
         """The running request with the most slack on its mean-TBT SLO (``rules.tbt_slack_s``),
@@ -1163,17 +1211,21 @@ class EcoServeMixin:
         """Route allocate_slots through the admission test for the rest of this step."""
         self.kv_cache_manager.allocate_slots = self._allocate_slots
 
-    def _before_step(self) -> None:
+    def _count_held_offset(self) -> int:
+        """Blocks held per request, less the blocks in use: what sharing saves. Requests outside
+        the projection hold theirs until they free them (a KV connector still sending a finished
+        request's KV): not counted, so their blocks are taken from the cap; an idle session's are
+        counted here and kept free by ``_fits``."""
         blocks, free = self._req_blocks, self.kv_cache_manager.block_pool.get_num_free_blocks()
-        # Blocks held per request, less the blocks in use: what sharing saves. Requests outside
-        # the projection hold theirs until they free them (a KV connector still sending a
-        # finished request's KV): not counted, so their blocks are taken from the cap; an idle
-        # session's are counted here and kept free by ``_fits``.
         held = sum(map(len, blocks.values()))
         if outside := blocks.keys() - self._entries.keys():  # (a length test missed a projected
             # request without an entry beside a holder outside: a failed async load, freed)
             held -= sum(len(blocks[rid]) for rid in outside - self._idle_sessions)
-        self._held_offset = held - (self._usable_blocks - free)
+        return held - (self._usable_blocks - free)
+
+    def _before_step(self) -> None:
+        blocks, free = self._req_blocks, self.kv_cache_manager.block_pool.get_num_free_blocks()
+        self._held_offset = self._count_held_offset()
         if not self.running:
             return
         now = self.clock()
@@ -1254,6 +1306,7 @@ class EcoServeMixin:
         rid = request.request_id
         self._idle_sessions.discard(rid)
         self.waiting.forget(rid)
+        self._hits.pop(rid, None)
         if rid in self.rl:
             self.eco_counters["topups"] += rules.topups(self._reserve(rid), request.num_output_tokens,
                                                         request.max_tokens)

@@ -24,6 +24,7 @@ from test_vllm_scheduler import BS, check_done, clear_eco_env, drive, held_block
 from vllm.config import (
     CacheConfig,
     DeviceConfig,
+    KVEventsConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -68,10 +69,11 @@ def eco_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def build(cls: type, *, num_blocks: int = 64, prefix_caching: bool = False, dcp: int = 1,
           policy: str = "fcfs", sliding_group: bool = False, max_num_seqs: int = 16,
-          speculative: dict | None = None, **sched_kw: object) -> Scheduler:
+          speculative: dict | None = None, kv_events: bool = False, **sched_kw: object) -> Scheduler:
     """A real vLLM scheduler with the settings ``build_vllm_scheduler`` keeps fixed;
-    ``speculative``: a ``SpeculativeConfig``'s arguments; ``sched_kw``: more of
-    ``SchedulerConfig``'s (e.g. ``max_num_active_seqs``)."""
+    ``speculative``: a ``SpeculativeConfig``'s arguments; ``kv_events``: KV-cache events on
+    (kept in the KV manager, published nowhere); ``sched_kw``: more of ``SchedulerConfig``'s
+    (e.g. ``max_num_active_seqs``)."""
     sc = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=512, max_model_len=2048,
                          enable_chunked_prefill=True, is_encoder_decoder=False, policy=policy,
                          async_scheduling=issubclass(cls, EcoServeVllmScheduler), **sched_kw)
@@ -81,7 +83,9 @@ def build(cls: type, *, num_blocks: int = 64, prefix_caching: bool = False, dcp:
     spec_cfg = None if speculative is None else SpeculativeConfig(
         **speculative, target_model_config=mc, target_parallel_config=ParallelConfig())
     vc = VllmConfig(scheduler_config=sc, model_config=mc, cache_config=cc, device_config=DeviceConfig(device="cpu"),
-                    speculative_config=spec_cfg)
+                    speculative_config=spec_cfg,
+                    **({"kv_events_config": KVEventsConfig(enable_kv_cache_events=True, publisher="null")}
+                       if kv_events else {}))
     vc.parallel_config.decode_context_parallel_size = dcp  # as the engine sets it (no TP group on CPU)
     spec = FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=1, dtype=torch.float32)
     groups = [KVCacheGroupSpec(["full"], spec)]

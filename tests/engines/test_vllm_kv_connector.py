@@ -77,7 +77,8 @@ def eco_env(monkeypatch: pytest.MonkeyPatch) -> None:
     AsyncLoadConnector.loads = []
 
 
-def build(cls: type, num_blocks: int = 64) -> Any:
+def build(cls: type, num_blocks: int = 64, connector: str = "AsyncLoadConnector") -> Any:
+    """A real vLLM scheduler with ``connector`` (a class of this module) as its KV connector."""
     sc = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=2048,
                          enable_chunked_prefill=True, is_encoder_decoder=False,
                          async_scheduling=issubclass(cls, EcoServeVllmScheduler),
@@ -85,7 +86,7 @@ def build(cls: type, num_blocks: int = 64) -> Any:
     mc = ModelConfig(model=tiny_model_dir(), skip_tokenizer_init=True, dtype="float32", max_model_len=2048)
     cc = CacheConfig(block_size=BS, enable_prefix_caching=False)
     cc.num_gpu_blocks = num_blocks + 1
-    kt = KVTransferConfig(kv_connector="AsyncLoadConnector", kv_role="kv_both",
+    kt = KVTransferConfig(kv_connector=connector, kv_role="kv_both",
                           kv_connector_module_path=__name__)
     vc = VllmConfig(scheduler_config=sc, model_config=mc, cache_config=cc, kv_transfer_config=kt,
                     device_config=DeviceConfig(device="cpu"))
@@ -197,4 +198,57 @@ def test_blocks_a_connector_holds_for_a_finished_request_are_not_admitted_into(c
         s.update_from_output(out, mro)
         assert not out.preempted_req_ids
     assert waited and s.eco_counters["admission_waits"] > 0 and s.eco_counters["preemptions"] == 0
+    check_done(s)
+
+
+class PendingLookupConnector(AsyncLoadConnector):
+    """Its look-up for request "b" is not done (``None``: vLLM's ``skip_request``, as vLLM's
+    Mooncake store and offloading connectors answer while a look-up or transfer is pending)
+    while ``pending`` is set; 0 external tokens for every other request, and for b once done."""
+
+    pending: ClassVar[bool] = True
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return (None, False) if request.request_id == "b" and type(self).pending else (0, False)
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_no_parking_for_a_head_vllm_skipped_for_a_reason_not_foreseen(cls: type) -> None:
+    """The parking burst (``test_vllm_scheduler._burst``: "a" decodes, "b" arrives at 0.3 s
+    and would lose its 1 s TTFT waiting) with a connector whose look-up for b is pending until
+    step 95, past the start of b's parking window: vLLM skips b, for a reason
+    ``_vllm_takes`` does not mirror. A decode was parked for b every other step (13 times in
+    1.3 s) and re-admitted in the same step; parking now waits for a step in which vLLM did
+    not skip b, then parks as before (once, and b starts)."""
+    from test_vllm_scheduler import burst_start
+
+    PendingLookupConnector.pending = True
+    s = build(cls, num_blocks=24, connector="PendingLookupConnector")
+    now = burst_start(s, park=True)
+    target = {"a": 300, "b": 150}
+    depth = 2 if s.scheduler_config.async_scheduling else 1
+    inflight: list = []
+    b_first = None
+    for step in range(2000):
+        if not s.get_num_unfinished_requests() and not inflight:
+            break
+        now[0] += 0.01
+        if step == 29:
+            s.add_request(req("b", 160, 150, arrival=0.3, rl_pred_tokens=150))
+        if step == 95:
+            assert s.eco_counters["parks"] == 0  # was: 13 by now
+            assert s.requests["b"].num_computed_tokens == 0
+            PendingLookupConnector.pending = False
+        if s.get_num_unfinished_requests():
+            out = s.schedule()
+            if step < 95:
+                assert "b" not in out.num_scheduled_tokens and not out.preempted_req_ids
+            elif out.num_scheduled_tokens.get("b") and b_first is None:
+                b_first = step
+            inflight.append(out)
+        if len(inflight) >= depth or not s.get_num_unfinished_requests():
+            o = inflight.pop(0)
+            s.update_from_output(o, fake_model_output(o, s, target))
+    # the look-up done, b is no longer skipped: parked for as before, and it starts at once
+    assert s.eco_counters["parks"] == 1 and b_first is not None and b_first <= 98
     check_done(s)

@@ -32,8 +32,9 @@ from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from ecoserve_sched.engines.vllm_scheduler import EcoServeVllmScheduler
+from ecoserve_sched.engines.vllm_scheduler import EcoServeVllmScheduler, EcoServeVllmSyncScheduler
 from ecoserve_sched.engines.vllm_sim import fake_model_output
+from ecoserve_sched.policies import ecoserve_rules as rules
 
 
 @pytest.fixture(autouse=True)
@@ -43,10 +44,11 @@ def eco_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _run(s: Scheduler, arrivals: list[tuple[float, Request, int]], steps: int = 3000,
-         before: Callable[[Scheduler], None] | None = None) -> dict[str, object]:
+         before: Callable[[Scheduler], None] | None = None,
+         after: Callable[[Scheduler], None] | None = None) -> dict[str, object]:
     """Steps of 10 ms under ``s.clock`` (async: one step in flight) until nothing is left
-    unfinished; ``arrivals``: ``(time, request, true length)``; ``before``: called before each
-    ``schedule``. Returns the parks, the requests preempted and, per request, the step it was
+    unfinished; ``arrivals``: ``(time, request, true length)``; ``before``, ``after``: called
+    before and after each ``schedule``. Returns the parks, the requests preempted and, per request, the step it was
     first scheduled at and what that step preempted."""
     now = [0.0]
     s.clock = lambda: now[0]
@@ -66,6 +68,8 @@ def _run(s: Scheduler, arrivals: list[tuple[float, Request, int]], steps: int = 
             if before is not None:
                 before(s)
             out = s.schedule()
+            if after is not None:
+                after(s)
             gone = set(out.preempted_req_ids or ())
             preempted |= gone
             for rid in out.num_scheduled_tokens:
@@ -146,6 +150,13 @@ def test_no_parking_for_a_head_that_vllm_skips(cls: type) -> None:
             s.update_from_output(o, fake_model_output(o, s, target))
     assert s.eco_counters["parks"] == 0
     assert s.requests["b"].status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
+    # its grammar compiled (vLLM promotes the status at its next peek): taken; failed: skipped
+    g = _grammar_req("g", 16, 8, arrival=0.0)
+    assert not s._vllm_takes(g)
+    g.structured_output_request.grammar = object()  # a compiled grammar (vLLM's test: not None)
+    assert s._vllm_takes(g)
+    g.structured_output_request.grammar = RuntimeError("bad regex")
+    assert not s._vllm_takes(g)
     # the other skips of vLLM's waiting loop that do not depend on the step's budgets
     b = req("x", 16, 8)
     assert s._vllm_takes(b)
@@ -174,6 +185,32 @@ def test_no_parking_when_vllms_admission_limit_is_reached(cls: type) -> None:
     s, first, preempted = _burst(cls, park=True, s=s)
     assert s.eco_counters["parks"] == 0 and not preempted and first["b"] - 0.3 > 1.0
     assert s._active_limit == 1 < s.max_num_running_reqs
+    # the order key's decode share: one slot of vLLM's limit, not one of max_num_seqs
+    r = req("k", 160, 150, arrival=0.3, rl_pred_tokens=150)
+    s.rl["k"] = s.predict(r)
+
+    def key(slots: int) -> float:
+        return rules.priority_key(r.arrival_time, rules.service_s(
+            s._prefill_s(160), 160, 150, s._cache_step_s, s._kv_tokens, slots), s.eco_cfg.aging)
+
+    assert s._order_key(r) == key(1) != key(s.max_num_running_reqs)
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_no_parking_while_streaming_sessions_hold_the_free_slots(cls: type) -> None:
+    """The burst with two of vLLM's slots and one held by a streaming session between chunks
+    (``num_waiting_for_streaming_input``, which vLLM's admission limit counts): no slot for "b"
+    while "a" runs, so none is parked. The control, the slot free, parks."""
+    for sessions, parks in ((1, 0), (0, 1)):
+        s = make(cls, num_blocks=24)
+        s.max_num_running_reqs = s.max_num_active_reqs = 2
+        s.num_waiting_for_streaming_input = sessions
+        # a stand-in count, with no session in the queues: vLLM subtracts it from the waiting
+        # requests it reports unfinished (a session in the queue is not unfinished work)
+        unfinished = s.get_num_unfinished_requests
+        s.get_num_unfinished_requests = lambda u=unfinished, n=sessions: u() + n
+        s, _, preempted = _burst(cls, park=True, s=s)
+        assert s.eco_counters["parks"] == parks and len(preempted) == parks
 
 
 def test_no_victim_whose_last_token_is_in_flight() -> None:
@@ -185,3 +222,66 @@ def test_no_victim_whose_last_token_is_in_flight() -> None:
     assert s.eco_counters["parks"] == 0 and not preempted and first["b"] - 0.3 <= 1.0
     s, _, preempted = _burst(EcoServeVllmScheduler, park=True, a_prompt=200, a_tokens=89)
     assert s.eco_counters["parks"] == 1 and preempted == {"a"}
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_one_prefix_cache_look_up_per_step_and_no_events_of_ours(cls: type) -> None:
+    """``test_the_head_is_tested_with_its_prefix_cache_hit``'s "b" (a cached 128-token prefix)
+    waits while "a" decodes, with KV-cache events on and b in "full" report mode (its hit
+    blocks' BlockStored events sent at each look-up). The plug-in looked b up 2-4 times a step
+    (give-way, parking, the estimate inside vLLM's peek), and each look-up sent b's hit events
+    again: 4 a step where vLLM sends 1. Now: one look-up of ours a step, sending nothing."""
+    s = build(cls, num_blocks=30, prefix_caching=True, max_num_seqs=4, kv_events=True)
+    s.eco_cfg = dataclasses.replace(s.eco_cfg, slo_ttft=1.0, park=True)
+    mgr = s.kv_cache_manager
+    assert mgr.enable_kv_cache_events
+    ours: list[int] = []  # the step of each look-up made with events off (the plug-in's)
+    lookup = mgr.get_computed_blocks
+
+    def counted(request: Request, *args: object, **kw: object) -> object:
+        if request.request_id == "b" and not mgr.enable_kv_cache_events:
+            ours.append(s._step)
+        return lookup(request, *args, **kw)
+
+    mgr.get_computed_blocks = counted
+    events: list[int] = []  # b's hit events (its first block's tokens) each step b waited
+
+    def before(s: Scheduler) -> None:
+        mgr.take_events()
+
+    def after(s: Scheduler) -> None:
+        if s.requests.get("b") is not None and s.requests["b"].status == RequestStatus.WAITING:
+            events.append(sum(type(e).__name__ == "BlockStored" and list(e.token_ids[:16]) == PREFIX[:16]
+                              for e in mgr.take_events()))
+
+    b = cached_req("b", PREFIX + list(range(5000, 5300)), 20, arrival=0.3, rl_pred_tokens=20)
+    b.kv_cache_report_mode = "full"
+    _run(s, [(0.0, cached_req("a", PREFIX + [900] * 16, 300, rl_pred_tokens=300), 300), (0.3, b, 20)],
+         before=before, after=after)
+    check_done(s)
+    assert len(events) > 40 and max(events) == 1 == min(events)  # vLLM's own look-up only (was: 4)
+    per_step = [ours.count(step) for step in set(ours)]
+    assert len(per_step) > 40 and max(per_step) == 1  # was: 2-4
+
+
+def test_a_park_updates_the_shared_block_count() -> None:
+    """"A" and "V" share a 16-block prefix; parking V makes the count of shared blocks
+    (``_held_offset``: what the admission cap adds back) 0 at once. It stayed 16 for the rest
+    of the step: the park loop and the admissions after it tested against a cap 16 blocks too
+    large (and a head sharing that prefix counted it twice)."""
+    s = build(EcoServeVllmSyncScheduler, num_blocks=200, prefix_caching=True, max_num_seqs=8)
+    s.clock = lambda: 0.0
+    prefix = list(range(3, 259))  # 256 tokens: 16 full blocks
+    target = {"A": 400, "V": 400}
+    s.add_request(cached_req("A", prefix + [7] * 16, 400, rl_pred_tokens=400))
+    for i in range(12):
+        if i == 3:
+            s.add_request(cached_req("V", prefix + [8] * 16, 400, rl_pred_tokens=400))
+        out = s.schedule()
+        s.update_from_output(out, fake_model_output(out, s, target))
+    s._held_offset = s._count_held_offset()
+    assert s._held_offset == 16 and {r.request_id for r in s.running} == {"A", "V"}
+    assert s._park_one(s.requests["V"], due=1.0) == 0  # freed at once (no connector)
+    assert s._held_offset == s._count_held_offset() == 0  # was: 16 until the next step
+    s.finish_requests(["A", "V"], RequestStatus.FINISHED_ABORTED)
+    check_done(s)

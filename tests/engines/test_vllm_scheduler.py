@@ -198,6 +198,27 @@ def test_a_request_preempted_with_its_first_token_in_flight_goes_first() -> None
     check_done(s)
 
 
+def test_skipped_again_before_its_in_flight_first_token_comes_it_keeps_first_place() -> None:
+    """The queue alone: "x", preempted with its first token in flight (rank 0), is skipped in
+    the next step (e.g. its preemption's output not yet delivered) before that token comes. It
+    keeps the place it was put back at, before "e" put back after it with its first token, and
+    before the new "n"; ranked by the token count alone it fell among the new requests."""
+    q = EcoServeRequestQueue(lambda r: r.arrival_time)
+    x, e, n = req("x", 8, 8, arrival=5.0), req("e", 8, 8, arrival=3.0), req("n", 8, 8, arrival=1.0)
+    e.append_output_token_ids([7])
+    q.add_request(n)
+    q.first_in_flight = x
+    q.prepend_request(x)  # preempted, its first token in flight
+    q.first_in_flight = None
+    q.prepend_request(e)
+    assert [r.request_id for r in q] == ["x", "e", "n"]
+    assert q.pop_request() is x and x.num_output_tokens == 0
+    q.prepend_requests([x])  # skipped before its token came
+    assert [r.request_id for r in q] == ["x", "e", "n"] and q.skipped == {"x"}
+    q.forget("x")
+    q.forget("e")
+
+
 @pytest.mark.parametrize("cls", ECO_CLASSES)
 def test_pop_after_peek_returns_the_request_peeked_whatever_the_clock_did(cls: type) -> None:
     """vLLM allocates KV for the request ``peek_request`` gives, then runs the one
