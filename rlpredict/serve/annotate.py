@@ -195,7 +195,7 @@ class _Run:
         if self.on_error == "fail":
             raise AnnotateError(bad_row_message(self.path, where, number, reason))
         self.summary.rows_rejected += 1
-        self.reasons[kind or reason.split(" (")[0]] += 1
+        self.reasons[(kind or reason).split(" (")[0]] += 1  # the details in brackets: in the rejects file
         assert self.rejects is not None
         key = "line" if where == "line" else "row_number"
         record = {"file": self.file} if self.file is not None else {}
