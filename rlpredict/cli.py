@@ -73,7 +73,7 @@ def _is_main_process() -> bool:
 
 @app.command()
 def train(
-    data: Annotated[list[Path] | None, typer.Option("--data", callback=distinct_paths, help="Chat-log file or folder (repeatable); overrides the config's `data`.")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", callback=distinct_paths, help="Chat-log file or folder (repeatable); overrides the config's `data`.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output model folder (refused if it exists, unless --force).")] = Path("runs/model"),
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML (or YAML) file with TrainConfig settings; the options below override it.")] = None,
     rl_tokenizer: Annotated[str | None, typer.Option("--rl-tokenizer", callback=_rl_tokenizer_option, help="Tokenizer RL is counted in: llama3, qwen3, deepseek or a tokenizer.json path.")] = None,
@@ -238,7 +238,7 @@ def stack(
     model: Annotated[Path, typer.Option("--model", help="Bundle to extend (written by `rlpredict export`; encoder only).")],
     config: Annotated[Path, typer.Option("--config", "-c", help="The recipe the bundle's encoder was trained with (data, split, subsample).")],
     out: Annotated[Path, typer.Option("--out", help="Stacked bundle folder to write (never the input bundle; refused if it exists, unless --force).")],
-    data: Annotated[list[Path] | None, typer.Option("--data", callback=distinct_paths, help="Chat-log file or folder (repeatable); overrides the recipe's `data`.")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", callback=distinct_paths, help="Chat-log file or folder (repeatable); overrides the recipe's `data`.")] = None,
     stack_rows: Annotated[int, typer.Option(callback=at_least(10), help="Stacking-fit rows per source, at most (training-side rows the encoder did not train on).")] = 4000,
     folds: Annotated[int, typer.Option(callback=in_range(2, 20), help="Group folds for the out-of-fold TF-IDF probabilities of the stacking-fit rows.")] = 3,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Order of the stacking-fit groups and folds (numpy's seed range).")] = 0,

@@ -13,7 +13,8 @@ from rlpredict.cli_boundary import at_least, distinct_paths, err, in_range, log_
 from rlpredict.cli_bundle import ForceOpt, JsonOpt, ModelOpt, ThreadsOpt, parse_quantiles
 from rlpredict.json_file import dumps
 
-DataOpt = Annotated[list[Path], typer.Option("--data", callback=distinct_paths, help="Chat logs with responses (repeatable).")]
+# str, not Path: distinct_paths refuses a blank one (as a Path, "" was the current folder)
+DataOpt = Annotated[list[str], typer.Option("--data", callback=distinct_paths, help="Chat logs with responses (repeatable).")]
 OnErrorOpt = Annotated[Literal["fail", "skip"], typer.Option(
     "--on-error", help="Bad rows: 'fail' (stop with file:line) or 'skip' (count and report).")]
 

@@ -1243,3 +1243,13 @@ def test_train_never_deletes_another_tools_folder_given_as_checkpoint_dir(tiny_m
     one_error_line(run("train", "--data", _labelled(tmp_path), "--out", tmp_path / "new", "--checkpoint-dir", victim,
                        "--max-steps", "1", "--force"), "--checkpoint-dir is rlpredict train's output folder")
     assert snapshot(victim) == before and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("command", [["train", "--out", "o"], ["stack", "--model", "m", "--out", "o"],
+                                     ["calibrate", "--out", "o"], ["drift"]])
+def test_a_blank_data_path_is_refused(command, tmp_path, monkeypatch):
+    """``--data ""`` (an unset variable) read the whole current folder (eval refused it; train,
+    stack, calibrate and drift did not)."""
+    monkeypatch.chdir(tmp_path)
+    one_error_line(run(*command, "--data", ""), "--data", "empty")
+    assert list(tmp_path.iterdir()) == []
