@@ -286,9 +286,11 @@ def split_line(report: dict) -> str:
         text = (f"test: the held-out groups of the model's split ({_settings({k: sp[k] for k in ('test_frac', 'seed', 'rule')})})"
                 f"; {sp['test_samples']} samples scored, the baselines trained on the {sp['train_samples']} others")
     else:
+        fitted = any(m != MODEL for m in report["all"])  # (was: "the baselines trained on" with none asked for)
         text = f"all: {sp['test_samples']} samples scored, {sp['scored']}; " + (
-            f"the baselines trained on {sp['train_samples']} --baseline-data samples" if "baseline_load" in report
-            else "no --baseline-data")
+            "no --baseline-data" if "baseline_load" not in report else
+            f"the baselines trained on {sp['train_samples']} --baseline-data samples" if fitted else
+            f"{sp['train_samples']} --baseline-data samples read, no baseline fitted")
         if sp.get("model_trained_on"):
             text += f"; **the model trained on {', '.join(sp['model_trained_on'])}**"
     if report.get("baseline_train_overlap"):

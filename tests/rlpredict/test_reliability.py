@@ -909,7 +909,11 @@ def test_eval_report_lists_skipped_baselines_and_no_tau_for_one_row(tiny_model_d
     assert "Baselines skipped:" in md and "- tfidf_ridge: " in md
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert set(report["all"]) == {"model", "constant"} and report["all"]["model"]["kendall_tau"] is None
-    assert "| n/a |" in md
+    assert "| n/a |" in md and "the baselines trained on 2 --baseline-data samples" in md
+    res = run("eval", "--model", tiny_model_dir, "--data", one, "--split", "all", "--baseline-data", base,
+              "--baselines", "", "--out", tmp_path / "none")  # none asked for: none said to have trained
+    assert res.exit_code == 0, res.output
+    assert "2 --baseline-data samples read, no baseline fitted" in (tmp_path / "none" / "report.md").read_text()
 
 
 def test_an_oversize_jsonl_row_is_read_past_in_pieces():
