@@ -88,6 +88,7 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
         RecordError,
         bounded_lines,
         decode_line,
+        json_kind,
         parse_json,
     )
     from rlpredict.serve.annotate import BadRow, generator_of, request_of
@@ -126,7 +127,7 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
         try:
             row = parse_json(line, twice)  # annotate's rule: "not valid JSON (...)", deep nesting, a field twice
             if not isinstance(row, dict):
-                raise BadRow(f"expected a JSON object, got {type(row).__name__}")
+                raise BadRow(f"expected a JSON object, got {json_kind(row)}")
             out.append(request_of(row, TRACE_FIELDS))
             gens.append(generator_of(row, TRACE_FIELDS, wants_generator))
         except RecordError as e:

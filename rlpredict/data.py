@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import reprlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +31,12 @@ from rlpredict.records import (
     LOG_MESSAGES,
     MAX_TOKEN_COUNT,
     PART_SEPARATOR,
+    SHORT,
     Fields,
     OnError,
     RecordError,
     iter_rows,
+    json_kind,
     parse_messages,
     part_texts,
     source_name,
@@ -104,7 +105,7 @@ class LoadReport:
         """Count a skipped row by its kind of reason (was: by its full reason, the row's value
         in it: a tally, and a summary line, as long as the input), keeping the first few rows'
         full messages and where each kind was first met."""
-        key = f"{e.field}: {e.kind}" if e.field else e.kind
+        key = e.tally_key
         if key not in self.skipped and len(self.skipped) >= MAX_KINDS:
             key = OTHER_KINDS
         self.skipped[key] += 1
@@ -161,20 +162,9 @@ def _count(v: Any, loc: str, name: str) -> int:
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_TOKEN_COUNT:
-        raise DataError(loc, f"expected an integer token count in [0, 2^53], got {_REPR.repr(v)}", name,
+        raise DataError(loc, f"expected an integer token count in [0, 2^53], got {SHORT.repr(v)}", name,
                         kind="expected an integer token count in [0, 2^53]")
     return v
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxlong = 60
-
-
-def _json_kind(v: Any) -> str:
-    """What a row is, in JSON's words (was: Python's, "got NoneType" for a ``null`` line)."""
-    names = {type(None): "null", bool: "true or false", str: "a string", int: "a number", float: "a number",
-             list: "an array"}
-    return names.get(type(v), type(v).__name__)
 
 
 def _key(v: Any, loc: str, name: str) -> str | None:
@@ -183,7 +173,7 @@ def _key(v: Any, loc: str, name: str) -> str | None:
         return v
     if isinstance(v, int) and not isinstance(v, bool):
         return str(v)
-    raise DataError(loc, f"expected a string or an integer, got {_REPR.repr(v)}", name,
+    raise DataError(loc, f"expected a string or an integer, got {SHORT.repr(v)}", name,
                     kind="expected a string or an integer")
 
 
@@ -194,13 +184,13 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
     if isinstance(row, DataError):
         raise row
     if not isinstance(row, Mapping):
-        raise DataError(loc, f"expected a JSON object per row, got {_json_kind(row)}")
+        raise DataError(loc, f"expected a JSON object per row, got {json_kind(row)}")
     raw_id = row.get(fields.id)
     rid = (_key(raw_id, loc, fields.id) if raw_id is not None and raw_id != ""  # an id of 0 is an id
            else hashlib.sha1(loc.encode()).hexdigest()[:12])
     gen_name, generator = _first(row, fields.generator)
     if generator is not None and not isinstance(generator, str):
-        raise DataError(loc, f"expected a string, got {_REPR.repr(generator)}", gen_name, kind="expected a string")
+        raise DataError(loc, f"expected a string, got {SHORT.repr(generator)}", gen_name, kind="expected a string")
     group_name, group = _first(row, fields.group)
     if group is not None:
         _key(group, loc, group_name or "")  # a string or an integer

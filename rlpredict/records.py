@@ -57,8 +57,16 @@ OnError = Literal["fail", "skip"]
 COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
-_SHORT = reprlib.Repr()
-_SHORT.maxstring = _SHORT.maxother = 60  # a value quoted in an error message
+#: A row's value quoted in an error message: at most about 60 characters.
+SHORT = reprlib.Repr()
+SHORT.maxstring = SHORT.maxlong = SHORT.maxother = 60
+
+
+def json_kind(v: Any) -> str:
+    """What a value is, in JSON's words (was: Python's, "got NoneType" for a ``null`` line)."""
+    names = {type(None): "null", bool: "true or false", str: "a string", int: "a number", float: "a number",
+             list: "an array", dict: "an object"}
+    return names.get(type(v), type(v).__name__)
 
 
 class RecordError(ValueError):
@@ -70,6 +78,8 @@ class RecordError(ValueError):
     def __init__(self, location: str, message: str, field: str | None = None, *, kind: str | None = None):
         self.location, self.field, self.reason = location, field, message
         self.kind = kind or message
+        #: what readers that skip bad rows count it under: its field and kind, never its value
+        self.tally_key = f"{field}: {self.kind}" if field else self.kind
         where = f"field {field!r}: " if field else ""
         super().__init__(f"{location}: {where}{message}" if location else where + message)
 
@@ -175,7 +185,7 @@ def parse_messages(value: Any, name: str, rules: MessageRules, *,
             role = known
         elif not isinstance(role, str) or not rules.other_roles:
             # the role cut to 60 characters (was: whole: a 2 MB role made a 2 MB error message)
-            raise RecordError("", f"message {i} has unknown role {_SHORT.repr(role)}", name,
+            raise RecordError("", f"message {i} has unknown role {SHORT.repr(role)}", name,
                               kind="a message has an unknown role")
         elif not is_valid_unicode(role):
             raise RecordError("", f"message {i} role is not valid Unicode (a lone surrogate)", name,

@@ -44,6 +44,7 @@ from rlpredict.records import (
     csv_records,
     decode_line,
     is_oversize,
+    json_kind,
     open_parquet,
     parquet_batches,
     parse_json,
@@ -143,7 +144,7 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> Request:
     try:
         return records.request_of(row, fields)
     except RecordError as e:
-        raise BadRow(str(e), f"{e.field}: {e.kind}" if e.field else e.kind) from None
+        raise BadRow(str(e), e.tally_key) from None
 
 
 def _dumps(obj: Any) -> str:
@@ -158,7 +159,7 @@ def generator_of(row: Mapping[str, Any], fields: Fields, wanted: bool) -> str | 
     try:
         return records.generator_of(row, fields) if wanted else None
     except RecordError as e:
-        raise BadRow(str(e), f"{e.field}: {e.kind}" if e.field else e.kind) from None
+        raise BadRow(str(e), e.tally_key) from None
 
 
 # ---- the driver ---------------------------------------------------------------------------------
@@ -333,7 +334,7 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
             run.reject("line", lineno, e.reason, text, e.kind)
             continue
         if not isinstance(row, dict):
-            run.reject("line", lineno, f"expected a JSON object, got {type(row).__name__}", row)
+            run.reject("line", lineno, f"expected a JSON object, got {json_kind(row)}", row)
             continue
         try:
             req, gen = run.parse(row)
