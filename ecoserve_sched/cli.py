@@ -42,7 +42,7 @@ ARRIVALS = ("trace", "poisson", "gamma", "burst8")
 RATE_RANGE = (1e-6, 1e9)  # --rate, requests/s
 CV_RANGE = (1e-3, 100.0)  # --cv: beyond these the gamma draw under- or overflows
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, cls=BoundaryGroup,
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=BoundaryGroup, rich_markup_mode=None,
                   callback=root_callback("ecoserve"),
                   help="EcoServe-style scheduling: replay request traces under policies in the simulator, "
                        "find capacities, calibrate a real engine's cost model (docs/simulator.md).")

@@ -29,7 +29,7 @@ from rlpredict.cli_boundary import (
 )
 from rlpredict.json_file import dumps
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, cls=BoundaryGroup,
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=BoundaryGroup, rich_markup_mode=None,
                   callback=root_callback("rlpredict"),
                   help="Response-length prediction: train, evaluate, export and serve predictors, and "
                        "annotate request traces (README.md, docs/predictor.md).")
@@ -310,7 +310,7 @@ app.command("drift")(cli_quantiles.drift)
 
 
 def main() -> None:
-    run_cli(app)
+    run_cli(app, prog_name="rlpredict")
 
 
 if __name__ == "__main__":

@@ -160,23 +160,40 @@ def failure(e: BaseException, debug_hint: str,
                "for the traceback and report it")
 
 
+#: click's ``UsageError`` (a bad option, argument or command) as the installed typer raises it:
+#: typer 0.2x vendors click as ``typer._click``, older releases use ``click`` itself.
+USAGE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
 class BoundaryGroup(TyperGroup):
     """A Typer group whose commands fail with one line, never a traceback."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        _plain_flags(self)
+        _plain_flags(self, ctx)
         super().format_help(ctx, formatter)
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         command = super().get_command(ctx, cmd_name)
         if command is not None:
-            _plain_flags(command)
+            _plain_flags(command, ctx)
         return command
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except USAGE_ERROR as e:  # an option of the group itself (``rlpredict --bogus``)
+            _usage_error(e, info_name or "")
+        except BrokenPipeError:  # ``rlpredict --help | head``: as in ``invoke``
+            _stdout_to_devnull()
+            raise typer.Exit(141) from None
 
     def invoke(self, ctx: Any) -> Any:
         try:
             with _sigterm_as_interrupt():
                 return super().invoke(ctx)
+        except USAGE_ERROR as e:  # a command's options and arguments, or no such command
+            sub = getattr(ctx, "invoked_subcommand", None)  # set once the command is known
+            _usage_error(e, f"{ctx.command_path} {sub}" if sub else ctx.command_path)
         except BrokenPipeError:  # the reader left (``| head``): stop quietly, as a shell tool does
             _stdout_to_devnull()
             raise typer.Exit(141) from None
@@ -190,11 +207,26 @@ class BoundaryGroup(TyperGroup):
             raise typer.Exit(code) from None
 
 
-def _plain_flags(command: Any) -> None:
+def _usage_error(e: Any, path: str) -> NoReturn:
+    """A bad option, argument or command: one line, ``error: COMMAND: what is wrong (see
+    'COMMAND --help')``, exit 2 (was: typer's usage text and a box around the message, which
+    wraps a long one over several lines). ``path``: the command, where the error does not say."""
+    if type(e).__name__ == "NoArgsIsHelpError":  # the bare command (``rlpredict``): its help, as before
+        typer.echo(e.format_message(), err=True)
+        raise typer.Exit(e.exit_code)
+    path = e.ctx.command_path if e.ctx is not None else path
+    what = " ".join(e.format_message().split())
+    hint = f" (see '{path} --help')" if path else ""
+    typer.echo(f"error: {path + ': ' if path else ''}{what}{hint}", err=True)
+    raise typer.Exit(e.exit_code)
+
+
+def _plain_flags(command: Any, ctx: Any) -> None:
     """No metavar on flags in ``--help`` (typer 0.29 shows ``--force <bool>``, which reads as if
-    it took a value: ``--force true`` is then an unexpected extra argument), and ``<path>`` on a
-    repeatable option (not ``<list[Path]>``)."""
-    for param in getattr(command, "params", ()):
+    it took a value: ``--force true`` is then an unexpected extra argument; ``--help`` itself
+    too, which click adds in ``get_params``), and ``<path>`` on a repeatable option (not
+    ``<list[Path]>``)."""
+    for param in command.get_params(ctx) if hasattr(command, "get_params") else ():
         if getattr(param, "is_flag", False) and param.metavar is None:
             param.metavar = ""
         elif getattr(param, "multiple", False) and param.metavar is None:  # was: <list[Path]>
@@ -233,8 +265,8 @@ class _ClosedStdout(io.TextIOBase):
 
 def run_cli(app: typer.Typer, **kwargs: Any) -> None:
     """A CLI's entry point: ``app(**kwargs)``, except that a reader that left (``| head``)
-    ends it quietly with exit 141, as a shell tool. Commands' own writes are caught in
-    ``BoundaryGroup.invoke``; rich (tables, ``--help``) catches its own, points stdout at the
+    ends it quietly with exit 141, as a shell tool. Commands' own writes (and ``--help``'s) are caught in
+    ``BoundaryGroup``; rich (tables) catches its own, points stdout at the
     null device and exits 1, which is told apart here by that stdout."""
     if sys.stdout is None:  # fd 1 closed (`cmd >&-`): every print vanished, with exit 0
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # so no file opened later becomes fd 1

@@ -160,7 +160,7 @@ def _clip(text: str, n: int) -> str:
 
 
 def predict(
-    texts: Annotated[list[str] | None, typer.Argument(help="Prompts (default: one per line on stdin).")] = None,
+    texts: Annotated[list[str] | None, typer.Argument(metavar="PROMPT", help="Prompts (default: one per line on stdin).")] = None,
     model: ModelOpt = None,
     generator: Annotated[str | None, typer.Option(help="Served model's name (for bundles trained with the generator as input).")] = None,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="stdin lines are JSON objects with 'prompt' or 'messages' (and 'generator' or 'model', which win over --generator).")] = False,
@@ -238,7 +238,7 @@ def predict(
 
 
 def annotate(
-    input: Annotated[Path, typer.Argument(help="Trace: .jsonl[.gz], .csv[.gz] or .parquet (with --engine ray: JSONL(.gz) or Parquet, or a folder of them).")],
+    input: Annotated[Path, typer.Argument(metavar="INPUT", help="Trace: .jsonl[.gz], .csv[.gz] or .parquet (with --engine ray: JSONL(.gz) or Parquet, or a folder of them).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Annotated trace, same format as INPUT (a folder for a folder; written atomically).")],
     model: ModelOpt = None,
     prompt_field: Annotated[str, typer.Option(help="Field holding the prompt string.")] = "prompt",

@@ -1257,3 +1257,40 @@ def test_a_blank_data_path_is_refused(command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     one_error_line(run(*command, "--data", ""), "--data", "empty")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("cli", "args", "says"), [
+    ("rlpredict", ["predict", "--max-length", "3"], "error: rlpredict predict: No such option: --max-length"),
+    ("rlpredict", ["train", "--epochs", "-1"], "error: rlpredict train: Invalid value for '--epochs'"),
+    ("rlpredict", ["--bogus"], "error: rlpredict: No such option: --bogus"),
+    ("ecoserve", ["bogus"], "error: ecoserve: No such command 'bogus'."),
+    ("ecoserve", ["compare", "--policies"], "error: ecoserve compare: Option '--policies' requires an argument."),
+    ("ecoserve", ["simulate", "--rate-scale", "abc"], "error: ecoserve simulate: Invalid value for '--rate-scale'"),
+])
+def test_a_bad_option_is_one_line_naming_the_command(cli, args, says):
+    """A bad option, argument or command: one line naming the command and pointing at its
+    ``--help``, exit 2 (was: typer's usage lines and a boxed message wrapped at 80 columns)."""
+    module = {"rlpredict": "rlpredict.cli", "ecoserve": "ecoserve_sched.cli"}[cli]
+    proc = subprocess.run([sys.executable, "-c", f"from {module} import main; main()", *args], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80"}, timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(says) and line.endswith("--help')"), line
+
+
+@pytest.mark.parametrize(("cli", "command", "option"), [
+    ("rlpredict", "annotate", "--drop-final-assistant / --no-drop-final-assistant"),
+    ("rlpredict", "annotate", "--reserve-quantile"),
+    ("ecoserve", "capacity", "--max-normalized-latency"),
+    ("ecoserve", "simulate", "--gpu-memory-utilization"),
+])
+def test_help_shows_long_option_names_whole_at_80_columns(cli, command, option):
+    """``--help`` in an 80-column terminal (was: ``--gpu-memory-utiliza…``, rich's table cut
+    the names), and a flag takes no ``<bool>`` value, ``--help`` included."""
+    module = {"rlpredict": "rlpredict.cli", "ecoserve": "ecoserve_sched.cli"}[cli]
+    proc = subprocess.run([sys.executable, "-c", f"from {module} import main; main()", command, "--help"],
+                          capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert option in proc.stdout and "…" not in proc.stdout and "<bool>" not in proc.stdout
+    assert max(map(len, proc.stdout.splitlines())) <= 80
