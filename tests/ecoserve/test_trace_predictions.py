@@ -390,6 +390,18 @@ def test_public_traces_are_read_through_a_column_map_and_a_time_unit(tmp_path):
                                                           "input_length", "output_tokens": "output_length"}, "iso"))
 
 
+
+def test_iso_times_read_the_same_on_every_supported_python(tmp_path):
+    """Python 3.10's ``fromisoformat`` refused Azure's 7-digit fractions, a 2-digit one and a
+    trailing Z (3.11 reads all three): the reader writes them as 3.11 reads them."""
+    cases = {"2023-11-16 18:15:46.7527369": 752736, "2023-11-16T18:15:46.75Z": 750000,
+             "2023-11-16 18:15:46.7+00:00": 700000, "2023-11-16 18:15:46z": 0}
+    body = "".join(f"{ts},10,5\n" for ts in cases)
+    t = read_trace(write(tmp_path, "t.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n" + body),
+                   fmt=TraceFormat(AZURE_COLUMNS, "iso"))
+    base = datetime(2023, 11, 16, 18, 15, 46, tzinfo=timezone.utc).timestamp()
+    assert sorted(t.arrival_s + t.arrival_offset_s) == sorted(base + us / 1e6 for us in cases.values())
+
 def test_a_column_map_is_checked_against_the_header(tmp_path):
     p = write(tmp_path, "azure.csv", AZURE)
     with pytest.raises(TraceError, match=r"azure\.csv:1: missing column\(s\) arrival_time_s, input_tokens, "
