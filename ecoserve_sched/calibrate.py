@@ -19,7 +19,6 @@ fraction of them the engine reaches, plus fixed and per-request overheads.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from rlpredict.json_file import read_json
 from rlpredict.outputs import raise_if_interrupted
 
 from .cost_model import CostModel, ProfileError, fit_profile, model_fields
@@ -127,8 +127,14 @@ def check_setup(device: str, dtype: str | None = None) -> None:
 
 def model_inputs(model: str) -> list[Path]:
     """The files ``--model`` reads (none for a preset): the config JSON itself, or a folder's
-    config.json. An output must not replace them."""
+    config.json. An output must not replace them. A preset's name that is also a path here is
+    refused (which one is meant is not known)."""
+    if not model.strip():
+        raise CalibrationError("--model: empty; give a preset name, a config.json or a folder holding one")
     if model in PRESETS:
+        if Path(model).exists():
+            raise CalibrationError(f"--model {model}: both a preset and a path here; for the path, "
+                                   f"write ./{model}")
         return []
     path = Path(model)
     return [path / "config.json" if path.is_dir() else path]
@@ -147,9 +153,11 @@ def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: 
             raise FileNotFoundError(f"{model}: not a preset ({', '.join(PRESETS)}), a config.json "
                                     "or a directory holding one")
         try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise CalibrationError(f"{path}: not a readable JSON config ({e})") from None
+            spec = read_json(path)  # names the line of bad JSON; a key given twice is refused
+        except OSError as e:
+            raise CalibrationError(f"{path}: not a readable JSON config ({e.strerror or e})") from None
+        except ValueError as e:
+            raise CalibrationError(str(e)) from None
         if not isinstance(spec, dict) or not isinstance(spec.get("model_type"), str):
             raise CalibrationError(f"{path}: field 'model_type' is missing: a transformers "
                                    "config.json names its architecture there")
@@ -167,15 +175,42 @@ def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: 
             config = AutoConfig.for_model(**spec)
             # what the cost model cannot describe is refused before the weights are built (a
             # mixture-of-experts config could take more memory than the machine has)
-            model_fields(config, torch_dtype.itemsize)
+            fields = model_fields(config, torch_dtype.itemsize)
+            _sizes_given(spec, config, path)
+            if fields["vocab"] < MIN_VOCAB:
+                raise CalibrationError(f"{path}: field 'vocab_size' ({fields['vocab']}) must be at least "
+                                       f"{MIN_VOCAB}: calibration prompts are random token ids")
             m = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        except CalibrationError:
+            raise
         except ProfileError as e:
             raise CalibrationError(f"{path}: {e}") from None
-        except (ValueError, TypeError, KeyError, RuntimeError, StrictDataclassError) as e:
+        except (ValueError, TypeError, KeyError, RuntimeError, AssertionError, StrictDataclassError) as e:
+            # AssertionError: a pad_token_id outside the vocabulary (torch's Embedding asserts)
             raise CalibrationError(f"{path}: not a config transformers can build a model from "
                                    f"({' '.join(str(e).split())})") from None
     m.generation_config.eos_token_id = None
     return m.to(device).eval()
+
+
+#: The sizes a config file must give: without one transformers builds its class default (a
+#: Llama config without ``num_hidden_layers`` is 32 layers; without any size, Llama-2-7B).
+SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+#: Fewest token ids a calibrated model may have: prompts draw ids from [3, min(vocab, 200)).
+MIN_VOCAB = 4
+
+
+def _sizes_given(spec: dict[str, Any], config: Any, path: Path) -> None:
+    """Refuse a config file that leaves out one of :data:`SIZE_FIELDS` (or its alias in the
+    config class's ``attribute_map``, OPT's ``ffn_dim``): a misspelt key was silently the
+    default."""
+    aliases = {v: k for k, v in getattr(type(config), "attribute_map", {}).items()}
+    for f in SIZE_FIELDS:
+        names = {f, *(a for a, target in aliases.items() if target == f), *(("ffn_dim",) if f == "intermediate_size" else ())}
+        if not names & spec.keys():
+            default = getattr(config, f, None)
+            raise CalibrationError(f"{path}: field '{f}' is missing (transformers would build its default, "
+                                   f"{default}, without a word: a misspelt key?)")
 
 
 def model_section(m: Any) -> dict[str, Any]:
@@ -221,7 +256,8 @@ def device_section(device: str, dtype: Any = None) -> dict[str, Any]:
         what = torch.cuda.get_device_name(device)
     else:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        pcie, what = bw, f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        pcie, what = bw, f"{platform.processor() or platform.machine()} CPU, {threads} thread{'s' * (threads != 1)}"
     note = f"measured on {what}"
     return {"peak_flops": flops, "hbm_bw": bw, "hbm_bytes": int(mem), "pcie_bw": pcie,
             "source": {"peak_flops": f"best {n}x{n} {dt} matmul, {note}",
@@ -230,13 +266,14 @@ def device_section(device: str, dtype: Any = None) -> dict[str, Any]:
                        "pcie_bw": "host-to-device pinned copy" if cuda else "CPU: same as hbm_bw (KV stays in RAM)"}}
 
 
-def _run_requests(b: int, p: int, k: int, q: int, seed: int) -> list[Any]:
+def _run_requests(b: int, p: int, k: int, q: int, seed: int, vocab: int = 200) -> list[Any]:
     from .engines.transformers_cb import GenRequest
 
     rng = np.random.default_rng(seed)
-    reqs = [GenRequest(rng.integers(3, 200, p).tolist(), k, 0.0) for _ in range(b)]
+    hi = min(vocab, 200)
+    reqs = [GenRequest(rng.integers(3, hi, p).tolist(), k, 0.0) for _ in range(b)]
     if q:
-        reqs.append(GenRequest(rng.integers(3, 200, q).tolist(), 2, 2.0))
+        reqs.append(GenRequest(rng.integers(3, hi, q).tolist(), 2, 2.0))
     return reqs
 
 
@@ -248,7 +285,7 @@ def chat_lengths(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarr
     return prompt, out
 
 
-def _chat_requests(n: int, per_iter: float, seed: int) -> list[Any]:
+def _chat_requests(n: int, per_iter: float, seed: int, vocab: int = 200) -> list[Any]:
     """``n`` requests of :func:`chat_lengths` arriving as a Poisson process of ``per_iter``
     requests per iteration (step clock)."""
     from .engines.transformers_cb import GenRequest
@@ -256,7 +293,7 @@ def _chat_requests(n: int, per_iter: float, seed: int) -> list[Any]:
     rng = np.random.default_rng(seed)
     prompt, out = chat_lengths(rng, n)
     arrivals = np.cumsum(rng.exponential(1.0 / per_iter, n)).round()
-    return [GenRequest(rng.integers(3, 200, p).tolist(), int(o), float(a))
+    return [GenRequest(rng.integers(3, min(vocab, 200), p).tolist(), int(o), float(a))
             for p, o, a in zip(prompt, out, arrivals, strict=True)]
 
 
@@ -271,8 +308,9 @@ def measure(m: Any, grid: list[tuple[int, int, int, int]], token_budget: int = 2
 
     samples, noise = [], []
     warm = [(2, 32, 3, 0)]
-    workloads = ([_run_requests(b, p, k, q, seed=i) for i, (b, p, k, q) in enumerate(warm + grid)]
-                 + [_chat_requests(n, rate, seed=1000 + i) for i, (n, rate) in enumerate(replays)])
+    vocab = model_fields(m.config, 1)["vocab"]
+    workloads = ([_run_requests(b, p, k, q, seed=i, vocab=vocab) for i, (b, p, k, q) in enumerate(warm + grid)]
+                 + [_chat_requests(n, rate, seed=1000 + i, vocab=vocab) for i, (n, rate) in enumerate(replays)])
     for i, reqs in enumerate(workloads):
         raise_if_interrupted()  # an interrupt raised in transformers' __del__ is swallowed there
         blocks = sum(-(-(len(g.prompt_ids) + g.max_new_tokens) // block_size) for g in reqs) + 4
@@ -280,7 +318,15 @@ def measure(m: Any, grid: list[tuple[int, int, int, int]], token_budget: int = 2
                                  token_budget=max(token_budget, len(reqs) + 1),
                                  max_running=max(len(reqs) + 1, 2))
         runs = [eng.generate(reqs) for _ in range(repeats if i >= len(warm) else 1)]
-        assert [len(r.tokens) for r in runs[0].results] == [g.max_new_tokens for g in reqs]
+        for run in runs:
+            short = [(g, r) for g, r in zip(reqs, run.results, strict=True) if len(r.tokens) != g.max_new_tokens]
+            if short:  # was: a bare assert (exit 1, "a bug"), gone under python -O
+                g, r = short[0]
+                kind = getattr(m.config, "model_type", "?")
+                raise CalibrationError(
+                    f"the transformers engine ended {len(short)} of {len(reqs)} requests of a calibration run "
+                    f"unfinished ({r.error or f'{len(r.tokens)} of {g.max_new_tokens} tokens'}): model type "
+                    f"{kind!r} may not run under transformers' continuous batching")
         if i < len(warm):
             continue
         rows = np.asarray([run.samples() for run in runs], dtype=float)  # repeats x iters x 5
@@ -289,6 +335,13 @@ def measure(m: Any, grid: list[tuple[int, int, int, int]], token_budget: int = 2
         samples += [(*map(float, r[:4]), float(t)) for r, t in zip(rows[0], med, strict=True)]
         noise += list(np.abs(rows[:, :, 4] - med).max(axis=0) / med)
     return samples, float(np.mean(noise)) if repeats > 1 else None
+
+
+def default_stem(model: str) -> str:
+    """The default profile name's model part: the preset, the config file's name, or its
+    folder's (``my-model/config.json``: ``my-model``, was ``config``)."""
+    path = Path(model)
+    return path.parent.resolve().name if path.stem == "config" and path.suffix == ".json" else path.stem
 
 
 def base_profile(m: Any, device: str, name: str) -> CostModel:
@@ -319,10 +372,13 @@ def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | 
 
     t = time.perf_counter()
     m = load_model(model, device, dtype)
-    name = name or f"{Path(model).stem}-transformers-{device.split(':')[0]}"
+    name = name or f"{default_stem(model)}-transformers-{device.split(':')[0]}"
     base = base_profile(m, device, name)
-    samples, noise = measure(m, GRIDS[grid], token_budget, repeats=repeats,
-                            replays=REPLAYS.get(grid, []))
+    try:
+        samples, noise = measure(m, GRIDS[grid], token_budget, repeats=repeats,
+                                 replays=REPLAYS.get(grid, []))
+    except CalibrationError as e:
+        raise CalibrationError(f"{model_inputs(model)[0] if model not in PRESETS else model}: {e}") from None
     how = (f"`ecoserve calibrate --engine transformers --model {model} --device {device} --grid {grid}` "
            f"({len(samples)} measured iterations)")
     fitted = fit_profile(samples, base, name, how)

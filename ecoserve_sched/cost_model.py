@@ -41,6 +41,13 @@ GPU_FILE_KEYS = frozenset({"gpu", "efficiency", "token_budget", "gpu_memory_util
 Sample = tuple[float, float, float, float, float]
 #: A one-token iteration slower than this (an hour) is a profile typo, not a GPU.
 MAX_ITERATION_S = 3600.0
+#: Bounds of what a profile describes (``CostModel`` refuses a number outside them): one
+#: machine's memory, a host link's bytes/s (1e8: a GB/s figure written as bytes/s is far below),
+#: and each overhead in seconds (``fit_profile``'s own bound).
+MAX_BYTES = 2**50
+MIN_LINK_BW, MAX_LINK_BW = 1e8, 1e14
+OVERHEAD_FIELDS = ("overhead_s", "overhead_per_seq_s", "prefill_overhead_s")
+MAX_OVERHEAD_S = 1.0
 
 
 class ProfileError(ValueError):
@@ -62,11 +69,15 @@ class CostModel:
         for section, fields in (("model", MODEL_FIELDS), ("gpu", GPU_FIELDS),
                                 ("efficiency", EFF_FIELDS)):
             sec = spec.get(section)
-            if not isinstance(sec, dict):
+            if sec is None:
                 raise ProfileError(f"{origin}: missing section '{section}'")
+            if not isinstance(sec, dict):
+                raise ProfileError(f"{origin}: section '{section}' must be an object, got {_kind(sec)}")
             _known_keys(sec, SECTION_KEYS[section], origin, f"{section}.")
             for f in fields:
                 v = sec.get(f)
+                if f not in sec:
+                    raise ProfileError(f"{origin}: field '{section}.{f}' is missing")
                 if not _number(v):
                     raise ProfileError(f"{origin}: field '{section}.{f}' must be a number, got {v!r}")
                 if v < 0 or (v == 0 and section != "efficiency"):
@@ -79,6 +90,12 @@ class CostModel:
         if m["mlp_mats"] not in (2, 3):
             raise ProfileError(f"{origin}: field 'model.mlp_mats' must be 2 (an OPT-style MLP) or 3 (a gated "
                                f"MLP), got {m['mlp_mats']!r}")
+        g = spec["gpu"]
+        if g["hbm_bytes"] > MAX_BYTES:
+            raise ProfileError(f"{origin}: field 'gpu.hbm_bytes' must be at most 2^50 (1 PiB), got {g['hbm_bytes']!r}")
+        if not MIN_LINK_BW <= g["pcie_bw"] <= MAX_LINK_BW:  # GB/s written for bytes/s: swaps of hours
+            raise ProfileError(f"{origin}: field 'gpu.pcie_bw' must be in bytes/s, from 1e8 to 1e14, got "
+                               f"{g['pcie_bw']!r}")
         if m["n_heads"] % m["n_kv_heads"]:
             raise ProfileError(f"{origin}: field 'model.n_kv_heads' ({m['n_kv_heads']!r}) must divide "
                                f"model.n_heads ({m['n_heads']!r})")
@@ -92,6 +109,10 @@ class CostModel:
         for f in ("mfu", "mbu", "pcie_eff"):
             if not 0 < e[f] <= 1:
                 raise ProfileError(f"{origin}: field 'efficiency.{f}' must be in (0, 1], got {e[f]!r}")
+        for f in OVERHEAD_FIELDS:  # fit_profile's bound; milliseconds written as seconds pass it
+            if e[f] > MAX_OVERHEAD_S:
+                raise ProfileError(f"{origin}: field 'efficiency.{f}' must be in seconds, at most "
+                                   f"{MAX_OVERHEAD_S:g}, got {e[f]!r}")
         util = spec.get("gpu_memory_utilization", 0.9)
         if not _number(util) or not 0 < util <= 1:
             raise ProfileError(f"{origin}: field 'gpu_memory_utilization' must be in (0, 1], got {util!r}")
@@ -100,8 +121,8 @@ class CostModel:
             raise ProfileError(f"{origin}: field 'token_budget' must be an integer >= 1, got {tb!r}")
         self.spec = spec
         name = spec.get("name", Path(origin).stem)
-        if not isinstance(name, str):
-            raise ProfileError(f"{origin}: field 'name' must be a string, got {name!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise ProfileError(f"{origin}: field 'name' must be a non-empty string, got {name!r}")
         self.name: str = name
         self.path: str | None = None  # the file it was loaded from (None: shipped, or built)
         self.gpu_memory_utilization: float = float(util)
@@ -119,6 +140,10 @@ class CostModel:
         self.weight_bytes_read = float((self.layer_params + self.lm_head_params) * dt)
         self.kv_bytes_per_token = float(2 * n_layers * kv_dim * dt)
         self.weight_bytes_stored = float(m["n_params"] * dt)
+        if m["n_params"] < self.layer_params + self.lm_head_params:  # KV room from weights never loaded
+            raise ProfileError(f"{origin}: field 'model.n_params' ({m['n_params']!r}) is below the "
+                               f"{self.layer_params + self.lm_head_params:,} weights its layers and LM head "
+                               "hold (model.hidden, n_layers, intermediate, vocab, ...)")
         self._set_efficiency(e)
         one = self.iteration_time(1, 1, 1, 1)
         if not (math.isfinite(self.weight_bytes_stored) and math.isfinite(self.kv_bytes_per_token)
@@ -226,6 +251,12 @@ class CostModel:
         return f"CostModel({self.name!r}, token_budget={self.token_budget})"
 
 
+def _kind(v: object) -> str:
+    """The JSON name of ``v``'s type, for a message."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "true or false",
+            type(None): "null"}.get(type(v), "a number")
+
+
 def _number(v: object) -> bool:
     """A finite int or float (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -316,6 +347,8 @@ def model_fields(config: Any, dtype_bytes: int, n_params: int | None = None) -> 
     if opt and field("word_embed_proj_dim") not in (None, hidden):
         raise ProfileError(f"{what}: a projected embedding (word_embed_proj_dim) is not in the cost model")
     kv_heads = field("num_key_value_heads") or heads
+    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        raise ProfileError(f"{what}: num_key_value_heads ({kv_heads!r}) must divide num_attention_heads ({heads})")
     head_dim = field("head_dim") or hidden // heads
     mats = 2 if opt else 3
     if n_params is None:
@@ -387,6 +420,20 @@ def _with_kv_room(model: CostModel, origin: str, block_size: int = 16) -> CostMo
     return model
 
 
+def _check_samples(arr: np.ndarray) -> None:
+    """Refuse, naming the first, a sample no iteration could give: counts that are not whole
+    numbers >= 0, no work, or seconds that are not a finite number > 0 (was: fitted silently,
+    or scipy's "residuals are not finite")."""
+    counts, seconds = arr[:, :4], arr[:, 4]
+    bad = (~np.isfinite(arr).all(axis=1) | (counts < 0).any(axis=1) | (counts != np.round(counts)).any(axis=1)
+           | (seconds <= 0) | ((counts[:, 0] == 0) & (counts[:, 2] == 0)))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"sample {i} ({', '.join(f'{v:g}' for v in arr[i])}): a sample is (prefill tokens, "
+                         "prefill context, decoding requests, decode context, seconds): whole counts >= 0, "
+                         "some prefill or decode, seconds > 0")
+
+
 def fit_profile(samples: Iterable[Sample], base: CostModel | dict[str, Any], name: str,
                 how: str | None = None) -> CostModel:
     """Least-squares fit of mfu, mbu and the overheads to measured iteration latencies.
@@ -404,6 +451,7 @@ def fit_profile(samples: Iterable[Sample], base: CostModel | dict[str, Any], nam
     arr = np.asarray(list(samples), dtype=float)
     if arr.ndim != 2 or arr.shape[1] != 5 or len(arr) < len(FIT_FIELDS):
         raise ValueError(f"need at least {len(FIT_FIELDS)} samples of 5 numbers each")
+    _check_samples(arr)
     x_in, y = arr[:, :4], arr[:, 4]
     scale = np.array([1.0, 1.0, 1e-3, 1e-3, 1e-3])  # overheads are fitted in milliseconds
 
@@ -412,7 +460,7 @@ def fit_profile(samples: Iterable[Sample], base: CostModel | dict[str, Any], nam
 
     e0 = model.spec["efficiency"]
     x0 = np.array([e0[f] for f in FIT_FIELDS]) / scale
-    lo, hi = [1e-3, 1e-3, 0, 0, 0], [1.0, 1.0, 1e3, 1e3, 1e3]
+    lo, hi = [1e-3, 1e-3, 0, 0, 0], [1.0, 1.0, *[MAX_OVERHEAD_S / 1e-3] * 3]
     sol = least_squares(resid, np.clip(x0, lo, hi), bounds=(lo, hi), x_scale="jac")
     # a factor no sample depends on keeps the base value, where putting it back changes no
     # residual (was: put back where the search had moved it out of play, a worse fit)

@@ -391,7 +391,7 @@ def test_profile_files_are_checked(tmp_path):
                       (lambda s: s["model"].update(n_layers=0.5), "model.n_layers"),
                       (lambda s: s["model"].update(n_params=1e308), "model.n_params"),
                       (lambda s: s["gpu"].update(peak_flops=1e-300), "one-token iteration"),
-                      (lambda s: s["efficiency"].update(overhead_s=1e308), "one-token iteration"),
+                      (lambda s: s["efficiency"].update(overhead_s=1e308), "efficiency.overhead_s"),
                       (lambda s: s.update(name={"a": 1}), "field 'name'")):
         bad = json.loads(json.dumps(spec))
         edit(bad)
@@ -447,7 +447,13 @@ def test_calibrate_refuses_a_missing_device(tmp_path):
                                          ({"hidden_size": "64"}, "hidden_size"),
                                          ({"num_attention_heads": 3}, "heads"),
                                          ({"model_type": "gpt2", "bos_token_id": 0, "eos_token_id": 0}, "model type 'gpt2' is not one"),
-                                         ({"model_type": "qwen2_moe", "num_experts": 60}, "mixture-of-experts")])
+                                         ({"model_type": "qwen2_moe", "num_experts": 60}, "mixture-of-experts"),
+                                         # a misspelt size was transformers' default (32 layers)
+                                         ({"num_hidden_layer": 1}, "field 'num_hidden_layers' is missing"),
+                                         ({"num_key_value_heads": 3}, "num_key_value_heads (3) must divide"),
+                                         ({"vocab_size": 3}, "field 'vocab_size' (3) must be at least 4"),
+                                         # torch's assert (was: exit 1, "a bug")
+                                         ({"pad_token_id": 1000}, "Padding_idx must be within num_embeddings")])
 def test_calibrate_names_a_config_transformers_cannot_build(tmp_path, edit, why):
     """Was: a RuntimeError, a strict-dataclass error or a ValueError from transformers, reported
     as a bug; what the cost model cannot describe is refused before the weights are built (a
@@ -455,11 +461,59 @@ def test_calibrate_names_a_config_transformers_cannot_build(tmp_path, edit, why)
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-                               "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 128, **edit}))
+    spec = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "vocab_size": 128, **edit}
+    if "num_hidden_layer" in edit:
+        del spec["num_hidden_layers"]
+    cfg.write_text(json.dumps(spec))
     r = runner.invoke(app, ["calibrate", "--model", str(cfg), "--grid", "test", "--out", str(tmp_path / "p.json")])
     _refused(r, f"{cfg}: ")
     assert why in r.output.replace("\n", " ") and not (tmp_path / "p.json").exists()
+
+
+def test_calibrate_refuses_a_key_given_twice_an_empty_or_ambiguous_model(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"model_type": "llama", "hidden_size": 64, "hidden_size": 32}')  # was: the last one won
+    base = ["calibrate", "--grid", "test", "--out", str(tmp_path / "p.json"), "--model"]
+    _refused(runner.invoke(app, [*base, str(cfg)]), "key 'hidden_size' is given twice")
+    _refused(runner.invoke(app, [*base, ""]), "--model: empty")  # was: "error: : not a preset"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-llama").mkdir()  # was: the preset used, the folder's config.json not an input
+    _refused(runner.invoke(app, [*base, "tiny-llama"]), "both a preset and a path here")
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_calibrate_says_when_the_engine_cannot_run_the_model(tmp_path, monkeypatch):
+    """Was: a bare assert (exit 1, "a bug"); transformers 5.24's continuous batching fails every
+    OPT request."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("scipy")
+    from ecoserve_sched.engines import transformers_cb
+
+    real = transformers_cb.TransformersEngine.generate
+
+    def failing(self, reqs, *args, **kwargs):
+        run = real(self, reqs, *args, **kwargs)
+        for r in run.results:
+            r.tokens, r.error = r.tokens[:1], "AttributeError: no get_seq_length"
+        return run
+
+    monkeypatch.setattr(transformers_cb.TransformersEngine, "generate", failing)
+    out = tmp_path / "p.json"
+    r = runner.invoke(app, ["calibrate", "--model", "tiny-llama", "--grid", "test", "--repeats", "1", "--out", str(out)])
+    _refused(r, "tiny-llama: the transformers engine ended 2 of 2 requests of a calibration run unfinished "
+                "(AttributeError: no get_seq_length)")
+    assert not out.exists()
+
+
+def test_calibrate_names_a_profile_after_the_config_folder(tmp_path):
+    from ecoserve_sched.calibrate import default_stem
+
+    assert default_stem(str(tmp_path / "my-model" / "config.json")) == "my-model"  # was: "config"
+    assert default_stem(str(tmp_path / "mistral.json")) == "mistral" and default_stem("tiny-llama") == "tiny-llama"
 
 
 def test_demo_checks_its_output_before_working(tmp_path):

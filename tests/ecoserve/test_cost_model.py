@@ -160,6 +160,13 @@ def test_save_and_load_from_path(tmp_path):
     (lambda s: s["model"].update(mlp_mats=5), "model.mlp_mats"),
     (lambda s: s["model"].update(n_kv_heads=64, n_heads=40), "model.n_kv_heads"),
     (lambda s: s.update(fit="garbage"), "fit"),
+    # numbers in the wrong unit (were: loaded; a 1,000-token swap took a year, every iteration 5 s)
+    (lambda s: s["gpu"].update(pcie_bw=32), "gpu.pcie_bw"),
+    (lambda s: s["efficiency"].update(overhead_s=4.94), "efficiency.overhead_s"),
+    (lambda s: s["model"].update(n_params=1), "model.n_params"),
+    (lambda s: s["gpu"].update(hbm_bytes=1e300), "gpu.hbm_bytes"),
+    (lambda s: s.update(name=" "), "name"),
+    (lambda s: s.update(efficiency=[0.5]), "efficiency"),  # was: "missing section"
 ])
 def test_bad_profile_names_file_and_field(tmp_path, edit, field):
     spec = copy.deepcopy(load_profile(A100_7B).to_json())
@@ -180,6 +187,27 @@ def test_a_key_given_twice_is_refused_and_a_file_is_reported_by_its_path(tmp_pat
     # a hand-edited copy keeps the shipped name: reports give its path too
     assert load_profile(A100_7B).label == A100_7B
     assert load_profile(str(tmp_path / "p.json")).label == f"{A100_7B} ({tmp_path / 'p.json'})"
+
+
+def test_a_missing_field_or_a_section_of_another_type_is_said_so() -> None:
+    spec = copy.deepcopy(load_profile(A100_7B).to_json())
+    del spec["gpu"]["pcie_bw"]
+    with pytest.raises(ProfileError, match=r"^x: field 'gpu.pcie_bw' is missing$"):  # was: "got None"
+        CostModel(spec, "x")
+    spec["gpu"] = [1]
+    with pytest.raises(ProfileError, match=r"^x: section 'gpu' must be an object, got a list$"):
+        CostModel(spec, "x")
+
+
+@pytest.mark.parametrize(("row", "i"), [((0, 0, 4, 400, 0.0), 5), ((0, 0, 4, 400, float("nan")), 5),
+                                        ((-64, 64, 0, 0, 0.01), 5), ((0, 0, 0, 0, 0.01), 5),
+                                        ((0, 0, 2.5, 400, 0.01), 5)])
+def test_fit_profile_names_a_sample_no_iteration_could_give(row, i) -> None:
+    """Was: fitted silently, or scipy's "Residuals are not finite in the initial point"."""
+    good = [(512, 512 * 512, 0, 0, 0.06), (0, 0, 32, 32000, 0.02), (256, 65536, 8, 8000, 0.04),
+            (2048, 2048**2, 0, 0, 0.2), (0, 0, 128, 256000, 0.05)]
+    with pytest.raises(ValueError, match=rf"^sample {i} \("):
+        fit_profile([*good, row], load_profile(A100_7B), "x")
 
 
 def test_unreadable_or_unknown_profile(tmp_path):
