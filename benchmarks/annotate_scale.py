@@ -30,7 +30,14 @@ import threading
 import time
 from pathlib import Path
 
-from rlpredict.cli_boundary import arg_list, arg_number, child_failed, child_process, run_script
+from rlpredict.cli_boundary import (
+    arg_list,
+    arg_number,
+    arg_path,
+    child_failed,
+    child_process,
+    run_script,
+)
 from rlpredict.outputs import atomic_path, mark_owned, work_folder
 from rlpredict.serve.annotate import default_rejects_path
 
@@ -138,10 +145,10 @@ def main() -> None:
     ap.add_argument("--rows", type=arg_number(int, 1), default=10_000)
     ap.add_argument("--configs", type=arg_list(str), default=",".join(CONFIGS),
                     help="comma-separated, from " + ",".join(CONFIGS))
-    ap.add_argument("--dir", type=Path, default=REPO / "runs" / "annotate_scale")
+    ap.add_argument("--dir", type=arg_path, default=REPO / "runs" / "annotate_scale")
     ap.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
-    ap.add_argument("--src", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--src", type=arg_path, help=argparse.SUPPRESS)
+    ap.add_argument("--dst", type=arg_path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.src, args.dst)))

@@ -24,16 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scenario_grid as grid
 
-from rlpredict.cli_boundary import arg_list, arg_number, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared", type=Path, required=True, help="the shared data folder (../shared/data)")
+    ap.add_argument("--shared", type=arg_path, required=True, help="the shared data folder (../shared/data)")
     ap.add_argument("--cell", required=True, help="scenario-grid cell, or a random draw's cell by its rS.I prefix "
                     "(cell I of --cells random:N --cell-seed S)")
     ap.add_argument("--loads", required=True, help="LO:HI, rate scales")
-    ap.add_argument("--points", type=arg_number(int, 1), default=9, help="loads from LO to HI")
+    ap.add_argument("--points", type=arg_number(int, 1, 1000), default=9, help="loads from LO to HI (at most 1,000)")
     ap.add_argument("--policies", type=arg_list(str), required=True, help="comma-separated policy names")
     ap.add_argument("--requests", type=arg_number(int, 2), default=6000, help="first N requests of the trace")
     ap.add_argument("--skip", type=arg_number(int, 0), default=0, help="skip the first N requests")

@@ -31,7 +31,7 @@ import math
 from pathlib import Path
 from typing import NoReturn
 
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_path, run_script
 
 #: results.json fields read as numbers (null allowed), and the overload rows (objects of numbers)
 NUMBERS = ("capacity", "ceiling", "jct_x_v1", "sustained_capacity", "token_budget")
@@ -224,7 +224,7 @@ def summary(cells: list[dict], policy: str, oracle: str = "ecoserve-oracle") -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folders", nargs="+", type=Path, help="benchmarks/scenario_grid.py --out folders")
+    ap.add_argument("folders", nargs="+", type=arg_path, help="benchmarks/scenario_grid.py --out folders")
     ap.add_argument("--policy", default="ecoserve", help="the policy judged (default: ecoserve)")
     ap.add_argument("--oracle", default="ecoserve-oracle", help="its oracle (default: ecoserve-oracle)")
     ap.add_argument("--min-share", type=float, default=0.02,

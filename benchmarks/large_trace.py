@@ -4,11 +4,12 @@
 
 Stages, each in its own subprocess (peak RSS = that process's ``ru_maxrss``):
 
-- ``build``: writes ``trace-N.jsonl.gz`` row by row (streaming): ``prompt``, ``arrival_time_s``
-  (Poisson, ``--rate`` requests/s), ``input_tokens``, ``output_tokens`` (seeded log-normal).
-  Runs first whenever a stage needs the file and it is missing.
+- ``build``: writes ``trace-N-rateR-seedS.jsonl.gz`` row by row (streaming): ``prompt``,
+  ``arrival_time_s`` (Poisson, ``--rate`` requests/s), ``input_tokens``, ``output_tokens``
+  (seeded log-normal). Runs first whenever a stage needs the file and it is missing; a rebuild
+  removes the file's annotated copy (it annotated the old rows).
 - ``annotate``: ``rlpredict.serve.annotate.annotate_file`` with the shipped bundle, streaming, into
-  ``trace-N.annotated.jsonl.gz``.
+  ``trace-N-rateR-seedS.annotated.jsonl.gz``.
 - ``simulate``: ``read_trace`` of the annotated trace (the raw one if it was not annotated, with
   ``confusion`` predictions), then ``simulator.run`` with each policy of ``--policies``.
 
@@ -30,7 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import arg_list, arg_number, child_failed, child_process, run_script
+from rlpredict.cli_boundary import (
+    arg_list,
+    arg_number,
+    arg_path,
+    child_failed,
+    child_process,
+    run_script,
+)
 from rlpredict.outputs import atomic_path, mark_owned, work_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +168,7 @@ def main() -> None:
     ap.add_argument("--rate", type=arg_number(float, 0, low_open=True), default=12.0, help="arrival rate, requests/s")
     ap.add_argument("--threads", type=arg_number(int, 1), default=2, help="ONNX Runtime threads for annotate")
     ap.add_argument("--seed", type=arg_number(int, 0), default=0)
-    ap.add_argument("--out", default=str(REPO / "runs" / "large_trace"), help="folder for the traces")
+    ap.add_argument("--out", type=arg_path, default=str(REPO / "runs" / "large_trace"), help="folder for the traces")
     ap.add_argument("--_stage", help=argparse.SUPPRESS)
     ap.add_argument("--_path", help=argparse.SUPPRESS)
     ap.add_argument("--_n", type=int, default=0, help=argparse.SUPPRESS)
@@ -188,9 +196,12 @@ def main() -> None:
     print("| rows | stage | seconds | rows/s | peak RSS MiB | start RSS MiB | notes |")
     print("|---|---|---|---|---|---|---|")
     for n in args.rows:
-        trace = out_dir / f"trace-{n}.jsonl.gz"
+        # the settings in the name: a run at another --rate or --seed never reads this one's rows
+        trace = out_dir / f"trace-{n}-rate{args.rate:g}-seed{args.seed}.jsonl.gz"
         mark_owned(out_dir, TOOL, [trace.name, annotated_path(trace).name])  # before a child writes them
         todo = [("build", "")] if "build" in stages or not trace.exists() else []
+        if todo:
+            annotated_path(trace).unlink(missing_ok=True)  # it annotated the rows a rebuild replaces
         if "annotate" in stages:
             todo.append(("annotate", ""))
         if "simulate" in stages:

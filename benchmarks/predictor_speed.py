@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import arg_list, arg_number, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script
 from rlpredict.serve.runtime import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -510,21 +510,21 @@ def report(rows: list[dict], requests: list, args: argparse.Namespace, spec, len
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bundle", type=Path, action="append",
+    ap.add_argument("--bundle", type=arg_path, action="append",
                     help="Measure this existing bundle (repeatable; no torch needed).")
-    ap.add_argument("--model", type=Path, help="Trained model folder to export and compare with torch "
+    ap.add_argument("--model", type=arg_path, help="Trained model folder to export and compare with torch "
                                                 "(default without --bundle: untrained MiniLM, same speed).")
     ap.add_argument("--mode", choices=["history", "last_user"], default="history",
                     help="Input mode of the untrained model (a trained model brings its own).")
-    ap.add_argument("--max-length", type=int, default=128, help="Max tokens of the untrained model.")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ShareGPT JSONL(.gz) with 'conversation'.")
+    ap.add_argument("--max-length", type=arg_number(int, 8, 512), default=128, help="Max tokens of the untrained model (8 to 512, the encoder's positions).")
+    ap.add_argument("--data", type=arg_path, default=DEFAULT_DATA, help="ShareGPT JSONL(.gz) with 'conversation'.")
     ap.add_argument("--n", type=arg_number(int, 1), default=1000, help="Prompts for the bulk run.")
     ap.add_argument("--latency-n", type=arg_number(int, 1), default=200, help="Prompts for single-prompt latency.")
     ap.add_argument("--threads", type=arg_number(int, 1, usable_cores()), default=min(2, usable_cores()),
                     help="Threads for torch and ONNX Runtime, 1 to this machine's usable cores (as the CLIs take).")
     ap.add_argument("--batch-size", type=arg_number(int, 1), default=32, help="Batch size of the old runtime and torch.")
     ap.add_argument("--repeat", type=arg_number(int, 1), default=5, help="Bulk rounds per runtime (interleaved).")
-    ap.add_argument("--labelled", type=Path, help="Chat rows with responses: adds bucket accuracy.")
+    ap.add_argument("--labelled", type=arg_path, help="Chat rows with responses: adds bucket accuracy.")
     ap.add_argument("--fp32-reference", action="store_true",
                     help="With --labelled and an int8 bundle: accuracy of its dequantized fp32 copy (needs onnx).")
     ap.add_argument("--long-prompt-mb", type=arg_number(float, 0, low_open=True), help="Also time predict_one on one prompt this big.")

@@ -29,11 +29,10 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import arg_number, run_script
+from rlpredict.cli_boundary import arg_number, arg_path, distinct_args, run_script
 from rlpredict.data import attach_rl, load_samples
 from rlpredict.serve.calibrate import held_out
 from rlpredict.serve.conformal import MIN_GROUP, QuantileCalibration
@@ -43,12 +42,13 @@ from rlpredict.splits import RECORDLESS_RULE, group_keys, recorded_split
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, action="append", required=True, help="labelled chat logs (repeatable)")
-    ap.add_argument("--model", type=Path, default=None, help="bundle (default: the shipped one)")
+    ap.add_argument("--data", type=arg_path, action="append", required=True, help="labelled chat logs (repeatable)")
+    ap.add_argument("--model", type=arg_path, default=None, help="bundle (default: the shipped one)")
     ap.add_argument("--q", type=arg_number(float, 0, 0.999, low_open=True), default=0.9)
     ap.add_argument("--splits", type=arg_number(int, 1), default=30)
     ap.add_argument("--seed", type=arg_number(int, 0), default=0)
     args = ap.parse_args()
+    distinct_args(ap, "--data", args.data)
 
     p = Predictor.load(args.model)
     samples, load = load_samples(args.data)

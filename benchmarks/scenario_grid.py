@@ -120,7 +120,7 @@ from ecoserve_sched.policies.interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN
 from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, poisson_arrivals, read_trace  # noqa: E402
-from rlpredict.cli_boundary import arg_number, run_script, worker_pool  # noqa: E402
+from rlpredict.cli_boundary import arg_number, arg_path, run_script, worker_pool  # noqa: E402
 from rlpredict.outputs import check_new_dir, check_paths, output_dir  # noqa: E402
 
 #: ``--cells random:N``: at most this many (each cell is minutes of work on two cores)
@@ -435,8 +435,8 @@ def task_overload(cell: Cell, policy: str, shared: Path, n: int, factor: float,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared", type=Path, required=True, help="the shared data folder (../shared/data)")
-    ap.add_argument("--out", type=Path, help="folder for results.json and results.md (an earlier run's is "
+    ap.add_argument("--shared", type=arg_path, required=True, help="the shared data folder (../shared/data)")
+    ap.add_argument("--out", type=arg_path, help="folder for results.json and results.md (an earlier run's is "
                     "replaced)")
     ap.add_argument("--force", action="store_true", help="accepted for older command lines: this script's earlier --out is replaced "
                     "without it, another tool's folder never")
@@ -451,7 +451,7 @@ def main() -> None:
     ap.add_argument("--workers", type=arg_number(int, 1), default=2, help="parallel processes")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N requests of each trace")
     ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="seed of the predictions and synthetic arrivals")
-    ap.add_argument("--confusion", type=Path, help="confusion matrix the predictions are drawn from (a "
+    ap.add_argument("--confusion", type=arg_path, help="confusion matrix the predictions are drawn from (a "
                     "confusion.json or a bundle; default: the shipped bundle's)")
     ap.add_argument("--kv-scale", type=float, default=1.0, metavar="F",
                     help="every cell's KV cache times F (vLLM's num_gpu_blocks_override): what KV binds")

@@ -61,7 +61,7 @@ from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import run  # noqa: E402
 from ecoserve_sched.trace import Trace, poisson_arrivals, read_trace  # noqa: E402
 from rlpredict import Predictor  # noqa: E402
-from rlpredict.cli_boundary import arg_number, run_script, worker_pool  # noqa: E402
+from rlpredict.cli_boundary import arg_number, arg_path, run_script, worker_pool  # noqa: E402
 from rlpredict.data import attach_rl, load_samples  # noqa: E402
 from rlpredict.outputs import (  # noqa: E402
     check_file_output,
@@ -305,9 +305,9 @@ def hybrid_markdown(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data",
+    ap.add_argument("--shared", type=arg_path, default=REPO.parent / "shared" / "data",
                     help="the shared data folder (default: ../shared/data beside the checkout)")
-    ap.add_argument("--out", type=Path, default=REPO / "runs" / "serving_gain", help="output folder (default: runs/serving_gain)")
+    ap.add_argument("--out", type=arg_path, default=REPO / "runs" / "serving_gain", help="output folder (default: runs/serving_gain)")
     ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile (default: llama2-13b-a100-80gb)")
     ap.add_argument("--gpu-memory-utilization", type=arg_number(float, 0, 1, low_open=True), default=None,
                     help="override the profile's (0.9): lower values leave less HBM for the KV cache")
@@ -317,11 +317,11 @@ def main() -> None:
     ap.add_argument("--slo-ttft", type=arg_number(float, 0, low_open=True), default=5.0, help="TTFT SLO, s (default 5)")
     ap.add_argument("--slo-tbt", type=arg_number(float, 0, low_open=True), default=0.2, help="mean TBT SLO, s (default 0.2)")
     ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="seed of the splits and draws (default 0)")
-    ap.add_argument("--model", type=Path, default=None,
+    ap.add_argument("--model", type=arg_path, default=None,
                     help="the predictor bundle of the 'minilm' row (default: the shipped bundle)")
-    ap.add_argument("--report", type=Path, nargs="+", default=None, metavar="RUN_DIR",
+    ap.add_argument("--report", type=arg_path, nargs="+", default=None, metavar="RUN_DIR",
                     help="only combine finished runs into one plot (written to --plot)")
-    ap.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "serving_gain.png",
+    ap.add_argument("--plot", type=arg_path, default=REPO / "docs" / "img" / "serving_gain.png",
                     help="--report: the figure to write (default: docs/img/serving_gain.png)")
     ap.add_argument("--force", action="store_true", help="--report: replace an existing --plot file")
     ap.add_argument("--traces", default="azure,sharegpt", help="comma-separated: azure, sharegpt")

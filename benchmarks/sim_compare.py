@@ -19,7 +19,7 @@ from ecoserve_sched.policies import get_policy
 from ecoserve_sched.predictions import SOURCES, load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.trace import read_trace
-from rlpredict.cli_boundary import arg_list, arg_number, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,9 +35,9 @@ def rel(p: str | Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trace", default=str(DEFAULT_TRACE))
+    ap.add_argument("--trace", type=arg_path, default=str(DEFAULT_TRACE))
     ap.add_argument("--profile", default="llama2-13b-a100-80gb")
-    ap.add_argument("--confusion", default=str(DEFAULT_CONFUSION), help="measured confusion.json (or bundle)")
+    ap.add_argument("--confusion", type=arg_path, default=str(DEFAULT_CONFUSION), help="measured confusion.json (or bundle)")
     ap.add_argument("--predictions", default="confusion", choices=[s for s in SOURCES if s != "bundle"],
                     help="predictions drawn from --confusion, the trace's own (annotated) or the true lengths")
     ap.add_argument("--policies", type=arg_list(str), default=ALL)
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--capacity-start", type=arg_number(float, 0, low_open=True), default=0.25,
                     help="first rate scale probed")
     ap.add_argument("--max-requests", type=arg_number(int, 1), default=None)
-    ap.add_argument("--out", default="out/sim_compare", help="folder for the report (an earlier run's is replaced)")
+    ap.add_argument("--out", type=arg_path, default="out/sim_compare", help="folder for the report (an earlier run's is replaced)")
     ap.add_argument("--force", action="store_true", help="accepted for older command lines: this script's earlier --out is replaced "
                     "without it, another tool's folder never")
     args = ap.parse_args()

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ecoserve_sched.cost_model import FIT_FIELDS, CostModel, fit_profile, load_profile  # noqa: E402
-from rlpredict.cli_boundary import run_script  # noqa: E402
+from rlpredict.cli_boundary import arg_path, run_script  # noqa: E402
 
 PREFILL_GRID = [(b, n) for b in (1, 2, 4, 8) for n in (128, 256, 512, 1024)]
 DECODE_GRID = [(b, c) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) for c in (256, 512, 1024, 2048)]
@@ -55,7 +55,7 @@ def memory_time(m: CostModel, x: tuple[int, int, int, int]) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profiles-dir", type=Path, default=REPO / "../shared/data/distserve_a100_profiles",
+    ap.add_argument("--profiles-dir", type=arg_path, default=REPO / "../shared/data/distserve_a100_profiles",
                     help="folder with profiler-a100-80g.<engine>.json (default: ../shared/data/"
                          "distserve_a100_profiles relative to the repo root)")
     ap.add_argument("--engine", default="vllm", choices=["vllm", "distserve"],

@@ -29,7 +29,7 @@ from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO, Request
 from ecoserve_sched.simulator import run, simulate
 from ecoserve_sched.trace import read_trace
-from rlpredict.cli_boundary import arg_list, arg_number, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
@@ -106,9 +106,9 @@ def decision_time(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default=str(DEFAULT_TRACE), help="trace to replay")
+    ap.add_argument("--trace", type=arg_path, default=str(DEFAULT_TRACE), help="trace to replay")
     ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile")
-    ap.add_argument("--confusion", default=str(DEFAULT_CONFUSION), help="confusion matrix for predictions")
+    ap.add_argument("--confusion", type=arg_path, default=str(DEFAULT_CONFUSION), help="confusion matrix for predictions")
     ap.add_argument("--rate-scales", default="0.3,1", type=arg_list(arg_number(float, 0, low_open=True)))
     ap.add_argument("--repeat", type=arg_number(int, 1), default=3, help="runs per cell (the median wall time is reported)")
     ap.add_argument("--backlog", type=arg_number(int, 0), default=2000, help="waiting requests in the decision benchmark")

@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlpredict.cli_boundary import arg_list, arg_number, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
@@ -143,11 +143,11 @@ class Worker:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--before", type=Path, required=True, help="source tree of the baseline (a git worktree)")
-    ap.add_argument("--after", type=Path, default=ROOT, help="source tree to compare (default: this one)")
-    ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="trace to replay")
+    ap.add_argument("--before", type=arg_path, required=True, help="source tree of the baseline (a git worktree)")
+    ap.add_argument("--after", type=arg_path, default=ROOT, help="source tree to compare (default: this one)")
+    ap.add_argument("--trace", type=arg_path, default=DEFAULT_TRACE, help="trace to replay")
     ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile")
-    ap.add_argument("--confusion", type=Path, default=DEFAULT_CONFUSION, help="confusion matrix for predictions")
+    ap.add_argument("--confusion", type=arg_path, default=DEFAULT_CONFUSION, help="confusion matrix for predictions")
     ap.add_argument("--rate-scales", default="0.3,1", type=arg_list(arg_number(float, 0, low_open=True)),
                     help="rate scales to replay at")
     ap.add_argument("--policies", default=",".join(POLICIES), type=arg_list(str),

@@ -37,7 +37,7 @@ from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.simulator import run
 from ecoserve_sched.trace import burst_arrivals, read_trace
-from rlpredict.cli_boundary import arg_list, arg_number, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script
 from rlpredict.outputs import check_file_output, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,19 +80,19 @@ def measure(tr, policy: str, cost, slo: SLO, conf, kv_blocks: int | None = None)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default=str(DEFAULT_TRACE), help="trace file (CSV, optionally gzipped)")
+    ap.add_argument("--trace", type=arg_path, default=str(DEFAULT_TRACE), help="trace file (CSV, optionally gzipped)")
     ap.add_argument("--max-requests", type=arg_number(int, 2), default=2000, help="replay the first N requests")
     ap.add_argument("--rate-scales", type=arg_list(arg_number(float, 0, low_open=True)), default="0.2,0.3", help="comma-separated arrival-rate scales")
     ap.add_argument("--pairs", default="vllm,ecoserve",
                     help=f"comma-separated pairs to compare: {', '.join(PAIRS)}")
     ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile")
-    ap.add_argument("--confusion", default=str(DEFAULT_CONFUSION),
+    ap.add_argument("--confusion", type=arg_path, default=str(DEFAULT_CONFUSION),
                     help="predictor confusion matrix the predictions are drawn from")
     ap.add_argument("--slo-ttft", type=arg_number(float, 0, low_open=True), default=5.0, help="TTFT SLO, seconds")
     ap.add_argument("--slo-tbt", type=arg_number(float, 0, low_open=True), default=0.2, help="TBT SLO, seconds")
     ap.add_argument("--kv-blocks", type=arg_number(int, 1), default=None,
                     help="KV blocks of 16 tokens on both sides (default: what the profile's GPU holds)")
-    ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--json", type=arg_path, help="also write the rows to this JSON file")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     ap.add_argument("--arrivals", choices=("trace", "burst8"), default="trace",
                     help="trace: the trace's arrival times; burst8: bursts at its mean rate")

@@ -35,7 +35,7 @@ import scenario_grid as grid
 from ecoserve_sched.cost_model import prefill_ctx_tokens
 from ecoserve_sched.policies.interface import DEFAULT_TOKEN_BUDGET
 from ecoserve_sched.simulator import iteration_table
-from rlpredict.cli_boundary import arg_list, arg_number, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script
 
 
 def prefill_s(cost: object, prompt: int, budget: int) -> float:
@@ -94,7 +94,7 @@ def anatomy(res: object, slo: object) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared", type=Path, required=True, help="the shared data folder (../shared/data)")
+    ap.add_argument("--shared", type=arg_path, required=True, help="the shared data folder (../shared/data)")
     ap.add_argument("--cell", required=True, help="a cell of benchmarks/scenario_grid.py, or a random draw's "
                     "cell by its rS.I prefix (cell I of --cells random:N --cell-seed S)")
     ap.add_argument("--loads", default="0.02,0.06,0.12,0.2", type=arg_list(arg_number(float, 0, low_open=True)))

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_path, distinct_args, run_script
 from rlpredict.data import attach_rl, load_samples
 from rlpredict.serve.runtime import Predictor
 from rlpredict.splits import SPLIT_RULES, recorded_split, split_by_group
@@ -28,9 +27,10 @@ from rlpredict.train.metrics import rl_metrics
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, action="append", required=True, help="labelled chat logs (repeatable)")
-    ap.add_argument("--model", type=Path, default=None, help="bundle (default: the shipped one)")
+    ap.add_argument("--data", type=arg_path, action="append", required=True, help="labelled chat logs (repeatable)")
+    ap.add_argument("--model", type=arg_path, default=None, help="bundle (default: the shipped one)")
     args = ap.parse_args()
+    distinct_args(ap, "--data", args.data)
 
     p = Predictor.load(args.model)
     split = recorded_split(p.bundle.manifest)
@@ -50,6 +50,9 @@ def main() -> None:
         return test, np.array([s.response in seen.get(context(s), ()) for s in test], dtype=bool)
 
     test, copy = copies(rule)
+    if not test:  # was: "nan%" and numpy's warnings, exit 0
+        raise SystemExit(f"{', '.join(map(str, args.data))}: none of the {len(samples)} rows is on the held-out "
+                         f"side of the bundle's split (test_frac {frac}): nothing to measure")
     groups = {s.group for s, c in zip(test, copy, strict=True) if c}
     print(f"{p.bundle.name} on {', '.join(map(str, args.data))} ({load.summary()}): split test_frac "
           f"{frac}, seed {seed}, rule {rule}; {len(test)} held-out rows, {int(copy.sum())} "

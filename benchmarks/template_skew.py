@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ecoserve_sched.engines.chat_prompt import turn_markers
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_number, arg_path, distinct_args, run_script
 from rlpredict.data import load_samples
 from rlpredict.rl_tokenizers import tokenizer_path
 from rlpredict.serve.runtime import Predictor
@@ -35,14 +35,17 @@ def _qwen_files() -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, action="append", required=True, help="labelled chat logs (repeatable)")
-    ap.add_argument("--model", type=Path, default=None, help="bundle (default: the shipped one)")
-    ap.add_argument("--chat-tokenizer", type=Path, default=None, help="folder of a tokenizer with a chat template")
+    ap.add_argument("--data", type=arg_path, action="append", required=True, help="labelled chat logs (repeatable)")
+    ap.add_argument("--model", type=arg_path, default=None, help="bundle (default: the shipped one)")
+    ap.add_argument("--chat-tokenizer", type=arg_path, default=None, help="folder of a tokenizer with a chat template")
     ap.add_argument("--generator", default="Qwen/Qwen3-8B", help="the served model's name, given to both paths")
-    ap.add_argument("--n", type=int, default=300, help="prompts compared")
-    ap.add_argument("--every", type=int, default=97, help="take every N-th sample")
+    ap.add_argument("--n", type=arg_number(int, 1), default=300, help="prompts compared")
+    ap.add_argument("--every", type=arg_number(int, 1), default=97, help="take every N-th sample")
     args = ap.parse_args()
+    distinct_args(ap, "--data", args.data)
 
+    if args.chat_tokenizer is not None and not args.chat_tokenizer.is_dir():  # was: the hub's repo-id message
+        ap.error(f"--chat-tokenizer {args.chat_tokenizer}: no such folder")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(args.chat_tokenizer or _qwen_files()))

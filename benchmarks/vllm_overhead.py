@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ecoserve_sched.cost_model import load_profile  # noqa: E402
-from rlpredict.cli_boundary import arg_number, run_script  # noqa: E402
+from rlpredict.cli_boundary import arg_number, arg_path, run_script  # noqa: E402
 from rlpredict.data import DataError, load_samples  # noqa: E402
 from rlpredict.outputs import check_file_output, write_text_atomic  # noqa: E402
 
@@ -281,7 +281,7 @@ def batched_estimate(predictor: Any, texts: list[str], k: int) -> tuple[float, f
 # ---- main ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=SAMPLE,
+    ap.add_argument("--data", type=arg_path, default=SAMPLE,
                     help="ShareGPT-format .jsonl.gz (fields conversation or prompt, response); "
                          "default: the packaged sample")
     ap.add_argument("--max-conversations", type=arg_number(int, 1), default=2000, help="read at most this many rows")
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "reported); eco-engine runs once")
     ap.add_argument("--threads", type=arg_number(int, 1), default=2, help="the middleware's prediction threads")
     ap.add_argument("--seed", type=arg_number(int, 0), default=0)
-    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--json", type=arg_path, help="write the results here")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = ap.parse_args(argv)
     if args.json:

@@ -28,6 +28,7 @@ import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
@@ -393,6 +394,23 @@ def arg_number(kind: Callable[[str], Any] = int, low: float | None = None, high:
         return value
 
     return parse
+
+
+def arg_path(text: str) -> Path:
+    """An argparse ``type`` for a path: a blank one (an unset variable: ``--data "$LOGS"``) is
+    refused, as the CLIs refuse it (``Path("")`` is the current folder, whose files were read)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path (an unset variable?)")
+    return Path(text)
+
+
+def distinct_args(ap: argparse.ArgumentParser, option: str, paths: Any) -> None:
+    """A script's ``distinct_paths``: a repeatable path option given a file twice (or a hard link
+    to it, or a path inside a folder also given) is a usage error, exit 2 (its rows counted twice)."""
+    from rlpredict.outputs import repeated_input
+
+    if problem := repeated_input(paths or ()):
+        ap.error(f"{option}: {problem}")
 
 
 def arg_list(item: Callable[[str], Any]) -> Callable[[str], list]:

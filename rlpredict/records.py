@@ -556,9 +556,18 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
         raise corrupt_compressed(p, e) from None
 
 
-def rows_with(path: str | Path, fields: Sequence[str]) -> Iterator[dict]:
-    """The rows of ``path`` (``iter_rows``), each an object holding every one of ``fields``; the
-    first bad row or missing field stops with a :class:`RecordError` naming file and line."""
+#: ``rows_with``'s words for the types a field must have.
+_WANTED = {str: "a string", int: "an integer", float: "a number", list: "an array", dict: "an object",
+           bool: "true or false"}
+
+
+def rows_with(path: str | Path, fields: Sequence[str] | Mapping[str, type | tuple[type, ...]],
+              check: Callable[[dict], tuple[str, str] | None] | None = None) -> Iterator[dict]:
+    """The rows of ``path`` (``iter_rows``), each an object holding every one of ``fields`` (a
+    mapping: each of the Python type(s) given; a number is never a bool), and passing ``check``
+    (``(field, what is wrong)`` or None); the first bad row, missing field or field of another
+    type stops with a :class:`RecordError` naming file, line and field."""
+    types = fields if isinstance(fields, Mapping) else {}
     for loc, row in iter_rows(path):
         if isinstance(row, RecordError):
             raise row
@@ -566,6 +575,13 @@ def rows_with(path: str | Path, fields: Sequence[str]) -> Iterator[dict]:
             raise RecordError(loc, "not a JSON object")
         if missing := [f for f in fields if f not in row]:
             raise RecordError(loc, "missing", missing[0])
+        for f, t in types.items():
+            v = row[f]
+            if not isinstance(v, t) or (isinstance(v, bool) and bool not in (t if isinstance(t, tuple) else (t,))):
+                want = " or ".join(_WANTED.get(k, k.__name__) for k in (t if isinstance(t, tuple) else (t,)))
+                raise RecordError(loc, f"must be {want}, got {json_kind(v)}", f)
+        if check is not None and (problem := check(row)) is not None:
+            raise RecordError(loc, problem[1], problem[0])
         yield row
 
 

@@ -226,6 +226,54 @@ def test_policy_names_are_checked_before_the_work() -> None:
     assert res.returncode == 2 and "unknown nosuch; choose from" in res.stderr and "ecoserve, ecoserve-" in res.stderr
 
 
+def _usage_error(res: subprocess.CompletedProcess, *parts: str) -> None:
+    """argparse's refusal: exit 2, its usage line and one error line, no traceback."""
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert all(p in res.stderr.splitlines()[-1] for p in parts), res.stderr
+
+
+@pytest.mark.parametrize("args", [("benchmarks/split_leak.py", "--data", ""),
+                                  ("benchmarks/quantile_coverage.py", "--data", " "),
+                                  ("training/compare_losses.py", "--data", ""),
+                                  ("benchmarks/sim_speed.py", "--trace", ""),
+                                  ("training/make_samples.py", "--shared", "")])
+def test_a_blank_path_is_refused(args) -> None:
+    """An unset variable (``--data "$LOGS"``) was the current folder, whose files were read."""
+    _usage_error(_run(*args), args[1], "empty path")
+
+
+def test_a_file_given_twice_and_bad_counts_are_refused(tmp_path: Path) -> None:
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "p", "response": "r"}\n')
+    for script in ("benchmarks/split_leak.py", "benchmarks/quantile_coverage.py", "benchmarks/template_skew.py"):
+        _usage_error(_run(script, "--data", data, "--data", tmp_path / "." / "rows.jsonl"), "given twice")  # was: counted twice
+    for option, value in (("--n", "0"), ("--every", "-2")):  # was: a TypeError, "a bug"
+        _usage_error(_run("benchmarks/template_skew.py", "--data", data, option, value), option)
+    _usage_error(_run("benchmarks/attainment_curve.py", "--shared", tmp_path, "--cell", "azure", "--points", "100000000"),
+                 "--points")
+
+
+def test_recipes_name_a_bad_row(tmp_path: Path) -> None:
+    """The recipes read rows through ``rows_with`` with their fields' types (was: a KeyError or
+    TypeError, "a bug"; make_samples.py's own run would replace the bundled samples, so its
+    reader is tested here)."""
+    from rlpredict.records import RecordError, rows_with
+    from training.make_samples import _messages
+
+    gz = tmp_path / "s.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"conversation_id": "a", "conversation": []}\n'
+                                 b'{"conversation_id": "b", "conversation": [{"role": "user"}]}\n'))
+    with pytest.raises(RecordError, match=r"s\.jsonl\.gz:2: field 'conversation': .*string 'content'"):
+        list(rows_with(gz, {"conversation_id": str, "conversation": list}, _messages))
+    gz.write_bytes(gzip.compress(b'{"conversation_id": 1, "conversation": []}\n'))
+    with pytest.raises(RecordError, match=r":1: field 'conversation_id': must be a string, got a number"):
+        list(rows_with(gz, {"conversation_id": str, "conversation": list}))
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"x": null}\n')
+    _one_error(_run("training/heldout_rows.py", f"{ids}:x", "--out", tmp_path / "o.jsonl"),  # was: hashed "None"
+               "ids.jsonl:1", "'x'", "must be a string or an integer, got null")
+
+
 def test_heldout_rows_never_writes_over_its_input(tmp_path: Path) -> None:
     src = tmp_path / "rows.jsonl.gz"
     rows = [{"conversation_id": f"c{i}", "prompt": "p", "response": "r"} for i in range(200)]

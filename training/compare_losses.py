@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import arg_list, arg_number, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, arg_path, distinct_args, run_script
 from rlpredict.outputs import check_file_output, write_text_atomic
 from rlpredict.train.config import TrainConfig
 from rlpredict.train.evaluate import encoder_texts, predict_proba_torch
@@ -42,19 +42,20 @@ COLUMNS = {"bucket_acc": ("acc", "{:.3f}"), "within1_acc": ("±1", "{:.3f}"), "m
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", action="append", required=True, help="data file (repeatable)")
+    ap.add_argument("--data", type=arg_path, action="append", required=True, help="data file (repeatable)")
     ap.add_argument("--rows", type=arg_number(int, 1), default=3000, help="training samples per variant")
     ap.add_argument("--eval-rows", type=arg_number(int, 1), default=2000, help="held-out samples scored")
     ap.add_argument("--variants", type=arg_list(str), default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--json", type=arg_path, help="also write the results here")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = ap.parse_args()
     if unknown := [v for v in args.variants if v not in VARIANTS]:
         ap.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    distinct_args(ap, "--data", args.data)
     if args.json:
         check_file_output(args.json, force=args.force, option="--json", inputs=args.data)
 
-    base = TrainConfig(data=args.data, max_rows=args.rows, lr=6e-5, include_generator=True,
+    base = TrainConfig(data=[str(p) for p in args.data], max_rows=args.rows, lr=6e-5, include_generator=True,
                        eval_rows=0, save_checkpoints=False)  # scored below, on the same rows for every variant
     prep = prepare(base)
     test = random.Random(0).sample(prep.test, min(args.eval_rows, len(prep.test)))

@@ -56,9 +56,9 @@ from typing import Any
 
 import numpy as np
 
-from rlpredict.cli_boundary import arg_number, run_script
+from rlpredict.cli_boundary import arg_number, arg_path, run_script
 from rlpredict.outputs import check_paths, work_folder, write_owned
-from rlpredict.serve.runtime import Predictor
+from rlpredict.serve.runtime import Predictor, usable_cores
 from rlpredict.train.baselines import TfidfLogistic
 from rlpredict.train.config import TrainConfig
 from rlpredict.train.evaluate import baseline_texts, encoder_texts, markdown_table
@@ -152,9 +152,9 @@ def model_size(model: TfidfLogistic) -> dict[str, Any]:
 # ---- main ----------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="the predictor's recipe (TOML)")
-    ap.add_argument("--bundle", required=True, help="the shipped bundle folder")
-    ap.add_argument("--out", required=True, help="output folder (report.md, results.json)")
+    ap.add_argument("--config", type=arg_path, required=True, help="the predictor's recipe (TOML)")
+    ap.add_argument("--bundle", type=arg_path, required=True, help="the shipped bundle folder")
+    ap.add_argument("--out", type=arg_path, required=True, help="output folder (report.md, results.json)")
     ap.add_argument("--stack-rows", type=arg_number(int, 10), default=4000, help="stacking-fit rows per source, at most")
     ap.add_argument("--folds", type=arg_number(int, 2), default=3, help="group folds for the TF-IDF out-of-fold probabilities")
     ap.add_argument("--ridge", action="store_true", help="also the stacker with the TF-IDF ridge prediction")
@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="stacking-fit groups' order and folds")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse OUT/cache.pkl (probabilities, fitted TF-IDF) when its rows match")
-    ap.add_argument("--threads", type=arg_number(int, 1), default=None, help="encoder threads (default: all usable cores)")
+    ap.add_argument("--threads", type=arg_number(int, 1, usable_cores()), default=None,
+                    help="encoder threads, at most the usable cores (default: all of them)")
     args = ap.parse_args(argv)
     check_paths([args.config, args.bundle], [("--out", args.out)], apart=[args.bundle])
     out = work_folder(args.out, tool=TOOL, option="--out")  # a new folder or this script's (its cache.pkl)

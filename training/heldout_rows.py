@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from rlpredict.cli_boundary import arg_number, run_script
+from rlpredict.cli_boundary import arg_number, arg_path, run_script
 from rlpredict.outputs import atomic_path, check_file_output
 from rlpredict.records import rows_with
 from rlpredict.splits import in_test
@@ -24,15 +24,20 @@ from rlpredict.splits import in_test
 
 def held_out(path: str, field: str, test_frac: float, seed: int) -> list[str]:
     """The rows of ``path`` (any format ``rlpredict`` reads) whose ``field`` puts them on the
-    test side, as JSONL lines."""
-    return [json.dumps(row, ensure_ascii=False) + "\n" for row in rows_with(path, (field,))
-            if in_test(row[field], test_frac, seed)]
+    test side, as JSONL lines. The field holds a string or an integer, as training reads a group
+    (was: null and objects hashed as ``"None"``, ``"{'a': 1}"``, where training reads no id or
+    refuses the row)."""
+    def named(row: dict) -> tuple[str, str] | None:
+        return (field, "empty: training would group the row by its content") if row[field] == "" else None
+
+    return [json.dumps(row, ensure_ascii=False) + "\n" for row in rows_with(path, {field: (str, int)}, named)
+            if in_test(str(row[field]), test_frac, seed)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sources", nargs="+", help="FILE:GROUP_FIELD (any format rlpredict reads)")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", type=arg_path, required=True)
     ap.add_argument("--force", action="store_true", help="replace an existing --out file")
     ap.add_argument("--per-source", type=arg_number(int, 1), default=600)
     ap.add_argument("--test-frac", type=arg_number(float, 0, 1, low_open=True), default=0.1)

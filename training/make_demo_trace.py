@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 
 from ecoserve_sched.trace import read_trace
-from rlpredict.cli_boundary import arg_number, run_script
+from rlpredict.cli_boundary import arg_number, arg_path, run_script
 from rlpredict.outputs import check_file_output, write_bytes_atomic
 from rlpredict.records import rows_with
 from rlpredict.rl_tokenizers import count_tokens
@@ -35,9 +35,9 @@ OUT = Path(__file__).resolve().parents[1] / "ecoserve_sched" / "samples" / "azur
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared", default="../shared/data", help="folder holding azure_llm_2023_conv/ and sharegpt_v3/")
+    ap.add_argument("--shared", type=arg_path, required=True, help="the shared data folder, holding azure_llm_2023_conv/ and sharegpt_v3/")
     ap.add_argument("--requests", type=arg_number(int, 1), default=1500)
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=arg_path, default=OUT)
     ap.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = ap.parse_args()
     shared = Path(args.shared)
@@ -50,13 +50,16 @@ def main() -> None:
              zip(trace.arrival_s, trace.input_tokens.tolist(), trace.output_tokens.tolist(), strict=True)]
 
     turns = []
-    for r in rows_with(sharegpt_path, ("conversation_id", "prompt", "response", "generator", "turn")):
+    for r in rows_with(sharegpt_path, {"conversation_id": str, "prompt": str, "response": str, "generator": str,
+                                       "turn": int}):
         if in_test(r["conversation_id"], 0.1, 0) and r["prompt"].strip():
             turns.append(r)
     rl = count_tokens([t["response"] for t in turns], "llama3")
     pool = sorted(zip(rl, range(len(turns)), strict=True))  # (response tokens, turn index), unused ones
     print(f"{len(turns)} held-out ShareGPT turns, {len(azure)} Azure requests")
 
+    if len(turns) < len(azure):  # each request takes a turn of its own (was: "min() arg is an empty sequence")
+        raise SystemExit(f"--requests {args.requests}: more than the {len(turns)} held-out ShareGPT turns to draw from")
     order = list(range(len(azure)))
     random.Random(0).shuffle(order)  # no request is favoured by its position when pool runs thin
     chosen: dict[int, tuple[int, int]] = {}

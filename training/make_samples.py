@@ -15,11 +15,18 @@ import io
 import json
 from pathlib import Path
 
-from rlpredict.cli_boundary import run_script
+from rlpredict.cli_boundary import arg_path, run_script
 from rlpredict.outputs import check_file_output, write_bytes_atomic
 from rlpredict.records import rows_with
 
 OUT = Path(__file__).resolve().parents[1] / "rlpredict" / "samples"
+
+
+def _messages(row: dict) -> tuple[str, str] | None:
+    """A conversation is a list of objects with a string ``content``."""
+    if all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in row["conversation"]):
+        return None
+    return "conversation", "every message must be an object with a string 'content'"
 
 
 def _h(s: str) -> float:
@@ -37,17 +44,19 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared", default="../shared/data", help="folder holding sharegpt_v3/ and alpaca_eval_outputs/")
+    ap.add_argument("--shared", type=arg_path, required=True, help="the shared data folder, holding sharegpt_v3/ and alpaca_eval_outputs/")
     ap.add_argument("--force", action="store_true", help="replace the bundled samples")
     args = ap.parse_args()
     shared = Path(args.shared)
     for name in ("sharegpt_sample.jsonl.gz", "alpaca_sample.jsonl.gz"):
         check_file_output(OUT / name, force=args.force, option="the bundled sample")
 
-    sharegpt = [r for r in rows_with(shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz", ("conversation_id", "conversation"))
+    sharegpt = [r for r in rows_with(shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz",
+                                     {"conversation_id": str, "conversation": list}, _messages)
                 if _h("s:" + r["conversation_id"]) < 0.012 and sum(len(m["content"]) for m in r["conversation"]) < 6000]
     alpaca = []
-    for r in rows_with(shared / "alpaca_eval_outputs" / "alpaca_eval_outputs.jsonl.gz", ("prompt_id", "model_dir")):
+    for r in rows_with(shared / "alpaca_eval_outputs" / "alpaca_eval_outputs.jsonl.gz",
+                       {"prompt_id": str, "model_dir": str}):
         if _h("a:" + r["prompt_id"]) < 0.04 and _h("g:" + r["model_dir"]) < 0.25:
             r.pop("conversation", None)  # prompt/response carry the same text
             alpaca.append(r)
