@@ -518,14 +518,17 @@ def at_least(low: float) -> Callable[[Any], Any]:
     return check
 
 
-def in_range(low: float, high: float, *, low_open: bool = False) -> Callable[[Any], Any]:
-    """A callback refusing values outside [low, high] ((low, high] with ``low_open``)."""
+def in_range(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[Any], Any]:
+    """A callback refusing values outside [low, high] (open at an end with ``low_open``,
+    ``high_open``)."""
 
     def check(value: Any) -> Any:
         if value is None:
             return value
-        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
-            raise typer.BadParameter(f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value}")
+        if (not math.isfinite(value) or value > high or value < low or (low_open and value == low)
+                or (high_open and value == high)):
+            raise typer.BadParameter(f"must be in {'(' if low_open else '['}{low:g}, {high:g}"
+                                     f"{')' if high_open else ']'}, got {value}")
         return value
 
     return check

@@ -15,7 +15,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from rlpredict.cli_boundary import err, in_range, log_line, nonblank_path, thread_count
+from rlpredict.cli_boundary import (
+    distinct_paths,
+    err,
+    in_range,
+    log_line,
+    nonblank_path,
+    thread_count,
+)
 from rlpredict.json_file import dumps
 
 ModelOpt = Annotated[str | None, typer.Option(
@@ -41,7 +48,7 @@ def parse_quantiles(value: str | None) -> list[float] | None:
     if value is None:
         return None
     try:
-        levels = [float(v) for v in value.split(",") if v.strip()]
+        levels = [float(v) for v in value.split(",")]  # an empty item is refused (was: dropped)
     except ValueError:
         raise typer.BadParameter(f"{value!r}: expected numbers like 0.5,0.9", param_hint="'--quantiles'") from None
     try:
@@ -59,8 +66,8 @@ def export(
     model: Annotated[Path, typer.Option("--model", help="Trained model folder (from `rlpredict train`).")],
     out: Annotated[Path, typer.Option("--out", help="Bundle folder to write.")],
     int8: Annotated[bool, typer.Option("--int8", help="Quantize to int8 (dynamic, per-channel); records its accuracy loss.")] = False,
-    parity_data: Annotated[list[Path] | None, typer.Option(
-        "--parity-data", help="Chat-log file(s) with real prompts (and responses) for the parity "
+    parity_data: Annotated[list[str] | None, typer.Option(
+        "--parity-data", callback=distinct_paths, help="Chat-log file(s) with real prompts (and responses) for the parity "
                               "check (repeatable; default: the bundled ShareGPT/AlpacaEval sample).")] = None,
     parity_n: Annotated[int, typer.Option(min=1, max=1_000_000, help="Number of parity prompts (a seeded random subset).")] = 256,
     atol: Annotated[float | None, typer.Option(callback=in_range(0, 1e3, low_open=True), help="Max |logit difference| torch vs ONNX that passes parity (default 1e-3).")] = None,
@@ -70,7 +77,8 @@ def export(
     """Export a trained model to a torch-free bundle (ONNX + tokenizer + manifest), checking parity."""
     from rlpredict.train.export import export_bundle
 
-    manifest = export_bundle(model, out, int8=int8, parity_data=parity_data, parity_n=parity_n,
+    manifest = export_bundle(model, out, int8=int8, parity_data=[Path(p) for p in parity_data or ()] or None,
+                             parity_n=parity_n,
                              atol=atol, force=force, log=log_line)
     if json_out:
         print(dumps({k: manifest[k] for k in ("name", "model", "parity", "quantization", "files")}, indent=2))

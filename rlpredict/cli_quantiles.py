@@ -31,7 +31,7 @@ def calibrate(
     seed: Annotated[int | None, typer.Option(min=0, max=2**32 - 1, help="Training split's seed, if the bundle does not record it (a different one is refused).")] = None,
     check_frac: Annotated[float, typer.Option(callback=in_range(0.01, 0.99), help="Share of the held-out prompts kept to check coverage.")] = 0.5,
     min_group: Annotated[int, typer.Option(callback=at_least(1), help="Predicted buckets with fewer calibration prompts share one offset (the rest group's).")] = 100,
-    confidence: Annotated[float | None, typer.Option(callback=in_range(0, 1, low_open=True), help="Also bound the calibration draw, in (0, 1): coverage >= q except with probability 1 - CONFIDENCE (e.g. 0.9); costs wider quantiles.")] = None,
+    confidence: Annotated[float | None, typer.Option(callback=in_range(0, 1, low_open=True, high_open=True), help="Also bound the calibration draw, in (0, 1): coverage >= q except with probability 1 - CONFIDENCE (e.g. 0.9); costs wider quantiles.")] = None,
     on_error: OnErrorOpt = "fail",
     threads: ThreadsOpt = None,
     force: ForceOpt = False,
@@ -40,9 +40,6 @@ def calibrate(
     """Add split-conformal quantiles (coverage >= q on exchangeable data) to a bundle."""
     from rlpredict.serve.bundle import default_bundle_path
     from rlpredict.serve.calibrate import calibrate_bundle, markdown
-
-    if confidence == 1:  # the bound needs some chance of a bad draw
-        raise typer.BadParameter("must be in (0, 1), got 1.0", param_hint="'--confidence'")
 
     report = calibrate_bundle(model or default_bundle_path(), data, out, quantiles=parse_quantiles(quantiles) or (),
                               split=split, test_frac=test_frac, seed=seed, check_frac=check_frac,

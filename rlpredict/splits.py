@@ -110,6 +110,23 @@ def recorded_split(manifest: object) -> dict:
     return {**split, "rule": rule}
 
 
+def check_split_record(split: dict, field: str) -> None:
+    """``ValueError("FIELD.KEY: ...")`` for a recorded split (``rlpredict train``'s summary, a
+    bundle's ``training_split`` or ``evaluation.split``) whose values are of the wrong kind: a
+    ``test_frac`` in (0, 1), a whole ``seed`` >= 0, a ``rule`` named by a string, a
+    ``train_rows_sha256`` of 64 hex digits. Absent keys pass (the readers' defaults)."""
+    frac, seed, rule, rows = (split.get(k) for k in ("test_frac", "seed", "rule", "train_rows_sha256"))
+    if frac is not None and (isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 < frac < 1):
+        raise ValueError(f"{field}.test_frac: must be a number in (0, 1), got {frac!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"{field}.seed: must be a whole number >= 0, got {seed!r}")
+    if rule is not None and not isinstance(rule, str):
+        raise ValueError(f"{field}.rule: must be one of {', '.join(SPLIT_RULES)}, got {rule!r}")
+    if rows is not None and not (isinstance(rows, str) and len(rows) == 64
+                                 and all(c in "0123456789abcdef" for c in rows)):
+        raise ValueError(f"{field}.train_rows_sha256: must be 64 lowercase hex digits, got {rows!r}")
+
+
 def check_same_split(recorded: dict, given: dict[str, tuple[str, object]], fix: str) -> None:
     """``ValueError`` if a split setting given (``name -> (where it was given, value)``, value
     None: not given) differs from the one the bundle recorded: the held-out side would then hold

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from rlpredict.json_file import read_json
 from rlpredict.outputs import write_text_atomic
 from rlpredict.serve.conformal import QuantileCalibration
 from rlpredict.serve.lexical import LexicalHead
+from rlpredict.splits import check_split_record
 
 FORMAT = "rlpredict.bundle/1"
 #: Fields a bundle must give (``rlpredict export`` writes them all; defaults would change predictions).
@@ -228,6 +230,19 @@ def _check_manifest(m: dict) -> tuple[str, str, dict]:
     for key in ("evaluation", "confusion", "training_split", "parity", "quantization"):
         if m.get(key) is not None:
             _field(m, key, dict)  # read by eval, drift, calibrate and stack
+    matrix = (m.get("confusion") or {}).get("matrix")
+    if matrix is not None and not (isinstance(matrix, list) and matrix and all(
+            isinstance(row, list) and len(row) == len(matrix) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in row)
+            for row in matrix)):  # was: drift's "pvals < 0", or its reference column dropped without a word
+        raise ValueError("confusion.matrix: expected a square array of counts >= 0")
+    for field, split in (("training_split", m.get("training_split")),
+                         ("evaluation.split", (m.get("evaluation") or {}).get("split"))):
+        if split is None:
+            continue
+        if not isinstance(split, dict):
+            raise ValueError(f"{field}: expected dict, got {split!r}")
+        check_split_record(split, field)  # was: a test_frac of "0.2" compared as text, a seed of 5.5 used
     files = _field(m, "files", dict)
     for name, entry in files.items():
         if Path(name).is_absolute() or ".." in Path(name).parts:

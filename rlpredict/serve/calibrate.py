@@ -79,7 +79,7 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
     if not 0.0 < check_frac < 1.0:
         raise ValueError(f"check_frac must be in (0, 1), got {check_frac}")
     bundle, out = Path(bundle), Path(out)
-    check_paths([bundle, *data], [("--out", out)], apart=[bundle])
+    check_paths([bundle, *data], [("--out", out)], apart=[bundle, *data])  # a calibrated bundle inside --data became data
     check_new_dir(out, force=force, option="--out", only=CALIBRATE_TOOL)  # never another tool's folder
     p = Predictor.load(bundle, threads=threads)
     p.bundle.check_rl_tokenizer()
@@ -93,7 +93,8 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
     rule = recorded_split(p.bundle.manifest).get("rule", RECORDLESS_RULE)
     fit_part, check_part = split_by_group(pool, check_frac, (seed or 0) + CHECK_SALT, rule)
     if not fit_part or not check_part:
-        raise ValueError(f"{len(pool)} held-out samples are too few to calibrate and check")
+        raise ValueError(f"{', '.join(map(str, data))}: {len(pool)} {'' if split == 'all' else 'held-out '}samples "
+                         "are too few to calibrate and check (each part needs a whole conversation)")
     log(f"calibrating on {len(fit_part)} samples, checking on {len(check_part)} ({how})")
     if min(len(fit_part), len(check_part)) < FEW_SAMPLES:  # valid on average, but loose: said (was: silent)
         q = min(qs, key=lambda v: abs(v - 0.5))  # the level whose check is loosest

@@ -20,7 +20,7 @@ from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.inputs import InputSpec, build_text, lexical_text
 from rlpredict.json_file import read_json
 from rlpredict.outputs import output_dir, repeated_input, write_text_atomic
-from rlpredict.splits import RECORDLESS_RULE, SPLIT_RULES, split_by_group
+from rlpredict.splits import RECORDLESS_RULE, SPLIT_RULES, check_split_record, split_by_group
 from rlpredict.train.baselines import BASELINES
 from rlpredict.train.encoders import check_positions
 from rlpredict.train.metrics import confusion, quantile_tag, rl_metrics
@@ -74,11 +74,11 @@ def recorded_split(path: Path) -> dict:
     split = data.get("split", {}) if isinstance(data, dict) else None
     if not isinstance(split, dict):
         raise ValueError(f"{path}: expected an object whose 'data.split' is an object")
+    try:
+        check_split_record(split, "data.split")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     frac, seed = split.get("test_frac", 0.1), split.get("seed", 0)
-    if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 < frac < 1:
-        raise ValueError(f"{path}: field 'data.split.test_frac' must be a number in (0, 1), got {frac!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"{path}: field 'data.split.seed' must be a whole number >= 0, got {seed!r}")
     rule = split.get("rule", RECORDLESS_RULE)
     if rule not in SPLIT_RULES:
         raise ValueError(f"{path}: field 'data.split.rule' must be one of {', '.join(SPLIT_RULES)}, got {rule!r}")

@@ -73,7 +73,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, *, int8: bool = False,
     if not (model_dir / TOKENIZER_FILE).is_file():
         raise ExportError(f"{model_dir}: no {TOKENIZER_FILE} (the encoder's fast tokenizer); "
                           "the bundle needs it to tokenize without transformers")
-    check_paths([model_dir, *(parity_data or ())], [("--out", out)], apart=[model_dir])
+    check_paths([model_dir, *(parity_data or ())], [("--out", out)], apart=[model_dir, *(parity_data or ())])
     check_new_dir(out, force=force, option="--out", only=EXPORT_TOOL)  # never another tool's folder
     samples, read = _parity_samples(parity_data, parity_n, meta)
     fewer = f", of the {parity_n} asked for: the data holds no more" if len(samples) < parity_n else ""

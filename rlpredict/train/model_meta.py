@@ -16,6 +16,7 @@ from rlpredict.buckets import BucketScheme
 from rlpredict.inputs import InputSpec
 from rlpredict.json_file import read_json
 from rlpredict.outputs import write_text_atomic
+from rlpredict.records import SHORT
 from rlpredict.untrusted_text import library_error
 
 FORMAT = "rlpredict.model/1"
@@ -48,7 +49,10 @@ class ModelMeta:
                 spec = InputSpec.from_dict(d["input"])
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{source}: field 'input': {e}") from None
-            return cls(buckets=buckets, input=spec, rl_tokenizer=str(d["rl_tokenizer"]))
+            if not isinstance(d["rl_tokenizer"], str) or not d["rl_tokenizer"].strip():  # was: str(5) -> "5"
+                raise ValueError(f"{source}: field 'rl_tokenizer' must be a tokenizer's name, got "
+                                 f"{SHORT.repr(d['rl_tokenizer'])}")
+            return cls(buckets=buckets, input=spec, rl_tokenizer=d["rl_tokenizer"])
         except KeyError as e:
             raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
 

@@ -225,7 +225,7 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     from rlpredict.serve.runtime import Predictor
 
     bundle, out = Path(bundle), Path(out)
-    check_paths([bundle, *cfg.data], [("--out", out)], apart=[bundle])
+    check_paths([bundle, *cfg.data], [("--out", out)], apart=[bundle, *cfg.data])  # was: read as data next time
     check_new_dir(out, force=force, option="--out", only=STACK_TOOL)  # never another tool's folder
     t0 = time.perf_counter()
     pred = Predictor.load(bundle, threads=threads)
@@ -240,6 +240,9 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
                       "seed": ("the recipe's split_seed", cfg.split_seed),
                       "rule": ("the recipe's split_rule", cfg.split_rule)},
                      "give the recipe the bundle's encoder was trained with")
+    if cfg.rl_tokenizer != pred.bundle.rl_tokenizer:  # was: lengths counted in the recipe's, labelled the bundle's
+        raise ValueError(f"the recipe's rl_tokenizer {cfg.rl_tokenizer!r} differs from bundle {bundle}'s "
+                         f"{pred.bundle.rl_tokenizer!r}: give the recipe the bundle was trained with")
     train_side, enc_train, test, cfg_scheme = load_split(cfg, log)
     if not test:  # checked before the fits: the stacked bundle is scored on this side
         raise ValueError(f"{', '.join(cfg.data)}: the held-out side of the split (test_frac {cfg.test_frac}, "

@@ -201,7 +201,7 @@ def check_output(cfg: TrainConfig, out_dir: str | Path, force: bool = False, *,
     # the encoder folder and a tokenizer file are inputs too (was: `--encoder runs/m1 --out
     # runs/m1 --force` replaced it, and an encoder inside the checkpoint folder was deleted)
     files = [p for p in (cfg.encoder, cfg.rl_tokenizer) if Path(p).expanduser().exists()]
-    check_paths([*cfg.data, *files], [("--out", out), ("--checkpoint-dir", ckpt)])
+    check_paths([*cfg.data, *files], [("--out", out), ("--checkpoint-dir", ckpt)], apart=cfg.data)
     o, c = out.expanduser().resolve(), ckpt.expanduser().resolve()
     if o in c.parents or c in o.parents:
         raise OutputError(f"{ckpt}: --checkpoint-dir and --out {out} are nested; the model folder is replaced "

@@ -193,6 +193,14 @@ def test_a_max_length_past_the_models_positions_is_refused_at_load(copy):
     (lambda m: m.update(evaluation=5), r"evaluation: expected dict"),
     (lambda m: m.update(name=["x"]), r"name: expected str"),
     (lambda m: m["model"].update(precision=8), r"model.precision: expected str"),
+    # the recorded split and the confusion counts (were: "0.2" compared as text, drift's "pvals < 0")
+    (lambda m: m.update(training_split={"test_frac": "0.2"}), r"training_split.test_frac: must be a number in \(0, 1\)"),
+    (lambda m: m.update(training_split={"seed": 5.5}), r"training_split.seed: must be a whole number"),
+    (lambda m: m.update(training_split={"rule": 5}), r"training_split.rule: must be one of id, copies"),
+    (lambda m: m.update(training_split={"train_rows_sha256": 5}), r"training_split.train_rows_sha256: must be 64"),
+    (lambda m: m.update(evaluation={"split": {"test_frac": 5}}), r"evaluation.split.test_frac: must be a number"),
+    (lambda m: m.update(confusion={"matrix": [[-5, 1], [1, 1]]}), r"confusion.matrix: expected a square array"),
+    (lambda m: m.update(confusion={"matrix": "x"}), r"confusion.matrix: expected a square array"),
 ])
 def test_manifest_fields_are_checked_at_load(copy, edit, match):
     """Were: defaults (a prediction changed from 37 to 51 tokens without a word), or an

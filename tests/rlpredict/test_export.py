@@ -75,6 +75,33 @@ def test_bad_parity_rows_are_counted_and_said(tiny_model_dir, tmp_path):
     assert said.startswith("parity prompts: 2 from") and "skipped 2 rows" in said
 
 
+def test_parity_data_is_checked_as_every_data_option_is(tiny_model_dir, tmp_path):
+    """--parity-data given twice counted its rows twice, a blank one read the current folder, and
+    an --out inside it became parity data of the next export."""
+    from typer.testing import CliRunner
+
+    from rlpredict.cli import app
+
+    src = tmp_path / "pd"
+    src.mkdir()
+    (src / "rows.jsonl").write_text('{"prompt": "good one", "response": "fine"}\n')
+    base = ["export", "--model", str(tiny_model_dir), "--parity-n", "8"]
+    for extra, says in ((["--parity-data", str(src), "--parity-data", str(src), "--out", str(tmp_path / "b")], "given twice"),
+                        (["--parity-data", "", "--out", str(tmp_path / "b")], "empty"),
+                        (["--parity-data", str(src), "--out", str(src / "b")], "lies inside the input")):
+        r = CliRunner().invoke(app, [*base, *extra])
+        assert r.exit_code == 2 and says in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pd"] and [p.name for p in src.iterdir()] == ["rows.jsonl"]
+
+
+def test_a_model_meta_names_its_rl_tokenizer_by_a_string(tiny_model_dir):
+    from rlpredict.train.model_meta import ModelMeta
+
+    d = {**json.loads((tiny_model_dir / "rlpredict.json").read_text()), "rl_tokenizer": 5}
+    with pytest.raises(ValueError, match=r"rlpredict.json: field 'rl_tokenizer' must be a tokenizer's name, got 5"):
+        ModelMeta.from_dict(d)  # was: "5", refused later by calibrate and drift
+
+
 def test_eval_copied_refuses_existing_and_force_replaces(tiny_model_dir, tmp_path):
     from typer.testing import CliRunner
 

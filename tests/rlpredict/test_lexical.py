@@ -168,6 +168,10 @@ def test_stack_refuses_a_recipe_split_other_than_the_bundles(bundle_fp32, tmp_pa
         with pytest.raises(ValueError, match=f"the recipe's {field} {value} differs from the split the bundle"):
             stack_bundle(recorded, cfg, tmp_path / "s")
     assert not (tmp_path / "s").exists()
+    cfg = TrainConfig(data=[str(p) for p in SAMPLE_FILES.values()], max_rows_per_source=150, input_mode="history",
+                      max_length=48, test_frac=0.25, split_rule="id", rl_tokenizer="qwen3")  # was: counted in qwen3
+    with pytest.raises(ValueError, match="the recipe's rl_tokenizer 'qwen3' differs from bundle"):
+        stack_bundle(recorded, cfg, tmp_path / "s")
     with pytest.raises(ValueError, match="no training data: give --data"):  # was: ": no training samples"
         stack_bundle(bundle_fp32, TrainConfig(input_mode="history", max_length=48), tmp_path / "s")
 

@@ -355,3 +355,19 @@ def test_drift_reads_in_chunks_and_says_what_small_groups_break(calibrated: Path
     (uncalibrated / "manifest.json").write_text(json.dumps(m))
     report = drift_report(uncalibrated, [DATA[1]], bounds=bounds)
     assert report["calibrated_quantiles"] == [] and any("coverage is not checked" in n for n in report["notes"])
+
+
+def test_calibrate_refuses_an_out_inside_its_data_and_empty_levels(bundle_fp32: Path, tmp_path: Path) -> None:
+    """A calibrated bundle written inside a --data folder became data of the next run (its
+    manifest read as a bad row), an empty level in --quantiles was dropped, and --confidence
+    said "(0, 1]" for 0 but "(0, 1)" for 1."""
+    data = tmp_path / "logs"
+    data.mkdir()
+    shutil.copy(DATA[0], data)
+    base = ["calibrate", "--model", str(bundle_fp32), "--data", str(data), "--split", "all"]
+    for extra, says in ((["--out", str(data / "cal")], "lies inside the input"),
+                        (["--out", str(tmp_path / "c"), "--quantiles", "0.5,,0.9"], "expected numbers like 0.5,0.9"),
+                        (["--out", str(tmp_path / "c"), "--confidence", "0"], "must be in (0, 1), got 0")):
+        r = CliRunner().invoke(app, [*base, *extra])
+        assert r.exit_code == 2 and says in " ".join(r.output.split()), r.output
+    assert [p.name for p in data.iterdir()] == [DATA[0].name] and not (tmp_path / "c").exists()
