@@ -15,7 +15,8 @@ tokens / generated tokens (total), for
 - ``mondrian``: split conformal per predicted bucket (``rlpredict calibrate``'s default), the
   buckets with fewer than ``MIN_GROUP`` calibration prompts pooled into one rest group;
 - ``mondrian-global-rest``: the same, those buckets taking the offset over all prompts (the rule
-  before December 2026, which the shipped bundle's calibration used);
+  before December 2026, which the shipped bundle's first calibration used; it was recalibrated
+  with the rest group since);
 - ``mondrian-pac``: ``mondrian`` with ``confidence`` 0.9 counted in conversations.
 
 Coverage is also given over the check half's prompts predicted into the small buckets, where the
