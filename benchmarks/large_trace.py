@@ -197,7 +197,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for n in args.rows:
         # the settings in the name: a run at another --rate or --seed never reads this one's rows
-        trace = out_dir / f"trace-{n}-rate{args.rate:g}-seed{args.seed}.jsonl.gz"
+        trace = out_dir / f"trace-{n}-rate{args.rate:.17g}-seed{args.seed}.jsonl.gz"  # every digit of the rate
         mark_owned(out_dir, TOOL, [trace.name, annotated_path(trace).name])  # before a child writes them
         todo = [("build", "")] if "build" in stages or not trace.exists() else []
         if todo:

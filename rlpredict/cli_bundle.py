@@ -47,8 +47,10 @@ def parse_quantiles(value: str | None) -> list[float] | None:
 
     if value is None:
         return None
+    if any(not v.strip() for v in value.split(",")):  # was: dropped without a word
+        raise typer.BadParameter(f"{value!r}: an empty level (two commas, or one at an end)", param_hint="'--quantiles'")
     try:
-        levels = [float(v) for v in value.split(",")]  # an empty item is refused (was: dropped)
+        levels = [float(v) for v in value.split(",")]
     except ValueError:
         raise typer.BadParameter(f"{value!r}: expected numbers like 0.5,0.9", param_hint="'--quantiles'") from None
     try:

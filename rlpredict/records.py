@@ -576,10 +576,13 @@ def rows_with(path: str | Path, fields: Sequence[str] | Mapping[str, type | tupl
         if missing := [f for f in fields if f not in row]:
             raise RecordError(loc, "missing", missing[0])
         for f, t in types.items():
-            v = row[f]
-            if not isinstance(v, t) or (isinstance(v, bool) and bool not in (t if isinstance(t, tuple) else (t,))):
-                want = " or ".join(_WANTED.get(k, k.__name__) for k in (t if isinstance(t, tuple) else (t,)))
-                raise RecordError(loc, f"must be {want}, got {json_kind(v)}", f)
+            v, kinds = row[f], (t if isinstance(t, tuple) else (t,))
+            if float in kinds and int not in kinds and isinstance(v, int) and not isinstance(v, bool):
+                continue  # a JSON number written without a fraction is a number
+            if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+                want = " or ".join(_WANTED.get(k, k.__name__) for k in kinds)
+                got = "a number with a fraction" if isinstance(v, float) and int in kinds else json_kind(v)
+                raise RecordError(loc, f"must be {want}, got {got}", f)
         if check is not None and (problem := check(row)) is not None:
             raise RecordError(loc, problem[1], problem[0])
         yield row

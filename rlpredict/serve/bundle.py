@@ -152,6 +152,10 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
             if key not in scheme:
                 raise ValueError(f"buckets: missing field {key!r}")
         buckets = BucketScheme.from_dict(scheme, source="buckets")
+        matrix = (manifest.get("confusion") or {}).get("matrix")
+        if matrix is not None and (len(matrix) != buckets.n_buckets or not sum(map(sum, matrix))):
+            raise ValueError(f"confusion.matrix: expected {buckets.n_buckets} x {buckets.n_buckets} counts "
+                             "(one row per bucket), not all 0")  # was: drift's reference column dropped
         spec_d = _field(manifest, "input", dict)
         if unknown := sorted(set(spec_d) - {*INPUT_FIELDS, "truncation_side"}):
             raise ValueError(f"input: unknown field(s) {', '.join(map(repr, unknown))} "

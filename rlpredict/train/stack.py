@@ -33,6 +33,7 @@ from rlpredict.buckets import BucketScheme
 from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.inputs import LEXICAL_TEXT_CAP, InputSpec
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
+from rlpredict.rl_tokenizers import same_rl_tokenizer
 from rlpredict.serve import lexical
 from rlpredict.serve.bundle import copy_files, write_manifest
 from rlpredict.splits import check_same_split, group_keys, recorded_split, rows_sha256
@@ -240,7 +241,7 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
                       "seed": ("the recipe's split_seed", cfg.split_seed),
                       "rule": ("the recipe's split_rule", cfg.split_rule)},
                      "give the recipe the bundle's encoder was trained with")
-    if cfg.rl_tokenizer != pred.bundle.rl_tokenizer:  # was: lengths counted in the recipe's, labelled the bundle's
+    if not same_rl_tokenizer(cfg.rl_tokenizer, pred.bundle.rl_tokenizer):  # was: counted in the recipe's
         raise ValueError(f"the recipe's rl_tokenizer {cfg.rl_tokenizer!r} differs from bundle {bundle}'s "
                          f"{pred.bundle.rl_tokenizer!r}: give the recipe the bundle was trained with")
     train_side, enc_train, test, cfg_scheme = load_split(cfg, log)

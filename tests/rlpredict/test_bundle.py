@@ -201,6 +201,7 @@ def test_a_max_length_past_the_models_positions_is_refused_at_load(copy):
     (lambda m: m.update(evaluation={"split": {"test_frac": 5}}), r"evaluation.split.test_frac: must be a number"),
     (lambda m: m.update(confusion={"matrix": [[-5, 1], [1, 1]]}), r"confusion.matrix: expected a square array"),
     (lambda m: m.update(confusion={"matrix": "x"}), r"confusion.matrix: expected a square array"),
+    (lambda m: m.update(confusion={"matrix": [[1]]}), r"confusion.matrix: expected \d+ x \d+ counts"),
 ])
 def test_manifest_fields_are_checked_at_load(copy, edit, match):
     """Were: defaults (a prediction changed from 37 to 51 tokens without a word), or an

@@ -366,7 +366,7 @@ def test_calibrate_refuses_an_out_inside_its_data_and_empty_levels(bundle_fp32: 
     shutil.copy(DATA[0], data)
     base = ["calibrate", "--model", str(bundle_fp32), "--data", str(data), "--split", "all"]
     for extra, says in ((["--out", str(data / "cal")], "lies inside the input"),
-                        (["--out", str(tmp_path / "c"), "--quantiles", "0.5,,0.9"], "expected numbers like 0.5,0.9"),
+                        (["--out", str(tmp_path / "c"), "--quantiles", "0.5,,0.9"], "an empty level"),
                         (["--out", str(tmp_path / "c"), "--confidence", "0"], "must be in (0, 1), got 0")):
         r = CliRunner().invoke(app, [*base, *extra])
         assert r.exit_code == 2 and says in " ".join(r.output.split()), r.output
