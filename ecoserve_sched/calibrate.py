@@ -170,8 +170,11 @@ def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: 
         # subclass) or the model's construction (a negative size: torch's RuntimeError) refuses
         # is the file's fault.
         from huggingface_hub.errors import StrictDataclassError
+        from transformers.utils import logging as hf_logging
 
-        try:
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its warnings about the file (a pad_token_id past the
+        try:  # vocabulary) came before our line: what is wrong is said once, in the error
             config = AutoConfig.for_model(**spec)
             # what the cost model cannot describe is refused before the weights are built (a
             # mixture-of-experts config could take more memory than the machine has)
@@ -189,6 +192,8 @@ def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: 
             # AssertionError: a pad_token_id outside the vocabulary (torch's Embedding asserts)
             raise CalibrationError(f"{path}: not a config transformers can build a model from "
                                    f"({' '.join(str(e).split())})") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
     m.generation_config.eos_token_id = None
     return m.to(device).eval()
 
@@ -202,11 +207,12 @@ MIN_VOCAB = 4
 
 def _sizes_given(spec: dict[str, Any], config: Any, path: Path) -> None:
     """Refuse a config file that leaves out one of :data:`SIZE_FIELDS` (or its alias in the
-    config class's ``attribute_map``, OPT's ``ffn_dim``): a misspelt key was silently the
+    config class's ``attribute_map``; for OPT, ``ffn_dim``): a misspelt key was silently the
     default."""
     aliases = {v: k for k, v in getattr(type(config), "attribute_map", {}).items()}
     for f in SIZE_FIELDS:
-        names = {f, *(a for a, target in aliases.items() if target == f), *(("ffn_dim",) if f == "intermediate_size" else ())}
+        opt_mlp = ("ffn_dim",) if f == "intermediate_size" and spec.get("model_type") == "opt" else ()
+        names = {f, *(a for a, target in aliases.items() if target == f), *opt_mlp}
         if not names & spec.keys():
             default = getattr(config, f, None)
             raise CalibrationError(f"{path}: field '{f}' is missing (transformers would build its default, "
@@ -330,7 +336,8 @@ def measure(m: Any, grid: list[tuple[int, int, int, int]], token_budget: int = 2
         if i < len(warm):
             continue
         rows = np.asarray([run.samples() for run in runs], dtype=float)  # repeats x iters x 5
-        assert (rows[:, :, :4] == rows[:1, :, :4]).all(), "shapes differ between repeats"
+        if not (rows[:, :, :4] == rows[:1, :, :4]).all():  # the step clock repeats them exactly
+            raise RuntimeError("calibration: batch shapes differ between repeats of one workload (a bug)")
         med = np.median(rows[:, :, 4], axis=0)
         samples += [(*map(float, r[:4]), float(t)) for r, t in zip(rows[0], med, strict=True)]
         noise += list(np.abs(rows[:, :, 4] - med).max(axis=0) / med)
@@ -338,9 +345,11 @@ def measure(m: Any, grid: list[tuple[int, int, int, int]], token_budget: int = 2
 
 
 def default_stem(model: str) -> str:
-    """The default profile name's model part: the preset, the config file's name, or its
-    folder's (``my-model/config.json``: ``my-model``, was ``config``)."""
+    """The default profile name's model part: the preset, the config file's name, or the
+    folder's (``my-model`` or ``my-model/config.json``: ``my-model``, was ``config``)."""
     path = Path(model)
+    if path.is_dir():  # Qwen2.5-0.5B, not Qwen2.5-0; ".", the folder's name
+        return path.resolve().name
     return path.parent.resolve().name if path.stem == "config" and path.suffix == ".json" else path.stem
 
 

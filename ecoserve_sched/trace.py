@@ -365,9 +365,10 @@ _FRACTION = re.compile(r"\.([0-9]+)")
 
 
 def _iso_datetime(text: str) -> datetime:
-    """``datetime.fromisoformat`` as Python 3.11 reads a trace's times, on every supported
-    Python: the fraction of a second written to microseconds (Azure writes 7 digits: cut to 6;
-    ``.12``: ``.120000``) and a trailing ``Z`` read as UTC (3.10 refused all three)."""
+    """``datetime.fromisoformat``, with what Python 3.10 refused and 3.11 reads in traces' times
+    written as 3.11 reads them: the fraction of a second to microseconds (Azure writes 7 digits:
+    cut to 6; ``.12``: ``.120000``) and a trailing ``Z`` as UTC. Other forms 3.11 added (a
+    ``+0000`` offset, the compact ``20231116T181546``) stay 3.11's."""
     text = _FRACTION.sub(lambda m: "." + (m.group(1) + "00000")[:6], text.strip(), count=1)
     return datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text)
 

@@ -212,12 +212,12 @@ def _usage_error(e: Any, path: str) -> NoReturn:
     """A bad option, argument or command: one line, ``error: COMMAND: what is wrong (see
     'COMMAND --help')``, exit 2 (was: typer's usage text and a box around the message, which
     wraps a long one over several lines). ``path``: the command, where the error does not say."""
-    if type(e).__name__ == "NoArgsIsHelpError":  # the bare command (``rlpredict``): its help, as before
-        typer.echo(e.format_message(), err=True)
+    if type(e).__name__ == "NoArgsIsHelpError":  # the bare command (``rlpredict``): its help on stdout, exit 2
+        typer.echo(e.format_message())
         raise typer.Exit(e.exit_code)
     path = e.ctx.command_path if e.ctx is not None else path
     what = " ".join(e.format_message().split())
-    hint = f" (see '{path} --help')" if path else ""
+    hint = f" (see '{path} --help')" if path and "(see " not in what else ""  # one pointer, not two
     typer.echo(f"error: {path + ': ' if path else ''}{what}{hint}", err=True)
     raise typer.Exit(e.exit_code)
 

@@ -450,6 +450,8 @@ def test_calibrate_refuses_a_missing_device(tmp_path):
                                          ({"model_type": "qwen2_moe", "num_experts": 60}, "mixture-of-experts"),
                                          # a misspelt size was transformers' default (32 layers)
                                          ({"num_hidden_layer": 1}, "field 'num_hidden_layers' is missing"),
+                                         # OPT's name for the MLP width, not Llama's (was: 11008 built)
+                                         ({"intermediate_size": None, "ffn_dim": 128}, "field 'intermediate_size' is missing"),
                                          ({"num_key_value_heads": 3}, "num_key_value_heads (3) must divide"),
                                          ({"vocab_size": 3}, "field 'vocab_size' (3) must be at least 4"),
                                          # torch's assert (was: exit 1, "a bug")
@@ -465,6 +467,7 @@ def test_calibrate_names_a_config_transformers_cannot_build(tmp_path, edit, why)
             "num_attention_heads": 4, "vocab_size": 128, **edit}
     if "num_hidden_layer" in edit:
         del spec["num_hidden_layers"]
+    spec = {k: v for k, v in spec.items() if v is not None}
     cfg.write_text(json.dumps(spec))
     r = runner.invoke(app, ["calibrate", "--model", str(cfg), "--grid", "test", "--out", str(tmp_path / "p.json")])
     _refused(r, f"{cfg}: ")
@@ -513,6 +516,8 @@ def test_calibrate_names_a_profile_after_the_config_folder(tmp_path):
     from ecoserve_sched.calibrate import default_stem
 
     assert default_stem(str(tmp_path / "my-model" / "config.json")) == "my-model"  # was: "config"
+    (tmp_path / "Qwen2.5-0.5B").mkdir()
+    assert default_stem(str(tmp_path / "Qwen2.5-0.5B")) == "Qwen2.5-0.5B"  # was: "Qwen2.5-0"
     assert default_stem(str(tmp_path / "mistral.json")) == "mistral" and default_stem("tiny-llama") == "tiny-llama"
 
 
