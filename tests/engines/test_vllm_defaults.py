@@ -118,21 +118,25 @@ def step_once(s: Scheduler, target: dict[str, int]) -> object:
 
 
 # ---- one set of rules ------------------------------------------------------------------------------
-def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
-    """Same waiting order (predictions capped at max_tokens alike), same TTFT estimate (give-way,
-    parking), same reservations (and top-ups), same admission answer, same victim and same park
-    victim as ``policies/ecoserve.py`` given the same requests, predictions, cost model and cache
-    (the plug-in's cost model as ``ECOSERVE_PROFILE`` gives it)."""
+@pytest.mark.parametrize("reserve_frac", [0.0, 0.1])  # the default, and a keep-free reserve
+def test_plugin_and_simulator_policy_agree_on_the_same_inputs(reserve_frac: float, monkeypatch) -> None:
+    """Same waiting order (predictions capped at max_tokens alike), same TTFT estimate and
+    give-way answer, same reservations (and top-ups), same admission answer (with and without
+    a keep-free reserve), same victim and same park victim as ``policies/ecoserve.py`` given the
+    same requests, predictions, cost model and cache (the plug-in's cost model as
+    ``ECOSERVE_PROFILE`` gives it)."""
     cost, blocks = load_profile("llama2-13b-a100-80gb"), 320
+    monkeypatch.setenv("ECOSERVE_RESERVE_FRAC", str(reserve_frac))
     eco = build(EcoServeVllmSyncScheduler, num_blocks=blocks)
-    sim = EcoServeScheduler(cost, config=EcoServeConfig(), kv_blocks=blocks, block_size=BS, slo=SLO(5.0, 0.2),
-                            max_running=eco.max_num_running_reqs,  # the same slots (service_s)
+    sim = EcoServeScheduler(cost, config=EcoServeConfig(reserve_frac=reserve_frac), kv_blocks=blocks, block_size=BS,
+                            slo=SLO(5.0, 0.2), max_running=eco.max_num_running_reqs,  # the same slots (service_s)
                             token_budget=eco.max_num_scheduled_tokens)
-    eco.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=5.0, slo_tbt=0.2)
+    eco.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=5.0, slo_tbt=0.2, reserve_frac=reserve_frac)
     eco.cost_model = cost
     assert (eco.eco_cfg.aging, eco.eco_cfg.reserve_frac, eco.eco_cfg.give_way) == (
         sim.cfg.aging, sim.cfg.reserve_frac, sim.cfg.give_way)  # the same defaults
     assert eco._kv_tokens == sim.kv_tokens and eco._keep_free == sim.keep_free
+    assert (eco._keep_free > 0) == (reserve_frac > 0)  # (was: only ever 0 here)
     assert eco._cache_step_s == sim.step_s
     rng = np.random.default_rng(3)
     n = 40
@@ -158,6 +162,14 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs() -> None:
     sim.prefill_budget()
     np.testing.assert_allclose([eco._prefill_est_s(v) for v in vreqs], [sim._ttft_est_s(r) for r in sims],
                                rtol=1e-12)
+    # ... and the same give-way answer from it, some giving way and some not (was: never asked)
+    for t in (4.0, 6.0, 8.0):
+        eco.clock = lambda t=t: t
+        lost = [eco._ttft_lost(v) for v in vreqs]
+        assert lost == [rules.ttft_lost(t, r.arrival_s, r.slo.ttft_s, sim._ttft_est_s(r)) for r in sims]
+        if t == 6.0:
+            assert set(lost) == {True, False}
+    del eco.clock
     # 2. reservations and top-ups: the same base (the prediction's reservation), generated count
     # and cap
     for r, v in zip(sims, vreqs, strict=True):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from rlpredict.buckets import BucketScheme
 from rlpredict.splits import SPLIT_RULES, recorded_split, split_by_group
-from rlpredict.train.metrics import confusion, quantile_tag, rl_metrics
+from rlpredict.train.metrics import confusion, decode, quantile_tag, rl_metrics
 
 
 @pytest.fixture
@@ -41,6 +41,15 @@ def test_kendall_tau_perfect_and_constant(scheme):
     rl = np.array([50, 150, 300])
     assert rl_metrics(rl, np.eye(3), scheme)["kendall_tau"] == pytest.approx(1.0)
     assert rl_metrics(rl, np.tile([0.2, 0.5, 0.3], (3, 1)), scheme)["kendall_tau"] == 0.0
+
+
+def test_kendall_tau_breaks_a_tie_in_the_point_by_the_expected_bucket(scheme):
+    """Both predict bucket 1 (150 tokens); the second leans longer, so it ranks second (without
+    the tie-break tau-b is undefined here, reported 0)."""
+    probs = np.array([[0.15, 0.7, 0.15], [0.05, 0.7, 0.25]])
+    assert decode(probs, scheme, 0.9).pred_tokens.tolist() == [150, 150]
+    assert rl_metrics(np.array([120, 180]), probs, scheme)["kendall_tau"] == pytest.approx(1.0)
+    assert rl_metrics(np.array([180, 120]), probs, scheme)["kendall_tau"] == pytest.approx(-1.0)
 
 
 def _row(group: str, prompt: str, response: str) -> SimpleNamespace:
