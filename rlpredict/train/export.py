@@ -157,6 +157,10 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
         found = _read_json(model_dir / "eval" / path)
         if found is not None:  # absent rather than null: readers test `"confusion" in manifest`
             manifest[key] = found
+    matrix = manifest["confusion"].get("matrix") if isinstance(manifest.get("confusion"), dict) else None
+    if isinstance(matrix, list) and len(matrix) != scheme.n_buckets:  # the bundle would not load
+        raise ExportError(f"{model_dir / 'eval' / 'confusion.json'}: a matrix of {len(matrix)} buckets for a "
+                          f"model of {scheme.n_buckets}: another model's; run `rlpredict eval` on this one again")
     summary = _read_json(model_dir / "training_summary.json")
     if isinstance(summary, dict) and "split" in (summary.get("data") or {}):  # recorded, not a default
         # what `calibrate --split test` needs, with or without an `eval` report
