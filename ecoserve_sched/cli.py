@@ -341,11 +341,12 @@ def compare(
     columns: ColumnsOpt = None, time_unit: TimeUnitOpt = "s", on_error: OnErrorOpt = "fail",
 ) -> None:
     """Every policy at every load: a Markdown table and plots."""
-    from rlpredict.outputs import output_dir
+    from rlpredict.outputs import check_new_dir, output_dir
 
     from .compare import NO_PLOTS, can_plot, predictions_of, slo_text, sweep, write_report
 
     names, scales = _policy_names(policies, "--policies"), _scales(rate_scales, "--rate-scales")
+    check_new_dir(out, force=force, option="--out", only="ecoserve compare")  # before the trace is read
     spec = _spec(trace, names, profile, predictions, confusion, bundle,
                  SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed, outputs=(("--out", out),),
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size),

@@ -23,7 +23,7 @@ from rlpredict.outputs import output_dir, repeated_input, write_text_atomic
 from rlpredict.splits import RECORDLESS_RULE, SPLIT_RULES, check_split_record, split_by_group
 from rlpredict.train.baselines import BASELINES
 from rlpredict.train.encoders import check_positions
-from rlpredict.train.metrics import confusion, quantile_tag, rl_metrics
+from rlpredict.train.metrics import confusion, decode, quantile_tag, rl_metrics
 from rlpredict.train.model_meta import ModelMeta, load_trained, weights_sha256
 
 MODEL = "model"
@@ -219,7 +219,7 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
         "sources": {s: {m: scores(rl[src == s], p[src == s], scheme, reserve_quantile)
                         for m, p in probs.items()} for s in sources} if len(sources) > 1 else {},
     }
-    report["verdict"] = verdict(report["all"])
+    report["verdict"] = verdict(report["all"], paired_p(rl, probs, scheme, report["all"]), len(test))
     return report, probs, test
 
 
@@ -236,16 +236,44 @@ def scores(rl: np.ndarray, probs: np.ndarray, scheme: BucketScheme, q: float) ->
     return m
 
 
-def verdict(metrics: dict[str, dict]) -> str:
+def _best_tfidf(metrics: dict[str, dict]) -> str | None:
+    tfidf = [m for m in ("tfidf_ridge", "tfidf_logreg") if m in metrics]
+    return min(tfidf, key=lambda m: metrics[m]["mae"]) if tfidf else None
+
+
+def paired_p(rl: np.ndarray, probs: dict[str, np.ndarray], scheme: BucketScheme,
+             metrics: dict[str, dict]) -> float | None:
+    """Two-sided p of the paired Wilcoxon signed-rank test on the held-out rows' absolute
+    errors, the model's against the better TF-IDF baseline's (None: nothing to compare; 1 when
+    every row's errors tie)."""
+    best = _best_tfidf(metrics)
+    if MODEL not in probs or best is None or len(rl) < 2:
+        return None
+    from scipy.stats import wilcoxon
+
+    err = {m: np.abs(decode(probs[m], scheme).pred_tokens - rl) for m in (MODEL, best)}
+    if not np.any(err[MODEL] != err[best]):
+        return 1.0
+    return float(wilcoxon(err[MODEL], err[best], zero_method="zsplit").pvalue)
+
+
+def verdict(metrics: dict[str, dict], p: float | None = None, n: int | None = None) -> str:
+    """Whether the model's MAE beats the better TF-IDF baseline's; with ``p`` (``paired_p``),
+    a difference the held-out rows cannot tell from noise (p >= 0.05) is said to be one."""
     if MODEL not in metrics:
         return "no model scored"
-    tfidf = [m for m in ("tfidf_ridge", "tfidf_logreg") if m in metrics]
-    if not tfidf:
+    best = _best_tfidf(metrics)
+    if best is None:
         return "no TF-IDF baseline scored"
-    best = min(tfidf, key=lambda m: metrics[m]["mae"])
     ratio = metrics[MODEL]["mae"] / metrics[best]["mae"]
     word = "beats" if ratio < 1 else "does NOT beat"
-    return f"model MAE {metrics[MODEL]['mae']:.1f} = {ratio:.2f}x {best} ({metrics[best]['mae']:.1f}): the model {word} TF-IDF"
+    line = f"model MAE {metrics[MODEL]['mae']:.1f} = {ratio:.2f}x {best} ({metrics[best]['mae']:.1f}): the model {word} TF-IDF"
+    if p is not None and p >= 0.05:  # was: a firm verdict on 14 held-out rows
+        line += (f", but the {n or 'held-out'} rows cannot tell the two apart (paired Wilcoxon test on the "
+                 f"absolute errors, p = {p:.2f})")
+    elif p is not None:
+        line += f" (paired Wilcoxon test on the absolute errors of {n or 'the'} rows, p = {p:.2g})"
+    return line
 
 
 def confusion_dict(rl: np.ndarray, probs: np.ndarray, scheme: BucketScheme, source: str) -> dict:

@@ -122,3 +122,23 @@ def test_demo_trains_evaluates_and_names_the_final_model_folder(tmp_path) -> Non
     assert f"- model: `{out / 'model'}`" in (out / "report" / "report.md").read_text()
     assert ".part" not in (out / "report" / "confusion.json").read_text()
     assert (out / "report" / "confusion_model.png").stat().st_size > 0
+
+
+def test_the_verdict_says_when_the_held_out_rows_cannot_tell_the_two_apart():
+    """A firm "does NOT beat TF-IDF" on 14 held-out rows (a new user's run) is now qualified by a
+    paired Wilcoxon test on the rows' absolute errors."""
+    from rlpredict.buckets import BucketScheme
+    from rlpredict.train.evaluate import MODEL, paired_p, scores, verdict
+
+    scheme = BucketScheme.from_edges([100, 200, float("inf")]).fit([50] * 10 + [150] * 10 + [300] * 10)
+    rng = np.random.default_rng(0)
+    for n, model_good, says in ((14, 0.5, "cannot tell the two apart"), (400, 0.9, "p = ")):
+        rl = rng.choice([50.0, 150.0, 300.0], n)
+        truth = np.eye(3)[scheme.bucket_of(rl)]
+        noise = np.eye(3)[rng.integers(0, 3, n)]
+        probs = {MODEL: np.where(rng.random((n, 1)) < model_good, truth, noise), "tfidf_logreg": noise}
+        metrics = {m: scores(rl, p, scheme, 0.9) for m, p in probs.items()}
+        line = verdict(metrics, paired_p(rl, probs, scheme, metrics), n)
+        assert "the model beats TF-IDF" in line and says in line, line
+        assert ("cannot tell" in line) == (n == 14)
+    assert paired_p(rl, {MODEL: noise, "tfidf_logreg": noise}, scheme, metrics) == 1.0  # every row ties
