@@ -179,9 +179,11 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
           confusion: str | None, bundle: str | None, slo: SLO, max_tokens: int,
           max_requests: int | None, seed: int, arrivals: str = "trace", rate: float | None = None,
           cv: float | None = None, outputs: tuple[tuple[str, Path], ...] = (),
-          server: Server | None = None, fmt: TraceFormat | None = None) -> RunSpec:
+          server: Server | None = None, fmt: TraceFormat | None = None,
+          check_outputs: Callable[[], None] | None = None) -> RunSpec:
     """The RunSpec of the options for running ``policies``; refuses options that would be
-    ignored, and ``outputs`` that collide with an input."""
+    ignored, and ``outputs`` that collide with an input or (``check_outputs``) exist, before the
+    trace is read."""
     from rlpredict.outputs import check_paths
 
     from .compare import RunSpec, ServerSettingError
@@ -203,6 +205,8 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
         raise typer.BadParameter("poisson arrivals have cv 1; use --arrivals gamma", param_hint="'--cv'")
     inputs = [trace, *(p for p in (confusion, bundle, profile) if p is not None and Path(p).exists())]
     check_paths(inputs, outputs)
+    if check_outputs is not None:
+        check_outputs()
     cost = load_profile(profile or DEFAULT_PROFILE)
     server = server or Server()
     try:  # a KV size that leaves no room is refused before any run
@@ -346,11 +350,11 @@ def compare(
     from .compare import NO_PLOTS, can_plot, predictions_of, slo_text, sweep, write_report
 
     names, scales = _policy_names(policies, "--policies"), _scales(rate_scales, "--rate-scales")
-    check_new_dir(out, force=force, option="--out", only="ecoserve compare")  # before the trace is read
     spec = _spec(trace, names, profile, predictions, confusion, bundle,
                  SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed, outputs=(("--out", out),),
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size),
-                 fmt=_trace_format(columns, time_unit, on_error))
+                 fmt=_trace_format(columns, time_unit, on_error),
+                 check_outputs=lambda: check_new_dir(out, force=force, option="--out", only="ecoserve compare"))
     for x in scales:  # one too small for the trace's clock: refused before the first run
         try:
             spec.trace.scaled(x)

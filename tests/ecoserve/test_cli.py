@@ -345,7 +345,9 @@ def test_compare_output_is_safe(tmp_path):
             "--rate-scales", "1", "--out", str(out)]
     assert runner.invoke(app, base).exit_code == 0
     first = (out / "results.json").read_text()
-    _refused(runner.invoke(app, base), "exists; pass --force")
+    again = runner.invoke(app, base)
+    _refused(again, "exists; pass --force")
+    assert "read " not in again.output  # refused before the trace is read (was: after, however large)
     assert runner.invoke(app, [*base, "--force", "--seed", "3"]).exit_code == 0
     assert (out / "results.json").read_text() != first
     (out / "notes.txt").write_text("mine")
