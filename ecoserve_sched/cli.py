@@ -189,7 +189,7 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     from .compare import RunSpec, ServerSettingError
     from .cost_model import DEFAULT_PROFILE, load_profile
     from .predictions import load_confusion
-    from .trace import burst_arrivals, describe, gamma_arrivals, read_trace
+    from .trace import TraceError, burst_arrivals, describe, gamma_arrivals, read_trace
 
     if bundle is not None and predictions != "bundle":
         raise typer.BadParameter("is used only with --predictions bundle", param_hint="'--bundle'")
@@ -205,8 +205,6 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
         raise typer.BadParameter("poisson arrivals have cv 1; use --arrivals gamma", param_hint="'--cv'")
     inputs = [trace, *(p for p in (confusion, bundle, profile) if p is not None and Path(p).exists())]
     check_paths(inputs, outputs)
-    if check_outputs is not None:
-        check_outputs()
     cost = load_profile(profile or DEFAULT_PROFILE)
     server = server or Server()
     try:  # a KV size that leaves no room is refused before any run
@@ -222,6 +220,10 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
         raise typer.BadParameter(f"{arrivals} arrivals draw the times: the trace's arrival column is not read, "
                                  "so --time-unit and --columns arrival_time_s=... have no use",
                                  param_hint="'--arrivals'")
+    if not Path(trace).exists():  # said before an existing --out is (read_trace's words)
+        raise TraceError(f"{trace}: no such trace file")
+    if check_outputs is not None:  # the options and inputs first, then the output, then the read
+        check_outputs()
     tr = read_trace(trace, max_tokens=max_tokens, keep_prompts=predictions == "bundle", fmt=fmt)
     if confusion is not None and predictions is None and tr.has_rl:
         raise typer.BadParameter(f"is not used: {trace} has rl_* fields, so predictions default to "

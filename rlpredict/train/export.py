@@ -20,6 +20,7 @@ Needs the ``[train]`` extra (torch, transformers, onnx).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import shutil
@@ -157,10 +158,16 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
         found = _read_json(model_dir / "eval" / path)
         if found is not None:  # absent rather than null: readers test `"confusion" in manifest`
             manifest[key] = found
-    matrix = manifest["confusion"].get("matrix") if isinstance(manifest.get("confusion"), dict) else None
-    if isinstance(matrix, list) and len(matrix) != scheme.n_buckets:  # the bundle would not load
-        raise ExportError(f"{model_dir / 'eval' / 'confusion.json'}: a matrix of {len(matrix)} buckets for a "
-                          f"model of {scheme.n_buckets}: another model's; run `rlpredict eval` on this one again")
+    conf = manifest.get("confusion")
+    if isinstance(conf, dict) and (isinstance(conf.get("matrix"), list) or "bucket_edges" in conf):
+        edges = [None if math.isinf(e) else e for e in scheme.edges]
+        matrix = conf.get("matrix")
+        if conf.get("bucket_edges", edges) != edges or not isinstance(matrix, list) or len(matrix) != len(edges):
+            raise ExportError(f"{model_dir / 'eval' / 'confusion.json'}: bucket edges {conf.get('bucket_edges')} "
+                              f"and a matrix of {len(matrix) if isinstance(matrix, list) else '?'} rows, for a model "
+                              f"with edges {edges}: another model's; run `rlpredict eval` on this one again")
+        if not any(map(any, matrix)):  # the bundle would not load (after the ONNX export)
+            raise ExportError(f"{model_dir / 'eval' / 'confusion.json'}: an all-zero confusion matrix")
     summary = _read_json(model_dir / "training_summary.json")
     if isinstance(summary, dict) and "split" in (summary.get("data") or {}):  # recorded, not a default
         # what `calibrate --split test` needs, with or without an `eval` report
