@@ -9,6 +9,7 @@ attainment is not monotone in the load on a finite trace, so two policies whose 
 scenario-grid cell (``benchmarks/scenario_grid.py``: same requests, predictions and server) at
 ``--points`` evenly spaced loads and prints each policy's attainment at every load and its mean
 over them: the area under the curve near capacity, which a one-step difference does not move.
+The replays run in ``--workers`` processes (the table is the same for any number).
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scenario_grid as grid
 
-from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script, worker_pool
+
+
+def attainment(cell_name: str, policy: str, shared: Path, requests: int, load: float) -> float:
+    """One replay of ``cell_name`` under ``policy`` at ``load`` (in a worker: ``grid._init_worker``
+    set the slice and seed)."""
+    spec, run_as = grid.resolve(grid.find_cell(cell_name), policy, shared, requests)  # vllm@B: V1 at budget B
+    return spec.run(run_as, load)[0]["slo_attainment"]
 
 
 def main() -> None:
@@ -38,6 +46,7 @@ def main() -> None:
     ap.add_argument("--requests", type=arg_number(int, 2), default=6000, help="first N requests of the trace")
     ap.add_argument("--skip", type=arg_number(int, 0), default=0, help="skip the first N requests")
     ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="seed of the predictions and synthetic arrivals")
+    ap.add_argument("--workers", type=arg_number(int, 1), default=2, help="parallel processes")
     args = ap.parse_args()
     try:
         lo, hi = (float(x) for x in args.loads.split(":"))
@@ -56,10 +65,12 @@ def main() -> None:
     print(f"{cell.name}: requests {args.skip + 1}-{args.skip + args.requests}, seed {args.seed}\n")
     print("| policy | mean attainment | " + " | ".join(f"{x:.3f}" for x in loads) + " |")
     print("|---|---:|" + "---:|" * len(loads))
-    for p in args.policies:
-        spec_p, run_as = grid.resolve(cell, p, args.shared, args.requests)  # vllm@B: vLLM V1 at budget B
-        att = [spec_p.run(run_as, float(x))[0]["slo_attainment"] for x in loads]
-        print(f"| {p} | {np.mean(att):.4f} | " + " | ".join(f"{a:.3f}" for a in att) + " |", flush=True)
+    with worker_pool(args.workers, grid._init_worker, (args.skip, args.seed)) as pool:
+        for p in args.policies:
+            n = len(loads)
+            att = list(pool.map(attainment, [cell.name] * n, [p] * n, [args.shared] * n, [args.requests] * n,
+                                [float(x) for x in loads], chunksize=1))
+            print(f"| {p} | {np.mean(att):.4f} | " + " | ".join(f"{a:.3f}" for a in att) + " |", flush=True)
 
 
 if __name__ == "__main__":
