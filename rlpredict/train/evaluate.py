@@ -241,21 +241,32 @@ def _best_tfidf(metrics: dict[str, dict]) -> str | None:
     return min(tfidf, key=lambda m: metrics[m]["mae"]) if tfidf else None
 
 
-def paired_p(rl: np.ndarray, probs: dict[str, np.ndarray], scheme: BucketScheme,
-             metrics: dict[str, dict]) -> float | None:
-    """Two-sided p of a paired t-test (``scipy.stats.ttest_rel``) on the rows' absolute errors,
-    the model's against the better TF-IDF baseline's: whether the MAE difference the verdict
-    reads is more than the rows' noise (a rank test would ask which wins on most rows, another
-    question). None: nothing to compare or fewer than 2 rows; 1 when every row's errors tie."""
-    best = _best_tfidf(metrics)
-    if MODEL not in probs or best is None or len(rl) < 2:
+def paired_t_p(rl: np.ndarray, a: np.ndarray, b: np.ndarray, scheme: BucketScheme) -> float | None:
+    """Two-sided p of a paired t-test (``scipy.stats.ttest_rel``) on the rows' absolute errors of
+    two models' point predictions (probabilities ``a`` and ``b``): whether the MAE difference is
+    more than the rows' noise (a rank test, such as Wilcoxon's, asks which wins on most rows,
+    another question). None for fewer than 2 rows; 1 when every row's errors tie."""
+    if len(rl) < 2:
         return None
     from scipy.stats import ttest_rel
 
-    d = np.abs(decode(probs[MODEL], scheme).pred_tokens - rl) - np.abs(decode(probs[best], scheme).pred_tokens - rl)
+    d = np.abs(decode(a, scheme).pred_tokens - rl) - np.abs(decode(b, scheme).pred_tokens - rl)
     if not np.any(d != d[0]):  # no spread: every row says the same
         return 1.0 if d[0] == 0 else 0.0
     return float(ttest_rel(d, np.zeros_like(d)).pvalue)
+
+
+def p_text(p: float) -> str:
+    return "p < 1e-15" if p < 1e-15 else f"p = {p:.2g}"
+
+
+def paired_p(rl: np.ndarray, probs: dict[str, np.ndarray], scheme: BucketScheme,
+             metrics: dict[str, dict]) -> float | None:
+    """``paired_t_p`` of the model against the better TF-IDF baseline (None: nothing to compare)."""
+    best = _best_tfidf(metrics)
+    if MODEL not in probs or best is None:
+        return None
+    return paired_t_p(rl, probs[MODEL], probs[best], scheme)
 
 
 def verdict(metrics: dict[str, dict], p: float | None = None, n: int | None = None) -> str:
@@ -275,10 +286,9 @@ def verdict(metrics: dict[str, dict], p: float | None = None, n: int | None = No
     if p is None:
         return line
     test = "paired t-test on the rows' absolute errors"
-    shown = "p < 1e-15" if p < 1e-15 else f"p = {p:.2g}"
     if p >= 0.05:  # was: a firm verdict on 14 held-out rows
-        return line + f", but the {n} rows cannot tell the two apart ({test}, {shown})"
-    return line + f" ({test} over {n} rows, {shown})"
+        return line + f", but the {n} rows cannot tell the two apart ({test}, {p_text(p)})"
+    return line + f" ({test} over {n} rows, {p_text(p)})"
 
 
 def confusion_dict(rl: np.ndarray, probs: np.ndarray, scheme: BucketScheme, source: str) -> dict:

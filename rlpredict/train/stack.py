@@ -39,7 +39,14 @@ from rlpredict.serve.bundle import copy_files, write_manifest
 from rlpredict.splits import check_same_split, group_keys, recorded_split, rows_sha256
 from rlpredict.train.baselines import TfidfLogistic, TfidfRidge
 from rlpredict.train.config import TrainConfig
-from rlpredict.train.evaluate import baseline_texts, confusion_dict, encoder_texts, markdown_table
+from rlpredict.train.evaluate import (
+    baseline_texts,
+    confusion_dict,
+    encoder_texts,
+    markdown_table,
+    p_text,
+    paired_t_p,
+)
 from rlpredict.train.metrics import rl_metrics
 
 #: The tool named in its output folder's owner record (``rlpredict.outputs``): it replaces
@@ -326,7 +333,8 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
                       "all": {m: rl_metrics(rl, p, scheme, q) for m, p in probs.items()},
                       "sources": {s: {m: rl_metrics(rl[src == s], p[src == s], scheme, q) for m, p in probs.items()}
                                   for s in sorted(set(src))}}
-        evaluation["verdict"] = verdict(evaluation["all"])
+        evaluation["verdict"] = verdict(evaluation["all"], {m: paired_t_p(rl, te_stacked, probs[m], scheme)
+                                                            for m in ("encoder", "tfidf_logreg")})
         manifest["lexical"]["evaluation"] = evaluation
         manifest["confusion"] = confusion_dict(
             rl, te_stacked, scheme, f"stacked model (encoder + TF-IDF) on {', '.join(sorted(set(src)))} "
@@ -340,16 +348,27 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     return report
 
 
-def verdict(all_rows: dict[str, dict]) -> str:
+def verdict(all_rows: dict[str, dict], p: dict[str, float | None] | None = None) -> str:
     """The stacked model's MAE against the encoder's and TF-IDF's alone, in one line: whether
-    stacking paid on this data (it need not: the stacking fit is small)."""
+    stacking paid on this data (it need not: the stacking fit is small); with ``p`` (each
+    comparison's ``evaluate.paired_t_p``), the differences the test rows cannot tell from noise
+    are said to be (was: a firm word on any number of rows)."""
     mae = {m: all_rows[m]["mae"] for m in ("stacked", "encoder", "tfidf_logreg")}
     worse = [m for m in ("encoder", "tfidf_logreg") if mae["stacked"] >= mae[m]]
     word = ("better than either alone" if not worse else "NOT better than either alone" if len(worse) == 2
             else f"NOT better than {'the encoder' if worse[0] == 'encoder' else 'TF-IDF'} alone")
-    return (f"stacked MAE {mae['stacked']:.1f} = {mae['stacked'] / mae['encoder']:.2f}x the encoder's "
+    line = (f"stacked MAE {mae['stacked']:.1f} = {mae['stacked'] / mae['encoder']:.2f}x the encoder's "
             f"({mae['encoder']:.1f}), {mae['stacked'] / mae['tfidf_logreg']:.2f}x TF-IDF's ({mae['tfidf_logreg']:.1f}): "
             f"the stacked bundle is {word}")
+    names = {"encoder": "the encoder", "tfidf_logreg": "TF-IDF"}
+    tested = {m: v for m, v in (p or {}).items() if v is not None}
+    if not tested:
+        return line
+    n = all_rows["stacked"]["n"]
+    parts = ", ".join(f"{p_text(v)} against {names[m]}" for m, v in tested.items())
+    if untold := [names[m] for m, v in tested.items() if v >= 0.05]:
+        return line + f", but the {n} test rows cannot tell it from {' or '.join(untold)} (paired t-tests: {parts})"
+    return line + f" (paired t-tests on the {n} test rows' absolute errors: {parts})"
 
 
 def markdown(evaluation: dict) -> str:

@@ -120,9 +120,22 @@ def stacked(bundle_fp32, tmp_path_factory) -> Path:
     assert set(report["evaluation"]["all"]) == {"stacked", "encoder", "tfidf_logreg"}
     all_rows = report["evaluation"]["all"]
     assert report["evaluation"]["verdict"].startswith(f"stacked MAE {all_rows['stacked']['mae']:.1f} = ")
-    assert report["evaluation"]["verdict"].endswith("the stacked bundle is better than either alone") == (
+    assert ("the stacked bundle is better than either alone" in report["evaluation"]["verdict"]) == (
         all_rows["stacked"]["mae"] < min(all_rows["encoder"]["mae"], all_rows["tfidf_logreg"]["mae"]))
+    assert "paired t-tests" in report["evaluation"]["verdict"]
     return out
+
+
+def test_the_stack_verdict_says_what_the_test_rows_cannot_tell():
+    from rlpredict.train.stack import verdict
+
+    rows = {"stacked": {"mae": 100.0, "n": 40}, "encoder": {"mae": 110.0}, "tfidf_logreg": {"mae": 120.0}}
+    assert verdict(rows).endswith("the stacked bundle is better than either alone")
+    firm = verdict(rows, {"encoder": 0.001, "tfidf_logreg": 1e-20})
+    assert firm.endswith("better than either alone (paired t-tests on the 40 test rows' absolute errors: "
+                         "p = 0.001 against the encoder, p < 1e-15 against TF-IDF)")
+    loose = verdict(rows, {"encoder": 0.3, "tfidf_logreg": 0.01})
+    assert "but the 40 test rows cannot tell it from the encoder (paired t-tests: p = 0.3" in loose
 
 
 def test_stacked_bundle_loads_and_predicts_per_prompt(stacked):
