@@ -152,10 +152,8 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
             if key not in scheme:
                 raise ValueError(f"buckets: missing field {key!r}")
         buckets = BucketScheme.from_dict(scheme, source="buckets")
-        matrix = (manifest.get("confusion") or {}).get("matrix")
-        if matrix is not None and (len(matrix) != buckets.n_buckets or not sum(map(sum, matrix))):
-            raise ValueError(f"confusion.matrix: expected {buckets.n_buckets} x {buckets.n_buckets} counts "
-                             "(one row per bucket), not all 0")  # was: drift's reference column dropped
+        if (problem := confusion_problem((manifest.get("confusion") or {}).get("matrix"), buckets.n_buckets)):
+            raise ValueError(f"confusion.matrix: {problem}")
         spec_d = _field(manifest, "input", dict)
         if unknown := sorted(set(spec_d) - {*INPUT_FIELDS, "truncation_side"}):
             raise ValueError(f"input: unknown field(s) {', '.join(map(repr, unknown))} "
@@ -215,6 +213,20 @@ def _field(d: dict, key: str, kind: type, where: str = "") -> Any:
     return v
 
 
+def confusion_problem(matrix: Any, n_buckets: int) -> str | None:
+    """What is wrong with a confusion matrix for ``n_buckets`` buckets (None: nothing, or no
+    matrix): ``n_buckets`` rows of as many counts >= 0, not all 0 (was: drift's numpy "pvals <
+    0", or its reference column dropped without a word)."""
+    if matrix is None:
+        return None
+    if not (isinstance(matrix, list) and len(matrix) == n_buckets and all(
+            isinstance(row, list) and len(row) == n_buckets and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in row)
+            for row in matrix)):
+        return f"expected {n_buckets} x {n_buckets} counts >= 0 (one row and column per bucket)"
+    return "all 0" if not any(map(any, matrix)) else None
+
+
 def _check_manifest(m: dict) -> tuple[str, str, dict]:
     """The manifest's schema, beyond the bucket scheme and the input spec (checked by their
     classes): file names, hashes and sizes, pad id, label count. Returns (model, tokenizer, files)."""
@@ -234,12 +246,6 @@ def _check_manifest(m: dict) -> tuple[str, str, dict]:
     for key in ("evaluation", "confusion", "training_split", "parity", "quantization"):
         if m.get(key) is not None:
             _field(m, key, dict)  # read by eval, drift, calibrate and stack
-    matrix = (m.get("confusion") or {}).get("matrix")
-    if matrix is not None and not (isinstance(matrix, list) and matrix and all(
-            isinstance(row, list) and len(row) == len(matrix) and all(
-                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in row)
-            for row in matrix)):  # was: drift's "pvals < 0", or its reference column dropped without a word
-        raise ValueError("confusion.matrix: expected a square array of counts >= 0")
     for field, split in (("training_split", m.get("training_split")),
                          ("evaluation.split", (m.get("evaluation") or {}).get("split"))):
         if split is None:

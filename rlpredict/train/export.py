@@ -36,7 +36,13 @@ import rlpredict
 from rlpredict.inputs import build_text
 from rlpredict.json_file import read_json
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
-from rlpredict.serve.bundle import MODEL_FILE, TOKENIZER_FILE, load_bundle, write_manifest
+from rlpredict.serve.bundle import (
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    confusion_problem,
+    load_bundle,
+    write_manifest,
+)
 from rlpredict.serve.runtime import Predictor
 from rlpredict.train.encoders import check_positions
 from rlpredict.train.evaluate import recorded_split
@@ -91,6 +97,29 @@ def export_bundle(model_dir: str | Path, out: str | Path, *, int8: bool = False,
     return manifest
 
 
+def _own_evaluation(model_dir: Path, scheme: Any) -> dict[str, Any]:
+    """``MODEL/eval``'s report and confusion matrix for the manifest (absent keys where the files
+    are: readers test ``"confusion" in manifest``), refused if they are another model's (was:
+    embedded, or, for a matrix of another bucket scheme, a bundle that would not load)."""
+    out = {}
+    report = _read_json(model_dir / "eval" / "report.json")
+    if report is not None:
+        _check_own_report(model_dir, report)
+    for key, name in (("evaluation", "report.json"), ("confusion", "confusion.json")):
+        found = _read_json(model_dir / "eval" / name)
+        if found is not None:
+            out[key] = found
+    conf, where = out.get("confusion"), model_dir / "eval" / "confusion.json"
+    if isinstance(conf, dict):
+        edges = [None if math.isinf(e) else e for e in scheme.edges]
+        if conf.get("bucket_edges", edges) != edges:
+            raise ExportError(f"{where}: bucket edges {conf.get('bucket_edges')}, for a model with {edges}: "
+                              "another model's; run `rlpredict eval` on this one again")
+        if problem := confusion_problem(conf.get("matrix"), scheme.n_buckets):
+            raise ExportError(f"{where}: matrix: {problem}")
+    return out
+
+
 def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: bool, atol: float,
            opset: int, name: str, parity_source: str, log: Callable[[str], None]) -> dict:
     import onnxruntime
@@ -116,6 +145,7 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
         raise ExportError(str(e)) from None
     hf_tok.truncation_side = spec.truncation_side
     texts = [build_text(s.messages, spec, s.generator) for s in samples]
+    evaluated = _own_evaluation(model_dir, scheme)  # checked before the ONNX export, as the loader will
 
     # 1. torch -> ONNX
     wrapper = _logits_only(model)
@@ -151,23 +181,7 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
         "quantization": None,
         "files": [MODEL_FILE, TOKENIZER_FILE],
     }
-    report = _read_json(model_dir / "eval" / "report.json")
-    if report is not None:  # was: any report there was embedded, another model's too
-        _check_own_report(model_dir, report)
-    for key, path in (("evaluation", "report.json"), ("confusion", "confusion.json")):
-        found = _read_json(model_dir / "eval" / path)
-        if found is not None:  # absent rather than null: readers test `"confusion" in manifest`
-            manifest[key] = found
-    conf = manifest.get("confusion")
-    if isinstance(conf, dict) and (isinstance(conf.get("matrix"), list) or "bucket_edges" in conf):
-        edges = [None if math.isinf(e) else e for e in scheme.edges]
-        matrix = conf.get("matrix")
-        if conf.get("bucket_edges", edges) != edges or not isinstance(matrix, list) or len(matrix) != len(edges):
-            raise ExportError(f"{model_dir / 'eval' / 'confusion.json'}: bucket edges {conf.get('bucket_edges')} "
-                              f"and a matrix of {len(matrix) if isinstance(matrix, list) else '?'} rows, for a model "
-                              f"with edges {edges}: another model's; run `rlpredict eval` on this one again")
-        if not any(map(any, matrix)):  # the bundle would not load (after the ONNX export)
-            raise ExportError(f"{model_dir / 'eval' / 'confusion.json'}: an all-zero confusion matrix")
+    manifest.update(evaluated)
     summary = _read_json(model_dir / "training_summary.json")
     if isinstance(summary, dict) and "split" in (summary.get("data") or {}):  # recorded, not a default
         # what `calibrate --split test` needs, with or without an `eval` report

@@ -199,8 +199,8 @@ def test_a_max_length_past_the_models_positions_is_refused_at_load(copy):
     (lambda m: m.update(training_split={"rule": 5}), r"training_split.rule: must be one of id, copies"),
     (lambda m: m.update(training_split={"train_rows_sha256": 5}), r"training_split.train_rows_sha256: must be 64"),
     (lambda m: m.update(evaluation={"split": {"test_frac": 5}}), r"evaluation.split.test_frac: must be a number"),
-    (lambda m: m.update(confusion={"matrix": [[-5, 1], [1, 1]]}), r"confusion.matrix: expected a square array"),
-    (lambda m: m.update(confusion={"matrix": "x"}), r"confusion.matrix: expected a square array"),
+    (lambda m: m.update(confusion={"matrix": [[-5, 1], [1, 1]]}), r"confusion.matrix: expected \d+ x \d+ counts >= 0"),
+    (lambda m: m.update(confusion={"matrix": "x"}), r"confusion.matrix: expected \d+ x \d+ counts"),
     (lambda m: m.update(confusion={"matrix": [[1]]}), r"confusion.matrix: expected \d+ x \d+ counts"),
 ])
 def test_manifest_fields_are_checked_at_load(copy, edit, match):

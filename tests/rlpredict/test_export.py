@@ -116,13 +116,17 @@ def test_eval_copied_refuses_existing_and_force_replaces(tiny_model_dir, tmp_pat
     (model / "eval" / "report.json").write_text(json.dumps(report))
     (model / "eval" / "confusion.json").write_text(json.dumps(confusion))
     out = tmp_path / "bundle"
-    with pytest.raises(ExportError, match=r"confusion.json: bucket edges \[64, None\] and a matrix of 2 rows, for a "
-                                          r"model with edges .*: another model's"):
+    with pytest.raises(ExportError, match=r"confusion.json: bucket edges \[64, None\], for a model with .*: "
+                                          r"another model's"):
         export_bundle(model, out, parity_n=8)  # another model's (was: a bundle drift could not use)
     n = json.loads((model / "rlpredict.json").read_text())["buckets"]["edges"].__len__()
     confusion["matrix"] = [[int(i == j) for j in range(n)] for i in range(n)]
     confusion["bucket_edges"] = json.loads((model / "rlpredict.json").read_text())["buckets"]["edges"]
     confusion["bucket_edges"] = [None if e in (None, "inf", float("inf")) else e for e in confusion["bucket_edges"]]
+    zeros = {**confusion, "matrix": [[0] * n for _ in range(n)]}
+    (model / "eval" / "confusion.json").write_text(json.dumps(zeros))
+    with pytest.raises(ExportError, match=r"confusion.json: matrix: all 0"):  # was: refused after the ONNX export
+        export_bundle(model, out, parity_n=8)
     (model / "eval" / "confusion.json").write_text(json.dumps(confusion))
     export_bundle(model, out, parity_n=8)  # a bundle of ours: --force may replace it
     with pytest.raises(OutputError, match=r"--force"):
