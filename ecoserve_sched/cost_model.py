@@ -11,6 +11,7 @@ sections (what :meth:`CostModel.save` writes). See docs/cost_model.md.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -304,7 +305,9 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
         if model != str(name_or_path) and model_file.is_file():
             spec = _spec(str(name_or_path), _read(model_file), gpu_file)
             return _with_kv_room(CostModel(spec, f"{model_file} + {gpu_file}"), str(name_or_path))
-    raise ProfileError(f"unknown profile {name_or_path!r}; shipped: {', '.join(list_profiles())}")
+    near = difflib.get_close_matches(str(name_or_path), list_profiles(), n=1)
+    raise ProfileError(f"unknown profile {name_or_path!r}{f'; did you mean {near[0]}?' if near else ''} "
+                       f"shipped: {', '.join(list_profiles())}")
 
 
 def layer_weights(hidden: int, q_dim: int, kv_dim: int, mlp_mats: int, intermediate: int) -> int:

@@ -398,7 +398,10 @@ def parse_json(text: str, refuse_twice: frozenset[str] = frozenset(), *, dotted:
     try:
         value = json.loads(text, object_pairs_hook=hook) if refuse_twice else json.loads(text)
     except json.JSONDecodeError as e:
-        raise RecordError("", f"not valid JSON ({decode_problem(e)})", kind=f"not valid JSON ({e.msg.removesuffix(' at')})") from None
+        first = len(text) - len(text.lstrip())  # a row of comma-separated words: a CSV named .jsonl?
+        hint = "; it reads like a CSV row: name a CSV file .csv" if e.pos == first and "," in text else ""
+        raise RecordError("", f"not valid JSON ({decode_problem(e)}){hint}",
+                          kind=f"not valid JSON ({e.msg.removesuffix(' at')})") from None
     except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
         raise RecordError("", f"not valid JSON ({json_problem(e)})", kind="not valid JSON") from None
     if twice and isinstance(value, dict) and (bad := _given_twice(value, twice, refuse_twice, dotted)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -144,7 +145,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            near = difflib.get_close_matches(unknown[0], known, n=1)
+            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}"
+                             f"{f' (did you mean {near[0]}?)' if near else ''}; known: {', '.join(sorted(known))}")
         base = cls()
         for k, v in d.items():  # validated below, naming the source
             setattr(base, k, v)

@@ -217,6 +217,8 @@ def test_unreadable_or_unknown_profile(tmp_path):
         load_profile(str(path))
     with pytest.raises(ProfileError, match="unknown profile 'gpt5-tpu'"):
         load_profile("gpt5-tpu")
+    with pytest.raises(ProfileError, match=r"'llama2-13b-a100-80g'; did you mean llama2-13b-a100-80gb\? shipped"):
+        load_profile("llama2-13b-a100-80g")  # was: the list of 16, no nearest
     with pytest.raises(ProfileError, match="a folder, not a profile"):  # was: "unknown profile"
         load_profile(tmp_path)
 

@@ -326,3 +326,14 @@ def test_a_long_bad_value_is_cut_in_its_message(tmp_path):
     samples, report = load_samples([f], on_error="skip")
     assert len(samples) == 1 and report.n_skipped == 1
     assert len(report.examples[0]) < 300 and "rrr...rrr" in report.examples[0]
+
+
+def test_a_csv_row_read_as_json_says_so():
+    """A CSV named .jsonl was "not valid JSON (Expecting value at column 1)" and nothing more."""
+    from rlpredict.records import RecordError, parse_json
+
+    with pytest.raises(RecordError, match=r"not valid JSON \(.*\); it reads like a CSV row: name a CSV file \.csv"):
+        parse_json("prompt,response")
+    with pytest.raises(RecordError) as e:  # broken JSON, not a CSV row: no such hint
+        parse_json('{"prompt": "a", }')
+    assert "CSV" not in str(e.value)

@@ -155,3 +155,8 @@ def test_the_verdict_says_when_the_held_out_rows_cannot_tell_the_two_apart():
     p = paired_p(rl, probs, wide, metrics)
     assert metrics[MODEL]["mae"] < metrics["tfidf_logreg"]["mae"] and p >= 0.05
     assert "the model beats TF-IDF, but the 65 rows cannot tell the two apart" in verdict(metrics, p, 65)
+
+
+def test_a_misspelt_recipe_key_gets_the_nearest_name():
+    with pytest.raises(ValueError, match=r"r\.toml: unknown setting\(s\) max_step \(did you mean max_steps\?\); known:"):
+        TrainConfig.from_dict({"max_step": 3}, source="r.toml")
