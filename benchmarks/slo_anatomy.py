@@ -35,7 +35,7 @@ import scenario_grid as grid
 from ecoserve_sched.cost_model import prefill_ctx_tokens
 from ecoserve_sched.policies.interface import DEFAULT_TOKEN_BUDGET
 from ecoserve_sched.simulator import iteration_table
-from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script
+from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script, worker_pool
 
 
 def prefill_s(cost: object, prompt: int, budget: int) -> float:
@@ -92,6 +92,19 @@ def anatomy(res: object, slo: object) -> dict[str, float]:
             "stalled_s": float(sum(res.stall_gaps) / max(len(done), 1))}
 
 
+def policy_row(cell_name: str, policy: str, shared: Path, requests: int, load: float) -> str:
+    """One table row: ``policy`` replaying ``cell_name`` at ``load`` (in a worker process:
+    ``grid._init_worker`` set the slice and seed)."""
+    cell = grid.find_cell(cell_name)
+    spec_p, run_as = grid.resolve(cell, policy, shared, requests)
+    s, res = spec_p.run(run_as, load)
+    a = anatomy(res, cell.slo)
+    fixed = res.prefill_iterations * spec_p.cost.spec["efficiency"]["prefill_overhead_s"] / max(s["duration_s"], 1e-12)
+    return (f"| {load:g} | {policy} | {s['slo_attainment']:.3f} | {a['ttft_missed']:.3f} | {a['tbt_missed']:.3f} "
+            f"| {a['slow']:.2f} | {a['ttft_s']:.2f} | {a['decode_s']:.2f} | {a['stalled_s']:.2f} "
+            f"| {res.counters.get('parks', 0):,} | {res.prefill_iterations:,} | {fixed:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=arg_path, required=True, help="the shared data folder (../shared/data)")
@@ -101,6 +114,7 @@ def main() -> None:
     ap.add_argument("--policies", default="vllm,ecoserve", type=arg_list(str))
     ap.add_argument("--requests", type=arg_number(int, 2), default=6000, help="first N requests of the trace")
     ap.add_argument("--budget", type=arg_number(int, 1), default=DEFAULT_TOKEN_BUDGET, help="the reference's prefill chunk")
+    ap.add_argument("--workers", type=arg_number(int, 1), default=2, help="parallel processes (the same table)")
     args = ap.parse_args()
     cell = grid.find_cell(args.cell)
     if cell is None:
@@ -117,18 +131,14 @@ def main() -> None:
           "| mean TTFT s | mean decode s | of it stalled s | parks | prefill iterations "
           "| their fixed cost / replay time |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    overhead_s = spec.cost.spec["efficiency"]["prefill_overhead_s"]
-    for load in args.loads:
-        for p in args.policies:
-            spec_p, run_as = grid.resolve(cell, p, args.shared, args.requests)
-            s, res = spec_p.run(run_as, load)
-            a = anatomy(res, cell.slo)
-            fixed = res.prefill_iterations * overhead_s / max(s["duration_s"], 1e-12)
-            print(f"| {load:g} | {p} | {s['slo_attainment']:.3f} | {a['ttft_missed']:.3f} | {a['tbt_missed']:.3f} "
-                  f"| {a['slow']:.2f} | {a['ttft_s']:.2f} | {a['decode_s']:.2f} | {a['stalled_s']:.2f} "
-                  f"| {res.counters.get('parks', 0):,} | {res.prefill_iterations:,} | {fixed:.3f} |")
-        ref = reference_ttft(spec.trace.arrival_s / load, prefill, cell.slo.ttft_s)
-        print(f"| {load:g} | decode-free reference | {ref:.3f} (TTFT only) | {1 - ref:.3f} | | | | | | | | |")
+    with worker_pool(args.workers, grid._init_worker, (0, 0)) as pool:
+        for load in args.loads:
+            n = len(args.policies)
+            for line in pool.map(policy_row, [cell.name] * n, args.policies, [args.shared] * n,
+                                 [args.requests] * n, [load] * n, chunksize=1):
+                print(line, flush=True)
+            ref = reference_ttft(spec.trace.arrival_s / load, prefill, cell.slo.ttft_s)
+            print(f"| {load:g} | decode-free reference | {ref:.3f} (TTFT only) | {1 - ref:.3f} | | | | | | | | |")
     print(f"\n({time.time() - t0:.0f} s)")
 
 
