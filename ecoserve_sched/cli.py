@@ -189,7 +189,7 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     from .compare import RunSpec, ServerSettingError
     from .cost_model import DEFAULT_PROFILE, load_profile
     from .predictions import load_confusion
-    from .trace import TraceError, burst_arrivals, describe, gamma_arrivals, read_trace
+    from .trace import burst_arrivals, check_trace_file, describe, gamma_arrivals, read_trace
 
     if bundle is not None and predictions != "bundle":
         raise typer.BadParameter("is used only with --predictions bundle", param_hint="'--bundle'")
@@ -220,8 +220,7 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
         raise typer.BadParameter(f"{arrivals} arrivals draw the times: the trace's arrival column is not read, "
                                  "so --time-unit and --columns arrival_time_s=... have no use",
                                  param_hint="'--arrivals'")
-    if not Path(trace).exists():  # said before an existing --out is (read_trace's words)
-        raise TraceError(f"{trace}: no such trace file")
+    check_trace_file(trace)  # before an existing --out is named
     if check_outputs is not None:  # the options and inputs first, then the output, then the read
         check_outputs()
     tr = read_trace(trace, max_tokens=max_tokens, keep_prompts=predictions == "bundle", fmt=fmt)

@@ -434,6 +434,17 @@ def _prompt_input(row: dict) -> tuple[str | list | None, str | None, str]:
         return None, None, str(e)
 
 
+def check_trace_file(path: str | Path) -> Path:
+    """``path`` if it is a file a trace can be read from, else :class:`TraceError` saying why
+    (read_trace's first check; the CLI makes it before it checks its outputs)."""
+    p = Path(path)
+    if not p.is_file():
+        why = ("is a folder, not a trace file" if p.is_dir() else "not a regular file (a device or a pipe); "
+               "give a trace file" if p.exists() else "no such trace file")
+        raise TraceError(f"{p}: {why}")
+    return p
+
+
 def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_prompts: bool = True,
                fmt: TraceFormat | None = None) -> Trace:
     """Read and validate a trace; raises TraceError naming the file and line of a bad row
@@ -447,11 +458,7 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
     if not (is_whole(max_tokens) and max_tokens >= 1):
         raise ValueError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")  # was: -5 accepted
     fmt = fmt or TraceFormat()
-    p = Path(path)
-    if not p.is_file():
-        why = ("is a folder, not a trace file" if p.is_dir() else "not a regular file (a device or a pipe); "
-               "give a trace file" if p.exists() else "no such trace file")
-        raise TraceError(f"{p}: {why}")
+    p = check_trace_file(path)
     arr, inp, out, mx, rl, prompts, gens, whys = [], [], [], [], [], [], [], []
     has_rl: bool | None = None  # the first good row's: every row must agree
     first_line = 0
