@@ -74,6 +74,17 @@ class BucketScheme:
         if not (np.isfinite(qarr).all() and (qarr >= 0).all() and (qarr <= MAX_TOKENS).all()
                 and (np.diff(qarr, axis=1) >= 0).all()):
             raise ValueError(f"quantiles must be finite, in [0, {MAX_TOKENS}] and non-decreasing in every bucket")
+        # each bucket's figures are its own training lengths': one outside the bucket's range is an
+        # edit (was: edges changed or point_tokens reversed in a manifest loaded and served)
+        for j, (lo, hi) in enumerate(zip((0.0, *self.edges[:-1]), self.edges, strict=True)):
+            low, high = math.floor(lo), math.ceil(hi) if math.isfinite(hi) else math.inf
+            span = f"bucket {j}'s range ({lo:g}, {hi:g}]"
+            for name in ("point_tokens", "reserve_tokens"):
+                v = getattr(self, name)[j]
+                if not low <= v <= max(high, 1):
+                    raise ValueError(f"{name}[{j}]: {v} is outside {span}")
+            if not (low <= qarr[j, 0] and qarr[j, -1] <= high):
+                raise ValueError(f"quantiles[{j}]: {qarr[j, 0]:g}..{qarr[j, -1]:g} is outside {span}")
         object.__setattr__(self, "quantiles", tuple(tuple(map(float, r)) for r in qarr))
         object.__setattr__(self, "_qarr", qarr)
         object.__setattr__(self, "_earr", e)
@@ -266,4 +277,4 @@ def _number(v: object, name: str) -> float:
 def _default_grid(lo: float, hi: float, seen: np.ndarray | None = None) -> np.ndarray:
     """A placeholder quantile grid spanning a bucket (the open last bucket spans lo..2*lo)."""
     top = hi if math.isfinite(hi) else max(2.0 * max(lo, 1.0), float(seen.max()) if seen is not None and seen.size else 0.0)
-    return np.linspace(lo + 1.0, top, len(QUANTILE_GRID))
+    return np.linspace(min(lo + 1.0, top), top, len(QUANTILE_GRID))  # a bucket under a token wide: its top

@@ -182,6 +182,11 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
     for role, name in roles:
         if name not in files:
             raise BundleError(f"{mpath}: the {role} file {name!r} has no entry under 'files'")
+    if unused := sorted(set(files) - {name for _, name in roles}):
+        # was: the 'lexical' section deleted, its file still listed and hashed: the stacked bundle
+        # served as its encoder alone, with the stacked model's calibration
+        raise BundleError(f"{mpath}: files: {', '.join(map(repr, unused))} is used by no section of the "
+                          "manifest (a section removed?); re-export the bundle")
     for name, entry in files.items():
         f = folder / name
         if not f.is_file():

@@ -144,7 +144,12 @@ class LexicalHead:
         p_enc = np.exp(z, dtype=np.float32)  # the encoder's probabilities exactly as the runtime's
         p_enc /= p_enc.sum(axis=1, keepdims=True)  # ``from_logits`` gives them (the stacker's fit)
         x = np.hstack([_log_clipped(p_enc.astype(np.float64)), _log_clipped(self.lexical_probs(model_texts))])
-        return x @ self.stack_coef.T + self.stack_intercept
+        # one row at a time: a matrix product's kernel (and so its last bits) depends on the row
+        # count, and a prompt's result must not depend on its batch
+        z = np.empty((len(x), self.stack_coef.shape[0]))
+        for i, row in enumerate(x):
+            z[i] = self.stack_coef @ row
+        return z + self.stack_intercept
 
 
 _TOKEN = re.compile(TOKEN_PATTERN)

@@ -202,6 +202,12 @@ def test_a_max_length_past_the_models_positions_is_refused_at_load(copy):
     (lambda m: m.update(confusion={"matrix": [[-5, 1], [1, 1]]}), r"confusion.matrix: expected \d+ x \d+ counts >= 0"),
     (lambda m: m.update(confusion={"matrix": "x"}), r"confusion.matrix: expected \d+ x \d+ counts"),
     (lambda m: m.update(confusion={"matrix": [[1]]}), r"confusion.matrix: expected \d+ x \d+ counts"),
+    # each bucket's figures lie in its range (were: loaded and served, the edit showing up later)
+    (lambda m: m["buckets"]["point_tokens"].reverse(), r"buckets: point_tokens\[0\]: 1377 is outside bucket 0's range \(0, 32\]"),
+    (lambda m: m["buckets"].update(reserve_tokens=[1] * 10), r"buckets: reserve_tokens\[1\]: 1 is outside bucket 1's range \(32, 64\]"),
+    (lambda m: m["buckets"].update(edges=[*(2 * e for e in m["buckets"]["edges"][:-1]), None]),
+     r"buckets: point_tokens\[1\]: 48 is outside bucket 1's range \(64, 128\]"),
+    (lambda m: m["buckets"]["quantiles"][2].__setitem__(-1, 5000.0), r"buckets: quantiles\[2\]: .*5000 is outside bucket 2's"),
 ])
 def test_manifest_fields_are_checked_at_load(copy, edit, match):
     """Were: defaults (a prediction changed from 37 to 51 tokens without a word), or an
@@ -211,6 +217,19 @@ def test_manifest_fields_are_checked_at_load(copy, edit, match):
     (copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match=rf"manifest.json: {match}"):
         load_bundle(copy)
+
+
+def test_a_listed_file_no_section_uses_is_refused(tmp_path):
+    """Was: the stacked bundle's 'lexical' section deleted (its file still listed and hashed)
+    served as the encoder alone, with the stacked model's calibration."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path(), dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    assert "lexical.npz" in m["files"]
+    del m["lexical"]
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"manifest.json: files: 'lexical.npz' is used by no section"):
+        load_bundle(dst)
 
 
 def test_calibration_levels_out_of_order_are_refused():

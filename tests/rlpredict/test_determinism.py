@@ -123,6 +123,29 @@ def test_thread_count_does_not_change_a_prediction(alone):
     assert _key(one.predict_one(REQUESTS[0], GENERATORS[0])) == alone[0]
 
 
+def test_callers_on_several_threads_get_what_one_caller_gets(shipped, alone):
+    """One Predictor shared by a server's worker threads: predict_one, predict of one and bulk
+    chunks, all at once, give each prompt its lone prediction."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n, chunks = len(REQUESTS), [(s, s + 7) for s in range(0, len(REQUESTS), 7)]
+    with ThreadPoolExecutor(6) as pool:
+        ones = pool.map(lambda i: _key(shipped.predict_one(REQUESTS[i], GENERATORS[i])), range(n))
+        lists = pool.map(lambda i: _key(shipped.predict([REQUESTS[i]], [GENERATORS[i]])[0]), range(n))
+        bulk = pool.map(lambda c: [_key(x) for x in shipped.predict(REQUESTS[c[0]:c[1]], GENERATORS[c[0]:c[1]])],
+                        chunks)
+        assert list(ones) == alone and list(lists) == alone
+        assert [k for part in bulk for k in part] == alone
+
+
+def test_logits_do_not_depend_on_the_batch(shipped):
+    """Were: the stacked bundle's logits of a batch of 64 differed from each prompt's alone in
+    the last bits (a matrix product's kernel depends on the row count)."""
+    whole = shipped.logits(REQUESTS, GENERATORS)
+    each = np.vstack([shipped.logits([r], [g]) for r, g in zip(REQUESTS, GENERATORS, strict=True)])
+    assert whole.tobytes() == each.tobytes()
+
+
 def test_annotate_chunking_does_not_change_a_row(shipped, alone, tmp_path):
     src = tmp_path / "in.jsonl"
     rows = [{"id": i, "prompt": r, **({"generator": g} if g else {})}
