@@ -30,6 +30,7 @@ from rlpredict.cli_boundary import (
 from rlpredict.json_file import dumps
 
 from .compare import Server, table_cell
+from .cost_model import DEFAULT_PROFILE
 from .policies.interface import DEFAULT_MAX_RUNNING
 from .predictions import SOURCES
 from .request import SLO
@@ -127,8 +128,8 @@ def _named(value: str | None) -> str | None:
     return value
 
 
-TraceOpt = Annotated[Path, typer.Option("--trace", help="CSV/JSONL(.gz) trace: arrival_time_s, input_tokens, output_tokens[, rl_*]")]
-ProfileOpt = Annotated[str | None, typer.Option("--profile", callback=_named, help="cost-model profile name or JSON file (default: the cost model's DEFAULT_PROFILE)")]
+TraceOpt = Annotated[Path, typer.Option("--trace", help="CSV/JSONL(.gz) or Parquet trace: arrival_time_s, input_tokens, output_tokens[, rl_*]")]
+ProfileOpt = Annotated[str | None, typer.Option("--profile", callback=_named, help=f"cost-model profile: a shipped name or a JSON file (default: {DEFAULT_PROFILE})")]
 PredOpt = Annotated[str | None, typer.Option("--predictions", callback=_choice("prediction source", *SOURCES), help=f"{' | '.join(SOURCES)} (default: annotated if the trace has rl_* fields, else confusion)")]
 ConfOpt = Annotated[str | None, typer.Option("--confusion", callback=nonblank_path("a confusion file or a bundle folder"), help="confusion.json, manifest.json with a 'confusion' key, or a bundle directory")]
 BundleOpt = Annotated[str | None, typer.Option("--bundle", help="predictor bundle for --predictions bundle")]
@@ -187,7 +188,7 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     from rlpredict.outputs import check_paths
 
     from .compare import RunSpec, ServerSettingError
-    from .cost_model import DEFAULT_PROFILE, load_profile
+    from .cost_model import load_profile
     from .predictions import load_confusion
     from .trace import burst_arrivals, check_trace_file, describe, gamma_arrivals, read_trace
 

@@ -305,9 +305,19 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
         if model != str(name_or_path) and model_file.is_file():
             spec = _spec(str(name_or_path), _read(model_file), gpu_file)
             return _with_kv_room(CostModel(spec, f"{model_file} + {gpu_file}"), str(name_or_path))
-    near = difflib.get_close_matches(str(name_or_path), list_profiles(), n=1)
-    raise ProfileError(f"unknown profile {name_or_path!r}{f'; did you mean {near[0]}?' if near else ''} "
+    near = nearest_profiles(str(name_or_path))
+    raise ProfileError(f"unknown profile {name_or_path!r}{f' (did you mean {near}?)' if near else ''}; "
                        f"shipped: {', '.join(list_profiles())}")
+
+
+def nearest_profiles(name: str, n: int = 3) -> str:
+    """The shipped names ``name`` may mean ("a or b"): those it begins (``llama2-13b-a100``: both
+    A100 sizes), else the closest spellings, case aside (was: difflib alone, which offered
+    llama2-13b-h200 for llama2-13b-a100)."""
+    names, key = list_profiles(), name.strip().lower()
+    near = [p for p in names if p.startswith(key)] if key else []
+    near = near or difflib.get_close_matches(key, names, n=n)
+    return " or ".join(near[:n])
 
 
 def layer_weights(hidden: int, q_dim: int, kv_dim: int, mlp_mats: int, intermediate: int) -> int:

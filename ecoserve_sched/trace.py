@@ -15,7 +15,7 @@ import re
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,6 +29,8 @@ from rlpredict.records import (
     csv_records,
     decode_line,
     generator_of,
+    open_parquet,
+    parquet_batches,
     parse_json,
     request_of,
 )
@@ -232,28 +234,30 @@ def _rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None, str]
         rows = _csv_rows(path, fmt)
     elif name.endswith((".jsonl", ".json")):
         rows = _jsonl_rows(path, fmt)
+    elif path.name.endswith(".parquet"):
+        rows = _parquet_rows(path, fmt)
     else:
         raise TraceError(f"{path}: unknown trace format (use .csv, or JSON Lines as .jsonl or .json, "
-                         "optionally .gz)")
+                         "optionally .gz, or .parquet)")
     try:
         yield from rows
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise TraceError(f"{path}: compressed data is truncated or corrupt ({e})") from None
 
 
-def _renamed_header(path: Path, names: list[str], fmt: TraceFormat) -> list[str]:
+def _renamed_header(path: Path, names: list[str], fmt: TraceFormat, at: str = ":1") -> list[str]:
     """The CSV header with ``fmt.columns`` applied; a mapped column the file lacks, or a field
     given by two columns, is refused (one of them would be ignored)."""
     ours = {theirs: key for key, theirs in fmt.columns.items()}
     if absent := [c for c in fmt.columns.values() if c not in names]:
-        raise TraceError(f"{path}:1: no column {absent[0]!r} (mapped to {ours[absent[0]]}); the "
+        raise TraceError(f"{path}{at}: no column {absent[0]!r} (mapped to {ours[absent[0]]}); the "
                          f"header has {_header_text(names)}")
     if clash := [c for c in names if c in fmt.columns and c not in ours]:
-        raise TraceError(f"{path}:1: column {clash[0]!r} is in the file and {fmt.columns[clash[0]]!r} "
+        raise TraceError(f"{path}{at}: column {clash[0]!r} is in the file and {fmt.columns[clash[0]]!r} "
                          f"is mapped to it: give one of the two")
     renamed = [ours.get(c, c) for c in names]
     if missing := [c for c in _required(fmt) if c not in renamed]:
-        raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)}; the header has "
+        raise TraceError(f"{path}{at}: missing column(s) {', '.join(missing)}; the header has "
                          f"{_header_text(names)} (map its names with --columns, e.g. "
                          f"--columns {missing[0]}=COLUMN{_NO_TIMES if missing == ['arrival_time_s'] else ''})")
     return renamed
@@ -294,6 +298,29 @@ def _csv_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None, 
                     yield line, {k: v for k, v in zip(names, cells, strict=True) if v != ""}, ""
         except RecordError as e:  # a record too large to read (a quote left open)
             raise TraceError(f"{path}: {e.reason}") from None
+
+
+def _parquet_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None, str]]:
+    """Parquet rows (what ``rlpredict annotate`` writes for a Parquet input), numbered from 1, in
+    batches of 4,096: a missing value (null) is a missing field, as an empty CSV cell; a
+    date-time is read as its ISO 8601 text (``--time-unit iso``)."""
+    try:
+        pf = open_parquet(path)
+    except ImportError:
+        raise TraceError(f"{path}: reading Parquet needs pyarrow (the [parquet] extra: "
+                         "pip install 'rlpredict[parquet]')") from None
+    except RecordError as e:
+        raise TraceError(str(e)) from None
+    names = _renamed_header(path, pf.schema_arrow.names, fmt, at="")  # (no header line)
+    n = 0
+    try:
+        for batch in parquet_batches(pf, path, 4096):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, {k: v.isoformat() if isinstance(v, (datetime, date)) else v
+                          for k, v in zip(names, row.values(), strict=True) if v is not None}, ""
+    except RecordError as e:
+        raise TraceError(str(e)) from None
 
 
 def _jsonl_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None, str]]:

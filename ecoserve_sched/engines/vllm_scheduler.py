@@ -68,7 +68,7 @@ No block is allocated ahead of the tokens written (no lookahead slots of ours: v
 and asynchronous-KV-load lookahead is passed through unchanged), so a top-up is a larger
 projected reservation, never a run of blocks. Running requests are kept in **groups** keyed by
 predicted RL bucket (``self.groups``, for statistics). Models with more than one KV-cache group
-(hybrid: sliding window, Mamba) are refused at start-up; speculative decoding and pipeline
+(hybrid: sliding window, Mamba), or one that is not full attention, are refused at start-up; speculative decoding and pipeline
 parallelism run, untested, with a start-up warning saying so.
 
 Classes: :class:`EcoServeVllmScheduler` (over vLLM's ``AsyncScheduler``, for async scheduling,
@@ -594,12 +594,16 @@ class EcoServeMixin:
     #: Skip the per-step work that cannot change a decision (see ``schedule``); False does all
     #: of it every step, the same decisions more slowly (the tests compare the two).
     fast_steps: bool = True
+    #: Where the ``ECOSERVE_*`` settings are read (None: the process environment); the
+    #: simulator's replay reads none: a trace replay is not configured by the serving settings.
+    eco_environ: Mapping[str, str] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         log_through_vllm()
         _check_engine_kind(type(self), _vllm_config_arg(args, kwargs))
         _check_kv_groups(kwargs["kv_cache_config"] if "kv_cache_config" in kwargs else args[1])
-        eco_cfg = EcoServeVllmConfig.from_env()  # before vLLM's set-up: settings errors first
+        environ = os.environ if self.eco_environ is None else self.eco_environ
+        eco_cfg = EcoServeVllmConfig.from_env(environ)  # before vLLM's set-up: settings errors first
         super().__init__(*args, **kwargs)
         mgr = self.kv_cache_manager.coordinator.single_type_managers[0]
         self._bs = mgr.block_size  # vLLM's block_size x decode-context-parallel size
@@ -624,6 +628,7 @@ class EcoServeMixin:
             "default_reservations": 0,  # requests that got ECOSERVE_DEFAULT_RESERVE
             "parks": 0,  # running requests preempted for a new one that can meet its TTFT (parking)
             "amortized": 0,  # steps given the whole budget as an amortized chunk
+            "decodes_first": 0,  # paced steps whose running decodes were put before a prefill ahead of them
         }
         # Amortized chunks: no prompt tokens before this step while prompts wait; this step's
         # (paced budget, its time, the decodes' time, decodes, their context, offset, decode tokens)
@@ -635,9 +640,9 @@ class EcoServeMixin:
         self.turns: TurnMarkers | None = None  # the chat template's user-turn markers (_setup_prediction)
         self.predictor, self.tokenizer, self.eco_mode = self._setup_prediction()
         self._by_priority = self.policy == SchedulingPolicy.PRIORITY
-        if idle := idle_settings(eco_cfg, os.environ, self.predictor is not None, self.generator is not None):
+        if idle := idle_settings(eco_cfg, environ, self.predictor is not None, self.generator is not None):
             logger.warning("EcoServe: setting(s) with no effect here: %s", "; ".join(idle))
-        if self._by_priority and self.eco_cfg.park and os.environ.get("ECOSERVE_PARK", "").strip():
+        if self._by_priority and self.eco_cfg.park and environ.get("ECOSERVE_PARK", "").strip():
             # set, and never done (was: said nowhere)
             logger.warning("EcoServe: ECOSERVE_PARK has no effect under --scheduling-policy priority "
                            "(vLLM's priorities choose the victims)")
@@ -787,7 +792,7 @@ class EcoServeMixin:
             if self.pscale is not None:  # rules.PredictionScale: this traffic's scale, once
                 p.predicted = p.pred_tokens
                 p.pred_tokens = rules.prediction_within(self.pscale.scaled(p.pred_tokens), request.max_tokens)
-            if self.eco_cfg.park:
+            if self.eco_cfg.park and not self._by_priority:  # (parking's offered load)
                 self.load.add(request.arrival_time, self._service(request))
         super().add_request(request)
 
@@ -998,7 +1003,7 @@ class EcoServeMixin:
         # not while vLLM is paused (a request parked then is no unfinished work for a pause that
         # waits for the in-flight ones: was, the pause ended with it half done)
         if self.eco_cfg.park and self.running and self.waiting and not self._by_priority \
-                and not getattr(self, "kv_holding_waiting", None) \
+                and not self._takes_a_kv_holder() \
                 and getattr(self, "_pause_state", PauseState.UNPAUSED) == PauseState.UNPAUSED:
             # with this step's prompt budget (as the simulator: the budget before parking; a
             # parked request's decode token is not in the step any more)
@@ -1125,6 +1130,19 @@ class EcoServeMixin:
                 best, best_slack = r, slack
         return (best, best_slack) if best is not None else (None, 0.0)
 
+    def _takes_a_kv_holder(self) -> bool:
+        """vLLM drains its queue of waiting requests that hold KV first: would it take one this
+        step? Not a streaming session between chunks, nor an async KV load still in flight: it
+        skips those and goes on to the waiting queue, so parking still applies (was: one idle
+        session turned parking off for the whole server)."""
+        q = getattr(self, "kv_holding_waiting", None)
+        if not q:
+            return False
+        idle = getattr(RequestStatus, "WAITING_FOR_STREAMING_REQ", None)
+        loaded = getattr(self, "finished_recving_kv_req_ids", ())
+        return any(r.status != idle and not (r.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+                                             and r.request_id not in loaded) for r in q)
+
     def _vllm_takes(self, request: Request) -> bool:
         """vLLM's waiting loop would try to schedule waiting ``request`` now rather than skip it
         (``Scheduler.schedule``'s checks that do not depend on the step's budgets): not while its
@@ -1159,16 +1177,25 @@ class EcoServeMixin:
         pass over the running requests (0.45 ms at 1,024 on a 2-core CPU machine)."""
         d = dctx = tokens = left = 0
         offset = -1
+        behind = False  # a decode after a prefill in vLLM's order
         for r in self.running:
             n = r.num_computed_tokens
             if n >= r.num_tokens - 1:  # decoding (async scheduling: n may run ahead of num_tokens)
                 d += 1
                 dctx += n + 1  # the step attends to its computed tokens and the one it feeds
                 tokens += max(1, r.num_tokens_with_spec + r.num_output_placeholders - n)
+                behind = behind or offset >= 0
             else:
                 left += r.num_tokens - n
                 if offset < 0:
                     offset = n
+        if behind:
+            # vLLM hands the budget out in this order: a prefill ahead of a decode took the
+            # decode's share (was: a decode got no token for 6 steps behind a 6,000-token prompt
+            # under --long-prefill-token-threshold). Decodes first, as the simulator runs them
+            # (a stable partition: each side keeps its order, victims still last among their kind)
+            self.running[:] = sorted(self.running, key=lambda r: r.num_computed_tokens < r.num_tokens - 1)
+            self.eco_counters["decodes_first"] += 1
         offset = max(offset, 0)
         if not d or tokens >= full:
             b, t = full, -1.0
@@ -1361,17 +1388,32 @@ def _referenced(hit: Any) -> int:
     return sum(1 for b in hit.blocks[0] if b.ref_cnt > 0) if hit.blocks else 0
 
 
+#: KV-cache specs whose vLLM manager keeps a block for every token of a request (what the
+#: admission projection counts): full attention and MLA.
+FULL_ATTENTION_SPECS = frozenset({"FullAttentionSpec", "MLAAttentionSpec"})
+
+
 def _check_kv_groups(kv_cache_config: Any) -> None:
-    """One KV-cache group of full attention, or a start-up error (hybrid models)."""
+    """One KV-cache group of full attention (MLA too), or a start-up error: hybrid models, and a
+    lone group of another kind (sliding window, chunked local, Mamba: vLLM frees or recycles
+    their blocks behind the window, the projection counts every token's)."""
     groups = kv_cache_config.kv_cache_groups
     specs = {type(g.kv_cache_spec).__name__ for g in groups}
+    if not groups:
+        raise EcoServeSetupError("this model has no KV-cache group (an attention-free model?); EcoServe's "
+                                 "vLLM scheduler projects KV-cache blocks. Serve this model without --scheduler-cls")
     if len(groups) != 1:
         raise EcoServeSetupError(
             f"this model has {len(groups)} KV-cache groups ({', '.join(sorted(specs))}: a hybrid "
             "model, e.g. sliding-window or Mamba layers next to full attention); EcoServe's vLLM "
             "scheduler projects one group's blocks and does not support it. Serve this model "
             "without --scheduler-cls")
-
+    kind = specs.pop()
+    if kind not in FULL_ATTENTION_SPECS:  # exact names: subclasses (sinks, ring windows) manage blocks their way
+        raise EcoServeSetupError(
+            f"this model's KV cache is {kind}, not full attention: vLLM frees or reuses its blocks "
+            "behind the window, and EcoServe's vLLM scheduler projects a block for every token "
+            "(admission would stall). Serve this model without --scheduler-cls")
 
 
 class EcoServeVllmScheduler(EcoServeMixin, AsyncScheduler):
@@ -1443,8 +1485,10 @@ def load_cost_model(profile: str, vllm_config: Any = None) -> Any:
     try:
         cost = load_profile(profile)
     except Exception as e:
+        listed = "shipped: " in str(e)  # an unknown name: the error lists them (was: twice)
         raise EcoServeSetupError(f"ECOSERVE_PROFILE={profile!r}: not a usable cost-model profile "
-                                 f"({type(e).__name__}: {e}); shipped: {', '.join(list_profiles())}, "
+                                 f"({type(e).__name__}: {e})"
+                                 f"{'' if listed else '; shipped: ' + ', '.join(list_profiles())}, "
                                  "or a profile JSON file") from None
     if vllm_config is not None and (other := other_model(cost, vllm_config)):
         logger.warning("EcoServe: ECOSERVE_PROFILE=%s describes another model than the one served (%s): "

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from ..policies.interface import DEFAULT_TOKEN_BUDGET
@@ -240,8 +241,11 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
     level = plugin_log.level
     plugin_log.setLevel(logging.ERROR)  # its "no predictor" warning: the replay hands each request its prediction
     try:
+        class Replay(EcoServeVllmSyncScheduler):  # not the serving ECOSERVE_* settings (was: an
+            eco_environ = MappingProxyType({})  # ECOSERVE_PROFILE=auto in the shell aborted a replay)
+
         sched = build_vllm_scheduler(
-            EcoServeVllmSyncScheduler if eco else None, num_blocks=blocks, block_size=block_size,
+            Replay if eco else None, num_blocks=blocks, block_size=block_size,
             max_num_seqs=max_running, max_model_len=max(longest, 2048),
             max_num_batched_tokens=int(max(cost.token_budget, DEFAULT_TOKEN_BUDGET) if token_budget is None
                                        else token_budget))

@@ -205,6 +205,8 @@ class OfferedLoad:
         self._t.append(t)
         self._before.append(self._total)
         self._total += service
+        if not len(self._arrivals) & 1023:  # bounded even if ``load`` is seldom or never read (was:
+            self.load(t)  # an entry per request kept for good under vLLM's priority policy)
 
     def load(self, now: float) -> float:
         a, start = self._arrivals, now - self.window_s

@@ -23,6 +23,7 @@ import gzip
 import io
 import json
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -555,14 +556,16 @@ def _batches(pf: Any, src: Path, chunk: int) -> Iterator[Any]:
 
 # ---- progress -----------------------------------------------------------------------------------
 class _progress:
-    """A rich progress bar over input bytes (text formats) or rows (Parquet); a no-op when off."""
+    """A rich progress bar over input bytes (text formats) or rows (Parquet) on a terminal,
+    erased when done; a no-op when off or when stderr is not a terminal (was: a frozen bar
+    line before the one-line error, in logs too)."""
 
     def __init__(self, src: Path, fmt: Format, enabled: bool):
         self.src, self.fmt, self.enabled = src, fmt, enabled
         self._bar: Any = None
 
     def __enter__(self) -> Callable[[float], None]:
-        if not self.enabled:
+        if not (self.enabled and sys.stderr.isatty()):
             return lambda _done: None
         from rich.console import Console
         from rich.progress import (
@@ -583,7 +586,7 @@ class _progress:
             amount = DownloadColumn()
         self._bar = Progress(TextColumn("annotating {task.description}", markup=False), BarColumn(), amount,
                              TimeElapsedColumn(), TimeRemainingColumn(),
-                             console=Console(stderr=True), transient=False)
+                             console=Console(stderr=True), transient=True)
         self._bar.__enter__()
         task = self._bar.add_task(self.src.name, total=total)
         return lambda done: self._bar.update(task, completed=done)

@@ -217,8 +217,13 @@ def test_unreadable_or_unknown_profile(tmp_path):
         load_profile(str(path))
     with pytest.raises(ProfileError, match="unknown profile 'gpt5-tpu'"):
         load_profile("gpt5-tpu")
-    with pytest.raises(ProfileError, match=r"'llama2-13b-a100-80g'; did you mean llama2-13b-a100-80gb\? shipped"):
+    with pytest.raises(ProfileError, match=r"'llama2-13b-a100-80g' \(did you mean llama2-13b-a100-80gb\?\); shipped"):
         load_profile("llama2-13b-a100-80g")  # was: the list of 16, no nearest
+    # a prefix: both sizes (was: difflib's llama2-13b-h200); case aside
+    with pytest.raises(ProfileError, match=r"did you mean llama2-13b-a100-40gb or llama2-13b-a100-80gb\?"):
+        load_profile("llama2-13b-a100")
+    with pytest.raises(ProfileError, match=r"'llama2-13b-A100-80GB' \(did you mean llama2-13b-a100-80gb\?\)"):
+        load_profile("llama2-13b-A100-80GB")
     with pytest.raises(ProfileError, match="a folder, not a profile"):  # was: "unknown profile"
         load_profile(tmp_path)
 

@@ -254,6 +254,16 @@ def test_parking_rules_by_hand():
     assert load.load(100.0) == 0.0
 
 
+def test_offered_load_stays_bounded_when_it_is_never_read():
+    """Was: an entry per request kept for good where ``load`` is not read (vLLM's priority
+    policy: no parking)."""
+    load = rules.OfferedLoad(10.0)
+    for i in range(100_000):
+        load.add(float(i), 1.0)
+    assert len(load._arrivals) <= 1024 + 10 and len(load._t) <= 3 * 1024
+    assert load.load(100_000.0) == pytest.approx(1.0)  # the last 10, arrived in [99,990, 100,000)
+
+
 def test_offered_load_says_until_when_it_stays_at_least_a_level():
     load = rules.OfferedLoad(10.0)
     load.add(0.0, 2.0)

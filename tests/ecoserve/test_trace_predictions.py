@@ -206,6 +206,39 @@ def test_a_trace_row_is_read_as_annotate_reads_it(tmp_path):
     assert t.generators == ["gpt-4", None]
 
 
+def test_a_parquet_trace_reads_as_its_json_lines_twin(tmp_path):
+    """What ``rlpredict annotate`` writes for a Parquet input replays (was: "unknown trace
+    format"): the same trace as the JSON Lines of the same rows; a null is a missing field; a
+    timestamp column reads with --time-unit iso; a bad row is named by its number."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [{"arrival_time_s": 2.0, "input_tokens": 5, "output_tokens": 3, "rl_bucket": 1, "rl_pred_tokens": 40,
+             "rl_reserve_tokens": 60, "prompt": "hi", "generator": "gpt-4"},
+            {"arrival_time_s": 0.5, "input_tokens": 9, "output_tokens": 30, "rl_bucket": 0, "rl_pred_tokens": 20,
+             "rl_reserve_tokens": 30, "prompt": "hello there", "generator": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    twin = write(tmp_path, "t.jsonl", "".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n"
+                                              for r in rows))
+    got, want = read_trace(tmp_path / "t.parquet"), read_trace(twin)
+    for field in ("arrival_s", "input_tokens", "output_tokens", "max_tokens", "rl"):
+        assert getattr(got, field).tolist() == getattr(want, field).tolist(), field
+    assert (got.prompts, got.generators) == (want.prompts, want.generators) == (["hello there", "hi"], [None, "gpt-4"])
+    stamps = [datetime(2024, 5, 1, 12, 0, 1, tzinfo=timezone.utc), datetime(2024, 5, 1, 12, 0, 0, 500000, tzinfo=timezone.utc)]
+    pq.write_table(pa.table({"t": stamps, "input_tokens": [5, 9], "output_tokens": [3, 30]}), tmp_path / "iso.parquet")
+    t = read_trace(tmp_path / "iso.parquet", fmt=TraceFormat(columns={"arrival_time_s": "t"}, time_unit="iso"))
+    assert t.arrival_s.tolist() == [0.0, 0.5] and t.output_tokens.tolist() == [30, 3]
+    pq.write_table(pa.table({"arrival_time_s": [0.0, 1.0], "input_tokens": [5, -2], "output_tokens": [3, 3]}),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(TraceError, match=r"bad\.parquet:2: .*input_tokens"):
+        read_trace(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"arrival": [0.0], "input_tokens": [5], "output_tokens": [3]}), tmp_path / "cols.parquet")
+    with pytest.raises(TraceError, match=r"cols\.parquet: missing column\(s\) arrival_time_s"):
+        read_trace(tmp_path / "cols.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(TraceError, match=r"junk\.parquet: not a readable Parquet file"):
+        read_trace(tmp_path / "junk.parquet")
+
+
 def test_an_empty_csv_cell_is_a_missing_value(tmp_path):
     """As ``rlpredict annotate`` reads it: an empty prompt cell is no prompt (was: the prompt "")."""
     t = read_trace(write(tmp_path, "e.csv", "arrival_time_s,input_tokens,output_tokens,prompt\n0,5,3,hi\n1,5,3,\n"))

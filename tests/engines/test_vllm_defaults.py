@@ -68,7 +68,7 @@ def eco_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def build(cls: type, *, num_blocks: int = 64, prefix_caching: bool = False, dcp: int = 1,
-          policy: str = "fcfs", sliding_group: bool = False, max_num_seqs: int = 16,
+          policy: str = "fcfs", sliding_group: bool = False, only_sliding: bool = False, max_num_seqs: int = 16,
           speculative: dict | None = None, kv_events: bool = False, **sched_kw: object) -> Scheduler:
     """A real vLLM scheduler with the settings ``build_vllm_scheduler`` keeps fixed;
     ``speculative``: a ``SpeculativeConfig``'s arguments; ``kv_events``: KV-cache events on
@@ -88,10 +88,9 @@ def build(cls: type, *, num_blocks: int = 64, prefix_caching: bool = False, dcp:
                        if kv_events else {}))
     vc.parallel_config.decode_context_parallel_size = dcp  # as the engine sets it (no TP group on CPU)
     spec = FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=1, dtype=torch.float32)
-    groups = [KVCacheGroupSpec(["full"], spec)]
-    if sliding_group:
-        groups.append(KVCacheGroupSpec(["swa"], SlidingWindowSpec(
-            block_size=BS, num_kv_heads=1, head_size=1, dtype=torch.float32, sliding_window=64)))
+    swa = KVCacheGroupSpec(["swa"], SlidingWindowSpec(
+        block_size=BS, num_kv_heads=1, head_size=1, dtype=torch.float32, sliding_window=64))
+    groups = [swa] if only_sliding else [KVCacheGroupSpec(["full"], spec), *([swa] if sliding_group else [])]
     kv = KVCacheConfig(num_blocks=num_blocks + 1, kv_cache_tensors=[], kv_cache_groups=groups)
     return cls(vllm_config=vc, kv_cache_config=kv, block_size=BS, log_stats=False,
                structured_output_manager=StructuredOutputManager(vc))
@@ -413,6 +412,7 @@ def test_priority_policy_uses_vllms_victim_rule() -> None:
         r = req(f"p{prio}", 32, 100, arrival=0.01 * i, rl_pred_tokens=8)
         r.priority = prio
         s.add_request(r)
+    assert not s.load._t  # no parking, so no offered-load history (was: an entry per request, kept)
     outs = drive(s)
     first = next(o.preempted_req_ids for o in outs if o.preempted_req_ids)
     assert first == {"p2"}  # the lowest priority, as vLLM's own rule says
@@ -532,6 +532,10 @@ def test_fast_steps_change_no_decision_with_prefix_caching(cls: type) -> None:
 def test_hybrid_models_are_refused_at_startup(cls: type) -> None:
     with pytest.raises(EcoServeSetupError, match=r"2 KV-cache groups \(FullAttentionSpec, SlidingWindowSpec"):
         build(cls, sliding_group=True)
+    # was: accepted, and admission stalled (vLLM recycles the blocks behind the window; the
+    # projection counted every token's: 1 of 4 requests running where vLLM ran 4)
+    with pytest.raises(EcoServeSetupError, match=r"KV cache is SlidingWindowSpec, not full attention"):
+        build(cls, only_sliding=True)
 
 
 # ---- features not tested with the plug-in -----------------------------------------------------------

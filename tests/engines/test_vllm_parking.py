@@ -213,6 +213,36 @@ def test_no_parking_while_streaming_sessions_hold_the_free_slots(cls: type) -> N
         assert s.eco_counters["parks"] == parks and len(preempted) == parks
 
 
+def test_an_idle_streaming_session_does_not_turn_parking_off() -> None:
+    """A streaming session between chunks waits in vLLM's queue of KV-holding requests, which
+    vLLM drains first but skips it in: the burst's "b" still gets a decode parked for it and its
+    first token within its 1 s TTFT (was: no park while the session idled, b's first token at
+    2.71 s)."""
+    s = make(EcoServeVllmSyncScheduler, num_blocks=26)
+    s.clock = lambda: 0.0
+    sp = SamplingParams(max_tokens=2, ignore_eos=True, extra_args={"rl_pred_tokens": 2})
+    s.add_request(Request(request_id="session", prompt_token_ids=[1] * 8, sampling_params=sp,
+                          pooling_params=None, arrival_time=0.0, resumable=True))
+    for _ in range(4):
+        out = s.schedule()
+        s.update_from_output(out, fake_model_output(out, s, {"session": 2}))
+    assert s.requests["session"].status == RequestStatus.WAITING_FOR_STREAMING_REQ and len(s.kv_holding_waiting) == 1
+    now, target, first = burst_start(s, park=True), {"a": 300}, None
+    for _ in range(5000):
+        if set(s.requests) <= {"session"}:
+            break
+        now[0] += 0.01
+        if now[0] >= 0.3 and "b" not in target:
+            target["b"] = 150
+            s.add_request(req("b", 160, 150, arrival=0.3, rl_pred_tokens=150))
+        out = s.schedule()
+        s.update_from_output(out, fake_model_output(out, s, target))
+        b = s.requests.get("b")
+        if first is None and b is not None and b.num_output_tokens > 0:
+            first = now[0]
+    assert s.eco_counters["parks"] == 1 and first is not None and first - 0.3 <= 1.0
+
+
 def test_no_victim_whose_last_token_is_in_flight() -> None:
     """Async scheduling: "a" (200 + 88 tokens) has its 88th and last token in flight when the
     burst's "b" reaches its parking window: vLLM schedules no further step for it. It was

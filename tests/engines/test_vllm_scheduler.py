@@ -581,6 +581,35 @@ def test_profile_sizes_each_steps_prefill_budget_by_the_tbt_slo(monkeypatch: pyt
     assert scheduled[""] == 512 - 4 > scheduled[cost.name]
 
 
+def test_paced_decodes_are_not_starved_by_a_prefill_ahead_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM hands a step's tokens out in ``running``'s order: under the TBT-aware budget (the
+    decodes plus the paced prompt tokens) a prefill ahead of a decode took the decode's share
+    (was: a decode got no token for 6 steps behind a 6,000-token prompt chunked by
+    --long-prefill-token-threshold). Decodes go first, as in the simulator: every running
+    decode gets its token in every step."""
+    monkeypatch.setenv("ECOSERVE_PROFILE", "llama2-13b-a100-80gb")
+    monkeypatch.setenv("ECOSERVE_PARK", "0")
+    s = build_vllm_scheduler(EcoServeVllmSyncScheduler, num_blocks=1024, block_size=BS, max_num_seqs=2,
+                             max_num_batched_tokens=2048, max_model_len=8192)
+    s.scheduler_config.long_prefill_token_threshold = 1024
+    s.add_request(req("P", 6000, 20, 0.0, rl_pred_tokens=5))
+    s.add_request(req("D", 16, 100, 0.5, rl_pred_tokens=50))
+    for i in range(3):
+        s.add_request(req(f"W{i}", 600, 20, 1.0 + i, rl_pred_tokens=5))
+    target = {rid: r.max_tokens for rid, r in s.requests.items()}
+    behind = 0
+    for _ in range(30):
+        decoding = {r.request_id for r in s.running if r.num_computed_tokens >= r.num_tokens - 1}
+        prefilling = [r.request_id for r in s.running if r.request_id not in decoding]
+        behind += bool(prefilling and decoding and s.running.index(s.requests[prefilling[0]]) == 0)
+        out = s.schedule()
+        assert all(out.num_scheduled_tokens.get(rid, 0) >= 1 for rid in decoding), out.num_scheduled_tokens
+        s.update_from_output(out, fake_model_output(out, s, target))
+    assert behind and s.eco_counters["decodes_first"] >= 1  # the case arose, and was handled
+    drive(s)
+    check_done(s)
+
+
 def test_amortized_chunk_takes_the_whole_budget_then_repays(monkeypatch: pytest.MonkeyPatch) -> None:
     """ECOSERVE_AMORTIZE (the default): while a prompt waits beyond the paced budget, a step takes
     the whole budget where ``rules.amortized_chunk_pays``, and the next ``rules.repay_steps``

@@ -48,3 +48,15 @@ def test_ecoserve_on_vllm_finishes_everything_and_reserves() -> None:
     s = summarize(res, SLO_)
     assert s["finished"] + s["dropped"] == len(tr)
     assert s["predictions"].startswith("annotated")
+
+
+def test_the_replay_reads_no_serving_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ECOSERVE_* settings configure a served engine, not a trace replay (were: a bad one
+    aborted the replay, ECOSERVE_PROFILE=auto too; a valid one was read, then overwritten)."""
+    cost, tr = load_profile("llama2-13b-a100-80gb"), _trace(n=30, seed=2)
+    clean = summarize(run(tr, "ecoserve-vllm-real", cost, slo=SLO_, kv_blocks=160), SLO_)
+    for name, value in (("ECOSERVE_AGING", "lots"), ("ECOSERVE_PROFILE", "auto"), ("ECOSERVE_REQUIRE_PREDICTOR", "1")):
+        monkeypatch.setenv(name, value)
+    dirty = summarize(run(tr, "ecoserve-vllm-real", cost, slo=SLO_, kv_blocks=160), SLO_)
+    assert {k: v for k, v in dirty.items() if "wall" not in k and "per_s" not in k and "us" not in k} == \
+        {k: v for k, v in clean.items() if "wall" not in k and "per_s" not in k and "us" not in k}

@@ -1294,3 +1294,16 @@ def test_help_shows_long_option_names_whole_at_80_columns(cli, command, option):
     assert proc.returncode == 0, proc.stderr
     assert option in proc.stdout and "…" not in proc.stdout and "<bool>" not in proc.stdout
     assert max(map(len, proc.stdout.splitlines())) <= 80
+
+
+def test_a_failed_annotate_into_a_log_is_one_line(tmp_path):
+    """stderr not a terminal (a log, a pipe): no progress bar, so a bad row is one line (was: a
+    frozen "annotating noprompt.csv 0/96 bytes" bar line before it)."""
+    src = tmp_path / "noprompt.csv"
+    src.write_text("text,x\nhello,1\n")
+    proc = subprocess.run([sys.executable, "-c", "from rlpredict.cli import main; main()", "annotate", str(src),
+                           "-o", str(tmp_path / "out.csv")], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"error: {src}: line 2: neither field 'prompt' nor 'messages'"), line
