@@ -92,13 +92,26 @@ class Calibration:
                 f"max {100 * fe.get('max_rel_error', 0):.1f}%\n"
                 f"held-out third: mean {100 * self.holdout['mean_rel_error']:.1f}%, "
                 f"max {100 * self.holdout['max_rel_error']:.1f}%\n{noise}"
-                f"mfu {e['mfu']:.3g}, mbu {e['mbu']:.3g}, overhead {1e3 * e['overhead_s']:.3g} ms, "
-                f"per decoding request {1e3 * e['overhead_per_seq_s']:.3g} ms, "
-                f"prefill {1e3 * e['prefill_overhead_s']:.3g} ms"
+                f"mfu {e['mfu']:.3g}, mbu {e['mbu']:.3g}, overhead {_ms(e['overhead_s'])} ms, "
+                f"per decoding request {_ms(e['overhead_per_seq_s'])} ms, "
+                f"prefill {_ms(e['prefill_overhead_s'])} ms"
                 + "".join(f"\n{what}: {', '.join(fe[key])}" for key, what in (
                     ("not_fitted", "not fitted (no measured iteration depends on it; the base value kept)"),
                     ("at_bound", "at the fit's bound (the model cannot follow the measurements there)"))
-                    if fe.get(key)))
+                    if fe.get(key))
+                + (f"\nwarning: the fit misses held-out iterations by {100 * self.holdout['mean_rel_error']:.0f}% "
+                   "on average: this profile's iteration times are rough (a busy machine, or an engine the "
+                   "cost model does not describe); measure again on an idle device or with --repeats"
+                   if self.holdout["mean_rel_error"] > ROUGH_FIT else ""))
+
+
+#: A held-out mean relative error above this is said as a warning under the report.
+ROUGH_FIT = 0.25
+
+
+def _ms(seconds: float) -> str:
+    """Milliseconds to 3 significant digits; 0 for a fit's lower bound (was: "7.78e-16 ms")."""
+    return "0" if abs(seconds) < 1e-9 else f"{1e3 * seconds:.3g}"
 
 
 def check_setup(device: str, dtype: str | None = None) -> None:

@@ -337,7 +337,7 @@ def compare(
     trace: TraceOpt,
     policies: Annotated[str, typer.Option("--policies", help="comma-separated policy names")] = "vllm,sarathi,orca,s3,sjf,ecoserve,ecoserve-oracle",
     rate_scales: Annotated[str, typer.Option("--rate-scales", help="comma-separated rate multipliers (> 0)")] = "0.5,1,2",
-    out: Annotated[Path, typer.Option("--out", help="output folder (results.json, table.md, plots); must not hold an input")] = Path("out/compare"),
+    out: Annotated[Path, typer.Option("--out", help="output folder (results.json, table.md, plots); must not hold an input")] = Path("runs/compare"),
     force: ForceOpt = False,
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
     bundle: BundleOpt = None, slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2,

@@ -269,7 +269,7 @@ def capacity_table(caps: Sequence[dict], explain: bool = True) -> str:
     if ceil and not explain:
         lines += ["", f"Saturation ceiling: x{ceil:.3f}."]
         if sustained_above_ceiling(caps):
-            lines[-1] += f" A sustained load above it: {CEILING_DRAIN_NOTE}."
+            lines[-1] += f" Here a sustained load is above the ceiling: {CEILING_DRAIN_NOTE}."
     elif ceil:
         lines += ["", f"Saturation ceiling: x{ceil:.3f}, the load at which requests arrive as fast as a "
                       "flooded server finishes them (best of vllm and ecoserve-oracle replayed 50x "

@@ -63,6 +63,10 @@ def load_confusion(path: str | Path) -> Confusion:
         raise ValueError(f"{p}: not valid JSON ({type(e).__name__})") from None
     if isinstance(d, dict) and "confusion" in d and d.get("format") != CONFUSION_FORMAT:
         d = d["confusion"]
+    if isinstance(d, dict) and str(d.get("format", "")).startswith("rlpredict.bundle/"):
+        # a bundle exported without MODEL/eval (was: "not a confusion matrix", as for any file)
+        raise ValueError(f"{p}: this bundle carries no confusion matrix: run `rlpredict eval --model MODEL` "
+                         "before `rlpredict export`, or give a confusion.json")
     if not isinstance(d, dict) or d.get("format") != CONFUSION_FORMAT:
         raise ValueError(f"{p}: not a confusion matrix (expected format {CONFUSION_FORMAT!r})")
     try:

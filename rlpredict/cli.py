@@ -294,9 +294,12 @@ def demo(
         err.print("[bold]2/2 evaluate[/bold] vs constant, prompt-length, TF-IDF baselines on the held-out 25% (by prompt/conversation)")
         report, probs, test = evaluate(tmp / "model", data, progress=True)
         report["model"] = str(out / "model")  # where it will be, not the temporary folder
-        write_report(report, probs, test, ModelMeta.load(tmp / "model").buckets, tmp / "report")
+        # in MODEL/eval, as `rlpredict eval` writes it: `export` puts its confusion matrix in the
+        # bundle (was: out/report, and the bundle had none for the simulator)
+        write_report(report, probs, test, ModelMeta.load(tmp / "model").buckets, tmp / "model" / "eval")
     print(markdown_report(report))
-    err.print(f"[green]report written to[/green] {escape(str(out / 'report'))}/report.md (confusion matrices: confusion_*.png)",
+    err.print(f"[green]report written to[/green] {escape(str(out / 'model' / 'eval'))}/report.md (confusion matrices: "
+              f"confusion_*.png)\nnext: `rlpredict export --model {escape(str(out / 'model'))} --out models/my-predictor`",
               highlight=False)
 
 

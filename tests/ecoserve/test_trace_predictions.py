@@ -276,6 +276,12 @@ def test_confusion_loads_from_file_manifest_and_bundle_dir(tmp_path):
         load_confusion(write(tmp_path, "x.json", "{}"))
 
 
+def test_a_bundle_without_a_confusion_matrix_says_how_to_get_one(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "rlpredict.bundle/1", "files": {}}))
+    with pytest.raises(ValueError, match=r"manifest\.json: this bundle carries no confusion matrix: run `rlpredict eval"):
+        load_confusion(tmp_path)
+
+
 def test_default_confusion_path_searches_models_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="--confusion"):
         default_confusion_path(tmp_path)

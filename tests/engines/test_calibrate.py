@@ -48,3 +48,18 @@ def test_the_device_peak_is_measured_in_the_models_dtype():
 
     assert "torch.bfloat16 matmul" in device_section("cpu", torch.bfloat16)["source"]["peak_flops"]  # was fp32
     assert "torch.float32 matmul" in device_section("cpu")["source"]["peak_flops"]
+
+
+def test_the_report_warns_of_a_rough_fit_and_prints_a_bound_as_zero():
+    """Was: a 70.8% held-out error written without a word, and "overhead 7.78e-16 ms"."""
+    from types import SimpleNamespace
+
+    from ecoserve_sched.calibrate import ROUGH_FIT, Calibration
+
+    eff = {"mfu": 0.4, "mbu": 0.6, "overhead_s": 7.78e-19, "overhead_per_seq_s": 2e-5, "prefill_overhead_s": 1e-3}
+    prof = SimpleNamespace(name="p", fit_error={"n_samples": 12, "mean_rel_error": 0.5, "max_rel_error": 0.9},
+                           spec={"efficiency": eff})
+    for err, warned in ((0.708, True), (ROUGH_FIT / 2, False)):
+        text = Calibration(prof, [], {"mean_rel_error": err, "max_rel_error": 1.0}, None, 1.0).report()
+        assert ("warning: the fit misses held-out iterations by 71% on average" in text) is warned
+        assert "overhead 0 ms, per decoding request 0.02 ms, prefill 1 ms" in text

@@ -117,11 +117,13 @@ def test_demo_trains_evaluates_and_names_the_final_model_folder(tmp_path) -> Non
     out = tmp_path / "demo"
     r = CliRunner().invoke(app, ["demo", "--out", str(out), "--steps", "2"])
     assert r.exit_code == 0, r.output
-    report = json.loads((out / "report" / "report.json").read_text())
+    ev = out / "model" / "eval"  # where export reads it (was: out/report, and the bundle had no matrix)
+    report = json.loads((ev / "report.json").read_text())
     assert report["model"] == str(out / "model") and (out / "model").is_dir()
-    assert f"- model: `{out / 'model'}`" in (out / "report" / "report.md").read_text()
-    assert ".part" not in (out / "report" / "confusion.json").read_text()
-    assert (out / "report" / "confusion_model.png").stat().st_size > 0
+    assert f"- model: `{out / 'model'}`" in (ev / "report.md").read_text()
+    assert ".part" not in (ev / "confusion.json").read_text()
+    assert (ev / "confusion_model.png").stat().st_size > 0
+    assert f"rlpredict export --model {out / 'model'}" in r.output.replace("\n", " ")
 
 
 def test_the_verdict_says_when_the_held_out_rows_cannot_tell_the_two_apart():
