@@ -78,7 +78,8 @@ def child(config: str, src: Path, dst: Path) -> dict:
 
     from rlpredict.serve.annotate_ray import annotate_path
 
-    ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # a Ray of its own, never a `ray start` cluster on this machine (as `ray_session` starts one)
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     t1 = time.perf_counter()
     workers = CONFIGS[config]
     s = annotate_path(src, dst, on_error="skip", num_workers=workers, threads=max(1, cores // workers),

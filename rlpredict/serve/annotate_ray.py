@@ -277,8 +277,14 @@ def ray_session(address: str | None) -> Iterator[Any]:
     given = "--ray-address" if address else "$RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     _check_reachable(address, option=given)
-    ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             configure_logging=True)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                 configure_logging=True)
+    except (ConnectionError, ValueError) as e:  # in this CLI's words (were Ray's: "... `--address` flag")
+        why = ("no running Ray cluster on this machine (start one with `ray start --head`, or leave the "
+               "option out for a local Ray)") if address == "auto" and isinstance(e, ConnectionError) \
+            else str(e).split("\n", 1)[0]
+        raise AnnotateError(f"{given} {address}: {why}") from None
     for sig, handler in before.items():  # Python handlers only: with SIG_DFL, Ray's sys.exit
         if callable(handler):             # still runs the callers' finally blocks
             signal.signal(sig, handler)
@@ -522,15 +528,19 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         ds.context.execution_options.preserve_order = True
         ds.context.target_max_block_size = 1  # one chunk per block, so chunks spread over the workers
 
-        root = stack.enter_context(output_dir(dst, force=force, tool=ANNOTATE_TOOL, option="--output")) if folder \
-            else None
-        rej_file = None
-        if rej_path is not None:
-            rej_file = stack.enter_context(open(stack.enter_context(atomic_path(rej_path)), "wb"))
-        writer = _Writers(files, root, stack)
         sizes = [f.src.stat().st_size for f in files]
         before = [0, *itertools.accumulate(sizes)][:-1]  # bytes of the files before file i
         bar = stack.enter_context(_Progress(progress, sum(sizes)))
+        # entered before the rejects file, so committed after it: the output, which says the run
+        # is complete, comes last (was: a single file's output entered at its first write, and
+        # renamed into place first, so an interrupt could leave it without its rejects file)
+        root = stack.enter_context(output_dir(dst, force=force, tool=ANNOTATE_TOOL, option="--output")) if folder \
+            else None
+        single = None if folder else stack.enter_context(atomic_path(dst))
+        rej_file = None
+        if rej_path is not None:
+            rej_file = stack.enter_context(open(stack.enter_context(atomic_path(rej_path)), "wb"))
+        writer = _Writers(files, root, stack, single)
         reasons: Counter[str] = Counter()
         stale: Counter[str] = Counter()
         file_out = [0] * len(files)  # rows annotated per file
@@ -641,8 +651,8 @@ class _Writers:
     """The driver's output files, opened in input order; JSONL payloads are appended as they
     come (a gzip member per chunk), Parquet payloads are Arrow IPC batches."""
 
-    def __init__(self, files: list[_File], root: Path | None, stack: ExitStack):
-        self.files, self.root, self.stack = files, root, stack
+    def __init__(self, files: list[_File], root: Path | None, stack: ExitStack, single: Path | None = None):
+        self.files, self.root, self.stack, self.single = files, root, stack, single  # single: one file's temporary path
         self.current = -1
         self.out: Any = None
         self.empty = False  # the current output is a .gz that has no member yet
@@ -671,7 +681,7 @@ class _Writers:
         self.current += 1
         f = self.files[self.current]
         if self.root is None:
-            path = self.stack.enter_context(atomic_path(f.dst))
+            path = self.single if self.single is not None else self.stack.enter_context(atomic_path(f.dst))
         else:
             path = self.root / f.name
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -133,6 +133,25 @@ def test_an_unreachable_address_and_a_failed_worker_are_one_line():
         raise err
 
 
+@pytest.mark.parametrize(("address", "raised", "says"), [
+    ("auto", ConnectionError("Could not find any running Ray instance. Please specify ... `--address` flag"),
+     "--ray-address auto: no running Ray cluster on this machine (start one with `ray start --head`"),
+    ("foo", ValueError("Invalid address format: foo"), "--ray-address foo: Invalid address format: foo"),
+])
+def test_ray_init_errors_name_the_option(monkeypatch, address, raised, says):
+    """Were Ray's words alone: its `--address` flag, or no option named."""
+    from rlpredict.serve import annotate_ray as ar
+    from rlpredict.serve.annotate import AnnotateError
+
+    def init(**kw):
+        raise raised
+
+    monkeypatch.setattr(ar, "import_ray", lambda: SimpleNamespace(is_initialized=lambda: False, init=init))
+    with pytest.raises(AnnotateError) as e, ar.ray_session(address):
+        pass
+    assert str(e.value).startswith(says)
+
+
 def test_jsonl_gz_equals_local_and_a_killed_worker_loses_no_row(ray_local, bundle_fp32, predictor, tmp_path):
     from rlpredict.serve.annotate_ray import annotate_path
 
@@ -227,6 +246,31 @@ def test_fail_mode_names_the_first_bad_line_and_writes_nothing(ray_local, bundle
     with pytest.raises(AnnotateError, match=r"^bad\.jsonl\.gz: truncated or corrupt compressed file"):
         annotate_path(Path("bad.jsonl.gz"), Path("out.jsonl.gz"), bundle_fp32, on_error="skip")
     assert not (tmp_path / "out.jsonl.gz").exists()
+
+
+def test_the_output_is_committed_after_its_rejects_file(ray_local, bundle_fp32, tmp_path, monkeypatch):
+    """A single file's output says the run is complete, so it is renamed into place last: a
+    rejects file that cannot be written (a full disk) leaves neither (was: the output entered
+    at its first write, renamed first, and left without its rejects file)."""
+    from contextlib import contextmanager
+
+    from rlpredict.serve import annotate_ray as ar
+
+    real = ar.atomic_path
+
+    @contextmanager
+    def full_disk_for_rejects(path):
+        with real(path) as tmp:
+            yield tmp
+            if Path(path).name.endswith(".rejects.jsonl"):
+                raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ar, "atomic_path", full_disk_for_rejects)
+    src = write_jsonl(tmp_path / "in.jsonl", trace_lines(600))
+    with pytest.raises(OSError, match="No space left"):
+        ar.annotate_path(src, tmp_path / "out.jsonl", bundle_fp32, on_error="skip",
+                         rejects=tmp_path / "out.rejects.jsonl", chunk_rows=100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
 def test_no_row_is_an_error_as_on_the_local_engine(ray_local, bundle_fp32, tmp_path):
