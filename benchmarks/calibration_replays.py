@@ -36,7 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", type=arg_list(arg_number(float, 0, low_open=True)), default="2,4", help="Poisson arrival rates of the served traces")
     ap.add_argument("--repeats", type=arg_number(int, 1), default=2, help="real runs per trace and policy")
-    ap.add_argument("--token-budget", type=arg_number(int, 1), default=512)
+    ap.add_argument("--token-budget", type=arg_number(int, 34), default=512)  # the replays' 32 requests, +2
     args = ap.parse_args()
 
     import torch

@@ -334,7 +334,7 @@ def measure(m: Any, grid: list[tuple[int, int, int, int]], token_budget: int = 2
         raise_if_interrupted()  # an interrupt raised in transformers' __del__ is swallowed there
         blocks = sum(-(-(len(g.prompt_ids) + g.max_new_tokens) // block_size) for g in reqs) + 4
         eng = TransformersEngine(m, "vllm", clock="step", block_size=block_size, kv_blocks=blocks,
-                                 token_budget=max(token_budget, len(reqs) + 1),
+                                 token_budget=token_budget,
                                  max_running=max(len(reqs) + 1, 2))
         runs = [eng.generate(reqs) for _ in range(repeats if i >= len(warm) else 1)]
         for run in runs:
@@ -386,6 +386,11 @@ def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | 
         raise CalibrationError(f"--grid {grid!r}: choose from {', '.join(GRIDS)}")
     if name is not None and not name.strip():  # was: the default name, without a word
         raise CalibrationError("--name: empty; give the profile a name, or leave --name out for the default")
+    most = max([b for b, *_ in GRIDS[grid]] + [n for n, _ in REPLAYS.get(grid, [])] + [2])
+    if token_budget < most + 2:  # the engine's slots: the run's requests and one; a budget above them
+        # (was: raised to the slots without a word, then refused mid-run, naming that number)
+        raise CalibrationError(f"--token-budget {token_budget}: grid {grid!r} runs up to {most} requests at once, "
+                               f"so the engine needs a budget of at least {most + 2} tokens")
     import torch
     import transformers
 

@@ -174,6 +174,11 @@ class BucketScheme:
         return len(self.edges)
 
     @property
+    def labels(self) -> list[str]:
+        """Each bucket's lengths, as ``range_label`` writes them (``0-32``, ``33-64``, ..., ``1025+``)."""
+        return [range_label(self.edges, k) for k in range(len(self.edges))]
+
+    @property
     def bounds(self) -> list[tuple[float, float]]:
         """(lower, upper] token range of every bucket."""
         return list(zip((0.0, *self.edges[:-1]), self.edges, strict=True))
@@ -245,6 +250,15 @@ class BucketScheme:
         from rlpredict.json_file import read_json
 
         return cls.from_dict(read_json(path), source=str(path))
+
+
+def range_label(edges: Sequence[float | None], k: int) -> str:
+    """Bucket ``k``'s response lengths, both ends included: ``33-64`` for (32, 64], ``1025+`` for
+    the open last bucket (``None`` or inf); the one label the CLI, the plots and the notebooks
+    use (were three: ``33-64``, ``≤64`` and ``32-64``, which read as if 32 were in it)."""
+    lo = 0 if k == 0 else math.floor(edges[k - 1]) + 1
+    hi = edges[k]
+    return f"{lo}+" if hi is None or math.isinf(hi) else f"{lo}-{math.floor(hi)}"
 
 
 def _check_edges(edges: Sequence[float]) -> np.ndarray:

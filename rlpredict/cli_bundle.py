@@ -6,7 +6,6 @@ Registered on ``rlpredict.cli.app``. Heavy imports happen inside the commands: `
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
@@ -15,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from rlpredict.buckets import range_label
 from rlpredict.cli_boundary import (
     distinct_paths,
     err,
@@ -158,13 +158,6 @@ def _reads(spec: Any) -> str:
             "the last user message: a blank prompt, only a system turn, an unknown role, an image alone")
 
 
-def _bucket_range(edges: tuple[float, ...], k: int) -> str:
-    """Bucket ``k``'s lengths, both ends included: ``33-64`` for (32, 64] (was ``32-64``, which
-    read as if 32 were in it), ``1025+`` for the last."""
-    lo = 0 if k == 0 else int(edges[k - 1]) + 1
-    return f"{lo}+" if math.isinf(edges[k]) else f"{lo}-{int(edges[k])}"
-
-
 def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
@@ -224,7 +217,7 @@ def predict(
     if json_out:
         key = "argument" if texts else "line"
         rows = [{key: n, "input": r, "rl_bucket": x.bucket, "rl_pred_tokens": x.pred_tokens,
-                 "rl_reserve_tokens": x.reserve_tokens, "bucket_range": _bucket_range(edges, x.bucket),
+                 "rl_reserve_tokens": x.reserve_tokens, "bucket_range": range_label(edges, x.bucket),
                  "probs": [round(float(v), 5) for v in x.probs]}
                 for n, r, x in zip(numbers, requests, preds, strict=True)]
         print(dumps({"model": str(p.bundle.path), "predictions": rows}, ensure_ascii=False, indent=2))
@@ -242,7 +235,7 @@ def predict(
     table.add_column("prompt")
     for n, r, x in zip(numbers, requests, preds, strict=True):
         shown = r if isinstance(r, str) else (r[-1].get("content") or "") if r else ""
-        table.add_row(str(n), str(x.bucket), _bucket_range(edges, x.bucket), str(x.pred_tokens),
+        table.add_row(str(n), str(x.bucket), range_label(edges, x.bucket), str(x.pred_tokens),
                       str(x.reserve_tokens), f"{x.confidence:.2f}", escape(_clip(shown.replace("\n", " "), 48)))
     Console().print(table)
 
@@ -262,7 +255,7 @@ def annotate(
     reserve_quantile: ReserveQOpt = None,
     margin: MarginOpt = 0.0,
     threads: Annotated[int | None, typer.Option(min=1, max=4096, help="ONNX Runtime threads, 1 to this machine's cores (default: one per core); with --engine ray, per worker (default: 4, at most the largest node's CPUs; with --num-workers N, the cluster's CPUs / N).")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress on stderr: a bar on a terminal, else a line every 30 s.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT and the rejects file if they exist.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     engine: Annotated[Literal["local", "ray"], typer.Option("--engine", help="'local': this process; 'ray': predictor actors on a Ray cluster (needs Ray: the project's 'ray' extra; --threads is then per worker).")] = "local",

@@ -4,19 +4,13 @@ backend (plots keep showing inline in notebooks)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from rlpredict.buckets import range_label
 from rlpredict.outputs import atomic_path
-
-
-def bucket_labels(edges: Sequence[float | None]) -> list[str]:
-    """``≤32``, ``≤64``, ..., ``>1024`` for upper edges (``None`` or inf: the open last bucket)."""
-    finite = [float(e) for e in edges if e is not None and math.isfinite(e)]
-    return [f"≤{e:g}" if e is not None and math.isfinite(e) else f">{finite[-1]:g}" for e in edges]
 
 
 def plot_confusion(matrix: np.ndarray, edges: Sequence[float | None], title: str, path: str | Path) -> Path:
@@ -25,7 +19,7 @@ def plot_confusion(matrix: np.ndarray, edges: Sequence[float | None], title: str
 
     counts = np.asarray(matrix, dtype=float)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    labels = bucket_labels(edges)
+    labels = [range_label(edges, k) for k in range(len(edges))]
     fig = Figure(figsize=(6.5, 5.5))
     ax = fig.subplots()
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)

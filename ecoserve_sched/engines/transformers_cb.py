@@ -129,7 +129,10 @@ class PolicyScheduler(HFScheduler):
                              f"{len(policy.prefilling) + len(policy.decoding)} running requests of an earlier run "
                              "(a generate_batch or manager that ended with an error?): a policy serves one "
                              "run; register a fresh one (get_policy(...)) with register_scheduler")
-        self.policy = policy
+        # the engine cannot swap KV under its control: it recomputes (was: done by
+        # TransformersEngine alone; a policy given to register_scheduler chose swap, the engine
+        # recomputed, and the policy counted the re-prefilled tokens as generated)
+        self.policy = recompute_only(policy)
         self.keep_events = keep_events
         self.meta = requests if requests is not None else {}
         t0 = time.perf_counter()
@@ -143,8 +146,16 @@ class PolicyScheduler(HFScheduler):
             raise ValueError(f"engine has {cache.num_blocks} KV blocks, policy plans {policy.kv.num_blocks}")
         if max_requests_per_batch < policy.max_running:
             raise ValueError(f"max_requests_per_batch {max_requests_per_batch} < max_running {policy.max_running}")
+        budget = getattr(cache, "max_batch_tokens", None)
+        if isinstance(budget, int) and budget < policy.token_budget:  # was: every request failed at the first batch
+            raise ValueError(f"engine max_batch_tokens {budget} < the policy's token_budget {policy.token_budget}")
 
     def reset(self) -> None:
+        if self.policy.has_work():  # a manager reused (persistent, or stopped and started) after an error
+            raise ValueError(f"the policy still holds {self.policy.waiting_count()} waiting and "
+                             f"{len(self.policy.prefilling) + len(self.policy.decoding)} running requests of an "
+                             "earlier run: a policy serves one run; register a fresh one (get_policy(...)) with "
+                             "register_scheduler and build a new manager")  # (was: a KeyError mid-run)
         super().reset()
         self.reqs: dict[str, Request] = {}  # engine id -> policy request
         self.states: dict[int, RequestState] = {}  # policy rid -> engine state
@@ -213,6 +224,12 @@ class PolicyScheduler(HFScheduler):
         cap = self.policy.kv.num_blocks * self.policy.kv.block_size
         if never_fits(Request(-1, 0.0, prompt, new, new), cap):
             raise ValueError(f"{rid_s}: {prompt} prompt + {new} new tokens can never fit the KV cache ({cap} tokens)")
+        budget = getattr(self.cache, "max_batch_tokens", None)
+        if not getattr(self.policy, "chunked_prefill", True) and isinstance(budget, int) and prompt > budget:
+            # a policy that prefills whole prompts (orca, vllm-v0): was a batch over the engine's
+            # budget, and under generate_batch every request of the run failed
+            raise ValueError(f"{rid_s}: a {prompt}-token prompt, and policy {self.policy.name!r} prefills whole "
+                             f"prompts: over the engine's max_batch_tokens ({budget})")
         return r
 
     def finish_request(self, request_id: str) -> None:
@@ -222,6 +239,10 @@ class PolicyScheduler(HFScheduler):
             self.policy.finish(r, self.clock())
             self.held.pop(r.rid, None)
             self.events.append((self.clock(), "finish", r.rid))
+        elif r is not None and r.state == State.PREFILL:  # transformers failed it (fail_all_requests):
+            self.policy.abort(r, "failed by the engine")  # its ledger blocks back (was: kept for good)
+            self.held.pop(r.rid, None)
+            self.events.append((self.clock(), "error", r.rid))
         super().finish_request(request_id)
         if r is not None and r.state in (State.FINISHED, State.ERRORED):
             self._forget(r)

@@ -633,6 +633,7 @@ class EcoServeMixin:
         # Amortized chunks: no prompt tokens before this step while prompts wait; this step's
         # (paced budget, its time, the decodes' time, decodes, their context, offset, decode tokens)
         self._repay_until = 0
+        self._victims_sorted = -1  # the last step whose running order was sorted for victims
         self._paced: tuple[int, float, float, int, int, int, int] | None = None
         self._logged: set[str] = set()
         self.clock: Callable[[], float] = time.time  # the simulator swaps in its clock
@@ -1189,11 +1190,12 @@ class EcoServeMixin:
                 left += r.num_tokens - n
                 if offset < 0:
                     offset = n
-        if behind:
+        if behind and self._victims_sorted != self._step:
             # vLLM hands the budget out in this order: a prefill ahead of a decode took the
             # decode's share (was: a decode got no token for 6 steps behind a 6,000-token prompt
             # under --long-prefill-token-threshold). Decodes first, as the simulator runs them
-            # (a stable partition: each side keeps its order, victims still last among their kind)
+            # (a stable partition). Not in a step whose order was sorted for victims (vLLM
+            # preempts from the end): there the rules' victim order wins
             self.running[:] = sorted(self.running, key=lambda r: r.num_computed_tokens < r.num_tokens - 1)
             self.eco_counters["decodes_first"] += 1
         offset = max(offset, 0)
@@ -1281,6 +1283,7 @@ class EcoServeMixin:
         if need > free:
             self.running.sort(key=lambda r: self._victim_key(r, now))
             self.eco_counters["victim_sorts"] += 1
+            self._victims_sorted = self._step  # this step's order is the victims' (``_step_budget``)
 
     def _victim_key(self, r: Request, now: float) -> tuple[bool, int, int]:
         """Largest is preempted first: TTFT SLO missed, longest predicted remaining, latest admitted."""
@@ -1409,11 +1412,22 @@ def _check_kv_groups(kv_cache_config: Any) -> None:
             "scheduler projects one group's blocks and does not support it. Serve this model "
             "without --scheduler-cls")
     kind = specs.pop()
-    if kind not in FULL_ATTENTION_SPECS:  # exact names: subclasses (sinks, ring windows) manage blocks their way
+    if not _full_attention(groups[0].kv_cache_spec):
         raise EcoServeSetupError(
             f"this model's KV cache is {kind}, not full attention: vLLM frees or reuses its blocks "
             "behind the window, and EcoServe's vLLM scheduler projects a block for every token "
             "(admission would stall). Serve this model without --scheduler-cls")
+
+
+def _full_attention(spec: Any) -> bool:
+    """A spec whose vLLM manager keeps a block for every token: full attention or MLA, by exact
+    class (subclasses, sinks and ring windows, manage blocks their own way); a group of layers of
+    one type but different shapes (``UniformTypeKVCacheSpecs``: KV heads that differ by layer)
+    when each of its layers' is."""
+    inner = getattr(spec, "kv_cache_specs", None)
+    if isinstance(inner, dict) and inner:
+        return all(_full_attention(s) for s in inner.values())
+    return type(spec).__name__ in FULL_ATTENTION_SPECS
 
 
 class EcoServeVllmScheduler(EcoServeMixin, AsyncScheduler):

@@ -75,7 +75,8 @@ MAX_MARGIN = 100.0
 #: Texts longer than this many characters per kept token are cut before tokenizing.
 CUT_CHARS_PER_TOKEN = 8
 #: Texts tokenized per batch call: each Encoding keeps the tokens truncation cut off, so a bulk
-#: call of 100k prompts held 1.8 GiB at once; in chunks of 1,024 it holds 0.7 GiB, as fast.
+#: call of 100k prompts peaked at 1.8 GiB; in chunks of 1,024, 0.7 GiB, as fast (a reviewer's
+#: measurement, December 2026: docs/reliability.md).
 ENCODE_CHUNK = 1024
 
 

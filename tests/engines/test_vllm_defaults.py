@@ -538,6 +538,23 @@ def test_hybrid_models_are_refused_at_startup(cls: type) -> None:
         build(cls, only_sliding=True)
 
 
+def test_full_attention_groups_are_accepted() -> None:
+    """Full attention and MLA, and vLLM's one group of full-attention layers of different
+    shapes (``UniformTypeKVCacheSpecs``: KV heads that differ by layer, OpenELM-style: a first
+    version of the check refused it); no group at all is its own message."""
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec, UniformTypeKVCacheSpecs
+
+    from ecoserve_sched.engines.vllm_scheduler import _check_kv_groups
+
+    full = {f"l{i}": FullAttentionSpec(block_size=BS, num_kv_heads=1 + i % 2, head_size=8, dtype=torch.float32)
+            for i in range(4)}
+    for spec in (full["l0"], MLAAttentionSpec(block_size=BS, num_kv_heads=1, head_size=8, dtype=torch.float32),
+                 UniformTypeKVCacheSpecs(block_size=BS, kv_cache_specs=full)):
+        _check_kv_groups(KVCacheConfig(num_blocks=65, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l"], spec)]))
+    with pytest.raises(EcoServeSetupError, match="this model has no KV-cache group"):
+        _check_kv_groups(KVCacheConfig(num_blocks=65, kv_cache_tensors=[], kv_cache_groups=[]))
+
+
 # ---- features not tested with the plug-in -----------------------------------------------------------
 @pytest.mark.parametrize("cls", ECO_CLASSES)
 def test_untested_features_are_said_at_startup(cls: type, caplog: pytest.LogCaptureFixture) -> None:

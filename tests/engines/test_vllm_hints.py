@@ -494,8 +494,9 @@ def test_preflight_summary() -> None:
     assert "Client hints trusted (safe only behind the EcoServe middleware" in out
     assert "no predictor" in preflight({})
     assert "prefill budget from profile llama3-8b-h100-80gb" in preflight({"ECOSERVE_PROFILE": "llama3-8b-h100-80gb"})
-    with pytest.raises(EcoServeSetupError, match="ECOSERVE_PROFILE='nope'"):
+    with pytest.raises(EcoServeSetupError, match="ECOSERVE_PROFILE='nope'") as e:
         preflight({"ECOSERVE_PROFILE": "nope"})
+    assert str(e.value).count("shipped: ") == 1  # was: the list twice, over 1 KB
     assert "served model's profile on this GPU, built at engine start" in preflight({"ECOSERVE_PROFILE": "auto"})
     # the middleware's settings too: one environment reaches both processes (was: not checked)
     with pytest.raises(EcoServeSetupError, match="ECOSERVE_MIDDLEWARE_THREADS"):

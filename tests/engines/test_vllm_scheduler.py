@@ -610,6 +610,41 @@ def test_paced_decodes_are_not_starved_by_a_prefill_ahead_of_them(monkeypatch: p
     check_done(s)
 
 
+@pytest.mark.parametrize("seed", [2, 7])
+def test_decodes_first_leaves_the_victim_order_alone(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """A step whose KV demand exceeds the free pool sorts ``running`` for victims (vLLM preempts
+    from its end): decodes are not moved ahead there, so the rules' victim is preempted (a first
+    version moved them, and vLLM preempted a prefill instead, 2 of 40 preempting steps here)."""
+    import numpy as np
+
+    monkeypatch.setenv("ECOSERVE_PROFILE", "llama2-13b-a100-80gb")
+    monkeypatch.setenv("ECOSERVE_PARK", "0")
+    rng = np.random.default_rng(seed)
+    s = build_vllm_scheduler(EcoServeVllmSyncScheduler, num_blocks=int(rng.integers(50, 90)), block_size=BS,
+                             max_num_seqs=12, max_num_batched_tokens=2048, max_model_len=8192)
+    s.scheduler_config.long_prefill_token_threshold = 256
+    s.clock = lambda: 0.0
+    reqs = [req(f"q{i}", int(rng.choice([16, 64, 400, 900])), int(rng.integers(20, 300)), 0.001 * i,
+                rl_pred_tokens=int(rng.integers(2, 20))) for i in range(40)]
+    target = {r.request_id: r.max_tokens for r in reqs}
+    preempting = 0
+    for step in range(6000):
+        for r in reqs[2 * step:2 * step + 2]:
+            s.add_request(r)
+        if not s.get_num_unfinished_requests():
+            if 2 * step >= len(reqs):
+                break
+            continue
+        keys = {r.request_id: s._victim_key(r, 0.0) for r in s.running}
+        out = s.schedule()
+        if out.preempted_req_ids and keys:
+            preempting += 1
+            assert max(keys, key=keys.get) in out.preempted_req_ids
+        s.update_from_output(out, fake_model_output(out, s, target))
+    assert preempting >= 10 and s.eco_counters["decodes_first"] >= 1
+    check_done(s)
+
+
 def test_amortized_chunk_takes_the_whole_budget_then_repays(monkeypatch: pytest.MonkeyPatch) -> None:
     """ECOSERVE_AMORTIZE (the default): while a prompt waits beyond the paced budget, a step takes
     the whole budget where ``rules.amortized_chunk_pays``, and the next ``rules.repay_steps``

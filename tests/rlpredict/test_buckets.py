@@ -79,3 +79,13 @@ def test_predictive_quantile_is_monotone_in_q(p, q1, q2):
     lo, hi = sorted((q1, q2))
     probs = np.array([p])
     assert s.predictive_quantile(probs, lo)[0] <= s.predictive_quantile(probs, hi)[0] + 1e-9
+
+
+def test_one_bucket_label_everywhere():
+    """The CLI's, the confusion plots' and the notebooks' labels (were three styles: ``33-64``,
+    ``≤64``, ``32-64``): both ends included, the open last bucket ``N+``."""
+    from rlpredict.buckets import range_label
+
+    assert BucketScheme.default().labels[:3] == ["0-32", "33-64", "65-128"]
+    assert BucketScheme.default().labels[-1] == "1025+"
+    assert range_label([32, 64, None], 2) == "65+" and range_label([32.5, 64.0, float("inf")], 1) == "33-64"

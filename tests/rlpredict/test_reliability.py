@@ -1307,3 +1307,18 @@ def test_a_failed_annotate_into_a_log_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     (line,) = proc.stderr.splitlines()
     assert line.startswith(f"error: {src}: line 2: neither field 'prompt' nor 'messages'"), line
+
+
+def test_annotate_into_a_log_says_its_progress_in_lines(tmp_path, monkeypatch):
+    """Not a terminal: a line every 30 s instead of a bar (as the Ray engine's)."""
+    from rlpredict.serve import annotate as annotate_mod
+
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"hello {i}"}) + "\n" for i in range(10)))
+    clock = iter(range(0, 10_000, 31))  # every call 31 s later
+    monkeypatch.setattr(annotate_mod.time, "perf_counter", lambda: float(next(clock)))
+    printed: list[str] = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+    with annotate_mod._progress(src, "jsonl", True) as update:
+        update(src.stat().st_size / 2)
+    assert printed == ["annotating t.jsonl: 50% after 31 s"]

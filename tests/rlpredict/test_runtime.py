@@ -168,6 +168,8 @@ def test_what_is_no_request_is_refused_by_name(predictor):
         predictor.predict(["a"], generators=[1])
     with pytest.raises(TypeError, match="generators: expected a string or a list"):
         predictor.predict(["a"], generators=5)
+    with pytest.raises(TypeError, match="generators: expected a string or a list of strings, got bytes"):
+        predictor.predict("a", b"x")  # was: "each must be a string or None, got 120"
     with pytest.raises(TypeError, match="generators: each must be a string"):
         predictor.predict_one("a", generator=["x"])
     with pytest.raises(TypeError, match="quantiles: expected a list of numbers"):
@@ -177,6 +179,18 @@ def test_what_is_no_request_is_refused_by_name(predictor):
         predictor.predict(["a", "b"], generators="m\ud800")
     with pytest.raises(ValueError, match=r"generator 1: not valid Unicode"):
         predictor.predict(["a", "b"], generators=["m", "m\ud800"])
+
+
+def test_bulk_tokenizing_in_chunks_gives_the_ids_of_one_call(predictor, monkeypatch):
+    """A bulk call tokenizes ``ENCODE_CHUNK`` texts at a time (each Encoding keeps the tokens
+    truncation cut off: 1.8 GiB for 100k prompts at once): the same ids, in order."""
+    from rlpredict.serve import runtime
+
+    texts = [f"prompt number {i} " * (1 + i % 7) for i in range(11)] + ["word " * 3000]
+    enc = predictor.encoder
+    whole = enc.encode_batch(texts)
+    monkeypatch.setattr(runtime, "ENCODE_CHUNK", 3)
+    assert enc.encode_batch(texts) == whole == [enc.encode(t) for t in texts]
 
 
 def test_batch_single_and_order_give_the_same_result(bundle_fp32, predictor):
