@@ -28,6 +28,8 @@ an error (``GenResult.error``; FAILED in transformers, ERRORED in the policy thr
 ``Scheduler.fail_batch``), their engine blocks and ledger blocks are freed, and the other
 requests go on, exactly as the simulator's injected faults (``simulate(faults=...)``) model it
 (under ``vllm-v0`` a failing prefill-only iteration also ends the waiting decodes, as V0 did).
+That is :class:`TransformersEngine`'s loop; under transformers' own manager (``generate_batch``)
+a raising forward pass fails every request of the run, and the registration serves no more.
 
 What the engine cannot do (ours): preemption is always by recompute (transformers' CPU
 offloading is not driven by the policy), prefix sharing is off (the ledger counts every block),

@@ -402,3 +402,119 @@ def test_an_interrupted_run_keeps_the_tokens_generated_so_far(tiny_llama, tiny_l
     assert len(run.iterations) == 6 and any(r.tokens for r in run.results)
     for res in run.results:  # a prefix of what the request generates alone
         assert res.tokens == tiny_llama_greedy[res.rid][:len(res.tokens)]
+
+
+def _cb(name: str, blocks: int = KV_BLOCKS, budget: int = TOKEN_BUDGET):
+    from transformers import ContinuousBatchingConfig
+
+    return ContinuousBatchingConfig(page_size=16, num_blocks=blocks, max_batch_tokens=budget,
+                                    max_requests_per_batch=MAX_RUNNING, allow_block_sharing=False,
+                                    use_async_batching=False, scheduler_type=name)
+
+
+def test_a_registered_policy_preempts_by_recompute(tiny_llama):
+    """The engine cannot swap KV: any policy given to register_scheduler recomputes (was: only
+    TransformersEngine's own; EcoServe with a real profile chose swap, the engine recomputed, the
+    policy counted re-prefilled tokens as generated, and generate_batch never returned)."""
+    from transformers import GenerationConfig
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.engines.transformers_cb import register_scheduler
+    from ecoserve_sched.policies import get_policy
+    from ecoserve_sched.request import Request
+
+    reqs, n = trace_requests(), 100
+    cost = load_profile("ecoserve_sched/profiles/calibrated/small-llama-transformers-cpu.json")
+    policy = get_policy("ecoserve", cost, kv_blocks=KV_BLOCKS, block_size=16, token_budget=TOKEN_BUDGET,
+                        max_running=MAX_RUNNING)
+    meta = {f"req_{i}": Request(i, 0.0, len(g.prompt_ids), n, n, pred_tokens=g.pred_tokens,
+                                reserve_tokens=g.reserve_tokens, pred_bucket=g.pred_bucket) for i, g in enumerate(reqs)}
+    name = register_scheduler("ecoserve-swap-test", policy, meta)
+    prompts = [g.prompt_ids for g in reqs]
+    try:
+        out = _generate_batch(tiny_llama, prompts, _cb(name), GenerationConfig(do_sample=False, max_new_tokens=n,
+                                                                              eos_token_id=-1))
+    finally:
+        SCHEDULER_MAPPING.pop(name, None)
+    assert policy.counters["preemptions"] > 0 and policy.counters["swaps"] == 0
+    ref = [tiny_llama.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False)[0, len(p):].tolist()
+           for p in prompts]
+    assert [o.generated_tokens for o in out.values()] == ref
+
+
+def test_a_failed_run_leaves_no_running_request_and_a_reused_manager_says_why(tiny_llama, caplog):
+    """transformers fails every request of the run when a forward pass raises: the policy's
+    prefilling ones leave its ledger too (were kept); its waiting ones cannot leave its queue, so
+    the same manager reused refuses to start, saying so (was: a KeyError on a request id)."""
+    from transformers import GenerationConfig
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    from ecoserve_sched.engines.transformers_cb import register_scheduler
+
+    policy = make_engine(tiny_llama, "vllm").make_policy()
+    name = register_scheduler("vllm-fault-test", policy)
+    gen = GenerationConfig(do_sample=False, max_new_tokens=40, eos_token_id=-1)
+    forward, calls = tiny_llama.forward, [0]
+
+    def flaky(*a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("injected fault")
+        return forward(*a, **k)
+
+    def run(prompts):
+        out = {}
+        import threading
+
+        t = threading.Thread(target=lambda: out.update(tiny_llama.generate_batch(
+            prompts, generation_config=gen, continuous_batching_config=_cb(name), persistent_manager=True)), daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive()
+        return out
+
+    try:
+        tiny_llama.forward = flaky
+        first = run([[5 + i] * 40 for i in range(8)])
+        tiny_llama.forward = forward
+        assert {o.status.name for o in first.values()} == {"FAILED"}
+        assert not policy.prefilling and not policy.decoding and policy.kv.free_blocks == KV_BLOCKS
+        with caplog.at_level("ERROR"):
+            second = run([[9] * 10, [10] * 10])
+        # the manager's thread ends at its start, before or after taking the requests: failed
+        # outputs, or none (transformers: "not found in results"), never a finished one
+        assert all(o.status.name == "FAILED" and "a policy serves one run" in o.error for o in second.values())
+        assert "a policy serves one run" in caplog.text and "KeyError" not in caplog.text
+    finally:
+        tiny_llama.forward = forward
+        tiny_llama.destroy_cached_continuous_batching_manager()
+        SCHEDULER_MAPPING.pop(name, None)
+
+
+def test_budgets_the_engine_cannot_run_are_refused(tiny_llama):
+    """An engine budget below the policy's failed every request at the first batch; a whole
+    prompt over it, under a policy that does not split prompts (orca), failed every request of
+    the run: now the setting is refused by name, and that one request fails alone."""
+    from transformers import GenerationConfig
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    from ecoserve_sched.engines.transformers_cb import register_scheduler
+
+    gen = GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=-1)
+    name = register_scheduler("orca-budget-test", make_engine(tiny_llama, "orca").make_policy())
+    try:
+        out = _generate_batch(tiny_llama, [[5] * 10, [6] * 200, [7] * 12], _cb(name, blocks=30), gen)
+        assert [(o.status.name, bool(o.error)) for o in out.values()] == [("FINISHED", False), ("FAILED", True),
+                                                                         ("FINISHED", False)]
+        assert "a 200-token prompt, and policy 'orca' prefills whole prompts" in list(out.values())[1].error
+    finally:
+        SCHEDULER_MAPPING.pop(name, None)
+    from types import SimpleNamespace
+
+    from ecoserve_sched.engines.transformers_cb import PolicyScheduler
+
+    cache = SimpleNamespace(cache_allocators={"full": SimpleNamespace(tokens_per_page=16)}, use_prefix_sharing=False,
+                            num_blocks=KV_BLOCKS, max_batch_tokens=64)
+    with pytest.raises(ValueError, match="engine max_batch_tokens 64 < the policy's token_budget 128"):
+        PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "vllm").make_policy())
