@@ -386,7 +386,8 @@ def calibrate(model: str, device: str = "cpu", grid: str = "small", name: str | 
         raise CalibrationError(f"--grid {grid!r}: choose from {', '.join(GRIDS)}")
     if name is not None and not name.strip():  # was: the default name, without a word
         raise CalibrationError("--name: empty; give the profile a name, or leave --name out for the default")
-    most = max([b for b, *_ in GRIDS[grid]] + [n for n, _ in REPLAYS.get(grid, [])] + [2])
+    # requests at once: a row's b, and one more with its q-token prompt beside them (q > 0)
+    most = max([b + (q > 0) for b, _, _, q in GRIDS[grid]] + [n for n, _ in REPLAYS.get(grid, [])] + [2])
     if token_budget < most + 2:  # the engine's slots: the run's requests and one; a budget above them
         # (was: raised to the slots without a word, then refused mid-run, naming that number)
         raise CalibrationError(f"--token-budget {token_budget}: grid {grid!r} runs up to {most} requests at once, "

@@ -227,24 +227,39 @@ class PolicyScheduler(HFScheduler):
         if never_fits(Request(-1, 0.0, prompt, new, new), cap):
             raise ValueError(f"{rid_s}: {prompt} prompt + {new} new tokens can never fit the KV cache ({cap} tokens)")
         budget = getattr(self.cache, "max_batch_tokens", None)
-        if not getattr(self.policy, "chunked_prefill", True) and isinstance(budget, int) and prompt > budget:
-            # a policy that prefills whole prompts (orca, vllm-v0): was a batch over the engine's
-            # budget, and under generate_batch every request of the run failed
+        most = prompt + self.policy.max_running  # the whole prompt beside a decode per other slot, at most
+        if not getattr(self.policy, "chunked_prefill", True) and isinstance(budget, int) and most > budget:
+            # a policy that prefills whole prompts (orca, vllm-v0), next to the running decodes:
+            # was a batch over the engine's budget, and under generate_batch every request failed
             raise ValueError(f"{rid_s}: a {prompt}-token prompt, and policy {self.policy.name!r} prefills whole "
-                             f"prompts: over the engine's max_batch_tokens ({budget})")
+                             f"prompts beside up to {self.policy.max_running} decodes: over the engine's "
+                             f"max_batch_tokens ({budget})")
         return r
 
     def finish_request(self, request_id: str) -> None:
-        self._flush()
+        """A request ended: finished, or FAILED by transformers (``fail_all_requests``, after a
+        forward pass raised: it marks each running request FAILED, then calls this). A failure
+        is an error in the policy too: the batch that raised is failed, not completed (was: its
+        tokens credited, and its decodes recorded as finished), and a request still running is
+        aborted, so its ledger blocks come back."""
+        st = self.active_requests.get(request_id) or self.waiting_requests.get(request_id)
+        failed = st is not None and st.status == RequestStatus.FAILED
+        if failed and self._pending is not None:
+            batch, self._pending = self._pending, None
+            for r in self.policy.fail_batch(batch, str(st.error or "engine error")):
+                self.held.pop(r.rid, None)
+                self.events.append((self.clock(), "error", r.rid))
+        else:
+            self._flush()
         r = self.reqs.get(request_id)
-        if r is not None and r.state == State.DECODE:
+        if r is not None and failed and r.state in (State.PREFILL, State.DECODE):
+            self.policy.abort(r, str(st.error or "engine error"))
+            self.held.pop(r.rid, None)
+            self.events.append((self.clock(), "error", r.rid))
+        elif r is not None and r.state == State.DECODE:
             self.policy.finish(r, self.clock())
             self.held.pop(r.rid, None)
             self.events.append((self.clock(), "finish", r.rid))
-        elif r is not None and r.state == State.PREFILL:  # transformers failed it (fail_all_requests):
-            self.policy.abort(r, "failed by the engine")  # its ledger blocks back (was: kept for good)
-            self.held.pop(r.rid, None)
-            self.events.append((self.clock(), "error", r.rid))
         super().finish_request(request_id)
         if r is not None and r.state in (State.FINISHED, State.ERRORED):
             self._forget(r)

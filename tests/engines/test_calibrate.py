@@ -63,3 +63,13 @@ def test_the_report_warns_of_a_rough_fit_and_prints_a_bound_as_zero():
         text = Calibration(prof, [], {"mean_rel_error": err, "max_rel_error": 1.0}, None, 1.0).report()
         assert ("warning: the fit misses held-out iterations by 71% on average" in text) is warned
         assert "overhead 0 ms, per decoding request 0.02 ms, prefill 1 ms" in text
+
+
+def test_a_token_budget_below_the_grids_requests_is_refused_up_front(tmp_path):
+    """Was: raised to the run's slots without a word, measured for 8 s, then refused naming a
+    budget the user had not given; a grid row with a q-token prompt runs b + 1 requests."""
+    r = CliRunner().invoke(app, ["calibrate", "--engine", "transformers", "--model", "tiny-llama", "--device", "cpu",
+                                 "--grid", "small", "--token-budget", "18", "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 2 and not (tmp_path / "p.json").exists()
+    assert "--token-budget 18: grid 'small' runs up to 17 requests at once, so the engine needs a budget of at " \
+           "least 19 tokens" in r.output.replace("\n", " ")

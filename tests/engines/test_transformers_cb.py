@@ -480,6 +480,9 @@ def test_a_failed_run_leaves_no_running_request_and_a_reused_manager_says_why(ti
         tiny_llama.forward = forward
         assert {o.status.name for o in first.values()} == {"FAILED"}
         assert not policy.prefilling and not policy.decoding and policy.kv.free_blocks == KV_BLOCKS
+        # the failed batch is not credited, and the running requests end as errors (were: 4
+        # recorded as finished, errors 0)
+        assert policy.counters["errors"] == 8 - policy.waiting_count()
         with caplog.at_level("ERROR"):
             second = run([[9] * 10, [10] * 10])
         # the manager's thread ends at its start, before or after taking the requests: failed
@@ -504,10 +507,13 @@ def test_budgets_the_engine_cannot_run_are_refused(tiny_llama):
     gen = GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=-1)
     name = register_scheduler("orca-budget-test", make_engine(tiny_llama, "orca").make_policy())
     try:
-        out = _generate_batch(tiny_llama, [[5] * 10, [6] * 200, [7] * 12], _cb(name, blocks=30), gen)
+        # 128 tokens: within the budget alone, not beside the running decodes (a first version
+        # checked the prompt alone, and every request failed: "policy batch of 129 tokens")
+        out = _generate_batch(tiny_llama, [[5] * 10, [6] * 128, [7] * 12], _cb(name, blocks=30), gen)
         assert [(o.status.name, bool(o.error)) for o in out.values()] == [("FINISHED", False), ("FAILED", True),
                                                                          ("FINISHED", False)]
-        assert "a 200-token prompt, and policy 'orca' prefills whole prompts" in list(out.values())[1].error
+        assert "a 128-token prompt, and policy 'orca' prefills whole prompts beside up to 8 decodes" in \
+            list(out.values())[1].error
     finally:
         SCHEDULER_MAPPING.pop(name, None)
     from types import SimpleNamespace

@@ -539,9 +539,10 @@ def test_hybrid_models_are_refused_at_startup(cls: type) -> None:
 
 
 def test_full_attention_groups_are_accepted() -> None:
-    """Full attention and MLA, and vLLM's one group of full-attention layers of different
-    shapes (``UniformTypeKVCacheSpecs``: KV heads that differ by layer, OpenELM-style: a first
-    version of the check refused it); no group at all is its own message."""
+    """Full attention and MLA, and a group of full-attention layers of different shapes
+    (``UniformTypeKVCacheSpecs``: KV heads that differ by layer; vLLM 0.33 hands the scheduler
+    its first layer's spec, a config built by hand may not: a first version of the check refused
+    it); no group at all is its own message."""
     from vllm.v1.kv_cache_interface import MLAAttentionSpec, UniformTypeKVCacheSpecs
 
     from ecoserve_sched.engines.vllm_scheduler import _check_kv_groups
