@@ -317,7 +317,7 @@ def _parquet_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | No
         for batch in parquet_batches(pf, path, 4096):
             for row in batch.to_pylist():
                 n += 1
-                yield n, {k: v.isoformat() if isinstance(v, (datetime, date)) else v
+                yield n, {k: v.isoformat() if isinstance(v, date) else v  # (a datetime is a date)
                           for k, v in zip(names, row.values(), strict=True) if v is not None}, ""
     except RecordError as e:
         raise TraceError(str(e)) from None

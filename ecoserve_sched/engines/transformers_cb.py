@@ -126,11 +126,6 @@ class PolicyScheduler(HFScheduler):
     def __init__(self, cache: Any, safety_margin: float | None, max_requests_per_batch: int, *,
                  policy: Scheduler, requests: dict[str, Request] | None = None,
                  clock: Callable[[], float] | None = None, keep_events: int | None = KEEP_EVENTS) -> None:
-        if policy.has_work():  # its requests' engine states are gone: their ids would be reused
-            raise ValueError(f"the policy still holds {policy.waiting_count()} waiting and "
-                             f"{len(policy.prefilling) + len(policy.decoding)} running requests of an earlier run "
-                             "(a generate_batch or manager that ended with an error?): a policy serves one "
-                             "run; register a fresh one (get_policy(...)) with register_scheduler")
         # the engine cannot swap KV under its control: it recomputes (was: done by
         # TransformersEngine alone; a policy given to register_scheduler chose swap, the engine
         # recomputed, and the policy counted the re-prefilled tokens as generated)
@@ -153,11 +148,15 @@ class PolicyScheduler(HFScheduler):
             raise ValueError(f"engine max_batch_tokens {budget} < the policy's token_budget {policy.token_budget}")
 
     def reset(self) -> None:
-        if self.policy.has_work():  # a manager reused (persistent, or stopped and started) after an error
-            raise ValueError(f"the policy still holds {self.policy.waiting_count()} waiting and "
-                             f"{len(self.policy.prefilling) + len(self.policy.decoding)} running requests of an "
-                             "earlier run: a policy serves one run; register a fresh one (get_policy(...)) with "
-                             "register_scheduler and build a new manager")  # (was: a KeyError mid-run)
+        """At the start of every run (transformers' ``__init__``, and each restart of a manager
+        kept or reused): a policy that still holds requests of an earlier run is refused, their
+        engine states are gone and their ids would be reused (was: a ``KeyError`` mid-run)."""
+        p = self.policy
+        if p.has_work():
+            raise ValueError(f"the policy still holds {p.waiting_count()} waiting and "
+                             f"{len(p.prefilling) + len(p.decoding)} running requests of an earlier run (a "
+                             "generate_batch or manager that ended with an error?): a policy serves one run; "
+                             "register a fresh one (get_policy(...)) with register_scheduler and build a new manager")
         super().reset()
         self.reqs: dict[str, Request] = {}  # engine id -> policy request
         self.states: dict[int, RequestState] = {}  # policy rid -> engine state

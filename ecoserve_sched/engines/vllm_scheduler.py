@@ -68,8 +68,8 @@ No block is allocated ahead of the tokens written (no lookahead slots of ours: v
 and asynchronous-KV-load lookahead is passed through unchanged), so a top-up is a larger
 projected reservation, never a run of blocks. Running requests are kept in **groups** keyed by
 predicted RL bucket (``self.groups``, for statistics). Models with more than one KV-cache group
-(hybrid: sliding window, Mamba), or one that is not full attention, are refused at start-up; speculative decoding and pipeline
-parallelism run, untested, with a start-up warning saying so.
+(hybrid: sliding window, Mamba), or one that is not full attention, are refused at start-up;
+speculative decoding and pipeline parallelism run, untested, with a start-up warning saying so.
 
 Classes: :class:`EcoServeVllmScheduler` (over vLLM's ``AsyncScheduler``, for async scheduling,
 vLLM's default), :class:`EcoServeVllmSyncScheduler` (over ``Scheduler``, for
