@@ -395,7 +395,7 @@ def capacity(
     """Largest rate scale at which SLO attainment stays >= target, beside the saturation ceiling.
 
     A bisection; null, with a note, when the search finds no failing (or no passing) load."""
-    from .compare import CEILING_DRAIN_NOTE, MAX_DEFERRED, slo_text
+    from .compare import CEILING_DRAIN_NOTE, CEILING_POLICIES, MAX_DEFERRED, slo_text
     from .compare import capacity as find_capacity
     from .compare import ceiling as find_ceiling
     from .compare import sustained as sustained_spec
@@ -404,7 +404,9 @@ def capacity(
         raise typer.BadParameter("is the attainment criterion; --max-normalized-latency replaces it: "
                                  "pass one of the two", param_hint="'--target'")
     target = 0.9 if target is None else target
-    spec = _spec(trace, [policy], profile, predictions, confusion, bundle,
+    # the ceiling's flooded runs build its policies too: refused up front, as the policy is (was:
+    # the whole search ran, then "token budget 2048 must exceed max_running 4000", naming no option)
+    spec = _spec(trace, [policy, *(CEILING_POLICIES if ceiling else ())], profile, predictions, confusion, bundle,
                  SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed,
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size),
                  fmt=_trace_format(columns, time_unit, on_error))
@@ -412,6 +414,9 @@ def capacity(
                         max_normalized_latency=max_normalized_latency, max_p99_tbt=slo_p99_tbt)
     res["profile"] = spec.cost.label
     res["sustained"] = sustained
+    # the same keys on every run (was: the ceiling's left out with --no-ceiling, above_ceiling
+    # only when it applied): null where they do not apply
+    res.update(ceiling=None, ceiling_rate_scale=None, capacity_vs_ceiling=None, above_ceiling=None)
     if ceiling:
         c = find_ceiling(spec)
         res["ceiling_rate_scale"] = c["ceiling_rate_scale"]
@@ -457,7 +462,7 @@ def capacity(
                    + (f"; capacity / ceiling {vs:.2f}" if vs is not None else ""))
         if not res["ceiling"]["saturated"]:  # a lower bound: capacity above it says nothing
             typer.echo(f"  {res['ceiling']['note']}")
-        elif "above_ceiling" in res:
+        elif res["above_ceiling"]:
             typer.echo(f"  above the ceiling: {res['above_ceiling']}")
 
 

@@ -226,7 +226,7 @@ def ceiling(spec: RunSpec, policies: Sequence[str] = CEILING_POLICIES, flood: fl
             break
         flood *= FLOOD_STEP
     out = {"ceiling_rate_scale": runs[best] / (base_rps * held), "flood_scale": flood, "ceiling_policy": best,
-           "flood_throughput_rps": runs, "trace_rps": base_rps, "saturated": saturated}
+           "flood_throughput_rps": runs, "trace_rps": base_rps, "saturated": saturated, "note": None}
     if not saturated:
         out["note"] = (f"the server kept up with the trace even {flood:g} times faster: the ceiling is at "
                        "least this")
@@ -267,7 +267,8 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
     found above it (``search``: ``found``). Otherwise it is None, ``search`` says why and
     ``note`` explains: ``no_failing_load`` (the trace is too small or light to load the server;
     ``lower_bound`` is the largest passing scale), ``no_passing_load`` (``upper_bound`` is the
-    smallest failing one) or ``load_independent`` (every request arrives at once, so the scale
+    smallest failing one), ``unattainable`` (the requests dropped at every load alone break the
+    criterion: one run) or ``load_independent`` (every request arrives at once, so the scale
     does not change the load). Every probe is listed; ``dropped`` counts the requests longer
     than the whole KV cache, dropped at every load (misses for the criterion)."""
     if not 0 < target <= 1:
@@ -293,6 +294,12 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
         (passing if passed else failing).append(scale)
         return passed
 
+    def unattainable() -> bool:
+        """The requests dropped at every load (longer than the whole KV cache) alone break the
+        criterion: no load can meet it (was: halved down 8 times to a false "below x0.0039")."""
+        d, n = seen.get("dropped", 0), len(arrivals)
+        return bool(d) and (max_normalized_latency is not None or (n - d) / n < target)
+
     arrivals = spec.trace.arrival_s
     simultaneous = len(arrivals) > 0 and arrivals[0] == arrivals[-1]  # sorted
     if simultaneous:
@@ -301,13 +308,14 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
         while len(probes) < max_runs and ok(hi):  # grow until the SLO breaks
             hi *= 2
         floor = hi / 256
-        while failing and len(probes) < max_runs:
+        while failing and len(probes) < max_runs and not unattainable():
             low, high = max(passing, default=lo), min(failing)
             if high - low <= rel_tol * high or (not passing and high <= floor):
                 break
             ok((low + high) / 2)
     best = max(passing, default=None)
     search = ("load_independent" if simultaneous else "no_failing_load" if not failing
+              else "unattainable" if unattainable() and not passing
               else "no_passing_load" if not passing else "found")
     upper = min(failing, default=None)
     # within rel_tol: only a found capacity can be (the others have no bracket)
@@ -320,7 +328,7 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
         "max_normalized_latency_s": max_normalized_latency, "max_p99_tbt_s": max_p99_tbt,
         "slo_ttft_s": spec.slo.ttft_s, "slo_tbt_s": spec.slo.tbt_s, "slo_deadline_s": spec.slo.deadline_s,
         "predictions": seen.get("predictions", ""), "requests": len(arrivals),
-        "dropped": seen.get("dropped", 0), "probes": probes}
+        "dropped": seen.get("dropped", 0), "probes": probes, "note": None}  # every key, null where it does not apply
     if search == "load_independent":
         out["note"] = (f"every request arrives at the same time, so the rate scale does not change "
                        f"the load: SLO attainment is {probes[0]['slo_attainment']:.3g} at any scale; "
@@ -328,6 +336,13 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
     elif search == "no_failing_load":
         out["note"] = (f"the criterion held at every load probed, up to x{best:g}: the capacity is "
                        "above that, not found (the trace is too small or too light to load the server)")
+    elif search == "unattainable":
+        d, n = out["dropped"], len(arrivals)
+        out["note"] = (f"{d} of {n} requests are longer than the whole KV cache and are dropped at every load, "
+                       + (f"so SLO attainment is at most {(n - d) / n:.3g}, below the target {target:g}"
+                          if max_normalized_latency is None else
+                          "and the normalized-latency criterion needs every request finished")
+                       + ": no load meets it (a larger KV cache, or a trace without them)")
     elif search == "no_passing_load":
         out["note"] = (f"the criterion failed at every load probed, down to x{out['upper_bound']:g}: "
                        "the capacity is below that, not found")
@@ -353,7 +368,7 @@ def capacity_text(c: dict) -> str:
         return text(c["max_rate_scale"]) + ("" if c.get("converged", True) else f" to {text(c['upper_bound'])}")
     if search == "no_failing_load":
         return f"> {c['lower_bound']:.3g}"
-    return f"< {c['upper_bound']:.3g}" if search == "no_passing_load" else "n/a"
+    return f"< {c['upper_bound']:.3g}" if search == "no_passing_load" else "none" if search == "unattainable" else "n/a"
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS) -> str:

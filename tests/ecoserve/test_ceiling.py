@@ -65,7 +65,7 @@ def test_ceiling_by_hand(monkeypatch):
     spec = RunSpec(_trace([0.0, 10.0], 16, 1), FlatCost(), SLO(5.0, 0.2), predictions="oracle")
     c = ceiling(spec, policies=("vllm",))
     assert c["trace_rps"] == pytest.approx(0.1)
-    assert c["flood_scale"] == 3200 and c["saturated"] and "note" not in c
+    assert c["flood_scale"] == 3200 and c["saturated"] and c["note"] is None
     assert c["flood_throughput_rps"]["vllm"] == pytest.approx(2 / 0.020032)
     assert c["ceiling_rate_scale"] == pytest.approx(2 / 0.020032 / 0.1)
     # was: the x50 run's 2 requests in 0.210016 s taken as the ceiling, a server that kept up
@@ -211,7 +211,7 @@ def test_cli_capacity_reports_the_ceiling_and_takes_the_scenario_knobs(tmp_path)
                                  "--max-normalized-latency", "0.2"])
     assert r.exit_code == 0, r.output
     c2 = json.loads(r.stdout)
-    assert "ceiling_rate_scale" not in c2 and c2["max_normalized_latency_s"] == 0.2
+    assert c2["ceiling_rate_scale"] is c2["ceiling"] is c2["capacity_vs_ceiling"] is None and c2["max_normalized_latency_s"] == 0.2
     for bad, option in ((["--token-budget", "16"], "--token-budget"), (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
                         (["--gpu-memory-utilization", "0.3"], "no room"), (["--block-size", "0"], "--block-size")):
         r = CliRunner().invoke(app, [*args, *bad])

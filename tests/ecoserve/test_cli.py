@@ -76,7 +76,7 @@ def test_capacity_and_compare(tmp_path):
     assert r.exit_code == 0, r.output
     c = _strict(r.stdout)
     assert c["search"] == "found" and c["lower_bound"] == c["max_rate_scale"] > 0
-    assert c["upper_bound"] > c["max_rate_scale"] and "note" not in c
+    assert c["upper_bound"] > c["max_rate_scale"] and c["note"] is None
     out = tmp_path / "cmp"
     r = runner.invoke(app, ["compare", "--trace", _trace(tmp_path), "--policies", "vllm,ecoserve",
                             "--rate-scales", "1,4", "--out", str(out), "--confusion", FIXTURE, *PROFILE])
@@ -121,6 +121,19 @@ def test_capacity_says_when_the_search_finds_no_limit(tmp_path):
     c = _strict(r.stdout)
     assert c["max_rate_scale"] is None and c["search"] == "no_passing_load"
     assert c["upper_bound"] == min(p["rate_scale"] for p in c["probes"])
+    # requests longer than the whole KV cache, dropped at every load, cap attainment below the
+    # target: no load can meet it, said after one run (was: halved 8 times to "below x0.0039")
+    big = tmp_path / "big.csv"
+    big.write_text("arrival_time_s,input_tokens,output_tokens\n" + "".join(
+        f"{i * 0.5},{100 if i % 8 else 200_000},50\n" for i in range(40)))
+    r = runner.invoke(app, ["capacity", "--trace", str(big), "--predictions", "oracle", "--no-ceiling", "--json"])
+    c = _strict(r.stdout)
+    assert (c["search"], c["dropped"], len(c["probes"])) == ("unattainable", 5, 1)
+    assert "5 of 40 requests are longer than the whole KV cache" in c["note"]
+    assert "so SLO attainment is at most 0.875, below the target 0.9" in c["note"]
+    r = runner.invoke(app, ["capacity", "--trace", str(big), "--predictions", "oracle", "--no-ceiling",
+                            "--max-normalized-latency", "1"])
+    assert r.exit_code == 0 and "the normalized-latency criterion needs every request finished" in r.output.replace("\n", " ")
 
 
 def test_options_that_would_be_ignored_are_refused(tmp_path):
@@ -653,3 +666,13 @@ def test_a_thinned_kv_timeline_keeps_each_share_of_the_spans_mean():
     t, u = compare_mod.kv_timeline(SimResult("p", "x", "none", [], 100, 16, log=log), points=4)
     assert t == pytest.approx([0, 25.25, 50.5, 75.75])
     assert u == pytest.approx([0.5 / 25.25, 0, 0, 1 / 25.25])  # (was: every k-th step, idle held)
+
+
+def test_capacity_refuses_up_front_what_the_ceiling_cannot_build(tmp_path):
+    """The ceiling's flooded runs build vllm and ecoserve-oracle: a setting they refuse is named
+    before the search (was: the whole search ran, then an error naming no option)."""
+    args = ["capacity", "--trace", _trace(tmp_path), "--policy", "vllm-v0", "--max-running", "4000"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "'--max-running': vllm: token budget 2048 must exceed max_running 4000" in r.output
+    r = runner.invoke(app, [*args, "--no-ceiling", "--json"])
+    assert r.exit_code == 0, r.output
