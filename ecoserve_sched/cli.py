@@ -250,7 +250,8 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     return RunSpec(tr, cost, slo, predictions, conf, bundle, seed, server, read=read)
 
 
-def _refuse_unbuildable(policies: Sequence[str], cost: Any, slo: SLO, policy_kw: dict[str, Any]) -> None:
+def _refuse_unbuildable(policies: Sequence[str], cost: Any, slo: SLO, policy_kw: dict[str, Any],
+                        whose: str = "") -> None:
     """Build each policy once with the server's settings, so that a setting one of them cannot
     take (``--max-running`` above its own token budget) is refused before any run, naming the
     policy (was: after the runs before it, naming no option)."""
@@ -263,7 +264,8 @@ def _refuse_unbuildable(policies: Sequence[str], cost: Any, slo: SLO, policy_kw:
             get_policy(p, cost, slo=slo, **policy_kw)
         except ValueError as e:
             budget = "token_budget" not in policy_kw and "max_running" in str(e)
-            raise typer.BadParameter(f"{p}: {e}" + ("; pass --token-budget above it" if budget else ""),
+            raise typer.BadParameter(f"{p}{f' ({whose})' if whose else ''}: {e}"
+                                     + ("; pass --token-budget above it" if budget else ""),
                                      param_hint="'--max-running'" if "max_running" in policy_kw else None) from None
 
 
@@ -404,12 +406,14 @@ def capacity(
         raise typer.BadParameter("is the attainment criterion; --max-normalized-latency replaces it: "
                                  "pass one of the two", param_hint="'--target'")
     target = 0.9 if target is None else target
-    # the ceiling's flooded runs build its policies too: refused up front, as the policy is (was:
-    # the whole search ran, then "token budget 2048 must exceed max_running 4000", naming no option)
-    spec = _spec(trace, [policy, *(CEILING_POLICIES if ceiling else ())], profile, predictions, confusion, bundle,
+    spec = _spec(trace, [policy], profile, predictions, confusion, bundle,
                  SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed,
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size),
                  fmt=_trace_format(columns, time_unit, on_error))
+    if ceiling:  # its flooded runs build these too: refused up front (was: after the whole search,
+        # "token budget 2048 must exceed max_running 4000", naming no option)
+        _refuse_unbuildable(CEILING_POLICIES, spec.cost, spec.slo, spec.server.policy_kw(spec.cost),
+                            whose="the saturation ceiling's; --no-ceiling skips it")
     res = find_capacity(sustained_spec(spec) if sustained else spec, policy, target=target,
                         max_normalized_latency=max_normalized_latency, max_p99_tbt=slo_p99_tbt)
     res["profile"] = spec.cost.label

@@ -226,13 +226,13 @@ class PolicyScheduler(HFScheduler):
         if never_fits(Request(-1, 0.0, prompt, new, new), cap):
             raise ValueError(f"{rid_s}: {prompt} prompt + {new} new tokens can never fit the KV cache ({cap} tokens)")
         budget = getattr(self.cache, "max_batch_tokens", None)
-        most = prompt + self.policy.max_running  # the whole prompt beside a decode per other slot, at most
-        if not getattr(self.policy, "chunked_prefill", True) and isinstance(budget, int) and most > budget:
-            # a policy that prefills whole prompts (orca, vllm-v0), next to the running decodes:
-            # was a batch over the engine's budget, and under generate_batch every request failed
+        beside = 0 if self.policy.prefill_only_iterations else self.policy.max_running - 1  # decodes, at most
+        if not self.policy.chunked_prefill and isinstance(budget, int) and prompt + beside > budget:
+            # a policy that prefills whole prompts (orca, vllm-v0), beside the other slots' decodes
+            # (none under vllm-v0): was a batch over the engine's budget, and under generate_batch
+            # every request of the run failed
             raise ValueError(f"{rid_s}: a {prompt}-token prompt, and policy {self.policy.name!r} prefills whole "
-                             f"prompts beside up to {self.policy.max_running} decodes: over the engine's "
-                             f"max_batch_tokens ({budget})")
+                             f"prompts beside up to {beside} decodes: over the engine's max_batch_tokens ({budget})")
         return r
 
     def finish_request(self, request_id: str) -> None:
@@ -243,7 +243,10 @@ class PolicyScheduler(HFScheduler):
         aborted, so its ledger blocks come back."""
         st = self.active_requests.get(request_id) or self.waiting_requests.get(request_id)
         failed = st is not None and st.status == RequestStatus.FAILED
-        if failed and self._pending is not None:
+        # a hard stop (manager.stop(hard_stop=True)) fails them too, after the last batch ran
+        # (transformers' words for it): that batch is completed, its requests then aborted
+        stopped = failed and str(st.error).startswith("Generation loop finished")
+        if failed and not stopped and self._pending is not None:
             batch, self._pending = self._pending, None
             for r in self.policy.fail_batch(batch, str(st.error or "engine error")):
                 self.held.pop(r.rid, None)

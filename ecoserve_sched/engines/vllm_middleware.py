@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -163,8 +164,22 @@ def predictor_input(doc: dict, field: str) -> str | list[dict[str, str]] | None:
 def cannot_hold_hints(body: bytes) -> bool:
     """A JSON object or array in UTF-8 in which no hint key can be spelt: no ``rl_``, no
     backslash (``\\u0072l_``), no ``%`` (a form parser's ``%72l_``), no NUL byte (UTF-16 and
-    UTF-32 put NULs between the letters of ``rl_``). Such a body needs no parse to be passed on."""
-    return body.lstrip()[:1] in (b"{", b"[") and not any(t in body for t in (b"rl_", b"\\", b"%", b"\x00"))
+    UTF-32 put NULs between the letters of ``rl_``). Such a body, sent as JSON
+    (``_json_type``), needs no parse to be passed on."""
+    return body[:1] in (b"{", b"[") and not any(t in body for t in (b"rl_", b"\\", b"%", b"\x00"))
+
+
+def _json_type(types: list[bytes]) -> bool:
+    """One Content-Type header, ``application/json`` or a ``+json`` type, with no other charset
+    than UTF-8: the only bodies the fast path takes (a reviewer of it sent a multipart form
+    under a type this check's parser and python-multipart's read apart, in UTF-7, whose
+    ``+AHI-l+AF8-bucket`` Starlette decoded to ``rl_bucket``)."""
+    if len(types) != 1:
+        return False
+    kind = media_type(types[0])
+    charset = re.search(rb"charset\s*=\s*\"?([^\s;\"]+)", types[0], re.IGNORECASE)
+    return (kind == "application/json" or kind.endswith("+json")) and \
+        (charset is None or charset.group(1).lower() in (b"utf-8", b"utf8"))
 
 
 @dataclass(slots=True)
@@ -311,7 +326,7 @@ class EcoServePredictMiddleware:
                 self._warn("shed", "%d predictions in flight (ECOSERVE_MIDDLEWARE_MAX_PENDING), %d of them "
                            "past ECOSERVE_MIDDLEWARE_TIMEOUT_S; requests go on without a prediction",
                            self._pending, len(self._stuck))
-        if result is None and path not in PREDICT_PATHS and cannot_hold_hints(body):
+        if result is None and path not in PREDICT_PATHS and _json_type(types) and cannot_hold_hints(body):
             # nothing to strip, so not parsed (was: any JSON POST, to a path vLLM routes nowhere
             # or does not guard, parsed on the one checking thread: 16 unauthenticated 4 MiB
             # bodies made an authorized request wait 46 s, or refused it with 503)

@@ -59,6 +59,8 @@ class Scheduler(SchedulerInterface):
 
     name = "base"
     chunked_prefill = True
+    #: Iterations that take prompts take no decodes (vLLM V0's): a prompt never shares one
+    prefill_only_iterations = False
     alarm_lead_tokens = 0  # a request raises its alarm this many tokens before its blocks run out
     #: "oracle": the engine gives this policy true RLs; "none": it reads no predictions
     prediction_override: str | None = None

@@ -47,6 +47,7 @@ class VLLMV0Scheduler(Scheduler):
     name = "vllm-v0"
     prediction_override = "none"  # first come, first served: no predictions read
     chunked_prefill = False
+    prefill_only_iterations = True  # "Don't schedule decodes if prefills are scheduled."
     growth_keep_free = 1  # a decode pass with as many due requests as free blocks walks them
 
     def __init__(self, cost: Any, max_model_len: int | None = None, token_budget: int | None = None,

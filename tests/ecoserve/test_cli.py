@@ -673,6 +673,7 @@ def test_capacity_refuses_up_front_what_the_ceiling_cannot_build(tmp_path):
     before the search (was: the whole search ran, then an error naming no option)."""
     args = ["capacity", "--trace", _trace(tmp_path), "--policy", "vllm-v0", "--max-running", "4000"]
     r = runner.invoke(app, args)
-    assert r.exit_code == 2 and "'--max-running': vllm: token budget 2048 must exceed max_running 4000" in r.output
+    assert r.exit_code == 2 and "'--max-running': vllm (the saturation ceiling's; --no-ceiling skips it): token " \
+        "budget 2048 must exceed max_running 4000" in r.output.replace("\n", " ")
     r = runner.invoke(app, [*args, "--no-ceiling", "--json"])
     assert r.exit_code == 0, r.output

@@ -512,10 +512,16 @@ def test_budgets_the_engine_cannot_run_are_refused(tiny_llama):
         out = _generate_batch(tiny_llama, [[5] * 10, [6] * 128, [7] * 12], _cb(name, blocks=30), gen)
         assert [(o.status.name, bool(o.error)) for o in out.values()] == [("FINISHED", False), ("FAILED", True),
                                                                          ("FINISHED", False)]
-        assert "a 128-token prompt, and policy 'orca' prefills whole prompts beside up to 8 decodes" in \
+        assert "a 128-token prompt, and policy 'orca' prefills whole prompts beside up to 7 decodes" in \
             list(out.values())[1].error
+        # vllm-v0 runs prompts in iterations of their own: the same prompt fits (a second version
+        # counted decodes beside it, and refused it)
+        name = register_scheduler("v0-budget-test", make_engine(tiny_llama, "vllm-v0").make_policy())
+        out = _generate_batch(tiny_llama, [[5] * 10, [6] * 128, [7] * 12], _cb(name, blocks=30), gen)
+        assert [o.status.name for o in out.values()] == ["FINISHED"] * 3
     finally:
-        SCHEDULER_MAPPING.pop(name, None)
+        SCHEDULER_MAPPING.pop("orca-budget-test", None)
+        SCHEDULER_MAPPING.pop("v0-budget-test", None)
     from types import SimpleNamespace
 
     from ecoserve_sched.engines.transformers_cb import PolicyScheduler
@@ -524,3 +530,32 @@ def test_budgets_the_engine_cannot_run_are_refused(tiny_llama):
                             num_blocks=KV_BLOCKS, max_batch_tokens=64)
     with pytest.raises(ValueError, match="engine max_batch_tokens 64 < the policy's token_budget 128"):
         PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "vllm").make_policy())
+
+
+def test_a_hard_stop_is_not_a_failed_forward_pass(tiny_llama):
+    """``manager.stop(hard_stop=True)`` fails the running requests after the last batch ran: that
+    batch is completed in the policy and its requests aborted (a first version failed it, as if
+    its forward pass had raised: failed_iterations 1)."""
+    import time
+
+    from transformers import GenerationConfig
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    from ecoserve_sched.engines.transformers_cb import register_scheduler
+
+    policy = make_engine(tiny_llama, "vllm").make_policy()
+    name = register_scheduler("vllm-hard-stop-test", policy)
+    gen = GenerationConfig(do_sample=False, max_new_tokens=60, eos_token_id=-1)
+    manager = tiny_llama.init_continuous_batching(generation_config=gen, continuous_batching_config=_cb(name))
+    try:
+        manager.start()
+        for i in range(3):
+            manager.add_request([5 + i] * 10, request_id=f"r{i}", max_new_tokens=60)
+        deadline = time.time() + 20
+        while not policy.decoding and time.time() < deadline:
+            time.sleep(0.01)
+        manager.stop(block=True, hard_stop=True)
+    finally:
+        SCHEDULER_MAPPING.pop(name, None)
+    assert policy.counters["failed_iterations"] == 0 and policy.counters["errors"] >= 1
+    assert not policy.has_work() and policy.kv.free_blocks == policy.kv.num_blocks

@@ -405,7 +405,14 @@ def test_a_body_that_cannot_hold_a_hint_is_passed_on_unparsed(monkeypatch) -> No
         raw = json.dumps(sneaky).encode().replace(b"\\\\u", b"\\u")
         status, seen, _ = call(mw, raw, path="/invocations")
         assert status == 200 and b"bucket" not in seen and checked[-1] == raw
+    # only a body sent as JSON in UTF-8 (a reviewer's multipart form under a type read apart by
+    # the two parsers, in UTF-7, spelt rl_bucket as +AHI-l+AF8-bucket)
+    for ctype in (b"multipart/form-data=; boundary=B; charset=utf-7", b"application/json; charset=utf-7", b"text/plain"):
+        before = len(checked)
+        call(mw, b'{"a": "+AHI-l+AF8-bucket"}', path="/v1/audio/transcriptions", ctype=ctype)
+        assert len(checked) == before + 1, ctype
     assert vm.cannot_hold_hints(b'{"a": 1}') and not vm.cannot_hold_hints('{"rl_b": 1}'.encode("utf-16-le"))
+    assert not vm.cannot_hold_hints(b'\n{"a": 1}')  # no leading space: a multipart preamble
     assert not vm.cannot_hold_hints(b"a=%72l_bucket") and not vm.cannot_hold_hints(b"{%72l_bucket")
 
 

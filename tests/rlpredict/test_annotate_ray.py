@@ -370,7 +370,10 @@ def test_dataset_api_in_a_read_write_pipeline_on_few_cpus(bundle_fp32, tmp_path)
             proc.wait()
             pytest.fail("the pipeline did not finish in 240 s")
     assert proc.returncode == 0, err.read_text()[-2000:]
-    assert log.read_text().split("\n")[:2] == ["None 400 390", "4 400 390"]  # 10 null prompts
+    # Ray's raylet may print its own warnings to the driver's stdout on a busy machine ("8 PYTHON
+    # worker processes have been started ..."): the pipeline's lines are the others
+    ours = [line for line in log.read_text().split("\n") if "(raylet)" not in line]
+    assert ours[:2] == ["None 400 390", "4 400 390"]  # 10 null prompts
 
 
 def test_sigterm_ends_a_ray_run_as_ctrl_c_does(bundle_fp32, tmp_path):
