@@ -214,10 +214,15 @@ def capacities(spec: RunSpec, policies: Sequence[str], target: float) -> list[di
     ceil = ceiling(spec)["ceiling_rate_scale"]
     caps = [capacity(spec, p, target=target, hi=ceil or 1.0) for p in policies]
     sus = sustained(spec)
-    held = {p: capacity(sus, p, target=target, hi=ceil or 1.0)["max_rate_scale"] for p in policies}
+    searches = {p: capacity(sus, p, target=target, hi=ceil or 1.0) for p in policies}
+    held = {p: r["max_rate_scale"] for p, r in searches.items()}
     found_by = {c["policy"]: c["max_rate_scale"] for c in caps}
     for c in caps:
         found, kept = c["max_rate_scale"], held[c["policy"]]
+        # how the sustained search ended, for the table (was: its lower end shown as exact when it
+        # stopped short, and "-" without a word when it found none)
+        c["sustained_search"] = {k: searches[c["policy"]][k]
+                                 for k in ("search", "converged", "max_rate_scale", "lower_bound", "upper_bound")}
         # the trace's rate as the ceiling takes it: n - 1 gaps over the span (n / span was high)
         c["requests_per_s"] = None if found is None else found * (len(trace) - 1) / _span(trace)
         c["ceiling_rate_scale"] = ceil
@@ -257,6 +262,12 @@ def capacity_table(caps: Sequence[dict], explain: bool = True) -> str:
     def load(v: float | None) -> str:
         return "-" if v is None else f"{v:.3g}"
 
+    def sustained_text(c: dict) -> str:
+        s = c.get("sustained_search")
+        if s is None or (s["search"] == "found" and s["converged"]):
+            return load(c.get("sustained_rate_scale"))
+        return capacity_text(s)  # "L to U", "> L", "< U" or "none"
+
     ceil = next((c.get("ceiling_rate_scale") for c in caps), None)
     lines = ["| policy | max load (x trace rate) | requests/s | / ceiling | x vLLM (V1) | x vLLM V0 "
              "| sustained load (/ ceiling) | sustained x vLLM (V1) |",
@@ -264,7 +275,7 @@ def capacity_table(caps: Sequence[dict], explain: bool = True) -> str:
     for c in caps:
         lines.append(f"| {c['policy']} | {capacity_text(c)} | {load(c.get('requests_per_s'))} | "
                      f"{f(c.get('vs_ceiling'))} | {f(c.get('x_vllm'))} | {f(c.get('x_vllm_v0'))} | "
-                     f"{load(c.get('sustained_rate_scale'))} ({f(c.get('sustained_vs_ceiling'))}) | "
+                     f"{sustained_text(c)} ({f(c.get('sustained_vs_ceiling'))}) | "
                      f"{f(c.get('sustained_x_vllm'))} |")
     if ceil and not explain:
         lines += ["", f"Saturation ceiling: x{ceil:.3f}."]

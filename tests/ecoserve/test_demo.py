@@ -117,3 +117,20 @@ def test_demo_says_it_replaced_a_traces_predictions(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     assert "60 row(s) of the trace already had rl_* fields" in " ".join(r.output.split())
     assert "60 already had `rl_*` fields" in (out / "report.md").read_text()
+
+
+def test_the_table_says_how_a_sustained_search_ended():
+    """A sustained search that stopped short, or found no load, was shown as its lower end or
+    "-" with no word: the table says "L to U", "> L" or "< U" as for the other column."""
+    from ecoserve_sched.demo import capacity_table
+
+    def cap(search: dict) -> dict:
+        return {"policy": "p", "max_rate_scale": 0.5, "search": "found", "converged": True,
+                "sustained_rate_scale": search["max_rate_scale"], "sustained_search": search}
+
+    short = {"search": "found", "converged": False, "max_rate_scale": 0.4, "lower_bound": 0.4, "upper_bound": 0.45}
+    none = {"search": "no_passing_load", "converged": False, "max_rate_scale": None, "lower_bound": None,
+            "upper_bound": 0.004}
+    done = {"search": "found", "converged": True, "max_rate_scale": 0.401, "lower_bound": 0.401, "upper_bound": 0.405}
+    rows = [capacity_table([cap(s)], explain=False).splitlines()[2] for s in (short, none, done)]
+    assert "| 0.400 to 0.450 (-) |" in rows[0] and "| < 0.004 (-) |" in rows[1] and "| 0.401 (-) |" in rows[2]
