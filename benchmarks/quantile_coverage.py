@@ -23,6 +23,10 @@ Coverage is also given over the check half's prompts predicted into the small bu
 two rules differ.
 
 Then across sources (calibrate on one, check on another: not exchangeable, so no guarantee).
+
+Last, ``rlpredict drift``'s coverage verdict on halves that did not drift and on lengths scaled
+by 1.1-1.3: its standard error counting conversations (now) against counting rows (before
+December 2026), in the same run.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def main() -> None:
         if method == "constant":
             return np.full(len(rl), np.quantile(rl[fit], q))
         if method == "raw":
-            return np.ceil(scheme.predictive_quantile(probs, q))
+            return scheme.quantile_tokens(probs, q)
         kw = {"min_group": 10**9} if method == "conformal" else {}
         if method == "mondrian-pac":
             kw = {"confidence": 0.9, "clusters": groups[fit]}
@@ -122,6 +126,40 @@ def main() -> None:
                     r = reserve(m, fit)
                     print(f"| {a_name} | {b_name} | {m} | {np.mean(rl[chk] <= r[chk]):.3f} | "
                           f"{r[chk].sum() / rl[chk].sum():.2f}x |")
+
+    drift_alarms(probs, rl, src, groups, scheme, args.seed)
+
+
+def drift_alarms(probs: np.ndarray, rl: np.ndarray, src: np.ndarray, groups: np.ndarray, scheme, seed: int) -> None:
+    """``rlpredict drift``'s coverage verdict on halves that did not drift (calibrate on a random
+    half of the conversations, judge the other half, or the calibration half itself) and on
+    lengths scaled up: the cluster-aware error against the row-counted one (before December
+    2026), in the same run. Groups: all rows and each source, as ``drift`` forms them."""
+    from rlpredict.serve.drift import DriftBounds, group_report
+
+    qs, bounds = (0.5, 0.9), DriftBounds()
+    uniq = np.unique(groups)
+    print("\n### `rlpredict drift` on undrifted and drifted halves (coverage at q0.5, q0.9)\n")
+    print("| judged | halvings | drift said: rows counted (before) | drift said: conversations counted (now) |")
+    print("|---|---:|---:|---:|")
+    for label, scale, n_split, insample in (("the other half", 1.0, 200, False), ("the calibration half itself", 1.0, 200, True),
+                                            ("the other half, lengths x1.1", 1.1, 50, False),
+                                            ("the other half, lengths x1.2", 1.2, 50, False),
+                                            ("the other half, lengths x1.3", 1.3, 50, False)):
+        rng = np.random.default_rng(seed)
+        said = [0, 0]
+        for _ in range(n_split):
+            fit = np.isin(groups, uniq[rng.random(len(uniq)) < 0.5])
+            chk = fit if insample else ~fit
+            cal = QuantileCalibration.fit(scheme, probs[fit], rl[fit], qs, clusters=groups[fit])
+            tokens = cal.tokens(scheme, probs[chk], qs)
+            y = np.ceil(rl[chk] * scale)
+            for k, (cl, n_cal) in enumerate(((None, 0), (groups[chk], cal.n))):
+                said[k] += any(group_report(name, probs[chk][m], y[m], tokens[m], qs, None, scheme, bounds,
+                                            None if cl is None else cl[m], n_cal)["problems"]
+                               for name, m in [("all", np.ones(len(y), bool)), *((x, src[chk] == x) for x in np.unique(src))]
+                               if m.sum() >= bounds.min_rows)
+        print(f"| {label} | {n_split} | {said[0]} | {said[1]} |")
 
 
 if __name__ == "__main__":

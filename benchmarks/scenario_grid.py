@@ -3,9 +3,10 @@
     python benchmarks/scenario_grid.py --shared ../shared/data --out runs/scenario_grid
 
 A cell is a trace x profile x KV size x SLO. For each cell it prints the saturation ceiling (the
-rate scale at which arrivals equal a flooded server's throughput: an upper bound on any policy's
-sustained capacity, `ecoserve_sched.compare.ceiling`; on a finite trace a policy can pass it by
-leaving a backlog at the trace's end, which `--sustained` does not count), then each policy's capacity (largest rate scale with
+rate scale at which arrivals equal a flooded server's throughput, `ecoserve_sched.compare.ceiling`:
+past it queues grow without bound; on a finite trace a policy can pass it by leaving a backlog
+at the trace's end, which `--sustained` counts only up to 1% of the requests, and a short trace's
+drain lowers the ceiling itself, so a sustained capacity can pass it too), then each policy's capacity (largest rate scale with
 SLO attainment >= 0.9) as a fraction of the ceiling, x vLLM V1 and x vLLM V0, and mean JCT and
 normalized latency at vLLM V1's capacity load (ratios to vLLM V1). All policies of a cell replay
 the same requests with the same predictions (sampled from the shipped predictor's confusion
@@ -62,7 +63,7 @@ Cells (first ``--requests`` requests of each trace):
 
 Held-out cells (``--cells heldout``), on which no constant of any policy was chosen:
 - alpaca-llama3-h200: AlpacaEval answers (short instructions, 40 generators pooled), Poisson
-  arrivals, Llama-3-8B on H200 (830k KV tokens: the 256 sequence slots bind, not the KV cache),
+  arrivals, Llama-3-8B on H200 (892k KV tokens: the 256 sequence slots bind, not the KV cache),
   TTFT 5 s / TBT 0.1 s;
 - mooncake-burst: Mooncake lengths in groups of 8 simultaneous requests, Llama-3-8B on H100,
   TTFT 10 s / TBT 0.2 s;

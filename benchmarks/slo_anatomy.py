@@ -8,7 +8,8 @@ TTFT and the share that miss their mean TBT, the share of the server's time spen
 iterations longer than the TBT SLO (from the replay's iteration log), the mean TTFT, the mean
 decode time and how much of it the request spent stalled (preempted or parked), the parks, and the
 iterations that carried prompt tokens with the share of the replay's time their fixed cost took
-(the cost model's ``prefill_overhead_s`` each: what small chunks pay).
+(the cost model's ``prefill_overhead_s`` each: what small chunks pay), and the mean JCT, as a
+ratio to the first policy's at the same load (the baseline in the same run).
 Beside them, a reference that ignores decodes altogether: one server prefilling whole prompts
 at its full-budget rate (chunks of ``--budget`` tokens timed by the cell's cost model), the
 shortest prompt first among those that can still meet their TTFT, the others set aside and
@@ -92,17 +93,18 @@ def anatomy(res: object, slo: object) -> dict[str, float]:
             "stalled_s": float(sum(res.stall_gaps) / max(len(done), 1))}
 
 
-def policy_row(cell_name: str, policy: str, shared: Path, requests: int, load: float) -> str:
-    """One table row: ``policy`` replaying ``cell_name`` at ``load`` (in a worker process:
-    ``grid._init_worker`` set the slice and seed)."""
+def policy_row(cell_name: str, policy: str, shared: Path, requests: int, load: float) -> tuple[str, float]:
+    """One table row, less its JCT ratio, and the mean JCT: ``policy`` replaying ``cell_name`` at
+    ``load`` (in a worker process: ``grid._init_worker`` set the slice and seed)."""
     cell = grid.find_cell(cell_name)
     spec_p, run_as = grid.resolve(cell, policy, shared, requests)
     s, res = spec_p.run(run_as, load)
     a = anatomy(res, cell.slo)
     fixed = res.prefill_iterations * spec_p.cost.spec["efficiency"]["prefill_overhead_s"] / max(s["duration_s"], 1e-12)
+    jct = a["ttft_s"] + a["decode_s"]
     return (f"| {load:g} | {policy} | {s['slo_attainment']:.3f} | {a['ttft_missed']:.3f} | {a['tbt_missed']:.3f} "
             f"| {a['slow']:.2f} | {a['ttft_s']:.2f} | {a['decode_s']:.2f} | {a['stalled_s']:.2f} "
-            f"| {res.counters.get('parks', 0):,} | {res.prefill_iterations:,} | {fixed:.3f} |")
+            f"| {res.counters.get('parks', 0):,} | {res.prefill_iterations:,} | {fixed:.3f} | {jct:.2f} |"), jct
 
 
 def main() -> None:
@@ -129,16 +131,18 @@ def main() -> None:
           f"TBT {cell.slo.tbt_s:g} s\n")
     print("| load | policy | SLO attainment | TTFT missed | mean TBT missed | time in iterations > TBT SLO "
           "| mean TTFT s | mean decode s | of it stalled s | parks | prefill iterations "
-          "| their fixed cost / replay time |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"| their fixed cost / replay time | mean JCT s | JCT x {args.policies[0]} |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with worker_pool(args.workers, grid._init_worker, (0, 0)) as pool:
         for load in args.loads:
             n = len(args.policies)
-            for line in pool.map(policy_row, [cell.name] * n, args.policies, [args.shared] * n,
-                                 [args.requests] * n, [load] * n, chunksize=1):
-                print(line, flush=True)
+            base = None  # the first policy's mean JCT at this load: the ratio's baseline
+            for line, jct in pool.map(policy_row, [cell.name] * n, args.policies, [args.shared] * n,
+                                      [args.requests] * n, [load] * n, chunksize=1):
+                base = jct if base is None else base
+                print(f"{line} {jct / base:.3f} |" if base > 0 else f"{line} - |", flush=True)
             ref = reference_ttft(spec.trace.arrival_s / load, prefill, cell.slo.ttft_s)
-            print(f"| {load:g} | decode-free reference | {ref:.3f} (TTFT only) | {1 - ref:.3f} | | | | | | | | |")
+            print(f"| {load:g} | decode-free reference | {ref:.3f} (TTFT only) | {1 - ref:.3f} | | | | | | | | | | |")
     print(f"\n({time.time() - t0:.0f} s)")
 
 

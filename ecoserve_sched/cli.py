@@ -28,13 +28,14 @@ from rlpredict.cli_boundary import (
     thread_count,
 )
 from rlpredict.json_file import dumps
+from rlpredict.records import is_plain_number
 
 from .compare import Server, table_cell
 from .cost_model import DEFAULT_PROFILE
 from .policies.interface import DEFAULT_MAX_RUNNING
 from .predictions import SOURCES
 from .request import SLO
-from .trace import MAPPABLE, MAX_COUNT, TIME_UNITS, TraceFormat, is_plain_number
+from .trace import MAPPABLE, MAX_COUNT, TIME_UNITS, TraceFormat
 
 if TYPE_CHECKING:
     from .compare import RunSpec
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 ARRIVALS = ("trace", "poisson", "gamma", "burst8")
 RATE_RANGE = (1e-6, 1e9)  # --rate, requests/s
 CV_RANGE = (1e-3, 100.0)  # --cv: beyond these the gamma draw under- or overflows
+_SLO = SLO()  # the SLO options' defaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, cls=BoundaryGroup, rich_markup_mode=None,
                   callback=root_callback("ecoserve"),
@@ -250,6 +252,10 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     return RunSpec(tr, cost, slo, predictions, conf, bundle, seed, server, read=read)
 
 
+#: The server settings a policy is built with, and their options (``_refuse_unbuildable``).
+SETTING_OPTIONS = {"block_size": "--block-size", "max_running": "--max-running", "token_budget": "--token-budget"}
+
+
 def _refuse_unbuildable(policies: Sequence[str], cost: Any, slo: SLO, policy_kw: dict[str, Any],
                         whose: str = "") -> None:
     """Build each policy once with the server's settings, so that a setting one of them cannot
@@ -264,9 +270,12 @@ def _refuse_unbuildable(policies: Sequence[str], cost: Any, slo: SLO, policy_kw:
             get_policy(p, cost, slo=slo, **policy_kw)
         except ValueError as e:
             budget = "token_budget" not in policy_kw and "max_running" in str(e)
+            # the option the message is about (was: --max-running whenever it was given, also for
+            # vllm-v0's one-token blocks)
+            named = next((o for k, o in SETTING_OPTIONS.items() if k in policy_kw and k in str(e)), None)
             raise typer.BadParameter(f"{p}{f' ({whose})' if whose else ''}: {e}"
                                      + ("; pass --token-budget above it" if budget else ""),
-                                     param_hint="'--max-running'" if "max_running" in policy_kw else None) from None
+                                     param_hint=f"'{named}'" if named else None) from None
 
 
 def _refuse_unused_predictions(policies: Sequence[str], predictions: str | None, confusion: str | None,
@@ -300,7 +309,7 @@ def simulate(
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
     bundle: BundleOpt = None,
     rate_scale: Annotated[float, typer.Option("--rate-scale", callback=positive, help="arrival rate multiplier (> 0)")] = 1.0,
-    slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2, slo_deadline: DeadlineOpt = None,
+    slo_ttft: TTFTOpt = _SLO.ttft_s, slo_tbt: TBTOpt = _SLO.tbt_s, slo_deadline: DeadlineOpt = None,
     max_tokens: MaxTokOpt = 2048, max_requests: MaxReqOpt = None, arrivals: ArrOpt = "trace",
     rate: RateOpt = None, cv: CvOpt = None, seed: SeedOpt = 0,
     gpu_memory_utilization: GpuMemOpt = None, token_budget: BudgetOpt = None,
@@ -342,7 +351,7 @@ def compare(
     out: Annotated[Path, typer.Option("--out", help="output folder (results.json, table.md, plots); must not hold an input")] = Path("runs/compare"),
     force: ForceOpt = False,
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
-    bundle: BundleOpt = None, slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2,
+    bundle: BundleOpt = None, slo_ttft: TTFTOpt = _SLO.ttft_s, slo_tbt: TBTOpt = _SLO.tbt_s,
     slo_deadline: DeadlineOpt = None, max_tokens: MaxTokOpt = 2048, max_requests: MaxReqOpt = None,
     seed: SeedOpt = 0, gpu_memory_utilization: GpuMemOpt = None, token_budget: BudgetOpt = None,
     max_running: MaxRunOpt = None, block_size: BlockOpt = 16,
@@ -381,7 +390,7 @@ def compare(
 def capacity(
     trace: TraceOpt,
     policy: Annotated[str, typer.Option("--policy", callback=_policy, help="policy name (see `ecoserve policies`)")] = "ecoserve",
-    slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2, slo_deadline: DeadlineOpt = None,
+    slo_ttft: TTFTOpt = _SLO.ttft_s, slo_tbt: TBTOpt = _SLO.tbt_s, slo_deadline: DeadlineOpt = None,
     target: Annotated[float | None, typer.Option("--target", callback=in_range(0, 1, low_open=True), help="required SLO attainment, in (0, 1] (default 0.9)")] = None,
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
     bundle: BundleOpt = None, max_tokens: MaxTokOpt = 2048, max_requests: MaxReqOpt = None,
@@ -526,7 +535,7 @@ def demo(
     policies: Annotated[str | None, typer.Option(
         "--policies", help="comma-separated policy names (default: vLLM V0 and V1, EcoServe, EcoServe-oracle)")] = None,
     rate_scales: Annotated[str | None, typer.Option("--rate-scales", help="comma-separated rate multipliers > 0 (default 0.2 to 0.6)")] = None,
-    slo_ttft: TTFTOpt = 5.0, slo_tbt: TBTOpt = 0.2,
+    slo_ttft: TTFTOpt = _SLO.ttft_s, slo_tbt: TBTOpt = _SLO.tbt_s,
     headroom: Annotated[bool, typer.Option(
         "--headroom/--no-headroom", help="also the capacities on Llama-3-8B / H200, where the KV cache is no constraint")] = True,
 ) -> None:

@@ -64,7 +64,7 @@ POLICIES = ("vllm-v0", "vllm", "ecoserve", "ecoserve-oracle")
 #: constraint, where vLLM V1 already keeps up with the saturation ceiling.
 HEADROOM_PROFILE = "llama3-8b-h200"
 RATE_SCALES = (0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
-DEFAULT_SLO = SLO(5.0, 0.2)
+DEFAULT_SLO = SLO()
 TABLE = ("policy", "rate_scale", "throughput_rps", "mean_jct_s", "p50_ttft_s", "p99_ttft_s",
          "p99_tbt_s", "slo_attainment", "preemptions", "kv_util_mean")
 

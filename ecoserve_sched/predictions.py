@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rlpredict.buckets import DEFAULT_EDGES
+
 from .request import Request
 from .trace import Trace
 
@@ -25,7 +27,6 @@ SOURCES = ("annotated", "confusion", "oracle", "bundle")
 #: A run's ``predictions`` when its policy reads none (``prediction_override = "none"``).
 NO_PREDICTIONS = "none (the policy reads no predictions)"
 CONFUSION_FORMAT = "rlpredict.confusion/1"
-DEFAULT_EDGES = (32, 64, 128, 192, 256, 384, 512, 768, 1024, math.inf)
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,12 @@ def load_confusion(path: str | Path) -> Confusion:
                          f"null (infinity), got {d['bucket_edges']}")
     if point.shape != (k,) or reserve.shape != (k,):
         raise ValueError(f"{p}: fields 'point_tokens' and 'reserve_tokens' need {k} values (one per bucket)")
-    for name, a, raw in (("point_tokens", point, point_raw), ("reserve_tokens", reserve, reserve_raw)):
-        if not np.isfinite(a).all() or (a != np.round(a)).any() or (a < 1).any() or (a > 2**53).any():
-            raise ValueError(f"{p}: field {name!r} must be whole token counts >= 1, got {raw}")
+    # as rlpredict's BucketScheme bounds them: a point estimate may be 0 (a bucket whose median
+    # response is empty; the policies use it as 1), a reservation holds a token (was: the
+    # confusion.json `rlpredict eval` writes for such a bucket was refused here)
+    for name, a, raw, low in (("point_tokens", point, point_raw, 0), ("reserve_tokens", reserve, reserve_raw, 1)):
+        if not np.isfinite(a).all() or (a != np.round(a)).any() or (a < low).any() or (a > 2**53).any():
+            raise ValueError(f"{p}: field {name!r} must be whole token counts >= {low}, got {raw}")
     if matrix.shape != (k, k) or not np.isfinite(matrix).all() or (matrix < 0).any():
         raise ValueError(f"{p}: field 'matrix' must be {k}x{k} finite counts >= 0")
     with np.errstate(over="ignore"):

@@ -19,7 +19,7 @@ class Prediction(Protocol):
 
 
 class LengthPredictor(Protocol):
-    def predict(self, texts: list[Any], generators: list[str | None] | None = None) -> list[Prediction]:
+    def predict(self, requests: list[Any], generators: list[str | None] | None = None) -> list[Prediction]:
         """One prediction per request: a prompt string or an OpenAI message list, and optionally
         the served model's name per request (for bundles trained with it as an input)."""
         ...

@@ -1,4 +1,4 @@
-"""Request traces: CSV / JSONL (optionally .gz) with file:line errors, rate scaling, synthetic arrivals.
+"""Request traces: CSV / JSONL (optionally .gz) / Parquet with file:line errors, rate scaling, synthetic arrivals.
 
 Columns: ``arrival_time_s``, ``input_tokens``, ``output_tokens`` (required); ``max_tokens``,
 ``rl_bucket``, ``rl_pred_tokens``, ``rl_reserve_tokens`` (from ``rlpredict annotate``), and a
@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import numbers
 import re
 import zlib
 from collections.abc import Iterator, Mapping
@@ -28,11 +29,14 @@ from rlpredict.records import (
     bounded_lines,
     csv_records,
     decode_line,
+    detect_format,
     generator_of,
+    is_plain_number,
     open_parquet,
     parquet_batches,
     parse_json,
     request_of,
+    whole_count,
 )
 
 from .request import SLO, Request, is_real, is_whole
@@ -222,23 +226,26 @@ def _not_whole(column: np.ndarray | list, lo: int) -> int | None:
 
 
 def _open_binary(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    return gzip.open(path, "rb") if detect_format(path)[1] else open(path, "rb")
 
 
 def _rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None, str]]:
     """``(line, record, problem)`` for each record, the fields renamed by ``fmt.columns``; a
     record that cannot be read has ``None`` and why (the reader goes on after it). A truncated
     or corrupt .gz names the file (not a line: decompression reads ahead of the parser)."""
-    name = path.name.removesuffix(".gz")
-    if name.endswith(".csv"):
+    # the suffixes ``rlpredict annotate`` reads and writes (``records.detect_format``: any case,
+    # .ndjson, .pq; was: .ndjson and .JSONL, which annotate writes, were an unknown format here);
+    # a trace's .json is JSON Lines too
+    kind, gz = detect_format(path)
+    if kind == "csv":
         rows = _csv_rows(path, fmt)
-    elif name.endswith((".jsonl", ".json")):
+    elif kind in ("jsonl", "json"):
         rows = _jsonl_rows(path, fmt)
-    elif path.name.endswith(".parquet"):
+    elif kind == "parquet" and not gz:
         rows = _parquet_rows(path, fmt)
     else:
-        raise TraceError(f"{path}: unknown trace format (use .csv, or JSON Lines as .jsonl or .json, "
-                         "optionally .gz, or .parquet)")
+        raise TraceError(f"{path}: unknown trace format (use .csv, or JSON Lines as .jsonl, .ndjson or "
+                         ".json, optionally .gz, or .parquet)")
     try:
         yield from rows
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
@@ -360,31 +367,16 @@ def _jsonl_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None
         raise TraceError(f"{path}: no row has the field {name!r} (mapped to {ours[name]} by --columns)")
 
 
-#: A number as a CSV cell may spell it: ASCII digits, optional sign, fraction and exponent
-#: (``float`` would also take ``1_000``, other scripts' digits, ``inf`` and ``nan``).
-_PLAIN_NUMBER = re.compile(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*")
-
-
-def is_plain_number(v: object) -> bool:
-    """Not a string, or a number written in plain ASCII digits (``float`` also takes ``1_000``
-    and other scripts' digits)."""
-    return not isinstance(v, str) or _PLAIN_NUMBER.fullmatch(v) is not None
-
-
 def _int(row: dict, key: str, where: str, minimum: int, fmt: TraceFormat | None = None) -> int:
+    """A count by ``records.whole_count``, the rule training's log reader uses too."""
     v = row.get(key)
-    name = fmt.label(key) if fmt else key
-    if isinstance(v, bool) or not is_plain_number(v):
-        raise TraceError(f"{where}: {name} must be an integer, got {_short(v)}")
-    try:
-        x = float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
-        raise TraceError(f"{where}: {name} must be an integer, got {_short(v)}") from None
-    if isinstance(v, int) and not minimum <= v <= MAX_COUNT:  # exact: 2^53 + 1 is no float
-        x = math.inf
-    if not math.isfinite(x) or x != int(x) or not minimum <= x <= MAX_COUNT:
-        raise TraceError(f"{where}: {name} must be an integer in [{minimum}, 2^53], got {_short(v)}")
-    return int(x)
+    n = whole_count(v, minimum)
+    if n is None:
+        name = fmt.label(key) if fmt else key
+        number = (isinstance(v, str) and is_plain_number(v)) or (isinstance(v, numbers.Number) and not isinstance(v, bool))
+        what = f"an integer in [{minimum}, 2^53]" if number else "an integer"  # (a list is no integer out of range)
+        raise TraceError(f"{where}: {name} must be {what}, got {_short(v)}")
+    return n
 
 
 _DATE = re.compile(r"\s*[0-9]{4}-[0-9]{2}-[0-9]{2}")

@@ -35,6 +35,12 @@ def _edge_from_json(e: float | None) -> float:
     return math.inf if e is None else _number(e, "edges")
 
 
+def tokens_up(x: np.ndarray) -> np.ndarray:
+    """Token figures rounded up to whole tokens (int64), float noise aside (``300.0000001`` is
+    300, not 301): the one rounding of every reservation and calibrated quantile."""
+    return np.ceil(np.round(x, 6)).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class BucketScheme:
     """Upper bucket edges plus what the scheduler needs per bucket.
@@ -205,6 +211,17 @@ class BucketScheme:
         frac = pos - i
         grid = self._qarr[k]
         return grid[rows, i] * (1 - frac) + grid[rows, i + 1] * frac
+
+    def median_tokens(self, probs: np.ndarray) -> np.ndarray:
+        """The point prediction in whole tokens: the predictive median, rounded (int64)."""
+        return np.rint(self.predictive_quantile(probs, 0.5)).astype(np.int64)
+
+    def quantile_tokens(self, probs: np.ndarray, q: float, margin: float = 0.0) -> np.ndarray:
+        """The ``q``-quantile reservation in whole tokens (int64): ``predictive_quantile`` times
+        ``1 + margin``, by ``tokens_up``, at least 1 (a reservation holds a token, as
+        ``reserve_tokens`` do; was: 0 where the quantile fell among empty responses, which the
+        trace reader refuses). Serving and ``rlpredict eval`` both use it."""
+        return np.maximum(tokens_up(self.predictive_quantile(probs, q) * (1.0 + margin)), 1)
 
     # ---- serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict:

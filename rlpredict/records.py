@@ -24,6 +24,10 @@ import functools
 import gzip
 import io
 import json
+import math
+import numbers
+import operator
+import re
 import reprlib
 import sys
 import zlib
@@ -47,14 +51,59 @@ GENERATOR_FIELDS = ("generator", "model")
 #: JSON number in most writers, no longer holds every integer.
 MAX_TOKEN_COUNT = 2**53
 PART_SEPARATOR = "\n"  # between the text parts of one message's content
+#: A number as a log or trace cell may spell it: ASCII digits, optional sign, fraction and
+#: exponent (``int`` and ``float`` would also take ``1_000`` and other scripts' digits,
+#: ``float`` ``inf`` and ``nan``).
+_PLAIN_NUMBER = re.compile(r"[ \t\r\n\f\v]*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t\r\n\f\v]*")
+_PLAIN_INT = re.compile(r"[ \t\r\n\f\v]*[+-]?[0-9]+[ \t\r\n\f\v]*")
+#: The longest string read as a number (a float's exact decimal, 1e-5 written out, is 71): the
+#: pattern is linear, this bounds it (a 64,000-digit cell took a reviewer's run 105 s with an
+#: earlier, ambiguous pattern).
+MAX_NUMBER_CHARS = 1024
 #: Content-part types that carry text: Chat Completions' "text" (also a part with no ``type``)
 #: and the Responses API's "input_text".
 TEXT_PART_TYPES = ("text", "input_text")
+#: The keys of vLLM's (0.33) content parts that come without a ``type`` and are not text; a
+#: ``uuid`` alone refers to media the server has cached.
+UNTYPED_MEDIA_KEYS = ("image_url", "audio_url", "video_url", "input_audio", "image_embeds", "audio_embeds",
+                      "video_embeds", "prompt_embeds", "image_pil", "tool_reference", "uuid")
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
             ".parquet": "parquet", ".pq": "parquet"}
 OnError = Literal["fail", "skip"]
 #: What reading a truncated or corrupt ``.gz`` raises.
 COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def is_plain_number(v: object) -> bool:
+    """Not a string, or a number written in plain ASCII digits (see ``_PLAIN_NUMBER``), at most
+    ``MAX_NUMBER_CHARS`` long."""
+    return not isinstance(v, str) or (len(v) <= MAX_NUMBER_CHARS and _PLAIN_NUMBER.fullmatch(v) is not None)
+
+
+def whole_count(v: object, lo: int = 0) -> int | None:
+    """``v`` as a token count in [lo, 2^53], or None: an integer (never a bool), a float with
+    a whole value, or a string spelling one in plain ASCII digits (``"50"``, ``"50.0"``,
+    ``"5e1"``; not ``"1_000"``). The one rule of a count in training logs and in traces."""
+    if isinstance(v, str):
+        if not is_plain_number(v):
+            return None
+        try:  # digits alone exactly (2^53 + 1 is no float); int() refuses over 4300 digits
+            v = int(v) if _PLAIN_INT.fullmatch(v) else float(v)
+        except (ValueError, OverflowError):
+            return None
+    elif isinstance(v, bool) or not isinstance(v, numbers.Number):  # bytes, numpy's bool_, lists
+        return None
+    try:
+        n = operator.index(v)  # int and numpy integers, exactly
+    except TypeError:
+        try:
+            x = float(v)  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if not (math.isfinite(x) and x.is_integer()):
+            return None
+        n = int(x)
+    return n if lo <= n <= MAX_TOKEN_COUNT else None
 
 
 #: A row's value quoted in an error message: at most about 60 characters.
@@ -267,40 +316,64 @@ def _unicode(text: str, what: str) -> str:
 
 def is_text_part(part: Any) -> bool:
     """An OpenAI content part that carries text: an object whose ``type`` is one of
-    ``TEXT_PART_TYPES`` (no ``type``, or null: text). The one rule of every path (training, traces, the
-    vLLM middleware)."""
+    ``TEXT_PART_TYPES``, or with no ``type`` and a ``text`` (null as absent: Parquet gives every
+    part every key of the column). The one rule of every path (training, traces, the vLLM
+    middleware); ``part_texts`` says what the other parts are."""
     if not isinstance(part, Mapping):
         return False
-    kind = part.get("type")  # null as absent: Parquet gives every part every key of the column
-    return kind is None or kind in TEXT_PART_TYPES
+    kind = part.get("type")
+    return kind in TEXT_PART_TYPES if kind is not None else part.get("text") is not None
+
+
+def _media_part(part: Mapping) -> bool:
+    """A part that is not text: typed (an image, audio, a file), or one of vLLM's media parts
+    without a ``type`` (``{"image_url": URL}``, ``audio_url``, ``video_url``, ``image_embeds``...)."""
+    kind = part.get("type")
+    if kind is not None:
+        return kind not in TEXT_PART_TYPES
+    return any(part.get(k) is not None for k in UNTYPED_MEDIA_KEYS)
 
 
 def part_texts(parts: list, all_text: bool) -> list[str] | None:
     """The texts of a content-part list's text parts, in order; ``all_text``: every part must be
-    one (else parts of other types, images, are skipped). None if a part is not an object, a
-    text part has no ``text`` string, or (``all_text``) a part is of another type."""
+    one. Else, as vLLM reads a request, media parts are skipped, a string is a text part, and a
+    text part whose text is null is skipped. None if a part is neither (``{}``, a number), a text
+    part's text is not a string, or (``all_text``) a part is not a text part with a string."""
+    return _part_texts(parts, all_text)[0]
+
+
+def _part_texts(parts: list, all_text: bool) -> tuple[list[str] | None, int]:
+    """``part_texts``, and the index of the part at fault (-1 if none)."""
     texts = []
-    for p in parts:
-        if not isinstance(p, Mapping):
-            return None
-        if is_text_part(p):
+    for j, p in enumerate(parts):
+        if isinstance(p, str) and not all_text:  # vLLM takes a string as a text part
+            texts.append(p)
+        elif not isinstance(p, Mapping):
+            return None, j
+        elif is_text_part(p):
             t = p.get("text")
-            if not isinstance(t, str):
-                return None
-            texts.append(t)
-        elif all_text:
-            return None
-    return texts
+            if isinstance(t, str):
+                texts.append(t)
+            elif t is not None or all_text:
+                return None, j  # (a typed text part with a null text is skipped, as vLLM skips it)
+        elif all_text or not _media_part(p):  # an object that is neither text nor media ({})
+            return None, j
+    return texts, -1
 
 
 def _content(content: Any, i: int, name: str, rules: MessageRules) -> str:
     if content is None:
         return ""
     if isinstance(content, list):  # OpenAI content parts
-        texts = part_texts(content, rules.all_parts_text)
-        if texts is None:
+        texts, j = _part_texts(content, rules.all_parts_text)
+        if texts is None and rules.all_parts_text:
             raise RecordError("", f"message {i}: content parts must be objects with a 'text' string", name,
                               kind="a message's content parts are not objects with a 'text' string")
+        if texts is None:
+            raise RecordError("", f"message {i} part {j}: neither text (a string, or an object with a 'text' "
+                              f"string) nor a media part (a 'type', or vLLM's image_url, audio_url, ...), got "
+                              f"{SHORT.repr(content[j])}", name,
+                              kind="a message's content part is neither text nor a media part")
         content = PART_SEPARATOR.join(texts)
     if not isinstance(content, str):
         raise RecordError("", f"message {i} content: expected a string, got {type(content).__name__}", name,

@@ -48,7 +48,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
-from rlpredict.records import PART_SEPARATOR, is_text_part
+from rlpredict.records import TRACE_MESSAGES, RecordError, parse_messages
 
 logger = logging.getLogger(__name__)
 
@@ -137,27 +137,21 @@ def strip_hints(doc: Any) -> int:
     return removed
 
 
-def _text(content: Any) -> str:
-    """A message's text: a string, or the text parts of an OpenAI content list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return PART_SEPARATOR.join(p["text"] for p in content if is_text_part(p) and isinstance(p.get("text"), str))
-    return ""
-
-
 def predictor_input(doc: dict, field: str) -> str | list[dict[str, str]] | None:
-    """What the user sent, as the predictor takes it: the chat's messages (``role`` and text
-    ``content``) or the completion's single prompt string; None when there is no text."""
+    """What the user sent, as the predictor takes it: the chat's messages, read by the rule of
+    ``rlpredict annotate`` and the trace reader (``records.parse_messages`` with
+    ``TRACE_MESSAGES``: roles as ``ROLE_ALIASES`` map them, text parts joined), or the
+    completion's single prompt string; None when there is no user text or the messages are not
+    valid (was: a rule of its own, to which ``"role": "User"`` was no user)."""
     value = doc.get(field)
     if field == "prompt":
         if isinstance(value, list) and len(value) == 1:
             value = value[0]
         return value if isinstance(value, str) and value else None
-    if not isinstance(value, list):
+    try:
+        messages = parse_messages(value, field, TRACE_MESSAGES)
+    except RecordError:
         return None
-    messages = [{"role": m["role"], "content": _text(m.get("content"))}
-                for m in value if isinstance(m, dict) and isinstance(m.get("role"), str)]
     return messages if any(m["role"] == "user" and m["content"] for m in messages) else None
 
 

@@ -126,6 +126,7 @@ except ModuleNotFoundError as e:  # the set-up check (``python -m``) says it in 
 from ..cost_model import prefill_ctx_tokens
 from ..policies import ecoserve_rules as rules
 from ..policies.ecoserve import EcoServeConfig
+from ..request import SLO
 from .chat_prompt import TurnMarkers, turn_markers
 from .vllm_middleware import SETTINGS as MIDDLEWARE_SETTINGS  # the standard library only
 
@@ -138,9 +139,11 @@ ENV_PREDICTOR = "ECOSERVE_PREDICTOR"
 ENV_ALLOW_UNSUPPORTED_VLLM = "ECOSERVE_ALLOW_UNSUPPORTED_VLLM"
 ENV_VLLM_OPTIONAL = "ECOSERVE_VLLM_OPTIONAL"  # read by tests/engines/conftest.py
 EXTRA_KEYS = ("rl_bucket", "rl_pred_tokens", "rl_reserve_tokens")
-#: Accepted range of each client hint (inclusive); anything else is ignored and counted.
+#: Accepted range of each client hint (inclusive); anything else is ignored and counted. A
+#: length of 0 is taken, as the simulator takes it (a bundle whose shortest bucket's median
+#: response is empty predicts 0), and used as 1 (``rules.prediction_within``).
 HINT_LIMITS: dict[str, tuple[int, int]] = {
-    "rl_bucket": (-1, 1023), "rl_pred_tokens": (1, 10_000_000), "rl_reserve_tokens": (1, 10_000_000)}
+    "rl_bucket": (-1, 1023), "rl_pred_tokens": (0, 10_000_000), "rl_reserve_tokens": (0, 10_000_000)}
 DEFAULT_BUNDLE = "default"  # ECOSERVE_PREDICTOR=default: the bundle shipped with rlpredict
 #: The simulator policy's defaults (``policies/ecoserve.py``): the plug-in's are these.
 _SIM: dict[str, Any] = {f.name: f.default for f in fields(EcoServeConfig)}
@@ -243,8 +246,8 @@ class EcoServeVllmConfig:
     park: bool = _SIM["park"]  # preempt decodes with TBT slack for a new request that can meet its TTFT
     scale_predictions: bool = _SIM["scale_predictions"]  # predicted RL x rules.PredictionScale
     amortize: bool = _SIM["amortize"]  # amortized chunks (a mean-TBT SLO; 0 for a P99-TBT SLO)
-    slo_ttft: float = 5.0  # seconds: give-way and TTFT-missed victims
-    slo_tbt: float = 0.2  # seconds: parking's slack; x iter_time_frac: the step time target (budget)
+    slo_ttft: float = SLO().ttft_s  # seconds: give-way and TTFT-missed victims
+    slo_tbt: float = SLO().tbt_s  # seconds: parking's slack; x iter_time_frac: the step time target (budget)
     # Without a profile only (with one, the cost model's, as the simulator's EcoServe):
     prefill_s_per_token: float = 5e-5  # prefill seconds per prompt token (service time)
     step_s: float = 0.05  # seconds of a decode step that reads the whole KV cache (service time)
@@ -1287,10 +1290,9 @@ class EcoServeMixin:
 
     def _victim_key(self, r: Request, now: float) -> tuple[bool, int, int]:
         """Largest is preempted first: TTFT SLO missed, longest predicted remaining, latest admitted."""
-        rid, g = r.request_id, r.num_output_tokens
-        lost = self._first_token.get(rid, now) - r.arrival_time > self.eco_cfg.slo_ttft
-        rem = rules.reservation_tokens(self._reserve(rid), g, r.max_tokens) - g
-        return rules.victim_key(lost, rem, self._seq.get(rid, 0))
+        rid = r.request_id
+        return rules.victim_key(self._first_token.get(rid, now), r.arrival_time, self.eco_cfg.slo_ttft,
+                                self._reserve(rid), r.num_output_tokens, r.max_tokens, self._seq.get(rid, 0))
 
     # ---- leaving ----------------------------------------------------------------------------------
     def _forget(self, request: Request) -> None:

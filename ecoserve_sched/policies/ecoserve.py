@@ -515,9 +515,9 @@ class EcoServeScheduler(Scheduler):
         best, best_key = running[0], None
         for v in running:
             g = v.generated + step - v.dec_step0 if v.state == State.DECODE else v.generated
-            lost = (v.first_token_s if v.first_token_s >= 0 else now) - v.arrival_s > ttft
             base = v.reserve_tokens if p90 else v.pred_tokens  # ``_base_pred``
-            k = rules.victim_key(lost, rules.reservation_tokens(base, g, v.max_tokens) - g, v.seq)
+            k = rules.victim_key(v.first_token_s if v.first_token_s >= 0 else now, v.arrival_s, ttft,
+                                 base, g, v.max_tokens, v.seq)
             if best_key is None or k > best_key:
                 best, best_key = v, k
         return best

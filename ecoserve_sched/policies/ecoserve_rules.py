@@ -63,7 +63,7 @@ moves it behind the others; admission asks, besides vLLM's own block check,
 max_tokens)), limit=cap) <= cap`` with ``cap = admission_cap_tokens(blocks - keep_free_blocks +
 shared, block_size, running + 1)`` (``Projection.set`` on admission with ``x = num_tokens -
 step`` and ``gx = num_output_tokens - step``, ``drop`` on finish or preemption); the preemption
-order is ``max(running, key=victim_key(lost, remaining, seq))``; with a profile, each step's
+order is ``max(running, key=victim_key(first token or now, arrival, slo_ttft, reservation base, generated, max_tokens, seq))``; with a profile, each step's
 token budget is the decodes plus ``PrefillBudget(iteration_time, iter_time_frac x slo_tbt,
 prefill_floor(cost, budget))(budget - decodes, decodes, their computed tokens plus one each, the
 first partial prefill's num_computed_tokens)``, or, while prompts wait beyond it,
@@ -477,11 +477,14 @@ class PredictionScale:
         return max(1, round(predicted * self._scale))
 
 
-def victim_key(slo_lost: bool, remaining: int, seq: int) -> tuple[bool, int, int]:
-    """Largest first: requests whose TTFT SLO is already missed (``slo_lost``: the first token
-    came late; mean TBT is not looked at), then the longest predicted remaining work (it frees
-    the most KV-time), then the latest admitted."""
-    return (slo_lost, remaining, seq)
+def victim_key(first_token_s: float, arrival_s: float, slo_ttft: float, base: int, generated: int,
+               max_tokens: int, seq: int) -> tuple[bool, int, int]:
+    """Largest first: requests whose TTFT SLO is already missed (the first token, at
+    ``first_token_s``, or now if none yet, came more than ``slo_ttft`` after ``arrival_s``; mean
+    TBT is not looked at), then the longest predicted remaining work (``reservation_tokens(base,
+    generated, max_tokens) - generated``: it frees the most KV-time), then the latest admitted
+    (``seq``)."""
+    return (first_token_s - arrival_s > slo_ttft, reservation_tokens(base, generated, max_tokens) - generated, seq)
 
 
 def projected_peak_arrays(ctx: np.ndarray, remaining: np.ndarray) -> int:

@@ -65,6 +65,26 @@ def held_out(samples: Sequence[Sample], manifest: dict, split: str, test_frac: f
     return test, f"held-out side of the training split (test_frac {test_frac}, seed {seed}, rule {rule})"
 
 
+def divide(pool: Sequence[Sample], manifest: dict, split: str, seed: int | None, check_frac: float,
+           data: Sequence[str | Path] = ()) -> tuple[list[Sample], list[Sample]]:
+    """The fit and check parts of ``pool``, by the bundle's split rule (copies of one row on
+    both would flatter the check), salted from the training split's own seed, with or without
+    ``--seed`` (was: from ``--seed`` alone, so a bundle trained with seed 7919 put every
+    held-out row on the check side)."""
+    recorded = recorded_split(manifest)
+    rule = recorded.get("rule", RECORDLESS_RULE)
+    base = seed if seed is not None else recorded.get("seed", 0) if split == "test" else 0
+    fit_part, check_part = split_by_group(pool, check_frac, int(base) + CHECK_SALT, rule)
+    if not fit_part or not check_part:
+        groups = len({s.group for s in pool})
+        why = (f"in {groups} conversations or prompts: each part needs whole ones" if groups < 2 else
+               f"{groups} conversations or prompts, but the division by --check-frac {check_frac:g} "
+               f"left the {'fit' if not fit_part else 'check'} part empty")
+        raise ValueError(f"{', '.join(map(str, data))}: {len(pool)} {'' if split == 'all' else 'held-out '}samples "
+                         f"are too few to calibrate and check ({why})")
+    return fit_part, check_part
+
+
 def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | Path, *,
                      quantiles: Sequence[float] = (0.5, 0.9), split: str = "test",
                      test_frac: float | None = None, seed: int | None = None, check_frac: float = 0.5,
@@ -88,13 +108,8 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
         log(line)
     pool, how = held_out(samples, p.bundle.manifest, split, test_frac, seed)
     attach_rl(pool, p.bundle.rl_tokenizer)
-    # the fit and check parts by the bundle's split rule: copies of one row on both would
-    # flatter the check
+    fit_part, check_part = divide(pool, p.bundle.manifest, split, seed, check_frac, data)
     rule = recorded_split(p.bundle.manifest).get("rule", RECORDLESS_RULE)
-    fit_part, check_part = split_by_group(pool, check_frac, (seed or 0) + CHECK_SALT, rule)
-    if not fit_part or not check_part:
-        raise ValueError(f"{', '.join(map(str, data))}: {len(pool)} {'' if split == 'all' else 'held-out '}samples "
-                         "are too few to calibrate and check (each part needs a whole conversation)")
     log(f"calibrating on {len(fit_part)} samples, checking on {len(check_part)} ({how})")
     if min(len(fit_part), len(check_part)) < FEW_SAMPLES:  # valid on average, but loose: said (was: silent)
         q = min(qs, key=lambda v: abs(v - 0.5))  # the level whose check is loosest

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rlpredict.buckets import BucketScheme
+from rlpredict.buckets import BucketScheme, tokens_up
 
 FORMAT = "rlpredict.conformal/1"
 METHOD = "split conformal, score log(actual / predicted quantile), grouped by predicted bucket"
@@ -90,6 +90,10 @@ def quantile_digits(q: float) -> str:
     if q >= 1:
         return "100"
     return f"{q:.6f}".split(".")[1].rstrip("0").ljust(2, "0")
+
+
+#: The largest log offset a calibration may hold: exp(20), a 5e8x correction, is not a calibration.
+MAX_LOG_OFFSET = 20.0
 
 
 def _raw(scheme: BucketScheme, probs: np.ndarray, q: float) -> np.ndarray:
@@ -164,6 +168,11 @@ class QuantileCalibration:
             c = offsets_of(rest)
             if np.isfinite(c).all():
                 offsets[:, ~own] = c[:, None]
+        worst = float(max(np.abs(offsets).max(), np.abs(global_off).max()))
+        if worst > MAX_LOG_OFFSET:  # the loader refuses it (was: written, exit 0, unloadable)
+            ratio = math.exp(worst)
+            raise ValueError(f"the lengths are {ratio:.3g}x the model's quantiles (a log offset past "
+                             f"{MAX_LOG_OFFSET:g}): not a calibration; check the token-count field of the logs")
         return cls(qs, offsets, global_off, tuple(int(v) for v in group_n), int(min_group), source, confidence)
 
     def tokens(self, scheme: BucketScheme, probs: np.ndarray, quantiles: Sequence[float]) -> np.ndarray:
@@ -176,7 +185,7 @@ class QuantileCalibration:
         levels = np.empty((len(probs), len(self.quantiles)), dtype=np.int64)
         for i, q in enumerate(self.quantiles):
             v = _raw(scheme, probs, q) * np.exp(self.log_offsets[i, group])
-            levels[:, i] = np.ceil(np.round(v, 6)).astype(np.int64)
+            levels[:, i] = tokens_up(v)
         # levels never cross: each at least the one below (separate order statistics can)
         levels = np.maximum.accumulate(np.maximum(levels, 1), axis=1)
         for j, q in enumerate(quantiles):
@@ -236,8 +245,10 @@ def _conformal_offset(score: np.ndarray, q: float, delta: float | None = None, n
     n = len(score)
     if n == 0:
         return math.inf
-    level = q if delta is None else pac_rank(max(n_eff, 1), q, delta) / max(n_eff, 1)
-    k = math.ceil((n + 1) * level - _EPS)
+    if delta is None:
+        k = math.ceil((n + 1) * q - _EPS)
+    else:  # the rank itself is finite-sample (was: ceil((n + 1) k / n), one rank wider than it needs)
+        k = math.ceil(n * pac_rank(max(n_eff, 1), q, delta) / max(n_eff, 1) - _EPS)
     if k > n:
         return math.inf
     return float(np.partition(score, k - 1)[k - 1])
@@ -267,8 +278,9 @@ def _finite_matrix(v: object, shape: tuple[int, int], name: str) -> np.ndarray:
             raise bad
         rows.append(row)
     a = np.asarray(rows, dtype=float)
-    if not np.isfinite(a).all() or (np.abs(a) > 20).any():  # exp(20): a 5e8x correction is not a calibration
-        raise bad
+    if not np.isfinite(a).all() or (np.abs(a) > MAX_LOG_OFFSET).any():
+        raise ValueError(f"{name}: expected {shape[0]} x {shape[1]} finite numbers in "
+                         f"[-{MAX_LOG_OFFSET:g}, {MAX_LOG_OFFSET:g}]")
     return a
 
 
@@ -280,7 +292,7 @@ def coverage_table(scheme: BucketScheme, cal: QuantileCalibration, probs: np.nda
     rows = []
     cal_tokens = cal.tokens(scheme, probs, cal.quantiles)
     for j, q in enumerate(cal.quantiles):
-        raw = np.ceil(_raw(scheme, np.asarray(probs, dtype=float), q))
+        raw = tokens_up(_raw(scheme, np.asarray(probs, dtype=float), q))
         rows.append({"quantile": q, "n": int(len(y)),
                      "coverage": float(np.mean(y <= cal_tokens[:, j])) if len(y) else math.nan,
                      "reserved_over_actual": float(cal_tokens[:, j].sum() / max(y.sum(), 1.0)),

@@ -26,9 +26,9 @@ class Decoded:
 def decode(probs: np.ndarray, scheme: BucketScheme, q: float = 0.9) -> Decoded:
     bucket = probs.argmax(axis=1)
     return Decoded(bucket=bucket,
-                   pred_tokens=np.rint(scheme.predictive_quantile(probs, 0.5)),
+                   pred_tokens=scheme.median_tokens(probs),
                    reserve_bucket=np.asarray(scheme.reserve_tokens, dtype=float)[bucket],
-                   reserve_quantile=np.ceil(scheme.predictive_quantile(probs, q)))
+                   reserve_quantile=scheme.quantile_tokens(probs, q))  # as served (was: no rounding of float noise)
 
 
 def quantile_tag(q: float) -> str:

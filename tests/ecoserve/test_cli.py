@@ -623,6 +623,10 @@ def test_settings_a_policy_cannot_take_are_refused_before_any_run(tmp_path):
     r = runner.invoke(app, ["simulate", "--trace", _trace(tmp_path, 12), "--policy", "sarathi", "--predictions",
                             "confusion", "--max-running", "600", *PROFILE])  # (the predictions check builds it too)
     _refused(r, "--max-running", "sarathi: token budget 512 must exceed max_running 600")
+    # the option the refusal is about (was: --max-running, whenever it was given)
+    r = runner.invoke(app, ["simulate", "--trace", _trace(tmp_path, 12), "--policy", "vllm-v0", "--block-size", "1",
+                            "--max-running", "4", *PROFILE])
+    _refused(r, "Invalid value for '--block-size'", "use block_size >= 2")
     r = runner.invoke(app, ["compare", "--trace", _trace(tmp_path, 12), "--policies", "vllm",
                             "--rate-scales", "1,1e-300", *PROFILE, "--out", str(out)])
     _refused(r, "--rate-scales", "past 2^36 s")

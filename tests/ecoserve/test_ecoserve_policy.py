@@ -127,8 +127,10 @@ def test_projection_equals_the_peak_recomputed_from_scratch(ops, numpy_from):
 
 def test_ttft_lost_and_victim_key():
     assert not rules.ttft_lost(4.0, 0.0, 5.0, 0.5) and rules.ttft_lost(4.6, 0.0, 5.0, 0.5)
-    keys = {"lost": rules.victim_key(True, 1, 1), "long": rules.victim_key(False, 500, 2),
-            "latest": rules.victim_key(False, 10, 9)}
+    # (first token or now, arrival, TTFT SLO, reservation base, generated, max_tokens, seq)
+    keys = {"lost": rules.victim_key(6.0, 0.0, 5.0, 2, 1, 100, 1), "long": rules.victim_key(1.0, 0.0, 5.0, 600, 100, 1000, 2),
+            "latest": rules.victim_key(1.0, 0.0, 5.0, 20, 10, 100, 9)}
+    assert [k[1] for k in keys.values()] == [1, 500, 10]  # the remaining reserved work
     assert max(keys, key=keys.get) == "lost"
     del keys["lost"]
     assert max(keys, key=keys.get) == "long"  # longest predicted remaining work, not the latest

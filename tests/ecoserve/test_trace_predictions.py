@@ -264,6 +264,18 @@ def test_confusion_values_are_checked(tmp_path, edit, msg):
         load_confusion(write(tmp_path, "c.json", json.dumps(d)))
 
 
+def test_the_confusion_matrix_eval_writes_for_an_empty_median_bucket_loads(tmp_path):
+    """Bounds as rlpredict's BucketScheme has them: a point estimate of 0 tokens (a bucket whose
+    median response is empty) loads, a reservation of 0 does not. Was: the confusion.json
+    ``rlpredict eval`` writes for such a bucket was refused."""
+    d = json.loads(FIXTURE.read_text())
+    d["point_tokens"][0] = 0
+    assert load_confusion(write(tmp_path, "c.json", json.dumps(d))).point_tokens[0] == 0
+    d["reserve_tokens"][0] = 0
+    with pytest.raises(ValueError, match="'reserve_tokens' must be whole token counts >= 1"):
+        load_confusion(write(tmp_path, "c0.json", json.dumps(d)))
+
+
 def test_confusion_loads_from_file_manifest_and_bundle_dir(tmp_path):
     c = load_confusion(FIXTURE)
     assert c.matrix.shape == (10, 10) and np.isinf(c.edges[-1])
@@ -543,3 +555,15 @@ def test_head_keeps_a_prompt_problem_only_if_it_keeps_the_row(tmp_path: Path) ->
     more = t.head(3)
     assert more.prompts is None and more.prompt_problem == t.prompt_problem
     assert read_trace(p, keep_prompts=False).prompt_rows is None
+
+
+def test_a_trace_is_read_under_every_suffix_annotate_writes(tmp_path):
+    """``records.detect_format``'s rule. Was: ``annotate -o out.ndjson`` (or ``out.JSONL``)
+    wrote a trace that ``ecoserve simulate`` called an unknown format."""
+    text = "".join(json.dumps({"arrival_time_s": i, "input_tokens": 5, "output_tokens": 3}) + "\n" for i in range(3))
+    for name in ("t.ndjson", "t.JSONL", "t.Jsonl.GZ", "t.json"):
+        p = tmp_path / name
+        p.write_bytes(gzip.compress(text.encode()) if name.lower().endswith(".gz") else text.encode())
+        assert len(read_trace(p)) == 3, name
+    with pytest.raises(TraceError, match="unknown trace format"):
+        read_trace(write(tmp_path, "t.tsv", "arrival_time_s\tinput_tokens\toutput_tokens\n0\t5\t3\n"))

@@ -204,8 +204,8 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs(reserve_frac: floa
     got = max(vreqs[:6], key=lambda v: eco._victim_key(v, now))
     assert got.request_id == str(want.rid)
     order_sim = sorted(sims[:6], key=lambda r: rules.victim_key(
-        (r.first_token_s if r.first_token_s >= 0 else now) - r.arrival_s > 5.0,
-        rules.reservation_tokens(r.reserve_tokens, r.generated, r.max_tokens) - r.generated, r.seq))
+        r.first_token_s if r.first_token_s >= 0 else now, r.arrival_s, 5.0,
+        r.reserve_tokens, r.generated, r.max_tokens, r.seq))
     assert [str(r.rid) for r in order_sim] == [v.request_id for v in sorted(vreqs[:6], key=lambda v: eco._victim_key(v, now))]
     # 5. parking: the same request has the most slack on its mean-TBT SLO, by as much
     assert eco.eco_cfg.park == sim.cfg.park

@@ -55,7 +55,8 @@ class _Evil(dict):
         raise RuntimeError("boom")
 
 
-# Not an integer in range for any hint key (0 is valid for rl_bucket, so it is listed apart).
+# Not an integer in range for any hint key (-1 is valid for rl_bucket, so it is listed apart; 0
+# is valid for every key: a length of 0 is used as 1).
 GARBAGE = ["lots", "", "300", " 7", float("nan"), float("inf"), float("-inf"), -5, -1e9, 10**30,
            10**5000, 2**63, 3.5, 1e308, 1e-300, [1, 2], [], {"a": 1}, {}, None, True, False, b"12",
            complex(1, 2), {1, 2}, (3,), object(), SimpleNamespace(x=1)]
@@ -67,7 +68,7 @@ def garbage_requests() -> tuple[list[Request], int, int]:
     ``BAD_EXTRA``, and valid ones in between. Returns (requests, n_invalid, n_valid)."""
     extras: list[object] = []
     for key in vs.EXTRA_KEYS:
-        for value in GARBAGE + ([0] if key != "rl_bucket" else []):
+        for value in GARBAGE + ([-1] if key != "rl_bucket" else []):
             extras.append({key: value})
             other = "rl_bucket" if key != "rl_bucket" else "rl_reserve_tokens"
             extras.append({key: value, other: 3, "unrelated": value})
@@ -468,6 +469,37 @@ def test_simulator_replay_uses_the_annotated_predictions(monkeypatch) -> None:
                np.full(40, 2048), rl=np.stack([np.minimum(out // 64, 5), out, out + 32], axis=1))
     run(tr, "ecoserve-vllm-real", load_profile("llama2-13b-a100-80gb"), slo=SLO(5.0, 0.2), kv_blocks=160)
     assert sources and set(sources) == {"extra_args"}
+
+
+def test_a_predicted_length_of_0_is_used_as_1_by_the_plug_in_as_by_the_simulator() -> None:
+    """A bundle whose shortest bucket's median response is empty predicts 0 tokens. Was: the
+    simulator used it as 1 and the plug-in refused the hint (the default 512-token reservation),
+    so ``ecoserve`` and ``ecoserve-vllm-real`` ran one annotated trace on different predictions."""
+    from types import MappingProxyType
+
+    from ecoserve_sched.engines.vllm_middleware import _hints
+    from ecoserve_sched.engines.vllm_sim import vllm_request
+    from ecoserve_sched.policies import ecoserve_rules as rules
+    from ecoserve_sched.request import SLO
+    from ecoserve_sched.request import Request as SimRequest
+
+    class Replay(EcoServeVllmSyncScheduler):
+        eco_environ = MappingProxyType({})
+
+    s = build_vllm_scheduler(Replay, num_blocks=256)
+    s.eco_cfg = EcoServeVllmConfig(trust_client_hints=True)
+    for rid, (b, pred, reserve) in enumerate([(0, 0, 29), (-1, 0, 0), (3, 161, 185)]):
+        r = SimRequest(rid, 0.0, prompt_tokens=100, max_tokens=2048, true_output_tokens=50,
+                       pred_bucket=b, pred_tokens=pred, reserve_tokens=reserve, slo=SLO())
+        s.add_request(vllm_request(r, True))
+        p = s.rl[str(rid)]
+        assert p.source == "extra_args"
+        assert (p.pred_tokens, p.reserve_tokens) == (rules.prediction_within(pred, 2048),
+                                                     rules.prediction_within(reserve, 2048))
+    assert s.eco_counters["hints_invalid"] == 0 and s.eco_counters["default_reservations"] == 0
+    # the middleware passes such a prediction on as hints (was: a ValueError, and no hints)
+    out = SimpleNamespace(bucket=0, pred_tokens=0, reserve_tokens=29)
+    assert _hints(out, vs.HINT_LIMITS) == {"rl_bucket": 0, "rl_pred_tokens": 0, "rl_reserve_tokens": 29}
 
 
 # ---- versions --------------------------------------------------------------------------------------

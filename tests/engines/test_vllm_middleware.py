@@ -123,6 +123,30 @@ def test_client_hints_are_replaced_by_predictions_other_xargs_kept() -> None:
     assert mw.counters["predicted"] == 1 and mw.counters["stripped_keys"] == 3
 
 
+def test_messages_are_read_by_the_rule_annotate_and_traces_use() -> None:
+    """``records.parse_messages``: was a rule of its own, to which ``"role": "User"`` or
+    ``"human"`` was no user (no prediction: the default reservation), as annotate predicts."""
+    from rlpredict.records import TRACE_FIELDS, request_of
+
+    for messages in ([{"role": "User", "content": "Write an essay."}],
+                     [{"role": "human", "content": [{"type": "text", "text": "Write"}, {"type": "text", "text": "an essay."}]}],
+                     [{"role": "system", "content": None}, {"role": "user", "content": "Write an essay."}],
+                     # vLLM's media parts with no type are not text (a reviewer of the first version)
+                     [{"role": "user", "content": [{"type": "text", "text": "Describe"}, {"image_url": "https://x/y.png"},
+                                                   {"audio_url": "https://x/a.wav"}, {"image_embeds": "AAAA"}]}],
+                     # a string part, a null text: vLLM takes the one and skips the other
+                     [{"role": "user", "content": ["Write a haiku", {"type": "text", "text": None}]}]):
+        stub = Stub()
+        status, body, _ = call(middleware(stub), json.dumps({"model": "m", "messages": messages}).encode())
+        assert status == 200 and json.loads(body)["vllm_xargs"] == PREDICTED
+        assert stub.seen[0][0] == request_of({"messages": messages}, TRACE_FIELDS)
+    for messages in ([{"role": "user", "content": [{}]}], [{"role": 3, "content": "x"}]):
+        stub = Stub()
+        mw = middleware(stub)
+        call(mw, json.dumps({"model": "m", "messages": messages}).encode())
+        assert stub.seen == [] and mw.counters["no_text"] == 1
+
+
 def test_honest_bodies_get_hints_appended_and_every_parser_of_vllm_sees_them() -> None:
     """No client hint: the predicted ``vllm_xargs`` is appended as the last member (no full
     re-serialisation); FastAPI's ``json.loads`` and pydantic's own JSON parser both keep it."""
@@ -251,7 +275,7 @@ def test_a_form_in_disguise_is_refused_when_hints_are_trusted() -> None:
 # ---- predictor failure, overload -----------------------------------------------------------------
 @pytest.mark.parametrize("stub", [Stub(fail=True),
                                   Stub(out=SimpleNamespace(bucket=float("nan"), pred_tokens=1, reserve_tokens=1)),
-                                  Stub(out=SimpleNamespace(bucket=2, pred_tokens=0, reserve_tokens=5)),
+                                  Stub(out=SimpleNamespace(bucket=2, pred_tokens=-1, reserve_tokens=5)),
                                   Stub(out=SimpleNamespace(bucket=2, pred_tokens=5.5, reserve_tokens=5)),
                                   Stub(out=SimpleNamespace(bucket=None, pred_tokens=5, reserve_tokens=5))])
 def test_predictor_failure_sends_the_request_on_without_hints(stub: Stub, caplog) -> None:

@@ -261,10 +261,12 @@ def test_trace_messages_read_like_training_logs(predictor, tmp_path):
         text_parts = [p for p in user["content"] if p.get("type") != "image_url"]  # training refuses images
         row = {"messages": [system, {**user, "content": text_parts}, {"role": "assistant", "content": "ok"}]}
         assert samples_from_row(row, "x", "s")[-1].messages[:2] == plain  # training reads the same text
-    # a part that is not an object is refused, not read as nothing
-    write(src, [{"id": 0, "messages": [{"role": "user", "content": ["name three rivers"]}]}, {"id": 1, "prompt": "hi"}])
+    # a part that is neither text nor media is refused, not read as nothing; a string is a text
+    # part, as vLLM reads it
+    write(src, [{"id": 0, "messages": [{"role": "user", "content": [5, "name three rivers"]}]},
+                {"id": 1, "messages": [{"role": "user", "content": ["name", "three rivers"]}]}, {"id": 2, "prompt": "hi"}])
     summary = annotate_file(predictor, src, dst, force=True, on_error="skip")
-    assert (summary.rows_rejected, summary.rows_out) == (1, 1)
+    assert (summary.rows_rejected, summary.rows_out) == (1, 2)
 
 
 def test_an_oversize_row_is_rejected_with_no_row_not_the_readers_marker(predictor, tmp_path):

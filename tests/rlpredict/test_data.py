@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -164,6 +165,7 @@ def test_shared_format_rows(tmp_path):
     ('[1, 2]', "expected a JSON object"),
     ('{"prompt": "x", "response": "y", "generator": ["a", "b"]}', "field 'generator': expected a string, got ['a', 'b']"),
     ('{"prompt": "x", "response": "y", "generator": 7}', "field 'generator': expected a string, got 7"),
+    ('{"prompt": "x", "response": "y", "model": "gpt\\ud800x"}', "field 'model': not valid Unicode (a lone surrogate)"),
     ('{"prompt": "x", "response": "y", "id": {"x": 1}}', "field 'id': expected a string or an integer"),
     ('{"prompt": "x", "response": "y", "conversation_id": 1.5}', "field 'conversation_id': expected a string or an integer"),
     # a field read from a nested object, given twice inside it (was: the last count kept, silently)
@@ -337,3 +339,78 @@ def test_a_csv_row_read_as_json_says_so():
     with pytest.raises(RecordError) as e:  # broken JSON, not a CSV row: no such hint
         parse_json('{"prompt": "a", }')
     assert "CSV" not in str(e.value)
+
+
+def test_training_and_traces_read_a_count_cell_by_one_rule(tmp_path):
+    """``records.whole_count`` for both. Was: training read ``1_000`` and other scripts' digits
+    (``int()``) and refused ``50.0``; the trace reader the reverse."""
+    from ecoserve_sched.trace import TraceError, read_trace
+
+    cells = {"50": 50, " 7 ": 7, "50.0": 50, "5e1": 50, "1_000": None, "\u0665\u0660": None, "0x10": None,
+             "nan": None, "-3": None, "2.5": None}
+    for cell, want in cells.items():
+        log = tmp_path / "log.csv"
+        log.write_text(f"prompt,output_tokens\nhello,{cell}\n", encoding="utf-8")
+        trace = tmp_path / "trace.csv"
+        trace.write_text(f"arrival_time_s,input_tokens,output_tokens\n0,5,{cell}\n", encoding="utf-8")
+        if want is None:
+            with pytest.raises(DataError, match="output_tokens"):
+                load_samples([log])
+            with pytest.raises(TraceError, match="output_tokens must be an integer"):
+                read_trace(trace)
+        else:
+            assert load_samples([log])[0][0].rl_tokens == want, cell
+            assert read_trace(trace).output_tokens.tolist() == [want], cell
+
+
+def test_a_count_is_a_number_or_a_plain_number_string(tmp_path):
+    """Bytes (``float`` takes them) and numpy's bool are no count; a list is "no integer", not out
+    of range (a reviewer of ``whole_count``)."""
+    import decimal
+
+    import numpy as np
+
+    from ecoserve_sched.trace import TraceError, read_trace
+    from rlpredict.records import whole_count
+
+    assert [whole_count(v) for v in (b"1_000", b"5", np.True_, True, [3], None, "")] == [None] * 7
+    assert [whole_count(v) for v in (np.int64(5), np.float32(2.0), decimal.Decimal("7"), "0")] == [5, 2, 7, 0]
+    for cell, message in (("[12]", "input_tokens must be an integer, got [12]"),
+                          ("0", "input_tokens must be an integer in [1, 2^53], got 0")):
+        path = tmp_path / "t.jsonl"
+        path.write_text('{"arrival_time_s": 0, "input_tokens": ' + cell + ', "output_tokens": 3}\n')
+        with pytest.raises(TraceError, match=re.escape(message)):
+            read_trace(path)
+
+
+@pytest.mark.parametrize(("parts", "trace", "log"), [
+    ([{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "u"}}], ["a"], None),
+    ([{"text": "a"}], ["a"], ["a"]),  # no type, a text: text
+    ([{"image_url": "u"}, {"text": "a"}], ["a"], None),  # vLLM's untyped media part
+    ([{"text": None, "image_url": "u"}, {"text": "a"}], ["a"], None),  # the same from Parquet (null as absent)
+    ([{"video_embeds": "A"}, {"uuid": "img-1", "image_url": None}, {"tool_reference": "f"}, {"text": "a"}], ["a"], None),
+    (["a", {"type": "text", "text": "b"}], ["a", "b"], None),  # vLLM takes a string as a text part
+    ([{"type": "text", "text": None}, {"type": "text", "text": "b"}], ["b"], None),  # vLLM skips a null text
+    ([{}], None, None), ([{"content": "hi"}], None, None), ([{"type": None, "value": "hi"}], None, None),
+    ([3], None, None), ([{"type": "text", "text": 5}], None, None),
+])
+def test_content_parts_are_read_as_vllm_reads_them(parts, trace, log):
+    """Traces and the middleware (``all_text=False``) read parts as vLLM does; training logs
+    (``all_text=True``) take text parts only. Was: an untyped media part was a text part without
+    a text, and the request lost its prediction (reviewers of the middleware's shared rule)."""
+    from rlpredict.records import part_texts
+
+    assert part_texts(parts, all_text=False) == trace
+    assert part_texts(parts, all_text=True) == log
+
+
+def test_a_number_cell_is_checked_in_bounded_time():
+    """An ambiguous pattern backtracked quadratically: 16,000 digits and an ``x`` took 6.3 s, and
+    training reads counts by the same rule now (a reviewer)."""
+    import time
+
+    from rlpredict.records import whole_count
+
+    t0 = time.perf_counter()
+    assert whole_count("1" * 200_000 + "x") is None and whole_count("\xa05") is None
+    assert time.perf_counter() - t0 < 0.5

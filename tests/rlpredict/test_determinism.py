@@ -294,6 +294,20 @@ def test_a_giant_word_is_not_tokenized_whole(shipped):
     assert max(seen) <= 4 * enc.window
 
 
+def test_only_a_text_whose_first_window_does_not_settle_is_scanned_whole(shipped):
+    """``_shorten`` (a regex over the whole text) runs on the slow path alone. Was: on every text
+    longer than a window: 297 ms of a 10 MB prose prompt, holding the GIL, for the same ids."""
+    enc, whole, _ = _recorded(shipped)
+    scanned: list[int] = []
+    shorten = enc._shorten
+    enc._shorten = lambda text: scanned.append(len(text)) or shorten(text)  # type: ignore[method-assign]
+    prose, giant = LONG * 10, "a" * 200_000 + " hello world"
+    assert enc.encode(prose) == whole.encode(prose).ids and scanned == []
+    got = enc.encode_batch([prose, "hi", giant])
+    assert got == [whole.encode(prose).ids, whole.encode("hi").ids, whole.encode(giant).ids]
+    assert scanned == [len(giant)]
+
+
 @PROPERTY
 @given(text=LONG_TEXT, side=st.sampled_from(["left", "right"]))
 def test_squeezed_text_gives_the_ids_of_the_whole_text(text, side):

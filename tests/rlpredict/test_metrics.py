@@ -121,3 +121,29 @@ def test_a_split_recorded_without_a_rule_is_an_id_split():
     assert recorded_split(both)["rule"] == "copies"
     with pytest.raises(ValueError, match="records split rule 'later'"):
         recorded_split({"training_split": {"test_frac": 0.1, "rule": "later"}})
+
+
+def test_eval_rounds_a_reservation_as_serving_does():
+    """``BucketScheme.quantile_tokens`` for both. Was: eval took ``ceil`` of the float quantile,
+    serving rounded float noise first (769.0000000000001 tokens: 770 in eval, 769 served)."""
+    from rlpredict.serve.runtime import Predictor
+
+    predictor = Predictor.load(None, reserve_quantile=0.9, threads=1)
+    scheme = predictor.scheme
+    logits = (np.random.default_rng(0).normal(size=(50_000, scheme.n_buckets)) * 3).astype(np.float32)
+    served = predictor.from_logits(logits)
+    raw = scheme.predictive_quantile(served.probs, 0.9)
+    assert (np.ceil(raw) != np.ceil(np.round(raw, 6))).any()  # the case is in this sample
+    d = decode(served.probs, scheme, 0.9)
+    assert np.array_equal(d.reserve_quantile, served.reserve_tokens)
+    assert np.array_equal(d.pred_tokens, served.pred_tokens)
+
+
+def test_a_quantile_reservation_holds_a_token():
+    """A scheme fitted on logs full of empty responses put the 0.5-quantile at 0 tokens, and
+    ``annotate --reserve-quantile 0.5`` wrote ``rl_reserve_tokens`` 0, which the trace reader
+    refuses (a reviewer). A reservation is at least 1, as ``reserve_tokens`` are."""
+    s = BucketScheme.default().fit([0] * 60 + list(range(1, 41)) + list(range(100, 400, 3)))
+    probs = np.eye(s.n_buckets)[[0]]
+    assert s.median_tokens(probs).tolist() == [0]  # a point estimate may be 0
+    assert s.quantile_tokens(probs, 0.5).tolist() == [1]

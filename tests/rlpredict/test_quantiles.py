@@ -48,6 +48,16 @@ def test_pac_rank_against_the_binomial_tail() -> None:
     assert pac_rank(5, 0.99, 0.01) == 6  # impossible: n + 1
 
 
+def test_the_pac_offset_takes_the_rank_the_bound_needs() -> None:
+    """With independent scores the ``pac_rank``-th smallest bounds coverage (Beta(k, n + 1 - k)).
+    Was: one rank more, and 22 prompts, enough for q 0.9 at confidence 0.9, were refused."""
+    for n, q, delta in ((22, 0.9, 0.1), (45, 0.95, 0.1), (300, 0.9, 0.1), (300, 0.5, 0.05)):
+        scores = np.arange(1.0, n + 1)
+        k = pac_rank(n, q, delta)
+        assert k <= n and _conformal_offset(scores, q, delta, n) == k
+    assert math.isinf(_conformal_offset(np.arange(1.0, 22), 0.9, 0.1, 21))  # 21 are too few
+
+
 def test_column_names() -> None:
     assert [column_name(q) for q in (0.5, 0.9, 0.975, 0.05)] == [
         "rl_q50_tokens", "rl_q90_tokens", "rl_q975_tokens", "rl_q05_tokens"]
@@ -305,6 +315,48 @@ def test_label_shift_alone_is_a_note_not_drift() -> None:
     assert row["problems"][0].startswith("predicted distribution off by TV")  # this one is drift
 
 
+def test_coverage_noise_counts_conversations_and_the_calibration_not_rows() -> None:
+    """One prompt answered by 40 generators is not 40 independent coverage draws. Was: the floor
+    counted rows alone, and ``drift`` said "drift" on the shipped bundle's own check rows (and on
+    42% of exchangeable halvings of its held-out rows, a reviewer's simulation)."""
+    from rlpredict.buckets import BucketScheme
+    from rlpredict.serve import drift
+    from rlpredict.serve.drift import DriftBounds, coverage_se, group_report
+
+    rng = np.random.default_rng(0)
+    prompts = np.repeat(np.arange(31), 40)  # 31 prompts x 40 generators
+    covered = np.repeat(rng.random(31) < 0.45, 40).astype(float)  # each prompt's answers alike
+    se_rows, se_prompts = coverage_se(covered, None, 0.5, 0), coverage_se(covered, prompts, 0.5, 0)
+    assert se_rows == pytest.approx(math.sqrt(0.25 / len(covered)))
+    assert 0.8 * math.sqrt(0.25 / 31) < se_prompts < 1.2 * math.sqrt(0.25 / 31)
+    alone = coverage_se(covered, np.arange(len(covered)), 0.5, 0)  # every row its own conversation
+    assert alone == pytest.approx(se_rows, rel=0.05)
+    assert coverage_se(covered, None, 0.5, 400) == pytest.approx(math.sqrt(0.25 / len(covered) + 0.25 / 400))
+
+    scheme = BucketScheme.from_edges([100, 200, float("inf")])
+    rl = np.where(covered > 0, 50.0, 150.0)
+    pred_q = np.full((len(rl), 1), 100)  # covers the short ones
+    probs = np.array([[0.45, 0.55, 0.0]] * len(rl))
+    share = covered.mean()
+    assert 0.5 - 0.02 - 3 * se_rows > share > 0.5 - 0.02 - 3 * se_prompts  # the case at hand
+    as_rows = group_report("all", probs, rl, pred_q, [0.5], None, scheme, DriftBounds())
+    by_prompt = group_report("all", probs, rl, pred_q, [0.5], None, scheme, DriftBounds(), prompts, 0)
+    assert as_rows["problems"] and not by_prompt["problems"]
+    shifted = group_report("all", probs, rl * 3, pred_q, [0.5], None, scheme, DriftBounds(), prompts, 0)
+    assert "q0.5 covers 0.000" in shifted["problems"][-1]  # a real shift still is drift
+    # one conversation (a 300-turn agent session) says nothing of the next: not judged, said
+    one = group_report("all", probs[:300], rl[:300], pred_q[:300], [0.5], None, scheme, DriftBounds(),
+                       np.zeros(300), 0)
+    assert not one["problems"] and one["coverage"]["0.5"]["floor"] is None and "too few to judge" in one["notes"][0]
+    # few conversations: Student's t quantile at the normal's tail (scipy's figures)
+    assert drift.few_clusters_z(3.0, None) == 3.0
+    for groups, t in ((2, 235.8015), (3, 19.2067), (5, 6.6202), (31, 3.2703), (101, 3.0768)):
+        assert drift.few_clusters_z(3.0, np.arange(groups)) == pytest.approx(t, abs=1e-4)
+    two = group_report("all", probs[:80], rl[:80], pred_q[:80], [0.5], None, scheme, DriftBounds(),
+                       np.repeat([0, 1], 40), 0)  # two conversations: no share could break it, said
+    assert two["coverage"]["0.5"]["floor"] is None and "2 conversation(s)" in two["notes"][0]
+
+
 def test_calibrate_splits_fit_and_check_by_the_bundles_rule(bundle_fp32: Path, tmp_path: Path, monkeypatch) -> None:
     """A bundle split by ``copies`` is calibrated on its ``copies`` held-out side, and that side
     is cut into fit and check parts by the same rule: cut by id, copies of one row landed on
@@ -371,3 +423,29 @@ def test_calibrate_refuses_an_out_inside_its_data_and_empty_levels(bundle_fp32: 
         r = CliRunner().invoke(app, [*base, *extra])
         assert r.exit_code == 2 and says in " ".join(r.output.split()), r.output
     assert [p.name for p in data.iterdir()] == [DATA[0].name] and not (tmp_path / "c").exists()
+
+
+def test_the_check_division_is_salted_from_the_training_seed() -> None:
+    """Was: salted from ``--seed`` alone (0 when left out, as the docs advise), so a bundle
+    trained with split seed 7919 (= the salt) put every held-out group on the check side."""
+    from types import SimpleNamespace
+
+    from rlpredict.serve.calibrate import divide, held_out
+
+    samples = [SimpleNamespace(group=f"g{i}", id=f"g{i}") for i in range(4000)]
+    for seed in (0, 7919):
+        manifest = {"training_split": {"test_frac": 0.2, "seed": seed, "rule": "id"}}
+        pool, _ = held_out(samples, manifest, "test", None, None)
+        fit, check = divide(pool, manifest, "test", None, 0.5)
+        assert 0.4 < len(fit) / len(pool) < 0.6, seed
+        assert (fit, check) == divide(pool, manifest, "test", seed, 0.5)  # --seed given or not: one division
+    with pytest.raises(ValueError, match=r"in 1 conversations or prompts: each part needs whole ones"):
+        divide([SimpleNamespace(group="g", id=f"r{i}") for i in range(9)], {}, "all", None, 0.5, ["x.jsonl"])
+
+
+def test_a_calibration_the_loader_would_refuse_is_not_written() -> None:
+    """Token counts ~2^52 gave log offsets past 20: ``calibrate`` wrote the bundle, exit 0, and
+    every later load refused it. ``fit`` refuses now, naming the count field."""
+    scheme, probs, rl = _synthetic(400, 0)
+    with pytest.raises(ValueError, match=r"x the model's quantiles .*check the token-count field"):
+        QuantileCalibration.fit(scheme, probs, np.full(len(rl), 2**52), [0.5, 0.9])
