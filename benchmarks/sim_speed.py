@@ -72,9 +72,10 @@ def replay_speed(args: argparse.Namespace) -> None:
 #: The decision benchmark's settings (title, KV blocks, prediction scale, least decoding, arrival
 #: rate: None, all at once): a KV cache where 512 requests fit at once, then one where they do not
 #: and the predictions are short (0.3x the true lengths), with Poisson arrivals so that new
-#: requests can still meet their TTFT: preemptions and parking run (the O(running) victim and
-#: slack searches: a reviewer's 1,062 us p99 was there, unseen by the first setting; with every
-#: request arriving at once no TTFT is left to park for, and a first version of this setting parked none).
+#: requests can still meet their TTFT: preemptions and parking run (the victim and slack searches
+#: over every decoding request: a reviewer's 1,062 us p99 was there, unseen by the first setting;
+#: with every request arriving at once no TTFT is left to park for, and a first version of this
+#: setting parked none).
 DECISION_SETTINGS = (("KV ample: every admission tried", None, 1.0, 500, None),
                      ("KV-bound: 12,000 blocks, predictions 0.3x, Poisson 80/s (preemptions, parking)",
                       12_000, 0.3, 400, 80.0))

@@ -54,6 +54,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..cost_model import prefill_ctx_tokens
 from ..queues import GTGroups, PriorityQueue
 from ..request import Request, State
@@ -65,6 +67,93 @@ from .registry import register
 #: A blocked admission waiting on a PT's TTFT is asked again at most this many decode steps on
 #: (``_probe_head``): the TTFT estimate is bounded over them, more steps a looser bound.
 RECHECK_STEPS = 64
+
+
+# The columns of ``DecodingRows.data``.
+FIRST, ARRIVAL, GX, PRED, BASE, MAX, SEQ, TBT, TTFT, STEP0, ORDER = range(11)
+
+
+class DecodingRows:
+    """The numbers of the decoding requests that the victim, parking and next-token searches
+    read, one row each in a numpy array, as of when each started decoding (none of them changes
+    while it decodes: ``GX`` is ``generated - dec_step0``, so it has generated ``GX + step``
+    tokens at ``step``; ``ORDER`` counts the starts: the decoding set's order). Each search is
+    then a few array operations instead of a Python loop over up to ``max_running`` requests,
+    by the same floating-point operations (the same decisions). Token counts are taken at most
+    2**53 (``COUNT_CAP``: exact in float64, and a reservation below it is the same against a
+    larger ``max_tokens``).
+
+    Kept only while many decode: the first ``rows`` builds them from the decoding set, starts
+    and ends keep them from then on (a row is written when a search reads it: most iterations
+    search nothing), and below ``keep_from`` rows they are dropped until a search asks again."""
+
+    COUNT_CAP = 1 << 53
+
+    def __init__(self, rows: int, keep_from: int) -> None:
+        rows = max(rows, 1)
+        self.keep_from = keep_from
+        self.kept = False
+        self.data = np.zeros((rows, 11))
+        self.active = np.zeros(rows, bool)
+        self.reqs: list[Request | None] = [None] * rows
+        self.starts = 0  # decode starts so far (while kept)
+        self.version = 0  # bumped by every start and when the rows are dropped
+        self._row: dict[int, int] = {}
+        self._free = list(range(rows - 1, -1, -1))
+        self._unwritten: dict[int, tuple[float, ...]] = {}  # row -> its numbers, not in ``data`` yet
+
+    def add(self, r: Request, base: int) -> None:
+        """``r`` started decoding with reservation base ``base``."""
+        if not self.kept:
+            return
+        if r.rid in self._row:
+            self.remove(r.rid)
+        if not self._free:  # more running requests than ``max_running`` (an engine's choice)
+            n = len(self.reqs)
+            self.data = np.concatenate([self.data, np.zeros_like(self.data)])
+            self.active = np.concatenate([self.active, np.zeros(n, bool)])
+            self.reqs += [None] * n
+            self._free = list(range(2 * n - 1, n - 1, -1))
+        i = self._row[r.rid] = self._free.pop()
+        self.starts += 1
+        self.version += 1
+        cap = self.COUNT_CAP
+        self._unwritten[i] = (r.first_token_s, r.arrival_s, r.generated - r.dec_step0, min(r.pred_tokens, cap),
+                              min(base, cap), min(r.max_tokens, cap), r.seq, r.slo.tbt_s, r.slo.ttft_s, r.dec_step0,
+                              self.starts)
+        self.active[i] = True
+        self.reqs[i] = r
+
+    def remove(self, rid: int) -> None:
+        i = self._row.pop(rid, None)
+        if i is None:
+            return
+        if len(self._row) < self.keep_from:  # few decode: the searches loop; rebuilt when asked
+            self.kept = False
+            self.version += 1
+            self.active[:] = False
+            self.reqs = [None] * len(self.reqs)
+            self._row.clear()
+            self._unwritten.clear()
+            self._free = list(range(len(self.reqs) - 1, -1, -1))
+            return
+        self.active[i] = False
+        self.reqs[i] = None
+        self._unwritten.pop(i, None)
+        self._free.append(i)
+
+    def rows(self, decoding: dict[int, Request], base_of: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The active rows' positions and a copy of their numbers (built from ``decoding``, with
+        ``base_of(request)`` as its reservation base, if not kept)."""
+        if not self.kept:
+            self.kept = True
+            for r in decoding.values():
+                self.add(r, base_of(r))
+        if self._unwritten:
+            self.data[list(self._unwritten)] = list(self._unwritten.values())
+            self._unwritten.clear()
+        idx = np.flatnonzero(self.active)
+        return idx, self.data[idx]
 
 
 @dataclass(slots=True)
@@ -91,6 +180,10 @@ class EcoServeConfig:
 
 class EcoServeScheduler(Scheduler):
     name = "ecoserve"
+    #: from this many decoding requests, the victim, parking and next-token searches run over
+    #: ``DecodingRows`` (fewer: a loop over them costs less than keeping the arrays and their
+    #: operations' overhead; the same decisions either way)
+    ARRAYS_FROM = 128
 
     def __init__(self, cost: Any, config: EcoServeConfig | None = None, **kw: Any) -> None:
         super().__init__(cost, **kw)
@@ -104,6 +197,7 @@ class EcoServeScheduler(Scheduler):
         self._waiting = 0  # requests in the three queues
         self.groups = GTGroups(enabled=self.cfg.grouping)
         self.proj = rules.Projection(self.max_running)
+        self.rows = DecodingRows(self.max_running, self.ARRAYS_FROM // 2)
         self.keep_free = rules.keep_free_blocks(self.cfg.reserve_frac, self.kv.num_blocks)
         self.kv_tokens = self.kv.num_blocks * self.bs
         self.step_s = rules.cache_step_s(cost, self.kv_tokens)  # the time scale of KV occupancy
@@ -124,6 +218,7 @@ class EcoServeScheduler(Scheduler):
         self._parking: tuple[Request, float] | None = None  # the request being parked, its due time
         self.load = rules.OfferedLoad()
         self.counters["parks"] = 0
+        self._park_order: list[Any] = [None, None, None, {}]  # ``_park_victim``: key, arrays, walk, slacks
         # Predictions at this traffic's scale: the predictor's own value of each request in flight
         self.pscale = rules.PredictionScale() if self.cfg.scale_predictions and not self.cfg.oracle else None
         self._predicted: dict[int, int] = {}
@@ -164,13 +259,16 @@ class EcoServeScheduler(Scheduler):
 
     def on_decode_start(self, r: Request) -> None:
         self.groups.add(r)
+        base = self._base_pred(r)
+        self.rows.add(r, base)
         if r.rid in self.proj:
             return  # projected since its admission, as if it decoded from then on
         self.proj.set(r.rid, r.prompt_tokens + r.generated - r.dec_step0, r.generated - r.dec_step0,
-                      self._base_pred(r), r.max_tokens)
+                      base, r.max_tokens)
 
     def on_decode_end(self, r: Request) -> None:
         self.groups.remove(r)
+        self.rows.remove(r.rid)
         self.proj.drop(r.rid)
         self._note_topups(r)
 
@@ -238,17 +336,22 @@ class EcoServeScheduler(Scheduler):
 
     def _next_token_slack_s(self) -> float:
         """The longest this iteration may take with every decoding request's mean TBT within its
-        SLO were its next token its last (``rules.tbt_slack_s`` at one more token, paced at 0)."""
+        SLO were its next token its last (``rules.tbt_slack_s`` at one more token, paced at 0;
+        ``rules.tbt_slacks_s`` from ``ARRAYS_FROM`` decoding requests on)."""
         now, step, tbt = self.now, self.step, self.slo.tbt_s
-        least = float("inf")
-        for v in self.decoding.values():
-            if v.first_token_s < 0:
-                continue
-            g = v.generated + step - v.dec_step0
-            s = rules.tbt_slack_s(now, v.first_token_s, g, g + 1, tbt, 0.0, 0.0)
-            if s < least:
-                least = s
-        return least
+        if len(self.decoding) < self.ARRAYS_FROM:
+            least = float("inf")
+            for v in self.decoding.values():
+                if v.first_token_s >= 0:
+                    g = v.generated + step - v.dec_step0
+                    least = min(least, rules.tbt_slack_s(now, v.first_token_s, g, g + 1, tbt, 0.0, 0.0))
+            return least
+        d = self.rows.rows(self.decoding, self._base_pred)[1]
+        d = d[d[:, FIRST] >= 0]
+        if not len(d):
+            return float("inf")
+        g = d[:, GX] + step
+        return float(rules.tbt_slacks_s(now, d[:, FIRST], g, g + 1, tbt, 0.0).min())
 
     def schedule(self, now: float) -> Batch:
         batch = super().schedule(now)
@@ -291,15 +394,18 @@ class EcoServeScheduler(Scheduler):
         if parked and parked[0][0] <= now:
             return parked[0][2], parked
         pt = self.pt.items
-        if pt and self.cfg.give_way:
+        if pt and self.cfg.give_way:  # (a bulk of PTs may lose their TTFT at once: a tight loop)
+            lost, lost_rule, est = self.lost.items, rules.ttft_lost, self._ttft_est_s
+            by_service = self.cfg.lost_order == "service" and self.cfg.ordering
+            pop, push = heapq.heappop, heapq.heappush
             while pt:
                 r = pt[0][2]
-                if not rules.ttft_lost(now, r.arrival_s, r.slo.ttft_s, self._ttft_est_s(r)):
+                if not lost_rule(now, r.arrival_s, r.slo.ttft_s, est(r)):
                     return r, self.pt
-                item = heapq.heappop(pt)  # the same key (no recomputing), or rules.lost_key
-                if self.cfg.lost_order == "service" and self.cfg.ordering:
+                item = pop(pt)  # the same key (no recomputing), or rules.lost_key
+                if by_service:
                     item = (rules.lost_key(self._service(item[2])), item[1], item[2])
-                heapq.heappush(self.lost.items, item)
+                push(lost, item)
         if pt:
             return pt[0][2], self.pt
         if parked:
@@ -460,17 +566,64 @@ class EcoServeScheduler(Scheduler):
     def _park_victim(self, now: float) -> tuple[Request | None, float]:
         """The decoding request with the most slack on its mean-TBT SLO (``rules.tbt_slack_s``),
         if more than ``rules.PARK_MIN_SLACK_TTFTS`` TTFT SLOs, and its slack; ``(None, 0)`` if
-        none. Only requests that decoded a step since they started or resumed."""
-        step, frac, least = self.step, self.cfg.iter_time_frac, rules.PARK_MIN_SLACK_TTFTS
+        none; the first in the decoding order among equals. Only requests that decoded a step
+        since they started or resumed. From ``ARRAYS_FROM`` decoding requests on, the slack
+        before the resume (``rules.tbt_slacks_s``, over all of them at once) bounds it from above
+        (a resume takes no negative time), so the resume is costed only for the requests in that
+        bound's order until the bound falls below the best slack found. That order holds for the
+        iteration's later parks while the rows only lose requests (a parked or preempted one is
+        skipped)."""
+        step, frac, least, rows = self.step, self.cfg.iter_time_frac, rules.PARK_MIN_SLACK_TTFTS, self.rows
+        if len(self.decoding) < self.ARRAYS_FROM:
+            return self._park_victim_among((v, self._park_slack(v, now)) for v in self.decoding.values())
+        key = (step, now, rows.version)
+        cache = self._park_order
+        if cache[0] != key:
+            idx, d = rows.rows(self.decoding, self._base_pred)
+            tbt, first = d[:, TBT], d[:, FIRST]
+            upper = rules.tbt_slacks_s(now, first, d[:, GX] + step, d[:, PRED], tbt, frac * tbt)
+            ok = np.flatnonzero((first >= 0) & (d[:, STEP0] < step) & (upper > least * d[:, TTFT]) & (upper > 0.0))
+            cache = self._park_order = [key, (idx, upper, d[:, ORDER], ok), None, {}]
+        active, reqs, slacks = rows.active, rows.reqs, cache[3]  # slacks: by row, for this key
+        while True:
+            walk = cache[2] or _bound_order(*cache[1], PARK_WALK)
+            cache[2] = walk
+            candidates = []  # in the bound's order, down to the first bound below the best slack
+            best_slack, ended = 0.0, False
+            for i, bound, start in walk:
+                if bound < best_slack:
+                    ended = True
+                    break
+                if active[i]:  # else parked or preempted since the order was made
+                    v = reqs[i]
+                    slack = slacks.get(i)
+                    if slack is None:
+                        slack = slacks[i] = self._park_slack(v, now)
+                    candidates.append((start, v, slack))
+                    if slack > least * v.slo.ttft_s:
+                        best_slack = max(best_slack, slack)
+            if ended or len(walk) == len(cache[1][3]):
+                break
+            cache[2] = _bound_order(*cache[1], None)  # the first ones did not settle it: all of them
+        candidates.sort(key=lambda c: c[0])  # the decoding order: the first among equals
+        return self._park_victim_among((v, slack) for _, v, slack in candidates)
+
+    def _park_slack(self, v: Request, now: float) -> float:
+        """``v``'s slack on its mean-TBT SLO were it parked now (``rules.tbt_slack_s``), or -inf
+        if it may not be parked (no first token, or no step decoded since it started)."""
+        if v.first_token_s < 0 or v.dec_step0 >= self.step:
+            return float("-inf")
+        g = v.generated + self.step - v.dec_step0
+        t = v.slo.tbt_s
+        return rules.tbt_slack_s(now, v.first_token_s, g, v.pred_tokens, t, self.cfg.iter_time_frac * t,
+                                 self.cost.recompute_time(v.prompt_tokens + g))
+
+    @staticmethod
+    def _park_victim_among(decoding: Any) -> tuple[Request | None, float]:
+        """``_park_victim`` over ``decoding``: (request, its ``_park_slack``), in the decoding order."""
         best, best_slack = None, 0.0
-        for v in self.decoding.values():
-            if v.first_token_s < 0 or v.dec_step0 >= step:
-                continue
-            g = v.generated + step - v.dec_step0
-            tbt = v.slo.tbt_s
-            s = rules.tbt_slack_s(now, v.first_token_s, g, v.pred_tokens, tbt, frac * tbt,
-                                  self.cost.recompute_time(v.prompt_tokens + g))
-            if s > least * v.slo.ttft_s and s > best_slack:
+        for v, s in decoding:
+            if s > rules.PARK_MIN_SLACK_TTFTS * v.slo.ttft_s and s > best_slack:
                 best, best_slack = v, s
         return best, best_slack
 
@@ -507,20 +660,52 @@ class EcoServeScheduler(Scheduler):
                 return
 
     def _victim(self) -> Request:
-        running = self.running()
-        if self.cfg.victim == "latest":
-            return max(running, key=lambda v: v.seq)
-        step, now, ttft = self.step, self.now, self.slo.ttft_s
-        p90 = self.cfg.reserve == "p90"
-        best, best_key = running[0], None
-        for v in running:
-            g = v.generated + step - v.dec_step0 if v.state == State.DECODE else v.generated
-            base = v.reserve_tokens if p90 else v.pred_tokens  # ``_base_pred``
-            k = rules.victim_key(v.first_token_s if v.first_token_s >= 0 else now, v.arrival_s, ttft,
-                                 base, g, v.max_tokens, v.seq)
+        """The running request to preempt: the largest ``rules.victim_key`` (from ``ARRAYS_FROM``
+        decoding requests on, ``rules.victim_index`` over them, then the few partial prefills),
+        or with ``victim="latest"`` the latest admitted (the largest ``seq``)."""
+        latest, step, now, ttft = self.cfg.victim == "latest", self.step, self.now, self.slo.ttft_s
+        if len(self.decoding) < self.ARRAYS_FROM:
+            return max(self.running(), key=(lambda v: v.seq) if latest else self._victim_key)
+        best, best_key = None, None
+        idx, d = self.rows.rows(self.decoding, self._base_pred)
+        if len(idx):
+            seq = d[:, SEQ].astype(np.int64)
+            if latest:
+                j = int(np.argmax(seq))
+            else:
+                first = d[:, FIRST]
+                j = rules.victim_index(np.where(first >= 0, first, now), d[:, ARRIVAL], ttft,
+                                       d[:, BASE].astype(np.int64), (d[:, GX] + step).astype(np.int64),
+                                       d[:, MAX].astype(np.int64), seq)
+            best = self.rows.reqs[idx[j]]
+            best_key = self._victim_key(best) if not latest else best.seq
+        for v in self.prefilling.values():
+            k = v.seq if latest else self._victim_key(v)
             if best_key is None or k > best_key:
                 best, best_key = v, k
+        if best is None:
+            raise RuntimeError("a victim was asked for with nothing running")
         return best
+
+    def _victim_key(self, v: Request) -> tuple[bool, int, int]:
+        g = v.generated_at(self.step)
+        return rules.victim_key(v.first_token_s if v.first_token_s >= 0 else self.now, v.arrival_s,
+                                self.slo.ttft_s, self._base_pred(v), g, v.max_tokens, v.seq)
+
+
+#: ``_park_victim`` orders this many candidates by their bound first (all of them if these do
+#: not settle it)
+PARK_WALK = 16
+
+
+def _bound_order(idx: np.ndarray, upper: np.ndarray, start: np.ndarray, ok: np.ndarray,
+                 n: int | None) -> list[tuple[int, float, float]]:
+    """(row, bound, start) of the candidates ``ok`` by bound, largest first, then by start: the
+    first ``n`` of them (all: None); the rest have bounds no larger than theirs."""
+    if n is not None and len(ok) > n:
+        ok = ok[np.argpartition(-upper[ok], n - 1)[:n]]
+    ok = ok[np.lexsort((start[ok], -upper[ok]))]
+    return list(zip(idx[ok].tolist(), upper[ok].tolist(), start[ok].tolist(), strict=True))
 
 
 def _arrival(r: Request) -> float:

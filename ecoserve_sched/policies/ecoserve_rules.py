@@ -21,14 +21,16 @@ trace (docs/scheduler.md, "EcoServe").
 - ``projected_peak``: the KV a set of running requests will need at its peak, if each grows one
   token per step and ends at its reservation (reservations overlap in time: aggregate KVC
   pipelining).
-- ``victim_key``: which running request to preempt when KV runs out.
-- ``tbt_slack_s``, ``park_due_s``, ``OfferedLoad``: parking. A decoding request whose mean-TBT
-  SLO leaves it slack may be preempted (parked) so that a waiting request that can still meet
-  its TTFT, and would not after another ``PARK_WITHIN_TTFTS`` (``park_for``), gets its KV; it
-  resumes once its slack is down to one TTFT SLO, or earlier if nothing else that can meet its
-  TTFT waits. Only while the offered load (predicted service seconds arriving per second over
-  ``PARK_WINDOW_S``) is below ``PARK_MAX_LOAD``: a burst on a server with room to catch up, not
-  a server that is full for good (parking there only moves work around and pays the resume).
+- ``victim_key``: which running request to preempt when KV runs out (``victim_index``: the
+  same over arrays, for the simulator's many running requests).
+- ``tbt_slack_s`` (``tbt_slacks_s``: over arrays), ``park_due_s``, ``OfferedLoad``: parking. A
+  decoding request whose mean-TBT SLO leaves it slack may be preempted (parked) so that a
+  waiting request that can still meet its TTFT, and would not after another
+  ``PARK_WITHIN_TTFTS`` (``park_for``), gets its KV; it resumes once its slack is down to one
+  TTFT SLO, or earlier if nothing else that can meet its TTFT waits. Only while the offered
+  load (predicted service seconds arriving per second over ``PARK_WINDOW_S``) is below
+  ``PARK_MAX_LOAD``: a burst on a server with room to catch up, not a server that is full for
+  good (parking there only moves work around and pays the resume).
 - ``PredictionScale`` (opt-in): how this server's responses run against their predictions (the
   median of generated / predicted over recent finishes); a new request's predicted length is
   multiplied by it, so a predictor trained on other traffic keeps its ranking and takes this
@@ -274,12 +276,11 @@ def swap_cheaper(swap_s: float, recompute_s: float) -> bool:
 
 
 def reservation_tokens_array(pred_tokens: np.ndarray, generated: np.ndarray, max_tokens: np.ndarray) -> np.ndarray:
-    """``reservation_tokens`` element-wise (the same numbers)."""
+    """``reservation_tokens`` element-wise, by the same steps (integer arrays; the same numbers):
+    the base shifted by the bit length of ``generated // base`` (0 while within it)."""
     base = np.maximum(pred_tokens, 1)
-    k = np.maximum(np.ceil(np.log2((generated + 1) / base)), 0).astype(np.int64)
-    r = base << k
-    r = np.where(r <= generated, r * 2, r)  # guard against rounding in log2
-    return np.maximum(np.minimum(r, max_tokens), generated + 1)
+    shift = np.frexp(np.maximum(generated, 0) // base)[1]  # int.bit_length, exact below 2**53
+    return np.maximum(np.minimum(base << shift, max_tokens), generated + 1)
 
 
 def projected_peak(items: Iterable[tuple[int, int]]) -> int:
@@ -487,6 +488,24 @@ def victim_key(first_token_s: float, arrival_s: float, slo_ttft: float, base: in
     return (first_token_s - arrival_s > slo_ttft, reservation_tokens(base, generated, max_tokens) - generated, seq)
 
 
+def victim_index(first_token_s: np.ndarray, arrival_s: np.ndarray, slo_ttft: float, base: np.ndarray,
+                 generated: np.ndarray, max_tokens: np.ndarray, seq: np.ndarray) -> int:
+    """The position of the largest ``victim_key`` over arrays of its arguments (integer arrays
+    for the token counts and ``seq``, which is unique): the last in the lexicographic order of
+    (lost, remaining, seq), by the same operations."""
+    lost = first_token_s - arrival_s > slo_ttft
+    remaining = reservation_tokens_array(base, generated, max_tokens) - generated
+    return int(np.lexsort((seq, remaining, lost))[-1])
+
+
+def tbt_slacks_s(now: float, first_token_s: np.ndarray, generated: np.ndarray, expected_tokens: np.ndarray,
+                 tbt_slo_s: np.ndarray | float, per_token_s: np.ndarray | float) -> np.ndarray:
+    """``tbt_slack_s`` element-wise at ``resume_s = 0``, by the same operations (the same
+    numbers); with ``resume_s >= 0`` the slack is at most this."""
+    n = np.maximum(expected_tokens, generated + 1)
+    return first_token_s + tbt_slo_s * (n - 1) - now - per_token_s * (n - generated)
+
+
 def projected_peak_arrays(ctx: np.ndarray, remaining: np.ndarray) -> int:
     """``projected_peak`` over arrays of contexts and remaining steps (the same number)."""
     if not len(ctx):
@@ -511,16 +530,22 @@ class Projection:
     the demand just before the k-th latest end, ``sum(x) + k x (end - 1)`` over those k slots,
     does not either, so the slots are kept sorted by end (an end changes only when a request
     starts, leaves or outlives its reservation; stale ends come off a heap) and the peak is one
-    pass over them, in C (numpy) when there are many.
+    pass over them, in C (numpy) when there are many: over arrays kept in that order (a start
+    or an end shifts them, no sort), where a candidate's place splits the pass in three.
     """
 
-    #: above this many slots, the peak is computed with numpy (argsort and cumsum)
+    #: from this many slots, the peak is computed with numpy (a cumsum over the kept arrays)
     NUMPY_FROM = 96
+    #: a refresh moving more slots than this rebuilds the numpy path's arrays instead
+    REBUILD_FROM = 8
 
     def __init__(self, slots: int) -> None:
-        self.x = np.zeros(slots, np.int64)  # numpy copies of ``_x``/``_end`` for the numpy path
-        self.end = np.zeros(slots, np.int64)
-        self.active = np.zeros(slots, bool)
+        # For the numpy path: x and end - 1 of the slots in ``_order``, in its order (kept while
+        # it is long, rebuilt when it grows long again), and the step counts 1, 2, ...
+        self._sx = np.zeros(slots, np.int64)
+        self._se = np.zeros(slots, np.int64)
+        self._tracked = False
+        self._k = np.arange(1, slots + 1, dtype=np.int64)
         self._x = [0] * slots
         self._gx = [0] * slots
         self._base = [1] * slots
@@ -550,8 +575,6 @@ class Projection:
         self._x[i], self._gx[i], self._base[i], self._max[i] = x, gx, max(base, 1), max_tokens
         self._gen[i] += 1
         self._new.append(i)
-        self.x[i] = x
-        self.active[i] = True
         self._sum += x
         self.version += 1
 
@@ -559,7 +582,6 @@ class Projection:
         i = self._slot.pop(rid, None)
         if i is not None:
             self._forget(i)
-            self.active[i] = False
             self._gen[i] += 1
             self._free.append(i)
             self.version += 1
@@ -570,7 +592,11 @@ class Projection:
         e = self._end[i]
         if e:
             self._sum -= e
-            del self._order[bisect_left(self._order, (-e, i))]
+            p = bisect_left(self._order, (-e, i))
+            if self._tracked:
+                self._remove(p)
+            else:
+                del self._order[p]
             self._end[i] = 0
         else:
             self._new.remove(i)
@@ -582,18 +608,51 @@ class Projection:
         while ends and ends[0][0] <= step:
             e, g, i = heapq.heappop(ends)
             if gen[i] == g and end[i] == e:
-                del order[bisect_left(order, (-e, i))]
+                p = bisect_left(order, (-e, i))
+                if not self._tracked:
+                    del order[p]
+                elif len(todo) < self.REBUILD_FROM:
+                    self._remove(p)
+                else:  # many move: the arrays are rebuilt once, not shifted each time
+                    self._tracked = False
+                    del order[p]
                 self._sum -= e
                 todo.append(i)
+        if len(todo) > self.REBUILD_FROM:
+            self._tracked = False
         for i in todo:
             gx = self._gx[i]
             e = reservation_tokens(self._base[i], gx + step, self._max[i]) - gx
             self._sum += e
             end[i] = e
-            self.end[i] = e
             heapq.heappush(ends, (e, gen[i], i))
-            insort(order, (-e, i))
+            if self._tracked:
+                self._insert(i, e)
+            else:
+                insort(order, (-e, i))
         todo.clear()
+
+    def _insert(self, i: int, e: int) -> None:
+        """Put slot ``i``, ending at ``e``, into the order and the tracked arrays."""
+        order = self._order
+        p = bisect_left(order, (-e, i))
+        order.insert(p, (-e, i))
+        m, sx, se = len(order), self._sx, self._se
+        sx[p + 1:m] = sx[p:m - 1]
+        se[p + 1:m] = se[p:m - 1]
+        sx[p], se[p] = self._x[i], e - 1
+
+    def _remove(self, p: int) -> None:
+        """Take the ``p``-th slot out of the order and the tracked arrays."""
+        order = self._order
+        del order[p]
+        m = len(order)
+        if m < self.NUMPY_FROM // 2:
+            self._tracked = False  # short: the Python path; rebuilt if it grows long again
+        else:
+            sx, se = self._sx, self._se
+            sx[p:m] = sx[p + 1:m + 1]
+            se[p:m] = se[p + 1:m + 1]
 
     def demand(self, step: int, extra: tuple[int, int] | None = None, pipelined: bool = True,
                limit: int | None = None) -> int:
@@ -608,11 +667,10 @@ class Projection:
         # The candidate, at (context - step, remaining + step), sorts after every slot ending no
         # earlier than it (as a stable sort of the appended candidate would put it).
         xc, ec = (0, 0) if extra is None else (extra[0] - step, extra[1] + step)
-        order = self._order
-        if len(order) >= self.NUMPY_FROM:
-            return self._peak_numpy(xc, ec, extra is not None)
-        xs = self._x
+        order, xs = self._order, self._x
         p = bisect_right(order, (-ec, len(xs))) if extra is not None else len(order)
+        if len(order) >= self.NUMPY_FROM:
+            return self._peak_numpy(xc, ec, p, extra is not None)
         peak = cum = k = 0
         for ne, i in islice(order, p):
             cum += xs[i]
@@ -635,14 +693,22 @@ class Projection:
                 peak = d
         return peak
 
-    def _peak_numpy(self, xc: int, ec: int, with_candidate: bool) -> int:
-        idx = np.flatnonzero(self.active)
-        e, x = self.end[idx], self.x[idx]
-        if with_candidate:
-            e, x = np.append(e, ec), np.append(x, xc)
-        if not len(e):
-            return 0
-        order = np.argsort(-e, kind="stable")
-        e = e[order]
-        d = np.cumsum(x[order]) + np.arange(1, len(e) + 1) * (e - 1)
-        return max(int(d.max()), 0)
+    def _peak_numpy(self, xc: int, ec: int, p: int, with_candidate: bool) -> int:
+        """``demand``'s pass in numpy, over the tracked arrays (the same integers): before the
+        candidate's place ``p`` the demands are as without it; the candidate adds its own; each
+        slot after it is one step further in, so its demand gains ``xc`` and its ``end - 1``."""
+        m = len(self._order)
+        if not m:
+            return max(xc + ec - 1, 0) if with_candidate else 0
+        if not self._tracked:
+            self._se[:m] = [-ne - 1 for ne, _ in self._order]
+            self._sx[:m] = [self._x[i] for _, i in self._order]
+            self._tracked = True
+        em1 = self._se[:m]  # end - 1
+        cum = np.cumsum(self._sx[:m])
+        d = cum + self._k[:m] * em1
+        if not with_candidate:
+            return max(int(d.max()), 0)
+        own = (int(cum[p - 1]) if p else 0) + xc + (p + 1) * (ec - 1)
+        d[p:] += em1[p:] + xc  # the slots after the candidate, one step further in
+        return max(int(d.max()), own, 0)

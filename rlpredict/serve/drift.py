@@ -12,7 +12,9 @@ For every group of the new logs (all rows, each source, each generator with enou
   match reality).
 
 A distance counts as drift when it exceeds ``max_tv`` plus what sampling alone gives at this
-group's size (the 99th percentile of the distance of ``n`` draws from the reference itself).
+group's size (the 99th percentile of the distance of ``n`` draws from the reference itself),
+the size counted in independent draws (``effective_rows``: the rows over the design effect of
+their conversations and prompts, as the coverage's error counts them).
 - **Coverage**: for each calibrated quantile q, the share of new responses at or below it, and
   whether it fell below q by more than sampling noise (``z`` standard errors) plus ``tolerance``.
   The standard error counts the logs' conversations and prompts, not their rows (``coverage_se``:
@@ -68,6 +70,30 @@ def sampling_tv(ref: np.ndarray, n: int, draws: int = 2000, seed: int = 0) -> fl
     p = p / max(float(p.sum()), 1e-12)
     counts = np.random.default_rng(seed).multinomial(max(n, 1), p, size=draws)
     return float(np.quantile(0.5 * np.abs(counts / max(n, 1) - p).sum(axis=1), 0.99))
+
+
+def effective_rows(buckets: np.ndarray, probs: np.ndarray, clusters: np.ndarray | None) -> float:
+    """A group's rows in independent draws, for its TV bounds: the rows over the design effect of
+    their ``clusters`` (conversations or prompts): the cluster-robust variance of the residuals
+    (each row's bucket, one-hot, less its predicted probabilities; centred, so that a shift
+    common to every row is not counted as scatter) over their row-wise variance, summed over the
+    buckets, at least 1. All rows where they are independent (None); one draw for one cluster."""
+    n = len(buckets)
+    if clusters is None or n < 2:
+        return float(n)
+    _, ix = np.unique(clusters, return_inverse=True)
+    g = int(ix.max()) + 1
+    if g < 2:
+        return 1.0
+    y = -np.asarray(probs, dtype=np.float64)
+    y[np.arange(n), buckets] += 1.0
+    y -= y.mean(axis=0)
+    within = float((y * y).sum())
+    if not within > 0:
+        return float(n)
+    per = np.stack([np.bincount(ix, weights=col, minlength=g) for col in y.T], axis=1)
+    robust = g / (g - 1) * float((per * per).sum())
+    return n / max(1.0, robust / within)
 
 
 def reference_distribution(manifest: dict, n_buckets: int) -> np.ndarray | None:
@@ -152,18 +178,23 @@ def group_report(name: str, probs: np.ndarray, rl: np.ndarray, pred_q: np.ndarra
     """One group's distances and coverage, and the bounds they break (``coverage_se`` for
     ``clusters`` and ``n_cal``)."""
     n = len(rl)
-    observed = np.bincount(scheme.bucket_of(rl), minlength=scheme.n_buckets).astype(float)
+    buckets = scheme.bucket_of(rl)
+    observed = np.bincount(buckets, minlength=scheme.n_buckets).astype(float)
     predicted = probs.sum(axis=0)
-    row: dict = {"group": name, "n": n, "decides": n >= bounds.min_rows,
+    draws = max(1, round(effective_rows(buckets, probs, clusters))) if n else 0
+    row: dict = {"group": name, "n": n, "decides": n >= bounds.min_rows, "tv_draws": draws,
                  "tv_vs_predicted": _tv(observed, predicted),
                  "tv_vs_reference": _tv(observed, ref) if ref is not None else None,
                  "median_rl": float(np.median(rl)), "coverage": {}, "problems": [], "notes": []}
-    limit = bounds.max_tv + sampling_tv(predicted, n)
+    limit = bounds.max_tv + sampling_tv(predicted, draws)
     row["tv_limit_predicted"] = limit
     if row["tv_vs_predicted"] > limit:
         row["problems"].append(f"predicted distribution off by TV {_beyond(row['tv_vs_predicted'], '>', limit)}")
+    elif limit >= 1.0:  # no distance could break it: said, not a silent pass
+        row["notes"].append(f"its rows are {draws} independent draw(s) by their conversations and prompts: "
+                            "too few to judge the predicted distribution")
     if ref is not None:
-        limit = bounds.max_tv + sampling_tv(ref, n)
+        limit = bounds.max_tv + sampling_tv(ref, draws)
         row["tv_limit_reference"] = limit
         if row["tv_vs_reference"] > limit:
             row["notes"].append(f"response lengths shifted by TV {_beyond(row['tv_vs_reference'], '>', limit)} "
@@ -262,14 +293,15 @@ def drift_report(bundle: str | Path | None, data: Sequence[str | Path], *, bound
 
 def markdown(report: dict) -> str:
     qs = report["calibrated_quantiles"]
-    head = "| group | n | TV vs predicted | TV vs bundle data | median RL |" + "".join(f" q{q} coverage |" for q in qs)
-    lines = [head, "|---" * (5 + len(qs)) + "|"]
+    head = ("| group | n | independent draws | TV vs predicted (limit) | TV vs bundle data | median RL |"
+            + "".join(f" q{q} coverage |" for q in qs))
+    lines = [head, "|---" * (6 + len(qs)) + "|"]
     for r in report["groups"]:
         ref = "-" if r["tv_vs_reference"] is None else f"{r['tv_vs_reference']:.3f}"
         cov = "".join(f" {r['coverage'][str(q)]['achieved']:.3f}"
                       f"{' (not judged)' if r['coverage'][str(q)]['floor'] is None else ''} |" for q in qs)
         mark = "" if r["decides"] else " (small)"
-        lines.append(f"| {r['group']}{mark} | {r['n']} | {r['tv_vs_predicted']:.3f} | {ref} | "
-                     f"{r['median_rl']:.0f} |{cov}")
+        lines.append(f"| {r['group']}{mark} | {r['n']} | {r['tv_draws']} | {r['tv_vs_predicted']:.3f} "
+                     f"({r['tv_limit_predicted']:.3f}) | {ref} | {r['median_rl']:.0f} |{cov}")
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ from ecoserve_sched.cost_model import prefill_ctx_tokens
 from ecoserve_sched.metrics import summarize
 from ecoserve_sched.policies import ecoserve_rules as rules
 from ecoserve_sched.policies import get_policy, policy_names
-from ecoserve_sched.policies.ecoserve import EcoServeConfig
+from ecoserve_sched.policies.ecoserve import EcoServeConfig, EcoServeScheduler
 from ecoserve_sched.request import SLO, State
 from ecoserve_sched.simulator import simulate
 
@@ -70,6 +70,32 @@ def test_vectorized_rules_equal_the_scalar_ones(rows):
     assert rules.projected_peak_arrays(ctx, rem) == rules.projected_peak(zip(ctx.tolist(), rem.tolist(), strict=True))
 
 
+VICTIM_ROW = st.tuples(st.floats(-1.0, 30.0), st.floats(0.0, 20.0), st.integers(0, 3000), st.integers(0, 5000),
+                       st.integers(1, 6000), st.integers(0, 50), st.floats(0.01, 0.5), st.floats(0.0, 0.2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(VICTIM_ROW, min_size=1, max_size=30), now=st.floats(0.0, 40.0), ttft=st.floats(0.1, 10.0),
+       big=st.integers(0, 2**40))
+def test_array_victim_and_slack_rules_equal_the_scalar_ones(rows, now, ttft, big):
+    """``victim_index`` picks the largest ``victim_key`` and ``tbt_slacks_s`` is ``tbt_slack_s``
+    at no resume, to the last bit (the simulator's searches over many requests use them)."""
+    first, arrival, base, gen, cap, _, tbt, per = (np.array(c) for c in zip(*rows, strict=True))
+    seq = np.arange(len(rows)) * 7 % (len(rows) + 3)  # unique, not in row order
+    keys = [rules.victim_key(f if f >= 0 else now, a, ttft, b, g, m, q)
+            for f, a, b, g, m, q in zip(first.tolist(), arrival.tolist(), base.tolist(), gen.tolist(), cap.tolist(),
+                                        seq.tolist(), strict=True)]
+    i = rules.victim_index(np.where(first >= 0, first, now), arrival, ttft, base, gen, cap, seq)
+    assert keys[i] == max(keys)
+    got = rules.tbt_slacks_s(now, first, gen, base, tbt, per).tolist()
+    assert got == [rules.tbt_slack_s(now, f, g, b, t, p, 0.0) for f, g, b, t, p in
+                   zip(first.tolist(), gen.tolist(), base.tolist(), tbt.tolist(), per.tolist(), strict=True)]
+    # the reservation far past any max_tokens of today (2**40 generated tokens and more)
+    b, g = np.array([3, 1, 7]), np.array([big, big, 2 * big + 1])
+    assert rules.reservation_tokens_array(b, g, np.full(3, 2**62)).tolist() == [
+        rules.reservation_tokens(int(x), int(y), 2**62) for x, y in zip(b, g, strict=True)]
+
+
 class _ProjectionFromScratch:
     """``rules.Projection``'s definition, recomputed from scratch at every ``demand``."""
 
@@ -103,12 +129,14 @@ PROJ_OP = st.one_of(
 
 
 @settings(max_examples=400, deadline=None)
-@given(ops=st.lists(PROJ_OP, max_size=60), numpy_from=st.sampled_from([0, 4, 96]))
-def test_projection_equals_the_peak_recomputed_from_scratch(ops, numpy_from):
+@given(ops=st.lists(PROJ_OP, max_size=60), numpy_from=st.sampled_from([0, 4, 96]),
+       rebuild_from=st.sampled_from([0, 1, 8]))
+def test_projection_equals_the_peak_recomputed_from_scratch(ops, numpy_from, rebuild_from):
     """The incremental ``Projection`` (running sums, ends kept sorted, a heap of stale ends; numpy
-    above ``numpy_from`` slots) returns the same numbers as recomputing every end and the peak."""
+    above ``numpy_from`` slots, over arrays kept in that order or rebuilt where a refresh moves
+    more than ``rebuild_from``) returns the same numbers as recomputing every end and the peak."""
     proj, ref, step = rules.Projection(16), _ProjectionFromScratch(), 0
-    proj.NUMPY_FROM = numpy_from
+    proj.NUMPY_FROM, proj.REBUILD_FROM = numpy_from, rebuild_from
     for op in ops:
         if op[0] == "set":  # context and generated tokens given as of now (never negative)
             _, rid, ctx, gen, base, max_tokens = op
@@ -350,21 +378,42 @@ def test_mispredicted_request_is_topped_up_not_preempted():
 
 
 def test_victim_is_the_request_whose_slo_is_lost_then_the_longest():
-    sched = get_policy("ecoserve", FlatCost(blocks=200), block_size=4, max_running=8, slo=SLO(5.0, 0.2))
-    reqs = [make_req(0, 0.0, 4, 50, pred=10), make_req(1, 0.0, 4, 50, pred=300), make_req(2, 0.0, 4, 50, pred=20)]
-    for r in reqs:
-        sched.add(r, 0.0)
-    sched.complete(sched.schedule(0.0), 0.01)
-    assert all(r.state == State.DECODE for r in reqs)
-    assert sched._victim() is reqs[1]  # longest predicted remaining work
-    reqs[0].first_token_s = 6.0  # its first token came after the 5 s TTFT SLO: already lost
-    assert sched._victim() is reqs[0]
+    for late in (False, True):
+        sched = get_policy("ecoserve", FlatCost(blocks=200), block_size=4, max_running=8, slo=SLO(5.0, 0.2))
+        # with ``late``, request 0 arrived 6 s before its first token, past the 5 s TTFT SLO: lost
+        reqs = [make_req(0, -6.0 if late else 0.0, 4, 50, pred=10), make_req(1, 0.0, 4, 50, pred=300),
+                make_req(2, 0.0, 4, 50, pred=20)]
+        for r in reqs:
+            sched.add(r, 0.0)
+        sched.complete(sched.schedule(0.0), 0.01)
+        assert all(r.state == State.DECODE for r in reqs)
+        # else the longest predicted remaining work
+        assert sched._victim() is reqs[0 if late else 1]
     cfg = EcoServeConfig(victim="latest", ordering=False)  # admitted in arrival order: 0, 1, 2
     latest = get_policy("ecoserve", FlatCost(blocks=200), block_size=4, max_running=8, config=cfg)
     for r in [make_req(i, 0.001 * i, 4, 50, pred=p) for i, p in enumerate((10, 300, 20))]:
         latest.add(r, 0.0)
     latest.complete(latest.schedule(0.0), 0.01)
     assert latest._victim().rid == 2
+
+
+@pytest.mark.parametrize("arrays_from", [0, 48])
+def test_equal_slack_parks_the_first_in_the_decoding_order(arrays_from):
+    sched = get_policy("ecoserve", FlatCost(blocks=1000), block_size=4, max_running=8, slo=SLO(5.0, 0.2))
+    sched.ARRAYS_FROM = arrays_from  # 0: over the arrays; 48: the loop
+    reqs = [make_req(i, 0.0, 4, 1000, pred=1000) for i in range(3)]  # the same numbers
+    for r in reqs:
+        sched.add(r, 0.0)
+    sched.complete(sched.schedule(0.0), 0.01)
+    # plenty of slack, but none has decoded a step since it started: none may be parked
+    assert all(r.dec_step0 == sched.step for r in reqs) and sched._park_victim(0.01) == (None, 0.0)
+    sched.complete(sched.schedule(0.01), 0.02)  # one decode step since they started
+    order = list(sched.decoding.values())
+    assert len(order) == 3
+    best, slack = sched._park_victim(0.02)
+    assert best is order[0] and slack > rules.PARK_MIN_SLACK_TTFTS * 5.0
+    sched.preempt(best, 0.02)  # parked: the next is the first of the others
+    assert sched._park_victim(0.02)[0] is order[1]
 
 
 def test_kv_exhaustion_preempts_and_everything_finishes():
@@ -670,3 +719,78 @@ def test_kv_invariants_and_fast_path_with_the_scale_learning_from_the_first_fini
         assert sched.kv.free_blocks == blocks and not sched.kv.allocs and not sched._predicted
         runs.append(([(r.first_token_s, r.finish_s, r.generated, r.preemptions) for r in reqs], res.counters))
     assert runs[0] == runs[1]
+
+
+class _LoopedSearches(EcoServeScheduler):
+    """EcoServe whose array searches (victim, parking, next-token slack) are checked, at every
+    call, against their definitions as loops over the running requests."""
+
+    def _victim(self):
+        got = super()._victim()
+        if self.cfg.victim == "latest":
+            want = max(self.running(), key=lambda v: v.seq)
+        else:
+            want = max(self.running(), key=lambda v: rules.victim_key(
+                v.first_token_s if v.first_token_s >= 0 else self.now, v.arrival_s, self.slo.ttft_s,
+                self._base_pred(v), v.generated_at(self.step), v.max_tokens, v.seq))
+        assert got is want
+        self.counters["checked_victims"] += 1
+        return got
+
+    def _park_victim(self, now):
+        got = super()._park_victim(now)
+        best, best_slack = None, 0.0
+        for v in self.decoding.values():  # in the decoding order: the first among equals
+            if v.first_token_s < 0 or v.dec_step0 >= self.step:
+                continue
+            g, tbt = v.generated_at(self.step), v.slo.tbt_s
+            s = rules.tbt_slack_s(now, v.first_token_s, g, v.pred_tokens, tbt, self.cfg.iter_time_frac * tbt,
+                                  self.cost.recompute_time(v.prompt_tokens + g))
+            if s > rules.PARK_MIN_SLACK_TTFTS * v.slo.ttft_s and s > best_slack:
+                best, best_slack = v, s
+        assert got[0] is best and got[1] == best_slack
+        self.counters["checked_parks"] += best is not None
+        return got
+
+    def _next_token_slack_s(self):
+        got = super()._next_token_slack_s()
+        want = min((rules.tbt_slack_s(self.now, v.first_token_s, v.generated_at(self.step), v.generated_at(self.step) + 1,
+                                      self.slo.tbt_s, 0.0, 0.0)
+                    for v in self.decoding.values() if v.first_token_s >= 0), default=math.inf)
+        assert got == want
+        self.counters["checked_slacks"] += 1
+        return got
+
+
+@pytest.mark.parametrize(("victim", "arrays_from", "max_tokens", "walk"),
+                         [("slo", 0, 2048, 16), ("latest", 0, 2048, 16), ("slo", 128, 2048, 16), ("slo", 0, 2**63 - 1, 16),
+                          ("slo", 0, 2048, 1)])
+@pytest.mark.parametrize(("blocks", "prompts", "scale", "rate", "tbt"),
+                         [(3000, (100, 400), 0.3, 60.0, 0.2), (4000, (500, 2500), 0.4, 12.0, 0.08)])
+def test_array_searches_pick_what_the_loops_over_running_requests_pick(blocks, prompts, scale, rate, tbt, victim,
+                                                                       arrays_from, max_tokens, walk, monkeypatch):
+    """Up to 160 decoding requests, a KV cache that binds and short predictions: preemptions,
+    parks and amortized chunks, each search checked against its loop (``_LoopedSearches``); on
+    the arrays from ``arrays_from`` decoding requests on (0: always), with a ``max_tokens`` of
+    "no limit" too (was: rounded to 2**63 in the arrays, and a different victim), and with the
+    parking walk ordering ``walk`` candidates first (1: nearly every park needs them all)."""
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.policies import ecoserve
+
+    monkeypatch.setattr(ecoserve, "PARK_WALK", walk)
+    rng = np.random.default_rng(7)
+    n = 700
+    lens, outs = rng.integers(*prompts, n), rng.integers(150, 450, n)
+    arrivals = np.cumsum(rng.exponential(1 / rate, n))
+    cfg = EcoServeConfig(victim=victim)
+    sched = _LoopedSearches(load_profile("llama3-8b-h100-80gb"), config=cfg, max_running=256, token_budget=4096,
+                            slo=SLO(5.0, tbt), kv_blocks=blocks)
+    sched.ARRAYS_FROM = arrays_from
+    sched.counters.update(checked_victims=0, checked_parks=0, checked_slacks=0)
+    reqs = [make_req(i, float(arrivals[i]), int(lens[i]), int(outs[i]), pred=max(1, int(outs[i] * scale)),
+                     reserve=int(outs[i] * scale * 1.2), max_tokens=max_tokens, slo=SLO(5.0, tbt)) for i in range(n)]
+    simulate(reqs, sched)
+    c = sched.counters
+    assert all(r.state == State.FINISHED for r in reqs)
+    assert c["checked_victims"] > 10 and c["checked_parks"] > 10 and c["preemptions"] > c["parks"] > 0
+    assert c["checked_slacks"] > 0 or not c["amortized"]

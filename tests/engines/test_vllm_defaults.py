@@ -197,9 +197,9 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs(reserve_frac: floa
         v.append_output_token_ids([1] * r.generated)
         if r.first_token_s >= 0:
             eco._first_token[v.request_id] = r.first_token_s
-    sim.decoding = {r.rid: r for r in sims[:6]}
     for r in sims[:6]:
         r.dec_step0 = 0
+    _decode(sim, sims[:6])
     want = sim._victim()
     got = max(vreqs[:6], key=lambda v: eco._victim_key(v, now))
     assert got.request_id == str(want.rid)
@@ -214,6 +214,7 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs(reserve_frac: floa
         r.generated, r.dec_step0 = r.generated - 1, -1  # decoded a step since it started: eligible
         v.num_computed_tokens = v.num_tokens - 1
         eco._admit_step[v.request_id] = -5
+    _decode(sim, sims[:6])
     picks = []
     for t in (now, 40.0, 200.0):
         want, want_slack = sim._park_victim(t)
@@ -231,6 +232,7 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs(reserve_frac: floa
         eco._first_token.pop(v.request_id, None)
         if r.first_token_s >= 0:
             eco._first_token[v.request_id] = r.first_token_s
+    _decode(sim, sims[:6])
     for t in (now, 10.0, 10.5, 40.0):
         sim.now = t
         assert eco._next_token_slack_s(t) == pytest.approx(sim._next_token_slack_s(), rel=1e-12)
@@ -255,6 +257,16 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs(reserve_frac: floa
     t0, dec = cost.iteration_time(128, prefill_ctx_tokens(128, 700), 6, 9000), cost.iteration_time(0, 0, 6, 9000)
     assert not rules.amortized_chunk_pays(whole, cost.iteration_time(whole, prefill_ctx_tokens(whole, 700), 6, 9000),
                                           128, t0, dec)
+
+
+def _decode(sim, reqs) -> None:
+    """Make ``reqs``, with their numbers as set, the simulator policy's decoding set, as its
+    ``start_decode`` would (its searches read the numbers as of then)."""
+    for r in sim.decoding.values():
+        sim.rows.remove(r.rid)
+    sim.decoding = {r.rid: r for r in reqs}
+    for r in reqs:
+        sim.rows.add(r, sim._base_pred(r))
 
 
 # ---- prefix caching ---------------------------------------------------------------------------------
