@@ -108,6 +108,8 @@ class DecodingRows:
             return
         if r.rid in self._row:
             self.remove(r.rid)
+            if not self.kept:  # that dropped the rows: built again by the next search
+                return
         if not self._free:  # more running requests than ``max_running`` (an engine's choice)
             n = len(self.reqs)
             self.data = np.concatenate([self.data, np.zeros_like(self.data)])
@@ -582,6 +584,7 @@ class EcoServeScheduler(Scheduler):
             idx, d = rows.rows(self.decoding, self._base_pred)
             tbt, first = d[:, TBT], d[:, FIRST]
             upper = rules.tbt_slacks_s(now, first, d[:, GX] + step, d[:, PRED], tbt, frac * tbt)
+            upper[d[:, PRED] >= DecodingRows.COUNT_CAP] = np.inf  # a capped prediction: no bound
             ok = np.flatnonzero((first >= 0) & (d[:, STEP0] < step) & (upper > least * d[:, TTFT]) & (upper > 0.0))
             cache = self._park_order = [key, (idx, upper, d[:, ORDER], ok), None, {}]
         active, reqs, slacks = rows.active, rows.reqs, cache[3]  # slacks: by row, for this key

@@ -416,6 +416,51 @@ def test_equal_slack_parks_the_first_in_the_decoding_order(arrays_from):
     assert sched._park_victim(0.02)[0] is order[1]
 
 
+def test_parking_over_the_arrays_takes_predictions_past_2_to_the_53():
+    """Token counts are taken at most 2**53 in the arrays; a prediction past that (a reviewer's
+    2**60 tokens under a "no limit" ``max_tokens``) has no upper bound there, so the parking
+    search costs it and picks what the loop picks (was: the other request)."""
+    picks = []
+    for arrays_from in (0, 128):
+        sched = get_policy("ecoserve", FlatCost(blocks=1000), block_size=4, max_running=8, slo=SLO(5.0, 0.2))
+        sched.ARRAYS_FROM = arrays_from
+        reqs = [make_req(0, 0.0, 4, 50, pred=2**60, reserve=50, max_tokens=2**63 - 1, slo=SLO(5.0, 0.2)),
+                make_req(1, 0.0, 4, 50, pred=2**53, reserve=50, max_tokens=2**63 - 1, slo=SLO(5.0, 0.3))]
+        for r in reqs:
+            sched.add(r, 0.0)
+        sched.complete(sched.schedule(0.0), 0.01)
+        sched.complete(sched.schedule(0.01), 0.02)
+        best, slack = sched._park_victim(0.02)
+        picks.append((best.rid, slack))
+    assert picks[0] == picks[1] and picks[0][0] == 0
+
+
+def test_decoding_rows_are_built_kept_and_dropped_by_the_decoding_set():
+    from ecoserve_sched.policies.ecoserve import SEQ, DecodingRows
+
+    reqs = [make_req(i, 0.0, 4, 50) for i in range(4)]
+    for i, r in enumerate(reqs):
+        r.seq, r.state = i + 1, State.DECODE
+    decoding = {r.rid: r for r in reqs[:3]}
+    rows = DecodingRows(2, keep_from=3)
+    rows.add(reqs[0], 7)  # not kept yet: nothing to do
+    d = rows.rows(decoding, lambda r: 7)[1]  # built from the decoding set
+    assert rows.kept and sorted(d[:, SEQ]) == [1, 2, 3]
+    decoding[3] = reqs[3]
+    rows.add(reqs[3], 7)  # kept: added (the array grows past its 2 rows)
+    assert sorted(rows.rows(decoding, lambda r: 7)[1][:, SEQ]) == [1, 2, 3, 4]
+    for rid in (3, 2):  # below keep_from: dropped
+        del decoding[rid]
+        rows.remove(rid)
+    assert not rows.kept
+    assert sorted(rows.rows(decoding, lambda r: 7)[1][:, SEQ]) == [1, 2]  # built again when asked
+    rows = DecodingRows(8, keep_from=3)
+    decoding = {r.rid: r for r in reqs[:3]}
+    rows.rows(decoding, lambda r: 7)
+    rows.add(reqs[0], 7)  # a start again while kept at the edge: the rows drop, not one of three
+    assert sorted(rows.rows(decoding, lambda r: 7)[1][:, SEQ]) == [1, 2, 3]
+
+
 def test_kv_exhaustion_preempts_and_everything_finishes():
     # Everyone predicts 4 tokens and writes 60: the projection admits them all, then they collide.
     reqs = [make_req(i, 0.001 * i, 8, 60, pred=4) for i in range(6)]
