@@ -81,7 +81,7 @@ class DecodingRows:
     then a few array operations instead of a Python loop over up to ``max_running`` requests,
     by the same floating-point operations (the same decisions). Token counts are taken at most
     2**53 (``COUNT_CAP``: exact in float64, and a reservation below it is the same against a
-    larger ``max_tokens``).
+    larger ``max_tokens``; a capped prediction gets no parking bound).
 
     Kept only while many decode: the first ``rows`` builds them from the decoding set, starts
     and ends keep them from then on (a row is written when a search reads it: most iterations

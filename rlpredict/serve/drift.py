@@ -186,9 +186,8 @@ def group_report(name: str, probs: np.ndarray, rl: np.ndarray, pred_q: np.ndarra
                  "tv_vs_predicted": _tv(observed, predicted),
                  "tv_vs_reference": _tv(observed, ref) if ref is not None else None,
                  "median_rl": float(np.median(rl)), "coverage": {}, "problems": [], "notes": []}
-    # never below the rows' own bound (the sampled percentile is not monotone in the draws)
     by_rows = bounds.max_tv + sampling_tv(predicted, n)
-    limit = max(by_rows, bounds.max_tv + sampling_tv(predicted, draws)) if draws < n else by_rows
+    limit = _draws_limit(by_rows, bounds.max_tv, predicted, draws, n)
     row["tv_limit_predicted"] = limit
     if row["tv_vs_predicted"] > limit:
         row["problems"].append(f"predicted distribution off by TV {_beyond(row['tv_vs_predicted'], '>', limit)}")
@@ -196,7 +195,7 @@ def group_report(name: str, probs: np.ndarray, rl: np.ndarray, pred_q: np.ndarra
         row["notes"].append(f"its {n} rows are {draws} independent draw(s) by their conversations and prompts: "
                             "too few for any distance to break the TV bound")
     if ref is not None:
-        limit = max(bounds.max_tv + sampling_tv(ref, n), bounds.max_tv + sampling_tv(ref, draws))
+        limit = _draws_limit(bounds.max_tv + sampling_tv(ref, n), bounds.max_tv, ref, draws, n)
         row["tv_limit_reference"] = limit
         if row["tv_vs_reference"] > limit:
             row["notes"].append(f"response lengths shifted by TV {_beyond(row['tv_vs_reference'], '>', limit)} "
@@ -216,6 +215,12 @@ def group_report(name: str, probs: np.ndarray, rl: np.ndarray, pred_q: np.ndarra
             if floor is not None and cov < floor:
                 row["problems"].append(f"q{q} covers {_beyond(cov, '<', floor)}")
     return row
+
+
+def _draws_limit(by_rows: float, max_tv: float, ref: np.ndarray, draws: int, n: int) -> float:
+    """A TV bound at ``draws`` independent draws of ``n`` rows, never below the rows' own
+    (``by_rows``: the sampled percentile is not monotone in the draws)."""
+    return max(by_rows, max_tv + sampling_tv(ref, draws)) if draws < n else by_rows
 
 
 def _beyond(value: float, op: str, bound: float) -> str:
