@@ -22,6 +22,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -217,6 +218,8 @@ def _usage_error(e: Any, path: str) -> NoReturn:
         raise typer.Exit(e.exit_code)
     path = e.ctx.command_path if e.ctx is not None else path
     what = " ".join(e.format_message().split())
+    # typer checks a choice through pydantic, whose "Value error, " prefix is dropped (only there)
+    what = re.sub(r"^(Invalid value for '[^']*': )Value error, ", r"\1", what)
     hint = f" (see '{path} --help')" if path and "(see " not in what else ""  # one pointer, not two
     typer.echo(f"error: {path + ': ' if path else ''}{what}{hint}", err=True)
     raise typer.Exit(e.exit_code)

@@ -11,8 +11,10 @@ environment variables (:class:`MiddlewareConfig`). For every HTTP ``POST`` it:
 2. in a thread pool (never on the event loop): parses it with ``json.loads``, the parser FastAPI
    uses for vLLM's endpoints, and removes every ``rl_*`` key from each ``vllm_xargs`` /
    ``extra_args`` mapping anywhere in it - the client's hints never reach the engine;
-3. for ``/v1/chat/completions`` (the ``messages``) and ``/v1/completions`` (a single ``prompt``
-   string), runs the predictor on the text the user sent, as the bundle's input spec reads it
+3. for ``/v1/chat/completions`` (the ``messages``), ``/v1/completions`` (a single ``prompt``
+   string), SageMaker's ``/invocations`` (either, :func:`predict_field`) and the Anthropic
+   Messages API's ``/v1/messages`` (the chat vLLM makes of it, :func:`anthropic_messages`),
+   runs the predictor on the text the user sent, as the bundle's input spec reads it
    (e.g. the last user message, prefixed with the served model's name), and sets ``rl_bucket``,
    ``rl_pred_tokens`` and ``rl_reserve_tokens`` in ``vllm_xargs``;
 4. passes the body on: the original bytes when nothing changed; with the predicted
@@ -59,8 +61,13 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ENV_PREFIX = "ECOSERVE_MIDDLEWARE_"
-#: Endpoints whose requests are predicted, and the field holding what the user sent.
-PREDICT_PATHS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
+#: Endpoints whose requests are predicted, and the field holding what the user sent
+#: (``ANTHROPIC``: the Messages API's ``system`` and ``messages``, ``anthropic_messages``).
+ANTHROPIC = "system+messages"
+PREDICT_PATHS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/v1/messages": ANTHROPIC}
+#: SageMaker's route, which vLLM hands chat and completion bodies alike (``predict_field``).
+INVOCATIONS = "/invocations"
+PREDICTED_ROUTES = frozenset({*PREDICT_PATHS, INVOCATIONS})
 #: Mappings that become ``SamplingParams.extra_args`` (vLLM's request models and /inference).
 XARG_FIELDS = ("vllm_xargs", "extra_args")
 HINT_PREFIX = "rl_"
@@ -137,13 +144,31 @@ def strip_hints(doc: Any) -> int:
     return removed
 
 
+def predict_field(path: str | None, doc: Any) -> str | None:
+    """The field of ``doc`` holding what the user sent on ``path``, or None where nothing is
+    predicted. On ``/invocations`` vLLM validates the body as each request type it serves in
+    turn and takes the first that fits, chat before completion: a body whose ``messages`` is a
+    list of objects with a string ``role`` is read as a chat (a chat with no user text gets no
+    prediction, as on ``/v1/chat/completions``), else one with a ``prompt`` as a completion;
+    anything else (a pooling request, SageMaker's session calls) is not predicted. Was: the
+    route was only stripped, so a SageMaker deployment got the scheduler's default
+    reservation."""
+    field = PREDICT_PATHS.get(path or "")
+    if field is not None or path != INVOCATIONS or not isinstance(doc, dict):
+        return field
+    messages = doc.get("messages")
+    if isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        return "messages"
+    return "prompt" if "prompt" in doc else None
+
+
 def predictor_input(doc: dict, field: str) -> str | list[dict[str, str]] | None:
     """What the user sent, as the predictor takes it: the chat's messages, read by the rule of
     ``rlpredict annotate`` and the trace reader (``records.parse_messages`` with
     ``TRACE_MESSAGES``: roles as ``ROLE_ALIASES`` map them, text parts joined), or the
     completion's single prompt string; None when there is no user text or the messages are not
     valid (was: a rule of its own, to which ``"role": "User"`` was no user)."""
-    value = doc.get(field)
+    value = anthropic_messages(doc) if field == ANTHROPIC else doc.get(field)
     if field == "prompt":
         if isinstance(value, list) and len(value) == 1:
             value = value[0]
@@ -153,6 +178,102 @@ def predictor_input(doc: dict, field: str) -> str | list[dict[str, str]] | None:
     except RecordError:
         return None
     return messages if any(m["role"] == "user" and m["content"] for m in messages) else None
+
+
+#: The text of a system block Claude Code sends with a per-request hash, which vLLM drops.
+BILLING_HEADER = "x-anthropic-billing-header"
+
+
+def anthropic_messages(doc: dict) -> list[dict[str, Any]] | None:
+    """The chat messages vLLM builds from an Anthropic Messages API body (``/v1/messages``), as
+    far as their text goes: the top-level ``system`` first (a string, or its text blocks joined
+    without a separator, Claude Code's billing header left out), then each message, its text
+    blocks as text parts and its images as media parts (skipped when read); a user's
+    ``tool_result`` becomes a ``tool`` message of its own, before the user's, and a user message
+    left with no content is dropped; an assistant's ``tool_result`` is the text part ``Tool
+    result: ...``; thinking and tool calls are not text. None if the body has no such list. A
+    template that wants the system text first makes vLLM move inline system messages to the
+    top (not done here: it depends on the served model's template)."""
+    messages = doc.get("messages")
+    if not isinstance(messages, list):
+        return None
+    out: list[dict[str, Any]] = []
+    system = doc.get("system")
+    text = system if isinstance(system, str) else _system_text(system)  # a string is kept whole
+    if text:
+        out.append({"role": "system", "content": text})
+    for m in messages:
+        if not isinstance(m, dict):
+            return None
+        role, content = m.get("role"), m.get("content")
+        if role == "system":
+            if text := _system_text(content):
+                out.append({"role": "system", "content": text})
+            continue
+        msg: dict[str, Any] = {"role": role}
+        if isinstance(content, str):
+            msg["content"] = content
+        elif isinstance(content, list):
+            parts: list[dict[str, Any]] = []
+            for block in content:
+                if not isinstance(block, dict):
+                    return None
+                kind = block.get("type")
+                if kind == "text" and isinstance(block.get("text"), str) and block["text"]:
+                    parts.append({"type": "text", "text": block["text"]})
+                elif kind == "image" and block.get("source"):
+                    parts.append({"type": "image_url", "image_url": {"url": ""}})
+                elif kind == "tool_result" and role == "user":
+                    out.extend(_user_tool_result(block.get("content")))
+                elif kind == "tool_result":
+                    result = block.get("content")
+                    parts.append({"type": "text", "text": f"Tool result: {str(result) if result else ''}"})
+            if parts:
+                msg["content"] = parts[0]["text"] if len(parts) == 1 and parts[0]["type"] == "text" else parts
+        else:
+            return None
+        if role != "user" or "content" in msg:
+            out.append(msg)
+    return out
+
+
+def _system_text(content: Any) -> str | None:
+    """A system message's text as vLLM takes it: a string (None if it is Claude Code's billing
+    header), or the text blocks' texts joined, billing headers left out."""
+    if isinstance(content, str):
+        return None if content.startswith(BILLING_HEADER) else content
+    if not isinstance(content, list):
+        return None
+    texts = [b["text"] for b in content if isinstance(b, dict) and b.get("type") == "text"
+             and isinstance(b.get("text"), str) and b["text"] and not b["text"].startswith(BILLING_HEADER)]
+    return "".join(texts) or None
+
+
+def _user_tool_result(content: Any) -> list[dict[str, Any]]:
+    """The messages vLLM makes of a user's ``tool_result`` with this ``content``: a ``tool``
+    message of its text (a string, or its text items joined by newlines), then a user message of
+    its images if it has any, then a ``tool`` message of its tool references if it has any (a
+    screenshot's result thus ends the chat with a user message with no text, as in vLLM)."""
+    if not isinstance(content, list):
+        return [{"role": "tool", "content": content if isinstance(content, str) else ""}]
+    items = [i for i in content if isinstance(i, dict)]
+    text = "\n".join(str(i.get("text", "")) for i in items if i.get("type") == "text")
+    out: list[dict[str, Any]] = [{"role": "tool", "content": text}]
+    images = sum(1 for i in items if i.get("type") == "image" and _image_url(i.get("source", {})))
+    if images:
+        out.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}] * images})
+    refs = sum(1 for i in items if i.get("type") == "tool_reference" and (i.get("tool_name") or i.get("name")))
+    if refs:
+        out.append({"role": "tool", "content": [{"type": "tool_reference"}] * refs})
+    return out
+
+
+def _image_url(source: Any) -> bool:
+    """Whether vLLM gets an image URL from an image block's ``source``: a ``url`` source's URL if
+    not empty, else always (a base64 data URI)."""
+    if not isinstance(source, dict):
+        return False  # (vLLM fails such a request)
+    return bool(source.get("url")) if source.get("type") == "url" else True
 
 
 def cannot_hold_hints(body: bytes) -> bool:
@@ -248,7 +369,7 @@ class EcoServePredictMiddleware:
         mode = f"predictor {self.cfg.predictor or type(predictor).__name__}" if predictor else "no predictor"
         logger.info("EcoServe middleware: %s on %s; client rl_* hints stripped from every JSON body; "
                     "max body %d bytes, %d threads, at most %d pending, %g s per prediction; "
-                    "ECOSERVE_TRUST_CLIENT_HINTS=%d", mode, ", ".join(PREDICT_PATHS),
+                    "ECOSERVE_TRUST_CLIENT_HINTS=%d", mode, ", ".join([*PREDICT_PATHS, INVOCATIONS]),
                     self.cfg.max_body_bytes, self.cfg.threads, self.cfg.max_pending,
                     self.cfg.timeout_s, self.cfg.trust_client_hints)
         if predictor is not None and not self.cfg.trust_client_hints:
@@ -312,7 +433,7 @@ class EcoServePredictMiddleware:
         chunks.clear()  # one copy of the body per waiting request (was: two)
         chunk, message = b"", {}
         result = None
-        if self.predictor is not None and path in PREDICT_PATHS:
+        if self.predictor is not None and path in PREDICTED_ROUTES:
             if self._pending < self.cfg.max_pending and len(self._stuck) < self.cfg.threads:
                 result = await self._predicted(body, path, served)
             else:  # every queue slot taken, or every thread held by a prediction past its timeout
@@ -320,7 +441,7 @@ class EcoServePredictMiddleware:
                 self._warn("shed", "%d predictions in flight (ECOSERVE_MIDDLEWARE_MAX_PENDING), %d of them "
                            "past ECOSERVE_MIDDLEWARE_TIMEOUT_S; requests go on without a prediction",
                            self._pending, len(self._stuck))
-        if result is None and path not in PREDICT_PATHS and _json_type(types) and cannot_hold_hints(body):
+        if result is None and path not in PREDICTED_ROUTES and _json_type(types) and cannot_hold_hints(body):
             # nothing to strip, so not parsed (was: any JSON POST, to a path vLLM routes nowhere
             # or does not guard, parsed on the one checking thread: 16 unauthenticated 4 MiB
             # bodies made an authorized request wait 46 s, or refused it with 503)
@@ -437,7 +558,7 @@ class EcoServePredictMiddleware:
             return Rewrite(None, "not_json")
         stripped = strip_hints(doc)
         outcome, hints, error = "other_path", None, None
-        field = PREDICT_PATHS.get(path or "")
+        field = predict_field(path, doc)
         if field is not None and isinstance(doc, dict):
             request = predictor_input(doc, field)
             xargs = doc.get("vllm_xargs")

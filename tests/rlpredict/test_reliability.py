@@ -1266,6 +1266,9 @@ def test_a_blank_data_path_is_refused(command, tmp_path, monkeypatch):
     ("ecoserve", ["bogus"], "error: ecoserve: No such command 'bogus'."),
     ("ecoserve", ["compare", "--policies"], "error: ecoserve compare: Option '--policies' requires an argument."),
     ("ecoserve", ["simulate", "--rate-scale", "abc"], "error: ecoserve simulate: Invalid value for '--rate-scale'"),
+    # a bad choice, without pydantic's "Value error, " (was: in typer's words)
+    ("rlpredict", ["annotate", "--engine", "bogus", "x"],
+     "error: rlpredict annotate: Invalid value for '--engine': 'bogus' is not one of 'local', 'ray'."),
 ])
 def test_a_bad_option_is_one_line_naming_the_command(cli, args, says):
     """A bad option, argument or command: one line naming the command and pointing at its
