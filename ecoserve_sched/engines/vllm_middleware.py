@@ -186,14 +186,14 @@ BILLING_HEADER = "x-anthropic-billing-header"
 
 def anthropic_messages(doc: dict) -> list[dict[str, Any]] | None:
     """The chat messages vLLM builds from an Anthropic Messages API body (``/v1/messages``), as
-    far as their text goes: the top-level ``system`` first (a string, or its text blocks joined
-    without a separator, Claude Code's billing header left out), then each message, its text
+    far as their text goes: the top-level ``system`` first (a string whole, or its text blocks
+    joined without a separator, Claude Code's billing header left out), then each message, its text
     blocks as text parts and its images as media parts (skipped when read); a user's
     ``tool_result`` becomes a ``tool`` message of its own, before the user's, and a user message
     left with no content is dropped; an assistant's ``tool_result`` is the text part ``Tool
-    result: ...``; thinking and tool calls are not text. None if the body has no such list. A
-    template that wants the system text first makes vLLM move inline system messages to the
-    top (not done here: it depends on the served model's template)."""
+    result: ...``; thinking and tool calls are not text. None if the body has no such list.
+    Where the served model's chat template wants the system text first (or it has none), vLLM
+    merges the inline system messages' text into the leading one; not done here."""
     messages = doc.get("messages")
     if not isinstance(messages, list):
         return None
