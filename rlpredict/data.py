@@ -145,7 +145,7 @@ def _text(v: Any, loc: str, name: str) -> str:
     if isinstance(v, list):  # OpenAI content parts
         parts = part_texts(v, all_text=True)
         if parts is None:
-            raise DataError(loc, "content parts must be objects with a 'text' string", name)
+            raise DataError(loc, "content parts must be text parts: objects with a 'text' string (or a 'refusal' or 'thinking' one)", name)
         v = PART_SEPARATOR.join(parts)
     if not isinstance(v, str):
         raise DataError(loc, f"expected a string, got {type(v).__name__}", name)

@@ -60,9 +60,12 @@ _PLAIN_INT = re.compile(r"[ \t\r\n\f\v]*[+-]?[0-9]+[ \t\r\n\f\v]*")
 #: pattern is linear, this bounds it (a 64,000-digit cell took a reviewer's run 105 s with an
 #: earlier, ambiguous pattern).
 MAX_NUMBER_CHARS = 1024
-#: Content-part types that carry text: Chat Completions' "text" (also a part with no ``type``)
-#: and the Responses API's "input_text".
-TEXT_PART_TYPES = ("text", "input_text")
+#: Content-part types that carry text, each with the key that holds it, as vLLM (0.33) reads a
+#: chat request: Chat Completions' "text", the Responses API's "input_text" and "output_text",
+#: an assistant's "refusal" and "thinking". (A part with no ``type`` and a ``text`` is text here
+#: too, as logs write it; vLLM refuses it.)
+TEXT_PART_KEYS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
+                  "thinking": "thinking"}
 #: The keys of vLLM's (0.33) content parts that come without a ``type`` and are not text; a
 #: ``uuid`` alone refers to media the server has cached.
 UNTYPED_MEDIA_KEYS = ("image_url", "audio_url", "video_url", "input_audio", "image_embeds", "audio_embeds",
@@ -316,13 +319,15 @@ def _unicode(text: str, what: str) -> str:
 
 def is_text_part(part: Any) -> bool:
     """An OpenAI content part that carries text: an object whose ``type`` is one of
-    ``TEXT_PART_TYPES``, or with no ``type`` and a ``text`` (null as absent: Parquet gives every
+    ``TEXT_PART_KEYS``, or with no ``type`` and a ``text`` (null as absent: Parquet gives every
     part every key of the column). The one rule of every path (training, traces, the vLLM
     middleware); ``part_texts`` says what the other parts are."""
     if not isinstance(part, Mapping):
         return False
     kind = part.get("type")
-    return kind in TEXT_PART_TYPES if kind is not None else part.get("text") is not None
+    if kind is None:
+        return part.get("text") is not None
+    return isinstance(kind, str) and kind in TEXT_PART_KEYS  # (a list or an object is no key)
 
 
 def _media_part(part: Mapping) -> bool:
@@ -330,15 +335,16 @@ def _media_part(part: Mapping) -> bool:
     without a ``type`` (``{"image_url": URL}``, ``audio_url``, ``video_url``, ``image_embeds``...)."""
     kind = part.get("type")
     if kind is not None:
-        return kind not in TEXT_PART_TYPES
+        return not is_text_part(part)
     return any(part.get(k) is not None for k in UNTYPED_MEDIA_KEYS)
 
 
 def part_texts(parts: list, all_text: bool) -> list[str] | None:
-    """The texts of a content-part list's text parts, in order; ``all_text``: every part must be
-    one. Else, as vLLM reads a request, media parts are skipped, a string is a text part, and a
-    text part whose text is null is skipped. None if a part is neither (``{}``, a number), a text
-    part's text is not a string, or (``all_text``) a part is not a text part with a string."""
+    """The non-empty texts of a content-part list's text parts, in order (vLLM drops empty ones);
+    ``all_text``: every part must be a text part. Else, as vLLM reads a request, media parts are
+    skipped, a string is a text part, and a text part whose text is null is skipped. None if a
+    part is neither (``{}``, a number), a text part's text is not a string, or (``all_text``) a
+    part is not a text part with a string."""
     return _part_texts(parts, all_text)[0]
 
 
@@ -347,13 +353,15 @@ def _part_texts(parts: list, all_text: bool) -> tuple[list[str] | None, int]:
     texts = []
     for j, p in enumerate(parts):
         if isinstance(p, str) and not all_text:  # vLLM takes a string as a text part
-            texts.append(p)
+            if p:
+                texts.append(p)
         elif not isinstance(p, Mapping):
             return None, j
         elif is_text_part(p):
-            t = p.get("text")
+            t = p.get(TEXT_PART_KEYS.get(p.get("type") or "text", "text"))
             if isinstance(t, str):
-                texts.append(t)
+                if t:
+                    texts.append(t)
             elif t is not None or all_text:
                 return None, j  # (a typed text part with a null text is skipped, as vLLM skips it)
         elif all_text or not _media_part(p):  # an object that is neither text nor media ({})
@@ -367,8 +375,8 @@ def _content(content: Any, i: int, name: str, rules: MessageRules) -> str:
     if isinstance(content, list):  # OpenAI content parts
         texts, j = _part_texts(content, rules.all_parts_text)
         if texts is None and rules.all_parts_text:
-            raise RecordError("", f"message {i}: content parts must be objects with a 'text' string", name,
-                              kind="a message's content parts are not objects with a 'text' string")
+            raise RecordError("", f"message {i}: content parts must be text parts: objects with a 'text' string (or a 'refusal' or 'thinking' one)", name,
+                              kind="a message's content parts are not all text parts")
         if texts is None:
             raise RecordError("", f"message {i} part {j}: neither text (a string, or an object with a 'text' "
                               f"string) nor a media part (a 'type', or vLLM's image_url, audio_url, ...), got "

@@ -12,9 +12,9 @@ environment variables (:class:`MiddlewareConfig`). For every HTTP ``POST`` it:
    uses for vLLM's endpoints, and removes every ``rl_*`` key from each ``vllm_xargs`` /
    ``extra_args`` mapping anywhere in it - the client's hints never reach the engine;
 3. for ``/v1/chat/completions`` (the ``messages``), ``/v1/completions`` (a single ``prompt``
-   string), SageMaker's ``/invocations`` (either, :func:`predict_field`) and the Anthropic
-   Messages API's ``/v1/messages`` (the chat vLLM makes of it, :func:`anthropic_messages`),
-   runs the predictor on the text the user sent, as the bundle's input spec reads it
+   string), SageMaker's ``/invocations`` (either, :func:`predict_field`), the Anthropic
+   Messages API's ``/v1/messages`` and the Responses API's ``/v1/responses`` (the chat vLLM
+   makes of each, :func:`anthropic_messages`, :func:`responses_messages`), runs the predictor on the text the user sent, as the bundle's input spec reads it
    (e.g. the last user message, prefixed with the served model's name), and sets ``rl_bucket``,
    ``rl_pred_tokens`` and ``rl_reserve_tokens`` in ``vllm_xargs``;
 4. passes the body on: the original bytes when nothing changed; with the predicted
@@ -64,7 +64,10 @@ ENV_PREFIX = "ECOSERVE_MIDDLEWARE_"
 #: Endpoints whose requests are predicted, and the field holding what the user sent
 #: (``ANTHROPIC``: the Messages API's ``system`` and ``messages``, ``anthropic_messages``).
 ANTHROPIC = "system+messages"
-PREDICT_PATHS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/v1/messages": ANTHROPIC}
+#: The Responses API's ``instructions`` and ``input`` (``responses_messages``).
+RESPONSES = "instructions+input"
+PREDICT_PATHS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/v1/messages": ANTHROPIC,
+                 "/v1/responses": RESPONSES}
 #: SageMaker's route, which vLLM hands chat and completion bodies alike (``predict_field``).
 INVOCATIONS = "/invocations"
 PREDICTED_ROUTES = frozenset({*PREDICT_PATHS, INVOCATIONS})
@@ -168,7 +171,8 @@ def predictor_input(doc: dict, field: str) -> str | list[dict[str, str]] | None:
     ``TRACE_MESSAGES``: roles as ``ROLE_ALIASES`` map them, text parts joined), or the
     completion's single prompt string; None when there is no user text or the messages are not
     valid (was: a rule of its own, to which ``"role": "User"`` was no user)."""
-    value = anthropic_messages(doc) if field == ANTHROPIC else doc.get(field)
+    convert = _CONVERTERS.get(field)
+    value = convert(doc) if convert is not None else doc.get(field)
     if field == "prompt":
         if isinstance(value, list) and len(value) == 1:
             value = value[0]
@@ -235,6 +239,73 @@ def anthropic_messages(doc: dict) -> list[dict[str, Any]] | None:
         if role != "user" or "content" in msg:
             out.append(msg)
     return out
+
+
+def responses_messages(doc: dict) -> list[dict[str, Any]] | None:
+    """The chat messages vLLM builds from a Responses API body (``/v1/responses``), as far as
+    their text goes: ``instructions`` as a system message, then a string ``input`` as the user's
+    message, or each input item in turn. An item with a ``role`` is a message as it is, except an
+    assistant's with a text (a string, or its first part's): that is an assistant message of that
+    text, or the text of the assistant message just before it if that has none yet. A function's
+    or custom tool's output is a ``tool`` message. Reasoning and tool calls carry no text; they
+    open an assistant message or join the one just before it, as vLLM merges them (a tool call
+    joins one whose ``tool_calls`` is absent or a list, a reasoning one without reasoning). None where
+    vLLM would read more than the body (``previous_response_id``: a conversation it holds;
+    gpt-oss's ``previous_input_messages``) or would refuse an item (encrypted reasoning, a type
+    it does not take)."""
+    if doc.get("previous_response_id") is not None or doc.get("previous_input_messages"):
+        return None
+    instructions, items = doc.get("instructions"), doc.get("input")
+    out: list[dict[str, Any]] = []
+    if isinstance(instructions, str) and instructions:
+        out.append({"role": "system", "content": instructions})
+    if isinstance(items, str):
+        return [*out, {"role": "user", "content": items}]
+    if not isinstance(items, list):
+        return None
+    start = len(out)  # vLLM merges within the input's messages only
+    for item in items:
+        if not isinstance(item, dict):
+            return None
+        kind = item.get("type")
+        prev = out[-1] if len(out) > start and out[-1].get("role") == "assistant" else None
+        if kind in ("function_call", "custom_tool_call"):
+            calls = None if prev is None else prev.get("tool_calls")
+            if prev is not None and (calls is None or isinstance(calls, list)):
+                prev["tool_calls"] = [*(calls or []), kind]  # a new list: the client's stays as sent
+            else:
+                out.append({"role": "assistant", "tool_calls": [kind]})
+        elif kind == "reasoning":
+            if item.get("encrypted_content"):
+                return None
+            if prev is not None and prev.get("reasoning") is None:
+                prev["reasoning"] = True
+            else:
+                out.append({"role": "assistant", "reasoning": True})
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            out.append({"role": "tool", "content": item.get("output")})
+        elif "role" not in item:
+            return None
+        elif item["role"] != "assistant":
+            out.append({**item})  # a copy: a merge must not change the body passed on
+        else:
+            content = item.get("content")
+            if isinstance(content, list) and content:
+                if not isinstance(content[0], dict):
+                    return None
+                text = content[0].get("text")
+            else:
+                text = content if isinstance(content, str) else None
+            if text is None:
+                out.append({**item})
+            elif prev is not None and prev.get("content") is None:
+                prev["content"] = text
+            else:
+                out.append({"role": "assistant", "content": text})
+    return out
+
+
+_CONVERTERS = {ANTHROPIC: anthropic_messages, RESPONSES: responses_messages}
 
 
 def _system_text(content: Any) -> str | None:

@@ -393,11 +393,20 @@ def test_a_count_is_a_number_or_a_plain_number_string(tmp_path):
     ([{"type": "text", "text": None}, {"type": "text", "text": "b"}], ["b"], None),  # vLLM skips a null text
     ([{}], None, None), ([{"content": "hi"}], None, None), ([{"type": None, "value": "hi"}], None, None),
     ([3], None, None), ([{"type": "text", "text": 5}], None, None),
+    # vLLM's other text parts, each with its own key; empty texts are dropped on every path
+    ([{"type": "refusal", "refusal": "no"}, {"type": "output_text", "text": "a"}], ["no", "a"], ["no", "a"]),
+    ([{"type": "thinking", "thinking": "hm", "signature": "s"}, {"type": "text", "text": "a"}], ["hm", "a"], ["hm", "a"]),
+    ([{"type": "refusal", "refusal": None}, {"type": "refusal", "text": "x"}], [], None),  # null, absent: skipped
+    (["", {"type": "text", "text": ""}, {"type": "input_text", "text": "b"}], ["b"], None),
+    ([{"type": "text", "text": ""}, {"type": "text", "text": "b"}], ["b"], ["b"]),
+    ([{"type": ["text"], "text": "a"}, {"type": {"k": 1}}], [], None),  # a type that is no name: not text
 ])
 def test_content_parts_are_read_as_vllm_reads_them(parts, trace, log):
     """Traces and the middleware (``all_text=False``) read parts as vLLM does; training logs
     (``all_text=True``) take text parts only. Was: an untyped media part was a text part without
-    a text, and the request lost its prediction (reviewers of the middleware's shared rule)."""
+    a text, and the request lost its prediction (reviewers of the middleware's shared rule); a
+    ``refusal``, ``thinking`` or ``output_text`` part was skipped as media and an empty text was
+    kept as an empty line, where vLLM reads the first three as text and drops the last."""
     from rlpredict.records import part_texts
 
     assert part_texts(parts, all_text=False) == trace
