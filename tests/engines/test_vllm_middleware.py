@@ -11,6 +11,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -339,6 +340,28 @@ def _random_anthropic_body(rng: random.Random) -> dict:
     return doc
 
 
+def _compare_with_vllm(vllms: Callable[[dict], Any], hand: list, random_body: Callable[[random.Random], dict],
+                       field: str, refused: tuple[type[BaseException], ...]) -> int:
+    """Check the hand-written bodies' expected messages against ``vllms`` (what vLLM builds, as
+    ``predictor_input`` reads it), then 3,000 random bodies: ``predictor_input(doc, field)``
+    reads each body vLLM takes as vLLM does, and leaves the body unchanged. Returns how many were
+    compared (a body vLLM refuses is served nothing, whatever the hints)."""
+    for doc, expected in hand:
+        assert vllms(doc) == expected, doc
+    rng, compared = random.Random(0), 0
+    for _ in range(3000):
+        doc = random_body(rng)
+        try:
+            theirs = vllms(doc)
+        except refused:
+            continue
+        before = json.dumps(doc)
+        assert vm.predictor_input(doc, field) == theirs, doc
+        assert json.dumps(doc) == before
+        compared += 1
+    return compared
+
+
 def test_anthropic_messages_match_vllms_converter() -> None:
     """The hand-checked bodies above and 3,000 random ones read as the chat vLLM 0.33's
     ``AnthropicServingMessages.to_chat_completion_request`` builds (its module needs orjson,
@@ -353,18 +376,8 @@ def test_anthropic_messages_match_vllms_converter() -> None:
         converted = AnthropicServingMessages.to_chat_completion_request(AnthropicMessagesRequest.model_validate(doc))
         return vm.predictor_input({"messages": [dict(m) for m in converted.messages]}, "messages")
 
-    for doc, expected in ANTHROPIC_BODIES:
-        assert vllms(doc) == expected, doc
-    rng, compared = random.Random(0), 0
-    for _ in range(3000):
-        doc = _random_anthropic_body(rng)
-        try:
-            theirs = vllms(doc)
-        except (pydantic.ValidationError, ValueError, TypeError, AttributeError):
-            continue  # vLLM refuses the body: nothing is served, whatever the hints
-        assert vm.predictor_input(doc, vm.ANTHROPIC) == theirs, doc
-        compared += 1
-    assert compared > 2000
+    refused = (pydantic.ValidationError, ValueError, TypeError, AttributeError)
+    assert _compare_with_vllm(vllms, ANTHROPIC_BODIES, _random_anthropic_body, vm.ANTHROPIC, refused) > 2000
 
 
 def _reasoning(text: str) -> dict:
@@ -513,20 +526,8 @@ def test_responses_match_vllms_construct_input_messages(caplog: pytest.LogCaptur
         return vm.predictor_input({"messages": json.loads(json.dumps(messages, default=list))}, "messages")
 
     caplog.set_level(logging.ERROR)  # vLLM warns of a reasoning item read from its summary
-    for doc, expected in RESPONSES_BODIES:
-        assert vllms(doc) == expected, doc
-    rng, compared = random.Random(0), 0
-    for _ in range(3000):
-        doc = _random_responses_body(rng)
-        try:
-            theirs = vllms(doc)
-        except (pydantic.ValidationError, VLLMValidationError, IndexError, AttributeError):
-            continue  # vLLM refuses the body (or fails on it): nothing is served, whatever the hints
-        before = json.dumps(doc)
-        assert vm.predictor_input(doc, vm.RESPONSES) == theirs, doc
-        assert json.dumps(doc) == before
-        compared += 1
-    assert compared > 1500
+    refused = (pydantic.ValidationError, VLLMValidationError, IndexError, AttributeError)  # (vLLM fails on some)
+    assert _compare_with_vllm(vllms, RESPONSES_BODIES, _random_responses_body, vm.RESPONSES, refused) > 1500
 
 
 def test_text_parts_are_joined_as_vllm_joins_them(caplog: pytest.LogCaptureFixture) -> None:
