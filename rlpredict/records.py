@@ -358,7 +358,7 @@ def _part_texts(parts: list, all_text: bool) -> tuple[list[str] | None, int]:
         elif not isinstance(p, Mapping):
             return None, j
         elif is_text_part(p):
-            t = p.get(TEXT_PART_KEYS.get(p.get("type") or "text", "text"))
+            t = p.get(TEXT_PART_KEYS.get(p.get("type"), "text"))  # (no type: "text")
             if isinstance(t, str):
                 if t:
                     texts.append(t)

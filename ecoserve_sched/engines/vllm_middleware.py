@@ -14,8 +14,9 @@ environment variables (:class:`MiddlewareConfig`). For every HTTP ``POST`` it:
 3. for ``/v1/chat/completions`` (the ``messages``), ``/v1/completions`` (a single ``prompt``
    string), SageMaker's ``/invocations`` (either, :func:`predict_field`), the Anthropic
    Messages API's ``/v1/messages`` and the Responses API's ``/v1/responses`` (the chat vLLM
-   makes of each, :func:`anthropic_messages`, :func:`responses_messages`), runs the predictor on the text the user sent, as the bundle's input spec reads it
-   (e.g. the last user message, prefixed with the served model's name), and sets ``rl_bucket``,
+   makes of each, :func:`anthropic_messages`, :func:`responses_messages`), runs the predictor
+   on the text the user sent, as the bundle's input spec reads it (e.g. the last user message,
+   prefixed with the served model's name), and sets ``rl_bucket``,
    ``rl_pred_tokens`` and ``rl_reserve_tokens`` in ``vllm_xargs``;
 4. passes the body on: the original bytes when nothing changed; with the predicted
    ``vllm_xargs`` appended as the object's last member when no client hint was found (no full
@@ -249,8 +250,8 @@ def responses_messages(doc: dict) -> list[dict[str, Any]] | None:
     text, or the text of the assistant message just before it if that has none yet. A function's
     or custom tool's output is a ``tool`` message. Reasoning and tool calls carry no text; they
     open an assistant message or join the one just before it, as vLLM merges them (a tool call
-    joins one whose ``tool_calls`` is absent or a list, a reasoning one without reasoning). None where
-    vLLM would read more than the body (``previous_response_id``: a conversation it holds;
+    joins one whose ``tool_calls`` is absent or a list, a reasoning one without reasoning). None
+    where vLLM would read more than the body (``previous_response_id``: a conversation it holds;
     gpt-oss's ``previous_input_messages``) or would refuse an item (encrypted reasoning, a type
     it does not take)."""
     if doc.get("previous_response_id") is not None or doc.get("previous_input_messages"):
