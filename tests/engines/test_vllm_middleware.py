@@ -537,7 +537,12 @@ def test_text_parts_are_joined_as_vllm_joins_them(caplog: pytest.LogCaptureFixtu
     skipped as media and empty texts kept as empty lines, 3,033 of 5,000 such lists read otherwise
     than vLLM reads them. (Media parts differ by design: vLLM puts placeholders in the text, a
     text-only predictor skips them.)"""
-    from vllm.renderers.chat_utils.chat_message import parse_chat_message_content_parts
+    try:
+        from vllm.renderers.chat_utils.chat_message import parse_chat_message_content_parts
+    except ImportError:  # vLLM 0.32: the same function, private, in one module
+        from vllm.renderers.chat_utils import (
+            _parse_chat_message_content_parts as parse_chat_message_content_parts,
+        )
 
     from rlpredict.records import PART_SEPARATOR, TEXT_PART_KEYS, part_texts
 
