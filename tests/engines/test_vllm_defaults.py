@@ -575,6 +575,11 @@ def test_untested_features_are_said_at_startup(cls: type, caplog: pytest.LogCapt
     not tested, so not claimed (docs/engines.md): start-up says so in one warning (was: taken
     without a word). The ngram speculator still runs requests to the end (the fake model rejects
     every draft)."""
+    import vllm
+
+    if vllm.__version__.startswith("0.32."):  # vLLM's own, not the plug-in's: its Scheduler fails the same
+        pytest.skip("vLLM 0.32 refuses n-gram speculation with async scheduling, and its own Scheduler "
+                    "fails this drive with it (an IndexError in its block pool)")
     spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
     with caplog.at_level("WARNING", logger="ecoserve_sched.engines.vllm_scheduler"):
         s = build(cls, prefix_caching=True, speculative=spec)
