@@ -264,12 +264,11 @@ def responses_messages(doc: dict) -> list[dict[str, Any]] | None:
         return [*out, {"role": "user", "content": items}]
     if not isinstance(items, list):
         return None
-    start = len(out)  # vLLM merges within the input's messages only
     for item in items:
         if not isinstance(item, dict):
             return None
         kind = item.get("type")
-        prev = out[-1] if len(out) > start and out[-1].get("role") == "assistant" else None
+        prev = out[-1] if out and out[-1].get("role") == "assistant" else None
         if kind in ("function_call", "custom_tool_call"):
             calls = None if prev is None else prev.get("tool_calls")
             if prev is not None and (calls is None or isinstance(calls, list)):
