@@ -166,14 +166,19 @@ def predict_field(path: str | None, doc: Any) -> str | None:
     return "prompt" if "prompt" in doc else None
 
 
-def predictor_input(doc: dict, field: str) -> str | list[dict[str, str]] | None:
+def predictor_input(doc: dict, field: str, last_user: bool = False) -> str | list[dict[str, str]] | None:
     """What the user sent, as the predictor takes it: the chat's messages, read by the rule of
     ``rlpredict annotate`` and the trace reader (``records.parse_messages`` with
     ``TRACE_MESSAGES``: roles as ``ROLE_ALIASES`` map them, text parts joined), or the
     completion's single prompt string; None when there is no user text or the messages are not
-    valid (was: a rule of its own, to which ``"role": "User"`` was no user)."""
-    convert = _CONVERTERS.get(field)
-    value = convert(doc) if convert is not None else doc.get(field)
+    valid (was: a rule of its own, to which ``"role": "User"`` was no user). ``last_user``: the
+    predictor reads the last user message alone (``responses_messages``'s ``stored``)."""
+    if field == ANTHROPIC:
+        value: Any = anthropic_messages(doc)
+    elif field == RESPONSES:
+        value = responses_messages(doc, stored=last_user)
+    else:
+        value = doc.get(field)
     if field == "prompt":
         if isinstance(value, list) and len(value) == 1:
             value = value[0]
@@ -242,7 +247,7 @@ def anthropic_messages(doc: dict) -> list[dict[str, Any]] | None:
     return out
 
 
-def responses_messages(doc: dict) -> list[dict[str, Any]] | None:
+def responses_messages(doc: dict, stored: bool = False) -> list[dict[str, Any]] | None:
     """The chat messages vLLM builds from a Responses API body (``/v1/responses``), as far as
     their text goes: ``instructions`` as a system message, then a string ``input`` as the user's
     message, or each input item in turn. An item with a ``role`` is a message as it is, except an
@@ -251,10 +256,12 @@ def responses_messages(doc: dict) -> list[dict[str, Any]] | None:
     or custom tool's output is a ``tool`` message. Reasoning and tool calls carry no text; they
     open an assistant message or join the one just before it, as vLLM merges them (a tool call
     joins one whose ``tool_calls`` is absent or a list, a reasoning one without reasoning). None
-    where vLLM would read more than the body (``previous_response_id``: a conversation it holds;
-    gpt-oss's ``previous_input_messages``) or would refuse an item (encrypted reasoning, a type
-    it does not take)."""
-    if doc.get("previous_response_id") is not None or doc.get("previous_input_messages"):
+    where vLLM would refuse an item (encrypted reasoning, a type it does not take), and where it
+    reads more than the body (``previous_response_id``: a conversation it holds; gpt-oss's
+    ``previous_input_messages``) unless ``stored``: then the messages of the body's own input,
+    which come after the stored ones, so that their last user message, if they hold one, is the
+    whole chat's (enough for a predictor that reads the last user message alone)."""
+    if not stored and (doc.get("previous_response_id") is not None or doc.get("previous_input_messages")):
         return None
     instructions, items = doc.get("instructions"), doc.get("input")
     out: list[dict[str, Any]] = []
@@ -303,9 +310,6 @@ def responses_messages(doc: dict) -> list[dict[str, Any]] | None:
             else:
                 out.append({"role": "assistant", "content": text})
     return out
-
-
-_CONVERTERS = {ANTHROPIC: anthropic_messages, RESPONSES: responses_messages}
 
 
 def _system_text(content: Any) -> str | None:
@@ -420,6 +424,9 @@ class EcoServePredictMiddleware:
             return
         self._limits = HINT_LIMITS
         self.predictor = predictor
+        # a predictor that reads the last user message alone can predict a Responses request that
+        # continues a stored conversation from its own input (``responses_messages``)
+        self._last_user = getattr(getattr(predictor, "input_spec", None), "mode", None) == "last_user"
         self._pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="ecoserve-predict")
         # bodies that get no prediction (other endpoints, shed, timed out) are checked here,
         # never queued behind predictions; at most plain_limit bytes of them wait or run
@@ -631,7 +638,7 @@ class EcoServePredictMiddleware:
         outcome, hints, error = "other_path", None, None
         field = predict_field(path, doc)
         if field is not None and isinstance(doc, dict):
-            request = predictor_input(doc, field)
+            request = predictor_input(doc, field, self._last_user)
             xargs = doc.get("vllm_xargs")
             if request is None or not (xargs is None or isinstance(xargs, dict)):
                 outcome = "no_text"

@@ -530,6 +530,77 @@ def test_responses_match_vllms_construct_input_messages(caplog: pytest.LogCaptur
     assert _compare_with_vllm(vllms, RESPONSES_BODIES, _random_responses_body, vm.RESPONSES, refused) > 1500
 
 
+def _last_user_stub(mode: str) -> Stub:
+    stub = Stub()
+    stub.input_spec = SimpleNamespace(mode=mode)  # type: ignore[attr-defined]
+    return stub
+
+
+@pytest.mark.parametrize(("doc", "seen"), [
+    ({"model": "m", "input": "Go on", "previous_response_id": "resp_1"}, [{"role": "user", "content": "Go on"}]),
+    ({"model": "m", "instructions": "Be brief.", "previous_response_id": "resp_1",
+      "input": [{"type": "function_call_output", "call_id": "c", "output": "42"},
+                {"role": "user", "content": "Thanks; now plot it"}]},
+     [{"role": "system", "content": "Be brief."}, {"role": "tool", "content": "42"},
+      {"role": "user", "content": "Thanks; now plot it"}]),
+    ({"model": "m", "input": "Go on", "previous_input_messages": [{"role": "user", "content": "x"}]},
+     [{"role": "user", "content": "Go on"}]),
+    # a tool's result alone: the last user message is in vLLM's store, so no prediction
+    ({"model": "m", "previous_response_id": "resp_1",
+      "input": [{"type": "function_call_output", "call_id": "c", "output": "42"}]}, None),
+])
+def test_a_continued_response_is_predicted_by_a_last_user_bundle(doc: dict, seen: Any) -> None:
+    """A Responses request that continues a stored conversation is predicted from its own input
+    by a bundle that reads the last user message alone (the shipped one's input spec): that
+    message, where the input holds one, is the whole chat's last, the stored turns coming first.
+    A ``history`` bundle, which would need the stored turns, still predicts none (was: none for
+    either, and agents send most turns this way)."""
+    raw = json.dumps(doc).encode()
+    stub = _last_user_stub("last_user")
+    body = json.loads(call(middleware(stub), raw, path="/v1/responses")[1])
+    if seen is None:
+        assert stub.seen == [] and "vllm_xargs" not in body
+    else:
+        assert stub.seen == [(seen, "m")] and body == {**doc, "vllm_xargs": PREDICTED}
+    history = _last_user_stub("history")
+    assert call(middleware(history), raw, path="/v1/responses")[1] == raw and history.seen == []
+
+
+def test_a_continued_response_has_the_last_user_message_of_the_chat_vllm_builds(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """On 3,000 random bodies continuing a random stored conversation, the last user message the
+    middleware reads from the body alone is the last user message of the whole chat vLLM builds
+    (``construct_input_messages`` with the stored messages), or the middleware predicts nothing."""
+    import copy
+
+    import pydantic
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.openai.responses.utils import construct_input_messages
+    from vllm.exceptions import VLLMValidationError
+
+    from rlpredict.inputs import last_user_message
+
+    caplog.set_level(logging.ERROR)
+    rng, compared = random.Random(1), 0
+    for _ in range(3000):
+        doc = {**_random_responses_body(rng), "previous_response_id": "resp_1"}
+        stored = [{"role": rng.choice(["user", "assistant", "system"]), "content": rng.choice(["", "earlier", "x y"])}
+                  for _ in range(rng.randint(0, 4))]
+        try:
+            request = ResponsesRequest.model_validate(copy.deepcopy(doc))
+            whole = construct_input_messages(request_instructions=request.instructions, request_input=request.input,
+                                             prev_msg=copy.deepcopy(stored))
+            whole = json.loads(json.dumps(whole, default=list))  # (validates pydantic's lazy lists)
+        except (pydantic.ValidationError, VLLMValidationError, IndexError, AttributeError):
+            continue
+        ours = vm.predictor_input(doc, vm.RESPONSES, last_user=True)
+        theirs = vm.predictor_input({"messages": whole}, "messages")
+        if ours is not None:
+            assert theirs is not None and last_user_message(ours) == last_user_message(theirs), doc
+            compared += 1
+    assert compared > 400
+
+
 def test_text_parts_are_joined_as_vllm_joins_them(caplog: pytest.LogCaptureFixture) -> None:
     """The text a prediction reads from content parts is the text vLLM's own parser builds from
     them (``parse_chat_message_content_parts``), on 3,000 random lists of its text part types,
