@@ -1,7 +1,7 @@
 """Predictor speed and determinism: the old batched runtime vs the runtime, same prompts, same run.
 
-    python benchmarks/predictor_speed.py --bundle models/rl-minilm-l6-llama3 --n 1000 --threads 2
-    python benchmarks/predictor_speed.py --model runs/model --n 1000 --threads 2   # + torch, fp32
+    python benchmarks/predictor_speed.py --shared ../shared/data --bundle models/rl-minilm-l6-llama3 --n 1000 --threads 2
+    python benchmarks/predictor_speed.py --shared ../shared/data --model runs/model --n 1000 --threads 2   # + torch, fp32
 
 Prompts are ShareGPT request contexts (the conversation before each response), turned into the
 model's input text by its input spec. For each ONNX bundle two runtimes are measured:
@@ -51,11 +51,18 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script
+from rlpredict.cli_boundary import (
+    SHARED_SHAREGPT,
+    add_shared,
+    arg_list,
+    arg_number,
+    arg_path,
+    run_script,
+    shared_file,
+)
 from rlpredict.serve.runtime import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"
 
 
 def load_requests(path: Path, n: int, seed: int = 0) -> list[list[dict]]:
@@ -517,7 +524,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["history", "last_user"], default="history",
                     help="Input mode of the untrained model (a trained model brings its own).")
     ap.add_argument("--max-length", type=arg_number(int, 8, 512), default=128, help="Max tokens of the untrained model (8 to 512, the encoder's positions).")
-    ap.add_argument("--data", type=arg_path, default=DEFAULT_DATA, help="ShareGPT JSONL(.gz) with 'conversation'.")
+    add_shared(ap, "its ShareGPT file, the default --data")
+    ap.add_argument("--data", type=arg_path, help=f"ShareGPT JSONL(.gz) with 'conversation' (default: {SHARED_SHAREGPT} under --shared).")
     ap.add_argument("--n", type=arg_number(int, 1), default=1000, help="Prompts for the bulk run.")
     ap.add_argument("--latency-n", type=arg_number(int, 1), default=200, help="Prompts for single-prompt latency.")
     ap.add_argument("--threads", type=arg_number(int, 1, usable_cores()), default=min(2, usable_cores()),
@@ -533,6 +541,7 @@ def main() -> None:
                     help="Also check cut-before-tokenizing against whole texts on all of --data.")
     ap.add_argument("--json", action="store_true", help="Also print the rows as JSON.")
     args = ap.parse_args()
+    args.data = shared_file(ap, args.data, args.shared, SHARED_SHAREGPT, "--data")
     for path in (args.data, args.labelled, *(args.bundle or [])):  # checked before the timing runs
         if path is not None and not path.exists():
             sys.exit(f"{path}: no such file or folder")

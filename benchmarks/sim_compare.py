@@ -2,7 +2,7 @@
 attainment) of each capacity policy, with the ratio to vLLM computed in the same run.
 
 Usage (defaults: Azure 2023 conversation trace, Llama-2-13B on A100-80GB, TTFT 5 s, TBT 0.2 s):
-  python benchmarks/sim_compare.py [--trace PATH] [--profile NAME] [--confusion FILE]
+  python benchmarks/sim_compare.py --shared DIR | --trace PATH [--profile NAME] [--confusion FILE]
       [--rate-scales 0.1,0.2,0.3,0.4] [--slo-ttft 5] [--slo-tbt 0.2] [--out DIR]
 """
 
@@ -19,11 +19,18 @@ from ecoserve_sched.policies import get_policy
 from ecoserve_sched.predictions import SOURCES, load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.trace import read_trace
-from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script
+from rlpredict.cli_boundary import (
+    SHARED_AZURE_CONV,
+    add_shared,
+    arg_list,
+    arg_number,
+    arg_path,
+    run_script,
+    shared_file,
+)
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
 TOOL = "benchmarks/sim_compare.py"
 ALL = "vllm,sarathi,orca,s3,sjf,ecoserve,ecoserve-nopipe,ecoserve-noorder,ecoserve-nogroup,ecoserve-oracle"
@@ -35,7 +42,8 @@ def rel(p: str | Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trace", type=arg_path, default=str(DEFAULT_TRACE))
+    add_shared(ap, "its Azure conversation trace, the default --trace")
+    ap.add_argument("--trace", type=arg_path, help=f"trace to replay (default: {SHARED_AZURE_CONV} under --shared)")
     ap.add_argument("--profile", default="llama2-13b-a100-80gb")
     ap.add_argument("--confusion", type=arg_path, default=str(DEFAULT_CONFUSION), help="measured confusion.json (or bundle)")
     ap.add_argument("--predictions", default="confusion", choices=[s for s in SOURCES if s != "bundle"],
@@ -53,6 +61,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="accepted for older command lines: this script's earlier --out is replaced "
                     "without it, another tool's folder never")
     args = ap.parse_args()
+    args.trace = shared_file(ap, args.trace, args.shared, SHARED_AZURE_CONV, "--trace")
     check_paths([args.trace, args.confusion], [("--out", args.out)])
     check_new_dir(args.out, force=args.force, option="--out", rerun=TOOL, only=TOOL)
     cost = load_profile(args.profile)

@@ -11,7 +11,7 @@
    vLLM's policy as the in-run baseline; wall and CPU time of the calling thread (on a busy
    machine the wall time includes waiting for a core, the CPU time does not).
 
-Usage: python benchmarks/sim_speed.py [--trace PATH] [--rate-scales 0.3,1] [--repeat 3] [--confusion FILE]
+Usage: python benchmarks/sim_speed.py --shared DIR | --trace PATH [--rate-scales 0.3,1] [--repeat 3] [--confusion FILE]
                                      [--policies vllm,ecoserve] [--skip-decisions]
 """
 
@@ -31,10 +31,17 @@ from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO, Request
 from ecoserve_sched.simulator import run, simulate
 from ecoserve_sched.trace import read_trace
-from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script
+from rlpredict.cli_boundary import (
+    SHARED_AZURE_CONV,
+    add_shared,
+    arg_list,
+    arg_number,
+    arg_path,
+    run_script,
+    shared_file,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
 POLICIES = ("vllm", "sarathi", "orca", "s3", "sjf", "ecoserve", "ecoserve-oracle")
 
@@ -131,7 +138,8 @@ def decision_time(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", type=arg_path, default=str(DEFAULT_TRACE), help="trace to replay")
+    add_shared(ap, "its Azure conversation trace, the default --trace")
+    ap.add_argument("--trace", type=arg_path, help=f"trace to replay (default: {SHARED_AZURE_CONV} under --shared)")
     ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile")
     ap.add_argument("--confusion", type=arg_path, default=str(DEFAULT_CONFUSION), help="confusion matrix for predictions")
     ap.add_argument("--rate-scales", default="0.3,1", type=arg_list(arg_number(float, 0, low_open=True)))
@@ -141,6 +149,7 @@ def main() -> None:
                     help="policies of the replay table (comma-separated)")
     ap.add_argument("--skip-decisions", action="store_true", help="only the replay table")
     args = ap.parse_args()
+    args.trace = shared_file(ap, args.trace, args.shared, SHARED_AZURE_CONV, "--trace")
     cost = load_profile(args.profile)
     for p in args.policies:  # an unknown name: one line now, not after the rows before it
         get_policy(p, cost)

@@ -10,7 +10,7 @@ seconds and the time of a decode step that reads the whole KV cache.
 
 Usage (defaults: first 2,000 requests of the Azure 2023 conversation trace, Llama-2-13B on
 A100-80GB, rate scales 0.2 and 0.3, SLO TTFT 5 s / TBT 0.2 s, both pairs):
-  python benchmarks/sim_vs_vllm.py [--trace PATH] [--max-requests N] [--rate-scales 0.2,0.3]
+  python benchmarks/sim_vs_vllm.py --shared DIR | --trace PATH [--max-requests N] [--rate-scales 0.2,0.3]
       [--pairs vllm,ecoserve] [--profile NAME] [--confusion FILE] [--kv-blocks N] [--json OUT]
       [--arrivals burst8 [--cv 2] [--seed 0]]
 
@@ -37,11 +37,18 @@ from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.simulator import run
 from ecoserve_sched.trace import burst_arrivals, read_trace
-from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script
+from rlpredict.cli_boundary import (
+    SHARED_AZURE_CONV,
+    add_shared,
+    arg_list,
+    arg_number,
+    arg_path,
+    run_script,
+    shared_file,
+)
 from rlpredict.outputs import check_file_output, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TRACE = ROOT / ".." / "shared" / "data" / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
 METRICS = ("tokens_per_iter", "iterations", "preemptions", "parks", "amortized", "p50_ttft_s", "p99_ttft_s",
            "p50_tbt_s", "p99_tbt_s", "mean_jct_s", "slo_attainment")
@@ -80,7 +87,9 @@ def measure(tr, policy: str, cost, slo: SLO, conf, kv_blocks: int | None = None)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", type=arg_path, default=str(DEFAULT_TRACE), help="trace file (CSV, optionally gzipped)")
+    add_shared(ap, "its Azure conversation trace, the default --trace")
+    ap.add_argument("--trace", type=arg_path,
+                    help=f"trace file (CSV, optionally gzipped; default: {SHARED_AZURE_CONV} under --shared)")
     ap.add_argument("--max-requests", type=arg_number(int, 2), default=2000, help="replay the first N requests")
     ap.add_argument("--rate-scales", type=arg_list(arg_number(float, 0, low_open=True)), default="0.2,0.3", help="comma-separated arrival-rate scales")
     ap.add_argument("--pairs", default="vllm,ecoserve",
@@ -99,6 +108,7 @@ def main() -> None:
     ap.add_argument("--cv", type=arg_number(float, 0, low_open=True), default=2.0, help="burst8: coefficient of variation of the groups' gaps")
     ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="burst8: seed of the arrivals")
     a = ap.parse_args()
+    a.trace = shared_file(ap, a.trace, a.shared, SHARED_AZURE_CONV, "--trace")
     unknown = set(a.pairs.split(",")) - set(PAIRS)
     if unknown:
         ap.error(f"unknown pair(s) {', '.join(sorted(unknown))}; choose from {', '.join(PAIRS)}")

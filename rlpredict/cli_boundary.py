@@ -407,6 +407,31 @@ def arg_path(text: str) -> Path:
     return Path(text)
 
 
+#: Files under the shared data folder (``--shared``) that scripts read by default: the Azure
+#: 2023 conversation trace, ShareGPT's conversations.
+SHARED_AZURE_CONV = Path("azure_llm_2023_conv") / "azure_llm_2023_conv.csv.gz"
+SHARED_SHAREGPT = Path("sharegpt_v3") / "sharegpt_v3.jsonl.gz"
+
+
+def add_shared(ap: argparse.ArgumentParser, holds: str) -> None:
+    """A script's ``--shared DIR`` option: the shared data folder, read only where it is named
+    (a default of ``../shared/data`` beside the checkout read a folder the user never gave)."""
+    ap.add_argument("--shared", type=arg_path, metavar="DIR",
+                    help=f"the shared data folder (../shared/data), for {holds}")
+
+
+def shared_file(ap: argparse.ArgumentParser, given: Path | None, shared: Path | None, relative: Path,
+                option: str) -> Path:
+    """The file ``option`` names, else ``relative`` under ``--shared``; with neither given, a
+    usage error (exit 2) that names both."""
+    if given is not None:
+        return given
+    if shared is None:
+        ap.error(f"give {option} PATH, or --shared DIR (the shared data folder, e.g. ../shared/data) "
+                 f"for its {relative}")
+    return shared / relative
+
+
 def distinct_args(ap: argparse.ArgumentParser, option: str, paths: Any) -> None:
     """A script's ``distinct_paths``: a repeatable path option given a file twice (or a hard link
     to it, or a path inside a folder also given) is a usage error, exit 2 (its rows counted twice)."""

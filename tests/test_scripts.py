@@ -38,6 +38,7 @@ from rlpredict.outputs import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_TRACE = ROOT / "ecoserve_sched" / "samples" / "azure_conv_sharegpt.jsonl.gz"  # the bundled demo trace
 SCRIPTS = sorted([*ROOT.glob("benchmarks/*.py"), *ROOT.glob("training/*.py")])
 
 
@@ -221,6 +222,20 @@ def test_a_missing_input_is_one_line(tmp_path: Path) -> None:
     _one_error(_run("benchmarks/sim_speed.py", "--trace", tmp_path / "none.csv"), "none.csv")
 
 
+@pytest.mark.parametrize("args", [("benchmarks/sim_speed.py", "--trace"),
+                                  ("benchmarks/sim_speed_ab.py", "--trace", "--before", "."),
+                                  ("benchmarks/sim_compare.py", "--trace"),
+                                  ("benchmarks/sim_vs_vllm.py", "--trace"),
+                                  ("benchmarks/predictor_speed.py", "--data"),
+                                  ("benchmarks/sim_cost_model_check.py", "--profiles-dir"),
+                                  ("benchmarks/serving_gain.py", "--shared")])
+def test_the_shared_data_is_read_only_where_it_is_named(args) -> None:
+    """No script reads ../shared/data unless told: without its input or ``--shared``, a usage
+    error that names the option (was: a default of ../shared/data beside the checkout)."""
+    script, option, *rest = args
+    _usage_error(_run(script, *rest), option, "--shared")
+
+
 def test_policy_names_are_checked_before_the_work() -> None:
     res = _run("benchmarks/sim_vs_transformers.py", "--policies", "ecoserve,nosuch")
     assert res.returncode == 2 and "unknown nosuch; choose from" in res.stderr and "ecoserve, ecoserve-" in res.stderr
@@ -318,7 +333,7 @@ def test_serving_gain_report_refuses_what_it_did_not_write(tmp_path: Path) -> No
 
 def test_sim_vs_vllm_takes_the_kv_size_and_sim_vs_transformers_the_device() -> None:
     pytest.importorskip("vllm")
-    res = _run("benchmarks/sim_vs_vllm.py", "--max-requests", "40", "--rate-scales", "0.4", "--pairs", "vllm",
+    res = _run("benchmarks/sim_vs_vllm.py", "--trace", SAMPLE_TRACE, "--max-requests", "40", "--rate-scales", "0.4", "--pairs", "vllm",
                "--kv-blocks", "300")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "KV 300 blocks of 16 tokens" in res.stdout and "| 0.4 | vllm | vllm-real | preemptions |" in res.stdout
