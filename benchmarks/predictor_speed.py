@@ -51,15 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import (
-    SHARED_SHAREGPT,
-    add_shared,
-    arg_list,
-    arg_number,
-    arg_path,
-    run_script,
-    shared_file,
-)
+from rlpredict.cli_boundary import add_shared_input, arg_list, arg_number, arg_path, run_script
 from rlpredict.serve.runtime import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -524,8 +516,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["history", "last_user"], default="history",
                     help="Input mode of the untrained model (a trained model brings its own).")
     ap.add_argument("--max-length", type=arg_number(int, 8, 512), default=128, help="Max tokens of the untrained model (8 to 512, the encoder's positions).")
-    add_shared(ap, "its ShareGPT file, the default --data")
-    ap.add_argument("--data", type=arg_path, help=f"ShareGPT JSONL(.gz) with 'conversation' (default: {SHARED_SHAREGPT} under --shared).")
+    data_input = add_shared_input(ap, "--data", "sharegpt_v3/sharegpt_v3.jsonl.gz",
+                                  "ShareGPT JSONL(.gz) with 'conversation'")
     ap.add_argument("--n", type=arg_number(int, 1), default=1000, help="Prompts for the bulk run.")
     ap.add_argument("--latency-n", type=arg_number(int, 1), default=200, help="Prompts for single-prompt latency.")
     ap.add_argument("--threads", type=arg_number(int, 1, usable_cores()), default=min(2, usable_cores()),
@@ -541,7 +533,7 @@ def main() -> None:
                     help="Also check cut-before-tokenizing against whole texts on all of --data.")
     ap.add_argument("--json", action="store_true", help="Also print the rows as JSON.")
     args = ap.parse_args()
-    args.data = shared_file(ap, args.data, args.shared, SHARED_SHAREGPT, "--data")
+    data_input(args)
     for path in (args.data, args.labelled, *(args.bundle or [])):  # checked before the timing runs
         if path is not None and not path.exists():
             sys.exit(f"{path}: no such file or folder")

@@ -19,15 +19,7 @@ from ecoserve_sched.policies import get_policy
 from ecoserve_sched.predictions import SOURCES, load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.trace import read_trace
-from rlpredict.cli_boundary import (
-    SHARED_AZURE_CONV,
-    add_shared,
-    arg_list,
-    arg_number,
-    arg_path,
-    run_script,
-    shared_file,
-)
+from rlpredict.cli_boundary import add_trace_input, arg_list, arg_number, arg_path, run_script
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +34,7 @@ def rel(p: str | Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_shared(ap, "its Azure conversation trace, the default --trace")
-    ap.add_argument("--trace", type=arg_path, help=f"trace to replay (default: {SHARED_AZURE_CONV} under --shared)")
+    trace_input = add_trace_input(ap)
     ap.add_argument("--profile", default="llama2-13b-a100-80gb")
     ap.add_argument("--confusion", type=arg_path, default=str(DEFAULT_CONFUSION), help="measured confusion.json (or bundle)")
     ap.add_argument("--predictions", default="confusion", choices=[s for s in SOURCES if s != "bundle"],
@@ -61,7 +52,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="accepted for older command lines: this script's earlier --out is replaced "
                     "without it, another tool's folder never")
     args = ap.parse_args()
-    args.trace = shared_file(ap, args.trace, args.shared, SHARED_AZURE_CONV, "--trace")
+    trace_input(args)
     check_paths([args.trace, args.confusion], [("--out", args.out)])
     check_new_dir(args.out, force=args.force, option="--out", rerun=TOOL, only=TOOL)
     cost = load_profile(args.profile)

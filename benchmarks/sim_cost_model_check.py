@@ -20,9 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ecoserve_sched.cost_model import FIT_FIELDS, CostModel, fit_profile, load_profile  # noqa: E402
-from rlpredict.cli_boundary import add_shared, arg_path, run_script, shared_file  # noqa: E402
-
-PROFILES_DIR = Path("distserve_a100_profiles")  # under --shared
+from rlpredict.cli_boundary import add_shared_input, run_script  # noqa: E402
 
 PREFILL_GRID = [(b, n) for b in (1, 2, 4, 8) for n in (128, 256, 512, 1024)]
 DECODE_GRID = [(b, c) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) for c in (256, 512, 1024, 2048)]
@@ -57,9 +55,8 @@ def memory_time(m: CostModel, x: tuple[int, int, int, int]) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_shared(ap, f"its {PROFILES_DIR}, the default --profiles-dir")
-    ap.add_argument("--profiles-dir", type=arg_path,
-                    help=f"folder with profiler-a100-80g.<engine>.json (default: {PROFILES_DIR} under --shared)")
+    profiles_input = add_shared_input(ap, "--profiles-dir", "distserve_a100_profiles",
+                                      "folder with profiler-a100-80g.<engine>.json")
     ap.add_argument("--engine", default="vllm", choices=["vllm", "distserve"],
                     help="which DistServe measurement to compare against")
     ap.add_argument("--profile", default="opt-13b-a100-80gb", help="cost-model profile name or JSON path")
@@ -70,7 +67,7 @@ def main() -> int:
                     help="with --fit: also fit on every other shape and score the rest, both ways "
                          "(a held-out error for the in-sample fit)")
     args = ap.parse_args()
-    args.profiles_dir = shared_file(ap, args.profiles_dir, args.shared, PROFILES_DIR, "--profiles-dir")
+    profiles_input(args)
     if args.cv and not args.fit:
         ap.error("--cv needs --fit")
 

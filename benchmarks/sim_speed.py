@@ -31,15 +31,7 @@ from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO, Request
 from ecoserve_sched.simulator import run, simulate
 from ecoserve_sched.trace import read_trace
-from rlpredict.cli_boundary import (
-    SHARED_AZURE_CONV,
-    add_shared,
-    arg_list,
-    arg_number,
-    arg_path,
-    run_script,
-    shared_file,
-)
+from rlpredict.cli_boundary import add_trace_input, arg_list, arg_number, arg_path, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
@@ -138,8 +130,7 @@ def decision_time(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_shared(ap, "its Azure conversation trace, the default --trace")
-    ap.add_argument("--trace", type=arg_path, help=f"trace to replay (default: {SHARED_AZURE_CONV} under --shared)")
+    trace_input = add_trace_input(ap)
     ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile")
     ap.add_argument("--confusion", type=arg_path, default=str(DEFAULT_CONFUSION), help="confusion matrix for predictions")
     ap.add_argument("--rate-scales", default="0.3,1", type=arg_list(arg_number(float, 0, low_open=True)))
@@ -149,7 +140,7 @@ def main() -> None:
                     help="policies of the replay table (comma-separated)")
     ap.add_argument("--skip-decisions", action="store_true", help="only the replay table")
     args = ap.parse_args()
-    args.trace = shared_file(ap, args.trace, args.shared, SHARED_AZURE_CONV, "--trace")
+    trace_input(args)
     cost = load_profile(args.profile)
     for p in args.policies:  # an unknown name: one line now, not after the rows before it
         get_policy(p, cost)

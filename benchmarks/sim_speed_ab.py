@@ -32,15 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlpredict.cli_boundary import (
-    SHARED_AZURE_CONV,
-    add_shared,
-    arg_list,
-    arg_number,
-    arg_path,
-    run_script,
-    shared_file,
-)
+from rlpredict.cli_boundary import add_trace_input, arg_list, arg_number, arg_path, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
@@ -152,8 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", type=arg_path, required=True, help="source tree of the baseline (a git worktree)")
     ap.add_argument("--after", type=arg_path, default=ROOT, help="source tree to compare (default: this one)")
-    add_shared(ap, "its Azure conversation trace, the default --trace")
-    ap.add_argument("--trace", type=arg_path, help=f"trace to replay (default: {SHARED_AZURE_CONV} under --shared)")
+    trace_input = add_trace_input(ap)
     ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile")
     ap.add_argument("--confusion", type=arg_path, default=DEFAULT_CONFUSION, help="confusion matrix for predictions")
     ap.add_argument("--rate-scales", default="0.3,1", type=arg_list(arg_number(float, 0, low_open=True)),
@@ -167,7 +158,7 @@ def main() -> None:
     ap.add_argument("--instructions", type=arg_number(int, 0), default=0, metavar="N",
                     help="count instructions (valgrind) over the first N requests instead of timing")
     args = ap.parse_args()
-    args.trace = shared_file(ap, args.trace, args.shared, SHARED_AZURE_CONV, "--trace")
+    trace_input(args)
     args.trace, args.confusion = args.trace.resolve(), args.confusion.resolve()
     for tree, option in ((args.before, "--before"), (args.after, "--after")):
         if not (tree / "ecoserve_sched" / "simulator.py").is_file():

@@ -37,15 +37,7 @@ from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.simulator import run
 from ecoserve_sched.trace import burst_arrivals, read_trace
-from rlpredict.cli_boundary import (
-    SHARED_AZURE_CONV,
-    add_shared,
-    arg_list,
-    arg_number,
-    arg_path,
-    run_script,
-    shared_file,
-)
+from rlpredict.cli_boundary import add_trace_input, arg_list, arg_number, arg_path, run_script
 from rlpredict.outputs import check_file_output, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,9 +79,7 @@ def measure(tr, policy: str, cost, slo: SLO, conf, kv_blocks: int | None = None)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_shared(ap, "its Azure conversation trace, the default --trace")
-    ap.add_argument("--trace", type=arg_path,
-                    help=f"trace file (CSV, optionally gzipped; default: {SHARED_AZURE_CONV} under --shared)")
+    trace_input = add_trace_input(ap)
     ap.add_argument("--max-requests", type=arg_number(int, 2), default=2000, help="replay the first N requests")
     ap.add_argument("--rate-scales", type=arg_list(arg_number(float, 0, low_open=True)), default="0.2,0.3", help="comma-separated arrival-rate scales")
     ap.add_argument("--pairs", default="vllm,ecoserve",
@@ -108,7 +98,7 @@ def main() -> None:
     ap.add_argument("--cv", type=arg_number(float, 0, low_open=True), default=2.0, help="burst8: coefficient of variation of the groups' gaps")
     ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="burst8: seed of the arrivals")
     a = ap.parse_args()
-    a.trace = shared_file(ap, a.trace, a.shared, SHARED_AZURE_CONV, "--trace")
+    trace_input(a)
     unknown = set(a.pairs.split(",")) - set(PAIRS)
     if unknown:
         ap.error(f"unknown pair(s) {', '.join(sorted(unknown))}; choose from {', '.join(PAIRS)}")

@@ -407,29 +407,36 @@ def arg_path(text: str) -> Path:
     return Path(text)
 
 
-#: Files under the shared data folder (``--shared``) that scripts read by default: the Azure
-#: 2023 conversation trace, ShareGPT's conversations.
-SHARED_AZURE_CONV = Path("azure_llm_2023_conv") / "azure_llm_2023_conv.csv.gz"
-SHARED_SHAREGPT = Path("sharegpt_v3") / "sharegpt_v3.jsonl.gz"
+#: The Azure 2023 conversation trace under the shared data folder: the scripts' default trace.
+SHARED_AZURE_CONV = "azure_llm_2023_conv/azure_llm_2023_conv.csv.gz"
 
 
-def add_shared(ap: argparse.ArgumentParser, holds: str) -> None:
-    """A script's ``--shared DIR`` option: the shared data folder, read only where it is named
-    (a default of ``../shared/data`` beside the checkout read a folder the user never gave)."""
+def add_shared_input(ap: argparse.ArgumentParser, option: str, relative: str,
+                     what: str) -> Callable[[argparse.Namespace], None]:
+    """Options ``--shared DIR`` (the shared data folder) and ``option PATH`` (``what``), for a
+    script whose input defaults to ``relative`` under that folder. Returns the function that sets
+    ``option``'s value in the parsed arguments: the path given, else ``relative`` under
+    ``--shared``; with neither, a usage error (exit 2) naming both. The shared data is read only
+    where it is named (a default of ``../shared/data`` beside the checkout read a folder the user
+    never gave)."""
     ap.add_argument("--shared", type=arg_path, metavar="DIR",
-                    help=f"the shared data folder (../shared/data), for {holds}")
+                    help=f"the shared data folder (../shared/data), for its {relative}, the default {option}")
+    dest = ap.add_argument(option, type=arg_path, help=f"{what} (default: {relative} under --shared)").dest
+
+    def resolve(args: argparse.Namespace) -> None:
+        if getattr(args, dest) is not None:
+            return
+        if args.shared is None:
+            ap.error(f"give {option} PATH, or --shared DIR (the shared data folder, e.g. ../shared/data) "
+                     f"for its {relative}")
+        setattr(args, dest, args.shared / relative)
+
+    return resolve
 
 
-def shared_file(ap: argparse.ArgumentParser, given: Path | None, shared: Path | None, relative: Path,
-                option: str) -> Path:
-    """The file ``option`` names, else ``relative`` under ``--shared``; with neither given, a
-    usage error (exit 2) that names both."""
-    if given is not None:
-        return given
-    if shared is None:
-        ap.error(f"give {option} PATH, or --shared DIR (the shared data folder, e.g. ../shared/data) "
-                 f"for its {relative}")
-    return shared / relative
+def add_trace_input(ap: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """``add_shared_input`` for ``--trace``, the Azure 2023 conversation trace by default."""
+    return add_shared_input(ap, "--trace", SHARED_AZURE_CONV, "trace to replay")
 
 
 def distinct_args(ap: argparse.ArgumentParser, option: str, paths: Any) -> None:
