@@ -417,17 +417,16 @@ def add_shared_input(ap: argparse.ArgumentParser, option: str, relative: str,
     script whose input defaults to ``relative`` under that folder. Returns the function that sets
     ``option``'s value in the parsed arguments: the path given, else ``relative`` under
     ``--shared``; with neither, a usage error (exit 2) naming both. The shared data is read only
-    where it is named (a default of ``../shared/data`` beside the checkout read a folder the user
-    never gave)."""
+    where it is named (a default folder beside the checkout read data the user never gave)."""
     ap.add_argument("--shared", type=arg_path, metavar="DIR",
-                    help=f"the shared data folder (../shared/data), for its {relative}, the default {option}")
+                    help=f"the shared data folder, for its {relative}, the default {option}")
     dest = ap.add_argument(option, type=arg_path, help=f"{what} (default: {relative} under --shared)").dest
 
     def resolve(args: argparse.Namespace) -> None:
         if getattr(args, dest) is not None:
             return
         if args.shared is None:
-            ap.error(f"give {option} PATH, or --shared DIR (the shared data folder, e.g. ../shared/data) "
+            ap.error(f"give {option} PATH, or --shared DIR (the shared data folder) "
                      f"for its {relative}")
         setattr(args, dest, args.shared / relative)
 

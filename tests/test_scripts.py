@@ -230,8 +230,8 @@ def test_a_missing_input_is_one_line(tmp_path: Path) -> None:
                                   ("benchmarks/sim_cost_model_check.py", "--profiles-dir"),
                                   ("benchmarks/serving_gain.py", "--shared")])
 def test_the_shared_data_is_read_only_where_it_is_named(args) -> None:
-    """No script reads ../shared/data unless told: without its input or ``--shared``, a usage
-    error that names the option (was: a default of ../shared/data beside the checkout)."""
+    """No script reads the shared data folder unless told: without its input or ``--shared``, a
+    usage error that names the option (was: a default folder beside the checkout)."""
     script, option, *rest = args
     _usage_error(_run(script, *rest), option, "--shared")
 
