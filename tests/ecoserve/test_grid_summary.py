@@ -81,6 +81,24 @@ def test_cells_above_the_ceiling_are_counted_apart(run: Path) -> None:
         "0.75-0.75x (geometric mean 0.75x), over the 1 above it" in _summary(run, "--min-share", "0.001").stdout
 
 
+def test_the_overload_jct_goal_is_counted_for_every_policy_of_the_run(run: Path) -> None:
+    """Where some policy of the run (an oracle or a baseline) meets the overload goal at 1.25x
+    V1's capacity load, a mean JCT at most 0.5x V1's with attainment at least SJF's, naming those
+    EcoServe does not meet; a lower JCT below SJF's attainment (vLLM V0's mean over the few
+    requests it serves) does not count."""
+    rows = json.loads((run / "results.json").read_text())
+    rows += [_row("b", "vllm-v0", 1.0, **{"overload_1.25x": _over(0.3, 0.5)}),  # below SJF's 0.9
+             _row("d", "vllm", 2.0, jct_x_v1=1.0, **{"overload_1.25x": _over(1.0, 0.6)}),
+             _row("d", "sjf", 2.5, **{"overload_1.25x": _over(0.9, 0.7)}),
+             _row("d", "ecoserve", 3.0, jct_x_v1=0.9, **{"overload_1.25x": _over(0.6, 0.8)}),
+             _row("d", "ecoserve-oracle", 3.1, **{"overload_1.25x": _over(0.45, 0.75)})]
+    (run / "results.json").write_text(json.dumps(rows))
+    out = _summary(run, "--no-table").stdout
+    assert "mean JCT at most 0.5x V1's in 1 of 3" in out
+    assert ("- at 1.25x V1's capacity load, mean JCT at most 0.5x V1's with attainment at least SJF's by some "
+            "policy of the run: 2 of 3 (ecoserve not: d ecoserve-oracle 0.45)\n") in out
+
+
 def test_bad_inputs_are_one_line_and_exit_2(run: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
