@@ -139,8 +139,11 @@ def test_a_grid_run_records_overload_and_sustained_rows(tmp_path: Path) -> None:
     for r in rows:
         assert {"overload_1x", "overload_1.25x", "sustained_capacity", "deferred_at_capacity"} <= r.keys()
         assert r["overload_1x"]["slo_attainment"] == r["attainment_at_v1_load"]  # the same replay
+        # the means are over the finished requests: their share beside them
+        assert 0 < r["overload_1.25x"]["finished_share"] <= 1
     v1 = next(r for r in rows if r["policy"] == "vllm")
     assert v1["overload_1.25x"]["jct_x_v1"] == 1.0
+    assert "| SLO attainment | p99 TTFT s | finished |" in (out / "results.md").read_text()
     s = _summary(out)
     assert s.returncode == 0, s.stderr
     assert "- cells: 1; servable: 1;" in s.stdout and "| code-synth |" in s.stdout
