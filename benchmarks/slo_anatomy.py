@@ -3,8 +3,9 @@
     python benchmarks/slo_anatomy.py --shared ../shared/data --cell code-synth-burst \\
         --loads 0.02,0.06,0.12,0.2 --policies vllm,ecoserve
 
-For each policy and load (rate scale): SLO attainment, the share of requests that miss their
-TTFT and the share that miss their mean TBT, the share of the server's time spent in
+For each policy and load (rate scale): SLO attainment, the share of requests finished (the
+columns after it are of those: vLLM V0 ignores prompts over its limit), the share of requests
+that miss their TTFT and the share that miss their mean TBT, the share of the server's time spent in
 iterations longer than the TBT SLO (from the replay's iteration log), the mean TTFT, the mean
 decode time and how much of it the request spent stalled (preempted or parked), the parks, and the
 iterations that carried prompt tokens with the share of the replay's time their fixed cost took
@@ -102,7 +103,8 @@ def policy_row(cell_name: str, policy: str, shared: Path, requests: int, load: f
     a = anatomy(res, cell.slo)
     fixed = res.prefill_iterations * spec_p.cost.spec["efficiency"]["prefill_overhead_s"] / max(s["duration_s"], 1e-12)
     jct = a["ttft_s"] + a["decode_s"]
-    return (f"| {load:g} | {policy} | {s['slo_attainment']:.3f} | {a['ttft_missed']:.3f} | {a['tbt_missed']:.3f} "
+    return (f"| {load:g} | {policy} | {s['slo_attainment']:.3f} | {s['finished'] / s['requests']:.3f} "
+            f"| {a['ttft_missed']:.3f} | {a['tbt_missed']:.3f} "
             f"| {a['slow']:.2f} | {a['ttft_s']:.2f} | {a['decode_s']:.2f} | {a['stalled_s']:.2f} "
             f"| {res.counters.get('parks', 0):,} | {res.prefill_iterations:,} | {fixed:.3f} | {jct:.2f} |"), jct
 
@@ -129,10 +131,10 @@ def main() -> None:
     prefill = np.array([prefill_s(spec.cost, int(p), args.budget) for p in spec.trace.input_tokens])
     print(f"## {cell.name}: {len(prefill)} requests, profile {spec.cost.name}, SLO TTFT {cell.slo.ttft_s:g} s / "
           f"TBT {cell.slo.tbt_s:g} s\n")
-    print("| load | policy | SLO attainment | TTFT missed | mean TBT missed | time in iterations > TBT SLO "
+    print("| load | policy | SLO attainment | finished | TTFT missed | mean TBT missed | time in iterations > TBT SLO "
           "| mean TTFT s | mean decode s | of it stalled s | parks | prefill iterations "
           f"| their fixed cost / replay time | mean JCT s | JCT x {args.policies[0]} |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with worker_pool(args.workers, grid._init_worker, (0, 0)) as pool:
         for load in args.loads:
             n = len(args.policies)
@@ -142,7 +144,7 @@ def main() -> None:
                 base = jct if base is None else base
                 print(f"{line} {jct / base:.3f} |" if base > 0 else f"{line} - |", flush=True)
             ref = reference_ttft(spec.trace.arrival_s / load, prefill, cell.slo.ttft_s)
-            print(f"| {load:g} | decode-free reference | {ref:.3f} (TTFT only) | {1 - ref:.3f} | | | | | | | | | | |")
+            print(f"| {load:g} | decode-free reference | {ref:.3f} (TTFT only) | | {1 - ref:.3f} |" + " |" * 10)
     print(f"\n({time.time() - t0:.0f} s)")
 
 

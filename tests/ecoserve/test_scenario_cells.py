@@ -146,6 +146,20 @@ def test_slo_anatomy_reference_is_shortest_feasible_first(tmp_path: Path) -> Non
     assert p.returncode == 2 and "unknown cell" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_slo_anatomy_says_which_share_of_the_requests_its_means_count(tmp_path: Path) -> None:
+    """The means are over finished requests: vLLM V0 ignores the synthetic code prompts over its
+    token limit, and the ``finished`` column says so beside its shorter mean JCT."""
+    p = subprocess.run([sys.executable, str(GRID.parent / "slo_anatomy.py"), "--shared", str(tmp_path), "--cell",
+                        "code-synth", "--loads", "0.5", "--policies", "vllm,vllm-v0", "--requests", "100",
+                        "--workers", "1"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("|")]
+    assert "| SLO attainment | finished | TTFT missed |" in lines[0]
+    assert {ln.count("|") for ln in lines} == {16}  # 15 columns in every row, the reference's too
+    rows = {ln.split("|")[2].strip(): ln.split("|") for ln in lines[2:]}
+    assert float(rows["vllm"][4]) == 1.0 and float(rows["vllm-v0"][4]) < 1.0
+
+
 @pytest.mark.parametrize("cells, message", [
     ("r2.10,r2.10", "given twice"),  # a random cell by its rS.I name (was: "unknown cell")
     ("random:11,r2.10", "given twice"),  # the same cell as random:11's last with --cell-seed 2
