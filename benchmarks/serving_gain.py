@@ -305,7 +305,8 @@ def hybrid_markdown(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", type=arg_path, help="the shared data folder (../shared/data); needed but with --report")
+    ap.add_argument("--shared", type=arg_path, metavar="DIR",
+                    help="the shared data folder (../shared/data); needed unless --report")
     ap.add_argument("--out", type=arg_path, default=REPO / "runs" / "serving_gain", help="output folder (default: runs/serving_gain)")
     ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile (default: llama2-13b-a100-80gb)")
     ap.add_argument("--gpu-memory-utilization", type=arg_number(float, 0, 1, low_open=True), default=None,
@@ -336,7 +337,7 @@ def main() -> None:
         report(args.report, args.plot, force=args.force)
         return
     if args.shared is None:
-        ap.error("--shared DIR is needed (the shared data folder, e.g. ../shared/data), but with --report")
+        ap.error("--shared DIR is needed (the shared data folder, e.g. ../shared/data) unless --report")
     check_paths([args.shared] + ([args.model] if args.model else []), [("--out", args.out)],
                 apart=[args.model] if args.model else [])
     work_folder(args.out, tool=TOOL, option="--out")  # before the work: a new folder or this script's

@@ -2,7 +2,7 @@
 attainment) of each capacity policy, with the ratio to vLLM computed in the same run.
 
 Usage (defaults: Azure 2023 conversation trace, Llama-2-13B on A100-80GB, TTFT 5 s, TBT 0.2 s):
-  python benchmarks/sim_compare.py --shared DIR | --trace PATH [--profile NAME] [--confusion FILE]
+  python benchmarks/sim_compare.py (--shared DIR | --trace PATH) [--profile NAME] [--confusion FILE]
       [--rate-scales 0.1,0.2,0.3,0.4] [--slo-ttft 5] [--slo-tbt 0.2] [--out DIR]
 """
 

@@ -11,7 +11,7 @@
    vLLM's policy as the in-run baseline; wall and CPU time of the calling thread (on a busy
    machine the wall time includes waiting for a core, the CPU time does not).
 
-Usage: python benchmarks/sim_speed.py --shared DIR | --trace PATH [--rate-scales 0.3,1] [--repeat 3] [--confusion FILE]
+Usage: python benchmarks/sim_speed.py (--shared DIR | --trace PATH) [--rate-scales 0.3,1] [--repeat 3] [--confusion FILE]
                                      [--policies vllm,ecoserve] [--skip-decisions]
 """
 

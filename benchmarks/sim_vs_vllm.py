@@ -10,7 +10,7 @@ seconds and the time of a decode step that reads the whole KV cache.
 
 Usage (defaults: first 2,000 requests of the Azure 2023 conversation trace, Llama-2-13B on
 A100-80GB, rate scales 0.2 and 0.3, SLO TTFT 5 s / TBT 0.2 s, both pairs):
-  python benchmarks/sim_vs_vllm.py --shared DIR | --trace PATH [--max-requests N] [--rate-scales 0.2,0.3]
+  python benchmarks/sim_vs_vllm.py (--shared DIR | --trace PATH) [--max-requests N] [--rate-scales 0.2,0.3]
       [--pairs vllm,ecoserve] [--profile NAME] [--confusion FILE] [--kv-blocks N] [--json OUT]
       [--arrivals burst8 [--cv 2] [--seed 0]]
 

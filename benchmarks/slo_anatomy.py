@@ -4,7 +4,7 @@
         --loads 0.02,0.06,0.12,0.2 --policies vllm,ecoserve
 
 For each policy and load (rate scale): SLO attainment, the share of requests finished (the
-columns after it are of those: vLLM V0 ignores prompts over its limit), the share of requests
+per-request columns are of those: vLLM V0 ignores prompts over its limit), the share of requests
 that miss their TTFT and the share that miss their mean TBT, the share of the server's time spent in
 iterations longer than the TBT SLO (from the replay's iteration log), the mean TTFT, the mean
 decode time and how much of it the request spent stalled (preempted or parked), the parks, and the
