@@ -122,7 +122,7 @@ from ecoserve_sched.policies.interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN
 from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, poisson_arrivals, read_trace  # noqa: E402
-from rlpredict.cli_boundary import arg_number, arg_path, run_script, worker_pool  # noqa: E402
+from rlpredict.cli_boundary import SHARED_AZURE_CONV, arg_number, arg_path, run_script, worker_pool  # noqa: E402
 from rlpredict.outputs import check_new_dir, check_paths, output_dir  # noqa: E402
 
 #: ``--cells random:N``: at most this many (each cell is minutes of work on two cores)
@@ -237,7 +237,7 @@ def find_cell(name: str) -> Cell | None:
 
 def load_trace(cell: Cell, shared: Path, n: int, skip: int = 0, seed: int = 0) -> Trace:
     if cell.trace == "azure":
-        tr = _slice(read_trace(shared / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"), skip, n)
+        tr = _slice(read_trace(shared / SHARED_AZURE_CONV), skip, n)
     elif cell.trace == "mooncake":
         tr = _slice(read_trace(shared / "mooncake_conversation_trace" / "mooncake_conversation_trace.jsonl.gz"),
                     skip, n)

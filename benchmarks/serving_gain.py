@@ -61,7 +61,7 @@ from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import run  # noqa: E402
 from ecoserve_sched.trace import Trace, poisson_arrivals, read_trace  # noqa: E402
 from rlpredict import Predictor  # noqa: E402
-from rlpredict.cli_boundary import arg_number, arg_path, run_script, worker_pool  # noqa: E402
+from rlpredict.cli_boundary import SHARED_AZURE_CONV, arg_number, arg_path, run_script, worker_pool  # noqa: E402
 from rlpredict.data import attach_rl, load_samples  # noqa: E402
 from rlpredict.outputs import (  # noqa: E402
     check_file_output,
@@ -122,7 +122,7 @@ def decode(name: str, probs: dict[str, np.ndarray], rl: np.ndarray, scheme, mode
 
 
 def azure_path(shared: Path) -> Path:
-    return shared / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
+    return shared / SHARED_AZURE_CONV
 
 
 def azure_trace(azure: Trace, rl: np.ndarray, seed: int) -> tuple[Trace, np.ndarray]:

@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 
 from ecoserve_sched.trace import read_trace
-from rlpredict.cli_boundary import arg_number, arg_path, run_script
+from rlpredict.cli_boundary import SHARED_AZURE_CONV, arg_number, arg_path, run_script
 from rlpredict.outputs import check_file_output, write_bytes_atomic
 from rlpredict.records import rows_with
 from rlpredict.rl_tokenizers import count_tokens
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = ap.parse_args()
     shared = Path(args.shared)
-    azure_path = shared / "azure_llm_2023_conv" / "azure_llm_2023_conv.csv.gz"
+    azure_path = shared / SHARED_AZURE_CONV
     sharegpt_path = shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"
     check_file_output(args.out, force=args.force, option="--out", inputs=[azure_path, sharegpt_path])
 
