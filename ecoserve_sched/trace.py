@@ -479,6 +479,7 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
     fmt = fmt or TraceFormat()
     p = check_trace_file(path)
     arr, inp, out, mx, rl, prompts, gens, whys = [], [], [], [], [], [], [], []
+    lines: list[int] = []  # each kept row's line, for an error between rows
     has_rl: bool | None = None  # the first good row's: every row must agree
     first_line = 0
     prompt_problem = ""
@@ -504,6 +505,7 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
             has_rl, first_line = row_rl, line_no
         a, i, o, m, row_rl_values = values
         arr.append(0.0 if a is None else a)  # drawn times: the file's order
+        lines.append(line_no)
         inp.append(i)
         out.append(o)
         mx.append(m)
@@ -525,6 +527,12 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
     # Unix timestamps: times past REBASE_AFTER_S are taken from the first arrival, else a float
     # holds the gaps between them too coarsely (at 1.7e18, every latency came out 0)
     offset = float(arrivals[0]) if arrivals[0] > REBASE_AFTER_S else 0.0
+    if arrivals[-1] - offset > MAX_ARRIVAL_S:  # a file's, not a row's: never skipped (was: a
+        # ValueError from Trace naming no line)
+        name = fmt.label("arrival_time_s")
+        raise TraceError(f"{p}:{lines[order[-1]]}: {name} comes {arrivals[-1] - offset:g} s after the first "
+                         f"arrival (line {lines[order[0]]}): a trace may span at most 2^36 s (about 2,000 "
+                         "years); past that the simulator's clock loses its iteration times")
     return Trace(
         path=str(p),
         arrival_s=arrivals - offset if offset else arrivals,

@@ -116,6 +116,7 @@ REGRESSIONS = {  # file name -> (content, line named by the TraceError, or 0: re
     "bool.jsonl": (b'{"arrival_time_s": 0, "input_tokens": true, "output_tokens": 1}\n', 1),
     "bad_utf8.jsonl": (OK_ROW + b"\xff\n", 2),
     "bad_utf8.csv": (b"arrival_time_s,input_tokens,output_tokens\n0,1,1\n\xff,1,1\n", 3),
+    "span.csv": (b"arrival_time_s,input_tokens,output_tokens\n100000000000000000000,1,1\n0,1,1\n", 2),  # > 2^36 s
     "cr.jsonl": (b'{"arrival_time_s": 0,\r "input_tokens": 1, "output_tokens": 1}\n', 0),
     "big_cell.csv": (b"arrival_time_s,input_tokens,output_tokens,prompt\n0,1,1," + b"a" * 200_000 + b"\n", 0),
 }
