@@ -25,7 +25,7 @@ from rlpredict.outputs import check_new_dir, check_paths, output_dir
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
 TOOL = "benchmarks/sim_compare.py"
-ALL = "vllm,sarathi,orca,s3,sjf,ecoserve,ecoserve-nopipe,ecoserve-noorder,ecoserve-nogroup,ecoserve-oracle"
+ALL = "vllm,sarathi,orca,s3,sjf,ecoserve,ecoserve-nopipe,ecoserve-noorder,ecoserve-oracle"
 
 
 def rel(p: str | Path) -> str:

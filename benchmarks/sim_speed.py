@@ -93,7 +93,7 @@ def decision_time(args: argparse.Namespace) -> None:
               "| vs 500 us goal (mean) | vs vllm (CPU mean) | preemptions | parks |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         base = None
-        for p in ("vllm", "sjf", "s3", "ecoserve", "ecoserve-nogroup"):
+        for p in ("vllm", "sjf", "s3", "ecoserve"):
             kw = {"kv_blocks": kv_blocks} if kv_blocks else {}
             sched = get_policy(p, cost, max_running=512, token_budget=4096, slo=SLO(5.0, 0.2), **kw)
             reqs = []

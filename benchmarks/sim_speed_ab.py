@@ -5,7 +5,8 @@ Each tree gets its own worker process (``PYTHONPATH`` = the tree); the cells of
 times each, so both see the same machine load. The table gives the best (least) wall and CPU
 seconds of each cell (the least disturbed run, as ``timeit`` reports), the after/before CPU
 ratio, and whether the two trees made the same decisions (a hash of every request's times and
-of the counters; "yes (log rows grouped differently)" where the iteration logs differ, as when
+of the counters that are not 0, so that a counter one tree lacks and the other leaves at 0 does
+not differ; "yes (log rows grouped differently)" where the iteration logs differ, as when
 one tree splits runs of decode-only iterations into more rows). Then each tree's own
 ``sim_speed.py`` decision benchmark (512 running).
 
@@ -61,7 +62,7 @@ for line in sys.stdin:
               confusion=conf)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rows = [(r.first_token_s, r.finish_s, r.generated, r.preemptions) for r in res.requests]
-    fp = hashlib.sha256(repr((rows, sorted(res.counters.items()))).encode()).hexdigest()[:12]
+    fp = hashlib.sha256(repr((rows, sorted((k, v) for k, v in res.counters.items() if v))).encode()).hexdigest()[:12]
     fp_log = hashlib.sha256(repr(res.log).encode()).hexdigest()[:12]
     print(json.dumps({"wall": wall, "cpu": cpu, "iterations": sum(r[2] for r in res.log),
                       "rows": len(res.log), "fp": fp,
@@ -82,7 +83,7 @@ t = trace.scaled(scale).head(n)
 if replay:
     res = run(t, policy, cost, slo=SLO(5.0, 0.2), predictions="confusion", confusion=conf)
     rows = [(r.first_token_s, r.finish_s, r.generated, r.preemptions) for r in res.requests]
-    print(hashlib.sha256(repr((rows, sorted(res.counters.items()))).encode()).hexdigest()[:12])
+    print(hashlib.sha256(repr((rows, sorted((k, v) for k, v in res.counters.items() if v))).encode()).hexdigest()[:12])
 """
 
 

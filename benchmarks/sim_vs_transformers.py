@@ -96,7 +96,6 @@ def compare(label: str, eng: TransformersEngine, trace: list[GenRequest], runs: 
         ("makespan (s)", max(r.token_times[-1] for r in real.results), max(r.finish_s for r in sreq)),
         ("iterations", len(real.iterations), sum(row[2] for row in sim.log)),
         ("preemptions", real.counters["preemptions"], sim.counters["preemptions"]),
-        ("loans", real.counters["loans"], sim.counters["loans"]),
     ]
     per_run = np.array([(pct_err(s_ttft, t), pct_err(s_jct, j)) for t, j in lat])
     mean_t, mean_j = np.mean(lat, axis=0)

@@ -1,19 +1,15 @@
 """Paged KV-cache block accounting: the one place where blocks change hands.
 
-Every block is either in the free pool or *owned* by exactly one request. A running request's
-*usable* blocks are ``own - lent + borrowed``:
+Every block is either in the free pool or *owned* by exactly one request:
 
 - **Reservation** ("exact allocation"): a policy asks for ``blocks_for(prompt + R)`` blocks up
-  front with ``allocate``; on-demand policies (vLLM) ask for one block at a time.
-- **KVC pipelining**: a lender lends unused tail blocks of its reservation to one borrower
-  (``borrow``). The blocks stay owned by the lender; the policy only lends blocks the lender will
-  not reach before the borrower is predicted to finish, plus a margin. When the lender comes close
-  to them, the loan is *settled* (``settle``): the borrower takes the same number of blocks from
-  the free pool, or the policy preempts someone. A lender never borrows and a borrower never
-  lends, so a loan is one edge between two requests.
-- **Release** (finish or preemption): owned blocks go back to the pool, except blocks lent out,
-  whose ownership passes to their borrowers (who are still using them); borrowed blocks go back
-  to their lender's unlent tail.
+  front with ``allocate``; on-demand policies (vLLM, EcoServe) ask for one block at a time.
+- **Release** (finish or preemption): a request's blocks go back to the pool.
+
+KV-cache pipelining is not done here: EcoServe overlaps reservations in its admission test
+(``policies/ecoserve_rules.Projection``), with blocks taken on demand. Physical loans of a
+reservation's unused tail to another request (the paper's mechanism, and this manager's until
+December 2026) were taken out once no policy took them (docs/scheduler.md).
 
 **Lazy on-demand growth** (``grow``): a decoding request that takes one block each time its
 context crosses a block boundary need not be handed each block. While it *grows*, it owns
@@ -23,37 +19,28 @@ one subtraction from the free pool: growers are grouped by ``x mod block_size`` 
 a boundary every ``block_size`` steps), so the blocks they take in any run of steps, and a step
 by which the free pool may not cover them (``growth_limit``), cost O(``block_size``).
 ``free_blocks`` is exact through ``grown_step``; a grower's ``Alloc.own`` is brought up to date
-when read (``usable``, ``owned``, ``check``) or when it stops growing (``stop_growing``,
+when read (``owned``, ``check``) or when it stops growing (``stop_growing``,
 ``release``, ``take_due``: the group crossing at a step where the pool runs dry leaves, to take
 its blocks one request at a time). Blocks of a grower change only through these.
 
 Invariants (``check``): ``free + sum(own) == num_blocks`` (nothing over-allocated, nothing
-leaked), ``0 <= lent <= own``, loans are consistent on both sides, and, given each request's
-current KV length, ``used <= own - lent + borrowed`` (a request fits its blocks; in particular a
-lender is never starved of its reservation).
+leaked), ``own >= 0``, and, given each request's current KV length, ``used <= own`` (a request
+fits its blocks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
 class Alloc:
-    own: int = 0
-    lent: int = 0  # owned blocks currently lent out
-    borrowed: int = 0
-    lender: int = -1  # rid of the lender while borrowed > 0
-    borrowers: dict[int, int] = field(default_factory=dict)  # lender side: rid -> blocks
-
-    @property
-    def usable(self) -> int:
-        return self.own - self.lent + self.borrowed
+    own: int = 0  # blocks the request holds (a grower's: as of ``grown_step``, when synced)
 
 
 class KVCacheManager:
-    """Block pool with reservations, loans (KVC pipelining) and release."""
+    """Block pool with reservations, on-demand and lazy growth, and release."""
 
     def __init__(self, num_blocks: int, block_size: int = 16) -> None:
         if num_blocks <= 0 or block_size <= 0:
@@ -62,9 +49,6 @@ class KVCacheManager:
         self.block_size = block_size
         self.free_blocks = num_blocks
         self.allocs: dict[int, Alloc] = {}
-        self.loans = 0  # loans made (KVC pipelining events)
-        self.loaned_blocks = 0
-        self.settlements = 0  # loans turned into owned blocks before the lender needed them
         self.grown_step = 0  # growers' growth is applied through this step (module docstring)
         self.growers: dict[int, int] = {}  # rid -> x (its context after step s is x + s); read-only
         self._groups: list[dict[int, int]] = [{} for _ in range(block_size)]  # growers by x % block_size
@@ -73,14 +57,6 @@ class KVCacheManager:
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def usable(self, rid: int) -> int:
-        a = self.allocs.get(rid)
-        if a is None:
-            return 0
-        if rid in self.growers:
-            self._sync_own(rid)
-        return a.usable
-
     def owned(self, rid: int) -> int:
         a = self.allocs.get(rid)
         if a is None:
@@ -88,23 +64,6 @@ class KVCacheManager:
         if rid in self.growers:
             self._sync_own(rid)
         return a.own
-
-    def lendable(self, rid: int, keep: int) -> int:
-        """Blocks ``rid`` can lend if it needs ``keep`` blocks itself for the loan's duration
-        (none while it grows lazily)."""
-        a = self.allocs.get(rid)
-        if a is None or a.borrowed or rid in self.growers:
-            return 0
-        return max(0, a.own - a.lent - keep)
-
-    def is_borrower(self, rid: int) -> bool:
-        a = self.allocs.get(rid)
-        return a is not None and a.borrowed > 0
-
-    def loans_of(self, rid: int) -> dict[int, int]:
-        """Borrowers of ``rid`` and the blocks each holds (empty if none)."""
-        a = self.allocs.get(rid)
-        return a.borrowers if a is not None else {}
 
     @property
     def allocated_blocks(self) -> int:
@@ -195,45 +154,12 @@ class KVCacheManager:
         self.free_blocks -= n
         return True
 
-    def borrow(self, rid: int, lender: int, n: int, lender_keep: int) -> bool:
-        """Lend ``n`` of ``lender``'s unused tail blocks to ``rid`` (see module docstring)."""
-        if n <= 0 or rid == lender or n > self.lendable(lender, lender_keep):
-            return False
-        self._not_growing(rid)
-        a = self.allocs.get(rid)
-        if a is None:
-            a = self.allocs[rid] = Alloc()
-        if a.borrowers or (a.borrowed and a.lender != lender):
-            return False  # a lender does not borrow; one lender per borrower
-        la = self.allocs[lender]
-        la.lent += n
-        la.borrowers[rid] = la.borrowers.get(rid, 0) + n
-        a.borrowed += n
-        a.lender = lender
-        self.loans += 1
-        self.loaned_blocks += n
-        return True
-
-    def settle(self, rid: int) -> bool:
-        """Replace ``rid``'s borrowed blocks by blocks from the free pool; False if too few."""
-        a = self.allocs.get(rid)
-        if a is None or a.borrowed == 0:
-            return True
-        if a.borrowed > self.free_blocks:
-            return False
-        self.free_blocks -= a.borrowed
-        a.own += a.borrowed
-        self._return_loan(rid, a)
-        self.settlements += 1
-        return True
-
     def grow(self, rid: int, x: int) -> bool:
         """Let ``rid``, whose context after step ``s`` is ``x + s``, grow lazily from now on
-        (module docstring), if it owns exactly the blocks that implies at ``grown_step`` and has
-        no loans; else False."""
+        (module docstring), if it owns exactly the blocks that implies at ``grown_step``; else
+        False."""
         a = self.allocs.get(rid)
-        if (a is None or a.lent or a.borrowed or rid in self.growers
-                or a.own != self.blocks_for(x + self.grown_step + 1)):
+        if a is None or rid in self.growers or a.own != self.blocks_for(x + self.grown_step + 1):
             return False
         self.growers[rid] = x
         self._groups[x % self.block_size][rid] = x
@@ -290,24 +216,8 @@ class KVCacheManager:
         a = self.allocs.pop(rid, None)
         if a is None:
             return 0
-        if a.borrowed:
-            self._return_loan(rid, a)
-        for b, n in a.borrowers.items():  # lent blocks now belong to their users
-            ba = self.allocs[b]
-            ba.borrowed -= n
-            ba.own += n
-            a.own -= n
-            if ba.borrowed == 0:
-                ba.lender = -1
         self.free_blocks += a.own
         return a.own
-
-    def _return_loan(self, rid: int, a: Alloc) -> None:
-        la = self.allocs[a.lender]
-        la.lent -= a.borrowed
-        del la.borrowers[rid]
-        a.borrowed = 0
-        a.lender = -1
 
     # ---- invariants ---------------------------------------------------------------------------
     def check(self, used: Mapping[int, int] | None = None) -> None:
@@ -321,18 +231,8 @@ class KVCacheManager:
         assert 0 <= self.free_blocks <= self.num_blocks, f"free={self.free_blocks}"
         assert self.free_blocks + own == self.num_blocks, (
             f"leak/over-allocation: free {self.free_blocks} + owned {own} != {self.num_blocks}")
-        lent = borrowed = 0
         for rid, a in self.allocs.items():
-            assert 0 <= a.lent <= a.own and a.borrowed >= 0, f"request {rid}: {a}"
-            assert not (a.borrowed and a.borrowers), f"request {rid} both lends and borrows"
-            assert a.lent == sum(a.borrowers.values()), f"request {rid}: lent {a.lent} != {a.borrowers}"
-            for b, n in a.borrowers.items():
-                ba = self.allocs[b]
-                assert n > 0 and ba.lender == rid and ba.borrowed == n, f"loan {rid}->{b} inconsistent"
-            assert (a.borrowed > 0) == (a.lender >= 0), f"request {rid}: lender {a.lender}"
-            lent += a.lent
-            borrowed += a.borrowed
-        assert lent == borrowed, f"lent {lent} != borrowed {borrowed}"
+            assert a.own >= 0, f"request {rid}: {a}"
         if used is not None:
             for rid, u in used.items():
-                assert u <= self.usable(rid), f"request {rid} uses {u} blocks but may use {self.usable(rid)}"
+                assert u <= self.owned(rid), f"request {rid} uses {u} blocks but owns {self.owned(rid)}"

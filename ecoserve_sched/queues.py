@@ -1,10 +1,10 @@
-"""Waiting queues: FCFS, static-priority (heap), and EcoServe's GT groups keyed by predicted RL bucket."""
+"""Waiting queues: FCFS and static-priority (heap)."""
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from .request import Request
 
@@ -48,46 +48,3 @@ class PriorityQueue:
     def pop(self) -> Request:
         return heapq.heappop(self.items)[2]
 
-
-class GTGroups:
-    """Decoding requests (generation tasks) grouped by predicted RL bucket.
-
-    Bookkeeping: EcoServe fills it, and no shipped decision reads it since its KV pipelining
-    became an admission test (``ecoserve_rules.Projection``; ``ecoserve-nogroup`` equals
-    ``ecoserve``, docs/scheduler.md). ``longest_first`` walks the groups from the longest
-    predicted RL down, for a policy that searches them (physical loans' lenders).
-    """
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self._groups: dict[int, dict[int, Request]] = {}
-
-    def add(self, r: Request) -> None:
-        key = r.pred_bucket if self.enabled else 0
-        self._groups.setdefault(key, {})[r.rid] = r
-
-    def remove(self, r: Request) -> None:
-        key = r.pred_bucket if self.enabled else 0
-        g = self._groups.get(key)
-        if g is not None and g.pop(r.rid, None) is not None and not g:
-            del self._groups[key]
-
-    def __len__(self) -> int:
-        return sum(len(g) for g in self._groups.values())
-
-    @property
-    def n_groups(self) -> int:
-        return len(self._groups)
-
-    def longest_first(self, above_bucket: int = -1) -> Iterator[Request]:
-        """Members of groups with a predicted bucket above ``above_bucket``, longest group first.
-
-        Without grouping, every decoding request is a candidate, in admission order.
-        """
-        if not self.enabled:
-            yield from self._groups.get(0, {}).values()
-            return
-        for key in sorted(self._groups, reverse=True):
-            if key <= above_bucket:
-                return
-            yield from self._groups[key].values()

@@ -173,7 +173,7 @@ class CostModelExecutor(Executor):
             sched.kv.check()
             assert sched.kv.free_blocks == sched.kv.num_blocks and not sched.kv.allocs, "blocks leaked"
         res.stall_gaps = list(sched.stall_gaps)
-        res.counters = {**sched.counters, "loans": sched.kv.loans}
+        res.counters = dict(sched.counters)
         res.sched_s = self.sched_s
         res.prefill_iterations = self.prefill_iterations
 

@@ -5,7 +5,7 @@ Two pieces:
 - :class:`PolicyScheduler` subclasses transformers' continuous-batching ``Scheduler`` (the
   class its batch processor asks for every batch) and executes the decisions of any
   ``ecoserve_sched`` policy (``ecoserve``, ``vllm``, ``orca``, ...): the policy object is the same
-  one the simulator runs, so reservations, loans (KVC pipelining), top-ups, ordering and
+  one the simulator runs, so reservations, top-ups, ordering and
   preemptions are decided by identical code in both. The adapter only translates: the policy's
   ``Batch`` (prefill chunks + its decoding requests) becomes transformers'
   ``FutureRequestState`` list, preempted requests are reset for recompute, and the engine's
@@ -19,7 +19,7 @@ Two pieces:
 KV accounting: the policy's ``KVCacheManager`` is a ledger over the engine's block pool (same
 block size, same number of blocks). A reservation is a logical hold; transformers fills physical
 blocks on demand as tokens are written. Because the ledger never hands out more blocks than the
-pool has and a request never writes past its usable blocks (the policy's invariant), the
+pool has and a request never writes past its blocks (the policy's invariant), the
 engine's on-demand allocation cannot fail; :meth:`PolicyScheduler.schedule_batch` raises if it
 ever does.
 
@@ -376,7 +376,7 @@ class PolicyScheduler(HFScheduler):
         st = self.states[r.rid]
         if not self.cache.can_store_request_tokens(st, n):
             raise RuntimeError(f"{st.request_id}: engine refused {n} tokens inside the policy's "
-                               f"reservation ({self.policy.kv.usable(r.rid)} usable blocks)")
+                               f"reservation ({self.policy.kv.owned(r.rid)} blocks)")
         rid_s = st.request_id
         if rid_s in self.waiting_requests:  # (re)admitted: the engine now holds its KV
             self.active_requests[rid_s] = self.waiting_requests.pop(rid_s)
@@ -693,7 +693,7 @@ class TransformersExecutor(Executor):
         preemptions and vllm-v0's prefill-only iterations; the record's TBT lacked them)."""
         policy = self.sched.policy
         res.stall_gaps = policy.stall_gaps
-        res.counters = {**policy.counters, "loans": policy.kv.loans}
+        res.counters = dict(policy.counters)
         res.prefill_iterations = sum(1 for it in self.iterations if it.prefill_tokens)
 
     def wait(self, until: float) -> float:

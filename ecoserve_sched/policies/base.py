@@ -8,8 +8,7 @@ covers ``max_running`` decodes), so a decoding request's length is a function of
 (``Request.context_at``) and costs nothing per iteration. The one exception is a batch with
 ``stall_decodes`` (vllm-v0's prefill-only iterations): no one decodes and the step stays.
 A policy looks at a decoding request only at its *alarm*: the step at which it would run out of
-usable KV blocks (minus a lead), or at which it would reach blocks it has lent out. All block
-changes go through ``KVCacheManager``.
+its KV blocks (minus a lead). All block changes go through ``KVCacheManager``.
 
 Alarms are a heap of ``(step, rid, request)``, handled in that order; one that needs no decision
 (``easy_alarm``; by default on-demand growth: take one free block) is handled without
@@ -100,7 +99,7 @@ class Scheduler(SchedulerInterface):
         self.stall_gaps: list[float] = []  # token gaps caused by preemption
         self.dropped: list[Request] = []
         self.counters = {"preemptions": 0, "recomputes": 0, "swaps": 0, "topups": 0,
-                         "restarts": 0, "loan_settlements": 0, "failed_iterations": 0, "errors": 0}
+                         "restarts": 0, "failed_iterations": 0, "errors": 0}
 
     # ---- hooks for policies -------------------------------------------------------------------
     def enqueue(self, r: Request, front: bool = False) -> None:
@@ -115,7 +114,7 @@ class Scheduler(SchedulerInterface):
         raise _missing(self, "admit")
 
     def on_alarm(self, r: Request) -> None:
-        """``r`` would outgrow its usable blocks (or reach lent ones) in this iteration."""
+        """``r`` would outgrow its KV blocks in this iteration."""
         raise _missing(self, "on_alarm")
 
     def grow_prefill(self, r: Request, chunk: int) -> bool:
@@ -316,8 +315,7 @@ class Scheduler(SchedulerInterface):
 
     def abort(self, r: Request, error: str = "engine error") -> None:
         """End running ``r`` (PREFILL or DECODE) with an error: it leaves the running set, its
-        progress is frozen, and all its KV goes back through the same release as ``finish``
-        (lent blocks pass to their borrowers, borrowed ones return to the lender)."""
+        progress is frozen, and all its KV goes back through the same release as ``finish``."""
         if r.state == State.DECODE:
             self.stop_decode(r)
         elif r.state == State.PREFILL:
@@ -386,16 +384,11 @@ class Scheduler(SchedulerInterface):
                 heappop(self._alarms)
             return
         else:
-            step = (a.own - a.lent + a.borrowed) * self.bs - self.alarm_lead_tokens - x  # a.usable
-            if a.lent:
-                step = min(step, (a.own - a.lent) * self.bs - self.lend_margin_tokens() - x)
+            step = a.own * self.bs - self.alarm_lead_tokens - x
         if step < self.step:
             step = self.step
         r.alarm_step = step
         (heapreplace if replace else heappush)(self._alarms, (step, r.rid, r))
-
-    def lend_margin_tokens(self) -> int:
-        return 0
 
     def reservation_blocks(self, r: Request) -> int:
         """Blocks for prompt + reserved RL (+ top-ups), covering what ``r`` already generated."""

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from ..cost_model import prefill_ctx_tokens
-from ..queues import GTGroups, PriorityQueue
+from ..queues import PriorityQueue
 from ..request import Request, State
 from . import ecoserve_rules as rules
 from .base import Scheduler
@@ -162,7 +162,6 @@ class DecodingRows:
 class EcoServeConfig:
     pipelining: bool = True  # admit by the projected peak (False: by the sum of reservations)
     ordering: bool = True  # shortest predicted work first, with aging (False: arrival order)
-    grouping: bool = True  # GT groups by predicted bucket (bookkeeping; no decision depends on it)
     give_way: bool = True  # waiting requests whose TTFT is lost go behind those that can meet it
     oracle: bool = False  # use true RLs as predictions (upper bound)
     reserve: str = "p90"  # reservation base: "p90" (reserve_tokens, the prediction's upper quantile)
@@ -197,7 +196,6 @@ class EcoServeScheduler(Scheduler):
         self.pt = PriorityQueue(key=key)  # PTs that can still meet their TTFT (lazily checked)
         self.lost = PriorityQueue(key=key)  # PTs whose TTFT is lost
         self._waiting = 0  # requests in the three queues
-        self.groups = GTGroups(enabled=self.cfg.grouping)
         self.proj = rules.Projection(self.max_running)
         self.rows = DecodingRows(self.max_running, self.ARRAYS_FROM // 2)
         self.keep_free = rules.keep_free_blocks(self.cfg.reserve_frac, self.kv.num_blocks)
@@ -260,7 +258,6 @@ class EcoServeScheduler(Scheduler):
         return self._waiting  # len(resume) + len(pt) + len(lost), asked several times an iteration
 
     def on_decode_start(self, r: Request) -> None:
-        self.groups.add(r)
         base = self._base_pred(r)
         self.rows.add(r, base)
         if r.rid in self.proj:
@@ -269,7 +266,6 @@ class EcoServeScheduler(Scheduler):
                       base, r.max_tokens)
 
     def on_decode_end(self, r: Request) -> None:
-        self.groups.remove(r)
         self.rows.remove(r.rid)
         self.proj.drop(r.rid)
         self._note_topups(r)
@@ -727,7 +723,6 @@ register("ecoserve", _factory())
 register("ecoserve-oracle", _factory(oracle=True))
 register("ecoserve-nopipe", _factory(pipelining=False))
 register("ecoserve-noorder", _factory(ordering=False))
-register("ecoserve-nogroup", _factory(grouping=False))
 register("ecoserve-nogiveway", _factory(give_way=False))
 register("ecoserve-p90", _factory(reserve="p90"))  # the default
 register("ecoserve-median", _factory(reserve="median"))

@@ -73,7 +73,7 @@ def test_growth_is_one_block_per_boundary_crossing():
     assert kv.held_blocks(6) == 6 * 6 + 1 * 4 + 1 * 3
     assert kv.held_blocks(40) == sum(6 + kv.growth(s) for s in range(40))  # the long-run formula
     assert kv.advance(6) and kv.free_blocks == free - 3 and kv.grown_step == 6
-    assert kv.owned(0) == 3 and kv.usable(1) == 3  # brought up to date when read
+    assert kv.owned(0) == 3 and kv.owned(1) == 3  # brought up to date when read
     kv.check({0: 3, 1: 3})
     assert kv.run_steps(7) == 9 and kv.grown_step == 6  # step 6 ran (no crossing at 7 applied)
     assert kv.take_due(7) == [0] and kv.owned(0) == 3  # its step-7 block is the caller's to give

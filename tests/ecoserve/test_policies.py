@@ -22,7 +22,7 @@ def sim(policy, reqs, blocks=64, **kw):
 def test_registry_has_all_policies():
     names = set(policy_names())
     assert {"vllm", "orca", "sarathi", "s3", "sjf", "ecoserve", "ecoserve-oracle",
-            "ecoserve-nopipe", "ecoserve-noorder", "ecoserve-nogroup"} <= names
+            "ecoserve-nopipe", "ecoserve-noorder"} <= names
 
 
 def test_vllm_preempts_latest_arrival_by_recompute():
@@ -42,18 +42,6 @@ def test_ecoserve_does_not_admit_without_reservation():
     simulate([a, b], sched, check=True)
     assert b.first_token_s >= a.finish_s - 1e-9  # b started only after a released its reservation
     assert sched.counters["preemptions"] == 0
-
-
-def test_ecoserve_groups_decoding_requests_by_predicted_bucket():
-    sched = get_policy("ecoserve", FlatCost(blocks=256), block_size=4, max_running=8)
-    reqs = [make_req(i, 0.0, 4, 50, bucket=b) for i, b in enumerate([1, 1, 3, 2, 3])]
-    for r in reqs:
-        sched.add(r, 0.0)
-    batch = sched.schedule(0.0)
-    sched.complete(batch, 0.01)
-    assert sched.groups.n_groups == 3 and len(sched.groups) == 5
-    order = [r.pred_bucket for r in sched.groups.longest_first()]
-    assert order == sorted(order, reverse=True)
 
 
 def test_ecoserve_nopipe_waits_for_the_sum_of_reservations():

@@ -41,8 +41,8 @@ def tiny_llama_ecoserve_run(tiny_llama):
         kv.check()
         for rid in sched.held:
             physical = physical_blocks(sched, sched.states[rid].request_id)
-            if physical > kv.usable(rid):
-                over.append(f"request {rid}: {physical} blocks > {kv.usable(rid)} usable")
+            if physical > kv.owned(rid):
+                over.append(f"request {rid}: {physical} blocks > {kv.owned(rid)} owned")
 
     run = eng.generate(trace_requests(), on_iteration=check)
     assert not over, over

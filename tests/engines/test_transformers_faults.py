@@ -42,8 +42,8 @@ def _run_with_faults(model, monkeypatch, policy: str, fail_steps: set[int] | Non
             r = sched.reqs[st.request_id]
             if r.state == State.ERRORED and (physical or kv.owned(rid) or rid in sched.held):
                 problems.append(f"errored request {rid} holds {physical} blocks, {kv.owned(rid)} in the ledger")
-            if physical > kv.usable(rid):
-                problems.append(f"request {rid}: {physical} blocks > {kv.usable(rid)} usable")
+            if physical > kv.owned(rid):
+                problems.append(f"request {rid}: {physical} blocks > {kv.owned(rid)} owned")
 
     run = eng.generate(trace_requests(), on_iteration=check)
     monkeypatch.setattr(model, "forward", forward)
