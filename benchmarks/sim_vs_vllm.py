@@ -44,7 +44,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
 METRICS = ("tokens_per_iter", "iterations", "preemptions", "parks", "amortized", "p50_ttft_s", "p99_ttft_s",
            "p50_tbt_s", "p99_tbt_s", "mean_jct_s", "slo_attainment")
-PAIRS = {"vllm": ("vllm", "vllm-real"), "ecoserve": ("ecoserve", "ecoserve-vllm-real")}
+#: Each pair: the simulator's policy and the one inside vLLM's scheduler. vLLM V1 preempts by
+#: recompute only; the simulator's ``ecoserve`` may swap a victim out where the cost model says
+#: it is cheaper, ``ecoserve-recompute`` does not (what the plug-in can do).
+PAIRS = {"vllm": ("vllm", "vllm-real"), "ecoserve": ("ecoserve", "ecoserve-vllm-real"),
+         "ecoserve-recompute": ("ecoserve-recompute", "ecoserve-vllm-real")}
 
 
 def measure(tr, policy: str, cost, slo: SLO, conf, kv_blocks: int | None = None) -> dict:

@@ -177,6 +177,9 @@ class EcoServeConfig:
     scale_predictions: bool = False  # predicted lengths x rules.PredictionScale (``ecoserve-scaled``)
     amortize: bool = True  # a mean-TBT SLO: amortized chunks (False: every iteration within the
     # TBT budget, as a P99-TBT SLO needs; ``ecoserve-p99``)
+    swap: bool = True  # a preempted decode is swapped to host memory where the cost model says
+    # that is cheaper (False: always recomputed, as vLLM V1 and transformers' engine do, so as
+    # the plug-ins run EcoServe; ``ecoserve-recompute``)
 
 
 class EcoServeScheduler(Scheduler):
@@ -286,7 +289,7 @@ class EcoServeScheduler(Scheduler):
 
     def preempt_swap(self, r: Request) -> bool:
         ctx = r.prompt_tokens + r.generated
-        return rules.swap_cheaper(self.cost.swap_time(ctx), self.cost.recompute_time(ctx))
+        return self.cfg.swap and rules.swap_cheaper(self.cost.swap_time(ctx), self.cost.recompute_time(ctx))
 
     # ---- prefill budget -----------------------------------------------------------------------
     def prefill_budget(self) -> int:
@@ -733,3 +736,4 @@ register("ecoserve-nopark", _factory(park=False))
 register("ecoserve-noslots", _factory(slot_share=False))
 register("ecoserve-scaled", _factory(scale_predictions=True))
 register("ecoserve-p99", _factory(amortize=False))
+register("ecoserve-recompute", _factory(swap=False))

@@ -839,3 +839,22 @@ def test_array_searches_pick_what_the_loops_over_running_requests_pick(blocks, p
     assert all(r.state == State.FINISHED for r in reqs)
     assert c["checked_victims"] > 10 and c["checked_parks"] > 10 and c["preemptions"] > c["parks"] > 0
     assert c["checked_slacks"] > 0 or not c["amortized"]
+
+
+def test_ecoserve_recompute_never_swaps_where_ecoserve_would():
+    """``ecoserve-recompute`` (what EcoServe can do inside vLLM V1 or transformers' engine:
+    preempt by recompute only) recomputes the victims ``ecoserve`` swaps out where swapping is
+    cheaper; both serve every request in full. Predictions far below the true lengths overflow
+    a 12-block cache, so decodes are preempted."""
+    runs = {}
+    for policy in ("ecoserve", "ecoserve-recompute"):
+        cost = FlatCost(blocks=12)
+        cost.swap_time = lambda t: 1e-9 * t  # swapping far cheaper than recomputing
+        reqs = [make_req(i, 0.01 * i, 8, 30, pred=2, reserve=2) for i in range(4)]
+        sched = get_policy(policy, cost, block_size=4, max_running=8, slo=SLO(5.0, 0.2))
+        simulate(reqs, sched, check=True)
+        assert [r.generated for r in reqs] == [30] * 4
+        runs[policy] = sched.counters
+    assert runs["ecoserve"]["swaps"] == runs["ecoserve"]["preemptions"] == 4
+    assert runs["ecoserve-recompute"]["swaps"] == 0
+    assert runs["ecoserve-recompute"]["recomputes"] == runs["ecoserve-recompute"]["preemptions"] == 7
