@@ -178,7 +178,7 @@ class EcoServeConfig:
     amortize: bool = True  # a mean-TBT SLO: amortized chunks (False: every iteration within the
     # TBT budget, as a P99-TBT SLO needs; ``ecoserve-p99``)
     swap: bool = True  # a preempted decode is swapped to host memory where the cost model says
-    # that is cheaper (False: always recomputed, as vLLM V1 and transformers' engine do, so as
+    # that is cheaper (False: always recomputed, as in vLLM V1 and transformers' engine, where
     # the plug-ins run EcoServe; ``ecoserve-recompute``)
 
 
