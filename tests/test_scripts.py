@@ -333,10 +333,12 @@ def test_serving_gain_report_refuses_what_it_did_not_write(tmp_path: Path) -> No
 
 def test_sim_vs_vllm_takes_the_kv_size_and_sim_vs_transformers_the_device() -> None:
     pytest.importorskip("vllm")
-    res = _run("benchmarks/sim_vs_vllm.py", "--trace", SAMPLE_TRACE, "--max-requests", "40", "--rate-scales", "0.4", "--pairs", "vllm",
-               "--kv-blocks", "300")
+    res = _run("benchmarks/sim_vs_vllm.py", "--trace", SAMPLE_TRACE, "--max-requests", "40", "--rate-scales", "0.4", "--pairs",
+               "vllm,ecoserve-recompute", "--kv-blocks", "300")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "KV 300 blocks of 16 tokens" in res.stdout and "| 0.4 | vllm | vllm-real | preemptions |" in res.stdout
+    # EcoServe as the plug-in runs it (recompute only) against the plug-in
+    assert "| 0.4 | ecoserve-recompute | ecoserve-vllm-real | preemptions |" in res.stdout
     _one_error(_run("benchmarks/sim_vs_transformers.py", "--device", "tpu"), "--device 'tpu'")
 
 
