@@ -144,9 +144,11 @@ class DecodingRows:
         self._unwritten.pop(i, None)
         self._free.append(i)
 
-    def rows(self, decoding: dict[int, Request], base_of: Any) -> tuple[np.ndarray, np.ndarray]:
-        """The active rows' positions and a copy of their numbers (built from ``decoding``, with
-        ``base_of(request)`` as its reservation base, if not kept)."""
+    def table(self, decoding: dict[int, Request], base_of: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Which rows are active, and every row's numbers, not copied (read only; a row that is
+        not active holds an earlier request's numbers, or zeros): built from ``decoding``, with
+        ``base_of(request)`` as its reservation base, if not kept. The searches run over every
+        row and mask the inactive ones: cheaper than gathering the active ones."""
         if not self.kept:
             self.kept = True
             for r in decoding.values():
@@ -154,8 +156,13 @@ class DecodingRows:
         if self._unwritten:
             self.data[list(self._unwritten)] = list(self._unwritten.values())
             self._unwritten.clear()
-        idx = np.flatnonzero(self.active)
-        return idx, self.data[idx]
+        return self.active, self.data
+
+    def rows(self, decoding: dict[int, Request], base_of: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The active rows' positions and a copy of their numbers (``table``'s, gathered)."""
+        active, data = self.table(decoding, base_of)
+        idx = np.flatnonzero(active)
+        return idx, data[idx]
 
 
 @dataclass(slots=True)
@@ -347,12 +354,13 @@ class EcoServeScheduler(Scheduler):
                     g = v.generated + step - v.dec_step0
                     least = min(least, rules.tbt_slack_s(now, v.first_token_s, g, g + 1, tbt, 0.0, 0.0))
             return least
-        d = self.rows.rows(self.decoding, self._base_pred)[1]
-        d = d[d[:, FIRST] >= 0]
-        if not len(d):
+        active, d = self.rows.table(self.decoding, self._base_pred)
+        first = d[:, FIRST]
+        ok = active & (first >= 0)
+        if not ok.any():
             return float("inf")
         g = d[:, GX] + step
-        return float(rules.tbt_slacks_s(now, d[:, FIRST], g, g + 1, tbt, 0.0).min())
+        return float(rules.tbt_slacks_s(now, first, g, g + 1, tbt, 0.0).min(where=ok, initial=np.inf))
 
     def schedule(self, now: float) -> Batch:
         batch = super().schedule(now)
@@ -580,12 +588,13 @@ class EcoServeScheduler(Scheduler):
         key = (step, now, rows.version)
         cache = self._park_order
         if cache[0] != key:
-            idx, d = rows.rows(self.decoding, self._base_pred)
+            on, d = rows.table(self.decoding, self._base_pred)
             tbt, first = d[:, TBT], d[:, FIRST]
             upper = rules.tbt_slacks_s(now, first, d[:, GX] + step, d[:, PRED], tbt, frac * tbt)
             upper[d[:, PRED] >= DecodingRows.COUNT_CAP] = np.inf  # a capped prediction: no bound
-            ok = np.flatnonzero((first >= 0) & (d[:, STEP0] < step) & (upper > least * d[:, TTFT]) & (upper > 0.0))
-            cache = self._park_order = [key, (idx, upper, d[:, ORDER], ok), None, {}]
+            ok = np.flatnonzero(on & (first >= 0) & (d[:, STEP0] < step) & (upper > least * d[:, TTFT])
+                                & (upper > 0.0))
+            cache = self._park_order = [key, (ok, upper[ok], d[ok, ORDER]), None, {}]
         active, reqs, slacks = rows.active, rows.reqs, cache[3]  # slacks: by row, for this key
         while True:
             walk = cache[2] or _bound_order(*cache[1], PARK_WALK)
@@ -604,7 +613,7 @@ class EcoServeScheduler(Scheduler):
                     candidates.append((start, v, slack))
                     if slack > least * v.slo.ttft_s:
                         best_slack = max(best_slack, slack)
-            if ended or len(walk) == len(cache[1][3]):
+            if ended or len(walk) == len(cache[1][0]):
                 break
             cache[2] = _bound_order(*cache[1], None)  # the first ones did not settle it: all of them
         candidates.sort(key=lambda c: c[0])  # the decoding order: the first among equals
@@ -669,17 +678,17 @@ class EcoServeScheduler(Scheduler):
         if len(self.decoding) < self.ARRAYS_FROM:
             return max(self.running(), key=(lambda v: v.seq) if latest else self._victim_key)
         best, best_key = None, None
-        idx, d = self.rows.rows(self.decoding, self._base_pred)
-        if len(idx):
+        active, d = self.rows.table(self.decoding, self._base_pred)
+        if active.any():
             seq = d[:, SEQ].astype(np.int64)
             if latest:
-                j = int(np.argmax(seq))
+                j = int(np.argmax(np.where(active, seq, -1)))  # seq >= 0
             else:
                 first = d[:, FIRST]
                 j = rules.victim_index(np.where(first >= 0, first, now), d[:, ARRIVAL], ttft,
                                        d[:, BASE].astype(np.int64), (d[:, GX] + step).astype(np.int64),
-                                       d[:, MAX].astype(np.int64), seq)
-            best = self.rows.reqs[idx[j]]
+                                       d[:, MAX].astype(np.int64), seq, active)
+            best = self.rows.reqs[j]
             best_key = self._victim_key(best) if not latest else best.seq
         for v in self.prefilling.values():
             k = v.seq if latest else self._victim_key(v)
@@ -700,14 +709,15 @@ class EcoServeScheduler(Scheduler):
 PARK_WALK = 16
 
 
-def _bound_order(idx: np.ndarray, upper: np.ndarray, start: np.ndarray, ok: np.ndarray,
+def _bound_order(rows: np.ndarray, upper: np.ndarray, start: np.ndarray,
                  n: int | None) -> list[tuple[int, float, float]]:
-    """(row, bound, start) of the candidates ``ok`` by bound, largest first, then by start: the
-    first ``n`` of them (all: None); the rest have bounds no larger than theirs."""
-    if n is not None and len(ok) > n:
-        ok = ok[np.argpartition(-upper[ok], n - 1)[:n]]
-    ok = ok[np.lexsort((start[ok], -upper[ok]))]
-    return list(zip(idx[ok].tolist(), upper[ok].tolist(), start[ok].tolist(), strict=True))
+    """(row, bound, start) of the candidates (``rows``, their bounds and starts) by bound, largest
+    first, then by start: the first ``n`` of them (all: None); the rest have bounds no larger."""
+    if n is not None and len(rows) > n:
+        top = np.argpartition(-upper, n - 1)[:n]
+        rows, upper, start = rows[top], upper[top], start[top]
+    o = np.lexsort((start, -upper))
+    return list(zip(rows[o].tolist(), upper[o].tolist(), start[o].tolist(), strict=True))
 
 
 def _arrival(r: Request) -> float:

@@ -427,6 +427,11 @@ def _one_step_chunk(iteration_time: Any, chunk: int, target_s: float, paced_toke
     return (got, t) if amortized_chunk_pays(got, t, paced_tokens, paced_s, decode_s) else None
 
 
+#: ``Projection``'s numpy path only while every end and context is below this (exact in int64,
+#: with room for the sums: token counts and steps are far smaller in practice)
+NUMPY_LIMIT = 1 << 40
+
+
 #: ``PredictionScale``: the finished requests it looks at (the most recent), how many it needs
 #: before it departs from 1, and after how many new ones it recomputes its median. Sample sizes,
 #: not fitted to a trace: 32 puts the sample median within the 0.32-0.68 quantiles of the ratio's
@@ -489,13 +494,22 @@ def victim_key(first_token_s: float, arrival_s: float, slo_ttft: float, base: in
 
 
 def victim_index(first_token_s: np.ndarray, arrival_s: np.ndarray, slo_ttft: float, base: np.ndarray,
-                 generated: np.ndarray, max_tokens: np.ndarray, seq: np.ndarray) -> int:
+                 generated: np.ndarray, max_tokens: np.ndarray, seq: np.ndarray,
+                 among: np.ndarray | None = None) -> int:
     """The position of the largest ``victim_key`` over arrays of its arguments (integer arrays
     for the token counts and ``seq``, which is unique): the last in the lexicographic order of
-    (lost, remaining, seq), by the same operations."""
+    (lost, remaining, seq), by the same operations (the largest ``seq`` among the largest
+    remaining among the lost, or among all if none is lost). ``among``: only the positions where
+    it is True (at least one)."""
     lost = first_token_s - arrival_s > slo_ttft
-    remaining = reservation_tokens_array(base, generated, max_tokens) - generated
-    return int(np.lexsort((seq, remaining, lost))[-1])
+    remaining = reservation_tokens_array(base, generated, max_tokens) - generated  # >= 1
+    if among is not None:
+        lost &= among
+        remaining = np.where(among, remaining, 0)
+    if lost.any():
+        remaining = np.where(lost, remaining, 0)
+    top = np.flatnonzero(remaining == remaining.max())
+    return int(top[np.argmax(seq[top])])
 
 
 def tbt_slacks_s(now: float, first_token_s: np.ndarray, generated: np.ndarray, expected_tokens: np.ndarray,
@@ -551,13 +565,20 @@ class Projection:
         self._base = [1] * slots
         self._max = [1] * slots
         self._end = [0] * slots  # 0: not computed yet
+        self._em1 = [0] * slots  # end - 1, where computed
         self._gen = [0] * slots  # bumped when a slot is (re)set or dropped: stale heap entries
         self._slot: dict[Hashable, int] = {}
         self._free = list(range(slots - 1, -1, -1))
         self._new: list[int] = []  # slots whose end is computed at the next ``demand``
         self._ends: list[tuple[int, int, int]] = []  # (end, gen, slot), a min-heap
-        self._order: list[tuple[int, int]] = []  # (-end, slot) of the slots whose end is known, sorted
+        # The slots whose end is known, latest end first, then by slot: each as the integer
+        # -end x slots + slot (sorting as (-end, slot) does; the slot is the key modulo slots)
+        self._width = slots
+        self._order: list[int] = []
         self._sum = 0  # sum of x + end over the slots whose end is known
+        # An upper bound on the peak of the slots whose end is known (None: none known): exact
+        # after a numpy pass, raised by each slot entered (``demand``'s bound)
+        self._upper: int | None = None
         self.version = 0  # bumped by every set and drop
 
     def __len__(self) -> int:
@@ -592,7 +613,7 @@ class Projection:
         e = self._end[i]
         if e:
             self._sum -= e
-            p = bisect_left(self._order, (-e, i))
+            p = bisect_left(self._order, -e * self._width + i)
             if self._tracked:
                 self._remove(p)
             else:
@@ -603,12 +624,12 @@ class Projection:
 
     def _refresh(self, step: int) -> None:
         """(Re)compute the end of every new slot and of every slot that outlived its end."""
-        ends, gen, end, order = self._ends, self._gen, self._end, self._order
+        ends, gen, end, em1, order, w = self._ends, self._gen, self._end, self._em1, self._order, self._width
         todo = self._new
         while ends and ends[0][0] <= step:
             e, g, i = heapq.heappop(ends)
             if gen[i] == g and end[i] == e:
-                p = bisect_left(order, (-e, i))
+                p = bisect_left(order, -e * w + i)
                 if not self._tracked:
                     del order[p]
                 elif len(todo) < self.REBUILD_FROM:
@@ -620,23 +641,29 @@ class Projection:
                 todo.append(i)
         if len(todo) > self.REBUILD_FROM:
             self._tracked = False
+        upper = self._upper
         for i in todo:
             gx = self._gx[i]
             e = reservation_tokens(self._base[i], gx + step, self._max[i]) - gx
             self._sum += e
+            if upper is not None:
+                upper += self._x[i] + e - 1
             end[i] = e
+            em1[i] = e - 1
             heapq.heappush(ends, (e, gen[i], i))
-            if self._tracked:
+            if self._tracked and e < NUMPY_LIMIT and -NUMPY_LIMIT < self._x[i] < NUMPY_LIMIT:
                 self._insert(i, e)
             else:
-                insort(order, (-e, i))
+                self._tracked = False
+                insort(order, -e * w + i)
+        self._upper = upper
         todo.clear()
 
     def _insert(self, i: int, e: int) -> None:
         """Put slot ``i``, ending at ``e``, into the order and the tracked arrays."""
-        order = self._order
-        p = bisect_left(order, (-e, i))
-        order.insert(p, (-e, i))
+        order, key = self._order, -e * self._width + i
+        p = bisect_left(order, key)
+        order.insert(p, key)
         m, sx, se = len(order), self._sx, self._se
         sx[p + 1:m] = sx[p:m - 1]
         se[p + 1:m] = se[p:m - 1]
@@ -658,57 +685,87 @@ class Projection:
                limit: int | None = None) -> int:
         """KV tokens at the projected peak, ``extra`` = (ctx, remaining) of a candidate
         included. ``pipelined=False``: every reservation held at once (their sum). With
-        ``limit``, a sum of reservations within it is returned as is (the peak cannot exceed it)."""
+        ``limit`` and the peak within it, an upper bound on the peak may be returned instead, one
+        within the limit too (so ``demand(...) <= limit`` is exact): the sum of reservations, or
+        (with a candidate) the last numpy pass's peak without a candidate plus, for each slot
+        entered since and for the candidate, its context plus remaining steps less one. A slot
+        adds at most that to the peak (every demand after its place in the order gains its
+        context and at most its ``end - 1``), and one that leaves never raises it."""
         if self._new or (self._ends and self._ends[0][0] <= step):
             self._refresh(step)
         total = self._sum if extra is None else self._sum + extra[0] + extra[1]
         if not pipelined or (limit is not None and total <= limit):
             return total
+        if extra is not None and limit is not None and self._upper is not None:
+            bound = self._upper + extra[0] + extra[1] - 1  # the candidate adds at most its own
+            if bound <= limit:
+                return bound
         # The candidate, at (context - step, remaining + step), sorts after every slot ending no
         # earlier than it (as a stable sort of the appended candidate would put it).
         xc, ec = (0, 0) if extra is None else (extra[0] - step, extra[1] + step)
-        order, xs = self._order, self._x
-        p = bisect_right(order, (-ec, len(xs))) if extra is not None else len(order)
-        if len(order) >= self.NUMPY_FROM:
-            return self._peak_numpy(xc, ec, p, extra is not None)
+        order, xs, em1, w = self._order, self._x, self._em1, self._width
+        p = bisect_right(order, (1 - ec) * w - 1) if extra is not None else len(order)  # key (ec, w - 1)
+        if len(order) >= self.NUMPY_FROM and (not order or order[0] > -NUMPY_LIMIT * w) \
+                and -NUMPY_LIMIT < xc < NUMPY_LIMIT:
+            peak = self._peak_numpy(xc, ec, p, extra is not None)
+            if peak is not None:
+                return peak
         peak = cum = k = 0
-        for ne, i in islice(order, p):
+        for key in islice(order, p):
+            i = key % w
             cum += xs[i]
             k += 1
-            d = cum - k * (ne + 1)
+            d = cum + k * em1[i]
             if d > peak:
                 peak = d
         if extra is None:
+            self._upper = peak
             return peak
-        cum += xc
         k += 1
-        d = cum + k * (ec - 1)
+        d = cum + xc + k * (ec - 1)
         if d > peak:
             peak = d
-        for ne, i in islice(order, p, None):
+        cum += xc
+        for key in islice(order, p, None):
+            i = key % w
             cum += xs[i]
             k += 1
-            d = cum - k * (ne + 1)
+            d = cum + k * em1[i]
             if d > peak:
                 peak = d
+        # No bound from this pass: keeping its peak without the candidate (a second maximum
+        # over the slots after it) saved nothing in the Azure replays, where every pass is this
+        # one (instructions within 1%, ``sim_speed_ab.py --instructions 6000``)
+        self._upper = None
         return peak
 
-    def _peak_numpy(self, xc: int, ec: int, p: int, with_candidate: bool) -> int:
+    def _peak_numpy(self, xc: int, ec: int, p: int, with_candidate: bool) -> int | None:
         """``demand``'s pass in numpy, over the tracked arrays (the same integers): before the
         candidate's place ``p`` the demands are as without it; the candidate adds its own; each
-        slot after it is one step further in, so its demand gains ``xc`` and its ``end - 1``."""
+        slot after it is one step further in, so its demand gains ``xc`` and its ``end - 1``. None
+        where a context is too large for it (never in practice): the Python path answers."""
         m = len(self._order)
         if not m:
+            self._upper = 0
             return max(xc + ec - 1, 0) if with_candidate else 0
         if not self._tracked:
-            self._se[:m] = [-ne - 1 for ne, _ in self._order]
-            self._sx[:m] = [self._x[i] for _, i in self._order]
+            keys = np.fromiter(self._order, np.int64, m)
+            slot = keys % self._width
+            try:
+                sx = np.array(self._x, np.int64)[slot]
+            except OverflowError:
+                return None
+            if not (sx.min() > -NUMPY_LIMIT and sx.max() < NUMPY_LIMIT):
+                return None  # a context too large (none in practice): the Python path
+            self._se[:m] = (slot - keys) // self._width - 1
+            self._sx[:m] = sx
             self._tracked = True
         em1 = self._se[:m]  # end - 1
         cum = np.cumsum(self._sx[:m])
         d = cum + self._k[:m] * em1
+        self._upper = max(int(d.max()), 0)
         if not with_candidate:
-            return max(int(d.max()), 0)
+            return self._upper
         own = (int(cum[p - 1]) if p else 0) + xc + (p + 1) * (ec - 1)
         d[p:] += em1[p:] + xc  # the slots after the candidate, one step further in
         return max(int(d.max()), own, 0)
