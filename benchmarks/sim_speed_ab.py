@@ -8,7 +8,8 @@ ratio, and whether the two trees made the same decisions (a hash of every reques
 of the counters that are not 0, so that a counter one tree lacks and the other leaves at 0 does
 not differ; "yes (log rows grouped differently)" where the iteration logs differ, as when
 one tree splits runs of decode-only iterations into more rows). Then each tree's own
-``sim_speed.py`` decision benchmark (512 running).
+``sim_speed.py`` decision benchmark (512 running; ``--repeat`` runs, each decision's least CPU
+time, where that tree's benchmark takes the least of several runs).
 
 ``--instructions N`` counts instead of timing: each cell replays the first N requests of the
 trace once per tree under valgrind (``cachegrind --cache-sim=no``), and the table gives the
@@ -54,7 +55,7 @@ for line in sys.stdin:
         import sim_speed
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            sim_speed.decision_time(argparse.Namespace(backlog=cmd["backlog"]))
+            sim_speed.decision_time(argparse.Namespace(backlog=cmd["backlog"], decision_repeat=cmd["repeat"]))
         print(json.dumps({"text": out.getvalue()}), flush=True)
         continue
     t0, c0 = time.perf_counter(), time.process_time()
@@ -208,7 +209,8 @@ def main() -> None:
           f"({total['after'] / total['before']:.3f}x)\n")
     for name, w in workers.items():
         if args.decision:
-            print(f"### Decision time, {name}\n{w.ask(cmd='decision', backlog=args.backlog)['text']}")
+            text = w.ask(cmd="decision", backlog=args.backlog, repeat=args.repeat)["text"]
+            print(f"### Decision time, {name}\n{text}")
         w.close()
 
 
