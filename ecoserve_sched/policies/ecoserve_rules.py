@@ -576,9 +576,12 @@ class Projection:
         self._width = slots
         self._order: list[int] = []
         self._sum = 0  # sum of x + end over the slots whose end is known
-        # An upper bound on the peak of the slots whose end is known (None: none known): exact
-        # after a numpy pass, raised by each slot entered (``demand``'s bound)
+        # An upper bound on the peak of the slots whose end is known (None: none known): the
+        # last pass's peak, with its candidate (x, end) if it had one (``_pending``: a slot no
+        # larger than it may take its place once), raised by each other slot entered since
+        # (``demand``'s bound)
         self._upper: int | None = None
+        self._pending: tuple[int, int] | None = None
         self.version = 0  # bumped by every set and drop
 
     def __len__(self) -> int:
@@ -641,13 +644,16 @@ class Projection:
                 todo.append(i)
         if len(todo) > self.REBUILD_FROM:
             self._tracked = False
-        upper = self._upper
+        upper, pending = self._upper, self._pending
         for i in todo:
             gx = self._gx[i]
             e = reservation_tokens(self._base[i], gx + step, self._max[i]) - gx
             self._sum += e
             if upper is not None:
-                upper += self._x[i] + e - 1
+                if pending is not None and self._x[i] <= pending[0] and e <= pending[1]:
+                    pending = None  # the candidate the bound counted (or one no larger)
+                else:
+                    upper += self._x[i] + e - 1
             end[i] = e
             em1[i] = e - 1
             heapq.heappush(ends, (e, gen[i], i))
@@ -656,7 +662,7 @@ class Projection:
             else:
                 self._tracked = False
                 insort(order, -e * w + i)
-        self._upper = upper
+        self._upper, self._pending = upper, pending
         todo.clear()
 
     def _insert(self, i: int, e: int) -> None:
@@ -687,10 +693,12 @@ class Projection:
         included. ``pipelined=False``: every reservation held at once (their sum). With
         ``limit`` and the peak within it, an upper bound on the peak may be returned instead, one
         within the limit too (so ``demand(...) <= limit`` is exact): the sum of reservations, or
-        (with a candidate) the last numpy pass's peak without a candidate plus, for each slot
-        entered since and for the candidate, its context plus remaining steps less one. A slot
-        adds at most that to the peak (every demand after its place in the order gains its
-        context and at most its ``end - 1``), and one that leaves never raises it."""
+        (with a candidate) the last pass's peak plus, for each slot entered since and for the
+        candidate, its context plus remaining steps less one. A slot adds at most that to the
+        peak (every demand after its place in the order gains its context and at most its
+        ``end - 1``), one that leaves never raises it, and the last pass's candidate is in its
+        peak already: the first slot entered since that is no larger (its ``x`` and ``end`` at
+        most the candidate's: the request admitted for it) adds nothing."""
         if self._new or (self._ends and self._ends[0][0] <= step):
             self._refresh(step)
         total = self._sum if extra is None else self._sum + extra[0] + extra[1]
@@ -719,7 +727,7 @@ class Projection:
             if d > peak:
                 peak = d
         if extra is None:
-            self._upper = peak
+            self._upper, self._pending = peak, None
             return peak
         k += 1
         d = cum + xc + k * (ec - 1)
@@ -733,10 +741,7 @@ class Projection:
             d = cum + k * em1[i]
             if d > peak:
                 peak = d
-        # No bound from this pass: keeping its peak without the candidate (a second maximum
-        # over the slots after it) saved nothing in the Azure replays, where every pass is this
-        # one (instructions within 1%, ``sim_speed_ab.py --instructions 6000``)
-        self._upper = None
+        self._upper, self._pending = peak, (xc, ec)
         return peak
 
     def _peak_numpy(self, xc: int, ec: int, p: int, with_candidate: bool) -> int | None:
@@ -746,8 +751,9 @@ class Projection:
         where a context is too large for it (never in practice): the Python path answers."""
         m = len(self._order)
         if not m:
-            self._upper = 0
-            return max(xc + ec - 1, 0) if with_candidate else 0
+            peak = max(xc + ec - 1, 0) if with_candidate else 0
+            self._upper, self._pending = peak, ((xc, ec) if with_candidate else None)
+            return peak
         if not self._tracked:
             keys = np.fromiter(self._order, np.int64, m)
             slot = keys % self._width
@@ -763,9 +769,11 @@ class Projection:
         em1 = self._se[:m]  # end - 1
         cum = np.cumsum(self._sx[:m])
         d = cum + self._k[:m] * em1
-        self._upper = max(int(d.max()), 0)
         if not with_candidate:
+            self._upper, self._pending = max(int(d.max()), 0), None
             return self._upper
         own = (int(cum[p - 1]) if p else 0) + xc + (p + 1) * (ec - 1)
         d[p:] += em1[p:] + xc  # the slots after the candidate, one step further in
-        return max(int(d.max()), own, 0)
+        peak = max(int(d.max()), own, 0)
+        self._upper, self._pending = peak, (xc, ec)
+        return peak

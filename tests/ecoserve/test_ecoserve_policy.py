@@ -130,7 +130,11 @@ PROJ_OP = st.one_of(
     st.tuples(st.just("drop"), st.integers(0, 12)),
     st.tuples(st.just("step"), st.integers(0, 300)),
     st.tuples(st.just("demand"), st.none() | st.tuples(st.integers(1, 3000), st.integers(1, 800)),
-              st.booleans(), st.none() | st.integers(0, 20000)))
+              st.booleans(), st.none() | st.integers(0, 20000)),
+    # an admission as the engines make it: a test with a candidate, then (if it fits) the
+    # candidate entered, its context and reservation no larger than those tested
+    st.tuples(st.just("admit"), st.integers(0, 12), st.integers(1, 3000), st.integers(2, 800),
+              st.integers(0, 50), st.integers(0, 1), st.integers(0, 20000)))
 
 
 @settings(max_examples=400, deadline=None)
@@ -140,9 +144,10 @@ def test_projection_equals_the_peak_recomputed_from_scratch(ops, numpy_from, reb
     """The incremental ``Projection`` (running sums, ends kept sorted, a heap of stale ends; numpy
     above ``numpy_from`` slots, over arrays kept in that order or rebuilt where a refresh moves
     more than ``rebuild_from``; the Python path where a number is too large for it) returns the
-    same numbers as recomputing every end and the peak,
-    or, within a limit given, a number between the peak and the limit (``demand``'s shortcut: the
-    last pass's peak plus what the slots entered since and the candidate can add)."""
+    same numbers as recomputing every end and the peak, or, where a limit is given and the peak
+    is within it, a number between the peak and the limit (``demand``'s bound: the last pass's
+    peak, its candidate's place taken by the slot admitted for it, plus what the other slots
+    entered since and the candidate can add)."""
     proj, ref, step = rules.Projection(16), _ProjectionFromScratch(), 0
     proj.NUMPY_FROM, proj.REBUILD_FROM = numpy_from, rebuild_from
     for op in ops:
@@ -155,6 +160,14 @@ def test_projection_equals_the_peak_recomputed_from_scratch(ops, numpy_from, reb
             ref.drop(op[1])
         elif op[0] == "step":
             step += op[1]
+        elif op[0] == "admit":
+            _, rid, ctx, rem, less_ctx, less_rem, limit = op
+            got, want = proj.demand(step, (ctx, rem), True, limit), ref.demand(step, (ctx, rem), True, limit)
+            assert (got <= limit) == (want <= limit) and (got == want or want <= got <= limit)
+            if got <= limit:  # generated 0 now: its reservation (the base) is its remaining steps
+                x, base = max(ctx - less_ctx, 0) - step, rem - less_rem
+                proj.set(rid, x, -step, base, 1 << 20)
+                ref.set(rid, x, -step, base, 1 << 20)
         else:
             got, want = proj.demand(step, *op[1:]), ref.demand(step, *op[1:])
             limit = op[3]
