@@ -83,7 +83,7 @@ class DecodingRows:
     2**53 (``COUNT_CAP``: exact in float64, and a reservation below it is the same against a
     larger ``max_tokens``; a capped prediction gets no parking bound).
 
-    Kept only while many decode: the first ``rows`` builds them from the decoding set, starts
+    Kept only while many decode: the first ``table`` builds them from the decoding set, starts
     and ends keep them from then on (a row is written when a search reads it: most iterations
     search nothing), and below ``keep_from`` rows they are dropped until a search asks again."""
 
@@ -157,12 +157,6 @@ class DecodingRows:
             self.data[list(self._unwritten)] = list(self._unwritten.values())
             self._unwritten.clear()
         return self.active, self.data
-
-    def rows(self, decoding: dict[int, Request], base_of: Any) -> tuple[np.ndarray, np.ndarray]:
-        """The active rows' positions and a copy of their numbers (``table``'s, gathered)."""
-        active, data = self.table(decoding, base_of)
-        idx = np.flatnonzero(active)
-        return idx, data[idx]
 
 
 @dataclass(slots=True)

@@ -565,7 +565,7 @@ class Projection:
         self._base = [1] * slots
         self._max = [1] * slots
         self._end = [0] * slots  # 0: not computed yet
-        self._em1 = [0] * slots  # end - 1, where computed
+        self._em1 = [0] * slots  # end - 1, where computed (the Python pass reads it: no subtraction)
         self._gen = [0] * slots  # bumped when a slot is (re)set or dropped: stale heap entries
         self._slot: dict[Hashable, int] = {}
         self._free = list(range(slots - 1, -1, -1))
@@ -712,7 +712,7 @@ class Projection:
         # earlier than it (as a stable sort of the appended candidate would put it).
         xc, ec = (0, 0) if extra is None else (extra[0] - step, extra[1] + step)
         order, xs, em1, w = self._order, self._x, self._em1, self._width
-        p = bisect_right(order, (1 - ec) * w - 1) if extra is not None else len(order)  # key (ec, w - 1)
+        p = bisect_right(order, (1 - ec) * w - 1) if extra is not None else len(order)  # -ec x w + w - 1
         if len(order) >= self.NUMPY_FROM and (not order or order[0] > -NUMPY_LIMIT * w) \
                 and -NUMPY_LIMIT < xc < NUMPY_LIMIT:
             peak = self._peak_numpy(xc, ec, p, extra is not None)

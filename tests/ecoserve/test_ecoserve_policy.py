@@ -461,6 +461,12 @@ def test_parking_over_the_arrays_takes_predictions_past_2_to_the_53():
     assert picks[0] == picks[1] and picks[0][0] == 0
 
 
+def _active(rows, decoding):
+    """The active rows of ``rows`` (``DecodingRows.table``), with 7 as every reservation base."""
+    active, d = rows.table(decoding, lambda r: 7)
+    return d[active]
+
+
 def test_decoding_rows_are_built_kept_and_dropped_by_the_decoding_set():
     from ecoserve_sched.policies.ecoserve import SEQ, DecodingRows
 
@@ -470,21 +476,21 @@ def test_decoding_rows_are_built_kept_and_dropped_by_the_decoding_set():
     decoding = {r.rid: r for r in reqs[:3]}
     rows = DecodingRows(2, keep_from=3)
     rows.add(reqs[0], 7)  # not kept yet: nothing to do
-    d = rows.rows(decoding, lambda r: 7)[1]  # built from the decoding set
+    d = _active(rows, decoding)  # built from the decoding set
     assert rows.kept and sorted(d[:, SEQ]) == [1, 2, 3]
     decoding[3] = reqs[3]
     rows.add(reqs[3], 7)  # kept: added (the array grows past its 2 rows)
-    assert sorted(rows.rows(decoding, lambda r: 7)[1][:, SEQ]) == [1, 2, 3, 4]
+    assert sorted(_active(rows, decoding)[:, SEQ]) == [1, 2, 3, 4]
     for rid in (3, 2):  # below keep_from: dropped
         del decoding[rid]
         rows.remove(rid)
     assert not rows.kept
-    assert sorted(rows.rows(decoding, lambda r: 7)[1][:, SEQ]) == [1, 2]  # built again when asked
+    assert sorted(_active(rows, decoding)[:, SEQ]) == [1, 2]  # built again when asked
     rows = DecodingRows(8, keep_from=3)
     decoding = {r.rid: r for r in reqs[:3]}
-    rows.rows(decoding, lambda r: 7)
+    _active(rows, decoding)
     rows.add(reqs[0], 7)  # a start again while kept at the edge: the rows drop, not one of three
-    assert sorted(rows.rows(decoding, lambda r: 7)[1][:, SEQ]) == [1, 2, 3]
+    assert sorted(_active(rows, decoding)[:, SEQ]) == [1, 2, 3]
 
 
 def test_kv_exhaustion_preempts_and_everything_finishes():
