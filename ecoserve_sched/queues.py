@@ -20,6 +20,14 @@ class FCFSQueue(deque):
     def peek(self) -> Request:
         return self[0]
 
+    def discard(self, r: Request) -> bool:
+        """Take ``r`` out wherever it waits (a cancel); False if it is not here. O(n)."""
+        for i, q in enumerate(self):
+            if q is r:
+                del self[i]
+                return True
+        return False
+
 
 class PriorityQueue:
     """Smallest ``key(r)`` first; the key is computed once, at push (O(log n) push/pop).
@@ -47,4 +55,20 @@ class PriorityQueue:
 
     def pop(self) -> Request:
         return heapq.heappop(self.items)[2]
+
+    def discard(self, r: Request) -> bool:
+        """Take ``r`` out wherever it waits (a cancel); False if it is not here. O(n)."""
+        return discard_from_heap(self.items, r)
+
+
+def discard_from_heap(heap: list[tuple], r: Request) -> bool:
+    """Take the entry whose last field is ``r`` out of ``heap`` (kept a heap); False if none."""
+    for i, item in enumerate(heap):
+        if item[-1] is r:
+            last = heap.pop()
+            if i < len(heap):
+                heap[i] = last
+                heapq.heapify(heap)
+            return True
+    return False
 

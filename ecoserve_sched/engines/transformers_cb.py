@@ -32,9 +32,10 @@ That is :class:`TransformersEngine`'s loop; under transformers' own manager (``g
 a raising forward pass fails every request of the run, and the registration serves no more.
 
 What the engine cannot do (ours): preemption is always by recompute (transformers' CPU
-offloading is not driven by the policy), prefix sharing is off (the ledger counts every block),
-cancellation (under transformers' manager) ends only running requests: one still in the policy's
-waiting queue runs to the end, with a warning.
+offloading is not driven by the policy), prefix sharing is off (the ledger counts every block).
+Cancellation (under transformers' manager) ends a request wherever it is, running or still in
+the policy's waiting queue (``Scheduler.cancel``), as transformers' own schedulers do (a
+policy of one's own without ``dequeue``: a waiting request runs to the end, with a warning).
 
 Supported transformers: :data:`TRANSFORMERS_RANGE` (this code uses the scheduler base class and
 ``RequestState`` fields, and steps the batch processor itself; both move between releases).
@@ -274,10 +275,10 @@ class PolicyScheduler(HFScheduler):
             del self.reqs[st.request_id]
 
     def clear_cancelled_requests(self) -> list[RequestState]:
-        """Cancel what the manager was asked to cancel (``manager.cancel_request``): a running
-        request ends (the policy aborts it and its blocks are freed); one still waiting in the
-        policy's queue cannot be taken out of it and runs to the end, with a warning (was: every
-        request of the run failed)."""
+        """Cancel what the manager was asked to cancel (``manager.cancel_request``), as
+        transformers' own schedulers do: a running request ends (its blocks are freed), and one
+        waiting in the policy's queue is taken out of it (``Scheduler.cancel``; was: it ran to
+        the end, with a warning). The policy counts both under ``cancelled``."""
         with self._cancellation_lock:
             ids, self._requests_to_cancel = self._requests_to_cancel, set()
         self._flush()
@@ -286,11 +287,12 @@ class PolicyScheduler(HFScheduler):
             r = self.reqs.get(rid_s)
             if r is None or r.state in (State.FINISHED, State.ERRORED):
                 continue
-            if r.state not in (State.PREFILL, State.DECODE):
-                logger.warning("PolicyScheduler: %s is waiting in the policy's queue and cannot be "
-                               "cancelled; it runs to the end", rid_s)
+            try:
+                self.policy.cancel(r)
+            except NotImplementedError as e:  # a policy without ``dequeue`` (its own): as before
+                logger.warning("PolicyScheduler: %s waits in the policy's queue and cannot be cancelled "
+                               "(%s); it runs to the end", rid_s, e)
                 continue
-            self.policy.abort(r, "cancelled")
             self.held.pop(r.rid, None)
             self.cache.free_blocks(rid_s)
             st = self.active_requests.pop(rid_s, None) or self.waiting_requests.pop(rid_s, None)
@@ -328,10 +330,9 @@ class PolicyScheduler(HFScheduler):
             raise RuntimeError(f"policy batch of {n_tokens} tokens exceeds the engine's {token_budget}")
         out: list[FutureRequestState] = []
         moved: set[str] = set()
-        # Decodes laid out group by group (predicted RL bucket), longest bucket first; none in a
-        # prefill-only iteration (``stall_decodes``: vllm-v0), whose decodes wait.
-        decodes = [] if batch.stall_decodes else sorted(self.policy.decoding.values(),
-                                                          key=lambda r: (-r.pred_bucket, r.seq))
+        # Decodes in the policy's order (no sort: the RL groups that once laid them out bucket by
+        # bucket are gone); none in a prefill-only iteration (``stall_decodes``: vllm-v0).
+        decodes = [] if batch.stall_decodes else list(self.policy.decoding.values())
         if len(decodes) != batch.decode_requests:
             raise RuntimeError(f"policy batch has {batch.decode_requests} decodes, "
                                f"{len(decodes)} requests are decoding")

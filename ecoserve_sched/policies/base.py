@@ -99,7 +99,8 @@ class Scheduler(SchedulerInterface):
         self.stall_gaps: list[float] = []  # token gaps caused by preemption
         self.dropped: list[Request] = []
         self.counters = {"preemptions": 0, "recomputes": 0, "swaps": 0, "topups": 0,
-                         "restarts": 0, "failed_iterations": 0, "errors": 0}
+                         "restarts": 0, "failed_iterations": 0, "errors": 0,
+                         "cancelled": 0}
 
     # ---- hooks for policies -------------------------------------------------------------------
     def enqueue(self, r: Request, front: bool = False) -> None:
@@ -108,6 +109,10 @@ class Scheduler(SchedulerInterface):
 
     def waiting_count(self) -> int:
         raise _missing(self, "waiting_count")
+
+    def dequeue(self, r: Request) -> None:
+        """Take queued ``r`` (WAITING or SWAPPED) out of the waiting queue (``cancel``)."""
+        raise _missing(self, "dequeue")
 
     def admit(self, budget: int, batch: Batch, now: float) -> None:
         """Start new prefills from the waiting queue within ``budget`` tokens."""
@@ -313,9 +318,10 @@ class Scheduler(SchedulerInterface):
         r.finish_s = r.last_token_s = now
         self.kv.release(r.rid)
 
-    def abort(self, r: Request, error: str = "engine error") -> None:
+    def abort(self, r: Request, error: str = "engine error", counter: str = "errors") -> None:
         """End running ``r`` (PREFILL or DECODE) with an error: it leaves the running set, its
-        progress is frozen, and all its KV goes back through the same release as ``finish``."""
+        progress is frozen, and all its KV goes back through the same release as ``finish``
+        (counted under ``counter``)."""
         if r.state == State.DECODE:
             self.stop_decode(r)
         elif r.state == State.PREFILL:
@@ -326,7 +332,22 @@ class Scheduler(SchedulerInterface):
         r.state = State.ERRORED
         r.error = error
         r.epoch += 1  # cancels a pending finish event
-        self.counters["errors"] += 1
+        self.counters[counter] += 1
+
+    def cancel(self, r: Request) -> None:
+        """End ``r`` at its client's request, wherever it is: running (as ``abort``: its KV goes
+        back) or queued (taken out of the waiting queue; a swapped request's host copy is
+        dropped). It ends ERRORED with the error "cancelled", counted under ``cancelled``, not
+        ``errors``."""
+        if r.state in (State.WAITING, State.SWAPPED):
+            self.dequeue(r)
+            self.kv.release(r.rid)  # (none held; a no-op unless a policy holds KV for queued requests)
+            r.swapped_tokens = 0
+            r.state, r.error = State.ERRORED, "cancelled"
+            r.epoch += 1
+            self.counters["cancelled"] += 1
+        else:
+            self.abort(r, "cancelled", counter="cancelled")
 
     def fail_batch(self, batch: Batch, error: str = "engine error") -> list[Request]:
         """The engine raised while running ``batch`` (called instead of ``complete``): every

@@ -50,14 +50,13 @@ predictor's.
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..cost_model import prefill_ctx_tokens
-from ..queues import PriorityQueue
+from ..queues import FCFSQueue, PriorityQueue, discard_from_heap
 from ..request import Request, State
 from . import ecoserve_rules as rules
 from .base import Scheduler
@@ -195,7 +194,7 @@ class EcoServeScheduler(Scheduler):
         self.cfg = config or EcoServeConfig()
         if self.cfg.oracle:
             self.prediction_override = "oracle"
-        self.resume: deque[Request] = deque()  # preempted after their first token
+        self.resume = FCFSQueue()  # preempted after their first token
         key = self._priority if self.cfg.ordering else _arrival
         self.pt = PriorityQueue(key=key)  # PTs that can still meet their TTFT (lazily checked)
         self.lost = PriorityQueue(key=key)  # PTs whose TTFT is lost
@@ -261,6 +260,13 @@ class EcoServeScheduler(Scheduler):
     def waiting_count(self) -> int:
         return self._waiting  # len(resume) + len(pt) + len(lost), asked several times an iteration
 
+    def dequeue(self, r: Request) -> None:
+        if not (self.resume.discard(r) or self.pt.discard(r) or self.lost.discard(r)
+                or discard_from_heap(self.parked, r)):
+            raise ValueError(f"request {r.rid} is not queued")
+        self._waiting -= 1
+        self._predicted.pop(r.rid, None)  # cut short: says nothing of its length
+
     def on_decode_start(self, r: Request) -> None:
         base = self._base_pred(r)
         self.rows.add(r, base)
@@ -283,8 +289,8 @@ class EcoServeScheduler(Scheduler):
         if self.pscale is not None:
             self.pscale.observe(self._predicted.pop(r.rid, r.pred_tokens), r.generated)
 
-    def abort(self, r: Request, error: str = "engine error") -> None:
-        super().abort(r, error)
+    def abort(self, r: Request, error: str = "engine error", counter: str = "errors") -> None:
+        super().abort(r, error, counter)
         self.proj.drop(r.rid)
         self._predicted.pop(r.rid, None)  # cut short: says nothing of its length
 

@@ -76,6 +76,10 @@ class VLLMV0Scheduler(Scheduler):
     def waiting_count(self) -> int:
         return len(self.waiting)
 
+    def dequeue(self, r: Request) -> None:
+        if not self.waiting.discard(r):
+            raise ValueError(f"request {r.rid} is not queued")
+
     def add(self, r: Request, now: float) -> None:
         n = r.prompt_tokens
         if n > self.prompt_limit or self.kv.blocks_for(n) > self.kv.num_blocks - self.watermark_blocks:

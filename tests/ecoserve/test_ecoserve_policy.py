@@ -18,7 +18,8 @@ from ecoserve_sched.policies import ecoserve_rules as rules
 from ecoserve_sched.policies import get_policy, policy_names
 from ecoserve_sched.policies.ecoserve import EcoServeConfig, EcoServeScheduler
 from ecoserve_sched.request import SLO, State
-from ecoserve_sched.simulator import simulate
+from ecoserve_sched.serving import SimResult, never_fits, serve
+from ecoserve_sched.simulator import CostModelExecutor, simulate
 
 ECOSERVE = sorted(p for p in policy_names() if p.startswith("ecoserve"))
 
@@ -721,6 +722,59 @@ def test_kv_invariants_hold_with_tight_slos(rows, blocks, policy, swap, overhead
         assert r.state == State.FINISHED and r.generated == r.target_tokens
     assert sched.kv.free_blocks == blocks and not sched.kv.allocs and not len(sched.proj)
     assert sched.waiting_count() == len(sched.resume) + len(sched.pt) + len(sched.lost) == 0
+
+
+class _Cancelling(CostModelExecutor):
+    """Before iteration k, cancels a request that has arrived and not ended (where one other is
+    left), chosen by ``picks[k]``: a place (parked, preempted, TTFT lost, prefilling, decoding,
+    waiting to start) and an index there, or any if none is there; the policy's invariants are
+    checked at each cancel."""
+
+    def __init__(self, sched, reqs, picks, cap):
+        super().__init__(sched, check=True, stepwise=True)
+        self.reqs, self.picks, self.cap, self.cancelled = reqs, picks, cap, []
+
+    def run(self, now, until):
+        k = self.sched.step + len(self.cancelled)
+        if k < len(self.picks) and self.picks[k] is not None:
+            live = [r for r in self.reqs if r.arrival_s <= now and not never_fits(r, self.cap)
+                    and r.state not in (State.FINISHED, State.ERRORED)]
+            if len(live) > 1:
+                sched, (where, i) = self.sched, divmod(self.picks[k], 6)
+                pool = ([x[2] for x in sched.parked], list(sched.resume), [x[2] for x in sched.lost.items],
+                        list(sched.prefilling.values()), list(sched.decoding.values()), [x[2] for x in sched.pt.items])
+                r = (pool[where % 6] or live)[i % len(pool[where % 6] or live)]
+                self.sched.cancel(r)
+                self.cancelled.append(r)
+                assert (r.state, r.error) == (State.ERRORED, "cancelled") and r.rid not in self.sched.proj
+                assert self.sched.waiting_count() == sum(q.state in (State.WAITING, State.SWAPPED) for q in live)
+                self.sched.kv.check()
+        return super().run(now, until)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(REQ, min_size=2, max_size=25), blocks=st.integers(12, 80),
+       policy=st.sampled_from(ECOSERVE), swap=st.booleans(), overhead=st.booleans(),
+       picks=st.lists(st.one_of(st.none(), st.integers(0, 359)), max_size=60))
+def test_kv_invariants_hold_with_requests_cancelled_anywhere(rows, blocks, policy, swap, overhead, picks):
+    """Requests cancelled at any time, wherever they are (running, queued, swapped, parked, their
+    TTFT lost): the invariants hold every iteration, the rest finish with exactly their length,
+    and every block and projection slot comes back."""
+    reqs = _reqs(rows)
+    cost = _overhead_cost(blocks) if overhead else FlatCost(blocks=blocks)
+    if swap:
+        cost.swap_time = lambda t: 1e-9 * t
+    sched = get_policy(policy, cost, block_size=4, max_running=6, token_budget=64, slo=SLO(0.3, 0.05))
+    res = SimResult(sched.name, "", "", sorted(reqs, key=lambda r: (r.arrival_s, r.rid)), blocks * 4, 4)
+    ex = _Cancelling(sched, reqs, picks, blocks * 4)
+    serve(ex, res)
+    for r in reqs:
+        if r.prompt_tokens + r.target_tokens > blocks * 4 or r in ex.cancelled:
+            continue
+        assert r.state == State.FINISHED and r.generated == r.target_tokens
+    assert sched.kv.free_blocks == blocks and not sched.kv.allocs and not len(sched.proj)
+    assert sched.waiting_count() == len(sched.resume) + len(sched.pt) + len(sched.lost) + len(sched.parked) == 0
+    assert sched.counters["cancelled"] == len(ex.cancelled) and sched.counters["errors"] == 0
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

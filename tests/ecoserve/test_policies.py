@@ -291,3 +291,77 @@ def test_policies_of_installed_packages_are_loaded_from_entry_points(registry_re
     with pytest.raises(ValueError, match=r"unknown policy 'its-policy'.*plug-in 'broken'"):
         get_policy("its-policy", FlatCost())
     monkeypatch.setattr(policies, "_loaded", True)
+
+
+@pytest.mark.parametrize("policy", sorted(policy_names()))
+def test_a_request_is_cancelled_wherever_it_is(policy):
+    """``Scheduler.cancel`` ends a request queued (new, preempted, swapped, parked, its TTFT
+    lost) or running, and the rest are served: the waiting count follows, the KV ledger stays
+    consistent, cancels are counted apart from errors (was: only a running request could be
+    ended, so transformers' manager served a cancelled waiting request in full)."""
+    import math
+    import random
+
+    from ecoserve_sched.policies.base import Scheduler
+    from ecoserve_sched.request import SLO
+    from ecoserve_sched.simulator import CostModelExecutor
+
+    probe = get_policy(policy, FlatCost())
+    if not isinstance(probe, Scheduler):
+        pytest.skip("not a Scheduler")
+    budget = 12 if probe.chunked_prefill else 64  # (whole prompts: one iteration must hold one)
+    states: set[State] = set()
+    for seed in range(4):
+        rng = random.Random(seed)
+        sched = get_policy(policy, FlatCost(blocks=40, iter_s=0.02), block_size=4, max_running=6,
+                           token_budget=budget, slo=SLO(0.3, 0.05))
+        reqs = [make_req(i, 0.0, rng.randint(4, 60), rng.randint(1, 40), pred=rng.randint(1, 40), max_tokens=40,
+                         slo=SLO(0.3, 0.05)) for i in range(40)]
+        for r in reqs:
+            sched.add(r, 0.0)
+        ex, now, cancelled = CostModelExecutor(sched, check=True, stepwise=True), 0.0, []
+        while sched.has_work():
+            live = [r for r in reqs if r.state not in (State.FINISHED, State.ERRORED)]
+            if rng.random() < 0.1:  # each state in turn, where a request is in it
+                want = (State.PREFILL, State.WAITING, State.DECODE, State.SWAPPED)[len(cancelled) % 4]
+                r = rng.choice([r for r in live if r.state == want] or live)
+                states.add(r.state)
+                sched.cancel(r)
+                cancelled.append(r)
+                assert (r.state, r.error) == (State.ERRORED, "cancelled")
+                assert sched.waiting_count() == sum(q.state in (State.WAITING, State.SWAPPED) for q in reqs)
+                sched.kv.check()
+                continue
+            row = ex.run(now, math.inf)
+            assert row is not None, "a run with work left made an empty batch"
+            now = row[0]
+        assert all(r.state == State.FINISHED for r in reqs if r not in cancelled)
+        assert sched.kv.free_blocks == sched.kv.num_blocks
+        assert sched.counters["cancelled"] == len(cancelled) and sched.counters["errors"] == 0
+    assert {State.WAITING, State.DECODE} | ({State.PREFILL} if probe.chunked_prefill else set()) <= states
+
+
+def test_ecoserve_cancels_from_each_of_its_queues():
+    """EcoServe keeps queued requests in four queues (preempted, PTs, PTs whose TTFT is lost,
+    parked): ``dequeue`` finds a request in each, and refuses one not queued."""
+    from ecoserve_sched.queues import discard_from_heap
+
+    sched = get_policy("ecoserve", FlatCost(), block_size=4)
+    reqs = [make_req(i, 0.0, 8, 8) for i in range(5)]
+    for r in reqs[:3]:
+        sched.add(r, 0.0)
+    sched.lost.push(reqs[3])  # as ``_head`` moves one whose TTFT is lost
+    sched.parked.append((1.0, 0, reqs[4]))
+    reqs[2].generated, reqs[2].state, reqs[2].swapped_tokens = 1, State.SWAPPED, 9
+    sched.pt.discard(reqs[2])
+    sched.resume.append(reqs[2])  # as a request swapped out comes back
+    sched._waiting = 5
+    for r in (reqs[4], reqs[2], reqs[3], reqs[0]):
+        sched.cancel(r)
+    assert sched.waiting_count() == 1 and sched.pt.peek() is reqs[1] and not sched.parked
+    assert not sched.resume and not len(sched.lost) and sched.counters["cancelled"] == 4
+    assert all(r.state == State.ERRORED and r.error == "cancelled" for r in reqs if r is not reqs[1])
+    assert reqs[2].swapped_tokens == 0
+    with pytest.raises(ValueError, match="request 0 is not queued"):
+        sched.dequeue(reqs[0])
+    assert not discard_from_heap([], reqs[0])

@@ -127,7 +127,8 @@ def test_under_transformers_manager_what_cannot_be_served_fails_alone(tiny_llama
     """Under transformers' own manager: a request id still in use, a request longer than the
     whole KV cache and several return sequences fail that request alone (were: wrong tokens
     from a shared block table, a wait forever); cancelling a running request ends it, and only
-    it (was: every request of the run failed)."""
+    it (was: every request of the run failed), and so does cancelling one waiting in the policy's
+    queue (was: it ran to the end)."""
     import time
 
     from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -150,6 +151,16 @@ def test_under_transformers_manager_what_cannot_be_served_fails_alone(tiny_llama
         deadline = time.time() + 20
         while not any(r.state.name == "DECODE" for r in policy.decoding.values()) and time.time() < deadline:
             time.sleep(0.01)
+        # "queued" cannot fit beside "long" (7 + 9 or more of 14 blocks): it waits in the policy's queue
+        manager.add_request(list(range(100, 200)), request_id="queued", max_new_tokens=8)
+        while not policy.waiting_count() and time.time() < deadline:
+            time.sleep(0.01)
+        queued = manager.batch_processor.scheduler.reqs["queued"]
+        assert queued.state.name == "WAITING"
+        manager.cancel_request("queued")
+        while policy.counters["cancelled"] < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        assert policy.waiting_count() == 0 and queued.error == "cancelled"
         manager.cancel_request("long")
         manager.add_request(a, request_id="dup", max_new_tokens=8)
         manager.add_request(b, request_id="dup", max_new_tokens=8)
@@ -167,7 +178,8 @@ def test_under_transformers_manager_what_cannot_be_served_fails_alone(tiny_llama
                                                            "a request not yet finished"), ("FINISHED", ref, None)]
     [(status, _, error)] = results["huge"]
     assert status == "FAILED" and "20 prompt + 300 new tokens can never fit the KV cache (224 tokens)" in error
-    assert policy.counters["errors"] == 1 and not policy.decoding and policy.kv.free_blocks == KV_BLOCKS
+    assert policy.counters["cancelled"] == 2 and policy.counters["errors"] == 0  # was: a cancel counted as an error
+    assert not policy.decoding and policy.kv.free_blocks == KV_BLOCKS
 
 
 def test_the_wall_clock_gives_one_time_per_token(tiny_llama):
@@ -559,3 +571,39 @@ def test_a_hard_stop_is_not_a_failed_forward_pass(tiny_llama):
         SCHEDULER_MAPPING.pop(name, None)
     assert policy.counters["failed_iterations"] == 0 and policy.counters["errors"] >= 1
     assert not policy.has_work() and policy.kv.free_blocks == policy.kv.num_blocks
+
+
+def test_a_waiting_request_is_cancelled_and_a_policy_without_dequeue_keeps_it(tiny_llama, caplog):
+    """``clear_cancelled_requests`` takes a request waiting in the policy's queue out of both
+    queues, the policy's and transformers' (was: it ran to the end); under a policy of one's own
+    without ``dequeue`` it warns and serves it, as before, instead of raising in the manager."""
+    from types import SimpleNamespace
+
+    from transformers.generation.continuous_batching import RequestState
+
+    from ecoserve_sched.engines.transformers_cb import PolicyScheduler
+    from ecoserve_sched.policies.base import Scheduler
+    from ecoserve_sched.policies.vllm import VLLMScheduler
+
+    class NoDequeue(VLLMScheduler):
+        dequeue = Scheduler.dequeue
+
+    freed: list[str] = []
+    cache = SimpleNamespace(cache_allocators={"full": SimpleNamespace(tokens_per_page=16)}, use_prefix_sharing=False,
+                            num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET, free_blocks=freed.append)
+    made = make_engine(tiny_llama, "vllm").make_policy()
+    for policy, served in ((made, False), (NoDequeue(made.cost, kv_blocks=KV_BLOCKS, token_budget=TOKEN_BUDGET,
+                                                     max_running=MAX_RUNNING), True)):
+        sched = PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=policy, clock=lambda: 0.0)
+        for rid in ("a", "b"):
+            sched.add_waiting_request(RequestState(rid, [5, 6, 7], max_new_tokens=4))
+        sched.set_request_cancellation("a")
+        with caplog.at_level("WARNING", logger="ecoserve_sched.engines.transformers_cb"):
+            gone = sched.clear_cancelled_requests()
+        if served:
+            assert gone == [] and policy.waiting_count() == 2 and "a waits in the policy's queue" in caplog.text
+            assert list(sched.waiting_requests_order) == ["a", "b"]
+        else:
+            assert [s.request_id for s in gone] == ["a"] and policy.counters["cancelled"] == 1
+            assert policy.waiting_count() == 1 and list(sched.waiting_requests) == ["b"]
+            assert list(sched.waiting_requests_order) == ["b"] and freed == ["a"]
