@@ -144,6 +144,12 @@ class PolicyScheduler(HFScheduler):
             raise ValueError(f"engine has {cache.num_blocks} KV blocks, policy plans {policy.kv.num_blocks}")
         if max_requests_per_batch < policy.max_running:
             raise ValueError(f"max_requests_per_batch {max_requests_per_batch} < max_running {policy.max_running}")
+        if getattr(getattr(cache, "cb_config", None), "use_async_batching", False):
+            # transformers picks it on CUDA with CUDA graphs unless told not to (was: accepted; a
+            # batch is then scheduled before the last one's tokens are known, which the policy's
+            # accounting does not follow, and it was never run)
+            raise ValueError("async batching is not supported under an ecoserve policy: set "
+                             "ContinuousBatchingConfig(use_async_batching=False)")
         budget = getattr(cache, "max_batch_tokens", None)
         if isinstance(budget, int) and budget < policy.token_budget:  # was: every request failed at the first batch
             raise ValueError(f"engine max_batch_tokens {budget} < the policy's token_budget {policy.token_budget}")

@@ -542,6 +542,13 @@ def test_budgets_the_engine_cannot_run_are_refused(tiny_llama):
                             num_blocks=KV_BLOCKS, max_batch_tokens=64)
     with pytest.raises(ValueError, match="engine max_batch_tokens 64 < the policy's token_budget 128"):
         PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "vllm").make_policy())
+    # async batching (transformers' default on CUDA with CUDA graphs), refused when the manager
+    # starts (was: accepted, and never run: it needs a GPU)
+    cache.max_batch_tokens, cache.cb_config = TOKEN_BUDGET, SimpleNamespace(use_async_batching=True)
+    with pytest.raises(ValueError, match=r"async batching is not supported .*use_async_batching=False"):
+        PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "vllm").make_policy())
+    cache.cb_config.use_async_batching = False
+    PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "vllm").make_policy())
 
 
 def test_a_hard_stop_is_not_a_failed_forward_pass(tiny_llama):
