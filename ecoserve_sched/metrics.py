@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .request import SLO, State
+from .request import CANCELLED, SLO, State
 from .simulator import SimResult, iteration_table
 
 
@@ -45,7 +45,8 @@ def summarize(res: SimResult, slo: SLO) -> dict:
         "requests": n,
         "finished": len(done),
         "dropped": res.dropped,
-        "errors": sum(r.state == State.ERRORED for r in reqs),
+        "errors": sum(r.state == State.ERRORED and r.error != CANCELLED for r in reqs),
+        "cancelled": sum(r.state == State.ERRORED and r.error == CANCELLED for r in reqs),
         "duration_s": span,
         "throughput_rps": len(done) / span,
         "throughput_tok_s": float(gen.sum()) / span,

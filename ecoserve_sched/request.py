@@ -18,7 +18,12 @@ class State(IntEnum):
     DECODE = 2  # generating one token per iteration
     SWAPPED = 3  # preempted by swap: KV lives in host memory
     FINISHED = 4
-    ERRORED = 5  # ended by an engine error (``Request.error`` says which); holds no KV
+    ERRORED = 5  # ended by an engine error or a cancel (``Request.error`` says which); holds no KV
+
+
+#: ``Request.error`` of a request its client cancelled (``Scheduler.cancel``): ERRORED, but
+#: not an error (``metrics.summarize`` counts these apart)
+CANCELLED = "cancelled"
 
 
 def is_real(v: object) -> bool:

@@ -36,7 +36,7 @@ from heapq import heappop, heappush, heapreplace
 from typing import Any
 
 from ..kv_cache import KVCacheManager
-from ..request import SLO, Request, State, is_whole
+from ..request import CANCELLED, SLO, Request, State, is_whole
 from .interface import (
     DEFAULT_MAX_RUNNING,
     DEFAULT_TOKEN_BUDGET,
@@ -318,10 +318,9 @@ class Scheduler(SchedulerInterface):
         r.finish_s = r.last_token_s = now
         self.kv.release(r.rid)
 
-    def abort(self, r: Request, error: str = "engine error", counter: str = "errors") -> None:
+    def abort(self, r: Request, error: str = "engine error") -> None:
         """End running ``r`` (PREFILL or DECODE) with an error: it leaves the running set, its
-        progress is frozen, and all its KV goes back through the same release as ``finish``
-        (counted under ``counter``)."""
+        progress is frozen, and all its KV goes back through the same release as ``finish``."""
         if r.state == State.DECODE:
             self.stop_decode(r)
         elif r.state == State.PREFILL:
@@ -332,22 +331,25 @@ class Scheduler(SchedulerInterface):
         r.state = State.ERRORED
         r.error = error
         r.epoch += 1  # cancels a pending finish event
-        self.counters[counter] += 1
+        self.counters["errors"] += 1
 
     def cancel(self, r: Request) -> None:
-        """End ``r`` at its client's request, wherever it is: running (as ``abort``: its KV goes
-        back) or queued (taken out of the waiting queue; a swapped request's host copy is
-        dropped). It ends ERRORED with the error "cancelled", counted under ``cancelled``, not
-        ``errors``."""
+        """End ``r`` at its client's request, wherever it is: running (``abort``: its KV goes
+        back) or queued (``dequeue``: taken out of the waiting queue; a swapped request's host
+        copy is dropped). It ends ERRORED with the error ``CANCELLED``, counted under
+        ``cancelled``, not ``errors``."""
+        if r.state in (State.FINISHED, State.ERRORED):
+            raise ValueError(f"request {r.rid} has ended ({r.state.name}): nothing to cancel")
         if r.state in (State.WAITING, State.SWAPPED):
             self.dequeue(r)
             self.kv.release(r.rid)  # (none held; a no-op unless a policy holds KV for queued requests)
             r.swapped_tokens = 0
-            r.state, r.error = State.ERRORED, "cancelled"
+            r.state, r.error = State.ERRORED, CANCELLED
             r.epoch += 1
-            self.counters["cancelled"] += 1
-        else:
-            self.abort(r, "cancelled", counter="cancelled")
+        else:  # (a policy's own ``abort(r, error)`` override is called as before)
+            self.abort(r, CANCELLED)
+            self.counters["errors"] -= 1  # a cancel, not an error
+        self.counters["cancelled"] += 1
 
     def fail_batch(self, batch: Batch, error: str = "engine error") -> list[Request]:
         """The engine raised while running ``batch`` (called instead of ``complete``): every

@@ -289,8 +289,8 @@ class EcoServeScheduler(Scheduler):
         if self.pscale is not None:
             self.pscale.observe(self._predicted.pop(r.rid, r.pred_tokens), r.generated)
 
-    def abort(self, r: Request, error: str = "engine error", counter: str = "errors") -> None:
-        super().abort(r, error, counter)
+    def abort(self, r: Request, error: str = "engine error") -> None:
+        super().abort(r, error)
         self.proj.drop(r.rid)
         self._predicted.pop(r.rid, None)  # cut short: says nothing of its length
 

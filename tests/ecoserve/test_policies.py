@@ -365,3 +365,36 @@ def test_ecoserve_cancels_from_each_of_its_queues():
     with pytest.raises(ValueError, match="request 0 is not queued"):
         sched.dequeue(reqs[0])
     assert not discard_from_heap([], reqs[0])
+
+
+def test_a_cancel_is_not_an_error_and_calls_a_policys_own_abort_as_before():
+    """A policy of one's own that overrides ``abort(r, error)`` (the signature before cancels)
+    is still called by ``cancel`` (a first version passed it a new argument: a TypeError that
+    failed every request under transformers' manager); ``summarize`` counts cancels apart from
+    errors; an ended request cannot be cancelled, and says so."""
+    from ecoserve_sched.metrics import summarize
+    from ecoserve_sched.policies.vllm import VLLMScheduler
+    from ecoserve_sched.request import SLO
+    from ecoserve_sched.serving import SimResult
+
+    seen = []
+
+    class OwnAbort(VLLMScheduler):
+        def abort(self, r, error="engine error"):
+            seen.append(error)
+            super().abort(r, error)
+
+    sched = OwnAbort(FlatCost(), block_size=4)
+    a, b = make_req(0, 0.0, 8, 4), make_req(1, 0.0, 8, 4)
+    for r in (a, b):
+        sched.add(r, 0.0)
+    sched.complete(sched.schedule(0.0), 0.01)  # both prefilled: decoding
+    sched.cancel(a)
+    assert seen == ["cancelled"] and sched.counters["cancelled"] == 1 and sched.counters["errors"] == 0
+    with pytest.raises(ValueError, match="request 0 has ended \\(ERRORED\\): nothing to cancel"):
+        sched.cancel(a)
+    sched.abort(b, "boom")
+    res = SimResult(sched.name, "", "", [a, b], 256, 4)
+    res.log.append((0.01, 0.01, 1, 0, 0, 0))
+    s = summarize(res, SLO())
+    assert (s["errors"], s["cancelled"], s["finished"]) == (1, 1, 0)
