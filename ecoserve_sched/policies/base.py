@@ -110,8 +110,9 @@ class Scheduler(SchedulerInterface):
     def waiting_count(self) -> int:
         raise _missing(self, "waiting_count")
 
-    def dequeue(self, r: Request) -> None:
-        """Take queued ``r`` (WAITING or SWAPPED) out of the waiting queue (``cancel``)."""
+    def dequeue(self, r: Request) -> bool:
+        """Take queued ``r`` (WAITING or SWAPPED) out of the waiting queue (``cancel``); False
+        if it is not there."""
         raise _missing(self, "dequeue")
 
     def admit(self, budget: int, batch: Batch, now: float) -> None:
@@ -341,7 +342,8 @@ class Scheduler(SchedulerInterface):
         if r.state in (State.FINISHED, State.ERRORED):
             raise ValueError(f"request {r.rid} has ended ({r.state.name}): nothing to cancel")
         if r.state in (State.WAITING, State.SWAPPED):
-            self.dequeue(r)
+            if not self.dequeue(r):
+                raise ValueError(f"request {r.rid} is not queued")
             self.kv.release(r.rid)  # (none held; a no-op unless a policy holds KV for queued requests)
             r.swapped_tokens = 0
             r.state, r.error = State.ERRORED, CANCELLED

@@ -260,12 +260,13 @@ class EcoServeScheduler(Scheduler):
     def waiting_count(self) -> int:
         return self._waiting  # len(resume) + len(pt) + len(lost), asked several times an iteration
 
-    def dequeue(self, r: Request) -> None:
+    def dequeue(self, r: Request) -> bool:
         if not (self.resume.discard(r) or self.pt.discard(r) or self.lost.discard(r)
                 or discard_from_heap(self.parked, r)):
-            raise ValueError(f"request {r.rid} is not queued")
+            return False
         self._waiting -= 1
         self._predicted.pop(r.rid, None)  # cut short: says nothing of its length
+        return True
 
     def on_decode_start(self, r: Request) -> None:
         base = self._base_pred(r)

@@ -30,9 +30,8 @@ class OrcaScheduler(Scheduler):
     def waiting_count(self) -> int:
         return len(self.waiting)
 
-    def dequeue(self, r: Request) -> None:
-        if not self.waiting.discard(r):
-            raise ValueError(f"request {r.rid} is not queued")
+    def dequeue(self, r: Request) -> bool:
+        return self.waiting.discard(r)
 
     def reservation_blocks(self, r: Request) -> int:
         return min(self.kv.blocks_for(r.prompt_tokens + r.max_tokens), self.kv.num_blocks)

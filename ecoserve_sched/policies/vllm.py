@@ -49,9 +49,8 @@ class VLLMScheduler(Scheduler):
     def waiting_count(self) -> int:
         return len(self.waiting)
 
-    def dequeue(self, r: Request) -> None:
-        if not self.waiting.discard(r):
-            raise ValueError(f"request {r.rid} is not queued")
+    def dequeue(self, r: Request) -> bool:
+        return self.waiting.discard(r)
 
     def pick_victim(self, running: list[Request]) -> Request:
         return max(running, key=_SEQ)

@@ -76,9 +76,8 @@ class VLLMV0Scheduler(Scheduler):
     def waiting_count(self) -> int:
         return len(self.waiting)
 
-    def dequeue(self, r: Request) -> None:
-        if not self.waiting.discard(r):
-            raise ValueError(f"request {r.rid} is not queued")
+    def dequeue(self, r: Request) -> bool:
+        return self.waiting.discard(r)
 
     def add(self, r: Request, now: float) -> None:
         n = r.prompt_tokens

@@ -362,8 +362,9 @@ def test_ecoserve_cancels_from_each_of_its_queues():
     assert not sched.resume and not len(sched.lost) and sched.counters["cancelled"] == 4
     assert all(r.state == State.ERRORED and r.error == "cancelled" for r in reqs if r is not reqs[1])
     assert reqs[2].swapped_tokens == 0
-    with pytest.raises(ValueError, match="request 0 is not queued"):
-        sched.dequeue(reqs[0])
+    assert sched.dequeue(reqs[0]) is False  # taken out already
+    with pytest.raises(ValueError, match="request 9 is not queued"):
+        sched.cancel(make_req(9, 0.0, 8, 8))  # never added
     assert not discard_from_heap([], reqs[0])
 
 
