@@ -28,12 +28,12 @@ SLO attainment at least SJF's, naming those where ``--policy`` does not.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import NoReturn
 
-from rlpredict.cli_boundary import arg_path, run_script
+from rlpredict.cli_boundary import arg_number, arg_path, run_script
+from rlpredict.json_file import read_json
 
 #: results.json fields read as numbers (null allowed), and the overload rows (objects of numbers)
 NUMBERS = ("capacity", "ceiling", "jct_x_v1", "sustained_capacity", "token_budget")
@@ -50,13 +50,11 @@ def load(folder: Path) -> list[dict]:
     """The rows of ``folder/results.json``; one line and exit 2 if it cannot be read."""
     path = folder / "results.json"
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = read_json(path)  # a key given twice is refused (was: the last value, without a word)
     except OSError as e:
         fail(f"{path}: cannot read ({e.strerror}): give a benchmarks/scenario_grid.py --out folder")
-    except json.JSONDecodeError as e:
-        fail(f"{path}: line {e.lineno}: not valid JSON ({e.msg})")
-    except (UnicodeDecodeError, ValueError) as e:
-        fail(f"{path}: not valid JSON ({type(e).__name__})")
+    except ValueError as e:
+        fail(str(e))
     if not isinstance(rows, list) or not all(isinstance(r, dict) and {"cell", "policy", "capacity"} <= r.keys()
                                              for r in rows):
         fail(f"{path}: not a scenario_grid.py results.json (a list of rows with cell, policy, capacity)")
@@ -77,9 +75,16 @@ def load(folder: Path) -> list[dict]:
 
 
 def _check_number(where: str, field: str, v: object) -> None:
-    """A finite number or null, else one line and exit 2."""
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
-        fail(f"{where}: field {field!r} must be a number or null, got {v!r:.80}")
+    """A finite number >= 0 (every field is a rate, a ratio or a count) or null, else one line
+    and exit 2."""
+    if v is None:
+        return
+    try:  # was: OverflowError on an integer past a float's range; a negative ceiling was taken
+        ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and v >= 0
+    except OverflowError:
+        ok = False
+    if not ok:
+        fail(f"{where}: field {field!r} must be a number >= 0 or null, got {v!r:.80}")
 
 
 def _cap(row: dict | None) -> float | None:
@@ -269,7 +274,7 @@ def main() -> None:
     ap.add_argument("folders", nargs="+", type=arg_path, help="benchmarks/scenario_grid.py --out folders")
     ap.add_argument("--policy", default="ecoserve", help="the policy judged (default: ecoserve)")
     ap.add_argument("--oracle", default="ecoserve-oracle", help="its oracle (default: ecoserve-oracle)")
-    ap.add_argument("--min-share", type=float, default=0.02,
+    ap.add_argument("--min-share", type=arg_number(float), default=0.02,
                     help="a cell is servable if some policy holds a load of this share of its ceiling")
     ap.add_argument("--no-table", action="store_true", help="print the summary only")
     args = ap.parse_args()

@@ -123,7 +123,9 @@ from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, poisson_arrivals, read_trace  # noqa: E402
 from rlpredict.cli_boundary import SHARED_AZURE_CONV, arg_number, arg_path, run_script, worker_pool  # noqa: E402
+from rlpredict.data import LoadReport  # noqa: E402
 from rlpredict.outputs import check_new_dir, check_paths, output_dir  # noqa: E402
+from rlpredict.records import is_plain_number  # noqa: E402
 
 #: ``--cells random:N``: at most this many (each cell is minutes of work on two cores)
 MAX_RANDOM_CELLS = 1000
@@ -247,7 +249,11 @@ def load_trace(cell: Cell, shared: Path, n: int, skip: int = 0, seed: int = 0) -
         tr = code_trace(n, skip)
     else:
         tr = sharegpt_trace(shared, n, skip, seed)
-    rate = (len(tr) - 1) / float(tr.arrival_s[-1] - tr.arrival_s[0])  # keep the trace's mean rate
+    span = float(tr.arrival_s[-1] - tr.arrival_s[0])
+    if not span > 0:  # was: ZeroDivisionError (Mooncake's first ten requests all arrive at 0)
+        raise SystemExit(f"{tr.path}: its first {len(tr)} requests all arrive at once, so they "
+                         "have no mean rate to keep; give more --requests")
+    rate = (len(tr) - 1) / span  # keep the trace's mean rate
     if cell.arrivals == "burst8":
         tr = tr.with_arrivals(burst_arrivals(len(tr), rate, cv=cell.cv, burst=8, seed=seed))
     elif cell.arrivals == "gamma":
@@ -274,7 +280,9 @@ def sharegpt_trace(shared: Path, n: int, skip: int = 0, seed: int = 0) -> Trace:
     Poisson arrivals at 1 request/s (the grid scales the rate)."""
     from rlpredict.data import load_samples
 
-    samples, _ = load_samples([shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"], max_rows=skip + n, on_error="skip")
+    samples, report = load_samples([shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"], max_rows=skip + n,
+                                   on_error="skip")
+    _say_skipped(report)
     return _turns_trace("sharegpt_v3 turns", samples[skip:], seed)
 
 
@@ -284,7 +292,8 @@ def alpaca_trace(shared: Path, n: int, skip: int = 0, seed: int = 0) -> Trace:
     arrivals at 1 request/s."""
     from rlpredict.data import load_samples
 
-    samples, _ = load_samples([shared / "alpaca_eval_outputs" / "alpaca_eval_outputs.jsonl.gz"], on_error="skip")
+    samples, report = load_samples([shared / "alpaca_eval_outputs" / "alpaca_eval_outputs.jsonl.gz"], on_error="skip")
+    _say_skipped(report)
     order = np.random.default_rng(0).permutation(len(samples))[skip:skip + n]
     return _turns_trace("alpaca_eval answers", [samples[i] for i in order], seed)
 
@@ -301,6 +310,12 @@ def code_trace(n: int, skip: int = 0) -> Trace:
     return Trace("synthetic code completion", poisson_arrivals(n, 1.0),
                  np.clip(np.rint(inp), 1, c["max_prompt"]).astype(np.int64),
                  np.clip(np.rint(out), 1, c["max_output"]).astype(np.int64), np.full(n, 2048, dtype=np.int64))
+
+
+def _say_skipped(report: LoadReport) -> None:
+    """Bad rows of a data file are skipped, and said so on stderr (was: dropped without a word)."""
+    if report.n_skipped:
+        print(f"note: {report.summary()}", file=sys.stderr, flush=True)
 
 
 def _turns_trace(name: str, samples: list, seed: int) -> Trace:
@@ -453,11 +468,11 @@ def main() -> None:
     ap.add_argument("--cell-seed", type=arg_number(int, 0), default=0, help="seed of the cells 'random:N' draws")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
     ap.add_argument("--workers", type=arg_number(int, 1), default=2, help="parallel processes")
-    ap.add_argument("--skip", type=int, default=0, help="skip the first N requests of each trace")
+    ap.add_argument("--skip", type=arg_number(int, 0), default=0, help="skip the first N requests of each trace")
     ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="seed of the predictions and synthetic arrivals")
     ap.add_argument("--confusion", type=arg_path, help="confusion matrix the predictions are drawn from (a "
                     "confusion.json or a bundle; default: the shipped bundle's)")
-    ap.add_argument("--kv-scale", type=float, default=1.0, metavar="F",
+    ap.add_argument("--kv-scale", type=arg_number(float, 0, low_open=True), default=1.0, metavar="F",
                     help="every cell's KV cache times F (vLLM's num_gpu_blocks_override): what KV binds")
     ap.add_argument("--resolution", type=arg_number(float, 0.001, 0.5), default=RESOLUTION, metavar="F",
                     help="stop each capacity search once the passing and failing loads are within F "
@@ -466,7 +481,7 @@ def main() -> None:
                     help="also report mean JCT and SLO attainment at 1x and 1.25x vLLM V1's capacity load")
     ap.add_argument("--sustained", action="store_true",
                     help="also report the capacity at which at most 1%% of requests are deferred past the trace")
-    ap.add_argument("--max-normalized-latency", type=float, metavar="S",
+    ap.add_argument("--max-normalized-latency", type=arg_number(float, 0, low_open=True), metavar="S",
                     help="capacity = the largest load whose normalized latency (mean end-to-end s per "
                          "output token, the vLLM and Orca papers' metric) stays <= S with every request "
                          "finished, instead of SLO attainment >= 0.9")
@@ -475,17 +490,11 @@ def main() -> None:
                          "all tokens, preemption stalls included) is <= S seconds, or with 'slo' <= the "
                          "cell's TBT SLO: Sarathi-Serve's P99-TBT SLO")
     args = ap.parse_args()
-    if args.skip < 0:
-        ap.error("--skip must be >= 0")
-    if not (args.kv_scale > 0 and math.isfinite(args.kv_scale)):
-        ap.error(f"--kv-scale must be a positive number, got {args.kv_scale}")
     nl = args.max_normalized_latency
-    if nl is not None and not (nl > 0 and math.isfinite(nl)):
-        ap.error(f"--max-normalized-latency must be a positive number of seconds, got {nl}")
     p99: float | str | None = args.max_p99_tbt
     if p99 is not None and p99 != "slo":
         try:
-            p99 = float(p99)
+            p99 = float(p99) if is_plain_number(p99) else math.nan
         except ValueError:
             p99 = math.nan
         if not (p99 > 0 and math.isfinite(p99)):
@@ -517,6 +526,8 @@ def main() -> None:
                  f"{', '.join(c.name for c in ALL_CELLS)}, heldout, synthetic, random:N, rS.I")
     cells = [c for c in known if c.name in names]
     policies = args.policies.split(",")
+    if twice := sorted({p for p in policies if policies.count(p) > 1}):  # was: run twice, then refused by grid_summary
+        ap.error(f"--policies: {', '.join(twice)} given twice")
     if "vllm" not in policies:
         ap.error("--policies must include vllm: every ratio is to vLLM V1")
     if bad := [m for m in map(unknown_policy, policies) if m]:

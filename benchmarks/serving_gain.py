@@ -70,6 +70,7 @@ from rlpredict.outputs import (  # noqa: E402
     write_bytes_atomic,
     write_owned,
 )
+from rlpredict.records import is_plain_number  # noqa: E402
 from rlpredict.rl_tokenizers import count_tokens  # noqa: E402
 from rlpredict.splits import split_by_group  # noqa: E402
 from rlpredict.train.baselines import PromptLength, TfidfLogistic  # noqa: E402
@@ -329,8 +330,8 @@ def main() -> None:
                     help="the shipped bundle's predictions with the true length in one use at a time (HYBRIDS)")
     ap.add_argument("--loads", default=None, metavar="LO:HI",
                     help="--hybrid: rate scales of the attainment grid (default: the predicted capacity +-8%%)")
-    ap.add_argument("--points", type=int, default=6, help="--hybrid: loads in the attainment grid")
-    ap.add_argument("--workers", type=int, default=2, help="parallel processes (the capacity searches, or "
+    ap.add_argument("--points", type=arg_number(int, 1), default=6, help="--hybrid: loads in the attainment grid")
+    ap.add_argument("--workers", type=arg_number(int, 1), default=2, help="parallel processes (the capacity searches, or "
                     "--hybrid's mixes; default 2)")
     args = ap.parse_args()
     if args.report:
@@ -348,14 +349,12 @@ def main() -> None:
     loads = None
     if args.loads is not None:
         try:
-            loads = tuple(float(x) for x in args.loads.split(":"))
+            loads = tuple(float(x) if is_plain_number(x) else float("nan") for x in args.loads.split(":"))
             ok = len(loads) == 2 and 0 < loads[0] <= loads[1]
         except ValueError:
             ok = False
         if not ok:
             ap.error(f"--loads: expected LO:HI with 0 < LO <= HI, got {args.loads!r}")
-    if args.points < 1 or args.workers < 1:
-        ap.error("--points and --workers must be at least 1")
     if "azure" in tnames:  # read (and checked) before the predictors' work
         azure = read_trace(azure_path(args.shared))
         azure = azure.head(args.azure_requests) if args.azure_requests else azure

@@ -196,6 +196,11 @@ def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: 
             if fields["vocab"] < MIN_VOCAB:
                 raise CalibrationError(f"{path}: field 'vocab_size' ({fields['vocab']}) must be at least "
                                        f"{MIN_VOCAB}: calibration prompts are random token ids")
+            need, have = fields["n_params"] * torch_dtype.itemsize, memory_available()
+            if have is not None and need > have:  # was: blamed on the config ("can't allocate memory")
+                raise CalibrationError(f"{path}: its weights take {need / 2**30:.1f} GiB in {torch_dtype} "
+                                       f"and this process has {have / 2**30:.1f} GiB of memory available (they "
+                                       "are built in host memory, also for a GPU): calibrate a smaller config")
             m = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         except CalibrationError:
             raise
@@ -209,6 +214,24 @@ def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: 
             hf_logging.set_verbosity(verbosity)
     m.generation_config.eos_token_id = None
     return m.to(device).eval()
+
+
+def memory_available() -> int | None:
+    """Bytes of host memory this process can still take: the kernel's estimate of what is
+    available (``MemAvailable``), capped by the address-space limit (``ulimit -v``); None where
+    neither is known."""
+    import resource
+
+    have = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            have = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except (OSError, ValueError, IndexError):
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        have = soft if have is None else min(have, soft)
+    return have
 
 
 #: The sizes a config file must give: without one transformers builds its class default (a

@@ -427,6 +427,7 @@ def capacity(
                         max_normalized_latency=max_normalized_latency, max_p99_tbt=slo_p99_tbt)
     res["profile"] = spec.cost.label
     res["sustained"] = sustained
+    res["skipped_rows"] = spec.trace.skipped_rows  # bad rows of the file, set aside (was: on stderr only)
     # the same keys on every run (was: the ceiling's left out with --no-ceiling, above_ceiling
     # only when it applied): null where they do not apply
     res.update(ceiling=None, ceiling_rate_scale=None, capacity_vs_ceiling=None, above_ceiling=None)
@@ -572,6 +573,12 @@ def demo(
     if res.annotate["rows_replaced"]:  # said, as `rlpredict annotate` says it
         err.print(f"    {res.annotate['rows_replaced']} row(s) of the trace already had rl_* fields: their values "
                   "were replaced by this bundle's predictions", markup=False)
+    if n := res.annotate.get("rows_without_generator"):  # was: in results.json only
+        err.print(f"    {n} row(s) have no generator: this bundle takes one, and predicted them as 'model: unknown'",
+                  markup=False)
+    if n := res.annotate.get("rows_without_user_text"):
+        err.print(f"    {n} row(s) have no text where this bundle reads it: predicted as an empty prompt, which "
+                  "training never saw", markup=False)
     q = res.predictor
     err.print(f"    predictor on the sample: bucket accuracy {q['bucket_accuracy']:.3f}, +-1 bucket "
               f"{q['within_1_bucket']:.3f}, MAE {q['mae_tokens']:.0f} tokens, reservation covers "

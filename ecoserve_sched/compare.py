@@ -105,6 +105,7 @@ class RunSpec:
                   seed=self.seed, **self.server.policy_kw(self.cost))
         s = summarize(res, self.slo)
         s["rate_scale"] = rate_scale
+        s["skipped_rows"] = self.trace.skipped_rows  # bad rows of the file, set aside (was: on stderr only)
         return s, res
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from rlpredict.buckets import DEFAULT_EDGES
+from rlpredict.json_file import read_json
 
 from .request import Request
 from .trace import Trace
@@ -55,13 +56,9 @@ def load_confusion(path: str | Path) -> Confusion:
     if p.is_dir():
         p = p / "manifest.json"
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
+        d = read_json(p)  # a key given twice is refused (was: the last value, without a word)
     except OSError as e:
         raise ValueError(f"{p}: cannot read confusion matrix ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ValueError(f"{p}: not valid JSON ({type(e).__name__})") from None
     if isinstance(d, dict) and "confusion" in d and d.get("format") != CONFUSION_FORMAT:
         d = d["confusion"]
     if isinstance(d, dict) and str(d.get("format", "")).startswith("rlpredict.bundle/"):
@@ -198,5 +195,11 @@ def apply_predictions(requests: list[Request], trace: Trace, source: str, *, see
                  else predictor.predict(trace.prompts))
         for r, pr in zip(requests, preds, strict=True):
             r.pred_bucket, r.pred_tokens, r.reserve_tokens = int(pr.bucket), int(pr.pred_tokens), int(pr.reserve_tokens)
+        spec = getattr(predictor, "input_spec", None)
+        if getattr(spec, "include_generator", False):  # said, as `rlpredict annotate` says it (was: silent)
+            lacking = len(requests) if trace.generators is None else sum(g is None for g in trace.generators)
+            if lacking:
+                return (f"bundle ({bundle}; {lacking} of {len(requests)} rows have no generator: this bundle "
+                        "takes one, and predicted them as 'model: unknown')")
         return f"bundle ({bundle})"
     raise ValueError(f"unknown prediction source {source!r}; choose from {', '.join(SOURCES)}")

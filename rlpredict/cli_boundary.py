@@ -38,6 +38,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from rlpredict.outputs import note_interrupt
+from rlpredict.records import is_plain_number
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -383,6 +384,8 @@ def arg_number(kind: Callable[[str], Any] = int, low: float | None = None, high:
 
     def parse(text: str) -> Any:
         try:
+            if kind in (int, float) and not is_plain_number(text):  # was: "0_5" read as 5, "٣" as 3
+                raise ValueError(text)
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
@@ -448,13 +451,20 @@ def distinct_args(ap: argparse.ArgumentParser, option: str, paths: Any) -> None:
 
 
 def arg_list(item: Callable[[str], Any]) -> Callable[[str], list]:
-    """An argparse ``type``: comma-separated ``item``s, at least one."""
+    """An argparse ``type``: comma-separated ``item``s, at least one, none empty or given twice
+    (was: an empty one dropped, a repeated one run twice)."""
 
     def parse(text: str) -> list:
-        parts = [t.strip() for t in text.split(",") if t.strip()]
-        if not parts:
+        parts = [t.strip() for t in text.split(",")]
+        if not any(parts):
             raise argparse.ArgumentTypeError("expected a comma-separated list, got nothing")
-        return [item(t) for t in parts]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"an empty item in {text!r}")
+        values = [item(t) for t in parts]
+        for i, v in enumerate(values):
+            if v in values[:i]:
+                raise argparse.ArgumentTypeError(f"{parts[i]!r} is given twice in {text!r}")
+        return values
 
     return parse
 

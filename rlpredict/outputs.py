@@ -190,6 +190,10 @@ def check_new_file(path: str | Path, *, force: bool, option: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise OutputError(f"{p}: {option} is a folder; give a file name")
+    tool, owned = _record(p.parent)
+    if p.name == OWNER_FILE or p.name in owned:  # was: taken with --force, then lost to that tool's rerun
+        raise OutputError(f"{p}: {option} is {tool or 'another run'}'s output (listed in {p.parent / OWNER_FILE}), "
+                          "which a rerun of it replaces; choose a path outside that folder")
     if (p.exists() or p.is_symlink()) and not force:  # a dangling link is the user's too
         raise OutputError(f"{p}: exists; pass --force to replace it ({option})")
     check_parent(p, option)
@@ -201,13 +205,7 @@ def foreign_entries(folder: Path) -> list[Path]:
     replaced): files its ``OWNER_FILE`` does not list, and sub-folders that are another run's
     output (their own ``OWNER_FILE``, not listed here: was counted as ours, so ``--force`` on a
     folder deleted a separate run saved inside it)."""
-    marker = folder / OWNER_FILE
-    owned: set[str] = set()
-    if marker.is_file():
-        try:
-            owned = set(json.loads(marker.read_text(encoding="utf-8")).get("files", []))
-        except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
-            owned = set()
+    owned = _record(folder)[1]
     foreign = []
     for entry in sorted(folder.iterdir()):
         if entry.name == OWNER_FILE and owned:
@@ -261,11 +259,20 @@ def _tools(folder: Path) -> set[str | None]:
 
 def written_by(folder: Path) -> str | None:
     """The tool named in ``folder``'s ``OWNER_FILE``, if it has a readable one."""
+    return _record(folder)[0]
+
+
+def _record(folder: Path) -> tuple[str | None, set[str]]:
+    """``folder``'s ``OWNER_FILE``: the tool it names and the files it lists (None and an empty
+    set where it is missing or unreadable)."""
     try:
-        tool = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8")).get("tool")
+        record = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
+        files = record.get("files", [])
+        tool = record.get("tool")
     except (OSError, ValueError, AttributeError, UnicodeDecodeError):
-        return None
-    return tool if isinstance(tool, str) else None
+        return None, set()
+    owned = {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
+    return (tool if isinstance(tool, str) else None), owned
 
 
 def _refuse_foreign(folder: Path, option: str) -> None:
@@ -347,10 +354,7 @@ def mark_owned(folder: str | Path, tool: str, names: Iterable[str]) -> None:
     file by file, like reports)."""
     f = Path(folder)
     marker = f / OWNER_FILE
-    files: set[str] = set()
-    if marker.is_file():
-        with contextlib.suppress(ValueError, AttributeError, TypeError, UnicodeDecodeError):
-            files = set(json.loads(marker.read_text(encoding="utf-8")).get("files", []))
+    files = _record(f)[1]
     write_text_atomic(marker, json.dumps({"tool": tool, "files": sorted(files | set(names))}, indent=1) + "\n")
 
 

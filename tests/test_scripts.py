@@ -201,7 +201,10 @@ def test_argparse_types() -> None:
 
     assert arg_number(int, 1)("3") == 3 and arg_list(arg_number(float, 0, low_open=True))("0.5, 2") == [0.5, 2.0]
     for parse, text in ((arg_number(int, 1), "0"), (arg_number(int, 1), "x"), (arg_number(float, 0, 1), "nan"),
-                        (arg_number(float, 0, low_open=True), "0"), (arg_list(str), ",")):
+                        (arg_number(float, 0, low_open=True), "0"), (arg_list(str), ","),
+                        (arg_number(float), "0_5"), (arg_number(int), "\u0663"),  # were 5.0 and 3
+                        (arg_list(str), "a,,b"), (arg_list(str), "vllm,vllm"),  # were a,b and vllm twice
+                        (arg_list(arg_number(float)), "1, 1.0")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
 

@@ -204,7 +204,7 @@ def test_file_locations_and_server_options_are_named(tmp_path):
     conf = tmp_path / "neg.csv"
     conf.write_text("{\n  oops\n}")
     _refused(runner.invoke(app, ["simulate", "--trace", _trace(tmp_path, 5), "--confusion", str(conf)]),
-             "neg.csv:2: not valid JSON")  # was: "neg.csv: line 2:"
+             "neg.csv: line 2: not valid JSON")  # as a profile's or a manifest's (read_json)
     _refused(runner.invoke(app, ["simulate", "--trace", _trace(tmp_path, 5), "--predictions", "oracle",
                                  "--gpu-memory-utilization", "0.3"]), "'--gpu-memory-utilization'", "no room")
 
@@ -489,6 +489,24 @@ def test_calibrate_names_a_config_transformers_cannot_build(tmp_path, edit, why)
     assert why in r.output.replace("\n", " ") and not (tmp_path / "p.json").exists()
 
 
+def test_calibrate_refuses_weights_larger_than_the_memory_available(tmp_path, monkeypatch):
+    """Was: "not a config transformers can build a model from (can't allocate memory)" under a
+    memory limit, or a machine swapping without one (Llama-2-7B: 27 GB in float32)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from ecoserve_sched import calibrate
+
+    have = calibrate.memory_available()
+    assert have is None or have > 0
+    monkeypatch.setattr(calibrate, "memory_available", lambda: 2**20)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                               "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 4096}))
+    r = runner.invoke(app, ["calibrate", "--model", str(cfg), "--grid", "test", "--out", str(tmp_path / "p.json")])
+    _refused(r, f"{cfg}: its weights take ")
+    assert "GiB of memory available" in r.output.replace("\n", " ") and not (tmp_path / "p.json").exists()
+
+
 def test_calibrate_refuses_a_key_given_twice_an_empty_or_ambiguous_model(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
@@ -583,6 +601,7 @@ def test_a_public_trace_runs_with_its_own_columns_and_time_unit(tmp_path):
                             "--time-unit", "iso", "--on-error", "skip", "--json"])
     assert r.exit_code == 0, r.output
     assert _strict(r.stdout)["requests"] == 2
+    assert _strict(r.stdout)["skipped_rows"] == 1  # in the JSON too (was: on stderr only)
     assert f"read {t}: 2 requests over 4 s (0.25 requests/s); times taken from the first arrival" in r.stderr
     assert f"skipped 1 bad rows (first: {t}:3: GeneratedTokens (read as output_tokens)" in r.stderr
     r = runner.invoke(app, ["simulate", "--trace", str(t), "--columns", columns, "--time-unit", "iso"])

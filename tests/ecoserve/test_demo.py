@@ -109,6 +109,8 @@ def test_demo_says_it_replaced_a_traces_predictions(tmp_path) -> None:
 
     lines = gzip.decompress(demo.SAMPLE.read_bytes()).decode().splitlines()[:60]
     rows = [{**json.loads(x), "rl_bucket": 0, "rl_pred_tokens": 10, "rl_reserve_tokens": 20} for x in lines]
+    for row in rows[:7]:  # rows the shipped bundle, which takes the served model, predicts as "unknown"
+        del row["generator"]
     trace = tmp_path / "annotated.jsonl"
     trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "d"
@@ -116,6 +118,7 @@ def test_demo_says_it_replaced_a_traces_predictions(tmp_path) -> None:
                                  "--rate-scales", "0.5", "--no-headroom"])
     assert r.exit_code == 0, r.output
     assert "60 row(s) of the trace already had rl_* fields" in " ".join(r.output.split())
+    assert "7 row(s) have no generator: this bundle takes one" in " ".join(r.output.split())  # was: not said
     assert "60 already had `rl_*` fields" in (out / "report.md").read_text()
 
 

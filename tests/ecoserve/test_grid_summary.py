@@ -114,9 +114,18 @@ def test_bad_inputs_are_one_line_and_exit_2(run: Path, tmp_path: Path) -> None:
     (empty / "results.json").write_text("[]")  # was: "cells: 0", exit 0
     twice.mkdir()  # was: the later row taken without a word
     (twice / "results.json").write_text(json.dumps([_row("a", "vllm", 1.0), _row("a", "vllm", 2.0)]))
+    huge, negative, dup = tmp_path / "huge", tmp_path / "negative", tmp_path / "dup"
+    for folder, text_ in ((huge, json.dumps([_row("a", "vllm", 10 ** 400)])),  # was: OverflowError, exit 1
+                          (negative, json.dumps([_row("a", "vllm", 1.0, ceiling=-1.5)])),  # was: taken
+                          (dup, '[{"cell": "a", "cell": "b", "policy": "vllm", "capacity": 1}]')):  # was: "b"
+        folder.mkdir()
+        (folder / "results.json").write_text(text_)
     for args, message in (((tmp_path / "missing",), "cannot read"), ((bad,), "line 2: not valid JSON"),
                           ((wrong,), "not a scenario_grid.py results.json"),
-                          ((text,), "row 1: field 'overload_1.25x.jct_x_v1' must be a number or null, got 'x'"),
+                          ((text,), "row 1: field 'overload_1.25x.jct_x_v1' must be a number >= 0 or null, got 'x'"),
+                          ((huge,), "row 1: field 'capacity' must be a number >= 0 or null, got 1000"),
+                          ((negative,), "row 1: field 'ceiling' must be a number >= 0 or null, got -1.5"),
+                          ((dup,), "key 'cell' is given twice"),
                           ((run, "--policy", "ecoserve-p99"), "cell a has no ecoserve-p99 row"),
                           ((empty,), "no rows"), ((twice,), "row 2: cell a has a second vllm row"),
                           ((run, "--min-share", "2"), "--min-share")):

@@ -85,6 +85,9 @@ def test_random_cells_are_servable_scenarios(grid) -> None:
     ("--max-p99-tbt", "0", "--max-p99-tbt"), ("--max-p99-tbt", "nan", "--max-p99-tbt"),
     ("--max-p99-tbt", "fast", "--max-p99-tbt"), ("--resolution", "0", "--resolution"),
     ("--resolution", "inf", "--resolution"),
+    ("--policies", "vllm,ecoserve,vllm", "vllm given twice"),  # was: run twice, refused later by grid_summary
+    ("--kv-scale", "0_5", "expected a number, got '0_5'"), ("--skip", "\u0663", "--skip"),  # were 5.0 and 3
+    ("--max-p99-tbt", "1_0", "--max-p99-tbt"), ("--kv-scale", "-1", "--kv-scale"),
 ])
 def test_bad_cells_and_policies_are_one_line_and_exit_2(option: str, value: str, message: str,
                                                          tmp_path: Path) -> None:
@@ -171,3 +174,26 @@ def test_cells_take_a_random_cell_by_its_name(cells: str, message: str, tmp_path
     assert p.returncode == 2
     assert message in p.stderr and "r2.10" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_a_slice_that_arrives_at_once_and_bad_data_rows_are_said(grid, tmp_path: Path, capsys) -> None:
+    """A slice whose arrivals are all equal has no rate to keep: one line (was: ZeroDivisionError,
+    Mooncake's first ten requests); bad ShareGPT rows are skipped and counted on stderr (was:
+    dropped without a word)."""
+    import gzip
+    import json
+
+    moon = tmp_path / "mooncake_conversation_trace"
+    moon.mkdir()
+    rows = [{"arrival_time_s": 0.0, "input_tokens": 10, "output_tokens": 5}] * 3
+    (moon / "mooncake_conversation_trace.jsonl.gz").write_bytes(gzip.compress(
+        "".join(json.dumps(r) + "\n" for r in rows).encode()))
+    with pytest.raises(SystemExit, match=r"first 2 requests all arrive at once.*more --requests"):
+        grid.load_trace(grid.find_cell("mooncake"), tmp_path, 2)
+    share = tmp_path / "sharegpt_v3"
+    share.mkdir()
+    lines = [json.dumps({"id": f"c{i}:1", "conversation_id": f"c{i}", "turn": 1, "prompt": "hi there",
+                         "response": "hello, how can I help"}) for i in range(4)] + ['{"prompt": 5}']
+    (share / "sharegpt_v3.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    tr = grid.sharegpt_trace(tmp_path, 10)
+    assert len(tr) == 4 and "skipped 1 rows" in capsys.readouterr().err

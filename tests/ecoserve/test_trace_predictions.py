@@ -286,6 +286,9 @@ def test_confusion_loads_from_file_manifest_and_bundle_dir(tmp_path):
     assert load_confusion(tmp_path / "b" / "manifest.json").source == c.source
     with pytest.raises(ValueError, match="not a confusion matrix"):
         load_confusion(write(tmp_path, "x.json", "{}"))
+    twice = FIXTURE.read_text().replace('"matrix":', '"matrix": [[1]], "matrix":', 1)
+    with pytest.raises(ValueError, match=r"twice\.json: key 'matrix' is given twice"):  # was: the last, silently
+        load_confusion(write(tmp_path, "twice.json", twice))
 
 
 def test_a_bundle_without_a_confusion_matrix_says_how_to_get_one(tmp_path):
@@ -388,8 +391,13 @@ def test_bundle_source_passes_the_generator_column(tmp_path, monkeypatch):
     import ecoserve_sched.predictor as predictor_mod
 
     monkeypatch.setattr(predictor_mod, "load_predictor", lambda path: Stub())
-    preds.apply_predictions(t.requests(SLO()), t, "bundle", bundle="b")
+    assert preds.apply_predictions(t.requests(SLO()), t, "bundle", bundle="b") == "bundle (b)"
     assert seen["g"] == ["gpt-4", None]
+    # a bundle that takes the generator: the rows without one are counted where the run says
+    # its predictions (was: predicted as "model: unknown" without a word)
+    Stub.input_spec = SimpleNamespace(include_generator=True)
+    desc = preds.apply_predictions(t.requests(SLO()), t, "bundle", bundle="b")
+    assert desc == "bundle (b; 1 of 2 rows have no generator: this bundle takes one, and predicted them as 'model: unknown')"
 
 
 def test_unix_timestamps_are_read_from_the_first_arrival(tmp_path):

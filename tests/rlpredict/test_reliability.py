@@ -140,6 +140,20 @@ def test_outputs_get_the_modes_of_a_plain_write(tmp_path):
         check_new_file(tmp_path / "f.txt" / "out.json", force=False, option="--out")
 
 
+def test_a_file_another_tool_listed_is_not_replaced_even_with_force(tmp_path):
+    """A file output inside a folder a tool of ours wrote, where that folder's record lists it:
+    refused even with --force (was: replaced, then deleted without a word by that tool's rerun)."""
+    from rlpredict.outputs import OWNER_FILE, check_new_file
+
+    with output_dir(tmp_path / "grid", force=False, tool="scenario_grid") as tmp:
+        (tmp / "results.md").write_text("table")
+    for name in ("results.md", OWNER_FILE):
+        with pytest.raises(OutputError, match=r"is scenario_grid's output \(listed in .*rerun"):
+            check_new_file(tmp_path / "grid" / name, force=True, option="--out")
+    check_new_file(tmp_path / "grid" / "profile.json", force=False, option="--out")  # not listed: the folder's
+    assert (tmp_path / "grid" / "results.md").read_text() == "table"  # rerun then refuses it as foreign
+
+
 def test_check_paths_sees_links(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("{}\n")
