@@ -188,7 +188,11 @@ def park_due_s(now: float, slack_s: float, ttft_slo_s: float) -> float:
 class OfferedLoad:
     """Predicted server-seconds (``service_s``) arriving per second over the last ``window_s``
     seconds: the server's utilization as the arriving requests would use it (near 1 at the
-    saturation ceiling of the Azure conversation trace, docs/scheduler.md)."""
+    saturation ceiling of the Azure conversation trace, docs/scheduler.md). One arrival counts
+    at most ``window_s`` (a load of 1 by itself): the levels asked about are at most 1, so
+    that changes no answer, and the running sums keep their precision (a prediction of 2^62
+    tokens, 1e21 service seconds, swallowed every later arrival: ``load`` said 0 where
+    ``stays_at_least`` said 0.8 for another window)."""
 
     def __init__(self, window_s: float = PARK_WINDOW_S) -> None:
         self.window_s = window_s
@@ -202,6 +206,7 @@ class OfferedLoad:
         self._head = 0
 
     def add(self, t: float, service: float) -> None:
+        service = min(service, self.window_s)
         self._arrivals.append((t, service))
         self._sum += service
         self._t.append(t)
@@ -225,7 +230,7 @@ class OfferedLoad:
         return self._sum / self.window_s
 
     def stays_at_least(self, now: float, level: float) -> float:
-        """A time before which ``load`` stays at or above ``level`` if nothing arrives (it only
+        """A time before which ``load`` stays at or above ``level`` (at most 1) if nothing arrives (it only
         falls as arrivals leave the window): the time the last arrival it needs leaves; ``now``
         if it may already be below. Early by a relative 1e-6 for rounding, never late;
         side-effect free."""

@@ -332,6 +332,27 @@ def test_offered_load_says_until_when_it_stays_at_least_a_level():
     assert load.stays_at_least(12.0, 0.25) == 15.0 and load.stays_at_least(16.0, 0.1) == 16.0
 
 
+def test_offered_load_keeps_later_arrivals_after_a_huge_one():
+    """A prediction of 2^62 tokens (1e21 service seconds) swallowed every later arrival in the
+    running sums: ``load`` said 0 where ``stays_at_least`` said 0.8 for another window, and the
+    fast path skipped an admission ``schedule`` made (a fuzzer's find)."""
+    load = rules.OfferedLoad()
+    load.add(25.0, 1e21)
+    assert load.load(25.0) == 1.0  # one arrival counts at most a whole window
+    load.add(100000.276, 1.9)
+    load.add(100000.286, 0.5)
+    now = 100000.3
+    assert load.load(now) == pytest.approx(2.4 / rules.PARK_WINDOW_S)
+    assert load.stays_at_least(now, rules.PARK_MAX_LOAD) == now
+    reqs = [make_req(3, 24.996, 1, 1, max_tokens=1 << 53, pred=1 << 62),
+            make_req(10, 100000.276, 1, 15), make_req(18, 100000.286, 465, 1)]
+    for r in reqs:
+        r.slo = SLO(5.0, 1e6)
+    sched = get_policy("ecoserve", FlatCost(blocks=30, iter_s=0.5), block_size=16, max_running=4)
+    simulate(reqs, sched, check=True)  # was: AssertionError, admission_blocked() disagreed with schedule()
+    assert all(r.state == State.FINISHED for r in reqs)
+
+
 def _burst(policy):
     # A (250 tokens) decodes alone; B (100 + 100 tokens) arrives at 0.3 s and does not fit the
     # projection until A ends at ~2.5 s, 1.2 s past its 1 s TTFT. A has slack on its mean TBT.
