@@ -200,6 +200,9 @@ def eval_cmd(
                 raise typer.BadParameter(f"{b} overlaps --data {d}: the baselines would train on rows they "
                                          "are scored on", param_hint="'--baseline-data'")
     model_dir = Path(model)
+    if model_dir.exists() and not model_dir.is_dir():  # was: "--out's parent ... is a file"
+        raise typer.BadParameter(f"{model_dir}: not a folder (a model folder written by `rlpredict train`)",
+                                 param_hint="'--model'")
     out = out or model_dir / "eval"
     inputs = [*data, *(baseline_data or ())]
     check_paths([model_dir, *inputs], [("--out", out)], apart=inputs)  # was: a report inside --data became data

@@ -189,6 +189,9 @@ class BoundaryGroup(TyperGroup):
         except BrokenPipeError:  # ``rlpredict --help | head``: as in ``invoke``
             _stdout_to_devnull()
             raise typer.Exit(141) from None
+        except OSError as e:  # ``--version``/``--help`` into a full disk (was: rich's traceback)
+            typer.echo(f"error: {describe(e)}", err=True)
+            raise typer.Exit(2) from None
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -268,6 +271,36 @@ class _ClosedStdout(io.TextIOBase):
         return 0
 
 
+class _NamedStdout:
+    """Standard output whose write errors name it (a full disk behind ``> file`` said
+    "[Errno 28] No space left on device" and no file); a reader that left stays a
+    ``BrokenPipeError``."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, s: str) -> int:
+        try:
+            return self._stream.write(s)
+        except OSError as e:
+            raise _named(e) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise _named(e) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _named(e: OSError) -> OSError:
+    if isinstance(e, BrokenPipeError) or e.filename is not None or not e.strerror:
+        return e
+    return OSError(e.errno, e.strerror, "standard output")
+
+
 def run_cli(app: typer.Typer, **kwargs: Any) -> None:
     """A CLI's entry point: ``app(**kwargs)``, except that a reader that left (``| head``)
     ends it quietly with exit 141, as a shell tool. Commands' own writes (and ``--help``'s) are caught in
@@ -276,6 +309,8 @@ def run_cli(app: typer.Typer, **kwargs: Any) -> None:
     if sys.stdout is None:  # fd 1 closed (`cmd >&-`): every print vanished, with exit 0
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # so no file opened later becomes fd 1
         sys.stdout = _ClosedStdout()  # a command that writes results there fails, one that does not runs
+    elif not isinstance(sys.stdout, _NamedStdout):
+        sys.stdout = _NamedStdout(sys.stdout)
     was_null = _stdout_is_devnull()
     try:
         app(**kwargs)

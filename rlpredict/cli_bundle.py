@@ -195,7 +195,7 @@ def predict(
             _fail(f"prompt argument {i}: empty (or only blank space)")
     if generator is not None and not is_valid_unicode(generator):
         raise typer.BadParameter("not valid UTF-8", param_hint="'--generator'")
-    if not texts and sys.stdin.isatty():
+    if not texts and (sys.stdin is None or sys.stdin.isatty()):  # None: started with stdin closed
         _fail("give TEXT arguments or pipe prompts on stdin")
     if threads is None and texts and len(texts) <= FEW_PROMPTS:
         # a few prompts run faster on one thread than the second session and its probes load

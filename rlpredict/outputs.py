@@ -94,6 +94,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             yield tmp_path
             raise_if_interrupted()
             os.replace(tmp_path, target)
+        except OSError as e:
+            tmp_path.unlink(missing_ok=True)
+            if e.filename is None and e.strerror:  # a full disk: name the output (was: "[Errno 28] ...")
+                raise OSError(e.errno, e.strerror, str(target)) from None
+            raise
         except BaseException:
             tmp_path.unlink(missing_ok=True)
             raise
@@ -194,6 +199,8 @@ def check_new_file(path: str | Path, *, force: bool, option: str) -> None:
     if p.name == OWNER_FILE or p.name in owned:  # was: taken with --force, then lost to that tool's rerun
         raise OutputError(f"{p}: {option} is {tool or 'another run'}'s output (listed in {p.parent / OWNER_FILE}), "
                           "which a rerun of it replaces; choose a path outside that folder")
+    if p.exists() and not p.is_file():  # was: a FIFO or a device (/dev/stdout) replaced with --force
+        raise OutputError(f"{p}: {option} is not a regular file (a FIFO, a device or a socket); give a file name")
     if (p.exists() or p.is_symlink()) and not force:  # a dangling link is the user's too
         raise OutputError(f"{p}: exists; pass --force to replace it ({option})")
     check_parent(p, option)

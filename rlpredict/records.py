@@ -73,6 +73,8 @@ UNTYPED_MEDIA_KEYS = ("image_url", "audio_url", "video_url", "input_audio", "ima
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
             ".parquet": "parquet", ".pq": "parquet"}
 OnError = Literal["fail", "skip"]
+#: Compressions other than gzip: a data file in one of them (``logs.jsonl.zst``) is not read.
+OTHER_COMPRESSIONS = frozenset({".bz2", ".xz", ".lzma", ".zst", ".zstd", ".lz4", ".br", ".zip", ".7z", ".z"})
 #: What reading a truncated or corrupt ``.gz`` raises.
 COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
@@ -402,6 +404,12 @@ def detect_format(path: str | Path) -> tuple[str | None, bool]:
     return (SUFFIXES.get(suffixes[-1]) if suffixes else None), gz
 
 
+def other_compression(path: str | Path) -> bool:
+    """A data file's name in a compression other than gzip (``logs.jsonl.zst``)."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    return len(suffixes) >= 2 and suffixes[-1] in OTHER_COMPRESSIONS and suffixes[-2] in SUFFIXES
+
+
 def corrupt_compressed(path: str | Path, e: BaseException) -> RecordError:
     return RecordError(str(path), f"truncated or corrupt compressed file ({e})")
 
@@ -689,26 +697,38 @@ def _iter_jsonl(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
                 yield loc, _at(e, loc)
 
 
+#: Characters of a JSON array file read at a time: its rows are read one by one, so memory is
+#: bounded by the largest row (``MAX_ROW_BYTES``), as for JSON Lines.
+ARRAY_CHUNK = 1 << 20
+
+
 def _iter_json_array(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
-    """A JSON array of rows, ``{"data": [rows]}`` or one object; each row named by its line."""
+    """A JSON array of rows (read row by row), ``{"data": [rows]}`` or one object (read whole);
+    each row named by its line."""
     try:
         with open(p, "rb") as raw, text_stream(raw, gz, errors="strict") as f:
-            text = f.read()
+            text, lines = f.read(ARRAY_CHUNK), 1
+            while text and not text.strip() and (more := f.read(ARRAY_CHUNK)):  # leading blank space
+                lines, text = lines + text.count("\n"), more
+            pos = len(text) - len(text.lstrip())
+            if text[pos:pos + 1] == "[":  # was: read whole (631 MiB for a 316 MB file)
+                yield from _array_rows(p, text, pos, lines, f.read)
+                return
+            text = "\n" * (lines - 1) + text + f.read()
     except UnicodeDecodeError as e:
         raise RecordError(str(p), f"not valid UTF-8 (byte {e.start})") from None
     pos = len(text) - len(text.lstrip())
-    if text[pos:pos + 1] != "[":  # one object, or {"data": [...]}
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{p}:{e.lineno}", f"not valid JSON ({e.msg})") from None
-        except (ValueError, RecursionError) as e:
-            raise RecordError(str(p), f"not valid JSON ({json_problem(e)})") from None
-        if not (isinstance(obj, dict) and isinstance(obj.get("data"), list)):
-            yield f"{p}:{text.count(chr(10), 0, pos) + 1}", obj
-            return
-        pos = _value_of(text, pos, "data")  # valid JSON: the walk below cannot fail
-    yield from _array_rows(p, text, pos)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{p}:{e.lineno}", f"not valid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:
+        raise RecordError(str(p), f"not valid JSON ({json_problem(e)})") from None
+    if not (isinstance(obj, dict) and isinstance(obj.get("data"), list)):
+        yield f"{p}:{text.count(chr(10), 0, pos) + 1}", obj
+        return
+    pos = _value_of(text, pos, "data")  # valid JSON: the walk below cannot fail
+    yield from _array_rows(p, text, pos, 1)
 
 
 def _skip_space(text: str, pos: int, also: str = "") -> int:
@@ -732,31 +752,105 @@ def _value_of(text: str, pos: int, key: str) -> int:
     return found
 
 
-def _array_rows(p: Path, text: str, pos: int) -> Iterator[tuple[str, Any]]:
-    """The items of the JSON array opening at ``pos``, each named by the line it starts on (a
-    running count: each stretch of text is counted once)."""
-    dec = json.JSONDecoder()
-    line, counted = text.count("\n", 0, pos) + 1, pos
-    pos += 1
-    while True:
-        pos = _skip_space(text, pos, ",")
-        if pos >= len(text) or text[pos] == "]":
-            return
+def _array_rows(p: Path, text: str, pos: int, line: int,
+                read: Callable[[int], str] | None = None) -> Iterator[tuple[str, Any]]:
+    """The items of the JSON array opening at ``pos`` of ``text`` (``text`` from line ``line``),
+    each named by the line it starts on. ``read``: more of the file (the array is the whole
+    file: nothing but blank space may follow it), read as the rows need it; without it
+    ``text`` holds the whole array. Strict, as ``json.loads``: a missing comma or ``]``, a
+    trailing comma and text after the array are the file's faults (were: the rows after the first
+    ``]`` ignored, a file cut short read without a word); a row that is not valid JSON stops
+    the read, one that gives a field twice is a bad row, as in JSON Lines."""
+    twice = [False]  # some object of the row gives a key twice
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        d = dict(items)
+        if len(d) != len(items):
+            twice[0] = True
+        return d
+
+    dec, refuse = json.JSONDecoder(object_pairs_hook=pairs), LOG_FIELDS.read_columns()
+    eof, want = read is None, ARRAY_CHUNK
+    counted = 0  # ``line`` is the line of ``text[counted]``; each stretch is counted once
+
+    def where(at: int) -> str:
+        return f"{p}:{line + text.count(chr(10), counted, at)}"
+
+    def more() -> bool:
+        """Drop what is behind ``pos`` and read on (reads grow while one row needs more); False
+        at the end of the file."""
+        nonlocal text, pos, line, eof, want, counted
+        if eof:
+            return False
+        assert read is not None
+        if len(text) - pos > MAX_ROW_BYTES:
+            raise RecordError(where(pos), f"a row of over {MAX_ROW_BYTES >> 20} MiB, the limit")
+        chunk = read(want)
         line += text.count("\n", counted, pos)
-        counted = pos
-        loc = f"{p}:{line}"
-        try:
-            obj, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{p}:{e.lineno}", f"not valid JSON ({decode_problem(e)})") from None
-        except (ValueError, RecursionError) as e:
-            raise RecordError(loc, f"not valid JSON ({json_problem(e)})") from None
-        yield loc, obj
+        text, pos, counted = text[pos:] + chunk, 0, 0
+        eof, want = not chunk, min(2 * want, MAX_ROW_BYTES)
+        return not eof
+
+    def token(expected: str) -> str:
+        """The next character that is not blank space ("" at the end of the file)."""
+        nonlocal pos
+        while True:
+            pos = _skip_space(text, pos)
+            if pos < len(text):
+                return text[pos]
+            if not more():
+                raise RecordError(where(pos), f"not valid JSON (the file ends where {expected} should "
+                                              "be: cut short?)")
+
+    pos += 1
+    if token("a row or ']'") == "]":
+        pos += 1
+    else:
+        while True:
+            start, twice[0] = pos, False
+            while True:
+                try:
+                    obj, end = dec.raw_decode(text, pos)
+                    if end < len(text) or eof:  # a number at the end may go on in the next read
+                        break
+                except json.JSONDecodeError as e:
+                    if eof:
+                        why = e.msg.removesuffix(" starting at").removesuffix(" at")  # its line is named
+                        raise RecordError(where(e.pos), f"not valid JSON ({why})") from None
+                except (ValueError, RecursionError) as e:
+                    raise RecordError(where(pos), f"not valid JSON ({json_problem(e)})") from None
+                more()
+                start = pos
+            loc = where(start)
+            if twice[0]:  # the rule of a JSON Lines row (a field it reads given twice is a bad row)
+                try:
+                    obj = parse_json(text[start:end], refuse, dotted=True)
+                except RecordError as e:
+                    obj = _at(e, loc)
+            line += text.count("\n", counted, end)
+            pos = counted = end
+            yield loc, obj
+            sep = token("',' or ']'")
+            if sep not in ",]":
+                raise RecordError(where(pos), f"not valid JSON (expected ',' or ']' after the row, found {sep!r})")
+            pos += 1
+            if sep == "]":
+                break
+            if token("a row") == "]":
+                raise RecordError(where(pos), "not valid JSON (a ',' before ']')")
+    if read is not None:  # the array is the file: nothing may follow it
+        while True:
+            pos = _skip_space(text, pos)
+            if pos < len(text):
+                raise RecordError(where(pos), f"not valid JSON (text after the array's closing ']': "
+                                              f"{text[pos:pos + 20]!r})")
+            if not more():
+                return
 
 
 def _iter_csv(p: Path, gz: bool, delimiter: str = ",") -> Iterator[tuple[str, Any]]:
     """Rows as dicts (header -> cell); cells holding JSON lists/objects (``messages``,
-    ``usage``) are decoded."""
+    ``usage``) are decoded, except in the text columns (``_TEXT_CELLS``)."""
     with open(p, "rb") as raw, text_stream(raw, gz) as f:
         records = csv_records(f, delimiter)
         try:
@@ -774,9 +868,16 @@ def _iter_csv(p: Path, gz: bool, delimiter: str = ",") -> Iterator[tuple[str, An
                     yield loc, RecordError(loc, problem or "malformed CSV", kind=kind)
                     continue
                 # an empty cell is a missing value, as annotate and the trace reader read it
-                yield loc, {k: None if v == "" else _maybe_json(v) for k, v in zip(header, cells, strict=True)}
+                yield loc, {k: None if v == "" else v if k in _TEXT_CELLS else _maybe_json(v)
+                            for k, v in zip(header, cells, strict=True)}
         except RecordError as e:  # a record too large to read (a quote left open)
             raise _at(e, str(p)) from None
+
+
+#: CSV columns read as text whatever they hold: a prompt or a response that is JSON text is
+#: text, as ``annotate`` reads it (was: decoded, so a prompt ``{"a": 1}`` was refused and a
+#: response of content parts counted as their text).
+_TEXT_CELLS = frozenset({LOG_FIELDS.prompt, *RESPONSE_FIELDS, *GROUP_FIELDS, *GENERATOR_FIELDS, LOG_FIELDS.id})
 
 
 def _maybe_json(v: str | None) -> Any:
@@ -806,11 +907,15 @@ def _iter_datasets_dir(p: Path) -> Iterator[tuple[str, Any]]:
     and bad-row handling as a file given alone)."""
     if not any((p / name).is_file() for name in SAVED_DATASET_FILES):
         files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                       and detect_format(f)[0] is not None)
+                       and (detect_format(f)[0] is not None or other_compression(f)))
         if not files:
             raise RecordError(str(p), "a folder with no data files (.jsonl, .json, .csv, .tsv, .parquet, "
                                       "optionally .gz) and not a saved datasets folder")
         for f in files:
+            if other_compression(f):  # a bad "row" naming the file (was: left out without a word)
+                yield str(f), RecordError(str(f), f"a data file compressed as {f.suffix}, which is not read: "
+                                                  "decompress it, or gzip it", kind=f"a data file compressed as {f.suffix}")
+                continue
             yield from iter_rows(f)
         return
     import datasets

@@ -313,7 +313,7 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
     """The JSONL rule: ``(line number, raw line)`` pairs -> annotated lines on ``out`` (in
     order) and bad rows to ``run.reject``; ``tick`` after each chunk written. Used by the file
     loop above and by the Ray workers (``rlpredict.serve.annotate_ray``)."""
-    batch: list[tuple[str, dict, Request, str | None]] = []
+    batch: list[tuple[str, dict, Request, str | None, str]] = []
     held = 0  # characters of row text in the batch
     for lineno, data in lines:
         try:
@@ -342,7 +342,7 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
         except BadRow as e:
             run.reject("line", lineno, str(e), row, e.kind)
             continue
-        batch.append((text, row, req, gen))
+        batch.append((text, row, req, gen, "\r\n" if line.endswith("\r\n") else "\n"))  # was: CRLF became LF
         held += len(text)
         if len(batch) >= chunk or held >= CHUNK_CHARS:
             _flush_jsonl(run, batch, out)
@@ -352,14 +352,26 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
     tick()
 
 
+#: Stale fields counted by name, at most this many; the rest together under ``OTHER_STALE``
+#: (was: one entry, and one line on stderr, per distinct name: 20,000 for rows that each had their own).
+MAX_STALE_NAMES = 32
+OTHER_STALE = "other rl_qN_tokens fields"
+
+
+def tally_stale(counter: Counter[str], counts: Mapping[str, int]) -> None:
+    """Add ``counts`` (field name -> rows) to ``counter``, bounded by ``MAX_STALE_NAMES`` names."""
+    for name, n in counts.items():
+        counter[name if name in counter or len(counter) < MAX_STALE_NAMES else OTHER_STALE] += n
+
+
 def _flush_jsonl(run: _Run, batch: list, out: IO[str]) -> None:
     if not batch:
         return
     cols = run.predict([b[2] for b in batch], [b[3] for b in batch])
-    for (text, row, _, _), *vals in zip(batch, *cols, strict=True):
+    for (text, row, _, _, end), *vals in zip(batch, *cols, strict=True):
         run.summary.rows_replaced += any(c in row for c in run.columns)
-        run.stale.update(run.stale_in(row))
-        out.write(_with_columns(text, row, [int(v) for v in vals], run.columns) + "\n")
+        tally_stale(run.stale, dict.fromkeys(run.stale_in(row), 1))
+        out.write(_with_columns(text, row, [int(v) for v in vals], run.columns) + end)
     run.summary.rows_out += len(batch)
     batch.clear()
 
@@ -444,7 +456,7 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
         run.advance(raw.tell())
         if replaces:
             run.summary.rows_replaced = run.summary.rows_out
-        run.stale.update(dict.fromkeys(run.stale_in(header), run.summary.rows_out))
+        tally_stale(run.stale, dict.fromkeys(run.stale_in(header), run.summary.rows_out))
 
 
 def _named(records: Iterator[Any], src: Path) -> Iterator[Any]:
@@ -535,7 +547,7 @@ def annotate_record_batch(run: _Run, rb: Any, done: int, out_schema: Any) -> Any
     run.summary.rows_out += len(ok)
     if any(c in rb.schema.names for c in run.columns):
         run.summary.rows_replaced += len(ok)
-    run.stale.update(dict.fromkeys(run.stale_in(rb.schema.names), len(ok)))
+    tally_stale(run.stale, dict.fromkeys(run.stale_in(rb.schema.names), len(ok)))
     return pa.RecordBatch.from_arrays(arrays, schema=out_schema)
 
 

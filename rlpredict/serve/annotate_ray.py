@@ -71,6 +71,7 @@ from rlpredict.serve.annotate import (
     no_rows,
     none_annotated,
     parquet_out_schema,
+    tally_stale,
 )
 from rlpredict.serve.bundle import MANIFEST, load_bundle
 
@@ -567,7 +568,7 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
                 summary.rows_without_generator += c["rows_without_generator"]
                 summary.rows_without_user_text += c["rows_without_user_text"]
                 reasons.update(json.loads(c["reasons"]))
-                stale.update(json.loads(c["stale"]))
+                tally_stale(stale, json.loads(c["stale"]))
                 bar.update(summary.rows_in, before[i] + c["progress"] * sizes[i])
         seen.finish()
         if summary.rows_in == 0:  # as the local engine: an error, and nothing is written

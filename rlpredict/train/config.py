@@ -157,20 +157,21 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
+        """A recipe: TOML, YAML (``.yaml``, ``.yml``) or JSON (``.json``), its settings at the
+        top or under ``[train]``."""
         p = Path(path)
         try:
-            text = p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8-sig")  # a BOM is not a TOML statement (was: "Invalid statement")
         except UnicodeDecodeError as e:  # was: the codec's message, naming no file
             raise ValueError(f"{p}: not UTF-8 text (byte {e.start})") from None
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+        if p.suffix.lower() in (".yaml", ".yml"):
+            d = _yaml_settings(p, text)
+        elif p.suffix.lower() == ".json":  # was: read as TOML ("Invalid statement")
+            from rlpredict.json_file import read_json
 
-            try:
-                d = yaml.safe_load(text) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
+            d = read_json(p)  # a key given twice is refused
             if not isinstance(d, dict):
-                raise ValueError(f"{p}: expected a mapping of settings, got {type(d).__name__}")
+                raise ValueError(f"{p}: expected an object of settings, got {type(d).__name__}")
         else:
             try:
                 d = tomllib.loads(text)
@@ -269,3 +270,31 @@ def _type_problem(value: Any, hint: Any, *, in_list: bool = False) -> str | None
     if hint is str:
         return None if isinstance(value, str) else "must be a string"
     return None
+
+
+def _yaml_settings(p: Path, text: str) -> dict[str, Any]:
+    """A YAML recipe's mapping; a key given twice is refused, as in TOML and JSON (was: the last
+    value, without a word)."""
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            if key in seen:
+                raise ValueError(f"{p}: line {key_node.start_mark.line + 1}: key {key!r} is given twice "
+                                 "(which value is meant is not known)")
+            seen.add(key)
+        return loader.construct_mapping(node)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        d = yaml.load(text, Loader=Strict) or {}  # a SafeLoader: no arbitrary objects
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{p}: expected a mapping of settings, got {type(d).__name__}")
+    return d

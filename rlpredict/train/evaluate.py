@@ -55,8 +55,9 @@ def predict_proba_torch(model_dir: str | Path, texts: Sequence[str], spec: Input
     out = np.zeros((len(ids), model.config.num_labels), dtype=np.float64)
     starts = range(0, len(ids), batch_size)
     with torch.inference_mode():
-        for i in track(starts, description="predict", disable=not progress,
-                       console=Console(stderr=True)):  # stdout holds the report
+        console = Console(stderr=True)  # stdout holds the report
+        for i in track(starts, description="predict", console=console,
+                       disable=not progress or not console.is_terminal):  # was: drawn into a log file too
             idx = order[i:i + batch_size]
             b = tok.pad({"input_ids": [ids[j] for j in idx]}, return_tensors="pt")
             out[idx] = torch.softmax(model(**b).logits.float(), dim=-1).numpy()

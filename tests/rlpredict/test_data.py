@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlpredict.data import DataError, attach_rl, load_samples
+from rlpredict.records import RecordError
 from rlpredict.samples import SAMPLE_FILES
 
 
@@ -107,6 +108,38 @@ def test_json_array_csv_parquet_and_datasets_folder(tmp_path):
         assert [s.group for s in samples] == ["c0", "c1", "c2"], name
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 5, 64, 1 << 20])
+def test_a_json_array_is_read_row_by_row_and_strictly(tmp_path, monkeypatch, chunk):
+    """A JSON array file is read in chunks (was: whole, 631 MiB for a 316 MB file), with the
+    same rows and lines at any chunk size; what ``json.loads`` refuses is refused (was: the rows
+    after the first ']' ignored, a file cut short or missing a comma read without a word)."""
+    from rlpredict import records
+
+    monkeypatch.setattr(records, "ARRAY_CHUNK", chunk)
+    rows = [{"prompt": f"q{i}", "response": "r" * i, "n": 10 ** i} for i in range(6)]
+    ok = tmp_path / "ok.json"
+    ok.write_text("\n \n[" + ",\n".join(json.dumps(r) for r in rows) + "\n, 123456789]  \n")
+    got = list(records.iter_rows(ok))
+    assert [r for _, r in got] == [*rows, 123456789]
+    assert [loc.rsplit(":", 1)[1] for loc, _ in got] == ["3", "4", "5", "6", "7", "8", "9"]
+    twice = tmp_path / "twice.json"
+    twice.write_text('[{"prompt": "a", "prompt": "b"}]')
+    assert "given twice" in str(next(iter(records.iter_rows(twice)))[1])  # a bad row, as in JSON Lines
+    for text, why in (('[{"prompt": "a"}]\n[{"prompt": "b"}]', r"two\.json:2: .*text after the array"),
+                      ('[{"prompt": "a"},\n{"prompt": "b"},\n', r"two\.json:3: .*the file ends where a row"),
+                      ('[{"prompt": "a"}\n{"prompt": "b"}]', r"two\.json:2: .*expected ',' or ']'"),
+                      ('[{"prompt": "a"},]', r"a ',' before ']'"), ('[{"prompt": "a"', r"not valid JSON")):
+        (tmp_path / "two.json").write_text(text)
+        with pytest.raises(RecordError, match=why):
+            list(records.iter_rows(tmp_path / "two.json"))
+    assert list(records.iter_rows(_write(tmp_path / "e.json", " [ ] "))) == []
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
 def test_a_folder_of_data_files_is_read_file_by_file(tmp_path):
     """Not a saved datasets folder: every data file below it, in name order, with its lines named
     and bad rows skippable (was: ``datasets.load_dataset``'s errors, no file or line, no skip)."""
@@ -119,6 +152,12 @@ def test_a_folder_of_data_files_is_read_file_by_file(tmp_path):
         load_samples([d])
     samples, rep = load_samples([d], on_error="skip")
     assert [s.response for s in samples] == ["r1", "r3"] and rep.n_skipped == 1
+    (d / "z.jsonl.xz").write_bytes(b"\xfd7zXZ")  # was: left out without a word
+    samples, rep = load_samples([d], on_error="skip")
+    assert len(samples) == 2 and rep.n_skipped == 2 and "a data file compressed as .xz" in rep.summary()
+    (d / "a.jsonl").write_text('{"prompt": "q1", "response": "r1"}\n')
+    with pytest.raises(DataError, match=r"z\.jsonl\.xz: a data file compressed as \.xz, which is not read"):
+        load_samples([d])
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty: a folder with no data files"):
         load_samples([tmp_path / "empty"])
@@ -130,6 +169,12 @@ def test_csv_messages_cell_is_json(tmp_path):
     p.write_text('id,messages\nr1,"' + msgs.replace('"', '""') + '"\n')
     (s,), _ = load_samples([p])
     assert s.response == "yo" and s.messages == [{"role": "user", "content": "hi, there"}]
+    # a prompt or a response that is JSON text is text, as annotate reads it (was: decoded: the
+    # prompt refused as "expected a string, got dict", the response counted as its parts' text)
+    q = tmp_path / "j.csv"
+    q.write_text('prompt,response\n"{""a"": 1}","[{""type"": ""text"", ""text"": ""hi""}]"\n')
+    (s,), _ = load_samples([q])
+    assert s.messages == [{"role": "user", "content": '{"a": 1}'}] and s.response == '[{"type": "text", "text": "hi"}]'
 
 
 def test_a_csv_record_with_more_or_fewer_cells_than_the_header_is_a_bad_row(tmp_path):

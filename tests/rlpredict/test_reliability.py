@@ -151,6 +151,9 @@ def test_a_file_another_tool_listed_is_not_replaced_even_with_force(tmp_path):
         with pytest.raises(OutputError, match=r"is scenario_grid's output \(listed in .*rerun"):
             check_new_file(tmp_path / "grid" / name, force=True, option="--out")
     check_new_file(tmp_path / "grid" / "profile.json", force=False, option="--out")  # not listed: the folder's
+    os.mkfifo(tmp_path / "fifo")  # was: replaced by a regular file with --force
+    with pytest.raises(OutputError, match="not a regular file"):
+        check_new_file(tmp_path / "fifo", force=True, option="--out")
     assert (tmp_path / "grid" / "results.md").read_text() == "table"  # rerun then refuses it as foreign
 
 
@@ -524,6 +527,42 @@ def test_a_reader_that_leaves_stops_the_cli_quietly(args, bundle_fp32):
     assert (proc.wait(timeout=120), err) == (141, b"")
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("args", [["rlpredict", "--version"], ["rlpredict", "--help"], ["ecoserve", "policies"],
+                                  ["rlpredict", "predict", "--json", "hello"]])
+def test_a_full_disk_behind_stdout_is_one_line_naming_it(args, bundle_fp32):
+    """``cmd > file`` on a full disk: one line naming standard output, exit 2 (was: rich's
+    traceback for --help and --version, "error: [Errno 28] No space left on device" else)."""
+    module = {"rlpredict": "rlpredict.cli", "ecoserve": "ecoserve_sched.cli"}[args[0]]
+    extra = ["-m", str(bundle_fp32)] if args[1] == "predict" else []
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-c", f"from {module} import main; main()", *args[1:], *extra],
+                             stdout=full, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=120,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 2 and res.stderr.splitlines()[-1] == "error: standard output: No space left on device"
+    assert "Traceback" not in res.stderr
+
+
+def test_predict_with_stdin_closed_asks_for_prompts(bundle_fp32):
+    """Was: "internal error (a bug): AttributeError: 'NoneType' object has no attribute 'isatty'"."""
+    res = subprocess.run([sys.executable, "-c", "from rlpredict.cli import main; main()", "predict", "-m",
+                          str(bundle_fp32)], stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=REPO,
+                         timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=lambda: os.close(0))
+    assert res.returncode == 2 and "error: give TEXT arguments or pipe prompts on stdin" in res.stderr
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path):
+    """Was: "error: [Errno 28] No space left on device", no file named."""
+    import errno
+
+    from rlpredict.outputs import atomic_path
+
+    with pytest.raises(OSError, match=r"No space left on device: '.*out\.jsonl'") as e, \
+            atomic_path(tmp_path / "out.jsonl"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert e.value.filename == str(tmp_path / "out.jsonl") and list(tmp_path.iterdir()) == []
+
+
 def test_load_trained_names_the_folder(tiny_model_dir, tmp_path):
     from rlpredict.train.model_meta import ModelLoadError, load_trained
 
@@ -533,6 +572,22 @@ def test_load_trained_names_the_folder(tiny_model_dir, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ModelLoadError, match=rf"{bad}: cannot load the trained model \(SafetensorError"):
         load_trained(bad)
+
+
+@pytest.mark.parametrize(("name", "text", "result"), [
+    ("dup.yaml", "max_steps: 1\nmax_steps: 2\n", r"dup\.yaml: line 2: key 'max_steps' is given twice"),  # was: 2
+    ("bom.toml", "\ufeffmax_steps = 3\n", 3),  # was: "Invalid statement (at line 1, column 1)"
+    ("c.json", '{"max_steps": 4}', 4),  # was: read as TOML, "Invalid statement"
+    ("d.json", '{"max_steps": 4, "max_steps": 5}', r"d\.json: key 'max_steps' is given twice"),
+])
+def test_a_recipe_in_yaml_toml_or_json_refuses_a_key_given_twice(tmp_path, name, text, result):
+    cfg = tmp_path / name
+    cfg.write_text(text, encoding="utf-8")
+    if isinstance(result, int):
+        assert TrainConfig.load(cfg).max_steps == result
+    else:
+        with pytest.raises(ValueError, match=result):
+            TrainConfig.load(cfg)
 
 
 @pytest.mark.parametrize(("data", "msg"), [("5", "data must be a list, got 5"),
@@ -728,6 +783,16 @@ def test_annotate_reports_replaced_columns_and_refuses_what_it_would_ignore(bund
     pq.write_table(pa.table({"prompt": ["a", "b"], "rl_q90_tokens": [7, 8]}), tmp_path / "q.parquet")
     res = run("annotate", tmp_path / "q.parquet", "-o", tmp_path / "q.out.parquet", "-m", bundle_fp32, "--json")
     assert json.loads(res.stdout)["stale_fields"] == {"rl_q90_tokens": 2}
+    crlf = tmp_path / "crlf.jsonl"  # each line keeps its ending (was: CRLF written as LF)
+    crlf.write_bytes(b'{"prompt": "a"}\r\n{"prompt": "b"}\n')
+    assert run("annotate", crlf, "-o", tmp_path / "crlf.out.jsonl", "-m", bundle_fp32).exit_code == 0
+    first, second = (tmp_path / "crlf.out.jsonl").read_bytes().splitlines(keepends=True)
+    assert first.endswith(b"}\r\n") and second.endswith(b"}\n") and not second.endswith(b"\r\n")
+    many = tmp_path / "many.jsonl"  # each row its own stale name: bounded (was: 20,000 names, a line each)
+    many.write_text("".join(json.dumps({"prompt": "p", f"rl_q{i % 60 + 1}_tokens": 5}) + "\n" for i in range(120)))
+    res = run("annotate", many, "-o", tmp_path / "many.out.jsonl", "-m", bundle_fp32, "--json")
+    fields = json.loads(res.stdout)["stale_fields"]
+    assert len(fields) == 33 and fields["other rl_qN_tokens fields"] == 120 - 2 * 32 and sum(fields.values()) == 120
     for name, text in (("dup.csv", "prompt,rl_bucket,rl_bucket\na,1,9\n"), ("dup2.csv", "prompt,prompt\na,b\n")):
         (tmp_path / name).write_text(text)  # was: one of the two read, silently
         one_error_line(run("annotate", tmp_path / name, "-o", tmp_path / "o.csv", "-m", bundle_fp32),
@@ -783,6 +848,8 @@ def test_a_missing_model_folder_is_said_to_be_missing(tmp_path):
 def test_eval_given_a_bundle_says_it_takes_a_trained_model(bundle_fp32, tmp_path):
     one_error_line(run("eval", "--model", bundle_fp32, "--data", _labelled(tmp_path), "--out", tmp_path / "e"),
                    "an exported bundle, not a model folder written by `rlpredict train`")
+    (tmp_path / "m.json").write_text("{}")  # was: "--out's parent ... is a file" (the default --out)
+    one_error_line(run("eval", "--model", tmp_path / "m.json", "--data", _labelled(tmp_path)), "m.json: not a folder")
 
 
 def test_the_same_data_twice_is_refused(tiny_model_dir, tmp_path):
