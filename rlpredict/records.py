@@ -828,7 +828,7 @@ def _array_rows(p: Path, text: str, pos: int, line: int,
                 except RecordError as e:
                     obj = _at(e, loc)
             line += text.count("\n", counted, end)
-            pos = counted = end
+            pos, counted, want = end, end, ARRAY_CHUNK  # reads grow only while one row needs more
             yield loc, obj
             sep = token("',' or ']'")
             if sep not in ",]":
