@@ -525,10 +525,14 @@ def annotate_record_batch(run: _Run, rb: Any, done: int, out_schema: Any) -> Any
     n = rb.num_rows
     used = [name for name in run.fields.request_columns() if name in rb.schema.names]
     cols = {name: rb.column(name).to_pylist() for name in used}
+    fields = run.fields
+    # no request column at all: the row's own names in its error, as JSONL and CSV rows say
+    # them (was: "the row is empty")
+    names = {} if any(c in used for c in (fields.prompt, *fields.messages)) else dict.fromkeys(rb.schema.names[:9])
     ok, requests, gens = [], [], []
     for i in range(n):
         run.summary.rows_in += 1
-        row = {name: cols[name][i] for name in used}
+        row = {**names, **{name: cols[name][i] for name in used}}
         try:
             req, gen = run.parse(row)
         except BadRow as e:

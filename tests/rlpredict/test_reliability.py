@@ -780,6 +780,9 @@ def test_annotate_reports_replaced_columns_and_refuses_what_it_would_ignore(bund
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
+    pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "x.parquet")  # was: "(the row is empty)"
+    one_error_line(run("annotate", tmp_path / "x.parquet", "-o", tmp_path / "x.out.parquet", "-m", bundle_fp32),
+                   "row 1: neither field 'prompt' nor 'messages' is present (the row has 'x')")
     pq.write_table(pa.table({"prompt": ["a", "b"], "rl_q90_tokens": [7, 8]}), tmp_path / "q.parquet")
     res = run("annotate", tmp_path / "q.parquet", "-o", tmp_path / "q.out.parquet", "-m", bundle_fp32, "--json")
     assert json.loads(res.stdout)["stale_fields"] == {"rl_q90_tokens": 2}
