@@ -215,7 +215,9 @@ class EcoServeScheduler(Scheduler):
         self._repay_until = 0
         self._paced: tuple[int, float, float] | None = None
         self.counters["amortized"] = 0
-        self._no_fit = (-1, -1)  # (projection version, rid): the projection test failed
+        # (projection version, rid, step): the projection test failed, and cannot pass before
+        # that step unless a running request starts or ends (``_fits``)
+        self._no_fit = (-1, -1, 0)
         # Parking: parked requests by the time they must resume; the offered load
         self.parked: list[tuple[float, int, Request]] = []
         self._parking: tuple[Request, float] | None = None  # the request being parked, its due time
@@ -458,7 +460,7 @@ class EcoServeScheduler(Scheduler):
                 until = min(until, deadline - rules.PARK_WITHIN_TTFTS * r.slo.ttft_s - est_max)
         if until < float("inf"):
             until -= 1e-6 + 1e-12 * abs(until)  # early by more than any rounding
-        self.recheck = (self.step + RECHECK_STEPS, until)
+        self.recheck = (min(self.step + RECHECK_STEPS, self.recheck[0]), until)  # (``_fits`` may have set it)
         return r, True
 
     def _ttft_est_bound(self, r: Request, steps: int) -> float:
@@ -490,17 +492,25 @@ class EcoServeScheduler(Scheduler):
         n = len(proj)
         if not n:
             return True  # alone: a reservation larger than the cache must not block it forever
-        if self._no_fit == (proj.version, r.rid):
-            return False  # failed with the same running requests: retried after one starts or ends
+        if self._no_fit[0] == proj.version and self._no_fit[1] == r.rid and self.step < self._no_fit[2]:
+            if self._no_fit[2] < self.recheck[0]:  # the engine asks again then (a stretch stops there)
+                self.recheck = (self._no_fit[2], self.recheck[1])
+            return False  # failed with the same running requests, and too far over to pass yet
         if not project:
             return True
         g = r.generated
         rem = rules.reservation_tokens(self._base_pred(r), g, r.max_tokens) - g
         bs = self.bs
         cap = rules.admission_cap_tokens(self.kv.num_blocks - keep, bs, n + 1)
-        if proj.demand(self.step, (need * bs, rem), self.cfg.pipelining, cap) <= cap:
+        peak = proj.demand(self.step, (need * bs, rem), self.cfg.pipelining, cap)
+        if peak <= cap:
             return True
-        self._no_fit = (proj.version, r.rid)
+        # Waiting lowers the peak by at most a token a step (the candidate starts a step later:
+        # at each running request's projected end it holds one token less), so the test cannot
+        # pass for ``peak - cap`` steps; then it is asked again (was: only once a running request
+        # started or ended, so a request that fitted as the others' ends came nearer waited on;
+        # the vLLM plug-in asks every step).
+        self._no_fit = (proj.version, r.rid, self.step + (peak - cap if self.cfg.pipelining else 1 << 62))
         return False
 
     def _next_admission(self, budget: int, batch: Batch, now: float,

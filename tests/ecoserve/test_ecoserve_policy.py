@@ -390,7 +390,9 @@ def test_decodes_run_as_stretches_while_a_blocked_prompt_waits_out_its_ttft():
     (times, log), (ref_times, ref_log) = runs
     assert times == ref_times and times[1][0] > 1.3  # B's TTFT is lost, at the same time
     waiting = [row for row in log if 0.305 < row[0] < 1.295]  # B waits, A decodes: ~100 iterations
-    assert sum(row[2] for row in waiting) > 90 and len(waiting) <= 4  # RECHECK_STEPS = 64 at most
+    # RECHECK_STEPS = 64 at most, and where the projection fails by fewer tokens than that, when
+    # it could pass again (a token a step: ``_fits``)
+    assert sum(row[2] for row in waiting) > 90 and len(waiting) <= 8
     assert len([row for row in ref_log if 0.305 < row[0] < 1.295]) > 90
 
 
@@ -962,6 +964,7 @@ def test_ecoserve_recompute_never_swaps_where_ecoserve_would():
         simulate(reqs, sched, check=True)
         assert [r.generated for r in reqs] == [30] * 4
         runs[policy] = sched.counters
-    assert runs["ecoserve"]["swaps"] == runs["ecoserve"]["preemptions"] == 4
+    assert runs["ecoserve"]["swaps"] == runs["ecoserve"]["preemptions"] == 5  # 4 before the projection was
+    # asked again as it came within reach (``_fits``): a request admitted earlier, preempted once more
     assert runs["ecoserve-recompute"]["swaps"] == 0
     assert runs["ecoserve-recompute"]["recomputes"] == runs["ecoserve-recompute"]["preemptions"] == 7
