@@ -51,11 +51,12 @@ class RealSimResult(SimResult):
 
 
 @cache
-def tiny_model_dir() -> str:
-    """A folder with a tiny Llama ``config.json`` (vLLM's scheduler only reads the config)."""
+def tiny_model_dir(positions: int = TINY_LLAMA["max_position_embeddings"]) -> str:
+    """A folder with a tiny Llama ``config.json`` (vLLM's scheduler only reads the config), of
+    ``positions`` positions: vLLM refuses a ``max_model_len`` above the model's."""
     d = Path(tempfile.mkdtemp(prefix="ecoserve-tiny-llama-"))
     atexit.register(shutil.rmtree, d, ignore_errors=True)
-    (d / "config.json").write_text(json.dumps(TINY_LLAMA))
+    (d / "config.json").write_text(json.dumps({**TINY_LLAMA, "max_position_embeddings": positions}))
     return str(d)
 
 
@@ -77,7 +78,10 @@ def build_vllm_scheduler(cls: type | None = None, *, num_blocks: int = 256, bloc
     sched_cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len, enable_chunked_prefill=True,
                                 is_encoder_decoder=False, async_scheduling=async_scheduling)
-    model_cfg = ModelConfig(model=model_dir or tiny_model_dir(), skip_tokenizer_init=True,
+    # a trace's longest request may pass the tiny model's 65,536 positions (was: vLLM's
+    # ValidationError, naming max_position_embeddings)
+    model_cfg = ModelConfig(model=model_dir or tiny_model_dir(max(max_model_len, TINY_LLAMA["max_position_embeddings"])),
+                            skip_tokenizer_init=True,
                             dtype=dtype, max_model_len=max_model_len)
     cache_cfg = CacheConfig(block_size=block_size, enable_prefix_caching=False)
     cache_cfg.num_gpu_blocks = total
@@ -96,8 +100,16 @@ def vllm_request(r: Request, with_prediction: bool) -> Any:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.request import Request as VRequest
 
-    extra = ({"rl_bucket": r.pred_bucket, "rl_pred_tokens": r.pred_tokens,
-              "rl_reserve_tokens": r.reserve_tokens} if with_prediction else None)
+    from ..policies.ecoserve_rules import prediction_within
+    from .vllm_scheduler import parse_hints
+
+    extra = None
+    if with_prediction:  # as the simulator's EcoServe takes them: within max_tokens (``rules``)
+        extra = {"rl_bucket": r.pred_bucket, "rl_pred_tokens": prediction_within(r.pred_tokens, r.max_tokens),
+                 "rl_reserve_tokens": prediction_within(r.reserve_tokens, r.max_tokens)}
+        if why := parse_hints(extra)[1]:  # was: every hint of the request dropped, the default used
+            raise ValueError(f"request {r.rid}: the vLLM plug-in would not take its prediction ({why}); "
+                             "the simulator's policies do")
     sp = SamplingParams(max_tokens=r.max_tokens, stop_token_ids=[STOP_TOKEN], extra_args=extra)
     return VRequest(request_id=str(r.rid), prompt_token_ids=[TOKEN] * r.prompt_tokens,
                     sampling_params=sp, pooling_params=None, arrival_time=r.arrival_s)
@@ -167,7 +179,9 @@ class VllmExecutor(Executor):
         for rid, k in out.num_scheduled_tokens.items():
             req = sched.requests[rid]
             before = req.num_computed_tokens - k
-            if k == 1 and before == req.num_tokens - 1:
+            # one token after all the others, of a request that has sampled one: a decode (was:
+            # without the last test, a 1-token prompt or last chunk, timed without the prefill's cost)
+            if k == 1 and before == req.num_tokens - 1 and req.num_output_tokens:
                 d_req += 1
                 d_ctx += before + 1
             else:

@@ -22,7 +22,8 @@ themselves are the pure functions of ``ecoserve_rules``):
    an admission until it ends (its tail is pipelined), one projected too short lets admission
    overcommit the cache, and the overcommit is paid in preemptions (a swap out and in of the
    whole context, stalling the batch) while it lasts. Admission stops at the first request
-   that does not fit; a failed projection is retried once a running request starts or ends.
+   that does not fit; a failed projection is asked again once a running request starts or ends,
+   or once waiting could have brought it within the cache (its peak falls a token a step at most).
    Parking: when the head is a PT that can still meet its TTFT but does not fit, the decoding
    request with the most slack on its mean-TBT SLO (``rules.tbt_slack_s``, at least two TTFT
    SLOs) is preempted, and again until the head fits or no request has that slack. A parked
@@ -483,8 +484,9 @@ class EcoServeScheduler(Scheduler):
     def _fits(self, r: Request, need: int, project: bool = True) -> bool:
         """``need`` blocks are free now, and the projected peak (or, without pipelining, the sum
         of reservations) of the running requests and ``r`` stays within the cache. Without
-        ``project``, side-effect free: True where only the projection (not tried since the running
-        set last changed) could say no."""
+        ``project``, side-effect free but for ``recheck`` (brought forward to the step a failed
+        projection is asked again): True where only the projection (not tried since the running
+        set last changed, or since then too far over to pass yet) could say no."""
         keep = self._keep_free()
         if need > self.kv.free_blocks - keep:
             return False
@@ -651,7 +653,8 @@ class EcoServeScheduler(Scheduler):
 
     def admission_blocked(self) -> bool:
         # Stable until a finish: the free pool only shrinks in between, and a failed projection
-        # is retried only once a running request starts or ends; as time passes only the head
+        # is asked again once a running request starts or ends or at ``_fits``'s step (set as
+        # ``recheck``); as time passes only the head
         # (``_probe_head``: ``recheck``) and parking can change. The budget is never below 1
         # (``_budget``'s floor), but 0 while an amortized chunk is repaid (something waits).
         if self.step < self._repay_until and self.decoding and self.cfg.amortize and self.cfg.tbt_budget:

@@ -60,3 +60,28 @@ def test_the_replay_reads_no_serving_settings(monkeypatch: pytest.MonkeyPatch) -
     dirty = summarize(run(tr, "ecoserve-vllm-real", cost, slo=SLO_, kv_blocks=160), SLO_)
     assert {k: v for k, v in dirty.items() if "wall" not in k and "per_s" not in k and "us" not in k} == \
         {k: v for k, v in clean.items() if "wall" not in k and "per_s" not in k and "us" not in k}
+
+
+@pytest.mark.parametrize(("prompt", "budget"), [(1, None), (2049, 2048)])
+def test_a_one_token_prefill_chunk_is_timed_as_a_prefill(prompt: int, budget: int | None) -> None:
+    """A 1-token prompt, or a last chunk of one token, was timed as a decode (without the
+    cost model's prefill overhead): TTFT 0.0194 s against the simulator's 0.0372 s (a fuzzer's find)."""
+    cost = load_profile("llama2-13b-a100-80gb")
+    tr = Trace("t", np.zeros(1), np.array([prompt]), np.array([3]), np.array([3]))
+    kw = {"slo": SLO_, "kv_blocks": 4000, **({"token_budget": budget} if budget else {})}
+    sim, real = (summarize(run(tr, p, cost, **kw), SLO_) for p in ("vllm", "vllm-real"))
+    assert real["p50_ttft_s"] == pytest.approx(sim["p50_ttft_s"], rel=1e-9)
+
+
+def test_a_request_past_the_tiny_models_positions_and_predictions_the_plugin_refuses() -> None:
+    """A request of more than 65,536 tokens was vLLM's ValidationError (the tiny model's
+    positions); a prediction past ``max_tokens`` is taken within it, as the simulator takes it,
+    and one the plug-in refuses from a client is an error, not silently its default (was: 512)."""
+    cost = load_profile("llama2-13b-a100-80gb")
+    tr = Trace("t", np.array([0.0, 0.1]), np.array([100, 50]), np.array([10, 5]), np.array([200_000, 20]),
+               rl=np.array([[3, 20_000_000, 20_000_000], [2, 5, 6]]))
+    for policy in ("vllm-real", "ecoserve-vllm-real"):
+        assert summarize(run(tr, policy, cost, slo=SLO_), SLO_)["finished"] == 2, policy
+    bad = Trace("t", np.zeros(1), np.array([10]), np.array([5]), np.array([20]), rl=np.array([[1024, 5, 6]]))
+    with pytest.raises(ValueError, match=r"request 0: the vLLM plug-in would not take its prediction \(rl_bucket=1024"):
+        run(bad, "ecoserve-vllm-real", cost, slo=SLO_)
