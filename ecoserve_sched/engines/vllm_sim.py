@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -238,7 +239,7 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
     """``simulator.run`` for ``vllm-real`` / ``ecoserve-vllm-real``: same trace, predictions,
     KV capacity, token budget and ``max_running`` as the simulator's policies."""
     from ..predictions import NO_PREDICTIONS, apply_predictions, default_source
-    from .vllm_scheduler import EcoServeVllmConfig, EcoServeVllmSyncScheduler
+    from .vllm_scheduler import EcoServeSetupError, EcoServeVllmConfig, EcoServeVllmSyncScheduler
 
     if policy not in REAL_POLICIES:
         raise ValueError(f"unknown engine policy {policy!r}; choose from {', '.join(REAL_POLICIES)}")
@@ -266,7 +267,11 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
     finally:
         plugin_log.setLevel(level)
     if eco:
-        sched.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=slo.ttft_s, slo_tbt=slo.tbt_s)
+        try:
+            sched.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=slo.ttft_s, slo_tbt=slo.tbt_s)
+        except EcoServeSetupError as e:  # was: named the ECOSERVE_* variable, which a replay never reads
+            raise ValueError(f"{policy}: the vLLM plug-in takes no such SLO: "
+                             + re.sub(r" \(ECOSERVE_\w+\)", "", str(e))) from None
         sched.cost_model = cost  # every number the simulator's EcoServe takes from the cost model
     return replay(reqs, sched, cost, policy=policy, with_prediction=eco,
                   profile=getattr(cost, "label", getattr(cost, "name", "")), predictions=desc)

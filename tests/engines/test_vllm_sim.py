@@ -85,3 +85,11 @@ def test_a_request_past_the_tiny_models_positions_and_predictions_the_plugin_ref
     bad = Trace("t", np.zeros(1), np.array([10]), np.array([5]), np.array([20]), rl=np.array([[1024, 5, 6]]))
     with pytest.raises(ValueError, match=r"request 0: the vLLM plug-in would not take its prediction \(rl_bucket=1024"):
         run(bad, "ecoserve-vllm-real", cost, slo=SLO_)
+
+
+def test_an_slo_the_plugin_refuses_names_no_setting_the_replay_never_reads() -> None:
+    """Was: "slo_tbt=5e-05 (ECOSERVE_SLO_TBT): ...", a variable the replay does not read."""
+    tr = Trace("t", np.zeros(1), np.array([10]), np.array([5]), np.array([20]))
+    with pytest.raises(ValueError, match=r"^ecoserve-vllm-real: the vLLM plug-in takes no such SLO: slo_tbt=5e-05: "
+                                         r"expected a finite number in \[0.0001, 3600\]$"):
+        run(tr, "ecoserve-vllm-real", load_profile("llama2-13b-a100-80gb"), slo=SLO(5.0, 5e-5), predictions="oracle")
