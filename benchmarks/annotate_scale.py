@@ -71,7 +71,7 @@ def child(config: str, src: Path, dst: Path) -> dict:
 
         p = Predictor.load(None, threads=cores)
         t1 = time.perf_counter()
-        s = annotate_file(p, src, dst, on_error="skip", force=True)
+        s = annotate_file(p, src, dst, on_error="skip", force=True, owner=TOOL)  # into its own folder
         return {"start_s": t1 - t0, "seconds": time.perf_counter() - t1, "rows_in": s.rows_in,
                 "rows_out": s.rows_out, "workers": 0, "threads": p.threads}
     import ray
@@ -83,7 +83,7 @@ def child(config: str, src: Path, dst: Path) -> dict:
     t1 = time.perf_counter()
     workers = CONFIGS[config]
     s = annotate_path(src, dst, on_error="skip", num_workers=workers, threads=max(1, cores // workers),
-                      force=True)
+                      force=True, owner=TOOL)
     seconds = time.perf_counter() - t1
     ray.shutdown()
     return {"start_s": t1 - t0, "seconds": seconds, "rows_in": s.rows_in, "rows_out": s.rows_out,

@@ -90,7 +90,7 @@ def annotate(src: Path, dst: Path, threads: int) -> dict:
     from rlpredict.serve.runtime import Predictor
 
     p = Predictor.load(threads=threads)
-    s = annotate_file(p, src, dst, force=True)  # the folder is this script's (``work_folder``)
+    s = annotate_file(p, src, dst, force=True, owner=TOOL)  # the folder is this script's (``work_folder``)
     sample = p.encode(p.texts(_first_prompts(src, 2000)))
     return {"rows": s.rows_in, "rejected": s.rows_rejected,
             "tokens_per_prompt": round(float(np.mean([len(e) for e in sample])), 1)}

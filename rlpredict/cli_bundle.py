@@ -274,7 +274,7 @@ def annotate(
 ) -> None:
     """Add rl_bucket, rl_pred_tokens and rl_reserve_tokens to every row of a request trace."""
     from rlpredict.records import GENERATOR_FIELDS, Fields
-    from rlpredict.serve.annotate import COLUMNS, annotate_file, column_name
+    from rlpredict.serve.annotate import ANNOTATE_TOOL, COLUMNS, annotate_file, column_name
     from rlpredict.serve.runtime import Predictor
 
     fields = Fields.trace(prompt=prompt_field, messages=messages_field,
@@ -307,7 +307,7 @@ def annotate(
                           chunk_rows=chunk_rows, num_workers=num_workers, threads=threads,
                           reserve_quantile=reserve_quantile, margin=margin, ray_address=ray_address,
                           progress=progress and not json_out, force=force,
-                          log=None if json_out else log_line)
+                          log=None if json_out else log_line, owner=ANNOTATE_TOOL)
     else:
         for option, value in (("--ray-address", ray_address), ("--num-workers", num_workers)):
             if value is not None:
@@ -321,7 +321,7 @@ def annotate(
         spec = p.input_spec
         s = annotate_file(p, input, output, fields=fields, on_error=on_error, rejects=rejects,
                           chunk_rows=chunk_rows, progress=progress and not json_out, force=force,
-                          quantiles=levels or ())
+                          quantiles=levels or (), owner=ANNOTATE_TOOL)
     if json_out:
         print(dumps(s.to_dict(), indent=2))
         return

@@ -189,14 +189,16 @@ def check_parent(path: str | Path, option: str) -> None:
             return
 
 
-def check_new_file(path: str | Path, *, force: bool, option: str) -> None:
-    """Refuse a file output that exists (unless ``force``), that is a folder, or whose folder
-    cannot be written (``check_parent``)."""
+def check_new_file(path: str | Path, *, force: bool, option: str, owner: str | None = None) -> None:
+    """Refuse a file output that exists (unless ``force``), that is a folder, that a tool of
+    ours other than ``owner`` (the tool this file is written for, if any) listed in its folder's
+    record, or whose folder cannot be written (``check_parent``)."""
     p = Path(path)
     if p.is_dir():
         raise OutputError(f"{p}: {option} is a folder; give a file name")
     tool, owned = _record(p.parent)
-    if p.name == OWNER_FILE or p.name in owned:  # was: taken with --force, then lost to that tool's rerun
+    if p.name == OWNER_FILE or (p.name in owned and (owner is None or tool != owner)):  # was: taken with
+        # --force, then lost to that tool's rerun
         raise OutputError(f"{p}: {option} is {tool or 'another run'}'s output (listed in {p.parent / OWNER_FILE}), "
                           "which a rerun of it replaces; choose a path outside that folder")
     if p.exists() and not p.is_file():  # was: a FIFO or a device (/dev/stdout) replaced with --force
@@ -366,11 +368,12 @@ def mark_owned(folder: str | Path, tool: str, names: Iterable[str]) -> None:
 
 
 # ---- scripts (benchmarks/, training/) -----------------------------------------------------------
-def check_file_output(path: str | Path, *, force: bool, option: str, inputs: Iterable[str | Path] = ()) -> Path:
+def check_file_output(path: str | Path, *, force: bool, option: str, inputs: Iterable[str | Path] = (),
+                      owner: str | None = None) -> Path:
     """A script's file output, checked before its work: not one of ``inputs``, and an existing
-    file only with ``force`` (``check_new_file``). Write it with ``write_text_atomic``."""
+    file only with ``force`` (``check_new_file``, ``owner``). Write it with ``write_text_atomic``."""
     check_paths(inputs, [(option, path)])
-    check_new_file(path, force=force, option=option)
+    check_new_file(path, force=force, option=option, owner=owner)
     return Path(path)
 
 

@@ -432,3 +432,13 @@ def test_serving_gain_names_a_search_that_found_no_capacity(serving_gain) -> Non
              "note": "the trace is too small or light to load the server"}
     with pytest.raises(ValueError, match=r"tiny: vllm's capacity search found no capacity \(> 64: the trace is"):
         sg._found(bound, "vllm", tr)
+
+
+def test_a_script_annotates_again_into_its_own_folder(tmp_path: Path) -> None:
+    """A script's folder lists the annotated trace as its output; a second run replaces it (the
+    annotate call is the script's: ``owner``), where a user's command would be refused."""
+    for _ in range(2):
+        res = _run(ROOT / "benchmarks" / "large_trace.py", "--rows", "300", "--stages", "build,annotate",
+                   "--out", tmp_path / "lt")
+        assert res.returncode == 0, res.stderr
+        assert "| 300 | annotate |" in res.stdout

@@ -225,16 +225,22 @@ def check_rejects_name(rej_path: Path | None) -> None:
         raise AnnotateError(f"{rej_path}: the rejects file is JSONL; give it a .jsonl name")
 
 
+#: The tool ``rlpredict annotate``'s output folders record (``annotate_ray``): its files may be
+#: annotated again, one by one, by the command (``owner``).
+ANNOTATE_TOOL = "rlpredict annotate"
+
+
 def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *,
                   fields: Fields = TRACE_FIELDS, on_error: OnError = "fail",
                   rejects: str | Path | None = None, chunk_rows: int = 2048,
                   progress: bool = False, force: bool = False,
-                  quantiles: Sequence[float] = ()) -> AnnotateSummary:
+                  quantiles: Sequence[float] = (), owner: str | None = None) -> AnnotateSummary:
     """Annotate ``input`` into ``output`` (same format family); see the module docstring.
     ``quantiles``: also the bundle's calibrated quantiles, as ``rl_q50_tokens``-style columns.
 
     The output and the rejects file must differ from the input and from each other, and an
-    existing one is replaced only with ``force`` (``rlpredict.outputs``)."""
+    existing one is replaced only with ``force`` (``rlpredict.outputs``); one a tool of ours
+    listed as its output only for that tool (``owner``: a script annotating into its folder)."""
     src, dst = Path(input), Path(output)
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
@@ -255,7 +261,7 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
     outputs = [("--output", dst)] + ([("--rejects", rej_path)] if rej_path else [])
     check_paths([src], outputs)
     for option, path in outputs:
-        check_new_file(path, force=force, option=option)
+        check_new_file(path, force=force, option=option, owner=owner)
     summary = AnnotateSummary(str(src), str(dst), str(rej_path) if rej_path else None)
     t0 = time.perf_counter()
     with ExitStack() as stack:

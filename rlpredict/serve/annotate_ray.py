@@ -53,6 +53,7 @@ from rlpredict.outputs import (
 )
 from rlpredict.records import COMPRESSION_ERRORS, TRACE_FIELDS, Fields, OnError, bounded_lines
 from rlpredict.serve.annotate import (
+    ANNOTATE_TOOL,
     CHUNK_CHARS,
     COLUMNS,
     AnnotateError,
@@ -81,7 +82,6 @@ READ_TASKS = 2
 INSTALL_HINT = ("--engine ray needs Ray: install the [ray] extra (in a checkout: pip install -c constraints.txt "
                 "-e '.[ray]'), or pip install 'ray[data]'")
 ERROR_COLUMN = "rl_error"
-ANNOTATE_TOOL = "rlpredict annotate"  # the tool its output folders record
 DEFAULT_FIELDS = TRACE_FIELDS
 
 
@@ -460,10 +460,10 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
                   num_workers: int | None = None, threads: int | None = None,
                   reserve_quantile: float | None = None, margin: float = 0.0,
                   ray_address: str | None = None, progress: bool = False, force: bool = False,
-                  log: Callable[[str], None] | None = None,
+                  log: Callable[[str], None] | None = None, owner: str | None = None,
                   _fault: tuple[str, int] | None = None) -> RaySummary:
     """Annotate a file or a folder of files on Ray (see the module docstring); the same output,
-    rejects, checks and errors as ``annotate.annotate_file``. Uses the running Ray if there is
+    rejects, checks and errors as ``annotate.annotate_file`` (``owner`` too). Uses the running Ray if there is
     one, else attaches to ``ray_address``, else starts a local Ray and shuts it down."""
     src, dst = Path(input), Path(output)
     if on_error not in ("fail", "skip"):
@@ -483,9 +483,9 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
     if folder:  # never another tool's folder, even with --force (was: refused only after Ray started)
         check_new_dir(dst, force=force, option="--output", only=ANNOTATE_TOOL)
     else:
-        check_new_file(dst, force=force, option="--output")
+        check_new_file(dst, force=force, option="--output", owner=owner)
     if rej_path is not None:
-        check_new_file(rej_path, force=force, option="--rejects")
+        check_new_file(rej_path, force=force, option="--rejects", owner=owner)
     if rej_path is not None and folder and dst.resolve() in rej_path.resolve().parents:
         raise AnnotateError(f"{rej_path}: --rejects is inside the --output folder; choose another path")
     bundle = bundle_files(model)  # a bad bundle fails before Ray starts

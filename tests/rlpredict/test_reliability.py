@@ -150,6 +150,7 @@ def test_a_file_another_tool_listed_is_not_replaced_even_with_force(tmp_path):
     for name in ("results.md", OWNER_FILE):
         with pytest.raises(OutputError, match=r"is scenario_grid's output \(listed in .*rerun"):
             check_new_file(tmp_path / "grid" / name, force=True, option="--out")
+    check_new_file(tmp_path / "grid" / "results.md", force=True, option="--out", owner="scenario_grid")  # its own
     check_new_file(tmp_path / "grid" / "profile.json", force=False, option="--out")  # not listed: the folder's
     os.mkfifo(tmp_path / "fifo")  # was: replaced by a regular file with --force
     with pytest.raises(OutputError, match="not a regular file"):
