@@ -122,7 +122,14 @@ from ecoserve_sched.policies.interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN
 from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, poisson_arrivals, read_trace  # noqa: E402
-from rlpredict.cli_boundary import SHARED_AZURE_CONV, arg_number, arg_path, run_script, worker_pool  # noqa: E402
+from rlpredict.cli_boundary import (  # noqa: E402
+    SHARED_AZURE_CONV,
+    arg_list,
+    arg_number,
+    arg_path,
+    run_script,
+    worker_pool,
+)
 from rlpredict.data import LoadReport  # noqa: E402
 from rlpredict.outputs import check_new_dir, check_paths, output_dir  # noqa: E402
 from rlpredict.records import is_plain_number  # noqa: E402
@@ -466,7 +473,7 @@ def main() -> None:
                     "with --cell-seed from other traces x models x GPUs x SLOs x arrivals x KV sizes; "
                     "'rS.I': the random cell I drawn with seed S (as docs/results.md names them)")
     ap.add_argument("--cell-seed", type=arg_number(int, 0), default=0, help="seed of the cells 'random:N' draws")
-    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
+    ap.add_argument("--policies", type=arg_list(str), default=list(POLICIES), help="comma-separated policy names")
     ap.add_argument("--workers", type=arg_number(int, 1), default=2, help="parallel processes")
     ap.add_argument("--skip", type=arg_number(int, 0), default=0, help="skip the first N requests of each trace")
     ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="seed of the predictions and synthetic arrivals")
@@ -525,9 +532,7 @@ def main() -> None:
         ap.error(f"--cells: unknown cell(s) {', '.join(sorted(unknown))}; known: "
                  f"{', '.join(c.name for c in ALL_CELLS)}, heldout, synthetic, random:N, rS.I")
     cells = [c for c in known if c.name in names]
-    policies = args.policies.split(",")
-    if twice := sorted({p for p in policies if policies.count(p) > 1}):  # was: run twice, then refused by grid_summary
-        ap.error(f"--policies: {', '.join(twice)} given twice")
+    policies = args.policies  # ``arg_list``: none twice (was: run twice, then refused by grid_summary)
     if "vllm" not in policies:
         ap.error("--policies must include vllm: every ratio is to vLLM V1")
     if bad := [m for m in map(unknown_policy, policies) if m]:

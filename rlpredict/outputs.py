@@ -368,12 +368,11 @@ def mark_owned(folder: str | Path, tool: str, names: Iterable[str]) -> None:
 
 
 # ---- scripts (benchmarks/, training/) -----------------------------------------------------------
-def check_file_output(path: str | Path, *, force: bool, option: str, inputs: Iterable[str | Path] = (),
-                      owner: str | None = None) -> Path:
+def check_file_output(path: str | Path, *, force: bool, option: str, inputs: Iterable[str | Path] = ()) -> Path:
     """A script's file output, checked before its work: not one of ``inputs``, and an existing
-    file only with ``force`` (``check_new_file``, ``owner``). Write it with ``write_text_atomic``."""
+    file only with ``force`` (``check_new_file``). Write it with ``write_text_atomic``."""
     check_paths(inputs, [(option, path)])
-    check_new_file(path, force=force, option=option, owner=owner)
+    check_new_file(path, force=force, option=option)
     return Path(path)
 
 

@@ -85,7 +85,7 @@ def test_random_cells_are_servable_scenarios(grid) -> None:
     ("--max-p99-tbt", "0", "--max-p99-tbt"), ("--max-p99-tbt", "nan", "--max-p99-tbt"),
     ("--max-p99-tbt", "fast", "--max-p99-tbt"), ("--resolution", "0", "--resolution"),
     ("--resolution", "inf", "--resolution"),
-    ("--policies", "vllm,ecoserve,vllm", "vllm given twice"),  # was: run twice, refused later by grid_summary
+    ("--policies", "vllm,ecoserve,vllm", "'vllm' is given twice"),  # was: run twice, refused later by grid_summary
     ("--kv-scale", "0_5", "expected a number, got '0_5'"), ("--skip", "\u0663", "--skip"),  # were 5.0 and 3
     ("--max-p99-tbt", "1_0", "--max-p99-tbt"), ("--kv-scale", "-1", "--kv-scale"),
 ])
