@@ -284,6 +284,8 @@ def _yaml_settings(p: Path, text: str) -> dict[str, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = loader.construct_object(key_node)
+            if not isinstance(key, typing.Hashable):  # yaml's own error names it
+                continue
             if key in seen:
                 raise ValueError(f"{p}: line {key_node.start_mark.line + 1}: key {key!r} is given twice "
                                  "(which value is meant is not known)")

@@ -580,6 +580,7 @@ def test_load_trained_names_the_folder(tiny_model_dir, tmp_path):
     ("bom.toml", "\ufeffmax_steps = 3\n", 3),  # was: "Invalid statement (at line 1, column 1)"
     ("c.json", '{"max_steps": 4}', 4),  # was: read as TOML, "Invalid statement"
     ("d.json", '{"max_steps": 4, "max_steps": 5}', r"d\.json: key 'max_steps' is given twice"),
+    ("uh.yaml", "? [a, b]\n: 1\n", r"uh\.yaml: not valid YAML"),  # an unhashable key: yaml's own error
 ])
 def test_a_recipe_in_yaml_toml_or_json_refuses_a_key_given_twice(tmp_path, name, text, result):
     cfg = tmp_path / name
