@@ -697,155 +697,215 @@ def _iter_jsonl(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
                 yield loc, _at(e, loc)
 
 
-#: Characters of a JSON array file read at a time: its rows are read one by one, so memory is
-#: bounded by the largest row (``MAX_ROW_BYTES``), as for JSON Lines.
+#: Characters of a JSON file read at a time: its rows are read one by one, so memory is bounded by
+#: the largest row (``MAX_ROW_BYTES``), as for JSON Lines.
 ARRAY_CHUNK = 1 << 20
 
 
 def _iter_json_array(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
-    """A JSON array of rows (read row by row), ``{"data": [rows]}`` or one object (read whole);
+    """A JSON array of rows or ``{"data": [rows]}``, read row by row, or one value (one row);
     each row named by its line."""
     try:
-        with open(p, "rb") as raw, text_stream(raw, gz, errors="strict") as f:
-            text, lines = f.read(ARRAY_CHUNK), 1
-            while text and not text.strip() and (more := f.read(ARRAY_CHUNK)):  # leading blank space
-                lines, text = lines + text.count("\n"), more
-            pos = len(text) - len(text.lstrip())
-            if text[pos:pos + 1] == "[":  # was: read whole (631 MiB for a 316 MB file)
-                yield from _array_rows(p, text, pos, lines, f.read)
+        with _JsonReader(p, gz) as reader:
+            if reader.token("a JSON value") == "[":  # was: read whole (631 MiB for a 316 MB file)
+                yield from reader.array_rows()
+                reader.finish("the array's closing ']'")
                 return
-            text = "\n" * (lines - 1) + text + f.read()
+            # An object or a single value: one walk checks the whole file and finds the member
+            # json.loads keeps (the last named "data"), then a second read yields its rows (was:
+            # the file read whole and decoded, then walked: memory several times its size)
+            data = reader.data_member()
+            reader.finish("the value")
+        with _JsonReader(p, gz) as reader:
+            reader.token("a JSON value")
+            yield from (reader.object_rows(data) if data is not None else [reader.row()])
     except UnicodeDecodeError as e:
         raise RecordError(str(p), f"not valid UTF-8 (byte {e.start})") from None
-    pos = len(text) - len(text.lstrip())
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecordError(f"{p}:{e.lineno}", f"not valid JSON ({e.msg})") from None
-    except (ValueError, RecursionError) as e:
-        raise RecordError(str(p), f"not valid JSON ({json_problem(e)})") from None
-    if not (isinstance(obj, dict) and isinstance(obj.get("data"), list)):
-        yield f"{p}:{text.count(chr(10), 0, pos) + 1}", obj
-        return
-    pos = _value_of(text, pos, "data")  # valid JSON: the walk below cannot fail
-    yield from _array_rows(p, text, pos, 1)
 
 
-def _skip_space(text: str, pos: int, also: str = "") -> int:
-    while pos < len(text) and (text[pos] in " \t\r\n" or text[pos] in also):
-        pos += 1
-    return pos
+#: Characters that may go on a JSON number (``json`` also reads ``Infinity``, ``NaN``).
+_NUMBER_CHARS = frozenset("0123456789.eE+-InfityNa")
 
 
-def _value_of(text: str, pos: int, key: str) -> int:
-    """Where the value of ``key`` starts in the valid JSON object at ``pos`` (its last
-    occurrence, the one ``json.loads`` keeps)."""
-    dec, found = json.JSONDecoder(), -1
-    pos = _skip_space(text, pos + 1)
-    while text[pos] != "}":
-        name, pos = dec.raw_decode(text, pos)
-        pos = _skip_space(text, _skip_space(text, pos) + 1)  # past ':'
-        if name == key:
-            found = pos
-        _, pos = dec.raw_decode(text, pos)
-        pos = _skip_space(text, pos, ",")
-    return found
+class _JsonReader:
+    """A JSON file read in chunks as its values need them, the text behind each dropped: memory
+    is bounded by the largest row or member (``MAX_ROW_BYTES``), whatever the file's size. As
+    strict as ``json.loads``: a missing comma or bracket (a file cut short), a trailing comma and
+    text after the value are the file's faults, named by their line (were: the rows after the
+    first ``]`` ignored, a file cut short read without a word); a row that gives a field twice
+    is a bad row, as in JSON Lines."""
 
+    def __init__(self, p: Path, gz: bool) -> None:
+        self.p, self.gz = p, gz
+        self.text, self.pos = "", 0
+        self.line, self.counted = 1, 0  # ``line`` is the line of ``text[counted]``; each stretch counted once
+        self.eof, self.want = False, ARRAY_CHUNK
+        self._twice = False  # some object of the row being read gives a key twice
+        self._rows = json.JSONDecoder(object_pairs_hook=self._pairs)
 
-def _array_rows(p: Path, text: str, pos: int, line: int,
-                read: Callable[[int], str] | None = None) -> Iterator[tuple[str, Any]]:
-    """The items of the JSON array opening at ``pos`` of ``text`` (``text`` from line ``line``),
-    each named by the line it starts on. ``read``: more of the file (the array is the whole
-    file: nothing but blank space may follow it), read as the rows need it; without it
-    ``text`` holds the whole array. Strict, as ``json.loads``: a missing comma or ``]``, a
-    trailing comma and text after the array are the file's faults (were: the rows after the first
-    ``]`` ignored, a file cut short read without a word); a row that is not valid JSON stops
-    the read, one that gives a field twice is a bad row, as in JSON Lines."""
-    twice = [False]  # some object of the row gives a key twice
+    def __enter__(self) -> _JsonReader:
+        self._raw = open(self.p, "rb")
+        self._f = text_stream(self._raw, self.gz, errors="strict")
+        return self
 
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+        self._raw.close()
+
+    def _pairs(self, items: list[tuple[str, Any]]) -> dict[str, Any]:
         d = dict(items)
         if len(d) != len(items):
-            twice[0] = True
+            self._twice = True
         return d
 
-    dec, refuse = json.JSONDecoder(object_pairs_hook=pairs), LOG_FIELDS.read_columns()
-    eof, want = read is None, ARRAY_CHUNK
-    counted = 0  # ``line`` is the line of ``text[counted]``; each stretch is counted once
+    def where(self, at: int) -> str:
+        return f"{self.p}:{self.line + self.text.count(chr(10), self.counted, at)}"
 
-    def where(at: int) -> str:
-        return f"{p}:{line + text.count(chr(10), counted, at)}"
+    def fault(self, at: int, why: str) -> RecordError:
+        return RecordError(self.where(at), f"not valid JSON ({why})")
 
-    def more() -> bool:
-        """Drop what is behind ``pos`` and read on (reads grow while one row needs more); False
-        at the end of the file."""
-        nonlocal text, pos, line, eof, want, counted
-        if eof:
+    def more(self, what: str = "a row") -> bool:
+        """Drop what is behind ``pos`` and read on (reads grow while one value needs more);
+        False at the end of the file."""
+        if self.eof:
             return False
-        assert read is not None
-        if len(text) - pos > MAX_ROW_BYTES:
-            raise RecordError(where(pos), f"a row of over {MAX_ROW_BYTES >> 20} MiB, the limit")
-        chunk = read(want)
-        line += text.count("\n", counted, pos)
-        text, pos, counted = text[pos:] + chunk, 0, 0
-        eof, want = not chunk, min(2 * want, MAX_ROW_BYTES)
-        return not eof
+        if len(self.text) - self.pos > MAX_ROW_BYTES:
+            raise RecordError(self.where(self.pos), f"{what} of over {MAX_ROW_BYTES >> 20} MiB, the limit")
+        chunk = self._f.read(self.want)
+        self.line += self.text.count("\n", self.counted, self.pos)
+        self.text, self.pos, self.counted = self.text[self.pos:] + chunk, 0, 0
+        self.eof, self.want = not chunk, min(2 * self.want, MAX_ROW_BYTES)
+        return not self.eof
 
-    def token(expected: str) -> str:
-        """The next character that is not blank space ("" at the end of the file)."""
-        nonlocal pos
+    def token(self, expected: str) -> str:
+        """The next character that is not blank space, ``pos`` at it."""
         while True:
-            pos = _skip_space(text, pos)
-            if pos < len(text):
-                return text[pos]
-            if not more():
-                raise RecordError(where(pos), f"not valid JSON (the file ends where {expected} should "
-                                              "be: cut short?)")
+            self.pos = _skip_space(self.text, self.pos)
+            if self.pos < len(self.text):
+                return self.text[self.pos]
+            if not self.more():
+                raise self.fault(self.pos, f"the file ends where {expected} should be: cut short?")
 
-    pos += 1
-    if token("a row or ']'") == "]":
-        pos += 1
-    else:
+    def value(self, what: str = "a row") -> tuple[Any, int, int]:
+        """The JSON value at ``pos`` (blank space skipped): (value, its start, its end), read
+        on as far as it needs; ``pos`` is left at its start."""
+        self.token(what)
         while True:
-            start, twice[0] = pos, False
-            while True:
-                try:
-                    obj, end = dec.raw_decode(text, pos)
-                    if end < len(text) or eof:  # a number at the end may go on in the next read
-                        break
-                except json.JSONDecodeError as e:
-                    if eof:
-                        why = e.msg.removesuffix(" starting at").removesuffix(" at")  # its line is named
-                        raise RecordError(where(e.pos), f"not valid JSON ({why})") from None
-                except (ValueError, RecursionError) as e:
-                    raise RecordError(where(pos), f"not valid JSON ({json_problem(e)})") from None
-                more()
-                start = pos
-            loc = where(start)
-            if twice[0]:  # the rule of a JSON Lines row (a field it reads given twice is a bad row)
-                try:
-                    obj = parse_json(text[start:end], refuse, dotted=True)
-                except RecordError as e:
-                    obj = _at(e, loc)
-            line += text.count("\n", counted, end)
-            pos, counted, want = end, end, ARRAY_CHUNK  # reads grow only while one row needs more
-            yield loc, obj
-            sep = token("',' or ']'")
+            try:
+                obj, end = self._rows.raw_decode(self.text, self.pos)
+                if self.eof or not (isinstance(obj, (int, float)) and not isinstance(obj, bool)):
+                    return obj, self.pos, end
+                j = end  # a number may go on in the next read: "-2." decodes as -2 (was: then
+                while j < len(self.text) and self.text[j] in _NUMBER_CHARS:  # "." refused)
+                    j += 1
+                if j < len(self.text):
+                    return obj, self.pos, end
+            except json.JSONDecodeError as e:
+                if self.eof:
+                    raise self.fault(e.pos, e.msg.removesuffix(" starting at").removesuffix(" at")) from None
+            except (ValueError, RecursionError) as e:
+                raise self.fault(self.pos, json_problem(e)) from None
+            self.more(what)
+
+    def row(self, what: str = "a row") -> tuple[str, Any]:
+        """The value at ``pos`` as a row named by its line; ``pos`` past it."""
+        self._twice = False
+        obj, start, end = self.value(what)
+        loc = self.where(start)
+        if self._twice:  # the rule of a JSON Lines row (a field it reads given twice is a bad row)
+            try:
+                obj = parse_json(self.text[start:end], LOG_FIELDS.read_columns(), dotted=True)
+            except RecordError as e:
+                obj = _at(e, loc)
+        self.line += self.text.count("\n", self.counted, end)
+        self.pos, self.counted, self.want = end, end, ARRAY_CHUNK  # reads grow only while one value needs more
+        return loc, obj
+
+    def array_rows(self) -> Iterator[tuple[str, Any]]:
+        """The items of the array at ``pos``; ``pos`` past its ``]``."""
+        self.pos += 1
+        if self.token("a row or ']'") == "]":
+            self.pos += 1
+            return
+        while True:
+            yield self.row()
+            sep = self.token("',' or ']'")
             if sep not in ",]":
-                raise RecordError(where(pos), f"not valid JSON (expected ',' or ']' after the row, found {sep!r})")
-            pos += 1
+                raise self.fault(self.pos, f"expected ',' or ']' after the row, found {sep!r}")
+            self.pos += 1
             if sep == "]":
-                break
-            if token("a row") == "]":
-                raise RecordError(where(pos), "not valid JSON (a ',' before ']')")
-    if read is not None:  # the array is the file: nothing may follow it
-        while True:
-            pos = _skip_space(text, pos)
-            if pos < len(text):
-                raise RecordError(where(pos), f"not valid JSON (text after the array's closing ']': "
-                                              f"{text[pos:pos + 20]!r})")
-            if not more():
                 return
+            if self.token("a row") == "]":
+                raise self.fault(self.pos, "a ',' before ']'")
+
+    def _members(self) -> Iterator[tuple[int, str]]:
+        """Walk the object at ``pos``: (ordinal, key) of each member, ``pos`` at its value, which
+        the caller reads; ``pos`` past the closing ``}`` at the end."""
+        self.pos += 1
+        if self.token("a key or '}'") == "}":
+            self.pos += 1
+            return
+        k = 0
+        while True:
+            if self.token("a key") != '"':
+                raise self.fault(self.pos, "expected a key in double quotes")
+            key, _, end = self.value("a key")
+            self.line += self.text.count("\n", self.counted, end)
+            self.pos, self.counted = end, end
+            if self.token("':'") != ":":
+                raise self.fault(self.pos, "expected ':' after the key")
+            self.pos += 1
+            self.token("a value")
+            yield k, key
+            k += 1
+            sep = self.token("',' or '}'")
+            if sep not in ",}":
+                raise self.fault(self.pos, f"expected ',' or '}}' after the value, found {sep!r}")
+            self.pos += 1
+            if sep == "}":
+                return
+            if self.token("a key") == "}":
+                raise self.fault(self.pos, "a ',' before '}'")
+
+    def data_member(self) -> int | None:
+        """Check the whole value at ``pos``; the ordinal of its ``data`` member when it is an
+        object whose last ``data`` (the one ``json.loads`` keeps) is an array, else None."""
+        if self.text[self.pos] != "{":
+            self.row()
+            return None
+        last: int | None = None
+        for k, key in self._members():
+            if key == "data" and self.text[self.pos] == "[":
+                last = k
+                for _ in self.array_rows():
+                    pass
+            else:
+                last = None if key == "data" else last
+                self.row("a member")  # a member other than the rows: within the row limit
+        return last
+
+    def object_rows(self, member: int) -> Iterator[tuple[str, Any]]:
+        """The rows of the object's ``member``-th member, an array."""
+        for k, _ in self._members():
+            if k == member:
+                yield from self.array_rows()
+                return
+            self.row("a member")
+
+    def finish(self, what: str) -> None:
+        """Nothing but blank space may follow the file's value (``what``: its closing)."""
+        while True:
+            self.pos = _skip_space(self.text, self.pos)
+            if self.pos < len(self.text):
+                raise self.fault(self.pos, f"text after {what}: {self.text[self.pos:self.pos + 20]!r}")
+            if not self.more():
+                return
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
 
 
 def _iter_csv(p: Path, gz: bool, delimiter: str = ",") -> Iterator[tuple[str, Any]]:
