@@ -330,6 +330,9 @@ def annotate(
     if s.rejects:
         msg += f"; rejects: {s.rejects}"
     err.print(escape(msg), highlight=False)
+    if s.earlier_rejects:
+        err.print(f"  {escape(s.earlier_rejects)} is an earlier run's rejects file, not this output's (this run "
+                  "stops at a bad row and writes none; it was left as it was)", highlight=False)
     if s.rows_replaced:
         err.print(f"  {s.rows_replaced} row(s) already had rl_* fields: their values were replaced by this "
                   "bundle's predictions", highlight=False)

@@ -89,6 +89,9 @@ class AnnotateSummary:
     rows_without_user_text: int = 0  # rows out with no text where the bundle reads it: predicted as an empty prompt
     # rows out keeping each rl_q*_tokens field this run did not write (an earlier --quantiles run's)
     stale_fields: dict[str, int] = field(default_factory=dict)
+    # fail mode: the default rejects file beside the output, left from an earlier skip run (not
+    # this run's: it writes none, and never deletes one)
+    earlier_rejects: str | None = None
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -219,6 +222,14 @@ class _Run:
         return [a.bucket, a.pred_tokens, a.reserve_tokens, *quant]
 
 
+def earlier_rejects(output: Path, on_error: OnError) -> str | None:
+    """In fail mode, the default rejects file beside ``output`` if one is there: an earlier
+    ``--on-error skip`` run's, which this run's output would otherwise seem to go with (both
+    engines say so; was: left without a word when ``--force`` replaced the output)."""
+    path = default_rejects_path(output)
+    return str(path) if on_error == "fail" and (path.exists() or path.is_symlink()) else None
+
+
 def check_rejects_name(rej_path: Path | None) -> None:
     """The rejects file is JSONL, and its name says so (both engines)."""
     if rej_path is not None and not rej_path.name.lower().endswith(".jsonl"):
@@ -262,7 +273,8 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
     check_paths([src], outputs)
     for option, path in outputs:
         check_new_file(path, force=force, option=option, owner=owner)
-    summary = AnnotateSummary(str(src), str(dst), str(rej_path) if rej_path else None)
+    summary = AnnotateSummary(str(src), str(dst), str(rej_path) if rej_path else None,
+                              earlier_rejects=earlier_rejects(dst, on_error))
     t0 = time.perf_counter()
     with ExitStack() as stack:
         bar = stack.enter_context(_progress(src, fmt, progress))

@@ -69,6 +69,7 @@ from rlpredict.serve.annotate import (
     corrupt_compressed,
     default_rejects_path,
     detect_format,
+    earlier_rejects,
     no_rows,
     none_annotated,
     parquet_out_schema,
@@ -490,7 +491,8 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         raise AnnotateError(f"{rej_path}: --rejects is inside the --output folder; choose another path")
     bundle = bundle_files(model)  # a bad bundle fails before Ray starts
     summary = RaySummary(str(src), str(dst), str(rej_path) if rej_path else None, files=len(files),
-                         skipped_csv=skipped_csv, skipped_other=skipped_other)
+                         skipped_csv=skipped_csv, skipped_other=skipped_other,
+                         earlier_rejects=earlier_rejects(dst, on_error))
     if skipped_other and log:
         log(f"skipped {len(skipped_other)} file(s) in {src}: links to folders, broken links, or named like logs "
             f"but not .jsonl[.gz], .ndjson[.gz], .parquet or .pq ({', '.join(skipped_other[:3])}"

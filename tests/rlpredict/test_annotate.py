@@ -172,6 +172,18 @@ def test_skip_mode_bad_json_and_cli_summary(bundle_fp32, tmp_path):
     res = CliRunner().invoke(app, ["annotate", str(src), "-o", str(tmp_path / "p.jsonl"),
                                    "--model", str(bundle_fp32), "--no-progress"])
     assert res.exit_code == 2 and "line 2" in res.output and not (tmp_path / "p.jsonl").exists()
+    # A fail-mode run over the same output says the rejects beside it are an earlier run's (was:
+    # nothing, so they seemed this output's); it leaves them as they are
+    before = (tmp_path / "o.rejects.jsonl").read_bytes()
+    src.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    res = CliRunner().invoke(app, ["annotate", str(src), "-o", str(dst), "--model", str(bundle_fp32),
+                                   "--no-progress", "--force"])
+    assert res.exit_code == 0, res.output
+    assert "o.rejects.jsonl is an earlier run's rejects file, not this output's" in " ".join(res.output.split())
+    assert (tmp_path / "o.rejects.jsonl").read_bytes() == before
+    res = CliRunner().invoke(app, ["annotate", str(src), "-o", str(tmp_path / "q.jsonl"), "--model",
+                                   str(bundle_fp32), "--json"])
+    assert json.loads(res.stdout)["earlier_rejects"] is None
 
 
 def test_interrupt_mid_way_leaves_no_partial_output(bundle_fp32, tmp_path, monkeypatch):
