@@ -18,6 +18,7 @@ error; in CSV an empty cell is a missing value. Parquet needs pyarrow (imported 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -334,6 +335,8 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
     batch: list[tuple[str, dict, Request, str | None, str]] = []
     held = 0  # characters of row text in the batch
     for lineno, data in lines:
+        if lineno == 1 and data.startswith(codecs.BOM_UTF8):
+            out.write("\ufeff")  # the file's, kept as every other byte is (was: dropped)
         try:
             line = decode_line(data, lineno)
         except RecordError as e:
@@ -450,6 +453,8 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
         slots = [out_header.index(c) for c in run.columns]
         replaces = any(c in header for c in run.columns)
         writer = _CsvWriter(out)
+        if _starts_with_bom(src):
+            out.write("\ufeff")  # the file's (a spreadsheet's UTF-8 mark), kept (was: dropped)
         writer.writerow(out_header)
         batch: list[tuple[list[str], Request, str | None]] = []
         held = 0  # characters of row text in the batch
@@ -475,6 +480,11 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
         if replaces:
             run.summary.rows_replaced = run.summary.rows_out
         tally_stale(run.stale, dict.fromkeys(run.stale_in(header), run.summary.rows_out))
+
+
+def _starts_with_bom(src: Path) -> bool:
+    with open(src, "rb") as raw, (gzip.GzipFile(fileobj=raw) if detect_format(src)[1] else nullcontext(raw)) as f:
+        return f.read(3) == codecs.BOM_UTF8
 
 
 def _named(records: Iterator[Any], src: Path) -> Iterator[Any]:

@@ -326,3 +326,27 @@ def test_rejected_rows_are_tallied_by_kind_not_by_value(predictor, tmp_path: Pat
     write(src, [{"messages": [{"role": i, "content": "hi"}]} for i in range(200)] + [{"prompt": "fine"}])
     s = annotate_file(predictor, src, tmp_path / "o.jsonl", on_error="skip")
     assert s.rows_rejected == 200 and s.reasons == {"messages: a message has an unknown role": 200}
+
+
+@pytest.mark.parametrize("name", ["t.jsonl", "t.jsonl.gz", "t.csv", "t.csv.gz"])
+def test_a_byte_order_mark_is_kept(predictor, tmp_path, name):
+    """A UTF-8 byte-order mark at the start of the input starts the output too (was: dropped,
+    the one byte of a JSONL row annotate did not keep; a spreadsheet reads a CSV without it as
+    another encoding)."""
+    text = '{"prompt": "héllo"}\n{"prompt": "b"}\n' if ".jsonl" in name else "prompt\nhéllo\nb\n"
+    data = b"\xef\xbb\xbf" + text.encode()
+    src, dst = tmp_path / name, tmp_path / name.replace("t.", "o.")
+    src.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    s = annotate_file(predictor, src, dst)
+    assert (s.rows_in, s.rows_out) == (2, 2)
+    out = dst.read_bytes()
+    out = gzip.decompress(out) if name.endswith(".gz") else out
+    assert out.startswith(b"\xef\xbb\xbf") and out.count(b"\xef\xbb\xbf") == 1
+    lines = out.decode("utf-8-sig").splitlines()
+    rows = [json.loads(x) for x in lines] if ".jsonl" in name else list(csv.DictReader(lines))
+    assert [r["prompt"] for r in rows] == ["héllo", "b"]
+    plain = tmp_path / name.replace("t.", "p.")
+    plain.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    annotate_file(predictor, plain, tmp_path / name.replace("t.", "q."))
+    got = (tmp_path / name.replace("t.", "q.")).read_bytes()
+    assert b"\xef\xbb\xbf" not in (gzip.decompress(got) if name.endswith(".gz") else got)
