@@ -133,6 +133,8 @@ def test_a_json_array_is_read_row_by_row_and_strictly(tmp_path, monkeypatch, chu
         with pytest.raises(RecordError, match=why):
             list(records.iter_rows(tmp_path / "two.json"))
     assert list(records.iter_rows(_write(tmp_path / "e.json", " [ ] "))) == []
+    with pytest.raises(RecordError, match="not valid JSON"):  # JSON's blank space, not Python's
+        list(records.iter_rows(_write(tmp_path / "ff.json", '\x0c[{"prompt": "a"}]')))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 20])
