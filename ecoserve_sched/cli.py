@@ -28,7 +28,7 @@ from rlpredict.cli_boundary import (
     thread_count,
 )
 from rlpredict.json_file import dumps
-from rlpredict.records import is_plain_number
+from rlpredict.records import is_plain_number, no_generator_note
 
 from .compare import Server, table_cell
 from .cost_model import DEFAULT_PROFILE
@@ -574,8 +574,7 @@ def demo(
         err.print(f"    {res.annotate['rows_replaced']} row(s) of the trace already had rl_* fields: their values "
                   "were replaced by this bundle's predictions", markup=False)
     if n := res.annotate.get("rows_without_generator"):  # was: in results.json only
-        err.print(f"    {n} row(s) have no generator: this bundle takes one, and predicted them as 'model: unknown'",
-                  markup=False)
+        err.print("    " + no_generator_note(f"{n} row(s)"), markup=False)
     if n := res.annotate.get("rows_without_user_text"):
         err.print(f"    {n} row(s) have no text where this bundle reads it: predicted as an empty prompt, which "
                   "training never saw", markup=False)

@@ -20,6 +20,7 @@ import numpy as np
 
 from rlpredict.buckets import DEFAULT_EDGES
 from rlpredict.json_file import read_json
+from rlpredict.records import no_generator_note
 
 from .request import Request
 from .trace import Trace
@@ -199,7 +200,6 @@ def apply_predictions(requests: list[Request], trace: Trace, source: str, *, see
         if getattr(spec, "include_generator", False):  # said, as `rlpredict annotate` says it (was: silent)
             lacking = len(requests) if trace.generators is None else sum(g is None for g in trace.generators)
             if lacking:
-                return (f"bundle ({bundle}; {lacking} of {len(requests)} rows have no generator: this bundle "
-                        "takes one, and predicted them as 'model: unknown')")
+                return f"bundle ({bundle}; {no_generator_note(f'{lacking} of {len(requests)} rows')})"
         return f"bundle ({bundle})"
     raise ValueError(f"unknown prediction source {source!r}; choose from {', '.join(SOURCES)}")

@@ -179,6 +179,7 @@ def predict(
     json_out: JsonOpt = False,
 ) -> None:
     """Predict the response-length bucket, point estimate and reservation of prompts."""
+    from rlpredict.records import no_generator_note
     from rlpredict.serve.runtime import Predictor, lacks_user_text
     from rlpredict.untrusted_text import is_valid_unicode
 
@@ -216,9 +217,8 @@ def predict(
     preds = p.predict(requests, gens)
     unknown = sum(not g for g in gens) if isinstance(gens, list) else 0 if gens else len(requests)
     if p.input_spec.include_generator and unknown:  # said, as annotate says it
-        typer.echo(f"note: {unknown} prompt(s) without a generator: this bundle takes the served model's "
-                   "name (--generator, or 'generator' or 'model' in --jsonl lines) and predicted them as 'model: unknown'",
-                   err=True)
+        typer.echo("note: " + no_generator_note(f"{unknown} prompt(s)", "--generator, or 'generator' or 'model' in "
+                                                "--jsonl lines"), err=True)
     if no_user := sum(lacks_user_text(r, p.input_spec) for r in requests):  # said, as annotate says it
         typer.echo(f"note: {no_user} request(s) with no text where this bundle reads it ({_reads(p.input_spec)}): "
                    "predicted as an empty prompt, which training never saw", err=True)
@@ -273,7 +273,7 @@ def annotate(
     quantiles: Annotated[str | None, typer.Option("--quantiles", help="Also add the bundle's calibrated quantiles (`rlpredict calibrate`), e.g. 0.5,0.9 -> rl_q50_tokens, rl_q90_tokens (local engine).")] = None,
 ) -> None:
     """Add rl_bucket, rl_pred_tokens and rl_reserve_tokens to every row of a request trace."""
-    from rlpredict.records import GENERATOR_FIELDS, Fields
+    from rlpredict.records import GENERATOR_FIELDS, Fields, no_generator_note
     from rlpredict.serve.annotate import ANNOTATE_TOOL, COLUMNS, annotate_file, column_name
     from rlpredict.serve.runtime import Predictor
 
@@ -344,7 +344,7 @@ def annotate(
                   f"({_reads(spec)}): predicted as an empty prompt, which training never saw", highlight=False)
     if s.rows_without_generator:
         named = " or ".join(repr(f) for f in fields.generator)
-        err.print(f"  {s.rows_without_generator} row(s) have no generator (field {escape(named)}): "
-                  "this bundle takes one, and predicted them as 'model: unknown'", highlight=False)
+        err.print("  " + escape(no_generator_note(f"{s.rows_without_generator} row(s)", f"field {named}")),
+                  highlight=False)
     for reason, n in list(s.reasons.items())[:5]:
         err.print(f"  {n} x {escape(reason)}", highlight=False)

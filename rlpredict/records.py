@@ -47,6 +47,14 @@ COUNT_FIELDS = ("rl_tokens", "output_tokens", "completion_tokens", "response_tok
                 "usage.completion_tokens", "usage.output_tokens")
 GROUP_FIELDS = ("conversation_id", "prompt_id")
 GENERATOR_FIELDS = ("generator", "model")
+
+
+def no_generator_note(rows: str, field: str = "") -> str:
+    """Every tool's words for requests without a generator predicted by a bundle that takes one
+    (``rows``: "3 row(s)"; ``field``: where it was looked for, in brackets)."""
+    return (f"{rows} have no generator{f' ({field})' if field else ''}: this bundle takes the served "
+            "model's name, and predicted them as 'model: unknown'")
+
 #: The largest token count any reader accepts (logs, traces): beyond 2^53 a float, and so a
 #: JSON number in most writers, no longer holds every integer.
 MAX_TOKEN_COUNT = 2**53

@@ -397,7 +397,7 @@ def test_bundle_source_passes_the_generator_column(tmp_path, monkeypatch):
     # its predictions (was: predicted as "model: unknown" without a word)
     Stub.input_spec = SimpleNamespace(include_generator=True)
     desc = preds.apply_predictions(t.requests(SLO()), t, "bundle", bundle="b")
-    assert desc == "bundle (b; 1 of 2 rows have no generator: this bundle takes one, and predicted them as 'model: unknown')"
+    assert desc == "bundle (b; 1 of 2 rows have no generator: this bundle takes the served model's name, and predicted them as 'model: unknown')"
 
 
 def test_unix_timestamps_are_read_from_the_first_arrival(tmp_path):

@@ -301,6 +301,6 @@ def test_predict_cli_says_when_a_generator_bundle_gets_none(monkeypatch):
     runner = CliRunner()
     res = runner.invoke(app, ["predict", "--json", "Write a haiku about the sea"])
     assert res.exit_code == 0, res.output
-    assert "1 prompt(s) without a generator" in res.stderr and "without a generator" not in res.stdout
+    assert "1 prompt(s) have no generator" in res.stderr and "no generator" not in res.stdout
     res = runner.invoke(app, ["predict", "--json", "--generator", "llama-3-8b", "Write a haiku"])
-    assert res.exit_code == 0 and "without a generator" not in res.output
+    assert res.exit_code == 0 and "no generator" not in res.output
