@@ -409,7 +409,7 @@ class RLPrediction:
     bucket: int
     pred_tokens: int
     reserve_tokens: int
-    source: str  # "extra_args" | "predictor" | "default"
+    source: str  # "extra_args" | "predictor" | "default" | "max_tokens" (at most one token)
     predicted: int = 0  # with ECOSERVE_SCALE_PREDICTIONS: pred_tokens before the scale
 
 
@@ -629,6 +629,7 @@ class EcoServeMixin:
             "hints_invalid": 0,  # requests with a hint of the wrong type or out of range: not used
             "hints_bucket_only": 0,  # requests whose hints hold rl_bucket alone: the predictor's used
             "default_reservations": 0,  # requests that got ECOSERVE_DEFAULT_RESERVE
+            "known_lengths": 0,  # requests of at most one token (pooling ones too): not predicted
             "parks": 0,  # running requests preempted for a new one that can meet its TTFT (parking)
             "amortized": 0,  # steps given the whole budget as an amortized chunk
             "decodes_first": 0,  # paced steps whose running decodes were put before a prefill ahead of them
@@ -804,6 +805,9 @@ class EcoServeMixin:
         """Trusted, valid client hints; else the predictor on the prompt; else the default.
         Never raises: every failure ends in the default reservation and a counter."""
         cfg = self.eco_cfg
+        if request.max_tokens <= 1:  # a pooling request (vLLM sets 1) or a one-token generation:
+            self.eco_counters["known_lengths"] += 1  # the length is known (was: predicted on the
+            return RLPrediction(-1, 1, 1, "max_tokens")  # engine thread, then cut to 1)
         p = None
         try:
             p = self._from_hints(request)

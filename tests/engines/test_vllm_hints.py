@@ -79,9 +79,10 @@ def garbage_requests() -> tuple[list[Request], int, int]:
              {"rl_bucket": -1, "rl_reserve_tokens": 10_000_000}, {"other_plugin": "x"}, None]
     reqs = []
     for i, extra in enumerate(extras):
-        reqs.append(_req_with(f"g{i}", 8 + i % 40, 1 + i % 12, 0.001 * i, extra))
+        # at least 2 tokens: a one-token request is not predicted (its length is known)
+        reqs.append(_req_with(f"g{i}", 8 + i % 40, 2 + i % 12, 0.001 * i, extra))
         if i % 4 == 0:
-            reqs.append(_req_with(f"v{i}", 8 + i % 30, 1 + i % 9, 0.001 * i, valid[(i // 4) % len(valid)]))
+            reqs.append(_req_with(f"v{i}", 8 + i % 30, 2 + i % 9, 0.001 * i, valid[(i // 4) % len(valid)]))
     n_valid = sum(1 for r in reqs if r.request_id[0] == "v" and r.sampling_params.extra_args
                   and any(k in r.sampling_params.extra_args for k in vs.EXTRA_KEYS))
     return reqs, n_invalid, n_valid
@@ -193,6 +194,25 @@ class _Failing:
             raise RuntimeError("ONNX Runtime fell over")
         bad = [float("nan"), "many", -7][(self.calls - 2) % 3]
         return [SimpleNamespace(bucket=1, pred_tokens=bad, reserve_tokens=bad)]
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_a_known_length_is_not_predicted(cls: type) -> None:
+    """A pooling request (vLLM sets max_tokens 1) or a one-token generation is reserved one
+    token without the predictor (was: a prediction on the engine thread, then cut to 1)."""
+    from vllm.pooling_params import PoolingParams
+
+    s = make(cls)
+    s.predictor = _Failing()
+    s.tokenizer = SimpleNamespace(decode=lambda ids, **_: "text")
+    s.add_request(Request(request_id="emb", prompt_token_ids=[1] * 40, sampling_params=None,
+                          pooling_params=PoolingParams(task="embed"), arrival_time=0))
+    s.add_request(req("one", 40, 1))
+    assert s.predictor.calls == 0 and s.eco_counters["known_lengths"] == 2
+    assert {k: (p.pred_tokens, p.reserve_tokens, p.source) for k, p in s.rl.items()} == \
+        {"emb": (1, 1, "max_tokens"), "one": (1, 1, "max_tokens")}
+    s.add_request(req("two", 40, 2))
+    assert s.predictor.calls == 1
 
 
 @pytest.mark.parametrize("cls", ECO_CLASSES)
