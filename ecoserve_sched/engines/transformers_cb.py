@@ -461,6 +461,8 @@ class GenRequest:
         a = self.arrival_s
         if not (is_real(a) and a >= 0):
             raise ValueError(f"GenRequest: arrival_s must be a finite number >= 0, got {a!r}")
+        if not isinstance(self.slo, SLO):  # was: accepted, then the run stopped when it arrived
+            raise TypeError(f"GenRequest: slo must be an SLO(ttft_s, tbt_s), got {type(self.slo).__name__}")
 
 
 @dataclass(slots=True)
@@ -518,8 +520,9 @@ class EngineRun:
 
 
 #: ``ContinuousBatchingConfig`` fields the engine sets from its own arguments.
-_CB_SET_HERE = frozenset(("page_size", "num_blocks", "max_batch_tokens", "max_requests_per_batch",
-                          "allow_block_sharing", "use_async_batching", "scheduler_type"))
+_CB_SET_HERE = frozenset(("page_size", "block_size", "num_blocks", "max_batch_tokens", "max_requests_per_batch",
+                          "allow_block_sharing", "use_async_batching", "scheduler_type"))  # block_size:
+# transformers' older name of page_size, which it still takes (was: let through, then a page-size error)
 
 
 class TransformersEngine:
@@ -539,6 +542,10 @@ class TransformersEngine:
                  **policy_kw: Any) -> None:
         if clock not in ("wall", "step"):
             raise ValueError(f"clock must be 'wall' or 'step', got {clock!r}")
+        if not (is_whole(block_size) and block_size >= 4):  # transformers' least page size (was: its
+            raise ValueError(f"block_size must be a whole number >= 4, got {block_size!r}")  # page_size error)
+        if slo is not None and not isinstance(slo, SLO):
+            raise TypeError(f"slo must be an SLO(ttft_s, tbt_s), got {type(slo).__name__}")
         self.model = model
         self.policy_name = policy
         self.cost = cost
@@ -613,21 +620,23 @@ class TransformersEngine:
         cap = self.kv_blocks * self.block_size
         most = self.token_budget if policy.chunked_prefill else max(
             self.token_budget, min(cap, max(len(g.prompt_ids) + g.max_new_tokens for g in reqs)) + self.max_running)
-        cb = ContinuousBatchingConfig(
-            page_size=self.block_size, num_blocks=self.kv_blocks, max_batch_tokens=most,
-            max_requests_per_batch=self.max_running, allow_block_sharing=False,
-            use_async_batching=False, scheduler_type=name, **self.cb_overrides)
-        gen = GenerationConfig(do_sample=False, max_new_tokens=max(g.max_new_tokens for g in reqs),
-                               eos_token_id=-1 if self.eos_token_id is None else self.eos_token_id)
-        manager = self.model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
-        try:
+        manager = None
+        try:  # from the registration on (was: a config or manager that failed left it registered,
+            cb = ContinuousBatchingConfig(  # holding the policy and every request of the run)
+                page_size=self.block_size, num_blocks=self.kv_blocks, max_batch_tokens=most,
+                max_requests_per_batch=self.max_running, allow_block_sharing=False,
+                use_async_batching=False, scheduler_type=name, **self.cb_overrides)
+            gen = GenerationConfig(do_sample=False, max_new_tokens=max(g.max_new_tokens for g in reqs),
+                                   eos_token_id=-1 if self.eos_token_id is None else self.eos_token_id)
+            manager = self.model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
             manager.warmup()
             return self._loop(manager, reqs, preqs, on_iteration)
         finally:
             SCHEDULER_MAPPING.pop(name, None)
-            if manager._original_attn_impl is not None:  # undo the switch to a paged attention
-                self.model.set_attn_implementation(manager._original_attn_impl)
-            manager.destroy()
+            if manager is not None:
+                if manager._original_attn_impl is not None:  # undo the switch to a paged attention
+                    self.model.set_attn_implementation(manager._original_attn_impl)
+                manager.destroy()
 
     def _loop(self, manager: Any, reqs: Sequence[GenRequest], preqs: list[Request],
               on_iteration: Callable[[IterationRecord], None] | None) -> EngineRun:

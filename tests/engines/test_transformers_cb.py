@@ -277,6 +277,23 @@ def test_requests_the_engine_cannot_serve_are_refused(tiny_llama):
 
     with pytest.raises(ValueError, match="cb_overrides: use_async_batching is set by the engine"):
         TransformersEngine(tiny_llama, "ecoserve", cb_overrides={"use_async_batching": True})
+    with pytest.raises(ValueError, match="cb_overrides: block_size is set by the engine"):  # page_size's
+        TransformersEngine(tiny_llama, "ecoserve", cb_overrides={"block_size": 32})  # old name (was: let through)
+    with pytest.raises(ValueError, match="block_size must be a whole number >= 4, got 2"):  # transformers' least
+        TransformersEngine(tiny_llama, "ecoserve", block_size=2)
+    with pytest.raises(TypeError, match="slo must be an SLO"):
+        TransformersEngine(tiny_llama, "ecoserve", slo=(1.0, 0.1))
+    with pytest.raises(TypeError, match=r"GenRequest: slo must be an SLO\(ttft_s, tbt_s\), got NoneType"):
+        GenRequest([1, 2], 3, slo=None)  # was: accepted, then the whole run stopped when it arrived
+    # a config transformers refuses leaves nothing registered (was: the scheduler, holding the
+    # policy and every request of the run)
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    before = set(SCHEDULER_MAPPING)
+    with pytest.raises(TypeError, match="bogus_field"):
+        TransformersEngine(tiny_llama, "ecoserve", clock="step", kv_blocks=8,
+                           cb_overrides={"bogus_field": 1}).generate([GenRequest([1, 2, 3], 2)])
+    assert set(SCHEDULER_MAPPING) == before
     # a persistent manager of the model's own would have been used, and destroyed
     tiny_llama._cached_continuous_batching_manager = object()
     try:
