@@ -837,14 +837,21 @@ class _JsonReader:
             return
         while True:
             yield self.row()
-            sep = self.token("',' or ']'")
-            if sep not in ",]":
-                raise self.fault(self.pos, f"expected ',' or ']' after the row, found {sep!r}")
-            self.pos += 1
-            if sep == "]":
+            if not self._another("]", "the row", "a row"):
                 return
-            if self.token("a row") == "]":
-                raise self.fault(self.pos, "a ',' before ']'")
+
+    def _another(self, close: str, after: str, what: str) -> bool:
+        """After an item of an array or object: past its ``,`` (True: ``what`` follows) or the
+        closing ``close`` (False)."""
+        sep = self.token(f"',' or '{close}'")
+        if sep != "," and sep != close:
+            raise self.fault(self.pos, f"expected ',' or '{close}' after {after}, found {sep!r}")
+        self.pos += 1
+        if sep == close:
+            return False
+        if self.token(what) == close:
+            raise self.fault(self.pos, f"a ',' before '{close}'")
+        return True
 
     def _members(self) -> Iterator[tuple[int, str]]:
         """Walk the object at ``pos``: (ordinal, key) of each member, ``pos`` at its value, which
@@ -866,14 +873,8 @@ class _JsonReader:
             self.token("a value")
             yield k, key
             k += 1
-            sep = self.token("',' or '}'")
-            if sep not in ",}":
-                raise self.fault(self.pos, f"expected ',' or '}}' after the value, found {sep!r}")
-            self.pos += 1
-            if sep == "}":
+            if not self._another("}", "the value", "a key"):
                 return
-            if self.token("a key") == "}":
-                raise self.fault(self.pos, "a ',' before '}'")
 
     def data_member(self) -> int | None:
         """Check the whole value at ``pos``; the ordinal of its ``data`` member when it is an
