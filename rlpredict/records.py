@@ -876,6 +876,26 @@ class _JsonReader:
             if not self._another("}", "the value", "a key"):
                 return
 
+    def skip(self, depth: int = 2) -> None:
+        """Read past the value at ``pos`` in bounded memory: an array's items and an object's
+        members one at a time, to ``depth`` levels (a list of ids beside the rows is not one
+        value held whole); deeper values whole, each within the row limit."""
+        c = self.token("a value")
+        if depth and c == "[":
+            self.pos += 1
+            if self.token("a value or ']'") == "]":
+                self.pos += 1
+                return
+            while True:
+                self.skip(depth - 1)
+                if not self._another("]", "the value", "a value"):
+                    return
+        elif depth and c == "{":
+            for _ in self._members():
+                self.skip(depth - 1)
+        else:
+            self.row("a value")
+
     def data_member(self) -> int | None:
         """Check the whole value at ``pos``; the ordinal of its ``data`` member when it is an
         object whose last ``data`` (the one ``json.loads`` keeps) is an array, else None."""
@@ -890,7 +910,7 @@ class _JsonReader:
                     pass
             else:
                 last = None if key == "data" else last
-                self.row("a member")  # a member other than the rows: within the row limit
+                self.skip()
         return last
 
     def object_rows(self, member: int) -> Iterator[tuple[str, Any]]:
@@ -899,7 +919,7 @@ class _JsonReader:
             if k == member:
                 yield from self.array_rows()
                 return
-            self.row("a member")
+            self.skip()
 
     def finish(self, what: str) -> None:
         """Nothing but blank space may follow the file's value (``what``: its closing)."""
