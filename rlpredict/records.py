@@ -47,14 +47,6 @@ COUNT_FIELDS = ("rl_tokens", "output_tokens", "completion_tokens", "response_tok
                 "usage.completion_tokens", "usage.output_tokens")
 GROUP_FIELDS = ("conversation_id", "prompt_id")
 GENERATOR_FIELDS = ("generator", "model")
-
-
-def no_generator_note(rows: str, field: str = "") -> str:
-    """Every tool's words for requests without a generator predicted by a bundle that takes one
-    (``rows``: "3 row(s)"; ``field``: where it was looked for, in brackets)."""
-    return (f"{rows} have no generator{f' ({field})' if field else ''}: this bundle takes the served "
-            "model's name, and predicted them as 'model: unknown'")
-
 #: The largest token count any reader accepts (logs, traces): beyond 2^53 a float, and so a
 #: JSON number in most writers, no longer holds every integer.
 MAX_TOKEN_COUNT = 2**53
@@ -85,6 +77,13 @@ OnError = Literal["fail", "skip"]
 OTHER_COMPRESSIONS = frozenset({".bz2", ".xz", ".lzma", ".zst", ".zstd", ".lz4", ".br", ".zip", ".7z", ".z"})
 #: What reading a truncated or corrupt ``.gz`` raises.
 COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def no_generator_note(rows: str, field: str = "") -> str:
+    """Every tool's words for requests without a generator predicted by a bundle that takes one
+    (``rows``: "3 row(s)"; ``field``: where it was looked for, in brackets)."""
+    return (f"{rows} have no generator{f' ({field})' if field else ''}: this bundle takes the served "
+            "model's name, and predicted them as 'model: unknown'")
 
 
 def is_plain_number(v: object) -> bool:
@@ -752,8 +751,12 @@ class _JsonReader:
         self._rows = json.JSONDecoder(object_pairs_hook=self._pairs)
 
     def __enter__(self) -> _JsonReader:
-        self._raw = open(self.p, "rb")
-        self._f = text_stream(self._raw, self.gz, errors="strict")
+        self._raw = open(self.p, "rb")  # closed by __exit__
+        try:
+            self._f = text_stream(self._raw, self.gz, errors="strict")
+        except BaseException:
+            self._raw.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
