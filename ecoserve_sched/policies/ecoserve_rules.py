@@ -71,8 +71,8 @@ prefill_floor(cost, budget))(budget - decodes, decodes, their computed tokens pl
 first partial prefill's num_computed_tokens)``, or, while prompts wait beyond it,
 ``amortized_chunk(iteration_time, budget - decodes, that budget, its time, ...)`` and then no
 prompt tokens for ``repay_steps(the step's time, that budget's time, the decodes' time)``
-steps; before each step, with a free sequence slot, if
-the waiting head satisfies ``park_for`` and does not fit while ``OfferedLoad.load(now) <
+steps; before each step, with a free sequence slot and prompt budget left after the running
+requests' tokens, if the waiting head satisfies ``park_for`` and does not fit while ``OfferedLoad.load(now) <
 PARK_MAX_LOAD``, the running request with the largest ``tbt_slack_s`` (above
 ``PARK_MIN_SLACK_TTFTS x slo_ttft``) is preempted and held until ``park_due_s``; finished
 requests count ``topups``.
