@@ -154,9 +154,13 @@ def drift_alarms(probs: np.ndarray, rl: np.ndarray, src: np.ndarray, groups: np.
             cal = QuantileCalibration.fit(scheme, probs[fit], rl[fit], qs, clusters=groups[fit])
             tokens = cal.tokens(scheme, probs[chk], qs)
             y = np.ceil(rl[chk] * scale)
-            for k, (cl, n_cal) in enumerate(((None, 0), (groups[chk], cal.n))):
+            index, counts = cal.offset_groups()
+            offset_of = index[probs[chk].argmax(axis=1)]  # each row's offset group, as drift_report forms it
+            for k, (cl, n_cal) in enumerate(((None, 0), (groups[chk], (offset_of, counts)))):
                 said[k] += any(group_report(name, probs[chk][m], y[m], tokens[m], qs, None, scheme, bounds,
-                                            None if cl is None else cl[m], n_cal)["problems"]
+                                            None if cl is None else cl[m],
+                                            n_cal if k == 0 else (n_cal[0][m], n_cal[1]),
+                                            coverage_decides=k == 0 or name == "all")["problems"]
                                for name, m in [("all", np.ones(len(y), bool)), *((x, src[chk] == x) for x in np.unique(src))]
                                if m.sum() >= bounds.min_rows)
         print(f"| {label} | {n_split} | {said[0]} | {said[1]} |")

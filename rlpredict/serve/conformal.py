@@ -175,6 +175,17 @@ class QuantileCalibration:
                              f"{MAX_LOG_OFFSET:g}): not a calibration; check the token-count field of the logs")
         return cls(qs, offsets, global_off, tuple(int(v) for v in group_n), int(min_group), source, confidence)
 
+    def offset_groups(self) -> tuple[np.ndarray, np.ndarray]:
+        """The offset each predicted bucket takes, as an index (a bucket's own, the rest group's,
+        or the one over every prompt), and each offset's calibration prompts: the count its
+        quantile's own scatter goes with (``drift``). Read from ``group_n`` as ``fit`` forms the
+        groups (a bucket with ``min_group`` prompts has its own offset)."""
+        n = np.asarray(self.group_n, dtype=np.int64)
+        own = n >= self.min_group
+        rest = int(n[~own].sum())
+        last = rest if own.any() and rest else int(n.sum())  # the rest group's, else the global one
+        return np.where(own, np.cumsum(own) - 1, int(own.sum())), np.append(n[own], last)
+
     def tokens(self, scheme: BucketScheme, probs: np.ndarray, quantiles: Sequence[float]) -> np.ndarray:
         """Calibrated quantiles (tokens, ints), shape (n, len(quantiles))."""
         probs = np.asarray(probs, dtype=float)

@@ -492,3 +492,45 @@ def test_a_calibration_the_loader_would_refuse_is_not_written() -> None:
     scheme, probs, rl = _synthetic(400, 0)
     with pytest.raises(ValueError, match=r"x the model's quantiles .*check the token-count field"):
         QuantileCalibration.fit(scheme, probs, np.full(len(rl), 2**52), [0.5, 0.9])
+
+
+def test_drift_judges_coverage_by_the_offset_each_row_took() -> None:
+    """The calibration's own scatter counts the prompts of the offset each row's quantile took,
+    times the logs' design effect (an audit: a log predicted into one bucket with an offset of
+    its own from ~130 prompts was judged as if by all 4,100, drift on 13% of undrifted
+    5,000-row logs); a source's or a generator's coverage is a note (calibration holds q over
+    its whole mix), and a drift every row shares no longer hides in the TV's design effect."""
+    from rlpredict.buckets import BucketScheme
+    from rlpredict.serve.conformal import QuantileCalibration
+    from rlpredict.serve.drift import DriftBounds, coverage_se, effective_rows, group_report
+
+    cal = QuantileCalibration((0.5,), np.zeros((1, 10)), np.zeros(1), (254, 46, 699, 245, 93, 2110, 158, 494, 0, 1), 100)
+    index, counts = cal.offset_groups()
+    assert index.tolist() == [0, 6, 1, 2, 6, 3, 4, 5, 6, 6] and counts.tolist() == [254, 699, 245, 2110, 158, 494, 140]
+    small = QuantileCalibration((0.5,), np.zeros((1, 3)), np.zeros(1), (50, 40, 0), 100)
+    assert small.offset_groups()[1].tolist() == [90]  # no bucket of its own: the global offset
+    covered = (np.arange(5000) % 2).astype(float)
+    alone = coverage_se(covered, None, 0.5, (np.zeros(5000, dtype=int), counts[[0]]))
+    assert alone == pytest.approx(math.sqrt(0.25 / 5000 + 0.25 / 254))  # that offset's 254, not 4,100
+    half = coverage_se(covered, None, 0.5, (np.repeat([0, 3], 2500), counts))
+    assert half == pytest.approx(math.sqrt(0.25 / 5000 + 0.25 * (0.25 / 254 + 0.25 / 2110)))
+    pairs = np.repeat(np.arange(2500), 2)  # each conversation's two turns alike: design effect 2
+    assert coverage_se(covered[pairs], pairs, 0.5, 4100) == pytest.approx(math.sqrt(2 * (0.25 / 5000 + 0.25 / 4100)),
+                                                                         rel=0.01)
+
+    scheme = BucketScheme.from_edges([100, 200, float("inf")])
+    rng = np.random.default_rng(3)
+    b = rng.choice(3, 400, p=[0.4, 0.4, 0.2])
+    rl, probs = np.array([50.0, 150.0, 250.0])[b], np.array([[0.4, 0.4, 0.2]] * 400)
+    pred_q = np.full((400, 1), 10)  # covers nothing
+    row = group_report("generator=g", probs, rl, pred_q, [0.5], None, scheme, DriftBounds(), coverage_decides=False)
+    assert not row["problems"] and row["shortfalls"] == [row["notes"][-1]] and "whole mix" in row["notes"][-1]
+    assert group_report("all", probs, rl, pred_q, [0.5], None, scheme, DriftBounds())["problems"]
+    # a drift every row shares: 60 conversations of 16 turns, each turn drawn alone (no
+    # correlation but the drift's), are about as many draws as rows (were: a fifth of them)
+    conv = np.repeat(np.arange(60), 16)
+    drawn = rng.choice(3, 960, p=[0.7, 0.2, 0.1])
+    flat = np.array([[0.4, 0.4, 0.2]] * 960)
+    assert effective_rows(drawn, flat, conv) > 600
+    assert group_report("all", flat, np.array([50.0, 150.0, 250.0])[drawn], None, [], None, scheme, DriftBounds(),
+                        conv)["problems"]
