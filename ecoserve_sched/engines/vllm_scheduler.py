@@ -1012,11 +1012,10 @@ class EcoServeMixin:
         # waits for the in-flight ones: was, the pause ended with it half done)
         if self.eco_cfg.park and self.running and self.waiting and not self._by_priority \
                 and not self._takes_a_kv_holder() \
-                and getattr(self, "_pause_state", PauseState.UNPAUSED) == PauseState.UNPAUSED \
-                and self._left_for_waiting(budget) > 0:
+                and getattr(self, "_pause_state", PauseState.UNPAUSED) == PauseState.UNPAUSED:
             # with this step's prompt budget (as the simulator: the budget before parking; a
             # parked request's decode token is not in the step any more)
-            budget -= self._park()
+            budget -= self._park(budget)
         direct = self.fast_steps and not getattr(self, "kv_holding_waiting", None)
         self.kv_cache_manager.allocate_slots = self._allocate if direct else self._allocate_slots
         if self._prefill_budget is None:
@@ -1063,7 +1062,7 @@ class EcoServeMixin:
                 return 0
         return budget
 
-    def _park(self) -> int:
+    def _park(self, budget: int) -> int:
         """The simulator's parking: while the waiting head is a new request that can still meet
         its TTFT, would not after ``rules.PARK_WITHIN_TTFTS`` more (``rules.park_for``), and does
         not fit (its whole prompt's blocks, and the projected peak), and the offered load is below
@@ -1074,8 +1073,9 @@ class EcoServeMixin:
         Preempted as ``reset_prefix_cache`` does between steps (in-flight output dropped, its
         tokens sent again if it resumes). The head is tested as vLLM will test it: with its
         prefix-cache hit, and only if vLLM will not skip it (``_vllm_takes``) and did not skip it
-        in the step before; a slot is one of vLLM's admission limit (``_active_limit``). The
-        number of requests parked."""
+        in the step before, and vLLM's step reaches it: the running requests leave some of the
+        step's ``budget`` (``_left_for_waiting``); a slot is one of vLLM's admission limit
+        (``_active_limit``). The number of requests parked."""
         # (was: len(running) against max_num_seqs: under --max-num-active-seqs, or with streaming
         # sessions between chunks holding slots, it parked with no slot for the head)
         if len(self.running) + getattr(self, "num_waiting_for_streaming_input", 0) >= self._active_limit:
@@ -1093,7 +1093,8 @@ class EcoServeMixin:
             return 0
         now, cfg = self.clock(), self.eco_cfg
         if self.load.load(now) >= rules.PARK_MAX_LOAD or \
-                not rules.park_for(now, head.arrival_time, cfg.slo_ttft, self._prefill_est_s(head)):
+                not rules.park_for(now, head.arrival_time, cfg.slo_ttft, self._prefill_est_s(head)) \
+                or self._left_for_waiting(budget) <= 0:  # (its pass over the running requests last)
             return 0
         bs, pool = self._bs, self.kv_cache_manager.block_pool
         # its hit blocks that requests hold take no free block (those in the free pool do:
