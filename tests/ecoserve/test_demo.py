@@ -118,7 +118,7 @@ def test_demo_says_it_replaced_a_traces_predictions(tmp_path) -> None:
                                  "--rate-scales", "0.5", "--no-headroom"])
     assert r.exit_code == 0, r.output
     assert "60 row(s) of the trace already had rl_* fields" in " ".join(r.output.split())
-    assert "7 row(s) have no generator: this bundle takes one" in " ".join(r.output.split())  # was: not said
+    assert "7 row(s) have no generator: this bundle takes the served model's name" in " ".join(r.output.split())  # was: not said
     assert "60 already had `rl_*` fields" in (out / "report.md").read_text()
 
 
