@@ -85,7 +85,7 @@ def effective_rows(buckets: np.ndarray, probs: np.ndarray, clusters: np.ndarray 
     on their mean: a drift is a bias every row shares, which summed over a conversation's turns
     counted as their correlation, so a real drift cut the draws to 0.14-0.36 of the rows and hid
     itself (a TV of 0.23 over 100 conversations found 5 times in 300, an audit's simulation;
-    centred, 278). Below it they are not (under no drift their mean is 0): centred, two
+    centred, 181 in 200). Below it they are not (under no drift their mean is 0): centred, two
     conversations that happened to share a bucket were many draws (119 of 300 turns, a
     reviewer's example, and 38% false alarms). All rows where they are independent (None); one
     draw for one cluster."""
@@ -129,8 +129,8 @@ def coverage_se(covered: np.ndarray, clusters: np.ndarray | None, q: float,
     square of its share of the rows (a log predicted into one bucket with an offset of its own
     from 130 prompts was judged as if by all 4,100: drift on 13% of undrifted 5,000-row logs, an
     audit's simulation), times the logs' design effect (under no drift the calibration's
-    conversations are like the logs': counted in rows, its scatter sat low, and 20/80 splits of
-    the held-out conversations said drift 9 times in 200, against 2 counted so)."""
+    conversations are like the logs': counted in rows, its scatter sat low, and calibrations on
+    20% of the held-out conversations said drift on the rest 9 times in 200; 0 in 100 now)."""
     n = len(covered)
     binomial = q * (1 - q) / max(n, 1)
     v = binomial
