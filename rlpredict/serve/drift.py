@@ -20,9 +20,12 @@ their conversations and prompts, as the coverage's error counts them).
   The standard error counts the logs' conversations and prompts, not their rows (``coverage_se``:
   turns of one conversation, or one prompt's answers by many generators, are not independent),
   and adds the calibration set's own scatter: on exchangeable halves of the shipped bundle's
-  held-out rows a row-counted error said ``drift`` in 42% of 200 halvings.
+  held-out rows a row-counted error said ``drift`` in 42% of 200 halvings. Only the group of
+  all rows decides on coverage (calibration holds q over its whole mix); a source's or a
+  generator's shortfall is a note.
 
-Verdict ``drift`` if any group with at least ``min_rows`` rows breaks a calibration or coverage bound; exit code 3 then
+Verdict ``drift`` if any group with at least ``min_rows`` rows breaks a calibration bound, or
+the group of all rows a coverage bound; exit code 3 then
 (0: no drift; 2: bad input), so that cron or CI can act on it. Verdict ``too few rows``, exit
 code 4, when all the logs together hold fewer than ``min_rows`` rows: no group decides, and
 "ok" would say that logs nothing judged were fine (the bounds the small groups broke are listed).
