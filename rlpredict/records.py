@@ -714,13 +714,20 @@ def _iter_json_array(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
     each row named by its line."""
     try:
         with _JsonReader(p, gz) as reader:
-            if reader.token("a JSON value") == "[":  # was: read whole (631 MiB for a 316 MB file)
+            first = reader.token("a JSON value")
+            if first == "[":  # was: read whole (631 MiB for a 316 MB file)
                 yield from reader.array_rows()
                 reader.finish("the array's closing ']'")
                 return
-            # An object or a single value: one walk checks the whole file and finds the member
-            # json.loads keeps (the last named "data"), then a second read yields its rows (was:
-            # the file read whole and decoded, then walked: memory several times its size)
+            if first != "{":  # a single value other than an object: the one row, read once
+                row = reader.row()
+                reader.finish("the value")
+                yield row
+                return
+            # An object: one walk checks the whole file and finds the member json.loads keeps
+            # (the last named "data"), then a second read yields its rows, or the object as the
+            # one row (was: the file read whole and decoded, then walked: memory several times
+            # its size)
             data = reader.data_member()
             reader.finish("the value")
         with _JsonReader(p, gz) as reader:
@@ -900,11 +907,8 @@ class _JsonReader:
             self.row("a value")
 
     def data_member(self) -> int | None:
-        """Check the whole value at ``pos``; the ordinal of its ``data`` member when it is an
-        object whose last ``data`` (the one ``json.loads`` keeps) is an array, else None."""
-        if self.text[self.pos] != "{":
-            self.row()
-            return None
+        """Check the whole object at ``pos``; the ordinal of its last ``data`` member (the one
+        ``json.loads`` keeps) when that is an array, else None."""
         last: int | None = None
         for k, key in self._members():
             if key == "data" and self.text[self.pos] == "[":
