@@ -14,8 +14,8 @@ December 2026) were taken out once no policy took them (docs/scheduler.md).
 
 **Lazy on-demand growth** (``grow``): a decoding request that takes one block each time its
 context crosses a block boundary need not be handed each block. While it *grows*, it owns
-``blocks_for(x + s + 1)`` blocks once the steps up to ``s`` are applied (``x + s``: its context
-after step ``s``), and ``advance(t)`` applies the growth of every grower through step ``t`` in
+``blocks_for(x + s + 1)`` blocks once the steps up to ``s`` are applied (``x + s``: the tokens
+whose KV it holds after step ``s``, its context less the token sampled last), and ``advance(t)`` applies the growth of every grower through step ``t`` in
 one subtraction from the free pool: growers are grouped by ``x mod block_size`` (a group crosses
 a boundary every ``block_size`` steps), so the blocks they take in any run of steps, and a step
 by which the free pool may not cover them (``growth_limit``), cost O(``block_size``).
@@ -51,7 +51,7 @@ class KVCacheManager:
         self.free_blocks = num_blocks
         self.allocs: dict[int, Alloc] = {}
         self.grown_step = 0  # growers' growth is applied through this step (module docstring)
-        self.growers: dict[int, int] = {}  # rid -> x (its context after step s is x + s); read-only
+        self.growers: dict[int, int] = {}  # rid -> x (its KV after step s is x + s tokens); read-only
         self._groups: list[dict[int, int]] = [{} for _ in range(block_size)]  # growers by x % block_size
 
     # ---- queries ------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ class KVCacheManager:
         return True
 
     def grow(self, rid: int, x: int) -> bool:
-        """Let ``rid``, whose context after step ``s`` is ``x + s``, grow lazily from now on
+        """Let ``rid``, whose KV after step ``s`` holds ``x + s`` tokens, grow lazily from now on
         (module docstring), if it owns exactly the blocks that implies at ``grown_step``; else
         False."""
         a = self.allocs.get(rid)

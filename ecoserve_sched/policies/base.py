@@ -8,7 +8,8 @@ covers ``max_running`` decodes), so a decoding request's length is a function of
 (``Request.context_at``) and costs nothing per iteration. The one exception is a batch with
 ``stall_decodes`` (vllm-v0's prefill-only iterations): no one decodes and the step stays.
 A policy looks at a decoding request only at its *alarm*: the step at which it would run out of
-its KV blocks (minus a lead). All block changes go through ``KVCacheManager``.
+its KV blocks (minus a lead). Blocks are counted as vLLM counts them: a decode holds the KV of
+its context less the token sampled last, whose KV the next step computes (``set_alarm``). All block changes go through ``KVCacheManager``.
 
 Alarms are a heap of ``(step, rid, request)``, handled in that order; one that needs no decision
 (``easy_alarm``; by default on-demand growth: take one free block) is handled without
@@ -399,7 +400,9 @@ class Scheduler(SchedulerInterface):
         """Schedule the next step at which ``r`` needs attention (see module docstring), or let
         it grow lazily; ``replace``: this alarm takes the place of ``r``'s due one, the heap's
         first entry."""
-        x = r.prompt_tokens + r.generated - r.dec_step0  # context after step s is x + s
+        # KV after step s: x + s tokens. The newest token's KV is computed in the next step, so
+        # a decode needs one slot less than its context, as vLLM counts (num_computed_tokens).
+        x = r.prompt_tokens + r.generated - r.dec_step0 - 1
         a = self.kv.allocs.get(r.rid)
         if a is None:
             step = -self.alarm_lead_tokens - x
@@ -460,7 +463,8 @@ class Scheduler(SchedulerInterface):
     def used_blocks_after(self, batch: Batch | None = None) -> dict[int, int]:
         """KV blocks each running request occupies once ``batch`` (default: decodes only) has
         run (for ``kv.check``)."""
-        used = {rid: self.kv.blocks_for(r.context_at(self.step + 1)) for rid, r in self.decoding.items()}
+        # a decode's KV holds its context less the token sampled last (see ``set_alarm``)
+        used = {rid: self.kv.blocks_for(r.context_at(self.step + 1) - 1) for rid, r in self.decoding.items()}
         chunks = {r.rid: c for r, c, _ in batch.prefill} if batch else {}
         for rid, r in self.prefilling.items():
             used[rid] = self.kv.blocks_for(r.prefilled + chunks.get(rid, 0))

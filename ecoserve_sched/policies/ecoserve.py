@@ -538,8 +538,11 @@ class EcoServeScheduler(Scheduler):
         return r, q, need
 
     def admit(self, budget: int, batch: Batch, now: float) -> None:
+        """Admit in order; park decodes only for the iteration's first head (nothing admitted
+        yet), as the vLLM plug-in parks only for its step's first waiting request."""
+        full = budget
         budget = self._admit(budget, batch, now)
-        while self.cfg.park and budget > 0 and self._park(now):
+        while self.cfg.park and budget == full and budget > 0 and self._park(now):
             budget = self._admit(budget, batch, now)
 
     def _admit(self, budget: int, batch: Batch, now: float) -> int:

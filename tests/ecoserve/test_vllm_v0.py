@@ -66,8 +66,8 @@ def test_watermark_admits_only_prompts_that_leave_one_percent_free():
     for prompt, admitted in ((753, False), (752, True)):  # 189 blocks would leave 1, 188 leave 2
         sched = v0(200)
         assert sched.watermark_blocks == 2
-        sched.add(make_req(0, 0.0, 39, 50), 0.0)
-        run_iter(sched, 0.0)  # 10 blocks taken: 190 free
+        sched.add(make_req(0, 0.0, 40, 50), 0.0)
+        run_iter(sched, 0.0)  # 10 blocks taken: 190 free; its first decode computes a 41st token
         y = make_req(1, 0.0, prompt, 5)
         sched.add(y, 0.0)
         batch = sched.schedule(0.01)
