@@ -402,6 +402,31 @@ def test_no_parking_when_the_offered_load_is_high(monkeypatch):
     assert sched.counters["parks"] == 0 and reqs[1].first_token_s - reqs[1].arrival_s > 1.0
 
 
+def test_parking_only_for_the_iterations_first_head():
+    """A decodes alone; C (small) and B (100 + 100 tokens, blocked until A ends) have waited
+    0.8 s of their 1 s TTFT, C first in the order. The iteration admits C and stops at B without
+    parking for it (the vLLM plug-in parks only for its step's first waiting request); the next
+    iteration, with nothing admitted before B, parks A for B."""
+    sched = get_policy("ecoserve", FlatCost(blocks=80, iter_s=0.01), block_size=4, max_running=8, token_budget=512)
+    a = make_req(0, 0.0, 8, 250, slo=SLO(1.0, 0.2))
+    sched.add(a, 0.0)
+    t = 0.0
+    for _ in range(30):
+        batch = sched.schedule(t)
+        t = round(t + 0.01, 6)
+        sched.complete(batch, t)
+    b, c = make_req(1, t - 0.8, 100, 100, slo=SLO(1.0, 0.2)), make_req(2, t - 0.8, 4, 4, slo=SLO(1.0, 0.2))
+    sched.add(b, t)
+    sched.add(c, t)
+    batch = sched.schedule(t)
+    assert [r for r, _, _ in batch.prefill] == [c] and sched.counters["parks"] == 0
+    assert a.state == State.DECODE and b.state == State.WAITING
+    sched.complete(batch, round(t + 0.01, 6))
+    batch = sched.schedule(round(t + 0.01, 6))
+    assert [r for r, _, _ in batch.prefill] == [b] and sched.counters["parks"] == 1
+    assert a.state != State.DECODE and a.preemptions == 1
+
+
 def test_projected_peak_admits_alongside_where_the_sum_of_reservations_waits():
     reqs = _long_and_short()
     sched, _ = sim("ecoserve", reqs, blocks=12)
