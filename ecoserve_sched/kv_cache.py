@@ -15,10 +15,11 @@ December 2026) were taken out once no policy took them (docs/scheduler.md).
 **Lazy on-demand growth** (``grow``): a decoding request that takes one block each time its
 context crosses a block boundary need not be handed each block. While it *grows*, it owns
 ``blocks_for(x + s + 1)`` blocks once the steps up to ``s`` are applied (``x + s``: the tokens
-whose KV it holds after step ``s``, its context less the token sampled last), and ``advance(t)`` applies the growth of every grower through step ``t`` in
-one subtraction from the free pool: growers are grouped by ``x mod block_size`` (a group crosses
-a boundary every ``block_size`` steps), so the blocks they take in any run of steps, and a step
-by which the free pool may not cover them (``growth_limit``), cost O(``block_size``).
+whose KV it holds after step ``s``, its context less the token sampled last), and
+``advance(t)`` applies the growth of every grower through step ``t`` in one subtraction from the
+free pool: growers are grouped by ``x mod block_size`` (a group crosses a boundary every
+``block_size`` steps), so the blocks they take in any run of steps, and a step by which the free
+pool may not cover them (``growth_limit``), cost O(``block_size``).
 ``free_blocks`` is exact through ``grown_step``; a grower's ``Alloc.own`` is brought up to date
 when read (``owned``, ``check``) or when it stops growing (``stop_growing``,
 ``release``, ``take_due``: the group crossing at a step where the pool runs dry leaves, to take

@@ -9,7 +9,8 @@ covers ``max_running`` decodes), so a decoding request's length is a function of
 ``stall_decodes`` (vllm-v0's prefill-only iterations): no one decodes and the step stays.
 A policy looks at a decoding request only at its *alarm*: the step at which it would run out of
 its KV blocks (minus a lead). Blocks are counted as vLLM counts them: a decode holds the KV of
-its context less the token sampled last, whose KV the next step computes (``set_alarm``). All block changes go through ``KVCacheManager``.
+its context less the token sampled last, whose KV the next step computes (``set_alarm``). All
+block changes go through ``KVCacheManager``.
 
 Alarms are a heap of ``(step, rid, request)``, handled in that order; one that needs no decision
 (``easy_alarm``; by default on-demand growth: take one free block) is handled without
