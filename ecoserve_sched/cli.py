@@ -64,10 +64,13 @@ def _choice(what: str, *allowed: str) -> Callable[[str | None], str | None]:
 
 
 def _names(text: str, option: str) -> list[str]:
-    """A comma-separated list of names: at least one, none twice."""
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    if not names:
+    """A comma-separated list of names: at least one, none empty or twice (as the benchmarks'
+    ``arg_list``; was: an empty one dropped unsaid, where --rate-scales refused it)."""
+    names = [p.strip() for p in text.split(",")]
+    if not any(names):
         raise typer.BadParameter("give at least one name", param_hint=f"'{option}'")
+    if not all(names):
+        raise typer.BadParameter(f"an empty name in {text!r}", param_hint=f"'{option}'")
     _no_repeats(names, option)
     return names
 
@@ -226,13 +229,12 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     check_trace_file(trace)  # before an existing --out is named
     if check_outputs is not None:  # the options and inputs first, then the output, then the read
         check_outputs()
-    tr = read_trace(trace, max_tokens=max_tokens, keep_prompts=predictions == "bundle", fmt=fmt)
+    # --max-requests: only the earliest in memory, whatever the file's size (was: every row held)
+    tr = read_trace(trace, max_tokens=max_tokens, keep_prompts=predictions == "bundle", fmt=fmt,
+                    keep=max_requests)
     if confusion is not None and predictions is None and tr.has_rl:
         raise typer.BadParameter(f"is not used: {trace} has rl_* fields, so predictions default to "
                                  "annotated; pass --predictions confusion to use it", param_hint="'--confusion'")
-    rows = len(tr)
-    if max_requests is not None:
-        tr = tr.head(max_requests)
     drawn = ""
     if arrivals != "trace":
         assert rate is not None
@@ -241,8 +243,8 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
         drawn = (f"; arrival times drawn ({arrivals}, {rate:g} requests/s, seed {seed}; the file's own, if "
                  "any, not read: requests in the file's order)")
     # what runs: a millisecond column read as seconds shows here
-    read = describe(tr) + (f"; the first {len(tr)} of {rows} requests used (--max-requests)"
-                           if len(tr) < rows else "") + drawn
+    read = describe(tr) + (f"; the first {len(tr)} of {len(tr) + tr.unused_rows} requests used (--max-requests)"
+                           if tr.unused_rows else "") + drawn
     typer.echo(f"read {read}", err=True)
     capped = int((tr.output_tokens > tr.max_tokens).sum())
     if capped:  # the request's own limit ends its response: said, not done silently
@@ -483,7 +485,7 @@ def capacity(
 @app.command()
 def calibrate(
     model: Annotated[str, typer.Option("--model", help="config.json, a directory holding one, or a preset (tiny-llama, small-llama); weights are random")],
-    out: Annotated[Path, typer.Option("--out", help="profile JSON to write (load it with --profile)")],
+    out: Annotated[str, typer.Option("--out", help="profile JSON to write (load it with --profile)")],
     force: ForceOpt = False,
     engine: Annotated[str, typer.Option("--engine", callback=_choice("engine", "transformers"), help="engine to measure (transformers)")] = "transformers",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
@@ -501,7 +503,7 @@ def calibrate(
     from . import calibrate as cal_mod
 
     check_paths(cal_mod.model_inputs(model), [("--out", out)])
-    check_new_file(out, force=force, option="--out")
+    check_new_file(out, force=force, option="--out")  # the text as typed: a trailing '/' is refused
     cal = cal_mod.calibrate(model, device, grid, name=name, dtype=dtype, token_budget=token_budget,
                             repeats=repeats, threads=threads)
     cal_mod.save(cal, out)

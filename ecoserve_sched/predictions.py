@@ -176,12 +176,16 @@ def apply_predictions(requests: list[Request], trace: Trace, source: str, *, see
         u = rng.random(len(requests))
         # the row's inverse CDF at u (``searchsorted(cdf[b], u, side="right")``: the entries <= u);
         # a bucket never seen in evaluation keeps its true bucket
-        pred = np.where(rows[true_b] > 0, (cdf[true_b] <= u[:, None]).sum(axis=1), true_b)
+        seen = rows[true_b] > 0
+        pred = np.where(seen, (cdf[true_b] <= u[:, None]).sum(axis=1), true_b)
         pred = np.minimum(pred, len(c.edges) - 1)
         for r, b, p, q in zip(requests, pred.tolist(), c.point_tokens[pred].tolist(), c.reserve_tokens[pred].tolist(),
                               strict=True):
             r.pred_bucket, r.pred_tokens, r.reserve_tokens = b, p, q
-        return f"confusion ({c.path}, seed {seed}, accuracy {c.accuracy:.3f}; {c.source})"
+        unseen = len(requests) - int(seen.sum())  # said (was: silent, under the matrix's accuracy)
+        note = (f"; {unseen:,} of {len(requests):,} requests are in buckets the matrix has no row for "
+                "and kept their true bucket") if unseen else ""
+        return f"confusion ({c.path}, seed {seed}, accuracy {c.accuracy:.3f}; {c.source}{note})"
     if source == "bundle":
         from .predictor import load_predictor
 

@@ -9,6 +9,7 @@ Columns: ``arrival_time_s``, ``input_tokens``, ``output_tokens`` (required); ``m
 from __future__ import annotations
 
 import gzip
+import heapq
 import io
 import math
 import numbers
@@ -112,6 +113,7 @@ class Trace:
     arrival_offset_s: float = 0.0  # subtracted from the file's arrival times (``read_trace``)
     skipped_rows: int = 0  # bad rows skipped (``TraceFormat.skip_bad_rows``)
     first_skipped: str = ""  # ``file:line: why`` of the first of them
+    unused_rows: int = 0  # good rows left out after the earliest ones (``read_trace``'s ``keep``, ``head``)
     # every row's (prompt or None, ``file:line: why``) in arrival order, where some row has no
     # usable prompt: ``head`` keeps the problem only if a row it keeps has it
     prompt_rows: list[tuple[Any, str]] | None = field(default=None, repr=False)
@@ -191,7 +193,8 @@ class Trace:
             problem = next((why for prompt, why in rows if prompt is None), "")
             prompts = None if problem else [prompt for prompt, _ in rows]
             rows = rows if problem else None
-        return replace(self, arrival_s=self.arrival_s[:n], input_tokens=self.input_tokens[:n],
+        return replace(self, unused_rows=self.unused_rows + max(len(self) - n, 0),
+                       arrival_s=self.arrival_s[:n], input_tokens=self.input_tokens[:n],
                        output_tokens=self.output_tokens[:n], max_tokens=self.max_tokens[:n],
                        rl=None if self.rl is None else self.rl[:n],
                        prompts=None if prompts is None else prompts[:n],
@@ -465,25 +468,32 @@ def check_trace_file(path: str | Path) -> Path:
 
 
 def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_prompts: bool = True,
-               fmt: TraceFormat | None = None) -> Trace:
+               fmt: TraceFormat | None = None, keep: int | None = None) -> Trace:
     """Read and validate a trace; raises TraceError naming the file and line of a bad row
     (``fmt.skip_bad_rows``: skips it, counted in the trace's ``skipped_rows``).
 
     ``max_tokens`` applies to rows without a ``max_tokens`` field (never below their true length).
     ``keep_prompts=False`` keeps no prompt or generator (the trace's ``prompts`` is None): what a
     replay needs when no predictor reads them, in memory of the lengths alone. ``fmt`` says how
-    the file spells the fields (default: as above, times in seconds).
+    the file spells the fields (default: as above, times in seconds). ``keep`` keeps only that
+    many requests, the earliest (``Trace.head``'s, with drawn times the file's first), in memory
+    of those alone whatever the file's size (every row is still checked; ``unused_rows`` counts
+    the good ones left out).
     """
     if not (is_whole(max_tokens) and max_tokens >= 1):
         raise ValueError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")  # was: -5 accepted
+    if keep is not None and not (is_whole(keep) and keep >= 1):
+        raise ValueError(f"keep must be a whole number >= 1, got {keep!r}")
     fmt = fmt or TraceFormat()
     p = check_trace_file(path)
     arr, inp, out, mx, rl, prompts, gens, whys = [], [], [], [], [], [], [], []
     lines: list[int] = []  # each kept row's line, for an error between rows
     has_rl: bool | None = None  # the first good row's: every row must agree
     first_line = 0
-    prompt_problem = ""
     skipped, first_skipped = 0, ""
+    # ``keep``: the earliest rows so far, by (arrival, row), as a heap whose top is the latest
+    earliest: list[tuple[float, int, tuple]] = []
+    good = 0
     for line_no, row, problem in _rows(p, fmt):
         where = f"{p}:{line_no}"
         try:
@@ -504,21 +514,25 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
         if has_rl is None:
             has_rl, first_line = row_rl, line_no
         a, i, o, m, row_rl_values = values
-        arr.append(0.0 if a is None else a)  # drawn times: the file's order
-        lines.append(line_no)
-        inp.append(i)
-        out.append(o)
-        mx.append(m)
-        if row_rl_values is not None:
-            rl.append(row_rl_values)
-        if not keep_prompts:
-            continue
-        prompt, g, why = _prompt_input(row)
-        prompts.append(prompt)
-        gens.append(g)
-        whys.append(f"{where}: {why}" if prompt is None else "")
-        if prompt is None and not prompt_problem:
-            prompt_problem = whys[-1]
+        a = 0.0 if a is None else a  # drawn times: the file's order
+        good += 1
+        if keep is not None and len(earliest) == keep and (-a, -good) < earliest[0][:2]:
+            continue  # later than every request kept: not parsed further
+        prompt = g = None
+        why = ""
+        if keep_prompts:
+            prompt, g, why = _prompt_input(row)
+            why = f"{where}: {why}" if prompt is None else ""
+        kept = (a, line_no, i, o, m, row_rl_values, prompt, g, why)
+        if keep is None:
+            _append_row(kept, arr, lines, inp, out, mx, rl, prompts, gens, whys, keep_prompts)
+        elif len(earliest) < keep:
+            heapq.heappush(earliest, (-a, -good, kept))
+        else:
+            heapq.heapreplace(earliest, (-a, -good, kept))
+    for *_, kept in sorted(earliest, reverse=True):  # by arrival, then row
+        _append_row(kept, arr, lines, inp, out, mx, rl, prompts, gens, whys, keep_prompts)
+    prompt_problem = next((why for why in whys if why), "")
     if not arr:
         raise TraceError(f"{p}: trace has no rows" + (f" left: all {skipped} were bad (first: {first_skipped})"
                                                       if skipped else ""))
@@ -547,7 +561,25 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
         prompt_rows=[(prompts[i], whys[i]) for i in order] if keep_prompts and prompt_problem else None,
         skipped_rows=skipped,
         first_skipped=first_skipped,
+        unused_rows=good - len(arr),
     )
+
+
+def _append_row(row: tuple, arr: list, lines: list, inp: list, out: list, mx: list, rl: list,
+                prompts: list, gens: list, whys: list, keep_prompts: bool) -> None:
+    """``read_trace``: one kept row into its columns."""
+    a, line_no, i, o, m, row_rl_values, prompt, g, why = row
+    arr.append(a)
+    lines.append(line_no)
+    inp.append(i)
+    out.append(o)
+    mx.append(m)
+    if row_rl_values is not None:
+        rl.append(row_rl_values)
+    if keep_prompts:
+        prompts.append(prompt)
+        gens.append(g)
+        whys.append(why)
 
 
 def _lengths(row: dict, where: str, max_tokens: int, fmt: TraceFormat

@@ -179,7 +179,7 @@ def predict(
     json_out: JsonOpt = False,
 ) -> None:
     """Predict the response-length bucket, point estimate and reservation of prompts."""
-    from rlpredict.records import no_generator_note
+    from rlpredict.records import names_nothing, no_generator_note
     from rlpredict.serve.runtime import Predictor, lacks_user_text
     from rlpredict.untrusted_text import is_valid_unicode
 
@@ -196,6 +196,8 @@ def predict(
             _fail(f"prompt argument {i}: empty (or only blank space)")
     if generator is not None and not is_valid_unicode(generator):
         raise typer.BadParameter("not valid UTF-8", param_hint="'--generator'")
+    if names_nothing(generator):  # "" or blank space: as a blank field, no model named (and said below;
+        generator = None  # was: "   " taken as a model's name, without a word)
     if not texts and (sys.stdin is None or sys.stdin.isatty()):  # None: started with stdin closed
         _fail("give TEXT arguments or pipe prompts on stdin")
     if threads is None and texts and len(texts) <= FEW_PROMPTS:
@@ -232,6 +234,7 @@ def predict(
         print(dumps({"model": str(p.bundle.path), "predictions": rows}, ensure_ascii=False, indent=2))
         return
     from rich.table import Table
+    from rich.text import Text
 
     reserve = ("the predicted bucket's reservation" if p.reserve_quantile is None
                else f"the distribution's {p.reserve_quantile:g} quantile")
@@ -245,7 +248,8 @@ def predict(
     for n, r, x in zip(numbers, requests, preds, strict=True):
         shown = r if isinstance(r, str) else (r[-1].get("content") or "") if r else ""
         table.add_row(str(n), str(x.bucket), range_label(edges, x.bucket), str(x.pred_tokens),
-                      str(x.reserve_tokens), f"{x.confidence:.2f}", escape(_clip(shown.replace("\n", " "), 48)))
+                      str(x.reserve_tokens), f"{x.confidence:.2f}",
+                      Text(_clip(shown.replace("\n", " "), 48)))  # as typed (escape() kept "a\\[b" as "a[b")
     Console().print(table)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from rlpredict.records import (
     RecordError,
     iter_rows,
     json_kind,
+    names_nothing,
     parse_messages,
     part_texts,
     source_name,
@@ -80,6 +81,12 @@ class LoadReport:
     unanswered_turns: int = 0
     """Assistant turns of ShareGPT conversations that answer no user message (a conversation
     cut into chunks): not samples, counted here."""
+    disagreeing: Counter = field(default_factory=Counter)
+    """``"read over other"`` -> rows where two fields that hold the same thing (a response's
+    text, or its token count) both hold a value and disagree: the first listed is read (was:
+    without a word, whatever the other said)."""
+    first_disagreeing: dict[str, str] = field(default_factory=dict)
+    """``disagreeing``'s key -> where it first happened (``file:line``)."""
     shared_sources: dict[str, list[str]] = field(default_factory=dict)
     """Source names that several files share (sources are named by file name: ``a/logs.jsonl``
     and ``b/logs.jsonl`` are one source, ``logs``, for the per-source cap and tables)."""
@@ -96,6 +103,10 @@ class LoadReport:
             s += f"; skipped {self.n_skipped} rows: " + ", ".join(
                 f"{n} x {r}" + (f" (first: {self.first[r]})" if r in self.first else "")
                 for r, n in self.skipped.most_common())
+        for pair, n in self.disagreeing.most_common():
+            read, other = pair.split(" over ")
+            s += (f"; {n} row{'s hold' if n != 1 else ' holds'} both {read!r} and {other!r}, which disagree: {read!r} was read "
+                  f"(first: {self.first_disagreeing[pair]})")
         for src, files in self.shared_sources.items():  # was: merged without a word
             s += f"; {len(files)} files are one source, {src!r} (sources are named by file name): {', '.join(files)}"
         return s
@@ -139,6 +150,32 @@ def _first(row: Mapping, names: Iterable[str]) -> tuple[str | None, Any]:
         if v is not None and v != "":
             return n, v
     return None, None
+
+
+def _disagreeing(row: Mapping, names: Sequence[str], used: str, same: Callable[[Any], bool]) -> str | None:
+    """The first of ``names`` after ``used`` (the one read) that holds a value for which ``same``
+    is False, or None."""
+    for n in names[names.index(used) + 1:]:
+        v = _get(row, n)
+        if v is not None and v != "" and not same(v):
+            return n
+    return None
+
+
+def _note_disagreeing(report: LoadReport | None, loc: str, row: Mapping, names: Sequence[str],
+                      used: str, same: Callable[[Any], bool]) -> None:
+    if report is not None and len(names) > 1 and (other := _disagreeing(row, names, used, same)):
+        pair = f"{used} over {other}"
+        report.disagreeing[pair] += 1
+        report.first_disagreeing.setdefault(pair, loc)
+
+
+def _text_or_none(v: Any) -> str | None:
+    """``_text``'s reading of ``v``, or None where it would refuse it."""
+    try:
+        return _text(v, "", "")
+    except DataError:
+        return None
 
 
 def _text(v: Any, loc: str, name: str) -> str:
@@ -185,7 +222,8 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
     raw_id = row.get(fields.id)
     rid = (_key(raw_id, loc, fields.id) if raw_id is not None and raw_id != ""  # an id of 0 is an id
            else hashlib.sha1(loc.encode()).hexdigest()[:12])
-    gen_name, generator = _first(row, fields.generator)
+    gen_name, generator = next(((n, v) for n in fields.generator if not names_nothing(v := _get(row, n))),
+                               (None, None))  # ``records.generator_of``'s rule
     if generator is not None and not isinstance(generator, str):
         raise DataError(loc, f"expected a string, got {SHORT.repr(generator)}", gen_name, kind="expected a string")
     if generator is not None and not is_valid_unicode(generator):  # as ``records.generator_of``
@@ -196,12 +234,15 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
         _key(group, loc, group_name or "")  # a string or an integer
     count_name, count = _first(row, fields.count)
     rl = _count(count, loc, count_name) if count_name else None
+    if count_name is not None:
+        _note_disagreeing(report, loc, row, fields.count, count_name, lambda v: whole_count(v) == rl)
     resp_name, response = _first(row, fields.response)
     # "" is an empty response (RL 0), as an empty final assistant message is, when no field or
     # message holds text; an empty CSV cell is a missing value (``records``). Was: "" refused.
     empty = resp_name is None and any(_get(row, n) == "" for n in fields.response)
     if resp_name is not None:
         response = _text(response, loc, resp_name)
+        _note_disagreeing(report, loc, row, fields.response, resp_name, lambda v: _text_or_none(v) == response)
 
     msg_name, msgs = _first(row, fields.messages)
     if msg_name is not None:

@@ -17,6 +17,7 @@ Pure standard library: both packages import it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -78,6 +79,27 @@ def raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+#: Errors of a full disk or quota: the output's, whatever file the library names (shutil's copy
+#: names its source: a reviewer's full disk was blamed on the shipped bundle it copied from).
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Name ``path`` in an ``OSError`` raised inside that names no file (a write's: a full disk
+    said "[Errno 28] No space left on device" alone) or that is a full disk's, unless an inner
+    ``naming`` (the output written) already named one: writes to ``path`` go inside."""
+    try:
+        yield
+    except OSError as e:
+        if getattr(e, "names_output", False) or not e.strerror or \
+                (e.filename is not None and e.errno not in _DISK_FULL):
+            raise
+        err = OSError(e.errno, e.strerror, str(path))
+        err.names_output = True  # type: ignore[attr-defined]
+        raise err from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is renamed to ``path``, else removed
@@ -90,15 +112,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.close(fd)
         tmp_path = Path(tmp)
         try:
-            tmp_path.chmod(0o666 & ~_UMASK)
-            yield tmp_path
-            raise_if_interrupted()
-            os.replace(tmp_path, target)
-        except OSError as e:
-            tmp_path.unlink(missing_ok=True)
-            if e.filename is None and e.strerror:  # a full disk: name the output (was: "[Errno 28] ...")
-                raise OSError(e.errno, e.strerror, str(target)) from None
-            raise
+            with naming(target):
+                tmp_path.chmod(0o666 & ~_UMASK)
+                yield tmp_path
+                raise_if_interrupted()
+                os.replace(tmp_path, target)
         except BaseException:
             tmp_path.unlink(missing_ok=True)
             raise
@@ -190,12 +208,16 @@ def check_parent(path: str | Path, option: str) -> None:
 
 
 def check_new_file(path: str | Path, *, force: bool, option: str, owner: str | None = None) -> None:
-    """Refuse a file output that exists (unless ``force``), that is a folder, that a tool of
-    ours other than ``owner`` (the tool this file is written for, if any) listed in its folder's
-    record, or whose folder cannot be written (``check_parent``)."""
+    """Refuse a file output that exists (unless ``force``), that is a folder (or, given as the
+    option's text, ends in a path separator), that a tool of ours other than ``owner`` (the
+    tool this file is written for, if any) listed in its folder's record, or whose folder
+    cannot be written (``check_parent``)."""
     p = Path(path)
     if p.is_dir():
         raise OutputError(f"{p}: {option} is a folder; give a file name")
+    if isinstance(path, str) and path.endswith(("/", os.sep)):  # a folder to be (was: written as a
+        # file of that name: ``Path`` drops the slash, so give the option's text as typed)
+        raise OutputError(f"{path}: {option} ends in '/', a folder; give a file name")
     tool, owned = _record(p.parent)
     if p.name == OWNER_FILE or (p.name in owned and (owner is None or tool != owner)):  # was: taken with
         # --force, then lost to that tool's rerun
@@ -325,12 +347,13 @@ def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out
         except OSError as e:
             raise OutputError(f"{out}: cannot create {option} there ({e.strerror})") from None
         try:
-            yield tmp
-            plain_modes(tmp)
-            files = sorted(e.name for e in tmp.iterdir())
-            write_text_atomic(tmp / OWNER_FILE, json.dumps({"tool": tool, "files": files}, indent=1) + "\n")
-            raise_if_interrupted()
-            _replace_dir(tmp, out, force=force, option=option, rerun=own, only=only)
+            with naming(out):
+                yield tmp
+                plain_modes(tmp)
+                files = sorted(e.name for e in tmp.iterdir())
+                write_text_atomic(tmp / OWNER_FILE, json.dumps({"tool": tool, "files": files}, indent=1) + "\n")
+                raise_if_interrupted()
+                _replace_dir(tmp, out, force=force, option=option, rerun=own, only=only)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -299,21 +299,27 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> str | list[dict[str, s
 
 
 def generator_of(row: Mapping[str, Any], fields: Fields) -> str | None:
-    """The row's generator (the served model: the first of ``fields.generator`` that is not
-    null or empty, as a blank CSV cell), or None; raises :class:`RecordError` if it is not a
-    valid string."""
+    """The row's generator (the served model: the first of ``fields.generator`` that names one,
+    ``names_nothing``), or None; raises :class:`RecordError` if it is not a valid string."""
     name, g = _first_set(row, fields.generator)
     if g is not None and not isinstance(g, str):
         raise RecordError("", f"field {name!r}: expected a string, got {type(g).__name__}")
     return g if g is None else _unicode(g, f"field {name!r}")
 
 
+def names_nothing(v: Any) -> bool:
+    """A generator value that names no model: null, or a string of blank space ("" is also a
+    blank CSV cell). Such a request is predicted, counted and said as one without a generator
+    (training reads it so too; was: "   " taken as a model's name, without a word)."""
+    return v is None or (isinstance(v, str) and not v.strip())
+
+
 def _first_set(row: Mapping[str, Any], names: tuple[str, ...]) -> tuple[str | None, Any]:
-    """The first of ``names`` whose value is neither null nor empty, with it (None, None if none).
-    A loop, not a generator: this runs for every row of a trace."""
+    """The first of ``names`` whose value does not ``names_nothing``, with it (None, None if
+    none). A loop, not a generator: this runs for every row of a trace."""
     for n in names:
         v = row.get(n)
-        if v is not None and v != "":
+        if not names_nothing(v):
             return n, v
     return None, None
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from rlpredict import records
-from rlpredict.outputs import atomic_path, check_new_file, check_paths
+from rlpredict.outputs import atomic_path, check_new_file, check_paths, naming
 from rlpredict.records import (
     COMPRESSION_ERRORS,
     NO_REQUEST_FIELD,
@@ -178,14 +178,16 @@ def bad_row_message(path: str | Path, where: str, number: int, reason: str) -> s
 class _Run:
     """State shared by the format-specific loops: counts, rejects, progress, errors.
 
-    ``file``: written into each rejects record (runs over a folder of inputs)."""
+    ``file``: written into each rejects record (runs over a folder of inputs); ``rejects_path``:
+    the rejects file's name, for its write errors (``outputs.naming``)."""
 
     def __init__(self, path: Path, predictor: Predictor, fields: Fields, on_error: OnError,
                  rejects: IO[str] | None, summary: AnnotateSummary, advance: Callable[[float], None],
-                 file: str | None = None, quantiles: Sequence[float] = ()):
+                 file: str | None = None, quantiles: Sequence[float] = (), rejects_path: Path | None = None):
         self.path, self.predictor, self.fields, self.on_error = path, predictor, fields, on_error
         self.read_twice = frozenset(fields.request_columns())  # refused given twice (ecoserve refuses them too)
         self.rejects, self.summary, self.advance, self.file = rejects, summary, advance, file
+        self.rejects_path = rejects_path
         self.reasons: Counter[str] = Counter()
         self.stale: Counter[str] = Counter()  # ``AnnotateSummary.stale_fields``, as counted
         self.wants_generator = predictor.input_spec.include_generator
@@ -205,7 +207,8 @@ class _Run:
         assert self.rejects is not None
         key = "line" if where == "line" else "row_number"
         record = {"file": self.file} if self.file is not None else {}
-        self.rejects.write(_dumps({**record, key: number, "reason": reason, "row": raw}) + "\n")
+        with naming(self.rejects_path) if self.rejects_path is not None else nullcontext():
+            self.rejects.write(_dumps({**record, key: number, "reason": reason, "row": raw}) + "\n")
 
     def stale_in(self, names: Iterable[str]) -> list[str]:
         """The fields of ``names`` that an earlier ``--quantiles`` run wrote and this one does not
@@ -284,10 +287,15 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
         if rej_path is not None:
             tmp_rej = stack.enter_context(atomic_path(rej_path))
             rej_file = stack.enter_context(open(tmp_rej, "w", encoding="utf-8"))
-        run = _Run(src, predictor, fields, on_error, rej_file, summary, bar, quantiles=quantiles)
+        run = _Run(src, predictor, fields, on_error, rej_file, summary, bar, quantiles=quantiles,
+                   rejects_path=rej_path)
         loop = {"jsonl": _annotate_jsonl, "csv": _annotate_csv, "parquet": _annotate_parquet}[fmt]
         try:
-            loop(run, src, tmp_out, dst, chunk_rows)
+            # a full disk names the output here, before the rejects file's own context, which
+            # commits first and so exits first (was: "out.rejects.jsonl: No space left on
+            # device" with no row rejected); a rejects write names its file (``_Run.reject``)
+            with naming(dst):
+                loop(run, src, tmp_out, dst, chunk_rows)
         except COMPRESSION_ERRORS as e:
             raise corrupt_compressed(src, e) from None
         if summary.rows_in == 0:  # raised here, so the temporary output is removed
@@ -297,7 +305,8 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
         summary.reasons = dict(run.reasons.most_common())
         summary.stale_fields = dict(sorted(run.stale.items()))
         if rej_file is not None:
-            rej_file.close()
+            with naming(rej_path):  # its buffer's last write
+                rej_file.close()
     summary.seconds = time.perf_counter() - t0
     assert summary.rows_in == summary.rows_out + summary.rows_rejected
     return summary
@@ -412,10 +421,11 @@ def _with_columns(text: str, row: dict, values: list[int], columns: Sequence[str
         new = {c: v for c, v in new.items() if c not in row}
         if not new:
             return text
-    body = text.rstrip()[:-1].rstrip()
+    closed = text.rstrip()
+    body = closed[:-1].rstrip()
     sep = "" if body.endswith("{") else ", "
     added = ", ".join(f'"{c}": {v}' for c, v in new.items())
-    return f"{body}{sep}{added}}}"
+    return f"{body}{sep}{added}}}{text[len(closed):]}"  # and the blanks after the brace (were dropped)
 
 
 _SPACE = re.compile(r"[ \t\n\r]*")

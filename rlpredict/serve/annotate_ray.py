@@ -49,6 +49,7 @@ from rlpredict.outputs import (
     check_new_file,
     check_paths,
     mark_owned,
+    naming,
     output_dir,
 )
 from rlpredict.records import COMPRESSION_ERRORS, TRACE_FIELDS, Fields, OnError, bounded_lines
@@ -560,7 +561,8 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
                     raise AnnotateError(bad_row_message(files[i].src, where, number, first["reason"]))
                 writer.write(i, c["payload"])
                 if rej_file is not None:
-                    rej_file.write(c["rejects"])
+                    with naming(rej_path):  # (was: an output's full disk named by the rejects file)
+                        rej_file.write(c["rejects"])
                 summary.rows_in += c["rows_in"]
                 summary.rows_out += c["rows_out"]
                 file_in[i] += c["rows_in"]
@@ -665,19 +667,21 @@ class _Writers:
             self._next()
         if not payload:
             return
-        if self.files[i].kind == "jsonl":
-            self.out.write(payload)
-            self.empty = False
-        else:
-            import pyarrow as pa
+        with naming(self.files[i].dst):  # its write errors name it (``outputs.naming``)
+            if self.files[i].kind == "jsonl":
+                self.out.write(payload)
+                self.empty = False
+            else:
+                import pyarrow as pa
 
-            self.out.write_table(pa.ipc.open_stream(payload).read_all())
+                self.out.write_table(pa.ipc.open_stream(payload).read_all())
 
     def _end(self) -> None:
         if self.out is not None:
-            if self.empty:  # an empty file is still gzip (was: an empty member first in every
-                self.out.write(gzip.compress(b"", compresslevel=6))  # file, which one-member readers read as all)
-            self.out.close()
+            with naming(self.files[self.current].dst):
+                if self.empty:  # an empty file is still gzip (was: an empty member first in every
+                    self.out.write(gzip.compress(b"", compresslevel=6))  # file, which one-member readers read as all)
+                self.out.close()
 
     def _next(self) -> None:
         self._end()

@@ -343,6 +343,8 @@ def test_synthetic_arrivals_and_overflowing_scales(tmp_path):
     (["--rate-scales", "1,1"], "--rate-scales", "twice"),
     (["--policies", ","], "--policies", "at least one"),
     (["--policies", "vllm,vllm"], "--policies", "twice"),
+    (["--policies", ",vllm,,ecoserve"], "--policies", "an empty name"),  # was: dropped unsaid
+    (["--rate-scales", "1,"], "--rate-scales", "is not a number"),
 ])
 def test_compare_lists_are_checked(tmp_path, args, option, why):
     r = runner.invoke(app, ["compare", "--trace", _trace(tmp_path, 5), "--predictions", "oracle",
@@ -443,6 +445,9 @@ def test_calibrate_checks_options_and_output_before_measuring(tmp_path):
     # a folder's config.json is its input too; an output under a file is refused before measuring
     _refused(runner.invoke(app, [*base[:2], str(tmp_path), "--out", str(cfg), "--force"]), "also an input")
     _refused(runner.invoke(app, [*base[:5], "--out", str(cfg / "p.json")]), "is a file, not a folder")
+    # a trailing '/' names a folder to be (was: a file of that name written, a reviewer's `--out np2/`)
+    _refused(runner.invoke(app, [*base[:5], "--out", f"{tmp_path / 'np2'}/"]), "ends in '/', a folder")
+    assert not (tmp_path / "np2").exists()
 
 
 def test_calibrate_refuses_a_missing_device(tmp_path):

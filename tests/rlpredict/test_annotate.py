@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,12 @@ def test_jsonl_rows_keep_their_bytes(predictor, tmp_path):
     out = (tmp_path / "o.jsonl").read_text().splitlines()
     assert out[0].startswith('{"prompt":"hi","x":1.50,"u":"caf\\u00e9", "rl_bucket": ')
     assert out[1].startswith('{ "prompt" : "yo", "rl_bucket": ')
+    assert out[1].endswith("}  ")  # the blanks after the brace too (were dropped, a reviewer's row)
     assert (s.rows_in, s.rows_out, s.rows_rejected) == (3, 2, 1)  # blank line is no row; {} is bad
+    src.write_bytes(b'{"prompt":"a"}  \t \n{"prompt":"b"} \r\n')
+    annotate_file(predictor, src, tmp_path / "o.jsonl", force=True)
+    assert re.fullmatch(rb'\{"prompt":"a", "rl_bucket": .*\}  \t \n\{"prompt":"b", .*\} \r\n',
+                        (tmp_path / "o.jsonl").read_bytes())
 
 
 def test_custom_fields_drop_final_assistant_and_existing_columns(predictor, tmp_path):
@@ -152,6 +158,37 @@ def test_skip_mode_writes_rejects_and_counts(predictor, tmp_path, name):
     assert [r[where] for r in rejects] == [first_line + 1, first_line + 3]
     assert "prompt" in rejects[0]["reason"] and "role" in rejects[1]["reason"]
     assert str(rejects[0]["row"]["id"]) == "2"
+
+
+@pytest.mark.parametrize("failing", ["output", "rejects"])
+def test_a_full_disk_names_the_file_whose_write_failed(predictor, tmp_path, monkeypatch, failing):
+    """Was: "out.rejects.jsonl: No space left on device" when the output's write failed and no
+    row had been rejected (the rejects file's context, entered last, named every error)."""
+    import errno
+    import os
+
+    import rlpredict.serve.annotate as annotate_mod
+
+    src, dst = tmp_path / "t.jsonl", tmp_path / "out.jsonl"
+    write(src, [{"id": 1, "prompt": "fine"}, {"id": 2, "prompt": None}, {"id": 3, "prompt": "ok"}])
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if failing == "output":
+        def lines(run, *_a, **_k):
+            raise full
+        monkeypatch.setattr(annotate_mod, "annotate_lines", lines)
+    else:
+        real = annotate_mod._dumps
+
+        def dumps(obj):  # only rejects records go through it here: the disk fills at the first
+            if "reason" in obj:
+                raise full
+            return real(obj)
+        monkeypatch.setattr(annotate_mod, "_dumps", dumps)
+    with pytest.raises(OSError, match="No space left on device") as e:
+        annotate_file(predictor, src, dst, on_error="skip")
+    want = dst if failing == "output" else tmp_path / "out.rejects.jsonl"
+    assert e.value.filename == str(want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]  # nothing half-written
 
 
 def test_skip_mode_bad_json_and_cli_summary(bundle_fp32, tmp_path):

@@ -87,6 +87,34 @@ def test_token_count_only_and_count_wins(tmp_path):
     assert load_samples([ok])[0][0].rl_tokens == 4
 
 
+def test_fields_that_disagree_are_said(tmp_path):
+    """Two fields holding the same thing (a count, or a response text) that disagree: the first
+    listed is read, as before, and the read says so (was: without a word; a reviewer's drift
+    run read 5 tokens where `completion_tokens` said 900)."""
+    rows = [{"prompt": "a", "output_tokens": 5, "completion_tokens": 900},
+            {"prompt": "b", "output_tokens": 5, "usage": {"completion_tokens": "5"}},  # agree: nothing said
+            {"prompt": "c", "response": "short", "completion": "a much longer text"},
+            {"prompt": "d", "response": "same", "output": [{"type": "text", "text": "same"}]},  # agree as text
+            {"prompt": "e", "output_tokens": 7, "rl_tokens": None, "completion_tokens": 8}]
+    samples, rep = load_samples([_jsonl(tmp_path / "d.jsonl", rows)])
+    assert [s.rl_tokens for s in samples][:2] == [5, 5] and samples[2].response == "short"
+    assert dict(rep.disagreeing) == {"output_tokens over completion_tokens": 2, "response over completion": 1}
+    text = rep.summary()
+    assert (f"2 rows hold both 'output_tokens' and 'completion_tokens', which disagree: 'output_tokens' was read "
+            f"(first: {tmp_path / 'd.jsonl'}:1)") in text
+    assert "1 row holds both 'response' and 'completion'" in text
+
+
+def test_a_blank_generator_names_no_model(tmp_path):
+    """As ``annotate`` reads it (``records.names_nothing``): blank space is no model's name, and
+    the next generator field is read (was: "   " trained as a model's name)."""
+    rows = [{"prompt": "a", "output_tokens": 3, "generator": "  "},
+            {"prompt": "b", "output_tokens": 3, "generator": "\t", "model": "gpt-4"},
+            {"prompt": "c", "output_tokens": 3, "model": " gpt-4 "}]
+    samples, _ = load_samples([_jsonl(tmp_path / "g.jsonl", rows)])
+    assert [s.generator for s in samples] == [None, "gpt-4", " gpt-4 "]
+
+
 def test_rl_counted_with_named_tokenizer(tmp_path):
     samples, _ = load_samples([_jsonl(tmp_path / "x.jsonl", [{"prompt": "p", "response": "Hello world"}])])
     attach_rl(samples, "llama3")

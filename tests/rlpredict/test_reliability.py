@@ -564,6 +564,27 @@ def test_a_full_disk_names_the_file_being_written(tmp_path):
     assert e.value.filename == str(tmp_path / "out.jsonl") and list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_names_the_folder_being_written(tmp_path):
+    """A folder output (``ecoserve compare --out``, ``eval``, ``stack``...) on a full disk: was
+    "error: [Errno 28] No space left on device", no folder named (a reviewer's tmpfs of 4 KiB)."""
+    import errno
+
+    from rlpredict.outputs import output_dir
+
+    with pytest.raises(OSError, match=r"No space left on device: '.*report'") as e, \
+            output_dir(tmp_path / "report", force=False, tool="test"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert e.value.filename == str(tmp_path / "report") and list(tmp_path.iterdir()) == []
+    # shutil's copy names its source: a reviewer's full disk under `rlpredict calibrate` was
+    # blamed on the shipped bundle copied from; other errors keep the file they name
+    with pytest.raises(OSError) as e, output_dir(tmp_path / "cal", force=False, tool="test"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "models/bundle/lexical.npz")
+    assert e.value.filename == str(tmp_path / "cal")
+    with pytest.raises(OSError) as e, output_dir(tmp_path / "cal", force=False, tool="test"):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), "models/bundle/lexical.npz")
+    assert e.value.filename == "models/bundle/lexical.npz" and list(tmp_path.iterdir()) == []
+
+
 def test_load_trained_names_the_folder(tiny_model_dir, tmp_path):
     from rlpredict.train.model_meta import ModelLoadError, load_trained
 
@@ -699,8 +720,10 @@ def test_annotate_counts_rows_a_generator_bundle_predicts_without_one(tmp_path):
     from rlpredict.serve.bundle import default_bundle_path
 
     src = tmp_path / "in.jsonl"
-    src.write_text('{"prompt": "a", "generator": "gpt-4"}\n{"prompt": "b"}\n')
-    for extra, without in (([], 1), (["--generator-field", "modle"], 2)):
+    # blank space names no model (was: taken as one's name); the next field is read then
+    src.write_text('{"prompt": "a", "generator": "gpt-4"}\n{"prompt": "b"}\n{"prompt": "c", "generator": " \\t"}\n'
+                   '{"prompt": "d", "generator": "  ", "model": "gpt-4"}\n')
+    for extra, without in (([], 2), (["--generator-field", "modle"], 4)):
         res = run("annotate", src, "-o", tmp_path / "o.jsonl", "-m", default_bundle_path(), "--force", *extra)
         assert res.exit_code == 0, res.output
         assert f"{without} row(s) have no generator" in " ".join(res.output.split())
@@ -771,7 +794,8 @@ def test_annotate_reports_replaced_columns_and_refuses_what_it_would_ignore(bund
     assert got[1] == (f'{{"prompt":"b","big":1e400,"rl_bucket" : {b1} ,"t":1e-400, "rl_pred_tokens": {p1}, '
                       f'"rl_reserve_tokens": {r1}}}')
     assert got[2] == (f'{{"prompt": "c", "rl_bucket": {b2}, "d": 0.12345678901234567890123, "rl_bucket": {b2}, '
-                      f'"o": {{"rl_bucket": 5}}, "rl_pred_tokens": {p2}, "rl_reserve_tokens": {r2}}}')
+                      f'"o": {{"rl_bucket": 5}}, "rl_pred_tokens": {p2}, "rl_reserve_tokens": {r2}}}  ')  # (the
+    # blanks after the brace were dropped)
     assert got[3].startswith('{"prompt": "d", "x": NaN, "rl_q90_tokens": 7, "rl_bucket": ')  # kept, and said:
     res = run("annotate", src, "-o", out, "-m", bundle_fp32, "--force")
     assert "1 row(s) keep rl_q90_tokens from an earlier annotation" in res.stderr

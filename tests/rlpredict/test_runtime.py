@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -304,3 +305,10 @@ def test_predict_cli_says_when_a_generator_bundle_gets_none(monkeypatch):
     assert "1 prompt(s) have no generator" in res.stderr and "no generator" not in res.stdout
     res = runner.invoke(app, ["predict", "--json", "--generator", "llama-3-8b", "Write a haiku"])
     assert res.exit_code == 0 and "no generator" not in res.output
+    # blank space names no model, as "" does (was: "   " predicted as a model's name, unsaid)
+    unknown = json.loads(runner.invoke(app, ["predict", "--json", "Write a haiku"]).stdout)
+    res = runner.invoke(app, ["predict", "--json", "--generator", "   ", "Write a haiku"])
+    assert res.exit_code == 0 and "1 prompt(s) have no generator" in res.stderr
+    assert json.loads(res.stdout) == unknown
+    res = runner.invoke(app, ["predict", "a\\[b c"])  # the table shows it as typed (was: "a[b c")
+    assert res.exit_code == 0 and "a\\[b c" in res.stdout
