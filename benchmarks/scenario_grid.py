@@ -508,7 +508,9 @@ def main() -> None:
             ap.error(f"--max-p99-tbt must be a positive number of seconds or 'slo', got {args.max_p99_tbt}")
     drawn: tuple[Cell, ...] = ()
     names: list[str] = []
-    for tok in args.cells.split(","):
+    if "" in (toks := [t.strip() for t in args.cells.split(",")]):  # (was: "--cells:  given twice")
+        ap.error(f"--cells: an empty cell name in {args.cells!r}")
+    for tok in toks:
         if tok == "heldout":
             names += [c.name for c in HELDOUT_CELLS]
         elif tok == "synthetic":
@@ -538,7 +540,8 @@ def main() -> None:
     if bad := [m for m in map(unknown_policy, policies) if m]:
         ap.error(f"--policies: {bad[0]}")
     if args.out:  # checked before the work, written at its end
-        check_paths([args.shared] + ([args.confusion] if args.confusion else []), [("--out", args.out)])
+        check_paths([args.shared] + ([args.confusion] if args.confusion else []), [("--out", args.out)],
+                    apart=[args.shared])  # results are not written into the data (was: --out inside it)
         check_new_dir(args.out, force=args.force, option="--out", rerun=TOOL, only=TOOL)
     if args.confusion:
         load_confusion(args.confusion)  # a bad file: one line here, not a worker's traceback

@@ -61,7 +61,14 @@ from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import run  # noqa: E402
 from ecoserve_sched.trace import Trace, poisson_arrivals, read_trace  # noqa: E402
 from rlpredict import Predictor  # noqa: E402
-from rlpredict.cli_boundary import SHARED_AZURE_CONV, arg_number, arg_path, run_script, worker_pool  # noqa: E402
+from rlpredict.cli_boundary import (  # noqa: E402
+    SHARED_AZURE_CONV,
+    arg_file,
+    arg_number,
+    arg_path,
+    run_script,
+    worker_pool,
+)
 from rlpredict.data import attach_rl, load_samples  # noqa: E402
 from rlpredict.outputs import (  # noqa: E402
     check_file_output,
@@ -322,7 +329,7 @@ def main() -> None:
                     help="the predictor bundle of the 'minilm' row (default: the shipped bundle)")
     ap.add_argument("--report", type=arg_path, nargs="+", default=None, metavar="RUN_DIR",
                     help="only combine finished runs into one plot (written to --plot)")
-    ap.add_argument("--plot", type=arg_path, default=REPO / "docs" / "img" / "serving_gain.png",
+    ap.add_argument("--plot", type=arg_file, default=REPO / "docs" / "img" / "serving_gain.png",
                     help="--report: the figure to write (default: docs/img/serving_gain.png)")
     ap.add_argument("--force", action="store_true", help="--report: replace an existing --plot file")
     ap.add_argument("--traces", default="azure,sharegpt", help="comma-separated: azure, sharegpt")
@@ -340,7 +347,7 @@ def main() -> None:
     if args.shared is None:
         ap.error("--shared DIR is needed (the shared data folder, e.g. ../shared/data) unless --report")
     check_paths([args.shared] + ([args.model] if args.model else []), [("--out", args.out)],
-                apart=[args.model] if args.model else [])
+                apart=[args.shared, *([args.model] if args.model else [])])  # (was: --out inside --shared)
     work_folder(args.out, tool=TOOL, option="--out")  # before the work: a new folder or this script's
     cost, slo = load_profile(args.profile), SLO(args.slo_ttft, args.slo_tbt)  # a bad name: now, not later
     tnames = [t for t in args.traces.split(",") if t]

@@ -37,7 +37,14 @@ from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.simulator import run
 from ecoserve_sched.trace import burst_arrivals, read_trace
-from rlpredict.cli_boundary import add_trace_input, arg_list, arg_number, arg_path, run_script
+from rlpredict.cli_boundary import (
+    add_trace_input,
+    arg_file,
+    arg_list,
+    arg_number,
+    arg_path,
+    run_script,
+)
 from rlpredict.outputs import check_file_output, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +102,7 @@ def main() -> None:
     ap.add_argument("--slo-tbt", type=arg_number(float, 0, low_open=True), default=0.2, help="TBT SLO, seconds")
     ap.add_argument("--kv-blocks", type=arg_number(int, 1), default=None,
                     help="KV blocks of 16 tokens on both sides (default: what the profile's GPU holds)")
-    ap.add_argument("--json", type=arg_path, help="also write the rows to this JSON file")
+    ap.add_argument("--json", type=arg_file, help="also write the rows to this JSON file")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     ap.add_argument("--arrivals", choices=("trace", "burst8"), default="trace",
                     help="trace: the trace's arrival times; burst8: bursts at its mean rate")
@@ -107,7 +114,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown pair(s) {', '.join(sorted(unknown))}; choose from {', '.join(PAIRS)}")
     if a.json:
-        check_file_output(a.json, force=a.force, option="--json", inputs=[a.trace, a.confusion])
+        check_file_output(a.json, force=a.force, option="--json", inputs=[a.trace, a.confusion], apart=[a.shared])
     tr = read_trace(a.trace).head(a.max_requests)
     if a.arrivals == "burst8":
         rate = (len(tr) - 1) / float(tr.arrival_s[-1] - tr.arrival_s[0])

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from rlpredict.cli_boundary import arg_number, arg_path, run_script
+from rlpredict.cli_boundary import arg_file, arg_number, run_script
 from rlpredict.outputs import check_file_output, write_text_atomic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=arg_number(int, 1), default=32)
     ap.add_argument("--max-length", type=arg_number(int, 8), default=128)
     ap.add_argument("--threads", type=arg_number(int, 1), default=2, help="torch threads (the project's CPU budget: 2 cores)")
-    ap.add_argument("--json", type=arg_path, help="also write the results here")
+    ap.add_argument("--json", type=arg_file, help="also write the results here")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = ap.parse_args()
     if args.json:

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ecoserve_sched.cost_model import load_profile  # noqa: E402
-from rlpredict.cli_boundary import arg_number, arg_path, run_script  # noqa: E402
+from rlpredict.cli_boundary import arg_file, arg_number, arg_path, run_script  # noqa: E402
 from rlpredict.data import DataError, load_samples  # noqa: E402
 from rlpredict.outputs import check_file_output, write_text_atomic  # noqa: E402
 
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "reported); eco-engine runs once")
     ap.add_argument("--threads", type=arg_number(int, 1), default=2, help="the middleware's prediction threads")
     ap.add_argument("--seed", type=arg_number(int, 0), default=0)
-    ap.add_argument("--json", type=arg_path, help="write the results here")
+    ap.add_argument("--json", type=arg_file, help="write the results here")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = ap.parse_args(argv)
     if args.json:

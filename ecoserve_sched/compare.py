@@ -16,7 +16,7 @@ from rlpredict.json_file import dumps
 
 from .metrics import summarize
 from .predictions import NO_PREDICTIONS, Confusion
-from .request import SLO, is_real
+from .request import SLO, is_real, is_whole
 from .simulator import SimResult, iteration_table, run
 from .trace import Trace
 
@@ -46,6 +46,12 @@ class Server:
         g = self.gpu_memory_utilization
         if g is not None and not (is_real(g) and 0 < g <= 1):
             raise ServerSettingError("--gpu-memory-utilization", f"gpu_memory_utilization must be in (0, 1], got {g!r}")
+        # whole numbers, checked here too: ``policy_kw`` divides by the block size and compares
+        # the block count (was: ZeroDivisionError for block_size=0, TypeError for '5')
+        for option, name, v in (("--block-size", "block_size", self.block_size),
+                                ("--num-gpu-blocks-override", "num_gpu_blocks_override", self.num_gpu_blocks_override)):
+            if v is not None and not (is_whole(v) and v >= 1):
+                raise ServerSettingError(option, f"{name} must be a whole number >= 1, got {v!r}")
 
     def describe(self, cost: Any) -> str:
         """The settings a report states: KV cache size, and the rest (each policy's default
@@ -95,6 +101,14 @@ class RunSpec:
     read: str = ""  # what was read: the CLI's ``read`` line (rows, rate, skipped, used), for reports
 
     def __post_init__(self) -> None:
+        # the types ``run`` checks, checked once here (was: a path string taken for the trace,
+        # and slo=None an AttributeError at the first summary)
+        if not isinstance(self.trace, Trace):
+            raise TypeError(f"RunSpec: trace must be a Trace (read_trace(path)), got {type(self.trace).__name__}")
+        if not isinstance(self.slo, SLO):
+            raise TypeError(f"RunSpec: slo must be an SLO(ttft_s, tbt_s), got {type(self.slo).__name__}")
+        if not isinstance(self.server, Server):
+            raise TypeError(f"RunSpec: server must be a Server, got {type(self.server).__name__}")
         if not len(self.trace):  # was: a capacity search of 9 runs, "failed at every load"
             raise ValueError(f"{self.trace.path}: the trace has no requests")
 
@@ -272,6 +286,11 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
     criterion: one run) or ``load_independent`` (every request arrives at once, so the scale
     does not change the load). Every probe is listed; ``dropped`` counts the requests longer
     than the whole KV cache, dropped at every load (misses for the criterion)."""
+    # numbers, not bools or strings (was: target="0.9" a TypeError from the comparison, True taken as 1)
+    for name, v in (("target", target), ("lo", lo), ("hi", hi), ("rel_tol", rel_tol),
+                    ("max_normalized_latency", max_normalized_latency), ("max_p99_tbt", max_p99_tbt)):
+        if v is not None and not is_real(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
     if not 0 < target <= 1:
         raise ValueError(f"target attainment must be in (0, 1], got {target}")
     if not 0 <= lo < hi or not np.isfinite(hi) or isinstance(max_runs, bool) \
@@ -306,8 +325,8 @@ def capacity(spec: RunSpec, policy: str, target: float = 0.9, lo: float = 0.0,
     if simultaneous:
         ok(hi)  # every scale is the same load
     else:
-        while len(probes) < max_runs and ok(hi):  # grow until the SLO breaks
-            hi *= 2
+        while len(probes) < max_runs and ok(hi) and math.isfinite(2 * hi):  # grow until the SLO breaks
+            hi *= 2  # (and stop short of inf: was "rate scale must be a number > 0, got inf" from hi=1e308)
         floor = hi / 256
         while failing and len(probes) < max_runs and not unattainable():
             low, high = max(passing, default=lo), min(failing)

@@ -291,6 +291,11 @@ def list_profiles() -> list[str]:
 def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
     """Load a shipped profile by name (see :func:`list_profiles`) or a profile JSON file;
     a profile whose model leaves no room for a KV cache is refused."""
+    if isinstance(name_or_path, str) and not name_or_path.strip():  # (was: ".: a folder, not a profile")
+        raise ProfileError(f"empty profile name: give a shipped name ({', '.join(list_profiles())}) or a profile "
+                           "JSON file")
+    if not isinstance(name_or_path, str | Path):
+        raise TypeError(f"load_profile: give a profile name or path, got {type(name_or_path).__name__}")
     path = Path(name_or_path)
     if path.is_dir():
         raise ProfileError(f"{path}: a folder, not a profile: give a profile JSON file (`ecoserve calibrate --out` "

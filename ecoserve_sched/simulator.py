@@ -199,6 +199,13 @@ def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
     ``timing`` (a cost model) times the iterations instead of the policy's own ``cost``, which
     the policy still plans with: a replay of a real run whose planner used one profile, timed
     by another (swap times stay the policy's)."""
+    if not isinstance(sched, Scheduler):  # (was: AttributeError 'step' for a policy's name)
+        raise TypeError(f"simulate: sched must be a scheduler (get_policy(name, cost)), got {type(sched).__name__}")
+    if isinstance(requests, Trace):
+        raise TypeError("simulate takes requests (trace.requests(slo)); run(trace, policy, cost) takes a Trace")
+    requests = list(requests)
+    if (bad := next((r for r in requests if not isinstance(r, Request)), None)) is not None:
+        raise TypeError(f"simulate: requests must be Request objects, got {type(bad).__name__}")
     if sched.step or sched.stall_gaps:  # its counters and log would run on (and change the
         # first run's result, which shares its stall gaps)
         raise ValueError(f"simulate: this {sched.name} scheduler has run before; build a new one "

@@ -120,7 +120,10 @@ class Trace:
 
     def __post_init__(self) -> None:
         """Columns of one length, and arrival times finite and >= 0 (a NaN arrival made the
-        simulator loop forever): what ``read_trace`` checks per row, for a trace built in code."""
+        simulator loop forever): what ``read_trace`` checks per row, for a trace built in code.
+        The trace keeps read-only copies of what it checked (was: the caller's arrays, which a
+        later write took past these checks: a NaN arrival hung the replay, -5 prompt tokens
+        "finished")."""
         n = len(self.arrival_s)
         columns = {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
                    "max_tokens": self.max_tokens, "rl": self.rl, "prompts": self.prompts,
@@ -128,7 +131,10 @@ class Trace:
         if bad := [k for k, c in columns.items() if c is not None and len(c) != n]:
             raise ValueError(f"trace {self.path}: column {bad[0]} has {len(columns[bad[0]])} rows, "
                              f"arrival_s has {n}")
-        arrivals = np.asarray(self.arrival_s, dtype=float)
+        arrivals = np.array(self.arrival_s, dtype=float)
+        lengths = {name: np.array(getattr(self, name)) for name in ("input_tokens", "output_tokens", "max_tokens")}
+        if flat := [(k, c.shape) for k, c in {"arrival_s": arrivals, **lengths}.items() if c.ndim != 1]:
+            raise ValueError(f"trace {self.path}: {flat[0][0]} must be one-dimensional, got shape {flat[0][1]}")
         if n and not (np.isfinite(arrivals).all() and arrivals.min() >= 0):
             raise ValueError(f"trace {self.path}: arrival times must be finite and >= 0")
         if n and arrivals.max() > MAX_ARRIVAL_S:
@@ -141,10 +147,9 @@ class Trace:
                              "with np.argsort(arrival_s, kind='stable')")
         # the lengths as read_trace bounds them; predictions whole numbers (a bucket of -1 and
         # 0 tokens mean "none"). Was: -5 prompt tokens "finished" with negative KV use.
-        counts = {"input_tokens": (self.input_tokens, 1), "output_tokens": (self.output_tokens, 1),
-                  "max_tokens": (self.max_tokens, 1)}
-        if self.rl is not None:
-            rl = np.asarray(self.rl)
+        counts = {name: (column, 1) for name, column in lengths.items()}
+        rl = None if self.rl is None else np.array(self.rl)
+        if rl is not None:
             if rl.shape != (n, 3):
                 raise ValueError(f"trace {self.path}: rl has shape {rl.shape}, expected ({n}, 3)")
             counts.update({k: (rl[:, j], lo) for j, (k, lo) in enumerate(zip(RL_FIELDS, (-1, 0, 0), strict=True))})
@@ -154,11 +159,11 @@ class Trace:
                                  f"[{lo}, 2^53], got {np.asarray(column, dtype=object)[bad]!r}")
         # numpy columns of the types the simulator reads (was: whole floats, as pandas gives
         # them, and Python lists passed this check and failed in the simulator)
-        object.__setattr__(self, "arrival_s", arrivals)
-        for name in ("input_tokens", "output_tokens", "max_tokens"):
-            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.int64).reshape(n))
-        if self.rl is not None:
-            object.__setattr__(self, "rl", np.asarray(self.rl, dtype=np.int64))
+        kept = {"arrival_s": arrivals, **{name: c.astype(np.int64) for name, c in lengths.items()},
+                **({"rl": rl.astype(np.int64)} if rl is not None else {})}
+        for name, column in kept.items():
+            column.flags.writeable = False
+            object.__setattr__(self, name, column)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -187,6 +192,9 @@ class Trace:
     def head(self, n: int) -> Trace:
         """The first ``n`` requests by arrival. A row without a usable prompt matters only if
         kept (was: ``--max-requests 2`` failed on the file's third row)."""
+        if not (is_whole(n) and n >= 0):  # (was: -1 took all but the last, and counted them unused)
+            raise ValueError(f"head: n must be a whole number >= 0, got {n!r}")
+        n = int(n)
         prompts, problem, rows = self.prompts, self.prompt_problem, self.prompt_rows
         if rows is not None:
             rows = rows[:n]

@@ -445,6 +445,15 @@ def arg_path(text: str) -> Path:
     return Path(text)
 
 
+def arg_file(text: str) -> Path:
+    """``arg_path`` for a file output: one that ends in a path separator names a folder (was:
+    ``--json out/`` wrote a file named ``out``)."""
+    path = arg_path(text)
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} ends in '/', a folder; give a file name")
+    return path
+
+
 #: The Azure 2023 conversation trace under the shared data folder: the scripts' default trace.
 SHARED_AZURE_CONV = "azure_llm_2023_conv/azure_llm_2023_conv.csv.gz"
 
@@ -461,6 +470,8 @@ def add_shared_input(ap: argparse.ArgumentParser, option: str, relative: str,
     dest = ap.add_argument(option, type=arg_path, help=f"{what} (default: {relative} under --shared)").dest
 
     def resolve(args: argparse.Namespace) -> None:
+        if args.shared is not None and not args.shared.is_dir():  # (was: "--shared/README.md/...: no such trace file")
+            ap.error(f"--shared: {args.shared} is not a folder (the shared data folder)")
         if getattr(args, dest) is not None:
             return
         if args.shared is None:

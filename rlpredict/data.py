@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -314,6 +315,11 @@ def iter_samples(paths: Sequence[str | Path], report: LoadReport, *, fields: Fie
     readers that keep only what they compute per sample (``drift``)."""
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    if isinstance(paths, str | Path):  # (was: a string read as its characters: "/" walked the disk)
+        raise TypeError(f"paths must be a list of files or folders, got one {type(paths).__name__}: pass [{str(paths)!r}]")
+    if max_rows is not None and not (isinstance(max_rows, numbers.Integral) and not isinstance(max_rows, bool)
+                                     and max_rows >= 1):
+        raise ValueError(f"max_rows must be a whole number >= 1 or None, got {max_rows!r}")  # (was: -1 read none)
     samples = 0
     files: dict[str, list[str]] = {}
     for path in paths:

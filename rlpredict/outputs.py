@@ -391,10 +391,12 @@ def mark_owned(folder: str | Path, tool: str, names: Iterable[str]) -> None:
 
 
 # ---- scripts (benchmarks/, training/) -----------------------------------------------------------
-def check_file_output(path: str | Path, *, force: bool, option: str, inputs: Iterable[str | Path] = ()) -> Path:
-    """A script's file output, checked before its work: not one of ``inputs``, and an existing
-    file only with ``force`` (``check_new_file``). Write it with ``write_text_atomic``."""
-    check_paths(inputs, [(option, path)])
+def check_file_output(path: str | Path, *, force: bool, option: str, inputs: Iterable[str | Path] = (),
+                      apart: Iterable[str | Path | None] = ()) -> Path:
+    """A script's file output, checked before its work: not one of ``inputs`` nor inside one of
+    the input folders ``apart`` (None: not given), and an existing file only with ``force``
+    (``check_new_file``). Write it with ``write_text_atomic``."""
+    check_paths(inputs, [(option, path)], apart=[a for a in apart if a is not None])
     check_new_file(path, force=force, option=option)
     return Path(path)
 

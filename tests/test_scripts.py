@@ -19,6 +19,7 @@ import pytest
 
 from rlpredict.cli_boundary import (
     DEBUG_ENV,
+    arg_file,
     arg_list,
     arg_number,
     child_failed,
@@ -204,9 +205,11 @@ def test_argparse_types() -> None:
                         (arg_number(float, 0, low_open=True), "0"), (arg_list(str), ","),
                         (arg_number(float), "0_5"), (arg_number(int), "\u0663"),  # were 5.0 and 3
                         (arg_list(str), "a,,b"), (arg_list(str), "vllm,vllm"),  # were a,b and vllm twice
-                        (arg_list(arg_number(float)), "1, 1.0")):
+                        (arg_list(arg_number(float)), "1, 1.0"),
+                        (arg_file, "out/"), (arg_file, " ")):  # was: a file named "out" written
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+    assert arg_file("runs/x.json") == Path("runs/x.json")
 
 
 # ---- the scripts themselves, as a user runs them -----------------------------------------------------
@@ -321,6 +324,27 @@ def test_an_output_folder_of_the_user_is_refused_before_the_work(tmp_path: Path)
     _one_error(_run(*grid, "--force"), "notes.txt")  # --force replaces only a folder of ours
     _one_error(_run("benchmarks/serving_gain.py", "--shared", tmp_path / "data", "--out", out), "notes.txt")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_no_output_is_written_into_the_shared_data(tmp_path: Path) -> None:
+    """Results are not written inside the data folder a script reads (a reviewer's `--out
+    ../shared/data/sg` and `--json ../shared/data/x.json` were written there)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    _one_error(_run("benchmarks/scenario_grid.py", "--shared", data, "--out", data / "sg"), "lies inside the input")
+    _one_error(_run("benchmarks/serving_gain.py", "--shared", data, "--out", data / "sg"), "lies inside the input")
+    _one_error(_run("training/make_demo_trace.py", "--shared", data, "--out", data / "t.jsonl.gz"), "lies inside")
+    assert list(data.iterdir()) == []
+
+
+def test_a_wrong_shared_folder_or_an_empty_cell_is_named(tmp_path: Path) -> None:
+    """Were "--shared/README.md/azure...: no such trace file", "exists; pass --force" for a
+    missing --shared, and "--cells:  given twice" for an empty name."""
+    f = tmp_path / "README.md"
+    f.write_text("x")
+    _usage_error(_run("benchmarks/sim_speed.py", "--shared", f), "--shared", "is not a folder")
+    _usage_error(_run("training/make_samples.py", "--shared", tmp_path / "nope"), "--shared", "is not a folder")
+    _usage_error(_run("benchmarks/scenario_grid.py", "--shared", tmp_path, "--cells", ","), "an empty cell name")
 
 
 def test_serving_gain_report_refuses_what_it_did_not_write(tmp_path: Path) -> None:

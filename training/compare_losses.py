@@ -19,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import arg_list, arg_number, arg_path, distinct_args, run_script
+from rlpredict.cli_boundary import (
+    arg_file,
+    arg_list,
+    arg_number,
+    arg_path,
+    distinct_args,
+    run_script,
+)
 from rlpredict.outputs import check_file_output, write_text_atomic
 from rlpredict.train.config import TrainConfig
 from rlpredict.train.evaluate import encoder_texts, predict_proba_torch
@@ -46,7 +53,7 @@ def main() -> None:
     ap.add_argument("--rows", type=arg_number(int, 1), default=3000, help="training samples per variant")
     ap.add_argument("--eval-rows", type=arg_number(int, 1), default=2000, help="held-out samples scored")
     ap.add_argument("--variants", type=arg_list(str), default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    ap.add_argument("--json", type=arg_path, help="also write the results here")
+    ap.add_argument("--json", type=arg_file, help="also write the results here")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = ap.parse_args()
     if unknown := [v for v in args.variants if v not in VARIANTS]:

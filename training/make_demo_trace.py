@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 
 from ecoserve_sched.trace import read_trace
-from rlpredict.cli_boundary import SHARED_AZURE_CONV, arg_number, arg_path, run_script
+from rlpredict.cli_boundary import SHARED_AZURE_CONV, arg_file, arg_number, arg_path, run_script
 from rlpredict.outputs import check_file_output, write_bytes_atomic
 from rlpredict.records import rows_with
 from rlpredict.rl_tokenizers import count_tokens
@@ -37,13 +37,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=arg_path, required=True, help="the shared data folder, holding azure_llm_2023_conv/ and sharegpt_v3/")
     ap.add_argument("--requests", type=arg_number(int, 1), default=1500)
-    ap.add_argument("--out", type=arg_path, default=OUT)
+    ap.add_argument("--out", type=arg_file, default=OUT)
     ap.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = ap.parse_args()
     shared = Path(args.shared)
     azure_path = shared / SHARED_AZURE_CONV
     sharegpt_path = shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"
-    check_file_output(args.out, force=args.force, option="--out", inputs=[azure_path, sharegpt_path])
+    check_file_output(args.out, force=args.force, option="--out", inputs=[azure_path, sharegpt_path], apart=[shared])
 
     trace = read_trace(azure_path).head(args.requests)  # checked row by row, named by file and line
     azure = [{"arrival_time_s": a, "input_tokens": i, "output_tokens": o} for a, i, o in

@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="replace the bundled samples")
     args = ap.parse_args()
     shared = Path(args.shared)
+    if not shared.is_dir():  # the input first (was: "exists; pass --force" for a wrong --shared)
+        ap.error(f"--shared: {shared} is not a folder")
     for name in ("sharegpt_sample.jsonl.gz", "alpaca_sample.jsonl.gz"):
         check_file_output(OUT / name, force=args.force, option="the bundled sample")
 

@@ -189,7 +189,14 @@ class PolicyScheduler(HFScheduler):
             children = [state.fork(f"{rid_s}__child#{i}") for i in range(state.num_children)]
             for child in (state, *children):
                 child.num_children = 0
-                self._check_new(child)
+                try:
+                    self._check_new(child)
+                except ValueError:  # transformers delivers the first sequence's failure alone: a
+                    # scheduler has no way to deliver the others', and generate_batch counts them
+                    logger.error("PolicyScheduler: %s is refused with its %d other return sequence(s), whose "
+                                 "failures cannot be delivered: generate_batch waits for them until stopped "
+                                 "(add_request and get_result return the first one's)", rid_s, len(children))
+                    raise
             for child in (state, *children):
                 self.add_waiting_request(child)
             return

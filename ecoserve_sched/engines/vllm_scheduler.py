@@ -794,7 +794,10 @@ class EcoServeMixin:
     def add_request(self, request: Request) -> None:
         if request.request_id not in self.requests:
             p = self.rl[request.request_id] = self.predict(request)
-            if self.pscale is not None:  # rules.PredictionScale: this traffic's scale, once
+            # rules.PredictionScale: this traffic's scale, once, and learnt only from requests
+            # that had a prediction (was: the default reservation's and one-token requests' too,
+            # so 24 requests without hints took the scale to 0.1 for every predicted one)
+            if self.pscale is not None and p.source in ("extra_args", "predictor"):
                 p.predicted = p.pred_tokens
                 p.pred_tokens = rules.prediction_within(self.pscale.scaled(p.pred_tokens), request.max_tokens)
             if self.eco_cfg.park and not self._by_priority:  # (parking's offered load)

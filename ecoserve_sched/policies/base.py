@@ -75,6 +75,10 @@ class Scheduler(SchedulerInterface):
                              ("token_budget", token_budget, 2), ("max_running", max_running, 1)):
             if v is not None and not (is_whole(v) and v >= low):
                 raise ValueError(f"{name} must be a whole number >= {low}, got {v!r}")  # was: 0 meant the default
+        if not callable(getattr(cost, "iteration_time", None)):  # (was: AttributeError 'kv_blocks' further in)
+            raise TypeError(f"cost must be a cost model (cost_model.load_profile(NAME)), got {type(cost).__name__}")
+        if slo is not None and not isinstance(slo, SLO):  # (was: accepted, an AttributeError at the first decision)
+            raise TypeError(f"slo must be an SLO(ttft_s, tbt_s), got {type(slo).__name__}")
         self.cost = cost
         blocks = kv_blocks if kv_blocks is not None else cost.kv_blocks(block_size)
         self.kv = KVCacheManager(blocks, block_size)

@@ -137,8 +137,9 @@ def test_bad_inputs_are_one_line_and_exit_2(run: Path, tmp_path: Path) -> None:
 
 
 def test_a_grid_run_records_overload_and_sustained_rows(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    p = subprocess.run([sys.executable, str(BENCH / "scenario_grid.py"), "--shared", str(tmp_path), "--cells",
+    out, data = tmp_path / "run", tmp_path / "data"  # (an output inside --shared is refused)
+    data.mkdir()
+    p = subprocess.run([sys.executable, str(BENCH / "scenario_grid.py"), "--shared", str(data), "--cells",
                         "code-synth", "--requests", "120", "--policies", "vllm,sjf,ecoserve,ecoserve-oracle",
                         "--overload", "--sustained", "--workers", "1", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)

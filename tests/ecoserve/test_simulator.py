@@ -180,9 +180,37 @@ def test_the_api_names_a_wrong_argument():
     spec = RunSpec(tr, cost, SLO())
     for kw, msg in (({"max_normalized_latency": float("nan")}, "max_normalized_latency must be"),
                     ({"max_p99_tbt": -1.0}, "max_p99_tbt must be"), ({"rel_tol": 0.0}, "rel_tol must be"),
-                    ({"max_runs": 2.5}, "max_runs a whole number")):
+                    ({"max_runs": 2.5}, "max_runs a whole number"),
+                    # were a TypeError from a comparison, and True taken as 1
+                    ({"target": "0.9"}, "target must be a finite number"), ({"target": True}, "target must be"),
+                    ({"rel_tol": "x"}, "rel_tol must be"), ({"max_p99_tbt": True}, "max_p99_tbt must be")):
         with pytest.raises(ValueError, match=msg):
             capacity(spec, "vllm", **kw)
+    # a search that never fails stops short of inf (was: "rate scale must be ... got inf")
+    lax = RunSpec(tr, cost, SLO(1e9, 1e9))  # every load meets it
+    assert capacity(lax, "vllm", hi=1e308, max_runs=3)["search"] == "no_failing_load"
+    # the policy, the simulation and the spec check their arguments' types (were AttributeErrors
+    # deep inside: 'kv_blocks', 'tbt_s', 'step', 'arrival_s'; a path string taken for a trace)
+    from ecoserve_sched.compare import Server
+
+    for call, msg in ((lambda: get_policy("vllm", "llama2-13b-a100-80gb"), "cost must be a cost model"),
+                      (lambda: get_policy("ecoserve", cost, slo=1), "slo must be an SLO"),
+                      (lambda: simulate(tr, get_policy("vllm", cost)), r"simulate takes requests \(trace.requests"),
+                      (lambda: simulate([1], get_policy("vllm", cost)), "requests must be Request objects, got int"),
+                      (lambda: simulate([], "vllm"), "sched must be a scheduler"),
+                      (lambda: RunSpec("t.jsonl", cost, SLO()), "trace must be a Trace"),
+                      (lambda: RunSpec(tr, cost, None), "slo must be an SLO")):
+        with pytest.raises(TypeError, match=msg):
+            call()
+    from ecoserve_sched.cost_model import ProfileError, load_profile
+
+    with pytest.raises(ProfileError, match="empty profile name"):  # was: ".: a folder, not a profile"
+        load_profile(" ")
+    with pytest.raises(TypeError, match="give a profile name or path, got NoneType"):
+        load_profile(None)
+    for kw, name in (({"block_size": 0}, "block_size"), ({"num_gpu_blocks_override": "5"}, "num_gpu_blocks_override")):
+        with pytest.raises(ValueError, match=f"{name} must be a whole number >= 1"):
+            Server(**kw)
 
 
 def test_a_scheduler_runs_one_simulation():

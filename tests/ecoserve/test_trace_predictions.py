@@ -15,6 +15,7 @@ from ecoserve_sched import predictions as preds
 from ecoserve_sched.predictions import apply_predictions, default_confusion_path, load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.trace import (
+    Trace,
     TraceError,
     TraceFormat,
     describe,
@@ -599,6 +600,30 @@ def test_keeping_the_earliest_reads_what_head_takes(tmp_path: Path, seed: int) -
         read_trace(p, keep=1)
     with pytest.raises(ValueError, match="keep must be"):
         read_trace(p, keep=0)
+
+
+def test_a_trace_keeps_what_it_checked(tmp_path: Path) -> None:
+    """A Trace copies its columns and makes them read-only (was: the caller's arrays kept, so a
+    write after the checks reached the replay: a NaN arrival hung it, -5 prompt tokens
+    "finished" with attainment 1.0); columns must be flat; ``head`` takes a whole n >= 0."""
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.simulator import run
+
+    arr, inp = np.array([0.0, 1.0, 2.0]), np.array([10, 10, 10])
+    t = Trace("x", arr, inp, np.array([5, 5, 5]), np.array([100, 100, 100]))
+    arr[1], inp[1] = np.nan, -5
+    assert t.arrival_s.tolist() == [0.0, 1.0, 2.0] and t.input_tokens.tolist() == [10, 10, 10]
+    with pytest.raises(ValueError, match="read-only"):
+        t.arrival_s[1] = np.nan
+    assert len(run(t, "vllm", load_profile("llama3-8b-h100-80gb")).requests) == 3
+    with pytest.raises(ValueError, match="arrival_s must be one-dimensional, got shape \\(2, 2\\)"):
+        Trace("x", np.zeros((2, 2)), [1, 1], [1, 1], [1, 1])
+    with pytest.raises(ValueError, match="input_tokens must be one-dimensional"):
+        Trace("x", np.zeros(2), [[1], [1]], [1, 1], [1, 1])
+    for bad in (-1, 2.5, "3", True):
+        with pytest.raises(ValueError, match="head: n must be a whole number >= 0"):
+            t.head(bad)
+    assert len(t.head(np.int64(2))) == 2 and t.head(0).unused_rows == 3
 
 
 def test_a_trace_is_read_under_every_suffix_annotate_writes(tmp_path):

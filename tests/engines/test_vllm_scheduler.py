@@ -513,6 +513,10 @@ def test_scaled_predictions_learn_from_requests_that_ran_to_the_end(cls: type, m
     for i, rid in enumerate(cut):
         s.add_request(req(rid, 20, 100, arrival=0.05 + 0.01 * i, rl_pred_tokens=5, rl_bucket=0))
     s.finish_requests(cut, RequestStatus.FINISHED_ABORTED)
+    for i in range(6):  # no prediction (the default reservation): neither counted nor scaled (were
+        # counted: a reviewer's 24 such requests took the scale to 0.1 for every predicted one)
+        s.add_request(req(f"d{i}", 20, 10, arrival=0.1 + 0.01 * i))
+    assert s.rl["d0"].source == "default" and s.rl["d0"].predicted == 0
     drive(s)
     check_done(s)
     assert s.pscale.scale == 2.0  # an aborted request's 5 -> 0 tokens is not a length

@@ -115,6 +115,21 @@ def test_a_blank_generator_names_no_model(tmp_path):
     assert [s.generator for s in samples] == [None, "gpt-4", " gpt-4 "]
 
 
+def test_load_samples_checks_its_arguments(tmp_path):
+    """Was: a path given as a string read as its characters ("/" walked the whole disk), and
+    max_rows -1 or 0 read nothing, 2.5 three rows, True one."""
+    p = _jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "output_tokens": 3}, {"prompt": "b", "output_tokens": 4}])
+    for one in (str(p), p):
+        with pytest.raises(TypeError, match="paths must be a list of files or folders"):
+            load_samples(one)
+    for bad in (-1, 0, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="max_rows must be a whole number >= 1"):
+            load_samples([p], max_rows=bad)
+    import numpy as np
+
+    assert len(load_samples([p], max_rows=np.int64(1))[0]) == 1
+
+
 def test_rl_counted_with_named_tokenizer(tmp_path):
     samples, _ = load_samples([_jsonl(tmp_path / "x.jsonl", [{"prompt": "p", "response": "Hello world"}])])
     attach_rl(samples, "llama3")
