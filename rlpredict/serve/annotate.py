@@ -274,7 +274,8 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
     rej_path = Path(rejects) if rejects else default_rejects_path(dst) if on_error == "skip" else None
     check_rejects_name(rej_path)
     outputs = [("--output", dst)] + ([("--rejects", rej_path)] if rej_path else [])
-    check_paths([src], outputs)
+    # never inside the bundle it reads (was: written there, as calibrate and export refuse)
+    check_paths([src], outputs, apart=[predictor.bundle.path])
     for option, path in outputs:
         check_new_file(path, force=force, option=option, owner=owner)
     summary = AnnotateSummary(str(src), str(dst), str(rej_path) if rej_path else None,

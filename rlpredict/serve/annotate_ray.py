@@ -76,7 +76,7 @@ from rlpredict.serve.annotate import (
     parquet_out_schema,
     tally_stale,
 )
-from rlpredict.serve.bundle import MANIFEST, load_bundle
+from rlpredict.serve.bundle import MANIFEST, Bundle, load_bundle
 
 #: Files read at once on the driver's node (reading is cheap next to predicting; each read task
 #: is a Python process).
@@ -111,9 +111,9 @@ class RaySummary(AnnotateSummary):
 
 
 # ---- the bundle, shipped to the workers ---------------------------------------------------------
-def bundle_files(model: str | Path | None) -> dict[str, bytes]:
+def bundle_files(model: str | Path | Bundle | None) -> dict[str, bytes]:
     """A verified bundle's files by name (the manifest and what it lists)."""
-    b = load_bundle(model)
+    b = model if isinstance(model, Bundle) else load_bundle(model)
     names = [MANIFEST, *b.manifest["files"]]
     return {name: (b.path / name).read_bytes() for name in names}
 
@@ -490,7 +490,9 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         check_new_file(rej_path, force=force, option="--rejects", owner=owner)
     if rej_path is not None and folder and dst.resolve() in rej_path.resolve().parents:
         raise AnnotateError(f"{rej_path}: --rejects is inside the --output folder; choose another path")
-    bundle = bundle_files(model)  # a bad bundle fails before Ray starts
+    loaded = load_bundle(model)  # a bad bundle fails before Ray starts
+    check_paths([], outputs, apart=[loaded.path])  # never inside the bundle it reads
+    bundle = bundle_files(loaded)
     summary = RaySummary(str(src), str(dst), str(rej_path) if rej_path else None, files=len(files),
                          skipped_csv=skipped_csv, skipped_other=skipped_other,
                          earlier_rejects=earlier_rejects(dst, on_error))

@@ -110,6 +110,10 @@ class TrainConfig:
                     problem = f"must be in {what}"
             if problem:
                 raise ValueError(f"{source}: {f.name} {problem}, got {value!r}")
+        if self.best_metric == "kendall_tau" and self.eval_rows == 1:  # (was: tau "0" at every
+            # evaluation, and the checkpoint picked on it; eval says n/a for one row)
+            raise ValueError(f"{source}: eval_rows 1: best_metric kendall_tau needs at least 2 held-out rows "
+                             "(a rank correlation over one row is undefined)")
         if not self.encoder.strip():  # was refused only after the data was read
             raise ValueError(f"{source}: encoder: empty; 'minilm' or a local Hugging Face encoder folder")
         self._check_buckets(source)

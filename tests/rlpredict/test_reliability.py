@@ -638,6 +638,8 @@ def test_a_config_whose_data_is_not_paths_is_named(tmp_path, data, msg):
     ("buckets = [0.5, inf]", r"buckets: edges are token counts: whole numbers >= 1 \(and inf last\), got 0.5"),
     ("buckets = [32, inf, inf]", r"buckets: edges are token counts: whole numbers >= 1 \(and inf last\), got inf"),
     ('encoder = " "', "encoder: empty"),
+    # was: tau "0" at every evaluation and the checkpoint picked on it (a reviewer's recipe)
+    ('best_metric = "kendall_tau"\neval_rows = 1', "eval_rows 1: best_metric kendall_tau needs at least 2"),
     # were ignored: ``max_steps = 0`` above ``[train]`` trained with the default
     ("max_steps = 0\n[train]\nmax_steps = 2", r"'max_steps' outside the \[train\] table would be ignored"),
     ("train = 5", "train: expected a table"),
@@ -736,6 +738,17 @@ def test_annotate_counts_rows_a_generator_bundle_predicts_without_one(tmp_path):
     src.write_text('{"prompt": "a long essay", "prompt": "hi"}\n')
     res = run("annotate", src, "-o", tmp_path / "o.jsonl", "-m", default_bundle_path(), "--force")
     assert res.exit_code == 2 and "key 'prompt' is given twice" in res.output
+
+
+def test_annotate_never_writes_inside_the_bundle_it_reads(bundle_fp32, tmp_path):
+    """Was: written there (a reviewer's `annotate held.jsonl -o b6/x.jsonl -m b6`), where
+    calibrate and export refuse an output inside their input."""
+    bundle = tmp_path / "b"
+    shutil.copytree(bundle_fp32, bundle)
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "a"}\n')
+    one_error_line(run("annotate", src, "-o", bundle / "x.jsonl", "-m", bundle), "lies inside the input")
+    assert not (bundle / "x.jsonl").exists()
 
 
 def test_annotate_reads_the_generator_where_training_reads_it(tmp_path):
