@@ -328,7 +328,7 @@ def test_an_output_folder_of_the_user_is_refused_before_the_work(tmp_path: Path)
 
 def test_no_output_is_written_into_the_shared_data(tmp_path: Path) -> None:
     """Results are not written inside the data folder a script reads (a reviewer's `--out
-    ../shared/data/sg` and `--json ../shared/data/x.json` were written there)."""
+    DATA/sg` and `--json DATA/x.json` were written into the --shared folder DATA)."""
     data = tmp_path / "data"
     data.mkdir()
     _one_error(_run("benchmarks/scenario_grid.py", "--shared", data, "--out", data / "sg"), "lies inside the input")
