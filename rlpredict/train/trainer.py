@@ -614,9 +614,15 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
     step_log.trainer = patience.trainer = trainer
 
     state.wait_for_everyone()  # every process has checked the folders before the main one writes
+    # --force: the earlier run's checkpoints wait beside the folder until this run has one of
+    # its own (was: deleted as it started, so an interrupted rerun lost them)
+    previous: Path | None = None
     if state.is_main_process and cfg.save_checkpoints and not resume:
-        if ckpt.exists():  # checked: empty, or (with --force) written entirely by us
-            shutil.rmtree(ckpt)
+        if ckpt.exists() and any(ckpt.iterdir()):  # checked: written entirely by us (with --force)
+            previous = Path(tempfile.mkdtemp(prefix=f".{ckpt.name}.", suffix=".part", dir=ckpt.parent))
+            os.replace(ckpt, previous / "previous")
+        elif ckpt.exists():  # empty
+            ckpt.rmdir()
         ckpt.mkdir(parents=True)
         write_text_atomic(ckpt / RUN_CONFIG, json.dumps({"config": cfg.to_dict(), "data_files": _data_files(cfg)},
                                                         indent=2) + "\n")
@@ -645,10 +651,17 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
             result = trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
     except BaseException:
         # Stopped before its first complete checkpoint: nothing to resume from, and a folder
-        # left behind would only block the same command (which would need --force).
+        # left behind would only block the same command (which would need --force); the
+        # earlier run's checkpoints, if any, go back in place.
         if state.is_main_process and cfg.save_checkpoints and not resume and latest_checkpoint(ckpt) is None:
             shutil.rmtree(ckpt, ignore_errors=True)
+            if previous is not None:
+                os.replace(previous / "previous", ckpt)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
         raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
 
     losses = torch.stack(trainer.step_losses).float() if trainer.step_losses else torch.zeros(0)
     if world > 1:  # the global batch's loss = the mean of the processes' (equal-sized) shares

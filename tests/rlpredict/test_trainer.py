@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,25 @@ class _Stop(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         raise KeyboardInterrupt
+
+
+def test_an_interrupted_forced_rerun_keeps_the_earlier_checkpoints(tiny_encoder, prepared, one_process, tmp_path):
+    """``--force`` replaces the earlier run's checkpoints only once the new run has one (was:
+    deleted as it started, so a rerun stopped before its first checkpoint lost them: a
+    reviewer's SIGTERM 12 s into `train --force`)."""
+    _, full = one_process
+    ckpt = tmp_path / "model-checkpoints"
+    shutil.copytree(Path(full["trainer"]["checkpoint_dir"]), ckpt)
+    before = sorted(p.relative_to(ckpt) for p in ckpt.rglob("*"))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(tiny_encoder), tmp_path / "model", prepared=prepared, progress=False, force=True,
+              callbacks=[_Stop()])
+    assert sorted(p.relative_to(ckpt) for p in ckpt.rglob("*")) == before
+    assert latest_checkpoint(ckpt).name == "checkpoint-6" and not list(tmp_path.glob(".model-checkpoints.*"))
+    with pytest.raises(KeyboardInterrupt):  # stopped after its own first checkpoint: that one is kept
+        train(tiny_cfg(tiny_encoder), tmp_path / "model", prepared=prepared, progress=False, force=True,
+              callbacks=[_Crash(2)])
+    assert latest_checkpoint(ckpt).name == "checkpoint-2" and not list(tmp_path.glob(".model-checkpoints.*"))
 
 
 def test_an_early_stop_ends_with_the_best_model_with_or_without_checkpoints_and_resumed(tiny_encoder, prepared,
