@@ -247,6 +247,16 @@ def _check_same_run(cfg: TrainConfig, ckpt: Path) -> None:
                          f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
 
 
+def _check_same_rows(ckpt: Path, train_rows: str) -> None:
+    """``--resume`` trains on the rows the interrupted run trained on (was: data changed under the
+    same path went on without a word, and the summary named the new file beside a best MAE
+    measured on the old one). A run recorded before the rows were is not checked."""
+    recorded = json.loads((ckpt / RUN_CONFIG).read_text(encoding="utf-8")).get("train_rows_sha256")
+    if recorded is not None and recorded != train_rows:
+        raise ValueError(f"{ckpt}: --resume on other training rows than the interrupted run's (its data changed: "
+                         "train_rows_sha256 differs); run without --resume (with --force) to train on them")
+
+
 # ---- the Trainer -----------------------------------------------------------------------------------
 class LengthGroupedSampler(torch.utils.data.Sampler[int]):
     """Indices in length-grouped *global* batches (``length_grouped_batches``, short batch last).
@@ -536,6 +546,9 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
     if cfg.threads:  # at most the cores this process may use, as the predictor's threads
         torch.set_num_threads(min(cfg.threads, usable_cores()))
     prep = prepared or prepare(cfg)
+    train_rows = rows_sha256(prep.train)  # which rows it trains on (the summary's, and --resume's check)
+    if resume:
+        _check_same_rows(ckpt, train_rows)
     scheme = prep.scheme
     world = world_size()
     replicas = world * (max(1, torch.cuda.device_count()) if world == 1 else 1)  # a lone process uses every GPU
@@ -624,8 +637,8 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
         elif ckpt.exists():  # empty
             ckpt.rmdir()
         ckpt.mkdir(parents=True)
-        write_text_atomic(ckpt / RUN_CONFIG, json.dumps({"config": cfg.to_dict(), "data_files": _data_files(cfg)},
-                                                        indent=2) + "\n")
+        write_text_atomic(ckpt / RUN_CONFIG, json.dumps({"config": cfg.to_dict(), "data_files": _data_files(cfg),
+                                                         "train_rows_sha256": train_rows}, indent=2) + "\n")
         mark_owned(ckpt, CHECKPOINT_TOOL, [RUN_CONFIG])
     state.wait_for_everyone()
     resumed = latest_checkpoint(ckpt) if resume else None
@@ -690,7 +703,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
     # a checkpoint without them (an earlier version's)
     info = dict(step=st.global_step, steps_run=steps_run, seen=seen, seen_run=seen - prior_seen * world,
                 losses=losses.cpu().tolist(), train_s=time.time() - t0, loop_s=loop_s, run=run, evals=evals,
-                best=next((e for e in evals if e["step"] == best_step), None))
+                best=next((e for e in evals if e["step"] == best_step), None), train_rows=train_rows)
     if not state.is_main_process:
         return _summary(cfg, prep, scheme, **info)
     with output_dir(out_dir, force=force, tool=TRAIN_TOOL) as tmp:
@@ -704,7 +717,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
 
 def _summary(cfg: TrainConfig, prep: Prepared, scheme: BucketScheme, *, step: int, steps_run: int, seen: int,
              seen_run: int, losses: list[float], train_s: float, loop_s: float, run: dict, evals: list[dict],
-             best: dict | None) -> dict:
+             best: dict | None, train_rows: str) -> dict:
     window = max(1, min(50, len(losses) // 5))
     mean = (lambda xs: float(np.mean(xs)) if xs else None)  # noqa: E731  (None: no step run, strict JSON)
     return {
@@ -716,7 +729,7 @@ def _summary(cfg: TrainConfig, prep: Prepared, scheme: BucketScheme, *, step: in
                  "train_sources": dict(sorted(_count_by(prep.train, "source").items())),
                  "split": {"by": "group (conversation_id / prompt_id / context hash)",
                            "rule": cfg.split_rule, "test_frac": cfg.test_frac, "seed": cfg.split_seed,
-                           "train_rows_sha256": rows_sha256(prep.train)}},
+                           "train_rows_sha256": train_rows}},
         "buckets": {"edges": [None if math.isinf(e) else e for e in scheme.edges], "train_counts": list(scheme.counts)},
         "steps": step, "steps_this_run": steps_run, "examples_seen": seen,
         "loss_first": mean(losses[:window]), "loss_last": mean(losses[-window:]),

@@ -147,6 +147,25 @@ def test_resume_continues_an_interrupted_run(tiny_encoder, prepared, one_process
     assert s["eval_best"]["mae"] == pytest.approx(full["eval_best"]["mae"], abs=1e-6)
 
 
+def test_resume_refuses_rows_that_changed_under_the_same_path(tiny_encoder, tmp_path):
+    """Was: a log replaced under the same path went on without a word, and the summary named the
+    new file beside a best MAE measured on the old one (a reviewer's `train --resume`)."""
+    import gzip
+
+    data = tmp_path / "logs.jsonl"
+    lines = gzip.decompress(Path(DATA[0]).read_bytes()).decode().splitlines(keepends=True)
+    data.write_text("".join(lines[:60]))
+    cfg = tiny_cfg(tiny_encoder, data=[str(data)])
+    out = tmp_path / "model"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, progress=False, callbacks=[_Crash(2)])
+    data.write_text("".join(lines[60:120]))  # other rows, the same path
+    with pytest.raises(ValueError, match="--resume on other training rows than the interrupted run's"):
+        train(cfg, out, progress=False, resume=True)
+    data.write_text("".join(lines[:60]))  # the same rows again: it resumes
+    assert train(cfg, out, progress=False, resume=True)["trainer"]["resumed_from"].endswith("checkpoint-2")
+
+
 class _Stop(TrainerCallback):
     """Ctrl-C at the first step, before any checkpoint."""
 
