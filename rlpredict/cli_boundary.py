@@ -448,8 +448,10 @@ def arg_path(text: str) -> Path:
 def arg_file(text: str) -> Path:
     """``arg_path`` for a file output: one that ends in a path separator names a folder (was:
     ``--json out/`` wrote a file named ``out``)."""
+    from rlpredict.outputs import names_a_folder
+
     path = arg_path(text)
-    if text.endswith(("/", os.sep)):
+    if names_a_folder(text):
         raise argparse.ArgumentTypeError(f"{text!r} ends in '/', a folder; give a file name")
     return path
 

@@ -145,10 +145,12 @@ def _get(row: Mapping, dotted: str) -> Any:
     return cur
 
 
-def _first(row: Mapping, names: Iterable[str]) -> tuple[str | None, Any]:
+def _first(row: Mapping, names: Iterable[str], unset: Callable[[Any], bool] = lambda v: v is None or v == ""
+           ) -> tuple[str | None, Any]:
+    """The first of ``names`` (dotted paths) whose value is not ``unset``, with it."""
     for n in names:
         v = _get(row, n)
-        if v is not None and v != "":
+        if not unset(v):
             return n, v
     return None, None
 
@@ -223,8 +225,7 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
     raw_id = row.get(fields.id)
     rid = (_key(raw_id, loc, fields.id) if raw_id is not None and raw_id != ""  # an id of 0 is an id
            else hashlib.sha1(loc.encode()).hexdigest()[:12])
-    gen_name, generator = next(((n, v) for n in fields.generator if not names_nothing(v := _get(row, n))),
-                               (None, None))  # ``records.generator_of``'s rule
+    gen_name, generator = _first(row, fields.generator, names_nothing)  # ``records.generator_of``'s rule
     if generator is not None and not isinstance(generator, str):
         raise DataError(loc, f"expected a string, got {SHORT.repr(generator)}", gen_name, kind="expected a string")
     if generator is not None and not is_valid_unicode(generator):  # as ``records.generator_of``

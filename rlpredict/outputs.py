@@ -207,6 +207,12 @@ def check_parent(path: str | Path, option: str) -> None:
             return
 
 
+def names_a_folder(path: str | Path) -> bool:
+    """A path given as text that ends in a path separator: a folder to be, not a file (``Path``
+    drops the slash, so a file output is checked as the option's text)."""
+    return isinstance(path, str) and path.endswith(("/", os.sep))
+
+
 def check_new_file(path: str | Path, *, force: bool, option: str, owner: str | None = None) -> None:
     """Refuse a file output that exists (unless ``force``), that is a folder (or, given as the
     option's text, ends in a path separator), that a tool of ours other than ``owner`` (the
@@ -215,8 +221,7 @@ def check_new_file(path: str | Path, *, force: bool, option: str, owner: str | N
     p = Path(path)
     if p.is_dir():
         raise OutputError(f"{p}: {option} is a folder; give a file name")
-    if isinstance(path, str) and path.endswith(("/", os.sep)):  # a folder to be (was: written as a
-        # file of that name: ``Path`` drops the slash, so give the option's text as typed)
+    if names_a_folder(path):  # (was: written as a file of that name)
         raise OutputError(f"{path}: {option} ends in '/', a folder; give a file name")
     tool, owned = _record(p.parent)
     if p.name == OWNER_FILE or (p.name in owned and (owner is None or tool != owner)):  # was: taken with
