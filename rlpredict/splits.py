@@ -14,13 +14,19 @@ rule (``SPLIT_RULES``) says what a group is:
   the training side, never off it: a model's training rows stay there when ``eval`` or
   ``calibrate`` reads more data than the training did. The default for new trainings; a split
   that records no rule (every bundle before this one existed) is an ``id`` split.
+
+As data shrinks, a joined group can come apart: given a log without the training-side copy, an
+id the join kept on the training side would be held out. So a training records those ids
+(``pinned``: ``pin_key`` of each id that ``in_test`` holds out but the join trained), and a
+split given them (``split_by_group(..., pinned=...)``) keeps them on the training side whatever
+data it reads. Ids are recorded as short digests, never as written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -60,14 +66,22 @@ def group_keys(samples: Sequence[Any], rule: str = RECORDLESS_RULE) -> list[str]
     return [root((0, s.group))[1] for s in samples]
 
 
-def split_by_group(items: Sequence[T], test_frac: float = 0.1, seed: int = 0,
-                   rule: str = RECORDLESS_RULE) -> tuple[list[T], list[T]]:
-    """(train, test) with every group (``group_keys`` under ``rule``) wholly on one side; a
-    group of several ids (``copies``) is held out only if each id is."""
+def pin_key(group: str) -> str:
+    """How a split record names a group's id (``pinned``): 16 hex digits of its sha256."""
+    return hashlib.sha256(group.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def split_with_pins(items: Sequence[T], test_frac: float = 0.1, seed: int = 0, rule: str = RECORDLESS_RULE,
+                    pinned: Collection[str] = ()) -> tuple[list[T], list[T], list[str]]:
+    """``split_by_group``'s (train, test), and the ``pin_key`` of each id that ``in_test`` holds
+    out but that trains here (joined to a training-side id, or in ``pinned``), sorted: what a
+    training records so that a later split of less data keeps them on its side."""
     if not 0.0 < test_frac < 1.0:
         raise ValueError(f"test_frac must be in (0, 1), got {test_frac}")
     keys = group_keys(items, rule)
-    held = {g for g in {s.group for s in items} if in_test(g, test_frac, seed)}  # type: ignore[attr-defined]
+    by_hash = {g for g in {s.group for s in items} if in_test(g, test_frac, seed)}  # type: ignore[attr-defined]
+    pins = frozenset(pinned)
+    held = {g for g in by_hash if not pins or pin_key(g) not in pins}
     if rule != "id":
         for s, key in zip(items, keys, strict=True):
             if s.group not in held:  # type: ignore[attr-defined]
@@ -76,6 +90,16 @@ def split_by_group(items: Sequence[T], test_frac: float = 0.1, seed: int = 0,
     test: list[T] = []
     for s, key in zip(items, keys, strict=True):
         (test if key in held else train).append(s)
+    trained = {s.group for s in train}  # type: ignore[attr-defined]
+    return train, test, sorted(pin_key(g) for g in by_hash & trained)
+
+
+def split_by_group(items: Sequence[T], test_frac: float = 0.1, seed: int = 0,
+                   rule: str = RECORDLESS_RULE, pinned: Collection[str] = ()) -> tuple[list[T], list[T]]:
+    """(train, test) with every group (``group_keys`` under ``rule``) wholly on one side; a
+    group of several ids (``copies``) is held out only if each id is; an id whose ``pin_key``
+    is in ``pinned`` (a training's record) trains."""
+    train, test, _ = split_with_pins(items, test_frac, seed, rule, pinned)
     return train, test
 
 
@@ -92,8 +116,9 @@ def rows_sha256(samples: Sequence[Any]) -> str:
 def recorded_split(manifest: object) -> dict:
     """The train/test split a bundle's manifest recorded (``{test_frac, seed, rule}``; {} if
     none): its evaluation's, else the one ``rlpredict export`` copied from training (first, if
-    the evaluation scored every row: ``eval --split all``). A record without a rule gets
-    ``RECORDLESS_RULE``; an unknown rule is a ``ValueError``."""
+    the evaluation scored every row: ``eval --split all``), with the training's ``pinned`` ids
+    where it recorded them. A record without a rule gets ``RECORDLESS_RULE``; an unknown rule is
+    a ``ValueError``."""
     if not isinstance(manifest, dict):
         return {}
     evaluated = (manifest.get("evaluation") or {}).get("split")
@@ -107,24 +132,33 @@ def recorded_split(manifest: object) -> dict:
     if rule not in SPLIT_RULES:
         raise ValueError(f"the bundle's manifest records split rule {rule!r}, which this version does not "
                          f"know ({', '.join(SPLIT_RULES)}): use the rlpredict that made the bundle")
-    return {**split, "rule": rule}
+    pinned = split.get("pinned") or (trained.get("pinned") if isinstance(trained, dict) else None)
+    return {**split, "rule": rule, **({"pinned": pinned} if pinned else {})}
 
 
 def check_split_record(split: dict, field: str) -> None:
     """``ValueError("FIELD.KEY: ...")`` for a recorded split (``rlpredict train``'s summary, a
     bundle's ``training_split`` or ``evaluation.split``) whose values are of the wrong kind: a
     ``test_frac`` in (0, 1), a whole ``seed`` >= 0, a ``rule`` named by a string, a
-    ``train_rows_sha256`` of 64 hex digits. Absent keys pass (the readers' defaults)."""
-    frac, seed, rule, rows = (split.get(k) for k in ("test_frac", "seed", "rule", "train_rows_sha256"))
+    ``train_rows_sha256`` of 64 hex digits, ``pinned`` ids of 16. Absent keys pass (the readers' defaults)."""
+    frac, seed, rule, rows, pinned = (split.get(k) for k in ("test_frac", "seed", "rule", "train_rows_sha256",
+                                                              "pinned"))
     if frac is not None and (isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 < frac < 1):
         raise ValueError(f"{field}.test_frac: must be a number in (0, 1), got {frac!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"{field}.seed: must be a whole number >= 0, got {seed!r}")
     if rule is not None and not isinstance(rule, str):
         raise ValueError(f"{field}.rule: must be one of {', '.join(SPLIT_RULES)}, got {rule!r}")
-    if rows is not None and not (isinstance(rows, str) and len(rows) == 64
-                                 and all(c in "0123456789abcdef" for c in rows)):
+    if rows is not None and not _hex(rows, 64):
         raise ValueError(f"{field}.train_rows_sha256: must be 64 lowercase hex digits, got {rows!r}")
+    if pinned is not None:
+        bad = pinned if not isinstance(pinned, list) else next((k for k in pinned if not _hex(k, 16)), None)
+        if bad is not None:
+            raise ValueError(f"{field}.pinned: must be a list of ids as 16 lowercase hex digits, got {bad!r}")
+
+
+def _hex(value: object, digits: int) -> bool:
+    return isinstance(value, str) and len(value) == digits and all(c in "0123456789abcdef" for c in value)
 
 
 def check_same_split(recorded: dict, given: dict[str, tuple[str, object]], fix: str) -> None:

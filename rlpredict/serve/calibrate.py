@@ -61,7 +61,7 @@ def held_out(samples: Sequence[Sample], manifest: dict, split: str, test_frac: f
         raise ValueError("the bundle records no train/test split; pass --test-frac and --seed as "
                          "used in training, or --split all for logs the model never saw")
     rule = recorded.get("rule", RECORDLESS_RULE)
-    _, test = split_by_group(samples, float(test_frac), int(seed), rule)
+    _, test = split_by_group(samples, float(test_frac), int(seed), rule, recorded.get("pinned", ()))
     return test, f"held-out side of the training split (test_frac {test_frac}, seed {seed}, rule {rule})"
 
 

@@ -66,7 +66,8 @@ def predict_proba_torch(model_dir: str | Path, texts: Sequence[str], spec: Input
 
 def recorded_split(path: Path) -> dict:
     """The held-out split ``rlpredict train`` recorded in ``training_summary.json``
-    (``{test_frac, seed, rule}``, and ``train_rows_sha256`` if recorded; {} without the file or the record; ``rule``
+    (``{test_frac, seed, rule}``, and ``train_rows_sha256`` and ``pinned`` if recorded; {} without the file or the
+    record; ``rule``
     ``RECORDLESS_RULE`` if not recorded); ``ValueError`` naming the file if a value is of the wrong kind."""
     if not path.is_file():
         return {}
@@ -84,8 +85,10 @@ def recorded_split(path: Path) -> dict:
     if rule not in SPLIT_RULES:
         raise ValueError(f"{path}: field 'data.split.rule' must be one of {', '.join(SPLIT_RULES)}, got {rule!r}")
     rows = split.get("train_rows_sha256")  # the encoder's training rows (``splits.rows_sha256``)
+    pinned = split.get("pinned")  # ids the join trained (``splits.split_with_pins``)
     return {"test_frac": frac, "seed": seed, "rule": rule,
-            **({"train_rows_sha256": rows} if isinstance(rows, str) else {})}
+            **({"train_rows_sha256": rows} if isinstance(rows, str) else {}),
+            **({"pinned": pinned} if pinned else {})}
 
 
 def recorded_data(path: Path) -> list[str]:
@@ -138,6 +141,7 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
     baseline training row (a copy of ``data``); some are counted (``baseline_train_overlap``).
     """
     model_data: list[str] = []
+    pinned: list[str] = []  # ids the model's split trained though their hash holds them out
     if model_dir is not None:
         meta = ModelMeta.load(model_dir)
         check_positions(model_dir, meta.input.max_length, f"model {model_dir}")  # before the data
@@ -147,6 +151,7 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
         test_frac = test_frac if test_frac is not None else recorded.get("test_frac", 0.1)
         split_seed = split_seed if split_seed is not None else recorded.get("seed", 0)
         split_rule = split_rule or recorded.get("rule")
+        pinned = recorded.get("pinned", [])
     split_rule = split_rule or RECORDLESS_RULE
     if meta is None:
         raise ValueError("give a model folder, or a ModelMeta to score baselines alone")
@@ -154,7 +159,7 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
     attach_rl(samples, meta.rl_tokenizer)
     baseline_report = None
     if split == "test":
-        train, test = split_by_group(samples, test_frac or 0.1, split_seed or 0, split_rule)
+        train, test = split_by_group(samples, test_frac or 0.1, split_seed or 0, split_rule, pinned)
     elif split == "all":
         test = samples
         train = []

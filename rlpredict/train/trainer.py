@@ -22,7 +22,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ from rlpredict.outputs import (
     write_text_atomic,
 )
 from rlpredict.serve.runtime import usable_cores
-from rlpredict.splits import rows_sha256, split_by_group
+from rlpredict.splits import rows_sha256, split_with_pins
 from rlpredict.train.config import RESUMABLE_CHANGES, TrainConfig
 from rlpredict.train.encoders import check_loaded, check_positions, encoder_path
 from rlpredict.train.metrics import rl_metrics
@@ -73,6 +73,7 @@ class Prepared:
     scheme: BucketScheme
     report: LoadReport
     training_side: int = 0  # samples on the training side of the split, before the subsample
+    pinned: list[str] = field(default_factory=list)  # the split's trained ids that in_test holds out
 
 
 def make_scheme(spec: str | list[float], train_rl: np.ndarray, reserve_quantile: float) -> BucketScheme:
@@ -99,7 +100,7 @@ def check_has_data(cfg: TrainConfig) -> None:
 def subsample(cfg: TrainConfig, samples: list[Sample], report: LoadReport) -> tuple[Prepared, list[Sample]]:
     """``prepare`` on loaded samples (RL attached): the group split, the seeded subsample of the
     training side, the scheme; also the whole training side (``rlpredict stack`` fits on it)."""
-    train, test = split_by_group(samples, cfg.test_frac, cfg.split_seed, cfg.split_rule)
+    train, test, pinned = split_with_pins(samples, cfg.test_frac, cfg.split_seed, cfg.split_rule)
     side = train
     rng = random.Random(cfg.seed)
     if cfg.max_rows_per_source:
@@ -120,7 +121,7 @@ def subsample(cfg: TrainConfig, samples: list[Sample], report: LoadReport) -> tu
         raise ValueError(f"every training response falls in one bucket of {scheme.n_buckets} "
                          f"(edges {[None if math.isinf(e) else e for e in scheme.edges]}): a classifier "
                          "needs at least two; give more varied data or other bucket edges")
-    return Prepared(train, test, scheme, report, len(side)), side
+    return Prepared(train, test, scheme, report, len(side), pinned), side
 
 
 def class_weights(labels: np.ndarray, k: int, mode: str) -> np.ndarray:
@@ -729,7 +730,8 @@ def _summary(cfg: TrainConfig, prep: Prepared, scheme: BucketScheme, *, step: in
                  "train_sources": dict(sorted(_count_by(prep.train, "source").items())),
                  "split": {"by": "group (conversation_id / prompt_id / context hash)",
                            "rule": cfg.split_rule, "test_frac": cfg.test_frac, "seed": cfg.split_seed,
-                           "train_rows_sha256": train_rows}},
+                           "train_rows_sha256": train_rows,
+                           **({"pinned": prep.pinned} if prep.pinned else {})}},
         "buckets": {"edges": [None if math.isinf(e) else e for e in scheme.edges], "train_counts": list(scheme.counts)},
         "steps": step, "steps_this_run": steps_run, "examples_seen": seen,
         "loss_first": mean(losses[:window]), "loss_last": mean(losses[-window:]),

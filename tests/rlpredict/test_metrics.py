@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlpredict.buckets import BucketScheme
-from rlpredict.splits import SPLIT_RULES, recorded_split, split_by_group
+from rlpredict.splits import (
+    SPLIT_RULES,
+    check_split_record,
+    recorded_split,
+    split_by_group,
+    split_with_pins,
+)
 from rlpredict.train.metrics import confusion, decode, quantile_tag, rl_metrics
 
 
@@ -93,6 +99,49 @@ def test_the_copies_rule_joins_ids_that_share_a_row_and_is_the_id_split_elsewher
     for cut in range(len(items)):
         part_train, _ = split_by_group(items[:cut], 0.5, seed, "copies")
         assert not {id(s) for s in part_train} & held
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 4), st.integers(0, 1)), min_size=1, max_size=30),
+       st.integers(0, 5), st.sampled_from(SPLIT_RULES), st.data())
+def test_a_split_given_the_trainings_pins_never_holds_out_a_trained_row_of_less_data(rows, seed, rule, data):
+    """Rows removed (``eval`` or ``calibrate`` given part of the training's log) can split a
+    joined group; the ids the training pinned keep its trained rows on the training side. Was:
+    `a` and `b` share a row, `a` hashes to the held-out side, `b` trains both; given `a`'s rows
+    alone, the split held them out."""
+    items = [_row(f"c{g}", f"q{p}", f"a{r}") for g, p, r in rows]
+    train, _, pins = split_with_pins(items, 0.5, seed, rule)
+    assert (train, _) == split_by_group(items, 0.5, seed, rule)
+    if rule == "id":
+        assert pins == []
+    trained = {id(s) for s in train}
+    keep = data.draw(st.lists(st.booleans(), min_size=len(items), max_size=len(items)))
+    part = [s for s, k in zip(items, keep, strict=True) if k]
+    _, part_test = split_by_group(part, 0.5, seed, rule, pins)
+    assert not {id(s) for s in part_test} & trained
+    # and a held-out row stays held out when nothing is removed
+    assert split_by_group(items, 0.5, seed, rule, pins) == split_by_group(items, 0.5, seed, rule)
+    check_split_record({"pinned": pins}, "data.split")
+
+
+def test_pins_by_hand():
+    a, b = next((f"a{i}", f"b{j}") for i in range(50) for j in range(50)
+                if split_by_group([_row(f"a{i}", "q", "r")], 0.5, 0)[1]
+                and not split_by_group([_row(f"b{j}", "q", "r")], 0.5, 0)[1])
+    log = [_row(a, "q", "r"), _row(b, "q", "r"), _row(a, "q2", "r2")]
+    _train, test, pins = split_with_pins(log, 0.5, 0, "copies")
+    assert test == [] and len(pins) == 1
+    part = log[::2]  # `a`'s rows alone
+    assert split_by_group(part, 0.5, 0, "copies")[1] == part  # held out: both trained
+    assert split_by_group(part, 0.5, 0, "copies", pins) == (part, [])
+    with pytest.raises(ValueError, match=r"data\.split\.pinned: must be a list of ids as 16 lowercase hex digits, got 'x'"):
+        check_split_record({"pinned": ["x"]}, "data.split")
+    with pytest.raises(ValueError, match="got 'abc'"):
+        check_split_record({"pinned": "abc"}, "training_split")
+    # a bundle's evaluation record gives the split; the training's pins still apply
+    manifest = {"evaluation": {"split": {"test_frac": 0.5, "seed": 0, "rule": "copies"}},
+                "training_split": {"test_frac": 0.5, "seed": 0, "rule": "copies", "pinned": pins}}
+    assert recorded_split(manifest)["pinned"] == pins
 
 
 def test_quantile_names_are_annotates():

@@ -486,6 +486,24 @@ def test_the_check_division_is_salted_from_the_training_seed() -> None:
         divide([SimpleNamespace(group="g", id=f"r{i}") for i in range(9)], {}, "all", None, 0.5, ["x.jsonl"])
 
 
+def test_calibrate_keeps_the_trainings_pinned_ids_off_its_held_out_side() -> None:
+    """A bundle's ``training_split.pinned`` (ids the training's join trained, though their hash
+    holds them out) keeps them out of the calibration pool, as out of ``eval``'s test side."""
+    from types import SimpleNamespace
+
+    from rlpredict.serve.calibrate import held_out
+    from rlpredict.splits import in_test, pin_key
+
+    samples = [SimpleNamespace(group=f"g{i}", id=f"g{i}") for i in range(400)]
+    held = [s.group for s in samples if in_test(s.group, 0.2, 0)]
+    split = {"test_frac": 0.2, "seed": 0, "rule": "id"}
+    pool, _ = held_out(samples, {"training_split": split}, "test", None, None)
+    assert [s.group for s in pool] == held
+    pinned = sorted(pin_key(g) for g in held[:3])
+    pool, _ = held_out(samples, {"training_split": {**split, "pinned": pinned}}, "test", None, None)
+    assert [s.group for s in pool] == held[3:]
+
+
 def test_a_calibration_the_loader_would_refuse_is_not_written() -> None:
     """Token counts ~2^52 gave log offsets past 20: ``calibrate`` wrote the bundle, exit 0, and
     every later load refused it. ``fit`` refuses now, naming the count field."""

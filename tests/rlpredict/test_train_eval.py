@@ -162,3 +162,46 @@ def test_the_verdict_says_when_the_held_out_rows_cannot_tell_the_two_apart():
 def test_a_misspelt_recipe_key_gets_the_nearest_name():
     with pytest.raises(ValueError, match=r"r\.toml: unknown setting\(s\) max_step \(did you mean max_steps\?\); known:"):
         TrainConfig.from_dict({"max_step": 3}, source="r.toml")
+
+
+def test_eval_keeps_the_trainings_pinned_ids_on_its_training_side(trained, tmp_path):
+    """`a` and `b` hold one row; `a` hashes to the held-out side, `b` to the training side, so
+    training joined them and trained both. `eval` given a log without `b` held `a` out: it scored
+    rows the model trained on. The training records `a` (``pinned``) and eval keeps it apart."""
+    import shutil
+
+    from rlpredict.data import load_samples
+    from rlpredict.splits import in_test, pin_key
+
+    def rows(pid: str, n: int) -> list[dict]:
+        return [{"prompt_id": pid, "prompt": f"{pid} question {i}", "response": "word " * (5 + 40 * i)}
+                for i in range(n)]
+
+    def write(path, rs):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rs))
+        return str(path)
+
+    log = [r for k in range(40) for r in rows(f"p{k}", 3)]
+    probe = write(tmp_path / "probe.jsonl", log)
+    group = {s.group: s for s in load_samples([probe])[0]}
+    held = [g for g in group if in_test(g, 0.25, 0)]
+    kept = [g for g in group if not in_test(g, 0.25, 0)]
+    a, b = held[0], kept[0]
+    shared = {"prompt": "the same question", "response": "the same answer " * 30}
+    pid = {s.group: r["prompt_id"] for s, r in zip(load_samples([probe])[0], log, strict=True)}
+    whole = write(tmp_path / "whole.jsonl", [*log, {"prompt_id": pid[a], **shared}, {"prompt_id": pid[b], **shared}])
+    part = write(tmp_path / "part.jsonl", [r for r in log if r["prompt_id"] != pid[b]] + [{"prompt_id": pid[a], **shared}])
+    prep = prepare(TrainConfig(data=[whole], test_frac=0.25, split_seed=0, split_rule="copies"))
+    assert pin_key(a) in prep.pinned and a not in {s.group for s in prep.test}
+
+    out, _ = trained
+    model = tmp_path / "model"
+    shutil.copytree(out, model)
+    summary = json.loads((model / "training_summary.json").read_text())
+    summary["data"]["split"] = {"rule": "copies", "test_frac": 0.25, "seed": 0, "pinned": prep.pinned}
+    (model / "training_summary.json").write_text(json.dumps(summary))
+    _, _, test = evaluate(model, [part], baselines=["constant"])
+    assert a not in {s.group for s in test} and test
+    del summary["data"]["split"]["pinned"]  # a model trained before pins were recorded
+    (model / "training_summary.json").write_text(json.dumps(summary))
+    assert a in {s.group for s in evaluate(model, [part], baselines=["constant"])[2]}
