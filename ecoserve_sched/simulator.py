@@ -24,7 +24,7 @@ import numpy as np
 
 from .faults import NEVER, Faults
 from .policies import Scheduler, get_policy
-from .predictions import Confusion, apply_predictions, default_source
+from .predictions import SOURCES, Confusion, apply_predictions, default_source
 from .request import SLO, Request, check_servable
 from .serving import Executor, LogRow, SimResult, serve
 from .trace import Trace
@@ -251,6 +251,8 @@ def run(trace: Trace, policy: str, cost: Any, *, slo: SLO | None = None,
         raise TypeError(f"run: slo must be an SLO(ttft_s, tbt_s), got {type(slo).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"run: seed must be a whole number >= 0, got {seed!r}")
+    if predictions is not None and predictions not in SOURCES:  # was: ignored where the policy reads none
+        raise ValueError(f"run: predictions must be one of {', '.join(SOURCES)}, got {predictions!r}")
     slo = slo or SLO()
     if policy.endswith("vllm-real"):  # vLLM's own scheduler class (engines/vllm_sim.py)
         from .engines.vllm_sim import run_real

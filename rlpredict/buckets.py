@@ -113,8 +113,13 @@ class BucketScheme:
     @classmethod
     def log_spaced(cls, n: int, low: float = 16, high: float = 2048) -> BucketScheme:
         """``n`` buckets with log-spaced upper edges from ``low`` to ``high``, then inf."""
-        if n < 2:
-            raise ValueError("need at least 2 buckets")
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 2 <= n <= 4096:
+            raise ValueError(f"n: the number of buckets, a whole number in [2, 4096], got {n!r}")
+        for name, v in (("low", low), ("high", high)):
+            if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating) or not 0 < v < math.inf:
+                raise ValueError(f"{name}: a token count > 0, got {v!r}")
+        if not low < high:
+            raise ValueError(f"low ({low:g}) must be below high ({high:g})")
         inner = np.unique(np.round(np.geomspace(low, high, n - 1)))
         return cls.from_edges((*inner.tolist(), math.inf))
 
@@ -142,8 +147,14 @@ class BucketScheme:
             if spec == "default":
                 return cls.default()
             if spec.startswith("log:"):
+                if not spec[4:].isdigit():
+                    raise ValueError(f"bucket spec {spec!r}: N in 'log:N' is a whole number of buckets")
                 return cls.log_spaced(int(spec[4:]))
-            raise ValueError(f"unknown bucket spec {spec!r}: use 'default', 'log:N', 'quantile:N' or a list of edges")
+            if spec.startswith("quantile:"):  # the recipe's, which training turns into from_quantiles
+                raise ValueError(f"bucket spec {spec!r} needs the training lengths: "
+                                 "BucketScheme.from_quantiles(rls, N)")
+            raise ValueError(f"unknown bucket spec {spec!r}: use 'default', 'log:N' or a list of edges "
+                             "(a recipe also takes 'quantile:N')")
         edges = [float(e) for e in spec]
         # was: a finite last edge failed in training (a length above it has no bucket), 0.5 was
         # reported as a bad reservation
@@ -156,7 +167,13 @@ class BucketScheme:
     def fit(self, rls: Sequence[int], reserve_quantile: float | None = None) -> BucketScheme:
         """Fill point estimates, reservations and quantile grids from training RLs."""
         q = self.reserve_quantile if reserve_quantile is None else reserve_quantile
+        if isinstance(q, bool) or not isinstance(q, int | float | np.floating) or not 0 < q <= 1:
+            raise ValueError(f"reserve_quantile: must be in (0, 1], got {q!r}")
         x = np.asarray(rls, dtype=float)
+        if x.ndim != 1:
+            raise ValueError(f"rls: expected a sequence of response lengths, got shape {x.shape}")
+        if x.size and not (np.isfinite(x) & (x >= 0)).all():
+            raise ValueError(f"rls: response lengths are finite counts >= 0, got {float(x[~(np.isfinite(x) & (x >= 0))][0]):g}")
         b = self.bucket_of(x)
         point, reserve, grids, counts = [], [], [], []
         for k, (lo, hi) in enumerate(self.bounds):
@@ -190,17 +207,34 @@ class BucketScheme:
         return list(zip((0.0, *self.edges[:-1]), self.edges, strict=True))
 
     def bucket_of(self, tokens: int | Sequence[int] | np.ndarray) -> np.ndarray:
-        """Bucket index of each response length (array in, array out; scalar in, 0-d array)."""
-        return np.searchsorted(self._earr, np.asarray(tokens, dtype=float), side="left")
+        """Bucket index of each response length (array in, array out; scalar in, 0-d array);
+        ``ValueError`` for a length that is negative or not a number (was: NaN got bucket
+        ``n_buckets``, one past the last)."""
+        x = np.asarray(tokens, dtype=float)
+        if x.size and not (x >= 0).all():  # NaN fails it too
+            raise ValueError(f"tokens: response lengths are counts >= 0, got {float(x[~(x >= 0)].flat[0]):g}")
+        return np.searchsorted(self._earr, x, side="left")
 
     def predictive_quantile(self, probs: np.ndarray, q: float) -> np.ndarray:
         """The ``q``-quantile, in tokens, of the length distribution that ``probs`` describes.
 
-        ``probs`` is (n, n_buckets); within a bucket the training RLs' quantile grid is followed.
-        ``q=0.5`` gives the MAE-optimal point prediction.
+        ``probs`` is (n, n_buckets), or one prediction's (n_buckets,) (a 0-d result); within a
+        bucket the training RLs' quantile grid is followed. ``q=0.5`` gives the MAE-optimal point
+        prediction. ``ValueError`` naming ``probs`` or ``q`` for values that describe no
+        distribution (was: a 1-D ``probs`` an AxisError, all zeros an IndexError, ``q=90`` the
+        top of the grid).
         """
         p = np.asarray(probs, dtype=float)
-        p = p / p.sum(axis=1, keepdims=True)
+        if p.ndim == 1:
+            return self.predictive_quantile(p[None, :], q)[0]
+        if p.ndim != 2 or p.shape[1] != self.n_buckets:
+            raise ValueError(f"probs: expected shape (n, {self.n_buckets}) or ({self.n_buckets},), got {p.shape}")
+        total = p.sum(axis=1, keepdims=True)
+        if p.size and not ((p >= 0).all() and (total > 0).all() and np.isfinite(total).all()):
+            raise ValueError("probs: each row must be finite, non-negative numbers with a sum above 0")
+        if isinstance(q, bool) or not isinstance(q, int | float | np.floating | np.integer) or not 0 <= q <= 1:
+            raise ValueError(f"q: must be a number in [0, 1], got {q!r}")
+        p = p / total
         cdf = np.cumsum(p, axis=1)
         k = np.minimum((cdf < q).sum(axis=1), self.n_buckets - 1)
         rows = np.arange(p.shape[0])
@@ -221,6 +255,8 @@ class BucketScheme:
         ``1 + margin``, by ``tokens_up``, at least 1 (a reservation holds a token, as
         ``reserve_tokens`` do; was: 0 where the quantile fell among empty responses, which the
         trace reader refuses). Serving and ``rlpredict eval`` both use it."""
+        if isinstance(margin, bool) or not isinstance(margin, int | float | np.floating) or not 0 <= margin < math.inf:
+            raise ValueError(f"margin: must be a finite number >= 0, got {margin!r}")
         return np.maximum(tokens_up(self.predictive_quantile(probs, q) * (1.0 + margin)), 1)
 
     # ---- serialization ------------------------------------------------------------------------
@@ -238,6 +274,8 @@ class BucketScheme:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "bucket scheme") -> BucketScheme:
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected an object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise ValueError(f"{source}: unknown bucket scheme format {d.get('format')!r} (expected {FORMAT!r})")
         try:

@@ -8,7 +8,9 @@ from .base import Scheduler
 from .interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN_BUDGET, Batch, SchedulerInterface
 from .registry import POLICIES, get_policy, load_entry_points, register
 
-__all__ = ["DEFAULT_MAX_RUNNING", "DEFAULT_TOKEN_BUDGET", "POLICIES", "Batch", "Scheduler",
+# ``registry.POLICIES`` fills as the policy modules load: read the names through ``policy_names``
+# (was exported here, and listed no policy until one was built)
+__all__ = ["DEFAULT_MAX_RUNNING", "DEFAULT_TOKEN_BUDGET", "Batch", "Scheduler",
            "SchedulerInterface", "get_policy", "policy_names", "register"]
 
 
@@ -31,5 +33,7 @@ def _load_all() -> None:
 
 
 def policy_names() -> list[str]:
+    """Every policy ``get_policy`` can build: the built-in ones, then those of installed packages
+    and of ``register`` calls, in the order they were registered."""
     _load_all()
     return list(POLICIES)

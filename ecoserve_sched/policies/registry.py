@@ -27,6 +27,8 @@ def register(name: str, factory: PolicyFactory, *, replace: bool = False) -> Non
     notebook cell run twice)."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"a policy name must be a non-empty string, got {name!r}")
+    if not callable(factory):  # was: accepted, and a TypeError from get_policy at the first use
+        raise TypeError(f"factory: expected a callable that builds the policy from a cost model, got {factory!r}")
     module = getattr(factory, "__module__", "") or ""
     if not module.startswith("ecoserve_sched.policies."):
         # the built-in policies first (was: registered before they were, a policy of one's own

@@ -192,6 +192,7 @@ def test_the_api_names_a_wrong_argument():
     # the policy, the simulation and the spec check their arguments' types (were AttributeErrors
     # deep inside: 'kv_blocks', 'tbt_s', 'step', 'arrival_s'; a path string taken for a trace)
     from ecoserve_sched.compare import Server
+    from ecoserve_sched.policies import register
 
     for call, msg in ((lambda: get_policy("vllm", "llama2-13b-a100-80gb"), "cost must be a cost model"),
                       (lambda: get_policy("ecoserve", cost, slo=1), "slo must be an SLO"),
@@ -199,9 +200,14 @@ def test_the_api_names_a_wrong_argument():
                       (lambda: simulate([1], get_policy("vllm", cost)), "requests must be Request objects, got int"),
                       (lambda: simulate([], "vllm"), "sched must be a scheduler"),
                       (lambda: RunSpec("t.jsonl", cost, SLO()), "trace must be a Trace"),
-                      (lambda: RunSpec(tr, cost, None), "slo must be an SLO")):
+                      (lambda: RunSpec(tr, cost, None), "slo must be an SLO"),
+                      # were: an AttributeError on 'ttft_s'; a factory accepted, failing at its first use
+                      (lambda: summarize(run(tr, "vllm", cost), None), "summarize: slo must be an SLO"),
+                      (lambda: register("mine-int", 123), "factory: expected a callable")):
         with pytest.raises(TypeError, match=msg):
             call()
+    with pytest.raises(ValueError, match="run: predictions must be one of annotated, confusion"):
+        run(tr, "vllm", cost, predictions="annoted")  # was: ignored by a policy that reads none
     from ecoserve_sched.cost_model import ProfileError, load_profile
 
     with pytest.raises(ProfileError, match="empty profile name"):  # was: ".: a folder, not a profile"

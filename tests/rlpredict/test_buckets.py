@@ -89,3 +89,37 @@ def test_one_bucket_label_everywhere():
     assert BucketScheme.default().labels[:3] == ["0-32", "33-64", "65-128"]
     assert BucketScheme.default().labels[-1] == "1025+"
     assert range_label([32, 64, None], 2) == "65+" and range_label([32.5, 64.0, float("inf")], 1) == "33-64"
+
+
+def test_the_api_names_a_wrong_argument():
+    """A reviewer of the public API (December 6, 2026): a 1-D ``probs`` (one ``Prediction``'s, as
+    docs/bundle.md writes ``predictive_quantile(probs, 0.5)``) was an AxisError, all zeros an
+    IndexError, ``q=90`` the top of the grid, NaN lengths the bucket past the last."""
+    s = BucketScheme.default().fit(list(range(1, 3000)))
+    one = np.full(10, 0.1)
+    assert s.predictive_quantile(one, 0.5) == s.predictive_quantile(one[None], 0.5)[0]
+    assert s.median_tokens(one).shape == () and s.quantile_tokens(one, 0.9) >= s.median_tokens(one)
+    for probs, q, msg in ((np.full((1, 10), 0.1), 90, r"q: must be a number in \[0, 1\], got 90"),
+                          (np.full((1, 10), 0.1), float("nan"), "q: must be"),
+                          (np.full((1, 5), 0.2), 0.9, r"probs: expected shape \(n, 10\) or \(10,\), got \(1, 5\)"),
+                          (np.zeros((1, 10)), 0.5, "probs: each row must be finite, non-negative"),
+                          (np.full((2, 10), np.nan), 0.5, "probs: each row"),
+                          (-np.eye(10)[:1], 0.5, "probs: each row")):
+        with pytest.raises(ValueError, match=msg):
+            s.predictive_quantile(probs, q)
+    with pytest.raises(ValueError, match="margin: must be a finite number >= 0, got -5"):
+        s.quantile_tokens(one, 0.9, margin=-5)
+    for tokens in (float("nan"), -5, [3, -1]):
+        with pytest.raises(ValueError, match="tokens: response lengths are counts >= 0"):
+            s.bucket_of(tokens)
+    for call, msg in ((lambda: s.fit([1, 2, 3], reserve_quantile=2), r"reserve_quantile: must be in \(0, 1\], got 2"),
+                      (lambda: s.fit([-5, 10, 20] * 5), "rls: response lengths are finite counts >= 0, got -5"),
+                      (lambda: BucketScheme.log_spaced(4, low=0), "low: a token count > 0, got 0"),
+                      (lambda: BucketScheme.log_spaced(2.5), "n: the number of buckets"),
+                      (lambda: BucketScheme.log_spaced(10**9), r"n: the number of buckets, a whole number in \[2, 4096\]"),
+                      (lambda: BucketScheme.log_spaced(4, low=100, high=10), r"low \(100\) must be below high \(10\)"),
+                      (lambda: BucketScheme.from_spec("quantile:4"), r"needs the training lengths: BucketScheme.from_quantiles"),
+                      (lambda: BucketScheme.from_spec("log:x"), "N in 'log:N' is a whole number"),
+                      (lambda: BucketScheme.from_dict([]), "bucket scheme: expected an object, got list")):
+        with pytest.raises(ValueError, match=msg):
+            call()

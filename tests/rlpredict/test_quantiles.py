@@ -417,9 +417,9 @@ def test_calibrate_splits_fit_and_check_by_the_bundles_rule(bundle_fp32: Path, t
     rules: list[str] = []
     split = cal.split_by_group
 
-    def spy(items, frac, seed, rule="id"):
+    def spy(items, frac, seed, rule="id", pinned=()):
         rules.append(rule)
-        return split(items, frac, seed, rule)
+        return split(items, frac, seed, rule, pinned)
 
     monkeypatch.setattr(cal, "split_by_group", spy)
     for mode in ("test", "all"):
