@@ -634,11 +634,10 @@ class EcoServeMixin:
             "amortized": 0,  # steps given the whole budget as an amortized chunk
             "decodes_first": 0,  # paced steps whose running decodes were put before a prefill ahead of them
         }
-        # Amortized chunks: no prompt tokens before this step while prompts wait; this step's
-        # (paced budget, its time, the decodes' time, decodes, their context, offset, decode tokens)
+        # Amortized chunks: no prompt tokens before this step while prompts wait
         self._repay_until = 0
         self._victims_sorted = -1  # the last step whose running order was sorted for victims
-        self._paced: tuple[int, float, float, int, int, int, int] | None = None
+        self._paced: tuple[int, float, float] | None = None  # (paced budget, its time, decode-only time)
         self._logged: set[str] = set()
         self.clock: Callable[[], float] = time.time  # the simulator swaps in its clock
         self.generator: str | None = None  # the model name given to the predictor (_setup_prediction)
@@ -654,7 +653,10 @@ class EcoServeMixin:
         self.waiting = EcoServeRequestQueue(self._order_key, self._ttft_lost, self._by_priority,
                                             self._admissions_on, lambda: self.clock())
         self.load = rules.OfferedLoad()  # predicted service seconds arriving per second (parking)
-        self._admit_step: dict[str, int] = {}  # the step each running request was admitted at
+        # the step from which each running request decodes (its prefill, or its recompute's,
+        # complete at its start: the simulator's ``dec_step0``), and the admitted ones not there yet
+        self._decode_step: dict[str, int] = {}
+        self._prefilling: dict[str, Request] = {}
         # Admitted requests' KV growth (running requests and async KV loads); ``_entries`` keeps
         # what was entered, to move it into a larger projection when the slots run out.
         self._slots = 2 * self.max_num_running_reqs + 16
@@ -808,7 +810,7 @@ class EcoServeMixin:
         """Trusted, valid client hints; else the predictor on the prompt; else the default.
         Never raises: every failure ends in the default reservation and a counter."""
         cfg = self.eco_cfg
-        if request.max_tokens <= 1:  # a pooling request (vLLM sets 1) or a one-token generation:
+        if rules.length_known(request.max_tokens):  # a pooling request (vLLM sets 1) or a one-token generation:
             self.eco_counters["known_lengths"] += 1  # the length is known (was: predicted on the
             return RLPrediction(-1, 1, 1, "max_tokens")  # engine thread, then cut to 1)
         p = None
@@ -992,7 +994,8 @@ class EcoServeMixin:
         self.proj.set(rid, *entry)
         self._idle_sessions.discard(rid)
         self._seq[rid] = next(self._next_seq)
-        self._admit_step[rid] = step
+        self._decode_step.pop(rid, None)
+        self._prefilling[rid] = request
         if rid not in self._first_token:
             self._no_token[rid] = request
         p = self.rl.get(rid)
@@ -1030,17 +1033,27 @@ class EcoServeMixin:
             finally:
                 self.max_num_scheduled_tokens = full
             if self._paced is not None:
-                self._repay(out.total_num_scheduled_tokens)
+                self._repay(out)
         return out
 
-    def _repay(self, scheduled: int) -> None:
+    def _repay(self, out: Any) -> None:
         """An amortized chunk ran if this step took more prompt tokens than its paced budget:
-        no prompt tokens for ``rules.repay_steps`` steps (its prompt tokens timed as one chunk
-        after the first partial prefill's computed tokens, as the budget times them)."""
-        b, t0, decode_s, d, dctx, offset, tokens = self._paced
-        prompt = scheduled - tokens
-        if prompt > b:
-            t = self.cost_model.iteration_time(prompt, prefill_ctx_tokens(prompt, offset), d, dctx)
+        no prompt tokens for ``rules.repay_steps`` steps, the step timed as it ran, each prompt's
+        chunk after its own computed tokens and each decode over its context (as the simulator
+        times its batch; was: every prompt token as one chunk after the first partial prefill's,
+        which repaid a chunk that ended one prompt and began another for 11 steps, not 9)."""
+        b, t0, decode_s = self._paced
+        p_tok = p_ctx = d = dctx = 0
+        for rid, k in out.num_scheduled_tokens.items():
+            done = self.requests[rid].num_computed_tokens  # vLLM's schedule counted this step's
+            if rid in self._prefilling:
+                p_tok += k
+                p_ctx += prefill_ctx_tokens(k, done - k)
+            else:
+                d += 1
+                dctx += done
+        if p_tok > b:
+            t = self.cost_model.iteration_time(p_tok, p_ctx, d, dctx)
             self._repay_until = self._step + 1 + rules.repay_steps(t, t0, decode_s)
             self.eco_counters["amortized"] += 1
 
@@ -1144,9 +1157,11 @@ class EcoServeMixin:
 
     def _park_victim(self, now: float) -> tuple[Request | None, float]:
         """The running request with the most slack on its mean-TBT SLO (``rules.tbt_slack_s``),
-        if more than ``rules.PARK_MIN_SLACK_TTFTS`` TTFT SLOs: decoding, first token seen,
-        admitted before the last step (not parked right away), its last token (``max_tokens``)
-        not in flight (async scheduling: it ends with that step). ``(None, 0)`` if none."""
+        if more than ``rules.PARK_MIN_SLACK_TTFTS`` TTFT SLOs: decoding, first token seen, a step
+        decoded since its prefill (or recompute) completed (not parked right away; was: admitted
+        before the last step, so a prompt of two chunks could be parked before it decoded, where
+        the simulator waits a step), its last token (``max_tokens``) not in flight (async
+        scheduling: it ends with that step). ``(None, 0)`` if none."""
         cfg = self.eco_cfg
         best, best_slack = None, rules.PARK_MIN_SLACK_TTFTS * cfg.slo_ttft
         for r in self.running:
@@ -1155,7 +1170,7 @@ class EcoServeMixin:
             # (was: such a request could be parked: its last token dropped, its whole context
             # recomputed later to give the same token)
             if first is None or r.num_computed_tokens < r.num_tokens - 1 \
-                    or self._admit_step.get(rid, self._step) >= self._step - 1 or _last_in_flight(r):
+                    or self._decode_step.get(rid, self._step) >= self._step or _last_in_flight(r):
                 continue
             slack = rules.tbt_slack_s(now, first, r.num_output_tokens, self._base(rid), cfg.slo_tbt,
                                       self._iter_s, self._prefill_s(r.num_tokens))
@@ -1246,7 +1261,7 @@ class EcoServeMixin:
             big = full - tokens if self.waiting else min(full - tokens, left)
             big, decode_s = self._amortized_chunk(big, b, d, dctx, offset)
             if big > b:
-                self._paced = (b, self._step_now_s, decode_s, d, dctx, offset, tokens)
+                self._paced = (b, self._step_now_s, decode_s)
                 return tokens + big
         return min(full, tokens + b)
 
@@ -1294,6 +1309,10 @@ class EcoServeMixin:
             for rid in [rid for rid, r in self._no_token.items() if r.num_output_tokens > 0]:
                 del self._no_token[rid]
                 self._first_token[rid] = now
+        if self._prefilling:
+            for rid in [rid for rid, r in self._prefilling.items() if r.num_computed_tokens >= r.num_tokens - 1]:
+                del self._prefilling[rid]
+                self._decode_step[rid] = self._step
         if self._by_priority or len(self.running) < 2:
             return  # under --scheduling-policy priority vLLM's own victim rule applies
         # The blocks the whole step needs (every running request's next tokens, in order, within
@@ -1329,6 +1348,8 @@ class EcoServeMixin:
         self.proj.drop(rid)
         self._entries.pop(rid, None)
         self._no_token.pop(rid, None)
+        self._prefilling.pop(rid, None)
+        self._decode_step.pop(rid, None)
         p = self.rl.get(rid)
         self.groups[p.bucket if p is not None else -1].discard(rid)
 
@@ -1376,7 +1397,6 @@ class EcoServeMixin:
                 self.pscale.observe(p.predicted, request.num_output_tokens)  # (0: added unscaled)
         self.rl.pop(rid, None)
         self._seq.pop(rid, None)
-        self._admit_step.pop(rid, None)
         self._first_token.pop(rid, None)
         return super()._free_request(request, *args, **kwargs)
 

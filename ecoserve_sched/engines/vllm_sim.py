@@ -23,12 +23,14 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ..cost_model import prefill_ctx_tokens
 from ..policies.interface import DEFAULT_TOKEN_BUDGET
 from ..request import SLO, Request, State
 from ..serving import Executor, LogRow, SimResult, serve
@@ -146,6 +148,9 @@ class VllmExecutor(Executor):
         self.pool = sched.kv_cache_manager.block_pool
         self.by_id: dict[str, Request] = {}
         self.target: dict[str, int] = {}  # the true output length, by vLLM request id
+        # requests whose last scheduled step sampled a token: a one-token step of theirs is a
+        # decode (a recompute's last chunk of one token is not: it follows a chunk that sampled none)
+        self.sampled: set[str] = set()
         self.iter_tokens: list[int] = []
         self.stall_gaps: list[float] = []
         self.preemptions = 0
@@ -173,6 +178,7 @@ class VllmExecutor(Executor):
         out = sched.schedule()
         self.sched_s += time.perf_counter() - t0
         self.preemptions += len(out.preempted_req_ids)
+        self.sampled.difference_update(out.preempted_req_ids)
         if out.total_num_scheduled_tokens == 0:
             sched.update_from_output(out, fake_model_output(out, sched, self.target))
             return None
@@ -180,22 +186,26 @@ class VllmExecutor(Executor):
         for rid, k in out.num_scheduled_tokens.items():
             req = sched.requests[rid]
             before = req.num_computed_tokens - k
-            # one token after all the others, of a request that has sampled one: a decode (was:
-            # without the last test, a 1-token prompt or last chunk, timed without the prefill's cost)
-            if k == 1 and before == req.num_tokens - 1 and req.num_output_tokens:
+            # one token after all the others, of a request whose last step sampled one: a decode
+            # (was: a 1-token prompt or last chunk, then a recompute's last chunk of one token,
+            # timed without the prefill's cost)
+            if k == 1 and before == req.num_tokens - 1 and rid in self.sampled:
                 d_req += 1
                 d_ctx += before + 1
             else:
                 p_tok += k
-                p_ctx += k * (before + k)
+                p_ctx += prefill_ctx_tokens(k, before)
         self.iter_tokens.append(out.total_num_scheduled_tokens)
         dt = self.cost.iteration_time(p_tok, p_ctx, d_req, d_ctx)
         prev, now = now, now + dt
         outputs = sched.update_from_output(out, fake_model_output(out, sched, self.target))
+        self.sampled.difference_update(out.num_scheduled_tokens)
         steady = 0
         for eco in outputs.values():
             for o in eco.outputs:
                 r = self.by_id[o.request_id]
+                if o.new_token_ids:
+                    self.sampled.add(o.request_id)
                 for _ in o.new_token_ids:
                     if r.first_token_s < 0:
                         r.first_token_s = now
@@ -208,6 +218,7 @@ class VllmExecutor(Executor):
                 if o.finish_reason is not None:
                     r.state = State.FINISHED
                     r.finish_s = now
+                    self.sampled.discard(o.request_id)
         kv_used = sum(q.num_computed_tokens for q in sched.running)
         return (now, dt, 1, steady, kv_used, self.kv_blocks - self.pool.get_num_free_blocks())
 
@@ -235,14 +246,23 @@ def replay(requests: list[Request], sched: Any, cost: Any, *, policy: str = "vll
 def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
              predictions: str | None = None, confusion: Any = None, bundle: str | None = None,
              seed: int = 0, kv_blocks: int | None = None, block_size: int = 16,
-             token_budget: int | None = None, max_running: int = 256, **_: Any) -> RealSimResult:
+             token_budget: int | None = None, max_running: int = 256, plugin: Mapping[str, Any] | None = None,
+             **_: Any) -> RealSimResult:
     """``simulator.run`` for ``vllm-real`` / ``ecoserve-vllm-real``: same trace, predictions,
-    KV capacity, token budget and ``max_running`` as the simulator's policies."""
+    KV capacity, token budget and ``max_running`` as the simulator's policies. ``plugin``:
+    ``EcoServeVllmConfig`` fields for ``ecoserve-vllm-real`` (``{"scale_predictions": True}``
+    beside the simulator's ``ecoserve-scaled``), the settings a served engine reads from
+    ``ECOSERVE_*``; the SLO is the replay's."""
     from ..predictions import NO_PREDICTIONS, apply_predictions, default_source
     from .vllm_scheduler import EcoServeSetupError, EcoServeVllmConfig, EcoServeVllmSyncScheduler
 
     if policy not in REAL_POLICIES:
         raise ValueError(f"unknown engine policy {policy!r}; choose from {', '.join(REAL_POLICIES)}")
+    options = dict(plugin or {})
+    if options and policy not in PREDICTING_POLICIES:
+        raise ValueError(f"{policy}: plugin settings are for {', '.join(PREDICTING_POLICIES)}")
+    if taken := {"slo_ttft", "slo_tbt", "trust_client_hints"} & options.keys():
+        raise ValueError(f"{policy}: plugin setting {sorted(taken)[0]!r} is the replay's own (give slo=SLO(...))")
     slo = slo or SLO()
     reqs = trace.requests(slo)
     eco = policy in PREDICTING_POLICIES
@@ -268,9 +288,14 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
         plugin_log.setLevel(level)
     if eco:
         try:
-            sched.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=slo.ttft_s, slo_tbt=slo.tbt_s)
+            sched.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=slo.ttft_s, slo_tbt=slo.tbt_s,
+                                               **options)
+        except TypeError:  # an unknown field
+            known = sorted(f.name for f in fields(EcoServeVllmConfig))
+            raise ValueError(f"{policy}: unknown plugin setting in {sorted(options)}; "
+                             f"EcoServeVllmConfig's: {', '.join(known)}") from None
         except EcoServeSetupError as e:  # was: named the ECOSERVE_* variable, which a replay never reads
-            raise ValueError(f"{policy}: the vLLM plug-in takes no such SLO: "
+            raise ValueError(f"{policy}: the vLLM plug-in takes no such {'setting' if options else 'SLO'}: "
                              + re.sub(r" \(ECOSERVE_\w+\)", "", str(e))) from None
         sched.cost_model = cost  # every number the simulator's EcoServe takes from the cost model
     return replay(reqs, sched, cost, policy=policy, with_prediction=eco,

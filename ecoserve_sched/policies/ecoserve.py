@@ -249,7 +249,7 @@ class EcoServeScheduler(Scheduler):
             key = None
             if not r.preemptions:  # a new request: its prediction within max_tokens, scaled once
                 r.pred_tokens = rules.prediction_within(r.pred_tokens, r.max_tokens)
-                if self.pscale is not None:
+                if self.pscale is not None and not rules.length_known(r.max_tokens):
                     self._predicted[r.rid] = r.pred_tokens
                     r.pred_tokens = rules.prediction_within(self.pscale.scaled(r.pred_tokens), r.max_tokens)
             if self.cfg.park and not r.preemptions:
@@ -290,8 +290,8 @@ class EcoServeScheduler(Scheduler):
 
     def finish(self, r: Request, now: float) -> None:
         super().finish(r, now)
-        if self.pscale is not None:
-            self.pscale.observe(self._predicted.pop(r.rid, r.pred_tokens), r.generated)
+        if self.pscale is not None and (predicted := self._predicted.pop(r.rid, None)) is not None:
+            self.pscale.observe(predicted, r.generated)  # (a request of known length: none)
 
     def abort(self, r: Request, error: str = "engine error") -> None:
         super().abort(r, error)

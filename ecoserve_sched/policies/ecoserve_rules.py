@@ -113,6 +113,13 @@ def prediction_within(tokens: int, max_tokens: int) -> int:
     return min(max(tokens, 1), max(max_tokens, 1))
 
 
+def length_known(max_tokens: int) -> bool:
+    """A request whose length its ``max_tokens`` already gives (at most 1: a pooling request or
+    a one-token generation): nothing to predict, so ``PredictionScale`` neither scales it nor
+    learns from it."""
+    return max_tokens <= 1
+
+
 def cache_step_s(cost: Any, kv_tokens: int) -> float:
     """``service_s``'s time scale of KV occupancy: a decode step of one request over the whole
     cache (``kv_tokens``), by the cost model."""

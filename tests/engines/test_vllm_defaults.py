@@ -213,7 +213,7 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs(reserve_frac: floa
     for r, v in zip(sims[:6], vreqs[:6], strict=True):
         r.generated, r.dec_step0 = r.generated - 1, -1  # decoded a step since it started: eligible
         v.num_computed_tokens = v.num_tokens - 1
-        eco._admit_step[v.request_id] = -5
+        eco._decode_step[v.request_id] = -1  # the plug-in's dec_step0
     _decode(sim, sims[:6])
     picks = []
     for t in (now, 40.0, 200.0):
