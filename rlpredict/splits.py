@@ -152,9 +152,9 @@ def check_split_record(split: dict, field: str) -> None:
     if rows is not None and not _hex(rows, 64):
         raise ValueError(f"{field}.train_rows_sha256: must be 64 lowercase hex digits, got {rows!r}")
     if pinned is not None:
-        bad = pinned if not isinstance(pinned, list) else next((k for k in pinned if not _hex(k, 16)), None)
-        if bad is not None:
-            raise ValueError(f"{field}.pinned: must be a list of ids as 16 lowercase hex digits, got {bad!r}")
+        bad = [pinned] if not isinstance(pinned, list) else [k for k in pinned if not _hex(k, 16)][:1]
+        if bad:  # (a list: was, a null entry passed as "none bad")
+            raise ValueError(f"{field}.pinned: must be a list of ids as 16 lowercase hex digits, got {bad[0]!r}")
 
 
 def _hex(value: object, digits: int) -> bool:

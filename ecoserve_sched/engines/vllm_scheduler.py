@@ -1044,9 +1044,12 @@ class EcoServeMixin:
         which repaid a chunk that ended one prompt and began another for 11 steps, not 9)."""
         b, t0, decode_s = self._paced
         p_tok = p_ctx = d = dctx = 0
+        spec = out.scheduled_spec_decode_tokens
         for rid, k in out.num_scheduled_tokens.items():
             done = self.requests[rid].num_computed_tokens  # vLLM's schedule counted this step's
-            if rid in self._prefilling:
+            # a prompt's chunk, or more tokens than a decode and its drafts (a recompute after a
+            # failed KV load, which vLLM starts without an admission)
+            if rid in self._prefilling or k > 1 + len(spec.get(rid, ())):
                 p_tok += k
                 p_ctx += prefill_ctx_tokens(k, done - k)
             else:
@@ -1309,8 +1312,10 @@ class EcoServeMixin:
             for rid in [rid for rid, r in self._no_token.items() if r.num_output_tokens > 0]:
                 del self._no_token[rid]
                 self._first_token[rid] = now
-        if self._prefilling:
-            for rid in [rid for rid, r in self._prefilling.items() if r.num_computed_tokens >= r.num_tokens - 1]:
+        if self._prefilling:  # running (was: a request whose async KV load set its count, still
+            # waiting for the load, decoded from then on and was parkable a step early)
+            for rid in [rid for rid, r in self._prefilling.items()
+                        if r.status == RequestStatus.RUNNING and r.num_computed_tokens >= r.num_tokens - 1]:
                 del self._prefilling[rid]
                 self._decode_step[rid] = self._step
         if self._by_priority or len(self.running) < 2:

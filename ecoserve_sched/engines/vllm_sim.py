@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
@@ -44,6 +44,9 @@ TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hid
 REAL_POLICIES = ("vllm-real", "ecoserve-vllm-real")
 #: The engine policies that get predictions (``vllm-real``, vLLM's own scheduler, reads none).
 PREDICTING_POLICIES = ("ecoserve-vllm-real",)
+#: ``EcoServeVllmConfig`` fields a replay passes on (``run_real(plugin=...)``): the policy's own
+PLUGIN_POLICY_SETTINGS = ("default_reserve", "reserve_frac", "aging", "give_way", "park", "scale_predictions",
+                          "amortize")
 
 
 @dataclass
@@ -263,6 +266,10 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
         raise ValueError(f"{policy}: plugin settings are for {', '.join(PREDICTING_POLICIES)}")
     if taken := {"slo_ttft", "slo_tbt", "trust_client_hints"} & options.keys():
         raise ValueError(f"{policy}: plugin setting {sorted(taken)[0]!r} is the replay's own (give slo=SLO(...))")
+    if unread := sorted(options.keys() - set(PLUGIN_POLICY_SETTINGS)):  # (was: accepted, and ignored:
+        # the replay builds no predictor and hands the plug-in its cost model)
+        raise ValueError(f"{policy}: the replay reads no plugin setting {unread[0]!r}; it takes "
+                         f"{', '.join(PLUGIN_POLICY_SETTINGS)}")
     slo = slo or SLO()
     reqs = trace.requests(slo)
     eco = policy in PREDICTING_POLICIES
@@ -290,10 +297,6 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
         try:
             sched.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, slo_ttft=slo.ttft_s, slo_tbt=slo.tbt_s,
                                                **options)
-        except TypeError:  # an unknown field
-            known = sorted(f.name for f in fields(EcoServeVllmConfig))
-            raise ValueError(f"{policy}: unknown plugin setting in {sorted(options)}; "
-                             f"EcoServeVllmConfig's: {', '.join(known)}") from None
         except EcoServeSetupError as e:  # was: named the ECOSERVE_* variable, which a replay never reads
             raise ValueError(f"{policy}: the vLLM plug-in takes no such {'setting' if options else 'SLO'}: "
                              + re.sub(r" \(ECOSERVE_\w+\)", "", str(e))) from None

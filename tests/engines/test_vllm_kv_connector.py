@@ -134,6 +134,26 @@ def test_async_kv_loads_get_no_lookahead_and_finish(cls: type) -> None:
     check_done(s)
 
 
+def test_a_loaded_prompt_decodes_from_the_step_after_its_first_token() -> None:
+    """Parking takes a request only after it decoded a step. A prompt whose whole KV a
+    connector loads has its computed count set while it waits for the load: it was taken as
+    decoding from then on, and parkable right after its first token (a reviewer's find)."""
+    s = build(EcoServeVllmSyncScheduler)
+    s.add_request(req("local-b", 40, 400, arrival=0.0, rl_pred_tokens=400))  # running meanwhile
+    s.add_request(req("remote-a", REMOTE_TOKENS, 400, arrival=0.0, rl_pred_tokens=400))
+    target = {"remote-a": 400, "local-b": 400}
+    for i in range(16):
+        out = s.schedule()
+        a = s.requests["remote-a"]
+        if "remote-a" in s._decode_step:
+            assert a.num_output_tokens >= 1 and s._decode_step["remote-a"] == s._step - a.num_output_tokens + 1
+        mro = fake_model_output(out, s, target)
+        if i == 4:  # the transfer ends after a few steps
+            mro.kv_connector_output = KVConnectorOutput(finished_recving={"remote-a"})
+        s.update_from_output(out, mro)
+    assert "remote-a" in s._decode_step
+
+
 def test_parking_counts_the_blocks_a_connector_frees_after_the_step() -> None:
     """With a KV connector and async scheduling vLLM frees a preempted request's blocks after
     the step in flight: parking counted only the free blocks, so it parked every decode with

@@ -145,7 +145,11 @@ def test_a_known_length_neither_scales_nor_teaches_the_prediction_scale() -> Non
 def test_the_replay_takes_the_plugins_settings_by_name() -> None:
     cost = load_profile("llama2-13b-a100-80gb")
     tr = Trace("t", np.zeros(1), np.array([5]), np.array([3]), np.array([30]))
-    for policy, plugin, says in (("ecoserve-vllm-real", {"bogus": 1}, r"unknown plugin setting in \['bogus'\]"),
+    for policy, plugin, says in (("ecoserve-vllm-real", {"bogus": 1}, "the replay reads no plugin setting 'bogus'"),
+                                 # built with the scheduler, which the replay builds without them (was:
+                                 # accepted and ignored)
+                                 ("ecoserve-vllm-real", {"predictor": "/x", "require_predictor": True},
+                                  "reads no plugin setting 'predictor'; it takes default_reserve"),
                                  ("ecoserve-vllm-real", {"slo_tbt": 1}, "'slo_tbt' is the replay's own"),
                                  ("ecoserve-vllm-real", {"aging": -5}, "takes no such setting: aging=-5"),
                                  ("vllm-real", {"park": False}, "plugin settings are for ecoserve-vllm-real")):

@@ -138,6 +138,8 @@ def test_pins_by_hand():
         check_split_record({"pinned": ["x"]}, "data.split")
     with pytest.raises(ValueError, match="got 'abc'"):
         check_split_record({"pinned": "abc"}, "training_split")
+    with pytest.raises(ValueError, match="got None"):  # was: a null entry read as "none bad"
+        check_split_record({"pinned": [None, "x"]}, "training_split")
     # a bundle's evaluation record gives the split; the training's pins still apply
     manifest = {"evaluation": {"split": {"test_frac": 0.5, "seed": 0, "rule": "copies"}},
                 "training_split": {"test_frac": 0.5, "seed": 0, "rule": "copies", "pinned": pins}}
