@@ -116,7 +116,7 @@ class BucketScheme:
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 2 <= n <= 4096:
             raise ValueError(f"n: the number of buckets, a whole number in [2, 4096], got {n!r}")
         for name, v in (("low", low), ("high", high)):
-            if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating) or not 0 < v < math.inf:
+            if not _real(v) or not 0 < v < math.inf:
                 raise ValueError(f"{name}: a token count > 0, got {v!r}")
         if not low < high:
             raise ValueError(f"low ({low:g}) must be below high ({high:g})")
@@ -167,7 +167,7 @@ class BucketScheme:
     def fit(self, rls: Sequence[int], reserve_quantile: float | None = None) -> BucketScheme:
         """Fill point estimates, reservations and quantile grids from training RLs."""
         q = self.reserve_quantile if reserve_quantile is None else reserve_quantile
-        if isinstance(q, bool) or not isinstance(q, int | float | np.floating) or not 0 < q <= 1:
+        if not _real(q) or not 0 < q <= 1:
             raise ValueError(f"reserve_quantile: must be in (0, 1], got {q!r}")
         x = np.asarray(rls, dtype=float)
         if x.ndim != 1:
@@ -232,7 +232,7 @@ class BucketScheme:
         total = p.sum(axis=1, keepdims=True)
         if p.size and not ((p >= 0).all() and (total > 0).all() and np.isfinite(total).all()):
             raise ValueError("probs: each row must be finite, non-negative numbers with a sum above 0")
-        if isinstance(q, bool) or not isinstance(q, int | float | np.floating | np.integer) or not 0 <= q <= 1:
+        if not _real(q) or not 0 <= q <= 1:
             raise ValueError(f"q: must be a number in [0, 1], got {q!r}")
         p = p / total
         cdf = np.cumsum(p, axis=1)
@@ -255,7 +255,7 @@ class BucketScheme:
         ``1 + margin``, by ``tokens_up``, at least 1 (a reservation holds a token, as
         ``reserve_tokens`` do; was: 0 where the quantile fell among empty responses, which the
         trace reader refuses). Serving and ``rlpredict eval`` both use it."""
-        if isinstance(margin, bool) or not isinstance(margin, int | float | np.floating) or not 0 <= margin < math.inf:
+        if not _real(margin) or not 0 <= margin < math.inf:
             raise ValueError(f"margin: must be a finite number >= 0, got {margin!r}")
         return np.maximum(tokens_up(self.predictive_quantile(probs, q) * (1.0 + margin)), 1)
 
@@ -328,6 +328,11 @@ def _check_edges(edges: Sequence[float]) -> np.ndarray:
     if not (np.diff(e) > 0).all() or not e[0] > 0 or e[-2] > MAX_TOKENS:
         raise ValueError(f"bucket edges must be positive, at most {MAX_TOKENS} and strictly increasing: {tuple(edges)}")
     return e
+
+
+def _real(v: object) -> bool:
+    """A number given as an argument: Python's or numpy's, not a bool (NaN fails every range test)."""
+    return not isinstance(v, bool | np.bool_) and isinstance(v, int | float | np.integer | np.floating)
 
 
 def _integral(v: object, name: str) -> int:

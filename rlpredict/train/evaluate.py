@@ -66,9 +66,9 @@ def predict_proba_torch(model_dir: str | Path, texts: Sequence[str], spec: Input
 
 def recorded_split(path: Path) -> dict:
     """The held-out split ``rlpredict train`` recorded in ``training_summary.json``
-    (``{test_frac, seed, rule}``, and ``train_rows_sha256`` and ``pinned`` if recorded; {} without the file or the
-    record; ``rule``
-    ``RECORDLESS_RULE`` if not recorded); ``ValueError`` naming the file if a value is of the wrong kind."""
+    (``{test_frac, seed, rule}``, and ``train_rows_sha256`` and ``pinned`` if recorded; {} without
+    the file or the record; ``rule`` ``RECORDLESS_RULE`` if not recorded); ``ValueError`` naming
+    the file if a value is of the wrong kind."""
     if not path.is_file():
         return {}
     summary = read_json(path)
