@@ -654,9 +654,10 @@ class EcoServeMixin:
                                             self._admissions_on, lambda: self.clock())
         self.load = rules.OfferedLoad()  # predicted service seconds arriving per second (parking)
         # the step from which each running request decodes (its prefill, or its recompute's,
-        # complete at its start: the simulator's ``dec_step0``), and the admitted ones not there yet
+        # complete at its start: the simulator's ``dec_step0``), and the admitted ones not there
+        # yet, with the tokens their prefill computes (its prompt, or a recompute's whole context)
         self._decode_step: dict[str, int] = {}
-        self._prefilling: dict[str, Request] = {}
+        self._prefilling: dict[str, tuple[Request, int]] = {}
         # Admitted requests' KV growth (running requests and async KV loads); ``_entries`` keeps
         # what was entered, to move it into a larger projection when the slots run out.
         self._slots = 2 * self.max_num_running_reqs + 16
@@ -995,7 +996,7 @@ class EcoServeMixin:
         self._idle_sessions.discard(rid)
         self._seq[rid] = next(self._next_seq)
         self._decode_step.pop(rid, None)
-        self._prefilling[rid] = request
+        self._prefilling[rid] = (request, request.num_tokens)
         if rid not in self._first_token:
             self._no_token[rid] = request
         p = self.rl.get(rid)
@@ -1222,16 +1223,20 @@ class EcoServeMixin:
         ``ECOSERVE_SLO_TBT`` by the cost model (at least its roofline knee); ``full`` (vLLM's
         budget) when nothing decodes. The decodes' tokens include speculative drafts, so they
         never eat into each other's share. A request decodes when at most its last token is left
-        to compute; one re-computing its prompt and generated tokens after a preemption is a
+        to compute and its prefill's tokens are all computed (``_prefilling``; was: the first
+        alone, so a prompt's last token in a chunk of its own counted as a decode, and the budget
+        came out smaller than the simulator's); one re-computing its prompt and generated tokens after a preemption is a
         prefill, as in the simulator. The prompt tokens are timed as a chunk of the first running
         prefill (vLLM schedules the running requests in order), after its computed tokens. One
         pass over the running requests (0.45 ms at 1,024 on a 2-core CPU machine)."""
         d = dctx = tokens = left = 0
         offset = -1
         behind = False  # a decode after a prefill in vLLM's order
+        prefilling = self._prefilling
         for r in self.running:
             n = r.num_computed_tokens
-            if n >= r.num_tokens - 1:  # decoding (async scheduling: n may run ahead of num_tokens)
+            # decoding (async scheduling: n may run ahead of num_tokens)
+            if n >= r.num_tokens - 1 and r.request_id not in prefilling:
                 d += 1
                 dctx += n + 1  # the step attends to its computed tokens and the one it feeds
                 tokens += max(1, r.num_tokens_with_spec + r.num_output_placeholders - n)
@@ -1246,7 +1251,8 @@ class EcoServeMixin:
             # under --long-prefill-token-threshold). Decodes first, as the simulator runs them
             # (a stable partition). Not in a step whose order was sorted for victims (vLLM
             # preempts from the end): there the rules' victim order wins
-            self.running[:] = sorted(self.running, key=lambda r: r.num_computed_tokens < r.num_tokens - 1)
+            self.running[:] = sorted(self.running, key=lambda r: r.num_computed_tokens < r.num_tokens - 1
+                                     or r.request_id in prefilling)
             self.eco_counters["decodes_first"] += 1
         offset = max(offset, 0)
         if not d or tokens >= full:
@@ -1281,7 +1287,7 @@ class EcoServeMixin:
         tbt, least = self.eco_cfg.slo_tbt, float("inf")
         for r in self.running:
             first = self._first_token.get(r.request_id)
-            if first is not None and r.num_computed_tokens >= r.num_tokens - 1:
+            if first is not None and r.num_computed_tokens >= r.num_tokens - 1 and r.request_id not in self._prefilling:
                 g = r.num_output_tokens
                 least = min(least, rules.tbt_slack_s(now, first, g, g + 1, tbt, 0.0, 0.0))
         return least
@@ -1312,10 +1318,11 @@ class EcoServeMixin:
             for rid in [rid for rid, r in self._no_token.items() if r.num_output_tokens > 0]:
                 del self._no_token[rid]
                 self._first_token[rid] = now
-        if self._prefilling:  # running (was: a request whose async KV load set its count, still
+        if self._prefilling:  # every token of its prefill computed, and running (was: a prompt's last
+            # token left counted as decoding; a request whose async KV load set its count, still
             # waiting for the load, decoded from then on and was parkable a step early)
-            for rid in [rid for rid, r in self._prefilling.items()
-                        if r.status == RequestStatus.RUNNING and r.num_computed_tokens >= r.num_tokens - 1]:
+            for rid in [rid for rid, (r, target) in self._prefilling.items()
+                        if r.status == RequestStatus.RUNNING and r.num_computed_tokens >= target]:
                 del self._prefilling[rid]
                 self._decode_step[rid] = self._step
         if self._by_priority or len(self.running) < 2:

@@ -829,7 +829,8 @@ def test_a_request_recomputing_after_preemption_is_not_a_decode(monkeypatch: pyt
 
     def running(computed: int, prompt: int, tokens: int) -> SimpleNamespace:
         return SimpleNamespace(num_computed_tokens=computed, num_prompt_tokens=prompt, num_tokens=tokens,
-                               num_tokens_with_spec=tokens, num_output_placeholders=0)
+                               num_tokens_with_spec=tokens, num_output_placeholders=0,
+                               request_id=f"r{computed}")
 
     decodes = [running(99, 40, 100), running(300, 200, 301)]
     resumed = running(150, 40, 400)  # preempted after 360 outputs: 250 tokens still to recompute

@@ -130,6 +130,15 @@ def test_the_plugin_times_an_amortized_chunk_as_it_ran() -> None:
     _agree(*_pair(tr, SLO(5.0, 0.05), kv_blocks=1401, token_budget=2048, max_running=3))
 
 
+def test_a_prompts_last_token_in_a_chunk_of_its_own_is_no_decode() -> None:
+    """The plug-in counted a prompt with its last token left as decoding: a smaller prompt
+    budget than the simulator's (2 tokens, not 3), so the second request's TTFT estimate made it
+    give way (its first token 0.634 s in vLLM against 0.447 s; a differential fuzzer's find)."""
+    tr = Trace("t", np.zeros(3), np.array([4, 30, 1]), np.array([1, 1, 50]), np.array([1, 1, 50]),
+               rl=np.array([[0, 1, 1], [0, 1, 1], [0, 50, 50]]))
+    _agree(*_pair(tr, SLO(0.5, 0.2), kv_blocks=16, token_budget=3, max_running=2))
+
+
 def test_a_known_length_neither_scales_nor_teaches_the_prediction_scale() -> None:
     """One rule (``rules.length_known``) in both: 32 one-token requests (``max_tokens`` 1) taught
     the simulator's scale and not the plug-in's (scales 1.0 and 3.0, the last first token
