@@ -449,14 +449,16 @@ class EcoServeRequestQueue(RequestQueue):
         # it after the put-back (stale output), so the client has it (see ``_put_back``)
         self.first_in_flight: Request | None = None
         self._clock = clock
-        self._back: dict[str, int] = {}  # request id -> when it was put back with its first token
+        # request id -> when it was put back with its first token; inf for a parked request put
+        # back when due: after every preempted one, as the simulator resumes them
+        self._back: dict[str, float] = {}
         self._peeked = False  # the last call was a peek, and nothing changed the queue since
         self.skipped: set[str] = set()  # ids vLLM skipped (``prepend_requests``); the scheduler resets it
 
     def _push(self, request: Request, rank: int, lost: int = 0) -> None:
         self._peeked = False
         prio = request.priority if self._by_priority else 0
-        key = self._key(request) if rank else float(self._back[request.request_id])
+        key = self._key(request) if rank else self._back[request.request_id]
         heapq.heappush(self._heap, (prio, rank, lost, key, next(self._seq), request))
 
     def _put_back(self, request: Request, again: bool) -> None:
@@ -483,8 +485,11 @@ class EcoServeRequestQueue(RequestQueue):
         heap, lost, parked = self._heap, self._lost, self._parked
         if parked:
             now = self._clock()
-            while parked and parked[0][0] <= now:
-                self._put_back(heapq.heappop(parked)[2], again=False)
+            while parked and parked[0][0] <= now:  # after the preempted requests, even those
+                # preempted later (was: by the time it fell due, so ahead of them)
+                r = heapq.heappop(parked)[2]
+                self._back[r.request_id] = math.inf
+                self._push(r, 0)
         while lost is not None and heap and heap[0][1] == 1 and not heap[0][2] and lost(heap[0][-1]):
             prio, rank, _, key, _, r = heap[0]
             heapq.heapreplace(heap, (prio, rank, 1, key, next(self._seq), r))
