@@ -67,6 +67,10 @@ class Scheduler(SchedulerInterface):
     prediction_override: str | None = None
     lazy_blocks = True  # on-demand growth without per-block alarms (module docstring), if eligible
     growth_keep_free = 0  # free blocks lazy growth leaves: it stops where the policy would decide
+    #: Admit in an iteration whose alarms or partial prefills preempted a request. vLLM V1 admits
+    #: none then (its waiting loop runs only ``if not preempted_reqs``), and neither does a
+    #: policy here by default (was: every policy admitted, so a victim could restart at once).
+    admits_after_preemption = False
 
     def __init__(self, cost: Any, kv_blocks: int | None = None, block_size: int = 16,
                  token_budget: int | None = None, max_running: int = DEFAULT_MAX_RUNNING,
@@ -198,6 +202,7 @@ class Scheduler(SchedulerInterface):
         self._extra_s = 0.0
         self.resumed.clear()
         alarms = self._alarms
+        preempted = self.counters["preemptions"]
         while (r := self._easy_alarms()) is not None:
             heappop(alarms)
             r.alarm_step = -1
@@ -210,7 +215,6 @@ class Scheduler(SchedulerInterface):
             batch.decode_ctx_tokens = self._ctx_base + len(self.decoding) * self.step
             return batch
         budget = self.schedule_budget()
-        preempted = self.counters["preemptions"]
         for r in list(self.prefilling.values()):  # partial prefills hold KV: they go first
             if budget <= 0:
                 break
@@ -221,7 +225,8 @@ class Scheduler(SchedulerInterface):
             if self.grow_prefill(r, chunk):
                 batch.add_prefill(r, chunk)
                 budget -= chunk
-        if budget > 0:
+        if budget > 0 and (preempted == self.counters["preemptions"] or self.admits_after_preemption
+                           or not self._runs_any(batch)):  # vLLM: an empty step, then it admits
             self.admit(budget, batch, now)
         if preempted != self.counters["preemptions"]:  # drop chunks of requests preempted since
             kept = [(r, c) for r, c, e in batch.prefill if r.state == State.PREFILL and r.epoch == e]
@@ -236,6 +241,10 @@ class Scheduler(SchedulerInterface):
             self.resumed = list({r.rid: r for r in self.resumed if r.rid in self.decoding}.values())
             batch.late_decodes = len(self.resumed)
         return batch
+
+    def _runs_any(self, batch: Batch) -> bool:
+        """True if ``batch`` decodes or holds a chunk of a request still prefilling."""
+        return bool(self.decoding) or any(r.state == State.PREFILL and r.epoch == e for r, _, e in batch.prefill)
 
     def decode_only_step(self, recheck_admission: bool = True, now: float | None = None) -> bool:
         """True if this iteration needs no decision: due alarms were all easy (and are now

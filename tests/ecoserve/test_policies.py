@@ -34,6 +34,21 @@ def test_vllm_preempts_latest_arrival_by_recompute():
     assert a.finish_s < b.finish_s
 
 
+@pytest.mark.parametrize("admits_after_preemption", [False, True])
+def test_no_admission_in_an_iteration_that_preempted(admits_after_preemption):
+    # 8 blocks of 4 tokens. A and B decode; C (predicted shortest) arrives while the pool is
+    # full. In the iteration from 0.09 s, A's next block preempts B (SJF's victim: the longest
+    # predicted remaining work), freeing 4 blocks. vLLM V1 admits nothing in a step whose
+    # running pass preempted (``if not preempted_reqs``), so C starts an iteration later.
+    a, b = make_req(0, 0.0, 8, 20, pred=20), make_req(1, 0.0, 8, 20, pred=30)
+    c = make_req(2, 0.075, 4, 2, pred=1)
+    sched = get_policy("sjf", FlatCost(blocks=8), block_size=4, max_running=8)
+    sched.admits_after_preemption = admits_after_preemption
+    simulate([a, b, c], sched, check=True)
+    assert (a.preemptions, b.preemptions, c.preemptions) == (0, 1, 0)
+    assert c.first_token_s == pytest.approx(0.10 if admits_after_preemption else 0.11, abs=1e-3)
+
+
 def test_ecoserve_does_not_admit_without_reservation():
     # 10 blocks; the first request reserves 8 of them; the second (needs 5) must wait.
     a = make_req(0, 0.0, 8, 20, reserve=24)
