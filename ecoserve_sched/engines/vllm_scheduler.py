@@ -1256,8 +1256,7 @@ class EcoServeMixin:
             # under --long-prefill-token-threshold). Decodes first, as the simulator runs them
             # (a stable partition). Not in a step whose order was sorted for victims (vLLM
             # preempts from the end): there the rules' victim order wins
-            self.running[:] = sorted(self.running, key=lambda r: r.num_computed_tokens < r.num_tokens - 1
-                                     or r.request_id in prefilling)
+            self.running[:] = sorted(self.running, key=self._not_decoding)
             self.eco_counters["decodes_first"] += 1
         offset = max(offset, 0)
         if not d or tokens >= full:
@@ -1341,7 +1340,11 @@ class EcoServeMixin:
         # free pool, no request can be preempted and the loop below is skipped (the common case).
         if self.fast_steps and (budget + len(self.running) * (look + bs - 1)) // bs <= free:
             return
-        for r in self.running:
+        # in the order vLLM will walk: decodes first where ``_step_budget`` puts them there (was:
+        # the order before, so a step whose decodes moved ahead of a prefill could need more
+        # blocks than counted, and vLLM preempted the prefill, not the rules' victim)
+        order = self.running if self._prefill_budget is None else sorted(self.running, key=self._not_decoding)
+        for r in order:
             n = min(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens, budget)
             if n > 0:
                 budget -= n
@@ -1352,6 +1355,11 @@ class EcoServeMixin:
             self.running.sort(key=lambda r: self._victim_key(r, now))
             self.eco_counters["victim_sorts"] += 1
             self._victims_sorted = self._step  # this step's order is the victims' (``_step_budget``)
+
+    def _not_decoding(self, r: Request) -> bool:
+        """False for a request that decodes this step (``_step_budget``'s test): the sort key
+        that puts decodes first, as the simulator runs them."""
+        return r.num_computed_tokens < r.num_tokens - 1 or r.request_id in self._prefilling
 
     def _victim_key(self, r: Request, now: float) -> tuple[bool, int, int]:
         """Largest is preempted first: TTFT SLO missed, longest predicted remaining, latest admitted."""

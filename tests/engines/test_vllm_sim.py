@@ -149,6 +149,38 @@ def test_a_due_parked_request_resumes_after_the_preempted_ones() -> None:
     _agree(*_pair(tr, SLO(2.0, 0.1), kv_blocks=51, token_budget=2048, max_running=256))
 
 
+def test_no_admission_in_a_step_that_preempted() -> None:
+    """vLLM admits nothing in a step whose running pass preempted (``if not preempted_reqs``);
+    the simulator admitted there, so a request started a step early (finishes 3.6415 s against
+    vLLM's 3.6608 s; a differential fuzzer's find)."""
+    tr = Trace("t", np.zeros(4), np.array([20, 1, 1, 1]), np.array([159, 161, 116, 1]),
+               np.array([321, 161, 194, 1]), rl=np.array([[0, 6, 13], [1, 13, 13], [0, 7, 7], [0, 1, 1]]))
+    _agree(*_pair(tr, SLO(5.0, 0.02), kv_blocks=19, token_budget=2048, max_running=256))
+
+
+def test_the_plugin_preempts_the_rules_victim_after_moving_decodes_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4-token budget: request 1 decodes behind request 2's prompt, so the plug-in moves it
+    first (``decodes_first``) and the step then needs more blocks than are free. The plug-in
+    counted the blocks in the order before that move, found they fitted, left ``running``
+    unsorted, and vLLM preempted the prompt (the last in line), not the rules' victim, request 1
+    (``_victim_key``'s largest; a differential fuzzer's find)."""
+    from ecoserve_sched.engines.vllm_scheduler import EcoServeVllmSyncScheduler
+
+    preempted: list[str] = []
+    base = EcoServeVllmSyncScheduler._preempt_request
+
+    def record(self, request, *args, **kwargs):  # type: ignore[no-untyped-def]
+        preempted.append(request.request_id)
+        return base(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(EcoServeVllmSyncScheduler, "_preempt_request", record)
+    tr = Trace("t", np.array([2.0, 2.0, 29.9, 30.0]), np.array([1647, 1098, 3255, 1]), np.array([1, 1371, 1, 1]),
+               np.array([1, 1324, 1, 2048]), rl=np.array([[1, 14, 14], [42, 343, 343], [0, 0, 0], [0, 6, 6]]))
+    res = run(tr, "ecoserve-vllm-real", load_profile("llama2-13b-a100-80gb"), slo=SLO(2.0, 0.2), kv_blocks=317,
+              token_budget=4, max_running=3)
+    assert preempted == ["1"] and res.counters["preemptions"] == 1
+
+
 def test_a_known_length_neither_scales_nor_teaches_the_prediction_scale() -> None:
     """One rule (``rules.length_known``) in both: 32 one-token requests (``max_tokens`` 1) taught
     the simulator's scale and not the plug-in's (scales 1.0 and 3.0, the last first token
