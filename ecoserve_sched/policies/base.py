@@ -71,6 +71,9 @@ class Scheduler(SchedulerInterface):
     #: none then (its waiting loop runs only ``if not preempted_reqs``), and neither does a
     #: policy here by default (was: every policy admitted, so a victim could restart at once).
     admits_after_preemption = False
+    #: A partial prefill whose next chunk's blocks are not free preempts ``_victim()`` for them,
+    #: as vLLM V1's running loop does (False: it skips the iteration, ``grow_prefill``)
+    prefill_preempts = False
 
     def __init__(self, cost: Any, kv_blocks: int | None = None, block_size: int = 16,
                  token_budget: int | None = None, max_running: int = DEFAULT_MAX_RUNNING,
@@ -136,9 +139,27 @@ class Scheduler(SchedulerInterface):
     def grow_prefill(self, r: Request, chunk: int) -> bool:
         """Make room for ``chunk`` more prefill tokens of ``r``; False to skip it this iteration.
         This default takes the blocks the chunk needs while they are free (was: True without
-        taking any, so a policy that left it out overcommitted the cache)."""
+        taking any, so a policy that left it out overcommitted the cache), or with
+        ``prefill_preempts`` preempts ``_victim()``s until they are (vLLM's running loop)."""
         need = self.kv.blocks_for(r.prefilled + chunk) - self.kv.owned(r.rid)
-        return need <= 0 or self.kv.allocate(r.rid, need)
+        if need <= 0:
+            return True
+        return self._allocate_or_preempt(r, need, self.now) if self.prefill_preempts else self.kv.allocate(r.rid, need)
+
+    def _victim(self) -> Request:
+        """The running request to preempt when one needs blocks that are not free (a policy
+        that preempts implements it)."""
+        raise _missing(self, "_victim")
+
+    def _allocate_or_preempt(self, r: Request, blocks: int, now: float) -> bool:
+        """Give ``r`` ``blocks`` more blocks, preempting ``_victim()`` after ``_victim()`` (as
+        vLLM's running loop does); False if ``r`` itself went."""
+        while not self.kv.allocate(r.rid, blocks):
+            victim = self._victim()
+            self.preempt(victim, now)
+            if victim is r:
+                return False
+        return True
 
     def prefill_budget(self) -> int:
         """Prefill tokens allowed this iteration: the token budget left after the decodes."""

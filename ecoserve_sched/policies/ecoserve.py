@@ -185,6 +185,7 @@ class EcoServeConfig:
 
 class EcoServeScheduler(Scheduler):
     name = "ecoserve"
+    prefill_preempts = True  # a partial prefill's next chunk preempts for its blocks, as in vLLM
     #: from this many decoding requests, the victim, parking and next-token searches run over
     #: ``DecodingRows`` (fewer: a loop over them costs less than keeping the arrays and their
     #: operations' overhead; the same decisions either way)
@@ -441,7 +442,7 @@ class EcoServeScheduler(Scheduler):
             queue = parked or self.lost.items
             return (queue[0][2] if queue else None), True
         r = pt[0][2]
-        if self._fits(r, self._need_now(r), project=False):
+        if self._fits(r, self._need_now(r, 1), project=False):  # (1: the smallest first chunk)
             return r, False  # it may be admitted: ``schedule`` tries
         until = parked[0][0] if parked else float("inf")
         if cfg.give_way or cfg.park:
@@ -475,21 +476,29 @@ class EcoServeScheduler(Scheduler):
         b, lo = self._it_now[0], self._budget(d, dctx, 0, self._bound_budget)[0]
         return rules.ttft_est_s(r.prefill_target, lo, self.cost.iteration_time(b, prefill_ctx_tokens(b), d, dctx))
 
-    def _need_now(self, r: Request) -> int:
-        """Blocks ``r`` takes at admission: its whole prefill target, or its swapped context."""
+    def _need_now(self, r: Request, budget: int) -> int:
+        """Blocks ``r`` takes at admission with ``budget`` prefill tokens left: its first chunk's
+        (the later chunks take theirs as they are scheduled, ``grow_prefill``), or its swapped
+        context."""
         if r.state == State.SWAPPED:
             return self.kv.blocks_for(r.swapped_tokens + 1)
-        return self.kv.blocks_for(r.prefill_target)
+        return self.kv.blocks_for(min(r.prefill_target, budget))
 
     def _fits(self, r: Request, need: int, project: bool = True) -> bool:
-        """``need`` blocks are free now, and the projected peak (or, without pipelining, the sum
-        of reservations) of the running requests and ``r`` stays within the cache. Without
-        ``project``, side-effect free but for ``recheck`` (brought forward to the step a failed
-        projection is asked again): True where only the projection (not tried since the running
-        set last changed, or since then too far over to pass yet) could say no."""
-        keep = self._keep_free()
-        if need > self.kv.free_blocks - keep:
+        """``need`` blocks are free now beyond the keep-free reserve and, for a prompt, its whole
+        prefill target's blocks are free (vLLM's gate: ``scheduler_reserve_full_isl``), and the
+        projected peak (or, without pipelining, the sum of reservations) of the running requests
+        and ``r``, holding that target, stays within the cache. Without ``project``, side-effect
+        free but for ``recheck`` (brought forward to the step a failed projection is asked again):
+        True where only the projection (not tried since the running set last changed, or since
+        then too far over to pass yet) could say no."""
+        keep, free = self._keep_free(), self.kv.free_blocks
+        if need > free - keep:
             return False
+        if r.state != State.SWAPPED:
+            need = self.kv.blocks_for(r.prefill_target)
+            if need > free:
+                return False
         proj = self.proj
         n = len(proj)
         if not n:
@@ -532,7 +541,7 @@ class EcoServeScheduler(Scheduler):
             r, q = self._head(now)
         if r is None:
             return None
-        need = self._need_now(r)
+        need = self._need_now(r, budget)
         if not self._fits(r, need, project=not probe):
             return None
         return r, q, need
@@ -681,11 +690,7 @@ class EcoServeScheduler(Scheduler):
             r.reserved_extra = (base << n) - base
 
     def on_alarm(self, r: Request) -> None:
-        while not self.kv.allocate(r.rid, 1):
-            v = self._victim()
-            self.preempt(v, self.now)
-            if v is r:
-                return
+        self._allocate_or_preempt(r, 1, self.now)
 
     def _victim(self) -> Request:
         """The running request to preempt: the largest ``rules.victim_key`` (from ``ARRAYS_FROM``

@@ -29,6 +29,7 @@ _SEQ = attrgetter("seq")
 class VLLMScheduler(Scheduler):
     name = "vllm"
     prediction_override = "none"  # first come, first served: no predictions read
+    prefill_preempts = True
 
     def __init__(self, cost: Any, reserve_full_prompt: bool = True, **kw: Any) -> None:
         super().__init__(cost, **kw)
@@ -55,22 +56,12 @@ class VLLMScheduler(Scheduler):
     def pick_victim(self, running: list[Request]) -> Request:
         return max(running, key=_SEQ)
 
-    def _allocate_or_preempt(self, r: Request, blocks: int, now: float) -> bool:
-        """Give ``r`` ``blocks`` more blocks, preempting victims; False if ``r`` itself went."""
-        while not self.kv.allocate(r.rid, blocks):
-            victim = self.pick_victim(self.running())
-            self.preempt(victim, now)
-            if victim is r:
-                return False
-        return True
+    def _victim(self) -> Request:
+        return self.pick_victim(self.running())
 
     def on_alarm(self, r: Request) -> None:
         if self._allocate_or_preempt(r, 1, self.now):
             self.set_alarm(r)
-
-    def grow_prefill(self, r: Request, chunk: int) -> bool:
-        need = self.kv.blocks_for(r.prefilled + chunk) - self.kv.owned(r.rid)
-        return need <= 0 or self._allocate_or_preempt(r, need, self.now)
 
     def _next_admission(self, budget: int, batch: Batch, now: float) -> tuple[Request, int] | None:
         """The waiting head and its first chunk, if ``admit`` starts it: budget, ``max_running``
