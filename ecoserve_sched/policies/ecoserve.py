@@ -13,7 +13,9 @@ themselves are the pure functions of ``ecoserve_rules``):
 3. Preempted requests resume first (they hold progress), then prompt tasks (PTs) in priority
    order (``rules.priority_key``: arrival + predicted service seconds), then PTs whose TTFT is
    already lost (``rules.ttft_lost``: they give way to every request that can still meet it).
-   A request is admitted only if its prompt's blocks are free now and the projected peak of the
+   A request is admitted only if its whole prompt's blocks are free now (it takes its first
+   chunk's; each later chunk takes its own, preempting a victim if they are not free, as in
+   vLLM) and the projected peak of the
    running requests' KV, each growing to its reservation (the prediction's reservation
    ``reserve_tokens``, its upper quantile, doubled each time it is outgrown: top-up), stays
    within the cache: reservations overlap in time, a short request using the tail that a long

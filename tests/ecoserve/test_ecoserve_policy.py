@@ -444,6 +444,27 @@ def test_blocks_are_taken_as_tokens_are_written():
     assert r.state == State.PREFILL and sched.kv.owned(r.rid) == sched.kv.blocks_for(10)
 
 
+def test_a_prompt_takes_its_blocks_chunk_by_chunk_and_a_chunk_preempts_for_them():
+    """As vLLM: admission asks that the whole prompt's blocks be free but takes only the first
+    chunk's; the next chunk takes its own, preempting the rules' victim where they are not free."""
+    sched = get_policy("ecoserve", FlatCost(blocks=10), block_size=4, max_running=8, token_budget=14)
+    a, a2, b = make_req(0, 0.0, 7, 50, pred=2), make_req(1, 0.0, 7, 50, pred=2), make_req(2, 0.0, 20, 5, pred=1)
+    sched.add(a, 0.0)
+    sched.add(a2, 0.0)
+    sched.complete(sched.schedule(0.0), 0.01)  # two 7-token prompts: 2 blocks each, 6 free
+    sched.add(b, 0.01)
+    batch = sched.schedule(0.01)  # b's 5 blocks are free; its first chunk (12 tokens) takes 3
+    assert [(r.rid, c) for r, c, _ in batch.prefill] == [(2, 12)]
+    assert sched.kv.owned(2) == 3 and sched.kv.free_blocks == 3
+    sched.complete(batch, 0.02)
+    # both decodes write their 9th token: a block each, 1 free; b's next chunk (8 tokens) needs
+    # 2: the victim (rules.victim_key: equal keys, the later admitted) gives its 3 blocks back
+    batch = sched.schedule(0.02)
+    assert [(r.rid, c) for r, c, _ in batch.prefill] == [(2, 8)]
+    assert a2.state == State.WAITING and sched.counters["preemptions"] == 1
+    assert (sched.kv.owned(0), sched.kv.owned(1), sched.kv.owned(2), sched.kv.free_blocks) == (3, 0, 5, 2)
+
+
 def test_mispredicted_request_is_topped_up_not_preempted():
     r = make_req(0, 0.0, 8, 100, pred=10)
     sched, _ = sim("ecoserve", [r], blocks=64)
