@@ -3,8 +3,8 @@
 Every block is either in the free pool or *owned* by exactly one request:
 
 - **Reservation** ("exact allocation"): a policy asks for ``blocks_for(prompt + R)`` blocks up
-  front with ``allocate``; on-demand policies (vLLM; EcoServe once it holds its prompt's
-  blocks) ask for one block at a time.
+  front with ``allocate``; on-demand policies (vLLM, EcoServe) ask for each prefill chunk's
+  blocks as the chunk is scheduled, then for one block at a time.
 - **Release** (finish or preemption): a request's blocks go back to the pool.
 
 KV-cache pipelining is not done here: EcoServe overlaps reservations in its admission test

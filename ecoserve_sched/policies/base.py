@@ -148,8 +148,11 @@ class Scheduler(SchedulerInterface):
 
     def _victim(self) -> Request:
         """The running request to preempt when one needs blocks that are not free (a policy
-        that preempts implements it)."""
-        raise _missing(self, "_victim")
+        that preempts through ``_allocate_or_preempt``, or with ``prefill_preempts``, implements
+        it)."""
+        raise NotImplementedError(f"policy {type(self).__name__} preempts for blocks (prefill_preempts or "
+                                  "_allocate_or_preempt) but does not implement _victim() (docs/simulator.md, "
+                                  "Writing a policy)")
 
     def _allocate_or_preempt(self, r: Request, blocks: int, now: float) -> bool:
         """Give ``r`` ``blocks`` more blocks, preempting ``_victim()`` after ``_victim()`` (as

@@ -430,13 +430,14 @@ class EcoServeScheduler(Scheduler):
             return self.lost.items[0][2], self.lost
         return None, None
 
-    def _probe_head(self, now: float) -> tuple[Request | None, bool]:
+    def _probe_head(self, now: float, budget: int) -> tuple[Request | None, bool]:
         """``_head`` for ``admission_blocked`` (no preempted request waits), without side
         effects: the head, and False if ``schedule`` might act on it now (it may fit, give way,
         or have a decode parked for it). Sure, it sets ``recheck``: by then a parked request may
         come due, the head give way, or its parking window open or the offered load fall below
         ``rules.PARK_MAX_LOAD`` in it (each bounded with ``_ttft_est_bound``; early is safe: the
-        engine only asks again)."""
+        engine only asks again). ``budget``: the least prefill budget of the iterations until
+        then (the first chunk's blocks are the fewest there)."""
         parked, pt, cfg = self.parked, self.pt.items, self.cfg
         if parked and parked[0][0] <= now:
             return parked[0][2], True
@@ -444,7 +445,7 @@ class EcoServeScheduler(Scheduler):
             queue = parked or self.lost.items
             return (queue[0][2] if queue else None), True
         r = pt[0][2]
-        if self._fits(r, self._need_now(r, 1), project=False):  # (1: the smallest first chunk)
+        if self._fits(r, self._need_now(r, budget), project=False):
             return r, False  # it may be admitted: ``schedule`` tries
         until = parked[0][0] if parked else float("inf")
         if cfg.give_way or cfg.park:
@@ -535,7 +536,7 @@ class EcoServeScheduler(Scheduler):
         if budget <= 0 or len(self.decoding) + len(self.prefilling) >= self.max_running:
             return None
         if probe and not self.resume:
-            r, sure = self._probe_head(now)
+            r, sure = self._probe_head(now, budget)
             if not sure:
                 return r, None, 0
             q = None
@@ -669,12 +670,14 @@ class EcoServeScheduler(Scheduler):
         # Stable until a finish: the free pool only shrinks in between, and a failed projection
         # is asked again once a running request starts or ends or at ``_fits``'s step (set as
         # ``recheck``); as time passes only the head
-        # (``_probe_head``: ``recheck``) and parking can change. The budget is never below 1
-        # (``_budget``'s floor), but 0 while an amortized chunk is repaid (something waits).
+        # (``_probe_head``: ``recheck``) and parking can change. The budget is never below
+        # ``_budget``'s floor (asked with it: the first chunk's blocks are the fewest there), but
+        # 0 while an amortized chunk is repaid (something waits).
         if self.step < self._repay_until and self.decoding and self.cfg.amortize and self.cfg.tbt_budget:
             self.recheck = (self._repay_until, float("inf"))
             return True
-        return self._next_admission(1, NO_BATCH, self.now, probe=True) is None
+        least = min(self.min_prefill, max(self.token_budget - len(self.decoding), 1))  # (no prefill runs)
+        return self._next_admission(least, NO_BATCH, self.now, probe=True) is None
 
     def _keep_free(self) -> int:
         return self.keep_free if self.decoding or self.prefilling else 0

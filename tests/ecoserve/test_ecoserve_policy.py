@@ -465,6 +465,21 @@ def test_a_prompt_takes_its_blocks_chunk_by_chunk_and_a_chunk_preempts_for_them(
     assert (sched.kv.owned(0), sched.kv.owned(1), sched.kv.owned(2), sched.kv.free_blocks) == (3, 0, 5, 2)
 
 
+def test_a_prompt_whose_first_chunk_cannot_leave_the_reserve_free_is_blocked():
+    """With a keep-free reserve, the whole prompt's blocks are free (10 of 13) but no first
+    chunk of at least the budget's floor leaves the reserve (5) free: admission is blocked, and
+    the fast path says so (it asked with a 1-token chunk, so it was never sure, and every
+    iteration became a decision; a review's find)."""
+    s = get_policy("ecoserve", FlatCost(blocks=20), block_size=4, max_running=4, token_budget=64,
+                   config=EcoServeConfig(reserve_frac=0.25))
+    a, b = make_req(0, 0.0, 28, 400, pred=400), make_req(1, 0.0, 40, 5, pred=1)
+    s.add(a, 0.0)
+    s.complete(s.schedule(0.0), 0.01)
+    s.add(b, 0.01)
+    assert s.keep_free == 5 and s.kv.free_blocks == 13
+    assert s.decode_only_step(now=0.01) and not s.schedule_dry_run(0.01).prefill
+
+
 def test_mispredicted_request_is_topped_up_not_preempted():
     r = make_req(0, 0.0, 8, 100, pred=10)
     sched, _ = sim("ecoserve", [r], blocks=64)
