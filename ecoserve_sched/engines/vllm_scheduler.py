@@ -1105,6 +1105,14 @@ class EcoServeMixin:
         # sessions between chunks holding slots, it parked with no slot for the head)
         if len(self.running) + getattr(self, "num_waiting_for_streaming_input", 0) >= self._active_limit:
             return 0  # no slot for the head (the simulator's rule)
+        now, cfg = self.clock(), self.eco_cfg
+        # before the head is asked for: ``head_new`` settles the queue, moving a head whose TTFT
+        # is lost behind the others, which the simulator tests only when its admission runs,
+        # with budget left (was: tested at every step, with a step's small TBT-aware budget, so
+        # a prompt was given up as lost that the simulator admitted a step later with the whole
+        # budget; a differential fuzzer's find)
+        if self.load.load(now) >= rules.PARK_MAX_LOAD or self._left_for_waiting(budget) <= 0:
+            return 0
         head = self.waiting.head_new()
         # (was: any head: one vLLM skips, e.g. its grammar still compiling, had a decode parked
         # for it every other step, and the parked request re-admitted in the same step)
@@ -1116,10 +1124,7 @@ class EcoServeMixin:
         # (was: a decode parked every other step, 13 times in 1.3 s, behind a pending look-up)
         if head.request_id in self._skipped_before:
             return 0
-        now, cfg = self.clock(), self.eco_cfg
-        if self.load.load(now) >= rules.PARK_MAX_LOAD or \
-                not rules.park_for(now, head.arrival_time, cfg.slo_ttft, self._prefill_est_s(head)) \
-                or self._left_for_waiting(budget) <= 0:  # (its pass over the running requests last)
+        if not rules.park_for(now, head.arrival_time, cfg.slo_ttft, self._prefill_est_s(head)):
             return 0
         bs, pool = self._bs, self.kv_cache_manager.block_pool
         # its hit blocks that requests hold take no free block (those in the free pool do:
