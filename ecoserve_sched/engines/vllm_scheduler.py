@@ -499,10 +499,16 @@ class EcoServeRequestQueue(RequestQueue):
         waits); call after ``_settle``."""
         return bool(self._parked) and (not self._heap or self._heap[0][2] == 1)
 
-    def head_new(self) -> Request | None:
+    def head_new(self, may_settle: Callable[[], bool] | None = None) -> Request | None:
         """The head if it is a new request that can still meet its TTFT, else None (no side
-        effects on the scheduler: parking asks this before vLLM's step)."""
+        effects on the scheduler: parking asks this before vLLM's step). A head whose TTFT is
+        lost goes behind the others only if ``may_settle()`` says so (else the queue stays as it
+        is and the answer is None): the simulator tests a head only when its admission runs."""
         self._peeked = False
+        h = self._heap[0] if self._heap else None
+        if may_settle is not None and h is not None and self._lost is not None and h[1] == 1 and not h[2] \
+                and self._lost(h[-1]) and not may_settle():
+            return None
         self._settle()
         h = self._heap[0] if self._heap else None
         return h[-1] if h is not None and h[1] == 1 and not h[2] else None
@@ -1106,14 +1112,13 @@ class EcoServeMixin:
         if len(self.running) + getattr(self, "num_waiting_for_streaming_input", 0) >= self._active_limit:
             return 0  # no slot for the head (the simulator's rule)
         now, cfg = self.clock(), self.eco_cfg
-        # before the head is asked for: ``head_new`` settles the queue, moving a head whose TTFT
-        # is lost behind the others, which the simulator tests only when its admission runs,
-        # with budget left (was: tested at every step, with a step's small TBT-aware budget, so
-        # a prompt was given up as lost that the simulator admitted a step later with the whole
-        # budget; a differential fuzzer's find)
-        if self.load.load(now) >= rules.PARK_MAX_LOAD or self._left_for_waiting(budget) <= 0:
+        if self.load.load(now) >= rules.PARK_MAX_LOAD:
             return 0
-        head = self.waiting.head_new()
+        # a head whose TTFT is lost goes behind the others only where the step leaves budget for
+        # waiting requests, where the simulator's admission would test it (was: at every step,
+        # with a step's small TBT-aware budget, so a prompt was given up as lost that the
+        # simulator admitted a step later with the whole budget; a differential fuzzer's find)
+        head = self.waiting.head_new(lambda: self._left_for_waiting(budget) > 0)
         # (was: any head: one vLLM skips, e.g. its grammar still compiling, had a decode parked
         # for it every other step, and the parked request re-admitted in the same step)
         if head is None or not self._vllm_takes(head):
@@ -1124,7 +1129,8 @@ class EcoServeMixin:
         # (was: a decode parked every other step, 13 times in 1.3 s, behind a pending look-up)
         if head.request_id in self._skipped_before:
             return 0
-        if not rules.park_for(now, head.arrival_time, cfg.slo_ttft, self._prefill_est_s(head)):
+        if not rules.park_for(now, head.arrival_time, cfg.slo_ttft, self._prefill_est_s(head)) \
+                or self._left_for_waiting(budget) <= 0:  # (its pass over the running requests last)
             return 0
         bs, pool = self._bs, self.kv_cache_manager.block_pool
         # its hit blocks that requests hold take no free block (those in the free pool do:

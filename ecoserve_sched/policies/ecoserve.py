@@ -676,7 +676,7 @@ class EcoServeScheduler(Scheduler):
         if self.step < self._repay_until and self.decoding and self.cfg.amortize and self.cfg.tbt_budget:
             self.recheck = (self._repay_until, float("inf"))
             return True
-        least = min(self.min_prefill, max(self.token_budget - len(self.decoding), 1))  # (no prefill runs)
+        least = self._prefill_budget.least(self.token_budget - len(self.decoding))  # (no prefill runs)
         return self._next_admission(least, NO_BATCH, self.now, probe=True) is None
 
     def _keep_free(self) -> int:

@@ -324,11 +324,15 @@ class PrefillBudget:
         self.floor = max(1, floor)
         self._last = (-1, 0, 0, 0)  # (decodes, decode context, offset, bisection result)
 
+    def least(self, hi: int) -> int:
+        """The smallest budget a call with ``hi`` can return: the floor, within ``hi``."""
+        return min(self.floor, max(hi, 1))
+
     def __call__(self, hi: int, d: int, dctx: int, offset: int = 0) -> tuple[int, float]:
         """``(budget, seconds)``: the budget and the iteration's time at it where that was
         computed on the way (else -1)."""
         it, target, ctx = self.it, self.target_s, prefill_ctx_tokens
-        floor = min(self.floor, max(hi, 1))
+        floor = min(self.floor, max(hi, 1))  # ``least``, inline: asked every iteration
         d0, dctx0, off0, lo = self._last
         if d0 == d and dctx0 <= dctx and off0 <= offset:
             if lo == 0:
