@@ -482,7 +482,15 @@ class EcoServeRequestQueue(RequestQueue):
     def _settle(self) -> None:
         """Put parked requests that are due back (rank 0); move head requests whose TTFT is lost
         behind the others (once each)."""
-        heap, lost, parked = self._heap, self._lost, self._parked
+        self._settle_parked()
+        heap, lost = self._heap, self._lost
+        while lost is not None and heap and heap[0][1] == 1 and not heap[0][2] and lost(heap[0][-1]):
+            prio, rank, _, key, _, r = heap[0]
+            heapq.heapreplace(heap, (prio, rank, 1, key, next(self._seq), r))
+
+    def _settle_parked(self) -> None:
+        """Put parked requests that are due back (rank 0)."""
+        parked = self._parked
         if parked:
             now = self._clock()
             while parked and parked[0][0] <= now:  # after the preempted requests, even those
@@ -490,9 +498,6 @@ class EcoServeRequestQueue(RequestQueue):
                 r = heapq.heappop(parked)[2]
                 self._back[r.request_id] = math.inf
                 self._push(r, 0)
-        while lost is not None and heap and heap[0][1] == 1 and not heap[0][2] and lost(heap[0][-1]):
-            prio, rank, _, key, _, r = heap[0]
-            heapq.heapreplace(heap, (prio, rank, 1, key, next(self._seq), r))
 
     def _from_parked(self) -> bool:
         """The next request is the earliest-due parked one (nothing else that can meet its TTFT
@@ -506,10 +511,14 @@ class EcoServeRequestQueue(RequestQueue):
         is and the answer is None): the simulator tests a head only when its admission runs."""
         self._peeked = False
         h = self._heap[0] if self._heap else None
-        if may_settle is not None and h is not None and self._lost is not None and h[1] == 1 and not h[2] \
-                and self._lost(h[-1]) and not may_settle():
-            return None
-        self._settle()
+        if may_settle is None or h is None or self._lost is None or h[1] != 1 or h[2]:
+            self._settle()
+        elif self._lost(h[-1]):  # (asked once: the settle below asks it again only then)
+            if not may_settle():
+                return None
+            self._settle()
+        else:  # the head can meet its TTFT: only due parked requests move (rank 0: ahead of it)
+            self._settle_parked()
         h = self._heap[0] if self._heap else None
         return h[-1] if h is not None and h[1] == 1 and not h[2] else None
 
