@@ -36,11 +36,14 @@ as tokens are written, vLLM's default); this subclass changes four of its decisi
   x decode-context-parallel size). The test wraps ``allocate_slots`` only while vLLM takes
   waiting requests: its call for each running request goes straight to vLLM.
 * **Victims**: before each step, if the blocks that the step's running requests need exceed
-  the free pool, ``running`` is sorted so that vLLM's "preempt ``running[-1]``" takes the
-  largest ``rules.victim_key`` (TTFT SLO lost, then the longest predicted remaining work, then
-  the latest admitted); when an upper bound on that need fits, nothing is counted per request.
-  Under ``--scheduling-policy priority`` vLLM's own victim rule (lowest priority, latest
-  arrival) applies.
+  the free pool, the simulator's preemptions are found (the decodes' blocks first, then the
+  partial prefills' chunks at the step's budget, each preempting the largest
+  ``rules.victim_key``: TTFT SLO lost, then the longest predicted remaining work, then the
+  latest admitted), and ``running`` is put in the simulator's order (decodes first) with
+  those victims last, so that vLLM's "preempt ``running[-1]``" takes them and hands its token
+  budget out as the simulator does; when an upper bound on that need fits, nothing is counted
+  per request. Under ``--scheduling-policy priority`` vLLM's own victim rule (lowest priority,
+  latest arrival) applies.
 * **Prediction scale** (``ECOSERVE_SCALE_PREDICTIONS``, off by default, as in the simulator):
   a new request's predicted RL is multiplied by ``rules.PredictionScale`` (the median of
   generated / predicted tokens over the last finished requests; only those that stopped or hit
@@ -452,14 +455,21 @@ class EcoServeRequestQueue(RequestQueue):
         # request id -> when it was put back with its first token; inf for a parked request put
         # back when due: after every preempted one, as the simulator resumes them
         self._back: dict[str, float] = {}
+        self._arrived: dict[str, int] = {}  # request id -> its place in arrival order (ties)
         self._peeked = False  # the last call was a peek, and nothing changed the queue since
         self.skipped: set[str] = set()  # ids vLLM skipped (``prepend_requests``); the scheduler resets it
 
     def _push(self, request: Request, rank: int, lost: int = 0) -> None:
         self._peeked = False
         prio = request.priority if self._by_priority else 0
-        key = self._key(request) if rank else self._back[request.request_id]
-        heapq.heappush(self._heap, (prio, rank, lost, key, next(self._seq), request))
+        rid = request.request_id
+        if rank:  # ties in arrival order, kept when it is put back or gives way, as the
+            # simulator's request id (was: the order pushed, so a prompt preempted before its
+            # first token went behind those of its key that had waited all along)
+            key, seq = self._key(request), self._arrived.setdefault(rid, next(self._seq))
+        else:
+            key, seq = self._back[rid], next(self._seq)
+        heapq.heappush(self._heap, (prio, rank, lost, key, seq, request))
 
     def _put_back(self, request: Request, again: bool) -> None:
         """Rank 0 (first, in put-back order) if it has its first token (or it is in flight:
@@ -478,6 +488,7 @@ class EcoServeRequestQueue(RequestQueue):
     def forget(self, request_id: str) -> None:
         """The request left the scheduler."""
         self._back.pop(request_id, None)
+        self._arrived.pop(request_id, None)
 
     def _settle(self) -> None:
         """Put parked requests that are due back (rank 0); move head requests whose TTFT is lost
@@ -485,8 +496,8 @@ class EcoServeRequestQueue(RequestQueue):
         self._settle_parked()
         heap, lost = self._heap, self._lost
         while lost is not None and heap and heap[0][1] == 1 and not heap[0][2] and lost(heap[0][-1]):
-            prio, rank, _, key, _, r = heap[0]
-            heapq.heapreplace(heap, (prio, rank, 1, key, next(self._seq), r))
+            prio, rank, _, key, seq, r = heap[0]
+            heapq.heapreplace(heap, (prio, rank, 1, key, seq, r))
 
     def _settle_parked(self) -> None:
         """Put parked requests that are due back (rank 0)."""
@@ -639,7 +650,7 @@ class EcoServeMixin:
             "admissions": 0,  # requests admitted by the projected-peak test
             "admission_waits": 0,  # admissions refused by it (the queue waits)
             "topups": 0,  # doublings of finished requests' reservations
-            "victim_sorts": 0,  # steps whose KV demand exceeded the free blocks: running re-sorted
+            "victim_sorts": 0,  # steps whose blocks do not suffice: the rules' victims put last
             "preemptions": 0,
             "predictions": 0,  # requests the predictor bundle predicted
             "whole_prompts": 0,  # of them, predicted from the whole decoded prompt: no user turn found
@@ -656,7 +667,13 @@ class EcoServeMixin:
         }
         # Amortized chunks: no prompt tokens before this step while prompts wait
         self._repay_until = 0
-        self._victims_sorted = -1  # the last step whose running order was sorted for victims
+        # a step's victim search (``_before_step``): the running requests by victim key (the
+        # last is preempted next), those preempted (in that order), the blocks each request
+        # took, and the free blocks after the decodes' (the simulator's alarms)
+        self._keyed: list[Request] = []
+        self._gone: dict[str, Request] = {}
+        self._taken: dict[str, int] = {}
+        self._free_after = 0
         self._paced: tuple[int, float, float] | None = None  # (paced budget, its time, decode-only time)
         self._logged: set[str] = set()
         self.clock: Callable[[], float] = time.time  # the simulator swaps in its clock
@@ -1037,8 +1054,10 @@ class EcoServeMixin:
         budget = full if self._prefill_budget is None else self._step_budget(full)
         # not while vLLM is paused (a request parked then is no unfinished work for a pause that
         # waits for the in-flight ones: was, the pause ended with it half done)
+        # nor in a step that preempts (the simulator admits nothing after a preemption, nor
+        # does vLLM: was, the plug-in parked first)
         if self.eco_cfg.park and self.running and self.waiting and not self._by_priority \
-                and not self._takes_a_kv_holder() \
+                and not self._gone and not self._takes_a_kv_holder() \
                 and getattr(self, "_pause_state", PauseState.UNPAUSED) == PauseState.UNPAUSED:
             # with this step's prompt budget (as the simulator: the budget before parking; a
             # parked request's decode token is not in the step any more)
@@ -1257,8 +1276,10 @@ class EcoServeMixin:
         d = dctx = tokens = left = 0
         offset = -1
         behind = False  # a decode after a prefill in vLLM's order
-        prefilling = self._prefilling
+        prefilling, gone = self._prefilling, self._gone
         for r in self.running:
+            if gone and r.request_id in gone:
+                continue  # preempted for the decodes' blocks: the simulator's budget is after them
             n = r.num_computed_tokens
             # decoding (async scheduling: n may run ahead of num_tokens)
             if n >= r.num_tokens - 1 and r.request_id not in prefilling:
@@ -1270,12 +1291,11 @@ class EcoServeMixin:
                 left += r.num_tokens - n
                 if offset < 0:
                     offset = n
-        if behind and self._victims_sorted != self._step:
+        if behind and not self._gone:
             # vLLM hands the budget out in this order: a prefill ahead of a decode took the
             # decode's share (was: a decode got no token for 6 steps behind a 6,000-token prompt
             # under --long-prefill-token-threshold). Decodes first, as the simulator runs them
-            # (a stable partition). Not in a step whose order was sorted for victims (vLLM
-            # preempts from the end): there the rules' victim order wins
+            # (a stable partition; in a step that preempts, ``_victims_last`` orders them so)
             self.running[:] = sorted(self.running, key=self._not_decoding)
             self.eco_counters["decodes_first"] += 1
         offset = max(offset, 0)
@@ -1288,15 +1308,33 @@ class EcoServeMixin:
         it = self.cost_model.iteration_time
         self._step_now_s = t if t >= 0 else it(b, prefill_ctx_tokens(b, offset), d, dctx)
         self._paced = None
+        out = min(full, tokens + b)
         if d and tokens < full and self.eco_cfg.amortize and (self.waiting or left > b):
             if self._step < self._repay_until:
-                return tokens  # an amortized chunk is being repaid: decodes only
-            big = full - tokens if self.waiting else min(full - tokens, left)
-            big, decode_s = self._amortized_chunk(big, b, d, dctx, offset)
-            if big > b:
-                self._paced = (b, self._step_now_s, decode_s)
-                return tokens + big
-        return min(full, tokens + b)
+                out = tokens  # an amortized chunk is being repaid: decodes only
+            else:
+                big = full - tokens if self.waiting else min(full - tokens, left)
+                big, decode_s = self._amortized_chunk(big, b, d, dctx, offset)
+                if big > b:
+                    self._paced = (b, self._step_now_s, decode_s)
+                    out = tokens + big
+        return self._prefills_preempt(out - tokens) + tokens if self._keyed else out
+
+    def _prefills_preempt(self, b: int) -> int:
+        """In a step whose blocks do not suffice (``_before_step``): the partial prefills' chunks
+        within the step's ``b`` prompt tokens take their blocks, preempting as the simulator
+        does (``_preempted_for``); the victims go last (``_victims_last``). The prompt tokens
+        vLLM is to hand out: ``b``, less the tokens of the decodes preempted now (the simulator
+        set its chunks before they went)."""
+        gone = set(self._gone)
+        walk = [(r, r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens)
+                for r in self.running if r.request_id not in gone and self._not_decoding(r)]
+        self._preempted_for(walk, self._free_after, b)
+        for rid, r in self._gone.items():
+            if rid not in gone and not self._not_decoding(r):
+                b -= max(1, r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens)
+        self._victims_last()
+        return max(b, 0)
 
     def _amortized_chunk(self, big: int, b: int, d: int, dctx: int, offset: int) -> tuple[int, float]:
         """``rules.amortized_chunk`` against this step's paced ``b`` and its time (the
@@ -1334,6 +1372,7 @@ class EcoServeMixin:
 
     def _before_step(self) -> None:
         blocks, free = self._req_blocks, self.kv_cache_manager.block_pool.get_num_free_blocks()
+        self._gone, self._keyed, self._taken = {}, [], {}
         self._held_offset = self._count_held_offset()
         if not self.running:
             return
@@ -1371,10 +1410,65 @@ class EcoServeMixin:
                 need += max(0, -(-(r.num_computed_tokens + n + look) // bs) - len(blocks.get(r.request_id, ())))
             if budget <= 0:
                 break
-        if need > free:
-            self.running.sort(key=lambda r: self._victim_key(r, now))
-            self.eco_counters["victim_sorts"] += 1
-            self._victims_sorted = self._step  # this step's order is the victims' (``_step_budget``)
+        if need <= free:
+            return
+        # The simulator's preemptions: the decodes' blocks first (its alarms), then, with the
+        # step's budget on the rest, the partial prefills' chunks (``_step_budget``), each
+        # preempting the largest victim key until its blocks are free. vLLM is then handed the
+        # survivors in the order it walks them, and those victims last, largest key last: it
+        # preempts from the end as the blocks run out (was: all of ``running`` in victim order,
+        # so vLLM handed the token budget out in that order, and a prompt took a decode's token)
+        self._keyed = sorted(self.running, key=lambda r: self._victim_key(r, now))
+        walk = [(r, r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens) for r in order]
+        if self._prefill_budget is None:  # vLLM's whole budget, in its running order
+            self._free_after = self._preempted_for(walk, free, self.max_num_scheduled_tokens)
+            self._victims_last()
+        else:
+            self._free_after = self._preempted_for([(r, n) for r, n in walk if not self._not_decoding(r)], free)
+
+    def _preempted_for(self, walk: list[tuple[Request, int]], free: int, budget: int | None = None) -> int:
+        """The simulator's preemptions for ``walk``'s requests, in turn, each taking the blocks
+        of its next ``n`` tokens (within ``budget``, as vLLM's loop hands it out; a prompt cut at
+        ``--long-prefill-token-threshold``): while they are not free, the running request of
+        the largest victim key goes (``_keyed``'s last; itself, and then it takes none). Adds
+        them to ``_gone``; returns the free blocks left."""
+        blocks, bs, look, gone, keyed = self._req_blocks, self._bs, self.num_lookahead_tokens, self._gone, self._keyed
+        cap, taken = self.scheduler_config.long_prefill_token_threshold, self._taken
+        for r, n in walk:
+            rid = r.request_id
+            if budget is not None:
+                if budget <= 0:
+                    break
+                n = min(cap if 0 < cap < n else n, budget)
+            if n <= 0 or rid in gone:
+                continue
+            need = max(0, -(-(r.num_computed_tokens + n + look) // bs) - len(blocks.get(rid, ())))
+            while need > free and keyed:
+                v = keyed.pop()
+                vid = v.request_id
+                gone[vid] = v  # its own blocks (a shared prefix block stays with the others)
+                free += sum(b.ref_cnt == 1 for b in blocks.get(vid, ())) + taken.pop(vid, 0)
+                if v is r:
+                    need = n = 0
+            if need <= free:
+                free -= need
+                taken[rid] = need
+            if budget is not None:
+                budget -= n
+        return free
+
+    def _victims_last(self) -> None:
+        """Put this step's victims (``_gone``) at the end of ``running``, the largest victim key
+        last (vLLM preempts from the end); the others keep their order, decodes first where the
+        prefill budget is on (``_step_budget``'s order)."""
+        gone = self._gone
+        if not gone:
+            return
+        keep = [r for r in self.running if r.request_id not in gone]
+        if self._prefill_budget is not None:
+            keep.sort(key=self._not_decoding)
+        self.running[:] = keep + list(reversed(gone.values()))  # (preempted largest key first)
+        self.eco_counters["victim_sorts"] += 1
 
     def _not_decoding(self, r: Request) -> bool:
         """False for a request that decodes this step (``_step_budget``'s test): the sort key

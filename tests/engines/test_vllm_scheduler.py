@@ -166,6 +166,29 @@ def test_ordering_shorter_predicted_work_first_and_preempted_first() -> None:
     q.forget("e")
 
 
+def test_ties_in_the_queue_go_in_arrival_order_after_a_put_back_or_giving_way() -> None:
+    """Equal keys go in arrival order, as the simulator's heaps go by request id: "a", preempted
+    before its first token, or given way, stays ahead of "b" that arrived after it. It went
+    behind (a tie broken by the order pushed), so two prompts of one key swapped first tokens
+    in a differential fuzzer's case (1.016 and 1.079 s)."""
+    lost = {"on": False}
+    q = EcoServeRequestQueue(lambda r: 0.0, lost=lambda r: lost["on"])
+    a, b = req("a", 8, 8, arrival=0.0), req("b", 8, 8, arrival=0.0)
+    q.add_request(a)
+    q.add_request(b)
+    assert q.pop_request() is a
+    q.prepend_request(a)  # preempted before its first token: among the new ones, by its key
+    assert [r.request_id for r in q] == ["a", "b"]  # was: ["b", "a"]
+    lost["on"] = True  # both give way (the head first, then the next)
+    assert q.pop_request() is a
+    q.prepend_request(a)
+    assert [r.request_id for r in q] == ["a", "b"]
+    q.forget("a")
+    assert q.pop_request() is a and q.pop_request() is b and not q
+    q.forget("b")
+    assert not q._arrived  # nothing kept for requests that left
+
+
 def test_a_request_preempted_with_its_first_token_in_flight_goes_first() -> None:
     """Async scheduling: vLLM preempts "x" (out of blocks) while the step that samples its
     first token is in flight, and then delivers that token (stale output). x was put back as a

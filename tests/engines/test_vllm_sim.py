@@ -185,6 +185,42 @@ def test_the_plugin_gives_a_prompt_up_as_lost_only_where_admission_runs() -> Non
     assert sim[4].first_token_s == pytest.approx(4.4329, abs=1e-3)
 
 
+def test_in_a_step_that_preempts_the_plugin_hands_decodes_their_tokens_first() -> None:
+    """14 blocks, a 7-token budget: at 0.87 s five decodes run beside a 10-token prompt's chunks
+    and a block runs out. The plug-in sorted all of ``running`` by the victim key for vLLM (which
+    preempts from the end), and vLLM hands its token budget out in that order: the prompt, its key
+    small, took 6 tokens and four decodes got none, so nothing was preempted; the simulator
+    runs every decode first and preempts request 8 (the largest key) for the block, finishing
+    it at 1.19 s where vLLM finished it at 0.95 s (a differential fuzzer's find). The victims
+    go last now, the others in the order the simulator runs them."""
+    tr = Trace("t", np.zeros(11), np.array([1, 1, 1, 5, 10, 1, 1, 5, 1, 8, 2]),
+               np.array([40, 33, 1, 30, 1, 1, 52, 20, 34, 1, 1]),
+               np.array([63, 63, 2048, 30, 1, 2048, 42, 62, 63, 2048, 1]),
+               rl=np.array([[-1, 0, 0], [-1, 0, 0], [0, 0, 0], [-1, 0, 0], [0, 1, 0], [-1, 0, 0],
+                            [-1, 0, 0], [-1, 0, 0], [-1, 0, 0], [-1, 0, 0], [1, 1, 1]]))
+    sim, real = _pair(tr, SLO(5.0, 0.2), kv_blocks=14, token_budget=7, max_running=6)
+    _agree(sim, real)
+    assert sim[8].finish_s == pytest.approx(1.1895, abs=1e-3) and sim[8].preemptions == 1
+
+
+def test_a_prompt_put_back_keeps_its_place_among_ties_as_in_vllm() -> None:
+    """Requests 3 and 13, 14-token prompts arriving together, tie in EcoServe's order. Request 3
+    is admitted, preempted before its first token, and both then give way (a 0.5 s TTFT SLO).
+    The simulator breaks the tie by request id; the plug-in's queue broke it by the order
+    pushed, so 3 went behind 13 and the two swapped first tokens (1.135 and 1.210 s; a
+    differential fuzzer's find). Ties go in arrival order now."""
+    tr = Trace("t", np.zeros(15), np.array([1, 1, 1, 14, 4, 11, 1, 1, 1, 1, 1, 1, 1, 14, 1]),
+               np.array([1, 43, 36, 1, 30, 1, 1, 1, 1, 1, 55, 20, 37, 1, 1]),
+               np.array([1, 256, 256, 1, 247, 1, 1, 1, 2048, 1, 45, 498, 256, 1, 2048]),
+               rl=np.array([[-1, 0, 0], [-1, 0, 0], [-1, 0, 0], [0, 1, 1], [-1, 0, 0], [0, 7, 7], [0, 0, 0],
+                            [-1, 0, 0], [0, 0, 0], [-1, 0, 0], [-1, 0, 0], [-1, 0, 0], [-1, 0, 0], [-1, 0, 0],
+                            [1, 8, 8]]))
+    sim, real = _pair(tr, SLO(0.5, 0.2), kv_blocks=13, token_budget=7, max_running=6)
+    _agree(sim, real)
+    assert sim[3].first_token_s == pytest.approx(1.1350, abs=1e-3)
+    assert sim[13].first_token_s == pytest.approx(1.2099, abs=1e-3)
+
+
 def test_the_plugin_preempts_the_rules_victim_after_moving_decodes_first(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 4-token budget: request 1 decodes behind request 2's prompt, so the plug-in moves it
     first (``decodes_first``) and the step then needs more blocks than are free. The plug-in
