@@ -669,10 +669,12 @@ class EcoServeMixin:
         self._repay_until = 0
         # a step's victim search (``_before_step``): the running requests by victim key (the
         # last is preempted next), those preempted (in that order), the blocks each request
-        # took, and the free blocks after the decodes' (the simulator's alarms)
+        # took, the budget each prefill took, and the free blocks after the decodes' (the
+        # simulator's alarms)
         self._keyed: list[Request] = []
         self._gone: dict[str, Request] = {}
         self._taken: dict[str, int] = {}
+        self._charged: dict[str, int] = {}  # the budget each prefill walked took (``_prefills_preempt``)
         self._free_after = 0
         self._paced: tuple[int, float, float] | None = None  # (paced budget, its time, decode-only time)
         self._logged: set[str] = set()
@@ -1109,17 +1111,31 @@ class EcoServeMixin:
         partial prefills (was: the plug-in parked while a running prompt took the whole budget,
         so the head got no token and often lost its TTFT anyway: 23 parks against the
         simulator's 20, 42 against 35, in the bursts of docs/engines.md, an audit's find)."""
-        cap = self.scheduler_config.long_prefill_token_threshold  # running and waiting: 2 or more eligible
-        if cap > 0 and getattr(self, "adaptive_long_prefill_threshold", False):
-            counts = getattr(self, "get_request_counts", None)
-            eligible = sum(counts()) if counts is not None else len(self.running) + len(self.waiting)
-            cap = max(cap, self.scheduler_config.max_num_batched_tokens // max(eligible, 1))
+        cap = self._prefill_cap()
         for r in self.running:
             n = r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens
             budget -= min(n, cap) if 0 < cap < n else max(n, 0)
             if budget <= 0:
                 return 0
         return budget
+
+    def _prefill_cap(self) -> int:
+        """vLLM's cut of a request's tokens in this step (``--long-prefill-token-threshold``; 0:
+        none), as its ``schedule`` sets it: none with one eligible request (running or waiting),
+        and under ``--long-prefill-token-threshold-adaptive`` at least the input budget's fair
+        share (was: the adaptive floor alone, in ``_left_for_waiting``; the blocks a step needs
+        were counted without any cut, so a cut spreading the budget over more requests needed
+        more blocks than counted, and vLLM preempted its last request, not the rules' victim)."""
+        cap = self.scheduler_config.long_prefill_token_threshold
+        if cap <= 0:
+            return 0
+        counts = getattr(self, "get_request_counts", None)
+        eligible = sum(counts()) if counts is not None else len(self.running) + len(self.waiting)
+        if eligible <= 1:
+            return 0
+        if getattr(self, "adaptive_long_prefill_threshold", False):
+            cap = max(cap, self.scheduler_config.max_num_batched_tokens // eligible)
+        return cap
 
     def _park(self, budget: int) -> int:
         """The simulator's parking: while the waiting head is a new request that can still meet
@@ -1318,23 +1334,29 @@ class EcoServeMixin:
                 if big > b:
                     self._paced = (b, self._step_now_s, decode_s)
                     out = tokens + big
-        return self._prefills_preempt(out - tokens) + tokens if self._keyed else out
+        return max(out - self._prefills_preempt(max(out - tokens, 0)), 0) if self._keyed else out
 
     def _prefills_preempt(self, b: int) -> int:
         """In a step whose blocks do not suffice (``_before_step``): the partial prefills' chunks
         within the step's ``b`` prompt tokens take their blocks, preempting as the simulator
-        does (``_preempted_for``); the victims go last (``_victims_last``). The prompt tokens
-        vLLM is to hand out: ``b``, less the tokens of the decodes preempted now (the simulator
-        set its chunks before they went)."""
+        does (``_preempted_for``); the victims go last (``_victims_last``). Returns the tokens
+        to take off the step's budget: the simulator set its chunks before these victims went,
+        so neither a decode preempted now nor a prompt preempted after its chunk was counted
+        leaves its tokens to the others (vLLM walks the victims last, and would)."""
         gone = set(self._gone)
         walk = [(r, r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens)
                 for r in self.running if r.request_id not in gone and self._not_decoding(r)]
         self._preempted_for(walk, self._free_after, b)
+        cut, charged = 0, self._charged
         for rid, r in self._gone.items():
-            if rid not in gone and not self._not_decoding(r):
-                b -= max(1, r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens)
+            if rid in gone:
+                continue
+            if self._not_decoding(r):
+                cut += charged.get(rid, 0)
+            else:  # (as ``_step_budget`` counted it)
+                cut += max(1, r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens)
         self._victims_last()
-        return max(b, 0)
+        return cut
 
     def _amortized_chunk(self, big: int, b: int, d: int, dctx: int, offset: int) -> tuple[int, float]:
         """``rules.amortized_chunk`` against this step's paced ``b`` and its time (the
@@ -1372,7 +1394,7 @@ class EcoServeMixin:
 
     def _before_step(self) -> None:
         blocks, free = self._req_blocks, self.kv_cache_manager.block_pool.get_num_free_blocks()
-        self._gone, self._keyed, self._taken = {}, [], {}
+        self._gone, self._keyed, self._taken, self._charged = {}, [], {}, {}
         self._held_offset = self._count_held_offset()
         if not self.running:
             return
@@ -1403,9 +1425,11 @@ class EcoServeMixin:
         # the order before, so a step whose decodes moved ahead of a prefill could need more
         # blocks than counted, and vLLM preempted the prefill, not the rules' victim)
         order = self.running if self._prefill_budget is None else sorted(self.running, key=self._not_decoding)
+        cap = self._prefill_cap()
         for r in order:
-            n = min(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens, budget)
-            if n > 0:
+            n = r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens
+            n = min(cap if 0 < cap < n else n, budget)
+            if n > 0 and not _last_in_flight(r):
                 budget -= n
                 need += max(0, -(-(r.num_computed_tokens + n + look) // bs) - len(blocks.get(r.request_id, ())))
             if budget <= 0:
@@ -1433,14 +1457,14 @@ class EcoServeMixin:
         the largest victim key goes (``_keyed``'s last; itself, and then it takes none). Adds
         them to ``_gone``; returns the free blocks left."""
         blocks, bs, look, gone, keyed = self._req_blocks, self._bs, self.num_lookahead_tokens, self._gone, self._keyed
-        cap, taken = self.scheduler_config.long_prefill_token_threshold, self._taken
+        cap, taken = self._prefill_cap(), self._taken
         for r, n in walk:
             rid = r.request_id
             if budget is not None:
                 if budget <= 0:
                     break
                 n = min(cap if 0 < cap < n else n, budget)
-            if n <= 0 or rid in gone:
+            if n <= 0 or rid in gone or _last_in_flight(r):  # (vLLM schedules no step for the last)
                 continue
             need = max(0, -(-(r.num_computed_tokens + n + look) // bs) - len(blocks.get(rid, ())))
             while need > free and keyed:
@@ -1455,6 +1479,7 @@ class EcoServeMixin:
                 taken[rid] = need
             if budget is not None:
                 budget -= n
+                self._charged[rid] = n
         return free
 
     def _victims_last(self) -> None:
