@@ -1334,7 +1334,9 @@ class EcoServeMixin:
                 if big > b:
                     self._paced = (b, self._step_now_s, decode_s)
                     out = tokens + big
-        return max(out - self._prefills_preempt(max(out - tokens, 0)), 0) if self._keyed else out
+        if not (self._keyed or self._gone):  # (``_keyed`` is empty once every request is a victim)
+            return out
+        return max(out - self._prefills_preempt(max(out - tokens, 0)), 0)
 
     def _prefills_preempt(self, b: int) -> int:
         """In a step whose blocks do not suffice (``_before_step``): the partial prefills' chunks
@@ -1394,7 +1396,8 @@ class EcoServeMixin:
 
     def _before_step(self) -> None:
         blocks, free = self._req_blocks, self.kv_cache_manager.block_pool.get_num_free_blocks()
-        self._gone, self._keyed, self._taken, self._charged = {}, [], {}, {}
+        if self._keyed or self._gone:  # the last step's victim search (nothing to reset in most steps)
+            self._gone, self._keyed, self._taken, self._charged = {}, [], {}, {}
         self._held_offset = self._count_held_offset()
         if not self.running:
             return
