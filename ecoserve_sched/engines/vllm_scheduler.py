@@ -1064,6 +1064,9 @@ class EcoServeMixin:
             # with this step's prompt budget (as the simulator: the budget before parking; a
             # parked request's decode token is not in the step any more)
             budget -= self._park(budget)
+        # (not while vLLM is paused: its loop runs no request then, and preempts none)
+        if self._gone and getattr(self, "_pause_state", PauseState.UNPAUSED) != PauseState.PAUSED_ALL:
+            self._preempt_unreached(budget)
         direct = self.fast_steps and not getattr(self, "kv_holding_waiting", None)
         self.kv_cache_manager.allocate_slots = self._allocate if direct else self._allocate_slots
         if self._prefill_budget is None:
@@ -1111,13 +1114,25 @@ class EcoServeMixin:
         partial prefills (was: the plug-in parked while a running prompt took the whole budget,
         so the head got no token and often lost its TTFT anyway: 23 parks against the
         simulator's 20, 42 against 35, in the bursts of docs/engines.md, an audit's find)."""
-        cap = self._prefill_cap()
+        return self._running_take(budget)[0]
+
+    def _running_take(self, budget: int) -> tuple[int, int]:
+        """vLLM's running loop in this step, ahead of its waiting queue: the tokens of ``budget``
+        it leaves (``_left_for_waiting``) and the KV blocks it takes from the free pool, each
+        request's next tokens within what is left of ``budget``. The simulator admits (and
+        parks) after its decodes and partial prefills took this step's blocks."""
+        cap, blocks, bs, look = self._prefill_cap(), self._req_blocks, self._bs, self.num_lookahead_tokens
+        taken = 0
         for r in self.running:
             n = r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens
-            budget -= min(n, cap) if 0 < cap < n else max(n, 0)
+            n = min(n, cap) if 0 < cap < n else max(n, 0)
+            if n > 0 and not _last_in_flight(r):  # (vLLM schedules no step for its last token)
+                k = min(n, budget)
+                taken += max(0, -(-(r.num_computed_tokens + k + look) // bs) - len(blocks.get(r.request_id, ())))
+            budget -= n
             if budget <= 0:
-                return 0
-        return budget
+                return 0, taken
+        return budget, taken
 
     def _prefill_cap(self) -> int:
         """vLLM's cut of a request's tokens in this step (``--long-prefill-token-threshold``; 0:
@@ -1184,8 +1199,11 @@ class EcoServeMixin:
         whole = -(-head.num_tokens // bs)
         parks, later = 0, 0  # later: blocks of parked requests whose free vLLM defers to the step's end
         # (re-read each time: a parked request may have held some of the head's hit blocks)
-        while (whole - _referenced(hit) > pool.get_num_free_blocks() + later - (self._keep_free if self.running else 0)
-               or not self._fits(head, hit)):
+        # the free pool as vLLM's waiting loop will find it: after the running requests took this
+        # step's blocks (was: before, so a head the decodes' new blocks left no room for was
+        # deemed to fit and nothing parked, where the simulator parked; a differential fuzzer's find)
+        while (whole - _referenced(hit) > pool.get_num_free_blocks() - self._running_take(budget)[1] + later
+               - (self._keep_free if self.running else 0) or not self._fits(head, hit)):
             best, best_slack = self._park_victim(now)
             if best is None:
                 break
@@ -1485,6 +1503,40 @@ class EcoServeMixin:
                 self._charged[rid] = n
         return free
 
+    def _preempt_unreached(self, budget: int) -> None:
+        """In a step that preempts, vLLM reaches the victims (last in ``running``) only if the
+        requests before them leave some of the step's token ``budget``; where they use it up, a
+        victim that only its own next tokens needed preempting would stay unscheduled, holding its
+        blocks, where the simulator preempts it (was: the one difference ``docs/engines.md`` said
+        was left, a prompt's chunk taking a 3-token budget ahead of a decode short of a block).
+        Then preempt the victims now, from the end as vLLM's loop does, and as it does, while the
+        blocks the others take this step leave one short of its own (its next token, or the
+        chunk the search counted for it); one that is not short stays, as vLLM would leave it
+        (a block shared with other victims, which the search does not count as freed). The
+        step's waiting loop then has no budget left: nothing is admitted, as in the simulator."""
+        gone, cap, blocks, bs, look = self._gone, self._prefill_cap(), self._req_blocks, self._bs, self.num_lookahead_tokens
+        need = 0  # the blocks the requests ahead of the victims take in vLLM's loop
+        for r in self.running:
+            if r.request_id in gone:
+                return  # reached with budget left: vLLM preempts it in its loop
+            n = r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens
+            if n <= 0 or _last_in_flight(r):
+                continue
+            n = min(n, cap) if 0 < cap < n else n
+            need += max(0, -(-(r.num_computed_tokens + min(n, budget) + look) // bs) - len(blocks.get(r.request_id, ())))
+            budget -= n
+            if budget <= 0:
+                break
+        free = self.kv_cache_manager.block_pool.get_num_free_blocks() - need
+        when = time.monotonic()
+        while self.running and (v := self.running[-1]).request_id in gone:
+            rid = v.request_id
+            own = -(-(v.num_computed_tokens + (self._charged.get(rid) or 1) + look) // bs) - len(blocks.get(rid, ()))
+            if free >= own:
+                break
+            free += sum(b.ref_cnt == 1 for b in blocks.get(rid, ()))  # its own blocks (a shared one stays)
+            self._preempt_request(self.running.pop(), when, **_loop_drop(self))
+
     def _victims_last(self) -> None:
         """Put this step's victims (``_gone``) at the end of ``running``, the largest victim key
         last (vLLM preempts from the end); the others keep their order, decodes first where the
@@ -1575,6 +1627,11 @@ class EcoServeMixin:
 #: ``_preempt_request``'s keyword to drop a parked request's in-flight output (vLLM >= 0.33).
 _DROP_STALE = {"drop_stale_output": True} if "drop_stale_output" in inspect.signature(
     Scheduler._preempt_request).parameters else {}
+
+
+def _loop_drop(sched: Any) -> dict[str, bool]:
+    """``_preempt_request``'s keyword as vLLM's own scheduling loop passes it (vLLM >= 0.33)."""
+    return {"drop_stale_output": bool(getattr(sched, "requires_kv_delivery", False))} if _DROP_STALE else {}
 
 
 def _last_in_flight(request: Request) -> bool:

@@ -181,6 +181,8 @@ class VllmExecutor(Executor):
         out = sched.schedule()
         self.sched_s += time.perf_counter() - t0
         self.preemptions += len(out.preempted_req_ids)
+        for rid in out.preempted_req_ids:  # each request's count, as the simulator keeps it
+            self.by_id[rid].preemptions += 1
         self.sampled.difference_update(out.preempted_req_ids)
         if out.total_num_scheduled_tokens == 0:
             sched.update_from_output(out, fake_model_output(out, sched, self.target))

@@ -327,8 +327,8 @@ def test_no_parking_when_the_running_requests_take_the_whole_budget(cls: type, m
     saved = s.running
 
     def left(*todo: int, cap: int = 0, adaptive: bool = False, budget: int = 512) -> int:
-        s.running = [SimpleNamespace(num_tokens_with_spec=100 + n, num_output_placeholders=0, num_computed_tokens=100)
-                     for n in todo]
+        s.running = [SimpleNamespace(num_tokens_with_spec=100 + n, num_output_placeholders=0, num_computed_tokens=100,
+                                     request_id=f"r{i}") for i, n in enumerate(todo)]
         s.scheduler_config.long_prefill_token_threshold = cap
         s.adaptive_long_prefill_threshold = adaptive
         return s._left_for_waiting(budget)

@@ -905,3 +905,25 @@ def test_every_request_finishes_under_a_tbt_budget(cls: type, monkeypatch: pytes
     check_done(s)
     assert s.max_num_scheduled_tokens == 512
     assert max(sum(o.num_scheduled_tokens.values()) for o in outs) <= 512
+
+
+@pytest.mark.parametrize("spare", [0, 1])
+def test_a_victim_vllm_would_not_reach_is_preempted_only_while_short_of_its_blocks(spare: int) -> None:
+    """Two 16-token prompts have run; each needs a new block for its next token. The step's
+    budget is one token, which the first takes, so vLLM's loop would not reach the second, a
+    victim (``_gone``, last in ``running``) whose chunk the search counted at 17 tokens (two
+    new blocks). It is preempted before vLLM's loop if the block the first takes leaves it short
+    of those two (``spare`` 0: 2 free), as the simulator preempts it, and stays, as vLLM would
+    leave it, if not (``spare`` 1: 3 free)."""
+    s = make(EcoServeVllmSyncScheduler, num_blocks=4 + spare)
+    s.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, park=False)
+    for rid in ("a", "b"):
+        s.add_request(req(rid, 16, 8, rl_pred_tokens=8, rl_reserve_tokens=8))
+    out = s.schedule()  # both prompts, one block each
+    s.update_from_output(out, fake_model_output(out, s, {"a": 8, "b": 8}))
+    assert s.kv_cache_manager.block_pool.get_num_free_blocks() == 2 + spare
+    first, victim = s.running
+    s._gone, s._charged = {victim.request_id: victim}, {victim.request_id: 17}
+    s._preempt_unreached(1)
+    assert s.running == ([first] if spare == 0 else [first, victim])
+    assert (victim.status == RequestStatus.PREEMPTED) == (spare == 0)

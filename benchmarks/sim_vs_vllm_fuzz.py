@@ -1,0 +1,210 @@
+"""Differential fuzzing: the simulator against vLLM's own scheduler, on small random cases.
+
+    python benchmarks/sim_vs_vllm_fuzz.py --cases 2000 --seed 3000000 --out runs/fuzz.jsonl
+    python benchmarks/sim_vs_vllm_fuzz.py --replay tests/engines/fixtures/sim_vs_vllm_cases.jsonl
+    python benchmarks/sim_vs_vllm_fuzz.py --shrink runs/fuzz.jsonl:1 --out runs/case.json
+
+Each case is drawn from its seed (``ecoserve_sched.engines.differential.random_case``: a few
+requests to a few hundred, caches of one block to thousands, budgets down to one token a
+sequence, bursts, predictions exact, short, long or missing, EcoServe's settings on and off;
+KV blocks of 16 tokens, vLLM's default, or of the sizes ``--block-sizes`` lists) and
+replayed twice, by the simulator and by vLLM's own scheduler class, with the same clock and cost
+model (``differential.differences``): every request's first-token and finish times, generated
+tokens and preemptions, and the preemption, park and amortized-chunk counts must agree. Two
+pairs: ``vllm``, the simulator's vLLM policy against vLLM's ``Scheduler`` (the baseline: the
+simulator's model of vLLM itself), and ``ecoserve``, the simulator's EcoServe without swapping
+against EcoServe inside vLLM's scheduler (the plug-in). Cases run in parallel processes
+(``--workers``), each within ``--timeout`` seconds (a case of thousands of blocks and hundreds of
+requests takes up to a minute on a busy core: one over the limit is reported, not judged).
+
+The table gives each pair's cases, how many agree, differ and ran over the limit; then every
+case that did not agree, its seed and its first differences. ``--out`` keeps them, one JSON
+object a line (seed, pair, differences, case), rewritten as each one comes in, so an
+interrupted run keeps what it found; ``--replay`` checks such files (or the kept cases of the
+tests) again, ``--shrink FILE:LINE`` reduces one case that differs to fewer requests and
+plainer numbers. Exit 1 if any case differs or ran over the limit, else 0. vLLM's own log
+lines below errors are not shown (``VLLM_LOGGING_LEVEL`` set in the environment shows them).
+
+Usage: python benchmarks/sim_vs_vllm_fuzz.py [--cases N] [--seed S] [--pairs vllm,ecoserve] [--max-requests N]
+           [--block-sizes 16] [--workers N] [--timeout S] [--out FILE [--force]]
+       python benchmarks/sim_vs_vllm_fuzz.py --replay FILE [FILE ...] [--workers N] [--timeout S] [--out FILE]
+       python benchmarks/sim_vs_vllm_fuzz.py --shrink FILE:LINE --out FILE [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # before vLLM is imported: a line per case otherwise
+
+from ecoserve_sched.engines.differential import PAIRS, Case, differences, random_case, shrink
+from rlpredict.cli_boundary import arg_file, arg_list, arg_number, arg_path, run_script, worker_pool
+from rlpredict.outputs import check_file_output, write_text_atomic
+
+_SETUP: dict[str, Any] = {}
+
+
+class _OverTime(Exception):
+    pass
+
+
+def _alarm(*_: Any) -> None:
+    raise _OverTime
+
+
+def _init(pairs: list[str], max_requests: int, block_sizes: list[int], timeout: int) -> None:
+    _SETUP.update(pairs=pairs, max_requests=max_requests, block_sizes=tuple(block_sizes), timeout=timeout)
+    signal.signal(signal.SIGALRM, _alarm)
+
+
+def _check(job: tuple[int | None, str, dict | None]) -> dict[str, Any]:
+    """One case (drawn from its seed, or given), replayed by both sides within the time limit."""
+    seed, where, given = job
+    if given is not None:
+        case = Case.from_json(given)
+    else:
+        pairs = _SETUP["pairs"]
+        case = random_case(random.Random(seed), pairs[0] if len(pairs) == 1 else None, _SETUP["max_requests"],
+                           _SETUP["block_sizes"])
+    t0 = time.process_time()
+    signal.alarm(_SETUP["timeout"])
+    try:
+        diffs = differences(case)
+        status = "differ" if diffs else "agree"
+    except _OverTime:
+        diffs, status = [f"over the {_SETUP['timeout']} s limit"], "limit"
+    finally:
+        signal.alarm(0)
+    return {"seed": seed, "where": where, "pair": case.pair, "status": status, "differences": diffs,
+            "requests": len(case), "cpu_s": time.process_time() - t0, "case": case.to_json()}
+
+
+def _read_cases(path: Path) -> list[tuple[str, dict]]:
+    """(``file:line``, case object) of each line of a JSONL file of cases (bare, or under a
+    ``case`` key, as ``--out`` writes them); a bad line: one line naming it, exit 2."""
+    out = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{path}: not UTF-8 text ({e.reason})") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{where}: not JSON ({e.msg})") from None
+        obj = obj.get("case", obj) if isinstance(obj, dict) else obj
+        try:
+            Case.from_json(obj)
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"{where}: {e}") from None
+        out.append((where, obj))
+    if not out:
+        raise SystemExit(f"{path}: no case in it")
+    return out
+
+
+def _shrink(args: argparse.Namespace) -> int:
+    path, _, line = args.shrink.rpartition(":")
+    if not path or not line.isdigit() or int(line) < 1:
+        raise SystemExit(f"--shrink: FILE:LINE expected (a line number from 1), got {args.shrink!r}")
+    if args.out is None:
+        raise SystemExit("--shrink: give --out FILE for the reduced case")
+    check_file_output(args.out, force=args.force, option="--out", inputs=[path])
+    cases = dict(_read_cases(arg_path(path)))
+    where = f"{arg_path(path)}:{line}"
+    if where not in cases:
+        raise SystemExit(f"--shrink: {path} has no case on line {line}")
+    case = Case.from_json(cases[where])
+    if not differences(case):
+        raise SystemExit(f"{where}: the simulator and vLLM agree on this case; nothing to shrink")
+    t0 = time.perf_counter()
+    small = shrink(case, lambda c: bool(differences(c)))
+    diffs = differences(small)
+    write_text_atomic(args.out, json.dumps({"differences": diffs, "case": small.to_json()}) + "\n")
+    print(f"{where}: {len(case)} requests -> {len(small)}, {case.kv_blocks} KV blocks -> {small.kv_blocks} "
+          f"({time.perf_counter() - t0:.0f} s); written to {args.out}")
+    for d in diffs[:8]:
+        print(f"  {d}")
+    return 1
+
+
+def _write(out: Path | None, found: list[dict]) -> None:
+    if out is not None:
+        write_text_atomic(out, "".join(json.dumps({k: r[k] for k in ("seed", "where", "pair", "differences", "case")})
+                                       + "\n" for r in found))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", type=arg_number(int, 1), default=200, help="random cases to draw (default 200)")
+    ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="the first case's seed; the others follow")
+    ap.add_argument("--pairs", type=arg_list(str), default="vllm,ecoserve",
+                    help=f"pairs the cases are drawn for ({', '.join(PAIRS)})")
+    ap.add_argument("--max-requests", type=arg_number(int, 1), default=200, help="at most this many requests a case")
+    ap.add_argument("--block-sizes", type=arg_list(arg_number(int, 1, 1024)), default="16",
+                    help="KV block sizes the cases are drawn with (e.g. 8,16,32,64; default 16)")
+    ap.add_argument("--workers", type=arg_number(int, 1), default=os.cpu_count() or 1, help="parallel processes")
+    ap.add_argument("--timeout", type=arg_number(int, 1, 86400), default=600, help="seconds a case may take")
+    ap.add_argument("--replay", type=arg_path, nargs="+", help="check the cases of these JSONL files instead")
+    ap.add_argument("--shrink", metavar="FILE:LINE", help="reduce the case on this line of a JSONL file")
+    ap.add_argument("--out", type=arg_file, help="write the cases that did not agree (JSONL; --shrink: the case)")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out file")
+    args = ap.parse_args()
+    if unknown := [p for p in args.pairs if p not in PAIRS]:
+        ap.error(f"--pairs: unknown pair {unknown[0]!r}; choose from {', '.join(PAIRS)}")
+    if args.shrink:
+        return _shrink(args)
+    if args.out is not None:
+        check_file_output(args.out, force=args.force, option="--out", inputs=args.replay or [])
+    if args.replay:
+        jobs = [(None, where, obj) for path in args.replay for where, obj in _read_cases(path)]
+        what = f"{len(jobs)} cases from {', '.join(str(p) for p in args.replay)}"
+    else:
+        jobs = [(s, "", None) for s in range(args.seed, args.seed + args.cases)]
+        what = f"{args.cases} random cases, seeds {args.seed} to {args.seed + args.cases - 1}"
+    print(f"## The simulator against vLLM's own scheduler: {what}\n")
+    t0 = time.perf_counter()
+    results, found = [], []
+    with worker_pool(min(args.workers, len(jobs)), _init,
+                     (args.pairs, args.max_requests, args.block_sizes, args.timeout)) as pool:
+        for r in pool.map(_check, jobs, chunksize=1):
+            results.append(r)
+            if r["status"] != "agree":
+                found.append(r)
+                _write(args.out, found)
+    wall = time.perf_counter() - t0
+    print("| pair | cases | agree | differ | over the time limit | requests | CPU s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for pair, label in (("vllm", "vllm (baseline: the simulator's vLLM policy)"), ("ecoserve", "ecoserve (the plug-in)")):
+        rows = [r for r in results if r["pair"] == pair]
+        if rows:
+            count = {s: sum(r["status"] == s for r in rows) for s in ("agree", "differ", "limit")}
+            print(f"| {label} | {len(rows):,} | {count['agree']:,} | {count['differ']:,} | {count['limit']:,} | "
+                  f"{sum(r['requests'] for r in rows):,} | {sum(r['cpu_s'] for r in rows):,.0f} |")
+    procs = min(args.workers, len(jobs))
+    print(f"\n{len(results):,} cases in {wall:,.0f} s on {procs} process{'es' if procs > 1 else ''}")
+    for r in found:
+        name = r["where"] or f"seed {r['seed']}"
+        print(f"\n{name} ({r['pair']}, {r['requests']} requests, {r['case']['kv_blocks']} KV blocks):")
+        for d in r["differences"][:5]:
+            print(f"  {d}")
+        if len(r["differences"]) > 5:
+            print(f"  ... {len(r['differences']) - 5} more")
+    if args.out is not None:
+        _write(args.out, found)
+        print(f"\n{args.out}: the {len(found)} cases that did not agree")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    run_script(main)
