@@ -23,7 +23,7 @@ object a line (seed, pair, differences, case), rewritten as each one comes in, s
 interrupted run keeps what it found; ``--replay`` checks such files (or the kept cases of the
 tests) again, ``--shrink FILE:LINE`` reduces one case that differs to fewer requests and
 plainer numbers. Exit 1 if any case differs or ran over the limit, else 0. vLLM's own log
-lines below errors are not shown (``VLLM_LOGGING_LEVEL`` set in the environment shows them).
+lines below errors are not shown (a line or two a case otherwise).
 
 Usage: python benchmarks/sim_vs_vllm_fuzz.py [--cases N] [--seed S] [--pairs vllm,ecoserve] [--max-requests N]
            [--block-sizes 16] [--workers N] [--timeout S] [--out FILE [--force]]
@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import signal
 import time
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # before vLLM is imported: a line per case otherwise
 
 from ecoserve_sched.engines.differential import PAIRS, Case, differences, random_case, shrink
 from rlpredict.cli_boundary import arg_file, arg_list, arg_number, arg_path, run_script, worker_pool
@@ -51,7 +50,7 @@ from rlpredict.outputs import check_file_output, write_text_atomic
 _SETUP: dict[str, Any] = {}
 
 
-class _OverTime(Exception):
+class _OverTime(BaseException):  # (not an Exception: ``differential.replay`` reports those as results)
     pass
 
 
@@ -59,7 +58,12 @@ def _alarm(*_: Any) -> None:
     raise _OverTime
 
 
+def _quiet_vllm() -> None:
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+
+
 def _init(pairs: list[str], max_requests: int, block_sizes: list[int], timeout: int) -> None:
+    _quiet_vllm()
     _SETUP.update(pairs=pairs, max_requests=max_requests, block_sizes=tuple(block_sizes), timeout=timeout)
     signal.signal(signal.SIGALRM, _alarm)
 
@@ -115,13 +119,18 @@ def _read_cases(path: Path) -> list[tuple[str, dict]]:
 
 def _shrink(args: argparse.Namespace) -> int:
     path, _, line = args.shrink.rpartition(":")
-    if not path or not line.isdigit() or int(line) < 1:
+    if not path.strip() or not line.isdigit() or int(line) < 1:
         raise SystemExit(f"--shrink: FILE:LINE expected (a line number from 1), got {args.shrink!r}")
     if args.out is None:
         raise SystemExit("--shrink: give --out FILE for the reduced case")
-    check_file_output(args.out, force=args.force, option="--out", inputs=[path])
-    cases = dict(_read_cases(arg_path(path)))
-    where = f"{arg_path(path)}:{line}"
+    try:
+        source = arg_path(path)
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"--shrink: {e}") from None
+    check_file_output(args.out, force=args.force, option="--out", inputs=[source])
+    cases = dict(_read_cases(source))
+    line = str(int(line))
+    where = f"{source}:{line}"
     if where not in cases:
         raise SystemExit(f"--shrink: {path} has no case on line {line}")
     case = Case.from_json(cases[where])
@@ -150,11 +159,14 @@ def main() -> int:
     ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="the first case's seed; the others follow")
     ap.add_argument("--pairs", type=arg_list(str), default="vllm,ecoserve",
                     help=f"pairs the cases are drawn for ({', '.join(PAIRS)})")
-    ap.add_argument("--max-requests", type=arg_number(int, 1), default=200, help="at most this many requests a case")
+    ap.add_argument("--max-requests", type=arg_number(int, 1), default=200,
+                    help="at most this many requests a case (default 200)")
     ap.add_argument("--block-sizes", type=arg_list(arg_number(int, 1, 1024)), default="16",
                     help="KV block sizes the cases are drawn with (e.g. 8,16,32,64; default 16)")
-    ap.add_argument("--workers", type=arg_number(int, 1), default=os.cpu_count() or 1, help="parallel processes")
-    ap.add_argument("--timeout", type=arg_number(int, 1, 86400), default=600, help="seconds a case may take")
+    ap.add_argument("--workers", type=arg_number(int, 1), default=os.cpu_count() or 1,
+                    help="parallel processes (default: one per CPU)")
+    ap.add_argument("--timeout", type=arg_number(int, 1, 86400), default=600,
+                    help="seconds a case may take (default 600)")
     ap.add_argument("--replay", type=arg_path, nargs="+", help="check the cases of these JSONL files instead")
     ap.add_argument("--shrink", metavar="FILE:LINE", help="reduce the case on this line of a JSONL file")
     ap.add_argument("--out", type=arg_file, help="write the cases that did not agree (JSONL; --shrink: the case)")
@@ -162,6 +174,14 @@ def main() -> int:
     args = ap.parse_args()
     if unknown := [p for p in args.pairs if p not in PAIRS]:
         ap.error(f"--pairs: unknown pair {unknown[0]!r}; choose from {', '.join(PAIRS)}")
+    drawn = [o for o, v, d in (("--cases", args.cases, 200), ("--seed", args.seed, 0),
+                                ("--max-requests", args.max_requests, 200), ("--block-sizes", args.block_sizes, [16]),
+                                ("--pairs", args.pairs, ["vllm", "ecoserve"])) if v != d]
+    if args.shrink and args.replay:
+        ap.error("--shrink and --replay: give one")
+    if (args.shrink or args.replay) and drawn:
+        ap.error(f"{drawn[0]} draws random cases; it does not apply to --{'shrink' if args.shrink else 'replay'}")
+    _quiet_vllm()
     if args.shrink:
         return _shrink(args)
     if args.out is not None:

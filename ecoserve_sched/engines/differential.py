@@ -59,18 +59,21 @@ class Case:
 
     def __post_init__(self) -> None:
         n = len(self.arrivals_s)
+        if not n:
+            raise ValueError("field 'arrivals_s': at least one request expected")
         for name in _COLUMNS[1:]:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"field {name!r}: {len(getattr(self, name))} values, arrivals_s has {n}")
-            if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in getattr(self, name)):
+            if any(not _whole(v) or v < 1 for v in getattr(self, name)):
                 raise ValueError(f"field {name!r}: whole numbers >= 1 expected")
         if any(not _real(v) or v < 0 for v in self.arrivals_s) or list(self.arrivals_s) != sorted(self.arrivals_s):
             raise ValueError("field 'arrivals_s': finite times >= 0 in arrival order expected")
         if self.predictions is not None and (
-                len(self.predictions) != n or any(len(p) != 3 or not all(isinstance(x, int) for x in p)
-                                                  for p in self.predictions)):
-            raise ValueError(f"field 'predictions': {n} rows of [bucket, predicted, reserved] whole numbers expected")
-        if self.pair not in PAIRS:
+                len(self.predictions) != n or any(len(p) != 3 or not all(_whole(x) for x in p) or p[0] < -1
+                                                  or min(p[1:]) < 0 for p in self.predictions)):
+            raise ValueError(f"field 'predictions': {n} rows of [bucket >= -1, predicted >= 0, reserved >= 0] "
+                             "whole numbers expected")
+        if not isinstance(self.pair, str) or self.pair not in PAIRS:
             raise ValueError(f"field 'pair': one of {', '.join(PAIRS)} expected, got {self.pair!r}")
         for k, v in self.settings.items():
             if k not in SETTINGS:
@@ -83,9 +86,23 @@ class Case:
             if not _real(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"field {name!r}: a number > 0 expected")
         for name in ("kv_blocks", "token_budget", "max_running", "block_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not _whole(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"field {name!r}: a whole number >= 1 expected")
+        from ..cost_model import list_profiles
+
+        if self.profile not in list_profiles():
+            raise ValueError(f"field 'profile': one of the shipped profiles expected ({', '.join(list_profiles())}), "
+                             f"got {self.profile!r}")
+        # the plug-in's own ranges (``EcoServeVllmConfig``), which the simulator does not check
+        from .vllm_scheduler import EcoServeSetupError, EcoServeVllmConfig
+
+        try:
+            EcoServeVllmConfig(trust_client_hints=True, slo_ttft=self.slo_ttft_s, slo_tbt=self.slo_tbt_s,
+                               **self.settings)
+        except EcoServeSetupError as e:
+            name = str(e).split("=")[0]
+            raise ValueError(f"field {({'slo_ttft': 'slo_ttft_s', 'slo_tbt': 'slo_tbt_s'}.get(name, 'settings'))!r}: "
+                             f"{e}") from None
         if self.token_budget <= self.max_running and self.pair == "ecoserve":
             # (vLLM refuses a budget below max_num_seqs only with chunked prefill off; the plug-in
             # needs a token for each running sequence and one for a prompt)
@@ -142,7 +159,11 @@ class Case:
 
 
 def _real(v: Any) -> bool:
-    return isinstance(v, int | float) and math.isfinite(v)
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _replace(case: Case, **kw: Any) -> Case:
@@ -209,11 +230,12 @@ def _t(x: float) -> str:
 def random_case(rng: random.Random, pair: str | None = None, max_requests: int = 200,
                 block_sizes: tuple[int, ...] = (16,)) -> Case:
     """A random small case (its pair drawn unless given; its KV block size among
-    ``block_sizes``, drawn last, so that a seed's other draws do not depend on them): see the
-    module's docstring."""
+    ``block_sizes``, drawn first where there are several, so that with one a seed's case does
+    not depend on its size): see the module's docstring."""
+    bs = rng.choice(block_sizes) if len(block_sizes) > 1 else block_sizes[0]
     n = rng.choice([1, 2, 3, rng.randint(1, 8), rng.randint(1, 30), rng.randint(1, 200)])
     kv = rng.choice([1, 2, 3, rng.randint(1, 10), rng.randint(5, 60), rng.randint(50, 400), 4000])
-    cap = kv * 16
+    cap = kv * bs  # the cache's tokens
     slots = rng.choice([1, 2, 3, rng.randint(1, 16), 256])
     budget = rng.choice([slots + 1, rng.randint(slots + 1, slots + 64), 2048, rng.randint(max(slots + 1, 16), 4096)])
     mode = rng.choice(["zero", "burst", "sparse", "mixed"])
@@ -265,7 +287,6 @@ def random_case(rng: random.Random, pair: str | None = None, max_requests: int =
     ttft = rng.choice([5.0, 0.05, 0.5, 2.0, rng.uniform(0.01, 10)])
     tbt = rng.choice([0.2, 0.02, 0.05, 0.1, 1.0, rng.uniform(0.001, 1)])
     profile = rng.choice([PROFILES[0], PROFILES[0], PROFILES[1]])
-    bs = rng.choice(block_sizes) if len(block_sizes) > 1 else block_sizes[0]
     case = Case(tuple(arr), tuple(inp), tuple(out), tuple(most), predictions, pair, settings, ttft, tbt, kv,
                 budget, slots, profile, bs)
     return case.keep(list(range(min(n, max_requests))))

@@ -675,6 +675,8 @@ class EcoServeMixin:
         self._gone: dict[str, Request] = {}
         self._taken: dict[str, int] = {}
         self._charged: dict[str, int] = {}  # the budget each prefill walked took (``_prefills_preempt``)
+        self._own: dict[str, int] = {}  # the tokens a victim preempted for its own blocks would have taken
+        self._hold = False  # a step whose victims the plug-in preempted before vLLM's loop: no admission
         self._free_after = 0
         self._paced: tuple[int, float, float] | None = None  # (paced budget, its time, decode-only time)
         self._logged: set[str] = set()
@@ -986,6 +988,8 @@ class EcoServeMixin:
 
     # ---- admission: vLLM's block check plus the projected peak (wraps allocate_slots) -------------
     def _allocate_slots(self, request: Request, num_new_tokens: int, *args: Any, **kw: Any) -> Any:
+        if self._hold and request.status != RequestStatus.RUNNING:
+            return None  # a step that preempted admits nothing (vLLM's rule; ``_preempt_unreached``)
         rid = request.request_id
         if rid in self._idle_sessions:  # a session's next chunk: it holds its KV; projected again
             blocks = self._allocate(request, num_new_tokens, *args, **kw)
@@ -1045,6 +1049,7 @@ class EcoServeMixin:
     # ---- each step: first tokens, shared blocks, victim order (rules.victim_key) ----------------
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         self._step += 1
+        self._hold = False
         self._hits.clear()  # the look-ups of the step before
         self._skipped_before, self.waiting.skipped = self.waiting.skipped, set()
         self._before_step()
@@ -1125,10 +1130,10 @@ class EcoServeMixin:
         taken = 0
         for r in self.running:
             n = r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens
-            n = min(n, cap) if 0 < cap < n else max(n, 0)
-            if n > 0 and not _last_in_flight(r):  # (vLLM schedules no step for its last token)
-                k = min(n, budget)
-                taken += max(0, -(-(r.num_computed_tokens + k + look) // bs) - len(blocks.get(r.request_id, ())))
+            if n <= 0 or _last_in_flight(r):  # (vLLM skips it, its budget untouched; was: the
+                continue  # tokens of a request whose last token is in flight were counted)
+            n = min(n, cap) if 0 < cap < n else n
+            taken += max(0, -(-(r.num_computed_tokens + min(n, budget) + look) // bs) - len(blocks.get(r.request_id, ())))
             budget -= n
             if budget <= 0:
                 return 0, taken
@@ -1415,7 +1420,7 @@ class EcoServeMixin:
     def _before_step(self) -> None:
         blocks, free = self._req_blocks, self.kv_cache_manager.block_pool.get_num_free_blocks()
         if self._keyed or self._gone:  # the last step's victim search (nothing to reset in most steps)
-            self._gone, self._keyed, self._taken, self._charged = {}, [], {}, {}
+            self._gone, self._keyed, self._taken, self._charged, self._own = {}, [], {}, {}, {}
         self._held_offset = self._count_held_offset()
         if not self.running:
             return
@@ -1494,6 +1499,7 @@ class EcoServeMixin:
                 gone[vid] = v  # its own blocks (a shared prefix block stays with the others)
                 free += sum(b.ref_cnt == 1 for b in blocks.get(vid, ())) + taken.pop(vid, 0)
                 if v is r:
+                    self._own[rid] = n
                     need = n = 0
             if need <= free:
                 free -= need
@@ -1510,10 +1516,12 @@ class EcoServeMixin:
         blocks, where the simulator preempts it (was: the one difference ``docs/engines.md`` said
         was left, a prompt's chunk taking a 3-token budget ahead of a decode short of a block).
         Then preempt the victims now, from the end as vLLM's loop does, and as it does, while the
-        blocks the others take this step leave one short of its own (its next token, or the
-        chunk the search counted for it); one that is not short stays, as vLLM would leave it
-        (a block shared with other victims, which the search does not count as freed). The
-        step's waiting loop then has no budget left: nothing is admitted, as in the simulator."""
+        blocks the others take this step leave one short of its own (the tokens the search
+        counted for it, else its next ones); one that is not short stays, as vLLM would leave it
+        (a block shared with other victims, which the search does not count as freed), and so
+        does one whose blocks vLLM would free only later (a KV connector's deferred frees). The
+        rest of the step admits nothing (``_hold``), as vLLM admits nothing in a step that
+        preempted."""
         gone, cap, blocks, bs, look = self._gone, self._prefill_cap(), self._req_blocks, self._bs, self.num_lookahead_tokens
         need = 0  # the blocks the requests ahead of the victims take in vLLM's loop
         for r in self.running:
@@ -1527,15 +1535,22 @@ class EcoServeMixin:
             budget -= n
             if budget <= 0:
                 break
+        connector = getattr(self, "connector", None)
+        if connector is not None and getattr(connector, "has_pending_block_frees", lambda: False)():
+            return  # vLLM's loop preempts nobody while frees are pending
+        can_free = getattr(self, "_request_blocks_can_be_freed", lambda _: True)
         free = self.kv_cache_manager.block_pool.get_num_free_blocks() - need
         when = time.monotonic()
-        while self.running and (v := self.running[-1]).request_id in gone:
+        while self.running and (v := self.running[-1]).request_id in gone and can_free(v):
             rid = v.request_id
-            own = -(-(v.num_computed_tokens + (self._charged.get(rid) or 1) + look) // bs) - len(blocks.get(rid, ()))
-            if free >= own:
+            n = v.num_tokens_with_spec + v.num_output_placeholders - v.num_computed_tokens
+            n = self._own.get(rid) or self._charged.get(rid) or max(1, min(n, cap) if 0 < cap < n else n)
+            if free >= -(-(v.num_computed_tokens + n + look) // bs) - len(blocks.get(rid, ())):
                 break
             free += sum(b.ref_cnt == 1 for b in blocks.get(rid, ()))  # its own blocks (a shared one stays)
             self._preempt_request(self.running.pop(), when, **_loop_drop(self))
+            self.prev_step_scheduled_req_ids.discard(rid)
+            self._hold = True
 
     def _victims_last(self) -> None:
         """Put this step's victims (``_gone``) at the end of ``running``, the largest victim key

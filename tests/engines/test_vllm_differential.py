@@ -89,7 +89,14 @@ def test_a_case_round_trips_through_json_and_a_bad_one_names_its_field() -> None
     for change, field in (({"prompt_tokens": good["prompt_tokens"][:-1] or [1, 1]}, "prompt_tokens"),
                           ({"kv_blocks": 0}, "kv_blocks"), ({"pair": "sarathi"}, "pair"),
                           ({"settings": {"swap": True}}, "settings"), ({"colour": 1}, "colour"),
-                          ({"arrivals_s": [1.0, 0.5, *good["arrivals_s"][2:]]}, "arrivals_s")):
+                          ({"arrivals_s": [1.0, 0.5, *good["arrivals_s"][2:]]}, "arrivals_s"),
+                          ({"arrivals_s": [], "prompt_tokens": [], "output_tokens": [], "max_tokens": [],
+                            "predictions": None}, "arrivals_s"),
+                          ({"profile": "nope"}, "profile"), ({"profile": 5}, "profile"), ({"pair": ["x"]}, "pair"),
+                          ({"slo_ttft_s": True}, "slo_ttft_s"), ({"slo_tbt_s": 1e-300}, "slo_tbt_s"),
+                          ({"settings": {"reserve_frac": 7.0}}, "settings"),
+                          ({"predictions": [[5, -2, -3]] * len(good["arrivals_s"])}, "predictions"),
+                          ({"predictions": [[True, 2, 3]] * len(good["arrivals_s"])}, "predictions")):
         with pytest.raises(ValueError, match=f"field '{field}'"):
             Case.from_json({**good, **change})
 
@@ -120,3 +127,9 @@ def test_the_fuzzer_script_reports_its_cases_and_replays_its_own_file(tmp_path: 
     p = subprocess.run([*run, "--replay", str(out), "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
                        timeout=600)
     assert p.returncode == 2 and "--out" in p.stderr
+    # a case over the time limit is reported as such, not as a difference (the kept case of 44 s)
+    slow = tmp_path / "slow.jsonl"
+    slow.write_text(json.dumps(max(KEPT, key=lambda k: k["seconds"])) + "\n")
+    p = subprocess.run([*run, "--replay", str(slow), "--timeout", "1"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
+    assert p.returncode == 1 and "| 1 | 0 | 0 | 1 |" in p.stdout and "over the 1 s limit" in p.stdout

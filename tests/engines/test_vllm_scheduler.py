@@ -927,3 +927,31 @@ def test_a_victim_vllm_would_not_reach_is_preempted_only_while_short_of_its_bloc
     s._preempt_unreached(1)
     assert s.running == ([first] if spare == 0 else [first, victim])
     assert (victim.status == RequestStatus.PREEMPTED) == (spare == 0)
+
+
+def test_a_prompt_that_is_its_own_victim_is_preempted_before_vllms_loop() -> None:
+    """P, 77 tokens into a 300-token prompt, has the largest victim key; Q is ahead of it, no
+    block is free and the step's budget is 4 tokens, which Q takes. The search preempts P for
+    its own chunk's blocks (it charges P no tokens); the plug-in judged P's need by one token,
+    found it "not short" and left it neither scheduled nor preempted (a reviewer's case). It is
+    preempted now, as the simulator preempts it, and nothing is admitted in that step."""
+    s = build_vllm_scheduler(EcoServeVllmSyncScheduler, num_blocks=200, block_size=BS, max_num_seqs=16,
+                             max_num_batched_tokens=97, max_model_len=2048)
+    s.eco_cfg = EcoServeVllmConfig(trust_client_hints=True, park=False)
+    s.scheduler_config.long_prefill_token_threshold = 77
+    s.add_request(req("P", 300, 600, rl_pred_tokens=5, rl_reserve_tokens=500))
+    s.add_request(req("Q", 300, 50, rl_pred_tokens=50, rl_reserve_tokens=50))
+    out = s.schedule()
+    assert dict(out.num_scheduled_tokens) == {"P": 77, "Q": 20}
+    s.update_from_output(out, fake_model_output(out, s, {"P": 600, "Q": 50}))
+    s.scheduler_config.long_prefill_token_threshold = 0
+    s.max_num_scheduled_tokens = 4
+    pool = s.kv_cache_manager.block_pool
+    pool.get_new_blocks(pool.get_num_free_blocks())  # no block free
+    s.add_request(req("R", 4, 4, rl_pred_tokens=4, rl_reserve_tokens=4))  # waits: nothing is admitted
+    out = s.schedule()
+    assert dict(out.num_scheduled_tokens) == {"Q": 4} and out.preempted_req_ids == {"P"}
+    assert s.requests["P"].status == RequestStatus.PREEMPTED and s.requests["R"].status == RequestStatus.WAITING
+    # where vLLM's loop spent less than the plug-in counted, its waiting loop would run: the
+    # admission test refuses for the rest of the step, as vLLM admits nothing after a preemption
+    assert s._hold and s._allocate_slots(s.requests["R"], 4) is None
