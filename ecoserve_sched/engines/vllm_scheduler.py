@@ -111,7 +111,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -1121,23 +1121,31 @@ class EcoServeMixin:
         simulator's 20, 42 against 35, in the bursts of docs/engines.md, an audit's find)."""
         return self._running_take(budget)[0]
 
-    def _running_take(self, budget: int) -> tuple[int, int]:
-        """vLLM's running loop in this step, ahead of its waiting queue: the tokens of ``budget``
-        it leaves (``_left_for_waiting``) and the KV blocks it takes from the free pool, each
-        request's next tokens within what is left of ``budget``. The simulator admits (and
-        parks) after its decodes and partial prefills took this step's blocks."""
-        cap, blocks, bs, look = self._prefill_cap(), self._req_blocks, self._bs, self.num_lookahead_tokens
-        taken = 0
+    def _running_take(self, budget: int, until: Container[str] = ()) -> tuple[int, int]:
+        """vLLM's running loop in this step, ahead of its waiting queue (or of the first request
+        in ``until``): the tokens of ``budget`` it leaves (``_left_for_waiting``) and the KV
+        blocks it takes from the free pool, each request's next tokens within what is left of
+        ``budget``. The simulator admits (and parks) after its decodes and partial prefills took
+        this step's blocks."""
+        cap, taken = self._prefill_cap(), 0
         for r in self.running:
+            if r.request_id in until:
+                break
             n = r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens
             if n <= 0 or _last_in_flight(r):  # (vLLM skips it, its budget untouched; was: the
                 continue  # tokens of a request whose last token is in flight were counted)
             n = min(n, cap) if 0 < cap < n else n
-            taken += max(0, -(-(r.num_computed_tokens + min(n, budget) + look) // bs) - len(blocks.get(r.request_id, ())))
+            taken += self._new_blocks(r, min(n, budget))
             budget -= n
             if budget <= 0:
                 return 0, taken
         return budget, taken
+
+    def _new_blocks(self, r: Request, n: int) -> int:
+        """The KV blocks ``r`` takes from the free pool for its next ``n`` tokens (vLLM's
+        ``allocate_slots``: its blocks cover its computed tokens, and the lookahead slots)."""
+        return max(0, -(-(r.num_computed_tokens + n + self.num_lookahead_tokens) // self._bs)
+                   - len(self._req_blocks.get(r.request_id, ())))
 
     def _prefill_cap(self) -> int:
         """vLLM's cut of a request's tokens in this step (``--long-prefill-token-threshold``; 0:
@@ -1418,7 +1426,7 @@ class EcoServeMixin:
         return held - (self._usable_blocks - free)
 
     def _before_step(self) -> None:
-        blocks, free = self._req_blocks, self.kv_cache_manager.block_pool.get_num_free_blocks()
+        free = self.kv_cache_manager.block_pool.get_num_free_blocks()
         if self._keyed or self._gone:  # the last step's victim search (nothing to reset in most steps)
             self._gone, self._keyed, self._taken, self._charged, self._own = {}, [], {}, {}, {}
         self._held_offset = self._count_held_offset()
@@ -1457,7 +1465,7 @@ class EcoServeMixin:
             n = min(cap if 0 < cap < n else n, budget)
             if n > 0 and not _last_in_flight(r):
                 budget -= n
-                need += max(0, -(-(r.num_computed_tokens + n + look) // bs) - len(blocks.get(r.request_id, ())))
+                need += self._new_blocks(r, n)
             if budget <= 0:
                 break
         if need <= free:
@@ -1482,7 +1490,7 @@ class EcoServeMixin:
         ``--long-prefill-token-threshold``): while they are not free, the running request of
         the largest victim key goes (``_keyed``'s last; itself, and then it takes none). Adds
         them to ``_gone``; returns the free blocks left."""
-        blocks, bs, look, gone, keyed = self._req_blocks, self._bs, self.num_lookahead_tokens, self._gone, self._keyed
+        blocks, gone, keyed = self._req_blocks, self._gone, self._keyed
         cap, taken = self._prefill_cap(), self._taken
         for r, n in walk:
             rid = r.request_id
@@ -1492,7 +1500,7 @@ class EcoServeMixin:
                 n = min(cap if 0 < cap < n else n, budget)
             if n <= 0 or rid in gone or _last_in_flight(r):  # (vLLM schedules no step for the last)
                 continue
-            need = max(0, -(-(r.num_computed_tokens + n + look) // bs) - len(blocks.get(rid, ())))
+            need = self._new_blocks(r, n)
             while need > free and keyed:
                 v = keyed.pop()
                 vid = v.request_id
@@ -1522,32 +1530,24 @@ class EcoServeMixin:
         does one whose blocks vLLM would free only later (a KV connector's deferred frees). The
         rest of the step admits nothing (``_hold``), as vLLM admits nothing in a step that
         preempted."""
-        gone, cap, blocks, bs, look = self._gone, self._prefill_cap(), self._req_blocks, self._bs, self.num_lookahead_tokens
-        need = 0  # the blocks the requests ahead of the victims take in vLLM's loop
-        for r in self.running:
-            if r.request_id in gone:
-                return  # reached with budget left: vLLM preempts it in its loop
-            n = r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens
-            if n <= 0 or _last_in_flight(r):
-                continue
-            n = min(n, cap) if 0 < cap < n else n
-            need += max(0, -(-(r.num_computed_tokens + min(n, budget) + look) // bs) - len(blocks.get(r.request_id, ())))
-            budget -= n
-            if budget <= 0:
-                break
+        gone = self._gone
+        left, need = self._running_take(budget, gone)  # need: the blocks the requests ahead take
+        if left > 0:
+            return  # vLLM's loop reaches the victims with budget left and preempts them itself
         connector = getattr(self, "connector", None)
         if connector is not None and getattr(connector, "has_pending_block_frees", lambda: False)():
             return  # vLLM's loop preempts nobody while frees are pending
         can_free = getattr(self, "_request_blocks_can_be_freed", lambda _: True)
         free = self.kv_cache_manager.block_pool.get_num_free_blocks() - need
         when = time.monotonic()
+        cap = self._prefill_cap()
         while self.running and (v := self.running[-1]).request_id in gone and can_free(v):
             rid = v.request_id
             n = v.num_tokens_with_spec + v.num_output_placeholders - v.num_computed_tokens
             n = self._own.get(rid) or self._charged.get(rid) or max(1, min(n, cap) if 0 < cap < n else n)
-            if free >= -(-(v.num_computed_tokens + n + look) // bs) - len(blocks.get(rid, ())):
+            if free >= self._new_blocks(v, n):
                 break
-            free += sum(b.ref_cnt == 1 for b in blocks.get(rid, ()))  # its own blocks (a shared one stays)
+            free += sum(b.ref_cnt == 1 for b in self._req_blocks.get(rid, ()))  # its own (a shared one stays)
             self._preempt_request(self.running.pop(), when, **_loop_drop(self))
             self.prev_step_scheduled_req_ids.discard(rid)
             self._hold = True
