@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -148,7 +148,7 @@ class Case:
         kw = {k: tuple(getattr(self, k)[i] for i in rows) for k in _COLUMNS}
         if self.predictions is not None:
             kw["predictions"] = tuple(self.predictions[i] for i in rows)
-        return _replace(self, **kw)
+        return replace(self, **kw)
 
     def trace(self) -> Any:
         from ..trace import Trace
@@ -164,12 +164,6 @@ def _real(v: Any) -> bool:
 
 def _whole(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _replace(case: Case, **kw: Any) -> Case:
-    d = {f.name: getattr(case, f.name) for f in fields(case)}
-    d.update(kw)
-    return Case(**d)
 
 
 def replay(case: Case) -> tuple[Any, Any]:
@@ -319,12 +313,12 @@ def shrink(case: Case, differs: Callable[[Case], bool]) -> Case:
         if not changed:
             chunk //= 2
     for k in list(case.settings):
-        attempt(_replace(case, settings={s: v for s, v in case.settings.items() if s != k}))
+        attempt(replace(case, settings={s: v for s, v in case.settings.items() if s != k}))
     for name, plain in (("slo_ttft_s", [5.0]), ("slo_tbt_s", [0.2]), ("profile", [PROFILES[0]]),
                         ("max_running", [256, 1, 2, 3]), ("token_budget", [2048, 256, 64, 16]), ("block_size", [16])):
         for v in plain:
             try:
-                if attempt(_replace(case, **{name: v})):
+                if attempt(replace(case, **{name: v})):
                     break
             except ValueError:  # e.g. a budget no larger than the slots
                 continue
@@ -337,7 +331,7 @@ def shrink(case: Case, differs: Callable[[Case], bool]) -> Case:
                     col = list(getattr(case, name))
                     col[i] = t
                     try:
-                        if t != v and attempt(_replace(case, **{name: tuple(col)})):
+                        if t != v and attempt(replace(case, **{name: tuple(col)})):
                             break
                     except ValueError:
                         continue
@@ -348,10 +342,10 @@ def shrink(case: Case, differs: Callable[[Case], bool]) -> Case:
                         rows = [list(p) for p in case.predictions]
                         rows[i][j] = t
                         if t != case.predictions[i][j] and attempt(
-                                _replace(case, predictions=tuple(tuple(p) for p in rows))):
+                                replace(case, predictions=tuple(tuple(p) for p in rows))):
                             break
-        while case.kv_blocks > 1 and attempt(_replace(case, kv_blocks=case.kv_blocks // 2)):
+        while case.kv_blocks > 1 and attempt(replace(case, kv_blocks=case.kv_blocks // 2)):
             pass
-        while case.kv_blocks > 1 and attempt(_replace(case, kv_blocks=case.kv_blocks - 1)):
+        while case.kv_blocks > 1 and attempt(replace(case, kv_blocks=case.kv_blocks - 1)):
             pass
     return case
