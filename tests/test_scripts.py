@@ -369,6 +369,26 @@ def test_sim_vs_vllm_takes_the_kv_size_and_sim_vs_transformers_the_device() -> N
     _one_error(_run("benchmarks/sim_vs_transformers.py", "--device", "tpu"), "--device 'tpu'")
 
 
+def test_sim_vs_vllm_checks_a_grid_cell_request_by_request(tmp_path: Path) -> None:
+    """``--cell``: a scenario-grid cell's trace, profile, SLO and KV cache (the code cells draw
+    their trace, so an empty --shared folder does), loads as shares of its ceiling, and each
+    pair's requests compared one by one."""
+    pytest.importorskip("vllm")
+    res = _run("benchmarks/sim_vs_vllm.py", "--shared", tmp_path, "--cell", "code-synth-tbt100", "--max-requests",
+               "60", "--ceiling-shares", "0.9", "--pairs", "vllm,ecoserve-recompute")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "cell code-synth-tbt100 (first 60 requests" in res.stdout and "SLO 5 s / 0.1 s" in res.stdout
+    assert "saturation ceiling at rate scale" in res.stdout
+    for pair in ("vllm | vllm-real", "ecoserve-recompute | ecoserve-vllm-real"):
+        assert f"| {pair} | requests apart (of 60) | 0 | | |" in res.stdout, res.stdout
+    for args, parts in ((("--profile", "llama3-8b-h200"), ("--profile is not taken",)),
+                        (("--trace", tmp_path / "t.csv"), ("--trace is not taken",)),
+                        (("--rate-scales", "1", "--ceiling-shares", "0.5"), ("not both",))):
+        _usage_error(_run("benchmarks/sim_vs_vllm.py", "--shared", tmp_path, "--cell", "code-synth", *args), *parts)
+    _usage_error(_run("benchmarks/sim_vs_vllm.py", "--cell", "code-synth"), "--cell needs --shared")
+    _usage_error(_run("benchmarks/sim_vs_vllm.py", "--shared", tmp_path, "--cell", "nosuch"), "unknown cell 'nosuch'")
+
+
 @pytest.fixture()
 def serving_gain():
     """``benchmarks/serving_gain.py`` as a module, importable by its worker processes (they

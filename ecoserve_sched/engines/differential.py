@@ -197,6 +197,14 @@ def differences(case: Case, rel: float = 1e-9) -> list[str]:
     if isinstance(sim, Exception) or isinstance(real, Exception):
         a, b = (f"{type(x).__name__}: {x}" if isinstance(x, Exception) else "no error" for x in (sim, real))
         return [] if a == b else [f"error: simulator {a}; vLLM {b}"]
+    return results_apart(sim, real, case.pair == "ecoserve", rel)
+
+
+def results_apart(sim: Any, real: Any, ecoserve: bool, rel: float = 1e-9) -> list[str]:
+    """What differs between two results of the same requests (``SimResult``s: the simulator's
+    and vLLM's), one line each: each request's first-token and finish times (within ``rel``,
+    relative, or 1 ns), generated tokens and preemptions; the preemptions counter, and with
+    ``ecoserve`` the parks and amortized chunks; the requests dropped."""
     out = []
     real_by_id = {r.rid: r for r in real.requests}
     for a in sorted(sim.requests, key=lambda r: r.rid):
@@ -208,7 +216,7 @@ def differences(case: Case, rel: float = 1e-9) -> list[str]:
         for name in ("generated", "preemptions"):
             if getattr(a, name) != getattr(b, name):
                 out.append(f"request {a.rid}: {name} {getattr(a, name)} (simulator), {getattr(b, name)} (vLLM)")
-    for k in ("preemptions", "parks", "amortized") if case.pair == "ecoserve" else ("preemptions",):
+    for k in ("preemptions", "parks", "amortized") if ecoserve else ("preemptions",):
         x, y = sim.counters.get(k, 0), real.counters.get(k, 0)
         if x != y:
             out.append(f"{k}: {x} (simulator), {y} (vLLM)")
