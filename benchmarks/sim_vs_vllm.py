@@ -29,6 +29,11 @@ regime of the grid can be checked. ``--ceiling-shares`` gives the loads as share
 saturation ceiling of the replayed requests (``compare.ceiling``), which every cell has on its
 own scale.
 
+The ``vllm-async`` and ``ecoserve-async`` pairs replay vLLM's default, asynchronous engine loop
+(``async-vllm-real``, ``ecoserve-async-vllm-real``: each step scheduled while the one before it
+runs; ``engines/vllm_sim.py``) against the simulator, which decides each step after the one
+before it ended: their rows say what that overlap changes, not a disagreement of rules.
+
 ``--arrivals burst8`` replaces the trace's arrival times with the scenario grid's bursts (groups
 of 8 simultaneous requests, the groups gamma arrivals with coefficient of variation ``--cv``, at
 the trace's mean rate), where EcoServe parks decodes (the ``parks`` row). The ``amortized`` row
@@ -74,7 +79,10 @@ METRICS = ("tokens_per_iter", "iterations", "preemptions", "parks", "amortized",
 #: recompute only; the simulator's ``ecoserve`` may swap a victim out where the cost model says
 #: it is cheaper, ``ecoserve-recompute`` does not (what the plug-in can do).
 PAIRS = {"vllm": ("vllm", "vllm-real"), "ecoserve": ("ecoserve", "ecoserve-vllm-real"),
-         "ecoserve-recompute": ("ecoserve-recompute", "ecoserve-vllm-real")}
+         "ecoserve-recompute": ("ecoserve-recompute", "ecoserve-vllm-real"),
+         # vLLM's asynchronous engine loop (its default), which the simulator does not model:
+         # what deciding each step before the one ahead of it returns changes
+         "vllm-async": ("vllm", "async-vllm-real"), "ecoserve-async": ("ecoserve-recompute", "ecoserve-async-vllm-real")}
 
 
 def measure(tr, policy: str, spec: RunSpec) -> tuple[dict, Any]:
@@ -200,7 +208,7 @@ def main() -> None:
             raise SystemExit(f"{what}: no saturation ceiling (every request is longer than the KV cache)")
         scales = [share * top for share in a.ceiling_shares]
         what += f"; saturation ceiling at rate scale {top:.4g}"
-    print(f"{what}; vLLM's synchronous scheduler classes\n")
+    print(f"{what}; vLLM's scheduler classes, synchronous (the -async pairs: its asynchronous engine loop)\n")
     print("| rate | sim policy | vLLM-backed | metric | sim | vLLM | Diff% |")
     print("|---|---|---|---|---|---|---|")
     rows = []

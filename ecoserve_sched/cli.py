@@ -524,8 +524,8 @@ def policies() -> None:
         typer.echo(name)
     for why in registry.plugin_error:
         typer.echo(f"warning: {why}", err=True)
-    typer.echo(f"({' and '.join(REAL_POLICIES)} need vLLM: replayed through a vLLM scheduler class, "
-               "docs/engines.md)", err=True)
+    typer.echo(f"({', '.join(REAL_POLICIES)} need vLLM: replayed through a vLLM scheduler class, the "
+               "async- ones with vLLM's asynchronous engine loop, docs/engines.md)", err=True)
 
 
 @app.command()

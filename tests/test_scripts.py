@@ -389,6 +389,15 @@ def test_sim_vs_vllm_checks_a_grid_cell_request_by_request(tmp_path: Path) -> No
     _usage_error(_run("benchmarks/sim_vs_vllm.py", "--shared", tmp_path, "--cell", "nosuch"), "unknown cell 'nosuch'")
 
 
+def test_sim_vs_vllm_replays_vllms_asynchronous_loop_beside_the_simulator() -> None:
+    pytest.importorskip("vllm")
+    res = _run("benchmarks/sim_vs_vllm.py", "--trace", SAMPLE_TRACE, "--max-requests", "30", "--rate-scales", "0.4",
+               "--pairs", "vllm-async,ecoserve-async")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| 0.4 | vllm | async-vllm-real | requests apart (of 30) |" in res.stdout
+    assert "| 0.4 | ecoserve-recompute | ecoserve-async-vllm-real | mean_jct_s |" in res.stdout
+
+
 @pytest.fixture()
 def serving_gain():
     """``benchmarks/serving_gain.py`` as a module, importable by its worker processes (they

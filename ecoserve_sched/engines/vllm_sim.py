@@ -6,8 +6,18 @@ over our KV manager: each iteration calls the real ``schedule()``, times the res
 ``SchedulerOutput`` with ``cost.iteration_time`` (prefill tokens and their context, decodes and
 their context), then feeds a fake ``ModelRunnerOutput`` back (one token per request whose
 prompt is done; the request's stop token when it reaches its true length, so vLLM never sees
-the true length). The schedulers are the synchronous ones: with zero model time there is no
-step to overlap, and vLLM's ``AsyncScheduler`` would only schedule one step ahead.
+the true length). These are the synchronous schedulers, the simulator's model of a step.
+
+``async-vllm-real`` (vLLM's ``AsyncScheduler``) and ``ecoserve-async-vllm-real``
+(:class:`~ecoserve_sched.engines.vllm_scheduler.EcoServeVllmScheduler`) replay vLLM's default
+engine loop instead, as its ``EngineCore.step_with_batch_queue`` runs it: two steps in the
+queue, so each step is scheduled while the one before it runs, before that one's tokens come
+back (a request that finishes in a step is scheduled once more, its token dropped; a step
+starts when the one before it ends, and is scheduled when the one before that ends). The
+simulator has no such mode: the ``vllm-async`` and ``ecoserve-async`` pairs of
+``benchmarks/sim_vs_vllm.py`` measure what the overlap changes. The cost model counts no host
+time between steps, which is what the overlap hides on a real engine, so a replay shows the
+loop's cost (decisions a step stale) and not its gain.
 
 :class:`VllmExecutor` is the serving loop's executor (``serving.py``: arrivals, drop rule,
 stuck check and log are the loop's); the result is a :class:`~ecoserve_sched.serving.SimResult`,
@@ -23,6 +33,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -41,9 +52,11 @@ TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hid
               "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
               "num_hidden_layers": 2, "vocab_size": 1024, "max_position_embeddings": 65536,
               "rms_norm_eps": 1e-6, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2}
-REAL_POLICIES = ("vllm-real", "ecoserve-vllm-real")
-#: The engine policies that get predictions (``vllm-real``, vLLM's own scheduler, reads none).
-PREDICTING_POLICIES = ("ecoserve-vllm-real",)
+REAL_POLICIES = ("vllm-real", "ecoserve-vllm-real", "async-vllm-real", "ecoserve-async-vllm-real")
+#: The engine policies that get predictions (vLLM's own schedulers read none).
+PREDICTING_POLICIES = ("ecoserve-vllm-real", "ecoserve-async-vllm-real")
+#: The engine policies replayed with vLLM's asynchronous engine loop (one step in flight).
+ASYNC_POLICIES = ("async-vllm-real", "ecoserve-async-vllm-real")
 #: ``EcoServeVllmConfig`` fields a replay passes on (``run_real(plugin=...)``): the policy's own
 PLUGIN_POLICY_SETTINGS = ("default_reserve", "reserve_frac", "aging", "give_way", "park", "scale_predictions",
                           "amortize")
@@ -121,8 +134,10 @@ def vllm_request(r: Request, with_prediction: bool) -> Any:
                     sampling_params=sp, pooling_params=None, arrival_time=r.arrival_s)
 
 
-def fake_model_output(out: Any, sched: Any, target: dict[str, int]) -> Any:
-    """One sampled token per request whose scheduled tokens reach the end of its sequence."""
+def fake_model_output(out: Any, sched: Any, target: dict[str, int], samples: set[str] | None = None) -> Any:
+    """One sampled token per request whose scheduled tokens reach the end of its sequence
+    (``samples``: the requests whose step was not a prompt chunk when it was scheduled, where a
+    later step was scheduled since: vLLM's ``is_prefill_chunk`` then)."""
     from vllm.v1.outputs import ModelRunnerOutput
 
     ids = list(out.num_scheduled_tokens)
@@ -131,7 +146,7 @@ def fake_model_output(out: Any, sched: Any, target: dict[str, int]) -> Any:
         req = sched.requests.get(rid)
         # finished while this step was in flight (async: vLLM drops its token), or a prefill
         # chunk short of the end
-        if req is None or req.num_computed_tokens < req.num_tokens:
+        if req is None or (rid not in samples if samples is not None else req.num_computed_tokens < req.num_tokens):
             sampled.append([])
         else:
             last = req.num_output_tokens + 1 >= target[rid]
@@ -141,9 +156,11 @@ def fake_model_output(out: Any, sched: Any, target: dict[str, int]) -> Any:
 
 
 class VllmExecutor(Executor):
-    """vLLM's scheduler ``sched`` under the loop's clock; each iteration timed by ``cost``."""
+    """vLLM's scheduler ``sched`` under the loop's clock; each iteration timed by ``cost``;
+    ``in_flight=2``: vLLM's asynchronous engine loop (the module's docstring)."""
 
-    def __init__(self, sched: Any, cost: Any, *, name: str = "vllm-real", with_prediction: bool = False) -> None:
+    def __init__(self, sched: Any, cost: Any, *, name: str = "vllm-real", with_prediction: bool = False,
+                 in_flight: int = 1) -> None:
         self.sched, self.cost, self.name = sched, cost, name
         self.with_prediction = with_prediction
         self.block_size = sched.block_size
@@ -159,6 +176,11 @@ class VllmExecutor(Executor):
         self.preemptions = 0
         self.sched_s = 0.0
         self.now = 0.0
+        self.in_flight = in_flight
+        # async: the scheduled steps not yet run to their end, oldest first: (output, the requests
+        # it samples for, start, end, duration), and when the last of them ends
+        self.queue: deque[tuple[Any, set[str], float, float, float]] = deque()
+        self.busy_until = 0.0
         if hasattr(sched, "clock"):
             sched.clock = lambda: self.now
 
@@ -174,16 +196,22 @@ class VllmExecutor(Executor):
     def waiting(self) -> int:
         return self.sched.get_num_unfinished_requests()
 
-    def run(self, now: float, until: float) -> LogRow | None:
-        sched = self.sched
+    def _schedule(self, now: float) -> Any:
         self.now = now
         t0 = time.perf_counter()
-        out = sched.schedule()
+        out = self.sched.schedule()
         self.sched_s += time.perf_counter() - t0
         self.preemptions += len(out.preempted_req_ids)
         for rid in out.preempted_req_ids:  # each request's count, as the simulator keeps it
             self.by_id[rid].preemptions += 1
         self.sampled.difference_update(out.preempted_req_ids)
+        return out
+
+    def run(self, now: float, until: float) -> LogRow | None:
+        if self.in_flight > 1:
+            return self._run_async(now)
+        sched = self.sched
+        out = self._schedule(now)
         if out.total_num_scheduled_tokens == 0:
             sched.update_from_output(out, fake_model_output(out, sched, self.target))
             return None
@@ -202,14 +230,62 @@ class VllmExecutor(Executor):
                 p_ctx += prefill_ctx_tokens(k, before)
         self.iter_tokens.append(out.total_num_scheduled_tokens)
         dt = self.cost.iteration_time(p_tok, p_ctx, d_req, d_ctx)
-        prev, now = now, now + dt
         outputs = sched.update_from_output(out, fake_model_output(out, sched, self.target))
         self.sampled.difference_update(out.num_scheduled_tokens)
+        return self._delivered(outputs, now, now + dt, dt)
+
+    def _run_async(self, now: float) -> LogRow | None:
+        """vLLM's batch queue: fill it (each step scheduled at ``now``, before the tokens of
+        the steps ahead of it come back), then run the oldest step to its end."""
+        queue = self.queue
+        while len(queue) < self.in_flight and self.sched.has_requests():
+            if not self._queue_step(now):  # nothing to run: until a step ends or a request arrives
+                break
+        if not queue:
+            return None
+        out, samples, start, end, dt = queue.popleft()
+        outputs = self.sched.update_from_output(out, fake_model_output(out, self.sched, self.target, samples))
+        return self._delivered(outputs, start, end, dt)
+
+    def _queue_step(self, now: float) -> bool:
+        """Schedule a step at ``now`` and queue it behind the steps in flight; False if it
+        scheduled nothing (its output goes back at once)."""
+        sched = self.sched
+        out = self._schedule(now)
+        if out.total_num_scheduled_tokens == 0:
+            sched.update_from_output(out, fake_model_output(out, sched, self.target, set()))
+            return False
+        p_tok = p_ctx = d_req = d_ctx = 0
+        samples = set()
+        for rid, k in out.num_scheduled_tokens.items():
+            req = sched.requests[rid]
+            before = req.num_computed_tokens - k
+            if k == 1 and rid in self.sampled:  # the step after one that samples: a decode
+                d_req += 1
+                d_ctx += before + 1
+            else:
+                p_tok += k
+                p_ctx += prefill_ctx_tokens(k, before)
+            if req.is_prefill_chunk:
+                self.sampled.discard(rid)
+            else:
+                samples.add(rid)
+                self.sampled.add(rid)
+        self.iter_tokens.append(out.total_num_scheduled_tokens)
+        dt = self.cost.iteration_time(p_tok, p_ctx, d_req, d_ctx)
+        start = max(now, self.busy_until)
+        self.busy_until = start + dt
+        self.queue.append((out, samples, start, start + dt, dt))
+        return True
+
+    def _delivered(self, outputs: Any, prev: float, now: float, dt: float) -> LogRow:
+        """Record the tokens of a step that ran from ``prev`` to ``now``: its log row."""
+        sched, sync = self.sched, self.in_flight == 1
         steady = 0
         for eco in outputs.values():
             for o in eco.outputs:
                 r = self.by_id[o.request_id]
-                if o.new_token_ids:
+                if o.new_token_ids and sync:
                     self.sampled.add(o.request_id)
                 for _ in o.new_token_ids:
                     if r.first_token_s < 0:
@@ -239,9 +315,11 @@ class VllmExecutor(Executor):
 
 
 def replay(requests: list[Request], sched: Any, cost: Any, *, policy: str = "vllm-real",
-           with_prediction: bool = False, profile: str = "", predictions: str = "") -> RealSimResult:
-    """Replay ``requests`` through the vLLM scheduler ``sched``; timed by ``cost``."""
-    ex = VllmExecutor(sched, cost, name=policy, with_prediction=with_prediction)
+           with_prediction: bool = False, profile: str = "", predictions: str = "",
+           in_flight: int = 1) -> RealSimResult:
+    """Replay ``requests`` through the vLLM scheduler ``sched``; timed by ``cost``
+    (``in_flight=2``: vLLM's asynchronous engine loop, for an asynchronous ``sched``)."""
+    ex = VllmExecutor(sched, cost, name=policy, with_prediction=with_prediction, in_flight=in_flight)
     reqs = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
     res = RealSimResult(policy, profile, predictions, reqs, ex.kv_blocks * ex.block_size, ex.block_size)
     serve(ex, res)
@@ -253,13 +331,19 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
              seed: int = 0, kv_blocks: int | None = None, block_size: int = 16,
              token_budget: int | None = None, max_running: int = 256, plugin: Mapping[str, Any] | None = None,
              **_: Any) -> RealSimResult:
-    """``simulator.run`` for ``vllm-real`` / ``ecoserve-vllm-real``: same trace, predictions,
+    """``simulator.run`` for ``REAL_POLICIES`` (``vllm-real``, ``ecoserve-vllm-real`` and their
+    ``async-`` forms): same trace, predictions,
     KV capacity, token budget and ``max_running`` as the simulator's policies. ``plugin``:
-    ``EcoServeVllmConfig`` fields for ``ecoserve-vllm-real`` (``{"scale_predictions": True}``
+    ``EcoServeVllmConfig`` fields for the EcoServe ones (``{"scale_predictions": True}``
     beside the simulator's ``ecoserve-scaled``), the settings a served engine reads from
     ``ECOSERVE_*``; the SLO is the replay's."""
     from ..predictions import NO_PREDICTIONS, apply_predictions, default_source
-    from .vllm_scheduler import EcoServeSetupError, EcoServeVllmConfig, EcoServeVllmSyncScheduler
+    from .vllm_scheduler import (
+        EcoServeSetupError,
+        EcoServeVllmConfig,
+        EcoServeVllmScheduler,
+        EcoServeVllmSyncScheduler,
+    )
 
     if policy not in REAL_POLICIES:
         raise ValueError(f"unknown engine policy {policy!r}; choose from {', '.join(REAL_POLICIES)}")
@@ -284,12 +368,20 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
     plugin_log = logging.getLogger(EcoServeVllmSyncScheduler.__module__)
     level = plugin_log.level
     plugin_log.setLevel(logging.ERROR)  # its "no predictor" warning: the replay hands each request its prediction
+    asynchronous = policy in ASYNC_POLICIES
     try:
-        class Replay(EcoServeVllmSyncScheduler):  # not the serving ECOSERVE_* settings (was: an
-            eco_environ = MappingProxyType({})  # ECOSERVE_PROFILE=auto in the shell aborted a replay)
+        class Replay(EcoServeVllmScheduler if asynchronous else EcoServeVllmSyncScheduler):  # type: ignore[misc]
+            eco_environ = MappingProxyType({})  # not the serving ECOSERVE_* settings (was: an
+            # ECOSERVE_PROFILE=auto in the shell aborted a replay)
 
+        if eco:
+            cls = Replay
+        else:
+            from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+            cls = AsyncScheduler if asynchronous else None
         sched = build_vllm_scheduler(
-            Replay if eco else None, num_blocks=blocks, block_size=block_size,
+            cls, num_blocks=blocks, block_size=block_size, async_scheduling=asynchronous,
             max_num_seqs=max_running, max_model_len=max(longest, 2048),
             max_num_batched_tokens=int(max(cost.token_budget, DEFAULT_TOKEN_BUDGET) if token_budget is None
                                        else token_budget))
@@ -303,5 +395,5 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
             raise ValueError(f"{policy}: the vLLM plug-in takes no such {'setting' if options else 'SLO'}: "
                              + re.sub(r" \(ECOSERVE_\w+\)", "", str(e))) from None
         sched.cost_model = cost  # every number the simulator's EcoServe takes from the cost model
-    return replay(reqs, sched, cost, policy=policy, with_prediction=eco,
+    return replay(reqs, sched, cost, policy=policy, with_prediction=eco, in_flight=2 if asynchronous else 1,
                   profile=getattr(cost, "label", getattr(cost, "name", "")), predictions=desc)

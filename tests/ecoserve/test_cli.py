@@ -170,7 +170,7 @@ def test_an_unknown_policy_is_refused_before_the_trace_is_read(tmp_path):
     _refused(runner.invoke(app, ["simulate", "--trace", missing, "--policy", "ecoserv"]),
              "unknown policy ecoserv (did you mean ecoserve? see `ecoserve policies`)")
     r = runner.invoke(app, ["policies"])
-    assert r.exit_code == 0 and "\necoserve-oracle\n" in r.stdout and r.stdout.endswith("\necoserve-vllm-real\n")
+    assert r.exit_code == 0 and "\necoserve-oracle\n" in r.stdout and r.stdout.endswith("\necoserve-async-vllm-real\n")
     assert "need vLLM" in r.stderr  # the names alone on stdout, one a line (for scripts)
 
 

@@ -126,3 +126,49 @@ def test_engine_core_runs_the_plugin(async_scheduling: bool, want: type) -> None
     assert s.eco_counters["admissions"] >= 24 and s.eco_counters["topups"] > 0
     assert FakeExecutor.steps > 0
     s.shutdown()  # EngineCore.shutdown's distributed clean-up needs an accelerator
+
+
+@pytest.mark.parametrize("blocks", [48, 13])  # the cache holds them all; it does not (preemptions)
+def test_the_async_replay_schedules_the_steps_of_vllms_engine_core(blocks: int) -> None:
+    """``async-vllm-real``'s loop (``VllmExecutor(in_flight=2)``) against vLLM's own
+    ``EngineCore.step_with_batch_queue`` over the same requests, all there from the start (so
+    no clock matters): the same ``SchedulerOutput``s, step by step."""
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.engines.vllm_sim import build_vllm_scheduler, replay
+    from ecoserve_sched.request import Request as EcoRequest
+
+    lengths = [(40 + 13 * i, 6 + 5 * (i % 4)) for i in range(10)]  # (prompt, output) tokens
+    sc = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=64, max_model_len=192, enable_chunked_prefill=True,
+                         is_encoder_decoder=False, async_scheduling=True)
+    mc = ModelConfig(model=tiny_model_dir(), skip_tokenizer_init=True, dtype="float32", max_model_len=192)
+    vc = VllmConfig(scheduler_config=sc, model_config=mc, device_config=DeviceConfig(device="cpu"),
+                    cache_config=CacheConfig(block_size=BS, enable_prefix_caching=False, num_gpu_blocks_override=blocks + 1))
+    core = EngineCore(vc, FakeExecutor, log_stats=False)
+    s = core.scheduler
+    assert type(s) is AsyncScheduler
+    FakeExecutor.scheduler, FakeExecutor.steps = s, 0
+    engine_steps: list[dict] = []
+    schedule = s.schedule
+    s.schedule = lambda *a, **k: engine_steps.append(dict((out := schedule(*a, **k)).num_scheduled_tokens)) or out
+    for i, (prompt, out) in enumerate(lengths):
+        sp = SamplingParams(max_tokens=out, stop_token_ids=[2])
+        core.add_request(Request(request_id=str(i), prompt_token_ids=[1] * prompt, sampling_params=sp,
+                                 pooling_params=None, arrival_time=0.0))
+    for _ in range(3000):
+        if not s.has_requests():
+            break
+        core.step_fn()
+    s.shutdown()
+
+    sched = build_vllm_scheduler(AsyncScheduler, num_blocks=blocks, block_size=BS, max_num_seqs=6,
+                                 max_num_batched_tokens=64, max_model_len=192, async_scheduling=True)
+    replay_steps: list[dict] = []
+    schedule2 = sched.schedule
+    sched.schedule = lambda *a, **k: replay_steps.append(dict((out := schedule2(*a, **k)).num_scheduled_tokens)) or out
+    reqs = [EcoRequest(i, 0.0, prompt, out, out) for i, (prompt, out) in enumerate(lengths)]
+    res = replay(reqs, sched, load_profile("llama2-13b-a100-80gb"), policy="async-vllm-real", in_flight=2)
+    assert all(r.generated == r.target_tokens for r in res.requests)
+    assert [st for st in replay_steps if st] == [st for st in engine_steps if st]
+    assert (res.counters["preemptions"] > 0) == (blocks < 48)
