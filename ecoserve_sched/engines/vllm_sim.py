@@ -12,8 +12,9 @@ the true length). These are the synchronous schedulers, the simulator's model of
 (:class:`~ecoserve_sched.engines.vllm_scheduler.EcoServeVllmScheduler`) replay vLLM's default
 engine loop instead, as its ``EngineCore.step_with_batch_queue`` runs it: two steps in the
 queue, so each step is scheduled while the one before it runs, before that one's tokens come
-back (a request that finishes in a step is scheduled once more, its token dropped; a step
-starts when the one before it ends, and is scheduled when the one before that ends). The
+back (a request that finishes in a step before its ``max_tokens`` is scheduled once more, its
+token dropped; a step starts when the one before it ends, or when it is scheduled after an
+idle spell, and is scheduled when the one before that ends). The
 simulator has no such mode: the ``vllm-async`` and ``ecoserve-async`` pairs of
 ``benchmarks/sim_vs_vllm.py`` measure what the overlap changes. The cost model counts no host
 time between steps, which is what the overlap hides on a real engine, so a replay shows the
@@ -191,7 +192,11 @@ class VllmExecutor(Executor):
         self.sched.add_request(vllm_request(r, self.with_prediction))
 
     def has_work(self) -> bool:
-        return bool(self.sched.get_num_unfinished_requests())
+        # a step in flight runs to its end even when every request has finished (async: the
+        # step scheduled after a request's last one, whose token vLLM drops): vLLM's engine
+        # waits for it before it takes new requests (was: the loop went idle past it, and the
+        # next arrival's step was scheduled before it had run, the clock set back to its end)
+        return bool(self.queue) or bool(self.sched.get_num_unfinished_requests())
 
     def waiting(self) -> int:
         return self.sched.get_num_unfinished_requests()

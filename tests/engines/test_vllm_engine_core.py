@@ -11,8 +11,9 @@ done. Everything between the engine and the scheduler is vLLM's own code.
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 
 pytest.importorskip("vllm")
@@ -128,47 +129,166 @@ def test_engine_core_runs_the_plugin(async_scheduling: bool, want: type) -> None
     s.shutdown()  # EngineCore.shutdown's distributed clean-up needs an accelerator
 
 
-@pytest.mark.parametrize("blocks", [48, 13])  # the cache holds them all; it does not (preemptions)
-def test_the_async_replay_schedules_the_steps_of_vllms_engine_core(blocks: int) -> None:
-    """``async-vllm-real``'s loop (``VllmExecutor(in_flight=2)``) against vLLM's own
-    ``EngineCore.step_with_batch_queue`` over the same requests, all there from the start (so
-    no clock matters): the same ``SchedulerOutput``s, step by step."""
+
+class _Clock:
+    """The simulated time of an ``EngineCore`` run: a step's output is read at its end."""
+
+    now = 0.0
+    gpu_free = 0.0  # when the steps submitted so far are done
+
+
+class _Timed(Future):
+    """A done future whose reading moves the clock to its step's end (``value``: a function
+    that makes the step's model output then, as the replay's loop makes it)."""
+
+    def __init__(self, value: Any, end: float) -> None:
+        super().__init__()
+        self.set_result(value)
+        self.end = end
+
+    def result(self, timeout: float | None = None) -> Any:
+        _Clock.now = max(_Clock.now, self.end)
+        value = super().result()
+        return value() if callable(value) else value
+
+
+class ClockedExecutor(FakeExecutor):
+    """``FakeExecutor`` under ``_Clock``: each step takes the cost model's time from when it is
+    submitted or the step before it ends, whichever is later; each request stops at its true
+    length (``targets``)."""
+
+    targets: ClassVar[dict[str, int]] = {}
+    samples_next: ClassVar[dict[str, bool]] = {}  # whether the request's last step submitted samples a token
+
+    def _rpc_determine_available_memory(self) -> int:
+        return 4096 * SPEC.page_size_bytes  # the cache's size comes from num_gpu_blocks_override
+
+    def execute_model(self, scheduler_output: Any, non_block: bool = False) -> Any:
+        from ecoserve_sched.cost_model import load_profile, prefill_ctx_tokens
+
+        s, so, after = type(self).scheduler, scheduler_output, type(self).samples_next
+        for rid in so.preempted_req_ids:
+            after.pop(rid, None)
+        p_tok = p_ctx = d_req = d_ctx = 0
+        samples = set()
+        for rid, k in so.num_scheduled_tokens.items():
+            req = s.requests[rid]
+            before = req.num_computed_tokens - k
+            if k == 1 and after.get(rid, False):
+                d_req, d_ctx = d_req + 1, d_ctx + before + 1
+            else:
+                p_tok, p_ctx = p_tok + k, p_ctx + prefill_ctx_tokens(k, before)
+            after[rid] = not req.is_prefill_chunk
+            if after[rid]:
+                samples.add(rid)
+        self._pending = lambda: fake_model_output(so, s, type(self).targets, samples)
+        if not so.total_num_scheduled_tokens:
+            return _Timed(self._pending, _Clock.now)
+        start = max(_Clock.now, _Clock.gpu_free)
+        _Clock.gpu_free = self._end = start + load_profile("llama2-13b-a100-80gb").iteration_time(p_tok, p_ctx, d_req, d_ctx)
+        return _Timed(None, self._end)
+
+    def sample_tokens(self, grammar_output: Any, non_block: bool = False) -> Any:
+        return _Timed(self._pending, self._end)
+
+
+def _engine_core_times(trace: Any, blocks: int, budget: int, seqs: int) -> dict[str, tuple]:
+    """Each request's (first token, finish, tokens) from vLLM's ``EngineCore`` with its
+    default ``AsyncScheduler`` under ``_Clock``, each request added once the clock passes its
+    arrival."""
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
-    from ecoserve_sched.cost_model import load_profile
-    from ecoserve_sched.engines.vllm_sim import build_vllm_scheduler, replay
-    from ecoserve_sched.request import Request as EcoRequest
+    from ecoserve_sched.engines.vllm_sim import vllm_request
+    from ecoserve_sched.request import SLO
 
-    lengths = [(40 + 13 * i, 6 + 5 * (i % 4)) for i in range(10)]  # (prompt, output) tokens
-    sc = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=64, max_model_len=192, enable_chunked_prefill=True,
-                         is_encoder_decoder=False, async_scheduling=True)
-    mc = ModelConfig(model=tiny_model_dir(), skip_tokenizer_init=True, dtype="float32", max_model_len=192)
+    reqs = sorted(trace.requests(SLO()), key=lambda r: (r.arrival_s, r.rid))
+    # vLLM wants the cache to hold one request of max_model_len (the replay's is 2048: no request
+    # here is near either, so neither bounds a step)
+    length = min(2048, blocks * BS)
+    assert max(r.prompt_tokens + r.target_tokens for r in reqs) <= length
+    sc = SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, max_model_len=length,
+                         enable_chunked_prefill=True, is_encoder_decoder=False, async_scheduling=True)
+    mc = ModelConfig(model=tiny_model_dir(), skip_tokenizer_init=True, dtype="float32", max_model_len=length)
     vc = VllmConfig(scheduler_config=sc, model_config=mc, device_config=DeviceConfig(device="cpu"),
-                    cache_config=CacheConfig(block_size=BS, enable_prefix_caching=False, num_gpu_blocks_override=blocks + 1))
-    core = EngineCore(vc, FakeExecutor, log_stats=False)
+                    cache_config=CacheConfig(block_size=BS, enable_prefix_caching=False,
+                                             num_gpu_blocks_override=blocks + 1))
+    core = EngineCore(vc, ClockedExecutor, log_stats=False)
     s = core.scheduler
     assert type(s) is AsyncScheduler
-    FakeExecutor.scheduler, FakeExecutor.steps = s, 0
-    engine_steps: list[dict] = []
-    schedule = s.schedule
-    s.schedule = lambda *a, **k: engine_steps.append(dict((out := schedule(*a, **k)).num_scheduled_tokens)) or out
-    for i, (prompt, out) in enumerate(lengths):
-        sp = SamplingParams(max_tokens=out, stop_token_ids=[2])
-        core.add_request(Request(request_id=str(i), prompt_token_ids=[1] * prompt, sampling_params=sp,
-                                 pooling_params=None, arrival_time=0.0))
-    for _ in range(3000):
-        if not s.has_requests():
-            break
-        core.step_fn()
+    _Clock.now = _Clock.gpu_free = 0.0
+    ClockedExecutor.scheduler, ClockedExecutor.samples_next = s, {}
+    ClockedExecutor.targets = {str(r.rid): r.target_tokens for r in reqs}
+    times: dict[str, list] = {}
+    i, stalled = 0, 0
+    while True:
+        while i < len(reqs) and reqs[i].arrival_s <= _Clock.now:
+            core.add_request(vllm_request(reqs[i], False))
+            i += 1
+        if not s.has_requests() and not core.batch_queue:
+            if i == len(reqs):
+                break
+            _Clock.now = reqs[i].arrival_s  # idle until the next arrival
+            continue
+        outputs, executed = core.step_fn()
+        stalled = 0 if executed or outputs else stalled + 1
+        if stalled > 4:  # nothing runs until a request arrives
+            assert i < len(reqs), "stuck"
+            _Clock.now, stalled = max(_Clock.now, reqs[i].arrival_s), 0
+        for eco in (outputs or {}).values():
+            for o in eco.outputs:
+                t = times.setdefault(o.request_id, [-1.0, -1.0, 0])
+                if o.new_token_ids and t[0] < 0:
+                    t[0] = _Clock.now
+                t[2] += len(o.new_token_ids)
+                if o.finish_reason is not None:
+                    t[1] = _Clock.now
     s.shutdown()
+    return {rid: tuple(t) for rid, t in times.items()}
 
-    sched = build_vllm_scheduler(AsyncScheduler, num_blocks=blocks, block_size=BS, max_num_seqs=6,
-                                 max_num_batched_tokens=64, max_model_len=192, async_scheduling=True)
-    replay_steps: list[dict] = []
-    schedule2 = sched.schedule
-    sched.schedule = lambda *a, **k: replay_steps.append(dict((out := schedule2(*a, **k)).num_scheduled_tokens)) or out
-    reqs = [EcoRequest(i, 0.0, prompt, out, out) for i, (prompt, out) in enumerate(lengths)]
-    res = replay(reqs, sched, load_profile("llama2-13b-a100-80gb"), policy="async-vllm-real", in_flight=2)
-    assert all(r.generated == r.target_tokens for r in res.requests)
-    assert [st for st in replay_steps if st] == [st for st in engine_steps if st]
-    assert (res.counters["preemptions"] > 0) == (blocks < 48)
+
+def _idle_gap_trace() -> Any:
+    """A request alone, finished (its dropped-token step still in flight) when two arrive."""
+    from ecoserve_sched.trace import Trace
+
+    return Trace("gap", np.array([0.0, 0.08, 0.09]), np.array([100, 100, 100]), np.array([3, 3, 3]),
+                 np.full(3, 2048))
+
+
+def _random_trace(seed: int) -> Any:
+    from ecoserve_sched.trace import Trace
+
+    rng = np.random.default_rng(seed)
+    n = 14
+    out = rng.integers(1, 40, n)
+    most = np.where(rng.random(n) < 0.3, out, 2048)  # some stop at max_tokens, vLLM's foreseen end
+    return Trace(f"r{seed}", np.sort(rng.choice([0.0, 0.05, 0.3, 0.31, 1.0], n) + rng.uniform(0, 0.2, n)),
+                 rng.integers(1, 300, n), out, most)
+
+
+@pytest.mark.parametrize(("trace", "blocks", "budget", "seqs"), [
+    (_idle_gap_trace, 400, 2048, 16),
+    (lambda: _random_trace(0), 400, 64, 4),
+    (lambda: _random_trace(1), 24, 64, 16),  # KV pressure: preemptions
+    (lambda: _random_trace(2), 30, 2048, 2),
+])
+def test_the_async_replay_gives_each_request_vllms_engine_core_times(trace: Any, blocks: int, budget: int,
+                                                                      seqs: int) -> None:
+    """``async-vllm-real`` (``VllmExecutor(in_flight=2)``) against vLLM's own ``EngineCore``
+    loop (``step_with_batch_queue``) with a stand-in executor under the same simulated clock:
+    each request's first token, finish and tokens. The first trace: two requests arrive while
+    the step after a lone request's last one runs, which vLLM drops; vLLM takes them when that
+    step ends (the replay took them at once, its clock set back: a reviewer's case)."""
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.request import SLO
+    from ecoserve_sched.simulator import run
+
+    tr = trace()
+    res = run(tr, "async-vllm-real", load_profile("llama2-13b-a100-80gb"), slo=SLO(), kv_blocks=blocks,
+              token_budget=budget, max_running=seqs)
+    want = _engine_core_times(tr, blocks, budget, seqs)
+    got = {str(r.rid): (r.first_token_s, r.finish_s, r.generated) for r in res.requests}
+    assert got.keys() == want.keys()
+    for rid, (first, finish, tokens) in want.items():
+        assert got[rid][2] == tokens, rid
+        assert got[rid][:2] == pytest.approx((first, finish), rel=1e-12, abs=1e-12), rid
+    assert len(res.iter_tokens) == len(res.log)
