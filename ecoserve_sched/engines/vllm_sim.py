@@ -169,8 +169,9 @@ class VllmExecutor(Executor):
         self.pool = sched.kv_cache_manager.block_pool
         self.by_id: dict[str, Request] = {}
         self.target: dict[str, int] = {}  # the true output length, by vLLM request id
-        # requests whose last scheduled step sampled a token: a one-token step of theirs is a
-        # decode (a recompute's last chunk of one token is not: it follows a chunk that sampled none)
+        # requests whose last step scheduled samples a token (vLLM's ``is_prefill_chunk`` is
+        # False): a one-token step of theirs is a decode (a recompute's last chunk of one token
+        # is not: it follows a chunk that samples none)
         self.sampled: set[str] = set()
         self.iter_tokens: list[int] = []
         self.stall_gaps: list[float] = []
@@ -178,8 +179,8 @@ class VllmExecutor(Executor):
         self.sched_s = 0.0
         self.now = 0.0
         self.in_flight = in_flight
-        # async: the scheduled steps not yet run to their end, oldest first: (output, the requests
-        # it samples for, start, end, duration), and when the last of them ends
+        # the scheduled steps not yet run to their end, oldest first (at most ``in_flight``):
+        # (output, the requests it samples for, start, end, duration), and when the last ends
         self.queue: deque[tuple[Any, set[str], float, float, float]] = deque()
         self.busy_until = 0.0
         if hasattr(sched, "clock"):
@@ -213,35 +214,9 @@ class VllmExecutor(Executor):
         return out
 
     def run(self, now: float, until: float) -> LogRow | None:
-        if self.in_flight > 1:
-            return self._run_async(now)
-        sched = self.sched
-        out = self._schedule(now)
-        if out.total_num_scheduled_tokens == 0:
-            sched.update_from_output(out, fake_model_output(out, sched, self.target))
-            return None
-        p_tok = p_ctx = d_req = d_ctx = 0
-        for rid, k in out.num_scheduled_tokens.items():
-            req = sched.requests[rid]
-            before = req.num_computed_tokens - k
-            # one token after all the others, of a request whose last step sampled one: a decode
-            # (was: a 1-token prompt or last chunk, then a recompute's last chunk of one token,
-            # timed without the prefill's cost)
-            if k == 1 and before == req.num_tokens - 1 and rid in self.sampled:
-                d_req += 1
-                d_ctx += before + 1
-            else:
-                p_tok += k
-                p_ctx += prefill_ctx_tokens(k, before)
-        self.iter_tokens.append(out.total_num_scheduled_tokens)
-        dt = self.cost.iteration_time(p_tok, p_ctx, d_req, d_ctx)
-        outputs = sched.update_from_output(out, fake_model_output(out, sched, self.target))
-        self.sampled.difference_update(out.num_scheduled_tokens)
-        return self._delivered(outputs, now, now + dt, dt)
-
-    def _run_async(self, now: float) -> LogRow | None:
-        """vLLM's batch queue: fill it (each step scheduled at ``now``, before the tokens of
-        the steps ahead of it come back), then run the oldest step to its end."""
+        """vLLM's engine loop: fill its queue of ``in_flight`` steps (each scheduled at ``now``,
+        before the tokens of the steps ahead of it come back; one step: the synchronous loop),
+        then run the oldest step to its end."""
         queue = self.queue
         while len(queue) < self.in_flight and self.sched.has_requests():
             if not self._queue_step(now):  # nothing to run: until a step ends or a request arrives
@@ -265,7 +240,10 @@ class VllmExecutor(Executor):
         for rid, k in out.num_scheduled_tokens.items():
             req = sched.requests[rid]
             before = req.num_computed_tokens - k
-            if k == 1 and rid in self.sampled:  # the step after one that samples: a decode
+            # one token right after a step of the request that samples one: a decode (was: a
+            # 1-token prompt or last chunk, then a recompute's last chunk of one token, timed
+            # without the prefill's cost)
+            if k == 1 and rid in self.sampled:
                 d_req += 1
                 d_ctx += before + 1
             else:
@@ -285,13 +263,10 @@ class VllmExecutor(Executor):
 
     def _delivered(self, outputs: Any, prev: float, now: float, dt: float) -> LogRow:
         """Record the tokens of a step that ran from ``prev`` to ``now``: its log row."""
-        sched, sync = self.sched, self.in_flight == 1
-        steady = 0
+        sched, steady = self.sched, 0
         for eco in outputs.values():
             for o in eco.outputs:
                 r = self.by_id[o.request_id]
-                if o.new_token_ids and sync:
-                    self.sampled.add(o.request_id)
                 for _ in o.new_token_ids:
                     if r.first_token_s < 0:
                         r.first_token_s = now
