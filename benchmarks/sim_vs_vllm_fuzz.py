@@ -25,9 +25,18 @@ tests) again, ``--shrink FILE:LINE`` reduces one case that differs to fewer requ
 plainer numbers. Exit 1 if any case differs or ran over the limit, else 0. vLLM's own log
 lines below errors are not shown (a line or two a case otherwise).
 
+``--against engine-core`` checks the engine replays' own loop instead: each case is replayed by
+its pair's engine policy (vLLM's scheduler class in the serving loop: ``vllm-real`` or
+``ecoserve-vllm-real``), once with vLLM's synchronous engine loop and once with its asynchronous
+one (``async-vllm-real``, ``ecoserve-async-vllm-real``), and served by vLLM's own ``EngineCore``
+with the same scheduler class under the same simulated clock (``engines/engine_core.py``).
+A case keeps only the requests such an engine can take on its cache (``differential.engine_core_case``);
+one with none left is counted as skipped. ``--shrink`` is for the simulator's check only.
+
 Usage: python benchmarks/sim_vs_vllm_fuzz.py [--cases N] [--seed S] [--pairs vllm,ecoserve] [--max-requests N]
-           [--block-sizes 16] [--workers N] [--timeout S] [--out FILE [--force]]
-       python benchmarks/sim_vs_vllm_fuzz.py --replay FILE [FILE ...] [--workers N] [--timeout S] [--out FILE]
+           [--block-sizes 16] [--against simulator|engine-core] [--workers N] [--timeout S] [--out FILE [--force]]
+       python benchmarks/sim_vs_vllm_fuzz.py --replay FILE [FILE ...] [--against ...] [--workers N] [--timeout S]
+           [--out FILE]
        python benchmarks/sim_vs_vllm_fuzz.py --shrink FILE:LINE --out FILE [--force]
 """
 
@@ -43,7 +52,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ecoserve_sched.engines.differential import PAIRS, Case, differences, random_case, shrink
+from ecoserve_sched.engines.differential import (
+    PAIRS,
+    Case,
+    differences,
+    engine_core_case,
+    engine_core_differences,
+    random_case,
+    shrink,
+)
 from rlpredict.cli_boundary import arg_file, arg_list, arg_number, arg_path, run_script, worker_pool
 from rlpredict.outputs import check_file_output, write_text_atomic
 
@@ -62,14 +79,21 @@ def _quiet_vllm() -> None:
     logging.getLogger("vllm").setLevel(logging.ERROR)
 
 
-def _init(pairs: list[str], max_requests: int, block_sizes: list[int], timeout: int) -> None:
+#: ``--against engine-core``: the engine policies, by pair and loop (the table's rows)
+ENGINE_POLICIES = {("vllm", False): "vllm-real", ("vllm", True): "async-vllm-real",
+                   ("ecoserve", False): "ecoserve-vllm-real", ("ecoserve", True): "ecoserve-async-vllm-real"}
+
+
+def _init(pairs: list[str], max_requests: int, block_sizes: list[int], timeout: int, against: str) -> None:
     _quiet_vllm()
-    _SETUP.update(pairs=pairs, max_requests=max_requests, block_sizes=tuple(block_sizes), timeout=timeout)
+    _SETUP.update(pairs=pairs, max_requests=max_requests, block_sizes=tuple(block_sizes), timeout=timeout,
+                  against=against)
     signal.signal(signal.SIGALRM, _alarm)
 
 
-def _check(job: tuple[int | None, str, dict | None]) -> dict[str, Any]:
-    """One case (drawn from its seed, or given), replayed by both sides within the time limit."""
+def _check(job: tuple[int | None, str, dict | None]) -> list[dict[str, Any]]:
+    """One case (drawn from its seed, or given), replayed by both sides within the time limit
+    (``--against engine-core``: in each engine loop, each a result)."""
     seed, where, given = job
     if given is not None:
         case = Case.from_json(given)
@@ -77,17 +101,28 @@ def _check(job: tuple[int | None, str, dict | None]) -> dict[str, Any]:
         pairs = _SETUP["pairs"]
         case = random_case(random.Random(seed), pairs[0] if len(pairs) == 1 else None, _SETUP["max_requests"],
                            _SETUP["block_sizes"])
-    t0 = time.process_time()
-    signal.alarm(_SETUP["timeout"])
-    try:
-        diffs = differences(case)
-        status = "differ" if diffs else "agree"
-    except _OverTime:
-        diffs, status = [f"over the {_SETUP['timeout']} s limit"], "limit"
-    finally:
-        signal.alarm(0)
-    return {"seed": seed, "where": where, "pair": case.pair, "status": status, "differences": diffs,
-            "requests": len(case), "cpu_s": time.process_time() - t0, "case": case.to_json()}
+    if _SETUP["against"] == "simulator":
+        checks: list[tuple[str, Case, Any]] = [(case.pair, case, differences)]
+    elif (served := engine_core_case(case)) is None:
+        return [{"seed": seed, "where": where, "pair": case.pair, "status": "skipped", "differences": [],
+                 "requests": 0, "cpu_s": 0.0, "case": case.to_json()}]
+    else:
+        checks = [(ENGINE_POLICIES[case.pair, a], served, lambda c, a=a: engine_core_differences(c, a))
+                  for a in (False, True)]
+    out = []
+    for row, c, check in checks:
+        t0 = time.process_time()
+        signal.alarm(_SETUP["timeout"])
+        try:
+            diffs = check(c)
+            status = "differ" if diffs else "agree"
+        except _OverTime:
+            diffs, status = [f"over the {_SETUP['timeout']} s limit"], "limit"
+        finally:
+            signal.alarm(0)
+        out.append({"seed": seed, "where": where, "pair": row, "status": status, "differences": diffs,
+                    "requests": len(c), "cpu_s": time.process_time() - t0, "case": c.to_json()})
+    return out
 
 
 def _read_cases(path: Path) -> list[tuple[str, dict]]:
@@ -167,6 +202,9 @@ def main() -> int:
                     help="parallel processes (default: one per CPU)")
     ap.add_argument("--timeout", type=arg_number(int, 1, 86400), default=600,
                     help="seconds a case may take (default 600)")
+    ap.add_argument("--against", choices=("simulator", "engine-core"), default="simulator",
+                    help="what vLLM's scheduler is checked against: the simulator's policies (default), or "
+                         "the engine replays against vLLM's own EngineCore loop")
     ap.add_argument("--replay", type=arg_path, nargs="+", help="check the cases of these JSONL files instead")
     ap.add_argument("--shrink", metavar="FILE:LINE", help="reduce the case on this line of a JSONL file")
     ap.add_argument("--out", type=arg_file, help="write the cases that did not agree (JSONL; --shrink: the case)")
@@ -179,6 +217,8 @@ def main() -> int:
                                 ("--pairs", args.pairs, ["vllm", "ecoserve"])) if v != d]
     if args.shrink and args.replay:
         ap.error("--shrink and --replay: give one")
+    if args.shrink and args.against != "simulator":
+        ap.error("--shrink reduces a case of the simulator's check (--against simulator)")
     if (args.shrink or args.replay) and drawn:
         ap.error(f"{drawn[0]} draws random cases; it does not apply to --{'shrink' if args.shrink else 'replay'}")
     _quiet_vllm()
@@ -192,27 +232,34 @@ def main() -> int:
     else:
         jobs = [(s, "", None) for s in range(args.seed, args.seed + args.cases)]
         what = f"{args.cases} random cases, seeds {args.seed} to {args.seed + args.cases - 1}"
-    print(f"## The simulator against vLLM's own scheduler: {what}\n")
+    title = ("The simulator against vLLM's own scheduler" if args.against == "simulator"
+             else "The engine replays against vLLM's own EngineCore")
+    print(f"## {title}: {what}\n")
     t0 = time.perf_counter()
     results, found = [], []
     with worker_pool(min(args.workers, len(jobs)), _init,
-                     (args.pairs, args.max_requests, args.block_sizes, args.timeout)) as pool:
-        for r in pool.map(_check, jobs, chunksize=1):
-            results.append(r)
-            if r["status"] != "agree":
-                found.append(r)
+                     (args.pairs, args.max_requests, args.block_sizes, args.timeout, args.against)) as pool:
+        for rs in pool.map(_check, jobs, chunksize=1):
+            results += rs
+            if bad := [r for r in rs if r["status"] in ("differ", "limit")]:
+                found += bad
                 _write(args.out, found)
     wall = time.perf_counter() - t0
-    print("| pair | cases | agree | differ | over the time limit | requests | CPU s |")
+    print(f"| {'pair' if args.against == 'simulator' else 'engine policy'} | cases | agree | differ | "
+          "over the time limit | requests | CPU s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for pair, label in (("vllm", "vllm (baseline: the simulator's vLLM policy)"), ("ecoserve", "ecoserve (the plug-in)")):
+    labels = ((("vllm", "vllm (baseline: the simulator's vLLM policy)"), ("ecoserve", "ecoserve (the plug-in)"))
+              if args.against == "simulator" else [(p, p) for p in ENGINE_POLICIES.values()])
+    for pair, label in labels:
         rows = [r for r in results if r["pair"] == pair]
         if rows:
             count = {s: sum(r["status"] == s for r in rows) for s in ("agree", "differ", "limit")}
             print(f"| {label} | {len(rows):,} | {count['agree']:,} | {count['differ']:,} | {count['limit']:,} | "
                   f"{sum(r['requests'] for r in rows):,} | {sum(r['cpu_s'] for r in rows):,.0f} |")
     procs = min(args.workers, len(jobs))
-    print(f"\n{len(results):,} cases in {wall:,.0f} s on {procs} process{'es' if procs > 1 else ''}")
+    skipped = sum(r["status"] == "skipped" for r in results)
+    print(f"\n{len(jobs):,} cases in {wall:,.0f} s on {procs} process{'es' if procs > 1 else ''}"
+          + (f"; {skipped:,} skipped: no request of theirs fits an engine on their cache" if skipped else ""))
     for r in found:
         name = r["where"] or f"seed {r['seed']}"
         print(f"\n{name} ({r['pair']}, {r['requests']} requests, {r['case']['kv_blocks']} KV blocks):")

@@ -225,6 +225,53 @@ def results_apart(sim: Any, real: Any, ecoserve: bool, rel: float = 1e-9) -> lis
     return out
 
 
+def engine_core_case(case: Case) -> Case | None:
+    """``case`` with only the requests vLLM's ``EngineCore`` can serve on the case's cache, those
+    whose prompt and output stay below its model length (``engine_core.model_length``: vLLM
+    refuses a model length longer than the cache holds), or None if none can."""
+    from .engine_core import model_length
+
+    rows = list(range(len(case)))
+    while rows:  # the length follows the longest request kept (the replay's rule): until none drops out
+        length = model_length(case.kv_blocks, case.block_size,
+                              max(case.prompt_tokens[i] + case.max_tokens[i] for i in rows))
+        kept = [i for i in rows if case.prompt_tokens[i] + case.output_tokens[i] < length]
+        if kept == rows:
+            return case.keep(rows)
+        rows = kept
+    return None
+
+
+def engine_core_differences(case: Case, asynchronous: bool, rel: float = 1e-9) -> list[str]:
+    """What differs between the engine replay of ``case`` (its pair's ``vllm-real`` policy, or
+    its ``async-`` form) and vLLM's own ``EngineCore`` loop over the same requests and
+    predictions (``engine_core.engine_core_run``), one line each, as :func:`results_apart`
+    ("simulator" there is the replay); every request must fit (:func:`engine_core_case`)."""
+    from ..cost_model import load_profile
+    from ..request import SLO
+    from ..simulator import run
+    from .engine_core import engine_core_run
+
+    policy = PAIRS[case.pair][1]
+    if asynchronous:
+        policy = policy.replace("vllm-real", "async-vllm-real")
+    cost, slo = load_profile(case.profile), SLO(case.slo_ttft_s, case.slo_tbt_s)
+    kw: dict[str, Any] = dict(kv_blocks=case.kv_blocks, token_budget=case.token_budget,
+                              max_running=case.max_running, block_size=case.block_size)
+    out: list[Any] = []
+    try:
+        out.append(run(case.trace(), policy, cost, slo=slo, **kw,
+                       **({"plugin": dict(case.settings)} if case.settings else {})))
+    except Exception as e:  # an error is a result to compare
+        return [f"error: replay {type(e).__name__}: {e}"]
+    try:
+        core = engine_core_run(out[0].requests, policy, cost, slo=slo, plugin=dict(case.settings), **kw)
+    except Exception as e:
+        return [f"error: EngineCore {type(e).__name__}: {e}"]
+    return [d.replace("(simulator)", "(replay)").replace("(vLLM)", "(EngineCore)")
+            for d in results_apart(out[0], core, case.pair == "ecoserve", rel)]
+
+
 def _t(x: float) -> str:
     return "never" if x < 0 else f"{x:.6f} s"
 

@@ -133,3 +133,24 @@ def test_the_fuzzer_script_reports_its_cases_and_replays_its_own_file(tmp_path: 
     p = subprocess.run([*run, "--replay", str(slow), "--timeout", "1"], capture_output=True, text=True, cwd=ROOT,
                        timeout=600)
     assert p.returncode == 1 and "| 1 | 0 | 0 | 1 |" in p.stdout and "over the 1 s limit" in p.stdout
+
+
+def test_the_fuzzer_script_checks_the_engine_replays_against_engine_core(tmp_path: Path) -> None:
+    """``--against engine-core``: each case in both engine loops, one table row per engine
+    policy; the kept cases replay the same way; ``--shrink`` is the simulator check's only."""
+    run = [sys.executable, str(ROOT / "benchmarks" / "sim_vs_vllm_fuzz.py"), "--against", "engine-core"]
+    p = subprocess.run([*run, "--cases", "6", "--seed", "3", "--max-requests", "12", "--block-sizes", "8,16",
+                        "--workers", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "## The engine replays against vLLM's own EngineCore: 6 random cases" in p.stdout
+    assert "| engine policy | cases | agree |" in p.stdout
+    rows = [line for line in p.stdout.splitlines() if line.startswith(("| vllm-real", "| async-", "| ecoserve-"))]
+    assert rows and all(line.split("|")[2] == line.split("|")[3] for line in rows)  # every case agrees
+    assert "ECOSERVE_PREDICTOR" not in p.stderr  # the plug-in's warning for a served engine
+    small = tmp_path / "small.jsonl"
+    small.write_text(json.dumps(min(KEPT, key=lambda k: k["seconds"])) + "\n")
+    p = subprocess.run([*run, "--replay", str(small)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = subprocess.run([*run, "--shrink", f"{small}:1", "--out", str(tmp_path / "x.json")], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 2 and "--shrink reduces a case of the simulator's check" in p.stderr
