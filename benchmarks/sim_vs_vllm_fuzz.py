@@ -22,7 +22,8 @@ case that did not agree, its seed and its first differences. ``--out`` keeps the
 object a line (seed, pair, differences, case), rewritten as each one comes in, so an
 interrupted run keeps what it found; ``--replay`` checks such files (or the kept cases of the
 tests) again, ``--shrink FILE:LINE`` reduces one case that differs to fewer requests and
-plainer numbers. Exit 1 if any case differs or ran over the limit, else 0. vLLM's own log
+plainer numbers. Exit 1 if any case differs or ran over the limit (or, with ``--against
+engine-core``, if every case was skipped), else 0. vLLM's own log
 lines below errors are not shown (a line or two a case otherwise).
 
 ``--against engine-core`` checks the engine replays' own loop instead: each case is replayed by
@@ -30,8 +31,12 @@ its pair's engine policy (vLLM's scheduler class in the serving loop: ``vllm-rea
 ``ecoserve-vllm-real``), once with vLLM's synchronous engine loop and once with its asynchronous
 one (``async-vllm-real``, ``ecoserve-async-vllm-real``), and served by vLLM's own ``EngineCore``
 with the same scheduler class under the same simulated clock (``engines/engine_core.py``).
-A case keeps only the requests such an engine can take on its cache (``differential.engine_core_case``);
-one with none left is counted as skipped. ``--shrink`` is for the simulator's check only.
+A case keeps only the requests such an engine can take on its cache (``differential.engine_core_case``;
+how many were left out is printed), one with none left is counted as skipped; besides what the
+simulator's check compares, the steps must agree (how many, each one's end and tokens). The
+step timing, the sampled tokens and the predictions are shared by both sides (``vllm_sim``'s),
+so what is checked independently is the engine loop: when steps are scheduled, run and read,
+and when arriving requests join. ``--shrink`` is for the simulator's check only.
 
 Usage: python benchmarks/sim_vs_vllm_fuzz.py [--cases N] [--seed S] [--pairs vllm,ecoserve] [--max-requests N]
            [--block-sizes 16] [--against simulator|engine-core] [--workers N] [--timeout S] [--out FILE [--force]]
@@ -105,11 +110,11 @@ def _check(job: tuple[int | None, str, dict | None]) -> list[dict[str, Any]]:
         checks: list[tuple[str, Case, Any]] = [(case.pair, case, differences)]
     elif (served := engine_core_case(case)) is None:
         return [{"seed": seed, "where": where, "pair": case.pair, "status": "skipped", "differences": [],
-                 "requests": 0, "cpu_s": 0.0, "case": case.to_json()}]
+                 "requests": 0, "left_out": len(case), "cpu_s": 0.0, "case": case.to_json()}]
     else:
         checks = [(ENGINE_POLICIES[case.pair, a], served, lambda c, a=a: engine_core_differences(c, a))
                   for a in (False, True)]
-    out = []
+    out: list[dict[str, Any]] = []
     for row, c, check in checks:
         t0 = time.process_time()
         signal.alarm(_SETUP["timeout"])
@@ -121,7 +126,8 @@ def _check(job: tuple[int | None, str, dict | None]) -> list[dict[str, Any]]:
         finally:
             signal.alarm(0)
         out.append({"seed": seed, "where": where, "pair": row, "status": status, "differences": diffs,
-                    "requests": len(c), "cpu_s": time.process_time() - t0, "case": c.to_json()})
+                    "requests": len(c), "left_out": 0 if out else len(case) - len(c),
+                    "cpu_s": time.process_time() - t0, "case": c.to_json()})
     return out
 
 
@@ -257,9 +263,14 @@ def main() -> int:
             print(f"| {label} | {len(rows):,} | {count['agree']:,} | {count['differ']:,} | {count['limit']:,} | "
                   f"{sum(r['requests'] for r in rows):,} | {sum(r['cpu_s'] for r in rows):,.0f} |")
     procs = min(args.workers, len(jobs))
-    skipped = sum(r["status"] == "skipped" for r in results)
+    skipped, left_out = sum(r["status"] == "skipped" for r in results), sum(r.get("left_out", 0) for r in results)
     print(f"\n{len(jobs):,} cases in {wall:,.0f} s on {procs} process{'es' if procs > 1 else ''}"
           + (f"; {skipped:,} skipped: no request of theirs fits an engine on their cache" if skipped else ""))
+    if left_out:
+        print(f"{left_out:,} requests left out of the cases: longer than an engine on their cache can take")
+    if skipped == len(jobs):
+        print("nothing was checked: every case was skipped")
+        return 1
     for r in found:
         name = r["where"] or f"seed {r['seed']}"
         print(f"\n{name} ({r['pair']}, {r['requests']} requests, {r['case']['kv_blocks']} KV blocks):")

@@ -227,7 +227,7 @@ def results_apart(sim: Any, real: Any, ecoserve: bool, rel: float = 1e-9) -> lis
 
 def engine_core_case(case: Case) -> Case | None:
     """``case`` with only the requests vLLM's ``EngineCore`` can serve on the case's cache, those
-    whose prompt and output stay below its model length (``engine_core.model_length``: vLLM
+    whose prompt and output (up to ``max_tokens``) stay below its model length (``engine_core.model_length``: vLLM
     refuses a model length longer than the cache holds), or None if none can."""
     from .engine_core import model_length
 
@@ -235,7 +235,7 @@ def engine_core_case(case: Case) -> Case | None:
     while rows:  # the length follows the longest request kept (the replay's rule): until none drops out
         length = model_length(case.kv_blocks, case.block_size,
                               max(case.prompt_tokens[i] + case.max_tokens[i] for i in rows))
-        kept = [i for i in rows if case.prompt_tokens[i] + case.output_tokens[i] < length]
+        kept = [i for i in rows if case.prompt_tokens[i] + min(case.output_tokens[i], case.max_tokens[i]) < length]
         if kept == rows:
             return case.keep(rows)
         rows = kept
@@ -245,9 +245,12 @@ def engine_core_case(case: Case) -> Case | None:
 def engine_core_differences(case: Case, asynchronous: bool, rel: float = 1e-9) -> list[str]:
     """What differs between the engine replay of ``case`` (its pair's ``vllm-real`` policy, or
     its ``async-`` form) and vLLM's own ``EngineCore`` loop over the same requests and
-    predictions (``engine_core.engine_core_run``), one line each, as :func:`results_apart`
-    ("simulator" there is the replay); every request must fit (:func:`engine_core_case`)."""
+    predictions (``engine_core.engine_core_run``), one line each: what :func:`results_apart`
+    compares ("simulator" there is the replay), then the steps run (how many, and each one's
+    end and scheduled tokens); or the two sides' errors, if they differ. Every request must fit
+    (:func:`engine_core_case`)."""
     from ..cost_model import load_profile
+    from ..predictions import apply_predictions, default_source
     from ..request import SLO
     from ..simulator import run
     from .engine_core import engine_core_run
@@ -258,18 +261,30 @@ def engine_core_differences(case: Case, asynchronous: bool, rel: float = 1e-9) -
     cost, slo = load_profile(case.profile), SLO(case.slo_ttft_s, case.slo_tbt_s)
     kw: dict[str, Any] = dict(kv_blocks=case.kv_blocks, token_budget=case.token_budget,
                               max_running=case.max_running, block_size=case.block_size)
+    trace = case.trace()
+    reqs = trace.requests(slo)
+    if case.pair == "ecoserve":  # as the replay draws them (``vllm_sim.run_real``: seed 0)
+        apply_predictions(reqs, trace, default_source(trace), seed=0)
     out: list[Any] = []
-    try:
-        out.append(run(case.trace(), policy, cost, slo=slo, **kw,
-                       **({"plugin": dict(case.settings)} if case.settings else {})))
-    except Exception as e:  # an error is a result to compare
-        return [f"error: replay {type(e).__name__}: {e}"]
-    try:
-        core = engine_core_run(out[0].requests, policy, cost, slo=slo, plugin=dict(case.settings), **kw)
-    except Exception as e:
-        return [f"error: EngineCore {type(e).__name__}: {e}"]
-    return [d.replace("(simulator)", "(replay)").replace("(vLLM)", "(EngineCore)")
-            for d in results_apart(out[0], core, case.pair == "ecoserve", rel)]
+    for side in (lambda: run(trace, policy, cost, slo=slo, **kw,
+                             **({"plugin": dict(case.settings)} if case.settings else {})),
+                 lambda: engine_core_run(reqs, policy, cost, slo=slo, plugin=dict(case.settings), **kw)):
+        try:
+            out.append(side())
+        except Exception as e:  # an error is a result to compare
+            out.append(e)
+    replay, core = out
+    if isinstance(replay, Exception) or isinstance(core, Exception):
+        a, b = (f"{type(x).__name__}: {x}" if isinstance(x, Exception) else "no error" for x in (replay, core))
+        return [] if a == b else [f"error: replay {a}; EngineCore {b}"]
+    diffs = [d.replace("(simulator)", "(replay)").replace("(vLLM)", "(EngineCore)")
+             for d in results_apart(replay, core, case.pair == "ecoserve", rel)]
+    if len(replay.log) != len(core.log):
+        return [*diffs, f"steps: {len(replay.log)} (replay), {len(core.log)} (EngineCore)"]
+    for k, (a, b, ta, tb) in enumerate(zip(replay.log, core.log, replay.iter_tokens, core.iter_tokens, strict=True)):
+        if ta != tb or abs(a[0] - b[0]) > rel * max(abs(a[0]), abs(b[0])) + 1e-9:
+            return [*diffs, f"step {k}: ends at {_t(a[0])} with {ta} tokens (replay), {_t(b[0])} with {tb} (EngineCore)"]
+    return diffs
 
 
 def _t(x: float) -> str:

@@ -19,6 +19,7 @@ steps, which neither side counts.
 
 from __future__ import annotations
 
+import gc
 import logging
 from concurrent.futures import Future
 from functools import cache
@@ -27,7 +28,7 @@ from typing import Any
 
 from ..cost_model import prefill_ctx_tokens
 from ..request import SLO, Request, State
-from ..serving import SimResult
+from .vllm_sim import RealSimResult
 
 #: The engine policies (``vllm_sim.REAL_POLICIES``) and how each is built: (async scheduling,
 #: the plug-in).
@@ -132,7 +133,9 @@ def _executor_class() -> type:
             if not so.total_num_scheduled_tokens:  # an empty step answers at once
                 return _Timed(clock, self.pending, clock.now)
             start = max(clock.now, clock.gpu_free)
-            clock.gpu_free = self.end = start + run.cost.iteration_time(p_tok, p_ctx, d_req, d_ctx)
+            dt = run.cost.iteration_time(p_tok, p_ctx, d_req, d_ctx)
+            clock.gpu_free = self.end = start + dt
+            run.steps.append((self.end, dt, so.total_num_scheduled_tokens))
             return _Timed(clock, None, self.end)
 
         def sample_tokens(self, grammar_output: Any, non_block: bool = False) -> Any:
@@ -159,17 +162,19 @@ class _Run:
         self.cost, self.kv_blocks, self.spec, self.targets, self.by_id = cost, kv_blocks, spec, targets, by_id
         self.clock = _Clock()
         self.samples_next: dict[str, bool] = {}  # whether the request's last step samples a token
+        self.steps: list[tuple[float, float, int]] = []  # each step run: (end, duration, tokens scheduled)
         self.sched: Any = None
 
 
 def engine_core_run(requests: list[Request], policy: str, cost: Any, *, slo: SLO | None = None,
                     kv_blocks: int, token_budget: int, max_running: int, block_size: int = 16,
-                    plugin: dict[str, Any] | None = None, steps: int = 10_000_000) -> SimResult:
+                    plugin: dict[str, Any] | None = None, steps: int = 10_000_000) -> RealSimResult:
     """Serve copies of ``requests`` (their lengths and predictions: ``predictions.apply_predictions``
     sets these) through vLLM's ``EngineCore`` with ``policy``'s scheduler (:data:`POLICIES`) under the
     simulated clock; every request must stay below :func:`model_length`. The result carries
-    each request's first token, finish, tokens and preemptions, and the preemption (parks,
-    amortized chunks: the plug-in's) counters. ``plugin``: ``EcoServeVllmConfig`` settings.
+    each request's first token, finish, tokens and preemptions, the preemption (parks,
+    amortized chunks: the plug-in's) counters, and a log row and ``iter_tokens`` entry for each
+    step run (its end and duration; the KV columns are not recorded, 0). ``plugin``: ``EcoServeVllmConfig`` settings.
     One run at a time in a process: vLLM builds the executor from its class, which holds the run."""
     import torch
     from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
@@ -248,7 +253,10 @@ def engine_core_run(requests: list[Request], policy: str, cost: Any, *, slo: SLO
             raise RuntimeError(f"{policy}: EngineCore still running after {steps} steps")
     finally:
         s.shutdown()  # (EngineCore.shutdown's distributed clean-up needs an accelerator)
-    res = SimResult(policy, getattr(cost, "label", ""), "", out, kv_blocks * block_size, block_size)
+        gc.unfreeze()  # EngineCore's start-up froze the heap (for a server's lifetime)
+    res = RealSimResult(policy, getattr(cost, "label", ""), "", out, kv_blocks * block_size, block_size)
+    res.log = [(end, dt, 1, 0, 0.0, 0.0) for end, dt, _ in run.steps]
+    res.iter_tokens = [tokens for _, _, tokens in run.steps]
     res.counters = {"preemptions": sum(r.preemptions for r in out)}
     if eco:
         res.counters["parks"], res.counters["amortized"] = s.eco_counters["parks"], s.eco_counters["amortized"]

@@ -160,6 +160,8 @@ def test_each_replay_gives_each_request_vllms_engine_core_times(policy: str, tra
     assert results_apart(res, core, policy.startswith("ecoserve")) == []
     assert all(r.finish_s > 0 and r.generated == r.target_tokens for r in core.requests)
     assert len(res.iter_tokens) == len(res.log)
+    assert res.iter_tokens == core.iter_tokens  # the same steps, each ending at the same time
+    assert [row[0] for row in res.log] == pytest.approx([row[0] for row in core.log], rel=1e-12, abs=1e-12)
 
 
 def test_random_cases_give_each_request_vllms_engine_core_times() -> None:
@@ -196,3 +198,17 @@ def test_engine_core_run_refuses_what_an_engine_cannot_take() -> None:
     with pytest.raises(ValueError, match="request 0: prompt and output reach the engine's model length 128"):
         engine_core_run([Request(0, 0.0, 100, 40, 30)], "vllm-real", cost, kv_blocks=8, token_budget=64,
                         max_running=4)
+
+
+def test_engine_core_case_keeps_what_an_engine_on_the_cache_can_take() -> None:
+    """A request fits if its prompt and output up to ``max_tokens`` stay below the model length
+    (the cache's tokens here): one that stops at ``max_tokens`` is kept however long its true
+    output (was: left out); the length follows the requests kept."""
+    from ecoserve_sched.engines.differential import Case, engine_core_case
+
+    case = Case(arrivals_s=(0.0, 0.0, 0.1), prompt_tokens=(50, 50, 120), output_tokens=(3000, 20, 20),
+                max_tokens=(10, 2048, 2048), kv_blocks=8, block_size=16)
+    kept = engine_core_case(case)
+    assert kept is not None and kept.prompt_tokens == (50, 50) and kept.max_tokens == (10, 2048)
+    assert engine_core_case(Case(arrivals_s=(0.0,), prompt_tokens=(200,), output_tokens=(5,), max_tokens=(5,),
+                                 kv_blocks=8, block_size=16)) is None
