@@ -26,7 +26,6 @@ from functools import cache
 from types import MappingProxyType
 from typing import Any
 
-from ..cost_model import prefill_ctx_tokens
 from ..request import SLO, Request, State
 from .vllm_sim import RealSimResult
 
@@ -71,7 +70,7 @@ def _executor_class() -> type:
     """The stand-in executor (a subclass of vLLM's ``Executor``, so built on first use)."""
     from vllm.v1.executor.abstract import Executor
 
-    from .vllm_sim import fake_model_output
+    from .vllm_sim import fake_model_output, step_shape
 
     class ClockedExecutor(Executor):
         """One "worker" with one attention layer of ``spec``; each step timed by ``cost`` on
@@ -113,27 +112,16 @@ def _executor_class() -> type:
 
         def execute_model(self, scheduler_output: Any, non_block: bool = False) -> Any:
             run = type(self).run
-            s, so, after, clock = run.sched, scheduler_output, run.samples_next, run.clock
+            s, so, clock = run.sched, scheduler_output, run.clock
             for rid in so.preempted_req_ids:
-                after.pop(rid, None)
+                run.sampled.discard(rid)
                 run.by_id[rid].preemptions += 1
-            p_tok = p_ctx = d_req = d_ctx = 0
-            samples = set()
-            for rid, k in so.num_scheduled_tokens.items():
-                req = s.requests[rid]
-                before = req.num_computed_tokens - k
-                if k == 1 and after.get(rid, False):  # a decode (as ``VllmExecutor`` times it)
-                    d_req, d_ctx = d_req + 1, d_ctx + before + 1
-                else:
-                    p_tok, p_ctx = p_tok + k, p_ctx + prefill_ctx_tokens(k, before)
-                after[rid] = not req.is_prefill_chunk
-                if after[rid]:
-                    samples.add(rid)
+            shape, samples = step_shape(so, s, run.sampled)  # as ``VllmExecutor`` times a step
             self.pending = lambda: fake_model_output(so, s, run.targets, samples)
             if not so.total_num_scheduled_tokens:  # an empty step answers at once
                 return _Timed(clock, self.pending, clock.now)
             start = max(clock.now, clock.gpu_free)
-            dt = run.cost.iteration_time(p_tok, p_ctx, d_req, d_ctx)
+            dt = run.cost.iteration_time(*shape)
             clock.gpu_free = self.end = start + dt
             run.steps.append((self.end, dt, so.total_num_scheduled_tokens))
             return _Timed(clock, None, self.end)
@@ -161,7 +149,7 @@ class _Run:
                  by_id: dict[str, Request]) -> None:
         self.cost, self.kv_blocks, self.spec, self.targets, self.by_id = cost, kv_blocks, spec, targets, by_id
         self.clock = _Clock()
-        self.samples_next: dict[str, bool] = {}  # whether the request's last step samples a token
+        self.sampled: set[str] = set()  # the requests whose last step samples a token
         self.steps: list[tuple[float, float, int]] = []  # each step run: (end, duration, tokens scheduled)
         self.sched: Any = None
 

@@ -156,6 +156,33 @@ def fake_model_output(out: Any, sched: Any, target: dict[str, int], samples: set
                              sampled_token_ids=sampled)
 
 
+def step_shape(out: Any, sched: Any, sampled: set[str]) -> tuple[tuple[int, int, int, int], set[str]]:
+    """What the cost model times of a step vLLM scheduled (``out``): (prefill tokens, their
+    context, decodes, their context), and the requests it samples a token for. ``sampled``: the
+    requests whose last step sampled one (vLLM's ``is_prefill_chunk`` False), brought up to date
+    here; the caller drops preempted and finished requests from it."""
+    p_tok = p_ctx = d_req = d_ctx = 0
+    samples = set()
+    for rid, k in out.num_scheduled_tokens.items():
+        req = sched.requests[rid]
+        before = req.num_computed_tokens - k
+        # one token right after a step of the request that samples one: a decode (was: a
+        # 1-token prompt or last chunk, then a recompute's last chunk of one token, timed
+        # without the prefill's cost)
+        if k == 1 and rid in sampled:
+            d_req += 1
+            d_ctx += before + 1
+        else:
+            p_tok += k
+            p_ctx += prefill_ctx_tokens(k, before)
+        if req.is_prefill_chunk:
+            sampled.discard(rid)
+        else:
+            samples.add(rid)
+            sampled.add(rid)
+    return (p_tok, p_ctx, d_req, d_ctx), samples
+
+
 class VllmExecutor(Executor):
     """vLLM's scheduler ``sched`` under the loop's clock; each iteration timed by ``cost``;
     ``in_flight=2``: vLLM's asynchronous engine loop (the module's docstring)."""
@@ -235,27 +262,9 @@ class VllmExecutor(Executor):
         if out.total_num_scheduled_tokens == 0:
             sched.update_from_output(out, fake_model_output(out, sched, self.target, set()))
             return False
-        p_tok = p_ctx = d_req = d_ctx = 0
-        samples = set()
-        for rid, k in out.num_scheduled_tokens.items():
-            req = sched.requests[rid]
-            before = req.num_computed_tokens - k
-            # one token right after a step of the request that samples one: a decode (was: a
-            # 1-token prompt or last chunk, then a recompute's last chunk of one token, timed
-            # without the prefill's cost)
-            if k == 1 and rid in self.sampled:
-                d_req += 1
-                d_ctx += before + 1
-            else:
-                p_tok += k
-                p_ctx += prefill_ctx_tokens(k, before)
-            if req.is_prefill_chunk:
-                self.sampled.discard(rid)
-            else:
-                samples.add(rid)
-                self.sampled.add(rid)
+        shape, samples = step_shape(out, sched, self.sampled)
         self.iter_tokens.append(out.total_num_scheduled_tokens)
-        dt = self.cost.iteration_time(p_tok, p_ctx, d_req, d_ctx)
+        dt = self.cost.iteration_time(*shape)
         start = max(now, self.busy_until)
         self.busy_until = start + dt
         self.queue.append((out, samples, start, start + dt, dt))
