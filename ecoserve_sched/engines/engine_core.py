@@ -23,7 +23,6 @@ import gc
 import logging
 from concurrent.futures import Future
 from functools import cache
-from types import MappingProxyType
 from typing import Any
 
 from ..request import SLO, Request, State
@@ -133,15 +132,6 @@ def _executor_class() -> type:
     return ClockedExecutor
 
 
-@cache
-def _plugin_class(asynchronous: bool) -> type:
-    """The plug-in's class with the run's settings, not the shell's ``ECOSERVE_*`` (as a replay)."""
-    from .vllm_scheduler import EcoServeVllmScheduler, EcoServeVllmSyncScheduler
-
-    base = EcoServeVllmScheduler if asynchronous else EcoServeVllmSyncScheduler
-    return type(f"EngineCore{base.__name__}", (base,), {"eco_environ": MappingProxyType({})})
-
-
 class _Run:
     """One run's state, read by the executor."""
 
@@ -172,7 +162,7 @@ def engine_core_run(requests: list[Request], policy: str, cost: Any, *, slo: SLO
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from .vllm_scheduler import EcoServeVllmConfig
-    from .vllm_sim import TINY_LLAMA, tiny_model_dir, vllm_request
+    from .vllm_sim import TINY_LLAMA, replay_plugin_class, tiny_model_dir, vllm_request
 
     if policy not in POLICIES:
         raise ValueError(f"unknown engine policy {policy!r}; choose from {', '.join(POLICIES)}")
@@ -182,7 +172,7 @@ def engine_core_run(requests: list[Request], policy: str, cost: Any, *, slo: SLO
     length = model_length(kv_blocks, block_size, max((r.prompt_tokens + r.max_tokens for r in reqs), default=0))
     if too_long := [r.rid for r in reqs if r.prompt_tokens + r.target_tokens >= length]:
         raise ValueError(f"request {too_long[0]}: prompt and output reach the engine's model length {length}")
-    cls = (_plugin_class(asynchronous) if eco else AsyncScheduler if asynchronous else Scheduler)
+    cls = (replay_plugin_class(asynchronous) if eco else AsyncScheduler if asynchronous else Scheduler)
     sc = SchedulerConfig(max_num_seqs=max_running, max_num_batched_tokens=token_budget, max_model_len=length,
                          enable_chunked_prefill=True, is_encoder_decoder=False, async_scheduling=asynchronous,
                          scheduler_cls=cls)

@@ -114,6 +114,17 @@ def build_vllm_scheduler(cls: type | None = None, *, num_blocks: int = 256, bloc
                structured_output_manager=StructuredOutputManager(vc), log_stats=False)
 
 
+@cache
+def replay_plugin_class(asynchronous: bool) -> type:
+    """The plug-in's class (``EcoServeVllmScheduler``, or its synchronous form) reading a run's
+    settings, not the serving ``ECOSERVE_*`` ones (was: an ``ECOSERVE_PROFILE=auto`` in the shell
+    aborted a replay): what a replay and ``engine_core.engine_core_run`` build."""
+    from .vllm_scheduler import EcoServeVllmScheduler, EcoServeVllmSyncScheduler
+
+    base = EcoServeVllmScheduler if asynchronous else EcoServeVllmSyncScheduler
+    return type(f"Replay{base.__name__}", (base,), {"eco_environ": MappingProxyType({})})
+
+
 def vllm_request(r: Request, with_prediction: bool) -> Any:
     """The vLLM request for a trace request: dummy prompt ids, the trace's ``max_tokens``, the
     stop token (emitted at the true length) and, for EcoServe, the prediction in ``extra_args``."""
@@ -330,7 +341,6 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
     from .vllm_scheduler import (
         EcoServeSetupError,
         EcoServeVllmConfig,
-        EcoServeVllmScheduler,
         EcoServeVllmSyncScheduler,
     )
 
@@ -359,12 +369,8 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
     plugin_log.setLevel(logging.ERROR)  # its "no predictor" warning: the replay hands each request its prediction
     asynchronous = policy in ASYNC_POLICIES
     try:
-        class Replay(EcoServeVllmScheduler if asynchronous else EcoServeVllmSyncScheduler):  # type: ignore[misc]
-            eco_environ = MappingProxyType({})  # not the serving ECOSERVE_* settings (was: an
-            # ECOSERVE_PROFILE=auto in the shell aborted a replay)
-
         if eco:
-            cls = Replay
+            cls = replay_plugin_class(asynchronous)
         else:
             from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
