@@ -250,10 +250,10 @@ def engine_core_differences(case: Case, asynchronous: bool, rel: float = 1e-9) -
     end and scheduled tokens); or the two sides' errors, if they differ. Every request must fit
     (:func:`engine_core_case`)."""
     from ..cost_model import load_profile
-    from ..predictions import apply_predictions, default_source
     from ..request import SLO
     from ..simulator import run
     from .engine_core import engine_core_run
+    from .vllm_sim import replay_requests
 
     policy = PAIRS[case.pair][1]
     if asynchronous:
@@ -262,9 +262,7 @@ def engine_core_differences(case: Case, asynchronous: bool, rel: float = 1e-9) -
     kw: dict[str, Any] = dict(kv_blocks=case.kv_blocks, token_budget=case.token_budget,
                               max_running=case.max_running, block_size=case.block_size)
     trace = case.trace()
-    reqs = trace.requests(slo)
-    if case.pair == "ecoserve":  # as the replay draws them (``vllm_sim.run_real``: seed 0)
-        apply_predictions(reqs, trace, default_source(trace), seed=0)
+    reqs, _ = replay_requests(trace, policy, slo)  # the requests and predictions the replay serves
     out: list[Any] = []
     for side in (lambda: run(trace, policy, cost, slo=slo, **kw,
                              **({"plugin": dict(case.settings)} if case.settings else {})),

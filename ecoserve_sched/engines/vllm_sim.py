@@ -326,6 +326,20 @@ def replay(requests: list[Request], sched: Any, cost: Any, *, policy: str = "vll
     return res
 
 
+def replay_requests(trace: Any, policy: str, slo: SLO, *, predictions: str | None = None,
+                    confusion: Any = None, bundle: str | None = None, seed: int = 0) -> tuple[list[Request], str]:
+    """The requests an engine replay of ``trace`` under ``policy`` serves, with the predictions
+    it hands them (``predictions``, else the trace's default source; none for vLLM's own
+    policies), and how those predictions are described."""
+    from ..predictions import NO_PREDICTIONS, apply_predictions, default_source
+
+    reqs = trace.requests(slo)
+    if policy not in PREDICTING_POLICIES:
+        return reqs, NO_PREDICTIONS  # as the simulator's vLLM says it (was: "none")
+    source = predictions or default_source(trace)
+    return reqs, apply_predictions(reqs, trace, source, seed=seed, confusion=confusion, bundle=bundle)
+
+
 def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
              predictions: str | None = None, confusion: Any = None, bundle: str | None = None,
              seed: int = 0, kv_blocks: int | None = None, block_size: int = 16,
@@ -337,7 +351,6 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
     ``EcoServeVllmConfig`` fields for the EcoServe ones (``{"scale_predictions": True}``
     beside the simulator's ``ecoserve-scaled``), the settings a served engine reads from
     ``ECOSERVE_*``; the SLO is the replay's."""
-    from ..predictions import NO_PREDICTIONS, apply_predictions, default_source
     from .vllm_scheduler import (
         EcoServeSetupError,
         EcoServeVllmConfig,
@@ -356,12 +369,9 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
         raise ValueError(f"{policy}: the replay reads no plugin setting {unread[0]!r}; it takes "
                          f"{', '.join(PLUGIN_POLICY_SETTINGS)}")
     slo = slo or SLO()
-    reqs = trace.requests(slo)
+    reqs, desc = replay_requests(trace, policy, slo, predictions=predictions, confusion=confusion,
+                                 bundle=bundle, seed=seed)
     eco = policy in PREDICTING_POLICIES
-    desc = NO_PREDICTIONS  # as the simulator's vLLM says it (was: "none")
-    if eco:
-        source = predictions or default_source(trace)
-        desc = apply_predictions(reqs, trace, source, seed=seed, confusion=confusion, bundle=bundle)
     blocks = kv_blocks if kv_blocks is not None else cost.kv_blocks(block_size)
     longest = max((r.prompt_tokens + r.max_tokens for r in reqs), default=2048)
     plugin_log = logging.getLogger(EcoServeVllmSyncScheduler.__module__)
