@@ -730,6 +730,9 @@ class EcoServeMixin:
                     hints_mode(self.eco_cfg.trust_client_hints), self.eco_cfg.describe())
         if untested := untested_features(self.vllm_config):  # (was: taken without a word)
             logger.warning("EcoServe: not tested with this scheduler, so not claimed: %s", "; ".join(untested))
+        if self.cost_model is not None and self._prefill_budget is None:  # (was: taken without a word)
+            logger.warning("EcoServe: chunked prefill is off, so the TBT-aware prompt budget (ECOSERVE_PROFILE) is off "
+                           "too: each step takes vLLM's whole token budget")
 
     @property
     def eco_cfg(self) -> EcoServeVllmConfig:
@@ -767,8 +770,12 @@ class EcoServeMixin:
             self._prefill_s: Callable[[int], float] = lambda n: cfg.prefill_s_per_token * n
             self._cache_step_s = cfg.step_s
             return
-        self._prefill_budget = rules.PrefillBudget(cost.iteration_time, self._iter_s,
-                                                   rules.prefill_floor(cost, full))
+        # Paced only where vLLM chunks prompts: without chunked prefill its loop stops at a
+        # prompt longer than the step's budget, so a paced budget would hold every such prompt
+        # back while anything decodes (was: a 3,000-token prompt waited 395 steps, until the
+        # decodes had all finished; vLLM itself took it at once)
+        self._prefill_budget = (rules.PrefillBudget(cost.iteration_time, self._iter_s, rules.prefill_floor(cost, full))
+                                if self.scheduler_config.enable_chunked_prefill else None)
         self._step_now_s = cost.iteration_time(full, prefill_ctx_tokens(full), 0, 0)
         self._prefill_s = cost.recompute_time
         self._cache_step_s = rules.cache_step_s(cost, self._kv_tokens)

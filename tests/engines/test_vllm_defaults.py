@@ -648,3 +648,42 @@ def test_untested_features_are_said_at_startup(cls: type, caplog: pytest.LogCapt
     assert "not tested with this scheduler" not in caplog.text
     pp = SimpleNamespace(speculative_config=None, parallel_config=SimpleNamespace(pipeline_parallel_size=2))
     assert untested_features(pp) == ["pipeline parallelism (size 2)"]
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_without_chunked_prefill_a_long_prompt_is_not_held_back_by_the_paced_budget(
+        cls: type, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """With ``--no-enable-chunked-prefill`` vLLM's loop stops at a prompt longer than the step's
+    token budget, so the TBT-aware budget (``ECOSERVE_PROFILE``) is off there, said at start-up:
+    a 2,000-token prompt starts in the step it arrives, as under vLLM's own scheduler (was: in
+    step 300, once every decode had finished; no amortized chunk took it either)."""
+    monkeypatch.setenv("ECOSERVE_PROFILE", "llama2-13b-a100-80gb")
+
+    def first_step_of_long(s: Scheduler) -> int:
+        for i in range(8):
+            s.add_request(req(f"d{i}", 20, 300, rl_pred_tokens=300))
+        target = {f"d{i}": 300 for i in range(8)} | {"long": 5}
+        depth = 2 if s.scheduler_config.async_scheduling else 1
+        inflight: list = []
+        for step in range(400):
+            if step == 5:
+                s.add_request(req("long", 2000, 5, rl_pred_tokens=5))
+            inflight.append(s.schedule())
+            if "long" in inflight[-1].num_scheduled_tokens:
+                return step
+            if len(inflight) >= depth:
+                out = inflight.pop(0)
+                s.update_from_output(out, fake_model_output(out, s, target))
+        raise AssertionError("the long prompt never started")
+
+    kw = dict(num_blocks=400, max_num_batched_tokens=2048, enable_chunked_prefill=False)
+    vllm_step = first_step_of_long(build(Scheduler, **kw))
+    with caplog.at_level("WARNING", logger="ecoserve_sched.engines.vllm_scheduler"):
+        s = build(cls, **kw)
+    assert "chunked prefill is off, so the TBT-aware prompt budget (ECOSERVE_PROFILE) is off too" in caplog.text
+    assert s.cost_model is not None and s._prefill_budget is None
+    assert first_step_of_long(s) == vllm_step == 5
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ecoserve_sched.engines.vllm_scheduler"):
+        paced = build(cls, num_blocks=400, max_num_batched_tokens=2048)  # chunked prefill on: paced
+    assert paced._prefill_budget is not None and "chunked prefill is off" not in caplog.text
