@@ -1222,8 +1222,11 @@ class EcoServeMixin:
         # the free pool as vLLM's waiting loop will find it: after the running requests took this
         # step's blocks (was: before, so a head the decodes' new blocks left no room for was
         # deemed to fit and nothing parked, where the simulator parked; a differential fuzzer's find)
+        # vLLM's watermark (``--watermark``) too, kept free while a request is scheduled before
+        # the head (was: left out, so with one a head vLLM refused was deemed to fit and nothing parked)
+        watermark = getattr(self.kv_cache_manager, "watermark_blocks", 0)
         while (whole - _referenced(hit) > pool.get_num_free_blocks() - self._running_take(budget)[1] + later
-               - (self._keep_free if self.running else 0) or not self._fits(head, hit)):
+               - ((self._keep_free + watermark) if self.running else 0) or not self._fits(head, hit)):
             best, best_slack = self._park_victim(now)
             if best is None:
                 break
@@ -1666,8 +1669,8 @@ def _last_in_flight(request: Request) -> bool:
 
 def untested_features(vllm_config: Any) -> list[str]:
     """vLLM features this engine runs with that the plug-in is not tested with (said at
-    start-up): speculative decoding (its drafts are not in the projection) and pipeline
-    parallelism."""
+    start-up): speculative decoding (its drafts are not in the projection), pipeline
+    parallelism and a local prefill cadence."""
     out = []
     spec = getattr(vllm_config, "speculative_config", None)
     if spec is not None and getattr(spec, "num_speculative_tokens", 0):
@@ -1677,6 +1680,11 @@ def untested_features(vllm_config: Any) -> list[str]:
     pp = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1)
     if pp > 1:
         out.append(f"pipeline parallelism (size {pp})")
+    cadence = getattr(getattr(vllm_config, "scheduler_config", None), "prefill_schedule_interval", 1)
+    if isinstance(cadence, int) and cadence > 1:  # (vLLM 0.33; was: taken without a word)
+        out.append(f"a prefill cadence (prefill_schedule_interval={cadence}: vLLM holds prompts back "
+                   "between its cadence steps, which parking does not foresee: it may park a decode "
+                   "steps before vLLM takes the prompt it was parked for)")
     return out
 
 

@@ -648,6 +648,12 @@ def test_untested_features_are_said_at_startup(cls: type, caplog: pytest.LogCapt
     assert "not tested with this scheduler" not in caplog.text
     pp = SimpleNamespace(speculative_config=None, parallel_config=SimpleNamespace(pipeline_parallel_size=2))
     assert untested_features(pp) == ["pipeline parallelism (size 2)"]
+    cadence = SimpleNamespace(speculative_config=None, parallel_config=None,
+                              scheduler_config=SimpleNamespace(prefill_schedule_interval=4))
+    assert untested_features(cadence) == [
+        "a prefill cadence (prefill_schedule_interval=4: vLLM holds prompts back between its cadence steps, "
+        "which parking does not foresee: it may park a decode steps before vLLM takes the prompt it was "
+        "parked for)"]
 
 
 @pytest.mark.parametrize("cls", ECO_CLASSES)

@@ -345,3 +345,25 @@ def test_no_parking_when_the_running_requests_take_the_whole_budget(cls: type, m
     monkeypatch.setattr(cls, "_left_for_waiting", lambda self, budget: 0)
     s, first, preempted = _burst(cls, park=True)
     assert s.eco_counters["parks"] == 0 and not preempted and first["b"] - 0.3 > 1.0
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_the_head_is_tested_with_vllms_watermark(cls: type) -> None:
+    """With ``--watermark 0.5`` vLLM keeps 12 of the 25 blocks free while another request is
+    scheduled: "b" (160 tokens, 10 blocks) fits the projection beside "a" (predicted short) and
+    the free pool, but not the pool less the watermark, so vLLM refuses it while "a" decodes.
+    Parking tests the head as vLLM does: "a" is parked inside b's window and b starts before
+    its TTFT deadline (was: nothing parked, b waited for a's end, step 300). Without a
+    watermark b fits at once and nothing parks."""
+    first = {}
+    for wm in (0.0, 0.5):
+        s = build(cls, num_blocks=24, watermark=wm)
+        assert s.kv_cache_manager.watermark_blocks == (12 if wm else 0)
+        s.eco_cfg = dataclasses.replace(s.eco_cfg, slo_ttft=1.0)
+        run = _run(s, [(0.0, req("a", 16, 300, rl_pred_tokens=40), 300),
+                       (0.3, req("b", 160, 20, arrival=0.3, rl_pred_tokens=20), 20)])
+        check_done(s)
+        first[wm] = run["first_step"]["b"][0]
+        assert (run["parks"], run["preempted"]) == ((1, {"a"}) if wm else (0, set()))
+    assert first[0.0] == 29  # b's arrival step
+    assert first[0.0] < first[0.5] < 130  # before b's TTFT deadline (1.3 s, 10 ms a step)
