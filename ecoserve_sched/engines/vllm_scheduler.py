@@ -730,9 +730,9 @@ class EcoServeMixin:
                     hints_mode(self.eco_cfg.trust_client_hints), self.eco_cfg.describe())
         if untested := untested_features(self.vllm_config):  # (was: taken without a word)
             logger.warning("EcoServe: not tested with this scheduler, so not claimed: %s", "; ".join(untested))
-        if self.cost_model is not None and self._prefill_budget is None:  # (was: taken without a word)
-            logger.warning("EcoServe: chunked prefill is off, so the TBT-aware prompt budget (ECOSERVE_PROFILE) is off "
-                           "too: each step takes vLLM's whole token budget")
+        if self.cost_model is not None and (why := unchunked_prompts(self.vllm_config)):
+            logger.warning("EcoServe: %s, so the TBT-aware prompt budget (ECOSERVE_PROFILE) is off: each step "
+                           "takes vLLM's whole token budget", why)
 
     @property
     def eco_cfg(self) -> EcoServeVllmConfig:
@@ -770,12 +770,9 @@ class EcoServeMixin:
             self._prefill_s: Callable[[int], float] = lambda n: cfg.prefill_s_per_token * n
             self._cache_step_s = cfg.step_s
             return
-        # Paced only where vLLM chunks prompts: without chunked prefill its loop stops at a
-        # prompt longer than the step's budget, so a paced budget would hold every such prompt
-        # back while anything decodes (was: a 3,000-token prompt waited 395 steps, until the
-        # decodes had all finished; vLLM itself took it at once)
-        self._prefill_budget = (rules.PrefillBudget(cost.iteration_time, self._iter_s, rules.prefill_floor(cost, full))
-                                if self.scheduler_config.enable_chunked_prefill else None)
+        # Paced only where vLLM cuts every prompt to the step's budget (``unchunked_prompts``)
+        self._prefill_budget = (None if unchunked_prompts(self.vllm_config) else
+                                rules.PrefillBudget(cost.iteration_time, self._iter_s, rules.prefill_floor(cost, full)))
         self._step_now_s = cost.iteration_time(full, prefill_ctx_tokens(full), 0, 0)
         self._prefill_s = cost.recompute_time
         self._cache_step_s = rules.cache_step_s(cost, self._kv_tokens)
@@ -1665,6 +1662,20 @@ def _last_in_flight(request: Request) -> bool:
     return request.num_output_placeholders > 0 and (
         request.num_computed_tokens + 2 - request.num_output_placeholders
         >= request.num_prompt_tokens + request.max_tokens)
+
+
+def unchunked_prompts(vllm_config: Any) -> str | None:
+    """Why vLLM does not cut every prompt to a step's token budget, or None if it does. Then
+    its loop stops at a prompt (or a multimodal item) longer than the step's budget, so a paced
+    budget would hold such a prompt back while anything decodes (was: a 2,000-token prompt
+    beside eight decodes started once they had all finished; vLLM's own scheduler took it at
+    once)."""
+    sc, mc = vllm_config.scheduler_config, vllm_config.model_config
+    if not sc.enable_chunked_prefill:
+        return "chunked prefill is off"
+    if getattr(sc, "disable_chunked_mm_input", False) and getattr(mc, "is_multimodal_model", False):
+        return "multimodal items are not chunked (--disable-chunked-mm-input)"
+    return None
 
 
 def untested_features(vllm_config: Any) -> list[str]:

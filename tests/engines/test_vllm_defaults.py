@@ -50,6 +50,7 @@ from ecoserve_sched.engines.vllm_scheduler import (
     EcoServeVllmConfig,
     EcoServeVllmScheduler,
     EcoServeVllmSyncScheduler,
+    unchunked_prompts,
     untested_features,
 )
 from ecoserve_sched.engines.vllm_sim import fake_model_output, tiny_model_dir
@@ -686,10 +687,16 @@ def test_without_chunked_prefill_a_long_prompt_is_not_held_back_by_the_paced_bud
     vllm_step = first_step_of_long(build(Scheduler, **kw))
     with caplog.at_level("WARNING", logger="ecoserve_sched.engines.vllm_scheduler"):
         s = build(cls, **kw)
-    assert "chunked prefill is off, so the TBT-aware prompt budget (ECOSERVE_PROFILE) is off too" in caplog.text
+    assert "chunked prefill is off, so the TBT-aware prompt budget (ECOSERVE_PROFILE) is off" in caplog.text
     assert s.cost_model is not None and s._prefill_budget is None
     assert first_step_of_long(s) == vllm_step == 5
     caplog.clear()
     with caplog.at_level("WARNING", logger="ecoserve_sched.engines.vllm_scheduler"):
         paced = build(cls, num_blocks=400, max_num_batched_tokens=2048)  # chunked prefill on: paced
     assert paced._prefill_budget is not None and "chunked prefill is off" not in caplog.text
+    # multimodal items that vLLM may not cut (its loop rolls a chunk back to before the item)
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(enable_chunked_prefill=True, disable_chunked_mm_input=True),
+                          model_config=SimpleNamespace(is_multimodal_model=True))
+    assert unchunked_prompts(cfg) == "multimodal items are not chunked (--disable-chunked-mm-input)"
+    cfg.model_config.is_multimodal_model = False  # (vLLM ignores the setting for a text model)
+    assert unchunked_prompts(cfg) is None
