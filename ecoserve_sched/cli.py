@@ -210,7 +210,8 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     if arrivals == "poisson" and cv is not None:
         raise typer.BadParameter("poisson arrivals have cv 1; use --arrivals gamma", param_hint="'--cv'")
     inputs = [trace, *(p for p in (confusion, bundle, profile) if p is not None and Path(p).exists())]
-    check_paths(inputs, outputs)
+    # nor inside a bundle read (was: compare's folder written into the bundle it predicted with)
+    check_paths(inputs, outputs, apart=[p for p in (confusion, bundle) if p is not None])
     cost = load_profile(profile or DEFAULT_PROFILE)
     server = server or Server()
     try:  # a KV size that leaves no room is refused before any run
@@ -485,7 +486,8 @@ def capacity(
 @app.command()
 def calibrate(
     model: Annotated[str, typer.Option("--model", help="config.json, a directory holding one, or a preset (tiny-llama, small-llama); weights are random")],
-    out: Annotated[str, typer.Option("--out", help="profile JSON to write (load it with --profile)")],
+    out: Annotated[str, typer.Option("--out", callback=nonblank_path("a profile JSON file"),
+                                     help="profile JSON to write (load it with --profile)")],
     force: ForceOpt = False,
     engine: Annotated[str, typer.Option("--engine", callback=_choice("engine", "transformers"), help="engine to measure (transformers)")] = "transformers",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",

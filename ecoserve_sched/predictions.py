@@ -77,11 +77,14 @@ def load_confusion(path: str | Path) -> Confusion:
         point_raw, reserve_raw = d["point_tokens"], d["reserve_tokens"]
         point = np.asarray(point_raw, dtype=float)
         reserve = np.asarray(reserve_raw, dtype=float)
-        matrix = np.asarray(d["matrix"], dtype=float)
+        rows = d["matrix"]
+        if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == k for r in rows):
+            raise ValueError(f"{p}: field 'matrix' must be {k}x{k} finite counts >= 0 (rows of {k})")
+        matrix = np.asarray(rows, dtype=float)
     except KeyError as e:
         raise ValueError(f"{p}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError, OverflowError) as e:
-        raise ValueError(f"{p}: bad confusion matrix ({e})") from None
+        raise ValueError(str(e) if str(e).startswith(f"{p}: ") else f"{p}: bad confusion matrix ({e})") from None
     if not k:
         raise ValueError(f"{p}: field 'bucket_edges' is empty")
     if np.isnan(edges).any() or (edges[:-1] <= 0).any() or (np.diff(edges) <= 0).any() or edges[-1] != math.inf:
@@ -201,9 +204,16 @@ def apply_predictions(requests: list[Request], trace: Trace, source: str, *, see
         for r, pr in zip(requests, preds, strict=True):
             r.pred_bucket, r.pred_tokens, r.reserve_tokens = int(pr.bucket), int(pr.pred_tokens), int(pr.reserve_tokens)
         spec = getattr(predictor, "input_spec", None)
+        notes = []
         if getattr(spec, "include_generator", False):  # said, as `rlpredict annotate` says it (was: silent)
             lacking = len(requests) if trace.generators is None else sum(g is None for g in trace.generators)
             if lacking:
-                return f"bundle ({bundle}; {no_generator_note(f'{lacking} of {len(requests)} rows')})"
-        return f"bundle ({bundle})"
+                notes.append(no_generator_note(f"{lacking} of {len(requests)} rows"))
+        if spec is not None:  # said, as `rlpredict annotate` says it (was: silent)
+            from rlpredict.serve.runtime import lacks_user_text
+
+            if blank := sum(lacks_user_text(t, spec) for t in trace.prompts):
+                notes.append(f"{blank} of {len(requests)} rows have no text where this bundle reads it: "
+                             "predicted as an empty prompt, which training never saw")
+        return f"bundle ({'; '.join([str(bundle), *notes])})"
     raise ValueError(f"unknown prediction source {source!r}; choose from {', '.join(SOURCES)}")

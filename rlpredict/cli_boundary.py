@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import threading
+import typing
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -239,6 +240,29 @@ def _plain_flags(command: Any, ctx: Any) -> None:
             param.metavar = ""
         elif getattr(param, "multiple", False) and param.metavar is None:  # was: <list[Path]>
             param.metavar = "<path>"  # (every repeatable option of both CLIs takes files)
+        _plain_number_type(param)
+
+
+def _plain_number_type(param: Any) -> None:
+    """A number option takes plain ASCII digits only (``records.is_plain_number``), as the
+    scripts' ``arg_number`` and the data readers do (was: ``--rate-scale 1_0`` read as 10 and
+    ``--target 0_9`` as 9, as Python's ``int`` and ``float`` read them)."""
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is None or getattr(param, "plain_numbers", False):
+        return
+    kinds = {descriptor.annotation, *typing.get_args(descriptor.annotation)}
+    if not kinds & {int, float}:
+        return
+    what = "a number" if float in kinds else "a whole number"
+    process = param.process_value
+
+    def plain(ctx: Any, value: Any) -> Any:
+        for v in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(v, str) and not is_plain_number(v):
+                raise typer.BadParameter(f"{v!r} is not {what} in plain digits", ctx=ctx, param=param)
+        return process(ctx, value)
+
+    param.process_value, param.plain_numbers = plain, True
 
 
 def _stdout_to_devnull() -> None:
@@ -295,6 +319,34 @@ class _NamedStdout:
         return getattr(self._stream, name)
 
 
+class _LenientStderr:
+    """Standard error whose write errors are dropped: a note or progress line that cannot be
+    written (a full disk behind ``2> log``) must not stop the work, nor hide its results on
+    stdout and in files (was: the first note's ENOSPC ended ``simulate`` with exit 1 and nothing
+    written). The exit code still says how the command ended."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, s: str) -> int:
+        try:
+            return self._stream.write(s)
+        except (OSError, ValueError):  # (ValueError: written after it was closed)
+            return len(s)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _lenient_stderr() -> None:
+    if sys.stderr is not None and not isinstance(sys.stderr, _LenientStderr):
+        sys.stderr = _LenientStderr(sys.stderr)
+
+
 def _named(e: OSError) -> OSError:
     if isinstance(e, BrokenPipeError) or e.filename is not None or not e.strerror:
         return e
@@ -311,6 +363,7 @@ def run_cli(app: typer.Typer, **kwargs: Any) -> None:
         sys.stdout = _ClosedStdout()  # a command that writes results there fails, one that does not runs
     elif not isinstance(sys.stdout, _NamedStdout):
         sys.stdout = _NamedStdout(sys.stdout)
+    _lenient_stderr()
     was_null = _stdout_is_devnull()
     try:
         app(**kwargs)
@@ -329,6 +382,7 @@ def run_script(main: Callable[[], Any]) -> NoReturn:
     ``failure``, and so does ``sys.exit("message")`` (exit 2); argparse's usage errors exit 2
     as usual. A script may have written some of its files when interrupted (each whole).
     ``RLPREDICT_DEBUG=1`` shows the traceback instead."""
+    _lenient_stderr()
     try:
         with _sigterm_as_interrupt():
             result = main()

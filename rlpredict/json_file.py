@@ -25,13 +25,25 @@ def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return d
 
 
+#: The largest JSON file read whole (a manifest, a profile, a confusion matrix are kilobytes; a
+#: tokenizer a few megabytes): a larger one is refused before it is read (was: any size, held
+#: whole: a 1 GB file given as ``--profile`` took 2 GB of memory before its error).
+MAX_JSON_BYTES = 64 << 20
+
+
 def read_json(path: str | Path) -> Any:
     """The parsed content of a file a user may edit (a manifest, a profile, bucket edges);
-    ``ValueError("FILE: line N: not valid JSON (...)")`` if malformed, and for an object that
-    gives one key twice (which value is meant is not known)."""
+    ``ValueError("FILE: line N: not valid JSON (...)")`` if malformed, over ``MAX_JSON_BYTES``,
+    and for an object that gives one key twice (which value is meant is not known). A leading
+    UTF-8 byte-order mark is read past, as the CSV and TOML readers do."""
     p = Path(path)
+    with p.open("rb") as f:
+        raw = f.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise ValueError(f"{p}: over {MAX_JSON_BYTES >> 20} MiB, the limit of a JSON file read whole; "
+                         "is it the file you meant?")
     try:
-        return json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=_once)
+        return json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_once)
     except _GivenTwice as e:
         raise ValueError(f"{p}: key {e.args[0]!r} is given twice in one JSON object (which value is meant "
                          "is not known)") from None

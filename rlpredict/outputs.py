@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -100,6 +101,21 @@ def naming(path: str | Path) -> Iterator[None]:
         raise err from None
 
 
+#: The most bytes of a target's name kept in its temporary file's or folder's name
+#: (``.NAME.XXXXXXXX.part`` is 15 bytes longer than NAME: a legal name of 241-255 bytes made an
+#: illegal temporary one, and a long ``calibrate`` failed at its last step naming that file).
+_TEMP_NAME_BYTES = 200
+
+
+def _temp_prefix(name: str) -> str:
+    """The prefix of a temporary name beside ``name``: a dot and at most ``_TEMP_NAME_BYTES``
+    bytes of it (cut at a character)."""
+    raw = os.fsencode(name)
+    if len(raw) > _TEMP_NAME_BYTES:
+        name = raw[:_TEMP_NAME_BYTES].decode("utf-8", "ignore") or "output"
+    return f".{name}."
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is renamed to ``path``, else removed
@@ -108,7 +124,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     if target.is_dir():
         raise OutputError(f"{target}: is a folder; give a file name")
     with _parent_made(target):
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target.name), suffix=".part", dir=target.parent)
         os.close(fd)
         tmp_path = Path(tmp)
         try:
@@ -197,6 +213,7 @@ def check_parent(path: str | Path, option: str) -> None:
     """Refuse an output whose folder cannot be created or written (checked before the work, so
     a long run does not fail at its last step): its nearest existing ancestor must be a
     writable folder."""
+    check_name_lengths(path, option)
     p = Path(path).expanduser().absolute()
     for anc in p.parents:
         if anc.exists():
@@ -204,6 +221,26 @@ def check_parent(path: str | Path, option: str) -> None:
                 raise OutputError(f"{p}: {option}'s parent {anc} is a file, not a folder; choose another path")
             if not os.access(anc, os.W_OK | os.X_OK):
                 raise OutputError(f"{p}: {option}: the folder {anc} is not writable; choose another path")
+            return
+
+
+def check_name_lengths(path: str | Path, option: str) -> None:
+    """Refuse an output path with a name longer than its file system takes (checked before the
+    work: was, a long ``calibrate`` measured its grid, then failed writing)."""
+    p = Path(os.path.abspath(os.path.expanduser(path)))
+    parts = p.parts
+    for i, part in enumerate(parts[1:], 1):
+        if len(os.fsencode(part)) > 255 or not os.path.isdir(os.path.join(*parts[:i])):
+            folder = os.path.join(*parts[:i])
+            while not os.path.isdir(folder):
+                folder = os.path.dirname(folder)
+            try:
+                longest = os.pathconf(folder, "PC_NAME_MAX")
+            except (OSError, ValueError):
+                longest = 255
+            if too_long := next((q for q in parts[i:] if len(os.fsencode(q)) > longest), None):
+                raise OutputError(f"{p}: {option}: the name {too_long[:40]}... is {len(os.fsencode(too_long))} bytes "
+                                  f"long, more than this file system takes ({longest}); choose a shorter one")
             return
 
 
@@ -218,6 +255,7 @@ def check_new_file(path: str | Path, *, force: bool, option: str, owner: str | N
     option's text, ends in a path separator), that a tool of ours other than ``owner`` (the
     tool this file is written for, if any) listed in its folder's record, or whose folder
     cannot be written (``check_parent``)."""
+    check_name_lengths(path, option)
     p = Path(path)
     if p.is_dir():
         raise OutputError(f"{p}: {option} is a folder; give a file name")
@@ -259,6 +297,7 @@ def check_new_dir(path: str | Path, *, force: bool, option: str, rerun: str | No
     all of it: a script's earlier run), that is a file, or that holds anything no tool of ours
     wrote. ``only``: a tool that replaces only its own folders, never another tool's (a trained
     model, a simulator run), even with ``force``. The refusal names the tool that wrote it."""
+    check_name_lengths(path, option)
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: {option} is a file, not a folder; choose another path")
@@ -347,7 +386,7 @@ def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out
     check_new_dir(out, force=force, option=option, rerun=own, only=only)
     with _parent_made(out):
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+            tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out.name), suffix=".part", dir=out.parent))
             tmp.chmod(0o777 & ~_UMASK)
         except OSError as e:
             raise OutputError(f"{out}: cannot create {option} there ({e.strerror})") from None
@@ -375,7 +414,7 @@ def _replace_dir(tmp: Path, out: Path, *, force: bool, option: str, rerun: str |
         out.rmdir()
         os.replace(tmp, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out.name), suffix=".old", dir=out.parent))
     old.rmdir()
     os.replace(out, old)
     try:
@@ -383,7 +422,12 @@ def _replace_dir(tmp: Path, out: Path, *, force: bool, option: str, rerun: str |
     except BaseException:
         os.replace(old, out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        shutil.rmtree(old)
+    except OSError as e:  # (was: ignored, a hidden copy of the old folder left behind each run)
+        with contextlib.suppress(OSError, ValueError):
+            print(f"note: {out} was replaced; its old contents, moved to {old}, could not all be removed "
+                  f"({e.strerror or e}): delete that folder yourself", file=sys.stderr, flush=True)
 
 
 def mark_owned(folder: str | Path, tool: str, names: Iterable[str]) -> None:

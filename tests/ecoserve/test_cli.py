@@ -371,6 +371,14 @@ def test_compare_output_is_safe(tmp_path):
     _refused(runner.invoke(app, [*base[:-1], str(tmp_path), "--force"]), "holds the input")
     _refused(runner.invoke(app, [*base[:-1], t, "--force"]), "also an input")
     assert Path(t).is_file()
+    bundle = tmp_path / "bundle"  # nor inside a bundle it reads (was: written into it)
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    mixed = ["compare", "--trace", t, "--policies", "sjf", "--rate-scales", "1"]
+    for opt, pred in (("--confusion", "confusion"), ("--bundle", "bundle")):
+        _refused(runner.invoke(app, [*mixed, "--predictions", pred, opt, str(bundle), "--out", str(bundle / "o")]),
+                 "--out lies inside the input")
+    assert [q.name for q in bundle.iterdir()] == ["manifest.json"]
     # a refused run leaves nothing: no folder, no temporary folder; every name is checked before
     # any policy runs (was: vllm ran, then "nope" failed, and the message named no option)
     fresh = tmp_path / "fresh"
@@ -705,3 +713,9 @@ def test_capacity_refuses_up_front_what_the_ceiling_cannot_build(tmp_path):
         "budget 2048 must exceed max_running 4000" in r.output.replace("\n", " ")
     r = runner.invoke(app, [*args, "--no-ceiling", "--json"])
     assert r.exit_code == 0, r.output
+
+
+def test_calibrate_refuses_an_empty_out(tmp_path):
+    """Was: ".: --out holds the input cfg.json", as if the current folder had been named."""
+    _refused(runner.invoke(app, ["calibrate", "--model", str(tmp_path / "cfg.json"), "--out", ""]),
+             "Invalid value for '--out'", "empty: give a profile JSON file")

@@ -252,6 +252,8 @@ def test_an_empty_csv_cell_is_a_missing_value(tmp_path):
     (lambda d: d["point_tokens"].__setitem__(0, 10.7), "point_tokens"),  # was truncated to 10
     (lambda d: d["reserve_tokens"].__setitem__(0, -100), "reserve_tokens"),  # was used as is
     (lambda d: d["matrix"][0].__setitem__(0, float("nan")), "matrix"),
+    (lambda d: d["matrix"][2].pop(), "field 'matrix' must be 10x10"),  # was: numpy's "inhomogeneous shape"
+    (lambda d: d.update(matrix=[1] * 10), "field 'matrix' must be 10x10"),
     (lambda d: d.update(matrix=[[0] * len(d["matrix"])] * len(d["matrix"])), "no counts"),
     (lambda d: d.update(matrix=[[1e308] * len(d["matrix"])] * len(d["matrix"])), "too large to add up"),
     (lambda d: d.update(bucket_edges=[True, *d["bucket_edges"][1:]]), "bucket_edges"),  # was: taken as 1
@@ -404,6 +406,29 @@ def test_bundle_source_passes_the_generator_column(tmp_path, monkeypatch):
     Stub.input_spec = SimpleNamespace(include_generator=True)
     desc = preds.apply_predictions(t.requests(SLO()), t, "bundle", bundle="b")
     assert desc == "bundle (b; 1 of 2 rows have no generator: this bundle takes the served model's name, and predicted them as 'model: unknown')"
+
+
+def test_bundle_source_counts_the_rows_with_no_text_where_the_bundle_reads_it(tmp_path, monkeypatch):
+    """A system turn alone, or a blank prompt: predicted as an empty prompt, counted where the
+    run says its predictions, as ``rlpredict annotate`` counts them (was: without a word)."""
+    sys_only = '"messages": [{"role": "system", "content": "You are helpful."}]'
+    p = write(tmp_path, "t.jsonl", f'{{"arrival_time_s": 0, "input_tokens": 3, "output_tokens": 9, {sys_only}}}\n'
+              '{"arrival_time_s": 1, "input_tokens": 3, "output_tokens": 9, "prompt": " "}\n'
+              '{"arrival_time_s": 2, "input_tokens": 3, "output_tokens": 9, "prompt": "hello"}\n')
+    t = read_trace(p)
+
+    class Stub:
+        input_spec = SimpleNamespace(include_generator=False, mode="last_user")
+
+        def predict(self, texts):
+            return [SimpleNamespace(bucket=1, pred_tokens=50, reserve_tokens=60, probs=np.ones(10) / 10)] * len(texts)
+
+    import ecoserve_sched.predictor as predictor_mod
+
+    monkeypatch.setattr(predictor_mod, "load_predictor", lambda path: Stub())
+    assert preds.apply_predictions(t.requests(SLO()), t, "bundle", bundle="b") == (
+        "bundle (b; 2 of 3 rows have no text where this bundle reads it: predicted as an empty prompt, which "
+        "training never saw)")
 
 
 def test_unix_timestamps_are_read_from_the_first_arrival(tmp_path):

@@ -127,6 +127,43 @@ def test_output_dir_replaces_only_what_a_tool_wrote(tmp_path):
     assert (out / "run2" / "c.json").read_text() == "4"
 
 
+def test_a_replaced_folder_that_cannot_be_removed_is_named(tmp_path, monkeypatch, capsys):
+    """``--force`` over a folder whose old contents cannot all be deleted (a protected file in
+    it): the new folder is in place and a note names where the old one was moved (was: a hidden
+    ``.NAME.XXXXXXXX.old`` folder left beside it each run, without a word)."""
+    out = tmp_path / "report"
+    with output_dir(out, force=False, tool="t") as tmp:
+        (tmp / "a.json").write_text("1")
+
+    def refuse(path, *a, **kw):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    with output_dir(out, force=True, tool="t") as tmp:
+        (tmp / "a.json").write_text("2")
+    assert (out / "a.json").read_text() == "2"
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    assert len(left) == 1 and (left[0] / "a.json").read_text() == "1"
+    err = capsys.readouterr().err
+    assert f"note: {out} was replaced; its old contents, moved to {left[0]}, could not all be removed" in err
+
+
+def test_long_output_names_are_refused_before_the_work_and_written_when_legal(tmp_path):
+    """A name the file system takes (255 bytes) is written, though its temporary name is
+    longer than that (was: the write failed at the end, naming the temporary file); a longer
+    one is refused before any work (``check_parent``)."""
+    from rlpredict.outputs import check_new_file, write_text_atomic
+
+    legal = tmp_path / ("a" * 250 + ".json")
+    check_new_file(legal, force=False, option="--out")
+    write_text_atomic(legal, "x")
+    assert legal.read_text() == "x" and [p.name for p in tmp_path.iterdir()] == [legal.name]
+    with output_dir(tmp_path / ("d" * 255), force=False, tool="t") as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(OutputError, match=r"is 256 bytes long, more than this file system takes"):
+        check_new_file(tmp_path / ("b" * 251 + ".json"), force=False, option="--out")
+
+
 def test_outputs_get_the_modes_of_a_plain_write(tmp_path):
     """Temporary files and folders are private (0600/0700); what lands gets the umask's modes."""
     from rlpredict.outputs import _UMASK, check_new_file, write_text_atomic
@@ -542,6 +579,28 @@ def test_a_full_disk_behind_stdout_is_one_line_naming_it(args, bundle_fp32):
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 2 and res.stderr.splitlines()[-1] == "error: standard output: No space left on device"
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_behind_stderr_does_not_stop_the_work(tmp_path):
+    """``cmd 2> log`` on a full disk: notes and progress lines are lost, the results are not
+    (was: the first note's ENOSPC ended ``simulate`` with exit 1, nothing on stdout, and
+    ``compare`` with no folder written); a bad input still exits 2."""
+    trace = REPO / "ecoserve_sched" / "samples" / "azure_conv_sharegpt.jsonl.gz"
+    cli = [sys.executable, "-c", "from ecoserve_sched.cli import main; main()"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open("/dev/full", "w") as full:
+        sim = subprocess.run([*cli, "simulate", "--trace", str(trace), "--policy", "vllm", "--max-requests", "50",
+                              "--json"], stdout=subprocess.PIPE, stderr=full, text=True, cwd=tmp_path, timeout=120,
+                             env=env)
+        comp = subprocess.run([*cli, "compare", "--trace", str(trace), "--policies", "vllm", "--rate-scales", "1",
+                               "--max-requests", "50", "--out", "c1"], stdout=subprocess.DEVNULL, stderr=full,
+                              cwd=tmp_path, timeout=120, env=env)
+        bad = subprocess.run([*cli, "simulate", "--trace", "nope.csv"], stdout=subprocess.DEVNULL, stderr=full,
+                             cwd=tmp_path, timeout=120, env=env)
+    assert sim.returncode == 0 and json.loads(sim.stdout)["requests"] == 50
+    assert comp.returncode == 0 and (tmp_path / "c1" / "results.json").is_file()
+    assert bad.returncode == 2
 
 
 def test_predict_with_stdin_closed_asks_for_prompts(bundle_fp32):
@@ -1104,6 +1163,38 @@ def test_rows_of_a_json_file_are_named_by_their_line(tmp_path):
         got[name] = [(loc.rsplit(":", 1)[1], row) for loc, row in iter_rows(tmp_path / name)]
     assert got == {"obj.json": [("6", {"a": 3})],  # the last "data", as json.loads keeps (was: "item 0")
                    "arr.json": [("2", {"a": 1}), ("4", {"a": 2})], "one.json": [("3", {"a": 1})]}
+
+
+def test_a_json_file_is_read_whole_only_up_to_its_limit_and_past_a_byte_order_mark(tmp_path, monkeypatch):
+    """``read_json`` (manifests, profiles, confusion matrices): a file over ``MAX_JSON_BYTES`` is
+    refused before it is read (was: any size, held whole: 2 GB of memory for a 1 GB file given
+    as ``--profile``); a leading UTF-8 byte-order mark is read past, as CSV and TOML readers do
+    (was: "Unexpected UTF-8 BOM")."""
+    from rlpredict import json_file
+
+    (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf{"a": 1}')
+    assert json_file.read_json(tmp_path / "bom.json") == {"a": 1}
+    monkeypatch.setattr(json_file, "MAX_JSON_BYTES", 16)
+    (tmp_path / "big.json").write_text('{"name": "' + "x" * 20 + '"}')
+    with pytest.raises(ValueError, match=r"big\.json: over 0 MiB, the limit of a JSON file read whole"):
+        json_file.read_json(tmp_path / "big.json")
+
+
+@pytest.mark.parametrize("args", [["simulate", "--trace", "t.csv", "--rate-scale", "1_0"],
+                                  ["simulate", "--trace", "t.csv", "--max-requests", "5_0"],
+                                  ["capacity", "--trace", "t.csv", "--target", "0_9"],
+                                  ["simulate", "--trace", "t.csv", "--slo-ttft", "\u0663"]])
+def test_number_options_take_plain_digits_only(args):
+    """Both CLIs' number options, as the scripts' and the data readers' numbers (was:
+    ``--rate-scale 1_0`` ran at 10x, ``--target 0_9`` read as 9, as Python's ``float`` reads them)."""
+    from ecoserve_sched.cli import app as eco_app
+
+    res = CliRunner().invoke(eco_app, args)
+    one_error_line(res, f"Invalid value for '{args[-2]}'", f"{args[-1]!r} is not a", "in plain digits")
+
+
+def test_rlpredict_number_options_take_plain_digits_only():
+    one_error_line(run("predict", "--threads", "1_0", "hi"), "'--threads'", "'1_0' is not a whole number in plain digits")
 
 
 def test_eval_split_is_checked_as_a_choice(tmp_path):
