@@ -206,6 +206,16 @@ def repeated_input(paths: Iterable[str | Path]) -> str | None:
     for key, p in seen.items():
         if (outer := next((seen[a] for a in key.parents if a in seen), None)) is not None:
             return f"{p} is inside {outer}, also given, which is read with everything under it (its rows would count twice)"
+    from rlpredict.records import data_files  # (lazy: records reads data, this module writes it)
+
+    for key, p in seen.items():  # a folder's files: a link in it to a file also given
+        if key.is_dir():
+            for f, problem in data_files(key):
+                with contextlib.suppress(OSError):
+                    st = os.stat(f)
+                    if problem is None and (st.st_dev, st.st_ino) in files and files[st.st_dev, st.st_ino] != p:
+                        return (f"{f} (in {p}) is the same file as {files[st.st_dev, st.st_ino]}, also given "
+                                "(a link; its rows would count twice)")
     return None
 
 

@@ -226,6 +226,9 @@ LOG_MESSAGES = MessageRules(ROLE_ALIASES, False, ("role", "from"), ("content", "
 #: content is empty, and non-text content parts (images) are skipped.
 TRACE_MESSAGES = MessageRules(ROLE_ALIASES, True, ("role", "from"), ("content", "value"), content_required=False,
                               all_parts_text=False)
+#: The keys a message's role and text are read from (a message that gives one twice is refused)
+MESSAGE_KEYS = frozenset(LOG_MESSAGES.role_keys + LOG_MESSAGES.content_keys
+                         + TRACE_MESSAGES.role_keys + TRACE_MESSAGES.content_keys)
 
 
 def parse_messages(value: Any, name: str, rules: MessageRules, *,
@@ -520,16 +523,22 @@ def _given_twice(row: dict[str, Any], twice: list[tuple[dict[str, Any], set[str]
     repeated = {id(d): keys for d, keys in twice}
     if not dotted:
         top = repeated.get(id(row), set())
-        return next((name for name in sorted(fields) if name in top), None)
+        if bad := next((name for name in sorted(fields) if name in top), None):
+            return bad
     for name in sorted(fields):
         cur: Any = row
-        parts = name.split(".")
+        parts = name.split(".") if dotted else [name]
         for i, part in enumerate(parts):
             if not isinstance(cur, dict):
                 break
             if part in repeated.get(id(cur), ()):
                 return ".".join(parts[:i + 1])
             cur = cur.get(part)
+        if isinstance(cur, list):  # a message list: a message that gives its role or text twice
+            # (was: the last value kept without a word, as ``json`` keeps it)
+            for i, m in enumerate(cur):
+                if isinstance(m, dict) and (keys := repeated.get(id(m), set()) & MESSAGE_KEYS):
+                    return f"{name}[{i}].{min(keys)}"
     return None
 
 
@@ -1003,20 +1012,55 @@ def _iter_parquet(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
 SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")
 
 
+def data_files(folder: Path) -> list[tuple[Path, RecordError | None]]:
+    """The data files a folder given as logs is read from, in name order (hidden names left
+    out), each with None, or the ``RecordError`` that makes it a bad "row": a data file in a
+    compression other than gzip, a link to a folder (not followed) or a broken link named like
+    a data file or not, and a second name of a file already listed (a hard or symbolic link:
+    its rows would count twice). Was: links to folders and broken links were left out, and a
+    linked file read twice, without a word."""
+    out: list[tuple[Path, RecordError | None]] = []
+    first: dict[tuple[int, int], Path] = {}
+    for f in sorted(folder.rglob("*")):
+        if any(part.startswith(".") for part in f.relative_to(folder).parts):
+            continue
+        if f.is_symlink() and (f.is_dir() or not f.exists()):
+            what = "a link to a folder, which is not followed" if f.is_dir() else "a broken link"
+            out.append((f, RecordError(str(f), f"{what}: give its target as another input", kind=what)))
+            continue
+        if not f.is_file():
+            continue
+        if other_compression(f):
+            kind = f"a data file compressed as {f.suffix}"
+            out.append((f, RecordError(str(f), f"{kind}, which is not read: decompress it, or gzip it", kind=kind)))
+            continue
+        if detect_format(f)[0] is None:
+            continue
+        try:
+            st = f.stat()
+        except OSError:
+            out.append((f, None))  # the reader names the error
+            continue
+        if (same := first.setdefault((st.st_dev, st.st_ino), f)) != f:
+            out.append((f, RecordError(str(f), f"the same file as {same} (a link): its rows would count twice",
+                                       kind="the same file as another (a link): its rows would count twice")))
+            continue
+        out.append((f, None))
+    return out
+
+
 def _iter_datasets_dir(p: Path) -> Iterator[tuple[str, Any]]:
     """A ``save_to_disk`` folder through ``datasets``; any other folder file by file with the
     readers above (every data file below it, in name order: the same ``file:line`` locations
     and bad-row handling as a file given alone)."""
     if not any((p / name).is_file() for name in SAVED_DATASET_FILES):
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                       and (detect_format(f)[0] is not None or other_compression(f)))
+        files = data_files(p)
         if not files:
             raise RecordError(str(p), "a folder with no data files (.jsonl, .json, .csv, .tsv, .parquet, "
                                       "optionally .gz) and not a saved datasets folder")
-        for f in files:
-            if other_compression(f):  # a bad "row" naming the file (was: left out without a word)
-                yield str(f), RecordError(str(f), f"a data file compressed as {f.suffix}, which is not read: "
-                                                  "decompress it, or gzip it", kind=f"a data file compressed as {f.suffix}")
+        for f, problem in files:
+            if problem is not None:  # a bad "row" naming the file (was: left out without a word)
+                yield str(f), problem
                 continue
             yield from iter_rows(f)
         return

@@ -463,7 +463,7 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
         out_header = header + [c for c in run.columns if c not in header]
         slots = [out_header.index(c) for c in run.columns]
         replaces = any(c in header for c in run.columns)
-        writer = _CsvWriter(out)
+        writer = _CsvWriter(out, _line_end(src))
         if _starts_with_bom(src):
             out.write("\ufeff")  # the file's (a spreadsheet's UTF-8 mark), kept (was: dropped)
         writer.writerow(out_header)
@@ -506,14 +506,22 @@ def _named(records: Iterator[Any], src: Path) -> Iterator[Any]:
         raise AnnotateError(f"{src}: {e.reason}") from None
 
 
-class _CsvWriter:
-    """``csv.writer`` with ``\n`` line ends that also quotes a row with a bare carriage return in
-    a cell: the csv module quotes only the line terminator's characters, and readers in
-    universal-newline mode (``open(..., "r")``, pandas) would split such a row in two."""
+def _line_end(src: Path) -> str:
+    """The input's record ending, ``\r\n`` or ``\n``, as its header line ends (kept: was,
+    a CRLF file annotated with LF endings)."""
+    with open(src, "rb") as raw, text_stream(raw, detect_format(src)[1]) as f:
+        return "\r\n" if f.readline(1 << 16).endswith("\r\n") else "\n"
 
-    def __init__(self, out: Any) -> None:
-        self._plain = csv.writer(out, lineterminator="\n")
-        self._quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
+
+class _CsvWriter:
+    """``csv.writer`` with the input's line ends (``_line_end``) that also quotes a row with a
+    bare carriage return in a cell: the csv module quotes only the line terminator's
+    characters, and readers in universal-newline mode (``open(..., "r")``, pandas) would split
+    such a row in two."""
+
+    def __init__(self, out: Any, line_end: str = "\n") -> None:
+        self._plain = csv.writer(out, lineterminator=line_end)
+        self._quoted = csv.writer(out, lineterminator=line_end, quoting=csv.QUOTE_ALL)
 
     def writerow(self, cells: list[str]) -> None:
         (self._quoted if any("\r" in c for c in cells) else self._plain).writerow(cells)

@@ -272,6 +272,18 @@ def test_a_csv_cell_with_a_bare_carriage_return_is_quoted(predictor, tmp_path):
     assert [r[:2] for r in rows] == [["id", "prompt"], ["x\ny", "hello"], ["plain", "bye"]]
 
 
+@pytest.mark.parametrize("end", [b"\r\n", b"\n"])
+def test_a_csv_keeps_its_line_ends(predictor, tmp_path, end):
+    """Was: a CRLF file annotated with LF line ends."""
+    src, dst = tmp_path / "t.csv", tmp_path / "o.csv"
+    src.write_bytes(b"id,prompt" + end + b"a,hello" + end + b'b,"two' + end + b'lines"' + end)
+    annotate_file(predictor, src, dst)
+    out = dst.read_bytes()
+    assert out.count(end) == 4 and (end == b"\r\n" or b"\r" not in out)
+    with open(dst, encoding="utf-8", newline="") as f:
+        assert [r["prompt"] for r in csv.DictReader(f)] == ["hello", "two" + end.decode() + "lines"]
+
+
 def test_a_csv_record_that_does_not_parse_is_kept_as_its_text(predictor, tmp_path):
     """Skip mode keeps a record the CSV reader cannot split into cells (a stray quote, a quote
     left open to the end) in the rejects file as the text it read, not as ``null``."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1195,6 +1196,54 @@ def test_number_options_take_plain_digits_only(args):
 
 def test_rlpredict_number_options_take_plain_digits_only():
     one_error_line(run("predict", "--threads", "1_0", "hi"), "'--threads'", "'1_0' is not a whole number in plain digits")
+
+
+def test_a_log_folder_names_links_it_does_not_read_and_files_it_would_read_twice(tmp_path):
+    """A folder given as logs: a link to a folder (not followed), a broken link and a second
+    name of a file (a hard or symbolic link) are bad "rows" naming the entry (was: the first
+    two left out, the last read twice, without a word); a link in a folder to a file also
+    given is refused up front, as the same file given twice is."""
+    from rlpredict.outputs import repeated_input
+    from rlpredict.records import RecordError, iter_rows
+
+    logs, other = tmp_path / "logs", tmp_path / "other"
+    logs.mkdir()
+    other.mkdir()
+    (logs / "a.jsonl").write_text('{"prompt": "x", "output_tokens": 3}\n')
+    (other / "b.jsonl").write_text('{"prompt": "y", "output_tokens": 4}\n')
+    os.link(logs / "a.jsonl", logs / "a_copy.jsonl")
+    (logs / "alias.jsonl").symlink_to("a.jsonl")
+    (logs / "dang.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    (logs / "linked").symlink_to(other)
+    got = [(loc.removeprefix(str(logs) + "/"), row.reason if isinstance(row, RecordError) else row)
+           for loc, row in iter_rows(logs)]
+    assert got == [("a.jsonl:1", {"prompt": "x", "output_tokens": 3}),
+                   ("a_copy.jsonl", f"the same file as {logs / 'a.jsonl'} (a link): its rows would count twice"),
+                   ("alias.jsonl", f"the same file as {logs / 'a.jsonl'} (a link): its rows would count twice"),
+                   ("dang.jsonl", "a broken link: give its target as another input"),
+                   ("linked", "a link to a folder, which is not followed: give its target as another input")]
+    (other / "c").mkdir()
+    (other / "c" / "b_link.jsonl").symlink_to(other / "b.jsonl")
+    assert repeated_input([other / "c", other / "b.jsonl"]) == (
+        f"{other / 'c' / 'b_link.jsonl'} (in {other / 'c'}) is the same file as {other / 'b.jsonl'}, also given "
+        "(a link; its rows would count twice)")
+
+
+@pytest.mark.parametrize("row, key", [
+    ('{"messages": [{"role": "user", "content": "hi", "content": "a long essay"}]}', "messages[0].content"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "role": "user", "content": "a"}]}',
+     "messages[1].role"),
+])
+def test_a_message_that_gives_its_role_or_text_twice_is_refused(row, key):
+    """As a top-level field given twice (was: the last value kept without a word)."""
+    from rlpredict.records import RecordError, parse_json
+
+    with pytest.raises(RecordError, match=re.escape(f"key {key!r} is given twice in one JSON object")):
+        parse_json(row, frozenset({"messages"}))
+    with pytest.raises(RecordError, match=re.escape(f"key {key!r} is given twice")):
+        parse_json(row, frozenset({"messages", "usage.completion_tokens"}), dotted=True)
+    assert parse_json('{"messages": [{"role": "user", "content": "hi", "name": 1, "name": 2}]}',
+                      frozenset({"messages"}))["messages"][0]["name"] == 2  # a key not read may repeat
 
 
 def test_eval_split_is_checked_as_a_choice(tmp_path):
