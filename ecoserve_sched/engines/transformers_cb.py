@@ -43,9 +43,11 @@ Supported transformers: :data:`TRANSFORMERS_RANGE` (this code uses the scheduler
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -115,6 +117,32 @@ def recompute_only(policy: Scheduler) -> Scheduler:
     return policy
 
 
+def _async_batching(cache: Any) -> bool:
+    """Whether the manager building this scheduler runs async batching. The cache does not
+    keep the config (was: read from ``cache.cb_config``, which transformers' cache has not, so
+    the refusal never fired): it is read from the manager, the caller that builds the
+    scheduler with its ``continuous_batching_config`` (a few frames up at most)."""
+    own = getattr(getattr(cache, "cb_config", None), "use_async_batching", None)
+    if own is not None:
+        return bool(own)
+    frame = sys._getframe(1)
+    for _ in range(6):
+        if frame is None:
+            break
+        caller = frame.f_locals.get("self")
+        cfg = getattr(caller, "continuous_batching_config", None)
+        if cfg is not None and not isinstance(caller, PolicyScheduler):
+            return bool(getattr(cfg, "use_async_batching", False))
+        frame = frame.f_back
+    return False
+
+
+class PolicyDropped(ValueError):
+    """The policy dropped a request as it arrived (larger than the whole KV cache, or a prompt
+    ``vllm-v0`` ignores): raised by ``add_waiting_request`` after the request is marked FAILED
+    and forgotten, so that transformers' manager delivers its failure."""
+
+
 class PolicyScheduler(HFScheduler):
     """transformers continuous-batching scheduler that executes an ``ecoserve_sched`` policy.
 
@@ -134,6 +162,10 @@ class PolicyScheduler(HFScheduler):
         self.keep_events = keep_events
         self.meta = requests if requests is not None else {}
         t0 = time.perf_counter()
+        # without a clock of the caller's, a given policy request's arrival_s is on no clock the
+        # scheduler reads: it arrives when it is added (was: kept, e.g. 0.0, so a request
+        # added minutes into a manager's run counted its TTFT as lost at once)
+        self._arrive_now = clock is None
         self.clock = clock or (lambda: time.perf_counter() - t0)
         super().__init__(cache, safety_margin or 0.0, max_requests_per_batch)
         pages = {a.tokens_per_page for a in cache.cache_allocators.values()}
@@ -144,7 +176,7 @@ class PolicyScheduler(HFScheduler):
             raise ValueError(f"engine has {cache.num_blocks} KV blocks, policy plans {policy.kv.num_blocks}")
         if max_requests_per_batch < policy.max_running:
             raise ValueError(f"max_requests_per_batch {max_requests_per_batch} < max_running {policy.max_running}")
-        if getattr(getattr(cache, "cb_config", None), "use_async_batching", False):
+        if _async_batching(cache):
             # transformers picks it on CUDA with CUDA graphs unless told not to (was: accepted; a
             # batch is then scheduled before the last one's tokens are known, which the policy's
             # accounting does not follow, and it was never run)
@@ -205,6 +237,8 @@ class PolicyScheduler(HFScheduler):
             n = state.max_new_tokens or 1
             r = Request(next(_RIDS), self.clock(), len(state.initial_tokens), n, n,
                         pred_tokens=n, reserve_tokens=n)
+        elif self._arrive_now:
+            r.arrival_s = self.clock()
         self.reqs[state.request_id] = r
         self.states[r.rid] = state
         super().add_waiting_request(state)
@@ -216,6 +250,9 @@ class PolicyScheduler(HFScheduler):
             state.status = RequestStatus.FAILED
             self.events.append((self.clock(), "drop", r.rid))
             self._forget(r)
+            # raised, so that transformers' manager delivers the failure (was: nothing delivered,
+            # and generate_batch waited forever for this request's result)
+            raise PolicyDropped(f"{state.request_id}: {state.error}")
 
     def _check_new(self, state: RequestState) -> Request | None:
         """Raise for what cannot be served: an id in use, a request longer than the whole KV
@@ -247,6 +284,13 @@ class PolicyScheduler(HFScheduler):
             # every request of the run failed
             raise ValueError(f"{rid_s}: a {prompt}-token prompt, and policy {self.policy.name!r} prefills whole "
                              f"prompts beside up to {beside} decodes: over the engine's max_batch_tokens ({budget})")
+        if self.policy.prefill_only_iterations and isinstance(budget, int) and prompt + new - 1 > budget:
+            # vllm-v0 recomputes a preempted request's whole context in one prefill (alone, past
+            # its budget: vLLM's budget is at least max_model_len): was, such a batch failed
+            # every request of a generate_batch run ("exceeds the engine's")
+            raise ValueError(f"{rid_s}: {prompt} prompt + {new} new tokens, and policy {self.policy.name!r} "
+                             f"recomputes a preempted request's whole context in one prefill (up to "
+                             f"{prompt + new - 1} tokens): over the engine's max_batch_tokens ({budget})")
         return r
 
     def finish_request(self, request_id: str) -> None:
@@ -402,6 +446,14 @@ class PolicyScheduler(HFScheduler):
             st.status = RequestStatus.PREFILLING if st.remaining_prefill_tokens else RequestStatus.DECODING
         return FutureRequestState(st, not st.remaining_prefill_tokens, {}, n)
 
+    def get_active_request_static_outputs(self, request_id: str) -> list[int]:
+        """The tokens a request generated, for transformers' failed output (a hard stop, a
+        forward pass that raised): a request this scheduler preempted waits to re-prefill with
+        its tokens kept (was: [], its partial output lost, where transformers' own preemption
+        returns it)."""
+        st = self.active_requests.get(request_id) or self.waiting_requests.get(request_id)
+        return st.generated_tokens if st is not None else []
+
     def _preempt(self, st: RequestState, now: float) -> None:
         """Free ``st``'s blocks and queue it to re-prefill prompt + generated tokens."""
         rid = self.reqs[st.request_id].rid
@@ -421,7 +473,8 @@ def register_scheduler(name: str, policy: Scheduler, requests: dict[str, Request
                        clock: Callable[[], float] | None = None, keep_events: int | None = KEEP_EVENTS) -> str:
     """Make ``ContinuousBatchingConfig(scheduler_type=name)`` build a :class:`PolicyScheduler`
     over ``policy`` (so ``model.generate_batch`` and the manager use it too); returns ``name``.
-    ``requests`` maps engine request ids to fresh policy requests (unique ids)."""
+    ``requests`` maps engine request ids to fresh policy requests (unique ids); their
+    ``arrival_s`` is read on ``clock`` if one is given, else each arrives when it is added."""
     if requests:
         check_servable(list(requests.values()))  # was: two sharing an id lost one request's output
     SCHEDULER_MAPPING[name] = functools.partial(PolicyScheduler, policy=policy, requests=requests,
@@ -696,8 +749,9 @@ class TransformersExecutor(Executor):
 
     def add(self, r: Request, now: float) -> None:
         g = self.reqs[r.rid]
-        self.sched.add_waiting_request(RequestState(f"r{r.rid}", list(g.prompt_ids),
-                                                    max_new_tokens=g.max_new_tokens, eos_token_id=self.eos))
+        with contextlib.suppress(PolicyDropped):  # its reason is read from the policy's request
+            self.sched.add_waiting_request(RequestState(f"r{r.rid}", list(g.prompt_ids),
+                                                        max_new_tokens=g.max_new_tokens, eos_token_id=self.eos))
 
     def drop(self, r: Request) -> None:
         """The serving loop's drop rule (larger than the whole KV cache): recorded as a drop

@@ -441,6 +441,25 @@ def _cb(name: str, blocks: int = KV_BLOCKS, budget: int = TOKEN_BUDGET):
                                     use_async_batching=False, scheduler_type=name)
 
 
+def test_a_prompt_vllm_v0_ignores_fails_alone_under_generate_batch(tiny_llama):
+    """A prompt over vllm-v0's limit (its token budget, 128, below the engine's 256) is ignored,
+    as vLLM V0 ignored it: its failure is delivered and the others are served (was: marked
+    FAILED but never delivered, and generate_batch waited forever for it)."""
+    from transformers import GenerationConfig
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    from ecoserve_sched.engines.transformers_cb import register_scheduler
+
+    gen = GenerationConfig(do_sample=False, max_new_tokens=4, eos_token_id=-1)
+    name = register_scheduler("v0-ignore-test", make_engine(tiny_llama, "vllm-v0").make_policy())
+    try:
+        out = _generate_batch(tiny_llama, [[5] * 10, [6] * 150, [7] * 12], _cb(name, blocks=30, budget=256), gen)
+    finally:
+        SCHEDULER_MAPPING.pop("v0-ignore-test", None)
+    assert [o.status.name for o in out.values()] == ["FINISHED", "FAILED", "FINISHED"]
+    assert "prompt of 150 tokens ignored (limit 128" in list(out.values())[1].error
+
+
 def test_a_registered_policy_preempts_by_recompute(tiny_llama):
     """The engine cannot swap KV: any policy given to register_scheduler recomputes (was: only
     TransformersEngine's own; EcoServe with a real profile chose swap, the engine recomputed, the
@@ -467,6 +486,9 @@ def test_a_registered_policy_preempts_by_recompute(tiny_llama):
     finally:
         SCHEDULER_MAPPING.pop(name, None)
     assert policy.counters["preemptions"] > 0 and policy.counters["swaps"] == 0
+    # given without a clock, each arrives when the manager adds it, on the scheduler's clock
+    # (was: at 0.0 as given, a clock the scheduler never read: TTFTs judged lost at once)
+    assert all(r.arrival_s > 0.0 for r in meta.values())
     ref = [tiny_llama.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False)[0, len(p):].tolist()
            for p in prompts]
     assert [o.generated_tokens for o in out.values()] == ref
@@ -543,11 +565,15 @@ def test_budgets_the_engine_cannot_run_are_refused(tiny_llama):
                                                                          ("FINISHED", False)]
         assert "a 128-token prompt, and policy 'orca' prefills whole prompts beside up to 7 decodes" in \
             list(out.values())[1].error
-        # vllm-v0 runs prompts in iterations of their own: the same prompt fits (a second version
-        # counted decodes beside it, and refused it)
+        # vllm-v0 runs prompts in iterations of their own, with no decode beside them (a second
+        # version counted decodes beside it, and refused a prompt that fits), but recomputes a
+        # preempted request's whole context in one prefill: prompt + max_new_tokens - 1 must fit
+        # (was: a 128-token prompt accepted, whose recompute after its first token failed the run)
         name = register_scheduler("v0-budget-test", make_engine(tiny_llama, "vllm-v0").make_policy())
-        out = _generate_batch(tiny_llama, [[5] * 10, [6] * 128, [7] * 12], _cb(name, blocks=30), gen)
-        assert [o.status.name for o in out.values()] == ["FINISHED"] * 3
+        out = _generate_batch(tiny_llama, [[5] * 10, [6] * 121, [7] * 12, [8] * 122], _cb(name, blocks=30), gen)
+        assert [o.status.name for o in out.values()] == ["FINISHED"] * 3 + ["FAILED"]
+        assert ("122 prompt + 8 new tokens, and policy 'vllm-v0' recomputes a preempted request's whole context "
+                "in one prefill (up to 129 tokens): over the engine's max_batch_tokens (128)") in list(out.values())[3].error
     finally:
         SCHEDULER_MAPPING.pop("orca-budget-test", None)
         SCHEDULER_MAPPING.pop("v0-budget-test", None)
@@ -560,12 +586,67 @@ def test_budgets_the_engine_cannot_run_are_refused(tiny_llama):
     with pytest.raises(ValueError, match="engine max_batch_tokens 64 < the policy's token_budget 128"):
         PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "vllm").make_policy())
     # async batching (transformers' default on CUDA with CUDA graphs), refused when the manager
-    # starts (was: accepted, and never run: it needs a GPU)
-    cache.max_batch_tokens, cache.cb_config = TOKEN_BUDGET, SimpleNamespace(use_async_batching=True)
+    # builds the scheduler: read from the manager's config (was: from ``cache.cb_config``, which
+    # transformers' cache has not, so it never fired; and it needs a GPU to run at all)
+    cache.max_batch_tokens = TOKEN_BUDGET
+
+    class Manager:  # transformers' manager builds the scheduler in a method of its own
+        def __init__(self, use: bool) -> None:
+            self.continuous_batching_config = SimpleNamespace(use_async_batching=use)
+
+        def build(self) -> PolicyScheduler:
+            return PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "vllm").make_policy())
+
     with pytest.raises(ValueError, match=r"async batching is not supported .*use_async_batching=False"):
-        PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "vllm").make_policy())
-    cache.cb_config.use_async_batching = False
-    PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "vllm").make_policy())
+        Manager(True).build()
+    Manager(False).build()
+    PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "vllm").make_policy())  # no manager
+
+
+def test_a_preempted_request_keeps_its_tokens_in_a_failed_output(tiny_llama):
+    """transformers fails waiting requests with the tokens ``get_active_request_static_outputs``
+    gives; one this scheduler preempted waits with its tokens kept (was: [], lost)."""
+    from types import SimpleNamespace
+
+    from transformers.generation.continuous_batching.requests import RequestState
+
+    from ecoserve_sched.engines.transformers_cb import PolicyScheduler
+
+    cache = SimpleNamespace(cache_allocators={"full": SimpleNamespace(tokens_per_page=16)}, use_prefix_sharing=False,
+                            num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET)
+    sched = PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "vllm").make_policy())
+    st = RequestState("w", list(range(3, 13)), max_new_tokens=4)
+    st.generated_tokens = [7, 8]
+    sched.waiting_requests["w"] = st
+    assert sched.get_active_request_static_outputs("w") == [7, 8]
+    assert sched.get_active_request_static_outputs("nobody") == []
+
+
+def test_async_batching_is_refused_by_a_real_manager(tiny_llama, monkeypatch):
+    """transformers' own manager with ``use_async_batching=True``: its thread ends with the
+    refusal as it builds the scheduler, before any batch runs, and no request finishes (was:
+    accepted)."""
+    import threading
+
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    from ecoserve_sched.engines.transformers_cb import register_scheduler
+
+    gen = GenerationConfig(do_sample=False, max_new_tokens=4, eos_token_id=-1)
+    name = register_scheduler("async-test", make_engine(tiny_llama, "vllm").make_policy())
+    cb = ContinuousBatchingConfig(page_size=16, num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET,
+                                  max_requests_per_batch=MAX_RUNNING, allow_block_sharing=False,
+                                  use_async_batching=True, scheduler_type=name)
+    raised: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
+    try:
+        out = _generate_batch(tiny_llama, [[5] * 10, [6] * 12], cb, gen)
+    finally:
+        SCHEDULER_MAPPING.pop("async-test", None)
+        tiny_llama.destroy_cached_continuous_batching_manager()
+    assert not any(o.status.name == "FINISHED" for o in out.values())
+    assert any("async batching is not supported under an ecoserve policy" in str(e) for e in raised)
 
 
 def test_a_hard_stop_is_not_a_failed_forward_pass(tiny_llama):
