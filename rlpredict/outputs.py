@@ -238,20 +238,16 @@ def check_name_lengths(path: str | Path, option: str) -> None:
     """Refuse an output path with a name longer than its file system takes (checked before the
     work: was, a long ``calibrate`` measured its grid, then failed writing)."""
     p = Path(os.path.abspath(os.path.expanduser(path)))
-    parts = p.parts
-    for i, part in enumerate(parts[1:], 1):
-        if len(os.fsencode(part)) > 255 or not os.path.isdir(os.path.join(*parts[:i])):
-            folder = os.path.join(*parts[:i])
-            while not os.path.isdir(folder):
-                folder = os.path.dirname(folder)
-            try:
-                longest = os.pathconf(folder, "PC_NAME_MAX")
-            except (OSError, ValueError):
-                longest = 255
-            if too_long := next((q for q in parts[i:] if len(os.fsencode(q)) > longest), None):
-                raise OutputError(f"{p}: {option}: the name {too_long[:40]}... is {len(os.fsencode(too_long))} bytes "
-                                  f"long, more than this file system takes ({longest}); choose a shorter one")
-            return
+    folder = p.parent
+    while not os.path.isdir(folder) and folder != folder.parent:  # (False for a name too long)
+        folder = folder.parent
+    try:
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    if too_long := next((q for q in p.relative_to(folder).parts if len(os.fsencode(q)) > longest), None):
+        raise OutputError(f"{p}: {option}: the name {too_long[:40]}... is {len(os.fsencode(too_long))} bytes "
+                          f"long, more than this file system takes ({longest}); choose a shorter one")
 
 
 def names_a_folder(path: str | Path) -> bool:
