@@ -1013,7 +1013,7 @@ SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")
 
 
 def data_files(folder: Path) -> list[tuple[Path, RecordError | None]]:
-    """The data files a folder given as logs is read from, in name order (hidden names left
+    """The data files a folder given as logs is read from, in name order (hidden files left
     out), each with None, or the ``RecordError`` that makes it a bad "row": a data file in a
     compression other than gzip, a link to a folder (not followed) or a broken link named like
     a data file or not, and a second name of a file already listed (a hard or symbolic link:
@@ -1022,7 +1022,7 @@ def data_files(folder: Path) -> list[tuple[Path, RecordError | None]]:
     out: list[tuple[Path, RecordError | None]] = []
     first: dict[tuple[int, int], Path] = {}
     for f in sorted(folder.rglob("*")):
-        if any(part.startswith(".") for part in f.relative_to(folder).parts):
+        if f.name.startswith("."):
             continue
         if f.is_symlink() and (f.is_dir() or not f.exists()):
             what = "a link to a folder, which is not followed" if f.is_dir() else "a broken link"
