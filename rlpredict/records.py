@@ -518,13 +518,10 @@ def parse_json(text: str, refuse_twice: frozenset[str] = frozenset(), *, dotted:
 def _given_twice(row: dict[str, Any], twice: list[tuple[dict[str, Any], set[str]]],
                  fields: frozenset[str], dotted: bool) -> str | None:
     """The first of ``fields`` given twice (``dotted``: the path to the first key given twice on
-    its path into nested objects); ``twice`` pairs each object that repeats a key with the keys
-    it repeats."""
+    its path into nested objects), or in a message of a field holding a list, its role or text
+    (``messages[0].content``); ``twice`` pairs each object that repeats a key with the keys it
+    repeats."""
     repeated = {id(d): keys for d, keys in twice}
-    if not dotted:
-        top = repeated.get(id(row), set())
-        if bad := next((name for name in sorted(fields) if name in top), None):
-            return bad
     for name in sorted(fields):
         cur: Any = row
         parts = name.split(".") if dotted else [name]
