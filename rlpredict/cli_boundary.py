@@ -144,6 +144,15 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         note_interrupt(False)
 
 
+def _done() -> None:
+    """The command succeeded and its outputs landed: a Ctrl-C or SIGTERM during the
+    interpreter's teardown (up to a second after torch) is ignored (was: exit 130 with no
+    message after a complete run, so a script took the run as failed)."""
+    for sig in (signal.SIGINT, *STOP_SIGNALS):
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def _framework(e: BaseException) -> bool:
     """Typer/Click control flow (Exit, Abort, usage errors): left to the framework."""
     return type(e).__module__.split(".")[0] in ("typer", "click")
@@ -373,6 +382,8 @@ def run_cli(app: typer.Typer, **kwargs: Any) -> None:
     except SystemExit as e:
         if e.code == 1 and not was_null and _stdout_is_devnull():
             raise SystemExit(141) from None
+        if not e.code:
+            _done()
         raise
 
 
@@ -400,6 +411,8 @@ def run_script(main: Callable[[], Any]) -> NoReturn:
             raise
         code, line = failure(e, f"{DEBUG_ENV}=1", "interrupted: no file was left half-written")
         print(line, file=sys.stderr, flush=True)
+    if not code:
+        _done()
     sys.exit(code)
 
 

@@ -1012,8 +1012,8 @@ SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")
 def data_files(folder: Path) -> list[tuple[Path, RecordError | None]]:
     """The data files a folder given as logs is read from, in name order (hidden files left
     out), each with None, or the ``RecordError`` that makes it a bad "row": a data file in a
-    compression other than gzip, a link to a folder (not followed) or a broken link named like
-    a data file or not, and a second name of a file already listed (a hard or symbolic link:
+    compression other than gzip or named with a suffix after its format (``logs.jsonl.1``), a
+    link to a folder (not followed) or a broken link named like a data file or not, and a second name of a file already listed (a hard or symbolic link:
     its rows would count twice). Was: links to folders and broken links were left out, and a
     linked file read twice, without a word."""
     out: list[tuple[Path, RecordError | None]] = []
@@ -1032,6 +1032,9 @@ def data_files(folder: Path) -> list[tuple[Path, RecordError | None]]:
             out.append((f, RecordError(str(f), f"{kind}, which is not read: decompress it, or gzip it", kind=kind)))
             continue
         if detect_format(f)[0] is None:
+            if any(x.lower() in SUFFIXES for x in f.suffixes[:-1]):  # a rotated or renamed log: logs.jsonl.1
+                kind = "a data file named with a suffix after its format, which is not read: rename it"
+                out.append((f, RecordError(str(f), kind, kind=kind)))  # (was: left out without a word)
             continue
         try:
             st = f.stat()

@@ -604,6 +604,28 @@ def test_a_full_disk_behind_stderr_does_not_stop_the_work(tmp_path):
     assert bad.returncode == 2
 
 
+def test_a_signal_after_a_successful_command_is_ignored():
+    """Once a command succeeded, a Ctrl-C or SIGTERM during the interpreter's teardown leaves
+    exit 0 (was: 130 with no message after a complete train, eval or export)."""
+    code = ("import signal, typer\n"
+            "from rlpredict.cli_boundary import BoundaryGroup, run_cli\n"
+            "app = typer.Typer(cls=BoundaryGroup)\n"
+            "@app.command()\n"
+            "def hi() -> None:\n"
+            "    print('done')\n"
+            "@app.command()\n"
+            "def other() -> None:\n"
+            "    pass\n"
+            "try:\n"
+            "    run_cli(app)\n"
+            "finally:\n"
+            "    import os\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n")
+    res = subprocess.run([sys.executable, "-c", code, "hi"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert (res.returncode, res.stdout) == (0, "done\n"), res.stderr
+
+
 def test_predict_with_stdin_closed_asks_for_prompts(bundle_fp32):
     """Was: "internal error (a bug): AttributeError: 'NoneType' object has no attribute 'isatty'"."""
     res = subprocess.run([sys.executable, "-c", "from rlpredict.cli import main; main()", "predict", "-m",
@@ -1204,7 +1226,7 @@ def test_a_log_folder_names_links_it_does_not_read_and_files_it_would_read_twice
     two left out, the last read twice, without a word); a link in a folder to a file also
     given is refused up front, as the same file given twice is."""
     from rlpredict.outputs import repeated_input
-    from rlpredict.records import RecordError, iter_rows
+    from rlpredict.records import RecordError, data_files, iter_rows
 
     logs, other = tmp_path / "logs", tmp_path / "other"
     logs.mkdir()
@@ -1224,6 +1246,11 @@ def test_a_log_folder_names_links_it_does_not_read_and_files_it_would_read_twice
                    ("linked", "a link to a folder, which is not followed: give its target as another input")]
     (other / "c").mkdir()
     (other / "c" / "b_link.jsonl").symlink_to(other / "b.jsonl")
+    (other / "c" / "b.jsonl.1").write_text("{}\n")  # a rotated log: named, not left out
+    (other / "c" / "README.md").write_text("notes")  # not data: left out, as before
+    assert [(f.name, problem.reason if problem else None) for f, problem in data_files(other / "c")] == [
+        ("b.jsonl.1", "a data file named with a suffix after its format, which is not read: rename it"),
+        ("b_link.jsonl", None)]
     assert repeated_input([other / "c", other / "b.jsonl"]) == (
         f"{other / 'c' / 'b_link.jsonl'} (in {other / 'c'}) is the same file as {other / 'b.jsonl'}, also given "
         "(a link; its rows would count twice)")
