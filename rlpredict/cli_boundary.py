@@ -18,6 +18,7 @@ option.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import io
 import math
@@ -147,7 +148,19 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def _done() -> None:
     """The command succeeded and its outputs landed: a Ctrl-C or SIGTERM during the
     interpreter's teardown (up to a second after torch) is ignored (was: exit 130 with no
-    message after a complete run, so a script took the run as failed)."""
+    message after a complete run, so a script took the run as failed). From ``atexit``, so
+    that a process that goes on (a test calling the CLI in-process) keeps its handlers, and the
+    children it starts do not inherit ignored signals."""
+    global _IGNORING_AT_EXIT
+    if not _IGNORING_AT_EXIT:
+        _IGNORING_AT_EXIT = True
+        atexit.register(_ignore_stop_signals)
+
+
+_IGNORING_AT_EXIT = False
+
+
+def _ignore_stop_signals() -> None:
     for sig in (signal.SIGINT, *STOP_SIGNALS):
         with contextlib.suppress(OSError, ValueError):
             signal.signal(sig, signal.SIG_IGN)

@@ -607,8 +607,9 @@ def test_a_full_disk_behind_stderr_does_not_stop_the_work(tmp_path):
 def test_a_signal_after_a_successful_command_is_ignored():
     """Once a command succeeded, a Ctrl-C or SIGTERM during the interpreter's teardown leaves
     exit 0 (was: 130 with no message after a complete train, eval or export)."""
-    code = ("import signal, typer\n"
+    code = ("import atexit, os, signal, typer\n"
             "from rlpredict.cli_boundary import BoundaryGroup, run_cli\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), os.kill(os.getpid(), signal.SIGINT)))\n"
             "app = typer.Typer(cls=BoundaryGroup)\n"
             "@app.command()\n"
             "def hi() -> None:\n"
@@ -616,12 +617,7 @@ def test_a_signal_after_a_successful_command_is_ignored():
             "@app.command()\n"
             "def other() -> None:\n"
             "    pass\n"
-            "try:\n"
-            "    run_cli(app)\n"
-            "finally:\n"
-            "    import os\n"
-            "    os.kill(os.getpid(), signal.SIGINT)\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n")
+            "run_cli(app)\n")  # the signals come in teardown, after the run's own atexit
     res = subprocess.run([sys.executable, "-c", code, "hi"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert (res.returncode, res.stdout) == (0, "done\n"), res.stderr
 
