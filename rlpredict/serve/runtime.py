@@ -50,7 +50,7 @@ import numbers
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +78,9 @@ CUT_CHARS_PER_TOKEN = 8
 #: call of 100k prompts peaked at 1.8 GiB; in chunks of 1,024, 0.7 GiB, as fast (a reviewer's
 #: measurement, December 2026: docs/reliability.md).
 ENCODE_CHUNK = 1024
+#: ... or as many as hold this many characters (``TextEncoder.encode_iter``): the texts of a
+#: chunk are held whole while it is tokenized.
+ENCODE_CHUNK_CHARS = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +213,21 @@ class TextEncoder:
             if not out[i]:  # the first window did not settle: the slow path
                 out[i] = self._slow(texts[i])
         return out
+
+    def encode_iter(self, texts: Iterable[str]) -> Iterator[list[int]]:
+        """``encode_batch`` over ``texts`` as they come, ``ENCODE_CHUNK`` texts or
+        ``ENCODE_CHUNK_CHARS`` characters at a time: memory is one chunk's texts, whatever their
+        number (training's history mode makes a text of each turn's whole conversation)."""
+        chunk: list[str] = []
+        held = 0
+        for text in texts:
+            chunk.append(text)
+            held += len(text)
+            if len(chunk) >= ENCODE_CHUNK or held >= ENCODE_CHUNK_CHARS:
+                yield from self.encode_batch(chunk)
+                chunk, held = [], 0
+        if chunk:
+            yield from self.encode_batch(chunk)
 
     def _encode_long(self, text: str, first: int | None = None) -> list[int]:
         w = first or self.window

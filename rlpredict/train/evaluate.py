@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from rlpredict.json_file import read_json
 from rlpredict.outputs import output_dir, repeated_input, write_text_atomic
 from rlpredict.splits import RECORDLESS_RULE, SPLIT_RULES, check_split_record, split_by_group
 from rlpredict.train.baselines import BASELINES
-from rlpredict.train.encoders import check_positions
+from rlpredict.train.encoders import check_positions, token_ids
 from rlpredict.train.metrics import confusion, decode, quantile_tag, rl_metrics
 from rlpredict.train.model_meta import ModelMeta, load_trained, weights_sha256
 
@@ -32,25 +32,32 @@ MODEL = "model"
 EVAL_TOOL = "rlpredict eval"
 
 
-def encoder_texts(samples: Sequence[Sample], spec: InputSpec) -> list[str]:
-    return [build_text(s.messages, spec, s.generator) for s in samples]
+def encoder_texts(samples: Iterable[Sample], spec: InputSpec) -> list[str]:
+    return list(iter_encoder_texts(samples, spec))
 
 
-def baseline_texts(samples: Sequence[Sample], spec: InputSpec) -> list[str]:
-    return [lexical_text(t, spec) for t in encoder_texts(samples, spec)]
+def iter_encoder_texts(samples: Iterable[Sample], spec: InputSpec) -> Iterator[str]:
+    """The encoder's input texts, made one at a time (a conversation's history-mode texts, each
+    the whole conversation so far, are then never all held)."""
+    return (build_text(s.messages, spec, s.generator) for s in samples)
 
 
-def predict_proba_torch(model_dir: str | Path, texts: Sequence[str], spec: InputSpec, batch_size: int = 64,
+def baseline_texts(samples: Iterable[Sample], spec: InputSpec) -> list[str]:
+    return [lexical_text(t, spec) for t in iter_encoder_texts(samples, spec)]
+
+
+def predict_proba_torch(model_dir: str | Path, texts: Iterable[str], spec: InputSpec, batch_size: int = 64,
                         progress: bool = False) -> np.ndarray:
-    """Bucket probabilities from a Hugging Face model folder (torch; sorted by length, padded per batch)."""
+    """Bucket probabilities from a Hugging Face model folder (torch; sorted by length, padded per
+    batch); ``texts`` are tokenized as they come, cut before tokenizing (``token_ids``)."""
     import torch
     from rich.console import Console
     from rich.progress import track
 
     model, tok = load_trained(model_dir)
     model.eval()
-    tok.truncation_side = spec.truncation_side
-    ids = tok(list(texts), truncation=True, max_length=spec.max_length)["input_ids"]
+    tok.truncation_side = spec.truncation_side  # tok.pad pads on its own side; truncation is token_ids'
+    ids = list(token_ids(tok, texts, spec))
     order = np.argsort([len(x) for x in ids], kind="stable")
     out = np.zeros((len(ids), model.config.num_labels), dtype=np.float64)
     starts = range(0, len(ids), batch_size)
@@ -187,7 +194,7 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
 
     probs: dict[str, np.ndarray] = {}
     if model_dir is not None:
-        probs[MODEL] = predict_proba_torch(model_dir, encoder_texts(test, spec), spec, progress=progress)
+        probs[MODEL] = predict_proba_torch(model_dir, iter_encoder_texts(test, spec), spec, progress=progress)
     skipped_baselines = []
     if train:
         tr_rl = np.array([s.rl_tokens for s in train], dtype=float)

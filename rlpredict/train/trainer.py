@@ -61,7 +61,7 @@ from rlpredict.outputs import (
 from rlpredict.serve.runtime import usable_cores
 from rlpredict.splits import rows_sha256, split_with_pins
 from rlpredict.train.config import RESUMABLE_CHANGES, TrainConfig
-from rlpredict.train.encoders import check_loaded, check_positions, encoder_path
+from rlpredict.train.encoders import check_loaded, check_positions, encoder_path, token_ids
 from rlpredict.train.metrics import rl_metrics
 from rlpredict.train.model_meta import ModelMeta
 
@@ -494,8 +494,7 @@ EVAL_METRICS = ("mae", "kendall_tau", "bucket_acc", "within1_acc", "acc100")
 
 def _encode(tok: Any, samples: Sequence[Sample], cfg: TrainConfig) -> list[dict[str, Any]]:
     spec = cfg.input_spec
-    texts = [build_text(s.messages, spec, s.generator) for s in samples]
-    ids = tok(texts, truncation=True, max_length=spec.max_length)["input_ids"] if texts else []
+    ids = token_ids(tok, (build_text(s.messages, spec, s.generator) for s in samples), spec)
     return [{"input_ids": x, "labels": int(s.rl_tokens)} for x, s in zip(ids, samples, strict=True)]
 
 

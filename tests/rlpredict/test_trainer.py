@@ -441,3 +441,39 @@ def test_a_checkpoint_where_early_stopping_ended_the_run_counts_as_its_end(tmp_p
     assert not _checkpoint_done(ckpt, 40) and _checkpoint_done(ckpt, 3)
     (ckpt / "trainer_state.json").write_text("{not json")
     assert not _checkpoint_done(ckpt, 3)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_training_ids_are_the_whole_texts_cut_and_long_texts_are_cut_before_tokenizing(side):
+    """``token_ids`` (train and eval) gives the ids of tokenizing each text whole and cutting it,
+    as transformers' call does, with a transformers tokenizer with or without a ``tokenizers``
+    backend; the fast one never tokenizes a long text whole."""
+    import transformers
+
+    from rlpredict.inputs import InputSpec
+    from rlpredict.serve import runtime
+    from rlpredict.train.encoders import encoder_path, token_ids
+
+    spec = InputSpec(mode="history" if side == "left" else "last_user", max_length=24)
+    assert spec.truncation_side == side
+    long = "Explain, step by step, how a compiler works. " * 5_000
+    texts = ["", "hi", "word " * 2_000 + "end", long, "x" * 5_000, "你好" * 3_000, "[SEP] a [MASK] b"]
+    src = encoder_path()
+    fast = transformers.AutoTokenizer.from_pretrained(src)
+    slow = transformers.BertTokenizer.from_pretrained(src)
+    fast.truncation_side = slow.truncation_side = side
+    want = fast(texts, truncation=True, max_length=spec.max_length)["input_ids"]
+    assert slow(texts, truncation=True, max_length=spec.max_length)["input_ids"] == want
+    seen: list[int] = []
+    real = runtime.TextEncoder.encode_batch
+
+    def recording(self, chunk):
+        seen.extend(len(t) for t in chunk)
+        return real(self, chunk)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runtime.TextEncoder, "encode_batch", recording)
+        mp.setattr(runtime, "ENCODE_CHUNK", 3)
+        assert list(token_ids(fast, iter(texts), spec)) == want
+    assert seen == [len(t) for t in texts]  # every text through the cutting encoder, as it came
+    assert list(token_ids(slow, iter(texts), spec)) == want
