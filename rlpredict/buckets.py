@@ -126,8 +126,9 @@ class BucketScheme:
     @classmethod
     def from_quantiles(cls, rls: Sequence[int], n: int) -> BucketScheme:
         """Up to ``n`` buckets holding about equal shares of the given training RLs (quantiles
-        that fall on the same length merge, so heavily repeated lengths give fewer)."""
-        x = np.asarray(rls, dtype=float)
+        that fall on the same length merge, so heavily repeated lengths give fewer); a length
+        over ``MAX_TOKENS`` counts as ``MAX_TOKENS``, the highest an edge may be."""
+        x = np.minimum(np.asarray(rls, dtype=float), MAX_TOKENS)
         if x.size == 0:
             raise ValueError("no response lengths to derive bucket edges from")
         inner = np.unique(np.ceil(np.quantile(x, np.linspace(0, 1, n + 1)[1:-1])))
@@ -135,9 +136,6 @@ class BucketScheme:
         if not inner.size:  # said of the data, not of the scheme (was: "needs two buckets")
             raise ValueError(f"quantile:{n} gives one bucket: the quantiles of these {x.size} response "
                              f"lengths (min {int(x.min())}, max {int(x.max())}) all fall at 0 tokens")
-        if inner[-1] > MAX_TOKENS:
-            raise ValueError(f"quantile:{n}: these response lengths put a bucket edge at {int(inner[-1])} "
-                             f"tokens, above the {MAX_TOKENS} an edge may be (max length {int(x.max())})")
         return cls.from_edges((*inner.tolist(), math.inf))
 
     @classmethod
@@ -165,7 +163,8 @@ class BucketScheme:
         return cls.from_edges(edges)
 
     def fit(self, rls: Sequence[int], reserve_quantile: float | None = None) -> BucketScheme:
-        """Fill point estimates, reservations and quantile grids from training RLs."""
+        """Fill point estimates, reservations and quantile grids from training RLs (a length
+        over ``MAX_TOKENS`` counts as ``MAX_TOKENS`` in them, in its own bucket)."""
         q = self.reserve_quantile if reserve_quantile is None else reserve_quantile
         if not _real(q) or not 0 < q <= 1:
             raise ValueError(f"reserve_quantile: must be in (0, 1], got {q!r}")
@@ -175,6 +174,7 @@ class BucketScheme:
         if x.size and not (np.isfinite(x) & (x >= 0)).all():
             raise ValueError(f"rls: response lengths are finite counts >= 0, got {float(x[~(np.isfinite(x) & (x >= 0))][0]):g}")
         b = self.bucket_of(x)
+        x = np.minimum(x, MAX_TOKENS)  # a reservation names at most MAX_TOKENS (was: a longer response failed training)
         point, reserve, grids, counts = [], [], [], []
         for k, (lo, hi) in enumerate(self.bounds):
             xs = x[b == k]
@@ -350,5 +350,6 @@ def _number(v: object, name: str) -> float:
 
 def _default_grid(lo: float, hi: float, seen: np.ndarray | None = None) -> np.ndarray:
     """A placeholder quantile grid spanning a bucket (the open last bucket spans lo..2*lo)."""
-    top = hi if math.isfinite(hi) else max(2.0 * max(lo, 1.0), float(seen.max()) if seen is not None and seen.size else 0.0)
+    top = hi if math.isfinite(hi) else min(MAX_TOKENS, max(2.0 * max(lo, 1.0),
+                                                          float(seen.max()) if seen is not None and seen.size else 0.0))
     return np.linspace(min(lo + 1.0, top), top, len(QUANTILE_GRID))  # a bucket under a token wide: its top

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlpredict.buckets import MAX_TOKENS
 from rlpredict.records import (
     LOG_FIELDS,
     LOG_MESSAGES,
@@ -88,6 +89,11 @@ class LoadReport:
     without a word, whatever the other said)."""
     first_disagreeing: dict[str, str] = field(default_factory=dict)
     """``disagreeing``'s key -> where it first happened (``file:line``)."""
+    long_responses: int = 0
+    """Training samples whose response is over ``buckets.MAX_TOKENS`` tokens (set by training):
+    kept, in the last bucket, and counted as ``MAX_TOKENS`` in the scheme's reservations and
+    quantiles, the most a scheme names (``BucketScheme.fit``; was: training failed, naming no row)."""
+    first_long_response: str = ""
     shared_sources: dict[str, list[str]] = field(default_factory=dict)
     """Source names that several files share (sources are named by file name: ``a/logs.jsonl``
     and ``b/logs.jsonl`` are one source, ``logs``, for the per-source cap and tables)."""
@@ -108,6 +114,10 @@ class LoadReport:
             read, other = pair.split(" over ")
             s += (f"; {n} row{'s hold' if n != 1 else ' holds'} both {read!r} and {other!r}, which disagree: {read!r} was read "
                   f"(first: {self.first_disagreeing[pair]})")
+        if self.long_responses:
+            s += (f"; {self.long_responses} training response{'s' if self.long_responses != 1 else ''} over "
+                  f"{MAX_TOKENS} tokens count as {MAX_TOKENS} in the buckets' reservations and quantiles "
+                  f"(first: {self.first_long_response})")
         for src, files in self.shared_sources.items():  # was: merged without a word
             s += f"; {len(files)} files are one source, {src!r} (sources are named by file name): {', '.join(files)}"
         return s

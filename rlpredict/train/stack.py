@@ -69,10 +69,12 @@ def load_split(cfg: TrainConfig, log: Callable[[str], None] = lambda m: None,
 
     check_has_data(cfg)
     samples, report = load_samples(cfg.data, on_error=cfg.on_error)
-    for line in report.lines():
-        log(line)
     attach_rl(samples, cfg.rl_tokenizer)
-    prep, train_side = subsample(cfg, samples, report)
+    try:
+        prep, train_side = subsample(cfg, samples, report)
+    finally:  # what the read skipped, and what the scheme counted (long responses)
+        for line in report.lines():
+            log(line)
     return train_side, prep.train, prep.test, prep.scheme
 
 

@@ -46,7 +46,7 @@ from transformers import (
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging as hf_logging
 
-from rlpredict.buckets import BucketScheme
+from rlpredict.buckets import MAX_TOKENS, BucketScheme
 from rlpredict.data import LoadReport, Sample, attach_rl, load_samples
 from rlpredict.inputs import build_text
 from rlpredict.outputs import (
@@ -115,6 +115,8 @@ def subsample(cfg: TrainConfig, samples: list[Sample], report: LoadReport) -> tu
         first = f"; the first skipped: {report.examples[0]}" if report.examples else ""
         raise ValueError(f"{', '.join(map(str, cfg.data))}: no training samples left after the split "
                          f"({report.summary()}{first})")
+    long = [s.location for s in train if s.rl_tokens > MAX_TOKENS]
+    report.long_responses, report.first_long_response = len(long), long[0] if long else ""
     scheme = make_scheme(cfg.buckets, np.array([s.rl_tokens for s in train]), cfg.reserve_quantile)
     present = sum(1 for c in scheme.counts if c)
     if present < 2:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlpredict.buckets import DEFAULT_EDGES, BucketScheme
+from rlpredict.buckets import DEFAULT_EDGES, MAX_TOKENS, BucketScheme
 
 
 def test_default_edges_and_membership():
@@ -47,8 +47,18 @@ def test_log_spaced_and_quantile_schemes():
 def test_quantile_edges_on_degenerate_lengths_name_the_data():
     with pytest.raises(ValueError, match=r"quantile:4 gives one bucket: .* 50 response lengths \(min 0, max 0\)"):
         BucketScheme.from_quantiles([0] * 50, 4)
-    with pytest.raises(ValueError, match=r"quantile:4: these response lengths put a bucket edge at 2097152 tokens"):
-        BucketScheme.from_quantiles([2**21] * 10 + [5] * 10, 4)
+
+
+@pytest.mark.parametrize("spec", ["default", "quantile", [1024.0, MAX_TOKENS, math.inf]])
+def test_responses_over_the_most_a_scheme_names_count_as_that_most(spec):
+    """A response over ``MAX_TOKENS`` (2^20) tokens stays in the last bucket and counts as
+    ``MAX_TOKENS`` in edges, reservations and quantiles (was: training failed, naming no row)."""
+    rl = [2**21] * 10 + [5] * 10 + [3 * 2**40]
+    scheme = (BucketScheme.from_quantiles(rl, 4) if spec == "quantile" else BucketScheme.from_spec(spec)).fit(rl)
+    assert scheme.edges[-2] <= MAX_TOKENS and scheme.bucket_of([2**21])[0] == scheme.n_buckets - 1
+    assert scheme.reserve_tokens[-1] == scheme.point_tokens[-1] == MAX_TOKENS
+    assert max(max(q) for q in scheme.quantiles) == MAX_TOKENS
+    assert scheme.counts[-1] == 11
 
 
 @pytest.mark.parametrize("bad", [[], [64, 32, math.inf], [0, 32], [32, math.inf, 64]])

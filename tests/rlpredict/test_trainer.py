@@ -477,3 +477,13 @@ def test_training_ids_are_the_whole_texts_cut_and_long_texts_are_cut_before_toke
         assert list(token_ids(fast, iter(texts), spec)) == want
     assert seen == [len(t) for t in texts]  # every text through the cutting encoder, as it came
     assert list(token_ids(slow, iter(texts), spec)) == want
+
+
+def test_a_response_over_the_most_a_scheme_names_is_kept_and_said(tiny_encoder, tmp_path):
+    data = tmp_path / "logs.jsonl"
+    rows = [{"prompt": f"question {i}", "rl_tokens": 10 + 40 * i} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {"prompt": "go on", "rl_tokens": 3_000_000}]))
+    prep = prepare(tiny_cfg(tiny_encoder, data=[str(data)], test_frac=0.01, buckets="default", max_rows=100))
+    assert prep.scheme.reserve_tokens[-1] <= 1 << 20 and len(prep.train) + len(prep.test) == 41
+    assert (f"1 training response over 1048576 tokens count as 1048576 in the buckets' reservations and "
+            f"quantiles (first: {data}:41)") in prep.report.summary()
