@@ -20,6 +20,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -85,20 +86,37 @@ def raise_if_interrupted() -> None:
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+#: How safetensors' errors carry the OS error of a write: as text ("... (os error 28)").
+_LIBRARY_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """``e`` if an ``OSError``; a safetensors error caused by one (a full disk while weights
+    are written: was an internal error, exit 1) as that ``OSError``; else None."""
+    if isinstance(e, OSError):
+        return e
+    if type(e).__module__.partition(".")[0] == "safetensors" and (m := _LIBRARY_OS_ERROR.search(str(e))):
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 @contextlib.contextmanager
 def naming(path: str | Path) -> Iterator[None]:
-    """Name ``path`` in an ``OSError`` raised inside that names no file (a write's: a full disk
-    said "[Errno 28] No space left on device" alone) or that is a full disk's, unless an inner
-    ``naming`` (the output written) already named one: writes to ``path`` go inside."""
+    """Name ``path`` in an ``OSError`` (or a safetensors error caused by one) raised inside
+    that names no file (a write's: a full disk said "[Errno 28] No space left on device" alone)
+    or that is a full disk's, unless an inner ``naming`` (the output written) already named one:
+    writes to ``path`` go inside."""
     try:
         yield
-    except OSError as e:
-        if getattr(e, "names_output", False) or not e.strerror or \
-                (e.filename is not None and e.errno not in _DISK_FULL):
+    except Exception as e:
+        err = _os_error(e)
+        if err is None or getattr(err, "names_output", False) or not err.strerror or \
+                (err.filename is not None and err.errno not in _DISK_FULL):
             raise
-        err = OSError(e.errno, e.strerror, str(path))
-        err.names_output = True  # type: ignore[attr-defined]
-        raise err from None
+        named = OSError(err.errno, err.strerror, str(path))
+        named.names_output = True  # type: ignore[attr-defined]
+        raise named from None
 
 
 #: The most bytes of a target's name kept in its temporary file's or folder's name
@@ -404,9 +422,29 @@ def output_dir(path: str | Path, *, force: bool, tool: str, option: str = "--out
                 write_text_atomic(tmp / OWNER_FILE, json.dumps({"tool": tool, "files": files}, indent=1) + "\n")
                 raise_if_interrupted()
                 _replace_dir(tmp, out, force=force, option=option, rerun=own, only=only)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            inside = _inside(e.filename, tmp)
+            if inside is None:
+                raise
+            # a file of the temporary folder, which is gone: named as the output's (was: a full
+            # disk named ``.OUT.x1y2.part/report.json``)
+            named = OSError(e.errno, e.strerror, str(out / inside))
+            named.names_output = True  # type: ignore[attr-defined]
+            raise named from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _inside(filename: object, folder: Path) -> Path | None:
+    """``filename`` relative to ``folder`` if it lies inside it (the folder itself: ``.``)."""
+    if not isinstance(filename, str | os.PathLike):
+        return None
+    try:
+        return Path(filename).relative_to(folder)
+    except ValueError:
+        return None
 
 
 def _replace_dir(tmp: Path, out: Path, *, force: bool, option: str, rerun: str | None, only: str | None) -> None:

@@ -46,7 +46,7 @@ from rlpredict.serve.bundle import (
 from rlpredict.serve.runtime import Predictor
 from rlpredict.train.encoders import check_positions
 from rlpredict.train.evaluate import recorded_split
-from rlpredict.train.model_meta import ModelMeta, load_trained, weights_sha256
+from rlpredict.train.model_meta import ModelMeta, check_labels, load_trained, weights_sha256
 
 #: The tool named in its output folder's owner record (``rlpredict.outputs``): it replaces
 #: only a folder of its own, never another tool's, even with --force.
@@ -82,6 +82,10 @@ def export_bundle(model_dir: str | Path, out: str | Path, *, int8: bool = False,
                           "the bundle needs it to tokenize without transformers")
     check_paths([model_dir, *(parity_data or ())], [("--out", out)], apart=[model_dir, *(parity_data or ())])
     check_new_dir(out, force=force, option="--out", only=EXPORT_TOOL)  # never another tool's folder
+    try:
+        check_labels(model_dir, meta)  # before the parity data is read (and after loading, below)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     samples, read = _parity_samples(parity_data, parity_n, meta)
     fewer = f", of the {parity_n} asked for: the data holds no more" if len(samples) < parity_n else ""
     log(f"parity prompts: {len(samples)} from {_describe(parity_data)}{fewer} ({read.summary()})")
@@ -136,10 +140,8 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
             hf_logging.enable_progress_bar()
     model.eval()
     cfg = model.config
-    if cfg.num_labels != scheme.n_buckets:
-        raise ExportError(f"{model_dir}: the model has {cfg.num_labels} labels but rlpredict.json "
-                          f"has {scheme.n_buckets} buckets")
     try:
+        check_labels(model_dir, meta, cfg.num_labels)
         check_positions(model_dir, spec.max_length, str(model_dir))
     except ValueError as e:
         raise ExportError(str(e)) from None

@@ -75,6 +75,23 @@ class ModelMeta:
         return cls.from_dict(read_json(p), source=str(p))
 
 
+def check_labels(model_dir: str | Path, meta: ModelMeta, n_labels: int | None = None) -> None:
+    """Refuse a model whose classifier has another label count (``n_labels``, else its
+    ``config.json``'s ``id2label``) than ``meta`` has buckets: ``eval`` checks before it reads
+    the data (was: after predicting), ``export`` on the loaded model."""
+    if n_labels is None:
+        try:
+            labels = read_json(Path(model_dir) / "config.json").get("id2label")
+        except (OSError, ValueError, AttributeError):  # unreadable: transformers names it when it loads
+            return
+        if not isinstance(labels, dict):
+            return
+        n_labels = len(labels)
+    if n_labels != meta.buckets.n_buckets:
+        raise ValueError(f"{model_dir}: the model has {n_labels} labels but {FILENAME} has "
+                         f"{meta.buckets.n_buckets} buckets")
+
+
 class ModelLoadError(ValueError):
     """A trained model folder whose weights or tokenizer cannot be loaded."""
 

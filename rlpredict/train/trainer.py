@@ -54,6 +54,7 @@ from rlpredict.outputs import (
     check_new_dir,
     check_paths,
     mark_owned,
+    naming,
     output_dir,
     plain_modes,
     write_text_atomic,
@@ -662,8 +663,9 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
                 trainer.state.best_model_checkpoint = str(best)
                 trainer._load_best_model()
             result = TrainOutput(trainer.state.global_step, 0.0, {"train_runtime": 0.0})
-        else:
-            result = trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
+        else:  # a full disk while a checkpoint is written names the folder (was: an internal error)
+            with naming(ckpt) if cfg.save_checkpoints else contextlib.nullcontext():
+                result = trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
     except BaseException:
         # Stopped before its first complete checkpoint: nothing to resume from, and a folder
         # left behind would only block the same command (which would need --force); the

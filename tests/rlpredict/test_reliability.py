@@ -100,6 +100,28 @@ def test_train_never_deletes_a_users_folder(trace, tmp_path):
     assert snapshot(tmp_path) == {**before, "work/notes.txt": b"mine"}
 
 
+def test_a_full_disk_names_the_output_never_its_temporary_folder(tmp_path):
+    """A full disk inside ``output_dir`` names the output, never its temporary folder (was:
+    ``eval`` said ``.report.x1y2.part/confusion_model.png``), and a safetensors error caused by
+    one is that ``OSError`` (was: ``train`` ended as an internal error, exit 1)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    out = tmp_path / "report"
+    with pytest.raises(OSError) as e, output_dir(out, force=False, tool="t") as tmp:
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "plots" / "a.png"))
+        full.names_output = True  # as ``write_text_atomic`` names the file it wrote
+        raise full
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out / "plots" / "a.png")
+    with pytest.raises(OSError) as e, output_dir(out, force=False, tool="t"):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)
+    with pytest.raises(SafetensorError), output_dir(out, force=False, tool="t"):  # not an OS error: as it came
+        raise SafetensorError("Error while deserializing header: HeaderTooLarge")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
 def test_output_dir_replaces_only_what_a_tool_wrote(tmp_path):
     out = tmp_path / "report"
     with output_dir(out, force=False, tool="t") as tmp:

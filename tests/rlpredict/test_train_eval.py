@@ -205,3 +205,24 @@ def test_eval_keeps_the_trainings_pinned_ids_on_its_training_side(trained, tmp_p
     del summary["data"]["split"]["pinned"]  # a model trained before pins were recorded
     (model / "training_summary.json").write_text(json.dumps(summary))
     assert a in {s.group for s in evaluate(model, [part], baselines=["constant"])[2]}
+
+
+def test_eval_and_export_refuse_a_model_whose_labels_are_not_its_buckets_before_reading_data(trained, tmp_path):
+    """Was: ``eval`` predicted every row, then failed; now both refuse before the data is read
+    (a folder given as data would be a bad row: it is never reached)."""
+    import shutil
+
+    out, _ = trained
+    model = tmp_path / "model"
+    shutil.copytree(out, model)
+    meta = json.loads((model / "rlpredict.json").read_text())
+    meta["buckets"] = ModelMeta.load(out).buckets.from_spec([64, float("inf")]).fit([1] * 10 + [100] * 10).to_dict()
+    (model / "rlpredict.json").write_text(json.dumps(meta))
+    unread = tmp_path / "unread.jsonl"
+    unread.write_text("not json\n")
+    for cmd in (["eval", "--model", str(model), "--data", str(unread), "--out", str(tmp_path / "r")],
+                ["export", "--model", str(model), "--parity-data", str(unread), "--out", str(tmp_path / "b")]):
+        res = CliRunner().invoke(app, cmd)
+        assert res.exit_code == 2 and f"{model}: the model has" in res.output and "but rlpredict.json has 2 buckets" \
+            in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "unread.jsonl"]
