@@ -86,27 +86,54 @@ def raise_if_interrupted() -> None:
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
-#: How safetensors' errors carry the OS error of a write: as text ("... (os error 28)").
+#: How libraries written in Rust (safetensors; tokenizers, whose errors are bare ``Exception``)
+#: carry the OS error of a write: as text ("... (os error 28)").
 _LIBRARY_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+#: torch.save's zip writer says a failed write without its cause ("unexpected pos ...").
+_TORCH_WRITE_ERROR = re.compile(r"inline_container\.cc|PytorchStreamWriter failed")
 
 
 def _os_error(e: BaseException) -> OSError | None:
-    """``e`` if an ``OSError``; a safetensors error caused by one (a full disk while weights
-    are written: was an internal error, exit 1) as that ``OSError``; else None."""
+    """``e`` if an ``OSError``; a library's error caused by one (a full disk while weights, a
+    tokenizer or a checkpoint are written: was an internal error, exit 1) as an ``OSError``;
+    else None."""
     if isinstance(e, OSError):
         return e
-    if type(e).__module__.partition(".")[0] == "safetensors" and (m := _LIBRARY_OS_ERROR.search(str(e))):
+    text = str(e)
+    library = type(e).__module__.partition(".")[0]
+    if (type(e) is Exception or library in ("safetensors", "tokenizers")) and (m := _LIBRARY_OS_ERROR.search(text)):
         code = int(m.group(1))
         return OSError(code, os.strerror(code))
+    if isinstance(e, RuntimeError) and _TORCH_WRITE_ERROR.search(text):
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        return OSError(errno.EIO, f"torch could not write a file ({first[:200]}); is the disk full?")
     return None
+
+
+def _disk_of(path: str | Path, err: OSError) -> str:
+    """Where an error of a full disk that names no file most likely is: ``path``'s disk, or
+    the temporary folder's where that is another file system with less room (libraries write
+    there: onnxruntime's quantizer; was: ``export --int8`` blamed ``--out`` for a full
+    ``$TMPDIR``)."""
+    if err.errno not in _DISK_FULL:
+        return str(path)
+    tmp = Path(tempfile.gettempdir())
+    try:
+        here = next(p for p in (Path(path), *Path(path).absolute().parents) if p.exists())
+        if os.stat(here).st_dev != os.stat(tmp).st_dev and shutil.disk_usage(tmp).free < shutil.disk_usage(here).free:
+            return f"{tmp} (the temporary folder)"
+    except (OSError, StopIteration):
+        pass
+    return str(path)
 
 
 @contextlib.contextmanager
 def naming(path: str | Path) -> Iterator[None]:
-    """Name ``path`` in an ``OSError`` (or a safetensors error caused by one) raised inside
-    that names no file (a write's: a full disk said "[Errno 28] No space left on device" alone)
-    or that is a full disk's, unless an inner ``naming`` (the output written) already named one:
-    writes to ``path`` go inside."""
+    """Name ``path`` in an ``OSError`` (or a library's error caused by one) raised inside that
+    names no file (a write's: a full disk said "[Errno 28] No space left on device" alone) or
+    that is a full disk's, unless an inner ``naming`` (the output written) already named one:
+    writes to ``path`` go inside. A full disk that names no file names the temporary folder
+    instead where that is the fuller disk (``_disk_of``)."""
     try:
         yield
     except Exception as e:
@@ -114,7 +141,7 @@ def naming(path: str | Path) -> Iterator[None]:
         if err is None or getattr(err, "names_output", False) or not err.strerror or \
                 (err.filename is not None and err.errno not in _DISK_FULL):
             raise
-        named = OSError(err.errno, err.strerror, str(path))
+        named = OSError(err.errno, err.strerror, str(path) if err.filename is not None else _disk_of(path, err))
         named.names_output = True  # type: ignore[attr-defined]
         raise named from None
 

@@ -119,7 +119,44 @@ def test_a_full_disk_names_the_output_never_its_temporary_folder(tmp_path):
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)
     with pytest.raises(SafetensorError), output_dir(out, force=False, tool="t"):  # not an OS error: as it came
         raise SafetensorError("Error while deserializing header: HeaderTooLarge")
+    with pytest.raises(OSError) as e, output_dir(out, force=False, tool="t"):  # tokenizers' save: a bare Exception
+        raise Exception("No space left on device (os error 28)")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)
+    with pytest.raises(OSError, match=r"torch could not write a file .* is the disk full") as e, \
+            output_dir(out, force=False, tool="t"):  # torch.save's zip writer names no cause
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 297984 vs 297876")
+    assert e.value.filename == str(out)
+    with pytest.raises(RuntimeError, match="boom"), output_dir(out, force=False, tool="t"):
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_a_full_disk_naming_no_file_names_the_temporary_folder_where_that_is_the_fuller_disk(tmp_path, monkeypatch):
+    """``export --int8`` with a full ``$TMPDIR`` (onnxruntime's quantizer writes there, and its
+    error names no file) blamed ``--out``, whose disk had room."""
+    import errno
+    import shutil
+    import tempfile
+    from collections import namedtuple
+
+    from rlpredict.outputs import naming
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    real_stat = os.stat
+    usage = namedtuple("usage", "total used free")
+
+    def stat(p, *a, **k):
+        st = real_stat(p, *a, **k)
+        return os.stat_result((*st[:2], st.st_dev + 1, *st[3:])) if Path(p) == scratch else st
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(scratch))
+    monkeypatch.setattr(os, "stat", stat)
+    for free, want in ((0, f"{scratch} (the temporary folder)"), (1 << 40, str(tmp_path / "out"))):
+        monkeypatch.setattr(shutil, "disk_usage", lambda p, f=free: usage(1 << 41, 0, f if Path(p) == scratch else 1 << 30))
+        with pytest.raises(OSError) as e, naming(tmp_path / "out"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        assert e.value.filename == want
 
 
 def test_output_dir_replaces_only_what_a_tool_wrote(tmp_path):
