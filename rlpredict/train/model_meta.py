@@ -75,21 +75,60 @@ class ModelMeta:
         return cls.from_dict(read_json(p), source=str(p))
 
 
+#: Classifier heads' output weights in transformers' sequence-classification models (BERT,
+#: DistilBERT, DeBERTa; RoBERTa; decoder models): their first dimension is the label count.
+HEAD_WEIGHTS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
+
+
 def check_labels(model_dir: str | Path, meta: ModelMeta, n_labels: int | None = None) -> None:
-    """Refuse a model whose classifier has another label count (``n_labels``, else its
-    ``config.json``'s ``id2label``) than ``meta`` has buckets: ``eval`` checks before it reads
-    the data (was: after predicting), ``export`` on the loaded model."""
-    if n_labels is None:
-        try:
-            labels = read_json(Path(model_dir) / "config.json").get("id2label")
-        except (OSError, ValueError, AttributeError):  # unreadable: transformers names it when it loads
-            return
-        if not isinstance(labels, dict):
-            return
-        n_labels = len(labels)
-    if n_labels != meta.buckets.n_buckets:
-        raise ValueError(f"{model_dir}: the model has {n_labels} labels but {FILENAME} has "
-                         f"{meta.buckets.n_buckets} buckets")
+    """Refuse a model whose classifier has another label count than ``meta`` has buckets:
+    ``n_labels`` (the loaded model's), else its ``config.json``'s (``id2label``, else
+    ``num_labels``) and its weights' (the head's rows, from the safetensors header). ``eval``
+    and ``export`` check before they read the data (was: ``eval`` after predicting, or a
+    transformers load report), ``export`` again on the loaded model. What cannot be read is
+    left to transformers, which names it when it loads."""
+    k = meta.buckets.n_buckets
+    found: list[tuple[str, int]] = []
+    if n_labels is not None:
+        found.append(("the model", n_labels))
+    else:
+        found += _config_labels(Path(model_dir)) + _weight_labels(Path(model_dir))
+    for what, n in found:
+        if n != k:
+            raise ValueError(f"{model_dir}: {what} has {n} labels but {FILENAME} has {k} buckets")
+
+
+def _config_labels(model_dir: Path) -> list[tuple[str, int]]:
+    try:
+        cfg = read_json(model_dir / "config.json")
+    except (OSError, ValueError):
+        return []
+    if not isinstance(cfg, dict):
+        return []
+    labels, n = cfg.get("id2label"), cfg.get("num_labels")
+    if isinstance(labels, dict):
+        return [("the model", len(labels))]
+    if isinstance(n, int) and not isinstance(n, bool):
+        return [("the model", n)]
+    return []
+
+
+def _weight_labels(model_dir: Path) -> list[tuple[str, int]]:
+    path = model_dir / "model.safetensors"
+    if not path.is_file():
+        return []
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            keys = set(f.keys())
+            for name in HEAD_WEIGHTS:
+                if name in keys:
+                    shape = f.get_slice(name).get_shape()
+                    return [(f"the model's classifier ({name})", int(shape[0]))] if shape else []
+    except Exception:  # a damaged file: the loader names it
+        return []
+    return []
 
 
 class ModelLoadError(ValueError):

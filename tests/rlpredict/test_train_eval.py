@@ -207,22 +207,40 @@ def test_eval_keeps_the_trainings_pinned_ids_on_its_training_side(trained, tmp_p
     assert a in {s.group for s in evaluate(model, [part], baselines=["constant"])[2]}
 
 
-def test_eval_and_export_refuse_a_model_whose_labels_are_not_its_buckets_before_reading_data(trained, tmp_path):
-    """Was: ``eval`` predicted every row, then failed; now both refuse before the data is read
-    (a folder given as data would be a bad row: it is never reached)."""
+@pytest.mark.parametrize("where", ["buckets", "num_labels", "weights"])
+def test_eval_and_export_refuse_a_model_whose_labels_are_not_its_buckets_before_reading_data(trained, tmp_path,
+                                                                                             where):
+    """Was: ``eval`` predicted every row, then failed naming no file (or printed transformers'
+    load report); now both refuse before the data is read (a bad row would be named first)."""
     import shutil
+
+    from safetensors.numpy import load_file, save_file
 
     out, _ = trained
     model = tmp_path / "model"
     shutil.copytree(out, model)
-    meta = json.loads((model / "rlpredict.json").read_text())
-    meta["buckets"] = ModelMeta.load(out).buckets.from_spec([64, float("inf")]).fit([1] * 10 + [100] * 10).to_dict()
-    (model / "rlpredict.json").write_text(json.dumps(meta))
+    k = ModelMeta.load(out).buckets.n_buckets
+    if where == "buckets":  # rlpredict.json says 2 buckets
+        meta = json.loads((model / "rlpredict.json").read_text())
+        meta["buckets"] = ModelMeta.load(out).buckets.from_spec([64, float("inf")]).fit([1] * 10 + [100] * 10).to_dict()
+        (model / "rlpredict.json").write_text(json.dumps(meta))
+        want = f"{model}: the model has {k} labels but rlpredict.json has 2 buckets"
+    elif where == "num_labels":  # config.json says 2 labels by num_labels, not id2label
+        cfg = json.loads((model / "config.json").read_text())
+        for key in ("id2label", "label2id"):
+            cfg.pop(key, None)
+        (model / "config.json").write_text(json.dumps({**cfg, "num_labels": 2}))
+        want = f"{model}: the model has 2 labels but rlpredict.json has {k} buckets"
+    else:  # the weights' head has 2 rows
+        weights = load_file(model / "model.safetensors")
+        weights["classifier.weight"] = weights["classifier.weight"][:2]
+        weights["classifier.bias"] = weights["classifier.bias"][:2]
+        save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+        want = f"{model}: the model's classifier (classifier.weight) has 2 labels but rlpredict.json has {k} buckets"
     unread = tmp_path / "unread.jsonl"
     unread.write_text("not json\n")
     for cmd in (["eval", "--model", str(model), "--data", str(unread), "--out", str(tmp_path / "r")],
                 ["export", "--model", str(model), "--parity-data", str(unread), "--out", str(tmp_path / "b")]):
         res = CliRunner().invoke(app, cmd)
-        assert res.exit_code == 2 and f"{model}: the model has" in res.output and "but rlpredict.json has 2 buckets" \
-            in res.output, res.output
+        assert res.exit_code == 2 and want in res.output and res.output.count("\n") == 1, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "unread.jsonl"]
