@@ -127,15 +127,19 @@ class BucketScheme:
     def from_quantiles(cls, rls: Sequence[int], n: int) -> BucketScheme:
         """Up to ``n`` buckets holding about equal shares of the given training RLs (quantiles
         that fall on the same length merge, so heavily repeated lengths give fewer); a length
-        over ``MAX_TOKENS`` counts as ``MAX_TOKENS``, the highest an edge may be."""
-        x = np.minimum(np.asarray(rls, dtype=float), MAX_TOKENS)
-        if x.size == 0:
+        over ``MAX_TOKENS`` counts as ``MAX_TOKENS``, and edges lie below it (the last bucket,
+        up to infinity, holds those lengths)."""
+        raw = np.asarray(rls, dtype=float)
+        if raw.size == 0:
             raise ValueError("no response lengths to derive bucket edges from")
+        x = np.minimum(raw, MAX_TOKENS)
         inner = np.unique(np.ceil(np.quantile(x, np.linspace(0, 1, n + 1)[1:-1])))
-        inner = inner[inner > 0]
+        inner = inner[(inner > 0) & (inner < MAX_TOKENS)]  # (an edge at MAX_TOKENS: two buckets of one length)
         if not inner.size:  # said of the data, not of the scheme (was: "needs two buckets")
-            raise ValueError(f"quantile:{n} gives one bucket: the quantiles of these {x.size} response "
-                             f"lengths (min {int(x.min())}, max {int(x.max())}) all fall at 0 tokens")
+            where = "0 tokens" if x.max() < MAX_TOKENS else (
+                f"0 tokens or at {MAX_TOKENS} tokens or more (the most a scheme names)")
+            raise ValueError(f"quantile:{n} gives one bucket: the quantiles of these {raw.size} response "
+                             f"lengths (min {int(raw.min())}, max {int(raw.max())}) all fall at {where}")
         return cls.from_edges((*inner.tolist(), math.inf))
 
     @classmethod

@@ -59,6 +59,11 @@ def test_responses_over_the_most_a_scheme_names_count_as_that_most(spec):
     assert scheme.reserve_tokens[-1] == scheme.point_tokens[-1] == MAX_TOKENS
     assert max(max(q) for q in scheme.quantiles) == MAX_TOKENS
     assert scheme.counts[-1] == 11
+    if spec == "quantile":  # no edge at MAX_TOKENS: two buckets would mean one length
+        assert scheme.edges == (5.0, math.inf)
+        with pytest.raises(ValueError, match=r"quantile:4 gives one bucket: .* 30 response lengths \(min 1048577, "
+                                             r"max 1048606\) all fall at 0 tokens or at 1048576 tokens or more"):
+            BucketScheme.from_quantiles(range(2**20 + 1, 2**20 + 31), 4)
 
 
 @pytest.mark.parametrize("bad", [[], [64, 32, math.inf], [0, 32], [32, math.inf, 64]])
