@@ -148,6 +148,12 @@ class TextEncoder:
         self._n_content = self.max_length - self.tokenizer.num_special_tokens_to_add(False)
         added = tokenizer.get_added_tokens_decoder().values()
         self._guard = max((len(t.content) for t in added), default=0)
+        # Added tokens are matched leftmost-longest. Where one's end can be another's start
+        # ("aa"; runs of spaces in code models' tokenizers), where matching starts decides the
+        # matches arbitrarily far on: a window that drops the head (left truncation) may then
+        # tokenize its tail otherwise than the whole text does, so such texts are tokenized
+        # whole (was: "a" * 3001 + " b" with "aa" added gave ... aa aa b for ... aa a b).
+        self._tail_cuts = self.keep_head or not _chained([t.content for t in added])
         config = json.loads(spec)
         self._cut_anywhere = ((config.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
                               and (config.get("normalizer") or {}).get("type") in (None, "BertNormalizer"))
@@ -157,8 +163,12 @@ class TextEncoder:
         # limit, the same ids. Was: one 60 MB word was tokenized whole (5 GB).
         model = config.get("model") or {}
         limit = model.get("max_input_chars_per_word") if model.get("type") == "WordPiece" else None
-        self._unk_run = (re.compile(f"[A-Za-z0-9\U0001F300-\U0001FAFF]{{{limit + 2},}}")
-                         if self._cut_anywhere and isinstance(limit, int) else None)
+        # An added token that begins or ends with such a character could match at a run's edge
+        # or inside it ("xyz" added: was, a run of q then xyz's lost them): no shortening then.
+        run_char = re.compile("[A-Za-z0-9\U0001F300-\U0001FAFF]")
+        edges = "".join(t.content[:1] + t.content[-1:] for t in added)
+        self._unk_run = (re.compile(f"{run_char.pattern}{{{limit + 2},}}")
+                         if self._cut_anywhere and isinstance(limit, int) and not run_char.search(edges) else None)
         self._unk_word = "a" * ((limit or 0) + 1)
         # BERT's normalizer deletes some characters (controls, zero-width, combining marks) and
         # makes others a space its pre-tokenizer splits at: a run of two or more of them has the
@@ -271,7 +281,10 @@ class TextEncoder:
 
     def _piece(self, text: str, w: int) -> str | None:
         """About ``w`` characters of ``text`` on the kept side, cut at a space if the outer half
-        of the window has one (else anywhere, if the tokenizer allows: else ``None``)."""
+        of the window has one (else anywhere, if the tokenizer allows: else ``None``); ``None``
+        where the added tokens forbid a cut (``_tail_cuts``)."""
+        if not self._tail_cuts:
+            return None
         if self.keep_head:
             cut = text.rfind(" ", w // 2, w)
             if cut < 0 and not self._cut_anywhere:
@@ -299,6 +312,12 @@ class TextEncoder:
         while j < n - 1 and words[j + 1] == words[0]:
             j += 1
         return offsets[n - k][0] >= max(offsets[j][1], self._guard)
+
+
+def _chained(tokens: Sequence[str]) -> bool:
+    """Whether a proper suffix of one of ``tokens`` is a proper prefix of one (itself too)."""
+    prefixes = {t[:i] for t in tokens for i in range(1, len(t))}
+    return any(t[i:] in prefixes for t in tokens for i in range(1, len(t)))
 
 
 def _released(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> Encoding:

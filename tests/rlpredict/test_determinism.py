@@ -16,6 +16,7 @@ import random
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +181,20 @@ def _byte_level_bpe() -> str:
     return tok.to_str()
 
 
-TOKENIZERS = {"bert": _bert, "byte-level-bpe": _byte_level_bpe}
+def _added(base: Callable[[], str], tokens: list[str]) -> Callable[[], str]:
+    """``base`` with ``tokens`` added, as ``tokenizer.add_tokens`` adds a local encoder's own:
+    words (``xyz``), ones whose end can start another (``aa``, runs of spaces: a window cut on
+    the left then shifts the matches), ones with a word character at an edge (``ab]``)."""
+    def make() -> str:
+        tok = Tokenizer.from_str(base())
+        tok.add_tokens(tokens)
+        return tok.to_str()
+    return make
+
+
+TOKENIZERS = {"bert": _bert, "byte-level-bpe": _byte_level_bpe,
+              "bert-added": _added(_bert, ["xyz", "aa", "ab]", "[q"]),
+              "byte-level-bpe-added": _added(_byte_level_bpe, ["  ", "    ", "aa", "xyz"])}
 
 
 @functools.cache
@@ -207,6 +221,10 @@ ATOMS = st.one_of(
     st.sampled_from(["e\u0301", "\u0301", "ñ", "Å", "ﬁ", "①", "😀", "\x00", "\ufffd", "\u200b"]),
     st.sampled_from(["[SEP]", "[MASK]", "[CLS]", "[UNK]", "[SE", "P]", "<s>", "</s>", "<mask>"]),
     st.integers(0, 10**12).map(str),
+    st.integers(1, 300).map(lambda n: "a" * n),  # added tokens: aa (chained), xyz, ab], [q
+    st.integers(1, 60).map(lambda n: "xyz" * n),
+    st.integers(95, 130).map(lambda n: "q" * n + "xyz"),
+    st.sampled_from(["ab]", "[q", "[qqq", "aab]"]),
     st.text(st.characters(exclude_categories=("Cs",)), max_size=5),
 )
 LONG_TEXT = st.lists(st.tuples(ATOMS, st.sampled_from(["", " ", " ", "\n"])), max_size=150).map(
