@@ -158,17 +158,15 @@ class TextEncoder:
         self._cut_anywhere = ((config.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
                               and (config.get("normalizer") or {}).get("type") in (None, "BertNormalizer"))
         # WordPiece makes a word of more than max_input_chars_per_word characters one [UNK]: a
-        # longer run of characters that BERT's normalizer keeps one for one and its pre-tokenizer
-        # never splits (ASCII letters and digits, emoji) is shortened to one character over that
-        # limit, the same ids. Was: one 60 MB word was tokenized whole (5 GB).
+        # longer run of characters that its normalizer and pre-tokenizer keep in one word is
+        # shortened to one character over that limit, the same ids (``_shorten``). Was: one 60
+        # MB word was tokenized whole (5 GB); then, until December 7, 2026, only runs of ASCII
+        # letters, digits and emoji were (a 30 MB Thai or "é" prompt took 2 GB).
         model = config.get("model") or {}
         limit = model.get("max_input_chars_per_word") if model.get("type") == "WordPiece" else None
-        # An added token that begins or ends with such a character could match at a run's edge
-        # or inside it ("xyz" added: was, a run of q then xyz's lost them): no shortening then.
-        run_char = re.compile("[A-Za-z0-9\U0001F300-\U0001FAFF]")
-        edges = "".join(t.content[:1] + t.content[-1:] for t in added)
-        self._unk_run = (re.compile(f"{run_char.pattern}{{{limit + 2},}}")
-                         if self._cut_anywhere and isinstance(limit, int) and not run_char.search(edges) else None)
+        self._unk_limit = limit if self._cut_anywhere and isinstance(limit, int) and limit >= 0 else None
+        self._unk_run: re.Pattern[str] | None = None  # built on the first text that needs it
+        self._unk_gone: re.Pattern[str] | None = None
         self._unk_word = "a" * ((limit or 0) + 1)
         # BERT's normalizer deletes some characters (controls, zero-width, combining marks) and
         # makes others a space its pre-tokenizer splits at: a run of two or more of them has the
@@ -198,7 +196,45 @@ class TextEncoder:
 
     def _shorten(self, text: str) -> str:
         """``text`` with its runs that are one [UNK] each at their limit's length (same ids)."""
-        return self._unk_run.sub(self._unk_word, text) if self._unk_run is not None else text
+        if self._unk_limit is None:
+            return text
+        if self._unk_run is None:
+            self._word_runs()
+            if self._unk_run is None:
+                return text
+        assert self._unk_gone is not None
+        need, gone = self._unk_limit + 2, self._unk_gone
+
+        def cut(m: re.Match[str]) -> str:  # characters the normalizer deletes count for none
+            run = m.group()
+            return self._unk_word if len(gone.sub("", run)) >= need else run
+        return self._unk_run.sub(cut, text)
+
+    def _word_runs(self) -> None:
+        """Build ``_shorten``'s patterns, once (0.2 s): a run of at least ``limit + 2``
+        characters of which each becomes one or more word characters under the normalizer (none
+        its pre-tokenizer splits at) or is deleted by it; such a run with ``limit + 2`` word
+        characters is one word of over ``limit`` characters, one [UNK], whatever its neighbours.
+        An added token that begins or ends with such a character, or holds such a run, could
+        match at a run's edge or in it ("xyz" added: a run of q then xyz's lost them): then no
+        shortening."""
+        assert self._unk_limit is not None
+        norm, pre = self._whole.normalizer, self._whole.pre_tokenizer
+        word, gone = [], []
+        for cp in (*range(0xD800), *range(0xE000, 0x10000), *range(0x1F300, 0x1FB00)):  # BMP, emoji
+            c = chr(cp)
+            out = norm.normalize_str(c) if norm is not None else c
+            if not out:
+                gone.append(c)
+            elif pre is None or len(pre.pre_tokenize_str(f"a{out}a")) == 1:
+                word.append(c)
+        chars = _char_class(word + gone)
+        run = re.compile(f"{chars}{{{self._unk_limit + 2},}}")
+        if any(re.fullmatch(chars, t.content[:1]) or re.fullmatch(chars, t.content[-1:]) or run.search(t.content)
+               for t in self._added if t.content):
+            self._unk_limit = None
+            return
+        self._unk_run, self._unk_gone = run, re.compile(f"{_char_class(gone)}+") if gone else re.compile("(?!)")
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if len(texts) == 1:  # the per-request path: tokenizers' batch call starts a thread per core
@@ -312,6 +348,20 @@ class TextEncoder:
         while j < n - 1 and words[j + 1] == words[0]:
             j += 1
         return offsets[n - k][0] >= max(offsets[j][1], self._guard)
+
+
+def _char_class(chars: Sequence[str]) -> str:
+    """A regex character class of ``chars``, as ranges of consecutive code points."""
+    points = sorted({ord(c) for c in chars})
+    parts, i = [], 0
+    while i < len(points):
+        j = i
+        while j + 1 < len(points) and points[j + 1] == points[j] + 1:
+            j += 1
+        lo, hi = re.escape(chr(points[i])), re.escape(chr(points[j]))
+        parts.append(lo if i == j else f"{lo}-{hi}")
+        i = j + 1
+    return f"[{''.join(parts)}]"
 
 
 def _chained(tokens: Sequence[str]) -> bool:

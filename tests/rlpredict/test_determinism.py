@@ -215,6 +215,7 @@ ATOMS = st.one_of(
     st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789"), min_size=1, max_size=12),
     st.integers(95, 130).map(lambda n: "w" * n),  # BERT: a word over 100 characters is one [UNK]
     st.integers(95, 400).map(lambda n: ("a1Z\U0001F600" * n)[:n]),  # runs the encoder shortens
+    st.integers(95, 400).map(lambda n: ("éกิน\u0301ñ\u200bß" * n)[:n]),  # non-ASCII ones, marks it deletes
     st.text(st.sampled_from(" \t\n\r\u3000\xa0\x0b\x1c\x85\u2028"), min_size=1, max_size=30),
     st.sampled_from(list(",.!?;:-_()[]{}'\"/\\@#")),
     st.text(st.sampled_from("你好世界日本語한국어"), min_size=1, max_size=5),
