@@ -33,7 +33,7 @@ SETS = {"heavy: 0.25, 0.5 per iteration": [(32, 0.25), (32, 0.5)],
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", type=arg_list(arg_number(float, 0, low_open=True)), default="2,4", help="Poisson arrival rates of the served traces")
     ap.add_argument("--repeats", type=arg_number(int, 1), default=2, help="real runs per trace and policy")
     ap.add_argument("--token-budget", type=arg_number(int, 34), default=512)  # the replays' 32 requests, +2

@@ -312,7 +312,7 @@ def hybrid_markdown(res: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", type=arg_path, metavar="DIR",
                     help="the shared data folder (../shared/data); needed unless --report")
     ap.add_argument("--out", type=arg_path, default=REPO / "runs" / "serving_gain", help="output folder (default: runs/serving_gain)")

@@ -54,7 +54,7 @@ def memory_time(m: CostModel, x: tuple[int, int, int, int]) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     profiles_input = add_shared_input(ap, "--profiles-dir", "distserve_a100_profiles",
                                       "folder with profiler-a100-80g.<engine>.json")
     ap.add_argument("--engine", default="vllm", choices=["vllm", "distserve"],

@@ -149,7 +149,7 @@ def _decision_run(p: str, cost: object, kv_blocks: int | None, n: int, arrivals:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     trace_input = add_trace_input(ap)
     ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile")
     ap.add_argument("--confusion", type=arg_path, default=str(DEFAULT_CONFUSION), help="confusion matrix for predictions")

@@ -143,7 +143,7 @@ class Worker:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", type=arg_path, required=True, help="source tree of the baseline (a git worktree)")
     ap.add_argument("--after", type=arg_path, default=ROOT, help="source tree to compare (default: this one)")
     trace_input = add_trace_input(ap)

@@ -113,7 +113,7 @@ def run_to_run(runs: list[EngineRun]) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="small-llama", help="preset or config.json (random weights)")
     ap.add_argument("--profile", default=None,
                     help="profile JSON of that model on this host (default: calibrate now)")

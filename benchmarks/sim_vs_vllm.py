@@ -161,7 +161,7 @@ def trace_spec(a: argparse.Namespace) -> tuple[RunSpec, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     trace_input = add_trace_input(ap)
     ap.add_argument("--cell", help="a cell of benchmarks/scenario_grid.py (or a random draw's rS.I): its trace, "
                     "arrivals, profile, SLO and KV cache, and the grid's predictions")

@@ -26,7 +26,7 @@ from rlpredict.train.metrics import rl_metrics
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=arg_path, action="append", required=True, help="labelled chat logs (repeatable)")
     ap.add_argument("--model", type=arg_path, default=None, help="bundle (default: the shipped one)")
     args = ap.parse_args()

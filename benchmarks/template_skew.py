@@ -34,7 +34,7 @@ def _qwen_files() -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=arg_path, action="append", required=True, help="labelled chat logs (repeatable)")
     ap.add_argument("--model", type=arg_path, default=None, help="bundle (default: the shipped one)")
     ap.add_argument("--chat-tokenizer", type=arg_path, default=None, help="folder of a tokenizer with a chat template")

