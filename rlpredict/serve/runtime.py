@@ -155,6 +155,15 @@ class TextEncoder:
         # whole (was: "a" * 3001 + " b" with "aa" added gave ... aa aa b for ... aa a b).
         self._tail_cuts = self.keep_head or not _chained([t.content for t in added])
         config = json.loads(spec)
+        # The guard counts raw characters, so a window is cut only where every added token's
+        # match spans its own characters alone. Not so for a normalized token where there is a
+        # normalizer (its match may span characters the normalizer deletes: "x." + zero-width
+        # spaces + "y" matches "x.y"), nor where ``max_length`` leaves no room for content: no
+        # window then. A token that strips the spaces beside it (``lstrip``/``rstrip``) may span
+        # a run of them: a text that holds one is tokenized whole (``_piece``).
+        self._cuts = self._n_content > 0 and not (
+            config.get("normalizer") and any(t.normalized for t in added))
+        self._stripping = [t.content for t in added if (t.lstrip or t.rstrip) and t.content]
         self._cut_anywhere = ((config.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
                               and (config.get("normalizer") or {}).get("type") in (None, "BertNormalizer"))
         # WordPiece makes a word of more than max_input_chars_per_word characters one [UNK]: a
@@ -205,36 +214,54 @@ class TextEncoder:
         assert self._unk_gone is not None
         need, gone = self._unk_limit + 2, self._unk_gone
 
-        def cut(m: re.Match[str]) -> str:  # characters the normalizer deletes count for none
-            run = m.group()
-            return self._unk_word if len(gone.sub("", run)) >= need else run
+        def cut(m: re.Match[str]) -> str:
+            """One [UNK] if the run holds ``need`` word characters (those the normalizer deletes
+            count for none), counted up to there, without a copy of the run."""
+            start, end = m.span()
+            words, at = 0, start
+            for g in gone.finditer(text, start, end):
+                words += g.start() - at
+                if words >= need:
+                    return self._unk_word
+                at = g.end()
+            return self._unk_word if words + end - at >= need else m.group()
         return self._unk_run.sub(cut, text)
 
     def _word_runs(self) -> None:
-        """Build ``_shorten``'s patterns, once (0.2 s): a run of at least ``limit + 2``
+        """Build ``_shorten``'s patterns, once (0.4 s): a run of at least ``limit + 2``
         characters of which each becomes one or more word characters under the normalizer (none
         its pre-tokenizer splits at) or is deleted by it; such a run with ``limit + 2`` word
         characters is one word of over ``limit`` characters, one [UNK], whatever its neighbours.
-        An added token that begins or ends with such a character, or holds such a run, could
-        match at a run's edge or in it ("xyz" added: a run of q then xyz's lost them): then no
-        shortening."""
+        No shortening where an added token could match at a run's edge or in it: one whose text
+        (or normalized text) begins or ends with such a character or holds such a run ("xyz"
+        added: a run of q then xyz's lost them), or one that matches whole words only (it
+        matched beside a run that began with "€")."""
         assert self._unk_limit is not None
         norm, pre = self._whole.normalizer, self._whole.pre_tokenizer
-        word, gone = [], []
-        for cp in (*range(0xD800), *range(0xE000, 0x10000), *range(0x1F300, 0x1FB00)):  # BMP, emoji
-            c = chr(cp)
-            out = norm.normalize_str(c) if norm is not None else c
+        word: list[int] = []
+        gone: list[int] = []
+        # the BMP, the supplementary multilingual plane (emoji, flags, mathematical letters) and
+        # the tags and variation selectors of plane 14; other planes' characters end a run
+        for cp in (*range(0xD800), *range(0xE000, 0x20000), *range(0xE0000, 0xE1000)):
+            out = norm.normalize_str(chr(cp)) if norm is not None else chr(cp)
             if not out:
-                gone.append(c)
+                gone.append(cp)
             elif pre is None or len(pre.pre_tokenize_str(f"a{out}a")) == 1:
-                word.append(c)
-        chars = _char_class(word + gone)
-        run = re.compile(f"{chars}{{{self._unk_limit + 2},}}")
-        if any(re.fullmatch(chars, t.content[:1]) or re.fullmatch(chars, t.content[-1:]) or run.search(t.content)
-               for t in self._added if t.content):
+                word.append(cp)
+
+        def bmp_and_longest(points: list[int]) -> list[tuple[int, int]]:
+            ranges = _ranges(points)
+            astral = sorted((r for r in ranges if r[0] > 0xFFFF), key=lambda r: r[0] - r[1])[:ASTRAL_RANGES]
+            return [r for r in ranges if r[0] <= 0xFFFF] + sorted(astral)
+        word_ranges, gone_ranges = bmp_and_longest(word), bmp_and_longest(gone)
+        chars = re.compile(_char_class(sorted(word_ranges + gone_ranges)))
+        run = re.compile(f"{chars.pattern}{{{self._unk_limit + 2},}}")
+        texts = [x for t in self._added for x in (t.content, norm.normalize_str(t.content) if norm else "") if x]
+        if any(t.single_word for t in self._added) or any(
+                chars.fullmatch(x[:1]) or chars.fullmatch(x[-1:]) or run.search(x) for x in texts):
             self._unk_limit = None
             return
-        self._unk_run, self._unk_gone = run, re.compile(f"{_char_class(gone)}+") if gone else re.compile("(?!)")
+        self._unk_run, self._unk_gone = run, re.compile(f"{_char_class(gone_ranges)}+")
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if len(texts) == 1:  # the per-request path: tokenizers' batch call starts a thread per core
@@ -318,8 +345,8 @@ class TextEncoder:
     def _piece(self, text: str, w: int) -> str | None:
         """About ``w`` characters of ``text`` on the kept side, cut at a space if the outer half
         of the window has one (else anywhere, if the tokenizer allows: else ``None``); ``None``
-        where the added tokens forbid a cut (``_tail_cuts``)."""
-        if not self._tail_cuts:
+        where the tokenizer or the text forbid a cut (``_cuts``, ``_tail_cuts``, ``_stripping``)."""
+        if not (self._cuts and self._tail_cuts) or any(t in text for t in self._stripping):
             return None
         if self.keep_head:
             cut = text.rfind(" ", w // 2, w)
@@ -350,18 +377,29 @@ class TextEncoder:
         return offsets[n - k][0] >= max(offsets[j][1], self._guard)
 
 
-def _char_class(chars: Sequence[str]) -> str:
-    """A regex character class of ``chars``, as ranges of consecutive code points."""
-    points = sorted({ord(c) for c in chars})
-    parts, i = [], 0
-    while i < len(points):
-        j = i
-        while j + 1 < len(points) and points[j + 1] == points[j] + 1:
-            j += 1
-        lo, hi = re.escape(chr(points[i])), re.escape(chr(points[j]))
-        parts.append(lo if i == j else f"{lo}-{hi}")
-        i = j + 1
-    return f"[{''.join(parts)}]"
+#: Ranges of characters above the BMP kept in ``TextEncoder``'s giant-word classes, the longest
+#: ones: re checks a class's BMP characters in a bitmap, then each range above it in turn, for
+#: every character the bitmap lacks (with all 92 ranges a 15 MB run of zero-width spaces took 2.7
+#: s). A character left out ends a run, which keeps the ids.
+ASTRAL_RANGES = 8
+
+
+def _ranges(points: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted code points as ranges of consecutive ones, ``(first, last)``."""
+    out: list[tuple[int, int]] = []
+    for p in points:
+        if out and out[-1][1] == p - 1:
+            out[-1] = (out[-1][0], p)
+        else:
+            out.append((p, p))
+    return out
+
+
+def _char_class(ranges: Sequence[tuple[int, int]]) -> str:
+    """A regex character class of code point ranges."""
+    def one(lo: int, hi: int) -> str:
+        return re.escape(chr(lo)) if lo == hi else f"{re.escape(chr(lo))}-{re.escape(chr(hi))}"
+    return "[" + "".join(one(lo, hi) for lo, hi in ranges) + "]" if ranges else "(?!)"
 
 
 def _chained(tokens: Sequence[str]) -> bool:

@@ -185,9 +185,11 @@ def _added(base: Callable[[], str], tokens: list[str]) -> Callable[[], str]:
     """``base`` with ``tokens`` added, as ``tokenizer.add_tokens`` adds a local encoder's own:
     words (``xyz``), ones whose end can start another (``aa``, runs of spaces: a window cut on
     the left then shifts the matches), ones with a word character at an edge (``ab]``)."""
-    def make() -> str:
+    from tokenizers import AddedToken
+
+    def make() -> str:  # matched in the raw text (a normalized one turns off windows on BERT)
         tok = Tokenizer.from_str(base())
-        tok.add_tokens(tokens)
+        tok.add_tokens([AddedToken(t, normalized=False) for t in tokens])
         return tok.to_str()
     return make
 
@@ -240,6 +242,61 @@ def test_cut_text_gives_the_ids_of_the_whole_text(text, kind, max_length, window
     want = whole.encode(text).ids
     assert enc.encode(text) == want
     assert enc.encode_batch(["hi", text]) == [whole.encode("hi").ids, want]
+
+
+def _with(base: str, add: Callable[[Tokenizer], None], **normalizer: object) -> Tokenizer:
+    config = json.loads(base)
+    config["normalizer"] = {**config["normalizer"], **normalizer} if normalizer else config["normalizer"]
+    tok = Tokenizer.from_str(json.dumps(config))
+    add(tok)
+    return tok
+
+
+def _cases() -> list[tuple[str, Callable[[], Tokenizer], str, int, str, int | None]]:
+    """A reviewer's mismatches (December 7, 2026), each fixed: (name, tokenizer, text,
+    max_length, side, window)."""
+    from tokenizers import AddedToken
+
+    from rlpredict.rl_tokenizers import tokenizer_path
+
+    def bert(add: Callable[[Tokenizer], None], **normalizer: object) -> Callable[[], Tokenizer]:
+        return lambda: _with(_bert(), add, **normalizer)
+
+    single = bert(lambda t: t.add_special_tokens([AddedToken("[X]", single_word=True)]))
+    dotted = bert(lambda t: t.add_tokens(["x.y"]))
+    llama = tokenizer_path("llama3").read_text(encoding="utf-8")
+    return [
+        ("whole-word token beside a run of symbols", single, "[X]" + "€" * 300, 8, "right", None),
+        ("whole-word token after an emoji run", single, "b " + "😀" * 300 + "[X]", 8, "left", None),
+        ("whole-word token, a deleted character between", single, "[X]\u200b" + "a" * 300, 8, "right", None),
+        ("normalized whole-word token", bert(lambda t: t.add_tokens([AddedToken("<y>", single_word=True)])),
+         "©" * 300 + "<y>", 8, "left", None),
+        ("normalized token over zero-width spaces", dotted, "b " * 5 + "x." + "\u200b" * 80 + "y" + " q" * 50, 8,
+         "right", None),
+        ("normalized token over combining marks", dotted, "b " * 5 + "x." + "\u0301" * 80 + "y" + " q" * 50, 8,
+         "right", None),
+        ("normalized token over zero-width spaces, left", dotted, "q " * 40 + "x" + "\u200b" * 80 + ".y" + " b" * 5,
+         8, "left", None),
+        ("a token that chains once lowercased", bert(lambda t: t.add_tokens(["aA"])), "a" * 201 + " b", 8, "left",
+         None),
+        ("a token that strips a run of spaces", lambda: _with(llama, lambda t: t.add_special_tokens(
+            [AddedToken("<tool>", rstrip=True)])), "w " * 50 + "<tool>" + " " * 60 + "hello" + " b" * 6, 8, "left", None),
+        ("a token whose normalized text is a word character",
+         bert(lambda t: t.add_tokens(["\U0002F800"]), handle_chinese_chars=False),
+         "a" * 50 + "\u4e3d" * 300 + "a" * 50, 8, "right", 16),
+        ("max_length below the special tokens, left", bert(lambda t: None), "hello world " * 50, 2, "left", 16),
+        ("max_length below the special tokens, right", bert(lambda t: None), "hello world " * 50, 1, "right", 16),
+    ]
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: c[0])
+def test_added_tokens_and_short_lengths_keep_the_whole_texts_ids(case):
+    _, make, text, max_length, side, window = case
+    tok = make()
+    whole = Tokenizer.from_str(tok.to_str())
+    whole.no_padding()
+    whole.enable_truncation(max_length, direction=side)
+    assert TextEncoder(tok, max_length, side, window=window).encode(text) == whole.encode(text).ids
 
 
 @PROPERTY
