@@ -184,6 +184,7 @@ class TextEncoder:
         self._squeezable = self._cut_anywhere and (config.get("normalizer") or {}).get("type") == "BertNormalizer"
         self._added = list(added)  # checked against the squeezed characters in ``_squeeze``
         self._squeeze_re: re.Pattern[str] | None = None
+        self._kinds: _CharKinds | None = None
         self._blank: frozenset[str] = frozenset()
 
     def encode(self, text: str) -> list[int]:
@@ -237,17 +238,9 @@ class TextEncoder:
         added: a run of q then xyz's lost them), or one that matches whole words only (it
         matched beside a run that began with "€")."""
         assert self._unk_limit is not None
-        norm, pre = self._whole.normalizer, self._whole.pre_tokenizer
-        word: list[int] = []
-        gone: list[int] = []
-        # the BMP, the supplementary multilingual plane (emoji, flags, mathematical letters) and
-        # the tags and variation selectors of plane 14; other planes' characters end a run
-        for cp in (*range(0xD800), *range(0xE000, 0x20000), *range(0xE0000, 0xE1000)):
-            out = norm.normalize_str(chr(cp)) if norm is not None else chr(cp)
-            if not out:
-                gone.append(cp)
-            elif pre is None or len(pre.pre_tokenize_str(f"a{out}a")) == 1:
-                word.append(cp)
+        norm = self._whole.normalizer
+        kinds = self._char_kinds()
+        word, gone = kinds.word, kinds.gone
 
         def bmp_and_longest(points: list[int]) -> list[tuple[int, int]]:
             ranges = _ranges(points)
@@ -262,6 +255,25 @@ class TextEncoder:
             self._unk_limit = None
             return
         self._unk_run, self._unk_gone = run, re.compile(f"{_char_class(gone_ranges)}+")
+
+    def _char_kinds(self) -> _CharKinds:
+        """What the normalizer and pre-tokenizer make of each character, once (0.4 s, on the
+        first text that needs it): in the BMP, the supplementary multilingual plane (emoji,
+        flags, mathematical letters) and plane 14's tags and variation selectors; characters of
+        other planes are none of the three kinds."""
+        if self._kinds is None:
+            norm, pre = self._whole.normalizer, self._whole.pre_tokenizer
+            kinds = _CharKinds([], [], [])
+            for cp in (*range(0xD800), *range(0xE000, 0x20000), *range(0xE0000, 0xE1000)):
+                out = norm.normalize_str(chr(cp)) if norm is not None else chr(cp)
+                if not out:
+                    kinds.gone.append(cp)
+                elif out == " ":
+                    kinds.blank.append(cp)
+                elif pre is None or len(pre.pre_tokenize_str(f"a{out}a")) == 1:
+                    kinds.word.append(cp)
+            self._kinds = kinds
+        return self._kinds
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if len(texts) == 1:  # the per-request path: tokenizers' batch call starts a thread per core
@@ -320,17 +332,10 @@ class TextEncoder:
         to one (a space if the run holds whitespace): the same ids."""
         if not self._squeezable:
             return text
-        if self._squeeze_re is None:  # once, on the first text that needs it (80 ms)
-            norm = self._whole.normalizer
-            gone, blank = [], []
-            for cp in range(0x10000):
-                if 0xD800 <= cp <= 0xDFFF:
-                    continue
-                out = norm.normalize_str(chr(cp))
-                if out == "":
-                    gone.append(chr(cp))
-                elif out == " ":
-                    blank.append(chr(cp))
+        if self._squeeze_re is None:  # once, on the first text that needs it
+            kinds = self._char_kinds()
+            gone = [chr(cp) for cp in kinds.gone if cp <= 0xFFFF]
+            blank = [chr(cp) for cp in kinds.blank if cp <= 0xFFFF]
             # a squeeze must not make or unmake an added token: none may hold a squeezed
             # character or match whole words only (the character beside it may change)
             squeezed = frozenset(blank) | frozenset(gone)
@@ -375,6 +380,14 @@ class TextEncoder:
         while j < n - 1 and words[j + 1] == words[0]:
             j += 1
         return offsets[n - k][0] >= max(offsets[j][1], self._guard)
+
+
+class _CharKinds(NamedTuple):
+    """Code points by what a tokenizer's normalizer and pre-tokenizer make of them."""
+
+    word: list[int]  # one or more characters its pre-tokenizer keeps in a word
+    gone: list[int]  # deleted
+    blank: list[int]  # made a space
 
 
 #: Ranges of characters above the BMP kept in ``TextEncoder``'s giant-word classes, the longest
