@@ -125,16 +125,24 @@ def _async_batching(cache: Any) -> bool:
     own = getattr(getattr(cache, "cb_config", None), "use_async_batching", None)
     if own is not None:
         return bool(own)
-    frame = sys._getframe(1)
-    for _ in range(6):
+    cfg = _callers("continuous_batching_config")
+    return bool(getattr(cfg, "use_async_batching", False)) if cfg is not None else False
+
+
+def _callers(name: str, depth: int = 6) -> Any:
+    """Attribute ``name`` of the nearest transformers object up the call stack (``self`` of a
+    caller a few frames up, not the scheduler), or None: what transformers does not hand its
+    scheduler (its manager's config, its batch processor's output router)."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
         if frame is None:
             break
         caller = frame.f_locals.get("self")
-        cfg = getattr(caller, "continuous_batching_config", None)
-        if cfg is not None and not isinstance(caller, PolicyScheduler):
-            return bool(getattr(cfg, "use_async_batching", False))
+        value = getattr(caller, name, None)
+        if value is not None and not isinstance(caller, PolicyScheduler):
+            return value
         frame = frame.f_back
-    return False
+    return None
 
 
 class PolicyDropped(ValueError):
@@ -216,18 +224,23 @@ class PolicyScheduler(HFScheduler):
         if state.num_children:  # several return sequences: each its own request, with its own KV
             # (was: transformers forks a prefilled request's blocks, which the ledger does not
             # hold; the forks were never made, and generate_batch waited forever). All are
-            # checked before any is added: a refusal fails the first sequence only, and
-            # generate_batch waits for the others, as under transformers' own schedulers.
+            # checked before any is added: a refusal fails them all. transformers delivers the
+            # first sequence's failure; the others' go through its batch processor's output
+            # router (was: never delivered, and generate_batch waited for them until stopped).
             children = [state.fork(f"{rid_s}__child#{i}") for i in range(state.num_children)]
             for child in (state, *children):
                 child.num_children = 0
                 try:
                     self._check_new(child)
-                except ValueError:  # transformers delivers the first sequence's failure alone: a
-                    # scheduler has no way to deliver the others', and generate_batch counts them
-                    logger.error("PolicyScheduler: %s is refused with its %d other return sequence(s), whose "
-                                 "failures cannot be delivered: generate_batch waits for them until stopped "
-                                 "(add_request and get_result return the first one's)", rid_s, len(children))
+                except ValueError as e:
+                    router = _callers("output_router")
+                    if router is None or not hasattr(router, "fail_and_deliver"):
+                        logger.error("PolicyScheduler: %s is refused with its %d other return sequence(s), whose "
+                                     "failures cannot be delivered here: a caller waits for them until stopped",
+                                     rid_s, len(children))
+                    else:
+                        for other in children:
+                            router.fail_and_deliver(other, e)
                     raise
             for child in (state, *children):
                 self.add_waiting_request(child)

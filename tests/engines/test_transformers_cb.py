@@ -222,6 +222,34 @@ def test_several_return_sequences_are_served_as_as_many_requests(tiny_llama):
     assert {(o.status.name, len(o.generated_tokens)) for o in out.values()} == {("FINISHED", 5)}
 
 
+def test_a_refused_request_fails_all_its_return_sequences(tiny_llama):
+    """A request longer than the whole KV cache with ``num_return_sequences=2`` (was: the first
+    sequence's failure alone was delivered, and ``generate_batch`` waited until stopped)."""
+    import threading
+
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    from ecoserve_sched.engines.transformers_cb import register_scheduler
+
+    name = register_scheduler("ecoserve-refused-forks-test", make_engine(tiny_llama, "ecoserve").make_policy())
+    cb = ContinuousBatchingConfig(page_size=16, num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET,
+                                  max_requests_per_batch=MAX_RUNNING, allow_block_sharing=False,
+                                  use_async_batching=False, scheduler_type=name)
+    gen = GenerationConfig(do_sample=True, num_return_sequences=2, max_new_tokens=16 * KV_BLOCKS, eos_token_id=-1)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(tiny_llama.generate_batch(
+        [[5] * 10], generation_config=gen, continuous_batching_config=cb)), daemon=True)
+    try:
+        t.start()
+        t.join(60)
+    finally:
+        SCHEDULER_MAPPING.pop(name, None)
+    assert not t.is_alive(), "generate_batch did not return"
+    assert sorted(out) == ["req_0", "req_0__child#0"]
+    assert {o.status.name for o in out.values()} == {"FAILED"}
+
+
 def test_requests_the_engine_cannot_serve_are_refused(tiny_llama):
     """A NaN arrival was served forever, an empty prompt batched with others generated tokens,
     and ``generate([])`` failed inside (``max() arg is an empty sequence``)."""
