@@ -212,6 +212,9 @@ class PolicyScheduler(HFScheduler):
         self.events: deque[tuple[float, str, int]] = deque(maxlen=self.keep_events)
         self.last_batch: Batch | None = None
         self._pending: Batch | None = None  # scheduled, not yet reported to policy.complete
+        # the request add_waiting_request last refused: transformers then asks its tokens by id,
+        # which a refused duplicate shares with the request it duplicates
+        self._refused: RequestState | None = None
 
     # ---- arrivals and finishes ----------------------------------------------------------------
     def add_waiting_request(self, state: RequestState) -> None:
@@ -233,6 +236,7 @@ class PolicyScheduler(HFScheduler):
                 try:
                     self._check_new(child)
                 except ValueError as e:
+                    self._refused = state
                     router = _callers("output_router")
                     if router is None or not hasattr(router, "fail_and_deliver"):
                         logger.error("PolicyScheduler: %s is refused with its %d other return sequence(s), whose "
@@ -245,7 +249,11 @@ class PolicyScheduler(HFScheduler):
             for child in (state, *children):
                 self.add_waiting_request(child)
             return
-        r = self._check_new(state)
+        try:
+            r = self._check_new(state)
+        except ValueError:
+            self._refused = state
+            raise
         if r is None:
             n = state.max_new_tokens or 1
             r = Request(next(_RIDS), self.clock(), len(state.initial_tokens), n, n,
@@ -387,6 +395,7 @@ class PolicyScheduler(HFScheduler):
     # ---- one batch ----------------------------------------------------------------------------
     def schedule_batch(self, token_budget: int, cache_budget: int
                        ) -> tuple[list[FutureRequestState] | None, bool, int, int]:
+        self._refused = None  # asked for at once or never
         self._flush()
         now = self.clock()
         batch = self.policy.schedule(now)
@@ -463,7 +472,11 @@ class PolicyScheduler(HFScheduler):
         """The tokens a request generated, for transformers' failed output (a hard stop, a
         forward pass that raised): a request this scheduler preempted waits to re-prefill with
         its tokens kept (was: [], its partial output lost, where transformers' own preemption
-        returns it)."""
+        returns it). A request just refused gets its own, none, where transformers asks by its
+        id (was: a refused duplicate id's failed output carried the running request's tokens)."""
+        refused, self._refused = self._refused, None
+        if refused is not None and refused.request_id == request_id:
+            return list(refused.generated_tokens)
         st = self.active_requests.get(request_id) or self.waiting_requests.get(request_id)
         return st.generated_tokens if st is not None else []
 

@@ -182,6 +182,43 @@ def test_under_transformers_manager_what_cannot_be_served_fails_alone(tiny_llama
     assert not policy.decoding and policy.kv.free_blocks == KV_BLOCKS
 
 
+def test_a_refused_duplicate_id_fails_with_no_tokens_of_the_request_it_duplicates(tiny_llama):
+    """transformers fills a refused request's failed output by its id (was: the tokens of the
+    running request that holds the id)."""
+    import time
+
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    from ecoserve_sched.engines.transformers_cb import register_scheduler
+
+    policy = make_engine(tiny_llama, "ecoserve").make_policy()
+    name = register_scheduler("ecoserve-dup-test", policy)
+    cb = ContinuousBatchingConfig(page_size=16, num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET,
+                                  max_requests_per_batch=MAX_RUNNING, allow_block_sharing=False,
+                                  use_async_batching=False, scheduler_type=name)
+    manager = tiny_llama.init_continuous_batching(
+        generation_config=GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=-1),
+        continuous_batching_config=cb)
+    manager.start()
+    results: list = []
+    try:
+        manager.add_request(list(range(3, 13)), request_id="dup", max_new_tokens=60)
+        deadline = time.time() + 30
+        while not any(r.generated for r in policy.decoding.values()) and time.time() < deadline:
+            time.sleep(0.005)
+        assert any(r.generated for r in policy.decoding.values()), "the first request never decoded"
+        manager.add_request(list(range(40, 52)), request_id="dup", max_new_tokens=8)
+        while time.time() < deadline and len(results) < 2:
+            r = manager.get_result(timeout=0.5)
+            if r is not None and r.is_finished():
+                results.append((r.status.name, len(r.generated_tokens)))
+    finally:
+        manager.stop(block=True, timeout=10)
+        SCHEDULER_MAPPING.pop(name, None)
+    assert sorted(results) == [("FAILED", 0), ("FINISHED", 60)]
+
+
 def test_the_wall_clock_gives_one_time_per_token(tiny_llama):
     """On the wall clock a request's token times are the policy's (were: read again after
     transformers' output update, so ``GenResult.jct_s`` and the run record's JCT differed)."""
