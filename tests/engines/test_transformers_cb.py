@@ -231,9 +231,9 @@ def test_the_wall_clock_gives_one_time_per_token(tiny_llama):
         assert res.token_times[0] == r.first_token_s and res.token_times[-1] == r.finish_s
 
 
-def test_several_return_sequences_are_served_as_as_many_requests(tiny_llama):
-    """``num_return_sequences`` under transformers' manager (was: the forks were never made and
-    ``generate_batch`` waited forever)."""
+def _generate_batch_under(tiny_llama, scheduler: str, prompts: list[list[int]], **generation) -> dict:
+    """``generate_batch`` under an ``ecoserve`` policy registered as ``scheduler``, on a thread
+    given 60 s (a wait forever fails the test instead of hanging it)."""
     import threading
 
     from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -241,20 +241,28 @@ def test_several_return_sequences_are_served_as_as_many_requests(tiny_llama):
 
     from ecoserve_sched.engines.transformers_cb import register_scheduler
 
-    name = register_scheduler("ecoserve-forks-test", make_engine(tiny_llama, "ecoserve").make_policy())
+    name = register_scheduler(scheduler, make_engine(tiny_llama, "ecoserve").make_policy())
     cb = ContinuousBatchingConfig(page_size=16, num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET,
                                   max_requests_per_batch=MAX_RUNNING, allow_block_sharing=False,
                                   use_async_batching=False, scheduler_type=name)
-    gen = GenerationConfig(do_sample=True, num_return_sequences=2, max_new_tokens=5, eos_token_id=-1)
+    gen = GenerationConfig(eos_token_id=-1, **generation)
     out: dict = {}
     t = threading.Thread(target=lambda: out.update(tiny_llama.generate_batch(
-        [[5] * 10, [6] * 12], generation_config=gen, continuous_batching_config=cb)), daemon=True)
+        prompts, generation_config=gen, continuous_batching_config=cb)), daemon=True)
     try:
         t.start()
         t.join(60)
     finally:
         SCHEDULER_MAPPING.pop(name, None)
     assert not t.is_alive(), "generate_batch did not return"
+    return out
+
+
+def test_several_return_sequences_are_served_as_as_many_requests(tiny_llama):
+    """``num_return_sequences`` under transformers' manager (was: the forks were never made and
+    ``generate_batch`` waited forever)."""
+    out = _generate_batch_under(tiny_llama, "ecoserve-forks-test", [[5] * 10, [6] * 12], do_sample=True,
+                                num_return_sequences=2, max_new_tokens=5)
     assert sorted(out) == ["req_0", "req_0__child#0", "req_1", "req_1__child#0"]
     assert {(o.status.name, len(o.generated_tokens)) for o in out.values()} == {("FINISHED", 5)}
 
@@ -262,27 +270,8 @@ def test_several_return_sequences_are_served_as_as_many_requests(tiny_llama):
 def test_a_refused_request_fails_all_its_return_sequences(tiny_llama):
     """A request longer than the whole KV cache with ``num_return_sequences=2`` (was: the first
     sequence's failure alone was delivered, and ``generate_batch`` waited until stopped)."""
-    import threading
-
-    from transformers import ContinuousBatchingConfig, GenerationConfig
-    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
-
-    from ecoserve_sched.engines.transformers_cb import register_scheduler
-
-    name = register_scheduler("ecoserve-refused-forks-test", make_engine(tiny_llama, "ecoserve").make_policy())
-    cb = ContinuousBatchingConfig(page_size=16, num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET,
-                                  max_requests_per_batch=MAX_RUNNING, allow_block_sharing=False,
-                                  use_async_batching=False, scheduler_type=name)
-    gen = GenerationConfig(do_sample=True, num_return_sequences=2, max_new_tokens=16 * KV_BLOCKS, eos_token_id=-1)
-    out: dict = {}
-    t = threading.Thread(target=lambda: out.update(tiny_llama.generate_batch(
-        [[5] * 10], generation_config=gen, continuous_batching_config=cb)), daemon=True)
-    try:
-        t.start()
-        t.join(60)
-    finally:
-        SCHEDULER_MAPPING.pop(name, None)
-    assert not t.is_alive(), "generate_batch did not return"
+    out = _generate_batch_under(tiny_llama, "ecoserve-refused-forks-test", [[5] * 10], do_sample=True,
+                                num_return_sequences=2, max_new_tokens=16 * KV_BLOCKS)
     assert sorted(out) == ["req_0", "req_0__child#0"]
     assert {o.status.name for o in out.values()} == {"FAILED"}
 
