@@ -153,7 +153,6 @@ class TextEncoder:
         # matches arbitrarily far on: a window that drops the head (left truncation) may then
         # tokenize its tail otherwise than the whole text does, so such texts are tokenized
         # whole (was: "a" * 3001 + " b" with "aa" added gave ... aa aa b for ... aa a b).
-        self._tail_cuts = self.keep_head or not _chained([t.content for t in added])
         config = json.loads(spec)
         # The guard counts raw characters, so a window is cut only where every added token's
         # match spans its own characters alone. Not so for a normalized token where there is a
@@ -161,8 +160,8 @@ class TextEncoder:
         # spaces + "y" matches "x.y"), nor where ``max_length`` leaves no room for content: no
         # window then. A token that strips the spaces beside it (``lstrip``/``rstrip``) may span
         # a run of them: a text that holds one is tokenized whole (``_piece``).
-        self._cuts = self._n_content > 0 and not (
-            config.get("normalizer") and any(t.normalized for t in added))
+        self._cuts = self._n_content > 0 and not (config.get("normalizer") and any(t.normalized for t in added)) \
+            and (self.keep_head or not _chained([t.content for t in added]))
         self._stripping = [t.content for t in added if (t.lstrip or t.rstrip) and t.content]
         self._cut_anywhere = ((config.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
                               and (config.get("normalizer") or {}).get("type") in (None, "BertNormalizer"))
@@ -350,8 +349,8 @@ class TextEncoder:
     def _piece(self, text: str, w: int) -> str | None:
         """About ``w`` characters of ``text`` on the kept side, cut at a space if the outer half
         of the window has one (else anywhere, if the tokenizer allows: else ``None``); ``None``
-        where the tokenizer or the text forbid a cut (``_cuts``, ``_tail_cuts``, ``_stripping``)."""
-        if not (self._cuts and self._tail_cuts) or any(t in text for t in self._stripping):
+        where the tokenizer or the text forbid a cut (``_cuts``, ``_stripping``)."""
+        if not self._cuts or any(t in text for t in self._stripping):
             return None
         if self.keep_head:
             cut = text.rfind(" ", w // 2, w)
