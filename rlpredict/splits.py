@@ -58,12 +58,21 @@ def group_keys(samples: Sequence[Any], rule: str = RECORDLESS_RULE) -> list[str]
         return x
 
     for s in samples:
-        row = hashlib.sha256(json.dumps([s.messages, s.response], sort_keys=True, ensure_ascii=False)
-                             .encode("utf-8", "surrogatepass")).hexdigest()
-        a, b = root((0, s.group)), root((1, row))
+        a, b = root((0, s.group)), root((1, row_digest(s)))
         if a != b:
             parent[max(a, b)] = min(a, b)
     return [root((0, s.group))[1] for s in samples]
+
+
+def row_digest(sample: Any) -> str:
+    """What ``copies`` joins rows by: a digest of one row's context and response. A sample that
+    carries its own (``row_digest`` set: ``rlpredict calibrate``'s rows, which keep no text)
+    gives it."""
+    known = getattr(sample, "row_digest", None)
+    if known is not None:
+        return known
+    return hashlib.sha256(json.dumps([sample.messages, sample.response], sort_keys=True, ensure_ascii=False)
+                          .encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def pin_key(group: str) -> str:

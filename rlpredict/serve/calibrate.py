@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from rlpredict.data import Sample, attach_rl, load_samples
+from rlpredict.data import LoadReport, Sample, attach_rl, iter_samples
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 from rlpredict.serve.bundle import copy_files, write_manifest
 from rlpredict.serve.conformal import (
@@ -31,6 +33,7 @@ from rlpredict.splits import (
     check_same_split,
     group_keys,
     recorded_split,
+    row_digest,
     split_by_group,
 )
 
@@ -103,13 +106,14 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
     check_new_dir(out, force=force, option="--out", only=CALIBRATE_TOOL)  # never another tool's folder
     p = Predictor.load(bundle, threads=threads)
     p.bundle.check_rl_tokenizer()
-    samples, load = load_samples(data, on_error=on_error)  # type: ignore[arg-type]
+    rule = recorded_split(p.bundle.manifest).get("rule", RECORDLESS_RULE)
+    load = LoadReport()
+    rows = read_rows(data, load, on_error, rule)
     for line in load.lines():
         log(line)
-    pool, how = held_out(samples, p.bundle.manifest, split, test_frac, seed)
-    attach_rl(pool, p.bundle.rl_tokenizer)
+    pool, how = held_out(rows, p.bundle.manifest, split, test_frac, seed)
     fit_part, check_part = divide(pool, p.bundle.manifest, split, seed, check_frac, data)
-    rule = recorded_split(p.bundle.manifest).get("rule", RECORDLESS_RULE)
+    fit_probs, check_probs = predict_rows(p, data, on_error, rows, [fit_part, check_part])
     log(f"calibrating on {len(fit_part)} samples, checking on {len(check_part)} ({how})")
     if min(len(fit_part), len(check_part)) < FEW_SAMPLES:  # valid on average, but loose: said (was: silent)
         q = min(qs, key=lambda v: abs(v - 0.5))  # the level whose check is loosest
@@ -118,14 +122,10 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
             f"{len(check_part)} samples is +-{1.96 * math.sqrt(q * (1 - q) / len(check_part)):.2f} "
             f"(95%); a few hundred of each make both tight")
 
-    def probs_of(part: Sequence[Sample]) -> np.ndarray:
-        return p.predict_arrays([s.messages for s in part], [s.generator for s in part]).probs
-
     scheme = p.scheme
-    cal = QuantileCalibration.fit(scheme, probs_of(fit_part), [s.rl_tokens for s in fit_part], qs,
+    cal = QuantileCalibration.fit(scheme, fit_probs, [s.rl_tokens for s in fit_part], qs,
                                   min_group=min_group, source=f"{_sources(fit_part)}: {how}",
                                   confidence=confidence, clusters=group_keys(fit_part, rule))
-    check_probs = probs_of(check_part)
     check_rl = np.array([s.rl_tokens for s in check_part])
     src = np.array([s.source for s in check_part])
     report = {"bundle": str(bundle), "quantiles": list(qs), "confidence": confidence,
@@ -152,6 +152,63 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
 
 #: Below this many calibration or check samples ``calibrate`` says its figures are loose.
 FEW_SAMPLES = 200
+
+#: Samples counted and predicted at a time on the second read: what calibrate holds of the
+#: logs' text (``drift``'s chunk).
+CHUNK = 256
+
+
+@dataclass(slots=True)
+class Row:
+    """What ``calibrate`` keeps of a sample between its two reads of the logs: no text. The
+    split needs every row's group (and, under ``copies``, its ``row_digest``) before anything
+    is predicted; the text is read again for the rows it selects (``predict_rows``)."""
+    index: int  # the sample's place in the logs (``iter_samples``' order)
+    group: str
+    source: str
+    rl_tokens: int | None  # the row's own count; counted on the second read where it gave none
+    row_digest: str | None  # ``copies`` only
+
+
+def read_rows(data: Sequence[str | Path], load: LoadReport, on_error: str, rule: str) -> list[Row]:
+    """The first read: each sample's ``Row`` (was: every sample with its text, 521 MB for 3,000
+    rows of 50 KB prompts)."""
+    return [Row(i, s.group, s.source, s.rl_tokens, row_digest(s) if rule == "copies" else None)
+            for i, s in enumerate(iter_samples(data, load, on_error=on_error))]  # type: ignore[arg-type]
+
+
+def predict_rows(p: Any, data: Sequence[str | Path], on_error: str, rows: Sequence[Row],
+                 parts: Sequence[Sequence[Row]]) -> list[np.ndarray]:
+    """The second read: the served model's probabilities for the rows of each part (in its order),
+    ``CHUNK`` samples at a time, and the response-token count of each selected row that gave
+    none. The logs must read as they did the first time (same samples, same groups)."""
+    where = {r.index: (k, j) for k, part in enumerate(parts) for j, r in enumerate(part)}
+    out = [np.empty((len(part), p.scheme.n_buckets), dtype=np.float32) for part in parts]  # (``probs``'s)
+    chunk: list[tuple[Sample, int, int]] = []
+
+    def flush() -> None:
+        samples = [s for s, _, _ in chunk]
+        attach_rl(samples, p.bundle.rl_tokenizer)
+        probs = p.predict_arrays([s.messages for s in samples], [s.generator for s in samples]).probs
+        for (s, k, j), row in zip(chunk, probs, strict=True):
+            out[k][j] = row
+            parts[k][j].rl_tokens = s.rl_tokens
+        chunk.clear()
+
+    n, changed = 0, False
+    for n, s in enumerate(iter_samples(data, LoadReport(), on_error=on_error), 1):  # type: ignore[arg-type]
+        if changed := n > len(rows) or (rows[n - 1].group, rows[n - 1].source) != (s.group, s.source):
+            break
+        if (at := where.get(n - 1)) is not None:
+            chunk.append((s, *at))
+            if len(chunk) >= CHUNK:
+                flush()
+    if changed or n != len(rows):
+        raise ValueError(f"{', '.join(map(str, data))}: changed while calibrate read it (it reads the logs twice: "
+                         f"first for the split, then the selected rows' text); run it again on logs no one writes to")
+    if chunk:
+        flush()
+    return out
 
 
 def _sources(samples: Sequence[Sample]) -> str:
