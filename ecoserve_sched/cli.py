@@ -35,14 +35,12 @@ from .cost_model import DEFAULT_PROFILE
 from .policies.interface import DEFAULT_MAX_RUNNING
 from .predictions import SOURCES
 from .request import SLO
-from .trace import MAPPABLE, MAX_COUNT, TIME_UNITS, TraceFormat
+from .trace import CV_RANGE, MAPPABLE, MAX_COUNT, RATE_RANGE, TIME_UNITS, TraceFormat
 
 if TYPE_CHECKING:
     from .compare import RunSpec
 
 ARRIVALS = ("trace", "poisson", "gamma", "burst8")
-RATE_RANGE = (1e-6, 1e9)  # --rate, requests/s
-CV_RANGE = (1e-3, 100.0)  # --cv: beyond these the gamma draw under- or overflows
 _SLO = SLO()  # the SLO options' defaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, cls=BoundaryGroup, rich_markup_mode=None,
@@ -141,7 +139,7 @@ BundleOpt = Annotated[str | None, typer.Option("--bundle", help="predictor bundl
 TTFTOpt = Annotated[float, typer.Option("--slo-ttft", callback=positive, help="TTFT SLO in seconds (> 0)")]
 TBTOpt = Annotated[float, typer.Option("--slo-tbt", callback=positive, help="mean time-between-tokens SLO in seconds (> 0)")]
 DeadlineOpt = Annotated[float | None, typer.Option("--slo-deadline", callback=positive, help="optional JCT deadline in seconds (> 0)")]
-MaxTokOpt = Annotated[int, typer.Option("--max-tokens", min=1, max=MAX_COUNT, help="max_tokens for rows without one (Orca reserves it)")]
+MaxTokOpt = Annotated[int, typer.Option("--max-tokens", min=1, max=MAX_COUNT, help="max_tokens for rows without one, never below their output_tokens (Orca reserves it)")]
 MaxReqOpt = Annotated[int | None, typer.Option("--max-requests", min=1, help="use only the first N requests (N >= 1)")]
 ArrOpt = Annotated[str, typer.Option("--arrivals", callback=_choice("arrival process", *ARRIVALS), help="trace | poisson | gamma | burst8: keep the trace's arrival times or draw new ones (burst8: groups of 8 simultaneous requests, the groups gamma arrivals)")]
 RateOpt = Annotated[float | None, typer.Option("--rate", callback=in_range(*RATE_RANGE), help=f"requests/s for poisson/gamma/burst8 arrivals, in [{RATE_RANGE[0]:g}, {RATE_RANGE[1]:g}]")]
@@ -247,6 +245,10 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     read = describe(tr) + (f"; the first {len(tr)} of {len(tr) + tr.unused_rows} requests used (--max-requests)"
                            if tr.unused_rows else "") + drawn
     typer.echo(f"read {read}", err=True)
+    if tr.raised_max_tokens:  # (was: silent)
+        typer.echo(f"note: {trace}: {tr.raised_max_tokens} rows without max_tokens have output_tokens above "
+                   f"--max-tokens {max_tokens}; their max_tokens is their output_tokens (a trace's response "
+                   "is never cut short of its true length; a max_tokens field cuts it)", err=True)
     capped = int((tr.output_tokens > tr.max_tokens).sum())
     if capped:  # the request's own limit ends its response: said, not done silently
         typer.echo(f"note: {trace}: {capped} rows have output_tokens above their max_tokens; their "
@@ -445,7 +447,7 @@ def capacity(
         if c.get("saturated") and c["ceiling_rate_scale"] and held and held > c["ceiling_rate_scale"]:
             times = held / c["ceiling_rate_scale"]
             res["above_ceiling"] = (f"the criterion held up to x{held:g}, "
-                                    f"{f'{times:,.0f}' if times >= 1000 else f'{times:.3g}'}x "
+                                    f"{f'{times:,.0f}' if 1000 <= times < 1e15 else f'{times:.3g}'}x "
                                     "the ceiling: on a trace this short the backlog a load above the ceiling "
                                     "builds ends with the trace; more requests"
                                     + ("" if sustained else " (or --sustained)") + " load the server")

@@ -138,10 +138,13 @@ def run_demo(out: Path, *, sample: Path = SAMPLE, profile: str = PROFILE, bundle
     from rlpredict.serve.bundle import default_bundle_path
 
     inputs = [sample, Path(bundle) if bundle else default_bundle_path()]
-    check_paths(inputs + ([Path(profile)] if Path(profile).is_file() else []), [("--out", out)])
+    # (apart: was refused only once annotate had begun to write inside the bundle, naming its temporary folder)
+    check_paths(inputs + ([Path(profile)] if Path(profile).is_file() else []), [("--out", out)], apart=inputs[1:])
     tr = read_trace(sample)  # a bad row, prompt or profile is refused naming it, before any work
     if tr.prompts is None:
         raise DemoError(f"{tr.prompt_problem} (the demo annotates every row's prompt)")
+    for x in rate_scales:  # one too small for the trace's clock too, as `compare` (was: after annotating)
+        tr.scaled(x)
     cost = load_profile(profile)
     cost2 = load_profile(headroom_profile) if headroom_profile else None
     with output_dir(out, force=force, tool="ecoserve demo") as tmp:

@@ -20,6 +20,8 @@ def summarize(res: SimResult, slo: SLO) -> dict:
     """The report of one run: throughput, latency percentiles, SLO attainment, KV use."""
     if not isinstance(slo, SLO):  # was: an AttributeError on 'ttft_s' deep inside
         raise TypeError(f"summarize: slo must be an SLO(ttft_s, tbt_s), got {type(slo).__name__}")
+    if not isinstance(res, SimResult):  # (was: an AttributeError on 'requests')
+        raise TypeError(f"summarize: res must be a SimResult (what run or simulate returns), got {type(res).__name__}")
     reqs = res.requests
     done = [r for r in reqs if r.state == State.FINISHED and r.finish_s >= 0]
     n = len(reqs)

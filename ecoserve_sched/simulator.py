@@ -245,8 +245,11 @@ def run(trace: Trace, policy: str, cost: Any, *, slo: SLO | None = None,
         raise TypeError(f"run: trace must be a Trace (read_trace(path)), got {type(trace).__name__}")
     if not isinstance(policy, str):
         raise TypeError(f"run: policy must be a policy name (`ecoserve policies`), got {type(policy).__name__}")
-    if cost is None or isinstance(cost, str | Path):
-        raise TypeError(f"run: cost must be a cost model (load_profile({str(cost)!r})), got {type(cost).__name__}")
+    if cost is None or isinstance(cost, str | Path):  # (None: was "load_profile('None')")
+        how = f"load_profile({str(cost)!r})" if cost is not None else "load_profile(NAME); list_profiles() names them"
+        raise TypeError(f"run: cost must be a cost model ({how}), got {type(cost).__name__}")
+    if confusion is not None and not isinstance(confusion, Confusion):  # (was: AttributeError 'bucket_of')
+        raise TypeError(f"run: confusion must be a Confusion (load_confusion(path)), got {type(confusion).__name__}")
     if slo is not None and not isinstance(slo, SLO):
         raise TypeError(f"run: slo must be an SLO(ttft_s, tbt_s), got {type(slo).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:

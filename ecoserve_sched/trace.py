@@ -114,6 +114,9 @@ class Trace:
     skipped_rows: int = 0  # bad rows skipped (``TraceFormat.skip_bad_rows``)
     first_skipped: str = ""  # ``file:line: why`` of the first of them
     unused_rows: int = 0  # good rows left out after the earliest ones (``read_trace``'s ``keep``, ``head``)
+    # rows without a max_tokens field whose true length is above ``read_trace``'s ``max_tokens``:
+    # their max_tokens is their true length
+    raised_max_tokens: int = 0
     # every row's (prompt or None, ``file:line: why``) in arrival order, where some row has no
     # usable prompt: ``head`` keeps the problem only if a row it keeps has it
     prompt_rows: list[tuple[Any, str]] | None = field(default=None, repr=False)
@@ -275,6 +278,10 @@ def _renamed_header(path: Path, names: list[str], fmt: TraceFormat, at: str = ":
                          f"is mapped to it: give one of the two")
     renamed = [ours.get(c, c) for c in names]
     if missing := [c for c in _required(fmt) if c not in renamed]:
+        if spaced := [c for c in names if c != c.strip() and c.strip() in missing]:  # (was: told to map it
+            # with --columns, which strips the names it is given, so could not)
+            raise TraceError(f"{path}{at}: column {spaced[0]!r} is {spaced[0].strip()} with spaces around its "
+                             "name: a header's names are read as written; write the header without them")
         raise TraceError(f"{path}{at}: missing column(s) {', '.join(missing)}; the header has "
                          f"{_header_text(names)} (map its names with --columns, e.g. "
                          f"--columns {missing[0]}=COLUMN{_NO_TIMES if missing == ['arrival_time_s'] else ''})")
@@ -467,6 +474,8 @@ def _prompt_input(row: dict) -> tuple[str | list | None, str | None, str]:
 def check_trace_file(path: str | Path) -> Path:
     """``path`` if it is a file a trace can be read from, else :class:`TraceError` saying why
     (read_trace's first check; the CLI makes it before it checks its outputs)."""
+    if isinstance(path, str) and not path.strip():  # (was: ".: is a folder, not a trace file")
+        raise TraceError("empty trace path: give a trace file")
     p = Path(path)
     if not p.is_file():
         why = ("is a folder, not a trace file" if p.is_dir() else "not a regular file (a device or a pipe); "
@@ -492,6 +501,8 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
         raise ValueError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")  # was: -5 accepted
     if keep is not None and not (is_whole(keep) and keep >= 1):
         raise ValueError(f"keep must be a whole number >= 1, got {keep!r}")
+    if fmt is not None and not isinstance(fmt, TraceFormat):  # (was: AttributeError on 'columns')
+        raise TypeError(f"read_trace: fmt must be a TraceFormat, got {type(fmt).__name__}")
     fmt = fmt or TraceFormat()
     p = check_trace_file(path)
     arr, inp, out, mx, rl, prompts, gens, whys = [], [], [], [], [], [], [], []
@@ -507,7 +518,7 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
         try:
             if row is None:
                 raise TraceError(f"{where}: {problem}")
-            values = _lengths(row, where, max_tokens, fmt)
+            values = _lengths(row, where, fmt)
         except TraceError as e:
             if not fmt.skip_bad_rows:
                 raise
@@ -541,6 +552,10 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
     for *_, kept in sorted(earliest, reverse=True):  # by arrival, then row
         _append_row(kept, arr, lines, inp, out, mx, rl, prompts, gens, whys, keep_prompts)
     prompt_problem = next((why for why in whys if why), "")
+    # a row without its own max_tokens takes ``max_tokens``, never below its true length (the
+    # request generated that many): counted, so that a caller can say so
+    raised = sum(m is None and o > max_tokens for m, o in zip(mx, out, strict=True))
+    mx = [max(max_tokens, o) if m is None else m for m, o in zip(mx, out, strict=True)]
     if not arr:
         raise TraceError(f"{p}: trace has no rows" + (f" left: all {skipped} were bad (first: {first_skipped})"
                                                       if skipped else ""))
@@ -570,6 +585,7 @@ def read_trace(path: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS, *, keep_p
         skipped_rows=skipped,
         first_skipped=first_skipped,
         unused_rows=good - len(arr),
+        raised_max_tokens=raised,
     )
 
 
@@ -590,10 +606,10 @@ def _append_row(row: tuple, arr: list, lines: list, inp: list, out: list, mx: li
         whys.append(why)
 
 
-def _lengths(row: dict, where: str, max_tokens: int, fmt: TraceFormat
-             ) -> tuple[float | None, int, int, int, list[int] | None]:
+def _lengths(row: dict, where: str, fmt: TraceFormat
+             ) -> tuple[float | None, int, int, int | None, list[int] | None]:
     """A row's arrival (s; None: none, and the times will be drawn), input, output and max
-    tokens, and its rl_* values (None: none)."""
+    tokens (None: none), and its rl_* values (None: none)."""
     required = _required(fmt)
     for k in required:
         if row.get(k) in (None, ""):
@@ -602,7 +618,7 @@ def _lengths(row: dict, where: str, max_tokens: int, fmt: TraceFormat
     a = None if fmt.drawn_arrivals else _arrival(row, where, fmt)
     o = _int(row, "output_tokens", where, 1, fmt)
     i = _int(row, "input_tokens", where, 1, fmt)
-    m = _int(row, "max_tokens", where, 1, fmt) if row.get("max_tokens") not in (None, "") else max(max_tokens, o)
+    m = _int(row, "max_tokens", where, 1, fmt) if row.get("max_tokens") not in (None, "") else None
     missing = [k for k in RL_FIELDS if row.get(k) in (None, "")]
     if missing and len(missing) < len(RL_FIELDS):  # ignoring the rest would be silent
         raise TraceError(f"{where}: missing {missing[0]}: the rl_* fields ({', '.join(RL_FIELDS)}) "
@@ -632,10 +648,21 @@ def poisson_arrivals(n: int, rate: float, seed: int = 0) -> np.ndarray:
     return gamma_arrivals(n, rate, cv=1.0, seed=seed)
 
 
+#: The drawn arrivals' rate (requests/s) and coefficient of variation: beyond these the gamma
+#: draw under- or overflows (``--rate``, ``--cv``).
+RATE_RANGE = (1e-6, 1e9)
+CV_RANGE = (1e-3, 100.0)
+
+
 def gamma_arrivals(n: int, rate: float, cv: float = 1.0, seed: int = 0) -> np.ndarray:
     """Gamma-distributed inter-arrival gaps with mean 1/rate and coefficient of variation ``cv``."""
-    if not (rate > 0 and cv > 0):
-        raise ValueError(f"rate and cv must be positive, got {rate}, {cv}")
+    if not (is_whole(n) and n >= 0):  # (was: 0 raised IndexError)
+        raise ValueError(f"n must be a whole number >= 0, got {n!r}")
+    for name, v, (lo, hi) in (("rate", rate, RATE_RANGE), ("cv", cv, CV_RANGE)):
+        if not (is_real(v) and lo <= v <= hi):  # (was: cv 1e-300 a ZeroDivisionError, rate inf all zeros)
+            raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+    if n == 0:
+        return np.zeros(0)
     shape = 1.0 / (cv * cv)
     gaps = np.random.default_rng(seed).gamma(shape, 1.0 / (rate * shape), size=n)
     gaps[0] = 0.0
@@ -646,7 +673,9 @@ def burst_arrivals(n: int, rate: float, cv: float = 4.0, burst: int = 8, seed: i
     """Bursty arrivals: groups of ``burst`` requests arriving at the same instant, the groups
     ``gamma_arrivals`` with mean rate ``rate / burst`` and coefficient of variation ``cv``
     (the mean request rate stays ``rate``). Production traffic comes in such bursts."""
-    if burst < 1 or burst != int(burst):
-        raise ValueError(f"burst must be a positive integer, got {burst}")
+    if not (is_whole(burst) and burst >= 1):
+        raise ValueError(f"burst must be a whole number >= 1, got {burst!r}")
+    if not (is_whole(n) and n >= 0):
+        raise ValueError(f"n must be a whole number >= 0, got {n!r}")
     groups = gamma_arrivals(-(-n // burst), rate / burst, cv, seed)
     return np.repeat(groups, burst)[:n]

@@ -284,8 +284,8 @@ class BucketScheme:
             raise ValueError(f"{source}: unknown bucket scheme format {d.get('format')!r} (expected {FORMAT!r})")
         try:
             grid = d.get("quantile_grid")
-            if grid is not None and not np.allclose(grid, QUANTILE_GRID):
-                raise ValueError("quantile_grid differs from this version's grid")
+            if grid is not None and (np.shape(grid) != QUANTILE_GRID.shape or not np.allclose(grid, QUANTILE_GRID)):
+                raise ValueError("quantile_grid differs from this version's grid")  # (a shorter one: numpy's "could not be broadcast")
             return cls(
                 edges=tuple(_edge_from_json(e) for e in d["edges"]),
                 point_tokens=tuple(_integral(v, "point_tokens") for v in d["point_tokens"]),

@@ -202,6 +202,7 @@ class BoundaryGroup(TyperGroup):
         command = super().get_command(ctx, cmd_name)
         if command is not None:
             _plain_flags(command, ctx)
+            _once_each(command)
         return command
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
@@ -263,6 +264,28 @@ def _plain_flags(command: Any, ctx: Any) -> None:
         elif getattr(param, "multiple", False) and param.metavar is None:  # was: <list[Path]>
             param.metavar = "<path>"  # (every repeatable option of both CLIs takes files)
         _plain_number_type(param)
+
+
+def _once_each(command: Any) -> None:
+    """An option that takes one value, given twice, is refused naming it (was: click kept the
+    last one, silently: ``compare --out r1 --out r2`` wrote only ``r2``, ``simulate --policy vllm
+    --policy sjf`` ran ``sjf``). Repeatable options (``--data``) and counters are not checked."""
+    if getattr(command, "once_each", False) or not hasattr(command, "make_parser"):
+        return
+    parse = command.parse_args
+
+    def parse_args(ctx: Any, args: list[str]) -> Any:
+        _, _, order = command.make_parser(ctx).parse_args(args=list(args))
+        seen: set[str] = set()
+        for param in order:
+            if getattr(param, "param_type_name", "") != "option" or param.multiple or param.count:
+                continue
+            if param.name in seen:
+                raise USAGE_ERROR(f"{'/'.join([*param.opts, *param.secondary_opts])} is given more than once; give it once", ctx=ctx)
+            seen.add(param.name)
+        return parse(ctx, args)
+
+    command.parse_args, command.once_each = parse_args, True
 
 
 def _plain_number_type(param: Any) -> None:

@@ -167,6 +167,25 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _shown(request: Any) -> str:
+    """What ``predict``'s table shows of a request: the last user message (what the bundle reads
+    in either mode; was: the last message, an assistant's reply the model never read), every
+    character the terminal would act on written as its escape (was: ESC went through, so a
+    logged prompt could clear or recolour the screen); a newline as a space."""
+    from rlpredict.inputs import last_user_message
+    from rlpredict.records import TRACE_MESSAGES, RecordError, parse_messages
+
+    if isinstance(request, str):
+        text = request
+    else:
+        try:
+            text = last_user_message(parse_messages(list(request), "messages", TRACE_MESSAGES)) if request else ""
+        except (RecordError, TypeError):
+            text = ""
+    text = text.replace("\n", " ")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def predict(
     texts: Annotated[list[str] | None, typer.Argument(metavar="PROMPT", help="Prompts (default: one per line on stdin).")] = None,
     model: ModelOpt = None,
@@ -246,10 +265,9 @@ def predict(
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("prompt")
     for n, r, x in zip(numbers, requests, preds, strict=True):
-        shown = r if isinstance(r, str) else (r[-1].get("content") or "") if r else ""
         table.add_row(str(n), str(x.bucket), range_label(edges, x.bucket), str(x.pred_tokens),
                       str(x.reserve_tokens), f"{x.confidence:.2f}",
-                      Text(_clip(shown.replace("\n", " "), 48)))  # as typed (escape() kept "a\\[b" as "a[b")
+                      Text(_clip(_shown(r), 48)))  # as typed (escape() kept "a\\[b" as "a[b")
     Console().print(table)
 
 

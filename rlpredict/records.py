@@ -440,8 +440,11 @@ def text_stream(raw: IO[bytes], gz: bool, errors: str = "surrogateescape") -> IO
 #: The largest JSONL row read whole (64 MiB): a longer line is a bad row, read past in pieces,
 #: so memory stays bounded whatever one row holds.
 MAX_ROW_BYTES = 64 << 20
-#: What ``bounded_lines`` puts in place of a longer line (a NUL byte starts no JSON text).
+#: What ``bounded_lines`` puts in place of a longer line (a NUL byte starts no JSON text). A
+#: line of the input that starts with a NUL byte is escaped with one more (``_ESCAPE``), so no
+#: line can pass for the marker (was: a line that began as it did was read as one).
 _OVERSIZE = b"\x00rlpredict: oversize row of "
+_ESCAPE = b"\x00"
 
 
 def bounded_lines(f: IO[bytes], limit: int = MAX_ROW_BYTES) -> Iterator[bytes]:
@@ -449,7 +452,7 @@ def bounded_lines(f: IO[bytes], limit: int = MAX_ROW_BYTES) -> Iterator[bytes]:
     ``limit``-byte pieces and yielded as a short marker that :func:`decode_line` rejects."""
     while data := f.readline(limit):
         if len(data) < limit or data.endswith(b"\n"):
-            yield data
+            yield _ESCAPE + data if data.startswith(_ESCAPE) else data
             continue
         n = len(data)
         while True:
@@ -460,9 +463,12 @@ def bounded_lines(f: IO[bytes], limit: int = MAX_ROW_BYTES) -> Iterator[bytes]:
         yield _OVERSIZE + str(n).encode() + b"\n"
 
 
-def is_oversize(data: bytes) -> bool:
-    """Whether ``data`` is :func:`bounded_lines`' marker for a line over its limit (not the row)."""
-    return data.startswith(_OVERSIZE)
+def line_bytes(data: bytes) -> bytes | None:
+    """A line of :func:`bounded_lines` as the input holds it (None: the marker of a line over the
+    limit, which was never held)."""
+    if data.startswith(_OVERSIZE):
+        return None
+    return data[1:] if data.startswith(_ESCAPE) else data
 
 
 def decode_line(data: bytes, lineno: int) -> str:
@@ -472,6 +478,8 @@ def decode_line(data: bytes, lineno: int) -> str:
         n = int(data[len(_OVERSIZE):])
         raise RecordError("", f"a row of {n:,} bytes, over the {MAX_ROW_BYTES >> 20} MiB limit",
                           kind=f"a row over the {MAX_ROW_BYTES >> 20} MiB limit")
+    if data.startswith(_ESCAPE):  # an input line that starts with a NUL byte (``bounded_lines``)
+        data = data[1:]
     try:
         return data.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as e:

@@ -45,8 +45,8 @@ from rlpredict.records import (
     bounded_lines,
     csv_records,
     decode_line,
-    is_oversize,
     json_kind,
+    line_bytes,
     open_parquet,
     parquet_batches,
     parse_json,
@@ -197,9 +197,12 @@ class _Run:
     def parse(self, row: Mapping[str, Any]) -> tuple[Request, str | None]:
         return request_of(row, self.fields), generator_of(row, self.fields, self.wants_generator)
 
-    def reject(self, where: str, number: int, reason: str, raw: Any, kind: str | None = None) -> None:
+    def reject(self, where: str, number: int, reason: str, raw: Any, kind: str | None = None, *,
+               json_text: str | None = None) -> None:
         """``kind``: the reason without the row's value, the tally's key (was: the reason, so
-        rows with distinct bad values each made a key: a tally as long as the input)."""
+        rows with distinct bad values each made a key: a tally as long as the input).
+        ``json_text``: the row's own JSON text, written as its ``row`` byte for byte (was: the
+        parsed row written again: ``1.50`` as ``1.5``, ``1e400`` as ``Infinity``)."""
         if self.on_error == "fail":
             raise AnnotateError(bad_row_message(self.path, where, number, reason))
         self.summary.rows_rejected += 1
@@ -208,7 +211,10 @@ class _Run:
         key = "line" if where == "line" else "row_number"
         record = {"file": self.file} if self.file is not None else {}
         with naming(self.rejects_path) if self.rejects_path is not None else nullcontext():
-            self.rejects.write(_dumps({**record, key: number, "reason": reason, "row": raw}) + "\n")
+            if json_text is None:
+                self.rejects.write(_dumps({**record, key: number, "reason": reason, "row": raw}) + "\n")
+            else:
+                self.rejects.write(_dumps({**record, key: number, "reason": reason})[:-1] + f', "row": {json_text.strip()}}}\n')
 
     def stale_in(self, names: Iterable[str]) -> list[str]:
         """The fields of ``names`` that an earlier ``--quantiles`` run wrote and this one does not
@@ -353,7 +359,7 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
             run.summary.rows_in += 1
             # kept recoverable, as CSV text is: each undecodable byte becomes "\udcXX" in the
             # rejects; an oversize row was not kept (null; was: the reader's internal marker)
-            raw = None if is_oversize(data) else data.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+            raw = None if (given := line_bytes(data)) is None else given.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
             run.reject("line", lineno, e.reason, raw, e.kind)
             continue
         text = line.rstrip("\r\n")
@@ -366,12 +372,12 @@ def annotate_lines(run: _Run, lines: Iterable[tuple[int, bytes]], out: IO[str], 
             run.reject("line", lineno, e.reason, text, e.kind)
             continue
         if not isinstance(row, dict):
-            run.reject("line", lineno, f"expected a JSON object, got {json_kind(row)}", row)
+            run.reject("line", lineno, f"expected a JSON object, got {json_kind(row)}", row, json_text=text)
             continue
         try:
             req, gen = run.parse(row)
         except BadRow as e:
-            run.reject("line", lineno, str(e), row, e.kind)
+            run.reject("line", lineno, str(e), row, e.kind, json_text=text)
             continue
         batch.append((text, row, req, gen, "\r\n" if line.endswith("\r\n") else "\n"))  # was: CRLF became LF
         held += len(text)

@@ -24,7 +24,13 @@ from rlpredict.splits import RECORDLESS_RULE, SPLIT_RULES, check_split_record, s
 from rlpredict.train.baselines import BASELINES
 from rlpredict.train.encoders import check_positions, token_ids
 from rlpredict.train.metrics import confusion, decode, quantile_tag, rl_metrics
-from rlpredict.train.model_meta import ModelMeta, check_labels, load_trained, weights_sha256
+from rlpredict.train.model_meta import (
+    ModelMeta,
+    check_config,
+    check_labels,
+    load_trained,
+    weights_sha256,
+)
 
 MODEL = "model"
 #: The tool named in the report folder's owner record (``rlpredict.outputs``): ``eval`` replaces
@@ -152,6 +158,7 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
     if model_dir is not None:
         meta = ModelMeta.load(model_dir)
         check_positions(model_dir, meta.input.max_length, f"model {model_dir}")  # before the data
+        check_config(model_dir)
         check_labels(model_dir, meta)
         recorded = recorded_split(Path(model_dir) / "training_summary.json")
         if split == "all":  # to say which --data the model trained on

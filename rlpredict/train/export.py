@@ -46,7 +46,13 @@ from rlpredict.serve.bundle import (
 from rlpredict.serve.runtime import Predictor
 from rlpredict.train.encoders import check_positions
 from rlpredict.train.evaluate import recorded_split
-from rlpredict.train.model_meta import ModelMeta, check_labels, load_trained, weights_sha256
+from rlpredict.train.model_meta import (
+    ModelMeta,
+    check_config,
+    check_labels,
+    load_trained,
+    weights_sha256,
+)
 
 #: The tool named in its output folder's owner record (``rlpredict.outputs``): it replaces
 #: only a folder of its own, never another tool's, even with --force.
@@ -83,6 +89,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, *, int8: bool = False,
     check_paths([model_dir, *(parity_data or ())], [("--out", out)], apart=[model_dir, *(parity_data or ())])
     check_new_dir(out, force=force, option="--out", only=EXPORT_TOOL)  # never another tool's folder
     try:
+        check_config(model_dir)
         check_labels(model_dir, meta)  # before the parity data is read (and after loading, below)
     except ValueError as e:
         raise ExportError(str(e)) from None

@@ -80,6 +80,14 @@ class ModelMeta:
 HEAD_WEIGHTS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
 
 
+def check_config(model_dir: str | Path) -> None:
+    """Refuse a model folder without its ``config.json`` (was: transformers' "Should have a
+    model_type key in its config.json", which named no missing file)."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"{model_dir}: no config.json (the encoder's transformers config); "
+                         "give the folder `rlpredict train` wrote")
+
+
 def check_labels(model_dir: str | Path, meta: ModelMeta, n_labels: int | None = None) -> None:
     """Refuse a model whose classifier has another label count than ``meta`` has buckets:
     ``n_labels`` (the loaded model's), else its ``config.json``'s (``id2label``, else

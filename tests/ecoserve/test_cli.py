@@ -567,10 +567,52 @@ def test_calibrate_names_a_profile_after_the_config_folder(tmp_path):
     assert default_stem(str(tmp_path / "mistral.json")) == "mistral" and default_stem("tiny-llama") == "tiny-llama"
 
 
+def test_a_default_max_tokens_below_a_rows_length_is_said(tmp_path):
+    """A row without max_tokens takes --max-tokens, never below its true length: said (was:
+    silent, so --max-tokens 100 ran a 500-token row whole without a word)."""
+    t = tmp_path / "mt.csv"
+    t.write_text("arrival_time_s,input_tokens,output_tokens,max_tokens\n0,10,500,\n1,10,500,600\n2,10,50,\n")
+    r = runner.invoke(app, ["simulate", "--trace", str(t), "--policy", "orca", "--max-tokens", "100", "--json"])
+    assert r.exit_code == 0, r.output
+    assert ("1 rows without max_tokens have output_tokens above --max-tokens 100; their max_tokens is their "
+            "output_tokens") in " ".join(r.stderr.split())
+    r = runner.invoke(app, ["simulate", "--trace", str(t), "--policy", "orca", "--json"])
+    assert r.exit_code == 0 and "rows without max_tokens" not in r.stderr
+
+
+def test_an_option_given_twice_and_a_spaced_header_are_refused(tmp_path):
+    """Were: the last value kept silently (`--policy vllm --policy sjf` ran sjf; `--out r1 --out
+    r2` wrote r2); a header of `a, b` told to map ' b' with --columns, which strips names."""
+    t = _trace(tmp_path)
+    _refused(runner.invoke(app, ["simulate", "--trace", t, "--policy", "vllm", "--policy", "sjf"]),
+             "--policy is given more than once; give it once")
+    _refused(runner.invoke(app, ["compare", "--trace", t, "--out", str(tmp_path / "r1"), "--out", str(tmp_path / "r2")]),
+             "--out is given more than once")
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+    spaced = tmp_path / "spc.csv"
+    spaced.write_text("arrival_time_s, input_tokens, output_tokens\n0, 10, 10\n")
+    _refused(runner.invoke(app, ["simulate", "--trace", str(spaced)]),
+             "spc.csv:1: column ' input_tokens' is input_tokens with spaces around its name")
+
+
 def test_demo_checks_its_output_before_working(tmp_path):
+    import shutil
+
     from ecoserve_sched.demo import SAMPLE
+    from rlpredict.serve.bundle import default_bundle_path
 
     _refused(runner.invoke(app, ["demo", "--out", str(SAMPLE.parent)]), "holds the input")
+    # before annotating (were: a temporary folder made inside the bundle, then refused naming it
+    # and `--output`; a rate scale too small for the trace's clock refused after annotating)
+    bundle = tmp_path / "b"
+    shutil.copytree(default_bundle_path(), bundle)
+    files = sorted(p.name for p in bundle.iterdir())
+    _refused(runner.invoke(app, ["demo", "--bundle", str(bundle), "--out", str(bundle / "sub")]),
+             "--out lies inside the input")
+    assert sorted(p.name for p in bundle.iterdir()) == files
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "d0"), "--rate-scales", "1e-300"])
+    _refused(r, "at rate scale 1e-300 are past 2^36 s")
+    assert "annotate" not in r.output and not (tmp_path / "d0").exists()
     out = tmp_path / "d"
     out.mkdir()
     (out / "old.md").write_text("x")
@@ -677,6 +719,10 @@ def test_capacity_on_a_short_trace_says_why_it_passes_the_ceiling(tmp_path):
     assert r.exit_code == 0, r.output
     assert "no capacity found" in r.stdout and "saturation ceiling: rate scale" in r.stdout
     assert "above the ceiling: the criterion held up to x524288, " in r.stdout, r.stdout
+    tiny = tmp_path / "tiny_gap.csv"  # a ratio of 1e304 in a few digits (was: all 305 of them)
+    tiny.write_text("arrival_time_s,input_tokens,output_tokens\n0,10,10\n1e-300,10,10\n")
+    r = runner.invoke(app, ["capacity", "--trace", str(tiny), "--policy", "vllm", *PROFILE])
+    assert r.exit_code == 0 and "e+30" in r.stdout and ",000,000,000,000," not in r.stdout, r.stdout
 
 
 def test_the_kv_timeline_drops_to_zero_while_the_server_idles(tmp_path):

@@ -17,7 +17,7 @@ from ecoserve_sched.policies import get_policy, policy_names
 from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO, State
 from ecoserve_sched.simulator import iteration_table, run, simulate
-from ecoserve_sched.trace import Trace
+from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, read_trace
 
 FIXTURE = Path(__file__).parent / "fixtures" / "confusion_sharegpt.json"
 
@@ -203,11 +203,25 @@ def test_the_api_names_a_wrong_argument():
                       (lambda: RunSpec(tr, cost, None), "slo must be an SLO"),
                       # were: an AttributeError on 'ttft_s'; a factory accepted, failing at its first use
                       (lambda: summarize(run(tr, "vllm", cost), None), "summarize: slo must be an SLO"),
-                      (lambda: register("mine-int", 123), "factory: expected a callable")):
+                      (lambda: register("mine-int", 123), "factory: expected a callable"),
+                      # were: AttributeErrors on 'bucket_of', 'columns', 'requests'; "load_profile('None')"
+                      (lambda: run(tr, "ecoserve", cost, predictions="confusion", confusion="c.json"),
+                       r"confusion must be a Confusion \(load_confusion\(path\)\), got str"),
+                      (lambda: read_trace(tr.path, fmt="x"), "fmt must be a TraceFormat, got str"),
+                      (lambda: summarize(None, SLO()), "res must be a SimResult"),
+                      (lambda: run(tr, "vllm", None), r"load_profile\(NAME\); list_profiles\(\) names them")):
         with pytest.raises(TypeError, match=msg):
             call()
     with pytest.raises(ValueError, match="run: predictions must be one of annotated, confusion"):
         run(tr, "vllm", cost, predictions="annoted")  # was: ignored by a policy that reads none
+    # drawn arrivals (were: 0 requests an IndexError, cv 1e-300 a ZeroDivisionError, rate inf all zeros)
+    assert len(gamma_arrivals(0, 1.0)) == 0 and len(burst_arrivals(0, 1.0)) == 0
+    for call, msg in ((lambda: gamma_arrivals(5, 1.0, 1e-300), r"cv must be a number in \[0.001, 100\]"),
+                      (lambda: gamma_arrivals(5, float("inf")), r"rate must be a number in \[1e-06, 1e\+09\]"),
+                      (lambda: gamma_arrivals(-1, 1.0), "n must be a whole number >= 0"),
+                      (lambda: burst_arrivals(5, 1.0, burst=2.5), "burst must be a whole number >= 1")):
+        with pytest.raises(ValueError, match=msg):
+            call()
     from ecoserve_sched.cost_model import ProfileError, load_profile
 
     with pytest.raises(ProfileError, match="empty profile name"):  # was: ".: a folder, not a profile"

@@ -343,6 +343,26 @@ def test_an_oversize_row_is_rejected_with_no_row_not_the_readers_marker(predicto
     assert rec["line"] == 1 and rec["row"] is None and "over the 64 MiB limit" in rec["reason"]
 
 
+def test_a_rejected_json_row_is_written_as_read_and_no_line_passes_for_the_oversize_marker(predictor, tmp_path):
+    """A rejected row's JSON was parsed and written again (``1.50`` as ``1.5``, ``1e400`` as
+    ``Infinity``, not JSON); a line that began as the reader's oversize marker was read as one
+    (an int() error ended ``--on-error skip``; ``...of 12`` named a 30-byte line as over 64 MiB)."""
+    row = '{"prompt":5,"x":1.50,"y":1e400,"z":12345678901234567890.5, "s": "\\ud800\u00e9"}'
+    src = tmp_path / "t.jsonl"
+    src.write_bytes(f'{row}\n  [1, 2.50]\n{{"prompt":"ok"}}\n'.encode()
+                    + b"\x00rlpredict: oversize row of abc\n\x00rlpredict: oversize row of 12\n")
+    s = annotate_file(predictor, src, tmp_path / "o.jsonl", on_error="skip")
+    assert (s.rows_in, s.rows_out, s.rows_rejected) == (5, 1, 4)
+    lines = (tmp_path / "o.rejects.jsonl").read_text(encoding="utf-8").splitlines()
+    recs = [json.loads(line) for line in lines]
+    assert lines[0].endswith(f', "row": {row}}}') and lines[1].endswith(', "row": [1, 2.50]}')
+    assert [r["line"] for r in recs] == [1, 2, 4, 5]
+    assert recs[2]["row"] == "\x00rlpredict: oversize row of abc" and "not valid JSON" in recs[3]["reason"]
+    src.write_bytes(b'{"prompt":"ok"}\n\x00rlpredict: oversize row of 12\n')
+    with pytest.raises(AnnotateError, match=r"t.jsonl: line 2: not valid JSON"):  # (was: "a row of 12 bytes")
+        annotate_file(predictor, src, tmp_path / "o2.jsonl", on_error="fail")
+
+
 def test_parquet_rows_read_as_their_json_does():
     """pyarrow gives every message (and content part) of a column every key any of them has,
     set to null where a row had none: null is read as absent. A ShareGPT message beside OpenAI

@@ -208,6 +208,8 @@ def test_a_max_length_past_the_models_positions_is_refused_at_load(copy):
     (lambda m: m["buckets"].update(edges=[*(2 * e for e in m["buckets"]["edges"][:-1]), None]),
      r"buckets: point_tokens\[1\]: 48 is outside bucket 1's range \(64, 128\]"),
     (lambda m: m["buckets"]["quantiles"][2].__setitem__(-1, 5000.0), r"buckets: quantiles\[2\]: .*5000 is outside bucket 2's"),
+    # one entry short (was: numpy's "operands could not be broadcast together")
+    (lambda m: m["buckets"]["quantile_grid"].pop(), r"buckets: quantile_grid differs from this version's grid"),
 ])
 def test_manifest_fields_are_checked_at_load(copy, edit, match):
     """Were: defaults (a prediction changed from 37 to 51 tokens without a word), or an

@@ -1205,6 +1205,36 @@ def test_user_text_is_never_read_as_markup(bundle_fp32, tmp_path):
     assert f"skipped {data}:2: field 'messages': message 0 has unknown role '[/bold]'" in res.stderr
 
 
+def test_predict_shows_the_last_user_message_with_terminal_controls_escaped(bundle_fp32, tmp_path):
+    """The table showed the last message (an assistant's reply the model never read), and wrote
+    a prompt's ESC sequences to the terminal as they were (clearing or recolouring it)."""
+    import subprocess
+    import sys
+
+    lines = [json.dumps({"prompt": "\x1b[2J\x1b[31mred"}),
+             json.dumps({"messages": [{"role": "user", "content": "Write an essay"},
+                                      {"role": "assistant", "content": "SECRET answer"}]})]
+    res = subprocess.run([sys.executable, "-m", "rlpredict.cli", "predict", "-m", str(bundle_fp32), "--jsonl"],
+                         input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "160"})
+    assert res.returncode == 0, res.stderr
+    assert "\x1b" not in res.stdout and "\\x1b[2J\\x1b[31mred" in res.stdout, res.stdout
+    assert "Write an essay" in res.stdout and "SECRET" not in res.stdout
+
+
+def test_an_option_given_twice_is_refused_not_the_last_kept(bundle_fp32, tmp_path):
+    """Was: click's rule, the last value kept without a word (``--out a --out b`` wrote b);
+    a repeatable option (``--data``) is still taken each time."""
+    res = run("annotate", tmp_path / "in.jsonl", "-o", tmp_path / "a.jsonl", "-o", tmp_path / "b.jsonl",
+              "-m", bundle_fp32)
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and (
+        "annotate: --output/-o is given more than once; give it once (see '") in res.output, res.output
+    logs = tmp_path / "logs.jsonl"
+    logs.write_text(json.dumps({"prompt": "hi", "response": "yo"}) + "\n")
+    res = run("drift", "-m", bundle_fp32, "--data", logs, "--data", logs, "--min-rows", "1", "-m", bundle_fp32)
+    assert res.exit_code == 2 and "--model/-m is given more than once" in res.output, res.output
+
+
 def test_default_rejects_name_drops_only_the_format_suffixes():
     from rlpredict.serve.annotate import default_rejects_path
 

@@ -207,7 +207,7 @@ def test_eval_keeps_the_trainings_pinned_ids_on_its_training_side(trained, tmp_p
     assert a in {s.group for s in evaluate(model, [part], baselines=["constant"])[2]}
 
 
-@pytest.mark.parametrize("where", ["buckets", "num_labels", "weights"])
+@pytest.mark.parametrize("where", ["buckets", "num_labels", "weights", "config"])
 def test_eval_and_export_refuse_a_model_whose_labels_are_not_its_buckets_before_reading_data(trained, tmp_path,
                                                                                              where):
     """Was: ``eval`` predicted every row, then failed naming no file (or printed transformers'
@@ -231,6 +231,9 @@ def test_eval_and_export_refuse_a_model_whose_labels_are_not_its_buckets_before_
             cfg.pop(key, None)
         (model / "config.json").write_text(json.dumps({**cfg, "num_labels": 2}))
         want = f"{model}: the model has 2 labels but rlpredict.json has {k} buckets"
+    elif where == "config":  # no config.json (was: transformers' "Should have a model_type key")
+        (model / "config.json").unlink()
+        want = f"{model}: no config.json (the encoder's transformers config)"
     else:  # the weights' head has 2 rows
         weights = load_file(model / "model.safetensors")
         weights["classifier.weight"] = weights["classifier.weight"][:2]
