@@ -598,7 +598,8 @@ def demo(
                           "past the trace's end")
         t.add_column("policy", no_wrap=True, min_width=max(len(c["policy"]) for c in caps))
         for c in ("max load", "/ ceiling", "x vLLM V1", "x vLLM V0", "sustained / ceiling", "sustained x vLLM V1"):
-            t.add_column(c, justify="right", width=6 if "vLLM" in c and len(c) < 10 else max(5, *map(len, c.split())))
+            t.add_column(c, justify="right", width=6 if "vLLM" in c and len(c) < 10 else max(5, *map(len, c.split())),
+                         overflow="fold")  # a long figure over two lines, not cut (was: "> 1.2e…")
         for c in caps:
             t.add_row(escape(c["policy"]), capacity_text(c), *(f"{c[k]:.2f}" if c.get(k) else "-" for k in (
                 "vs_ceiling", "x_vllm", "x_vllm_v0", "sustained_vs_ceiling", "sustained_x_vllm")))

@@ -270,6 +270,13 @@ def _renamed_header(path: Path, names: list[str], fmt: TraceFormat, at: str = ":
     """The CSV header with ``fmt.columns`` applied; a mapped column the file lacks, or a field
     given by two columns, is refused (one of them would be ignored)."""
     ours = {theirs: key for key, theirs in fmt.columns.items()}
+    # a field's name with spaces around it (`a, max_tokens`): meant, but read as written, it
+    # would be another column (was: told to map it with --columns, which strips the names it
+    # is given; an optional field such as max_tokens ignored without a word)
+    if spaced := [c for c in names if c != c.strip() and c.strip() in MAPPABLE and c.strip() not in names
+                  and c not in fmt.columns.values()]:
+        raise TraceError(f"{path}{at}: column {spaced[0]!r} is {spaced[0].strip()} with spaces around its "
+                         "name: a header's names are read as written; write the header without them")
     if absent := [c for c in fmt.columns.values() if c not in names]:
         raise TraceError(f"{path}{at}: no column {absent[0]!r} (mapped to {ours[absent[0]]}); the "
                          f"header has {_header_text(names)}")
@@ -278,10 +285,6 @@ def _renamed_header(path: Path, names: list[str], fmt: TraceFormat, at: str = ":
                          f"is mapped to it: give one of the two")
     renamed = [ours.get(c, c) for c in names]
     if missing := [c for c in _required(fmt) if c not in renamed]:
-        if spaced := [c for c in names if c != c.strip() and c.strip() in missing]:  # (was: told to map it
-            # with --columns, which strips the names it is given, so could not)
-            raise TraceError(f"{path}{at}: column {spaced[0]!r} is {spaced[0].strip()} with spaces around its "
-                             "name: a header's names are read as written; write the header without them")
         raise TraceError(f"{path}{at}: missing column(s) {', '.join(missing)}; the header has "
                          f"{_header_text(names)} (map its names with --columns, e.g. "
                          f"--columns {missing[0]}=COLUMN{_NO_TIMES if missing == ['arrival_time_s'] else ''})")
@@ -654,13 +657,21 @@ RATE_RANGE = (1e-6, 1e9)
 CV_RANGE = (1e-3, 100.0)
 
 
-def gamma_arrivals(n: int, rate: float, cv: float = 1.0, seed: int = 0) -> np.ndarray:
-    """Gamma-distributed inter-arrival gaps with mean 1/rate and coefficient of variation ``cv``."""
+def _check_drawn(n: int, rate: float, cv: float) -> None:
     if not (is_whole(n) and n >= 0):  # (was: 0 raised IndexError)
         raise ValueError(f"n must be a whole number >= 0, got {n!r}")
     for name, v, (lo, hi) in (("rate", rate, RATE_RANGE), ("cv", cv, CV_RANGE)):
         if not (is_real(v) and lo <= v <= hi):  # (was: cv 1e-300 a ZeroDivisionError, rate inf all zeros)
             raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+
+
+def gamma_arrivals(n: int, rate: float, cv: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Gamma-distributed inter-arrival gaps with mean 1/rate and coefficient of variation ``cv``."""
+    _check_drawn(n, rate, cv)
+    return _gamma_arrivals(n, rate, cv, seed)
+
+
+def _gamma_arrivals(n: int, rate: float, cv: float, seed: int) -> np.ndarray:
     if n == 0:
         return np.zeros(0)
     shape = 1.0 / (cv * cv)
@@ -675,7 +686,6 @@ def burst_arrivals(n: int, rate: float, cv: float = 4.0, burst: int = 8, seed: i
     (the mean request rate stays ``rate``). Production traffic comes in such bursts."""
     if not (is_whole(burst) and burst >= 1):
         raise ValueError(f"burst must be a whole number >= 1, got {burst!r}")
-    if not (is_whole(n) and n >= 0):
-        raise ValueError(f"n must be a whole number >= 0, got {n!r}")
-    groups = gamma_arrivals(-(-n // burst), rate / burst, cv, seed)
+    _check_drawn(n, rate, cv)  # the rate asked for, not the groups' (was: --rate 1e-6 refused as 1.25e-07)
+    groups = _gamma_arrivals(-(-n // burst), rate / burst, cv, seed)
     return np.repeat(groups, burst)[:n]

@@ -278,8 +278,8 @@ def _once_each(command: Any) -> None:
         _, _, order = command.make_parser(ctx).parse_args(args=list(args))
         seen: set[str] = set()
         for param in order:
-            if getattr(param, "param_type_name", "") != "option" or param.multiple or param.count:
-                continue
+            if getattr(param, "param_type_name", "") != "option" or param.multiple or param.count or param.is_eager:
+                continue  # (eager: ``--help --help`` shows the help)
             if param.name in seen:
                 raise USAGE_ERROR(f"{'/'.join([*param.opts, *param.secondary_opts])} is given more than once; give it once", ctx=ctx)
             seen.add(param.name)

@@ -152,6 +152,13 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> Request:
         raise BadRow(str(e), e.tally_key) from None
 
 
+#: What keeps a rejects record on one line for every line reader (``str.splitlines``, Python's
+#: ``open``) with the same JSON value: a ``\r`` is whitespace between a row's tokens (JSON
+#: strings hold none), and U+0085, U+2028 and U+2029 can stand only inside strings, as escapes
+#: there (was: a row's own ``\r`` split its record in two).
+ONE_LINE = str.maketrans({"\r": " ", "\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _dumps(obj: Any) -> str:
     """JSON for the UTF-8 output files: non-ASCII kept, escaped only if a string cannot be
     encoded (a lone surrogate from the input's escapes, or undecodable CSV bytes)."""
@@ -212,9 +219,10 @@ class _Run:
         record = {"file": self.file} if self.file is not None else {}
         with naming(self.rejects_path) if self.rejects_path is not None else nullcontext():
             if json_text is None:
-                self.rejects.write(_dumps({**record, key: number, "reason": reason, "row": raw}) + "\n")
+                line = _dumps({**record, key: number, "reason": reason, "row": raw})
             else:
-                self.rejects.write(_dumps({**record, key: number, "reason": reason})[:-1] + f', "row": {json_text.strip()}}}\n')
+                line = _dumps({**record, key: number, "reason": reason})[:-1] + f', "row": {json_text.strip()}}}'
+            self.rejects.write(line.translate(ONE_LINE) + "\n")
 
     def stale_in(self, names: Iterable[str]) -> list[str]:
         """The fields of ``names`` that an earlier ``--quantiles`` run wrote and this one does not

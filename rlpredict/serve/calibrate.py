@@ -108,7 +108,7 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
     p.bundle.check_rl_tokenizer()
     rule = recorded_split(p.bundle.manifest).get("rule", RECORDLESS_RULE)
     load = LoadReport()
-    rows = read_rows(data, load, on_error, rule)
+    rows = read_rows(data, load, on_error)
     for line in load.lines():
         log(line)
     pool, how = held_out(rows, p.bundle.manifest, split, test_frac, seed)
@@ -167,13 +167,24 @@ class Row:
     group: str
     source: str
     rl_tokens: int | None  # the row's own count; counted on the second read where it gave none
-    row_digest: str | None  # ``copies`` only
+    row_digest: str  # of its context and response: ``copies`` joins by it, the second read checks it
+    generator: str | None
+
+    def same(self, s: Sample) -> bool:
+        """Whether the second read's sample is this one (was: its group alone, so a row edited in
+        place between the reads went unnoticed)."""
+        return ((self.group, self.source, self.generator) == (s.group, s.source, s.generator)
+                and (self.rl_tokens is None or self.rl_tokens == s.rl_tokens) and self.row_digest == row_digest(s))
 
 
-def read_rows(data: Sequence[str | Path], load: LoadReport, on_error: str, rule: str) -> list[Row]:
-    """The first read: each sample's ``Row`` (was: every sample with its text, 521 MB for 3,000
-    rows of 50 KB prompts)."""
-    return [Row(i, s.group, s.source, s.rl_tokens, row_digest(s) if rule == "copies" else None)
+def read_rows(data: Sequence[str | Path], load: LoadReport, on_error: str) -> list[Row]:
+    """The first read: each sample's ``Row`` (was: every sample with its text, 889 MB for a
+    580 MB log). The logs are read twice, so each must be a regular file or a folder of them."""
+    for path in data:
+        if Path(path).exists() and not (Path(path).is_file() or Path(path).is_dir()):  # (was: a pipe hung)
+            raise ValueError(f"{path}: not a regular file (a pipe or a device): calibrate reads its logs twice; "
+                             "write them to a file")
+    return [Row(i, s.group, s.source, s.rl_tokens, row_digest(s), s.generator)
             for i, s in enumerate(iter_samples(data, load, on_error=on_error))]  # type: ignore[arg-type]
 
 
@@ -181,7 +192,8 @@ def predict_rows(p: Any, data: Sequence[str | Path], on_error: str, rows: Sequen
                  parts: Sequence[Sequence[Row]]) -> list[np.ndarray]:
     """The second read: the served model's probabilities for the rows of each part (in its order),
     ``CHUNK`` samples at a time, and the response-token count of each selected row that gave
-    none. The logs must read as they did the first time (same samples, same groups)."""
+    none. The logs must read as they did the first time (``Row.same``: every sample's group,
+    source, generator, given count, context and response)."""
     where = {r.index: (k, j) for k, part in enumerate(parts) for j, r in enumerate(part)}
     out = [np.empty((len(part), p.scheme.n_buckets), dtype=np.float32) for part in parts]  # (``probs``'s)
     chunk: list[tuple[Sample, int, int]] = []
@@ -197,7 +209,7 @@ def predict_rows(p: Any, data: Sequence[str | Path], on_error: str, rows: Sequen
 
     n, changed = 0, False
     for n, s in enumerate(iter_samples(data, LoadReport(), on_error=on_error), 1):  # type: ignore[arg-type]
-        if changed := n > len(rows) or (rows[n - 1].group, rows[n - 1].source) != (s.group, s.source):
+        if changed := n > len(rows) or not rows[n - 1].same(s):
             break
         if (at := where.get(n - 1)) is not None:
             chunk.append((s, *at))

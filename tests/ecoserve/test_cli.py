@@ -593,6 +593,14 @@ def test_an_option_given_twice_and_a_spaced_header_are_refused(tmp_path):
     spaced.write_text("arrival_time_s, input_tokens, output_tokens\n0, 10, 10\n")
     _refused(runner.invoke(app, ["simulate", "--trace", str(spaced)]),
              "spc.csv:1: column ' input_tokens' is input_tokens with spaces around its name")
+    spaced.write_text("arrival_time_s,input_tokens,output_tokens, max_tokens\n0,10,20,5\n")  # an optional one:
+    _refused(runner.invoke(app, ["simulate", "--trace", str(spaced)]),  # was: ignored without a word
+             "column ' max_tokens' is max_tokens with spaces around its name")
+    r = runner.invoke(app, ["simulate", "--help", "--help"])  # eager options are not counted
+    assert r.exit_code == 0 and "Usage" in r.output
+    # burst8's rate is the one asked for, not its groups' (was: --rate 1e-6 refused as 1.25e-07)
+    r = runner.invoke(app, ["simulate", "--trace", t, "--policy", "vllm", "--arrivals", "burst8", "--rate", "1e-6"])
+    assert r.exit_code == 0, r.output
 
 
 def test_demo_checks_its_output_before_working(tmp_path):

@@ -358,6 +358,13 @@ def test_a_rejected_json_row_is_written_as_read_and_no_line_passes_for_the_overs
     assert lines[0].endswith(f', "row": {row}}}') and lines[1].endswith(', "row": [1, 2.50]}')
     assert [r["line"] for r in recs] == [1, 2, 4, 5]
     assert recs[2]["row"] == "\x00rlpredict: oversize row of abc" and "not valid JSON" in recs[3]["reason"]
+    # one record a line for every line reader, the same value (was: a row's own "\r" split it)
+    src.write_text('{"noprompt":\r1}\n{"prompt": 5, "s": "a\u2028b\x85c"}\n{"prompt": "ok"}\n', encoding="utf-8")
+    annotate_file(predictor, src, tmp_path / "o3.jsonl", on_error="skip")
+    text = (tmp_path / "o3.rejects.jsonl").read_text(encoding="utf-8")
+    recs = [json.loads(line) for line in text.splitlines()]
+    assert [r["row"] for r in recs] == [{"noprompt": 1}, {"prompt": 5, "s": "a\u2028b\x85c"}]
+    assert '"row": {"noprompt": 1}}' in text and "\r" not in text
     src.write_bytes(b'{"prompt":"ok"}\n\x00rlpredict: oversize row of 12\n')
     with pytest.raises(AnnotateError, match=r"t.jsonl: line 2: not valid JSON"):  # (was: "a row of 12 bytes")
         annotate_file(predictor, src, tmp_path / "o2.jsonl", on_error="fail")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -196,8 +197,10 @@ def test_calibrate_writes_a_new_bundle(bundle_fp32: Path, calibrated: Path) -> N
 def test_calibrate_reads_the_logs_twice_keeping_no_text(bundle_fp32: Path, calibrated: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The split is made on text-free rows; the selected rows' text is read again, a chunk at a
-    time (was: every sample's text held at once: 889 MB for a 580 MB log, 325 MB now). The same
+    time (was: every sample's text held at once: 889 MB for a 580 MB log, 331 MB now). The same
     bundle with chunks of 7, and a log that changes between the reads is refused."""
+    import dataclasses
+
     import rlpredict.serve.calibrate as cal
     from rlpredict.data import iter_samples
 
@@ -211,7 +214,9 @@ def test_calibrate_reads_the_logs_twice_keeping_no_text(bundle_fp32: Path, calib
     assert not hasattr(cal.Row, "messages") and not hasattr(cal.Row, "response")
 
     reads: list[int] = []
-    changes = [lambda xs: xs[:-1], lambda xs: xs + xs[:1], lambda xs: xs[::-1]]  # shorter, longer, reordered
+    # shorter, longer, reordered, and one row edited in place (its id kept: was not caught)
+    changes = [lambda xs: xs[:-1], lambda xs: xs + xs[:1], lambda xs: xs[::-1],
+               lambda xs: [dataclasses.replace(xs[0], response=f"{xs[0].response} and more"), *xs[1:]]]
 
     def rewritten(*args, **kwargs):  # the second read of each run finds the logs changed
         samples = list(iter_samples(*args, **kwargs))
@@ -224,6 +229,11 @@ def test_calibrate_reads_the_logs_twice_keeping_no_text(bundle_fp32: Path, calib
         assert r.exit_code == 2 and "changed while calibrate read it" in " ".join(r.output.split()), r.output
         assert not (tmp_path / f"changed{k}").exists()
     assert len(reads) == 2 * len(changes)
+    if hasattr(os, "mkfifo"):  # a pipe cannot be read twice (was: the second read hung)
+        fifo = tmp_path / "logs.jsonl"
+        os.mkfifo(fifo)
+        r = CliRunner().invoke(app, [*base[:3], "--data", str(fifo), "--split", "all", "--out", str(tmp_path / "f")])
+        assert r.exit_code == 2 and "not a regular file (a pipe or a device)" in r.output, r.output
 
 
 def test_calibrate_refuses_bad_options_and_collisions(bundle_fp32: Path, calibrated: Path, tmp_path: Path) -> None:
