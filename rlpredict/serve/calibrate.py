@@ -162,7 +162,8 @@ CHUNK = 256
 class Row:
     """What ``calibrate`` keeps of a sample between its two reads of the logs: no text. The
     split needs every row's group (and, under ``copies``, its ``row_digest``) before anything
-    is predicted; the text is read again for the rows it selects (``predict_rows``)."""
+    is predicted; the text is read again for the rows it selects (``predict_rows``), and each
+    sample checked against its ``Row`` (``same``)."""
     index: int  # the sample's place in the logs (``iter_samples``' order)
     group: str
     source: str
@@ -173,8 +174,8 @@ class Row:
     def same(self, s: Sample) -> bool:
         """Whether the second read's sample is this one (was: its group alone, so a row edited in
         place between the reads went unnoticed)."""
-        return ((self.group, self.source, self.generator) == (s.group, s.source, s.generator)
-                and (self.rl_tokens is None or self.rl_tokens == s.rl_tokens) and self.row_digest == row_digest(s))
+        return ((self.group, self.source, self.generator, self.rl_tokens) == (s.group, s.source, s.generator, s.rl_tokens)
+                and self.row_digest == row_digest(s))  # (``rl_tokens``: still as read; counted after this)
 
 
 def read_rows(data: Sequence[str | Path], load: LoadReport, on_error: str) -> list[Row]:
