@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from rlpredict.cli_boundary import (
+    ScriptParser,
     arg_list,
     arg_number,
     arg_path,
@@ -142,7 +143,7 @@ def run_child(config: str, src: Path, dst: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=arg_number(int, 1), default=10_000)
     ap.add_argument("--configs", type=arg_list(str), default=",".join(CONFIGS),
                     help="comma-separated, from " + ",".join(CONFIGS))

@@ -25,7 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scenario_grid as grid
 
-from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script, worker_pool
+from rlpredict.cli_boundary import (
+    ScriptParser,
+    arg_list,
+    arg_number,
+    arg_path,
+    run_script,
+    worker_pool,
+)
 
 
 def attainment(cell_name: str, policy: str, shared: Path, requests: int, load: float) -> float:
@@ -36,7 +43,7 @@ def attainment(cell_name: str, policy: str, shared: Path, requests: int, load: f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=arg_path, required=True, help="the shared data folder (../shared/data)")
     ap.add_argument("--cell", required=True, help="scenario-grid cell, or a random draw's cell by its rS.I prefix "
                     "(cell I of --cells random:N --cell-seed S)")

@@ -13,7 +13,6 @@ set. The engine plans with the first set's profile; each profile only times the 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,14 +25,14 @@ from sim_vs_transformers import compare, make_trace  # noqa: E402
 from ecoserve_sched.calibrate import GRIDS, base_profile, load_model, measure  # noqa: E402
 from ecoserve_sched.cost_model import fit_profile  # noqa: E402
 from ecoserve_sched.engines.transformers_cb import TransformersEngine  # noqa: E402
-from rlpredict.cli_boundary import arg_list, arg_number, run_script  # noqa: E402
+from rlpredict.cli_boundary import ScriptParser, arg_list, arg_number, run_script  # noqa: E402
 
 SETS = {"heavy: 0.25, 0.5 per iteration": [(32, 0.25), (32, 0.5)],
         "light: 0.05, 0.1 per iteration": [(32, 0.05), (32, 0.1)]}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", type=arg_list(arg_number(float, 0, low_open=True)), default="2,4", help="Poisson arrival rates of the served traces")
     ap.add_argument("--repeats", type=arg_number(int, 1), default=2, help="real runs per trace and policy")
     ap.add_argument("--token-budget", type=arg_number(int, 34), default=512)  # the replays' 32 requests, +2

@@ -32,7 +32,7 @@ import math
 from pathlib import Path
 from typing import NoReturn
 
-from rlpredict.cli_boundary import arg_number, arg_path, run_script
+from rlpredict.cli_boundary import ScriptParser, arg_number, arg_path, run_script
 from rlpredict.json_file import read_json
 
 #: results.json fields read as numbers (null allowed), and the overload rows (objects of numbers)
@@ -270,7 +270,7 @@ def summary(cells: list[dict], policy: str, oracle: str = "ecoserve-oracle") -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", type=arg_path, help="benchmarks/scenario_grid.py --out folders")
     ap.add_argument("--policy", default="ecoserve", help="the policy judged (default: ecoserve)")
     ap.add_argument("--oracle", default="ecoserve-oracle", help="its oracle (default: ecoserve-oracle)")

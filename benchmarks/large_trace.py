@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from rlpredict.cli_boundary import (
+    ScriptParser,
     arg_list,
     arg_number,
     arg_path,
@@ -158,7 +159,7 @@ def _child(stage: str, path: Path, args: argparse.Namespace, n: int = 0, policy:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=arg_list(arg_number(int, 1)), default="1000000",
                     help="trace sizes, comma-separated (e.g. 100000,1000000)")
     ap.add_argument("--stages", type=arg_list(str), default="annotate,simulate",

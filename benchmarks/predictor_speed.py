@@ -51,7 +51,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpredict.cli_boundary import add_shared_input, arg_list, arg_number, arg_path, run_script
+from rlpredict.cli_boundary import (
+    ScriptParser,
+    add_shared_input,
+    arg_list,
+    arg_number,
+    arg_path,
+    run_script,
+)
 from rlpredict.serve.runtime import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -508,7 +515,7 @@ def report(rows: list[dict], requests: list, args: argparse.Namespace, spec, len
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=arg_path, action="append",
                     help="Measure this existing bundle (repeatable; no torch needed).")
     ap.add_argument("--model", type=arg_path, help="Trained model folder to export and compare with torch "

@@ -37,7 +37,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from rlpredict.cli_boundary import arg_number, arg_path, distinct_args, run_script
+from rlpredict.cli_boundary import ScriptParser, arg_number, arg_path, distinct_args, run_script
 from rlpredict.data import attach_rl, load_samples
 from rlpredict.serve.calibrate import held_out
 from rlpredict.serve.conformal import MIN_GROUP, QuantileCalibration
@@ -46,7 +46,7 @@ from rlpredict.splits import RECORDLESS_RULE, group_keys, recorded_split
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=arg_path, action="append", required=True, help="labelled chat logs (repeatable)")
     ap.add_argument("--model", type=arg_path, default=None, help="bundle (default: the shipped one)")
     ap.add_argument("--q", type=arg_number(float, 0, 0.999, low_open=True), default=0.9)

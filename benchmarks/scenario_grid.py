@@ -124,6 +124,7 @@ from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, poisson_arrivals, read_trace  # noqa: E402
 from rlpredict.cli_boundary import (  # noqa: E402
     SHARED_AZURE_CONV,
+    ScriptParser,
     arg_list,
     arg_number,
     arg_path,
@@ -460,7 +461,7 @@ def task_overload(cell: Cell, policy: str, shared: Path, n: int, factor: float,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=arg_path, required=True, help="the shared data folder (../shared/data)")
     ap.add_argument("--out", type=arg_path, help="folder for results.json and results.md (an earlier run's is "
                     "replaced)")

@@ -41,7 +41,6 @@ runs the mixes in parallel processes):
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -63,6 +62,7 @@ from ecoserve_sched.trace import Trace, poisson_arrivals, read_trace  # noqa: E4
 from rlpredict import Predictor  # noqa: E402
 from rlpredict.cli_boundary import (  # noqa: E402
     SHARED_AZURE_CONV,
+    ScriptParser,
     arg_file,
     arg_number,
     arg_path,
@@ -312,7 +312,7 @@ def hybrid_markdown(res: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", type=arg_path, metavar="DIR",
                     help="the shared data folder (../shared/data); needed unless --report")
     ap.add_argument("--out", type=arg_path, default=REPO / "runs" / "serving_gain", help="output folder (default: runs/serving_gain)")

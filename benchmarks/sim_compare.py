@@ -8,7 +8,6 @@ Usage (defaults: Azure 2023 conversation trace, Llama-2-13B on A100-80GB, TTFT 5
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -19,7 +18,14 @@ from ecoserve_sched.policies import get_policy
 from ecoserve_sched.predictions import SOURCES, load_confusion
 from ecoserve_sched.request import SLO
 from ecoserve_sched.trace import read_trace
-from rlpredict.cli_boundary import add_trace_input, arg_list, arg_number, arg_path, run_script
+from rlpredict.cli_boundary import (
+    ScriptParser,
+    add_trace_input,
+    arg_list,
+    arg_number,
+    arg_path,
+    run_script,
+)
 from rlpredict.outputs import check_new_dir, check_paths, output_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +39,7 @@ def rel(p: str | Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     trace_input = add_trace_input(ap)
     ap.add_argument("--profile", default="llama2-13b-a100-80gb")
     ap.add_argument("--confusion", type=arg_path, default=str(DEFAULT_CONFUSION), help="measured confusion.json (or bundle)")

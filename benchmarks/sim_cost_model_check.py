@@ -11,7 +11,6 @@ prints ours vs theirs over a grid of batch shapes, with the relative error per r
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ecoserve_sched.cost_model import FIT_FIELDS, CostModel, fit_profile, load_profile  # noqa: E402
-from rlpredict.cli_boundary import add_shared_input, run_script  # noqa: E402
+from rlpredict.cli_boundary import ScriptParser, add_shared_input, run_script  # noqa: E402
 
 PREFILL_GRID = [(b, n) for b in (1, 2, 4, 8) for n in (128, 256, 512, 1024)]
 DECODE_GRID = [(b, c) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) for c in (256, 512, 1024, 2048)]
@@ -54,7 +53,7 @@ def memory_time(m: CostModel, x: tuple[int, int, int, int]) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     profiles_input = add_shared_input(ap, "--profiles-dir", "distserve_a100_profiles",
                                       "folder with profiler-a100-80g.<engine>.json")
     ap.add_argument("--engine", default="vllm", choices=["vllm", "distserve"],

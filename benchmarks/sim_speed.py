@@ -35,7 +35,14 @@ from ecoserve_sched.predictions import load_confusion
 from ecoserve_sched.request import SLO, Request
 from ecoserve_sched.simulator import run, simulate
 from ecoserve_sched.trace import read_trace
-from rlpredict.cli_boundary import add_trace_input, arg_list, arg_number, arg_path, run_script
+from rlpredict.cli_boundary import (
+    ScriptParser,
+    add_trace_input,
+    arg_list,
+    arg_number,
+    arg_path,
+    run_script,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
@@ -149,7 +156,7 @@ def _decision_run(p: str, cost: object, kv_blocks: int | None, n: int, arrivals:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     trace_input = add_trace_input(ap)
     ap.add_argument("--profile", default="llama2-13b-a100-80gb", help="cost-model profile")
     ap.add_argument("--confusion", type=arg_path, default=str(DEFAULT_CONFUSION), help="confusion matrix for predictions")

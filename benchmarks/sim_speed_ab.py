@@ -34,7 +34,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlpredict.cli_boundary import add_trace_input, arg_list, arg_number, arg_path, run_script
+from rlpredict.cli_boundary import (
+    ScriptParser,
+    add_trace_input,
+    arg_list,
+    arg_number,
+    arg_path,
+    run_script,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
@@ -143,7 +150,7 @@ class Worker:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", type=arg_path, required=True, help="source tree of the baseline (a git worktree)")
     ap.add_argument("--after", type=arg_path, default=ROOT, help="source tree to compare (default: this one)")
     trace_input = add_trace_input(ap)

@@ -28,7 +28,6 @@ run-to-run difference (same trace, same engine, |run i - run j| / run j) is the 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import time
@@ -51,7 +50,7 @@ from ecoserve_sched.engines.transformers_cb import EngineRun, GenRequest, Transf
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.simulator import simulate  # noqa: E402
 from ecoserve_sched.trace import poisson_arrivals  # noqa: E402
-from rlpredict.cli_boundary import arg_list, arg_number, run_script  # noqa: E402
+from rlpredict.cli_boundary import ScriptParser, arg_list, arg_number, run_script  # noqa: E402
 
 
 def make_trace(n: int, rate: float, seed: int, vocab: int) -> list[GenRequest]:
@@ -113,7 +112,7 @@ def run_to_run(runs: list[EngineRun]) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="small-llama", help="preset or config.json (random weights)")
     ap.add_argument("--profile", default=None,
                     help="profile JSON of that model on this host (default: calibrate now)")

@@ -62,6 +62,7 @@ from ecoserve_sched.request import SLO
 from ecoserve_sched.simulator import run
 from ecoserve_sched.trace import burst_arrivals, read_trace
 from rlpredict.cli_boundary import (
+    ScriptParser,
     add_trace_input,
     arg_file,
     arg_list,
@@ -161,7 +162,7 @@ def trace_spec(a: argparse.Namespace) -> tuple[RunSpec, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     trace_input = add_trace_input(ap)
     ap.add_argument("--cell", help="a cell of benchmarks/scenario_grid.py (or a random draw's rS.I): its trace, "
                     "arrivals, profile, SLO and KV cache, and the grid's predictions")

@@ -66,7 +66,15 @@ from ecoserve_sched.engines.differential import (
     random_case,
     shrink,
 )
-from rlpredict.cli_boundary import arg_file, arg_list, arg_number, arg_path, run_script, worker_pool
+from rlpredict.cli_boundary import (
+    ScriptParser,
+    arg_file,
+    arg_list,
+    arg_number,
+    arg_path,
+    run_script,
+    worker_pool,
+)
 from rlpredict.outputs import check_file_output, write_text_atomic
 
 _SETUP: dict[str, Any] = {}
@@ -195,7 +203,7 @@ def _write(out: Path | None, found: list[dict]) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=arg_number(int, 1), default=200, help="random cases to draw (default 200)")
     ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="the first case's seed; the others follow")
     ap.add_argument("--pairs", type=arg_list(str), default="vllm,ecoserve",

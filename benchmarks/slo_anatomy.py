@@ -37,7 +37,14 @@ import scenario_grid as grid
 from ecoserve_sched.cost_model import prefill_ctx_tokens
 from ecoserve_sched.policies.interface import DEFAULT_TOKEN_BUDGET
 from ecoserve_sched.simulator import iteration_table
-from rlpredict.cli_boundary import arg_list, arg_number, arg_path, run_script, worker_pool
+from rlpredict.cli_boundary import (
+    ScriptParser,
+    arg_list,
+    arg_number,
+    arg_path,
+    run_script,
+    worker_pool,
+)
 
 
 def prefill_s(cost: object, prompt: int, budget: int) -> float:
@@ -110,7 +117,7 @@ def policy_row(cell_name: str, policy: str, shared: Path, requests: int, load: f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=arg_path, required=True, help="the shared data folder (../shared/data)")
     ap.add_argument("--cell", required=True, help="a cell of benchmarks/scenario_grid.py, or a random draw's "
                     "cell by its rS.I prefix (cell I of --cells random:N --cell-seed S)")

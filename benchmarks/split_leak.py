@@ -13,12 +13,11 @@ it counts the copies under each split rule (``rlpredict.splits.SPLIT_RULES``) at
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 
-from rlpredict.cli_boundary import arg_path, distinct_args, run_script
+from rlpredict.cli_boundary import ScriptParser, arg_path, distinct_args, run_script
 from rlpredict.data import attach_rl, load_samples
 from rlpredict.serve.runtime import Predictor
 from rlpredict.splits import SPLIT_RULES, recorded_split, split_by_group
@@ -26,7 +25,7 @@ from rlpredict.train.metrics import rl_metrics
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=arg_path, action="append", required=True, help="labelled chat logs (repeatable)")
     ap.add_argument("--model", type=arg_path, default=None, help="bundle (default: the shipped one)")
     args = ap.parse_args()

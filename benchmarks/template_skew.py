@@ -17,13 +17,12 @@ finds them).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
 from ecoserve_sched.engines.chat_prompt import turn_markers
-from rlpredict.cli_boundary import arg_number, arg_path, distinct_args, run_script
+from rlpredict.cli_boundary import ScriptParser, arg_number, arg_path, distinct_args, run_script
 from rlpredict.data import load_samples
 from rlpredict.rl_tokenizers import tokenizer_path
 from rlpredict.serve.runtime import Predictor
@@ -34,7 +33,7 @@ def _qwen_files() -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=arg_path, action="append", required=True, help="labelled chat logs (repeatable)")
     ap.add_argument("--model", type=arg_path, default=None, help="bundle (default: the shipped one)")
     ap.add_argument("--chat-tokenizer", type=arg_path, default=None, help="folder of a tokenizer with a chat template")

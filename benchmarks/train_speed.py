@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from rlpredict.cli_boundary import arg_file, arg_number, run_script
+from rlpredict.cli_boundary import ScriptParser, arg_file, arg_number, run_script
 from rlpredict.outputs import check_file_output, write_text_atomic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,7 +61,7 @@ def old_loop(rev: str, folder: Path) -> ModuleType:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", default="HEAD", help="git revision of the other loop (default HEAD)")
     ap.add_argument("--steps", type=arg_number(int, 1), default=16, help="optimizer steps per run")
     ap.add_argument("--rounds", type=arg_number(int, 1), default=2, help="runs of each loop (alternating)")

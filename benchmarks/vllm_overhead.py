@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ecoserve_sched.cost_model import load_profile  # noqa: E402
-from rlpredict.cli_boundary import arg_file, arg_number, arg_path, run_script  # noqa: E402
+from rlpredict.cli_boundary import ScriptParser, arg_file, arg_number, arg_path, run_script  # noqa: E402
 from rlpredict.data import DataError, load_samples  # noqa: E402
 from rlpredict.outputs import check_file_output, write_text_atomic  # noqa: E402
 
@@ -280,7 +280,7 @@ def batched_estimate(predictor: Any, texts: list[str], k: int) -> tuple[float, f
 
 # ---- main ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=arg_path, default=SAMPLE,
                     help="ShareGPT-format .jsonl.gz (fields conversation or prompt, response); "
                          "default: the packaged sample")

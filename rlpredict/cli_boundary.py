@@ -515,6 +515,37 @@ def child_failed(what: str, returncode: int, stderr: str) -> NoReturn:
 
 
 # ---- argparse types for the scripts (a bad value: argparse's usage line naming the option) -------
+class ScriptParser(argparse.ArgumentParser):
+    """A script's argument parser: argparse's, but an option that takes one value, given
+    twice, is refused naming it, as the two CLIs refuse it (was: the last one kept without a
+    word). Options that add up (``append``, ``count``) are not checked."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._given: set[str] = set()
+        for name, base in ((None, argparse._StoreAction), ("store", argparse._StoreAction),
+                           ("store_true", argparse._StoreTrueAction), ("store_false", argparse._StoreFalseAction),
+                           ("store_const", argparse._StoreConstAction)):
+            self.register("action", name, _once(base))
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._given = set()
+        return super().parse_known_args(args, namespace)
+
+
+def _once(base: type[argparse.Action]) -> type[argparse.Action]:
+    class Once(base):  # type: ignore[valid-type, misc]
+        def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+            given = getattr(parser, "_given", None)
+            if given is not None and self.option_strings:
+                if self.dest in given:
+                    parser.error(f"{'/'.join(self.option_strings)} is given more than once; give it once")
+                given.add(self.dest)
+            super().__call__(parser, namespace, values, option_string)
+
+    return Once
+
+
 def arg_number(kind: Callable[[str], Any] = int, low: float | None = None, high: float | None = None,
                *, low_open: bool = False) -> Callable[[str], Any]:
     """An argparse ``type``: ``kind`` (int or float), finite, within [low, high] ((low, high]

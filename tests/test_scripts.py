@@ -54,6 +54,15 @@ def _main_block(path: Path) -> ast.If | None:
 def test_every_script_runs_inside_the_boundary(path: Path) -> None:
     assert ast.unparse(_main_block(path)).strip().endswith("run_script(main)"), \
         f"{path.name}: its __main__ block must be run_script(main)"
+    # its options are parsed by ScriptParser: one given twice is refused, as in the two CLIs
+    assert "argparse.ArgumentParser(" not in path.read_text(encoding="utf-8"), f"{path.name}: use ScriptParser"
+
+
+def test_an_option_given_twice_is_refused_by_a_script(tmp_path: Path) -> None:
+    """Was: argparse's rule, the last value kept without a word."""
+    _usage_error(_run("benchmarks/grid_summary.py", tmp_path, "--policy", "ecoserve", "--policy", "sjf"),
+                 "--policy is given more than once; give it once")
+    _usage_error(_run("benchmarks/grid_summary.py", tmp_path, "--no-table", "--no-table"), "--no-table is given more")
 
 
 # ---- run_script ----------------------------------------------------------------------------------

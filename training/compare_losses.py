@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rlpredict.cli_boundary import (
+    ScriptParser,
     arg_file,
     arg_list,
     arg_number,
@@ -48,7 +49,7 @@ COLUMNS = {"bucket_acc": ("acc", "{:.3f}"), "within1_acc": ("±1", "{:.3f}"), "m
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=arg_path, action="append", required=True, help="data file (repeatable)")
     ap.add_argument("--rows", type=arg_number(int, 1), default=3000, help="training samples per variant")
     ap.add_argument("--eval-rows", type=arg_number(int, 1), default=2000, help="held-out samples scored")

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from rlpredict.cli_boundary import arg_number, arg_path, run_script
+from rlpredict.cli_boundary import ScriptParser, arg_number, arg_path, run_script
 from rlpredict.outputs import check_paths, work_folder, write_owned
 from rlpredict.serve.runtime import Predictor, usable_cores
 from rlpredict.train.baselines import TfidfLogistic
@@ -151,7 +151,7 @@ def model_size(model: TfidfLogistic) -> dict[str, Any]:
 
 # ---- main ----------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=arg_path, required=True, help="the predictor's recipe (TOML)")
     ap.add_argument("--bundle", type=arg_path, required=True, help="the shipped bundle folder")
     ap.add_argument("--out", type=arg_path, required=True, help="output folder (report.md, results.json)")

@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from rlpredict.cli_boundary import arg_file, arg_number, run_script
+from rlpredict.cli_boundary import ScriptParser, arg_file, arg_number, run_script
 from rlpredict.outputs import atomic_path, check_file_output
 from rlpredict.records import rows_with
 from rlpredict.splits import in_test
@@ -36,7 +36,7 @@ def held_out(path: str, field: str, test_frac: float, seed: int) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sources", nargs="+", help="FILE:GROUP_FIELD (any format rlpredict reads)")
     ap.add_argument("--out", type=arg_file, required=True)
     ap.add_argument("--force", action="store_true", help="replace an existing --out file")

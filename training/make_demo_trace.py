@@ -24,7 +24,14 @@ import random
 from pathlib import Path
 
 from ecoserve_sched.trace import read_trace
-from rlpredict.cli_boundary import SHARED_AZURE_CONV, arg_file, arg_number, arg_path, run_script
+from rlpredict.cli_boundary import (
+    SHARED_AZURE_CONV,
+    ScriptParser,
+    arg_file,
+    arg_number,
+    arg_path,
+    run_script,
+)
 from rlpredict.outputs import check_file_output, write_bytes_atomic
 from rlpredict.records import rows_with
 from rlpredict.rl_tokenizers import count_tokens
@@ -34,7 +41,7 @@ OUT = Path(__file__).resolve().parents[1] / "ecoserve_sched" / "samples" / "azur
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=arg_path, required=True, help="the shared data folder, holding azure_llm_2023_conv/ and sharegpt_v3/")
     ap.add_argument("--requests", type=arg_number(int, 1), default=1500)
     ap.add_argument("--out", type=arg_file, default=OUT)

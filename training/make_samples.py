@@ -15,7 +15,7 @@ import io
 import json
 from pathlib import Path
 
-from rlpredict.cli_boundary import arg_path, run_script
+from rlpredict.cli_boundary import ScriptParser, arg_path, run_script
 from rlpredict.outputs import check_file_output, write_bytes_atomic
 from rlpredict.records import rows_with
 
@@ -43,7 +43,7 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=arg_path, required=True, help="the shared data folder, holding sharegpt_v3/ and alpaca_eval_outputs/")
     ap.add_argument("--force", action="store_true", help="replace the bundled samples")
     args = ap.parse_args()
