@@ -300,6 +300,8 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
     if path.is_dir():
         raise ProfileError(f"{path}: a folder, not a profile: give a profile JSON file (`ecoserve calibrate --out` "
                            f"writes one) or a shipped name: {', '.join(list_profiles())}")
+    if path.exists() and not path.is_file():  # (was: a named pipe hung the read, and vLLM's start-up with it)
+        raise ProfileError(f"{path}: not a regular file (a pipe or a device): give a profile JSON file")
     if path.suffix == ".json" or path.is_file():
         model = _with_kv_room(CostModel(_read(path), str(path)), str(path))
         model.path = str(path)

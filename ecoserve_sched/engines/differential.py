@@ -228,7 +228,9 @@ def results_apart(sim: Any, real: Any, ecoserve: bool, rel: float = 1e-9) -> lis
 def engine_core_case(case: Case) -> Case | None:
     """``case`` with only the requests vLLM's ``EngineCore`` can serve on the case's cache, those
     whose prompt and output (up to ``max_tokens``) stay below its model length (``engine_core.model_length``: vLLM
-    refuses a model length longer than the cache holds), or None if none can."""
+    refuses a model length longer than the cache holds), each ``max_tokens`` within that length
+    (what such an engine serves, and what the plug-in reserves for, whichever side replays it), or
+    None if none can."""
     from .engine_core import model_length
 
     rows = list(range(len(case)))
@@ -237,7 +239,9 @@ def engine_core_case(case: Case) -> Case | None:
                               max(case.prompt_tokens[i] + case.max_tokens[i] for i in rows))
         kept = [i for i in rows if case.prompt_tokens[i] + min(case.output_tokens[i], case.max_tokens[i]) < length]
         if kept == rows:
-            return case.keep(rows)
+            kept_case = case.keep(rows)
+            return replace(kept_case, max_tokens=tuple(min(m, length - p) for m, p in zip(
+                kept_case.max_tokens, kept_case.prompt_tokens, strict=True)))
         rows = kept
     return None
 

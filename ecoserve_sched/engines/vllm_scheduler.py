@@ -847,7 +847,7 @@ class EcoServeMixin:
             # so 24 requests without hints took the scale to 0.1 for every predicted one)
             if self.pscale is not None and p.source in ("extra_args", "predictor"):
                 p.predicted = p.pred_tokens
-                p.pred_tokens = rules.prediction_within(self.pscale.scaled(p.pred_tokens), request.max_tokens)
+                p.pred_tokens = rules.prediction_within(self.pscale.scaled(p.pred_tokens), self._max_out(request))
             if self.eco_cfg.park and not self._by_priority:  # (parking's offered load)
                 self.load.add(request.arrival_time, self._service(request))
         super().add_request(request)
@@ -856,7 +856,7 @@ class EcoServeMixin:
         """Trusted, valid client hints; else the predictor on the prompt; else the default.
         Never raises: every failure ends in the default reservation and a counter."""
         cfg = self.eco_cfg
-        if rules.length_known(request.max_tokens):  # a pooling request (vLLM sets 1) or a one-token generation:
+        if rules.length_known(self._max_out(request)):  # a pooling request (vLLM sets 1) or a one-token generation:
             self.eco_counters["known_lengths"] += 1  # the length is known (was: predicted on the
             return RLPrediction(-1, 1, 1, "max_tokens")  # engine thread, then cut to 1)
         p = None
@@ -875,9 +875,15 @@ class EcoServeMixin:
         if p is None:
             self.eco_counters["default_reservations"] += 1
             p = RLPrediction(-1, cfg.default_reserve, cfg.default_reserve, "default")
-        p.reserve_tokens = rules.prediction_within(p.reserve_tokens, request.max_tokens)
-        p.pred_tokens = rules.prediction_within(p.pred_tokens, request.max_tokens)
+        p.reserve_tokens = rules.prediction_within(p.reserve_tokens, self._max_out(request))
+        p.pred_tokens = rules.prediction_within(p.pred_tokens, self._max_out(request))
         return p
+
+    def _max_out(self, request: Request) -> int:
+        """The most tokens ``request`` can generate: its ``max_tokens``, and no further than the
+        model's length (vLLM's ``check_stop``; was: ``max_tokens`` alone, so a request asking for
+        10^6 tokens was reserved past the model's length and admission ran one at a time)."""
+        return max(min(request.max_tokens, self.max_model_len - request.num_prompt_tokens), 1)
 
     def _from_hints(self, request: Request) -> RLPrediction | None:
         sp = request.sampling_params
@@ -1021,7 +1027,7 @@ class EcoServeMixin:
         if not len(self.proj):
             return True  # alone: a reservation larger than the cache must not block it forever
         bs, g = self._bs, request.num_output_tokens
-        rem = rules.reservation_tokens(self._reserve(request.request_id), g, request.max_tokens) - g
+        rem = rules.reservation_tokens(self._reserve(request.request_id), g, self._max_out(request)) - g
         ctx = -(-request.num_tokens // bs) * bs
         shared = self._held_offset + _referenced(hit)  # its prefix hits others hold: no new KV
         keep = self._keep_free if self.running else 0
@@ -1032,7 +1038,7 @@ class EcoServeMixin:
 
     def _admitted(self, request: Request) -> None:
         rid, g, step = request.request_id, request.num_output_tokens, self._step
-        entry = (request.num_tokens - step, g - step, self._reserve(rid), request.max_tokens)
+        entry = (request.num_tokens - step, g - step, self._reserve(rid), self._max_out(request))
         if len(self._entries) >= self._slots:  # more async loads than slots: a larger projection
             self._slots *= 2
             self.proj = rules.Projection(self._slots)
@@ -1581,7 +1587,7 @@ class EcoServeMixin:
         """Largest is preempted first: TTFT SLO missed, longest predicted remaining, latest admitted."""
         rid = r.request_id
         return rules.victim_key(self._first_token.get(rid, now), r.arrival_time, self.eco_cfg.slo_ttft,
-                                self._reserve(rid), r.num_output_tokens, r.max_tokens, self._seq.get(rid, 0))
+                                self._reserve(rid), r.num_output_tokens, self._max_out(r), self._seq.get(rid, 0))
 
     # ---- leaving ----------------------------------------------------------------------------------
     def _forget(self, request: Request) -> None:
@@ -1632,7 +1638,7 @@ class EcoServeMixin:
         self._hits.pop(rid, None)
         if rid in self.rl:
             self.eco_counters["topups"] += rules.topups(self._reserve(rid), request.num_output_tokens,
-                                                        request.max_tokens)
+                                                        self._max_out(request))
             p = self.rl[rid]
             if self.pscale is not None and p.predicted and request.status in _RAN_TO_THE_END:
                 self.pscale.observe(p.predicted, request.num_output_tokens)  # (0: added unscaled)

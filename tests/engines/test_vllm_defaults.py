@@ -144,7 +144,12 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs(reserve_frac: floa
     pred, max_tokens = rng.integers(1, 800, n), rng.integers(800, 2000, n)
     max_tokens[-4:] = pred[-4:] // 2 + 1  # predicted beyond what they may generate
     resv = pred + rng.integers(0, 100, n)  # the prediction's reservation (an upper quantile)
-    sims = [SimRequest(i, float(arrival[i]), int(prompt[i]), int(max_tokens[i]), 1, pred_tokens=int(pred[i]),
+    # the simulator's requests as vLLM serves them: no further than the model's length, where the
+    # plug-in caps a larger max_tokens (``_max_out``; 24 of these 40 ask for more, and with the
+    # cap on one side only, two keys differed)
+    most = np.minimum(max_tokens, eco.max_model_len - prompt)
+    assert (most < max_tokens).sum() == 24
+    sims = [SimRequest(i, float(arrival[i]), int(prompt[i]), int(most[i]), 1, pred_tokens=int(pred[i]),
                        reserve_tokens=int(resv[i])) for i in range(n)]
     vreqs = [req(str(i), int(prompt[i]), int(max_tokens[i]), arrival=float(arrival[i]),
                  rl_pred_tokens=int(pred[i]), rl_reserve_tokens=int(resv[i])) for i in range(n)]
@@ -177,12 +182,12 @@ def test_plugin_and_simulator_policy_agree_on_the_same_inputs(reserve_frac: floa
         assert min(sim._base_pred(r), r.max_tokens) == eco._reserve(v.request_id)
         for g in (0, r.reserve_tokens - 1, r.reserve_tokens, 3 * r.reserve_tokens + 5):
             assert (rules.reservation_tokens(sim._base_pred(r), g, r.max_tokens)
-                    == rules.reservation_tokens(eco._reserve(v.request_id), g, v.max_tokens))
+                    == rules.reservation_tokens(eco._reserve(v.request_id), g, eco._max_out(v)))
     # 3. admission: the same projected state gives the same answer for every candidate
     for i in range(6):  # six running requests, entered in both projections alike
         ctx, g = 300 + 100 * i, 10 * i
-        sim.proj.set(i, ctx, g, sim._base_pred(sims[i]), int(max_tokens[i]))
-        eco.proj.set(str(i), ctx, g, eco._reserve(str(i)), int(max_tokens[i]))
+        sim.proj.set(i, ctx, g, sim._base_pred(sims[i]), sims[i].max_tokens)
+        eco.proj.set(str(i), ctx, g, eco._reserve(str(i)), eco._max_out(vreqs[i]))
     sim.decoding = {i: sims[i] for i in range(6)}  # something runs: the keep-free reserve applies
     eco.running = vreqs[:6]
     answers = [(sim._fits(sims[i], sim.kv.blocks_for(int(prompt[i]))), eco._fits(vreqs[i], None))

@@ -147,14 +147,19 @@ def test_each_replay_gives_each_request_vllms_engine_core_times(policy: str, tra
     counters. The first trace: two requests arrive while the step after a lone request's last
     one runs, which vLLM drops under async scheduling; vLLM takes them when that step ends (the
     replay took them at once, its clock set back: a reviewer's case)."""
+    from dataclasses import replace
+
     from ecoserve_sched.cost_model import load_profile
     from ecoserve_sched.engines.differential import results_apart
-    from ecoserve_sched.engines.engine_core import engine_core_run
+    from ecoserve_sched.engines.engine_core import engine_core_run, model_length
     from ecoserve_sched.request import SLO
     from ecoserve_sched.simulator import run
 
     cost = load_profile("llama2-13b-a100-80gb")
-    res = run(trace(), policy, cost, slo=SLO(), kv_blocks=blocks, token_budget=budget, max_running=seqs)
+    tr = trace()  # each max_tokens within the engine's model length (the cache's, on 24 blocks), as
+    length = model_length(blocks, 16, int((tr.input_tokens + tr.max_tokens).max()))  # engine_core_case has it
+    tr = replace(tr, max_tokens=np.minimum(tr.max_tokens, length - tr.input_tokens))
+    res = run(tr, policy, cost, slo=SLO(), kv_blocks=blocks, token_budget=budget, max_running=seqs)
     core = engine_core_run(res.requests, policy, cost, slo=SLO(), kv_blocks=blocks, token_budget=budget,
                            max_running=seqs)  # the replay's requests carry its predictions
     assert results_apart(res, core, policy.startswith("ecoserve")) == []
@@ -208,7 +213,7 @@ def test_engine_core_case_keeps_what_an_engine_on_the_cache_can_take() -> None:
 
     case = Case(arrivals_s=(0.0, 0.0, 0.1), prompt_tokens=(50, 50, 120), output_tokens=(3000, 20, 20),
                 max_tokens=(10, 2048, 2048), kv_blocks=8, block_size=16)
-    kept = engine_core_case(case)
-    assert kept is not None and kept.prompt_tokens == (50, 50) and kept.max_tokens == (10, 2048)
+    kept = engine_core_case(case)  # each max_tokens within the model length (the cache's 128 tokens)
+    assert kept is not None and kept.prompt_tokens == (50, 50) and kept.max_tokens == (10, 78)
     assert engine_core_case(Case(arrivals_s=(0.0,), prompt_tokens=(200,), output_tokens=(5,), max_tokens=(5,),
                                  kv_blocks=8, block_size=16)) is None

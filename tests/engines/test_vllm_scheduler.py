@@ -886,12 +886,37 @@ def test_a_profile_of_another_model_is_said_at_start(monkeypatch: pytest.MonkeyP
     assert other_model(same, s.vllm_config) == ""
 
 
-def test_a_bad_profile_is_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_profile_is_a_startup_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     from ecoserve_sched.engines.vllm_scheduler import EcoServeSetupError
 
     monkeypatch.setenv("ECOSERVE_PROFILE", "no-such-gpu-profile")
     with pytest.raises(EcoServeSetupError, match=r"ECOSERVE_PROFILE='no-such-gpu-profile'.*shipped: "):
         make(EcoServeVllmSyncScheduler)
+    if hasattr(os, "mkfifo"):  # a named pipe (was: the read hung start-up)
+        os.mkfifo(tmp_path / "p.json")
+        monkeypatch.setenv("ECOSERVE_PROFILE", str(tmp_path / "p.json"))
+        with pytest.raises(EcoServeSetupError, match=r"ECOSERVE_PROFILE=.*not a regular file \(a pipe or a device\)"):
+            make(EcoServeVllmSyncScheduler)
+
+
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_a_max_tokens_past_the_models_length_is_reserved_as_the_length(cls: type) -> None:
+    """vLLM ends a request at the model's length whatever its max_tokens, and so serves 10^6
+    as it serves 236 here; the plug-in reserved 10^6 (or a client's larger hint) past the model's
+    length, and admitted 2 requests at a time where it admitted 4 (and a hint of 1,000: 1)."""
+    def run(max_tokens: int, **hint: int) -> tuple[int, int]:
+        s = build_vllm_scheduler(cls, num_blocks=64, block_size=BS, max_num_seqs=16, max_num_batched_tokens=512,
+                                 max_model_len=256, async_scheduling=issubclass(cls, EcoServeVllmScheduler))
+        for i in range(8):
+            s.add_request(req(f"r{i}", 20, max_tokens, arrival=0.001 * i, **hint))
+        most = 0
+        outs = drive(s)
+        for out in outs:
+            most = max(most, len(out.num_scheduled_tokens))
+        check_done(s)
+        return len(outs), most
+
+    assert run(10**6) == run(236) and run(10**6, rl_pred_tokens=1000, rl_reserve_tokens=1000) == run(236)
 
 
 @pytest.mark.parametrize("cls", ECO_CLASSES)
