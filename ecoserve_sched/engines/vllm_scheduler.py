@@ -195,24 +195,24 @@ def parse_setting(name: str, raw: str, kind: type, lo: float | None = None,
                   hi: float | None = None) -> Any:
     """``raw`` (the text of environment variable ``name``) as ``kind`` (bool, int, float, str)
     within ``[lo, hi]``; raises :class:`EcoServeSetupError` naming the variable and what it
-    accepts."""
+    accepts (the value shortened, as a hint is: was, a 5,000-digit value repeated whole)."""
     text = raw.strip()
     if kind is bool:
         if text.lower() in _TRUE:
             return True
         if text.lower() in _FALSE:
             return False
-        raise EcoServeSetupError(f"{name}={raw!r}: expected 1 or 0 (also true/false, yes/no, on/off)")
+        raise EcoServeSetupError(f"{name}={_short(raw)}: expected 1 or 0 (also true/false, yes/no, on/off)")
     if kind is str:
         return text or None
     accepted = ("an integer" if kind is int else "a finite number") + _range_text(lo, hi)
     try:
         value = kind(text)
     except ValueError:
-        raise EcoServeSetupError(f"{name}={raw!r}: expected {accepted}") from None
+        raise EcoServeSetupError(f"{name}={_short(raw)}: expected {accepted}") from None
     if (kind is float and not math.isfinite(value)) or (lo is not None and value < lo) or (
             hi is not None and value > hi):
-        raise EcoServeSetupError(f"{name}={raw!r}: expected {accepted}")
+        raise EcoServeSetupError(f"{name}={_short(raw)}: expected {accepted}")
     return value
 
 

@@ -309,6 +309,10 @@ def test_bad_setting_stops_the_scheduler_at_construction(monkeypatch) -> None:
     monkeypatch.setenv("ECOSERVE_AGING", "half")
     with pytest.raises(EcoServeSetupError, match=r"ECOSERVE_AGING='half': expected a finite number in \[0, 1000\]"):
         make(EcoServeVllmSyncScheduler)
+    monkeypatch.setenv("ECOSERVE_AGING", "9" * 5000)  # shortened, as a hint is (was: repeated whole)
+    with pytest.raises(EcoServeSetupError, match=r"ECOSERVE_AGING='9{36}\.\.\.: expected a finite number") as e:
+        make(EcoServeVllmSyncScheduler)
+    assert len(str(e.value)) < 120
 
 
 # ---- the predictor: strict mode, eager loading -------------------------------------------------
