@@ -168,8 +168,9 @@ def _clip(text: str, n: int) -> str:
 
 
 def _shown(request: Any) -> str:
-    """What ``predict``'s table shows of a request: the last user message (what the bundle reads
-    in either mode; was: the last message, an assistant's reply the model never read), every
+    """What ``predict``'s table shows of a request: the last user message (the turn answered,
+    which the bundle reads in either input mode; was: the last message, an assistant's reply
+    that a ``last_user`` bundle never reads), every
     character the terminal would act on written as its escape (was: ESC went through, so a
     logged prompt could clear or recolour the screen); a newline as a space."""
     from rlpredict.inputs import last_user_message

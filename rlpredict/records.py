@@ -449,7 +449,9 @@ _ESCAPE = b"\x00"
 
 def bounded_lines(f: IO[bytes], limit: int = MAX_ROW_BYTES) -> Iterator[bytes]:
     """The lines of a binary stream, each at most ``limit`` bytes; a longer line is read past in
-    ``limit``-byte pieces and yielded as a short marker that :func:`decode_line` rejects."""
+    ``limit``-byte pieces and yielded as a short marker that :func:`decode_line` rejects. A line
+    that starts with a NUL byte gets one more (:func:`line_bytes` and :func:`decode_line` take it
+    off)."""
     while data := f.readline(limit):
         if len(data) < limit or data.endswith(b"\n"):
             yield _ESCAPE + data if data.startswith(_ESCAPE) else data
@@ -474,14 +476,12 @@ def line_bytes(data: bytes) -> bytes | None:
 def decode_line(data: bytes, lineno: int) -> str:
     """One raw JSONL line as text (a BOM on line 1 is dropped); :class:`RecordError` if it is
     not UTF-8. Lines are split on ``b"\\n"`` only: a bare ``"\\r"`` is JSON whitespace."""
-    if data.startswith(_OVERSIZE):
+    if (given := line_bytes(data)) is None:
         n = int(data[len(_OVERSIZE):])
         raise RecordError("", f"a row of {n:,} bytes, over the {MAX_ROW_BYTES >> 20} MiB limit",
                           kind=f"a row over the {MAX_ROW_BYTES >> 20} MiB limit")
-    if data.startswith(_ESCAPE):  # an input line that starts with a NUL byte (``bounded_lines``)
-        data = data[1:]
     try:
-        return data.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        return given.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as e:
         raise RecordError("", f"not valid UTF-8 (byte {e.start})", kind="not valid UTF-8") from None
 
