@@ -116,7 +116,7 @@ _PREDICTIONS = ("pred_bucket", "pred_tokens", "reserve_tokens")
 def check_servable(requests: list[Request]) -> None:
     """Raise ``ValueError`` naming the first request that cannot be served as given: an arrival
     that is no finite number >= 0, a length that is no whole number >= 1, a prediction that is
-    no whole number (NaN, 2.5), a request already served (a list reused from an earlier run: it
+    no whole number (NaN, 2.5), an ``slo`` that is no :class:`SLO`, a request already served (a list reused from an earlier run: it
     finished again in no time), or an id given twice. Whole numbers of other types (numpy's)
     become ``int``, the same values. ``read_trace`` and ``Trace`` check their columns; this is
     the API's check."""
@@ -128,6 +128,9 @@ def check_servable(requests: list[Request]) -> None:
                 and min(r.prompt_tokens, r.true_output_tokens, r.max_tokens) >= 1
                 and type(r.pred_bucket) is type(r.pred_tokens) is type(r.reserve_tokens) is int):
             _whole_numbers(r)  # the slow path: anything but plain ints
+        if type(r.slo) is not SLO and not isinstance(r.slo, SLO):  # (was: transformers' manager failed every
+            # request of the run with "'NoneType' object has no attribute 'ttft_s'")
+            raise ValueError(f"request {r.rid}: slo must be an SLO(ttft_s, tbt_s), got {type(r.slo).__name__}")
         if r.state != State.WAITING or r.generated or r.prefilled or r.epoch or r.first_token_s >= 0:
             raise ValueError(f"request {r.rid}: already served (state {r.state.name}, {r.generated} tokens "
                              "generated); give fresh Request objects (Trace.requests makes them)")

@@ -285,6 +285,10 @@ class PolicyScheduler(HFScheduler):
         if state.max_new_tokens is None:  # was: planned as 1 token (or the policy's); it grew past it, waited forever
             raise ValueError(f"{rid_s}: max_new_tokens is not set (transformers: no limit); a policy plans each "
                              "request's KV up to its max_new_tokens: set it in the generation config")
+        if not (is_whole(state.max_new_tokens) and state.max_new_tokens >= 1):  # (was: 2.5 killed the manager's
+            # thread under ecoserve and left a block held; numpy's int64 too)
+            raise ValueError(f"{rid_s}: max_new_tokens must be a whole number >= 1, got {state.max_new_tokens!r}")
+        state.max_new_tokens = int(state.max_new_tokens)  # numpy's: the same value as an int
         if r is not None:  # the policy side given to register_scheduler: it must describe this request
             check_servable([r])  # fresh (was: a map reused from an earlier run), whole numbers (numpy's: int)
             limit = state.max_new_tokens
@@ -478,6 +482,10 @@ class PolicyScheduler(HFScheduler):
         if refused is not None and refused.request_id == request_id:
             return list(refused.generated_tokens)
         st = self.active_requests.get(request_id) or self.waiting_requests.get(request_id)
+        if st is None and (r := self.reqs.get(request_id)) is not None:
+            # transformers' fail_all_requests pops a waiting request before it asks (was: [], so a
+            # preempted request's tokens were lost on a hard stop)
+            st = self.states.get(r.rid)
         return st.generated_tokens if st is not None else []
 
     def _preempt(self, st: RequestState, now: float) -> None:

@@ -309,6 +309,9 @@ def test_simulate_refuses_requests_it_cannot_serve_as_given():
     nan_pred = make_req(0, 0.0, 10, 20)
     nan_pred.pred_tokens = float("nan")
     bad["pred_tokens must be a whole number, got nan"] = [nan_pred]
+    no_slo = make_req(0, 0.0, 10, 20)  # (was: under transformers' manager, every request of the run
+    no_slo.slo = None                  # failed on 'NoneType' object has no attribute 'ttft_s')
+    bad["slo must be an SLO(ttft_s, tbt_s), got NoneType"] = [no_slo]
     for msg, rs in bad.items():
         for policy in ("vllm", "ecoserve"):
             with pytest.raises(ValueError, match=re.escape(msg)):

@@ -670,10 +670,24 @@ def test_a_preempted_request_keeps_its_tokens_in_a_failed_output(tiny_llama):
                             num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET)
     sched = PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "vllm").make_policy())
     st = RequestState("w", list(range(3, 13)), max_new_tokens=4)
-    st.generated_tokens = [7, 8]
-    sched.waiting_requests["w"] = st
+    sched.add_waiting_request(st)
+    st.generated_tokens = [7, 8]  # preempted with two tokens: it waits to re-prefill them
+    assert sched.get_active_request_static_outputs("w") == [7, 8]
+    # transformers' fail_all_requests pops a waiting request before it asks (was: [] then)
+    sched.waiting_requests.pop("w")
     assert sched.get_active_request_static_outputs("w") == [7, 8]
     assert sched.get_active_request_static_outputs("nobody") == []
+    # max_new_tokens: numpy's whole number is served as an int; 2.5 is refused for itself alone
+    # (was: under ecoserve, the manager's thread died and a block stayed held)
+    import numpy as np
+
+    sched2 = PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "ecoserve").make_policy())
+    odd = RequestState("n", list(range(3, 13)), max_new_tokens=np.int64(6))
+    sched2.add_waiting_request(odd)
+    assert type(odd.max_new_tokens) is int and sched2.reqs["n"].max_tokens == 6
+    with pytest.raises(ValueError, match=r"f: max_new_tokens must be a whole number >= 1, got 2.5"):
+        sched2.add_waiting_request(RequestState("f", list(range(3, 13)), max_new_tokens=2.5))
+    assert "f" not in sched2.reqs and "f" not in sched2.waiting_requests
 
 
 def test_async_batching_is_refused_by_a_real_manager(tiny_llama, monkeypatch):
