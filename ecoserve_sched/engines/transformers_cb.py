@@ -285,10 +285,11 @@ class PolicyScheduler(HFScheduler):
         if state.max_new_tokens is None:  # was: planned as 1 token (or the policy's); it grew past it, waited forever
             raise ValueError(f"{rid_s}: max_new_tokens is not set (transformers: no limit); a policy plans each "
                              "request's KV up to its max_new_tokens: set it in the generation config")
-        if not (is_whole(state.max_new_tokens) and state.max_new_tokens >= 1):  # (was: 2.5 killed the manager's
-            # thread under ecoserve and left a block held; numpy's int64 too)
-            raise ValueError(f"{rid_s}: max_new_tokens must be a whole number >= 1, got {state.max_new_tokens!r}")
-        state.max_new_tokens = int(state.max_new_tokens)  # numpy's: the same value as an int
+        n = state.max_new_tokens  # whole, as transformers' own schedulers take it (6.0 too): was, 2.5 or
+        # numpy's int64 killed the manager's thread under ecoserve and left a block held
+        if not ((is_whole(n) or (is_real(n) and float(n).is_integer())) and n >= 1):
+            raise ValueError(f"{rid_s}: max_new_tokens must be a whole number >= 1, got {n!r}")
+        state.max_new_tokens = int(n)  # the same value as an int
         if r is not None:  # the policy side given to register_scheduler: it must describe this request
             check_servable([r])  # fresh (was: a map reused from an earlier run), whole numbers (numpy's: int)
             limit = state.max_new_tokens

@@ -879,6 +879,16 @@ class EcoServeMixin:
         p.pred_tokens = rules.prediction_within(p.pred_tokens, self._max_out(request))
         return p
 
+    def _last_in_flight(self, request: Request) -> bool:
+        """Async scheduling: the step in flight gives ``request`` its last token, whatever its
+        drafts, so vLLM's running loop schedules no further step for it: its ``max_tokens``-th
+        (vLLM's own test), or the one that reaches the model's length (its budget cut to 0;
+        was: not foreseen, so such a request could be parked with its last token in flight)."""
+        return (request.num_output_placeholders > 0 and (
+            request.num_computed_tokens + 2 - request.num_output_placeholders
+            >= request.num_prompt_tokens + request.max_tokens)) or (
+            self.max_model_len - request.num_computed_tokens - getattr(self, "num_sampled_tokens_per_step", 1) <= 0)
+
     def _max_out(self, request: Request) -> int:
         """The most tokens ``request`` can generate: its ``max_tokens``, and no further than the
         model's length (vLLM's ``check_stop``; was: ``max_tokens`` alone, so a request asking for
@@ -1142,7 +1152,7 @@ class EcoServeMixin:
             if r.request_id in until:
                 break
             n = r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens
-            if n <= 0 or _last_in_flight(r):  # (vLLM skips it, its budget untouched; was: the
+            if n <= 0 or self._last_in_flight(r):  # (vLLM skips it, its budget untouched; was: the
                 continue  # tokens of a request whose last token is in flight were counted)
             n = min(n, cap) if 0 < cap < n else n
             taken += self._new_blocks(r, min(n, budget))
@@ -1278,7 +1288,7 @@ class EcoServeMixin:
             # (was: such a request could be parked: its last token dropped, its whole context
             # recomputed later to give the same token)
             if first is None or r.num_computed_tokens < r.num_tokens - 1 \
-                    or self._decode_step.get(rid, self._step) >= self._step or _last_in_flight(r):
+                    or self._decode_step.get(rid, self._step) >= self._step or self._last_in_flight(r):
                 continue
             slack = rules.tbt_slack_s(now, first, r.num_output_tokens, self._base(rid), cfg.slo_tbt,
                                       self._iter_s, self._prefill_s(r.num_tokens))
@@ -1476,7 +1486,7 @@ class EcoServeMixin:
         for r in order:
             n = r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens
             n = min(cap if 0 < cap < n else n, budget)
-            if n > 0 and not _last_in_flight(r):
+            if n > 0 and not self._last_in_flight(r):
                 budget -= n
                 need += self._new_blocks(r, n)
             if budget <= 0:
@@ -1511,7 +1521,7 @@ class EcoServeMixin:
                 if budget <= 0:
                     break
                 n = min(cap if 0 < cap < n else n, budget)
-            if n <= 0 or rid in gone or _last_in_flight(r):  # (vLLM schedules no step for the last)
+            if n <= 0 or rid in gone or self._last_in_flight(r):  # (vLLM schedules no step for the last)
                 continue
             need = self._new_blocks(r, n)
             while need > free and keyed:
@@ -1662,12 +1672,6 @@ def _loop_drop(sched: Any) -> dict[str, bool]:
     return {"drop_stale_output": bool(getattr(sched, "requires_kv_delivery", False))} if _DROP_STALE else {}
 
 
-def _last_in_flight(request: Request) -> bool:
-    """Async scheduling: the step in flight gives ``request`` its ``max_tokens``-th token,
-    whatever its drafts (vLLM's own test: it schedules no further step for it)."""
-    return request.num_output_placeholders > 0 and (
-        request.num_computed_tokens + 2 - request.num_output_placeholders
-        >= request.num_prompt_tokens + request.max_tokens)
 
 
 def unchunked_prompts(vllm_config: Any) -> str | None:

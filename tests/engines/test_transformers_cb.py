@@ -682,9 +682,10 @@ def test_a_preempted_request_keeps_its_tokens_in_a_failed_output(tiny_llama):
     import numpy as np
 
     sched2 = PolicyScheduler(cache, 0.0, MAX_RUNNING, policy=make_engine(tiny_llama, "ecoserve").make_policy())
-    odd = RequestState("n", list(range(3, 13)), max_new_tokens=np.int64(6))
-    sched2.add_waiting_request(odd)
-    assert type(odd.max_new_tokens) is int and sched2.reqs["n"].max_tokens == 6
+    for rid, n in (("n", np.int64(6)), ("g", 6.0)):  # 6.0: transformers' own schedulers serve it
+        odd = RequestState(rid, list(range(3, 13)), max_new_tokens=n)
+        sched2.add_waiting_request(odd)
+        assert type(odd.max_new_tokens) is int and sched2.reqs[rid].max_tokens == 6
     with pytest.raises(ValueError, match=r"f: max_new_tokens must be a whole number >= 1, got 2.5"):
         sched2.add_waiting_request(RequestState("f", list(range(3, 13)), max_new_tokens=2.5))
     assert "f" not in sched2.reqs and "f" not in sched2.waiting_requests

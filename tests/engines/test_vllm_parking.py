@@ -254,6 +254,21 @@ def test_no_victim_whose_last_token_is_in_flight() -> None:
     assert s.eco_counters["parks"] == 1 and preempted == {"a"}
 
 
+def test_no_victim_whose_last_token_at_the_models_length_is_in_flight() -> None:
+    """The same with "a" asking for 10^6 tokens: its 88th is its last because the model's
+    length (310) ends it, and vLLM's running loop schedules no further step for it either (its
+    budget cut to 0). It was parked (a reviewer's case); one position longer, it is parked."""
+    from ecoserve_sched.engines.vllm_sim import build_vllm_scheduler
+
+    def burst(length: int) -> tuple:
+        s = build_vllm_scheduler(EcoServeVllmScheduler, num_blocks=24, block_size=16, max_num_seqs=16,
+                                 max_num_batched_tokens=512, max_model_len=length, async_scheduling=True)
+        s, _, preempted = _burst(EcoServeVllmScheduler, park=True, s=s, a_prompt=222, a_tokens=88, a_max=10**6)
+        return s.eco_counters["parks"], preempted
+
+    assert burst(310) == (0, set()) and burst(311) == (1, {"a"})
+
+
 @pytest.mark.parametrize("cls", ECO_CLASSES)
 def test_one_prefix_cache_look_up_per_step_and_no_events_of_ours(cls: type) -> None:
     """``test_the_head_is_tested_with_its_prefix_cache_hit``'s "b" (a cached 128-token prefix)

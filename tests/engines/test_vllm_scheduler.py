@@ -384,18 +384,20 @@ def test_victim_is_the_rules_victim_not_the_latest_admission() -> None:
     check_done(plain)
 
 
-def burst_start(s: Scheduler, park: bool, a_prompt: int = 16, a_tokens: int = 300) -> list[float]:
+def burst_start(s: Scheduler, park: bool, a_prompt: int = 16, a_tokens: int = 300,
+                a_max: int | None = None) -> list[float]:
     """``_burst``'s start: a 1 s TTFT SLO, parking on or off, a clock the test moves (the list's
-    one value), and "a" decoding alone."""
+    one value), and "a" decoding alone (``a_max``: its ``max_tokens``, if not ``a_tokens``)."""
     s.eco_cfg = dataclasses.replace(s.eco_cfg, slo_ttft=1.0, park=park)
     now = [0.0]
     s.clock = lambda: now[0]
-    s.add_request(req("a", a_prompt, a_tokens, arrival=0.0, rl_pred_tokens=a_tokens))
+    s.add_request(req("a", a_prompt, a_max or a_tokens, arrival=0.0, rl_pred_tokens=a_tokens))
     return now
 
 
 def _burst(cls: type, park: bool, slots: int = 16, s: Scheduler | None = None,
-           a_prompt: int = 16, a_tokens: int = 300) -> tuple[Scheduler, dict[str, float], set[str]]:
+           a_prompt: int = 16, a_tokens: int = 300, a_max: int | None = None
+           ) -> tuple[Scheduler, dict[str, float], set[str]]:
     """The simulator's parking test on vLLM's scheduler: "a" (``a_prompt`` + ``a_tokens``, 16 +
     300) decodes alone;
     "b" (160 + 150 tokens) arrives at 0.3 s and does not fit the projection until "a" ends
@@ -405,7 +407,7 @@ def _burst(cls: type, park: bool, slots: int = 16, s: Scheduler | None = None,
     if s is None:
         s = make(cls, num_blocks=24)
         s.max_num_running_reqs = s.max_num_active_reqs = slots  # as vLLM sets both from max_num_seqs
-    now = burst_start(s, park, a_prompt, a_tokens)
+    now = burst_start(s, park, a_prompt, a_tokens, a_max)
     target = {"a": a_tokens}
     depth = 2 if s.scheduler_config.async_scheduling else 1
     first: dict[str, float] = {}
