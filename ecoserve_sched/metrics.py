@@ -17,7 +17,10 @@ def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> floa
 
 
 def summarize(res: SimResult, slo: SLO) -> dict:
-    """The report of one run: throughput, latency percentiles, SLO attainment, KV use."""
+    """The report of one run: throughput, latency percentiles, SLO attainment, KV use. Every
+    request is judged against ``slo``, not its own ``Request.slo`` (``run`` gives each request
+    the run's; requests built for ``simulate`` with SLOs of their own are still judged
+    against this one)."""
     if not isinstance(slo, SLO):  # was: an AttributeError on 'ttft_s' deep inside
         raise TypeError(f"summarize: slo must be an SLO(ttft_s, tbt_s), got {type(slo).__name__}")
     if not isinstance(res, SimResult):  # (was: an AttributeError on 'requests')
@@ -74,7 +77,8 @@ def summarize(res: SimResult, slo: SLO) -> dict:
         "kv_util_mean": _time_mean(kv_used, time_w) / res.kv_capacity_tokens,
         "kv_alloc_mean": _time_mean(kv_alloc, time_w) * res.block_size / res.kv_capacity_tokens,
         "iterations": iters,
-        "sched_us_per_iter": 1e6 * res.sched_s / max(len(durs), 1),  # per scheduling decision
+        # per scheduling decision; NaN (null in JSON) without one, as the KV means without time
+        "sched_us_per_iter": 1e6 * res.sched_s / len(durs) if len(durs) else float("nan"),
         "sim_wall_s": res.wall_s,
         "sim_requests_per_s": n / max(res.wall_s, 1e-9),
     }
@@ -85,4 +89,6 @@ def q(a: np.ndarray, p: float) -> float:
 
 
 def _time_mean(x: np.ndarray, w: np.ndarray) -> float:
-    return float(np.dot(x, w) / w.sum()) if len(x) and w.sum() > 0 else 0.0
+    """The ``w``-weighted mean of ``x``; NaN where no time passed (no iteration: not 0, a value
+    that was never measured)."""
+    return float(np.dot(x, w) / w.sum()) if len(x) and w.sum() > 0 else float("nan")

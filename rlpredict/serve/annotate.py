@@ -331,13 +331,14 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
 @contextmanager
 def _open_output(tmp: Path, target: Path) -> Iterator[IO[str]]:
     """The temporary output file, open for text; the final name decides gzip compression (and
-    is the name the gzip header records, not the temporary one)."""
+    is the name the gzip header records, not the temporary one). The header's time is 0, as
+    ``gzip -n`` writes it: the same input gives the same bytes (was: each run's own time)."""
     if not target.name.lower().endswith(".gz"):
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             yield f
         return
     with open(tmp, "wb") as raw, gzip.GzipFile(filename=target.name[:-3], mode="wb", fileobj=raw,
-                                                compresslevel=6) as gz, \
+                                                compresslevel=6, mtime=0) as gz, \
             io.TextIOWrapper(gz, encoding="utf-8", newline="") as f:
         yield f
 

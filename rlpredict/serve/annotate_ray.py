@@ -161,7 +161,7 @@ class _Annotator:
                 text = io.StringIO()
                 annotate_lines(run, enumerate(io.BytesIO(c["payload"]), c["first"]), text, c["chunk_rows"])
                 data = text.getvalue().encode("utf-8")
-                payload = gzip.compress(data, compresslevel=6) if data and c["out_gz"] else data
+                payload = gzip.compress(data, compresslevel=6, mtime=0) if data and c["out_gz"] else data
             elif c["count"]:
                 rb = pa.ipc.open_stream(c["payload"]).read_next_batch()
                 good = annotate_record_batch(run, rb, c["first"] - 1, parquet_out_schema(rb.schema))
@@ -682,7 +682,7 @@ class _Writers:
         if self.out is not None:
             with naming(self.files[self.current].dst):
                 if self.empty:  # an empty file is still gzip (was: an empty member first in every
-                    self.out.write(gzip.compress(b"", compresslevel=6))  # file, which one-member readers read as all)
+                    self.out.write(gzip.compress(b"", compresslevel=6, mtime=0))  # file, which one-member readers read as all)
                 self.out.close()
 
     def _next(self) -> None:

@@ -83,10 +83,14 @@ ENCODE_CHUNK = 1024
 ENCODE_CHUNK_CHARS = 16 << 20
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Prediction:
     """One request's prediction: bucket index into the bundle's scheme, the bucket
-    probabilities, the point prediction and the KV-cache reservation (both in RL tokens)."""
+    probabilities, the point prediction and the KV-cache reservation (both in RL tokens).
+
+    A value: ``probs`` is read-only, and two predictions are equal (and hash alike) when every
+    field is (was: ``==`` raised numpy's "truth value of an array is ambiguous", and ``hash``
+    failed on the array)."""
 
     bucket: int
     probs: np.ndarray
@@ -97,6 +101,18 @@ class Prediction:
     @property
     def confidence(self) -> float:
         return float(self.probs[self.bucket])
+
+    def _key(self) -> tuple:
+        return (self.bucket, self.pred_tokens, self.reserve_tokens, tuple(self.quantile_tokens),
+                np.asarray(self.probs).tobytes())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Prediction):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
 
 class PredictionArrays(NamedTuple):
@@ -658,6 +674,7 @@ class Predictor:
         response length (``Prediction.quantile_tokens``, in that order; needs a bundle made by
         ``rlpredict calibrate`` with those levels)."""
         a = self.predict_arrays(requests, generators, quantiles=quantiles)
+        a.probs.flags.writeable = False  # each Prediction's row is a read-only view (a value)
         return [Prediction(int(a.bucket[i]), a.probs[i], int(a.pred_tokens[i]), int(a.reserve_tokens[i]),
                            _row(a.quantile_tokens, i)) for i in range(len(a.bucket))]
 
@@ -669,6 +686,7 @@ class Predictor:
         texts = self.texts([request], [generator])
         logits = self.combine(self._run(self._lone, self.encoder.encode(texts[0]))[None], texts)
         a = self.from_logits(logits, quantiles=quantiles)
+        a.probs.flags.writeable = False
         return Prediction(int(a.bucket[0]), a.probs[0], int(a.pred_tokens[0]), int(a.reserve_tokens[0]),
                           _row(a.quantile_tokens, 0))
 

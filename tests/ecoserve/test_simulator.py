@@ -105,6 +105,17 @@ def test_summary_fields_and_simple_values():
     assert abs(s["p50_tbt_s"] - 0.01) < 1e-9
 
 
+
+def test_a_run_without_iterations_reports_no_kv_use_and_no_decision_time():
+    """Every request longer than the cache is dropped: no iteration ran, so the KV means and the
+    decision time were never measured: NaN (null in JSON), as the latencies, not 0.0."""
+    reqs = [make_req(0, 0.0, 500, 5), make_req(1, 1.0, 400, 3)]
+    res = simulate(reqs, get_policy("vllm", FlatCost(blocks=12), block_size=4, max_running=8))
+    s = summarize(res, SLO(ttft_s=1.0, tbt_s=0.05))
+    assert s["finished"] == 0 and s["dropped"] == 2 and s["iterations"] == 0
+    for k in ("kv_util_mean", "kv_alloc_mean", "sched_us_per_iter", "mean_jct_s", "p99_tbt_s"):
+        assert np.isnan(s[k]), k
+
 def test_timing_model_times_iterations_and_the_policy_still_plans_with_its_own():
     def reqs() -> list:
         return [make_req(i, 0.0, 10 + 3 * i, 4 + i) for i in range(6)]

@@ -100,6 +100,26 @@ def test_annotates_every_format(predictor, tmp_path, name, kind):
         assert all(schema.field(c).type == pa.int64() for c in COLUMNS)
 
 
+@pytest.mark.parametrize("name", ["t.jsonl.gz", "t.csv.gz"])
+def test_a_gzip_output_is_the_same_bytes_run_after_run(predictor, tmp_path, name, monkeypatch):
+    """The gzip header records time 0 (as ``gzip -n``), so annotating the same input twice, at
+    different times, gives the same file (was: each run's clock in the header's bytes 4-7)."""
+    import time as time_module
+
+    plain = tmp_path / name[:-3]
+    write(plain, ROWS)
+    src = tmp_path / name
+    src.write_bytes(gzip.compress(plain.read_bytes()))
+    a, b = tmp_path / f"a.{name.split('.', 1)[1]}", tmp_path / f"b.{name.split('.', 1)[1]}"
+    annotate_file(predictor, src, a)
+    clock = time_module.time()
+    monkeypatch.setattr(time_module, "time", lambda: clock + 86_400.0)  # a day later
+    annotate_file(predictor, src, b)
+    assert a.read_bytes()[4:8] == b"\0\0\0\0"
+    # the same bytes but for the name the header records (each output's own)
+    assert a.read_bytes().replace(b"a.", b"b.", 1) == b.read_bytes()
+
+
 def test_jsonl_rows_keep_their_bytes(predictor, tmp_path):
     src = tmp_path / "t.jsonl"
     lines = ['{"prompt":"hi","x":1.50,"u":"caf\\u00e9"}', "", '{ "prompt" : "yo" }  ', "{}"]

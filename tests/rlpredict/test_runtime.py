@@ -206,6 +206,18 @@ def test_batch_single_and_order_give_the_same_result(bundle_fp32, predictor):
             np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
 
 
+def test_a_prediction_is_a_value(predictor):
+    """Equal predictions compare equal and hash alike; probs cannot be written (was: ``==``
+    raised numpy's ambiguous-truth-value error and ``hash`` failed on the array)."""
+    a, b = predictor.predict_one(PROMPTS[0]), predictor.predict_one(PROMPTS[0])
+    c = predictor.predict(PROMPTS[:2])
+    assert a == b == c[0] and hash(a) == hash(b) == hash(c[0]) and len({a, b, c[0]}) == 1
+    assert a != c[1] and a != "not a prediction"
+    for p in (a, *c):
+        with pytest.raises(ValueError):
+            p.probs[0] = 1.0
+
+
 def test_int8_is_close_to_fp32(bundle_int8, predictor):
     q = Predictor.load(bundle_int8).predict(PROMPTS)
     f = predictor.predict(PROMPTS)
