@@ -1647,7 +1647,8 @@ class EcoServeMixin:
         self.waiting.forget(rid)
         self._hits.pop(rid, None)
         if rid in self.rl:
-            self.eco_counters["topups"] += rules.topups(self._reserve(rid), request.num_output_tokens,
+            # at the tokens it was last scheduled at: its last token is never written (the simulator's count)
+            self.eco_counters["topups"] += rules.topups(self._reserve(rid), request.num_output_tokens - 1,
                                                         self._max_out(request))
             p = self.rl[rid]
             if self.pscale is not None and p.predicted and request.status in _RAN_TO_THE_END:

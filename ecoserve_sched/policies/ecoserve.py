@@ -684,12 +684,18 @@ class EcoServeScheduler(Scheduler):
 
     # ---- alarms: a decoding request's last block is full ---------------------------------------
     def _note_topups(self, r: Request) -> None:
-        """Count the doublings of ``r``'s reservation (top-ups) in the decode run just ended."""
+        """Count the doublings of ``r``'s reservation (top-ups) in the decode run just ended: those
+        ``rules.topups`` makes for the tokens it was last decided at, one fewer than it generated
+        (the last token is sampled, never written to the KV cache; was: at ``generated``, one
+        doubling too many for a request ending at its reservation, one per request under the
+        oracle). A run ended by a preemption counts the same way, so the total at the finish is
+        the plug-in's."""
         base = max(self._base_pred(r), 1)
-        if r.generated < base + r.reserved_extra:
+        seen = r.generated - 1
+        if seen < base + r.reserved_extra:
             return  # still within its reservation
         counted = ((base + r.reserved_extra) // base).bit_length() - 1
-        n = rules.topups(base, r.generated, r.max_tokens)
+        n = rules.topups(base, seen, r.max_tokens)
         if n > counted:
             self.counters["topups"] += n - counted
             r.reserved_extra = (base << n) - base
@@ -701,7 +707,7 @@ class EcoServeScheduler(Scheduler):
         """The running request to preempt: the largest ``rules.victim_key`` (from ``ARRAYS_FROM``
         decoding requests on, ``rules.victim_index`` over them, then the few partial prefills),
         or with ``victim="latest"`` the latest admitted (the largest ``seq``)."""
-        latest, step, now, ttft = self.cfg.victim == "latest", self.step, self.now, self.slo.ttft_s
+        latest, step, now = self.cfg.victim == "latest", self.step, self.now
         if len(self.decoding) < self.ARRAYS_FROM:
             return max(self.running(), key=(lambda v: v.seq) if latest else self._victim_key)
         best, best_key = None, None
@@ -712,7 +718,7 @@ class EcoServeScheduler(Scheduler):
                 j = int(np.argmax(np.where(active, seq, -1)))  # seq >= 0
             else:
                 first = d[:, FIRST]
-                j = rules.victim_index(np.where(first >= 0, first, now), d[:, ARRIVAL], ttft,
+                j = rules.victim_index(np.where(first >= 0, first, now), d[:, ARRIVAL], d[:, TTFT],
                                        d[:, BASE].astype(np.int64), (d[:, GX] + step).astype(np.int64),
                                        d[:, MAX].astype(np.int64), seq, active)
             best = self.rows.reqs[j]
@@ -726,9 +732,12 @@ class EcoServeScheduler(Scheduler):
         return best
 
     def _victim_key(self, v: Request) -> tuple[bool, int, int]:
+        """``rules.victim_key`` of ``v``, its TTFT judged by its own SLO, as give-way and parking
+        judge it (was: the policy's, so a request given a tighter SLO of its own was not seen as
+        lost; ``run`` gives every request the policy's)."""
         g = v.generated_at(self.step)
         return rules.victim_key(v.first_token_s if v.first_token_s >= 0 else self.now, v.arrival_s,
-                                self.slo.ttft_s, self._base_pred(v), g, v.max_tokens, v.seq)
+                                v.slo.ttft_s, self._base_pred(v), g, v.max_tokens, v.seq)
 
 
 #: ``_park_victim`` orders this many candidates by their bound first (all of them if these do

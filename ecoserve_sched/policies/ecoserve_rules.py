@@ -509,14 +509,14 @@ def victim_key(first_token_s: float, arrival_s: float, slo_ttft: float, base: in
     return (first_token_s - arrival_s > slo_ttft, reservation_tokens(base, generated, max_tokens) - generated, seq)
 
 
-def victim_index(first_token_s: np.ndarray, arrival_s: np.ndarray, slo_ttft: float, base: np.ndarray,
+def victim_index(first_token_s: np.ndarray, arrival_s: np.ndarray, slo_ttft: np.ndarray | float, base: np.ndarray,
                  generated: np.ndarray, max_tokens: np.ndarray, seq: np.ndarray,
                  among: np.ndarray | None = None) -> int:
     """The position of the largest ``victim_key`` over arrays of its arguments (integer arrays
     for the token counts and ``seq``, which is unique): the last in the lexicographic order of
     (lost, remaining, seq), by the same operations (the largest ``seq`` among the largest
-    remaining among the lost, or among all if none is lost). ``among``: only the positions where
-    it is True (at least one)."""
+    remaining among the lost, or among all if none is lost). ``slo_ttft``: each request's, or one
+    for all. ``among``: only the positions where it is True (at least one)."""
     lost = first_token_s - arrival_s > slo_ttft
     remaining = reservation_tokens_array(base, generated, max_tokens) - generated  # >= 1
     if among is not None:

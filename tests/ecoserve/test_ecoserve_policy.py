@@ -488,6 +488,18 @@ def test_mispredicted_request_is_topped_up_not_preempted():
     assert r.preemptions == 0 and r.generated == 100
 
 
+@pytest.mark.parametrize(("out", "want"), [(9, 0), (10, 0), (11, 1), (20, 1), (21, 2), (40, 2), (41, 3)])
+def test_a_request_ending_at_its_reservation_needed_no_topup(out, want):
+    """Its last token is sampled, never written to the cache: a request of 10 tokens reserved 10
+    needed no doubling (was: one counted, and one per request under the oracle)."""
+    r = make_req(0, 0.0, 8, out, pred=10)
+    sched, _ = sim("ecoserve", [r], blocks=64)
+    assert sched.counters["topups"] == want and r.generated == out
+    exact = [make_req(i, 0.0, 8, 10 + 7 * i, pred=10 + 7 * i) for i in range(4)]
+    sched, _ = sim("ecoserve", exact, blocks=64)
+    assert sched.counters["topups"] == 0
+
+
 def test_victim_is_the_request_whose_slo_is_lost_then_the_longest():
     for late in (False, True):
         sched = get_policy("ecoserve", FlatCost(blocks=200), block_size=4, max_running=8, slo=SLO(5.0, 0.2))
@@ -506,6 +518,21 @@ def test_victim_is_the_request_whose_slo_is_lost_then_the_longest():
         latest.add(r, 0.0)
     latest.complete(latest.schedule(0.0), 0.01)
     assert latest._victim().rid == 2
+
+
+@pytest.mark.parametrize("arrays_from", [0, 48])
+def test_the_victim_is_judged_lost_by_its_own_ttft_slo(arrays_from):
+    """A request whose own TTFT SLO (0.5 s) was missed is preempted before one with more work
+    left, as give-way and parking judge it (was: judged by the policy's 5 s SLO, a reviewer's
+    case), over the arrays as in the loop."""
+    s = get_policy("ecoserve", FlatCost(blocks=200), block_size=4, max_running=8)  # SLO(5, 0.2)
+    s.ARRAYS_FROM = arrays_from  # 0: over the arrays; 48: the loop
+    a = make_req(0, 0.0, 4, 50, pred=10, slo=SLO(0.5, 0.2))
+    b = make_req(1, 0.0, 4, 50, pred=300)
+    for r in (a, b):
+        s.add(r, 0.0)
+    s.complete(s.schedule(1.0), 1.01)  # a's first token 1.01 s after its arrival: lost
+    assert s._victim() is a
 
 
 @pytest.mark.parametrize("arrays_from", [0, 48])
