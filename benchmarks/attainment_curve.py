@@ -9,6 +9,9 @@ attainment is not monotone in the load on a finite trace, so two policies whose 
 scenario-grid cell (``benchmarks/scenario_grid.py``: same requests, predictions and server) at
 ``--points`` evenly spaced loads and prints each policy's attainment at every load and its mean
 over them: the area under the curve near capacity, which a one-step difference does not move.
+vLLM V1 (``vllm``) is always run first, as the in-run baseline: each policy's mean is also given
+as a multiple of vLLM's; and the cell's saturation ceiling is printed with the loads as shares
+of it, so a reader sees where on the curve the loads lie.
 The replays run in ``--workers`` processes (the table is the same for any number).
 """
 
@@ -69,15 +72,23 @@ def main() -> None:
     grid._init_worker(args.skip, args.seed)  # the grid's slice and seed, as in its worker processes
     grid.spec_of(cell, args.shared, args.requests)  # the trace, read (and checked) before the work
     loads = np.linspace(lo, hi, args.points)
-    print(f"{cell.name}: requests {args.skip + 1}-{args.skip + args.requests}, seed {args.seed}\n")
-    print("| policy | mean attainment | " + " | ".join(f"{x:.3f}" for x in loads) + " |")
-    print("|---|---:|" + "---:|" * len(loads))
+    policies = ["vllm", *(p for p in args.policies if p != "vllm")]  # the baseline, first (was: not run)
+    print(f"{cell.name}: requests {args.skip + 1}-{args.skip + args.requests}, seed {args.seed}")
     with worker_pool(args.workers, grid._init_worker, (args.skip, args.seed)) as pool:
-        for p in args.policies:
+        roof = grid.task_ceiling(cell, args.shared, args.requests)[1]["ceiling_rate_scale"]
+        share = f": the loads are {lo / roof:.3f}-{hi / roof:.3f} of it" if roof else ""
+        print(f"saturation ceiling: rate scale {roof:.4g}{share}\n" if roof else "saturation ceiling: none\n")
+        print("| policy | mean attainment | x vllm | " + " | ".join(f"{x:.3f}" for x in loads) + " |")
+        print("|---|---:|---:|" + "---:|" * len(loads))
+        base = None
+        for p in policies:
             n = len(loads)
             att = list(pool.map(attainment, [cell.name] * n, [p] * n, [args.shared] * n, [args.requests] * n,
                                 [float(x) for x in loads], chunksize=1))
-            print(f"| {p} | {np.mean(att):.4f} | " + " | ".join(f"{a:.3f}" for a in att) + " |", flush=True)
+            mean = float(np.mean(att))
+            base = mean if base is None else base
+            ratio = f"{mean / base:.3f}" if base > 0 else "n/a"
+            print(f"| {p} | {mean:.4f} | {ratio} | " + " | ".join(f"{a:.3f}" for a in att) + " |", flush=True)
 
 
 if __name__ == "__main__":

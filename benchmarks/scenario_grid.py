@@ -577,6 +577,13 @@ def main() -> None:
             sustained = {(name, p): c for name, p, c in starmap(_as_row(task_sustained, tuned), [
                 (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3),
                  caps[c.name, p]["max_rate_scale"], nl, p99, args.resolution) for c in cells for p in policies])}
+    criterion = "SLO attainment >= 0.9" if nl is None else \
+        f"normalized latency <= {nl:g} s per output token and every request finished"
+    if p99 is not None:
+        criterion += " and p99 time between tokens <= " + ("the TBT SLO" if p99 == "slo" else f"{p99:g} s")
+    # how the run was made, in every row: grid_summary.py refuses to pool runs made differently
+    settings = {"criterion": criterion, "kv_scale": args.kv_scale, "seed": args.seed, "skip": args.skip,
+                "confusion": Path(args.confusion).name if args.confusion else None}
     rows = []
     for c in cells:
         ceil = ceilings[c.name]["ceiling_rate_scale"]
@@ -595,7 +602,7 @@ def main() -> None:
                 "jct_x_v1": _ratio(load and load["mean_jct_s"], base and base["mean_jct_s"]),
                 "norm_latency_x_v1": _ratio(load and load["normalized_latency_s"], base and base["normalized_latency_s"]),
                 "attainment_at_v1_load": load and load["slo_attainment"],
-                "token_budget": caps[c.name, p].get("token_budget"),
+                "token_budget": caps[c.name, p].get("token_budget"), **settings,
             })
             for f in OVERLOAD_FACTORS if overload else ():  # --overload: "overload_1x", "overload_1.25x"
                 s = overload.get((c.name, p, f))
@@ -603,10 +610,6 @@ def main() -> None:
             if sustained:
                 rows[-1]["sustained_capacity"] = _found(sustained[c.name, p])
                 rows[-1]["deferred_at_capacity"] = sustained[c.name, p]["deferred_at_capacity"]
-    criterion = "SLO attainment >= 0.9" if nl is None else \
-        f"normalized latency <= {nl:g} s per output token and every request finished"
-    if p99 is not None:
-        criterion += " and p99 time between tokens <= " + ("the TBT SLO" if p99 == "slo" else f"{p99:g} s")
     if args.resolution != RESOLUTION:
         criterion += f" (searched to {args.resolution:.2%})"
     text = markdown(rows, args.requests, time.time() - t0, criterion)

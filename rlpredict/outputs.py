@@ -194,8 +194,16 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 
 # ---- collisions ---------------------------------------------------------------------------------
+def resolved(p: str | Path) -> Path:
+    """``p`` with its links followed, as ``Path.resolve`` gives it, but never raising: a link
+    that points to itself, directly or through others, is followed as far as it goes (was:
+    Python's "Symlink loop" ``RuntimeError``, an internal error from every command given one;
+    reading it then fails, in one line)."""
+    return Path(os.path.realpath(Path(p).expanduser()))
+
+
 def _key(p: Path) -> Path:
-    return p.expanduser().resolve()
+    return resolved(p)
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -239,7 +247,7 @@ def repeated_input(paths: Iterable[str | Path]) -> str | None:
     seen: dict[Path, str | Path] = {}
     files: dict[tuple[int, int], str | Path] = {}  # (device, inode): a hard link is the same file
     for p in paths:
-        key = Path(p).resolve()
+        key = resolved(p)
         if key in seen:
             return f"{p} is given twice (its rows would count twice)"
         seen[key] = p
@@ -352,6 +360,8 @@ def check_new_dir(path: str | Path, *, force: bool, option: str, rerun: str | No
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: {option} is a file, not a folder; choose another path")
+    if p.is_symlink() and not p.exists():  # was: the whole run, then "Not a directory" at the end
+        raise OutputError(f"{p}: {option} is a link to nothing (broken, or a loop); choose another path")
     here = Path.cwd()
     if Path(os.path.abspath(p)) in (here, *here.parents):  # "." or "": it would be built inside itself
         raise OutputError(f"{p}: {option} is the current folder or holds it; give a new folder's name")
@@ -361,10 +371,10 @@ def check_new_dir(path: str | Path, *, force: bool, option: str, rerun: str | No
     owner = written_by(p)
     if only is not None and owner not in (None, only):  # was: --force replaced a trained model with a report
         raise _other_tools(p, option, owner, only, f" ({only} replaces only its own, even with --force)")
+    _refuse_foreign(p, option)  # first: --force would not help (was: advised, then refused)
     if not force and not (rerun and _tools(p) == {rerun}):
         whose = f"; it is {owner}'s output" if owner else ""  # was: not said
         raise OutputError(f"{p}: exists; pass --force to replace it ({option}{whose})")
-    _refuse_foreign(p, option)
 
 
 def _other_tools(folder: Path, option: str, others: str, tool: str, why: str = "") -> OutputError:

@@ -658,7 +658,8 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     row is a :class:`RecordError` in its place. Raises for a missing or unreadable file."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or folder")
+        raise FileNotFoundError(f"{p}: " + ("a link to nothing (broken, or a loop)" if p.is_symlink()
+                                           else "no such file or folder"))
     if p.is_dir():
         yield from _iter_datasets_dir(p)
         return
@@ -1030,7 +1031,7 @@ def data_files(folder: Path) -> list[tuple[Path, RecordError | None]]:
         if f.name.startswith("."):
             continue
         if f.is_symlink() and (f.is_dir() or not f.exists()):
-            what = "a link to a folder, which is not followed" if f.is_dir() else "a broken link"
+            what = "a link to a folder, which is not followed" if f.is_dir() else "a broken link, or a loop"
             out.append((f, RecordError(str(f), f"{what}: give its target as another input", kind=what)))
             continue
         if not f.is_file():

@@ -66,6 +66,9 @@ def main() -> None:
     base = TrainConfig(data=[str(p) for p in args.data], max_rows=args.rows, lr=6e-5, include_generator=True,
                        eval_rows=0, save_checkpoints=False)  # scored below, on the same rows for every variant
     prep = prepare(base)
+    if len(prep.train) < args.rows:  # said, and recorded as trained (was: --rows in the JSON, silently)
+        print(f"note: {len(prep.train)} training-side samples, fewer than --rows {args.rows}: every variant "
+              "trains on those", flush=True)
     test = random.Random(0).sample(prep.test, min(args.eval_rows, len(prep.test)))
     rl = np.array([s.rl_tokens for s in test], dtype=float)
     rows = {}
@@ -82,7 +85,8 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(fmt.format(r[k]) for k, (_, fmt) in COLUMNS.items()) + " |")
     if args.json:
-        write_text_atomic(args.json, json.dumps({"rows": args.rows, "eval_rows": len(test), "results": rows},
+        write_text_atomic(args.json, json.dumps({"rows": len(prep.train), "rows_asked": args.rows,
+                                                "eval_rows": len(test), "results": rows},
                                                 indent=2) + "\n")
 
 

@@ -65,6 +65,8 @@ from rlpredict.train.evaluate import baseline_texts, encoder_texts, markdown_tab
 from rlpredict.train.metrics import rl_metrics
 from rlpredict.train.stack import (
     Stacker,
+    check_encoder_rows,
+    check_recipe,
     encoder_probs,
     features,
     group_folds,
@@ -171,8 +173,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = TrainConfig.load(args.config)
     pred = Predictor.load(args.bundle, threads=args.threads)
     spec = pred.input_spec
+    check_recipe(pred, cfg, args.bundle)  # the split and RL tokenizer the bundle recorded, as `rlpredict stack`
     train_side, enc_train, test, scheme = load_split(cfg)
+    check_encoder_rows(pred, enc_train, args.bundle, log)  # (was: unchecked; "unseen" rows it had trained on)
     log(f"loaded {len(train_side) + len(test)} samples")
+    enc_name = f"MiniLM (bundle, {'int8' if pred.bundle.manifest.get('quantization') else 'fp32'})"  # (was: int8 always)
     if list(scheme.edges) != list(pred.scheme.edges) or list(scheme.reserve_tokens) != list(pred.scheme.reserve_tokens):
         raise ValueError(f"{args.config}: the recipe's bucket scheme differs from the bundle's ({args.bundle})")
     scheme = pred.scheme  # what the bundle decodes with (and rlpredict eval scores with)
@@ -234,12 +239,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     blas = threadpool_limits(1)
     stack_groups = [f"{s.source}/{s.group}" for s in stack]
     stackers: dict[str, dict[str, Any]] = {}
-    variants = [("stacker [log p_enc, log p_tfidf]", False, False),
-                ("stacker + source", True, False)]
+    variants = [("stacker [log p_enc, log p_tfidf]", False, False)]
+    if len(sources) > 1:  # a source indicator needs two sources (was: numpy's "need at least one array")
+        variants.append(("stacker + source", True, False))
+    else:
+        log(f"one source ({sources[0]}): no 'stacker + source' variant")
     if args.ridge:
-        variants.append(("stacker + source + ridge", True, True))
+        variants.append(("stacker + source + ridge" if len(sources) > 1 else "stacker + ridge", len(sources) > 1, True))
     probs: dict[str, np.ndarray] = {
-        "MiniLM (bundle, int8)": pe_test,
+        enc_name: pe_test,
         "TF-IDF + logreg": pt_test,
         f"linear mix, w={chosen_w['lin_nll']} (NLL rule)": linear_mix(pe_test, pt_test, chosen_w["lin_nll"]),
         f"geometric mix, w={chosen_w['geo_nll']} (NLL rule)": geometric_mix(pe_test, pt_test, chosen_w["geo_nll"]),
@@ -262,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for s in sources:
         results[s] = {m: rl_metrics(rl_test[src_test == s], p[src_test == s], scheme, q) for m, p in probs.items()}
     stack_metrics = {s: {m: rl_metrics(rl_stack[src_stack == s], p[src_stack == s], scheme, q)
-                         for m, p in (("MiniLM (bundle, int8)", pe_stack), ("TF-IDF + logreg (out-of-fold)", pt_stack))}
+                         for m, p in ((enc_name, pe_stack), ("TF-IDF + logreg (out-of-fold)", pt_stack))}
                      for s in sources}
 
     blas.restore_original_limits()
@@ -276,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # ---- report ----
     beats = {}
-    base = ("MiniLM (bundle, int8)", "TF-IDF + logreg")
+    base = (enc_name, "TF-IDF + logreg")
     for m in probs:
         if m in base:
             continue

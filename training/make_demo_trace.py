@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--out", type=arg_file, default=OUT)
     ap.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = ap.parse_args()
+    if not str(args.out).endswith(".jsonl.gz"):  # it writes gzipped JSONL (was: under any name, a .jsonl too)
+        ap.error(f"--out: the trace is gzipped JSONL: give a name ending in .jsonl.gz, got {str(args.out)!r:.200}")
     shared = Path(args.shared)
     azure_path = shared / SHARED_AZURE_CONV
     sharegpt_path = shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"

@@ -51,6 +51,7 @@ from rlpredict.outputs import (
     mark_owned,
     naming,
     output_dir,
+    resolved,
 )
 from rlpredict.records import COMPRESSION_ERRORS, TRACE_FIELDS, Fields, OnError, bounded_lines
 from rlpredict.serve.annotate import (
@@ -488,7 +489,7 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         check_new_file(dst, force=force, option="--output", owner=owner)
     if rej_path is not None:
         check_new_file(rej_path, force=force, option="--rejects", owner=owner)
-    if rej_path is not None and folder and dst.resolve() in rej_path.resolve().parents:
+    if rej_path is not None and folder and resolved(dst) in resolved(rej_path).parents:
         raise AnnotateError(f"{rej_path}: --rejects is inside the --output folder; choose another path")
     loaded = load_bundle(model)  # a bad bundle fails before Ray starts
     check_paths([], outputs, apart=[loaded.path])  # never inside the bundle it reads
@@ -519,7 +520,7 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
         here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}  # read on this node
         # absolute: the read tasks run in the Ray worker's folder (was: a relative path of the
         # documented `--ray-address auto` command was not found there)
-        items = [{"file": i, "path": str(f.src.resolve()), "shown": str(f.src), "name": f.name, "kind": f.kind,
+        items = [{"file": i, "path": str(resolved(f.src)), "shown": str(f.src), "name": f.name, "kind": f.kind,
                   "in_gz": detect_format(f.src)[1], "out_gz": detect_format(f.dst)[1]}
                  for i, f in enumerate(files)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))

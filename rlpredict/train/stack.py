@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,6 +49,9 @@ from rlpredict.train.evaluate import (
 )
 from rlpredict.train.metrics import rl_metrics
 
+if TYPE_CHECKING:
+    from rlpredict.serve.runtime import Predictor
+
 #: The tool named in its output folder's owner record (``rlpredict.outputs``): it replaces
 #: only a folder of its own, never another tool's, even with --force.
 STACK_TOOL = "rlpredict stack"
@@ -61,6 +64,35 @@ CARD_HEAD = "## Lexical head (TF-IDF stacked with the encoder)"
 
 
 # ---- the split and the stacking-fit rows ---------------------------------------------------------
+def check_recipe(pred: Predictor, cfg: TrainConfig, bundle: str | Path) -> None:
+    """``ValueError`` if the recipe ``cfg`` is not the one bundle ``bundle``'s encoder was trained
+    with, as far as the bundle recorded it: its split (test fraction, seed, rule) and its RL
+    tokenizer. Asked before the data is read (``rlpredict stack``, ``training/compare_stacking.py``)."""
+    check_same_split(recorded_split(pred.bundle.manifest),
+                     {"test_frac": ("the recipe's test_frac", cfg.test_frac),
+                      "seed": ("the recipe's split_seed", cfg.split_seed),
+                      "rule": ("the recipe's split_rule", cfg.split_rule)},
+                     "give the recipe the bundle's encoder was trained with")
+    if not same_rl_tokenizer(cfg.rl_tokenizer, pred.bundle.rl_tokenizer):  # was: counted in the recipe's
+        raise ValueError(f"the recipe's rl_tokenizer {cfg.rl_tokenizer!r} differs from bundle {bundle}'s "
+                         f"{pred.bundle.rl_tokenizer!r}: give the recipe the bundle was trained with")
+
+
+def check_encoder_rows(pred: Predictor, enc_train: Sequence[Sample], bundle: str | Path,
+                       log: Callable[[str], None]) -> None:
+    """``ValueError`` if the recipe's training subsample ``enc_train`` is not the one the bundle
+    recorded for its encoder (a stacker fit, or a row called unseen, would be on rows it saw);
+    a note where the bundle records none."""
+    recorded = (pred.bundle.manifest.get("training_split") or {}).get("train_rows_sha256")
+    if recorded is not None and recorded != rows_sha256(enc_train):  # was: a stacker fit on training rows
+        raise ValueError(f"the recipe's training subsample ({len(enc_train)} rows) is not the one bundle {bundle}'s "
+                         "encoder trained on: the stacker would be fit on rows the encoder has seen; give the "
+                         "recipe it was trained with (the same data files, seed, max_rows and max_rows_per_source)")
+    if recorded is None:
+        log("note: the bundle does not record its encoder's training rows (an export before December 2026): "
+            "the recipe is trusted to reproduce them (the same data files, seed, max_rows and max_rows_per_source)")
+
+
 def load_split(cfg: TrainConfig, log: Callable[[str], None] = lambda m: None,
                ) -> tuple[list[Sample], list[Sample], list[Sample], BucketScheme]:
     """(training side, the encoder's training subsample, test side, scheme) of a recipe, as
@@ -245,14 +277,7 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     if "calibration" in pred.bundle.manifest:  # was: dropped without a word
         log("note: the input bundle's calibration is dropped (it fitted the encoder's probabilities): "
             "run `rlpredict calibrate` on the stacked bundle")
-    check_same_split(recorded_split(pred.bundle.manifest),
-                     {"test_frac": ("the recipe's test_frac", cfg.test_frac),
-                      "seed": ("the recipe's split_seed", cfg.split_seed),
-                      "rule": ("the recipe's split_rule", cfg.split_rule)},
-                     "give the recipe the bundle's encoder was trained with")
-    if not same_rl_tokenizer(cfg.rl_tokenizer, pred.bundle.rl_tokenizer):  # was: counted in the recipe's
-        raise ValueError(f"the recipe's rl_tokenizer {cfg.rl_tokenizer!r} differs from bundle {bundle}'s "
-                         f"{pred.bundle.rl_tokenizer!r}: give the recipe the bundle was trained with")
+    check_recipe(pred, cfg, bundle)
     train_side, enc_train, test, cfg_scheme = load_split(cfg, log)
     if not test:  # checked before the fits: the stacked bundle is scored on this side
         raise ValueError(f"{', '.join(cfg.data)}: the held-out side of the split (test_frac {cfg.test_frac}, "
@@ -261,14 +286,7 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     if list(cfg_scheme.edges) != list(scheme.edges):
         raise ValueError(f"the recipe's bucket edges {cfg_scheme.edges} differ from the bundle's {scheme.edges}: "
                          "give the recipe the bundle was trained with")
-    recorded = (pred.bundle.manifest.get("training_split") or {}).get("train_rows_sha256")
-    if recorded is not None and recorded != rows_sha256(enc_train):  # was: a stacker fit on training rows
-        raise ValueError(f"the recipe's training subsample ({len(enc_train)} rows) is not the one bundle {bundle}'s "
-                         "encoder trained on: the stacker would be fit on rows the encoder has seen; give the "
-                         "recipe it was trained with (the same data files, seed, max_rows and max_rows_per_source)")
-    if recorded is None:
-        log("note: the bundle does not record its encoder's training rows (an export before December 2026): "
-            "the recipe is trusted to reproduce them (the same data files, seed, max_rows and max_rows_per_source)")
+    check_encoder_rows(pred, enc_train, bundle, log)
     # From here a group is the split rule's: the stacking folds must not hold one row's copies
     # (other ids, under ``copies``) on both sides, or the out-of-fold TF-IDF sees them.
     for s, key in zip(train_side, group_keys(train_side, cfg.split_rule), strict=True):

@@ -57,6 +57,7 @@ from rlpredict.outputs import (
     naming,
     output_dir,
     plain_modes,
+    resolved,
     write_text_atomic,
 )
 from rlpredict.serve.runtime import usable_cores
@@ -206,7 +207,7 @@ def check_output(cfg: TrainConfig, out_dir: str | Path, force: bool = False, *,
     # runs/m1 --force` replaced it, and an encoder inside the checkpoint folder was deleted)
     files = [p for p in (cfg.encoder, cfg.rl_tokenizer) if Path(p).expanduser().exists()]
     check_paths([*cfg.data, *files], [("--out", out), ("--checkpoint-dir", ckpt)], apart=cfg.data)
-    o, c = out.expanduser().resolve(), ckpt.expanduser().resolve()
+    o, c = resolved(out), resolved(ckpt)  # (a link loop: followed as far as it goes, no RuntimeError)
     if o in c.parents or c in o.parents:
         raise OutputError(f"{ckpt}: --checkpoint-dir and --out {out} are nested; the model folder is replaced "
                           "as a whole at the end, so keep them apart")

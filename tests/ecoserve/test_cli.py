@@ -624,7 +624,7 @@ def test_demo_checks_its_output_before_working(tmp_path):
     out = tmp_path / "d"
     out.mkdir()
     (out / "old.md").write_text("x")
-    _refused(runner.invoke(app, ["demo", "--out", str(out)]), "exists; pass --force")
+    _refused(runner.invoke(app, ["demo", "--out", str(out)]), "no tool of ours wrote")  # --force would not help
     _refused(runner.invoke(app, ["demo", "--out", str(out), "--rate-scales", "0.2,x"]), "'--rate-scales'")
     _refused(runner.invoke(app, ["demo", "--out", str(out), "--slo-tbt", "nan"]), "'--slo-tbt'")
     assert (out / "old.md").read_text() == "x"

@@ -148,6 +148,8 @@ def test_a_grid_run_records_overload_and_sustained_rows(tmp_path: Path) -> None:
     assert {r["policy"] for r in rows} == {"vllm", "sjf", "ecoserve", "ecoserve-oracle"}
     for r in rows:
         assert {"overload_1x", "overload_1.25x", "sustained_capacity", "deferred_at_capacity"} <= r.keys()
+        # how the run was made, which grid_summary.py compares across folders
+        assert (r["criterion"], r["kv_scale"], r["confusion"], r["seed"]) == ("SLO attainment >= 0.9", 1.0, None, 0)
         assert r["overload_1x"]["slo_attainment"] == r["attainment_at_v1_load"]  # the same replay
         # the means are over the finished requests: their share beside them
         assert 0 < r["overload_1.25x"]["finished_share"] <= 1
@@ -173,3 +175,35 @@ def test_strict_and_margin_counts_two_sided_oracle_and_cells_given_twice(tmp_pat
     assert "- note: 1 search(es) never failed (no_failing_load)" in out
     twice = _summary(tmp_path, tmp_path)
     assert twice.returncode == 2 and "cell a is also in" in twice.stderr
+
+
+def test_a_failed_side_a_baseline_that_never_failed_and_the_5_percent_line(tmp_path: Path) -> None:
+    """A reviewer's cases: EcoServe's search held no load where its oracle's did (was: dropped
+    from the count: "1 of 1"); a ratio of exactly 19/20 computed as 0.9499999999999998 (was: a
+    miss); a baseline whose search never failed (was: a win, counted against the next baseline);
+    a sustained search that held no load where a baseline's did (was: left out)."""
+    cap = 0.9499999999999998 * 20.0  # EcoServe / oracle: 19/20 up to the float's last bit
+    rows = [_row("a", "vllm", 4.0), _row("a", "ecoserve", None, sustained_capacity=None),
+            _row("a", "ecoserve-oracle", 3.0), _row("a", "sjf", 2.0, sustained_capacity=1.5),
+            _row("b", "vllm", 4.0), _row("b", "ecoserve", cap), _row("b", "ecoserve-oracle", 20.0,
+                                                                            ceiling=30.0),
+            _row("c", "vllm", None, search="no_failing_load"), _row("c", "sjf", 3.0),
+            _row("c", "ecoserve", 5.0), _row("c", "ecoserve-oracle", 5.0)]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    out = _summary(tmp_path, "--no-table").stdout
+    assert "- predicted within 5% of the oracle: 2 of 3 (missed: a none)" in out
+    assert "ecoserve has the highest capacity in 1 of 3 (not counted where a baseline's search never failed: c)" in out
+    assert "- sustained capacity x the best baseline's, in the 1 cells where it was measured: 0.00-0.00x" in out
+
+
+def test_runs_made_differently_are_not_pooled_and_an_unknown_oracle_is_refused(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, crit in ((a, "SLO attainment >= 0.9"), (b, "normalized latency <= 0.5 s per output token")):
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(
+            [_row(folder.name, p, 4.0, criterion=crit, kv_scale=1.0, confusion=None) for p in ("vllm", "ecoserve")]))
+    p = _summary(a, b)
+    assert p.returncode == 2 and "criterion" in p.stderr and "not summed" in p.stderr
+    assert _summary(a).returncode == 0
+    p = _summary(a, "--oracle", "ecoserve-orcale")
+    assert p.returncode == 2 and "--oracle 'ecoserve-orcale': no cell" in p.stderr

@@ -283,3 +283,23 @@ def test_too_few_stacking_rows_are_refused_before_the_fits(bundle_fp32, tmp_path
                                          r"at least 5: give more --stack-rows"):
         stack_bundle(bundle_fp32, cfg, tmp_path / "s", stack_rows=3, folds=2, threads=1)
     assert not (tmp_path / "s").exists()
+
+
+def test_compare_stacking_refuses_a_recipe_other_than_the_bundles(bundle_fp32, tmp_path):
+    """``training/compare_stacking.py`` asks what ``rlpredict stack`` asks (was: a full report
+    on "held-out" rows the encoder had trained on; a reviewer's case)."""
+    import subprocess
+    import sys
+
+    from rlpredict.samples import SAMPLE_FILES
+
+    recorded = _rewrite(bundle_fp32, tmp_path / "b", lambda m, _: m.update(training_split={"test_frac": 0.25, "seed": 0}))
+    files = ", ".join(json.dumps(str(p)) for p in SAMPLE_FILES.values())
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[train]\ndata = [{files}]\ntest_frac = 0.3\nmax_rows_per_source = 150\n'
+                      'input_mode = "history"\nmax_length = 48\n')
+    script = Path(__file__).resolve().parents[2] / "training" / "compare_stacking.py"
+    p = subprocess.run([sys.executable, str(script), "--config", str(recipe), "--bundle", str(recorded),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "the recipe's test_frac 0.3 differs from the split the bundle recorded" in p.stderr
+    assert not (tmp_path / "out").exists()

@@ -90,11 +90,12 @@ def test_train_never_deletes_a_users_folder(trace, tmp_path):
     before = snapshot(tmp_path)
     # --out holding the training data: refused even with --force
     one_error_line(run("train", "--data", data, "--out", data_dir, "--force"), "holds the input")
-    # an existing folder: refused without --force; with it, refused when it holds the user's files
+    # an existing folder holding the user's files: refused with or without --force, alike (was:
+    # "exists; pass --force" without it, advice certain to fail)
     notes = tmp_path / "work"
     notes.mkdir()
     (notes / "notes.txt").write_text("mine")
-    one_error_line(run("train", "--data", data, "--out", notes), "exists; pass --force")
+    one_error_line(run("train", "--data", data, "--out", notes), "no tool of ours wrote", "notes.txt")
     one_error_line(run("train", "--data", data, "--out", notes, "--force"), "no tool of ours wrote", "notes.txt")
     one_error_line(run("train", "--data", data, "--out", trace), "is a file")
     assert snapshot(tmp_path) == {**before, "work/notes.txt": b"mine"}
@@ -1327,7 +1328,7 @@ def test_a_log_folder_names_links_it_does_not_read_and_files_it_would_read_twice
     assert got == [("a.jsonl:1", {"prompt": "x", "output_tokens": 3}),
                    ("a_copy.jsonl", f"the same file as {logs / 'a.jsonl'} (a link): its rows would count twice"),
                    ("alias.jsonl", f"the same file as {logs / 'a.jsonl'} (a link): its rows would count twice"),
-                   ("dang.jsonl", "a broken link: give its target as another input"),
+                   ("dang.jsonl", "a broken link, or a loop: give its target as another input"),
                    ("linked", "a link to a folder, which is not followed: give its target as another input")]
     (other / "c").mkdir()
     (other / "c" / "b_link.jsonl").symlink_to(other / "b.jsonl")
@@ -1453,6 +1454,22 @@ def test_the_current_folder_is_no_output_folder(tmp_path, monkeypatch, name):
             output_dir(name, force=True, tool="test"):
         pass
     assert list(work.iterdir()) == []
+
+
+def test_a_folder_holding_another_runs_output_is_refused_without_advising_force(tmp_path):
+    """A folder of ours with another run's output saved inside it: refused the same way with or
+    without ``--force`` (was: "exists; pass --force to replace it", then, with --force, "holds
+    files no tool of ours wrote": advice certain to fail; a reviewer's find)."""
+    out = tmp_path / "cmp"
+    with output_dir(out, force=False, tool="ecoserve compare") as tmp:
+        (tmp / "results.json").write_text("{}")
+    with output_dir(out / "nested", force=False, tool="benchmarks/scenario_grid.py") as tmp:
+        (tmp / "results.json").write_text("{}")
+    for force in (False, True):
+        with pytest.raises(OutputError, match=r"holds files no tool of ours wrote.*nested"), \
+                output_dir(out, force=force, tool="ecoserve compare"):
+            pass
+    assert (out / "nested" / "results.json").is_file()
 
 
 def test_a_max_length_beyond_the_encoders_positions_is_refused_before_the_data(tiny_model_dir, tmp_path):
@@ -1700,3 +1717,19 @@ def test_annotate_into_a_log_says_its_progress_in_lines(tmp_path, monkeypatch):
     with annotate_mod._progress(src, "jsonl", True) as update:
         update(src.stat().st_size / 2)
     assert printed == ["annotating t.jsonl: 50% after 31 s"]
+
+
+def test_a_link_that_points_to_itself_is_one_line_as_input_and_as_output(tmp_path):
+    """Was: Python's "Symlink loop" RuntimeError, an internal error (exit 1) from ``train``,
+    ``eval`` and the scripts given one as --data or --out; as --out, once past that, the whole
+    run and then "Not a directory"."""
+    from rlpredict.outputs import repeated_input, resolved
+
+    loop = tmp_path / "self.jsonl"
+    loop.symlink_to(loop.name)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    assert resolved(loop).name == "self.jsonl" and repeated_input([loop, data]) is None
+    one_error_line(run("train", "--data", loop, "--out", tmp_path / "m"), "a link to nothing (broken, or a loop)")
+    one_error_line(run("train", "--data", data, "--out", loop), "--out is a link to nothing")
+    assert loop.is_symlink() and not (tmp_path / "m").exists()

@@ -124,6 +124,13 @@ def test_demo_trains_evaluates_and_names_the_final_model_folder(tmp_path) -> Non
     assert ".part" not in (ev / "confusion.json").read_text()
     assert (ev / "confusion_model.png").stat().st_size > 0
     assert f"rlpredict export --model {out / 'model'}" in r.output.replace("\n", " ")
+    # run again: refused without --force, replaced with it (was: "another run's output
+    # (model/eval)" both times, and `make demo-train` failed the second time)
+    again = CliRunner().invoke(app, ["demo", "--out", str(out), "--steps", "1"])
+    assert again.exit_code == 2 and "exists; pass --force" in again.output
+    again = CliRunner().invoke(app, ["demo", "--out", str(out), "--steps", "1", "--force"])
+    assert again.exit_code == 0, again.output
+    assert (out / "model" / "eval" / "report.json").is_file() and not list(tmp_path.glob("*.old"))
 
 
 def test_the_verdict_says_when_the_held_out_rows_cannot_tell_the_two_apart():
