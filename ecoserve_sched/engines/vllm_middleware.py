@@ -10,7 +10,8 @@ environment variables (:class:`MiddlewareConfig`). For every HTTP ``POST`` it:
 1. reads the body, at most ``ECOSERVE_MIDDLEWARE_MAX_BODY_BYTES`` (streamed bodies included);
 2. in a thread pool (never on the event loop): parses it with ``json.loads``, the parser FastAPI
    uses for vLLM's endpoints, and removes every ``rl_*`` key from each ``vllm_xargs`` /
-   ``extra_args`` mapping anywhere in it - the client's hints never reach the engine;
+   ``extra_args`` mapping anywhere in it - the client's hints never reach the engine from a
+   body it read (one it cannot vet passes as sent when hints are not trusted: below);
 3. for ``/v1/chat/completions`` (the ``messages``), ``/v1/completions`` (a single ``prompt``
    string), SageMaker's ``/invocations`` (either, :func:`predict_field`), the Anthropic
    Messages API's ``/v1/messages`` and the Responses API's ``/v1/responses`` (the chat vLLM
@@ -180,6 +181,8 @@ def predictor_input(doc: dict, field: str, last_user: bool = False) -> str | lis
     else:
         value = doc.get(field)
     if field == "prompt":
+        if doc.get("prompt_embeds") is not None:  # vLLM makes a request of each embeds entry too,
+            return None  # all sharing the body's hints: several prompts (was: the text's hints for all)
         if isinstance(value, list) and len(value) == 1:
             value = value[0]
         return value if isinstance(value, str) and value else None

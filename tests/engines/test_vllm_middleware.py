@@ -196,12 +196,15 @@ def test_completions_prompt_and_content_parts() -> None:
     assert stub.seen == [("Tell me a story", "served-name"),
                          ([{"role": "user", "content": "Describe\nthis picture"}], "served-name")]
     # nothing to predict from: token prompts, several prompts, no user text -> no hints, untouched
+    # (a prompt beside prompt_embeds: vLLM makes a request of each, sharing the hints; was: the
+    # text's hints for the embeds' request too, a reviewer's find)
     for path, doc in (("/v1/completions", {"prompt": [1, 2, 3]}), ("/v1/completions", {"prompt": ["a", "b"]}),
+                      ("/v1/completions", {"prompt": "Explain", "prompt_embeds": "AAAA"}),
                       (CHAT, {"messages": [{"role": "system", "content": "x"}]}), (CHAT, {"messages": "hi"}),
                       (CHAT, chat(vllm_xargs="not a mapping"))):
         raw = json.dumps(doc).encode()
         assert call(mw, raw, path=path)[1] == raw
-    assert mw.counters["no_text"] == 5 and len(stub.seen) == 2
+    assert mw.counters["no_text"] == 6 and len(stub.seen) == 2
 
 
 def test_sagemaker_invocations_are_predicted_as_vllm_routes_them() -> None:
