@@ -39,7 +39,7 @@ from rlpredict.cli_boundary import (
     child_process,
     run_script,
 )
-from rlpredict.outputs import atomic_path, mark_owned, work_folder
+from rlpredict.outputs import atomic_path, mark_owned, resolved, work_folder
 from rlpredict.serve.annotate import default_rejects_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def main() -> None:
         return
     if unknown := set(args.configs) - set(CONFIGS):
         ap.error(f"--configs: unknown {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}")
-    args.dir = args.dir.resolve()  # absolute: the configurations run as children in the repository's folder
+    args.dir = resolved(args.dir)  # absolute: the configurations run as children in the repository's folder
     work_folder(args.dir, tool=TOOL, option="--dir")  # a new folder or this script's
     src = args.dir / f"trace-{args.rows}.jsonl.gz"
     if not src.exists():

@@ -14,7 +14,7 @@ of its saturation ceiling (default 0.02: a few Mooncake draws pass only at 1/128
 the ratios say nothing). Ratios of capacities are taken over the servable cells where both
 policies hold some load. "Predicted within 5% of the oracle" compares ``--policy`` with
 ``--oracle`` (either way: 0.95-1.05, up to a float's rounding); a cell where only one of the two
-held a load counts as a miss. The mean JCT at vLLM V1's capacity load is counted twice:
+held a load (the other's search failing at every load) counts as a miss. The mean JCT at vLLM V1's capacity load is counted twice:
 above V1's at all, and above it by more than 0.5% (what a two-decimal table shows as 1.01 or
 more). The cells where ``--policy``'s capacity is above the saturation ceiling (its unrounded
 share over 1, which a finite trace allows by deferring requests past its end; the table rounds
@@ -22,8 +22,8 @@ it) are counted, with its ratio to the best baseline there and elsewhere. A cell
 (the same folder, or two runs of one cell) is refused. A search in
 which a policy never failed (``no_failing_load``) has no capacity here: the summary says how
 many, and claims no highest capacity in a cell where a baseline's search never failed. A
-``--policy`` whose sustained search held no load where a baseline's did has a sustained ratio of
-0. Folders whose rows say they were made under another criterion, ``--kv-scale`` or
+``--policy`` whose sustained search failed at every load where a baseline's held one has a
+sustained ratio of 0 (rows that record the sustained search's outcome). Folders whose rows say they were made under another criterion, ``--kv-scale`` or
 ``--confusion`` are refused (rows written before December 7, 2026 do not say). At 1.25x V1's capacity load it also counts the cells where *some* policy of the run (the
 oracle and the baselines included) meets the overload goal, a mean JCT at most 0.5x V1's with
 SLO attainment at least SJF's, naming those where ``--policy`` does not.
@@ -43,6 +43,8 @@ from rlpredict.json_file import read_json
 NUMBERS = ("capacity", "ceiling", "jct_x_v1", "sustained_capacity", "token_budget")
 OVERLOADS = ("overload_1x", "overload_1.25x")
 MISS_MARGIN = 1.005  # a mean-JCT ratio above this is "above V1's" (1.01 in a two-decimal table)
+#: a capacity search that failed at every load it tried (``compare.capacity``'s ``search``)
+NO_LOAD = "no_passing_load"
 #: how a run was made (scenario_grid.py's rows carry them): folders that differ are not pooled. The
 #: seed and the slice of the trace may differ (the random cells' draws).
 SETTINGS = ("criterion", "kv_scale", "confusion")
@@ -121,10 +123,14 @@ def cell_summary(rows: dict[str, dict], policy: str, oracle: str, min_share: flo
     sus = {p: r.get("sustained_capacity") for p, r in base.items() if r.get("sustained_capacity")}
     # the oracle's run is there but only one of the two held a load: a miss, not a cell left out
     # (was: dropped from the count)
-    po_none = oracle in rows and (caps.get(policy) is None) != (caps.get(oracle) is None)
+    # (a search that failed at every load; one that never failed, or where the load changes nothing,
+    # has no capacity either, and is no miss)
+    po_none = oracle in rows and any(
+        _cap(rows[a]) is not None and _cap(rows[b]) is None and rows[b].get("search") == NO_LOAD
+        for a, b in ((policy, oracle), (oracle, policy)))
     sus_best = max(sus.values(), default=None)
     sus_x = _ratio(eco.get("sustained_capacity"), sus_best)
-    if sus_x is None and "sustained_capacity" in eco and not eco["sustained_capacity"] and sus_best:
+    if sus_x is None and eco.get("sustained_search") == NO_LOAD and sus_best:
         sus_x = 0.0  # its sustained search held no load where a baseline's did (was: left out)
     out.update(
         capacity=caps.get(policy), vs_ceiling=_ratio(caps.get(policy), ceiling),

@@ -40,7 +40,7 @@ from rlpredict.cli_boundary import (
     child_process,
     run_script,
 )
-from rlpredict.outputs import atomic_path, mark_owned, work_folder
+from rlpredict.outputs import atomic_path, mark_owned, resolved, work_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = "benchmarks/large_trace.py"
@@ -183,7 +183,7 @@ def main() -> None:
     if unknown := set(stages) - set(STAGES):
         ap.error(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
     # absolute: the stages run as children in the repository's folder
-    out_dir = work_folder(Path(args.out).resolve(), tool=TOOL, option="--out")  # a new folder or this script's
+    out_dir = work_folder(resolved(args.out), tool=TOOL, option="--out")  # a new folder or this script's
     if "simulate" in stages:  # a bad name: one line now, not after the build
         from ecoserve_sched.cost_model import load_profile
         from ecoserve_sched.policies import get_policy

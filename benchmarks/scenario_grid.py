@@ -583,7 +583,7 @@ def main() -> None:
         criterion += " and p99 time between tokens <= " + ("the TBT SLO" if p99 == "slo" else f"{p99:g} s")
     # how the run was made, in every row: grid_summary.py refuses to pool runs made differently
     settings = {"criterion": criterion, "kv_scale": args.kv_scale, "seed": args.seed, "skip": args.skip,
-                "confusion": Path(args.confusion).name if args.confusion else None}
+                "confusion": _digest(args.confusion) if args.confusion else None}
     rows = []
     for c in cells:
         ceil = ceilings[c.name]["ceiling_rate_scale"]
@@ -609,6 +609,7 @@ def main() -> None:
                 rows[-1][f"overload_{f:g}x"] = s and {**s, "jct_x_v1": _jct_x_v1(overload, c.name, p, f)}
             if sustained:
                 rows[-1]["sustained_capacity"] = _found(sustained[c.name, p])
+                rows[-1]["sustained_search"] = sustained[c.name, p]["search"]  # why null, where it is
                 rows[-1]["deferred_at_capacity"] = sustained[c.name, p]["deferred_at_capacity"]
     if args.resolution != RESOLUTION:
         criterion += f" (searched to {args.resolution:.2%})"
@@ -642,6 +643,14 @@ class _as_row:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def _digest(path: str | Path) -> str:
+    """A file named by its name and the first 16 hex digits of its SHA-256 (two files of one
+    name, ``confusion.json`` in two folders, are told apart; a path is not written)."""
+    import hashlib
+
+    return f"{Path(path).name} sha256:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"
 
 
 def _found(search: dict) -> float | None:

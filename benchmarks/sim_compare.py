@@ -26,7 +26,7 @@ from rlpredict.cli_boundary import (
     arg_path,
     run_script,
 )
-from rlpredict.outputs import check_new_dir, check_paths, output_dir
+from rlpredict.outputs import check_new_dir, check_paths, output_dir, resolved
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
@@ -35,7 +35,7 @@ ALL = "vllm,sarathi,orca,s3,sjf,ecoserve,ecoserve-nopipe,ecoserve-noorder,ecoser
 
 
 def rel(p: str | Path) -> str:
-    return os.path.relpath(Path(p).resolve(), Path.cwd())
+    return os.path.relpath(resolved(p), Path.cwd())
 
 
 def main() -> None:

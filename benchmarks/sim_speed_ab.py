@@ -42,6 +42,7 @@ from rlpredict.cli_boundary import (
     arg_path,
     run_script,
 )
+from rlpredict.outputs import resolved
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFUSION = ROOT / "tests" / "ecoserve" / "fixtures" / "confusion_sharegpt.json"
@@ -108,7 +109,7 @@ def count_instructions(tree: Path, args: argparse.Namespace, policy: str, scale:
 
 
 def instructions_table(args: argparse.Namespace) -> None:
-    trees = {"before": args.before.resolve(), "after": args.after.resolve()}
+    trees = {"before": resolved(args.before), "after": resolved(args.after)}
     base = {n: count_instructions(t, args, args.policies[0], args.rate_scales[0], False)[0] for n, t in trees.items()}
     print(f"## Instructions per replay of the first {args.instructions:,} requests, before ({args.before}) "
           f"vs after ({args.after})\n")
@@ -168,7 +169,7 @@ def main() -> None:
                     help="count instructions (valgrind) over the first N requests instead of timing")
     args = ap.parse_args()
     trace_input(args)
-    args.trace, args.confusion = args.trace.resolve(), args.confusion.resolve()
+    args.trace, args.confusion = resolved(args.trace), resolved(args.confusion)
     for tree, option in ((args.before, "--before"), (args.after, "--after")):
         if not (tree / "ecoserve_sched" / "simulator.py").is_file():
             sys.exit(f"{tree}: {option} is not a source tree of this project (no ecoserve_sched/simulator.py)")
@@ -192,7 +193,7 @@ def main() -> None:
             sys.exit("--instructions needs valgrind on the PATH")
         instructions_table(args)
         return
-    workers = {"before": Worker(args.before.resolve(), args), "after": Worker(args.after.resolve(), args)}
+    workers = {"before": Worker(resolved(args.before), args), "after": Worker(resolved(args.after), args)}
     print(f"## Replay speed, before ({args.before}) vs after ({args.after}), interleaved\n")
     print("| policy | rate scale | wall s before | wall s after | CPU s before | CPU s after | after/before CPU "
           "| iterations | log rows before / after | same decisions |")

@@ -471,21 +471,23 @@ def child_process(cmd: list[str], **popen_kw: Any) -> Iterator[subprocess.Popen]
         raise
 
 
-def _quiet_worker(init: Callable[..., Any] | None, *args: Any) -> None:
+def _quiet_worker(parent: int | None, init: Callable[..., Any] | None, *args: Any) -> None:
     """A ``worker_pool`` worker's start: Ctrl-C, SIGTERM and SIGHUP (sent to the whole process
-    group, as a terminal or ``timeout`` sends them) are left to the main process; then
-    ``init(*args)``."""
+    group, as a terminal or ``timeout`` sends them) are left to the main process, whose death
+    ends the worker (``parent``: its pid; None: not asked); then ``init(*args)``."""
     for sig in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(sig, signal.SIG_IGN)
-    _die_with_parent()
+    if parent is not None:
+        _die_with_parent(parent)
     if init is not None:
         init(*args)
 
 
-def _die_with_parent() -> None:
-    """On Linux, have the kernel kill this worker when its main process dies, however it dies
-    (was: a ``SIGKILL`` of the main process left its workers, which ignore the stop signals,
-    waiting forever; a reviewer's find). Elsewhere, nothing."""
+def _die_with_parent(parent: int) -> None:
+    """On Linux, have the kernel kill this worker when the process ``parent`` that started it
+    dies, however it dies (was: a ``SIGKILL`` of the main process left its workers, which ignore
+    the stop signals, waiting forever; a reviewer's find). Elsewhere, nothing. (The kernel's
+    signal follows the starting *thread*: ``worker_pool`` asks for it only from the main thread.)"""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -496,8 +498,8 @@ def _die_with_parent() -> None:
             return
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the main process died before the call: nothing would tell us
-        os._exit(1)
+    if os.getppid() != parent:  # it died before the call (was: "== 1", every worker of a script run
+        os._exit(1)  # as PID 1, in a container without an init, exited at once; a reviewer's find)
 
 
 @contextlib.contextmanager
@@ -508,10 +510,13 @@ def worker_pool(workers: int, initializer: Callable[..., Any] | None = None,
     interrupted the workers are killed at once rather than left to finish their running tasks.
     (Imported here: the CLIs, which share this module, start without multiprocessing.)"""
     import multiprocessing
+    import threading
     from concurrent.futures import ProcessPoolExecutor
 
     before = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(workers, initializer=_quiet_worker, initargs=(initializer, *initargs))
+    # the workers die with the main process, where the pool is made (and first used) on its main thread
+    parent = os.getpid() if threading.current_thread() is threading.main_thread() else None
+    pool = ProcessPoolExecutor(workers, initializer=_quiet_worker, initargs=(parent, initializer, *initargs))
     try:
         yield pool
     except BaseException:

@@ -279,6 +279,9 @@ def check_parent(path: str | Path, option: str) -> None:
     check_name_lengths(path, option)
     p = Path(path).expanduser().absolute()
     for anc in p.parents:
+        if anc.is_symlink() and not anc.exists():  # was: walked past, then "File exists" after the work
+            raise OutputError(f"{p}: {option}'s folder {anc} is a link to nothing (broken, or a loop); "
+                              "choose another path")
         if anc.exists():
             if not anc.is_dir():
                 raise OutputError(f"{p}: {option}'s parent {anc} is a file, not a folder; choose another path")
@@ -538,6 +541,8 @@ def work_folder(path: str | Path, *, tool: str, option: str) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: {option} is a file, not a folder; choose another path")
+    if p.is_symlink() and not p.exists():  # was: the work, then "File exists" at the first write
+        raise OutputError(f"{p}: {option} is a link to nothing (broken, or a loop); choose another path")
     check_parent(p, option)
     if p.is_dir() and any(p.iterdir()):
         _refuse_foreign(p, option)

@@ -225,6 +225,16 @@ def test_pool_workers_die_when_the_script_is_killed(tmp_path: Path) -> None:
     assert not alive, f"workers {alive} outlived their killed main process"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_worker_whose_parent_is_pid_1_lives() -> None:
+    """The parent-death check compares with the pid that started the worker (was: with 1, so a
+    script run as PID 1, in a container without an init, lost every worker at start)."""
+    code = ("import os, sys; from rlpredict.cli_boundary import _die_with_parent; "
+            "_die_with_parent(os.getppid() + int(sys.argv[1])); print('alive')")
+    assert subprocess.run([sys.executable, "-c", code, "0"], capture_output=True, text=True).stdout == "alive\n"
+    assert subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True).returncode == 1
+
+
 def _alive(pid: int) -> bool:
     """``pid`` is a running process (not a zombie waiting for its reaper)."""
     try:

@@ -51,13 +51,12 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rlpredict.cli_boundary import ScriptParser, arg_number, arg_path, run_script
-from rlpredict.outputs import check_paths, work_folder, write_owned
+from rlpredict.outputs import check_paths, resolved, work_folder, write_owned
 from rlpredict.serve.runtime import Predictor, usable_cores
 from rlpredict.train.baselines import TfidfLogistic
 from rlpredict.train.config import TrainConfig
@@ -67,6 +66,7 @@ from rlpredict.train.stack import (
     Stacker,
     check_encoder_rows,
     check_recipe,
+    check_stacking_rows,
     encoder_probs,
     features,
     group_folds,
@@ -183,13 +183,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     scheme = pred.scheme  # what the bundle decodes with (and rlpredict eval scores with)
     q = cfg.reserve_quantile
     stack, stack_info = stacking_rows(train_side, enc_train, args.stack_rows, args.seed)
+    check_stacking_rows(stack, args.folds)  # before the fits, as `rlpredict stack` (was: numpy's error after them)
     sources = sorted({s.source for s in test})
     log(f"training side {len(train_side)}, encoder subsample {len(enc_train)}, test {len(test)} "
         f"({', '.join(f'{s} {sum(t.source == s for t in test)}' for s in sources)}), stacking-fit {stack_info}")
 
     cache = out / "cache.pkl"  # the expensive outputs, reused by a rerun with the same rows
     key = {"test": [s.id for s in test], "stack": [s.id for s in stack], "folds": args.folds,
-           "ridge": args.ridge, "bundle": str(Path(args.bundle).resolve())}
+           "ridge": args.ridge, "bundle": str(resolved(args.bundle))}
     saved = pickle.loads(cache.read_bytes()) if args.reuse and cache.is_file() else None
     te_texts = baseline_texts(test, spec)
     if saved is not None and saved["key"] == key:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from pathlib import Path
 
 from rlpredict.cli_boundary import ScriptParser, arg_file, arg_number, run_script
-from rlpredict.outputs import atomic_path, check_file_output
+from rlpredict.outputs import atomic_path, check_file_output, resolved
 from rlpredict.records import rows_with
 from rlpredict.splits import in_test
 
@@ -49,7 +48,7 @@ def main() -> None:
         path, sep, field = spec.rpartition(":")
         if not sep or not path or not field:
             ap.error(f"{spec!r}: expected FILE:GROUP_FIELD")
-        if any(Path(path).resolve() == Path(p).resolve() for p, _ in sources):
+        if any(resolved(path) == resolved(p) for p, _ in sources):
             ap.error(f"{path} is given twice (its rows would count twice)")
         sources.append((path, field))
     check_file_output(args.out, force=args.force, option="--out", inputs=[p for p, _ in sources])

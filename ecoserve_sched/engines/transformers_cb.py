@@ -257,7 +257,7 @@ class PolicyScheduler(HFScheduler):
         if r is None:
             n = state.max_new_tokens or 1
             r = Request(next(_RIDS), self.clock(), len(state.initial_tokens), n, n,
-                        pred_tokens=n, reserve_tokens=n)
+                        pred_tokens=n, reserve_tokens=n, slo=self.policy.slo)  # (was: SLO(), not the policy's)
         elif self._arrive_now:
             r.arrival_s = self.clock()
         self.reqs[state.request_id] = r
@@ -528,7 +528,7 @@ class GenRequest:
     pred_tokens: int = 0  # predicted RL (0: unknown)
     reserve_tokens: int = 0  # reservation R (0: reserve max_new_tokens)
     pred_bucket: int = -1
-    slo: SLO = field(default_factory=SLO)
+    slo: SLO | None = None  # None: the engine's (was: SLO(), whatever the engine's, which its policy's rules did not read)
 
     def __post_init__(self) -> None:  # was: a NaN arrival served forever, an empty prompt generated tokens
         ids = self.prompt_ids
@@ -556,7 +556,7 @@ class GenRequest:
         a = self.arrival_s
         if not (is_real(a) and a >= 0):
             raise ValueError(f"GenRequest: arrival_s must be a finite number >= 0, got {a!r}")
-        if not isinstance(self.slo, SLO):  # was: accepted, then the run stopped when it arrived
+        if self.slo is not None and not isinstance(self.slo, SLO):  # was: accepted, then the run stopped when it arrived
             raise TypeError(f"GenRequest: slo must be an SLO(ttft_s, tbt_s), got {type(self.slo).__name__}")
 
 
@@ -673,7 +673,7 @@ class TransformersEngine:
             pred = g.max_new_tokens if oracle else (g.pred_tokens or g.max_new_tokens)
             res = g.max_new_tokens if oracle else (g.reserve_tokens or g.pred_tokens or g.max_new_tokens)
             out.append(Request(i, g.arrival_s, len(g.prompt_ids), g.max_new_tokens, g.max_new_tokens,
-                               pred_bucket=g.pred_bucket, pred_tokens=pred, reserve_tokens=res, slo=g.slo))
+                               pred_bucket=g.pred_bucket, pred_tokens=pred, reserve_tokens=res, slo=g.slo or self.slo))
         return out
 
     @torch.inference_mode()

@@ -102,9 +102,18 @@ class Prediction:
     def confidence(self) -> float:
         return float(self.probs[self.bucket])
 
+    def __post_init__(self) -> None:
+        probs = np.array(self.probs)  # its own read-only copy (a few floats): no caller can change it
+        probs.flags.writeable = False
+        object.__setattr__(self, "probs", probs)
+
+    def __reduce__(self) -> tuple:  # pickle and copy rebuild it, read-only again
+        return (Prediction, (self.bucket, self.probs, self.pred_tokens, self.reserve_tokens, self.quantile_tokens))
+
     def _key(self) -> tuple:
+        p = self.probs
         return (self.bucket, self.pred_tokens, self.reserve_tokens, tuple(self.quantile_tokens),
-                np.asarray(self.probs).tobytes())
+                p.dtype.str, p.shape, (p + 0.0).tobytes())  # (+ 0.0: -0.0 as 0.0)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Prediction):
@@ -674,7 +683,6 @@ class Predictor:
         response length (``Prediction.quantile_tokens``, in that order; needs a bundle made by
         ``rlpredict calibrate`` with those levels)."""
         a = self.predict_arrays(requests, generators, quantiles=quantiles)
-        a.probs.flags.writeable = False  # each Prediction's row is a read-only view (a value)
         return [Prediction(int(a.bucket[i]), a.probs[i], int(a.pred_tokens[i]), int(a.reserve_tokens[i]),
                            _row(a.quantile_tokens, i)) for i in range(len(a.bucket))]
 
@@ -686,7 +694,6 @@ class Predictor:
         texts = self.texts([request], [generator])
         logits = self.combine(self._run(self._lone, self.encoder.encode(texts[0]))[None], texts)
         a = self.from_logits(logits, quantiles=quantiles)
-        a.probs.flags.writeable = False
         return Prediction(int(a.bucket[0]), a.probs[0], int(a.pred_tokens[0]), int(a.reserve_tokens[0]),
                           _row(a.quantile_tokens, 0))
 

@@ -93,6 +93,19 @@ def check_encoder_rows(pred: Predictor, enc_train: Sequence[Sample], bundle: str
             "the recipe is trusted to reproduce them (the same data files, seed, max_rows and max_rows_per_source)")
 
 
+def check_stacking_rows(stack: Sequence[Sample], folds: int) -> None:
+    """``ValueError`` before the fits if the stacking-fit rows cannot fit a stacker: none (the
+    encoder trained on the whole training side), or fewer conversation groups than its grouped
+    cross-validation takes."""
+    if not stack:
+        raise ValueError("no training-side rows the encoder did not train on: nothing to fit the stacker on "
+                         "(train the encoder on a subsample, max_rows_per_source)")
+    groups = len({(s.source, s.group) for s in stack})
+    if groups < max(5, folds):  # was: scikit-learn's "Cannot have number of splits n_splits=5 ..." after the fits
+        raise ValueError(f"the stacking-fit rows hold {groups} conversation group(s); the stacker's grouped "
+                         f"cross-validation needs at least {max(5, folds)}: give more --stack-rows or more data")
+
+
 def load_split(cfg: TrainConfig, log: Callable[[str], None] = lambda m: None,
                ) -> tuple[list[Sample], list[Sample], list[Sample], BucketScheme]:
     """(training side, the encoder's training subsample, test side, scheme) of a recipe, as
@@ -292,13 +305,7 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     for s, key in zip(train_side, group_keys(train_side, cfg.split_rule), strict=True):
         s.group = key
     stack, stack_info = stacking_rows(train_side, enc_train, stack_rows, seed)
-    if not stack:
-        raise ValueError("no training-side rows the encoder did not train on: nothing to fit the stacker on "
-                         "(train the encoder on a subsample, max_rows_per_source)")
-    groups = len({(s.source, s.group) for s in stack})
-    if groups < max(5, folds):  # was: scikit-learn's "Cannot have number of splits n_splits=5 ..." after the fits
-        raise ValueError(f"the stacking-fit rows hold {groups} conversation group(s); the stacker's grouped "
-                         f"cross-validation needs at least {max(5, folds)}: give more --stack-rows or more data")
+    check_stacking_rows(stack, folds)
     log(f"training side {len(train_side)}, encoder subsample {len(enc_train)}, test {len(test)}, "
         f"stacking-fit {len(stack)} rows")
 

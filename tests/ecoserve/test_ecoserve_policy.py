@@ -973,7 +973,7 @@ class _LoopedSearches(EcoServeScheduler):
             want = max(self.running(), key=lambda v: v.seq)
         else:
             want = max(self.running(), key=lambda v: rules.victim_key(
-                v.first_token_s if v.first_token_s >= 0 else self.now, v.arrival_s, self.slo.ttft_s,
+                v.first_token_s if v.first_token_s >= 0 else self.now, v.arrival_s, v.slo.ttft_s,
                 self._base_pred(v), v.generated_at(self.step), v.max_tokens, v.seq))
         assert got is want
         self.counters["checked_victims"] += 1

@@ -147,7 +147,7 @@ def test_a_grid_run_records_overload_and_sustained_rows(tmp_path: Path) -> None:
     rows = json.loads((out / "results.json").read_text())
     assert {r["policy"] for r in rows} == {"vllm", "sjf", "ecoserve", "ecoserve-oracle"}
     for r in rows:
-        assert {"overload_1x", "overload_1.25x", "sustained_capacity", "deferred_at_capacity"} <= r.keys()
+        assert {"overload_1x", "overload_1.25x", "sustained_capacity", "sustained_search", "deferred_at_capacity"} <= r.keys()
         # how the run was made, which grid_summary.py compares across folders
         assert (r["criterion"], r["kv_scale"], r["confusion"], r["seed"]) == ("SLO attainment >= 0.9", 1.0, None, 0)
         assert r["overload_1x"]["slo_attainment"] == r["attainment_at_v1_load"]  # the same replay
@@ -183,7 +183,8 @@ def test_a_failed_side_a_baseline_that_never_failed_and_the_5_percent_line(tmp_p
     miss); a baseline whose search never failed (was: a win, counted against the next baseline);
     a sustained search that held no load where a baseline's did (was: left out)."""
     cap = 0.9499999999999998 * 20.0  # EcoServe / oracle: 19/20 up to the float's last bit
-    rows = [_row("a", "vllm", 4.0), _row("a", "ecoserve", None, sustained_capacity=None),
+    rows = [_row("a", "vllm", 4.0), _row("a", "ecoserve", None, search="no_passing_load", sustained_capacity=None,
+                                         sustained_search="no_passing_load"),
             _row("a", "ecoserve-oracle", 3.0), _row("a", "sjf", 2.0, sustained_capacity=1.5),
             _row("b", "vllm", 4.0), _row("b", "ecoserve", cap), _row("b", "ecoserve-oracle", 20.0,
                                                                             ceiling=30.0),
@@ -194,6 +195,12 @@ def test_a_failed_side_a_baseline_that_never_failed_and_the_5_percent_line(tmp_p
     assert "- predicted within 5% of the oracle: 2 of 3 (missed: a none)" in out
     assert "ecoserve has the highest capacity in 1 of 3 (not counted where a baseline's search never failed: c)" in out
     assert "- sustained capacity x the best baseline's, in the 1 cells where it was measured: 0.00-0.00x" in out
+    # a search that never failed is no miss (a reviewer of the first version of this count)
+    rows = [_row("a", "vllm", 4.0), _row("a", "ecoserve", None, search="no_failing_load"),
+            _row("a", "ecoserve-oracle", 5.0)]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    out = _summary(tmp_path, "--no-table").stdout
+    assert "predicted within 5% of the oracle: not measured" in out
 
 
 def test_runs_made_differently_are_not_pooled_and_an_unknown_oracle_is_refused(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from cb_trace import (  # noqa: E402
     trace_requests,
 )
 
-from ecoserve_sched.request import State  # noqa: E402
+from ecoserve_sched.request import SLO, State  # noqa: E402
 from ecoserve_sched.simulator import simulate  # noqa: E402
 
 
@@ -337,8 +337,12 @@ def test_requests_the_engine_cannot_serve_are_refused(tiny_llama):
         TransformersEngine(tiny_llama, "ecoserve", block_size=2)
     with pytest.raises(TypeError, match="slo must be an SLO"):
         TransformersEngine(tiny_llama, "ecoserve", slo=(1.0, 0.1))
-    with pytest.raises(TypeError, match=r"GenRequest: slo must be an SLO\(ttft_s, tbt_s\), got NoneType"):
-        GenRequest([1, 2], 3, slo=None)  # was: accepted, then the whole run stopped when it arrived
+    with pytest.raises(TypeError, match=r"GenRequest: slo must be an SLO\(ttft_s, tbt_s\), got tuple"):
+        GenRequest([1, 2], 3, slo=(1.0, 0.1))  # was: accepted, then the whole run stopped when it arrived
+    # no SLO of its own: the engine's, which its policy's rules read (was: SLO(), whatever the engine's)
+    eng = TransformersEngine(None, "ecoserve", slo=SLO(1.0, 0.1), clock="step")
+    assert eng.to_requests([GenRequest([5, 6, 7], 8)])[0].slo == SLO(1.0, 0.1) == eng.make_policy().slo
+    assert eng.to_requests([GenRequest([5, 6, 7], 8, slo=SLO(2.0, 0.3))])[0].slo == SLO(2.0, 0.3)
     # a config transformers refuses leaves nothing registered (was: the scheduler, holding the
     # policy and every request of the run)
     from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -213,9 +215,19 @@ def test_a_prediction_is_a_value(predictor):
     c = predictor.predict(PROMPTS[:2])
     assert a == b == c[0] and hash(a) == hash(b) == hash(c[0]) and len({a, b, c[0]}) == 1
     assert a != c[1] and a != "not a prediction"
-    for p in (a, *c):
+    for p in (a, *c, pickle.loads(pickle.dumps(a)), copy.deepcopy(a)):
+        assert p == a or p in c
         with pytest.raises(ValueError):
             p.probs[0] = 1.0
+    # a reviewer's cases: another dtype or shape is another value; -0.0 is 0.0
+    from rlpredict.serve.runtime import Prediction
+
+    z = np.zeros(2, np.float32)
+    assert Prediction(0, z, 1, 1) != Prediction(0, z.astype(np.float64), 1, 1) != Prediction(0, z[:1], 1, 1)
+    assert Prediction(0, -z, 1, 1) == Prediction(0, z, 1, 1) and hash(Prediction(0, -z, 1, 1)) == hash(Prediction(0, z, 1, 1))
+    held = Prediction(0, z, 1, 1)
+    z[0] = 0.5  # the caller's array stays the caller's: the prediction holds its own copy
+    assert held.probs[0] == 0.0 and z.flags.writeable
 
 
 def test_int8_is_close_to_fp32(bundle_int8, predictor):
