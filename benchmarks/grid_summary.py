@@ -43,8 +43,9 @@ from rlpredict.json_file import read_json
 NUMBERS = ("capacity", "ceiling", "jct_x_v1", "sustained_capacity", "token_budget")
 OVERLOADS = ("overload_1x", "overload_1.25x")
 MISS_MARGIN = 1.005  # a mean-JCT ratio above this is "above V1's" (1.01 in a two-decimal table)
-#: a capacity search that failed at every load it tried (``compare.capacity``'s ``search``)
-NO_LOAD = "no_passing_load"
+#: capacity searches that failed at every load (``compare.capacity``'s ``search``): none passed, or
+#: the requests longer than the cache alone break the criterion
+NO_LOAD = ("no_passing_load", "unattainable")
 #: how a run was made (scenario_grid.py's rows carry them): folders that differ are not pooled. The
 #: seed and the slice of the trace may differ (the random cells' draws).
 SETTINGS = ("criterion", "kv_scale", "confusion")
@@ -126,11 +127,11 @@ def cell_summary(rows: dict[str, dict], policy: str, oracle: str, min_share: flo
     # (a search that failed at every load; one that never failed, or where the load changes nothing,
     # has no capacity either, and is no miss)
     po_none = oracle in rows and any(
-        _cap(rows[a]) is not None and _cap(rows[b]) is None and rows[b].get("search") == NO_LOAD
+        _cap(rows[a]) is not None and _cap(rows[b]) is None and rows[b].get("search") in NO_LOAD
         for a, b in ((policy, oracle), (oracle, policy)))
     sus_best = max(sus.values(), default=None)
     sus_x = _ratio(eco.get("sustained_capacity"), sus_best)
-    if sus_x is None and eco.get("sustained_search") == NO_LOAD and sus_best:
+    if sus_x is None and eco.get("sustained_search") in NO_LOAD and sus_best:
         sus_x = 0.0  # its sustained search held no load where a baseline's did (was: left out)
     out.update(
         capacity=caps.get(policy), vs_ceiling=_ratio(caps.get(policy), ceiling),

@@ -546,6 +546,7 @@ def main() -> None:
         check_new_dir(args.out, force=args.force, option="--out", rerun=TOOL, only=TOOL)
     if args.confusion:
         load_confusion(args.confusion)  # a bad file: one line here, not a worker's traceback
+    confusion_id = _digest(args.confusion) if args.confusion else None  # before the work (a bundle: its manifest)
     # vllm-tuned: vLLM V1 at each of TUNED_BUDGETS (its default, 2048, is the vllm run)
     sweep = [f"vllm@{b}" for b in TUNED_BUDGETS if b != DEFAULT_TOKEN_BUDGET] if "vllm-tuned" in policies else []
     searched = [p for p in policies if p != "vllm-tuned"] + [p for p in sweep if p not in policies]
@@ -583,7 +584,7 @@ def main() -> None:
         criterion += " and p99 time between tokens <= " + ("the TBT SLO" if p99 == "slo" else f"{p99:g} s")
     # how the run was made, in every row: grid_summary.py refuses to pool runs made differently
     settings = {"criterion": criterion, "kv_scale": args.kv_scale, "seed": args.seed, "skip": args.skip,
-                "confusion": _digest(args.confusion) if args.confusion else None}
+                "confusion": confusion_id}
     rows = []
     for c in cells:
         ceil = ceilings[c.name]["ceiling_rate_scale"]
@@ -646,11 +647,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _digest(path: str | Path) -> str:
-    """A file named by its name and the first 16 hex digits of its SHA-256 (two files of one
-    name, ``confusion.json`` in two folders, are told apart; a path is not written)."""
+    """A confusion file, or a bundle (its manifest, where ``load_confusion`` reads it), named by
+    its name and the first 16 hex digits of its SHA-256 (two files of one name, ``confusion.json``
+    in two folders, are told apart; a path is not written)."""
     import hashlib
 
-    return f"{Path(path).name} sha256:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"
+    p = Path(path)
+    data = (p / "manifest.json" if p.is_dir() else p).read_bytes()  # (was: a bundle failed after the work)
+    return f"{p.name} sha256:{hashlib.sha256(data).hexdigest()[:16]}"
 
 
 def _found(search: dict) -> float | None:

@@ -514,8 +514,11 @@ def worker_pool(workers: int, initializer: Callable[..., Any] | None = None,
     from concurrent.futures import ProcessPoolExecutor
 
     before = set(multiprocessing.active_children())
-    # the workers die with the main process, where the pool is made (and first used) on its main thread
-    parent = os.getpid() if threading.current_thread() is threading.main_thread() else None
+    # the workers die with the main process, where the pool is made (and first used) on its main
+    # thread and the main process starts them (fork, spawn; a forkserver is their parent instead:
+    # was, under it, every worker exited at once)
+    parent = (os.getpid() if threading.current_thread() is threading.main_thread()
+              and multiprocessing.get_start_method(allow_none=False) in ("fork", "spawn") else None)
     pool = ProcessPoolExecutor(workers, initializer=_quiet_worker, initargs=(parent, initializer, *initargs))
     try:
         yield pool

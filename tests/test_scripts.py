@@ -235,6 +235,18 @@ def test_a_worker_whose_parent_is_pid_1_lives() -> None:
     assert subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True).returncode == 1
 
 
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_pool_works_under_every_start_method(method: str) -> None:
+    """Under a forkserver (Python 3.14's default on Linux) a worker's parent is the server, not
+    the script: the parent-death check is not asked there (was: every worker exited at once)."""
+    code = ("import multiprocessing as mp\nif __name__ == '__main__':\n"
+            f"    mp.set_start_method({method!r})\n"
+            "    from rlpredict.cli_boundary import worker_pool\n"
+            "    with worker_pool(2) as pool:\n        print(list(pool.map(abs, range(-2, 2))))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stdout == "[2, 1, 0, 1]\n", p.stderr
+
+
 def _alive(pid: int) -> bool:
     """``pid`` is a running process (not a zombie waiting for its reaper)."""
     try:

@@ -214,3 +214,19 @@ def test_runs_made_differently_are_not_pooled_and_an_unknown_oracle_is_refused(t
     assert _summary(a).returncode == 0
     p = _summary(a, "--oracle", "ecoserve-orcale")
     assert p.returncode == 2 and "--oracle 'ecoserve-orcale': no cell" in p.stderr
+
+
+def test_the_confusion_is_recorded_by_digest_a_bundle_by_its_manifest(tmp_path: Path) -> None:
+    """Was: ``--confusion BUNDLE`` (a folder, which ``load_confusion`` takes) failed after the
+    whole grid, reading the folder as a file."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import scenario_grid
+    finally:
+        sys.path.remove(str(BENCH))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    (tmp_path / "a.json").write_text("{}")
+    assert scenario_grid._digest(bundle).startswith("bundle sha256:")
+    assert scenario_grid._digest(bundle).split()[1] == scenario_grid._digest(tmp_path / "a.json").split()[1]
