@@ -56,6 +56,12 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(message)
 
 
+def _setting(value: object) -> object:
+    """A SETTINGS value as compared: a confusion by its digest alone (was: also by the name it
+    was given by, so one bundle given as its folder and as its manifest was two settings)."""
+    return value.rpartition("sha256:")[2] if isinstance(value, str) and "sha256:" in value else value
+
+
 def load(folder: Path) -> list[dict]:
     """The rows of ``folder/results.json``; one line and exit 2 if it cannot be read."""
     path = folder / "results.json"
@@ -339,7 +345,7 @@ def main() -> None:
             by_cell[r["cell"]][r["policy"]] = r
             policies.add(r["policy"])
             for k in SETTINGS:  # rows of a run before these were recorded have none: not compared
-                if k in r and made.setdefault(k, (r[k], folder))[0] != r[k]:
+                if k in r and _setting(made.setdefault(k, (r[k], folder))[0]) != _setting(r[k]):
                     fail(f"{folder / 'results.json'}: row {i}: {k} {r[k]!r:.80} differs from "
                          f"{made[k][0]!r:.80} in {made[k][1] / 'results.json'}: runs made differently are "
                          "not summed in one summary")

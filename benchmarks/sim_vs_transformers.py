@@ -52,6 +52,10 @@ from ecoserve_sched.simulator import simulate  # noqa: E402
 from ecoserve_sched.trace import poisson_arrivals  # noqa: E402
 from rlpredict.cli_boundary import ScriptParser, arg_list, arg_number, run_script  # noqa: E402
 
+#: the requests' SLO, which the policies plan with too (was: the requests carried it, while the
+#: policies planned their prefill budget with the default SLO, 5 s / 0.2 s; a reviewer's find)
+TRACE_SLO = SLO(1.0, 0.1)
+
 
 def make_trace(n: int, rate: float, seed: int, vocab: int) -> list[GenRequest]:
     rng = np.random.default_rng(seed)
@@ -60,7 +64,7 @@ def make_trace(n: int, rate: float, seed: int, vocab: int) -> list[GenRequest]:
     arrivals = poisson_arrivals(n, rate, seed)
     return [GenRequest(rng.integers(3, vocab, p).tolist(), int(o), float(a), pred_tokens=int(pr),
                        reserve_tokens=int(np.ceil(1.2 * pr)), pred_bucket=int(pr // 16),
-                       slo=SLO(1.0, 0.1))
+                       slo=TRACE_SLO)
             for p, o, pr, a in zip(prompt, out, pred, arrivals, strict=True)]
 
 
@@ -160,8 +164,8 @@ def main() -> None:
     TransformersEngine(model, "vllm", kv_blocks=64, token_budget=256).generate(trace[:4])  # warm-up
     rows, floors = [], {}
     for policy in args.policies:
-        eng = TransformersEngine(model, policy, cost, kv_blocks=args.kv_blocks,
-                                 token_budget=args.token_budget, max_running=args.max_running)
+        eng = TransformersEngine(model, policy, cost, kv_blocks=args.kv_blocks, token_budget=args.token_budget,
+                                 max_running=args.max_running, slo=TRACE_SLO)
         runs = [eng.generate(trace) for _ in range(args.repeats)]
         if any(r.dropped for run in runs for r in run.results):
             raise SystemExit("a request could never fit the KV cache: raise --kv-blocks")

@@ -31,11 +31,19 @@ from rlpredict.json_file import dumps
 from rlpredict.records import is_plain_number, no_generator_note
 
 from .compare import Server, table_cell
-from .cost_model import DEFAULT_PROFILE
+from .cost_model import DEFAULT_PROFILE, MAX_TOKEN_BUDGET
 from .policies.interface import DEFAULT_MAX_RUNNING
 from .predictions import SOURCES
 from .request import SLO
-from .trace import CV_RANGE, MAPPABLE, MAX_COUNT, RATE_RANGE, TIME_UNITS, TraceFormat
+from .trace import (
+    CV_RANGE,
+    MAPPABLE,
+    MAX_COUNT,
+    MAX_RATE_SCALE,
+    RATE_RANGE,
+    TIME_UNITS,
+    TraceFormat,
+)
 
 if TYPE_CHECKING:
     from .compare import RunSpec
@@ -110,8 +118,8 @@ def _scales(text: str, option: str) -> list[float]:
         except ValueError:
             raise typer.BadParameter(f"{item.strip()!r} is not a number (give e.g. 0.5,1,2)",
                                      param_hint=f"'{option}'") from None
-        if not (math.isfinite(x) and x > 0):
-            raise typer.BadParameter(f"rate scales must be finite numbers > 0, got {item.strip()}",
+        if not (math.isfinite(x) and 0 < x <= MAX_RATE_SCALE):
+            raise typer.BadParameter(f"rate scales must be numbers in (0, {MAX_RATE_SCALE:g}], got {item.strip()}",
                                      param_hint=f"'{option}'")
         scales.append(x)
     _no_repeats(scales, option)
@@ -147,7 +155,7 @@ CvOpt = Annotated[float | None, typer.Option("--cv", callback=in_range(*CV_RANGE
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="seed (>= 0) for prediction sampling and synthetic arrivals")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing output (a folder only if ecoserve wrote it)")]
 GpuMemOpt = Annotated[float | None, typer.Option("--gpu-memory-utilization", callback=in_range(0, 1, low_open=True), help="HBM share for weights + KV cache, in (0, 1] (default: the profile's, 0.9): sets the KV size")]
-BudgetOpt = Annotated[int | None, typer.Option("--token-budget", min=2, max=1 << 20, help="tokens per iteration (vLLM's max_num_batched_tokens; default max(2048, the profile's knee))")]
+BudgetOpt = Annotated[int | None, typer.Option("--token-budget", min=2, max=MAX_TOKEN_BUDGET, help="tokens per iteration (vLLM's max_num_batched_tokens), 2 to 1048576; default: each policy's (max(2048, the profile's token_budget or roofline knee); sarathi 512; vllm-v0 max(2048, max_model_len))")]
 MaxRunOpt = Annotated[int | None, typer.Option("--max-running", min=1, max=1 << 16, help="running requests at most (vLLM's max_num_seqs; default 256)")]
 BlockOpt = Annotated[int, typer.Option("--block-size", min=1, max=1024, help="KV block size in tokens")]
 ColumnsOpt = Annotated[str | None, typer.Option("--columns", help="the trace's own column names: FIELD=COLUMN,... (e.g. arrival_time_s=TIMESTAMP,input_tokens=ContextTokens,output_tokens=GeneratedTokens)")]
@@ -210,8 +218,11 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     inputs = [trace, *(p for p in (confusion, bundle, profile) if p is not None and Path(p).exists())]
     # nor inside a bundle read (was: compare's folder written into the bundle it predicted with)
     check_paths(inputs, outputs, apart=[p for p in (confusion, bundle) if p is not None])
-    cost = load_profile(profile or DEFAULT_PROFILE)
     server = server or Server()
+    # the KV room is checked with the server's settings (was: at the profile's own utilization,
+    # before --gpu-memory-utilization or --num-gpu-blocks-override could make room)
+    cost = load_profile(profile or DEFAULT_PROFILE, kv_room=server.gpu_memory_utilization is None
+                        and server.num_gpu_blocks_override is None and server.block_size == Server().block_size)
     try:  # a KV size that leaves no room is refused before any run
         kw = server.policy_kw(cost)
     except ServerSettingError as e:
@@ -272,7 +283,7 @@ def _refuse_unbuildable(policies: Sequence[str], cost: Any, slo: SLO, policy_kw:
         if p.endswith("vllm-real"):  # vLLM's own class: built per run (engines/vllm_sim.py)
             continue
         try:
-            get_policy(p, cost, slo=slo, **policy_kw)
+            built = get_policy(p, cost, slo=slo, **policy_kw)
         except ValueError as e:
             budget = "token_budget" not in policy_kw and "max_running" in str(e)
             # the option the message is about (was: --max-running whenever it was given, also for
@@ -281,6 +292,11 @@ def _refuse_unbuildable(policies: Sequence[str], cost: Any, slo: SLO, policy_kw:
             raise typer.BadParameter(f"{p}{f' ({whose})' if whose else ''}: {e}"
                                      + ("; pass --token-budget above it" if budget else ""),
                                      param_hint=f"'{named}'" if named else None) from None
+        if getattr(built, "max_model_len", 0) > built.token_budget:  # vLLM V0 refuses it at start-up; here
+            # the prompts over the budget are ignored (was: said nowhere, every one an error)
+            typer.echo(f"note: {p}: token budget {built.token_budget} below its max_model_len {built.max_model_len} "
+                       f"(vLLM V0 refuses this without chunked prefill): prompts over {built.token_budget} tokens "
+                       "are ignored, each an error", err=True)
 
 
 def _refuse_unused_predictions(policies: Sequence[str], predictions: str | None, confusion: str | None,
@@ -313,7 +329,7 @@ def simulate(
     policy: Annotated[str, typer.Option("--policy", callback=_policy, help="policy name (see `ecoserve policies`)")] = "ecoserve",
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
     bundle: BundleOpt = None,
-    rate_scale: Annotated[float, typer.Option("--rate-scale", callback=positive, help="arrival rate multiplier (> 0)")] = 1.0,
+    rate_scale: Annotated[float, typer.Option("--rate-scale", callback=in_range(0, MAX_RATE_SCALE, low_open=True), help=f"arrival rate multiplier, in (0, {MAX_RATE_SCALE:g}]")] = 1.0,
     slo_ttft: TTFTOpt = _SLO.ttft_s, slo_tbt: TBTOpt = _SLO.tbt_s, slo_deadline: DeadlineOpt = None,
     max_tokens: MaxTokOpt = 2048, max_requests: MaxReqOpt = None, arrivals: ArrOpt = "trace",
     rate: RateOpt = None, cv: CvOpt = None, seed: SeedOpt = 0,
@@ -327,11 +343,17 @@ def simulate(
                  SLO(slo_ttft, slo_tbt, slo_deadline), max_tokens, max_requests, seed, arrivals, rate, cv,
                  server=_server(gpu_memory_utilization, token_budget, max_running, block_size),
                  fmt=_trace_format(columns, time_unit, on_error))
+    if arrivals != "trace" and rate is not None and not rate * rate_scale <= RATE_RANGE[1]:
+        raise typer.BadParameter(f"--rate {rate:g} x --rate-scale {rate_scale:g} is over {RATE_RANGE[1]:g} "
+                                 "requests/s", param_hint="'--rate-scale'")  # (was: "arrivals at inf")
     if arrivals != "trace" and rate_scale != 1:
         assert rate is not None
         typer.echo(f"note: arrivals at {rate * rate_scale:g} requests/s (--rate {rate:g} x --rate-scale "
                    f"{rate_scale:g})", err=True)
     s, _ = spec.run(policy, rate_scale)
+    if s["dropped"]:  # (was: said by `capacity` alone)
+        typer.echo(f"note: {s['dropped']} of {s['requests']} requests dropped (longer than the whole KV cache): "
+                   "they count against the SLO attainment", err=True)
     if as_json:
         typer.echo(dumps(s))
         return

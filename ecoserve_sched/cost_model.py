@@ -34,7 +34,7 @@ FIT_FIELDS = ("mfu", "mbu", "overhead_s", "overhead_per_seq_s", "prefill_overhea
 #: refused, not dropped. ``calibration`` is what ``ecoserve calibrate`` measured.
 TOP_KEYS = frozenset({"name", "model", "gpu", "efficiency", "fit", "calibration", "token_budget",
                       "gpu_memory_utilization", "paper_era", "source"})
-SECTION_KEYS = {"model": frozenset(MODEL_FIELDS) | {"source", "hf_id"},
+SECTION_KEYS = {"model": frozenset(MODEL_FIELDS) | {"source", "hf_id", "max_model_len"},
                 "gpu": frozenset(GPU_FIELDS) | {"source"}, "efficiency": frozenset(EFF_FIELDS) | {"source"}}
 #: What a GPU file (``profiles/gpus/<gpu>.json``) may hold; its ``gpu_memory_utilization`` and
 #: ``token_budget`` carry into every profile built on it.
@@ -49,6 +49,10 @@ MAX_BYTES = 2**50
 MIN_LINK_BW, MAX_LINK_BW = 1e8, 1e14
 OVERHEAD_FIELDS = ("overhead_s", "overhead_per_seq_s", "prefill_overhead_s")
 MAX_OVERHEAD_S = 1.0
+#: A token budget per iteration (a profile's ``token_budget``, ``--token-budget``): 2 to 2^20.
+MAX_TOKEN_BUDGET = 1 << 20
+#: The longest context a profile's optional ``model.max_model_len`` may give (2^24 tokens).
+MAX_MODEL_LEN = 1 << 24
 
 
 class ProfileError(ValueError):
@@ -91,6 +95,10 @@ class CostModel:
         if m["mlp_mats"] not in (2, 3):
             raise ProfileError(f"{origin}: field 'model.mlp_mats' must be 2 (an OPT-style MLP) or 3 (a gated "
                                f"MLP), got {m['mlp_mats']!r}")
+        mml = m.get("max_model_len")  # optional: the context length vllm-v0 holds prompts to
+        if mml is not None and not (_number(mml) and mml == int(mml) and 1 <= mml <= MAX_MODEL_LEN):
+            raise ProfileError(f"{origin}: field 'model.max_model_len' must be a whole number from 1 to 2^24 "
+                               f"(the model's context length in tokens), got {mml!r}")
         g = spec["gpu"]
         if g["hbm_bytes"] > MAX_BYTES:
             raise ProfileError(f"{origin}: field 'gpu.hbm_bytes' must be at most 2^50 (1 PiB), got {g['hbm_bytes']!r}")
@@ -118,8 +126,9 @@ class CostModel:
         if not _number(util) or not 0 < util <= 1:
             raise ProfileError(f"{origin}: field 'gpu_memory_utilization' must be in (0, 1], got {util!r}")
         tb = spec.get("token_budget")
-        if tb is not None and (not _number(tb) or tb != int(tb) or not 1 <= tb <= 2**53):
-            raise ProfileError(f"{origin}: field 'token_budget' must be an integer >= 1, got {tb!r}")
+        if tb is not None and (not _number(tb) or tb != int(tb) or not 2 <= tb <= MAX_TOKEN_BUDGET):
+            # (was: 1 to 2^53, where --token-budget takes 2 to 2^20)
+            raise ProfileError(f"{origin}: field 'token_budget' must be a whole number from 2 to 2^20, got {tb!r}")
         self.spec = spec
         name = spec.get("name", Path(origin).stem)
         if not isinstance(name, str) or not name.strip():
@@ -288,9 +297,10 @@ def list_profiles() -> list[str]:
     return [f"{m}-{g}" for m in models for g in gpus]
 
 
-def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
+def load_profile(name_or_path: str | Path = DEFAULT_PROFILE, *, kv_room: bool = True) -> CostModel:
     """Load a shipped profile by name (see :func:`list_profiles`) or a profile JSON file;
-    a profile whose model leaves no room for a KV cache is refused."""
+    a profile whose model leaves no room for a KV cache at its own ``gpu_memory_utilization``
+    is refused (``kv_room=False``: not checked here, where the server's settings size the cache)."""
     if isinstance(name_or_path, str) and not name_or_path.strip():  # (was: ".: a folder, not a profile")
         raise ProfileError(f"empty profile name: give a shipped name ({', '.join(list_profiles())}) or a profile "
                            "JSON file")
@@ -303,7 +313,9 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
     if path.exists() and not path.is_file():  # (was: a named pipe hung the read, and vLLM's start-up with it)
         raise ProfileError(f"{path}: not a regular file (a pipe or a device): give a profile JSON file")
     if path.suffix == ".json" or path.is_file():
-        model = _with_kv_room(CostModel(_read(path), str(path)), str(path))
+        model = CostModel(_read(path), str(path))
+        if kv_room:
+            _with_kv_room(model, str(path))
         model.path = str(path)
         return model
     for gpu_file in sorted((PROFILES_DIR / "gpus").glob("*.json")):
@@ -311,7 +323,8 @@ def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> CostModel:
         model_file = PROFILES_DIR / "models" / f"{model}.json"
         if model != str(name_or_path) and model_file.is_file():
             spec = _spec(str(name_or_path), _read(model_file), gpu_file)
-            return _with_kv_room(CostModel(spec, f"{model_file} + {gpu_file}"), str(name_or_path))
+            model = CostModel(spec, f"{model_file} + {gpu_file}")
+            return _with_kv_room(model, str(name_or_path)) if kv_room else model
     near = nearest_profiles(str(name_or_path))
     raise ProfileError(f"unknown profile {name_or_path!r}{f' (did you mean {near}?)' if near else ''}; "
                        f"shipped: {', '.join(list_profiles())}")

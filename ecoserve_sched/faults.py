@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .request import is_real, is_whole
+from .request import CANCELLED, is_real, is_whole
 
 NEVER = 1 << 62  # a step no run reaches
 
@@ -46,12 +46,17 @@ class Faults:
             raise ValueError(f"fault rate must be in [0, 1), got {self.rate!r}")
         if not (is_whole(self.seed) and self.seed >= 0):  # was: refused only when the plan was drawn
             raise ValueError(f"fault seed must be a whole number >= 0, got {self.seed!r}")
+        if not (isinstance(self.error, str) and self.error.strip() and self.error != CANCELLED):
+            # was: taken, None left failed requests without a reason, "cancelled" counted them as cancelled
+            raise ValueError(f"fault error must be a reason (text other than {CANCELLED!r}), got {self.error!r}")
 
     @classmethod
     def of(cls, faults: Faults | Iterable[int] | None) -> Faults | None:
         """``faults`` as a ``Faults``: iteration indices become ``Faults(steps=...)``."""
         if faults is None or isinstance(faults, Faults):
             return faults
+        if not isinstance(faults, Iterable):  # was: "'int' object is not iterable"
+            raise TypeError(f"faults must be a Faults or iteration indices (a set), got {type(faults).__name__}")
         return cls(steps=frozenset(faults))
 
     def plan(self) -> Iterator[int]:

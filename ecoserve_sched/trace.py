@@ -654,6 +654,8 @@ def poisson_arrivals(n: int, rate: float, seed: int = 0) -> np.ndarray:
 #: The drawn arrivals' rate (requests/s) and coefficient of variation: beyond these the gamma
 #: draw under- or overflows (``--rate``, ``--cv``).
 RATE_RANGE = (1e-6, 1e9)
+#: A rate multiplier's largest value (was: none, and 1e308 failed after the runs, in a plot)
+MAX_RATE_SCALE = 1e6
 CV_RANGE = (1e-3, 100.0)
 
 

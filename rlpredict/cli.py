@@ -280,12 +280,11 @@ def demo(
     force: ForceOpt = False,
 ) -> None:
     """The main job on the bundled real-data sample: train a small predictor, evaluate it vs the baselines."""
-    from rlpredict.outputs import mark_owned, output_dir
+    from rlpredict.outputs import output_dir
     from rlpredict.samples import SAMPLE_FILES
     from rlpredict.train.config import TrainConfig
     from rlpredict.train.evaluate import evaluate, markdown_report, write_report
     from rlpredict.train.model_meta import ModelMeta
-    from rlpredict.train.trainer import TRAIN_TOOL
     from rlpredict.train.trainer import train as run_train
 
     data = [str(p) for p in SAMPLE_FILES.values()]
@@ -300,11 +299,9 @@ def demo(
         report["model"] = str(out / "model")  # where it will be, not the temporary folder
         # in MODEL/eval, as `rlpredict eval` writes it: `export` puts its confusion matrix in the
         # bundle (was: out/report, and the bundle had none for the simulator)
+        # (recorded as part of the model, so `demo --force` replaces the whole folder: was
+        # "another run's output (model/eval)", and `make demo-train` failed the second time)
         write_report(report, probs, test, ModelMeta.load(tmp / "model").buckets, tmp / "model" / "eval")
-        # the report is the demo's, written into the model it trained: recorded as part of it, so
-        # that `demo --force` replaces the whole folder (was: "another run's output (model/eval)",
-        # and `make demo-train` failed the second time)
-        mark_owned(tmp / "model", TRAIN_TOOL, ["eval"])
     print(markdown_report(report))
     err.print(f"[green]report written to[/green] {escape(str(out / 'model' / 'eval'))}/report.md (confusion matrices: "
               f"confusion_*.png)\nnext: `rlpredict export --model {escape(str(out / 'model'))} --out models/my-predictor`",

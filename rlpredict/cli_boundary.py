@@ -471,35 +471,37 @@ def child_process(cmd: list[str], **popen_kw: Any) -> Iterator[subprocess.Popen]
         raise
 
 
-def _quiet_worker(parent: int | None, init: Callable[..., Any] | None, *args: Any) -> None:
+def _quiet_worker(init: Callable[..., Any] | None, *args: Any) -> None:
     """A ``worker_pool`` worker's start: Ctrl-C, SIGTERM and SIGHUP (sent to the whole process
     group, as a terminal or ``timeout`` sends them) are left to the main process, whose death
-    ends the worker (``parent``: its pid; None: not asked); then ``init(*args)``."""
+    ends the worker; then ``init(*args)``."""
     for sig in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(sig, signal.SIG_IGN)
-    if parent is not None:
-        _die_with_parent(parent)
+    _die_with_parent()
     if init is not None:
         init(*args)
 
 
-def _die_with_parent(parent: int) -> None:
-    """On Linux, have the kernel kill this worker when the process ``parent`` that started it
-    dies, however it dies (was: a ``SIGKILL`` of the main process left its workers, which ignore
-    the stop signals, waiting forever; a reviewer's find). Elsewhere, nothing. (The kernel's
-    signal follows the starting *thread*: ``worker_pool`` asks for it only from the main thread.)"""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+def _die_with_parent() -> None:
+    """Exit this worker as soon as the process that made it dies, however it dies (was: a
+    ``SIGKILL`` of the main process left its workers, which ignore the stop signals, waiting
+    forever; a reviewer's find). A daemon thread waits on multiprocessing's parent sentinel,
+    which every start method (fork, spawn, forkserver) gives and which follows the process, not
+    the thread that started the worker (was: the kernel's parent-death signal, which follows the
+    starting thread and which a forkserver's workers could not use)."""
+    import multiprocessing
+    import threading
+    from multiprocessing.connection import wait
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
-            return
-    except (OSError, AttributeError):
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:  # not a multiprocessing child: nothing to watch
         return
-    if os.getppid() != parent:  # it died before the call (was: "== 1", every worker of a script run
-        os._exit(1)  # as PID 1, in a container without an init, exited at once; a reviewer's find)
+
+    def watch(sentinel: int) -> None:
+        wait([sentinel])  # ready once the parent is gone (already gone: at once)
+        os._exit(1)
+
+    threading.Thread(target=watch, args=(parent.sentinel,), name="die-with-parent", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -510,16 +512,10 @@ def worker_pool(workers: int, initializer: Callable[..., Any] | None = None,
     interrupted the workers are killed at once rather than left to finish their running tasks.
     (Imported here: the CLIs, which share this module, start without multiprocessing.)"""
     import multiprocessing
-    import threading
     from concurrent.futures import ProcessPoolExecutor
 
     before = set(multiprocessing.active_children())
-    # the workers die with the main process, where the pool is made (and first used) on its main
-    # thread and the main process starts them (fork, spawn; a forkserver is their parent instead:
-    # was, under it, every worker exited at once)
-    parent = (os.getpid() if threading.current_thread() is threading.main_thread()
-              and multiprocessing.get_start_method(allow_none=False) in ("fork", "spawn") else None)
-    pool = ProcessPoolExecutor(workers, initializer=_quiet_worker, initargs=(parent, initializer, *initargs))
+    pool = ProcessPoolExecutor(workers, initializer=_quiet_worker, initargs=(initializer, *initargs))
     try:
         yield pool
     except BaseException:

@@ -169,6 +169,7 @@ class PolicyScheduler(HFScheduler):
         self.policy = recompute_only(policy)
         self.keep_events = keep_events
         self.meta = requests if requests is not None else {}
+        self._forks: dict[str, Request] = {}  # return sequences' policy sides, until added
         t0 = time.perf_counter()
         # without a clock of the caller's, a given policy request's arrival_s is on no clock the
         # scheduler reads: it arrives when it is added (was: kept, e.g. 0.0, so a request
@@ -231,6 +232,11 @@ class PolicyScheduler(HFScheduler):
             # first sequence's failure; the others' go through its batch processor's output
             # router (was: never delivered, and generate_batch waited for them until stopped).
             children = [state.fork(f"{rid_s}__child#{i}") for i in range(state.num_children)]
+            if (given := self.meta.get(rid_s)) is not None:  # each planned as its request is (was: no
+                for child in children:  # prediction, the engine's SLO, a reservation of max_new_tokens)
+                    self._forks[child.request_id] = Request(
+                        next(_RIDS), given.arrival_s, given.prompt_tokens, given.max_tokens, given.true_output_tokens,
+                        given.pred_bucket, given.pred_tokens, given.reserve_tokens, given.slo)
             for child in (state, *children):
                 child.num_children = 0
                 try:
@@ -245,6 +251,8 @@ class PolicyScheduler(HFScheduler):
                     else:
                         for other in children:
                             router.fail_and_deliver(other, e)
+                    for other in children:
+                        self._forks.pop(other.request_id, None)
                     raise
             for child in (state, *children):
                 self.add_waiting_request(child)
@@ -254,6 +262,8 @@ class PolicyScheduler(HFScheduler):
         except ValueError:
             self._refused = state
             raise
+        finally:
+            self._forks.pop(state.request_id, None)
         if r is None:
             n = state.max_new_tokens or 1
             r = Request(next(_RIDS), self.clock(), len(state.initial_tokens), n, n,
@@ -281,7 +291,7 @@ class PolicyScheduler(HFScheduler):
         rid_s = state.request_id
         if (old := self.reqs.get(rid_s)) is not None and old.state not in (State.FINISHED, State.ERRORED):
             raise ValueError(f"request id {rid_s!r} is already in use by a request not yet finished")
-        r = self.meta.get(rid_s)
+        r = self.meta.get(rid_s, self._forks.get(rid_s))
         if state.max_new_tokens is None:  # was: planned as 1 token (or the policy's); it grew past it, waited forever
             raise ValueError(f"{rid_s}: max_new_tokens is not set (transformers: no limit); a policy plans each "
                              "request's KV up to its max_new_tokens: set it in the generation config")
@@ -696,6 +706,10 @@ class TransformersEngine:
                      for a in ("rope_parameters", "rope_scaling", "rope_theta", "rotary_dim", "rotary_pct"))
         positions = None if rotary else (getattr(config, "max_position_embeddings", None)
                                          or getattr(config, "n_positions", None))
+        eos = self.eos_token_id  # was: an id outside the vocabulary taken, and the end never came
+        if eos is not None and not (is_whole(eos) and eos >= 0 and (vocab is None or eos < vocab)):
+            raise ValueError(f"generate: eos_token_id {eos!r} is not a token id of the model's vocabulary"
+                             + (f" (0 to {vocab - 1})" if vocab is not None else "") + "; None: no end token")
         for i, g in enumerate(reqs):  # was: one bad request failed every request of its batch
             if vocab is not None and (top := max(g.prompt_ids)) >= vocab:
                 raise ValueError(f"generate: request {i}: token id {top} is outside the model's "

@@ -36,7 +36,7 @@ WATERMARK = 0.01  # BlockSpaceManagerV1(watermark=0.01)
 def _model_len(cost: Any) -> int | None:
     spec = getattr(cost, "spec", None)
     model = spec.get("model", {}) if isinstance(spec, dict) else {}
-    return getattr(cost, "max_model_len", None) or model.get("max_model_len") or model.get("max_position_embeddings")
+    return getattr(cost, "max_model_len", None) or model.get("max_model_len")
 
 
 def _fcfs(r: Request) -> tuple[float, int]:

@@ -114,13 +114,17 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
     pool, how = held_out(rows, p.bundle.manifest, split, test_frac, seed)
     fit_part, check_part = divide(pool, p.bundle.manifest, split, seed, check_frac, data)
     fit_probs, check_probs = predict_rows(p, data, on_error, rows, [fit_part, check_part])
-    log(f"calibrating on {len(fit_part)} samples, checking on {len(check_part)} ({how})")
-    if min(len(fit_part), len(check_part)) < FEW_SAMPLES:  # valid on average, but loose: said (was: silent)
+    fit_groups, check_groups = (len(set(group_keys(part, rule))) for part in (fit_part, check_part))
+    log(f"calibrating on {len(fit_part)} samples ({fit_groups} conversations or prompts), checking on "
+        f"{len(check_part)} ({check_groups}) ({how})")
+    # counted in conversations and prompts, whose rows are not independent draws (was: in rows, so
+    # 800 turns of two conversations were no few samples, and the margin was a row count's)
+    if min(fit_groups, check_groups) < FEW_SAMPLES:  # valid on average, but loose: said (was: silent)
         q = min(qs, key=lambda v: abs(v - 0.5))  # the level whose check is loosest
         log(f"note: few samples: the quantiles cover their level on average over calibration sets, but "
-            f"one set of {len(fit_part)} varies widely, and the check's coverage of q{q:g} on "
-            f"{len(check_part)} samples is +-{1.96 * math.sqrt(q * (1 - q) / len(check_part)):.2f} "
-            f"(95%); a few hundred of each make both tight")
+            f"one set of {fit_groups} conversations or prompts varies widely, and the check's coverage of "
+            f"q{q:g} on {check_groups} is about +-{1.96 * math.sqrt(q * (1 - q) / check_groups):.2f} (95%, "
+            f"each counted as one draw); a few hundred of each make both tight")
 
     scheme = p.scheme
     cal = QuantileCalibration.fit(scheme, fit_probs, [s.rl_tokens for s in fit_part], qs,
@@ -129,8 +133,8 @@ def calibrate_bundle(bundle: str | Path, data: Sequence[str | Path], out: str | 
     check_rl = np.array([s.rl_tokens for s in check_part])
     src = np.array([s.source for s in check_part])
     report = {"bundle": str(bundle), "quantiles": list(qs), "confidence": confidence,
-              "calibration_samples": len(fit_part), "calibration_groups": len({s.group for s in fit_part}),
-              "check_samples": len(check_part), "selection": how, "load": load.summary(),
+              "calibration_samples": len(fit_part), "calibration_groups": fit_groups,
+              "check_samples": len(check_part), "check_groups": check_groups, "selection": how, "load": load.summary(),
               "skipped_examples": load.examples,
               "check": {"all": coverage_table(scheme, cal, check_probs, check_rl)}}
     for name in sorted(set(src)):

@@ -27,7 +27,8 @@ their conversations and prompts, as the coverage's error counts them).
 Verdict ``drift`` if any group with at least ``min_rows`` rows breaks a calibration bound, or
 the group of all rows a coverage bound; exit code 3 then
 (0: no drift; 2: bad input), so that cron or CI can act on it. Verdict ``too few rows``, exit
-code 4, when all the logs together hold fewer than ``min_rows`` rows: no group decides, and
+code 4, when all the logs together hold fewer than ``min_rows`` rows, or so few independent
+draws (conversations and prompts) that no bound of theirs could break: no group decides, and
 "ok" would say that logs nothing judged were fine (the bounds the small groups broke are listed).
 """
 
@@ -244,8 +245,11 @@ def group_report(name: str, probs: np.ndarray, rl: np.ndarray, pred_q: np.ndarra
             if not floor > 0:  # no coverage could break it: said, not a silent pass
                 floor = None
                 groups = len(np.unique(clusters)) if clusters is not None else n
-                row["notes"].append(f"q{q}: {groups} conversation(s) or prompt(s) are too few to judge "
-                                    "its coverage (no share could fall below the bound)")
+                row["notes"].append(  # (was: "too few" where the tolerance was the cause)
+                    f"q{q}: --tolerance {bounds.tolerance:g} is not below q: its coverage is not judged"
+                    if not q - bounds.tolerance > 0 else
+                    f"q{q}: {groups} conversation(s) or prompt(s) are too few to judge its coverage (no share "
+                    "could fall below the bound)")
             row["coverage"][str(q)] = {"achieved": cov, "floor": floor}
             if floor is not None and cov < floor:
                 if coverage_decides:
@@ -324,11 +328,17 @@ def drift_report(bundle: str | Path | None, data: Sequence[str | Path], *, bound
                          qs, ref, p.scheme, bounds, cl[m], (offset_of[m], counts) if cal is not None else 0,
                          coverage_decides=name == "all") for name, m in groups]
     drifted = [r for r in rows if r["decides"] and r["problems"]]
-    judged = rows[0]["decides"]  # the "all" group: no group decides if it does not
+    whole = rows[0]  # the "all" group: no group decides if it does not, nor where no bound of it could break
+    can_break = whole["tv_limit_predicted"] < 1.0 or any(c["floor"] is not None for c in whole["coverage"].values())
+    judged = whole["decides"] and can_break
     verdict = "drift" if drifted else "ok" if judged else "too few rows"
-    reasons = ([f"{r['group']}: {'; '.join(r['problems'])}" for r in drifted] if judged else
-               [f"{n} rows, fewer than --min-rows {bounds.min_rows}: no group decides"]
-               + [f"{r['group']} (small): {'; '.join(r['problems'])}" for r in rows if r["problems"]])
+    why = (f"{n} rows, fewer than --min-rows {bounds.min_rows}: no group decides" if not whole["decides"] else
+           f"{n} rows are {whole['tv_draws']} independent draw(s) by their conversations and prompts: no bound "
+           f"could break at --max-tv {bounds.max_tv:g}, --tolerance {bounds.tolerance:g}")
+    # (was: "ok" on logs nothing judged, exit 0; a reviewer's find)
+    reasons = ([f"{r['group']}: {'; '.join(r['problems'])}" for r in drifted] if drifted else
+               [why] + [f"{r['group']} (small): {'; '.join(r['problems'])}" for r in rows if r["problems"]]
+               if not judged else [])
     notes = [f"{r['group']}: {'; '.join(r['notes'])}" for r in rows if r["decides"] and r["notes"]]
     if judged:  # a small group's broken bound does not decide, but is said (was: silent)
         notes += [f"{r['group']} ({r['n']} rows, fewer than --min-rows: does not decide): "

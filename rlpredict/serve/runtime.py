@@ -88,7 +88,7 @@ class Prediction:
     """One request's prediction: bucket index into the bundle's scheme, the bucket
     probabilities, the point prediction and the KV-cache reservation (both in RL tokens).
 
-    A value: ``probs`` is read-only, and two predictions are equal (and hash alike) when every
+    A value: ``probs`` is read-only for good and ``quantile_tokens`` a tuple, and two predictions are equal (and hash alike) when every
     field is (was: ``==`` raised numpy's "truth value of an array is ambiguous", and ``hash``
     failed on the array)."""
 
@@ -103,9 +103,10 @@ class Prediction:
         return float(self.probs[self.bucket])
 
     def __post_init__(self) -> None:
-        probs = np.array(self.probs)  # its own read-only copy (a few floats): no caller can change it
-        probs.flags.writeable = False
+        a = np.asarray(self.probs)  # its own read-only copy (a few floats), over bytes: no caller can
+        probs = np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape)  # make it writeable again (was: could)
         object.__setattr__(self, "probs", probs)
+        object.__setattr__(self, "quantile_tokens", tuple(self.quantile_tokens))  # (was: a list stayed one)
 
     def __reduce__(self) -> tuple:  # pickle and copy rebuild it, read-only again
         return (Prediction, (self.bucket, self.probs, self.pred_tokens, self.reserve_tokens, self.quantile_tokens))

@@ -20,6 +20,8 @@ from rlpredict.records import SHORT
 from rlpredict.untrusted_text import library_error
 
 FORMAT = "rlpredict.model/1"
+#: the tool named as a trained model folder's writer (``rlpredict.outputs``)
+TRAIN_TOOL = "rlpredict train"
 FILENAME = "rlpredict.json"
 
 

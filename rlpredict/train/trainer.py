@@ -65,7 +65,7 @@ from rlpredict.splits import rows_sha256, split_with_pins
 from rlpredict.train.config import RESUMABLE_CHANGES, TrainConfig
 from rlpredict.train.encoders import check_loaded, check_positions, encoder_path, token_ids
 from rlpredict.train.metrics import rl_metrics
-from rlpredict.train.model_meta import ModelMeta
+from rlpredict.train.model_meta import TRAIN_TOOL, ModelMeta
 
 
 @dataclass
@@ -159,7 +159,6 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
 # ---- output folders --------------------------------------------------------------------------------
 #: The tool named in the model folder's owner record (``rlpredict.outputs``): ``train`` replaces
 #: only a folder of its own, never another tool's, even with --force.
-TRAIN_TOOL = "rlpredict train"
 CHECKPOINT_TOOL = "rlpredict train (checkpoints)"
 RUN_CONFIG = "run_config.json"
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from ecoserve_sched import compare as compare_mod
 from ecoserve_sched.cli import app
+from ecoserve_sched.cost_model import load_profile
 from rlpredict.outputs import OWNER_FILE
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "confusion_sharegpt.json")
@@ -338,7 +339,8 @@ def test_synthetic_arrivals_and_overflowing_scales(tmp_path):
 
 @pytest.mark.parametrize(("args", "option", "why"), [
     (["--rate-scales", "1,abc"], "--rate-scales", "'abc' is not a number"),
-    (["--rate-scales", "1,-2"], "--rate-scales", "> 0"),
+    (["--rate-scales", "1,-2"], "--rate-scales", "in (0, 1e+06]"),
+    (["--rate-scales", "1,1e308"], "--rate-scales", "in (0, 1e+06]"),  # was: a plot's error after the runs
     (["--rate-scales", "nan"], "--rate-scales", "is not a number"),
     (["--rate-scales", "1,1"], "--rate-scales", "twice"),
     (["--policies", ","], "--policies", "at least one"),
@@ -425,6 +427,32 @@ def test_profile_files_are_checked(tmp_path):
                                      "--profile", str(p)]), "p.json", why)
     # an empty name is not the default profile (was: the default, silently)
     _refused(runner.invoke(app, ["simulate", "--trace", t, "--profile", ""]), "--profile", "is empty")
+
+
+
+def test_the_server_settings_size_the_kv_cache_before_a_profile_is_refused(tmp_path):
+    """A profile whose own gpu_memory_utilization leaves no room runs with a
+    --gpu-memory-utilization that does (was: refused as loaded, before the option applied; a
+    reviewer's find). A run that drops requests says so; vllm-v0 below its context length is said."""
+    t = _trace(tmp_path, 5)
+    spec = load_profile("llama2-7b-a100-80gb").to_json()
+    spec["gpu_memory_utilization"] = 0.15  # 12 GB of 80: the 13.5 GB of weights do not fit
+    p = tmp_path / "small.json"
+    p.write_text(json.dumps(spec))
+    _refused(runner.invoke(app, ["simulate", "--trace", t, "--predictions", "oracle", "--profile", str(p)]),
+             "no room for a KV cache")
+    r = runner.invoke(app, ["simulate", "--trace", t, "--predictions", "oracle", "--profile", str(p),
+                            "--gpu-memory-utilization", "0.9", "--json"])
+    assert r.exit_code == 0, r.output
+    long = tmp_path / "long.csv"
+    long.write_text("arrival_time_s,input_tokens,output_tokens\n0,500000,10\n0.5,200,10\n")
+    r = runner.invoke(app, ["simulate", "--trace", str(long), "--predictions", "oracle", *PROFILE, "--json"])
+    assert r.exit_code == 0 and "note: 1 of 2 requests dropped (longer than the whole KV cache)" in r.stderr
+    r = runner.invoke(app, ["simulate", "--trace", t, "--policy", "vllm-v0", *PROFILE, "--token-budget", "64", "--max-running", "8",
+                            "--json"])
+    assert r.exit_code == 0 and "note: vllm-v0: token budget 64 below its max_model_len 4096" in r.stderr
+    _refused(runner.invoke(app, ["simulate", "--trace", t, "--predictions", "oracle", "--arrivals", "poisson",
+                                 "--rate", "1e9", "--rate-scale", "2"]), "--rate-scale", "over 1e+09")
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe", b"[" * 100_000, b'{"format": "rlpredict.confusion/1", '

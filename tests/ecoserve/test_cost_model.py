@@ -167,6 +167,11 @@ def test_save_and_load_from_path(tmp_path):
     (lambda s: s["gpu"].update(hbm_bytes=1e300), "gpu.hbm_bytes"),
     (lambda s: s.update(name=" "), "name"),
     (lambda s: s.update(efficiency=[0.5]), "efficiency"),  # was: "missing section"
+    # a reviewer's: a context length must be a length; the token budget --token-budget's range
+    (lambda s: s["model"].update(max_model_len=0), "model.max_model_len"),
+    (lambda s: s["model"].update(max_model_len=2.5), "model.max_model_len"),
+    (lambda s: s.update(token_budget=2**53), "token_budget"),
+    (lambda s: s.update(token_budget=1), "token_budget"),
 ])
 def test_bad_profile_names_file_and_field(tmp_path, edit, field):
     spec = copy.deepcopy(load_profile(A100_7B).to_json())
@@ -335,3 +340,20 @@ def test_profile_for_refuses_what_the_roofline_does_not_describe() -> None:
     neox = SimpleNamespace(**{**llama.to_dict(), "model_type": "gpt_neox"})  # a two-matrix MLP
     with pytest.raises(ProfileError, match="model type 'gpt_neox' is not one the cost model describes"):
         model_fields(neox, 2)
+
+
+def test_a_profile_gives_vllm_v0_its_models_context_length(tmp_path):
+    """Each shipped model carries vLLM's default ``max_model_len`` (its config's
+    ``max_position_embeddings``), which vllm-v0 holds prompts to and sizes its default token
+    budget by (was: no profile could carry it, and every model had Llama 2's 4,096; a
+    reviewer's find). A profile of one's own may give it too."""
+    from ecoserve_sched.policies import get_policy
+
+    for name, n in (("llama2-13b-a100-80gb", 4096), ("llama3-8b-h100-80gb", 8192), ("opt-13b-a100-40gb", 2048)):
+        v0 = get_policy("vllm-v0", load_profile(name))
+        assert (v0.max_model_len, v0.token_budget, v0.prompt_limit) == (n, max(n, 2048), n)
+    spec = copy.deepcopy(load_profile(A100_7B).to_json())
+    spec["model"]["max_model_len"] = 16384
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(spec))
+    assert get_policy("vllm-v0", load_profile(str(path))).token_budget == 16384

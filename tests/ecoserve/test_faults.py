@@ -157,6 +157,12 @@ def test_fault_plan_and_validation():
             Faults(**bad)
     with pytest.raises(TypeError, match="got text '12'"):
         Faults(steps="12")
+    # a reviewer's: "cancelled" counted the faults as cancellations, None left them no reason
+    for error in ("cancelled", None, " ", 5):
+        with pytest.raises(ValueError, match="fault error must be a reason"):
+            Faults(steps={1}, error=error)
+    with pytest.raises(TypeError, match="got int"):
+        Faults.of(5)
     assert Faults(steps={np.int64(3)}).steps == {3} and type(next(iter(Faults(steps={np.int64(3)}).steps))) is int
 
 

@@ -230,3 +230,18 @@ def test_the_confusion_is_recorded_by_digest_a_bundle_by_its_manifest(tmp_path: 
     (tmp_path / "a.json").write_text("{}")
     assert scenario_grid._digest(bundle).startswith("bundle sha256:")
     assert scenario_grid._digest(bundle).split()[1] == scenario_grid._digest(tmp_path / "a.json").split()[1]
+    # one matrix given by two names is one setting (was: "differs", a reviewer's find)
+    for name, given in (("a", scenario_grid._digest(bundle)), ("b", scenario_grid._digest(bundle / "manifest.json"))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            [_row(name, p, 4.0, confusion=given) for p in ("vllm", "ecoserve")]))
+    assert _summary(tmp_path / "a", tmp_path / "b").returncode == 0
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.json").write_text(json.dumps(
+        [_row("c", p, 4.0, confusion=scenario_grid._digest(tmp_path / "a.json")) for p in ("vllm", "ecoserve")]))
+    assert _summary(tmp_path / "a", tmp_path / "c").returncode == 0  # the same bytes: the same matrix
+    (tmp_path / "a.json").write_text('{"x": 1}')
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "results.json").write_text(json.dumps(
+        [_row("d", p, 4.0, confusion=scenario_grid._digest(tmp_path / "a.json")) for p in ("vllm", "ecoserve")]))
+    assert _summary(tmp_path / "a", tmp_path / "d").returncode == 2

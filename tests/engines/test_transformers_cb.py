@@ -267,6 +267,42 @@ def test_several_return_sequences_are_served_as_as_many_requests(tiny_llama):
     assert {(o.status.name, len(o.generated_tokens)) for o in out.values()} == {("FINISHED", 5)}
 
 
+def test_return_sequences_are_planned_as_their_request(tiny_llama):
+    """A request given a policy side (prediction, SLO) with ``num_return_sequences=3``: each
+    sequence is planned with it (was: the forks got no prediction, a reservation of
+    ``max_new_tokens`` and the engine's SLO; a reviewer's find)."""
+    import threading
+
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    from ecoserve_sched.engines.transformers_cb import register_scheduler
+    from ecoserve_sched.request import SLO, Request
+
+    policy = make_engine(tiny_llama, "ecoserve").make_policy()
+    seen: list[tuple] = []
+    add = policy.add
+    policy.add = lambda r, now: (seen.append((r.slo, r.pred_tokens, r.reserve_tokens)), add(r, now))[1]
+    prompt = list(range(3, 13))
+    given = {"req_0": Request(0, 0.0, len(prompt), 8, 8, pred_tokens=4, reserve_tokens=4, slo=SLO(0.3, 0.03))}
+    name = register_scheduler("ecoserve-planned-forks-test", policy, given)
+    cb = ContinuousBatchingConfig(page_size=16, num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET,
+                                  max_requests_per_batch=MAX_RUNNING, allow_block_sharing=False,
+                                  use_async_batching=False, scheduler_type=name)
+    gen = GenerationConfig(eos_token_id=-1, do_sample=True, num_return_sequences=3, max_new_tokens=8)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(tiny_llama.generate_batch(
+        [prompt], generation_config=gen, continuous_batching_config=cb)), daemon=True)
+    try:
+        t.start()
+        t.join(60)
+    finally:
+        SCHEDULER_MAPPING.pop(name, None)
+    assert not t.is_alive(), "generate_batch did not return"
+    assert {(o.status.name, len(o.generated_tokens)) for o in out.values()} == {("FINISHED", 8)} and len(out) == 3
+    assert seen == [(SLO(0.3, 0.03), 4, 4)] * 3
+
+
 def test_a_refused_request_fails_all_its_return_sequences(tiny_llama):
     """A request longer than the whole KV cache with ``num_return_sequences=2`` (was: the first
     sequence's failure alone was delivered, and ``generate_batch`` waited until stopped)."""
@@ -308,6 +344,11 @@ def test_requests_the_engine_cannot_serve_are_refused(tiny_llama):
     vocab = tiny_llama.config.vocab_size
     with pytest.raises(ValueError, match=f"request 1: token id {vocab} is outside the model's vocabulary"):
         make_engine(tiny_llama, "ecoserve").generate([GenRequest([5, 6, 7], 3), GenRequest([1, 2, vocab], 3)])
+    for eos in (vocab, -3, 2.5):  # was: taken, and the end never came (a reviewer's find)
+        with pytest.raises(ValueError, match=r"eos_token_id .* is not a token id"):
+            engine = make_engine(tiny_llama, "ecoserve")
+            engine.eos_token_id = eos
+            engine.generate([GenRequest([5, 6, 7], 3)])
     # so did one past a learned position embedding's length (an IndexError); a rotary model
     # (the tiny Llama) computes positions past its nominal length, and is not held to it
     from types import SimpleNamespace

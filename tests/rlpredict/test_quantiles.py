@@ -168,8 +168,9 @@ def calibrated(bundle_fp32: Path, tmp_path_factory) -> Path:
     report = json.loads(r.stdout)
     assert report["calibration_samples"] + report["check_samples"] == 580
     assert {row["quantile"] for row in report["check"]["all"]} == {0.5, 0.9}
-    # under 200 of either, the figures are said to be loose (was: 5 check samples, silently)
-    few = min(report["calibration_samples"], report["check_samples"]) < 200
+    # under 200 conversations or prompts in either, the figures are said to be loose (was: 5
+    # check samples, silently; then counted in rows, so 800 turns of two conversations were many)
+    few = min(report["calibration_groups"], report["check_groups"]) < 200
     assert ("note: few samples" in " ".join(r.stderr.split())) == few, r.stderr
     return out
 
@@ -273,8 +274,12 @@ def test_drift_verdict_and_exit_code(calibrated: Path) -> None:
     assert names[0] == "all" and any(n.startswith("source=") for n in names)
     assert set(report["groups"][0]["coverage"]) == {"0.5", "0.9"}
     loose = run(app, ["drift", "--model", str(calibrated), "--data", str(DATA[1]),
-                      "--max-tv", "1", "--tolerance", "1", "--min-rows", "100"])
+                      "--max-tv", "1", "--tolerance", "0.4", "--min-rows", "100"])
     assert loose.exit_code == 0, loose.output
+    # bounds no log could break judge nothing: not "ok" (was: exit 0)
+    none = run(app, ["drift", "--model", str(calibrated), "--data", str(DATA[1]),
+                     "--max-tv", "1", "--tolerance", "1", "--min-rows", "100"])
+    assert none.exit_code == 4 and "no bound could break at --max-tv 1, --tolerance 1" in none.output
     # 180 rows, fewer than --min-rows: nothing decides, and that is not "ok" (was: exit 0
     # whatever the logs held); the bounds the small groups broke are listed
     few = run(app, ["drift", "--model", str(calibrated), "--data", str(DATA[1]), "--max-tv", "0.0001", "--json"])
@@ -288,6 +293,26 @@ def test_drift_verdict_and_exit_code(calibrated: Path) -> None:
     assert strict.exit_code == 3 and "drift" in strict.output
     bad = run(app, ["drift", "--model", str(calibrated), "--data", str(calibrated / "nope.jsonl")])
     assert bad.exit_code == 2
+
+
+def test_drift_on_logs_no_bound_could_judge_is_too_few_rows(calibrated: Path, tmp_path: Path) -> None:
+    """300 turns of one conversation, every response far past every quantile: one independent
+    draw, so no TV nor coverage bound of all rows could break; that is not "ok" (was: "ok",
+    exit 0; a reviewer's find). A --tolerance at q is named as the reason its coverage is not
+    judged (was: "too few conversations")."""
+    log = tmp_path / "one_conversation.jsonl"
+    log.write_text("".join(json.dumps({"conversation_id": "c", "prompt": f"question {i}",
+                                       "response": "word " * (3000 + i)}) + "\n" for i in range(300)))
+    r = CliRunner().invoke(app, ["drift", "--model", str(calibrated), "--data", str(log), "--json"])
+    assert r.exit_code == 4, r.output
+    report = json.loads(r.stdout)
+    assert report["verdict"] == "too few rows" and report["groups"][0]["decides"]
+    assert report["reasons"][0] == ("300 rows are 1 independent draw(s) by their conversations and prompts: no bound "
+                                    "could break at --max-tv 0.15, --tolerance 0.02")
+    r = CliRunner().invoke(app, ["drift", "--model", str(calibrated), "--data", str(DATA[0]), "--min-rows", "100",
+                                 "--tolerance", "0.6", "--json"])
+    notes = " ".join(json.loads(r.stdout)["notes"])
+    assert "q0.5: --tolerance 0.6 is not below q: its coverage is not judged" in notes and "q0.9: --tolerance" not in notes
 
 
 def test_sampling_noise_takes_float32_probability_sums() -> None:

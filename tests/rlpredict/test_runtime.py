@@ -228,6 +228,10 @@ def test_a_prediction_is_a_value(predictor):
     held = Prediction(0, z, 1, 1)
     z[0] = 0.5  # the caller's array stays the caller's: the prediction holds its own copy
     assert held.probs[0] == 0.0 and z.flags.writeable
+    with pytest.raises(ValueError):  # read-only for good (was: the flag could be set back)
+        held.probs.flags.writeable = True
+    q = Prediction(0, z, 1, 1, [4, 5])  # a list of quantiles is held as a tuple (was: a list, mutable)
+    assert q.quantile_tokens == (4, 5) and q == Prediction(0, z, 1, 1, (4, 5))
 
 
 def test_int8_is_close_to_fp32(bundle_int8, predictor):

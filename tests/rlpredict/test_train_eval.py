@@ -254,3 +254,28 @@ def test_eval_and_export_refuse_a_model_whose_labels_are_not_its_buckets_before_
         res = CliRunner().invoke(app, cmd)
         assert res.exit_code == 2 and want in res.output and res.output.count("\n") == 1, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "unread.jsonl"]
+
+
+def test_a_models_own_evaluation_is_replaced_with_it_by_train_force(trained, tmp_path):
+    """``rlpredict eval``'s default report folder, MODEL/eval, is part of the model: ``train
+    --force`` replaces both (was: "another run's output (MODEL/eval)", so train, eval, train
+    failed; a reviewer's run of notebooks/train_on_your_logs.ipynb twice). A report elsewhere in
+    the folder stays another run's output."""
+    import shutil
+
+    from rlpredict.outputs import OutputError, check_new_dir
+    from rlpredict.train.model_meta import TRAIN_TOOL
+
+    model = tmp_path / "model"
+    shutil.copytree(trained[0], model)
+    report, probs, test = evaluate(model, [DATA[0]], split="all", baselines=())
+    scheme = ModelMeta.load(model).buckets
+    write_report(report, probs, test, scheme, model / "eval")
+    check_new_dir(model, force=True, option="--out", only=TRAIN_TOOL)  # may be replaced
+    write_report(report, probs, test, scheme, model / "scores")
+    with pytest.raises(OutputError, match="another run's output"):
+        check_new_dir(model, force=True, option="--out", only=TRAIN_TOOL)
+    shutil.rmtree(model / "scores")
+    (model / "eval" / "mine.txt").write_text("a user's file")  # never replaced
+    with pytest.raises(OutputError, match=r"mine\.txt"):
+        check_new_dir(model, force=True, option="--out", only=TRAIN_TOOL)
