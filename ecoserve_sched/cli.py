@@ -108,7 +108,7 @@ def _policy(value: str) -> str:
 
 
 def _scales(text: str, option: str) -> list[float]:
-    """A comma-separated list of rate multipliers: finite numbers > 0, none twice."""
+    """A comma-separated list of rate multipliers: numbers in (0, MAX_RATE_SCALE], none twice."""
     scales = []
     for item in text.split(","):
         try:
@@ -221,8 +221,8 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     server = server or Server()
     # the KV room is checked with the server's settings (was: at the profile's own utilization,
     # before --gpu-memory-utilization or --num-gpu-blocks-override could make room)
-    cost = load_profile(profile or DEFAULT_PROFILE, kv_room=server.gpu_memory_utilization is None
-                        and server.num_gpu_blocks_override is None and server.block_size == Server().block_size)
+    cost = load_profile(profile or DEFAULT_PROFILE,
+                        kv_room=server.gpu_memory_utilization is None and server.num_gpu_blocks_override is None)
     try:  # a KV size that leaves no room is refused before any run
         kw = server.policy_kw(cost)
     except ServerSettingError as e:
@@ -374,7 +374,7 @@ def simulate(
 def compare(
     trace: TraceOpt,
     policies: Annotated[str, typer.Option("--policies", help="comma-separated policy names")] = "vllm,sarathi,orca,s3,sjf,ecoserve,ecoserve-oracle",
-    rate_scales: Annotated[str, typer.Option("--rate-scales", help="comma-separated rate multipliers (> 0)")] = "0.5,1,2",
+    rate_scales: Annotated[str, typer.Option("--rate-scales", help=f"comma-separated rate multipliers, each in (0, {MAX_RATE_SCALE:g}]")] = "0.5,1,2",
     out: Annotated[Path, typer.Option("--out", help="output folder (results.json, table.md, plots); must not hold an input")] = Path("runs/compare"),
     force: ForceOpt = False,
     profile: ProfileOpt = None, predictions: PredOpt = None, confusion: ConfOpt = None,
@@ -563,7 +563,7 @@ def demo(
     sample: Annotated[Path | None, typer.Option("--trace", help="trace with prompts (default: the bundled Azure + ShareGPT sample)")] = None,
     policies: Annotated[str | None, typer.Option(
         "--policies", help="comma-separated policy names (default: vLLM V0 and V1, EcoServe, EcoServe-oracle)")] = None,
-    rate_scales: Annotated[str | None, typer.Option("--rate-scales", help="comma-separated rate multipliers > 0 (default 0.2 to 0.6)")] = None,
+    rate_scales: Annotated[str | None, typer.Option("--rate-scales", help=f"comma-separated rate multipliers, each in (0, {MAX_RATE_SCALE:g}] (default 0.2 to 0.6)")] = None,
     slo_ttft: TTFTOpt = _SLO.ttft_s, slo_tbt: TBTOpt = _SLO.tbt_s,
     headroom: Annotated[bool, typer.Option(
         "--headroom/--no-headroom", help="also the capacities on Llama-3-8B / H200, where the KV cache is no constraint")] = True,

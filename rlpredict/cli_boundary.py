@@ -483,12 +483,15 @@ def _quiet_worker(init: Callable[..., Any] | None, *args: Any) -> None:
 
 
 def _die_with_parent() -> None:
-    """Exit this worker as soon as the process that made it dies, however it dies (was: a
-    ``SIGKILL`` of the main process left its workers, which ignore the stop signals, waiting
-    forever; a reviewer's find). A daemon thread waits on multiprocessing's parent sentinel,
-    which every start method (fork, spawn, forkserver) gives and which follows the process, not
-    the thread that started the worker (was: the kernel's parent-death signal, which follows the
-    starting thread and which a forkserver's workers could not use)."""
+    """Exit this worker once the process that made it dies, however it dies (was: a ``SIGKILL``
+    of the main process left its workers, which ignore the stop signals, waiting forever; a
+    reviewer's find). A daemon thread waits on multiprocessing's parent sentinel, which every
+    start method (fork, spawn, forkserver) gives and which follows the process, not the thread
+    that started the worker (was: the kernel's parent-death signal, which follows the starting
+    thread and which a forkserver's workers could not use), and checks each second that the
+    worker was not handed to another parent (under fork, a process a worker forks holds its
+    siblings' sentinels open). Limit: a worker inside one long call that holds the GIL exits
+    when that call returns."""
     import multiprocessing
     import threading
     from multiprocessing.connection import wait
@@ -496,9 +499,12 @@ def _die_with_parent() -> None:
     parent = multiprocessing.parent_process()
     if parent is None or parent.sentinel is None:  # not a multiprocessing child: nothing to watch
         return
+    ppid = os.getppid()
 
     def watch(sentinel: int) -> None:
-        wait([sentinel])  # ready once the parent is gone (already gone: at once)
+        while not wait([sentinel], timeout=1.0):  # ready once the parent is gone (already gone: at once)
+            if os.getppid() != ppid:
+                break
         os._exit(1)
 
     threading.Thread(target=watch, args=(parent.sentinel,), name="die-with-parent", daemon=True).start()

@@ -60,7 +60,9 @@ def drift(
 ) -> None:
     """Compare new logs with what the bundle was trained and calibrated on; exit 3 on drift.
 
-    Exit 4 when the logs hold fewer than --min-rows rows: nothing was judged."""
+    Exit 4 when nothing was judged: the logs hold fewer than --min-rows rows, or so few
+    conversations and prompts (or such loose bounds) that no bound of all rows could break and
+    no group broke one."""
     from rlpredict.serve.drift import DRIFT_EXIT, TOO_FEW_EXIT, DriftBounds, drift_report, markdown
 
     report = drift_report(model, data, bounds=DriftBounds(max_tv=max_tv, tolerance=tolerance, min_rows=min_rows),

@@ -336,18 +336,27 @@ def check_new_file(path: str | Path, *, force: bool, option: str, owner: str | N
 
 
 # ---- folders ------------------------------------------------------------------------------------
+#: Sub-folders another tool writes into a tool's output folder as part of it, replaced with it:
+#: a trained model's evaluation (``rlpredict eval``'s default ``MODEL/eval``, which ``export``
+#: reads). Only a real folder of that name whose own record names that tool (was: the model's
+#: record listed ``eval``, so a user's folder made there later, or a link, was replaced too).
+PARTS: dict[str, dict[str, str]] = {"rlpredict train": {"eval": "rlpredict eval"}}
+
+
 def foreign_entries(folder: Path) -> list[Path]:
     """What in ``folder`` the run that wrote it did not write (empty: the folder may be
     replaced): files its ``OWNER_FILE`` does not list, and sub-folders that are another run's
-    output (their own ``OWNER_FILE``, not listed here: was counted as ours, so ``--force`` on a
-    folder deleted a separate run saved inside it)."""
-    owned = _record(folder)[1]
+    output (their own ``OWNER_FILE``, not listed here nor one of ``PARTS``: was counted as ours,
+    so ``--force`` on a folder deleted a separate run saved inside it)."""
+    tool, owned = _record(folder)
+    parts = PARTS.get(tool, {}) if tool else {}
     foreign = []
     for entry in sorted(folder.iterdir()):
         if entry.name == OWNER_FILE and owned:
             continue
         if entry.is_dir() and not entry.is_symlink() and (entry / OWNER_FILE).is_file():
-            foreign += foreign_entries(entry) if entry.name in owned else [entry]
+            part = entry.name in parts and written_by(entry) == parts[entry.name]
+            foreign += foreign_entries(entry) if entry.name in owned or part else [entry]
         elif entry.name not in owned:
             foreign.append(entry)
     return foreign

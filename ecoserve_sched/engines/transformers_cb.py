@@ -243,19 +243,16 @@ class PolicyScheduler(HFScheduler):
                     self._check_new(child)
                 except ValueError as e:
                     self._refused = state
-                    router = _callers("output_router")
-                    if router is None or not hasattr(router, "fail_and_deliver"):
-                        logger.error("PolicyScheduler: %s is refused with its %d other return sequence(s), whose "
-                                     "failures cannot be delivered here: a caller waits for them until stopped",
-                                     rid_s, len(children))
-                    else:
-                        for other in children:
-                            router.fail_and_deliver(other, e)
-                    for other in children:
-                        self._forks.pop(other.request_id, None)
+                    self._fail_sequences(rid_s, children, e)
                     raise
-            for child in (state, *children):
-                self.add_waiting_request(child)
+            for i, child in enumerate((state, *children)):
+                try:
+                    self.add_waiting_request(child)
+                except PolicyDropped as e:  # a prompt the policy ignores (vllm-v0), the same for each
+                    # sequence: the ones not added fail with it (was: never added nor failed, and
+                    # generate_batch waited for them; a reviewer's find)
+                    self._fail_sequences(rid_s, children[i:], e)
+                    raise
             return
         try:
             r = self._check_new(state)
@@ -284,6 +281,20 @@ class PolicyScheduler(HFScheduler):
             # raised, so that transformers' manager delivers the failure (was: nothing delivered,
             # and generate_batch waited forever for this request's result)
             raise PolicyDropped(f"{state.request_id}: {state.error}")
+
+    def _fail_sequences(self, rid_s: str, others: list[RequestState], e: Exception) -> None:
+        """Fail the return sequences ``others`` of request ``rid_s`` with ``e`` through the
+        output router of the batch processor that called (transformers delivers the failure of
+        the sequence whose arrival raised), and forget their policy sides."""
+        router = _callers("output_router")
+        if others and (router is None or not hasattr(router, "fail_and_deliver")):
+            logger.error("PolicyScheduler: %s fails with its %d other return sequence(s), whose failures cannot "
+                         "be delivered here: a caller waits for them until stopped", rid_s, len(others))
+        elif router is not None:
+            for other in others:
+                router.fail_and_deliver(other, e)
+        for other in others:
+            self._forks.pop(other.request_id, None)
 
     def _check_new(self, state: RequestState) -> Request | None:
         """Raise for what cannot be served: an id in use, a request longer than the whole KV

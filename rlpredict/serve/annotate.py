@@ -140,6 +140,8 @@ def default_rejects_path(output: str | Path) -> Path:
     """``out.parquet`` -> ``out.rejects.jsonl`` (beside the output; only the format's suffixes
     go: ``run.2024.01.05.csv.gz`` -> ``run.2024.01.05.rejects.jsonl``)."""
     out = Path(output)
+    if not out.name:  # "." or "/" (was: "PosixPath('.') has an empty name")
+        raise AnnotateError(f"{output}: --output names no file; give a file or a new folder's name")
     return out.with_name(f"{records.source_name(out)}.rejects.jsonl")
 
 
@@ -290,8 +292,9 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
     outputs = [("--output", dst)] + ([("--rejects", rej_path)] if rej_path else [])
     # never inside the bundle it reads (was: written there, as calibrate and export refuse)
     check_paths([src], outputs, apart=[predictor.bundle.path])
-    for option, path in outputs:
-        check_new_file(path, force=force, option=option, owner=owner)
+    for option, path in outputs:  # rejects never over a file an output folder lists (was: over its
+        # annotated trace with --force, which the folder's record still listed; a reviewer's find)
+        check_new_file(path, force=force, option=option, owner=owner if option == "--output" else None)
     summary = AnnotateSummary(str(src), str(dst), str(rej_path) if rej_path else None,
                               earlier_rejects=earlier_rejects(dst, on_error))
     t0 = time.perf_counter()

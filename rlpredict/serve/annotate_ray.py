@@ -119,6 +119,27 @@ def bundle_files(model: str | Path | Bundle | None) -> dict[str, bytes]:
     return {name: (b.path / name).read_bytes() for name in names}
 
 
+#: A worker's copy of the bundle, in the temporary folder: ``rlpredict-bundle-<its pid>-<random>``.
+COPY_PREFIX = "rlpredict-bundle-"
+
+
+def _remove_stale_copies() -> None:
+    """Remove the bundle copies of workers that died while loading (killed by an interrupt's
+    shutdown, out of memory or a lost node, before their ``finally`` ran: was, up to 34 MB left
+    in the temporary folder each time; a reviewer's find). A copy whose pid still runs, or is
+    another user's, is left alone."""
+    for entry in Path(tempfile.gettempdir()).glob(f"{COPY_PREFIX}*-*"):
+        m = re.fullmatch(rf"{re.escape(COPY_PREFIX)}(\d+)-\w+", entry.name)
+        if m is None or not entry.is_dir() or entry.is_symlink():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except (PermissionError, OverflowError, OSError):
+            continue
+
+
 class _Annotator:
     """One Ray actor: a Predictor loaded once, then chunks (``mode="chunks"``) or rows
     (``mode="rows"``) of pyarrow batches."""
@@ -130,7 +151,8 @@ class _Annotator:
         from rlpredict.serve.runtime import Predictor
 
         files = ray.get(bundle_ref[0])  # wrapped in a list so Ray Data does not resolve it early
-        folder = Path(tempfile.mkdtemp(prefix="rlpredict-bundle-"))
+        _remove_stale_copies()
+        folder = Path(tempfile.mkdtemp(prefix=f"{COPY_PREFIX}{os.getpid()}-"))
         try:
             for name, data in files.items():
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -488,7 +510,7 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
     else:
         check_new_file(dst, force=force, option="--output", owner=owner)
     if rej_path is not None:
-        check_new_file(rej_path, force=force, option="--rejects", owner=owner)
+        check_new_file(rej_path, force=force, option="--rejects")  # never a listed output (annotate.py)
     if rej_path is not None and folder and resolved(dst) in resolved(rej_path).parents:
         raise AnnotateError(f"{rej_path}: --rejects is inside the --output folder; choose another path")
     loaded = load_bundle(model)  # a bad bundle fails before Ray starts

@@ -19,13 +19,12 @@ from rlpredict.confusion_plot import plot_confusion
 from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.inputs import InputSpec, build_text, lexical_text
 from rlpredict.json_file import read_json
-from rlpredict.outputs import mark_owned, output_dir, repeated_input, write_text_atomic, written_by
+from rlpredict.outputs import output_dir, repeated_input, write_text_atomic
 from rlpredict.splits import RECORDLESS_RULE, SPLIT_RULES, check_split_record, split_by_group
 from rlpredict.train.baselines import BASELINES
 from rlpredict.train.encoders import check_positions, token_ids
 from rlpredict.train.metrics import confusion, decode, quantile_tag, rl_metrics
 from rlpredict.train.model_meta import (
-    TRAIN_TOOL,
     ModelMeta,
     check_config,
     check_labels,
@@ -386,14 +385,11 @@ def write_report(report: dict, probs: dict[str, np.ndarray], test: Sequence[Samp
     """Write the report folder (JSON, Markdown, confusion plots) atomically; an existing one
     is replaced only with ``force``, and only if ``eval`` wrote it (``rlpredict.outputs``).
 
-    Written as ``eval/`` in a trained model's folder (``rlpredict eval``'s default), it is
-    recorded as part of that model, so that ``train --force`` replaces it with the model (was:
+    Written as ``eval/`` in a trained model's folder (``rlpredict eval``'s default), it is part
+    of that model (``outputs.PARTS``): ``train --force`` replaces it with the model (was:
     "another run's output (MODEL/eval)", and a second run of train, eval, train failed)."""
     with output_dir(out_dir, force=force, tool=EVAL_TOOL) as tmp:
         _write_report(report, probs, test, scheme, tmp)
-    out = Path(out_dir)
-    if out.name == "eval" and written_by(out.parent) == TRAIN_TOOL:
-        mark_owned(out.parent, TRAIN_TOOL, ["eval"])
 
 
 def _write_report(report: dict, probs: dict[str, np.ndarray], test: Sequence[Sample], scheme: BucketScheme,

@@ -557,6 +557,16 @@ def test_a_prompt_vllm_v0_ignores_fails_alone_under_generate_batch(tiny_llama):
         SCHEDULER_MAPPING.pop("v0-ignore-test", None)
     assert [o.status.name for o in out.values()] == ["FINISHED", "FAILED", "FINISHED"]
     assert "prompt of 150 tokens ignored (limit 128" in list(out.values())[1].error
+    # with two return sequences each: both of the ignored prompt's fail (was: the second was
+    # never added nor failed, and generate_batch waited for it; a reviewer's find)
+    gen = GenerationConfig(do_sample=True, max_new_tokens=4, eos_token_id=-1, num_return_sequences=2)
+    name = register_scheduler("v0-ignore-forks-test", make_engine(tiny_llama, "vllm-v0").make_policy())
+    try:
+        out = _generate_batch(tiny_llama, [[5] * 10, [6] * 150], _cb(name, blocks=30, budget=256), gen)
+    finally:
+        SCHEDULER_MAPPING.pop("v0-ignore-forks-test", None)
+    assert {k: o.status.name for k, o in out.items()} == {
+        "req_0": "FINISHED", "req_0__child#0": "FINISHED", "req_1": "FAILED", "req_1__child#0": "FAILED"}
 
 
 def test_a_registered_policy_preempts_by_recompute(tiny_llama):

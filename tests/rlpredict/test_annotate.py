@@ -446,3 +446,49 @@ def test_a_byte_order_mark_is_kept(predictor, tmp_path, name):
     annotate_file(predictor, plain, tmp_path / name.replace("t.", "q."))
     got = (tmp_path / name.replace("t.", "q.")).read_bytes()
     assert b"\xef\xbb\xbf" not in (gzip.decompress(got) if name.endswith(".gz") else got)
+
+
+def test_rejects_never_replace_an_output_folders_trace(predictor, tmp_path):
+    """``--rejects`` over an annotated trace that an earlier run's output folder lists, with
+    ``--force``, was taken (the owner exception lets ``--output`` annotate it again): the trace
+    became rejects while the record still listed it (a reviewer's find). ``-o .`` in skip mode
+    named no option (``PosixPath('.') has an empty name``)."""
+    from rlpredict.outputs import OWNER_FILE, OutputError
+    from rlpredict.serve.annotate import ANNOTATE_TOOL, default_rejects_path
+
+    src = tmp_path / "in.jsonl"
+    write(src, ROWS)
+    folder = tmp_path / "o3"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("the annotated trace\n")
+    (folder / OWNER_FILE).write_text(json.dumps({"tool": ANNOTATE_TOOL, "files": ["a.jsonl"]}))
+    with pytest.raises(OutputError, match="--rejects is rlpredict annotate's output"):
+        annotate_file(predictor, src, tmp_path / "e.jsonl", on_error="skip", rejects=folder / "a.jsonl",
+                      force=True, owner=ANNOTATE_TOOL)
+    assert (folder / "a.jsonl").read_text() == "the annotated trace\n"
+    annotate_file(predictor, src, folder / "a.jsonl", force=True, owner=ANNOTATE_TOOL)  # as --output: again
+    with pytest.raises(AnnotateError, match="--output names no file"):
+        default_rejects_path(".")
+
+
+def test_a_dead_workers_bundle_copy_is_removed() -> None:
+    """A Ray worker killed while it loads leaves its copy of the bundle (its ``finally`` never
+    runs); the next worker removes the copies of dead pids (a reviewer's find)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from rlpredict.serve.annotate_ray import COPY_PREFIX, _remove_stale_copies
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = Path(tempfile.mkdtemp(prefix=f"{COPY_PREFIX}{int(done.stdout)}-"))
+    (dead / "model.onnx").write_bytes(b"x")
+    live = Path(tempfile.mkdtemp(prefix=f"{COPY_PREFIX}{os.getpid()}-"))
+    try:
+        _remove_stale_copies()
+        assert not dead.exists() and live.exists()
+    finally:
+        shutil.rmtree(dead, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)

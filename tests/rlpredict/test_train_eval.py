@@ -279,3 +279,20 @@ def test_a_models_own_evaluation_is_replaced_with_it_by_train_force(trained, tmp
     (model / "eval" / "mine.txt").write_text("a user's file")  # never replaced
     with pytest.raises(OutputError, match=r"mine\.txt"):
         check_new_dir(model, force=True, option="--out", only=TRAIN_TOOL)
+    # a reviewer's: a folder a user makes there after the report, or a link, is the user's
+    shutil.rmtree(model / "eval")
+    (model / "eval").mkdir()
+    (model / "eval" / "notes.txt").write_text("precious")
+    with pytest.raises(OutputError, match="eval"):
+        check_new_dir(model, force=True, option="--out", only=TRAIN_TOOL)
+    shutil.rmtree(model / "eval")
+    elsewhere = tmp_path / "elsewhere"
+    (model / "eval").symlink_to(elsewhere, target_is_directory=True)
+    elsewhere.mkdir()
+    write_report(report, probs, test, scheme, model / "eval")  # through the link, into the user's folder
+    with pytest.raises(OutputError, match="eval"):
+        check_new_dir(model, force=True, option="--out", only=TRAIN_TOOL)
+    from rlpredict.outputs import PARTS
+    from rlpredict.train.evaluate import EVAL_TOOL
+
+    assert PARTS == {TRAIN_TOOL: {"eval": EVAL_TOOL}}  # the tools' names, in one place each
