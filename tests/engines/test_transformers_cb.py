@@ -231,9 +231,11 @@ def test_the_wall_clock_gives_one_time_per_token(tiny_llama):
         assert res.token_times[0] == r.first_token_s and res.token_times[-1] == r.finish_s
 
 
-def _generate_batch_under(tiny_llama, scheduler: str, prompts: list[list[int]], **generation) -> dict:
-    """``generate_batch`` under an ``ecoserve`` policy registered as ``scheduler``, on a thread
-    given 60 s (a wait forever fails the test instead of hanging it)."""
+def _generate_batch_under(tiny_llama, scheduler: str, prompts: list[list[int]], policy=None, requests=None,
+                          **generation) -> dict:
+    """``generate_batch`` under ``policy`` (an ``ecoserve`` one by default), with the policy sides
+    ``requests``, registered as ``scheduler``, on a thread given 60 s (a wait forever fails the
+    test instead of hanging it)."""
     import threading
 
     from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -241,7 +243,7 @@ def _generate_batch_under(tiny_llama, scheduler: str, prompts: list[list[int]], 
 
     from ecoserve_sched.engines.transformers_cb import register_scheduler
 
-    name = register_scheduler(scheduler, make_engine(tiny_llama, "ecoserve").make_policy())
+    name = register_scheduler(scheduler, policy or make_engine(tiny_llama, "ecoserve").make_policy(), requests)
     cb = ContinuousBatchingConfig(page_size=16, num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET,
                                   max_requests_per_batch=MAX_RUNNING, allow_block_sharing=False,
                                   use_async_batching=False, scheduler_type=name)
@@ -271,12 +273,6 @@ def test_return_sequences_are_planned_as_their_request(tiny_llama):
     """A request given a policy side (prediction, SLO) with ``num_return_sequences=3``: each
     sequence is planned with it (was: the forks got no prediction, a reservation of
     ``max_new_tokens`` and the engine's SLO; a reviewer's find)."""
-    import threading
-
-    from transformers import ContinuousBatchingConfig, GenerationConfig
-    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
-
-    from ecoserve_sched.engines.transformers_cb import register_scheduler
     from ecoserve_sched.request import SLO, Request
 
     policy = make_engine(tiny_llama, "ecoserve").make_policy()
@@ -285,20 +281,8 @@ def test_return_sequences_are_planned_as_their_request(tiny_llama):
     policy.add = lambda r, now: (seen.append((r.slo, r.pred_tokens, r.reserve_tokens)), add(r, now))[1]
     prompt = list(range(3, 13))
     given = {"req_0": Request(0, 0.0, len(prompt), 8, 8, pred_tokens=4, reserve_tokens=4, slo=SLO(0.3, 0.03))}
-    name = register_scheduler("ecoserve-planned-forks-test", policy, given)
-    cb = ContinuousBatchingConfig(page_size=16, num_blocks=KV_BLOCKS, max_batch_tokens=TOKEN_BUDGET,
-                                  max_requests_per_batch=MAX_RUNNING, allow_block_sharing=False,
-                                  use_async_batching=False, scheduler_type=name)
-    gen = GenerationConfig(eos_token_id=-1, do_sample=True, num_return_sequences=3, max_new_tokens=8)
-    out: dict = {}
-    t = threading.Thread(target=lambda: out.update(tiny_llama.generate_batch(
-        [prompt], generation_config=gen, continuous_batching_config=cb)), daemon=True)
-    try:
-        t.start()
-        t.join(60)
-    finally:
-        SCHEDULER_MAPPING.pop(name, None)
-    assert not t.is_alive(), "generate_batch did not return"
+    out = _generate_batch_under(tiny_llama, "ecoserve-planned-forks-test", [prompt], policy, given, do_sample=True,
+                                num_return_sequences=3, max_new_tokens=8)
     assert {(o.status.name, len(o.generated_tokens)) for o in out.values()} == {("FINISHED", 8)} and len(out) == 3
     assert seen == [(SLO(0.3, 0.03), 4, 4)] * 3
 
