@@ -221,8 +221,8 @@ def _spec(trace: Path, policies: Sequence[str], profile: str | None, predictions
     server = server or Server()
     # the KV room is checked with the server's settings (was: at the profile's own utilization,
     # before --gpu-memory-utilization or --num-gpu-blocks-override could make room)
-    cost = load_profile(profile or DEFAULT_PROFILE,
-                        kv_room=server.gpu_memory_utilization is None and server.num_gpu_blocks_override is None)
+    cost = load_profile(profile or DEFAULT_PROFILE, kv_room=server.gpu_memory_utilization is None
+                        and server.num_gpu_blocks_override is None and server.block_size == Server().block_size)
     try:  # a KV size that leaves no room is refused before any run
         kw = server.policy_kw(cost)
     except ServerSettingError as e:

@@ -73,10 +73,18 @@ class Server:
         elif self.gpu_memory_utilization is not None:
             kw["kv_blocks"] = cost.kv_blocks(self.block_size, self.gpu_memory_utilization)
             if kw["kv_blocks"] < 1:
-                raise ServerSettingError("--gpu-memory-utilization", f"gpu_memory_utilization "
-                                         f"{self.gpu_memory_utilization:g} leaves no room for a KV cache "
-                                         f"with {cost.name}")
+                util = self.gpu_memory_utilization
+                if cost.kv_blocks(1, util) >= 1:  # room for tokens, not a block (was: "no room", a reviewer's find)
+                    raise ServerSettingError("--block-size", f"block size {self.block_size}: not one block of that "
+                                             f"many tokens fits in the KV cache of {cost.name} at "
+                                             f"gpu_memory_utilization {util:g}; use a smaller --block-size")
+                raise ServerSettingError("--gpu-memory-utilization", f"gpu_memory_utilization {util:g} leaves no "
+                                         f"room for a KV cache with {cost.name}")
         elif cost.kv_blocks(self.block_size) < 1:
+            if cost.kv_blocks(1) < 1:  # no block size helps (was: "use a smaller --block-size")
+                raise ServerSettingError("--profile", f"{cost.name}: no room for a KV cache at its "
+                                         f"gpu_memory_utilization {cost.gpu_memory_utilization:g}: the weights and the "
+                                         "activation reserve fill it; give --gpu-memory-utilization or another profile")
             raise ServerSettingError("--block-size", f"block size {self.block_size}: not one block of that "
                                      f"many tokens fits in the KV cache of {cost.name}; use a smaller --block-size")
         if self.token_budget is not None:

@@ -444,11 +444,11 @@ def _spec(name: str, model: dict[str, Any], gpu_file: Path) -> dict[str, Any]:
     return spec
 
 
-def _with_kv_room(model: CostModel, origin: str) -> CostModel:
-    """Refuse a profile whose weights and activation reserve leave no room for a single KV
-    token at its own ``gpu_memory_utilization`` (room for fewer tokens than a block is the
-    block size's to refuse, where it is set: ``compare.Server``)."""
-    if model.kv_blocks(1) < 1:
+def _with_kv_room(model: CostModel, origin: str, block_size: int = 16) -> CostModel:
+    """Refuse a profile whose weights and activation reserve leave no room for one KV block at
+    its own ``gpu_memory_utilization`` (``load_profile(kv_room=False)``: the server's settings
+    decide, ``compare.Server.policy_kw``)."""
+    if model.kv_blocks(block_size) < 1:
         g = model.spec["gpu"]
         raise ProfileError(f"{origin}: no room for a KV cache: weights ({model.weight_bytes_stored / 2**30:.3g} GiB) "
                            f"and the activation reserve fill {model.gpu_memory_utilization:g} x "

@@ -299,7 +299,7 @@ def demo(
         report["model"] = str(out / "model")  # where it will be, not the temporary folder
         # in MODEL/eval, as `rlpredict eval` writes it: `export` puts its confusion matrix in the
         # bundle (was: out/report, and the bundle had none for the simulator)
-        # (recorded as part of the model, so `demo --force` replaces the whole folder: was
+        # (part of the model, `outputs.PARTS`, so `demo --force` replaces the whole folder: was
         # "another run's output (model/eval)", and `make demo-train` failed the second time)
         write_report(report, probs, test, ModelMeta.load(tmp / "model").buckets, tmp / "model" / "eval")
     print(markdown_report(report))

@@ -354,9 +354,12 @@ def foreign_entries(folder: Path) -> list[Path]:
     for entry in sorted(folder.iterdir()):
         if entry.name == OWNER_FILE and owned:
             continue
-        if entry.is_dir() and not entry.is_symlink() and (entry / OWNER_FILE).is_file():
-            part = entry.name in parts and written_by(entry) == parts[entry.name]
-            foreign += foreign_entries(entry) if entry.name in owned or part else [entry]
+        if entry.name in parts:  # by its own record alone (was: also by this folder's listing, which
+            # an earlier version wrote: a user's folder made there later was taken; a reviewer's find)
+            ours = entry.is_dir() and not entry.is_symlink() and written_by(entry) == parts[entry.name]
+            foreign += foreign_entries(entry) if ours else [entry]
+        elif entry.is_dir() and not entry.is_symlink() and (entry / OWNER_FILE).is_file():
+            foreign += foreign_entries(entry) if entry.name in owned else [entry]
         elif entry.name not in owned:
             foreign.append(entry)
     return foreign

@@ -453,6 +453,24 @@ def test_the_server_settings_size_the_kv_cache_before_a_profile_is_refused(tmp_p
     assert r.exit_code == 0 and "note: vllm-v0: token budget 64 below its max_model_len 4096" in r.stderr
     _refused(runner.invoke(app, ["simulate", "--trace", t, "--predictions", "oracle", "--arrivals", "poisson",
                                  "--rate", "1e9", "--rate-scale", "2"]), "--rate-scale", "over 1e+09")
+    # room for 8 tokens, not a 16-token block: the message names what binds (a reviewer's cases)
+    from ecoserve_sched.cost_model import CostModel
+
+    lo, hi = 1e9, float(spec["gpu"]["hbm_bytes"])
+    spec["gpu_memory_utilization"] = 0.9
+    for _ in range(100):
+        spec["gpu"]["hbm_bytes"] = int((lo + hi) / 2)
+        lo, hi = (spec["gpu"]["hbm_bytes"], hi) if CostModel(spec).kv_blocks(1) < 8 else (lo, spec["gpu"]["hbm_bytes"])
+    spec["gpu"]["hbm_bytes"] = int(hi)
+    p.write_text(json.dumps(spec))
+    base = ["simulate", "--trace", t, "--predictions", "oracle", "--profile", str(p)]
+    _refused(runner.invoke(app, base), "no room for a KV cache")
+    _refused(runner.invoke(app, [*base, "--gpu-memory-utilization", "0.9"]), "'--block-size'",
+             "block size 16: not one block", "at gpu_memory_utilization 0.9")
+    assert runner.invoke(app, [*base, "--block-size", "8", "--json"]).exit_code == 0
+    spec["gpu"]["hbm_bytes"] = 10 * 2**30  # less than the weights
+    p.write_text(json.dumps(spec))
+    _refused(runner.invoke(app, [*base, "--block-size", "4"]), "'--profile'", "no room for a KV cache at its")
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe", b"[" * 100_000, b'{"format": "rlpredict.confusion/1", '

@@ -1201,7 +1201,8 @@ def test_user_text_is_never_read_as_markup(bundle_fp32, tmp_path):
                     + json.dumps({"messages": [{"role": "[/bold]", "content": "hi"},
                                                {"role": "assistant", "content": "yo"}]}) + "\n")
     res = run("drift", "-m", bundle_fp32, "--data", data, "--on-error", "skip", "--min-rows", "1")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 4, res.output  # one row, one draw: no bound could break, nothing judged
+    assert "source=logs[red]" in res.stdout
     # the skipped row in full, as `train` prints it: file:line, field and reason
     assert f"skipped {data}:2: field 'messages': message 0 has unknown role '[/bold]'" in res.stderr
 

@@ -285,6 +285,11 @@ def test_a_models_own_evaluation_is_replaced_with_it_by_train_force(trained, tmp
     (model / "eval" / "notes.txt").write_text("precious")
     with pytest.raises(OutputError, match="eval"):
         check_new_dir(model, force=True, option="--out", only=TRAIN_TOOL)
+    from rlpredict.outputs import mark_owned
+
+    mark_owned(model, TRAIN_TOOL, ["eval"])  # as an earlier version recorded it: still the user's folder
+    with pytest.raises(OutputError, match="eval"):
+        check_new_dir(model, force=True, option="--out", only=TRAIN_TOOL)
     shutil.rmtree(model / "eval")
     elsewhere = tmp_path / "elsewhere"
     (model / "eval").symlink_to(elsewhere, target_is_directory=True)
