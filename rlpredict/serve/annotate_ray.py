@@ -130,13 +130,14 @@ def _remove_stale_copies() -> None:
     another user's, is left alone."""
     for entry in Path(tempfile.gettempdir()).glob(f"{COPY_PREFIX}*-*"):
         m = re.fullmatch(rf"{re.escape(COPY_PREFIX)}(\d+)-\w+", entry.name)
-        if m is None or not entry.is_dir() or entry.is_symlink():
+        if m is None or not entry.is_dir() or entry.is_symlink() or (
+                hasattr(os, "getuid") and entry.stat().st_uid != os.getuid()):
             continue
         try:
             os.kill(int(m.group(1)), 0)
         except ProcessLookupError:
             shutil.rmtree(entry, ignore_errors=True)
-        except (PermissionError, OverflowError, OSError):
+        except (OverflowError, OSError):  # alive, or not ours to judge
             continue
 
 
