@@ -578,7 +578,7 @@ def demo(
     from rich.table import Table
 
     from . import demo as demo_mod
-    from .compare import CEILING_DRAIN_NOTE, NO_PLOTS, can_plot, capacity_text
+    from .compare import NO_PLOTS, can_plot, capacity_text
 
     names = _policy_names(policies, "--policies") if policies is not None else list(demo_mod.POLICIES)
     scales = _scales(rate_scales, "--rate-scales") if rate_scales is not None else demo_mod.RATE_SCALES
@@ -618,18 +618,19 @@ def demo(
         t = Table(title=escape(f"capacity (SLO attainment >= 0.9) on {server}"),
                   caption="max load: x the trace's rate; sustained: at most 1% of requests deferred "
                           "past the trace's end")
+        cells = [[capacity_text(c), *(f"{c[k]:.2f}" if c.get(k) else "-" for k in (
+            "vs_ceiling", "x_vllm", "x_vllm_v0", "sustained_vs_ceiling", "sustained_x_vllm"))] for c in caps]
         t.add_column("policy", no_wrap=True, min_width=max(len(c["policy"]) for c in caps))
-        for c in ("max load", "/ ceiling", "x vLLM V1", "x vLLM V0", "sustained / ceiling", "sustained x vLLM V1"):
-            t.add_column(c, justify="right", width=6 if "vLLM" in c and len(c) < 10 else max(5, *map(len, c.split())),
-                         overflow="fold")  # a long figure over two lines, not cut (was: "> 1.2e…")
-        for c in caps:
-            t.add_row(escape(c["policy"]), capacity_text(c), *(f"{c[k]:.2f}" if c.get(k) else "-" for k in (
-                "vs_ceiling", "x_vllm", "x_vllm_v0", "sustained_vs_ceiling", "sustained_x_vllm")))
+        for j, c in enumerate(("max load", "/ ceiling", "x vLLM V1", "x vLLM V0", "sustained / ceiling",
+                               "sustained x vLLM V1")):
+            head = 6 if "vLLM" in c and len(c) < 10 else max(5, *map(len, c.split()))
+            # as wide as its longest figure (was: 5, so "21.40" and "2" on two lines read as two numbers)
+            t.add_column(c, justify="right", width=max(head, *(len(row[j]) for row in cells)), overflow="fold")
+        for c, row in zip(caps, cells, strict=True):
+            t.add_row(escape(c["policy"]), *row)
         Console().print(t)
-        if ceil := next((c.get("ceiling_rate_scale") for c in caps), None):
-            err.print(f"    saturation ceiling x{ceil:.3f}: no policy sustains a load above it"
-                      + (f" ({CEILING_DRAIN_NOTE})" if demo_mod.sustained_above_ceiling(caps) else ""),
-                      markup=False)
+        if line := demo_mod.ceiling_line(caps):  # (was: "no policy sustains a load above it" under
+            err.print(f"    {line}", markup=False)  # sustained loads above it, and for a lower bound)
         for c in caps:
             if c.get("note"):
                 err.print(f"    {c['policy']}: {c['note']}", markup=False)

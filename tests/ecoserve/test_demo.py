@@ -36,6 +36,7 @@ def test_demo_writes_report_and_tables(tmp_path) -> None:
         assert (tmp_path / name).stat().st_size > 0, name
     report = (tmp_path / "report.md").read_text()
     assert "Capacity" in report and "![confusion matrix](confusion.png)" in report
+    assert "second server" not in report  # without one (was: "the second server's 0.0 s")
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["predictor"]["requests"] == 1500
     assert results["annotate"]["output"] == str(tmp_path / "trace.annotated.jsonl.gz")  # was: the temporary folder
@@ -137,3 +138,18 @@ def test_the_table_says_how_a_sustained_search_ended():
     done = {"search": "found", "converged": True, "max_rate_scale": 0.401, "lower_bound": 0.401, "upper_bound": 0.405}
     rows = [capacity_table([cap(s)], explain=False).splitlines()[2] for s in (short, none, done)]
     assert "| 0.400 to 0.450 (-) |" in rows[0] and "| < 0.004 (-) |" in rows[1] and "| 0.401 (-) |" in rows[2]
+
+
+def test_the_ceiling_line_says_what_the_ceiling_is() -> None:
+    """A flood that never saturated the server gives a lower bound (was: "no policy sustains a
+    load above it" under loads 500,000x higher), and a sustained load above a short trace's
+    ceiling is said (was: the same sentence under it; a reviewer's finds)."""
+    plain = [{"ceiling_rate_scale": 2.0, "sustained_vs_ceiling": 0.8}]
+    assert demo.ceiling_line(plain) == "saturation ceiling x2.000: no policy sustains a load above it"
+    above = [{"ceiling_rate_scale": 2.0, "sustained_vs_ceiling": 1.03}]
+    assert demo.ceiling_line(above).startswith("saturation ceiling x2.000; here a sustained load is above it")
+    bound = [{"ceiling_rate_scale": 2.0, "ceiling_lower_bound": "the server kept up", "sustained_vs_ceiling": 9}]
+    assert demo.ceiling_line(bound) == ("saturation ceiling at least x2.000 (the server kept up): "
+                                        "each / ceiling is an upper bound")
+    row = {"policy": "vllm", "max_rate_scale": 1.0, "search": "found", "converged": True, **bound[0]}
+    assert "at least x2.000" in demo.capacity_table([row]) and demo.ceiling_line([{}]) is None
