@@ -192,8 +192,9 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         if not f.is_file():
             what = {model_file: "model file", tok_file: "tokenizer file"}.get(name, "file")
             raise BundleError(f"bundle {folder}: {what} {name} is missing")
-        if verify and file_sha256(f) != entry.get("sha256"):
-            raise BundleError(f"bundle {folder}: {name} does not match the sha256 in {MANIFEST} "
+        if verify and (f.stat().st_size != entry.get("bytes") or file_sha256(f) != entry.get("sha256")):
+            # (the size too: was, a wrong recorded size loaded without a word; a reviewer's find)
+            raise BundleError(f"bundle {folder}: {name} does not match the sha256 and size in {MANIFEST} "
                               "(modified or corrupted); re-export the bundle")
     n_labels = manifest["model"].get("num_labels")
     if n_labels is not None and n_labels != buckets.n_buckets:

@@ -53,6 +53,7 @@ from rlpredict.train.model_meta import (
     load_trained,
     weights_sha256,
 )
+from rlpredict.untrusted_text import library_error
 
 #: The tool named in its output folder's owner record (``rlpredict.outputs``): it replaces
 #: only a folder of its own, never another tool's, even with --force.
@@ -204,7 +205,7 @@ def _build(model_dir: Path, tmp: Path, meta: ModelMeta, samples: list, *, int8: 
     fp32 = Predictor.load(tmp)
     run_ids = fp32.encode(texts)
     got = fp32.logits_of_ids(run_ids)
-    labels = _labels(samples, meta)
+    labels = _labels(samples, meta, log)
     parity = _parity(ref, got, atol, labels)
     parity.update(prompts=len(texts), source=parity_source,
                   tokenization_mismatches=sum(a != list(b) for a, b in zip(run_ids, ref_ids, strict=True)))
@@ -328,29 +329,48 @@ def _quantize(path: Path) -> None:
 # ---- parity prompts ----------------------------------------------------------------------------
 def _parity_samples(paths: Sequence[str | Path] | None, n: int, meta: ModelMeta) -> tuple[list, Any]:
     """A seeded random subset of real prompts (context messages, generator, response), and the
-    read's ``LoadReport``: bad rows are set aside and counted (the log line says how many and why)."""
-    from rlpredict.data import load_samples
+    read's ``LoadReport``: bad rows are set aside and counted (the log line says how many and why).
+    At most ``n`` + 1 samples are held: a first read counts them, a second keeps the ones drawn,
+    the same ones a draw over all of them in memory picked (was: every row of the file held,
+    1.96 GB for 8 prompts of a 220k-row file; a reviewer's find)."""
+    from rlpredict.data import LoadReport, iter_samples
 
     if not paths:
         from rlpredict.samples import SAMPLE_FILES
 
         paths = list(SAMPLE_FILES.values())
-    samples, report = load_samples([str(p) for p in paths], on_error="skip")
-    if not samples:
-        raise ExportError(f"no usable prompts in {', '.join(map(str, paths))} for the parity check "
-                          f"({report.summary()})")
-    if len(samples) > n:
-        samples = random.Random(0).sample(samples, n)
+    files = [str(p) for p in paths]
+    report = LoadReport()
+    first: list = []
+    total = 0
+    for s in iter_samples(files, report, on_error="skip"):
+        total += 1
+        if total <= n:
+            first.append(s)
+    if not total:
+        raise ExportError(f"no usable prompts in {', '.join(map(str, paths))} for the parity check, which "
+                          f"needs rows with a response ({report.summary()})")
+    if total <= n:
+        return first, report
+    first.clear()
+    drawn = random.Random(0).sample(range(total), n)  # positions, as sample() draws them from a list
+    slot = {j: k for k, j in enumerate(drawn)}
+    samples: list = [None] * n
+    for j, s in enumerate(iter_samples(files, LoadReport(), on_error="skip")):
+        if j in slot:
+            samples[slot[j]] = s
     return samples, report
 
 
-def _labels(samples: list, meta: ModelMeta) -> np.ndarray | None:
+def _labels(samples: list, meta: ModelMeta, log: Callable[[str], None] = lambda m: None) -> np.ndarray | None:
     """True buckets of the parity prompts, when their responses can be counted in RL tokens."""
     from rlpredict.data import attach_rl
 
     try:
         attach_rl(samples, meta.rl_tokenizer)
-    except (ImportError, OSError, ValueError):  # RL tokenizer not installed: no accuracy, only agreement
+    except (ImportError, OSError, ValueError) as e:  # RL tokenizer not installed: no accuracy, only agreement
+        log(f"note: accuracy not recorded: the RL tokenizer {meta.rl_tokenizer!r} cannot count the parity "
+            f"responses ({library_error(e)})")  # (was: dropped without a word; a reviewer's find)
         return None
     rl = [s.rl_tokens for s in samples]
     if any(r is None for r in rl):

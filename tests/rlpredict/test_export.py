@@ -179,3 +179,49 @@ def test_export_refuses_the_evaluation_of_another_model(tiny_model_dir, tmp_path
     write_report(report, probs, test, scheme, mine / "eval", force=True)
     export_bundle(mine, tmp_path / "b", parity_n=8)
     assert load_bundle(tmp_path / "b").manifest["evaluation"]["model_weights_sha256"] == report["model_weights_sha256"]
+
+
+def test_parity_prompts_are_drawn_holding_at_most_n(tmp_path, monkeypatch):
+    """The parity prompts are the ones a draw over every row in memory picked, but at most n + 1
+    are held (was: the whole file, 1.96 GB for 8 prompts of a 220k-row file; a reviewer's find)."""
+    import random
+
+    from rlpredict.data import load_samples
+    from rlpredict.samples import SAMPLE_FILES
+
+    files = [str(p) for p in SAMPLE_FILES.values()]
+    every, _ = load_samples(files, on_error="skip")
+    for n in (8, 100, len(every), len(every) + 5):
+        got, report = export_mod._parity_samples(files, n, None)
+        want = random.Random(0).sample(every, n) if len(every) > n else every
+        assert [s.id for s in got] == [s.id for s in want] and report.summary().startswith(f"{len(every)} rows")
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text('{"prompt": "hello there"}\n')
+    with pytest.raises(ExportError, match="needs rows with a response"):
+        export_mod._parity_samples([empty], 8, None)
+
+
+def test_a_bundle_whose_recorded_size_is_wrong_is_refused(bundle_fp32, tmp_path):
+    from rlpredict.serve.bundle import BundleError
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_fp32, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["model.onnx"]["bytes"] = 5  # was: loaded and served (a reviewer's find)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"model\.onnx does not match the sha256 and size"):
+        load_bundle(copy)
+
+
+def test_accuracy_not_recorded_is_said(tmp_path):
+    """An RL tokenizer that cannot count the responses left the accuracy out without a word (a
+    reviewer's find); the export's log says why."""
+    from types import SimpleNamespace
+
+    from rlpredict.samples import SAMPLE_FILES
+
+    samples, _ = export_mod._parity_samples([str(p) for p in SAMPLE_FILES.values()], 4, None)
+    lines: list[str] = []
+    meta = SimpleNamespace(rl_tokenizer=str(tmp_path / "none" / "tokenizer.json"), buckets=None)
+    assert export_mod._labels(samples, meta, lines.append) is None
+    assert len(lines) == 1 and lines[0].startswith("note: accuracy not recorded: the RL tokenizer")
