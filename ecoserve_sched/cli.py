@@ -620,15 +620,20 @@ def demo(
                           "past the trace's end")
         cells = [[capacity_text(c), *(f"{c[k]:.2f}" if c.get(k) else "-" for k in (
             "vs_ceiling", "x_vllm", "x_vllm_v0", "sustained_vs_ceiling", "sustained_x_vllm"))] for c in caps]
-        t.add_column("policy", no_wrap=True, min_width=max(len(c["policy"]) for c in caps))
+        widths = [max(len(c["policy"]) for c in caps)]
+        t.add_column("policy", no_wrap=True, min_width=widths[0])
         for j, c in enumerate(("max load", "/ ceiling", "x vLLM V1", "x vLLM V0", "sustained / ceiling",
                                "sustained x vLLM V1")):
             head = 6 if "vLLM" in c and len(c) < 10 else max(5, *map(len, c.split()))
             # as wide as its longest figure (was: 5, so "21.40" and "2" on two lines read as two numbers)
-            t.add_column(c, justify="right", width=max(head, *(len(row[j]) for row in cells)), overflow="fold")
+            widths.append(max(head, *(len(row[j]) for row in cells)))
+            t.add_column(c, justify="right", width=widths[-1], overflow="fold")
         for c, row in zip(caps, cells, strict=True):
             t.add_row(escape(c["policy"]), *row)
-        Console().print(t)
+        console = Console()  # wider than the console where the figures need it (was: Rich cropped
+        if (need := sum(widths) + 3 * len(widths) + 1) > console.width:  # the right edge and cut
+            console = Console(width=need)  # headers mid-word; a reviewer's find)
+        console.print(t)
         if line := demo_mod.ceiling_line(caps):  # (was: "no policy sustains a load above it" under
             err.print(f"    {line}", markup=False)  # sustained loads above it, and for a lower bound)
         for c in caps:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -199,6 +200,53 @@ def test_parity_prompts_are_drawn_holding_at_most_n(tmp_path, monkeypatch):
     empty.write_text('{"prompt": "hello there"}\n')
     with pytest.raises(ExportError, match="needs rows with a response"):
         export_mod._parity_samples([empty], 8, None)
+
+
+def test_parity_draw_holds_a_bounded_amount_whatever_the_file_size(tmp_path):
+    """The draw's peak memory does not grow with the file (a reviewer showed the test above passes
+    for a draw that holds every row)."""
+    import tracemalloc
+
+    def peak(rows: int) -> int:
+        path = tmp_path / f"log{rows}.jsonl"
+        with path.open("w") as f:
+            for i in range(rows):
+                f.write(json.dumps({"prompt": f"{i} " + "word " * 200, "response": "fine " * 20}) + "\n")
+        tracemalloc.start()
+        try:
+            export_mod._parity_samples([path], 4, None)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, big = peak(500), peak(5000)  # 10x the rows: about 5 MB more, were they all held
+    assert big < small + 1_000_000, (small, big)
+
+
+def test_parity_data_that_changes_between_the_reads_or_is_a_pipe_is_refused(tmp_path, monkeypatch):
+    """A file that shrank between the two reads gave an internal error, and a named pipe hung at
+    the second read (a reviewer's finds): both are one clear error now."""
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(10)))
+    from rlpredict import data  # export imports iter_samples where it reads
+
+    reads = []
+    original = data.iter_samples
+
+    def shrinking(files, report, **kw):
+        reads.append(1)
+        for k, s in enumerate(original(files, report, **kw)):
+            if len(reads) == 1 or k < 4:
+                yield s
+
+    monkeypatch.setattr(data, "iter_samples", shrinking)
+    with pytest.raises(ExportError, match=r"changed while the parity draw read it \(10 samples, then 4\)"):
+        export_mod._parity_samples([path], 5, None)
+    monkeypatch.setattr(data, "iter_samples", original)
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(ExportError, match="not a regular file"):
+        export_mod._parity_samples([fifo], 5, None)
 
 
 def test_a_bundle_whose_recorded_size_is_wrong_is_refused(bundle_fp32, tmp_path):
