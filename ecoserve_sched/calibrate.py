@@ -97,7 +97,8 @@ class Calibration:
                 f"prefill {_ms(e['prefill_overhead_s'])} ms"
                 + "".join(f"\n{what}: {', '.join(fe[key])}" for key, what in (
                     ("not_fitted", "not fitted (no measured iteration depends on it; the base value kept)"),
-                    ("at_bound", "at the fit's bound (the model cannot follow the measurements there)"))
+                    ("at_bound", "at the fit's bound (the model cannot follow the measurements there)"),
+                    ("not_determined", "not determined (other values fit the measured iterations as well)"))
                     if fe.get(key))
                 + (f"\nwarning: the fit misses held-out iterations by {100 * self.holdout['mean_rel_error']:.0f}% "
                    "on average: this profile's iteration times are rough (a busy machine, or an engine the "

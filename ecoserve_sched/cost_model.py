@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -379,10 +379,12 @@ def model_fields(config: Any, dtype_bytes: int, n_params: int | None = None) -> 
         raise ProfileError(f"{what}: no usable {', '.join(missing)} in the model config")
     if opt and field("word_embed_proj_dim") not in (None, hidden):
         raise ProfileError(f"{what}: a projected embedding (word_embed_proj_dim) is not in the cost model")
-    kv_heads = field("num_key_value_heads") or heads
-    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+    kv_heads = heads if (given := field("num_key_value_heads")) is None else given  # (was: 0 taken as
+    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:  # not given; a reviewer's find)
         raise ProfileError(f"{what}: num_key_value_heads ({kv_heads!r}) must divide num_attention_heads ({heads})")
-    head_dim = field("head_dim") or hidden // heads
+    head_dim = hidden // heads if (given := field("head_dim")) is None else given
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 1:
+        raise ProfileError(f"{what}: head_dim ({head_dim!r}) must be a whole number >= 1")
     mats = 2 if opt else 3
     if n_params is None:
         q, kv = heads * head_dim, kv_heads * head_dim
@@ -507,6 +509,7 @@ def fit_profile(samples: Iterable[Sample], base: CostModel | dict[str, Any], nam
         if not np.any(col) and np.array_equal(resid(trial), base_r):
             x, not_fitted = trial, [*not_fitted, f]
     at_bound = [f for f, a in zip(FIT_FIELDS, sol.active_mask, strict=True) if a and f not in not_fitted]
+    undetermined = _undetermined(sol.jac, [f not in not_fitted and f not in at_bound for f in FIT_FIELDS])
     rel = np.abs(resid(x))
     eff = {**e0, **{f: float(v) for f, v in zip(FIT_FIELDS, x * scale, strict=True)}}
     how = how or f"fit_profile to {len(y)} measured iterations (profile {name!r})"
@@ -518,10 +521,33 @@ def fit_profile(samples: Iterable[Sample], base: CostModel | dict[str, Any], nam
         else:
             bound = f"; at the search's bound ({low if sol.x[FIT_FIELDS.index(f)] <= low else high:g})" \
                 if f in at_bound else ""
-            source[f] = f"fitted by {how}{bound}"
+            alone = ("; not determined: these iterations fit as well with other values of "
+                     + ", ".join(undetermined)) if f in undetermined else ""
+            source[f] = f"fitted by {how}{bound}{alone}"
     eff["source"] = source
     spec = {k: v for k, v in model.spec.items() if k != "calibration"}
     spec.update(name=name, efficiency=eff,
                 fit={"n_samples": len(y), "mean_rel_error": float(rel.mean()), "max_rel_error": float(rel.max()),
-                     "not_fitted": not_fitted, "at_bound": at_bound})
+                     "not_fitted": not_fitted, "at_bound": at_bound, "not_determined": undetermined})
     return CostModel(spec, name)
+
+
+def _undetermined(jac: np.ndarray, free: Sequence[bool], tol: float = 1e-5) -> list[str]:
+    """The free factors the samples cannot pin down: those in a direction of the fit's Jacobian
+    (at the solution) that changes no residual, such as two overheads that every sample adds
+    together, or one out of play (was: each reported as fitted; a reviewer's find). ``tol``: the
+    Jacobian is a finite difference, so such a direction's singular value is about 1e-8 of the
+    largest, not 0; a real calibration's smallest is above 1e-2 of it."""
+    idx = [i for i, f in enumerate(free) if f]
+    if not idx:
+        return []
+    cols = jac[:, idx]
+    norms = np.linalg.norm(cols, axis=0)
+    out = {idx[k] for k in np.flatnonzero(norms == 0)}
+    live = [k for k in range(len(idx)) if norms[k] > 0]
+    if live:
+        s, vt = np.linalg.svd(cols[:, live] / norms[live], full_matrices=False)[1:]  # rows >= factors
+        for row, sv in zip(vt, s, strict=True):
+            if sv <= tol * s[0]:
+                out |= {idx[live[k]] for k in np.flatnonzero(np.abs(row) > 1e-3)}
+    return [FIT_FIELDS[i] for i in sorted(out)]

@@ -250,7 +250,7 @@ def test_fit_profile_recovers_known_coefficients(tmp_path):
     for k, v in known.items():
         assert fitted.spec["efficiency"][k] == pytest.approx(v, rel=1e-3), k
     assert fitted.fit_error["max_rel_error"] < 1e-4
-    assert fitted.fit_error["not_fitted"] == [] and fitted.fit_error["at_bound"] == []
+    assert fitted.fit_error["not_fitted"] == fitted.fit_error["at_bound"] == fitted.fit_error["not_determined"] == []
     fitted.save(tmp_path / "recovered.json")
     assert load_profile(str(tmp_path / "recovered.json")).fit_error == fitted.fit_error
 
@@ -272,6 +272,28 @@ def test_fit_profile_says_what_it_could_not_fit() -> None:
     slow["efficiency"]["mfu"] = 0.01
     fitted = fit_profile(samples, CostModel(slow), "decode-only")
     assert fitted.fit_error["mean_rel_error"] < 1e-3 and "mfu" not in fitted.fit_error["not_fitted"]
+
+
+def test_fit_profile_says_what_the_samples_cannot_tell_apart() -> None:
+    """Prefill-only samples add the per-iteration and the prefill overheads together; one decode
+    batch size adds the per-iteration and the per-request ones; five copies of one row determine
+    one number. Each was reported fitted, exact to 1e-8, with values the start picked (a
+    reviewer's find): they are listed as not determined now, and a mixed grid has none."""
+    truth = load_profile("llama3-8b-h100-80gb")
+    base = CostModel({**copy.deepcopy(truth.spec), "fit": None}, "b")
+    base.spec["efficiency"].update(overhead_s=1e-3, prefill_overhead_s=1e-3, overhead_per_seq_s=1e-4)
+    pre = [(p, p * p, 0, 0, truth.iteration_time(p, p * p, 0, 0)) for p in (64, 256, 1024, 4096, 512)]
+    dec = [(0, 0, 8, 8 * c, truth.iteration_time(0, 0, 8, 8 * c)) for c in (100, 500, 1000, 4000, 8000)]
+    got = {what: fit_profile(s, base, what).fit_error["not_determined"]
+           for what, s in (("pre", pre), ("dec", dec), ("dup", [(128, 128 * 128, 4, 4000, 0.05)] * 5))}
+    assert got["pre"] == ["overhead_s", "prefill_overhead_s"] and got["dec"] == ["overhead_s", "overhead_per_seq_s"]
+    assert set(got["dup"]) >= {"overhead_s", "overhead_per_seq_s", "prefill_overhead_s"}
+    more = [(0, 0, 32, 32 * c, truth.iteration_time(0, 0, 32, 32 * c)) for c in (100, 2000)]
+    assert fit_profile(pre + dec, base, "both").fit_error["not_determined"] == [  # three overheads,
+        "overhead_s", "overhead_per_seq_s", "prefill_overhead_s"]  # two sums of them
+    fitted = fit_profile(pre + dec + more, base, "all")
+    assert fitted.fit_error["not_determined"] == [] and "not determined" not in str(fitted.spec["efficiency"]["source"])
+    assert "not determined" in fit_profile(pre, base, "pre").spec["efficiency"]["source"]["overhead_s"]
 
 
 # ---- profiles built from a model's config (ECOSERVE_PROFILE=auto) -------------------------------
@@ -340,19 +362,26 @@ def test_profile_for_refuses_what_the_roofline_does_not_describe() -> None:
     neox = SimpleNamespace(**{**llama.to_dict(), "model_type": "gpt_neox"})  # a two-matrix MLP
     with pytest.raises(ProfileError, match="model type 'gpt_neox' is not one the cost model describes"):
         model_fields(neox, 2)
+    # 0 was taken as "not given", and transformers then divided by it (`ecoserve calibrate`: an
+    # internal error; a reviewer's find)
+    for key, why in (("num_key_value_heads", r"num_key_value_heads \(0\) must divide"),
+                     ("head_dim", r"head_dim \(0\) must be a whole number >= 1")):
+        with pytest.raises(ProfileError, match=why):
+            model_fields(SimpleNamespace(**{**llama.to_dict(), key: 0}), 2)
 
 
 def test_a_profile_may_give_vllm_v0_its_models_context_length(tmp_path):
     """A profile's optional ``model.max_model_len`` is what vllm-v0 holds prompts to and sizes
     its default token budget by (was: no profile could carry it, though docs/scheduler.md said
-    one could; a reviewer's find). The shipped models carry none: Llama 2's 4,096, on which
-    every published V0 figure was measured (docs/results.md says what each model's own would
-    change)."""
+    one could; a reviewer's find). The shipped models carry their own, as vLLM reads it from
+    the model's ``max_position_embeddings``: Llama-3-8B 8,192, OPT-13B 2,048; Llama 2's file
+    none, so the default, its own 4,096."""
     from ecoserve_sched.policies import get_policy
 
-    for name in ("llama2-13b-a100-80gb", "llama3-8b-h100-80gb", "opt-13b-a100-40gb"):
+    for name, n in (("llama2-13b-a100-80gb", 4096), ("llama2-7b-a100-80gb", 4096),
+                    ("llama3-8b-h100-80gb", 8192), ("opt-13b-a100-40gb", 2048)):
         v0 = get_policy("vllm-v0", load_profile(name))
-        assert (v0.max_model_len, v0.token_budget, v0.prompt_limit) == (4096, 4096, 4096)
+        assert (v0.max_model_len, v0.token_budget, v0.prompt_limit) == (n, max(n, 2048), n)
     spec = copy.deepcopy(load_profile(A100_7B).to_json())
     for n, budget in ((16384, 16384), (2048, 2048), (1024, 2048)):
         spec["model"]["max_model_len"] = n
