@@ -106,6 +106,32 @@ def check_stacking_rows(stack: Sequence[Sample], folds: int) -> None:
                          f"cross-validation needs at least {max(5, folds)}: give more --stack-rows or more data")
 
 
+def check_fold_buckets(train_side: Sequence[Sample], stack: Sequence[Sample], fold_of: np.ndarray,
+                       scheme: BucketScheme) -> np.ndarray:
+    """The stacking-fit rows' buckets, after a ``ValueError`` before the fits where a fit would
+    see one bucket: all the rows, a TF-IDF fold's training side, or a part of the stacker's
+    grouped cross-validation (was: scikit-learn's "needs samples of at least 2 classes" after
+    minutes of fits, where every row outside one bucket sat in one conversation; a reviewer's find)."""
+    from sklearn.model_selection import GroupKFold
+
+    remedy = "give more --stack-rows or more data"
+    y = scheme.bucket_of(np.array([s.rl_tokens for s in stack], dtype=float))
+    if len(set(y.tolist())) < 2:
+        raise ValueError(f"the stacking-fit rows' responses all fall in one bucket: a stacker cannot be fitted; {remedy}")
+    side = scheme.bucket_of(np.array([s.rl_tokens for s in train_side], dtype=float))
+    for f in range(int(fold_of.max()) + 1):
+        held = {s.group for s, ff in zip(stack, fold_of, strict=True) if ff == f}
+        if len({int(b) for s, b in zip(train_side, side, strict=True) if s.group not in held}) < 2:
+            raise ValueError(f"TF-IDF fold {f}: the training side without that fold's conversations holds "
+                             f"responses of one bucket only (the others sit in those conversations); {remedy}")
+    groups = [f"{s.source}/{s.group}" for s in stack]
+    for k, (tr, _) in enumerate(GroupKFold(5).split(y, y, groups)):
+        if len(set(y[tr].tolist())) < 2:
+            raise ValueError(f"the stacker's cross-validation part {k}: its training rows hold responses of "
+                             f"one bucket only (the others sit in one conversation group); {remedy}")
+    return y
+
+
 def load_split(cfg: TrainConfig, log: Callable[[str], None] = lambda m: None,
                ) -> tuple[list[Sample], list[Sample], list[Sample], BucketScheme]:
     """(training side, the encoder's training subsample, test side, scheme) of a recipe, as
@@ -306,6 +332,8 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
         s.group = key
     stack, stack_info = stacking_rows(train_side, enc_train, stack_rows, seed)
     check_stacking_rows(stack, folds)
+    fold_of = group_folds(stack, folds, seed)
+    y = check_fold_buckets(train_side, stack, fold_of, scheme)
     log(f"training side {len(train_side)}, encoder subsample {len(enc_train)}, test {len(test)}, "
         f"stacking-fit {len(stack)} rows")
 
@@ -313,14 +341,10 @@ def stack_bundle(bundle: str | Path, cfg: TrainConfig, out: str | Path, *, stack
     tfidf = TfidfLogistic().fit(tr_texts, np.array([s.rl_tokens for s in train_side], dtype=float), scheme)
     del tr_texts
     log(f"TF-IDF + logreg fitted on {len(train_side)} rows ({time.perf_counter() - t0:.0f}s)")
-    pt_stack, _ = tfidf_oof(train_side, stack, group_folds(stack, folds, seed), scheme, spec, log=log)
+    pt_stack, _ = tfidf_oof(train_side, stack, fold_of, scheme, spec, log=log)
     pe_stack = encoder_probs(pred, stack)
     log(f"encoder probabilities of the stacking-fit rows ({time.perf_counter() - t0:.0f}s)")
 
-    y = scheme.bucket_of(np.array([s.rl_tokens for s in stack], dtype=float))
-    if len(set(y.tolist())) < 2:
-        raise ValueError("the stacking-fit rows' responses all fall in one bucket: a stacker cannot be fitted; "
-                         "give more --stack-rows or more data")
     absent = sorted(set(range(scheme.n_buckets)) - set(y.tolist()))
     if absent:  # was: silent; the stacked model can never predict these buckets
         log(f"warning: the stacking-fit rows hold no response in bucket(s) {absent} (edges "

@@ -285,6 +285,32 @@ def test_too_few_stacking_rows_are_refused_before_the_fits(bundle_fp32, tmp_path
     assert not (tmp_path / "s").exists()
 
 
+def test_a_fold_that_would_see_one_bucket_is_refused_before_the_fits():
+    """Every row outside bucket 0 in one conversation: a TF-IDF fold, or a part of the stacker's
+    cross-validation, held responses of one bucket, and scikit-learn's error came after minutes
+    of fits (a reviewer's find)."""
+    from rlpredict.data import Sample
+    from rlpredict.train.stack import check_fold_buckets, group_folds
+
+    def row(i: int, group: str, rl: int) -> Sample:
+        return Sample(f"r{i}", group, [{"role": "user", "content": "hi"}], "x", rl, "src", None, f"f:{i}")
+
+    scheme = BucketScheme.default()
+    short = [row(i, f"g{i}", 5) for i in range(40)]
+    stack = short + [row(100 + i, "long", 2000) for i in range(10)]
+    fold_of = group_folds(stack, 3, 0)
+    with pytest.raises(ValueError, match=r"TF-IDF fold \d: the training side without that fold's conversations "
+                                         r"holds responses of one bucket only"):
+        check_fold_buckets(stack, stack, fold_of, scheme)
+    side = stack + [row(200 + i, f"h{i}", 2000) for i in range(3)]  # long answers outside the stack
+    with pytest.raises(ValueError, match=r"the stacker's cross-validation part \d: its training rows hold "
+                                         r"responses of one bucket only"):
+        check_fold_buckets(side, stack, fold_of, scheme)
+    mixed = short + [row(100 + i, f"l{i}", 2000) for i in range(10)]
+    y = check_fold_buckets(mixed, mixed, group_folds(mixed, 3, 0), scheme)
+    assert sorted(set(y.tolist())) == [0, scheme.n_buckets - 1]
+
+
 def test_compare_stacking_refuses_a_recipe_other_than_the_bundles(bundle_fp32, tmp_path):
     """``training/compare_stacking.py`` asks what ``rlpredict stack`` asks (was: a full report
     on "held-out" rows the encoder had trained on; a reviewer's case)."""
