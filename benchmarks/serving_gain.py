@@ -78,8 +78,8 @@ from rlpredict.outputs import (  # noqa: E402
     write_owned,
 )
 from rlpredict.records import is_plain_number  # noqa: E402
-from rlpredict.rl_tokenizers import count_tokens  # noqa: E402
-from rlpredict.splits import split_by_group  # noqa: E402
+from rlpredict.rl_tokenizers import count_tokens, same_rl_tokenizer  # noqa: E402
+from rlpredict.splits import RECORDLESS_RULE, check_same_split, recorded_split, split_by_group  # noqa: E402
 from rlpredict.train.baselines import PromptLength, TfidfLogistic  # noqa: E402
 from rlpredict.train.evaluate import baseline_texts  # noqa: E402
 from rlpredict.train.metrics import decode as decode_probs  # noqa: E402
@@ -89,12 +89,28 @@ PREDICTORS = ("constant", "prompt_length", "tfidf_logreg", "minilm", "oracle")
 QUANTILES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
+#: The held-out side: the shipped recipe's split (training/rl-minilm-l6-llama3.toml), and its RL tokenizer.
+SPLIT, RL_TOKENIZER = {"test_frac": 0.1, "seed": 0, "rule": RECORDLESS_RULE}, "llama3"
+
+
+def check_bundle(predictor: Predictor, model: Path | None) -> None:
+    """``ValueError`` if the bundle recorded another split or RL tokenizer than the held-out side
+    is drawn with: it would be scored on rows it trained on, or against lengths in other tokens
+    (was: scored without a word; a reviewer's find)."""
+    fix = (f"this script scores on the shipped recipe's held-out ShareGPT conversations (test_frac "
+           f"{SPLIT['test_frac']}, seed {SPLIT['seed']}, rule {SPLIT['rule']}) in {RL_TOKENIZER} tokens")
+    check_same_split(recorded_split(predictor.bundle.manifest),
+                     {k: (f"this script's split {k}", v) for k, v in SPLIT.items()}, f"give a bundle trained so: {fix}")
+    if not same_rl_tokenizer(RL_TOKENIZER, predictor.bundle.rl_tokenizer):
+        raise ValueError(f"bundle {model or 'shipped'} counts response lengths in {predictor.bundle.rl_tokenizer!r}: {fix}")
+
+
 def load_heldout(shared: Path, train_rows: int, seed: int) -> tuple[list, list]:
     samples, report = load_samples([shared / "sharegpt_v3" / "sharegpt_v3.jsonl.gz"], on_error="skip")
-    train, test = split_by_group(samples, 0.1, 0)
+    train, test = split_by_group(samples, SPLIT["test_frac"], SPLIT["seed"], SPLIT["rule"])
     rng = np.random.default_rng(seed)
     train = [train[i] for i in sorted(rng.choice(len(train), min(train_rows, len(train)), replace=False))]
-    attach_rl(train + test, "llama3")
+    attach_rl(train + test, RL_TOKENIZER)
     print(f"ShareGPT: {report.rows} rows, {len(samples)} turns ({sum(report.skipped.values())} skipped); "
           f"{len(test)} held-out, {len(train)} training turns for the baselines", flush=True)
     return train, test
@@ -154,17 +170,32 @@ def azure_trace(azure: Trace, rl: np.ndarray, seed: int) -> tuple[Trace, np.ndar
     print(f"Azure: {n} requests over {arr[-1] - arr[0]:.0f} s; |matched RL - Azure RL| median "
           f"{np.median(gap):.0f}, p90 {np.quantile(gap, 0.9):.0f} tokens", flush=True)
     tr = Trace("azure_llm_2023_conv (RL-matched held-out ShareGPT turns)", arr, inp, out,
-               np.full(n, 2048, dtype=np.int64))
+               np.full(n, MAX_TOKENS, dtype=np.int64))
+    say_cut(tr)
     return tr, idx
 
 
+#: Every request's max_tokens: a longer response stops there, as a server's limit stops it.
+MAX_TOKENS = 2048
+
+
+def say_cut(tr: Trace) -> None:
+    """One line on the responses ``MAX_TOKENS`` stops (was: cut without a word; a reviewer's find:
+    2 of the 6,434 held-out turns, the longest 20,307 tokens). Predictor metrics count them whole."""
+    if n := int((tr.output_tokens > tr.max_tokens).sum()):
+        print(f"  {n} response(s) longer than max_tokens {MAX_TOKENS} stop there in the replays (longest "
+              f"{int(tr.output_tokens.max())} tokens); the predictors' metrics count them whole", flush=True)
+
+
 def sharegpt_trace(test: list, rl: np.ndarray, rate: float, seed: int) -> Trace:
-    ctx = np.array([sum(count_tokens([m["content"] for m in s.messages], "llama3")) for s in test])
+    ctx = np.array([sum(count_tokens([m["content"] for m in s.messages], RL_TOKENIZER)) for s in test])
     ctx = np.maximum(ctx, 1)
     print(f"ShareGPT trace: {len(test)} requests, Poisson {rate:g}/s, context median "
           f"{np.median(ctx):.0f} tokens, RL median {np.median(rl):.0f}", flush=True)
-    return Trace("sharegpt_v3 held-out turns", poisson_arrivals(len(test), rate, seed), ctx.astype(np.int64),
-                 np.maximum(rl, 1).astype(np.int64), np.full(len(test), 2048, dtype=np.int64))
+    tr = Trace("sharegpt_v3 held-out turns", poisson_arrivals(len(test), rate, seed), ctx.astype(np.int64),
+               np.maximum(rl, 1).astype(np.int64), np.full(len(test), MAX_TOKENS, dtype=np.int64))
+    say_cut(tr)
+    return tr
 
 
 def _serve_job(job: tuple) -> dict:
@@ -324,7 +355,8 @@ def main() -> None:
     ap.add_argument("--sharegpt-rate", type=arg_number(float, 0, low_open=True), default=1.0, help="Poisson requests/s at rate scale 1")
     ap.add_argument("--slo-ttft", type=arg_number(float, 0, low_open=True), default=5.0, help="TTFT SLO, s (default 5)")
     ap.add_argument("--slo-tbt", type=arg_number(float, 0, low_open=True), default=0.2, help="mean TBT SLO, s (default 0.2)")
-    ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="seed of the splits and draws (default 0)")
+    ap.add_argument("--seed", type=arg_number(int, 0), default=0, help="seed of the draws: the baselines' training turns, the Azure matching, the Poisson "
+                    "arrivals (default 0; the held-out split is the shipped recipe's, seed 0)")
     ap.add_argument("--model", type=arg_path, default=None,
                     help="the predictor bundle of the 'minilm' row (default: the shipped bundle)")
     ap.add_argument("--report", type=arg_path, nargs="+", default=None, metavar="RUN_DIR",
@@ -368,6 +400,7 @@ def main() -> None:
     t0 = time.perf_counter()
 
     predictor = Predictor.load(args.model)
+    check_bundle(predictor, args.model)
     scheme = predictor.scheme
     train, test = load_heldout(args.shared, args.train_rows, args.seed)
     rl = np.array([s.rl_tokens for s in test], dtype=np.int64)

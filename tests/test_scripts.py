@@ -392,6 +392,10 @@ def test_heldout_rows_never_writes_over_its_input(tmp_path: Path) -> None:
     written = out.read_bytes()
     _one_error(_run("training/heldout_rows.py", f"{src}:conversation_id", "--out", out), "--force")
     assert out.read_bytes() == written
+    # a test fraction of 1, which training refuses, wrote every row as held out (a reviewer's find)
+    res = _run("training/heldout_rows.py", f"{src}:conversation_id", "--out", tmp_path / "all.jsonl", "--test-frac", "1")
+    assert res.returncode == 2 and "argument --test-frac: must be in (0, 1), got 1" in res.stderr
+    assert not (tmp_path / "all.jsonl").exists()
 
 
 def test_an_output_folder_of_the_user_is_refused_before_the_work(tmp_path: Path) -> None:
@@ -574,3 +578,28 @@ def test_a_script_annotates_again_into_its_own_folder(tmp_path: Path) -> None:
                    "--out", tmp_path / "lt")
         assert res.returncode == 0, res.stderr
         assert "| 300 | annotate |" in res.stdout
+
+
+def test_serving_gain_refuses_a_bundle_of_another_split_or_tokenizer(serving_gain, capsys) -> None:
+    """The held-out side is the shipped recipe's split in Llama-3 tokens: a bundle that recorded
+    another split was scored on rows it trained on, without a word (a reviewer's find). A
+    response longer than max_tokens is said."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    sg = serving_gain
+
+    def bundle(split: dict, tok: str = "llama3") -> SimpleNamespace:
+        return SimpleNamespace(bundle=SimpleNamespace(manifest={"evaluation": {"split": split}}, rl_tokenizer=tok))
+
+    sg.check_bundle(bundle({"mode": "test", "test_frac": 0.1, "seed": 0}), None)  # the shipped bundle's record
+    with pytest.raises(ValueError, match=r"this script's split seed 0 differs from the split the bundle recorded"):
+        sg.check_bundle(bundle({"mode": "test", "test_frac": 0.1, "seed": 1}), None)
+    with pytest.raises(ValueError, match=r"counts response lengths in 'gpt2'"):
+        sg.check_bundle(bundle({"mode": "test", "test_frac": 0.1, "seed": 0}, "gpt2"), None)
+    tr = sg.Trace("t", np.arange(3.0), np.ones(3, dtype=np.int64), np.array([5, 3000, 20307]),
+                  np.full(3, sg.MAX_TOKENS, dtype=np.int64))
+    sg.say_cut(tr)
+    assert "2 response(s) longer than max_tokens 2048 stop there in the replays (longest 20307 tokens)" \
+        in capsys.readouterr().out

@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--out", type=arg_file, required=True)
     ap.add_argument("--force", action="store_true", help="replace an existing --out file")
     ap.add_argument("--per-source", type=arg_number(int, 1), default=600)
-    ap.add_argument("--test-frac", type=arg_number(float, 0, 1, low_open=True), default=0.1)
+    ap.add_argument("--test-frac", type=arg_number(float, 0, 1, low_open=True, high_open=True), default=0.1,
+                    help="the training split's test fraction, in (0, 1) (default 0.1)")  # (was: 1 taken)
     ap.add_argument("--seed", type=arg_number(int, 0), default=0)
     args = ap.parse_args()
     sources = []
