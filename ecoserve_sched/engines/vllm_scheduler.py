@@ -646,6 +646,7 @@ class EcoServeMixin:
         self.eco_cfg = eco_cfg
         self.rl: dict[str, RLPrediction] = {}
         self.groups: dict[int, set[str]] = defaultdict(set)
+        self._last_prediction: tuple[list[int], list[int]] | None = None  # (prompt ids, values)
         self.eco_counters = {
             "admissions": 0,  # requests admitted by the projected-peak test
             "admission_waits": 0,  # admissions refused by it (the queue waits)
@@ -653,6 +654,7 @@ class EcoServeMixin:
             "victim_sorts": 0,  # steps whose blocks do not suffice: the rules' victims put last
             "preemptions": 0,
             "predictions": 0,  # requests the predictor bundle predicted
+            "predictions_shared": 0,  # of them, a prompt's next sample (n > 1): the last prediction taken
             "whole_prompts": 0,  # of them, predicted from the whole decoded prompt: no user turn found
             "predictor_errors": 0,  # the predictor (or the prompt's decoding) failed: default used
             "hints_used": 0,  # requests whose client hints were used
@@ -923,6 +925,11 @@ class EcoServeMixin:
     def _from_predictor(self, request: Request) -> RLPrediction | None:
         if request.prompt_token_ids is None:  # prompt embeddings: no text to read
             return None
+        ids, last = request.prompt_token_ids, self._last_prediction
+        if last is not None and (last[0] is ids or last[0] == ids):  # vLLM splits a request of n
+            self.eco_counters["predictions"] += 1  # samples into n with one prompt (was: the
+            self.eco_counters["predictions_shared"] += 1  # predictor run n times; a reviewer's find)
+            return RLPrediction(*last[1], "predictor")
         text = None
         if self.turns is not None:  # the text the bundle was trained on (engines/chat_prompt.py)
             text = self.turns.last_user(self.tokenizer.decode(request.prompt_token_ids, skip_special_tokens=False))
@@ -932,6 +939,7 @@ class EcoServeMixin:
         out = self.predictor.predict([text], self.generator)[0]
         values = [_predicted(out, k) for k in ("bucket", "pred_tokens", "reserve_tokens")]
         self.eco_counters["predictions"] += 1
+        self._last_prediction = (ids, values)
         return RLPrediction(*values, "predictor")
 
     # ---- ordering (rules.priority_key, rules.ttft_lost) -------------------------------------------
@@ -1018,14 +1026,20 @@ class EcoServeMixin:
             return blocks
         if request.status not in _ADMITTING or rid in self.proj or self._req_blocks.get(rid):
             return self._allocate(request, num_new_tokens, *args, **kw)  # running, or holds KV
-        if not self._fits(request, kw.get("new_computed_blocks")):
+        hit = kw.get("new_computed_blocks")
+        if not self._fits(request, hit):
             self.eco_counters["admission_waits"] += 1
             return None  # vLLM stops admitting for this step, as when blocks run out
         if self.running and self._keep_free:
             kw["reserved_blocks"] = kw.get("reserved_blocks", 0) + self._keep_free
+        shared = _referenced(hit)  # before the allocation, which takes a reference of each
         blocks = self._allocate(request, num_new_tokens, *args, **kw)
         if blocks is not None:
             self._admitted(request)
+            # its prefix blocks others hold are in its projected context and use no new KV (was:
+            # counted once per request admitted in the step, so a burst sharing a system prompt
+            # was admitted a few a step; a reviewer's find)
+            self._held_offset += shared
         return blocks
 
     def _fits(self, request: Request, hit: Any) -> bool:

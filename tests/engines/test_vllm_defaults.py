@@ -315,6 +315,37 @@ def test_prefix_caching_counts_shared_blocks_once(cls: type) -> None:
     check_done(s)
 
 
+@pytest.mark.parametrize("cls", ECO_CLASSES)
+def test_a_burst_sharing_a_held_prefix_is_admitted_in_one_step(cls: type) -> None:
+    """"r" runs and holds a cached 128-token prefix; eight requests of that prefix + 16 tokens
+    arrive together. vLLM's own scheduler admits all eight in one step. The prefix was counted
+    shared once per request admitted before in the step, so EcoServe admitted three a step
+    with 21 blocks free (a reviewer's find)."""
+    s = build(cls, num_blocks=40, prefix_caching=True)
+    prefix = list(range(3, 131))
+    target = {"r": 100} | {f"a{k}": 16 for k in range(8)}
+    s.add_request(cached_req("r", prefix + [900] * 16, 100, rl_pred_tokens=16))
+    depth = 2 if s.scheduler_config.async_scheduling else 1
+    inflight, first = [], {}
+    for step in range(400):
+        if step == 5:
+            for k in range(8):
+                s.add_request(cached_req(f"a{k}", prefix + [901 + k] * 16, 16, rl_pred_tokens=16))
+        if not s.get_num_unfinished_requests() and not inflight:
+            break
+        if s.get_num_unfinished_requests():
+            out = s.schedule()
+            assert not out.preempted_req_ids
+            for rid in out.num_scheduled_tokens:
+                first.setdefault(rid, step)
+            inflight.append(out)
+        if inflight and (len(inflight) >= depth or not s.get_num_unfinished_requests()):
+            o = inflight.pop(0)
+            s.update_from_output(o, fake_model_output(o, s, target))
+    assert {first[f"a{k}"] for k in range(8)} == {5} and s.eco_counters["admission_waits"] == 0
+    check_done(s)
+
+
 def test_without_sharing_the_same_prompts_are_admitted_by_their_full_size() -> None:
     """The control: distinct prompts of the same sizes fit three at a time."""
     s = build(EcoServeVllmSyncScheduler, num_blocks=40, prefix_caching=True)

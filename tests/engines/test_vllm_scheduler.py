@@ -496,6 +496,26 @@ def test_predictions_at_add_request_extra_args_win_and_defaults() -> None:
     assert (c["predictions"], c["hints_used"], c["default_reservations"]) == (1, 1, 1)
 
 
+def test_the_samples_of_one_request_share_its_prediction() -> None:
+    """vLLM splits a request of n samples into n requests of one prompt; the predictor ran n
+    times on the engine thread (a reviewer's find): the next ones take the last prediction."""
+    from vllm.v1.engine.parallel_sampling import ParentRequest
+
+    s = make(EcoServeVllmSyncScheduler)
+    s.predictor, s.tokenizer = _Predictor(), SimpleNamespace(decode=lambda ids, **_: "hello")
+    sp = SamplingParams(n=4, max_tokens=200)
+    parent = ParentRequest(SimpleNamespace(request_id="q", external_req_id="q", params=sp, sampling_params=sp))
+    for i in range(4):
+        rid, child = parent.get_child_info(i)
+        s.add_request(Request(request_id=rid, prompt_token_ids=[5] * 30, sampling_params=child,
+                              pooling_params=None, arrival_time=0.0))
+    s.add_request(req("other", 31, 200))  # another prompt: predicted
+    assert s.predictor.calls == 2 and {p.reserve_tokens for p in s.rl.values()} == {48}
+    assert (s.eco_counters["predictions"], s.eco_counters["predictions_shared"]) == (5, 3)
+    drive(s)
+    check_done(s)
+
+
 def test_a_last_user_bundle_is_given_the_last_user_turn() -> None:
     """The decoded template is cut to the last user turn (``engines/chat_prompt.py``) when the
     chat template has markers; without a user turn, the whole prompt, counted."""
