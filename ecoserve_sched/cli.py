@@ -620,7 +620,7 @@ def demo(
                           "past the trace's end")
         cells = [[capacity_text(c), *(f"{c[k]:.2f}" if c.get(k) else "-" for k in (
             "vs_ceiling", "x_vllm", "x_vllm_v0", "sustained_vs_ceiling", "sustained_x_vllm"))] for c in caps]
-        widths = [max(len(c["policy"]) for c in caps)]
+        widths = [max(len("policy"), *(len(c["policy"]) for c in caps))]
         t.add_column("policy", no_wrap=True, min_width=widths[0])
         for j, c in enumerate(("max load", "/ ceiling", "x vLLM V1", "x vLLM V0", "sustained / ceiling",
                                "sustained x vLLM V1")):

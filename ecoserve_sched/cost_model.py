@@ -509,7 +509,9 @@ def fit_profile(samples: Iterable[Sample], base: CostModel | dict[str, Any], nam
         if not np.any(col) and np.array_equal(resid(trial), base_r):
             x, not_fitted = trial, [*not_fitted, f]
     at_bound = [f for f, a in zip(FIT_FIELDS, sol.active_mask, strict=True) if a and f not in not_fitted]
-    undetermined = _undetermined(sol.jac, [f not in not_fitted and f not in at_bound for f in FIT_FIELDS])
+    # (at a bound too: its partner is free to take any value the bound leaves; was: left out, so
+    # a per-request overhead beside an overhead at 0 was "fitted"; a reviewer's find)
+    undetermined = _undetermined(sol.jac, [f not in not_fitted for f in FIT_FIELDS])
     rel = np.abs(resid(x))
     eff = {**e0, **{f: float(v) for f, v in zip(FIT_FIELDS, x * scale, strict=True)}}
     how = how or f"fit_profile to {len(y)} measured iterations (profile {name!r})"

@@ -576,9 +576,9 @@ def _once(base: type[argparse.Action]) -> type[argparse.Action]:
 
 
 def arg_number(kind: Callable[[str], Any] = int, low: float | None = None, high: float | None = None,
-               *, low_open: bool = False, high_open: bool = False) -> Callable[[str], Any]:
-    """An argparse ``type``: ``kind`` (int or float), finite, within [low, high] (an end left
-    out with ``low_open`` / ``high_open``; a missing bound is open)."""
+               *, low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind`` (int or float), finite, within [low, high] ((low, high]
+    with ``low_open``; a missing bound is open)."""
 
     def parse(text: str) -> Any:
         try:
@@ -590,12 +590,11 @@ def arg_number(kind: Callable[[str], Any] = int, low: float | None = None, high:
                                              f"got {text!r}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if ((low is not None and (value < low or (low_open and value == low)))
-                or (high is not None and (value > high or (high_open and value == high)))):
+        if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
             lo = "-inf" if low is None else f"{low:g}"
             hi = "inf" if high is None else f"{high:g}"
             raise argparse.ArgumentTypeError(f"must be in {'(' if low_open or low is None else '['}{lo}, {hi}"
-                                             f"{')' if high_open or high is None else ']'}, got {text}")
+                                             f"{')' if high is None else ']'}, got {text}")
         return value
 
     return parse

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rlpredict.cli_boundary import at_least, distinct_paths, err, in_range, log_line, say_skipped
 from rlpredict.cli_bundle import ForceOpt, JsonOpt, ModelOpt, ThreadsOpt, parse_quantiles
 from rlpredict.json_file import dumps
+from rlpredict.splits import MAX_TEST_FRAC
 
 # str, not Path: distinct_paths refuses a blank one (as a Path, "" was the current folder)
 DataOpt = Annotated[list[str], typer.Option("--data", callback=distinct_paths, help="Chat logs with responses (repeatable).")]
@@ -27,7 +28,7 @@ def calibrate(
     split: Annotated[Literal["test", "all"], typer.Option(
         help="'test': the held-out side of the split the bundle recorded (training data is never "
              "used); 'all': every row (logs the model never saw).")] = "test",
-    test_frac: Annotated[float | None, typer.Option(callback=in_range(0, 1, low_open=True, high_open=True), help="Training split's test fraction, in (0, 1), if the bundle does not record it (a different one is refused).")] = None,
+    test_frac: Annotated[float | None, typer.Option(callback=in_range(0, MAX_TEST_FRAC, low_open=True), help=f"Training split's test fraction, in (0, {MAX_TEST_FRAC}] as training takes it, if the bundle does not record it (a different one is refused).")] = None,
     seed: Annotated[int | None, typer.Option(min=0, max=2**32 - 1, help="Training split's seed, if the bundle does not record it (a different one is refused); with --split all, the seed of the fit/check division (default 0).")] = None,
     check_frac: Annotated[float, typer.Option(callback=in_range(0.01, 0.99), help="Share of the held-out prompts kept to check coverage.")] = 0.5,
     min_group: Annotated[int, typer.Option(callback=at_least(1), help="Predicted buckets with fewer calibration prompts share one offset (the rest group's).")] = 100,

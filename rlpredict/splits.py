@@ -34,6 +34,9 @@ T = TypeVar("T")
 SPLIT_RULES = ("id", "copies")
 #: the rule of a split that records none
 RECORDLESS_RULE = "id"
+#: the largest test fraction a training takes (``TrainConfig``), and so the command lines that
+#: name a training's split
+MAX_TEST_FRAC = 0.9
 
 
 def in_test(group: str, test_frac: float, seed: int = 0) -> bool:

@@ -18,7 +18,7 @@ import random
 from rlpredict.cli_boundary import ScriptParser, arg_file, arg_number, run_script
 from rlpredict.outputs import atomic_path, check_file_output, resolved
 from rlpredict.records import rows_with
-from rlpredict.splits import in_test
+from rlpredict.splits import MAX_TEST_FRAC, in_test
 
 
 def held_out(path: str, field: str, test_frac: float, seed: int) -> list[str]:
@@ -40,8 +40,9 @@ def main() -> None:
     ap.add_argument("--out", type=arg_file, required=True)
     ap.add_argument("--force", action="store_true", help="replace an existing --out file")
     ap.add_argument("--per-source", type=arg_number(int, 1), default=600)
-    ap.add_argument("--test-frac", type=arg_number(float, 0, 1, low_open=True, high_open=True), default=0.1,
-                    help="the training split's test fraction, in (0, 1) (default 0.1)")  # (was: 1 taken)
+    ap.add_argument("--test-frac", type=arg_number(float, 0, MAX_TEST_FRAC, low_open=True), default=0.1,
+                    help=f"the training split's test fraction, in (0, {MAX_TEST_FRAC}] as training takes it "
+                    "(default 0.1)")  # (was: up to 1, every row held out)
     ap.add_argument("--seed", type=arg_number(int, 0), default=0)
     args = ap.parse_args()
     sources = []

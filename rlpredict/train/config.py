@@ -19,6 +19,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI ([train] 
 from rlpredict.inputs import InputSpec
 from rlpredict.outputs import repeated_input
 from rlpredict.rl_tokenizers import NAMED as RL_TOKENIZER_NAMES
+from rlpredict.splits import MAX_TEST_FRAC
 from rlpredict.train.encoders import DEFAULT_ENCODER
 
 
@@ -213,7 +214,7 @@ MAX_BUCKETS = 1024
 #: Numeric ranges: (low, high, how the message says it).
 _RANGES: dict[str, tuple[float, float, str]] = {
     "max_length": (8, 8192, "[8, 8192]"),
-    "test_frac": (0.0, 0.9, "(0, 0.9]"),
+    "test_frac": (0.0, MAX_TEST_FRAC, f"(0, {MAX_TEST_FRAC}]"),
     "max_rows": (1, math.inf, "[1, inf)"),
     "max_rows_per_source": (1, math.inf, "[1, inf)"),
     "reserve_quantile": (0.0, 1.0, "(0, 1]"),

@@ -288,6 +288,10 @@ def test_fit_profile_says_what_the_samples_cannot_tell_apart() -> None:
            for what, s in (("pre", pre), ("dec", dec), ("dup", [(128, 128 * 128, 4, 4000, 0.05)] * 5))}
     assert got["pre"] == ["overhead_s", "prefill_overhead_s"] and got["dec"] == ["overhead_s", "overhead_per_seq_s"]
     assert set(got["dup"]) >= {"overhead_s", "overhead_per_seq_s", "prefill_overhead_s"}
+    at_zero = CostModel({**copy.deepcopy(truth.spec), "fit": None}, "z")  # a partner ends at its bound
+    at_zero.spec["efficiency"].update(overhead_s=0.0, overhead_per_seq_s=1e-3)  # (was: the other "fitted")
+    fit = fit_profile(dec, at_zero, "dec").fit_error
+    assert fit["at_bound"] == ["overhead_s"] and fit["not_determined"] == ["overhead_s", "overhead_per_seq_s"]
     more = [(0, 0, 32, 32 * c, truth.iteration_time(0, 0, 32, 32 * c)) for c in (100, 2000)]
     assert fit_profile(pre + dec, base, "both").fit_error["not_determined"] == [  # three overheads,
         "overhead_s", "overhead_per_seq_s", "prefill_overhead_s"]  # two sums of them

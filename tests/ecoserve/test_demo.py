@@ -168,8 +168,10 @@ def test_the_capacity_table_is_never_cropped(tmp_path, monkeypatch) -> None:
                           capacity=[{**cap, "policy": p} for p in ("vllm", "ecoserve-oracle")])
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: res)
     monkeypatch.setenv("COLUMNS", "80")
-    r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--no-headroom"])
-    assert r.exit_code == 0, r.output
-    row = next(line for line in r.output.splitlines() if line.startswith("│ ecoserve-oracle"))
-    assert "10.400 to 12.800" in row and row.rstrip().endswith("1.25 │"), row
-    assert "sustained" in r.output and "sustaine\n" not in r.output
+    for names in (("vllm", "ecoserve-oracle"), ("orca", "sjf")):  # (names shorter than the header too)
+        res.capacity = [{**cap, "policy": p} for p in names]
+        r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--no-headroom"])
+        assert r.exit_code == 0, r.output
+        row = next(line for line in r.output.splitlines() if line.startswith(f"│ {names[1]} "))
+        assert "10.400 to 12.800" in row and row.rstrip().endswith("1.25 │"), row
+        assert "sustained" in r.output and "sustaine " not in r.output and "sustaine\n" not in r.output
