@@ -70,10 +70,11 @@ def main() -> None:
     if cell is None:
         ap.error(f"--cell: unknown cell {args.cell!r}; known: {', '.join(c.name for c in grid.ALL_CELLS)}, rS.I")
     grid._init_worker(args.skip, args.seed)  # the grid's slice and seed, as in its worker processes
-    grid.spec_of(cell, args.shared, args.requests)  # the trace, read (and checked) before the work
+    n = len(grid.spec_of(cell, args.shared, args.requests).trace)  # read (and checked) before the work
     loads = np.linspace(lo, hi, args.points)
     policies = ["vllm", *(p for p in args.policies if p != "vllm")]  # the baseline, first (was: not run)
-    print(f"{cell.name}: requests {args.skip + 1}-{args.skip + args.requests}, seed {args.seed}")
+    print(f"{cell.name}: requests {args.skip + 1}-{args.skip + n}, seed {args.seed}")  # (was: + --requests,
+    # past a shorter trace's end; a reviewer's find)
     with worker_pool(args.workers, grid._init_worker, (args.skip, args.seed)) as pool:
         roof = grid.task_ceiling(cell, args.shared, args.requests)[1]["ceiling_rate_scale"]
         share = f": the loads are {lo / roof:.3f}-{hi / roof:.3f} of it" if roof else ""

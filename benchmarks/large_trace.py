@@ -41,6 +41,7 @@ from rlpredict.cli_boundary import (
     run_script,
 )
 from rlpredict.outputs import atomic_path, mark_owned, resolved, work_folder
+from rlpredict.serve.runtime import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = "benchmarks/large_trace.py"
@@ -167,7 +168,8 @@ def main() -> None:
     ap.add_argument("--policies", type=arg_list(str), default="vllm,ecoserve", help="policies for the simulate stage")
     ap.add_argument("--profile", default="llama3-8b-h100-80gb", help="cost-model profile")
     ap.add_argument("--rate", type=arg_number(float, 0, low_open=True), default=12.0, help="arrival rate, requests/s")
-    ap.add_argument("--threads", type=arg_number(int, 1), default=2, help="ONNX Runtime threads for annotate")
+    ap.add_argument("--threads", type=arg_number(int, 1, usable_cores()), default=min(2, usable_cores()),
+                    help="ONNX Runtime threads for annotate, at most the usable cores")  # (was: any, capped unsaid)
     ap.add_argument("--seed", type=arg_number(int, 0), default=0)
     ap.add_argument("--out", type=arg_path, default=str(REPO / "runs" / "large_trace"), help="folder for the traces")
     ap.add_argument("--_stage", help=argparse.SUPPRESS)

@@ -133,16 +133,23 @@ class Worker:
     """A Python process importing ``ecoserve_sched`` from ``tree``, answering one command a line."""
 
     def __init__(self, tree: Path, args: argparse.Namespace) -> None:
-        env = {**os.environ, "PYTHONPATH": str(tree)}
+        env, self.tree = {**os.environ, "PYTHONPATH": str(tree)}, tree
         self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(args.trace), args.profile,
                                       str(args.confusion)], cwd=tree, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def ask(self, **cmd: object) -> dict:
         assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:  # (was: "Expecting value: line 1 column 1", naming neither; a reviewer's find)
+            raise RuntimeError(f"the worker for the tree {self.tree} exited (rc {self.proc.wait()}); its "
+                               "error is above")
+        return json.loads(line)
 
     def close(self) -> None:
         assert self.proc.stdin

@@ -26,6 +26,7 @@ from rlpredict.cli_boundary import ScriptParser, arg_number, arg_path, distinct_
 from rlpredict.data import load_samples
 from rlpredict.rl_tokenizers import tokenizer_path
 from rlpredict.serve.runtime import Predictor
+from rlpredict.untrusted_text import library_error
 
 
 def _qwen_files() -> Path:
@@ -47,10 +48,16 @@ def main() -> None:
         ap.error(f"--chat-tokenizer {args.chat_tokenizer}: no such folder")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(args.chat_tokenizer or _qwen_files()))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(args.chat_tokenizer or _qwen_files()))
+    except (OSError, ValueError) as e:  # (was: transformers' message, naming neither; a reviewer's find)
+        where = f"--chat-tokenizer {args.chat_tokenizer}" if args.chat_tokenizer else "the Qwen3 tokenizer files"
+        raise SystemExit(f"{where}: no tokenizer loads from it ({library_error(e)})") from None
     p = Predictor.load(args.model)
     samples, _ = load_samples(args.data, max_rows=args.n * args.every)
     rows = [s.messages for s in samples[::args.every]][: args.n]
+    if not rows:  # (was: an internal error after the table's header; a reviewer's find)
+        raise SystemExit(f"{', '.join(map(str, args.data))}: no prompts to compare")
     turns, why = turn_markers(tok)
     if turns is None:
         raise SystemExit(f"{args.chat_tokenizer or 'qwen3'}: {why}")

@@ -53,7 +53,7 @@ class SimResult:
     sched_s: float = 0.0
     wall_s: float = 0.0
     dropped: int = 0
-    prefill_iterations: int = 0  # iterations that carried prompt tokens (the cost-model executor)
+    prefill_iterations: int = 0  # iterations that carried prompt tokens (both executors)
 
 
 def never_fits(r: Request, kv_tokens: int) -> bool:

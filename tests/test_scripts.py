@@ -603,3 +603,43 @@ def test_serving_gain_refuses_a_bundle_of_another_split_or_tokenizer(serving_gai
     sg.say_cut(tr)
     assert "2 response(s) longer than max_tokens 2048 stop there in the replays (longest 20307 tokens)" \
         in capsys.readouterr().out
+
+
+def test_annotate_scale_runs_and_reruns(tmp_path: Path) -> None:
+    """Its folder lists each output's rejects before the child writes them, and the rejects
+    check refused the script's own record: every run failed (a reviewer's find). A rerun
+    replaces its own files."""
+    for _ in range(2):
+        res = _run("benchmarks/annotate_scale.py", "--rows", "30", "--configs", "local", "--dir", tmp_path / "as")
+        assert res.returncode == 0, res.stderr
+        assert "| local | 1 process x" in res.stdout
+    assert (tmp_path / "as" / "trace-30.local.jsonl.gz").exists()
+
+
+def test_sim_speed_ab_names_a_worker_that_died(tmp_path: Path) -> None:
+    """A tree whose package fails to import: the worker exits, and the error said "Expecting
+    value: line 1 column 1" (a reviewer's find); it names the tree now."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("sim_speed_ab", ROOT / "benchmarks" / "sim_speed_ab.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    (tmp_path / "ecoserve_sched").mkdir()
+    (tmp_path / "ecoserve_sched" / "__init__.py").write_text("raise ImportError('broken on purpose')\n")
+    worker = ab.Worker(tmp_path, SimpleNamespace(trace="t.csv", profile="p", confusion="c.json"))
+    with pytest.raises(RuntimeError, match=f"the worker for the tree {tmp_path} exited \\(rc 1\\)"):
+        worker.ask(cmd="run")
+
+
+def test_benchmark_options_a_reviewer_found_ignored_or_unchecked(tmp_path: Path) -> None:
+    """--model beside --bundle was ignored; --threads above the cores was taken and printed;
+    an empty --data gave an internal error after the table's header."""
+    res = _run("benchmarks/predictor_speed.py", "--bundle", ROOT / "models" / "rl-minilm-l6-llama3", "--model",
+               tmp_path / "none", "--data", ROOT / "rlpredict" / "samples" / "sharegpt_sample.jsonl.gz")
+    assert res.returncode == 2 and "--model and --bundle: give one" in res.stderr
+    res = _run("benchmarks/large_trace.py", "--rows", "10", "--threads", "100000", "--out", tmp_path / "lt")
+    assert res.returncode == 2 and "argument --threads: must be in [1, " in res.stderr
+    (tmp_path / "empty.jsonl").write_text("")
+    _one_error(_run("benchmarks/template_skew.py", "--data", tmp_path / "empty.jsonl", "--n", "3"),
+               "empty.jsonl: no prompts to compare")

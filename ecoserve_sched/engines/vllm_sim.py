@@ -214,6 +214,7 @@ class VllmExecutor(Executor):
         self.iter_tokens: list[int] = []
         self.stall_gaps: list[float] = []
         self.preemptions = 0
+        self.prefill_iterations = 0  # steps with prompt tokens, as the simulator counts them
         self.sched_s = 0.0
         self.now = 0.0
         self.in_flight = in_flight
@@ -275,6 +276,7 @@ class VllmExecutor(Executor):
             return False
         shape, samples = step_shape(out, sched, self.sampled)
         self.iter_tokens.append(out.total_num_scheduled_tokens)
+        self.prefill_iterations += shape[0] > 0  # (was: 0 in every replay; a reviewer's find)
         dt = self.cost.iteration_time(*shape)
         start = max(now, self.busy_until)
         self.busy_until = start + dt
@@ -310,6 +312,7 @@ class VllmExecutor(Executor):
             res.counters["parks"], res.counters["amortized"] = eco["parks"], eco["amortized"]
         res.stall_gaps = self.stall_gaps
         res.sched_s = self.sched_s
+        res.prefill_iterations = self.prefill_iterations
         if isinstance(res, RealSimResult):
             res.iter_tokens = self.iter_tokens
 

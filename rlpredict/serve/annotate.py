@@ -250,6 +250,14 @@ def earlier_rejects(output: Path, on_error: OnError) -> str | None:
     return str(path) if on_error == "fail" and (path.exists() or path.is_symlink()) else None
 
 
+def rejects_owner(owner: str | None, rejects: str | Path | None) -> str | None:
+    """The owner whose record may list the rejects file: ``owner`` for the default rejects path
+    (the output's own rejects, which a rerun replaces), none for a ``--rejects`` given,
+    which never replaces a listed file (was: none for either, so `benchmarks/annotate_scale.py`,
+    whose folder lists each output's rejects before the run, failed every run; a reviewer's find)."""
+    return owner if rejects is None else None
+
+
 def check_rejects_name(rej_path: Path | None) -> None:
     """The rejects file is JSONL, and its name says so (both engines)."""
     if rej_path is not None and not rej_path.name.lower().endswith(".jsonl"):
@@ -294,7 +302,8 @@ def annotate_file(predictor: Predictor, input: str | Path, output: str | Path, *
     check_paths([src], outputs, apart=[predictor.bundle.path])
     for option, path in outputs:  # rejects never over a file an output folder lists (was: over its
         # annotated trace with --force, which the folder's record still listed; a reviewer's find)
-        check_new_file(path, force=force, option=option, owner=owner if option == "--output" else None)
+        check_new_file(path, force=force, option=option,
+                       owner=owner if option == "--output" else rejects_owner(owner, rejects))
     summary = AnnotateSummary(str(src), str(dst), str(rej_path) if rej_path else None,
                               earlier_rejects=earlier_rejects(dst, on_error))
     t0 = time.perf_counter()

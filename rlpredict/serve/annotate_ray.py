@@ -75,6 +75,7 @@ from rlpredict.serve.annotate import (
     no_rows,
     none_annotated,
     parquet_out_schema,
+    rejects_owner,
     tally_stale,
 )
 from rlpredict.serve.bundle import MANIFEST, Bundle, load_bundle
@@ -511,7 +512,8 @@ def annotate_path(input: str | Path, output: str | Path, model: str | Path | Non
     else:
         check_new_file(dst, force=force, option="--output", owner=owner)
     if rej_path is not None:
-        check_new_file(rej_path, force=force, option="--rejects")  # never a listed output (annotate.py)
+        check_new_file(rej_path, force=force, option="--rejects",  # never a listed output (annotate.py)
+                       owner=None if folder else rejects_owner(owner, rejects))
     if rej_path is not None and folder and resolved(dst) in resolved(rej_path).parents:
         raise AnnotateError(f"{rej_path}: --rejects is inside the --output folder; choose another path")
     loaded = load_bundle(model)  # a bad bundle fails before Ray starts

@@ -27,9 +27,11 @@ def _trace(n: int = 120, seed: int = 0) -> Trace:
 @pytest.mark.parametrize("blocks", [4000, 160])  # no KV pressure; heavy pressure (preemptions)
 def test_real_vllm_matches_simulated_vllm_policy(blocks: int) -> None:
     cost, tr = load_profile("llama2-13b-a100-80gb"), _trace()
-    sim = summarize(run(tr, "vllm", cost, slo=SLO_, kv_blocks=blocks), SLO_)
+    sim_res = run(tr, "vllm", cost, slo=SLO_, kv_blocks=blocks)
+    sim = summarize(sim_res, SLO_)
     real_res = run(tr, "vllm-real", cost, slo=SLO_, kv_blocks=blocks)
     real = summarize(real_res, SLO_)
+    assert real_res.prefill_iterations == sim_res.prefill_iterations > 0  # (was: 0 for vllm-real)
     assert real["finished"] + real["dropped"] == len(tr) == sim["finished"] + sim["dropped"]
     assert len(real_res.iter_tokens) == real["iterations"]
     # the same decisions with and without KV pressure: the simulator counts a decode's blocks as
