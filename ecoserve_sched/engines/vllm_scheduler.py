@@ -926,7 +926,7 @@ class EcoServeMixin:
         if request.prompt_token_ids is None:  # prompt embeddings: no text to read
             return None
         ids, last = request.prompt_token_ids, self._last_prediction
-        if last is not None and (last[0] is ids or last[0] == ids):  # vLLM splits a request of n
+        if last is not None and last[0] == ids:  # vLLM splits a request of n
             self.eco_counters["predictions"] += 1  # samples into n with one prompt (was: the
             self.eco_counters["predictions_shared"] += 1  # predictor run n times; a reviewer's find)
             return RLPrediction(*last[1], "predictor")
@@ -939,7 +939,8 @@ class EcoServeMixin:
         out = self.predictor.predict([text], self.generator)[0]
         values = [_predicted(out, k) for k in ("bucket", "pred_tokens", "reserve_tokens")]
         self.eco_counters["predictions"] += 1
-        self._last_prediction = (ids, values)
+        self._last_prediction = (list(ids), values)  # a copy: a streaming session's next chunk
+        # extends its prompt's list in place (was: kept by reference; a reviewer's find)
         return RLPrediction(*values, "predictor")
 
     # ---- ordering (rules.priority_key, rules.ttft_lost) -------------------------------------------

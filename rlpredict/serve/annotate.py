@@ -251,11 +251,13 @@ def earlier_rejects(output: Path, on_error: OnError) -> str | None:
 
 
 def rejects_owner(owner: str | None, rejects: str | Path | None) -> str | None:
-    """The owner whose record may list the rejects file: ``owner`` for the default rejects path
-    (the output's own rejects, which a rerun replaces), none for a ``--rejects`` given,
-    which never replaces a listed file (was: none for either, so `benchmarks/annotate_scale.py`,
-    whose folder lists each output's rejects before the run, failed every run; a reviewer's find)."""
-    return owner if rejects is None else None
+    """The owner whose record may list the rejects file: a script's (``owner``) for the default
+    rejects path, which it listed as the output's own rejects (was: none, so
+    `benchmarks/annotate_scale.py`, whose folder lists each output's rejects before the run,
+    failed every run; a reviewer's find). Never `rlpredict annotate`'s, whose folders list only
+    annotated traces, one of which may be named like a rejects file (a reviewer of the fix), and
+    never for a ``--rejects`` given: neither replaces a listed file."""
+    return owner if rejects is None and owner != ANNOTATE_TOOL else None
 
 
 def check_rejects_name(rej_path: Path | None) -> None:

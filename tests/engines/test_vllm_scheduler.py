@@ -512,6 +512,12 @@ def test_the_samples_of_one_request_share_its_prediction() -> None:
     s.add_request(req("other", 31, 200))  # another prompt: predicted
     assert s.predictor.calls == 2 and {p.reserve_tokens for p in s.rl.values()} == {48}
     assert (s.eco_counters["predictions"], s.eco_counters["predictions_shared"]) == (5, 3)
+    # a streaming session's next chunk extends its prompt's list in place: the memo holds a copy
+    # (was: the list itself, so a new prompt equal to the extended one took the stale prediction)
+    s.requests["other"].prompt_token_ids.extend([2] * 50)
+    s.add_request(Request(request_id="same", prompt_token_ids=[1] * 31 + [2] * 50,
+                          sampling_params=SamplingParams(max_tokens=200), pooling_params=None, arrival_time=0.0))
+    assert s.predictor.calls == 3 and s.eco_counters["predictions_shared"] == 3
     drive(s)
     check_done(s)
 

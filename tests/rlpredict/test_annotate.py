@@ -469,6 +469,19 @@ def test_rejects_never_replace_an_output_folders_trace(predictor, tmp_path):
     annotate_file(predictor, src, folder / "a.jsonl", force=True, owner=ANNOTATE_TOOL)  # as --output: again
     with pytest.raises(AnnotateError, match="--output names no file"):
         default_rejects_path(".")
+    # the default rejects path of a rerun, over a trace such a folder lists under that name (a
+    # reviewer's find in the fix that let a script's folder list its rejects)
+    (folder / "a.rejects.jsonl").write_text("another annotated trace\n")
+    (folder / OWNER_FILE).write_text(json.dumps({"tool": ANNOTATE_TOOL, "files": ["a.jsonl", "a.rejects.jsonl"]}))
+    with pytest.raises(OutputError, match="--rejects is rlpredict annotate's output"):
+        annotate_file(predictor, src, folder / "a.jsonl", on_error="skip", force=True, owner=ANNOTATE_TOOL)
+    assert (folder / "a.rejects.jsonl").read_text() == "another annotated trace\n"
+    script = tmp_path / "s"  # a script's folder, which lists each output's rejects: replaced on a rerun
+    script.mkdir()
+    (script / OWNER_FILE).write_text(json.dumps({"tool": "a script", "files": ["b.jsonl", "b.rejects.jsonl"]}))
+    (script / "b.rejects.jsonl").write_text("old rejects\n")
+    annotate_file(predictor, src, script / "b.jsonl", on_error="skip", force=True, owner="a script")
+    assert (script / "b.rejects.jsonl").read_text() == ""
 
 
 def test_a_dead_workers_bundle_copy_is_removed() -> None:
