@@ -413,6 +413,12 @@ def written_by(folder: Path) -> str | None:
     return _record(folder)[0]
 
 
+def listed_by(path: Path) -> str | None:
+    """The tool whose record, in ``path``'s folder, lists ``path`` as its output (None if none)."""
+    tool, owned = _record(path.parent)
+    return tool if path.name in owned else None
+
+
 def _record(folder: Path) -> tuple[str | None, set[str]]:
     """``folder``'s ``OWNER_FILE``: the tool it names and the files it lists (None and an empty
     set where it is missing or unreadable)."""

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from rlpredict import records
-from rlpredict.outputs import atomic_path, check_new_file, check_paths, naming
+from rlpredict.outputs import atomic_path, check_new_file, check_paths, listed_by, naming
 from rlpredict.records import (
     COMPRESSION_ERRORS,
     NO_REQUEST_FIELD,
@@ -247,6 +247,8 @@ def earlier_rejects(output: Path, on_error: OnError) -> str | None:
     ``--on-error skip`` run's, which this run's output would otherwise seem to go with (both
     engines say so; was: left without a word when ``--force`` replaced the output)."""
     path = default_rejects_path(output)
+    if listed_by(path) == ANNOTATE_TOOL:  # an annotated trace of that name, which its folder
+        return None  # lists (was: called an earlier run's rejects; a reviewer's find)
     return str(path) if on_error == "fail" and (path.exists() or path.is_symlink()) else None
 
 

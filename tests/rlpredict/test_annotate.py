@@ -476,6 +476,8 @@ def test_rejects_never_replace_an_output_folders_trace(predictor, tmp_path):
     with pytest.raises(OutputError, match="--rejects is rlpredict annotate's output"):
         annotate_file(predictor, src, folder / "a.jsonl", on_error="skip", force=True, owner=ANNOTATE_TOOL)
     assert (folder / "a.rejects.jsonl").read_text() == "another annotated trace\n"
+    summary = annotate_file(predictor, src, folder / "a.jsonl", force=True, owner=ANNOTATE_TOOL)
+    assert summary.earlier_rejects is None  # a trace the folder lists (was: "an earlier run's rejects")
     script = tmp_path / "s"  # a script's folder, which lists each output's rejects: replaced on a rerun
     script.mkdir()
     (script / OWNER_FILE).write_text(json.dumps({"tool": "a script", "files": ["b.jsonl", "b.rejects.jsonl"]}))
