@@ -247,9 +247,9 @@ def earlier_rejects(output: Path, on_error: OnError) -> str | None:
     ``--on-error skip`` run's, which this run's output would otherwise seem to go with (both
     engines say so; was: left without a word when ``--force`` replaced the output)."""
     path = default_rejects_path(output)
-    if listed_by(path) == ANNOTATE_TOOL:  # an annotated trace of that name, which its folder
-        return None  # lists (was: called an earlier run's rejects; a reviewer's find)
-    return str(path) if on_error == "fail" and (path.exists() or path.is_symlink()) else None
+    if on_error != "fail" or not (path.exists() or path.is_symlink()):
+        return None  # (below: an annotated trace of that name, which its folder lists, is not
+    return None if listed_by(path) == ANNOTATE_TOOL else str(path)  # one; a reviewer's find)
 
 
 def rejects_owner(owner: str | None, rejects: str | Path | None) -> str | None:
