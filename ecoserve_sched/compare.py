@@ -172,20 +172,25 @@ def kv_timeline(res: SimResult, points: int = 400) -> tuple[list[float], list[fl
     """KV utilization (used / capacity) over time as steps: each logged iteration's from its
     start, and 0 from the end of one after which the server idled (was: a line from one
     iteration's end to the next's, across idle gaps); at most ``points`` steps, each the mean
-    over an equal share of the span when there are more."""
+    over an equal share of the span when there are more. The last point repeats the last
+    step's value at the last iteration's end, so that a ``steps-post`` plot draws that step to
+    its end (was: the last step had no width; a lone request's decodes did not show)."""
     log = iteration_table(res)
+    if not len(log):  # nothing ran (every request dropped)
+        return [], []
     end, start, u = log[:, 0], log[:, 0] - log[:, 1] * log[:, 2], log[:, 4] / res.kv_capacity_tokens
     idle = np.flatnonzero(start[1:] > end[:-1] * (1 + 1e-9) + 1e-9)  # (times are float sums)
     t = np.insert(start, idle + 1, end[idle])
     u = np.insert(u, idle + 1, 0.0)
     if len(t) <= points:
-        return t.tolist(), u.tolist()
+        return [*t.tolist(), float(end[-1])], [*u.tolist(), float(u[-1])]
     # more steps than points: each point the time-weighted mean over its share of the span
     # (was: every k-th step, so a sampled idle zero held until the next sample)
     edges = np.linspace(t[0], end[-1], points + 1)
     area = np.concatenate([[0.0], np.cumsum(u * np.diff(np.append(t, end[-1])))])  # exact at each t
     at = np.interp(edges, np.append(t, end[-1]), area)  # the step function's integral is piecewise linear
-    return edges[:-1].tolist(), (np.diff(at) / np.diff(edges)).tolist()
+    mean = (np.diff(at) / np.diff(edges)).tolist()
+    return edges.tolist(), [*mean, mean[-1]]
 
 
 def sweep(spec: RunSpec, policies: Sequence[str], rate_scales: Sequence[float],

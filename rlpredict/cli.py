@@ -229,6 +229,12 @@ def eval_warnings(report: dict) -> list[str]:
     if trained := report["split"].get("model_trained_on"):
         lines.append(f"--split all scores the model on data it trained on ({', '.join(trained)}, recorded in "
                      "the model's training_summary.json): --split test scores its held-out rows only")
+    if unknown := report.get("no_generator"):  # (was: not said)
+        from rlpredict.records import no_generator_note
+        from rlpredict.train.evaluate import GENERATOR_FIELDS
+
+        lines.append(no_generator_note(f"{unknown} of the {report['split']['test_samples']} scored samples",
+                                       GENERATOR_FIELDS, "the model"))
     if overlap := report.get("baseline_train_overlap"):
         lines.append(f"{overlap} of the {report['split']['test_samples']} scored samples are also --baseline-data "
                      "samples (the same input and length as the baselines see them): the baselines trained on rows "

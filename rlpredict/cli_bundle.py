@@ -107,6 +107,7 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
         parse_json,
     )
     from rlpredict.serve.annotate import BadRow, generator_of, request_of
+    from rlpredict.untrusted_text import bad_utf8_at
 
     if single:
         raw = sys.stdin.buffer.read(MAX_ROW_BYTES + 1)  # was: any size, held whole
@@ -115,8 +116,8 @@ def _read_stdin(jsonl: bool, single: bool, wants_generator: bool) -> tuple[list,
         try:
             data = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first prompt
         except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            _fail(f"stdin: line {line}: not valid UTF-8 (byte {e.start})")
+            line, byte = bad_utf8_at(raw, e)  # (was: counted from after a BOM)
+            _fail(f"stdin: line {line}: not valid UTF-8 (byte {byte})")  # of the line, as a JSONL row's
         return ([data], None, [1]) if data.strip() else ([], None, [])
     # annotate's lines: split on "\n" only, each at most records.MAX_ROW_BYTES (was: all of
     # stdin held, a 100 MB line that annotate refuses taken)
@@ -163,16 +164,14 @@ def _reads(spec: Any) -> str:
             "the last user message: a blank prompt, only a system turn, an unknown role, an image alone")
 
 
-def _clip(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _shown(request: Any) -> str:
+def _shown(request: Any, width: int = 48) -> str:
     """What ``predict``'s table shows of a request: the last user message (the turn answered,
     which the bundle reads in either input mode; was: the last message, an assistant's reply
     that a ``last_user`` bundle never reads), every
     character the terminal would act on written as its escape (was: ESC went through, so a
-    logged prompt could clear or recolour the screen); a newline as a space."""
+    logged prompt could clear or recolour the screen); a newline as a space; at most ``width``
+    characters, the last "…" where more were cut (only those are escaped: was, the whole prompt,
+    26 s and 1.9 GB for 20 M zero-width spaces)."""
     from rlpredict.inputs import last_user_message
     from rlpredict.records import TRACE_MESSAGES, RecordError, parse_messages
 
@@ -183,8 +182,9 @@ def _shown(request: Any) -> str:
             text = last_user_message(parse_messages(list(request), "messages", TRACE_MESSAGES)) if request else ""
         except (RecordError, TypeError):
             text = ""
-    text = text.replace("\n", " ")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    text = text[:width + 1].replace("\n", " ")  # each character shows as one or more
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return shown if len(shown) <= width else shown[:width - 1] + "…"
 
 
 def predict(
@@ -251,7 +251,11 @@ def predict(
                  "rl_reserve_tokens": x.reserve_tokens, "bucket_range": range_label(edges, x.bucket),
                  "probs": [round(float(v), 5) for v in x.probs]}
                 for n, r, x in zip(numbers, requests, preds, strict=True)]
-        print(dumps({"model": str(p.bundle.path), "predictions": rows}, ensure_ascii=False, indent=2))
+        doc = {"model": str(p.bundle.path), "predictions": rows}
+        try:
+            print(dumps(doc, ensure_ascii=False, indent=2))
+        except UnicodeEncodeError:  # a terminal that cannot show the prompts' text: JSON's escapes,
+            print(dumps(doc, indent=2))  # the same document (was: an error after every prediction)
         return
     from rich.table import Table
     from rich.text import Text
@@ -268,7 +272,7 @@ def predict(
     for n, r, x in zip(numbers, requests, preds, strict=True):
         table.add_row(str(n), str(x.bucket), range_label(edges, x.bucket), str(x.pred_tokens),
                       str(x.reserve_tokens), f"{x.confidence:.2f}",
-                      Text(_clip(_shown(r), 48)))  # as typed (escape() kept "a\\[b" as "a[b")
+                      Text(_shown(r)))  # as typed (escape() kept "a\\[b" as "a[b")
     Console().print(table)
 
 

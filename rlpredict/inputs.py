@@ -60,15 +60,18 @@ def last_user_message(messages: Sequence[Message]) -> str:
 
 
 def build_text(messages: Sequence[Message], spec: InputSpec, generator: str | None = None) -> str:
-    """The predictor's input for a request whose context (before the response) is ``messages``."""
+    """The predictor's input for a request whose context (before the response) is ``messages``;
+    a ``generator`` of blank space names no model (``records.names_nothing``), as the readers
+    take it (was: "model:    " from the Python API, where the CLI said "unknown")."""
+    name = generator if generator and generator.strip() else "unknown"
     if spec.mode == "last_user":
         text = last_user_message(messages)
         if spec.include_generator:
-            text = f"model: {generator or 'unknown'}\n{text}"
+            text = f"model: {name}\n{text}"
         return text
     lines = [f"{m.get('role', 'user')}: {m.get('content') or ''}" for m in messages]
     if spec.include_generator:
-        lines.append(f"model: {generator or 'unknown'}")
+        lines.append(f"model: {name}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rlpredict.untrusted_text import json_problem
+from rlpredict.untrusted_text import bad_utf8_at, json_problem
 
 
 class _GivenTwice(ValueError):
@@ -50,7 +50,8 @@ def read_json(path: str | Path) -> Any:
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{p}: not valid UTF-8 (byte {e.start})") from None
+        line, byte = bad_utf8_at(raw, e)  # (was: the byte counted from after a BOM, no line)
+        raise ValueError(f"{p}: line {line}: not valid UTF-8 (byte {byte})") from None
     except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
         raise ValueError(f"{p}: not valid JSON ({json_problem(e)})") from None
 

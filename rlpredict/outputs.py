@@ -276,7 +276,7 @@ def check_parent(path: str | Path, option: str) -> None:
     """Refuse an output whose folder cannot be created or written (checked before the work, so
     a long run does not fail at its last step): its nearest existing ancestor must be a
     writable folder."""
-    check_name_lengths(path, option)
+    check_names(path, option)
     p = Path(path).expanduser().absolute()
     for anc in p.parents:
         if anc.is_symlink() and not anc.exists():  # was: walked past, then "File exists" after the work
@@ -290,9 +290,13 @@ def check_parent(path: str | Path, option: str) -> None:
             return
 
 
-def check_name_lengths(path: str | Path, option: str) -> None:
-    """Refuse an output path with a name longer than its file system takes (checked before the
-    work: was, a long ``calibrate`` measured its grid, then failed writing)."""
+def check_names(path: str | Path, option: str) -> None:
+    """Refuse an output path that is blank (an unset ``$VAR`` with a space beside it: was, a
+    folder named " " made in the current folder) or with a name longer than its file system
+    takes (checked before the work: was, a long ``calibrate`` measured its grid, then failed
+    writing)."""
+    if not str(path).strip():
+        raise OutputError(f"{option} is blank ({str(path)!r}): give a path")
     p = Path(os.path.abspath(os.path.expanduser(path)))
     folder = p.parent
     while not os.path.isdir(folder) and folder != folder.parent:  # (False for a name too long)
@@ -317,7 +321,7 @@ def check_new_file(path: str | Path, *, force: bool, option: str, owner: str | N
     option's text, ends in a path separator), that a tool of ours other than ``owner`` (the
     tool this file is written for, if any) listed in its folder's record, or whose folder
     cannot be written (``check_parent``)."""
-    check_name_lengths(path, option)
+    check_names(path, option)
     p = Path(path)
     if p.is_dir():
         raise OutputError(f"{p}: {option} is a folder; give a file name")
@@ -371,7 +375,7 @@ def check_new_dir(path: str | Path, *, force: bool, option: str, rerun: str | No
     all of it: a script's earlier run), that is a file, or that holds anything no tool of ours
     wrote. ``only``: a tool that replaces only its own folders, never another tool's (a trained
     model, a simulator run), even with ``force``. The refusal names the tool that wrote it."""
-    check_name_lengths(path, option)
+    check_names(path, option)
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: {option} is a file, not a folder; choose another path")

@@ -19,6 +19,7 @@ the start of a file is dropped.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import gzip
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from rlpredict.untrusted_text import is_valid_unicode, json_problem
+from rlpredict.untrusted_text import bad_utf8_at, is_valid_unicode, json_problem
 
 ROLE_ALIASES = {"human": "user", "user": "user", "prompter": "user", "gpt": "assistant", "chatgpt": "assistant",
                 "assistant": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
@@ -79,10 +80,10 @@ OTHER_COMPRESSIONS = frozenset({".bz2", ".xz", ".lzma", ".zst", ".zstd", ".lz4",
 COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
-def no_generator_note(rows: str, field: str = "") -> str:
-    """Every tool's words for requests without a generator predicted by a bundle that takes one
-    (``rows``: "3 row(s)"; ``field``: where it was looked for, in brackets)."""
-    return (f"{rows} have no generator{f' ({field})' if field else ''}: this bundle takes the served "
+def no_generator_note(rows: str, field: str = "", what: str = "this bundle") -> str:
+    """Every tool's words for requests without a generator predicted by a bundle (``what``) that
+    takes one (``rows``: "3 row(s)"; ``field``: where it was looked for, in brackets)."""
+    return (f"{rows} have no generator{f' ({field})' if field else ''}: {what} takes the served "
             "model's name, and predicted them as 'model: unknown'")
 
 
@@ -483,7 +484,8 @@ def decode_line(data: bytes, lineno: int) -> str:
     try:
         return given.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as e:
-        raise RecordError("", f"not valid UTF-8 (byte {e.start})", kind="not valid UTF-8") from None
+        byte = bad_utf8_at(given, e, sig=lineno == 1)[1]
+        raise RecordError("", f"not valid UTF-8 (byte {byte})", kind="not valid UTF-8") from None
 
 
 def decode_problem(e: json.JSONDecodeError) -> str:
@@ -754,8 +756,33 @@ def _iter_json_array(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
         with _JsonReader(p, gz) as reader:
             reader.token("a JSON value")
             yield from (reader.object_rows(data) if data is not None else [reader.row()])
-    except UnicodeDecodeError as e:
-        raise RecordError(str(p), f"not valid UTF-8 (byte {e.start})") from None
+    except UnicodeDecodeError:
+        line, byte = first_bad_utf8(p, gz)  # (was: the byte within one read of the file, no line)
+        raise RecordError(f"{p}:{line}", f"not valid UTF-8 (byte {byte})") from None
+
+
+def first_bad_utf8(p: Path, gz: bool) -> tuple[int, int]:
+    """Where a file stops being UTF-8: its line and the byte within that line (as a JSON Lines
+    row's is named), read again in bounded memory. (0, 0) if it is UTF-8 after all."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    line, line_start, at = 1, 0, 0  # ``at``: the file's bytes before ``chunk``
+    with open(p, "rb") as raw, (gzip.GzipFile(fileobj=raw) if gz else nullcontext(raw)) as f:
+        while True:
+            chunk = f.read(ARRAY_CHUNK)
+            pending = dec.getstate()[0]  # the start of a character cut by the last read: no newline
+            try:
+                dec.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                bad = at - len(pending) + e.start
+                before = chunk[:max(0, bad - at)]
+                if (nl := before.rfind(b"\n")) >= 0:
+                    line, line_start = line + before.count(b"\n"), at + nl + 1
+                return line, bad - line_start
+            if not chunk:
+                return 0, 0
+            if (nl := chunk.rfind(b"\n")) >= 0:
+                line, line_start = line + chunk.count(b"\n"), at + nl + 1
+            at += len(chunk)
 
 
 #: Characters that may go on a JSON number (``json`` also reads ``Infinity``, ``NaN``).
@@ -928,10 +955,16 @@ class _JsonReader:
             self.row("a value")
 
     def data_member(self) -> int | None:
-        """Check the whole object at ``pos``; the ordinal of its last ``data`` member (the one
-        ``json.loads`` keeps) when that is an array, else None."""
+        """Check the whole object at ``pos``; the ordinal of its ``data`` member when that is an
+        array, else None. ``data`` given twice is refused (was: the last read, as ``json.loads``
+        keeps it, and the rows of the other left out without a word)."""
         last: int | None = None
+        seen = False
         for k, key in self._members():
+            if key == "data" and seen:
+                raise RecordError(self.where(self.pos), "the key 'data' is given twice: the rows of one would "
+                                  "be left out; give one 'data'")
+            seen = seen or key == "data"
             if key == "data" and self.text[self.pos] == "[":
                 last = k
                 for _ in self.array_rows():

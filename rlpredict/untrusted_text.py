@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import codecs
+import unicodedata
 from collections.abc import Iterable
+
+#: Characters the shipped encoder's tokenizer (BERT's normalizer: ``clean_text``, accents
+#: stripped) deletes or splits on: blank space, control, format, private-use and surrogate
+#: characters, combining marks, and U+FFFD (what ``errors="replace"`` leaves). Not unassigned
+#: ones: the tokenizer reads them as [UNK], and Python's Unicode tables call emoji newer than
+#: them unassigned (a reviewer's find: a message of one Unicode 15 emoji counted as blank).
+_INVISIBLE = frozenset(("Cc", "Cf", "Co", "Cs", "Zs", "Zl", "Zp", "Mn"))
+
+
+def holds_no_text(text: str) -> bool:
+    """Whether ``text`` is blank to the encoder: only characters its tokenizer deletes (was:
+    ``str.strip`` alone, so a prompt of zero-width spaces, or of U+FFFD, was predicted as an
+    empty one without a note). Stops at the first other character."""
+    return not text.strip() or all(c == "\ufffd" or unicodedata.category(c) in _INVISIBLE for c in text)
+
+
+def bad_utf8_at(raw: bytes, e: UnicodeDecodeError, sig: bool = True) -> tuple[int, int]:
+    """(line, byte within that line) of ``e``, an error decoding ``raw`` as UTF-8 (``sig``: as
+    ``utf-8-sig``, whose error counts from after a BOM: was, 3 bytes short and no line)."""
+    bad = e.start + (len(codecs.BOM_UTF8) if sig and raw.startswith(codecs.BOM_UTF8) else 0)
+    return raw.count(b"\n", 0, bad) + 1, bad - (raw.rfind(b"\n", 0, bad) + 1)
 
 
 def is_valid_unicode(texts: str | Iterable[str]) -> bool:

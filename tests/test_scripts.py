@@ -378,6 +378,19 @@ def test_recipes_name_a_bad_row(tmp_path: Path) -> None:
                "ids.jsonl:1", "'x'", "must be a string or an integer, got null")
 
 
+def test_compare_losses_refuses_a_held_out_side_it_cannot_score(tmp_path: Path) -> None:
+    """Refused before any training (was: every variant trained, then NaN scores, exit 0, and a
+    --json file with bare NaN in it)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p {i}", "rl_tokens": n}) + "\n"
+                            for i, n in enumerate([10, 500, 3000, 20, 700])))
+    _one_error(_run("training/compare_losses.py", "--data", data, "--rows", "5", "--json", tmp_path / "o.json"),
+               "the held-out side has 0 row(s) of 5: at least 2 are needed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+    res = _run("training/compare_losses.py", "--data", data, "--eval-rows", "1")  # (was: scored one row,
+    assert res.returncode == 2 and "--eval-rows" in res.stderr  # a tau of "0")
+
+
 def test_heldout_rows_never_writes_over_its_input(tmp_path: Path) -> None:
     src = tmp_path / "rows.jsonl.gz"
     rows = [{"conversation_id": f"c{i}", "prompt": "p", "response": "r"} for i in range(200)]

@@ -52,7 +52,8 @@ def main() -> None:
     ap = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=arg_path, action="append", required=True, help="data file (repeatable)")
     ap.add_argument("--rows", type=arg_number(int, 1), default=3000, help="training samples per variant")
-    ap.add_argument("--eval-rows", type=arg_number(int, 1), default=2000, help="held-out samples scored")
+    ap.add_argument("--eval-rows", type=arg_number(int, 2), default=2000,  # (tau needs 2: was, "0" for 1)
+                    help="held-out samples scored (at least 2)")
     ap.add_argument("--variants", type=arg_list(str), default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--json", type=arg_file, help="also write the results here")
     ap.add_argument("--force", action="store_true", help="replace an existing --json file")
@@ -69,6 +70,9 @@ def main() -> None:
     if len(prep.train) < args.rows:  # said, and recorded as trained (was: --rows in the JSON, silently)
         print(f"note: {len(prep.train)} training-side samples, fewer than --rows {args.rows}: every variant "
               "trains on those", flush=True)
+    if len(prep.test) < 2:  # was: trained every variant, then NaN scores and a JSON file with NaN in it
+        raise SystemExit(f"the held-out side has {len(prep.test)} row(s) of {len(prep.train) + len(prep.test)}: "
+                         "at least 2 are needed to score a variant; give more --data rows")
     test = random.Random(0).sample(prep.test, min(args.eval_rows, len(prep.test)))
     rl = np.array([s.rl_tokens for s in test], dtype=float)
     rows = {}

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ..cost_model import MAX_TOKEN_BUDGET
+
 #: The simulator's policy and the one inside vLLM's scheduler, by pair name.
 PAIRS = {"vllm": ("vllm", "vllm-real"), "ecoserve": ("ecoserve-recompute", "ecoserve-vllm-real")}
 #: EcoServe settings both sides read (``EcoServeConfig`` fields, the plug-in's ``ECOSERVE_*``).
@@ -34,6 +36,13 @@ SETTINGS = {"amortize": bool, "scale_predictions": bool, "park": bool, "give_way
             "aging": float, "reserve_frac": float}
 PROFILES = ("llama2-13b-a100-80gb", "llama3-8b-a100-80gb")
 _COLUMNS = ("arrivals_s", "prompt_tokens", "output_tokens", "max_tokens")
+
+
+#: A token count's largest value in a case (a trace's columns take the same).
+MAX_TOKENS = 1 << 53
+#: Each server setting's largest value in a case: the CLI's bounds (``--token-budget``,
+#: ``--max-running``, ``--block-size``), and 2^22 blocks (the simulator holds a list of them).
+LIMITS = {"kv_blocks": 1 << 22, "token_budget": MAX_TOKEN_BUDGET, "max_running": 1 << 16, "block_size": 1024}
 
 
 @dataclass(frozen=True)
@@ -64,15 +73,15 @@ class Case:
         for name in _COLUMNS[1:]:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"field {name!r}: {len(getattr(self, name))} values, arrivals_s has {n}")
-            if any(not _whole(v) or v < 1 for v in getattr(self, name)):
-                raise ValueError(f"field {name!r}: whole numbers >= 1 expected")
+            if any(not _whole(v) or not 1 <= v <= MAX_TOKENS for v in getattr(self, name)):
+                raise ValueError(f"field {name!r}: whole numbers from 1 to 2^53 expected")  # (a trace's)
         if any(not _real(v) or v < 0 for v in self.arrivals_s) or list(self.arrivals_s) != sorted(self.arrivals_s):
             raise ValueError("field 'arrivals_s': finite times >= 0 in arrival order expected")
         if self.predictions is not None and (
                 len(self.predictions) != n or any(len(p) != 3 or not all(_whole(x) for x in p) or p[0] < -1
-                                                  or min(p[1:]) < 0 for p in self.predictions)):
+                                                  or min(p[1:]) < 0 or max(p) > MAX_TOKENS for p in self.predictions)):
             raise ValueError(f"field 'predictions': {n} rows of [bucket >= -1, predicted >= 0, reserved >= 0] "
-                             "whole numbers expected")
+                             "whole numbers up to 2^53 expected")  # (was: past 2^63, an internal error)
         if not isinstance(self.pair, str) or self.pair not in PAIRS:
             raise ValueError(f"field 'pair': one of {', '.join(PAIRS)} expected, got {self.pair!r}")
         for k, v in self.settings.items():
@@ -85,9 +94,9 @@ class Case:
         for name in ("slo_ttft_s", "slo_tbt_s"):
             if not _real(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"field {name!r}: a number > 0 expected")
-        for name in ("kv_blocks", "token_budget", "max_running", "block_size"):
-            if not _whole(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"field {name!r}: a whole number >= 1 expected")
+        for name, most in LIMITS.items():  # (was: no upper bound: 1e8 blocks took 3.2 GB, then "disagreed")
+            if not _whole(getattr(self, name)) or not 1 <= getattr(self, name) <= most:
+                raise ValueError(f"field {name!r}: a whole number from 1 to {most:,} expected")
         from ..cost_model import list_profiles
 
         if self.profile not in list_profiles():
@@ -159,7 +168,12 @@ class Case:
 
 
 def _real(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer past a float's range (was: "internal error", exit 1)
+        return False
 
 
 def _whole(v: Any) -> bool:

@@ -161,16 +161,32 @@ def engine_core_run(requests: list[Request], policy: str, cost: Any, *, slo: SLO
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+    from ..request import check_servable
     from .vllm_scheduler import EcoServeVllmConfig
-    from .vllm_sim import TINY_LLAMA, replay_plugin_class, tiny_model_dir, vllm_request
+    from .vllm_sim import (
+        TINY_LLAMA,
+        check_plugin,
+        replay_plugin_class,
+        tiny_model_dir,
+        vllm_request,
+    )
 
     if policy not in POLICIES:
         raise ValueError(f"unknown engine policy {policy!r}; choose from {', '.join(POLICIES)}")
     asynchronous, eco = POLICIES[policy]
+    check_plugin(policy, plugin)  # (was: ignored for vllm-real; the SLO's a TypeError)
     slo = slo or SLO()
-    reqs = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
-    length = model_length(kv_blocks, block_size, max((r.prompt_tokens + r.max_tokens for r in reqs), default=0))
-    if too_long := [r.rid for r in reqs if r.prompt_tokens + r.target_tokens >= length]:
+    try:
+        out = [Request(r.rid, r.arrival_s, r.prompt_tokens, r.max_tokens, r.true_output_tokens, r.pred_bucket,
+                       r.pred_tokens, r.reserve_tokens, r.slo) for r in requests]  # fresh: served ones may be given
+    except TypeError:  # a length that is no number (a copy compares two): the simulator's words for it
+        check_servable(list(requests))
+        raise
+    check_servable(out)  # the simulator's checks, first (was: vLLM's bare AssertionError on an id given
+    # twice or an empty prompt, and a TypeError for a missing length)
+    out = sorted(out, key=lambda r: (r.arrival_s, r.rid))
+    length = model_length(kv_blocks, block_size, max((r.prompt_tokens + r.max_tokens for r in out), default=0))
+    if too_long := [r.rid for r in out if r.prompt_tokens + r.target_tokens >= length]:
         raise ValueError(f"request {too_long[0]}: prompt and output reach the engine's model length {length}")
     cls = (replay_plugin_class(asynchronous) if eco else AsyncScheduler if asynchronous else Scheduler)
     sc = SchedulerConfig(max_num_seqs=max_running, max_num_batched_tokens=token_budget, max_model_len=length,
@@ -181,8 +197,6 @@ def engine_core_run(requests: list[Request], policy: str, cost: Any, *, slo: SLO
     vc = VllmConfig(scheduler_config=sc, model_config=mc, device_config=DeviceConfig(device="cpu"),
                     cache_config=CacheConfig(block_size=block_size, enable_prefix_caching=False,
                                              num_gpu_blocks_override=kv_blocks + 1))
-    out = [Request(r.rid, r.arrival_s, r.prompt_tokens, r.max_tokens, r.true_output_tokens, r.pred_bucket,
-                   r.pred_tokens, r.reserve_tokens, r.slo) for r in reqs]  # fresh: served requests may be given
     by_id = {str(r.rid): r for r in out}
     spec = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32)
     run = _Run(cost, kv_blocks, spec, {rid: r.target_tokens for rid, r in by_id.items()}, by_id)

@@ -17,7 +17,7 @@ Two pieces:
   check), with :class:`TransformersExecutor` as the executor.
 
 KV accounting: the policy's ``KVCacheManager`` is a ledger over the engine's block pool (same
-block size, same number of blocks). A reservation is a logical hold; transformers fills physical
+block size, same number of blocks, one attention group: a model with several is refused). A reservation is a logical hold; transformers fills physical
 blocks on demand as tokens are written. Because the ledger never hands out more blocks than the
 pool has and a request never writes past its blocks (the policy's invariant), the
 engine's on-demand allocation cannot fail; :meth:`PolicyScheduler.schedule_batch` raises if it
@@ -177,6 +177,13 @@ class PolicyScheduler(HFScheduler):
         self._arrive_now = clock is None
         self.clock = clock or (lambda: time.perf_counter() - t0)
         super().__init__(cache, safety_margin or 0.0, max_requests_per_batch)
+        if len(cache.cache_allocators) > 1:  # was: accepted, and a run could fail inside a reservation
+            raise ValueError(
+                f"this model's KV cache has {len(cache.cache_allocators)} attention groups "
+                f"({', '.join(cache.cache_allocators)}): transformers gives each group whole sectors of the "
+                "cache, so the policy's ledger of whole-model blocks cannot promise a group its blocks (7 "
+                "planned, the 7th refused); serve it with transformers' own scheduler (the vLLM plug-in "
+                "refuses such models too)")
         pages = {a.tokens_per_page for a in cache.cache_allocators.values()}
         if pages != {policy.kv.block_size} or cache.use_prefix_sharing:
             raise ValueError(f"engine pages {pages} (prefix sharing {cache.use_prefix_sharing}) must be "
@@ -297,11 +304,15 @@ class PolicyScheduler(HFScheduler):
             self._forks.pop(other.request_id, None)
 
     def _check_new(self, state: RequestState) -> Request | None:
-        """Raise for what cannot be served: an id in use, a request longer than the whole KV
-        cache (the serving loop's drop rule). Returns the request's policy side, if given."""
+        """Raise for what cannot be served: an id in use, an empty prompt, a request longer than
+        the whole KV cache (the serving loop's drop rule). Returns the request's policy side, if
+        given."""
         rid_s = state.request_id
         if (old := self.reqs.get(rid_s)) is not None and old.state not in (State.FINISHED, State.ERRORED):
             raise ValueError(f"request id {rid_s!r} is already in use by a request not yet finished")
+        if not len(state.initial_tokens):  # as GenRequest refuses it (was, under transformers' manager:
+            # another request's token continued, or alone a failed forward pass that ended the loop)
+            raise ValueError(f"{rid_s}: the prompt is empty: nothing to generate from")
         r = self.meta.get(rid_s, self._forks.get(rid_s))
         if state.max_new_tokens is None:  # was: planned as 1 token (or the policy's); it grew past it, waited forever
             raise ValueError(f"{rid_s}: max_new_tokens is not set (transformers: no limit); a policy plans each "

@@ -54,7 +54,7 @@ from typing import Any
 
 from rlpredict.inputs import last_user_message
 from rlpredict.records import TRACE_MESSAGES, RecordError, parse_messages
-from rlpredict.untrusted_text import is_valid_unicode
+from rlpredict.untrusted_text import holds_no_text, is_valid_unicode
 
 logger = logging.getLogger(__name__)
 
@@ -189,14 +189,14 @@ def predictor_input(doc: dict, field: str, last_user: bool = False) -> str | lis
             value = value[0]
         # (was: a blank prompt predicted, and a lone surrogate counted as a predictor failure, where
         # a chat's is no text; a reviewer's finds)
-        return value if isinstance(value, str) and value.strip() and is_valid_unicode(value) else None
+        return value if isinstance(value, str) and not holds_no_text(value) and is_valid_unicode(value) else None
     try:
         messages = parse_messages(value, field, TRACE_MESSAGES)
     except RecordError:
         return None
     if last_user:  # the text it reads (was: any user message's: an image-only last turn was
-        return messages if last_user_message(messages).strip() else None  # predicted as empty text)
-    return messages if any(m["role"] == "user" and m["content"].strip() for m in messages) else None
+        return None if holds_no_text(last_user_message(messages)) else messages  # predicted as empty text)
+    return messages if any(m["role"] == "user" and not holds_no_text(m["content"]) for m in messages) else None
 
 
 #: The text of a system block Claude Code sends with a per-request hash, which vLLM drops.

@@ -263,8 +263,12 @@ class VllmExecutor(Executor):
         if not queue:
             return None
         out, samples, start, end, dt = queue.popleft()
-        outputs = self.sched.update_from_output(out, fake_model_output(out, self.sched, self.target, samples))
-        return self._delivered(outputs, start, end, dt)
+        sched = self.sched
+        # the KV columns as the simulator takes them: before the step's finished requests free
+        # their blocks (was: after, so a request's last step counted none of its cache)
+        kv = sum(q.num_computed_tokens for q in sched.running), self.kv_blocks - self.pool.get_num_free_blocks()
+        outputs = sched.update_from_output(out, fake_model_output(out, sched, self.target, samples))
+        return self._delivered(outputs, start, end, dt, kv)
 
     def _queue_step(self, now: float) -> bool:
         """Schedule a step at ``now`` and queue it behind the steps in flight; False if it
@@ -283,9 +287,10 @@ class VllmExecutor(Executor):
         self.queue.append((out, samples, start, start + dt, dt))
         return True
 
-    def _delivered(self, outputs: Any, prev: float, now: float, dt: float) -> LogRow:
-        """Record the tokens of a step that ran from ``prev`` to ``now``: its log row."""
-        sched, steady = self.sched, 0
+    def _delivered(self, outputs: Any, prev: float, now: float, dt: float, kv: tuple[int, int]) -> LogRow:
+        """Record the tokens of a step that ran from ``prev`` to ``now``: its log row, with
+        ``kv`` (tokens held, blocks allocated) taken before the step's output was read."""
+        steady = 0
         for eco in outputs.values():
             for o in eco.outputs:
                 r = self.by_id[o.request_id]
@@ -302,8 +307,7 @@ class VllmExecutor(Executor):
                     r.state = State.FINISHED
                     r.finish_s = now
                     self.sampled.discard(o.request_id)
-        kv_used = sum(q.num_computed_tokens for q in sched.running)
-        return (now, dt, 1, steady, kv_used, self.kv_blocks - self.pool.get_num_free_blocks())
+        return (now, dt, 1, steady, *kv)
 
     def close(self, res: SimResult) -> None:
         res.counters = {"preemptions": self.preemptions}
@@ -343,6 +347,21 @@ def replay_requests(trace: Any, policy: str, slo: SLO, *, predictions: str | Non
     return reqs, apply_predictions(reqs, trace, source, seed=seed, confusion=confusion, bundle=bundle)
 
 
+def check_plugin(policy: str, plugin: Mapping[str, Any] | None) -> None:
+    """Refuse ``plugin`` settings a replay of ``policy`` would not read: any for vLLM's own
+    schedulers, the SLO (the replay's own), and what the replay sets itself (the predictor, the
+    cost model). Both replays (``run_real``, ``engine_core.engine_core_run``) check them here."""
+    options = dict(plugin or {})
+    if options and policy not in PREDICTING_POLICIES:
+        raise ValueError(f"{policy}: plugin settings are for {', '.join(PREDICTING_POLICIES)}")
+    if taken := {"slo_ttft", "slo_tbt", "trust_client_hints"} & options.keys():
+        raise ValueError(f"{policy}: plugin setting {sorted(taken)[0]!r} is the replay's own (give slo=SLO(...))")
+    if unread := sorted(options.keys() - set(PLUGIN_POLICY_SETTINGS)):  # (was: accepted, and ignored:
+        # the replay builds no predictor and hands the plug-in its cost model)
+        raise ValueError(f"{policy}: the replay reads no plugin setting {unread[0]!r}; it takes "
+                         f"{', '.join(PLUGIN_POLICY_SETTINGS)}")
+
+
 def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
              predictions: str | None = None, confusion: Any = None, bundle: str | None = None,
              seed: int = 0, kv_blocks: int | None = None, block_size: int = 16,
@@ -362,15 +381,8 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
 
     if policy not in REAL_POLICIES:
         raise ValueError(f"unknown engine policy {policy!r}; choose from {', '.join(REAL_POLICIES)}")
+    check_plugin(policy, plugin)
     options = dict(plugin or {})
-    if options and policy not in PREDICTING_POLICIES:
-        raise ValueError(f"{policy}: plugin settings are for {', '.join(PREDICTING_POLICIES)}")
-    if taken := {"slo_ttft", "slo_tbt", "trust_client_hints"} & options.keys():
-        raise ValueError(f"{policy}: plugin setting {sorted(taken)[0]!r} is the replay's own (give slo=SLO(...))")
-    if unread := sorted(options.keys() - set(PLUGIN_POLICY_SETTINGS)):  # (was: accepted, and ignored:
-        # the replay builds no predictor and hands the plug-in its cost model)
-        raise ValueError(f"{policy}: the replay reads no plugin setting {unread[0]!r}; it takes "
-                         f"{', '.join(PLUGIN_POLICY_SETTINGS)}")
     slo = slo or SLO()
     reqs, desc = replay_requests(trace, policy, slo, predictions=predictions, confusion=confusion,
                                  bundle=bundle, seed=seed)

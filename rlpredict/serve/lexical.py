@@ -83,10 +83,24 @@ class LexicalHead:
                 missing = [a for a in ARRAYS if a not in z.files]
                 if missing:
                     raise ValueError(f"{path.name}: missing arrays {missing}")
-                a = {k: z[k] for k in ARRAYS}
+                a = {}
+                for name in ARRAYS:
+                    try:
+                        a[name] = z[name]
+                    except ValueError as e:  # an object array (was: numpy's words, naming no file)
+                        raise ValueError(f"{path.name}: {name}: {e}") from None
         except (OSError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path.name}: not a readable .npz file ({e})") from None
-        terms = a["vocab_utf8"].tobytes().decode("utf-8").split("\n") if a["vocab_utf8"].size else []
+        for name in ARRAYS:  # each array's kind (was: a string idf, "internal error"; bytes that are
+            # not UTF-8 or string classes, numpy's or the codec's words naming no file)
+            want = "u" if name == "vocab_utf8" else "iu" if name == "classes" else "fiu"
+            if a[name].dtype.kind not in want or (name == "vocab_utf8" and a[name].dtype.itemsize != 1):
+                raise ValueError(f"{path.name}: {name} holds {a[name].dtype} values, expected "
+                                 f"{'bytes (uint8)' if name == 'vocab_utf8' else 'integers' if name == 'classes' else 'numbers'}")
+        try:
+            terms = a["vocab_utf8"].tobytes().decode("utf-8").split("\n") if a["vocab_utf8"].size else []
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path.name}: vocab_utf8 is not UTF-8 (byte {e.start})") from None
         v, k = len(terms), n_buckets
         c = a["classes"].astype(np.int64)
         shapes = {"idf": (v,), "coef": (v, len(c)), "intercept": (len(c),), "stack_coef": (k, 2 * k),

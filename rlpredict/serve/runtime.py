@@ -64,7 +64,7 @@ from rlpredict.buckets import BucketScheme, tokens_up
 from rlpredict.inputs import InputSpec, build_text, last_user_message, messages_from_prompt
 from rlpredict.records import TRACE_MESSAGES, RecordError, parse_messages
 from rlpredict.serve.bundle import Bundle, BundleError, load_bundle
-from rlpredict.untrusted_text import is_valid_unicode, library_error
+from rlpredict.untrusted_text import holds_no_text, is_valid_unicode, library_error
 
 Request = str | Sequence[Mapping[str, Any]]
 """A prompt string, or the conversation before the response as ``[{role, content}, ...]``."""
@@ -532,6 +532,10 @@ class Predictor:
                 raise BundleError(f"{model}: the model gives outputs of shape {logits.shape} per prompt, but "
                                   f"the bundle's scheme has {b.buckets.n_buckets} buckets (expected "
                                   f"({b.buckets.n_buckets},))")
+            if not np.isfinite(logits).all():  # (was: loaded, then numpy's warning and "probs: each row
+                # must be finite" at the first prompt, naming no file)
+                raise BundleError(f"{model}: the model gives non-finite logits on a probe of {len(ids)} tokens "
+                                  f"({', '.join(map(str, logits.tolist()[:4]))}, ...): a damaged model")
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, reserve_quantile: float | None = None,
@@ -717,6 +721,10 @@ class Predictor:
     def from_logits(self, logits: np.ndarray, *, quantiles: Sequence[float] | None = None) -> PredictionArrays:
         """Bucket, probabilities, point prediction and reservation (and calibrated quantiles)
         from logits."""
+        if not np.isfinite(logits).all():  # one prompt's overflow, say, after the load's probes passed
+            row = int(np.flatnonzero(~np.isfinite(logits).all(axis=1))[0])
+            raise BundleError(f"{self.bundle.model_path}: the model gave non-finite logits for prompt {row + 1} "
+                              f"of {len(logits)}: no prediction can be made from them")
         z = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(z, dtype=np.float32)
         probs /= probs.sum(axis=1, keepdims=True)
@@ -768,14 +776,14 @@ def lacks_user_text(request: Request, spec: InputSpec) -> bool:
     alone), no text in any message in ``history`` mode. Predicted as an empty prompt, which
     training never saw, so ``annotate`` and ``predict`` count such requests and say so."""
     if isinstance(request, str):
-        return not request.strip()
+        return holds_no_text(request)
     try:
         messages = parse_messages(list(request), "messages", TRACE_MESSAGES)
     except (RecordError, TypeError):
         return False  # not a request at all: ``texts`` says why
     if spec.mode == "history":
-        return not any(m["content"].strip() for m in messages)
-    return not last_user_message(messages).strip()
+        return all(holds_no_text(m["content"]) for m in messages)
+    return holds_no_text(last_user_message(messages))
 
 
 def as_requests(requests: Request | Sequence[Request]) -> list[Request]:

@@ -21,6 +21,7 @@ from rlpredict.outputs import repeated_input
 from rlpredict.rl_tokenizers import NAMED as RL_TOKENIZER_NAMES
 from rlpredict.splits import MAX_TEST_FRAC
 from rlpredict.train.encoders import DEFAULT_ENCODER
+from rlpredict.untrusted_text import bad_utf8_at
 
 
 @dataclass
@@ -165,10 +166,12 @@ class TrainConfig:
         """A recipe: TOML, YAML (``.yaml``, ``.yml``) or JSON (``.json``), its settings at the
         top or under ``[train]``."""
         p = Path(path)
+        raw = p.read_bytes()
         try:
-            text = p.read_text(encoding="utf-8-sig")  # a BOM is not a TOML statement (was: "Invalid statement")
+            text = raw.decode("utf-8-sig")  # a BOM is not a TOML statement (was: "Invalid statement")
         except UnicodeDecodeError as e:  # was: the codec's message, naming no file
-            raise ValueError(f"{p}: not UTF-8 text (byte {e.start})") from None
+            line, byte = bad_utf8_at(raw, e)  # (was: counted from after a BOM, no line)
+            raise ValueError(f"{p}: line {line}: not UTF-8 text (byte {byte})") from None
         if p.suffix.lower() in (".yaml", ".yml"):
             d = _yaml_settings(p, text)
         elif p.suffix.lower() == ".json":  # was: read as TOML ("Invalid statement")

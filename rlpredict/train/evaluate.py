@@ -20,6 +20,7 @@ from rlpredict.data import Sample, attach_rl, load_samples
 from rlpredict.inputs import InputSpec, build_text, lexical_text
 from rlpredict.json_file import read_json
 from rlpredict.outputs import output_dir, repeated_input, write_text_atomic
+from rlpredict.records import no_generator_note
 from rlpredict.splits import RECORDLESS_RULE, SPLIT_RULES, check_split_record, split_by_group
 from rlpredict.train.baselines import BASELINES
 from rlpredict.train.encoders import check_positions, token_ids
@@ -213,7 +214,8 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
                 skipped_baselines.append(f"{name}: {' '.join(str(e).split())}")
     elif baselines:
         why = ("the training side of the split is empty: every row of --data is held out" if split == "test"
-               else "no training side (--split all without --baseline-data)")
+               else "no training side (--split all without --baseline-data)" if baseline_report is None
+               else f"--baseline-data holds no sample (read {baseline_report.summary()})")  # (was: "without")
         skipped_baselines = [f"{name}: {why}" for name in baselines]
 
     sources = sorted({s.source for s in test})
@@ -234,6 +236,9 @@ def evaluate(model_dir: str | Path | None, data: Sequence[str | Path], *, split:
         **({"baseline_load": baseline_report.summary(), "baseline_skipped_examples": baseline_report.examples}
            if baseline_report is not None else {}),
         **({"baseline_train_overlap": overlap} if overlap is not None else {}),
+        # scored rows a model that reads the generator saw as 'model: unknown' (was: not said)
+        **({"no_generator": unknown} if model_dir is not None and spec.include_generator
+           and (unknown := sum(s.generator is None for s in test)) else {}),
         "reserve_quantile_predictive": reserve_quantile,
         "baselines_skipped": skipped_baselines,
         "all": {m: scores(rl, p, scheme, reserve_quantile) for m, p in probs.items()},
@@ -281,6 +286,12 @@ def p_text(p: float) -> str:
     return "p < 1e-15" if p < 1e-15 else f"p = {p:.2g}"
 
 
+def times(a: float, b: float) -> str:
+    """``a`` as a multiple of ``b`` ("0.93x"; "inf x" past a ``b`` of 0, "1.00x" for two 0s: was
+    a ZeroDivisionError when a baseline scored every held-out row exactly)."""
+    return f"{a / b:.2f}x" if b > 0 else "1.00x" if a == 0 else "inf x"
+
+
 def paired_p(rl: np.ndarray, probs: dict[str, np.ndarray], scheme: BucketScheme,
              metrics: dict[str, dict]) -> float | None:
     """``paired_t_p`` of the model against the better TF-IDF baseline (None: nothing to compare)."""
@@ -299,9 +310,9 @@ def verdict(metrics: dict[str, dict], p: float | None = None, n: int | None = No
     best = _best_tfidf(metrics)
     if best is None:
         return "no TF-IDF baseline scored"
-    ratio = metrics[MODEL]["mae"] / metrics[best]["mae"]
-    word = "beats" if ratio < 1 else "does NOT beat"
-    line = f"model MAE {metrics[MODEL]['mae']:.1f} = {ratio:.2f}x {best} ({metrics[best]['mae']:.1f}): the model {word} TF-IDF"
+    mae, base = metrics[MODEL]["mae"], metrics[best]["mae"]
+    word = "beats" if mae < base else "does NOT beat"
+    line = f"model MAE {mae:.1f} = {times(mae, base)} {best} ({base:.1f}): the model {word} TF-IDF"
     if n is not None and n < 2:
         return line + f", but {n} row cannot tell the two apart"
     if p is None:
@@ -360,7 +371,13 @@ def split_line(report: dict) -> str:
     if report.get("baseline_train_overlap"):
         text += (f"; **{report['baseline_train_overlap']} scored samples are also --baseline-data samples** (the "
                  "baselines trained on rows they are scored on)")
+    if unknown := report.get("no_generator"):
+        text += f"; **{no_generator_note(f'{unknown} scored sample(s)', GENERATOR_FIELDS, 'the model')}**"
     return text
+
+
+#: Where a row's generator is read (``rlpredict.records``' log fields).
+GENERATOR_FIELDS = "'generator' or 'model'"
 
 
 def markdown_report(report: dict) -> str:

@@ -46,6 +46,7 @@ from rlpredict.train.evaluate import (
     markdown_table,
     p_text,
     paired_t_p,
+    times,
 )
 from rlpredict.train.metrics import rl_metrics
 
@@ -408,8 +409,8 @@ def verdict(all_rows: dict[str, dict], p: dict[str, float | None] | None = None)
     worse = [m for m in ("encoder", "tfidf_logreg") if mae["stacked"] >= mae[m]]
     word = ("better than either alone" if not worse else "NOT better than either alone" if len(worse) == 2
             else f"NOT better than {'the encoder' if worse[0] == 'encoder' else 'TF-IDF'} alone")
-    line = (f"stacked MAE {mae['stacked']:.1f} = {mae['stacked'] / mae['encoder']:.2f}x the encoder's "
-            f"({mae['encoder']:.1f}), {mae['stacked'] / mae['tfidf_logreg']:.2f}x TF-IDF's ({mae['tfidf_logreg']:.1f}): "
+    line = (f"stacked MAE {mae['stacked']:.1f} = {times(mae['stacked'], mae['encoder'])} the encoder's "
+            f"({mae['encoder']:.1f}), {times(mae['stacked'], mae['tfidf_logreg'])} TF-IDF's ({mae['tfidf_logreg']:.1f}): "
             f"the stacked bundle is {word}")
     names = {"encoder": "the encoder", "tfidf_logreg": "TF-IDF"}
     tested = {m: v for m, v in (p or {}).items() if v is not None}

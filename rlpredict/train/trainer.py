@@ -549,6 +549,11 @@ def _train(cfg: TrainConfig, out_dir: str | Path, *, prepared: Prepared | None, 
     if cfg.threads:  # at most the cores this process may use, as the predictor's threads
         torch.set_num_threads(min(cfg.threads, usable_cores()))
     prep = prepared or prepare(cfg)
+    if cfg.best_metric == "kendall_tau" and min(cfg.eval_rows, len(prep.test)) == 1:  # the config's own
+        # check, on the rows there are (was: a held-out side of one row picked checkpoints on tau "0")
+        raise ValueError(f"{', '.join(map(str, cfg.data))}: the held-out side has 1 row: best_metric kendall_tau "
+                         "needs at least 2 (a rank correlation over one row is undefined); give more data, "
+                         "or another best_metric")
     train_rows = rows_sha256(prep.train)  # which rows it trains on (the summary's, and --resume's check)
     if resume:
         _check_same_rows(ckpt, train_rows)

@@ -792,6 +792,23 @@ def test_the_kv_timeline_drops_to_zero_while_the_server_idles(tmp_path):
     assert t == sorted(t) and t[0] == 0.0  # from the first iteration's start
     idle = [i for i, v in enumerate(u) if v == 0.0]
     assert len(idle) == 1 and t[idle[0]] < 1 and t[idle[0] + 1] >= 30  # 0 from the first's end to the second's start
+    assert t[-1] == pytest.approx(res.log[-1][0]) and u[-1] == u[-2] > 0  # the last step drawn to its end
+
+
+def test_a_lone_requests_decodes_show_in_the_kv_timeline(tmp_path):
+    """The last iteration's step is drawn to its end (was: ``steps-post`` gave it no width, so a
+    lone request's plot stopped at its prefill's end, 0.18 of 2.15 s)."""
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.request import SLO
+    from ecoserve_sched.simulator import run
+    from ecoserve_sched.trace import read_trace
+
+    p = tmp_path / "one.csv"
+    p.write_text("arrival_time_s,input_tokens,output_tokens\n0,1000,100\n")
+    res = run(read_trace(p), "vllm", load_profile("llama2-7b-a100-80gb"), slo=SLO())
+    t, u = compare_mod.kv_timeline(res)
+    assert t[0] == 0.0 and t[-1] == pytest.approx(res.requests[0].finish_s) and len(t) == len(u)
+    assert t[-2] < 0.2 * t[-1] and u[-1] == u[-2] > u[0]  # the decodes' step spans the rest
 
 
 def test_a_thinned_kv_timeline_keeps_each_share_of_the_spans_mean():
@@ -800,8 +817,8 @@ def test_a_thinned_kv_timeline_keeps_each_share_of_the_spans_mean():
     log = [((i + 1) * 0.1, 0.1, 1, 1, 50, 4) for i in range(10)]  # busy 0-1 s at half the cache
     log += [(100 + (i + 1) * 0.1, 0.1, 1, 1, 100, 7) for i in range(10)]  # idle to 100 s, then full
     t, u = compare_mod.kv_timeline(SimResult("p", "x", "none", [], 100, 16, log=log), points=4)
-    assert t == pytest.approx([0, 25.25, 50.5, 75.75])
-    assert u == pytest.approx([0.5 / 25.25, 0, 0, 1 / 25.25])  # (was: every k-th step, idle held)
+    assert t == pytest.approx([0, 25.25, 50.5, 75.75, 101])  # (the last: the span's end)
+    assert u == pytest.approx([0.5 / 25.25, 0, 0, 1 / 25.25, 1 / 25.25])  # (was: every k-th step, idle held)
 
 
 def test_capacity_refuses_up_front_what_the_ceiling_cannot_build(tmp_path):

@@ -468,6 +468,11 @@ def test_under_the_manager_what_a_policy_cannot_plan_is_refused(tiny_llama):
         [(status, error)] = [(o.status.name, o.error) for o in out.values()]
         assert status == "FAILED" and "max_new_tokens is not set" in error
 
+        names.append(register_scheduler("empty-prompt-test", eng.make_policy()))  # (was: another's token
+        out = _generate_batch(tiny_llama, [[], [5, 6, 7]], cb(names[-1]), gen)  # continued, or a dead loop)
+        assert out["req_0"].status.name == "FAILED" and "the prompt is empty" in out["req_0"].error
+        assert out["req_1"].status.name == "FINISHED" and len(out["req_1"].generated_tokens) == 6
+
         names.append(register_scheduler("nolimit-meta-test", eng.make_policy(), {"req_0": Request(0, 0.0, 3, 6, 6)}))
         out = _generate_batch(tiny_llama, [[5, 6, 7]], cb(names[-1]), unlimited)  # with a policy request too
         assert "max_new_tokens is not set" in out["req_0"].error
@@ -820,3 +825,22 @@ def test_a_waiting_request_is_cancelled_and_a_policy_without_dequeue_keeps_it(ti
             assert [s.request_id for s in gone] == ["a"] and policy.counters["cancelled"] == 1
             assert policy.waiting_count() == 1 and list(sched.waiting_requests) == ["b"]
             assert list(sched.waiting_requests_order) == ["b"] and freed == ["a"]
+
+
+def test_a_model_with_several_attention_groups_is_refused():
+    """A sliding-window + full-attention model: transformers gives each group whole sectors, so
+    a 7-block ledger met the engine's refusal at the 7th block, a RuntimeError mid-run (a
+    reviewer's case); now refused at the start, as the vLLM plug-in refuses hybrid models."""
+    import transformers
+
+    from ecoserve_sched.engines.transformers_cb import GenRequest, TransformersEngine
+
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=1, head_dim=2, vocab_size=64, max_position_embeddings=1024,
+                                    sliding_window=512, layer_types=["sliding_attention", "full_attention"])
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    eng = TransformersEngine(model, "ecoserve", clock="step", block_size=4, kv_blocks=7, token_budget=32, max_running=2)
+    with pytest.raises(ValueError, match=r"KV cache has 2 attention groups \(sliding_attention, full_attention\)"):
+        eng.generate([GenRequest(list(range(3, 23)), 8)])

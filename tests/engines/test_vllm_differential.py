@@ -96,7 +96,14 @@ def test_a_case_round_trips_through_json_and_a_bad_one_names_its_field() -> None
                           ({"slo_ttft_s": True}, "slo_ttft_s"), ({"slo_tbt_s": 1e-300}, "slo_tbt_s"),
                           ({"settings": {"reserve_frac": 7.0}}, "settings"),
                           ({"predictions": [[5, -2, -3]] * len(good["arrivals_s"])}, "predictions"),
-                          ({"predictions": [[True, 2, 3]] * len(good["arrivals_s"])}, "predictions")):
+                          ({"predictions": [[True, 2, 3]] * len(good["arrivals_s"])}, "predictions"),
+                          # were: 3.2 GB and then a "disagreement"; an internal error (OverflowError)
+                          ({"kv_blocks": 10 ** 8}, "kv_blocks"), ({"block_size": 10 ** 8}, "block_size"),
+                          ({"slo_ttft_s": 10 ** 400}, "slo_ttft_s"),
+                          ({"arrivals_s": [10 ** 400] * len(good["arrivals_s"])}, "arrivals_s"),
+                          ({"settings": {"aging": 10 ** 400}}, "settings"),
+                          ({"predictions": [[5, 10 ** 30, 10 ** 30]] * len(good["arrivals_s"])}, "predictions"),
+                          ({"prompt_tokens": [10 ** 20] * len(good["arrivals_s"])}, "prompt_tokens")):
         with pytest.raises(ValueError, match=f"field '{field}'"):
             Case.from_json({**good, **change})
 

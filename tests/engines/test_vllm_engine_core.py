@@ -203,6 +203,22 @@ def test_engine_core_run_refuses_what_an_engine_cannot_take() -> None:
     with pytest.raises(ValueError, match="request 0: prompt and output reach the engine's model length 128"):
         engine_core_run([Request(0, 0.0, 100, 40, 30)], "vllm-real", cost, kv_blocks=8, token_budget=64,
                         max_running=4)
+    # the simulator's and run_real's checks (were: vLLM's bare AssertionError, a setting ignored, a TypeError)
+    kw: dict[str, Any] = dict(kv_blocks=8, token_budget=64, max_running=4)
+    with pytest.raises(ValueError, match="request id 1 is given twice"):
+        engine_core_run([Request(1, 0.0, 10, 10, 5), Request(1, 0.1, 10, 10, 5)], "vllm-real", cost, **kw)
+    for prompt in (0, None):  # (None: was a TypeError, the lengths summed before the check)
+        with pytest.raises(ValueError, match="request 0: prompt_tokens must be a whole number >= 1"):
+            engine_core_run([Request(0, 0.0, prompt, 10, 5)], "vllm-real", cost, **kw)
+    for name in ("max_tokens", "true_output_tokens"):  # (were: a TypeError from the copy)
+        r = Request(0, 0.0, 10, 10, 5)
+        setattr(r, name, None)
+        with pytest.raises(ValueError, match=f"request 0: {name} must be a whole number >= 1"):
+            engine_core_run([r], "vllm-real", cost, **kw)
+    with pytest.raises(ValueError, match="vllm-real: plugin settings are for ecoserve-vllm-real"):
+        engine_core_run([Request(0, 0.0, 10, 10, 5)], "vllm-real", cost, plugin={"park": False}, **kw)
+    with pytest.raises(ValueError, match="plugin setting 'slo_tbt' is the replay's own"):
+        engine_core_run([Request(0, 0.0, 10, 10, 5)], "ecoserve-vllm-real", cost, plugin={"slo_tbt": 0.1}, **kw)
 
 
 def test_engine_core_case_keeps_what_an_engine_on_the_cache_can_take() -> None:

@@ -218,8 +218,9 @@ def test_no_text_where_the_predictor_reads_is_not_predicted() -> None:
     assert vm.predictor_input({"messages": turns}, "messages", last_user=True) is None
     assert vm.predictor_input({"messages": turns}, "messages") is not None  # history reads the first
     assert vm.predictor_input({"messages": [{"role": "user", "content": "  "}]}, "messages") is None
-    for prompt in ("   ", "hi \ud800"):
+    for prompt in ("   ", "hi \ud800", "\u200b\u00ad"):  # (the last: what the tokenizer deletes)
         assert vm.predictor_input({"prompt": prompt}, "prompt") is None
+    assert vm.predictor_input({"messages": [{"role": "user", "content": "\ufeff"}]}, "messages", last_user=True) is None
 
 
 def test_responses_tool_calls_are_joined_in_linear_time() -> None:

@@ -41,6 +41,10 @@ def test_real_vllm_matches_simulated_vllm_policy(blocks: int) -> None:
     for k in ("p50_tbt_s", "p99_tbt_s"):  # the simulator logs decode-only stretches as means
         assert real[k] == pytest.approx(sim[k], rel=1e-2), k
     assert (real["preemptions"] > 0) == (blocks < 1000)
+    # the KV columns before the step's finished requests free their blocks, as the simulator's
+    # (was: after, so a request's last step held none: 0 for a lone one-token request)
+    assert real["kv_alloc_mean"] == pytest.approx(sim["kv_alloc_mean"], rel=1e-4)  # (stretches: means)
+    assert real["kv_util_mean"] == pytest.approx(sim["kv_util_mean"], rel=3e-3)  # (one sampled token each)
 
 
 def test_ecoserve_inside_vllm_matches_the_simulators_without_swapping() -> None:

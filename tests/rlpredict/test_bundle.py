@@ -111,15 +111,17 @@ def test_an_empty_bundle_path_is_refused_not_read_as_the_current_folder(path):
 
 
 # ---- the model must take what the bundle feeds it (checked at load, not at the first prediction)
-def _swap_model(path, width, names=("input_ids", "attention_mask")):
-    """Replace ``model.onnx`` with a tiny model of ``width`` outputs and these inputs; rehashed,
-    as ``write_manifest`` would, so only the load-time check can catch it."""
+def _swap_model(path, width, names=("input_ids", "attention_mask"), weights=None):
+    """Replace ``model.onnx`` with a tiny model of ``width`` outputs and these inputs (its logits:
+    the mean id times ``weights``); rehashed, as ``write_manifest`` would, so only the load-time
+    check can catch it."""
     onnx = pytest.importorskip("onnx")
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     ins = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in names]
-    w = numpy_helper.from_array(np.linspace(-1, 1, width, dtype=np.float32).reshape(1, width), "W")
+    weights = np.linspace(-1, 1, width) if weights is None else np.asarray(weights)
+    w = numpy_helper.from_array(weights.astype(np.float32).reshape(1, width), "W")
     nodes = [helper.make_node("Cast", [names[0]], ["f"], to=TensorProto.FLOAT),
              helper.make_node("ReduceMean", ["f"], ["m"], axes=[1], keepdims=1),
              helper.make_node("MatMul", ["m", "W"], ["logits"])]
@@ -148,6 +150,21 @@ def test_a_model_of_another_width_is_refused_at_load(copy, width):
     with pytest.raises(BundleError, match=rf"model.onnx: the model gives outputs of shape \({width},\) per prompt, "
                                           r"but the bundle's scheme has 10 buckets \(expected \(10,\)\)"):
         Predictor.load(copy)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_model_with_non_finite_logits_is_refused_at_load(copy, bad):
+    """Was: loaded, then numpy's RuntimeWarning and "probs: each row must be finite" at the first
+    prompt, naming no file; a prompt's non-finite logits after the load are named too."""
+    import numpy as np
+
+    _swap_model(copy, 10, weights=[0.0] * 9 + [bad])
+    with pytest.raises(BundleError, match=r"model.onnx: the model gives non-finite logits on a probe of 2 tokens"):
+        Predictor.load(copy)
+    _swap_model(copy, 10)
+    p = Predictor.load(copy)
+    with pytest.raises(BundleError, match=r"model.onnx: the model gave non-finite logits for prompt 2 of 2"):
+        p.from_logits(np.array([[0.0] * 10, [0.0] * 9 + [bad]]))
 
 
 def test_a_model_with_other_inputs_is_refused_at_load(copy):

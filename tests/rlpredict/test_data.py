@@ -183,8 +183,8 @@ def test_a_json_array_is_read_row_by_row_and_strictly(tmp_path, monkeypatch, chu
 @pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 20])
 def test_a_data_object_is_read_row_by_row(tmp_path, monkeypatch, chunk):
     """``{"data": [rows]}`` is read in chunks too (was: the file read whole, then decoded whole:
-    735 MiB for a 206 MB file), its rows named by their lines; the ``data`` json.loads keeps (the
-    last) is the one read; the other members are read item by item, and a single value in them
+    735 MiB for a 206 MB file), its rows named by their lines; ``data`` given twice is refused
+    (was: the last read, as json.loads keeps it, the other's rows left out); the other members are read item by item, and a single value in them
     counts against the row limit, as a single object does; what json.loads refuses is refused at
     its line."""
     from rlpredict import records
@@ -193,14 +193,16 @@ def test_a_data_object_is_read_row_by_row(tmp_path, monkeypatch, chunk):
     monkeypatch.setattr(records, "MAX_ROW_BYTES", 200)
     rows = [{"prompt": f"q{i}", "n": -2.5 * i} for i in range(4)]
     body = ",\n".join(json.dumps(r) for r in rows)
-    ok = _write(tmp_path / "ok.json", f'\n{{"version": 1.5, "data": [1],\n "data": [\n{body}\n],\n "meta": {{"data": 2}}}}\n')
+    ok = _write(tmp_path / "ok.json", f'\n{{"version": 1.5,\n "data": [\n{body}\n],\n "meta": {{"data": 2}}}}\n')
     got = list(records.iter_rows(ok))
     assert [r for _, r in got] == rows and [loc.rsplit(":", 1)[1] for loc, _ in got] == ["4", "5", "6", "7"]
     ids = _write(tmp_path / "ids.json", f'{{"ids": {list(range(300))}, "m": {{"a": [{"1, " * 150}2]}}, "data": [{body}]}}')
     assert [r for _, r in records.iter_rows(ids)] == rows  # the other members item by item too
-    one = _write(tmp_path / "one.json", '\n{"data": [1], "prompt": "q",\n "data": "not a list"}')
+    one = _write(tmp_path / "one.json", '\n{"prompt": "q",\n "data": "not a list"}')
     assert [(loc.rsplit(":", 1)[1], r) for loc, r in records.iter_rows(one)] == [("2", {"data": "not a list", "prompt": "q"})]
-    for text, why in ((f'{{"data": [{body}], "meta": 1', r"big\.json:4: .*the file ends where ',' or '}' should be"),
+    for text, why in ((f'{{"data": [1],\n "data": [{body}]}}', r"big\.json:2: the key 'data' is given twice"),
+                      ('{"data": "x", "data": [1]}', r"big\.json:1: the key 'data' is given twice"),
+                      (f'{{"data": [{body}], "meta": 1', r"big\.json:4: .*the file ends where ',' or '}' should be"),
                       (f'{{"data": [{body}]}}\n]', r"big\.json:5: .*text after the value"),
                       (f'{{"data": [{body}], }}', r"a ',' before '}'"),
                       ("{" + ",\n".join(f'"k{i}": "{"x" * 150}"' for i in range(5)) + "}", r"big\.json:1: a row of over"),

@@ -138,6 +138,21 @@ def test_the_stack_verdict_says_what_the_test_rows_cannot_tell():
     assert "but the 40 test rows cannot tell it from the encoder (paired t-tests: p = 0.3" in loose
 
 
+def test_a_verdict_against_an_mae_of_0_is_said_not_divided_by():
+    """A baseline that scores every test row exactly (tiny, separable data) has an MAE of 0 (was:
+    ZeroDivisionError, exit 1, no report, in ``rlpredict eval`` and ``stack``)."""
+    from rlpredict.train.evaluate import MODEL
+    from rlpredict.train.evaluate import verdict as eval_verdict
+    from rlpredict.train.stack import verdict
+
+    rows = {"stacked": {"mae": 3.0, "n": 5}, "encoder": {"mae": 0.0}, "tfidf_logreg": {"mae": 0.0}}
+    assert verdict(rows).startswith("stacked MAE 3.0 = inf x the encoder's (0.0), inf x TF-IDF's (0.0)")
+    assert eval_verdict({MODEL: {"mae": 0.0}, "tfidf_logreg": {"mae": 0.0}}) == (
+        "model MAE 0.0 = 1.00x tfidf_logreg (0.0): the model does NOT beat TF-IDF")
+    assert "= inf x tfidf_logreg (0.0): the model does NOT beat" in eval_verdict(
+        {MODEL: {"mae": 2.0}, "tfidf_logreg": {"mae": 0.0}})
+
+
 def test_stacked_bundle_loads_and_predicts_per_prompt(stacked):
     from rlpredict.serve.runtime import Predictor
 
@@ -213,6 +228,22 @@ def test_a_bad_lexical_head_is_refused_naming_the_problem(stacked, tmp_path):
 
     with pytest.raises(BundleError, match="idf has shape"):
         load_bundle(_rewrite(stacked, tmp_path / "shape", shape))
+
+    def retyped(name, value):  # (were: "internal error" for a string idf; numpy's or the codec's
+        def rule(m, d):  # words, naming no file, for the others)
+            with np.load(d / "lexical.npz") as z:
+                a = {k: z[k] for k in z.files}
+            a[name] = value(a[name])
+            np.savez(d / "lexical.npz", **a)
+        return rule
+
+    for name, value, why in (("idf", lambda x: np.array(["x"] * len(x)), "idf holds <U1 values, expected numbers"),
+                             ("classes", lambda x: x.astype(str), r"classes holds <U\d+ values, expected integers"),
+                             ("vocab_utf8", lambda x: np.concatenate([x, np.array([255], np.uint8)]),
+                              r"vocab_utf8 is not UTF-8 \(byte \d+\)"),
+                             ("coef", lambda x: np.array([None], dtype=object), r"coef: Object arrays cannot")):
+        with pytest.raises(BundleError, match=rf"lexical\.npz: {why}"):
+            load_bundle(_rewrite(stacked, tmp_path / name, retyped(name, value)))
 
     def unlisted(m, _):
         m["files"] = {k: v for k, v in m["files"].items() if k != "lexical.npz"}

@@ -225,6 +225,33 @@ def test_long_output_names_are_refused_before_the_work_and_written_when_legal(tm
         check_new_file(tmp_path / ("b" * 251 + ".json"), force=False, option="--out")
 
 
+def test_a_blank_output_path_is_refused_as_such(tmp_path, monkeypatch):
+    """A blank path (an unset ``$VAR`` beside a space) is refused, not made into a folder
+    named " " (was: ``ecoserve compare --out " "`` wrote its report there, exit 0)."""
+    from rlpredict.outputs import check_new_dir, check_new_file, check_parent
+
+    monkeypatch.chdir(tmp_path)
+    for check in (check_new_dir, check_new_file):
+        with pytest.raises(OutputError, match=r"^--out is blank \(' '\): give a path$"):
+            check(Path(" "), force=True, option="--out")
+    with pytest.raises(OutputError, match="is blank"):
+        check_parent("\t", "--out")
+    assert list(tmp_path.iterdir()) == []
+    check_new_file(tmp_path / " a", force=False, option="--out")  # (a name with a space is a name)
+
+
+def test_a_blank_compare_out_exits_2_with_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ecoserve_sched.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    Path("t.csv").write_text("arrival_time_s,input_tokens,output_tokens\n0,100,10\n")
+    r = CliRunner().invoke(app, ["compare", "--trace", "t.csv", "--policies", "vllm", "--rate-scales", "1",
+                                 "--out", " "])
+    assert r.exit_code == 2 and "--out is blank" in r.output and sorted(os.listdir()) == ["t.csv"], r.output
+
+
 def test_outputs_get_the_modes_of_a_plain_write(tmp_path):
     """Temporary files and folders are private (0600/0700); what lands gets the umask's modes."""
     from rlpredict.outputs import _UMASK, check_new_file, write_text_atomic
@@ -518,7 +545,11 @@ def test_a_bundle_file_that_cannot_be_loaded_is_one_line(bundle_fp32, tmp_path, 
 
 def test_predict_reads_utf8_and_refuses_ignored_options(bundle_fp32):
     res = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32)], input=b"fine\nbad \xff here\n")
-    one_error_line(res, "stdin: line 2: not valid UTF-8")  # was: exit 1, a TypeError from the tokenizer
+    one_error_line(res, "stdin: line 2: not valid UTF-8 (byte 4)")  # was: exit 1, a TypeError from the tokenizer
+    for single, data in ((["--single"], b"\xef\xbb\xbfab\nc\xff"), ([], b"\xef\xbb\xbfab\xff\n")):
+        res = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), *single], input=data)  # (were: the
+        one_error_line(res, "stdin: line 2: not valid UTF-8 (byte 1)" if single else  # byte and line counted
+                       "stdin: line 1: not valid UTF-8 (byte 5)")  # from after a BOM)
     one_error_line(run("predict", "-m", bundle_fp32, "a\udcffb"), "prompt argument 1: not valid UTF-8")
     bom = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--json"], input="\ufeffhello\n".encode())
     plain = CliRunner().invoke(app, ["predict", "-m", str(bundle_fp32), "--json"], input=b"hello\n")
@@ -791,6 +822,24 @@ def test_a_config_is_checked_before_the_data_is_read(tmp_path, text, why):
     assert TrainConfig.load(cfg).max_steps == 2
 
 
+def test_kendall_tau_as_best_metric_is_refused_on_a_one_row_held_out_side(tmp_path):
+    """The config's check, on the held-out rows there are (was: ``eval_rows`` was checked alone,
+    so a split leaving one row picked checkpoints and stopped early on a tau of "0")."""
+    from rlpredict.buckets import BucketScheme
+    from rlpredict.data import LoadReport, Sample
+    from rlpredict.train.trainer import Prepared, train
+
+    def row(i: int) -> Sample:
+        return Sample(str(i), str(i), [{"role": "user", "content": f"p{i}"}], "r", 10 + 90 * (i % 2), "s", None, "x")
+
+    prep = Prepared([row(i) for i in range(8)], [row(9)], BucketScheme.from_edges([50, float("inf")]),
+                    LoadReport())
+    cfg = TrainConfig(data=["d.jsonl"], best_metric="kendall_tau", max_steps=1)
+    with pytest.raises(ValueError, match=r"^d\.jsonl: the held-out side has 1 row: best_metric kendall_tau needs"):
+        train(cfg, tmp_path / "m", prepared=prep)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m-checkpoints").exists()
+
+
 def test_a_config_reads_its_paths_and_on_error_as_written(tmp_path, monkeypatch):
     """A tokenizer.json path is relative to the config, as data and encoder are (was: to the
     working directory); a config's on_error holds unless --on-error is given (was: always
@@ -804,7 +853,7 @@ def test_a_config_reads_its_paths_and_on_error_as_written(tmp_path, monkeypatch)
     assert loaded.on_error == "skip"
     assert TrainConfig.load(_write(cfg, 'rl_tokenizer = "llama3"\n')).rl_tokenizer == "llama3"  # a name stays
     cfg.write_bytes(b'data = ["\xff"]\n')
-    with pytest.raises(ValueError, match=r"c\.toml: not UTF-8 text \(byte 9\)"):
+    with pytest.raises(ValueError, match=r"c\.toml: line 1: not UTF-8 text \(byte 9\)"):
         TrainConfig.load(cfg)
     # the CLI keeps the config's on_error unless --on-error is given
     seen = []
@@ -1224,6 +1273,43 @@ def test_predict_shows_the_last_user_message_with_terminal_controls_escaped(bund
     assert "Write an essay" in res.stdout and "SECRET" not in res.stdout
 
 
+def test_bad_utf8_after_a_byte_order_mark_is_named_by_its_line_and_byte(tmp_path):
+    """The recipe and JSON readers counted the byte from after a BOM and named no line."""
+    from rlpredict.json_file import read_json
+
+    (tmp_path / "r.toml").write_bytes(b'\xef\xbb\xbfmax_steps = 2\nlr = "\xff"\n')
+    with pytest.raises(ValueError, match=r"r\.toml: line 2: not UTF-8 text \(byte 6\)"):
+        TrainConfig.load(tmp_path / "r.toml")
+    (tmp_path / "r.json").write_bytes(b'\xef\xbb\xbf{"max_steps": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"r\.json: line 1: not valid UTF-8 \(byte 18\)"):
+        read_json(tmp_path / "r.json")
+
+
+def test_predict_json_reaches_a_terminal_that_cannot_show_the_prompt(bundle_fp32):
+    """Was: exit 2, "'ascii' codec can't encode character", after every prediction was made."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "rlpredict.cli", "predict", "-m", str(bundle_fp32), "--json", "h\u00e9llo"],
+                         capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["predictions"][0]["input"] == "h\u00e9llo" and b"\\u00e9" in res.stdout
+
+
+def test_the_tables_prompt_column_escapes_only_what_it_shows():
+    """At most 48 characters, escaped (was: the whole prompt escaped, then clipped: 26 s and
+    1.9 GB for a prompt of 20 M zero-width spaces)."""
+    import time
+
+    from rlpredict.cli_bundle import _shown
+
+    assert _shown("a\x1bb\nc") == "a\\x1bb c" and _shown("x" * 48) == "x" * 48
+    assert _shown("x" * 49) == "x" * 47 + "…" and _shown("\u200b" * 100) == ("\\u200b" * 8)[:47] + "…"
+    t0 = time.perf_counter()
+    assert _shown("a" + "\u200b" * (20 << 20)).startswith("a\\u200b")
+    assert time.perf_counter() - t0 < 2.0  # (a bound far above the 0.06 s measured, far below 26 s)
+
+
 def test_an_option_given_twice_is_refused_not_the_last_kept(bundle_fp32, tmp_path):
     """Was: click's rule, the last value kept without a word (``--out a --out b`` wrote b);
     a repeatable option (``--data``) is still taken each time."""
@@ -1265,13 +1351,13 @@ def test_a_folder_output_lands_with_plain_modes_whatever_a_library_wrote(tmp_pat
 def test_rows_of_a_json_file_are_named_by_their_line(tmp_path):
     from rlpredict.records import iter_rows
 
-    cases = {"obj.json": '{"meta": {"data": 1},\n "data": [\n {"a": 1},\n {"a": 2}\n], "data": [\n{"a": 3}]}\n',
+    cases = {"obj.json": '{"meta": {"data": 1},\n "other": [\n {"a": 1},\n {"a": 2}\n], "data": [\n{"a": 3}]}\n',
              "arr.json": '[\n {"a": 1},\n\n {"a": 2}\n]\n', "one.json": '\n\n{"a": 1}\n'}
     got = {}
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
         got[name] = [(loc.rsplit(":", 1)[1], row) for loc, row in iter_rows(tmp_path / name)]
-    assert got == {"obj.json": [("6", {"a": 3})],  # the last "data", as json.loads keeps (was: "item 0")
+    assert got == {"obj.json": [("6", {"a": 3})],  # (was: "item 0"; "data" given twice is refused now)
                    "arr.json": [("2", {"a": 1}), ("4", {"a": 2})], "one.json": [("3", {"a": 1})]}
 
 
@@ -1449,9 +1535,10 @@ def test_the_current_folder_is_no_output_folder(tmp_path, monkeypatch, name):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    with pytest.raises(OutputError, match="is the current folder or holds it"):
+    why = "is blank" if name == "" else "is the current folder or holds it"  # ("" is refused as blank now)
+    with pytest.raises(OutputError, match=why):
         check_new_dir(name, force=True, option="--out")
-    with pytest.raises(OutputError, match="is the current folder or holds it"), \
+    with pytest.raises(OutputError, match=r"is blank|is the current folder or holds it"), \
             output_dir(name, force=True, tool="test"):
         pass
     assert list(work.iterdir()) == []

@@ -89,6 +89,20 @@ def test_import_rlpredict_is_light():
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+def test_a_blank_generator_names_no_model_as_the_readers_take_it():
+    """Was: the Python API fed "model:    " to the model where the CLI, annotate and training
+    read a blank name as no generator ("model: unknown")."""
+    from rlpredict.inputs import InputSpec
+
+    msgs = [{"role": "user", "content": "hi"}]
+    for mode in ("last_user", "history"):
+        spec = InputSpec(mode=mode, include_generator=True)
+        unknown = build_text(msgs, spec, None)
+        assert "model: unknown" in unknown
+        assert build_text(msgs, spec, "   ") == build_text(msgs, spec, "\t") == build_text(msgs, spec, "") == unknown
+        assert "model: gpt-4" in build_text(msgs, spec, "gpt-4")
+
+
 def test_text_and_messages_build_the_training_text(predictor):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},
             {"role": "user", "content": "tell me a story"}]
@@ -300,6 +314,12 @@ def test_which_requests_lack_user_text():
     # a history-mode bundle reads every turn (was: counted as predicted from an empty prompt)
     assert not lacks_user_text(system_only, history) and not lacks_user_text(blank_last, history)
     assert lacks_user_text([{"role": "user", "content": " "}], history)
+    # what the encoder's tokenizer deletes is no text either (was: predicted from an empty prompt,
+    # without the note): zero-width space, soft hyphen, a BOM, control characters
+    for invisible in ("\u200b", "\u00ad\ufeff", "\x01 \u200b\n", "\ufffd\ufffd", "\ue000", "\u0301"):
+        assert lacks_user_text(invisible, last) and lacks_user_text([{"role": "user", "content": invisible}], history)
+    assert not lacks_user_text("\u200bhi", last) and not lacks_user_text("\u00e9", last)
+    assert not lacks_user_text("\U0001fa77", last)  # an emoji newer than Python's tables: [UNK], not nothing
 
 
 def test_a_closed_stdout_is_an_error(bundle_fp32, tmp_path):

@@ -301,3 +301,30 @@ def test_a_models_own_evaluation_is_replaced_with_it_by_train_force(trained, tmp
     from rlpredict.train.evaluate import EVAL_TOOL
 
     assert PARTS == {TRAIN_TOOL: {"eval": EVAL_TOOL}}  # the tools' names, in one place each
+
+
+def test_eval_counts_the_rows_a_generator_model_saw_without_one(tiny_model_dir, tmp_path):
+    """A model trained with the generator in its input, scored on rows that name none: counted
+    on stderr and in the report (was: all predicted as 'model: unknown' without a word); an
+    empty --baseline-data is named as such (was: "--split all without --baseline-data")."""
+    import dataclasses
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    meta = ModelMeta.load(model)
+    dataclasses.replace(meta, input=dataclasses.replace(meta.input, include_generator=True)).save(model)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}", "rl_tokens": 10 + 40 * i,
+                                        **({"model": "gpt"} if i % 2 else {})}) + "\n" for i in range(4)))
+    (tmp_path / "empty.jsonl").write_text("")
+    res = CliRunner().invoke(app, ["eval", "--model", str(model), "--data", str(data), "--split", "all",
+                                   "--baselines", "constant", "--baseline-data", str(tmp_path / "empty.jsonl"),
+                                   "--out", str(tmp_path / "r"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["no_generator"] == 2
+    err = " ".join(res.stderr.split())
+    assert ("2 of the 4 scored samples have no generator ('generator' or 'model'): the model takes the served "
+            "model's name, and predicted them as 'model: unknown'") in err
+    assert "constant: --baseline-data holds no sample (read 0 rows" in err, err
+    assert "have no generator" in (tmp_path / "r" / "report.md").read_text()
