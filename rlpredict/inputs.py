@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from rlpredict.records import names_nothing
+
 Mode = Literal["last_user", "history"]
 #: Longest input an encoder of ours reads (BERT-style encoders stop at 512; some go to 8192).
 MAX_LENGTH = 8192
@@ -63,7 +65,7 @@ def build_text(messages: Sequence[Message], spec: InputSpec, generator: str | No
     """The predictor's input for a request whose context (before the response) is ``messages``;
     a ``generator`` of blank space names no model (``records.names_nothing``), as the readers
     take it (was: "model:    " from the Python API, where the CLI said "unknown")."""
-    name = generator if generator and generator.strip() else "unknown"
+    name = "unknown" if names_nothing(generator) else generator
     if spec.mode == "last_user":
         text = last_user_message(messages)
         if spec.include_generator:
