@@ -112,6 +112,7 @@ from ecoserve_sched.compare import (  # noqa: E402
     RunSpec,
     Server,
     capacity,
+    capacity_number,
     ceiling,
     deferred_share,
     sustained,
@@ -306,13 +307,20 @@ def alpaca_trace(shared: Path, n: int, skip: int = 0, seed: int = 0) -> Trace:
     return _turns_trace("alpaca_eval answers", [samples[i] for i in order], seed)
 
 
+#: Draws skipped at a time by ``code_trace`` (its memory is bounded by this, not by ``--skip``).
+CODE_SKIP_CHUNK = 1 << 16
+
+
 def code_trace(n: int, skip: int = 0) -> Trace:
     """Requests ``skip`` ... ``skip + n - 1`` of a synthetic code-completion trace: prompt and
     output lengths drawn independently (seed 0) from log-normals with ``CODE_SHAPE``'s medians and
     spreads (request i from the i-th pair of draws, whatever ``n`` and ``skip``), rounded and
     clipped to its caps; Poisson arrivals at 1 request/s (the cells replace them)."""
     c = CODE_SHAPE
-    z = np.random.default_rng(0).standard_normal((skip + n, 2))[skip:]
+    rng = np.random.default_rng(0)
+    for start in range(0, skip, CODE_SKIP_CHUNK):  # the draws skipped, a chunk at a time: the same
+        rng.standard_normal((min(CODE_SKIP_CHUNK, skip - start), 2))  # stream (was: all held, 352 MB
+    z = rng.standard_normal((n, 2))  # at --skip 20,000,000)
     inp = np.exp(math.log(c["prompt_median"]) + c["prompt_sigma"] * z[:, 0])
     out = np.exp(math.log(c["output_median"]) + c["output_sigma"] * z[:, 1])
     return Trace("synthetic code completion", poisson_arrivals(n, 1.0),
@@ -527,6 +535,9 @@ def main() -> None:
             names.append(c.name)
         else:
             names.append(tok)
+    if args.cell_seed and not any(tok.startswith("random:") for tok in toks):  # (was: taken, and the
+        ap.error("--cell-seed: seeds the cells 'random:N' draws, and --cells draws none "  # cells run as
+                 "(a cell rS.I names its own seed)")  # named; a reviewer's find)
     if twice := sorted({n for n in names if names.count(n) > 1}):  # was: run and written twice
         ap.error(f"--cells: {', '.join(twice)} given twice (random:N draws the same cells for the same "
                  "--cell-seed: give it once, or another --cell-seed)")
@@ -563,7 +574,7 @@ def main() -> None:
              args.resolution) for c in cells for p in searched])}
         tuned: dict[str, str] = {}  # cell -> the vllm@B (or vllm) run that vllm-tuned's loads run
         for c in cells if sweep else ():
-            tuned[c.name] = max(["vllm", *sweep], key=lambda p: caps[c.name, p]["max_rate_scale"] or -1.0)
+            tuned[c.name] = max(["vllm", *sweep], key=lambda p: _rank(caps[c.name, p]))
             budget = DEFAULT_TOKEN_BUDGET if tuned[c.name] == "vllm" else int(tuned[c.name][5:])
             caps[c.name, "vllm-tuned"] = {**caps[c.name, tuned[c.name]], "token_budget": budget}
         at_load = {(name, p): s for name, p, s in starmap(_as_row(task_at_load, tuned), [
@@ -605,7 +616,8 @@ def main() -> None:
                 "attainment_at_v1_load": load and load["slo_attainment"],
                 "token_budget": caps[c.name, p].get("token_budget"), **settings,
             })
-            for f in OVERLOAD_FACTORS if overload else ():  # --overload: "overload_1x", "overload_1.25x"
+            for f in OVERLOAD_FACTORS if args.overload else ():  # "overload_1x", "overload_1.25x": null
+                # where V1 has no capacity (was: left out, with the table, where no cell had one)
                 s = overload.get((c.name, p, f))
                 rows[-1][f"overload_{f:g}x"] = s and {**s, "jct_x_v1": _jct_x_v1(overload, c.name, p, f)}
             if sustained:
@@ -619,6 +631,9 @@ def main() -> None:
         text += f"\n\n(requests {args.skip + 1} to {args.skip + args.requests} of each trace; seed {args.seed})"
     if overload:
         text += "\n\n" + overload_markdown(overload, [c.name for c in cells], policies)
+    elif args.overload:  # (was: no table and no word)
+        text += ("\n\nPast capacity: no cell has a vLLM V1 capacity to load past (its search found none: "
+                 "see the capacity column), so no load was run")
     if sustained:
         text += "\n\n" + sustained_markdown(sustained, caps, ceilings, [c.name for c in cells], policies, criterion)
     print(text)
@@ -668,6 +683,15 @@ def _jct_x_v1(res: dict[tuple[str, str, float], dict], cell: str, policy: str, f
     return _ratio(res[cell, policy, factor]["mean_jct_s"], base and base["mean_jct_s"])
 
 
+def _rank(cap: dict) -> float:
+    """A budget's place in ``vllm-tuned``'s choice: its capacity, above all if no load failed
+    (was: last, so a budget that failed was picked over one that never did; a reviewer's find),
+    below all if none passed."""
+    if cap.get("search") == "no_failing_load":
+        return math.inf
+    return cap["max_rate_scale"] or -1.0
+
+
 def sustained_markdown(sus: dict, caps: dict, ceilings: dict, cells: list[str], policies: list[str],
                        criterion: str = "SLO attainment >= 0.9") -> str:
     """Capacity, deferred share at it, and the sustained capacity (at most 1% deferred)."""
@@ -683,8 +707,9 @@ def sustained_markdown(sus: dict, caps: dict, ceilings: dict, cells: list[str], 
         for p in policies:
             s = sus[c, p]
             cap = _found(s)
-            out.append(f"| {c} | {f(ceil)} | {p} | {f(caps[c, p]['max_rate_scale'])} | "
-                       f"{f(s['deferred_at_capacity'])} | {f(cap) if cap else s['search']} | "
+            given = caps[c, p]["max_rate_scale"]
+            out.append(f"| {c} | {f(ceil)} | {p} | {'n/a' if given is None else capacity_number(given)} | "
+                       f"{f(s['deferred_at_capacity'])} | {capacity_number(cap) if cap else s['search']} | "
                        f"{f(_ratio(cap, ceil), 2)} |")
     return "\n".join(out)
 
@@ -725,7 +750,7 @@ def markdown(rows: list[dict], n: int, seconds: float, criterion: str = "SLO att
            "| cell | ceiling | policy | capacity | / ceiling | x V1 | x V0 | JCT x V1 @V1 cap | norm. lat. x V1 | SLO @V1 cap |",
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        cap = f(r["capacity"], 3) if r["search"] == "found" else r["search"]
+        cap = capacity_number(r["capacity"]) if r["search"] == "found" else r["search"]
         policy = r["policy"] + (f" ({r['token_budget']})" if r.get("token_budget") else "")
         out.append(f"| {r['cell']} | {f(r['ceiling'], 3)} | {policy} | {cap} | {f(r['vs_ceiling'])} | "
                    f"{f(r['x_v1'])} | {f(r['x_v0'])} | {f(r['jct_x_v1'])} | {f(r['norm_latency_x_v1'])} | "

@@ -30,7 +30,7 @@ from rlpredict.cli_boundary import (
 from rlpredict.json_file import dumps
 from rlpredict.records import is_plain_number, no_generator_note
 
-from .compare import Server, table_cell
+from .compare import Server, load_text, table_cell
 from .cost_model import DEFAULT_PROFILE, MAX_TOKEN_BUDGET
 from .policies.interface import DEFAULT_MAX_RUNNING
 from .predictions import SOURCES
@@ -486,7 +486,7 @@ def capacity(
     else:
         what = (f"normalized latency <= {max_normalized_latency:g}s/token" if max_normalized_latency
                 else f"SLO attainment >= {target:g} at {slo_text(spec.slo)}")
-        typer.echo(f"{policy}: max_rate_scale {res['max_rate_scale']:.4g} ({what}"
+        typer.echo(f"{policy}: max_rate_scale {load_text(res['max_rate_scale'])} ({what}"
                    + (f", p99 TBT <= {slo_p99_tbt:g}s" if slo_p99_tbt else "")
                    + (f", at most {MAX_DEFERRED:.0%} of requests deferred" if sustained else "") + ")")
         if res["search"] == "found" and not res["converged"]:

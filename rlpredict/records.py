@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from rlpredict.json_file import KeyGivenTwice, once_each
 from rlpredict.untrusted_text import bad_utf8_at, is_valid_unicode, json_problem
 
 ROLE_ALIASES = {"human": "user", "user": "user", "prompter": "user", "gpt": "assistant", "chatgpt": "assistant",
@@ -280,7 +281,11 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> str | list[dict[str, s
             continue
         if isinstance(msgs, str):  # CSV cells, or JSON that stores the list as a string
             try:
-                msgs = json.loads(msgs)
+                msgs = json.loads(msgs, object_pairs_hook=once_each)
+            except KeyGivenTwice as e:  # as a JSON Lines row's messages (was: the last value kept without
+                # a word in a CSV or Parquet cell, where a JSONL row was refused; a reviewer's find)
+                raise RecordError("", f"field {name!r}: key {e.args[0]!r} is given twice in one JSON object "
+                                      "(which value is meant is not known)") from None
             except json.JSONDecodeError as e:
                 raise RecordError("", f"field {name!r} is not valid JSON ({e.msg})") from None
             except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
@@ -562,21 +567,30 @@ def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[st
     csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))  # long cells
     read: list[str] = []  # the lines of the record being parsed (one record's worth at most)
     held = 0  # their characters
+    ended = 0  # the lines read to their end: a "\n" ends one, and a bare "\r" in a file with no
+    # "\n" before it (old Mac text); not one in a quoted cell of a "\n" file (was: csv's line_num,
+    # which counted each, so every line named after such a cell was off; a reviewer's find)
+    lf = False
 
     def tap() -> Iterator[str]:
-        nonlocal held
+        nonlocal held, ended, lf
         while text := f.readline(MAX_ROW_BYTES + 1):  # was: a line of any size, held whole
             held = (held if read else 0) + len(text)
             if held > MAX_ROW_BYTES:  # was: the rest of the file held as one record (9x its size)
                 raise RecordError("", f"a record of over {MAX_ROW_BYTES >> 20} Mi characters from line "
                                       f"{start} (a quote left open?); the records after it cannot be read")
             read.append(text)
+            lf = lf or text.endswith("\n")
+            ended += text.endswith("\n") or (not lf and text.endswith("\r"))
             yield text
 
     reader = csv.reader(tap(), delimiter=delimiter, strict=True)  # a quote left open at the end is an error
     start = 1
     try:
         header = next(reader, None)
+        while header == []:  # blank lines before the header (was: an empty header, then the real one
+            start = ended + 1  # rejected as a row of the wrong width)
+            header = next(reader, None)
     except csv.Error as e:
         raise RecordError("", f"malformed CSV header ({e})") from None
     if header is None:
@@ -586,23 +600,23 @@ def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[st
     if twice := _twice(header):  # which cell a name means would be a guess
         raise RecordError("", f"column(s) {twice} appear more than once in the header")
     read.clear()
-    yield 1, header, None, None
+    yield start, header, None, None
     width = len(header)
-    start = reader.line_num + 1
+    start = ended + 1
     while True:
         try:
             cells = next(reader)
         except StopIteration:
             return
         except csv.Error as e:  # the record is dropped; the reader goes on at the next line
-            line, start = start, reader.line_num + 1
+            line, start = start, ended + 1
             span = f"; the record runs to line {start - 1}" if start - 1 > line else ""
             text = "".join(read)
             read.clear()
             yield line, None, f"malformed CSV ({e}{span})", text
             continue
         read.clear()
-        line, start = start, reader.line_num + 1
+        line, start = start, ended + 1
         if not cells:
             continue  # a blank line is not a row
         if len(cells) != width:

@@ -366,7 +366,7 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
              predictions: str | None = None, confusion: Any = None, bundle: str | None = None,
              seed: int = 0, kv_blocks: int | None = None, block_size: int = 16,
              token_budget: int | None = None, max_running: int = 256, plugin: Mapping[str, Any] | None = None,
-             **_: Any) -> RealSimResult:
+             **unread: Any) -> RealSimResult:
     """``simulator.run`` for ``REAL_POLICIES`` (``vllm-real``, ``ecoserve-vllm-real`` and their
     ``async-`` forms): same trace, predictions,
     KV capacity, token budget and ``max_running`` as the simulator's policies. ``plugin``:
@@ -381,6 +381,10 @@ def run_real(trace: Any, policy: str, cost: Any, *, slo: SLO | None = None,
 
     if policy not in REAL_POLICIES:
         raise ValueError(f"unknown engine policy {policy!r}; choose from {', '.join(REAL_POLICIES)}")
+    if unread:  # (was: taken and ignored, so `reserve_full_prompt=False` or a misspelt `kv_block`
+        # compared vLLM's default run with a policy's other one; a reviewer's find)
+        raise TypeError(f"{policy}: the replay of vLLM's own scheduler takes no setting {sorted(unread)[0]!r} "
+                        "(it takes kv_blocks, block_size, token_budget, max_running, plugin)")
     check_plugin(policy, plugin)
     options = dict(plugin or {})
     slo = slo or SLO()

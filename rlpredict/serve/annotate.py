@@ -23,6 +23,7 @@ import csv
 import gzip
 import io
 import json
+import math
 import re
 import sys
 import time
@@ -163,9 +164,26 @@ ONE_LINE = str.maketrans({"\r": " ", "\x85": "\\u0085", "\u2028": "\\u2028", "\u
 
 def _dumps(obj: Any) -> str:
     """JSON for the UTF-8 output files: non-ASCII kept, escaped only if a string cannot be
-    encoded (a lone surrogate from the input's escapes, or undecodable CSV bytes)."""
-    text = json.dumps(obj, ensure_ascii=False, default=str)
-    return text if is_valid_unicode(text) else json.dumps(obj, default=str)
+    encoded (a lone surrogate from the input's escapes, or undecodable CSV bytes); strict, a
+    NaN or an infinity (a Parquet float cell) as its text, "NaN", "Infinity" (was: bare NaN, which
+    no strict JSON reader takes; a reviewer's find)."""
+    try:
+        text = json.dumps(obj, ensure_ascii=False, default=str, allow_nan=False)
+    except ValueError:  # a float JSON has no number for (the rare path)
+        obj = _finite(obj)
+        text = json.dumps(obj, ensure_ascii=False, default=str, allow_nan=False)
+    return text if is_valid_unicode(text) else json.dumps(obj, default=str, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with each NaN or infinity written as JSON's name for it, a string."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if obj != obj else "Infinity" if obj > 0 else "-Infinity"
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def generator_of(row: Mapping[str, Any], fields: Fields, wanted: bool) -> str | None:
@@ -591,7 +609,24 @@ def parquet_out_schema(schema: Any, columns: Sequence[str] = COLUMNS) -> Any:
     import pyarrow as pa
 
     keep = [schema.field(n) for n in schema.names if n not in columns]
-    return pa.schema(keep + [pa.field(c, pa.int64()) for c in columns], metadata=schema.metadata)
+    return pa.schema(keep + [pa.field(c, pa.int64()) for c in columns],
+                     metadata=_pandas_ints(schema.metadata, [c for c in columns if c in schema.names]))
+
+
+def _pandas_ints(metadata: dict[bytes, bytes] | None, replaced: list[str]) -> dict[bytes, bytes] | None:
+    """The schema's metadata with pandas' record of each replaced ``rl_*`` column set to int64
+    (was: kept, so pandas read the new int64 predictions back as the old column's strings; a
+    reviewer's find). Metadata pandas did not write, or cannot be read, is kept as it is."""
+    if not metadata or b"pandas" not in metadata or not replaced:
+        return metadata
+    try:
+        record = json.loads(metadata[b"pandas"])
+        for col in record.get("columns", []):
+            if col.get("field_name", col.get("name")) in replaced:
+                col.update(pandas_type="int64", numpy_type="int64", metadata=None)
+    except (ValueError, AttributeError, TypeError):
+        return metadata
+    return {**metadata, b"pandas": json.dumps(record).encode()}
 
 
 def annotate_record_batch(run: _Run, rb: Any, done: int, out_schema: Any) -> Any:

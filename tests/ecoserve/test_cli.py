@@ -246,6 +246,11 @@ def test_a_table_says_when_requests_were_dropped(tmp_path):
     assert table.splitlines()[0] == "| policy | errors |" and table.splitlines()[2] == "| vllm-v0 | 1 |"
 
 
+def test_a_capacity_is_printed_as_a_load_that_reads_back():
+    assert compare_mod.load_text(0.515625) == "0.515625" and compare_mod.load_text(0.5) == "0.5"
+    assert compare_mod.load_text(1 / 3) == repr(1 / 3) and float(compare_mod.load_text(2.718281828)) == 2.718281828
+
+
 def test_capacity_text_in_tables():
     assert compare_mod.capacity_text({"search": "found", "max_rate_scale": 0.25}) == "0.250"
     assert compare_mod.capacity_text({"search": "no_failing_load", "lower_bound": 8192.0}) == "> 8.19e+03"

@@ -197,3 +197,29 @@ def test_a_slice_that_arrives_at_once_and_bad_data_rows_are_said(grid, tmp_path:
     (share / "sharegpt_v3.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
     tr = grid.sharegpt_trace(tmp_path, 10)
     assert len(tr) == 4 and "skipped 1 rows" in capsys.readouterr().err
+
+
+def test_vllm_tuned_ranks_a_budget_no_load_failed_first(grid) -> None:
+    """Was: a budget whose search found no failing load ranked last (its capacity is None), so a
+    budget that failed at some load was reported as the best (a reviewer's find, cell r0.2)."""
+    never = {"max_rate_scale": None, "search": "no_failing_load"}
+    found, none = {"max_rate_scale": 2.5, "search": "found"}, {"max_rate_scale": None, "search": "none_passed"}
+    assert max([found, never, none], key=grid._rank) is never
+    assert max([none, found], key=grid._rank) is found
+
+
+def test_code_trace_skips_in_bounded_memory_to_the_same_requests(grid, monkeypatch) -> None:
+    """Was: ``skip + n`` draws held at once (352 MB at --skip 20,000,000); now a chunk at a time,
+    and request i is still the i-th pair of draws."""
+    monkeypatch.setattr(grid, "CODE_SKIP_CHUNK", 7)
+    whole, part = grid.code_trace(40), grid.code_trace(10, skip=30)
+    assert (part.input_tokens == whole.input_tokens[30:]).all() and (part.output_tokens == whole.output_tokens[30:]).all()
+
+
+def test_cell_seed_without_random_cells_is_refused() -> None:
+    """Was: taken, and the named cells run as they are."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, str(GRID), "--shared", "nowhere", "--cells", "azure", "--cell-seed", "3",
+                          "--policies", "vllm"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--cell-seed: seeds the cells 'random:N' draws" in res.stderr, res.stderr

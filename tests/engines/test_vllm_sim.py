@@ -356,3 +356,12 @@ def test_vllms_asynchronous_loop_finishes_everything_under_kv_pressure() -> None
         s = summarize(res, SLO_)
         assert s["finished"] + s["dropped"] == len(tr) and res.counters["preemptions"] > 0, policy
         assert all(r.generated == r.target_tokens for r in res.requests if r.finish_s >= 0), policy
+
+
+def test_the_replay_refuses_a_setting_it_does_not_read() -> None:
+    """Was: taken and ignored (``**_``): ``reserve_full_prompt=False`` ran vLLM's default rule, and a
+    misspelt ``kv_block`` the profile's whole cache, where the simulator's ``vllm`` refuses both."""
+    cost, tr = load_profile("llama2-13b-a100-80gb"), _trace(20)
+    for kw in ({"kv_block": 30}, {"reserve_full_prompt": False}):
+        with pytest.raises(TypeError, match=f"takes no setting {next(iter(kw))!r}"):
+            run(tr, "vllm-real", cost, slo=SLO_, **kw)

@@ -507,3 +507,45 @@ def test_a_dead_workers_bundle_copy_is_removed() -> None:
     finally:
         shutil.rmtree(dead, ignore_errors=True)
         shutil.rmtree(live, ignore_errors=True)
+
+
+def test_csv_and_parquet_cells_keep_the_jsonl_rules(predictor, tmp_path) -> None:
+    """A reviewer's finds: a messages cell giving a key twice was read with the last value (a
+    JSONL row is refused); a Parquet reject's NaN was bare NaN in the rejects file (not JSON);
+    a replaced ``rl_*`` column kept pandas' record of its old type (read back as strings)."""
+    pd = pytest.importorskip("pandas")
+
+    dk = tmp_path / "dk.csv"
+    dk.write_text('messages\n"[{""role"": ""user"", ""content"": ""a"", ""content"": ""b""}]"\n')
+    with pytest.raises(AnnotateError, match=r"field 'messages': key 'content' is given twice"):
+        annotate_file(predictor, dk, tmp_path / "dk.out.csv")
+
+    t = pa.table({"prompt": [None, "ok"], "f": [float("nan"), float("inf")], "d": [{"a": -float("inf")}] * 2})
+    pq.write_table(t, tmp_path / "nan.parquet")
+    annotate_file(predictor, tmp_path / "nan.parquet", tmp_path / "nan.out.parquet", on_error="skip")
+    [line] = (tmp_path / "nan.out.rejects.jsonl").read_text().splitlines()
+    row = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}"))["row"]
+    assert row == {"prompt": None, "f": "NaN", "d": {"a": "-Infinity"}}
+
+    pd.DataFrame({"prompt": ["a", "b"], "rl_bucket": ["0-32", "32-64"]}).to_parquet(tmp_path / "pm.parquet")
+    annotate_file(predictor, tmp_path / "pm.parquet", tmp_path / "pm.out.parquet")
+    back = pd.read_parquet(tmp_path / "pm.out.parquet")
+    assert str(back["rl_bucket"].dtype) == "int64" and str(back["rl_pred_tokens"].dtype) == "int64"
+
+
+def test_csv_lines_are_named_as_an_editor_counts_them(tmp_path) -> None:
+    """Blank lines before the header are skipped (was: an empty header, the real one a bad row),
+    and a bare CR in a quoted cell ends no line (was: every later line named one too far; a file
+    of CR line ends still counts them)."""
+    import io
+
+    from rlpredict.records import csv_records
+
+    def lines(text: str) -> list[tuple[int, list[str] | None]]:
+        return [(n, cells) for n, cells, _, _ in csv_records(io.StringIO(text, newline=""))]
+
+    assert lines("\n\nid,prompt\n1,hi\n") == [(3, ["id", "prompt"]), (4, ["1", "hi"])]
+    assert lines('id,prompt\n1,"a\rb\rc"\n2,\n3,ok\n') == [(1, ["id", "prompt"]), (2, ["1", "a\rb\rc"]),
+                                                           (3, ["2", ""]), (4, ["3", "ok"])]
+    assert [n for n, _ in lines("id,prompt\r1,a\r2,b\r")] == [1, 2, 3]
+    assert [n for n, _ in lines('id,prompt\r\n1,"x\r\ny"\r\n2,z\r\n')] == [1, 2, 4]
