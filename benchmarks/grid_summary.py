@@ -125,7 +125,10 @@ def cell_summary(rows: dict[str, dict], policy: str, oracle: str, min_share: flo
     if not out["servable"]:
         return out
     bcaps = {p: c for p in base if (c := caps.get(p)) is not None}
-    best = max(bcaps, key=bcaps.get, default=None)
+    never = [p for p, r in base.items() if r.get("search") == "no_failing_load"]
+    # a baseline no load failed holds more than any figure: it is the best, and no ratio to it is
+    # known (was: the best among those with a figure, and a ratio to it; a reviewer's find)
+    best = never[0] if never else max(bcaps, key=bcaps.get, default=None)
     over, sjf = eco.get("overload_1.25x"), (rows.get("sjf") or {}).get("overload_1.25x")
     sus = {p: r.get("sustained_capacity") for p, r in base.items() if r.get("sustained_capacity")}
     # the oracle's run is there but only one of the two held a load: a miss, not a cell left out
@@ -142,7 +145,7 @@ def cell_summary(rows: dict[str, dict], policy: str, oracle: str, min_share: flo
     out.update(
         capacity=caps.get(policy), vs_ceiling=_ratio(caps.get(policy), ceiling),
         pred_oracle_none=po_none,
-        base_never_failed=[p for p, r in base.items() if r.get("search") == "no_failing_load"],
+        base_never_failed=never,
         best=best, best_capacity=bcaps.get(best), best_budget=best and base[best].get("token_budget"),
         x_best=_ratio(caps.get(policy), bcaps.get(best)), x_v1=_ratio(caps.get(policy), caps.get("vllm")),
         x_v0=_ratio(caps.get(policy), caps.get("vllm-v0")),
@@ -206,7 +209,8 @@ def table(cells: list[dict], policy: str, min_share: float) -> str:
                        "the ceiling | | | | | | | | |")
             continue
         budget = f" ({c['best_budget']})" if c["best_budget"] else ""
-        best = "none" if c["best"] is None else f"{c['best']}{budget} {_g(c['best_capacity'])}"
+        best = ("none" if c["best"] is None else f"{c['best']}{budget} no failing load" if c["best_capacity"] is None
+                else f"{c['best']}{budget} {_g(c['best_capacity'])}")
         eco = "none" if c["capacity"] is None else f"**{_g(c['capacity'])}** ({_f(c['vs_ceiling'])})"
         over = "n/a" if c["overload_jct"] is None else \
             f"{c['overload_jct']:.2f} ({_f(c['overload_att'], '.3f')}; {_f(c['sjf_att'], '.3f')})"

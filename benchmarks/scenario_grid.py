@@ -708,7 +708,7 @@ def sustained_markdown(sus: dict, caps: dict, ceilings: dict, cells: list[str], 
             s = sus[c, p]
             cap = _found(s)
             given = caps[c, p]["max_rate_scale"]
-            out.append(f"| {c} | {f(ceil)} | {p} | {'n/a' if given is None else capacity_number(given)} | "
+            out.append(f"| {c} | {'n/a' if ceil is None else capacity_number(ceil)} | {p} | {'n/a' if given is None else capacity_number(given)} | "
                        f"{f(s['deferred_at_capacity'])} | {capacity_number(cap) if cap else s['search']} | "
                        f"{f(_ratio(cap, ceil), 2)} |")
     return "\n".join(out)
@@ -752,7 +752,7 @@ def markdown(rows: list[dict], n: int, seconds: float, criterion: str = "SLO att
     for r in rows:
         cap = capacity_number(r["capacity"]) if r["search"] == "found" else r["search"]
         policy = r["policy"] + (f" ({r['token_budget']})" if r.get("token_budget") else "")
-        out.append(f"| {r['cell']} | {f(r['ceiling'], 3)} | {policy} | {cap} | {f(r['vs_ceiling'])} | "
+        out.append(f"| {r['cell']} | {'n/a' if r['ceiling'] is None else capacity_number(r['ceiling'])} | {policy} | {cap} | {f(r['vs_ceiling'])} | "
                    f"{f(r['x_v1'])} | {f(r['x_v0'])} | {f(r['jct_x_v1'])} | {f(r['norm_latency_x_v1'])} | "
                    f"{f(r['attainment_at_v1_load'])} |")
     return "\n".join(out)

@@ -262,6 +262,9 @@ def run(trace: Trace, policy: str, cost: Any, *, slo: SLO | None = None,
 
         if faults is not None:
             raise ValueError(f"{policy}: fault injection needs an ecoserve_sched policy")
+        if check:  # (was: taken, and nothing checked; a reviewer's find)
+            raise ValueError(f"{policy}: check=True checks an ecoserve_sched policy's KV ledger; vLLM's own "
+                             "scheduler keeps its own (its replay is checked against the simulator's)")
         return run_real(trace, policy, cost, slo=slo, predictions=predictions, confusion=confusion,
                         bundle=bundle, seed=seed, **policy_kw)
     sched = get_policy(policy, cost, slo=slo, **policy_kw)

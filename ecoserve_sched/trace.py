@@ -313,7 +313,7 @@ def _csv_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | None, 
         try:
             _, names, _, _ = next(records, (1, [], None, None))
         except RecordError as e:
-            raise TraceError(f"{path}:1: {e.reason}") from None
+            raise TraceError(f"{path}:{e.location or 1}: {e.reason}") from None
         assert names is not None
         if not names:
             raise TraceError(f"{path}: empty CSV file (no header)")

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from rlpredict.json_file import KeyGivenTwice, once_each
 from rlpredict.untrusted_text import bad_utf8_at, is_valid_unicode, json_problem
 
 ROLE_ALIASES = {"human": "user", "user": "user", "prompter": "user", "gpt": "assistant", "chatgpt": "assistant",
@@ -280,16 +279,18 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> str | list[dict[str, s
         if msgs is None or msgs == "":
             continue
         if isinstance(msgs, str):  # CSV cells, or JSON that stores the list as a string
+            twice: list[tuple[dict[str, Any], set[str]]] = []
             try:
-                msgs = json.loads(msgs, object_pairs_hook=once_each)
-            except KeyGivenTwice as e:  # as a JSON Lines row's messages (was: the last value kept without
-                # a word in a CSV or Parquet cell, where a JSONL row was refused; a reviewer's find)
-                raise RecordError("", f"field {name!r}: key {e.args[0]!r} is given twice in one JSON object "
-                                      "(which value is meant is not known)") from None
+                msgs = json.loads(msgs, object_pairs_hook=_noting_twice(twice))
             except json.JSONDecodeError as e:
                 raise RecordError("", f"field {name!r} is not valid JSON ({e.msg})") from None
             except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
                 raise RecordError("", f"field {name!r} is not valid JSON ({json_problem(e)})") from None
+            if twice and isinstance(msgs, list) and (where := _message_twice(msgs, twice)):
+                # the rule of a JSON Lines row's messages (was: the last value kept without a word
+                # in a CSV or Parquet cell; a reviewer's find)
+                raise RecordError("", f"key '{name}{where}' is given twice in one JSON object (which value "
+                                      "is meant is not known)")
         if isinstance(msgs, list) and not msgs:
             continue  # empty: the next field, or the prompt (`[]` hid a prompt beside it)
         return parse_messages(msgs, name, TRACE_MESSAGES, drop_final_assistant=fields.drop_final_assistant)
@@ -507,16 +508,8 @@ def parse_json(text: str, refuse_twice: frozenset[str] = frozenset(), *, dotted:
     into nested objects (the log reader), each level checked; else as one top-level key
     (``annotate``'s fields, a trace's ``--columns``)."""
     twice: list[tuple[dict[str, Any], set[str]]] = []  # objects that give a key twice, and those keys
-
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        d = dict(pairs)
-        if len(d) != len(pairs):
-            seen: set[str] = set()
-            twice.append((d, {k for k, _ in pairs if k in seen or seen.add(k)}))  # type: ignore[func-returns-value]
-        return d
-
     try:
-        value = json.loads(text, object_pairs_hook=hook) if refuse_twice else json.loads(text)
+        value = json.loads(text, object_pairs_hook=_noting_twice(twice)) if refuse_twice else json.loads(text)
     except json.JSONDecodeError as e:
         first = len(text) - len(text.lstrip())  # a row of comma-separated words: a CSV named .jsonl?
         hint = "; it reads like a CSV row: name a CSV file .csv" if e.pos == first and "," in text else ""
@@ -546,22 +539,53 @@ def _given_twice(row: dict[str, Any], twice: list[tuple[dict[str, Any], set[str]
             if part in repeated.get(id(cur), ()):
                 return ".".join(parts[:i + 1])
             cur = cur.get(part)
-        if isinstance(cur, list):  # a message list: a message that gives its role or text twice
-            # (was: the last value kept without a word, as ``json`` keeps it)
-            for i, m in enumerate(cur):
-                if isinstance(m, dict) and (keys := repeated.get(id(m), set()) & MESSAGE_KEYS):
-                    return f"{name}[{i}].{min(keys)}"
+        if isinstance(cur, list) and (where := _message_twice(cur, twice)):  # (was: the last value
+            return name + where  # kept without a word, as ``json`` keeps it)
+    return None
+
+
+def _noting_twice(twice: list[tuple[dict[str, Any], set[str]]]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A ``json`` object hook that appends each object giving a key twice, with those keys, to
+    ``twice`` (``json`` itself keeps the last value without a word)."""
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            seen: set[str] = set()
+            twice.append((d, {k for k, _ in pairs if k in seen or seen.add(k)}))  # type: ignore[func-returns-value]
+        return d
+
+    return hook
+
+
+#: The keys of a content part a reader takes (``{"type": "text", "text": ...}``).
+PART_KEYS = frozenset(("type", "text"))
+
+
+def _message_twice(messages: list[Any], twice: list[tuple[dict[str, Any], set[str]]]) -> str | None:
+    """Where a message list gives a key it reads twice: a message's role or content
+    (``[0].content``), or a content part's type or text (``[0].content[1].text``: was not
+    checked, the last kept; a reviewer's find); None if nowhere."""
+    repeated = {id(d): keys for d, keys in twice}
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            continue
+        if keys := repeated.get(id(m), set()) & MESSAGE_KEYS:
+            return f"[{i}].{min(keys)}"
+        for key in sorted(MESSAGE_KEYS & m.keys()):
+            for j, part in enumerate(m[key] if isinstance(m[key], list) else ()):
+                if isinstance(part, dict) and (keys := repeated.get(id(part), set()) & PART_KEYS):
+                    return f"[{i}].{key}[{j}].{min(keys)}"
     return None
 
 
 def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[str] | None, str | None, str | None]]:
     """``(line, cells, problem, text)`` for each record of a CSV text stream, the header first
-    (line 1); blank lines are skipped; ``line`` is where a record starts (a quoted cell may span
+    (line 1, or after the blank lines before it); blank lines are skipped; ``line`` is where a record starts (a quoted cell may span
     lines). ``problem`` is why a record is bad: unparsable (``cells`` is ``None`` and ``text`` is
     the record as read, so that a caller that skips it can keep it; the reader goes on after
     it), a number of cells other than the header's (a cell without a column, or a column
     without a cell), or not UTF-8. ``text`` is ``None`` for a record that parsed. A bad header
-    raises :class:`RecordError` (no location); an empty stream yields nothing. A record over
+    raises :class:`RecordError` whose location is the header's line number; an empty stream yields nothing. A record over
     ``MAX_ROW_BYTES`` characters (a quote left open holds the rest of the file) raises
     :class:`RecordError` naming its first line: the records after it cannot be told apart."""
     csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))  # long cells
@@ -591,14 +615,14 @@ def csv_records(f: IO[str], delimiter: str = ",") -> Iterator[tuple[int, list[st
         while header == []:  # blank lines before the header (was: an empty header, then the real one
             start = ended + 1  # rejected as a row of the wrong width)
             header = next(reader, None)
-    except csv.Error as e:
-        raise RecordError("", f"malformed CSV header ({e})") from None
+    except csv.Error as e:  # (the header's errors carry its line as their location: was, line 1
+        raise RecordError(str(start), f"malformed CSV header ({e})") from None  # after blank lines)
     if header is None:
         return
     if not is_valid_unicode(header):
-        raise RecordError("", "the header is not valid UTF-8")
+        raise RecordError(str(start), "the header is not valid UTF-8")
     if twice := _twice(header):  # which cell a name means would be a guess
-        raise RecordError("", f"column(s) {twice} appear more than once in the header")
+        raise RecordError(str(start), f"column(s) {twice} appear more than once in the header")
     read.clear()
     yield start, header, None, None
     width = len(header)
@@ -1020,7 +1044,7 @@ def _iter_csv(p: Path, gz: bool, delimiter: str = ",") -> Iterator[tuple[str, An
         try:
             _, header, _, _ = next(records, (1, None, None, None))
         except RecordError as e:
-            raise _at(e, f"{p}:1") from None
+            raise _at(e, f"{p}:{e.location or 1}") from None
         if header is None:
             return
         try:

@@ -507,7 +507,7 @@ def _annotate_csv(run: _Run, src: Path, tmp: Path, dst: Path, chunk: int) -> Non
         except StopIteration:
             raise AnnotateError(f"{src}: empty CSV file (no header)") from None
         except RecordError as e:
-            raise AnnotateError(f"{src}: line 1: {e.reason}") from None
+            raise AnnotateError(f"{src}: line {e.location or 1}: {e.reason}") from None
         assert header is not None
         out_header = header + [c for c in run.columns if c not in header]
         slots = [out_header.index(c) for c in run.columns]

@@ -195,6 +195,11 @@ def test_a_failed_side_a_baseline_that_never_failed_and_the_5_percent_line(tmp_p
     assert "- predicted within 5% of the oracle: 2 of 3 (missed: a none)" in out
     assert "ecoserve has the highest capacity in 1 of 3 (not counted where a baseline's search never failed: c)" in out
     assert "- sustained capacity x the best baseline's, in the 1 cells where it was measured: 0.00-0.00x" in out
+    # the best baseline is the one no load failed, and no ratio to it is known (was: sjf's 3.0 named
+    # the best, and 1.67x "x best baseline" for c)
+    assert "- x best baseline: 4.75-4.75x" in out, out
+    table = _summary(tmp_path).stdout
+    assert "| c | 10 | vllm no failing load | **5** (0.50) | n/a |" in table, table
     # a search that never failed is no miss (a reviewer of the first version of this count)
     rows = [_row("a", "vllm", 4.0), _row("a", "ecoserve", None, search="no_failing_load"),
             _row("a", "ecoserve-oracle", 5.0)]

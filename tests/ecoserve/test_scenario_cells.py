@@ -223,3 +223,13 @@ def test_cell_seed_without_random_cells_is_refused() -> None:
     res = subprocess.run([sys.executable, str(GRID), "--shared", "nowhere", "--cells", "azure", "--cell-seed", "3",
                           "--policies", "vllm"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--cell-seed: seeds the cells 'random:N' draws" in res.stderr, res.stderr
+
+
+def test_the_grid_tables_show_small_capacities_and_ceilings(grid) -> None:
+    """Were three decimals: 0.011 for 0.01053 beside ratios of the exact figure, 0.000 for a
+    ceiling of 7.3e-05 (reviewers' finds)."""
+    row = {"cell": "c", "ceiling": 7.3e-05, "policy": "vllm", "capacity": 0.01053, "search": "found",
+           "vs_ceiling": None, "x_v1": 1.0, "x_v0": None, "jct_x_v1": None, "norm_latency_x_v1": None,
+           "attainment_at_v1_load": None}
+    text = grid.markdown([row], 10, 1.0)
+    assert "| c | 7.3e-05 | vllm | 0.0105 |" in text, text

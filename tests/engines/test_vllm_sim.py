@@ -365,3 +365,5 @@ def test_the_replay_refuses_a_setting_it_does_not_read() -> None:
     for kw in ({"kv_block": 30}, {"reserve_full_prompt": False}):
         with pytest.raises(TypeError, match=f"takes no setting {next(iter(kw))!r}"):
             run(tr, "vllm-real", cost, slo=SLO_, **kw)
+    with pytest.raises(ValueError, match="check=True checks an ecoserve_sched policy's KV ledger"):
+        run(tr, "vllm-real", cost, slo=SLO_, check=True)

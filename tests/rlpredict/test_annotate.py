@@ -517,8 +517,22 @@ def test_csv_and_parquet_cells_keep_the_jsonl_rules(predictor, tmp_path) -> None
 
     dk = tmp_path / "dk.csv"
     dk.write_text('messages\n"[{""role"": ""user"", ""content"": ""a"", ""content"": ""b""}]"\n')
-    with pytest.raises(AnnotateError, match=r"field 'messages': key 'content' is given twice"):
+    with pytest.raises(AnnotateError, match=r"key 'messages\[0\]\.content' is given twice"):
         annotate_file(predictor, dk, tmp_path / "dk.out.csv")
+    # one rule in every format: a content part's text given twice is refused in JSON Lines too (was:
+    # the last kept), and a key no reader takes may repeat in a CSV cell as in a JSONL row
+    for text, refused in (('{"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "text": "b"}]}]}',
+                           True),
+                          ('{"messages": [{"role": "user", "content": "a", "name": "x", "name": "y"}]}', False)):
+        (tmp_path / "p.jsonl").write_text(text + "\n")
+        if refused:
+            with pytest.raises(AnnotateError, match=r"key 'messages\[0\]\.content\[0\]\.text' is given twice"):
+                annotate_file(predictor, tmp_path / "p.jsonl", tmp_path / "p.out.jsonl", force=True)
+        else:
+            annotate_file(predictor, tmp_path / "p.jsonl", tmp_path / "p.out.jsonl", force=True)
+    (tmp_path / "n.csv").write_text('messages\n"[{""role"": ""user"", ""content"": ""a"", ""name"": ""x"", '
+                                    '""name"": ""y""}]"\n')
+    annotate_file(predictor, tmp_path / "n.csv", tmp_path / "n.out.csv")  # (was refused, a first fix)
 
     t = pa.table({"prompt": [None, "ok"], "f": [float("nan"), float("inf")], "d": [{"a": -float("inf")}] * 2})
     pq.write_table(t, tmp_path / "nan.parquet")
@@ -549,3 +563,8 @@ def test_csv_lines_are_named_as_an_editor_counts_them(tmp_path) -> None:
                                                            (3, ["2", ""]), (4, ["3", "ok"])]
     assert [n for n, _ in lines("id,prompt\r1,a\r2,b\r")] == [1, 2, 3]
     assert [n for n, _ in lines('id,prompt\r\n1,"x\r\ny"\r\n2,z\r\n')] == [1, 2, 4]
+    from rlpredict.records import RecordError
+
+    with pytest.raises(RecordError, match="appear more than once") as e:  # (was: named line 1)
+        lines("\n\nprompt,prompt\nhi,ho\n")
+    assert e.value.location == "3"
