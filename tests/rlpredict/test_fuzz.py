@@ -194,12 +194,23 @@ def test_annotate_jsonl_fuzz(shipped, lines):
 
 
 def _csv_records(data: bytes) -> list[tuple[int, list[str]]]:
-    """(first line, cells) of each CSV record after the header, as annotate numbers them."""
-    reader = csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
+    """(first line, cells) of each CSV record after the header, as annotate numbers them: a line
+    ends at a "\n", or at a bare "\r" in a file with no "\n" before it (not at one in a quoted
+    cell of a "\n" file, which csv's ``line_num`` counts)."""
+    ended, lf = 0, False
+
+    def pieces(f: io.StringIO):
+        nonlocal ended, lf
+        for piece in f:
+            lf = lf or piece.endswith("\n")
+            ended += piece.endswith("\n") or (not lf and piece.endswith("\r"))
+            yield piece
+
+    reader = csv.reader(pieces(io.StringIO(data.decode("utf-8", "surrogateescape"), newline="")))
     next(reader, None)
     out: list[tuple[int, list[str]]] = []
     while True:
-        start = reader.line_num + 1
+        start = ended + 1
         try:
             cells = next(reader)
         except StopIteration:
