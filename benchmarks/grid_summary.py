@@ -142,6 +142,9 @@ def cell_summary(rows: dict[str, dict], policy: str, oracle: str, min_share: flo
     sus_x = _ratio(eco.get("sustained_capacity"), sus_best)
     if sus_x is None and eco.get("sustained_search") in NO_LOAD and sus_best:
         sus_x = 0.0  # its sustained search held no load where a baseline's did (was: left out)
+    if any(r.get("sustained_search") == "no_failing_load" for r in base.values()):
+        sus_x = None  # a baseline no sustained load failed: no ratio to the best is known (was: to
+        # the best of the others; a reviewer's find)
     out.update(
         capacity=caps.get(policy), vs_ceiling=_ratio(caps.get(policy), ceiling),
         pred_oracle_none=po_none,

@@ -557,8 +557,9 @@ def _noting_twice(twice: list[tuple[dict[str, Any], set[str]]]) -> Callable[[lis
     return hook
 
 
-#: The keys of a content part a reader takes (``{"type": "text", "text": ...}``).
-PART_KEYS = frozenset(("type", "text"))
+#: The keys of a content part a reader takes: its type and the key holding its text
+#: (``TEXT_PART_KEYS``: "text", "refusal", "thinking").
+PART_KEYS = frozenset(("type", *TEXT_PART_KEYS.values()))
 
 
 def _message_twice(messages: list[Any], twice: list[tuple[dict[str, Any], set[str]]]) -> str | None:
@@ -1056,8 +1057,11 @@ def _iter_csv(p: Path, gz: bool, delimiter: str = ",") -> Iterator[tuple[str, An
                     yield loc, RecordError(loc, problem or "malformed CSV", kind=kind)
                     continue
                 # an empty cell is a missing value, as annotate and the trace reader read it
-                yield loc, {k: None if v == "" else v if k in _TEXT_CELLS else _maybe_json(v)
-                            for k, v in zip(header, cells, strict=True)}
+                try:
+                    yield loc, {k: None if v == "" else v if k in _TEXT_CELLS else _maybe_json(v, k)
+                                for k, v in zip(header, cells, strict=True)}
+                except RecordError as e:  # a message list's key given twice: a bad row, as in JSON Lines
+                    yield loc, _at(e, loc)
         except RecordError as e:  # a record too large to read (a quote left open)
             raise _at(e, str(p)) from None
 
@@ -1068,12 +1072,20 @@ def _iter_csv(p: Path, gz: bool, delimiter: str = ",") -> Iterator[tuple[str, An
 _TEXT_CELLS = frozenset({LOG_FIELDS.prompt, *RESPONSE_FIELDS, *GROUP_FIELDS, *GENERATOR_FIELDS, LOG_FIELDS.id})
 
 
-def _maybe_json(v: str | None) -> Any:
+def _maybe_json(v: str | None, name: str = "") -> Any:
+    """A cell holding a JSON list or object, decoded (else the text); a list of messages that
+    gives a key a reader takes twice raises :class:`RecordError`, as in a JSON Lines row (was:
+    the last value kept in a CSV cell; a reviewer's find)."""
     if v and v[:1] in "[{":
+        twice: list[tuple[dict[str, Any], set[str]]] = []
         try:
-            return json.loads(v)
+            value = json.loads(v, object_pairs_hook=_noting_twice(twice))
         except (ValueError, RecursionError):
             return v
+        if twice and isinstance(value, list) and (where := _message_twice(value, twice)):
+            raise RecordError("", f"key '{name}{where}' is given twice in one JSON object (which value is meant "
+                                  "is not known)")
+        return value
     return v
 
 

@@ -200,6 +200,13 @@ def test_a_failed_side_a_baseline_that_never_failed_and_the_5_percent_line(tmp_p
     assert "- x best baseline: 4.75-4.75x" in out, out
     table = _summary(tmp_path).stdout
     assert "| c | 10 | vllm no failing load | **5** (0.50) | n/a |" in table, table
+    # nor a sustained ratio where a baseline's sustained search never failed (was: to sjf's)
+    rows = [_row("c", "vllm", None, search="no_failing_load", sustained_capacity=None,
+                 sustained_search="no_failing_load"), _row("c", "sjf", 3.0, sustained_capacity=2.0),
+            _row("c", "ecoserve", 5.0, sustained_capacity=4.0)]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    assert "| c | 10 | vllm no failing load | **5** (0.50) | n/a |" in _summary(tmp_path).stdout
+    assert "sustained capacity x the best baseline's" not in _summary(tmp_path, "--no-table").stdout
     # a search that never failed is no miss (a reviewer of the first version of this count)
     rows = [_row("a", "vllm", 4.0), _row("a", "ecoserve", None, search="no_failing_load"),
             _row("a", "ecoserve-oracle", 5.0)]

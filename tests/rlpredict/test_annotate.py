@@ -523,10 +523,13 @@ def test_csv_and_parquet_cells_keep_the_jsonl_rules(predictor, tmp_path) -> None
     # the last kept), and a key no reader takes may repeat in a CSV cell as in a JSONL row
     for text, refused in (('{"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "text": "b"}]}]}',
                            True),
+                          ('{"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "a", '
+                           '"refusal": "b"}]}]}', "refusal"),
                           ('{"messages": [{"role": "user", "content": "a", "name": "x", "name": "y"}]}', False)):
         (tmp_path / "p.jsonl").write_text(text + "\n")
         if refused:
-            with pytest.raises(AnnotateError, match=r"key 'messages\[0\]\.content\[0\]\.text' is given twice"):
+            key = refused if isinstance(refused, str) else "text"
+            with pytest.raises(AnnotateError, match=rf"key 'messages\[0\]\.content\[0\]\.{key}' is given twice"):
                 annotate_file(predictor, tmp_path / "p.jsonl", tmp_path / "p.out.jsonl", force=True)
         else:
             annotate_file(predictor, tmp_path / "p.jsonl", tmp_path / "p.out.jsonl", force=True)

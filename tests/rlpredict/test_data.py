@@ -547,3 +547,18 @@ def test_a_number_cell_is_checked_in_bounded_time():
     t0 = time.perf_counter()
     assert whole_count("1" * 200_000 + "x") is None and whole_count("\xa05") is None
     assert time.perf_counter() - t0 < 0.5
+
+
+def test_a_csv_messages_cell_giving_a_key_twice_is_a_bad_row_as_in_json_lines(tmp_path):
+    """Was: read with the last value in a CSV of training data, where a JSON Lines row is refused."""
+    import csv
+
+    from rlpredict.data import load_samples
+
+    msgs = '[{"role": "user", "content": [{"type": "text", "text": "a", "text": "b"}]}, {"role": "assistant", "content": "ok"}]'
+    with open(tmp_path / "l.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["messages"], [msgs]])
+    with pytest.raises(RecordError, match=r"l\.csv:2: key 'messages\[0\]\.content\[0\]\.text' is given twice"):
+        load_samples([tmp_path / "l.csv"])
+    samples, report = load_samples([tmp_path / "l.csv"], on_error="skip")
+    assert samples == [] and report.summary().startswith("1 rows -> 0 samples; skipped 1 rows")
