@@ -13,16 +13,15 @@ from typing import Any
 from rlpredict.untrusted_text import bad_utf8_at, json_problem
 
 
-class KeyGivenTwice(ValueError):
+class _GivenTwice(ValueError):
     """A JSON object gives one key twice (``json`` would keep the last value without a word)."""
 
 
-def once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """An ``object_pairs_hook``: the object, or :class:`KeyGivenTwice` naming a key given twice."""
+def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     d = dict(pairs)
     if len(d) != len(pairs):
         seen: set[str] = set()
-        raise KeyGivenTwice(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+        raise _GivenTwice(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
     return d
 
 
@@ -44,8 +43,8 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{p}: over {MAX_JSON_BYTES >> 20} MiB, the limit of a JSON file read whole; "
                          "is it the file you meant?")
     try:
-        return json.loads(raw.decode("utf-8-sig"), object_pairs_hook=once_each)
-    except KeyGivenTwice as e:
+        return json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_once)
+    except _GivenTwice as e:
         raise ValueError(f"{p}: key {e.args[0]!r} is given twice in one JSON object (which value is meant "
                          "is not known)") from None
     except json.JSONDecodeError as e:

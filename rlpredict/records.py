@@ -279,18 +279,14 @@ def request_of(row: Mapping[str, Any], fields: Fields) -> str | list[dict[str, s
         if msgs is None or msgs == "":
             continue
         if isinstance(msgs, str):  # CSV cells, or JSON that stores the list as a string
-            twice: list[tuple[dict[str, Any], set[str]]] = []
             try:
-                msgs = json.loads(msgs, object_pairs_hook=_noting_twice(twice))
-            except json.JSONDecodeError as e:
+                msgs = _loads_messages(msgs, name)  # (was: a key given twice kept its last value in a
+            except json.JSONDecodeError as e:  # CSV or Parquet cell, where JSON Lines refused it)
                 raise RecordError("", f"field {name!r} is not valid JSON ({e.msg})") from None
+            except RecordError:
+                raise
             except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
                 raise RecordError("", f"field {name!r} is not valid JSON ({json_problem(e)})") from None
-            if twice and isinstance(msgs, list) and (where := _message_twice(msgs, twice)):
-                # the rule of a JSON Lines row's messages (was: the last value kept without a word
-                # in a CSV or Parquet cell; a reviewer's find)
-                raise RecordError("", f"key '{name}{where}' is given twice in one JSON object (which value "
-                                      "is meant is not known)")
         if isinstance(msgs, list) and not msgs:
             continue  # empty: the next field, or the prompt (`[]` hid a prompt beside it)
         return parse_messages(msgs, name, TRACE_MESSAGES, drop_final_assistant=fields.drop_final_assistant)
@@ -518,8 +514,22 @@ def parse_json(text: str, refuse_twice: frozenset[str] = frozenset(), *, dotted:
     except (ValueError, RecursionError) as e:  # a number over 4300 digits, deep nesting
         raise RecordError("", f"not valid JSON ({json_problem(e)})", kind="not valid JSON") from None
     if twice and isinstance(value, dict) and (bad := _given_twice(value, twice, refuse_twice, dotted)):
-        raise RecordError("", f"key {bad!r} is given twice in one JSON object (which value is meant "
-                              "is not known)")
+        raise _twice_error(bad)
+    return value
+
+
+def _twice_error(key: str) -> RecordError:
+    return RecordError("", f"key {key!r} is given twice in one JSON object (which value is meant is not known)")
+
+
+def _loads_messages(text: str, name: str) -> Any:
+    """``text`` (a cell holding JSON) decoded; a message list in it that gives a key a reader takes
+    twice is refused by the JSON Lines rule (``_message_twice``), as ``name``'s. JSON errors are
+    the caller's."""
+    twice: list[tuple[dict[str, Any], set[str]]] = []
+    value = json.loads(text, object_pairs_hook=_noting_twice(twice))
+    if twice and isinstance(value, list) and (where := _message_twice(value, twice)):
+        raise _twice_error(name + where)
     return value
 
 
@@ -1077,15 +1087,12 @@ def _maybe_json(v: str | None, name: str = "") -> Any:
     gives a key a reader takes twice raises :class:`RecordError`, as in a JSON Lines row (was:
     the last value kept in a CSV cell; a reviewer's find)."""
     if v and v[:1] in "[{":
-        twice: list[tuple[dict[str, Any], set[str]]] = []
         try:
-            value = json.loads(v, object_pairs_hook=_noting_twice(twice))
+            return _loads_messages(v, name)
+        except RecordError:
+            raise
         except (ValueError, RecursionError):
             return v
-        if twice and isinstance(value, list) and (where := _message_twice(value, twice)):
-            raise RecordError("", f"key '{name}{where}' is given twice in one JSON object (which value is meant "
-                                  "is not known)")
-        return value
     return v
 
 
