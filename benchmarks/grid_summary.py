@@ -24,7 +24,8 @@ which a policy never failed (``no_failing_load``) has no capacity here: the summ
 many, and claims no highest capacity in a cell where a baseline's search never failed. A
 ``--policy`` whose sustained search failed at every load where a baseline's held one has a
 sustained ratio of 0 (rows that record the sustained search's outcome). Folders whose rows say they were made under another criterion, ``--kv-scale`` or
-``--confusion`` are refused (rows written before December 7, 2026 do not say). At 1.25x V1's capacity load it also counts the cells where *some* policy of the run (the
+``--confusion`` are refused (rows written before December 7, 2026 do not say), and so are
+folders made with and without ``--serve-defaults`` (rows written before it are read as without). At 1.25x V1's capacity load it also counts the cells where *some* policy of the run (the
 oracle and the baselines included) meets the overload goal, a mean JCT at most 0.5x V1's with
 SLO attainment at least SJF's, naming those where ``--policy`` does not.
 """
@@ -48,7 +49,9 @@ MISS_MARGIN = 1.005  # a mean-JCT ratio above this is "above V1's" (1.01 in a tw
 NO_LOAD = ("no_passing_load", "unattainable")
 #: how a run was made (scenario_grid.py's rows carry them): folders that differ are not pooled. The
 #: seed and the slice of the trace may differ (the random cells' draws).
-SETTINGS = ("criterion", "kv_scale", "confusion")
+SETTINGS = ("criterion", "kv_scale", "confusion", "engine_defaults")
+#: a SETTINGS field that rows of older runs lack, and the value they were made with
+SETTING_BEFORE = {"engine_defaults": "a100"}
 
 
 def fail(message: str) -> NoReturn:
@@ -351,9 +354,13 @@ def main() -> None:
                 fail(f"{folder / 'results.json'}: row {i}: cell {r['cell']} has a second {r['policy']} row")
             by_cell[r["cell"]][r["policy"]] = r
             policies.add(r["policy"])
-            for k in SETTINGS:  # rows of a run before these were recorded have none: not compared
-                if k in r and _setting(made.setdefault(k, (r[k], folder))[0]) != _setting(r[k]):
-                    fail(f"{folder / 'results.json'}: row {i}: {k} {r[k]!r:.80} differs from "
+            for k in SETTINGS:  # rows of a run before these were recorded have none: not compared,
+                # but for those whose value before is known (was: --serve-defaults runs pooled with older ones)
+                if k not in r and k not in SETTING_BEFORE:
+                    continue
+                v = r[k] if k in r else SETTING_BEFORE[k]
+                if _setting(made.setdefault(k, (v, folder))[0]) != _setting(v):
+                    fail(f"{folder / 'results.json'}: row {i}: {k} {v!r:.80} differs from "
                          f"{made[k][0]!r:.80} in {made[k][1] / 'results.json'}: runs made differently are "
                          "not summed in one summary")
         for name, rows in by_cell.items():

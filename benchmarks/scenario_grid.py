@@ -16,7 +16,8 @@ Baselines: vLLM V1 as configured by default (`vllm`: 2,048 batched tokens per it
 with its token budget tuned per cell (`vllm-tuned`: the best capacity over
 max_num_batched_tokens 512 ... 8,192, ``TUNED_BUDGETS``; the budget it chose is printed
 beside it; its loads past capacity and its sustained capacity run at that budget), vLLM V0,
-Sarathi-Serve, Orca, S3 and SJF. ``vllm@B`` names vLLM V1 with a budget of B tokens.
+Sarathi-Serve, Orca, S3 and SJF. ``vllm@B`` names vLLM V1 with a budget of B tokens,
+``vllm@B/S`` also with max_num_seqs S (``vllm@8192/1024``: `vllm serve`'s defaults on an H100 or H200).
 
 Other slices and seeds (to check that a result is not tuned to one): ``--skip N`` replays requests
 N+1 ... N+``--requests`` of each trace (arrivals shifted to start at 0), ``--seed S`` draws the
@@ -119,7 +120,11 @@ from ecoserve_sched.compare import (  # noqa: E402
 )
 from ecoserve_sched.cost_model import load_profile  # noqa: E402
 from ecoserve_sched.policies import policy_names  # noqa: E402
-from ecoserve_sched.policies.interface import DEFAULT_MAX_RUNNING, DEFAULT_TOKEN_BUDGET  # noqa: E402
+from ecoserve_sched.policies.interface import (  # noqa: E402
+    DEFAULT_MAX_RUNNING,
+    DEFAULT_TOKEN_BUDGET,
+    serve_defaults,
+)
 from ecoserve_sched.predictions import load_confusion  # noqa: E402
 from ecoserve_sched.request import SLO  # noqa: E402
 from ecoserve_sched.trace import Trace, burst_arrivals, gamma_arrivals, poisson_arrivals, read_trace  # noqa: E402
@@ -352,17 +357,37 @@ def _turns_trace(name: str, samples: list, seed: int) -> Trace:
 
 
 _SPECS: dict[str, RunSpec] = {}
-_SLICE: dict = {"skip": 0, "seed": 0, "confusion": None, "kv_scale": 1.0}  # set in every worker
+_SLICE: dict = {"skip": 0, "seed": 0, "confusion": None, "kv_scale": 1.0, "serve_defaults": False}  # set in every worker
 
 
-def _init_worker(skip: int, seed: int, confusion: Path | None = None, kv_scale: float = 1.0) -> None:
-    """--skip, --seed, --confusion and --kv-scale, in every worker process."""
+def _init_worker(skip: int, seed: int, confusion: Path | None = None, kv_scale: float = 1.0,
+                 serve: bool = False) -> None:
+    """--skip, --seed, --confusion, --kv-scale and --serve-defaults, in every worker process."""
     _SLICE.update(skip=skip, seed=seed, confusion=load_confusion(confusion) if confusion else None,
-                  kv_scale=kv_scale)
+                  kv_scale=kv_scale, serve_defaults=serve)
 
 
-def spec_of(cell: Cell, shared: Path, n: int) -> RunSpec:
-    """The cell's RunSpec, built once per worker process."""
+def engine_of(cell: Cell, serve: bool) -> tuple[int, int]:
+    """The token budget and max running requests every policy of ``cell`` runs with: vLLM V1's
+    A100 defaults (2,048 and 256), or with ``serve`` (``--serve-defaults``) those ``vllm serve``
+    picks for the cell's GPU (``serve_defaults``: 8,192 and 1,024 on an H100 or H200)."""
+    if not serve:
+        return DEFAULT_TOKEN_BUDGET, DEFAULT_MAX_RUNNING
+    cost = load_profile(cell.profile)  # a shipped profile's name names its GPU
+    return serve_defaults(cost.name, cost.spec["gpu"]["hbm_bytes"])
+
+
+#: Baselines that stand for other systems, with defaults of their own that ``--serve-defaults``
+#: leaves: Sarathi-Serve's 512-token chunks; vLLM V0's max(max_model_len, 2048) tokens and 256
+#: sequences on every GPU (vLLM's per-GPU defaults are V1's alone).
+OWN_DEFAULTS = frozenset({"sarathi", "vllm-v0"})
+
+
+def spec_of(cell: Cell, shared: Path, n: int, policy: str = "vllm") -> RunSpec:
+    """The cell's RunSpec for ``policy`` (the trace read once per worker process): with
+    ``--serve-defaults``, at the token budget and max running requests ``vllm serve`` picks for
+    the cell's GPU where they are not the A100's (each policy's own default there, as without
+    the option), unless ``policy`` keeps its own (``OWN_DEFAULTS``)."""
     if cell.name not in _SPECS:
         skip, seed = _SLICE["skip"], _SLICE["seed"]
         cost, server = load_profile(cell.profile), cell.server
@@ -371,26 +396,39 @@ def spec_of(cell: Cell, shared: Path, n: int) -> RunSpec:
             server = replace(server, num_gpu_blocks_override=max(1, round(blocks * _SLICE["kv_scale"])))
         _SPECS[cell.name] = RunSpec(load_trace(cell, shared, n, skip, seed), cost, cell.slo,
                                     server=server, seed=seed, confusion=_SLICE["confusion"])
-    return _SPECS[cell.name]
+    spec = _SPECS[cell.name]
+    if _SLICE["serve_defaults"] and policy not in OWN_DEFAULTS:
+        budget, seqs = engine_of(cell, True)
+        if (budget, seqs) != (DEFAULT_TOKEN_BUDGET, DEFAULT_MAX_RUNNING):  # (was: every policy of every
+            # cell at these two, Sarathi-Serve's 512 tokens and V0's prompt limit included; a reviewer's find)
+            spec = replace(spec, server=replace(spec.server, token_budget=budget, max_running=seqs))
+    return spec
 
 
 def resolve(cell: Cell, policy: str, shared: Path, n: int) -> tuple[RunSpec, str]:
     """The spec and registered policy a grid policy name runs: ``vllm@B`` is vLLM V1 with a
-    token budget of B (``Server.token_budget``), any other name runs as is."""
-    spec = spec_of(cell, shared, n)
+    token budget of B (``Server.token_budget``), ``vllm@B/S`` also with at most S running
+    requests (``Server.max_running``; else the cell's), any other name runs as is."""
+    spec = spec_of(cell, shared, n, "vllm" if policy.startswith("vllm@") else policy)
     if policy.startswith("vllm@"):
-        return replace(spec, server=replace(spec.server, token_budget=int(policy[5:]))), "vllm"
+        budget, _, seqs = policy[5:].partition("/")
+        server = replace(spec.server, token_budget=int(budget), max_running=int(seqs) if seqs else spec.server.max_running)
+        return replace(spec, server=server), "vllm"
     return spec, policy
 
 
-def budget_policy(name: str) -> str | None:
-    """None if ``name`` is a valid ``vllm@B`` (B a whole number of tokens above vLLM's
-    max_num_seqs, which every iteration's decodes may take) or no such name; else why not."""
+def budget_policy(name: str, max_running: int = DEFAULT_MAX_RUNNING) -> str | None:
+    """None if ``name`` is a valid ``vllm@B`` or ``vllm@B/S`` (B a whole number of tokens above
+    max_num_seqs, S or else ``max_running``, which every iteration's decodes may take; S a whole
+    number >= 1) or no such name; else why not."""
     if not name.startswith("vllm@"):
         return None
-    b = name[5:]
-    return None if b.isdigit() and int(b) > DEFAULT_MAX_RUNNING else \
-        f"'{name}': vllm@B needs a whole number of tokens B > {DEFAULT_MAX_RUNNING} (vLLM's max_num_seqs)"
+    b, slash, s = name[5:].partition("/")
+    if slash and not (s.isascii() and s.isdigit() and int(s) >= 1):  # (was: '²' a ValueError, '١٠٠' 100)
+        return f"'{name}': vllm@B/S needs a whole number of running requests S >= 1"
+    seqs = int(s) if slash else max_running
+    return None if b.isascii() and b.isdigit() and int(b) > seqs else \
+        f"'{name}': vllm@B needs a whole number of tokens B > {seqs} (vLLM's max_num_seqs{'' if slash else ', or name it: vllm@B/S'})"
 
 
 def unknown_policy(name: str, tuned: bool = True) -> str | None:
@@ -493,6 +531,10 @@ def main() -> None:
     ap.add_argument("--resolution", type=arg_number(float, 0.001, 0.5), default=RESOLUTION, metavar="F",
                     help="stop each capacity search once the passing and failing loads are within F "
                          "of each other (relative; default 0.02)")
+    ap.add_argument("--serve-defaults", action="store_true",
+                    help="every policy runs at the token budget and max running requests `vllm serve` "
+                         "picks for the cell's GPU (8192 and 1024 on an H100 or H200; on an A100 its 2048 "
+                         "and 256, as without the option), but sarathi and vllm-v0, which keep their own")
     ap.add_argument("--overload", action="store_true",
                     help="also report mean JCT and SLO attainment at 1x and 1.25x vLLM V1's capacity load")
     ap.add_argument("--sustained", action="store_true",
@@ -558,24 +600,32 @@ def main() -> None:
     if args.confusion:
         load_confusion(args.confusion)  # a bad file: one line here, not a worker's traceback
     confusion_id = _digest(args.confusion) if args.confusion else None  # before the work (a bundle: its manifest)
-    # vllm-tuned: vLLM V1 at each of TUNED_BUDGETS (its default, 2048, is the vllm run)
-    sweep = [f"vllm@{b}" for b in TUNED_BUDGETS if b != DEFAULT_TOKEN_BUDGET] if "vllm-tuned" in policies else []
-    searched = [p for p in policies if p != "vllm-tuned"] + [p for p in sweep if p not in policies]
+    engine = {c.name: engine_of(c, args.serve_defaults) for c in cells}
+    for c in cells:  # vllm@B under a cell's max running requests (was: a worker's traceback)
+        if bad := [m for p in policies if (m := budget_policy(p, engine[c.name][1]))]:
+            ap.error(f"--policies: cell {c.name} runs {engine[c.name][1]} requests at most: {bad[0]}")
+    # vllm-tuned: vLLM V1 at each of TUNED_BUDGETS above the cell's max running requests (its
+    # default budget is the vllm run)
+    sweep = {c.name: [f"vllm@{b}" for b in TUNED_BUDGETS if b != engine[c.name][0] and b > engine[c.name][1]]
+             if "vllm-tuned" in policies else [] for c in cells}
+    searched = {c.name: [p for p in policies if p != "vllm-tuned"] + [p for p in sweep[c.name] if p not in policies]
+                for c in cells}
     t0 = time.time()
     overload: dict[tuple[str, str, float], dict] = {}
     sustained: dict[tuple[str, str], dict] = {}
-    with worker_pool(args.workers, _init_worker, (args.skip, args.seed, args.confusion, args.kv_scale)) as pool:
+    with worker_pool(args.workers, _init_worker,
+                     (args.skip, args.seed, args.confusion, args.kv_scale, args.serve_defaults)) as pool:
         def starmap(fn, jobs: list[tuple]) -> list:
             return list(pool.map(fn, *zip(*jobs, strict=True), chunksize=1)) if jobs else []
 
         ceilings = dict(starmap(task_ceiling, [(c, args.shared, args.requests) for c in cells]))
         caps = {(name, p): c for name, p, c in starmap(task_capacity, [
             (c, p, args.shared, args.requests, max(ceilings[c.name]["ceiling_rate_scale"] or 1.0, 1e-3), nl, p99,
-             args.resolution) for c in cells for p in searched])}
+             args.resolution) for c in cells for p in searched[c.name]])}
         tuned: dict[str, str] = {}  # cell -> the vllm@B (or vllm) run that vllm-tuned's loads run
-        for c in cells if sweep else ():
-            tuned[c.name] = max(["vllm", *sweep], key=lambda p: _rank(caps[c.name, p]))
-            budget = DEFAULT_TOKEN_BUDGET if tuned[c.name] == "vllm" else int(tuned[c.name][5:])
+        for c in cells if "vllm-tuned" in policies else ():
+            tuned[c.name] = max(["vllm", *sweep[c.name]], key=lambda p: _rank(caps[c.name, p]))
+            budget = engine[c.name][0] if tuned[c.name] == "vllm" else int(tuned[c.name][5:])
             caps[c.name, "vllm-tuned"] = {**caps[c.name, tuned[c.name]], "token_budget": budget}
         at_load = {(name, p): s for name, p, s in starmap(_as_row(task_at_load, tuned), [
             (c, p, args.shared, args.requests, caps[c.name, "vllm"]["max_rate_scale"])
@@ -595,7 +645,7 @@ def main() -> None:
         criterion += " and p99 time between tokens <= " + ("the TBT SLO" if p99 == "slo" else f"{p99:g} s")
     # how the run was made, in every row: grid_summary.py refuses to pool runs made differently
     settings = {"criterion": criterion, "kv_scale": args.kv_scale, "seed": args.seed, "skip": args.skip,
-                "confusion": confusion_id}
+                "confusion": confusion_id, "engine_defaults": "vllm serve" if args.serve_defaults else "a100"}
     rows = []
     for c in cells:
         ceil = ceilings[c.name]["ceiling_rate_scale"]
@@ -629,6 +679,12 @@ def main() -> None:
     text = markdown(rows, args.requests, time.time() - t0, criterion)
     if args.skip or args.seed:
         text += f"\n\n(requests {args.skip + 1} to {args.skip + args.requests} of each trace; seed {args.seed})"
+    if args.serve_defaults:
+        moved = [f"{c.name} {b}/{r}" for c in cells for b, r in [engine[c.name]]
+                 if (b, r) != (DEFAULT_TOKEN_BUDGET, DEFAULT_MAX_RUNNING)]
+        text += ("\n\n(--serve-defaults: every policy but " + " and ".join(sorted(OWN_DEFAULTS)) + " at `vllm serve`'s "
+                 "token budget and max running requests for the cell's GPU, where they are not the A100's: "
+                 + ("; ".join(moved) or "no cell here") + ")")
     if overload:
         text += "\n\n" + overload_markdown(overload, [c.name for c in cells], policies)
     elif args.overload:  # (was: no table and no word)

@@ -206,8 +206,9 @@ def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
     requests = list(requests)
     if (bad := next((r for r in requests if not isinstance(r, Request)), None)) is not None:
         raise TypeError(f"simulate: requests must be Request objects, got {type(bad).__name__}")
-    if sched.step or sched.stall_gaps:  # its counters and log would run on (and change the
-        # first run's result, which shares its stall gaps)
+    if sched.simulated or sched.step or sched.stall_gaps:  # its counters and log would run on (and
+        # change the first run's result, which shares its stall gaps; was: not caught after a run of
+        # prefill-only iterations, which advance no step, under vllm-v0: its counters ran on)
         raise ValueError(f"simulate: this {sched.name} scheduler has run before; build a new one "
                          "(get_policy) for each simulation")
     reqs = sorted(requests, key=attrgetter("arrival_s", "rid"))
@@ -216,6 +217,7 @@ def simulate(requests: list[Request], sched: Scheduler, *, check: bool = False,
     res = SimResult(sched.name, profile, predictions, reqs, sched.kv.num_blocks * sched.kv.block_size,
                     sched.kv.block_size)
     ex = CostModelExecutor(sched, check=check, stepwise=stepwise, faults=faults, timing=timing)
+    sched.simulated = True  # after the checks: a refused call leaves the scheduler as it was
     return serve(ex, res)
 
 

@@ -1945,8 +1945,9 @@ def preflight(environ: Mapping[str, str] | None = None) -> str:
     the API-server middleware's settings and bundle. Returns a summary; raises
     :class:`EcoServeSetupError`."""
     cfg = EcoServeVllmConfig.from_env(environ)
+    predictor = None
     if cfg.predictor:
-        _, detail = load_predictor(cfg)
+        predictor, detail = load_predictor(cfg)
         pred = f"predictor {cfg.predictor} ({detail}); the tokenizer is checked at engine start"
     elif cfg.require_predictor:
         raise EcoServeSetupError(f"ECOSERVE_REQUIRE_PREDICTOR=1 but {ENV_PREDICTOR} is not set")
@@ -1965,6 +1966,11 @@ def preflight(environ: Mapping[str, str] | None = None) -> str:
     if mw.predictor:
         load_bundle(mw.predictor)
     middleware = f"middleware predictor {mw.predictor}" if mw.predictor else "no middleware predictor"
+    # the start-up warning's settings that this configuration never reads (was: said only when the
+    # engine starts, after the model loaded; a reviewer's find)
+    takes_generator = predictor is not None and predictor.input_spec.include_generator
+    if idle := idle_settings(cfg, os.environ if environ is None else environ, predictor is not None, takes_generator):
+        logger.warning("EcoServe: setting(s) with no effect here: %s", "; ".join(idle))
     support = "supported" if VLLM_SUPPORTED else f"UNSUPPORTED (allowed by {ENV_ALLOW_UNSUPPORTED_VLLM}=1)"
     return (f"vLLM {VLLM_VERSION}: {support}. {pred}. Client hints "
             f"{hints_mode(cfg.trust_client_hints)}; {middleware}. Settings: {cfg.describe()}")

@@ -114,6 +114,7 @@ class Scheduler(SchedulerInterface):
         self.counters = {"preemptions": 0, "recomputes": 0, "swaps": 0, "topups": 0,
                          "restarts": 0, "failed_iterations": 0, "errors": 0,
                          "cancelled": 0}
+        self.simulated = False  # ``simulate`` has run it (its state and counters are that run's)
 
     # ---- hooks for policies -------------------------------------------------------------------
     def enqueue(self, r: Request, front: bool = False) -> None:

@@ -31,6 +31,21 @@ from ..request import SLO, Request
 DEFAULT_TOKEN_BUDGET = 2048
 #: vLLM's default ``max_num_seqs``.
 DEFAULT_MAX_RUNNING = 256
+#: ``vllm serve``'s defaults (``max_num_batched_tokens``, ``max_num_seqs``; vLLM 0.33's
+#: ``EngineArgs``) on a GPU of 160 GiB or more (a B200), and on one of 70 GiB or more that is not an
+#: A100 nor a GB10 (an H100, an H200); the two above elsewhere.
+HUGE_GPU_DEFAULTS, LARGE_GPU_DEFAULTS = (16384, 1024), (8192, 1024)
+
+
+def serve_defaults(gpu_name: str, gpu_bytes: float, capability: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The token budget and max running requests ``vllm serve`` picks on a GPU named
+    ``gpu_name`` with ``gpu_bytes`` of memory and CUDA ``capability``: vLLM's own rule (a large
+    budget cost an A100 throughput; a GB10, capability 12.1, has the memory but not the compute)."""
+    if gpu_bytes >= 160 * 2**30:
+        return HUGE_GPU_DEFAULTS
+    if gpu_bytes >= 70 * 2**30 and "a100" not in gpu_name.lower() and capability != (12, 1):
+        return LARGE_GPU_DEFAULTS
+    return DEFAULT_TOKEN_BUDGET, DEFAULT_MAX_RUNNING
 
 
 @dataclass(slots=True)

@@ -150,6 +150,7 @@ def test_a_grid_run_records_overload_and_sustained_rows(tmp_path: Path) -> None:
         assert {"overload_1x", "overload_1.25x", "sustained_capacity", "sustained_search", "deferred_at_capacity"} <= r.keys()
         # how the run was made, which grid_summary.py compares across folders
         assert (r["criterion"], r["kv_scale"], r["confusion"], r["seed"]) == ("SLO attainment >= 0.9", 1.0, None, 0)
+        assert r["engine_defaults"] == "a100"  # not --serve-defaults
         assert r["overload_1x"]["slo_attainment"] == r["attainment_at_v1_load"]  # the same replay
         # the means are over the finished requests: their share beside them
         assert 0 < r["overload_1.25x"]["finished_share"] <= 1
@@ -224,6 +225,14 @@ def test_runs_made_differently_are_not_pooled_and_an_unknown_oracle_is_refused(t
     p = _summary(a, b)
     assert p.returncode == 2 and "criterion" in p.stderr and "not summed" in p.stderr
     assert _summary(a).returncode == 0
+    # --serve-defaults: other engine settings, refused beside a default run, an older one too (whose
+    # rows have no engine_defaults: every run before the option was an A100-defaults one)
+    for old in ({"engine_defaults": "a100"}, {}):
+        (a / "results.json").write_text(json.dumps([_row("a", p, 4.0, **old) for p in ("vllm", "ecoserve")]))
+        (b / "results.json").write_text(json.dumps([_row("b", p, 4.0, engine_defaults="vllm serve")
+                                                    for p in ("vllm", "ecoserve")]))
+        p = _summary(a, b)
+        assert p.returncode == 2 and "engine_defaults" in p.stderr and "not summed" in p.stderr, old
     p = _summary(a, "--oracle", "ecoserve-orcale")
     assert p.returncode == 2 and "--oracle 'ecoserve-orcale': no cell" in p.stderr
 

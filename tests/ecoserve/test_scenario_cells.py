@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ecoserve_sched.compare import capacity
+from ecoserve_sched.compare import Server, capacity
 from ecoserve_sched.cost_model import list_profiles, load_profile
 
 GRID = Path(__file__).resolve().parents[2] / "benchmarks" / "scenario_grid.py"
@@ -53,6 +55,25 @@ def test_vllm_at_a_budget_is_vllm_with_that_token_budget(grid) -> None:
     assert "vllm@B" in grid.budget_policy("vllm@0") and "vllm@B" in grid.budget_policy("vllm@1k")
     assert "vllm@B" in grid.budget_policy("vllm@256")  # not above max_num_seqs: no room for a prompt
     assert grid.DEFAULT_TOKEN_BUDGET in grid.TUNED_BUDGETS  # the default is one of the tuned runs
+    # vllm@B/S: max_num_seqs S too (`vllm serve`'s H100/H200 defaults are 8192/1024)
+    assert grid.budget_policy("vllm@8192/1024") is None and grid.budget_policy("vllm@300/16") is None
+    assert "B > 1024" in grid.budget_policy("vllm@1024/1024")  # B must exceed S, not the default 256
+    for bad in ("vllm@8192/", "vllm@8192/0", "vllm@8192/x", "vllm@8192/1/2", "vllm@/16",
+                "vllm@8192/\u00b2", "vllm@\u0664\u0660\u0669\u0666/100", "vllm@4096/\u0661\u0660\u0660"):  # ASCII digits only
+        assert "vllm@B" in grid.budget_policy(bad), bad
+
+
+def test_vllm_at_a_budget_and_seqs_runs_vllm_with_both(grid, tmp_path, monkeypatch) -> None:
+    @dataclass(frozen=True)
+    class Spec:  # resolve() changes only the server of the cell's spec: no trace is read here
+        server: Server
+
+    monkeypatch.setattr(grid, "spec_of", lambda cell, shared, n, policy="vllm": Spec(cell.server))
+    cell = grid.find_cell("azure")
+    spec, run_as = grid.resolve(cell, "vllm@8192/1024", tmp_path, 10)
+    assert run_as == "vllm" and (spec.server.token_budget, spec.server.max_running) == (8192, 1024)
+    spec, _ = grid.resolve(cell, "vllm@4096", tmp_path, 10)
+    assert (spec.server.token_budget, spec.server.max_running) == (4096, None)
 
 
 def test_policy_names_the_grid_and_its_helpers_run(grid) -> None:
@@ -234,3 +255,63 @@ def test_the_grid_tables_show_small_capacities_and_ceilings(grid) -> None:
            "attainment_at_v1_load": None}
     text = grid.markdown([row], 10, 1.0)
     assert "| c | 7.3e-05 | vllm | 0.0105 |" in text, text
+
+
+def test_serve_defaults_follow_vllms_rule_per_gpu(grid) -> None:
+    from ecoserve_sched.policies.interface import serve_defaults
+
+    gib = 2**30
+    assert serve_defaults("NVIDIA H100 80GB HBM3", 79.6 * gib) == (8192, 1024)
+    assert serve_defaults("NVIDIA H200", 139.8 * gib) == (8192, 1024)
+    assert serve_defaults("NVIDIA A100-SXM4-80GB", 79.2 * gib) == (2048, 256)  # vLLM's A100 exception
+    assert serve_defaults("NVIDIA L4", 22 * gib) == (2048, 256)  # under 70 GiB
+    assert serve_defaults("NVIDIA B200", 179 * gib) == (16384, 1024)  # 160 GiB or more
+    assert serve_defaults("NVIDIA GB10", 119.7 * gib, (12, 1)) == (2048, 256)  # the memory, not the compute
+    # the grid's cells: by the GPU their profile names; without --serve-defaults A100's everywhere
+    assert grid.engine_of(grid.find_cell("code-synth-llama3-h100"), True) == (8192, 1024)
+    assert grid.engine_of(grid.find_cell("alpaca-llama3-h200"), True) == (8192, 1024)
+    assert grid.engine_of(grid.find_cell("azure"), True) == (2048, 256)
+    assert grid.engine_of(grid.find_cell("alpaca-llama3-h200"), False) == (2048, 256)
+
+
+def test_serve_defaults_run_every_policy_at_the_gpus_settings(tmp_path: Path) -> None:
+    out, shared = tmp_path / "g", tmp_path / "shared"  # (code cells read no data)
+    shared.mkdir()
+    p = subprocess.run([sys.executable, str(GRID), "--shared", str(shared), "--cells", "code-synth-llama3-h100",
+                        "--requests", "60", "--policies", "vllm,vllm-tuned,sjf", "--serve-defaults", "--workers", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "code-synth-llama3-h100 8192/1024" in p.stdout
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["engine_defaults"] for r in rows} == {"vllm serve"}
+    tuned = next(r for r in rows if r["policy"] == "vllm-tuned")
+    assert tuned["token_budget"] in (2048, 4096, 8192)  # budgets above the cell's 1,024 sequences only
+    # vllm@B at or under the cell's 1,024 sequences: one line, exit 2 (naming vllm@B/S)
+    p = subprocess.run([sys.executable, str(GRID), "--shared", str(tmp_path), "--cells", "code-synth-llama3-h100",
+                        "--policies", "vllm,vllm@1024", "--serve-defaults"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "runs 1024 requests at most" in p.stderr and "vllm@B/S" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_serve_defaults_leave_a100_cells_and_the_other_systems_own_defaults(grid, monkeypatch) -> None:
+    """Was: every policy of every cell at the pair, A100 cells too (Sarathi-Serve's 512 tokens
+    became 2,048, V0's prompt limit 4,096 became 2,048), and sarathi a copy of vllm on H100s."""
+    @dataclass(frozen=True)
+    class Spec:  # spec_of reads no trace here: only the server it hands each policy is checked
+        server: Server
+
+    monkeypatch.setattr(grid, "load_trace", lambda *a: None)
+    monkeypatch.setattr(grid, "RunSpec", lambda trace, cost, slo, server, **kw: Spec(server))
+    monkeypatch.setitem(grid._SLICE, "serve_defaults", True)
+    monkeypatch.setattr(grid, "_SPECS", {})
+    h100, a100 = grid.find_cell("code-synth-llama3-h100"), grid.find_cell("code-synth")
+    for p in ("vllm", "ecoserve", "sjf", "orca", "s3"):
+        s = grid.spec_of(h100, Path("."), 10, p).server
+        assert (s.token_budget, s.max_running) == (8192, 1024), p
+        s = grid.spec_of(a100, Path("."), 10, p).server
+        assert (s.token_budget, s.max_running) == (None, None), p  # each policy's own, as without the option
+    for p in ("sarathi", "vllm-v0"):
+        s = grid.spec_of(h100, Path("."), 10, p).server
+        assert (s.token_budget, s.max_running) == (None, None), p
+    spec, run_as = grid.resolve(h100, "vllm@4096", Path("."), 10)
+    assert run_as == "vllm" and (spec.server.token_budget, spec.server.max_running) == (4096, 1024)

@@ -329,3 +329,25 @@ def test_simulate_refuses_requests_it_cannot_serve_as_given():
                 simulate(rs, get_policy(policy, cost))
     fresh = [make_req(np.int64(i), np.float64(0.1 * i), np.int64(10), np.int64(20)) for i in range(3)]
     assert all(r.state == State.FINISHED for r in simulate(fresh, get_policy("ecoserve", cost)).requests)
+
+
+def test_a_scheduler_that_ran_only_prefill_iterations_is_not_run_again():
+    """Was: vllm-v0's prefill-only iterations advance no step, so a run of one-token answers (one
+    prompt ignored) left the guard open and the second result counted 2 errors for 1."""
+    from ecoserve_sched.cost_model import load_profile
+    from ecoserve_sched.request import Request
+
+    sched = get_policy("vllm-v0", load_profile("llama2-13b-a100-80gb"))
+
+    def reqs() -> list[Request]:  # request 2's prompt is over max_model_len (4096): ignored
+        return [Request(0, 0.0, 100, 2048, 1), Request(1, 0.1, 200, 2048, 1), Request(2, 0.2, 5000, 2048, 1)]
+
+    first = simulate(reqs(), sched)
+    assert sched.step == 0 and first.counters["errors"] == 1  # the case the step could not tell
+    with pytest.raises(ValueError, match="has run before; build a new one"):
+        simulate(reqs(), sched)
+    # a call refused by its checks leaves the scheduler free for a retry (a reviewer's find)
+    fresh = get_policy("vllm-v0", load_profile("llama2-13b-a100-80gb"))
+    with pytest.raises(ValueError, match="fault steps must be whole numbers"):
+        simulate(reqs(), fresh, faults="x")
+    assert simulate(reqs(), fresh).counters == first.counters

@@ -560,6 +560,19 @@ def test_preflight_summary() -> None:
     assert "middleware predictor default" in preflight({"ECOSERVE_MIDDLEWARE_PREDICTOR": "default"})
 
 
+def test_preflight_names_the_settings_this_configuration_never_reads(caplog) -> None:
+    """Were named only at engine start, after the model loaded (a reviewer's find)."""
+    with caplog.at_level(logging.WARNING):
+        preflight({"ECOSERVE_PROFILE": "llama3-8b-h100-80gb", "ECOSERVE_STEP_S": "0.05"})
+        preflight({"ECOSERVE_AMORTIZE": "0"})
+    said = [m for m in caplog.messages if "no effect here" in m]
+    assert len(said) == 2 and "ECOSERVE_STEP_S" in said[0] and "ECOSERVE_AMORTIZE" in said[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # read: nothing said
+        preflight({"ECOSERVE_PROFILE": "llama3-8b-h100-80gb", "ECOSERVE_AMORTIZE": "0"})
+    assert not [m for m in caplog.messages if "no effect here" in m]
+
+
 def test_preflight_command_reports_a_bad_version_setting_in_one_line() -> None:
     """The version check runs at import, before ``python -m``'s own error handling: a typo in
     ECOSERVE_ALLOW_UNSUPPORTED_VLLM was a traceback with exit 1."""
