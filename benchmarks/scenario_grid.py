@@ -368,9 +368,10 @@ def _init_worker(skip: int, seed: int, confusion: Path | None = None, kv_scale: 
 
 
 def engine_of(cell: Cell, serve: bool) -> tuple[int, int]:
-    """The token budget and max running requests every policy of ``cell`` runs with: vLLM V1's
-    A100 defaults (2,048 and 256), or with ``serve`` (``--serve-defaults``) those ``vllm serve``
-    picks for the cell's GPU (``serve_defaults``: 8,192 and 1,024 on an H100 or H200)."""
+    """vLLM V1's token budget and max running requests in ``cell``: its A100 defaults (2,048 and
+    256), or with ``serve`` (``--serve-defaults``) those ``vllm serve`` picks for the cell's GPU
+    (``serve_defaults``: 8,192 and 1,024 on an H100 or H200), which ``spec_of`` gives every policy
+    but ``OWN_DEFAULTS``."""
     if not serve:
         return DEFAULT_TOKEN_BUDGET, DEFAULT_MAX_RUNNING
     cost = load_profile(cell.profile)  # a shipped profile's name names its GPU
