@@ -44,7 +44,7 @@ from rlpredict.records import (
     whole_count,
 )
 from rlpredict.rl_tokenizers import count_tokens
-from rlpredict.untrusted_text import is_valid_unicode
+from rlpredict.untrusted_text import holds_no_text, is_valid_unicode
 
 #: A bad input row (``location`` is ``file:line`` or ``file: row N``); raised by the reader too.
 DataError = RecordError
@@ -276,7 +276,8 @@ def samples_from_row(row: Any, loc: str, source: str, fields: Fields = LOG_FIELD
     else:
         raise DataError(loc, f"no prompt: expected a {fields.prompt!r} string or a list in one of "
                              f"{', '.join(map(repr, fields.messages))}")
-    if not messages or not any(m["role"] == "user" and m["content"].strip() for m in messages):
+    if not messages or not any(m["role"] == "user" and not holds_no_text(m["content"]) for m in messages):
+        # (blank to the encoder: was ``str.strip``, so a prompt of zero-width spaces trained as text)
         raise DataError(loc, "empty prompt: no non-empty user message", msg_name or fields.prompt)
     if response is None and empty:
         response = ""

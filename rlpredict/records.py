@@ -675,7 +675,27 @@ def open_parquet(path: str | Path) -> Any:
         raise RecordError(str(path), f"not a readable Parquet file ({_first_line(e)})") from None
     if twice := _twice(pf.schema_arrow.names):
         raise RecordError(str(path), f"column(s) {twice} appear more than once")
+    for f in pf.schema_arrow:  # (was: pyarrow's "duplicate field names" at the first row read, no file)
+        if where := _nested_twice(f.type, f.name):
+            raise RecordError(str(path), f"a struct in column {where} names a field more than once")
     return pf
+
+
+def _nested_twice(t: Any, path: str) -> str | None:
+    """Where a struct inside a column of Arrow type ``t`` repeats a field name (``messages[].content``:
+    the path and the names), else None."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        fields = [t.field(i) for i in range(t.num_fields)]
+        if twice := _twice([f.name for f in fields]):
+            return f"{path} ({twice})"
+        return next((w for f in fields if (w := _nested_twice(f.type, f"{path}.{f.name}"))), None)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _nested_twice(t.value_type, f"{path}[]")
+    if pa.types.is_map(t):
+        return _nested_twice(t.item_type, f"{path}{{}}")
+    return None
 
 
 def _twice(names: list[str]) -> str:
@@ -1083,16 +1103,20 @@ _TEXT_CELLS = frozenset({LOG_FIELDS.prompt, *RESPONSE_FIELDS, *GROUP_FIELDS, *GE
 
 
 def _maybe_json(v: str | None, name: str = "") -> Any:
-    """A cell holding a JSON list or object, decoded (else the text); a list of messages that
-    gives a key a reader takes twice raises :class:`RecordError`, as in a JSON Lines row (was:
-    the last value kept in a CSV cell; a reviewer's find)."""
+    """A cell holding a JSON list or object, decoded (else the text). A key the log reader reads
+    given twice in column ``name``'s value (a message's role, ``usage.completion_tokens``) raises
+    :class:`RecordError`, by the JSON Lines rule (``_given_twice``; was: the last value kept in a
+    CSV cell, and an object's keys not checked, while a column nothing reads was; a reviewer's
+    find)."""
     if v and v[:1] in "[{":
+        twice: list[tuple[dict[str, Any], set[str]]] = []
         try:
-            return _loads_messages(v, name)
-        except RecordError:
-            raise
+            value = json.loads(v, object_pairs_hook=_noting_twice(twice))
         except (ValueError, RecursionError):
             return v
+        if twice and (bad := _given_twice({name: value}, twice, LOG_FIELDS.read_columns(), True)):
+            raise _twice_error(bad)
+        return value
     return v
 
 

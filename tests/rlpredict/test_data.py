@@ -562,3 +562,51 @@ def test_a_csv_messages_cell_giving_a_key_twice_is_a_bad_row_as_in_json_lines(tm
         load_samples([tmp_path / "l.csv"])
     samples, report = load_samples([tmp_path / "l.csv"], on_error="skip")
     assert samples == [] and report.summary().startswith("1 rows -> 0 samples; skipped 1 rows")
+
+
+def test_a_csv_cell_is_checked_by_the_json_lines_rule_its_read_keys_only(tmp_path):
+    """Were: a usage cell giving completion_tokens twice kept the last (900), where JSON Lines
+    refuses it; a key twice in a column nothing reads refused the row, where JSON Lines reads it."""
+    import csv
+
+    from rlpredict.data import load_samples
+
+    def load(header: list[str], row: list[str]):
+        with open(tmp_path / "u.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows([header, row])
+        return load_samples([tmp_path / "u.csv"])
+
+    with pytest.raises(RecordError, match=r"u\.csv:2: key 'usage\.completion_tokens' is given twice"):
+        load(["prompt", "response", "usage"], ["hi", "hello", '{"completion_tokens": 5, "completion_tokens": 900}'])
+    samples, _ = load(["prompt", "response", "extra"], ["hi", "hello", '[{"role": "a", "role": "b"}]'])
+    assert len(samples) == 1 and samples[0].messages == [{"role": "user", "content": "hi"}]
+    samples, _ = load(["prompt", "response", "usage"], ["hi", "hello", '{"completion_tokens": 7, "x": 1, "x": 2}'])
+    assert samples[0].rl_tokens == 7  # a key twice that nothing reads: read as JSON Lines reads it
+
+
+def test_a_prompt_blank_to_the_encoder_is_an_empty_prompt_in_training_too(tmp_path):
+    """Was: ``str.strip`` alone, so zero-width spaces or U+FFFD trained as a prompt that
+    ``predict`` and ``annotate`` call empty."""
+    from rlpredict.data import load_samples
+
+    for text in ("\u200b\u200b", "\ufffd", "\x00\x01", "\u00ad"):
+        (tmp_path / "z.jsonl").write_text(json.dumps({"prompt": text, "response": "r"}) + "\n")
+        with pytest.raises(DataError, match="empty prompt"):
+            load_samples([tmp_path / "z.jsonl"])
+
+
+def test_a_parquet_struct_naming_a_field_twice_is_refused_naming_the_file(tmp_path):
+    """Was: pyarrow's "duplicate field names are present" at the first row, naming no file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rlpredict.data import load_samples
+    from rlpredict.records import open_parquet
+
+    t = pa.struct([("role", pa.string()), ("content", pa.string()), ("content", pa.string())])
+    table = pa.Table.from_arrays([pa.array([[("user", "a", "b")]], pa.list_(t))], names=["messages"])
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(RecordError, match=r"d\.parquet: a struct in column messages\[\] \(content\) names a field more than once"):
+        open_parquet(tmp_path / "d.parquet")
+    with pytest.raises(RecordError, match="names a field more than once"):
+        load_samples([tmp_path / "d.parquet"])
