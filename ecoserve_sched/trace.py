@@ -333,7 +333,7 @@ def _parquet_rows(path: Path, fmt: TraceFormat) -> Iterator[tuple[int, dict | No
     batches of 4,096: a missing value (null) is a missing field, as an empty CSV cell; a
     date-time is read as its ISO 8601 text (``--time-unit iso``)."""
     try:
-        pf = open_parquet(path)
+        pf = open_parquet(path, whole_rows=True)
     except ImportError:
         raise TraceError(f"{path}: reading Parquet needs pyarrow (the [parquet] extra: "
                          "pip install 'rlpredict[parquet]')") from None

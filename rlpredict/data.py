@@ -302,7 +302,7 @@ def _sharegpt_samples(messages: list[dict[str, str]], rid: str, group: str, sour
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        if i == 0 or messages[i - 1]["role"] != "user" or not messages[i - 1]["content"].strip():
+        if i == 0 or messages[i - 1]["role"] != "user" or holds_no_text(messages[i - 1]["content"]):
             unanswered += 1  # an assistant message that answers nothing here (chunked conversations)
             continue
         out.append(Sample(f"{rid}:{i}", group, messages[:i], m["content"], None, source, generator, loc))

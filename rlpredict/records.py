@@ -664,8 +664,10 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def open_parquet(path: str | Path) -> Any:
-    """A ``pyarrow.parquet.ParquetFile``; :class:`RecordError` naming the file if unreadable."""
+def open_parquet(path: str | Path, whole_rows: bool = False) -> Any:
+    """A ``pyarrow.parquet.ParquetFile``; :class:`RecordError` naming the file if unreadable, or
+    with ``whole_rows`` (a reader that turns every column of a row into Python) if a struct in a
+    column names a field twice, which pyarrow cannot turn into a dict."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -675,8 +677,8 @@ def open_parquet(path: str | Path) -> Any:
         raise RecordError(str(path), f"not a readable Parquet file ({_first_line(e)})") from None
     if twice := _twice(pf.schema_arrow.names):
         raise RecordError(str(path), f"column(s) {twice} appear more than once")
-    for f in pf.schema_arrow:  # (was: pyarrow's "duplicate field names" at the first row read, no file)
-        if where := _nested_twice(f.type, f.name):
+    for f in pf.schema_arrow if whole_rows else ():  # (was: pyarrow's "duplicate field names" at
+        if where := _nested_twice(f.type, f.name):  # the first row read, naming no file)
             raise RecordError(str(path), f"a struct in column {where} names a field more than once")
     return pf
 
@@ -691,10 +693,11 @@ def _nested_twice(t: Any, path: str) -> str | None:
         if twice := _twice([f.name for f in fields]):
             return f"{path} ({twice})"
         return next((w for f in fields if (w := _nested_twice(f.type, f"{path}.{f.name}"))), None)
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+    if any(is_list(t) for is_list in (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list,
+                                       pa.types.is_list_view, pa.types.is_large_list_view)):
         return _nested_twice(t.value_type, f"{path}[]")
     if pa.types.is_map(t):
-        return _nested_twice(t.item_type, f"{path}{{}}")
+        return _nested_twice(t.key_type, f"{path}{{key}}") or _nested_twice(t.item_type, f"{path}{{}}")
     return None
 
 
@@ -1104,17 +1107,18 @@ _TEXT_CELLS = frozenset({LOG_FIELDS.prompt, *RESPONSE_FIELDS, *GROUP_FIELDS, *GE
 
 def _maybe_json(v: str | None, name: str = "") -> Any:
     """A cell holding a JSON list or object, decoded (else the text). A key the log reader reads
-    given twice in column ``name``'s value (a message's role, ``usage.completion_tokens``) raises
-    :class:`RecordError`, by the JSON Lines rule (``_given_twice``; was: the last value kept in a
-    CSV cell, and an object's keys not checked, while a column nothing reads was; a reviewer's
-    find)."""
+    given twice in column ``name``'s value (``usage.completion_tokens``), or a message's role or
+    text in a list in any column, raises :class:`RecordError`, by the JSON Lines rule
+    (``_given_twice``; was: an object's keys not checked: the last value kept; a reviewer's find)."""
     if v and v[:1] in "[{":
         twice: list[tuple[dict[str, Any], set[str]]] = []
         try:
             value = json.loads(v, object_pairs_hook=_noting_twice(twice))
         except (ValueError, RecursionError):
             return v
-        if twice and (bad := _given_twice({name: value}, twice, LOG_FIELDS.read_columns(), True)):
+        # a message list in any column: the reader may have been told to read it (``Fields``)
+        read = LOG_FIELDS.read_columns() | ({name} if isinstance(value, list) else set())
+        if twice and (bad := _given_twice({name: value}, twice, read, True)):
             raise _twice_error(bad)
         return value
     return v
@@ -1122,7 +1126,7 @@ def _maybe_json(v: str | None, name: str = "") -> Any:
 
 def _iter_parquet(p: Path, gz: bool) -> Iterator[tuple[str, Any]]:
     n = 0
-    for rb in parquet_batches(open_parquet(p), p, 4096):
+    for rb in parquet_batches(open_parquet(p, whole_rows=True), p, 4096):
         for row in rb.to_pylist():
             n += 1
             yield f"{p}: row {n}", row

@@ -578,8 +578,11 @@ def test_a_csv_cell_is_checked_by_the_json_lines_rule_its_read_keys_only(tmp_pat
 
     with pytest.raises(RecordError, match=r"u\.csv:2: key 'usage\.completion_tokens' is given twice"):
         load(["prompt", "response", "usage"], ["hi", "hello", '{"completion_tokens": 5, "completion_tokens": 900}'])
-    samples, _ = load(["prompt", "response", "extra"], ["hi", "hello", '[{"role": "a", "role": "b"}]'])
+    samples, _ = load(["prompt", "response", "extra"], ["hi", "hello", '{"role": "a", "role": "b"}'])
     assert len(samples) == 1 and samples[0].messages == [{"role": "user", "content": "hi"}]
+    # a message list in any column is checked: a reader given other field names may read it
+    with pytest.raises(RecordError, match=r"key 'dialog\[0\]\.role' is given twice"):
+        load(["dialog"], ['[{"role": "system", "role": "user", "content": "hi"}, {"role": "assistant", "content": "r"}]'])
     samples, _ = load(["prompt", "response", "usage"], ["hi", "hello", '{"completion_tokens": 7, "x": 1, "x": 2}'])
     assert samples[0].rl_tokens == 7  # a key twice that nothing reads: read as JSON Lines reads it
 
@@ -593,6 +596,12 @@ def test_a_prompt_blank_to_the_encoder_is_an_empty_prompt_in_training_too(tmp_pa
         (tmp_path / "z.jsonl").write_text(json.dumps({"prompt": text, "response": "r"}) + "\n")
         with pytest.raises(DataError, match="empty prompt"):
             load_samples([tmp_path / "z.jsonl"])
+        # a ShareGPT turn answering such a prompt answers nothing (was: trained; a reviewer's find)
+        conv = [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "a"},
+                {"from": "human", "value": text}, {"from": "gpt", "value": "b"}]
+        (tmp_path / "z.jsonl").write_text(json.dumps({"conversations": conv}) + "\n")
+        samples, report = load_samples([tmp_path / "z.jsonl"])
+        assert [s.response for s in samples] == ["a"] and report.unanswered_turns == 1
 
 
 def test_a_parquet_struct_naming_a_field_twice_is_refused_naming_the_file(tmp_path):
@@ -607,6 +616,11 @@ def test_a_parquet_struct_naming_a_field_twice_is_refused_naming_the_file(tmp_pa
     table = pa.Table.from_arrays([pa.array([[("user", "a", "b")]], pa.list_(t))], names=["messages"])
     pq.write_table(table, tmp_path / "d.parquet")
     with pytest.raises(RecordError, match=r"d\.parquet: a struct in column messages\[\] \(content\) names a field more than once"):
-        open_parquet(tmp_path / "d.parquet")
+        open_parquet(tmp_path / "d.parquet", whole_rows=True)
     with pytest.raises(RecordError, match="names a field more than once"):
         load_samples([tmp_path / "d.parquet"])
+    assert open_parquet(tmp_path / "d.parquet", whole_rows=False)  # annotate reads the columns it needs
+    m = pa.map_(pa.struct([("k", pa.string()), ("k", pa.string())]), pa.int64())  # a map's key struct too
+    pq.write_table(pa.Table.from_arrays([pa.array([[(("a", "b"), 1)]], m)], names=["meta"]), tmp_path / "k.parquet")
+    with pytest.raises(RecordError, match=r"column meta\{key\} \(k\)"):
+        open_parquet(tmp_path / "k.parquet", whole_rows=True)
