@@ -1116,10 +1116,10 @@ def _maybe_json(v: str | None, name: str = "") -> Any:
             value = json.loads(v, object_pairs_hook=_noting_twice(twice))
         except (ValueError, RecursionError):
             return v
-        # a message list in any column: the reader may have been told to read it (``Fields``)
-        read = LOG_FIELDS.read_columns() | ({name} if isinstance(value, list) else set())
-        if twice and (bad := _given_twice({name: value}, twice, read, True)):
-            raise _twice_error(bad)
+        if twice:  # a message list in any column: the reader may have been told to read it (``Fields``)
+            read = LOG_FIELDS.read_columns() | ({name} if isinstance(value, list) else set())
+            if bad := _given_twice({name: value}, twice, read, True):
+                raise _twice_error(bad)
         return value
     return v
 
