@@ -367,14 +367,14 @@ def _init_worker(skip: int, seed: int, confusion: Path | None = None, kv_scale: 
                   kv_scale=kv_scale, serve_defaults=serve)
 
 
-def engine_of(cell: Cell, serve: bool) -> tuple[int, int]:
+def engine_of(cell: Cell, serve: bool, cost: Any = None) -> tuple[int, int]:
     """vLLM V1's token budget and max running requests in ``cell``: its A100 defaults (2,048 and
     256), or with ``serve`` (``--serve-defaults``) those ``vllm serve`` picks for the cell's GPU
     (``serve_defaults``: 8,192 and 1,024 on an H100 or H200), which ``spec_of`` gives every policy
     but ``OWN_DEFAULTS``."""
     if not serve:
         return DEFAULT_TOKEN_BUDGET, DEFAULT_MAX_RUNNING
-    cost = load_profile(cell.profile)  # a shipped profile's name names its GPU
+    cost = cost or load_profile(cell.profile)  # a shipped profile's name names its GPU
     return serve_defaults(cost.name, cost.spec["gpu"]["hbm_bytes"])
 
 
@@ -399,7 +399,7 @@ def spec_of(cell: Cell, shared: Path, n: int, policy: str = "vllm") -> RunSpec:
                                     server=server, seed=seed, confusion=_SLICE["confusion"])
     spec = _SPECS[cell.name]
     if _SLICE["serve_defaults"] and policy not in OWN_DEFAULTS:
-        budget, seqs = engine_of(cell, True)
+        budget, seqs = engine_of(cell, True, spec.cost)  # (the spec's profile: not read again per task)
         if (budget, seqs) != (DEFAULT_TOKEN_BUDGET, DEFAULT_MAX_RUNNING):  # (was: every policy of every
             # cell at these two, Sarathi-Serve's 512 tokens and V0's prompt limit included; a reviewer's find)
             spec = replace(spec, server=replace(spec.server, token_budget=budget, max_running=seqs))

@@ -299,9 +299,10 @@ def test_serve_defaults_leave_a100_cells_and_the_other_systems_own_defaults(grid
     @dataclass(frozen=True)
     class Spec:  # spec_of reads no trace here: only the server it hands each policy is checked
         server: Server
+        cost: object = None
 
     monkeypatch.setattr(grid, "load_trace", lambda *a: None)
-    monkeypatch.setattr(grid, "RunSpec", lambda trace, cost, slo, server, **kw: Spec(server))
+    monkeypatch.setattr(grid, "RunSpec", lambda trace, cost, slo, server, **kw: Spec(server, cost))
     monkeypatch.setitem(grid._SLICE, "serve_defaults", True)
     monkeypatch.setattr(grid, "_SPECS", {})
     h100, a100 = grid.find_cell("code-synth-llama3-h100"), grid.find_cell("code-synth")
